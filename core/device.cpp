@@ -1,0 +1,161 @@
+// Device memory, copies and row kernels for CPU and (when built with it) CUDA.
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "loom/core/host_context.hpp"
+#include "loom/kernels/rows.hpp"
+
+#if LOOM_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace loom {
+
+namespace {
+#if LOOM_HAVE_CUDA
+bool cuda_ok(cudaError_t e, const char *what, std::string &error) {
+  if (e == cudaSuccess) return true;
+  error = std::string(what) + ": " + cudaGetErrorString(e);
+  return false;
+}
+#endif
+} // namespace
+
+bool cuda_device_present() {
+#if LOOM_HAVE_CUDA
+  return kernels::cuda_available();
+#else
+  return false;
+#endif
+}
+
+loom_status device_alloc(DLDevice device, size_t bytes, size_t alignment, void **out, std::string &error) {
+  if (out == nullptr) {
+    error = "device_alloc: out is NULL";
+    return LOOM_ERR_INVALID_ARGUMENT;
+  }
+  if (alignment == 0) alignment = 256;
+  if ((alignment & (alignment - 1)) != 0) {
+    error = "device_alloc: alignment " + std::to_string(alignment) + " is not a power of two";
+    return LOOM_ERR_INVALID_ARGUMENT;
+  }
+  if (device.device_type == kDLCPU) {
+    size_t rounded = (bytes + alignment - 1) / alignment * alignment;
+    if (rounded < bytes) {
+      error = "device_alloc: size overflows";
+      return LOOM_ERR_OUT_OF_MEMORY;
+    }
+    void *p = std::aligned_alloc(alignment, rounded == 0 ? alignment : rounded);
+    if (p == nullptr) {
+      error = "device_alloc: out of host memory for " + std::to_string(bytes) + " bytes";
+      return LOOM_ERR_OUT_OF_MEMORY;
+    }
+    *out = p;
+    return LOOM_OK;
+  }
+#if LOOM_HAVE_CUDA
+  if (device.device_type == kDLCUDA) {
+    // cudaMalloc aligns to at least 256 bytes.
+    if (alignment > 256) {
+      error = "device_alloc: CUDA allocations align to 256 bytes at most";
+      return LOOM_ERR_UNSUPPORTED;
+    }
+    if (!cuda_ok(cudaSetDevice(device.device_id), "cudaSetDevice", error)) return LOOM_ERR_DEVICE;
+    if (!cuda_ok(cudaMalloc(out, bytes == 0 ? 1 : bytes), "cudaMalloc", error)) return LOOM_ERR_OUT_OF_MEMORY;
+    return LOOM_OK;
+  }
+#endif
+  error = "device_alloc: device type " + std::to_string(device.device_type) + " is not available in this build";
+  return LOOM_ERR_UNSUPPORTED;
+}
+
+void device_free(DLDevice device, void *ptr) {
+  if (ptr == nullptr) return;
+  if (device.device_type == kDLCPU) {
+    std::free(ptr);
+    return;
+  }
+#if LOOM_HAVE_CUDA
+  if (device.device_type == kDLCUDA) cudaFree(ptr);
+#endif
+}
+
+loom_status device_memcpy(void *dst, DLDevice dst_device, const void *src, DLDevice src_device, size_t bytes,
+                          std::string &error) {
+  if (bytes == 0) return LOOM_OK;
+  if (dst == nullptr || src == nullptr) {
+    error = "memcpy: NULL pointer";
+    return LOOM_ERR_INVALID_ARGUMENT;
+  }
+  if (dst_device.device_type == kDLCPU && src_device.device_type == kDLCPU) {
+    std::memmove(dst, src, bytes);
+    return LOOM_OK;
+  }
+#if LOOM_HAVE_CUDA
+  if (!cuda_ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, nullptr), "cudaMemcpyAsync", error))
+    return LOOM_ERR_DEVICE;
+  // A copy into host memory must be complete when the call returns: the caller reads it next.
+  if (dst_device.device_type == kDLCPU && !cuda_ok(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize", error))
+    return LOOM_ERR_DEVICE;
+  return LOOM_OK;
+#else
+  error = "memcpy: CUDA is not available in this build";
+  return LOOM_ERR_UNSUPPORTED;
+#endif
+}
+
+bool device_synchronize(DLDevice device, std::string &error) {
+  if (device.device_type == kDLCPU) return true;
+#if LOOM_HAVE_CUDA
+  return cuda_ok(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize", error);
+#else
+  error = "CUDA is not available in this build";
+  return false;
+#endif
+}
+
+bool device_softmax_rows(float *x, int64_t rows, int64_t cols, DLDevice device, std::string &error) {
+  if (device.device_type == kDLCPU) {
+    if (!kernels::softmax_rows_cpu(x, rows, cols)) {
+      error = "a row holds only -inf";
+      return false;
+    }
+    return true;
+  }
+#if LOOM_HAVE_CUDA
+  if (device.device_type == kDLCUDA) {
+    int e = kernels::softmax_rows_cuda(x, rows, cols, nullptr);
+    return cuda_ok(static_cast<cudaError_t>(e), "softmax_rows_cuda", error);
+  }
+#endif
+  error = "unsupported device";
+  return false;
+}
+
+bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice device, int32_t *out_host,
+                        std::string &error) {
+  if (device.device_type == kDLCPU) {
+    kernels::argmax_rows_cpu(x, rows, cols, out_host);
+    return true;
+  }
+#if LOOM_HAVE_CUDA
+  if (device.device_type == kDLCUDA) {
+    int32_t *out_device = nullptr;
+    if (!cuda_ok(cudaMalloc(reinterpret_cast<void **>(&out_device), static_cast<size_t>(rows) * sizeof(int32_t)),
+                 "cudaMalloc", error))
+      return false;
+    int e = kernels::argmax_rows_cuda(x, rows, cols, out_device, nullptr);
+    bool ok = cuda_ok(static_cast<cudaError_t>(e), "argmax_rows_cuda", error) &&
+              cuda_ok(cudaMemcpy(out_host, out_device, static_cast<size_t>(rows) * sizeof(int32_t),
+                                 cudaMemcpyDeviceToHost),
+                      "cudaMemcpy", error);
+    cudaFree(out_device);
+    return ok;
+  }
+#endif
+  error = "unsupported device";
+  return false;
+}
+
+} // namespace loom

@@ -1,0 +1,226 @@
+// The loom_host_api table handed to every plugin instance.
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+
+#include "loom/core/host_buffer.hpp"
+#include "loom/core/host_context.hpp"
+#include "loom/host_kernels.h"
+
+const char *loom_host_ctx::keep(std::string s) {
+  std::lock_guard lock(mutex);
+  strings.push_back(std::move(s));
+  return strings.back().c_str();
+}
+
+std::string loom_host_ctx::take_error() {
+  std::lock_guard lock(mutex);
+  std::string e = std::move(last_error);
+  last_error.clear();
+  return e;
+}
+
+namespace loom {
+namespace {
+
+std::mutex log_mutex;
+
+void host_log(loom_host_ctx *ctx, loom_log_level level, const char *message) {
+  if (ctx == nullptr || message == nullptr) return;
+  static const char *names[] = {"debug", "info", "warn", "error"};
+  const char *name = level >= 0 && level <= 3 ? names[level] : "info";
+  if (level < LOOM_LOG_INFO && std::getenv("LOOM_DEBUG") == nullptr) return;
+  std::lock_guard lock(log_mutex);
+  std::cerr << "[" << name << "] " << ctx->slot << " (" << ctx->component << "): " << message << "\n";
+}
+
+void host_set_error(loom_host_ctx *ctx, const char *message) {
+  if (ctx == nullptr) return;
+  std::lock_guard lock(ctx->mutex);
+  ctx->last_error = message ? std::string(message, strnlen(message, 4096)) : "(no message)";
+}
+
+loom_value_type config_type(loom_host_ctx *ctx, const char *key) {
+  if (ctx == nullptr || key == nullptr) return LOOM_VALUE_NONE;
+  return ctx->config->type(key);
+}
+
+template <class T>
+loom_status config_result(loom_host_ctx *ctx, const char *key, const std::optional<T> &value, T *out) {
+  if (value) {
+    *out = *value;
+    return LOOM_OK;
+  }
+  return ctx->config->type(key) == LOOM_VALUE_NONE ? LOOM_ERR_NOT_FOUND : LOOM_ERR_INVALID_ARGUMENT;
+}
+
+loom_status config_get_bool(loom_host_ctx *ctx, const char *key, int32_t *out) {
+  if (!ctx || !key || !out) return LOOM_ERR_INVALID_ARGUMENT;
+  auto v = ctx->config->get_bool(key);
+  std::optional<int32_t> i = v ? std::optional<int32_t>(*v ? 1 : 0) : std::nullopt;
+  return config_result(ctx, key, i, out);
+}
+
+loom_status config_get_int(loom_host_ctx *ctx, const char *key, int64_t *out) {
+  if (!ctx || !key || !out) return LOOM_ERR_INVALID_ARGUMENT;
+  return config_result(ctx, key, ctx->config->get_int(key), out);
+}
+
+loom_status config_get_float(loom_host_ctx *ctx, const char *key, double *out) {
+  if (!ctx || !key || !out) return LOOM_ERR_INVALID_ARGUMENT;
+  return config_result(ctx, key, ctx->config->get_float(key), out);
+}
+
+loom_status config_get_string(loom_host_ctx *ctx, const char *key, const char **out) {
+  if (!ctx || !key || !out) return LOOM_ERR_INVALID_ARGUMENT;
+  auto v = ctx->config->get_string(key);
+  if (!v) return ctx->config->type(key) == LOOM_VALUE_NONE ? LOOM_ERR_NOT_FOUND : LOOM_ERR_INVALID_ARGUMENT;
+  *out = ctx->keep(std::move(*v));
+  return LOOM_OK;
+}
+
+loom_status config_get_array_size(loom_host_ctx *ctx, const char *key, uint32_t *out) {
+  if (!ctx || !key || !out) return LOOM_ERR_INVALID_ARGUMENT;
+  return config_result(ctx, key, ctx->config->array_size(key), out);
+}
+
+loom_status config_get_json(loom_host_ctx *ctx, const char *key, const char **out) {
+  if (!ctx || !key || !out) return LOOM_ERR_INVALID_ARGUMENT;
+  auto v = ctx->config->json(key);
+  if (!v) return LOOM_ERR_NOT_FOUND;
+  *out = ctx->keep(std::move(*v));
+  return LOOM_OK;
+}
+
+DLDevice host_device(loom_host_ctx *ctx) { return ctx ? ctx->device : DLDevice{kDLCPU, 0}; }
+
+loom_status host_device_alloc(loom_host_ctx *ctx, DLDevice device, size_t bytes, size_t alignment, void **out) {
+  std::string error;
+  loom_status s = device_alloc(device, bytes, alignment, out, error);
+  if (s != LOOM_OK && ctx) host_set_error(ctx, error.c_str());
+  return s;
+}
+
+void host_device_free(loom_host_ctx *, DLDevice device, void *ptr) { device_free(device, ptr); }
+
+loom_status host_memcpy(loom_host_ctx *ctx, void *dst, DLDevice dst_device, const void *src, DLDevice src_device,
+                        size_t bytes) {
+  std::string error;
+  loom_status s = device_memcpy(dst, dst_device, src, src_device, bytes, error);
+  if (s != LOOM_OK && ctx) host_set_error(ctx, error.c_str());
+  return s;
+}
+
+// Core orders all of its work on the default stream for now; a per-request stream arrives with
+// the engine's scheduler.
+void *host_current_stream(loom_host_ctx *, DLDevice) { return nullptr; }
+
+loom_status host_stream_synchronize(loom_host_ctx *ctx, DLDevice device) {
+  if (device.device_type == kDLCPU) return LOOM_OK;
+  std::string error;
+  if (!device_synchronize(device, error)) {
+    if (ctx) host_set_error(ctx, error.c_str());
+    return LOOM_ERR_DEVICE;
+  }
+  return LOOM_OK;
+}
+
+int32_t host_is_cancelled(loom_host_ctx *ctx) {
+  return ctx && ctx->cancelled && ctx->cancelled->load(std::memory_order_relaxed) ? 1 : 0;
+}
+
+std::string metric_name(loom_host_ctx *ctx, const char *name) {
+  return ctx->kind + "." + ctx->slot + "." + (name ? name : "unnamed");
+}
+
+void host_metric_count(loom_host_ctx *ctx, const char *name, double delta) {
+  if (ctx && ctx->metrics) ctx->metrics->count(metric_name(ctx, name), delta);
+}
+void host_metric_gauge(loom_host_ctx *ctx, const char *name, double value) {
+  if (ctx && ctx->metrics) ctx->metrics->gauge(metric_name(ctx, name), value);
+}
+void host_metric_observe(loom_host_ctx *ctx, const char *name, double value) {
+  if (ctx && ctx->metrics) ctx->metrics->observe(metric_name(ctx, name), value);
+}
+
+loom_status host_buffer_append(loom_buffer *buffer, const void *data, size_t size) {
+  if (buffer == nullptr || (data == nullptr && size > 0)) return LOOM_ERR_INVALID_ARGUMENT;
+  try {
+    buffer->bytes.append(static_cast<const char *>(data), size);
+  } catch (const std::bad_alloc &) {
+    return LOOM_ERR_OUT_OF_MEMORY;
+  } catch (const std::length_error &) {
+    return LOOM_ERR_OUT_OF_MEMORY;
+  }
+  return LOOM_OK;
+}
+
+void host_buffer_clear(loom_buffer *buffer) {
+  if (buffer) buffer->bytes.clear();
+}
+
+// ---- the kernels extension ----
+
+bool row_major_f32(const DLTensor *t) {
+  if (t == nullptr || t->ndim != 2 || t->dtype.code != kDLFloat || t->dtype.bits != 32 || t->dtype.lanes != 1)
+    return false;
+  if (t->shape[0] < 0 || t->shape[1] < 0) return false;
+  return t->strides == nullptr || (t->strides[1] == 1 && t->strides[0] == t->shape[1]);
+}
+
+float *data_of(const DLTensor *t) {
+  return reinterpret_cast<float *>(static_cast<char *>(t->data) + t->byte_offset);
+}
+
+loom_status kernel_softmax_rows(loom_host_ctx *ctx, DLTensor *x) {
+  if (!row_major_f32(x)) {
+    host_set_error(ctx, "softmax_rows: expected a contiguous [rows, cols] float32 tensor");
+    return LOOM_ERR_UNSUPPORTED;
+  }
+  std::string error;
+  bool ok = device_softmax_rows(data_of(x), x->shape[0], x->shape[1], x->device, error);
+  if (!ok) {
+    host_set_error(ctx, ("softmax_rows: " + error).c_str());
+    return x->device.device_type == kDLCUDA ? LOOM_ERR_DEVICE : LOOM_ERR_INVALID_ARGUMENT;
+  }
+  return LOOM_OK;
+}
+
+loom_status kernel_argmax_rows(loom_host_ctx *ctx, const DLTensor *x, int32_t *out) {
+  if (!row_major_f32(x) || out == nullptr) {
+    host_set_error(ctx, "argmax_rows: expected a contiguous [rows, cols] float32 tensor and an output array");
+    return LOOM_ERR_UNSUPPORTED;
+  }
+  std::string error;
+  if (!device_argmax_rows(data_of(x), x->shape[0], x->shape[1], x->device, out, error)) {
+    host_set_error(ctx, ("argmax_rows: " + error).c_str());
+    return LOOM_ERR_DEVICE;
+  }
+  return LOOM_OK;
+}
+
+const loom_host_kernels kKernels = {sizeof(loom_host_kernels), kernel_softmax_rows, kernel_argmax_rows};
+
+const void *host_get_extension(loom_host_ctx *, const char *id) {
+  if (id != nullptr && std::strcmp(id, LOOM_HOST_KERNELS_EXTENSION) == 0) return &kKernels;
+  return nullptr;
+}
+
+const loom_host_api kHostApi = {
+    sizeof(loom_host_api), LOOM_ABI_MAJOR, LOOM_ABI_MINOR,
+    host_log, host_set_error,
+    config_type, config_get_bool, config_get_int, config_get_float, config_get_string,
+    config_get_array_size, config_get_json,
+    host_device, host_device_alloc, host_device_free, host_memcpy, host_current_stream,
+    host_stream_synchronize,
+    host_is_cancelled,
+    host_metric_count, host_metric_gauge, host_metric_observe,
+    host_buffer_append, host_buffer_clear,
+    host_get_extension,
+};
+
+} // namespace
+
+const loom_host_api *host_api() { return &kHostApi; }
+
+} // namespace loom

@@ -1,0 +1,48 @@
+// Private to core: a small owning host tensor that lends itself as a DLTensor.
+// Ownership: owns its data; dl() returns a view valid until the tensor is resized or destroyed.
+// Thread-safety: none.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <dlpack/dlpack.h>
+
+namespace loom::detail {
+
+template <class T> constexpr DLDataType dtype_of();
+template <> constexpr DLDataType dtype_of<float>() { return {kDLFloat, 32, 1}; }
+template <> constexpr DLDataType dtype_of<int32_t>() { return {kDLInt, 32, 1}; }
+template <> constexpr DLDataType dtype_of<uint8_t>() { return {kDLUInt, 8, 1}; }
+
+template <class T> class HostTensor {
+ public:
+  HostTensor() = default;
+  explicit HostTensor(std::vector<int64_t> shape) : shape_(std::move(shape)) {
+    int64_t n = 1;
+    for (int64_t d : shape_) n *= d;
+    data_.assign(static_cast<size_t>(n), T{});
+  }
+  T *data() { return data_.data(); }
+  const T *data() const { return data_.data(); }
+  size_t numel() const { return data_.size(); }
+  std::vector<T> &values() { return data_; }
+  int64_t dim(size_t i) const { return shape_[i]; }
+  DLTensor *dl() {
+    dl_.data = data_.data();
+    dl_.device = {kDLCPU, 0};
+    dl_.ndim = static_cast<int32_t>(shape_.size());
+    dl_.dtype = dtype_of<T>();
+    dl_.shape = shape_.data();
+    dl_.strides = nullptr;
+    dl_.byte_offset = 0;
+    return &dl_;
+  }
+
+ private:
+  std::vector<int64_t> shape_;
+  std::vector<T> data_;
+  DLTensor dl_{};
+};
+
+} // namespace loom::detail

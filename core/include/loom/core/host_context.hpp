@@ -1,0 +1,55 @@
+// The host side of an instance: what loom_host_ctx points to, and the one loom_host_api table.
+//
+// Ownership: an Instance owns its HostContext; the context borrows the runtime's Metrics and
+// cancellation flag, which outlive every instance. Strings handed to the plugin (config strings,
+// JSON) are kept in the context until it is destroyed, as the ABI promises.
+// Thread-safety: the host table's calls may run concurrently (see loom/host.h); the context
+// guards its mutable parts.
+#pragma once
+
+#include <atomic>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "loom/core/component_table.hpp"
+#include "loom/core/metrics.hpp"
+#include "loom/host.h"
+
+struct loom_host_ctx {
+  std::string kind;      // "sampler"
+  std::string slot;      // "sampler[0]"
+  std::string component; // "top-k"
+  std::shared_ptr<const loom::ComponentTable> config;
+  DLDevice device{kDLCPU, 0};
+  loom::Metrics *metrics = nullptr;
+  const std::atomic<bool> *cancelled = nullptr;
+
+  std::mutex mutex;               // guards the two members below
+  std::string last_error;
+  std::deque<std::string> strings; // storage for strings returned to the plugin
+
+  const char *keep(std::string s);
+  std::string take_error();
+};
+
+namespace loom {
+
+// The host API table (static; valid for the life of the process).
+const loom_host_api *host_api();
+
+// Device memory and copies, shared by the host table and core's own code.
+loom_status device_alloc(DLDevice device, size_t bytes, size_t alignment, void **out, std::string &error);
+void device_free(DLDevice device, void *ptr);
+loom_status device_memcpy(void *dst, DLDevice dst_device, const void *src, DLDevice src_device, size_t bytes,
+                          std::string &error);
+bool device_synchronize(DLDevice device, std::string &error);
+// Row kernels on CPU or CUDA memory (see loom/host_kernels.h); false with `error` on failure.
+bool device_softmax_rows(float *x, int64_t rows, int64_t cols, DLDevice device, std::string &error);
+bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice device, int32_t *out_host,
+                        std::string &error);
+// True when this build has CUDA and a device is present.
+bool cuda_device_present();
+
+} // namespace loom

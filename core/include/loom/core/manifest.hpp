@@ -1,0 +1,88 @@
+// loom::Manifest: a TOML manifest parsed into a typed, validated spec.
+//
+// Schema (unknown keys anywhere are errors):
+//   [loom]        plugin_paths = [..] (relative to the manifest), device = "auto"|"cpu"|"cuda"|"cuda:N",
+//                 seed = int
+//   [run]         what `loom run` does (see RunSpec)
+//   [attention] [quantizer] [parallel]                  one component each, optional
+//   [[sampler]] [[adapter]] [[retriever]] [[tool]]      ordered lists of components
+// A component table carries `use` (component name, required), optional `library` (a path),
+// `version` (a range such as ">=1.0, <2"), `name` (its slot name), and the component's own
+// parameters, which are checked against the component's declaration when the pipeline is built.
+// Errors are loom::Error (manifest) whose message starts with "file:line:col: key.path:".
+// Thread-safety: value types; parse functions are reentrant.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "loom/abi.h"
+#include "loom/core/component_table.hpp"
+
+namespace loom {
+
+struct ComponentSpec {
+  loom_kind kind = 0;
+  std::string slot;          // "attention", "sampler[1]", or the table's `name`
+  std::string use;           // component name
+  std::filesystem::path library; // empty unless the manifest names a library file
+  std::string version_range;     // empty = any
+  std::shared_ptr<const ComponentTable> table;
+};
+
+struct ToolCallSpec {
+  std::string tool;
+  std::string arguments_json;
+};
+
+// What `loom run` does until the engine drives real models: a seeded synthetic decoder (random
+// weights of the given geometry) generates `steps` tokens through the pipeline's attention,
+// quantizer, adapters, parallel strategy and sampler chain; retrievers answer `query`; tools
+// run `tool_calls`.
+struct RunSpec {
+  int64_t steps = 16;
+  std::vector<int32_t> prompt{1};
+  std::string query;
+  int64_t top_k = 3;
+  std::vector<ToolCallSpec> tool_calls;
+  int64_t vocab_size = 256;
+  int64_t hidden_size = 64;
+  int64_t n_heads = 4;
+  int64_t n_kv_heads = 2;
+  int64_t n_layers = 2;
+};
+
+struct Manifest {
+  std::string source_name;             // file path or a caller-given name
+  std::filesystem::path base_dir;      // relative paths resolve against it
+  std::vector<std::filesystem::path> plugin_paths;
+  std::string device = "auto";
+  uint64_t seed = 0;
+  RunSpec run;
+  std::vector<ComponentSpec> components; // manifest order within each kind
+
+  std::vector<const ComponentSpec *> of_kind(loom_kind kind) const;
+};
+
+// `overrides` are "key.path=value" strings (the CLI's --set): the value is a TOML value, or a
+// bare string when it does not parse as one. They apply before validation.
+Manifest parse_manifest_file(const std::filesystem::path &path,
+                             const std::vector<std::string> &overrides = {});
+Manifest parse_manifest_string(std::string_view text, std::string_view source_name,
+                               const std::vector<std::string> &overrides = {},
+                               const std::filesystem::path &base_dir = {});
+
+// One component table given as TOML text (hot swap): `use = "top-k"\nk = 5`.
+ComponentSpec parse_component_spec(loom_kind kind, std::string_view slot, std::string_view text,
+                                   std::string_view source_name,
+                                   const std::filesystem::path &base_dir = {});
+
+const char *kind_name(loom_kind kind);          // "sampler"; "unknown" otherwise
+loom_kind kind_from_name(std::string_view name); // 0 when unknown
+bool kind_is_list(loom_kind kind);               // sampler, adapter, retriever, tool
+
+} // namespace loom

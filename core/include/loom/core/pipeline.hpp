@@ -1,0 +1,83 @@
+// loom::Pipeline: the component instances of a manifest, in slots, with their lifetimes and
+// hot swaps.
+//
+// Instances are created in manifest order and destroyed in reverse. Work runs in steps: a driver
+// holds a Step guard while it calls into instances, and swap() waits for the step in progress to
+// end, so a swap always happens at a safe point between steps.
+// Thread-safety: at(), list() and swap() may be called from any thread; swap() blocks until no
+// Step guard is held. Calls into instances are the caller's to serialise within a step.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "loom/core/instance.hpp"
+#include "loom/core/manifest.hpp"
+#include "loom/core/registry.hpp"
+
+namespace loom {
+
+struct SwapReport {
+  std::string slot;
+  std::string old_component, new_component; // "name version (library file)"
+  bool state_transferred = false;
+  std::string state_format; // when transferred
+  std::string note;         // why state was not carried over, if it was not
+};
+
+class Pipeline {
+ public:
+  Pipeline(Registry &registry, InstanceEnvironment env);
+  ~Pipeline(); // destroys instances in reverse creation order
+  Pipeline(const Pipeline &) = delete;
+  Pipeline &operator=(const Pipeline &) = delete;
+
+  // Creates every component of the manifest. On failure, what was created is destroyed (in
+  // reverse) and the loom::Error propagates.
+  void build(const Manifest &manifest);
+
+  // The instance in a slot ("attention", "sampler[1]", or a `name`); throws loom::Error if absent.
+  Instance &at(std::string_view slot) const;
+  std::shared_ptr<Instance> get(std::string_view slot) const;
+  // Instances of one kind, in manifest order (a sampler chain, the retrievers, ...).
+  std::vector<std::shared_ptr<Instance>> list(loom_kind kind) const;
+  std::vector<std::string> slots() const;
+
+  // Held by a driver while it runs one step.
+  [[nodiscard]] std::unique_lock<std::mutex> begin_step() { return std::unique_lock(step_mutex_); }
+
+  // Kind-specific activation of a fresh instance before it replaces `old` in a swap (attention:
+  // prepare with the model's geometry; quantizer: re-quantize the weights). It may throw to veto
+  // the swap; it returns an action run once the swap is committed, while `old` still lives.
+  using ActivateHook = std::function<std::function<void()>(Instance &fresh, Instance &old)>;
+  void set_activate_hook(loom_kind kind, ActivateHook hook);
+
+  // Replaces the instance in `spec.slot` by a new one of the same kind, at the next safe point.
+  // The new instance is created, activated and given the old one's exported state; if any of
+  // that fails, the new instance is destroyed, the old one keeps serving, and loom::Error is
+  // thrown. The old instance is destroyed after the swap, and its library unloaded when no other
+  // instance uses it.
+  SwapReport swap(const ComponentSpec &spec);
+
+ private:
+  struct Slot {
+    std::string name;
+    loom_kind kind;
+    std::shared_ptr<Instance> instance;
+  };
+  std::shared_ptr<Instance> create(const ComponentSpec &spec);
+
+  Registry &registry_;
+  InstanceEnvironment env_;
+  mutable std::mutex slots_mutex_; // guards slots_ and hooks_
+  std::vector<Slot> slots_;        // creation order
+  std::vector<std::pair<loom_kind, ActivateHook>> hooks_;
+  std::mutex step_mutex_;
+  std::mutex swap_mutex_; // one swap at a time
+};
+
+} // namespace loom

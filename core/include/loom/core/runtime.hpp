@@ -1,0 +1,82 @@
+// loom::Runtime: a manifest turned into a running pipeline. The one entry point that hosts use
+// (the CLI, libloom, tests).
+//
+// Ownership: the Runtime owns the registry, the pipeline and the metrics; members are declared
+// so that instances are destroyed before the libraries they came from.
+// Thread-safety: run() runs on the caller's thread; swap() and cancel() may be called from other
+// threads while it runs (a swap lands between two steps).
+#pragma once
+
+#include <atomic>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "loom/core/manifest.hpp"
+#include "loom/core/metrics.hpp"
+#include "loom/core/pipeline.hpp"
+#include "loom/core/registry.hpp"
+
+namespace loom {
+
+struct PassageResult {
+  std::string retriever_slot;
+  std::string doc_id;
+  double score = 0;
+  std::string score_kind;
+  std::string text;
+};
+
+struct ToolCallResult {
+  std::string tool;
+  std::string content;
+  bool is_error = false;
+};
+
+struct RunResult {
+  std::vector<int32_t> tokens;        // generated tokens, prompt excluded
+  std::vector<PassageResult> passages; // retrievers' answers to run.query
+  std::vector<ToolCallResult> tool_results;
+  double seconds = 0;
+  bool cancelled = false;
+};
+
+// Called after each generated token; returning false stops the run.
+using TokenCallback = std::function<bool(int32_t step, int32_t token)>;
+
+class Runtime {
+ public:
+  static std::unique_ptr<Runtime> from_file(const std::filesystem::path &path,
+                                            const std::vector<std::string> &overrides = {});
+  static std::unique_ptr<Runtime> from_string(std::string_view toml_text, std::string_view source_name = "<string>",
+                                              const std::vector<std::string> &overrides = {});
+  explicit Runtime(Manifest manifest);
+  ~Runtime();
+
+  const Manifest &manifest() const { return manifest_; }
+  Registry &registry() { return registry_; }
+  Pipeline &pipeline() { return *pipeline_; }
+  Metrics &metrics() { return metrics_; }
+  DLDevice device() const { return device_; }
+
+  // Runs the manifest's [run] section; `steps` > 0 overrides run.steps.
+  RunResult run(int64_t steps = 0, const TokenCallback &on_token = {});
+  // Swaps the component in `slot` for the one described by a TOML table text
+  // (`use = "top-k"\nk = 5`, optionally with library/version).
+  SwapReport swap(std::string_view slot, std::string_view component_toml);
+  // Asks the run in progress (and plugins polling is_cancelled) to stop.
+  void cancel() { cancelled_.store(true); }
+
+ private:
+  Manifest manifest_;
+  DLDevice device_{kDLCPU, 0};
+  Metrics metrics_;
+  std::atomic<bool> cancelled_{false};
+  Registry registry_;
+  std::unique_ptr<Pipeline> pipeline_;
+};
+
+} // namespace loom

@@ -1,0 +1,384 @@
+#include "loom/core/manifest.hpp"
+
+#include <fstream>
+#include <sstream>
+
+#include "loom/core/error.hpp"
+#include "loom/core/version.hpp"
+#include "toml_support.hpp"
+
+namespace loom {
+
+namespace {
+
+struct KindInfo {
+  loom_kind kind;
+  const char *name;
+  bool list;
+};
+constexpr KindInfo kKinds[] = {
+    {LOOM_KIND_ATTENTION, "attention", false}, {LOOM_KIND_QUANTIZER, "quantizer", false},
+    {LOOM_KIND_PARALLEL, "parallel", false},   {LOOM_KIND_SAMPLER, "sampler", true},
+    {LOOM_KIND_ADAPTER, "adapter", true},      {LOOM_KIND_RETRIEVER, "retriever", true},
+    {LOOM_KIND_TOOL, "tool", true},
+};
+
+// Walks a table with a fixed schema: every key must be known and of the expected type.
+class SchemaReader {
+ public:
+  SchemaReader(const toml::table &table, std::string path, std::string source)
+      : table_(table), path_(std::move(path)), source_(std::move(source)) {}
+
+  // Throws for any key not in `known`.
+  void only(std::initializer_list<std::string_view> known) const {
+    for (auto &&[key, node] : table_) {
+      bool ok = false;
+      for (auto k : known) ok = ok || key.str() == k;
+      if (!ok) {
+        std::string list;
+        for (auto k : known) list += std::string(list.empty() ? "" : ", ") + std::string(k);
+        throw manifest_error(detail::where(node.source(), source_) + ": " + qualified(key.str()) +
+                             ": unknown key (known: " + list + ")");
+      }
+    }
+  }
+
+  const toml::node *get(std::string_view key, toml::node_type type, const char *expected) const {
+    const toml::node *node = table_.get(key);
+    if (node == nullptr) return nullptr;
+    if (node->type() != type) fail(*node, key, std::string("expected ") + expected + ", got " + detail::describe_type(*node));
+    return node;
+  }
+
+  [[noreturn]] void fail(const toml::node &node, std::string_view key, const std::string &what) const {
+    throw manifest_error(detail::where(node.source(), source_) + ": " + qualified(key) + ": " + what);
+  }
+
+  std::string qualified(std::string_view key) const {
+    return path_.empty() ? std::string(key) : path_ + "." + std::string(key);
+  }
+
+  bool read_string(std::string_view key, std::string &out) const {
+    if (auto n = get(key, toml::node_type::string, "a string")) { out = *n->value<std::string>(); return true; }
+    return false;
+  }
+
+  bool read_int(std::string_view key, int64_t &out, int64_t min, int64_t max) const {
+    auto n = get(key, toml::node_type::integer, "an integer");
+    if (n == nullptr) return false;
+    int64_t v = *n->value<int64_t>();
+    if (v < min || v > max) fail(*n, key, "must be between " + std::to_string(min) + " and " + std::to_string(max) + ", got " + std::to_string(v));
+    out = v;
+    return true;
+  }
+
+  const toml::table &table() const { return table_; }
+  const std::string &source() const { return source_; }
+
+ private:
+  const toml::table &table_;
+  std::string path_;
+  std::string source_;
+};
+
+void read_loom_table(const toml::table &t, const std::string &source, Manifest &m) {
+  SchemaReader r(t, "loom", source);
+  r.only({"plugin_paths", "device", "seed"});
+  if (auto n = r.get("plugin_paths", toml::node_type::array, "an array of strings")) {
+    for (const auto &item : *n->as_array()) {
+      if (!item.is_string()) r.fail(item, "plugin_paths", "expected an array of strings, found " + detail::describe_type(item));
+      std::filesystem::path p = *item.value<std::string>();
+      m.plugin_paths.push_back(p.is_absolute() ? p : m.base_dir / p);
+    }
+  }
+  if (r.read_string("device", m.device)) {
+    const std::string &d = m.device;
+    bool ok = d == "auto" || d == "cpu" || d == "cuda";
+    if (!ok && d.rfind("cuda:", 0) == 0 && d.size() > 5) {
+      ok = d.find_first_not_of("0123456789", 5) == std::string::npos;
+    }
+    if (!ok) r.fail(*t.get("device"), "device", "expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got \"" + d + "\"");
+  }
+  int64_t seed = 0;
+  if (r.read_int("seed", seed, 0, INT64_MAX)) m.seed = static_cast<uint64_t>(seed);
+}
+
+void read_run_table(const toml::table &t, const std::string &source, RunSpec &run) {
+  SchemaReader r(t, "run", source);
+  r.only({"steps", "prompt", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
+          "n_kv_heads", "n_layers"});
+  r.read_int("steps", run.steps, 1, 1 << 20);
+  r.read_int("top_k", run.top_k, 1, 1000);
+  r.read_int("vocab_size", run.vocab_size, 2, 1 << 20);
+  r.read_int("hidden_size", run.hidden_size, 1, 8192);
+  r.read_int("n_heads", run.n_heads, 1, 256);
+  r.read_int("n_kv_heads", run.n_kv_heads, 1, 256);
+  r.read_int("n_layers", run.n_layers, 1, 64);
+  r.read_string("query", run.query);
+  if (auto n = r.get("prompt", toml::node_type::array, "an array of token ids")) {
+    run.prompt.clear();
+    for (const auto &item : *n->as_array()) {
+      auto v = item.value<int64_t>();
+      if (!item.is_integer() || *v < 0) r.fail(item, "prompt", "expected non-negative integer token ids");
+      run.prompt.push_back(static_cast<int32_t>(*v));
+    }
+    if (run.prompt.empty()) r.fail(*n, "prompt", "must hold at least one token");
+  }
+  if (auto n = r.get("tool_calls", toml::node_type::array, "an array of tables")) {
+    size_t i = 0;
+    for (const auto &item : *n->as_array()) {
+      std::string path = "run.tool_calls[" + std::to_string(i++) + "]";
+      if (!item.is_table()) r.fail(item, "tool_calls", "expected tables {tool = \"...\", arguments = {...}}");
+      SchemaReader c(*item.as_table(), path, source);
+      c.only({"tool", "arguments"});
+      ToolCallSpec call;
+      if (!c.read_string("tool", call.tool)) throw manifest_error(detail::where(item.source(), source) + ": " + path + ": missing key 'tool'");
+      call.arguments_json = "{}";
+      if (auto a = c.get("arguments", toml::node_type::table, "a table")) {
+        std::ostringstream out;
+        out << toml::json_formatter{*a->as_table()};
+        call.arguments_json = out.str();
+      }
+      run.tool_calls.push_back(std::move(call));
+    }
+  }
+  if (run.hidden_size % run.n_heads != 0)
+    throw manifest_error(detail::where(t.source(), source) + ": run: hidden_size " + std::to_string(run.hidden_size) +
+                         " is not a multiple of n_heads " + std::to_string(run.n_heads));
+  if (run.n_heads % run.n_kv_heads != 0)
+    throw manifest_error(detail::where(t.source(), source) + ": run: n_heads " + std::to_string(run.n_heads) +
+                         " is not a multiple of n_kv_heads " + std::to_string(run.n_kv_heads));
+  for (int32_t token : run.prompt)
+    if (token >= run.vocab_size)
+      throw manifest_error(detail::where(t.source(), source) + ": run.prompt: token " + std::to_string(token) +
+                           " is outside the vocabulary of " + std::to_string(run.vocab_size));
+}
+
+ComponentSpec read_component(loom_kind kind, const std::string &slot, const std::shared_ptr<const toml::table> &document,
+                             const toml::table &t, const std::string &source, const std::filesystem::path &base_dir) {
+  SchemaReader r(t, slot, source);
+  ComponentSpec spec;
+  spec.kind = kind;
+  spec.slot = slot;
+  if (!r.read_string("use", spec.use))
+    throw manifest_error(detail::where(t.source(), source) + ": " + slot + ": missing key 'use' (the component's name)");
+  if (spec.use.empty()) r.fail(*t.get("use"), "use", "must not be empty");
+  std::string library;
+  if (r.read_string("library", library)) {
+    std::filesystem::path p = library;
+    spec.library = p.is_absolute() ? p : base_dir / p;
+  }
+  if (r.read_string("version", spec.version_range)) {
+    std::string err = check_version_range(spec.version_range);
+    if (!err.empty()) r.fail(*t.get("version"), "version", err);
+  }
+  std::string name;
+  if (r.read_string("name", name)) {
+    if (name.empty() || name.find_first_of(" \t[].=") != std::string::npos)
+      r.fail(*t.get("name"), "name", "must be non-empty without spaces, brackets, dots or '='");
+    spec.slot = name;
+  }
+  spec.table = detail::make_component_table(document, t, source, base_dir);
+  return spec;
+}
+
+// ---- --set overrides ----
+
+struct PathSegment {
+  std::string key;
+  std::vector<size_t> indices;
+};
+
+std::vector<PathSegment> parse_key_path(std::string_view path, const std::string &arg) {
+  std::vector<PathSegment> out;
+  size_t i = 0;
+  auto bad = [&](const std::string &why) { return manifest_error("--set " + arg + ": " + why); };
+  while (i < path.size()) {
+    PathSegment seg;
+    while (i < path.size() && path[i] != '.' && path[i] != '[') seg.key += path[i++];
+    if (seg.key.empty()) throw bad("empty key in path '" + std::string(path) + "'");
+    while (i < path.size() && path[i] == '[') {
+      size_t close = path.find(']', i);
+      if (close == std::string_view::npos) throw bad("missing ']' in path");
+      std::string digits(path.substr(i + 1, close - i - 1));
+      if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 6)
+        throw bad("array index '" + digits + "' is not a number");
+      seg.indices.push_back(std::stoul(digits));
+      i = close + 1;
+    }
+    out.push_back(std::move(seg));
+    if (i < path.size()) {
+      if (path[i] != '.') throw bad("expected '.' after ']'");
+      ++i;
+      if (i == path.size()) throw bad("path ends with '.'");
+    }
+  }
+  if (out.empty()) throw bad("empty key path");
+  return out;
+}
+
+void apply_override(toml::table &root, const std::string &arg) {
+  size_t eq = arg.find('=');
+  if (eq == std::string::npos) throw manifest_error("--set " + arg + ": expected key.path=value");
+  std::string path = arg.substr(0, eq), value_text = arg.substr(eq + 1);
+  auto segments = parse_key_path(path, arg);
+  // The value: a TOML value when it parses as one, else a bare string ("--set attention.use=flash").
+  toml::table holder;
+  try {
+    holder = toml::parse("v = " + value_text, "--set " + arg);
+  } catch (const toml::parse_error &) {
+    holder = toml::table{};
+    holder.insert("v", value_text);
+  }
+  if (holder.size() != 1 || !holder.contains("v")) {
+    holder = toml::table{};
+    holder.insert("v", value_text);
+  }
+  toml::node &value = *holder.get("v");
+
+  toml::node *cursor = &root;
+  for (size_t s = 0; s < segments.size(); ++s) {
+    const PathSegment &seg = segments[s];
+    bool last_segment = s + 1 == segments.size();
+    toml::table *table = cursor->as_table();
+    if (table == nullptr) throw manifest_error("--set " + arg + ": '" + seg.key + "' is not inside a table");
+    if (last_segment && seg.indices.empty()) {
+      table->insert_or_assign(seg.key, std::move(value));
+      return;
+    }
+    toml::node *next = table->get(seg.key);
+    if (next == nullptr) {
+      if (!seg.indices.empty()) throw manifest_error("--set " + arg + ": no array '" + seg.key + "' to index");
+      next = &table->insert_or_assign(seg.key, toml::table{}).first->second;
+    }
+    for (size_t k = 0; k < seg.indices.size(); ++k) {
+      toml::array *array = next->as_array();
+      if (array == nullptr) throw manifest_error("--set " + arg + ": '" + seg.key + "' is not an array");
+      size_t index = seg.indices[k];
+      if (index >= array->size())
+        throw manifest_error("--set " + arg + ": index " + std::to_string(index) + " is out of range ('" + seg.key +
+                             "' has " + std::to_string(array->size()) + " elements)");
+      if (last_segment && k + 1 == seg.indices.size()) {
+        array->replace(array->cbegin() + static_cast<std::ptrdiff_t>(index), std::move(value));
+        return;
+      }
+      next = array->get(index);
+    }
+    cursor = next;
+  }
+}
+
+Manifest build_manifest(toml::table parsed, const std::string &source, const std::filesystem::path &base_dir,
+                        const std::vector<std::string> &overrides) {
+  for (const auto &o : overrides) apply_override(parsed, o);
+  auto document = std::make_shared<const toml::table>(std::move(parsed));
+  const toml::table &root = *document;
+  Manifest m;
+  m.source_name = source;
+  m.base_dir = base_dir;
+  for (auto &&[key, node] : root) {
+    std::string k(key.str());
+    auto fail = [&](const std::string &what) {
+      throw manifest_error(detail::where(node.source(), source) + ": " + k + ": " + what);
+    };
+    if (k == "loom") {
+      if (!node.is_table()) fail("expected a table");
+      read_loom_table(*node.as_table(), source, m);
+      continue;
+    }
+    if (k == "run") {
+      if (!node.is_table()) fail("expected a table");
+      read_run_table(*node.as_table(), source, m.run);
+      continue;
+    }
+    loom_kind kind = kind_from_name(k);
+    if (kind == 0)
+      fail("unknown key (known: loom, run, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
+    if (kind_is_list(kind)) {
+      if (!node.is_array_of_tables()) fail("expected an array of tables: write [[" + k + "]]");
+      size_t i = 0;
+      for (const auto &item : *node.as_array())
+        m.components.push_back(read_component(kind, k + "[" + std::to_string(i++) + "]", document, *item.as_table(), source, base_dir));
+    } else {
+      if (!node.is_table()) fail("expected a table: write [" + k + "]");
+      m.components.push_back(read_component(kind, k, document, *node.as_table(), source, base_dir));
+    }
+  }
+  // Slot names must be unique: `name` keys may collide with each other or with default slots.
+  for (size_t i = 0; i < m.components.size(); ++i)
+    for (size_t j = i + 1; j < m.components.size(); ++j)
+      if (m.components[i].slot == m.components[j].slot)
+        throw manifest_error(m.components[j].table->where() + ": " + m.components[j].slot +
+                             ": slot name already used by another component");
+  return m;
+}
+
+std::string parse_error_message(const toml::parse_error &e, const std::string &source) {
+  return detail::where(e.source(), source) + ": " + std::string(e.description());
+}
+
+} // namespace
+
+std::vector<const ComponentSpec *> Manifest::of_kind(loom_kind kind) const {
+  std::vector<const ComponentSpec *> out;
+  for (const auto &c : components)
+    if (c.kind == kind) out.push_back(&c);
+  return out;
+}
+
+Manifest parse_manifest_file(const std::filesystem::path &path, const std::vector<std::string> &overrides) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw manifest_error(path.string() + ": cannot open the manifest");
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) throw manifest_error(path.string() + ": cannot read the manifest");
+  auto base = path.parent_path();
+  return parse_manifest_string(text.str(), path.string(), overrides, base.empty() ? std::filesystem::path(".") : base);
+}
+
+Manifest parse_manifest_string(std::string_view text, std::string_view source_name,
+                               const std::vector<std::string> &overrides, const std::filesystem::path &base_dir) {
+  std::string source(source_name);
+  toml::table root;
+  try {
+    root = toml::parse(text, source);
+  } catch (const toml::parse_error &e) {
+    throw manifest_error(parse_error_message(e, source));
+  }
+  return build_manifest(std::move(root), source, base_dir.empty() ? std::filesystem::current_path() : base_dir, overrides);
+}
+
+ComponentSpec parse_component_spec(loom_kind kind, std::string_view slot, std::string_view text,
+                                   std::string_view source_name, const std::filesystem::path &base_dir) {
+  std::string source(source_name);
+  std::shared_ptr<const toml::table> document;
+  try {
+    document = std::make_shared<const toml::table>(toml::parse(text, source));
+  } catch (const toml::parse_error &e) {
+    throw manifest_error(parse_error_message(e, source));
+  }
+  ComponentSpec spec = read_component(kind, std::string(slot), document, *document, source,
+                                      base_dir.empty() ? std::filesystem::current_path() : base_dir);
+  spec.slot = std::string(slot); // a swap replaces a slot; it cannot rename it
+  return spec;
+}
+
+const char *kind_name(loom_kind kind) {
+  for (const auto &k : kKinds)
+    if (k.kind == kind) return k.name;
+  return "unknown";
+}
+
+loom_kind kind_from_name(std::string_view name) {
+  for (const auto &k : kKinds)
+    if (name == k.name) return k.kind;
+  return 0;
+}
+
+bool kind_is_list(loom_kind kind) {
+  for (const auto &k : kKinds)
+    if (k.kind == kind) return k.list;
+  return false;
+}
+
+} // namespace loom

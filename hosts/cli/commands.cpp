@@ -1,0 +1,238 @@
+#include "commands.hpp"
+
+#include <functional>
+#include <iomanip>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "loom/core/error.hpp"
+#include "loom/core/manifest.hpp"
+#include "loom/core/registry.hpp"
+#include "loom/core/runtime.hpp"
+
+namespace loom::cli {
+
+namespace {
+
+constexpr int kUsageError = 2;
+
+// Options shared by the commands that read a manifest.
+struct ManifestArgs {
+  std::string manifest;
+  std::vector<std::string> overrides;
+  int64_t steps = 0;
+  bool help = false;
+};
+
+// Parses MANIFEST [--set K=V]... [--steps N]; throws loom::Error (usage).
+ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allow_steps) {
+  ManifestArgs out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string &a = args[i];
+    auto value = [&](const char *flag) -> std::string {
+      if (i + 1 >= args.size()) throw Error(ErrorCategory::usage, std::string(flag) + " needs a value");
+      return args[++i];
+    };
+    if (a == "--help" || a == "-h") {
+      out.help = true;
+    } else if (a == "--set") {
+      out.overrides.push_back(value("--set"));
+    } else if (a.rfind("--set=", 0) == 0) {
+      out.overrides.push_back(a.substr(6));
+    } else if (allow_steps && a == "--steps") {
+      std::string v = value("--steps");
+      try {
+        out.steps = std::stoll(v);
+      } catch (...) {
+        throw Error(ErrorCategory::usage, "--steps: '" + v + "' is not a number");
+      }
+      if (out.steps <= 0) throw Error(ErrorCategory::usage, "--steps must be positive");
+    } else if (!a.empty() && a[0] == '-') {
+      throw Error(ErrorCategory::usage, "unknown option '" + a + "'");
+    } else if (out.manifest.empty()) {
+      out.manifest = a;
+    } else {
+      throw Error(ErrorCategory::usage, "unexpected argument '" + a + "'");
+    }
+  }
+  if (!out.help && out.manifest.empty()) throw Error(ErrorCategory::usage, "a MANIFEST is required");
+  return out;
+}
+
+int report(const Error &e) {
+  std::cerr << "loom: " << e.what() << "\n";
+  return static_cast<int>(e.category());
+}
+
+int guarded(const char *usage, const std::function<int()> &body) {
+  try {
+    return body();
+  } catch (const Error &e) {
+    int code = report(e);
+    if (e.category() == ErrorCategory::usage) std::cerr << usage;
+    return code;
+  } catch (const std::exception &e) {
+    std::cerr << "loom: " << e.what() << "\n";
+    return 1;
+  }
+}
+
+const char *kPluginsUsage = R"(usage: loom plugins [--json] [--path DIR]...
+
+Lists every plugin library found in the search path (--path directories, then LOOM_PLUGIN_PATH,
+then the builtin directory) with its components: kind, name, version, parameters, ABI.
+Libraries that fail to load are listed on stderr with the reason.
+  --json       print one JSON document instead of a table
+  --path DIR   search DIR first (repeatable)
+)";
+
+const char *kValidateUsage = R"(usage: loom validate MANIFEST [--set KEY.PATH=VALUE]...
+
+Parses MANIFEST, applies the overrides, and checks every component against the plugins found:
+that it exists (with the version asked for) and that its table holds only declared keys of the
+declared types. Creates nothing. Prints "ok" and exits 0 when the manifest is valid.
+)";
+
+const char *kRunUsage = R"(usage: loom run MANIFEST [--set KEY.PATH=VALUE]... [--steps N]
+
+Builds the pipeline MANIFEST describes and runs its [run] section: retrievers answer run.query,
+tools run run.tool_calls, and the synthetic decoder generates tokens through the attention,
+quantizer, adapter, parallel and sampler plugins (real models arrive with the engine).
+  --set K=V    override a manifest value, e.g. --set sampler[0].k=5 (value parsed as TOML, else a string)
+  --steps N    generate N tokens instead of run.steps
+)";
+
+std::string kind_label(loom_kind k) { return kind_name(k); }
+
+} // namespace
+
+int cmd_plugins(const std::vector<std::string> &args) {
+  return guarded(kPluginsUsage, [&] {
+    bool json = false;
+    std::vector<std::filesystem::path> extra;
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (args[i] == "--help" || args[i] == "-h") {
+        std::cout << kPluginsUsage;
+        return 0;
+      } else if (args[i] == "--json") {
+        json = true;
+      } else if (args[i] == "--path") {
+        if (i + 1 >= args.size()) throw Error(ErrorCategory::usage, "--path needs a directory");
+        extra.emplace_back(args[++i]);
+      } else {
+        throw Error(ErrorCategory::usage, "unknown argument '" + args[i] + "'");
+      }
+    }
+    Registry registry(Registry::default_search_paths(extra));
+    registry.scan();
+    for (const auto &d : registry.diagnostics()) std::cerr << "loom: warning: " << d << "\n";
+    if (json) {
+      nlohmann::json doc;
+      doc["abi"] = {{"major", LOOM_ABI_MAJOR}, {"minor", LOOM_ABI_MINOR}};
+      doc["search_paths"] = nlohmann::json::array();
+      for (const auto &p : registry.search_paths()) doc["search_paths"].push_back(p.string());
+      doc["libraries"] = nlohmann::json::array();
+      for (const auto &lib : registry.libraries()) {
+        const auto &d = lib->descriptor();
+        nlohmann::json l = {{"path", lib->path().string()}, {"name", d.name}, {"version", d.version},
+                            {"license", d.license}, {"abi", std::to_string(d.abi_major) + "." + std::to_string(d.abi_minor)}};
+        l["components"] = nlohmann::json::array();
+        for (const auto *c : lib->components()) {
+          nlohmann::json comp = {{"kind", kind_label(c->kind)}, {"name", c->name}, {"version", c->version},
+                                 {"description", c->description ? c->description : ""},
+                                 {"threading", c->threading == LOOM_THREADING_CONCURRENT ? "concurrent" : "serial"}};
+          comp["params"] = nlohmann::json::array();
+          for (uint32_t i = 0; i < c->param_count; ++i) {
+            const auto &p = c->params[i];
+            comp["params"].push_back({{"key", p.key}, {"type", value_type_name(p.type)}, {"required", p.required != 0},
+                                      {"default", p.default_value ? p.default_value : ""},
+                                      {"description", p.description ? p.description : ""}});
+          }
+          l["components"].push_back(std::move(comp));
+        }
+        doc["libraries"].push_back(std::move(l));
+      }
+      doc["errors"] = registry.diagnostics();
+      std::cout << doc.dump(2) << "\n";
+      return 0;
+    }
+    std::cout << "plugin ABI " << LOOM_ABI_MAJOR << "." << LOOM_ABI_MINOR << "\n";
+    for (const auto &lib : registry.libraries()) {
+      const auto &d = lib->descriptor();
+      std::cout << "\n" << d.name << " " << d.version << "  (ABI " << d.abi_major << "." << d.abi_minor << ", "
+                << d.license << ")\n  " << lib->path().string() << "\n";
+      for (const auto *c : lib->components()) {
+        std::cout << "  " << std::left << std::setw(10) << kind_label(c->kind) << " " << std::setw(20) << c->name << " "
+                  << std::setw(8) << c->version << " " << (c->description ? c->description : "") << "\n";
+        for (uint32_t i = 0; i < c->param_count; ++i) {
+          const auto &p = c->params[i];
+          std::cout << "             " << p.key << " (" << value_type_name(p.type)
+                    << (p.required ? ", required" : p.default_value ? std::string(", default ") + p.default_value : std::string())
+                    << ")" << (p.description ? std::string(": ") + p.description : std::string()) << "\n";
+        }
+      }
+    }
+    return 0;
+  });
+}
+
+int cmd_validate(const std::vector<std::string> &args) {
+  return guarded(kValidateUsage, [&] {
+    ManifestArgs a = parse_manifest_args(args, false);
+    if (a.help) {
+      std::cout << kValidateUsage;
+      return 0;
+    }
+    Manifest m = parse_manifest_file(a.manifest, a.overrides);
+    Registry registry(Registry::default_search_paths(m.plugin_paths));
+    registry.scan();
+    for (const auto &spec : m.components) {
+      ComponentRef ref;
+      try {
+        ref = registry.find(spec.kind, spec.use, spec.version_range, spec.library);
+      } catch (const Error &e) {
+        throw Error(e.category(), spec.table->where() + ": " + spec.slot + ": " + e.what());
+      }
+      spec.table->resolve(*ref.component, spec.slot);
+    }
+    std::cout << "ok: " << a.manifest << " (" << m.components.size() << " components)\n";
+    return 0;
+  });
+}
+
+int cmd_run(const std::vector<std::string> &args) {
+  return guarded(kRunUsage, [&] {
+    ManifestArgs a = parse_manifest_args(args, true);
+    if (a.help) {
+      std::cout << kRunUsage;
+      return 0;
+    }
+    auto runtime = Runtime::from_file(a.manifest, a.overrides);
+    DLDevice dev = runtime->device();
+    std::cout << "pipeline " << a.manifest << " on " << (dev.device_type == kDLCUDA ? "cuda" : "cpu") << "\n";
+    for (const auto &slot : runtime->pipeline().slots()) {
+      const Instance &i = runtime->pipeline().at(slot);
+      std::cout << "  " << std::left << std::setw(14) << slot << " " << i.desc().name << " " << i.desc().version << " ("
+                << i.library().path().filename().string() << ")\n";
+    }
+    std::cout << std::flush;
+    RunResult r = runtime->run(a.steps, [](int32_t, int32_t) { return true; });
+    if (!runtime->manifest().run.query.empty()) {
+      std::cout << "query: " << runtime->manifest().run.query << "\n";
+      for (const auto &p : r.passages) {
+        std::string text = p.text.substr(0, p.text.find('\n'));
+        if (text.size() > 72) text = text.substr(0, 69) + "...";
+        std::cout << "  " << p.retriever_slot << "  " << p.doc_id << "  " << std::fixed << std::setprecision(3) << p.score
+                  << " " << p.score_kind << "  " << text << "\n";
+      }
+    }
+    for (const auto &t : r.tool_results)
+      std::cout << "tool " << t.tool << (t.is_error ? " (error)" : "") << ": " << t.content << "\n";
+    std::cout << "tokens:";
+    for (int32_t t : r.tokens) std::cout << " " << t;
+    std::cout << "\n" << r.tokens.size() << " tokens in " << std::fixed << std::setprecision(3) << r.seconds << " s\n";
+    return r.cancelled ? 1 : 0;
+  });
+}
+
+} // namespace loom::cli

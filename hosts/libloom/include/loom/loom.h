@@ -1,0 +1,72 @@
+/* libloom: Loom's C API for applications that embed the runtime.
+ *
+ * One entry point: a manifest (a TOML file or string) becomes a runtime; the application runs
+ * it, swaps components while it runs, and destroys it.
+ *
+ * Errors: every call returns a loom_status (loom/abi.h); on failure, loom_last_error() gives a
+ * one-line message naming the file, key or component concerned.
+ * Ownership: a loom_runtime is owned by the caller from create until loom_runtime_destroy.
+ * Strings passed in are copied; strings returned are owned by the library (see each call).
+ * Thread-safety: calls on different runtimes are independent. On one runtime, loom_runtime_run
+ * runs on the calling thread; loom_runtime_swap and loom_runtime_cancel may be called from other
+ * threads while it runs (a swap lands between two steps). loom_runtime_destroy must not race
+ * with any other call on the same runtime.
+ */
+#ifndef LOOM_LOOM_H
+#define LOOM_LOOM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "loom/abi.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(LOOM_BUILDING_LIBLOOM)
+#define LOOM_API __attribute__((visibility("default")))
+#else
+#define LOOM_API
+#endif
+
+typedef struct loom_runtime loom_runtime;
+
+/* The message of the last failed call on this thread; "" when none. Valid until the next libloom
+ * call on this thread. */
+LOOM_API const char *loom_last_error(void);
+
+/* Creates a runtime from a manifest file. `overrides` holds `count` "key.path=value" strings
+ * (like the CLI's --set); it may be NULL when count is 0. */
+LOOM_API loom_status loom_runtime_create_from_file(const char *path, const char *const *overrides, size_t count,
+                                                   loom_runtime **out);
+
+/* Creates a runtime from manifest text; `source_name` names it in error messages (may be NULL);
+ * relative paths in it resolve against the current directory. */
+LOOM_API loom_status loom_runtime_create_from_string(const char *toml_text, const char *source_name,
+                                                     const char *const *overrides, size_t count, loom_runtime **out);
+
+/* Called after each generated token; return non-zero to stop the run early. */
+typedef int32_t (*loom_token_fn)(void *user, int32_t step, int32_t token);
+
+/* Runs the manifest's [run] section; `steps` > 0 overrides its length. `on_token` may be NULL.
+ * `tokens_out`, when not NULL, receives up to `tokens_capacity` generated tokens and
+ * `*tokens_written` their number. */
+LOOM_API loom_status loom_runtime_run(loom_runtime *runtime, int64_t steps, loom_token_fn on_token, void *user,
+                                      int32_t *tokens_out, size_t tokens_capacity, size_t *tokens_written);
+
+/* Replaces the component in `slot` ("attention", "sampler[1]", or a manifest `name`) by the one
+ * described by a TOML table text, e.g. "use = \"top-k\"\nk = 5" or with library = "path.so".
+ * On failure the old component keeps serving. */
+LOOM_API loom_status loom_runtime_swap(loom_runtime *runtime, const char *slot, const char *component_toml);
+
+/* Asks a run in progress to stop at the next step. */
+LOOM_API loom_status loom_runtime_cancel(loom_runtime *runtime);
+
+/* Destroys the runtime: instances in reverse order, then their libraries. NULL is a no-op. */
+LOOM_API void loom_runtime_destroy(loom_runtime *runtime);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOOM_LOOM_H */

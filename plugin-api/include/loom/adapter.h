@@ -1,0 +1,70 @@
+/* Adapter kind: a trainable or loaded delta on named modules (LoRA, bottleneck, prefix).
+ *
+ * An adapter instance is one adapter (one set of weights). The host asks which modules it
+ * targets, attaches it to each (the plugin allocates that module's parameters), and then calls
+ * forward/backward around the base module's own computation. Several instances over one base
+ * model serve several adapters at once; rows that do not use an instance are masked out.
+ */
+#ifndef LOOM_ADAPTER_H
+#define LOOM_ADAPTER_H
+
+#include "loom/plugin.h"
+#include "loom/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct loom_adapter_site loom_adapter_site; /* plugin-owned per-module state */
+
+typedef struct loom_adapter_module {
+  uint32_t struct_size;
+  const char *module_name;  /* "model.layers.0.self_attn.q_proj" */
+  int64_t in_features;
+  int64_t out_features;
+  DLDataType dtype;
+  DLDevice device;
+} loom_adapter_module;
+
+typedef struct loom_adapter_io {
+  uint32_t struct_size;
+  const DLTensor *x;   /* [n, in_features]: the base module's input */
+  DLTensor *y;         /* [n, out_features]: the base module's output; the delta is added */
+  /* [n] int32 on the device, optional (NULL = every row): non-zero rows use this adapter. */
+  const DLTensor *row_mask;
+  int32_t training;    /* non-zero: keep what backward needs, apply dropout */
+} loom_adapter_io;
+
+typedef struct loom_adapter_grad_io {
+  uint32_t struct_size;
+  const DLTensor *x;   /* as in forward */
+  const DLTensor *d_y; /* [n, out_features] */
+  DLTensor *d_x;       /* [n, in_features]: the adapter's contribution is added */
+  const DLTensor *row_mask;
+} loom_adapter_grad_io;
+
+typedef struct loom_adapter_vtable {
+  uint32_t struct_size;
+  loom_lifecycle life;
+  /* Non-zero when the adapter applies to this module (by the manifest's target patterns). */
+  int32_t (*targets)(void *instance, const char *module_name);
+  /* Creates the module's parameters (initialised per the plugin's rules, or from loaded
+   * weights). *out is owned by the instance. */
+  loom_status (*attach)(void *instance, const loom_adapter_module *module, loom_adapter_site **out);
+  loom_status (*forward)(void *instance, loom_adapter_site *site, const loom_adapter_io *io);
+  /* Optional (NULL for inference-only adapters): accumulates parameter gradients and d_x. */
+  loom_status (*backward)(void *instance, loom_adapter_site *site, const loom_adapter_grad_io *io);
+  /* Lists every parameter (and gradient) of every attached site, named in the Hugging Face PEFT
+   * layout ("base_model.model.<module>.lora_A.weight"), for optimisers and for saving. */
+  loom_status (*parameters)(void *instance, const loom_tensor_sink *sink);
+  /* Loads parameters by the same names; names that match no site are an error. */
+  loom_status (*load)(void *instance, const loom_named_tensor *tensors, uint32_t count);
+  /* Optional: folds the delta into a base weight [out, in] in place (sign +1) or takes it out
+   * again (sign -1). */
+  loom_status (*merge)(void *instance, loom_adapter_site *site, DLTensor *base_weight, int32_t sign);
+} loom_adapter_vtable;
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOOM_ADAPTER_H */

@@ -1,0 +1,92 @@
+/* Attention kind: how q, k, v and the KV cache become the attention output.
+ *
+ * Batches are ragged ("varlen"): the new tokens of several sequences are packed along one token
+ * dimension, with cumulative offsets, and each sequence's earlier keys and values sit in a
+ * paged KV cache that the host allocates and the scheduler hands out in blocks. A plugin states
+ * the cache layout it wants (kv_layout) and the host sizes the pool from it.
+ *
+ * Shapes use T = tokens in the batch, S = sequences, H = query heads, Hkv = key/value heads,
+ * D = head dim, B = block size, N = blocks in the pool, M = max blocks per sequence.
+ */
+#ifndef LOOM_ATTENTION_H
+#define LOOM_ATTENTION_H
+
+#include "loom/plugin.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The model geometry an instance is prepared for. */
+typedef struct loom_attention_config {
+  uint32_t struct_size;
+  int32_t n_layers;
+  int32_t n_heads;     /* H */
+  int32_t n_kv_heads;  /* Hkv; H % Hkv == 0 (grouped-query attention) */
+  int32_t head_dim;    /* D */
+  int32_t max_positions;
+  int32_t sliding_window; /* 0: full attention; else a key is seen by queries < window ahead */
+  float softmax_scale;    /* usually 1/sqrt(D) */
+  DLDataType dtype;       /* dtype of q, k, v and out */
+  DLDevice device;
+} loom_attention_config;
+
+/* What the plugin wants the KV pool to look like, filled by prepare(). */
+typedef struct loom_kv_layout {
+  uint32_t struct_size;
+  int32_t block_size;          /* B tokens per block; 0 = the plugin keeps no KV cache */
+  DLDataType cache_dtype;      /* element type of a stored key/value (bf16, fp8, int8) */
+  /* Bytes of one block of one layer, keys and values and any scales included. */
+  uint64_t bytes_per_block;
+} loom_kv_layout;
+
+typedef struct loom_attention_batch {
+  uint32_t struct_size;
+  int32_t layer;
+  int32_t n_seqs;      /* S */
+  int32_t n_tokens;    /* T */
+  DLTensor *q;         /* [T, H, D] */
+  DLTensor *k;         /* [T, Hkv, D]: new keys; the plugin writes them into the cache */
+  DLTensor *v;         /* [T, Hkv, D] */
+  DLTensor *out;       /* [T, H, D], written */
+  DLTensor *seq_offsets;    /* [S+1] int32 on the device: tokens of seq s are [off[s], off[s+1]) */
+  DLTensor *seq_positions;  /* [S] int32 on the device: position of each sequence's first new
+                               token, i.e. the number of its tokens already in the cache */
+  DLTensor *block_table;    /* [S, M] int32 on the device: pool block of each logical block */
+  DLTensor *kv_pool;        /* [N, bytes_per_block] uint8 for this layer, NULL when block_size 0 */
+  int32_t causal;           /* non-zero for decoder self-attention */
+} loom_attention_batch;
+
+/* Training: gradients of one layer's attention over fully materialised q, k, v (no cache). */
+typedef struct loom_attention_backward_batch {
+  uint32_t struct_size;
+  int32_t layer;
+  int32_t n_seqs;
+  int32_t n_tokens;
+  const DLTensor *q, *k, *v, *out; /* as in the forward call */
+  const DLTensor *d_out;           /* [T, H, D] */
+  DLTensor *d_q, *d_k, *d_v;       /* written */
+  const DLTensor *seq_offsets;
+  int32_t causal;
+  /* Opaque per-layer saved state from forward (e.g. log-sum-exp), NULL if not kept. */
+  DLTensor *saved;
+} loom_attention_backward_batch;
+
+typedef struct loom_attention_vtable {
+  uint32_t struct_size;
+  loom_lifecycle life;
+  /* Fixes the geometry and reports the KV layout. Called once after create() and again only
+   * when the model changes. The host owns both structs. */
+  loom_status (*prepare)(void *instance, const loom_attention_config *config,
+                         loom_kv_layout *layout_out);
+  /* One forward pass of one layer over a ragged batch. Work is ordered on the host's current
+   * stream; the call may return before it finishes. [serial per instance] */
+  loom_status (*forward)(void *instance, const loom_attention_batch *batch);
+  /* Optional (NULL): components without it cannot be used for training. */
+  loom_status (*backward)(void *instance, const loom_attention_backward_batch *batch);
+} loom_attention_vtable;
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOOM_ATTENTION_H */

@@ -1,0 +1,77 @@
+/* Parallel kind: how weights, activations and gradients are split, and the collectives.
+ *
+ * An instance is one rank's view of a strategy (single, tensor, data, pipeline) over a
+ * communicator it builds at create() from its config and the launcher's environment (mpirun's
+ * OMPI_COMM_WORLD_* or torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT).
+ * Collectives are ordered on the host's current stream on CUDA and complete before returning on
+ * CPU. Every rank calls the same collectives in the same order.
+ */
+#ifndef LOOM_PARALLEL_H
+#define LOOM_PARALLEL_H
+
+#include "loom/plugin.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef int32_t loom_reduce_op;
+enum { LOOM_REDUCE_SUM = 0, LOOM_REDUCE_MAX = 1, LOOM_REDUCE_MIN = 2, LOOM_REDUCE_AVG = 3 };
+
+/* Process groups a collective runs over. */
+typedef int32_t loom_group;
+enum {
+  LOOM_GROUP_WORLD = 0,
+  LOOM_GROUP_TENSOR = 1,   /* ranks sharing one tensor-parallel shard set */
+  LOOM_GROUP_DATA = 2,     /* ranks holding replicas */
+  LOOM_GROUP_PIPELINE = 3  /* ranks of consecutive stages */
+};
+
+typedef struct loom_parallel_topology {
+  uint32_t struct_size;
+  int32_t world_rank, world_size;
+  int32_t tensor_rank, tensor_size;
+  int32_t data_rank, data_size;
+  int32_t pipeline_rank, pipeline_size;
+  int32_t local_rank; /* index of this process's GPU on its host */
+} loom_parallel_topology;
+
+/* How one named parameter is split for this rank (filled by shard()). */
+typedef struct loom_shard {
+  uint32_t struct_size;
+  int32_t split_dim;   /* -1: replicated; else the dimension that is split */
+  int64_t begin, end;  /* this rank's half-open range along split_dim */
+  int32_t reduce_after; /* non-zero: the module's output needs an all-reduce over LOOM_GROUP_TENSOR
+                           (row-parallel linear) */
+  int32_t owner_stage; /* pipeline stage holding this parameter */
+} loom_shard;
+
+typedef struct loom_parallel_vtable {
+  uint32_t struct_size;
+  loom_lifecycle life;
+  loom_status (*topology)(void *instance, loom_parallel_topology *out);
+  /* Decides how a parameter of the given full shape is split. `name` is the Hugging Face
+   * tensor name ("model.layers.0.self_attn.q_proj.weight"). */
+  loom_status (*shard)(void *instance, const char *name, const int64_t *shape, int32_t ndim,
+                       loom_shard *out);
+  /* Which pipeline stage runs decoder layer `layer` of `n_layers`. */
+  int32_t (*stage_of_layer)(void *instance, int32_t layer, int32_t n_layers);
+
+  /* Collectives. Buffers are the caller's, on the pipeline's device, contiguous. */
+  loom_status (*all_reduce)(void *instance, loom_group group, DLTensor *buffer, loom_reduce_op op);
+  /* out holds group_size * numel(in) elements, rank-major. */
+  loom_status (*all_gather)(void *instance, loom_group group, const DLTensor *in, DLTensor *out);
+  /* in holds group_size * numel(out) elements; out receives this rank's reduced slice. */
+  loom_status (*reduce_scatter)(void *instance, loom_group group, const DLTensor *in, DLTensor *out,
+                                loom_reduce_op op);
+  loom_status (*broadcast)(void *instance, loom_group group, DLTensor *buffer, int32_t root);
+  /* Point to point within LOOM_GROUP_PIPELINE (activations between stages). */
+  loom_status (*send)(void *instance, const DLTensor *buffer, int32_t peer);
+  loom_status (*recv)(void *instance, DLTensor *buffer, int32_t peer);
+  loom_status (*barrier)(void *instance, loom_group group);
+} loom_parallel_vtable;
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOOM_PARALLEL_H */
