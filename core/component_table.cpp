@@ -133,6 +133,8 @@ std::shared_ptr<const ComponentTable> ComponentTable::resolve(const loom_compone
     std::string prefix = detail::where(node.source(), impl_->source_name) + ": " +
                          std::string(slot) + "." + std::string(key.str()) + ": ";
     if (param == nullptr) {
+      prefix = detail::where(key.source(), impl_->source_name) + ": " + std::string(slot) + "." +
+               std::string(key.str()) + ": ";
       std::string known;
       for (uint32_t i = 0; i < component.param_count; ++i)
         known += std::string(known.empty() ? "" : ", ") + component.params[i].key;

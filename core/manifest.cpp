@@ -37,7 +37,7 @@ class SchemaReader {
       if (!ok) {
         std::string list;
         for (auto k : known) list += std::string(list.empty() ? "" : ", ") + std::string(k);
-        throw manifest_error(detail::where(node.source(), source_) + ": " + qualified(key.str()) +
+        throw manifest_error(detail::where(key.source(), source_) + ": " + qualified(key.str()) +
                              ": unknown key (known: " + list + ")");
       }
     }
@@ -278,9 +278,8 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
   m.base_dir = base_dir;
   for (auto &&[key, node] : root) {
     std::string k(key.str());
-    auto fail = [&](const std::string &what) {
-      throw manifest_error(detail::where(node.source(), source) + ": " + k + ": " + what);
-    };
+    std::string key_where = detail::where(key.source(), source); // (clang 14 cannot capture bindings)
+    auto fail = [&](const std::string &what) { throw manifest_error(key_where + ": " + k + ": " + what); };
     if (k == "loom") {
       if (!node.is_table()) fail("expected a table");
       read_loom_table(*node.as_table(), source, m);

@@ -63,7 +63,8 @@ void Registry::scan() {
       try {
         open_locked(file);
       } catch (const Error &e) {
-        diagnostics_.push_back(e.what());
+        if (std::find(diagnostics_.begin(), diagnostics_.end(), e.what()) == diagnostics_.end())
+          diagnostics_.push_back(e.what());
       }
     }
   }
@@ -106,6 +107,9 @@ std::shared_ptr<PluginLibrary> Registry::open_locked(const fs::path &path) {
     throw;
   }
   if (load_path != canonical) fs::remove(load_path, ec);
+  // The rebuilt library replaces the old one in the index; the old one stays loaded only while
+  // instances created from it live.
+  if (previous) std::erase(libraries_, previous);
   libraries_.push_back(lib);
   return lib;
 }

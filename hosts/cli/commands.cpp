@@ -14,7 +14,6 @@ namespace loom::cli {
 
 namespace {
 
-constexpr int kUsageError = 2;
 
 // Options shared by the commands that read a manifest.
 struct ManifestArgs {

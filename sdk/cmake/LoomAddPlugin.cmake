@@ -17,8 +17,20 @@ function(loom_add_plugin target)
     CXX_VISIBILITY_PRESET hidden
     CUDA_VISIBILITY_PRESET hidden
     VISIBILITY_INLINES_HIDDEN ON)
-  if(NOT APPLE)
+  # Every symbol a plugin needs must come from its own link line, never from the host. (Not under
+  # sanitizers: their runtime lives in the executable.)
+  if(NOT APPLE AND NOT LOOM_SANITIZE)
     target_link_options(${target} PRIVATE "LINKER:--no-undefined")
+  endif()
+  # Hidden visibility alone still exports libstdc++ template instantiations (namespace std has
+  # default visibility); a version script makes loom_plugin_entry the one exported symbol.
+  if(NOT APPLE)
+    set(map ${CMAKE_BINARY_DIR}/loom_plugin_exports.map)
+    if(NOT EXISTS ${map})
+      file(WRITE ${map} "{\n  global: loom_plugin_entry;\n  local: *;\n};\n")
+    endif()
+    target_link_options(${target} PRIVATE "LINKER:--version-script=${map}")
+    set_property(TARGET ${target} APPEND PROPERTY LINK_DEPENDS ${map})
   endif()
   if(ARG_OUTPUT_DIRECTORY)
     set_target_properties(${target} PROPERTIES LIBRARY_OUTPUT_DIRECTORY ${ARG_OUTPUT_DIRECTORY})

@@ -1,0 +1,235 @@
+// Quantizer component `int8`: per-output-channel symmetric int8.
+//   scale[o] = max_i |W[o, i]| / 127   (an all-zero row gets scale 1)
+//   q[o, i]  = round(W[o, i] / scale[o]) in [-127, 127]
+//   W~[o, i] = q[o, i] * scale[o],  so |W - W~| <= scale[o] / 2
+// Weights live in host memory (CPU path). Export layout: "qweight" int8 [out, in],
+// "scales" float32 [out], metadata {"format":"loom-int8","bits":8,"scheme":"per-channel-symmetric"}.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "loom/loom_plugin_api.h"
+#include "loom_plugin_util.hpp"
+
+struct loom_qweight {
+  int64_t out = 0, in = 0;
+  std::vector<int8_t> q;      // [out, in]
+  std::vector<float> scales;  // [out]
+};
+
+namespace loomp::int8q {
+namespace {
+
+constexpr const char* kMetadata = R"({"format":"loom-int8","bits":8,"scheme":"per-channel-symmetric"})";
+
+struct Int8 {
+  const loom_host_api* host;
+  loom_host_ctx* ctx;
+  Int8(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {}
+};
+
+void check_target(DLDevice d) {
+  if (d.device_type != kDLCPU) unsupported("int8: only the CPU target device is supported");
+}
+
+std::unique_ptr<loom_qweight> quantize(const loom_quantize_request& r) {
+  check_target(r.target_device);
+  const DLTensor* w = r.weight;
+  if (w == nullptr) invalid("int8: weight is NULL");
+  if (w->dtype.code == kDLBfloat || (w->dtype.code == kDLFloat && w->dtype.bits == 16))
+    unsupported("int8: bf16/fp16 weights are not supported yet; pass float32");
+  check_f32(w, "weight", {-1, -1});
+  auto qw = std::make_unique<loom_qweight>();
+  qw->out = w->shape[0];
+  qw->in = w->shape[1];
+  qw->q.resize(static_cast<size_t>(qw->out * qw->in));
+  qw->scales.resize(static_cast<size_t>(qw->out));
+  const float* src = data_of<float>(*w);
+  for (int64_t o = 0; o < qw->out; ++o) {
+    const float* row = src + o * qw->in;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < qw->in; ++i) {
+      if (!std::isfinite(row[i])) invalid("int8: weight row " + std::to_string(o) + " holds a non-finite value");
+      amax = std::max(amax, std::fabs(row[i]));
+    }
+    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+    qw->scales[o] = scale;
+    for (int64_t i = 0; i < qw->in; ++i) {
+      const float v = std::nearbyint(row[i] / scale);
+      qw->q[o * qw->in + i] = static_cast<int8_t>(std::clamp(v, -127.0f, 127.0f));
+    }
+  }
+  return qw;
+}
+
+// y[n, out] = x[n, in] @ W~^T (+ bias): the int8 row is dequantized on the fly, the dot
+// product accumulates in float and the channel scale is applied once per output.
+void linear(const loom_qweight& w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
+  check_f32(x, "x", {-1, w.in});
+  const int64_t n = x->shape[0];
+  check_f32(y, "y", {n, w.out});
+  if (bias != nullptr) check_f32(bias, "bias", {w.out});
+  const float* xs = data_of<float>(*x);
+  const float* bs = bias ? data_of<float>(*bias) : nullptr;
+  float* ys = data_of<float>(*y);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t o = 0; o < w.out; ++o) {
+      const int8_t* q = w.q.data() + o * w.in;
+      const float* xr = xs + r * w.in;
+      float acc = 0.0f;
+      for (int64_t i = 0; i < w.in; ++i) acc += xr[i] * static_cast<float>(q[i]);
+      ys[r * w.out + o] = acc * w.scales[o] + (bs ? bs[o] : 0.0f);
+    }
+}
+
+void dequantize(const loom_qweight& w, DLTensor* out) {
+  if (out != nullptr && !is_f32(out->dtype) && out->dtype.code == kDLFloat)
+    unsupported("int8: dequantize writes float32 only");
+  check_f32(out, "out", {w.out, w.in});
+  float* o = data_of<float>(*out);
+  for (int64_t r = 0; r < w.out; ++r)
+    for (int64_t i = 0; i < w.in; ++i) o[r * w.in + i] = static_cast<float>(w.q[r * w.in + i]) * w.scales[r];
+}
+
+void export_weight(const Int8& self, const loom_qweight& w, const loom_tensor_sink* sink, loom_buffer* meta) {
+  if (sink == nullptr || sink->put == nullptr) invalid("int8: sink is NULL");
+  if (meta == nullptr) invalid("int8: metadata buffer is NULL");
+  // The sink only reads; const_cast is needed because DLTensor.data is non-const.
+  OwnedView qv(const_cast<int8_t*>(w.q.data()), kI8, {w.out, w.in});
+  OwnedView sv(const_cast<float*>(w.scales.data()), kF32, {w.out});
+  loom_status s = sink->put(sink->user, "qweight", &qv.t, nullptr);
+  if (s != LOOM_OK) fail(s, "int8: the sink refused tensor 'qweight'");
+  s = sink->put(sink->user, "scales", &sv.t, nullptr);
+  if (s != LOOM_OK) fail(s, "int8: the sink refused tensor 'scales'");
+  s = self.host->buffer_append(meta, kMetadata, std::strlen(kMetadata));
+  if (s != LOOM_OK) fail(s, "int8: could not write the metadata");
+}
+
+// A tensor named exactly `suffix`, or "<prefix>.<suffix>" (the host may keep module prefixes).
+const DLTensor* find_tensor(const loom_named_tensor* ts, uint32_t count, const std::string& suffix) {
+  const DLTensor* found = nullptr;
+  for (uint32_t i = 0; i < count; ++i) {
+    if (ts[i].name == nullptr) invalid("int8: tensor " + std::to_string(i) + " has no name");
+    const std::string name = ts[i].name;
+    const bool match = name == suffix || (name.size() > suffix.size() &&
+                                          name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0 &&
+                                          name[name.size() - suffix.size() - 1] == '.');
+    if (!match) continue;
+    if (found) invalid("int8: tensor '" + suffix + "' given more than once");
+    found = ts[i].tensor;
+    if (found == nullptr) invalid("int8: tensor '" + suffix + "' is NULL");
+  }
+  if (found == nullptr) invalid("int8: missing tensor '" + suffix + "'");
+  return found;
+}
+
+std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_t count, const char* meta_json,
+                                            DLDevice target) {
+  check_target(target);
+  if (ts == nullptr && count > 0) invalid("int8: tensors is NULL");
+  if (meta_json == nullptr) invalid("int8: metadata is NULL");
+  nlohmann::json meta;
+  try {
+    meta = nlohmann::json::parse(meta_json);
+  } catch (const nlohmann::json::exception& e) {
+    invalid(std::string("int8: metadata is not valid JSON: ") + e.what());
+  }
+  if (!meta.is_object() || !meta.contains("format") || !meta["format"].is_string())
+    invalid("int8: metadata has no \"format\" string");
+  if (meta["format"] != "loom-int8")
+    invalid("int8: unknown format '" + meta["format"].get<std::string>() + "' (expected loom-int8)");
+  if (meta.contains("bits") && meta["bits"] != 8) invalid("int8: metadata bits must be 8");
+  if (meta.contains("scheme") && meta["scheme"] != "per-channel-symmetric")
+    invalid("int8: unknown scheme (expected per-channel-symmetric)");
+
+  const DLTensor* q = find_tensor(ts, count, "qweight");
+  const DLTensor* sc = find_tensor(ts, count, "scales");
+  if (q->ndim != 2) invalid("int8: tensor 'qweight' must be 2-D [out, in], got " + std::to_string(q->ndim) + "-D");
+  if (!is_dtype(q->dtype, kDLInt, 8)) invalid("int8: tensor 'qweight' must have dtype int8");
+  check_cpu_tensor(q, "qweight", kDLInt, 8, {-1, -1});
+  if (!is_f32(sc->dtype)) invalid("int8: tensor 'scales' must have dtype float32");
+  if (sc->ndim != 1 || sc->shape[0] != q->shape[0])
+    invalid("int8: tensor 'scales' must have shape [" + std::to_string(q->shape[0]) + "] (qweight rows), got " +
+            shape_str(*sc));
+  check_f32(sc, "scales", {q->shape[0]});
+  auto w = std::make_unique<loom_qweight>();
+  w->out = q->shape[0];
+  w->in = q->shape[1];
+  const int8_t* qs = data_of<int8_t>(*q);
+  w->q.assign(qs, qs + w->out * w->in);
+  for (int8_t v : w->q)
+    if (v == -128) invalid("int8: tensor 'qweight' holds -128, outside the symmetric range [-127, 127]");
+  const float* ss = data_of<float>(*sc);
+  w->scales.assign(ss, ss + w->out);
+  for (float s : w->scales)
+    if (!(s > 0.0f) || !std::isfinite(s)) invalid("int8: tensor 'scales' holds a non-positive or non-finite scale");
+  return w;
+}
+
+// ---- ABI glue ----
+loom_status create_fn(const loom_host_api* host, loom_host_ctx* ctx, void** out) {
+  return guard(host, ctx, [&] {
+    if (out == nullptr) invalid("out_instance is NULL");
+    *out = std::make_unique<Int8>(host, ctx).release();
+  });
+}
+void destroy_fn(void* inst) { delete static_cast<Int8*>(inst); }
+Int8& self(void* inst) { return *static_cast<Int8*>(inst); }
+
+loom_status quantize_fn(void* inst, const loom_quantize_request* r, loom_qweight** out) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    if (r == nullptr || out == nullptr) invalid("int8: request and out must not be NULL");
+    if (!LOOM_HAS_FIELD(r, loom_quantize_request, target_device)) invalid("int8: request struct_size too small");
+    *out = quantize(*r).release();
+  });
+}
+loom_status linear_fn(void* inst, const loom_qweight* w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    if (w == nullptr) invalid("int8: weight is NULL");
+    linear(*w, x, bias, y);
+  });
+}
+loom_status dequantize_fn(void* inst, const loom_qweight* w, DLTensor* out) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    if (w == nullptr) invalid("int8: weight is NULL");
+    dequantize(*w, out);
+  });
+}
+loom_status export_fn(void* inst, const loom_qweight* w, const loom_tensor_sink* sink, loom_buffer* meta) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    if (w == nullptr) invalid("int8: weight is NULL");
+    export_weight(self(inst), *w, sink, meta);
+  });
+}
+loom_status import_fn(void* inst, const loom_named_tensor* ts, uint32_t count, const char* meta, DLDevice target,
+                      loom_qweight** out) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    if (out == nullptr) invalid("int8: out is NULL");
+    *out = import_weight(ts, count, meta, target).release();
+  });
+}
+void free_fn(void*, loom_qweight* w) { delete w; }
+
+constexpr loom_quantizer_vtable kVtable = {
+    sizeof(loom_quantizer_vtable),
+    {&create_fn, &destroy_fn, nullptr, nullptr, nullptr},
+    &quantize_fn, &linear_fn, &dequantize_fn, &export_fn, &import_fn, &free_fn,
+};
+constexpr loom_component_desc kInt8 = {
+    sizeof(loom_component_desc), LOOM_KIND_QUANTIZER, "int8", "1.0.0",
+    "Per-output-channel symmetric int8 weights, dequantized on the fly (CPU)",
+    nullptr, 0, LOOM_THREADING_SERIAL, &kVtable};
+const loom_component_desc* const kComponents[] = {&kInt8};
+const loom_plugin_desc kPlugin = {
+    sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-quant-int8", "1.0.0",
+    "Apache-2.0", kComponents, 1, nullptr};
+
+}  // namespace
+}  // namespace loomp::int8q
+
+extern "C" LOOM_PLUGIN_EXPORT const loom_plugin_desc* loom_plugin_entry(void) { return &loomp::int8q::kPlugin; }

@@ -1,0 +1,75 @@
+// Sampler `repetition-penalty`: llama.cpp's penalties over the last `last_n` history tokens.
+// For each distinct token t seen c > 0 times in the window:
+//   logit[t] = logit[t] > 0 ? logit[t] / penalty : logit[t] * penalty
+//   logit[t] -= frequency * c + presence
+// last_n = 0 disables it; last_n = -1 uses the whole history.
+#include <cmath>
+#include <unordered_map>
+
+#include "sampler_common.hpp"
+
+namespace loomp::samplers {
+namespace {
+
+struct RepetitionPenalty : Base {
+  float penalty, frequency, presence;
+  int64_t last_n;
+  RepetitionPenalty(const loom_host_api* h, loom_host_ctx* c)
+      : Base(h, c),
+        penalty(static_cast<float>(cfg_float(h, c, "penalty"))),
+        frequency(static_cast<float>(cfg_float(h, c, "frequency"))),
+        presence(static_cast<float>(cfg_float(h, c, "presence"))),
+        last_n(cfg_int(h, c, "last_n")) {
+    if (!(penalty > 0.0f) || !std::isfinite(penalty))
+      invalid("repetition-penalty: penalty must be a finite number > 0 (1.0 disables it)");
+    if (!std::isfinite(frequency) || !std::isfinite(presence))
+      invalid("repetition-penalty: frequency and presence must be finite");
+    if (last_n < -1) invalid("repetition-penalty: last_n must be >= -1 (-1 = whole history)");
+  }
+
+  void apply(const loom_sampling_batch& b) {
+    const Rows rows = cpu_rows(&b, "repetition-penalty");
+    if (last_n == 0) return;
+    if (rows.n > 0 && (b.history == nullptr || b.history_len == nullptr))
+      invalid("repetition-penalty: history and history_len are required");
+    std::unordered_map<int32_t, int32_t> counts;
+    for (int64_t r = 0; r < rows.n; ++r) {
+      const int64_t len = b.history_len[r];
+      if (len < 0) invalid("repetition-penalty: history_len[" + std::to_string(r) + "] is negative");
+      if (len > 0 && b.history[r] == nullptr)
+        invalid("repetition-penalty: history[" + std::to_string(r) + "] is NULL");
+      const int64_t start = (last_n < 0 || last_n >= len) ? 0 : len - last_n;
+      counts.clear();
+      for (int64_t i = start; i < len; ++i) {
+        const int32_t tok = b.history[r][i];
+        if (tok < 0 || tok >= rows.vocab)
+          invalid("repetition-penalty: history[" + std::to_string(r) + "] holds token " +
+                  std::to_string(tok) + " outside the vocabulary");
+        ++counts[tok];
+      }
+      float* x = rows.row(r);
+      for (const auto& [tok, c] : counts) {
+        float& v = x[tok];
+        v = v > 0.0f ? v / penalty : v * penalty;
+        v -= frequency * static_cast<float>(c) + presence;
+      }
+    }
+  }
+};
+
+constexpr loom_sampler_vtable kVtable = make_vtable<RepetitionPenalty>(LOOM_SAMPLER_USES_HISTORY);
+constexpr loom_param_desc kParams[] = {
+    param("penalty", LOOM_VALUE_FLOAT, "1.1", "divides positive / multiplies negative logits of repeated tokens"),
+    param("frequency", LOOM_VALUE_FLOAT, "0.0", "subtracted once per occurrence in the window"),
+    param("presence", LOOM_VALUE_FLOAT, "0.0", "subtracted once from every token present in the window"),
+    param("last_n", LOOM_VALUE_INT, "64", "history window in tokens; 0 disables, -1 = whole history"),
+};
+
+}  // namespace
+
+const loom_component_desc repetition_penalty_desc = {
+    sizeof(loom_component_desc), LOOM_KIND_SAMPLER, "repetition-penalty", "1.0.0",
+    "Penalises tokens repeated in the recent history (llama.cpp semantics)", kParams, 4,
+    LOOM_THREADING_SERIAL, &kVtable};
+
+}  // namespace loomp::samplers

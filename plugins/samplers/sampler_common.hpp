@@ -1,0 +1,146 @@
+// Shared plumbing for the sampler components: batch validation, the row view and the
+// template that turns a C++ component class into a loom_sampler_vtable.
+//
+// A component class C provides:
+//   C(const loom_host_api*, loom_host_ctx*)   reads and validates its config (may throw)
+//   void apply(const loom_sampling_batch&)     may throw loomp::Fail
+//   members `host` and `ctx`
+#ifndef LOOM_PLUGINS_SAMPLERS_COMMON_HPP
+#define LOOM_PLUGINS_SAMPLERS_COMMON_HPP
+
+#include <cmath>
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "loom/loom_plugin_api.h"
+#include "loom_plugin_util.hpp"
+
+namespace loomp::samplers {
+
+struct Base {
+  Base(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {}
+  const loom_host_api* host;
+  loom_host_ctx* ctx;
+};
+
+// Validates the batch header and the logits tensor's dtype, rank, shape and layout, on any
+// device. logits: [n_rows, vocab_size] float32, strides NULL or row-major.
+inline void check_batch(const loom_sampling_batch* b) {
+  if (b == nullptr) invalid("sampling batch is NULL");
+  if (!LOOM_HAS_FIELD(b, loom_sampling_batch, tokens_out))
+    invalid("sampling batch struct_size too small");
+  if (b->n_rows < 0) invalid("n_rows is negative");
+  if (b->vocab_size <= 0) invalid("vocab_size must be positive");
+  const DLTensor* t = b->logits;
+  if (t == nullptr) invalid("logits is NULL");
+  if (!is_f32(t->dtype)) invalid("logits: expected dtype float32");
+  if (t->ndim != 2) invalid("logits: expected a 2-D tensor [n_rows, vocab_size], got " +
+                            std::to_string(t->ndim) + "-D");
+  if (t->shape[0] != b->n_rows || t->shape[1] != b->vocab_size)
+    invalid("logits: shape " + shape_str(*t) + " does not match [n_rows, vocab_size] = [" +
+            std::to_string(b->n_rows) + ", " + std::to_string(b->vocab_size) + "]");
+  if (!is_contiguous(*t)) invalid("logits: must be contiguous row-major (strides NULL or [vocab, 1])");
+  if (t->data == nullptr && b->n_rows > 0) invalid("logits: data is NULL");
+}
+
+// Row access to CPU logits; non-CPU logits are UNSUPPORTED for components without a device path.
+struct Rows {
+  float* data;
+  int64_t n;
+  int64_t vocab;
+  float* row(int64_t r) const { return data + r * vocab; }
+};
+inline Rows cpu_rows(const loom_sampling_batch* b, const char* component) {
+  check_batch(b);
+  if (b->logits->device.device_type != kDLCPU)
+    unsupported(std::string(component) + ": logits must be on the CPU (this sampler has no " +
+                "device implementation); device type " +
+                std::to_string(static_cast<int>(b->logits->device.device_type)));
+  return Rows{data_of<float>(*b->logits), b->n_rows, b->vocab_size};
+}
+
+// The index of the largest finite-or-infinite logit, first index on ties; throws when the row
+// holds nothing but -inf (every token filtered out) or NaN.
+inline int64_t argmax_row(const float* x, int64_t vocab, int64_t row) {
+  int64_t best = -1;
+  float bv = -INFINITY;
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (std::isnan(x[i])) invalid("row " + std::to_string(row) + ": logit " + std::to_string(i) + " is NaN");
+    if (x[i] > bv) { bv = x[i]; best = i; }
+  }
+  if (best < 0)
+    invalid("row " + std::to_string(row) + ": every logit is -inf after filtering; nothing to select");
+  return best;
+}
+
+// log(sum(exp(x))) over a row, stable; -inf entries contribute nothing.
+inline double logsumexp_row(const float* x, int64_t vocab, float max_logit) {
+  double s = 0.0;
+  for (int64_t i = 0; i < vocab; ++i)
+    if (x[i] != -INFINITY) s += std::exp(static_cast<double>(x[i]) - max_logit);
+  return static_cast<double>(max_logit) + std::log(s);
+}
+
+// The optional logprobs_out, when the caller's struct is new enough to carry it.
+inline float* logprobs_of(const loom_sampling_batch& b) {
+  return b.struct_size >= offsetof(loom_sampling_batch, logprobs_out) + sizeof(b.logprobs_out)
+             ? b.logprobs_out
+             : nullptr;
+}
+
+// ---- vtable glue ----
+template <class C>
+loom_status create_fn(const loom_host_api* host, loom_host_ctx* ctx, void** out) {
+  return guard(host, ctx, [&] {
+    if (out == nullptr) invalid("out_instance is NULL");
+    auto inst = std::make_unique<C>(host, ctx);
+    *out = inst.release();
+  });
+}
+template <class C>
+void destroy_fn(void* inst) {
+  delete static_cast<C*>(inst);
+}
+template <class C>
+loom_status apply_fn(void* inst, const loom_sampling_batch* batch) {
+  auto* c = static_cast<C*>(inst);
+  return guard(c->host, c->ctx, [&] {
+    check_batch(batch);
+    c->apply(*batch);
+  });
+}
+template <class C>
+constexpr loom_sampler_vtable make_vtable(uint32_t flags) {
+  loom_sampler_vtable v{};
+  v.struct_size = sizeof(loom_sampler_vtable);
+  v.life.create = &create_fn<C>;
+  v.life.destroy = &destroy_fn<C>;
+  v.life.get_extension = nullptr;
+  v.life.export_state = nullptr;  // stateless: history and RNG come from the batch
+  v.life.import_state = nullptr;
+  v.flags = flags;
+  v.apply = &apply_fn<C>;
+  v.accept = nullptr;
+  v.fork = nullptr;
+  v.release = nullptr;
+  return v;
+}
+
+inline constexpr loom_param_desc param(const char* key, loom_value_type type, const char* def,
+                                       const char* description) {
+  return loom_param_desc{sizeof(loom_param_desc), key, type, 0, def, description};
+}
+
+// Component descriptors, defined one per source file and listed by entry.cpp.
+extern const loom_component_desc greedy_desc;
+extern const loom_component_desc dist_desc;
+extern const loom_component_desc temperature_desc;
+extern const loom_component_desc top_k_desc;
+extern const loom_component_desc top_p_desc;
+extern const loom_component_desc min_p_desc;
+extern const loom_component_desc repetition_penalty_desc;
+
+}  // namespace loomp::samplers
+
+#endif

@@ -1,0 +1,42 @@
+// Sampler `temperature`: divides every logit by t (t > 0). t = 0 is rejected at create:
+// "always pick the argmax" is the greedy sampler's job, and dividing by zero is not.
+#include <cmath>
+
+#include "sampler_common.hpp"
+
+namespace loomp::samplers {
+namespace {
+
+struct Temperature : Base {
+  float t;
+  Temperature(const loom_host_api* h, loom_host_ctx* c) : Base(h, c) {
+    const double v = cfg_float(h, c, "t");
+    if (v == 0.0)
+      invalid("temperature: t = 0 is not allowed; use the `greedy` sampler for deterministic argmax");
+    if (!(v > 0.0) || !std::isfinite(v))
+      invalid("temperature: t must be a finite number > 0, got " + std::to_string(v));
+    t = static_cast<float>(v);
+  }
+
+  void apply(const loom_sampling_batch& b) {
+    const Rows rows = cpu_rows(&b, "temperature");
+    const float inv = 1.0f / t;
+    for (int64_t r = 0; r < rows.n; ++r) {
+      float* x = rows.row(r);
+      for (int64_t i = 0; i < rows.vocab; ++i) x[i] *= inv;  // -inf stays -inf
+    }
+  }
+};
+
+constexpr loom_sampler_vtable kVtable = make_vtable<Temperature>(0);
+constexpr loom_param_desc kParams[] = {
+    param("t", LOOM_VALUE_FLOAT, "1.0", "temperature; logits are divided by t (must be > 0)"),
+};
+
+}  // namespace
+
+const loom_component_desc temperature_desc = {
+    sizeof(loom_component_desc), LOOM_KIND_SAMPLER, "temperature", "1.0.0",
+    "Scales logits by 1/t", kParams, 1, LOOM_THREADING_SERIAL, &kVtable};
+
+}  // namespace loomp::samplers

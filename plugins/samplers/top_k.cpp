@@ -1,0 +1,45 @@
+// Sampler `top-k`: keeps exactly the k largest logits of each row (ties broken by lower token
+// id, so the kept set is deterministic) and masks the rest with -inf. k <= 0 disables it.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "sampler_common.hpp"
+
+namespace loomp::samplers {
+namespace {
+
+struct TopK : Base {
+  int64_t k;
+  TopK(const loom_host_api* h, loom_host_ctx* c) : Base(h, c), k(cfg_int(h, c, "k")) {}
+
+  void apply(const loom_sampling_batch& b) {
+    const Rows rows = cpu_rows(&b, "top-k");
+    if (k <= 0 || k >= rows.vocab) return;  // disabled, or keeps everything
+    std::vector<int32_t> idx(static_cast<size_t>(rows.vocab));
+    for (int64_t r = 0; r < rows.n; ++r) {
+      float* x = rows.row(r);
+      argmax_row(x, rows.vocab, r);  // rejects NaN (it would break the ordering) and dead rows
+      std::iota(idx.begin(), idx.end(), 0);
+      // Partition so idx[0, k) are the k best by (logit desc, id asc): O(vocab), no full sort.
+      std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(), [x](int32_t a, int32_t c) {
+        return x[a] > x[c] || (x[a] == x[c] && a < c);
+      });
+      for (auto it = idx.begin() + k; it != idx.end(); ++it) x[*it] = -INFINITY;
+    }
+  }
+};
+
+constexpr loom_sampler_vtable kVtable = make_vtable<TopK>(0);
+constexpr loom_param_desc kParams[] = {
+    param("k", LOOM_VALUE_INT, "40", "number of highest logits kept; <= 0 disables the filter"),
+};
+
+}  // namespace
+
+const loom_component_desc top_k_desc = {
+    sizeof(loom_component_desc), LOOM_KIND_SAMPLER, "top-k", "1.0.0",
+    "Keeps the k highest logits of each row", kParams, 1, LOOM_THREADING_SERIAL, &kVtable};
+
+}  // namespace loomp::samplers

@@ -1,0 +1,69 @@
+// Helpers for the builtin plugin suites: host tensors with DLTensor views, and a runtime made
+// from a manifest string on the CPU, so tests reach plugins exactly as the host does.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "loom/core/error.hpp"
+#include "loom/core/host_buffer.hpp"
+#include "loom/core/runtime.hpp"
+#include "loom/loom_plugin_api.h"
+
+namespace bt {
+
+template <class T> constexpr DLDataType dtype_of();
+template <> constexpr DLDataType dtype_of<float>() { return {kDLFloat, 32, 1}; }
+template <> constexpr DLDataType dtype_of<int32_t>() { return {kDLInt, 32, 1}; }
+template <> constexpr DLDataType dtype_of<int8_t>() { return {kDLInt, 8, 1}; }
+template <> constexpr DLDataType dtype_of<uint8_t>() { return {kDLUInt, 8, 1}; }
+
+// A host tensor: owns shape and data; dl() returns a DLTensor view refreshed on each call.
+template <class T> struct Tensor {
+  std::vector<int64_t> shape;
+  std::vector<T> v;
+  DLTensor t{};
+  explicit Tensor(std::vector<int64_t> s, std::vector<T> init = {}) : shape(std::move(s)) {
+    size_t n = 1;
+    for (auto d : shape) n *= static_cast<size_t>(d);
+    v = init.empty() ? std::vector<T>(n, T{}) : std::move(init);
+  }
+  DLTensor *dl() {
+    t.data = v.data();
+    t.device = DLDevice{kDLCPU, 0};
+    t.ndim = static_cast<int32_t>(shape.size());
+    t.dtype = dtype_of<T>();
+    t.shape = shape.data();
+    t.strides = nullptr;
+    t.byte_offset = 0;
+    return &t;
+  }
+};
+
+inline std::vector<float> random_floats(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> out(n);
+  for (auto &x : out) x = d(g);
+  return out;
+}
+
+// A runtime on the CPU from component tables (TOML text).
+inline std::unique_ptr<loom::Runtime> runtime(const std::string &components_toml) {
+  return loom::Runtime::from_string("[loom]\ndevice = \"cpu\"\n\n" + components_toml, "<test>");
+}
+
+// The message of the loom::Error that building `components_toml` throws, or "" if it does not.
+inline std::string build_error(const std::string &components_toml) {
+  try {
+    runtime(components_toml);
+  } catch (const loom::Error &e) {
+    return e.what();
+  }
+  return "";
+}
+
+} // namespace bt

@@ -1,0 +1,128 @@
+// Pipelines built from manifests: creation, errors, lifetimes, runs.
+#include <catch2/catch.hpp>
+
+#include "loom/core/error.hpp"
+#include "loom/core/runtime.hpp"
+#include "loom/host_kernels.h"
+#include "test_support.hpp"
+
+using loom::Runtime;
+
+namespace {
+const std::string kPaths = "[loom]\nplugin_paths = [\"" + loom::test::plugin_dir("misc") + "\", \"" +
+                           loom::test::plugin_dir("swap") + "\"]\n";
+
+loom::Error error_of(const std::string &text) {
+  try {
+    Runtime::from_string(text, "p.toml");
+  } catch (const loom::Error &e) {
+    return e;
+  }
+  FAIL("no error for: " << text);
+  return loom::Error(loom::ErrorCategory::runtime, "");
+}
+} // namespace
+
+TEST_CASE("a pipeline holds one instance per component, in manifest order", "[pipeline]") {
+  auto rt = Runtime::from_string(kPaths + R"(
+[attention]
+use = "sdpa"
+[[sampler]]
+use = "top-k"
+k = 2
+[[sampler]]
+use = "greedy"
+[[tool]]
+use = "echo"
+)");
+  auto &p = rt->pipeline();
+  CHECK(p.slots() == std::vector<std::string>{"attention", "sampler[0]", "sampler[1]", "tool[0]"});
+  CHECK(std::string(p.at("sampler[1]").desc().name) == "greedy");
+  CHECK(p.list(LOOM_KIND_SAMPLER).size() == 2);
+  CHECK_THROWS_WITH(p.at("sampler[2]"), Catch::Contains("slots: attention, sampler[0], sampler[1], tool[0]"));
+}
+
+TEST_CASE("creation errors name the slot, the component and the cause", "[pipeline]") {
+  auto e = error_of(kPaths + "[[sampler]]\nuse = \"greedy\"\n[[sampler]]\nuse = \"create-fails\"\n");
+  CHECK(e.category() == loom::ErrorCategory::plugin);
+  CHECK(std::string(e.what()) ==
+        "p.toml:5:1: sampler[1] (create-fails from libloom-test-misc.so): create failed: create-fails: refused on purpose");
+
+  e = error_of("[[sampler]]\nuse = \"nucleus\"\n");
+  CHECK(e.category() == loom::ErrorCategory::plugin);
+  CHECK(std::string(e.what()).find("no sampler component 'nucleus'") != std::string::npos);
+
+  e = error_of("[[sampler]]\nuse = \"top-k\"\nk = 2.5\n");
+  CHECK(e.category() == loom::ErrorCategory::manifest);
+  CHECK(std::string(e.what()) == "p.toml:3:5: sampler[0].k: expected an integer, got a float");
+
+  e = error_of("[[sampler]]\nuse = \"top-k\"\ntopk = 2\n");
+  CHECK(std::string(e.what()).find("p.toml:3:1: sampler[0].topk: unknown key for component 'top-k' (known: k)") == 0);
+
+  e = error_of("[[sampler]]\nuse = \"greedy\"\nlibrary = \"/nonexistent/libx.so\"\n");
+  CHECK(std::string(e.what()).find("/nonexistent/libx.so: no such plugin library file") != std::string::npos);
+
+  e = error_of("[[sampler]]\nuse = \"greedy\"\nlibrary = \"" + loom::test::plugin_dir("bad") + "/libwrong-abi.so\"\n");
+  CHECK(std::string(e.what()).find("built for Loom plugin ABI 99") != std::string::npos);
+}
+
+TEST_CASE("the host API reads the instance's own table with defaults", "[pipeline][host]") {
+  auto rt = Runtime::from_string(R"(
+[[sampler]]
+use = "top-p"
+p = 0.5
+)");
+  auto &inst = rt->pipeline().at("sampler[0]");
+  const loom_host_api *host = inst.host();
+  double p = 0;
+  int64_t min_keep = 0;
+  CHECK(host->config_get_float(inst.ctx(), "p", &p) == LOOM_OK);
+  CHECK(p == 0.5);
+  CHECK(host->config_get_int(inst.ctx(), "min_keep", &min_keep) == LOOM_OK); // the declared default
+  CHECK(min_keep == 1);
+  CHECK(host->config_get_int(inst.ctx(), "p", &min_keep) == LOOM_ERR_INVALID_ARGUMENT);
+  CHECK(host->config_get_int(inst.ctx(), "absent", &min_keep) == LOOM_ERR_NOT_FOUND);
+  const char *json = nullptr;
+  REQUIRE(host->config_get_json(inst.ctx(), "", &json) == LOOM_OK);
+  CHECK(std::string(json).find("\"p\"") != std::string::npos);
+  CHECK(std::string(json).find("use") == std::string::npos);
+  CHECK(host->get_extension(inst.ctx(), LOOM_HOST_KERNELS_EXTENSION) != nullptr);
+  CHECK(host->get_extension(inst.ctx(), "loom.host.nothing/1") == nullptr);
+  void *mem = nullptr;
+  REQUIRE(host->device_alloc(inst.ctx(), {kDLCPU, 0}, 1000, 64, &mem) == LOOM_OK);
+  CHECK(reinterpret_cast<uintptr_t>(mem) % 64 == 0);
+  host->device_free(inst.ctx(), {kDLCPU, 0}, mem);
+  CHECK(host->device_alloc(inst.ctx(), {kDLCPU, 0}, 10, 3, &mem) == LOOM_ERR_INVALID_ARGUMENT);
+  host->metric_count(inst.ctx(), "probe", 2);
+  host->metric_count(inst.ctx(), "probe", 3);
+  CHECK(rt->metrics().snapshot().at("sampler.sampler[0].probe").value == 5);
+}
+
+TEST_CASE("runs are reproducible for a seed and end in a selecting sampler", "[pipeline][run]") {
+  const std::string m = "[loom]\nseed = 3\n[run]\nsteps = 12\n[attention]\nuse = \"sdpa\"\nblock_size = 2\n"
+                        "[[sampler]]\nuse = \"top-k\"\nk = 8\n[[sampler]]\nuse = \"dist\"\n";
+  auto a = Runtime::from_string(m)->run();
+  auto b = Runtime::from_string(m)->run();
+  REQUIRE(a.tokens.size() == 12);
+  CHECK(a.tokens == b.tokens);
+  auto c = Runtime::from_string(m, "m", {"loom.seed=4"})->run();
+  CHECK(c.tokens != a.tokens);
+
+  auto no_select = Runtime::from_string("[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"top-k\"\n");
+  CHECK_THROWS_WITH(no_select->run(), Catch::Contains("end the chain with a selecting sampler"));
+  auto select_first = Runtime::from_string("[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n[[sampler]]\nuse = \"top-k\"\n");
+  CHECK_THROWS_WITH(select_first->run(), Catch::Contains("selecting samplers (greedy, dist) must come last"));
+  auto no_attention = Runtime::from_string("[[sampler]]\nuse = \"greedy\"\n");
+  CHECK_THROWS_WITH(no_attention->run(), Catch::Contains("has no [attention]"));
+}
+
+TEST_CASE("every kind takes part in a run", "[pipeline][run]") {
+  auto rt = Runtime::from_file(std::string(LOOM_SOURCE_DIR) + "/configs/pipeline.toml");
+  auto r = rt->run(6);
+  CHECK(r.tokens.size() == 6);
+  REQUIRE(r.tool_results.size() == 1);
+  CHECK(r.tool_results[0].content == "252");
+  CHECK_FALSE(r.tool_results[0].is_error);
+  REQUIRE_FALSE(r.passages.empty());
+  CHECK(r.passages[0].doc_id == "plugins.md");
+}

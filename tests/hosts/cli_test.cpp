@@ -1,0 +1,109 @@
+// The `loom` CLI as a user runs it: exit codes, one-line errors, --help on every command.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <array>
+#include <set>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <sys/wait.h>
+
+namespace {
+
+struct Result {
+  int code;
+  std::string out; // stdout and stderr together
+};
+
+Result loom(const std::string &args) {
+  std::string cmd = std::string("LOOM_PLUGIN_PATH= ") + LOOM_CLI + " " + args + " 2>&1";
+  FILE *p = popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  std::string out;
+  std::array<char, 4096> buf{};
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+const std::string kConfigs = std::string(LOOM_SOURCE_DIR) + "/configs/";
+
+} // namespace
+
+TEST_CASE("help and version", "[cli]") {
+  CHECK(loom("--help").code == 0);
+  CHECK(loom("--help").out.find("exit codes:") != std::string::npos);
+  for (const char *cmd : {"plugins", "validate", "run"}) {
+    auto r = loom(std::string(cmd) + " --help");
+    INFO(cmd);
+    CHECK(r.code == 0);
+    CHECK(r.out.find(std::string("usage: loom ") + cmd) == 0);
+  }
+  CHECK(loom("version").out.find("plugin ABI 1.0") != std::string::npos);
+  CHECK(loom("").code == 2);
+  CHECK(loom("frobnicate").code == 2);
+  CHECK(loom("run").code == 2);
+  CHECK(loom("run x.toml --steps zero").code == 2);
+  CHECK(loom("plugins --bogus").code == 2);
+}
+
+TEST_CASE("plugins lists components of every kind, as a table and as JSON", "[cli]") {
+  auto table = loom("plugins");
+  CHECK(table.code == 0);
+  for (const char *kind : {"attention", "quantizer", "adapter", "sampler", "parallel", "retriever", "tool"}) {
+    INFO(kind);
+    CHECK(table.out.find(std::string("\n  ") + kind) != std::string::npos);
+  }
+  auto json = loom("plugins --json");
+  REQUIRE(json.code == 0);
+  auto doc = nlohmann::json::parse(json.out);
+  CHECK(doc["abi"]["major"] == 1);
+  std::set<std::string> kinds;
+  for (const auto &lib : doc["libraries"])
+    for (const auto &c : lib["components"]) kinds.insert(c["kind"].get<std::string>());
+  CHECK(kinds.size() == 7);
+  // Broken libraries in an extra path are reported, and the good ones still listed.
+  auto bad = loom("plugins --path " + std::string(LOOM_TEST_PLUGIN_DIR) + "/bad");
+  CHECK(bad.code == 0);
+  CHECK(bad.out.find("warning:") != std::string::npos);
+  CHECK(bad.out.find("libwrong-abi.so: built for Loom plugin ABI 99") != std::string::npos);
+  CHECK(bad.out.find("loom-samplers") != std::string::npos);
+}
+
+TEST_CASE("validate and run the shipped manifests", "[cli]") {
+  for (const char *m : {"pipeline.toml", "greedy.toml"}) {
+    INFO(m);
+    CHECK(loom("validate " + kConfigs + m).code == 0);
+    auto r = loom("run " + kConfigs + m + " --steps 4");
+    CHECK(r.code == 0);
+    CHECK(r.out.find("4 tokens in") != std::string::npos);
+  }
+  auto r = loom("run " + kConfigs + "pipeline.toml --steps 3");
+  CHECK(r.out.find("tool calculator: 252") != std::string::npos);
+  CHECK(r.out.find("plugins.md") != std::string::npos);
+  // --set reaches the plugin's table.
+  CHECK(loom("run " + kConfigs + "greedy.toml --set run.steps=2").out.find("2 tokens in") != std::string::npos);
+}
+
+TEST_CASE("bad input gets a one-line error and its exit code", "[cli]") {
+  auto missing = loom("validate /nonexistent/m.toml");
+  CHECK(missing.code == 3);
+  CHECK(missing.out == "loom: /nonexistent/m.toml: cannot open the manifest\n");
+  auto unknown_key = loom("validate " + kConfigs + "greedy.toml --set sampler[0].temperature=2");
+  CHECK(unknown_key.code == 3);
+  CHECK(unknown_key.out.find("sampler[0].temperature: unknown key for component 'greedy'") != std::string::npos);
+  auto no_plugin = loom("run " + kConfigs + "greedy.toml --set attention.use=flash");
+  CHECK(no_plugin.code == 4);
+  CHECK(no_plugin.out.find("no attention component 'flash'") != std::string::npos);
+  auto bad_value = loom("run " + kConfigs + "greedy.toml --set run.steps=-1");
+  CHECK(bad_value.code == 3);
+  auto runtime_failure = loom("run " + kConfigs + "greedy.toml --set sampler[0].use=top-k");
+  CHECK(runtime_failure.code == 1);
+  CHECK(runtime_failure.out.find("selecting sampler") != std::string::npos);
+  for (const auto *r : {&missing, &unknown_key, &no_plugin, &bad_value}) {
+    INFO(r->out);
+    CHECK(std::count(r->out.begin(), r->out.end(), '\n') == 1);
+  }
+}

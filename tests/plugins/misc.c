@@ -1,0 +1,121 @@
+/* Test plugin library "loom-test-misc":
+ *  - sampler "create-fails": create() always fails with a message, to test error reporting;
+ *  - tool "echo": one tool, "echo", whose result is its arguments JSON, unchanged. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "loom/sampler.h"
+#include "loom/tool.h"
+
+/* ---- create-fails ---- */
+
+static loom_status fails_create(const loom_host_api *host, loom_host_ctx *ctx, void **out_instance) {
+  (void)out_instance;
+  host->set_error(ctx, "create-fails: refused on purpose");
+  return LOOM_ERR_INVALID_ARGUMENT;
+}
+
+static void fails_destroy(void *instance) { (void)instance; } /* never has an instance */
+
+static loom_status fails_apply(void *instance, const loom_sampling_batch *batch) {
+  (void)instance;
+  (void)batch;
+  return LOOM_ERR_INTERNAL; /* unreachable: create() never succeeds */
+}
+
+static const loom_sampler_vtable fails_vtable = {
+    sizeof(loom_sampler_vtable),
+    {fails_create, fails_destroy, NULL, NULL, NULL},
+    0,
+    fails_apply,
+    NULL,
+    NULL,
+    NULL,
+};
+
+static const loom_component_desc fails_component = {
+    sizeof(loom_component_desc), LOOM_KIND_SAMPLER, "create-fails", "1.0.0",
+    "test sampler whose create() always fails", NULL, 0, LOOM_THREADING_SERIAL, &fails_vtable,
+};
+
+/* ---- echo ---- */
+
+typedef struct echo_tool {
+  const loom_host_api *host;
+  loom_host_ctx *ctx;
+} echo_tool;
+
+static loom_status echo_create(const loom_host_api *host, loom_host_ctx *ctx, void **out_instance) {
+  echo_tool *t = (echo_tool *)calloc(1, sizeof *t);
+  if (t == NULL) {
+    host->set_error(ctx, "echo: out of memory");
+    return LOOM_ERR_OUT_OF_MEMORY;
+  }
+  t->host = host;
+  t->ctx = ctx;
+  *out_instance = t;
+  return LOOM_OK;
+}
+
+static void echo_destroy(void *instance) { free(instance); }
+
+static loom_status echo_tool_count(void *instance, uint32_t *out) {
+  (void)instance;
+  *out = 1;
+  return LOOM_OK;
+}
+
+static loom_status echo_tool_info(void *instance, uint32_t index, loom_tool_info *out) {
+  echo_tool *t = (echo_tool *)instance;
+  if (index != 0) {
+    t->host->set_error(t->ctx, "echo: tool index out of range (there is one tool)");
+    return LOOM_ERR_NOT_FOUND;
+  }
+  out->struct_size = sizeof(loom_tool_info);
+  out->name = "echo";
+  out->description = "Returns its arguments unchanged.";
+  out->input_schema_json = "{\"type\":\"object\"}";
+  out->output_schema_json = NULL;
+  return LOOM_OK;
+}
+
+static loom_status echo_call(void *instance, const char *tool_name, const char *arguments_json,
+                             loom_tool_result *result) {
+  echo_tool *t = (echo_tool *)instance;
+  if (tool_name == NULL || strcmp(tool_name, "echo") != 0) {
+    t->host->set_error(t->ctx, "echo: unknown tool name (this instance offers \"echo\")");
+    return LOOM_ERR_NOT_FOUND;
+  }
+  const char *args = arguments_json != NULL ? arguments_json : "";
+  loom_status st = t->host->buffer_append(result->content, args, strlen(args));
+  if (st != LOOM_OK) {
+    t->host->buffer_clear(result->content);
+    t->host->set_error(t->ctx, "echo: could not write the result");
+    return st;
+  }
+  result->is_error = 0;
+  return LOOM_OK;
+}
+
+static const loom_tool_vtable echo_vtable = {
+    sizeof(loom_tool_vtable),
+    {echo_create, echo_destroy, NULL, NULL, NULL},
+    echo_tool_count,
+    echo_tool_info,
+    echo_call,
+};
+
+static const loom_component_desc echo_component = {
+    sizeof(loom_component_desc), LOOM_KIND_TOOL, "echo", "1.0.0",
+    "test tool: returns its arguments", NULL, 0, LOOM_THREADING_CONCURRENT, &echo_vtable,
+};
+
+static const loom_component_desc *const misc_components[] = {&fails_component, &echo_component};
+
+static const loom_plugin_desc misc_plugin = {
+    sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-test-misc", "1.0.0",
+    "Apache-2.0", misc_components, 2, NULL,
+};
+
+LOOM_PLUGIN_EXPORT const loom_plugin_desc *loom_plugin_entry(void);
+LOOM_PLUGIN_EXPORT const loom_plugin_desc *loom_plugin_entry(void) { return &misc_plugin; }
