@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "loom/core/error.hpp"
+#include "toml_guard.hpp"
 #include "toml_support.hpp"
 
 namespace loom {
@@ -16,6 +17,7 @@ struct ComponentTable::Impl {
   toml::table owned;
   std::string source_name;
   std::string where;
+  uint32_t line = 0;
   std::filesystem::path base_dir; // LOOM_VALUE_PATH parameters resolve against it
 };
 
@@ -58,6 +60,7 @@ std::shared_ptr<const ComponentTable> make_component_table(std::shared_ptr<const
   impl->document = std::move(document);
   impl->table = &table;
   impl->where = where(table.source(), source_name);
+  impl->line = table.source().begin.line;
   impl->source_name = std::move(source_name);
   impl->base_dir = base_dir;
   return std::make_shared<const ComponentTable>(std::move(impl));
@@ -88,6 +91,7 @@ bool fits(const toml::node &node, loom_value_type type) {
 
 // Parses a default literal into a node; nullptr when it does not parse.
 std::unique_ptr<toml::node> parse_literal(const char *literal) {
+  if (detail::find_toml_hazard(literal)) return nullptr;
   try {
     toml::table t = toml::parse(std::string("v = ") + literal);
     toml::node *n = t.get("v");
@@ -150,6 +154,7 @@ std::shared_ptr<const ComponentTable> ComponentTable::resolve(const loom_compone
   impl->table = &impl->owned;
   impl->source_name = impl_->source_name;
   impl->where = impl_->where;
+  impl->line = impl_->line;
   impl->base_dir = impl_->base_dir;
   for (uint32_t i = 0; i < component.param_count; ++i) {
     const loom_param_desc &param = component.params[i];
@@ -247,5 +252,6 @@ std::optional<std::string> ComponentTable::json(std::string_view key) const {
 }
 
 std::string ComponentTable::where() const { return impl_->where; }
+uint32_t ComponentTable::line() const { return impl_->line; }
 
 } // namespace loom

@@ -1,10 +1,12 @@
 #include "loom/core/manifest.hpp"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
 #include "loom/core/error.hpp"
 #include "loom/core/version.hpp"
+#include "toml_guard.hpp"
 #include "toml_support.hpp"
 
 namespace loom {
@@ -224,9 +226,15 @@ void apply_override(toml::table &root, const std::string &arg) {
   auto segments = parse_key_path(path, arg);
   // The value: a TOML value when it parses as one, else a bare string ("--set attention.use=flash").
   toml::table holder;
-  try {
-    holder = toml::parse("v = " + value_text, "--set " + arg);
-  } catch (const toml::parse_error &) {
+  bool parsed = false;
+  if (!detail::find_toml_hazard(value_text)) {
+    try {
+      holder = toml::parse("v = " + value_text, "--set " + arg);
+      parsed = true;
+    } catch (const toml::parse_error &) {
+    }
+  }
+  if (!parsed) {
     holder = toml::table{};
     holder.insert("v", value_text);
   }
@@ -303,6 +311,9 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
       m.components.push_back(read_component(kind, k, document, *node.as_table(), source, base_dir));
     }
   }
+  // TOML tables iterate by key; the pipeline is built in the order the manifest lists its tables.
+  std::stable_sort(m.components.begin(), m.components.end(),
+                   [](const ComponentSpec &a, const ComponentSpec &b) { return a.table->line() < b.table->line(); });
   // Slot names must be unique: `name` keys may collide with each other or with default slots.
   for (size_t i = 0; i < m.components.size(); ++i)
     for (size_t j = i + 1; j < m.components.size(); ++j)
@@ -314,6 +325,18 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
 
 std::string parse_error_message(const toml::parse_error &e, const std::string &source) {
   return detail::where(e.source(), source) + ": " + std::string(e.description());
+}
+
+// toml::parse behind the hazard scan (see toml_guard.hpp).
+toml::table parse_toml(std::string_view text, const std::string &source) {
+  if (auto hazard = detail::find_toml_hazard(text))
+    throw manifest_error(source + ":" + std::to_string(hazard->line) + ":" + std::to_string(hazard->column) + ": " +
+                         hazard->message);
+  try {
+    return toml::parse(text, source);
+  } catch (const toml::parse_error &e) {
+    throw manifest_error(parse_error_message(e, source));
+  }
 }
 
 } // namespace
@@ -338,24 +361,14 @@ Manifest parse_manifest_file(const std::filesystem::path &path, const std::vecto
 Manifest parse_manifest_string(std::string_view text, std::string_view source_name,
                                const std::vector<std::string> &overrides, const std::filesystem::path &base_dir) {
   std::string source(source_name);
-  toml::table root;
-  try {
-    root = toml::parse(text, source);
-  } catch (const toml::parse_error &e) {
-    throw manifest_error(parse_error_message(e, source));
-  }
+  toml::table root = parse_toml(text, source);
   return build_manifest(std::move(root), source, base_dir.empty() ? std::filesystem::current_path() : base_dir, overrides);
 }
 
 ComponentSpec parse_component_spec(loom_kind kind, std::string_view slot, std::string_view text,
                                    std::string_view source_name, const std::filesystem::path &base_dir) {
   std::string source(source_name);
-  std::shared_ptr<const toml::table> document;
-  try {
-    document = std::make_shared<const toml::table>(toml::parse(text, source));
-  } catch (const toml::parse_error &e) {
-    throw manifest_error(parse_error_message(e, source));
-  }
+  auto document = std::make_shared<const toml::table>(parse_toml(text, source));
   ComponentSpec spec = read_component(kind, std::string(slot), document, *document, source,
                                       base_dir.empty() ? std::filesystem::current_path() : base_dir);
   spec.slot = std::string(slot); // a swap replaces a slot; it cannot rename it

@@ -3,6 +3,7 @@
 
 #include "loom/core/error.hpp"
 #include "loom/core/manifest.hpp"
+#include "../../core/toml_guard.hpp"
 
 using loom::parse_manifest_string;
 
@@ -111,9 +112,33 @@ TEST_CASE("a component spec for a swap keeps its slot", "[manifest][swap]") {
   CHECK_THROWS_AS(loom::parse_component_spec(LOOM_KIND_SAMPLER, "s", "use = ", "swap"), loom::Error);
 }
 
+TEST_CASE("components keep the order the manifest lists them in", "[manifest]") {
+  auto m = parse_manifest_string("[[tool]]\nuse = \"t\"\n[attention]\nuse = \"a\"\n[[sampler]]\nuse = \"s0\"\n"
+                                 "[quantizer]\nuse = \"q\"\n[[sampler]]\nuse = \"s1\"\n",
+                                 "m.toml");
+  std::vector<std::string> order;
+  for (const auto &c : m.components) order.push_back(c.use);
+  CHECK(order == std::vector<std::string>{"t", "a", "s0", "q", "s1"});
+}
+
 TEST_CASE("kind names round-trip", "[manifest]") {
   for (loom_kind k = LOOM_KIND_ATTENTION; k <= LOOM_KIND_TOOL; ++k) CHECK(loom::kind_from_name(loom::kind_name(k)) == k);
   CHECK(loom::kind_from_name("flux") == 0);
   CHECK(loom::kind_is_list(LOOM_KIND_SAMPLER));
   CHECK_FALSE(loom::kind_is_list(LOOM_KIND_ATTENTION));
+}
+
+TEST_CASE("characters that toml++ 3.3 cannot classify are refused before it parses", "[manifest][fuzz]") {
+  // Found by manifest_fuzz: a value followed by U+00A1 made toml++ reach __builtin_unreachable.
+  CHECK(error_of("[run]\nquery = 0.95\xc2\xa1\n") == "m.toml:2:13: a non-ASCII character outside a string or comment (U+00A1)");
+  CHECK(error_of("a = \"\"\"x\\\n  \xef\xac\xb0\"\"\"\n").find("after a backslash in a multi-line string (U+FB30)") !=
+        std::string::npos);
+  // Inside strings and comments the same characters are fine.
+  CHECK(error_of("# \xc2\xa1 comment\n[run]\nquery = \"\xc2\xa1Hola! \xe2\xb5\xb0\"\n") == "");
+  CHECK(error_of("[run]\nquery = '''\xc2\xa1'''\n") == "");
+  CHECK(loom::detail::tomlpp_whitespace_predicate_undefined(0xA1));
+  CHECK_FALSE(loom::detail::tomlpp_whitespace_predicate_undefined(0xA0));
+  CHECK_FALSE(loom::detail::tomlpp_whitespace_predicate_undefined(0x3000));
+  CHECK_FALSE(loom::detail::tomlpp_whitespace_predicate_undefined(0x2003));
+  CHECK_FALSE(loom::detail::tomlpp_whitespace_predicate_undefined('a'));
 }

@@ -1,6 +1,9 @@
 // Pipelines built from manifests: creation, errors, lifetimes, runs.
 #include <catch2/catch.hpp>
 
+#include <filesystem>
+#include <fstream>
+
 #include "loom/core/error.hpp"
 #include "loom/core/runtime.hpp"
 #include "loom/host_kernels.h"
@@ -40,6 +43,24 @@ use = "echo"
   CHECK(std::string(p.at("sampler[1]").desc().name) == "greedy");
   CHECK(p.list(LOOM_KIND_SAMPLER).size() == 2);
   CHECK_THROWS_WITH(p.at("sampler[2]"), Catch::Contains("slots: attention, sampler[0], sampler[1], tool[0]"));
+}
+
+TEST_CASE("instances are destroyed in reverse creation order, also when creation fails", "[pipeline]") {
+  const std::string trace = (std::filesystem::temp_directory_path() / "loom-pipeline-trace.txt").string();
+  std::filesystem::remove(trace);
+  auto probe = [&](const char *label) {
+    return std::string("[[sampler]]\nuse = \"swap-probe\"\ntrace = \"") + trace + "\"\nlabel = \"" + label + "\"\n";
+  };
+  auto read = [&] {
+    std::ifstream in(trace);
+    std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::filesystem::remove(trace);
+    return all;
+  };
+  Runtime::from_string(kPaths + probe("a") + probe("b") + probe("c")).reset();
+  CHECK(read() == "create a\ncreate b\ncreate c\ndestroy c\ndestroy b\ndestroy a\n");
+  CHECK_THROWS(Runtime::from_string(kPaths + probe("a") + probe("b") + "[[sampler]]\nuse = \"create-fails\"\n"));
+  CHECK(read() == "create a\ncreate b\ndestroy b\ndestroy a\n");
 }
 
 TEST_CASE("creation errors name the slot, the component and the cause", "[pipeline]") {

@@ -7,7 +7,10 @@
  * "loom.test.counter/1": 8 bytes, little-endian uint64.
  *
  * Param fail_import (bool, default false): import_state refuses every state, to test that the
- * host keeps the old instance when a swap is vetoed. */
+ * host keeps the old instance when a swap is vetoed.
+ * Params trace (path, default "") and label (string): when trace is set, create and destroy
+ * append "create LABEL" / "destroy LABEL" lines to that file, so a test sees lifetime order. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -32,7 +35,17 @@ typedef struct swap_probe {
   loom_host_ctx *ctx;
   uint64_t applies;    /* apply() calls seen, carried over swaps */
   int32_t fail_import; /* the fail_import param */
+  char trace[1024];    /* the trace param, "" when unset */
+  char label[64];
 } swap_probe;
+
+static void probe_trace(const swap_probe *p, const char *event) {
+  if (p->trace[0] == '\0') return;
+  FILE *f = fopen(p->trace, "a");
+  if (f == NULL) return;
+  fprintf(f, "%s %s\n", event, p->label);
+  fclose(f);
+}
 
 static loom_status probe_create(const loom_host_api *host, loom_host_ctx *ctx, void **out_instance) {
   int32_t fail_import = 0;
@@ -51,11 +64,20 @@ static loom_status probe_create(const loom_host_api *host, loom_host_ctx *ctx, v
   p->host = host;
   p->ctx = ctx;
   p->fail_import = fail_import;
+  const char *text = NULL;
+  if (host->config_get_string(ctx, "trace", &text) == LOOM_OK && text != NULL)
+    snprintf(p->trace, sizeof p->trace, "%s", text);
+  if (host->config_get_string(ctx, "label", &text) == LOOM_OK && text != NULL)
+    snprintf(p->label, sizeof p->label, "%s", text);
+  probe_trace(p, "create");
   *out_instance = p;
   return LOOM_OK;
 }
 
-static void probe_destroy(void *instance) { free(instance); }
+static void probe_destroy(void *instance) {
+  probe_trace((swap_probe *)instance, "destroy");
+  free(instance);
+}
 
 static loom_status probe_export_state(void *instance, const char **format, loom_buffer *out) {
   swap_probe *p = (swap_probe *)instance;
@@ -109,6 +131,9 @@ static loom_status probe_apply(void *instance, const loom_sampling_batch *batch)
 static const loom_param_desc probe_params[] = {
     {sizeof(loom_param_desc), "fail_import", LOOM_VALUE_BOOL, 0, "false",
      "refuse every import_state (tests swap rollback)"},
+    {sizeof(loom_param_desc), "trace", LOOM_VALUE_PATH, 0, "\"\"",
+     "file that create/destroy events are appended to"},
+    {sizeof(loom_param_desc), "label", LOOM_VALUE_STRING, 0, "\"\"", "name written in trace lines"},
 };
 
 static const loom_sampler_vtable probe_vtable = {

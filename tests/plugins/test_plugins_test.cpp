@@ -37,6 +37,7 @@ loom_host_api make_host() {
     *out = it->second;
     return LOOM_OK;
   };
+  h.config_get_string = [](loom_host_ctx*, const char*, const char**) -> loom_status { return LOOM_ERR_NOT_FOUND; };
   h.buffer_append = [](loom_buffer* b, const void* data, size_t size) -> loom_status {
     b->bytes.append(static_cast<const char*>(data), size);
     return LOOM_OK;
@@ -96,7 +97,7 @@ TEST_CASE("swap probes select their token and carry the counter across versions"
   CHECK(std::string(c1->version) == "1.0.0");
   CHECK(std::string(c2->version) == "2.0.0");
   CHECK(c1->kind == LOOM_KIND_SAMPLER);
-  REQUIRE(c1->param_count == 1);
+  REQUIRE(c1->param_count == 3);
   CHECK(std::string(c1->params[0].key) == "fail_import");
   auto vt1 = static_cast<const loom_sampler_vtable*>(c1->vtable);
   auto vt2 = static_cast<const loom_sampler_vtable*>(c2->vtable);

@@ -44,8 +44,9 @@ class ComponentTable {
   // The value as JSON text; key "" is the whole table without the reserved keys.
   std::optional<std::string> json(std::string_view key) const;
 
-  // "file:line:col" of the table itself.
+  // "file:line:col" of the table itself, and its line (0 when it came from --set).
   std::string where() const;
+  uint32_t line() const;
 
   Impl &impl() const { return *impl_; }
 

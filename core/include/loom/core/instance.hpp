@@ -3,8 +3,9 @@
 // Ownership: the Instance owns the plugin's instance handle and its HostContext, and holds a
 // shared reference to the library the component came from. Destruction calls the plugin's
 // destroy() first and only then lets the library go, so no call reaches an unloaded library.
-// Thread-safety: the Instance adds no locking; the pipeline serialises calls to instances whose
-// component is LOOM_THREADING_SERIAL.
+// Thread-safety: the Instance adds no locking. Callers serialise calls to instances whose
+// component is LOOM_THREADING_SERIAL: today one driver thread calls into instances per step,
+// and swaps touch instances only at the step boundary.
 #pragma once
 
 #include <atomic>
