@@ -20,7 +20,7 @@ class Parser {
     CompiledFilter out;
     skip_ws();
     if (i_ == s_.size()) {
-      out.sql = "1";
+      out.sql.push_back('1');  // (not = "1": GCC 12 -O3 warns falsely, PR 105329)
       return out;
     }
     for (;;) {
