@@ -158,20 +158,21 @@ std::shared_ptr<const ComponentTable> ComponentTable::resolve(const loom_compone
   impl->base_dir = impl_->base_dir;
   for (uint32_t i = 0; i < component.param_count; ++i) {
     const loom_param_desc &param = component.params[i];
+    if (!table.contains(param.key)) {
+      if (param.required)
+        throw manifest_error(where() + ": " + std::string(slot) + ": missing required key '" + param.key +
+                             "' for component '" + component.name + "'");
+      if (param.default_value != nullptr) {
+        auto node = parse_literal(param.default_value);
+        if (node) impl->owned.insert_or_assign(param.key, std::move(*node));
+      }
+    }
     if (param.type == LOOM_VALUE_PATH) {
       // Relative paths name files beside the manifest, wherever the process was started.
       if (auto *s = impl->owned.get_as<std::string>(param.key)) {
         std::filesystem::path p = s->get();
         if (!p.empty() && p.is_relative()) *s = (impl->base_dir / p).lexically_normal().string();
       }
-    }
-    if (table.contains(param.key)) continue;
-    if (param.required)
-      throw manifest_error(where() + ": " + std::string(slot) + ": missing required key '" +
-                           param.key + "' for component '" + component.name + "'");
-    if (param.default_value != nullptr) {
-      auto node = parse_literal(param.default_value);
-      if (node) impl->owned.insert_or_assign(param.key, std::move(*node));
     }
   }
   return std::make_shared<const ComponentTable>(std::move(impl));

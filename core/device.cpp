@@ -30,6 +30,16 @@ bool cuda_device_present() {
 #endif
 }
 
+int cuda_device_count() {
+#if LOOM_HAVE_CUDA
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) return 0;
+  return count;
+#else
+  return 0;
+#endif
+}
+
 loom_status device_alloc(DLDevice device, size_t bytes, size_t alignment, void **out, std::string &error) {
   if (out == nullptr) {
     error = "device_alloc: out is NULL";

@@ -1,5 +1,6 @@
 // The loom_host_api table handed to every plugin instance.
 #include <cstdio>
+#include <type_traits>
 #include <cstring>
 #include <iostream>
 
@@ -7,10 +8,14 @@
 #include "loom/core/host_context.hpp"
 #include "loom/host_kernels.h"
 
-const char *loom_host_ctx::keep(std::string s) {
-  std::lock_guard lock(mutex);
-  strings.push_back(std::move(s));
-  return strings.back().c_str();
+const char *loom_host_ctx::keep(const std::string &lookup, std::string value) noexcept {
+  try {
+    std::lock_guard lock(mutex);
+    auto [it, inserted] = strings.try_emplace(lookup, std::move(value));
+    return it->second.c_str();
+  } catch (...) {
+    return nullptr;
+  }
 }
 
 std::string loom_host_ctx::take_error() {
@@ -28,7 +33,8 @@ std::mutex log_mutex;
 void host_log(loom_host_ctx *ctx, loom_log_level level, const char *message) {
   if (ctx == nullptr || message == nullptr) return;
   static const char *names[] = {"debug", "info", "warn", "error"};
-  const char *name = level >= 0 && level <= 3 ? names[level] : "info";
+  if (level < LOOM_LOG_DEBUG || level > LOOM_LOG_ERROR) level = LOOM_LOG_INFO;
+  const char *name = names[level];
   if (level < LOOM_LOG_INFO && std::getenv("LOOM_DEBUG") == nullptr) return;
   std::lock_guard lock(log_mutex);
   std::cerr << "[" << name << "] " << ctx->slot << " (" << ctx->component << "): " << message << "\n";
@@ -75,7 +81,9 @@ loom_status config_get_string(loom_host_ctx *ctx, const char *key, const char **
   if (!ctx || !key || !out) return LOOM_ERR_INVALID_ARGUMENT;
   auto v = ctx->config->get_string(key);
   if (!v) return ctx->config->type(key) == LOOM_VALUE_NONE ? LOOM_ERR_NOT_FOUND : LOOM_ERR_INVALID_ARGUMENT;
-  *out = ctx->keep(std::move(*v));
+  const char *kept = ctx->keep(std::string("s:") + key, std::move(*v));
+  if (kept == nullptr) return LOOM_ERR_OUT_OF_MEMORY;
+  *out = kept;
   return LOOM_OK;
 }
 
@@ -88,7 +96,9 @@ loom_status config_get_json(loom_host_ctx *ctx, const char *key, const char **ou
   if (!ctx || !key || !out) return LOOM_ERR_INVALID_ARGUMENT;
   auto v = ctx->config->json(key);
   if (!v) return LOOM_ERR_NOT_FOUND;
-  *out = ctx->keep(std::move(*v));
+  const char *kept = ctx->keep(std::string("j:") + key, std::move(*v));
+  if (kept == nullptr) return LOOM_ERR_OUT_OF_MEMORY;
+  *out = kept;
   return LOOM_OK;
 }
 
@@ -159,6 +169,20 @@ void host_buffer_clear(loom_buffer *buffer) {
   if (buffer) buffer->bytes.clear();
 }
 
+// Every host call is noexcept at the boundary: an exception (std::bad_alloc in a log line, a
+// metric name, a config lookup) must not unwind through a plugin's C frames.
+template <auto F> struct NoThrow;
+template <class R, class... A, R (*F)(A...)> struct NoThrow<F> {
+  static R call(A... args) noexcept {
+    try {
+      return F(args...);
+    } catch (...) {
+      if constexpr (std::is_same_v<R, loom_status>) return LOOM_ERR_OUT_OF_MEMORY;
+      else if constexpr (!std::is_void_v<R>) return R{};
+    }
+  }
+};
+
 // ---- the kernels extension ----
 
 bool row_major_f32(const DLTensor *t) {
@@ -199,7 +223,8 @@ loom_status kernel_argmax_rows(loom_host_ctx *ctx, const DLTensor *x, int32_t *o
   return LOOM_OK;
 }
 
-const loom_host_kernels kKernels = {sizeof(loom_host_kernels), kernel_softmax_rows, kernel_argmax_rows};
+const loom_host_kernels kKernels = {sizeof(loom_host_kernels), NoThrow<kernel_softmax_rows>::call,
+                                    NoThrow<kernel_argmax_rows>::call};
 
 const void *host_get_extension(loom_host_ctx *, const char *id) {
   if (id != nullptr && std::strcmp(id, LOOM_HOST_KERNELS_EXTENSION) == 0) return &kKernels;
@@ -208,15 +233,16 @@ const void *host_get_extension(loom_host_ctx *, const char *id) {
 
 const loom_host_api kHostApi = {
     sizeof(loom_host_api), LOOM_ABI_MAJOR, LOOM_ABI_MINOR,
-    host_log, host_set_error,
-    config_type, config_get_bool, config_get_int, config_get_float, config_get_string,
-    config_get_array_size, config_get_json,
-    host_device, host_device_alloc, host_device_free, host_memcpy, host_current_stream,
-    host_stream_synchronize,
-    host_is_cancelled,
-    host_metric_count, host_metric_gauge, host_metric_observe,
-    host_buffer_append, host_buffer_clear,
-    host_get_extension,
+    NoThrow<host_log>::call, NoThrow<host_set_error>::call,
+    NoThrow<config_type>::call, NoThrow<config_get_bool>::call, NoThrow<config_get_int>::call,
+    NoThrow<config_get_float>::call, NoThrow<config_get_string>::call,
+    NoThrow<config_get_array_size>::call, NoThrow<config_get_json>::call,
+    NoThrow<host_device>::call, NoThrow<host_device_alloc>::call, NoThrow<host_device_free>::call,
+    NoThrow<host_memcpy>::call, NoThrow<host_current_stream>::call, NoThrow<host_stream_synchronize>::call,
+    NoThrow<host_is_cancelled>::call,
+    NoThrow<host_metric_count>::call, NoThrow<host_metric_gauge>::call, NoThrow<host_metric_observe>::call,
+    NoThrow<host_buffer_append>::call, NoThrow<host_buffer_clear>::call,
+    NoThrow<host_get_extension>::call,
 };
 
 } // namespace

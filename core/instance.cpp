@@ -61,7 +61,8 @@ void Instance::check(loom_status status, const char *call) const {
   if (status == LOOM_OK) return;
   std::string message = last_error();
   throw runtime_error(slot() + " (" + desc_->name + "): " + call + " failed: " +
-                      (message.empty() ? status_name(status) : message));
+                          (message.empty() ? status_name(status) : message),
+                      status);
 }
 
 } // namespace loom

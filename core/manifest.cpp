@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "loom/core/error.hpp"
@@ -111,20 +112,26 @@ void read_run_table(const toml::table &t, const std::string &source, RunSpec &ru
           "n_kv_heads", "n_layers"});
   r.read_int("steps", run.steps, 1, 1 << 20);
   r.read_int("top_k", run.top_k, 1, 1000);
-  r.read_int("vocab_size", run.vocab_size, 2, 1 << 20);
-  r.read_int("hidden_size", run.hidden_size, 1, 8192);
+  r.read_int("vocab_size", run.vocab_size, 2, 1 << 18);
+  r.read_int("hidden_size", run.hidden_size, 1, 4096);
   r.read_int("n_heads", run.n_heads, 1, 256);
   r.read_int("n_kv_heads", run.n_kv_heads, 1, 256);
   r.read_int("n_layers", run.n_layers, 1, 64);
   r.read_string("query", run.query);
   if (auto n = r.get("prompt", toml::node_type::array, "an array of token ids")) {
     run.prompt.clear();
+    size_t i = 0;
     for (const auto &item : *n->as_array()) {
-      auto v = item.value<int64_t>();
-      if (!item.is_integer() || *v < 0) r.fail(item, "prompt", "expected non-negative integer token ids");
-      run.prompt.push_back(static_cast<int32_t>(*v));
+      std::string key = "prompt[" + std::to_string(i++) + "]";
+      if (!item.is_integer()) r.fail(item, key, "expected an integer token id, got " + detail::describe_type(item));
+      int64_t v = *item.value<int64_t>();
+      // Checked as int64 before narrowing: a huge id must not wrap into the vocabulary.
+      if (v < 0 || v >= run.vocab_size)
+        r.fail(item, key, "token " + std::to_string(v) + " is outside the vocabulary of " + std::to_string(run.vocab_size));
+      run.prompt.push_back(static_cast<int32_t>(v));
     }
     if (run.prompt.empty()) r.fail(*n, "prompt", "must hold at least one token");
+    if (run.prompt.size() > (1u << 16)) r.fail(*n, "prompt", "holds more than 65536 tokens");
   }
   if (auto n = r.get("tool_calls", toml::node_type::array, "an array of tables")) {
     size_t i = 0;
@@ -144,16 +151,15 @@ void read_run_table(const toml::table &t, const std::string &source, RunSpec &ru
       run.tool_calls.push_back(std::move(call));
     }
   }
+  if (run.vocab_size * run.hidden_size > (int64_t{1} << 26))
+    throw manifest_error(detail::where(t.source(), source) + ": run: vocab_size x hidden_size exceeds 2^26 weights,"
+                         " more than the synthetic decoder is meant for");
   if (run.hidden_size % run.n_heads != 0)
     throw manifest_error(detail::where(t.source(), source) + ": run: hidden_size " + std::to_string(run.hidden_size) +
                          " is not a multiple of n_heads " + std::to_string(run.n_heads));
   if (run.n_heads % run.n_kv_heads != 0)
     throw manifest_error(detail::where(t.source(), source) + ": run: n_heads " + std::to_string(run.n_heads) +
                          " is not a multiple of n_kv_heads " + std::to_string(run.n_kv_heads));
-  for (int32_t token : run.prompt)
-    if (token >= run.vocab_size)
-      throw manifest_error(detail::where(t.source(), source) + ": run.prompt: token " + std::to_string(token) +
-                           " is outside the vocabulary of " + std::to_string(run.vocab_size));
 }
 
 ComponentSpec read_component(loom_kind kind, const std::string &slot, const std::shared_ptr<const toml::table> &document,
@@ -311,9 +317,16 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
       m.components.push_back(read_component(kind, k, document, *node.as_table(), source, base_dir));
     }
   }
-  // TOML tables iterate by key; the pipeline is built in the order the manifest lists its tables.
-  std::stable_sort(m.components.begin(), m.components.end(),
-                   [](const ComponentSpec &a, const ComponentSpec &b) { return a.table->line() < b.table->line(); });
+  // TOML tables iterate by key; the pipeline is built in the order the manifest first mentions
+  // each kind, and a list kind keeps its array order (items that --set added included).
+  std::map<loom_kind, uint32_t> first_line;
+  for (const auto &c : m.components) {
+    auto [it, inserted] = first_line.emplace(c.kind, c.table->line());
+    if (!inserted) it->second = std::min(it->second, c.table->line());
+  }
+  std::stable_sort(m.components.begin(), m.components.end(), [&](const ComponentSpec &a, const ComponentSpec &b) {
+    return first_line[a.kind] < first_line[b.kind];
+  });
   // Slot names must be unique: `name` keys may collide with each other or with default slots.
   for (size_t i = 0; i < m.components.size(); ++i)
     for (size_t j = i + 1; j < m.components.size(); ++j)
@@ -354,8 +367,9 @@ Manifest parse_manifest_file(const std::filesystem::path &path, const std::vecto
   std::ostringstream text;
   text << in.rdbuf();
   if (in.bad()) throw manifest_error(path.string() + ": cannot read the manifest");
-  auto base = path.parent_path();
-  return parse_manifest_string(text.str(), path.string(), overrides, base.empty() ? std::filesystem::path(".") : base);
+  std::error_code ec;
+  auto base = std::filesystem::absolute(path, ec).parent_path();
+  return parse_manifest_string(text.str(), path.string(), overrides, base.empty() ? std::filesystem::current_path() : base);
 }
 
 Manifest parse_manifest_string(std::string_view text, std::string_view source_name,

@@ -35,7 +35,8 @@ std::shared_ptr<Instance> Pipeline::get(std::string_view slot) const {
     if (s.name == slot) return s.instance;
   std::string known;
   for (const auto &s : slots_) known += (known.empty() ? "" : ", ") + s.name;
-  throw runtime_error("no component in slot '" + std::string(slot) + "' (slots: " + (known.empty() ? "none" : known) + ")");
+  throw runtime_error("no component in slot '" + std::string(slot) + "' (slots: " + (known.empty() ? "none" : known) + ")",
+                      LOOM_ERR_NOT_FOUND);
 }
 
 Instance &Pipeline::at(std::string_view slot) const { return *get(slot); }
@@ -82,12 +83,6 @@ SwapReport Pipeline::swap(const ComponentSpec &spec) {
   // Everything that can fail happens before the safe point, except state transfer and
   // activation, which need the old instance quiet.
   std::shared_ptr<Instance> fresh = create(spec);
-  ActivateHook hook;
-  {
-    std::lock_guard lock(slots_mutex_);
-    for (auto &h : hooks_)
-      if (h.first == spec.kind) hook = h.second;
-  }
 
   SwapReport report;
   report.slot = spec.slot;
@@ -95,6 +90,14 @@ SwapReport Pipeline::swap(const ComponentSpec &spec) {
   report.new_component = describe(*fresh);
 
   auto step = begin_step(); // the safe point: no step is running from here on
+  // The hook is looked up at the safe point: a driver installs and removes hooks under the
+  // step lock, so the one found here matches the driver's state.
+  ActivateHook hook;
+  {
+    std::lock_guard lock(slots_mutex_);
+    for (auto &h : hooks_)
+      if (h.first == spec.kind) hook = h.second;
+  }
   const loom_lifecycle &from = old->lifecycle();
   const loom_lifecycle &to = fresh->lifecycle();
   if (from.export_state != nullptr) {

@@ -40,6 +40,16 @@ bool sane_name(const char *s) {
   return true;
 }
 
+// Parameter keys are single TOML bare keys, so that "a.b" or "x[0]" paths cannot be mistaken for them.
+bool key_chars_only(const char *s) {
+  for (const char *p = s; *p; ++p) {
+    char c = *p;
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
+    if (!ok) return false;
+  }
+  return true;
+}
+
 // Size of the v1 vtable of each kind: the least a library built for ABI 1.x can provide.
 size_t v1_vtable_size(loom_kind kind) {
   switch (kind) {
@@ -123,9 +133,12 @@ std::string check_component(const loom_component_desc *c, uint32_t index) {
   if (c->param_count > 0 && c->params == nullptr) return where + " declares parameters but params is NULL";
   for (uint32_t i = 0; i < c->param_count; ++i) {
     const loom_param_desc &p = c->params[i];
-    if (p.struct_size < sizeof(loom_param_desc) || p.struct_size > kMaxStructSize)
-      return where + ": parameter #" + std::to_string(i) + " has an absurd struct_size";
-    if (!sane_string(p.key, 128)) return where + ": parameter #" + std::to_string(i) + " has no valid key";
+    // Array elements: the host strides by its own sizeof, so the struct is frozen for major 1.
+    if (p.struct_size != sizeof(loom_param_desc))
+      return where + ": parameter #" + std::to_string(i) + " has struct_size " + std::to_string(p.struct_size) +
+             " (loom_param_desc is " + std::to_string(sizeof(loom_param_desc)) + " bytes in ABI 1)";
+    if (!sane_string(p.key, 128) || !key_chars_only(p.key))
+      return where + ": parameter #" + std::to_string(i) + " has no valid key (letters, digits, '_', '-')";
     if (ComponentTable::is_reserved_key(p.key))
       return where + ": parameter '" + p.key + "' uses a reserved key (use, library, version, name)";
     if (p.type < LOOM_VALUE_BOOL || p.type > LOOM_VALUE_PATH)

@@ -9,6 +9,9 @@
 #include "loom/core/error.hpp"
 #include "loom/core/manifest.hpp"
 
+#ifndef LOOM_INSTALL_LIBDIR
+#define LOOM_INSTALL_LIBDIR "lib"
+#endif
 #ifndef LOOM_INSTALL_PLUGIN_DIR
 #define LOOM_INSTALL_PLUGIN_DIR ""
 #endif
@@ -18,6 +21,12 @@ namespace loom {
 namespace fs = std::filesystem;
 
 Registry::Registry(std::vector<fs::path> search_paths) : search_paths_(std::move(search_paths)) {}
+
+Registry::~Registry() {
+  // The private copies were unlinked once mapped; only their directory is left.
+  std::error_code ec;
+  if (!shadow_dir_.empty()) fs::remove(shadow_dir_, ec);
+}
 
 fs::path Registry::builtin_plugin_dir() {
   // The module (executable or libloom) that holds this code tells where the build or the
@@ -29,8 +38,15 @@ fs::path Registry::builtin_plugin_dir() {
     fs::path module = fs::canonical(fs::path(info.dli_fname), ec);
     if (ec) module = fs::path("/proc/self/exe");
     fs::path dir = fs::canonical(module, ec).parent_path();
-    fs::path candidate = dir.filename() == "bin" ? dir.parent_path() / "lib" / "loom" / "plugins" : dir / "loom" / "plugins";
-    if (fs::is_directory(candidate, ec)) return candidate;
+    std::vector<fs::path> candidates;
+    if (dir.filename() == "bin") {
+      candidates.push_back(dir.parent_path() / LOOM_INSTALL_LIBDIR / "loom" / "plugins"); // e.g. lib/x86_64-linux-gnu
+      candidates.push_back(dir.parent_path() / "lib" / "loom" / "plugins");
+    } else {
+      candidates.push_back(dir / "loom" / "plugins");
+    }
+    for (const auto &candidate : candidates)
+      if (fs::is_directory(candidate, ec)) return candidate;
   }
   return fs::path(LOOM_INSTALL_PLUGIN_DIR);
 }
@@ -109,8 +125,10 @@ std::shared_ptr<PluginLibrary> Registry::open_locked(const fs::path &path) {
   if (load_path != canonical) fs::remove(load_path, ec);
   // The rebuilt library replaces the old one in the index; the old one stays loaded only while
   // instances created from it live.
-  if (previous) std::erase(libraries_, previous);
-  libraries_.push_back(lib);
+  if (previous)
+    std::replace(libraries_.begin(), libraries_.end(), previous, lib); // keeps its search-path rank
+  else
+    libraries_.push_back(lib);
   return lib;
 }
 
@@ -134,9 +152,9 @@ ComponentRef Registry::find(loom_kind kind, std::string_view name, std::string_v
         other_versions.push_back(v.to_string());
         continue;
       }
-      // Higher versions win; at equal versions the later library wins, so that a reloaded
-      // (rebuilt) copy of a library replaces the one opened before it.
-      if (best.component == nullptr || v >= best_version) {
+      // Higher versions win; at equal versions the earlier search path wins (a rebuilt library
+      // took its predecessor's place in the list).
+      if (best.component == nullptr || v > best_version) {
         best = {lib, c};
         best_version = v;
       }
@@ -155,7 +173,11 @@ ComponentRef Registry::find(loom_kind kind, std::string_view name, std::string_v
     for (const loom_component_desc *c : lib->components())
       if (c->kind == kind) known += std::string(known.empty() ? "" : ", ") + c->name;
   std::string where = library.empty() ? "in the plugin search path" : "in " + library.string();
-  throw plugin_error("no " + what + " " + where + (known.empty() ? "" : " (available: " + known + ")"));
+  std::string failed;
+  if (size_t n = diagnostics().size(); n > 0 && library.empty())
+    failed = "; " + std::to_string(n) + " librar" + (n == 1 ? "y" : "ies") +
+             " in the search path failed to load (`loom plugins` says why)";
+  throw plugin_error("no " + what + " " + where + (known.empty() ? "" : " (available: " + known + ")") + failed);
 }
 
 std::vector<std::shared_ptr<PluginLibrary>> Registry::libraries() const {

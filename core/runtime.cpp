@@ -1,5 +1,6 @@
 #include "loom/core/runtime.hpp"
 
+#include <charconv>
 #include <chrono>
 
 #include "loom/core/error.hpp"
@@ -9,12 +10,21 @@
 namespace loom {
 
 namespace {
-DLDevice resolve_device(const std::string &name) {
-  if (name == "cpu") return {kDLCPU, 0};
-  if (name == "auto") return cuda_device_present() ? DLDevice{kDLCUDA, 0} : DLDevice{kDLCPU, 0};
-  if (!cuda_device_present())
-    throw manifest_error("loom.device: \"" + name + "\" asked for, but no CUDA device is available to this build");
-  int ordinal = name.size() > 5 ? std::stoi(name.substr(5)) : 0;
+// "auto" picks the CPU until the engine computes on CUDA: today's pipelines pass host tensors,
+// and the device a plugin reads from host->device() must be where its tensors live.
+DLDevice resolve_device(const std::string &name, const std::string &source) {
+  if (name == "cpu" || name == "auto") return {kDLCPU, 0};
+  int count = cuda_device_count();
+  int ordinal = 0;
+  if (name.size() > 5) {
+    auto [ptr, ec] = std::from_chars(name.data() + 5, name.data() + name.size(), ordinal);
+    if (ec != std::errc() || ptr != name.data() + name.size()) ordinal = -1;
+  }
+  if (count == 0)
+    throw manifest_error(source + ": loom.device: \"" + name + "\" asked for, but no CUDA device is available to this build");
+  if (ordinal < 0 || ordinal >= count)
+    throw manifest_error(source + ": loom.device: \"" + name + "\" names no device (this machine has " +
+                         std::to_string(count) + ")");
   return {kDLCUDA, ordinal};
 }
 } // namespace
@@ -29,23 +39,35 @@ std::unique_ptr<Runtime> Runtime::from_string(std::string_view text, std::string
 }
 
 Runtime::Runtime(Manifest manifest)
-    : manifest_(std::move(manifest)), device_(resolve_device(manifest_.device)),
+    : manifest_(std::move(manifest)), device_(resolve_device(manifest_.device, manifest_.source_name)),
       registry_(Registry::default_search_paths(manifest_.plugin_paths)) {
+  for (const auto &dir : manifest_.plugin_paths)
+    if (std::error_code ec; !std::filesystem::is_directory(dir, ec))
+      throw manifest_error(manifest_.source_name + ": loom.plugin_paths: '" + dir.string() + "' is not a directory");
   registry_.scan();
   pipeline_ = std::make_unique<Pipeline>(registry_, InstanceEnvironment{device_, &metrics_, &cancelled_});
   pipeline_->build(manifest_);
 }
 
-Runtime::~Runtime() { pipeline_.reset(); }
+Runtime::~Runtime() {
+  decoder_.reset(); // frees what it made with the pipeline's instances
+  pipeline_.reset();
+}
 
 RunResult Runtime::run(int64_t steps, const TokenCallback &on_token) {
-  cancelled_.store(false);
+  if (device_.device_type != kDLCPU)
+    throw runtime_error(manifest_.source_name + ": loom.device: `loom run`'s synthetic decoder computes on the CPU;"
+                        " use device = \"cpu\" or \"auto\" until the engine runs models on CUDA");
+  struct ClearCancel {
+    std::atomic<bool> &flag;
+    ~ClearCancel() { flag.store(false); }
+  } clear_at_end{cancelled_};
   auto start = std::chrono::steady_clock::now();
-  SyntheticDecoder decoder(manifest_, *pipeline_, cancelled_);
+  if (!decoder_) decoder_ = std::make_unique<SyntheticDecoder>(manifest_, *pipeline_, cancelled_);
   RunResult result;
-  decoder.retrieve(result);
-  decoder.call_tools(result);
-  decoder.generate(steps > 0 ? steps : manifest_.run.steps, on_token, result);
+  decoder_->retrieve(result);
+  decoder_->call_tools(result);
+  decoder_->generate(steps > 0 ? steps : manifest_.run.steps, on_token, result);
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   metrics_.count("run.tokens", static_cast<double>(result.tokens.size()));
   return result;

@@ -48,6 +48,8 @@ SyntheticDecoder::SyntheticDecoder(const Manifest &manifest, Pipeline &pipeline,
 }
 
 SyntheticDecoder::~SyntheticDecoder() {
+  // Under the step lock: a swap in flight either finished with the hooks or sees none.
+  auto guard = pipeline_.begin_step();
   pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, {});
   pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, {});
   pipeline_.set_activate_hook(LOOM_KIND_ADAPTER, {});
@@ -187,7 +189,9 @@ void SyntheticDecoder::install_hooks() {
   };
   pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, [this](Instance &fresh, Instance &) -> std::function<void()> {
     loom_kv_layout layout = prepare_attention(fresh);
-    if (layout.block_size != layout_.block_size || layout.bytes_per_block != layout_.bytes_per_block)
+    if (layout.block_size != layout_.block_size || layout.bytes_per_block != layout_.bytes_per_block ||
+        layout.cache_dtype.code != layout_.cache_dtype.code || layout.cache_dtype.bits != layout_.cache_dtype.bits ||
+        layout.cache_dtype.lanes != layout_.cache_dtype.lanes)
       throw runtime_error("swap " + fresh.slot() + ": " + fresh.desc().name +
                           " wants another KV layout than the cache in use; swap it between runs");
     return {};
@@ -240,7 +244,7 @@ void SyntheticDecoder::linear(Linear &lin, HostTensor<float> &x, HostTensor<floa
 HostTensor<float> SyntheticDecoder::forward(int32_t token, int32_t pos) {
   HostTensor<float> x({1, hidden_});
   std::memcpy(x.data(), embedding_.data() + token * hidden_, static_cast<size_t>(hidden_) * sizeof(float));
-  std::shared_ptr<Instance> attention = pipeline_.get("attention");
+  std::shared_ptr<Instance> attention = pipeline_.list(LOOM_KIND_ATTENTION).front();
   auto avt = attention->vtable<loom_attention_vtable>();
   HostTensor<int32_t> offsets({2}), positions({1});
   offsets.data()[0] = 0;
@@ -327,39 +331,53 @@ int32_t SyntheticDecoder::sample(HostTensor<float> &logits, const std::vector<in
   return token;
 }
 
+void SyntheticDecoder::ensure_ready(int64_t max_positions) {
+  auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
+  if (attention.empty())
+    throw runtime_error(manifest_.source_name + ": the pipeline has no [attention]: add one such as use = \"sdpa\"");
+  if (ready_ && max_positions <= max_positions_) return;
+  if (max_positions > (int64_t{1} << 24))
+    throw runtime_error(manifest_.source_name + ": a run of " + std::to_string(max_positions) + " positions is too long");
+  max_positions_ = max_positions;
+  // The geometry changed (first run, or a longer one): prepare again and size the cache.
+  loom_kv_layout layout = prepare_attention(*attention.front());
+  if (layout.block_size > 0) {
+    uint64_t blocks = static_cast<uint64_t>((max_positions_ + layout.block_size - 1) / layout.block_size);
+    if (layout.bytes_per_block > (uint64_t{8} << 30) / blocks / static_cast<uint64_t>(n_layers_))
+      throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name +
+                          "): its KV layout needs more than 8 GiB for this run");
+  }
+  allocate_kv(layout);
+  if (ready_) return;
+  auto quantizers = pipeline_.list(LOOM_KIND_QUANTIZER);
+  if (!quantizers.empty()) {
+    auto weights = quantize_all(*quantizers.front());
+    quantizer_ = quantizers.front();
+    size_t i = 0;
+    for (auto &layer : layers_)
+      for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get()}) l->qweight = weights[i++];
+    lm_head_->qweight = weights[i];
+  }
+  for (auto &adapter : pipeline_.list(LOOM_KIND_ADAPTER)) {
+    auto sites = attach_all(*adapter);
+    size_t i = 0;
+    for (auto &layer : layers_)
+      for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get()})
+        if (auto site = sites[i++]) l->sites.emplace_back(adapter.get(), site);
+    if (sites[i]) lm_head_->sites.emplace_back(adapter.get(), sites[i]);
+  }
+  install_hooks();
+  ready_ = true;
+}
+
 void SyntheticDecoder::generate(int64_t steps, const TokenCallback &on_token, RunResult &result) {
   const auto &prompt = manifest_.run.prompt;
-  max_positions_ = static_cast<int64_t>(prompt.size()) + steps;
-  {
-    auto guard = pipeline_.begin_step();
-    auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
-    if (attention.empty())
-      throw runtime_error(manifest_.source_name + ": the pipeline has no [attention]: add one such as use = \"sdpa\"");
-    allocate_kv(prepare_attention(*attention.front()));
-    auto quantizers = pipeline_.list(LOOM_KIND_QUANTIZER);
-    if (!quantizers.empty()) {
-      auto weights = quantize_all(*quantizers.front());
-      quantizer_ = quantizers.front();
-      size_t i = 0;
-      for (auto &layer : layers_)
-        for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get()}) l->qweight = weights[i++];
-      lm_head_->qweight = weights[i];
-    }
-    for (auto &adapter : pipeline_.list(LOOM_KIND_ADAPTER)) {
-      auto sites = attach_all(*adapter);
-      size_t i = 0;
-      for (auto &layer : layers_)
-        for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get()})
-          if (auto s = sites[i++]) l->sites.emplace_back(adapter.get(), s);
-      if (sites[i]) lm_head_->sites.emplace_back(adapter.get(), sites[i]);
-    }
-    install_hooks();
-  }
   std::vector<int32_t> history(prompt.begin(), prompt.end());
   int32_t pos = 0;
   HostTensor<float> logits;
   {
     auto guard = pipeline_.begin_step();
+    ensure_ready(static_cast<int64_t>(prompt.size()) + steps);
     for (int32_t t : prompt) logits = forward(t, pos++);
   }
   for (int64_t step = 0; step < steps; ++step) {
@@ -377,7 +395,38 @@ void SyntheticDecoder::generate(int64_t steps, const TokenCallback &on_token, Ru
     }
     if (on_token && !on_token(static_cast<int32_t>(step), token)) break;
   }
+  // The sequence is over: samplers forget its state.
+  auto guard = pipeline_.begin_step();
+  for (auto &s : pipeline_.list(LOOM_KIND_SAMPLER))
+    if (auto release = s->vtable<loom_sampler_vtable>()->release) release(s->handle(), -1);
 }
+
+namespace {
+
+struct PassageSink {
+  RunResult *result;
+  std::string slot;
+};
+
+// Receives one passage from a retriever; the passage's strings are valid during the call only.
+loom_status collect_passage(void *user, const loom_passage *p) {
+  try {
+    auto *sink = static_cast<PassageSink *>(user);
+    static const char *kinds[] = {"?", "bm25", "cosine", "inner-product", "l2", "rrf", "rerank"};
+    PassageResult pr;
+    pr.retriever_slot = sink->slot;
+    pr.doc_id = p->doc_id ? p->doc_id : "";
+    pr.score = p->score;
+    pr.score_kind = p->score_kind >= 1 && p->score_kind <= 6 ? kinds[p->score_kind] : "?";
+    pr.text = p->text ? p->text : "";
+    sink->result->passages.push_back(std::move(pr));
+    return LOOM_OK;
+  } catch (...) { // never unwind through the plugin's frames
+    return LOOM_ERR_OUT_OF_MEMORY;
+  }
+}
+
+} // namespace
 
 void SyntheticDecoder::retrieve(RunResult &result) {
   const RunSpec &run = manifest_.run;
@@ -387,29 +436,18 @@ void SyntheticDecoder::retrieve(RunResult &result) {
     q.struct_size = sizeof(q);
     q.text = run.query.c_str();
     q.top_k = static_cast<int32_t>(run.top_k);
-    struct Sink {
-      RunResult *result;
-      std::string slot;
-    } sink{&result, r->slot()};
-    auto emit = [](void *user, const loom_passage *p) -> loom_status {
-      auto *s = static_cast<Sink *>(user);
-      static const char *kinds[] = {"?", "bm25", "cosine", "inner-product", "l2", "rrf", "rerank"};
-      PassageResult pr;
-      pr.retriever_slot = s->slot;
-      pr.doc_id = p->doc_id ? p->doc_id : "";
-      pr.score = p->score;
-      pr.score_kind = p->score_kind >= 1 && p->score_kind <= 6 ? kinds[p->score_kind] : "?";
-      pr.text = p->text ? p->text : "";
-      s->result->passages.push_back(std::move(pr));
-      return LOOM_OK;
-    };
-    r->check(r->vtable<loom_retriever_vtable>()->search(r->handle(), &q, emit, &sink), "search");
+    PassageSink sink{&result, r->slot()};
+    auto guard = pipeline_.begin_step(); // no swap of this retriever while it searches
+    auto current = pipeline_.get(r->slot());
+    current->check(current->vtable<loom_retriever_vtable>()->search(current->handle(), &q, collect_passage, &sink),
+                   "search");
   }
 }
 
 void SyntheticDecoder::call_tools(RunResult &result) {
-  auto tools = pipeline_.list(LOOM_KIND_TOOL);
   for (const auto &call : manifest_.run.tool_calls) {
+    auto guard = pipeline_.begin_step(); // no swap of a tool while it runs
+    auto tools = pipeline_.list(LOOM_KIND_TOOL);
     std::shared_ptr<Instance> owner;
     std::string available;
     for (auto &t : tools) {

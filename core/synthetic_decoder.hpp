@@ -5,9 +5,10 @@
 // RMSNorm -> LM head). Every linear goes through the quantizer plugin when there is one, every
 // targeted module through the adapter plugins, the logits through the parallel plugin's
 // all-reduce and the sampler chain. Tokens carry no meaning: the point is the pipeline.
-// Ownership: borrows the manifest and pipeline; installs swap hooks for attention, quantizer
-// and adapters and removes them when destroyed. Thread-safety: one thread drives it; swaps
-// from other threads land between steps.
+// Ownership: borrows the manifest and pipeline (the Runtime keeps one decoder for its lifetime,
+// so quantized weights and adapter sites are made once); installs swap hooks for attention,
+// quantizer and adapters on its first run and removes them, under the step lock, when destroyed.
+// Thread-safety: one thread drives it; swaps from other threads land between steps.
 #pragma once
 
 #include <atomic>
@@ -44,6 +45,9 @@ class SyntheticDecoder {
   };
 
   void build_weights();
+  // Makes the pipeline's instances ready for a run of `max_positions` (caller holds the step
+  // lock): attention prepared and KV allocated, weights quantized, adapters attached, hooks set.
+  void ensure_ready(int64_t max_positions);
   loom_attention_config attention_config() const;
   loom_kv_layout prepare_attention(Instance &attention) const;
   void allocate_kv(const loom_kv_layout &layout);
@@ -69,6 +73,7 @@ class SyntheticDecoder {
   std::vector<detail::HostTensor<uint8_t>> kv_pools_; // per layer [blocks, bytes_per_block]
   detail::HostTensor<int32_t> block_table_;            // [1, blocks]
   std::shared_ptr<Instance> quantizer_;                 // the one that made the qweights
+  bool ready_ = false;
 };
 
 } // namespace loom

@@ -1,5 +1,6 @@
 #include "commands.hpp"
 
+#include <charconv>
 #include <functional>
 #include <iomanip>
 #include <iostream>
@@ -40,12 +41,9 @@ ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allo
       out.overrides.push_back(a.substr(6));
     } else if (allow_steps && a == "--steps") {
       std::string v = value("--steps");
-      try {
-        out.steps = std::stoll(v);
-      } catch (...) {
-        throw Error(ErrorCategory::usage, "--steps: '" + v + "' is not a number");
-      }
-      if (out.steps <= 0) throw Error(ErrorCategory::usage, "--steps must be positive");
+      auto [ptr, ec] = std::from_chars(v.data(), v.data() + v.size(), out.steps);
+      if (ec != std::errc() || ptr != v.data() + v.size() || out.steps < 1 || out.steps > (1 << 20))
+        throw Error(ErrorCategory::usage, "--steps: '" + v + "' is not a number between 1 and 1048576");
     } else if (!a.empty() && a[0] == '-') {
       throw Error(ErrorCategory::usage, "unknown option '" + a + "'");
     } else if (out.manifest.empty()) {
@@ -152,7 +150,7 @@ int cmd_plugins(const std::vector<std::string> &args) {
         doc["libraries"].push_back(std::move(l));
       }
       doc["errors"] = registry.diagnostics();
-      std::cout << doc.dump(2) << "\n";
+      std::cout << doc.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
       return 0;
     }
     std::cout << "plugin ABI " << LOOM_ABI_MAJOR << "." << LOOM_ABI_MINOR << "\n";

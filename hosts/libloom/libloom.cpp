@@ -25,7 +25,10 @@ loom_status from_exception() {
   try {
     throw;
   } catch (const loom::Error &e) {
-    loom_status s = e.category() == loom::ErrorCategory::runtime ? LOOM_ERR_INTERNAL : LOOM_ERR_INVALID_ARGUMENT;
+    loom_status s = e.status() != 0                                  ? e.status()
+                    : e.category() == loom::ErrorCategory::runtime ? LOOM_ERR_INTERNAL
+                    : e.category() == loom::ErrorCategory::plugin  ? LOOM_ERR_NOT_FOUND
+                                                                   : LOOM_ERR_INVALID_ARGUMENT;
     return fail(s, e.what());
   } catch (const std::bad_alloc &) {
     return fail(LOOM_ERR_OUT_OF_MEMORY, "out of memory");

@@ -147,3 +147,47 @@ TEST_CASE("every kind takes part in a run", "[pipeline][run]") {
   REQUIRE_FALSE(r.passages.empty());
   CHECK(r.passages[0].doc_id == "plugins.md");
 }
+
+TEST_CASE("a runtime runs many times and keeps what it prepared", "[pipeline][run]") {
+  // Quantized weights and adapter sites are made once; a second run must not attach again.
+  auto rt = Runtime::from_file(std::string(LOOM_SOURCE_DIR) + "/configs/pipeline.toml");
+  auto a = rt->run(5);
+  auto b = rt->run(9); // longer: the KV cache grows
+  auto c = rt->run(5);
+  CHECK(a.tokens.size() == 5);
+  CHECK(b.tokens.size() == 9);
+  CHECK(c.tokens == a.tokens); // same seed, same prompt, state released between runs
+}
+
+TEST_CASE("slot names cannot confuse the decoder about kinds", "[pipeline][run]") {
+  auto rt = Runtime::from_string("[attention]\nuse = \"sdpa\"\nname = \"attn\"\n"
+                                 "[[sampler]]\nuse = \"greedy\"\nname = \"attention\"\n[run]\nsteps = 3\n");
+  CHECK(rt->run().tokens.size() == 3);
+}
+
+TEST_CASE("--set can extend a list without reordering the chain", "[pipeline][manifest]") {
+  auto rt = Runtime::from_string("[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"top-k\"\nk = 4\n"
+                                 "[[sampler]]\nuse = \"temperature\"\n",
+                                 "m.toml", {"sampler[1]={use=\"greedy\"}"});
+  CHECK(std::string(rt->pipeline().at("sampler[0]").desc().name) == "top-k");
+  CHECK(std::string(rt->pipeline().at("sampler[1]").desc().name) == "greedy");
+  CHECK(rt->run(2).tokens.size() == 2);
+}
+
+TEST_CASE("a cancel stops the run at the next step and is then cleared", "[pipeline][run]") {
+  auto rt = Runtime::from_string("[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n[run]\nsteps = 50\n");
+  auto r = rt->run(0, [&](int32_t step, int32_t) {
+    if (step == 4) rt->cancel();
+    return true;
+  });
+  CHECK(r.cancelled);
+  CHECK(r.tokens.size() == 5);
+  CHECK_FALSE(rt->run(3).cancelled);
+}
+
+TEST_CASE("manifest paths and devices are checked before anything runs", "[pipeline]") {
+  auto e = error_of("[loom]\nplugin_paths = [\"/no/such/dir\"]\n");
+  CHECK(std::string(e.what()) == "p.toml: loom.plugin_paths: '/no/such/dir' is not a directory");
+  auto big = error_of("[run]\nprompt = [2147483648]\n");
+  CHECK(std::string(big.what()) == "p.toml:2:11: run.prompt[0]: token 2147483648 is outside the vocabulary of 256");
+}

@@ -16,12 +16,13 @@
 extern "C" {
 #endif
 
-/* One parameter a component accepts in its manifest table. The host validates the manifest
+/* One parameter a component accepts in its manifest table. Used in arrays, which the host walks
+ * with its own sizeof: this struct is frozen for ABI major 1 (struct_size must equal sizeof). The host validates the manifest
  * against this list before create(): an undeclared key, a missing required key or a value of
  * the wrong type is an error that names the manifest file, line, column and key path. */
 typedef struct loom_param_desc {
   uint32_t struct_size;
-  const char *key;           /* a top-level key of the component's table */
+  const char *key;           /* a top-level key of the component's table: letters, digits, '_', '-' */
   loom_value_type type;
   int32_t required;          /* non-zero: the manifest must set it */
   const char *default_value; /* a TOML literal ("0.9", "\"auto\"", "[1, 2]"), or NULL */

@@ -23,6 +23,7 @@ enum {
   LOOM_SCORE_RERANK = 6
 };
 
+/* Passed in arrays: frozen for ABI major 1. */
 typedef struct loom_document {
   uint32_t struct_size;
   const char *doc_id;        /* stable id chosen by the caller; re-adding an id replaces it */

@@ -10,6 +10,7 @@
 extern "C" {
 #endif
 
+/* Passed in arrays: frozen for ABI major 1. */
 typedef struct loom_named_tensor {
   uint32_t struct_size;
   const char *name;   /* e.g. "q_proj.qweight", "lora_A.weight" */

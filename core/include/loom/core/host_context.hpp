@@ -8,7 +8,7 @@
 #pragma once
 
 #include <atomic>
-#include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -26,11 +26,15 @@ struct loom_host_ctx {
   loom::Metrics *metrics = nullptr;
   const std::atomic<bool> *cancelled = nullptr;
 
-  std::mutex mutex;               // guards the two members below
+  std::mutex mutex; // guards the two members below
   std::string last_error;
-  std::deque<std::string> strings; // storage for strings returned to the plugin
+  // Strings returned to the plugin, by lookup ("s:key", "j:key"): the config is immutable, so a
+  // repeated lookup returns the same storage and memory stays bounded.
+  std::map<std::string, std::string, std::less<>> strings;
 
-  const char *keep(std::string s);
+  // Returns storage for `value` under `lookup` that lives as long as the context; nullptr when
+  // memory runs out.
+  const char *keep(const std::string &lookup, std::string value) noexcept;
   std::string take_error();
 };
 
@@ -51,5 +55,6 @@ bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice dev
                         std::string &error);
 // True when this build has CUDA and a device is present.
 bool cuda_device_present();
+int cuda_device_count();
 
 } // namespace loom

@@ -1,7 +1,7 @@
 // loom::Registry: finds plugin libraries, checks their ABI, and indexes components by kind,
 // name and version.
 //
-// Search order (first match of a name and version wins): the manifest's plugin_paths, then the
+// Search order (the highest version wins; among equal versions, the first in this order): the manifest's plugin_paths, then the
 // directories in LOOM_PLUGIN_PATH (colon-separated), then the builtin directory next to the
 // running binary (../lib/loom/plugins from bin/, loom/plugins from lib/), then the install
 // prefix's. Libraries that fail to load during a scan are reported in diagnostics(), not thrown:
@@ -29,6 +29,9 @@ struct ComponentRef {
 class Registry {
  public:
   explicit Registry(std::vector<std::filesystem::path> search_paths);
+  ~Registry();
+  Registry(const Registry &) = delete;
+  Registry &operator=(const Registry &) = delete;
 
   // The default search list for a manifest's own plugin paths.
   static std::vector<std::filesystem::path> default_search_paths(

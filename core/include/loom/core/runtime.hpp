@@ -22,6 +22,8 @@
 
 namespace loom {
 
+class SyntheticDecoder;
+
 struct PassageResult {
   std::string retriever_slot;
   std::string doc_id;
@@ -67,7 +69,8 @@ class Runtime {
   // Swaps the component in `slot` for the one described by a TOML table text
   // (`use = "top-k"\nk = 5`, optionally with library/version).
   SwapReport swap(std::string_view slot, std::string_view component_toml);
-  // Asks the run in progress (and plugins polling is_cancelled) to stop.
+  // Asks the run in progress (and plugins polling is_cancelled) to stop; a cancel that comes
+  // before a run starts stops that run at its first step. Cleared when a run ends.
   void cancel() { cancelled_.store(true); }
 
  private:
@@ -77,6 +80,7 @@ class Runtime {
   std::atomic<bool> cancelled_{false};
   Registry registry_;
   std::unique_ptr<Pipeline> pipeline_;
+  std::unique_ptr<SyntheticDecoder> decoder_; // made by the first run, destroyed before the pipeline
 };
 
 } // namespace loom

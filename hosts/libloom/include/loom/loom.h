@@ -4,7 +4,9 @@
  * it, swaps components while it runs, and destroys it.
  *
  * Errors: every call returns a loom_status (loom/abi.h); on failure, loom_last_error() gives a
- * one-line message naming the file, key or component concerned.
+ * one-line message naming the file, key or component concerned. LOOM_ERR_INVALID_ARGUMENT: a bad
+ * manifest or argument; LOOM_ERR_NOT_FOUND: a plugin, component or slot that does not exist; a
+ * plugin's own status when a plugin call failed; LOOM_ERR_CANCELLED: the run was cancelled.
  * Ownership: a loom_runtime is owned by the caller from create until loom_runtime_destroy.
  * Strings passed in are copied; strings returned are owned by the library (see each call).
  * Thread-safety: calls on different runtimes are independent. On one runtime, loom_runtime_run
