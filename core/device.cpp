@@ -125,22 +125,36 @@ bool device_synchronize(DLDevice device, std::string &error) {
 #endif
 }
 
-bool device_softmax_rows(float *x, int64_t rows, int64_t cols, DLDevice device, std::string &error) {
+loom_status device_softmax_rows(float *x, int64_t rows, int64_t cols, DLDevice device, std::string &error) {
   if (device.device_type == kDLCPU) {
     if (!kernels::softmax_rows_cpu(x, rows, cols)) {
       error = "a row holds only -inf";
-      return false;
+      return LOOM_ERR_INVALID_ARGUMENT;
     }
-    return true;
+    return LOOM_OK;
   }
 #if LOOM_HAVE_CUDA
   if (device.device_type == kDLCUDA) {
-    int e = kernels::softmax_rows_cuda(x, rows, cols, nullptr);
-    return cuda_ok(static_cast<cudaError_t>(e), "softmax_rows_cuda", error);
+    // Count all -inf rows on the device, so CUDA reports them as the CPU version does.
+    int32_t *masked = nullptr;
+    if (!cuda_ok(cudaMalloc(reinterpret_cast<void **>(&masked), sizeof(int32_t)), "cudaMalloc", error))
+      return LOOM_ERR_DEVICE;
+    int32_t masked_rows = 0;
+    bool ok = cuda_ok(cudaMemset(masked, 0, sizeof(int32_t)), "cudaMemset", error) &&
+              cuda_ok(static_cast<cudaError_t>(kernels::softmax_rows_cuda(x, rows, cols, nullptr, masked)),
+                      "softmax_rows_cuda", error) &&
+              cuda_ok(cudaMemcpy(&masked_rows, masked, sizeof(int32_t), cudaMemcpyDeviceToHost), "cudaMemcpy", error);
+    cudaFree(masked);
+    if (!ok) return LOOM_ERR_DEVICE;
+    if (masked_rows > 0) {
+      error = std::to_string(masked_rows) + " row(s) hold only -inf";
+      return LOOM_ERR_INVALID_ARGUMENT;
+    }
+    return LOOM_OK;
   }
 #endif
   error = "unsupported device";
-  return false;
+  return LOOM_ERR_UNSUPPORTED;
 }
 
 bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice device, int32_t *out_host,

@@ -202,12 +202,9 @@ loom_status kernel_softmax_rows(loom_host_ctx *ctx, DLTensor *x) {
     return LOOM_ERR_UNSUPPORTED;
   }
   std::string error;
-  bool ok = device_softmax_rows(data_of(x), x->shape[0], x->shape[1], x->device, error);
-  if (!ok) {
-    host_set_error(ctx, ("softmax_rows: " + error).c_str());
-    return x->device.device_type == kDLCUDA ? LOOM_ERR_DEVICE : LOOM_ERR_INVALID_ARGUMENT;
-  }
-  return LOOM_OK;
+  loom_status status = device_softmax_rows(data_of(x), x->shape[0], x->shape[1], x->device, error);
+  if (status != LOOM_OK) host_set_error(ctx, ("softmax_rows: " + error).c_str());
+  return status;
 }
 
 loom_status kernel_argmax_rows(loom_host_ctx *ctx, const DLTensor *x, int32_t *out) {

@@ -50,7 +50,7 @@ loom_status device_memcpy(void *dst, DLDevice dst_device, const void *src, DLDev
                           std::string &error);
 bool device_synchronize(DLDevice device, std::string &error);
 // Row kernels on CPU or CUDA memory (see loom/host_kernels.h); false with `error` on failure.
-bool device_softmax_rows(float *x, int64_t rows, int64_t cols, DLDevice device, std::string &error);
+loom_status device_softmax_rows(float *x, int64_t rows, int64_t cols, DLDevice device, std::string &error);
 bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice device, int32_t *out_host,
                         std::string &error);
 // True when this build has CUDA and a device is present.
