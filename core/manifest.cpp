@@ -299,6 +299,17 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
       read_loom_table(*node.as_table(), source, m);
       continue;
     }
+    if (k == "model") {
+      if (!node.is_table()) fail("expected a table");
+      SchemaReader r(*node.as_table(), "model", source);
+      r.only({"path"});
+      std::string path;
+      if (!r.read_string("path", path) || path.empty())
+        fail("needs path = \"a Hugging Face model directory\"");
+      std::filesystem::path p = path;
+      m.model_path = p.is_absolute() ? p : (base_dir / p).lexically_normal();
+      continue;
+    }
     if (k == "run") {
       if (!node.is_table()) fail("expected a table");
       read_run_table(*node.as_table(), source, m.run);
@@ -306,7 +317,7 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
     }
     loom_kind kind = kind_from_name(k);
     if (kind == 0)
-      fail("unknown key (known: loom, run, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
+      fail("unknown key (known: loom, model, run, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
     if (kind_is_list(kind)) {
       if (!node.is_array_of_tables()) fail("expected an array of tables: write [[" + k + "]]");
       size_t i = 0;

@@ -5,7 +5,7 @@
 
 #include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
-#include "synthetic_decoder.hpp"
+#include "model_decoder.hpp"
 
 namespace loom {
 
@@ -47,6 +47,8 @@ Runtime::Runtime(Manifest manifest)
   registry_.scan();
   pipeline_ = std::make_unique<Pipeline>(registry_, InstanceEnvironment{device_, &metrics_, &cancelled_});
   pipeline_->build(manifest_);
+  decoder_ = std::make_unique<ModelDecoder>(manifest_, *pipeline_, cancelled_); // loads the model now
+
 }
 
 Runtime::~Runtime() {
@@ -63,7 +65,6 @@ RunResult Runtime::run(int64_t steps, const TokenCallback &on_token) {
     ~ClearCancel() { flag.store(false); }
   } clear_at_end{cancelled_};
   auto start = std::chrono::steady_clock::now();
-  if (!decoder_) decoder_ = std::make_unique<SyntheticDecoder>(manifest_, *pipeline_, cancelled_);
   RunResult result;
   decoder_->retrieve(result);
   decoder_->call_tools(result);

@@ -3,6 +3,8 @@
 // Schema (unknown keys anywhere are errors):
 //   [loom]        plugin_paths = [..] (relative to the manifest), device = "auto"|"cpu"|"cuda"|"cuda:N",
 //                 seed = int
+//   [model]       path = a Hugging Face model directory (relative to the manifest); without it,
+//                 `loom run` uses a Llama-shaped model with seeded random weights
 //   [run]         what `loom run` does (see RunSpec)
 //   [attention] [quantizer] [parallel]                  one component each, optional
 //   [[sampler]] [[adapter]] [[retriever]] [[tool]]      ordered lists of components
@@ -39,10 +41,10 @@ struct ToolCallSpec {
   std::string arguments_json;
 };
 
-// What `loom run` does until the engine drives real models: a seeded synthetic decoder (random
-// weights of the given geometry) generates `steps` tokens through the pipeline's attention,
+// What `loom run` does: the model ([model], or seeded random weights of the geometry below)
+// generates `steps` tokens after `prompt` (token ids) through the pipeline's attention,
 // quantizer, adapters, parallel strategy and sampler chain; retrievers answer `query`; tools
-// run `tool_calls`.
+// run `tool_calls`. The geometry keys apply only without a [model].
 struct RunSpec {
   int64_t steps = 16;
   std::vector<int32_t> prompt{1};
@@ -62,6 +64,7 @@ struct Manifest {
   std::vector<std::filesystem::path> plugin_paths;
   std::string device = "auto";
   uint64_t seed = 0;
+  std::filesystem::path model_path; // empty: the synthetic model
   RunSpec run;
   std::vector<ComponentSpec> components; // manifest order within each kind
 

@@ -22,7 +22,7 @@
 
 namespace loom {
 
-class SyntheticDecoder;
+class ModelDecoder;
 
 struct PassageResult {
   std::string retriever_slot;
@@ -80,7 +80,7 @@ class Runtime {
   std::atomic<bool> cancelled_{false};
   Registry registry_;
   std::unique_ptr<Pipeline> pipeline_;
-  std::unique_ptr<SyntheticDecoder> decoder_; // made by the first run, destroyed before the pipeline
+  std::unique_ptr<ModelDecoder> decoder_; // destroyed before the pipeline
 };
 
 } // namespace loom

@@ -1,24 +1,20 @@
-#include "synthetic_decoder.hpp"
+#include "model_decoder.hpp"
 
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <numbers>
 #include <random>
 
 #include "loom/core/error.hpp"
 #include "loom/core/host_buffer.hpp"
+#include "loom/core/reference_model.hpp"
 
 namespace loom {
 
 using detail::HostTensor;
 
 namespace {
-
-void rms_norm(const float *x, float *y, int64_t n) {
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]) * x[i];
-  float scale = static_cast<float>(1.0 / std::sqrt(sum / static_cast<double>(n) + 1e-5));
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * scale;
-}
 
 // y[n, out] = x[n, in] W[out, in]^T
 void dense(const HostTensor<float> &w, int64_t out, int64_t in, const float *x, float *y, int64_t n) {
@@ -34,20 +30,61 @@ void dense(const HostTensor<float> &w, int64_t out, int64_t in, const float *x, 
 
 } // namespace
 
-SyntheticDecoder::SyntheticDecoder(const Manifest &manifest, Pipeline &pipeline, const std::atomic<bool> &cancelled)
-    : manifest_(manifest), pipeline_(pipeline), cancelled_(cancelled) {
-  const RunSpec &run = manifest.run;
-  vocab_ = run.vocab_size;
-  hidden_ = run.hidden_size;
-  heads_ = run.n_heads;
-  kv_heads_ = run.n_kv_heads;
-  head_dim_ = hidden_ / heads_;
-  n_layers_ = run.n_layers;
-  max_positions_ = 0; // set by generate()
-  build_weights();
+namespace {
+
+// A Llama-shaped config from the [run] geometry, for runs without a [model].
+ModelConfig synthetic_config(const RunSpec &run) {
+  ModelConfig c;
+  c.architecture = Architecture::llama;
+  c.architecture_name = "LlamaForCausalLM";
+  c.vocab_size = run.vocab_size;
+  c.hidden_size = run.hidden_size;
+  c.intermediate_size = 2 * run.hidden_size;
+  c.n_layers = run.n_layers;
+  c.n_heads = run.n_heads;
+  c.n_kv_heads = run.n_kv_heads;
+  c.head_dim = run.hidden_size / run.n_heads;
+  c.max_positions = int64_t{1} << 20;
+  return c;
 }
 
-SyntheticDecoder::~SyntheticDecoder() {
+// Seeded random weights of every tensor the config needs: norms 1, the rest uniform in
+// +-1/sqrt(fan-in).
+ModelWeights synthetic_weights(const ModelConfig &config, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::map<std::string, HostWeight, std::less<>> w;
+  for (const auto &[name, shape] : expected_weights(config)) {
+    HostWeight hw{shape, std::vector<float>(static_cast<size_t>(shape.size() == 2 ? shape[0] * shape[1] : shape[0]))};
+    if (name.find("norm") != std::string::npos) {
+      std::fill(hw.values.begin(), hw.values.end(), 1.0f);
+    } else {
+      float bound = shape.size() == 2 && name.find("embed") == std::string::npos ? 1.0f / std::sqrt(static_cast<float>(shape[1])) : 1.0f;
+      std::uniform_real_distribution<float> dist(-bound, bound);
+      for (float &v : hw.values) v = dist(rng);
+    }
+    w.emplace(name, std::move(hw));
+  }
+  return ModelWeights::from_map(std::move(w));
+}
+
+} // namespace
+
+ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, const std::atomic<bool> &cancelled)
+    : manifest_(manifest), pipeline_(pipeline), cancelled_(cancelled) {
+  if (manifest.model_path.empty()) {
+    config_ = synthetic_config(manifest.run);
+    build(synthetic_weights(config_, manifest.seed));
+  } else {
+    config_ = load_model_config(manifest.model_path);
+    build(ModelWeights::load(config_, SafetensorsIndex::open_model_dir(manifest.model_path)));
+  }
+  for (int32_t token : manifest.run.prompt)
+    if (token >= config_.vocab_size)
+      throw manifest_error(manifest.source_name + ": run.prompt: token " + std::to_string(token) +
+                           " is outside the model's vocabulary of " + std::to_string(config_.vocab_size));
+}
+
+ModelDecoder::~ModelDecoder() {
   // Under the step lock: a swap in flight either finished with the hooks or sees none.
   auto guard = pipeline_.begin_step();
   pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, {});
@@ -55,56 +92,100 @@ SyntheticDecoder::~SyntheticDecoder() {
   pipeline_.set_activate_hook(LOOM_KIND_ADAPTER, {});
   if (quantizer_) {
     std::vector<loom_qweight *> weights;
-    for (auto &layer : layers_)
-      for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get()}) weights.push_back(l->qweight);
-    weights.push_back(lm_head_->qweight);
+    for (Linear *l : linears_) weights.push_back(l->qweight);
     free_qweights(*quantizer_, weights);
   }
 }
 
-void SyntheticDecoder::build_weights() {
-  std::mt19937_64 rng(manifest_.seed);
-  auto fill = [&](HostTensor<float> &t, float bound) {
-    std::uniform_real_distribution<float> dist(-bound, bound);
-    for (float &v : t.values()) v = dist(rng);
+void ModelDecoder::build(ModelWeights weights) {
+  const ModelConfig &c = config_;
+  const int64_t H = c.hidden_size;
+  auto values = [&](const std::string &name) { return weights.at(name).values; };
+  auto maybe = [&](const std::string &name) { return weights.contains(name) ? weights.at(name).values : std::vector<float>{}; };
+  // A linear from a [out, in] weight, or from a GPT-2 Conv1D [in, out] weight's columns
+  // [col0, col0 + out), transposed.
+  auto make = [&](std::string name, const HostWeight &w, std::vector<float> bias) {
+    auto l = std::make_unique<Linear>();
+    l->name = std::move(name);
+    l->weight = HostTensor<float>({w.shape[0], w.shape[1]});
+    l->weight.values() = w.values;
+    l->bias = std::move(bias);
+    return l;
   };
-  embedding_ = HostTensor<float>({vocab_, hidden_});
-  fill(embedding_, 1.0f);
-  auto make = [&](std::string name, int64_t out, int64_t in) {
+  auto conv = [&](std::string name, const HostWeight &w, const std::vector<float> &b, int64_t col0, int64_t out) {
+    const int64_t in = w.shape[0], cols = w.shape[1];
     auto l = std::make_unique<Linear>();
     l->name = std::move(name);
     l->weight = HostTensor<float>({out, in});
-    fill(l->weight, 1.0f / std::sqrt(static_cast<float>(in)));
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i)
+        l->weight.values()[static_cast<size_t>(o * in + i)] = w.values[static_cast<size_t>(i * cols + col0 + o)];
+    l->bias.assign(b.begin() + col0, b.begin() + col0 + out);
     return l;
   };
-  for (int64_t i = 0; i < n_layers_; ++i) {
-    std::string p = "model.layers." + std::to_string(i) + ".self_attn.";
+  const bool gpt2 = c.architecture == Architecture::gpt2;
+  embedding_ = values(gpt2 ? "wte.weight" : "model.embed_tokens.weight");
+  if (gpt2) positions_ = values("wpe.weight");
+  for (int64_t i = 0; i < c.n_layers; ++i) {
     Layer layer;
-    layer.q = make(p + "q_proj", heads_ * head_dim_, hidden_);
-    layer.k = make(p + "k_proj", kv_heads_ * head_dim_, hidden_);
-    layer.v = make(p + "v_proj", kv_heads_ * head_dim_, hidden_);
-    layer.o = make(p + "o_proj", hidden_, heads_ * head_dim_);
+    if (gpt2) {
+      std::string p = "h." + std::to_string(i) + ".";
+      const auto &ca = weights.at(p + "attn.c_attn.weight");
+      auto cab = values(p + "attn.c_attn.bias");
+      layer.q = conv(p + "attn.c_attn.q", ca, cab, 0, H);
+      layer.k = conv(p + "attn.c_attn.k", ca, cab, H, H);
+      layer.v = conv(p + "attn.c_attn.v", ca, cab, 2 * H, H);
+      layer.o = conv(p + "attn.c_proj", weights.at(p + "attn.c_proj.weight"), values(p + "attn.c_proj.bias"), 0, H);
+      layer.up = conv(p + "mlp.c_fc", weights.at(p + "mlp.c_fc.weight"), values(p + "mlp.c_fc.bias"), 0, c.intermediate_size);
+      layer.down = conv(p + "mlp.c_proj", weights.at(p + "mlp.c_proj.weight"), values(p + "mlp.c_proj.bias"), 0, H);
+      layer.norm1 = values(p + "ln_1.weight");
+      layer.norm1_bias = values(p + "ln_1.bias");
+      layer.norm2 = values(p + "ln_2.weight");
+      layer.norm2_bias = values(p + "ln_2.bias");
+    } else {
+      std::string p = "model.layers." + std::to_string(i) + ".";
+      auto lin = [&](const std::string &m) { return make(p + m, weights.at(p + m + ".weight"), maybe(p + m + ".bias")); };
+      layer.q = lin("self_attn.q_proj");
+      layer.k = lin("self_attn.k_proj");
+      layer.v = lin("self_attn.v_proj");
+      layer.o = lin("self_attn.o_proj");
+      layer.gate = lin("mlp.gate_proj");
+      layer.up = lin("mlp.up_proj");
+      layer.down = lin("mlp.down_proj");
+      layer.norm1 = values(p + "input_layernorm.weight");
+      layer.norm2 = values(p + "post_attention_layernorm.weight");
+    }
     layers_.push_back(std::move(layer));
   }
-  lm_head_ = make("lm_head", vocab_, hidden_);
+  final_norm_ = values(gpt2 ? "ln_f.weight" : "model.norm.weight");
+  if (gpt2) final_norm_bias_ = values("ln_f.bias");
+  const HostWeight &head = c.tie_word_embeddings ? weights.at(gpt2 ? "wte.weight" : "model.embed_tokens.weight")
+                                                 : weights.at("lm_head.weight");
+  lm_head_ = make("lm_head", head, {});
+  for (auto &layer : layers_)
+    for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get(), layer.gate.get(), layer.up.get(),
+                      layer.down.get()})
+      if (l) linears_.push_back(l);
+  linears_.push_back(lm_head_.get());
+  if (!gpt2) inv_freq_ = rope_inv_freq(c);
 }
 
-loom_attention_config SyntheticDecoder::attention_config() const {
+loom_attention_config ModelDecoder::attention_config() const {
   loom_attention_config c{};
   c.struct_size = sizeof(c);
-  c.n_layers = static_cast<int32_t>(n_layers_);
-  c.n_heads = static_cast<int32_t>(heads_);
-  c.n_kv_heads = static_cast<int32_t>(kv_heads_);
-  c.head_dim = static_cast<int32_t>(head_dim_);
+  c.n_layers = static_cast<int32_t>(config_.n_layers);
+  c.n_heads = static_cast<int32_t>(config_.n_heads);
+  c.n_kv_heads = static_cast<int32_t>(config_.n_kv_heads);
+  c.head_dim = static_cast<int32_t>(config_.head_dim);
   c.max_positions = static_cast<int32_t>(max_positions_);
-  c.sliding_window = 0;
-  c.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+  c.sliding_window = static_cast<int32_t>(config_.sliding_window);
+  c.softmax_scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
   c.dtype = {kDLFloat, 32, 1};
   c.device = {kDLCPU, 0};
   return c;
 }
 
-loom_kv_layout SyntheticDecoder::prepare_attention(Instance &attention) const {
+loom_kv_layout ModelDecoder::prepare_attention(Instance &attention) const {
   loom_attention_config config = attention_config();
   loom_kv_layout layout{};
   layout.struct_size = sizeof(layout);
@@ -115,18 +196,18 @@ loom_kv_layout SyntheticDecoder::prepare_attention(Instance &attention) const {
   return layout;
 }
 
-void SyntheticDecoder::allocate_kv(const loom_kv_layout &layout) {
+void ModelDecoder::allocate_kv(const loom_kv_layout &layout) {
   layout_ = layout;
   kv_pools_.clear();
   if (layout.block_size == 0) return;
   int64_t blocks = (max_positions_ + layout.block_size - 1) / layout.block_size;
-  for (int64_t i = 0; i < n_layers_; ++i)
+  for (int64_t i = 0; i < config_.n_layers; ++i)
     kv_pools_.emplace_back(std::vector<int64_t>{blocks, static_cast<int64_t>(layout.bytes_per_block)});
   block_table_ = HostTensor<int32_t>({1, blocks});
   for (int64_t b = 0; b < blocks; ++b) block_table_.data()[b] = static_cast<int32_t>(b);
 }
 
-std::vector<loom_qweight *> SyntheticDecoder::quantize_all(Instance &quantizer) {
+std::vector<loom_qweight *> ModelDecoder::quantize_all(Instance &quantizer) {
   std::vector<loom_qweight *> out;
   auto vt = quantizer.vtable<loom_quantizer_vtable>();
   auto one = [&](Linear &l) {
@@ -144,19 +225,17 @@ std::vector<loom_qweight *> SyntheticDecoder::quantize_all(Instance &quantizer) 
     }
     out.push_back(q);
   };
-  for (auto &layer : layers_)
-    for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get()}) one(*l);
-  one(*lm_head_);
+  for (Linear *l : linears_) one(*l);
   return out;
 }
 
-void SyntheticDecoder::free_qweights(Instance &quantizer, const std::vector<loom_qweight *> &weights) {
+void ModelDecoder::free_qweights(Instance &quantizer, const std::vector<loom_qweight *> &weights) {
   auto vt = quantizer.vtable<loom_quantizer_vtable>();
   for (loom_qweight *q : weights)
     if (q) vt->free_weight(quantizer.handle(), q);
 }
 
-std::vector<loom_adapter_site *> SyntheticDecoder::attach_all(Instance &adapter) {
+std::vector<loom_adapter_site *> ModelDecoder::attach_all(Instance &adapter) {
   auto vt = adapter.vtable<loom_adapter_vtable>();
   std::vector<loom_adapter_site *> sites;
   auto one = [&](Linear &l) {
@@ -173,20 +252,12 @@ std::vector<loom_adapter_site *> SyntheticDecoder::attach_all(Instance &adapter)
     }
     sites.push_back(site);
   };
-  for (auto &layer : layers_)
-    for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get()}) one(*l);
-  one(*lm_head_);
+  for (Linear *l : linears_) one(*l);
   return sites;
 }
 
-void SyntheticDecoder::install_hooks() {
-  auto linears = [this] {
-    std::vector<Linear *> all;
-    for (auto &layer : layers_)
-      for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get()}) all.push_back(l);
-    all.push_back(lm_head_.get());
-    return all;
-  };
+void ModelDecoder::install_hooks() {
+  auto linears = [this] { return linears_; };
   pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, [this](Instance &fresh, Instance &) -> std::function<void()> {
     loom_kv_layout layout = prepare_attention(fresh);
     if (layout.block_size != layout_.block_size || layout.bytes_per_block != layout_.bytes_per_block ||
@@ -221,14 +292,22 @@ void SyntheticDecoder::install_hooks() {
   });
 }
 
-void SyntheticDecoder::linear(Linear &lin, HostTensor<float> &x, HostTensor<float> &y) {
+void ModelDecoder::linear(Linear &lin, HostTensor<float> &x, HostTensor<float> &y) {
   int64_t out = lin.weight.dim(0), in = lin.weight.dim(1), n = x.dim(0);
   if (quantizer_ && lin.qweight) {
+    HostTensor<float> bias;
+    if (!lin.bias.empty()) {
+      bias = HostTensor<float>({out});
+      bias.values() = lin.bias;
+    }
     quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->linear(quantizer_->handle(), lin.qweight, x.dl(),
-                                                                          nullptr, y.dl()),
+                                                                          lin.bias.empty() ? nullptr : bias.dl(), y.dl()),
                       "linear");
   } else {
     dense(lin.weight, out, in, x.data(), y.data(), n);
+    if (!lin.bias.empty())
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t o = 0; o < out; ++o) y.data()[r * out + o] += lin.bias[static_cast<size_t>(o)];
   }
   for (auto &[instance, site] : lin.sites) {
     loom_adapter_io io{};
@@ -241,26 +320,71 @@ void SyntheticDecoder::linear(Linear &lin, HostTensor<float> &x, HostTensor<floa
   }
 }
 
-HostTensor<float> SyntheticDecoder::forward(int32_t token, int32_t pos) {
-  HostTensor<float> x({1, hidden_});
-  std::memcpy(x.data(), embedding_.data() + token * hidden_, static_cast<size_t>(hidden_) * sizeof(float));
+// RMSNorm (w, no bias) or LayerNorm (w and b), over one hidden vector.
+void ModelDecoder::norm(const std::vector<float> &w, const std::vector<float> &b, const float *x, float *y) const {
+  const int64_t H = config_.hidden_size;
+  const float eps = static_cast<float>(config_.norm_eps);
+  if (b.empty()) {
+    float ss = 0;
+    for (int64_t i = 0; i < H; ++i) ss += x[i] * x[i];
+    float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+    for (int64_t i = 0; i < H; ++i) y[i] = w[static_cast<size_t>(i)] * (x[i] * inv);
+    return;
+  }
+  float mean = 0, var = 0;
+  for (int64_t i = 0; i < H; ++i) mean += x[i];
+  mean /= static_cast<float>(H);
+  for (int64_t i = 0; i < H; ++i) var += (x[i] - mean) * (x[i] - mean);
+  var /= static_cast<float>(H);
+  float inv = 1.0f / std::sqrt(var + eps);
+  for (int64_t i = 0; i < H; ++i) y[i] = (x[i] - mean) * inv * w[static_cast<size_t>(i)] + b[static_cast<size_t>(i)];
+}
+
+// Rotary embedding at one position on v[heads, D] (rotate-half pairs (i, i + D/2)).
+void ModelDecoder::rope(float *v, int64_t heads, int32_t pos) const {
+  const int64_t D = config_.head_dim, half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    float angle = static_cast<float>(pos) * static_cast<float>(inv_freq_[static_cast<size_t>(i)]);
+    float c = std::cos(angle), s = std::sin(angle);
+    for (int64_t h = 0; h < heads; ++h) {
+      float *r = v + h * D;
+      float a = r[i], b = r[i + half];
+      r[i] = a * c - b * s;
+      r[i + half] = b * c + a * s;
+    }
+  }
+}
+
+HostTensor<float> ModelDecoder::forward(int32_t token, int32_t pos) {
+  const ModelConfig &c = config_;
+  const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
+  const bool gpt2 = c.architecture == Architecture::gpt2;
+  if (pos >= c.max_positions)
+    throw runtime_error(manifest_.source_name + ": position " + std::to_string(pos) + " is past the model's " +
+                        std::to_string(c.max_positions) + " positions");
+  HostTensor<float> x({1, H}); // the residual stream
+  for (int64_t i = 0; i < H; ++i)
+    x.data()[i] = embedding_[static_cast<size_t>(token * H + i)] + (gpt2 ? positions_[static_cast<size_t>(pos * H + i)] : 0.0f);
   std::shared_ptr<Instance> attention = pipeline_.list(LOOM_KIND_ATTENTION).front();
   auto avt = attention->vtable<loom_attention_vtable>();
   HostTensor<int32_t> offsets({2}), positions({1});
   offsets.data()[0] = 0;
   offsets.data()[1] = 1;
   positions.data()[0] = pos;
-  for (int64_t l = 0; l < n_layers_; ++l) {
+  for (int64_t l = 0; l < c.n_layers; ++l) {
     Layer &layer = layers_[static_cast<size_t>(l)];
-    HostTensor<float> h({1, hidden_});
-    rms_norm(x.data(), h.data(), hidden_);
-    HostTensor<float> q({1, heads_ * head_dim_}), k({1, kv_heads_ * head_dim_}), v({1, kv_heads_ * head_dim_});
+    HostTensor<float> h({1, H});
+    norm(layer.norm1, layer.norm1_bias, x.data(), h.data());
+    // q, k, v as [T = 1, heads, D]: the attention plugin's layout, the same memory as [1, heads * D].
+    HostTensor<float> q({1, Hq * D}), k({1, Hkv * D}), v({1, Hkv * D});
     linear(*layer.q, h, q);
     linear(*layer.k, h, k);
     linear(*layer.v, h, v);
-    // The attention plugin sees [T, heads, head_dim] views of the same memory.
-    HostTensor<float> q3({1, heads_, head_dim_}), k3({1, kv_heads_, head_dim_}), v3({1, kv_heads_, head_dim_}),
-        out3({1, heads_, head_dim_});
+    if (!gpt2) {
+      rope(q.data(), Hq, pos);
+      rope(k.data(), Hkv, pos);
+    }
+    HostTensor<float> q3({1, Hq, D}), k3({1, Hkv, D}), v3({1, Hkv, D}), out3({1, Hq, D});
     q3.values() = q.values();
     k3.values() = k.values();
     v3.values() = v.values();
@@ -279,13 +403,34 @@ HostTensor<float> SyntheticDecoder::forward(int32_t token, int32_t pos) {
     b.kv_pool = layout_.block_size > 0 ? kv_pools_[static_cast<size_t>(l)].dl() : nullptr;
     b.causal = 1;
     attention->check(avt->forward(attention->handle(), &b), "forward");
-    HostTensor<float> attn({1, heads_ * head_dim_}), proj({1, hidden_});
+    HostTensor<float> attn({1, Hq * D}), proj({1, H});
     attn.values() = out3.values();
     linear(*layer.o, attn, proj);
-    for (int64_t i = 0; i < hidden_; ++i) x.data()[i] += proj.data()[i];
+    for (int64_t i = 0; i < H; ++i) x.data()[i] += proj.data()[i];
+
+    norm(layer.norm2, layer.norm2_bias, x.data(), h.data());
+    const int64_t I = c.intermediate_size;
+    HostTensor<float> up({1, I}), mlp({1, H});
+    linear(*layer.up, h, up);
+    if (layer.gate) { // SwiGLU: down(silu(gate(h)) * up(h))
+      HostTensor<float> gate({1, I});
+      linear(*layer.gate, h, gate);
+      for (int64_t i = 0; i < I; ++i) {
+        float g = gate.data()[i];
+        up.data()[i] *= g / (1.0f + std::exp(-g));
+      }
+    } else { // GPT-2: c_proj(gelu_new(c_fc(h)))
+      const float k0 = std::sqrt(2.0f / std::numbers::pi_v<float>);
+      for (int64_t i = 0; i < I; ++i) {
+        float u = up.data()[i];
+        up.data()[i] = 0.5f * u * (1.0f + std::tanh(k0 * (u + 0.044715f * u * u * u)));
+      }
+    }
+    linear(*layer.down, up, mlp);
+    for (int64_t i = 0; i < H; ++i) x.data()[i] += mlp.data()[i];
   }
-  HostTensor<float> h({1, hidden_}), logits({1, vocab_});
-  rms_norm(x.data(), h.data(), hidden_);
+  HostTensor<float> h({1, H}), logits({1, c.vocab_size});
+  norm(final_norm_, final_norm_bias_, x.data(), h.data());
   linear(*lm_head_, h, logits);
   auto parallel = pipeline_.list(LOOM_KIND_PARALLEL);
   if (!parallel.empty()) {
@@ -297,7 +442,7 @@ HostTensor<float> SyntheticDecoder::forward(int32_t token, int32_t pos) {
   return logits;
 }
 
-int32_t SyntheticDecoder::sample(HostTensor<float> &logits, const std::vector<int32_t> &history, uint64_t step) {
+int32_t ModelDecoder::sample(HostTensor<float> &logits, const std::vector<int32_t> &history, uint64_t step) {
   auto chain = pipeline_.list(LOOM_KIND_SAMPLER);
   if (chain.empty()) throw runtime_error(manifest_.source_name + ": the pipeline has no [[sampler]]: add one such as greedy");
   int64_t seq_id = 0;
@@ -308,7 +453,7 @@ int32_t SyntheticDecoder::sample(HostTensor<float> &logits, const std::vector<in
   loom_sampling_batch b{};
   b.struct_size = sizeof(b);
   b.n_rows = 1;
-  b.vocab_size = static_cast<int32_t>(vocab_);
+  b.vocab_size = static_cast<int32_t>(config_.vocab_size);
   b.logits = logits.dl();
   b.seq_ids = &seq_id;
   b.history = &hist;
@@ -323,7 +468,7 @@ int32_t SyntheticDecoder::sample(HostTensor<float> &logits, const std::vector<in
                           "selecting samplers (greedy, dist) must come last");
     s->check(s->vtable<loom_sampler_vtable>()->apply(s->handle(), &b), "apply");
   }
-  if (token < 0 || token >= vocab_)
+  if (token < 0 || token >= config_.vocab_size)
     throw runtime_error(chain.back()->slot() + " (" + chain.back()->desc().name + "): the sampler chain selected no valid token"
                         " (got " + std::to_string(token) + "); end the chain with a selecting sampler such as greedy or dist");
   for (auto &s : chain)
@@ -331,7 +476,7 @@ int32_t SyntheticDecoder::sample(HostTensor<float> &logits, const std::vector<in
   return token;
 }
 
-void SyntheticDecoder::ensure_ready(int64_t max_positions) {
+void ModelDecoder::ensure_ready(int64_t max_positions) {
   auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
   if (attention.empty())
     throw runtime_error(manifest_.source_name + ": the pipeline has no [attention]: add one such as use = \"sdpa\"");
@@ -343,7 +488,7 @@ void SyntheticDecoder::ensure_ready(int64_t max_positions) {
   loom_kv_layout layout = prepare_attention(*attention.front());
   if (layout.block_size > 0) {
     uint64_t blocks = static_cast<uint64_t>((max_positions_ + layout.block_size - 1) / layout.block_size);
-    if (layout.bytes_per_block > (uint64_t{8} << 30) / blocks / static_cast<uint64_t>(n_layers_))
+    if (layout.bytes_per_block > (uint64_t{8} << 30) / blocks / static_cast<uint64_t>(config_.n_layers))
       throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name +
                           "): its KV layout needs more than 8 GiB for this run");
   }
@@ -353,24 +498,18 @@ void SyntheticDecoder::ensure_ready(int64_t max_positions) {
   if (!quantizers.empty()) {
     auto weights = quantize_all(*quantizers.front());
     quantizer_ = quantizers.front();
-    size_t i = 0;
-    for (auto &layer : layers_)
-      for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get()}) l->qweight = weights[i++];
-    lm_head_->qweight = weights[i];
+    for (size_t i = 0; i < linears_.size(); ++i) linears_[i]->qweight = weights[i];
   }
   for (auto &adapter : pipeline_.list(LOOM_KIND_ADAPTER)) {
     auto sites = attach_all(*adapter);
-    size_t i = 0;
-    for (auto &layer : layers_)
-      for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get()})
-        if (auto site = sites[i++]) l->sites.emplace_back(adapter.get(), site);
-    if (sites[i]) lm_head_->sites.emplace_back(adapter.get(), sites[i]);
+    for (size_t i = 0; i < linears_.size(); ++i)
+      if (sites[i]) linears_[i]->sites.emplace_back(adapter.get(), sites[i]);
   }
   install_hooks();
   ready_ = true;
 }
 
-void SyntheticDecoder::generate(int64_t steps, const TokenCallback &on_token, RunResult &result) {
+void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, RunResult &result) {
   const auto &prompt = manifest_.run.prompt;
   std::vector<int32_t> history(prompt.begin(), prompt.end());
   int32_t pos = 0;
@@ -428,7 +567,7 @@ loom_status collect_passage(void *user, const loom_passage *p) {
 
 } // namespace
 
-void SyntheticDecoder::retrieve(RunResult &result) {
+void ModelDecoder::retrieve(RunResult &result) {
   const RunSpec &run = manifest_.run;
   if (run.query.empty()) return;
   for (auto &r : pipeline_.list(LOOM_KIND_RETRIEVER)) {
@@ -444,7 +583,7 @@ void SyntheticDecoder::retrieve(RunResult &result) {
   }
 }
 
-void SyntheticDecoder::call_tools(RunResult &result) {
+void ModelDecoder::call_tools(RunResult &result) {
   for (const auto &call : manifest_.run.tool_calls) {
     auto guard = pipeline_.begin_step(); // no swap of a tool while it runs
     auto tools = pipeline_.list(LOOM_KIND_TOOL);

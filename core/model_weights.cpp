@@ -1,0 +1,176 @@
+#include "loom/core/model_weights.hpp"
+
+#include <cstring>
+
+#include "loom/core/error.hpp"
+
+namespace loom {
+
+namespace {
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else { // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) {
+        mant <<= 1;
+        --exp;
+      }
+      bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+std::vector<float> to_float(const SafetensorsTensor &t, const std::string &file) {
+  std::vector<float> out(t.numel);
+  const std::byte *p = t.data; // may be unaligned: copy element by element
+  switch (t.dtype) {
+  case SafetensorsDtype::F32:
+    std::memcpy(out.data(), p, t.numel * 4);
+    break;
+  case SafetensorsDtype::F16:
+    for (uint64_t i = 0; i < t.numel; ++i) {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      out[i] = half_to_float(h);
+    }
+    break;
+  case SafetensorsDtype::BF16:
+    for (uint64_t i = 0; i < t.numel; ++i) {
+      uint16_t b;
+      std::memcpy(&b, p + 2 * i, 2);
+      uint32_t bits = static_cast<uint32_t>(b) << 16;
+      std::memcpy(&out[i], &bits, 4);
+    }
+    break;
+  default:
+    throw runtime_error(file + ": " + t.name + ": dtype " + dtype_name(t.dtype) +
+                        " is not a weight dtype Loom loads (F32, F16, BF16)");
+  }
+  return out;
+}
+
+std::string shape_string(const std::vector<int64_t> &s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+bool ignorable_buffer(std::string_view name) {
+  auto ends = [&](std::string_view suffix) {
+    return name.size() >= suffix.size() && name.substr(name.size() - suffix.size()) == suffix;
+  };
+  return ends("rotary_emb.inv_freq") || ends(".attn.masked_bias");
+}
+
+} // namespace
+
+std::map<std::string, std::vector<int64_t>> expected_weights(const ModelConfig &c) {
+  std::map<std::string, std::vector<int64_t>> w;
+  const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size, hd = c.head_dim;
+  if (c.architecture == Architecture::gpt2) {
+    w["wte.weight"] = {V, H};
+    w["wpe.weight"] = {c.max_positions, H};
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      std::string p = "h." + std::to_string(l) + ".";
+      w[p + "ln_1.weight"] = {H};
+      w[p + "ln_1.bias"] = {H};
+      w[p + "attn.c_attn.weight"] = {H, 3 * H}; // Conv1D: [in, out]
+      w[p + "attn.c_attn.bias"] = {3 * H};
+      w[p + "attn.c_proj.weight"] = {H, H};
+      w[p + "attn.c_proj.bias"] = {H};
+      w[p + "ln_2.weight"] = {H};
+      w[p + "ln_2.bias"] = {H};
+      w[p + "mlp.c_fc.weight"] = {H, I};
+      w[p + "mlp.c_fc.bias"] = {I};
+      w[p + "mlp.c_proj.weight"] = {I, H};
+      w[p + "mlp.c_proj.bias"] = {H};
+    }
+    w["ln_f.weight"] = {H};
+    w["ln_f.bias"] = {H};
+    if (!c.tie_word_embeddings) w["lm_head.weight"] = {V, H};
+    return w;
+  }
+  w["model.embed_tokens.weight"] = {V, H};
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    std::string p = "model.layers." + std::to_string(l) + ".";
+    w[p + "input_layernorm.weight"] = {H};
+    w[p + "post_attention_layernorm.weight"] = {H};
+    w[p + "self_attn.q_proj.weight"] = {c.n_heads * hd, H};
+    w[p + "self_attn.k_proj.weight"] = {c.n_kv_heads * hd, H};
+    w[p + "self_attn.v_proj.weight"] = {c.n_kv_heads * hd, H};
+    w[p + "self_attn.o_proj.weight"] = {H, c.n_heads * hd};
+    if (c.attention_bias) {
+      w[p + "self_attn.q_proj.bias"] = {c.n_heads * hd};
+      w[p + "self_attn.k_proj.bias"] = {c.n_kv_heads * hd};
+      w[p + "self_attn.v_proj.bias"] = {c.n_kv_heads * hd};
+      if (c.architecture == Architecture::llama) w[p + "self_attn.o_proj.bias"] = {H};
+    }
+    w[p + "mlp.gate_proj.weight"] = {I, H};
+    w[p + "mlp.up_proj.weight"] = {I, H};
+    w[p + "mlp.down_proj.weight"] = {H, I};
+    if (c.mlp_bias) {
+      w[p + "mlp.gate_proj.bias"] = {I};
+      w[p + "mlp.up_proj.bias"] = {I};
+      w[p + "mlp.down_proj.bias"] = {H};
+    }
+  }
+  w["model.norm.weight"] = {H};
+  if (!c.tie_word_embeddings) w["lm_head.weight"] = {V, H};
+  return w;
+}
+
+ModelWeights ModelWeights::load(const ModelConfig &config, const SafetensorsIndex &checkpoint) {
+  auto expected = expected_weights(config);
+  ModelWeights out;
+  for (const auto &[file, shard] : checkpoint.shards()) {
+    for (const auto &t : shard.tensors()) {
+      std::string name = t.name;
+      if (config.architecture == Architecture::gpt2 && name.rfind("transformer.", 0) == 0) name = name.substr(12);
+      std::string where = shard.path().string() + ": " + t.name + ": ";
+      if (ignorable_buffer(name)) continue;
+      // GPT-2 checkpoints carry the causal mask as "h.N.attn.bias" [1, 1, P, P].
+      if (config.architecture == Architecture::gpt2 && t.shape.size() == 4 && name.size() > 10 &&
+          name.substr(name.size() - 10) == ".attn.bias")
+        continue;
+      // A tied checkpoint may still store lm_head.weight; it must then equal the embedding's shape.
+      if (config.tie_word_embeddings && name == "lm_head.weight") continue;
+      auto it = expected.find(name);
+      if (it == expected.end())
+        throw runtime_error(where + "not a weight of " + config.architecture_name + " with this config");
+      if (t.shape != it->second)
+        throw runtime_error(where + "shape " + shape_string(t.shape) + " does not match the config's " + shape_string(it->second));
+      if (out.weights_.count(name)) throw runtime_error(where + "appears twice in the checkpoint");
+      out.weights_.emplace(name, HostWeight{t.shape, to_float(t, shard.path().string())});
+    }
+  }
+  for (const auto &[name, shape] : expected)
+    if (!out.weights_.count(name))
+      throw runtime_error(checkpoint.path().string() + ": " + name + ": missing (" + config.architecture_name +
+                          " with this config needs it, shape " + shape_string(shape) + ")");
+  return out;
+}
+
+ModelWeights ModelWeights::from_map(std::map<std::string, HostWeight, std::less<>> weights) {
+  ModelWeights out;
+  out.weights_ = std::move(weights);
+  return out;
+}
+
+const HostWeight &ModelWeights::at(std::string_view name) const {
+  auto it = weights_.find(name);
+  if (it == weights_.end()) throw runtime_error("weight " + std::string(name) + " is not loaded");
+  return it->second;
+}
+
+} // namespace loom

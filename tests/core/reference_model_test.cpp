@@ -1,0 +1,143 @@
+// The reference forward pass of every architecture against Hugging Face transformers: logits at
+// every position and greedy continuations of the tiny models that
+// tests/fixtures/make_tiny_models.py made (golden.json holds transformers' outputs).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+
+#include "loom/core/error.hpp"
+#include "loom/core/reference_model.hpp"
+#include "loom/core/runtime.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kModels = fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/models";
+
+nlohmann::json read_json(const fs::path &p) {
+  std::ifstream in(p);
+  return nlohmann::json::parse(in);
+}
+
+// Compares every position's logits and the greedy continuation with transformers'.
+void check_against_golden(const loom::ReferenceModel &model, const fs::path &golden_file) {
+  auto golden = read_json(golden_file);
+  for (const auto &c : golden["cases"]) {
+    auto ids = c["input_ids"].get<std::vector<int32_t>>();
+    auto logits = model.forward(ids);
+    const auto &expected = c["logits"];
+    REQUIRE(logits.size() == ids.size() * static_cast<size_t>(model.config().vocab_size));
+    double worst = 0;
+    for (size_t t = 0; t < ids.size(); ++t)
+      for (size_t v = 0; v < static_cast<size_t>(model.config().vocab_size); ++v)
+        worst = std::max(worst, std::abs(static_cast<double>(logits[t * static_cast<size_t>(model.config().vocab_size) + v]) -
+                                         expected[t][v].get<double>()));
+    INFO("max |logit - transformers| = " << worst);
+    CHECK(worst < 2e-4); // golden values carry 6 decimals
+    CHECK(model.greedy(ids, static_cast<int>(c["greedy"].size())) == c["greedy"].get<std::vector<int32_t>>());
+  }
+}
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::string t = (fs::temp_directory_path() / "loom-model-test-XXXXXX").string();
+    path = mkdtemp(t.data());
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+// A copy of a fixture whose config.json is rewritten by `edit`.
+fs::path edited_copy(const TempDir &dir, const std::string &name, const std::function<void(nlohmann::json &)> &edit) {
+  static int copies = 0;
+  fs::path out = dir.path / (name + "-" + std::to_string(++copies));
+  fs::create_directories(out);
+  fs::copy_file(kModels / name / "model.safetensors", out / "model.safetensors");
+  auto config = read_json(kModels / name / "config.json");
+  edit(config);
+  std::ofstream(out / "config.json") << config.dump(2);
+  return out;
+}
+
+std::string load_error(const fs::path &dir) {
+  try {
+    loom::ReferenceModel::load(dir);
+  } catch (const loom::Error &e) {
+    return e.what();
+  }
+  return "";
+}
+
+} // namespace
+
+TEST_CASE("every architecture matches transformers", "[model][golden]") {
+  for (const char *name : {"tiny-llama", "tiny-llama3-tied", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"}) {
+    INFO(name);
+    auto model = loom::ReferenceModel::load(kModels / name);
+    check_against_golden(model, kModels / name / "golden.json");
+  }
+}
+
+TEST_CASE("configs in the older rope_scaling layout read the same", "[model][config]") {
+  TempDir dir;
+  auto path = edited_copy(dir, "tiny-llama3-tied", [](nlohmann::json &c) {
+    auto params = c["rope_parameters"];
+    c.erase("rope_parameters");
+    c["rope_theta"] = params["rope_theta"];
+    params.erase("rope_theta");
+    params.erase("rope_type");
+    params["type"] = "llama3"; // the oldest spelling
+    c["rope_scaling"] = params;
+  });
+  check_against_golden(loom::ReferenceModel::load(path), kModels / "tiny-llama3-tied/golden.json");
+}
+
+TEST_CASE("a checkpoint that does not fit its config is refused, naming file and tensor", "[model][config]") {
+  TempDir dir;
+  auto wider = edited_copy(dir, "tiny-llama", [](nlohmann::json &c) { c["intermediate_size"] = 96; });
+  CHECK(load_error(wider).find("model.safetensors: model.layers.0.mlp.down_proj.weight: shape [64, 128] does not match "
+                               "the config's [64, 96]") != std::string::npos);
+  auto deeper = edited_copy(dir, "tiny-qwen2", [](nlohmann::json &c) { c["num_hidden_layers"] = 3; });
+  CHECK(load_error(deeper).find("model.layers.2.input_layernorm.weight: missing") != std::string::npos);
+  auto shallower = edited_copy(dir, "tiny-mistral", [](nlohmann::json &c) { c["num_hidden_layers"] = 1; });
+  CHECK(load_error(shallower).find("model.layers.1.") != std::string::npos);
+  CHECK(load_error(shallower).find("not a weight of MistralForCausalLM") != std::string::npos);
+  auto other = edited_copy(dir, "tiny-gpt2", [](nlohmann::json &c) { c["architectures"] = {"BertModel"}; });
+  CHECK(load_error(other).find("config.json: architectures: 'BertModel' is not supported") != std::string::npos);
+  auto rope = edited_copy(dir, "tiny-llama", [](nlohmann::json &c) { c["rope_parameters"]["rope_type"] = "yarn"; });
+  CHECK(load_error(rope).find("rope_parameters.rope_type: 'yarn' is not supported") != std::string::npos);
+  auto heads = edited_copy(dir, "tiny-llama", [](nlohmann::json &c) { c["num_key_value_heads"] = 3; });
+  CHECK(load_error(heads).find("num_key_value_heads: 3 does not divide") != std::string::npos);
+  auto negative = edited_copy(dir, "tiny-llama", [](nlohmann::json &c) { c["vocab_size"] = -5; });
+  CHECK(load_error(negative).find("vocab_size: -5 is outside") != std::string::npos);
+  CHECK(load_error(dir.path / "nonexistent").find("config.json: cannot open") != std::string::npos);
+}
+
+TEST_CASE("generation through the plugin pipeline matches transformers' greedy tokens", "[model][golden][pipeline]") {
+  // The attention plugin (sdpa over its paged KV cache, small blocks so sequences span several)
+  // and the sampler plugin do the work here; core adds norms, rotary embeddings and the MLP.
+  for (const char *name : {"tiny-llama", "tiny-llama3-tied", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"}) {
+    INFO(name);
+    auto golden = read_json(kModels / name / "golden.json");
+    for (const auto &c : golden["cases"]) {
+      std::string prompt = c["input_ids"].dump();
+      auto rt = loom::Runtime::from_string("[model]\npath = \"" + (kModels / name).string() +
+                                           "\"\n[attention]\nuse = \"sdpa\"\nblock_size = 4\n[[sampler]]\nuse = \"greedy\"\n"
+                                           "[run]\nprompt = " + prompt + "\nsteps = " + std::to_string(c["greedy"].size()) + "\n");
+      CHECK(rt->run().tokens == c["greedy"].get<std::vector<int32_t>>());
+    }
+  }
+}
+
+TEST_CASE("a manifest's model must exist and fit its prompt", "[model][pipeline]") {
+  CHECK_THROWS_WITH(loom::Runtime::from_string("[model]\npath = \"/no/such/model\"\n"),
+                    Catch::Contains("/no/such/model/config.json: cannot open"));
+  CHECK_THROWS_WITH(loom::Runtime::from_string("[model]\npath = \"" + (kModels / "tiny-llama").string() +
+                                               "\"\n[run]\nprompt = [255, 300]\nvocab_size = 512\n"),
+                    Catch::Contains("run.prompt: token 300 is outside the model's vocabulary of 256"));
+}
