@@ -108,7 +108,7 @@ void read_loom_table(const toml::table &t, const std::string &source, Manifest &
 
 void read_run_table(const toml::table &t, const std::string &source, RunSpec &run) {
   SchemaReader r(t, "run", source);
-  r.only({"steps", "prompt", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
+  r.only({"steps", "prompt", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
           "n_kv_heads", "n_layers"});
   r.read_int("steps", run.steps, 1, 1 << 20);
   r.read_int("top_k", run.top_k, 1, 1000);
@@ -118,7 +118,10 @@ void read_run_table(const toml::table &t, const std::string &source, RunSpec &ru
   r.read_int("n_kv_heads", run.n_kv_heads, 1, 256);
   r.read_int("n_layers", run.n_layers, 1, 64);
   r.read_string("query", run.query);
-  if (auto n = r.get("prompt", toml::node_type::array, "an array of token ids")) {
+  if (const toml::node *text = t.get("prompt"); text != nullptr && text->is_string()) {
+    run.prompt_text = *text->value<std::string>();
+    if (run.prompt_text.empty()) r.fail(*text, "prompt", "must not be empty");
+  } else if (auto n = r.get("prompt", toml::node_type::array, "text or an array of token ids")) {
     run.prompt.clear();
     size_t i = 0;
     for (const auto &item : *n->as_array()) {
@@ -132,6 +135,16 @@ void read_run_table(const toml::table &t, const std::string &source, RunSpec &ru
     }
     if (run.prompt.empty()) r.fail(*n, "prompt", "must hold at least one token");
     if (run.prompt.size() > (1u << 16)) r.fail(*n, "prompt", "holds more than 65536 tokens");
+  }
+  if (auto n = r.get("stop_tokens", toml::node_type::array, "an array of token ids")) {
+    run.stop_tokens_set = true;
+    size_t i = 0;
+    for (const auto &item : *n->as_array()) {
+      std::string key = "stop_tokens[" + std::to_string(i++) + "]";
+      if (!item.is_integer() || *item.value<int64_t>() < 0 || *item.value<int64_t>() > INT32_MAX)
+        r.fail(item, key, "expected a non-negative token id");
+      run.stop_tokens.push_back(static_cast<int32_t>(*item.value<int64_t>()));
+    }
   }
   if (auto n = r.get("tool_calls", toml::node_type::array, "an array of tables")) {
     size_t i = 0;

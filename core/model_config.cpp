@@ -162,6 +162,14 @@ ModelConfig parse_model_config(std::string_view text, const std::string &source)
   if (c.hidden_size % c.n_heads != 0 && !r.has("head_dim"))
     r.fail("num_attention_heads", "hidden_size " + std::to_string(c.hidden_size) + " is not a multiple of it");
   c.head_dim = r.integer_or("head_dim", c.hidden_size / c.n_heads, 1, 1024);
+  if (r.has("eos_token_id")) {
+    const json &e = j.at("eos_token_id");
+    if (e.is_array()) {
+      for (const auto &id : e) c.eos_token_ids.push_back(static_cast<int32_t>(r.integer_of(id, "eos_token_id", 0, c.vocab_size - 1)));
+    } else {
+      c.eos_token_ids.push_back(static_cast<int32_t>(r.integer_of(e, "eos_token_id", 0, c.vocab_size - 1)));
+    }
+  }
   if (c.n_heads % c.n_kv_heads != 0)
     r.fail("num_key_value_heads", std::to_string(c.n_kv_heads) + " does not divide num_attention_heads " + std::to_string(c.n_heads));
   if (c.architecture == Architecture::gpt2 && c.head_dim * c.n_heads != c.hidden_size)

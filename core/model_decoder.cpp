@@ -1,5 +1,7 @@
 #include "model_decoder.hpp"
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -78,10 +80,28 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, const s
     config_ = load_model_config(manifest.model_path);
     build(ModelWeights::load(config_, SafetensorsIndex::open_model_dir(manifest.model_path)));
   }
-  for (int32_t token : manifest.run.prompt)
+  const RunSpec &run = manifest.run;
+  if (!manifest.model_path.empty()) tokenizer_ = Tokenizer::load(manifest.model_path);
+  if (!run.prompt_text.empty()) {
+    if (!tokenizer_)
+      throw manifest_error(manifest.source_name + ": run.prompt: text needs a model with a tokenizer (tokenizer.model); "
+                           "give token ids instead");
+    prompt_ = tokenizer_->encode(run.prompt_text, /*add_bos=*/true);
+  } else {
+    prompt_ = run.prompt;
+  }
+  if (prompt_.empty()) throw manifest_error(manifest.source_name + ": run.prompt: encodes to no tokens");
+  for (int32_t token : prompt_)
     if (token >= config_.vocab_size)
       throw manifest_error(manifest.source_name + ": run.prompt: token " + std::to_string(token) +
                            " is outside the model's vocabulary of " + std::to_string(config_.vocab_size));
+  stop_tokens_ = run.stop_tokens_set ? run.stop_tokens : config_.eos_token_ids;
+  if (manifest.model_path.empty() && !run.stop_tokens_set) stop_tokens_.clear(); // random weights: run all steps
+}
+
+std::optional<std::string> ModelDecoder::decode(const std::vector<int32_t> &ids) const {
+  if (!tokenizer_) return std::nullopt;
+  return tokenizer_->decode(ids);
 }
 
 ModelDecoder::~ModelDecoder() {
@@ -510,15 +530,20 @@ void ModelDecoder::ensure_ready(int64_t max_positions) {
 }
 
 void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, RunResult &result) {
-  const auto &prompt = manifest_.run.prompt;
+  const auto &prompt = prompt_;
+  result.prompt = prompt_;
   std::vector<int32_t> history(prompt.begin(), prompt.end());
   int32_t pos = 0;
   HostTensor<float> logits;
+  std::chrono::steady_clock::time_point prefill_start;
   {
     auto guard = pipeline_.begin_step();
-    ensure_ready(static_cast<int64_t>(prompt.size()) + steps);
+    ensure_ready(static_cast<int64_t>(prompt.size()) + steps); // one-time work is not prefill
+    prefill_start = std::chrono::steady_clock::now();
     for (int32_t t : prompt) logits = forward(t, pos++);
   }
+  auto decode_start = std::chrono::steady_clock::now();
+  result.prefill_seconds = std::chrono::duration<double>(decode_start - prefill_start).count();
   for (int64_t step = 0; step < steps; ++step) {
     if (cancelled_.load()) {
       result.cancelled = true;
@@ -533,6 +558,18 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, RunRes
       if (step + 1 < steps) logits = forward(token, pos++);
     }
     if (on_token && !on_token(static_cast<int32_t>(step), token)) break;
+    if (std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end()) {
+      result.stopped = true;
+      break;
+    }
+  }
+  result.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - decode_start).count();
+  if (tokenizer_) {
+    // Decoded after the prompt, so that pieces keep the spacing they have in context.
+    std::vector<int32_t> all = prompt_;
+    all.insert(all.end(), result.tokens.begin(), result.tokens.end());
+    std::string before = tokenizer_->decode(prompt_), text = tokenizer_->decode(all);
+    result.text = text.compare(0, before.size(), before) == 0 ? text.substr(before.size()) : tokenizer_->decode(result.tokens);
   }
   // The sequence is over: samplers forget its state.
   auto guard = pipeline_.begin_step();

@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,7 @@
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
 #include "loom/core/runtime.hpp"
+#include "loom/core/tokenizer.hpp"
 #include "loom/loom_plugin_api.h"
 
 namespace loom {
@@ -37,6 +39,8 @@ class ModelDecoder {
   void call_tools(RunResult &result);
   void generate(int64_t steps, const TokenCallback &on_token, RunResult &result);
   const ModelConfig &config() const { return config_; }
+  std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
+  const std::vector<int32_t> &prompt() const { return prompt_; }
 
  private:
   struct Linear {
@@ -80,6 +84,9 @@ class ModelDecoder {
   std::vector<double> inv_freq_;
   std::vector<Layer> layers_;
   std::unique_ptr<Linear> lm_head_;
+  std::unique_ptr<Tokenizer> tokenizer_; // null when the model has none
+  std::vector<int32_t> prompt_;          // token ids
+  std::vector<int32_t> stop_tokens_;
   std::vector<Linear *> linears_; // every linear, in a fixed order
   loom_kv_layout layout_{};
   std::vector<detail::HostTensor<uint8_t>> kv_pools_; // per layer [blocks, bytes_per_block]

@@ -74,6 +74,10 @@ RunResult Runtime::run(int64_t steps, const TokenCallback &on_token) {
   return result;
 }
 
+const std::vector<int32_t> &Runtime::prompt() const { return decoder_->prompt(); }
+
+std::optional<std::string> Runtime::decode(const std::vector<int32_t> &ids) const { return decoder_->decode(ids); }
+
 SwapReport Runtime::swap(std::string_view slot, std::string_view component_toml) {
   std::shared_ptr<Instance> current = pipeline_->get(slot);
   ComponentSpec spec = parse_component_spec(current->desc().kind, slot, component_toml,

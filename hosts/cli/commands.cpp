@@ -213,7 +213,22 @@ int cmd_run(const std::vector<std::string> &args) {
                 << i.library().path().filename().string() << ")\n";
     }
     std::cout << std::flush;
-    RunResult r = runtime->run(a.steps, [](int32_t, int32_t) { return true; });
+    // Stream: print what each new token adds to the decoded text (a piece can change how the
+    // text before it decodes, so the whole generation is decoded each time and the new suffix
+    // printed).
+    std::vector<int32_t> context = runtime->prompt();
+    bool has_text = runtime->decode({}).has_value();
+    std::string printed = has_text ? *runtime->decode(context) : std::string();
+    std::cout << printed;
+    RunResult r = runtime->run(a.steps, [&](int32_t, int32_t token) {
+      if (!has_text) return true;
+      context.push_back(token);
+      std::string text = *runtime->decode(context);
+      if (text.compare(0, printed.size(), printed) == 0) std::cout << text.substr(printed.size()) << std::flush;
+      printed = text;
+      return true;
+    });
+    if (has_text) std::cout << "\n";
     if (!runtime->manifest().run.query.empty()) {
       std::cout << "query: " << runtime->manifest().run.query << "\n";
       for (const auto &p : r.passages) {
@@ -225,9 +240,16 @@ int cmd_run(const std::vector<std::string> &args) {
     }
     for (const auto &t : r.tool_results)
       std::cout << "tool " << t.tool << (t.is_error ? " (error)" : "") << ": " << t.content << "\n";
-    std::cout << "tokens:";
-    for (int32_t t : r.tokens) std::cout << " " << t;
-    std::cout << "\n" << r.tokens.size() << " tokens in " << std::fixed << std::setprecision(3) << r.seconds << " s\n";
+    if (!has_text) {
+      std::cout << "tokens:";
+      for (int32_t t : r.tokens) std::cout << " " << t;
+      std::cout << "\n";
+    }
+    auto rate = [](size_t n, double s) { return s > 0 ? static_cast<double>(n) / s : 0.0; };
+    std::cout << r.tokens.size() << " tokens in " << std::fixed << std::setprecision(3) << r.seconds << " s: prompt "
+              << r.prompt.size() << " tokens at " << std::setprecision(1) << rate(r.prompt.size(), r.prefill_seconds)
+              << " tokens/s, generation " << r.tokens.size() << " tokens at " << rate(r.tokens.size(), r.decode_seconds)
+              << " tokens/s" << (r.stopped ? " (stopped at a stop token)" : "") << "\n";
     return r.cancelled ? 1 : 0;
   });
 }

@@ -141,3 +141,18 @@ TEST_CASE("a manifest's model must exist and fit its prompt", "[model][pipeline]
                                                "\"\n[run]\nprompt = [255, 300]\nvocab_size = 512\n"),
                     Catch::Contains("run.prompt: token 300 is outside the model's vocabulary of 256"));
 }
+
+TEST_CASE("the default model continues a text prompt until a stop token", "[model][pipeline]") {
+  auto rt = loom::Runtime::from_string("[model]\npath = \"" + (fs::path(LOOM_SOURCE_DIR) / "models/tiny-kjv").string() +
+                                       "\"\n[run]\nprompt = \"And God said\"\nsteps = 100\nstop_tokens = [1, 2]\n"
+                                       "[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n");
+  CHECK(rt->prompt().front() == 1);
+  auto r = rt->run();
+  CHECK(r.stopped);
+  CHECK((r.tokens.back() == 1 || r.tokens.back() == 2));
+  CHECK(r.text.size() > 10);
+  CHECK(r.text.front() == ' '); // spacing as in context: "And God said" + " ..."
+  CHECK_THROWS_WITH(loom::Runtime::from_string("[model]\npath = \"" + (kModels / "tiny-llama").string() +
+                                               "\"\n[run]\nprompt = \"hello\"\n[attention]\nuse = \"sdpa\"\n"),
+                    Catch::Contains("run.prompt: text needs a model with a tokenizer"));
+}

@@ -48,6 +48,9 @@ struct ToolCallSpec {
 struct RunSpec {
   int64_t steps = 16;
   std::vector<int32_t> prompt{1};
+  std::string prompt_text;          // set when `prompt` is a string: the model's tokenizer encodes it
+  std::vector<int32_t> stop_tokens; // generation ends after one of these
+  bool stop_tokens_set = false;     // else the model's eos_token_id stops it
   std::string query;
   int64_t top_k = 3;
   std::vector<ToolCallSpec> tool_calls;

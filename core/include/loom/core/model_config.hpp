@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace loom {
 
@@ -42,6 +43,7 @@ struct ModelConfig {
   bool attention_bias = false; // q/k/v biases (Qwen2; Llama's attention_bias)
   bool mlp_bias = false;
   std::string activation = "silu"; // silu (gated MLP) or gelu_new (GPT-2)
+  std::vector<int32_t> eos_token_ids; // config.json's eos_token_id (an id or a list)
 };
 
 // Parses config.json text; `source` names it in errors.

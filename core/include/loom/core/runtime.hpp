@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -39,10 +40,15 @@ struct ToolCallResult {
 };
 
 struct RunResult {
-  std::vector<int32_t> tokens;        // generated tokens, prompt excluded
+  std::vector<int32_t> prompt;        // the prompt's token ids
+  std::vector<int32_t> tokens;        // generated tokens, prompt excluded (a stop token included)
+  std::string text;                   // the generated text (what it adds to the prompt's), with a tokenizer
+  bool stopped = false;               // a stop token ended the run before run.steps
   std::vector<PassageResult> passages; // retrievers' answers to run.query
   std::vector<ToolCallResult> tool_results;
-  double seconds = 0;
+  double seconds = 0;         // the whole run
+  double prefill_seconds = 0; // the prompt's forward passes
+  double decode_seconds = 0;  // sampling and the generated tokens' forward passes
   bool cancelled = false;
 };
 
@@ -66,6 +72,10 @@ class Runtime {
 
   // Runs the manifest's [run] section; `steps` > 0 overrides run.steps.
   RunResult run(int64_t steps = 0, const TokenCallback &on_token = {});
+  // The prompt's token ids (run.prompt, or its text encoded by the model's tokenizer).
+  const std::vector<int32_t> &prompt() const;
+  // The text of `ids` by the model's tokenizer; nullopt when the model has none.
+  std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
   // Swaps the component in `slot` for the one described by a TOML table text
   // (`use = "top-k"\nk = 5`, optionally with library/version).
   SwapReport swap(std::string_view slot, std::string_view component_toml);

@@ -1,0 +1,32 @@
+// loom::Tokenizer: text <-> token ids for a model directory.
+//
+// Today: sentencepiece models (tokenizer.model) through libsentencepiece. Hugging Face
+// tokenizer.json (byte-level BPE) is not supported yet and is reported as such.
+// Thread-safety: encode/decode are const and may run concurrently. Errors: loom::Error (runtime)
+// naming the file.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace loom {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  // Token ids of `text`, with the beginning-of-sequence id first when `add_bos` and the
+  // tokenizer has one.
+  virtual std::vector<int32_t> encode(std::string_view text, bool add_bos) const = 0;
+  // Text of `ids`; control tokens (BOS, EOS) produce no text.
+  virtual std::string decode(const std::vector<int32_t> &ids) const = 0;
+  virtual int32_t vocab_size() const = 0;
+
+  // The tokenizer of a Hugging Face model directory, or nullptr when it has none.
+  static std::unique_ptr<Tokenizer> load(const std::filesystem::path &model_dir);
+};
+
+} // namespace loom

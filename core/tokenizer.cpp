@@ -1,0 +1,56 @@
+#include "loom/core/tokenizer.hpp"
+
+#include <sentencepiece_processor.h>
+
+#include "loom/core/error.hpp"
+
+namespace loom {
+
+namespace {
+
+class SentencePieceTokenizer final : public Tokenizer {
+ public:
+  explicit SentencePieceTokenizer(const std::filesystem::path &file) {
+    auto status = processor_.Load(file.string());
+    if (!status.ok()) throw runtime_error(file.string() + ": not a sentencepiece model: " + status.ToString());
+  }
+
+  std::vector<int32_t> encode(std::string_view text, bool add_bos) const override {
+    std::vector<int> ids;
+    auto status = processor_.Encode(text, &ids);
+    if (!status.ok()) throw runtime_error("sentencepiece: cannot encode: " + status.ToString());
+    std::vector<int32_t> out;
+    if (add_bos && processor_.bos_id() >= 0) out.push_back(processor_.bos_id());
+    out.insert(out.end(), ids.begin(), ids.end());
+    return out;
+  }
+
+  std::string decode(const std::vector<int32_t> &ids) const override {
+    std::vector<int> in;
+    for (int32_t id : ids)
+      if (id >= 0 && id < processor_.GetPieceSize()) in.push_back(id);
+    std::string text;
+    auto status = processor_.Decode(in, &text);
+    if (!status.ok()) throw runtime_error("sentencepiece: cannot decode: " + status.ToString());
+    return text;
+  }
+
+  int32_t vocab_size() const override { return processor_.GetPieceSize(); }
+
+ private:
+  sentencepiece::SentencePieceProcessor processor_;
+};
+
+} // namespace
+
+std::unique_ptr<Tokenizer> Tokenizer::load(const std::filesystem::path &model_dir) {
+  std::error_code ec;
+  if (std::filesystem::is_regular_file(model_dir / "tokenizer.model", ec))
+    return std::make_unique<SentencePieceTokenizer>(model_dir / "tokenizer.model");
+  if (std::filesystem::is_regular_file(model_dir / "tokenizer.json", ec))
+    throw runtime_error((model_dir / "tokenizer.json").string() +
+                        ": Hugging Face tokenizer.json tokenizers are not supported yet (sentencepiece tokenizer.model is)");
+  return nullptr;
+}
+
+} // namespace loom
