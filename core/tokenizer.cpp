@@ -2,6 +2,7 @@
 
 #include <sentencepiece_processor.h>
 
+#include "bpe_tokenizer.hpp"
 #include "loom/core/error.hpp"
 
 namespace loom {
@@ -48,8 +49,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::filesystem::path &model_di
   if (std::filesystem::is_regular_file(model_dir / "tokenizer.model", ec))
     return std::make_unique<SentencePieceTokenizer>(model_dir / "tokenizer.model");
   if (std::filesystem::is_regular_file(model_dir / "tokenizer.json", ec))
-    throw runtime_error((model_dir / "tokenizer.json").string() +
-                        ": Hugging Face tokenizer.json tokenizers are not supported yet (sentencepiece tokenizer.model is)");
+    return make_bpe_tokenizer(model_dir / "tokenizer.json"); // byte-level BPE
   return nullptr;
 }
 

@@ -1,7 +1,8 @@
 // loom::Tokenizer: text <-> token ids for a model directory.
 //
-// Today: sentencepiece models (tokenizer.model) through libsentencepiece. Hugging Face
-// tokenizer.json (byte-level BPE) is not supported yet and is reported as such.
+// sentencepiece models (tokenizer.model) through libsentencepiece, and Hugging Face
+// tokenizer.json byte-level BPE (GPT-2, Llama 3 family; see core/bpe_tokenizer.hpp for what is
+// supported and what is refused). tokenizer.model wins when a directory has both.
 // Thread-safety: encode/decode are const and may run concurrently. Errors: loom::Error (runtime)
 // naming the file.
 #pragma once
