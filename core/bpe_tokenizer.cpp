@@ -288,6 +288,7 @@ void split_added(const AddedSet &set, std::vector<Segment> &segments) {
 class BpeTokenizer final : public Tokenizer {
  public:
   explicit BpeTokenizer(const std::filesystem::path &file) : path_(file.string()) { load(file); }
+  BpeTokenizer(std::string_view json_text, std::string name) : path_(std::move(name)) { load_text(json_text); }
 
   std::vector<int32_t> encode(std::string_view text, bool /*add_bos: no post-processor support*/) const override {
     if (!valid_utf8(text)) throw runtime_error(path_ + ": cannot encode: the text is not valid UTF-8");
@@ -389,7 +390,12 @@ class BpeTokenizer final : public Tokenizer {
     if (!in) throw runtime_error(path_ + ": cannot open");
     std::ostringstream buf;
     buf << in.rdbuf();
-    json root = json::parse(buf.str(), nullptr, false);
+    load_text(buf.str());
+  }
+
+  void load_text(std::string_view text) {
+    if (text.size() > max_file_bytes) throw runtime_error(path_ + ": file is larger than 64 MiB");
+    json root = json::parse(text, nullptr, false);
     if (root.is_discarded()) throw runtime_error(path_ + ": not valid JSON");
     if (!root.is_object()) throw runtime_error(path_ + ": not a JSON object");
 
@@ -669,6 +675,10 @@ class BpeTokenizer final : public Tokenizer {
 
 std::unique_ptr<Tokenizer> make_bpe_tokenizer(const std::filesystem::path &file) {
   return std::make_unique<BpeTokenizer>(file);
+}
+
+std::unique_ptr<Tokenizer> make_bpe_tokenizer_from_json(std::string_view json_text, const std::string &name) {
+  return std::make_unique<BpeTokenizer>(json_text, name);
 }
 
 } // namespace loom

@@ -22,6 +22,8 @@
 #pragma once
 
 #include <filesystem>
+#include <string>
+#include <string_view>
 #include <memory>
 
 #include "loom/core/tokenizer.hpp"
@@ -30,5 +32,7 @@ namespace loom {
 
 // Throws loom::Error (runtime) naming `file` and the offending key.
 std::unique_ptr<Tokenizer> make_bpe_tokenizer(const std::filesystem::path &file);
+// The same from tokenizer.json text in memory (`name` stands for the path in errors); the fuzzer's entry.
+std::unique_ptr<Tokenizer> make_bpe_tokenizer_from_json(std::string_view json_text, const std::string &name);
 
 } // namespace loom
