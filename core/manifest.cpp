@@ -108,7 +108,7 @@ void read_loom_table(const toml::table &t, const std::string &source, Manifest &
 
 void read_run_table(const toml::table &t, const std::string &source, RunSpec &run) {
   SchemaReader r(t, "run", source);
-  r.only({"steps", "prompt", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
+  r.only({"steps", "prompt", "stop", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
           "n_kv_heads", "n_layers"});
   r.read_int("steps", run.steps, 1, 1 << 20);
   r.read_int("top_k", run.top_k, 1, 1000);
@@ -144,6 +144,14 @@ void read_run_table(const toml::table &t, const std::string &source, RunSpec &ru
       if (!item.is_integer() || *item.value<int64_t>() < 0 || *item.value<int64_t>() > INT32_MAX)
         r.fail(item, key, "expected a non-negative token id");
       run.stop_tokens.push_back(static_cast<int32_t>(*item.value<int64_t>()));
+    }
+  }
+  if (auto n = r.get("stop", toml::node_type::array, "an array of strings")) {
+    size_t i = 0;
+    for (const auto &item : *n->as_array()) {
+      std::string key = "stop[" + std::to_string(i++) + "]";
+      if (!item.is_string() || item.value<std::string>()->empty()) r.fail(item, key, "expected a non-empty string");
+      run.stop.push_back(*item.value<std::string>());
     }
   }
   if (auto n = r.get("tool_calls", toml::node_type::array, "an array of tables")) {

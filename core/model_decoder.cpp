@@ -95,8 +95,24 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, const s
     if (token >= config_.vocab_size)
       throw manifest_error(manifest.source_name + ": run.prompt: token " + std::to_string(token) +
                            " is outside the model's vocabulary of " + std::to_string(config_.vocab_size));
+  if (!run.stop.empty() && !tokenizer_)
+    throw manifest_error(manifest.source_name + ": run.stop: stop strings need a model with a tokenizer; use stop_tokens");
   stop_tokens_ = run.stop_tokens_set ? run.stop_tokens : config_.eos_token_ids;
   if (manifest.model_path.empty() && !run.stop_tokens_set) stop_tokens_.clear(); // random weights: run all steps
+}
+
+bool ModelDecoder::generated_text(const std::vector<int32_t> &generated, std::string *text) const {
+  // Decoded after the prompt, so that pieces keep the spacing they have in context.
+  std::vector<int32_t> all = prompt_;
+  all.insert(all.end(), generated.begin(), generated.end());
+  std::string before = tokenizer_->decode(prompt_), whole = tokenizer_->decode(all);
+  *text = whole.compare(0, before.size(), before) == 0 ? whole.substr(before.size()) : tokenizer_->decode(generated);
+  // A stop string ends the text where it begins (it is not part of the output).
+  size_t cut = std::string::npos;
+  for (const auto &stop : manifest_.run.stop) cut = std::min(cut, text->find(stop));
+  if (cut == std::string::npos) return false;
+  text->resize(cut);
+  return true;
 }
 
 std::optional<std::string> ModelDecoder::decode(const std::vector<int32_t> &ids) const {
@@ -544,6 +560,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, RunRes
   }
   auto decode_start = std::chrono::steady_clock::now();
   result.prefill_seconds = std::chrono::duration<double>(decode_start - prefill_start).count();
+  bool stopped_by_string = false;
   for (int64_t step = 0; step < steps; ++step) {
     if (cancelled_.load()) {
       result.cancelled = true;
@@ -562,15 +579,13 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, RunRes
       result.stopped = true;
       break;
     }
+    if (!manifest_.run.stop.empty() && generated_text(result.tokens, &result.text)) {
+      result.stopped = stopped_by_string = true;
+      break;
+    }
   }
   result.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - decode_start).count();
-  if (tokenizer_) {
-    // Decoded after the prompt, so that pieces keep the spacing they have in context.
-    std::vector<int32_t> all = prompt_;
-    all.insert(all.end(), result.tokens.begin(), result.tokens.end());
-    std::string before = tokenizer_->decode(prompt_), text = tokenizer_->decode(all);
-    result.text = text.compare(0, before.size(), before) == 0 ? text.substr(before.size()) : tokenizer_->decode(result.tokens);
-  }
+  if (tokenizer_ && !stopped_by_string) generated_text(result.tokens, &result.text);
   // The sequence is over: samplers forget its state.
   auto guard = pipeline_.begin_step();
   for (auto &s : pipeline_.list(LOOM_KIND_SAMPLER))

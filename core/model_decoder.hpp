@@ -71,6 +71,9 @@ class ModelDecoder {
   void rope(float *v, int64_t heads, int32_t pos) const;
   // Runs one token at `pos` through the model; returns logits [1, vocab].
   detail::HostTensor<float> forward(int32_t token, int32_t pos);
+  // The text `generated` adds after the prompt into *text, cut before the first stop string;
+  // true when a stop string was found. Needs the tokenizer.
+  bool generated_text(const std::vector<int32_t> &generated, std::string *text) const;
   int32_t sample(detail::HostTensor<float> &logits, const std::vector<int32_t> &history, uint64_t step);
 
   const Manifest &manifest_;

@@ -1,5 +1,6 @@
 #include "commands.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <functional>
 #include <iomanip>
@@ -213,22 +214,29 @@ int cmd_run(const std::vector<std::string> &args) {
                 << i.library().path().filename().string() << ")\n";
     }
     std::cout << std::flush;
-    // Stream: print what each new token adds to the decoded text (a piece can change how the
-    // text before it decodes, so the whole generation is decoded each time and the new suffix
-    // printed).
+    // Stream: print what each new token adds to the text. The generation is decoded after the
+    // prompt each time (pieces keep their context spacing), and the last characters are held
+    // back while they could still begin a stop string, which is never printed.
     std::vector<int32_t> context = runtime->prompt();
     bool has_text = runtime->decode({}).has_value();
-    std::string printed = has_text ? *runtime->decode(context) : std::string();
-    std::cout << printed;
+    std::string prompt_text = has_text ? *runtime->decode(context) : std::string();
+    size_t hold = 0;
+    for (const auto &stop : runtime->manifest().run.stop) hold = std::max(hold, stop.size());
+    size_t printed = 0;
+    std::cout << prompt_text;
     RunResult r = runtime->run(a.steps, [&](int32_t, int32_t token) {
       if (!has_text) return true;
       context.push_back(token);
       std::string text = *runtime->decode(context);
-      if (text.compare(0, printed.size(), printed) == 0) std::cout << text.substr(printed.size()) << std::flush;
-      printed = text;
+      if (text.compare(0, prompt_text.size(), prompt_text) != 0) return true;
+      text = text.substr(prompt_text.size());
+      if (text.size() > printed + hold) {
+        std::cout << text.substr(printed, text.size() - hold - printed) << std::flush;
+        printed = text.size() - hold;
+      }
       return true;
     });
-    if (has_text) std::cout << "\n";
+    if (has_text) std::cout << (r.text.size() > printed ? r.text.substr(printed) : std::string()) << "\n";
     if (!runtime->manifest().run.query.empty()) {
       std::cout << "query: " << runtime->manifest().run.query << "\n";
       for (const auto &p : r.passages) {
@@ -249,7 +257,7 @@ int cmd_run(const std::vector<std::string> &args) {
     std::cout << r.tokens.size() << " tokens in " << std::fixed << std::setprecision(3) << r.seconds << " s: prompt "
               << r.prompt.size() << " tokens at " << std::setprecision(1) << rate(r.prompt.size(), r.prefill_seconds)
               << " tokens/s, generation " << r.tokens.size() << " tokens at " << rate(r.tokens.size(), r.decode_seconds)
-              << " tokens/s" << (r.stopped ? " (stopped at a stop token)" : "") << "\n";
+              << " tokens/s" << (r.stopped ? " (stopped by a stop token or string)" : "") << "\n";
     return r.cancelled ? 1 : 0;
   });
 }

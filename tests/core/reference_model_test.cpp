@@ -159,3 +159,18 @@ TEST_CASE("the default model continues a text prompt until a stop token", "[mode
                                                "\"\n[run]\nprompt = \"hello\"\n[attention]\nuse = \"sdpa\"\n"),
                     Catch::Contains("run.prompt: text needs a model with a tokenizer"));
 }
+
+TEST_CASE("stop strings end the generation where they begin", "[model][pipeline]") {
+  const std::string base = "[model]\npath = \"" + (fs::path(LOOM_SOURCE_DIR) / "models/tiny-kjv").string() +
+                           "\"\n[run]\nprompt = \"And God said\"\nsteps = 100\nstop_tokens = []\n"
+                           "[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n";
+  auto full = loom::Runtime::from_string(base, "m", {"run.steps=40"})->run();
+  REQUIRE(full.text.find(',') != std::string::npos); // greedy KJV text has a comma early on
+  auto cut = loom::Runtime::from_string(base, "m", {"run.stop=[\",\"]"})->run();
+  CHECK(cut.stopped);
+  CHECK(cut.text == full.text.substr(0, full.text.find(',')));
+  CHECK(cut.tokens.size() < 40);
+  CHECK_THROWS_WITH(loom::Runtime::from_string("[run]\nstop = [\"x\"]\n[attention]\nuse = \"sdpa\"\n"),
+                    Catch::Contains("run.stop: stop strings need a model with a tokenizer"));
+  CHECK_THROWS_WITH(loom::Runtime::from_string("[run]\nstop = [\"\"]\n"), Catch::Contains("run.stop[0]: expected a non-empty string"));
+}

@@ -51,6 +51,7 @@ struct RunSpec {
   std::string prompt_text;          // set when `prompt` is a string: the model's tokenizer encodes it
   std::vector<int32_t> stop_tokens; // generation ends after one of these
   bool stop_tokens_set = false;     // else the model's eos_token_id stops it
+  std::vector<std::string> stop;    // generation ends where its text first contains one of these
   std::string query;
   int64_t top_k = 3;
   std::vector<ToolCallSpec> tool_calls;
