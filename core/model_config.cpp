@@ -1,5 +1,6 @@
 #include "loom/core/model_config.hpp"
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -177,14 +178,41 @@ ModelConfig parse_model_config(std::string_view text, const std::string &source)
   return c;
 }
 
-ModelConfig load_model_config(const std::filesystem::path &model_dir) {
-  std::filesystem::path path = model_dir / "config.json";
+namespace {
+
+std::string read_small_file(const std::filesystem::path &path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw runtime_error(path.string() + ": cannot open");
   std::ostringstream text;
   text << in.rdbuf();
   if (text.str().size() > (1u << 24)) throw runtime_error(path.string() + ": larger than 16 MiB, not a config");
-  return parse_model_config(text.str(), path.string());
+  return text.str();
+}
+
+} // namespace
+
+void apply_generation_config(std::string_view text, const std::string &source, ModelConfig &config) {
+  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) throw runtime_error(source + ": not a JSON object");
+  ConfigReader r(j, source);
+  if (!r.has("eos_token_id")) return;
+  const json &e = j.at("eos_token_id");
+  std::vector<json> ids = e.is_array() ? std::vector<json>(e.begin(), e.end()) : std::vector<json>{e};
+  for (const auto &id : ids) {
+    auto v = static_cast<int32_t>(r.integer_of(id, "eos_token_id", 0, config.vocab_size - 1));
+    if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), v) == config.eos_token_ids.end())
+      config.eos_token_ids.push_back(v);
+  }
+}
+
+ModelConfig load_model_config(const std::filesystem::path &model_dir) {
+  std::filesystem::path path = model_dir / "config.json";
+  ModelConfig config = parse_model_config(read_small_file(path), path.string());
+  // generation_config.json may name more end-of-sequence ids (Llama 3 instruct models do).
+  std::filesystem::path generation = model_dir / "generation_config.json";
+  if (std::error_code ec; std::filesystem::is_regular_file(generation, ec))
+    apply_generation_config(read_small_file(generation), generation.string(), config);
+  return config;
 }
 
 } // namespace loom

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "loom/core/error.hpp"
+#include "loom/core/model_config.hpp"
 #include "loom/core/reference_model.hpp"
 #include "loom/core/runtime.hpp"
 
@@ -173,4 +174,14 @@ TEST_CASE("stop strings end the generation where they begin", "[model][pipeline]
   CHECK_THROWS_WITH(loom::Runtime::from_string("[run]\nstop = [\"x\"]\n[attention]\nuse = \"sdpa\"\n"),
                     Catch::Contains("run.stop: stop strings need a model with a tokenizer"));
   CHECK_THROWS_WITH(loom::Runtime::from_string("[run]\nstop = [\"\"]\n"), Catch::Contains("run.stop[0]: expected a non-empty string"));
+}
+
+TEST_CASE("generation_config.json adds end-of-sequence ids", "[model][config]") {
+  auto config = loom::load_model_config(kModels / "tiny-llama");
+  CHECK(config.eos_token_ids == std::vector<int32_t>{2});
+  loom::apply_generation_config(R"({"eos_token_id": [2, 7, 9], "do_sample": true})", "g.json", config);
+  CHECK(config.eos_token_ids == std::vector<int32_t>{2, 7, 9});
+  CHECK_THROWS_WITH(loom::apply_generation_config(R"({"eos_token_id": 4096})", "g.json", config),
+                    Catch::Contains("g.json: eos_token_id: 4096 is outside [0, 255]"));
+  CHECK_THROWS_WITH(loom::apply_generation_config("[1]", "g.json", config), Catch::Contains("g.json: not a JSON object"));
 }

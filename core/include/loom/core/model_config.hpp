@@ -43,13 +43,16 @@ struct ModelConfig {
   bool attention_bias = false; // q/k/v biases (Qwen2; Llama's attention_bias)
   bool mlp_bias = false;
   std::string activation = "silu"; // silu (gated MLP) or gelu_new (GPT-2)
-  std::vector<int32_t> eos_token_ids; // config.json's eos_token_id (an id or a list)
+  std::vector<int32_t> eos_token_ids; // eos_token_id of config.json and generation_config.json
 };
 
 // Parses config.json text; `source` names it in errors.
 ModelConfig parse_model_config(std::string_view json_text, const std::string &source);
-// Reads <dir>/config.json.
+// Reads <dir>/config.json, then <dir>/generation_config.json when present (its eos_token_id ids
+// join the config's).
 ModelConfig load_model_config(const std::filesystem::path &model_dir);
+// Merges a generation_config.json text into `config`.
+void apply_generation_config(std::string_view json_text, const std::string &source, ModelConfig &config);
 
 const char *architecture_name(Architecture a);
 
