@@ -552,6 +552,10 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, RunRes
   int32_t pos = 0;
   HostTensor<float> logits;
   std::chrono::steady_clock::time_point prefill_start;
+  if (static_cast<int64_t>(prompt.size()) + steps > config_.max_positions)
+    throw runtime_error(manifest_.source_name + ": run.steps: the prompt's " + std::to_string(prompt.size()) + " tokens and " +
+                        std::to_string(steps) + " steps exceed the model's " + std::to_string(config_.max_positions) +
+                        " positions");
   {
     auto guard = pipeline_.begin_step();
     ensure_ready(static_cast<int64_t>(prompt.size()) + steps); // one-time work is not prefill

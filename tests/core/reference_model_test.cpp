@@ -185,3 +185,11 @@ TEST_CASE("generation_config.json adds end-of-sequence ids", "[model][config]") 
                     Catch::Contains("g.json: eos_token_id: 4096 is outside [0, 255]"));
   CHECK_THROWS_WITH(loom::apply_generation_config("[1]", "g.json", config), Catch::Contains("g.json: not a JSON object"));
 }
+
+TEST_CASE("a run longer than the model's context is refused before it starts", "[model][pipeline]") {
+  auto rt = loom::Runtime::from_string("[model]\npath = \"" + (kModels / "tiny-llama").string() +
+                                       "\"\n[run]\nprompt = [1, 2, 3]\nsteps = 126\n[attention]\nuse = \"sdpa\"\n"
+                                       "[[sampler]]\nuse = \"greedy\"\n");
+  CHECK(rt->run(125).tokens.size() == 125); // 3 + 125 = 128 positions: fits
+  CHECK_THROWS_WITH(rt->run(126), Catch::Contains("run.steps: the prompt's 3 tokens and 126 steps exceed the model's 128 positions"));
+}
