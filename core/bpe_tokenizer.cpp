@@ -1,4 +1,5 @@
 #include "bpe_tokenizer.hpp"
+#include "json_guard.hpp"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -395,6 +396,8 @@ class BpeTokenizer final : public Tokenizer {
 
   void load_text(std::string_view text) {
     if (text.size() > max_file_bytes) throw runtime_error(path_ + ": file is larger than 64 MiB");
+    // Real tokenizer.json files nest about 6 levels; bounded depth keeps dump() in messages safe.
+    if (detail::json_too_deep(text, 64)) throw runtime_error(path_ + ": JSON nested deeper than 64 levels");
     json root = json::parse(text, nullptr, false);
     if (root.is_discarded()) throw runtime_error(path_ + ": not valid JSON");
     if (!root.is_object()) throw runtime_error(path_ + ": not a JSON object");

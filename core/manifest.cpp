@@ -106,7 +106,7 @@ void read_loom_table(const toml::table &t, const std::string &source, Manifest &
   if (r.read_int("seed", seed, 0, INT64_MAX)) m.seed = static_cast<uint64_t>(seed);
 }
 
-void read_run_table(const toml::table &t, const std::string &source, RunSpec &run) {
+void read_run_table(const toml::table &t, const std::string &source, RunSpec &run, bool has_model) {
   SchemaReader r(t, "run", source);
   r.only({"steps", "prompt", "stop", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
           "n_kv_heads", "n_layers"});
@@ -128,9 +128,11 @@ void read_run_table(const toml::table &t, const std::string &source, RunSpec &ru
       std::string key = "prompt[" + std::to_string(i++) + "]";
       if (!item.is_integer()) r.fail(item, key, "expected an integer token id, got " + detail::describe_type(item));
       int64_t v = *item.value<int64_t>();
-      // Checked as int64 before narrowing: a huge id must not wrap into the vocabulary.
-      if (v < 0 || v >= run.vocab_size)
-        r.fail(item, key, "token " + std::to_string(v) + " is outside the vocabulary of " + std::to_string(run.vocab_size));
+      // Checked as int64 before narrowing: a huge id must not wrap into the vocabulary. With a
+      // [model], its own vocabulary is checked when it loads.
+      int64_t vocab = has_model ? INT32_MAX : run.vocab_size;
+      if (v < 0 || v >= vocab)
+        r.fail(item, key, "token " + std::to_string(v) + " is outside the vocabulary of " + std::to_string(vocab));
       run.prompt.push_back(static_cast<int32_t>(v));
     }
     if (run.prompt.empty()) r.fail(*n, "prompt", "must hold at least one token");
@@ -333,7 +335,7 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
     }
     if (k == "run") {
       if (!node.is_table()) fail("expected a table");
-      read_run_table(*node.as_table(), source, m.run);
+      read_run_table(*node.as_table(), source, m.run, root.contains("model"));
       continue;
     }
     loom_kind kind = kind_from_name(k);

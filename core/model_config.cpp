@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "json_guard.hpp"
 #include "loom/core/error.hpp"
 
 namespace loom {
@@ -108,6 +109,7 @@ const char *architecture_name(Architecture a) {
 }
 
 ModelConfig parse_model_config(std::string_view text, const std::string &source) {
+  if (detail::json_too_deep(text, 32)) throw runtime_error(source + ": JSON nested deeper than 32 levels");
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) throw runtime_error(source + ": not valid JSON");
   if (!j.is_object()) throw runtime_error(source + ": expected a JSON object");
@@ -171,6 +173,8 @@ ModelConfig parse_model_config(std::string_view text, const std::string &source)
       c.eos_token_ids.push_back(static_cast<int32_t>(r.integer_of(e, "eos_token_id", 0, c.vocab_size - 1)));
     }
   }
+  if (c.architecture != Architecture::gpt2 && c.head_dim % 2 != 0)
+    r.fail("head_dim", std::to_string(c.head_dim) + " is odd; rotary embeddings rotate pairs");
   if (c.n_heads % c.n_kv_heads != 0)
     r.fail("num_key_value_heads", std::to_string(c.n_kv_heads) + " does not divide num_attention_heads " + std::to_string(c.n_heads));
   if (c.architecture == Architecture::gpt2 && c.head_dim * c.n_heads != c.hidden_size)
@@ -181,6 +185,9 @@ ModelConfig parse_model_config(std::string_view text, const std::string &source)
 namespace {
 
 std::string read_small_file(const std::filesystem::path &path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) throw runtime_error(path.string() + ": cannot open (not a regular file)");
+  if (std::filesystem::file_size(path, ec) > (1u << 24)) throw runtime_error(path.string() + ": larger than 16 MiB, not a config");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw runtime_error(path.string() + ": cannot open");
   std::ostringstream text;
@@ -192,17 +199,21 @@ std::string read_small_file(const std::filesystem::path &path) {
 } // namespace
 
 void apply_generation_config(std::string_view text, const std::string &source, ModelConfig &config) {
+  if (detail::json_too_deep(text, 32)) throw runtime_error(source + ": JSON nested deeper than 32 levels");
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) throw runtime_error(source + ": not a JSON object");
   ConfigReader r(j, source);
   if (!r.has("eos_token_id")) return;
+  // As transformers: generation_config's eos_token_id replaces the model config's.
   const json &e = j.at("eos_token_id");
-  std::vector<json> ids = e.is_array() ? std::vector<json>(e.begin(), e.end()) : std::vector<json>{e};
-  for (const auto &id : ids) {
-    auto v = static_cast<int32_t>(r.integer_of(id, "eos_token_id", 0, config.vocab_size - 1));
-    if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), v) == config.eos_token_ids.end())
-      config.eos_token_ids.push_back(v);
+  std::vector<int32_t> ids;
+  auto add = [&](const json &id) { ids.push_back(static_cast<int32_t>(r.integer_of(id, "eos_token_id", 0, config.vocab_size - 1))); };
+  if (e.is_array()) {
+    for (const auto &id : e) add(id);
+  } else {
+    add(e);
   }
+  config.eos_token_ids = std::move(ids);
 }
 
 ModelConfig load_model_config(const std::filesystem::path &model_dir) {

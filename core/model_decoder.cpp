@@ -81,32 +81,45 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, const s
     build(ModelWeights::load(config_, SafetensorsIndex::open_model_dir(manifest.model_path)));
   }
   const RunSpec &run = manifest.run;
-  if (!manifest.model_path.empty()) tokenizer_ = Tokenizer::load(manifest.model_path);
+  // A tokenizer Loom cannot read (an NFC normalizer, say) matters only when text is needed.
+  std::string tokenizer_error;
+  if (!manifest.model_path.empty()) {
+    try {
+      tokenizer_ = Tokenizer::load(manifest.model_path);
+    } catch (const Error &e) {
+      tokenizer_error = std::string(" (") + e.what() + ")";
+    }
+  }
   if (!run.prompt_text.empty()) {
     if (!tokenizer_)
-      throw manifest_error(manifest.source_name + ": run.prompt: text needs a model with a tokenizer (tokenizer.model); "
-                           "give token ids instead");
+      throw manifest_error(manifest.source_name + ": run.prompt: text needs a model with a tokenizer (tokenizer.model or "
+                           "tokenizer.json); give token ids instead" + tokenizer_error);
     prompt_ = tokenizer_->encode(run.prompt_text, /*add_bos=*/true);
   } else {
     prompt_ = run.prompt;
   }
   if (prompt_.empty()) throw manifest_error(manifest.source_name + ": run.prompt: encodes to no tokens");
   for (int32_t token : prompt_)
-    if (token >= config_.vocab_size)
+    if (token < 0 || token >= config_.vocab_size)
       throw manifest_error(manifest.source_name + ": run.prompt: token " + std::to_string(token) +
                            " is outside the model's vocabulary of " + std::to_string(config_.vocab_size));
   if (!run.stop.empty() && !tokenizer_)
-    throw manifest_error(manifest.source_name + ": run.stop: stop strings need a model with a tokenizer; use stop_tokens");
+    throw manifest_error(manifest.source_name + ": run.stop: stop strings need a model with a tokenizer; use stop_tokens" +
+                         tokenizer_error);
   stop_tokens_ = run.stop_tokens_set ? run.stop_tokens : config_.eos_token_ids;
   if (manifest.model_path.empty() && !run.stop_tokens_set) stop_tokens_.clear(); // random weights: run all steps
 }
 
 bool ModelDecoder::generated_text(const std::vector<int32_t> &generated, std::string *text) const {
   // Decoded after the prompt, so that pieces keep the spacing they have in context.
+  // Stop tokens end the text; they are not part of it (a BPE tokenizer would write
+  // "<|endoftext|>").
   std::vector<int32_t> all = prompt_;
-  all.insert(all.end(), generated.begin(), generated.end());
+  for (int32_t id : generated)
+    if (std::find(stop_tokens_.begin(), stop_tokens_.end(), id) == stop_tokens_.end()) all.push_back(id);
   std::string before = tokenizer_->decode(prompt_), whole = tokenizer_->decode(all);
-  *text = whole.compare(0, before.size(), before) == 0 ? whole.substr(before.size()) : tokenizer_->decode(generated);
+  *text = whole.compare(0, before.size(), before) == 0 ? whole.substr(before.size())
+                                                       : tokenizer_->decode(std::vector<int32_t>(all.begin() + static_cast<std::ptrdiff_t>(prompt_.size()), all.end()));
   // A stop string ends the text where it begins (it is not part of the output).
   size_t cut = std::string::npos;
   for (const auto &stop : manifest_.run.stop) cut = std::min(cut, text->find(stop));
@@ -395,9 +408,9 @@ HostTensor<float> ModelDecoder::forward(int32_t token, int32_t pos) {
   const ModelConfig &c = config_;
   const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
   const bool gpt2 = c.architecture == Architecture::gpt2;
-  if (pos >= c.max_positions)
+  if (pos >= c.max_positions || pos >= max_positions_)
     throw runtime_error(manifest_.source_name + ": position " + std::to_string(pos) + " is past the model's " +
-                        std::to_string(c.max_positions) + " positions");
+                        std::to_string(c.max_positions) + " positions or the KV cache's " + std::to_string(max_positions_));
   HostTensor<float> x({1, H}); // the residual stream
   for (int64_t i = 0; i < H; ++i)
     x.data()[i] = embedding_[static_cast<size_t>(token * H + i)] + (gpt2 ? positions_[static_cast<size_t>(pos * H + i)] : 0.0f);
@@ -530,17 +543,25 @@ void ModelDecoder::ensure_ready(int64_t max_positions) {
   }
   allocate_kv(layout);
   if (ready_) return;
+  // Everything is made first and committed only when all of it succeeded, so that a failure
+  // (a quantizer or adapter refusing a module) leaves nothing half-installed for the next run.
   auto quantizers = pipeline_.list(LOOM_KIND_QUANTIZER);
+  std::vector<loom_qweight *> weights;
+  if (!quantizers.empty()) weights = quantize_all(*quantizers.front());
+  std::vector<std::pair<std::shared_ptr<Instance>, std::vector<loom_adapter_site *>>> attached;
+  try {
+    for (auto &adapter : pipeline_.list(LOOM_KIND_ADAPTER)) attached.emplace_back(adapter, attach_all(*adapter));
+  } catch (...) {
+    if (!quantizers.empty()) free_qweights(*quantizers.front(), weights);
+    throw; // sites already attached belong to their adapter instances, which free them
+  }
   if (!quantizers.empty()) {
-    auto weights = quantize_all(*quantizers.front());
     quantizer_ = quantizers.front();
     for (size_t i = 0; i < linears_.size(); ++i) linears_[i]->qweight = weights[i];
   }
-  for (auto &adapter : pipeline_.list(LOOM_KIND_ADAPTER)) {
-    auto sites = attach_all(*adapter);
+  for (auto &[adapter, sites] : attached)
     for (size_t i = 0; i < linears_.size(); ++i)
       if (sites[i]) linears_[i]->sites.emplace_back(adapter.get(), sites[i]);
-  }
   install_hooks();
   ready_ = true;
 }

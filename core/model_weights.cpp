@@ -143,8 +143,12 @@ ModelWeights ModelWeights::load(const ModelConfig &config, const SafetensorsInde
       if (config.architecture == Architecture::gpt2 && t.shape.size() == 4 && name.size() > 10 &&
           name.substr(name.size() - 10) == ".attn.bias")
         continue;
-      // A tied checkpoint may still store lm_head.weight; it must then equal the embedding's shape.
-      if (config.tie_word_embeddings && name == "lm_head.weight") continue;
+      // A tied checkpoint may still store lm_head.weight (unused); it must have the embedding's shape.
+      if (config.tie_word_embeddings && name == "lm_head.weight") {
+        if (t.shape != std::vector<int64_t>{config.vocab_size, config.hidden_size})
+          throw runtime_error(where + "shape " + shape_string(t.shape) + " does not match the tied embedding's");
+        continue;
+      }
       auto it = expected.find(name);
       if (it == expected.end())
         throw runtime_error(where + "not a weight of " + config.architecture_name + " with this config");

@@ -60,6 +60,8 @@ RunResult Runtime::run(int64_t steps, const TokenCallback &on_token) {
   if (device_.device_type != kDLCPU)
     throw runtime_error(manifest_.source_name + ": loom.device: `loom run`'s synthetic decoder computes on the CPU;"
                         " use device = \"cpu\" or \"auto\" until the engine runs models on CUDA");
+  if (steps < 0 || steps > (int64_t{1} << 20))
+    throw runtime_error(manifest_.source_name + ": a run of " + std::to_string(steps) + " steps (1 to 1048576 allowed)");
   struct ClearCancel {
     std::atomic<bool> &flag;
     ~ClearCancel() { flag.store(false); }

@@ -230,9 +230,16 @@ int cmd_run(const std::vector<std::string> &args) {
       std::string text = *runtime->decode(context);
       if (text.compare(0, prompt_text.size(), prompt_text) != 0) return true;
       text = text.substr(prompt_text.size());
-      if (text.size() > printed + hold) {
-        std::cout << text.substr(printed, text.size() - hold - printed) << std::flush;
-        printed = text.size() - hold;
+      // Printable: up to the first stop string, short of what could begin one, and short of a
+      // trailing U+FFFD (a character whose bytes are split across tokens).
+      size_t end = text.size() > hold ? text.size() - hold : 0;
+      for (const auto &stop : runtime->manifest().run.stop) end = std::min(end, text.find(stop));
+      static const std::string replacement = "\xEF\xBF\xBD";
+      size_t bad = text.rfind(replacement);
+      if (bad != std::string::npos && bad + replacement.size() == text.size()) end = std::min(end, bad);
+      if (end > printed) {
+        std::cout << text.substr(printed, end - printed) << std::flush;
+        printed = end;
       }
       return true;
     });

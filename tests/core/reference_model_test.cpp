@@ -176,11 +176,14 @@ TEST_CASE("stop strings end the generation where they begin", "[model][pipeline]
   CHECK_THROWS_WITH(loom::Runtime::from_string("[run]\nstop = [\"\"]\n"), Catch::Contains("run.stop[0]: expected a non-empty string"));
 }
 
-TEST_CASE("generation_config.json adds end-of-sequence ids", "[model][config]") {
+TEST_CASE("generation_config.json sets the end-of-sequence ids", "[model][config]") {
   auto config = loom::load_model_config(kModels / "tiny-llama");
   CHECK(config.eos_token_ids == std::vector<int32_t>{2});
-  loom::apply_generation_config(R"({"eos_token_id": [2, 7, 9], "do_sample": true})", "g.json", config);
-  CHECK(config.eos_token_ids == std::vector<int32_t>{2, 7, 9});
+  loom::apply_generation_config(R"({"eos_token_id": [7, 9], "do_sample": true})", "g.json", config);
+  CHECK(config.eos_token_ids == std::vector<int32_t>{7, 9}); // replaces config.json's, as in transformers
+  CHECK_THROWS_WITH(loom::apply_generation_config("{\"eos_token_id\": " + std::string(100000, '[') + std::string(100000, ']') + "}",
+                                                  "g.json", config),
+                    Catch::Contains("g.json: JSON nested deeper than 32 levels"));
   CHECK_THROWS_WITH(loom::apply_generation_config(R"({"eos_token_id": 4096})", "g.json", config),
                     Catch::Contains("g.json: eos_token_id: 4096 is outside [0, 255]"));
   CHECK_THROWS_WITH(loom::apply_generation_config("[1]", "g.json", config), Catch::Contains("g.json: not a JSON object"));
@@ -192,4 +195,24 @@ TEST_CASE("a run longer than the model's context is refused before it starts", "
                                        "[[sampler]]\nuse = \"greedy\"\n");
   CHECK(rt->run(125).tokens.size() == 125); // 3 + 125 = 128 positions: fits
   CHECK_THROWS_WITH(rt->run(126), Catch::Contains("run.steps: the prompt's 3 tokens and 126 steps exceed the model's 128 positions"));
+}
+
+TEST_CASE("a model's vocabulary, not the synthetic one, bounds token-id prompts", "[model][pipeline]") {
+  const std::string kjv = (fs::path(LOOM_SOURCE_DIR) / "models/tiny-kjv").string();
+  auto rt = loom::Runtime::from_string("[model]\npath = \"" + kjv + "\"\n[run]\nprompt = [1, 1500]\nsteps = 3\n"
+                                       "[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n");
+  CHECK(rt->run().prompt == std::vector<int32_t>{1, 1500});
+  CHECK_THROWS_WITH(rt->run(int64_t{1} << 21), Catch::Contains("1 to 1048576 allowed"));
+  CHECK_THROWS_WITH(loom::Runtime::from_string("[model]\npath = \"" + kjv + "\"\n[run]\nprompt = [2000]\n[attention]\nuse = \"sdpa\"\n"),
+                    Catch::Contains("token 2000 is outside the model's vocabulary of 2000"));
+}
+
+TEST_CASE("an unreadable tokenizer matters only when text is needed", "[model][tokenizer]") {
+  TempDir dir;
+  auto path = edited_copy(dir, "tiny-llama", [](nlohmann::json &) {});
+  std::ofstream(path / "tokenizer.json") << R"({"normalizer": {"type": "NFC"}, "model": {"type": "BPE", "vocab": {}, "merges": []}})";
+  const std::string base = "[model]\npath = \"" + path.string() + "\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n";
+  CHECK(loom::Runtime::from_string(base + "[run]\nprompt = [1, 2]\nsteps = 2\n")->run().tokens.size() == 2);
+  CHECK_THROWS_WITH(loom::Runtime::from_string(base + "[run]\nprompt = \"hi\"\n"),
+                    Catch::Contains("run.prompt: text needs a model with a tokenizer") && Catch::Contains("normalizer"));
 }

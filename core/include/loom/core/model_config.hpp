@@ -43,13 +43,13 @@ struct ModelConfig {
   bool attention_bias = false; // q/k/v biases (Qwen2; Llama's attention_bias)
   bool mlp_bias = false;
   std::string activation = "silu"; // silu (gated MLP) or gelu_new (GPT-2)
-  std::vector<int32_t> eos_token_ids; // eos_token_id of config.json and generation_config.json
+  std::vector<int32_t> eos_token_ids; // generation_config.json's eos_token_id, else config.json's
 };
 
 // Parses config.json text; `source` names it in errors.
 ModelConfig parse_model_config(std::string_view json_text, const std::string &source);
-// Reads <dir>/config.json, then <dir>/generation_config.json when present (its eos_token_id ids
-// join the config's).
+// Reads <dir>/config.json, then <dir>/generation_config.json when present (its eos_token_id, when
+// set, replaces the config's, as in transformers).
 ModelConfig load_model_config(const std::filesystem::path &model_dir);
 // Merges a generation_config.json text into `config`.
 void apply_generation_config(std::string_view json_text, const std::string &source, ModelConfig &config);

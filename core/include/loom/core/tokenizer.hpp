@@ -20,9 +20,11 @@ class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
   // Token ids of `text`, with the beginning-of-sequence id first when `add_bos` and the
-  // tokenizer has one.
+  // tokenizer has one (sentencepiece; tokenizer.json post-processors are not applied yet, so
+  // BPE tokenizers add nothing).
   virtual std::vector<int32_t> encode(std::string_view text, bool add_bos) const = 0;
-  // Text of `ids`; control tokens (BOS, EOS) produce no text.
+  // Text of `ids`. sentencepiece control tokens (BOS, EOS) produce no text; byte-level BPE writes
+  // added tokens' content, as transformers' decode(skip_special_tokens=False) does.
   virtual std::string decode(const std::vector<int32_t> &ids) const = 0;
   virtual int32_t vocab_size() const = 0;
 
