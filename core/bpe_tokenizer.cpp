@@ -291,7 +291,9 @@ class BpeTokenizer final : public Tokenizer {
   explicit BpeTokenizer(const std::filesystem::path &file) : path_(file.string()) { load(file); }
   BpeTokenizer(std::string_view json_text, std::string name) : path_(std::move(name)) { load_text(json_text); }
 
-  std::vector<int32_t> encode(std::string_view text, bool /*add_bos: no post-processor support*/) const override {
+  // add_bos applies the post-processor's template for a single sequence (Llama 3's
+  // "<|begin_of_text|> $A"), as transformers' tokenizer(text) does.
+  std::vector<int32_t> encode(std::string_view text, bool add_bos) const override {
     if (!valid_utf8(text)) throw runtime_error(path_ + ": cannot encode: the text is not valid UTF-8");
     std::vector<Segment> segments{{std::string(text), -1}};
     split_added(added_raw_, segments);
@@ -310,6 +312,10 @@ class BpeTokenizer final : public Tokenizer {
         pieces.swap(next);
       }
       for (const auto &p : pieces) bpe(p, ids);
+    }
+    if (add_bos && (!template_prefix_.empty() || !template_suffix_.empty())) {
+      ids.insert(ids.begin(), template_prefix_.begin(), template_prefix_.end());
+      ids.insert(ids.end(), template_suffix_.begin(), template_suffix_.end());
     }
     return ids;
   }
@@ -418,6 +424,49 @@ class BpeTokenizer final : public Tokenizer {
     if (dec == root.end() || !dec->is_object() || dec->value("type", json()) != "ByteLevel")
       fail("decoder",
            (dec == root.end() ? std::string("missing") : dec->dump()) + " is not supported (only ByteLevel)");
+    auto post = root.find("post_processor");
+    if (post != root.end() && !post->is_null()) load_post_processor(*post, "post_processor", 0);
+  }
+
+  // ByteLevel post-processing changes offsets only; TemplateProcessing's `single` template adds
+  // special tokens around the sequence; Sequence holds either.
+  void load_post_processor(const json &p, const std::string &key, int depth) {
+    if (!p.is_object() || !p.contains("type") || !p.at("type").is_string()) fail(key, "expected an object with a type");
+    const std::string type = p.at("type").get<std::string>();
+    if (type == "ByteLevel") return;
+    if (type == "Sequence" && depth < 4) {
+      auto it = p.find("processors");
+      if (it == p.end() || !it->is_array()) fail(key + ".processors", "expected an array");
+      for (size_t i = 0; i < it->size(); ++i) load_post_processor((*it)[i], key + ".processors[" + std::to_string(i) + "]", depth + 1);
+      return;
+    }
+    if (type != "TemplateProcessing") fail(key + ".type", "'" + type + "' is not supported (ByteLevel, TemplateProcessing, Sequence)");
+    auto single = p.find("single");
+    if (single == p.end() || !single->is_array()) fail(key + ".single", "expected an array");
+    bool seen_sequence = false;
+    for (const auto &item : *single) {
+      if (item.is_object() && item.contains("Sequence")) {
+        if (seen_sequence) fail(key + ".single", "holds the sequence twice");
+        seen_sequence = true;
+        continue;
+      }
+      if (!item.is_object() || !item.contains("SpecialToken") || !item.at("SpecialToken").is_object() ||
+          !item.at("SpecialToken").contains("id") || !item.at("SpecialToken").at("id").is_string())
+        fail(key + ".single", "items must be {\"SpecialToken\": {\"id\": ...}} or {\"Sequence\": ...}");
+      std::string name = item.at("SpecialToken").at("id").get<std::string>();
+      // The id: from special_tokens when listed there, else the vocab or an added token.
+      int32_t id = -1;
+      if (auto sp = p.find("special_tokens"); sp != p.end() && sp->is_object() && sp->contains(name)) {
+        const json &ids = sp->at(name).value("ids", json());
+        if (!ids.is_array() || ids.size() != 1 || !ids[0].is_number_integer()) fail(key + ".special_tokens." + name, "expected one id");
+        id = ids[0].get<int32_t>();
+      } else if (auto v = vocab_.find(name); v != vocab_.end()) {
+        id = v->second;
+      }
+      if (id < 0 || id_to_token_.count(id) == 0) fail(key + ".single", "special token " + name + " has no valid id");
+      (seen_sequence ? template_suffix_ : template_prefix_).push_back(id);
+    }
+    if (!seen_sequence) fail(key + ".single", "has no Sequence item");
   }
 
   void load_model(const json &model) {
@@ -662,6 +711,7 @@ class BpeTokenizer final : public Tokenizer {
   }
 
   std::string path_;
+  std::vector<int32_t> template_prefix_, template_suffix_; // the post-processor's single template
   std::unordered_map<std::string, int32_t> vocab_;
   std::unordered_map<int32_t, std::string> id_to_token_; // the vocab, then added tokens
   std::unordered_map<uint64_t, std::pair<uint32_t, int32_t>> merges_; // pair -> (rank, merged id)

@@ -13,7 +13,8 @@
 // - pre_tokenizer: ByteLevel {add_prefix_space, use_regex (GPT-2's pattern)}, Split {pattern
 //   Regex (PCRE2, UTF + UCP, bounded match work) or String, behavior "Isolated", invert false},
 //   or a Sequence of those; a ByteLevel step is required.
-// - decoder: ByteLevel only. post_processor is ignored: encode's add_bos adds nothing.
+// - decoder: ByteLevel only. post_processor: ByteLevel (no effect on ids), TemplateProcessing
+//   (its single template, applied by encode when add_bos), or a Sequence of those.
 // decode(ids) gives the text of every known id, added (special) tokens included -- what
 // `tokenizers` gives with skip_special_tokens=False; unknown ids produce nothing. Invalid UTF-8
 // in the decoded bytes becomes U+FFFD, one per maximal invalid subpart (as Rust's

@@ -241,3 +241,31 @@ TEST_CASE("a sentencepiece tokenizer.model takes priority over tokenizer.json", 
   CHECK_THROWS_WITH(loom::Tokenizer::load(dir), Catch::Contains("tokenizer.json: not valid JSON"));
   fs::remove_all(dir);
 }
+
+TEST_CASE("a TemplateProcessing post-processor adds its special tokens with add_bos", "[bpe]") {
+  namespace fs = std::filesystem;
+  const fs::path src = fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/tokenizers/llama3-style";
+  std::ifstream in(src / "tokenizer.json");
+  auto j = nlohmann::json::parse(in);
+  j["post_processor"] = {{"type", "Sequence"},
+                         {"processors",
+                          {{{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}},
+                           {{"type", "TemplateProcessing"},
+                            {"single", {{{"SpecialToken", {{"id", "<|begin_of_text|>"}, {"type_id", 0}}}},
+                                        {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+                            {"pair", nlohmann::json::array()},
+                            {"special_tokens", {{"<|begin_of_text|>", {{"id", "<|begin_of_text|>"}, {"ids", {0}}, {"tokens", {"<|begin_of_text|>"}}}}}}}}}};
+  fs::path dir = fs::temp_directory_path() / "loom-bpe-template-test";
+  fs::create_directories(dir);
+  std::ofstream(dir / "tokenizer.json") << j.dump();
+  auto tok = loom::Tokenizer::load(dir);
+  auto plain = tok->encode("Hello world", false);
+  auto with = tok->encode("Hello world", true);
+  REQUIRE(with.size() == plain.size() + 1);
+  CHECK(with.front() == 0); // <|begin_of_text|>
+  CHECK(std::vector<int32_t>(with.begin() + 1, with.end()) == plain);
+  j["post_processor"] = {{"type", "RobertaProcessing"}};
+  std::ofstream(dir / "tokenizer.json") << j.dump();
+  CHECK_THROWS_WITH(loom::Tokenizer::load(dir), Catch::Contains("post_processor.type: 'RobertaProcessing' is not supported"));
+  fs::remove_all(dir);
+}

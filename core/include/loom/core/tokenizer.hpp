@@ -19,9 +19,9 @@ namespace loom {
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
-  // Token ids of `text`, with the beginning-of-sequence id first when `add_bos` and the
-  // tokenizer has one (sentencepiece; tokenizer.json post-processors are not applied yet, so
-  // BPE tokenizers add nothing).
+  // Token ids of `text`; with `add_bos`, the special tokens the tokenizer adds to a single
+  // sequence (sentencepiece: its BOS; tokenizer.json: the post-processor's template, such as
+  // Llama 3's "<|begin_of_text|> $A"), as transformers' tokenizer(text) does.
   virtual std::vector<int32_t> encode(std::string_view text, bool add_bos) const = 0;
   // Text of `ids`. sentencepiece control tokens (BOS, EOS) produce no text; byte-level BPE writes
   // added tokens' content, as transformers' decode(skip_special_tokens=False) does.
