@@ -320,6 +320,13 @@ class BpeTokenizer final : public Tokenizer {
     return ids;
   }
 
+  std::optional<int32_t> token_id(std::string_view token) const override {
+    for (const auto &[id, text] : id_to_token_)
+      if (text == token && vocab_.find(std::string(token)) == vocab_.end()) return id; // an added token
+    if (auto it = vocab_.find(std::string(token)); it != vocab_.end()) return it->second;
+    return std::nullopt;
+  }
+
   std::string decode(const std::vector<int32_t> &ids) const override {
     const auto &table = byte_table();
     std::string bytes;

@@ -108,7 +108,7 @@ void read_loom_table(const toml::table &t, const std::string &source, Manifest &
 
 void read_run_table(const toml::table &t, const std::string &source, RunSpec &run, bool has_model) {
   SchemaReader r(t, "run", source);
-  r.only({"steps", "prompt", "stop", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
+  r.only({"steps", "prompt", "messages", "chat_template", "stop", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
           "n_kv_heads", "n_layers"});
   r.read_int("steps", run.steps, 1, 1 << 20);
   r.read_int("top_k", run.top_k, 1, 1000);
@@ -147,6 +147,28 @@ void read_run_table(const toml::table &t, const std::string &source, RunSpec &ru
         r.fail(item, key, "expected a non-negative token id");
       run.stop_tokens.push_back(static_cast<int32_t>(*item.value<int64_t>()));
     }
+  }
+  if (auto n = r.get("messages", toml::node_type::array, "an array of {role, content} tables")) {
+    size_t i = 0;
+    for (const auto &item : *n->as_array()) {
+      std::string path = "run.messages[" + std::to_string(i++) + "]";
+      if (!item.is_table()) r.fail(item, "messages", "expected tables {role = \"user\", content = \"...\"}");
+      SchemaReader c(*item.as_table(), path, source);
+      c.only({"role", "content"});
+      std::string role, content;
+      if (!c.read_string("role", role) || !c.read_string("content", content))
+        throw manifest_error(detail::where(item.source(), source) + ": " + path + ": needs role and content");
+      if (role != "system" && role != "user" && role != "assistant")
+        c.fail(*item.as_table()->get("role"), "role", "expected system, user or assistant, got '" + role + "'");
+      run.messages.emplace_back(std::move(role), std::move(content));
+    }
+    if (run.messages.empty()) r.fail(*n, "messages", "must hold at least one message");
+    if (t.contains("prompt")) r.fail(*n, "messages", "give either prompt or messages, not both");
+  }
+  if (r.read_string("chat_template", run.chat_template)) {
+    const std::string &c = run.chat_template;
+    if (c != "auto" && c != "llama3" && c != "chatml" && c != "mistral" && c != "plain")
+      r.fail(*t.get("chat_template"), "chat_template", "expected auto, llama3, chatml, mistral or plain, got '" + c + "'");
   }
   if (auto n = r.get("stop", toml::node_type::array, "an array of strings")) {
     size_t i = 0;

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "loom/core/error.hpp"
+#include "loom/core/chat_template.hpp"
 #include "loom/core/host_buffer.hpp"
 #include "loom/core/reference_model.hpp"
 
@@ -90,7 +91,20 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, const s
       tokenizer_error = std::string(" (") + e.what() + ")";
     }
   }
-  if (!run.prompt_text.empty()) {
+  if (!run.messages.empty()) {
+    if (!tokenizer_)
+      throw manifest_error(manifest.source_name + ": run.messages: a conversation needs a model with a tokenizer" +
+                           tokenizer_error);
+    ChatFamily family = run.chat_template == "auto" ? detect_chat_family(manifest.model_path)
+                                                    : *chat_family_from_name(run.chat_template);
+    std::vector<ChatMessage> messages;
+    for (const auto &[role, content] : run.messages) messages.push_back({role, content});
+    try {
+      prompt_ = encode_chat(*tokenizer_, render_chat(family, messages, /*add_generation_prompt=*/true));
+    } catch (const Error &e) {
+      throw manifest_error(manifest.source_name + ": run.messages (" + chat_family_name(family) + " template): " + e.what());
+    }
+  } else if (!run.prompt_text.empty()) {
     if (!tokenizer_)
       throw manifest_error(manifest.source_name + ": run.prompt: text needs a model with a tokenizer (tokenizer.model or "
                            "tokenizer.json); give token ids instead" + tokenizer_error);

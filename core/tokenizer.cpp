@@ -38,6 +38,12 @@ class SentencePieceTokenizer final : public Tokenizer {
 
   int32_t vocab_size() const override { return processor_.GetPieceSize(); }
 
+  std::optional<int32_t> token_id(std::string_view token) const override {
+    int id = processor_.PieceToId(token);
+    if (id < 0 || processor_.IdToPiece(id) != token) return std::nullopt; // unknown pieces map to <unk>
+    return id;
+  }
+
  private:
   sentencepiece::SentencePieceProcessor processor_;
 };

@@ -52,6 +52,10 @@ struct RunSpec {
   std::vector<int32_t> stop_tokens; // generation ends after one of these
   bool stop_tokens_set = false;     // else the model's eos_token_id stops it
   std::vector<std::string> stop;    // generation ends where its text first contains one of these
+  // A conversation (role, content) instead of `prompt`, rendered with `chat_template`
+  // ("auto" from the model's tokenizer_config.json, or llama3, chatml, mistral, plain).
+  std::vector<std::pair<std::string, std::string>> messages;
+  std::string chat_template = "auto";
   std::string query;
   int64_t top_k = 3;
   std::vector<ToolCallSpec> tool_calls;

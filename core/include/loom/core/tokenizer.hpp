@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -27,6 +28,9 @@ class Tokenizer {
   // added tokens' content, as transformers' decode(skip_special_tokens=False) does.
   virtual std::string decode(const std::vector<int32_t> &ids) const = 0;
   virtual int32_t vocab_size() const = 0;
+  // The id of a whole token given by its text ("<|eot_id|>", "</s>"), nullopt when the
+  // tokenizer has no such token.
+  virtual std::optional<int32_t> token_id(std::string_view token) const = 0;
 
   // The tokenizer of a Hugging Face model directory, or nullptr when it has none.
   static std::unique_ptr<Tokenizer> load(const std::filesystem::path &model_dir);
