@@ -12,24 +12,13 @@
 #include "loom/core/chat_template.hpp"
 #include "loom/core/host_buffer.hpp"
 #include "loom/core/reference_model.hpp"
+#include "transformer_ops.hpp"
 
 namespace loom {
 
 using detail::HostTensor;
 
 namespace {
-
-// y[n, out] = x[n, in] W[out, in]^T
-void dense(const HostTensor<float> &w, int64_t out, int64_t in, const float *x, float *y, int64_t n) {
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t o = 0; o < out; ++o) {
-      const float *wr = w.data() + o * in;
-      const float *xr = x + r * in;
-      float acc = 0;
-      for (int64_t i = 0; i < in; ++i) acc += wr[i] * xr[i];
-      y[r * out + o] = acc;
-    }
-}
 
 } // namespace
 
@@ -163,16 +152,22 @@ ModelDecoder::~ModelDecoder() {
 void ModelDecoder::build(ModelWeights weights) {
   const ModelConfig &c = config_;
   const int64_t H = c.hidden_size;
-  auto values = [&](const std::string &name) { return weights.at(name).values; };
-  auto maybe = [&](const std::string &name) { return weights.contains(name) ? weights.at(name).values : std::vector<float>{}; };
+  // Tensors are moved out of `weights`, not copied: peak memory stays one float32 model.
+  auto values = [&](const std::string &name) { return weights.take(name).values; };
+  auto maybe = [&](const std::string &name) { return weights.contains(name) ? weights.take(name).values : std::vector<float>{}; };
+  auto with_bias = [](Linear &l, std::vector<float> bias) {
+    if (bias.empty()) return;
+    l.bias = HostTensor<float>({static_cast<int64_t>(bias.size())});
+    l.bias.values() = std::move(bias);
+  };
   // A linear from a [out, in] weight, or from a GPT-2 Conv1D [in, out] weight's columns
   // [col0, col0 + out), transposed.
-  auto make = [&](std::string name, const HostWeight &w, std::vector<float> bias) {
+  auto make = [&](std::string name, HostWeight w, std::vector<float> bias) {
     auto l = std::make_unique<Linear>();
     l->name = std::move(name);
     l->weight = HostTensor<float>({w.shape[0], w.shape[1]});
-    l->weight.values() = w.values;
-    l->bias = std::move(bias);
+    l->weight.values() = std::move(w.values);
+    with_bias(*l, std::move(bias));
     return l;
   };
   auto conv = [&](std::string name, const HostWeight &w, const std::vector<float> &b, int64_t col0, int64_t out) {
@@ -183,7 +178,7 @@ void ModelDecoder::build(ModelWeights weights) {
     for (int64_t o = 0; o < out; ++o)
       for (int64_t i = 0; i < in; ++i)
         l->weight.values()[static_cast<size_t>(o * in + i)] = w.values[static_cast<size_t>(i * cols + col0 + o)];
-    l->bias.assign(b.begin() + col0, b.begin() + col0 + out);
+    with_bias(*l, std::vector<float>(b.begin() + col0, b.begin() + col0 + out));
     return l;
   };
   const bool gpt2 = c.architecture == Architecture::gpt2;
@@ -207,7 +202,7 @@ void ModelDecoder::build(ModelWeights weights) {
       layer.norm2_bias = values(p + "ln_2.bias");
     } else {
       std::string p = "model.layers." + std::to_string(i) + ".";
-      auto lin = [&](const std::string &m) { return make(p + m, weights.at(p + m + ".weight"), maybe(p + m + ".bias")); };
+      auto lin = [&](const std::string &m) { return make(p + m, weights.take(p + m + ".weight"), maybe(p + m + ".bias")); };
       layer.q = lin("self_attn.q_proj");
       layer.k = lin("self_attn.k_proj");
       layer.v = lin("self_attn.v_proj");
@@ -222,9 +217,8 @@ void ModelDecoder::build(ModelWeights weights) {
   }
   final_norm_ = values(gpt2 ? "ln_f.weight" : "model.norm.weight");
   if (gpt2) final_norm_bias_ = values("ln_f.bias");
-  const HostWeight &head = c.tie_word_embeddings ? weights.at(gpt2 ? "wte.weight" : "model.embed_tokens.weight")
-                                                 : weights.at("lm_head.weight");
-  lm_head_ = make("lm_head", head, {});
+  // Tied: the head is a second copy of the embedding (the Linear owns what quantizers read).
+  lm_head_ = make("lm_head", c.tie_word_embeddings ? HostWeight{{c.vocab_size, H}, embedding_} : weights.take("lm_head.weight"), {});
   for (auto &layer : layers_)
     for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get(), layer.gate.get(), layer.up.get(),
                       layer.down.get()})
@@ -357,20 +351,13 @@ void ModelDecoder::install_hooks() {
 
 void ModelDecoder::linear(Linear &lin, HostTensor<float> &x, HostTensor<float> &y) {
   int64_t out = lin.weight.dim(0), in = lin.weight.dim(1), n = x.dim(0);
+  const bool has_bias = lin.bias.numel() > 0;
   if (quantizer_ && lin.qweight) {
-    HostTensor<float> bias;
-    if (!lin.bias.empty()) {
-      bias = HostTensor<float>({out});
-      bias.values() = lin.bias;
-    }
     quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->linear(quantizer_->handle(), lin.qweight, x.dl(),
-                                                                          lin.bias.empty() ? nullptr : bias.dl(), y.dl()),
+                                                                          has_bias ? lin.bias.dl() : nullptr, y.dl()),
                       "linear");
   } else {
-    dense(lin.weight, out, in, x.data(), y.data(), n);
-    if (!lin.bias.empty())
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t o = 0; o < out; ++o) y.data()[r * out + o] += lin.bias[static_cast<size_t>(o)];
+    ops::linear(x.data(), n, lin.weight.data(), out, in, has_bias ? lin.bias.data() : nullptr, y.data());
   }
   for (auto &[instance, site] : lin.sites) {
     loom_adapter_io io{};
@@ -385,37 +372,8 @@ void ModelDecoder::linear(Linear &lin, HostTensor<float> &x, HostTensor<float> &
 
 // RMSNorm (w, no bias) or LayerNorm (w and b), over one hidden vector.
 void ModelDecoder::norm(const std::vector<float> &w, const std::vector<float> &b, const float *x, float *y) const {
-  const int64_t H = config_.hidden_size;
-  const float eps = static_cast<float>(config_.norm_eps);
-  if (b.empty()) {
-    float ss = 0;
-    for (int64_t i = 0; i < H; ++i) ss += x[i] * x[i];
-    float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
-    for (int64_t i = 0; i < H; ++i) y[i] = w[static_cast<size_t>(i)] * (x[i] * inv);
-    return;
-  }
-  float mean = 0, var = 0;
-  for (int64_t i = 0; i < H; ++i) mean += x[i];
-  mean /= static_cast<float>(H);
-  for (int64_t i = 0; i < H; ++i) var += (x[i] - mean) * (x[i] - mean);
-  var /= static_cast<float>(H);
-  float inv = 1.0f / std::sqrt(var + eps);
-  for (int64_t i = 0; i < H; ++i) y[i] = (x[i] - mean) * inv * w[static_cast<size_t>(i)] + b[static_cast<size_t>(i)];
-}
-
-// Rotary embedding at one position on v[heads, D] (rotate-half pairs (i, i + D/2)).
-void ModelDecoder::rope(float *v, int64_t heads, int32_t pos) const {
-  const int64_t D = config_.head_dim, half = D / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    float angle = static_cast<float>(pos) * static_cast<float>(inv_freq_[static_cast<size_t>(i)]);
-    float c = std::cos(angle), s = std::sin(angle);
-    for (int64_t h = 0; h < heads; ++h) {
-      float *r = v + h * D;
-      float a = r[i], b = r[i + half];
-      r[i] = a * c - b * s;
-      r[i + half] = b * c + a * s;
-    }
-  }
+  if (b.empty()) ops::rms_norm(x, w.data(), config_.hidden_size, config_.norm_eps, y);
+  else ops::layer_norm(x, w.data(), b.data(), config_.hidden_size, config_.norm_eps, y);
 }
 
 HostTensor<float> ModelDecoder::forward(int32_t token, int32_t pos) {
@@ -444,8 +402,8 @@ HostTensor<float> ModelDecoder::forward(int32_t token, int32_t pos) {
     linear(*layer.k, h, k);
     linear(*layer.v, h, v);
     if (!gpt2) {
-      rope(q.data(), Hq, pos);
-      rope(k.data(), Hkv, pos);
+      ops::rope(q.data(), Hq, D, pos, inv_freq_);
+      ops::rope(k.data(), Hkv, D, pos, inv_freq_);
     }
     HostTensor<float> q3({1, Hq, D}), k3({1, Hkv, D}), v3({1, Hkv, D}), out3({1, Hq, D});
     q3.values() = q.values();
@@ -478,16 +436,9 @@ HostTensor<float> ModelDecoder::forward(int32_t token, int32_t pos) {
     if (layer.gate) { // SwiGLU: down(silu(gate(h)) * up(h))
       HostTensor<float> gate({1, I});
       linear(*layer.gate, h, gate);
-      for (int64_t i = 0; i < I; ++i) {
-        float g = gate.data()[i];
-        up.data()[i] *= g / (1.0f + std::exp(-g));
-      }
+      for (int64_t i = 0; i < I; ++i) up.data()[i] *= ops::silu(gate.data()[i]);
     } else { // GPT-2: c_proj(gelu_new(c_fc(h)))
-      const float k0 = std::sqrt(2.0f / std::numbers::pi_v<float>);
-      for (int64_t i = 0; i < I; ++i) {
-        float u = up.data()[i];
-        up.data()[i] = 0.5f * u * (1.0f + std::tanh(k0 * (u + 0.044715f * u * u * u)));
-      }
+      for (int64_t i = 0; i < I; ++i) up.data()[i] = ops::gelu_new(up.data()[i]);
     }
     linear(*layer.down, up, mlp);
     for (int64_t i = 0; i < H; ++i) x.data()[i] += mlp.data()[i];

@@ -46,7 +46,7 @@ class ModelDecoder {
   struct Linear {
     std::string name;                 // module name adapters match ("model.layers.0.self_attn.q_proj")
     detail::HostTensor<float> weight; // [out, in]
-    std::vector<float> bias;          // [out] or empty
+    detail::HostTensor<float> bias;   // [out], or no elements
     loom_qweight *qweight = nullptr;  // owned by the quantizer instance
     std::vector<std::pair<const Instance *, loom_adapter_site *>> sites;
   };
@@ -68,7 +68,6 @@ class ModelDecoder {
   // y[n, out] = x[n, in] W^T + b through the quantizer and adapters.
   void linear(Linear &lin, detail::HostTensor<float> &x, detail::HostTensor<float> &y);
   void norm(const std::vector<float> &w, const std::vector<float> &b, const float *x, float *y) const;
-  void rope(float *v, int64_t heads, int32_t pos) const;
   // Runs one token at `pos` through the model; returns logits [1, vocab].
   detail::HostTensor<float> forward(int32_t token, int32_t pos);
   // The text `generated` adds after the prompt into *text, cut before the first stop string;

@@ -171,6 +171,14 @@ ModelWeights ModelWeights::from_map(std::map<std::string, HostWeight, std::less<
   return out;
 }
 
+HostWeight ModelWeights::take(std::string_view name) {
+  auto it = weights_.find(name);
+  if (it == weights_.end()) throw runtime_error("weight " + std::string(name) + " is not loaded");
+  HostWeight w = std::move(it->second);
+  weights_.erase(it);
+  return w;
+}
+
 const HostWeight &ModelWeights::at(std::string_view name) const {
   auto it = weights_.find(name);
   if (it == weights_.end()) throw runtime_error("weight " + std::string(name) + " is not loaded");

@@ -5,6 +5,7 @@
 #include <numbers>
 
 #include "loom/core/error.hpp"
+#include "transformer_ops.hpp"
 
 namespace loom {
 
@@ -14,16 +15,8 @@ using Matrix = std::vector<float>; // row-major, shape carried by the caller
 
 // y[T, out] = x[T, in] W[out, in]^T (+ b[out])
 Matrix linear(const Matrix &x, int64_t T, const HostWeight &W, const HostWeight *b) {
-  const int64_t out = W.shape[0], in = W.shape[1];
-  Matrix y(static_cast<size_t>(T * out));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t o = 0; o < out; ++o) {
-      const float *w = W.values.data() + o * in;
-      const float *xr = x.data() + t * in;
-      float acc = 0;
-      for (int64_t i = 0; i < in; ++i) acc += xr[i] * w[i];
-      y[static_cast<size_t>(t * out + o)] = acc + (b ? b->values[static_cast<size_t>(o)] : 0.0f);
-    }
+  Matrix y(static_cast<size_t>(T * W.shape[0]));
+  ops::linear(x.data(), T, W.values.data(), W.shape[0], W.shape[1], b ? b->values.data() : nullptr, y.data());
   return y;
 }
 
@@ -43,48 +36,21 @@ Matrix conv1d(const Matrix &x, int64_t T, const HostWeight &W, const HostWeight 
 // x[T, H] -> x / sqrt(mean(x^2) + eps) * w
 Matrix rms_norm(const Matrix &x, int64_t T, int64_t H, const HostWeight &w, double eps) {
   Matrix y(x.size());
-  for (int64_t t = 0; t < T; ++t) {
-    const float *r = x.data() + t * H;
-    float ss = 0;
-    for (int64_t i = 0; i < H; ++i) ss += r[i] * r[i];
-    float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
-    for (int64_t i = 0; i < H; ++i) y[static_cast<size_t>(t * H + i)] = w.values[static_cast<size_t>(i)] * (r[i] * inv);
-  }
+  for (int64_t t = 0; t < T; ++t) ops::rms_norm(x.data() + t * H, w.values.data(), H, eps, y.data() + t * H);
   return y;
 }
 
 // x[T, H] -> (x - mean) / sqrt(var + eps) * w + b
 Matrix layer_norm(const Matrix &x, int64_t T, int64_t H, const HostWeight &w, const HostWeight &b, double eps) {
   Matrix y(x.size());
-  for (int64_t t = 0; t < T; ++t) {
-    const float *r = x.data() + t * H;
-    float mean = 0, var = 0;
-    for (int64_t i = 0; i < H; ++i) mean += r[i];
-    mean /= static_cast<float>(H);
-    for (int64_t i = 0; i < H; ++i) var += (r[i] - mean) * (r[i] - mean);
-    var /= static_cast<float>(H);
-    float inv = 1.0f / std::sqrt(var + static_cast<float>(eps));
-    for (int64_t i = 0; i < H; ++i)
-      y[static_cast<size_t>(t * H + i)] = (r[i] - mean) * inv * w.values[static_cast<size_t>(i)] + b.values[static_cast<size_t>(i)];
-  }
+  for (int64_t t = 0; t < T; ++t)
+    ops::layer_norm(x.data() + t * H, w.values.data(), b.values.data(), H, eps, y.data() + t * H);
   return y;
 }
 
-// Rotary embedding in place on x[T, heads, D] (rotate-half layout: pairs (i, i + D/2)).
+// Rotary embedding in place on x[T, heads, D], token t at position t.
 void apply_rope(Matrix &x, int64_t T, int64_t heads, int64_t D, const std::vector<double> &inv_freq) {
-  const int64_t half = D / 2;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < half; ++i) {
-      // transformers computes the angle in float32; so do we, to share its rounding.
-      float angle = static_cast<float>(t) * static_cast<float>(inv_freq[static_cast<size_t>(i)]);
-      float c = std::cos(angle), s = std::sin(angle);
-      for (int64_t h = 0; h < heads; ++h) {
-        float *v = x.data() + (t * heads + h) * D;
-        float a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = b * c + a * s;
-      }
-    }
+  for (int64_t t = 0; t < T; ++t) ops::rope(x.data() + t * heads * D, heads, D, t, inv_freq);
 }
 
 // Causal attention. q[T, Hq, D], k/v[T, Hkv, D] -> out[T, Hq, D]; key j is visible to query i
@@ -115,13 +81,6 @@ Matrix attention(const Matrix &q, const Matrix &k, const Matrix &v, int64_t T, i
     }
   }
   return out;
-}
-
-float silu(float x) { return x / (1.0f + std::exp(-x)); }
-
-float gelu_new(float x) {
-  const float c = std::sqrt(2.0f / std::numbers::pi_v<float>);
-  return 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x)));
 }
 
 void add_into(Matrix &x, const Matrix &y) {
@@ -204,7 +163,7 @@ std::vector<float> ReferenceModel::forward(const std::vector<int32_t> &tokens) c
       add_into(x, conv1d(a, T, W(p + "attn.c_proj.weight"), W(p + "attn.c_proj.bias")));
       h = layer_norm(x, T, H, W(p + "ln_2.weight"), W(p + "ln_2.bias"), c.norm_eps);
       Matrix f = conv1d(h, T, W(p + "mlp.c_fc.weight"), W(p + "mlp.c_fc.bias"));
-      for (float &e : f) e = gelu_new(e);
+      for (float &e : f) e = ops::gelu_new(e);
       add_into(x, conv1d(f, T, W(p + "mlp.c_proj.weight"), W(p + "mlp.c_proj.bias")));
       continue;
     }
@@ -220,7 +179,7 @@ std::vector<float> ReferenceModel::forward(const std::vector<int32_t> &tokens) c
     h = rms_norm(x, T, H, W(p + "post_attention_layernorm.weight"), c.norm_eps);
     Matrix g = linear(h, T, W(p + "mlp.gate_proj.weight"), maybe(p + "mlp.gate_proj.bias"));
     Matrix u = linear(h, T, W(p + "mlp.up_proj.weight"), maybe(p + "mlp.up_proj.bias"));
-    for (size_t i = 0; i < g.size(); ++i) g[i] = silu(g[i]) * u[i];
+    for (size_t i = 0; i < g.size(); ++i) g[i] = ops::silu(g[i]) * u[i];
     add_into(x, linear(g, T, W(p + "mlp.down_proj.weight"), maybe(p + "mlp.down_proj.bias")));
   }
   Matrix h = gpt2 ? layer_norm(x, T, H, W("ln_f.weight"), W("ln_f.bias"), c.norm_eps)

@@ -33,6 +33,8 @@ class ModelWeights {
   // Throws loom::Error naming the tensor when absent.
   const HostWeight &at(std::string_view name) const;
   bool contains(std::string_view name) const { return weights_.find(name) != weights_.end(); }
+  // Moves a tensor out (for a consumer that keeps its own copy); throws when absent.
+  HostWeight take(std::string_view name);
   size_t size() const { return weights_.size(); }
 
  private:
