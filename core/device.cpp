@@ -1,5 +1,7 @@
 // Device memory, copies and row kernels for CPU and (when built with it) CUDA.
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <cstring>
 #include <vector>
 
@@ -18,6 +20,38 @@ bool cuda_ok(cudaError_t e, const char *what, std::string &error) {
   if (e == cudaSuccess) return true;
   error = std::string(what) + ": " + cudaGetErrorString(e);
   return false;
+}
+
+// Device scratch for the row kernels' small outputs (argmax ids, the masked-row count), kept
+// per device and grown on demand instead of a cudaMalloc/cudaFree pair per sampling step.
+// The lock is held from the kernel to the copy back; the memory lives as long as the process.
+struct Scratch {
+  std::mutex mutex;
+  void *ptr = nullptr;
+  size_t bytes = 0;
+};
+
+// Locks the current device's scratch and makes it at least `bytes` long.
+std::unique_lock<std::mutex> scratch(size_t bytes, void **out, std::string &error) {
+  static std::mutex table_mutex;
+  static std::map<int, Scratch> table;
+  int device = 0;
+  if (!cuda_ok(cudaGetDevice(&device), "cudaGetDevice", error)) return {};
+  Scratch *s;
+  {
+    std::lock_guard lock(table_mutex);
+    s = &table[device]; // std::map nodes do not move
+  }
+  std::unique_lock lock(s->mutex);
+  if (s->bytes < bytes) {
+    if (s->ptr) cudaFree(s->ptr);
+    s->ptr = nullptr;
+    s->bytes = 0;
+    if (!cuda_ok(cudaMalloc(&s->ptr, bytes), "cudaMalloc", error)) return {};
+    s->bytes = bytes;
+  }
+  *out = s->ptr;
+  return lock;
 }
 #endif
 } // namespace
@@ -136,15 +170,15 @@ loom_status device_softmax_rows(float *x, int64_t rows, int64_t cols, DLDevice d
 #if LOOM_HAVE_CUDA
   if (device.device_type == kDLCUDA) {
     // Count all -inf rows on the device, so CUDA reports them as the CPU version does.
-    int32_t *masked = nullptr;
-    if (!cuda_ok(cudaMalloc(reinterpret_cast<void **>(&masked), sizeof(int32_t)), "cudaMalloc", error))
-      return LOOM_ERR_DEVICE;
+    void *buffer = nullptr;
+    auto lock = scratch(sizeof(int32_t), &buffer, error);
+    if (!lock) return LOOM_ERR_DEVICE;
+    auto *masked = static_cast<int32_t *>(buffer);
     int32_t masked_rows = 0;
-    bool ok = cuda_ok(cudaMemset(masked, 0, sizeof(int32_t)), "cudaMemset", error) &&
+    bool ok = cuda_ok(cudaMemsetAsync(masked, 0, sizeof(int32_t), nullptr), "cudaMemsetAsync", error) &&
               cuda_ok(static_cast<cudaError_t>(kernels::softmax_rows_cuda(x, rows, cols, nullptr, masked)),
                       "softmax_rows_cuda", error) &&
               cuda_ok(cudaMemcpy(&masked_rows, masked, sizeof(int32_t), cudaMemcpyDeviceToHost), "cudaMemcpy", error);
-    cudaFree(masked);
     if (!ok) return LOOM_ERR_DEVICE;
     if (masked_rows > 0) {
       error = std::to_string(masked_rows) + " row(s) hold only -inf";
@@ -165,16 +199,15 @@ bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice dev
   }
 #if LOOM_HAVE_CUDA
   if (device.device_type == kDLCUDA) {
-    int32_t *out_device = nullptr;
-    if (!cuda_ok(cudaMalloc(reinterpret_cast<void **>(&out_device), static_cast<size_t>(rows) * sizeof(int32_t)),
-                 "cudaMalloc", error))
-      return false;
+    void *buffer = nullptr;
+    auto lock = scratch(static_cast<size_t>(rows) * sizeof(int32_t), &buffer, error);
+    if (!lock) return false;
+    auto *out_device = static_cast<int32_t *>(buffer);
     int e = kernels::argmax_rows_cuda(x, rows, cols, out_device, nullptr);
     bool ok = cuda_ok(static_cast<cudaError_t>(e), "argmax_rows_cuda", error) &&
               cuda_ok(cudaMemcpy(out_host, out_device, static_cast<size_t>(rows) * sizeof(int32_t),
                                  cudaMemcpyDeviceToHost),
                       "cudaMemcpy", error);
-    cudaFree(out_device);
     return ok;
   }
 #endif
