@@ -178,7 +178,9 @@ void ModelDecoder::build(ModelWeights weights) {
     for (int64_t o = 0; o < out; ++o)
       for (int64_t i = 0; i < in; ++i)
         l->weight.values()[static_cast<size_t>(o * in + i)] = w.values[static_cast<size_t>(i * cols + col0 + o)];
-    with_bias(*l, std::vector<float>(b.begin() + col0, b.begin() + col0 + out));
+    l->bias = HostTensor<float>({out}); // (copied in place: a temporary vector here trips GCC 12's
+                                        // false -Wfree-nonheap-object at -O3)
+    std::copy(b.begin() + col0, b.begin() + col0 + out, l->bias.data());
     return l;
   };
   const bool gpt2 = c.architecture == Architecture::gpt2;
