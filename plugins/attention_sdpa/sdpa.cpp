@@ -1,9 +1,10 @@
-// Attention component `sdpa`: the CPU reference for scaled dot-product attention over a paged
-// KV cache. Clear over fast: every other attention plugin is checked against this one.
+// Attention component `sdpa`: the reference for scaled dot-product attention over a paged KV
+// cache, on the CPU (float32) and, in builds with CUDA, on a CUDA device (float32 or bfloat16;
+// sdpa_cuda.cpp). Clear over fast: every other attention plugin is checked against this one.
 //
-// KV block layout in the pool (one layer), float32, B = block_size:
+// KV block layout in the pool (one layer), in the config dtype, B = block_size:
 //   block = keys [B, Hkv, D] followed by values [B, Hkv, D]
-//   bytes_per_block = 2 * B * Hkv * D * 4
+//   bytes_per_block = 2 * B * Hkv * D * sizeof(dtype)
 // A sequence's token at position p lives in pool block block_table[s, p / B], slot p % B.
 #include <cmath>
 #include <cstring>
@@ -12,7 +13,11 @@
 #include <vector>
 
 #include "loom/loom_plugin_api.h"
+#include "loom_device_tensor.hpp"
 #include "loom_plugin_util.hpp"
+#if LOOM_SDPA_CUDA
+#include "sdpa_cuda.hpp"
+#endif
 
 namespace loomp::sdpa {
 namespace {
@@ -36,15 +41,28 @@ struct Sdpa {
       invalid("sdpa: n_heads (" + std::to_string(c.n_heads) + ") must be a multiple of n_kv_heads (" +
               std::to_string(c.n_kv_heads) + ")");
     if (c.sliding_window < 0) invalid("sdpa: sliding_window must be >= 0");
-    if (!is_f32(c.dtype)) unsupported("sdpa: only float32 is supported (config.dtype)");
-    if (c.device.device_type != kDLCPU) unsupported("sdpa: only the CPU device is supported (config.device)");
+    if (c.device.device_type == kDLCUDA) {
+#if LOOM_SDPA_CUDA
+      if (!is_f32(c.dtype) && !is_bf16(c.dtype))
+        unsupported("sdpa: on CUDA only float32 and bfloat16 are supported (config.dtype is " + dtype_name(c.dtype) +
+                    ")");
+#else
+      unsupported("sdpa: this build of Loom has no CUDA support (config.device is " + device_name(c.device) + ")");
+#endif
+    } else {
+      if (!is_f32(c.dtype)) unsupported("sdpa: only float32 is supported on the CPU (config.dtype)");
+      if (c.device.device_type != kDLCPU)
+        unsupported("sdpa: only the CPU and CUDA devices are supported (config.device is " + device_name(c.device) +
+                    ")");
+    }
     if (!std::isfinite(c.softmax_scale)) invalid("sdpa: softmax_scale is not finite");
     cfg = c;
     prepared = true;
+    const uint64_t elem = is_bf16(c.dtype) ? 2 : sizeof(float);
     out.block_size = static_cast<int32_t>(block_size);
-    out.cache_dtype = kF32;
+    out.cache_dtype = c.dtype;
     out.bytes_per_block = 2ull * static_cast<uint64_t>(block_size) * static_cast<uint64_t>(c.n_kv_heads) *
-                          static_cast<uint64_t>(c.head_dim) * sizeof(float);
+                          static_cast<uint64_t>(c.head_dim) * elem;
   }
 
   void forward(const loom_attention_batch& b) {
@@ -54,6 +72,9 @@ struct Sdpa {
     if (T < 0 || S < 0) invalid("sdpa: n_tokens and n_seqs must be >= 0");
     if (cfg.n_layers > 0 && (b.layer < 0 || b.layer >= cfg.n_layers))
       invalid("sdpa: layer " + std::to_string(b.layer) + " out of range");
+#if LOOM_SDPA_CUDA
+    if (cfg.device.device_type == kDLCUDA) return forward_cuda(host, ctx, cfg, block_size, b);
+#endif
     for (const DLTensor* t : {b.q, b.k, b.v, b.out})
       if (t != nullptr && (t->device.device_type != kDLCPU || !is_f32(t->dtype)))
         unsupported("sdpa: q, k, v and out must be float32 on the CPU");
@@ -191,7 +212,7 @@ constexpr loom_param_desc kParams[] = {
 };
 constexpr loom_component_desc kSdpa = {
     sizeof(loom_component_desc), LOOM_KIND_ATTENTION, "sdpa", "1.0.0",
-    "Reference scaled dot-product attention on the CPU over a paged float32 KV cache",
+    "Reference scaled dot-product attention over a paged KV cache: CPU float32, CUDA float32/bfloat16",
     kParams, 1, LOOM_THREADING_SERIAL, &kVtable};
 const loom_component_desc* const kComponents[] = {&kSdpa};
 const loom_plugin_desc kPlugin = {

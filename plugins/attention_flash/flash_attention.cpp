@@ -1,0 +1,199 @@
+// Flash host side: config checks, the decode scratch, per-batch checks and launch planning
+// (see flash_attention.hpp for ownership, threading and graph-capture rules).
+#include "flash_attention.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "loom_cuda_guard.hpp"
+#include "loom_device_tensor.hpp"
+#include "loom_plugin_util.hpp"
+
+namespace loomp::flash {
+namespace {
+
+void check_cuda(cudaError_t e, const std::string& what) { loomp::check_cuda(e, "flash", what); }
+
+struct DeviceGuard : loomp::DeviceGuard {
+  explicit DeviceGuard(int device) : loomp::DeviceGuard(device, "flash") {}
+};
+
+int log2_exact(int64_t n) {
+  int s = 0;
+  while ((int64_t{1} << s) < n) ++s;
+  return s;
+}
+
+}  // namespace
+
+FlashAttention::FlashAttention(const loom_host_api* host, loom_host_ctx* ctx) : host_(host), ctx_(ctx) {
+  const int64_t b = cfg_int(host, ctx, "block_size");
+  if (b < 1 || b > 1024 || (b & (b - 1)) != 0)
+    invalid("flash: block_size must be a power of two in [1, 1024], got " + std::to_string(b));
+  block_size_ = static_cast<int>(b);
+}
+
+FlashAttention::~FlashAttention() { release_scratch(); }
+
+void FlashAttention::check_config(const loom_attention_config& c) const {
+  if (c.n_heads <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0)
+    invalid("flash: n_heads, n_kv_heads and head_dim must be positive");
+  if (c.n_heads % c.n_kv_heads != 0)
+    invalid("flash: n_heads (" + std::to_string(c.n_heads) + ") must be a multiple of n_kv_heads (" +
+            std::to_string(c.n_kv_heads) + ")");
+  if (c.n_heads > 65535) unsupported("flash: n_heads above 65535 is not supported");
+  if (c.sliding_window < 0) invalid("flash: sliding_window must be >= 0");
+  if (c.max_positions < 0) invalid("flash: max_positions must be >= 0");
+  if (!std::isfinite(c.softmax_scale)) invalid("flash: softmax_scale is not finite");
+  if (c.head_dim != 64 && c.head_dim != 128)
+    unsupported("flash: head_dim " + std::to_string(c.head_dim) +
+                " is not supported: flash has kernels for head_dim 64 and 128 (sdpa takes any)");
+  if (!is_bf16(c.dtype) && !is_f16(c.dtype))
+    unsupported("flash: config.dtype " + dtype_name(c.dtype) + " is not supported: use bfloat16 or float16");
+  if (c.device.device_type != kDLCUDA)
+    unsupported("flash: runs on CUDA only, but config.device is " + device_name(c.device) + " (sdpa runs there)");
+}
+
+void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& layout) {
+  prepared_ = false;
+  check_config(c);
+  const uint64_t bytes_per_block = 2ull * static_cast<uint64_t>(block_size_) * static_cast<uint64_t>(c.n_kv_heads) *
+                                   static_cast<uint64_t>(c.head_dim) * 2ull;
+  if (bytes_per_block > static_cast<uint64_t>(std::numeric_limits<int32_t>::max()))
+    unsupported("flash: a KV block of " + std::to_string(bytes_per_block) + " bytes is too large");
+
+  DeviceGuard device(c.device.device_id);
+  int major = 0, minor = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c.device.device_id),
+             "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, c.device.device_id),
+             "cudaDeviceGetAttribute");
+  if (major < 8)
+    unsupported("flash: needs a GPU of compute capability 8.0 or newer (bf16 tensor cores); " +
+                device_name(c.device) + " is " + std::to_string(major) + "." + std::to_string(minor));
+  check_cuda(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, c.device.device_id),
+             "cudaDeviceGetAttribute");
+  const Dtype dtype = is_bf16(c.dtype) ? Dtype::bf16 : Dtype::f16;
+  check_cuda(configure_kernels(dtype, c.head_dim), "cudaFuncSetAttribute (prefill shared memory)");
+  allocate_scratch(c);
+
+  cfg_ = c;
+  bytes_per_block_ = bytes_per_block;
+  prepared_problem_ = Problem{};
+  prepared_problem_.dtype = dtype;
+  prepared_problem_.n_heads = c.n_heads;
+  prepared_problem_.n_kv_heads = c.n_kv_heads;
+  prepared_problem_.head_dim = c.head_dim;
+  prepared_problem_.window = c.sliding_window;
+  prepared_problem_.block_shift = log2_exact(block_size_);
+  prepared_problem_.scale_log2 = static_cast<float>(static_cast<double>(c.softmax_scale) * 1.4426950408889634);
+  prepared_ = true;
+  layout.block_size = block_size_;
+  layout.cache_dtype = c.dtype;
+  layout.bytes_per_block = bytes_per_block;
+}
+
+// Scratch for split decode, sized once from the geometry: a batch of one token can split its
+// keys kDecodeMaxSplits ways (fewer when max_positions is short); bigger batches split less,
+// as plan_decode() keeps T * H * n_splits within these rows.
+void FlashAttention::allocate_scratch(const loom_attention_config& c) {
+  release_scratch();
+  int64_t splits = kDecodeMaxSplits;
+  if (c.max_positions > 0)
+    splits = std::clamp<int64_t>((c.max_positions + kDecodeMinChunk - 1) / kDecodeMinChunk, 1, kDecodeMaxSplits);
+  if (splits <= 1) return;  // contexts too short to split: decode never needs scratch
+  const int64_t rows = static_cast<int64_t>(c.n_heads) * splits;
+  const auto bytes = static_cast<size_t>(rows) * (static_cast<size_t>(c.head_dim) + 2) * sizeof(float);
+  void* p = nullptr;
+  if (host_->device_alloc(ctx_, c.device, bytes, 256, &p) != LOOM_OK || p == nullptr)
+    fail(LOOM_ERR_OUT_OF_MEMORY, "flash: cannot allocate " + std::to_string(bytes) + " bytes of decode scratch on " +
+                                     device_name(c.device));
+  scratch_ = p;
+  scratch_device_ = c.device;
+  scratch_rows_ = rows;
+}
+
+void FlashAttention::release_scratch() {
+  if (scratch_ != nullptr) host_->device_free(ctx_, scratch_device_, scratch_);
+  scratch_ = nullptr;
+  scratch_rows_ = 0;
+}
+
+// Enough CTAs to fill the GPU a few times over, no more splits than kDecodeMinChunk-key chunks
+// of the longest context the table can hold, and within the scratch.
+DecodePlan FlashAttention::plan_decode(int n_tokens, int table_cols) const {
+  DecodePlan plan;
+  if (scratch_ == nullptr || n_tokens <= 0) return plan;
+  const int heads_per_cta = decode_heads_per_cta(cfg_.n_heads / cfg_.n_kv_heads);
+  const int64_t ctas = static_cast<int64_t>(n_tokens) * (cfg_.n_heads / heads_per_cta);
+  const int64_t want = (4 * static_cast<int64_t>(sm_count_) + ctas - 1) / ctas;
+  const int64_t by_length = (static_cast<int64_t>(table_cols) * block_size_ + kDecodeMinChunk - 1) / kDecodeMinChunk;
+  const int64_t by_scratch = scratch_rows_ / (static_cast<int64_t>(n_tokens) * cfg_.n_heads);
+  const int64_t n = std::min({want, by_length, by_scratch, static_cast<int64_t>(kDecodeMaxSplits)});
+  if (n <= 1) return plan;
+  plan.n_splits = static_cast<int>(n);
+  plan.partial_out = static_cast<float*>(scratch_);
+  plan.partial_ml = plan.partial_out + scratch_rows_ * cfg_.head_dim;
+  return plan;
+}
+
+void FlashAttention::forward(const loom_attention_batch& b) {
+  if (!prepared_) invalid("flash: forward called before prepare");
+  const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, D = cfg_.head_dim;
+  const int64_t T = b.n_tokens, S = b.n_seqs;
+  if (T < 0 || S < 0) invalid("flash: n_tokens and n_seqs must be >= 0");
+  if (T > 0 && S == 0) invalid("flash: n_tokens is " + std::to_string(T) + " but n_seqs is 0");
+  if (cfg_.n_layers > 0 && (b.layer < 0 || b.layer >= cfg_.n_layers))
+    invalid("flash: layer " + std::to_string(b.layer) + " out of range");
+  const DLDevice dev = cfg_.device;
+  // 16-byte alignment: the kernels move q/k/v/out rows and cache rows in 16-byte pieces.
+  check_device_tensor(b.q, "q", dev, cfg_.dtype, {T, H, D}, 16);
+  check_device_tensor(b.k, "k", dev, cfg_.dtype, {T, Hkv, D}, 16);
+  check_device_tensor(b.v, "v", dev, cfg_.dtype, {T, Hkv, D}, 16);
+  check_device_tensor(b.out, "out", dev, cfg_.dtype, {T, H, D}, 16);
+  check_device_tensor(b.seq_offsets, "seq_offsets", dev, kI32, {S + 1}, 4);
+  check_device_tensor(b.seq_positions, "seq_positions", dev, kI32, {S}, 4);
+  check_device_tensor(b.block_table, "block_table", dev, kI32, {S, -1}, 4);
+  check_device_tensor(b.kv_pool, "kv_pool", dev, kU8, {-1, static_cast<int64_t>(bytes_per_block_)}, 16);
+  if (T == 0) return;
+  const int64_t M = b.block_table->shape[1], N = b.kv_pool->shape[0];
+  if (M == 0) invalid("block_table: has no columns, so no position has a block");
+  if (N == 0) invalid("kv_pool: has no blocks");
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  if (T > kIntMax / H || S >= kIntMax) invalid("flash: n_tokens or n_seqs too large");
+  if (M * block_size_ > kIntMax) invalid("block_table: more positions than 2^31 - 1");
+
+  Problem p = prepared_problem_;
+  p.causal = b.causal != 0 ? 1 : 0;
+  p.n_tokens = static_cast<int>(T);
+  p.n_seqs = static_cast<int>(S);
+  p.table_cols = static_cast<int>(M);
+  p.pool_blocks = N;
+  p.q = data_of<const uint8_t>(*b.q);
+  p.k = data_of<const uint8_t>(*b.k);
+  p.v = data_of<const uint8_t>(*b.v);
+  p.out = data_of<uint8_t>(*b.out);
+  p.seq_offsets = data_of<const int32_t>(*b.seq_offsets);
+  p.seq_positions = data_of<const int32_t>(*b.seq_positions);
+  p.block_table = data_of<const int32_t>(*b.block_table);
+  p.pool = data_of<uint8_t>(*b.kv_pool);
+
+  DeviceGuard device(dev.device_id);
+  auto* stream = static_cast<cudaStream_t>(host_->current_stream(ctx_, dev));
+  // One token per sequence is decode (the usual case when T == S; the kernel is correct for any
+  // split of T tokens). gridDim.z caps the decode grid at 65535 tokens. The decode kernel
+  // appends k/v to the cache itself; prefill reads every key from the cache, so the append
+  // runs first.
+  if (T == S && T <= 65535) {
+    check_cuda(launch_decode(p, plan_decode(p.n_tokens, p.table_cols), stream), "decode kernel launch");
+  } else {
+    check_cuda(launch_cache_write(p, stream), "cache write kernel launch");
+    check_cuda(launch_prefill(p, stream), "prefill kernel launch");
+  }
+}
+
+}  // namespace loomp::flash

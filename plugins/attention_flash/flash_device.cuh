@@ -1,0 +1,201 @@
+// Device-side helpers shared by flash's kernels: element types, the paged KV pool as the kernels
+// see it, the token -> sequence lookup, the visible key range of a query, and thin wrappers of
+// the PTX instructions the prefill kernel uses (cp.async, ldmatrix, mma.sync m16n8k16).
+//
+// Everything here is stateless device code (no ownership, no synchronisation of its own). The
+// kernels never trust device data they cannot check on the host: a sequence offset, position or
+// block table entry out of range makes the affected rows or keys be skipped (reads then see
+// zeros), never an access outside the tensors or the pool.
+#ifndef LOOM_PLUGINS_ATTENTION_FLASH_DEVICE_CUH
+#define LOOM_PLUGINS_ATTENTION_FLASH_DEVICE_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "flash_launch.hpp"
+
+namespace loomp::flash::dev {
+
+// ---- element types ----
+
+template <class T>
+struct Elem;
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float2 to_float2(uint32_t packed) {
+    __nv_bfloat162 h;
+    memcpy(&h, &packed, sizeof h);
+    return __bfloat1622float2(h);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t packed;
+    memcpy(&packed, &h, sizeof packed);
+    return packed;
+  }
+};
+
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float2 to_float2(uint32_t packed) {
+    __half2 h;
+    memcpy(&h, &packed, sizeof h);
+    return __half22float2(h);
+  }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t packed;
+    memcpy(&packed, &h, sizeof packed);
+    return packed;
+  }
+};
+
+// ---- the batch ----
+
+// The sequence holding token t: the largest s with off[s] <= t. Empty sequences (equal
+// neighbouring offsets) are skipped naturally; garbage offsets still give an s in [0, S).
+__device__ __forceinline__ int seq_of_token(const int32_t* off, int n_seqs, int t) {
+  int lo = 0, hi = n_seqs;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (__ldg(off + mid) <= t) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// Position of token t (of sequence s) in its sequence, in 64 bits so that garbage cannot overflow.
+__device__ __forceinline__ int64_t token_position(const int32_t* pos, const int32_t* off, int s, int t) {
+  return static_cast<int64_t>(__ldg(pos + s)) + t - static_cast<int64_t>(__ldg(off + s));
+}
+
+// The tokens of sequence s, clamped into [0, T) so that bad offsets cannot reach outside q/out.
+struct SeqSpan {
+  int begin;  // first token index in the batch
+  int count;  // new tokens of the sequence
+};
+__device__ __forceinline__ SeqSpan seq_span(const int32_t* off, int n_tokens, int s) {
+  const int b = min(max(__ldg(off + s), 0), n_tokens);
+  const int e = min(max(__ldg(off + s + 1), b), n_tokens);
+  return {b, e - b};
+}
+
+// Keys [lo, hi] seen by a query at position p (64-bit: positions come from device memory the host
+// never checked) of a sequence with `total` cached tokens after this call. hi is capped by the
+// positions the block table can address (`capacity` = table_cols * B), which keeps the work
+// bounded whatever the positions say; both ends then fit an int.
+struct KeyRange {
+  int lo, hi;  // inclusive; empty when hi < lo
+};
+__device__ __forceinline__ KeyRange key_range(int64_t p, int64_t total, int causal, int window, int capacity) {
+  const int64_t hi = causal ? p : total - 1;
+  const int64_t lo = window > 0 ? p - window + 1 : 0;
+  KeyRange r;
+  r.hi = static_cast<int>(min(max(hi, int64_t{-1}), static_cast<int64_t>(capacity) - 1));
+  r.lo = static_cast<int>(min(max(lo, int64_t{0}), static_cast<int64_t>(capacity)));
+  return r;
+}
+
+// The paged pool of one layer, as the kernels address it.
+struct Pool {
+  uint8_t* base;  // written only by the cache-write kernel
+  int64_t n_blocks;
+  int64_t block_bytes;   // 2 * B * Hkv * D * 2
+  int64_t values_bytes;  // offset of the values inside a block: B * Hkv * D * 2
+  const int32_t* table;  // [S, cols]
+  int cols;
+  int block_shift;
+  int kv_heads;
+  int head_dim;
+
+  // Byte offset of the key row of (sequence s, position pos, kv head h) from `base`, or -1 when
+  // the table has no valid block there. The value row is values_bytes further.
+  __device__ __forceinline__ int64_t key_offset(int s, int64_t pos, int h) const {
+    if (pos < 0) return -1;
+    const int64_t logical = pos >> block_shift;
+    if (logical >= cols) return -1;
+    const int block = __ldg(table + static_cast<int64_t>(s) * cols + logical);
+    if (block < 0 || block >= n_blocks) return -1;
+    const int slot = pos & ((1 << block_shift) - 1);
+    return static_cast<int64_t>(block) * block_bytes +
+           (static_cast<int64_t>(slot) * kv_heads + h) * head_dim * 2;
+  }
+};
+
+__host__ __forceinline__ Pool make_pool(const Problem& p) {
+  Pool pool;
+  pool.base = p.pool;
+  pool.n_blocks = p.pool_blocks;
+  pool.values_bytes = (int64_t{1} << p.block_shift) * p.n_kv_heads * p.head_dim * 2;
+  pool.block_bytes = 2 * pool.values_bytes;
+  pool.table = p.block_table;
+  pool.cols = p.table_cols;
+  pool.block_shift = p.block_shift;
+  pool.kv_heads = p.n_kv_heads;
+  pool.head_dim = p.head_dim;
+  return pool;
+}
+
+// ---- PTX wrappers (sm_80+) ----
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte asynchronous copy global -> shared; when !valid, writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+
+// d += a * b for one m16n8k16 tile: a row-major 16x16, b column-major 16x8, d float 16x8.
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                  uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+}  // namespace loomp::flash::dev
+
+#endif

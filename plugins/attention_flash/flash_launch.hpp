@@ -1,0 +1,91 @@
+// The boundary between flash's host code (C++20, flash_attention.cpp) and its CUDA kernels
+// (C++17, *.cu): one description of a prepared problem and one launcher per kernel family.
+//
+// Ownership: a Problem only borrows pointers; every one of them is device memory owned by the
+// caller of forward() (tensors, the KV pool) or by the plugin instance (decode scratch).
+// Thread-safety: the launchers keep no state; they enqueue work on `stream` and return the
+// launch status (cudaGetLastError after the launch) without waiting for the work.
+//
+// KV cache layout (one layer, cache dtype = the q/k/v dtype, B = block_size):
+//   block = keys [B, Hkv, D] followed by values [B, Hkv, D]; bytes_per_block = 2 * B * Hkv * D * 2
+// A sequence's token at position p lives in pool block block_table[s, p / B], slot p % B.
+#ifndef LOOM_PLUGINS_ATTENTION_FLASH_LAUNCH_HPP
+#define LOOM_PLUGINS_ATTENTION_FLASH_LAUNCH_HPP
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace loomp::flash {
+
+enum class Dtype { bf16, f16 };
+
+struct Problem {
+  // Fixed by prepare().
+  Dtype dtype = Dtype::bf16;
+  int n_heads = 0;     // H
+  int n_kv_heads = 0;  // Hkv
+  int head_dim = 0;    // D: 64 or 128
+  int window = 0;      // 0: full attention; else key visible iff q_pos - k_pos < window
+  int block_shift = 0; // log2(B)
+  float scale_log2 = 0.0f;  // softmax_scale * log2(e): scores go through exp2
+  // Per forward() call.
+  int causal = 1;
+  int n_tokens = 0;   // T
+  int n_seqs = 0;     // S
+  int table_cols = 0; // M: block_table is [S, M]
+  int64_t pool_blocks = 0;  // N
+  const void* q = nullptr;  // [T, H, D]
+  const void* k = nullptr;  // [T, Hkv, D]
+  const void* v = nullptr;  // [T, Hkv, D]
+  void* out = nullptr;      // [T, H, D]
+  const int32_t* seq_offsets = nullptr;   // [S + 1]
+  const int32_t* seq_positions = nullptr; // [S]
+  const int32_t* block_table = nullptr;   // [S, M]
+  uint8_t* pool = nullptr;                // [N, bytes_per_block]
+};
+
+// Decode scratch: per (token, query head, split) an unnormalised output row [D] and its running
+// max and sum, combined by a second kernel when a token's keys are split across CTAs.
+struct DecodePlan {
+  int n_splits = 1;
+  float* partial_out = nullptr;  // [T, H, n_splits, D]
+  float* partial_ml = nullptr;   // [T, H, n_splits, 2]: running max (log2 units) and sum
+};
+
+// Keys a decode split covers at least, so that short contexts are not cut into slivers.
+inline constexpr int kDecodeMinChunk = 64;
+// Most splits of one token's keys (bounds the scratch and the combine kernel's loop).
+inline constexpr int kDecodeMaxSplits = 64;
+
+// Largest power of two dividing n, at most `cap` (a power of two).
+constexpr int pow2_divisor(int n, int cap) {
+  int d = 1;
+  while (d < cap && n % (2 * d) == 0) d *= 2;
+  return d;
+}
+// Query heads of one KV group that share a prefill CTA (interleaved with 64 / pack tokens).
+constexpr int prefill_pack(int group) { return pow2_divisor(group, 16); }
+// Query heads of one KV group that share a decode CTA (each adds 16 accumulator registers per
+// thread; beyond 4 the kernel runs out of registers).
+constexpr int decode_heads_per_cta(int group) { return pow2_divisor(group, 4); }
+
+// Once per prepared geometry, before any launch (and never during graph capture): raises the
+// prefill kernel's dynamic shared memory limit on the current device.
+cudaError_t configure_kernels(Dtype dtype, int head_dim);
+
+// Writes the batch's new k/v rows into the paged cache (before launch_prefill; launch_decode
+// does it itself).
+cudaError_t launch_cache_write(const Problem& p, cudaStream_t stream);
+
+// Tensor-core attention over any ragged batch (prefill, chunked prefill, mixed).
+cudaError_t launch_prefill(const Problem& p, cudaStream_t stream);
+
+// One CTA per (split, query-head group, token), CUDA cores; for batches of one token per
+// sequence. Appends the batch's k/v to the cache as well. With plan.n_splits > 1 it writes the
+// scratch and runs the combine kernel.
+cudaError_t launch_decode(const Problem& p, const DecodePlan& plan, cudaStream_t stream);
+
+}  // namespace loomp::flash
+
+#endif

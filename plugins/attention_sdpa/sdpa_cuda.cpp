@@ -1,0 +1,75 @@
+// sdpa's CUDA path, host side: checks of the batch, then the launch (see sdpa_cuda.hpp).
+#include "sdpa_cuda.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include <limits>
+#include <string>
+
+#include "loom_device_tensor.hpp"
+#include "loom_cuda_guard.hpp"
+#include "loom_plugin_util.hpp"
+#include "sdpa_cuda_kernels.hpp"
+
+namespace loomp::sdpa {
+namespace {
+
+void check_cuda(cudaError_t e, const std::string& what) { loomp::check_cuda(e, "sdpa", what); }
+
+struct DeviceGuard : loomp::DeviceGuard {
+  explicit DeviceGuard(int device) : loomp::DeviceGuard(device, "sdpa") {}
+};
+
+}  // namespace
+
+void forward_cuda(const loom_host_api* host, loom_host_ctx* ctx, const loom_attention_config& cfg,
+                  int64_t block_size, const loom_attention_batch& b) {
+  const int64_t H = cfg.n_heads, Hkv = cfg.n_kv_heads, D = cfg.head_dim, B = block_size;
+  const int64_t T = b.n_tokens, S = b.n_seqs;
+  const bool bf16 = is_bf16(cfg.dtype);
+  const int64_t elem = bf16 ? 2 : 4;
+  const DLDevice dev = cfg.device;
+  check_device_tensor(b.q, "q", dev, cfg.dtype, {T, H, D}, elem);
+  check_device_tensor(b.k, "k", dev, cfg.dtype, {T, Hkv, D}, elem);
+  check_device_tensor(b.v, "v", dev, cfg.dtype, {T, Hkv, D}, elem);
+  check_device_tensor(b.out, "out", dev, cfg.dtype, {T, H, D}, elem);
+  check_device_tensor(b.seq_offsets, "seq_offsets", dev, kI32, {S + 1}, 4);
+  check_device_tensor(b.seq_positions, "seq_positions", dev, kI32, {S}, 4);
+  check_device_tensor(b.block_table, "block_table", dev, kI32, {S, -1}, 4);
+  const int64_t bytes_per_block = 2 * B * Hkv * D * elem;
+  check_device_tensor(b.kv_pool, "kv_pool", dev, kU8, {-1, bytes_per_block}, elem);
+  if (T == 0) return;
+  if (S == 0) invalid("sdpa: n_tokens is " + std::to_string(T) + " but n_seqs is 0");
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  if (T > kIntMax || S >= kIntMax) invalid("sdpa: n_tokens or n_seqs too large");
+  if (b.block_table->shape[1] * B > kIntMax) invalid("block_table: more positions than 2^31 - 1");
+
+  CudaProblem p;
+  p.bf16 = bf16;
+  p.n_heads = cfg.n_heads;
+  p.n_kv_heads = cfg.n_kv_heads;
+  p.head_dim = cfg.head_dim;
+  p.block_size = static_cast<int>(B);
+  p.window = cfg.sliding_window;
+  p.causal = b.causal != 0 ? 1 : 0;
+  p.scale = cfg.softmax_scale;
+  p.n_tokens = static_cast<int>(T);
+  p.n_seqs = static_cast<int>(S);
+  p.table_cols = static_cast<int>(b.block_table->shape[1]);
+  p.pool_blocks = b.kv_pool->shape[0];
+  p.bytes_per_block = bytes_per_block;
+  p.q = data_of<const uint8_t>(*b.q);
+  p.k = data_of<const uint8_t>(*b.k);
+  p.v = data_of<const uint8_t>(*b.v);
+  p.out = data_of<uint8_t>(*b.out);
+  p.seq_offsets = data_of<const int32_t>(*b.seq_offsets);
+  p.seq_positions = data_of<const int32_t>(*b.seq_positions);
+  p.block_table = data_of<const int32_t>(*b.block_table);
+  p.pool = data_of<uint8_t>(*b.kv_pool);
+
+  DeviceGuard device(dev.device_id);
+  auto* stream = static_cast<cudaStream_t>(host->current_stream(ctx, dev));
+  check_cuda(launch_cuda(p, stream), "kernel launch");
+}
+
+}  // namespace loomp::sdpa
