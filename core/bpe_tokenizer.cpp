@@ -3,10 +3,12 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <utf8proc.h>
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <fstream>
 #include <limits>
 #include <optional>
@@ -96,6 +98,30 @@ std::string utf8_lossy(std::string_view s) {
     }
   }
   return out;
+}
+
+// Unicode NFC (canonical decomposition, then canonical composition) of valid UTF-8 `s` through
+// utf8proc, as `tokenizers`' NFC normalizer. ASCII text is returned unchanged without a copy
+// through utf8proc.
+std::string nfc(const std::string &s, const std::string &where) {
+  bool ascii = true;
+  for (char c : s)
+    if (static_cast<unsigned char>(c) >= 0x80) {
+      ascii = false;
+      break;
+    }
+  if (ascii) return s;
+  utf8proc_uint8_t *out = nullptr;
+  utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t *>(s.data()),
+                                    static_cast<utf8proc_ssize_t>(s.size()), &out,
+                                    static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+  if (n < 0) {
+    std::free(out);
+    throw runtime_error(where + ": NFC normalization failed: " + utf8proc_errmsg(n));
+  }
+  std::string result(reinterpret_cast<const char *>(out), static_cast<size_t>(n));
+  std::free(out);
+  return result;
 }
 
 // The code point of the (valid) UTF-8 sequence at s[i] of length n.
@@ -296,7 +322,12 @@ class BpeTokenizer final : public Tokenizer {
   std::vector<int32_t> encode(std::string_view text, bool add_bos) const override {
     if (!valid_utf8(text)) throw runtime_error(path_ + ": cannot encode: the text is not valid UTF-8");
     std::vector<Segment> segments{{std::string(text), -1}};
+    // As `tokenizers`: added tokens with normalized=false are matched on the raw text, the rest of
+    // the text is normalized piece by piece, then the other added tokens are matched on that.
     split_added(added_raw_, segments);
+    if (nfc_)
+      for (auto &seg : segments)
+        if (seg.id < 0) seg.text = nfc(seg.text, path_);
     split_added(added_normalized_, segments);
     std::vector<int32_t> ids;
     std::vector<std::string> pieces, next;
@@ -416,12 +447,9 @@ class BpeTokenizer final : public Tokenizer {
     if (!root.is_object()) throw runtime_error(path_ + ": not a JSON object");
 
     load_model(require(root, "model", "model"));
-    load_added(root);
     auto norm = root.find("normalizer");
-    if (norm != root.end() && !norm->is_null()) {
-      std::string type = norm->is_object() && norm->contains("type") ? norm->at("type").dump() : norm->dump();
-      fail("normalizer", type + " is not supported (only null)");
-    }
+    if (norm != root.end() && !norm->is_null()) load_normalizer(*norm, "normalizer", 0);
+    load_added(root); // after the normalizer: normalized added tokens match their normalized text
     bool byte_level = false;
     auto pre = root.find("pre_tokenizer");
     if (pre == root.end() || pre->is_null()) fail("pre_tokenizer", "missing (a ByteLevel pre-tokenizer is required)");
@@ -433,6 +461,26 @@ class BpeTokenizer final : public Tokenizer {
            (dec == root.end() ? std::string("missing") : dec->dump()) + " is not supported (only ByteLevel)");
     auto post = root.find("post_processor");
     if (post != root.end() && !post->is_null()) load_post_processor(*post, "post_processor", 0);
+  }
+
+  // NFC, or a Sequence of normalizers (applied in order; NFC is idempotent, so any number of NFC
+  // steps is one).
+  void load_normalizer(const json &n, const std::string &key, int depth) {
+    if (depth > 8) fail(key, "normalizers nested too deeply");
+    if (!n.is_object()) fail(key, "not an object");
+    const json &type = require(n, "type", key + ".type");
+    if (!type.is_string()) fail(key + ".type", "not a string");
+    const std::string &t = type.get_ref<const std::string &>();
+    if (t == "NFC") {
+      nfc_ = true;
+    } else if (t == "Sequence") {
+      const json &list = require(n, "normalizers", key + ".normalizers");
+      if (!list.is_array()) fail(key + ".normalizers", "not an array");
+      for (size_t i = 0; i < list.size(); ++i)
+        load_normalizer(list[i], key + ".normalizers[" + std::to_string(i) + "]", depth + 1);
+    } else {
+      fail(key + ".type", "'" + t + "' is not supported (NFC or a Sequence of NFC)");
+    }
   }
 
   // ByteLevel post-processing changes offsets only; TemplateProcessing's `single` template adds
@@ -558,7 +606,10 @@ class BpeTokenizer final : public Tokenizer {
       get_bool(t, "special", key + ".special", false); // type check only
       if (!vocab_.count(text)) ++vocab_size_;
       id_to_token_[id] = text;
-      (normalized ? added_normalized_ : added_raw_).add({text, id});
+      if (normalized)
+        added_normalized_.add({nfc_ ? nfc(text, path_) : text, id});
+      else
+        added_raw_.add({text, id});
     }
   }
 
@@ -726,7 +777,8 @@ class BpeTokenizer final : public Tokenizer {
   bool fuse_unk_ = false;
   bool ignore_merges_ = false;
   AddedSet added_raw_;        // normalized=false: matched first, on the raw text
-  AddedSet added_normalized_; // then these (no normalizer is supported, so on the same text)
+  AddedSet added_normalized_; // then these, on the normalized text
+  bool nfc_ = false;          // the normalizer: NFC, or none
   std::vector<Step> steps_;
   int32_t vocab_size_ = 0;
 };

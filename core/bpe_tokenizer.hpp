@@ -9,7 +9,9 @@
 // - added_tokens: the text is split on their contents first (leftmost, longest; tokens with
 //   normalized=false first, then the rest, as `tokenizers` does); lstrip, rstrip and
 //   single_word must be false.
-// - normalizer: null only.
+// - normalizer: null, NFC (through utf8proc: canonical decomposition then composition), or a
+//   Sequence of those; applied to the text between added tokens with normalized=false, before
+//   the other added tokens are matched, as `tokenizers` does. Other types are refused by name.
 // - pre_tokenizer: ByteLevel {add_prefix_space, use_regex (GPT-2's pattern)}, Split {pattern
 //   Regex (PCRE2, UTF + UCP, bounded match work) or String, behavior "Isolated", invert false},
 //   or a Sequence of those; a ByteLevel step is required.

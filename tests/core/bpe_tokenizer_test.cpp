@@ -5,12 +5,14 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "loom/core/chat_template.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/tokenizer.hpp"
 
@@ -76,6 +78,107 @@ TEST_CASE("tokenizer.json byte-level BPE matches the tokenizers library's golden
     CHECK(tok->encode("", false).empty());
     CHECK(tok->decode({-1, 123456}).empty()); // unknown ids produce nothing
   }
+}
+
+// A copy of the qwen2-style fixture with `edit` applied, in a fresh temporary directory.
+fs::path qwen2_with(const std::string &name, const std::function<void(json &)> &edit) {
+  json j = read_json(fixtures() / "qwen2-style/tokenizer.json");
+  edit(j);
+  return dir_with(name, j.dump());
+}
+
+TEST_CASE("a Qwen2-style tokenizer.json (NFC normalizer, ChatML tokens) matches the tokenizers library", "[bpe][nfc]") {
+  auto tok = loom::Tokenizer::load(fixtures() / "qwen2-style");
+  REQUIRE(tok != nullptr);
+  CHECK(tok->vocab_size() == 703); // 700 trained, then the 3 ChatML tokens as added tokens
+  CHECK(tok->token_id("<|endoftext|>") == 700);
+  CHECK(tok->token_id("<|im_start|>") == 701);
+  CHECK(tok->token_id("<|im_end|>") == 702);
+  json golden = read_json(fixtures() / "qwen2-style/golden.json");
+  const auto &cases = golden.at("cases");
+  REQUIRE(cases.size() == 37); // the 28 of the other fixtures and 9 that NFC changes or must keep
+  for (const auto &c : cases) {
+    auto text = c.at("text").get<std::string>();
+    INFO(text);
+    auto want = c.at("ids").get<std::vector<int32_t>>();
+    CHECK(tok->encode(text, false) == want);
+    CHECK(tok->encode(text, true) == want); // a ByteLevel post-processor adds nothing
+    CHECK(tok->decode(want) == c.at("decoded").get<std::string>());
+  }
+
+  // A ChatML conversation (transformers' apply_chat_template) through Loom's chatml renderer.
+  const auto &chat = golden.at("chat");
+  std::vector<loom::ChatMessage> messages;
+  for (const auto &m : chat.at("messages")) messages.push_back({m.at("role").get<std::string>(), m.at("content").get<std::string>()});
+  auto segments = loom::render_chat(loom::ChatFamily::chatml, messages, chat.at("add_generation_prompt").get<bool>());
+  std::string rendered;
+  for (const auto &seg : segments) rendered += seg.text;
+  CHECK(rendered == chat.at("text").get<std::string>());
+  CHECK(loom::encode_chat(*tok, segments) == chat.at("ids").get<std::vector<int32_t>>());
+}
+
+TEST_CASE("NFC: decomposed and precomposed text encode alike; compatibility characters stay", "[bpe][nfc]") {
+  auto tok = loom::Tokenizer::load(fixtures() / "qwen2-style");
+  REQUIRE(tok != nullptr);
+  struct Pair {
+    const char *decomposed, *composed;
+  };
+  for (auto [decomposed, composed] : {
+           Pair{"cafe\u0301", "caf\u00e9"},
+           Pair{"A\u030angstro\u0308m", "\u00c5ngstr\u00f6m"},
+           Pair{"\u212b", "\u00c5"},                              // a singleton: ANGSTROM SIGN
+           Pair{"\u1100\u1161\u11a8", "\uac01"},                  // Hangul jamo L V T
+           Pair{"Vie\u0323\u0302t e\u0301\u0323", "Vi\u1ec7t \u1eb9\u0301"}, // canonical reordering
+           Pair{"\u0958", "\u0915\u093c"},                        // a composition exclusion decomposes
+       }) {
+    INFO(decomposed);
+    auto ids = tok->encode(decomposed, false);
+    CHECK(ids == tok->encode(composed, false));
+    CHECK(tok->decode(ids) == composed); // the normalized text comes back
+  }
+  // NFC is not NFKC: the "fi" ligature, a circled digit, a superscript keep their own bytes.
+  for (const char *text : {"\ufb01", "\u2460", "x\u00b2"}) {
+    INFO(text);
+    CHECK(tok->decode(tok->encode(text, false)) == text);
+  }
+  CHECK(tok->encode("\ufb01", false) != tok->encode("fi", false));
+
+  // The same file without the normalizer: decomposed text is tokenized as its raw bytes.
+  auto raw = loom::Tokenizer::load(qwen2_with("nfc-null", [](json &j) { j["normalizer"] = nullptr; }));
+  CHECK(raw->encode("cafe\u0301", false) != raw->encode("caf\u00e9", false));
+  CHECK(raw->decode(raw->encode("cafe\u0301", false)) == "cafe\u0301");
+  CHECK(raw->encode("caf\u00e9", false) == tok->encode("caf\u00e9", false));
+
+  // Sequences of NFC (nested too) are NFC.
+  auto seq = loom::Tokenizer::load(qwen2_with("nfc-sequence", [](json &j) {
+    j["normalizer"] = {{"type", "Sequence"},
+                       {"normalizers", json::array({{{"type", "NFC"}},
+                                                    {{"type", "Sequence"}, {"normalizers", json::array({{{"type", "NFC"}}})}}})}};
+  }));
+  auto empty = loom::Tokenizer::load(qwen2_with("nfc-empty-sequence", [](json &j) {
+    j["normalizer"] = {{"type", "Sequence"}, {"normalizers", json::array()}};
+  }));
+  for (const auto &c : read_json(fixtures() / "qwen2-style/golden.json").at("cases")) {
+    auto text = c.at("text").get<std::string>();
+    INFO(text);
+    CHECK(seq->encode(text, false) == c.at("ids").get<std::vector<int32_t>>());
+    CHECK(empty->encode(text, false) == raw->encode(text, false));
+  }
+}
+
+TEST_CASE("NFC and added tokens: normalized ones match the normalized text, the others the raw text", "[bpe][nfc]") {
+  // Two added tokens with decomposed contents, as the tokenizers library added them.
+  const auto added = read_json(fixtures() / "qwen2-style/golden.json").at("added_normalization");
+  auto dir = qwen2_with("nfc-added", [&](json &j) {
+    for (const auto &t : added.at("added_tokens")) j["added_tokens"].push_back(t);
+  });
+  auto tok = loom::Tokenizer::load(dir);
+  for (const auto &c : added.at("cases")) {
+    auto text = c.at("text").get<std::string>();
+    INFO(text);
+    CHECK(tok->encode(text, false) == c.at("ids").get<std::vector<int32_t>>());
+  }
+  fs::remove_all(dir);
 }
 
 TEST_CASE("BPE details: merges, added tokens, ignore_merges, prefix space, lossy decoding", "[bpe]") {
@@ -181,8 +284,18 @@ TEST_CASE("malformed or unsupported tokenizer.json files are refused with the ke
        "tokenizer.json: model.dropout: only null is supported"},
       {"suffix", edit([](json &j) { j["model"]["end_of_word_suffix"] = "</w>"; }),
        "tokenizer.json: model.end_of_word_suffix: only null or \"\" is supported"},
-      {"nfc", edit([](json &j) { j["normalizer"] = {{"type", "NFC"}}; }),
-       "tokenizer.json: normalizer: \"NFC\" is not supported (only null)"},
+      {"nfkc", edit([](json &j) { j["normalizer"] = {{"type", "NFKC"}}; }),
+       "tokenizer.json: normalizer.type: 'NFKC' is not supported (NFC or a Sequence of NFC)"},
+      {"lowercase-in-sequence",
+       edit([](json &j) {
+         j["normalizer"] = {{"type", "Sequence"}, {"normalizers", json::array({{{"type", "NFC"}}, {{"type", "Lowercase"}}})}};
+       }),
+       "tokenizer.json: normalizer.normalizers[1].type: 'Lowercase' is not supported (NFC or a Sequence of NFC)"},
+      {"normalizer-shape", edit([](json &j) { j["normalizer"] = "NFC"; }), "tokenizer.json: normalizer: not an object"},
+      {"normalizer-no-type", edit([](json &j) { j["normalizer"] = json::object(); }),
+       "tokenizer.json: normalizer.type: missing"},
+      {"sequence-no-list", edit([](json &j) { j["normalizer"] = {{"type", "Sequence"}}; }),
+       "tokenizer.json: normalizer.normalizers: missing"},
       {"lstrip", edit([](json &j) { j["added_tokens"][0]["lstrip"] = true; }),
        "tokenizer.json: added_tokens[0].lstrip: only false is supported"},
       {"added-id", edit([](json &j) { j["added_tokens"][0]["id"] = 1.5; }),

@@ -210,7 +210,7 @@ TEST_CASE("a model's vocabulary, not the synthetic one, bounds token-id prompts"
 TEST_CASE("an unreadable tokenizer matters only when text is needed", "[model][tokenizer]") {
   TempDir dir;
   auto path = edited_copy(dir, "tiny-llama", [](nlohmann::json &) {});
-  std::ofstream(path / "tokenizer.json") << R"({"normalizer": {"type": "NFC"}, "model": {"type": "BPE", "vocab": {}, "merges": []}})";
+  std::ofstream(path / "tokenizer.json") << R"({"normalizer": {"type": "NFKC"}, "model": {"type": "BPE", "vocab": {}, "merges": []}})";
   const std::string base = "[model]\npath = \"" + path.string() + "\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n";
   CHECK(loom::Runtime::from_string(base + "[run]\nprompt = [1, 2]\nsteps = 2\n")->run().tokens.size() == 2);
   CHECK_THROWS_WITH(loom::Runtime::from_string(base + "[run]\nprompt = \"hi\"\n"),
