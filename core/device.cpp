@@ -56,6 +56,29 @@ std::unique_lock<std::mutex> scratch(size_t bytes, void **out, std::string &erro
 #endif
 } // namespace
 
+void *cuda_compute_stream(int device) {
+#if LOOM_HAVE_CUDA
+  // A blocking stream (it waits for, and is waited on by, the legacy default stream), so code
+  // that still uses the legacy stream, tests included, stays ordered with it; work on it can be
+  // captured into CUDA graphs, which the legacy stream cannot.
+  static std::mutex mutex;
+  static std::map<int, cudaStream_t> streams;
+  std::lock_guard lock(mutex);
+  auto it = streams.find(device);
+  if (it != streams.end()) return it->second;
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) return nullptr;
+  cudaStream_t stream = nullptr;
+  if (cudaStreamCreate(&stream) != cudaSuccess) stream = nullptr;
+  cudaSetDevice(previous);
+  if (stream) streams.emplace(device, stream);
+  return stream;
+#else
+  (void)device;
+  return nullptr;
+#endif
+}
+
 bool cuda_device_present() {
 #if LOOM_HAVE_CUDA
   return kernels::cuda_available();
@@ -137,10 +160,12 @@ loom_status device_memcpy(void *dst, DLDevice dst_device, const void *src, DLDev
     return LOOM_OK;
   }
 #if LOOM_HAVE_CUDA
-  if (!cuda_ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, nullptr), "cudaMemcpyAsync", error))
+  auto stream = static_cast<cudaStream_t>(
+      cuda_compute_stream(dst_device.device_type == kDLCUDA ? dst_device.device_id : src_device.device_id));
+  if (!cuda_ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream), "cudaMemcpyAsync", error))
     return LOOM_ERR_DEVICE;
   // A copy into host memory must be complete when the call returns: the caller reads it next.
-  if (dst_device.device_type == kDLCPU && !cuda_ok(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize", error))
+  if (dst_device.device_type == kDLCPU && !cuda_ok(cudaStreamSynchronize(stream), "cudaStreamSynchronize", error))
     return LOOM_ERR_DEVICE;
   return LOOM_OK;
 #else
@@ -152,7 +177,8 @@ loom_status device_memcpy(void *dst, DLDevice dst_device, const void *src, DLDev
 bool device_synchronize(DLDevice device, std::string &error) {
   if (device.device_type == kDLCPU) return true;
 #if LOOM_HAVE_CUDA
-  return cuda_ok(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize", error);
+  return cuda_ok(cudaStreamSynchronize(static_cast<cudaStream_t>(cuda_compute_stream(device.device_id))),
+                 "cudaStreamSynchronize", error);
 #else
   error = "CUDA is not available in this build";
   return false;
@@ -175,10 +201,15 @@ loom_status device_softmax_rows(float *x, int64_t rows, int64_t cols, DLDevice d
     if (!lock) return LOOM_ERR_DEVICE;
     auto *masked = static_cast<int32_t *>(buffer);
     int32_t masked_rows = 0;
-    bool ok = cuda_ok(cudaMemsetAsync(masked, 0, sizeof(int32_t), nullptr), "cudaMemsetAsync", error) &&
-              cuda_ok(static_cast<cudaError_t>(kernels::softmax_rows_cuda(x, rows, cols, nullptr, masked)),
+    void *stream = cuda_compute_stream(device.device_id);
+    bool ok = cuda_ok(cudaMemsetAsync(masked, 0, sizeof(int32_t), static_cast<cudaStream_t>(stream)), "cudaMemsetAsync",
+                      error) &&
+              cuda_ok(static_cast<cudaError_t>(kernels::softmax_rows_cuda(x, rows, cols, stream, masked)),
                       "softmax_rows_cuda", error) &&
-              cuda_ok(cudaMemcpy(&masked_rows, masked, sizeof(int32_t), cudaMemcpyDeviceToHost), "cudaMemcpy", error);
+              cuda_ok(cudaMemcpyAsync(&masked_rows, masked, sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                      static_cast<cudaStream_t>(stream)),
+                      "cudaMemcpyAsync", error) &&
+              cuda_ok(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize", error);
     if (!ok) return LOOM_ERR_DEVICE;
     if (masked_rows > 0) {
       error = std::to_string(masked_rows) + " row(s) hold only -inf";
@@ -203,11 +234,13 @@ bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice dev
     auto lock = scratch(static_cast<size_t>(rows) * sizeof(int32_t), &buffer, error);
     if (!lock) return false;
     auto *out_device = static_cast<int32_t *>(buffer);
-    int e = kernels::argmax_rows_cuda(x, rows, cols, out_device, nullptr);
+    void *stream = cuda_compute_stream(device.device_id);
+    int e = kernels::argmax_rows_cuda(x, rows, cols, out_device, stream);
     bool ok = cuda_ok(static_cast<cudaError_t>(e), "argmax_rows_cuda", error) &&
-              cuda_ok(cudaMemcpy(out_host, out_device, static_cast<size_t>(rows) * sizeof(int32_t),
-                                 cudaMemcpyDeviceToHost),
-                      "cudaMemcpy", error);
+              cuda_ok(cudaMemcpyAsync(out_host, out_device, static_cast<size_t>(rows) * sizeof(int32_t),
+                                      cudaMemcpyDeviceToHost, static_cast<cudaStream_t>(stream)),
+                      "cudaMemcpyAsync", error) &&
+              cuda_ok(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize", error);
     return ok;
   }
 #endif

@@ -121,9 +121,11 @@ loom_status host_memcpy(loom_host_ctx *ctx, void *dst, DLDevice dst_device, cons
   return s;
 }
 
-// Core orders all of its work on the default stream for now; a per-request stream arrives with
-// the engine's scheduler.
-void *host_current_stream(loom_host_ctx *, DLDevice) { return nullptr; }
+// Core orders all of its work on one stream per device; per-request streams arrive with the
+// scheduler.
+void *host_current_stream(loom_host_ctx *, DLDevice device) {
+  return device.device_type == kDLCUDA ? cuda_compute_stream(device.device_id) : nullptr;
+}
 
 loom_status host_stream_synchronize(loom_host_ctx *ctx, DLDevice device) {
   if (device.device_type == kDLCPU) return LOOM_OK;

@@ -86,7 +86,7 @@ class SchemaReader {
 
 void read_loom_table(const toml::table &t, const std::string &source, Manifest &m) {
   SchemaReader r(t, "loom", source);
-  r.only({"plugin_paths", "device", "seed"});
+  r.only({"plugin_paths", "device", "seed", "threads"});
   if (auto n = r.get("plugin_paths", toml::node_type::array, "an array of strings")) {
     for (const auto &item : *n->as_array()) {
       if (!item.is_string()) r.fail(item, "plugin_paths", "expected an array of strings, found " + detail::describe_type(item));
@@ -104,11 +104,38 @@ void read_loom_table(const toml::table &t, const std::string &source, Manifest &
   }
   int64_t seed = 0;
   if (r.read_int("seed", seed, 0, INT64_MAX)) m.seed = static_cast<uint64_t>(seed);
+  if (auto n = r.get("threads", toml::node_type::integer, "an integer (0 = one per hardware thread)")) {
+    const int64_t v = *n->value<int64_t>();
+    if (v < 0) r.fail(*n, "threads", "must be 0 (one per hardware thread) or a positive count, got " + std::to_string(v));
+    if (v > 1024) r.fail(*n, "threads", "at most 1024 threads, got " + std::to_string(v));
+    m.threads = v;
+  }
+}
+
+// A prompt's token ids (an array of integers), checked like run.prompt's.
+std::vector<int32_t> read_token_ids(const SchemaReader &r, const toml::node &n, const std::string &key, bool has_model,
+                                    int64_t vocab_size) {
+  std::vector<int32_t> out;
+  size_t i = 0;
+  for (const auto &item : *n.as_array()) {
+    std::string item_key = key + "[" + std::to_string(i++) + "]";
+    if (!item.is_integer()) r.fail(item, item_key, "expected an integer token id, got " + detail::describe_type(item));
+    int64_t v = *item.value<int64_t>();
+    // Checked as int64 before narrowing: a huge id must not wrap into the vocabulary. With a
+    // [model], its own vocabulary is checked when it loads.
+    int64_t vocab = has_model ? INT32_MAX : vocab_size;
+    if (v < 0 || v >= vocab)
+      r.fail(item, item_key, "token " + std::to_string(v) + " is outside the vocabulary of " + std::to_string(vocab));
+    out.push_back(static_cast<int32_t>(v));
+  }
+  if (out.empty()) r.fail(n, key, "must hold at least one token");
+  if (out.size() > (1u << 16)) r.fail(n, key, "holds more than 65536 tokens");
+  return out;
 }
 
 void read_run_table(const toml::table &t, const std::string &source, RunSpec &run, bool has_model) {
   SchemaReader r(t, "run", source);
-  r.only({"steps", "prompt", "messages", "chat_template", "stop", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
+  r.only({"steps", "prompt", "prompts", "messages", "chat_template", "stop", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
           "n_kv_heads", "n_layers"});
   r.read_int("steps", run.steps, 1, 1 << 20);
   r.read_int("top_k", run.top_k, 1, 1000);
@@ -122,21 +149,27 @@ void read_run_table(const toml::table &t, const std::string &source, RunSpec &ru
     run.prompt_text = *text->value<std::string>();
     if (run.prompt_text.empty()) r.fail(*text, "prompt", "must not be empty");
   } else if (auto n = r.get("prompt", toml::node_type::array, "text or an array of token ids")) {
-    run.prompt.clear();
+    run.prompt = read_token_ids(r, *n, "prompt", has_model, run.vocab_size);
+  }
+  if (auto n = r.get("prompts", toml::node_type::array, "an array of prompts (texts or arrays of token ids)")) {
+    if (t.contains("prompt") || t.contains("messages"))
+      r.fail(*n, "prompts", "give one of prompts, prompt or messages, not several");
     size_t i = 0;
     for (const auto &item : *n->as_array()) {
-      std::string key = "prompt[" + std::to_string(i++) + "]";
-      if (!item.is_integer()) r.fail(item, key, "expected an integer token id, got " + detail::describe_type(item));
-      int64_t v = *item.value<int64_t>();
-      // Checked as int64 before narrowing: a huge id must not wrap into the vocabulary. With a
-      // [model], its own vocabulary is checked when it loads.
-      int64_t vocab = has_model ? INT32_MAX : run.vocab_size;
-      if (v < 0 || v >= vocab)
-        r.fail(item, key, "token " + std::to_string(v) + " is outside the vocabulary of " + std::to_string(vocab));
-      run.prompt.push_back(static_cast<int32_t>(v));
+      std::string key = "prompts[" + std::to_string(i++) + "]";
+      PromptSpec p;
+      if (item.is_string()) {
+        p.text = *item.value<std::string>();
+        if (p.text.empty()) r.fail(item, key, "must not be empty");
+      } else if (item.is_array()) {
+        p.ids = read_token_ids(r, item, key, has_model, run.vocab_size);
+      } else {
+        r.fail(item, key, "expected a text or an array of token ids, got " + detail::describe_type(item));
+      }
+      run.prompts.push_back(std::move(p));
     }
-    if (run.prompt.empty()) r.fail(*n, "prompt", "must hold at least one token");
-    if (run.prompt.size() > (1u << 16)) r.fail(*n, "prompt", "holds more than 65536 tokens");
+    if (run.prompts.empty()) r.fail(*n, "prompts", "must hold at least one prompt");
+    if (run.prompts.size() > 1024) r.fail(*n, "prompts", "holds more than 1024 prompts");
   }
   if (auto n = r.get("stop_tokens", toml::node_type::array, "an array of token ids")) {
     run.stop_tokens_set = true;
@@ -347,10 +380,14 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
     if (k == "model") {
       if (!node.is_table()) fail("expected a table");
       SchemaReader r(*node.as_table(), "model", source);
-      r.only({"path"});
+      r.only({"path", "dtype"});
       std::string path;
       if (!r.read_string("path", path) || path.empty())
         fail("needs path = \"a Hugging Face model directory\"");
+      if (r.read_string("dtype", m.model_dtype) && m.model_dtype != "auto" && m.model_dtype != "float32" &&
+          m.model_dtype != "bfloat16")
+        r.fail(*node.as_table()->get("dtype"), "dtype",
+               "expected \"auto\", \"float32\" or \"bfloat16\", got \"" + m.model_dtype + "\"");
       std::filesystem::path p = path;
       m.model_path = p.is_absolute() ? p : (base_dir / p).lexically_normal();
       continue;

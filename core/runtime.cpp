@@ -2,6 +2,7 @@
 
 #include <charconv>
 #include <chrono>
+#include <cstdlib>
 
 #include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
@@ -10,22 +11,34 @@
 namespace loom {
 
 namespace {
-// "auto" picks the CPU until the engine computes on CUDA: today's pipelines pass host tensors,
-// and the device a plugin reads from host->device() must be where its tensors live.
-DLDevice resolve_device(const std::string &name, const std::string &source) {
-  if (name == "cpu" || name == "auto") return {kDLCPU, 0};
+DLDevice resolve_named_device(const std::string &name, const std::string &source, const std::string &key) {
+  if (name == "cpu") return {kDLCPU, 0};
   int count = cuda_device_count();
   int ordinal = 0;
   if (name.size() > 5) {
     auto [ptr, ec] = std::from_chars(name.data() + 5, name.data() + name.size(), ordinal);
     if (ec != std::errc() || ptr != name.data() + name.size()) ordinal = -1;
   }
+  if (name != "cuda" && name.rfind("cuda:", 0) != 0)
+    throw manifest_error(source + ": " + key + ": \"" + name + "\" is not a device (cpu, cuda or cuda:N)");
   if (count == 0)
-    throw manifest_error(source + ": loom.device: \"" + name + "\" asked for, but no CUDA device is available to this build");
+    throw manifest_error(source + ": " + key + ": \"" + name + "\" asked for, but no CUDA device is available to this build");
   if (ordinal < 0 || ordinal >= count)
-    throw manifest_error(source + ": loom.device: \"" + name + "\" names no device (this machine has " +
+    throw manifest_error(source + ": " + key + ": \"" + name + "\" names no device (this machine has " +
                          std::to_string(count) + ")");
   return {kDLCUDA, ordinal};
+}
+
+// "auto": the LOOM_DEVICE environment variable when set (cpu, cuda, cuda:N); else the first GPU
+// when there is one and the pipeline can run there (a [model], and no quantizer or adapter
+// components, which compute on the CPU only for now); else the CPU.
+DLDevice resolve_device(const Manifest &m) {
+  if (m.device != "auto") return resolve_named_device(m.device, m.source_name, "loom.device");
+  if (const char *env = std::getenv("LOOM_DEVICE"); env && *env && std::string(env) != "auto")
+    return resolve_named_device(env, "LOOM_DEVICE", "environment");
+  const bool cuda_ready = cuda_device_count() > 0 && !m.model_path.empty() && m.of_kind(LOOM_KIND_QUANTIZER).empty() &&
+                          m.of_kind(LOOM_KIND_ADAPTER).empty();
+  return cuda_ready ? DLDevice{kDLCUDA, 0} : DLDevice{kDLCPU, 0};
 }
 } // namespace
 
@@ -39,7 +52,7 @@ std::unique_ptr<Runtime> Runtime::from_string(std::string_view text, std::string
 }
 
 Runtime::Runtime(Manifest manifest)
-    : manifest_(std::move(manifest)), device_(resolve_device(manifest_.device, manifest_.source_name)),
+    : manifest_(std::move(manifest)), device_(resolve_device(manifest_)),
       registry_(Registry::default_search_paths(manifest_.plugin_paths)) {
   for (const auto &dir : manifest_.plugin_paths)
     if (std::error_code ec; !std::filesystem::is_directory(dir, ec))
@@ -47,8 +60,8 @@ Runtime::Runtime(Manifest manifest)
   registry_.scan();
   pipeline_ = std::make_unique<Pipeline>(registry_, InstanceEnvironment{device_, &metrics_, &cancelled_});
   pipeline_->build(manifest_);
-  decoder_ = std::make_unique<ModelDecoder>(manifest_, *pipeline_, cancelled_); // loads the model now
-
+  // Loads the model now, into the backend make_backend picks for device_.
+  decoder_ = std::make_unique<ModelDecoder>(manifest_, *pipeline_, device_, cancelled_);
 }
 
 Runtime::~Runtime() {
@@ -56,10 +69,7 @@ Runtime::~Runtime() {
   pipeline_.reset();
 }
 
-RunResult Runtime::run(int64_t steps, const TokenCallback &on_token) {
-  if (device_.device_type != kDLCPU)
-    throw runtime_error(manifest_.source_name + ": loom.device: `loom run`'s synthetic decoder computes on the CPU;"
-                        " use device = \"cpu\" or \"auto\" until the engine runs models on CUDA");
+RunResult Runtime::run(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token) {
   if (steps < 0 || steps > (int64_t{1} << 20))
     throw runtime_error(manifest_.source_name + ": a run of " + std::to_string(steps) + " steps (1 to 1048576 allowed)");
   struct ClearCancel {
@@ -70,13 +80,19 @@ RunResult Runtime::run(int64_t steps, const TokenCallback &on_token) {
   RunResult result;
   decoder_->retrieve(result);
   decoder_->call_tools(result);
-  decoder_->generate(steps > 0 ? steps : manifest_.run.steps, on_token, result);
+  decoder_->generate(steps > 0 ? steps : manifest_.run.steps, on_token, on_sequence_token, result);
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  metrics_.count("run.tokens", static_cast<double>(result.tokens.size()));
+  size_t tokens = 0;
+  for (const auto &s : result.sequences) tokens += s.tokens.size();
+  metrics_.count("run.tokens", static_cast<double>(tokens));
   return result;
 }
 
-const std::vector<int32_t> &Runtime::prompt() const { return decoder_->prompt(); }
+const std::vector<int32_t> &Runtime::prompt() const { return decoder_->prompts().front(); }
+
+const std::vector<std::vector<int32_t>> &Runtime::prompts() const { return decoder_->prompts(); }
+
+std::string Runtime::backend_description() const { return decoder_->backend_description(); }
 
 std::optional<std::string> Runtime::decode(const std::vector<int32_t> &ids) const { return decoder_->decode(ids); }
 

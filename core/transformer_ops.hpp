@@ -1,9 +1,10 @@
 // Private to core: the per-row operations of the supported architectures, shared by the
-// reference forward pass (ReferenceModel) and the plugin-driven decoder (ModelDecoder), so both
-// compute exactly the same numbers. Float32 with float accumulation, in transformers' order.
+// reference forward pass (ReferenceModel) and the CPU backend (CpuBackend), so both compute
+// exactly the same numbers (the backend's linears are its own blocked kernels). Float32 with float accumulation, in transformers' order.
 // Shapes in comments; all pointers are to contiguous row-major float32.
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <numbers>
@@ -56,6 +57,17 @@ inline void rope(float *v, int64_t heads, int64_t D, int64_t pos, const std::vec
       r[i + half] = b * c + a * s;
     }
   }
+}
+
+// bfloat16 <-> float32. A bfloat16 is the top half of a float32, so widening is a shift and is
+// exact; narrowing rounds to nearest, ties to even (NaN stays a quiet NaN). Narrowing a value
+// that came from bfloat16 is exact; one that came from float16 or float32 is rounded.
+inline float bf16_to_float(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u = std::bit_cast<uint32_t>(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
 }
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }

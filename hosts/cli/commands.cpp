@@ -94,8 +94,10 @@ declared types. Creates nothing. Prints "ok" and exits 0 when the manifest is va
 const char *kRunUsage = R"(usage: loom run MANIFEST [--set KEY.PATH=VALUE]... [--steps N]
 
 Builds the pipeline MANIFEST describes and runs its [run] section: retrievers answer run.query,
-tools run run.tool_calls, and the synthetic decoder generates tokens through the attention,
-quantizer, adapter, parallel and sampler plugins (real models arrive with the engine).
+tools run run.tool_calls, and the model ([model], or seeded random weights) continues run.prompt
+through the attention, quantizer, adapter, parallel and sampler plugins, streaming the text. With
+run.prompts, every prompt is generated in one batch and each sequence's text is printed at the
+end; the last line counts the tokens of all sequences.
   --set K=V    override a manifest value, e.g. --set sampler[0].k=5 (value parsed as TOML, else a string)
   --steps N    generate N tokens instead of run.steps
 )";
@@ -213,37 +215,52 @@ int cmd_run(const std::vector<std::string> &args) {
       std::cout << "  " << std::left << std::setw(14) << slot << " " << i.desc().name << " " << i.desc().version << " ("
                 << i.library().path().filename().string() << ")\n";
     }
-    std::cout << std::flush;
-    // Stream: print what each new token adds to the text. The generation is decoded after the
-    // prompt each time (pieces keep their context spacing), and the last characters are held
-    // back while they could still begin a stop string, which is never printed.
-    std::vector<int32_t> context = runtime->prompt();
+    std::cout << "  model          " << runtime->backend_description() << "\n" << std::flush;
+    const bool batch = runtime->prompts().size() > 1;
     bool has_text = runtime->decode({}).has_value();
-    std::string prompt_text = has_text ? *runtime->decode(context) : std::string();
+    // Stream (one prompt): print what each new token adds to the text. The generation is decoded
+    // after the prompt each time (pieces keep their context spacing), and the last characters are
+    // held back while they could still begin a stop string, which is never printed.
+    std::vector<int32_t> context = runtime->prompt();
+    std::string prompt_text = has_text && !batch ? *runtime->decode(context) : std::string();
     size_t hold = 0;
     for (const auto &stop : runtime->manifest().run.stop) hold = std::max(hold, stop.size());
     size_t printed = 0;
     std::cout << prompt_text;
-    RunResult r = runtime->run(a.steps, [&](int32_t, int32_t token) {
-      if (!has_text) return true;
-      context.push_back(token);
-      std::string text = *runtime->decode(context);
-      if (text.compare(0, prompt_text.size(), prompt_text) != 0) return true;
-      text = text.substr(prompt_text.size());
-      // Printable: up to the first stop string, short of what could begin one, and short of a
-      // trailing U+FFFD (a character whose bytes are split across tokens).
-      size_t end = text.size() > hold ? text.size() - hold : 0;
-      for (const auto &stop : runtime->manifest().run.stop) end = std::min(end, text.find(stop));
-      static const std::string replacement = "\xEF\xBF\xBD";
-      size_t bad = text.rfind(replacement);
-      if (bad != std::string::npos && bad + replacement.size() == text.size()) end = std::min(end, bad);
-      if (end > printed) {
-        std::cout << text.substr(printed, end - printed) << std::flush;
-        printed = end;
+    TokenCallback stream;
+    if (has_text && !batch)
+      stream = [&](int32_t, int32_t token) {
+        context.push_back(token);
+        std::string text = *runtime->decode(context);
+        if (text.compare(0, prompt_text.size(), prompt_text) != 0) return true;
+        text.erase(0, prompt_text.size());
+        // Printable: up to the first stop string, short of what could begin one, and short of a
+        // trailing U+FFFD (a character whose bytes are split across tokens).
+        size_t end = text.size() > hold ? text.size() - hold : 0;
+        for (const auto &stop : runtime->manifest().run.stop) end = std::min(end, text.find(stop));
+        static const std::string replacement = "\xEF\xBF\xBD";
+        size_t bad = text.rfind(replacement);
+        if (bad != std::string::npos && bad + replacement.size() == text.size()) end = std::min(end, bad);
+        if (end > printed) {
+          std::cout << text.substr(printed, end - printed) << std::flush;
+          printed = end;
+        }
+        return true;
+      };
+    RunResult r = runtime->run(a.steps, stream);
+    if (has_text && !batch) std::cout << (r.text.size() > printed ? r.text.substr(printed) : std::string()) << "\n";
+    if (batch)
+      for (size_t i = 0; i < r.sequences.size(); ++i) {
+        const SequenceResult &seq = r.sequences[i];
+        std::cout << "[" << i << "] ";
+        if (has_text) {
+          std::cout << *runtime->decode(seq.prompt) << seq.text;
+        } else {
+          std::cout << "tokens:";
+          for (int32_t t : seq.tokens) std::cout << " " << t;
+        }
+        std::cout << (seq.stopped ? "  (stopped)" : "") << "\n";
       }
-      return true;
-    });
-    if (has_text) std::cout << (r.text.size() > printed ? r.text.substr(printed) : std::string()) << "\n";
     if (!runtime->manifest().run.query.empty()) {
       std::cout << "query: " << runtime->manifest().run.query << "\n";
       for (const auto &p : r.passages) {
@@ -255,16 +272,25 @@ int cmd_run(const std::vector<std::string> &args) {
     }
     for (const auto &t : r.tool_results)
       std::cout << "tool " << t.tool << (t.is_error ? " (error)" : "") << ": " << t.content << "\n";
-    if (!has_text) {
+    if (!has_text && !batch) {
       std::cout << "tokens:";
       for (int32_t t : r.tokens) std::cout << " " << t;
       std::cout << "\n";
     }
+    // Totals over every sequence of the batch.
+    size_t prompt_tokens = 0, generated = 0, stopped = 0;
+    for (const auto &seq : r.sequences) {
+      prompt_tokens += seq.prompt.size();
+      generated += seq.tokens.size();
+      stopped += seq.stopped ? 1 : 0;
+    }
     auto rate = [](size_t n, double s) { return s > 0 ? static_cast<double>(n) / s : 0.0; };
-    std::cout << r.tokens.size() << " tokens in " << std::fixed << std::setprecision(3) << r.seconds << " s: prompt "
-              << r.prompt.size() << " tokens at " << std::setprecision(1) << rate(r.prompt.size(), r.prefill_seconds)
-              << " tokens/s, generation " << r.tokens.size() << " tokens at " << rate(r.tokens.size(), r.decode_seconds)
-              << " tokens/s" << (r.stopped ? " (stopped by a stop token or string)" : "") << "\n";
+    std::cout << generated << " tokens in " << std::fixed << std::setprecision(3) << r.seconds << " s: prompt "
+              << prompt_tokens << " tokens at " << std::setprecision(1) << rate(prompt_tokens, r.prefill_seconds)
+              << " tokens/s, generation " << generated << " tokens at " << rate(generated, r.decode_seconds) << " tokens/s";
+    if (batch) std::cout << " (" << r.sequences.size() << " sequences, " << stopped << " stopped by a stop token or string)";
+    else if (r.stopped) std::cout << " (stopped by a stop token or string)";
+    std::cout << "\n";
     return r.cancelled ? 1 : 0;
   });
 }

@@ -10,6 +10,7 @@
 
 struct loom_runtime {
   std::unique_ptr<loom::Runtime> runtime;
+  std::vector<loom::SequenceResult> last_sequences; // of the last completed run
 };
 
 namespace {
@@ -91,7 +92,9 @@ loom_status loom_runtime_run(loom_runtime *runtime, int64_t steps, loom_token_fn
   try {
     loom::TokenCallback callback;
     if (on_token) callback = [&](int32_t step, int32_t token) { return on_token(user, step, token) == 0; };
+    runtime->last_sequences.clear();
     loom::RunResult result = runtime->runtime->run(steps, callback);
+    runtime->last_sequences = std::move(result.sequences);
     size_t n = 0;
     if (tokens_out != nullptr)
       for (; n < result.tokens.size() && n < tokens_capacity; ++n) tokens_out[n] = result.tokens[n];
@@ -100,6 +103,40 @@ loom_status loom_runtime_run(loom_runtime *runtime, int64_t steps, loom_token_fn
   } catch (...) {
     return from_exception();
   }
+}
+
+loom_status loom_runtime_sequence_count(loom_runtime *runtime, size_t *count) {
+  last_error.clear();
+  if (runtime == nullptr || count == nullptr) return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_sequence_count: NULL argument");
+  *count = runtime->last_sequences.size();
+  return LOOM_OK;
+}
+
+loom_status loom_runtime_sequence_tokens(loom_runtime *runtime, size_t index, int32_t *tokens_out, size_t capacity,
+                                         size_t *written, size_t *total) {
+  last_error.clear();
+  if (runtime == nullptr || written == nullptr || (tokens_out == nullptr && capacity > 0))
+    return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_sequence_tokens: NULL argument");
+  if (index >= runtime->last_sequences.size())
+    return fail(LOOM_ERR_NOT_FOUND, "loom_runtime_sequence_tokens: no sequence " + std::to_string(index) + " in the last run (" +
+                                        std::to_string(runtime->last_sequences.size()) + " sequences)");
+  const auto &tokens = runtime->last_sequences[index].tokens;
+  size_t n = 0;
+  for (; n < tokens.size() && n < capacity; ++n) tokens_out[n] = tokens[n];
+  *written = n;
+  if (total) *total = tokens.size();
+  return LOOM_OK;
+}
+
+loom_status loom_runtime_sequence_text(loom_runtime *runtime, size_t index, const char **text_out, int32_t *stopped) {
+  last_error.clear();
+  if (runtime == nullptr || text_out == nullptr) return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_sequence_text: NULL argument");
+  if (index >= runtime->last_sequences.size())
+    return fail(LOOM_ERR_NOT_FOUND, "loom_runtime_sequence_text: no sequence " + std::to_string(index) + " in the last run (" +
+                                        std::to_string(runtime->last_sequences.size()) + " sequences)");
+  *text_out = runtime->last_sequences[index].text.c_str();
+  if (stopped) *stopped = runtime->last_sequences[index].stopped ? 1 : 0;
+  return LOOM_OK;
 }
 
 loom_status loom_runtime_swap(loom_runtime *runtime, const char *slot, const char *component_toml) {

@@ -52,6 +52,25 @@ int main(void) {
   EXPECT(loom_runtime_run(rt, 2, NULL, NULL, tokens, 16, &written) == LOOM_OK && tokens[0] == 2);
   loom_runtime_destroy(rt);
 
+  /* A batch of prompts: every sequence's tokens through the C API. */
+  const char *batch =
+      "[loom]\nplugin_paths = [\"" LOOM_TEST_PLUGIN_DIR "/swap\"]\n"
+      "[run]\nsteps = 3\nprompts = [[1, 2], [3], [4, 5, 6]]\n"
+      "[attention]\nuse = \"sdpa\"\n"
+      "[[sampler]]\nuse = \"swap-probe\"\nversion = \"<2\"\n";
+  EXPECT(loom_runtime_create_from_string(batch, "batch.toml", NULL, 0, &rt) == LOOM_OK);
+  if (rt == NULL) return 1;
+  EXPECT(loom_runtime_run(rt, 0, NULL, NULL, tokens, 16, &written) == LOOM_OK && written == 3);
+  size_t sequences = 0, total = 0;
+  EXPECT(loom_runtime_sequence_count(rt, &sequences) == LOOM_OK && sequences == 3);
+  EXPECT(loom_runtime_sequence_tokens(rt, 2, tokens, 2, &written, &total) == LOOM_OK && written == 2 && total == 3 &&
+         tokens[0] == 1);
+  const char *text = NULL;
+  int32_t stopped = -1;
+  EXPECT(loom_runtime_sequence_text(rt, 1, &text, &stopped) == LOOM_OK && text != NULL && text[0] == '\0' && stopped == 0);
+  EXPECT(loom_runtime_sequence_tokens(rt, 3, tokens, 16, &written, NULL) == LOOM_ERR_NOT_FOUND);
+  loom_runtime_destroy(rt);
+
   /* Bad input: errors name the source, nothing crashes. */
   loom_runtime *bad = NULL;
   EXPECT(loom_runtime_create_from_string("[attention\n", "broken.toml", NULL, 0, &bad) != LOOM_OK && bad == NULL);

@@ -106,9 +106,9 @@ TEST_CASE("bad input gets a one-line error and its exit code", "[cli]") {
   auto unknown_key = loom("validate " + kConfigs + "greedy.toml --set sampler[0].temperature=2");
   CHECK(unknown_key.code == 3);
   CHECK(unknown_key.out.find("sampler[0].temperature: unknown key for component 'greedy'") != std::string::npos);
-  auto no_plugin = loom("run " + kConfigs + "greedy.toml --set attention.use=flash");
+  auto no_plugin = loom("run " + kConfigs + "greedy.toml --set attention.use=ring-attention");
   CHECK(no_plugin.code == 4);
-  CHECK(no_plugin.out.find("no attention component 'flash'") != std::string::npos);
+  CHECK(no_plugin.out.find("no attention component 'ring-attention'") != std::string::npos);
   auto bad_value = loom("run " + kConfigs + "greedy.toml --set run.steps=-1");
   CHECK(bad_value.code == 3);
   auto runtime_failure = loom("run " + kConfigs + "greedy.toml --set sampler[0].use=top-k");
@@ -118,4 +118,22 @@ TEST_CASE("bad input gets a one-line error and its exit code", "[cli]") {
     INFO(r->out);
     CHECK(std::count(r->out.begin(), r->out.end(), '\n') == 1);
   }
+}
+
+TEST_CASE("run generates a batch of prompts and prints every sequence", "[cli]") {
+  auto ids = loom("run " + kConfigs + "greedy.toml --set 'run.prompts=[[1, 2], [3], [4, 5, 6]]' --set loom.threads=2");
+  CHECK(ids.code == 0);
+  CHECK(ids.out.find("  model          cpu float32 x2 threads\n") != std::string::npos);
+  CHECK(ids.out.find("\n[0] tokens: ") != std::string::npos);
+  CHECK(ids.out.find("\n[2] tokens: ") != std::string::npos);
+  // The totals count every sequence: 3 x 8 tokens after 6 prompt tokens.
+  CHECK(ids.out.find("\n24 tokens in ") != std::string::npos);
+  CHECK(ids.out.find("prompt 6 tokens at") != std::string::npos);
+  CHECK(ids.out.find("(3 sequences, 0 stopped by a stop token or string)") != std::string::npos);
+  auto text = loom("run " + kConfigs + "pipeline.toml --set 'run.prompts=[\"And God said\", \"Jesus wept\"]'");
+  CHECK(text.code == 3); // pipeline.toml has run.prompt
+  CHECK(text.out.find("run.prompts: give one of prompts, prompt or messages, not several") != std::string::npos);
+  auto threads = loom("run " + kConfigs + "greedy.toml --set loom.threads=-2");
+  CHECK(threads.code == 3);
+  CHECK(threads.out.find("loom.threads: must be 0 (one per hardware thread) or a positive count, got -2") != std::string::npos);
 }

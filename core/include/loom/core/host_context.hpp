@@ -53,6 +53,10 @@ bool device_synchronize(DLDevice device, std::string &error);
 loom_status device_softmax_rows(float *x, int64_t rows, int64_t cols, DLDevice device, std::string &error);
 bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice device, int32_t *out_host,
                         std::string &error);
+// The stream (a cudaStream_t) on which core, and the plugins through host->current_stream(), order
+// their work on CUDA device `device`: one per device for the process, made on first use; NULL
+// without CUDA. Every device_* call above uses it.
+void *cuda_compute_stream(int device);
 // True when this build has CUDA and a device is present.
 bool cuda_device_present();
 int cuda_device_count();

@@ -2,9 +2,11 @@
 //
 // Schema (unknown keys anywhere are errors):
 //   [loom]        plugin_paths = [..] (relative to the manifest), device = "auto"|"cpu"|"cuda"|"cuda:N",
-//                 seed = int
+//                 seed = int, threads = int (CPU backend threads; 0 = one per hardware thread)
 //   [model]       path = a Hugging Face model directory (relative to the manifest); without it,
-//                 `loom run` uses a Llama-shaped model with seeded random weights
+//                 `loom run` uses a Llama-shaped model with seeded random weights;
+//                 dtype = "auto"|"float32"|"bfloat16": the weights' precision ("auto" keeps the
+//                 checkpoint's: bfloat16 for bf16/fp16 checkpoints, float32 for fp32 ones)
 //   [run]         what `loom run` does (see RunSpec)
 //   [attention] [quantizer] [parallel]                  one component each, optional
 //   [[sampler]] [[adapter]] [[retriever]] [[tool]]      ordered lists of components
@@ -36,6 +38,12 @@ struct ComponentSpec {
   std::shared_ptr<const ComponentTable> table;
 };
 
+// One prompt of a batch ([run] prompts): a text, encoded by the model's tokenizer, or token ids.
+struct PromptSpec {
+  std::string text;         // non-empty for a text prompt
+  std::vector<int32_t> ids; // token ids otherwise
+};
+
 struct ToolCallSpec {
   std::string tool;
   std::string arguments_json;
@@ -49,6 +57,9 @@ struct RunSpec {
   int64_t steps = 16;
   std::vector<int32_t> prompt{1};
   std::string prompt_text;          // set when `prompt` is a string: the model's tokenizer encodes it
+  // A batch of prompts instead of `prompt` (or `messages`): generated together, each with the
+  // same steps and stop rules; empty when not given.
+  std::vector<PromptSpec> prompts;
   std::vector<int32_t> stop_tokens; // generation ends after one of these
   bool stop_tokens_set = false;     // else the model's eos_token_id stops it
   std::vector<std::string> stop;    // generation ends where its text first contains one of these
@@ -72,7 +83,9 @@ struct Manifest {
   std::vector<std::filesystem::path> plugin_paths;
   std::string device = "auto";
   uint64_t seed = 0;
+  int64_t threads = 0;              // [loom] threads; 0 = one per hardware thread
   std::filesystem::path model_path; // empty: the synthetic model
+  std::string model_dtype = "auto"; // [model] dtype: auto, float32 or bfloat16
   RunSpec run;
   std::vector<ComponentSpec> components; // manifest order within each kind
 

@@ -39,21 +39,37 @@ struct ToolCallResult {
   bool is_error = false;
 };
 
+// One sequence of a run: a prompt of run.prompts (or the one prompt) and what it generated.
+struct SequenceResult {
+  std::vector<int32_t> prompt; // the prompt's token ids
+  std::vector<int32_t> tokens; // generated tokens, prompt excluded (a stop token included)
+  std::string text;            // the generated text (what it adds to the prompt's), with a tokenizer
+  bool stopped = false;        // a stop token or string ended it before run.steps
+};
+
 struct RunResult {
+  // Sequence 0's, for single-prompt callers (the same as sequences[0]).
   std::vector<int32_t> prompt;        // the prompt's token ids
   std::vector<int32_t> tokens;        // generated tokens, prompt excluded (a stop token included)
   std::string text;                   // the generated text (what it adds to the prompt's), with a tokenizer
   bool stopped = false;               // a stop token ended the run before run.steps
+  // Every sequence, in run.prompts order (one entry for a single prompt). All are prefilled in
+  // one batch and decoded together; a sequence leaves the batch when it stops.
+  std::vector<SequenceResult> sequences;
   std::vector<PassageResult> passages; // retrievers' answers to run.query
   std::vector<ToolCallResult> tool_results;
   double seconds = 0;         // the whole run
-  double prefill_seconds = 0; // the prompt's forward passes
-  double decode_seconds = 0;  // sampling and the generated tokens' forward passes
+  double prefill_seconds = 0; // the prompts' forward pass (one batch)
+  double decode_seconds = 0;  // sampling and the generated tokens' forward passes (all sequences)
   bool cancelled = false;
 };
 
-// Called after each generated token; returning false stops the run.
+// Called after each generated token of sequence 0; returning false stops the run (every
+// sequence).
 using TokenCallback = std::function<bool(int32_t step, int32_t token)>;
+// Called after each generated token of every sequence (`sequence` indexes run.prompts; within a
+// step, sequences come in order); returning false stops the run (every sequence).
+using SequenceTokenCallback = std::function<bool(int32_t sequence, int32_t step, int32_t token)>;
 
 class Runtime {
  public:
@@ -70,10 +86,17 @@ class Runtime {
   Metrics &metrics() { return metrics_; }
   DLDevice device() const { return device_; }
 
-  // Runs the manifest's [run] section; `steps` > 0 overrides run.steps.
-  RunResult run(int64_t steps = 0, const TokenCallback &on_token = {});
-  // The prompt's token ids (run.prompt, or its text encoded by the model's tokenizer).
+  // Runs the manifest's [run] section; `steps` > 0 overrides run.steps. Callbacks run on this
+  // thread outside the step lock (a swap from a callback lands before the next step); both may be
+  // given (on_token first).
+  RunResult run(int64_t steps = 0, const TokenCallback &on_token = {}, const SequenceTokenCallback &on_sequence_token = {});
+  // The prompt's token ids (run.prompt, or its text encoded by the model's tokenizer); with
+  // run.prompts, the first one's.
   const std::vector<int32_t> &prompt() const;
+  // Every prompt's token ids, in run.prompts order (one entry for a single prompt).
+  const std::vector<std::vector<int32_t>> &prompts() const;
+  // "cpu float32 x2 threads": where and how the model computes.
+  std::string backend_description() const;
   // The text of `ids` by the model's tokenizer; nullopt when the model has none.
   std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
   // Swaps the component in `slot` for the one described by a TOML table text

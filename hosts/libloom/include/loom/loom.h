@@ -48,14 +48,32 @@ LOOM_API loom_status loom_runtime_create_from_file(const char *path, const char 
 LOOM_API loom_status loom_runtime_create_from_string(const char *toml_text, const char *source_name,
                                                      const char *const *overrides, size_t count, loom_runtime **out);
 
-/* Called after each generated token; return non-zero to stop the run early. */
+/* Called after each generated token (of the first sequence, with run.prompts); return non-zero
+ * to stop the run early. */
 typedef int32_t (*loom_token_fn)(void *user, int32_t step, int32_t token);
 
 /* Runs the manifest's [run] section; `steps` > 0 overrides its length. `on_token` may be NULL.
  * `tokens_out`, when not NULL, receives up to `tokens_capacity` generated tokens and
- * `*tokens_written` their number. */
+ * `*tokens_written` their number (of the first sequence, with run.prompts; the others through
+ * loom_runtime_sequence_tokens). */
 LOOM_API loom_status loom_runtime_run(loom_runtime *runtime, int64_t steps, loom_token_fn on_token, void *user,
                                       int32_t *tokens_out, size_t tokens_capacity, size_t *tokens_written);
+
+/* The number of sequences of the last completed loom_runtime_run: the length of run.prompts, or 1
+ * (0 before the first run). */
+LOOM_API loom_status loom_runtime_sequence_count(loom_runtime *runtime, size_t *count);
+
+/* The generated tokens of sequence `index` of the last run: up to `capacity` of them into
+ * `tokens_out` (may be NULL when capacity is 0), their number into `*written`, and how many there
+ * are into `*total` (may be NULL). LOOM_ERR_NOT_FOUND for an index past the last sequence. */
+LOOM_API loom_status loom_runtime_sequence_tokens(loom_runtime *runtime, size_t index, int32_t *tokens_out,
+                                                  size_t capacity, size_t *written, size_t *total);
+
+/* The generated text of sequence `index` of the last run ("" for a model without a tokenizer),
+ * and whether a stop token or string ended it (`*stopped`, may be NULL). The text is owned by the
+ * runtime and valid until its next run or destroy. */
+LOOM_API loom_status loom_runtime_sequence_text(loom_runtime *runtime, size_t index, const char **text_out,
+                                                int32_t *stopped);
 
 /* Replaces the component in `slot` ("attention", "sampler[1]", or a manifest `name`) by the one
  * described by a TOML table text, e.g. "use = \"top-k\"\nk = 5" or with library = "path.so".

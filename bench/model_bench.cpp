@@ -1,0 +1,242 @@
+// Loom's side of the engine benchmark (bench/engine_bench.sh runs it beside the PyTorch peers on
+// the same weights): decode tokens/s at several batch sizes and prefill tokens/s of one long
+// prompt, through the CUDA backend and an attention plugin, plus the two ceilings the results
+// are judged against, measured on the same GPU: device copy bandwidth and the cuBLAS bf16 GEMM
+// peak.
+//
+// usage: loom_model_bench MODEL_DIR [--attention flash] [--batches 1,32] [--prompt 128]
+//                         [--new 128] [--prefill 2048] [--reps 5] [--json FILE]
+// Decode: each of B sequences gets a `prompt`-token random prompt (prefilled together), then
+// `new` greedy steps (forward + argmax on the GPU + the token back to the host, as a real
+// generation loop does); tokens/s = B * new / time of the steps. Prefill: one forward of a
+// `prefill`-token prompt. Medians over `reps` repetitions after a warm-up.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cuda_backend.hpp"
+#include "loom/core/error.hpp"
+#include "loom/core/host_context.hpp"
+#include "loom/core/manifest.hpp"
+#include "loom/core/metrics.hpp"
+#include "loom/core/model_config.hpp"
+#include "loom/core/model_weights.hpp"
+#include "loom/core/pipeline.hpp"
+#include "loom/core/registry.hpp"
+#include "loom/core/safetensors.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+void check(cudaError_t e, const char *what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+// Device-to-device copy bandwidth of a 1 GiB buffer, counting bytes read plus bytes written.
+double copy_bandwidth_gbs() {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  check(cudaMalloc(&a, bytes), "cudaMalloc");
+  check(cudaMalloc(&b, bytes), "cudaMalloc");
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  std::vector<double> runs;
+  for (int i = 0; i < 12; ++i) {
+    cudaEventRecord(start);
+    check(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy");
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    if (i >= 2) runs.push_back(2.0 * static_cast<double>(bytes) / (ms * 1e-3) / 1e9);
+  }
+  cudaFree(a);
+  cudaFree(b);
+  return median(runs);
+}
+
+// cuBLAS bf16 GEMM throughput (float32 accumulation) at m = n = k = size, in TFLOP/s.
+double gemm_tflops(int m, int n, int k) {
+  cublasHandle_t h;
+  cublasCreate(&h);
+  void *a, *b, *c;
+  check(cudaMalloc(&a, static_cast<size_t>(m) * k * 2), "cudaMalloc");
+  check(cudaMalloc(&b, static_cast<size_t>(k) * n * 2), "cudaMalloc");
+  check(cudaMalloc(&c, static_cast<size_t>(m) * n * 2), "cudaMalloc");
+  cudaMemset(a, 0, static_cast<size_t>(m) * k * 2);
+  cudaMemset(b, 0, static_cast<size_t>(k) * n * 2);
+  const float alpha = 1, beta = 0;
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  std::vector<double> runs;
+  for (int i = 0; i < 12; ++i) {
+    cudaEventRecord(start);
+    cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, a, CUDA_R_16BF, k, b, CUDA_R_16BF, k, &beta, c, CUDA_R_16BF,
+                 m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    if (i >= 2) runs.push_back(2.0 * m * n * static_cast<double>(k) / (ms * 1e-3) / 1e12);
+  }
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  cublasDestroy(h);
+  return median(runs);
+}
+
+std::vector<int> parse_list(const std::string &s) {
+  std::vector<int> out;
+  std::stringstream in(s);
+  for (std::string item; std::getline(in, item, ',');) out.push_back(std::stoi(item));
+  return out;
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help") {
+    std::cerr << "usage: loom_model_bench MODEL_DIR [--attention flash] [--batches 1,32] [--prompt 128] [--new 128]"
+                 " [--prefill 2048] [--reps 5] [--json FILE]\n";
+    return 2;
+  }
+  std::string model_dir = argv[1], attention = "flash", json_path;
+  std::vector<int> batches{1, 32};
+  int prompt = 128, fresh = 128, prefill = 2048, reps = 5;
+  for (int i = 2; i + 1 < argc; i += 2) {
+    std::string k = argv[i], v = argv[i + 1];
+    if (k == "--attention") attention = v;
+    else if (k == "--batches") batches = parse_list(v);
+    else if (k == "--prompt") prompt = std::stoi(v);
+    else if (k == "--new") fresh = std::stoi(v);
+    else if (k == "--prefill") prefill = std::stoi(v);
+    else if (k == "--reps") reps = std::stoi(v);
+    else if (k == "--json") json_path = v;
+    else {
+      std::cerr << "unknown option " << k << "\n";
+      return 2;
+    }
+  }
+  try {
+    if (!loom::cuda_device_present()) {
+      std::cerr << "loom_model_bench: no CUDA device\n";
+      return 77;
+    }
+    const int max_batch = *std::max_element(batches.begin(), batches.end());
+    auto t0 = Clock::now();
+    loom::Manifest manifest = loom::parse_manifest_string("[loom]\ndevice = \"cuda\"\n[attention]\nuse = \"" + attention +
+                                                              "\"\n[[sampler]]\nuse = \"greedy\"\n",
+                                                          "bench");
+    loom::Registry registry(loom::Registry::default_search_paths({}));
+    registry.scan();
+    loom::Metrics metrics;
+    std::atomic<bool> cancelled{false};
+    loom::Pipeline pipeline(registry, loom::InstanceEnvironment{{kDLCUDA, 0}, &metrics, &cancelled});
+    pipeline.build(manifest);
+    auto config = loom::load_model_config(model_dir);
+    loom::CudaBackendOptions options;
+    options.source_name = model_dir;
+    auto backend = loom::make_cuda_backend(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(model_dir)),
+                                           pipeline, options);
+    const double load_s = std::chrono::duration<double>(Clock::now() - t0).count();
+    backend->reserve(max_batch, std::max(prompt + fresh, prefill) + 1);
+    auto guard = pipeline.begin_step();
+
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<int32_t> token(10, static_cast<int32_t>(config.vocab_size) - 1);
+    std::vector<int32_t> ids(static_cast<size_t>(max_batch));
+    std::string error;
+    std::printf("%-28s %12s\n", "measure", "value");
+    std::printf("%-28s %12s\n", "model", model_dir.c_str());
+    std::printf("%-28s %12s\n", "backend", backend->describe().c_str());
+    std::printf("%-28s %12.1f\n", "load seconds", load_s);
+    std::ostringstream json;
+    json << "{\"backend\":\"" << backend->describe() << "\",\"attention\":\"" << attention << "\"";
+    for (int B : batches) {
+      std::vector<double> runs;
+      for (int r = 0; r < reps + 1; ++r) {
+        loom::StepBatch pre;
+        pre.seq_offsets = {0};
+        for (int s = 0; s < B; ++s) {
+          for (int t = 0; t < prompt; ++t) pre.tokens.push_back(token(rng));
+          pre.seq_offsets.push_back(static_cast<int32_t>(pre.tokens.size()));
+          pre.seq_positions.push_back(0);
+          pre.seq_slots.push_back(s);
+        }
+        DLTensor *logits = backend->forward(pre);
+        if (!loom::device_argmax_rows(static_cast<float *>(logits->data), B, config.vocab_size, {kDLCUDA, 0}, ids.data(), error))
+          throw std::runtime_error(error);
+        auto start = Clock::now();
+        loom::StepBatch step;
+        for (int n = 0; n < fresh; ++n) {
+          step.tokens.assign(ids.begin(), ids.begin() + B);
+          step.seq_offsets.resize(static_cast<size_t>(B) + 1);
+          step.seq_positions.resize(static_cast<size_t>(B));
+          step.seq_slots.resize(static_cast<size_t>(B));
+          for (int s = 0; s <= B; ++s) step.seq_offsets[static_cast<size_t>(s)] = s;
+          for (int s = 0; s < B; ++s) {
+            step.seq_positions[static_cast<size_t>(s)] = prompt + n;
+            step.seq_slots[static_cast<size_t>(s)] = s;
+          }
+          logits = backend->forward(step);
+          if (!loom::device_argmax_rows(static_cast<float *>(logits->data), B, config.vocab_size, {kDLCUDA, 0}, ids.data(),
+                                        error))
+            throw std::runtime_error(error);
+        }
+        const double s = std::chrono::duration<double>(Clock::now() - start).count();
+        if (r > 0) runs.push_back(B * fresh / s); // the first repetition warms up (graph capture)
+      }
+      const double tps = median(runs);
+      std::printf("decode tok/s batch %-9d %12.1f\n", B, tps);
+      json << ",\"decode_b" << B << "\":" << tps;
+    }
+    {
+      std::vector<double> runs;
+      loom::StepBatch pre;
+      for (int t = 0; t < prefill; ++t) pre.tokens.push_back(token(rng));
+      pre.seq_offsets = {0, prefill};
+      pre.seq_positions = {0};
+      pre.seq_slots = {0};
+      for (int r = 0; r < reps + 1; ++r) {
+        auto start = Clock::now();
+        DLTensor *logits = backend->forward(pre);
+        check(cudaDeviceSynchronize(), "prefill");
+        (void)logits;
+        const double s = std::chrono::duration<double>(Clock::now() - start).count();
+        if (r > 0) runs.push_back(prefill / s);
+      }
+      const double tps = median(runs);
+      std::printf("prefill tok/s (%d tokens)  %12.1f\n", prefill, tps);
+      json << ",\"prefill\":" << tps << ",\"prefill_tokens\":" << prefill;
+    }
+    const double bw = copy_bandwidth_gbs();
+    const double peak = gemm_tflops(8192, 8192, 8192);
+    std::printf("%-28s %12.1f\n", "copy bandwidth GB/s", bw);
+    std::printf("%-28s %12.1f\n", "cuBLAS bf16 TFLOP/s 8192^3", peak);
+    json << ",\"copy_bandwidth_gbs\":" << bw << ",\"gemm_tflops\":" << peak << "}\n";
+    if (!json_path.empty()) std::ofstream(json_path) << json.str();
+  } catch (const std::exception &e) {
+    std::cerr << "loom_model_bench: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,661 @@
+#include "cpu_backend.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+
+#include "loom/core/error.hpp"
+#include "loom/core/reference_model.hpp"
+#include "transformer_ops.hpp"
+
+namespace loom {
+
+using detail::HostTensor;
+
+namespace {
+
+// ---- The linear kernel ----------------------------------------------------------------------
+//
+// y[r, o] = sum_i x[r, i] * W[o, i] (+ b[o]) for a block of rows and output features. Every
+// output has its own 8 float32 lanes: lane k sums the products of the indices i = k (mod 8) of
+// the first in - in % 8 inputs in increasing i; the lanes are then added in a fixed tree, the
+// remaining inputs one by one, and the bias last. Tiles (R rows x O outputs at a time, so that a
+// weight row is loaded once for R rows and an input row once for O outputs) only change which
+// outputs are computed together, never that order: every output comes out the same whatever the
+// tile, the thread or the number of rows in the batch. The 8 lanes are a GCC/clang vector
+// extension (one AVX register, or two SSE registers), which compiles to SIMD on every target
+// without intrinsics; the plain scalar-array spelling of the same loop vectorised erratically
+// with GCC 12 (2-7x apart between tile shapes). bfloat16 weights widen to float32 by a 16-bit
+// shift inside the loop.
+
+#define LOOM_ALWAYS_INLINE inline __attribute__((always_inline))
+#define LOOM_UNROLL _Pragma("GCC unroll 16")
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+
+template <class W> LOOM_ALWAYS_INLINE float widen(W w) {
+  if constexpr (sizeof(W) == 4) return w;
+  else return ops::bf16_to_float(w);
+}
+
+template <class W> LOOM_ALWAYS_INLINE void load8(f32x8 &out, const W *p) {
+  if constexpr (sizeof(W) == 4) {
+    std::memcpy(&out, p, sizeof out);
+  } else {
+    u16x8 h;
+    std::memcpy(&h, p, sizeof h);
+    u32x8 u = __builtin_convertvector(h, u32x8) << 16;
+    std::memcpy(&out, &u, sizeof out);
+  }
+}
+
+// R rows of x (row stride `in`) against O weight rows (row stride `in`).
+template <int R, int O, class W>
+LOOM_ALWAYS_INLINE void tile(const float *x, int64_t in, const W *w, const float *bias, float *y, int64_t ldy) {
+  f32x8 acc[R][O];
+  LOOM_UNROLL for (int r = 0; r < R; ++r) LOOM_UNROLL for (int o = 0; o < O; ++o) acc[r][o] = f32x8{};
+  const int64_t body = in - in % 8;
+  for (int64_t i = 0; i < body; i += 8) {
+    f32x8 xv[R];
+    LOOM_UNROLL for (int r = 0; r < R; ++r) load8(xv[r], x + r * in + i);
+    LOOM_UNROLL for (int o = 0; o < O; ++o) {
+      f32x8 wv;
+      load8(wv, w + o * in + i);
+      LOOM_UNROLL for (int r = 0; r < R; ++r) acc[r][o] += xv[r] * wv;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int o = 0; o < O; ++o) {
+      const f32x8 a = acc[r][o];
+      float s = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+      for (int64_t i = body; i < in; ++i) s += x[r * in + i] * widen(w[o * in + i]);
+      y[r * ldy + o] = bias ? s + bias[o] : s;
+    }
+}
+
+// Rows [r0, r1) x outputs [o0, o1): output blocks sized to stay in L2 while the rows stream
+// through them, RM x OM tiles, then single rows in 1 x OS tiles, then single outputs.
+template <int RM, int OM, int OS, class W>
+LOOM_ALWAYS_INLINE void block(const float *x, int64_t in, const W *w, const float *bias, float *y, int64_t ldy,
+                              int64_t r0, int64_t r1, int64_t o0, int64_t o1) {
+  const int64_t chunk = std::max<int64_t>(OM * OS, (int64_t{128} << 10) / (in * static_cast<int64_t>(sizeof(W))) / (OM * OS) * (OM * OS));
+  for (int64_t c0 = o0; c0 < o1; c0 += chunk) {
+    const int64_t c1 = std::min(o1, c0 + chunk);
+    int64_t r = r0;
+    for (; r + RM <= r1; r += RM) {
+      int64_t o = c0;
+      for (; o + OM <= c1; o += OM) tile<RM, OM>(x + r * in, in, w + o * in, bias ? bias + o : nullptr, y + r * ldy + o, ldy);
+      for (; o < c1; ++o) tile<RM, 1>(x + r * in, in, w + o * in, bias ? bias + o : nullptr, y + r * ldy + o, ldy);
+    }
+    for (; r < r1; ++r) {
+      int64_t o = c0;
+      for (; o + OS <= c1; o += OS) tile<1, OS>(x + r * in, in, w + o * in, bias ? bias + o : nullptr, y + r * ldy + o, ldy);
+      for (; o < c1; ++o) tile<1, 1>(x + r * in, in, w + o * in, bias ? bias + o : nullptr, y + r * ldy + o, ldy);
+    }
+  }
+}
+
+template <class W>
+using BlockFn = void (*)(const float *, int64_t, const W *, const float *, float *, int64_t, int64_t, int64_t, int64_t,
+                         int64_t);
+
+// Baseline build (SSE2 on x86-64): 16 vector registers of 4 lanes, so smaller tiles.
+template <class W>
+void block_generic(const float *x, int64_t in, const W *w, const float *bias, float *y, int64_t ldy, int64_t r0,
+                   int64_t r1, int64_t o0, int64_t o1) {
+  block<2, 3, 4>(x, in, w, bias, y, ldy, r0, r1, o0, o1);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LOOM_HAVE_AVX2_KERNEL 1
+// The same loops for AVX2 (8 lanes per register). ISO C++ mode does not contract a * b + c into
+// an FMA, so both builds give the same numbers.
+template <class W>
+__attribute__((target("avx2"))) void block_avx2(const float *x, int64_t in, const W *w, const float *bias, float *y,
+                                                int64_t ldy, int64_t r0, int64_t r1, int64_t o0, int64_t o1) {
+  block<4, 3, 8>(x, in, w, bias, y, ldy, r0, r1, o0, o1);
+}
+#endif
+
+template <class W> BlockFn<W> pick_block() {
+#ifdef LOOM_HAVE_AVX2_KERNEL
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) return &block_avx2<W>;
+#endif
+  return &block_generic<W>;
+}
+
+const BlockFn<float> kBlockF32 = pick_block<float>();
+const BlockFn<uint16_t> kBlockBF16 = pick_block<uint16_t>();
+
+// Work below this many multiply-adds stays on one thread: waking a worker costs about as much.
+constexpr int64_t kMinTaskMacs = int64_t{1} << 15;
+constexpr int64_t kRowBlock = 32; // rows per task of a large batch
+
+// ---- DLTensor views -------------------------------------------------------------------------
+
+// A DLTensor over memory owned elsewhere, valid while both live.
+struct View {
+  DLTensor t{};
+  int64_t shape[4]{};
+  View(const void *data, DLDataType dtype, std::initializer_list<int64_t> dims) {
+    t.data = const_cast<void *>(data);
+    t.device = {kDLCPU, 0};
+    t.ndim = static_cast<int32_t>(dims.size());
+    t.dtype = dtype;
+    std::copy(dims.begin(), dims.end(), shape);
+    t.shape = shape;
+    t.strides = nullptr;
+    t.byte_offset = 0;
+  }
+  View(const View &) = delete;
+  View &operator=(const View &) = delete;
+  DLTensor *dl() { return &t; }
+};
+
+constexpr DLDataType kF32{kDLFloat, 32, 1};
+
+} // namespace
+
+// ---- Construction -----------------------------------------------------------------------------
+
+CpuBackend::CpuBackend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline, const CpuBackendOptions &options)
+    : config_(config), pipeline_(pipeline), options_(options), pool_(options.threads) {
+  build(std::move(weights));
+}
+
+CpuBackend::~CpuBackend() {
+  if (!ready_) return; // installed nothing
+  // Under the step lock: a swap in flight either finished with the hooks or sees none.
+  auto guard = pipeline_.begin_step();
+  pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, {});
+  pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, {});
+  pipeline_.set_activate_hook(LOOM_KIND_ADAPTER, {});
+  if (quantizer_) {
+    std::vector<loom_qweight *> weights;
+    for (Linear *l : linears_) weights.push_back(l->qweight);
+    free_qweights(*quantizer_, weights);
+  }
+}
+
+std::string CpuBackend::describe() const {
+  std::string out = "cpu ";
+  out += options_.dtype == ComputeDtype::bfloat16 ? "bfloat16" : "float32";
+  out += " x";
+  out += std::to_string(pool_.size());
+  out += pool_.size() == 1 ? " thread" : " threads";
+  return out;
+}
+
+std::unique_ptr<CpuBackend::Linear> CpuBackend::make_linear(std::string name, int64_t out, int64_t in,
+                                                            std::vector<float> weight, std::vector<float> bias) const {
+  auto l = std::make_unique<Linear>();
+  l->name = std::move(name);
+  l->out = out;
+  l->in = in;
+  if (options_.dtype == ComputeDtype::bfloat16) {
+    // Exact for bfloat16 checkpoints; float16 and float32 checkpoints are rounded (to nearest even).
+    l->w16.resize(weight.size());
+    for (size_t i = 0; i < weight.size(); ++i) l->w16[i] = ops::float_to_bf16(weight[i]);
+    weight = {};
+  } else {
+    l->w32 = std::move(weight);
+  }
+  l->bias = std::move(bias);
+  return l;
+}
+
+void CpuBackend::build(ModelWeights weights) {
+  const ModelConfig &c = config_;
+  const int64_t H = c.hidden_size;
+  // Tensors are moved out of `weights`, not copied: peak memory stays one float32 model (plus
+  // the bfloat16 copy of one tensor at a time).
+  auto values = [&](const std::string &name) { return weights.take(name).values; };
+  auto maybe = [&](const std::string &name) { return weights.contains(name) ? weights.take(name).values : std::vector<float>{}; };
+  // A linear from a [out, in] weight.
+  auto make = [&](std::string name, HostWeight w, std::vector<float> bias) {
+    const int64_t out = w.shape[0], in = w.shape[1];
+    return make_linear(std::move(name), out, in, std::move(w.values), std::move(bias));
+  };
+  // A linear from a GPT-2 Conv1D [in, out] weight's columns [col0, col0 + out), transposed.
+  auto conv = [&](std::string name, const HostWeight &w, const std::vector<float> &b, int64_t col0, int64_t out) {
+    const int64_t in = w.shape[0], cols = w.shape[1];
+    std::vector<float> t(static_cast<size_t>(out * in));
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) t[static_cast<size_t>(o * in + i)] = w.values[static_cast<size_t>(i * cols + col0 + o)];
+    std::vector<float> bias(static_cast<size_t>(out)); // (filled in place: a temporary vector from
+                                                       // iterators trips GCC 12's false
+                                                       // -Wfree-nonheap-object at -O3)
+    std::copy(b.begin() + col0, b.begin() + col0 + out, bias.data());
+    return make_linear(std::move(name), out, in, std::move(t), std::move(bias));
+  };
+  const bool gpt2 = c.architecture == Architecture::gpt2;
+  HostWeight embedding = weights.take(gpt2 ? "wte.weight" : "model.embed_tokens.weight");
+  if (gpt2) positions_ = values("wpe.weight");
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    Layer layer;
+    if (gpt2) {
+      std::string p = "h." + std::to_string(i) + ".";
+      HostWeight ca = weights.take(p + "attn.c_attn.weight");
+      auto cab = values(p + "attn.c_attn.bias");
+      layer.q = conv(p + "attn.c_attn.q", ca, cab, 0, H);
+      layer.k = conv(p + "attn.c_attn.k", ca, cab, H, H);
+      layer.v = conv(p + "attn.c_attn.v", ca, cab, 2 * H, H);
+      layer.o = conv(p + "attn.c_proj", weights.take(p + "attn.c_proj.weight"), values(p + "attn.c_proj.bias"), 0, H);
+      layer.up = conv(p + "mlp.c_fc", weights.take(p + "mlp.c_fc.weight"), values(p + "mlp.c_fc.bias"), 0, c.intermediate_size);
+      layer.down = conv(p + "mlp.c_proj", weights.take(p + "mlp.c_proj.weight"), values(p + "mlp.c_proj.bias"), 0, H);
+      layer.norm1 = values(p + "ln_1.weight");
+      layer.norm1_bias = values(p + "ln_1.bias");
+      layer.norm2 = values(p + "ln_2.weight");
+      layer.norm2_bias = values(p + "ln_2.bias");
+    } else {
+      std::string p = "model.layers." + std::to_string(i) + ".";
+      auto lin = [&](const std::string &m) { return make(p + m, weights.take(p + m + ".weight"), maybe(p + m + ".bias")); };
+      layer.q = lin("self_attn.q_proj");
+      layer.k = lin("self_attn.k_proj");
+      layer.v = lin("self_attn.v_proj");
+      layer.o = lin("self_attn.o_proj");
+      layer.gate = lin("mlp.gate_proj");
+      layer.up = lin("mlp.up_proj");
+      layer.down = lin("mlp.down_proj");
+      layer.norm1 = values(p + "input_layernorm.weight");
+      layer.norm2 = values(p + "post_attention_layernorm.weight");
+    }
+    layers_.push_back(std::move(layer));
+  }
+  final_norm_ = values(gpt2 ? "ln_f.weight" : "model.norm.weight");
+  if (gpt2) final_norm_bias_ = values("ln_f.bias");
+  // Tied: the head's weight is the embedding, stored once (lookups read the head's rows; the
+  // quantizer and adapters see the head as its own module, as before).
+  if (c.tie_word_embeddings) {
+    lm_head_ = make("lm_head", std::move(embedding), {});
+  } else {
+    embedding_ = make("embed_tokens", std::move(embedding), {});
+    lm_head_ = make("lm_head", weights.take("lm_head.weight"), {});
+  }
+  for (auto &layer : layers_)
+    for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get(), layer.gate.get(), layer.up.get(),
+                      layer.down.get()})
+      if (l) linears_.push_back(l);
+  linears_.push_back(lm_head_.get());
+  if (!gpt2) inv_freq_ = rope_inv_freq(c);
+}
+
+// ---- Attention and the KV cache ---------------------------------------------------------------
+
+loom_attention_config CpuBackend::attention_config() const {
+  return attention_config_for(config_, max_positions_, kF32, DLDevice{kDLCPU, 0});
+}
+
+loom_kv_layout CpuBackend::prepare_attention(Instance &attention) const {
+  loom_attention_config config = attention_config();
+  loom_kv_layout layout{};
+  layout.struct_size = sizeof(layout);
+  attention.check(attention.vtable<loom_attention_vtable>()->prepare(attention.handle(), &config, &layout), "prepare");
+  if (layout.block_size < 0 || layout.block_size > (1 << 20) || (layout.block_size > 0 && layout.bytes_per_block == 0) ||
+      layout.bytes_per_block > (uint64_t{1} << 32))
+    throw runtime_error(attention.slot() + " (" + attention.desc().name + "): prepare reported an absurd KV layout");
+  return layout;
+}
+
+void CpuBackend::reserve(int32_t max_seqs, int64_t max_positions) {
+  auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
+  if (attention.empty())
+    throw runtime_error(options_.source_name + ": the pipeline has no [attention]: add one such as use = \"sdpa\"");
+  if (ready_ && max_seqs <= max_seqs_ && max_positions <= max_positions_ &&
+      (layout_.block_size == 0 || kv_pools_.size() == static_cast<size_t>(config_.n_layers)))
+    return;
+  if (max_seqs < 1 || max_seqs > 4096 || max_positions < 1 || max_positions > (int64_t{1} << 24))
+    throw runtime_error(options_.source_name + ": a batch of " + std::to_string(max_seqs) + " sequences of " +
+                        std::to_string(max_positions) + " positions is outside what the CPU backend sizes");
+  // Grow-only: a shorter run reuses the larger cache. Nothing changes unless all succeeds.
+  const int32_t seqs = std::max(max_seqs, max_seqs_);
+  const int64_t positions = std::max(max_positions, max_positions_);
+  loom_kv_layout layout = layout_;
+  std::vector<HostTensor<uint8_t>> pools;
+  const int64_t before = max_positions_;
+  try {
+    if (!ready_ || positions > max_positions_) {
+      // The geometry changed (first run, or a longer one): prepare again. More sequences only
+      // need a larger pool.
+      max_positions_ = positions; // what attention_config() reports
+      layout = prepare_attention(*attention.front());
+    }
+    if (layout.block_size > 0) {
+      const uint64_t blocks = static_cast<uint64_t>((positions + layout.block_size - 1) / layout.block_size) *
+                              static_cast<uint64_t>(seqs);
+      if (layout.bytes_per_block > (uint64_t{8} << 30) / blocks / static_cast<uint64_t>(config_.n_layers))
+        throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name +
+                            "): its KV layout needs more than 8 GiB for " + std::to_string(seqs) + " sequences of " +
+                            std::to_string(positions) + " positions");
+      kv_pools_.clear(); // (freed before the larger pools are made; forward() refuses to run without)
+      for (int64_t i = 0; i < config_.n_layers; ++i)
+        pools.emplace_back(std::vector<int64_t>{static_cast<int64_t>(blocks), static_cast<int64_t>(layout.bytes_per_block)});
+    }
+  } catch (...) {
+    max_positions_ = before;
+    throw;
+  }
+  kv_pools_ = std::move(pools);
+  layout_ = layout;
+  blocks_per_seq_ = layout.block_size > 0 ? (positions + layout.block_size - 1) / layout.block_size : 0;
+  max_seqs_ = seqs;
+  max_positions_ = positions;
+  if (ready_) return;
+  // Everything is made first and committed only when all of it succeeded, so that a failure
+  // (a quantizer or adapter refusing a module) leaves nothing half-installed for the next run.
+  auto quantizers = pipeline_.list(LOOM_KIND_QUANTIZER);
+  std::vector<loom_qweight *> weights;
+  if (!quantizers.empty()) weights = quantize_all(*quantizers.front());
+  std::vector<std::pair<std::shared_ptr<Instance>, std::vector<loom_adapter_site *>>> attached;
+  try {
+    for (auto &adapter : pipeline_.list(LOOM_KIND_ADAPTER)) attached.emplace_back(adapter, attach_all(*adapter));
+  } catch (...) {
+    if (!quantizers.empty()) free_qweights(*quantizers.front(), weights);
+    throw; // sites already attached belong to their adapter instances, which free them
+  }
+  if (!quantizers.empty()) {
+    quantizer_ = quantizers.front();
+    for (size_t i = 0; i < linears_.size(); ++i) linears_[i]->qweight = weights[i];
+  }
+  for (auto &[adapter, sites] : attached)
+    for (size_t i = 0; i < linears_.size(); ++i)
+      if (sites[i]) linears_[i]->sites.emplace_back(adapter.get(), sites[i]);
+  install_hooks();
+  ready_ = true;
+}
+
+// ---- Quantizer and adapters -------------------------------------------------------------------
+
+std::vector<loom_qweight *> CpuBackend::quantize_all(Instance &quantizer) {
+  std::vector<loom_qweight *> out;
+  auto vt = quantizer.vtable<loom_quantizer_vtable>();
+  std::vector<float> widened; // a bfloat16 weight as float32: quantizers quantize from float32
+  auto one = [&](Linear &l) {
+    const float *w = l.w32.data();
+    if (l.w32.empty()) {
+      widened.resize(l.w16.size());
+      for (size_t i = 0; i < l.w16.size(); ++i) widened[i] = ops::bf16_to_float(l.w16[i]);
+      w = widened.data();
+    }
+    View weight(w, kF32, {l.out, l.in});
+    loom_quantize_request req{};
+    req.struct_size = sizeof(req);
+    req.module_name = l.name.c_str();
+    req.weight = weight.dl();
+    req.calibration = nullptr;
+    req.target_device = {kDLCPU, 0};
+    loom_qweight *q = nullptr;
+    loom_status s = vt->quantize(quantizer.handle(), &req, &q);
+    if (s != LOOM_OK) {
+      free_qweights(quantizer, out);
+      quantizer.check(s, ("quantize " + l.name).c_str());
+    }
+    out.push_back(q);
+  };
+  for (Linear *l : linears_) one(*l);
+  return out;
+}
+
+void CpuBackend::free_qweights(Instance &quantizer, const std::vector<loom_qweight *> &weights) {
+  auto vt = quantizer.vtable<loom_quantizer_vtable>();
+  for (loom_qweight *q : weights)
+    if (q) vt->free_weight(quantizer.handle(), q);
+}
+
+std::vector<loom_adapter_site *> CpuBackend::attach_all(Instance &adapter) {
+  auto vt = adapter.vtable<loom_adapter_vtable>();
+  std::vector<loom_adapter_site *> sites;
+  auto one = [&](Linear &l) {
+    loom_adapter_site *site = nullptr;
+    if (vt->targets(adapter.handle(), l.name.c_str())) {
+      loom_adapter_module m{};
+      m.struct_size = sizeof(m);
+      m.module_name = l.name.c_str();
+      m.out_features = l.out;
+      m.in_features = l.in;
+      m.dtype = kF32;
+      m.device = {kDLCPU, 0};
+      adapter.check(vt->attach(adapter.handle(), &m, &site), ("attach " + l.name).c_str());
+    }
+    sites.push_back(site);
+  };
+  for (Linear *l : linears_) one(*l);
+  return sites;
+}
+
+void CpuBackend::install_hooks() {
+  auto linears = [this] { return linears_; };
+  pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, [this](Instance &fresh, Instance &) -> std::function<void()> {
+    loom_kv_layout layout = prepare_attention(fresh);
+    if (layout.block_size != layout_.block_size || layout.bytes_per_block != layout_.bytes_per_block ||
+        layout.cache_dtype.code != layout_.cache_dtype.code || layout.cache_dtype.bits != layout_.cache_dtype.bits ||
+        layout.cache_dtype.lanes != layout_.cache_dtype.lanes)
+      throw runtime_error("swap " + fresh.slot() + ": " + fresh.desc().name +
+                          " wants another KV layout than the cache in use; swap it between runs");
+    return {};
+  });
+  pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, [this, linears](Instance &fresh, Instance &) -> std::function<void()> {
+    auto weights = quantize_all(fresh);
+    return [this, linears, weights, &fresh] {
+      std::vector<loom_qweight *> old;
+      for (Linear *l : linears()) old.push_back(l->qweight);
+      free_qweights(*quantizer_, old);
+      auto all = linears();
+      for (size_t i = 0; i < all.size(); ++i) all[i]->qweight = weights[i];
+      quantizer_ = pipeline_.get(fresh.slot());
+    };
+  });
+  pipeline_.set_activate_hook(LOOM_KIND_ADAPTER, [this, linears](Instance &fresh, Instance &old) -> std::function<void()> {
+    auto sites = attach_all(fresh);
+    const Instance *old_ptr = &old, *fresh_ptr = &fresh;
+    return [linears, sites, old_ptr, fresh_ptr] {
+      auto all = linears();
+      for (size_t i = 0; i < all.size(); ++i) {
+        auto &list = all[i]->sites;
+        std::erase_if(list, [&](const auto &p) { return p.first == old_ptr; });
+        if (sites[i]) list.emplace_back(fresh_ptr, sites[i]);
+      }
+    };
+  });
+}
+
+// ---- Compute ----------------------------------------------------------------------------------
+
+template <class F> void CpuBackend::rows(int64_t n, int64_t work_per_row, F &&fn) {
+  const int64_t threads = pool_.size();
+  if (threads == 1 || n < 2 || n * work_per_row < 4 * kMinTaskMacs) {
+    for (int64_t r = 0; r < n; ++r) fn(r);
+    return;
+  }
+  const int64_t tasks = std::min(n, 4 * threads), per = (n + tasks - 1) / tasks;
+  pool_.run((n + per - 1) / per, [&](int64_t t) {
+    for (int64_t r = t * per, end = std::min(n, r + per); r < end; ++r) fn(r);
+  });
+}
+
+void CpuBackend::matmul(const Linear &lin, const float *x, int64_t n, float *y) {
+  const int64_t out = lin.out, in = lin.in;
+  const float *bias = lin.bias.empty() ? nullptr : lin.bias.data();
+  const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int64_t threads = pool_.size();
+  // Output features split into chunks (multiples of 24, every kernel's tile width divides it)
+  // so that there are a few tasks per thread when the work allows.
+  const int64_t macs = n * out * in;
+  const int64_t want = threads == 1 ? 1 : std::clamp<int64_t>(macs / kMinTaskMacs, 1, 4 * threads);
+  int64_t out_chunks = std::clamp<int64_t>(want / row_blocks, 1, (out + 23) / 24);
+  const int64_t chunk = ((out + out_chunks - 1) / out_chunks + 23) / 24 * 24;
+  out_chunks = (out + chunk - 1) / chunk;
+  auto task = [&](int64_t t) {
+    const int64_t rb = t / out_chunks, oc = t % out_chunks;
+    const int64_t r0 = rb * kRowBlock, r1 = std::min(n, r0 + kRowBlock);
+    const int64_t o0 = oc * chunk, o1 = std::min(out, o0 + chunk);
+    if (lin.w32.empty()) kBlockBF16(x, in, lin.w16.data(), bias, y, out, r0, r1, o0, o1);
+    else kBlockF32(x, in, lin.w32.data(), bias, y, out, r0, r1, o0, o1);
+  };
+  pool_.run(row_blocks * out_chunks, task);
+}
+
+void CpuBackend::linear(Linear &lin, float *x, int64_t n, float *y) {
+  View xv(x, kF32, {n, lin.in}), yv(y, kF32, {n, lin.out});
+  if (quantizer_ && lin.qweight) {
+    View bias(lin.bias.data(), kF32, {lin.out});
+    quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->linear(quantizer_->handle(), lin.qweight, xv.dl(),
+                                                                          lin.bias.empty() ? nullptr : bias.dl(), yv.dl()),
+                      "linear");
+  } else {
+    matmul(lin, x, n, y);
+  }
+  for (auto &[instance, site] : lin.sites) {
+    loom_adapter_io io{};
+    io.struct_size = sizeof(io);
+    io.x = xv.dl();
+    io.y = yv.dl();
+    io.row_mask = nullptr;
+    io.training = 0;
+    instance->check(instance->vtable<loom_adapter_vtable>()->forward(instance->handle(), site, &io), "forward");
+  }
+}
+
+// RMSNorm (w, no bias) or LayerNorm (w and b), over one hidden vector.
+void CpuBackend::norm(const std::vector<float> &w, const std::vector<float> &b, const float *x, float *y) const {
+  if (b.empty()) ops::rms_norm(x, w.data(), config_.hidden_size, config_.norm_eps, y);
+  else ops::layer_norm(x, w.data(), b.data(), config_.hidden_size, config_.norm_eps, y);
+}
+
+void CpuBackend::embed_row(int32_t token, float *out) const {
+  const Linear &e = embedding_ ? *embedding_ : *lm_head_;
+  const int64_t H = config_.hidden_size;
+  const size_t at = static_cast<size_t>(token) * static_cast<size_t>(H);
+  if (e.w32.empty())
+    for (int64_t i = 0; i < H; ++i) out[i] = ops::bf16_to_float(e.w16[at + static_cast<size_t>(i)]);
+  else
+    std::memcpy(out, e.w32.data() + at, static_cast<size_t>(H) * sizeof(float));
+}
+
+DLTensor *CpuBackend::forward(const StepBatch &batch) {
+  const ModelConfig &c = config_;
+  const int64_t T = batch.n_tokens(), S = batch.n_seqs();
+  const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size,
+                V = c.vocab_size;
+  const bool gpt2 = c.architecture == Architecture::gpt2;
+  if (!ready_ || (layout_.block_size > 0 && kv_pools_.size() != static_cast<size_t>(c.n_layers)))
+    throw runtime_error(options_.source_name + ": the CPU backend ran without a KV cache (reserve() first)");
+  if (T < 1 || S < 1 || batch.seq_offsets.size() != static_cast<size_t>(S) + 1 || batch.seq_slots.size() != static_cast<size_t>(S) ||
+      batch.seq_offsets[0] != 0 || batch.seq_offsets[static_cast<size_t>(S)] != T)
+    throw runtime_error(options_.source_name + ": a malformed step batch (" + std::to_string(T) + " tokens, " +
+                        std::to_string(S) + " sequences)");
+  // Each token's position; every sequence has tokens, fits the cache and owns its own slot.
+  token_pos_.resize(static_cast<size_t>(T));
+  std::vector<bool> slot_used(static_cast<size_t>(max_seqs_), false);
+  for (int64_t s = 0; s < S; ++s) {
+    const int32_t begin = batch.seq_offsets[static_cast<size_t>(s)], end = batch.seq_offsets[static_cast<size_t>(s) + 1];
+    const int32_t p0 = batch.seq_positions[static_cast<size_t>(s)], slot = batch.seq_slots[static_cast<size_t>(s)];
+    const int64_t last = static_cast<int64_t>(p0) + (end - begin);
+    if (end <= begin || p0 < 0 || slot < 0 || slot >= max_seqs_ || slot_used[static_cast<size_t>(slot)])
+      throw runtime_error(options_.source_name + ": step batch sequence " + std::to_string(s) +
+                          " has no tokens, a negative position, or a KV slot outside the cache or shared");
+    if (last > max_positions_ || last > c.max_positions)
+      throw runtime_error(options_.source_name + ": position " + std::to_string(last - 1) + " is past the model's " +
+                          std::to_string(c.max_positions) + " positions or the KV cache's " + std::to_string(max_positions_));
+    slot_used[static_cast<size_t>(slot)] = true;
+    for (int32_t t = begin; t < end; ++t) token_pos_[static_cast<size_t>(t)] = p0 + (t - begin);
+  }
+  for (int32_t token : batch.tokens)
+    if (token < 0 || token >= V)
+      throw runtime_error(options_.source_name + ": token " + std::to_string(token) + " is outside the model's vocabulary of " +
+                          std::to_string(V));
+
+  // The attention plugin's int32 metadata.
+  offsets_ = HostTensor<int32_t>({S + 1});
+  std::copy(batch.seq_offsets.begin(), batch.seq_offsets.end(), offsets_.data());
+  seq_positions_ = HostTensor<int32_t>({S});
+  std::copy(batch.seq_positions.begin(), batch.seq_positions.end(), seq_positions_.data());
+  if (layout_.block_size > 0) {
+    block_table_ = HostTensor<int32_t>({S, blocks_per_seq_});
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 0; j < blocks_per_seq_; ++j)
+        block_table_.data()[s * blocks_per_seq_ + j] =
+            static_cast<int32_t>(batch.seq_slots[static_cast<size_t>(s)] * blocks_per_seq_ + j);
+  }
+
+  auto sized = [](std::vector<float> &v, int64_t n) {
+    v.resize(static_cast<size_t>(n));
+    return v.data();
+  };
+  float *x = sized(x_, T * H), *h = sized(h_, T * H), *q = sized(q_, T * Hq * D), *k = sized(k_, T * Hkv * D),
+        *v = sized(v_, T * Hkv * D), *attn = sized(attn_, T * Hq * D), *proj = sized(proj_, T * H),
+        *up = sized(up_, T * I), *gate = sized(gate_, layers_.empty() || !layers_[0].gate ? 0 : T * I);
+  const int32_t *tokens = batch.tokens.data();
+  const int32_t *pos = token_pos_.data();
+
+  rows(T, H, [&](int64_t t) {
+    embed_row(tokens[t], x + t * H);
+    if (gpt2)
+      for (int64_t i = 0; i < H; ++i) x[t * H + i] += positions_[static_cast<size_t>(pos[t] * H + i)];
+  });
+  std::shared_ptr<Instance> attention = pipeline_.list(LOOM_KIND_ATTENTION).front();
+  auto avt = attention->vtable<loom_attention_vtable>();
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    Layer &layer = layers_[static_cast<size_t>(l)];
+    rows(T, 4 * H, [&](int64_t t) { norm(layer.norm1, layer.norm1_bias, x + t * H, h + t * H); });
+    linear(*layer.q, h, T, q);
+    linear(*layer.k, h, T, k);
+    linear(*layer.v, h, T, v);
+    if (!gpt2)
+      rows(T, 8 * (Hq + Hkv) * D, [&](int64_t t) {
+        ops::rope(q + t * Hq * D, Hq, D, pos[t], inv_freq_);
+        ops::rope(k + t * Hkv * D, Hkv, D, pos[t], inv_freq_);
+      });
+    // q, k, v as [T, heads, D]: the attention plugin's layout, the same memory as [T, heads * D].
+    View q3(q, kF32, {T, Hq, D}), k3(k, kF32, {T, Hkv, D}), v3(v, kF32, {T, Hkv, D}), out3(attn, kF32, {T, Hq, D});
+    loom_attention_batch b{};
+    b.struct_size = sizeof(b);
+    b.layer = static_cast<int32_t>(l);
+    b.n_seqs = static_cast<int32_t>(S);
+    b.n_tokens = static_cast<int32_t>(T);
+    b.q = q3.dl();
+    b.k = k3.dl();
+    b.v = v3.dl();
+    b.out = out3.dl();
+    b.seq_offsets = offsets_.dl();
+    b.seq_positions = seq_positions_.dl();
+    b.block_table = layout_.block_size > 0 ? block_table_.dl() : nullptr;
+    b.kv_pool = layout_.block_size > 0 ? kv_pools_[static_cast<size_t>(l)].dl() : nullptr;
+    b.causal = 1;
+    attention->check(avt->forward(attention->handle(), &b), "forward");
+    linear(*layer.o, attn, T, proj);
+    rows(T, H, [&](int64_t t) {
+      for (int64_t i = 0; i < H; ++i) x[t * H + i] += proj[t * H + i];
+      norm(layer.norm2, layer.norm2_bias, x + t * H, h + t * H);
+    });
+    linear(*layer.up, h, T, up);
+    if (layer.gate) { // SwiGLU: down(silu(gate(h)) * up(h))
+      linear(*layer.gate, h, T, gate);
+      rows(T, 8 * I, [&](int64_t t) {
+        for (int64_t i = t * I; i < (t + 1) * I; ++i) up[i] *= ops::silu(gate[i]);
+      });
+    } else { // GPT-2: c_proj(gelu_new(c_fc(h)))
+      rows(T, 8 * I, [&](int64_t t) {
+        for (int64_t i = t * I; i < (t + 1) * I; ++i) up[i] = ops::gelu_new(up[i]);
+      });
+    }
+    linear(*layer.down, up, T, proj);
+    rows(T, H, [&](int64_t t) {
+      for (int64_t i = 0; i < H; ++i) x[t * H + i] += proj[t * H + i];
+    });
+  }
+  // Only each sequence's last token goes through the final norm and the head.
+  float *last = sized(last_, S * H), *last_h = sized(last_h_, S * H);
+  for (int64_t s = 0; s < S; ++s)
+    std::memcpy(last + s * H, x + (batch.seq_offsets[static_cast<size_t>(s) + 1] - 1) * H, static_cast<size_t>(H) * sizeof(float));
+  rows(S, 4 * H, [&](int64_t s) { norm(final_norm_, final_norm_bias_, last + s * H, last_h + s * H); });
+  if (logits_.numel() != static_cast<size_t>(S * V)) logits_ = HostTensor<float>({S, V});
+  linear(*lm_head_, last_h, S, logits_.data());
+  return logits_.dl();
+}
+
+} // namespace loom

@@ -1,0 +1,123 @@
+// Private to core: the CPU model backend.
+//
+// Weights are float32 or bfloat16 (ComputeDtype) in [out, in] row-major layout; activations,
+// norms and accumulation are float32. Every linear is one [T, in] x [in, out] product over the
+// whole ragged batch: through the pipeline's quantizer when there is one (quantizers get a
+// float32 copy of the weight, made on demand from bfloat16), else through core's blocked kernel
+// (blocks of rows x output features, 8 float32 lanes per output, GCC/clang vector extensions,
+// an AVX2 build of the same loops chosen at run time on x86-64), split over the thread pool by
+// rows and output features. Each output is computed by one thread in one fixed order, so
+// results do not depend on the thread count, the batch composition or the instruction set
+// (no FMA contraction in ISO C++ mode). Adapters add their deltas to every linear they target.
+// Norms, rotary embeddings and activations are transformer_ops.hpp's, row-parallel for large
+// batches. Attention is the pipeline's attention plugin, called once per layer with the whole
+// batch over a paged KV cache: slot s of the cache owns blocks [s * M, (s + 1) * M) of every
+// layer's pool, M = ceil(max_positions / block_size). Only the last token of each sequence goes
+// through the final norm and the LM head.
+//
+// Ownership: owns the weights, KV pools, scratch and thread pool; borrows the pipeline, whose
+// instances outlive it. Installs swap hooks for attention, quantizer and adapters on its first
+// reserve() and removes them (under the step lock) when destroyed. Thread-safety: one thread
+// drives it, under the pipeline's step lock; the pool's workers only run core's loops.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "host_tensor.hpp"
+#include "loom/core/model_config.hpp"
+#include "loom/core/model_weights.hpp"
+#include "loom/core/pipeline.hpp"
+#include "loom/loom_plugin_api.h"
+#include "model_backend.hpp"
+#include "thread_pool.hpp"
+
+namespace loom {
+
+struct CpuBackendOptions {
+  ComputeDtype dtype = ComputeDtype::float32;
+  int32_t threads = 0;     // 0 = one per hardware thread
+  std::string source_name; // the manifest, for errors
+};
+
+class CpuBackend final : public ModelBackend {
+ public:
+  // Takes the tensors out of `weights`, converting linears and embeddings to options.dtype.
+  CpuBackend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline, const CpuBackendOptions &options);
+  ~CpuBackend() override;
+  CpuBackend(const CpuBackend &) = delete;
+  CpuBackend &operator=(const CpuBackend &) = delete;
+
+  void reserve(int32_t max_seqs, int64_t max_positions) override;
+  DLTensor *forward(const StepBatch &batch) override;
+  DLDevice device() const override { return {kDLCPU, 0}; }
+  std::string describe() const override;
+
+  ComputeDtype dtype() const { return options_.dtype; }
+  int32_t threads() const { return pool_.size(); }
+
+ private:
+  struct Linear {
+    std::string name;            // module name adapters match ("model.layers.0.self_attn.q_proj")
+    int64_t out = 0, in = 0;
+    std::vector<float> w32;      // [out, in] when the dtype is float32
+    std::vector<uint16_t> w16;   // [out, in] bfloat16 bits when the dtype is bfloat16
+    std::vector<float> bias;     // [out], or empty
+    loom_qweight *qweight = nullptr; // owned by the quantizer instance
+    std::vector<std::pair<const Instance *, loom_adapter_site *>> sites;
+  };
+  struct Layer {
+    std::unique_ptr<Linear> q, k, v, o, up, down, gate; // gate: gated (SiLU) MLPs only
+    std::vector<float> norm1, norm1_bias, norm2, norm2_bias;
+  };
+
+  void build(ModelWeights weights);
+  std::unique_ptr<Linear> make_linear(std::string name, int64_t out, int64_t in, std::vector<float> weight,
+                                      std::vector<float> bias) const;
+  loom_attention_config attention_config() const;
+  loom_kv_layout prepare_attention(Instance &attention) const;
+  std::vector<loom_qweight *> quantize_all(Instance &quantizer);
+  void free_qweights(Instance &quantizer, const std::vector<loom_qweight *> &weights);
+  std::vector<loom_adapter_site *> attach_all(Instance &adapter);
+  void install_hooks();
+
+  // y[n, out] = x[n, in] W^T + b through the quantizer and adapters.
+  void linear(Linear &lin, float *x, int64_t n, float *y);
+  // The blocked kernel over core's own weights, split over the pool.
+  void matmul(const Linear &lin, const float *x, int64_t n, float *y);
+  // fn(row) for every row in [0, n), over the pool when the rows hold enough work.
+  template <class F> void rows(int64_t n, int64_t work_per_row, F &&fn);
+  void norm(const std::vector<float> &w, const std::vector<float> &b, const float *x, float *y) const;
+  void embed_row(int32_t token, float *out) const;
+
+  ModelConfig config_;
+  Pipeline &pipeline_;
+  CpuBackendOptions options_;
+  detail::ThreadPool pool_;
+  std::vector<float> positions_; // GPT-2's learned positions [max_positions, hidden]
+  std::vector<float> final_norm_, final_norm_bias_;
+  std::vector<double> inv_freq_;
+  std::vector<Layer> layers_;
+  std::unique_ptr<Linear> lm_head_;
+  std::unique_ptr<Linear> embedding_; // [vocab, hidden]; null when tied (lm_head_'s weight serves)
+  std::vector<Linear *> linears_;     // every linear, in a fixed order (quantizer and adapter sites)
+
+  // KV cache: per layer [max_seqs * blocks_per_seq, bytes_per_block].
+  int32_t max_seqs_ = 0;
+  int64_t max_positions_ = 0;
+  int64_t blocks_per_seq_ = 0;
+  loom_kv_layout layout_{};
+  std::vector<detail::HostTensor<uint8_t>> kv_pools_;
+  std::shared_ptr<Instance> quantizer_; // the one that made the qweights
+  bool ready_ = false;
+
+  // Scratch of the last forward, reused while the batch shape allows.
+  std::vector<float> x_, h_, q_, k_, v_, attn_, proj_, up_, gate_, last_, last_h_;
+  std::vector<int32_t> token_pos_;
+  detail::HostTensor<int32_t> offsets_, seq_positions_, block_table_;
+  detail::HostTensor<float> logits_;
+};
+
+} // namespace loom

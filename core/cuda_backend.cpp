@@ -1,0 +1,613 @@
+#include "cuda_backend.hpp"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <iostream>
+#include <map>
+
+#include "loom/core/error.hpp"
+#include "loom/core/host_context.hpp"
+#include "loom/core/reference_model.hpp"
+#include "loom/kernels/model.hpp"
+#include "loom/loom_plugin_api.h"
+
+namespace loom {
+namespace {
+
+void cuda_check(cudaError_t e, const std::string &what) {
+  if (e != cudaSuccess) throw runtime_error("CUDA backend: " + what + ": " + cudaGetErrorString(e));
+}
+void kernel_check(int e, const char *what) { cuda_check(static_cast<cudaError_t>(e), what); }
+void cublas_check(cublasStatus_t s, const char *what) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw runtime_error(std::string("CUDA backend: ") + what + ": " + cublasGetStatusString(s));
+}
+
+// Device memory owned by one object; moved, never copied.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    cuda_check(cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes), "cudaMalloc of " + std::to_string(bytes) + " bytes");
+  }
+  DeviceBuffer(DeviceBuffer &&o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  DeviceBuffer &operator=(DeviceBuffer &&o) noexcept {
+    if (this != &o) {
+      release();
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+  }
+  ~DeviceBuffer() { release(); }
+  template <class T = void> T *get() const { return static_cast<T *>(ptr_); }
+  size_t bytes() const { return bytes_; }
+  explicit operator bool() const { return ptr_ != nullptr; }
+
+ private:
+  void release() {
+    if (ptr_) cudaFree(ptr_);
+    ptr_ = nullptr;
+  }
+  void *ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Page-locked host memory, so that the per-step upload of token ids and positions is a true
+// asynchronous copy.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  explicit PinnedBuffer(size_t bytes) { cuda_check(cudaMallocHost(&ptr_, bytes == 0 ? 1 : bytes), "cudaMallocHost"); }
+  PinnedBuffer(PinnedBuffer &&o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)) {}
+  PinnedBuffer &operator=(PinnedBuffer &&o) noexcept {
+    if (this != &o) {
+      if (ptr_) cudaFreeHost(ptr_);
+      ptr_ = std::exchange(o.ptr_, nullptr);
+    }
+    return *this;
+  }
+  ~PinnedBuffer() {
+    if (ptr_) cudaFreeHost(ptr_);
+  }
+  template <class T> T *get() const { return static_cast<T *>(ptr_); }
+
+ private:
+  void *ptr_ = nullptr;
+};
+
+// A linear's weight [out, in] in the compute dtype and its optional float32 bias [out].
+struct DeviceLinear {
+  DeviceBuffer weight, bias;
+  int64_t out = 0, in = 0;
+};
+
+struct DeviceLayer {
+  DeviceLinear qkv, o, gate_up, down; // gate_up: [2I, H] for gated MLPs, else GPT-2's c_fc [I, H]
+  DeviceBuffer norm1_w, norm1_b, norm2_w, norm2_b; // float32; the _b ones for LayerNorm only
+};
+
+// A DLTensor view of device memory whose shape array lives with it.
+struct DeviceView {
+  DLTensor dl{};
+  int64_t shape[3]{};
+  DLTensor *set(void *data, DLDevice device, DLDataType dtype, std::initializer_list<int64_t> dims) {
+    int i = 0;
+    for (int64_t d : dims) shape[i++] = d;
+    dl.data = data;
+    dl.device = device;
+    dl.ndim = i;
+    dl.dtype = dtype;
+    dl.shape = shape;
+    dl.strides = nullptr;
+    dl.byte_offset = 0;
+    return &dl;
+  }
+};
+
+class CudaBackend final : public ModelBackend {
+ public:
+  CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline, const CudaBackendOptions &options);
+  ~CudaBackend() override;
+  void reserve(int32_t max_seqs, int64_t max_positions) override;
+  DLTensor *forward(const StepBatch &batch) override;
+  DLDevice device() const override { return options_.device; }
+  std::string describe() const override {
+    return "cuda:" + std::to_string(options_.device.device_id) + " " + (bf16() ? "bfloat16" : "float32") +
+           (graphs_enabled_ ? " (CUDA graphs)" : "");
+  }
+
+ private:
+  bool bf16() const { return options_.dtype == ComputeDtype::bfloat16; }
+  kernels::Dtype kdtype() const { return bf16() ? kernels::Dtype::bf16 : kernels::Dtype::f32; }
+  size_t act_bytes() const { return bf16() ? 2 : 4; }
+  DLDataType act_dl() const { return bf16() ? DLDataType{kDLBfloat, 16, 1} : DLDataType{kDLFloat, 32, 1}; }
+  cudaDataType act_cuda() const { return bf16() ? CUDA_R_16BF : CUDA_R_32F; }
+
+  DeviceBuffer upload_matrix(const std::vector<float> &values);
+  DeviceBuffer upload_f32(const std::vector<float> &values);
+  DeviceLinear upload_linear(const std::vector<float> &w, int64_t out, int64_t in, const std::vector<float> &bias);
+  void ensure_capacity(int32_t tokens, int32_t seqs);
+  loom_kv_layout prepare_attention(Instance &attention) const;
+  void install_hook();
+  // y[T, out] = x[T, in] W^T (+ beta * y), float32 accumulation.
+  void gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta);
+  void run_model(int32_t tokens, int32_t seqs);
+  void invalidate_graphs();
+
+  ModelConfig config_;
+  Pipeline &pipeline_;
+  CudaBackendOptions options_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  DeviceBuffer cublas_workspace_;
+
+  // Weights.
+  DeviceBuffer embedding_, positions_; // [vocab, H], GPT-2's [max_positions, H]; compute dtype
+  DeviceBuffer final_w_, final_b_;
+  std::vector<DeviceLayer> layers_;
+  DeviceLinear lm_head_; // its weight is empty when tied (the embedding is used)
+  const void *lm_head_weight_ = nullptr;
+  std::vector<double> inv_freq_;
+
+  // KV cache and rotary table, sized by reserve().
+  int32_t max_seqs_ = 0;
+  int64_t max_positions_ = 0;
+  int64_t blocks_per_seq_ = 0;
+  loom_kv_layout layout_{};
+  std::vector<DeviceBuffer> kv_pools_; // per layer [max_seqs * blocks_per_seq, bytes_per_block]
+  DeviceBuffer cos_sin_;               // [max_positions, D/2, 2] float32
+  const Instance *prepared_attention_ = nullptr;
+  bool hook_installed_ = false;
+
+  // Activations for up to capacity_tokens_ tokens / capacity_seqs_ sequences.
+  int32_t capacity_tokens_ = 0, capacity_seqs_ = 0;
+  DeviceBuffer x_, h_, qkv_, q_, k_, v_, attn_, gate_up_, inter_, final_h_, logits_;
+  // Per-step int32 metadata: tokens [T], positions [T], seq_offsets [S+1], seq_positions [S],
+  // last_rows [S], block_table [S, blocks_per_seq]; one upload per step.
+  DeviceBuffer meta_;
+  PinnedBuffer meta_host_;
+  size_t meta_capacity_ = 0; // int32 entries
+  int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_offsets_ = nullptr, *d_seq_positions_ = nullptr,
+          *d_last_rows_ = nullptr, *d_block_table_ = nullptr;
+  DeviceView logits_view_;
+
+  // Decode graphs by batch size, made for the buffers and attention instance of the moment.
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+  };
+  std::map<int32_t, Graph> graphs_;
+  std::shared_ptr<Instance> graphs_attention_; // held, so that its address cannot be reused
+  bool graphs_enabled_ = true;
+};
+
+// float32 -> bfloat16, round to nearest even (the device kernel's rounding too).
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40); // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
+                         const CudaBackendOptions &options)
+    : config_(config), pipeline_(pipeline), options_(options), graphs_enabled_(options.graphs) {
+  for (loom_kind kind : {LOOM_KIND_QUANTIZER, LOOM_KIND_ADAPTER}) {
+    auto list = pipeline_.list(kind);
+    if (!list.empty())
+      throw runtime_error(options_.source_name + ": " + list.front()->slot() + " (" + list.front()->desc().name +
+                          "): quantizer and adapter components run on the CPU backend only for now; use "
+                          "loom.device = \"cpu\"");
+  }
+  cuda_check(cudaSetDevice(options_.device.device_id), "cudaSetDevice");
+  stream_ = static_cast<cudaStream_t>(cuda_compute_stream(options_.device.device_id));
+  if (stream_ == nullptr) throw runtime_error("CUDA backend: no compute stream for device " + std::to_string(options_.device.device_id));
+  cublas_check(cublasCreate(&cublas_), "cublasCreate");
+  cublas_check(cublasSetStream(cublas_, stream_), "cublasSetStream");
+  // A workspace of our own: cuBLAS must not allocate while a graph is being captured.
+  cublas_workspace_ = DeviceBuffer(size_t{32} << 20);
+  cublas_check(cublasSetWorkspace(cublas_, cublas_workspace_.get(), cublas_workspace_.bytes()), "cublasSetWorkspace");
+
+  const ModelConfig &c = config_;
+  const int64_t H = c.hidden_size, D = c.head_dim, I = c.intermediate_size;
+  const int64_t qkv_out = (c.n_heads + 2 * c.n_kv_heads) * D;
+  const bool gpt2 = c.architecture == Architecture::gpt2;
+  auto take = [&](const std::string &name) { return weights.take(name).values; };
+  auto maybe = [&](const std::string &name) { return weights.contains(name) ? take(name) : std::vector<float>{}; };
+  embedding_ = upload_matrix(take(gpt2 ? "wte.weight" : "model.embed_tokens.weight"));
+  if (gpt2) positions_ = upload_matrix(take("wpe.weight"));
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    DeviceLayer layer;
+    if (gpt2) {
+      // Conv1D weights are [in, out]: transpose into [out, in]; c_attn's columns are q | k | v,
+      // which is already the fused layout.
+      auto transpose = [](const HostWeight &w) {
+        const int64_t in = w.shape[0], out = w.shape[1];
+        std::vector<float> t(static_cast<size_t>(in * out));
+        for (int64_t i = 0; i < in; ++i)
+          for (int64_t o = 0; o < out; ++o) t[static_cast<size_t>(o * in + i)] = w.values[static_cast<size_t>(i * out + o)];
+        return t;
+      };
+      std::string p = "h." + std::to_string(l) + ".";
+      layer.qkv = upload_linear(transpose(weights.at(p + "attn.c_attn.weight")), qkv_out, H, take(p + "attn.c_attn.bias"));
+      layer.o = upload_linear(transpose(weights.at(p + "attn.c_proj.weight")), H, H, take(p + "attn.c_proj.bias"));
+      layer.gate_up = upload_linear(transpose(weights.at(p + "mlp.c_fc.weight")), I, H, take(p + "mlp.c_fc.bias"));
+      layer.down = upload_linear(transpose(weights.at(p + "mlp.c_proj.weight")), H, I, take(p + "mlp.c_proj.bias"));
+      layer.norm1_w = upload_f32(take(p + "ln_1.weight"));
+      layer.norm1_b = upload_f32(take(p + "ln_1.bias"));
+      layer.norm2_w = upload_f32(take(p + "ln_2.weight"));
+      layer.norm2_b = upload_f32(take(p + "ln_2.bias"));
+    } else {
+      std::string p = "model.layers." + std::to_string(l) + ".";
+      // Row-wise concatenation of [out_i, in] matrices (and their biases) into one.
+      auto concat = [&](std::initializer_list<std::string> names, bool biases) {
+        std::vector<float> all;
+        for (const auto &n : names) {
+          auto v = biases ? maybe(p + n + ".bias") : take(p + n + ".weight");
+          all.insert(all.end(), v.begin(), v.end());
+        }
+        return all;
+      };
+      auto qkv_bias = concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, true);
+      if (!qkv_bias.empty() && static_cast<int64_t>(qkv_bias.size()) != qkv_out)
+        throw runtime_error(options_.source_name + ": layer " + std::to_string(l) +
+                            ": q/k/v biases must be present for all three projections or none");
+      layer.qkv = upload_linear(concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, false), qkv_out, H,
+                                qkv_bias);
+      layer.o = upload_linear(take(p + "self_attn.o_proj.weight"), H, c.n_heads * D,
+                              maybe(p + "self_attn.o_proj.bias"));
+      auto gu_bias = concat({"mlp.gate_proj", "mlp.up_proj"}, true);
+      layer.gate_up = upload_linear(concat({"mlp.gate_proj", "mlp.up_proj"}, false), 2 * I, H, gu_bias);
+      if (layer.gate_up.bias)
+        throw runtime_error(options_.source_name + ": MLP biases (mlp_bias) are not supported by the CUDA backend yet");
+      layer.down = upload_linear(take(p + "mlp.down_proj.weight"), H, I, maybe(p + "mlp.down_proj.bias"));
+      layer.norm1_w = upload_f32(take(p + "input_layernorm.weight"));
+      layer.norm2_w = upload_f32(take(p + "post_attention_layernorm.weight"));
+    }
+    layers_.push_back(std::move(layer));
+  }
+  final_w_ = upload_f32(take(gpt2 ? "ln_f.weight" : "model.norm.weight"));
+  if (gpt2) final_b_ = upload_f32(take("ln_f.bias"));
+  if (c.tie_word_embeddings || gpt2) {
+    lm_head_.out = c.vocab_size;
+    lm_head_.in = H;
+    lm_head_weight_ = embedding_.get();
+  } else {
+    lm_head_ = upload_linear(take("lm_head.weight"), c.vocab_size, H, {});
+    lm_head_weight_ = lm_head_.weight.get();
+  }
+  if (!gpt2) inv_freq_ = rope_inv_freq(c);
+  cuda_check(cudaStreamSynchronize(stream_), "weight upload");
+}
+
+CudaBackend::~CudaBackend() {
+  {
+    auto guard = pipeline_.begin_step(); // a swap in flight either finished with the hook or sees none
+    if (hook_installed_) pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, {});
+  }
+  if (stream_) cudaStreamSynchronize(stream_);
+  invalidate_graphs();
+  graphs_attention_.reset();
+  if (cublas_) cublasDestroy(cublas_);
+}
+
+DeviceBuffer CudaBackend::upload_f32(const std::vector<float> &values) {
+  DeviceBuffer b(values.size() * sizeof(float));
+  cuda_check(cudaMemcpy(b.get(), values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice), "weight upload");
+  return b;
+}
+
+DeviceBuffer CudaBackend::upload_matrix(const std::vector<float> &values) {
+  if (!bf16()) return upload_f32(values);
+  // Converted on the device: a float32 staging copy, then one rounding kernel.
+  DeviceBuffer staging = upload_f32(values);
+  DeviceBuffer b(values.size() * 2);
+  kernel_check(kernels::f32_to_bf16_cuda(staging.get<float>(), static_cast<int64_t>(values.size()), b.get(), stream_),
+               "f32_to_bf16");
+  cuda_check(cudaStreamSynchronize(stream_), "weight conversion"); // before `staging` is freed
+  return b;
+}
+
+DeviceLinear CudaBackend::upload_linear(const std::vector<float> &w, int64_t out, int64_t in,
+                                        const std::vector<float> &bias) {
+  if (static_cast<int64_t>(w.size()) != out * in)
+    throw runtime_error("CUDA backend: a weight of " + std::to_string(w.size()) + " values where [" +
+                        std::to_string(out) + ", " + std::to_string(in) + "] was expected");
+  DeviceLinear l;
+  l.out = out;
+  l.in = in;
+  l.weight = upload_matrix(w);
+  if (!bias.empty()) l.bias = upload_f32(bias);
+  return l;
+}
+
+loom_kv_layout CudaBackend::prepare_attention(Instance &attention) const {
+  loom_attention_config c = attention_config_for(config_, max_positions_, act_dl(), options_.device);
+  loom_kv_layout layout{};
+  layout.struct_size = sizeof(layout);
+  attention.check(attention.vtable<loom_attention_vtable>()->prepare(attention.handle(), &c, &layout), "prepare");
+  if (layout.block_size <= 0 || layout.block_size > (1 << 20) || layout.bytes_per_block == 0 ||
+      layout.bytes_per_block > (uint64_t{1} << 32))
+    throw runtime_error(attention.slot() + " (" + attention.desc().name +
+                        "): prepare reported a KV layout the CUDA backend cannot use (it needs a paged cache)");
+  return layout;
+}
+
+void CudaBackend::install_hook() {
+  if (hook_installed_) return;
+  pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, [this](Instance &fresh, Instance &) -> std::function<void()> {
+    loom_kv_layout layout = prepare_attention(fresh);
+    if (layout.block_size != layout_.block_size || layout.bytes_per_block != layout_.bytes_per_block ||
+        layout.cache_dtype.code != layout_.cache_dtype.code || layout.cache_dtype.bits != layout_.cache_dtype.bits)
+      throw runtime_error("swap " + fresh.slot() + ": " + fresh.desc().name +
+                          " wants another KV layout than the cache in use; swap it between runs");
+    const Instance *fresh_ptr = &fresh;
+    return [this, fresh_ptr] { prepared_attention_ = fresh_ptr; };
+  });
+  hook_installed_ = true;
+}
+
+void CudaBackend::reserve(int32_t max_seqs, int64_t max_positions) {
+  auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
+  if (attention.empty())
+    throw runtime_error(options_.source_name + ": the pipeline has no [attention]: add one such as use = \"flash\"");
+  if (max_seqs <= max_seqs_ && max_positions <= max_positions_ && prepared_attention_ == attention.front().get()) return;
+  if (max_positions > (int64_t{1} << 24) || max_seqs > 4096 || max_seqs < 1)
+    throw runtime_error(options_.source_name + ": a batch of " + std::to_string(max_seqs) + " sequences of " +
+                        std::to_string(max_positions) + " positions is outside what the CUDA backend sizes");
+  cuda_check(cudaStreamSynchronize(stream_), "reserve");
+  invalidate_graphs(); // the cache and the tables below move
+  max_seqs_ = std::max(max_seqs, max_seqs_);
+  max_positions_ = std::max(max_positions, max_positions_);
+  layout_ = prepare_attention(*attention.front());
+  prepared_attention_ = attention.front().get();
+  blocks_per_seq_ = (max_positions_ + layout_.block_size - 1) / layout_.block_size;
+  const uint64_t pool_bytes = static_cast<uint64_t>(max_seqs_) * static_cast<uint64_t>(blocks_per_seq_) * layout_.bytes_per_block;
+  size_t free_bytes = 0, total_bytes = 0;
+  cuda_check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  uint64_t in_use = 0; // freed below before the new pools are made
+  for (const auto &pool : kv_pools_) in_use += pool.bytes();
+  if (pool_bytes * static_cast<uint64_t>(config_.n_layers) > free_bytes + in_use)
+    throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name + "): a KV cache of " +
+                        std::to_string(pool_bytes * static_cast<uint64_t>(config_.n_layers) >> 20) +
+                        " MiB for " + std::to_string(max_seqs_) + " sequences of " + std::to_string(max_positions_) +
+                        " positions does not fit in the GPU's free memory");
+  kv_pools_.clear();
+  for (int64_t l = 0; l < config_.n_layers; ++l) kv_pools_.emplace_back(pool_bytes);
+  if (!inv_freq_.empty()) {
+    const int64_t half = config_.head_dim / 2;
+    std::vector<float> table(static_cast<size_t>(max_positions_ * half * 2));
+    for (int64_t p = 0; p < max_positions_; ++p)
+      for (int64_t i = 0; i < half; ++i) {
+        // As the CPU path: the angle rounded to float32 first (transformers' rounding).
+        const float angle = static_cast<float>(p) * static_cast<float>(inv_freq_[static_cast<size_t>(i)]);
+        table[static_cast<size_t>((p * half + i) * 2)] = std::cos(angle);
+        table[static_cast<size_t>((p * half + i) * 2 + 1)] = std::sin(angle);
+      }
+    cos_sin_ = upload_f32(table);
+  }
+  install_hook();
+}
+
+void CudaBackend::ensure_capacity(int32_t tokens, int32_t seqs) {
+  if (tokens <= capacity_tokens_ && seqs <= capacity_seqs_) return;
+  cuda_check(cudaStreamSynchronize(stream_), "resize");
+  invalidate_graphs();
+  // Grow geometrically so a run of slightly longer prompts does not reallocate every time.
+  const int32_t T = std::max({tokens, capacity_tokens_ + capacity_tokens_ / 2, 16});
+  const int32_t S = std::max({seqs, capacity_seqs_ + capacity_seqs_ / 2, 4});
+  const ModelConfig &c = config_;
+  const size_t a = act_bytes();
+  const size_t qkv_cols = static_cast<size_t>((c.n_heads + 2 * c.n_kv_heads) * c.head_dim);
+  const size_t t = static_cast<size_t>(T), s = static_cast<size_t>(S), H = static_cast<size_t>(c.hidden_size),
+               I = static_cast<size_t>(c.intermediate_size), D = static_cast<size_t>(c.head_dim);
+  x_ = DeviceBuffer(t * H * 4);
+  h_ = DeviceBuffer(t * H * a);
+  qkv_ = DeviceBuffer(t * qkv_cols * a);
+  q_ = DeviceBuffer(t * static_cast<size_t>(c.n_heads) * D * a);
+  k_ = DeviceBuffer(t * static_cast<size_t>(c.n_kv_heads) * D * a);
+  v_ = DeviceBuffer(t * static_cast<size_t>(c.n_kv_heads) * D * a);
+  attn_ = DeviceBuffer(t * static_cast<size_t>(c.n_heads) * D * a);
+  gate_up_ = DeviceBuffer(t * 2 * I * a);
+  inter_ = DeviceBuffer(t * I * a);
+  final_h_ = DeviceBuffer(s * H * a);
+  logits_ = DeviceBuffer(s * static_cast<size_t>(c.vocab_size) * 4);
+  capacity_tokens_ = T;
+  capacity_seqs_ = S;
+}
+
+void CudaBackend::invalidate_graphs() {
+  for (auto &[size, g] : graphs_)
+    if (g.exec) cudaGraphExecDestroy(g.exec);
+  graphs_.clear();
+}
+
+void CudaBackend::gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta) {
+  // Row-major y[T, out] = x[T, in] W[out, in]^T is column-major y^T[out, T] = W^T' x^T' with
+  // W read as the column-major [in, out] matrix it is, transposed.
+  const float alpha = 1.0f;
+  const void *weight = &w == &lm_head_ ? lm_head_weight_ : w.weight.get();
+  cublas_check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.out), tokens, static_cast<int>(w.in),
+                            &alpha, weight, act_cuda(), static_cast<int>(w.in), x, act_cuda(), static_cast<int>(w.in),
+                            &beta, y, y_type, static_cast<int>(w.out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "cublasGemmEx");
+}
+
+void CudaBackend::run_model(int32_t T, int32_t S) {
+  const ModelConfig &c = config_;
+  const int32_t H = static_cast<int32_t>(c.hidden_size), D = static_cast<int32_t>(c.head_dim),
+                Hq = static_cast<int32_t>(c.n_heads), Hkv = static_cast<int32_t>(c.n_kv_heads),
+                I = static_cast<int32_t>(c.intermediate_size);
+  const float eps = static_cast<float>(c.norm_eps);
+  const bool gpt2 = c.architecture == Architecture::gpt2;
+  const auto dt = kdtype();
+  float *x = x_.get<float>();
+  kernel_check(kernels::embed_rows_cuda(d_tokens_, d_positions_, T, H, embedding_.get(), positions_ ? positions_.get() : nullptr,
+                                        dt, x, stream_),
+               "embed");
+  std::shared_ptr<Instance> attention = pipeline_.list(LOOM_KIND_ATTENTION).front();
+  auto avt = attention->vtable<loom_attention_vtable>();
+  const DLDevice dev = options_.device;
+  const DLDataType i32{kDLInt, 32, 1};
+  DeviceView vq, vk, vv, vout, voff, vpos, vtable, vpool;
+  loom_attention_batch b{};
+  b.struct_size = sizeof(b);
+  b.n_seqs = S;
+  b.n_tokens = T;
+  b.q = vq.set(q_.get(), dev, act_dl(), {T, Hq, D});
+  b.k = vk.set(k_.get(), dev, act_dl(), {T, Hkv, D});
+  b.v = vv.set(v_.get(), dev, act_dl(), {T, Hkv, D});
+  b.out = vout.set(attn_.get(), dev, act_dl(), {T, Hq, D});
+  b.seq_offsets = voff.set(d_offsets_, dev, i32, {S + 1});
+  b.seq_positions = vpos.set(d_seq_positions_, dev, i32, {S});
+  b.block_table = vtable.set(d_block_table_, dev, i32, {S, blocks_per_seq_});
+  b.causal = 1;
+  const int64_t pool_blocks = static_cast<int64_t>(max_seqs_) * blocks_per_seq_;
+  const float *pending_bias = nullptr; // the last linear's bias, added by the next norm
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    DeviceLayer &layer = layers_[static_cast<size_t>(l)];
+    kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm1_w.get<float>(),
+                                             layer.norm1_b ? layer.norm1_b.get<float>() : nullptr, eps, h_.get(), dt, stream_),
+                 "norm");
+    gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
+    kernel_check(kernels::qkv_bias_rope_split_cuda(qkv_.get(), layer.qkv.bias ? layer.qkv.bias.get<float>() : nullptr,
+                                                   gpt2 ? nullptr : cos_sin_.get<float>(), d_positions_, T, Hq, Hkv, D,
+                                                   q_.get(), k_.get(), v_.get(), dt, stream_),
+                 "qkv");
+    b.layer = l;
+    b.kv_pool = vpool.set(kv_pools_[static_cast<size_t>(l)].get(), dev, DLDataType{kDLUInt, 8, 1},
+                          {pool_blocks, static_cast<int64_t>(layout_.bytes_per_block)});
+    attention->check(avt->forward(attention->handle(), &b), "forward");
+    gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, 1.0f);
+    pending_bias = layer.o.bias ? layer.o.bias.get<float>() : nullptr;
+    kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm2_w.get<float>(),
+                                             layer.norm2_b ? layer.norm2_b.get<float>() : nullptr, eps, h_.get(), dt, stream_),
+                 "norm");
+    if (gpt2) {
+      gemm(layer.gate_up, h_.get(), T, inter_.get(), act_cuda(), 0.0f);
+      kernel_check(kernels::bias_gelu_cuda(inter_.get(), layer.gate_up.bias.get<float>(), T, I, dt, stream_), "gelu");
+    } else {
+      gemm(layer.gate_up, h_.get(), T, gate_up_.get(), act_cuda(), 0.0f);
+      kernel_check(kernels::swiglu_cuda(gate_up_.get(), T, I, inter_.get(), dt, stream_), "swiglu");
+    }
+    gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, 1.0f);
+    pending_bias = layer.down.bias ? layer.down.bias.get<float>() : nullptr;
+  }
+  // Only each sequence's last token needs the final norm and the head.
+  kernel_check(kernels::add_bias_norm_cuda(x, d_last_rows_, S, H, pending_bias, final_w_.get<float>(),
+                                           final_b_ ? final_b_.get<float>() : nullptr, eps, final_h_.get(), dt, stream_),
+               "final norm");
+  gemm(lm_head_, final_h_.get(), S, logits_.get(), CUDA_R_32F, 0.0f);
+}
+
+DLTensor *CudaBackend::forward(const StepBatch &batch) {
+  const int32_t T = batch.n_tokens(), S = batch.n_seqs();
+  if (T <= 0 || S <= 0 || static_cast<int32_t>(batch.seq_offsets.size()) != S + 1 ||
+      static_cast<int32_t>(batch.seq_slots.size()) != S || batch.seq_offsets[0] != 0 || batch.seq_offsets[S] != T)
+    throw runtime_error("CUDA backend: a malformed step batch");
+  auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
+  if (attention.empty() || prepared_attention_ != attention.front().get() || S > max_seqs_)
+    reserve(std::max(S, max_seqs_), max_positions_);
+  ensure_capacity(T, S);
+  // The int32 metadata, packed for one upload.
+  const size_t M = static_cast<size_t>(blocks_per_seq_);
+  const size_t need = 2 * static_cast<size_t>(T) + (static_cast<size_t>(S) + 1) + 2 * static_cast<size_t>(S) +
+                      static_cast<size_t>(S) * M;
+  if (need > meta_capacity_) {
+    cuda_check(cudaStreamSynchronize(stream_), "resize");
+    invalidate_graphs();
+    meta_capacity_ = std::max(need, meta_capacity_ * 3 / 2);
+    meta_ = DeviceBuffer(meta_capacity_ * 4);
+    meta_host_ = PinnedBuffer(meta_capacity_ * 4);
+  }
+  // The previous step's upload must be done before the staging buffer is rewritten.
+  cuda_check(cudaStreamSynchronize(stream_), "step");
+  int32_t *h = meta_host_.get<int32_t>();
+  size_t at = 0;
+  auto place = [&](size_t n, int32_t *&device_ptr) {
+    device_ptr = meta_.get<int32_t>() + at;
+    int32_t *host = h + at;
+    at += n;
+    return host;
+  };
+  int32_t *tokens = place(static_cast<size_t>(T), d_tokens_);
+  int32_t *positions = place(static_cast<size_t>(T), d_positions_);
+  int32_t *offsets = place(static_cast<size_t>(S) + 1, d_offsets_);
+  int32_t *seq_positions = place(static_cast<size_t>(S), d_seq_positions_);
+  int32_t *last_rows = place(static_cast<size_t>(S), d_last_rows_);
+  int32_t *table = place(static_cast<size_t>(S) * M, d_block_table_);
+  for (int32_t t = 0; t < T; ++t) {
+    if (batch.tokens[static_cast<size_t>(t)] < 0 || batch.tokens[static_cast<size_t>(t)] >= config_.vocab_size)
+      throw runtime_error("CUDA backend: token " + std::to_string(batch.tokens[static_cast<size_t>(t)]) +
+                          " is outside the vocabulary");
+    tokens[t] = batch.tokens[static_cast<size_t>(t)];
+  }
+  for (int32_t s = 0; s <= S; ++s) offsets[s] = batch.seq_offsets[static_cast<size_t>(s)];
+  for (int32_t s = 0; s < S; ++s) {
+    const int32_t p0 = batch.seq_positions[static_cast<size_t>(s)], slot = batch.seq_slots[static_cast<size_t>(s)];
+    const int32_t begin = offsets[s], end = offsets[s + 1];
+    if (end <= begin || p0 < 0 || static_cast<int64_t>(p0) + (end - begin) > max_positions_ || slot < 0 || slot >= max_seqs_)
+      throw runtime_error("CUDA backend: sequence " + std::to_string(s) + " has no tokens, runs past the " +
+                          std::to_string(max_positions_) + " reserved positions, or names a slot outside the cache");
+    for (int32_t t = begin; t < end; ++t) positions[t] = p0 + (t - begin);
+    seq_positions[s] = p0;
+    last_rows[s] = end - 1;
+    for (size_t j = 0; j < M; ++j) table[static_cast<size_t>(s) * M + j] = static_cast<int32_t>(static_cast<size_t>(slot) * M + j);
+  }
+  cuda_check(cudaMemcpyAsync(meta_.get(), h, at * 4, cudaMemcpyHostToDevice, stream_), "step upload");
+
+  const bool decode = T == S;
+  if (decode && graphs_enabled_) {
+    if (graphs_attention_ != attention.front()) {
+      invalidate_graphs();
+      graphs_attention_ = attention.front();
+    }
+    auto it = graphs_.find(S);
+    if (it == graphs_.end()) {
+      // The metadata pointers depend only on (T, S): a graph made now stays valid for later
+      // steps of this batch size, whose data is uploaded into the same places.
+      cudaGraph_t graph = nullptr;
+      cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+      std::string failure;
+      try {
+        run_model(T, S);
+      } catch (const Error &e) {
+        failure = e.what();
+      }
+      cudaError_t end = cudaStreamEndCapture(stream_, &graph);
+      cudaGraphExec_t exec = nullptr;
+      if (failure.empty() && end == cudaSuccess && graph &&
+          cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess) {
+        it = graphs_.emplace(S, Graph{exec}).first;
+      } else {
+        if (failure.empty()) failure = cudaGetErrorString(end != cudaSuccess ? end : cudaGetLastError());
+        cudaGetLastError(); // clear the sticky capture error, if any
+        graphs_enabled_ = false;
+        std::cerr << "[warn] " << attention.front()->slot() << " (" << attention.front()->desc().name
+                  << "): decode steps could not be captured in a CUDA graph (" << failure
+                  << "); running them without graphs\n";
+      }
+      if (graph) cudaGraphDestroy(graph);
+    }
+    if (it != graphs_.end()) {
+      cuda_check(cudaGraphLaunch(it->second.exec, stream_), "cudaGraphLaunch");
+      return logits_view_.set(logits_.get(), options_.device, DLDataType{kDLFloat, 32, 1}, {S, config_.vocab_size});
+    }
+  }
+  run_model(T, S);
+  return logits_view_.set(logits_.get(), options_.device, DLDataType{kDLFloat, 32, 1}, {S, config_.vocab_size});
+}
+
+} // namespace
+
+std::unique_ptr<ModelBackend> make_cuda_backend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
+                                                const CudaBackendOptions &options) {
+  return std::make_unique<CudaBackend>(config, std::move(weights), pipeline, options);
+}
+
+} // namespace loom

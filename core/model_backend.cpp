@@ -1,0 +1,63 @@
+// make_backend: the device picks the backend, the manifest and the checkpoint pick its dtype.
+#include "model_backend.hpp"
+
+#include <cmath>
+
+#include "cpu_backend.hpp"
+#if LOOM_HAVE_CUDA
+#include "cuda_backend.hpp"
+#endif
+#include "loom/core/error.hpp"
+#include "loom/core/model_config.hpp"
+#include "loom/core/model_weights.hpp"
+#include "loom/core/pipeline.hpp"
+
+namespace loom {
+
+loom_attention_config attention_config_for(const ModelConfig &config, int64_t max_positions, DLDataType dtype,
+                                           DLDevice device) {
+  loom_attention_config c{};
+  c.struct_size = sizeof(c);
+  c.n_layers = static_cast<int32_t>(config.n_layers);
+  c.n_heads = static_cast<int32_t>(config.n_heads);
+  c.n_kv_heads = static_cast<int32_t>(config.n_kv_heads);
+  c.head_dim = static_cast<int32_t>(config.head_dim);
+  c.max_positions = static_cast<int32_t>(max_positions);
+  c.sliding_window = static_cast<int32_t>(config.sliding_window);
+  c.softmax_scale = 1.0f / std::sqrt(static_cast<float>(config.head_dim));
+  c.dtype = dtype;
+  c.device = device;
+  return c;
+}
+
+std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
+                                           const BackendOptions &options) {
+  switch (options.device.device_type) {
+  case kDLCUDA: {
+#if LOOM_HAVE_CUDA
+    // "auto" as on the CPU: float32 checkpoints compute in float32, the others in bfloat16.
+    CudaBackendOptions cuda;
+    cuda.device = options.device;
+    cuda.dtype = options.dtype.value_or(options.half_checkpoint ? ComputeDtype::bfloat16 : ComputeDtype::float32);
+    cuda.source_name = options.source_name;
+    return make_cuda_backend(config, std::move(weights), pipeline, cuda);
+#else
+    throw runtime_error(options.source_name + ": loom.device: this build has no CUDA");
+#endif
+  }
+  case kDLCPU: {
+    CpuBackendOptions cpu;
+    // "auto" keeps the checkpoint's precision: bfloat16 and float16 checkpoints compute with
+    // bfloat16 weights (float16 rounded to bfloat16), float32 checkpoints with float32 weights.
+    cpu.dtype = options.dtype.value_or(options.half_checkpoint ? ComputeDtype::bfloat16 : ComputeDtype::float32);
+    cpu.threads = options.threads;
+    cpu.source_name = options.source_name;
+    return std::make_unique<CpuBackend>(config, std::move(weights), pipeline, cpu);
+  }
+  default:
+    throw runtime_error(options.source_name + ": no model backend for device type " +
+                        std::to_string(static_cast<int>(options.device.device_type)));
+  }
+}
+
+} // namespace loom

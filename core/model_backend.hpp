@@ -1,0 +1,78 @@
+// Private to core: where a model's forward pass runs. The decoder's generation loop (prompts,
+// sampling, stop rules, streaming) is the same for every backend; a backend owns the weights in
+// its own layout and the KV cache, and runs a ragged batch of new tokens through the model.
+//
+// Backends: CpuBackend (float32 or bfloat16 weights, float32 accumulation, several threads;
+// linears through the quantizer and adapter plugins) and CudaBackend (cuBLAS GEMMs, fused
+// kernels, KV cache on the device, decode steps replayed from CUDA graphs). Both call the
+// pipeline's attention plugin over a paged KV cache.
+//
+// Ownership: a backend borrows the pipeline (whose instances outlive it) and owns everything it
+// allocates. Thread-safety: one thread drives a backend, under the pipeline's step lock.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <dlpack/dlpack.h>
+
+#include "loom/attention.h"
+
+namespace loom {
+
+// One forward pass: the new tokens of S sequences packed along one token dimension.
+struct StepBatch {
+  std::vector<int32_t> tokens;        // [T] token ids
+  std::vector<int32_t> seq_offsets;   // [S+1]: the tokens of sequence s are [off[s], off[s+1])
+  std::vector<int32_t> seq_positions; // [S]: position of each sequence's first new token
+  std::vector<int32_t> seq_slots;     // [S]: the KV-cache slot (0 .. max_seqs-1) each sequence owns
+  int32_t n_seqs() const { return static_cast<int32_t>(seq_positions.size()); }
+  int32_t n_tokens() const { return static_cast<int32_t>(tokens.size()); }
+};
+
+// The precision a backend computes in; "auto" keeps the checkpoint's (bf16/fp16 -> bf16 on
+// CUDA; the CPU stores bf16 weights as bf16 and accumulates in float32).
+enum class ComputeDtype { float32, bfloat16 };
+
+class ModelBackend {
+ public:
+  virtual ~ModelBackend() = default;
+  // Sizes the KV cache for `max_seqs` sequences of up to `max_positions` positions each and
+  // (re)prepares the attention plugin. Cheap when the cache is already large enough. Makes
+  // one-time state (quantized weights, adapter sites, swap hooks) on the first call.
+  virtual void reserve(int32_t max_seqs, int64_t max_positions) = 0;
+  // Runs the batch and returns the float32 logits [S, vocab] of each sequence's last new token,
+  // on device(); the tensor is owned by the backend and valid until the next forward().
+  virtual DLTensor *forward(const StepBatch &batch) = 0;
+  virtual DLDevice device() const = 0;
+  // A short description for logs and benchmarks ("cpu float32 x2 threads", "cuda:0 bfloat16").
+  virtual std::string describe() const = 0;
+};
+
+class Pipeline;
+class ModelWeights;
+struct ModelConfig;
+
+// What make_backend needs besides the model: the device and the manifest's choices.
+struct BackendOptions {
+  DLDevice device{kDLCPU, 0};
+  std::optional<ComputeDtype> dtype; // [model] dtype; nullopt = "auto" (the checkpoint's precision)
+  bool half_checkpoint = false;      // the checkpoint stores bfloat16 or float16 weights
+  int32_t threads = 0;               // [loom] threads for the CPU backend; 0 = one per hardware thread
+  std::string source_name;           // the manifest, for errors
+};
+
+// The backend for options.device, owning `weights` (consumed) from now on (model_backend.cpp).
+// Throws loom::Error.
+// What the attention plugin is prepared with for `config`: its geometry, the cache's length, the
+// dtype of q/k/v/out and the device they live on (shared by every backend).
+loom_attention_config attention_config_for(const ModelConfig &config, int64_t max_positions, DLDataType dtype,
+                                           DLDevice device);
+
+std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
+                                           const BackendOptions &options);
+
+} // namespace loom

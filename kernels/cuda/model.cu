@@ -1,0 +1,238 @@
+// CUDA kernels of the transformer forward pass (see loom/kernels/model.hpp for the contract).
+//
+// Every kernel does its arithmetic in float32 and rounds once when it stores an activation, so a
+// bfloat16 run differs from the float32 one only by the storage rounding of activations and
+// weights. Row kernels use one block per row and reduce with warp shuffles; element-wise
+// kernels use grid-stride loops, so any size is launched with a bounded grid.
+#include "loom/kernels/model.hpp"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace loom::kernels {
+namespace {
+
+constexpr int kRowThreads = 256;  // a multiple of 32
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+// Sum over the block (kRowThreads threads); every thread gets the total.
+__device__ float block_sum(float v) {
+  __shared__ float partial[kRowThreads / 32];
+  __shared__ float total;
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float s = lane < kRowThreads / 32 ? partial[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(kFullMask, s, offset);
+    if (lane == 0) total = s;
+  }
+  __syncthreads();
+  const float result = total;
+  __syncthreads();  // `total` and `partial` are reused by the next call
+  return result;
+}
+
+int grid_for(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
+template <class T>
+__global__ void embed_kernel(const int32_t* tokens, const int32_t* positions, int32_t hidden, const T* table,
+                             const T* pos_table, float* x) {
+  const int64_t t = blockIdx.x;
+  const T* row = table + static_cast<int64_t>(tokens[t]) * hidden;
+  const T* pos_row = pos_table ? pos_table + static_cast<int64_t>(positions[t]) * hidden : nullptr;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+    x[t * hidden + i] = load(row, i) + (pos_row ? load(pos_row, i) : 0.0f);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kRowThreads)
+add_bias_norm_kernel(float* x, const int32_t* row_index, int32_t hidden, const float* pending_bias, const float* w,
+                     const float* b, float eps, T* out) {
+  const int64_t r = blockIdx.x;
+  float* row = x + static_cast<int64_t>(row_index ? row_index[r] : r) * hidden;
+  float sum = 0.0f, sum_sq = 0.0f;
+  for (int i = threadIdx.x; i < hidden; i += kRowThreads) {
+    float v = row[i];
+    if (pending_bias) {
+      v += pending_bias[i];
+      row[i] = v;
+    }
+    sum += v;
+    sum_sq += v * v;
+  }
+  const float inv_h = 1.0f / static_cast<float>(hidden);
+  if (b == nullptr) {  // RMSNorm
+    const float inv = rsqrtf(block_sum(sum_sq) * inv_h + eps);
+    for (int i = threadIdx.x; i < hidden; i += kRowThreads) store(out, r * hidden + i, w[i] * (row[i] * inv));
+    return;
+  }
+  // LayerNorm: the variance from a second pass over the (cached) row, as the CPU reference does.
+  const float mean = block_sum(sum) * inv_h;
+  float var = 0.0f;
+  for (int i = threadIdx.x; i < hidden; i += kRowThreads) var += (row[i] - mean) * (row[i] - mean);
+  const float inv = rsqrtf(block_sum(var) * inv_h + eps);
+  for (int i = threadIdx.x; i < hidden; i += kRowThreads)
+    store(out, r * hidden + i, (row[i] - mean) * inv * w[i] + b[i]);
+}
+
+// Block (t, head); thread i handles the pair (i, i + D/2) of that head.
+template <class T>
+__global__ void qkv_kernel(const T* qkv, const float* bias, const float* cos_sin, const int32_t* positions,
+                           int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, T* q, T* k, T* v) {
+  const int64_t t = blockIdx.x;
+  const int head = blockIdx.y;  // [0, Hq + 2 Hkv)
+  const int half = head_dim / 2;
+  const int heads_total = n_heads + 2 * n_kv_heads;
+  const T* src = qkv + (t * heads_total + head) * head_dim;
+  const float* src_bias = bias ? bias + static_cast<int64_t>(head) * head_dim : nullptr;
+  T* dst;
+  bool rotate = cos_sin != nullptr;
+  if (head < n_heads) {
+    dst = q + (t * n_heads + head) * head_dim;
+  } else if (head < n_heads + n_kv_heads) {
+    dst = k + (t * n_kv_heads + (head - n_heads)) * head_dim;
+  } else {
+    dst = v + (t * n_kv_heads + (head - n_heads - n_kv_heads)) * head_dim;
+    rotate = false;
+  }
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    float a = load(src, i), c = load(src, i + half);
+    if (src_bias) {
+      a += src_bias[i];
+      c += src_bias[i + half];
+    }
+    if (rotate) {
+      const float* cs = cos_sin + (static_cast<int64_t>(positions[t]) * half + i) * 2;
+      const float cosv = cs[0], sinv = cs[1];
+      const float ra = a * cosv - c * sinv, rc = c * cosv + a * sinv;
+      a = ra;
+      c = rc;
+    }
+    store(dst, i, a);
+    store(dst, i + half, c);
+  }
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+template <class T>
+__global__ void swiglu_kernel(const T* gate_up, int32_t n_tokens, int32_t inter, T* out) {
+  const int64_t n = static_cast<int64_t>(n_tokens) * inter;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = e / inter, i = e % inter;
+    const T* row = gate_up + t * 2 * inter;
+    store(out, e, silu(load(row, i)) * load(row, inter + i));
+  }
+}
+
+template <class T>
+__global__ void bias_gelu_kernel(T* x, const float* bias, int32_t n_tokens, int32_t inter) {
+  const int64_t n = static_cast<int64_t>(n_tokens) * inter;
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = load(x, e) + (bias ? bias[e % inter] : 0.0f);
+    store(x, e, 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v))));
+  }
+}
+
+__global__ void f32_to_bf16_kernel(const float* in, int64_t n, __nv_bfloat16* out) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[e] = __float2bfloat16_rn(in[e]);
+}
+
+int launched() { return static_cast<int>(cudaGetLastError()); }
+
+}  // namespace
+
+int embed_rows_cuda(const int32_t* tokens, const int32_t* positions, int32_t n_tokens, int32_t hidden,
+                    const void* table, const void* pos_table, Dtype dtype, float* x, void* stream) {
+  if (n_tokens <= 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  if (dtype == Dtype::bf16)
+    embed_kernel<<<n_tokens, kRowThreads, 0, s>>>(tokens, positions, hidden, static_cast<const __nv_bfloat16*>(table),
+                                                  static_cast<const __nv_bfloat16*>(pos_table), x);
+  else
+    embed_kernel<<<n_tokens, kRowThreads, 0, s>>>(tokens, positions, hidden, static_cast<const float*>(table),
+                                                  static_cast<const float*>(pos_table), x);
+  return launched();
+}
+
+int add_bias_norm_cuda(float* x, const int32_t* row_index, int32_t n_rows, int32_t hidden, const float* pending_bias,
+                       const float* w, const float* b, float eps, void* out, Dtype dtype, void* stream) {
+  if (n_rows <= 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  if (dtype == Dtype::bf16)
+    add_bias_norm_kernel<<<n_rows, kRowThreads, 0, s>>>(x, row_index, hidden, pending_bias, w, b, eps,
+                                                        static_cast<__nv_bfloat16*>(out));
+  else
+    add_bias_norm_kernel<<<n_rows, kRowThreads, 0, s>>>(x, row_index, hidden, pending_bias, w, b, eps,
+                                                        static_cast<float*>(out));
+  return launched();
+}
+
+int qkv_bias_rope_split_cuda(const void* qkv, const float* bias, const float* cos_sin, const int32_t* positions,
+                             int32_t n_tokens, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, void* q, void* k,
+                             void* v, Dtype dtype, void* stream) {
+  if (n_tokens <= 0) return 0;
+  if (head_dim % 2 != 0 || head_dim > 1024) return static_cast<int>(cudaErrorInvalidValue);
+  auto s = static_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>(n_tokens), static_cast<unsigned>(n_heads + 2 * n_kv_heads));
+  const int threads = head_dim / 2 < 32 ? 32 : head_dim / 2;
+  if (dtype == Dtype::bf16) {
+    using T = __nv_bfloat16;
+    qkv_kernel<<<grid, threads, 0, s>>>(static_cast<const T*>(qkv), bias, cos_sin, positions, n_heads, n_kv_heads,
+                                        head_dim, static_cast<T*>(q), static_cast<T*>(k), static_cast<T*>(v));
+  } else {
+    qkv_kernel<<<grid, threads, 0, s>>>(static_cast<const float*>(qkv), bias, cos_sin, positions, n_heads, n_kv_heads,
+                                        head_dim, static_cast<float*>(q), static_cast<float*>(k), static_cast<float*>(v));
+  }
+  return launched();
+}
+
+int swiglu_cuda(const void* gate_up, int32_t n_tokens, int32_t inter, void* out, Dtype dtype, void* stream) {
+  if (n_tokens <= 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int grid = grid_for(static_cast<int64_t>(n_tokens) * inter, 256);
+  if (dtype == Dtype::bf16)
+    swiglu_kernel<<<grid, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(gate_up), n_tokens, inter,
+                                       static_cast<__nv_bfloat16*>(out));
+  else
+    swiglu_kernel<<<grid, 256, 0, s>>>(static_cast<const float*>(gate_up), n_tokens, inter, static_cast<float*>(out));
+  return launched();
+}
+
+int bias_gelu_cuda(void* x, const float* bias, int32_t n_tokens, int32_t inter, Dtype dtype, void* stream) {
+  if (n_tokens <= 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int grid = grid_for(static_cast<int64_t>(n_tokens) * inter, 256);
+  if (dtype == Dtype::bf16)
+    bias_gelu_kernel<<<grid, 256, 0, s>>>(static_cast<__nv_bfloat16*>(x), bias, n_tokens, inter);
+  else
+    bias_gelu_kernel<<<grid, 256, 0, s>>>(static_cast<float*>(x), bias, n_tokens, inter);
+  return launched();
+}
+
+int f32_to_bf16_cuda(const float* in, int64_t n, void* out, void* stream) {
+  if (n <= 0) return 0;
+  f32_to_bf16_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      in, n, static_cast<__nv_bfloat16*>(out));
+  return launched();
+}
+
+}  // namespace loom::kernels

@@ -1,0 +1,414 @@
+// The CPU backend and the batched generation loop: logits against transformers' at every
+// position (float32 and bfloat16 weights), bit-identical results for any thread count and any
+// batch composition, batched prompts against the same prompts run alone, the thread pool, and
+// the manifest keys that drive them ([loom] threads, [model] dtype, [run] prompts).
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../../core/cpu_backend.hpp"
+#include "../../core/thread_pool.hpp"
+#include "loom/core/error.hpp"
+#include "loom/core/manifest.hpp"
+#include "loom/core/model_config.hpp"
+#include "loom/core/model_weights.hpp"
+#include "loom/core/reference_model.hpp"
+#include "loom/core/runtime.hpp"
+#include "loom/core/safetensors.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kModels = fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/models";
+const fs::path kKjv = fs::path(LOOM_SOURCE_DIR) / "models/tiny-kjv";
+const char *const kFixtures[] = {"tiny-llama", "tiny-llama3-tied", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"};
+
+nlohmann::json read_json(const fs::path &p) {
+  std::ifstream in(p);
+  return nlohmann::json::parse(in);
+}
+
+std::string model_manifest(const fs::path &model, const std::string &extra = "") {
+  return "[model]\npath = \"" + model.string() + "\"\n" + extra +
+         "[attention]\nuse = \"sdpa\"\nblock_size = 4\n[[sampler]]\nuse = \"greedy\"\n";
+}
+
+const loom::ReferenceModel &reference_model(const std::string &name) {
+  static std::map<std::string, loom::ReferenceModel> models;
+  auto it = models.find(name);
+  if (it == models.end()) it = models.emplace(name, loom::ReferenceModel::load(kModels / name)).first;
+  return it->second;
+}
+
+std::string ids_toml(const std::vector<int32_t> &ids) { return nlohmann::json(ids).dump(); }
+
+// A backend of its own over a runtime's pipeline (the runtime's decoder never runs here).
+struct Harness {
+  std::unique_ptr<loom::Runtime> rt;
+  loom::ModelConfig config;
+  std::unique_ptr<loom::CpuBackend> backend;
+  Harness(const fs::path &model, loom::ComputeDtype dtype, int32_t threads) {
+    rt = loom::Runtime::from_string(model_manifest(model));
+    config = loom::load_model_config(model);
+    loom::CpuBackendOptions options;
+    options.dtype = dtype;
+    options.threads = threads;
+    options.source_name = "test";
+    backend = std::make_unique<loom::CpuBackend>(
+        config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(model)), rt->pipeline(), options);
+  }
+  // Logits [ids.size(), vocab] at every position, in one ragged batch: sequence s is the prefix
+  // ids[0..s] in KV slot s, so row s is the logits after ids[s].
+  std::vector<float> all_positions(const std::vector<int32_t> &ids) {
+    const int32_t n = static_cast<int32_t>(ids.size());
+    backend->reserve(n, n);
+    loom::StepBatch b;
+    b.seq_offsets.push_back(0);
+    for (int32_t s = 0; s < n; ++s) {
+      b.tokens.insert(b.tokens.end(), ids.begin(), ids.begin() + s + 1);
+      b.seq_offsets.push_back(static_cast<int32_t>(b.tokens.size()));
+      b.seq_positions.push_back(0);
+      b.seq_slots.push_back(s);
+    }
+    return copy(backend->forward(b), n);
+  }
+  // The same, one token per forward (decode steps) in KV slot 0.
+  std::vector<float> token_by_token(const std::vector<int32_t> &ids) {
+    const int32_t n = static_cast<int32_t>(ids.size());
+    backend->reserve(1, n);
+    std::vector<float> out;
+    for (int32_t p = 0; p < n; ++p) {
+      loom::StepBatch b;
+      b.tokens = {ids[static_cast<size_t>(p)]};
+      b.seq_offsets = {0, 1};
+      b.seq_positions = {p};
+      b.seq_slots = {0};
+      auto row = copy(backend->forward(b), 1);
+      out.insert(out.end(), row.begin(), row.end());
+    }
+    return out;
+  }
+  std::vector<float> copy(DLTensor *t, int32_t rows) const {
+    REQUIRE(t->ndim == 2);
+    REQUIRE(t->shape[0] == rows);
+    REQUIRE(t->shape[1] == config.vocab_size);
+    const float *p = static_cast<const float *>(t->data);
+    return std::vector<float>(p, p + static_cast<size_t>(rows) * static_cast<size_t>(config.vocab_size));
+  }
+};
+
+struct Error {
+  double worst = 0, largest = 0;
+};
+Error against_golden(const std::vector<float> &logits, const nlohmann::json &expected, int64_t vocab) {
+  Error e;
+  for (size_t t = 0; t < expected.size(); ++t)
+    for (size_t v = 0; v < static_cast<size_t>(vocab); ++v) {
+      double ref = expected[t][v].get<double>();
+      e.worst = std::max(e.worst, std::abs(static_cast<double>(logits[t * static_cast<size_t>(vocab) + v]) - ref));
+      e.largest = std::max(e.largest, std::abs(ref));
+    }
+  return e;
+}
+
+std::string error_of(const std::string &toml) {
+  try {
+    loom::Runtime::from_string(toml, "m.toml");
+  } catch (const loom::Error &e) {
+    return e.what();
+  }
+  return "";
+}
+
+} // namespace
+
+TEST_CASE("the thread pool runs every index exactly once", "[backend][threads]") {
+  CHECK(loom::detail::ThreadPool::resolve(0) >= 1);
+  CHECK(loom::detail::ThreadPool::resolve(3) == 3);
+  for (int32_t threads : {1, 2, 3, 8}) {
+    loom::detail::ThreadPool pool(threads);
+    CHECK(pool.size() == threads);
+    for (int round = 0; round < 200; ++round)
+      for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{7}, int64_t{1000}}) {
+        std::vector<std::atomic<int>> count(static_cast<size_t>(n));
+        pool.run(n, [&](int64_t i) { count[static_cast<size_t>(i)].fetch_add(1); });
+        for (auto &c : count) REQUIRE(c.load() == 1);
+      }
+  }
+}
+
+TEST_CASE("the CPU backend matches transformers at every position, bit for bit on any thread count",
+          "[model][golden][backend]") {
+  for (const char *name : kFixtures) {
+    INFO(name);
+    auto golden = read_json(kModels / name / "golden.json");
+    std::vector<std::vector<float>> first; // threads = 1, per case
+    for (int32_t threads : {1, 2, 3}) {
+      INFO("threads " << threads);
+      Harness h(kModels / name, loom::ComputeDtype::float32, threads);
+      CHECK(h.backend->describe() == "cpu float32 x" + std::to_string(threads) + (threads == 1 ? " thread" : " threads"));
+      size_t i = 0;
+      for (const auto &c : golden["cases"]) {
+        auto ids = c["input_ids"].get<std::vector<int32_t>>();
+        auto batched = h.all_positions(ids);
+        Error e = against_golden(batched, c["logits"], h.config.vocab_size);
+        INFO("max |logit - transformers| = " << e.worst << ", largest |logit| = " << e.largest);
+        CHECK(e.worst < 2e-4);              // golden values carry 6 decimals
+        CHECK(e.worst <= 1e-3 * e.largest); // the bound for float32
+        // A prefill of many sequences and decode steps of one compute every logit alike.
+        CHECK(h.token_by_token(ids) == batched);
+        if (threads == 1) first.push_back(batched);
+        else CHECK(batched == first[i]);
+        ++i;
+      }
+    }
+  }
+}
+
+TEST_CASE("greedy generation matches transformers' on 1, 2 and 3 threads", "[model][golden][pipeline][backend]") {
+  for (const char *name : kFixtures) {
+    INFO(name);
+    auto golden = read_json(kModels / name / "golden.json");
+    for (int threads : {1, 2, 3})
+      for (const auto &c : golden["cases"]) {
+        INFO("threads " << threads);
+        auto rt = loom::Runtime::from_string("[loom]\nthreads = " + std::to_string(threads) + "\n" +
+                                             model_manifest(kModels / name, "") + "[run]\nprompt = " + c["input_ids"].dump() +
+                                             "\nsteps = " + std::to_string(c["greedy"].size()) + "\n");
+        CHECK(rt->backend_description() ==
+              "cpu float32 x" + std::to_string(threads) + (threads == 1 ? " thread" : " threads"));
+        CHECK(rt->run().tokens == c["greedy"].get<std::vector<int32_t>>());
+      }
+  }
+}
+
+TEST_CASE("bfloat16 weights stay within 2e-2 of transformers' float32 logits", "[model][golden][backend][bf16]") {
+  size_t identical = 0, cases = 0;
+  for (const char *name : kFixtures) {
+    INFO(name);
+    auto golden = read_json(kModels / name / "golden.json");
+    Harness h(kModels / name, loom::ComputeDtype::bfloat16, 2), h1(kModels / name, loom::ComputeDtype::bfloat16, 1),
+        h3(kModels / name, loom::ComputeDtype::bfloat16, 3);
+    CHECK(h.backend->describe() == "cpu bfloat16 x2 threads");
+    for (const auto &c : golden["cases"]) {
+      auto ids = c["input_ids"].get<std::vector<int32_t>>();
+      auto logits = h.all_positions(ids);
+      CHECK(h1.all_positions(ids) == logits);
+      CHECK(h3.all_positions(ids) == logits);
+      Error e = against_golden(logits, c["logits"], h.config.vocab_size);
+      INFO("max |logit - transformers| = " << e.worst << ", largest |logit| = " << e.largest);
+      CHECK(e.worst <= 2e-2 * e.largest);
+      CHECK(h.token_by_token(ids) == logits);
+      // Greedy continuations through the pipeline with [model] dtype = "bfloat16". The fixtures'
+      // random weights leave near-ties between their top two logits, closer than bf16 rounding
+      // moves logits (the error above), so a continuation may take the other branch of such a
+      // tie. Until they part, both continuations share their context, so the float32 reference's
+      // margin (top-1 minus top-2 logit) at the step where they part must be within twice the
+      // error: a token flips only at a near-tie, never where the model is clear.
+      auto rt = loom::Runtime::from_string(model_manifest(kModels / name, "dtype = \"bfloat16\"\n") + "[run]\nprompt = " +
+                                           c["input_ids"].dump() + "\nsteps = " + std::to_string(c["greedy"].size()) + "\n");
+      CHECK(rt->backend_description().rfind("cpu bfloat16 x", 0) == 0);
+      auto tokens = rt->run().tokens;
+      auto expected = c["greedy"].get<std::vector<int32_t>>();
+      REQUIRE(tokens.size() == expected.size());
+      size_t same = 0;
+      while (same < tokens.size() && tokens[same] == expected[same]) ++same;
+      ++cases;
+      if (same == tokens.size()) {
+        ++identical;
+        continue;
+      }
+      std::vector<int32_t> context = ids;
+      context.insert(context.end(), expected.begin(), expected.begin() + static_cast<std::ptrdiff_t>(same));
+      auto reference = reference_model(name).forward(context);
+      const float *row = reference.data() + (context.size() - 1) * static_cast<size_t>(h.config.vocab_size);
+      std::vector<float> sorted(row, row + h.config.vocab_size);
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+      INFO("bf16 greedy agrees with transformers' float32 greedy for " << same << " of " << tokens.size()
+           << " tokens; the float32 margin where they part is " << sorted[0] - sorted[1]);
+      CHECK(sorted[0] - sorted[1] < 2 * e.worst);
+    }
+  }
+  INFO(identical << " of " << cases << " bf16 greedy continuations equal transformers' float32 ones");
+  CHECK(2 * identical >= cases);
+}
+
+TEST_CASE("a bfloat16 checkpoint computes the same in bfloat16 and float32", "[model][backend][bf16]") {
+  // tiny-kjv is stored as BF16: "auto" keeps bfloat16 weights, exactly the checkpoint's values,
+  // and the kernel adds the same float32 products in the same order as with float32 weights.
+  Harness bf16(kKjv, loom::ComputeDtype::bfloat16, 2), f32(kKjv, loom::ComputeDtype::float32, 1);
+  const std::vector<int32_t> ids = {1, 44, 135, 138, 7, 19, 300, 5};
+  CHECK(bf16.all_positions(ids) == f32.all_positions(ids));
+  auto rt = loom::Runtime::from_string(model_manifest(kKjv, "") + "[run]\nprompt = \"And God said\"\nsteps = 12\n");
+  CHECK(rt->backend_description().rfind("cpu bfloat16 x", 0) == 0);
+  auto forced = loom::Runtime::from_string(model_manifest(kKjv, "dtype = \"float32\"\n") + "[run]\nprompt = \"And God said\"\nsteps = 12\n");
+  CHECK(forced->backend_description().rfind("cpu float32 x", 0) == 0);
+  CHECK(rt->run().tokens == forced->run().tokens);
+}
+
+TEST_CASE("a batch of prompts gives every prompt the tokens it gets alone", "[model][pipeline][batch]") {
+  for (const char *name : kFixtures) {
+    INFO(name);
+    auto golden = read_json(kModels / name / "golden.json");
+    auto long_ids = golden["cases"][0]["input_ids"].get<std::vector<int32_t>>();
+    // Five prompts of different lengths (1 to 12 tokens), two of them sharing a prefix.
+    std::vector<std::vector<int32_t>> prompts = {
+        long_ids, {long_ids[0]}, std::vector<int32_t>(long_ids.begin(), long_ids.begin() + 5), {7, 200, 3}, {9, 9, 9, 9, 9, 9, 9}};
+    std::string list = "[";
+    for (size_t i = 0; i < prompts.size(); ++i) list += (i ? ", " : "") + ids_toml(prompts[i]);
+    list += "]";
+    for (int threads : {1, 2}) {
+      const std::string loom_table = "[loom]\nthreads = " + std::to_string(threads) + "\n";
+      auto rt = loom::Runtime::from_string(loom_table + model_manifest(kModels / name) + "[run]\nprompts = " + list +
+                                           "\nsteps = 20\nstop_tokens = []\n");
+      REQUIRE(rt->prompts() == prompts);
+      std::vector<std::vector<int32_t>> streamed(prompts.size());
+      std::vector<int32_t> first;
+      auto batch = rt->run(
+          0, [&](int32_t, int32_t token) { first.push_back(token); return true; },
+          [&](int32_t seq, int32_t step, int32_t token) {
+            CHECK(step == static_cast<int32_t>(streamed[static_cast<size_t>(seq)].size()));
+            streamed[static_cast<size_t>(seq)].push_back(token);
+            return true;
+          });
+      REQUIRE(batch.sequences.size() == prompts.size());
+      CHECK(batch.prompt == prompts[0]);
+      CHECK(batch.tokens == batch.sequences[0].tokens);
+      CHECK(first == batch.tokens);
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        INFO("prompt " << i << ", threads " << threads);
+        auto alone = loom::Runtime::from_string(loom_table + model_manifest(kModels / name) + "[run]\nprompt = " +
+                                                ids_toml(prompts[i]) + "\nsteps = 20\nstop_tokens = []\n")
+                         ->run();
+        CHECK(batch.sequences[i].prompt == prompts[i]);
+        CHECK(batch.sequences[i].tokens.size() == 20);
+        CHECK(batch.sequences[i].tokens == alone.tokens);
+        CHECK(streamed[i] == alone.tokens);
+      }
+      if (name == std::string("tiny-llama")) {
+        // The golden greedy continuation of the long prompt is sequence 0's.
+        auto expected = golden["cases"][0]["greedy"].get<std::vector<int32_t>>();
+        CHECK(std::equal(batch.tokens.begin(), batch.tokens.end(), expected.begin()));
+      }
+    }
+  }
+}
+
+TEST_CASE("sequences that stop leave the batch and the others go on", "[model][pipeline][batch]") {
+  // Text prompts on the default model, each ending at its own stop token or string.
+  const std::vector<std::string> texts = {"And God said", "In the beginning", "Jesus wept", "And the LORD spake unto Moses, saying"};
+  std::string list = "[";
+  for (size_t i = 0; i < texts.size(); ++i) list += std::string(i ? ", " : "") + "\"" + texts[i] + "\"";
+  list += "]";
+  for (const char *stop : {"stop_tokens = [1, 2]\n", "stop_tokens = []\nstop = [\":\"]\n"}) {
+    INFO(stop);
+    auto rt = loom::Runtime::from_string(model_manifest(kKjv) + "[run]\nprompts = " + list + "\nsteps = 60\n" + stop);
+    REQUIRE(rt->prompts().size() == texts.size());
+    auto batch = rt->run();
+    REQUIRE(batch.sequences.size() == texts.size());
+    size_t lengths_seen = 0;
+    for (size_t i = 0; i < texts.size(); ++i) {
+      INFO(texts[i]);
+      auto alone = loom::Runtime::from_string(model_manifest(kKjv) + "[run]\nprompt = \"" + texts[i] + "\"\nsteps = 60\n" + stop)
+                       ->run();
+      CHECK(batch.sequences[i].tokens == alone.tokens);
+      CHECK(batch.sequences[i].text == alone.text);
+      CHECK(batch.sequences[i].stopped == alone.stopped);
+      CHECK(batch.sequences[i].prompt == alone.prompt);
+      if (batch.sequences[i].tokens.size() != batch.sequences[0].tokens.size()) ++lengths_seen;
+    }
+    CHECK(lengths_seen > 0); // they did not all stop at the same step
+    CHECK(batch.text == batch.sequences[0].text);
+  }
+}
+
+TEST_CASE("the synthetic model gives the same tokens on any thread count", "[pipeline][backend][threads]") {
+  // Large enough that linears and row operations are split over the threads.
+  const std::string m = "[loom]\nseed = 5\n[run]\nsteps = 24\nvocab_size = 4096\nhidden_size = 256\nn_heads = 8\n"
+                        "n_kv_heads = 2\nprompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [5], [6, 7]]\n"
+                        "[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"top-k\"\nk = 50\n[[sampler]]\nuse = \"dist\"\n";
+  auto one = loom::Runtime::from_string(m, "m", {"loom.threads=1"})->run();
+  for (const char *threads : {"loom.threads=2", "loom.threads=3", "loom.threads=0"}) {
+    INFO(threads);
+    auto other = loom::Runtime::from_string(m, "m", {threads})->run();
+    REQUIRE(other.sequences.size() == 3);
+    for (size_t i = 0; i < 3; ++i) CHECK(other.sequences[i].tokens == one.sequences[i].tokens);
+  }
+}
+
+TEST_CASE("the new manifest keys are checked", "[manifest][backend]") {
+  CHECK(error_of("[loom]\nthreads = -1\n") ==
+        "m.toml:2:11: loom.threads: must be 0 (one per hardware thread) or a positive count, got -1");
+  CHECK(error_of("[loom]\nthreads = \"2\"\n").find("loom.threads: expected an integer") != std::string::npos);
+  CHECK(error_of("[loom]\nthreads = 5000\n").find("loom.threads: at most 1024 threads") != std::string::npos);
+  const std::string model = "[model]\npath = \"" + (kModels / "tiny-llama").string() + "\"\n";
+  CHECK(error_of(model + "dtype = \"fp16\"\n").find("model.dtype: expected \"auto\", \"float32\" or \"bfloat16\", got \"fp16\"") !=
+        std::string::npos);
+  CHECK(error_of(model + "dtype = 16\n").find("model.dtype: expected a string") != std::string::npos);
+  CHECK(error_of("[run]\nprompt = [1]\nprompts = [[1]]\n").find("run.prompts: give one of prompts, prompt or messages") !=
+        std::string::npos);
+  CHECK(error_of("[run]\nprompts = []\n").find("run.prompts: must hold at least one prompt") != std::string::npos);
+  CHECK(error_of("[run]\nprompts = [1]\n").find("run.prompts[0]: expected a text or an array of token ids, got an integer") !=
+        std::string::npos);
+  CHECK(error_of("[run]\nprompts = [[1], []]\n").find("run.prompts[1]: must hold at least one token") != std::string::npos);
+  CHECK(error_of("[run]\nprompts = [[1, 999]]\n").find("run.prompts[0][1]: token 999 is outside the vocabulary of 256") !=
+        std::string::npos);
+  CHECK(error_of("[run]\nprompts = [\"\"]\n").find("run.prompts[0]: must not be empty") != std::string::npos);
+  CHECK(error_of("[run]\nprompts = [[1], \"hi\"]\n[attention]\nuse = \"sdpa\"\n")
+            .find("run.prompts[1]: text needs a model with a tokenizer") != std::string::npos);
+  CHECK(error_of(model + "[run]\nprompts = [[1], [300]]\n").find("run.prompts[1]: token 300 is outside the model's vocabulary of 256") !=
+        std::string::npos);
+  // Accepted spellings.
+  auto m = loom::parse_manifest_string("[loom]\nthreads = 3\n" + model + "dtype = \"bfloat16\"\n[run]\nprompts = [\"a\", [1, 2]]\n", "m");
+  CHECK(m.threads == 3);
+  CHECK(m.model_dtype == "bfloat16");
+  REQUIRE(m.run.prompts.size() == 2);
+  CHECK(m.run.prompts[0].text == "a");
+  CHECK(m.run.prompts[1].ids == std::vector<int32_t>{1, 2});
+}
+
+TEST_CASE("the main pipeline batches prompts through every kind of plugin", "[pipeline][batch]") {
+  // configs/pipeline.toml (int8 quantizer, LoRA adapter, parallel all-reduce, a sampling chain
+  // with penalties and dist) with several prompts: rows sample with their own history and the
+  // run's (seed, step) random numbers, so each sequence is what the prompt gives alone.
+  const fs::path configs = fs::path(LOOM_SOURCE_DIR) / "configs";
+  std::ifstream in(configs / "pipeline.toml");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string line = "prompt = \"And God said\"\n";
+  REQUIRE(text.find(line) != std::string::npos);
+  const std::vector<std::string> prompts = {"And God said", "In the beginning", "Jesus wept"};
+  auto with = [&](const std::string &replacement) {
+    std::string t = text;
+    t.replace(t.find(line), line.size(), replacement);
+    return std::make_unique<loom::Runtime>(
+        loom::parse_manifest_string(t, (configs / "pipeline.toml").string(), {"run.steps=24", "run.stop_tokens=[]"}, configs));
+  };
+  auto batch_rt = with("prompts = [\"" + prompts[0] + "\", \"" + prompts[1] + "\", \"" + prompts[2] + "\"]\n");
+  auto batch = batch_rt->run();
+  REQUIRE(batch.sequences.size() == 3);
+  CHECK(batch.tool_results.size() == 1);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    INFO(prompts[i]);
+    auto alone = with("prompt = \"" + prompts[i] + "\"\n")->run();
+    CHECK(batch.sequences[i].tokens == alone.tokens);
+    CHECK(batch.sequences[i].text == alone.text);
+  }
+  // Runs of another length on the same runtime: the KV cache grows, state is released between runs.
+  auto longer = batch_rt->run(30);
+  auto again = batch_rt->run();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    CHECK(longer.sequences[i].tokens.size() == 30);
+    CHECK(again.sequences[i].tokens == batch.sequences[i].tokens);
+  }
+}
