@@ -3,7 +3,7 @@
 
 usage: bench/cpu_decode.py LOOM_BINARY MODEL_DIR [CORES]
 Both generate 128 tokens greedily after the prompt "And God said" (no stop token), float32 on
-the CPU, pinned to the same CORES (default "0,1": the 2-core budget of the issue) with
+the CPU (Loom: device and dtype pinned, one thread per core), pinned to the same CORES (default "0,1": the 2-core budget of the issue) with
 taskset; transformers uses its KV cache and torch.set_num_threads(len(cores)). Five runs each;
 the table gives the median generation tokens/s (Loom's own timing line; transformers' wall time
 of generate() minus nothing: prefill of 4 tokens included, which favours Loom by < 4%).
@@ -21,8 +21,12 @@ TOKENS, RUNS = 128, 5
 
 def loom_rate(binary, model_dir, cores):
     manifest = f"""
+[loom]
+device = "cpu"
+threads = {len(cores.split(','))}
 [model]
 path = "{os.path.abspath(model_dir)}"
+dtype = "float32"
 [run]
 prompt = "And God said"
 steps = {TOKENS}

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <map>
@@ -109,6 +110,84 @@ struct DeviceView {
   }
 };
 
+// A development tool: with LOOM_CUDA_OP_TIMES=1 in the environment, the backend records a CUDA
+// event after every operation of a forward pass (the events are captured into the decode
+// graphs too, so graph replays are timed as they run), waits for each step, and prints the GPU
+// time per operation, summed over the run, to stderr when it is destroyed. Launch gaps count
+// towards the operation that follows them. Off by default: it synchronises every step.
+class OpTimes {
+ public:
+  OpTimes() {
+    const char *env = std::getenv("LOOM_CUDA_OP_TIMES");
+    enabled_ = env && std::string(env) == "1";
+  }
+  ~OpTimes() {
+    report();
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  }
+  bool enabled() const { return enabled_; }
+  // Starts a forward pass of `kind` ("decode" or "prefill").
+  void begin(const char *kind, cudaStream_t stream) {
+    if (!enabled_) return;
+    kind_ = kind;
+    names_.clear();
+    mark("start", stream);
+  }
+  void mark(const char *name, cudaStream_t stream) {
+    if (!enabled_) return;
+    if (names_.size() == events_.size()) {
+      cudaEvent_t e = nullptr;
+      cuda_check(cudaEventCreate(&e), "cudaEventCreate");
+      events_.push_back(e);
+    }
+    // External: inside a stream capture the record becomes a node of the graph, replayed with it.
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    cuda_check(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing");
+    cuda_check(cudaEventRecordWithFlags(events_[names_.size()], stream,
+                                        capturing == cudaStreamCaptureStatusActive ? cudaEventRecordExternal
+                                                                                   : cudaEventRecordDefault),
+               "cudaEventRecord");
+    names_.push_back(name);
+  }
+  // After the pass was launched: waits for it and adds its times.
+  void end(cudaStream_t stream) {
+    if (!enabled_ || names_.empty()) return;
+    cuda_check(cudaStreamSynchronize(stream), "op timing");
+    for (size_t i = 1; i < names_.size(); ++i) {
+      float ms = 0;
+      cuda_check(cudaEventElapsedTime(&ms, events_[i - 1], events_[i]), "cudaEventElapsedTime");
+      totals_[kind_ + " " + names_[i]] += ms;
+    }
+    steps_[kind_] += 1;
+  }
+  // A graph replays the events recorded while it was captured: the same names, in order.
+  const std::vector<std::string> &names() const { return names_; }
+  void replayed(const char *kind, std::vector<std::string> names) {
+    kind_ = kind;
+    names_ = std::move(names);
+  }
+
+ private:
+  void report() const {
+    if (!enabled_ || totals_.empty()) return;
+    std::vector<std::pair<double, std::string>> rows;
+    for (const auto &[name, ms] : totals_) rows.emplace_back(ms, name);
+    std::sort(rows.rbegin(), rows.rend());
+    std::cerr << "LOOM_CUDA_OP_TIMES: GPU time per operation, summed (ms), and per step (us)\n";
+    for (const auto &[ms, name] : rows) {
+      const std::string kind = name.substr(0, name.find(' '));
+      const double per_step = ms * 1000.0 / static_cast<double>(steps_.at(kind));
+      std::cerr << "  " << name << ": " << ms << " ms, " << per_step << " us/step over " << steps_.at(kind) << " steps\n";
+    }
+  }
+  bool enabled_ = false;
+  std::string kind_;
+  std::vector<cudaEvent_t> events_;
+  std::vector<std::string> names_;
+  std::map<std::string, double> totals_;
+  std::map<std::string, int64_t> steps_;
+};
+
 class CudaBackend final : public ModelBackend {
  public:
   CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline, const CudaBackendOptions &options);
@@ -181,6 +260,8 @@ class CudaBackend final : public ModelBackend {
     cudaGraphExec_t exec = nullptr;
   };
   std::map<int32_t, Graph> graphs_;
+  std::map<int32_t, std::vector<std::string>> graph_op_names_; // with LOOM_CUDA_OP_TIMES
+  OpTimes op_times_;
   std::shared_ptr<Instance> graphs_attention_; // held, so that its address cannot be reused
   bool graphs_enabled_ = true;
 };
@@ -450,6 +531,7 @@ void CudaBackend::run_model(int32_t T, int32_t S) {
   kernel_check(kernels::embed_rows_cuda(d_tokens_, d_positions_, T, H, embedding_.get(), positions_ ? positions_.get() : nullptr,
                                         dt, x, stream_),
                "embed");
+  op_times_.mark("embed", stream_);
   std::shared_ptr<Instance> attention = pipeline_.list(LOOM_KIND_ATTENTION).front();
   auto avt = attention->vtable<loom_attention_vtable>();
   const DLDevice dev = options_.device;
@@ -474,35 +556,46 @@ void CudaBackend::run_model(int32_t T, int32_t S) {
     kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm1_w.get<float>(),
                                              layer.norm1_b ? layer.norm1_b.get<float>() : nullptr, eps, h_.get(), dt, stream_),
                  "norm");
+    op_times_.mark("norm", stream_);
     gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
+    op_times_.mark("qkv gemm", stream_);
     kernel_check(kernels::qkv_bias_rope_split_cuda(qkv_.get(), layer.qkv.bias ? layer.qkv.bias.get<float>() : nullptr,
                                                    gpt2 ? nullptr : cos_sin_.get<float>(), d_positions_, T, Hq, Hkv, D,
                                                    q_.get(), k_.get(), v_.get(), dt, stream_),
                  "qkv");
+    op_times_.mark("bias+rope+split", stream_);
     b.layer = l;
     b.kv_pool = vpool.set(kv_pools_[static_cast<size_t>(l)].get(), dev, DLDataType{kDLUInt, 8, 1},
                           {pool_blocks, static_cast<int64_t>(layout_.bytes_per_block)});
     attention->check(avt->forward(attention->handle(), &b), "forward");
+    op_times_.mark("attention", stream_);
     gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, 1.0f);
+    op_times_.mark("o gemm", stream_);
     pending_bias = layer.o.bias ? layer.o.bias.get<float>() : nullptr;
     kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm2_w.get<float>(),
                                              layer.norm2_b ? layer.norm2_b.get<float>() : nullptr, eps, h_.get(), dt, stream_),
                  "norm");
+    op_times_.mark("norm", stream_);
     if (gpt2) {
       gemm(layer.gate_up, h_.get(), T, inter_.get(), act_cuda(), 0.0f);
       kernel_check(kernels::bias_gelu_cuda(inter_.get(), layer.gate_up.bias.get<float>(), T, I, dt, stream_), "gelu");
     } else {
       gemm(layer.gate_up, h_.get(), T, gate_up_.get(), act_cuda(), 0.0f);
+      op_times_.mark("gate_up gemm", stream_);
       kernel_check(kernels::swiglu_cuda(gate_up_.get(), T, I, inter_.get(), dt, stream_), "swiglu");
     }
+    op_times_.mark("activation", stream_);
     gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, 1.0f);
+    op_times_.mark("down gemm", stream_);
     pending_bias = layer.down.bias ? layer.down.bias.get<float>() : nullptr;
   }
   // Only each sequence's last token needs the final norm and the head.
   kernel_check(kernels::add_bias_norm_cuda(x, d_last_rows_, S, H, pending_bias, final_w_.get<float>(),
                                            final_b_ ? final_b_.get<float>() : nullptr, eps, final_h_.get(), dt, stream_),
                "final norm");
+  op_times_.mark("final norm", stream_);
   gemm(lm_head_, final_h_.get(), S, logits_.get(), CUDA_R_32F, 0.0f);
+  op_times_.mark("lm_head gemm", stream_);
 }
 
 DLTensor *CudaBackend::forward(const StepBatch &batch) {
@@ -575,6 +668,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
       cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
       std::string failure;
       try {
+        op_times_.begin("decode", stream_);
         run_model(T, S);
       } catch (const Error &e) {
         failure = e.what();
@@ -584,6 +678,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
       if (failure.empty() && end == cudaSuccess && graph &&
           cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess) {
         it = graphs_.emplace(S, Graph{exec}).first;
+        graph_op_names_[S] = op_times_.names();
       } else {
         if (failure.empty()) failure = cudaGetErrorString(end != cudaSuccess ? end : cudaGetLastError());
         cudaGetLastError(); // clear the sticky capture error, if any
@@ -596,10 +691,16 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
     }
     if (it != graphs_.end()) {
       cuda_check(cudaGraphLaunch(it->second.exec, stream_), "cudaGraphLaunch");
+      if (op_times_.enabled()) {
+        op_times_.replayed("decode", graph_op_names_[S]);
+        op_times_.end(stream_);
+      }
       return logits_view_.set(logits_.get(), options_.device, DLDataType{kDLFloat, 32, 1}, {S, config_.vocab_size});
     }
   }
+  op_times_.begin(decode ? "decode" : "prefill", stream_);
   run_model(T, S);
+  op_times_.end(stream_);
   return logits_view_.set(logits_.get(), options_.device, DLDataType{kDLFloat, 32, 1}, {S, config_.vocab_size});
 }
 

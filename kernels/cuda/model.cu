@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -88,35 +89,40 @@ add_bias_norm_kernel(float* x, const int32_t* row_index, int32_t hidden, const f
     store(out, r * hidden + i, (row[i] - mean) * inv * w[i] + b[i]);
 }
 
-// Block (t, head); thread i handles the pair (i, i + D/2) of that head.
+// Block (t, chunk): the chunk's kRowThreads consecutive entries of token t's (head, pair) index
+// space, so blocks are full whatever the head dim (a block per head was 32 threads at D = 64) and
+// a single token still spreads over several blocks. Pair i of a head is (i, i + D/2), the
+// rotate-half layout.
 template <class T>
-__global__ void qkv_kernel(const T* qkv, const float* bias, const float* cos_sin, const int32_t* positions,
-                           int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, T* q, T* k, T* v) {
+__global__ void __launch_bounds__(kRowThreads)
+qkv_kernel(const T* qkv, const float* bias, const float* cos_sin, const int32_t* positions, int32_t n_heads,
+           int32_t n_kv_heads, int32_t head_dim, T* q, T* k, T* v) {
   const int64_t t = blockIdx.x;
-  const int head = blockIdx.y;  // [0, Hq + 2 Hkv)
   const int half = head_dim / 2;
   const int heads_total = n_heads + 2 * n_kv_heads;
-  const T* src = qkv + (t * heads_total + head) * head_dim;
-  const float* src_bias = bias ? bias + static_cast<int64_t>(head) * head_dim : nullptr;
-  T* dst;
-  bool rotate = cos_sin != nullptr;
-  if (head < n_heads) {
-    dst = q + (t * n_heads + head) * head_dim;
-  } else if (head < n_heads + n_kv_heads) {
-    dst = k + (t * n_kv_heads + (head - n_heads)) * head_dim;
-  } else {
-    dst = v + (t * n_kv_heads + (head - n_heads - n_kv_heads)) * head_dim;
-    rotate = false;
-  }
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+  const T* row = qkv + t * heads_total * head_dim;
+  const float* cs_row = cos_sin ? cos_sin + static_cast<int64_t>(positions[t]) * half * 2 : nullptr;
+  const int j = blockIdx.y * kRowThreads + threadIdx.x;
+  if (j < heads_total * half) {
+    const int head = j / half, i = j - head * half;
+    const T* src = row + head * head_dim;
+    T* dst;
+    bool rotate = cs_row != nullptr;
+    if (head < n_heads) {
+      dst = q + (t * n_heads + head) * head_dim;
+    } else if (head < n_heads + n_kv_heads) {
+      dst = k + (t * n_kv_heads + (head - n_heads)) * head_dim;
+    } else {
+      dst = v + (t * n_kv_heads + (head - n_heads - n_kv_heads)) * head_dim;
+      rotate = false;
+    }
     float a = load(src, i), c = load(src, i + half);
-    if (src_bias) {
-      a += src_bias[i];
-      c += src_bias[i + half];
+    if (bias) {
+      a += bias[head * head_dim + i];
+      c += bias[head * head_dim + i + half];
     }
     if (rotate) {
-      const float* cs = cos_sin + (static_cast<int64_t>(positions[t]) * half + i) * 2;
-      const float cosv = cs[0], sinv = cs[1];
+      const float cosv = cs_row[i * 2], sinv = cs_row[i * 2 + 1];
       const float ra = a * cosv - c * sinv, rc = c * cosv + a * sinv;
       a = ra;
       c = rc;
@@ -128,15 +134,13 @@ __global__ void qkv_kernel(const T* qkv, const float* bias, const float* cos_sin
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
+// Grid (column blocks, tokens): no per-element division.
 template <class T>
-__global__ void swiglu_kernel(const T* gate_up, int32_t n_tokens, int32_t inter, T* out) {
-  const int64_t n = static_cast<int64_t>(n_tokens) * inter;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = e / inter, i = e % inter;
-    const T* row = gate_up + t * 2 * inter;
-    store(out, e, silu(load(row, i)) * load(row, inter + i));
-  }
+__global__ void swiglu_kernel(const T* gate_up, int32_t inter, T* out) {
+  const int64_t t = blockIdx.y;
+  const T* row = gate_up + t * 2 * inter;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < inter; i += gridDim.x * blockDim.x)
+    store(out, t * inter + i, silu(load(row, i)) * load(row, inter + i));
 }
 
 template <class T>
@@ -192,8 +196,9 @@ int qkv_bias_rope_split_cuda(const void* qkv, const float* bias, const float* co
   if (n_tokens <= 0) return 0;
   if (head_dim % 2 != 0 || head_dim > 1024) return static_cast<int>(cudaErrorInvalidValue);
   auto s = static_cast<cudaStream_t>(stream);
-  const dim3 grid(static_cast<unsigned>(n_tokens), static_cast<unsigned>(n_heads + 2 * n_kv_heads));
-  const int threads = head_dim / 2 < 32 ? 32 : head_dim / 2;
+  const int pairs = (n_heads + 2 * n_kv_heads) * (head_dim / 2);
+  const dim3 grid(static_cast<unsigned>(n_tokens), static_cast<unsigned>((pairs + kRowThreads - 1) / kRowThreads));
+  const int threads = kRowThreads;
   if (dtype == Dtype::bf16) {
     using T = __nv_bfloat16;
     qkv_kernel<<<grid, threads, 0, s>>>(static_cast<const T*>(qkv), bias, cos_sin, positions, n_heads, n_kv_heads,
@@ -208,12 +213,18 @@ int qkv_bias_rope_split_cuda(const void* qkv, const float* bias, const float* co
 int swiglu_cuda(const void* gate_up, int32_t n_tokens, int32_t inter, void* out, Dtype dtype, void* stream) {
   if (n_tokens <= 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
-  const int grid = grid_for(static_cast<int64_t>(n_tokens) * inter, 256);
-  if (dtype == Dtype::bf16)
-    swiglu_kernel<<<grid, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(gate_up), n_tokens, inter,
-                                       static_cast<__nv_bfloat16*>(out));
-  else
-    swiglu_kernel<<<grid, 256, 0, s>>>(static_cast<const float*>(gate_up), n_tokens, inter, static_cast<float*>(out));
+  // Enough blocks per token to fill the GPU at batch 1; tokens along y (at most 65535 per launch).
+  const int per_token = std::min(grid_for(inter, 256), 64);
+  for (int32_t t0 = 0; t0 < n_tokens; t0 += 65535) {
+    const dim3 grid(static_cast<unsigned>(per_token), static_cast<unsigned>(std::min(n_tokens - t0, 65535)));
+    const int64_t offset = static_cast<int64_t>(t0) * inter;
+    if (dtype == Dtype::bf16)
+      swiglu_kernel<<<grid, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(gate_up) + 2 * offset, inter,
+                                         static_cast<__nv_bfloat16*>(out) + offset);
+    else
+      swiglu_kernel<<<grid, 256, 0, s>>>(static_cast<const float*>(gate_up) + 2 * offset, inter,
+                                         static_cast<float*>(out) + offset);
+  }
   return launched();
 }
 

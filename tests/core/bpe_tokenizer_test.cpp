@@ -158,7 +158,8 @@ TEST_CASE("NFC: decomposed and precomposed text encode alike; compatibility char
   auto empty = loom::Tokenizer::load(qwen2_with("nfc-empty-sequence", [](json &j) {
     j["normalizer"] = {{"type", "Sequence"}, {"normalizers", json::array()}};
   }));
-  for (const auto &c : read_json(fixtures() / "qwen2-style/golden.json").at("cases")) {
+  const json golden = read_json(fixtures() / "qwen2-style/golden.json"); // kept: the loop borrows from it
+  for (const auto &c : golden.at("cases")) {
     auto text = c.at("text").get<std::string>();
     INFO(text);
     CHECK(seq->encode(text, false) == c.at("ids").get<std::vector<int32_t>>());
