@@ -3,7 +3,6 @@
 // Masked (-inf) tokens have probability zero.
 #include <cmath>
 
-#include "philox.hpp"
 #include "sampler_common.hpp"
 
 namespace loomp::samplers {
@@ -20,24 +19,11 @@ struct Dist : Base {
     float* logprobs = logprobs_of(b);
     for (int64_t r = 0; r < rows.n; ++r) {
       const float* x = rows.row(r);
-      const float mx = x[argmax_row(x, rows.vocab, r)];
-      // Unnormalised probabilities exp(x - max) summed in double; the draw scales u by the sum
-      // instead of normalising every entry.
-      double total = 0.0;
-      for (int64_t i = 0; i < rows.vocab; ++i)
-        if (x[i] != -INFINITY) total += std::exp(static_cast<double>(x[i]) - mx);
-      const double target = static_cast<double>(philox::uniform01(b.rng_key[r], b.rng_counter[r])) * total;
-      int64_t chosen = -1;
-      double cum = 0.0;
-      for (int64_t i = 0; i < rows.vocab; ++i) {
-        if (x[i] == -INFINITY) continue;
-        cum += std::exp(static_cast<double>(x[i]) - mx);
-        chosen = i;  // the last finite token absorbs rounding when target ~ total
-        if (cum > target) break;
-      }
+      float mx = 0.0f;
+      double log_total = 0.0;
+      const int64_t chosen = draw_row(x, rows.vocab, r, b.rng_key[r], b.rng_counter[r], &mx, &log_total);
       b.tokens_out[r] = static_cast<int32_t>(chosen);
-      if (logprobs)
-        logprobs[r] = static_cast<float>(static_cast<double>(x[chosen]) - mx - std::log(total));
+      if (logprobs) logprobs[r] = static_cast<float>(static_cast<double>(x[chosen]) - mx - log_total);
     }
   }
 };

@@ -30,23 +30,10 @@ struct RepetitionPenalty : Base {
   void apply(const loom_sampling_batch& b) {
     const Rows rows = cpu_rows(&b, "repetition-penalty");
     if (last_n == 0) return;
-    if (rows.n > 0 && (b.history == nullptr || b.history_len == nullptr))
-      invalid("repetition-penalty: history and history_len are required");
+    require_history(b, "repetition-penalty");
     std::unordered_map<int32_t, int32_t> counts;
     for (int64_t r = 0; r < rows.n; ++r) {
-      const int64_t len = b.history_len[r];
-      if (len < 0) invalid("repetition-penalty: history_len[" + std::to_string(r) + "] is negative");
-      if (len > 0 && b.history[r] == nullptr)
-        invalid("repetition-penalty: history[" + std::to_string(r) + "] is NULL");
-      const int64_t start = (last_n < 0 || last_n >= len) ? 0 : len - last_n;
-      counts.clear();
-      for (int64_t i = start; i < len; ++i) {
-        const int32_t tok = b.history[r][i];
-        if (tok < 0 || tok >= rows.vocab)
-          invalid("repetition-penalty: history[" + std::to_string(r) + "] holds token " +
-                  std::to_string(tok) + " outside the vocabulary");
-        ++counts[tok];
-      }
+      count_window(history_of(b, r, "repetition-penalty"), last_n, counts);
       float* x = rows.row(r);
       for (const auto& [tok, c] : counts) {
         float& v = x[tok];

@@ -10,11 +10,14 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
+#include "philox.hpp"
 
 namespace loomp::samplers {
 
@@ -89,6 +92,68 @@ inline float* logprobs_of(const loom_sampling_batch& b) {
              : nullptr;
 }
 
+// The draw `dist` makes from one (masked) row: u = uniform01(key, counter) scaled by the sum of
+// exp(x - max) over the finite logits, then the first token, in id order, whose cumulative
+// weight exceeds it. Returns the token; *log_total (optional) receives log(sum exp(x - max)) so
+// that the caller can report log p(token) = x[token] - max - *log_total. Selecting samplers that
+// truncate first (mirostat) mask the row and call this, so they draw exactly as `dist` would.
+inline int64_t draw_row(const float* x, int64_t vocab, int64_t row, uint64_t key, uint64_t counter,
+                        float* max_out = nullptr, double* log_total = nullptr) {
+  const float mx = x[argmax_row(x, vocab, row)];
+  // Unnormalised probabilities exp(x - max) summed in double; the draw scales u by the sum
+  // instead of normalising every entry.
+  double total = 0.0;
+  for (int64_t i = 0; i < vocab; ++i)
+    if (x[i] != -INFINITY) total += std::exp(static_cast<double>(x[i]) - mx);
+  const double target = static_cast<double>(philox::uniform01(key, counter)) * total;
+  int64_t chosen = -1;
+  double cum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (x[i] == -INFINITY) continue;
+    cum += std::exp(static_cast<double>(x[i]) - mx);
+    chosen = i;  // the last finite token absorbs rounding when target ~ total
+    if (cum > target) break;
+  }
+  if (max_out) *max_out = mx;
+  if (log_total) *log_total = std::log(total);
+  return chosen;
+}
+
+// Checks history/history_len for row r and returns its token history; every token must lie in
+// [0, vocab). `component` prefixes the messages.
+struct HistoryView {
+  const int32_t* tokens;
+  int64_t len;
+};
+inline void require_history(const loom_sampling_batch& b, const char* component) {
+  if (b.n_rows > 0 && (b.history == nullptr || b.history_len == nullptr))
+    invalid(std::string(component) + ": history and history_len are required");
+}
+inline HistoryView history_of(const loom_sampling_batch& b, int64_t r, const char* component) {
+  const int64_t len = b.history_len[r];
+  if (len < 0) invalid(std::string(component) + ": history_len[" + std::to_string(r) + "] is negative");
+  if (len > 0 && b.history[r] == nullptr)
+    invalid(std::string(component) + ": history[" + std::to_string(r) + "] is NULL");
+  const int32_t* h = b.history[r];
+  for (int64_t i = 0; i < len; ++i)
+    if (h[i] < 0 || h[i] >= b.vocab_size) {
+      std::string m(component);
+      m += ": history[" + std::to_string(r) + "] holds token " + std::to_string(h[i]);
+      m += " outside the vocabulary (vocab_size " + std::to_string(b.vocab_size) + ")";
+      invalid(m);
+    }
+  return HistoryView{h, len};
+}
+
+// Occurrences of each token among the last `window` entries of a history (window < 0 or
+// >= len: the whole history). `counts` is cleared first.
+inline void count_window(const HistoryView& h, int64_t window,
+                         std::unordered_map<int32_t, int32_t>& counts) {
+  counts.clear();
+  const int64_t start = (window < 0 || window >= h.len) ? 0 : h.len - window;
+  for (int64_t i = start; i < h.len; ++i) ++counts[h.tokens[i]];
+}
+
 // ---- vtable glue ----
 template <class C>
 loom_status create_fn(const loom_host_api* host, loom_host_ctx* ctx, void** out) {
@@ -140,6 +205,11 @@ extern const loom_component_desc top_k_desc;
 extern const loom_component_desc top_p_desc;
 extern const loom_component_desc min_p_desc;
 extern const loom_component_desc repetition_penalty_desc;
+extern const loom_component_desc typical_p_desc;
+extern const loom_component_desc penalties_desc;
+extern const loom_component_desc logit_bias_desc;
+extern const loom_component_desc no_repeat_ngram_desc;
+extern const loom_component_desc mirostat_v2_desc;
 
 }  // namespace loomp::samplers
 

@@ -2,7 +2,9 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <map>
+#include <string_view>
 
 #include "../../plugins/samplers/philox.hpp"
 #include "builtin_test_util.hpp"
@@ -290,4 +292,311 @@ TEST_CASE("greedy selects on CUDA logits through the host kernels extension", "[
   auto &k = rt2->pipeline().at("sampler[0]");
   CHECK(k.vtable<loom_sampler_vtable>()->apply(k.handle(), &b.b) == LOOM_ERR_UNSUPPORTED);
   host->device_free(g.ctx(), cuda, dev);
+}
+
+// ---- typical-p, penalties, logit-bias, no-repeat-ngram, mirostat-v2 ----
+
+namespace {
+
+bool on_cuda_unsupported(loom::Instance &s) {
+  Batch b(1, 4, {1, 2, 3, 4});
+  b.get();
+  b.logits.t.device = DLDevice{kDLCUDA, 0}; // never dereferenced: refused before any read
+  const bool refused = s.vtable<loom_sampler_vtable>()->apply(s.handle(), &b.b) == LOOM_ERR_UNSUPPORTED;
+  return refused && s.last_error().find("CPU") != std::string::npos;
+}
+
+std::map<int64_t, double> mirostat_state(loom::Instance &s) {
+  loom::HostBuffer buf;
+  const char *format = nullptr;
+  REQUIRE(s.vtable<loom_sampler_vtable>()->life.export_state(s.handle(), &format, buf.abi()) == LOOM_OK);
+  REQUIRE(std::string(format) == "loom.sampler.mirostat-v2/1");
+  const std::string_view v = buf.view();
+  uint64_t n = 0;
+  REQUIRE(v.size() >= sizeof n);
+  std::memcpy(&n, v.data(), sizeof n);
+  REQUIRE(v.size() == sizeof n + n * 16);
+  std::map<int64_t, double> out;
+  for (uint64_t i = 0; i < n; ++i) {
+    int64_t seq = 0;
+    double mu = 0;
+    std::memcpy(&seq, v.data() + 8 + 16 * i, 8);
+    std::memcpy(&mu, v.data() + 16 + 16 * i, 8);
+    out[seq] = mu;
+  }
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("typical-p keeps the tokens closest to the entropy, not the most probable", "[samplers]") {
+  // p = 0.5, 0.3, 0.15, 0.05: H = 1.1422 nats; |-ln p - H| = 0.449, 0.062, 0.755, 1.854, so the
+  // typical order is 1, 0, 2, 3 (top-p's would be 0, 1, 2, 3).
+  const std::vector<float> logits{std::log(0.5f), std::log(0.3f), std::log(0.15f), std::log(0.05f)};
+  const auto kept = [&](const std::string &params) {
+    auto rt = bt::runtime("[[sampler]]\nuse = \"typical-p\"\n" + params);
+    Batch b(1, 4, logits);
+    REQUIRE(apply(rt->pipeline().at("sampler[0]"), b) == LOOM_OK);
+    std::vector<int> out;
+    for (int i = 0; i < 4; ++i)
+      if (!masked(b.logits.v[i])) {
+        CHECK(b.logits.v[i] == logits[i]); // kept values are untouched
+        out.push_back(i);
+      }
+    return out;
+  };
+  CHECK(kept("p = 0.25\n") == std::vector<int>{1});
+  CHECK(kept("p = 0.5\n") == std::vector<int>{0, 1});
+  CHECK(kept("p = 0.9\n") == std::vector<int>{0, 1, 2});
+  CHECK(kept("p = 0.25\nmin_keep = 3\n") == std::vector<int>{0, 1, 2});
+  CHECK(kept("p = 1.0\n") == std::vector<int>{0, 1, 2, 3});
+
+  auto rt = bt::runtime("[[sampler]]\nuse = \"typical-p\"\np = 0.5\n");
+  CHECK(on_cuda_unsupported(rt->pipeline().at("sampler[0]")));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"typical-p\"\np = 0.0\n"), Catch::Contains("p must be in (0, 1]"));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"typical-p\"\np = 1.5\n"), Catch::Contains("p must be in (0, 1]"));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"typical-p\"\nmin_keep = 0\n"), Catch::Contains("min_keep"));
+}
+
+TEST_CASE("penalties apply frequency, presence and repetition over the last_n window", "[samplers]") {
+  const std::vector<float> logits{2.0f, -1.0f, 0.5f, 3.0f, 1.0f};
+  const std::vector<int32_t> hist{0, 1, 1, 3, 3, 3, 4};
+  const auto run = [&](const std::string &params) {
+    auto rt = bt::runtime("[[sampler]]\nuse = \"penalties\"\n" + params);
+    auto &s = rt->pipeline().at("sampler[0]");
+    CHECK((s.vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_USES_HISTORY) != 0);
+    Batch b(1, 5, logits);
+    b.hist[0] = hist;
+    REQUIRE(apply(s, b) == LOOM_OK);
+    return b.logits.v;
+  };
+  // window {1, 1, 3, 3, 3, 4}: logit -= 0.5 * count + 0.25 * present
+  CHECK(run("frequency_penalty = 0.5\npresence_penalty = 0.25\nlast_n = 6\n") ==
+        std::vector<float>{2.0f, -2.25f, 0.5f, 1.25f, 0.25f});
+  // repetition first (divide positive, multiply negative by 2), then frequency / presence
+  CHECK(run("frequency_penalty = 0.5\npresence_penalty = 0.25\nrepetition_penalty = 2.0\nlast_n = 6\n") ==
+        std::vector<float>{2.0f, -3.25f, 0.5f, -0.25f, -0.25f});
+  // last_n = 0: the whole history, so token 0 is penalised too
+  CHECK(run("frequency_penalty = 0.5\npresence_penalty = 0.25\n") ==
+        std::vector<float>{1.25f, -2.25f, 0.5f, 1.25f, 0.25f});
+  // negative penalties encourage repetition
+  CHECK(run("presence_penalty = -1.0\nlast_n = 1\n") == std::vector<float>{2.0f, -1.0f, 0.5f, 3.0f, 2.0f});
+
+  {
+    auto rt = bt::runtime("[[sampler]]\nuse = \"penalties\"\npresence_penalty = 1.0\n");
+    auto &s = rt->pipeline().at("sampler[0]");
+    Batch bad(1, 4, {0, 0, 0, 0});
+    bad.hist[0] = {9};
+    CHECK(apply(s, bad) == LOOM_ERR_INVALID_ARGUMENT);
+    CHECK_THAT(s.last_error(), Catch::Contains("vocabulary"));
+    Batch masked_row(1, 2, {-INFINITY, 1.0f});
+    masked_row.hist[0] = {0, 0};
+    REQUIRE(apply(s, masked_row) == LOOM_OK);
+    CHECK(masked(masked_row.logits.v[0]));
+    CHECK(on_cuda_unsupported(s));
+  }
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"penalties\"\nlast_n = -1\n"), Catch::Contains("last_n"));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"penalties\"\nrepetition_penalty = 0.0\n"),
+             Catch::Contains("repetition_penalty"));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"penalties\"\nfrequency_penalty = nan\n"),
+             Catch::Contains("frequency_penalty"));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"penalties\"\npresence_penalty = inf\n"),
+             Catch::Contains("presence_penalty"));
+}
+
+TEST_CASE("repetition-penalty still works after sharing the window helpers", "[samplers]") {
+  auto rt = bt::runtime("[[sampler]]\nuse = \"repetition-penalty\"\npenalty = 2.0\nlast_n = -1\n");
+  Batch b(2, 3, {2.0f, -1.0f, 1.0f, 2.0f, -1.0f, 1.0f});
+  b.hist[0] = {0, 1};
+  b.hist[1] = {};
+  REQUIRE(apply(rt->pipeline().at("sampler[0]"), b) == LOOM_OK);
+  CHECK(b.logits.v == std::vector<float>{1.0f, -2.0f, 1.0f, 2.0f, -1.0f, 1.0f});
+}
+
+TEST_CASE("logit-bias adds per-token biases and bans", "[samplers]") {
+  auto rt = bt::runtime("[[sampler]]\nuse = \"logit-bias\"\n"
+                        "bias = [{ token = 1, value = -2.5 }, { token = 3, value = 1 }, { token = 2, value = -inf }]\n"
+                        "ban = [0]\n");
+  auto &s = rt->pipeline().at("sampler[0]");
+  Batch b(2, 5, {1, 2, 3, 4, 5, 0, 0, 0, 0, 0});
+  REQUIRE(apply(s, b) == LOOM_OK);
+  const std::vector<float> row0(b.logits.v.begin(), b.logits.v.begin() + 5);
+  const std::vector<float> row1(b.logits.v.begin() + 5, b.logits.v.end());
+  CHECK(masked(row0[0]));
+  CHECK(row0[1] == -0.5f);
+  CHECK(masked(row0[2]));
+  CHECK(row0[3] == 5.0f);
+  CHECK(row0[4] == 5.0f);
+  CHECK(masked(row1[0]));
+  CHECK(row1[1] == -2.5f);
+  CHECK(row1[3] == 1.0f);
+
+  Batch small(1, 3, {0, 0, 0}); // token 3 is outside a vocabulary of 3
+  CHECK(apply(s, small) == LOOM_ERR_INVALID_ARGUMENT);
+  CHECK_THAT(s.last_error(), Catch::Contains("token id 3") && Catch::Contains("vocabulary"));
+  CHECK(on_cuda_unsupported(s));
+
+  CHECK(bt::build_error("[[sampler]]\nuse = \"logit-bias\"\n").empty()); // empty tables: a no-op
+  const std::string head = "[[sampler]]\nuse = \"logit-bias\"\n";
+  CHECK_THAT(bt::build_error(head + "bias = [{ token = -1, value = 1.0 }]\n"), Catch::Contains("bias[0].token"));
+  CHECK_THAT(bt::build_error(head + "bias = [{ token = 1, value = 1.0 }, { token = 2, value = nan }]\n"),
+             Catch::Contains("bias[1].value"));
+  CHECK_THAT(bt::build_error(head + "bias = [{ token = 1, value = inf }]\n"), Catch::Contains("bias[0].value"));
+  CHECK_THAT(bt::build_error(head + "bias = [{ token = 1 }]\n"), Catch::Contains("bias[0].value is missing"));
+  CHECK_THAT(bt::build_error(head + "bias = [{ value = 1.0 }]\n"), Catch::Contains("bias[0].token is missing"));
+  CHECK_THAT(bt::build_error(head + "bias = [{ token = 1.5, value = 1.0 }]\n"), Catch::Contains("bias[0].token"));
+  CHECK_THAT(bt::build_error(head + "bias = [13]\n"), Catch::Contains("bias[0] must be a table"));
+  CHECK_THAT(bt::build_error(head + "bias = [{ token = 4, value = 1.0 }, { token = 4, value = 2.0 }]\n"),
+             Catch::Contains("more than once"));
+  CHECK_THAT(bt::build_error(head + "ban = [\"x\"]\n"), Catch::Contains("ban[0]"));
+  CHECK_THAT(bt::build_error(head + "ban = [3, -2]\n"), Catch::Contains("ban[1]"));
+  CHECK_THAT(bt::build_error(head + "bias = 3\n"), Catch::Contains("bias"));
+}
+
+TEST_CASE("no-repeat-ngram bans tokens completing an n-gram of the history", "[samplers]") {
+  const auto banned = [](int n, std::vector<int32_t> hist) {
+    auto rt = bt::runtime("[[sampler]]\nuse = \"no-repeat-ngram\"\nn = " + std::to_string(n) + "\n");
+    Batch b(1, 6, std::vector<float>(6, 0.5f));
+    b.hist[0] = std::move(hist);
+    REQUIRE(apply(rt->pipeline().at("sampler[0]"), b) == LOOM_OK);
+    std::vector<int> out;
+    for (int i = 0; i < 6; ++i) {
+      if (masked(b.logits.v[i])) out.push_back(i);
+      else CHECK(b.logits.v[i] == 0.5f);
+    }
+    return out;
+  };
+  CHECK(banned(2, {1, 2, 3, 1, 2, 1}) == std::vector<int>{2});        // prefix (1): bigrams (1,2) twice
+  CHECK(banned(2, {1, 2, 1, 4, 3, 1}) == std::vector<int>{2, 4});     // prefix (1): (1,2), (1,4)
+  CHECK(banned(3, {1, 2, 3, 1, 2}) == std::vector<int>{3});           // prefix (1,2): (1,2,3)
+  CHECK(banned(3, {1, 2, 3, 2, 1}).empty());                          // prefix (2,1) never seen
+  CHECK(banned(3, {1, 2}).empty());                                   // no complete trigram yet
+  CHECK(banned(1, {4, 0, 4}) == std::vector<int>{0, 4});              // unigrams: every seen token
+  CHECK(banned(4, {5, 5, 5, 5}) == std::vector<int>{5});
+  CHECK(banned(2, {}).empty());
+
+  auto rt = bt::runtime("[[sampler]]\nuse = \"no-repeat-ngram\"\nn = 2\n");
+  auto &s = rt->pipeline().at("sampler[0]");
+  CHECK((s.vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_USES_HISTORY) != 0);
+  Batch two(2, 4, std::vector<float>(8, 0.0f)); // rows keep their own histories
+  two.hist[0] = {0, 1, 0};
+  two.hist[1] = {2, 3, 2};
+  REQUIRE(apply(s, two) == LOOM_OK);
+  for (int i = 0; i < 8; ++i) CHECK(masked(two.logits.v[i]) == (i == 1 || i == 4 + 3));
+  Batch bad(1, 4, {0, 0, 0, 0});
+  bad.hist[0] = {1, 7};
+  CHECK(apply(s, bad) == LOOM_ERR_INVALID_ARGUMENT);
+  CHECK_THAT(s.last_error(), Catch::Contains("vocabulary"));
+  CHECK(on_cuda_unsupported(s));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"no-repeat-ngram\"\nn = 0\n"), Catch::Contains("n must be >= 1"));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"no-repeat-ngram\"\nn = -2\n"), Catch::Contains("n must be >= 1"));
+}
+
+TEST_CASE("mirostat-v2 truncates by surprise, draws like dist and adapts mu per sequence", "[samplers]") {
+  // p = 1/2, 1/4, 1/8, 1/8: surprises 1, 2, 3, 3 bits. tau = 1.25 -> mu starts at 2.5, which
+  // masks tokens 2 and 3; the survivors renormalise to 2/3 and 1/3.
+  const std::vector<float> logits{std::log(0.5f), std::log(0.25f), std::log(0.125f), std::log(0.125f)};
+  const double tau = 1.25, eta = 2.0;
+  auto rt = bt::runtime("[[sampler]]\nuse = \"mirostat-v2\"\ntau = 1.25\neta = 2.0\n");
+  auto &s = rt->pipeline().at("sampler[0]");
+  const auto *vt = s.vtable<loom_sampler_vtable>();
+  CHECK((vt->flags & LOOM_SAMPLER_SELECTS) != 0);
+  CHECK((vt->flags & LOOM_SAMPLER_USES_RNG) != 0);
+  CHECK((vt->flags & LOOM_SAMPLER_RUNS_ON_CUDA) == 0);
+  auto drt = bt::runtime("[[sampler]]\nuse = \"dist\"\n");
+  auto &dist = drt->pipeline().at("sampler[0]");
+
+  // Draws match `dist` on the truncated row, counter by counter; both survivors occur.
+  uint64_t counter_of[2] = {~0ull, ~0ull};
+  for (uint64_t c = 0; c < 64; ++c) {
+    Batch m(1, 4, logits);
+    m.seq_ids[0] = 100 + static_cast<int64_t>(c); // fresh sequences: mu = 2 tau for each
+    m.counter[0] = c;
+    REQUIRE(apply(s, m) == LOOM_OK);
+    CHECK(masked(m.logits.v[2]));
+    CHECK(masked(m.logits.v[3]));
+    Batch d(1, 4, {logits[0], logits[1], -INFINITY, -INFINITY});
+    d.counter[0] = c;
+    REQUIRE(apply(dist, d) == LOOM_OK);
+    CHECK(m.tokens[0] == d.tokens[0]);
+    CHECK(m.logprobs[0] == Approx(std::log(m.tokens[0] == 0 ? 2.0 / 3 : 1.0 / 3)).epsilon(1e-5));
+    if (counter_of[m.tokens[0]] == ~0ull) counter_of[m.tokens[0]] = c;
+  }
+  REQUIRE(counter_of[0] != ~0ull);
+  REQUIRE(counter_of[1] != ~0ull);
+  vt->release(s.handle(), -1);
+  CHECK(mirostat_state(s).empty());
+
+  // Rows of sequences 5 and 9 in one batch: 5 draws token 1, 9 draws token 0.
+  Batch b(2, 4, {logits[0], logits[1], logits[2], logits[3], logits[0], logits[1], logits[2], logits[3]});
+  b.seq_ids = {5, 9};
+  b.counter = {counter_of[1], counter_of[0]};
+  REQUIRE(apply(s, b) == LOOM_OK);
+  REQUIRE(b.tokens == std::vector<int32_t>{1, 0});
+  // Reproducible for the same (key, counter).
+  Batch again(2, 4, std::vector<float>(b.logits.v.size()));
+  std::copy(logits.begin(), logits.end(), again.logits.v.begin());
+  std::copy(logits.begin(), logits.end(), again.logits.v.begin() + 4);
+  again.seq_ids = {5, 9};
+  again.counter = b.counter;
+  REQUIRE(apply(s, again) == LOOM_OK);
+  CHECK(again.tokens == b.tokens);
+
+  // Nothing changes before accept(); accept updates only the accepted sequence.
+  CHECK(mirostat_state(s).empty());
+  REQUIRE(vt->accept(s.handle(), 5, 1) == LOOM_OK);
+  const double mu5 = 2.5 - eta * (std::log2(3.0) - tau); // 2.5 - 2 * 0.33496 = 1.83007
+  auto st = mirostat_state(s);
+  REQUIRE(st.size() == 1);
+  CHECK(st[5] == Approx(mu5).epsilon(1e-5));
+  REQUIRE(vt->accept(s.handle(), 9, 0) == LOOM_OK);
+  const double mu9 = 2.5 - eta * (std::log2(1.5) - tau); // 3.83007
+  st = mirostat_state(s);
+  CHECK(st[5] == Approx(mu5).epsilon(1e-5));
+  CHECK(st[9] == Approx(mu9).epsilon(1e-5));
+  // Accepting a token the link did not select (or with nothing pending) leaves mu alone.
+  REQUIRE(vt->accept(s.handle(), 9, 3) == LOOM_OK);
+  CHECK(mirostat_state(s)[9] == Approx(mu9).epsilon(1e-5));
+
+  // The new mu drives the next truncation: seq 5 (mu 1.83 < 2 bits) keeps only token 0, seq 9
+  // (mu 3.83 >= 3 bits) keeps all four.
+  Batch next(2, 4, std::vector<float>(8));
+  std::copy(logits.begin(), logits.end(), next.logits.v.begin());
+  std::copy(logits.begin(), logits.end(), next.logits.v.begin() + 4);
+  next.seq_ids = {5, 9};
+  REQUIRE(apply(s, next) == LOOM_OK);
+  CHECK(next.tokens[0] == 0);
+  CHECK(next.logprobs[0] == Approx(0.0).margin(1e-6));
+  for (int i = 1; i < 4; ++i) CHECK(masked(next.logits.v[i]));
+  for (int i = 4; i < 8; ++i) CHECK(!masked(next.logits.v[i]));
+
+  // fork copies, release forgets, import restores the exported state in a new instance.
+  REQUIRE(vt->fork(s.handle(), 5, 11) == LOOM_OK);
+  st = mirostat_state(s);
+  CHECK(st[11] == st[5]);
+  vt->release(s.handle(), 5);
+  st = mirostat_state(s);
+  CHECK(st.count(5) == 0);
+  CHECK(st.count(11) == 1);
+  CHECK(st.count(9) == 1);
+  {
+    auto rt2 = bt::runtime("[[sampler]]\nuse = \"mirostat-v2\"\ntau = 1.25\neta = 2.0\n");
+    auto &s2 = rt2->pipeline().at("sampler[0]");
+    loom::HostBuffer buf;
+    const char *format = nullptr;
+    REQUIRE(vt->life.export_state(s.handle(), &format, buf.abi()) == LOOM_OK);
+    const auto *vt2 = s2.vtable<loom_sampler_vtable>();
+    REQUIRE(vt2->life.import_state(s2.handle(), format, buf.view().data(), buf.view().size()) == LOOM_OK);
+    CHECK(mirostat_state(s2) == st);
+    CHECK(vt2->life.import_state(s2.handle(), "loom.sampler.other/1", buf.view().data(), buf.view().size()) ==
+          LOOM_ERR_UNSUPPORTED);
+    CHECK(vt2->life.import_state(s2.handle(), format, buf.view().data(), buf.view().size() - 1) ==
+          LOOM_ERR_INVALID_ARGUMENT);
+  }
+  vt->release(s.handle(), -1);
+  CHECK(mirostat_state(s).empty());
+  CHECK(on_cuda_unsupported(s));
+
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"mirostat-v2\"\ntau = -1.0\n"), Catch::Contains("tau"));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"mirostat-v2\"\neta = 0.0\n"), Catch::Contains("eta"));
 }

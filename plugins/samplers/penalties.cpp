@@ -1,0 +1,69 @@
+// Sampler `penalties`: OpenAI-style frequency and presence penalties, optionally preceded by
+// llama.cpp's repetition penalty, over the last `last_n` tokens of each row's history
+// (last_n = 0: the whole history). For each distinct token t seen c > 0 times in the window:
+//   logit[t] = logit[t] > 0 ? logit[t] / repetition_penalty : logit[t] * repetition_penalty
+//   logit[t] -= frequency_penalty * c + presence_penalty
+// (repetition_penalty = 1 leaves the first line a no-op). Masked (-inf) logits stay -inf.
+#include <cmath>
+#include <unordered_map>
+
+#include "sampler_common.hpp"
+
+namespace loomp::samplers {
+namespace {
+
+struct Penalties : Base {
+  float frequency, presence, repetition;
+  int64_t last_n;
+  Penalties(const loom_host_api* h, loom_host_ctx* c)
+      : Base(h, c),
+        frequency(static_cast<float>(cfg_float(h, c, "frequency_penalty"))),
+        presence(static_cast<float>(cfg_float(h, c, "presence_penalty"))),
+        repetition(static_cast<float>(cfg_float(h, c, "repetition_penalty"))),
+        last_n(cfg_int(h, c, "last_n")) {
+    if (!std::isfinite(frequency))
+      invalid("penalties: frequency_penalty must be a finite number, got " + std::to_string(frequency));
+    if (!std::isfinite(presence))
+      invalid("penalties: presence_penalty must be a finite number, got " + std::to_string(presence));
+    if (!(repetition > 0.0f) || !std::isfinite(repetition))
+      invalid("penalties: repetition_penalty must be a finite number > 0 (1.0 disables it), got " +
+              std::to_string(repetition));
+    if (last_n < 0)
+      invalid("penalties: last_n must be >= 0 (0 = whole history), got " + std::to_string(last_n));
+  }
+
+  void apply(const loom_sampling_batch& b) {
+    const Rows rows = cpu_rows(&b, "penalties");
+    if (frequency == 0.0f && presence == 0.0f && repetition == 1.0f) return;
+    require_history(b, "penalties");
+    std::unordered_map<int32_t, int32_t> counts;
+    for (int64_t r = 0; r < rows.n; ++r) {
+      count_window(history_of(b, r, "penalties"), last_n == 0 ? -1 : last_n, counts);
+      float* x = rows.row(r);
+      for (const auto& [tok, c] : counts) {
+        float& v = x[tok];
+        if (repetition != 1.0f) v = v > 0.0f ? v / repetition : v * repetition;
+        v -= frequency * static_cast<float>(c) + presence;
+      }
+    }
+  }
+};
+
+constexpr loom_sampler_vtable kVtable = make_vtable<Penalties>(LOOM_SAMPLER_USES_HISTORY);
+constexpr loom_param_desc kParams[] = {
+    param("frequency_penalty", LOOM_VALUE_FLOAT, "0.0", "subtracted once per occurrence in the window"),
+    param("presence_penalty", LOOM_VALUE_FLOAT, "0.0", "subtracted once from every token present in the window"),
+    param("repetition_penalty", LOOM_VALUE_FLOAT, "1.0",
+          "llama.cpp repetition penalty (> 0): divides positive / multiplies negative logits of "
+          "repeated tokens; 1.0 disables"),
+    param("last_n", LOOM_VALUE_INT, "0", "history window in tokens (>= 0); 0 = whole history"),
+};
+
+}  // namespace
+
+const loom_component_desc penalties_desc = {
+    sizeof(loom_component_desc), LOOM_KIND_SAMPLER, "penalties", "1.0.0",
+    "Frequency and presence penalties (OpenAI semantics) and optional repetition penalty",
+    kParams, 4, LOOM_THREADING_SERIAL, &kVtable};
+
+}  // namespace loomp::samplers
