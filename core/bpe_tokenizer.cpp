@@ -12,6 +12,7 @@
 #include <fstream>
 #include <limits>
 #include <optional>
+#include <unordered_set>
 #include <queue>
 #include <sstream>
 #include <string>
@@ -358,7 +359,14 @@ class BpeTokenizer final : public Tokenizer {
     return std::nullopt;
   }
 
-  std::string decode(const std::vector<int32_t> &ids) const override {
+  std::string decode(const std::vector<int32_t> &ids) const override { return utf8_lossy(raw_bytes(ids)); }
+
+  // Special added tokens (<|im_start|>, <|endoftext|>) spell no text: they are control, not content.
+  std::string token_bytes(int32_t id) const override { return special_ids_.count(id) ? std::string() : raw_bytes({id}); }
+
+  // The bytes `ids` stand for: byte-level tokens mapped back through GPT-2's byte table, added
+  // tokens as their content; possibly invalid UTF-8 (a character split across tokens).
+  std::string raw_bytes(const std::vector<int32_t> &ids) const {
     const auto &table = byte_table();
     std::string bytes;
     for (int32_t id : ids) {
@@ -384,7 +392,7 @@ class BpeTokenizer final : public Tokenizer {
       }
       bytes += all ? mapped : tok;
     }
-    return utf8_lossy(bytes);
+    return bytes;
   }
 
   int32_t vocab_size() const override { return vocab_size_; }
@@ -603,7 +611,7 @@ class BpeTokenizer final : public Tokenizer {
       for (const char *flag : {"lstrip", "rstrip", "single_word"})
         if (get_bool(t, flag, key + "." + flag, false)) fail(key + "." + flag, "only false is supported");
       bool normalized = get_bool(t, "normalized", key + ".normalized", true);
-      get_bool(t, "special", key + ".special", false); // type check only
+      if (get_bool(t, "special", key + ".special", false)) special_ids_.insert(id);
       if (!vocab_.count(text)) ++vocab_size_;
       id_to_token_[id] = text;
       if (normalized)
@@ -772,6 +780,7 @@ class BpeTokenizer final : public Tokenizer {
   std::vector<int32_t> template_prefix_, template_suffix_; // the post-processor's single template
   std::unordered_map<std::string, int32_t> vocab_;
   std::unordered_map<int32_t, std::string> id_to_token_; // the vocab, then added tokens
+  std::unordered_set<int32_t> special_ids_;              // added tokens marked "special"
   std::unordered_map<uint64_t, std::pair<uint32_t, int32_t>> merges_; // pair -> (rank, merged id)
   std::optional<int32_t> unk_id_;
   bool fuse_unk_ = false;

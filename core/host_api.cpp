@@ -7,6 +7,7 @@
 #include "loom/core/host_buffer.hpp"
 #include "loom/core/host_context.hpp"
 #include "loom/host_kernels.h"
+#include "loom/host_vocab.h"
 
 const char *loom_host_ctx::keep(const std::string &lookup, std::string value) noexcept {
   try {
@@ -225,8 +226,50 @@ loom_status kernel_argmax_rows(loom_host_ctx *ctx, const DLTensor *x, int32_t *o
 const loom_host_kernels kKernels = {sizeof(loom_host_kernels), NoThrow<kernel_softmax_rows>::call,
                                     NoThrow<kernel_argmax_rows>::call};
 
-const void *host_get_extension(loom_host_ctx *, const char *id) {
+// ---- loom.host.vocab/1: the model's tokens, from the runtime's vocabulary slot ----
+
+std::shared_ptr<const Vocabulary> vocabulary_of(loom_host_ctx *ctx) {
+  return ctx && ctx->vocabulary ? ctx->vocabulary->get() : nullptr;
+}
+
+int32_t vocab_size(loom_host_ctx *ctx) {
+  auto v = vocabulary_of(ctx);
+  return v ? static_cast<int32_t>(v->token_bytes.size()) : 0;
+}
+
+loom_status vocab_token_bytes(loom_host_ctx *ctx, int32_t id, const char **bytes, size_t *len) {
+  auto v = vocabulary_of(ctx);
+  if (!v || bytes == nullptr || len == nullptr) {
+    if (ctx) host_set_error(ctx, v ? "token_bytes: bytes or len is NULL" : "token_bytes: no tokenizer is loaded");
+    return LOOM_ERR_INVALID_ARGUMENT;
+  }
+  if (id < 0 || static_cast<size_t>(id) >= v->token_bytes.size()) {
+    host_set_error(ctx, ("token_bytes: id " + std::to_string(id) + " is outside the vocabulary").c_str());
+    return LOOM_ERR_INVALID_ARGUMENT;
+  }
+  const std::string &b = v->token_bytes[static_cast<size_t>(id)];
+  if (b.empty()) return LOOM_ERR_NOT_FOUND; // special and control tokens spell no text
+  *bytes = b.data();                          // the slot keeps the vocabulary for the runtime's life
+  *len = b.size();
+  return LOOM_OK;
+}
+
+loom_status vocab_end_tokens(loom_host_ctx *ctx, const int32_t **ids, size_t *count) {
+  auto v = vocabulary_of(ctx);
+  if (!v || ids == nullptr || count == nullptr) return LOOM_ERR_INVALID_ARGUMENT;
+  *ids = v->eos_ids.data();
+  *count = v->eos_ids.size();
+  return LOOM_OK;
+}
+
+const loom_host_vocab kVocab = {sizeof(loom_host_vocab), NoThrow<vocab_size>::call, NoThrow<vocab_token_bytes>::call,
+                                NoThrow<vocab_end_tokens>::call};
+
+const void *host_get_extension(loom_host_ctx *ctx, const char *id) {
   if (id != nullptr && std::strcmp(id, LOOM_HOST_KERNELS_EXTENSION) == 0) return &kKernels;
+  // Offered once a model with a tokenizer is loaded (after the instances were created: ask at
+  // apply time, not in create()).
+  if (id != nullptr && std::strcmp(id, LOOM_HOST_VOCAB_EXTENSION) == 0) return vocabulary_of(ctx) ? &kVocab : nullptr;
   return nullptr;
 }
 

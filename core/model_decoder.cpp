@@ -54,7 +54,8 @@ ModelWeights synthetic_weights(const ModelConfig &config, uint64_t seed) {
 
 } // namespace
 
-ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevice device, const std::atomic<bool> &cancelled)
+ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevice device, const std::atomic<bool> &cancelled,
+                           VocabularySlot *vocabulary)
     : manifest_(manifest), pipeline_(pipeline), cancelled_(cancelled) {
   BackendOptions options;
   options.device = device;
@@ -80,6 +81,7 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevic
   if (!manifest.model_path.empty()) {
     try {
       tokenizer_ = Tokenizer::load(manifest.model_path);
+      if (tokenizer_ && vocabulary) vocabulary->set_source(tokenizer_, config_.eos_token_ids);
     } catch (const Error &e) {
       tokenizer_error = " (";
       tokenizer_error += e.what();

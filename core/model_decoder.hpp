@@ -28,6 +28,7 @@
 #include "loom/core/model_config.hpp"
 #include "loom/core/runtime.hpp"
 #include "loom/core/tokenizer.hpp"
+#include "loom/core/vocabulary.hpp"
 #include "loom/loom_plugin_api.h"
 #include "model_backend.hpp"
 
@@ -35,7 +36,9 @@ namespace loom {
 
 class ModelDecoder {
  public:
-  ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevice device, const std::atomic<bool> &cancelled);
+  // `vocabulary` (optional) receives the model's tokenizer, for plugins that ask the host for it.
+  ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevice device, const std::atomic<bool> &cancelled,
+               VocabularySlot *vocabulary = nullptr);
   ~ModelDecoder();
   ModelDecoder(const ModelDecoder &) = delete;
   ModelDecoder &operator=(const ModelDecoder &) = delete;
@@ -66,7 +69,7 @@ class ModelDecoder {
   const std::atomic<bool> &cancelled_;
   ModelConfig config_;
   std::unique_ptr<ModelBackend> backend_;
-  std::unique_ptr<Tokenizer> tokenizer_;          // null when the model has none
+  std::shared_ptr<const Tokenizer> tokenizer_;          // null when the model has none
   std::vector<std::vector<int32_t>> prompts_;    // token ids, one per sequence
   std::vector<int32_t> stop_tokens_;
 };

@@ -58,10 +58,10 @@ Runtime::Runtime(Manifest manifest)
     if (std::error_code ec; !std::filesystem::is_directory(dir, ec))
       throw manifest_error(manifest_.source_name + ": loom.plugin_paths: '" + dir.string() + "' is not a directory");
   registry_.scan();
-  pipeline_ = std::make_unique<Pipeline>(registry_, InstanceEnvironment{device_, &metrics_, &cancelled_});
+  pipeline_ = std::make_unique<Pipeline>(registry_, InstanceEnvironment{device_, &metrics_, &cancelled_, &vocabulary_});
   pipeline_->build(manifest_);
   // Loads the model now, into the backend make_backend picks for device_.
-  decoder_ = std::make_unique<ModelDecoder>(manifest_, *pipeline_, device_, cancelled_);
+  decoder_ = std::make_unique<ModelDecoder>(manifest_, *pipeline_, device_, cancelled_, &vocabulary_);
 }
 
 Runtime::~Runtime() {

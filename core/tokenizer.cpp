@@ -38,6 +38,24 @@ class SentencePieceTokenizer final : public Tokenizer {
 
   int32_t vocab_size() const override { return processor_.GetPieceSize(); }
 
+  std::string token_bytes(int32_t id) const override {
+    if (id < 0 || id >= processor_.GetPieceSize() || processor_.IsControl(id) || processor_.IsUnknown(id)) return {};
+    const std::string &piece = processor_.IdToPiece(id);
+    if (processor_.IsByte(id) && piece.size() == 6) // "<0xAB>"
+      return std::string(1, static_cast<char>(std::stoi(piece.substr(3, 2), nullptr, 16)));
+    std::string out;
+    static const std::string kSpace = "\xe2\x96\x81"; // U+2581, sentencepiece's word boundary
+    for (size_t i = 0; i < piece.size();) {
+      if (piece.compare(i, kSpace.size(), kSpace) == 0) {
+        out += ' ';
+        i += kSpace.size();
+      } else {
+        out += piece[i++];
+      }
+    }
+    return out;
+  }
+
   std::optional<int32_t> token_id(std::string_view token) const override {
     int id = processor_.PieceToId(token);
     if (id < 0 || processor_.IdToPiece(id) != token) return std::nullopt; // unknown pieces map to <unk>

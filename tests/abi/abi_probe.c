@@ -30,6 +30,7 @@ PROBE_TYPE(loom_value_type)
 PROBE_TYPE(loom_host_api)
 /* host_kernels.h */
 PROBE_TYPE(loom_host_kernels)
+PROBE_TYPE(loom_host_vocab)
 /* plugin.h */
 PROBE_TYPE(loom_param_desc)
 PROBE_TYPE(loom_lifecycle)

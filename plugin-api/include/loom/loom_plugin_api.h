@@ -5,6 +5,7 @@
 #include "loom/abi.h"
 #include "loom/host.h"
 #include "loom/host_kernels.h"
+#include "loom/host_vocab.h"
 #include "loom/plugin.h"
 #include "loom/tensor.h"
 #include "loom/attention.h"

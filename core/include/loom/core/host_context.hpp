@@ -15,6 +15,7 @@
 
 #include "loom/core/component_table.hpp"
 #include "loom/core/metrics.hpp"
+#include "loom/core/vocabulary.hpp"
 #include "loom/host.h"
 
 struct loom_host_ctx {
@@ -25,6 +26,7 @@ struct loom_host_ctx {
   DLDevice device{kDLCPU, 0};
   loom::Metrics *metrics = nullptr;
   const std::atomic<bool> *cancelled = nullptr;
+  const loom::VocabularySlot *vocabulary = nullptr;
 
   std::mutex mutex; // guards the two members below
   std::string last_error;

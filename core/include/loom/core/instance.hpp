@@ -19,10 +19,13 @@
 
 namespace loom {
 
+class VocabularySlot;
+
 struct InstanceEnvironment {
   DLDevice device{kDLCPU, 0};
   Metrics *metrics = nullptr;
   const std::atomic<bool> *cancelled = nullptr;
+  const VocabularySlot *vocabulary = nullptr; // the model's tokens, for the vocabulary extension
 };
 
 class Instance {

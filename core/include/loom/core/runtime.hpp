@@ -20,6 +20,7 @@
 #include "loom/core/metrics.hpp"
 #include "loom/core/pipeline.hpp"
 #include "loom/core/registry.hpp"
+#include "loom/core/vocabulary.hpp"
 
 namespace loom {
 
@@ -110,6 +111,7 @@ class Runtime {
   Manifest manifest_;
   DLDevice device_{kDLCPU, 0};
   Metrics metrics_;
+  VocabularySlot vocabulary_; // the model's tokens, offered to plugins; filled by the decoder
   std::atomic<bool> cancelled_{false};
   Registry registry_;
   std::unique_ptr<Pipeline> pipeline_;

@@ -28,6 +28,12 @@ class Tokenizer {
   // added tokens' content, as transformers' decode(skip_special_tokens=False) does.
   virtual std::string decode(const std::vector<int32_t> &ids) const = 0;
   virtual int32_t vocab_size() const = 0;
+  // The bytes token `id` adds to a text it continues (constrained decoding matches grammars
+  // against them): sentencepiece pieces with U+2581 as a space and byte pieces as their byte,
+  // control tokens as nothing; byte-level BPE tokens mapped back to bytes, added tokens as their
+  // content unless marked special (then nothing). May be a part of a UTF-8 character. Empty for
+  // an id outside the vocabulary.
+  virtual std::string token_bytes(int32_t id) const = 0;
   // The id of a whole token given by its text ("<|eot_id|>", "</s>"), nullopt when the
   // tokenizer has no such token.
   virtual std::optional<int32_t> token_id(std::string_view token) const = 0;
