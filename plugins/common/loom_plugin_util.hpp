@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <new>
 #include <stdexcept>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,20 @@ loom_status guard(const loom_host_api* host, loom_host_ctx* ctx, F&& f) noexcept
 }
 
 // ---- configuration (the instance's manifest table) ----
+
+// The lifecycle's create/destroy for a component class C constructed from (host, ctx).
+template <class C>
+loom_status create_instance(const loom_host_api* host, loom_host_ctx* ctx, void** out) {
+  return guard(host, ctx, [&] {
+    if (out == nullptr) invalid("out_instance is NULL");
+    auto inst = std::make_unique<C>(host, ctx);
+    *out = inst.release();
+  });
+}
+template <class C>
+void destroy_instance(void* inst) {
+  delete static_cast<C*>(inst);
+}
 
 inline void check_cfg(loom_status s, const char* key, const char* what) {
   if (s != LOOM_OK) invalid(std::string("config key '") + key + "': cannot read as " + what);

@@ -156,18 +156,6 @@ inline void count_window(const HistoryView& h, int64_t window,
 
 // ---- vtable glue ----
 template <class C>
-loom_status create_fn(const loom_host_api* host, loom_host_ctx* ctx, void** out) {
-  return guard(host, ctx, [&] {
-    if (out == nullptr) invalid("out_instance is NULL");
-    auto inst = std::make_unique<C>(host, ctx);
-    *out = inst.release();
-  });
-}
-template <class C>
-void destroy_fn(void* inst) {
-  delete static_cast<C*>(inst);
-}
-template <class C>
 loom_status apply_fn(void* inst, const loom_sampling_batch* batch) {
   auto* c = static_cast<C*>(inst);
   return guard(c->host, c->ctx, [&] {
@@ -179,8 +167,8 @@ template <class C>
 constexpr loom_sampler_vtable make_vtable(uint32_t flags) {
   loom_sampler_vtable v{};
   v.struct_size = sizeof(loom_sampler_vtable);
-  v.life.create = &create_fn<C>;
-  v.life.destroy = &destroy_fn<C>;
+  v.life.create = &create_instance<C>;
+  v.life.destroy = &destroy_instance<C>;
   v.life.get_extension = nullptr;
   v.life.export_state = nullptr;  // stateless: history and RNG come from the batch
   v.life.import_state = nullptr;

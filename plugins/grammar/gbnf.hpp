@@ -1,0 +1,137 @@
+// GBNF grammars (llama.cpp's dialect), a pushdown matcher over UTF-8, and the JSON-schema ->
+// GBNF compiler. Plain C++ with no plugin-API dependency so tests and fuzzers link it directly.
+//
+// Dialect: rules `name ::= alternatives`, one per line (newlines are allowed after `::=`, after
+// `|` and anywhere inside parentheses); names [A-Za-z0-9_-]+; "literals" and [character classes]
+// ([^...] negated, ranges a-z) with escapes \n \r \t \\ \" \' \[ \] \- \^ \xHH \uHHHH \UHHHHHHHH;
+// `.` (any code point); ( grouping ); postfix * + ? {m} {m,} {m,n}; `#` comments to end of line;
+// `root` is the start rule. Left recursion (direct or through nullable prefixes) is refused with
+// an error naming the rule; rewrite it as repetition.
+#ifndef LOOM_PLUGINS_GRAMMAR_GBNF_HPP
+#define LOOM_PLUGINS_GRAMMAR_GBNF_HPP
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace loomp::grammar {
+
+// Parse/compile failure; what() is the full message ("grammar:3:14: expected '::='").
+struct GrammarError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Limits {
+  size_t max_text = 1u << 20;        // bytes of grammar or schema text
+  size_t max_elements = 1u << 20;    // grammar elements after expanding repetitions
+  size_t max_rules = 1u << 16;
+  int max_nesting = 64;              // ( ) nesting in GBNF; object/array nesting in schemas
+  uint32_t max_repeat = 1000;        // m and n of {m,n}
+  size_t max_stacks = 4096;          // live matcher stacks
+  size_t max_stack_depth = 4096;     // pushdown depth of one stack
+};
+
+struct Elem {
+  enum Kind : uint8_t { END, CHARS, REF };
+  Kind kind = END;
+  bool negated = false;
+  uint32_t ref = 0;     // REF: rule index
+  uint32_t rfirst = 0;  // CHARS: ranges[rfirst, rfirst + rcount)
+  uint32_t rcount = 0;
+};
+
+struct Grammar {
+  std::vector<std::string> names;             // rule index -> name
+  std::vector<std::vector<uint32_t>> alts;    // rule index -> start element of each alternative
+  std::vector<Elem> elems;                    // alternatives, each closed by an END element
+  std::vector<std::pair<uint32_t, uint32_t>> ranges;  // inclusive code-point ranges
+  uint32_t root = 0;
+
+  bool matches(const Elem& e, uint32_t cp) const;
+  // True when some code point in [lo, hi] matches e.
+  bool intersects(const Elem& e, uint32_t lo, uint32_t hi) const;
+};
+
+// Parses GBNF text. Throws GrammarError "grammar:LINE:COL: message".
+Grammar parse_gbnf(std::string_view text, const Limits& limits = {});
+
+// Compiles a JSON schema (JSON text) to GBNF text. Throws GrammarError "json-schema: ...".
+std::string schema_to_gbnf(std::string_view schema_json, const Limits& limits = {});
+
+// ---- matcher ----
+using Stack = std::vector<uint32_t>;  // element indices; back() is the next CHARS to match
+
+// A matcher state: the set of live stacks (sorted, unique; an empty stack = may complete here)
+// plus the bytes of an incomplete UTF-8 sequence at the end of the input so far.
+struct State {
+  std::vector<Stack> stacks;
+  uint32_t partial_cp = 0;  // bits decoded so far
+  uint8_t partial_need = 0; // continuation bytes still missing (0 = none pending)
+  uint8_t partial_len = 0;  // bytes consumed of the pending sequence
+  bool dead() const { return stacks.empty(); }
+  bool can_complete() const;
+  std::string key() const;  // identity for caches
+};
+
+class Matcher {
+ public:
+  explicit Matcher(const Grammar& g, const Limits& limits = {});
+  State initial() const;
+  // Advances by one byte; returns false (and leaves `out` dead) when the byte is not accepted.
+  bool advance_byte(const State& in, uint8_t b, State& out) const;
+  // Advances by a string; false when not a valid continuation.
+  bool advance(State& s, std::string_view bytes) const;
+  // Whether `bytes` may follow the state (a prefix of some sentence of the grammar).
+  bool accepts(const State& s, std::string_view bytes) const {
+    State t = s;
+    return advance(t, bytes);
+  }
+  const Grammar& grammar() const { return *g_; }
+
+ private:
+  void expand(Stack s, std::vector<Stack>& out) const;
+  void advance_cp(const std::vector<Stack>& in, uint32_t cp, std::vector<Stack>& out) const;
+  bool partial_ok(const State& s) const;
+  const Grammar* g_;
+  Limits lim_;
+};
+
+// The vocabulary as a byte trie, so that computing the set of tokens a state accepts walks
+// shared prefixes once and stops at the first byte the grammar refuses.
+class TokenIndex {
+ public:
+  // texts[i]: the bytes of token i; has_text[i] == 0: token i is never allowed (no text, or
+  // empty text); ends: the end-of-generation ids, allowed exactly when the state can complete.
+  TokenIndex(const std::vector<std::string>& texts, const std::vector<char>& has_text,
+             std::vector<int32_t> ends);
+  size_t size() const { return texts_.size(); }
+  size_t nodes() const { return nodes_.size(); }
+  const std::string& text(int32_t id) const { return texts_[static_cast<size_t>(id)]; }
+  bool has_text(int32_t id) const { return has_[static_cast<size_t>(id)] != 0; }
+  bool is_end(int32_t id) const;
+  // Writes the allowed-token bitset of `s` into out (ceil(size / 64) words; bit i = token i).
+  void mask(const Matcher& m, const State& s, std::vector<uint64_t>& out) const;
+
+ private:
+  struct Node {
+    uint32_t first_edge = 0, n_edges = 0;   // edges_[first_edge, +n_edges)
+    uint32_t first_tok = 0, n_toks = 0;     // toks_[first_tok, +n_toks)
+  };
+  struct LoopMemo;
+  void walk(const Matcher& m, uint32_t node, const State& s, LoopMemo& memo,
+            std::vector<uint64_t>& out) const;
+  std::vector<std::string> texts_;
+  std::vector<char> has_;
+  std::vector<int32_t> ends_;
+  std::vector<Node> nodes_;
+  std::vector<std::pair<uint8_t, uint32_t>> edges_;  // (byte, child)
+  std::vector<int32_t> toks_;
+};
+
+}  // namespace loomp::grammar
+
+#endif
