@@ -1,11 +1,8 @@
 // Sampler `penalties`: OpenAI-style frequency and presence penalties, optionally preceded by
 // llama.cpp's repetition penalty, over the last `last_n` tokens of each row's history
-// (last_n = 0: the whole history). For each distinct token t seen c > 0 times in the window:
-//   logit[t] = logit[t] > 0 ? logit[t] / repetition_penalty : logit[t] * repetition_penalty
-//   logit[t] -= frequency_penalty * c + presence_penalty
-// (repetition_penalty = 1 leaves the first line a no-op). Masked (-inf) logits stay -inf.
+// (last_n = 0: the whole history). The computation is repetition-penalty's
+// (apply_history_penalties in sampler_common.hpp), with OpenAI's parameter names and defaults.
 #include <cmath>
-#include <unordered_map>
 
 #include "sampler_common.hpp"
 
@@ -35,17 +32,7 @@ struct Penalties : Base {
   void apply(const loom_sampling_batch& b) {
     const Rows rows = cpu_rows(&b, "penalties");
     if (frequency == 0.0f && presence == 0.0f && repetition == 1.0f) return;
-    require_history(b, "penalties");
-    std::unordered_map<int32_t, int32_t> counts;
-    for (int64_t r = 0; r < rows.n; ++r) {
-      count_window(history_of(b, r, "penalties"), last_n == 0 ? -1 : last_n, counts);
-      float* x = rows.row(r);
-      for (const auto& [tok, c] : counts) {
-        float& v = x[tok];
-        if (repetition != 1.0f) v = v > 0.0f ? v / repetition : v * repetition;
-        v -= frequency * static_cast<float>(c) + presence;
-      }
-    }
+    apply_history_penalties(b, rows, "penalties", repetition, frequency, presence, last_n == 0 ? -1 : last_n);
   }
 };
 

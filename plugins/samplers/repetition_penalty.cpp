@@ -4,7 +4,6 @@
 //   logit[t] -= frequency * c + presence
 // last_n = 0 disables it; last_n = -1 uses the whole history.
 #include <cmath>
-#include <unordered_map>
 
 #include "sampler_common.hpp"
 
@@ -30,17 +29,7 @@ struct RepetitionPenalty : Base {
   void apply(const loom_sampling_batch& b) {
     const Rows rows = cpu_rows(&b, "repetition-penalty");
     if (last_n == 0) return;
-    require_history(b, "repetition-penalty");
-    std::unordered_map<int32_t, int32_t> counts;
-    for (int64_t r = 0; r < rows.n; ++r) {
-      count_window(history_of(b, r, "repetition-penalty"), last_n, counts);
-      float* x = rows.row(r);
-      for (const auto& [tok, c] : counts) {
-        float& v = x[tok];
-        v = v > 0.0f ? v / penalty : v * penalty;
-        v -= frequency * static_cast<float>(c) + presence;
-      }
-    }
+    apply_history_penalties(b, rows, "repetition-penalty", penalty, frequency, presence, last_n);
   }
 };
 

@@ -154,6 +154,27 @@ inline void count_window(const HistoryView& h, int64_t window,
   for (int64_t i = start; i < h.len; ++i) ++counts[h.tokens[i]];
 }
 
+// The history penalties of `repetition-penalty` and `penalties` (one computation, two ways of
+// naming its parameters): for each distinct token t seen c > 0 times among the last `window`
+// history tokens of a row (window < 0: all of them),
+//   logit[t] = logit[t] > 0 ? logit[t] / repetition : logit[t] * repetition
+//   logit[t] -= frequency * c + presence
+// (repetition = 1 leaves the first line exact). -INFINITY stays -INFINITY.
+inline void apply_history_penalties(const loom_sampling_batch& b, const Rows& rows, const char* component,
+                                    float repetition, float frequency, float presence, int64_t window) {
+  require_history(b, component);
+  std::unordered_map<int32_t, int32_t> counts;
+  for (int64_t r = 0; r < rows.n; ++r) {
+    count_window(history_of(b, r, component), window, counts);
+    float* x = rows.row(r);
+    for (const auto& [tok, c] : counts) {
+      float& v = x[tok];
+      v = v > 0.0f ? v / repetition : v * repetition;
+      v -= frequency * static_cast<float>(c) + presence;
+    }
+  }
+}
+
 // ---- vtable glue ----
 template <class C>
 loom_status apply_fn(void* inst, const loom_sampling_batch* batch) {
