@@ -49,25 +49,36 @@ void check(cudaError_t e, const char *what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
+// GPU milliseconds of `launch` (work on the legacy stream), 12 times, the first 2 dropped as
+// warm-up.
+template <class F> std::vector<double> timed_ms(F launch) {
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  std::vector<double> out;
+  for (int i = 0; i < 12; ++i) {
+    cudaEventRecord(start);
+    launch();
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    if (i >= 2) out.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return out;
+}
+
 // Device-to-device copy bandwidth of a 1 GiB buffer, counting bytes read plus bytes written.
 double copy_bandwidth_gbs() {
   const size_t bytes = size_t{1} << 30;
   void *a = nullptr, *b = nullptr;
   check(cudaMalloc(&a, bytes), "cudaMalloc");
   check(cudaMalloc(&b, bytes), "cudaMalloc");
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
   std::vector<double> runs;
-  for (int i = 0; i < 12; ++i) {
-    cudaEventRecord(start);
-    check(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy");
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    if (i >= 2) runs.push_back(2.0 * static_cast<double>(bytes) / (ms * 1e-3) / 1e9);
-  }
+  for (double ms : timed_ms([&] { check(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy"); }))
+    runs.push_back(2.0 * static_cast<double>(bytes) / (ms * 1e-3) / 1e9);
   cudaFree(a);
   cudaFree(b);
   return median(runs);
@@ -92,20 +103,12 @@ double gemm_tflops(int m, int n, int k) {
     check(cudaMemcpy(b, host.data(), static_cast<size_t>(k) * n * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
   }
   const float alpha = 1, beta = 0;
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
   std::vector<double> runs;
-  for (int i = 0; i < 12; ++i) {
-    cudaEventRecord(start);
-    cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, a, CUDA_R_16BF, k, b, CUDA_R_16BF, k, &beta, c, CUDA_R_16BF,
-                 m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    if (i >= 2) runs.push_back(2.0 * m * n * static_cast<double>(k) / (ms * 1e-3) / 1e12);
-  }
+  for (double ms : timed_ms([&] {
+         cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, a, CUDA_R_16BF, k, b, CUDA_R_16BF, k, &beta, c,
+                      CUDA_R_16BF, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+       }))
+    runs.push_back(2.0 * m * n * static_cast<double>(k) / (ms * 1e-3) / 1e12);
   cudaFree(a);
   cudaFree(b);
   cudaFree(c);

@@ -215,7 +215,8 @@ class CudaBackend final : public ModelBackend {
   void install_hook();
   // y[T, out] = x[T, in] W^T (+ beta * y), float32 accumulation.
   void gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta);
-  void run_model(int32_t tokens, int32_t seqs);
+  // The whole model over the uploaded batch; `attention` is the pipeline's attention instance.
+  void run_model(Instance &attention, int32_t tokens, int32_t seqs);
   void invalidate_graphs();
 
   ModelConfig config_;
@@ -519,7 +520,7 @@ void CudaBackend::gemm(const DeviceLinear &w, const void *x, int32_t tokens, voi
                "cublasGemmEx");
 }
 
-void CudaBackend::run_model(int32_t T, int32_t S) {
+void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
   const ModelConfig &c = config_;
   const int32_t H = static_cast<int32_t>(c.hidden_size), D = static_cast<int32_t>(c.head_dim),
                 Hq = static_cast<int32_t>(c.n_heads), Hkv = static_cast<int32_t>(c.n_kv_heads),
@@ -532,8 +533,7 @@ void CudaBackend::run_model(int32_t T, int32_t S) {
                                         dt, x, stream_),
                "embed");
   op_times_.mark("embed", stream_);
-  std::shared_ptr<Instance> attention = pipeline_.list(LOOM_KIND_ATTENTION).front();
-  auto avt = attention->vtable<loom_attention_vtable>();
+  auto avt = attention.vtable<loom_attention_vtable>();
   const DLDevice dev = options_.device;
   const DLDataType i32{kDLInt, 32, 1};
   DeviceView vq, vk, vv, vout, voff, vpos, vtable, vpool;
@@ -567,7 +567,7 @@ void CudaBackend::run_model(int32_t T, int32_t S) {
     b.layer = l;
     b.kv_pool = vpool.set(kv_pools_[static_cast<size_t>(l)].get(), dev, DLDataType{kDLUInt, 8, 1},
                           {pool_blocks, static_cast<int64_t>(layout_.bytes_per_block)});
-    attention->check(avt->forward(attention->handle(), &b), "forward");
+    attention.check(avt->forward(attention.handle(), &b), "forward");
     op_times_.mark("attention", stream_);
     gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, 1.0f);
     op_times_.mark("o gemm", stream_);
@@ -669,7 +669,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
       std::string failure;
       try {
         op_times_.begin("decode", stream_);
-        run_model(T, S);
+        run_model(*attention.front(), T, S);
       } catch (const Error &e) {
         failure = e.what();
       }
@@ -699,7 +699,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
     }
   }
   op_times_.begin(decode ? "decode" : "prefill", stream_);
-  run_model(T, S);
+  run_model(*attention.front(), T, S);
   op_times_.end(stream_);
   return logits_view_.set(logits_.get(), options_.device, DLDataType{kDLFloat, 32, 1}, {S, config_.vocab_size});
 }

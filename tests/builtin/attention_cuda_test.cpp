@@ -119,6 +119,7 @@ struct DeviceBuffer {
 struct View {
   std::vector<int64_t> shape;
   DLTensor t{};
+
   View(void *data, DLDevice dev, DLDataType dtype, std::vector<int64_t> s) : shape(std::move(s)) {
     t.data = data;
     t.device = dev;
@@ -129,6 +130,27 @@ struct View {
   View(const View &) = delete;
   View &operator=(const View &) = delete;
 };
+
+// One causal forward of layer 0 over these views: S sequences, T tokens. The views must outlive
+// the batch.
+loom_attention_batch causal_batch(View &q, View &k, View &v, View &out, View &off, View &pos, View &table, View &pool,
+                                  int64_t S, int64_t T) {
+  loom_attention_batch b{};
+  b.struct_size = sizeof(b);
+  b.layer = 0;
+  b.n_seqs = static_cast<int32_t>(S);
+  b.n_tokens = static_cast<int32_t>(T);
+  b.q = &q.t;
+  b.k = &k.t;
+  b.v = &v.t;
+  b.out = &out.t;
+  b.seq_offsets = &off.t;
+  b.seq_positions = &pos.t;
+  b.block_table = &table.t;
+  b.kv_pool = &pool.t;
+  b.causal = 1;
+  return b;
+}
 
 struct Geometry {
   int H, Hkv, D, B, window;
@@ -302,20 +324,7 @@ class Backend {
 
  private:
   void call(View &q, View &k, View &v, View &out, View &off, View &pos, View &table, View &pool, int64_t S, int64_t T) {
-    loom_attention_batch b{};
-    b.struct_size = sizeof(b);
-    b.layer = 0;
-    b.n_seqs = static_cast<int32_t>(S);
-    b.n_tokens = static_cast<int32_t>(T);
-    b.q = &q.t;
-    b.k = &k.t;
-    b.v = &v.t;
-    b.out = &out.t;
-    b.seq_offsets = &off.t;
-    b.seq_positions = &pos.t;
-    b.block_table = &table.t;
-    b.kv_pool = &pool.t;
-    b.causal = 1;
+    loom_attention_batch b = causal_batch(q, k, v, out, off, pos, table, pool, S, T);
     const loom_status st = vt_->forward(handle_, &b);
     INFO("forward: " << inst_->last_error());
     REQUIRE(st == LOOM_OK);
@@ -454,19 +463,7 @@ TEST_CASE("flash decode captured in a CUDA graph replays like direct calls", "[c
           vo(out.ptr, kGpu, bf16, {S, H, D}), voff(off.ptr, kGpu, i32, {S + 1}), vpos(pos.ptr, kGpu, i32, {S}),
           vtab(table.ptr, kGpu, i32, {S, sc.M}),
           vpool(graphed.device_pool(), kGpu, u8, {graphed.n_blocks(), static_cast<int64_t>(graphed.layout().bytes_per_block)});
-      loom_attention_batch b{};
-      b.struct_size = sizeof(b);
-      b.n_seqs = static_cast<int32_t>(S);
-      b.n_tokens = static_cast<int32_t>(S);
-      b.q = &vq.t;
-      b.k = &vk.t;
-      b.v = &vv.t;
-      b.out = &vo.t;
-      b.seq_offsets = &voff.t;
-      b.seq_positions = &vpos.t;
-      b.block_table = &vtab.t;
-      b.kv_pool = &vpool.t;
-      b.causal = 1;
+      loom_attention_batch b = causal_batch(vq, vk, vv, vo, voff, vpos, vtab, vpool, S, S);
 
       CUDA_REQUIRE(cudaDeviceSynchronize());
       cudaGraph_t graph = nullptr;
@@ -521,19 +518,7 @@ TEST_CASE("CUDA attention refuses bad batches with the field named", "[cuda][att
         vo(out.ptr, kGpu, bf16, {T, H, D}), voff(off.ptr, kGpu, i32, {S + 1}), vpos(pos.ptr, kGpu, i32, {S}),
         vtab(table.ptr, kGpu, i32, {S, sc.M}),
         vpool(be.device_pool(), kGpu, u8, {be.n_blocks(), static_cast<int64_t>(be.layout().bytes_per_block)});
-    loom_attention_batch b{};
-    b.struct_size = sizeof(b);
-    b.n_seqs = static_cast<int32_t>(S);
-    b.n_tokens = static_cast<int32_t>(T);
-    b.q = &vq.t;
-    b.k = &vk.t;
-    b.v = &vv.t;
-    b.out = &vo.t;
-    b.seq_offsets = &voff.t;
-    b.seq_positions = &vpos.t;
-    b.block_table = &vtab.t;
-    b.kv_pool = &vpool.t;
-    b.causal = 1;
+    loom_attention_batch b = causal_batch(vq, vk, vv, vo, voff, vpos, vtab, vpool, S, T);
     CHECK(be.vt()->forward(be.handle(), &b) == LOOM_OK);
     CUDA_REQUIRE(cudaDeviceSynchronize());
 
@@ -622,19 +607,7 @@ void bench(const char *label, const Geometry &g, int S, int n_new, int position)
         vo(out.ptr, kGpu, bf16, {T, H, D}), voff(off.ptr, kGpu, i32, {S + 1}), vpos(pos.ptr, kGpu, i32, {S}),
         vtab(tab.ptr, kGpu, i32, {S, M}),
         vpool(be.device_pool(), kGpu, u8, {N, static_cast<int64_t>(be.layout().bytes_per_block)});
-    loom_attention_batch b{};
-    b.struct_size = sizeof(b);
-    b.n_seqs = S;
-    b.n_tokens = static_cast<int32_t>(T);
-    b.q = &vq.t;
-    b.k = &vk.t;
-    b.v = &vv.t;
-    b.out = &vo.t;
-    b.seq_offsets = &voff.t;
-    b.seq_positions = &vpos.t;
-    b.block_table = &vtab.t;
-    b.kv_pool = &vpool.t;
-    b.causal = 1;
+    loom_attention_batch b = causal_batch(vq, vk, vv, vo, voff, vpos, vtab, vpool, S, T);
     CUDA_REQUIRE(cudaDeviceSynchronize());
     auto call = [&] { REQUIRE(be.vt()->forward(be.handle(), &b) == LOOM_OK); };
     if (!is_flash) {
