@@ -4,49 +4,27 @@
 //
 // The descriptor, its parameter list and its vtable are static constant data, readable from any
 // thread while the library is loaded.
-#include <memory>
-
 #include "flash_attention.hpp"
 #include "loom/loom_plugin_api.h"
+#include "loom_attention_glue.hpp"
 #include "loom_plugin_util.hpp"
 
 namespace loomp::flash {
 namespace {
 
-loom_status create_fn(const loom_host_api* host, loom_host_ctx* ctx, void** out) {
-  return guard(host, ctx, [&] {
-    if (out == nullptr) invalid("out_instance is NULL");
-    *out = std::make_unique<FlashAttention>(host, ctx).release();
-  });
-}
-
-void destroy_fn(void* inst) { delete static_cast<FlashAttention*>(inst); }
-
 loom_status prepare_fn(void* inst, const loom_attention_config* c, loom_kv_layout* layout) {
   auto* a = static_cast<FlashAttention*>(inst);
-  return guard(a->host(), a->ctx(), [&] {
-    if (c == nullptr || layout == nullptr) invalid("flash: config and layout_out must not be NULL");
-    if (!LOOM_HAS_FIELD(c, loom_attention_config, device)) invalid("flash: attention config struct_size too small");
-    if (layout->struct_size < sizeof(loom_kv_layout)) invalid("flash: layout_out struct_size too small");
-    loom_kv_layout l{};
-    l.struct_size = sizeof(loom_kv_layout);
-    a->prepare(*c, l);
-    *layout = l;
-  });
+  return attention_prepare(*a, a->host(), a->ctx(), "flash", c, layout);
 }
 
 loom_status forward_fn(void* inst, const loom_attention_batch* b) {
   auto* a = static_cast<FlashAttention*>(inst);
-  return guard(a->host(), a->ctx(), [&] {
-    if (b == nullptr) invalid("flash: batch is NULL");
-    if (!LOOM_HAS_FIELD(b, loom_attention_batch, causal)) invalid("flash: batch struct_size too small");
-    a->forward(*b);
-  });
+  return attention_forward(*a, a->host(), a->ctx(), "flash", b);
 }
 
 constexpr loom_attention_vtable kVtable = {
     sizeof(loom_attention_vtable),
-    {&create_fn, &destroy_fn, nullptr, nullptr, nullptr},
+    {&create_instance<FlashAttention>, &destroy_instance<FlashAttention>, nullptr, nullptr, nullptr},
     &prepare_fn,
     &forward_fn,
     nullptr,  // backward: not yet

@@ -14,6 +14,7 @@
 
 #include "loom/loom_plugin_api.h"
 #include "loom_device_tensor.hpp"
+#include "loom_attention_glue.hpp"
 #include "loom_plugin_util.hpp"
 #if LOOM_SDPA_CUDA
 #include "sdpa_cuda.hpp"
@@ -171,37 +172,18 @@ struct Sdpa {
   }
 };
 
-loom_status create_fn(const loom_host_api* host, loom_host_ctx* ctx, void** out) {
-  return guard(host, ctx, [&] {
-    if (out == nullptr) invalid("out_instance is NULL");
-    *out = std::make_unique<Sdpa>(host, ctx).release();
-  });
-}
-void destroy_fn(void* inst) { delete static_cast<Sdpa*>(inst); }
 loom_status prepare_fn(void* inst, const loom_attention_config* c, loom_kv_layout* layout) {
   auto* a = static_cast<Sdpa*>(inst);
-  return guard(a->host, a->ctx, [&] {
-    if (c == nullptr || layout == nullptr) invalid("sdpa: config and layout_out must not be NULL");
-    if (!LOOM_HAS_FIELD(c, loom_attention_config, device)) invalid("sdpa: attention config struct_size too small");
-    if (layout->struct_size < sizeof(loom_kv_layout)) invalid("sdpa: layout_out struct_size too small");
-    loom_kv_layout l{};
-    l.struct_size = sizeof(loom_kv_layout);
-    a->prepare(*c, l);
-    *layout = l;
-  });
+  return attention_prepare(*a, a->host, a->ctx, "sdpa", c, layout);
 }
 loom_status forward_fn(void* inst, const loom_attention_batch* b) {
   auto* a = static_cast<Sdpa*>(inst);
-  return guard(a->host, a->ctx, [&] {
-    if (b == nullptr) invalid("sdpa: batch is NULL");
-    if (!LOOM_HAS_FIELD(b, loom_attention_batch, causal)) invalid("sdpa: batch struct_size too small");
-    a->forward(*b);
-  });
+  return attention_forward(*a, a->host, a->ctx, "sdpa", b);
 }
 
 constexpr loom_attention_vtable kVtable = {
     sizeof(loom_attention_vtable),
-    {&create_fn, &destroy_fn, nullptr, nullptr, nullptr},
+    {&create_instance<Sdpa>, &destroy_instance<Sdpa>, nullptr, nullptr, nullptr},
     &prepare_fn,
     &forward_fn,
     nullptr,  // backward: not yet
