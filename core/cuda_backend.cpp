@@ -13,6 +13,7 @@
 #include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
 #include "loom/core/reference_model.hpp"
+#include "loom/kernels/gemv.hpp"
 #include "loom/kernels/model.hpp"
 #include "loom/loom_plugin_api.h"
 
@@ -217,6 +218,9 @@ class CudaBackend final : public ModelBackend {
   void gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta);
   // The whole model over the uploaded batch; `attention` is the pipeline's attention instance.
   void run_model(Instance &attention, int32_t tokens, int32_t seqs);
+  struct AttentionCall;
+  void attend(Instance &attention, AttentionCall &call, int32_t tokens, int32_t seqs, int32_t layer);
+  void run_layers_gemv(Instance &attention, AttentionCall &call, int32_t tokens);
   void invalidate_graphs();
 
   ModelConfig config_;
@@ -265,6 +269,11 @@ class CudaBackend final : public ModelBackend {
   OpTimes op_times_;
   std::shared_ptr<Instance> graphs_attention_; // held, so that its address cannot be reused
   bool graphs_enabled_ = true;
+  // Decode steps of at most this many tokens use the fused GEMVs (0: never; bfloat16 only;
+  // LOOM_CUDA_GEMV=0 turns them off, for comparisons). programmatic_: launched as programmatic
+  // dependent launches (compute capability 9.0 and newer; LOOM_CUDA_PDL=0 turns it off).
+  int32_t gemv_tokens_ = 0;
+  bool programmatic_ = false;
 };
 
 // float32 -> bfloat16, round to nearest even (the device kernel's rounding too).
@@ -365,6 +374,18 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   }
   if (!gpt2) inv_freq_ = rope_inv_freq(c);
   cuda_check(cudaStreamSynchronize(stream_), "weight upload");
+  auto env_off = [](const char *name) {
+    const char *v = std::getenv(name);
+    return v != nullptr && std::string(v) == "0";
+  };
+  if (bf16() && !env_off("LOOM_CUDA_GEMV"))
+    gemv_tokens_ = std::min({kernels::gemv_max_tokens(static_cast<int32_t>(H)),
+                             kernels::gemv_max_tokens(static_cast<int32_t>(c.n_heads * D)),
+                             kernels::gemv_max_tokens(static_cast<int32_t>(I))});
+  int major = 0;
+  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
+             "cudaDeviceGetAttribute");
+  programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
 }
 
 CudaBackend::~CudaBackend() {
@@ -520,6 +541,38 @@ void CudaBackend::gemm(const DeviceLinear &w, const void *x, int32_t tokens, voi
                "cublasGemmEx");
 }
 
+// The attention plugin's view of one forward pass; kv_pool is set per layer.
+struct CudaBackend::AttentionCall {
+  DeviceView vq, vk, vv, vout, voff, vpos, vtable, vpool;
+  loom_attention_batch batch{};
+};
+
+void CudaBackend::attend(Instance &attention, AttentionCall &call, int32_t T, int32_t S, int32_t layer) {
+  const ModelConfig &c = config_;
+  const int64_t D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
+  const DLDevice dev = options_.device;
+  const DLDataType i32{kDLInt, 32, 1};
+  loom_attention_batch &b = call.batch;
+  if (b.struct_size == 0) {
+    b.struct_size = sizeof(b);
+    b.n_seqs = S;
+    b.n_tokens = T;
+    b.q = call.vq.set(q_.get(), dev, act_dl(), {T, Hq, D});
+    b.k = call.vk.set(k_.get(), dev, act_dl(), {T, Hkv, D});
+    b.v = call.vv.set(v_.get(), dev, act_dl(), {T, Hkv, D});
+    b.out = call.vout.set(attn_.get(), dev, act_dl(), {T, Hq, D});
+    b.seq_offsets = call.voff.set(d_offsets_, dev, i32, {S + 1});
+    b.seq_positions = call.vpos.set(d_seq_positions_, dev, i32, {S});
+    b.block_table = call.vtable.set(d_block_table_, dev, i32, {S, blocks_per_seq_});
+    b.causal = 1;
+  }
+  b.layer = layer;
+  b.kv_pool = call.vpool.set(kv_pools_[static_cast<size_t>(layer)].get(), dev, DLDataType{kDLUInt, 8, 1},
+                             {static_cast<int64_t>(max_seqs_) * blocks_per_seq_, static_cast<int64_t>(layout_.bytes_per_block)});
+  attention.check(attention.vtable<loom_attention_vtable>()->forward(attention.handle(), &b), "forward");
+  op_times_.mark("attention", stream_);
+}
+
 void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
   const ModelConfig &c = config_;
   const int32_t H = static_cast<int32_t>(c.hidden_size), D = static_cast<int32_t>(c.head_dim),
@@ -533,23 +586,11 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
                                         dt, x, stream_),
                "embed");
   op_times_.mark("embed", stream_);
-  auto avt = attention.vtable<loom_attention_vtable>();
-  const DLDevice dev = options_.device;
-  const DLDataType i32{kDLInt, 32, 1};
-  DeviceView vq, vk, vv, vout, voff, vpos, vtable, vpool;
-  loom_attention_batch b{};
-  b.struct_size = sizeof(b);
-  b.n_seqs = S;
-  b.n_tokens = T;
-  b.q = vq.set(q_.get(), dev, act_dl(), {T, Hq, D});
-  b.k = vk.set(k_.get(), dev, act_dl(), {T, Hkv, D});
-  b.v = vv.set(v_.get(), dev, act_dl(), {T, Hkv, D});
-  b.out = vout.set(attn_.get(), dev, act_dl(), {T, Hq, D});
-  b.seq_offsets = voff.set(d_offsets_, dev, i32, {S + 1});
-  b.seq_positions = vpos.set(d_seq_positions_, dev, i32, {S});
-  b.block_table = vtable.set(d_block_table_, dev, i32, {S, blocks_per_seq_});
-  b.causal = 1;
-  const int64_t pool_blocks = static_cast<int64_t>(max_seqs_) * blocks_per_seq_;
+  AttentionCall call;
+  if (T == S && T <= gemv_tokens_) {
+    run_layers_gemv(attention, call, T);
+    return;
+  }
   const float *pending_bias = nullptr; // the last linear's bias, added by the next norm
   for (int32_t l = 0; l < c.n_layers; ++l) {
     DeviceLayer &layer = layers_[static_cast<size_t>(l)];
@@ -564,11 +605,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
                                                    q_.get(), k_.get(), v_.get(), dt, stream_),
                  "qkv");
     op_times_.mark("bias+rope+split", stream_);
-    b.layer = l;
-    b.kv_pool = vpool.set(kv_pools_[static_cast<size_t>(l)].get(), dev, DLDataType{kDLUInt, 8, 1},
-                          {pool_blocks, static_cast<int64_t>(layout_.bytes_per_block)});
-    attention.check(avt->forward(attention.handle(), &b), "forward");
-    op_times_.mark("attention", stream_);
+    attend(attention, call, T, S, l);
     gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, 1.0f);
     op_times_.mark("o gemm", stream_);
     pending_bias = layer.o.bias ? layer.o.bias.get<float>() : nullptr;
@@ -596,6 +633,69 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
   op_times_.mark("final norm", stream_);
   gemm(lm_head_, final_h_.get(), S, logits_.get(), CUDA_R_32F, 0.0f);
   op_times_.mark("lm_head gemm", stream_);
+}
+
+// A decode step of a few tokens (T == S <= gemv_tokens_): every linear is a fused GEMV
+// (loom/kernels/gemv.hpp) that normalises its input or adds into the residual itself, so a
+// layer is four GEMVs and the attention call. Biases of the output projections are added by
+// their GEMV, not by the next norm.
+void CudaBackend::run_layers_gemv(Instance &attention, AttentionCall &call, int32_t T) {
+  const ModelConfig &c = config_;
+  const bool gpt2 = c.architecture == Architecture::gpt2;
+  const auto norm = gpt2 ? kernels::GemvPrologue::layer_norm : kernels::GemvPrologue::rms_norm;
+  float *x = x_.get<float>();
+  auto run = [&](const kernels::GemvArgs &args, kernels::GemvPrologue prologue, kernels::GemvEpilogue epilogue,
+                 const char *name) {
+    kernel_check(kernels::gemv_bf16_cuda(args, prologue, epilogue, programmatic_, stream_), name);
+    op_times_.mark(name, stream_);
+  };
+  auto normed = [&](const DeviceLinear &w, const DeviceBuffer &norm_w, const DeviceBuffer &norm_b) {
+    kernels::GemvArgs g;
+    g.tokens = T;
+    g.in = static_cast<int32_t>(w.in);
+    g.out = static_cast<int32_t>(w.out);
+    g.weight = &w == &lm_head_ ? lm_head_weight_ : w.weight.get();
+    g.bias = w.bias ? w.bias.get<float>() : nullptr;
+    g.resid = x;
+    g.norm_w = norm_w.get<float>();
+    g.norm_b = norm_b ? norm_b.get<float>() : nullptr;
+    g.eps = static_cast<float>(c.norm_eps);
+    return g;
+  };
+  auto residual = [&](const DeviceLinear &w, const DeviceBuffer &act) {
+    kernels::GemvArgs g;
+    g.tokens = T;
+    g.in = static_cast<int32_t>(w.in);
+    g.out = static_cast<int32_t>(w.out);
+    g.weight = w.weight.get();
+    g.bias = w.bias ? w.bias.get<float>() : nullptr;
+    g.act = act.get();
+    g.out_f32 = x;
+    return g;
+  };
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    DeviceLayer &layer = layers_[static_cast<size_t>(l)];
+    kernels::GemvArgs qkv = normed(layer.qkv, layer.norm1_w, layer.norm1_b);
+    qkv.cos_sin = gpt2 ? nullptr : cos_sin_.get<float>();
+    qkv.positions = d_positions_;
+    qkv.n_heads = static_cast<int32_t>(c.n_heads);
+    qkv.n_kv_heads = static_cast<int32_t>(c.n_kv_heads);
+    qkv.head_dim = static_cast<int32_t>(c.head_dim);
+    qkv.q = q_.get();
+    qkv.k = k_.get();
+    qkv.v = v_.get();
+    run(qkv, norm, kernels::GemvEpilogue::rope_split, "norm+qkv+rope gemv");
+    attend(attention, call, T, T, l);
+    run(residual(layer.o, attn_), kernels::GemvPrologue::act, kernels::GemvEpilogue::add_f32, "o gemv");
+    kernels::GemvArgs up = normed(layer.gate_up, layer.norm2_w, layer.norm2_b);
+    up.out_act = inter_.get();
+    run(up, norm, gpt2 ? kernels::GemvEpilogue::bias_gelu : kernels::GemvEpilogue::swiglu, "norm+gate_up+act gemv");
+    run(residual(layer.down, inter_), kernels::GemvPrologue::act, kernels::GemvEpilogue::add_f32, "down gemv");
+  }
+  kernels::GemvArgs head = normed(lm_head_, final_w_, final_b_);
+  head.bias = nullptr;
+  head.out_f32 = logits_.get<float>();
+  run(head, norm, kernels::GemvEpilogue::store_f32, "final norm+lm_head gemv");
 }
 
 DLTensor *CudaBackend::forward(const StepBatch &batch) {

@@ -91,6 +91,7 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   prepared_problem_.window = c.sliding_window;
   prepared_problem_.block_shift = log2_exact(block_size_);
   prepared_problem_.scale_log2 = static_cast<float>(static_cast<double>(c.softmax_scale) * 1.4426950408889634);
+  prepared_problem_.programmatic = major >= 9;
   prepared_ = true;
   layout.block_size = block_size_;
   layout.cache_dtype = c.dtype;
@@ -107,7 +108,9 @@ void FlashAttention::allocate_scratch(const loom_attention_config& c) {
     splits = std::clamp<int64_t>((c.max_positions + kDecodeMinChunk - 1) / kDecodeMinChunk, 1, kDecodeMaxSplits);
   if (splits <= 1) return;  // contexts too short to split: decode never needs scratch
   const int64_t rows = static_cast<int64_t>(c.n_heads) * splits;
-  const auto bytes = static_cast<size_t>(rows) * (static_cast<size_t>(c.head_dim) + 2) * sizeof(float);
+  // Partial rows [rows, D], their (max, sum) [rows, 2], and one arrival counter per CTA group
+  // (at most `rows` of them: a group has at least one head and two splits).
+  const auto bytes = static_cast<size_t>(rows) * (static_cast<size_t>(c.head_dim) + 3) * sizeof(float);
   void* p = nullptr;
   if (host_->device_alloc(ctx_, c.device, bytes, 256, &p) != LOOM_OK || p == nullptr)
     fail(LOOM_ERR_OUT_OF_MEMORY, "flash: cannot allocate " + std::to_string(bytes) + " bytes of decode scratch on " +
@@ -115,6 +118,8 @@ void FlashAttention::allocate_scratch(const loom_attention_config& c) {
   scratch_ = p;
   scratch_device_ = c.device;
   scratch_rows_ = rows;
+  // The counters start at zero; each launch leaves them at zero again.
+  check_cuda(cudaMemset(p, 0, bytes), "cudaMemset (decode scratch)");
 }
 
 void FlashAttention::release_scratch() {
@@ -138,6 +143,7 @@ DecodePlan FlashAttention::plan_decode(int n_tokens, int table_cols) const {
   plan.n_splits = static_cast<int>(n);
   plan.partial_out = static_cast<float*>(scratch_);
   plan.partial_ml = plan.partial_out + scratch_rows_ * cfg_.head_dim;
+  plan.arrivals = reinterpret_cast<unsigned*>(plan.partial_ml + scratch_rows_ * 2);
   return plan;
 }
 

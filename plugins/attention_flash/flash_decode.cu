@@ -14,7 +14,8 @@
 //
 // Splits. With few tokens (batch 1) the grid would be a handful of CTAs, so a token's keys are
 // cut into n_splits chunks, each CTA writes an unnormalised partial (row, max, sum) into scratch,
-// and combine_kernel merges them. The host picks n_splits from T, the table width and the
+// and the last CTA of the (token, head group) to arrive merges them (a second launch cost about
+// as much as the merge at batch 1). The host picks n_splits from T, the table width and the
 // scratch size only; each CTA computes its chunk from the actual key range on the device (a split
 // past the end writes an empty partial), so the launch is the same whatever the lengths are.
 #include <cmath>
@@ -44,7 +45,42 @@ struct DecodeArgs {
   int n_splits;
   float* partial_out;
   float* partial_ml;
+  unsigned* arrivals;
 };
+
+// Merges the first `active` of row `row`'s n_splits partial slots into out[row] with one warp:
+// rescales each split to the common max and sums. The lanes share the splits' weights through
+// `s_w` ([kDecodeMaxSplits]); the output dims are spread over the lanes, the splits' rows read
+// independently so that the loads overlap.
+template <class T>
+__device__ void combine_row(const float* partial_out, const float* partial_ml, T* out, int64_t row, int n_splits,
+                            int active, int head_dim, float* s_w) {
+  const int lane = threadIdx.x & 31;
+  const float* ml = partial_ml + row * n_splits * 2;
+  float mx = -INFINITY;
+  for (int i = lane; i < active; i += 32) mx = fmaxf(mx, ml[2 * i]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float den = 0.0f;
+  for (int i = lane; i < active; i += 32) {
+    const float w = mx == -INFINITY ? 0.0f : exp2f(ml[2 * i] - mx);
+    s_w[i] = w;
+    den = fmaf(w, ml[2 * i + 1], den);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+  __syncwarp();
+  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+  const float* rows_in = partial_out + row * n_splits * head_dim;
+  for (int d = lane; d < head_dim; d += 32) {
+    // Unrolled to the bound so that every split's load is in flight at once.
+    float num = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kDecodeMaxSplits; ++i)
+      if (i < active) num = fmaf(s_w[i], rows_in[static_cast<int64_t>(i) * head_dim + d], num);
+    out[row * head_dim + d] = dev::Elem<T>::from_float(num * inv);
+  }
+}
 
 template <class T, int D, int G>
 __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a) {
@@ -56,6 +92,8 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a)
   __shared__ float s_m[kGroups][G];
   __shared__ float s_l[kGroups][G];
 
+  dev::allow_next_kernel();
+  dev::wait_for_previous_kernel();
   const int t = static_cast<int>(blockIdx.z);
   const int split = static_cast<int>(blockIdx.x);
   const int head0 = static_cast<int>(blockIdx.y) * G;
@@ -86,6 +124,12 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a)
       dev::key_range(p, total, a.causal, a.window, a.pool.cols << a.pool.block_shift);
   const int len = range.hi - range.lo + 1;
   const int chunk = max(kDecodeMinChunk, (len + a.n_splits - 1) / a.n_splits);
+  // Splits that hold keys (at least one, so that a query with none still writes its zero row).
+  // The others have nothing to add: they leave at once, and a single active split writes the
+  // output itself, with no partials and no merge (short contexts, the usual batch-1 case).
+  const int active = len > chunk ? (len + chunk - 1) / chunk : 1;
+  if (split >= active) return;  // never split 0, which appended k/v above
+  const bool direct = active == 1;
   const int64_t begin64 = range.lo + static_cast<int64_t>(split) * chunk;
   const int k_begin = static_cast<int>(min(begin64, static_cast<int64_t>(range.hi) + 1));
   const int k_end = static_cast<int>(min(static_cast<int64_t>(range.hi) + 1, static_cast<int64_t>(k_begin) + chunk));
@@ -223,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a)
         den = fmaf(w, s_l[gi][h], den);
       }
     const int64_t row = static_cast<int64_t>(t) * a.n_heads + head0 + h;
-    if (a.n_splits == 1) {
+    if (direct) {
       const float r = den > 0.0f ? num / den : 0.0f;
       out[row * D + d] = E::from_float(r);
     } else {
@@ -235,42 +279,23 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a)
       }
     }
   }
-}
-
-// One warp per (token, head) row: rescales each split's partial to the common max and sums.
-// The lanes share the splits' (max, sum) pairs and weights; the output dims are spread over the
-// lanes, with the splits' rows read independently so that the loads overlap.
-template <class T>
-__global__ void __launch_bounds__(kThreads) combine_kernel(const float* partial_out, const float* partial_ml, T* out,
-                                                          int64_t rows, int n_splits, int head_dim) {
+  if (direct) return;
+  // The last CTA of this (token, head group) to arrive combines the group's partials; it also
+  // puts the counter back to zero for the next launch.
+  __shared__ bool s_last;
   __shared__ float s_w[kThreads / 32][kDecodeMaxSplits];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + warp;
-  if (row >= rows) return;  // whole warps only: no block-wide barrier follows
-  const float* ml = partial_ml + row * n_splits * 2;
-  float mx = -INFINITY;
-  for (int i = lane; i < n_splits; i += 32) mx = fmaxf(mx, ml[2 * i]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float den = 0.0f;
-  for (int i = lane; i < n_splits; i += 32) {
-    const float w = mx == -INFINITY ? 0.0f : exp2f(ml[2 * i] - mx);
-    s_w[warp][i] = w;
-    den = fmaf(w, ml[2 * i + 1], den);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
-  __syncwarp();
-  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-  const float* rows_in = partial_out + row * n_splits * head_dim;
-  for (int d = lane; d < head_dim; d += 32) {
-    // Unrolled to the bound so that every split's load is in flight at once.
-    float num = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kDecodeMaxSplits; ++i)
-      if (i < n_splits) num = fmaf(s_w[warp][i], rows_in[static_cast<int64_t>(i) * head_dim + d], num);
-    out[row * head_dim + d] = dev::Elem<T>::from_float(num * inv);
-  }
+  __threadfence();  // this CTA's partials are visible before its arrival is counted
+  __syncthreads();
+  unsigned* counter = a.arrivals + static_cast<int64_t>(t) * gridDim.y + blockIdx.y;
+  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1u) == static_cast<unsigned>(active) - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();  // and the others' partials are read after their arrivals
+  const int warp = threadIdx.x / 32;
+  for (int h = warp; h < G; h += kThreads / 32)
+    combine_row(a.partial_out, a.partial_ml, out, static_cast<int64_t>(t) * a.n_heads + head0 + h, a.n_splits, active,
+                D, s_w[warp]);
+  if (threadIdx.x == 0) *counter = 0;
 }
 
 template <class T, int D, int G>
@@ -293,16 +318,19 @@ cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream
   a.n_splits = plan.n_splits;
   a.partial_out = plan.partial_out;
   a.partial_ml = plan.partial_ml;
+  a.arrivals = plan.arrivals;
   const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(p.n_heads / G),
                   static_cast<unsigned>(p.n_tokens));
-  decode_kernel<T, D, G><<<grid, kThreads, 0, stream>>>(a);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || plan.n_splits == 1) return e;
-  const int64_t rows = static_cast<int64_t>(p.n_tokens) * p.n_heads;
-  const auto blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
-  combine_kernel<T><<<blocks, kThreads, 0, stream>>>(plan.partial_out, plan.partial_ml, static_cast<T*>(p.out),
-                                                     rows, plan.n_splits, D);
-  return cudaGetLastError();
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  config.attrs = p.programmatic ? &attribute : nullptr;
+  config.numAttrs = p.programmatic ? 1 : 0;
+  return cudaLaunchKernelEx(&config, decode_kernel<T, D, G>, a);
 }
 
 template <class T, int D>

@@ -29,6 +29,9 @@ struct Problem {
   int window = 0;      // 0: full attention; else key visible iff q_pos - k_pos < window
   int block_shift = 0; // log2(B)
   float scale_log2 = 0.0f;  // softmax_scale * log2(e): scores go through exp2
+  // Decode kernels are programmatic dependent launches (compute capability 9.0 and newer): they
+  // may start while the kernel before them drains, and let the next one do the same.
+  bool programmatic = false;
   // Per forward() call.
   int causal = 1;
   int n_tokens = 0;   // T
@@ -46,11 +49,13 @@ struct Problem {
 };
 
 // Decode scratch: per (token, query head, split) an unnormalised output row [D] and its running
-// max and sum, combined by a second kernel when a token's keys are split across CTAs.
+// max and sum; when a token's keys are split across CTAs, the last CTA of a (token, head group)
+// to finish combines them, counted by `arrivals` (zero between launches).
 struct DecodePlan {
   int n_splits = 1;
   float* partial_out = nullptr;  // [T, H, n_splits, D]
   float* partial_ml = nullptr;   // [T, H, n_splits, 2]: running max (log2 units) and sum
+  unsigned* arrivals = nullptr;  // [T, H / heads per CTA]
 };
 
 // Keys a decode split covers at least, so that short contexts are not cut into slivers.
@@ -82,8 +87,8 @@ cudaError_t launch_cache_write(const Problem& p, cudaStream_t stream);
 cudaError_t launch_prefill(const Problem& p, cudaStream_t stream);
 
 // One CTA per (split, query-head group, token), CUDA cores; for batches of one token per
-// sequence. Appends the batch's k/v to the cache as well. With plan.n_splits > 1 it writes the
-// scratch and runs the combine kernel.
+// sequence. Appends the batch's k/v to the cache as well. With plan.n_splits > 1 the CTAs write
+// the scratch and the last one of each (token, head group) combines it: one launch either way.
 cudaError_t launch_decode(const Problem& p, const DecodePlan& plan, cudaStream_t stream);
 
 }  // namespace loomp::flash

@@ -1,0 +1,377 @@
+// Fused decode GEMVs (see loom/kernels/gemv.hpp for the contract).
+//
+// Work split. An output "unit" is two weight rows read together (two independent load streams
+// per warp): rows (2u, 2u + 1) for plain outputs, (gate j, up j) for SwiGLU, (i, i + D/2) of one
+// head for RoPE, whose rotation needs both. A warp takes a contiguous range of units; each lane
+// reads 16-byte pieces of both rows, kSteps pieces per row per pipeline stage, and the next
+// stage is loaded into registers while the current one is multiplied, so a warp keeps about
+// 4 KB of weights in flight. The grid is one wave of resident blocks; each block requests its
+// first stage of weights before it waits for the previous kernel (programmatic dependent
+// launch), so one GEMV's weight stream starts while the previous kernel drains.
+//
+// Measured alternatives (H100, the 1B shape, kernels_cuda_test "[.bench]"): a cp.async
+// ring of 2-4 stages in shared memory helped the small matrices (o, down) but slowed the large
+// ones (gate/up, lm_head), and the whole step was no faster; prefetching the next weights into
+// L2 before the wait, one block per SM, and 2 pieces per stage (3 blocks per SM) were slower.
+//
+// The block's input rows, normalised by the prologue where there is one, are staged in shared
+// memory as bfloat16 (at most 48 KB: T * in * 2 bytes), read back by every warp.
+#include "loom/kernels/gemv.hpp"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "model_device.cuh"
+
+namespace loom::kernels {
+namespace {
+
+using device::kFullMask;
+using device::kRowThreads;
+using device::round_bf16;
+
+constexpr int kWarps = kRowThreads / 32;
+constexpr int kSteps = 4;        // 16-byte pieces per row and lane in one pipeline stage
+constexpr int kMaxTokens = 4;    // register accumulators: 2 rows x T per lane
+constexpr int kSmemBytes = 48 * 1024;
+
+// Programmatic dependent launch (sm_90): wait until the previous kernel's writes are visible;
+// then let the next kernel start its own prologue.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// bfloat16 pairs packed in a 32-bit word -> floats (exact).
+__device__ __forceinline__ float lo_bf16(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi_bf16(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+template <GemvEpilogue E>
+__device__ __forceinline__ int units_of(const GemvArgs& a) {
+  if constexpr (E == GemvEpilogue::swiglu || E == GemvEpilogue::rope_split) return a.out / 2;
+  return (a.out + 1) / 2;
+}
+
+// The two weight rows of a unit; r1 < 0 when the unit has one row (an odd `out`).
+template <GemvEpilogue E>
+__device__ __forceinline__ void rows_of(const GemvArgs& a, int unit, int& r0, int& r1) {
+  if constexpr (E == GemvEpilogue::swiglu) {
+    r0 = unit;
+    r1 = unit + a.out / 2;
+  } else if constexpr (E == GemvEpilogue::rope_split) {
+    const int half = a.head_dim / 2;
+    const int head = unit / half;
+    r0 = head * a.head_dim + (unit - head * half);
+    r1 = r0 + half;
+  } else {
+    r0 = 2 * unit;
+    r1 = 2 * unit + 1 < a.out ? 2 * unit + 1 : -1;
+  }
+}
+
+// Weights are read once per step: keep them out of L1, and let L2 fetch whole 256-byte sectors.
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
+}
+
+// One pipeline stage in registers: Steps 16-byte pieces of the unit's two rows per lane.
+template <int Steps>
+struct Stage {
+  uint4 w0[Steps], w1[Steps];
+};
+
+template <GemvEpilogue E, int Steps>
+__device__ __forceinline__ void load_stage(const GemvArgs& a, int unit, int step, int lane, Stage<Steps>& st) {
+  int r0, r1;
+  rows_of<E>(a, unit, r0, r1);
+  const int chunks = a.in >> 3;
+  const uint4* w = static_cast<const uint4*>(a.weight);
+  const uint4* row0 = w + static_cast<int64_t>(r0) * chunks;
+  const uint4* row1 = w + static_cast<int64_t>(r1 < 0 ? r0 : r1) * chunks;
+#pragma unroll
+  for (int s = 0; s < Steps; ++s) {
+    const int c = (step * Steps + s) * 32 + lane;
+    const bool ok = c < chunks;
+    st.w0[s] = ok ? load_weights(row0 + c) : make_uint4(0, 0, 0, 0);
+    st.w1[s] = ok && r1 >= 0 ? load_weights(row1 + c) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <int NT, int Steps>
+__device__ __forceinline__ void multiply_stage(const Stage<Steps>& st, const __nv_bfloat16* xs, int in, int step, int lane,
+                                               float (&acc0)[NT], float (&acc1)[NT]) {
+  const int chunks = in >> 3;
+#pragma unroll
+  for (int s = 0; s < Steps; ++s) {
+    const int c = (step * Steps + s) * 32 + lane;
+    if (c >= chunks) break;
+    const uint32_t w0[4] = {st.w0[s].x, st.w0[s].y, st.w0[s].z, st.w0[s].w};
+    const uint32_t w1[4] = {st.w1[s].x, st.w1[s].y, st.w1[s].z, st.w1[s].w};
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const uint4 xr = reinterpret_cast<const uint4*>(xs + static_cast<int64_t>(t) * in)[c];
+      const uint32_t xw[4] = {xr.x, xr.y, xr.z, xr.w};
+      float s0 = acc0[t], s1 = acc1[t];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float xl = lo_bf16(xw[e]), xh = hi_bf16(xw[e]);
+        s0 = fmaf(lo_bf16(w0[e]), xl, s0);
+        s0 = fmaf(hi_bf16(w0[e]), xh, s0);
+        s1 = fmaf(lo_bf16(w1[e]), xl, s1);
+        s1 = fmaf(hi_bf16(w1[e]), xh, s1);
+      }
+      acc0[t] = s0;
+      acc1[t] = s1;
+    }
+  }
+}
+
+// The block's T input rows into shared memory, as the unfused path stores them.
+template <GemvPrologue P, int NT>
+__device__ __forceinline__ void stage_input(const GemvArgs& a, __nv_bfloat16* xs) {
+  if constexpr (P == GemvPrologue::act) {
+    const uint4* src = static_cast<const uint4*>(a.act);
+    uint4* dst = reinterpret_cast<uint4*>(xs);
+    const int n = NT * (a.in >> 3);
+    for (int i = threadIdx.x; i < n; i += kRowThreads) dst[i] = src[i];
+  } else {
+#pragma unroll 1
+    for (int t = 0; t < NT; ++t) {
+      device::norm_row(a.resid + static_cast<int64_t>(t) * a.in, a.in, a.norm_w,
+                       P == GemvPrologue::layer_norm ? a.norm_b : nullptr, a.eps, xs + static_cast<int64_t>(t) * a.in);
+    }
+  }
+  __syncthreads();
+}
+
+// Token t's results y0 (row r0) and y1 (row r1) of one unit.
+template <GemvEpilogue E>
+__device__ __forceinline__ void finish_unit(const GemvArgs& a, int unit, int t, float y0, float y1) {
+  int r0, r1;
+  rows_of<E>(a, unit, r0, r1);
+  if constexpr (E == GemvEpilogue::add_f32 || E == GemvEpilogue::store_f32) {
+    float* o = a.out_f32 + static_cast<int64_t>(t) * a.out;
+    if constexpr (E == GemvEpilogue::add_f32) {
+      float v0 = o[r0] + y0;
+      if (a.bias) v0 += a.bias[r0];
+      o[r0] = v0;
+      if (r1 >= 0) {
+        float v1 = o[r1] + y1;
+        if (a.bias) v1 += a.bias[r1];
+        o[r1] = v1;
+      }
+    } else {
+      o[r0] = y0;
+      if (r1 >= 0) o[r1] = y1;
+    }
+  } else if constexpr (E == GemvEpilogue::swiglu) {
+    const int inter = a.out / 2;
+    device::store(static_cast<__nv_bfloat16*>(a.out_act), static_cast<int64_t>(t) * inter + unit,
+                  device::silu(round_bf16(y0)) * round_bf16(y1));
+  } else if constexpr (E == GemvEpilogue::bias_gelu) {
+    auto* o = static_cast<__nv_bfloat16*>(a.out_act) + static_cast<int64_t>(t) * a.out;
+    device::store(o, r0, device::gelu_tanh(round_bf16(y0) + (a.bias ? a.bias[r0] : 0.0f)));
+    if (r1 >= 0) device::store(o, r1, device::gelu_tanh(round_bf16(y1) + (a.bias ? a.bias[r1] : 0.0f)));
+  } else {  // rope_split
+    const int D = a.head_dim, half = D / 2;
+    const int head = unit / half, i = unit - head * half;
+    float x0 = round_bf16(y0), x1 = round_bf16(y1);
+    if (a.bias) {
+      x0 += a.bias[head * D + i];
+      x1 += a.bias[head * D + i + half];
+    }
+    __nv_bfloat16* dst;
+    bool rotate = a.cos_sin != nullptr;
+    if (head < a.n_heads) {
+      dst = static_cast<__nv_bfloat16*>(a.q) + (static_cast<int64_t>(t) * a.n_heads + head) * D;
+    } else if (head < a.n_heads + a.n_kv_heads) {
+      dst = static_cast<__nv_bfloat16*>(a.k) + (static_cast<int64_t>(t) * a.n_kv_heads + head - a.n_heads) * D;
+    } else {
+      dst = static_cast<__nv_bfloat16*>(a.v) +
+            (static_cast<int64_t>(t) * a.n_kv_heads + head - a.n_heads - a.n_kv_heads) * D;
+      rotate = false;
+    }
+    if (rotate) {
+      const float* cs = a.cos_sin + (static_cast<int64_t>(a.positions[t]) * half + i) * 2;
+      const float c = cs[0], s = cs[1];
+      const float r0v = x0 * c - x1 * s, r1v = x1 * c + x0 * s;
+      x0 = r0v;
+      x1 = r1v;
+    }
+    device::store(dst, i, x0);
+    device::store(dst, i + half, x1);
+  }
+}
+
+template <GemvPrologue P, GemvEpilogue E, int NT, int Steps>
+__global__ void __launch_bounds__(kRowThreads, 2) gemv_kernel(const GemvArgs a) {
+  extern __shared__ uint4 smem[];
+  auto* xs = reinterpret_cast<__nv_bfloat16*>(smem);
+  const int lane = threadIdx.x & 31;
+  const int units = units_of<E>(a);
+  const int steps = ((a.in >> 3) + 32 * Steps - 1) / (32 * Steps);
+  // This warp's units: a contiguous range (whole rows, one after another).
+  const int warps = static_cast<int>(gridDim.x) * kWarps;
+  const int gw = static_cast<int>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int base = units / warps, extra = units % warps;
+  const int first = gw * base + min(gw, extra);
+  // The warp's work as a flat sequence of (unit, step) items; the same for all its lanes.
+  const int work = (base + (gw < extra ? 1 : 0)) * steps;
+
+  // Before waiting for the previous kernel: the next kernel may start too, and this one's first
+  // weights (which no kernel writes) are requested.
+  allow_next_kernel();
+  Stage<Steps> A, B;
+  int unit_a = first, step_a = 0;
+  if (work > 0) load_stage<E, Steps>(a, unit_a, step_a, lane, A);
+  wait_for_previous_kernel();
+  stage_input<P, NT>(a, xs);
+
+  float acc0[NT], acc1[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.0f;
+  auto finish_if_last = [&](int unit, int step) {
+    if (step != steps - 1) return;
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+      for (int o = 16; o > 0; o >>= 1) {
+        acc0[t] += __shfl_xor_sync(kFullMask, acc0[t], o);
+        acc1[t] += __shfl_xor_sync(kFullMask, acc1[t], o);
+      }
+    float y0 = acc0[0], y1 = acc1[0];
+#pragma unroll
+    for (int t = 1; t < NT; ++t)
+      if (lane == t) {
+        y0 = acc0[t];
+        y1 = acc1[t];
+      }
+    if (lane < NT) finish_unit<E>(a, unit, lane, y0, y1);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.0f;
+  };
+  auto next = [&](int& unit, int& step) {
+    if (++step == steps) {
+      step = 0;
+      ++unit;
+    }
+  };
+  // Two register stages: B loads while A multiplies, then the other way round.
+  for (int f = 0; f < work; f += 2) {
+    int unit_b = unit_a, step_b = step_a;
+    next(unit_b, step_b);
+    if (f + 1 < work) load_stage<E, Steps>(a, unit_b, step_b, lane, B);
+    multiply_stage<NT, Steps>(A, xs, a.in, step_a, lane, acc0, acc1);
+    finish_if_last(unit_a, step_a);
+    if (f + 1 >= work) break;
+    unit_a = unit_b;
+    step_a = step_b;
+    next(unit_a, step_a);
+    if (f + 2 < work) load_stage<E, Steps>(a, unit_a, step_a, lane, A);
+    multiply_stage<NT, Steps>(B, xs, a.in, step_b, lane, acc0, acc1);
+    finish_if_last(unit_b, step_b);
+  }
+}
+
+template <GemvPrologue P, GemvEpilogue E, int NT>
+int launch(const GemvArgs& a, bool programmatic, cudaStream_t stream) {
+  const auto kernel = gemv_kernel<P, E, NT, kSteps>;
+  const int smem = NT * a.in * 2;
+  int device = 0, sms = 0, per_sm = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return static_cast<int>(e);
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess)
+    return static_cast<int>(e);
+  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRowThreads, smem);
+      e != cudaSuccess)
+    return static_cast<int>(e);
+  // As many blocks as fit at once (measured on the H100: two per SM), so that each warp has as
+  // many weight bytes in flight as the registers allow and every block starts before the
+  // previous kernel ends.
+  const int64_t units = E == GemvEpilogue::swiglu || E == GemvEpilogue::rope_split ? a.out / 2 : (a.out + 1) / 2;
+  const int64_t wave = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
+  const int64_t blocks = std::min<int64_t>(wave, (units + kWarps - 1) / kWarps);
+
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(kRowThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = programmatic ? &attribute : nullptr;
+  config.numAttrs = programmatic ? 1 : 0;
+  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, a));
+}
+
+
+template <GemvPrologue P, GemvEpilogue E>
+int launch_tokens(const GemvArgs& a, bool programmatic, cudaStream_t stream) {
+  switch (a.tokens) {
+    case 1: return launch<P, E, 1>(a, programmatic, stream);
+    case 2: return launch<P, E, 2>(a, programmatic, stream);
+    case 3: return launch<P, E, 3>(a, programmatic, stream);
+    default: return launch<P, E, 4>(a, programmatic, stream);
+  }
+}
+
+template <GemvPrologue P>
+int launch_norm(const GemvArgs& a, GemvEpilogue e, bool programmatic, cudaStream_t stream) {
+  switch (e) {
+    case GemvEpilogue::store_f32: return launch_tokens<P, GemvEpilogue::store_f32>(a, programmatic, stream);
+    case GemvEpilogue::swiglu: return launch_tokens<P, GemvEpilogue::swiglu>(a, programmatic, stream);
+    case GemvEpilogue::bias_gelu: return launch_tokens<P, GemvEpilogue::bias_gelu>(a, programmatic, stream);
+    case GemvEpilogue::rope_split: return launch_tokens<P, GemvEpilogue::rope_split>(a, programmatic, stream);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+int32_t gemv_max_tokens(int32_t in) {
+  if (in <= 0 || in % 8 != 0) return 0;
+  return static_cast<int32_t>(std::min<int64_t>(kMaxTokens, kSmemBytes / (static_cast<int64_t>(in) * 2)));
+}
+
+int gemv_bf16_cuda(const GemvArgs& a, GemvPrologue prologue, GemvEpilogue epilogue, bool programmatic, void* stream) {
+  const auto invalid = static_cast<int>(cudaErrorInvalidValue);
+  if (a.tokens < 1 || a.tokens > gemv_max_tokens(a.in) || a.out < 1 || a.weight == nullptr || !aligned16(a.weight))
+    return invalid;
+  if (epilogue == GemvEpilogue::swiglu && a.out % 2 != 0) return invalid;
+  if (epilogue == GemvEpilogue::rope_split &&
+      (a.head_dim < 2 || a.head_dim % 2 != 0 || a.n_heads < 1 || a.n_kv_heads < 0 ||
+       static_cast<int64_t>(a.n_heads + 2 * a.n_kv_heads) * a.head_dim != a.out || a.q == nullptr ||
+       (a.n_kv_heads > 0 && (a.k == nullptr || a.v == nullptr)) || (a.cos_sin != nullptr && a.positions == nullptr)))
+    return invalid;
+  const bool to_f32 = epilogue == GemvEpilogue::add_f32 || epilogue == GemvEpilogue::store_f32;
+  if (to_f32 ? a.out_f32 == nullptr : (epilogue != GemvEpilogue::rope_split && a.out_act == nullptr)) return invalid;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (prologue) {
+    case GemvPrologue::act:
+      if (epilogue != GemvEpilogue::add_f32 || a.act == nullptr || !aligned16(a.act)) return invalid;
+      return launch_tokens<GemvPrologue::act, GemvEpilogue::add_f32>(a, programmatic, s);
+    case GemvPrologue::rms_norm:
+      if (a.resid == nullptr || a.norm_w == nullptr) return invalid;
+      return launch_norm<GemvPrologue::rms_norm>(a, epilogue, programmatic, s);
+    case GemvPrologue::layer_norm:
+      if (a.resid == nullptr || a.norm_w == nullptr || a.norm_b == nullptr) return invalid;
+      return launch_norm<GemvPrologue::layer_norm>(a, epilogue, programmatic, s);
+  }
+  return invalid;
+}
+
+}  // namespace loom::kernels
