@@ -55,8 +55,12 @@ __device__ __forceinline__ void allow_next_kernel() {
 __device__ __forceinline__ float lo_bf16(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float hi_bf16(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
-template <GemvEpilogue E>
+// KS ("K split"): a unit is one row whose two halves are the two load streams, for outputs with
+// fewer row pairs than the grid has warps (o and down: 2048 rows at batch 1), so that every warp
+// streams weights.
+template <GemvEpilogue E, bool KS>
 __device__ __forceinline__ int units_of(const GemvArgs& a) {
+  if constexpr (KS) return a.out;
   if constexpr (E == GemvEpilogue::swiglu || E == GemvEpilogue::rope_split) return a.out / 2;
   return (a.out + 1) / 2;
 }
@@ -78,6 +82,26 @@ __device__ __forceinline__ void rows_of(const GemvArgs& a, int unit, int& r0, in
   }
 }
 
+// A unit's two load streams: `len` 16-byte pieces of W from piece w0 and from piece w1, multiplied
+// with the input from its piece 0 and from its piece x1.
+struct Streams {
+  int64_t w0, w1;
+  int len, x1;
+  bool two;  // false: the unit has one row (an odd `out`), stream 1 reads nothing
+};
+
+template <GemvEpilogue E, bool KS>
+__device__ __forceinline__ Streams streams_of(const GemvArgs& a, int unit) {
+  const int chunks = a.in >> 3;
+  if constexpr (KS) {
+    const int half = chunks / 2;
+    return {static_cast<int64_t>(unit) * chunks, static_cast<int64_t>(unit) * chunks + half, half, half, true};
+  }
+  int r0, r1;
+  rows_of<E>(a, unit, r0, r1);
+  return {static_cast<int64_t>(r0) * chunks, static_cast<int64_t>(r1 < 0 ? r0 : r1) * chunks, chunks, 0, r1 >= 0};
+}
+
 // Weights are read once per step: keep them out of L1, and let L2 fetch whole 256-byte sectors.
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
   uint4 r;
@@ -93,45 +117,41 @@ struct Stage {
   uint4 w0[Steps], w1[Steps];
 };
 
-template <GemvEpilogue E, int Steps>
+template <GemvEpilogue E, bool KS, int Steps>
 __device__ __forceinline__ void load_stage(const GemvArgs& a, int unit, int step, int lane, Stage<Steps>& st) {
-  int r0, r1;
-  rows_of<E>(a, unit, r0, r1);
-  const int chunks = a.in >> 3;
+  const Streams m = streams_of<E, KS>(a, unit);
   const uint4* w = static_cast<const uint4*>(a.weight);
-  const uint4* row0 = w + static_cast<int64_t>(r0) * chunks;
-  const uint4* row1 = w + static_cast<int64_t>(r1 < 0 ? r0 : r1) * chunks;
 #pragma unroll
   for (int s = 0; s < Steps; ++s) {
     const int c = (step * Steps + s) * 32 + lane;
-    const bool ok = c < chunks;
-    st.w0[s] = ok ? load_weights(row0 + c) : make_uint4(0, 0, 0, 0);
-    st.w1[s] = ok && r1 >= 0 ? load_weights(row1 + c) : make_uint4(0, 0, 0, 0);
+    const bool ok = c < m.len;
+    st.w0[s] = ok ? load_weights(w + m.w0 + c) : make_uint4(0, 0, 0, 0);
+    st.w1[s] = ok && m.two ? load_weights(w + m.w1 + c) : make_uint4(0, 0, 0, 0);
   }
 }
 
 template <int NT, int Steps>
-__device__ __forceinline__ void multiply_stage(const Stage<Steps>& st, const __nv_bfloat16* xs, int in, int step, int lane,
-                                               float (&acc0)[NT], float (&acc1)[NT]) {
-  const int chunks = in >> 3;
+__device__ __forceinline__ void multiply_stage(const Stage<Steps>& st, const __nv_bfloat16* xs, int in, int len, int x1,
+                                               int step, int lane, float (&acc0)[NT], float (&acc1)[NT]) {
 #pragma unroll
   for (int s = 0; s < Steps; ++s) {
     const int c = (step * Steps + s) * 32 + lane;
-    if (c >= chunks) break;
+    if (c >= len) break;
     const uint32_t w0[4] = {st.w0[s].x, st.w0[s].y, st.w0[s].z, st.w0[s].w};
     const uint32_t w1[4] = {st.w1[s].x, st.w1[s].y, st.w1[s].z, st.w1[s].w};
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      const uint4 xr = reinterpret_cast<const uint4*>(xs + static_cast<int64_t>(t) * in)[c];
+      const uint4* x = reinterpret_cast<const uint4*>(xs + static_cast<int64_t>(t) * in);
+      const uint4 xr = x[c], xr1 = x1 == 0 ? xr : x[c + x1];
       const uint32_t xw[4] = {xr.x, xr.y, xr.z, xr.w};
+      const uint32_t xw1[4] = {xr1.x, xr1.y, xr1.z, xr1.w};
       float s0 = acc0[t], s1 = acc1[t];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float xl = lo_bf16(xw[e]), xh = hi_bf16(xw[e]);
-        s0 = fmaf(lo_bf16(w0[e]), xl, s0);
-        s0 = fmaf(hi_bf16(w0[e]), xh, s0);
-        s1 = fmaf(lo_bf16(w1[e]), xl, s1);
-        s1 = fmaf(hi_bf16(w1[e]), xh, s1);
+        s0 = fmaf(lo_bf16(w0[e]), lo_bf16(xw[e]), s0);
+        s0 = fmaf(hi_bf16(w0[e]), hi_bf16(xw[e]), s0);
+        s1 = fmaf(lo_bf16(w1[e]), lo_bf16(xw1[e]), s1);
+        s1 = fmaf(hi_bf16(w1[e]), hi_bf16(xw1[e]), s1);
       }
       acc0[t] = s0;
       acc1[t] = s1;
@@ -158,8 +178,15 @@ __device__ __forceinline__ void stage_input(const GemvArgs& a, __nv_bfloat16* xs
 }
 
 // Token t's results y0 (row r0) and y1 (row r1) of one unit.
-template <GemvEpilogue E>
+template <GemvEpilogue E, bool KS>
 __device__ __forceinline__ void finish_unit(const GemvArgs& a, int unit, int t, float y0, float y1) {
+  if constexpr (KS) {  // one row, its halves summed (add_f32 only)
+    float* o = a.out_f32 + static_cast<int64_t>(t) * a.out + unit;
+    float v = *o + (y0 + y1);
+    if (a.bias) v += a.bias[unit];
+    *o = v;
+    return;
+  }
   int r0, r1;
   rows_of<E>(a, unit, r0, r1);
   if constexpr (E == GemvEpilogue::add_f32 || E == GemvEpilogue::store_f32) {
@@ -216,13 +243,15 @@ __device__ __forceinline__ void finish_unit(const GemvArgs& a, int unit, int t, 
   }
 }
 
-template <GemvPrologue P, GemvEpilogue E, int NT, int Steps>
+template <GemvPrologue P, GemvEpilogue E, bool KS, int NT, int Steps>
 __global__ void __launch_bounds__(kRowThreads, 2) gemv_kernel(const GemvArgs a) {
   extern __shared__ uint4 smem[];
   auto* xs = reinterpret_cast<__nv_bfloat16*>(smem);
   const int lane = threadIdx.x & 31;
-  const int units = units_of<E>(a);
-  const int steps = ((a.in >> 3) + 32 * Steps - 1) / (32 * Steps);
+  const int units = units_of<E, KS>(a);
+  const int len = KS ? (a.in >> 4) : (a.in >> 3);  // pieces per stream
+  const int x1 = KS ? len : 0;
+  const int steps = (len + 32 * Steps - 1) / (32 * Steps);
   // This warp's units: a contiguous range (whole rows, one after another).
   const int warps = static_cast<int>(gridDim.x) * kWarps;
   const int gw = static_cast<int>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
@@ -232,19 +261,22 @@ __global__ void __launch_bounds__(kRowThreads, 2) gemv_kernel(const GemvArgs a) 
   const int work = (base + (gw < extra ? 1 : 0)) * steps;
 
   // Before waiting for the previous kernel: the next kernel may start too, and this one's first
-  // weights (which no kernel writes) are requested.
+  // two stages of weights (which no kernel writes) are requested: for the small matrices (q/k/v,
+  // o) that is all of a warp's work, so only arithmetic is left after the wait.
   allow_next_kernel();
-  Stage<Steps> A, B;
-  int unit_a = first, step_a = 0;
-  if (work > 0) load_stage<E, Steps>(a, unit_a, step_a, lane, A);
+  auto unit_of = [&](int item) { return first + item / steps; };
+  auto step_of = [&](int item) { return item % steps; };
+  Stage<Steps> A, B;  // items f and f + 1 of the loop below
+  if (work > 0) load_stage<E, KS, Steps>(a, unit_of(0), step_of(0), lane, A);
+  if (work > 1) load_stage<E, KS, Steps>(a, unit_of(1), step_of(1), lane, B);
   wait_for_previous_kernel();
   stage_input<P, NT>(a, xs);
 
   float acc0[NT], acc1[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.0f;
-  auto finish_if_last = [&](int unit, int step) {
-    if (step != steps - 1) return;
+  auto finish_if_last = [&](int item) {
+    if (step_of(item) != steps - 1) return;
 #pragma unroll
     for (int t = 0; t < NT; ++t)
       for (int o = 16; o > 0; o >>= 1) {
@@ -258,55 +290,29 @@ __global__ void __launch_bounds__(kRowThreads, 2) gemv_kernel(const GemvArgs a) 
         y0 = acc0[t];
         y1 = acc1[t];
       }
-    if (lane < NT) finish_unit<E>(a, unit, lane, y0, y1);
+    if (lane < NT) finish_unit<E, KS>(a, unit_of(item), lane, y0, y1);
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.0f;
   };
-  auto next = [&](int& unit, int& step) {
-    if (++step == steps) {
-      step = 0;
-      ++unit;
-    }
-  };
-  // Two register stages: B loads while A multiplies, then the other way round.
+  // Two register stages: each is refilled with the item two ahead as soon as it is multiplied.
   for (int f = 0; f < work; f += 2) {
-    int unit_b = unit_a, step_b = step_a;
-    next(unit_b, step_b);
-    if (f + 1 < work) load_stage<E, Steps>(a, unit_b, step_b, lane, B);
-    multiply_stage<NT, Steps>(A, xs, a.in, step_a, lane, acc0, acc1);
-    finish_if_last(unit_a, step_a);
+    multiply_stage<NT, Steps>(A, xs, a.in, len, x1, step_of(f), lane, acc0, acc1);
+    finish_if_last(f);
+    if (f + 2 < work) load_stage<E, KS, Steps>(a, unit_of(f + 2), step_of(f + 2), lane, A);
     if (f + 1 >= work) break;
-    unit_a = unit_b;
-    step_a = step_b;
-    next(unit_a, step_a);
-    if (f + 2 < work) load_stage<E, Steps>(a, unit_a, step_a, lane, A);
-    multiply_stage<NT, Steps>(B, xs, a.in, step_b, lane, acc0, acc1);
-    finish_if_last(unit_b, step_b);
+    multiply_stage<NT, Steps>(B, xs, a.in, len, x1, step_of(f + 1), lane, acc0, acc1);
+    finish_if_last(f + 1);
+    if (f + 3 < work) load_stage<E, KS, Steps>(a, unit_of(f + 3), step_of(f + 3), lane, B);
   }
 }
 
-template <GemvPrologue P, GemvEpilogue E, int NT>
-int launch(const GemvArgs& a, bool programmatic, cudaStream_t stream) {
-  const auto kernel = gemv_kernel<P, E, NT, kSteps>;
-  const int smem = NT * a.in * 2;
-  int device = 0, sms = 0, per_sm = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return static_cast<int>(e);
-  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess)
-    return static_cast<int>(e);
-  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRowThreads, smem);
-      e != cudaSuccess)
-    return static_cast<int>(e);
-  // As many blocks as fit at once (measured on the H100: two per SM), so that each warp has as
-  // many weight bytes in flight as the registers allow and every block starts before the
-  // previous kernel ends.
-  const int64_t units = E == GemvEpilogue::swiglu || E == GemvEpilogue::rope_split ? a.out / 2 : (a.out + 1) / 2;
-  const int64_t wave = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
-  const int64_t blocks = std::min<int64_t>(wave, (units + kWarps - 1) / kWarps);
-
+template <GemvPrologue P, GemvEpilogue E, bool KS, int NT>
+int launch_kernel(const GemvArgs& a, bool programmatic, cudaStream_t stream, int64_t units, int64_t wave) {
+  const auto kernel = gemv_kernel<P, E, KS, NT, kSteps>;
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(wave, (units + kWarps - 1) / kWarps)));
   config.blockDim = dim3(kRowThreads);
-  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  config.dynamicSmemBytes = static_cast<size_t>(NT) * a.in * 2;
   config.stream = stream;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -316,6 +322,28 @@ int launch(const GemvArgs& a, bool programmatic, cudaStream_t stream) {
   return static_cast<int>(cudaLaunchKernelEx(&config, kernel, a));
 }
 
+template <GemvPrologue P, GemvEpilogue E, int NT>
+int launch(const GemvArgs& a, bool programmatic, cudaStream_t stream) {
+  int device = 0, sms = 0, per_sm = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return static_cast<int>(e);
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess)
+    return static_cast<int>(e);
+  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<P, E, false, NT, kSteps>,
+                                                                    kRowThreads, NT * a.in * 2);
+      e != cudaSuccess)
+    return static_cast<int>(e);
+  // As many blocks as fit at once (measured on the H100: two per SM), so that each warp has as
+  // many weight bytes in flight as the registers allow and every block starts before the
+  // previous kernel ends.
+  const int64_t wave = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
+  const int64_t pairs = E == GemvEpilogue::swiglu || E == GemvEpilogue::rope_split ? a.out / 2 : (a.out + 1) / 2;
+  if constexpr (E == GemvEpilogue::add_f32) {
+    // Fewer row pairs than warps: split each row's K in two instead, so that all warps stream.
+    if (pairs < wave * kWarps && a.in % 16 == 0)
+      return launch_kernel<P, E, true, NT>(a, programmatic, stream, a.out, wave);
+  }
+  return launch_kernel<P, E, false, NT>(a, programmatic, stream, pairs, wave);
+}
 
 template <GemvPrologue P, GemvEpilogue E>
 int launch_tokens(const GemvArgs& a, bool programmatic, cudaStream_t stream) {

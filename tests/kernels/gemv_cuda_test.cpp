@@ -278,7 +278,10 @@ TEST_CASE("fused GEMVs match a float64 reference", "[kernels][cuda][gemv]") {
       run_case({T, 128, 96, P::layer_norm, E::bias_gelu, true}, pdl, seed++);
       run_case({T, 128, 3 * 2 * 32, P::layer_norm, E::rope_split, true, 2, 2, 32, false}, pdl, seed++);  // GPT-2: no RoPE
       run_case({T, 40, 33, P::layer_norm, E::store_f32, false}, pdl, seed++);          // in shorter than a warp's stride
-      run_case({T, 2048, 64, P::act, E::add_f32, true}, pdl, seed++);
+      run_case({T, 2048, 64, P::act, E::add_f32, true}, pdl, seed++);     // few rows: each row's K split in two
+      run_case({T, 512, 33, P::act, E::add_f32, false}, pdl, seed++);
+      run_case({T, 40, 7, P::act, E::add_f32, true}, pdl, seed++);        // K not splittable (40 % 16 != 0)
+      run_case({T, 256, 4501, P::act, E::add_f32, true}, pdl, seed++);    // more row pairs than an H100 has warps
     }
     for (int T = 1; T <= lk::gemv_max_tokens(8192); ++T)
       run_case({T, 8192, 130, P::act, E::add_f32, false}, pdl, seed++);               // an MLP's down projection
