@@ -220,7 +220,8 @@ class CudaBackend final : public ModelBackend {
   void run_model(Instance &attention, int32_t tokens, int32_t seqs);
   struct AttentionCall;
   void attend(Instance &attention, AttentionCall &call, int32_t tokens, int32_t seqs, int32_t layer);
-  void run_layers_gemv(Instance &attention, AttentionCall &call, int32_t tokens);
+  // embed: the first GEMV also looks up the embeddings (no embed kernel ran).
+  void run_layers_gemv(Instance &attention, AttentionCall &call, int32_t tokens, bool embed);
   void invalidate_graphs();
 
   ModelConfig config_;
@@ -582,13 +583,18 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
   const bool gpt2 = c.architecture == Architecture::gpt2;
   const auto dt = kdtype();
   float *x = x_.get<float>();
-  kernel_check(kernels::embed_rows_cuda(d_tokens_, d_positions_, T, H, embedding_.get(), positions_ ? positions_.get() : nullptr,
-                                        dt, x, stream_),
-               "embed");
-  op_times_.mark("embed", stream_);
   AttentionCall call;
-  if (T == S && T <= gemv_tokens_) {
-    run_layers_gemv(attention, call, T);
+  const bool gemv = T == S && T <= gemv_tokens_;
+  // The GEMV path looks the embeddings up in its first GEMV when the rows fit its staging.
+  const bool embed_in_gemv = gemv && T <= kernels::gemv_max_embed_tokens(H);
+  if (!embed_in_gemv) {
+    kernel_check(kernels::embed_rows_cuda(d_tokens_, d_positions_, T, H, embedding_.get(),
+                                          positions_ ? positions_.get() : nullptr, dt, x, stream_),
+                 "embed");
+    op_times_.mark("embed", stream_);
+  }
+  if (gemv) {
+    run_layers_gemv(attention, call, T, embed_in_gemv);
     return;
   }
   const float *pending_bias = nullptr; // the last linear's bias, added by the next norm
@@ -639,7 +645,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
 // (loom/kernels/gemv.hpp) that normalises its input or adds into the residual itself, so a
 // layer is four GEMVs and the attention call. Biases of the output projections are added by
 // their GEMV, not by the next norm.
-void CudaBackend::run_layers_gemv(Instance &attention, AttentionCall &call, int32_t T) {
+void CudaBackend::run_layers_gemv(Instance &attention, AttentionCall &call, int32_t T, bool embed) {
   const ModelConfig &c = config_;
   const bool gpt2 = c.architecture == Architecture::gpt2;
   const auto norm = gpt2 ? kernels::GemvPrologue::layer_norm : kernels::GemvPrologue::rms_norm;
@@ -684,6 +690,11 @@ void CudaBackend::run_layers_gemv(Instance &attention, AttentionCall &call, int3
     qkv.q = q_.get();
     qkv.k = k_.get();
     qkv.v = v_.get();
+    if (embed && l == 0) {
+      qkv.tokens_ids = d_tokens_;
+      qkv.embed_table = embedding_.get();
+      qkv.embed_pos_table = positions_ ? positions_.get() : nullptr;
+    }
     run(qkv, norm, kernels::GemvEpilogue::rope_split, "norm+qkv+rope gemv");
     attend(attention, call, T, T, l);
     run(residual(layer.o, attn_), kernels::GemvPrologue::act, kernels::GemvEpilogue::add_f32, "o gemv");

@@ -168,23 +168,94 @@ __device__ __forceinline__ void stage_input(const GemvArgs& a, __nv_bfloat16* xs
     const int n = NT * (a.in >> 3);
     for (int i = threadIdx.x; i < n; i += kRowThreads) dst[i] = src[i];
   } else {
+    // With an embedding table, the rows are looked up here (as embed_rows_cuda does) into
+    // `looked_up`, and block 0 also writes them to resid; each thread reads back only the
+    // values it wrote (norm_row's partition), so no barrier is needed between the two.
+    float* looked_up = reinterpret_cast<float*>(xs + static_cast<int64_t>(NT) * a.in);
 #pragma unroll 1
     for (int t = 0; t < NT; ++t) {
-      device::norm_row(a.resid + static_cast<int64_t>(t) * a.in, a.in, a.norm_w,
-                       P == GemvPrologue::layer_norm ? a.norm_b : nullptr, a.eps, xs + static_cast<int64_t>(t) * a.in);
+      const float* row = a.resid + static_cast<int64_t>(t) * a.in;
+      if (a.embed_table) {
+        const auto* table = static_cast<const __nv_bfloat16*>(a.embed_table) + static_cast<int64_t>(a.tokens_ids[t]) * a.in;
+        const auto* pos = a.embed_pos_table ? static_cast<const __nv_bfloat16*>(a.embed_pos_table) +
+                                                  static_cast<int64_t>(a.positions[t]) * a.in
+                                            : nullptr;
+        for (int i = threadIdx.x; i < a.in; i += kRowThreads) {
+          const float v = device::load(table, i) + (pos ? device::load(pos, i) : 0.0f);
+          looked_up[i] = v;
+          if (blockIdx.x == 0) a.resid[static_cast<int64_t>(t) * a.in + i] = v;
+        }
+        row = looked_up;
+      }
+      device::norm_row(row, a.in, a.norm_w, P == GemvPrologue::layer_norm ? a.norm_b : nullptr, a.eps,
+                       xs + static_cast<int64_t>(t) * a.in);
     }
   }
   __syncthreads();
 }
 
 // Token t's results y0 (row r0) and y1 (row r1) of one unit.
+// What a unit's epilogue reads besides its products, for token t: biases, the rotary cos/sin
+// (rope_split), the residual values it adds to (add_f32). Loaded ahead of the epilogue, so that
+// their latency overlaps the unit's multiplications instead of following them.
+struct EpilogueInputs {
+  float v0 = 0.0f, v1 = 0.0f;  // add_f32: residual of rows 0/1; rope_split: cos, sin
+  float b0 = 0.0f, b1 = 0.0f;  // biases of rows 0/1 (zero when there are none)
+};
+
+// The inputs no kernel writes (biases, rotary tables, positions): safe before the wait.
 template <GemvEpilogue E, bool KS>
-__device__ __forceinline__ void finish_unit(const GemvArgs& a, int unit, int t, float y0, float y1) {
+__device__ __forceinline__ void load_fixed_inputs(const GemvArgs& a, int unit, int t, EpilogueInputs& in) {
+  if constexpr (KS) {
+    if (a.bias) in.b0 = a.bias[unit];
+    return;
+  }
+  if constexpr (E == GemvEpilogue::rope_split) {
+    const int D = a.head_dim, half = D / 2;
+    const int head = unit / half, i = unit - head * half;
+    if (a.bias) {
+      in.b0 = a.bias[head * D + i];
+      in.b1 = a.bias[head * D + i + half];
+    }
+    if (a.cos_sin && head < a.n_heads + a.n_kv_heads) {
+      const float* cs = a.cos_sin + (static_cast<int64_t>(a.positions[t]) * half + i) * 2;
+      in.v0 = cs[0];
+      in.v1 = cs[1];
+    }
+  } else if constexpr (E == GemvEpilogue::add_f32 || E == GemvEpilogue::bias_gelu) {
+    int r0, r1;
+    rows_of<E>(a, unit, r0, r1);
+    if (a.bias) {
+      in.b0 = a.bias[r0];
+      if (r1 >= 0) in.b1 = a.bias[r1];
+    }
+  }
+}
+
+// The inputs the previous kernel may have written (the residual): only after the wait.
+template <GemvEpilogue E, bool KS>
+__device__ __forceinline__ void load_produced_inputs(const GemvArgs& a, int unit, int t, EpilogueInputs& in) {
+  if constexpr (E == GemvEpilogue::add_f32) {
+    const float* o = a.out_f32 + static_cast<int64_t>(t) * a.out;
+    if constexpr (KS) {
+      in.v0 = o[unit];
+    } else {
+      int r0, r1;
+      rows_of<E>(a, unit, r0, r1);
+      in.v0 = o[r0];
+      if (r1 >= 0) in.v1 = o[r1];
+    }
+  }
+}
+
+// Token t's results y0 (row r0) and y1 (row r1) of one unit.
+template <GemvEpilogue E, bool KS>
+__device__ __forceinline__ void finish_unit(const GemvArgs& a, int unit, int t, float y0, float y1,
+                                            const EpilogueInputs& in) {
   if constexpr (KS) {  // one row, its halves summed (add_f32 only)
-    float* o = a.out_f32 + static_cast<int64_t>(t) * a.out + unit;
-    float v = *o + (y0 + y1);
-    if (a.bias) v += a.bias[unit];
-    *o = v;
+    float v = in.v0 + (y0 + y1);
+    if (a.bias) v += in.b0;
+    a.out_f32[static_cast<int64_t>(t) * a.out + unit] = v;
     return;
   }
   int r0, r1;
@@ -192,12 +263,12 @@ __device__ __forceinline__ void finish_unit(const GemvArgs& a, int unit, int t, 
   if constexpr (E == GemvEpilogue::add_f32 || E == GemvEpilogue::store_f32) {
     float* o = a.out_f32 + static_cast<int64_t>(t) * a.out;
     if constexpr (E == GemvEpilogue::add_f32) {
-      float v0 = o[r0] + y0;
-      if (a.bias) v0 += a.bias[r0];
+      float v0 = in.v0 + y0;
+      if (a.bias) v0 += in.b0;
       o[r0] = v0;
       if (r1 >= 0) {
-        float v1 = o[r1] + y1;
-        if (a.bias) v1 += a.bias[r1];
+        float v1 = in.v1 + y1;
+        if (a.bias) v1 += in.b1;
         o[r1] = v1;
       }
     } else {
@@ -210,15 +281,15 @@ __device__ __forceinline__ void finish_unit(const GemvArgs& a, int unit, int t, 
                   device::silu(round_bf16(y0)) * round_bf16(y1));
   } else if constexpr (E == GemvEpilogue::bias_gelu) {
     auto* o = static_cast<__nv_bfloat16*>(a.out_act) + static_cast<int64_t>(t) * a.out;
-    device::store(o, r0, device::gelu_tanh(round_bf16(y0) + (a.bias ? a.bias[r0] : 0.0f)));
-    if (r1 >= 0) device::store(o, r1, device::gelu_tanh(round_bf16(y1) + (a.bias ? a.bias[r1] : 0.0f)));
+    device::store(o, r0, device::gelu_tanh(round_bf16(y0) + in.b0));
+    if (r1 >= 0) device::store(o, r1, device::gelu_tanh(round_bf16(y1) + in.b1));
   } else {  // rope_split
     const int D = a.head_dim, half = D / 2;
     const int head = unit / half, i = unit - head * half;
     float x0 = round_bf16(y0), x1 = round_bf16(y1);
     if (a.bias) {
-      x0 += a.bias[head * D + i];
-      x1 += a.bias[head * D + i + half];
+      x0 += in.b0;
+      x1 += in.b1;
     }
     __nv_bfloat16* dst;
     bool rotate = a.cos_sin != nullptr;
@@ -232,8 +303,7 @@ __device__ __forceinline__ void finish_unit(const GemvArgs& a, int unit, int t, 
       rotate = false;
     }
     if (rotate) {
-      const float* cs = a.cos_sin + (static_cast<int64_t>(a.positions[t]) * half + i) * 2;
-      const float c = cs[0], s = cs[1];
+      const float c = in.v0, s = in.v1;
       const float r0v = x0 * c - x1 * s, r1v = x1 * c + x0 * s;
       x0 = r0v;
       x1 = r1v;
@@ -269,7 +339,10 @@ __global__ void __launch_bounds__(kRowThreads, 2) gemv_kernel(const GemvArgs a) 
   Stage<Steps> A, B;  // items f and f + 1 of the loop below
   if (work > 0) load_stage<E, KS, Steps>(a, unit_of(0), step_of(0), lane, A);
   if (work > 1) load_stage<E, KS, Steps>(a, unit_of(1), step_of(1), lane, B);
+  EpilogueInputs inputs;  // lane t < NT: token t's, for the unit being multiplied
+  if (work > 0 && lane < NT) load_fixed_inputs<E, KS>(a, first, lane, inputs);
   wait_for_previous_kernel();
+  if (work > 0 && lane < NT) load_produced_inputs<E, KS>(a, first, lane, inputs);
   stage_input<P, NT>(a, xs);
 
   float acc0[NT], acc1[NT];
@@ -290,7 +363,14 @@ __global__ void __launch_bounds__(kRowThreads, 2) gemv_kernel(const GemvArgs a) 
         y0 = acc0[t];
         y1 = acc1[t];
       }
-    if (lane < NT) finish_unit<E, KS>(a, unit_of(item), lane, y0, y1);
+    if (lane < NT) {
+      finish_unit<E, KS>(a, unit_of(item), lane, y0, y1, inputs);
+      if (item + 1 < work) {  // the next unit's inputs, while its weights are multiplied
+        inputs = EpilogueInputs{};
+        load_fixed_inputs<E, KS>(a, unit_of(item + 1), lane, inputs);
+        load_produced_inputs<E, KS>(a, unit_of(item + 1), lane, inputs);
+      }
+    }
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.0f;
   };
@@ -306,13 +386,16 @@ __global__ void __launch_bounds__(kRowThreads, 2) gemv_kernel(const GemvArgs a) 
   }
 }
 
+// The input rows as bfloat16, and one float32 row for an embedding lookup.
+int smem_bytes(const GemvArgs& a, int tokens) { return tokens * a.in * 2 + (a.embed_table ? a.in * 4 : 0); }
+
 template <GemvPrologue P, GemvEpilogue E, bool KS, int NT>
 int launch_kernel(const GemvArgs& a, bool programmatic, cudaStream_t stream, int64_t units, int64_t wave) {
   const auto kernel = gemv_kernel<P, E, KS, NT, kSteps>;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(wave, (units + kWarps - 1) / kWarps)));
   config.blockDim = dim3(kRowThreads);
-  config.dynamicSmemBytes = static_cast<size_t>(NT) * a.in * 2;
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes(a, NT));
   config.stream = stream;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -329,7 +412,7 @@ int launch(const GemvArgs& a, bool programmatic, cudaStream_t stream) {
   if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess)
     return static_cast<int>(e);
   if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<P, E, false, NT, kSteps>,
-                                                                    kRowThreads, NT * a.in * 2);
+                                                                    kRowThreads, smem_bytes(a, NT));
       e != cudaSuccess)
     return static_cast<int>(e);
   // As many blocks as fit at once (measured on the H100: two per SM), so that each warp has as
@@ -370,6 +453,11 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 }  // namespace
 
+int32_t gemv_max_embed_tokens(int32_t in) {
+  const int32_t t = gemv_max_tokens(in);
+  return t == 0 ? 0 : static_cast<int32_t>(std::min<int64_t>(t, (kSmemBytes - static_cast<int64_t>(in) * 4) / (static_cast<int64_t>(in) * 2)));
+}
+
 int32_t gemv_max_tokens(int32_t in) {
   if (in <= 0 || in % 8 != 0) return 0;
   return static_cast<int32_t>(std::min<int64_t>(kMaxTokens, kSmemBytes / (static_cast<int64_t>(in) * 2)));
@@ -378,6 +466,10 @@ int32_t gemv_max_tokens(int32_t in) {
 int gemv_bf16_cuda(const GemvArgs& a, GemvPrologue prologue, GemvEpilogue epilogue, bool programmatic, void* stream) {
   const auto invalid = static_cast<int>(cudaErrorInvalidValue);
   if (a.tokens < 1 || a.tokens > gemv_max_tokens(a.in) || a.out < 1 || a.weight == nullptr || !aligned16(a.weight))
+    return invalid;
+  if (a.embed_table != nullptr &&
+      (prologue == GemvPrologue::act || a.tokens > gemv_max_embed_tokens(a.in) || a.tokens_ids == nullptr ||
+       a.resid == nullptr || (a.embed_pos_table != nullptr && a.positions == nullptr)))
     return invalid;
   if (epilogue == GemvEpilogue::swiglu && a.out % 2 != 0) return invalid;
   if (epilogue == GemvEpilogue::rope_split &&

@@ -65,6 +65,7 @@ struct Problem {
   bool bias;
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;  // rope_split
   bool rope = false;
+  bool embed = false;  // input rows from an embedding table (and, for layer_norm, a position table)
 };
 
 std::vector<float> normal(size_t n, float scale, std::mt19937& rng) {
@@ -120,6 +121,23 @@ void run_case(const Problem& p, bool programmatic, uint32_t seed) {
     act[i] = from_bf16(act_bits[i]);
   }
   std::vector<float> resid = normal(T * in, 3.0f, rng);
+  // Embedding tables: the rows the kernel must look up take the place of resid.
+  const int vocab = 37, max_pos_embed = 40;
+  std::vector<uint16_t> table_bits, pos_bits;
+  std::vector<int32_t> token_ids(T);
+  if (p.embed) {
+    const bool with_pos = p.prologue == lk::GemvPrologue::layer_norm;
+    for (float v : normal(static_cast<size_t>(vocab) * in, 2.0f, rng)) table_bits.push_back(bf16_bits(v));
+    if (with_pos)
+      for (float v : normal(static_cast<size_t>(max_pos_embed) * in, 0.5f, rng)) pos_bits.push_back(bf16_bits(v));
+    for (size_t t = 0; t < T; ++t) {
+      token_ids[t] = static_cast<int32_t>((11 * t + 5) % vocab);
+      const int32_t pos = static_cast<int32_t>((7 * t + 3) % 40);  // = positions[t] below
+      for (size_t i = 0; i < in; ++i)
+        resid[t * in + i] = from_bf16(table_bits[static_cast<size_t>(token_ids[t]) * in + i]) +
+                            (with_pos ? from_bf16(pos_bits[static_cast<size_t>(pos) * in + i]) : 0.0f);
+    }
+  }
   std::vector<float> norm_w = normal(in, 1.0f, rng), norm_b = normal(in, 0.3f, rng);
   const float eps = 1e-5f;
   std::vector<float> prior = normal(T * out, 1.0f, rng);  // add_f32 adds into this
@@ -138,7 +156,10 @@ void run_case(const Problem& p, bool programmatic, uint32_t seed) {
   }
 
   Device<uint16_t> d_weight(weight_bits), d_act(act_bits);
-  Device<float> d_bias(bias), d_resid(resid), d_norm_w(norm_w), d_norm_b(norm_b), d_cos_sin(cos_sin);
+  Device<float> d_bias(bias), d_resid(p.embed ? std::vector<float>(T * in, -7.0f) : resid), d_norm_w(norm_w),
+      d_norm_b(norm_b), d_cos_sin(cos_sin);
+  Device<uint16_t> d_table(table_bits), d_pos_table(pos_bits);
+  Device<int32_t> d_token_ids(token_ids);
   Device<float> d_f32(p.epilogue == lk::GemvEpilogue::add_f32 ? prior : std::vector<float>(T * out, -9.0f));
   Device<uint16_t> d_act_out(std::vector<uint16_t>(T * out, 0));
   const size_t q_size = T * static_cast<size_t>(p.n_heads * p.head_dim),
@@ -155,6 +176,11 @@ void run_case(const Problem& p, bool programmatic, uint32_t seed) {
   a.bias = p.bias ? d_bias.get() : nullptr;
   a.act = d_act.get();
   a.resid = d_resid.get();
+  if (p.embed) {
+    a.embed_table = d_table.get();
+    a.embed_pos_table = pos_bits.empty() ? nullptr : d_pos_table.get();
+    a.tokens_ids = d_token_ids.get();
+  }
   a.norm_w = d_norm_w.get();
   a.norm_b = d_norm_b.get();
   a.eps = eps;
@@ -173,6 +199,7 @@ void run_case(const Problem& p, bool programmatic, uint32_t seed) {
   CUDA_REQUIRE(lk::gemv_bf16_cuda(a, p.prologue, p.epilogue, programmatic, stream));
   CUDA_REQUIRE(cudaStreamSynchronize(stream));
   CUDA_REQUIRE(cudaStreamDestroy(stream));
+  if (p.embed) CHECK(d_resid.read() == resid);  // the looked-up rows start the residual stream
 
   // Reference products in float64 over the bfloat16 inputs, and the size of their terms.
   const std::vector<float> x = reference_input(p, act, resid, norm_w, norm_b, eps);
@@ -278,6 +305,12 @@ TEST_CASE("fused GEMVs match a float64 reference", "[kernels][cuda][gemv]") {
       run_case({T, 128, 96, P::layer_norm, E::bias_gelu, true}, pdl, seed++);
       run_case({T, 128, 3 * 2 * 32, P::layer_norm, E::rope_split, true, 2, 2, 32, false}, pdl, seed++);  // GPT-2: no RoPE
       run_case({T, 40, 33, P::layer_norm, E::store_f32, false}, pdl, seed++);          // in shorter than a warp's stride
+      Problem embed{T, 512, (4 + 2 * 2) * 64, P::rms_norm, E::rope_split, false, 4, 2, 64, true};
+      embed.embed = true;
+      run_case(embed, pdl, seed++);  // the first layer: embedding lookup fused
+      Problem embed_pos{T, 128, 3 * 2 * 32, P::layer_norm, E::rope_split, true, 2, 2, 32, false};
+      embed_pos.embed = true;
+      run_case(embed_pos, pdl, seed++);  // GPT-2: token and position tables
       run_case({T, 2048, 64, P::act, E::add_f32, true}, pdl, seed++);     // few rows: each row's K split in two
       run_case({T, 512, 33, P::act, E::add_f32, false}, pdl, seed++);
       run_case({T, 40, 7, P::act, E::add_f32, true}, pdl, seed++);        // K not splittable (40 % 16 != 0)
@@ -302,7 +335,7 @@ TEST_CASE("fused GEMVs refuse what they cannot run", "[kernels][cuda][gemv]") {
   a.out = 64;
   a.weight = fake;
   a.act = fake;
-  a.resid = static_cast<const float*>(fake);
+  a.resid = static_cast<float*>(fake);
   a.norm_w = static_cast<const float*>(fake);
   a.out_f32 = static_cast<float*>(fake);
   a.out_act = fake;
@@ -310,6 +343,12 @@ TEST_CASE("fused GEMVs refuse what they cannot run", "[kernels][cuda][gemv]") {
   CHECK(lk::gemv_bf16_cuda(a, P::act, E::store_f32, false, nullptr) == invalid);   // not a valid pair
   CHECK(lk::gemv_bf16_cuda(a, P::rms_norm, E::add_f32, false, nullptr) == invalid);
   CHECK(lk::gemv_bf16_cuda(a, P::layer_norm, E::store_f32, false, nullptr) == invalid);  // no norm_b
+  lk::GemvArgs e = a;
+  e.embed_table = fake;
+  e.tokens_ids = static_cast<const int32_t*>(fake);
+  CHECK(lk::gemv_bf16_cuda(e, P::act, E::add_f32, false, nullptr) == invalid);  // a lookup needs a norm prologue
+  e.tokens_ids = nullptr;
+  CHECK(lk::gemv_bf16_cuda(e, P::rms_norm, E::store_f32, false, nullptr) == invalid);  // and token ids
   lk::GemvArgs b = a;
   b.tokens = 5;
   CHECK(lk::gemv_bf16_cuda(b, P::act, E::add_f32, false, nullptr) == invalid);

@@ -55,16 +55,23 @@ struct GemvArgs {
   const float* bias = nullptr;   // [out] float32, optional
   // Prologue inputs.
   const void* act = nullptr;       // act: [T, in] bfloat16, 16-byte aligned
-  const float* resid = nullptr;    // norms: [T, in] float32
+  float* resid = nullptr;          // norms: [T, in] float32 (written only with embed_table)
   const float* norm_w = nullptr;   // norms: [in]
   const float* norm_b = nullptr;   // layer_norm: [in]
   float eps = 0.0f;
+  // Embedding lookup, fused (norm prologues only): when embed_table is not null, input row t is
+  // embed_table[tokens_ids[t]] (+ embed_pos_table[positions[t]]), both [*, in] bfloat16, instead
+  // of resid, and the kernel writes the rows (float32) to resid, where the residual stream
+  // starts: the first layer's GEMV does embed_rows_cuda's work. T <= gemv_max_embed_tokens(in).
+  const int32_t* tokens_ids = nullptr;
+  const void* embed_table = nullptr;
+  const void* embed_pos_table = nullptr;
   // Epilogue outputs.
   float* out_f32 = nullptr;  // add_f32, store_f32: [T, out]
   void* out_act = nullptr;   // swiglu: [T, out / 2]; bias_gelu: [T, out]; bfloat16
   // rope_split.
   const float* cos_sin = nullptr;
-  const int32_t* positions = nullptr;  // [T]
+  const int32_t* positions = nullptr;  // [T]; also read by the embedding lookup
   int32_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
   void *q = nullptr, *k = nullptr, *v = nullptr;
 };
@@ -72,6 +79,9 @@ struct GemvArgs {
 // The largest T the kernel takes for rows of `in` values (its input rows are staged in shared
 // memory as bfloat16); 0 when in is not a multiple of 8.
 int32_t gemv_max_tokens(int32_t in);
+
+// The largest T with the fused embedding lookup (it stages one float32 row more).
+int32_t gemv_max_embed_tokens(int32_t in);
 
 // Enqueues one fused GEMV. Valid pairs: act + add_f32; rms_norm or layer_norm + store_f32,
 // swiglu, bias_gelu or rope_split. Other pairs, T outside [1, gemv_max_tokens(in)], or shapes
