@@ -2,9 +2,10 @@
 # usage: scripts/prepare_kjv.sh OUT_DIR
 # Makes the training data of the default model (models/tiny-kjv): the King James Bible from
 # Debian's bible-kjv (public domain), one verse a line without references; a sentencepiece BPE
-# tokenizer of 2000 pieces trained on it (spm_train from Debian's sentencepiece); and the verses
-# as token ids (uint16 little-endian, each verse preceded by BOS = 1), split 98% / 2% into
-# train.bin and val.bin by verse. scripts/train_tiny_kjv.py trains the model from these.
+# tokenizer of 2000 pieces trained on it (spm_train from Debian's sentencepiece), with byte
+# fallback, so that any text (JSON output under a schema, say) has ids; and the verses as token
+# ids (uint16 little-endian, each verse preceded by BOS = 1), split 98% / 2% into train.bin and
+# val.bin by verse. scripts/train_tiny_kjv.py trains the model from these.
 set -euo pipefail
 out=$1
 mkdir -p "$out"
@@ -14,7 +15,7 @@ for p in bible-kjv sentencepiece; do
 done
 echo | bible -f "gen1:1-rev22:21" | sed -E 's/^[0-9]?[A-Za-z]+[0-9]+:[0-9]+ //' | grep -v '^\s*$' > "$out/kjv.txt"
 spm_train --input="$out/kjv.txt" --model_prefix="$out/tokenizer" --vocab_size=2000 --model_type=bpe \
-  --character_coverage=1.0 --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --input_sentence_size=0 \
+  --character_coverage=1.0 --byte_fallback=true --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --input_sentence_size=0 \
   --num_threads=2 > "$out/spm_train.log" 2>&1
 spm_encode --model="$out/tokenizer.model" --output_format=id < "$out/kjv.txt" > "$out/kjv.ids"
 python3 - "$out" <<'PY'
