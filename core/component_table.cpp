@@ -253,6 +253,11 @@ std::optional<std::string> ComponentTable::json(std::string_view key) const {
 }
 
 std::string ComponentTable::where() const { return impl_->where; }
+std::string ComponentTable::where(std::string_view key) const {
+  auto view = find(*impl_->table, key);
+  if (!view || view.node()->source().begin.line == 0) return impl_->where; // absent, or a default
+  return detail::where(view.node()->source(), impl_->source_name);
+}
 uint32_t ComponentTable::line() const { return impl_->line; }
 
 } // namespace loom

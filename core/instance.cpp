@@ -42,7 +42,21 @@ std::unique_ptr<Instance> Instance::create(const ComponentRef &ref, const Compon
     std::string message = inst->ctx_->take_error();
     if (message.empty()) message = status == LOOM_OK ? "create() returned no instance" : status_name(status);
     inst->handle_ = nullptr;
-    throw plugin_error(spec.table->where() + ": " + spec.slot + " (" + ref.component->name + " from " +
+    // A message that begins "<component>: <parameter> ..." is about that parameter's value:
+    // point at it (file:line:col of the value, slot.key), as the manifest checks do.
+    std::string where = spec.table->where(), label = spec.slot;
+    const std::string prefix = std::string(ref.component->name) + ": ";
+    if (message.rfind(prefix, 0) == 0) {
+      const size_t end = message.find_first_of(" :", prefix.size());
+      const std::string key = message.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
+      for (uint32_t i = 0; i < ref.component->param_count; ++i)
+        if (key == ref.component->params[i].key && spec.table->where(key) != spec.table->where()) {
+          where = spec.table->where(key);
+          label += "." + key;
+          break;
+        }
+    }
+    throw plugin_error(where + ": " + label + " (" + ref.component->name + " from " +
                        ref.library->path().filename().string() + "): create failed: " + message);
   }
   inst->handle_ = handle;

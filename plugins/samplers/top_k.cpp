@@ -1,5 +1,6 @@
 // Sampler `top-k`: keeps exactly the k largest logits of each row (ties broken by lower token
-// id, so the kept set is deterministic) and masks the rest with -inf. k <= 0 disables it.
+// id, so the kept set is deterministic) and masks the rest with -inf. k = 0 disables it; a
+// negative k is a configuration error.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -12,11 +13,13 @@ namespace {
 
 struct TopK : Base {
   int64_t k;
-  TopK(const loom_host_api* h, loom_host_ctx* c) : Base(h, c), k(cfg_int(h, c, "k")) {}
+  TopK(const loom_host_api* h, loom_host_ctx* c) : Base(h, c), k(cfg_int(h, c, "k")) {
+    if (k < 0) invalid("top-k: k must be >= 0 (0 disables the filter), got " + std::to_string(k));
+  }
 
   void apply(const loom_sampling_batch& b) {
     const Rows rows = cpu_rows(&b, "top-k");
-    if (k <= 0 || k >= rows.vocab) return;  // disabled, or keeps everything
+    if (k == 0 || k >= rows.vocab) return;  // disabled, or keeps everything
     std::vector<int32_t> idx(static_cast<size_t>(rows.vocab));
     for (int64_t r = 0; r < rows.n; ++r) {
       float* x = rows.row(r);
@@ -33,7 +36,7 @@ struct TopK : Base {
 
 constexpr loom_sampler_vtable kVtable = make_vtable<TopK>(0);
 constexpr loom_param_desc kParams[] = {
-    param("k", LOOM_VALUE_INT, "40", "number of highest logits kept; <= 0 disables the filter"),
+    param("k", LOOM_VALUE_INT, "40", "number of highest logits kept, >= 0; 0 disables the filter"),
 };
 
 }  // namespace

@@ -600,3 +600,14 @@ TEST_CASE("mirostat-v2 truncates by surprise, draws like dist and adapts mu per 
   CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"mirostat-v2\"\ntau = -1.0\n"), Catch::Contains("tau"));
   CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"mirostat-v2\"\neta = 0.0\n"), Catch::Contains("eta"));
 }
+
+TEST_CASE("a bad sampler setting is reported at its key: file:line:col: slot.key", "[samplers][config]") {
+  // The runtime's source name is "<test>", and bt::runtime puts three lines of [loom] first.
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"greedy\"\n[[sampler]]\nuse = \"top-p\"\np = 1.5\n"),
+             Catch::StartsWith("<test>:8:5: sampler[1].p (top-p from") && Catch::Contains("p must be in (0, 1]"));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"top-k\"\nk = -3\n"),
+             Catch::StartsWith("<test>:6:5: sampler[0].k (top-k from") && Catch::Contains("k must be >= 0"));
+  // A message about no single key stays at the table.
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"json-schema\"\nschema = '{'\n"),
+             Catch::StartsWith("<test>:4:1: sampler[0] (json-schema from"));
+}

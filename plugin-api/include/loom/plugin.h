@@ -34,7 +34,10 @@ typedef struct loom_param_desc {
 typedef struct loom_lifecycle {
   /* Creates an instance from the manifest table behind `ctx`. `host` and `ctx` stay valid until
    * destroy() returns; the instance may keep both. On failure: call host->set_error, free
-   * anything partially built, leave *out_instance untouched, return non-zero.
+   * anything partially built, leave *out_instance untouched, return non-zero. A message that
+   * begins "<component name>: <parameter key> ..." is reported at that key's line and column
+   * in the manifest ("file:line:col: slot.key (...)"), so name the key first when it is a
+   * parameter's value that is wrong.
    * [any thread; concurrent calls create independent instances] */
   loom_status (*create)(const loom_host_api *host, loom_host_ctx *ctx, void **out_instance);
 

@@ -46,6 +46,8 @@ class ComponentTable {
 
   // "file:line:col" of the table itself, and its line (0 when it came from --set).
   std::string where() const;
+  // "file:line:col" of the value of `key` when the manifest sets it, else where().
+  std::string where(std::string_view key) const;
   uint32_t line() const;
 
   Impl &impl() const { return *impl_; }
