@@ -36,6 +36,16 @@ bool Grammar::intersects(const Elem& e, uint32_t lo, uint32_t hi) const {
   return false;
 }
 
+bool Grammar::may_match_pending(const Elem& e, uint32_t cp, uint8_t need, uint8_t len) const {
+  const uint32_t shift = 6u * need;
+  const uint32_t total = uint32_t{need} + len;
+  const uint32_t lo = std::max<uint32_t>(cp << shift, utf8_min(total));
+  const uint32_t hi = std::min<uint32_t>((cp << shift) | ((1u << shift) - 1), 0x10FFFF);
+  if (lo > hi) return false;
+  return (lo < 0xD800 && intersects(e, lo, std::min<uint32_t>(hi, 0xD7FF))) ||
+         (hi > 0xDFFF && intersects(e, std::max<uint32_t>(lo, 0xE000), hi));
+}
+
 namespace {
 
 bool name_char(char c) {
@@ -460,18 +470,6 @@ bool State::can_complete() const {
   return false;
 }
 
-std::string State::key() const {
-  std::string k;
-  for (const auto& s : stacks) {
-    k.append(reinterpret_cast<const char*>(s.data()), s.size() * sizeof(uint32_t));
-    k.append(4, '\xff');
-  }
-  k.push_back(static_cast<char>(partial_need));
-  k.push_back(static_cast<char>(partial_len));
-  k.append(reinterpret_cast<const char*>(&partial_cp), sizeof(partial_cp));
-  return k;
-}
-
 Matcher::Matcher(const Grammar& g, const Limits& limits) : g_(&g), lim_(limits) {}
 
 void Matcher::expand(Stack s, std::vector<Stack>& out) const {
@@ -533,11 +531,8 @@ void Matcher::advance_cp(const std::vector<Stack>& in, uint32_t cp, std::vector<
 }
 
 bool Matcher::partial_ok(const State& s) const {
-  const uint32_t shift = 6u * s.partial_need;
-  const uint32_t lo = s.partial_cp << shift;
-  const uint32_t hi = lo | ((1u << shift) - 1);
   for (const auto& st : s.stacks)
-    if (!st.empty() && g_->intersects(g_->elems[st.back()], lo, std::min<uint32_t>(hi, 0x10FFFF)))
+    if (!st.empty() && g_->may_match_pending(g_->elems[st.back()], s.partial_cp, s.partial_need, s.partial_len))
       return true;
   return false;
 }
@@ -550,11 +545,11 @@ bool Matcher::advance_byte(const State& in, uint8_t b, State& out) const {
       out.partial_cp = 0;
       return !out.stacks.empty();
     }
-    int need = b >= 0xF0 && b <= 0xF4 ? 3 : b >= 0xE0 && b <= 0xEF ? 2 : b >= 0xC2 && b <= 0xDF ? 1 : 0;
+    const uint8_t need = utf8_need(b);
     if (need == 0) { out.stacks.clear(); return false; }
     out.stacks = in.stacks;
     out.partial_cp = b & (0x3Fu >> need);
-    out.partial_need = static_cast<uint8_t>(need);
+    out.partial_need = need;
     out.partial_len = 1;
     if (!partial_ok(out)) { out.stacks.clear(); return false; }
     return true;
@@ -564,8 +559,7 @@ bool Matcher::advance_byte(const State& in, uint8_t b, State& out) const {
   const uint8_t need = static_cast<uint8_t>(in.partial_need - 1);
   const uint8_t len = static_cast<uint8_t>(in.partial_len + 1);
   if (need == 0) {
-    const uint32_t min = len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000;
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) { out.stacks.clear(); return false; }
+    if (!utf8_valid(cp, len)) { out.stacks.clear(); return false; }
     advance_cp(in.stacks, cp, out.stacks);
     out.partial_need = out.partial_len = 0;
     out.partial_cp = 0;

@@ -54,6 +54,11 @@ struct Grammar {
   bool matches(const Elem& e, uint32_t cp) const;
   // True when some code point in [lo, hi] matches e.
   bool intersects(const Elem& e, uint32_t lo, uint32_t hi) const;
+  // True when a pending UTF-8 sequence (the bits `cp` of its first `len` bytes, `need` bytes
+  // still to come) can still become a code point that matches e. Only valid UTF-8 counts: no
+  // overlong form, surrogate or code point past U+10FFFF, so that a token starting a sequence
+  // nothing can complete (F0 80, ED A0, F4 90) is refused instead of leading to a dead end.
+  bool may_match_pending(const Elem& e, uint32_t cp, uint8_t need, uint8_t len) const;
 };
 
 // Parses GBNF text. Throws GrammarError "grammar:LINE:COL: message".
@@ -62,7 +67,22 @@ Grammar parse_gbnf(std::string_view text, const Limits& limits = {});
 // Compiles a JSON schema (JSON text) to GBNF text. Throws GrammarError "json-schema: ...".
 std::string schema_to_gbnf(std::string_view schema_json, const Limits& limits = {});
 
+// ---- UTF-8, as the matchers read it ----
+// Continuation bytes a lead byte announces; 0 for a byte that cannot start a sequence.
+inline uint8_t utf8_need(uint8_t lead) {
+  return lead >= 0xF0 && lead <= 0xF4 ? 3 : lead >= 0xE0 && lead <= 0xEF ? 2 : lead >= 0xC2 && lead <= 0xDF ? 1 : 0;
+}
+// The smallest code point a sequence of `len` bytes may encode (anything smaller is overlong).
+inline uint32_t utf8_min(uint32_t len) { return len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000; }
+// Whether cp, decoded from a complete sequence of len bytes, is valid: not overlong, not a
+// surrogate, at most U+10FFFF.
+inline bool utf8_valid(uint32_t cp, uint32_t len) {
+  return cp >= utf8_min(len) && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF);
+}
+
 // ---- matcher ----
+// The plain reference matcher: a set of explicit stacks, advanced one byte at a time. The masks
+// use StepCache (step_cache.hpp), a memoized equivalent that tests compare against this one.
 using Stack = std::vector<uint32_t>;  // element indices; back() is the next CHARS to match
 
 // A matcher state: the set of live stacks (sorted, unique; an empty stack = may complete here)
@@ -74,7 +94,6 @@ struct State {
   uint8_t partial_len = 0;  // bytes consumed of the pending sequence
   bool dead() const { return stacks.empty(); }
   bool can_complete() const;
-  std::string key() const;  // identity for caches
 };
 
 class Matcher {
@@ -91,6 +110,7 @@ class Matcher {
     return advance(t, bytes);
   }
   const Grammar& grammar() const { return *g_; }
+  const Limits& limits() const { return lim_; }
 
  private:
   void expand(Stack s, std::vector<Stack>& out) const;
@@ -98,38 +118,6 @@ class Matcher {
   bool partial_ok(const State& s) const;
   const Grammar* g_;
   Limits lim_;
-};
-
-// The vocabulary as a byte trie, so that computing the set of tokens a state accepts walks
-// shared prefixes once and stops at the first byte the grammar refuses.
-class TokenIndex {
- public:
-  // texts[i]: the bytes of token i; has_text[i] == 0: token i is never allowed (no text, or
-  // empty text); ends: the end-of-generation ids, allowed exactly when the state can complete.
-  TokenIndex(const std::vector<std::string>& texts, const std::vector<char>& has_text,
-             std::vector<int32_t> ends);
-  size_t size() const { return texts_.size(); }
-  size_t nodes() const { return nodes_.size(); }
-  const std::string& text(int32_t id) const { return texts_[static_cast<size_t>(id)]; }
-  bool has_text(int32_t id) const { return has_[static_cast<size_t>(id)] != 0; }
-  bool is_end(int32_t id) const;
-  // Writes the allowed-token bitset of `s` into out (ceil(size / 64) words; bit i = token i).
-  void mask(const Matcher& m, const State& s, std::vector<uint64_t>& out) const;
-
- private:
-  struct Node {
-    uint32_t first_edge = 0, n_edges = 0;   // edges_[first_edge, +n_edges)
-    uint32_t first_tok = 0, n_toks = 0;     // toks_[first_tok, +n_toks)
-  };
-  struct LoopMemo;
-  void walk(const Matcher& m, uint32_t node, const State& s, LoopMemo& memo,
-            std::vector<uint64_t>& out) const;
-  std::vector<std::string> texts_;
-  std::vector<char> has_;
-  std::vector<int32_t> ends_;
-  std::vector<Node> nodes_;
-  std::vector<std::pair<uint8_t, uint32_t>> edges_;  // (byte, child)
-  std::vector<int32_t> toks_;
 };
 
 }  // namespace loomp::grammar

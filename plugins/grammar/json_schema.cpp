@@ -1,9 +1,11 @@
 // JSON schema -> GBNF. Supported: type (string, number, integer, boolean, null, object, array,
 // or a list of them), properties, required, additionalProperties (false or absent: no extra
-// properties are ever generated), items, minItems, maxItems, enum, const, $ref to "#",
+// properties are ever generated), items, minItems, maxItems, minLength, maxLength (of strings),
+// enum, const, $ref to "#",
 // "#/$defs/NAME" or "#/definitions/NAME", and the annotations title, description, $schema, $id,
 // $comment, default, examples (ignored). Properties appear in the order the schema lists them;
 // optional ones may be left out. Any other keyword is an error naming it and its JSON path.
+#include <algorithm>
 #include <map>
 #include <set>
 
@@ -147,7 +149,7 @@ class Compiler {
     if (!s.is_object()) fail(path, "a schema must be an object or a boolean");
     static const std::set<std::string> known = {
         "type", "properties", "required", "additionalProperties", "items", "minItems",
-        "maxItems", "enum", "const", "$ref", "$defs", "definitions", "title", "description",
+        "maxItems", "minLength", "maxLength", "enum", "const", "$ref", "$defs", "definitions", "title", "description",
         "$schema", "$id", "$comment", "default", "examples"};
     for (auto it = s.begin(); it != s.end(); ++it)
       if (!known.count(it.key())) fail(path + "/" + pointer_escape(it.key()), "unsupported keyword '" + it.key() + "'");
@@ -159,6 +161,9 @@ class Compiler {
         if (s.contains(k)) fail(path + "/" + k, std::string("keyword '") + k + "' beside $ref is not supported");
       return ref(s["$ref"].get<std::string>(), path, depth);
     }
+    if (s.contains("const") || s.contains("enum"))
+      for (const char* k : {"minLength", "maxLength"})
+        if (s.contains(k)) fail(path + "/" + k, std::string("keyword '") + k + "' beside enum or const is not supported");
     if (s.contains("const")) return add(dump_literal(s["const"]));
     if (s.contains("enum")) {
       const json& e = s["enum"];
@@ -185,15 +190,19 @@ class Compiler {
     } else if (s.contains("items")) {
       types.push_back("array");
     } else {
-      for (const char* k : {"required", "additionalProperties", "minItems", "maxItems"})
+      for (const char* k : {"required", "additionalProperties", "minItems", "maxItems", "minLength", "maxLength"})
         if (s.contains(k)) fail(path + "/" + k, std::string("keyword '") + k + "' needs a 'type'");
       return "value";
     }
+    if (std::find(types.begin(), types.end(), "string") == types.end())
+      for (const char* k : {"minLength", "maxLength"})
+        if (s.contains(k)) fail(path + "/" + k, std::string("keyword '") + k + "' needs type 'string'");
     std::string body;
     for (size_t i = 0; i < types.size(); ++i) {
       const std::string& t = types[i];
       std::string e;
-      if (t == "string" || t == "number" || t == "integer" || t == "boolean" || t == "null") e = t;
+      if (t == "string") e = string(s, path);
+      else if (t == "number" || t == "integer" || t == "boolean" || t == "null") e = t;
       else if (t == "object") e = object(s, path, depth);
       else if (t == "array") e = array(s, path, depth);
       else fail(path + "/type", "unknown type '" + t + "'");
@@ -262,6 +271,26 @@ class Compiler {
     return add(body);
   }
 
+  // A string, of minLength..maxLength characters (a character: one `char` of the prelude, a
+  // code point or an escape) when those are given.
+  std::string string(const json& s, const std::string& path) {
+    const int64_t lo = std::max<int64_t>(count(s, path, "minLength"), 0);
+    const int64_t hi = count(s, path, "maxLength");
+    if (hi >= 0 && hi < lo) fail(path + "/maxLength", "maxLength < minLength");
+    if (lo == 0 && hi < 0) return "string";
+    return add("\"\\\"\" char{" + std::to_string(lo) + "," + (hi >= 0 ? std::to_string(hi) : "") + "} \"\\\"\" space");
+  }
+
+  // The value of a count keyword (minItems, maxLength, ...), or -1 when absent.
+  int64_t count(const json& s, const std::string& path, const char* k) const {
+    if (!s.contains(k)) return -1;
+    const json& v = s[k];
+    if (!v.is_number_integer() || v.get<int64_t>() < 0) fail(path + "/" + k, "must be a non-negative integer");
+    if (v.get<int64_t>() > static_cast<int64_t>(lim_.max_repeat))
+      fail(path + "/" + k, "larger than " + std::to_string(lim_.max_repeat) + " is not supported");
+    return v.get<int64_t>();
+  }
+
   std::string array(const json& s, const std::string& path, int depth) {
     for (const char* k : {"properties", "required", "additionalProperties"})
       if (s.contains(k)) fail(path + "/" + k, std::string("keyword '") + k + "' is not valid for an array");
@@ -270,16 +299,8 @@ class Compiler {
       if (s["items"].is_array()) fail(path + "/items", "tuple 'items' (an array) is not supported");
       item = visit(s["items"], path + "/items", depth + 1);
     }
-    auto count = [&](const char* k) -> int64_t {
-      if (!s.contains(k)) return -1;
-      const json& v = s[k];
-      if (!v.is_number_integer() || v.get<int64_t>() < 0) fail(path + "/" + k, "must be a non-negative integer");
-      if (v.get<int64_t>() > static_cast<int64_t>(lim_.max_repeat))
-        fail(path + "/" + k, "larger than " + std::to_string(lim_.max_repeat) + " is not supported");
-      return v.get<int64_t>();
-    };
-    const int64_t lo = std::max<int64_t>(count("minItems"), 0);
-    const int64_t hi = count("maxItems");
+    const int64_t lo = std::max<int64_t>(count(s, path, "minItems"), 0);
+    const int64_t hi = count(s, path, "maxItems");
     if (hi >= 0 && hi < lo) fail(path + "/maxItems", "maxItems < minItems");
     std::string body = "\"[\" space ";
     if (hi != 0) {

@@ -5,66 +5,31 @@
 // survive only where the grammar can be complete. Token texts come from the host extension
 // loom.host.vocab/1 (loom/host_vocab.h), read at create() when offered, otherwise at the first
 // apply()/accept(), which fail with LOOM_ERR_UNSUPPORTED while the host lacks it.
-// Per-sequence parse state follows accept/fork/release. Masks are cached per parse state.
-#include <cmath>
+// Per-sequence parse state follows accept/fork/release. Grammars, vocabulary tries and the
+// token tables built from both are shared across instances (shared_cache.hpp); each instance
+// keeps the masks of the parse states it has seen (masker.hpp).
 #include <fstream>
-#include <functional>
 #include <memory>
-#include <mutex>
 #include <sstream>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "gbnf.hpp"
+#include "masker.hpp"
+#include "shared_cache.hpp"
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
 
 namespace loomp::grammar {
 namespace {
 
-struct Compiled {
-  Grammar g;
-  Matcher m;
-  explicit Compiled(Grammar gr) : g(std::move(gr)), m(g) {}
-  Compiled(const Compiled&) = delete;
-  Compiled& operator=(const Compiled&) = delete;
-};
-
-std::shared_ptr<const Compiled> compile_gbnf(const std::string& text) {
+std::shared_ptr<const Compiled> compile(const std::string& text, bool schema) {
   try {
-    return std::make_shared<const Compiled>(parse_gbnf(text));
+    return compiled(text, schema);
   } catch (const GrammarError& e) {
     invalid(e.what());
   }
-}
-
-// Process-wide cache of compiled JSON schemas, keyed by the schema text's hash (the text is kept
-// and compared, so a collision only costs a recompile).
-std::shared_ptr<const Compiled> compile_schema(const std::string& text) {
-  struct Entry {
-    std::string text;
-    std::shared_ptr<const Compiled> c;
-  };
-  static std::mutex mu;
-  static std::unordered_multimap<size_t, Entry> cache;
-  const size_t h = std::hash<std::string>{}(text);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto [a, b] = cache.equal_range(h);
-    for (auto it = a; it != b; ++it)
-      if (it->second.text == text) return it->second.c;
-  }
-  std::shared_ptr<const Compiled> c;
-  try {
-    c = std::make_shared<const Compiled>(parse_gbnf(schema_to_gbnf(text)));
-  } catch (const GrammarError& e) {
-    invalid(e.what());
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  if (cache.size() >= 64) cache.clear();
-  cache.emplace(h, Entry{text, c});
-  return c;
 }
 
 std::string read_file(const std::string& path, const char* key) {
@@ -98,17 +63,18 @@ struct Sampler {
   loom_host_ctx* ctx;
   const char* name = kSchema ? "json-schema" : "grammar";
   std::shared_ptr<const Compiled> comp;
-  std::unique_ptr<TokenIndex> vocab;
+  std::shared_ptr<const TokenIndex> vocab;
+  std::unique_ptr<Masker> masker;  // after comp: its tables point at comp's matcher
   std::unordered_map<int64_t, Seq> seqs;
-  std::unordered_map<std::string, std::shared_ptr<const std::vector<uint64_t>>> cache;
-  std::vector<uint64_t> scratch;
 
   Sampler(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {
-    comp = kSchema ? compile_schema(source(h, c, "schema", "schema_file"))
-                   : compile_gbnf(source(h, c, "grammar", "grammar_file"));
+    comp = kSchema ? compile(source(h, c, "schema", "schema_file"), true)
+                   : compile(source(h, c, "grammar", "grammar_file"), false);
     load_vocab(false);
   }
 
+  // Reads the vocabulary and builds (or finds) the token tables, so that the first apply()
+  // already masks at full speed.
   void load_vocab(bool required) {
     if (vocab) return;
     const loom_host_vocab* v = nullptr;
@@ -136,23 +102,15 @@ struct Sampler {
     size_t n_ends = 0;
     std::vector<int32_t> end_ids;
     if (v->end_tokens(ctx, &ends, &n_ends) == LOOM_OK && ends != nullptr) end_ids.assign(ends, ends + n_ends);
-    vocab = std::make_unique<TokenIndex>(texts, has, std::move(end_ids));
+    auto index = vocabulary(std::move(texts), std::move(has), std::move(end_ids));
+    masker = std::make_unique<Masker>(tables(comp, index));
+    vocab = std::move(index);
   }
 
   Seq& seq(int64_t id) {
     auto it = seqs.find(id);
     if (it == seqs.end()) it = seqs.emplace(id, Seq{comp->m.initial(), false}).first;
     return it->second;
-  }
-
-  const std::vector<uint64_t>& mask_of(const State& s) {
-    std::string key = s.key();
-    auto it = cache.find(key);
-    if (it != cache.end()) return *it->second;
-    auto m = std::make_shared<std::vector<uint64_t>>();
-    vocab->mask(comp->m, s, *m);
-    if (cache.size() >= 1024) cache.clear();  // <= 1024 masks of vocab/8 bytes each
-    return *cache.emplace(std::move(key), std::move(m)).first->second;
   }
 
   void apply(const loom_sampling_batch& b) {
@@ -162,35 +120,19 @@ struct Sampler {
     if (b.n_rows > 0 && b.seq_ids == nullptr) invalid(std::string(name) + ": seq_ids is NULL");
     float* data = data_of<float>(*b.logits);
     const size_t vs = static_cast<size_t>(b.vocab_size);
-    const size_t known = std::min(vs, vocab->size());
     for (int32_t r = 0; r < b.n_rows; ++r) {
       float* x = data + static_cast<size_t>(r) * vs;
       Seq& s = seq(b.seq_ids[r]);
       if (s.ended) {
-        for (size_t i = 0; i < vs; ++i)
-          if (i >= known || !vocab->is_end(static_cast<int32_t>(i))) x[i] = -INFINITY;
+        masker->apply_ended(x, vs);
         continue;
       }
       try {
-        apply_mask(x, mask_of(s.st), known, vs);
+        masker->apply(s.st, x, vs);
       } catch (const GrammarError& e) {
         invalid(e.what());
       }
     }
-  }
-
-  static void apply_mask(float* x, const std::vector<uint64_t>& m, size_t known, size_t vs) {
-    for (size_t w = 0; w * 64 < known; ++w) {
-      const uint64_t bits = m[w];
-      if (bits == ~uint64_t{0}) continue;
-      uint64_t zeros = ~bits;
-      if ((w + 1) * 64 > known) zeros &= (uint64_t{1} << (known - w * 64)) - 1;
-      while (zeros != 0) {
-        x[w * 64 + static_cast<size_t>(__builtin_ctzll(zeros))] = -INFINITY;
-        zeros &= zeros - 1;
-      }
-    }
-    for (size_t i = known; i < vs; ++i) x[i] = -INFINITY;
   }
 
   void accept(int64_t id, int32_t token) {
