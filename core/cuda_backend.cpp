@@ -271,8 +271,9 @@ class CudaBackend final : public ModelBackend {
   std::shared_ptr<Instance> graphs_attention_; // held, so that its address cannot be reused
   bool graphs_enabled_ = true;
   // Decode steps of at most this many tokens use the fused GEMVs (0: never; bfloat16 only;
-  // LOOM_CUDA_GEMV=0 turns them off, for comparisons). programmatic_: launched as programmatic
-  // dependent launches (compute capability 9.0 and newer; LOOM_CUDA_PDL=0 turns it off).
+  // LOOM_CUDA_GEMV=0 turns them off, for comparisons). programmatic_: the GEMVs are launched as
+  // programmatic dependent launches (compute capability 9.0 and newer; LOOM_CUDA_PDL=0 turns it
+  // off for them; the flash plugin decides for its own kernels).
   int32_t gemv_tokens_ = 0;
   bool programmatic_ = false;
 };

@@ -392,6 +392,11 @@ int smem_bytes(const GemvArgs& a, int tokens) { return tokens * a.in * 2 + (a.em
 template <GemvPrologue P, GemvEpilogue E, bool KS, int NT>
 int launch_kernel(const GemvArgs& a, bool programmatic, cudaStream_t stream, int64_t units, int64_t wave) {
   const auto kernel = gemv_kernel<P, E, KS, NT, kSteps>;
+  // Up to kSmemBytes of dynamic shared memory on top of the norm's few static bytes: past the
+  // default 48 KB in all, which needs the opt-in.
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(a, NT));
+      e != cudaSuccess)
+    return static_cast<int>(e);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(wave, (units + kWarps - 1) / kWarps)));
   config.blockDim = dim3(kRowThreads);
@@ -455,7 +460,8 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 int32_t gemv_max_embed_tokens(int32_t in) {
   const int32_t t = gemv_max_tokens(in);
-  return t == 0 ? 0 : static_cast<int32_t>(std::min<int64_t>(t, (kSmemBytes - static_cast<int64_t>(in) * 4) / (static_cast<int64_t>(in) * 2)));
+  const int64_t fit = (kSmemBytes - static_cast<int64_t>(in) * 4) / (static_cast<int64_t>(in) * 2);
+  return static_cast<int32_t>(std::clamp<int64_t>(fit, 0, t));
 }
 
 int32_t gemv_max_tokens(int32_t in) {

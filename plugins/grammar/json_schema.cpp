@@ -157,7 +157,8 @@ class Compiler {
     if (s.contains("definitions") && !s["definitions"].is_object()) fail(path + "/definitions", "must be an object");
     if (s.contains("$ref")) {
       if (!s["$ref"].is_string()) fail(path + "/$ref", "must be a string");
-      for (const char* k : {"type", "properties", "items", "enum", "const"})
+      for (const char* k : {"type", "properties", "items", "enum", "const", "required", "additionalProperties",
+                            "minItems", "maxItems", "minLength", "maxLength"})
         if (s.contains(k)) fail(path + "/" + k, std::string("keyword '") + k + "' beside $ref is not supported");
       return ref(s["$ref"].get<std::string>(), path, depth);
     }

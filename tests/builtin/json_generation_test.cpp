@@ -134,4 +134,6 @@ TEST_CASE("json-schema: minLength and maxLength bound strings, and are refused e
   CHECK(error(R"({"type": "string", "minLength": -1})").find("json-schema: /minLength: must be a non-negative integer") !=
         std::string::npos);
   CHECK(error(R"({"maxLength": 4})").find("json-schema: /maxLength: keyword 'maxLength' needs a 'type'") != std::string::npos);
+  CHECK(error(R"({"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s", "maxLength": 4})")
+            .find("json-schema: /maxLength: keyword 'maxLength' beside $ref is not supported") != std::string::npos);
 }

@@ -311,6 +311,9 @@ TEST_CASE("fused GEMVs match a float64 reference", "[kernels][cuda][gemv]") {
       Problem embed_pos{T, 128, 3 * 2 * 32, P::layer_norm, E::rope_split, true, 2, 2, 32, false};
       embed_pos.embed = true;
       run_case(embed_pos, pdl, seed++);  // GPT-2: token and position tables
+      Problem embed_full{T, 4096, 2 * 64, P::rms_norm, E::swiglu, false};
+      embed_full.embed = true;
+      run_case(embed_full, pdl, seed++);  // 48 KB of staging at T = 4, beside the norm's static bytes
       run_case({T, 2048, 64, P::act, E::add_f32, true}, pdl, seed++);     // few rows: each row's K split in two
       run_case({T, 512, 33, P::act, E::add_f32, false}, pdl, seed++);
       run_case({T, 40, 7, P::act, E::add_f32, true}, pdl, seed++);        // K not splittable (40 % 16 != 0)
@@ -328,6 +331,8 @@ TEST_CASE("fused GEMVs refuse what they cannot run", "[kernels][cuda][gemv]") {
   CHECK(lk::gemv_max_tokens(8192) == 3);
   CHECK(lk::gemv_max_tokens(12) == 0);
   CHECK(lk::gemv_max_tokens(0) == 0);
+  CHECK(lk::gemv_max_embed_tokens(4096) == 4);
+  CHECK(lk::gemv_max_embed_tokens(24576) == 0);  // not even one row fits beside the lookup's
   auto* fake = reinterpret_cast<void*>(uintptr_t{256});
   lk::GemvArgs a;
   a.tokens = 1;
