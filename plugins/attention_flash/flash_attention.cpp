@@ -174,19 +174,7 @@ void FlashAttention::forward(const loom_attention_batch& b) {
   if (M * block_size_ > kIntMax) invalid("block_table: more positions than 2^31 - 1");
 
   Problem p = prepared_problem_;
-  p.causal = b.causal != 0 ? 1 : 0;
-  p.n_tokens = static_cast<int>(T);
-  p.n_seqs = static_cast<int>(S);
-  p.table_cols = static_cast<int>(M);
-  p.pool_blocks = N;
-  p.q = data_of<const uint8_t>(*b.q);
-  p.k = data_of<const uint8_t>(*b.k);
-  p.v = data_of<const uint8_t>(*b.v);
-  p.out = data_of<uint8_t>(*b.out);
-  p.seq_offsets = data_of<const int32_t>(*b.seq_offsets);
-  p.seq_positions = data_of<const int32_t>(*b.seq_positions);
-  p.block_table = data_of<const int32_t>(*b.block_table);
-  p.pool = data_of<uint8_t>(*b.kv_pool);
+  bind_attention_batch(p, b);
 
   DeviceGuard device(dev.device_id);
   auto* stream = static_cast<cudaStream_t>(host_->current_stream(ctx_, dev));

@@ -27,21 +27,9 @@ namespace {
 
 constexpr int kThreads = 128;
 
-struct DecodeArgs {
-  dev::Pool pool;
-  const void* q;
+struct DecodeArgs : dev::BatchArgs {
   const uint8_t* k;  // [T, Hkv, D]: the batch's new keys
   const uint8_t* v;
-  void* out;
-  const int32_t* off;
-  const int32_t* pos;
-  int n_tokens;
-  int n_seqs;
-  int n_heads;
-  int group;  // H / Hkv
-  int window;
-  int causal;
-  float scale_log2;
   int n_splits;
   float* partial_out;
   float* partial_ml;
@@ -301,20 +289,9 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a)
 template <class T, int D, int G>
 cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
   DecodeArgs a;
-  a.pool = dev::make_pool(p);
-  a.q = p.q;
+  static_cast<dev::BatchArgs&>(a) = dev::make_batch_args(p);
   a.k = static_cast<const uint8_t*>(p.k);
   a.v = static_cast<const uint8_t*>(p.v);
-  a.out = p.out;
-  a.off = p.seq_offsets;
-  a.pos = p.seq_positions;
-  a.n_tokens = p.n_tokens;
-  a.n_seqs = p.n_seqs;
-  a.n_heads = p.n_heads;
-  a.group = p.n_heads / p.n_kv_heads;
-  a.window = p.window;
-  a.causal = p.causal;
-  a.scale_log2 = p.scale_log2;
   a.n_splits = plan.n_splits;
   a.partial_out = plan.partial_out;
   a.partial_ml = plan.partial_ml;

@@ -158,6 +158,40 @@ __host__ __forceinline__ Pool make_pool(const Problem& p) {
   return pool;
 }
 
+// The kernel arguments every flash kernel over a batch takes (decode and prefill add their own
+// by deriving from it): the pool, q and out, the batch's metadata and the attention geometry.
+struct BatchArgs {
+  Pool pool;
+  const void* q;
+  void* out;
+  const int32_t* off;
+  const int32_t* pos;
+  int n_tokens;
+  int n_seqs;
+  int n_heads;
+  int group;  // H / Hkv
+  int window;
+  int causal;
+  float scale_log2;
+};
+
+__host__ __forceinline__ BatchArgs make_batch_args(const Problem& p) {
+  BatchArgs a;
+  a.pool = make_pool(p);
+  a.q = p.q;
+  a.out = p.out;
+  a.off = p.seq_offsets;
+  a.pos = p.seq_positions;
+  a.n_tokens = p.n_tokens;
+  a.n_seqs = p.n_seqs;
+  a.n_heads = p.n_heads;
+  a.group = p.n_heads / p.n_kv_heads;
+  a.window = p.window;
+  a.causal = p.causal;
+  a.scale_log2 = p.scale_log2;
+  return a;
+}
+
 // ---- PTX wrappers (sm_80+) ----
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

@@ -32,22 +32,10 @@ constexpr int kLd = D + 8;
 template <int D>
 constexpr int kSmemBytes = (kRows + 4 * kKeys) * kLd<D> * 2;
 
-struct PrefillArgs {
-  dev::Pool pool;
-  const void* q;
-  void* out;
-  const int32_t* off;
-  const int32_t* pos;
-  int n_tokens;
-  int n_seqs;
-  int n_heads;
-  int group;        // H / Hkv
+struct PrefillArgs : dev::BatchArgs {
   int pack_shift;   // log2(pack)
   int tile_tokens;  // kRows / pack
   int head_groups;  // H / pack
-  int window;
-  int causal;
-  float scale_log2;
 };
 
 // Warp 0 finds which (sequence, tile) work item `x` is: sequence s owns ceil(n_s / tile_tokens)
@@ -277,23 +265,12 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillArgs a) 
 template <class T, int D>
 cudaError_t launch(const Problem& p, cudaStream_t stream) {
   PrefillArgs a;
-  a.pool = dev::make_pool(p);
-  a.q = p.q;
-  a.out = p.out;
-  a.off = p.seq_offsets;
-  a.pos = p.seq_positions;
-  a.n_tokens = p.n_tokens;
-  a.n_seqs = p.n_seqs;
-  a.n_heads = p.n_heads;
-  a.group = p.n_heads / p.n_kv_heads;
+  static_cast<dev::BatchArgs&>(a) = dev::make_batch_args(p);
   const int pack = prefill_pack(a.group);
   a.pack_shift = 0;
   while ((1 << a.pack_shift) < pack) ++a.pack_shift;
   a.tile_tokens = kRows / pack;
   a.head_groups = p.n_heads / pack;
-  a.window = p.window;
-  a.causal = p.causal;
-  a.scale_log2 = p.scale_log2;
   const int64_t tiles = (p.n_tokens + a.tile_tokens - 1) / a.tile_tokens + p.n_seqs;
   const auto grid = static_cast<unsigned>(tiles * a.head_groups);
   prefill_kernel<T, D><<<grid, kThreads, kSmemBytes<D>, stream>>>(a);

@@ -51,21 +51,9 @@ void forward_cuda(const loom_host_api* host, loom_host_ctx* ctx, const loom_atte
   p.head_dim = cfg.head_dim;
   p.block_size = static_cast<int>(B);
   p.window = cfg.sliding_window;
-  p.causal = b.causal != 0 ? 1 : 0;
   p.scale = cfg.softmax_scale;
-  p.n_tokens = static_cast<int>(T);
-  p.n_seqs = static_cast<int>(S);
-  p.table_cols = static_cast<int>(b.block_table->shape[1]);
-  p.pool_blocks = b.kv_pool->shape[0];
   p.bytes_per_block = bytes_per_block;
-  p.q = data_of<const uint8_t>(*b.q);
-  p.k = data_of<const uint8_t>(*b.k);
-  p.v = data_of<const uint8_t>(*b.v);
-  p.out = data_of<uint8_t>(*b.out);
-  p.seq_offsets = data_of<const int32_t>(*b.seq_offsets);
-  p.seq_positions = data_of<const int32_t>(*b.seq_positions);
-  p.block_table = data_of<const int32_t>(*b.block_table);
-  p.pool = data_of<uint8_t>(*b.kv_pool);
+  bind_attention_batch(p, b);
 
   DeviceGuard device(dev.device_id);
   auto* stream = static_cast<cudaStream_t>(host->current_stream(ctx, dev));

@@ -90,6 +90,26 @@ inline void check_device_tensor(const DLTensor* t, const char* name, DLDevice de
     invalid(std::string(name) + ": data must be aligned to " + std::to_string(align) + " bytes");
 }
 
+// Copies an attention batch's shape and tensor pointers into a kernel problem P (members
+// n_tokens, n_seqs, table_cols, pool_blocks, q, k, v, out, seq_offsets, seq_positions,
+// block_table, pool), after the caller has checked the tensors.
+template <class P>
+void bind_attention_batch(P& p, const loom_attention_batch& b) {
+  p.causal = b.causal != 0 ? 1 : 0;
+  p.n_tokens = static_cast<int>(b.n_tokens);
+  p.n_seqs = static_cast<int>(b.n_seqs);
+  p.table_cols = static_cast<int>(b.block_table->shape[1]);
+  p.pool_blocks = b.kv_pool->shape[0];
+  p.q = data_of<const uint8_t>(*b.q);
+  p.k = data_of<const uint8_t>(*b.k);
+  p.v = data_of<const uint8_t>(*b.v);
+  p.out = data_of<uint8_t>(*b.out);
+  p.seq_offsets = data_of<const int32_t>(*b.seq_offsets);
+  p.seq_positions = data_of<const int32_t>(*b.seq_positions);
+  p.block_table = data_of<const int32_t>(*b.block_table);
+  p.pool = data_of<uint8_t>(*b.kv_pool);
+}
+
 }  // namespace loomp
 
 #endif
