@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
@@ -83,6 +84,18 @@ inline double logsumexp_row(const float* x, int64_t vocab, float max_logit) {
   for (int64_t i = 0; i < vocab; ++i)
     if (x[i] != -INFINITY) s += std::exp(static_cast<double>(x[i]) - max_logit);
   return static_cast<double>(max_logit) + std::log(s);
+}
+
+// prob[i] = exp(x[i] - max_logit) in double (0 for -inf) over a row of `vocab` entries (prob is
+// at least that long); returns their sum: the unnormalised probabilities the mass-based
+// filters (top-p, typical-p) work on.
+inline double row_weights(const float* x, int64_t vocab, float max_logit, std::vector<double>& prob) {
+  double total = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    prob[static_cast<size_t>(i)] = x[i] == -INFINITY ? 0.0 : std::exp(static_cast<double>(x[i]) - max_logit);
+    total += prob[static_cast<size_t>(i)];
+  }
+  return total;
 }
 
 // The optional logprobs_out, when the caller's struct is new enough to carry it.

@@ -29,11 +29,7 @@ struct TopP : Base {
     for (int64_t r = 0; r < rows.n; ++r) {
       float* x = rows.row(r);
       const float mx = x[argmax_row(x, rows.vocab, r)];
-      double total = 0.0;
-      for (int64_t i = 0; i < rows.vocab; ++i) {
-        prob[i] = x[i] == -INFINITY ? 0.0 : std::exp(static_cast<double>(x[i]) - mx);
-        total += prob[i];
-      }
+      const double total = row_weights(x, rows.vocab, mx, prob);
       std::iota(idx.begin(), idx.end(), 0);
       const auto better = [&](int32_t a, int32_t c) { return prob[a] > prob[c] || (prob[a] == prob[c] && a < c); };
       const double target = p * total;

@@ -30,11 +30,7 @@ struct TypicalP : Base {
     for (int64_t r = 0; r < rows.n; ++r) {
       float* x = rows.row(r);
       const float mx = x[argmax_row(x, rows.vocab, r)];
-      double total = 0.0;
-      for (int64_t i = 0; i < rows.vocab; ++i) {
-        prob[i] = x[i] == -INFINITY ? 0.0 : std::exp(static_cast<double>(x[i]) - mx);
-        total += prob[i];
-      }
+      const double total = row_weights(x, rows.vocab, mx, prob);
       const double log_total = std::log(total);
       // Entropy H = -sum p log p over the finite tokens, log p = x - max - log(total).
       double entropy = 0.0;
