@@ -23,6 +23,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "model_device.cuh"
 
@@ -59,7 +62,7 @@ __device__ __forceinline__ float hi_bf16(uint32_t w) { return __uint_as_float(w 
 // fewer row pairs than the grid has warps (o and down: 2048 rows at batch 1), so that every warp
 // streams weights.
 template <GemvEpilogue E, bool KS>
-__device__ __forceinline__ int units_of(const GemvArgs& a) {
+__host__ __device__ __forceinline__ int units_of(const GemvArgs& a) {
   if constexpr (KS) return a.out;
   if constexpr (E == GemvEpilogue::swiglu || E == GemvEpilogue::rope_split) return a.out / 2;
   return (a.out + 1) / 2;
@@ -389,16 +392,41 @@ __global__ void __launch_bounds__(kRowThreads, 2) gemv_kernel(const GemvArgs a) 
 // The input rows as bfloat16, and one float32 row for an embedding lookup.
 int smem_bytes(const GemvArgs& a, int tokens) { return tokens * a.in * 2 + (a.embed_table ? a.in * 4 : 0); }
 
+// How many blocks of `kernel` with `smem` bytes of dynamic shared memory fit on the current
+// device at once (SMs x blocks per SM), after opting in to that much shared memory (past the
+// default 48 KB with the norm's static bytes). Driver queries, so done once per (kernel,
+// device, size): a decode step launches these kernels every time when it is not replayed from
+// a graph.
+cudaError_t resident_blocks(const void* kernel, int smem, int64_t& wave) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int64_t> known;
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  std::lock_guard lock(mutex);
+  const auto key = std::make_tuple(kernel, device, smem);
+  if (auto it = known.find(key); it != known.end()) {
+    wave = it->second;
+    return cudaSuccess;
+  }
+  int sms = 0, per_sm = 0;
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); e != cudaSuccess)
+    return e;
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
+  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRowThreads, smem); e != cudaSuccess)
+    return e;
+  wave = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
+  known.emplace(key, wave);
+  return cudaSuccess;
+}
+
+// One launch of a grid of at most one wave (as many blocks as fit at once: measured on the
+// H100, two per SM), so that each warp has as many weight bytes in flight as the registers
+// allow and every block starts before the previous kernel ends.
 template <GemvPrologue P, GemvEpilogue E, bool KS, int NT>
-int launch_kernel(const GemvArgs& a, bool programmatic, cudaStream_t stream, int64_t units, int64_t wave) {
+int launch_kernel(const GemvArgs& a, bool programmatic, cudaStream_t stream, int64_t wave) {
   const auto kernel = gemv_kernel<P, E, KS, NT, kSteps>;
-  // Up to kSmemBytes of dynamic shared memory on top of the norm's few static bytes: past the
-  // default 48 KB in all, which needs the opt-in.
-  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(a, NT));
-      e != cudaSuccess)
-    return static_cast<int>(e);
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(wave, (units + kWarps - 1) / kWarps)));
+  config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(wave, (units_of<E, KS>(a) + kWarps - 1) / kWarps)));
   config.blockDim = dim3(kRowThreads);
   config.dynamicSmemBytes = static_cast<size_t>(smem_bytes(a, NT));
   config.stream = stream;
@@ -412,25 +440,22 @@ int launch_kernel(const GemvArgs& a, bool programmatic, cudaStream_t stream, int
 
 template <GemvPrologue P, GemvEpilogue E, int NT>
 int launch(const GemvArgs& a, bool programmatic, cudaStream_t stream) {
-  int device = 0, sms = 0, per_sm = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return static_cast<int>(e);
-  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess)
-    return static_cast<int>(e);
-  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<P, E, false, NT, kSteps>,
-                                                                    kRowThreads, smem_bytes(a, NT));
+  int64_t wave = 0;
+  if (cudaError_t e = resident_blocks(reinterpret_cast<const void*>(gemv_kernel<P, E, false, NT, kSteps>),
+                                      smem_bytes(a, NT), wave);
       e != cudaSuccess)
     return static_cast<int>(e);
-  // As many blocks as fit at once (measured on the H100: two per SM), so that each warp has as
-  // many weight bytes in flight as the registers allow and every block starts before the
-  // previous kernel ends.
-  const int64_t wave = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
-  const int64_t pairs = E == GemvEpilogue::swiglu || E == GemvEpilogue::rope_split ? a.out / 2 : (a.out + 1) / 2;
   if constexpr (E == GemvEpilogue::add_f32) {
     // Fewer row pairs than warps: split each row's K in two instead, so that all warps stream.
-    if (pairs < wave * kWarps && a.in % 16 == 0)
-      return launch_kernel<P, E, true, NT>(a, programmatic, stream, a.out, wave);
+    if (units_of<E, false>(a) < wave * kWarps && a.in % 16 == 0) {
+      if (cudaError_t e = resident_blocks(reinterpret_cast<const void*>(gemv_kernel<P, E, true, NT, kSteps>),
+                                          smem_bytes(a, NT), wave);
+          e != cudaSuccess)
+        return static_cast<int>(e);
+      return launch_kernel<P, E, true, NT>(a, programmatic, stream, wave);
+    }
   }
-  return launch_kernel<P, E, false, NT>(a, programmatic, stream, pairs, wave);
+  return launch_kernel<P, E, false, NT>(a, programmatic, stream, wave);
 }
 
 template <GemvPrologue P, GemvEpilogue E>
