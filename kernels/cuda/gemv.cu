@@ -26,6 +26,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 #include "model_device.cuh"
 
@@ -400,6 +401,11 @@ int smem_bytes(const GemvArgs& a, int tokens) { return tokens * a.in * 2 + (a.em
 cudaError_t resident_blocks(const void* kernel, int smem, int64_t& wave) {
   static std::mutex mutex;
   static std::map<std::tuple<const void*, int, int>, int64_t> known;
+  // The opt-in is one attribute per kernel and device: it only ever grows, because a launch
+  // with a size met before relies on it still being large enough (setting it to a smaller
+  // size for a later, smaller launch would make that earlier size fail with "invalid
+  // argument").
+  static std::map<std::pair<const void*, int>, int> opted_in;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   std::lock_guard lock(mutex);
@@ -409,8 +415,12 @@ cudaError_t resident_blocks(const void* kernel, int smem, int64_t& wave) {
     return cudaSuccess;
   }
   int sms = 0, per_sm = 0;
-  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); e != cudaSuccess)
-    return e;
+  int& opt_in = opted_in[{kernel, device}];
+  if (smem > opt_in) {
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); e != cudaSuccess)
+      return e;
+    opt_in = smem;
+  }
   if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
   if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRowThreads, smem); e != cudaSuccess)
     return e;
