@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <sstream>
 
 #include "loom/core/error.hpp"
@@ -91,6 +93,26 @@ std::shared_ptr<PluginLibrary> Registry::open(const fs::path &path) {
   return open_locked(path);
 }
 
+namespace {
+
+// The newest library this process opened from each path, kept loaded until the process ends
+// or a rebuilt file at that path replaces it, whichever registry opened it. Why: a library with
+// CUDA kernels must not be unloaded and then mapped again in one process, which a registry per
+// runtime would do (a CPU runtime, then a CUDA runtime): the CUDA runtime crashed looking up
+// the reloaded library's kernels (cudart 13, seen in sdpa's CUDA path). A rebuilt library is
+// loaded from a private copy, at another address, and the old one still goes with its last
+// instance.
+struct LoadedLibraries {
+  std::mutex mutex;
+  std::map<fs::path, std::shared_ptr<PluginLibrary>> newest;
+};
+LoadedLibraries &loaded_libraries() {
+  static LoadedLibraries loaded; // never destroyed before the registries that use it
+  return loaded;
+}
+
+} // namespace
+
 std::shared_ptr<PluginLibrary> Registry::open_locked(const fs::path &path) {
   std::error_code ec;
   fs::path canonical = fs::weakly_canonical(path, ec);
@@ -102,8 +124,19 @@ std::shared_ptr<PluginLibrary> Registry::open_locked(const fs::path &path) {
   for (const auto &lib : libraries_)
     if (lib->path() == canonical) previous = lib;
   if (previous && !ec && previous->opened_mtime() == mtime && previous->opened_size() == size) return previous;
+  auto &loaded = loaded_libraries();
+  std::lock_guard loaded_lock(loaded.mutex);
+  std::shared_ptr<PluginLibrary> &newest = loaded.newest[canonical];
+  if (newest && !ec && newest->opened_mtime() == mtime && newest->opened_size() == size) {
+    // Another registry of this process has it open: share it.
+    if (previous)
+      std::replace(libraries_.begin(), libraries_.end(), previous, newest);
+    else
+      libraries_.push_back(newest);
+    return newest;
+  }
   fs::path load_path = canonical;
-  if (previous) {
+  if (previous || newest) {
     // A rebuilt file at a path already open: the dynamic loader would hand back the old mapping,
     // so open a private copy of the new file instead. The copy is unlinked once mapped.
     if (shadow_dir_.empty()) {
@@ -123,6 +156,7 @@ std::shared_ptr<PluginLibrary> Registry::open_locked(const fs::path &path) {
     throw;
   }
   if (load_path != canonical) fs::remove(load_path, ec);
+  newest = lib;
   // The rebuilt library replaces the old one in the index; the old one stays loaded only while
   // instances created from it live.
   if (previous)
