@@ -6,16 +6,19 @@
 //
 // usage: loom_model_bench MODEL_DIR [--attention flash] [--batches 1,32] [--prompt 128]
 //                         [--new 128] [--prefill 2048] [--reps 5] [--json FILE]
-// Decode: each of B sequences gets a `prompt`-token random prompt (prefilled together), then
-// `new` greedy steps (forward + argmax on the GPU + the token back to the host, as a real
-// generation loop does); tokens/s = B * new / time of the steps. Prefill: one forward of a
-// `prefill`-token prompt. Medians over `reps` repetitions after a warm-up.
+// Decode: each of B sequences gets a `prompt`-token random prompt, then `new` greedy tokens,
+// through loom::Runtime exactly as `loom run` generates (the greedy sampler plugin, stop rules,
+// every token back on the host each step), with the next step queued ahead (the default) and
+// step by step (LOOM_DECODE_AHEAD=0); tokens/s = B x (new - 1) / the run's decode time (its
+// first token comes from the prefill). Prefill: one forward of a `prefill`-token prompt through
+// the CUDA backend. Medians over `reps` repetitions after a warm-up.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -34,6 +37,7 @@
 #include "loom/core/model_weights.hpp"
 #include "loom/core/pipeline.hpp"
 #include "loom/core/registry.hpp"
+#include "loom/core/runtime.hpp"
 #include "loom/core/safetensors.hpp"
 
 namespace {
@@ -126,6 +130,7 @@ std::vector<int> parse_list(const std::string &s) {
 } // namespace
 
 int main(int argc, char **argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0); // lines reach a pipe as they are printed
   if (argc < 2 || std::string(argv[1]) == "--help") {
     std::cerr << "usage: loom_model_bench MODEL_DIR [--attention flash] [--batches 1,32] [--prompt 128] [--new 128]"
                  " [--prefill 2048] [--reps 5] [--json FILE]\n";
@@ -175,7 +180,6 @@ int main(int argc, char **argv) {
 
     std::mt19937 rng(7);
     std::uniform_int_distribution<int32_t> token(10, static_cast<int32_t>(config.vocab_size) - 1);
-    std::vector<int32_t> ids(static_cast<size_t>(max_batch));
     std::string error;
     std::printf("%-28s %12s\n", "measure", "value");
     std::printf("%-28s %12s\n", "model", model_dir.c_str());
@@ -183,44 +187,6 @@ int main(int argc, char **argv) {
     std::printf("%-28s %12.1f\n", "load seconds", load_s);
     std::ostringstream json;
     json << "{\"backend\":\"" << backend->describe() << "\",\"attention\":\"" << attention << "\"";
-    for (int B : batches) {
-      std::vector<double> runs;
-      for (int r = 0; r < reps + 1; ++r) {
-        loom::StepBatch pre;
-        pre.seq_offsets = {0};
-        for (int s = 0; s < B; ++s) {
-          for (int t = 0; t < prompt; ++t) pre.tokens.push_back(token(rng));
-          pre.seq_offsets.push_back(static_cast<int32_t>(pre.tokens.size()));
-          pre.seq_positions.push_back(0);
-          pre.seq_slots.push_back(s);
-        }
-        DLTensor *logits = backend->forward(pre);
-        if (!loom::device_argmax_rows(static_cast<float *>(logits->data), B, config.vocab_size, {kDLCUDA, 0}, ids.data(), error))
-          throw std::runtime_error(error);
-        auto start = Clock::now();
-        loom::StepBatch step;
-        for (int n = 0; n < fresh; ++n) {
-          step.tokens.assign(ids.begin(), ids.begin() + B);
-          step.seq_offsets.resize(static_cast<size_t>(B) + 1);
-          step.seq_positions.resize(static_cast<size_t>(B));
-          step.seq_slots.resize(static_cast<size_t>(B));
-          for (int s = 0; s <= B; ++s) step.seq_offsets[static_cast<size_t>(s)] = s;
-          for (int s = 0; s < B; ++s) {
-            step.seq_positions[static_cast<size_t>(s)] = prompt + n;
-            step.seq_slots[static_cast<size_t>(s)] = s;
-          }
-          logits = backend->forward(step);
-          if (!loom::device_argmax_rows(static_cast<float *>(logits->data), B, config.vocab_size, {kDLCUDA, 0}, ids.data(),
-                                        error))
-            throw std::runtime_error(error);
-        }
-        const double s = std::chrono::duration<double>(Clock::now() - start).count();
-        if (r > 0) runs.push_back(B * fresh / s); // the first repetition warms up (graph capture)
-      }
-      const double tps = median(runs);
-      std::printf("decode tok/s batch %-9d %12.1f\n", B, tps);
-      json << ",\"decode_b" << B << "\":" << tps;
-    }
     {
       std::vector<double> runs;
       loom::StepBatch pre;
@@ -239,6 +205,43 @@ int main(int argc, char **argv) {
       const double tps = median(runs);
       std::printf("prefill tok/s (%d tokens)  %12.1f\n", prefill, tps);
       json << ",\"prefill\":" << tps << ",\"prefill_tokens\":" << prefill;
+    }
+    // Decode through the runtime, as `loom run` does it (sampler plugin, stop rules, tokens to
+    // the host every step), queued ahead (the default) and step by step (LOOM_DECODE_AHEAD=0).
+    // Its decode time covers `fresh` samplings and fresh - 1 forward passes (the first token
+    // comes from the prefill's logits), so tokens/s counts B x (fresh - 1) tokens.
+    auto decode_tps = [&](int B, bool ahead) {
+      std::string prompts;
+      for (int s = 0; s < B; ++s) {
+        prompts += s ? ", [" : "[";
+        for (int t = 0; t < prompt; ++t) prompts += (t ? ", " : "") + std::to_string(token(rng));
+        prompts += "]";
+      }
+      if (ahead) unsetenv("LOOM_DECODE_AHEAD");
+      else setenv("LOOM_DECODE_AHEAD", "0", 1);
+      auto rt = loom::Runtime::from_string("[loom]\ndevice = \"cuda\"\n[model]\npath = \"" + model_dir +
+                                           "\"\n[attention]\nuse = \"" + attention +
+                                           "\"\n[[sampler]]\nuse = \"greedy\"\n[run]\nsteps = " + std::to_string(fresh) +
+                                           "\nstop_tokens = []\nprompts = [" + prompts + "]\n",
+                                           "bench");
+      unsetenv("LOOM_DECODE_AHEAD");
+      std::fprintf(stderr, "decode batch %d (%s): model loaded\n", B, ahead ? "ahead" : "step by step");
+      std::vector<double> runs;
+      for (int r = 0; r < reps + 1; ++r) {
+        const loom::RunResult result = rt->run();
+        for (const auto &seq : result.sequences)
+          if (static_cast<int>(seq.tokens.size()) != fresh) throw std::runtime_error("a sequence stopped early");
+        if (r > 0) runs.push_back(static_cast<double>(B) * (fresh - 1) / result.decode_seconds); // r = 0 warms up
+      }
+      return median(runs);
+    };
+    guard.unlock();  // (the backend's destructor takes the step lock itself)
+    backend.reset(); // one model on the GPU at a time
+    for (int B : batches) {
+      const double tps = decode_tps(B, true), step_by_step = decode_tps(B, false);
+      std::printf("decode tok/s batch %-9d %12.1f\n", B, tps);
+      std::printf("  step by step, batch %-6d %12.1f\n", B, step_by_step);
+      json << ",\"decode_b" << B << "\":" << tps << ",\"decode_b" << B << "_step_by_step\":" << step_by_step;
     }
     const double bw = copy_bandwidth_gbs();
     const double peak = gemm_tflops(8192, 8192, 8192);

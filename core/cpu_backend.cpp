@@ -548,6 +548,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
       batch.seq_offsets[0] != 0 || batch.seq_offsets[static_cast<size_t>(S)] != T)
     throw runtime_error(options_.source_name + ": a malformed step batch (" + std::to_string(T) + " tokens, " +
                         std::to_string(S) + " sequences)");
+  if (batch.tokens_fed) throw runtime_error(options_.source_name + ": the CPU backend takes its tokens from the host");
   // Each token's position; every sequence has tokens, fits the cache and owns its own slot.
   token_pos_.resize(static_cast<size_t>(T));
   std::vector<bool> slot_used(static_cast<size_t>(max_seqs_), false);

@@ -195,6 +195,7 @@ class CudaBackend final : public ModelBackend {
   ~CudaBackend() override;
   void reserve(int32_t max_seqs, int64_t max_positions) override;
   DLTensor *forward(const StepBatch &batch) override;
+  int32_t *token_feed(int32_t seqs) override;
   DLDevice device() const override { return options_.device; }
   std::string describe() const override {
     return "cuda:" + std::to_string(options_.device.device_id) + " " + (bf16() ? "bfloat16" : "float32") +
@@ -212,6 +213,12 @@ class CudaBackend final : public ModelBackend {
   DeviceBuffer upload_f32(const std::vector<float> &values);
   DeviceLinear upload_linear(const std::vector<float> &w, int64_t out, int64_t in, const std::vector<float> &bias);
   void ensure_capacity(int32_t tokens, int32_t seqs);
+  // Grows the step metadata to `entries` int32s, keeping its first `keep` (a fed step's tokens).
+  void grow_meta(size_t entries, size_t keep);
+  size_t meta_entries(int32_t tokens, int32_t seqs) const {
+    return 2 * static_cast<size_t>(tokens) + (static_cast<size_t>(seqs) + 1) + 2 * static_cast<size_t>(seqs) +
+           static_cast<size_t>(seqs) * static_cast<size_t>(blocks_per_seq_);
+  }
   loom_kv_layout prepare_attention(Instance &attention) const;
   void install_hook();
   // y[T, out] = x[T, in] W^T (+ beta * y), float32 accumulation.
@@ -253,10 +260,15 @@ class CudaBackend final : public ModelBackend {
   int32_t capacity_tokens_ = 0, capacity_seqs_ = 0;
   DeviceBuffer x_, h_, qkv_, q_, k_, v_, attn_, gate_up_, inter_, final_h_, logits_;
   // Per-step int32 metadata: tokens [T], positions [T], seq_offsets [S+1], seq_positions [S],
-  // last_rows [S], block_table [S, blocks_per_seq]; one upload per step.
+  // last_rows [S], block_table [S, blocks_per_seq]; one upload per step. The tokens come first,
+  // so that a decode step fed from the device (token_feed) uploads the rest only. The host side
+  // is staged in two halves used in turn, each with an event marking its upload done: a step can
+  // be queued while the one before it still runs, without waiting for the device.
   DeviceBuffer meta_;
-  PinnedBuffer meta_host_;
+  PinnedBuffer meta_host_;   // 2 x meta_capacity_ entries
   size_t meta_capacity_ = 0; // int32 entries
+  cudaEvent_t staged_[2]{};  // recorded after the upload from each half
+  int staging_half_ = 0;
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_offsets_ = nullptr, *d_seq_positions_ = nullptr,
           *d_last_rows_ = nullptr, *d_block_table_ = nullptr;
   DeviceView logits_view_;
@@ -398,6 +410,8 @@ CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
   invalidate_graphs();
   graphs_attention_.reset();
+  for (cudaEvent_t e : staged_)
+    if (e) cudaEventDestroy(e);
   if (cublas_) cublasDestroy(cublas_);
 }
 
@@ -497,6 +511,23 @@ void CudaBackend::reserve(int32_t max_seqs, int64_t max_positions) {
     cos_sin_ = upload_f32(table);
   }
   install_hook();
+}
+
+void CudaBackend::grow_meta(size_t entries, size_t keep) {
+  cuda_check(cudaStreamSynchronize(stream_), "resize"); // nothing in flight reads or stages the old buffers
+  invalidate_graphs();
+  const size_t capacity = std::max(entries, meta_capacity_ * 3 / 2);
+  DeviceBuffer grown(capacity * 4);
+  if (keep > 0) cuda_check(cudaMemcpy(grown.get(), meta_.get(), keep * 4, cudaMemcpyDeviceToDevice), "resize");
+  meta_ = std::move(grown);
+  meta_host_ = PinnedBuffer(2 * capacity * 4);
+  meta_capacity_ = capacity;
+}
+
+int32_t *CudaBackend::token_feed(int32_t seqs) {
+  if (seqs <= 0 || max_seqs_ <= 0) return nullptr;
+  if (meta_entries(seqs, seqs) > meta_capacity_) grow_meta(meta_entries(seqs, seqs), 0);
+  return meta_.get<int32_t>(); // the tokens lead the step's metadata
 }
 
 void CudaBackend::ensure_capacity(int32_t tokens, int32_t seqs) {
@@ -718,21 +749,22 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
   auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
   if (attention.empty() || prepared_attention_ != attention.front().get() || S > max_seqs_)
     reserve(std::max(S, max_seqs_), max_positions_);
+  // A fed decode step's tokens are already on the device, where the sampler wrote them.
+  const bool fed = batch.tokens_fed;
+  if (fed && T != S) throw runtime_error("CUDA backend: only a decode step (one token per sequence) is fed from the device");
   ensure_capacity(T, S);
   // The int32 metadata, packed for one upload.
   const size_t M = static_cast<size_t>(blocks_per_seq_);
-  const size_t need = 2 * static_cast<size_t>(T) + (static_cast<size_t>(S) + 1) + 2 * static_cast<size_t>(S) +
-                      static_cast<size_t>(S) * M;
-  if (need > meta_capacity_) {
-    cuda_check(cudaStreamSynchronize(stream_), "resize");
-    invalidate_graphs();
-    meta_capacity_ = std::max(need, meta_capacity_ * 3 / 2);
-    meta_ = DeviceBuffer(meta_capacity_ * 4);
-    meta_host_ = PinnedBuffer(meta_capacity_ * 4);
-  }
-  // The previous step's upload must be done before the staging buffer is rewritten.
-  cuda_check(cudaStreamSynchronize(stream_), "step");
-  int32_t *h = meta_host_.get<int32_t>();
+  const size_t need = meta_entries(T, S);
+  if (need > meta_capacity_) grow_meta(need, fed ? static_cast<size_t>(T) : 0);
+  // This half's previous upload must be done before it is rewritten (the other half may still
+  // be on its way: the step before this one need not have run yet).
+  staging_half_ ^= 1;
+  if (!staged_[staging_half_])
+    cuda_check(cudaEventCreateWithFlags(&staged_[staging_half_], cudaEventDisableTiming), "cudaEventCreate");
+  else
+    cuda_check(cudaEventSynchronize(staged_[staging_half_]), "step staging");
+  int32_t *h = meta_host_.get<int32_t>() + static_cast<size_t>(staging_half_) * meta_capacity_;
   size_t at = 0;
   auto place = [&](size_t n, int32_t *&device_ptr) {
     device_ptr = meta_.get<int32_t>() + at;
@@ -746,7 +778,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
   int32_t *seq_positions = place(static_cast<size_t>(S), d_seq_positions_);
   int32_t *last_rows = place(static_cast<size_t>(S), d_last_rows_);
   int32_t *table = place(static_cast<size_t>(S) * M, d_block_table_);
-  for (int32_t t = 0; t < T; ++t) {
+  for (int32_t t = 0; t < T && !fed; ++t) {
     if (batch.tokens[static_cast<size_t>(t)] < 0 || batch.tokens[static_cast<size_t>(t)] >= config_.vocab_size)
       throw runtime_error("CUDA backend: token " + std::to_string(batch.tokens[static_cast<size_t>(t)]) +
                           " is outside the vocabulary");
@@ -764,7 +796,10 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
     last_rows[s] = end - 1;
     for (size_t j = 0; j < M; ++j) table[static_cast<size_t>(s) * M + j] = static_cast<int32_t>(static_cast<size_t>(slot) * M + j);
   }
-  cuda_check(cudaMemcpyAsync(meta_.get(), h, at * 4, cudaMemcpyHostToDevice, stream_), "step upload");
+  const size_t from = fed ? static_cast<size_t>(T) : 0;
+  cuda_check(cudaMemcpyAsync(meta_.get<int32_t>() + from, h + from, (at - from) * 4, cudaMemcpyHostToDevice, stream_),
+             "step upload");
+  cuda_check(cudaEventRecord(staged_[staging_half_], stream_), "cudaEventRecord");
 
   const bool decode = T == S;
   if (decode && graphs_enabled_) {

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
 #include "loom/kernels/rows.hpp"
 
@@ -259,6 +260,78 @@ bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice dev
 #endif
   error = "unsupported device";
   return false;
+}
+
+bool device_argmax_rows_to(const float *x, int64_t rows, int64_t cols, DLDevice device, int32_t *out,
+                           std::string &error) {
+  if (device.device_type == kDLCPU) {
+    kernels::argmax_rows_cpu(x, rows, cols, out);
+    return true;
+  }
+#if LOOM_HAVE_CUDA
+  if (device.device_type == kDLCUDA)
+    return cuda_ok(static_cast<cudaError_t>(
+                       kernels::argmax_rows_cuda(x, rows, cols, out, cuda_compute_stream(device.device_id))),
+                   "argmax_rows_cuda", error);
+#endif
+  error = "unsupported device";
+  return false;
+}
+
+TokenReadback::~TokenReadback() {
+#if LOOM_HAVE_CUDA
+  if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+  if (pinned_) cudaFreeHost(pinned_);
+#endif
+}
+
+void TokenReadback::start(const int32_t *device_values, size_t n, DLDevice device) {
+#if LOOM_HAVE_CUDA
+  std::string error;
+  if (device.device_type == kDLCUDA) {
+    if (n > capacity_) {
+      if (pinned_) cudaFreeHost(pinned_);
+      pinned_ = nullptr;
+      capacity_ = 0;
+      if (!cuda_ok(cudaMallocHost(&pinned_, n * sizeof(int32_t)), "cudaMallocHost", error))
+        throw runtime_error("token readback: " + error);
+      capacity_ = n;
+    }
+    if (event_ && device_ != device.device_id) {
+      cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+      event_ = nullptr;
+    }
+    if (!event_) {
+      cudaEvent_t e = nullptr;
+      if (!cuda_ok(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate", error))
+        throw runtime_error("token readback: " + error);
+      event_ = e;
+      device_ = device.device_id;
+    }
+    auto stream = static_cast<cudaStream_t>(cuda_compute_stream(device.device_id));
+    if (!cuda_ok(cudaMemcpyAsync(pinned_, device_values, n * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
+                 "cudaMemcpyAsync", error) ||
+        !cuda_ok(cudaEventRecord(static_cast<cudaEvent_t>(event_), stream), "cudaEventRecord", error))
+      throw runtime_error("token readback: " + error);
+    pending_ = n;
+    return;
+  }
+#endif
+  (void)device_values;
+  (void)n;
+  throw runtime_error("token readback: tokens are not on a CUDA device");
+}
+
+void TokenReadback::wait(int32_t *out) {
+#if LOOM_HAVE_CUDA
+  std::string error;
+  if (!event_ || !cuda_ok(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)), "cudaEventSynchronize", error))
+    throw runtime_error("token readback: " + (error.empty() ? std::string("nothing was started") : error));
+  std::memcpy(out, pinned_, pending_ * sizeof(int32_t));
+#else
+  (void)out;
+  throw runtime_error("token readback: CUDA is not available in this build");
+#endif
 }
 
 } // namespace loom

@@ -223,8 +223,25 @@ loom_status kernel_argmax_rows(loom_host_ctx *ctx, const DLTensor *x, int32_t *o
   return LOOM_OK;
 }
 
+loom_status kernel_argmax_rows_to(loom_host_ctx *ctx, const DLTensor *x, DLTensor *out) {
+  if (!row_major_f32(x) || out == nullptr || out->data == nullptr || out->ndim != 1 || out->shape[0] != x->shape[0] ||
+      out->dtype.code != kDLInt || out->dtype.bits != 32 || out->dtype.lanes != 1 ||
+      out->device.device_type != x->device.device_type || out->device.device_id != x->device.device_id) {
+    host_set_error(ctx, "argmax_rows_to: expected a contiguous [rows, cols] float32 tensor and an int32 [rows] output "
+                        "on the same device");
+    return LOOM_ERR_UNSUPPORTED;
+  }
+  std::string error;
+  auto *dst = reinterpret_cast<int32_t *>(static_cast<char *>(out->data) + out->byte_offset);
+  if (!device_argmax_rows_to(data_of(x), x->shape[0], x->shape[1], x->device, dst, error)) {
+    host_set_error(ctx, ("argmax_rows_to: " + error).c_str());
+    return LOOM_ERR_DEVICE;
+  }
+  return LOOM_OK;
+}
+
 const loom_host_kernels kKernels = {sizeof(loom_host_kernels), NoThrow<kernel_softmax_rows>::call,
-                                    NoThrow<kernel_argmax_rows>::call};
+                                    NoThrow<kernel_argmax_rows>::call, NoThrow<kernel_argmax_rows_to>::call};
 
 // ---- loom.host.vocab/1: the model's tokens, from the runtime's vocabulary slot ----
 

@@ -29,6 +29,9 @@ struct StepBatch {
   std::vector<int32_t> seq_offsets;   // [S+1]: the tokens of sequence s are [off[s], off[s+1])
   std::vector<int32_t> seq_positions; // [S]: position of each sequence's first new token
   std::vector<int32_t> seq_slots;     // [S]: the KV-cache slot (0 .. max_seqs-1) each sequence owns
+  // A decode step (one token per sequence) whose tokens the sampler wrote on the device, at
+  // ModelBackend::token_feed(n_seqs()); `tokens` then holds n_seqs() placeholders.
+  bool tokens_fed = false;
   int32_t n_seqs() const { return static_cast<int32_t>(seq_positions.size()); }
   int32_t n_tokens() const { return static_cast<int32_t>(tokens.size()); }
 };
@@ -47,6 +50,15 @@ class ModelBackend {
   // Runs the batch and returns the float32 logits [S, vocab] of each sequence's last new token,
   // on device(); the tensor is owned by the backend and valid until the next forward().
   virtual DLTensor *forward(const StepBatch &batch) = 0;
+  // Where the next decode step of `seqs` sequences can find its tokens on device(): int32
+  // [seqs], to be written by the sampler (ordered on the device's compute stream) and read by a
+  // forward() of a batch with tokens_fed. The decoder queues that step before the tokens reach
+  // the host, so the device never waits for it. nullptr when the backend takes tokens from the
+  // host only (the CPU backend). Valid until the next forward() or reserve().
+  virtual int32_t *token_feed(int32_t seqs) {
+    (void)seqs;
+    return nullptr;
+  }
   virtual DLDevice device() const = 0;
   // A short description for logs and benchmarks ("cpu float32 x2 threads", "cuda:0 bfloat16").
   virtual std::string describe() const = 0;

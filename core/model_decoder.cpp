@@ -57,6 +57,7 @@ ModelWeights synthetic_weights(const ModelConfig &config, uint64_t seed) {
 ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevice device, const std::atomic<bool> &cancelled,
                            VocabularySlot *vocabulary)
     : manifest_(manifest), pipeline_(pipeline), cancelled_(cancelled) {
+  if (const char *v = std::getenv("LOOM_DECODE_AHEAD"); v && std::string(v) == "0") decode_ahead_ = false;
   BackendOptions options;
   options.device = device;
   options.threads = static_cast<int32_t>(manifest.threads);
@@ -168,8 +169,19 @@ void ModelDecoder::all_reduce(DLTensor *logits) {
   p.check(p.vtable<loom_parallel_vtable>()->all_reduce(p.handle(), LOOM_GROUP_WORLD, logits, LOOM_REDUCE_AVG), "all_reduce");
 }
 
-void ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
-                          const std::vector<std::vector<int32_t>> &histories, uint64_t step, std::vector<int32_t> &tokens) {
+int32_t *ModelDecoder::device_feed(size_t rows) {
+  if (!decode_ahead_ || backend_->device().device_type == kDLCPU || rows == 0) return nullptr;
+  auto chain = pipeline_.list(LOOM_KIND_SAMPLER);
+  if (chain.empty()) return nullptr;
+  for (const auto &s : chain)
+    if ((s->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_RUNS_ON_CUDA) == 0) return nullptr;
+  if ((chain.back()->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_DEVICE_TOKENS) == 0) return nullptr;
+  return backend_->token_feed(static_cast<int32_t>(rows));
+}
+
+bool ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
+                          const std::vector<std::vector<int32_t>> &histories, uint64_t step, std::vector<int32_t> &tokens,
+                          int32_t *feed) {
   auto chain = pipeline_.list(LOOM_KIND_SAMPLER);
   if (chain.empty()) throw runtime_error(manifest_.source_name + ": the pipeline has no [[sampler]]: add one such as greedy");
   const size_t n = rows.size();
@@ -223,19 +235,38 @@ void ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
   b.rng_counter = counters.data();
   b.tokens_out = tokens.data();
   b.logprobs_out = nullptr;
+  int64_t feed_shape[1] = {static_cast<int64_t>(n)};
+  DLTensor feed_view{};
+  if (feed && logits->device.device_type != kDLCPU) {
+    feed_view.data = feed;
+    feed_view.device = logits->device;
+    feed_view.ndim = 1;
+    feed_view.dtype = DLDataType{kDLInt, 32, 1};
+    feed_view.shape = feed_shape;
+    b.tokens_device = &feed_view;
+  }
   for (auto &s : chain) {
     if (std::any_of(tokens.begin(), tokens.end(), [](int32_t t) { return t != -1; }))
       throw runtime_error(s->slot() + " (" + s->desc().name + "): follows a sampler that already selected a token; "
                           "selecting samplers (greedy, dist) must come last");
     s->check(s->vtable<loom_sampler_vtable>()->apply(s->handle(), &b), "apply");
   }
+  // A link that may write on the device and wrote nothing here left the tokens there.
+  return b.tokens_device != nullptr &&
+         (chain.back()->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_DEVICE_TOKENS) != 0 &&
+         std::all_of(tokens.begin(), tokens.end(), [](int32_t t) { return t == -1; });
+}
+
+void ModelDecoder::accept_tokens(const std::vector<int32_t> &rows, const std::vector<int32_t> &tokens) {
+  auto chain = pipeline_.list(LOOM_KIND_SAMPLER);
+  const size_t n = rows.size();
   for (int32_t token : tokens)
     if (token < 0 || token >= config_.vocab_size)
       throw runtime_error(chain.back()->slot() + " (" + chain.back()->desc().name + "): the sampler chain selected no valid token"
                           " (got " + std::to_string(token) + "); end the chain with a selecting sampler such as greedy or dist");
   for (auto &s : chain)
     if (auto accept = s->vtable<loom_sampler_vtable>()->accept)
-      for (size_t r = 0; r < n; ++r) s->check(accept(s->handle(), seq_ids[r], tokens[r]), "accept");
+      for (size_t r = 0; r < n; ++r) s->check(accept(s->handle(), rows[r], tokens[r]), "accept");
 }
 
 void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
@@ -293,6 +324,27 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   result.prefill_seconds = std::chrono::duration<double>(decode_start - prefill_start).count();
   std::vector<bool> stopped_by_string(n, false);
   std::vector<int32_t> sampled, next_rows;
+  // The next step's batch: one token for each sequence in `seqs`. Fed: its tokens are still on
+  // the device (sampled, not yet read back) and each sequence's new token goes at position
+  // history size; otherwise the token is the history's last, at history size - 1.
+  auto decode_batch = [&](const std::vector<int32_t> &seqs, bool fed) {
+    batch.tokens.clear();
+    batch.seq_offsets.assign(1, 0);
+    batch.seq_positions.clear();
+    batch.seq_slots.clear();
+    batch.tokens_fed = fed;
+    for (int32_t seq : seqs) {
+      const auto &h = histories[static_cast<size_t>(seq)];
+      batch.tokens.push_back(fed ? 0 : h.back());
+      batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
+      batch.seq_positions.push_back(static_cast<int32_t>(h.size()) - (fed ? 0 : 1));
+      batch.seq_slots.push_back(seq);
+    }
+    return &batch;
+  };
+  TokenReadback readback;
+  DLTensor *ahead = nullptr; // the logits of a step queued before its tokens reached the host
+  uint64_t swaps_at_ahead = 0;
   for (int64_t step = 0; step < steps && !rows.empty(); ++step) {
     if (cancelled_.load()) {
       result.cancelled = true;
@@ -301,7 +353,28 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
     std::vector<int32_t> emitted_rows = rows; // the sequences that get a token at this step
     {
       auto guard = pipeline_.begin_step();
-      sample(logits, rows, histories, static_cast<uint64_t>(step), sampled);
+      if (ahead) {
+        // Queued during the previous step for these same rows; a swap that landed since then
+        // (from a callback or another thread) must see this step run with it.
+        logits = ahead;
+        ahead = nullptr;
+        if (pipeline_.swaps() != swaps_at_ahead) {
+          logits = backend_->forward(*decode_batch(rows, false));
+          all_reduce(logits);
+        }
+      }
+      const bool more = step + 1 < steps;
+      int32_t *feed = more ? device_feed(rows.size()) : nullptr;
+      if (sample(logits, rows, histories, static_cast<uint64_t>(step), sampled, feed)) {
+        readback.start(feed, rows.size(), backend_->device());
+        // Queue the next step now, for every row of this one; the device runs it while the host
+        // waits for this step's tokens and applies the stop rules.
+        swaps_at_ahead = pipeline_.swaps();
+        ahead = backend_->forward(*decode_batch(rows, true));
+        all_reduce(ahead);
+        readback.wait(sampled.data());
+      }
+      accept_tokens(rows, sampled);
       next_rows.clear();
       for (size_t r = 0; r < rows.size(); ++r) {
         const int32_t seq = rows[r], token = sampled[r];
@@ -318,20 +391,11 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
           next_rows.push_back(seq);
         }
       }
-      // The next step's logits: one new token for every sequence still going.
-      if (step + 1 < steps && !next_rows.empty()) {
-        batch.tokens.clear();
-        batch.seq_offsets.assign(1, 0);
-        batch.seq_positions.clear();
-        batch.seq_slots.clear();
-        for (int32_t seq : next_rows) {
-          const auto &h = histories[static_cast<size_t>(seq)];
-          batch.tokens.push_back(h.back());
-          batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
-          batch.seq_positions.push_back(static_cast<int32_t>(h.size()) - 1);
-          batch.seq_slots.push_back(seq);
-        }
-        logits = backend_->forward(batch);
+      // The next step's logits: one new token for every sequence still going. A step queued
+      // ahead serves when no row left; otherwise it is redone for the rows that remain.
+      if (ahead && next_rows != rows) ahead = nullptr;
+      if (more && !next_rows.empty() && !ahead) {
+        logits = backend_->forward(*decode_batch(next_rows, false));
         all_reduce(logits);
       }
       rows.swap(next_rows);

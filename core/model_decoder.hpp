@@ -14,6 +14,14 @@
 // Sequence s owns KV slot s and sampler seq_id s; every row's RNG is (seed, step), so a
 // sequence's tokens do not depend on the other sequences in the batch.
 //
+// Decode ahead: when the backend can read a step's tokens from the device (CUDA) and the whole
+// sampler chain runs there, the sampler leaves its tokens on the device, the decoder queues the
+// next forward pass behind it at once (every row of this step, positions known), and only then
+// waits for the tokens to reach the host, for stop rules, streaming and the histories; the GPU
+// never waits for the host between steps. The queued step is redone the ordinary way (same
+// positions, so its KV entries are overwritten) when a row stopped at this token or a swap
+// landed in between, so results are those of the step-by-step loop.
+//
 // Ownership: borrows the manifest and pipeline; the Runtime keeps one decoder (and so one
 // backend) for its lifetime, so quantized weights and adapter sites are made once.
 // Thread-safety: one thread drives it; swaps from other threads land between steps.
@@ -59,9 +67,19 @@ class ModelDecoder {
   // The text `generated` adds after `prompt` into *text, cut before the first stop string;
   // true when a stop string was found. Needs the tokenizer.
   bool generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated, std::string *text) const;
-  // Samples one token for each row of `logits` [rows, vocab]; rows[r] is the sequence of row r.
-  void sample(DLTensor *logits, const std::vector<int32_t> &rows, const std::vector<std::vector<int32_t>> &histories,
-              uint64_t step, std::vector<int32_t> &tokens);
+  // Runs the sampler chain over `logits` [rows, vocab]; rows[r] is the sequence of row r. With
+  // `feed` (device memory, see ModelBackend::token_feed) a selecting link that can leaves the
+  // tokens there and the call returns true: they are still to be read back. Otherwise `tokens`
+  // holds them and it returns false. Either way accept_tokens() follows once they are known.
+  bool sample(DLTensor *logits, const std::vector<int32_t> &rows, const std::vector<std::vector<int32_t>> &histories,
+              uint64_t step, std::vector<int32_t> &tokens, int32_t *feed);
+  // Checks the sampled tokens and tells every link of the chain which token each sequence got.
+  void accept_tokens(const std::vector<int32_t> &rows, const std::vector<int32_t> &tokens);
+  // Where the sampler may leave the tokens of `rows` decode rows on the device so that the next
+  // step can be queued before they reach the host: the backend's token feed when the whole
+  // chain runs on the device and its selecting link can write there; nullptr otherwise (and
+  // with LOOM_DECODE_AHEAD=0).
+  int32_t *device_feed(size_t rows);
   void all_reduce(DLTensor *logits);
 
   const Manifest &manifest_;
@@ -72,6 +90,7 @@ class ModelDecoder {
   std::shared_ptr<const Tokenizer> tokenizer_;          // null when the model has none
   std::vector<std::vector<int32_t>> prompts_;    // token ids, one per sequence
   std::vector<int32_t> stop_tokens_;
+  bool decode_ahead_ = true; // LOOM_DECODE_AHEAD=0 turns the queued-ahead decode step off
 };
 
 } // namespace loom

@@ -128,6 +128,7 @@ SwapReport Pipeline::swap(const ComponentSpec &spec) {
     for (auto &s : slots_)
       if (s.name == spec.slot) s.instance = fresh;
   }
+  swaps_.fetch_add(1, std::memory_order_release);
   if (commit) commit();
   old.reset(); // destroyed here unless a caller still holds it; its library goes with the last user
   return report;

@@ -1,6 +1,7 @@
 // Sampler `greedy`: selects the argmax of each row (first index on ties).
 // CPU logits: a plain loop. CUDA logits: the host's kernels extension (argmax_rows), so the
-// row never leaves the GPU; log-probabilities, when asked for, copy the rows to the host.
+// row never leaves the GPU, or argmax_rows_to when the host wants the tokens left on the device
+// (tokens_device); log-probabilities, when asked for, copy the rows to the host.
 #include <vector>
 
 #include "sampler_common.hpp"
@@ -31,6 +32,15 @@ struct Greedy : Base {
         host->get_extension ? host->get_extension(ctx, LOOM_HOST_KERNELS_EXTENSION) : nullptr);
     if (k == nullptr || !LOOM_HAS_FIELD(k, loom_host_kernels, argmax_rows) || k->argmax_rows == nullptr)
       unsupported("greedy: logits are on CUDA but the host does not offer " LOOM_HOST_KERNELS_EXTENSION);
+    // The host asked for the tokens on the device (so that it can queue the next step before
+    // they reach the CPU) and nothing needs the rows here: leave them there.
+    DLTensor* on_device = tokens_device_of(b);
+    if (on_device != nullptr && logprobs == nullptr && LOOM_HAS_FIELD(k, loom_host_kernels, argmax_rows_to) &&
+        k->argmax_rows_to != nullptr) {
+      const loom_status s = k->argmax_rows_to(ctx, b.logits, on_device);
+      if (s != LOOM_OK) fail(s, "greedy: host argmax_rows_to failed");
+      return;
+    }
     const loom_status s = k->argmax_rows(ctx, b.logits, b.tokens_out);
     if (s != LOOM_OK) fail(s, "greedy: host argmax_rows failed");
     if (logprobs) {
@@ -51,7 +61,7 @@ struct Greedy : Base {
 };
 
 constexpr loom_sampler_vtable kVtable =
-    make_vtable<Greedy>(LOOM_SAMPLER_SELECTS | LOOM_SAMPLER_RUNS_ON_CUDA);
+    make_vtable<Greedy>(LOOM_SAMPLER_SELECTS | LOOM_SAMPLER_RUNS_ON_CUDA | LOOM_SAMPLER_DEVICE_TOKENS);
 
 }  // namespace
 

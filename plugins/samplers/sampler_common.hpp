@@ -105,6 +105,13 @@ inline float* logprobs_of(const loom_sampling_batch& b) {
              : nullptr;
 }
 
+// The optional tokens_device (ABI 1.2), when the caller's struct is new enough to carry it.
+inline DLTensor* tokens_device_of(const loom_sampling_batch& b) {
+  return b.struct_size >= offsetof(loom_sampling_batch, tokens_device) + sizeof(b.tokens_device)
+             ? b.tokens_device
+             : nullptr;
+}
+
 // The draw `dist` makes from one (masked) row: u = uniform01(key, counter) scaled by the sum of
 // exp(x - max) over the finite logits, then the first token, in id order, whose cumulative
 // weight exceeds it. Returns the token; *log_total (optional) receives log(sum exp(x - max)) so

@@ -9,7 +9,10 @@
 
 #include <cuda_runtime.h>
 
+#include <execinfo.h>
+
 #include <algorithm>
+#include <csignal>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -229,6 +232,46 @@ TEST_CASE("a seed gives the same tokens on CPU and CUDA", "[cuda][samplers]") {
   CHECK(compared >= 60); // the tiny models may stop early (their EOS), but not all the time
 }
 
+TEST_CASE("decode ahead gives the tokens of the step-by-step loop", "[cuda][decode]") {
+  // With the sampler on the GPU the decoder queues each step before the previous step's tokens
+  // reach the host; a row that stops, or a swap in between, makes it redo the queued step. The
+  // tokens must be exactly those of the loop that waits for every token (LOOM_DECODE_AHEAD=0).
+  struct EnvRestore {
+    ~EnvRestore() { unsetenv("LOOM_DECODE_AHEAD"); }
+  } restore;
+  auto run = [&](const std::string &name, bool ahead, const std::string &run_table, int swap_at = -1) {
+    if (ahead) unsetenv("LOOM_DECODE_AHEAD");
+    else setenv("LOOM_DECODE_AHEAD", "0", 1);
+    auto rt = loom::Runtime::from_string("[loom]\ndevice = \"cuda\"\nseed = 5\n[model]\npath = \"" + (kModels / name).string() +
+                                         "\"\ndtype = \"float32\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n" +
+                                         run_table);
+    std::vector<std::vector<int32_t>> out;
+    auto result = rt->run(0, [&](int32_t step, int32_t) {
+      // The greedy link gives way to a chain that samples on the host, from this step on.
+      if (step == swap_at) rt->swap("sampler[0]", "use = \"dist\"\n");
+      return true;
+    });
+    for (const auto &seq : result.sequences) out.push_back(seq.tokens);
+    return out;
+  };
+  const std::string prompts = "prompts = [[1, 17, 42, 99], [2, 2, 9], [5, 6, 7, 8, 9, 10], [200, 3]]\n";
+  size_t lengths_differ = 0; // rows that stopped at another step than the first row, over all models
+  for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-gpt2"}) {
+    INFO(name);
+    const auto free_run = run(name, false, "[run]\nsteps = 24\nstop_tokens = []\n" + prompts);
+    // Stop tokens that end the sequences at different steps: a row leaves while others go on.
+    const std::string stops = "[run]\nsteps = 24\nstop_tokens = [" + std::to_string(free_run[0][6]) + ", " +
+                              std::to_string(free_run[2][15]) + "]\n" + prompts;
+    const auto step_by_step = run(name, false, stops);
+    CHECK(run(name, true, stops) == step_by_step);
+    CHECK(run(name, true, "[run]\nsteps = 24\nstop_tokens = []\n" + prompts) == free_run);
+    for (const auto &seq : step_by_step) lengths_differ += seq.size() != step_by_step[0].size();
+    // A swap from the token callback lands before the next step in both modes.
+    CHECK(run(name, true, stops, 9) == run(name, false, stops, 9));
+  }
+  CHECK(lengths_differ > 0);
+}
+
 TEST_CASE("the CUDA backend refuses what it cannot run, by name", "[cuda]") {
   const std::string model = "[model]\npath = \"" + (kModels / "tiny-llama").string() + "\"\n";
   try {
@@ -246,7 +289,19 @@ TEST_CASE("the CUDA backend refuses what it cannot run, by name", "[cuda]") {
   CHECK(rt->run().tokens.size() == 4);
 }
 
+// A crash prints where it happened (Catch2 reports the signal, restores this handler and
+// raises it again): frames as module(+offset), resolved with addr2line against the build.
+void print_backtrace(int sig) {
+  void *frames[64];
+  const int n = backtrace(frames, 64);
+  backtrace_symbols_fd(frames, n, 2);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
 int main(int argc, char **argv) {
+  std::signal(SIGSEGV, print_backtrace);
+  std::signal(SIGABRT, print_backtrace);
   if (!loom::cuda_device_present()) {
     std::cout << "model_cuda_test: skipped: no CUDA device\n";
     return 77;

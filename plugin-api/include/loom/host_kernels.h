@@ -24,6 +24,11 @@ typedef struct loom_host_kernels {
   /* x: [rows, cols] float32. out: [rows] host memory, the first index of each row's maximum.
    * Synchronises with the device before returning. */
   loom_status (*argmax_rows)(loom_host_ctx *ctx, const DLTensor *x, int32_t *out);
+  /* ABI 1.2 (check LOOM_HAS_FIELD). x: [rows, cols] float32. out: [rows] int32 on x's device:
+   * the first index of each row's maximum (0 for a row of only -INFINITY or NaN, as in
+   * argmax_rows). On a GPU the kernel is ordered on the host's current stream and the
+   * call returns without waiting for it, so that the host can queue the next step behind it. */
+  loom_status (*argmax_rows_to)(loom_host_ctx *ctx, const DLTensor *x, DLTensor *out);
 } loom_host_kernels;
 
 #ifdef __cplusplus

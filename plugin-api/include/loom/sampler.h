@@ -43,6 +43,12 @@ typedef struct loom_sampling_batch {
   /* [n_rows] host memory, optional (NULL): log-probability of the selected token, written by
    * the selecting link when present. */
   float *logprobs_out;
+  /* ABI 1.2 (check LOOM_HAS_FIELD), optional (NULL): [n_rows] int32 on the logits' device. When
+   * set, a selecting link flagged LOOM_SAMPLER_DEVICE_TOKENS that ran on the device writes the
+   * selected tokens here instead of tokens_out (which it leaves at -1), ordered on the host's
+   * current stream, without waiting for the device. The
+   * host reads them back itself, after it has queued the next decode step behind the sampler. */
+  DLTensor *tokens_device;
 } loom_sampling_batch;
 
 /* loom_sampler_vtable.flags */
@@ -50,7 +56,8 @@ enum {
   LOOM_SAMPLER_SELECTS = 1u << 0,       /* writes tokens_out: must be last in a chain */
   LOOM_SAMPLER_USES_HISTORY = 1u << 1,  /* reads history/history_len */
   LOOM_SAMPLER_RUNS_ON_CUDA = 1u << 2,  /* apply() accepts logits on kDLCUDA */
-  LOOM_SAMPLER_USES_RNG = 1u << 3       /* reads rng_key/rng_counter */
+  LOOM_SAMPLER_USES_RNG = 1u << 3,      /* reads rng_key/rng_counter */
+  LOOM_SAMPLER_DEVICE_TOKENS = 1u << 4  /* ABI 1.2: may write tokens_device instead of tokens_out */
 };
 
 typedef struct loom_sampler_vtable {

@@ -55,6 +55,33 @@ bool device_synchronize(DLDevice device, std::string &error);
 loom_status device_softmax_rows(float *x, int64_t rows, int64_t cols, DLDevice device, std::string &error);
 bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice device, int32_t *out_host,
                         std::string &error);
+// The argmax of each row into `out`, int32 memory on `device` (as device_argmax_rows): on CUDA queued on the compute stream, returning without waiting for it.
+bool device_argmax_rows_to(const float *x, int64_t rows, int64_t cols, DLDevice device, int32_t *out,
+                           std::string &error);
+
+// Brings a few int32 values (the tokens a decode step sampled) from device memory to the host
+// without blocking the compute stream's later work: start() queues the copy into page-locked
+// memory behind what the stream holds so far and marks it; wait() blocks until that copy (only)
+// is done. The decoder queues the next forward pass between the two. One thread uses an object
+// at a time; it owns its pinned buffer and event.
+class TokenReadback {
+ public:
+  TokenReadback() = default;
+  ~TokenReadback();
+  TokenReadback(const TokenReadback &) = delete;
+  TokenReadback &operator=(const TokenReadback &) = delete;
+  // Throws loom::Error when the copy cannot be queued.
+  void start(const int32_t *device_values, size_t n, DLDevice device);
+  // Copies the values started last into out[0, n); throws loom::Error on a device failure.
+  void wait(int32_t *out);
+
+ private:
+  void *pinned_ = nullptr; // cudaMallocHost
+  void *event_ = nullptr;  // cudaEvent_t
+  size_t capacity_ = 0, pending_ = 0;
+  int device_ = -1;
+};
+
 // The stream (a cudaStream_t) on which core, and the plugins through host->current_stream(), order
 // their work on CUDA device `device`: one per device for the process, made on first use; NULL
 // without CUDA. Every device_* call above uses it.

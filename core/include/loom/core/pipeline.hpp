@@ -8,6 +8,8 @@
 // Step guard is held. Calls into instances are the caller's to serialise within a step.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -62,6 +64,9 @@ class Pipeline {
   // thrown. The old instance is destroyed after the swap, and its library unloaded when no other
   // instance uses it.
   SwapReport swap(const ComponentSpec &spec);
+  // How many swaps have landed so far: a driver that queued work ahead of a step (the decoder's
+  // next forward pass) compares it to know whether a swap landed in between, and redoes it.
+  uint64_t swaps() const { return swaps_.load(std::memory_order_acquire); }
 
  private:
   struct Slot {
@@ -78,6 +83,7 @@ class Pipeline {
   std::vector<std::pair<loom_kind, ActivateHook>> hooks_;
   std::mutex step_mutex_;
   std::mutex swap_mutex_; // one swap at a time
+  std::atomic<uint64_t> swaps_{0};
 };
 
 } // namespace loom
