@@ -47,6 +47,11 @@ class ModelBackend {
   // Runs the batch and returns the float32 logits [S, vocab] of each sequence's last new token,
   // on device(); the tensor is owned by the backend and valid until the next forward().
   virtual DLTensor *forward(const StepBatch &batch) = 0;
+  // Makes KV slot `dst` hold what slot `src` holds for positions [0, positions), for beam
+  // search (core/beam_search.cpp): a beam that continues another beam takes a copy of its
+  // cache. Both slots must lie within what reserve() sized. The default throws: a backend
+  // without it cannot run beam search (CUDA, for now).
+  virtual void copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions);
   virtual DLDevice device() const = 0;
   // A short description for logs and benchmarks ("cpu float32 x2 threads", "cuda:0 bfloat16").
   virtual std::string describe() const = 0;

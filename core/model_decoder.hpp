@@ -63,6 +63,11 @@ class ModelDecoder {
   void sample(DLTensor *logits, const std::vector<int32_t> &rows, const std::vector<std::vector<int32_t>> &histories,
               uint64_t step, std::vector<int32_t> &tokens);
   void all_reduce(DLTensor *logits);
+  // Beam search (core/beam_search.cpp): generate() when the chain's last link has
+  // LOOM_SAMPLER_BEAMS.
+  bool beam_chain() const;
+  void generate_beams(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
+                      RunResult &result);
 
   const Manifest &manifest_;
   Pipeline &pipeline_;

@@ -63,7 +63,8 @@ struct BeamSearch : Base {
 
   BeamSearch(const loom_host_api* h, loom_host_ctx* c) : Base(h, c) {
     const int64_t w = cfg_int(h, c, "width");
-    if (w < 1 || w > 1024) invalid("beam-search: width must be >= 1 (and at most 1024), got " + std::to_string(w));
+    if (w < 1) invalid("beam-search: width must be >= 1, got " + std::to_string(w));
+    if (w > 1024) invalid("beam-search: width must be at most 1024, got " + std::to_string(w));
     width = static_cast<int32_t>(w);
     const double lp = cfg_float(h, c, "length_penalty");
     if (!std::isfinite(lp)) invalid("beam-search: length_penalty must be a finite number, got " + std::to_string(lp));
