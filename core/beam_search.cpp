@@ -277,10 +277,11 @@ void ModelDecoder::generate_beams(int64_t steps, const TokenCallback &on_token,
         throw runtime_error(manifest_.source_name + ": copying logits to the host for beam search: " + error);
     }
   }
-  if (!rows.empty() && !result.cancelled)
+  if (!rows.empty() && !result.cancelled && steps > 0)
     throw runtime_error(named(*link) + ": did not finish every beam group within max_new_tokens (" +
                         std::to_string(steps) + ")");
-  // A cancelled run: an unfinished prompt gets its best running beam (its group's first row).
+  // A cancelled run (or no steps): an unfinished prompt gets its best running beam (its group's
+  // first row).
   for (size_t r = 0; r < rows.size(); r += static_cast<size_t>(W)) {
     SequenceResult &out = result.sequences[static_cast<size_t>(rows[r].group)];
     const size_t prompt = prompts_[static_cast<size_t>(rows[r].group)].size();

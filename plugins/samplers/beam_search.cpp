@@ -109,32 +109,36 @@ struct BeamSearch : Base {
       if (b.group_ids[s + k] != id)
         invalid(where + ": its rows are not " + std::to_string(W) + " adjacent rows (row " + std::to_string(s + k) +
                 " is group " + std::to_string(b.group_ids[s + k]) + ")");
-    auto [it, fresh] = groups.try_emplace(id);
-    Group& g = it->second;
-    if (fresh) {
-      g.prompt_len = b.history_len[s];
-      g.scores.assign(static_cast<size_t>(W), kNeg);
-      g.scores[0] = 0.0f;
-      g.kept.assign(static_cast<size_t>(W), Hypothesis{});
+    // A new group starts from its prompt; it is kept only once the call's checks passed.
+    auto it = groups.find(id);
+    Group fresh_group;
+    if (it == groups.end()) {
+      fresh_group.prompt_len = b.history_len[s];
+      fresh_group.scores.assign(static_cast<size_t>(W), kNeg);
+      fresh_group.scores[0] = 0.0f;
+      fresh_group.kept.assign(static_cast<size_t>(W), Hypothesis{});
     }
-    if (g.done) invalid(where + " is done; take its result with finish() instead of sampling it again");
+    const Group& known = it == groups.end() ? fresh_group : it->second;
+    if (known.done) invalid(where + " is done; take its result with finish() instead of sampling it again");
     for (int64_t k = 0; k < W; ++k) {
       const int64_t len = history_of(b, s + k, "beam-search").len;
-      if (len != g.prompt_len + g.generated)
+      if (len != known.prompt_len + known.generated)
         invalid(where + ": row " + std::to_string(s + k) + " has " + std::to_string(len) + " history tokens, expected " +
-                std::to_string(g.prompt_len + g.generated) + " (the prompt and one token per earlier call)");
+                std::to_string(known.prompt_len + known.generated) + " (the prompt and one token per earlier call)");
     }
     const int64_t max_new = b.max_new_tokens[s];
-    if (max_new <= g.generated)
+    if (max_new <= known.generated)
       invalid(where + ": max_new_tokens " + std::to_string(max_new) + " leaves no room after " +
-              std::to_string(g.generated) + " generated tokens");
+              std::to_string(known.generated) + " generated tokens");
+    for (int64_t k = 0; k < W; ++k) argmax_row(rows.row(s + k), rows.vocab, s + k); // refuses NaN and all -inf rows
+    Group& g = it == groups.end() ? groups.emplace(id, std::move(fresh_group)).first->second : it->second;
 
     // 1. cand[k * V + v] = s[k] + log p_k(v), float32 as transformers adds them.
     cand.resize(static_cast<size_t>(W * V));
     for (int64_t k = 0; k < W; ++k) {
       const float* x = rows.row(s + k);
       float* c = cand.data() + k * V;
-      const float mx = x[argmax_row(x, V, s + k)]; // also refuses NaN and an all -inf row
+      const float mx = *std::max_element(x, x + V); // (checked above: no NaN, not all -inf)
       const double lse = logsumexp_row(x, V, mx);
       for (int64_t v = 0; v < V; ++v)
         c[v] = x[v] == -INFINITY ? -INFINITY : g.scores[static_cast<size_t>(k)] + static_cast<float>(x[v] - lse);

@@ -186,8 +186,8 @@ TEST_CASE("beam-search checks its parameters and the host's batch", "[samplers][
   // A batch without groups (a chain where beam-search is not last, or an old host).
   bt::Tensor<float> logits({2, 3}, {0, 1, 2, 0, 1, 2});
   std::vector<int32_t> h0{1}, h1{1, 2}, tokens(2, -1), parents(2, -1), done(2, 0), mx(2, 4);
-  std::vector<const int32_t *> hp{h0.data(), h1.data()};
-  std::vector<int32_t> hl{1, 2};
+  std::vector<const int32_t *> hp{h1.data(), h0.data()};
+  std::vector<int32_t> hl{2, 1};
   std::vector<int64_t> seq{0, 1}, group{7, 7};
   loom_sampling_batch b{};
   b.struct_size = sizeof(b);
@@ -211,6 +211,14 @@ TEST_CASE("beam-search checks its parameters and the host's batch", "[samplers][
   b.done_out = done.data();
   CHECK(vt->apply(in.handle(), &b) == LOOM_ERR_INVALID_ARGUMENT);
   CHECK_THAT(in.last_error(), Catch::Contains("group 7") && Catch::Contains("history tokens"));
+  // The refused call left no state behind: the same group from a one-token prompt is new.
+  hp = {h0.data(), h0.data()};
+  hl = {1, 1};
+  b.history = hp.data();
+  CHECK(vt->apply(in.handle(), &b) == LOOM_OK);
+  CHECK(done == std::vector<int32_t>{0, 0});
+  CHECK(parents == std::vector<int32_t>{0, 0});                // both continue beam 0 at first
+  CHECK(tokens == std::vector<int32_t>{2, 1});                 // the two most likely tokens
   // Rows that are not whole groups.
   b.n_rows = 1;
   bt::Tensor<float> one({1, 3}, {0, 1, 2});
