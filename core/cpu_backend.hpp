@@ -52,6 +52,7 @@ class CpuBackend final : public ModelBackend {
 
   void reserve(int32_t max_seqs, int64_t max_positions) override;
   DLTensor *forward(const StepBatch &batch) override;
+  void copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) override;
   DLDevice device() const override { return {kDLCPU, 0}; }
   std::string describe() const override;
 

@@ -271,6 +271,7 @@ void ModelDecoder::accept_tokens(const std::vector<int32_t> &rows, const std::ve
 
 void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
                             RunResult &result) {
+  if (beam_chain()) return generate_beams(steps, on_token, on_sequence_token, result);
   const size_t n = prompts_.size();
   result.sequences.assign(n, SequenceResult{});
   size_t longest = 0;

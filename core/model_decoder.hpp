@@ -81,6 +81,11 @@ class ModelDecoder {
   // with LOOM_DECODE_AHEAD=0).
   int32_t *device_feed(size_t rows);
   void all_reduce(DLTensor *logits);
+  // Beam search (core/beam_search.cpp): generate() when the chain's last link has
+  // LOOM_SAMPLER_BEAMS.
+  bool beam_chain() const;
+  void generate_beams(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
+                      RunResult &result);
 
   const Manifest &manifest_;
   Pipeline &pipeline_;

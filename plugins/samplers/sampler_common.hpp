@@ -239,6 +239,7 @@ extern const loom_component_desc penalties_desc;
 extern const loom_component_desc logit_bias_desc;
 extern const loom_component_desc no_repeat_ngram_desc;
 extern const loom_component_desc mirostat_v2_desc;
+extern const loom_component_desc beam_search_desc;
 
 }  // namespace loomp::samplers
 

@@ -60,6 +60,7 @@ PROBE_TYPE(loom_adapter_vtable)
 /* sampler.h */
 PROBE_TYPE(loom_sampling_batch)
 PROBE_TYPE(loom_sampler_vtable)
+PROBE_TYPE(loom_sampler_beams)
 /* parallel.h */
 PROBE_TYPE(loom_reduce_op)
 PROBE_TYPE(loom_group)
@@ -109,6 +110,7 @@ PIN(LOOM_VALUE_TABLE == 6);
 PIN(LOOM_THREADING_SERIAL == 0 && LOOM_THREADING_CONCURRENT == 1);
 PIN(LOOM_SAMPLER_SELECTS == 1 && LOOM_SAMPLER_USES_HISTORY == 2);
 PIN(LOOM_SAMPLER_RUNS_ON_CUDA == 4 && LOOM_SAMPLER_USES_RNG == 8);
+PIN(LOOM_SAMPLER_DEVICE_TOKENS == 16 && LOOM_SAMPLER_BEAMS == 32);
 PIN(LOOM_REDUCE_SUM == 0 && LOOM_REDUCE_MAX == 1 && LOOM_REDUCE_MIN == 2 && LOOM_REDUCE_AVG == 3);
 PIN(LOOM_GROUP_WORLD == 0 && LOOM_GROUP_TENSOR == 1 && LOOM_GROUP_DATA == 2);
 PIN(LOOM_GROUP_PIPELINE == 3);
@@ -116,6 +118,7 @@ PIN(LOOM_SCORE_BM25 == 1 && LOOM_SCORE_COSINE == 2 && LOOM_SCORE_INNER_PRODUCT =
 PIN(LOOM_SCORE_L2 == 4 && LOOM_SCORE_RRF == 5 && LOOM_SCORE_RERANK == 6);
 PIN(sizeof(LOOM_PLUGIN_ENTRY_SYMBOL) == sizeof("loom_plugin_entry"));
 PIN(sizeof(LOOM_HOST_KERNELS_EXTENSION) == sizeof("loom.host.kernels/1"));
+PIN(sizeof(LOOM_SAMPLER_BEAMS_EXTENSION) == sizeof("loom.sampler.beams/1"));
 #undef PIN
 #undef PIN_CAT
 #undef PIN_CAT2

@@ -13,6 +13,16 @@
  * Randomness is counter-based: a row's random numbers are a pure function of
  * (rng_key[row], rng_counter[row]), e.g. Philox-4x32-10, so that a seed reproduces a run on
  * CPU and on CUDA alike. The host advances counters; samplers never keep a private RNG.
+ *
+ * Beam search (ABI 1.2). A selecting link with LOOM_SAMPLER_BEAMS keeps `width` hypotheses
+ * (beams) per prompt. The host gives each prompt a beam group of width() adjacent rows (the
+ * extension LOOM_SAMPLER_BEAMS_EXTENSION says how many) and fills the beam fields of the batch.
+ * At every call the link picks, per group, the beams that go on: row r of the next step
+ * continues row parents_out[r] of this batch with tokens_out[r]. The host then reorders its
+ * per-row state to match (KV cache, history, and every link's per-sequence state through
+ * fork()/release()). Hypotheses that end (an end token, or max_new_tokens reached) are kept by
+ * the link; when a group is done the link says so in done_out, and the host takes the group's
+ * best hypothesis with finish(). Links before it in the chain rewrite each row as usual.
  */
 #ifndef LOOM_SAMPLER_H
 #define LOOM_SAMPLER_H
@@ -46,9 +56,31 @@ typedef struct loom_sampling_batch {
   /* ABI 1.2 (check LOOM_HAS_FIELD), optional (NULL): [n_rows] int32 on the logits' device. When
    * set, a selecting link flagged LOOM_SAMPLER_DEVICE_TOKENS that ran on the device writes the
    * selected tokens here instead of tokens_out (which it leaves at -1), ordered on the host's
-   * current stream, without waiting for the device. The
-   * host reads them back itself, after it has queued the next decode step behind the sampler. */
+   * current stream, without waiting for the device. The host reads them back itself, after it
+   * has queued the next decode step behind the sampler. */
   DLTensor *tokens_device;
+
+  /* ---- ABI 1.2: beam search. The host fills these only for a chain whose selecting link has
+   * LOOM_SAMPLER_BEAMS; otherwise they are NULL and 0, and every other link ignores them. A
+   * reader checks LOOM_HAS_FIELD(batch, loom_sampling_batch, done_out) first. All host memory,
+   * owned by the host, valid for the call. ---- */
+  /* [n_rows]: the beam group (one prompt) of each row. A group's rows are adjacent and there are
+   * width() of them, in beam order. A group is new at the first call that names it: its rows
+   * are then identical (the prompt, in history) and only the first is expanded. The host then
+   * gives the group at every call until done_out says it is done, each row's history one token
+   * longer than at the previous call. */
+  const int64_t *group_ids;
+  /* [n_rows]: how many tokens a hypothesis of the row's group may generate after its prompt; at
+   * that length every hypothesis ends and the group is done. */
+  const int32_t *max_new_tokens;
+  /* [n_end_tokens]: tokens that end a hypothesis (end of sequence); may be NULL when 0. */
+  const int32_t *end_tokens;
+  int32_t n_end_tokens;
+  /* [n_rows], written: the row of this batch that row r continues (within r's group). */
+  int32_t *parents_out;
+  /* [n_rows], written: non-zero for every row of a group that is done after this call; those
+   * rows get tokens_out and parents_out -1, the host drops them and calls finish(). */
+  int32_t *done_out;
 } loom_sampling_batch;
 
 /* loom_sampler_vtable.flags */
@@ -57,7 +89,10 @@ enum {
   LOOM_SAMPLER_USES_HISTORY = 1u << 1,  /* reads history/history_len */
   LOOM_SAMPLER_RUNS_ON_CUDA = 1u << 2,  /* apply() accepts logits on kDLCUDA */
   LOOM_SAMPLER_USES_RNG = 1u << 3,      /* reads rng_key/rng_counter */
-  LOOM_SAMPLER_DEVICE_TOKENS = 1u << 4  /* ABI 1.2: may write tokens_device instead of tokens_out */
+  LOOM_SAMPLER_DEVICE_TOKENS = 1u << 4, /* ABI 1.2: may write tokens_device instead of tokens_out */
+  /* ABI 1.2: selects beams: needs the beam fields of the batch (groups, parents_out, done_out)
+   * and offers LOOM_SAMPLER_BEAMS_EXTENSION through life.get_extension. Also SELECTS. */
+  LOOM_SAMPLER_BEAMS = 1u << 5
 };
 
 typedef struct loom_sampler_vtable {
@@ -72,9 +107,26 @@ typedef struct loom_sampler_vtable {
   loom_status (*accept)(void *instance, int64_t seq_id, int32_t token);
   /* Copies the per-sequence state of src_seq to a new dst_seq. Optional (NULL). */
   loom_status (*fork)(void *instance, int64_t src_seq, int64_t dst_seq);
-  /* Forgets the state of seq_id; -1 forgets every sequence. Optional (NULL). */
+  /* Forgets the state of seq_id; -1 forgets every sequence (and a beam link's groups).
+   * Optional (NULL). */
   void (*release)(void *instance, int64_t seq_id);
 } loom_sampler_vtable;
+
+/* ABI 1.2: the instance extension of a LOOM_SAMPLER_BEAMS link, from
+ * life.get_extension(instance, LOOM_SAMPLER_BEAMS_EXTENSION); lives as long as the instance. */
+#define LOOM_SAMPLER_BEAMS_EXTENSION "loom.sampler.beams/1"
+typedef struct loom_sampler_beams {
+  uint32_t struct_size;
+  /* The number of rows (beams) the host gives each group; >= 1, fixed for the instance.
+   * [any thread] */
+  int32_t (*width)(void *instance);
+  /* The best hypothesis of a group that done_out reported: appends its generated tokens
+   * (int32_t each, host byte order, an ending end token included) to `tokens` through
+   * host->buffer_append, writes its score (sum of token log-probabilities divided by
+   * length ** length_penalty) to *score, and forgets the group. LOOM_ERR_NOT_FOUND for a group
+   * that is unknown or not done. [serial with apply()] */
+  loom_status (*finish)(void *instance, int64_t group, loom_buffer *tokens, float *score);
+} loom_sampler_beams;
 
 #ifdef __cplusplus
 }
