@@ -640,6 +640,8 @@ TEST_CASE("flash vs sdpa on CUDA: micro-benchmark", "[.bench]") {
   const Geometry g{32, 8, 64, 16, 0, 8192}; // hidden 2048
   bench("prefill T=2048 (1 sequence)", g, 1, 2048, 0);
   bench("prefill 4 x 512", g, 4, 512, 0);
+  const Geometry g128{32, 8, 128, 16, 0, 8192}; // hidden 4096 (Llama 3 8B)
+  bench("prefill T=2048, head_dim 128", g128, 1, 2048, 0);
   bench("decode batch 1, context 128", g, 1, 1, 127);
   bench("decode batch 1, context 1024", g, 1, 1, 1023);
   bench("decode batch 1, context 4096", g, 1, 1, 4095);
