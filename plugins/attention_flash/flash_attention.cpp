@@ -78,7 +78,8 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   check_cuda(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, c.device.device_id),
              "cudaDeviceGetAttribute");
   const Dtype dtype = is_bf16(c.dtype) ? Dtype::bf16 : Dtype::f16;
-  check_cuda(configure_kernels(dtype, c.head_dim), "cudaFuncSetAttribute (prefill shared memory)");
+  const bool wgmma = major == 9 && minor == 0;
+  check_cuda(configure_kernels(dtype, c.head_dim, wgmma), "cudaFuncSetAttribute (prefill shared memory)");
   allocate_scratch(c);
 
   cfg_ = c;
@@ -92,6 +93,7 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   prepared_problem_.block_shift = log2_exact(block_size_);
   prepared_problem_.scale_log2 = static_cast<float>(static_cast<double>(c.softmax_scale) * 1.4426950408889634);
   prepared_problem_.programmatic = major >= 9;
+  prepared_problem_.wgmma = wgmma;
   prepared_ = true;
   layout.block_size = block_size_;
   layout.cache_dtype = c.dtype;

@@ -9,6 +9,9 @@ namespace {
 
 __global__ void cache_write_kernel(dev::Pool pool, const uint4* k, const uint4* v, const int32_t* off,
                                    const int32_t* pos, int n_tokens, int n_seqs) {
+  // The prefill kernel after this one is a programmatic dependent launch: it may be placed now
+  // and waits for this grid's completion before it reads anything.
+  dev::allow_next_kernel();
   const int pieces = pool.head_dim / 8;  // 8 two-byte elements per 16-byte piece
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= static_cast<int64_t>(n_tokens) * pool.kv_heads * pieces) return;

@@ -29,9 +29,12 @@ struct Problem {
   int window = 0;      // 0: full attention; else key visible iff q_pos - k_pos < window
   int block_shift = 0; // log2(B)
   float scale_log2 = 0.0f;  // softmax_scale * log2(e): scores go through exp2
-  // Decode kernels are programmatic dependent launches (compute capability 9.0 and newer): they
-  // may start while the kernel before them drains, and let the next one do the same.
+  // Decode and prefill kernels are programmatic dependent launches (compute capability 9.0 and
+  // newer): they may start while the kernel before them drains (decode also lets the next one do
+  // the same).
   bool programmatic = false;
+  // Compute capability exactly 9.0, where the sm_90a prefill kernel (wgmma) runs.
+  bool wgmma = false;
   // Per forward() call.
   int causal = 1;
   int n_tokens = 0;   // T
@@ -69,21 +72,24 @@ constexpr int pow2_divisor(int n, int cap) {
   while (d < cap && n % (2 * d) == 0) d *= 2;
   return d;
 }
-// Query heads of one KV group that share a prefill CTA (interleaved with 64 / pack tokens).
+// Query heads of one KV group that share a prefill CTA (interleaved with rows / pack tokens).
 constexpr int prefill_pack(int group) { return pow2_divisor(group, 16); }
 // Query heads of one KV group that share a decode CTA (each adds 16 accumulator registers per
 // thread; beyond 4 the kernel runs out of registers).
 constexpr int decode_heads_per_cta(int group) { return pow2_divisor(group, 4); }
 
 // Once per prepared geometry, before any launch (and never during graph capture): raises the
-// prefill kernel's dynamic shared memory limit on the current device.
-cudaError_t configure_kernels(Dtype dtype, int head_dim);
+// dynamic shared memory limit of the prefill kernel that launch_prefill will pick on the current
+// device (`wgmma`: as Problem::wgmma).
+cudaError_t configure_kernels(Dtype dtype, int head_dim, bool wgmma);
 
 // Writes the batch's new k/v rows into the paged cache (before launch_prefill; launch_decode
 // does it itself).
 cudaError_t launch_cache_write(const Problem& p, cudaStream_t stream);
 
-// Tensor-core attention over any ragged batch (prefill, chunked prefill, mixed).
+// Tensor-core attention over any ragged batch (prefill, chunked prefill, mixed): wgmma for
+// head_dim 64 where Problem::wgmma, mma.sync otherwise. A programmatic dependent launch where
+// Problem::programmatic (it waits for the kernel before it, the cache write, to complete).
 cudaError_t launch_prefill(const Problem& p, cudaStream_t stream);
 
 // One CTA per (split, query-head group, token), CUDA cores; for batches of one token per

@@ -1,41 +1,63 @@
-// Flash: FlashAttention-2-style tiled attention on tensor cores (mma.sync m16n8k16, float32
-// accumulation) over the paged KV cache, for any ragged batch.
+// Flash: FlashAttention-style tiled attention on tensor cores (float32 accumulation) over the
+// paged KV cache, for any ragged batch. Two kernels share the work split, the masking and the
+// online softmax: prefill_kernel (mma.sync m16n8k16, any sm_80+ GPU, head_dim 64 and 128) and,
+// on compute capability 9.0 for head_dim 64, prefill_wgmma_kernel (wgmma, see there).
 //
-// Work split. A CTA (4 warps) owns a tile of 64 query rows and streams the keys it can see in
-// tiles of 64, double-buffered in shared memory with cp.async; the row max and sum of the
-// softmax are carried online, so scores never leave registers. A query row is a (token, head)
+// Work split. A CTA owns a tile of kRows query rows (16 per warp and m16 tile; kMT tiles per
+// warp) and streams the keys it can see in tiles of kKeys through a kStages-deep cp.async ring
+// in shared memory; the row max and sum of the softmax are carried online, so scores never
+// leave registers (they become the A fragments of P V directly). A query row is a (token, head)
 // pair: the `pack` query heads of one KV group that share a CTA (pack = the largest power of two
-// dividing H/Hkv, at most 16) are interleaved with 64/pack tokens, so each K/V tile read from the
-// cache serves every packed head. That matters most for short per-sequence chunks, where a
-// tile of 64 tokens of one head would be mostly empty.
+// dividing H/Hkv, at most 16) are interleaved with kRows/pack tokens, so each K/V tile read from
+// the cache serves every packed head. That matters most for short per-sequence chunks, where a
+// tile of tokens of one head would be mostly empty. With kMT = 2 a warp's two m16 tiles share
+// every K and V fragment it loads from shared memory, halving that traffic per mma.
+//
+// Per key tile, each warp (warpgroup for wgmma) decides from its rows' key ranges whether the
+// tile is invisible to all of its rows (skipped: the causal diagonal's far side), visible to all
+// (no mask: every tile left of the diagonal), or partly visible (masked per element). Scores
+// stay unscaled until exp2: the max is taken raw and the scale folds into one FMA per score
+// (the host makes the scale positive by negating q, exactly, when it is not).
 //
 // Geometry depends only on the host-known T, S and the config: a 1-D grid of (ceil(T /
 // tokens_per_tile) + S) tiles (enough for any split of T tokens into S sequences) times H / pack
 // head groups. Each CTA finds its (sequence, tile) from seq_offsets on the device; surplus CTAs
-// exit at once.
+// exit at once. Tiles are numbered so that each sequence's last (longest under causal masking)
+// tiles start first. Both kernels are programmatic dependent launches on compute capability 9.0
+// and newer: their first instruction waits for the cache write before them.
 //
-// Shared memory (bf16/f16 elements, rows padded by 16 bytes so that ldmatrix's eight row
-// addresses fall in distinct banks): Q [64][D+8], K [2][64][D+8], V [2][64][D+8].
+// Shared memory of prefill_kernel (bf16/f16 elements, rows padded by 16 bytes so that
+// ldmatrix's eight row addresses fall in distinct banks): Q [kRows][D+8], K [kStages][kKeys][D+8],
+// V likewise. prefill_wgmma_kernel keeps its tiles 128-byte swizzled instead.
+#include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "flash_device.cuh"
 
 namespace loomp::flash {
 namespace {
 
-constexpr int kRows = 64;     // query rows per CTA, 16 per warp
-constexpr int kKeys = 64;     // keys per K/V tile
-constexpr int kThreads = 128; // 4 warps
-
-template <int D>
-constexpr int kLd = D + 8;
-template <int D>
-constexpr int kSmemBytes = (kRows + 4 * kKeys) * kLd<D> * 2;
+// One tiling of the prefill kernel: warps per CTA, m16 tiles per warp, keys per K/V tile and
+// shared-memory stages of K/V.
+template <int D_, int Warps, int MT, int Keys, int Stages>
+struct Tiling {
+  static constexpr int D = D_;
+  static constexpr int kMT = MT;
+  static constexpr int kKeys = Keys;
+  static constexpr int kStages = Stages;
+  static constexpr int kThreads = 32 * Warps;
+  static constexpr int kRows = 16 * MT * Warps;
+  static constexpr int kLd = D + 8;
+  static constexpr int kSmemBytes = (kRows + 2 * Stages * Keys) * kLd * 2;
+  static_assert(Stages >= 2 && Keys % 16 == 0 && kThreads % (D / 8) == 0, "tiling");
+};
 
 struct PrefillArgs : dev::BatchArgs {
   int pack_shift;   // log2(pack)
   int tile_tokens;  // kRows / pack
   int head_groups;  // H / pack
+  uint32_t q_sign;  // XORed into each packed pair of q: 0x80008000 negates q (for a negative scale)
 };
 
 // Warp 0 finds which (sequence, tile) work item `x` is: sequence s owns ceil(n_s / tile_tokens)
@@ -64,17 +86,24 @@ __device__ void find_tile(const PrefillArgs& a, int x, int* seq, int* tile) {
   }
 }
 
-template <class T, int D>
-__global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillArgs a) {
-  constexpr int LD = kLd<D>;
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <class T, class L>
+__global__ void __launch_bounds__(L::kThreads) prefill_kernel(const PrefillArgs a) {
+  constexpr int D = L::D, LD = L::kLd, N = L::kKeys, MT = L::kMT, ST = L::kStages;
   constexpr int kPieces = D / 8;  // 16-byte pieces per row
   using E = dev::Elem<T>;
   extern __shared__ uint4 smem[];
   T* const sQ = reinterpret_cast<T*>(smem);
-  T* const sK = sQ + kRows * LD;  // [2][kKeys][LD]
-  T* const sV = sK + 2 * kKeys * LD;
+  T* const sK = sQ + L::kRows * LD;  // [ST][N][LD]
+  T* const sV = sK + ST * N * LD;
   __shared__ int s_seq, s_tile;
 
+  dev::wait_for_previous_kernel();  // the cache write (and q) are complete and visible
   if (threadIdx.x == 0) s_seq = -1;
   __syncthreads();
   // Work items are numbered tile-major so that the heads of one tile start together.
@@ -97,27 +126,40 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillArgs a) 
   // Keys any row of the tile can see: from the first row's window start to the last row's end.
   const int kv_lo = dev::key_range(p_first, total, a.causal, a.window, capacity).lo;
   const int kv_hi = dev::key_range(p_first + n_tok - 1, total, a.causal, a.window, capacity).hi;
-  const int kt0 = kv_lo / kKeys;
-  const int n_kt = kv_hi >= kv_lo ? kv_hi / kKeys - kt0 + 1 : 0;
+  const int kt0 = kv_lo / N;
+  const int n_kt = kv_hi >= kv_lo ? kv_hi / N - kt0 + 1 : 0;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tq = lane & 3;  // mma fragment coordinates
-  // This thread's two accumulator rows: warp * 16 + g and warp * 16 + g + 8.
-  bool row_ok[2];
-  int row_lo[2], row_hi[2];
+  // This thread's accumulator rows: warp * 16 * MT + mt * 16 + g + 8 * i. Rows past the tile's
+  // tokens see nothing (lo > hi). Over the warp's live rows: the smallest and largest window
+  // start and end, which classify each key tile as skipped, unmasked or masked.
+  int row_lo[MT][2], row_hi[MT][2];
+  int lo_min = INT_MAX, lo_max = INT_MIN, hi_min = INT_MAX, hi_max = INT_MIN;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int tl = (warp * 16 + g + 8 * i) >> a.pack_shift;
-    row_ok[i] = tl < n_tok;
-    const dev::KeyRange r = dev::key_range(p_first + tl, total, a.causal, a.window, capacity);
-    row_lo[i] = r.lo;
-    row_hi[i] = r.hi;
-  }
-  const bool warp_active = ((warp * 16) >> a.pack_shift) < n_tok;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int tl = (warp * 16 * MT + mt * 16 + g + 8 * i) >> a.pack_shift;
+      const dev::KeyRange r = dev::key_range(p_first + tl, total, a.causal, a.window, capacity);
+      const bool ok = tl < n_tok;
+      row_lo[mt][i] = ok ? r.lo : INT_MAX;
+      row_hi[mt][i] = ok ? r.hi : -1;
+      if (ok) {
+        lo_min = min(lo_min, r.lo);
+        lo_max = max(lo_max, r.lo);
+        hi_min = min(hi_min, r.hi);
+        hi_max = max(hi_max, r.hi);
+      }
+    }
+  lo_min = __reduce_min_sync(0xffffffffu, lo_min);
+  lo_max = __reduce_max_sync(0xffffffffu, lo_max);
+  hi_min = __reduce_min_sync(0xffffffffu, hi_min);
+  hi_max = __reduce_max_sync(0xffffffffu, hi_max);
 
   // Q tile: row r is token tok0 + r / pack, head head0 + r % pack; missing rows read as zeros.
   const T* const q = static_cast<const T*>(a.q);
-  for (int i = threadIdx.x; i < kRows * kPieces; i += kThreads) {
+  for (int i = threadIdx.x; i < L::kRows * kPieces; i += L::kThreads) {
     const int r = i / kPieces, c = i % kPieces;
     const int tl = r >> a.pack_shift;
     const bool ok = tl < n_tok;
@@ -125,175 +167,588 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillArgs a) 
     const T* src = ok ? q + (token * a.n_heads + head0 + (r & (pack - 1))) * D + c * 8 : q;
     dev::cp_async16(sQ + r * LD + c * 8, src, ok);
   }
-  dev::cp_async_commit();
 
+  // A thread moves the same 16-byte piece of every (kThreads / kPieces)-th key row.
   auto load_kv = [&](int kt, int buf) {
-    for (int i = threadIdx.x; i < kKeys * kPieces; i += kThreads) {
-      const int r = i / kPieces, c = i % kPieces;
-      const int j = kt * kKeys + r;
+    const int c = threadIdx.x % kPieces;
+    T* const k_dst = sK + buf * N * LD + c * 8;
+    T* const v_dst = sV + buf * N * LD + c * 8;
+#pragma unroll
+    for (int r = threadIdx.x / kPieces; r < N; r += L::kThreads / kPieces) {
+      const int j = kt * N + r;
       const int64_t at = j <= kv_hi ? a.pool.key_offset(s, j, kvh) : -1;
       const bool ok = at >= 0;
       const uint8_t* key = ok ? a.pool.base + at + c * 16 : a.pool.base;
       const uint8_t* value = ok ? key + a.pool.values_bytes : a.pool.base;
-      dev::cp_async16(sK + (buf * kKeys + r) * LD + c * 8, key, ok);
-      dev::cp_async16(sV + (buf * kKeys + r) * LD + c * 8, value, ok);
+      dev::cp_async16(k_dst + r * LD, key, ok);
+      dev::cp_async16(v_dst + r * LD, value, ok);
     }
   };
-  if (n_kt > 0) load_kv(kt0, 0);
-  dev::cp_async_commit();
+  // Group 0 is Q and the first K/V tile; groups 1 .. ST-2 the next tiles (empty past the end).
+#pragma unroll
+  for (int st = 0; st < ST - 1; ++st) {
+    if (st < n_kt) load_kv(kt0 + st, st);
+    dev::cp_async_commit();
+  }
 
-  uint32_t qf[D / 16][4];
-  float o[D / 8][4];
+  uint32_t qf[MT][D / 16][4];
+  float o[MT][D / 8][4];
 #pragma unroll
-  for (int nd = 0; nd < D / 8; ++nd)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[nd][e] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY};  // running max per row, log2 units
-  float l[2] = {0.0f, 0.0f};            // running sum per row, this thread's columns only
+    for (int nd = 0; nd < D / 8; ++nd)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][nd][e] = 0.0f;
+  float m[MT][2], l[MT][2];  // running max (log2 units) and sum (this thread's columns) per row
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      m[mt][i] = -INFINITY;
+      l[mt][i] = 0.0f;
+    }
+  const float scale = a.scale_log2;  // > 0
 
   for (int it = 0; it < n_kt; ++it) {
-    const int buf = it & 1;
-    if (it + 1 < n_kt) load_kv(kt0 + it + 1, buf ^ 1);
+    dev::cp_async_wait<ST - 2>();  // tile `it` (and Q) have landed for this thread
+    __syncthreads();               // ... for every thread, and tile it-1's buffer is free again
+    if (it + ST - 1 < n_kt) load_kv(kt0 + it + ST - 1, (it + ST - 1) % ST);
     dev::cp_async_commit();
-    dev::cp_async_wait<1>();  // everything but the prefetch just issued has landed
-    __syncthreads();
 
-    if (warp_active) {
-      if (it == 0) {
+    if (it == 0) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const int mi = lane >> 3;
-          dev::ldmatrix_x4(qf[kk], sQ + (warp * 16 + (lane & 7) + (mi & 1) * 8) * LD + kk * 16 + (mi >> 1) * 8);
+          dev::ldmatrix_x4(qf[mt][kk],
+                           sQ + (warp * 16 * MT + mt * 16 + (lane & 7) + (mi & 1) * 8) * LD + kk * 16 + (mi >> 1) * 8);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qf[mt][kk][e] ^= a.q_sign;
+        }
+    }
+    const int key0 = (kt0 + it) * N;
+    if (key0 > hi_max || key0 + N - 1 < lo_min) continue;  // no row of this warp sees the tile
+    const bool full = key0 >= lo_max && key0 + N - 1 <= hi_min;
+    const T* const k_tile = sK + (it % ST) * N * LD;
+    const T* const v_tile = sV + (it % ST) * N * LD;
+
+    // S = Q K^T for 16 * MT rows x N keys per warp; each K fragment serves all MT row tiles.
+    float sc[MT][N / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < N / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[mt][nb][e] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 32; ++kk)
+#pragma unroll
+      for (int nb = 0; nb < N / 8; ++nb) {
+        uint32_t b[4];
+        dev::ldmatrix_x4(b, k_tile + (nb * 8 + (lane & 7)) * LD + kk * 32 + (lane >> 3) * 8);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          dev::mma_16816<T>(sc[mt][nb], qf[mt][2 * kk], b[0], b[1]);
+          dev::mma_16816<T>(sc[mt][nb], qf[mt][2 * kk + 1], b[2], b[3]);
         }
       }
-      const T* const k_tile = sK + buf * kKeys * LD;
-      const T* const v_tile = sV + buf * kKeys * LD;
 
-      // S = Q K^T for 16 rows x 64 keys per warp.
-      float sc[kKeys / 8][4];
+    // Causal / window / padding mask, only where some row sees part of the tile.
+    if (!full) {
 #pragma unroll
-      for (int nb = 0; nb < kKeys / 8; ++nb)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) sc[nb][e] = 0.0f;
+        for (int nb = 0; nb < N / 8; ++nb)
 #pragma unroll
-      for (int kk = 0; kk < D / 32; ++kk)
-#pragma unroll
-        for (int nb = 0; nb < kKeys / 8; ++nb) {
-          uint32_t b[4];
-          dev::ldmatrix_x4(b, k_tile + (nb * 8 + (lane & 7)) * LD + kk * 32 + (lane >> 3) * 8);
-          dev::mma_16816<T>(sc[nb], qf[2 * kk], b[0], b[1]);
-          dev::mma_16816<T>(sc[nb], qf[2 * kk + 1], b[2], b[3]);
-        }
+          for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1;
+            const int j = key0 + nb * 8 + tq * 2 + (e & 1);
+            if (j < row_lo[mt][i] || j > row_hi[mt][i]) sc[mt][nb][e] = -INFINITY;
+          }
+    }
 
-      // Causal / window / padding mask, then scale into log2 units.
-      const int key0 = (kt0 + it) * kKeys;
+    // Online softmax: new row max (over the quad that shares a row), rescale what came before.
 #pragma unroll
-      for (int nb = 0; nb < kKeys / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1;
-          const int j = key0 + nb * 8 + tq * 2 + (e & 1);
-          const bool visible = row_ok[i] && j >= row_lo[i] && j <= row_hi[i];
-          sc[nb][e] = visible ? sc[nb][e] * a.scale_log2 : -INFINITY;
-        }
-
-      // Online softmax: new row max (over the quad that shares a row), rescale what came before.
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         float mx = -INFINITY;
 #pragma unroll
-        for (int nb = 0; nb < kKeys / 8; ++nb) mx = fmaxf(mx, fmaxf(sc[nb][2 * i], sc[nb][2 * i + 1]));
+        for (int nb = 0; nb < N / 8; ++nb) mx = fmaxf(mx, fmaxf(sc[mt][nb][2 * i], sc[mt][nb][2 * i + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[i], mx);
+        const float m_new = fmaxf(m[mt][i], mx * scale);
         const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-        const float alpha = exp2f(m[i] - m_use);
-        m[i] = m_new;
+        const float alpha = fast_exp2(m[mt][i] - m_use);
+        m[mt][i] = m_new;
         float sum = 0.0f;
 #pragma unroll
-        for (int nb = 0; nb < kKeys / 8; ++nb)
+        for (int nb = 0; nb < N / 8; ++nb)
 #pragma unroll
           for (int e = 2 * i; e < 2 * i + 2; ++e) {
-            sc[nb][e] = exp2f(sc[nb][e] - m_use);
-            sum += sc[nb][e];
+            sc[mt][nb][e] = fast_exp2(fmaf(sc[mt][nb][e], scale, -m_use));
+            sum += sc[mt][nb][e];
           }
-        l[i] = l[i] * alpha + sum;
+        l[mt][i] = l[mt][i] * alpha + sum;
 #pragma unroll
         for (int nd = 0; nd < D / 8; ++nd) {
-          o[nd][2 * i] *= alpha;
-          o[nd][2 * i + 1] *= alpha;
+          o[mt][nd][2 * i] *= alpha;
+          o[mt][nd][2 * i + 1] *= alpha;
         }
       }
 
-      // O += P V: the score accumulators become the A fragments of P directly.
+    // O += P V: the score accumulators become the A fragments of P; each V fragment serves all
+    // MT row tiles.
 #pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        const uint32_t pa[4] = {E::pack(sc[2 * kk][0], sc[2 * kk][1]), E::pack(sc[2 * kk][2], sc[2 * kk][3]),
-                                E::pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                E::pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+    for (int kk = 0; kk < N / 16; ++kk) {
+      uint32_t pa[MT][4];
 #pragma unroll
-        for (int nd2 = 0; nd2 < D / 16; ++nd2) {
-          uint32_t b[4];
-          dev::ldmatrix_x4_trans(b, v_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nd2 * 16 +
-                                        (lane >> 4) * 8);
-          dev::mma_16816<T>(o[2 * nd2], pa, b[0], b[1]);
-          dev::mma_16816<T>(o[2 * nd2 + 1], pa, b[2], b[3]);
+      for (int mt = 0; mt < MT; ++mt) {
+        pa[mt][0] = E::pack(sc[mt][2 * kk][0], sc[mt][2 * kk][1]);
+        pa[mt][1] = E::pack(sc[mt][2 * kk][2], sc[mt][2 * kk][3]);
+        pa[mt][2] = E::pack(sc[mt][2 * kk + 1][0], sc[mt][2 * kk + 1][1]);
+        pa[mt][3] = E::pack(sc[mt][2 * kk + 1][2], sc[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd2 = 0; nd2 < D / 16; ++nd2) {
+        uint32_t b[4];
+        dev::ldmatrix_x4_trans(b, v_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nd2 * 16 +
+                                      (lane >> 4) * 8);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          dev::mma_16816<T>(o[mt][2 * nd2], pa[mt], b[0], b[1]);
+          dev::mma_16816<T>(o[mt][2 * nd2 + 1], pa[mt], b[2], b[3]);
         }
       }
     }
-    __syncthreads();  // the next iteration's prefetch overwrites this buffer
   }
   dev::cp_async_wait<0>();
-  if (!warp_active) return;
+
+  T* const out = static_cast<T*>(a.out);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float sum = l[mt][i];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int r = warp * 16 * MT + mt * 16 + g + 8 * i;
+      if ((r >> a.pack_shift) >= n_tok) continue;
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const int64_t token = span.begin + tok0 + (r >> a.pack_shift);
+      T* const dst = out + (token * a.n_heads + head0 + (r & (pack - 1))) * D + tq * 2;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+        *reinterpret_cast<uint32_t*>(dst + nd * 8) = E::pack(o[mt][nd][2 * i] * inv, o[mt][nd][2 * i + 1] * inv);
+    }
+}
+
+// ---- wgmma (sm_90a only: the device code below exists in the sm_90a pass and the host pass) ----
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LOOM_FLASH_WGMMA 1
+
+// Shared-memory matrix descriptor of a 128-byte-swizzled tile whose 8-row atoms are 1024 bytes
+// apart (the tile 1024-byte aligned): start address, leading byte offset 16 (unused by these
+// layouts), stride byte offset 1024, swizzle mode 1 (128 B). Moving along the tile adds
+// (bytes >> 4) to the descriptor: shared addresses stay under 256 KB, so the 14-bit field never
+// carries.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>(16 >> 4) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (uint64_t{1} << 62);
+}
+// Byte offset of 16-byte piece c of row r in such a tile (rows of 128 bytes).
+__device__ __forceinline__ int sw128_offset(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
+// Keeps the compiler from reading an accumulator before the wgmma that writes it has completed.
+__device__ __forceinline__ void reg_fence(float (&d)[32]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// d (64 x 64, this thread's 32 floats) (+)= a (64 x 16 from registers, the mma.sync A fragment of
+// each warp's 16 rows) * b (16 x 64 in shared memory, descriptor `b`). TransB: b is stored
+// N-major ([k][n], as V is); else K-major ([n][k], as K is). accumulate == 0 overwrites d.
+#define LOOM_FLASH_WGMMA_RS(TYPE, TRANS_B)                                                                  \
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %37, 0; "                                                    \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                              \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                    \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "          \
+               "{%32, %33, %34, %35}, %36, p, 1, 1, " TRANS_B "; }\n"                                       \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),        \
+                 "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),    \
+                 "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
+                 "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+                 "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate))
+
+template <class T, int TransB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b,
+                                         int accumulate) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if constexpr (TransB) LOOM_FLASH_WGMMA_RS("bf16", "1");
+    else LOOM_FLASH_WGMMA_RS("bf16", "0");
+  } else {
+    if constexpr (TransB) LOOM_FLASH_WGMMA_RS("f16", "1");
+    else LOOM_FLASH_WGMMA_RS("f16", "0");
+  }
+}
+#undef LOOM_FLASH_WGMMA_RS
+
+#endif
+
+// The sm_90a prefill for head_dim 64: the same work split, masking and online softmax as
+// prefill_kernel, with each warpgroup (4 warps) owning 64 query rows and both products on wgmma:
+// S = Q K^T with Q's fragments in registers and K read by the tensor cores from shared memory,
+// O += P V with P's fragments (the score accumulators, converted) in registers and V from
+// shared memory. Tiles are stored 128-byte swizzled (a row of 64 elements is 128 bytes), as the
+// wgmma descriptors describe them; warpgroups decide skip / mask per key tile for all their rows.
+template <int NWG, int Stages>
+struct WgTiling {
+  static constexpr int D = 64;
+  static constexpr int kKeys = 64;
+  static constexpr int kStages = Stages;
+  static constexpr int kThreads = 128 * NWG;
+  static constexpr int kMinBlocks = NWG == 1 ? 3 : NWG == 2 ? 2 : 1;  // CTAs per SM the registers allow
+  static constexpr int kRows = 64 * NWG;
+  static constexpr int kTileBytes = kKeys * 128;
+  // Q, then K and V per stage; 1024 more so that the base can be rounded up to 1024 bytes.
+  static constexpr int kSmemBytes = 1024 + kRows * 128 + 2 * Stages * kTileBytes;
+  static_assert(Stages >= 3, "P V of a tile still reads it while the tile two ahead loads");
+};
+
+template <class T, class L>
+__global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kernel(const PrefillArgs a) {
+#if defined(LOOM_FLASH_WGMMA)
+  constexpr int D = L::D, N = L::kKeys, ST = L::kStages;
+  constexpr int kPieces = D / 8;  // 16-byte pieces per row
+  using E = dev::Elem<T>;
+  extern __shared__ uint4 smem[];
+  uint8_t* const base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem) + 1023) & ~uintptr_t{1023});
+  uint8_t* const sQ = base;
+  uint8_t* const sK = sQ + L::kRows * 128;  // [ST][N rows of 128 bytes]
+  uint8_t* const sV = sK + ST * L::kTileBytes;
+  __shared__ int s_seq, s_tile;
+
+  dev::wait_for_previous_kernel();  // the cache write (and q) are complete and visible
+  if (threadIdx.x == 0) s_seq = -1;
+  __syncthreads();
+  const int head_group = static_cast<int>(blockIdx.x % a.head_groups);
+  if (threadIdx.x < 32) find_tile(a, static_cast<int>(blockIdx.x / a.head_groups), &s_seq, &s_tile);
+  __syncthreads();
+  const int s = s_seq;
+  if (s < 0) return;  // surplus CTA (uniform across the block)
+
+  const dev::SeqSpan span = dev::seq_span(a.off, a.n_tokens, s);
+  const int tok0 = s_tile * a.tile_tokens;
+  const int n_tok = min(a.tile_tokens, span.count - tok0);
+  const int64_t p_first = dev::token_position(a.pos, a.off, s, span.begin + tok0);
+  const int64_t total = p_first - tok0 + span.count;
+  const int capacity = a.pool.cols << a.pool.block_shift;
+  const int pack = 1 << a.pack_shift;
+  const int head0 = head_group * pack;
+  const int kvh = head0 / a.group;
+
+  const int kv_lo = dev::key_range(p_first, total, a.causal, a.window, capacity).lo;
+  const int kv_hi = dev::key_range(p_first + n_tok - 1, total, a.causal, a.window, capacity).hi;
+  const int kt0 = kv_lo / N;
+  const int n_kt = kv_hi >= kv_lo ? kv_hi / N - kt0 + 1 : 0;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, tq = lane & 3;
+  int row_lo[2], row_hi[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int tl = (warp * 16 + g + 8 * i) >> a.pack_shift;
+    const dev::KeyRange r = dev::key_range(p_first + tl, total, a.causal, a.window, capacity);
+    row_lo[i] = tl < n_tok ? r.lo : INT_MAX;
+    row_hi[i] = tl < n_tok ? r.hi : -1;
+  }
+  // The warpgroup's live rows are tokens [first, last]; key ranges grow with the position, so the
+  // first token has the smallest window start and end, the last the largest.
+  const int wg = warp >> 2;
+  const int wg_first = (wg * 64) >> a.pack_shift;
+  const int wg_last = min((wg * 64 + 63) >> a.pack_shift, n_tok - 1);
+  const dev::KeyRange wr0 = dev::key_range(p_first + wg_first, total, a.causal, a.window, capacity);
+  const dev::KeyRange wr1 = dev::key_range(p_first + wg_last, total, a.causal, a.window, capacity);
+  const bool wg_live = wg_first <= wg_last;
+  const int lo_min = wr0.lo, hi_min = wr0.hi, lo_max = wr1.lo, hi_max = wr1.hi;
+
+  const T* const q = static_cast<const T*>(a.q);
+  for (int i = threadIdx.x; i < L::kRows * kPieces; i += L::kThreads) {
+    const int r = i / kPieces, c = i % kPieces;
+    const int tl = r >> a.pack_shift;
+    const bool ok = tl < n_tok;
+    const int64_t token = span.begin + tok0 + tl;
+    const T* src = ok ? q + (token * a.n_heads + head0 + (r & (pack - 1))) * D + c * 8 : q;
+    dev::cp_async16(sQ + sw128_offset(r, c), src, ok);
+  }
+
+  auto load_kv = [&](int kt, int buf) {
+    const int c = threadIdx.x % kPieces;
+    uint8_t* const k_dst = sK + buf * L::kTileBytes;
+    uint8_t* const v_dst = sV + buf * L::kTileBytes;
+#pragma unroll
+    for (int r = threadIdx.x / kPieces; r < N; r += L::kThreads / kPieces) {
+      const int j = kt * N + r;
+      const int64_t at = j <= kv_hi ? a.pool.key_offset(s, j, kvh) : -1;
+      const bool ok = at >= 0;
+      const uint8_t* key = ok ? a.pool.base + at + c * 16 : a.pool.base;
+      const uint8_t* value = ok ? key + a.pool.values_bytes : a.pool.base;
+      dev::cp_async16(k_dst + sw128_offset(r, c), key, ok);
+      dev::cp_async16(v_dst + sw128_offset(r, c), value, ok);
+    }
+  };
+  // P V of one key tile runs on the tensor cores while the softmax of the next one runs on the
+  // other units: the loop issues S = Q K^T of tile `it` and O += P V of the previous tile
+  // together, and waits for the latter only before rescaling O. V of the previous tile is then
+  // still being read when tile `it` starts, so loads run ST - 2 tiles ahead. (A plain order,
+  // P V issued and waited for right after the softmax, measured 3% faster on H200 but gave
+  // 13-19% errors in attention_cuda_test, with or without a barrier before the wgmma; the cause
+  // was not found, so the order below is the tested one.)
+  constexpr int kAhead = ST - 2;
+  static_assert(kAhead >= 1, "stages");
+#pragma unroll
+  for (int st = 0; st < kAhead; ++st) {
+    if (st < n_kt) load_kv(kt0 + st, st);
+    dev::cp_async_commit();
+  }
+
+  uint32_t qf[D / 16][4];
+  float o[32], sc[32];
+#pragma unroll
+  for (int e = 0; e < 32; ++e) {
+    o[e] = 0.0f;
+    sc[e] = 0.0f;
+  }
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const float scale = a.scale_log2;  // > 0
+  const uint64_t k_desc = sw128_desc(dev::smem_addr(sK)), v_desc = sw128_desc(dev::smem_addr(sV));
+
+  uint32_t pa[N / 16][4];
+  bool have_p = false;  // pa holds P of the previous tile, whose P V is not issued yet
+  int p_buf = 0;
+  auto issue_pv = [&](int b) {
+    reg_fence(o);
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(pa[kk][e])::"memory");
+    wgmma_fence();
+    // O += P V: four k-steps of 16 keys; V is N-major (a key's 64 values are one row).
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk)
+      wgmma_rs<T, 1>(o, pa[kk], v_desc + ((b * L::kTileBytes + kk * 2048) >> 4), 1);
+    wgmma_commit();
+  };
+
+  for (int it = 0; it < n_kt; ++it) {
+    dev::cp_async_wait<kAhead - 1>();
+    fence_proxy_async();  // the tensor cores read what cp.async wrote
+    __syncthreads();      // ... every thread's part; and the buffer refilled next is free
+    if (it + kAhead < n_kt) load_kv(kt0 + it + kAhead, (it + kAhead) % ST);
+    dev::cp_async_commit();
+
+    if (it == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        dev::ldmatrix_x4(qf[kk], sQ + sw128_offset(r, 2 * kk + (lane >> 4)));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          qf[kk][e] ^= a.q_sign;
+          asm volatile("" : "+r"(qf[kk][e])::"memory");
+        }
+      }
+    }
+    const int key0 = (kt0 + it) * N;
+    const int buf = it % ST;
+    // Uniform over the warpgroup, as wgmma needs.
+    const bool live = wg_live && key0 <= hi_max && key0 + N - 1 >= lo_min;
+    if (live) {
+      // S = Q K^T: 64 rows x 64 keys per warpgroup, four k-steps of 16 along D. The fences order
+      // every ordinary write of the operand registers before wgmma.fence, as wgmma requires.
+      reg_fence(sc);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_rs<T, 0>(sc, qf[kk], k_desc + ((buf * L::kTileBytes + kk * 32) >> 4), kk);
+      wgmma_commit();
+    }
+    if (have_p) issue_pv(p_buf);
+    if (!live) {
+      if (have_p) wgmma_wait_all();
+      reg_fence(o);
+      have_p = false;
+      continue;
+    }
+    if (have_p) wgmma_wait<1>();  // S has landed; P V may still run
+    else wgmma_wait_all();
+    reg_fence(sc);
+
+    if (!(key0 >= lo_max && key0 + N - 1 <= hi_min)) {  // some row sees part of the tile
+#pragma unroll
+      for (int e = 0; e < 32; ++e) {
+        const int i = (e >> 1) & 1;
+        const int j = key0 + (e >> 2) * 8 + tq * 2 + (e & 1);
+        if (j < row_lo[i] || j > row_hi[i]) sc[e] = -INFINITY;
+      }
+    }
+
+    float alpha[2];
+    bool moved = false;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < N / 8; ++nb) mx = fmaxf(mx, fmaxf(sc[4 * nb + 2 * i], sc[4 * nb + 2 * i + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // Lazy rescaling: the max moves only when a tile beats it by more than 8 (log2 units), so
+      // P stays below 256 (exact enough in bf16/f16, far from overflow) and O and the sum are
+      // rescaled only in warps where some row's max moved.
+      const float mx_s = mx * scale;
+      const float m_new = mx_s > m[i] + 8.0f ? mx_s : m[i];
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
+      alpha[i] = fast_exp2(m[i] - m_use);
+      moved |= m_new != m[i];
+      m[i] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int nb = 0; nb < N / 8; ++nb)
+#pragma unroll
+        for (int e = 4 * nb + 2 * i; e < 4 * nb + 2 * i + 2; ++e) {
+          sc[e] = fast_exp2(fmaf(sc[e], scale, -m_use));
+          sum += sc[e];
+        }
+      l[i] = l[i] * alpha[i] + sum;
+    }
+    if (have_p) {
+      wgmma_wait_all();  // P V of the previous tile is in O
+      reg_fence(o);
+    }
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[4 * nd + e] *= alpha[(e >> 1) & 1];
+    }
+    // Key columns 8 nb .. 8 nb + 7 are k-half (nb & 1) of P's k-step nb / 2.
+#pragma unroll
+    for (int nb = 0; nb < N / 8; ++nb)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) pa[nb >> 1][2 * (nb & 1) + i] = E::pack(sc[4 * nb + 2 * i], sc[4 * nb + 2 * i + 1]);
+    have_p = true;
+    p_buf = buf;
+  }
+  if (have_p) {
+    issue_pv(p_buf);
+    wgmma_wait_all();
+    reg_fence(o);
+  }
+  dev::cp_async_wait<0>();
 
   T* const out = static_cast<T*>(a.out);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-    if (!row_ok[i]) continue;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    float sum = l[i];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int r = warp * 16 + g + 8 * i;
+    if ((r >> a.pack_shift) >= n_tok) continue;
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     const int64_t token = span.begin + tok0 + (r >> a.pack_shift);
     T* const dst = out + (token * a.n_heads + head0 + (r & (pack - 1))) * D + tq * 2;
 #pragma unroll
     for (int nd = 0; nd < D / 8; ++nd)
-      *reinterpret_cast<uint32_t*>(dst + nd * 8) = E::pack(o[nd][2 * i] * inv, o[nd][2 * i + 1] * inv);
+      *reinterpret_cast<uint32_t*>(dst + nd * 8) = E::pack(o[4 * nd + 2 * i] * inv, o[4 * nd + 2 * i + 1] * inv);
   }
+#else
+  static_assert(L::D == 64 && L::kStages >= 3, "tiling");  // launched on compute capability 9.0 only
+  (void)a;
+#endif
 }
 
-template <class T, int D>
+// The tilings in use (measured on H200, bf16, 32 heads over 8 KV heads, one causal 2048-token
+// prompt): head_dim 64 on sm_90a takes the wgmma kernel, two warpgroups and three stages
+// (about 80 us a layer, cache write included, against 87 for the best mma.sync tiling,
+// Prefill64); head_dim 128 takes 8 warps of 16 rows (209 us, against 255 with 4 warps).
+using Prefill64 = Tiling<64, 4, 2, 64, 3>;
+using Prefill128 = Tiling<128, 8, 1, 64, 2>;
+using Prefill64Wgmma = WgTiling<2, 3>;
+
+template <class T, class L, bool Wg = false>
 cudaError_t launch(const Problem& p, cudaStream_t stream) {
   PrefillArgs a;
   static_cast<dev::BatchArgs&>(a) = dev::make_batch_args(p);
   const int pack = prefill_pack(a.group);
   a.pack_shift = 0;
   while ((1 << a.pack_shift) < pack) ++a.pack_shift;
-  a.tile_tokens = kRows / pack;
+  a.tile_tokens = L::kRows / pack;
   a.head_groups = p.n_heads / pack;
+  // exp2 takes scale * score; a negative scale moves to q's sign (exact), and a zero one becomes
+  // a tiny positive one (the same weights, and masked scores still go to zero).
+  a.q_sign = p.scale_log2 < 0.0f ? 0x80008000u : 0u;
+  a.scale_log2 = p.scale_log2 == 0.0f ? 1e-30f : std::fabs(p.scale_log2);
   const int64_t tiles = (p.n_tokens + a.tile_tokens - 1) / a.tile_tokens + p.n_seqs;
   const auto grid = static_cast<unsigned>(tiles * a.head_groups);
-  prefill_kernel<T, D><<<grid, kThreads, kSmemBytes<D>, stream>>>(a);
-  return cudaGetLastError();
+  // A programmatic dependent launch: the CTAs may be placed while the cache write drains, and
+  // wait for it in their first instruction.
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(L::kThreads);
+  config.dynamicSmemBytes = L::kSmemBytes;
+  config.stream = stream;
+  config.attrs = p.programmatic ? &attribute : nullptr;
+  config.numAttrs = p.programmatic ? 1 : 0;
+  if constexpr (Wg)
+    return cudaLaunchKernelEx(&config, prefill_wgmma_kernel<T, L>, a);
+  else
+    return cudaLaunchKernelEx(&config, prefill_kernel<T, L>, a);
 }
 
-template <class T, int D>
+template <class T, class L, bool Wg = false>
 cudaError_t configure() {
-  return cudaFuncSetAttribute(prefill_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<D>);
+  if constexpr (Wg)
+    return cudaFuncSetAttribute(prefill_wgmma_kernel<T, L>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                L::kSmemBytes);
+  else
+    return cudaFuncSetAttribute(prefill_kernel<T, L>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes);
+}
+
+template <class T>
+cudaError_t configure_type(int head_dim, bool wgmma) {
+  if (head_dim != 64) return configure<T, Prefill128>();
+  return wgmma ? configure<T, Prefill64Wgmma, true>() : configure<T, Prefill64>();
+}
+
+template <class T>
+cudaError_t launch_type(const Problem& p, cudaStream_t stream) {
+  if (p.head_dim != 64) return launch<T, Prefill128>(p, stream);
+  return p.wgmma ? launch<T, Prefill64Wgmma, true>(p, stream) : launch<T, Prefill64>(p, stream);
 }
 
 }  // namespace
 
-cudaError_t configure_kernels(Dtype dtype, int head_dim) {
-  if (dtype == Dtype::bf16) return head_dim == 64 ? configure<__nv_bfloat16, 64>() : configure<__nv_bfloat16, 128>();
-  return head_dim == 64 ? configure<__half, 64>() : configure<__half, 128>();
+cudaError_t configure_kernels(Dtype dtype, int head_dim, bool wgmma) {
+  return dtype == Dtype::bf16 ? configure_type<__nv_bfloat16>(head_dim, wgmma)
+                               : configure_type<__half>(head_dim, wgmma);
 }
 
 cudaError_t launch_prefill(const Problem& p, cudaStream_t stream) {
   if (p.n_tokens == 0) return cudaSuccess;
-  if (p.dtype == Dtype::bf16)
-    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);
-  return p.head_dim == 64 ? launch<__half, 64>(p, stream) : launch<__half, 128>(p, stream);
+  return p.dtype == Dtype::bf16 ? launch_type<__nv_bfloat16>(p, stream) : launch_type<__half>(p, stream);
 }
 
 }  // namespace loomp::flash
