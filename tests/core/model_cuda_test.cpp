@@ -272,6 +272,27 @@ TEST_CASE("decode ahead gives the tokens of the step-by-step loop", "[cuda][deco
   CHECK(lengths_differ > 0);
 }
 
+TEST_CASE("beam search on CUDA gives the hypotheses it gives on the CPU", "[cuda][beams]") {
+  // float32 on both: the beams' KV copies (copy_slot) run on the device here.
+  for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-gpt2"})
+    for (const char *early : {"false", "never"}) {
+      INFO(name << " early_stopping " << early);
+      auto tokens_on = [&](const std::string &device) {
+        auto rt = loom::Runtime::from_string("[loom]\ndevice = \"" + device + "\"\n[model]\npath = \"" +
+                                             (kModels / name).string() +
+                                             "\"\ndtype = \"float32\"\n[attention]\nuse = \"sdpa\"\n"
+                                             "[[sampler]]\nuse = \"beam-search\"\nwidth = 3\nearly_stopping = \"" +
+                                             early + "\"\n[run]\nsteps = 12\nprompts = [[1, 17, 42, 99], [2, 2, 9]]\n");
+        std::vector<std::vector<int32_t>> out;
+        for (const auto &seq : rt->run().sequences) out.push_back(seq.tokens);
+        return out;
+      };
+      const auto cpu = tokens_on("cpu");
+      CHECK(tokens_on("cuda") == cpu);
+      CHECK(!cpu.front().empty());
+    }
+}
+
 TEST_CASE("the CUDA backend refuses what it cannot run, by name", "[cuda]") {
   const std::string model = "[model]\npath = \"" + (kModels / "tiny-llama").string() + "\"\n";
   try {
