@@ -214,8 +214,9 @@ class CudaBackend final : public ModelBackend {
   DeviceBuffer upload_f32(const std::vector<float> &values);
   DeviceLinear upload_linear(const std::vector<float> &w, int64_t out, int64_t in, const std::vector<float> &bias);
   void ensure_capacity(int32_t tokens, int32_t seqs);
-  // Grows the step metadata to `entries` int32s, keeping its first `keep` (a fed step's tokens).
-  void grow_meta(size_t entries, size_t keep);
+  // Grows both halves of the step metadata to `entries` int32s each, keeping the first `keep`
+  // of half `keep_half` (a fed step's tokens).
+  void grow_meta(size_t entries, size_t keep, int keep_half);
   size_t meta_entries(int32_t tokens, int32_t seqs) const {
     return 2 * static_cast<size_t>(tokens) + (static_cast<size_t>(seqs) + 1) + 2 * static_cast<size_t>(seqs) +
            static_cast<size_t>(seqs) * static_cast<size_t>(blocks_per_seq_);
@@ -262,14 +263,17 @@ class CudaBackend final : public ModelBackend {
   DeviceBuffer x_, h_, qkv_, q_, k_, v_, attn_, gate_up_, inter_, final_h_, logits_;
   // Per-step int32 metadata: tokens [T], positions [T], seq_offsets [S+1], seq_positions [S],
   // last_rows [S], block_table [S, blocks_per_seq]; one upload per step. The tokens come first,
-  // so that a decode step fed from the device (token_feed) uploads the rest only. The host side
-  // is staged in two halves used in turn, each with an event marking its upload done: a step can
-  // be queued while the one before it still runs, without waiting for the device.
-  DeviceBuffer meta_;
+  // so that a decode step fed from the device (token_feed) uploads the rest only. Two halves,
+  // on the host and on the device, used by alternate steps: a step's upload runs on its own
+  // stream while the step before it still computes from the other half (decode graphs are made
+  // per half), and the host can queue a step without waiting for the device.
+  DeviceBuffer meta_[2];
   PinnedBuffer meta_host_;   // 2 x meta_capacity_ entries
-  size_t meta_capacity_ = 0; // int32 entries
-  cudaEvent_t staged_[2]{};  // recorded after the upload from each half
-  int staging_half_ = 0;
+  size_t meta_capacity_ = 0; // int32 entries per half
+  int staging_half_ = 0;     // the half of the last forward()
+  cudaStream_t upload_stream_ = nullptr;
+  cudaEvent_t staged_[2]{}; // the half's upload is done (on upload_stream_)
+  cudaEvent_t used_[2]{};   // the forward that read the half is done (on stream_)
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_offsets_ = nullptr, *d_seq_positions_ = nullptr,
           *d_last_rows_ = nullptr, *d_block_table_ = nullptr;
   DeviceView logits_view_;
@@ -278,7 +282,7 @@ class CudaBackend final : public ModelBackend {
   struct Graph {
     cudaGraphExec_t exec = nullptr;
   };
-  std::map<int32_t, Graph> graphs_;
+  std::map<int32_t, Graph> graphs_; // by 2 x batch size + metadata half
   std::map<int32_t, std::vector<std::string>> graph_op_names_; // with LOOM_CUDA_OP_TIMES
   OpTimes op_times_;
   std::shared_ptr<Instance> graphs_attention_; // held, so that its address cannot be reused
@@ -413,6 +417,9 @@ CudaBackend::~CudaBackend() {
   graphs_attention_.reset();
   for (cudaEvent_t e : staged_)
     if (e) cudaEventDestroy(e);
+  for (cudaEvent_t e : used_)
+    if (e) cudaEventDestroy(e);
+  if (upload_stream_) cudaStreamDestroy(upload_stream_);
   if (cublas_) cublasDestroy(cublas_);
 }
 
@@ -514,13 +521,18 @@ void CudaBackend::reserve(int32_t max_seqs, int64_t max_positions) {
   install_hook();
 }
 
-void CudaBackend::grow_meta(size_t entries, size_t keep) {
-  cuda_check(cudaStreamSynchronize(stream_), "resize"); // nothing in flight reads or stages the old buffers
+void CudaBackend::grow_meta(size_t entries, size_t keep, int keep_half) {
+  // Nothing in flight reads or stages the old buffers.
+  cuda_check(cudaStreamSynchronize(stream_), "resize");
+  if (upload_stream_) cuda_check(cudaStreamSynchronize(upload_stream_), "resize");
   invalidate_graphs();
   const size_t capacity = std::max(entries, meta_capacity_ * 3 / 2);
-  DeviceBuffer grown(capacity * 4);
-  if (keep > 0) cuda_check(cudaMemcpy(grown.get(), meta_.get(), keep * 4, cudaMemcpyDeviceToDevice), "resize");
-  meta_ = std::move(grown);
+  for (int half = 0; half < 2; ++half) {
+    DeviceBuffer grown(capacity * 4);
+    if (keep > 0 && half == keep_half)
+      cuda_check(cudaMemcpy(grown.get(), meta_[half].get(), keep * 4, cudaMemcpyDeviceToDevice), "resize");
+    meta_[half] = std::move(grown);
+  }
   meta_host_ = PinnedBuffer(2 * capacity * 4);
   meta_capacity_ = capacity;
 }
@@ -546,8 +558,8 @@ void CudaBackend::copy_slot(int32_t src_slot, int32_t dst_slot, int64_t position
 
 int32_t *CudaBackend::token_feed(int32_t seqs) {
   if (seqs <= 0 || max_seqs_ <= 0) return nullptr;
-  if (meta_entries(seqs, seqs) > meta_capacity_) grow_meta(meta_entries(seqs, seqs), 0);
-  return meta_.get<int32_t>(); // the tokens lead the step's metadata
+  if (meta_entries(seqs, seqs) > meta_capacity_) grow_meta(meta_entries(seqs, seqs), 0, 0);
+  return meta_[staging_half_ ^ 1].get<int32_t>(); // the next step's half; its tokens lead it
 }
 
 void CudaBackend::ensure_capacity(int32_t tokens, int32_t seqs) {
@@ -776,18 +788,25 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
   // The int32 metadata, packed for one upload.
   const size_t M = static_cast<size_t>(blocks_per_seq_);
   const size_t need = meta_entries(T, S);
-  if (need > meta_capacity_) grow_meta(need, fed ? static_cast<size_t>(T) : 0);
-  // This half's previous upload must be done before it is rewritten (the other half may still
-  // be on its way: the step before this one need not have run yet).
-  staging_half_ ^= 1;
-  if (!staged_[staging_half_])
-    cuda_check(cudaEventCreateWithFlags(&staged_[staging_half_], cudaEventDisableTiming), "cudaEventCreate");
-  else
-    cuda_check(cudaEventSynchronize(staged_[staging_half_]), "step staging");
-  int32_t *h = meta_host_.get<int32_t>() + static_cast<size_t>(staging_half_) * meta_capacity_;
+  staging_half_ ^= 1; // (a fed step's tokens are in this half: token_feed handed it out)
+  const int half = staging_half_;
+  if (need > meta_capacity_) grow_meta(need, fed ? static_cast<size_t>(T) : 0, half);
+  if (!upload_stream_) {
+    cuda_check(cudaStreamCreateWithFlags(&upload_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    for (int i = 0; i < 2; ++i) {
+      cuda_check(cudaEventCreateWithFlags(&staged_[i], cudaEventDisableTiming), "cudaEventCreate");
+      cuda_check(cudaEventCreateWithFlags(&used_[i], cudaEventDisableTiming), "cudaEventCreate");
+      cuda_check(cudaEventRecord(staged_[i], upload_stream_), "cudaEventRecord");
+      cuda_check(cudaEventRecord(used_[i], stream_), "cudaEventRecord");
+    }
+  }
+  // This half's previous upload must be done before its host side is rewritten (the other half
+  // may still be on its way: the step before this one need not have run yet).
+  cuda_check(cudaEventSynchronize(staged_[half]), "step staging");
+  int32_t *h = meta_host_.get<int32_t>() + static_cast<size_t>(half) * meta_capacity_;
   size_t at = 0;
   auto place = [&](size_t n, int32_t *&device_ptr) {
-    device_ptr = meta_.get<int32_t>() + at;
+    device_ptr = meta_[half].get<int32_t>() + at;
     int32_t *host = h + at;
     at += n;
     return host;
@@ -816,10 +835,16 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
     last_rows[s] = end - 1;
     for (size_t j = 0; j < M; ++j) table[static_cast<size_t>(s) * M + j] = static_cast<int32_t>(static_cast<size_t>(slot) * M + j);
   }
+  // The upload waits for the last forward that read this half (two steps back), not for the one
+  // in flight, and this step waits for the upload; a fed step's tokens, written on stream_ by the
+  // sampler, are not part of it.
   const size_t from = fed ? static_cast<size_t>(T) : 0;
-  cuda_check(cudaMemcpyAsync(meta_.get<int32_t>() + from, h + from, (at - from) * 4, cudaMemcpyHostToDevice, stream_),
+  cuda_check(cudaStreamWaitEvent(upload_stream_, used_[half], 0), "cudaStreamWaitEvent");
+  cuda_check(cudaMemcpyAsync(meta_[half].get<int32_t>() + from, h + from, (at - from) * 4, cudaMemcpyHostToDevice,
+                             upload_stream_),
              "step upload");
-  cuda_check(cudaEventRecord(staged_[staging_half_], stream_), "cudaEventRecord");
+  cuda_check(cudaEventRecord(staged_[half], upload_stream_), "cudaEventRecord");
+  cuda_check(cudaStreamWaitEvent(stream_, staged_[half], 0), "cudaStreamWaitEvent");
 
   const bool decode = T == S;
   if (decode && graphs_enabled_) {
@@ -827,10 +852,12 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
       invalidate_graphs();
       graphs_attention_ = attention.front();
     }
-    auto it = graphs_.find(S);
+    const int32_t key = 2 * S + half;
+    auto it = graphs_.find(key);
     if (it == graphs_.end()) {
-      // The metadata pointers depend only on (T, S): a graph made now stays valid for later
-      // steps of this batch size, whose data is uploaded into the same places.
+      // The metadata pointers depend only on (T, S) and the half: a graph made now stays valid
+      // for later steps of this batch size on this half, whose data is uploaded into the same
+      // places.
       cudaGraph_t graph = nullptr;
       cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
       std::string failure;
@@ -844,7 +871,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
       cudaGraphExec_t exec = nullptr;
       if (failure.empty() && end == cudaSuccess && graph &&
           cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess) {
-        it = graphs_.emplace(S, Graph{exec}).first;
+        it = graphs_.emplace(key, Graph{exec}).first;
         graph_op_names_[S] = op_times_.names();
       } else {
         if (failure.empty()) failure = cudaGetErrorString(end != cudaSuccess ? end : cudaGetLastError());
@@ -858,6 +885,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
     }
     if (it != graphs_.end()) {
       cuda_check(cudaGraphLaunch(it->second.exec, stream_), "cudaGraphLaunch");
+      cuda_check(cudaEventRecord(used_[half], stream_), "cudaEventRecord");
       if (op_times_.enabled()) {
         op_times_.replayed("decode", graph_op_names_[S]);
         op_times_.end(stream_);
@@ -867,6 +895,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
   }
   op_times_.begin(decode ? "decode" : "prefill", stream_);
   run_model(*attention.front(), T, S);
+  cuda_check(cudaEventRecord(used_[half], stream_), "cudaEventRecord");
   op_times_.end(stream_);
   return logits_view_.set(logits_.get(), options_.device, DLDataType{kDLFloat, 32, 1}, {S, config_.vocab_size});
 }

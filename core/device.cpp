@@ -280,6 +280,9 @@ bool device_argmax_rows_to(const float *x, int64_t rows, int64_t cols, DLDevice 
 
 TokenReadback::~TokenReadback() {
 #if LOOM_HAVE_CUDA
+  if (stream_) cudaStreamSynchronize(static_cast<cudaStream_t>(stream_));
+  if (stream_) cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+  if (sampled_) cudaEventDestroy(static_cast<cudaEvent_t>(sampled_));
   if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
   if (pinned_) cudaFreeHost(pinned_);
 #endif
@@ -297,21 +300,32 @@ void TokenReadback::start(const int32_t *device_values, size_t n, DLDevice devic
         throw runtime_error("token readback: " + error);
       capacity_ = n;
     }
-    if (event_ && device_ != device.device_id) {
-      cudaEventDestroy(static_cast<cudaEvent_t>(event_));
-      event_ = nullptr;
-    }
-    if (!event_) {
-      cudaEvent_t e = nullptr;
-      if (!cuda_ok(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate", error))
-        throw runtime_error("token readback: " + error);
-      event_ = e;
+    if (device_ != device.device_id) {
+      if (stream_) cudaStreamSynchronize(static_cast<cudaStream_t>(stream_));
+      if (stream_) cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+      if (sampled_) cudaEventDestroy(static_cast<cudaEvent_t>(sampled_));
+      if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+      stream_ = sampled_ = event_ = nullptr;
+      cudaStream_t st = nullptr;
+      cudaEvent_t a = nullptr, b = nullptr;
+      const bool made = cuda_ok(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "cudaStreamCreate", error) &&
+                        cuda_ok(cudaEventCreateWithFlags(&a, cudaEventDisableTiming), "cudaEventCreate", error) &&
+                        cuda_ok(cudaEventCreateWithFlags(&b, cudaEventDisableTiming), "cudaEventCreate", error);
+      stream_ = st;
+      sampled_ = a;
+      event_ = b;
+      if (!made) throw runtime_error("token readback: " + error);
       device_ = device.device_id;
     }
-    auto stream = static_cast<cudaStream_t>(cuda_compute_stream(device.device_id));
-    if (!cuda_ok(cudaMemcpyAsync(pinned_, device_values, n * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
+    // The copy runs on a stream of its own, after the sampler's kernel: the compute stream goes
+    // straight on to the next step.
+    auto compute = static_cast<cudaStream_t>(cuda_compute_stream(device.device_id));
+    auto copy = static_cast<cudaStream_t>(stream_);
+    if (!cuda_ok(cudaEventRecord(static_cast<cudaEvent_t>(sampled_), compute), "cudaEventRecord", error) ||
+        !cuda_ok(cudaStreamWaitEvent(copy, static_cast<cudaEvent_t>(sampled_), 0), "cudaStreamWaitEvent", error) ||
+        !cuda_ok(cudaMemcpyAsync(pinned_, device_values, n * sizeof(int32_t), cudaMemcpyDeviceToHost, copy),
                  "cudaMemcpyAsync", error) ||
-        !cuda_ok(cudaEventRecord(static_cast<cudaEvent_t>(event_), stream), "cudaEventRecord", error))
+        !cuda_ok(cudaEventRecord(static_cast<cudaEvent_t>(event_), copy), "cudaEventRecord", error))
       throw runtime_error("token readback: " + error);
     pending_ = n;
     return;

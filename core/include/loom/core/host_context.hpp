@@ -61,8 +61,8 @@ bool device_argmax_rows_to(const float *x, int64_t rows, int64_t cols, DLDevice 
 
 // Brings a few int32 values (the tokens a decode step sampled) from device memory to the host
 // without blocking the compute stream's later work: start() queues the copy into page-locked
-// memory behind what the stream holds so far and marks it; wait() blocks until that copy (only)
-// is done. The decoder queues the next forward pass between the two. One thread uses an object
+// memory, on a stream of its own, behind what the compute stream holds so far; wait() blocks
+// until that copy (only) is done. The decoder queues the next forward pass between the two. One thread uses an object
 // at a time; it owns its pinned buffer and event.
 class TokenReadback {
  public:
@@ -76,8 +76,10 @@ class TokenReadback {
   void wait(int32_t *out);
 
  private:
-  void *pinned_ = nullptr; // cudaMallocHost
-  void *event_ = nullptr;  // cudaEvent_t
+  void *pinned_ = nullptr;  // cudaMallocHost
+  void *stream_ = nullptr;  // cudaStream_t the copy runs on
+  void *sampled_ = nullptr; // cudaEvent_t: the values are written (compute stream)
+  void *event_ = nullptr;   // cudaEvent_t: the copy is done
   size_t capacity_ = 0, pending_ = 0;
   int device_ = -1;
 };
