@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 
 #include "loom/core/error.hpp"
 #include "loom/core/reference_model.hpp"
@@ -190,19 +191,62 @@ std::string CpuBackend::describe() const {
   return out;
 }
 
+template <class T> CpuBackend::Values<T> CpuBackend::owned(std::vector<T> values) {
+  bytes_copied_ += values.size() * sizeof(T);
+  return Values<T>(std::move(values));
+}
+
+template <class T> CpuBackend::Values<T> CpuBackend::adopt(ModelWeights &weights, const std::string &name, bool optional) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, uint16_t>);
+  if (optional && !weights.contains(name)) return {};
+  constexpr SafetensorsDtype wanted = std::is_same_v<T, float> ? SafetensorsDtype::F32 : SafetensorsDtype::BF16;
+  if (const StoredWeight *s = weights.stored(name);
+      s && s->dtype == wanted && reinterpret_cast<uintptr_t>(s->bytes.data()) % alignof(T) == 0) {
+    // Used as stored. The address is aligned for T and the bytes were checked to be numel * sizeof(T)
+    // inside the mapping at open(); the mapping is held for as long as the backend lives.
+    if (std::find(mappings_.begin(), mappings_.end(), s->mapping) == mappings_.end()) mappings_.push_back(s->mapping);
+    bytes_in_place_ += s->bytes.size();
+    return Values<T>(reinterpret_cast<const T *>(s->bytes.data()), s->bytes.size() / sizeof(T));
+  }
+  // Another dtype, a misaligned tensor (converted through memcpy reads) or one made in memory.
+  std::vector<float> values = weights.take(name).values;
+  if constexpr (std::is_same_v<T, float>) {
+    return owned(std::move(values));
+  } else {
+    // Exact for bfloat16 values; float16 and float32 ones are rounded (to nearest even).
+    std::vector<uint16_t> bits(values.size());
+    for (size_t i = 0; i < values.size(); ++i) bits[i] = ops::float_to_bf16(values[i]);
+    return owned(std::move(bits));
+  }
+}
+
+std::unique_ptr<CpuBackend::Linear> CpuBackend::make_linear(std::string name, ModelWeights &weights, const std::string &weight,
+                                                            Values<float> bias) {
+  auto l = std::make_unique<Linear>();
+  l->name = std::move(name);
+  const StoredWeight *s = weights.stored(weight); // (at() of a stored weight would convert it)
+  const std::vector<int64_t> shape = s ? s->shape : weights.at(weight).shape;
+  l->out = shape[0];
+  l->in = shape[1];
+  if (options_.dtype == ComputeDtype::bfloat16) l->w16 = adopt<uint16_t>(weights, weight);
+  else l->w32 = adopt<float>(weights, weight);
+  l->bias = std::move(bias);
+  return l;
+}
+
 std::unique_ptr<CpuBackend::Linear> CpuBackend::make_linear(std::string name, int64_t out, int64_t in,
-                                                            std::vector<float> weight, std::vector<float> bias) const {
+                                                            std::vector<float> weight, Values<float> bias) {
   auto l = std::make_unique<Linear>();
   l->name = std::move(name);
   l->out = out;
   l->in = in;
   if (options_.dtype == ComputeDtype::bfloat16) {
-    // Exact for bfloat16 checkpoints; float16 and float32 checkpoints are rounded (to nearest even).
-    l->w16.resize(weight.size());
-    for (size_t i = 0; i < weight.size(); ++i) l->w16[i] = ops::float_to_bf16(weight[i]);
+    std::vector<uint16_t> bits(weight.size());
+    for (size_t i = 0; i < weight.size(); ++i) bits[i] = ops::float_to_bf16(weight[i]);
     weight = {};
+    l->w16 = owned(std::move(bits));
   } else {
-    l->w32 = std::move(weight);
+    l->w32 = owned(std::move(weight));
   }
   l->bias = std::move(bias);
   return l;
@@ -211,15 +255,10 @@ std::unique_ptr<CpuBackend::Linear> CpuBackend::make_linear(std::string name, in
 void CpuBackend::build(ModelWeights weights) {
   const ModelConfig &c = config_;
   const int64_t H = c.hidden_size;
-  // Tensors are moved out of `weights`, not copied: peak memory stays one float32 model (plus
-  // the bfloat16 copy of one tensor at a time).
-  auto values = [&](const std::string &name) { return weights.take(name).values; };
-  auto maybe = [&](const std::string &name) { return weights.contains(name) ? weights.take(name).values : std::vector<float>{}; };
-  // A linear from a [out, in] weight.
-  auto make = [&](std::string name, HostWeight w, std::vector<float> bias) {
-    const int64_t out = w.shape[0], in = w.shape[1];
-    return make_linear(std::move(name), out, in, std::move(w.values), std::move(bias));
-  };
+  // Tensors are used in place or moved out of `weights` as they are converted, never converted
+  // all at once: peak memory stays the copies the backend keeps, plus one float32 tensor.
+  auto values = [&](const std::string &name) { return adopt<float>(weights, name); };
+  auto maybe = [&](const std::string &name) { return adopt<float>(weights, name, true); };
   // A linear from a GPT-2 Conv1D [in, out] weight's columns [col0, col0 + out), transposed.
   auto conv = [&](std::string name, const HostWeight &w, const std::vector<float> &b, int64_t col0, int64_t out) {
     const int64_t in = w.shape[0], cols = w.shape[1];
@@ -230,30 +269,30 @@ void CpuBackend::build(ModelWeights weights) {
                                                        // iterators trips GCC 12's false
                                                        // -Wfree-nonheap-object at -O3)
     std::copy(b.begin() + col0, b.begin() + col0 + out, bias.data());
-    return make_linear(std::move(name), out, in, std::move(t), std::move(bias));
+    return make_linear(std::move(name), out, in, std::move(t), owned(std::move(bias)));
   };
   const bool gpt2 = c.architecture == Architecture::gpt2;
-  HostWeight embedding = weights.take(gpt2 ? "wte.weight" : "model.embed_tokens.weight");
   if (gpt2) positions_ = values("wpe.weight");
   for (int64_t i = 0; i < c.n_layers; ++i) {
     Layer layer;
     if (gpt2) {
       std::string p = "h." + std::to_string(i) + ".";
-      HostWeight ca = weights.take(p + "attn.c_attn.weight");
-      auto cab = values(p + "attn.c_attn.bias");
-      layer.q = conv(p + "attn.c_attn.q", ca, cab, 0, H);
-      layer.k = conv(p + "attn.c_attn.k", ca, cab, H, H);
-      layer.v = conv(p + "attn.c_attn.v", ca, cab, 2 * H, H);
-      layer.o = conv(p + "attn.c_proj", weights.take(p + "attn.c_proj.weight"), values(p + "attn.c_proj.bias"), 0, H);
-      layer.up = conv(p + "mlp.c_fc", weights.take(p + "mlp.c_fc.weight"), values(p + "mlp.c_fc.bias"), 0, c.intermediate_size);
-      layer.down = conv(p + "mlp.c_proj", weights.take(p + "mlp.c_proj.weight"), values(p + "mlp.c_proj.bias"), 0, H);
+      // Conv1D weights are [in, out]: transposed copies (the biases split with them).
+      auto take = [&](const std::string &name) { return weights.take(p + name); };
+      HostWeight ca = take("attn.c_attn.weight"), cab = take("attn.c_attn.bias");
+      layer.q = conv(p + "attn.c_attn.q", ca, cab.values, 0, H);
+      layer.k = conv(p + "attn.c_attn.k", ca, cab.values, H, H);
+      layer.v = conv(p + "attn.c_attn.v", ca, cab.values, 2 * H, H);
+      layer.o = conv(p + "attn.c_proj", take("attn.c_proj.weight"), take("attn.c_proj.bias").values, 0, H);
+      layer.up = conv(p + "mlp.c_fc", take("mlp.c_fc.weight"), take("mlp.c_fc.bias").values, 0, c.intermediate_size);
+      layer.down = conv(p + "mlp.c_proj", take("mlp.c_proj.weight"), take("mlp.c_proj.bias").values, 0, H);
       layer.norm1 = values(p + "ln_1.weight");
       layer.norm1_bias = values(p + "ln_1.bias");
       layer.norm2 = values(p + "ln_2.weight");
       layer.norm2_bias = values(p + "ln_2.bias");
     } else {
       std::string p = "model.layers." + std::to_string(i) + ".";
-      auto lin = [&](const std::string &m) { return make(p + m, weights.take(p + m + ".weight"), maybe(p + m + ".bias")); };
+      auto lin = [&](const std::string &m) { return make_linear(p + m, weights, p + m + ".weight", maybe(p + m + ".bias")); };
       layer.q = lin("self_attn.q_proj");
       layer.k = lin("self_attn.k_proj");
       layer.v = lin("self_attn.v_proj");
@@ -270,11 +309,12 @@ void CpuBackend::build(ModelWeights weights) {
   if (gpt2) final_norm_bias_ = values("ln_f.bias");
   // Tied: the head's weight is the embedding, stored once (lookups read the head's rows; the
   // quantizer and adapters see the head as its own module, as before).
+  const std::string embedding = gpt2 ? "wte.weight" : "model.embed_tokens.weight";
   if (c.tie_word_embeddings) {
-    lm_head_ = make("lm_head", std::move(embedding), {});
+    lm_head_ = make_linear("lm_head", weights, embedding, {});
   } else {
-    embedding_ = make("embed_tokens", std::move(embedding), {});
-    lm_head_ = make("lm_head", weights.take("lm_head.weight"), {});
+    embedding_ = make_linear("embed_tokens", weights, embedding, {});
+    lm_head_ = make_linear("lm_head", weights, "lm_head.weight", {});
   }
   for (auto &layer : layers_)
     for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get(), layer.gate.get(), layer.up.get(),
@@ -282,6 +322,14 @@ void CpuBackend::build(ModelWeights weights) {
       if (l) linears_.push_back(l);
   linears_.push_back(lm_head_.get());
   if (!gpt2) inv_freq_ = rope_inv_freq(c);
+}
+
+const void *CpuBackend::weight_data(std::string_view module) const {
+  auto data = [](const Linear &l) -> const void * { return l.w32.empty() ? static_cast<const void *>(l.w16.data) : l.w32.data; };
+  if (embedding_ && module == embedding_->name) return data(*embedding_);
+  for (const Linear *l : linears_)
+    if (module == l->name) return data(*l);
+  return nullptr;
 }
 
 // ---- Attention and the KV cache ---------------------------------------------------------------
@@ -375,10 +423,10 @@ std::vector<loom_qweight *> CpuBackend::quantize_all(Instance &quantizer) {
   auto vt = quantizer.vtable<loom_quantizer_vtable>();
   std::vector<float> widened; // a bfloat16 weight as float32: quantizers quantize from float32
   auto one = [&](Linear &l) {
-    const float *w = l.w32.data();
+    const float *w = l.w32.data;
     if (l.w32.empty()) {
-      widened.resize(l.w16.size());
-      for (size_t i = 0; i < l.w16.size(); ++i) widened[i] = ops::bf16_to_float(l.w16[i]);
+      widened.resize(l.w16.size);
+      for (size_t i = 0; i < l.w16.size; ++i) widened[i] = ops::bf16_to_float(l.w16[i]);
       w = widened.data();
     }
     View weight(w, kF32, {l.out, l.in});
@@ -479,7 +527,7 @@ template <class F> void CpuBackend::rows(int64_t n, int64_t work_per_row, F &&fn
 
 void CpuBackend::matmul(const Linear &lin, const float *x, int64_t n, float *y) {
   const int64_t out = lin.out, in = lin.in;
-  const float *bias = lin.bias.empty() ? nullptr : lin.bias.data();
+  const float *bias = lin.bias.empty() ? nullptr : lin.bias.data;
   const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
   const int64_t threads = pool_.size();
   // Output features split into chunks (multiples of 24, every kernel's tile width divides it)
@@ -493,8 +541,8 @@ void CpuBackend::matmul(const Linear &lin, const float *x, int64_t n, float *y) 
     const int64_t rb = t / out_chunks, oc = t % out_chunks;
     const int64_t r0 = rb * kRowBlock, r1 = std::min(n, r0 + kRowBlock);
     const int64_t o0 = oc * chunk, o1 = std::min(out, o0 + chunk);
-    if (lin.w32.empty()) kBlockBF16(x, in, lin.w16.data(), bias, y, out, r0, r1, o0, o1);
-    else kBlockF32(x, in, lin.w32.data(), bias, y, out, r0, r1, o0, o1);
+    if (lin.w32.empty()) kBlockBF16(x, in, lin.w16.data, bias, y, out, r0, r1, o0, o1);
+    else kBlockF32(x, in, lin.w32.data, bias, y, out, r0, r1, o0, o1);
   };
   pool_.run(row_blocks * out_chunks, task);
 }
@@ -502,7 +550,7 @@ void CpuBackend::matmul(const Linear &lin, const float *x, int64_t n, float *y) 
 void CpuBackend::linear(Linear &lin, float *x, int64_t n, float *y) {
   View xv(x, kF32, {n, lin.in}), yv(y, kF32, {n, lin.out});
   if (quantizer_ && lin.qweight) {
-    View bias(lin.bias.data(), kF32, {lin.out});
+    View bias(lin.bias.data, kF32, {lin.out});
     quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->linear(quantizer_->handle(), lin.qweight, xv.dl(),
                                                                           lin.bias.empty() ? nullptr : bias.dl(), yv.dl()),
                       "linear");
@@ -521,9 +569,9 @@ void CpuBackend::linear(Linear &lin, float *x, int64_t n, float *y) {
 }
 
 // RMSNorm (w, no bias) or LayerNorm (w and b), over one hidden vector.
-void CpuBackend::norm(const std::vector<float> &w, const std::vector<float> &b, const float *x, float *y) const {
-  if (b.empty()) ops::rms_norm(x, w.data(), config_.hidden_size, config_.norm_eps, y);
-  else ops::layer_norm(x, w.data(), b.data(), config_.hidden_size, config_.norm_eps, y);
+void CpuBackend::norm(const Values<float> &w, const Values<float> &b, const float *x, float *y) const {
+  if (b.empty()) ops::rms_norm(x, w.data, config_.hidden_size, config_.norm_eps, y);
+  else ops::layer_norm(x, w.data, b.data, config_.hidden_size, config_.norm_eps, y);
 }
 
 void CpuBackend::embed_row(int32_t token, float *out) const {
@@ -533,7 +581,7 @@ void CpuBackend::embed_row(int32_t token, float *out) const {
   if (e.w32.empty())
     for (int64_t i = 0; i < H; ++i) out[i] = ops::bf16_to_float(e.w16[at + static_cast<size_t>(i)]);
   else
-    std::memcpy(out, e.w32.data() + at, static_cast<size_t>(H) * sizeof(float));
+    std::memcpy(out, e.w32.data + at, static_cast<size_t>(H) * sizeof(float));
 }
 
 void CpuBackend::copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) {

@@ -15,14 +15,27 @@
 // layer's pool, M = ceil(max_positions / block_size). Only the last token of each sequence goes
 // through the final norm and the LM head.
 //
-// Ownership: owns the weights, KV pools, scratch and thread pool; borrows the pipeline, whose
-// instances outlive it. Installs swap hooks for attention, quantizer and adapters on its first
+// Weights in place (as llama.cpp uses its mmapped GGUF): a tensor the backend reads as stored
+// (every Llama-family linear and embedding, norms, biases, GPT-2's wte and wpe) is read straight
+// from the checkpoint's read-only mapping when the file holds it in the dtype the backend reads
+// (BF16 linears with bfloat16 weights; F32 linears with float32 weights; F32 norms, biases and
+// positions, always read as float32) at an address aligned for that type. Everything else is the
+// backend's own copy: dtype conversions (F16 -> bf16 or f32, BF16 -> f32, F32 -> bf16), GPT-2's
+// Conv1D weights transposed to [out, in], tensors the file leaves misaligned (safetensors does not
+// promise alignment; typed reads of them would be undefined), and weights made in memory.
+// The backend then holds the mappings (shared_ptr), so the files must not be truncated or
+// rewritten while it lives: see loom/core/mapped_file.hpp (SIGBUS on a truncated mapping).
+// Quantizers get a float32 copy of each weight and keep their own derived copy, as before.
+//
+// Ownership: owns the weights (or the mappings they point into), KV pools, scratch and thread
+// pool; borrows the pipeline, whose instances outlive it. Installs swap hooks for attention, quantizer and adapters on its first
 // reserve() and removes them (under the step lock) when destroyed. Thread-safety: one thread
 // drives it, under the pipeline's step lock; the pool's workers only run core's loops.
 #pragma once
 
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -44,7 +57,8 @@ struct CpuBackendOptions {
 
 class CpuBackend final : public ModelBackend {
  public:
-  // Takes the tensors out of `weights`, converting linears and embeddings to options.dtype.
+  // Takes the tensors out of `weights`: in place where they can be (see above), else converting
+  // linears and embeddings to options.dtype.
   CpuBackend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline, const CpuBackendOptions &options);
   ~CpuBackend() override;
   CpuBackend(const CpuBackend &) = delete;
@@ -58,25 +72,61 @@ class CpuBackend final : public ModelBackend {
 
   ComputeDtype dtype() const { return options_.dtype; }
   int32_t threads() const { return pool_.size(); }
+  // Weight bytes read in place from the checkpoint's mappings, and weight bytes held as the
+  // backend's own copies (the KV cache, scratch and quantizers' copies are not counted). A tied
+  // embedding counts once.
+  uint64_t bytes_in_place() const { return bytes_in_place_; }
+  uint64_t bytes_copied() const { return bytes_copied_; }
+  // The first weight byte of the linear named `module` (adapter names: "model.layers.0.mlp.up_proj",
+  // "h.0.attn.c_attn.q", "lm_head"), nullptr when there is none; for tests that check where a
+  // weight lives.
+  const void *weight_data(std::string_view module) const;
 
  private:
+  // Values the backend reads: `data` points into a checkpoint mapping (in place) or into `own`.
+  // Move-only; a moved vector keeps its buffer, so `data` stays valid across moves.
+  template <class T> struct Values {
+    const T *data = nullptr;
+    size_t size = 0;
+    std::vector<T> own;
+    Values() = default;
+    explicit Values(std::vector<T> values) : own(std::move(values)) {
+      data = own.data();
+      size = own.size();
+    }
+    Values(const T *borrowed, size_t n) : data(borrowed), size(n) {}
+    Values(Values &&) noexcept = default;
+    Values &operator=(Values &&) noexcept = default;
+    Values(const Values &) = delete;
+    Values &operator=(const Values &) = delete;
+    bool empty() const { return size == 0; }
+    const T &operator[](size_t i) const { return data[i]; }
+  };
   struct Linear {
     std::string name;            // module name adapters match ("model.layers.0.self_attn.q_proj")
     int64_t out = 0, in = 0;
-    std::vector<float> w32;      // [out, in] when the dtype is float32
-    std::vector<uint16_t> w16;   // [out, in] bfloat16 bits when the dtype is bfloat16
-    std::vector<float> bias;     // [out], or empty
+    Values<float> w32;           // [out, in] when the dtype is float32
+    Values<uint16_t> w16;        // [out, in] bfloat16 bits when the dtype is bfloat16
+    Values<float> bias;          // [out], or empty
     loom_qweight *qweight = nullptr; // owned by the quantizer instance
     std::vector<std::pair<const Instance *, loom_adapter_site *>> sites;
   };
   struct Layer {
     std::unique_ptr<Linear> q, k, v, o, up, down, gate; // gate: gated (SiLU) MLPs only
-    std::vector<float> norm1, norm1_bias, norm2, norm2_bias;
+    Values<float> norm1, norm1_bias, norm2, norm2_bias;
   };
 
   void build(ModelWeights weights);
+  // The tensor `name` as T (float: F32; uint16_t: BF16 bits), in place when the file holds it in
+  // that dtype at an aligned address, else converted into a copy. Empty when absent and optional.
+  template <class T> Values<T> adopt(ModelWeights &weights, const std::string &name, bool optional = false);
+  // A copy the backend made (counted in bytes_copied()).
+  template <class T> Values<T> owned(std::vector<T> values);
+  // A linear over a stored [out, in] weight, or over float32 values laid out so.
+  std::unique_ptr<Linear> make_linear(std::string name, ModelWeights &weights, const std::string &weight,
+                                      Values<float> bias);
   std::unique_ptr<Linear> make_linear(std::string name, int64_t out, int64_t in, std::vector<float> weight,
-                                      std::vector<float> bias) const;
+                                      Values<float> bias);
   loom_attention_config attention_config() const;
   loom_kv_layout prepare_attention(Instance &attention) const;
   std::vector<loom_qweight *> quantize_all(Instance &quantizer);
@@ -90,15 +140,17 @@ class CpuBackend final : public ModelBackend {
   void matmul(const Linear &lin, const float *x, int64_t n, float *y);
   // fn(row) for every row in [0, n), over the pool when the rows hold enough work.
   template <class F> void rows(int64_t n, int64_t work_per_row, F &&fn);
-  void norm(const std::vector<float> &w, const std::vector<float> &b, const float *x, float *y) const;
+  void norm(const Values<float> &w, const Values<float> &b, const float *x, float *y) const;
   void embed_row(int32_t token, float *out) const;
 
   ModelConfig config_;
   Pipeline &pipeline_;
   CpuBackendOptions options_;
   detail::ThreadPool pool_;
-  std::vector<float> positions_; // GPT-2's learned positions [max_positions, hidden]
-  std::vector<float> final_norm_, final_norm_bias_;
+  std::vector<std::shared_ptr<const MappedFile>> mappings_; // what in-place weights point into
+  uint64_t bytes_in_place_ = 0, bytes_copied_ = 0;
+  Values<float> positions_; // GPT-2's learned positions [max_positions, hidden]
+  Values<float> final_norm_, final_norm_bias_;
   std::vector<double> inv_freq_;
   std::vector<Layer> layers_;
   std::unique_ptr<Linear> lm_head_;

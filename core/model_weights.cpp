@@ -1,6 +1,7 @@
 #include "loom/core/model_weights.hpp"
 
 #include <cstring>
+#include <span>
 
 #include "loom/core/error.hpp"
 
@@ -31,31 +32,34 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
-std::vector<float> to_float(const SafetensorsTensor &t, const std::string &file) {
-  std::vector<float> out(t.numel);
-  const std::byte *p = t.data; // may be unaligned: copy element by element
-  switch (t.dtype) {
+bool weight_dtype(SafetensorsDtype d) {
+  return d == SafetensorsDtype::F32 || d == SafetensorsDtype::F16 || d == SafetensorsDtype::BF16;
+}
+
+// F32, F16 or BF16 bytes (checked at load) to float32 values.
+std::vector<float> to_float(SafetensorsDtype dtype, std::span<const std::byte> bytes) {
+  const std::byte *p = bytes.data(); // may be unaligned: copy element by element
+  const size_t numel = bytes.size() / dtype_size(dtype);
+  std::vector<float> out(numel);
+  switch (dtype) {
   case SafetensorsDtype::F32:
-    std::memcpy(out.data(), p, t.numel * 4);
+    if (numel) std::memcpy(out.data(), p, numel * 4);
     break;
   case SafetensorsDtype::F16:
-    for (uint64_t i = 0; i < t.numel; ++i) {
+    for (size_t i = 0; i < numel; ++i) {
       uint16_t h;
       std::memcpy(&h, p + 2 * i, 2);
       out[i] = half_to_float(h);
     }
     break;
-  case SafetensorsDtype::BF16:
-    for (uint64_t i = 0; i < t.numel; ++i) {
+  default: // BF16
+    for (size_t i = 0; i < numel; ++i) {
       uint16_t b;
       std::memcpy(&b, p + 2 * i, 2);
       uint32_t bits = static_cast<uint32_t>(b) << 16;
       std::memcpy(&out[i], &bits, 4);
     }
     break;
-  default:
-    throw runtime_error(file + ": " + t.name + ": dtype " + dtype_name(t.dtype) +
-                        " is not a weight dtype Loom loads (F32, F16, BF16)");
   }
   return out;
 }
@@ -155,7 +159,18 @@ ModelWeights ModelWeights::load(const ModelConfig &config, const SafetensorsInde
       if (t.shape != it->second)
         throw runtime_error(where + "shape " + shape_string(t.shape) + " does not match the config's " + shape_string(it->second));
       if (out.weights_.count(name)) throw runtime_error(where + "appears twice in the checkpoint");
-      out.weights_.emplace(name, HostWeight{t.shape, to_float(t, shard.path().string())});
+      if (!weight_dtype(t.dtype))
+        throw runtime_error(where + "dtype " + dtype_name(t.dtype) + " is not a weight dtype Loom loads (F32, F16, BF16)");
+      auto e = std::make_unique<Entry>();
+      e->host.shape = t.shape;
+      std::span<const std::byte> bytes(t.data, static_cast<size_t>(t.nbytes));
+      if (shard.mapping()) {
+        e->in_file = true;
+        e->stored = StoredWeight{t.dtype, t.shape, bytes, shard.mapping()};
+      } else {
+        e->host.values = to_float(t.dtype, bytes); // borrowed bytes: not ours to keep
+      }
+      out.weights_.emplace(name, std::move(e));
     }
   }
   for (const auto &[name, shape] : expected)
@@ -167,14 +182,19 @@ ModelWeights ModelWeights::load(const ModelConfig &config, const SafetensorsInde
 
 ModelWeights ModelWeights::from_map(std::map<std::string, HostWeight, std::less<>> weights) {
   ModelWeights out;
-  out.weights_ = std::move(weights);
+  for (auto &[name, w] : weights) {
+    auto e = std::make_unique<Entry>();
+    e->host = std::move(w);
+    out.weights_.emplace(name, std::move(e));
+  }
   return out;
 }
 
 HostWeight ModelWeights::take(std::string_view name) {
   auto it = weights_.find(name);
   if (it == weights_.end()) throw runtime_error("weight " + std::string(name) + " is not loaded");
-  HostWeight w = std::move(it->second);
+  at(name); // converted, when it was not yet
+  HostWeight w = std::move(it->second->host);
   weights_.erase(it);
   return w;
 }
@@ -182,7 +202,14 @@ HostWeight ModelWeights::take(std::string_view name) {
 const HostWeight &ModelWeights::at(std::string_view name) const {
   auto it = weights_.find(name);
   if (it == weights_.end()) throw runtime_error("weight " + std::string(name) + " is not loaded");
-  return it->second;
+  const Entry &e = *it->second;
+  if (e.in_file) std::call_once(e.converted, [&e] { e.host.values = to_float(e.stored.dtype, e.stored.bytes); });
+  return e.host;
+}
+
+const StoredWeight *ModelWeights::stored(std::string_view name) const {
+  auto it = weights_.find(name);
+  return it != weights_.end() && it->second->in_file ? &it->second->stored : nullptr;
 }
 
 } // namespace loom

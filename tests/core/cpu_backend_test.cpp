@@ -4,14 +4,18 @@
 // the manifest keys that drive them ([loom] threads, [model] dtype, [run] prompts).
 #include <catch2/catch.hpp>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -58,15 +62,17 @@ struct Harness {
   std::unique_ptr<loom::Runtime> rt;
   loom::ModelConfig config;
   std::unique_ptr<loom::CpuBackend> backend;
-  Harness(const fs::path &model, loom::ComputeDtype dtype, int32_t threads) {
+  Harness(const fs::path &model, loom::ComputeDtype dtype, int32_t threads)
+      : Harness(model, dtype, threads, loom::SafetensorsIndex::open_model_dir(model)) {}
+  // Over a checkpoint the caller opened (and may drop: the backend holds what it uses in place).
+  Harness(const fs::path &model, loom::ComputeDtype dtype, int32_t threads, const loom::SafetensorsIndex &checkpoint) {
     rt = loom::Runtime::from_string(model_manifest(model));
     config = loom::load_model_config(model);
     loom::CpuBackendOptions options;
     options.dtype = dtype;
     options.threads = threads;
     options.source_name = "test";
-    backend = std::make_unique<loom::CpuBackend>(
-        config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(model)), rt->pipeline(), options);
+    backend = std::make_unique<loom::CpuBackend>(config, loom::ModelWeights::load(config, checkpoint), rt->pipeline(), options);
   }
   // Logits [ids.size(), vocab] at every position, in one ragged batch: sequence s is the prefix
   // ids[0..s] in KV slot s, so row s is the logits after ids[s].
@@ -120,6 +126,56 @@ Error against_golden(const std::vector<float> &logits, const nlohmann::json &exp
       e.largest = std::max(e.largest, std::abs(ref));
     }
   return e;
+}
+
+// A copy of a model directory (config, tokenizer) whose safetensors file is rewritten with its
+// header padded so that the data buffer starts `shift` bytes past a multiple of 8: every tensor's
+// address moves by `shift` (tensors themselves are at multiples of their size in the fixtures).
+struct ShiftedModel {
+  fs::path dir;
+  ShiftedModel(const fs::path &model, size_t shift) {
+    dir = fs::temp_directory_path() / ("loom-shifted-" + std::to_string(::getpid()) + "-" + model.filename().string() + "-" +
+                                       std::to_string(shift));
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    for (const char *f : {"config.json", "generation_config.json", "tokenizer.model"})
+      if (fs::exists(model / f)) fs::copy_file(model / f, dir / f);
+    std::ifstream in(model / "model.safetensors", std::ios::binary);
+    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    uint64_t n = 0;
+    std::memcpy(&n, bytes.data(), 8); // little-endian hosts only, as Loom
+    std::string header(bytes.data() + 8, static_cast<size_t>(n));
+    while (header.back() == ' ') header.pop_back(); // the writer's padding
+    while ((8 + header.size()) % 8 != shift) header += ' ';
+    const uint64_t padded = header.size();
+    std::ofstream out(dir / "model.safetensors", std::ios::binary);
+    out.write(reinterpret_cast<const char *>(&padded), 8);
+    out.write(header.data(), static_cast<std::streamsize>(header.size()));
+    out.write(bytes.data() + 8 + n, static_cast<std::streamsize>(bytes.size() - 8 - n));
+    REQUIRE(out.good());
+  }
+  ~ShiftedModel() {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+  ShiftedModel(const ShiftedModel &) = delete;
+  ShiftedModel &operator=(const ShiftedModel &) = delete;
+};
+
+// Bytes of the checkpoint's tensors that `pred(name)` selects (canonical names, as ModelWeights).
+template <class Pred> uint64_t tensor_bytes(const loom::SafetensorsIndex &checkpoint, Pred pred) {
+  uint64_t total = 0;
+  for (const auto &[file, shard] : checkpoint.shards())
+    for (const auto &t : shard.tensors()) {
+      std::string name = t.name.rfind("transformer.", 0) == 0 ? t.name.substr(12) : t.name;
+      if (pred(name)) total += t.nbytes;
+    }
+  return total;
+}
+
+bool inside(const void *p, const loom::MappedFile &m) {
+  const auto *b = static_cast<const std::byte *>(p);
+  return b >= m.data() && b < m.data() + m.size();
 }
 
 std::string error_of(const std::string &toml) {
@@ -255,6 +311,109 @@ TEST_CASE("a bfloat16 checkpoint computes the same in bfloat16 and float32", "[m
   auto forced = loom::Runtime::from_string(model_manifest(kKjv, "dtype = \"float32\"\n") + "[run]\nprompt = \"And God said\"\nsteps = 12\n");
   CHECK(forced->backend_description().rfind("cpu float32 x", 0) == 0);
   CHECK(rt->run().tokens == forced->run().tokens);
+}
+
+TEST_CASE("weights used as stored are read in place from the checkpoint's mapping", "[model][backend][mmap]") {
+  // Per fixture (float32 checkpoints) and the default model (bfloat16): where the linears'
+  // weights live, and the bytes used in place and copied, exactly.
+  auto dims = [](const loom::ModelConfig &config, size_t rank) {
+    auto expected = loom::expected_weights(config);
+    return [expected, rank](const std::string &name) {
+      auto it = expected.find(name);
+      return it != expected.end() && (rank == 0 || it->second.size() == rank);
+    };
+  };
+  for (const char *name : kFixtures) {
+    INFO(name);
+    const bool gpt2 = name == std::string("tiny-gpt2");
+    const std::string q = gpt2 ? "h.0.attn.c_attn.q" : "model.layers.0.self_attn.q_proj";
+    auto golden = read_json(kModels / name / "golden.json");
+    auto ids = golden["cases"][0]["input_ids"].get<std::vector<int32_t>>();
+    std::optional<Harness> h;
+    uint64_t all = 0, vectors = 0, convs = 0;
+    {
+      auto checkpoint = loom::SafetensorsIndex::open_model_dir(kModels / name);
+      REQUIRE(checkpoint.shards().size() == 1);
+      const auto mapping = checkpoint.shards().begin()->second.mapping();
+      REQUIRE(mapping);
+      h.emplace(kModels / name, loom::ComputeDtype::float32, 2, checkpoint);
+      all = tensor_bytes(checkpoint, dims(h->config, 0));
+      vectors = tensor_bytes(checkpoint, dims(h->config, 1));
+      convs = tensor_bytes(checkpoint, [](const std::string &n) {
+        return n.find(".attn.c_") != std::string::npos || n.find(".mlp.c_") != std::string::npos;
+      });
+      CHECK(inside(h->backend->weight_data("lm_head"), *mapping)); // (tied in tiny-gpt2)
+      if (gpt2) {
+        // Conv1D weights are transposed copies; the rest is read as stored.
+        CHECK_FALSE(inside(h->backend->weight_data(q), *mapping));
+        CHECK(h->backend->bytes_copied() == convs);
+        CHECK(h->backend->bytes_in_place() == all - convs);
+      } else {
+        CHECK(inside(h->backend->weight_data(q), *mapping));
+        CHECK(inside(h->backend->weight_data("model.layers.1.mlp.down_proj"), *mapping));
+        CHECK(h->backend->bytes_copied() == 0);
+        CHECK(h->backend->bytes_in_place() == all);
+      }
+      CHECK(h->backend->weight_data("no.such.module") == nullptr);
+      // bfloat16 weights from a float32 file are converted copies; float32 vectors (norms,
+      // biases, GPT-2's positions) are still read in place.
+      Harness bf16(kModels / name, loom::ComputeDtype::bfloat16, 1, checkpoint);
+      CHECK_FALSE(inside(bf16.backend->weight_data(q), *mapping));
+      auto vector = dims(h->config, 1);
+      CHECK(bf16.backend->bytes_in_place() == tensor_bytes(checkpoint, [&](const std::string &n) {
+              return (vector(n) || n == "wpe.weight") && n.find(".c_") == std::string::npos;
+            }));
+      if (!gpt2) CHECK(bf16.backend->bytes_copied() == (all - vectors) / 2);
+    } // the checkpoint is closed: the backend holds the mapping it reads
+    Error e = against_golden(h->all_positions(ids), golden["cases"][0]["logits"], h->config.vocab_size);
+    CHECK(e.worst < 2e-4);
+  }
+  // The default model is stored as BF16: bfloat16 linears and embeddings in place, the float32
+  // norms converted; float32 weights all converted.
+  auto checkpoint = loom::SafetensorsIndex::open_model_dir(kKjv);
+  const auto &mapping = checkpoint.shards().begin()->second.mapping();
+  Harness bf16(kKjv, loom::ComputeDtype::bfloat16, 1, checkpoint), f32(kKjv, loom::ComputeDtype::float32, 1, checkpoint);
+  const uint64_t all = tensor_bytes(checkpoint, dims(bf16.config, 0)), vectors = tensor_bytes(checkpoint, dims(bf16.config, 1));
+  CHECK(inside(bf16.backend->weight_data("model.layers.3.mlp.gate_proj"), *mapping));
+  CHECK(inside(bf16.backend->weight_data("lm_head"), *mapping));
+  CHECK(bf16.backend->bytes_in_place() == all - vectors);
+  CHECK(bf16.backend->bytes_copied() == 2 * vectors);
+  CHECK_FALSE(inside(f32.backend->weight_data("model.layers.3.mlp.gate_proj"), *mapping));
+  CHECK(f32.backend->bytes_in_place() == 0);
+  CHECK(f32.backend->bytes_copied() == 2 * all);
+}
+
+TEST_CASE("a tensor the file leaves misaligned is copied, with the same results", "[model][backend][mmap]") {
+  // Safetensors promises no alignment. Shifted by 2 bytes, float32 tensors are misaligned and
+  // bfloat16 ones aligned; shifted by 1, both are misaligned. Either way the logits are the
+  // aligned file's, bit for bit (UBSan builds would flag a misaligned typed read).
+  const std::vector<int32_t> ids = {1, 44, 135, 138, 7, 19, 300, 5};
+  struct Case {
+    fs::path model;
+    loom::ComputeDtype dtype;
+    size_t shift;
+    bool in_place;
+  };
+  const std::vector<int32_t> llama_ids = {3, 17, 101, 4, 250, 9};
+  for (const Case &c : {Case{kModels / "tiny-llama", loom::ComputeDtype::float32, 2, false},
+                        Case{kModels / "tiny-llama", loom::ComputeDtype::float32, 4, true},
+                        Case{kModels / "tiny-gpt2", loom::ComputeDtype::float32, 1, false},
+                        Case{kKjv, loom::ComputeDtype::bfloat16, 1, false},
+                        Case{kKjv, loom::ComputeDtype::bfloat16, 2, true}}) {
+    INFO(c.model.filename().string() << " shifted by " << c.shift);
+    ShiftedModel shifted(c.model, c.shift);
+    Harness aligned(c.model, c.dtype, 2), moved(shifted.dir, c.dtype, 2);
+    const auto &prompt = c.model == kKjv ? ids : llama_ids;
+    CHECK(moved.all_positions(prompt) == aligned.all_positions(prompt));
+    CHECK(moved.backend->bytes_in_place() + moved.backend->bytes_copied() ==
+          aligned.backend->bytes_in_place() + aligned.backend->bytes_copied());
+    if (c.in_place) {
+      CHECK(moved.backend->bytes_in_place() == aligned.backend->bytes_in_place());
+    } else {
+      CHECK(aligned.backend->bytes_in_place() > 0);
+      CHECK(moved.backend->bytes_in_place() == 0);
+    }
+  }
 }
 
 TEST_CASE("a batch of prompts gives every prompt the tokens it gets alone", "[model][pipeline][batch]") {

@@ -1,5 +1,6 @@
 // Safetensors reader: round trips, crafted bad files (each with its own message), truncation at
-// every byte, sharded checkpoints, and the memory mapping underneath.
+// every byte, sharded checkpoints, the memory mapping underneath, and ModelWeights keeping
+// tensors in that mapping.
 #include <catch2/catch.hpp>
 
 #include <unistd.h>
@@ -13,10 +14,13 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "loom/core/error.hpp"
 #include "loom/core/mapped_file.hpp"
+#include "loom/core/model_config.hpp"
+#include "loom/core/model_weights.hpp"
 #include "loom/core/safetensors.hpp"
 
 namespace fs = std::filesystem;
@@ -699,4 +703,83 @@ TEST_CASE("MappedFile maps whole files, empty ones included", "[safetensors][map
     CHECK(std::string(e.what()) == (dir.path / "missing").string() + ": cannot open: No such file or directory");
   }
   CHECK_THROWS_WITH(loom::MappedFile::open(dir.path), dir.path.string() + ": not a regular file");
+}
+
+TEST_CASE("a mapping outlives its file's replacement by rename and its deletion", "[safetensors][mapped_file]") {
+  // What mapped_file.hpp promises for model files replaced the safe way: the mapping keeps the
+  // old inode, so readers in place see the old bytes and never fault.
+  TempDir dir;
+  const fs::path file = dir.path / "model.safetensors";
+  auto one = [](float a) { return build({{"x", "F32", {3}, raw_bytes(std::vector<float>{a, a + 1, a + 2})}}); };
+  write_file(file, one(1.0f));
+  const auto first = SafetensorsFile::open(file);
+  write_file(dir.path / "new.safetensors", one(7.0f));
+  fs::rename(dir.path / "new.safetensors", file);
+  float f[3];
+  std::memcpy(f, first.find("x")->data, sizeof f);
+  CHECK(f[0] == 1.0f);
+  CHECK(f[2] == 3.0f);
+  std::memcpy(f, SafetensorsFile::open(file).find("x")->data, sizeof f);
+  CHECK(f[0] == 7.0f);
+  fs::remove(file);
+  std::memcpy(f, first.find("x")->data, sizeof f);
+  CHECK(f[1] == 2.0f);
+  CHECK(first.mapping() != nullptr);
+  const Bytes bytes = one(0.0f);
+  CHECK(SafetensorsFile::parse(std::span<const std::byte>(bytes), "borrowed").mapping() == nullptr);
+}
+
+TEST_CASE("ModelWeights keeps tensors in the checkpoint's mapping and converts them on demand", "[safetensors][model_weights]") {
+  const fs::path kjv = fs::path(LOOM_SOURCE_DIR) / "models/tiny-kjv"; // stored as BF16
+  const auto config = loom::load_model_config(kjv);
+  std::shared_ptr<const loom::MappedFile> mapping;
+  std::optional<loom::ModelWeights> weights;
+  {
+    auto checkpoint = SafetensorsIndex::open_model_dir(kjv);
+    mapping = checkpoint.shards().begin()->second.mapping();
+    weights = loom::ModelWeights::load(config, checkpoint);
+  } // the checkpoint is closed: the weights hold the mapping
+  CHECK(mapping.use_count() > 1);
+  const loom::StoredWeight *embed = weights->stored("model.embed_tokens.weight");
+  REQUIRE(embed != nullptr);
+  CHECK(embed->dtype == SafetensorsDtype::BF16);
+  CHECK(embed->shape == std::vector<int64_t>{config.vocab_size, config.hidden_size});
+  CHECK(embed->mapping == mapping);
+  CHECK(embed->bytes.size() == static_cast<size_t>(config.vocab_size * config.hidden_size) * 2);
+  CHECK(embed->bytes.data() >= mapping->data());
+  CHECK(embed->bytes.data() + embed->bytes.size() <= mapping->data() + mapping->size());
+  // at() converts once, from any number of threads, to the widened bfloat16 values.
+  const loom::HostWeight *seen[4] = {};
+  std::vector<std::thread> threads;
+  for (auto &p : seen) threads.emplace_back([&p, &weights] { p = &weights->at("model.embed_tokens.weight"); });
+  for (auto &t : threads) t.join();
+  for (const auto *p : seen) CHECK(p == seen[0]);
+  const auto &values = seen[0]->values;
+  REQUIRE(values.size() == embed->bytes.size() / 2);
+  for (size_t i : {size_t{0}, size_t{1}, values.size() / 2, values.size() - 1}) {
+    uint16_t bits;
+    std::memcpy(&bits, embed->bytes.data() + 2 * i, 2);
+    uint32_t wide = static_cast<uint32_t>(bits) << 16;
+    float expected;
+    std::memcpy(&expected, &wide, 4);
+    CHECK(values[i] == expected);
+  }
+  // take() moves the float32 values out; the name is gone.
+  const size_t before = weights->size();
+  auto norm = weights->take("model.norm.weight");
+  CHECK(norm.shape == std::vector<int64_t>{config.hidden_size});
+  CHECK(norm.values.size() == static_cast<size_t>(config.hidden_size));
+  CHECK(weights->size() == before - 1);
+  CHECK_FALSE(weights->contains("model.norm.weight"));
+  CHECK(weights->stored("model.norm.weight") == nullptr);
+  CHECK_THROWS_WITH(weights->take("model.norm.weight"), "weight model.norm.weight is not loaded");
+  weights.reset();
+  CHECK(mapping.use_count() == 1);
+
+  // Weights made in memory have no stored form.
+  std::map<std::string, loom::HostWeight, std::less<>> made;
+  made["w"] = loom::HostWeight{{2}, {1.0f, 2.0f}};
+  auto in_memory = loom::ModelWeights::from_map(std::move(made));
+  CHECK(in_memory.stored("w") == nullptr);
+  CHECK(in_memory.at("w").values == std::vector<float>{1.0f, 2.0f});
 }

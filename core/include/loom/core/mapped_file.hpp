@@ -4,8 +4,20 @@
 // pointers into data() stay valid (moves do not move the mapping) until the owning object is
 // destroyed. Share one mapping by holding it in a std::shared_ptr<const MappedFile>.
 // An empty file maps fine: size() == 0 and data() == nullptr.
-// The file must not be truncated by anyone while it is mapped (reading a page past the new end
-// raises SIGBUS); model files are treated as immutable.
+// The file must not change while it is mapped; model files are treated as immutable, as
+// llama.cpp treats its mmapped GGUF files. What happens otherwise (the caveat of every mapped
+// model file):
+//  - truncated by anyone (another process, `> file`, a download tool rewriting it) while mapped:
+//    the next read of a page past the new end raises SIGBUS and kills the process. Loom does not
+//    catch it: a handler could not tell which read failed nor make the weights valid again.
+//  - rewritten in place: MAP_PRIVATE only isolates pages the process itself writes (never, here);
+//    on Linux, pages not yet read, or dropped from the page cache, show the new bytes, so a
+//    running model silently computes with a mix of old and new weights.
+//  - replaced by rename (write a new file, then rename it over the old path, as `cp` to a new
+//    name + `mv`, git and most package managers do) or deleted: safe; the mapping keeps the old
+//    inode and its data until it is unmapped.
+// Consumers that keep a mapping for the life of a model (ModelWeights, the CPU backend's
+// in-place weights) inherit this; the validation of the safetensors header is done once at open.
 // Errors: open() throws loom::Error (runtime) with the one-line message "path: cause".
 // Thread-safety: immutable after open(); const methods may run concurrently.
 #pragma once

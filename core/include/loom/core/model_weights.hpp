@@ -1,20 +1,36 @@
-// loom::ModelWeights: a checkpoint's tensors checked against the model's config and converted to
-// float32 host memory, by canonical name.
+// loom::ModelWeights: a checkpoint's tensors checked against the model's config, by canonical
+// name, kept as stored in the mapped checkpoint and converted to float32 host memory on demand.
 //
 // Every tensor the architecture needs must be present with exactly the shape the config implies;
 // a tensor the architecture does not use is an error (a checkpoint for another model), except
 // known non-weight buffers (rotary inv_freq, GPT-2's attention mask buffers). Weights stored as
-// F32, F16 or BF16 load; other dtypes are refused. Names: Llama-family names as in the
-// checkpoint; GPT-2 names without the optional "transformer." prefix.
-// Errors: loom::Error (runtime) "file: tensor: cause". Thread-safety: immutable after load().
+// F32, F16 or BF16 load; other dtypes are refused (at load(), not when first read). Names:
+// Llama-family names as in the checkpoint; GPT-2 names without the optional "transformer." prefix.
+//
+// Storage: load() converts nothing. Each weight keeps its bytes in the checkpoint's mapping (and
+// a shared_ptr to that mapping, so the object outlives the SafetensorsIndex it was loaded from);
+// at() and take() convert to float32 on first use, and stored() lends the bytes as they are to a
+// consumer that can use them in place (the CPU backend when the checkpoint's dtype is its compute
+// dtype). A checkpoint parsed from borrowed bytes (no mapping to hold) is converted at load().
+// Holding the mapping means holding the file: see mapped_file.hpp for what truncating or
+// rewriting a mapped file does.
+//
+// Errors: loom::Error (runtime) "file: tensor: cause". Thread-safety: const methods (at()
+// included, whose conversion happens once under std::call_once) may run concurrently; take() and
+// moves need exclusive access.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory>
+#include <mutex>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "loom/core/mapped_file.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/safetensors.hpp"
 
@@ -25,20 +41,41 @@ struct HostWeight {
   std::vector<float> values; // row-major
 };
 
+// A weight as the checkpoint stores it: `bytes` (numel * dtype_size(dtype) of them, row-major)
+// inside `*mapping`, which stays mapped while any copy of this lives. The address has only the
+// alignment the file gives it (see safetensors.hpp): check before reading it as typed values.
+struct StoredWeight {
+  SafetensorsDtype dtype = SafetensorsDtype::F32;
+  std::vector<int64_t> shape;
+  std::span<const std::byte> bytes;
+  std::shared_ptr<const MappedFile> mapping;
+};
+
 class ModelWeights {
  public:
   static ModelWeights load(const ModelConfig &config, const SafetensorsIndex &checkpoint);
   // Weights made in memory (random initialisation); the caller provides every expected tensor.
   static ModelWeights from_map(std::map<std::string, HostWeight, std::less<>> weights);
-  // Throws loom::Error naming the tensor when absent.
+  // As float32, converted on the first call for the name; throws loom::Error naming the tensor
+  // when absent.
   const HostWeight &at(std::string_view name) const;
   bool contains(std::string_view name) const { return weights_.find(name) != weights_.end(); }
-  // Moves a tensor out (for a consumer that keeps its own copy); throws when absent.
+  // Moves a tensor out as float32 (for a consumer that keeps its own copy); throws when absent.
   HostWeight take(std::string_view name);
+  // The tensor as stored in its mapped file; nullptr when absent or made in memory (from_map(),
+  // or a checkpoint without a mapping). Valid until the tensor is taken or this object dies; the
+  // StoredWeight's mapping may be copied to keep the bytes longer.
+  const StoredWeight *stored(std::string_view name) const;
   size_t size() const { return weights_.size(); }
 
  private:
-  std::map<std::string, HostWeight, std::less<>> weights_;
+  struct Entry {
+    bool in_file = false;           // `stored` is set; `host.values` is made on first use
+    StoredWeight stored;
+    mutable std::once_flag converted;
+    mutable HostWeight host;        // shape always; values once converted
+  };
+  std::map<std::string, std::unique_ptr<Entry>, std::less<>> weights_;
 };
 
 // The names and shapes the architecture needs, for checks and for writers of checkpoints.

@@ -25,7 +25,14 @@
 //
 // Alignment: SafetensorsTensor::data points into the file mapping and has only the alignment the
 // file gives it (begin is arbitrary and the data buffer starts at 8 + N). Callers that need
-// aligned values copy or convert (std::memcpy), never dereference it as float* etc.
+// aligned values copy or convert (std::memcpy), never dereference it as float* etc., unless they
+// checked the address first (the CPU backend uses aligned tensors in place, copies the others).
+//
+// Lifetime: the validation above runs once, at open(); a consumer that keeps reading tensors
+// in place afterwards relies on the file staying as it was (see mapped_file.hpp: truncating it
+// raises SIGBUS on the next read of a page past the new end, rewriting it in place changes the
+// values read). Offsets are never re-read from the file after open(), so a modified file can
+// change tensor values but never make Loom read outside the mapping.
 //
 // Thread-safety: SafetensorsFile and SafetensorsIndex are immutable after open(); const methods
 // may run concurrently. Copies share the mapping.
@@ -98,6 +105,10 @@ class SafetensorsFile {
   // The header length N and the data buffer (empty span when it has no bytes).
   uint64_t header_size() const { return header_size_; }
   std::span<const std::byte> data_buffer() const { return data_buffer_; }
+  // The mapping the tensors point into, for consumers that use them in place and must keep it
+  // alive (ModelWeights, the CPU backend); null when parsed from borrowed bytes, whose lifetime
+  // only the caller knows.
+  const std::shared_ptr<const MappedFile> &mapping() const { return mapping_; }
 
  private:
   SafetensorsFile() = default;
