@@ -130,15 +130,21 @@ void FlashAttention::release_scratch() {
   scratch_rows_ = 0;
 }
 
-// Enough CTAs to fill the GPU a few times over, no more splits than kDecodeMinChunk-key chunks
-// of the longest context the table can hold, and within the scratch.
+// Wide CTAs when the batch's CTAs would cover a quarter of the SMs or less (batch 1 to 4 of a
+// Llama-3.2-1B shape), so that a short context is one CTA per head group; then enough splits to
+// fill the GPU (one wide CTA per SM, a few narrow ones), no more than min_chunk-key chunks of the
+// longest context the table can hold, and within the scratch.
 DecodePlan FlashAttention::plan_decode(int n_tokens, int table_cols) const {
   DecodePlan plan;
-  if (scratch_ == nullptr || n_tokens <= 0) return plan;
   const int heads_per_cta = decode_heads_per_cta(cfg_.n_heads / cfg_.n_kv_heads);
-  const int64_t ctas = static_cast<int64_t>(n_tokens) * (cfg_.n_heads / heads_per_cta);
-  const int64_t want = (4 * static_cast<int64_t>(sm_count_) + ctas - 1) / ctas;
-  const int64_t by_length = (static_cast<int64_t>(table_cols) * block_size_ + kDecodeMinChunk - 1) / kDecodeMinChunk;
+  const int64_t ctas = static_cast<int64_t>(std::max(n_tokens, 1)) * (cfg_.n_heads / heads_per_cta);
+  const bool wide = 4 * ctas <= sm_count_;
+  plan.warps = wide ? kDecodeWideWarps : kDecodeWarps;
+  const int64_t per_sm = wide ? 1 : 4;
+  plan.min_chunk = decode_min_chunk(plan.warps, cfg_.head_dim);
+  if (scratch_ == nullptr || n_tokens <= 0) return plan;
+  const int64_t want = (per_sm * sm_count_ + ctas - 1) / ctas;
+  const int64_t by_length = (static_cast<int64_t>(table_cols) * block_size_ + plan.min_chunk - 1) / plan.min_chunk;
   const int64_t by_scratch = scratch_rows_ / (static_cast<int64_t>(n_tokens) * cfg_.n_heads);
   const int64_t n = std::min({want, by_length, by_scratch, static_cast<int64_t>(kDecodeMaxSplits)});
   if (n <= 1) return plan;

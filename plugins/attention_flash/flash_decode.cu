@@ -1,13 +1,14 @@
 // Flash: attention for batches of one new token per sequence (decode), flash-decoding style.
 //
-// Work split. A CTA (4 warps) takes one token, G query heads of one KV group (G = the largest
-// power of two dividing H/Hkv, at most 4: more heads would not fit their accumulators in
-// registers; the other CTAs of the group read the same K/V rows, mostly from L2) and one split
-// of the token's visible keys. A key row (D elements, 16 bytes per lane) is read by D/8 lanes, so
-// one load of K and V serves all G heads; each group of D/8 lanes keeps its own online softmax
-// over the keys it reads, and the groups are merged through shared memory at the end. Decode is
-// bound by reading the cache, so CUDA cores suffice; tensor cores would idle on a single query
-// row per head.
+// Work split. A CTA (W warps: 4, or 16 when the batch is too small to fill the GPU) takes one
+// token, G query heads of one KV group (G = the largest power of two dividing H/Hkv, at most 4:
+// more heads would not fit their accumulators in registers; the other CTAs of the group read the
+// same K/V rows, mostly from L2) and one split of the token's visible keys. A key row (D
+// elements, 16 bytes per lane) is read by D/8 lanes, so one load of K and V serves all G heads;
+// each group of D/8 lanes keeps its own online softmax over the keys it reads, the groups of a
+// warp are merged with shuffles and the warps through shared memory at the end. Decode is bound
+// by reading the cache, so CUDA cores suffice; tensor cores would idle on a single query row per
+// head.
 //
 // The decode kernel also appends the batch's k/v to the cache (no separate launch: at batch 1
 // every launch costs about as much as the attention itself).
@@ -15,9 +16,18 @@
 // Splits. With few tokens (batch 1) the grid would be a handful of CTAs, so a token's keys are
 // cut into n_splits chunks, each CTA writes an unnormalised partial (row, max, sum) into scratch,
 // and the last CTA of the (token, head group) to arrive merges them (a second launch cost about
-// as much as the merge at batch 1). The host picks n_splits from T, the table width and the
-// scratch size only; each CTA computes its chunk from the actual key range on the device (a split
-// past the end writes an empty partial), so the launch is the same whatever the lengths are.
+// as much as the merge at batch 1). The host picks W and n_splits from T, the table width and
+// the scratch size only; each CTA computes its chunk from the actual key range on the device (at
+// least plan.min_chunk keys, one load of every lane of a 16-warp CTA; splits past the end leave
+// at once), so the launch is the same whatever the lengths are. A single live split writes the
+// output itself, with no partials and no merge: the usual batch-1 case up to 256 keys (D = 64).
+//
+// Latency. At batch 1 the kernel is a chain of dependent memory round trips, so each is started
+// as early as it may be: the sequence metadata and the block table (uploaded by the host, never
+// written by the kernel before this one) are read and the first keys' addresses found before
+// griddepcontrol.wait; q, the new k/v and every cache row after it (the kernel before may write
+// q/k/v, and the cache is only read once it is complete); the next step's table entries are read
+// while the current keys are on their way, and the cache append is stored after the loop.
 #include <cmath>
 
 #include "flash_device.cuh"
@@ -25,118 +35,112 @@
 namespace loomp::flash {
 namespace {
 
-constexpr int kThreads = 128;
-
 struct DecodeArgs : dev::BatchArgs {
   const uint8_t* k;  // [T, Hkv, D]: the batch's new keys
   const uint8_t* v;
   int n_splits;
+  int min_chunk;
   float* partial_out;
   float* partial_ml;
   unsigned* arrivals;
 };
 
-// Merges the first `active` of row `row`'s n_splits partial slots into out[row] with one warp:
-// rescales each split to the common max and sums. The lanes share the splits' weights through
-// `s_w` ([kDecodeMaxSplits]); the output dims are spread over the lanes, the splits' rows read
-// independently so that the loads overlap.
-template <class T>
-__device__ void combine_row(const float* partial_out, const float* partial_ml, T* out, int64_t row, int n_splits,
-                            int active, int head_dim, float* s_w) {
-  const int lane = threadIdx.x & 31;
-  const float* ml = partial_ml + row * n_splits * 2;
-  float mx = -INFINITY;
-  for (int i = lane; i < active; i += 32) mx = fmaxf(mx, ml[2 * i]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float den = 0.0f;
-  for (int i = lane; i < active; i += 32) {
-    const float w = mx == -INFINITY ? 0.0f : exp2f(ml[2 * i] - mx);
-    s_w[i] = w;
-    den = fmaf(w, ml[2 * i + 1], den);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
-  __syncwarp();
-  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-  const float* rows_in = partial_out + row * n_splits * head_dim;
-  for (int d = lane; d < head_dim; d += 32) {
-    // Unrolled to the bound so that every split's load is in flight at once.
-    float num = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kDecodeMaxSplits; ++i)
-      if (i < active) num = fmaf(s_w[i], rows_in[static_cast<int64_t>(i) * head_dim + d], num);
-    out[row * head_dim + d] = dev::Elem<T>::from_float(num * inv);
-  }
+// Counts this CTA's arrival (thread 0, after a __syncthreads that orders the CTA's partial
+// stores before it): a release of those stores and an acquire of the other CTAs' ones.
+__device__ __forceinline__ unsigned arrive(unsigned* counter) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+  return old;
 }
 
-template <class T, int D, int G>
-__global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a) {
+template <class T, int D, int G, int W>
+__global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs a) {
   using E = dev::Elem<T>;
+  constexpr int kThreads = W * 32;
   constexpr int kLanesPerKey = D / 8;
   constexpr int kGroups = kThreads / kLanesPerKey;  // keys read at once by the CTA
   constexpr int kUnroll = 4;                        // keys in flight per lane group
-  __shared__ float s_acc[kGroups][G][D];
-  __shared__ float s_m[kGroups][G];
-  __shared__ float s_l[kGroups][G];
+  constexpr int kStep = kGroups * kUnroll;          // keys per trip of the loop
+  __shared__ float s_acc[W][G][D];
+  __shared__ float s_m[W][G];
+  __shared__ float s_l[W][G];
 
   dev::allow_next_kernel();
-  dev::wait_for_previous_kernel();
   const int t = static_cast<int>(blockIdx.z);
   const int split = static_cast<int>(blockIdx.x);
   const int head0 = static_cast<int>(blockIdx.y) * G;
   const int kvh = head0 / a.group;
+  const int warp = threadIdx.x / 32;
   const int grp = threadIdx.x / kLanesPerKey;
   const int li = threadIdx.x % kLanesPerKey;
 
+  // Before the wait: only the metadata and the table (see the file comment).
   const int s = dev::seq_of_token(a.off, a.n_seqs, t);
   const dev::SeqSpan span = dev::seq_span(a.off, a.n_tokens, s);
   const int64_t p = dev::token_position(a.pos, a.off, s, t);
   const int64_t total = p - (t - span.begin) + span.count;
   const int64_t new_begin = total - span.count;  // position of the sequence's first new token
   const int64_t row_bytes = static_cast<int64_t>(D) * 2;
-
-  // The cache append, fused: the first CTA of each (token, KV head) stores the token's k/v rows.
-  // Nothing in this launch reads them back from the cache (new keys are read from k/v below),
-  // so no reader races with these stores.
-  if (split == 0 && head0 % a.group == 0 && threadIdx.x < D / 8) {
-    const int64_t at = a.pool.key_offset(s, p, kvh);
-    if (at >= 0) {
-      const int64_t src = (static_cast<int64_t>(t) * a.pool.kv_heads + kvh) * row_bytes + threadIdx.x * 16;
-      *reinterpret_cast<uint4*>(a.pool.base + at + threadIdx.x * 16) = *reinterpret_cast<const uint4*>(a.k + src);
-      *reinterpret_cast<uint4*>(a.pool.base + at + a.pool.values_bytes + threadIdx.x * 16) =
-          *reinterpret_cast<const uint4*>(a.v + src);
-    }
-  }
   const dev::KeyRange range =
       dev::key_range(p, total, a.causal, a.window, a.pool.cols << a.pool.block_shift);
   const int len = range.hi - range.lo + 1;
-  const int chunk = max(kDecodeMinChunk, (len + a.n_splits - 1) / a.n_splits);
+  const int chunk = max(a.min_chunk, (len + a.n_splits - 1) / a.n_splits);
   // Splits that hold keys (at least one, so that a query with none still writes its zero row).
-  // The others have nothing to add: they leave at once, and a single active split writes the
-  // output itself, with no partials and no merge (short contexts, the usual batch-1 case).
+  // The others have nothing to add and leave at once; a single active split writes the output
+  // itself.
   const int active = len > chunk ? (len + chunk - 1) / chunk : 1;
-  if (split >= active) return;  // never split 0, which appended k/v above
+  if (split >= active) return;  // never split 0, which appends k/v
   const bool direct = active == 1;
   const int64_t begin64 = range.lo + static_cast<int64_t>(split) * chunk;
   const int k_begin = static_cast<int>(min(begin64, static_cast<int64_t>(range.hi) + 1));
   const int k_end = static_cast<int>(min(static_cast<int64_t>(range.hi) + 1, static_cast<int64_t>(k_begin) + chunk));
 
-  // This lane's D/8 slice of each head's query, pre-scaled into log2 units.
-  const T* const q = static_cast<const T*>(a.q);
-  float qv[G][8];
+  // Key j's K row (its V row is a.v - a.k further for this batch's keys, values_bytes for the
+  // pool's): this batch's from k/v, earlier ones from the pool; null outside the split or where
+  // the table has no block.
+  const uint8_t* kp[kUnroll];
+  bool fresh[kUnroll];
+  auto locate = [&](int base) {
 #pragma unroll
-  for (int h = 0; h < G; ++h) {
-    const T* row = q + (static_cast<int64_t>(t) * a.n_heads + head0 + h) * D;
-    const uint4 raw = *reinterpret_cast<const uint4*>(row + li * 8);
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 f = E::to_float2(w[e]);
-      qv[h][2 * e] = f.x * a.scale_log2;
-      qv[h][2 * e + 1] = f.y * a.scale_log2;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = base + u * kGroups + grp;
+      kp[u] = nullptr;
+      fresh[u] = j >= new_begin;
+      if (j < k_end) {
+        if (fresh[u]) {
+          if (j - new_begin < span.count)
+            kp[u] = a.k + ((span.begin + (j - new_begin)) * a.pool.kv_heads + kvh) * row_bytes + li * 16;
+        } else {
+          const int64_t at = a.pool.key_offset(s, j, kvh);
+          if (at >= 0) kp[u] = a.pool.base + at + li * 16;
+        }
+      }
     }
-  }
+  };
+  locate(k_begin);
+  // The cache append: the first CTA of each (token, KV head) stores the token's k/v rows. Nothing
+  // in this launch reads them back from the cache (new keys are read from k/v), so no reader
+  // races with these stores.
+  const bool appends = split == 0 && head0 % a.group == 0 && threadIdx.x < D / 8;
+  const int64_t append_at = appends ? a.pool.key_offset(s, p, kvh) : -1;
+  auto append = [&] {
+    if (append_at < 0) return;
+    const int64_t src = (static_cast<int64_t>(t) * a.pool.kv_heads + kvh) * row_bytes + threadIdx.x * 16;
+    const uint4 new_k = *reinterpret_cast<const uint4*>(a.k + src);
+    const uint4 new_v = *reinterpret_cast<const uint4*>(a.v + src);
+    *reinterpret_cast<uint4*>(a.pool.base + append_at + threadIdx.x * 16) = new_k;
+    *reinterpret_cast<uint4*>(a.pool.base + append_at + a.pool.values_bytes + threadIdx.x * 16) = new_v;
+  };
+
+  dev::wait_for_previous_kernel();
+
+  // This lane's D/8 slice of each head's query, kept packed (converted per use: 16 registers
+  // fewer for G = 4) and not read until the first keys' loads are out.
+  const T* const q = static_cast<const T*>(a.q);
+  uint4 qr[G];
+#pragma unroll
+  for (int h = 0; h < G; ++h)
+    qr[h] = *reinterpret_cast<const uint4*>(q + (static_cast<int64_t>(t) * a.n_heads + head0 + h) * D + li * 8);
 
   float m[G], l[G], acc[G][8];
 #pragma unroll
@@ -148,37 +152,19 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a)
   }
 
   // The trip count is the same for every lane (the shuffles below need the whole warp). Each
-  // step reads kUnroll keys per lane group and folds them into the running softmax at once: one
-  // rescale of the accumulators per step instead of one per key.
-  for (int base = k_begin; base < k_end; base += kGroups * kUnroll) {
+  // trip reads kUnroll keys per lane group and folds them into the running softmax at once: one
+  // rescale of the accumulators per trip instead of one per key.
+  for (int base = k_begin; base < k_end; base += kStep) {
     uint4 kr[kUnroll], vr[kUnroll];
     bool ok[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int j = base + u * kGroups + grp;
-      // Keys cached by earlier calls come from the pool, this batch's from k/v.
-      const uint8_t* key = nullptr;
-      const uint8_t* value = nullptr;
-      if (j < k_end) {
-        const int64_t fresh = j - new_begin;
-        if (fresh >= 0) {
-          if (fresh < span.count) {
-            const int64_t at = ((span.begin + fresh) * a.pool.kv_heads + kvh) * row_bytes;
-            key = a.k + at;
-            value = a.v + at;
-          }
-        } else {
-          const int64_t at = a.pool.key_offset(s, j, kvh);
-          if (at >= 0) {
-            key = a.pool.base + at;
-            value = key + a.pool.values_bytes;
-          }
-        }
-      }
-      ok[u] = key != nullptr;
-      kr[u] = ok[u] ? *reinterpret_cast<const uint4*>(key + li * 16) : make_uint4(0, 0, 0, 0);
-      vr[u] = ok[u] ? *reinterpret_cast<const uint4*>(value + li * 16) : make_uint4(0, 0, 0, 0);
+      ok[u] = kp[u] != nullptr;
+      const uint8_t* vp = kp[u] + (fresh[u] ? a.v - a.k : a.pool.values_bytes);
+      kr[u] = ok[u] ? *reinterpret_cast<const uint4*>(kp[u]) : make_uint4(0, 0, 0, 0);
+      vr[u] = ok[u] ? *reinterpret_cast<const uint4*>(vp) : make_uint4(0, 0, 0, 0);
     }
+    if (base == k_begin) append();  // behind the first trip's loads, so that the waits overlap
     float sc[kUnroll][G];  // scores in log2 units; -inf for keys outside the split or the table
     float vf[kUnroll][8];
 #pragma unroll
@@ -188,21 +174,26 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a)
       const uint32_t vw[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float2 kp = E::to_float2(kw[e]);
-        const float2 vp = E::to_float2(vw[e]);
-        kf[2 * e] = kp.x;
-        kf[2 * e + 1] = kp.y;
-        vf[u][2 * e] = vp.x;
-        vf[u][2 * e + 1] = vp.y;
+        const float2 kf2 = E::to_float2(kw[e]);
+        const float2 vf2 = E::to_float2(vw[e]);
+        kf[2 * e] = kf2.x;
+        kf[2 * e + 1] = kf2.y;
+        vf[u][2 * e] = vf2.x;
+        vf[u][2 * e + 1] = vf2.y;
       }
 #pragma unroll
       for (int h = 0; h < G; ++h) {
+        const uint32_t qw[4] = {qr[h].x, qr[h].y, qr[h].z, qr[h].w};
         float dot = 0.0f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dot = fmaf(qv[h][e], kf[e], dot);
+        for (int e = 0; e < 4; ++e) {
+          const float2 qf = E::to_float2(qw[e]);
+          dot = fmaf(qf.x, kf[2 * e], dot);
+          dot = fmaf(qf.y, kf[2 * e + 1], dot);
+        }
 #pragma unroll
         for (int o = kLanesPerKey / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        sc[u][h] = ok[u] ? dot : -INFINITY;
+        sc[u][h] = ok[u] ? dot * a.scale_log2 : -INFINITY;
       }
     }
 #pragma unroll
@@ -229,16 +220,37 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a)
         acc[h][e] = acc_e;
       }
     }
+    // The next trip's keys (here rather than behind this trip's loads: the pointers would then
+    // be live across the arithmetic above, and spill).
+    if (base + kStep < k_end) locate(base + kStep);
   }
+  if (k_begin >= k_end) append();  // no keys (garbage positions): the loop never ran
 
-  // Merge the lane groups of the CTA.
+  // Merge the lane groups of each warp (lanes li, li + D/8, ...) with shuffles, then the warps
+  // through shared memory.
 #pragma unroll
   for (int h = 0; h < G; ++h) {
+    float mx = m[h];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) s_acc[grp][h][li * 8 + e] = acc[h][e];
-    if (li == 0) {
-      s_m[grp][h] = m[h];
-      s_l[grp][h] = l[h];
+    for (int o = kLanesPerKey; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float w = mx == -INFINITY ? 0.0f : exp2f(m[h] - mx);
+    float lw = l[h] * w;
+#pragma unroll
+    for (int o = kLanesPerKey; o < 32; o <<= 1) lw += __shfl_xor_sync(0xffffffffu, lw, o);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      float x = acc[h][e] * w;
+#pragma unroll
+      for (int o = kLanesPerKey; o < 32; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+      acc[h][e] = x;
+    }
+    if (grp % (32 / kLanesPerKey) == 0) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s_acc[warp][h][li * 8 + e] = acc[h][e];
+      if (li == 0) {
+        s_m[warp][h] = mx;
+        s_l[warp][h] = lw;
+      }
     }
   }
   __syncthreads();
@@ -246,13 +258,15 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a)
   for (int i = threadIdx.x; i < G * D; i += kThreads) {
     const int h = i / D, d = i % D;
     float mx = -INFINITY;
-    for (int gi = 0; gi < kGroups; ++gi) mx = fmaxf(mx, s_m[gi][h]);
+#pragma unroll
+    for (int wi = 0; wi < W; ++wi) mx = fmaxf(mx, s_m[wi][h]);
     float num = 0.0f, den = 0.0f;
     if (mx != -INFINITY)
-      for (int gi = 0; gi < kGroups; ++gi) {
-        const float w = exp2f(s_m[gi][h] - mx);
-        num = fmaf(w, s_acc[gi][h][d], num);
-        den = fmaf(w, s_l[gi][h], den);
+#pragma unroll
+      for (int wi = 0; wi < W; ++wi) {
+        const float w = exp2f(s_m[wi][h] - mx);
+        num = fmaf(w, s_acc[wi][h][d], num);
+        den = fmaf(w, s_l[wi][h], den);
       }
     const int64_t row = static_cast<int64_t>(t) * a.n_heads + head0 + h;
     if (direct) {
@@ -271,28 +285,57 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const DecodeArgs a)
   // The last CTA of this (token, head group) to arrive combines the group's partials; it also
   // puts the counter back to zero for the next launch.
   __shared__ bool s_last;
-  __shared__ float s_w[kThreads / 32][kDecodeMaxSplits];
-  __threadfence();  // this CTA's partials are visible before its arrival is counted
   __syncthreads();
   unsigned* counter = a.arrivals + static_cast<int64_t>(t) * gridDim.y + blockIdx.y;
-  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1u) == static_cast<unsigned>(active) - 1;
+  if (threadIdx.x == 0) s_last = arrive(counter) == static_cast<unsigned>(active) - 1;
   __syncthreads();
   if (!s_last) return;
-  __threadfence();  // and the others' partials are read after their arrivals
-  const int warp = threadIdx.x / 32;
-  for (int h = warp; h < G; h += kThreads / 32)
-    combine_row(a.partial_out, a.partial_ml, out, static_cast<int64_t>(t) * a.n_heads + head0 + h, a.n_splits, active,
-                D, s_w[warp]);
+  // Each thread combines one (head, dim) over the splits, kBatch splits' loads in flight at once
+  // (L2 reads: the partials were written by other SMs).
+  constexpr int kBatch = 8;
+  for (int i = threadIdx.x; i < G * D; i += kThreads) {
+    const int h = i / D, d = i % D;
+    const int64_t row = static_cast<int64_t>(t) * a.n_heads + head0 + h;
+    const float* ml = a.partial_ml + row * a.n_splits * 2;
+    const float* rows = a.partial_out + row * a.n_splits * D + d;
+    float mx = -INFINITY, num = 0.0f, den = 0.0f;
+    for (int i0 = 0; i0 < active; i0 += kBatch) {
+      float pm[kBatch], pl[kBatch], pv[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const bool live = i0 + u < active;
+        pm[u] = live ? __ldcg(ml + 2 * (i0 + u)) : -INFINITY;
+        pl[u] = live ? __ldcg(ml + 2 * (i0 + u) + 1) : 0.0f;
+        pv[u] = live ? __ldcg(rows + static_cast<int64_t>(i0 + u) * D) : 0.0f;
+      }
+      float bm = mx;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) bm = fmaxf(bm, pm[u]);
+      if (bm == -INFINITY) continue;
+      const float r = exp2f(mx - bm);
+      num *= r;
+      den *= r;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const float w = exp2f(pm[u] - bm);
+        num = fmaf(w, pv[u], num);
+        den = fmaf(w, pl[u], den);
+      }
+      mx = bm;
+    }
+    out[row * D + d] = E::from_float(den > 0.0f ? num / den : 0.0f);
+  }
   if (threadIdx.x == 0) *counter = 0;
 }
 
-template <class T, int D, int G>
+template <class T, int D, int G, int W>
 cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
   DecodeArgs a;
   static_cast<dev::BatchArgs&>(a) = dev::make_batch_args(p);
   a.k = static_cast<const uint8_t*>(p.k);
   a.v = static_cast<const uint8_t*>(p.v);
   a.n_splits = plan.n_splits;
+  a.min_chunk = plan.min_chunk;
   a.partial_out = plan.partial_out;
   a.partial_ml = plan.partial_ml;
   a.arrivals = plan.arrivals;
@@ -303,19 +346,27 @@ cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream
   attribute.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
-  config.blockDim = dim3(kThreads);
+  config.blockDim = dim3(W * 32);
   config.stream = stream;
   config.attrs = p.programmatic ? &attribute : nullptr;
   config.numAttrs = p.programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, decode_kernel<T, D, G>, a);
+  return cudaLaunchKernelEx(&config, decode_kernel<T, D, G, W>, a);
+}
+
+template <class T, int D, int G>
+cudaError_t launch_warps(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
+  switch (plan.warps) {
+    case kDecodeWideWarps: return launch<T, D, G, kDecodeWideWarps>(p, plan, stream);
+    default: return launch<T, D, G, kDecodeWarps>(p, plan, stream);
+  }
 }
 
 template <class T, int D>
 cudaError_t launch_heads(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
   switch (decode_heads_per_cta(p.n_heads / p.n_kv_heads)) {
-    case 1: return launch<T, D, 1>(p, plan, stream);
-    case 2: return launch<T, D, 2>(p, plan, stream);
-    default: return launch<T, D, 4>(p, plan, stream);
+    case 1: return launch_warps<T, D, 1>(p, plan, stream);
+    case 2: return launch_warps<T, D, 2>(p, plan, stream);
+    default: return launch_warps<T, D, 4>(p, plan, stream);
   }
 }
 

@@ -51,19 +51,32 @@ struct Problem {
   uint8_t* pool = nullptr;                // [N, bytes_per_block]
 };
 
-// Decode scratch: per (token, query head, split) an unnormalised output row [D] and its running
-// max and sum; when a token's keys are split across CTAs, the last CTA of a (token, head group)
-// to finish combines them, counted by `arrivals` (zero between launches).
+// Decode launch shape and scratch: CTAs of `warps` warps, each split at least `min_chunk` keys;
+// per (token, query head, split) an unnormalised output row [D] and its running max and sum;
+// when a token's keys are split across CTAs, the last CTA of a (token, head group) to finish
+// combines them, counted by `arrivals` (zero between launches).
 struct DecodePlan {
+  int warps = 4;                 // kDecodeWarps or kDecodeWideWarps
+  int min_chunk = 64;            // decode_min_chunk(warps, head_dim)
   int n_splits = 1;
   float* partial_out = nullptr;  // [T, H, n_splits, D]
   float* partial_ml = nullptr;   // [T, H, n_splits, 2]: running max (log2 units) and sum
   unsigned* arrivals = nullptr;  // [T, H / heads per CTA]
 };
 
-// Keys a decode split covers at least, so that short contexts are not cut into slivers.
-inline constexpr int kDecodeMinChunk = 64;
-// Most splits of one token's keys (bounds the scratch and the combine kernel's loop).
+// Warps of a decode CTA: kDecodeWarps when the batch has CTAs enough to fill the GPU, else
+// kDecodeWideWarps (one CTA per SM), which reads 4x the keys per trip, so that a short context
+// is one split (no merge) and one round trip to memory.
+inline constexpr int kDecodeWarps = 4;
+inline constexpr int kDecodeWideWarps = 16;
+// Keys a decode split covers at least, so that short contexts are not cut into slivers: one trip
+// of the CTA's loop (4 keys per D/8 lanes), and never under 64.
+constexpr int decode_min_chunk(int warps, int head_dim) {
+  const int trip = warps * 32 / (head_dim / 8) * 4;
+  return trip > 64 ? trip : 64;
+}
+inline constexpr int kDecodeMinChunk = 64;  // the least of decode_min_chunk
+// Most splits of one token's keys (bounds the scratch).
 inline constexpr int kDecodeMaxSplits = 64;
 
 // Largest power of two dividing n, at most `cap` (a power of two).

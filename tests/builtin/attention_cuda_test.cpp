@@ -430,6 +430,12 @@ TEST_CASE("flash splits long decode contexts and matches CPU sdpa", "[cuda][atte
   compare(g, steps, 7, {{"flash", Dt::bf16, 2e-2}, {"sdpa", Dt::bf16, 2e-2}});
   const Geometry windowed{16, 4, 128, 64, 300, 2048};
   compare(windowed, steps, 8, {{"flash", Dt::bf16, 2e-2}});
+  // Forty sequences: CTAs enough for the 4-warp decode kernel, which splits ~300 keys as well
+  // (few sequences take 16-warp CTAs).
+  const std::vector<std::vector<int>> many{std::vector<int>(40, 300), std::vector<int>(40, 1),
+                                           std::vector<int>(40, 1)};
+  compare(g, many, 11, {{"flash", Dt::bf16, 2e-2}});
+  compare(windowed, many, 12, {{"flash", Dt::bf16, 2e-2}});
 }
 
 TEST_CASE("flash in float16 matches CPU sdpa", "[cuda][attention]") {
@@ -580,10 +586,11 @@ template <class F> double time_on(cudaStream_t stream, int reps, F &&work) {
 
 // Times flash (direct calls, and one call captured in a CUDA graph and replayed: the GPU time
 // without the host's launch cost) and sdpa (bf16, direct) on one batch: S sequences, `n_new` new
-// tokens each at `position`.
-void bench(const char *label, const Geometry &g, int S, int n_new, int position) {
+// tokens each at `position`, in a block table of `table_positions` positions (at least the
+// context; a runtime's table reserves its longest context).
+void bench(const char *label, const Geometry &g, int S, int n_new, int position, int table_positions = 0) {
   const int64_t T = static_cast<int64_t>(S) * n_new, H = g.H, Hkv = g.Hkv, D = g.D;
-  const int M = (position + n_new + g.B - 1) / g.B;
+  const int M = (std::max(position + n_new, table_positions) + g.B - 1) / g.B;
   const int N = S * M;
   std::vector<int32_t> offsets, positions(static_cast<size_t>(S), position), table(static_cast<size_t>(N));
   for (int s = 0; s <= S; ++s) offsets.push_back(s * n_new);
@@ -643,6 +650,11 @@ TEST_CASE("flash vs sdpa on CUDA: micro-benchmark", "[.bench]") {
   const Geometry g128{32, 8, 128, 16, 0, 8192}; // hidden 4096 (Llama 3 8B)
   bench("prefill T=2048, head_dim 128", g128, 1, 2048, 0);
   bench("decode batch 1, context 128", g, 1, 1, 127);
+  bench("decode batch 1, context 256", g, 1, 1, 255);
+  bench("decode batch 1, context 512", g, 1, 1, 511);
+  bench("decode b1, context 200, table 8192", g, 1, 1, 199, 8192);
+  bench("decode b1, context 260, table 8192", g, 1, 1, 259, 8192);
+  bench("decode batch 4, context 256", g, 4, 1, 255);
   bench("decode batch 1, context 1024", g, 1, 1, 1023);
   bench("decode batch 1, context 4096", g, 1, 1, 4095);
   bench("decode batch 32, context 1024", g, 32, 1, 1023);
