@@ -21,16 +21,18 @@
 // (BF16 linears with bfloat16 weights; F32 linears with float32 weights; F32 norms, biases and
 // positions, always read as float32) at an address aligned for that type. Everything else is the
 // backend's own copy: dtype conversions (F16 -> bf16 or f32, BF16 -> f32, F32 -> bf16), GPT-2's
-// Conv1D weights transposed to [out, in], tensors the file leaves misaligned (safetensors does not
-// promise alignment; typed reads of them would be undefined), and weights made in memory.
-// The backend then holds the mappings (shared_ptr), so the files must not be truncated or
+// Conv1D weights transposed to [out, in] and split into q/k/v (with their biases), tensors the
+// file leaves misaligned (safetensors does not promise alignment; typed reads of them would be
+// undefined), and weights made in memory. bytes_in_place() and bytes_copied() say how much of
+// each. The backend holds the mappings (shared_ptr), so the files must not be truncated or
 // rewritten while it lives: see loom/core/mapped_file.hpp (SIGBUS on a truncated mapping).
 // Quantizers get a float32 copy of each weight and keep their own derived copy, as before.
 //
 // Ownership: owns the weights (or the mappings they point into), KV pools, scratch and thread
-// pool; borrows the pipeline, whose instances outlive it. Installs swap hooks for attention, quantizer and adapters on its first
-// reserve() and removes them (under the step lock) when destroyed. Thread-safety: one thread
-// drives it, under the pipeline's step lock; the pool's workers only run core's loops.
+// pool; borrows the pipeline, whose instances outlive it. Installs swap hooks for attention,
+// quantizer and adapters on its first reserve() and removes them (under the step lock) when
+// destroyed. Thread-safety: one thread drives it, under the pipeline's step lock; the pool's
+// workers only run core's loops.
 #pragma once
 
 #include <memory>
