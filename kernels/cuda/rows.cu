@@ -10,6 +10,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 namespace loom::kernels {
 namespace {
@@ -108,53 +111,120 @@ __device__ __forceinline__ Best warp_reduce(Best v) {
   return v;
 }
 
-// x: [rows, cols]; out: [rows].
+// The block's best (value, first index) over row[begin, end), begin a multiple of 4; the
+// result is valid in every thread. `partial` is the block's shared scratch.
+__device__ Best block_argmax(const float* __restrict__ row, int64_t begin, int64_t end, Best* partial) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  Best acc{-INFINITY, -1};
+  // Strict comparisons: within a thread, indices only grow, so ties keep the first index.
+  if ((end - begin) % 4 == 0 && (reinterpret_cast<uintptr_t>(row + begin) & 15u) == 0) {
+    // float4 loads, four in flight per thread: one block streams a 128k-column row at several
+    // times the rate of one float per thread per trip.
+    const float4* row4 = reinterpret_cast<const float4*>(row + begin);
+    const int64_t n4 = (end - begin) / 4;
+    for (int64_t c0 = threadIdx.x; c0 < n4; c0 += 4 * kThreads) {
+      float4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = c0 + u * kThreads;
+        v[u] = c < n4 ? row4[c] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = begin + 4 * (c0 + u * kThreads);
+        if (v[u].x > acc.value) acc = {v[u].x, c};
+        if (v[u].y > acc.value) acc = {v[u].y, c + 1};
+        if (v[u].z > acc.value) acc = {v[u].z, c + 2};
+        if (v[u].w > acc.value) acc = {v[u].w, c + 3};
+      }
+    }
+  } else {
+    for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) {
+      const float v = row[c];
+      if (v > acc.value) acc = {v, c};
+    }
+  }
+  acc = warp_reduce(acc);
+  if (lane == 0) partial[warp] = acc;
+  __syncthreads();
+  Best v = lane < kWarps ? partial[lane] : Best{-INFINITY, -1};
+  v = warp_reduce(v);
+  __syncthreads();  // `partial` may be reused by the caller
+  return v;
+}
+
+// x: [rows, cols]; out: [rows]. One block per row.
 __global__ void __launch_bounds__(kThreads)
 argmax_rows_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int32_t* __restrict__ out) {
   __shared__ Best partial[kWarps];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const float* row = x + r * cols;  // [cols]
-    Best acc{-INFINITY, -1};
-    // Strict comparisons: within a thread, indices only grow, so ties keep the first index.
-    if (cols % 4 == 0 && (reinterpret_cast<uintptr_t>(row) & 15u) == 0) {
-      // float4 loads, four in flight per thread: one block streams a 128k-column row at several
-      // times the rate of one float per thread per trip.
-      const float4* row4 = reinterpret_cast<const float4*>(row);
-      const int64_t n4 = cols / 4;
-      for (int64_t c0 = threadIdx.x; c0 < n4; c0 += 4 * kThreads) {
-        float4 v[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int64_t c = c0 + u * kThreads;
-          v[u] = c < n4 ? row4[c] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int64_t c = 4 * (c0 + u * kThreads);
-          if (v[u].x > acc.value) acc = {v[u].x, c};
-          if (v[u].y > acc.value) acc = {v[u].y, c + 1};
-          if (v[u].z > acc.value) acc = {v[u].z, c + 2};
-          if (v[u].w > acc.value) acc = {v[u].w, c + 3};
-        }
-      }
-    } else {
-      for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
-        const float v = row[c];
-        if (v > acc.value) acc = {v, c};
-      }
-    }
-    acc = warp_reduce(acc);
-    if (lane == 0) partial[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-      Best v = lane < kWarps ? partial[lane] : Best{-INFINITY, -1};
-      v = warp_reduce(v);
-      if (lane == 0) out[r] = static_cast<int32_t>(v.index < 0 ? 0 : v.index);
-    }
-    __syncthreads();  // `partial` is reused by the next row
+    const Best v = block_argmax(x + r * cols, 0, cols, partial);
+    if (threadIdx.x == 0) out[r] = static_cast<int32_t>(v.index < 0 ? 0 : v.index);
   }
+}
+
+// Few long rows (a decode step's logits at batch 1-16): one row over gridDim.x blocks, each
+// taking a chunk; the last block of a row to finish (an arrival counter, reset by that block
+// for the next call) merges the chunks' results in chunk order, so the first index still wins
+// ties. A single block per row would stream the row from one SM.
+constexpr int kSplitChunks = 32;
+constexpr int64_t kSplitMaxRows = 16;
+
+__global__ void __launch_bounds__(kThreads)
+argmax_split_kernel(const float* __restrict__ x, int64_t cols, int64_t chunk, Best* __restrict__ chunk_best,
+                    unsigned* __restrict__ arrivals, int32_t* __restrict__ out) {
+  __shared__ Best partial[kWarps];
+  __shared__ bool last;
+  const int64_t r = blockIdx.y;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t end = begin + chunk < cols ? begin + chunk : cols;
+  const Best v = begin < end ? block_argmax(x + r * cols, begin, end, partial) : Best{-INFINITY, -1};
+  if (threadIdx.x == 0) {
+    chunk_best[r * gridDim.x + blockIdx.x] = v;
+    __threadfence();
+    last = atomicAdd(&arrivals[r], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last || threadIdx.x >= 32) return;
+  __threadfence();
+  Best acc{-INFINITY, -1};
+  for (unsigned c = threadIdx.x; c < gridDim.x; c += 32) {
+    // Written by other blocks: read past the L1 cache.
+    const Best* b = &chunk_best[r * gridDim.x + c];
+    acc = better(acc, Best{__ldcg(&b->value), static_cast<int64_t>(__ldcg(reinterpret_cast<const long long*>(&b->index)))});
+  }
+  acc = warp_reduce(acc);
+  if (threadIdx.x == 0) {
+    out[r] = static_cast<int32_t>(acc.index < 0 ? 0 : acc.index);
+    arrivals[r] = 0;
+  }
+}
+
+// The split kernel's scratch on the current device (chunk results and arrival counters, zeroed
+// once), made on first use and kept for the process. Calls share it, so they must be ordered on
+// one stream per device (core's compute stream).
+cudaError_t split_scratch(Best** chunk_best, unsigned** arrivals) {
+  static std::mutex mutex;
+  static std::map<int, std::pair<Best*, unsigned*>> by_device;
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  std::lock_guard lock(mutex);
+  auto it = by_device.find(device);
+  if (it == by_device.end()) {
+    Best* best = nullptr;
+    unsigned* counters = nullptr;
+    if (cudaError_t e = cudaMalloc(&best, sizeof(Best) * kSplitChunks * kSplitMaxRows); e != cudaSuccess) return e;
+    if (cudaError_t e = cudaMalloc(&counters, sizeof(unsigned) * kSplitMaxRows); e != cudaSuccess) {
+      cudaFree(best);
+      return e;
+    }
+    if (cudaError_t e = cudaMemset(counters, 0, sizeof(unsigned) * kSplitMaxRows); e != cudaSuccess) return e;
+    it = by_device.emplace(device, std::make_pair(best, counters)).first;
+  }
+  *chunk_best = it->second.first;
+  *arrivals = it->second.second;
+  return cudaSuccess;
 }
 
 unsigned grid_for(int64_t rows) {
@@ -176,6 +246,17 @@ int argmax_rows_cuda(const float* x, int64_t rows, int64_t cols, int32_t* out_de
   if (rows == 0) return static_cast<int>(cudaSuccess);
   if (rows < 0 || cols <= 0 || cols > INT32_MAX || x == nullptr || out_device == nullptr)
     return static_cast<int>(cudaErrorInvalidValue);
+  if (rows <= kSplitMaxRows && cols >= 8 * 4 * kThreads) {
+    Best* chunk_best = nullptr;
+    unsigned* arrivals = nullptr;
+    if (cudaError_t e = split_scratch(&chunk_best, &arrivals); e != cudaSuccess) return static_cast<int>(e);
+    // Chunks of a multiple of 4 columns, so that every chunk but the last starts 16-byte aligned.
+    const int64_t chunk = ((cols + kSplitChunks - 1) / kSplitChunks + 3) / 4 * 4;
+    const dim3 grid(static_cast<unsigned>((cols + chunk - 1) / chunk), static_cast<unsigned>(rows));
+    argmax_split_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(x, cols, chunk, chunk_best, arrivals,
+                                                                                   out_device);
+    return static_cast<int>(cudaGetLastError());
+  }
   argmax_rows_kernel<<<grid_for(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x, rows, cols, out_device);
   return static_cast<int>(cudaGetLastError());

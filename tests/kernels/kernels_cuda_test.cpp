@@ -125,6 +125,9 @@ TEST_CASE("CUDA row kernels match the CPU on random data", "[kernels][cuda]") {
       {6, 128256, 8.0f, 0.3, {1}},     // vocabulary with masks and a masked row
       {2, 262144, 2.0f, 0.9, {}},      // 256k columns, mostly masked
       {300, 4096, 30.0f, 0.05, {0, 299}},  // many rows, large logits
+      {1, 32003, 4.0f, 0.2, {}},       // rows split across blocks, a column count not a multiple of 4
+      {16, 50001, 3.0f, 0.0, {3}},     // the most rows that are split, one of them masked
+      {17, 16384, 3.0f, 0.0, {}},      // one row too many for the split
   };
   uint32_t seed = 1234;
   for (const Case& k : cases) compare(k, seed++, stream);
@@ -149,6 +152,17 @@ TEST_CASE("CUDA argmax takes the first index of a tie and ignores -inf", "[kerne
   CUDA_REQUIRE(cudaMemcpy(got, didx.ptr, sizeof(got), cudaMemcpyDeviceToHost));
   CHECK(got[0] == 777);
   CHECK(got[1] == 5);
+  // A tie across two blocks of a split row: the lower index wins whichever block ends last.
+  std::vector<float> y(static_cast<size_t>(cols), 0.0f);
+  y[static_cast<size_t>(cols) - 3] = 9.0f;
+  y[40000] = 9.0f;
+  y[4004] = 9.0f;
+  CUDA_REQUIRE(cudaMemcpy(dx.ptr, y.data(), y.size() * sizeof(float), cudaMemcpyHostToDevice));
+  for (int rep = 0; rep < 20; ++rep) {
+    CUDA_REQUIRE(lk::argmax_rows_cuda(dx.ptr, 1, cols, didx.ptr, nullptr));
+    CUDA_REQUIRE(cudaMemcpy(got, didx.ptr, sizeof(int32_t), cudaMemcpyDeviceToHost));
+    CHECK(got[0] == 4004);
+  }
 }
 
 TEST_CASE("CUDA kernels reject invalid shapes", "[kernels][cuda]") {
