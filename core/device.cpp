@@ -333,6 +333,7 @@ void TokenReadback::start(const int32_t *device_values, size_t n, DLDevice devic
 #endif
   (void)device_values;
   (void)n;
+  (void)device;
   throw runtime_error("token readback: tokens are not on a CUDA device");
 }
 

@@ -76,12 +76,13 @@ class TokenReadback {
   void wait(int32_t *out);
 
  private:
-  void *pinned_ = nullptr;  // cudaMallocHost
-  void *stream_ = nullptr;  // cudaStream_t the copy runs on
-  void *sampled_ = nullptr; // cudaEvent_t: the values are written (compute stream)
-  void *event_ = nullptr;   // cudaEvent_t: the copy is done
-  size_t capacity_ = 0, pending_ = 0;
-  int device_ = -1;
+  // (Unused in a build without CUDA, where start() refuses.)
+  [[maybe_unused]] void *pinned_ = nullptr;  // cudaMallocHost
+  [[maybe_unused]] void *stream_ = nullptr;  // cudaStream_t the copy runs on
+  [[maybe_unused]] void *sampled_ = nullptr; // cudaEvent_t: the values are written (compute stream)
+  [[maybe_unused]] void *event_ = nullptr;   // cudaEvent_t: the copy is done
+  [[maybe_unused]] size_t capacity_ = 0, pending_ = 0;
+  [[maybe_unused]] int device_ = -1;
 };
 
 // The stream (a cudaStream_t) on which core, and the plugins through host->current_stream(), order
