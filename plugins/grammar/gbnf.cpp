@@ -84,6 +84,7 @@ class Parser {
       if (!defined_[i]) fail(first_ref_[i], "undefined rule '" + names_[i] + "'");
     auto it = ids_.find("root");
     if (it == ids_.end()) throw GrammarError("grammar: no 'root' rule");
+    std::vector<Grammar::Copy> copies = copy_items();
     Grammar g;
     g.names = names_;
     g.root = it->second;
@@ -95,6 +96,17 @@ class Parser {
         for (auto& e : alt) g.elems.push_back(e);
         g.elems.push_back(Elem{});
       }
+    for (Grammar::Copy& c : copies) {  // its rules -> their elements, END elements included
+      std::vector<uint32_t> elems;
+      for (uint32_t r : c.elems)
+        for (uint32_t a : g.alts[r])
+          for (uint32_t i = a;; ++i) {
+            elems.push_back(i);
+            if (g.elems[i].kind == Elem::END) break;
+          }
+      c.elems = std::move(elems);
+    }
+    g.copies = std::move(copies);
     check_left_recursion(g);
     return g;
   }
@@ -112,6 +124,12 @@ class Parser {
   std::vector<std::pair<uint32_t, uint32_t>> ranges_;
   size_t n_elems_ = 0;
   uint32_t gen_ = 0;
+  // A repetition of a rule: the item, and its copies (elems: the copy's placeholder rule).
+  struct Family {
+    uint32_t item;
+    std::vector<Grammar::Copy> copies;
+  };
+  std::vector<Family> families_;
 
   [[noreturn]] void fail(size_t at, const std::string& msg) const {
     size_t line = 1, col = 1;
@@ -362,59 +380,143 @@ class Parser {
     if (item.empty()) return;  // "" repeated is still ""
     if (item.size() > 1) item = Seq{ref(new_rule(rule, {item}))};
     const Elem x = item[0];
+    // A rule repeated more than once gets a placeholder rule per copy, filled by copy_items().
+    const bool copies = x.kind == Elem::REF && lo + (unbounded ? 1 : hi - lo) >= 2;
+    if (copies) families_.push_back(Family{x.ref, {}});
+    auto copy = [&](Grammar::Copy::Kind kind, uint32_t min_after, uint32_t max_after) {
+      if (!copies) return x;
+      const uint32_t p = hidden_rule(names_[x.ref], {Seq{x}});
+      families_.back().copies.push_back(Grammar::Copy{static_cast<uint32_t>(families_.size() - 1), kind, min_after,
+                                                      max_after, {p}});
+      return ref(p);
+    };
     count(lo);
-    for (uint32_t i = 0; i < lo; ++i) seq.push_back(x);
+    for (uint32_t i = 0; i < lo; ++i)
+      seq.push_back(copy(Grammar::Copy::REQUIRED, lo - i - 1, unbounded ? UINT32_MAX : hi - i - 1));
     if (unbounded) {
       // S ::= x S | (empty)
       const uint32_t s = new_rule(rule, {Seq{}, Seq{}});
-      rules_[s][0] = Seq{x, ref(s)};
+      rules_[s][0] = Seq{copy(Grammar::Copy::STAR, 0, UINT32_MAX), ref(s)};
       count(2);
       seq.push_back(ref(s));
     } else if (hi > lo) {
       // O_1 ::= x | (empty);  O_k ::= x O_{k-1} | (empty)
-      uint32_t prev = new_rule(rule, {Seq{x}, Seq{}});
-      for (uint32_t k = 2; k <= hi - lo; ++k) prev = new_rule(rule, {Seq{x, ref(prev)}, Seq{}});
+      uint32_t prev = new_rule(rule, {Seq{copy(Grammar::Copy::OPTIONAL, 0, 0)}, Seq{}});
+      for (uint32_t k = 2; k <= hi - lo; ++k)
+        prev = new_rule(rule, {Seq{copy(Grammar::Copy::OPTIONAL, 0, k - 1), ref(prev)}, Seq{}});
       count(1);
       seq.push_back(ref(prev));
     }
   }
 
-  void check_left_recursion(const Grammar& g) {
-    const size_t n = g.alts.size();
-    // Nullable rules by a worklist (linear): pending[a] counts the references of alternative a
-    // not yet known nullable; an alternative holding a character class never becomes nullable.
+  // A rule no text can name (its name holds '#'), for the copies of repeated rules. Outside
+  // the limits (copy_items() checks them before cloning): a placeholder is no more than the
+  // repetition's own rules, and a grammar that fit before still fits.
+  uint32_t hidden_rule(const std::string& base, std::vector<Seq> alts) {
+    const auto id = static_cast<uint32_t>(names_.size());
+    names_.push_back(base + "#" + std::to_string(++gen_));
+    defined_.push_back(true);
+    first_ref_.push_back(p_);
+    rules_.push_back(std::move(alts));
+    return id;
+  }
+
+  // Rules that match the empty string, by a worklist (linear): an alternative holding a
+  // character class never becomes nullable, the others count their references not yet known
+  // nullable.
+  std::vector<char> nullable_rules() const {
+    const size_t n = rules_.size();
     std::vector<char> nullable(n, 0);
-    std::vector<uint32_t> alt_rule, pending;
-    std::vector<std::vector<uint32_t>> users(n);
+    std::vector<std::pair<uint32_t, uint32_t>> alts;  // (rule, references not yet known nullable)
+    std::vector<std::vector<uint32_t>> users(n);       // rule -> alternatives referencing it
     std::vector<uint32_t> queue;
-    for (size_t r = 0; r < n; ++r)
-      for (uint32_t a : g.alts[r]) {
-        const auto ai = static_cast<uint32_t>(alt_rule.size());
-        alt_rule.push_back(static_cast<uint32_t>(r));
-        uint32_t cnt = 0;
-        bool chars = false;
-        for (uint32_t i = a; g.elems[i].kind != Elem::END; ++i)
-          if (g.elems[i].kind == Elem::CHARS) chars = true;
-        if (!chars)
-          for (uint32_t i = a; g.elems[i].kind != Elem::END; ++i) {
-            ++cnt;
-            users[g.elems[i].ref].push_back(ai);
-          }
-        pending.push_back(chars ? UINT32_MAX : cnt);
-        if (!chars && cnt == 0 && !nullable[r]) {
+    for (uint32_t r = 0; r < n; ++r)
+      for (const Seq& a : rules_[r]) {
+        if (std::any_of(a.begin(), a.end(), [](const Elem& e) { return e.kind == Elem::CHARS; })) continue;
+        const auto ai = static_cast<uint32_t>(alts.size());
+        alts.emplace_back(r, static_cast<uint32_t>(a.size()));
+        for (const Elem& e : a) users[e.ref].push_back(ai);
+        if (a.empty() && !nullable[r]) {
           nullable[r] = 1;
-          queue.push_back(static_cast<uint32_t>(r));
+          queue.push_back(r);
         }
       }
     while (!queue.empty()) {
       const uint32_t r = queue.back();
       queue.pop_back();
       for (uint32_t ai : users[r])
-        if (pending[ai] != UINT32_MAX && --pending[ai] == 0 && !nullable[alt_rule[ai]]) {
-          nullable[alt_rule[ai]] = 1;
-          queue.push_back(alt_rule[ai]);
+        if (--alts[ai].second == 0 && !nullable[alts[ai].first]) {
+          nullable[alts[ai].first] = 1;
+          queue.push_back(alts[ai].first);
         }
     }
+    return nullable;
+  }
+
+  // Fills the placeholders of each repetition of a rule x (repeat()) with a clone of x and of
+  // the rules only x's rule reaches (each referenced once, from within), and returns the copies
+  // for Grammar::copies (elems: their rules, until run() lays out the elements). A repetition
+  // of a nullable x, or of one too large to clone, keeps referencing x itself.
+  std::vector<Grammar::Copy> copy_items() {
+    constexpr size_t kMaxCopy = 256;  // elements of x's rules, per copy
+    std::vector<Grammar::Copy> out;
+    if (families_.empty()) return out;
+    const std::vector<char> nullable = nullable_rules();
+    std::vector<uint32_t> refs(rules_.size(), 0);  // references to each rule
+    for (const auto& alts : rules_)
+      for (const Seq& a : alts)
+        for (const Elem& e : a)
+          if (e.kind == Elem::REF) ++refs[e.ref];
+    const uint32_t root = ids_.at("root");
+    for (Family& f : families_) {
+      std::vector<uint32_t> closure{f.item};
+      size_t elems = 0;
+      for (size_t i = 0; i < closure.size() && elems <= kMaxCopy; ++i)
+        for (const Seq& a : rules_[closure[i]]) {
+          elems += a.size() + 1;
+          for (const Elem& e : a)
+            if (e.kind == Elem::REF && e.ref != root && refs[e.ref] == 1 &&
+                std::find(closure.begin(), closure.end(), e.ref) == closure.end())
+              closure.push_back(e.ref);
+        }
+      const size_t n = f.copies.size();
+      if (nullable[f.item] || elems > kMaxCopy || n_elems_ + n * elems > lim_.max_elements ||
+          names_.size() + n * closure.size() > lim_.max_rules) {
+        std::vector<char> placeholder(rules_.size(), 0);
+        for (const Grammar::Copy& c : f.copies) placeholder[c.elems[0]] = 1;
+        for (auto& alts : rules_)
+          for (Seq& a : alts)
+            for (Elem& e : a)
+              if (e.kind == Elem::REF && e.ref < placeholder.size() && placeholder[e.ref]) e.ref = f.item;
+        continue;
+      }
+      std::vector<std::vector<Seq>> originals;
+      for (uint32_t r : closure) originals.push_back(rules_[r]);
+      for (Grammar::Copy& c : f.copies) {
+        std::vector<uint32_t> ids{c.elems[0]};  // closure[i]'s clone
+        for (size_t i = 1; i < closure.size(); ++i) ids.push_back(hidden_rule(names_[closure[i]], {}));
+        for (size_t i = 0; i < closure.size(); ++i) {
+          std::vector<Seq> alts = originals[i];
+          for (Seq& a : alts)
+            for (Elem& e : a) {
+              if (e.kind != Elem::REF) continue;
+              const auto at = std::find(closure.begin(), closure.end(), e.ref);
+              if (at != closure.end()) e.ref = ids[static_cast<size_t>(at - closure.begin())];
+            }
+          for (const Seq& a : alts) n_elems_ += a.size() + 1;
+          rules_[ids[i]] = std::move(alts);
+        }
+        refs.resize(rules_.size(), 1);
+        c.elems = std::move(ids);
+        out.push_back(c);
+      }
+    }
+    return out;
+  }
+
+  void check_left_recursion(const Grammar& g) {
+    const size_t n = g.alts.size();
+    const std::vector<char> nullable = nullable_rules();  // rules_ holds g's rules, in order
     // Edges r -> s: s may begin r. A cycle is left recursion. Iterative DFS.
     std::vector<std::vector<uint32_t>> edges(n);
     for (size_t r = 0; r < n; ++r)

@@ -51,6 +51,21 @@ struct Grammar {
   std::vector<std::pair<uint32_t, uint32_t>> ranges;  // inclusive code-point ranges
   uint32_t root = 0;
 
+  // Counted repetitions of a rule (x{m,n}, x+, x{m,}; x a rule or a parenthesized group): each
+  // copy of x is a clone of x's rule and of the rules only x's rule uses, so that every copy is
+  // referenced from one place and its elements' chains (element_frames.hpp) reach past the
+  // repetition. Listed only for x that never matches the empty string: then copies of one
+  // repetition whose counts of copies still required and allowed after them agree up to the
+  // longest token accept the same tokens, and share their tables (token_tables.hpp).
+  struct Copy {
+    enum Kind : uint8_t { REQUIRED, OPTIONAL, STAR };  // x{m,n}: m required, n - m optional; x{m,}: one star
+    uint32_t family = 0;   // which repetition
+    Kind kind = REQUIRED;
+    uint32_t min_after = 0, max_after = 0;  // copies still required / allowed after this one (UINT32_MAX: any)
+    std::vector<uint32_t> elems;            // its elements, in the same order in every copy of the family
+  };
+  std::vector<Copy> copies;
+
   bool matches(const Elem& e, uint32_t cp) const;
   // True when some code point in [lo, hi] matches e.
   bool intersects(const Elem& e, uint32_t lo, uint32_t hi) const;

@@ -2,6 +2,7 @@
 #include "token_tables.hpp"
 
 #include <algorithm>
+#include <map>
 #include <string_view>
 
 namespace loomp::grammar {
@@ -70,16 +71,47 @@ TokenTables::TokenTables(const Matcher& m, std::shared_ptr<const TokenIndex> voc
       if (ok) first_[e][b >> 6] |= uint64_t{1} << (b & 63);
     }
   }
+  share_copies();
   StepCache cache(m);
   TrieWalk walk;
   for (uint32_t e = 0; e < frames_.size(); ++e) {
-    if (frames_[e].chain.empty()) continue;
+    if (frames_[e].chain.empty() || table_of_[e] != e) continue;
     if (cache.states() > kBuildStates) cache.clear();
     try {
       build(cache, walk, e);
     } catch (const GrammarError&) {
       tables_[e] = Table{};
       ++stats_.failed;
+    }
+  }
+}
+
+void TokenTables::share_copies() {
+  const Grammar& g = m_->grammar();
+  table_of_.resize(g.elems.size());
+  for (uint32_t e = 0; e < table_of_.size(); ++e) table_of_[e] = e;
+  // A token of at most `longest` bytes, each copy of x taking at least one, never sees how many
+  // copies are still required or allowed past `cap`: copies of one repetition of the same kind
+  // whose counts agree up to it accept the same tokens, each element as its twin in the other.
+  size_t longest = 0;
+  for (size_t i = 0; i < vocab_->size(); ++i)
+    if (vocab_->has_text(static_cast<int32_t>(i))) longest = std::max(longest, vocab_->text(static_cast<int32_t>(i)).size());
+  const uint64_t cap = uint64_t{longest} + 1;
+  std::map<std::array<uint64_t, 4>, size_t> first;  // (family, kind, min, max) -> the copy whose tables serve
+  std::vector<char> serves(table_of_.size(), 0);
+  for (size_t i = 0; i < g.copies.size(); ++i) {
+    const Grammar::Copy& c = g.copies[i];
+    const std::array<uint64_t, 4> key{c.family, c.kind, std::min<uint64_t>(c.min_after, cap),
+                                      std::min<uint64_t>(c.max_after, cap)};
+    const auto [at, added] = first.emplace(key, i);
+    const Grammar::Copy& twin = g.copies[at->second];
+    if (added || twin.elems.size() != c.elems.size()) continue;
+    for (size_t k = 0; k < c.elems.size(); ++k) {
+      const uint32_t e = c.elems[k], t = twin.elems[k];
+      if (table_of_[e] != e || serves[e] || table_of_[t] != t) continue;  // (an element of two copies)
+      table_of_[e] = t;
+      serves[t] = 1;
+      ++stats_.shared;
     }
   }
 }
@@ -181,7 +213,7 @@ void TokenTables::mask_pending(StepCache& cache, TrieWalk& walk, uint32_t node, 
   const Grammar& g = m_->grammar();
   const ByteTrie& trie = vocab_->trie();
   const Elem& e = g.elems[cache.elem(node)];
-  const Table& t = tables_[cache.elem(node)];
+  const Table& t = tables_[table_of_[cache.elem(node)]];
   if (t.pend_first.empty()) return;  // e matches only ASCII: no end of the sequence can match it
   ++st.tabled;
   uint32_t ctx = StepCache::kDead;
@@ -231,7 +263,7 @@ void TokenTables::mask(StepCache& cache, TrieWalk& walk, uint32_t state, uint64_
     if (node == StepCache::kEmpty) continue;
     const uint32_t e = cache.elem(node);
     const Stack& chain = frames_[e].chain;
-    bool fits = tables_[e].built;
+    bool fits = tables_[table_of_[e]].built;
     uint32_t below = node;
     for (size_t i = chain.size(); fits && i-- > 0; below = cache.parent(below))
       fits = below != StepCache::kEmpty && cache.elem(below) == chain[i];
@@ -251,7 +283,7 @@ void TokenTables::mask(StepCache& cache, TrieWalk& walk, uint32_t state, uint64_
       continue;
     }
     ++st.tabled;
-    const Table& table = tables_[cache.elem(t.node)];
+    const Table& table = tables_[table_of_[cache.elem(t.node)]];
     if (!table.dense.empty()) {
       for (size_t w = 0; w < table.dense.size(); ++w) out[w] |= table.dense[w];
     } else {

@@ -48,6 +48,7 @@ class TokenTables {
     size_t big_resumes = 0; // large subtrees left as trie nodes, all tables
     size_t pending = 0;     // tables with pending (inside UTF-8) parts
     size_t failed = 0;      // elements left to walks at mask time (Matcher's limits hit)
+    size_t shared = 0;      // elements of repetition copies served by a twin's table (Grammar::copies)
     size_t bytes = 0;       // memory of the tables
   };
 
@@ -89,6 +90,8 @@ class TokenTables {
     std::vector<std::pair<uint32_t, uint32_t>> pend_resumes;
   };
 
+  // Points the elements of repetition copies at their twins' tables (Grammar::copies).
+  void share_copies();
   void build(StepCache& cache, TrieWalk& walk, uint32_t e);
   void build_pending(StepCache& cache, TrieWalk& walk, uint32_t e, uint32_t chain_node, Table& t);
   // The stack's part of a mask inside a UTF-8 sequence (cp, need, len: the pending sequence).
@@ -103,7 +106,8 @@ class TokenTables {
   std::shared_ptr<const TokenIndex> vocab_;
   std::vector<ElementFrame> frames_;
   std::vector<Cont> conts_;    // by depth
-  std::vector<Table> tables_;  // by element index
+  std::vector<Table> tables_;  // by element index (built for the elements table_of_ maps to themselves)
+  std::vector<uint32_t> table_of_;  // by element index: whose table serves it
   std::vector<Bytes> first_;   // by element index: the bytes a stack topped by it accepts first
   BuildStats stats_;
 };

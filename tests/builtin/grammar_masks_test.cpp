@@ -43,14 +43,15 @@ std::vector<int32_t> ids_of(const std::vector<uint64_t>& mask) {
   return ids;
 }
 
-// A vocabulary of `n` tokens made of 1..4 random pieces, plus an end token (no text), an empty
-// token and a duplicate text.
-std::shared_ptr<const TokenIndex> random_vocab(Rng& rng, const std::vector<std::string>& pieces, size_t n) {
+// A vocabulary of `n` tokens made of 1..max_pieces random pieces, plus an end token (no text),
+// an empty token and a duplicate text.
+std::shared_ptr<const TokenIndex> random_vocab(Rng& rng, const std::vector<std::string>& pieces, size_t n,
+                                               size_t max_pieces = 4) {
   std::vector<std::string> texts;
   std::vector<char> has;
   for (size_t i = 0; i < n; ++i) {
     std::string t;
-    for (size_t k = 0, len = 1 + pick(rng, 4); k < len; ++k) t += pieces[pick(rng, pieces.size())];
+    for (size_t k = 0, len = 1 + pick(rng, max_pieces); k < len; ++k) t += pieces[pick(rng, pieces.size())];
     texts.push_back(t);
     has.push_back(1);
   }
@@ -130,21 +131,27 @@ size_t compare_walks(const Matcher& m, const std::shared_ptr<const TokenIndex>& 
 const std::vector<std::string> kAlphabet = {"a", "b", "c", "x", "{", "}", ",", " ", "\\\"", "\\n", "é", "ü", "日",
                                             "😀", "\\\\"};
 
-std::string random_item(Rng& rng, int rules, int depth);
+// Postfix operators drawn for an item (mostly none).
+using Postfixes = std::vector<std::string>;
+const Postfixes kPostfixes = {"", "", "", "?", "*", "+", "{2}", "{0,3}", "{1,}"};
+// Counted repetitions longer than a short token, so that copies share their tables.
+const Postfixes kCounted = {"", "", "?", "*", "{2}", "{0,3}", "{1,}", "{0,9}", "{3,11}", "{2,}", "{7}", "{1,14}"};
 
-std::string random_sequence(Rng& rng, int rules, int depth) {
+std::string random_item(Rng& rng, int rules, int depth, const Postfixes& postfix);
+
+std::string random_sequence(Rng& rng, int rules, int depth, const Postfixes& postfix) {
   std::string seq;
-  for (size_t i = 0, n = pick(rng, 4); i < n; ++i) seq += random_item(rng, rules, depth) + " ";
+  for (size_t i = 0, n = pick(rng, 4); i < n; ++i) seq += random_item(rng, rules, depth, postfix) + " ";
   return seq;
 }
 
-std::string random_alternatives(Rng& rng, int rules, int depth) {
-  std::string alts = random_sequence(rng, rules, depth);
-  for (size_t i = 0, n = pick(rng, 3); i < n; ++i) alts += "| " + random_sequence(rng, rules, depth);
+std::string random_alternatives(Rng& rng, int rules, int depth, const Postfixes& postfix) {
+  std::string alts = random_sequence(rng, rules, depth, postfix);
+  for (size_t i = 0, n = pick(rng, 3); i < n; ++i) alts += "| " + random_sequence(rng, rules, depth, postfix);
   return alts;
 }
 
-std::string random_item(Rng& rng, int rules, int depth) {
+std::string random_item(Rng& rng, int rules, int depth, const Postfixes& postfix) {
   std::string item;
   switch (pick(rng, depth < 2 ? 6 : 4)) {
     case 0: {
@@ -161,18 +168,18 @@ std::string random_item(Rng& rng, int rules, int depth) {
     }
     case 2:
     case 3: item = "r" + std::to_string(pick(rng, static_cast<size_t>(rules))); break;
-    default: item = "(" + random_alternatives(rng, rules, depth + 1) + ")"; break;
+    default: item = "(" + random_alternatives(rng, rules, depth + 1, postfix) + ")"; break;
   }
-  static const std::vector<std::string> postfix = {"", "", "", "?", "*", "+", "{2}", "{0,3}", "{1,}"};
   return item + postfix[pick(rng, postfix.size())];
 }
 
 // A random grammar the parser accepts (left-recursive draws are redrawn).
-std::string random_grammar(Rng& rng) {
+std::string random_grammar(Rng& rng, const Postfixes& postfix = kPostfixes) {
   for (;;) {
     const int rules = 1 + static_cast<int>(pick(rng, 5));
-    std::string g = "root ::= " + random_alternatives(rng, rules, 0) + "\n";
-    for (int r = 0; r < rules; ++r) g += "r" + std::to_string(r) + " ::= " + random_alternatives(rng, rules, 0) + "\n";
+    std::string g = "root ::= " + random_alternatives(rng, rules, 0, postfix) + "\n";
+    for (int r = 0; r < rules; ++r)
+      g += "r" + std::to_string(r) + " ::= " + random_alternatives(rng, rules, 0, postfix) + "\n";
     try {
       parse_gbnf(g);
       return g;
@@ -256,6 +263,66 @@ TEST_CASE("fast masks equal per-token checks on JSON schemas", "[grammar]") {
     const Matcher m(gr);
     const auto vocab = random_vocab(rng, pieces, 3000);
     compared += compare_walks(m, vocab, rng, 30, 40, schema == kJsonSchemas[0] ? prefixes : std::vector<std::string>{});
+  }
+  CHECK(compared > 1000);
+}
+
+TEST_CASE("fast masks equal per-token checks inside counted repetitions", "[grammar]") {
+  // Repetitions of rules and groups are cloned per copy (Grammar::copies); with tokens of a few
+  // bytes, copies with more than that many repetitions left share their tables.
+  Rng rng(31);
+  std::vector<std::string> pieces = {"\xC3", "\xA9", "\xE6\x97", "\xA5", "\x80", "\""};
+  for (const std::string& a : kAlphabet) pieces.push_back(a == "\\\"" ? "\"" : a == "\\n" ? "\n" : a == "\\\\" ? "\\" : a);
+  Limits lim;
+  lim.max_stacks = 128;
+  size_t compared = 0, shared = 0;
+  for (int g = 0; g < 120; ++g) {
+    const std::string text = random_grammar(rng, kCounted);
+    INFO(text);
+    const Grammar gr = parse_gbnf(text);
+    const Matcher m(gr, lim);
+    const auto vocab = random_vocab(rng, pieces, 300, 1 + pick(rng, 3));
+    shared += TokenTables(m, vocab).build_stats().shared;
+    compared += compare_walks(m, vocab, rng, 4, 14);
+  }
+  CHECK(compared > 1500);
+  CHECK(shared > 0);
+  // Hand-written ones: a rule with escapes and UTF-8, a group, a nullable item (not shared),
+  // a repetition inside a repeated item, and the same rule repeated in several places.
+  const char* grammars[] = {
+      "root ::= \"<\" ch{0,12} \">\" ch{3,9} \"!\" ch{2,} \".\"\nch ::= [a-c] | \"\\\\\" [n\"] | \"é\" | [日-旦]",
+      "root ::= (\"ab\" | \"a\" x){2,10} \";\" ch{0,5}\nx ::= \"b\"?\nch ::= [a-c]",
+      "root ::= (\"a\"?){0,8} \"b\" (ch \",\"?){1,6}\nch ::= [a-c]{1,3}",
+      "root ::= (\"[\" ch{0,4} \"]\"){0,6} \"\\n\"\nch ::= [ab] | \"c\" \"c\"?",
+  };
+  for (const char* text : grammars) {
+    INFO(text);
+    const Grammar gr = parse_gbnf(text);
+    const Matcher m(gr);
+    for (size_t max_pieces : {1, 2, 4}) compare_walks(m, random_vocab(rng, pieces, 400, max_pieces), rng, 20, 20);
+  }
+}
+
+TEST_CASE("fast masks equal per-token checks on length-bounded JSON strings", "[grammar]") {
+  Rng rng(11);
+  const std::vector<std::string> pieces = {"a", "b", "z", " ", "\"", "\\", "{", "}", "[", "]", ":", ",", "n", "u",
+                                           "\n", "\xC3", "\xA9", "\xE6\x97", "\xA5", "\xF0\x9F\x98\x80", "\x80",
+                                           "id", "note", "w", "\\u00", "e9", "\": ", "\", \"", "\"}", "ab"};
+  const char* schema = R"({"type": "object", "properties": {
+      "id": {"type": "string", "minLength": 2, "maxLength": 14}, "note": {"type": "string", "maxLength": 30},
+      "w": {"type": "array", "maxItems": 3, "items": {"type": "string", "minLength": 1, "maxLength": 3}},
+      "k": {"type": "string", "minLength": 20}},
+    "required": ["id", "note"]})";
+  const std::vector<std::string> prefixes = {"{\"id\": \"", "{\"id\": \"a", "{\"id\": \"abcdefghijklm",
+                                             "{\"id\": \"ab\\u00", "{\"id\": \"\xC3\xA9\xC3",
+                                             "{\"id\": \"ab\", \"note\": \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                                             "{\"id\": \"ab\", \"note\": \"\", \"w\": [\"a\", \"b"};
+  const Grammar gr = parse_gbnf(schema_to_gbnf(schema));
+  const Matcher m(gr);
+  size_t compared = 0;
+  for (size_t max_pieces : {2, 4, 8}) {
+    const auto vocab = random_vocab(rng, pieces, 2000, max_pieces);
+    compared += compare_walks(m, vocab, rng, 30, 40, prefixes);
   }
   CHECK(compared > 1000);
 }
