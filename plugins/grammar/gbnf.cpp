@@ -468,9 +468,10 @@ class Parser {
         for (const Elem& e : a)
           if (e.kind == Elem::REF) ++refs[e.ref];
     const uint32_t root = ids_.at("root");
-    for (Family& f : families_) {
-      std::vector<uint32_t> closure{f.item};
-      size_t elems = 0;
+    // x's rule and the rules only it reaches, stopping past kMaxCopy elements (`elems`).
+    auto closure_of = [&](uint32_t item, size_t& elems) {
+      std::vector<uint32_t> closure{item};
+      elems = 0;
       for (size_t i = 0; i < closure.size() && elems <= kMaxCopy; ++i)
         for (const Seq& a : rules_[closure[i]]) {
           elems += a.size() + 1;
@@ -479,6 +480,28 @@ class Parser {
                 std::find(closure.begin(), closure.end(), e.ref) == closure.end())
               closure.push_back(e.ref);
         }
+      return closure;
+    };
+    std::vector<uint32_t> family_of(rules_.size(), UINT32_MAX);  // placeholder rule -> its family
+    for (uint32_t fi = 0; fi < families_.size(); ++fi)
+      for (const Grammar::Copy& c : families_[fi].copies) family_of[c.elems[0]] = fi;
+    std::vector<char> started(families_.size(), 0);
+    // A repetition inside x is filled before x is cloned, so that the clones copy its clones
+    // (x's rule may come before the inner repetition's in the text). Nesting past 64 keeps the
+    // text's order: only slower masks.
+    auto fill = [&](auto&& self, uint32_t fi, int depth) -> void {
+      if (started[fi]) return;
+      started[fi] = 1;
+      Family& f = families_[fi];
+      size_t elems = 0;
+      std::vector<uint32_t> closure = closure_of(f.item, elems);
+      bool inner = false;
+      for (uint32_t r : closure)
+        if (depth < 64 && r < family_of.size() && family_of[r] != UINT32_MAX && !started[family_of[r]]) {
+          self(self, family_of[r], depth + 1);
+          inner = true;
+        }
+      if (inner) closure = closure_of(f.item, elems);
       const size_t n = f.copies.size();
       if (nullable[f.item] || elems > kMaxCopy || n_elems_ + n * elems > lim_.max_elements ||
           names_.size() + n * closure.size() > lim_.max_rules) {
@@ -488,7 +511,7 @@ class Parser {
           for (Seq& a : alts)
             for (Elem& e : a)
               if (e.kind == Elem::REF && e.ref < placeholder.size() && placeholder[e.ref]) e.ref = f.item;
-        continue;
+        return;
       }
       std::vector<std::vector<Seq>> originals;
       for (uint32_t r : closure) originals.push_back(rules_[r]);
@@ -510,7 +533,8 @@ class Parser {
         c.elems = std::move(ids);
         out.push_back(c);
       }
-    }
+    };
+    for (uint32_t fi = 0; fi < families_.size(); ++fi) fill(fill, fi, 0);
     return out;
   }
 

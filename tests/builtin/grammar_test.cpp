@@ -240,6 +240,55 @@ TEST_CASE("gbnf: rejected grammars give line:column and a message", "[grammar]")
   CHECK_THROWS_WITH(dm.advance(ds, std::string(40, '(')), "grammar: parse stack deeper than 16");
 }
 
+TEST_CASE("gbnf: counted repetitions of a rule clone it per copy", "[grammar]") {
+  // Rules reachable from root, and the rules their elements reference.
+  auto references = [](const Grammar& g) {
+    std::vector<char> seen(g.alts.size(), 0);
+    std::vector<uint32_t> todo{g.root};
+    std::multiset<std::string> refs;
+    seen[g.root] = 1;
+    while (!todo.empty()) {
+      const uint32_t r = todo.back();
+      todo.pop_back();
+      for (uint32_t a : g.alts[r])
+        for (uint32_t i = a; g.elems[i].kind != Elem::END; ++i) {
+          if (g.elems[i].kind != Elem::REF) continue;
+          refs.insert(g.names[g.elems[i].ref]);
+          if (!seen[g.elems[i].ref]) {
+            seen[g.elems[i].ref] = 1;
+            todo.push_back(g.elems[i].ref);
+          }
+        }
+    }
+    return refs;
+  };
+  // x's rule comes before the repetition of ch inside it: ch's copies are made first, so that
+  // every copy of x holds copies of ch, and no reachable element references ch itself.
+  const Grammar g = parse_gbnf("root ::= x{0,3} \"!\" x{2}\nx ::= \"<\" ch{1,5} \">\"\nch ::= [ab] | \"c\" d\nd ::= \"d\"");
+  const auto refs = references(g);
+  CHECK(refs.count("x") == 0);
+  CHECK(refs.count("ch") == 0);
+  CHECK(refs.count("d") == 0);
+  size_t x_copies = 0, ch_copies = 0;
+  for (const Grammar::Copy& c : g.copies) (c.family == g.copies.front().family ? ch_copies : x_copies) += 1;
+  CHECK(ch_copies == 5);  // the 5 copies of ch in x's own rule (each copy of x clones them)
+  CHECK(x_copies == 5);
+  for (const Grammar::Copy& c : g.copies)  // copies of one repetition line up element by element
+    for (const Grammar::Copy& d : g.copies)
+      if (c.family == d.family) CHECK(c.elems.size() == d.elems.size());
+  CHECK(accepts("root ::= x{0,3} \"!\" x{2}\nx ::= \"<\" ch{1,5} \">\"\nch ::= [ab] | \"c\" d\nd ::= \"d\"",
+                "<a><cdb>!<a><bbbbb>"));
+  // A nullable item keeps its one rule: its copies cannot share tables.
+  const Grammar n = parse_gbnf("root ::= (\"a\"?){0,4} \"b\"");
+  CHECK(n.copies.empty());
+  // Limits still hold: copies that would pass max_elements reference the rule itself.
+  Limits small;
+  small.max_elements = 120;  // the grammar takes 83, its 20 copies of ch 80 more
+  const Grammar s = parse_gbnf("root ::= ch{0,20}\nch ::= [ab] | \"c\"", small);
+  CHECK(s.copies.empty());
+  CHECK(references(s).count("ch") == 20);
+}
+
 TEST_CASE("masking on a hand-made vocabulary keeps exactly the right tokens", "[grammar]") {
   TestVocab v;
   const int32_t a = v.add("a"), one = v.add("1"), twelve = v.add("12"), x = v.add("x"), yz = v.add("yz"),
