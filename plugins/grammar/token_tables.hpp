@@ -13,6 +13,11 @@
 // in the same state whatever the code point was, so what follows is precomputed per trie node
 // reached by one to three continuation bytes.
 // A state's mask is the union over its stacks, plus the end tokens when it can complete.
+// Counted repetitions (x{m,n} of a rule x) clone x per copy (Grammar::copies), so each copy's
+// elements have chains through the rest of the repetition and tables of their own; copies
+// whose counts of copies still required and allowed agree up to the longest token's length
+// accept the same tokens, and share one table (a string of maxLength 1000 builds at most that
+// many tables per element of `char`, not 1000).
 #ifndef LOOM_PLUGINS_GRAMMAR_TOKEN_TABLES_HPP
 #define LOOM_PLUGINS_GRAMMAR_TOKEN_TABLES_HPP
 
