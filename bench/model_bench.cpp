@@ -12,6 +12,10 @@
 // step by step (LOOM_DECODE_AHEAD=0); tokens/s = B x (new - 1) / the run's decode time (its
 // first token comes from the prefill). Prefill: one forward of a `prefill`-token prompt through
 // the CUDA backend. Medians over `reps` repetitions after a warm-up.
+// Sampling (batch 32): the chain penalties -> temperature -> top-k -> top-p -> min-p -> dist
+// applied on the GPU to 32 rows of logits the model produced, timed with CUDA events around the
+// links, beside the greedy decode step (32 / decode tokens/s) as a share of it; and decode
+// tokens/s through the runtime with that chain.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -39,10 +43,20 @@
 #include "loom/core/registry.hpp"
 #include "loom/core/runtime.hpp"
 #include "loom/core/safetensors.hpp"
+#include "loom/loom_plugin_api.h"
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// The sampling chain the bench times: penalties (repetition 1.1, last 64 tokens), temperature
+// 0.8, top-k 40, top-p 0.95, min-p 0.05, dist.
+const char *const kChain = "[[sampler]]\nuse = \"penalties\"\nrepetition_penalty = 1.1\nlast_n = 64\n"
+                           "[[sampler]]\nuse = \"temperature\"\nt = 0.8\n"
+                           "[[sampler]]\nuse = \"top-k\"\nk = 40\n"
+                           "[[sampler]]\nuse = \"top-p\"\np = 0.95\n"
+                           "[[sampler]]\nuse = \"min-p\"\np = 0.05\n"
+                           "[[sampler]]\nuse = \"dist\"\n";
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -206,11 +220,99 @@ int main(int argc, char **argv) {
       std::printf("prefill tok/s (%d tokens)  %12.1f\n", prefill, tps);
       json << ",\"prefill\":" << tps << ",\"prefill_tokens\":" << prefill;
     }
+    // The sampling chain on 32 rows of the model's logits (the last token of 32 short
+    // sequences), every link applied on the GPU; microseconds between CUDA events on the
+    // stream the links use, the rows restored before each repetition.
+    double chain_us = 0.0;
+    if (std::find(batches.begin(), batches.end(), 32) != batches.end()) {
+      const int B = 32, len = 64;
+      loom::StepBatch step;
+      for (int s = 0; s < B; ++s) {
+        for (int t = 0; t < len; ++t) step.tokens.push_back(token(rng));
+        step.seq_offsets.push_back(s * len);
+        step.seq_positions.push_back(0);
+        step.seq_slots.push_back(s);
+      }
+      step.seq_offsets.push_back(B * len);
+      DLTensor *logits = backend->forward(step);
+      check(cudaDeviceSynchronize(), "sampling rows");
+      if (logits->ndim != 2 || logits->shape[0] != B || logits->device.device_type != kDLCUDA)
+        throw std::runtime_error("the backend returned unexpected logits for 32 sequences");
+      const int64_t vocab = logits->shape[1];
+      const size_t bytes = static_cast<size_t>(B * vocab) * sizeof(float);
+      void *saved = nullptr, *work = nullptr, *tokens_dev = nullptr;
+      check(cudaMalloc(&saved, bytes), "cudaMalloc");
+      check(cudaMalloc(&work, bytes), "cudaMalloc");
+      check(cudaMalloc(&tokens_dev, B * sizeof(int32_t)), "cudaMalloc");
+      check(cudaMemcpy(saved, logits->data, bytes, cudaMemcpyDeviceToDevice), "copy logits");
+      loom::Pipeline chain_pipeline(registry, loom::InstanceEnvironment{{kDLCUDA, 0}, &metrics, &cancelled});
+      chain_pipeline.build(loom::parse_manifest_string(std::string("[loom]\ndevice = \"cuda\"\n") + kChain, "bench-chain"));
+      auto chain = chain_pipeline.list(LOOM_KIND_SAMPLER);
+      std::vector<std::vector<int32_t>> hist(B);
+      std::vector<const int32_t *> hist_ptr(B);
+      std::vector<int32_t> hist_len(B), tokens_out(B, -1);
+      std::vector<int64_t> seq_ids(B);
+      std::vector<uint64_t> keys(B, 1234), counters(B, 0);
+      for (int s = 0; s < B; ++s) {
+        hist[s].assign(step.tokens.begin() + s * len, step.tokens.begin() + (s + 1) * len);
+        hist_ptr[s] = hist[s].data();
+        hist_len[s] = len;
+        seq_ids[s] = s;
+      }
+      int64_t shape[2] = {B, vocab}, tok_shape[1] = {B};
+      DLTensor rows_view{work, {kDLCUDA, 0}, 2, DLDataType{kDLFloat, 32, 1}, shape, nullptr, 0};
+      DLTensor tokens_view{tokens_dev, {kDLCUDA, 0}, 1, DLDataType{kDLInt, 32, 1}, tok_shape, nullptr, 0};
+      auto stream = static_cast<cudaStream_t>(loom::cuda_compute_stream(0));
+      cudaEvent_t start, stop;
+      check(cudaEventCreate(&start), "cudaEventCreate");
+      check(cudaEventCreate(&stop), "cudaEventCreate");
+      // A long copy ahead of the rows keeps the GPU busy while the host queues the links, as the
+      // decoder's next step does (decode ahead): the events then time the device alone.
+      const size_t busy_bytes = size_t{256} << 20;
+      void *busy_a = nullptr, *busy_b = nullptr;
+      check(cudaMalloc(&busy_a, busy_bytes), "cudaMalloc");
+      check(cudaMalloc(&busy_b, busy_bytes), "cudaMalloc");
+      std::vector<double> runs;
+      for (int r = 0; r < 3 + 5 * reps; ++r) {
+        check(cudaMemcpyAsync(busy_b, busy_a, busy_bytes, cudaMemcpyDeviceToDevice, stream), "busy copy");
+        check(cudaMemcpyAsync(work, saved, bytes, cudaMemcpyDeviceToDevice, stream), "restore rows");
+        loom_sampling_batch b{};
+        b.struct_size = sizeof(b);
+        b.n_rows = B;
+        b.vocab_size = static_cast<int32_t>(vocab);
+        b.logits = &rows_view;
+        b.seq_ids = seq_ids.data();
+        b.history = hist_ptr.data();
+        b.history_len = hist_len.data();
+        b.rng_key = keys.data();
+        counters.assign(B, static_cast<uint64_t>(r));
+        b.rng_counter = counters.data();
+        b.tokens_out = tokens_out.data();
+        b.tokens_device = &tokens_view;
+        check(cudaEventRecord(start, stream), "cudaEventRecord");
+        for (auto &link : chain) link->check(link->vtable<loom_sampler_vtable>()->apply(link->handle(), &b), "apply");
+        check(cudaEventRecord(stop, stream), "cudaEventRecord");
+        check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+        if (r >= 3) runs.push_back(1000.0 * ms);
+      }
+      chain_us = median(runs);
+      cudaEventDestroy(start);
+      cudaEventDestroy(stop);
+      cudaFree(saved);
+      cudaFree(work);
+      cudaFree(tokens_dev);
+      cudaFree(busy_a);
+      cudaFree(busy_b);
+      std::printf("sampling chain us (b32)     %12.1f\n", chain_us);
+      json << ",\"sampling_chain_us_b32\":" << chain_us;
+    }
     // Decode through the runtime, as `loom run` does it (sampler plugin, stop rules, tokens to
     // the host every step), queued ahead (the default) and step by step (LOOM_DECODE_AHEAD=0).
     // Its decode time covers `fresh` samplings and fresh - 1 forward passes (the first token
     // comes from the prefill's logits), so tokens/s counts B x (fresh - 1) tokens.
-    auto decode_tps = [&](int B, bool ahead) {
+    auto decode_tps = [&](int B, bool ahead, const std::string &samplers) {
       std::string prompts;
       for (int s = 0; s < B; ++s) {
         prompts += s ? ", [" : "[";
@@ -221,7 +323,7 @@ int main(int argc, char **argv) {
       else setenv("LOOM_DECODE_AHEAD", "0", 1);
       auto rt = loom::Runtime::from_string("[loom]\ndevice = \"cuda\"\n[model]\npath = \"" + model_dir +
                                            "\"\n[attention]\nuse = \"" + attention +
-                                           "\"\n[[sampler]]\nuse = \"greedy\"\n[run]\nsteps = " + std::to_string(fresh) +
+                                           "\"\n" + samplers + "[run]\nsteps = " + std::to_string(fresh) +
                                            "\nstop_tokens = []\nprompts = [" + prompts + "]\n",
                                            "bench");
       unsetenv("LOOM_DECODE_AHEAD");
@@ -238,10 +340,22 @@ int main(int argc, char **argv) {
     guard.unlock();  // (the backend's destructor takes the step lock itself)
     backend.reset(); // one model on the GPU at a time
     for (int B : batches) {
-      const double tps = decode_tps(B, true), step_by_step = decode_tps(B, false);
+      const std::string greedy = "[[sampler]]\nuse = \"greedy\"\n";
+      const double tps = decode_tps(B, true, greedy), step_by_step = decode_tps(B, false, greedy);
       std::printf("decode tok/s batch %-9d %12.1f\n", B, tps);
       std::printf("  step by step, batch %-6d %12.1f\n", B, step_by_step);
       json << ",\"decode_b" << B << "\":" << tps << ",\"decode_b" << B << "_step_by_step\":" << step_by_step;
+      if (B == 32) {
+        // The same decode with the sampling chain instead of greedy, and the chain's GPU time
+        // as a share of the greedy decode step.
+        const double chain_tps = decode_tps(B, true, kChain);
+        const double step_us = 1e6 * B / tps;
+        std::printf("  sampling chain, batch %-4d %12.1f\n", B, chain_tps);
+        std::printf("  greedy decode step us      %12.1f\n", step_us);
+        std::printf("  sampling chain %% of step   %12.2f\n", 100.0 * chain_us / step_us);
+        json << ",\"decode_b32_chain\":" << chain_tps << ",\"decode_b32_step_us\":" << step_us
+             << ",\"sampling_share_b32_pct\":" << 100.0 * chain_us / step_us;
+      }
     }
     const double bw = copy_bandwidth_gbs();
     const double peak = gemm_tflops(8192, 8192, 8192);

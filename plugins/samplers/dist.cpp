@@ -1,22 +1,40 @@
 // Sampler `dist`: draws a token from softmax(logits) of each row with the counter-based
 // Philox-4x32-10 keyed by (rng_key[row], rng_counter[row]); see philox.hpp for the convention.
-// Masked (-inf) tokens have probability zero.
+// Masked (-inf) tokens have probability zero. CPU or CUDA: the same u, weights and walk in id
+// order (sums on the device run in another order, so a draw within rounding of a cumulative
+// boundary may land one token apart); tokens left on the device when the host asks for that.
 #include <cmath>
 
+#include <vector>
+
 #include "sampler_common.hpp"
+#include "samplers_cuda.hpp"
 
 namespace loomp::samplers {
 namespace {
 
 struct Dist : Base {
-  using Base::Base;
+  DeviceScratch scratch;
+  Dist(const loom_host_api* h, loom_host_ctx* c) : Base(h, c), scratch(h, c) {}
 
   void apply(const loom_sampling_batch& b) {
-    const Rows rows = cpu_rows(&b, "dist");
     if (b.tokens_out == nullptr) invalid("dist: tokens_out is NULL");
-    if (rows.n > 0 && (b.rng_key == nullptr || b.rng_counter == nullptr))
+    if (b.n_rows > 0 && (b.rng_key == nullptr || b.rng_counter == nullptr))
       invalid("dist: rng_key and rng_counter are required");
     float* logprobs = logprobs_of(b);
+    if (b.logits->device.device_type == kDLCUDA && logprobs == nullptr) return apply_cuda(b);
+    std::vector<float> host_rows;
+    Rows rows{nullptr, b.n_rows, b.vocab_size};
+    if (b.logits->device.device_type == kDLCUDA) {
+      // Rare path (log-probabilities asked for on the GPU): draw from a host copy of the rows.
+      host_rows.resize(static_cast<size_t>(b.n_rows) * static_cast<size_t>(b.vocab_size));
+      const loom_status cs = host->memcpy(ctx, host_rows.data(), DLDevice{kDLCPU, 0}, data_of<float>(*b.logits),
+                                          b.logits->device, host_rows.size() * sizeof(float));
+      if (cs != LOOM_OK) fail(cs, "dist: copying logits to the host for logprobs failed");
+      rows.data = host_rows.data();
+    } else {
+      rows = cpu_rows(&b, "dist");
+    }
     for (int64_t r = 0; r < rows.n; ++r) {
       const float* x = rows.row(r);
       float mx = 0.0f;
@@ -26,9 +44,35 @@ struct Dist : Base {
       if (logprobs) logprobs[r] = static_cast<float>(static_cast<double>(x[chosen]) - mx - log_total);
     }
   }
+
+  // The same draw on the device: u per row from Philox here (bit-identical to the CPU's), the
+  // weights, sums and the walk in id order there. Tokens stay on the device when the host gave
+  // tokens_device; otherwise the few tokens are copied back (the only wait).
+  void apply_cuda(const loom_sampling_batch& b) {
+    if (b.n_rows == 0) return;
+    const DeviceRows d = device_rows(b, host, ctx, "dist");
+    std::vector<float> u(static_cast<size_t>(b.n_rows));
+    for (int32_t r = 0; r < b.n_rows; ++r) u[static_cast<size_t>(r)] = philox::uniform01(b.rng_key[r], b.rng_counter[r]);
+    DLTensor* on_device = tokens_device_of(b);
+    int32_t* device_tokens = nullptr;
+    if (on_device != nullptr) {
+      if (!is_i32(on_device->dtype) || on_device->ndim != 1 || on_device->shape[0] != b.n_rows ||
+          on_device->device.device_type != kDLCUDA || on_device->data == nullptr)
+        invalid("dist: tokens_device must be [n_rows] int32 on the logits' device");
+      device_tokens = data_of<int32_t>(*on_device);
+    }
+    void* s = scratch.get(b.logits->device, cuda::dist_scratch_bytes(b.n_rows, b.vocab_size), "dist");
+    check_cuda(cuda::dist(d.data, b.n_rows, b.vocab_size, u.data(), s, scratch.staging, device_tokens,
+                          b.tokens_out, d.stream), "dist");
+    if (device_tokens == nullptr)
+      for (int32_t r = 0; r < b.n_rows; ++r)
+        if (b.tokens_out[r] < 0)
+          invalid("row " + std::to_string(r) + ": every logit is -inf after filtering; nothing to select");
+  }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<Dist>(LOOM_SAMPLER_SELECTS | LOOM_SAMPLER_USES_RNG);
+constexpr loom_sampler_vtable kVtable = make_vtable<Dist>(LOOM_SAMPLER_SELECTS | LOOM_SAMPLER_USES_RNG | kRunsOnCuda |
+                                               (LOOM_SAMPLERS_CUDA ? static_cast<uint32_t>(LOOM_SAMPLER_DEVICE_TOKENS) : 0u));
 
 }  // namespace
 

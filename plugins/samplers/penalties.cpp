@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "sampler_common.hpp"
+#include "samplers_cuda.hpp"
 
 namespace loomp::samplers {
 namespace {
@@ -12,12 +13,14 @@ namespace {
 struct Penalties : Base {
   float frequency, presence, repetition;
   int64_t last_n;
+  DeviceScratch scratch;
   Penalties(const loom_host_api* h, loom_host_ctx* c)
       : Base(h, c),
         frequency(static_cast<float>(cfg_float(h, c, "frequency_penalty"))),
         presence(static_cast<float>(cfg_float(h, c, "presence_penalty"))),
         repetition(static_cast<float>(cfg_float(h, c, "repetition_penalty"))),
-        last_n(cfg_int(h, c, "last_n")) {
+        last_n(cfg_int(h, c, "last_n")),
+        scratch(h, c) {
     if (!std::isfinite(frequency))
       invalid("penalties: frequency_penalty must be a finite number, got " + std::to_string(frequency));
     if (!std::isfinite(presence))
@@ -30,13 +33,18 @@ struct Penalties : Base {
   }
 
   void apply(const loom_sampling_batch& b) {
-    const Rows rows = cpu_rows(&b, "penalties");
     if (frequency == 0.0f && presence == 0.0f && repetition == 1.0f) return;
+#if LOOM_SAMPLERS_CUDA
+    if (on_cuda(b))
+      return apply_history_penalties_cuda(b, scratch, "penalties", repetition, frequency, presence,
+                                          last_n == 0 ? -1 : last_n);
+#endif
+    const Rows rows = cpu_rows(&b, "penalties");
     apply_history_penalties(b, rows, "penalties", repetition, frequency, presence, last_n == 0 ? -1 : last_n);
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<Penalties>(LOOM_SAMPLER_USES_HISTORY);
+constexpr loom_sampler_vtable kVtable = make_vtable<Penalties>(LOOM_SAMPLER_USES_HISTORY | kRunsOnCuda);
 constexpr loom_param_desc kParams[] = {
     param("frequency_penalty", LOOM_VALUE_FLOAT, "0.0", "subtracted once per occurrence in the window"),
     param("presence_penalty", LOOM_VALUE_FLOAT, "0.0", "subtracted once from every token present in the window"),

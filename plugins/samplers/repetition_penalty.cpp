@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "sampler_common.hpp"
+#include "samplers_cuda.hpp"
 
 namespace loomp::samplers {
 namespace {
@@ -13,12 +14,14 @@ namespace {
 struct RepetitionPenalty : Base {
   float penalty, frequency, presence;
   int64_t last_n;
+  DeviceScratch scratch;
   RepetitionPenalty(const loom_host_api* h, loom_host_ctx* c)
       : Base(h, c),
         penalty(static_cast<float>(cfg_float(h, c, "penalty"))),
         frequency(static_cast<float>(cfg_float(h, c, "frequency"))),
         presence(static_cast<float>(cfg_float(h, c, "presence"))),
-        last_n(cfg_int(h, c, "last_n")) {
+        last_n(cfg_int(h, c, "last_n")),
+        scratch(h, c) {
     if (!(penalty > 0.0f) || !std::isfinite(penalty))
       invalid("repetition-penalty: penalty must be a finite number > 0 (1.0 disables it)");
     if (!std::isfinite(frequency) || !std::isfinite(presence))
@@ -27,13 +30,17 @@ struct RepetitionPenalty : Base {
   }
 
   void apply(const loom_sampling_batch& b) {
-    const Rows rows = cpu_rows(&b, "repetition-penalty");
     if (last_n == 0) return;
+#if LOOM_SAMPLERS_CUDA
+    if (on_cuda(b))
+      return apply_history_penalties_cuda(b, scratch, "repetition-penalty", penalty, frequency, presence, last_n);
+#endif
+    const Rows rows = cpu_rows(&b, "repetition-penalty");
     apply_history_penalties(b, rows, "repetition-penalty", penalty, frequency, presence, last_n);
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<RepetitionPenalty>(LOOM_SAMPLER_USES_HISTORY);
+constexpr loom_sampler_vtable kVtable = make_vtable<RepetitionPenalty>(LOOM_SAMPLER_USES_HISTORY | kRunsOnCuda);
 constexpr loom_param_desc kParams[] = {
     param("penalty", LOOM_VALUE_FLOAT, "1.1", "divides positive / multiplies negative logits of repeated tokens"),
     param("frequency", LOOM_VALUE_FLOAT, "0.0", "subtracted once per occurrence in the window"),

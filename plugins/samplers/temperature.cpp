@@ -1,8 +1,10 @@
 // Sampler `temperature`: divides every logit by t (t > 0). t = 0 is rejected at create:
 // "always pick the argmax" is the greedy sampler's job, and dividing by zero is not.
+// CPU or CUDA (the same float multiply by 1/t).
 #include <cmath>
 
 #include "sampler_common.hpp"
+#include "samplers_cuda.hpp"
 
 namespace loomp::samplers {
 namespace {
@@ -19,8 +21,15 @@ struct Temperature : Base {
   }
 
   void apply(const loom_sampling_batch& b) {
-    const Rows rows = cpu_rows(&b, "temperature");
     const float inv = 1.0f / t;
+#if LOOM_SAMPLERS_CUDA
+    if (on_cuda(b)) {
+      const DeviceRows d = device_rows(b, host, ctx, "temperature");
+      check_cuda(cuda::scale(d.data, int64_t{b.n_rows} * b.vocab_size, inv, d.stream), "temperature");
+      return;
+    }
+#endif
+    const Rows rows = cpu_rows(&b, "temperature");
     for (int64_t r = 0; r < rows.n; ++r) {
       float* x = rows.row(r);
       for (int64_t i = 0; i < rows.vocab; ++i) x[i] *= inv;  // -inf stays -inf
@@ -28,7 +37,7 @@ struct Temperature : Base {
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<Temperature>(0);
+constexpr loom_sampler_vtable kVtable = make_vtable<Temperature>(kRunsOnCuda);
 constexpr loom_param_desc kParams[] = {
     param("t", LOOM_VALUE_FLOAT, "1.0", "temperature; logits are divided by t (must be > 0)"),
 };

@@ -1,23 +1,35 @@
 // Sampler `top-k`: keeps exactly the k largest logits of each row (ties broken by lower token
 // id, so the kept set is deterministic) and masks the rest with -inf. k = 0 disables it; a
-// negative k is a configuration error.
+// negative k is a configuration error. CPU or CUDA (a radix select on the order of
+// (logit desc, id asc): the same kept set).
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <vector>
 
 #include "sampler_common.hpp"
+#include "samplers_cuda.hpp"
 
 namespace loomp::samplers {
 namespace {
 
 struct TopK : Base {
   int64_t k;
-  TopK(const loom_host_api* h, loom_host_ctx* c) : Base(h, c), k(cfg_int(h, c, "k")) {
+  DeviceScratch scratch;
+  TopK(const loom_host_api* h, loom_host_ctx* c) : Base(h, c), k(cfg_int(h, c, "k")), scratch(h, c) {
     if (k < 0) invalid("top-k: k must be >= 0 (0 disables the filter), got " + std::to_string(k));
   }
 
   void apply(const loom_sampling_batch& b) {
+#if LOOM_SAMPLERS_CUDA
+    if (on_cuda(b)) {
+      const DeviceRows d = device_rows(b, host, ctx, "top-k");
+      if (k == 0 || k >= b.vocab_size || b.n_rows == 0) return;
+      void* s = scratch.get(b.logits->device, cuda::select_scratch_bytes(b.n_rows, b.vocab_size, false), "top-k");
+      check_cuda(cuda::top_k(d.data, b.n_rows, b.vocab_size, k, s, scratch.must_zero(b.n_rows, b.vocab_size), d.stream), "top-k");
+      return;
+    }
+#endif
     const Rows rows = cpu_rows(&b, "top-k");
     if (k == 0 || k >= rows.vocab) return;  // disabled, or keeps everything
     std::vector<int32_t> idx(static_cast<size_t>(rows.vocab));
@@ -34,7 +46,7 @@ struct TopK : Base {
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<TopK>(0);
+constexpr loom_sampler_vtable kVtable = make_vtable<TopK>(kRunsOnCuda);
 constexpr loom_param_desc kParams[] = {
     param("k", LOOM_VALUE_INT, "40", "number of highest logits kept, >= 0; 0 disables the filter"),
 };

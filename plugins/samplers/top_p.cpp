@@ -2,12 +2,15 @@
 // whose cumulative probability reaches p, and at least min_keep tokens; masks the rest.
 // The sort is partial and grows geometrically: the nucleus is usually a few dozen tokens out of
 // a vocabulary of tens of thousands, so sorting everything would waste most of the work.
+// CUDA: a radix descent over (probability desc, id asc) with the same weights exp(x - max) in
+// double, summed in another order: at an exact boundary the kept sets may differ by a token.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <vector>
 
 #include "sampler_common.hpp"
+#include "samplers_cuda.hpp"
 
 namespace loomp::samplers {
 namespace {
@@ -15,13 +18,24 @@ namespace {
 struct TopP : Base {
   double p;
   int64_t min_keep;
+  DeviceScratch scratch;
   TopP(const loom_host_api* h, loom_host_ctx* c)
-      : Base(h, c), p(cfg_float(h, c, "p")), min_keep(cfg_int(h, c, "min_keep")) {
+      : Base(h, c), p(cfg_float(h, c, "p")), min_keep(cfg_int(h, c, "min_keep")), scratch(h, c) {
     if (!(p > 0.0 && p <= 1.0)) invalid("top-p: p must be in (0, 1], got " + std::to_string(p));
     if (min_keep < 1) invalid("top-p: min_keep must be >= 1, got " + std::to_string(min_keep));
   }
 
   void apply(const loom_sampling_batch& b) {
+#if LOOM_SAMPLERS_CUDA
+    if (on_cuda(b)) {
+      const DeviceRows d = device_rows(b, host, ctx, "top-p");
+      if (p >= 1.0 || min_keep >= b.vocab_size || b.n_rows == 0) return;
+      void* s = scratch.get(b.logits->device, cuda::select_scratch_bytes(b.n_rows, b.vocab_size, true), "top-p");
+      check_cuda(cuda::top_p(d.data, b.n_rows, b.vocab_size, p, min_keep, s,
+                             scratch.must_zero(b.n_rows, b.vocab_size), d.stream), "top-p");
+      return;
+    }
+#endif
     const Rows rows = cpu_rows(&b, "top-p");
     if (p >= 1.0 || min_keep >= rows.vocab) return;  // keeps everything: nothing to sort
     std::vector<int32_t> idx(static_cast<size_t>(rows.vocab));
@@ -50,7 +64,7 @@ struct TopP : Base {
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<TopP>(0);
+constexpr loom_sampler_vtable kVtable = make_vtable<TopP>(kRunsOnCuda);
 constexpr loom_param_desc kParams[] = {
     param("p", LOOM_VALUE_FLOAT, "0.9", "cumulative probability of the kept nucleus, in (0, 1]"),
     param("min_keep", LOOM_VALUE_INT, "1", "minimum number of tokens kept (>= 1)"),

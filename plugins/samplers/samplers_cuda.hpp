@@ -1,0 +1,183 @@
+// The samplers' CUDA paths (samplers_cuda.cu), called from the components' apply() when the
+// logits are on kDLCUDA. Plain C++ declarations: no CUDA header, streams as void*. Every call
+// queues its kernels on `stream` and returns without waiting for the device; each returns a
+// cudaError_t value (0 = success) for the launches.
+//
+// Rows: x is [rows, vocab] float32, row-major, on the device. Scratch is per instance, grown on
+// demand through the host (DeviceScratch below), so the hot path never calls cudaMalloc.
+#ifndef LOOM_PLUGINS_SAMPLERS_CUDA_HPP
+#define LOOM_PLUGINS_SAMPLERS_CUDA_HPP
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "loom/loom_plugin_api.h"
+#include "loom_plugin_util.hpp"
+#ifndef __CUDACC__
+#include <unordered_map>
+#include <vector>
+
+#include "sampler_common.hpp"
+#endif
+
+#ifndef LOOM_SAMPLERS_CUDA
+#define LOOM_SAMPLERS_CUDA 0
+#endif
+
+namespace loomp::samplers {
+
+// LOOM_SAMPLER_RUNS_ON_CUDA where this build has the CUDA paths, else nothing.
+inline constexpr uint32_t kRunsOnCuda = LOOM_SAMPLERS_CUDA ? static_cast<uint32_t>(LOOM_SAMPLER_RUNS_ON_CUDA) : 0u;
+
+namespace cuda {
+// Pinned host memory for uploads (penalty pairs, dist's uniforms): an asynchronous copy from
+// pageable memory would wait for the stream. Created on first use; reused once the previous
+// upload through it is done (an event; long done by the next call).
+struct Staging;
+void staging_delete(Staging* s);
+}  // namespace cuda
+
+// Device memory of one instance, from host->device_alloc, kept between calls and grown when a
+// call needs more, plus its pinned staging. `fresh` is true after a (re)allocation.
+// Freed (and re-allocated) only between calls; device_free waits for the device.
+struct DeviceScratch {
+  const loom_host_api* host = nullptr;
+  loom_host_ctx* ctx = nullptr;
+  DLDevice device{kDLCPU, 0};
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  bool fresh = false;
+  cuda::Staging* staging = nullptr;
+  int64_t layout_rows = -1, layout_vocab = -1;
+
+  DeviceScratch(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {}
+  DeviceScratch(const DeviceScratch&) = delete;
+  DeviceScratch& operator=(const DeviceScratch&) = delete;
+  ~DeviceScratch() {
+    release();
+#if LOOM_SAMPLERS_CUDA
+    cuda::staging_delete(staging);
+#endif
+  }
+  // Whether memory laid out for (rows, vocab) must be zeroed first: after a (re)allocation or
+  // when the layout moved since the last call (the regions kept zero between calls shift).
+  bool must_zero(int64_t rows, int64_t vocab) {
+    const bool z = fresh || rows != layout_rows || vocab != layout_vocab;
+    layout_rows = rows;
+    layout_vocab = vocab;
+    return z;
+  }
+  void release() {
+    if (ptr != nullptr) host->device_free(ctx, device, ptr);
+    ptr = nullptr;
+    bytes = 0;
+  }
+  void* get(DLDevice dev, size_t need, const char* component) {
+    fresh = false;
+    if (ptr != nullptr && (dev.device_type != device.device_type || dev.device_id != device.device_id || need > bytes))
+      release();
+    if (ptr == nullptr) {
+      const size_t grown = need + need / 4 + 4096;
+      void* p = nullptr;
+      const loom_status s = host->device_alloc(ctx, dev, grown, 256, &p);
+      if (s != LOOM_OK) fail(s, std::string(component) + ": device scratch allocation failed");
+      ptr = p;
+      bytes = grown;
+      device = dev;
+      fresh = true;
+    }
+    return ptr;
+  }
+};
+
+inline void check_cuda(int err, const char* component) {
+  if (err != 0) fail(LOOM_ERR_DEVICE, std::string(component) + ": CUDA error " + std::to_string(err));
+}
+
+// The logits of a batch whose rows are on CUDA, and the host's current stream for them.
+struct DeviceRows {
+  float* data;
+  void* stream;
+};
+inline bool on_cuda(const loom_sampling_batch& b) { return b.logits->device.device_type == kDLCUDA; }
+namespace cuda {
+bool is_device_memory(const void* p, int device);
+}
+inline DeviceRows device_rows(const loom_sampling_batch& b, const loom_host_api* host, loom_host_ctx* ctx,
+                              const char* component) {
+  if (!LOOM_SAMPLERS_CUDA)
+    unsupported(std::string(component) + ": this build of loom-samplers has no CUDA path");
+  float* data = data_of<float>(*b.logits);
+  // A kernel that read host memory would fault and poison the whole CUDA context: refuse first.
+  if (b.n_rows > 0 && !cuda::is_device_memory(data, b.logits->device.device_id))
+    unsupported(std::string(component) + ": logits are marked CUDA but are not device memory of CUDA device " +
+                std::to_string(b.logits->device.device_id) + " (rows are read on the CPU or in device memory)");
+  return DeviceRows{data, host->current_stream(ctx, b.logits->device)};
+}
+
+namespace cuda {
+
+// Whether p is memory of CUDA device `device` (device or managed memory); false for host
+// memory and when no device answers. (Declared above for device_rows.)
+
+// x[i] *= inv over n floats (temperature; the same float multiply as the CPU).
+int scale(float* x, int64_t n, float inv, void* stream);
+
+// History penalties: `pairs` is host memory [3 * n_pairs] int32: rows, then tokens, then counts.
+// Uploaded into scratch (3 * n_pairs int32) and applied with the CPU's float formula.
+int penalties(float* x, int64_t vocab, const int32_t* pairs, int64_t n_pairs, void* scratch, Staging*& staging,
+              float repetition, float frequency, float presence, void* stream);
+
+// min-p: masks x < max(row) + log_p (in double).
+size_t min_p_scratch_bytes(int64_t rows, int64_t vocab);
+int min_p(float* x, int64_t rows, int64_t vocab, double log_p, void* scratch, void* stream);
+
+// top-k (keep_count = k, no mass) and top-p (mass, target p * total, at least keep_count):
+// keeps the smallest prefix, by (logit desc, id asc), that satisfies the rule; masks the rest.
+// `zero` asks for the scratch's histograms to be zeroed first (a fresh allocation).
+size_t select_scratch_bytes(int64_t rows, int64_t vocab, bool mass);
+int top_k(float* x, int64_t rows, int64_t vocab, int64_t k, void* scratch, bool zero, void* stream);
+int top_p(float* x, int64_t rows, int64_t vocab, double p, int64_t min_keep, void* scratch, bool zero, void* stream);
+
+// dist: u[rows] (host memory, philox::uniform01 of each row) is uploaded; the chosen tokens
+// (-1 for a row of only -inf) are written to tokens_device, or, when it is NULL, copied back
+// into tokens_host, synchronising the stream.
+size_t dist_scratch_bytes(int64_t rows, int64_t vocab);
+int dist(const float* x, int64_t rows, int64_t vocab, const float* u, void* scratch, Staging*& staging,
+         int32_t* tokens_device, int32_t* tokens_host, void* stream);
+
+}  // namespace cuda
+
+#ifndef __CUDACC__
+// apply_history_penalties (sampler_common.hpp) on CUDA rows: the window's (token, count) pairs
+// of every row are built here, uploaded (a few hundred int32 a row) and applied there with the
+// same float formula.
+inline void apply_history_penalties_cuda(const loom_sampling_batch& b, DeviceScratch& scratch, const char* component,
+                                         float repetition, float frequency, float presence, int64_t window) {
+  const DeviceRows d = device_rows(b, scratch.host, scratch.ctx, component);
+  require_history(b, component);
+  std::unordered_map<int32_t, int32_t> counts;
+  std::vector<int32_t> rows, tokens, occurrences;
+  for (int64_t r = 0; r < b.n_rows; ++r) {
+    count_window(history_of(b, r, component), window, counts);
+    for (const auto& [tok, c] : counts) {
+      rows.push_back(static_cast<int32_t>(r));
+      tokens.push_back(tok);
+      occurrences.push_back(c);
+    }
+  }
+  if (rows.empty()) return;
+  std::vector<int32_t> pairs(rows);
+  pairs.insert(pairs.end(), tokens.begin(), tokens.end());
+  pairs.insert(pairs.end(), occurrences.begin(), occurrences.end());
+  void* s = scratch.get(b.logits->device, pairs.size() * sizeof(int32_t), component);
+  check_cuda(cuda::penalties(d.data, b.vocab_size, pairs.data(), static_cast<int64_t>(rows.size()), s, scratch.staging,
+                             repetition, frequency, presence, d.stream),
+             component);
+}
+#endif
+
+}  // namespace loomp::samplers
+
+#endif
