@@ -2,6 +2,7 @@
 #include "token_tables.hpp"
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <string_view>
 
@@ -10,6 +11,9 @@ namespace {
 
 // The build's StepCache is cleared between elements past this many states (about 1 KiB each).
 constexpr size_t kBuildStates = 1 << 16;
+// At most this many of the longest tokens are checked per mask where a table is shared by
+// repetition copies (TokenTables::share_copies), instead of counting in the tables' bound.
+constexpr size_t kLongTokens = 64;
 // A chain that ends above more tokens than this keeps the trie node instead of remainders:
 // after a space, say, the rest of half the vocabulary would be copied for little gain, as the
 // stack below refuses most of it at its first byte.
@@ -90,13 +94,22 @@ void TokenTables::share_copies() {
   const Grammar& g = m_->grammar();
   table_of_.resize(g.elems.size());
   for (uint32_t e = 0; e < table_of_.size(); ++e) table_of_[e] = e;
-  // A token of at most `longest` bytes, each copy of x taking at least one, never sees how many
-  // copies are still required or allowed past `cap`: copies of one repetition of the same kind
-  // whose counts agree up to it accept the same tokens, each element as its twin in the other.
-  size_t longest = 0;
+  // A token of at most `shortish` bytes, each copy of x taking at least one, never sees how
+  // many copies are still required or allowed past `cap`: copies of one repetition of the same
+  // kind whose counts agree up to it accept the same such tokens, each element as its twin in
+  // the other. The few longer tokens (runs of spaces, ...) are checked per mask instead
+  // (mask_long), so that their length does not multiply the tables.
+  std::vector<size_t> lengths;
   for (size_t i = 0; i < vocab_->size(); ++i)
-    if (vocab_->has_text(static_cast<int32_t>(i))) longest = std::max(longest, vocab_->text(static_cast<int32_t>(i)).size());
-  const uint64_t cap = uint64_t{longest} + 1;
+    if (vocab_->has_text(static_cast<int32_t>(i))) lengths.push_back(vocab_->text(static_cast<int32_t>(i)).size());
+  const size_t n_long = std::min<size_t>(kLongTokens, std::max<size_t>(1, lengths.size() / 16));
+  size_t shortish = 0;  // at most n_long tokens are longer
+  if (lengths.size() > n_long) {
+    std::nth_element(lengths.begin(), lengths.begin() + static_cast<std::ptrdiff_t>(n_long), lengths.end(),
+                     std::greater<>());
+    shortish = lengths[n_long];
+  }
+  const uint64_t cap = uint64_t{shortish} + 1;
   std::map<std::array<uint64_t, 4>, size_t> first;  // (family, kind, min, max) -> the copy whose tables serve
   std::vector<char> serves(table_of_.size(), 0);
   for (size_t i = 0; i < g.copies.size(); ++i) {
@@ -114,6 +127,29 @@ void TokenTables::share_copies() {
       ++stats_.shared;
     }
   }
+  if (stats_.shared == 0) return;
+  short_.assign(words(), 0);
+  std::vector<std::string_view> keys;
+  std::vector<int32_t> ids;
+  for (size_t i = 0; i < vocab_->size(); ++i) {
+    const auto id = static_cast<int32_t>(i);
+    if (!vocab_->has_text(id) || vocab_->is_end(id)) continue;
+    if (vocab_->text(id).size() <= shortish) {
+      set_bit(short_.data(), id);
+    } else {
+      keys.emplace_back(vocab_->text(id));
+      ids.push_back(id);
+    }
+  }
+  long_ = ByteTrie(keys, ids);
+  stats_.long_tokens = ids.size();
+}
+
+void TokenTables::mask_long(StepCache& cache, TrieWalk& walk, uint32_t state, uint64_t* out) const {
+  for (size_t w = 0; w < short_.size(); ++w) out[w] &= short_[w];
+  const Bytes first = first_bytes(cache, state);
+  walk.run(long_, cache, ByteTrie::kRoot, state, [&](uint32_t n, uint32_t, uint32_t) { mark(long_, n, out); },
+           cache.partial(state) ? nullptr : first.data());
 }
 
 void TokenTables::build(StepCache& cache, TrieWalk& walk, uint32_t e) {
@@ -258,10 +294,11 @@ void TokenTables::mask(StepCache& cache, TrieWalk& walk, uint32_t state, uint64_
     bool fits;
   };
   std::vector<Top> tops;
-  bool all_fit = true;
+  bool all_fit = true, shared = false;
   for (uint32_t node : cache.stacks(state)) {
     if (node == StepCache::kEmpty) continue;
     const uint32_t e = cache.elem(node);
+    shared = shared || table_of_[e] != e;
     const Stack& chain = frames_[e].chain;
     bool fits = tables_[table_of_[e]].built;
     uint32_t below = node;
@@ -275,6 +312,7 @@ void TokenTables::mask(StepCache& cache, TrieWalk& walk, uint32_t state, uint64_
     if (!all_fit) return walk_from_root(state);
     const StepCache::Utf8 u = cache.utf8(state);
     for (const Top& t : tops) mask_pending(cache, walk, t.node, t.below, u.cp, u.need, u.len, out, st);
+    if (shared) mask_long(cache, walk, state, out);
     return;
   }
   for (const Top& t : tops) {
@@ -291,6 +329,7 @@ void TokenTables::mask(StepCache& cache, TrieWalk& walk, uint32_t state, uint64_
     }
     resume(cache, walk, table, t.below, out, st);
   }
+  if (shared) mask_long(cache, walk, state, out);
   if (cache.complete(state))
     for (int32_t id : vocab_->ends())
       if (id >= 0 && static_cast<size_t>(id) < vocab_->size()) set_bit(out, id);

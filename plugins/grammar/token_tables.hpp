@@ -15,9 +15,10 @@
 // A state's mask is the union over its stacks, plus the end tokens when it can complete.
 // Counted repetitions (x{m,n} of a rule x) clone x per copy (Grammar::copies), so each copy's
 // elements have chains through the rest of the repetition and tables of their own; copies
-// whose counts of copies still required and allowed agree up to the longest token's length
-// accept the same tokens, and share one table (a string of maxLength 1000 builds at most that
-// many tables per element of `char`, not 1000).
+// whose counts of copies still required and allowed agree up to the length of all but the
+// longest few tokens accept the same such tokens, and share one table (a string of maxLength
+// 1000 builds that many tables per element of `char`, not 1000); a mask that used a shared
+// table checks those few longest tokens by a walk.
 #ifndef LOOM_PLUGINS_GRAMMAR_TOKEN_TABLES_HPP
 #define LOOM_PLUGINS_GRAMMAR_TOKEN_TABLES_HPP
 
@@ -54,6 +55,7 @@ class TokenTables {
     size_t pending = 0;     // tables with pending (inside UTF-8) parts
     size_t failed = 0;      // elements left to walks at mask time (Matcher's limits hit)
     size_t shared = 0;      // elements of repetition copies served by a twin's table (Grammar::copies)
+    size_t long_tokens = 0; // tokens too long for shared tables, checked per mask where one serves
     size_t bytes = 0;       // memory of the tables
   };
 
@@ -97,6 +99,9 @@ class TokenTables {
 
   // Points the elements of repetition copies at their twins' tables (Grammar::copies).
   void share_copies();
+  // Where a shared table served a stack of `state`: its verdicts on the long tokens replaced by
+  // a walk of them from the state.
+  void mask_long(StepCache& cache, TrieWalk& walk, uint32_t state, uint64_t* out) const;
   void build(StepCache& cache, TrieWalk& walk, uint32_t e);
   void build_pending(StepCache& cache, TrieWalk& walk, uint32_t e, uint32_t chain_node, Table& t);
   // The stack's part of a mask inside a UTF-8 sequence (cp, need, len: the pending sequence).
@@ -113,6 +118,8 @@ class TokenTables {
   std::vector<Cont> conts_;    // by depth
   std::vector<Table> tables_;  // by element index (built for the elements table_of_ maps to themselves)
   std::vector<uint32_t> table_of_;  // by element index: whose table serves it
+  std::vector<uint64_t> short_;     // tokens shared tables are exact for (empty: none shared)
+  ByteTrie long_;                   // the others, with text (values: token ids)
   std::vector<Bytes> first_;   // by element index: the bytes a stack topped by it accepts first
   BuildStats stats_;
 };

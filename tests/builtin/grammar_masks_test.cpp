@@ -301,6 +301,23 @@ TEST_CASE("fast masks equal per-token checks inside counted repetitions", "[gram
     const Matcher m(gr);
     for (size_t max_pieces : {1, 2, 4}) compare_walks(m, random_vocab(rng, pieces, 400, max_pieces), rng, 20, 20);
   }
+  // Runs of 1..40 "a" among short tokens: the longest runs are the long tokens that shared
+  // tables leave to a walk (copies past the short tokens' length share), masked at every count.
+  std::vector<std::string> texts;
+  for (size_t n = 1; n <= 40; ++n) texts.emplace_back(n, 'a');
+  for (size_t i = 0; i < 300; ++i) texts.push_back(pieces[pick(rng, pieces.size())] + pieces[pick(rng, pieces.size())]);
+  const auto runs = std::make_shared<const TokenIndex>(texts, std::vector<char>(texts.size(), 1), std::vector<int32_t>{});
+  std::vector<std::string> prefixes;
+  for (size_t n = 0; n <= 30; ++n) prefixes.push_back("<" + std::string(n, 'a'));
+  for (const char* text : {"root ::= \"<\" ch{0,30} \">\"\nch ::= [ab] | \"c\" \"c\"",
+                           "root ::= \"<\" ch{3,30} \">\"\nch ::= [ab] | \"c\" \"c\"",
+                           "root ::= \"<\" ch{2,} \">\" ch{30} \">\"\nch ::= [ab] | \"c\" \"c\""}) {
+    INFO(text);
+    const Grammar gr = parse_gbnf(text);
+    const Matcher m(gr);
+    CHECK(TokenTables(m, runs).build_stats().long_tokens > 0);
+    compare_walks(m, runs, rng, 10, 30, prefixes);
+  }
 }
 
 TEST_CASE("fast masks equal per-token checks on length-bounded JSON strings", "[grammar]") {
