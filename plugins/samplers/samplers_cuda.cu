@@ -11,8 +11,9 @@
 // desc, id asc) as the CPU does, and find the last kept composite by a radix descent: a digit
 // histogram per level (12 bits, then 11 bits, ...) of the entries that share the digits chosen so
 // far, counting entries (top-k) or also summing their weights exp(x - max) in double (top-p).
-// The first two levels are split passes over the whole batch; the rare rows that need more (a
-// boundary among ties or near-ties) finish in one block per row. top-p's sums run in another
+// The first two levels are split passes over the whole batch (the second also gathers the
+// entries of the first level's bin); the rows that need more (a boundary among ties or
+// near-ties) finish over those candidates in one block per row. top-p's sums run in another
 // order than the CPU's sequential ones: at an exact boundary the two may keep one token apart.
 // dist sums weights per chunk with a block scan, then walks chunks and entries in id order.
 #include <cub/block/block_reduce.cuh>
@@ -64,14 +65,30 @@ __global__ void scale_kernel(float* __restrict__ x, int64_t n, float inv) {
     x[i] = __fmul_rn(x[i], inv);
 }
 
-__global__ void penalties_kernel(float* __restrict__ x, int64_t vocab, const int32_t* __restrict__ pairs, int64_t n,
-                                 float repetition, float frequency, float presence) {
-  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (i >= n) return;
+__device__ __forceinline__ void penalise(float* __restrict__ x, int64_t vocab, const int32_t* pairs, int64_t n,
+                                         int64_t i, float repetition, float frequency, float presence) {
   float& v = x[pairs[i] * vocab + pairs[n + i]];
   const float c = static_cast<float>(pairs[2 * n + i]);
   const float a = v > 0.0f ? __fdiv_rn(v, repetition) : __fmul_rn(v, repetition);
   v = __fsub_rn(a, __fadd_rn(__fmul_rn(frequency, c), presence));
+}
+
+__global__ void penalties_kernel(float* __restrict__ x, int64_t vocab, const int32_t* __restrict__ pairs, int64_t n,
+                                 float repetition, float frequency, float presence) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i < n) penalise(x, vocab, pairs, n, i, repetition, frequency, presence);
+}
+
+// Up to kParamPairs pairs travel in the launch itself (kernel parameters up to 32 KiB: Volta and
+// later, CUDA 12.1 and later), so no copy precedes the kernel.
+constexpr int kParamPairs = 2560;
+struct PairParams {
+  int32_t v[3 * kParamPairs];  // rows[n], tokens[n], counts[n]
+};
+__global__ void penalties_param_kernel(float* __restrict__ x, int64_t vocab, const __grid_constant__ PairParams p,
+                                       int64_t n, float repetition, float frequency, float presence) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i < n) penalise(x, vocab, p.v, n, i, repetition, frequency, presence);
 }
 
 // ---- row maxima ----
@@ -109,8 +126,10 @@ min_p_kernel(float* __restrict__ x, int64_t vocab, const float* __restrict__ par
   const double threshold = __dadd_rn(static_cast<double>(row_max(partial, row, gridDim.x)), log_p);
   float* r = x + row * vocab;
   const int64_t end = min64(vocab, (chunk + 1) * kChunk);
-  for (int64_t i = chunk * kChunk + threadIdx.x; i < end; i += kStreamThreads)
-    if (static_cast<double>(r[i]) < threshold) r[i] = -INFINITY;
+  for (int64_t i = chunk * kChunk + threadIdx.x; i < end; i += kStreamThreads) {
+    const float v = r[i];
+    if (v != -INFINITY && static_cast<double>(v) < threshold) r[i] = -INFINITY;
+  }
 }
 
 // ---- top-k / top-p: radix descent over the composite key ----
@@ -137,13 +156,21 @@ __device__ __forceinline__ bool matches(uint64_t comp, uint64_t prefix, int leve
   return (comp >> above) == (prefix >> above);
 }
 
+// A finite entry of level 0's bin: its composite key and (top-p) weight.
+struct Candidate {
+  uint64_t comp;
+  double w;
+};
+constexpr unsigned kCandidates = 4096;  // per row; more (a crowd of ties) finish over the row
+
 // Level L's digit histogram over one chunk, merged into the row's global histogram. Dynamic
 // shared memory: NB counts, then (Mass) NB sums, 48 KiB for the top level of top-p.
 // Levels 0 and 1 only (see the masked entries below).
 template <int NB, bool Mass>
 __global__ void __launch_bounds__(kStreamThreads)
 hist_kernel(const float* __restrict__ x, int64_t vocab, int level, const float* __restrict__ partial,
-            const Select* __restrict__ sel, unsigned* __restrict__ g_count, double* __restrict__ g_mass) {
+            const Select* __restrict__ sel, unsigned* __restrict__ g_count, double* __restrict__ g_mass,
+            unsigned* __restrict__ cand_count, Candidate* __restrict__ cand) {
   const int64_t row = blockIdx.y, chunk = blockIdx.x;
   const Select s = sel[row];
   if (level > 0 && s.done) return;
@@ -171,36 +198,29 @@ hist_kernel(const float* __restrict__ x, int64_t vocab, int level, const float* 
   const uint64_t inf_comp = composite(-INFINITY, 0);
   const bool inf_matches = matches(inf_comp, s.prefix, level);
   const int inf_digit = static_cast<int>((inf_comp >> shift) & digit_mask);
-  // Lanes of a warp that hit one bin add once (the lowest of them), with the group's count and
-  // weight: logits crowd into few bins, and one shared counter hit by 32 lanes serialises.
+  // Level 1 also gathers the finite entries it counts (those of level 0's bin, usually a few
+  // hundred) into the row's candidate list, so that a row not decided after level 1 finishes
+  // over them instead of over the whole row.
   unsigned n_inf = 0;
-  const unsigned lane = threadIdx.x & 31;
-  for (int64_t base = chunk * kChunk; base < end; base += kStreamThreads) {
-    const int64_t i = base + threadIdx.x;
-    int d = -1;
+  for (int64_t i = chunk * kChunk + threadIdx.x; i < end; i += kStreamThreads) {
+    const float v = r[i];
+    if (v == -INFINITY) {
+      ++n_inf;
+      continue;
+    }
+    const uint64_t comp = composite(v, i);
+    if (!matches(comp, s.prefix, level)) continue;
+    const int d = static_cast<int>((comp >> shift) & digit_mask);
+    atomicAdd(&count[d], 1u);
     double w = 0.0;
-    if (i < end) {
-      const float v = r[i];
-      if (v == -INFINITY) {
-        ++n_inf;
-      } else {
-        const uint64_t comp = composite(v, i);
-        if (matches(comp, s.prefix, level)) {
-          d = static_cast<int>((comp >> shift) & digit_mask);
-          if constexpr (Mass) w = weight(v, mx);
-        }
-      }
-    }
-    const unsigned peers = __match_any_sync(0xffffffffu, d);
-    if (d < 0) continue;
-    const unsigned leader = __ffs(peers) - 1;
     if constexpr (Mass) {
-      // The group's weight, gathered by its leader in lane order.
-      double sum = 0.0;
-      for (unsigned m = peers; m != 0; m &= m - 1) sum += __shfl_sync(peers, w, __ffs(m) - 1);
-      if (lane == leader) atomicAdd(&mass[d], sum);
+      w = weight(v, mx);
+      atomicAdd(&mass[d], w);
     }
-    if (lane == leader) atomicAdd(&count[d], static_cast<unsigned>(__popc(peers)));
+    if (level == 1) {
+      const unsigned at = atomicAdd(&cand_count[row], 1u);
+      if (at < kCandidates) cand[row * kCandidates + at] = Candidate{comp, w};
+    }
   }
   (void)mx;
   n_inf = __reduce_add_sync(0xffffffffu, n_inf);
@@ -308,14 +328,16 @@ __device__ void choose_digit(const unsigned* count, const double* mass, int leve
 }
 
 template <bool Mass>
-__device__ void finish_row(const float* __restrict__ r, int64_t vocab, const Rule& rule, Select& s);
+__device__ void finish_row(const float* __restrict__ r, int64_t vocab, const Candidate* __restrict__ cand,
+                           unsigned n_cand, const Rule& rule, Select& s);
 
 // Level L's choice for each row from the global histogram, which it zeroes for the next call;
 // after level 1, a row not done yet is finished here (finish_row).
 template <int NB, bool Mass>
 __global__ void __launch_bounds__(kRowThreads)
 choose_kernel(const float* __restrict__ x, int64_t vocab, int level, Rule rule, const float* __restrict__ partial,
-              int64_t chunks, Select* __restrict__ sel, unsigned* __restrict__ g_count, double* __restrict__ g_mass) {
+              int64_t chunks, Select* __restrict__ sel, unsigned* __restrict__ g_count, double* __restrict__ g_mass,
+              unsigned* __restrict__ cand_count, const Candidate* __restrict__ cand) {
   const int64_t row = blockIdx.x;
   __shared__ Select s;
   float mx = 0.0f;
@@ -336,17 +358,26 @@ choose_kernel(const float* __restrict__ x, int64_t vocab, int level, Rule rule, 
     cnt[b] = 0;
     if constexpr (Mass) mass[b] = 0.0;
   }
-  if (level == 1 && !s.done) finish_row<Mass>(x + row * vocab, vocab, rule, s);
+  if (level == 1) {
+    const unsigned n_cand = cand_count[row];
+    if (!s.done) finish_row<Mass>(x + row * vocab, vocab, cand + row * kCandidates, n_cand, rule, s);
+    __syncthreads();
+    if (threadIdx.x == 0) cand_count[row] = 0;  // zero for the next call
+  }
   if (threadIdx.x == 0) sel[row] = s;
 }
 
-// Levels 2.. for a row not done after level 1 (a boundary among ties or near-ties): the block
-// of that row goes on over the whole row, one level at a time, with its histogram in shared
-// memory.
+// Levels 2.. for a row not done after level 1 (its boundary bin holds several entries): the
+// block of that row goes on, one level at a time, with its histogram in shared memory, over the
+// row's candidates (n <= kCandidates: every finite entry of level 0's bin, which holds all that
+// match deeper) or else over the whole row. Masked entries can only matter where the boundary
+// is among them (more kept than finite entries), and then the row is scanned.
 template <bool Mass>
-__device__ void finish_row(const float* __restrict__ r, int64_t vocab, const Rule& rule, Select& s) {
+__device__ void finish_row(const float* __restrict__ r, int64_t vocab, const Candidate* __restrict__ cand,
+                           unsigned n_cand, const Rule& rule, Select& s) {
   __shared__ unsigned count[kBins];
   __shared__ double mass[Mass ? kBins : 1];
+  const bool from_candidates = n_cand <= kCandidates && (s.prefix >> kShift[0]) != (composite(-INFINITY, 0) >> kShift[0]);
   for (int level = 2; level < kLevels && !s.done; ++level) {
     for (int b = threadIdx.x; b < kBins; b += kRowThreads) {
       count[b] = 0;
@@ -355,13 +386,23 @@ __device__ void finish_row(const float* __restrict__ r, int64_t vocab, const Rul
     __syncthreads();
     const int shift = kShift[level];
     const uint64_t digit_mask = (uint64_t{1} << kWidth[level]) - 1;
-    for (int64_t i = threadIdx.x; i < vocab; i += kRowThreads) {
-      const float v = r[i];
-      const uint64_t comp = composite(v, i);
-      if (!matches(comp, s.prefix, level)) continue;
-      const int d = static_cast<int>((comp >> shift) & digit_mask);
-      atomicAdd(&count[d], 1u);
-      if constexpr (Mass) atomicAdd(&mass[d], weight(v, s.max));
+    if (from_candidates) {
+      for (unsigned i = threadIdx.x; i < n_cand; i += kRowThreads) {
+        const Candidate c = cand[i];
+        if (!matches(c.comp, s.prefix, level)) continue;
+        const int d = static_cast<int>((c.comp >> shift) & digit_mask);
+        atomicAdd(&count[d], 1u);
+        if constexpr (Mass) atomicAdd(&mass[d], c.w);
+      }
+    } else {
+      for (int64_t i = threadIdx.x; i < vocab; i += kRowThreads) {
+        const float v = r[i];
+        const uint64_t comp = composite(v, i);
+        if (!matches(comp, s.prefix, level)) continue;
+        const int d = static_cast<int>((comp >> shift) & digit_mask);
+        atomicAdd(&count[d], 1u);
+        if constexpr (Mass) atomicAdd(&mass[d], weight(v, s.max));
+      }
     }
     __syncthreads();
     choose_digit<kBins, Mass>(count, mass, level, rule, s);
@@ -374,13 +415,16 @@ mask_below_kernel(float* __restrict__ x, int64_t vocab, const Select* __restrict
   const uint64_t threshold = sel[row].prefix;
   float* r = x + row * vocab;
   const int64_t end = min64(vocab, (chunk + 1) * kChunk);
-  for (int64_t i = chunk * kChunk + threadIdx.x; i < end; i += kStreamThreads)
-    if (composite(r[i], i) < threshold) r[i] = -INFINITY;
+  for (int64_t i = chunk * kChunk + threadIdx.x; i < end; i += kStreamThreads) {
+    const float v = r[i];
+    if (v != -INFINITY && composite(v, i) < threshold) r[i] = -INFINITY;
+  }
 }
 
 // ---- dist ----
 
-constexpr int kDistItems = kChunk / kRowThreads;  // 4 entries a thread, in id order
+constexpr int kDistThreads = 256;
+constexpr int kDistItems = kChunk / kDistThreads;  // 16 entries a thread, in id order
 
 // The weights of thread t's entries of a chunk and their inclusive scan over the chunk (a fixed
 // reduction order, so that the partial pass and the search see the same sums).
@@ -389,7 +433,7 @@ struct ChunkScan {
   double aggregate;
 };
 __device__ void scan_chunk(const float* __restrict__ r, int64_t begin, int64_t vocab, float mx, ChunkScan& out) {
-  using Scan = cub::BlockScan<double, kRowThreads>;
+  using Scan = cub::BlockScan<double, kDistThreads>;
   __shared__ typename Scan::TempStorage tmp;
   double local = 0.0;
   for (int i = 0; i < kDistItems; ++i) {
@@ -405,12 +449,24 @@ __device__ void scan_chunk(const float* __restrict__ r, int64_t begin, int64_t v
 }
 
 // sums[row, chunk] = the chunk's weight; last[row, chunk] = its last finite id, or -1.
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kDistThreads)
 dist_sums_kernel(const float* __restrict__ x, int64_t vocab, const float* __restrict__ partial,
                  double* __restrict__ sums, int64_t* __restrict__ last) {
   const int64_t row = blockIdx.y, chunk = blockIdx.x;
-  const float mx = row_max(partial, row, gridDim.x);
   const float* r = x + row * vocab;
+  int finite = 0;
+  for (int i = 0; i < kDistItems; ++i) {
+    const int64_t id = chunk * kChunk + threadIdx.x * kDistItems + i;
+    finite |= id < vocab && r[id] != -INFINITY;
+  }
+  if (!__syncthreads_or(finite)) {  // a masked chunk (most of them after top-k) weighs nothing
+    if (threadIdx.x == 0) {
+      sums[row * gridDim.x + chunk] = 0.0;
+      last[row * gridDim.x + chunk] = -1;
+    }
+    return;
+  }
+  const float mx = row_max(partial, row, gridDim.x);
   ChunkScan cs;
   scan_chunk(r, chunk * kChunk, vocab, mx, cs);
   int64_t my_last = -1;
@@ -418,7 +474,7 @@ dist_sums_kernel(const float* __restrict__ x, int64_t vocab, const float* __rest
     const int64_t id = chunk * kChunk + threadIdx.x * kDistItems + i;
     if (id < vocab && r[id] != -INFINITY) my_last = id;
   }
-  using Reduce = cub::BlockReduce<long long, kRowThreads>;
+  using Reduce = cub::BlockReduce<long long, kDistThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   const long long l = Reduce(tmp).Reduce(static_cast<long long>(my_last), [](long long a, long long b) {
     return a > b ? a : b;
@@ -429,10 +485,15 @@ dist_sums_kernel(const float* __restrict__ x, int64_t vocab, const float* __rest
   }
 }
 
-__global__ void __launch_bounds__(kRowThreads)
+// Each row's uniform travels in the launch for up to kParamRows rows (see PairParams).
+constexpr int kParamRows = 4096;
+struct UniformParams {
+  float u[kParamRows];
+};
+__global__ void __launch_bounds__(kDistThreads)
 dist_pick_kernel(const float* __restrict__ x, int64_t vocab, int64_t chunks, const float* __restrict__ partial,
-                 const double* __restrict__ sums, const int64_t* __restrict__ last, const float* __restrict__ u,
-                 int32_t* __restrict__ tokens) {
+                 const double* __restrict__ sums, const int64_t* __restrict__ last, const float* __restrict__ u_ptr,
+                 const __grid_constant__ UniformParams up, int32_t* __restrict__ tokens) {
   const int64_t row = blockIdx.x;
   const float mx = row_max(partial, row, chunks);
   __shared__ int64_t s_chunk, s_token;
@@ -440,7 +501,7 @@ dist_pick_kernel(const float* __restrict__ x, int64_t vocab, int64_t chunks, con
   if (threadIdx.x == 0) {
     double total = 0.0;
     for (int64_t c = 0; c < chunks; ++c) total += sums[row * chunks + c];
-    const double target = static_cast<double>(u[row]) * total;
+    const double target = static_cast<double>(u_ptr != nullptr ? u_ptr[row] : up.u[row]) * total;
     double cum = 0.0;
     int64_t chosen = -1;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -493,7 +554,7 @@ unsigned grid_for(int64_t n, int threads) {
 }
 
 struct SelectLayout {
-  size_t partial, sel, count0, count1, mass0, mass1, total;
+  size_t partial, sel, cand, count0, count1, mass0, mass1, cand_count, total;
 };
 SelectLayout select_layout(int64_t rows, int64_t vocab, bool mass) {
   SelectLayout l{};
@@ -502,7 +563,9 @@ SelectLayout select_layout(int64_t rows, int64_t vocab, bool mass) {
   at += align256(sizeof(float) * static_cast<size_t>(rows * chunks_of(vocab)));
   l.sel = at;
   at += align256(sizeof(Select) * static_cast<size_t>(rows));
-  l.count0 = at;  // histograms: zero between calls
+  l.cand = at;
+  at += align256(sizeof(Candidate) * kCandidates * static_cast<size_t>(rows));
+  l.count0 = at;  // histograms and candidate counts: zero between calls
   at += align256(sizeof(unsigned) * static_cast<size_t>(rows) * kTopBins);
   l.count1 = at;
   at += align256(sizeof(unsigned) * static_cast<size_t>(rows) * kBins);
@@ -510,6 +573,8 @@ SelectLayout select_layout(int64_t rows, int64_t vocab, bool mass) {
   if (mass) at += align256(sizeof(double) * static_cast<size_t>(rows) * kTopBins);
   l.mass1 = at;
   if (mass) at += align256(sizeof(double) * static_cast<size_t>(rows) * kBins);
+  l.cand_count = at;
+  at += align256(sizeof(unsigned) * static_cast<size_t>(rows));
   l.total = at;
   return l;
 }
@@ -524,6 +589,8 @@ int run_select(float* x, int64_t rows, int64_t vocab, const Rule& rule, void* sc
   auto* count1 = reinterpret_cast<unsigned*>(base + l.count1);
   auto* mass0 = Mass ? reinterpret_cast<double*>(base + l.mass0) : nullptr;
   auto* mass1 = Mass ? reinterpret_cast<double*>(base + l.mass1) : nullptr;
+  auto* cand = reinterpret_cast<Candidate*>(base + l.cand);
+  auto* cand_count = reinterpret_cast<unsigned*>(base + l.cand_count);
   if (zero)
     if (cudaError_t e = cudaMemsetAsync(base + l.count0, 0, l.total - l.count0, st); e != cudaSuccess)
       return static_cast<int>(e);
@@ -531,13 +598,17 @@ int run_select(float* x, int64_t rows, int64_t vocab, const Rule& rule, void* sc
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(rows));
   if (Mass) max_partials_kernel<<<grid, kStreamThreads, 0, st>>>(x, vocab, partial);
   hist_kernel<kTopBins, Mass><<<grid, kStreamThreads, hist_smem_bytes<kTopBins, Mass>(), st>>>(x, vocab, 0, partial,
-                                                                                               sel, count0, mass0);
+                                                                                               sel, count0, mass0,
+                                                                                               cand_count, cand);
   choose_kernel<kTopBins, Mass><<<static_cast<unsigned>(rows), kRowThreads, 0, st>>>(x, vocab, 0, rule, partial,
-                                                                                    chunks, sel, count0, mass0);
+                                                                                    chunks, sel, count0, mass0,
+                                                                                    cand_count, cand);
   hist_kernel<kBins, Mass><<<grid, kStreamThreads, hist_smem_bytes<kBins, Mass>(), st>>>(x, vocab, 1, partial, sel,
-                                                                                         count1, mass1);
+                                                                                         count1, mass1, cand_count,
+                                                                                         cand);
   choose_kernel<kBins, Mass><<<static_cast<unsigned>(rows), kRowThreads, 0, st>>>(x, vocab, 1, rule, partial,
-                                                                                 chunks, sel, count1, mass1);
+                                                                                 chunks, sel, count1, mass1,
+                                                                                 cand_count, cand);
   mask_below_kernel<<<grid, kStreamThreads, 0, st>>>(x, vocab, sel);
   return static_cast<int>(cudaGetLastError());
 }
@@ -602,6 +673,13 @@ int penalties(float* x, int64_t vocab, const int32_t* pairs, int64_t n_pairs, vo
               float repetition, float frequency, float presence, void* stream) {
   if (n_pairs == 0) return 0;
   auto st = static_cast<cudaStream_t>(stream);
+  if (n_pairs <= kParamPairs) {
+    static thread_local PairParams p;
+    std::memcpy(p.v, pairs, sizeof(int32_t) * 3 * static_cast<size_t>(n_pairs));
+    penalties_param_kernel<<<grid_for(n_pairs, 256), 256, 0, st>>>(x, vocab, p, n_pairs, repetition, frequency,
+                                                                   presence);
+    return static_cast<int>(cudaGetLastError());
+  }
   if (cudaError_t e = upload(staging, scratch, pairs, sizeof(int32_t) * 3 * static_cast<size_t>(n_pairs), st);
       e != cudaSuccess)
     return static_cast<int>(e);
@@ -658,13 +736,21 @@ int dist(const float* x, int64_t rows, int64_t vocab, const float* u, void* scra
   auto* du = reinterpret_cast<float*>(base);
   base += align256(sizeof(float) * static_cast<size_t>(rows));
   auto* dtok = reinterpret_cast<int32_t*>(base);
-  if (cudaError_t e = upload(staging, du, u, sizeof(float) * static_cast<size_t>(rows), st); e != cudaSuccess)
-    return static_cast<int>(e);
+  static thread_local UniformParams up;
+  const float* u_ptr = nullptr;
+  if (rows <= kParamRows) {
+    std::memcpy(up.u, u, sizeof(float) * static_cast<size_t>(rows));
+  } else {
+    if (cudaError_t e = upload(staging, du, u, sizeof(float) * static_cast<size_t>(rows), st); e != cudaSuccess)
+      return static_cast<int>(e);
+    u_ptr = du;
+  }
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(rows));
   max_partials_kernel<<<grid, kStreamThreads, 0, st>>>(x, vocab, partial);
-  dist_sums_kernel<<<grid, kRowThreads, 0, st>>>(x, vocab, partial, sums, last);
+  dist_sums_kernel<<<grid, kDistThreads, 0, st>>>(x, vocab, partial, sums, last);
   int32_t* out = tokens_device != nullptr ? tokens_device : dtok;
-  dist_pick_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, st>>>(x, vocab, chunks, partial, sums, last, du, out);
+  dist_pick_kernel<<<static_cast<unsigned>(rows), kDistThreads, 0, st>>>(x, vocab, chunks, partial, sums, last, u_ptr,
+                                                                        up, out);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return static_cast<int>(e);
   if (tokens_device == nullptr) {
     if (cudaError_t e = cudaMemcpyAsync(tokens_host, dtok, sizeof(int32_t) * static_cast<size_t>(rows),
