@@ -288,7 +288,7 @@ TEST_CASE("greedy selects on CUDA logits through the host kernels extension", "[
   CHECK(b.logprobs[0] == Approx(2.0 - lse0).epsilon(1e-5));
 
   // Filters without a device path refuse CUDA logits rather than reading device memory.
-  auto rt2 = bt::runtime("[[sampler]]\nuse = \"top-k\"\nk = 2\n");
+  auto rt2 = bt::runtime("[[sampler]]\nuse = \"typical-p\"\np = 0.5\n");
   auto &k = rt2->pipeline().at("sampler[0]");
   CHECK(k.vtable<loom_sampler_vtable>()->apply(k.handle(), &b.b) == LOOM_ERR_UNSUPPORTED);
   host->device_free(g.ctx(), cuda, dev);
