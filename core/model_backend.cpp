@@ -31,10 +31,7 @@ loom_attention_config attention_config_for(const ModelConfig &config, int64_t ma
 }
 
 void ModelBackend::copy_slot(int32_t, int32_t, int64_t) {
-  throw runtime_error(device().device_type == kDLCUDA
-                          ? "beam search is not supported on CUDA yet (the CUDA backend cannot copy a KV slot); "
-                            "run it on the CPU (loom.device = \"cpu\")"
-                          : describe() + ": beam search is not supported on this backend (it cannot copy a KV slot)");
+  throw runtime_error(describe() + ": beam search is not supported on this backend (it cannot copy a KV slot)");
 }
 
 std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
