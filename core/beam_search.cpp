@@ -79,29 +79,9 @@ void ModelDecoder::generate_beams(int64_t steps, const TokenCallback &on_token,
   if (W < 1 || W > 1024) throw runtime_error(named(*link) + ": width() returned " + std::to_string(W));
   const size_t n = prompts_.size();
   const int64_t vocab = config_.vocab_size;
-  result.sequences.assign(n, SequenceResult{});
-  size_t longest = 0;
-  for (size_t g = 0; g < n; ++g) {
-    result.sequences[g].prompt = prompts_[g];
-    longest = std::max(longest, prompts_[g].size());
-  }
-  if (static_cast<int64_t>(longest) + steps > config_.max_positions || steps > INT32_MAX)
-    throw runtime_error(manifest_.source_name + ": run.steps: the longest prompt's " + std::to_string(longest) +
-                        " tokens and " + std::to_string(steps) + " steps exceed the model's " +
-                        std::to_string(config_.max_positions) + " positions");
+  const size_t longest = start_run(steps, result);
   // However the run ends, every link forgets its sequences (and the beam link its groups).
-  struct Forget {
-    Pipeline &pipeline;
-    ~Forget() {
-      try {
-        auto guard = pipeline.begin_step();
-        each_link(pipeline, [](Instance &s, const loom_sampler_vtable &vt) {
-          if (vt.release) vt.release(s.handle(), -1);
-        });
-      } catch (...) { // nothing to release then
-      }
-    }
-  } forget{pipeline_};
+  ForgetSequences forget{pipeline_};
 
   std::vector<BeamRow> rows; // the groups still going, W adjacent rows each, in group order
   std::vector<float> host_logits; // [rows, vocab]

@@ -269,9 +269,7 @@ void ModelDecoder::accept_tokens(const std::vector<int32_t> &rows, const std::ve
       for (size_t r = 0; r < n; ++r) s->check(accept(s->handle(), rows[r], tokens[r]), "accept");
 }
 
-void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
-                            RunResult &result) {
-  if (beam_chain()) return generate_beams(steps, on_token, on_sequence_token, result);
+size_t ModelDecoder::start_run(int64_t steps, RunResult &result) const {
   const size_t n = prompts_.size();
   result.sequences.assign(n, SequenceResult{});
   size_t longest = 0;
@@ -279,22 +277,28 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
     result.sequences[i].prompt = prompts_[i];
     longest = std::max(longest, prompts_[i].size());
   }
-  if (static_cast<int64_t>(longest) + steps > config_.max_positions)
+  if (static_cast<int64_t>(longest) + steps > config_.max_positions || steps > INT32_MAX)
     throw runtime_error(manifest_.source_name + ": run.steps: the " + (n > 1 ? "longest " : "") + "prompt's " +
                         std::to_string(longest) + " tokens and " + std::to_string(steps) + " steps exceed the model's " +
                         std::to_string(config_.max_positions) + " positions");
-  // However the run ends (an exception included), samplers forget its sequences.
-  struct ReleaseAll {
-    Pipeline &pipeline;
-    ~ReleaseAll() {
-      try {
-        auto guard = pipeline.begin_step();
-        for (auto &s : pipeline.list(LOOM_KIND_SAMPLER))
-          if (auto release = s->vtable<loom_sampler_vtable>()->release) release(s->handle(), -1);
-      } catch (...) { // (out of memory listing the chain): nothing to release then
-      }
-    }
-  } release_at_end{pipeline_};
+  return longest;
+}
+
+ModelDecoder::ForgetSequences::~ForgetSequences() {
+  try {
+    auto guard = pipeline.begin_step();
+    for (auto &s : pipeline.list(LOOM_KIND_SAMPLER))
+      if (auto release = s->vtable<loom_sampler_vtable>()->release) release(s->handle(), -1);
+  } catch (...) { // (out of memory listing the chain): nothing to release then
+  }
+}
+
+void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
+                            RunResult &result) {
+  if (beam_chain()) return generate_beams(steps, on_token, on_sequence_token, result);
+  const size_t n = prompts_.size();
+  const size_t longest = start_run(steps, result);
+  ForgetSequences release_at_end{pipeline_};
   auto release = [&](int32_t seq) {
     for (auto &s : pipeline_.list(LOOM_KIND_SAMPLER))
       if (auto fn = s->vtable<loom_sampler_vtable>()->release) fn(s->handle(), seq);

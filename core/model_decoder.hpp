@@ -83,6 +83,16 @@ class ModelDecoder {
   void all_reduce(DLTensor *logits);
   // Beam search (core/beam_search.cpp): generate() when the chain's last link has
   // LOOM_SAMPLER_BEAMS.
+  // What every run starts with: result.sequences holds one entry per prompt (its prompt set);
+  // throws when the longest prompt and `steps` exceed the model's positions. Returns that
+  // longest prompt's length.
+  size_t start_run(int64_t steps, RunResult &result) const;
+  // Held for a run: however it ends (an exception included), every sampler link forgets its
+  // sequences (release(-1)).
+  struct ForgetSequences {
+    Pipeline &pipeline;
+    ~ForgetSequences();
+  };
   bool beam_chain() const;
   void generate_beams(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
                       RunResult &result);
