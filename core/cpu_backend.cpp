@@ -585,21 +585,10 @@ void CpuBackend::embed_row(int32_t token, float *out) const {
 }
 
 void CpuBackend::copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) {
-  if (src_slot < 0 || dst_slot < 0 || src_slot >= max_seqs_ || dst_slot >= max_seqs_ || positions < 0 ||
-      positions > max_positions_)
-    throw runtime_error(options_.source_name + ": copy_slot(" + std::to_string(src_slot) + ", " + std::to_string(dst_slot) +
-                        ", " + std::to_string(positions) + ") is outside the KV cache of " + std::to_string(max_seqs_) +
-                        " slots of " + std::to_string(max_positions_) + " positions");
-  if (src_slot == dst_slot || layout_.block_size == 0 || positions == 0) return;
-  // Slot s owns blocks [s * M, (s + 1) * M) of every layer's pool, and position p lives in its
-  // block p / B whatever the plugin's layout inside a block, so whole blocks copy positions.
-  const int64_t blocks = (positions + layout_.block_size - 1) / layout_.block_size;
-  const size_t bytes = static_cast<size_t>(blocks) * layout_.bytes_per_block;
-  for (auto &pool : kv_pools_) {
-    uint8_t *base = pool.data();
-    std::memcpy(base + static_cast<size_t>(dst_slot * blocks_per_seq_) * layout_.bytes_per_block,
-                base + static_cast<size_t>(src_slot * blocks_per_seq_) * layout_.bytes_per_block, bytes);
-  }
+  const SlotCopy c =
+      plan_slot_copy(src_slot, dst_slot, positions, max_seqs_, max_positions_, blocks_per_seq_, layout_, options_.source_name);
+  if (c.bytes == 0) return;
+  for (auto &pool : kv_pools_) std::memcpy(pool.data() + c.dst_offset, pool.data() + c.src_offset, c.bytes);
 }
 
 DLTensor *CpuBackend::forward(const StepBatch &batch) {

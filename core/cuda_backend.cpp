@@ -538,21 +538,13 @@ void CudaBackend::grow_meta(size_t entries, size_t keep, int keep_half) {
 }
 
 void CudaBackend::copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) {
-  if (src_slot < 0 || dst_slot < 0 || src_slot >= max_seqs_ || dst_slot >= max_seqs_ || positions < 0 ||
-      positions > max_positions_)
-    throw runtime_error(options_.source_name + ": copy_slot(" + std::to_string(src_slot) + ", " + std::to_string(dst_slot) +
-                        ", " + std::to_string(positions) + ") is outside the KV cache of " + std::to_string(max_seqs_) +
-                        " slots of " + std::to_string(max_positions_) + " positions");
-  if (src_slot == dst_slot || positions == 0) return;
-  // As on the CPU: slot s owns blocks [s * M, (s + 1) * M) of every layer's pool, so whole blocks
-  // carry positions whatever the plugin's layout inside a block. Ordered on the stream behind
-  // the forward pass that wrote the source.
-  const uint64_t blocks = static_cast<uint64_t>((positions + layout_.block_size - 1) / layout_.block_size);
-  const uint64_t per_slot = static_cast<uint64_t>(blocks_per_seq_) * layout_.bytes_per_block;
+  const SlotCopy c =
+      plan_slot_copy(src_slot, dst_slot, positions, max_seqs_, max_positions_, blocks_per_seq_, layout_, options_.source_name);
+  if (c.bytes == 0) return;
+  // Ordered on the stream behind the forward pass that wrote the source.
   for (auto &pool : kv_pools_)
-    cuda_check(cudaMemcpyAsync(pool.get<uint8_t>() + static_cast<uint64_t>(dst_slot) * per_slot,
-                               pool.get<uint8_t>() + static_cast<uint64_t>(src_slot) * per_slot,
-                               blocks * layout_.bytes_per_block, cudaMemcpyDeviceToDevice, stream_),
+    cuda_check(cudaMemcpyAsync(pool.get<uint8_t>() + c.dst_offset, pool.get<uint8_t>() + c.src_offset, c.bytes,
+                               cudaMemcpyDeviceToDevice, stream_),
                "copy_slot");
 }
 

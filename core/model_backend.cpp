@@ -30,6 +30,20 @@ loom_attention_config attention_config_for(const ModelConfig &config, int64_t ma
   return c;
 }
 
+SlotCopy plan_slot_copy(int32_t src_slot, int32_t dst_slot, int64_t positions, int32_t max_seqs, int64_t max_positions,
+                        int64_t blocks_per_seq, const loom_kv_layout &layout, const std::string &source_name) {
+  if (src_slot < 0 || dst_slot < 0 || src_slot >= max_seqs || dst_slot >= max_seqs || positions < 0 ||
+      positions > max_positions)
+    throw runtime_error(source_name + ": copy_slot(" + std::to_string(src_slot) + ", " + std::to_string(dst_slot) + ", " +
+                        std::to_string(positions) + ") is outside the KV cache of " + std::to_string(max_seqs) +
+                        " slots of " + std::to_string(max_positions) + " positions");
+  if (src_slot == dst_slot || layout.block_size <= 0 || positions == 0) return {};
+  const uint64_t per_slot = static_cast<uint64_t>(blocks_per_seq) * layout.bytes_per_block;
+  const uint64_t blocks = static_cast<uint64_t>((positions + layout.block_size - 1) / layout.block_size);
+  return {static_cast<uint64_t>(src_slot) * per_slot, static_cast<uint64_t>(dst_slot) * per_slot,
+          blocks * layout.bytes_per_block};
+}
+
 void ModelBackend::copy_slot(int32_t, int32_t, int64_t) {
   throw runtime_error(describe() + ": beam search is not supported on this backend (it cannot copy a KV slot)");
 }

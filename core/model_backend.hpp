@@ -69,6 +69,16 @@ class ModelBackend {
   virtual std::string describe() const = 0;
 };
 
+// What copy_slot moves in each layer's pool: slot s owns blocks [s * M, (s + 1) * M), and
+// position p lives in block p / B whatever the plugin's layout inside a block, so whole blocks
+// carry positions. Shared by the backends; throws when the slots or positions lie outside the
+// cache, and gives bytes = 0 when there is nothing to copy.
+struct SlotCopy {
+  uint64_t src_offset = 0, dst_offset = 0, bytes = 0;
+};
+SlotCopy plan_slot_copy(int32_t src_slot, int32_t dst_slot, int64_t positions, int32_t max_seqs, int64_t max_positions,
+                        int64_t blocks_per_seq, const loom_kv_layout &layout, const std::string &source_name);
+
 class Pipeline;
 class ModelWeights;
 struct ModelConfig;
