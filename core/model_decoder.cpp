@@ -169,19 +169,9 @@ void ModelDecoder::all_reduce(DLTensor *logits) {
   p.check(p.vtable<loom_parallel_vtable>()->all_reduce(p.handle(), LOOM_GROUP_WORLD, logits, LOOM_REDUCE_AVG), "all_reduce");
 }
 
-int32_t *ModelDecoder::device_feed(size_t rows) {
-  if (!decode_ahead_ || backend_->device().device_type == kDLCPU || rows == 0) return nullptr;
-  auto chain = pipeline_.list(LOOM_KIND_SAMPLER);
-  if (chain.empty()) return nullptr;
-  for (const auto &s : chain)
-    if ((s->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_RUNS_ON_CUDA) == 0) return nullptr;
-  if ((chain.back()->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_DEVICE_TOKENS) == 0) return nullptr;
-  return backend_->token_feed(static_cast<int32_t>(rows));
-}
-
-bool ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
-                          const std::vector<std::vector<int32_t>> &histories, uint64_t step, std::vector<int32_t> &tokens,
-                          int32_t *feed) {
+int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
+                              const std::vector<std::vector<int32_t>> &histories, uint64_t step,
+                              std::vector<int32_t> &tokens, bool ahead) {
   auto chain = pipeline_.list(LOOM_KIND_SAMPLER);
   if (chain.empty()) throw runtime_error(manifest_.source_name + ": the pipeline has no [[sampler]]: add one such as greedy");
   const size_t n = rows.size();
@@ -192,10 +182,10 @@ bool ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
   std::vector<float> host_rows;
   DLTensor host_view{};
   int64_t host_shape[2]{};
-  if (logits->device.device_type != kDLCPU &&
-      !std::all_of(chain.begin(), chain.end(), [](const std::shared_ptr<Instance> &s) {
-        return (s->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_RUNS_ON_CUDA) != 0;
-      })) {
+  const bool chain_on_device = std::all_of(chain.begin(), chain.end(), [](const std::shared_ptr<Instance> &s) {
+    return (s->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_RUNS_ON_CUDA) != 0;
+  });
+  if (logits->device.device_type != kDLCPU && !chain_on_device) {
     host_rows.resize(n * static_cast<size_t>(config_.vocab_size));
     std::string error;
     if (device_memcpy(host_rows.data(), DLDevice{kDLCPU, 0}, logits->data, logits->device, host_rows.size() * sizeof(float),
@@ -235,9 +225,13 @@ bool ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
   b.rng_counter = counters.data();
   b.tokens_out = tokens.data();
   b.logprobs_out = nullptr;
+  int32_t *feed = nullptr;
+  if (ahead && decode_ahead_ && logits->device.device_type != kDLCPU && chain_on_device && n > 0 &&
+      (chain.back()->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_DEVICE_TOKENS) != 0)
+    feed = backend_->token_feed(static_cast<int32_t>(n));
   int64_t feed_shape[1] = {static_cast<int64_t>(n)};
   DLTensor feed_view{};
-  if (feed && logits->device.device_type != kDLCPU) {
+  if (feed) {
     feed_view.data = feed;
     feed_view.device = logits->device;
     feed_view.ndim = 1;
@@ -252,9 +246,7 @@ bool ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
     s->check(s->vtable<loom_sampler_vtable>()->apply(s->handle(), &b), "apply");
   }
   // A link that may write on the device and wrote nothing here left the tokens there.
-  return b.tokens_device != nullptr &&
-         (chain.back()->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_DEVICE_TOKENS) != 0 &&
-         std::all_of(tokens.begin(), tokens.end(), [](int32_t t) { return t == -1; });
+  return feed && std::all_of(tokens.begin(), tokens.end(), [](int32_t t) { return t == -1; }) ? feed : nullptr;
 }
 
 void ModelDecoder::accept_tokens(const std::vector<int32_t> &rows, const std::vector<int32_t> &tokens) {
@@ -369,8 +361,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
         }
       }
       const bool more = step + 1 < steps;
-      int32_t *feed = more ? device_feed(rows.size()) : nullptr;
-      if (sample(logits, rows, histories, static_cast<uint64_t>(step), sampled, feed)) {
+      if (int32_t *feed = sample(logits, rows, histories, static_cast<uint64_t>(step), sampled, more)) {
         readback.start(feed, rows.size(), backend_->device());
         // Queue the next step now, for every row of this one; the device runs it while the host
         // waits for this step's tokens and applies the stop rules.

@@ -68,18 +68,16 @@ class ModelDecoder {
   // true when a stop string was found. Needs the tokenizer.
   bool generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated, std::string *text) const;
   // Runs the sampler chain over `logits` [rows, vocab]; rows[r] is the sequence of row r. With
-  // `feed` (device memory, see ModelBackend::token_feed) a selecting link that can leaves the
-  // tokens there and the call returns true: they are still to be read back. Otherwise `tokens`
-  // holds them and it returns false. Either way accept_tokens() follows once they are known.
-  bool sample(DLTensor *logits, const std::vector<int32_t> &rows, const std::vector<std::vector<int32_t>> &histories,
-              uint64_t step, std::vector<int32_t> &tokens, int32_t *feed);
+  // `ahead` (the caller would queue the next step before the tokens reach the host), when the
+  // logits are on the device, the whole chain runs there and its selecting link can leave the
+  // tokens there (LOOM_SAMPLER_DEVICE_TOKENS), the tokens go to the backend's token feed
+  // (ModelBackend::token_feed) and the call returns the feed: they are still to be read back.
+  // Otherwise `tokens` holds them and it returns nullptr. Either way accept_tokens() follows
+  // once they are known. LOOM_DECODE_AHEAD=0 turns `ahead` off.
+  int32_t *sample(DLTensor *logits, const std::vector<int32_t> &rows, const std::vector<std::vector<int32_t>> &histories,
+                  uint64_t step, std::vector<int32_t> &tokens, bool ahead);
   // Checks the sampled tokens and tells every link of the chain which token each sequence got.
   void accept_tokens(const std::vector<int32_t> &rows, const std::vector<int32_t> &tokens);
-  // Where the sampler may leave the tokens of `rows` decode rows on the device so that the next
-  // step can be queued before they reach the host: the backend's token feed when the whole
-  // chain runs on the device and its selecting link can write there; nullptr otherwise (and
-  // with LOOM_DECODE_AHEAD=0).
-  int32_t *device_feed(size_t rows);
   void all_reduce(DLTensor *logits);
   // Beam search (core/beam_search.cpp): generate() when the chain's last link has
   // LOOM_SAMPLER_BEAMS.
