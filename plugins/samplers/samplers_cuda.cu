@@ -655,12 +655,22 @@ cudaError_t upload(Staging*& s, void* dst, const void* src, size_t bytes, cudaSt
 }  // namespace
 
 bool is_device_memory(const void* p, int device) {
+  // Every link of a chain asks about the same logits buffer at every step, and the host keeps
+  // that buffer: the driver is asked once per (pointer, device) and thread, not per link and step.
+  thread_local const void* known_ptr = nullptr;
+  thread_local int known_device = -1;
+  if (p == known_ptr && device == known_device) return true;
   cudaPointerAttributes a{};
   if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky: clear it for the caller's next check
     return false;
   }
-  return (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged) && a.device == device;
+  const bool ok = (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged) && a.device == device;
+  if (ok) {
+    known_ptr = p;
+    known_device = device;
+  }
+  return ok;
 }
 
 int scale(float* x, int64_t n, float inv, void* stream) {
