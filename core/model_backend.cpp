@@ -44,10 +44,6 @@ SlotCopy plan_slot_copy(int32_t src_slot, int32_t dst_slot, int64_t positions, i
           blocks * layout.bytes_per_block};
 }
 
-void ModelBackend::copy_slot(int32_t, int32_t, int64_t) {
-  throw runtime_error(describe() + ": beam search is not supported on this backend (it cannot copy a KV slot)");
-}
-
 std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
                                            const BackendOptions &options) {
   switch (options.device.device_type) {

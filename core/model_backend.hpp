@@ -61,9 +61,8 @@ class ModelBackend {
   }
   // Makes KV slot `dst` hold what slot `src` holds for positions [0, positions), for beam
   // search (core/beam_search.cpp): a beam that continues another beam takes a copy of its
-  // cache. Both slots must lie within what reserve() sized. The default throws: a backend
-  // without it cannot run beam search (both of Loom's backends have it).
-  virtual void copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions);
+  // cache. Both slots must lie within what reserve() sized (plan_slot_copy checks it).
+  virtual void copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) = 0;
   virtual DLDevice device() const = 0;
   // A short description for logs and benchmarks ("cpu float32 x2 threads", "cuda:0 bfloat16").
   virtual std::string describe() const = 0;
