@@ -135,38 +135,21 @@ void ModelDecoder::generate_beams(int64_t steps, const TokenCallback &on_token,
     view.ndim = 2;
     view.dtype = {kDLFloat, 32, 1};
     view.shape = shape;
-    std::vector<int64_t> seq_ids(R), group_ids(R);
-    std::vector<const int32_t *> hist(R);
-    std::vector<int32_t> hist_len(R), max_new(R, static_cast<int32_t>(steps)), tokens(R, -1), parents(R, -1), done(R, 0);
-    std::vector<uint64_t> keys(R, manifest_.seed), counters(R, static_cast<uint64_t>(step));
+    std::vector<int64_t> group_ids(R);
+    std::vector<int32_t> max_new(R, static_cast<int32_t>(steps)), tokens(R, -1), parents(R, -1), done(R, 0);
+    SamplingRows sampling;
     for (size_t r = 0; r < R; ++r) {
-      seq_ids[r] = rows[r].seq;
+      sampling.add(rows[r].seq, rows[r].history, manifest_.seed, static_cast<uint64_t>(step));
       group_ids[r] = rows[r].group;
-      hist[r] = rows[r].history.data();
-      hist_len[r] = static_cast<int32_t>(rows[r].history.size());
     }
-    loom_sampling_batch b{};
-    b.struct_size = sizeof(b);
-    b.n_rows = static_cast<int32_t>(R);
-    b.vocab_size = static_cast<int32_t>(vocab);
-    b.logits = &view;
-    b.seq_ids = seq_ids.data();
-    b.history = hist.data();
-    b.history_len = hist_len.data();
-    b.rng_key = keys.data();
-    b.rng_counter = counters.data();
-    b.tokens_out = tokens.data();
+    loom_sampling_batch b = sampling.batch(&view, vocab, tokens.data());
     b.group_ids = group_ids.data();
     b.max_new_tokens = max_new.data();
     b.end_tokens = stop_tokens_.data();
     b.n_end_tokens = static_cast<int32_t>(stop_tokens_.size());
     b.parents_out = parents.data();
     b.done_out = done.data();
-    for (auto &s : chain) {
-      if (s != link && std::any_of(tokens.begin(), tokens.end(), [](int32_t t) { return t != -1; }))
-        throw runtime_error(named(*s) + ": follows a sampler that already selected a token; the beam sampler must come last");
-      s->check(s->vtable<loom_sampler_vtable>()->apply(s->handle(), &b), "apply");
-    }
+    apply_chain(chain, b, tokens, "the beam sampler must come last");
     // Done groups leave with their best hypothesis; the others continue their parents.
     std::vector<BeamRow> next;
     for (size_t s0 = 0; s0 < R; s0 += static_cast<size_t>(W)) {

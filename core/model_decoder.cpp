@@ -169,6 +169,39 @@ void ModelDecoder::all_reduce(DLTensor *logits) {
   p.check(p.vtable<loom_parallel_vtable>()->all_reduce(p.handle(), LOOM_GROUP_WORLD, logits, LOOM_REDUCE_AVG), "all_reduce");
 }
 
+void ModelDecoder::SamplingRows::add(int64_t seq, const std::vector<int32_t> &tokens, uint64_t seed, uint64_t step) {
+  seq_ids.push_back(seq);
+  history.push_back(tokens.data());
+  history_len.push_back(static_cast<int32_t>(tokens.size()));
+  keys.push_back(seed);
+  counters.push_back(step);
+}
+
+loom_sampling_batch ModelDecoder::SamplingRows::batch(DLTensor *logits, int64_t vocab, int32_t *tokens_out) {
+  loom_sampling_batch b{};
+  b.struct_size = sizeof(b);
+  b.n_rows = static_cast<int32_t>(seq_ids.size());
+  b.vocab_size = static_cast<int32_t>(vocab);
+  b.logits = logits;
+  b.seq_ids = seq_ids.data();
+  b.history = history.data();
+  b.history_len = history_len.data();
+  b.rng_key = keys.data();
+  b.rng_counter = counters.data();
+  b.tokens_out = tokens_out;
+  return b;
+}
+
+void ModelDecoder::apply_chain(const std::vector<std::shared_ptr<Instance>> &chain, const loom_sampling_batch &b,
+                               const std::vector<int32_t> &tokens, const char *hint) {
+  for (auto &s : chain) {
+    if (std::any_of(tokens.begin(), tokens.end(), [](int32_t t) { return t != -1; }))
+      throw runtime_error(s->slot() + " (" + s->desc().name + "): follows a sampler that already selected a token; " +
+                          hint);
+    s->check(s->vtable<loom_sampler_vtable>()->apply(s->handle(), &b), "apply");
+  }
+}
+
 int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
                               const std::vector<std::vector<int32_t>> &histories, uint64_t step,
                               std::vector<int32_t> &tokens, bool ahead) {
@@ -200,31 +233,11 @@ int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows
     host_view.byte_offset = 0;
     logits = &host_view;
   }
-  std::vector<int64_t> seq_ids(n);
-  std::vector<const int32_t *> hist(n);
-  std::vector<int32_t> hist_len(n);
-  // Every row's random numbers are (seed, step): a sequence samples exactly as it would alone,
-  // whatever else is in the batch (so identical prompts in one batch sample alike).
-  std::vector<uint64_t> keys(n, manifest_.seed), counters(n, step);
   tokens.assign(n, -1);
-  for (size_t r = 0; r < n; ++r) {
-    const auto &h = histories[static_cast<size_t>(rows[r])];
-    seq_ids[r] = rows[r];
-    hist[r] = h.data();
-    hist_len[r] = static_cast<int32_t>(h.size());
-  }
-  loom_sampling_batch b{};
-  b.struct_size = sizeof(b);
-  b.n_rows = static_cast<int32_t>(n);
-  b.vocab_size = static_cast<int32_t>(config_.vocab_size);
-  b.logits = logits;
-  b.seq_ids = seq_ids.data();
-  b.history = hist.data();
-  b.history_len = hist_len.data();
-  b.rng_key = keys.data();
-  b.rng_counter = counters.data();
-  b.tokens_out = tokens.data();
-  b.logprobs_out = nullptr;
+  SamplingRows sampling;
+  for (size_t r = 0; r < n; ++r)
+    sampling.add(rows[r], histories[static_cast<size_t>(rows[r])], manifest_.seed, step);
+  loom_sampling_batch b = sampling.batch(logits, config_.vocab_size, tokens.data());
   int32_t *feed = nullptr;
   if (ahead && decode_ahead_ && logits->device.device_type != kDLCPU && chain_on_device && n > 0 &&
       (chain.back()->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_DEVICE_TOKENS) != 0)
@@ -239,12 +252,7 @@ int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows
     feed_view.shape = feed_shape;
     b.tokens_device = &feed_view;
   }
-  for (auto &s : chain) {
-    if (std::any_of(tokens.begin(), tokens.end(), [](int32_t t) { return t != -1; }))
-      throw runtime_error(s->slot() + " (" + s->desc().name + "): follows a sampler that already selected a token; "
-                          "selecting samplers (greedy, dist) must come last");
-    s->check(s->vtable<loom_sampler_vtable>()->apply(s->handle(), &b), "apply");
-  }
+  apply_chain(chain, b, tokens, "selecting samplers (greedy, dist) must come last");
   // A link that may write on the device and wrote nothing here left the tokens there.
   return feed && std::all_of(tokens.begin(), tokens.end(), [](int32_t t) { return t == -1; }) ? feed : nullptr;
 }

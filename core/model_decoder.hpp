@@ -76,6 +76,22 @@ class ModelDecoder {
   // once they are known. LOOM_DECODE_AHEAD=0 turns `ahead` off.
   int32_t *sample(DLTensor *logits, const std::vector<int32_t> &rows, const std::vector<std::vector<int32_t>> &histories,
                   uint64_t step, std::vector<int32_t> &tokens, bool ahead);
+  // The part of a sampling batch every call fills the same way: each row's sequence, history
+  // and random numbers. Every row's RNG is (seed, step): a sequence samples exactly as it would
+  // alone, whatever else is in the batch (so identical prompts in one batch sample alike).
+  struct SamplingRows {
+    std::vector<int64_t> seq_ids;
+    std::vector<const int32_t *> history;
+    std::vector<int32_t> history_len;
+    std::vector<uint64_t> keys, counters;
+    void add(int64_t seq, const std::vector<int32_t> &tokens, uint64_t seed, uint64_t step);
+    // A batch over these rows and `logits` [rows, vocab] whose selecting link writes tokens_out.
+    loom_sampling_batch batch(DLTensor *logits, int64_t vocab, int32_t *tokens_out);
+  };
+  // Applies every link of `chain` to `b` in order; a link after one that already selected a
+  // token (tokens not all -1) is an error, `hint` says which link must come last.
+  static void apply_chain(const std::vector<std::shared_ptr<Instance>> &chain, const loom_sampling_batch &b,
+                          const std::vector<int32_t> &tokens, const char *hint);
   // Checks the sampled tokens and tells every link of the chain which token each sequence got.
   void accept_tokens(const std::vector<int32_t> &rows, const std::vector<int32_t> &tokens);
   void all_reduce(DLTensor *logits);
