@@ -22,10 +22,11 @@ struct Dist : Base {
     if (b.n_rows > 0 && (b.rng_key == nullptr || b.rng_counter == nullptr))
       invalid("dist: rng_key and rng_counter are required");
     float* logprobs = logprobs_of(b);
-    if (b.logits->device.device_type == kDLCUDA && logprobs == nullptr) return apply_cuda(b);
     std::vector<float> host_rows;
     Rows rows{nullptr, b.n_rows, b.vocab_size};
-    if (b.logits->device.device_type == kDLCUDA) {
+#if LOOM_SAMPLERS_CUDA
+    if (on_cuda(b) && logprobs == nullptr) return apply_cuda(b);
+    if (on_cuda(b)) {
       // Rare path (log-probabilities asked for on the GPU): draw from a host copy of the rows.
       host_rows.resize(static_cast<size_t>(b.n_rows) * static_cast<size_t>(b.vocab_size));
       const loom_status cs = host->memcpy(ctx, host_rows.data(), DLDevice{kDLCPU, 0}, data_of<float>(*b.logits),
@@ -35,6 +36,9 @@ struct Dist : Base {
     } else {
       rows = cpu_rows(&b, "dist");
     }
+#else
+    rows = cpu_rows(&b, "dist");  // refuses device logits: this build has no CUDA path
+#endif
     for (int64_t r = 0; r < rows.n; ++r) {
       const float* x = rows.row(r);
       float mx = 0.0f;
@@ -48,6 +52,7 @@ struct Dist : Base {
   // The same draw on the device: u per row from Philox here (bit-identical to the CPU's), the
   // weights, sums and the walk in id order there. Tokens stay on the device when the host gave
   // tokens_device; otherwise the few tokens are copied back (the only wait).
+#if LOOM_SAMPLERS_CUDA
   void apply_cuda(const loom_sampling_batch& b) {
     if (b.n_rows == 0) return;
     const DeviceRows d = device_rows(b, host, ctx, "dist");
@@ -69,6 +74,7 @@ struct Dist : Base {
         if (b.tokens_out[r] < 0)
           invalid("row " + std::to_string(r) + ": every logit is -inf after filtering; nothing to select");
   }
+#endif
 };
 
 constexpr loom_sampler_vtable kVtable = make_vtable<Dist>(LOOM_SAMPLER_SELECTS | LOOM_SAMPLER_USES_RNG | kRunsOnCuda |

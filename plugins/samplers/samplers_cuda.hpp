@@ -101,13 +101,14 @@ struct DeviceRows {
   void* stream;
 };
 inline bool on_cuda(const loom_sampling_batch& b) { return b.logits->device.device_type == kDLCUDA; }
+#if LOOM_SAMPLERS_CUDA
+// (Only in a CUDA build: the links' device branches are compiled there only, so that a build
+// without CUDA never refers to the kernels' host functions.)
 namespace cuda {
 bool is_device_memory(const void* p, int device);
 }
 inline DeviceRows device_rows(const loom_sampling_batch& b, const loom_host_api* host, loom_host_ctx* ctx,
                               const char* component) {
-  if (!LOOM_SAMPLERS_CUDA)
-    unsupported(std::string(component) + ": this build of loom-samplers has no CUDA path");
   float* data = data_of<float>(*b.logits);
   // A kernel that read host memory would fault and poison the whole CUDA context: refuse first.
   if (b.n_rows > 0 && !cuda::is_device_memory(data, b.logits->device.device_id))
@@ -115,6 +116,7 @@ inline DeviceRows device_rows(const loom_sampling_batch& b, const loom_host_api*
                 std::to_string(b.logits->device.device_id) + " (rows are read on the CPU or in device memory)");
   return DeviceRows{data, host->current_stream(ctx, b.logits->device)};
 }
+#endif
 
 namespace cuda {
 
@@ -149,7 +151,7 @@ int dist(const float* x, int64_t rows, int64_t vocab, const float* u, void* scra
 
 }  // namespace cuda
 
-#ifndef __CUDACC__
+#if LOOM_SAMPLERS_CUDA && !defined(__CUDACC__)
 // apply_history_penalties (sampler_common.hpp) on CUDA rows: the window's (token, count) pairs
 // of every row are built here, uploaded (a few hundred int32 a row) and applied there with the
 // same float formula.
