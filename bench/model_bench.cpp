@@ -27,6 +27,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -43,6 +44,7 @@
 #include "loom/core/registry.hpp"
 #include "loom/core/runtime.hpp"
 #include "loom/core/safetensors.hpp"
+#include "loom/core/sampler_chain.hpp"
 #include "loom/loom_plugin_api.h"
 
 namespace {
@@ -272,32 +274,41 @@ int main(int argc, char **argv) {
       void *busy_a = nullptr, *busy_b = nullptr;
       check(cudaMalloc(&busy_a, busy_bytes), "cudaMalloc");
       check(cudaMalloc(&busy_b, busy_bytes), "cudaMalloc");
-      std::vector<double> runs;
-      for (int r = 0; r < 3 + 5 * reps; ++r) {
-        check(cudaMemcpyAsync(busy_b, busy_a, busy_bytes, cudaMemcpyDeviceToDevice, stream), "busy copy");
-        check(cudaMemcpyAsync(work, saved, bytes, cudaMemcpyDeviceToDevice, stream), "restore rows");
-        loom_sampling_batch b{};
-        b.struct_size = sizeof(b);
-        b.n_rows = B;
-        b.vocab_size = static_cast<int32_t>(vocab);
-        b.logits = &rows_view;
-        b.seq_ids = seq_ids.data();
-        b.history = hist_ptr.data();
-        b.history_len = hist_len.data();
-        b.rng_key = keys.data();
-        counters.assign(B, static_cast<uint64_t>(r));
-        b.rng_counter = counters.data();
-        b.tokens_out = tokens_out.data();
-        b.tokens_device = &tokens_view;
-        check(cudaEventRecord(start, stream), "cudaEventRecord");
-        for (auto &link : chain) link->check(link->vtable<loom_sampler_vtable>()->apply(link->handle(), &b), "apply");
-        check(cudaEventRecord(stop, stream), "cudaEventRecord");
-        check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-        float ms = 0;
-        check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-        if (r >= 3) runs.push_back(1000.0 * ms);
-      }
-      chain_us = median(runs);
+      // Through core's SamplerChain, as the decoder runs it: candidate rows between the links that
+      // read them, or (LOOM_SAMPLER_CANDIDATES=0 when it is made) dense rows throughout.
+      auto time_chain = [&](bool candidates) {
+        if (!candidates) setenv("LOOM_SAMPLER_CANDIDATES", "0", 1);
+        auto runner = std::make_unique<loom::SamplerChain>();
+        unsetenv("LOOM_SAMPLER_CANDIDATES");
+        std::vector<double> runs;
+        for (int r = 0; r < 3 + 5 * reps; ++r) {
+          check(cudaMemcpyAsync(busy_b, busy_a, busy_bytes, cudaMemcpyDeviceToDevice, stream), "busy copy");
+          check(cudaMemcpyAsync(work, saved, bytes, cudaMemcpyDeviceToDevice, stream), "restore rows");
+          loom_sampling_batch b{};
+          b.struct_size = sizeof(b);
+          b.n_rows = B;
+          b.vocab_size = static_cast<int32_t>(vocab);
+          b.logits = &rows_view;
+          b.seq_ids = seq_ids.data();
+          b.history = hist_ptr.data();
+          b.history_len = hist_len.data();
+          b.rng_key = keys.data();
+          counters.assign(B, static_cast<uint64_t>(r));
+          b.rng_counter = counters.data();
+          b.tokens_out = tokens_out.data();
+          b.tokens_device = &tokens_view;
+          check(cudaEventRecord(start, stream), "cudaEventRecord");
+          runner->apply(chain, b, "selecting samplers must come last");
+          check(cudaEventRecord(stop, stream), "cudaEventRecord");
+          check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+          float ms = 0;
+          check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+          if (r >= 3) runs.push_back(1000.0 * ms);
+        }
+        return median(runs);
+      };
+      const double dense_us = time_chain(false);
+      chain_us = time_chain(true);
       cudaEventDestroy(start);
       cudaEventDestroy(stop);
       cudaFree(saved);
@@ -306,7 +317,8 @@ int main(int argc, char **argv) {
       cudaFree(busy_a);
       cudaFree(busy_b);
       std::printf("sampling chain us (b32)     %12.1f\n", chain_us);
-      json << ",\"sampling_chain_us_b32\":" << chain_us;
+      std::printf("  same, dense rows only      %12.1f\n", dense_us);
+      json << ",\"sampling_chain_us_b32\":" << chain_us << ",\"sampling_chain_dense_us_b32\":" << dense_us;
     }
     // Decode through the runtime, as `loom run` does it (sampler plugin, stop rules, tokens to
     // the host every step), queued ahead (the default) and step by step (LOOM_DECODE_AHEAD=0).

@@ -149,7 +149,7 @@ void ModelDecoder::generate_beams(int64_t steps, const TokenCallback &on_token,
     b.n_end_tokens = static_cast<int32_t>(stop_tokens_.size());
     b.parents_out = parents.data();
     b.done_out = done.data();
-    apply_chain(chain, b, tokens, "the beam sampler must come last");
+    apply_chain(chain, b, "the beam sampler must come last");
     // Done groups leave with their best hypothesis; the others continue their parents.
     std::vector<BeamRow> next;
     for (size_t s0 = 0; s0 < R; s0 += static_cast<size_t>(W)) {

@@ -278,6 +278,21 @@ bool device_argmax_rows_to(const float *x, int64_t rows, int64_t cols, DLDevice 
   return false;
 }
 
+bool device_scatter_candidates(float *x, int64_t rows, int64_t cols, const int32_t *ids, const float *values,
+                               const int32_t *count, int64_t capacity, DLDevice device, std::string &error) {
+#if LOOM_HAVE_CUDA
+  if (device.device_type == kDLCUDA)
+    return cuda_ok(static_cast<cudaError_t>(kernels::scatter_candidates_cuda(x, rows, cols, ids, values, count, capacity,
+                                                                              cuda_compute_stream(device.device_id))),
+                   "scatter_candidates_cuda", error);
+#else
+  (void)x, (void)rows, (void)cols, (void)ids, (void)values, (void)count, (void)capacity;
+#endif
+  error = "candidate rows live only on CUDA devices (device type " + std::to_string(static_cast<int>(device.device_type)) +
+          ")";
+  return false;
+}
+
 TokenReadback::~TokenReadback() {
 #if LOOM_HAVE_CUDA
   if (stream_) cudaStreamSynchronize(static_cast<cudaStream_t>(stream_));

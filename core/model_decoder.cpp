@@ -192,16 +192,6 @@ loom_sampling_batch ModelDecoder::SamplingRows::batch(DLTensor *logits, int64_t 
   return b;
 }
 
-void ModelDecoder::apply_chain(const std::vector<std::shared_ptr<Instance>> &chain, const loom_sampling_batch &b,
-                               const std::vector<int32_t> &tokens, const char *hint) {
-  for (auto &s : chain) {
-    if (std::any_of(tokens.begin(), tokens.end(), [](int32_t t) { return t != -1; }))
-      throw runtime_error(s->slot() + " (" + s->desc().name + "): follows a sampler that already selected a token; " +
-                          hint);
-    s->check(s->vtable<loom_sampler_vtable>()->apply(s->handle(), &b), "apply");
-  }
-}
-
 int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
                               const std::vector<std::vector<int32_t>> &histories, uint64_t step,
                               std::vector<int32_t> &tokens, bool ahead) {
@@ -252,7 +242,7 @@ int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows
     feed_view.shape = feed_shape;
     b.tokens_device = &feed_view;
   }
-  apply_chain(chain, b, tokens, "selecting samplers (greedy, dist) must come last");
+  apply_chain(chain, b, "selecting samplers (greedy, dist) must come last");
   // A link that may write on the device and wrote nothing here left the tokens there.
   return feed && std::all_of(tokens.begin(), tokens.end(), [](int32_t t) { return t == -1; }) ? feed : nullptr;
 }

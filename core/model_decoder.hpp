@@ -35,6 +35,7 @@
 
 #include "loom/core/model_config.hpp"
 #include "loom/core/runtime.hpp"
+#include "loom/core/sampler_chain.hpp"
 #include "loom/core/tokenizer.hpp"
 #include "loom/core/vocabulary.hpp"
 #include "loom/loom_plugin_api.h"
@@ -88,10 +89,13 @@ class ModelDecoder {
     // A batch over these rows and `logits` [rows, vocab] whose selecting link writes tokens_out.
     loom_sampling_batch batch(DLTensor *logits, int64_t vocab, int32_t *tokens_out);
   };
-  // Applies every link of `chain` to `b` in order; a link after one that already selected a
-  // token (tokens not all -1) is an error, `hint` says which link must come last.
-  static void apply_chain(const std::vector<std::shared_ptr<Instance>> &chain, const loom_sampling_batch &b,
-                          const std::vector<int32_t> &tokens, const char *hint);
+  // Applies every link of `chain` to `b` in order (SamplerChain: candidates between the links
+  // that read them); a link after one that already selected a token is an error, `hint` says
+  // which link must come last.
+  void apply_chain(const std::vector<std::shared_ptr<Instance>> &chain, const loom_sampling_batch &b,
+                   const char *hint) {
+    sampler_chain_.apply(chain, b, hint);
+  }
   // Checks the sampled tokens and tells every link of the chain which token each sequence got.
   void accept_tokens(const std::vector<int32_t> &rows, const std::vector<int32_t> &tokens);
   void all_reduce(DLTensor *logits);
@@ -120,6 +124,7 @@ class ModelDecoder {
   std::vector<std::vector<int32_t>> prompts_;    // token ids, one per sequence
   std::vector<int32_t> stop_tokens_;
   bool decode_ahead_ = true; // LOOM_DECODE_AHEAD=0 turns the queued-ahead decode step off
+  SamplerChain sampler_chain_;
 };
 
 } // namespace loom

@@ -267,4 +267,37 @@ bool cuda_available() {
   return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
+// One block per (chunk of a row): the chunk becomes -inf, then the row's candidates that fall in
+// it are written (the block's own writes are ordered by the barrier; no other block touches the
+// chunk). Reading every candidate of the row per chunk costs little: a row lists at most a few
+// thousand, against a chunk of kScatterChunk dense entries.
+constexpr int64_t kScatterChunk = 8192;
+__global__ void __launch_bounds__(kThreads)
+scatter_candidates_kernel(float* __restrict__ x, int64_t cols, const int32_t* __restrict__ ids,
+                          const float* __restrict__ values, const int32_t* __restrict__ count, int64_t capacity) {
+  const int64_t row = blockIdx.y;
+  const int64_t begin = blockIdx.x * kScatterChunk, end = cols < begin + kScatterChunk ? cols : begin + kScatterChunk;
+  float* r = x + row * cols;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) r[i] = -INFINITY;
+  __syncthreads();
+  const int64_t c = count[row] < 0 ? 0 : count[row];
+  const int64_t n = c < capacity ? c : capacity;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const int64_t id = ids[row * capacity + i];
+    if (id >= begin && id < end) r[id] = values[row * capacity + i];
+  }
+}
+
+int scatter_candidates_cuda(float* x, int64_t rows, int64_t cols, const int32_t* ids, const float* values,
+                            const int32_t* count, int64_t capacity, void* stream) {
+  if (rows == 0) return static_cast<int>(cudaSuccess);
+  if (rows < 0 || rows > 65535 || cols <= 0 || capacity <= 0 || x == nullptr || ids == nullptr ||
+      values == nullptr || count == nullptr)
+    return static_cast<int>(cudaErrorInvalidValue);
+  const dim3 grid(static_cast<unsigned>((cols + kScatterChunk - 1) / kScatterChunk), static_cast<unsigned>(rows));
+  scatter_candidates_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(x, cols, ids, values, count,
+                                                                                      capacity);
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace loom::kernels

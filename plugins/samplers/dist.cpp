@@ -2,7 +2,8 @@
 // Philox-4x32-10 keyed by (rng_key[row], rng_counter[row]); see philox.hpp for the convention.
 // Masked (-inf) tokens have probability zero. CPU or CUDA: the same u, weights and walk in id
 // order (sums on the device run in another order, so a draw within rounding of a cumulative
-// boundary may land one token apart); tokens left on the device when the host asks for that.
+// boundary may land one token apart); tokens left on the device when the host asks for that. On
+// candidate rows (ABI 1.3) the sums run in the CPU's order: the CPU's tokens exactly.
 #include <cmath>
 
 #include <vector>
@@ -25,6 +26,10 @@ struct Dist : Base {
     std::vector<float> host_rows;
     Rows rows{nullptr, b.n_rows, b.vocab_size};
 #if LOOM_SAMPLERS_CUDA
+    if (on_cuda(b)) {
+      if (const auto cand = candidate_rows(b, "dist"); cand && b.candidates->active != 0)
+        return apply_candidates(b, *cand, logprobs);
+    }
     if (on_cuda(b) && logprobs == nullptr) return apply_cuda(b);
     if (on_cuda(b)) {
       // Rare path (log-probabilities asked for on the GPU): draw from a host copy of the rows.
@@ -49,36 +54,57 @@ struct Dist : Base {
     }
   }
 
+#if LOOM_SAMPLERS_CUDA
+  // The draw over candidate rows (ABI 1.3): the CPU's sums in the CPU's order, so the CPU's
+  // tokens; log-probabilities come back with the tokens when asked for.
+  void apply_candidates(const loom_sampling_batch& b, const cuda::CandidateRows& cand, float* logprobs) {
+    if (b.n_rows == 0) return;
+    const DeviceRows d = device_rows(b, host, ctx, "dist");
+    int32_t* device_tokens = device_tokens_of(b);
+    void* s = scratch.get(b.logits->device, cuda::candidates_dist_scratch_bytes(b.n_rows), "dist");
+    check_cuda(cuda::candidates_dist(cand, b.n_rows, uniforms(b).data(), s, scratch.staging, device_tokens, b.tokens_out,
+                                     logprobs, d.stream),
+               "dist");
+    if (device_tokens == nullptr || logprobs != nullptr) check_selected(b);
+  }
+
+  std::vector<float> uniforms(const loom_sampling_batch& b) const {
+    std::vector<float> u(static_cast<size_t>(b.n_rows));
+    for (int32_t r = 0; r < b.n_rows; ++r) u[static_cast<size_t>(r)] = philox::uniform01(b.rng_key[r], b.rng_counter[r]);
+    return u;
+  }
+  static int32_t* device_tokens_of(const loom_sampling_batch& b) {
+    DLTensor* on_device = tokens_device_of(b);
+    if (on_device == nullptr) return nullptr;
+    if (!is_i32(on_device->dtype) || on_device->ndim != 1 || on_device->shape[0] != b.n_rows ||
+        on_device->device.device_type != kDLCUDA || on_device->data == nullptr)
+      invalid("dist: tokens_device must be [n_rows] int32 on the logits' device");
+    return data_of<int32_t>(*on_device);
+  }
+  static void check_selected(const loom_sampling_batch& b) {
+    for (int32_t r = 0; r < b.n_rows; ++r)
+      if (b.tokens_out[r] < 0)
+        invalid("row " + std::to_string(r) + ": every logit is -inf after filtering; nothing to select");
+  }
+
   // The same draw on the device: u per row from Philox here (bit-identical to the CPU's), the
   // weights, sums and the walk in id order there. Tokens stay on the device when the host gave
   // tokens_device; otherwise the few tokens are copied back (the only wait).
-#if LOOM_SAMPLERS_CUDA
   void apply_cuda(const loom_sampling_batch& b) {
     if (b.n_rows == 0) return;
     const DeviceRows d = device_rows(b, host, ctx, "dist");
-    std::vector<float> u(static_cast<size_t>(b.n_rows));
-    for (int32_t r = 0; r < b.n_rows; ++r) u[static_cast<size_t>(r)] = philox::uniform01(b.rng_key[r], b.rng_counter[r]);
-    DLTensor* on_device = tokens_device_of(b);
-    int32_t* device_tokens = nullptr;
-    if (on_device != nullptr) {
-      if (!is_i32(on_device->dtype) || on_device->ndim != 1 || on_device->shape[0] != b.n_rows ||
-          on_device->device.device_type != kDLCUDA || on_device->data == nullptr)
-        invalid("dist: tokens_device must be [n_rows] int32 on the logits' device");
-      device_tokens = data_of<int32_t>(*on_device);
-    }
+    int32_t* device_tokens = device_tokens_of(b);
     void* s = scratch.get(b.logits->device, cuda::dist_scratch_bytes(b.n_rows, b.vocab_size), "dist");
-    check_cuda(cuda::dist(d.data, b.n_rows, b.vocab_size, u.data(), s, scratch.staging, device_tokens,
+    check_cuda(cuda::dist(d.data, b.n_rows, b.vocab_size, uniforms(b).data(), s, scratch.staging, device_tokens,
                           b.tokens_out, d.stream), "dist");
-    if (device_tokens == nullptr)
-      for (int32_t r = 0; r < b.n_rows; ++r)
-        if (b.tokens_out[r] < 0)
-          invalid("row " + std::to_string(r) + ": every logit is -inf after filtering; nothing to select");
+    if (device_tokens == nullptr) check_selected(b);
   }
 #endif
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<Dist>(LOOM_SAMPLER_SELECTS | LOOM_SAMPLER_USES_RNG | kRunsOnCuda |
-                                               (LOOM_SAMPLERS_CUDA ? static_cast<uint32_t>(LOOM_SAMPLER_DEVICE_TOKENS) : 0u));
+constexpr loom_sampler_vtable kVtable =
+    make_vtable<Dist>(LOOM_SAMPLER_SELECTS | LOOM_SAMPLER_USES_RNG | kRunsOnCuda | kReadsCandidates |
+                      (LOOM_SAMPLERS_CUDA ? static_cast<uint32_t>(LOOM_SAMPLER_DEVICE_TOKENS) : 0u));
 
 }  // namespace
 

@@ -1,6 +1,7 @@
 // Sampler `min-p`: masks tokens whose probability is below p times the row's top probability,
 // i.e. logit < max_logit + ln(p). Works in logit space, so no softmax is needed. CPU or CUDA
-// (the same double threshold; a row of only -inf is left as it is on CUDA, refused on the CPU).
+// (the same double threshold; a row of only -inf is left as it is on CUDA, refused on the CPU),
+// on dense rows or on candidate rows (ABI 1.3).
 #include <cmath>
 
 #include "sampler_common.hpp"
@@ -22,6 +23,10 @@ struct MinP : Base {
 #if LOOM_SAMPLERS_CUDA
     if (on_cuda(b)) {
       const DeviceRows d = device_rows(b, host, ctx, "min-p");
+      if (const auto cand = candidate_rows(b, "min-p"); cand && b.candidates->active != 0) {
+        check_cuda(cuda::candidates_min_p(*cand, b.n_rows, log_p, d.stream), "min-p");
+        return;
+      }
       void* s = scratch.get(b.logits->device, cuda::min_p_scratch_bytes(b.n_rows, b.vocab_size), "min-p");
       check_cuda(cuda::min_p(d.data, b.n_rows, b.vocab_size, log_p, s, d.stream), "min-p");
       return;
@@ -37,7 +42,7 @@ struct MinP : Base {
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<MinP>(kRunsOnCuda);
+constexpr loom_sampler_vtable kVtable = make_vtable<MinP>(kRunsOnCuda | kReadsCandidates);
 constexpr loom_param_desc kParams[] = {
     param("p", LOOM_VALUE_FLOAT, "0.05", "minimum probability relative to the top token, in [0, 1]"),
 };

@@ -61,6 +61,10 @@ inline Rows cpu_rows(const loom_sampling_batch* b, const char* component) {
     unsupported(std::string(component) + ": logits must be on the CPU (this sampler has no " +
                 "device implementation); device type " +
                 std::to_string(static_cast<int>(b->logits->device.device_type)));
+  // Candidate rows (ABI 1.3) are offered with device logits only; active ones here would mean
+  // the dense rows are stale.
+  if (LOOM_HAS_FIELD(b, loom_sampling_batch, candidates) && b->candidates != nullptr && b->candidates->active != 0)
+    unsupported(std::string(component) + ": candidate rows with logits on the CPU");
   return Rows{data_of<float>(*b->logits), b->n_rows, b->vocab_size};
 }
 

@@ -25,6 +25,7 @@
 #include <cstring>
 
 #include "samplers_cuda.hpp"
+#include "samplers_device.cuh"
 
 namespace loomp::samplers::cuda {
 namespace {
@@ -42,27 +43,24 @@ __constant__ int kWidth[kLevels] = {12, 11, 11, 11, 11, 8};
 inline int64_t chunks_of(int64_t vocab) { return (vocab + kChunk - 1) / kChunk; }
 inline size_t align256(size_t b) { return (b + 255) / 256 * 256; }
 
-// Order-preserving key: a larger float gives a larger key; -0.0 is folded onto +0.0 (the CPU
-// compares them equal, so the id decides).
-__device__ __forceinline__ uint32_t order_key(float f) {
-  uint32_t u = __float_as_uint(f);
-  if (u == 0x80000000u) u = 0;
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-__device__ __forceinline__ uint64_t composite(float f, int64_t id) {
-  return (static_cast<uint64_t>(order_key(f)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(id));
-}
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-__device__ __forceinline__ double weight(float x, float mx) {
-  return x == -INFINITY ? 0.0 : exp(__dsub_rn(static_cast<double>(x), static_cast<double>(mx)));
-}
-
 // ---- elementwise ----
 
 __global__ void scale_kernel(float* __restrict__ x, int64_t n, float inv) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
     x[i] = __fmul_rn(x[i], inv);
+}
+// The same over 16-byte aligned rows, four floats a load (n4 groups of four).
+__global__ void scale4_kernel(float4* __restrict__ x, int64_t n4, float inv) {
+  wait_for_previous_kernel();
+  allow_next_kernel();
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n4; i += int64_t{gridDim.x} * blockDim.x) {
+    float4 v = x[i];
+    v.x = __fmul_rn(v.x, inv);
+    v.y = __fmul_rn(v.y, inv);
+    v.z = __fmul_rn(v.z, inv);
+    v.w = __fmul_rn(v.w, inv);
+    x[i] = v;
+  }
 }
 
 __device__ __forceinline__ void penalise(float* __restrict__ x, int64_t vocab, const int32_t* pairs, int64_t n,
@@ -87,6 +85,8 @@ struct PairParams {
 };
 __global__ void penalties_param_kernel(float* __restrict__ x, int64_t vocab, const __grid_constant__ PairParams p,
                                        int64_t n, float repetition, float frequency, float presence) {
+  wait_for_previous_kernel();
+  allow_next_kernel();
   const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (i < n) penalise(x, vocab, p.v, n, i, repetition, frequency, presence);
 }
@@ -485,11 +485,6 @@ dist_sums_kernel(const float* __restrict__ x, int64_t vocab, const float* __rest
   }
 }
 
-// Each row's uniform travels in the launch for up to kParamRows rows (see PairParams).
-constexpr int kParamRows = 4096;
-struct UniformParams {
-  float u[kParamRows];
-};
 __global__ void __launch_bounds__(kDistThreads)
 dist_pick_kernel(const float* __restrict__ x, int64_t vocab, int64_t chunks, const float* __restrict__ partial,
                  const double* __restrict__ sums, const int64_t* __restrict__ last, const float* __restrict__ u_ptr,
@@ -631,8 +626,6 @@ void staging_delete(Staging* s) {
   delete s;
 }
 
-namespace {
-// src (host, `bytes`) -> dst (device) through the staging's pinned memory, ordered on st.
 cudaError_t upload(Staging*& s, void* dst, const void* src, size_t bytes, cudaStream_t st) {
   if (s == nullptr) {
     s = new Staging;
@@ -652,7 +645,18 @@ cudaError_t upload(Staging*& s, void* dst, const void* src, size_t bytes, cudaSt
   if (cudaError_t e = cudaMemcpyAsync(dst, s->pinned, bytes, cudaMemcpyHostToDevice, st); e != cudaSuccess) return e;
   return cudaEventRecord(s->done, st);
 }
-}  // namespace
+
+bool programmatic_launch() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  static int major[64] = {};  // per device: 0 unknown, else the compute capability's major
+  if (device < 0 || device >= 64) return false;
+  if (major[device] == 0 && cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major[device] >= 9;
+}
 
 bool is_device_memory(const void* p, int device) {
   // Every link of a chain asks about the same logits buffer at every step, and the host keeps
@@ -675,7 +679,17 @@ bool is_device_memory(const void* p, int device) {
 
 int scale(float* x, int64_t n, float inv, void* stream) {
   if (n == 0) return 0;
-  scale_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(x, n, inv);
+  auto st = static_cast<cudaStream_t>(stream);
+  if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    const int64_t n4 = n / 4;
+    if (n4 > 0)
+      if (cudaError_t e = launch_after(scale4_kernel, dim3(grid_for(n4, 256)), dim3(256), st, reinterpret_cast<float4*>(x), n4, inv);
+          e != cudaSuccess)
+        return static_cast<int>(e);
+    if (n % 4 != 0) scale_kernel<<<1, 32, 0, st>>>(x + 4 * n4, n % 4, inv);
+  } else {
+    scale_kernel<<<grid_for(n, 256), 256, 0, st>>>(x, n, inv);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -686,9 +700,8 @@ int penalties(float* x, int64_t vocab, const int32_t* pairs, int64_t n_pairs, vo
   if (n_pairs <= kParamPairs) {
     static thread_local PairParams p;
     std::memcpy(p.v, pairs, sizeof(int32_t) * 3 * static_cast<size_t>(n_pairs));
-    penalties_param_kernel<<<grid_for(n_pairs, 256), 256, 0, st>>>(x, vocab, p, n_pairs, repetition, frequency,
-                                                                   presence);
-    return static_cast<int>(cudaGetLastError());
+    return static_cast<int>(launch_after(penalties_param_kernel, dim3(grid_for(n_pairs, 256)), dim3(256), st, x, vocab, p,
+                                         n_pairs, repetition, frequency, presence));
   }
   if (cudaError_t e = upload(staging, scratch, pairs, sizeof(int32_t) * 3 * static_cast<size_t>(n_pairs), st);
       e != cudaSuccess)
@@ -747,14 +760,9 @@ int dist(const float* x, int64_t rows, int64_t vocab, const float* u, void* scra
   base += align256(sizeof(float) * static_cast<size_t>(rows));
   auto* dtok = reinterpret_cast<int32_t*>(base);
   static thread_local UniformParams up;
-  const float* u_ptr = nullptr;
-  if (rows <= kParamRows) {
-    std::memcpy(up.u, u, sizeof(float) * static_cast<size_t>(rows));
-  } else {
-    if (cudaError_t e = upload(staging, du, u, sizeof(float) * static_cast<size_t>(rows), st); e != cudaSuccess)
-      return static_cast<int>(e);
-    u_ptr = du;
-  }
+  cudaError_t staged = cudaSuccess;
+  const float* u_ptr = stage_uniforms(u, rows, du, staging, st, up, &staged);
+  if (staged != cudaSuccess) return static_cast<int>(staged);
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(rows));
   max_partials_kernel<<<grid, kStreamThreads, 0, st>>>(x, vocab, partial);
   dist_sums_kernel<<<grid, kDistThreads, 0, st>>>(x, vocab, partial, sums, last);

@@ -15,6 +15,7 @@
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
 #ifndef __CUDACC__
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -29,6 +30,9 @@ namespace loomp::samplers {
 
 // LOOM_SAMPLER_RUNS_ON_CUDA where this build has the CUDA paths, else nothing.
 inline constexpr uint32_t kRunsOnCuda = LOOM_SAMPLERS_CUDA ? static_cast<uint32_t>(LOOM_SAMPLER_RUNS_ON_CUDA) : 0u;
+// LOOM_SAMPLER_CANDIDATES where this build has the candidate kernels (candidates_cuda.cu).
+inline constexpr uint32_t kReadsCandidates =
+    LOOM_SAMPLERS_CUDA ? static_cast<uint32_t>(LOOM_SAMPLER_CANDIDATES) : 0u;
 
 namespace cuda {
 // Pinned host memory for uploads (penalty pairs, dist's uniforms): an asynchronous copy from
@@ -149,7 +153,71 @@ size_t dist_scratch_bytes(int64_t rows, int64_t vocab);
 int dist(const float* x, int64_t rows, int64_t vocab, const float* u, void* scratch, Staging*& staging,
          int32_t* tokens_device, int32_t* tokens_host, void* stream);
 
+// ---- candidate rows (ABI 1.3; candidates_cuda.cu) ----
+// The batch's candidates as plain pointers: ids/values [rows, capacity], count [rows].
+struct CandidateRows {
+  int32_t* ids;
+  float* values;
+  int32_t* count;
+  int64_t capacity;
+};
+// The largest capacity the candidate kernels read (a row's candidates sit in shared memory).
+inline constexpr int64_t kMaxCandidates = 1024;
+// Whether top-k of k over rows of `vocab` can leave its result as candidates.
+bool candidates_top_k_fits(int64_t vocab, int64_t k, int64_t capacity);
+// top-k of dense rows x into the candidates (the k best, in order); scratch per the call below.
+size_t candidates_top_k_scratch_bytes(int64_t rows, int64_t vocab, int64_t k);
+// `zero`: the scratch is fresh (a counter in it must start at zero).
+int candidates_top_k(const float* x, int64_t rows, int64_t vocab, int64_t k, const CandidateRows& c, void* scratch,
+                     bool zero, void* stream);
+// top-k over active candidates (already in order): count = min(count, k).
+int candidates_truncate(const CandidateRows& c, int64_t rows, int64_t k, void* stream);
+// temperature: values *= inv (the CPU's float multiply), order kept.
+int candidates_scale(const CandidateRows& c, int64_t rows, float inv, void* stream);
+// top-p and min-p: shorten each row's count to the CPU's kept prefix.
+int candidates_top_p(const CandidateRows& c, int64_t rows, double p, int64_t min_keep, void* stream);
+int candidates_min_p(const CandidateRows& c, int64_t rows, double log_p, void* stream);
+// dist: the CPU's draw over each row's candidates (u[rows] host memory). Tokens go to
+// tokens_device when it is given and no log-probabilities are asked for; otherwise tokens (and
+// log-probabilities when logprobs_host is given) are copied to the host, synchronising the stream.
+size_t candidates_dist_scratch_bytes(int64_t rows);
+int candidates_dist(const CandidateRows& c, int64_t rows, const float* u, void* scratch, Staging*& staging,
+                    int32_t* tokens_device, int32_t* tokens_host, float* logprobs_host, void* stream);
+
 }  // namespace cuda
+
+#if LOOM_SAMPLERS_CUDA && !defined(__CUDACC__)
+// The batch's candidates (ABI 1.3) when the host offers them, checked; nullopt otherwise, or when
+// their capacity exceeds what the kernels read and they are not active (the link then works on
+// the dense rows). Active candidates the kernels cannot read are refused.
+inline std::optional<cuda::CandidateRows> candidate_rows(const loom_sampling_batch& b, const char* component) {
+  if (b.struct_size < offsetof(loom_sampling_batch, candidates) + sizeof(b.candidates) || b.candidates == nullptr)
+    return std::nullopt;
+  const loom_sampling_candidates& c = *b.candidates;
+  if (c.struct_size < offsetof(loom_sampling_candidates, active) + sizeof(c.active)) invalid(std::string(component) + ": candidates struct_size too small");
+  const auto matrix = [&](const DLTensor* t, bool is_float, const char* name) {
+    if (t == nullptr || t->data == nullptr || t->ndim != 2 || t->shape[0] < b.n_rows || t->shape[1] != c.capacity ||
+        !(is_float ? is_f32(t->dtype) : is_i32(t->dtype)) || t->device.device_type != b.logits->device.device_type ||
+        t->device.device_id != b.logits->device.device_id || !is_contiguous(*t))
+      invalid(std::string(component) + ": candidates->" + name + " must be a contiguous [n_rows, capacity] " +
+              (is_float ? "float32" : "int32") + " tensor on the logits' device");
+  };
+  if (c.capacity < 1) invalid(std::string(component) + ": candidates->capacity must be >= 1");
+  matrix(c.ids, false, "ids");
+  matrix(c.logits, true, "logits");
+  const DLTensor* n = c.count;
+  if (n == nullptr || n->data == nullptr || n->ndim != 1 || n->shape[0] < b.n_rows || !is_i32(n->dtype) ||
+      n->device.device_type != b.logits->device.device_type || n->device.device_id != b.logits->device.device_id)
+    invalid(std::string(component) + ": candidates->count must be an [n_rows] int32 tensor on the logits' device");
+  if (c.capacity > cuda::kMaxCandidates) {
+    if (c.active != 0)
+      unsupported(std::string(component) + ": candidate rows of capacity " + std::to_string(c.capacity) +
+                  " (this plugin reads up to " + std::to_string(cuda::kMaxCandidates) + ")");
+    return std::nullopt;
+  }
+  return cuda::CandidateRows{data_of<int32_t>(*c.ids), data_of<float>(*c.logits), data_of<int32_t>(*n), c.capacity};
+}
+#endif
 
 #if LOOM_SAMPLERS_CUDA && !defined(__CUDACC__)
 // apply_history_penalties (sampler_common.hpp) on CUDA rows: the window's (token, count) pairs

@@ -1,6 +1,6 @@
 // Sampler `temperature`: divides every logit by t (t > 0). t = 0 is rejected at create:
 // "always pick the argmax" is the greedy sampler's job, and dividing by zero is not.
-// CPU or CUDA (the same float multiply by 1/t).
+// CPU or CUDA (the same float multiply by 1/t), on dense rows or on candidate rows (ABI 1.3).
 #include <cmath>
 
 #include "sampler_common.hpp"
@@ -25,6 +25,10 @@ struct Temperature : Base {
 #if LOOM_SAMPLERS_CUDA
     if (on_cuda(b)) {
       const DeviceRows d = device_rows(b, host, ctx, "temperature");
+      if (const auto cand = candidate_rows(b, "temperature"); cand && b.candidates->active != 0) {
+        check_cuda(cuda::candidates_scale(*cand, b.n_rows, inv, d.stream), "temperature");
+        return;
+      }
       check_cuda(cuda::scale(d.data, int64_t{b.n_rows} * b.vocab_size, inv, d.stream), "temperature");
       return;
     }
@@ -37,7 +41,7 @@ struct Temperature : Base {
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<Temperature>(kRunsOnCuda);
+constexpr loom_sampler_vtable kVtable = make_vtable<Temperature>(kRunsOnCuda | kReadsCandidates);
 constexpr loom_param_desc kParams[] = {
     param("t", LOOM_VALUE_FLOAT, "1.0", "temperature; logits are divided by t (must be > 0)"),
 };

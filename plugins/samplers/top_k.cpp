@@ -1,7 +1,9 @@
 // Sampler `top-k`: keeps exactly the k largest logits of each row (ties broken by lower token
 // id, so the kept set is deterministic) and masks the rest with -inf. k = 0 disables it; a
 // negative k is a configuration error. CPU or CUDA (a radix select on the order of
-// (logit desc, id asc): the same kept set).
+// (logit desc, id asc): the same kept set). On CUDA, when the host offers candidate rows (ABI
+// 1.3) and k <= 1024, the kept tokens become the rows' candidates, in that order, and the dense
+// rows are left as they were.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -24,7 +26,22 @@ struct TopK : Base {
 #if LOOM_SAMPLERS_CUDA
     if (on_cuda(b)) {
       const DeviceRows d = device_rows(b, host, ctx, "top-k");
-      if (k == 0 || k >= b.vocab_size || b.n_rows == 0) return;
+      if (k == 0 || b.n_rows == 0) return;
+      const auto cand = candidate_rows(b, "top-k");
+      if (cand && b.candidates->active != 0) {  // already in order: the first k
+        check_cuda(cuda::candidates_truncate(*cand, b.n_rows, k, d.stream), "top-k");
+        return;
+      }
+      if (k >= b.vocab_size) return;
+      if (cand && cuda::candidates_top_k_fits(b.vocab_size, k, cand->capacity)) {
+        // (Its own layout key for must_zero: the dense path keeps other regions zero.)
+        void* s = scratch.get(b.logits->device, cuda::candidates_top_k_scratch_bytes(b.n_rows, b.vocab_size, k), "top-k");
+        check_cuda(cuda::candidates_top_k(d.data, b.n_rows, b.vocab_size, k, *cand, s, scratch.must_zero(b.n_rows, -(b.vocab_size + (k << 32))),
+                                          d.stream),
+                   "top-k");
+        b.candidates->active = 1;  // the rows are now the k best of each, as candidates
+        return;
+      }
       void* s = scratch.get(b.logits->device, cuda::select_scratch_bytes(b.n_rows, b.vocab_size, false), "top-k");
       check_cuda(cuda::top_k(d.data, b.n_rows, b.vocab_size, k, s, scratch.must_zero(b.n_rows, b.vocab_size), d.stream), "top-k");
       return;
@@ -46,7 +63,7 @@ struct TopK : Base {
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<TopK>(kRunsOnCuda);
+constexpr loom_sampler_vtable kVtable = make_vtable<TopK>(kRunsOnCuda | kReadsCandidates);
 constexpr loom_param_desc kParams[] = {
     param("k", LOOM_VALUE_INT, "40", "number of highest logits kept, >= 0; 0 disables the filter"),
 };

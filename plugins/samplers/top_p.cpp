@@ -4,6 +4,7 @@
 // a vocabulary of tens of thousands, so sorting everything would waste most of the work.
 // CUDA: a radix descent over (probability desc, id asc) with the same weights exp(x - max) in
 // double, summed in another order: at an exact boundary the kept sets may differ by a token.
+// On candidate rows (ABI 1.3) the sums run in the CPU's order: the CPU's nucleus exactly.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -30,6 +31,10 @@ struct TopP : Base {
     if (on_cuda(b)) {
       const DeviceRows d = device_rows(b, host, ctx, "top-p");
       if (p >= 1.0 || min_keep >= b.vocab_size || b.n_rows == 0) return;
+      if (const auto cand = candidate_rows(b, "top-p"); cand && b.candidates->active != 0) {
+        check_cuda(cuda::candidates_top_p(*cand, b.n_rows, p, min_keep, d.stream), "top-p");
+        return;
+      }
       void* s = scratch.get(b.logits->device, cuda::select_scratch_bytes(b.n_rows, b.vocab_size, true), "top-p");
       check_cuda(cuda::top_p(d.data, b.n_rows, b.vocab_size, p, min_keep, s,
                              scratch.must_zero(b.n_rows, b.vocab_size), d.stream), "top-p");
@@ -64,7 +69,7 @@ struct TopP : Base {
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<TopP>(kRunsOnCuda);
+constexpr loom_sampler_vtable kVtable = make_vtable<TopP>(kRunsOnCuda | kReadsCandidates);
 constexpr loom_param_desc kParams[] = {
     param("p", LOOM_VALUE_FLOAT, "0.9", "cumulative probability of the kept nucleus, in (0, 1]"),
     param("min_keep", LOOM_VALUE_INT, "1", "minimum number of tokens kept (>= 1)"),

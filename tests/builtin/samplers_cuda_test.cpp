@@ -27,6 +27,7 @@
 #include "../../plugins/samplers/philox.hpp"
 #include "builtin_test_util.hpp"
 #include "loom/core/host_context.hpp"
+#include "loom/core/sampler_chain.hpp"
 
 namespace {
 
@@ -416,6 +417,133 @@ TEST_CASE("the chain penalties -> temperature -> top-k -> top-p -> min-p -> dist
   CHECK(differ * 1000 <= rows);
 }
 
+// The chain over `r` on the CPU, link by link, and on CUDA through core's SamplerChain (which
+// offers candidate rows to the links that read them). Rows of both after the chain, tokens of
+// both (the CUDA tokens left on the device unless `logprobs`), log-probabilities when asked.
+struct ChainRun {
+  std::vector<float> cpu, gpu;
+  std::vector<int32_t> cpu_tokens, gpu_tokens;
+  std::vector<float> cpu_logprobs, gpu_logprobs;
+  bool used_candidates = false;
+};
+ChainRun run_chain(const std::vector<std::shared_ptr<loom::Instance>> &chain, const Rows &r, bool logprobs = false) {
+  ChainRun out;
+  out.cpu = r.x;
+  Call cc(r, out.cpu.data(), DLDevice{kDLCPU, 0});
+  out.cpu_logprobs.assign(static_cast<size_t>(r.n), 0.0f);
+  if (logprobs) cc.b.logprobs_out = out.cpu_logprobs.data();
+  for (auto &link : chain) apply_ok(*link, cc.b);
+  out.cpu_tokens = cc.tokens;
+  DeviceBuffer d(r.x.size() * sizeof(float)), t(static_cast<size_t>(r.n) * sizeof(int32_t));
+  CUDA_REQUIRE(cudaMemcpy(d.ptr, r.x.data(), r.x.size() * sizeof(float), cudaMemcpyHostToDevice));
+  CUDA_REQUIRE(cudaMemset(t.ptr, 0xff, static_cast<size_t>(r.n) * sizeof(int32_t)));
+  Call gc(r, d.ptr, DLDevice{kDLCUDA, 0}, static_cast<int32_t *>(t.ptr));
+  out.gpu_logprobs.assign(static_cast<size_t>(r.n), 0.0f);
+  if (logprobs) gc.b.logprobs_out = out.gpu_logprobs.data();
+  loom::SamplerChain runner;
+  try {
+    runner.apply(chain, gc.b, "selecting samplers must come last");
+  } catch (const std::exception &e) {
+    FAIL(e.what());
+  }
+  out.used_candidates = runner.used_candidates();
+  CUDA_REQUIRE(cudaDeviceSynchronize());
+  out.gpu.resize(r.x.size());
+  CUDA_REQUIRE(cudaMemcpy(out.gpu.data(), d.ptr, r.x.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  out.gpu_tokens = gc.tokens;
+  if (std::all_of(gc.tokens.begin(), gc.tokens.end(), [](int32_t tok) { return tok == -1; }))
+    CUDA_REQUIRE(cudaMemcpy(out.gpu_tokens.data(), t.ptr, static_cast<size_t>(r.n) * sizeof(int32_t),
+                            cudaMemcpyDeviceToHost));
+  return out;
+}
+
+TEST_CASE("top-k into candidate rows and back gives the CPU's rows bit for bit", "[samplers][cuda][candidates]") {
+  // top-k leaves its rows as candidates; penalties (which does not read them) makes the host
+  // turn them back into dense rows first. Every shape, every special row (ties, equal logits,
+  // one finite entry, -inf and signed zeros), k from 1 to the candidates' capacity; above it
+  // top-k stays dense.
+  for (int64_t k : {1, 7, 40, 64, 128, 129, 1024, 1025}) {
+    auto rt = bt::runtime("[[sampler]]\nuse = \"top-k\"\nk = " + std::to_string(k) +
+                          "\n[[sampler]]\nuse = \"penalties\"\nfrequency_penalty = 0.5\nlast_n = 64\n");
+    auto chain = rt->pipeline().list(LOOM_KIND_SAMPLER);
+    uint32_t seed = 300;
+    for (const Shape &s : kShapes) {
+      const Rows r = make_rows(s.rows, s.vocab, seed++);
+      const ChainRun run = run_chain(chain, r);
+      INFO("k " << k << " rows " << s.rows << " vocab " << s.vocab);
+      CHECK(run.used_candidates == (k <= loom::SamplerChain::kCapacity && k < s.vocab));
+      CHECK(differing_rows(run.cpu, run.gpu, s.vocab).empty());
+    }
+  }
+  // Candidates already in order: a second top-k keeps their first k.
+  auto rt = bt::runtime("[[sampler]]\nuse = \"top-k\"\nk = 300\n[[sampler]]\nuse = \"top-k\"\nk = 30\n"
+                        "[[sampler]]\nuse = \"penalties\"\nfrequency_penalty = 0.5\n");
+  auto chain = rt->pipeline().list(LOOM_KIND_SAMPLER);
+  const Rows r = make_rows(32, 32000, 77);
+  const ChainRun run = run_chain(chain, r);
+  CHECK(run.used_candidates);
+  CHECK(differing_rows(run.cpu, run.gpu, 32000).empty());
+}
+
+TEST_CASE("temperature on candidate rows keeps ties in id order", "[samplers][cuda][candidates]") {
+  // Two neighbouring floats that one float multiply by 1/t makes equal: before the multiply the
+  // larger (at the higher id) comes first; after it the lower id must, as on the CPU, so that a
+  // following top-k of 1 keeps the lower id.
+  const float inv = 1.0f / 1.5f;
+  float a = 1.75f, b = 0.0f;
+  bool found = false;
+  for (int i = 0; i < 1000 && !found; ++i) {
+    b = std::nextafter(a, 2.0f);
+    found = a * inv == b * inv;
+    a = b;
+  }
+  REQUIRE(found);
+  a = std::nextafter(b, 0.0f);
+  Rows r = make_rows(1, 1000, 5, 0.1f, false);  // values far below a and b
+  r.x[10] = b;                                  // the larger value at the higher id
+  r.x[5] = a;
+  auto rt = bt::runtime("[[sampler]]\nuse = \"top-k\"\nk = 10\n[[sampler]]\nuse = \"temperature\"\nt = 1.5\n"
+                        "[[sampler]]\nuse = \"top-k\"\nk = 1\n[[sampler]]\nuse = \"penalties\"\n");
+  const ChainRun run = run_chain(rt->pipeline().list(LOOM_KIND_SAMPLER), r);
+  CHECK(run.used_candidates);
+  CHECK(run.cpu[5] != -INFINITY);
+  CHECK(differing_rows(run.cpu, run.gpu, 1000).empty());
+}
+
+TEST_CASE("the chain over candidate rows draws exactly the CPU's tokens and log-probabilities",
+          "[samplers][cuda][candidates]") {
+  // On candidate rows top-p and dist sum in the CPU's order, so no boundary exception: every
+  // token and every log-probability must be the CPU's.
+  for (const char *filters : {"[[sampler]]\nuse = \"top-k\"\nk = 40\n[[sampler]]\nuse = \"top-p\"\np = 0.95\n"
+                              "[[sampler]]\nuse = \"min-p\"\np = 0.05\n",
+                              "[[sampler]]\nuse = \"top-k\"\nk = 1024\n[[sampler]]\nuse = \"top-p\"\np = 0.9\n"
+                              "min_keep = 3\n",
+                              "[[sampler]]\nuse = \"top-k\"\nk = 5\n[[sampler]]\nuse = \"min-p\"\np = 0.5\n"}) {
+    auto rt = bt::runtime(std::string("[[sampler]]\nuse = \"penalties\"\nrepetition_penalty = 1.1\nlast_n = 64\n"
+                                      "[[sampler]]\nuse = \"temperature\"\nt = 0.8\n") +
+                          filters + "[[sampler]]\nuse = \"dist\"\n");
+    auto chain = rt->pipeline().list(LOOM_KIND_SAMPLER);
+    int64_t rows = 0, differ = 0, lp_differ = 0;
+    for (const Shape &s : kShapes)
+      for (uint32_t step = 0; step < 3; ++step) {
+        const Rows r = make_rows(s.rows, s.vocab, 9100 + step + static_cast<uint32_t>(s.vocab), 2.5f, step == 2);
+        for (bool logprobs : {false, true}) {
+          const ChainRun run = run_chain(chain, r, logprobs);
+          CHECK(run.used_candidates == (s.vocab > 1024 || std::strstr(filters, "k = 1024") == nullptr));
+          for (size_t i = 0; i < run.cpu_tokens.size(); ++i) {
+            ++rows;
+            differ += run.gpu_tokens[i] != run.cpu_tokens[i];
+            if (logprobs) lp_differ += std::memcmp(&run.gpu_logprobs[i], &run.cpu_logprobs[i], sizeof(float)) != 0;
+          }
+        }
+      }
+    INFO(filters);
+    CHECK(rows > 500);
+    CHECK(differ == 0);
+    CHECK(lp_differ == 0);
+  }
+}
+
 TEST_CASE("sampling links on 32 x 128256 rows, timed with CUDA events", "[.bench]") {
   const char *links[] = {
       "[[sampler]]\nuse = \"penalties\"\nrepetition_penalty = 1.1\nlast_n = 64\n",
@@ -441,13 +569,14 @@ TEST_CASE("sampling links on 32 x 128256 rows, timed with CUDA events", "[.bench
   auto time_links = [&](const std::string &name, const std::string &toml) {
     auto rt = bt::runtime(toml);
     auto chain = rt->pipeline().list(LOOM_KIND_SAMPLER);
+    loom::SamplerChain runner;  // as the decoder runs a chain: candidate rows between the links that read them
     std::vector<float> ms;
     for (int rep = 0; rep < reps; ++rep) {
       CUDA_REQUIRE(cudaMemcpyAsync(busy_b.ptr, busy_a.ptr, busy_bytes, cudaMemcpyDeviceToDevice, stream));
       CUDA_REQUIRE(cudaMemcpyAsync(d.ptr, src.ptr, r.x.size() * sizeof(float), cudaMemcpyDeviceToDevice, stream));
       Call gc(r, d.ptr, DLDevice{kDLCUDA, 0}, static_cast<int32_t *>(t.ptr));
       cudaEventRecord(a, stream);
-      for (auto &link : chain) apply_ok(*link, gc.b);
+      runner.apply(chain, gc.b, "selecting samplers must come last");
       cudaEventRecord(b, stream);
       CUDA_REQUIRE(cudaEventSynchronize(b));
       float m = 0;
@@ -455,13 +584,17 @@ TEST_CASE("sampling links on 32 x 128256 rows, timed with CUDA events", "[.bench
       if (rep >= std::min(3, reps - 1)) ms.push_back(m);
     }
     std::sort(ms.begin(), ms.end());
-    std::printf("%-16s %8.1f us\n", name.c_str(), 1000.0 * ms[ms.size() / 2]);
+    std::printf("%-16s %8.1f us%s\n", name.c_str(), 1000.0 * ms[ms.size() / 2],
+                runner.used_candidates() ? " (candidate rows)" : "");
   };
   for (const char *toml : links) time_links(bt::runtime(toml)->pipeline().at("sampler[0]").desc().name, toml);
   // The chain: every link but greedy.
   std::string chain;
   for (size_t i = 0; i + 1 < sizeof(links) / sizeof(links[0]); ++i) chain += links[i];
   time_links("chain", chain);
+  setenv("LOOM_SAMPLER_CANDIDATES", "0", 1);  // the same chain on dense rows throughout
+  time_links("chain, dense", chain);
+  unsetenv("LOOM_SAMPLER_CANDIDATES");
   cudaEventDestroy(a);
   cudaEventDestroy(b);
 }

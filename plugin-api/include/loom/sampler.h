@@ -23,6 +23,21 @@
  * fork()/release()). Hypotheses that end (an end token, or max_new_tokens reached) are kept by
  * the link; when a group is done the link says so in done_out, and the host takes the group's
  * best hypothesis with finish(). Links before it in the chain rewrite each row as usual.
+ *
+ * Candidates (ABI 1.3). After a truncating filter (top-k) a row keeps a few dozen tokens of a
+ * vocabulary of 100k or more, and every later link that walks the dense row spends most of its
+ * time on -inf. When the logits are on a device, the host may offer links flagged
+ * LOOM_SAMPLER_CANDIDATES a second, sparse form of the rows (batch->candidates): per row, up to
+ * `capacity` (token id, logit) pairs. While candidates->active is 0 the dense logits are the rows
+ * and the candidates are free space a link may fill; a link that leaves its result there sets
+ * active to 1, and from then on the candidates ARE the rows: row r is ids/logits [0, count[r])
+ * and every token not listed is -inf; the dense logits are stale. Listed logits are finite, ids
+ * are distinct and in [0, vocab_size), and a row lists its tokens by logit descending, equal
+ * logits by id ascending (the order top-k and top-p keep tokens in), so that the most probable
+ * token comes first. A link that rewrites active candidates keeps those rules. Before a link
+ * without the flag, the host turns active candidates back into dense rows (-inf everywhere but
+ * the listed tokens) and clears active; it gives such a link candidates = NULL. After the chain
+ * the logits are the host's to discard, in whichever form they are.
  */
 #ifndef LOOM_SAMPLER_H
 #define LOOM_SAMPLER_H
@@ -81,7 +96,24 @@ typedef struct loom_sampling_batch {
   /* [n_rows], written: non-zero for every row of a group that is done after this call; those
    * rows get tokens_out and parents_out -1, the host drops them and calls finish(). */
   int32_t *done_out;
+  /* ABI 1.3 (check LOOM_HAS_FIELD), optional (NULL): the rows in sparse form (see "Candidates"
+   * above). Non-NULL only for a link flagged LOOM_SAMPLER_CANDIDATES, and only when the host
+   * offers them (logits on a device). The buffers are the host's; the link may rewrite them and
+   * candidates->active during the call. */
+  struct loom_sampling_candidates *candidates;
 } loom_sampling_batch;
+
+/* ABI 1.3: candidate rows (see "Candidates" above). Owned by the host; valid for the call. */
+typedef struct loom_sampling_candidates {
+  uint32_t struct_size;
+  int32_t capacity;  /* C: entries each row can hold (>= 1) */
+  DLTensor *ids;     /* [n_rows, C] int32 on the logits' device, row-major */
+  DLTensor *logits;  /* [n_rows, C] float32 on the logits' device, row-major */
+  DLTensor *count;   /* [n_rows] int32 on the logits' device: entries in use in each row */
+  /* Host memory. 0: the dense logits are the rows (ids/logits/count hold nothing); 1: the
+   * candidates are the rows. Set by the link that writes them; cleared by the host only. */
+  int32_t active;
+} loom_sampling_candidates;
 
 /* loom_sampler_vtable.flags */
 enum {
@@ -92,7 +124,11 @@ enum {
   LOOM_SAMPLER_DEVICE_TOKENS = 1u << 4, /* ABI 1.2: may write tokens_device instead of tokens_out */
   /* ABI 1.2: selects beams: needs the beam fields of the batch (groups, parents_out, done_out)
    * and offers LOOM_SAMPLER_BEAMS_EXTENSION through life.get_extension. Also SELECTS. */
-  LOOM_SAMPLER_BEAMS = 1u << 5
+  LOOM_SAMPLER_BEAMS = 1u << 5,
+  /* ABI 1.3: apply() understands batch->candidates: when they are active it reads and rewrites
+   * them instead of the dense rows (a selecting link selects from them), and when they are
+   * offered but not active it may leave its result there (setting active). */
+  LOOM_SAMPLER_CANDIDATES = 1u << 6
 };
 
 typedef struct loom_sampler_vtable {

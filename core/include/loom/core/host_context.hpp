@@ -58,6 +58,10 @@ bool device_argmax_rows(const float *x, int64_t rows, int64_t cols, DLDevice dev
 // The argmax of each row into `out`, int32 memory on `device` (as device_argmax_rows): on CUDA queued on the compute stream, returning without waiting for it.
 bool device_argmax_rows_to(const float *x, int64_t rows, int64_t cols, DLDevice device, int32_t *out,
                            std::string &error);
+// Sampler candidates back into dense rows (kernels::scatter_candidates_cuda): on CUDA queued on
+// the compute stream; false with `error` on another device or a launch failure.
+bool device_scatter_candidates(float *x, int64_t rows, int64_t cols, const int32_t *ids, const float *values,
+                               const int32_t *count, int64_t capacity, DLDevice device, std::string &error);
 
 // Brings a few int32 values (the tokens a decode step sampled) from device memory to the host
 // without blocking the compute stream's later work: start() queues the copy into page-locked

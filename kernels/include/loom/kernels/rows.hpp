@@ -39,6 +39,14 @@ int softmax_rows_cuda(float* x, int64_t rows, int64_t cols, void* stream,
 // x: [rows, cols] float32 on the device; out_device: [rows] int32 on the device, first index of
 // each row's max. Ordered on `stream`; returns a cudaError_t as int (0 ok).
 int argmax_rows_cuda(const float* x, int64_t rows, int64_t cols, int32_t* out_device, void* stream);
+
+// Sampler candidates (loom_sampling_candidates, plugin-api/sampler.h) back into dense rows: row r
+// of x [rows, cols] becomes -inf everywhere but ids[r, i] -> values[r, i] for i < count[r]
+// (ids, values: [rows, capacity]; count: [rows]; all on the device). Ids outside [0, cols) and
+// counts outside [0, capacity] are ignored (clamped), never written out of bounds. Ordered on
+// `stream`; returns a cudaError_t as int (0 ok).
+int scatter_candidates_cuda(float* x, int64_t rows, int64_t cols, const int32_t* ids, const float* values,
+                            const int32_t* count, int64_t capacity, void* stream);
 #endif
 
 }  // namespace loom::kernels
