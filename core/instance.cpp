@@ -63,13 +63,6 @@ std::unique_ptr<Instance> Instance::create(const ComponentRef &ref, const Compon
     // declared parameter or a path inside one and the manifest sets it. Any other key stays a
     // plain message at the table.
     std::string where = spec.table->where(), label = spec.slot;
-    // Until the builtin plugins call set_config_error: a message that begins
-    // "<component>: <parameter> ..." names its key.
-    const std::string prefix = std::string(ref.component->name) + ": ";
-    if (key.empty() && message.rfind(prefix, 0) == 0) {
-      const size_t end = message.find_first_of(" :", prefix.size());
-      key = message.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
-    }
     if (!key.empty() && is_declared(*ref.component, key) && spec.table->where(key) != where) {
       where = spec.table->where(key);
       label += "." + key;
