@@ -19,10 +19,12 @@ const char *loom_host_ctx::keep(const std::string &lookup, std::string value) no
   }
 }
 
-std::string loom_host_ctx::take_error() {
+std::string loom_host_ctx::take_error(std::string *key) {
   std::lock_guard lock(mutex);
   std::string e = std::move(last_error);
   last_error.clear();
+  if (key != nullptr) *key = std::move(last_error_key);
+  last_error_key.clear();
   return e;
 }
 
@@ -41,11 +43,21 @@ void host_log(loom_host_ctx *ctx, loom_log_level level, const char *message) {
   std::cerr << "[" << name << "] " << ctx->slot << " (" << ctx->component << "): " << message << "\n";
 }
 
-void host_set_error(loom_host_ctx *ctx, const char *message) {
+// A copy of a plugin's string, bounded so that a missing NUL cannot run away.
+std::string bounded(const char *s) { return std::string(s, strnlen(s, 4096)); }
+
+void host_set_config_error(loom_host_ctx *ctx, const char *key, const char *message) {
   if (ctx == nullptr) return;
+  // Copies made before the lock: an allocation failure leaves the previous error whole.
+  std::string m = message ? bounded(message) : "(no message)";
+  std::string k = key ? bounded(key) : std::string();
   std::lock_guard lock(ctx->mutex);
-  ctx->last_error = message ? std::string(message, strnlen(message, 4096)) : "(no message)";
+  ctx->last_error = std::move(m);
+  ctx->last_error_key = std::move(k);
 }
+
+// A message about no key: it also drops the key of an earlier set_config_error (the last wins).
+void host_set_error(loom_host_ctx *ctx, const char *message) { host_set_config_error(ctx, nullptr, message); }
 
 loom_value_type config_type(loom_host_ctx *ctx, const char *key) {
   if (ctx == nullptr || key == nullptr) return LOOM_VALUE_NONE;
@@ -302,6 +314,7 @@ const loom_host_api kHostApi = {
     NoThrow<host_metric_count>::call, NoThrow<host_metric_gauge>::call, NoThrow<host_metric_observe>::call,
     NoThrow<host_buffer_append>::call, NoThrow<host_buffer_clear>::call,
     NoThrow<host_get_extension>::call,
+    NoThrow<host_set_config_error>::call,
 };
 
 } // namespace

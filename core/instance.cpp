@@ -1,5 +1,7 @@
 #include "loom/core/instance.hpp"
 
+#include <string_view>
+
 #include "loom/core/error.hpp"
 #include "loom/sampler.h"
 
@@ -21,6 +23,19 @@ const char *status_name(loom_status status) {
   }
 }
 
+namespace {
+
+// True when `key` is a declared parameter of `component` or a path inside one ("bias[1].value"
+// inside "bias"): parameter keys are bare TOML keys, so a path's first segment is one.
+bool is_declared(const loom_component_desc &component, std::string_view key) {
+  const std::string_view root = key.substr(0, key.find_first_of(".["));
+  for (uint32_t i = 0; i < component.param_count; ++i)
+    if (root == component.params[i].key) return true;
+  return false;
+}
+
+} // namespace
+
 std::unique_ptr<Instance> Instance::create(const ComponentRef &ref, const ComponentSpec &spec,
                                            const InstanceEnvironment &env) {
   auto config = spec.table->resolve(*ref.component, spec.slot);
@@ -39,22 +54,18 @@ std::unique_ptr<Instance> Instance::create(const ComponentRef &ref, const Compon
   void *handle = nullptr;
   loom_status status = inst->lifecycle().create(host_api(), inst->ctx_.get(), &handle);
   if (status != LOOM_OK || handle == nullptr) {
-    std::string message = inst->ctx_->take_error();
+    std::string key;
+    std::string message = inst->ctx_->take_error(&key);
     if (message.empty()) message = status == LOOM_OK ? "create() returned no instance" : status_name(status);
     inst->handle_ = nullptr;
-    // A message that begins "<component>: <parameter> ..." is about that parameter's value:
-    // point at it (file:line:col of the value, slot.key), as the manifest checks do.
+    // A message the plugin tied to a config key (set_config_error) is about that value: point at
+    // it (file:line:col of the value, slot.key), as the manifest checks do, when the key is a
+    // declared parameter or a path inside one and the manifest sets it. Any other key stays a
+    // plain message at the table.
     std::string where = spec.table->where(), label = spec.slot;
-    const std::string prefix = std::string(ref.component->name) + ": ";
-    if (message.rfind(prefix, 0) == 0) {
-      const size_t end = message.find_first_of(" :", prefix.size());
-      const std::string key = message.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
-      for (uint32_t i = 0; i < ref.component->param_count; ++i)
-        if (key == ref.component->params[i].key && spec.table->where(key) != spec.table->where()) {
-          where = spec.table->where(key);
-          label += "." + key;
-          break;
-        }
+    if (!key.empty() && is_declared(*ref.component, key) && spec.table->where(key) != where) {
+      where = spec.table->where(key);
+      label += "." + key;
     }
     throw plugin_error(where + ": " + label + " (" + ref.component->name + " from " +
                        ref.library->path().filename().string() + "): create failed: " + message);

@@ -47,10 +47,11 @@ struct Lora {
         dropout(static_cast<float>(cfg_float(h, c, "dropout"))), scale(0.0f),
         seed(static_cast<uint64_t>(cfg_int(h, c, "seed"))), rslora(cfg_bool(h, c, "use_rslora")),
         targets(cfg_string_array(h, c, "target_modules")) {
-    if (r <= 0 || r > 65536) invalid("lora: r must be in [1, 65536], got " + std::to_string(r));
-    if (!std::isfinite(alpha)) invalid("lora: alpha must be finite");
-    if (!(dropout >= 0.0f && dropout < 1.0f)) invalid("lora: dropout must be in [0, 1)");
-    if (targets.empty()) invalid("lora: target_modules is empty; the adapter would apply nowhere");
+    if (r <= 0 || r > 65536) invalid_param("r", "lora: r must be in [1, 65536], got " + std::to_string(r));
+    if (!std::isfinite(alpha)) invalid_param("alpha", "lora: alpha must be finite");
+    if (!(dropout >= 0.0f && dropout < 1.0f)) invalid_param("dropout", "lora: dropout must be in [0, 1)");
+    if (targets.empty())
+      invalid_param("target_modules", "lora: target_modules is empty; the adapter would apply nowhere");
     const float rf = static_cast<float>(r);
     scale = rslora ? alpha / std::sqrt(rf) : alpha / rf;
   }

@@ -33,7 +33,7 @@ int log2_exact(int64_t n) {
 FlashAttention::FlashAttention(const loom_host_api* host, loom_host_ctx* ctx) : host_(host), ctx_(ctx) {
   const int64_t b = cfg_int(host, ctx, "block_size");
   if (b < 1 || b > 1024 || (b & (b - 1)) != 0)
-    invalid("flash: block_size must be a power of two in [1, 1024], got " + std::to_string(b));
+    invalid_param("block_size", "flash: block_size must be a power of two in [1, 1024], got " + std::to_string(b));
   block_size_ = static_cast<int>(b);
 }
 

@@ -32,7 +32,8 @@ struct Sdpa {
 
   Sdpa(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c), block_size(cfg_int(h, c, "block_size")) {
     if (block_size < 1 || block_size > 1024 || (block_size & (block_size - 1)) != 0)
-      invalid("sdpa: block_size must be a power of two in [1, 1024], got " + std::to_string(block_size));
+      invalid_param("block_size",
+                    "sdpa: block_size must be a power of two in [1, 1024], got " + std::to_string(block_size));
   }
 
   void prepare(const loom_attention_config& c, loom_kv_layout& out) {

@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "loom/loom_plugin_api.h"
@@ -20,18 +21,28 @@
 namespace loomp {
 
 // A failure with the status the ABI call should return. Thrown inside plugin code, caught by
-// guard() at the ABI edge.
+// guard() at the ABI edge. `key`, when not empty, is the config key (a path as the host's config
+// getters take it) whose value caused the failure, so the host can point at it in the manifest.
 class Fail : public std::runtime_error {
  public:
-  Fail(loom_status s, const std::string& msg) : std::runtime_error(msg), status(s) {}
+  Fail(loom_status s, const std::string& msg, std::string config_key = {})
+      : std::runtime_error(msg), status(s), key(std::move(config_key)) {}
   loom_status status;
+  std::string key;
 };
 
 [[noreturn]] inline void fail(loom_status s, const std::string& msg) { throw Fail(s, msg); }
 [[noreturn]] inline void invalid(const std::string& msg) { fail(LOOM_ERR_INVALID_ARGUMENT, msg); }
 [[noreturn]] inline void unsupported(const std::string& msg) { fail(LOOM_ERR_UNSUPPORTED, msg); }
+// The value of config key `key` is wrong (out of range, unreadable file, bad grammar...): the
+// host reports `msg` at that value's file:line:col, labelled slot.key. For create().
+[[noreturn]] inline void invalid_param(const std::string& key, const std::string& msg) {
+  throw Fail(LOOM_ERR_INVALID_ARGUMENT, msg, key);
+}
 
-// Runs f() and converts any exception into set_error + status, so nothing crosses the ABI.
+// Runs f() and converts any exception into set_error + status, so nothing crosses the ABI. A
+// Fail with a key goes through set_config_error where the host has it (ABI 1.3; an older host's
+// table ends before it, so check struct_size first) and through set_error elsewhere.
 template <class F>
 loom_status guard(const loom_host_api* host, loom_host_ctx* ctx, F&& f) noexcept {
   auto report = [&](const char* msg) noexcept {
@@ -41,7 +52,10 @@ loom_status guard(const loom_host_api* host, loom_host_ctx* ctx, F&& f) noexcept
     f();
     return LOOM_OK;
   } catch (const Fail& e) {
-    report(e.what());
+    if (!e.key.empty() && LOOM_HAS_FIELD(host, loom_host_api, set_config_error) && host->set_config_error != nullptr)
+      host->set_config_error(ctx, e.key.c_str(), e.what());
+    else
+      report(e.what());
     return e.status;
   } catch (const std::bad_alloc&) {
     report("out of memory");
@@ -72,7 +86,7 @@ void destroy_instance(void* inst) {
 }
 
 inline void check_cfg(loom_status s, const char* key, const char* what) {
-  if (s != LOOM_OK) invalid(std::string("config key '") + key + "': cannot read as " + what);
+  if (s != LOOM_OK) invalid_param(key, std::string("config key '") + key + "': cannot read as " + what);
 }
 inline int64_t cfg_int(const loom_host_api* h, loom_host_ctx* c, const char* key) {
   int64_t v = 0;

@@ -24,32 +24,32 @@
 namespace loomp::grammar {
 namespace {
 
-std::shared_ptr<const Compiled> compile(const std::string& text, bool schema) {
-  try {
-    return compiled(text, schema);
-  } catch (const GrammarError& e) {
-    invalid(e.what());
-  }
-}
-
 std::string read_file(const std::string& path, const char* key) {
   std::ifstream f(path, std::ios::binary);
-  if (!f) invalid(std::string(key) + ": cannot open '" + path + "'");
+  if (!f) invalid_param(key, std::string(key) + ": cannot open '" + path + "'");
   std::ostringstream ss;
   ss << f.rdbuf();
   std::string s = ss.str();
   if (s.size() > Limits{}.max_text)
-    invalid(std::string(key) + ": '" + path + "' is larger than " + std::to_string(Limits{}.max_text) + " bytes");
+    invalid_param(key, std::string(key) + ": '" + path + "' is larger than " + std::to_string(Limits{}.max_text) +
+                           " bytes");
   return s;
 }
 
-// Exactly one of `text_key` and `file_key`.
-std::string source(const loom_host_api* h, loom_host_ctx* c, const char* text_key, const char* file_key) {
+// Compiles the text of exactly one of `text_key` and `file_key`; an error in the grammar is
+// reported at the key it came from.
+std::shared_ptr<const Compiled> compile(const loom_host_api* h, loom_host_ctx* c, const char* text_key,
+                                        const char* file_key, bool schema) {
   const bool t = h->config_type(c, text_key) != LOOM_VALUE_NONE;
   const bool f = h->config_type(c, file_key) != LOOM_VALUE_NONE;
   if (t == f) invalid(std::string("set exactly one of '") + text_key + "' and '" + file_key + "'");
-  if (t) return cfg_string(h, c, text_key);
-  return read_file(cfg_string(h, c, file_key), file_key);
+  const char* key = t ? text_key : file_key;
+  const std::string text = t ? cfg_string(h, c, text_key) : read_file(cfg_string(h, c, file_key), file_key);
+  try {
+    return compiled(text, schema);
+  } catch (const GrammarError& e) {
+    invalid_param(key, e.what());
+  }
 }
 
 struct Seq {
@@ -68,8 +68,7 @@ struct Sampler {
   std::unordered_map<int64_t, Seq> seqs;
 
   Sampler(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {
-    comp = kSchema ? compile(source(h, c, "schema", "schema_file"), true)
-                   : compile(source(h, c, "grammar", "grammar_file"), false);
+    comp = kSchema ? compile(h, c, "schema", "schema_file", true) : compile(h, c, "grammar", "grammar_file", false);
     load_vocab(false);
   }
 

@@ -65,10 +65,11 @@ struct Bm25 {
     if (!dir.empty()) add_directory(dir);
   }
 
-  // Every *.txt and *.md file directly in `dir`, in file-name order.
+  // Every *.txt and *.md file directly in `dir` (the `documents` parameter), in file-name order.
   void add_directory(const std::string& dir) {
     std::error_code ec;
-    if (!fs::is_directory(dir, ec)) invalid("bm25: documents directory '" + dir + "' does not exist");
+    if (!fs::is_directory(dir, ec))
+      invalid_param("documents", "bm25: documents directory '" + dir + "' does not exist");
     std::vector<fs::path> files;
     for (const auto& e : fs::directory_iterator(dir)) {
       const auto ext = e.path().extension();

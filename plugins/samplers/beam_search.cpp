@@ -63,17 +63,20 @@ struct BeamSearch : Base {
 
   BeamSearch(const loom_host_api* h, loom_host_ctx* c) : Base(h, c) {
     const int64_t w = cfg_int(h, c, "width");
-    if (w < 1) invalid("beam-search: width must be >= 1, got " + std::to_string(w));
-    if (w > 1024) invalid("beam-search: width must be at most 1024, got " + std::to_string(w));
+    if (w < 1) invalid_param("width", "beam-search: width must be >= 1, got " + std::to_string(w));
+    if (w > 1024) invalid_param("width", "beam-search: width must be at most 1024, got " + std::to_string(w));
     width = static_cast<int32_t>(w);
     const double lp = cfg_float(h, c, "length_penalty");
-    if (!std::isfinite(lp)) invalid("beam-search: length_penalty must be a finite number, got " + std::to_string(lp));
+    if (!std::isfinite(lp))
+      invalid_param("length_penalty", "beam-search: length_penalty must be a finite number, got " + std::to_string(lp));
     length_penalty = static_cast<float>(lp);
     const std::string e = cfg_string(h, c, "early_stopping");
     if (e == "true") early = EarlyStopping::yes;
     else if (e == "false") early = EarlyStopping::no;
     else if (e == "never") early = EarlyStopping::never;
-    else invalid("beam-search: early_stopping must be \"true\", \"false\" or \"never\", got '" + e + "'");
+    else
+      invalid_param("early_stopping",
+                    "beam-search: early_stopping must be \"true\", \"false\" or \"never\", got '" + e + "'");
   }
 
   float penalised(float sum, int64_t length) const {

@@ -24,7 +24,8 @@ struct LogitBias : Base {
   LogitBias(const loom_host_api* h, loom_host_ctx* c) : Base(h, c) {
     std::unordered_set<int32_t> seen;
     const auto check_id = [](int64_t id, const std::string& where) {
-      if (id < 0 || id > INT32_MAX) invalid("logit-bias: " + where + " must be a token id >= 0, got " + std::to_string(id));
+      if (id < 0 || id > INT32_MAX)
+        invalid_param(where, "logit-bias: " + where + " must be a token id >= 0, got " + std::to_string(id));
       return static_cast<int32_t>(id);
     };
     uint32_t n = 0;
@@ -32,24 +33,29 @@ struct LogitBias : Base {
     for (uint32_t i = 0; i < n; ++i) {
       const std::string e = "bias[" + std::to_string(i) + "]";
       if (h->config_type(c, e.c_str()) != LOOM_VALUE_TABLE)
-        invalid("logit-bias: " + e + " must be a table { token = <id>, value = <bias> }");
+        invalid_param(e, "logit-bias: " + e + " must be a table { token = <id>, value = <bias> }");
       const std::string tk = e + ".token", vk = e + ".value";
       const loom_value_type tt = h->config_type(c, tk.c_str()), vt = h->config_type(c, vk.c_str());
-      if (tt != LOOM_VALUE_INT) invalid("logit-bias: " + tk + (tt == LOOM_VALUE_NONE ? " is missing" : " must be an integer"));
+      // A missing member is reported at its table, a wrong one at itself.
+      if (tt != LOOM_VALUE_INT)
+        invalid_param(tt == LOOM_VALUE_NONE ? e : tk,
+                      "logit-bias: " + tk + (tt == LOOM_VALUE_NONE ? " is missing" : " must be an integer"));
       if (vt != LOOM_VALUE_FLOAT && vt != LOOM_VALUE_INT)
-        invalid("logit-bias: " + vk + (vt == LOOM_VALUE_NONE ? " is missing" : " must be a number"));
+        invalid_param(vt == LOOM_VALUE_NONE ? e : vk,
+                      "logit-bias: " + vk + (vt == LOOM_VALUE_NONE ? " is missing" : " must be a number"));
       const int32_t tok = check_id(cfg_int(h, c, tk.c_str()), tk);
       const double v = cfg_float(h, c, vk.c_str());
       if (std::isnan(v) || v == INFINITY)
-        invalid("logit-bias: " + vk + " must be a finite number or -inf (ban), got " + std::to_string(v));
+        invalid_param(vk, "logit-bias: " + vk + " must be a finite number or -inf (ban), got " + std::to_string(v));
       if (!seen.insert(tok).second)
-        invalid("logit-bias: " + tk + ": token " + std::to_string(tok) + " is listed more than once");
+        invalid_param(tk, "logit-bias: " + tk + ": token " + std::to_string(tok) + " is listed more than once");
       entries.emplace_back(tok, static_cast<float>(v));
     }
     check_cfg(h->config_get_array_size(c, "ban", &n), "ban", "array");
     for (uint32_t i = 0; i < n; ++i) {
       const std::string e = "ban[" + std::to_string(i) + "]";
-      if (h->config_type(c, e.c_str()) != LOOM_VALUE_INT) invalid("logit-bias: " + e + " must be an integer token id");
+      if (h->config_type(c, e.c_str()) != LOOM_VALUE_INT)
+        invalid_param(e, "logit-bias: " + e + " must be an integer token id");
       entries.emplace_back(check_id(cfg_int(h, c, e.c_str()), e), -INFINITY);
     }
     for (const auto& [tok, v] : entries) max_token = std::max<int64_t>(max_token, tok);

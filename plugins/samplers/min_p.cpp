@@ -14,7 +14,7 @@ struct MinP : Base {
   double p;
   DeviceScratch scratch;
   MinP(const loom_host_api* h, loom_host_ctx* c) : Base(h, c), p(cfg_float(h, c, "p")), scratch(h, c) {
-    if (!(p >= 0.0 && p <= 1.0)) invalid("min-p: p must be in [0, 1], got " + std::to_string(p));
+    if (!(p >= 0.0 && p <= 1.0)) invalid_param("p", "min-p: p must be in [0, 1], got " + std::to_string(p));
   }
 
   void apply(const loom_sampling_batch& b) {

@@ -33,9 +33,9 @@ struct MirostatV2 : Base {
   MirostatV2(const loom_host_api* h, loom_host_ctx* c)
       : Base(h, c), tau(cfg_float(h, c, "tau")), eta(cfg_float(h, c, "eta")) {
     if (!(tau >= 0.0) || !std::isfinite(tau))
-      invalid("mirostat-v2: tau must be a finite number >= 0, got " + std::to_string(tau));
+      invalid_param("tau", "mirostat-v2: tau must be a finite number >= 0, got " + std::to_string(tau));
     if (!(eta > 0.0) || !std::isfinite(eta))
-      invalid("mirostat-v2: eta must be a finite number > 0, got " + std::to_string(eta));
+      invalid_param("eta", "mirostat-v2: eta must be a finite number > 0, got " + std::to_string(eta));
   }
 
   double mu_of(int64_t seq) const {

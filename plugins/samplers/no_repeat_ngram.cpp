@@ -15,7 +15,7 @@ namespace {
 struct NoRepeatNgram : Base {
   int64_t n;
   NoRepeatNgram(const loom_host_api* h, loom_host_ctx* c) : Base(h, c), n(cfg_int(h, c, "n")) {
-    if (n < 1) invalid("no-repeat-ngram: n must be >= 1, got " + std::to_string(n));
+    if (n < 1) invalid_param("n", "no-repeat-ngram: n must be >= 1, got " + std::to_string(n));
   }
 
   void apply(const loom_sampling_batch& b) {

@@ -22,14 +22,17 @@ struct Penalties : Base {
         last_n(cfg_int(h, c, "last_n")),
         scratch(h, c) {
     if (!std::isfinite(frequency))
-      invalid("penalties: frequency_penalty must be a finite number, got " + std::to_string(frequency));
+      invalid_param("frequency_penalty",
+                    "penalties: frequency_penalty must be a finite number, got " + std::to_string(frequency));
     if (!std::isfinite(presence))
-      invalid("penalties: presence_penalty must be a finite number, got " + std::to_string(presence));
+      invalid_param("presence_penalty",
+                    "penalties: presence_penalty must be a finite number, got " + std::to_string(presence));
     if (!(repetition > 0.0f) || !std::isfinite(repetition))
-      invalid("penalties: repetition_penalty must be a finite number > 0 (1.0 disables it), got " +
-              std::to_string(repetition));
+      invalid_param("repetition_penalty",
+                    "penalties: repetition_penalty must be a finite number > 0 (1.0 disables it), got " +
+                        std::to_string(repetition));
     if (last_n < 0)
-      invalid("penalties: last_n must be >= 0 (0 = whole history), got " + std::to_string(last_n));
+      invalid_param("last_n", "penalties: last_n must be >= 0 (0 = whole history), got " + std::to_string(last_n));
   }
 
   void apply(const loom_sampling_batch& b) {

@@ -23,10 +23,10 @@ struct RepetitionPenalty : Base {
         last_n(cfg_int(h, c, "last_n")),
         scratch(h, c) {
     if (!(penalty > 0.0f) || !std::isfinite(penalty))
-      invalid("repetition-penalty: penalty must be a finite number > 0 (1.0 disables it)");
-    if (!std::isfinite(frequency) || !std::isfinite(presence))
-      invalid("repetition-penalty: frequency and presence must be finite");
-    if (last_n < -1) invalid("repetition-penalty: last_n must be >= -1 (-1 = whole history)");
+      invalid_param("penalty", "repetition-penalty: penalty must be a finite number > 0 (1.0 disables it)");
+    if (!std::isfinite(frequency)) invalid_param("frequency", "repetition-penalty: frequency must be finite");
+    if (!std::isfinite(presence)) invalid_param("presence", "repetition-penalty: presence must be finite");
+    if (last_n < -1) invalid_param("last_n", "repetition-penalty: last_n must be >= -1 (-1 = whole history)");
   }
 
   void apply(const loom_sampling_batch& b) {

@@ -14,9 +14,9 @@ struct Temperature : Base {
   Temperature(const loom_host_api* h, loom_host_ctx* c) : Base(h, c) {
     const double v = cfg_float(h, c, "t");
     if (v == 0.0)
-      invalid("temperature: t = 0 is not allowed; use the `greedy` sampler for deterministic argmax");
+      invalid_param("t", "temperature: t = 0 is not allowed; use the `greedy` sampler for deterministic argmax");
     if (!(v > 0.0) || !std::isfinite(v))
-      invalid("temperature: t must be a finite number > 0, got " + std::to_string(v));
+      invalid_param("t", "temperature: t must be a finite number > 0, got " + std::to_string(v));
     t = static_cast<float>(v);
   }
 

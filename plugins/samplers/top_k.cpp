@@ -19,7 +19,7 @@ struct TopK : Base {
   int64_t k;
   DeviceScratch scratch;
   TopK(const loom_host_api* h, loom_host_ctx* c) : Base(h, c), k(cfg_int(h, c, "k")), scratch(h, c) {
-    if (k < 0) invalid("top-k: k must be >= 0 (0 disables the filter), got " + std::to_string(k));
+    if (k < 0) invalid_param("k", "top-k: k must be >= 0 (0 disables the filter), got " + std::to_string(k));
   }
 
   void apply(const loom_sampling_batch& b) {

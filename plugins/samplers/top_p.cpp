@@ -22,8 +22,8 @@ struct TopP : Base {
   DeviceScratch scratch;
   TopP(const loom_host_api* h, loom_host_ctx* c)
       : Base(h, c), p(cfg_float(h, c, "p")), min_keep(cfg_int(h, c, "min_keep")), scratch(h, c) {
-    if (!(p > 0.0 && p <= 1.0)) invalid("top-p: p must be in (0, 1], got " + std::to_string(p));
-    if (min_keep < 1) invalid("top-p: min_keep must be >= 1, got " + std::to_string(min_keep));
+    if (!(p > 0.0 && p <= 1.0)) invalid_param("p", "top-p: p must be in (0, 1], got " + std::to_string(p));
+    if (min_keep < 1) invalid_param("min_keep", "top-p: min_keep must be >= 1, got " + std::to_string(min_keep));
   }
 
   void apply(const loom_sampling_batch& b) {

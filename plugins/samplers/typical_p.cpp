@@ -18,8 +18,8 @@ struct TypicalP : Base {
   int64_t min_keep;
   TypicalP(const loom_host_api* h, loom_host_ctx* c)
       : Base(h, c), p(cfg_float(h, c, "p")), min_keep(cfg_int(h, c, "min_keep")) {
-    if (!(p > 0.0 && p <= 1.0)) invalid("typical-p: p must be in (0, 1], got " + std::to_string(p));
-    if (min_keep < 1) invalid("typical-p: min_keep must be >= 1, got " + std::to_string(min_keep));
+    if (!(p > 0.0 && p <= 1.0)) invalid_param("p", "typical-p: p must be in (0, 1], got " + std::to_string(p));
+    if (min_keep < 1) invalid_param("min_keep", "typical-p: min_keep must be >= 1, got " + std::to_string(min_keep));
   }
 
   void apply(const loom_sampling_batch& b) {

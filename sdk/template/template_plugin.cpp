@@ -15,7 +15,8 @@
 //   - the one exported symbol, loom_plugin_entry, returning a static descriptor;
 //   - a declared parameter (the host validates the manifest against it before create());
 //   - the lifecycle: create() reads the config, destroy() frees, no state to hot-swap;
-//   - errors: host->set_error() with a message, then a non-zero loom_status;
+//   - errors: host->set_error() with a message, then a non-zero loom_status; for a bad parameter
+//     value, host->set_config_error() with its key, so the host points at it in the manifest;
 //   - C++ inside, C at the boundary: no exception ever leaves a function the host calls.
 //
 // The plugin includes only Loom's C ABI headers (plugin-api/include/loom/*.h) and never links
@@ -57,6 +58,17 @@ loom_status guard(const loom_host_api* host, loom_host_ctx* ctx, F&& body) noexc
   }
 }
 
+// Reports a bad value of config key `key`: a host of ABI 1.3 or later then shows the error at
+// that value in the manifest ("file:line:col: sampler[0].floor (...)"). An older host may load
+// this plugin too, and its table ends before set_config_error: check the table's size
+// (LOOM_HAS_FIELD) before the call and fall back to set_error.
+void config_error(const loom_host_api* host, loom_host_ctx* ctx, const char* key, const char* message) {
+  if (LOOM_HAS_FIELD(host, loom_host_api, set_config_error) && host->set_config_error != nullptr)
+    host->set_config_error(ctx, key, message);
+  else
+    host->set_error(ctx, message);
+}
+
 // ---- lifecycle ----
 
 loom_status create(const loom_host_api* host, loom_host_ctx* ctx, void** out_instance) {
@@ -65,11 +77,11 @@ loom_status create(const loom_host_api* host, loom_host_ctx* ctx, void** out_ins
     // host has already checked the type; still check the value itself.
     double floor = 0.0;
     if (loom_status st = host->config_get_float(ctx, "floor", &floor); st != LOOM_OK) {
-      host->set_error(ctx, "template-greedy-above: cannot read `floor`");
+      config_error(host, ctx, "floor", "template-greedy-above: cannot read `floor`");
       return st;
     }
     if (!std::isfinite(floor)) {
-      host->set_error(ctx, "template-greedy-above: `floor` must be a finite number");
+      config_error(host, ctx, "floor", "template-greedy-above: `floor` must be a finite number");
       return LOOM_ERR_INVALID_ARGUMENT;
     }
     // On failure *out_instance stays untouched; on success the host owns the pointer.

@@ -55,7 +55,7 @@ TEST_CASE("descriptor-level lies are refused", "[descriptor]") {
   SECTION("another ABI major names both versions") {
     f.desc.abi_major = 2;
     f.desc.abi_minor = 3;
-    CHECK(f.check() == "built for Loom plugin ABI 2.3, but this host speaks ABI 1.2");
+    CHECK(f.check() == "built for Loom plugin ABI 2.3, but this host speaks ABI 1.3");
   }
   SECTION("huge component count") {
     f.desc.component_count = 1u << 30;

@@ -87,6 +87,56 @@ TEST_CASE("creation errors name the slot, the component and the cause", "[pipeli
   CHECK(std::string(e.what()).find("built for Loom plugin ABI 99") != std::string::npos);
 }
 
+TEST_CASE("a create() error tied to a config key points at that key only when it is declared and set",
+          "[pipeline][host]") {
+  // bad-value (tests/plugins/misc.c) refuses with set_config_error(key), its message naming no key.
+  auto error = [](const std::string &table) {
+    return std::string(error_of(kPaths + "[[sampler]]\nuse = \"bad-value\"\n" + table).what());
+  };
+  const std::string tail = " (bad-value from libloom-test-misc.so): create failed: the value is refused on purpose";
+  CHECK(error("level = 5\n") == "p.toml:5:9: sampler[0].level" + tail);
+  // A path inside a declared parameter points at that element.
+  CHECK(error("list = [1, 2, 3]\nkey = \"list[1]\"\n") == "p.toml:5:12: sampler[0].list[1]" + tail);
+  // The key's own parameter is as good as any other.
+  CHECK(error("key = \"key\"\n") == "p.toml:5:7: sampler[0].key" + tail);
+  // No pointing: a declared key the manifest leaves at its default, an undeclared or reserved key,
+  // paths that name nothing or are not paths at all, no key, and a key dropped by a later set_error.
+  CHECK(error("") == "p.toml:3:1: sampler[0]" + tail);
+  for (const char *key : {"nope", "use", "", "level.x", "list[7]", "list[", "list]]", "list[-1]", "list..x",
+                          "list[99999999999999999999]", "[0]", ".", "level[0]", "ключ"}) {
+    INFO(key);
+    CHECK(error("level = 5\nlist = [1]\nkey = \"" + std::string(key) + "\"\n") == "p.toml:3:1: sampler[0]" + tail);
+  }
+  CHECK(error("level = 5\nmode = \"null-key\"\n") == "p.toml:3:1: sampler[0]" + tail);
+  CHECK(error("level = 5\nmode = \"then-set-error\"\n") ==
+        "p.toml:3:1: sampler[0] (bad-value from libloom-test-misc.so): create failed: a later error about no key");
+}
+
+TEST_CASE("the host keeps a config error's key beside its message (ABI 1.3)", "[pipeline][host]") {
+  auto rt = Runtime::from_string("[[sampler]]\nuse = \"top-k\"\nk = 3\n");
+  auto &inst = rt->pipeline().at("sampler[0]");
+  const loom_host_api *host = inst.host();
+  CHECK(host->abi_minor == LOOM_ABI_MINOR);
+  REQUIRE(LOOM_HAS_FIELD(host, loom_host_api, set_config_error));
+  REQUIRE(host->set_config_error != nullptr);
+  std::string key;
+  host->set_config_error(inst.ctx(), "no-such-key", "m1");
+  CHECK(inst.ctx()->take_error(&key) == "m1");
+  CHECK(key == "no-such-key");
+  CHECK(inst.ctx()->take_error(&key).empty()); // cleared by reading, key included
+  CHECK(key.empty());
+  host->set_config_error(inst.ctx(), "k", "m2");
+  host->set_error(inst.ctx(), "m3"); // the last wins: a message about no key
+  CHECK(inst.ctx()->take_error(&key) == "m3");
+  CHECK(key.empty());
+  host->set_config_error(inst.ctx(), nullptr, nullptr);
+  CHECK(inst.ctx()->take_error(&key) == "(no message)");
+  CHECK(key.empty());
+  host->set_config_error(nullptr, "k", "no instance"); // ignored, no crash
+  host->set_config_error(inst.ctx(), "k", "read through the instance");
+  CHECK(inst.last_error() == "read through the instance");
+}
+
 TEST_CASE("the host API reads the instance's own table with defaults", "[pipeline][host]") {
   auto rt = Runtime::from_string(R"(
 [[sampler]]

@@ -42,7 +42,7 @@ TEST_CASE("help and version", "[cli]") {
     CHECK(r.code == 0);
     CHECK(r.out.find(std::string("usage: loom ") + cmd) == 0);
   }
-  CHECK(loom("version").out.find("plugin ABI 1.2") != std::string::npos);
+  CHECK(loom("version").out.find("plugin ABI 1.3") != std::string::npos);
   CHECK(loom("").code == 2);
   CHECK(loom("frobnicate").code == 2);
   CHECK(loom("run").code == 2);

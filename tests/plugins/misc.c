@@ -1,6 +1,9 @@
 /* Test plugin library "loom-test-misc":
  *  - sampler "create-fails": create() always fails with a message, to test error reporting;
- *  - tool "echo": one tool, "echo", whose result is its arguments JSON, unchanged. */
+ *  - tool "echo": one tool, "echo", whose result is its arguments JSON, unchanged;
+ *  - sampler "bad-value": create() always fails through set_config_error (ABI 1.3) with the key
+ *    its `key` parameter names, to test how the host points at a config value; `mode` varies
+ *    the call ("config-error", "null-key", "then-set-error"). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -110,11 +113,58 @@ static const loom_component_desc echo_component = {
     "test tool: returns its arguments", NULL, 0, LOOM_THREADING_CONCURRENT, &echo_vtable,
 };
 
-static const loom_component_desc *const misc_components[] = {&fails_component, &echo_component};
+/* ---- bad-value ---- */
+
+static loom_status bad_value_create(const loom_host_api *host, loom_host_ctx *ctx, void **out_instance) {
+  const char *key = NULL, *mode = NULL;
+  (void)out_instance;
+  if (host->config_get_string(ctx, "key", &key) != LOOM_OK || host->config_get_string(ctx, "mode", &mode) != LOOM_OK) {
+    host->set_error(ctx, "bad-value: cannot read key and mode");
+    return LOOM_ERR_INTERNAL;
+  }
+  /* The message names no key on purpose: the host must not need it to. */
+  const char *message = "the value is refused on purpose";
+  if (!LOOM_HAS_FIELD(host, loom_host_api, set_config_error) || host->set_config_error == NULL) {
+    host->set_error(ctx, message); /* a host older than ABI 1.3 */
+  } else if (strcmp(mode, "null-key") == 0) {
+    host->set_config_error(ctx, NULL, message);
+  } else {
+    host->set_config_error(ctx, key, message);
+    if (strcmp(mode, "then-set-error") == 0) host->set_error(ctx, "a later error about no key");
+  }
+  return LOOM_ERR_INVALID_ARGUMENT;
+}
+
+static const loom_sampler_vtable bad_value_vtable = {
+    sizeof(loom_sampler_vtable),
+    {bad_value_create, fails_destroy, NULL, NULL, NULL},
+    0,
+    fails_apply,
+    NULL,
+    NULL,
+    NULL,
+};
+
+static const loom_param_desc bad_value_params[] = {
+    {sizeof(loom_param_desc), "level", LOOM_VALUE_INT, 0, "1", "a value to be refused"},
+    {sizeof(loom_param_desc), "list", LOOM_VALUE_ARRAY, 0, "[]", "values to be refused by path"},
+    {sizeof(loom_param_desc), "key", LOOM_VALUE_STRING, 0, "\"level\"", "the key handed to set_config_error"},
+    {sizeof(loom_param_desc), "mode", LOOM_VALUE_STRING, 0, "\"config-error\"",
+     "config-error, null-key or then-set-error"},
+};
+
+static const loom_component_desc bad_value_component = {
+    sizeof(loom_component_desc), LOOM_KIND_SAMPLER, "bad-value", "1.0.0",
+    "test sampler whose create() always refuses a config value", bad_value_params, 4, LOOM_THREADING_SERIAL,
+    &bad_value_vtable,
+};
+
+static const loom_component_desc *const misc_components[] = {&fails_component, &echo_component,
+                                                             &bad_value_component};
 
 static const loom_plugin_desc misc_plugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-test-misc", "1.0.0",
-    "Apache-2.0", misc_components, 2, NULL,
+    "Apache-2.0", misc_components, 3, NULL,
 };
 
 LOOM_PLUGIN_EXPORT const loom_plugin_desc *loom_plugin_entry(void);

@@ -4,6 +4,7 @@
 
 #include <dlfcn.h>
 
+#include <cstddef>
 #include <cstring>
 #include <map>
 #include <string>
@@ -17,10 +18,12 @@ struct loom_buffer {
 
 namespace {
 
-// One fake instance context: its bool config and its last error.
+// One fake instance context: its bool and string config and its last error (with its config key).
 struct FakeCtx {
   std::map<std::string, int32_t> bools;
+  std::map<std::string, std::string> strings;
   std::string error;
+  std::string error_key;
 };
 FakeCtx* fake(loom_host_ctx* ctx) { return reinterpret_cast<FakeCtx*>(ctx); }
 loom_host_ctx* as_ctx(FakeCtx* c) { return reinterpret_cast<loom_host_ctx*>(c); }
@@ -30,14 +33,26 @@ loom_host_api make_host() {
   h.struct_size = sizeof h;
   h.abi_major = LOOM_ABI_MAJOR;
   h.abi_minor = LOOM_ABI_MINOR;
-  h.set_error = [](loom_host_ctx* ctx, const char* m) { fake(ctx)->error = m; };
+  h.set_error = [](loom_host_ctx* ctx, const char* m) {
+    fake(ctx)->error = m;
+    fake(ctx)->error_key.clear();
+  };
+  h.set_config_error = [](loom_host_ctx* ctx, const char* key, const char* m) {
+    fake(ctx)->error = m;
+    fake(ctx)->error_key = key != nullptr ? key : "(null)";
+  };
   h.config_get_bool = [](loom_host_ctx* ctx, const char* key, int32_t* out) -> loom_status {
     auto it = fake(ctx)->bools.find(key);
     if (it == fake(ctx)->bools.end()) return LOOM_ERR_NOT_FOUND;
     *out = it->second;
     return LOOM_OK;
   };
-  h.config_get_string = [](loom_host_ctx*, const char*, const char**) -> loom_status { return LOOM_ERR_NOT_FOUND; };
+  h.config_get_string = [](loom_host_ctx* ctx, const char* key, const char** out) -> loom_status {
+    auto it = fake(ctx)->strings.find(key);
+    if (it == fake(ctx)->strings.end()) return LOOM_ERR_NOT_FOUND;
+    *out = it->second.c_str();
+    return LOOM_OK;
+  };
   h.buffer_append = [](loom_buffer* b, const void* data, size_t size) -> loom_status {
     b->bytes.append(static_cast<const char*>(data), size);
     return LOOM_OK;
@@ -149,7 +164,7 @@ TEST_CASE("misc: create-fails fails with its message, echo echoes", "[plugins]")
   Library lib(plugin("misc/libloom-test-misc.so"));
   REQUIRE(lib.handle != nullptr);
   const loom_plugin_desc* d = lib.desc();
-  REQUIRE(d->component_count == 2);
+  REQUIRE(d->component_count == 3);
   loom_host_api host = make_host();
 
   const loom_component_desc* fails = d->components[0];
@@ -182,6 +197,43 @@ TEST_CASE("misc: create-fails fails with its message, echo echoes", "[plugins]")
   CHECK(result.is_error == 0);
   CHECK(tvt->call(t, "nope", "{}", &result) == LOOM_ERR_NOT_FOUND);
   tvt->life.destroy(t);
+}
+
+TEST_CASE("misc: bad-value names its key through set_config_error, and only where the host has it", "[plugins]") {
+  Library lib(plugin("misc/libloom-test-misc.so"));
+  REQUIRE(lib.handle != nullptr);
+  const loom_component_desc* bad = lib.desc()->components[2];
+  CHECK(std::string(bad->name) == "bad-value");
+  auto vt = static_cast<const loom_sampler_vtable*>(bad->vtable);
+  loom_host_api host = make_host();
+  auto create = [&](const loom_host_api& h, const std::string& mode) {
+    FakeCtx ctx;
+    ctx.strings = {{"key", "level"}, {"mode", mode}};
+    void* inst = nullptr;
+    CHECK(vt->life.create(&h, as_ctx(&ctx), &inst) == LOOM_ERR_INVALID_ARGUMENT);
+    CHECK(inst == nullptr);
+    return ctx;
+  };
+  FakeCtx c = create(host, "config-error");
+  CHECK(c.error == "the value is refused on purpose");
+  CHECK(c.error_key == "level");
+  c = create(host, "null-key");
+  CHECK(c.error_key == "(null)");
+  c = create(host, "then-set-error");
+  CHECK(c.error == "a later error about no key");
+  CHECK(c.error_key.empty());
+
+  // A host of ABI 1.2 has a table that ends before set_config_error: the plugin must fall back to
+  // set_error and never read past the table.
+  loom_host_api old_host = host;
+  old_host.struct_size = offsetof(loom_host_api, set_config_error);
+  old_host.abi_minor = 2;
+  old_host.set_config_error = [](loom_host_ctx* ctx, const char*, const char*) {
+    fake(ctx)->error_key = "read past an old host's table";
+  };
+  c = create(old_host, "config-error");
+  CHECK(c.error == "the value is refused on purpose");
+  CHECK(c.error_key.empty());
 }
 
 TEST_CASE("bad libraries have exactly their defect", "[plugins]") {

@@ -50,4 +50,11 @@ if "$loom" validate "$work/manifest.toml" --set 'sampler[0].floor="high"' 2> "$w
   echo "FAIL: a string floor was accepted"; exit 1
 fi
 grep -q 'sampler\[0\].floor: expected a number, got a string' "$work/err.txt" || { cat "$work/err.txt"; exit 1; }
+# A value of the right type that the plugin refuses (set_config_error) is reported at its line.
+sed 's/^floor = 0.5$/floor = nan/' "$work/manifest.toml" > "$work/nan.toml"
+if "$loom" run "$work/nan.toml" 2> "$work/err.txt"; then
+  echo "FAIL: floor = nan was accepted"; exit 1
+fi
+grep -q 'nan.toml:9:9: sampler\[0\].floor (template-greedy-above from libloom-template.so): create failed: ' \
+  "$work/err.txt" || { cat "$work/err.txt"; exit 1; }
 echo "sdk_out_of_tree: passed"

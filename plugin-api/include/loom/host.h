@@ -44,7 +44,7 @@ typedef struct loom_host_api {
 
   /* Records why the call in progress fails. Call it before returning a status other than
    * LOOM_OK; the host copies the message and reports it with the instance's name. The last
-   * message wins. */
+   * message wins. When a config value is the cause, set_config_error (ABI 1.3) also names it. */
   void (*set_error)(loom_host_ctx *ctx, const char *message);
 
   /* ---- configuration: the instance's own manifest table ----
@@ -108,6 +108,20 @@ typedef struct loom_host_api {
    * Optional host capabilities by versioned string id ("loom.host.kernels/1"); NULL when the
    * host lacks it. The returned table lives as long as the host table. */
   const void *(*get_extension)(loom_host_ctx *ctx, const char *id);
+
+  /* ---- ABI 1.3: check LOOM_HAS_FIELD(host, loom_host_api, set_config_error) first; an older
+   * host lacks it (use set_error there) ---- */
+
+  /* Records why the call in progress fails, as set_error does, and that it fails because of the
+   * value of config key `key` of the instance's own manifest table (a path as the config getters
+   * take it: "k", "bias[2].value"). For a failed create() the host reports the error at that
+   * value's file:line:col in the manifest, labelled "slot.key", when `key` is a declared
+   * parameter, or a path inside one, that the manifest sets; any other key (undeclared, absent
+   * from the manifest, NULL) leaves a plain message, reported at the instance's table as
+   * set_error's is. Optional for plugins: set_error alone stays correct. The host copies both
+   * strings; the last set_error or set_config_error wins, key included. [any thread, as every
+   * call of the table] */
+  void (*set_config_error)(loom_host_ctx *ctx, const char *key, const char *message);
 } loom_host_api;
 
 #ifdef __cplusplus

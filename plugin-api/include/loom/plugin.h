@@ -34,10 +34,10 @@ typedef struct loom_param_desc {
 typedef struct loom_lifecycle {
   /* Creates an instance from the manifest table behind `ctx`. `host` and `ctx` stay valid until
    * destroy() returns; the instance may keep both. On failure: call host->set_error, free
-   * anything partially built, leave *out_instance untouched, return non-zero. A message that
-   * begins "<component name>: <parameter key> ..." is reported at that key's line and column
-   * in the manifest ("file:line:col: slot.key (...)"), so name the key first when it is a
-   * parameter's value that is wrong.
+   * anything partially built, leave *out_instance untouched, return non-zero. When a
+   * parameter's value is what is wrong, call host->set_config_error (ABI 1.3) with its key
+   * instead, so the host reports the error at that value's line and column in the manifest
+   * ("file:line:col: slot.key (...)").
    * [any thread; concurrent calls create independent instances] */
   loom_status (*create)(const loom_host_api *host, loom_host_ctx *ctx, void **out_instance);
 

@@ -28,8 +28,11 @@ struct loom_host_ctx {
   const std::atomic<bool> *cancelled = nullptr;
   const loom::VocabularySlot *vocabulary = nullptr;
 
-  std::mutex mutex; // guards the two members below
+  std::mutex mutex; // guards the three members below
   std::string last_error;
+  // The config key set_config_error() named with last_error, as the plugin gave it: not checked
+  // here (the plugin may name any string); Instance::create decides whether it can point at it.
+  std::string last_error_key;
   // Strings returned to the plugin, by lookup ("s:key", "j:key"): the config is immutable, so a
   // repeated lookup returns the same storage and memory stays bounded.
   std::map<std::string, std::string, std::less<>> strings;
@@ -37,7 +40,9 @@ struct loom_host_ctx {
   // Returns storage for `value` under `lookup` that lives as long as the context; nullptr when
   // memory runs out.
   const char *keep(const std::string &lookup, std::string value) noexcept;
-  std::string take_error();
+  // The last error message, and its config key into *key when asked ("" when none); both are
+  // cleared by reading.
+  std::string take_error(std::string *key = nullptr);
 };
 
 namespace loom {

@@ -31,7 +31,8 @@ struct InstanceEnvironment {
 class Instance {
  public:
   // Validates the spec's table against the component, then calls create(). Throws loom::Error:
-  // manifest for a bad table, plugin when create() fails (with the plugin's own message).
+  // manifest for a bad table, plugin when create() fails (with the plugin's own message, at the
+  // manifest value it named through set_config_error when that is a parameter the table sets).
   static std::unique_ptr<Instance> create(const ComponentRef &ref, const ComponentSpec &spec,
                                           const InstanceEnvironment &env);
   ~Instance();
@@ -46,7 +47,8 @@ class Instance {
   loom_host_ctx *ctx() const { return ctx_.get(); }
   const loom_host_api *host() const { return host_api(); }
   const std::string &slot() const { return ctx_->slot; }
-  // The plugin's last set_error() message (cleared by reading), or "" when none.
+  // The plugin's last set_error() or set_config_error() message (cleared by reading, with its
+  // key), or "" when none.
   std::string last_error() const { return ctx_->take_error(); }
   // Throws loom::Error (runtime) "slot (component): call: message" unless status is LOOM_OK.
   void check(loom_status status, const char *call) const;
