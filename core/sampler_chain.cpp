@@ -60,7 +60,8 @@ void SamplerChain::apply(const std::vector<std::shared_ptr<Instance>> &chain, lo
   const bool any_reader = std::any_of(chain.begin(), chain.end(), [](const std::shared_ptr<Instance> &s) {
     return (flags_of(*s) & LOOM_SAMPLER_CANDIDATES) != 0;
   });
-  const bool offer = enabled_ && any_reader && b.n_rows > 0 && b.logits != nullptr &&
+  // (At most 65535 rows: the kernels put rows on the grid's y dimension.)
+  const bool offer = enabled_ && any_reader && b.n_rows > 0 && b.n_rows <= 65535 && b.logits != nullptr &&
                      b.logits->device.device_type == kDLCUDA && b.logits->byte_offset == 0 &&
                      reserve(b.logits->device, b.n_rows);
   if (offer) {

@@ -676,8 +676,8 @@ dist_kernel(const float* __restrict__ cand_v, const int32_t* __restrict__ cand_i
 
 }  // namespace
 
-bool candidates_top_k_fits(int64_t vocab, int64_t k, int64_t capacity) {
-  return k >= 1 && k <= kMaxK && k <= capacity && chunks_of(vocab) <= kMaxChunks;
+bool candidates_top_k_fits(int64_t rows, int64_t vocab, int64_t k, int64_t capacity) {
+  return k >= 1 && k <= kMaxK && k <= capacity && chunks_of(vocab) <= kMaxChunks && rows <= 65535;
 }
 
 size_t candidates_top_k_scratch_bytes(int64_t rows, int64_t vocab, int64_t k) {

@@ -163,8 +163,8 @@ struct CandidateRows {
 };
 // The largest capacity the candidate kernels read (a row's candidates sit in shared memory).
 inline constexpr int64_t kMaxCandidates = 1024;
-// Whether top-k of k over rows of `vocab` can leave its result as candidates.
-bool candidates_top_k_fits(int64_t vocab, int64_t k, int64_t capacity);
+// Whether top-k of k over `rows` rows of `vocab` can leave its result as candidates.
+bool candidates_top_k_fits(int64_t rows, int64_t vocab, int64_t k, int64_t capacity);
 // top-k of dense rows x into the candidates (the k best, in order); scratch per the call below.
 size_t candidates_top_k_scratch_bytes(int64_t rows, int64_t vocab, int64_t k);
 // `zero`: the scratch is fresh (a counter in it must start at zero).

@@ -33,7 +33,7 @@ struct TopK : Base {
         return;
       }
       if (k >= b.vocab_size) return;
-      if (cand && cuda::candidates_top_k_fits(b.vocab_size, k, cand->capacity)) {
+      if (cand && cuda::candidates_top_k_fits(b.n_rows, b.vocab_size, k, cand->capacity)) {
         // (Its own layout key for must_zero: the dense path keeps other regions zero.)
         void* s = scratch.get(b.logits->device, cuda::candidates_top_k_scratch_bytes(b.n_rows, b.vocab_size, k), "top-k");
         check_cuda(cuda::candidates_top_k(d.data, b.n_rows, b.vocab_size, k, *cand, s, scratch.must_zero(b.n_rows, -(b.vocab_size + (k << 32))),
