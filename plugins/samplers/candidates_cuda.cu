@@ -1,15 +1,19 @@
 // The samplers' CUDA paths over candidate rows (ABI 1.3, plugin-api/loom/sampler.h
 // "Candidates"); see samplers_cuda.hpp for the calls.
 //
-// top-k from dense rows into candidates, in two kernels and one read of the rows:
-//  1. one block per (chunk of 4096 entries, row) finds the chunk's own k best, by (logit desc,
-//     id asc), with a radix select on the 32-bit order key of its entries held in registers
-//     (four 8-bit digit histograms in shared memory), ties at the threshold taken by id through a
-//     block scan; it writes those (at most k) entries to scratch. The row's k best are among the
-//     chunks' k best.
-//  2. one block per row selects the k best of the chunks' entries by a radix select on the
-//     64-bit composite key (logit desc, id asc; keys distinct), then writes them in that order:
-//     each entry's place is the number of entries before it.
+// top-k from dense rows into candidates, with one read of the rows. Blocks take a chunk of 4096
+// entries of a row each.
+//  - k <= 128 (top_k_fast_kernel, one kernel): a block keeps the entries of its chunk that reach
+//    a bound taken from its threads' maxima (about 1.5 k of them for smooth rows); the row's last
+//    block to finish bounds the row the same way over those, ranks what reaches it and writes the
+//    row's k best in (logit desc, id asc) order. A chunk with too many entries at its bound
+//    (crowds of equal logits) gives its exact k best by a radix select instead.
+//  - larger k (chunk_best_kernel then merge_best_kernel): each chunk's exact k best by a radix
+//    select on the 32-bit order key (four 8-bit digit histograms, ties at the threshold taken by
+//    id through a block scan), then per row a radix select on the 64-bit composite key over the
+//    chunks' entries.
+// The row's k best are among the chunks' k best, which are among the entries that reach a chunk's
+// bound, so every path keeps exactly the CPU's set.
 // The other links work on a row's few candidates in one block per row; the sums that decide a
 // token (top-p's total and nucleus, dist's total and walk) run in one thread, in the CPU's order
 // (id order for totals, candidate order for the nucleus), so that they keep and draw exactly the
