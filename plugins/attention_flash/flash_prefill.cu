@@ -92,6 +92,43 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// A prefill CTA's work item: its sequence, tile of tokens and head group, and the key tiles its
+// rows can see (from the first row's window start to the last row's end). Both prefill kernels
+// start with claim_tile().
+struct TileWork {
+  int s, head_group, tok0, n_tok, capacity, pack, head0, kvh, kv_lo, kv_hi, kt0, n_kt;
+  int64_t p_first, total;  // position of the tile's first token; cached tokens after this call
+  dev::SeqSpan span;
+};
+// Waits for the kernel before (the cache write and q are then visible) and claims the CTA's tile;
+// false for a surplus CTA (uniform across the block). Every thread calls it (barriers inside).
+// Work items are numbered tile-major so that the heads of one tile start together.
+__device__ bool claim_tile(const PrefillArgs& a, int keys_per_tile, TileWork& w) {
+  __shared__ int s_seq, s_tile;
+  dev::wait_for_previous_kernel();
+  if (threadIdx.x == 0) s_seq = -1;
+  __syncthreads();
+  w.head_group = static_cast<int>(blockIdx.x % a.head_groups);
+  if (threadIdx.x < 32) find_tile(a, static_cast<int>(blockIdx.x / a.head_groups), &s_seq, &s_tile);
+  __syncthreads();
+  w.s = s_seq;
+  if (w.s < 0) return false;
+  w.span = dev::seq_span(a.off, a.n_tokens, w.s);
+  w.tok0 = s_tile * a.tile_tokens;  // first token of the tile, within the sequence
+  w.n_tok = min(a.tile_tokens, w.span.count - w.tok0);
+  w.p_first = dev::token_position(a.pos, a.off, w.s, w.span.begin + w.tok0);
+  w.total = w.p_first - w.tok0 + w.span.count;
+  w.capacity = a.pool.cols << a.pool.block_shift;
+  w.pack = 1 << a.pack_shift;
+  w.head0 = w.head_group * w.pack;
+  w.kvh = w.head0 / a.group;
+  w.kv_lo = dev::key_range(w.p_first, w.total, a.causal, a.window, w.capacity).lo;
+  w.kv_hi = dev::key_range(w.p_first + w.n_tok - 1, w.total, a.causal, a.window, w.capacity).hi;
+  w.kt0 = w.kv_lo / keys_per_tile;
+  w.n_kt = w.kv_hi >= w.kv_lo ? w.kv_hi / keys_per_tile - w.kt0 + 1 : 0;
+  return true;
+}
+
 template <class T, class L>
 __global__ void __launch_bounds__(L::kThreads) prefill_kernel(const PrefillArgs a) {
   constexpr int D = L::D, LD = L::kLd, N = L::kKeys, MT = L::kMT, ST = L::kStages;
@@ -101,33 +138,13 @@ __global__ void __launch_bounds__(L::kThreads) prefill_kernel(const PrefillArgs 
   T* const sQ = reinterpret_cast<T*>(smem);
   T* const sK = sQ + L::kRows * LD;  // [ST][N][LD]
   T* const sV = sK + ST * N * LD;
-  __shared__ int s_seq, s_tile;
 
-  dev::wait_for_previous_kernel();  // the cache write (and q) are complete and visible
-  if (threadIdx.x == 0) s_seq = -1;
-  __syncthreads();
-  // Work items are numbered tile-major so that the heads of one tile start together.
-  const int head_group = static_cast<int>(blockIdx.x % a.head_groups);
-  if (threadIdx.x < 32) find_tile(a, static_cast<int>(blockIdx.x / a.head_groups), &s_seq, &s_tile);
-  __syncthreads();
-  const int s = s_seq;
-  if (s < 0) return;  // surplus CTA (uniform across the block)
-
-  const dev::SeqSpan span = dev::seq_span(a.off, a.n_tokens, s);
-  const int tok0 = s_tile * a.tile_tokens;  // first token of the tile, within the sequence
-  const int n_tok = min(a.tile_tokens, span.count - tok0);
-  const int64_t p_first = dev::token_position(a.pos, a.off, s, span.begin + tok0);
-  const int64_t total = p_first - tok0 + span.count;  // cached tokens of the sequence after this call
-  const int capacity = a.pool.cols << a.pool.block_shift;
-  const int pack = 1 << a.pack_shift;
-  const int head0 = head_group * pack;
-  const int kvh = head0 / a.group;
-
-  // Keys any row of the tile can see: from the first row's window start to the last row's end.
-  const int kv_lo = dev::key_range(p_first, total, a.causal, a.window, capacity).lo;
-  const int kv_hi = dev::key_range(p_first + n_tok - 1, total, a.causal, a.window, capacity).hi;
-  const int kt0 = kv_lo / N;
-  const int n_kt = kv_hi >= kv_lo ? kv_hi / N - kt0 + 1 : 0;
+  TileWork w;
+  if (!claim_tile(a, N, w)) return;
+  const int s = w.s, tok0 = w.tok0, n_tok = w.n_tok, capacity = w.capacity, pack = w.pack, head0 = w.head0;
+  const int kvh = w.kvh, kv_hi = w.kv_hi, kt0 = w.kt0, n_kt = w.n_kt;
+  const int64_t p_first = w.p_first, total = w.total;
+  const dev::SeqSpan span = w.span;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tq = lane & 3;  // mma fragment coordinates
@@ -436,31 +453,13 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
   uint8_t* const sQ = base;
   uint8_t* const sK = sQ + L::kRows * 128;  // [ST][N rows of 128 bytes]
   uint8_t* const sV = sK + ST * L::kTileBytes;
-  __shared__ int s_seq, s_tile;
 
-  dev::wait_for_previous_kernel();  // the cache write (and q) are complete and visible
-  if (threadIdx.x == 0) s_seq = -1;
-  __syncthreads();
-  const int head_group = static_cast<int>(blockIdx.x % a.head_groups);
-  if (threadIdx.x < 32) find_tile(a, static_cast<int>(blockIdx.x / a.head_groups), &s_seq, &s_tile);
-  __syncthreads();
-  const int s = s_seq;
-  if (s < 0) return;  // surplus CTA (uniform across the block)
-
-  const dev::SeqSpan span = dev::seq_span(a.off, a.n_tokens, s);
-  const int tok0 = s_tile * a.tile_tokens;
-  const int n_tok = min(a.tile_tokens, span.count - tok0);
-  const int64_t p_first = dev::token_position(a.pos, a.off, s, span.begin + tok0);
-  const int64_t total = p_first - tok0 + span.count;
-  const int capacity = a.pool.cols << a.pool.block_shift;
-  const int pack = 1 << a.pack_shift;
-  const int head0 = head_group * pack;
-  const int kvh = head0 / a.group;
-
-  const int kv_lo = dev::key_range(p_first, total, a.causal, a.window, capacity).lo;
-  const int kv_hi = dev::key_range(p_first + n_tok - 1, total, a.causal, a.window, capacity).hi;
-  const int kt0 = kv_lo / N;
-  const int n_kt = kv_hi >= kv_lo ? kv_hi / N - kt0 + 1 : 0;
+  TileWork w;
+  if (!claim_tile(a, N, w)) return;
+  const int s = w.s, tok0 = w.tok0, n_tok = w.n_tok, capacity = w.capacity, pack = w.pack, head0 = w.head0;
+  const int kvh = w.kvh, kv_hi = w.kv_hi, kt0 = w.kt0, n_kt = w.n_kt;
+  const int64_t p_first = w.p_first, total = w.total;
+  const dev::SeqSpan span = w.span;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tq = lane & 3;
