@@ -35,7 +35,6 @@ constexpr int kChunk = 4096;                   // entries of a row per stage-1 b
 constexpr int kThreads = 256;                  // threads of a stage-1 block
 constexpr int kItems = kChunk / kThreads;      // 16 entries a thread, contiguous ids
 constexpr int kMergeThreads = 1024;            // threads of a stage-2 block
-constexpr int kMergeItems = 4;                 // entries a stage-2 thread keeps in registers
 constexpr int kRowThreads = 256;               // threads of a per-row candidate kernel
 constexpr int kMaxK = 1024;                    // largest k of the candidate path
 constexpr int kMaxChunks = 1024;               // largest vocabulary: 4M entries
@@ -90,20 +89,33 @@ __device__ __forceinline__ void warp_hist_add(unsigned* hist, unsigned bin, bool
   if ((threadIdx.x & 31u) == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&hist[bin], __popc(peers));
 }
 
-// One level of a radix select over 64-bit keys, after the level's histogram is complete: picks
-// the digit that holds the need-th key from the top, narrows prefix/mask to it and takes the keys
-// of higher digits off `need`. Returns whether every key of that digit is kept (the select is
-// decided: keep key >= prefix). Every thread of the block calls it (barriers).
-__device__ bool radix_step64(const unsigned* hist, int shift, unsigned& need, uint64_t& prefix, uint64_t& mask,
-                             Pick* pick) {
-  pick_digit(hist, need, pick);
-  __syncthreads();
-  prefix |= static_cast<uint64_t>(pick->digit) << shift;
-  mask |= uint64_t{255} << shift;
-  need -= pick->above;
-  const bool whole_bin = pick->bin == need;
-  __syncthreads();
-  return whole_bin;
+// The radix select of both row-level fallbacks: over keys e of [0, total), where get(e, ok)
+// gives key e and whether it takes part (keys distinct, non-zero), the prefix p such that
+// exactly `need` of them are >= p, digit by digit (8 bits) from the top. Every thread of the
+// block calls it (barriers inside).
+template <class Get>
+__device__ uint64_t select_kth64(int64_t total, unsigned need, Get get, unsigned* hist, Pick* pick) {
+  uint64_t prefix = 0, mask = 0;
+  for (int level = 0; level < 8 && need > 0; ++level) {
+    const int shift = 56 - 8 * level;
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+    __syncthreads();
+    for (int64_t base = 0; base < total; base += blockDim.x) {  // the same count on every thread
+      bool ok = false;
+      const uint64_t key = get(base + threadIdx.x, ok);
+      warp_hist_add(hist, static_cast<unsigned>((key >> shift) & 255u), ok && (key & mask) == prefix);
+    }
+    __syncthreads();
+    pick_digit(hist, need, pick);
+    __syncthreads();
+    prefix |= static_cast<uint64_t>(pick->digit) << shift;
+    mask |= uint64_t{255} << shift;
+    need -= pick->above;
+    const bool whole_bin = pick->bin == need;  // every key of the digit is kept: keep key >= prefix
+    __syncthreads();
+    if (whole_bin) break;  // (keys are distinct: at the last level the bin is one key)
+  }
+  return prefix;
 }
 
 // 0 marks an entry that is not there (-inf, or past the end of the row).
@@ -407,20 +419,7 @@ top_k_fast_kernel(const float* __restrict__ x, int64_t vocab, int k, int cap, fl
       ok = present_key(v) >= row_bound;
       return composite(v, __ldcg(rid + at));
     };
-    uint64_t prefix = 0, mask = 0;
-    unsigned need = K;
-    for (int level = 0; level < 8 && need > 0; ++level) {
-      const int shift = 56 - 8 * level;
-      for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
-      __syncthreads();
-      for (int base_e = 0; base_e < total; base_e += kThreads) {  // the same count on every thread
-        bool ok = false;
-        const uint64_t comp = comp_of(base_e + static_cast<int>(threadIdx.x), ok);
-        warp_hist_add(hist, static_cast<unsigned>((comp >> shift) & 255u), ok && (comp & mask) == prefix);
-      }
-      __syncthreads();
-      if (radix_step64(hist, shift, need, prefix, mask, &pick)) break;  // (distinct: the last bin is one)
-    }
+    const uint64_t prefix = select_kth64(total, K, comp_of, hist, &pick);
     if (threadIdx.x == 0) s_count = 0;
     __syncthreads();
     for (int e = threadIdx.x; e < total; e += kThreads) {
@@ -474,38 +473,22 @@ merge_best_kernel(const float* __restrict__ in_v, const int32_t* __restrict__ in
   const int64_t span = static_cast<int64_t>(chunks) * k;
   const float* rv = in_v + row * span;
   const int32_t* rid = in_id + row * span;
-  // Entry e's composite, 0 when e holds nothing (a chunk with fewer than k entries); composites
-  // of entries are >= 2^32.
-  auto entry = [&](int64_t e) -> uint64_t {
+  // Entry e's composite, when e holds one (a chunk may have fewer than k entries).
+  auto entry = [&](int64_t e, bool& ok) -> uint64_t {
+    ok = false;
     if (e >= span) return 0;
     const int c = static_cast<int>(e / k);
-    return e - int64_t{c} * k < s_n[c] ? composite(rv[e], rid[e]) : 0;
+    if (e - int64_t{c} * k >= s_n[c]) return 0;
+    ok = true;
+    return composite(rv[e], rid[e]);
   };
-  // Up to kMergeItems entries a thread stay in registers across the levels; more are read again
-  // at each level.
-  const bool cached = span <= int64_t{kMergeItems} * kMergeThreads;
-  uint64_t mine[kMergeItems];
-  for (int i = 0; i < kMergeItems; ++i) mine[i] = cached ? entry(threadIdx.x + int64_t{i} * kMergeThreads) : 0;
-  const int64_t rounds = cached ? kMergeItems : (span + kMergeThreads - 1) / kMergeThreads;
-  uint64_t prefix = 0, mask = 0;
-  unsigned need = K;
-  for (int level = 0; level < 8 && need > 0; ++level) {
-    const int shift = 56 - 8 * level;
-    for (int b = threadIdx.x; b < 256; b += kMergeThreads) hist[b] = 0;
-    __syncthreads();
-    for (int64_t i = 0; i < rounds; ++i) {  // the same count on every thread (warp_hist_add)
-      const uint64_t comp = cached ? mine[i] : entry(threadIdx.x + i * kMergeThreads);
-      warp_hist_add(hist, static_cast<unsigned>((comp >> shift) & 255u), comp != 0 && (comp & mask) == prefix);
-    }
-    __syncthreads();
-    if (radix_step64(hist, shift, need, prefix, mask, &pick)) break;  // (distinct: the last bin is one)
-  }
+  const uint64_t prefix = select_kth64(span, K, entry, hist, &pick);
   // The K entries with composite >= prefix, gathered, then placed by rank.
   if (K > 0)
-    for (int64_t i = 0; i < rounds; ++i) {
-      const int64_t e = threadIdx.x + i * kMergeThreads;
-      const uint64_t comp = cached ? mine[i] : entry(e);
-      if (comp != 0 && comp >= prefix) {
+    for (int64_t e = threadIdx.x; e < span; e += kMergeThreads) {
+      bool ok = false;
+      const uint64_t comp = entry(e, ok);
+      if (ok && comp >= prefix) {
         const unsigned at = atomicAdd(&s_kept, 1u);
         if (at < kMaxK) {
           s_comp[at] = comp;
