@@ -27,7 +27,6 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
-#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -275,11 +274,9 @@ int main(int argc, char **argv) {
       check(cudaMalloc(&busy_a, busy_bytes), "cudaMalloc");
       check(cudaMalloc(&busy_b, busy_bytes), "cudaMalloc");
       // Through core's SamplerChain, as the decoder runs it: candidate rows between the links that
-      // read them, or (LOOM_SAMPLER_CANDIDATES=0 when it is made) dense rows throughout.
+      // read them, or dense rows throughout.
       auto time_chain = [&](bool candidates) {
-        if (!candidates) setenv("LOOM_SAMPLER_CANDIDATES", "0", 1);
-        auto runner = std::make_unique<loom::SamplerChain>();
-        unsetenv("LOOM_SAMPLER_CANDIDATES");
+        loom::SamplerChain runner(candidates);
         std::vector<double> runs;
         for (int r = 0; r < 3 + 5 * reps; ++r) {
           check(cudaMemcpyAsync(busy_b, busy_a, busy_bytes, cudaMemcpyDeviceToDevice, stream), "busy copy");
@@ -298,7 +295,7 @@ int main(int argc, char **argv) {
           b.tokens_out = tokens_out.data();
           b.tokens_device = &tokens_view;
           check(cudaEventRecord(start, stream), "cudaEventRecord");
-          runner->apply(chain, b, "selecting samplers must come last");
+          runner.apply(chain, b, "selecting samplers must come last");
           check(cudaEventRecord(stop, stream), "cudaEventRecord");
           check(cudaEventSynchronize(stop), "cudaEventSynchronize");
           float ms = 0;

@@ -569,10 +569,10 @@ TEST_CASE("sampling links on 32 x 128256 rows, timed with CUDA events", "[.bench
   // LOOM_BENCH_REPS (default 20, the first 3 warm up): fewer under a profiler.
   const char *reps_env = std::getenv("LOOM_BENCH_REPS");
   const int reps = reps_env ? std::max(1, std::atoi(reps_env)) : 20;
-  auto time_links = [&](const std::string &name, const std::string &toml) {
+  auto time_links = [&](const std::string &name, const std::string &toml, bool candidates = true) {
     auto rt = bt::runtime(toml);
     auto chain = rt->pipeline().list(LOOM_KIND_SAMPLER);
-    loom::SamplerChain runner;  // as the decoder runs a chain: candidate rows between the links that read them
+    loom::SamplerChain runner(candidates);  // as the decoder runs a chain (or with dense rows throughout)
     std::vector<float> ms;
     for (int rep = 0; rep < reps; ++rep) {
       CUDA_REQUIRE(cudaMemcpyAsync(busy_b.ptr, busy_a.ptr, busy_bytes, cudaMemcpyDeviceToDevice, stream));
@@ -595,9 +595,7 @@ TEST_CASE("sampling links on 32 x 128256 rows, timed with CUDA events", "[.bench
   std::string chain;
   for (size_t i = 0; i + 1 < sizeof(links) / sizeof(links[0]); ++i) chain += links[i];
   time_links("chain", chain);
-  setenv("LOOM_SAMPLER_CANDIDATES", "0", 1);  // the same chain on dense rows throughout
-  time_links("chain, dense", chain);
-  unsetenv("LOOM_SAMPLER_CANDIDATES");
+  time_links("chain, dense", chain, false);  // the same chain on dense rows throughout
   cudaEventDestroy(a);
   cudaEventDestroy(b);
 }

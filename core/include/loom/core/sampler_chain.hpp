@@ -27,7 +27,10 @@ class SamplerChain {
   // Entries per row the candidate buffers hold: top-k with a larger k stays dense.
   static constexpr int32_t kCapacity = 1024;
 
+  // Offers candidates as LOOM_SAMPLER_CANDIDATES says (anything but "0": yes).
   SamplerChain();
+  // Offers candidates or not, whatever the environment says (benchmarks compare the two).
+  explicit SamplerChain(bool offer_candidates) : enabled_(offer_candidates) {}
   ~SamplerChain();
   SamplerChain(const SamplerChain &) = delete;
   SamplerChain &operator=(const SamplerChain &) = delete;
