@@ -293,6 +293,19 @@ bool device_scatter_candidates(float *x, int64_t rows, int64_t cols, const int32
   return false;
 }
 
+bool device_scale(float *x, int64_t n, float s, DLDevice device, std::string &error) {
+#if LOOM_HAVE_CUDA
+  if (device.device_type == kDLCUDA)
+    return cuda_ok(static_cast<cudaError_t>(kernels::scale_cuda(x, n, s, cuda_compute_stream(device.device_id))),
+                   "scale_cuda", error);
+#else
+  (void)x, (void)n, (void)s;
+#endif
+  error = "a deferred dense scale lives only on CUDA devices (device type " +
+          std::to_string(static_cast<int>(device.device_type)) + ")";
+  return false;
+}
+
 TokenReadback::~TokenReadback() {
 #if LOOM_HAVE_CUDA
   if (stream_) cudaStreamSynchronize(static_cast<cudaStream_t>(stream_));

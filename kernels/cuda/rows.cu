@@ -300,4 +300,29 @@ int scatter_candidates_cuda(float* x, int64_t rows, int64_t cols, const int32_t*
   return static_cast<int>(cudaGetLastError());
 }
 
+__global__ void scale_kernel(float* __restrict__ x, int64_t n, float s) {
+  const int64_t n4 = reinterpret_cast<uintptr_t>(x) % 16 == 0 ? n / 4 : 0;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  auto* x4 = reinterpret_cast<float4*>(x);
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n4; i += stride) {
+    float4 v = x4[i];
+    v.x = __fmul_rn(v.x, s);
+    v.y = __fmul_rn(v.y, s);
+    v.z = __fmul_rn(v.z, s);
+    v.w = __fmul_rn(v.w, s);
+    x4[i] = v;
+  }
+  for (int64_t i = 4 * n4 + blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += stride)
+    x[i] = __fmul_rn(x[i], s);
+}
+
+int scale_cuda(float* x, int64_t n, float s, void* stream) {
+  if (n == 0) return static_cast<int>(cudaSuccess);
+  if (n < 0 || x == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  const int64_t blocks = (n / 4 + kThreads - 1) / kThreads + 1;
+  scale_kernel<<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      x, n, s);
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace loom::kernels

@@ -13,7 +13,8 @@
 //    id through a block scan), then per row a radix select on the 64-bit composite key over the
 //    chunks' entries.
 // The row's k best are among the chunks' k best, which are among the entries that reach a chunk's
-// bound, so every path keeps exactly the CPU's set.
+// bound, so every path keeps exactly the CPU's set. Every path reads a dense logit times the scale
+// a temperature link deferred (ABI 1.4), so temperature costs no pass of its own over the rows.
 // The other links work on a row's few candidates in one block per row; the sums that decide a
 // token (top-p's total and nucleus, dist's total and walk) run in one thread, in the CPU's order
 // (id order for totals, candidate order for the nucleus), so that they keep and draw exactly the
@@ -121,24 +122,29 @@ __device__ uint64_t select_kth64(int64_t total, unsigned need, Get get, unsigned
 // 0 marks an entry that is not there (-inf, or past the end of the row).
 __device__ __forceinline__ uint32_t present_key(float f) { return f == -INFINITY ? 0u : order_key(f); }
 
+// The dense rows' logit as the chain sees it: the stored value times the scale a link deferred
+// (ABI 1.4 dense_scale; 1 when none): the same rounded multiply temperature would have stored.
+__device__ __forceinline__ float owed(float v, float s) { return __fmul_rn(v, s); }
+
 // The chunk's entries, one row's 4096 at a time: thread t holds ids 16t .. 16t + 15 (a blocked
 // layout: the tie ranks of the radix select run in id order), read four at a time where the row
 // is 16-byte aligned (the four loads of a warp cover 2 KiB together: every sector is read once).
+// Keys are those of the scaled logits (times s).
 __device__ __forceinline__ void load_chunk_keys(const float* __restrict__ r, int64_t first_id, int valid_here,
-                                                uint32_t (&key)[kItems]) {
+                                                float s, uint32_t (&key)[kItems]) {
   if (valid_here == kItems && reinterpret_cast<uintptr_t>(r + first_id) % 16 == 0) {
     const auto* r4 = reinterpret_cast<const float4*>(r + first_id);
 #pragma unroll
     for (int q = 0; q < kItems / 4; ++q) {
       const float4 f = r4[q];
-      key[4 * q] = present_key(f.x);
-      key[4 * q + 1] = present_key(f.y);
-      key[4 * q + 2] = present_key(f.z);
-      key[4 * q + 3] = present_key(f.w);
+      key[4 * q] = present_key(owed(f.x, s));
+      key[4 * q + 1] = present_key(owed(f.y, s));
+      key[4 * q + 2] = present_key(owed(f.z, s));
+      key[4 * q + 3] = present_key(owed(f.w, s));
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) key[i] = i < valid_here ? present_key(r[first_id + i]) : 0u;
+    for (int i = 0; i < kItems; ++i) key[i] = i < valid_here ? present_key(owed(r[first_id + i], s)) : 0u;
   }
 }
 
@@ -146,7 +152,7 @@ __device__ __forceinline__ void load_chunk_keys(const float* __restrict__ r, int
 // to out_v/out_id from `base`, by a radix select of the k-th largest order key (four 8-bit digit
 // histograms), ties at it taken by id. Returns how many. Every thread of the block calls it.
 __device__ unsigned chunk_radix_best(const uint32_t (&key)[kItems], int64_t first_id, const float* __restrict__ r,
-                                     int k, float* __restrict__ out_v, int32_t* __restrict__ out_id, int64_t base) {
+                                     float s, int k, float* __restrict__ out_v, int32_t* __restrict__ out_id, int64_t base) {
   using Scan = cub::BlockScan<unsigned, kThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ unsigned hist[256];
@@ -201,7 +207,7 @@ __device__ unsigned chunk_radix_best(const uint32_t (&key)[kItems], int64_t firs
       ++eq_rank;
     }
     if (slot >= 0) {
-      out_v[base + slot] = r[first_id + i];  // the logit as it is (a -0.0 stays -0.0)
+      out_v[base + slot] = owed(r[first_id + i], s);  // (a -0.0 stays -0.0)
       out_id[base + slot] = static_cast<int32_t>(first_id + i);
     }
   }
@@ -211,7 +217,7 @@ __device__ unsigned chunk_radix_best(const uint32_t (&key)[kItems], int64_t firs
 // Stage 1 for large k: the k best entries of each chunk into out_v/out_id [rows, chunks, k],
 // their number into out_n [rows, chunks].
 __global__ void __launch_bounds__(kThreads)
-chunk_best_kernel(const float* __restrict__ x, int64_t vocab, int k, float* __restrict__ out_v,
+chunk_best_kernel(const float* __restrict__ x, int64_t vocab, float s, int k, float* __restrict__ out_v,
                   int32_t* __restrict__ out_id, int32_t* __restrict__ out_n) {
   wait_for_previous_kernel();
   allow_next_kernel();
@@ -220,8 +226,8 @@ chunk_best_kernel(const float* __restrict__ x, int64_t vocab, int k, float* __re
   const float* r = x + row * vocab;
   const int64_t first_id = begin + threadIdx.x * kItems;
   uint32_t key[kItems];
-  load_chunk_keys(r, first_id, static_cast<int>(max64(0, min64(kItems, vocab - first_id))), key);
-  const unsigned kept = chunk_radix_best(key, first_id, r, k, out_v, out_id, (row * chunks + chunk) * k);
+  load_chunk_keys(r, first_id, static_cast<int>(max64(0, min64(kItems, vocab - first_id))), s, key);
+  const unsigned kept = chunk_radix_best(key, first_id, r, s, k, out_v, out_id, (row * chunks + chunk) * k);
   if (threadIdx.x == 0) out_n[row * chunks + chunk] = static_cast<int32_t>(kept);
 }
 
@@ -263,7 +269,7 @@ __device__ uint32_t block_bound(uint32_t val, int k, int full, uint32_t* s_warp)
 }
 
 __global__ void __launch_bounds__(kThreads)
-top_k_fast_kernel(const float* __restrict__ x, int64_t vocab, int k, int cap, float* __restrict__ out_v,
+top_k_fast_kernel(const float* __restrict__ x, int64_t vocab, float s, int k, int cap, float* __restrict__ out_v,
                   int32_t* __restrict__ out_id, int32_t* __restrict__ out_n, unsigned* __restrict__ done,
                   float* __restrict__ cand_v, int32_t* __restrict__ cand_id, int32_t* __restrict__ cand_n,
                   int64_t capacity) {
@@ -277,7 +283,7 @@ top_k_fast_kernel(const float* __restrict__ x, int64_t vocab, int k, int cap, fl
   __shared__ unsigned s_count;
   __shared__ bool s_last;
   uint32_t key[kItems];
-  load_chunk_keys(r, first_id, static_cast<int>(max64(0, min64(kItems, vocab - first_id))), key);
+  load_chunk_keys(r, first_id, static_cast<int>(max64(0, min64(kItems, vocab - first_id))), s, key);
   if (threadIdx.x == 0) s_count = 0;
   uint32_t tmax = 0;
 #pragma unroll
@@ -293,14 +299,14 @@ top_k_fast_kernel(const float* __restrict__ x, int64_t vocab, int k, int cap, fl
   for (int i = 0; i < kItems; ++i)
     if (key[i] >= bound) {
       if (at < static_cast<unsigned>(cap)) {
-        out_v[base + at] = r[first_id + i];
+        out_v[base + at] = owed(r[first_id + i], s);
         out_id[base + at] = static_cast<int32_t>(first_id + i);
       }
       ++at;
     }
   __syncthreads();
   unsigned kept = s_count;
-  if (kept > static_cast<unsigned>(cap)) kept = chunk_radix_best(key, first_id, r, k, out_v, out_id, base);
+  if (kept > static_cast<unsigned>(cap)) kept = chunk_radix_best(key, first_id, r, s, k, out_v, out_id, base);
   // Publish the chunk (the block's writes, ordered before thread 0's by the barrier; its fence
   // releases them all), then let the row's last block go on.
   __syncthreads();
@@ -398,7 +404,7 @@ top_k_fast_kernel(const float* __restrict__ x, int64_t vocab, int k, int cap, fl
       for (unsigned o = 0; o < n; ++o) place += comp_at(s_cand[o]) > c;
       if (place < K) {
         const uint32_t id = s_id[s_cand[j]];
-        cand_v[row * capacity + place] = r[id];
+        cand_v[row * capacity + place] = owed(r[id], s);
         cand_id[row * capacity + place] = static_cast<int32_t>(id);
       }
     }
@@ -436,7 +442,7 @@ top_k_fast_kernel(const float* __restrict__ x, int64_t vocab, int k, int cap, fl
       const uint64_t c = comp_at(static_cast<int>(j));
       unsigned place = 0;
       for (unsigned o = 0; o < kept; ++o) place += comp_at(static_cast<int>(o)) > c;
-      cand_v[row * capacity + place] = r[s_id[j]];
+      cand_v[row * capacity + place] = owed(r[s_id[j]], s);
       cand_id[row * capacity + place] = static_cast<int32_t>(s_id[j]);
     }
   }
@@ -674,8 +680,8 @@ size_t candidates_top_k_scratch_bytes(int64_t rows, int64_t vocab, int64_t k) {
          align256(sizeof(unsigned) * static_cast<size_t>(rows));
 }
 
-int candidates_top_k(const float* x, int64_t rows, int64_t vocab, int64_t k, const CandidateRows& c, void* scratch,
-                     bool zero, void* stream) {
+int candidates_top_k(const float* x, int64_t rows, int64_t vocab, float scale, int64_t k, const CandidateRows& c,
+                     void* scratch, bool zero, void* stream) {
   if (rows == 0) return 0;
   auto st = static_cast<cudaStream_t>(stream);
   const int64_t chunks = chunks_of(vocab);
@@ -694,12 +700,12 @@ int candidates_top_k(const float* x, int64_t rows, int64_t vocab, int64_t k, con
       return static_cast<int>(e);
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(rows));
   if (k <= kFastK) {
-    if (cudaError_t e = launch_after(top_k_fast_kernel, grid, dim3(kThreads), st, x, vocab, static_cast<int>(k), fast_cap(k),
+    if (cudaError_t e = launch_after(top_k_fast_kernel, grid, dim3(kThreads), st, x, vocab, scale, static_cast<int>(k), fast_cap(k),
                                      v, id, cnt, done, c.values, c.ids, c.count, c.capacity);
         e != cudaSuccess)
       return static_cast<int>(e);
   } else {
-    if (cudaError_t e = launch_after(chunk_best_kernel, grid, dim3(kThreads), st, x, vocab, static_cast<int>(k), v, id, cnt);
+    if (cudaError_t e = launch_after(chunk_best_kernel, grid, dim3(kThreads), st, x, vocab, scale, static_cast<int>(k), v, id, cnt);
         e != cudaSuccess)
       return static_cast<int>(e);
     if (cudaError_t e = launch_after(merge_best_kernel, dim3(static_cast<unsigned>(rows)), dim3(kMergeThreads), st,

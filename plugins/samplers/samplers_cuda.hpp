@@ -15,6 +15,7 @@
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
 #ifndef __CUDACC__
+#include <cmath>
 #include <optional>
 #include <unordered_map>
 #include <vector>
@@ -33,6 +34,9 @@ inline constexpr uint32_t kRunsOnCuda = LOOM_SAMPLERS_CUDA ? static_cast<uint32_
 // LOOM_SAMPLER_CANDIDATES where this build has the candidate kernels (candidates_cuda.cu).
 inline constexpr uint32_t kReadsCandidates =
     LOOM_SAMPLERS_CUDA ? static_cast<uint32_t>(LOOM_SAMPLER_CANDIDATES) : 0u;
+// LOOM_SAMPLER_DENSE_SCALE (with LOOM_SAMPLER_CANDIDATES) where this build has those kernels.
+inline constexpr uint32_t kDenseScale =
+    LOOM_SAMPLERS_CUDA ? static_cast<uint32_t>(LOOM_SAMPLER_CANDIDATES | LOOM_SAMPLER_DENSE_SCALE) : 0u;
 
 namespace cuda {
 // Pinned host memory for uploads (penalty pairs, dist's uniforms): an asynchronous copy from
@@ -165,11 +169,12 @@ struct CandidateRows {
 inline constexpr int64_t kMaxCandidates = 1024;
 // Whether top-k of k over `rows` rows of `vocab` can leave its result as candidates.
 bool candidates_top_k_fits(int64_t rows, int64_t vocab, int64_t k, int64_t capacity);
-// top-k of dense rows x into the candidates (the k best, in order); scratch per the call below.
+// top-k of dense rows x, read as x * scale (the deferred scale; 1 for none), into the candidates
+// (the k best, in order, scaled); scratch per the call below.
 size_t candidates_top_k_scratch_bytes(int64_t rows, int64_t vocab, int64_t k);
 // `zero`: the scratch is fresh (a counter in it must start at zero).
-int candidates_top_k(const float* x, int64_t rows, int64_t vocab, int64_t k, const CandidateRows& c, void* scratch,
-                     bool zero, void* stream);
+int candidates_top_k(const float* x, int64_t rows, int64_t vocab, float scale, int64_t k, const CandidateRows& c,
+                     void* scratch, bool zero, void* stream);
 // top-k over active candidates (already in order): count = min(count, k).
 int candidates_truncate(const CandidateRows& c, int64_t rows, int64_t k, void* stream);
 // temperature: values *= inv (the CPU's float multiply), order kept.
@@ -215,7 +220,27 @@ inline std::optional<cuda::CandidateRows> candidate_rows(const loom_sampling_bat
                   " (this plugin reads up to " + std::to_string(cuda::kMaxCandidates) + ")");
     return std::nullopt;
   }
+  if (LOOM_HAS_FIELD(&c, loom_sampling_candidates, dense_scale) && !(c.dense_scale > 0.0f && std::isfinite(c.dense_scale)))
+    invalid(std::string(component) + ": candidates->dense_scale must be a finite number > 0, got " +
+            std::to_string(c.dense_scale));
   return cuda::CandidateRows{data_of<int32_t>(*c.ids), data_of<float>(*c.logits), data_of<int32_t>(*n), c.capacity};
+}
+
+// The multiply the dense rows owe (ABI 1.4 candidates->dense_scale), for a link flagged
+// LOOM_SAMPLER_DENSE_SCALE that was offered candidates; NULL when the host's struct predates the
+// field (nothing is ever owed then). The link may set it (from 1) or pay it and reset it to 1.
+inline float* owed_scale(const loom_sampling_batch& b) {
+  if (b.struct_size < offsetof(loom_sampling_batch, candidates) + sizeof(b.candidates) ||
+      !LOOM_HAS_FIELD(b.candidates, loom_sampling_candidates, dense_scale))
+    return nullptr;
+  return &b.candidates->dense_scale;
+}
+// Pays an owed scale on the dense rows (a pass over them) before a path that reads them plainly.
+inline void pay_owed_scale(const loom_sampling_batch& b, float* data, void* stream, const char* component) {
+  float* owed = owed_scale(b);
+  if (owed == nullptr || *owed == 1.0f) return;
+  check_cuda(cuda::scale(data, int64_t{b.n_rows} * b.vocab_size, *owed, stream), component);
+  *owed = 1.0f;
 }
 #endif
 

@@ -1,6 +1,8 @@
 // Sampler `temperature`: divides every logit by t (t > 0). t = 0 is rejected at create:
 // "always pick the argmax" is the greedy sampler's job, and dividing by zero is not.
 // CPU or CUDA (the same float multiply by 1/t), on dense rows or on candidate rows (ABI 1.3).
+// On dense CUDA rows offered with candidates it defers the multiply (ABI 1.4 dense_scale): the
+// next link that reads rows (top-k) applies it as it loads them, saving a pass over the rows.
 #include <cmath>
 
 #include "sampler_common.hpp"
@@ -25,9 +27,16 @@ struct Temperature : Base {
 #if LOOM_SAMPLERS_CUDA
     if (on_cuda(b)) {
       const DeviceRows d = device_rows(b, host, ctx, "temperature");
-      if (const auto cand = candidate_rows(b, "temperature"); cand && b.candidates->active != 0) {
-        check_cuda(cuda::candidates_scale(*cand, b.n_rows, inv, d.stream), "temperature");
-        return;
+      if (const auto cand = candidate_rows(b, "temperature")) {
+        if (b.candidates->active != 0) {
+          check_cuda(cuda::candidates_scale(*cand, b.n_rows, inv, d.stream), "temperature");
+          return;
+        }
+        if (float* owed = owed_scale(b); owed != nullptr && *owed == 1.0f) {
+          *owed = inv;  // deferred: top-k multiplies as it reads, the host before any other link
+          return;
+        }
+        pay_owed_scale(b, d.data, d.stream, "temperature");  // (then this link's own multiply)
       }
       check_cuda(cuda::scale(d.data, int64_t{b.n_rows} * b.vocab_size, inv, d.stream), "temperature");
       return;
@@ -41,7 +50,7 @@ struct Temperature : Base {
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<Temperature>(kRunsOnCuda | kReadsCandidates);
+constexpr loom_sampler_vtable kVtable = make_vtable<Temperature>(kRunsOnCuda | kReadsCandidates | kDenseScale);
 constexpr loom_param_desc kParams[] = {
     param("t", LOOM_VALUE_FLOAT, "1.0", "temperature; logits are divided by t (must be > 0)"),
 };

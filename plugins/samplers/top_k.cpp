@@ -3,7 +3,8 @@
 // negative k is a configuration error. CPU or CUDA (a radix select on the order of
 // (logit desc, id asc): the same kept set). On CUDA, when the host offers candidate rows (ABI
 // 1.3) and k <= 1024, the kept tokens become the rows' candidates, in that order, and the dense
-// rows are left as they were.
+// rows are left as they were. It reads the dense rows through a scale a temperature link deferred
+// (ABI 1.4), and pays that scale first where it keeps the rows dense.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -36,12 +37,14 @@ struct TopK : Base {
       if (cand && cuda::candidates_top_k_fits(b.n_rows, b.vocab_size, k, cand->capacity)) {
         // (Its own layout key for must_zero: the dense path keeps other regions zero.)
         void* s = scratch.get(b.logits->device, cuda::candidates_top_k_scratch_bytes(b.n_rows, b.vocab_size, k), "top-k");
-        check_cuda(cuda::candidates_top_k(d.data, b.n_rows, b.vocab_size, k, *cand, s, scratch.must_zero(b.n_rows, -(b.vocab_size + (k << 32))),
+        float* owed = owed_scale(b);
+        check_cuda(cuda::candidates_top_k(d.data, b.n_rows, b.vocab_size, owed != nullptr ? *owed : 1.0f, k, *cand, s, scratch.must_zero(b.n_rows, -(b.vocab_size + (k << 32))),
                                           d.stream),
                    "top-k");
-        b.candidates->active = 1;  // the rows are now the k best of each, as candidates
+        b.candidates->active = 1;  // the rows are now the k best of each, as candidates (scaled)
         return;
       }
+      pay_owed_scale(b, d.data, d.stream, "top-k");
       void* s = scratch.get(b.logits->device, cuda::select_scratch_bytes(b.n_rows, b.vocab_size, false), "top-k");
       check_cuda(cuda::top_k(d.data, b.n_rows, b.vocab_size, k, s, scratch.must_zero(b.n_rows, b.vocab_size), d.stream), "top-k");
       return;
@@ -63,7 +66,7 @@ struct TopK : Base {
   }
 };
 
-constexpr loom_sampler_vtable kVtable = make_vtable<TopK>(kRunsOnCuda | kReadsCandidates);
+constexpr loom_sampler_vtable kVtable = make_vtable<TopK>(kRunsOnCuda | kReadsCandidates | kDenseScale);
 constexpr loom_param_desc kParams[] = {
     param("k", LOOM_VALUE_INT, "40", "number of highest logits kept, >= 0; 0 disables the filter"),
 };

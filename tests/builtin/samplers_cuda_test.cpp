@@ -25,6 +25,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../../plugins/samplers/philox.hpp"
@@ -488,20 +489,23 @@ TEST_CASE("top-k into candidate rows and back gives the CPU's rows bit for bit",
   CHECK(differing_rows(run.cpu, run.gpu, 32000).empty());
 }
 
+// Two neighbouring floats a < b near 1.75 that one float multiply by `inv` makes equal.
+std::pair<float, float> neighbours_made_equal(float inv) {
+  float a = 1.75f;
+  for (int i = 0; i < 1000; ++i) {
+    const float b = std::nextafter(a, 2.0f);
+    if (a * inv == b * inv) return {a, b};
+    a = b;
+  }
+  FAIL("no neighbouring floats that the multiply makes equal");
+  return {0.0f, 0.0f};
+}
+
 TEST_CASE("temperature on candidate rows keeps ties in id order", "[samplers][cuda][candidates]") {
   // Two neighbouring floats that one float multiply by 1/t makes equal: before the multiply the
   // larger (at the higher id) comes first; after it the lower id must, as on the CPU, so that a
   // following top-k of 1 keeps the lower id.
-  const float inv = 1.0f / 1.5f;
-  float a = 1.75f, b = 0.0f;
-  bool found = false;
-  for (int i = 0; i < 1000 && !found; ++i) {
-    b = std::nextafter(a, 2.0f);
-    found = a * inv == b * inv;
-    a = b;
-  }
-  REQUIRE(found);
-  a = std::nextafter(b, 0.0f);
+  const auto [a, b] = neighbours_made_equal(1.0f / 1.5f);
   Rows r = make_rows(1, 1000, 5, 0.1f, false);  // values far below a and b
   r.x[10] = b;                                  // the larger value at the higher id
   r.x[5] = a;
@@ -511,6 +515,61 @@ TEST_CASE("temperature on candidate rows keeps ties in id order", "[samplers][cu
   CHECK(run.used_candidates);
   CHECK(run.cpu[5] != -INFINITY);
   CHECK(differing_rows(run.cpu, run.gpu, 1000).empty());
+}
+
+TEST_CASE("a deferred temperature scale gives the CPU's rows bit for bit", "[samplers][cuda][candidates]") {
+  // temperature leaves its multiply owed (ABI 1.4 dense_scale) when offered candidates: top-k
+  // applies it as it reads (k <= 128 in one kernel, up to 1024 by radix select, above that top-k
+  // pays it and stays dense), and the host pays it before a link that does not read it
+  // (penalties, greedy) and when the chain ends with it owed. Every path must leave the CPU's
+  // rows and tokens.
+  const std::string temp = "[[sampler]]\nuse = \"temperature\"\nt = 0.7\n";
+  const std::string pen = "[[sampler]]\nuse = \"penalties\"\nfrequency_penalty = 0.5\nlast_n = 64\n";
+  auto top_k = [](int64_t k) { return "[[sampler]]\nuse = \"top-k\"\nk = " + std::to_string(k) + "\n"; };
+  struct Case {
+    std::string toml;
+    int64_t k;  // top-k's k: rows travel as candidates when k < vocab and k <= 1024 (0: no top-k)
+  };
+  std::vector<Case> cases;
+  for (int64_t k : {1, 40, 128, 129, 1024, 1025}) cases.push_back({temp + top_k(k) + pen, k});
+  cases.push_back({temp + pen + top_k(40) + pen, 40});                              // paid before penalties
+  cases.push_back({temp + "[[sampler]]\nuse = \"temperature\"\nt = 1.3\n" + top_k(40) + pen, 40});  // two scales
+  cases.push_back({temp, 0});                                                       // paid at the end
+  cases.push_back({temp + "[[sampler]]\nuse = \"greedy\"\n", 0});                 // paid before greedy
+  cases.push_back({pen + temp + top_k(40) + "[[sampler]]\nuse = \"dist\"\n", 40});
+  uint32_t seed = 4100;
+  for (const Case &c : cases) {
+    auto rt = bt::runtime(c.toml);
+    auto chain = rt->pipeline().list(LOOM_KIND_SAMPLER);
+    for (const Shape &s : kShapes) {
+      const Rows r = make_rows(s.rows, s.vocab, seed++);
+      const ChainRun run = run_chain(chain, r);
+      INFO(c.toml << "rows " << s.rows << " vocab " << s.vocab);
+      CHECK(run.used_candidates == (c.k > 0 && c.k <= 1024 && c.k < s.vocab));
+      CHECK(run.gpu_tokens == run.cpu_tokens);
+      if (c.toml.find("dist") == std::string::npos) CHECK(differing_rows(run.cpu, run.gpu, s.vocab).empty());
+    }
+  }
+}
+
+TEST_CASE("a deferred temperature before top-k keeps the ties its multiply makes in id order",
+          "[samplers][cuda][candidates]") {
+  // Two neighbouring floats that the multiply by 1/t makes equal, the larger at the higher id:
+  // top-k of 1 after temperature must keep the lower id, as on the CPU (where the multiply came
+  // first), though the dense rows still hold the unequal values when top-k reads them.
+  const auto [a, b] = neighbours_made_equal(1.0f / 1.5f);
+  Rows r = make_rows(2, 5000, 6, 0.1f, false);  // values far below a and b
+  r.x[10] = b;
+  r.x[5] = a;
+  r.x[5000 + 4100] = b;  // the same in row 1, across a chunk boundary (chunks of 4096)
+  r.x[5000 + 4095] = a;
+  auto rt = bt::runtime("[[sampler]]\nuse = \"temperature\"\nt = 1.5\n[[sampler]]\nuse = \"top-k\"\nk = 1\n"
+                        "[[sampler]]\nuse = \"penalties\"\n");
+  const ChainRun run = run_chain(rt->pipeline().list(LOOM_KIND_SAMPLER), r);
+  CHECK(run.used_candidates);
+  CHECK(run.cpu[5] != -INFINITY);
+  CHECK(run.cpu[5000 + 4095] != -INFINITY);
+  CHECK(differing_rows(run.cpu, run.gpu, 5000).empty());
 }
 
 TEST_CASE("the chain over candidate rows draws exactly the CPU's tokens and log-probabilities",

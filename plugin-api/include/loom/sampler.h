@@ -38,6 +38,18 @@
  * without the flag, the host turns active candidates back into dense rows (-inf everywhere but
  * the listed tokens) and clears active; it gives such a link candidates = NULL. After the chain
  * the logits are the host's to discard, in whichever form they are.
+ *
+ * A deferred scale (ABI 1.4). Temperature multiplies a whole dense row by 1/t: a full pass over
+ * 128k entries that a following top-k reads again. A link flagged LOOM_SAMPLER_DENSE_SCALE may
+ * leave that multiply owed instead: while candidates->active is 0, row r's logit i is
+ * logits[r, i] * candidates->dense_scale (one float32 multiply, rounded to nearest: the value
+ * the multiply itself would have stored). The host offers dense_scale = 1. A link flagged
+ * LOOM_SAMPLER_DENSE_SCALE reads dense rows with that multiply (top-k does it as it loads them),
+ * may set dense_scale to s only while it is 1 (two multiplies in a row round differently from
+ * their product, so a second scale is applied, not folded), and may itself apply the owed scale
+ * to the dense rows and set dense_scale back to 1. A link that makes candidates active writes
+ * the scaled logits there; the host then sets dense_scale to 1. Before any link without the
+ * flag, and after the chain, the host applies an owed scale to the dense rows itself.
  */
 #ifndef LOOM_SAMPLER_H
 #define LOOM_SAMPLER_H
@@ -113,6 +125,10 @@ typedef struct loom_sampling_candidates {
   /* Host memory. 0: the dense logits are the rows (ids/logits/count hold nothing); 1: the
    * candidates are the rows. Set by the link that writes them; cleared by the host only. */
   int32_t active;
+  /* ABI 1.4 (check LOOM_HAS_FIELD): the multiply the dense rows still owe (see "A deferred
+   * scale" above); 1 when none. Read and written only by links flagged
+   * LOOM_SAMPLER_DENSE_SCALE. */
+  float dense_scale;
 } loom_sampling_candidates;
 
 /* loom_sampler_vtable.flags */
@@ -128,7 +144,10 @@ enum {
   /* ABI 1.3: apply() understands batch->candidates: when they are active it reads and rewrites
    * them instead of the dense rows (a selecting link selects from them), and when they are
    * offered but not active it may leave its result there (setting active). */
-  LOOM_SAMPLER_CANDIDATES = 1u << 6
+  LOOM_SAMPLER_CANDIDATES = 1u << 6,
+  /* ABI 1.4: with LOOM_SAMPLER_CANDIDATES: reads dense rows through candidates->dense_scale and
+   * may defer a multiply there (see "A deferred scale" above). */
+  LOOM_SAMPLER_DENSE_SCALE = 1u << 7
 };
 
 typedef struct loom_sampler_vtable {

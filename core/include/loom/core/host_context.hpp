@@ -67,6 +67,9 @@ bool device_argmax_rows_to(const float *x, int64_t rows, int64_t cols, DLDevice 
 // the compute stream; false with `error` on another device or a launch failure.
 bool device_scatter_candidates(float *x, int64_t rows, int64_t cols, const int32_t *ids, const float *values,
                                const int32_t *count, int64_t capacity, DLDevice device, std::string &error);
+// x[i] *= s over n floats of CUDA memory (kernels::scale_cuda), queued on the compute stream;
+// false with `error` on another device or a launch failure.
+bool device_scale(float *x, int64_t n, float s, DLDevice device, std::string &error);
 
 // Brings a few int32 values (the tokens a decode step sampled) from device memory to the host
 // without blocking the compute stream's later work: start() queues the copy into page-locked

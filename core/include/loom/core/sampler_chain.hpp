@@ -6,7 +6,10 @@
 // row each. The runner owns the candidate buffers (device memory, grown with the batch and kept
 // between calls), offers them to those links only, and turns active candidates back into dense
 // rows before a link without the flag (a device kernel, ordered on the compute stream).
-// LOOM_SAMPLER_CANDIDATES=0 in the environment turns the offer off (dense rows throughout).
+// Links flagged LOOM_SAMPLER_DENSE_SCALE may also leave a multiply of the dense rows owed
+// (temperature, which top-k then applies as it reads): the runner pays it before any other link
+// and at the end. LOOM_SAMPLER_CANDIDATES=0 in the environment turns the offer off (dense rows
+// throughout).
 //
 // Ownership: the batch, the logits and the chain's instances are the caller's. Thread-safety: one
 // thread uses a runner at a time (the decoder's, or a benchmark's).
@@ -48,6 +51,8 @@ class SamplerChain {
   // runs dense).
   bool reserve(DLDevice device, int64_t rows);
   void densify(const loom_sampling_batch &b);
+  // Applies a scale a link deferred (ABI 1.4 dense_scale) to the dense rows and clears it.
+  void pay_scale(const loom_sampling_batch &b);
   void release();
 
   bool enabled_ = true;

@@ -47,6 +47,11 @@ int argmax_rows_cuda(const float* x, int64_t rows, int64_t cols, int32_t* out_de
 // `stream`; returns a cudaError_t as int (0 ok).
 int scatter_candidates_cuda(float* x, int64_t rows, int64_t cols, const int32_t* ids, const float* values,
                             const int32_t* count, int64_t capacity, void* stream);
+
+// x[i] = x[i] * s (one rounded float32 multiply) over n floats on the device: the dense scale a
+// sampler link deferred (loom_sampling_candidates.dense_scale). Ordered on `stream`; returns a
+// cudaError_t as int (0 ok).
+int scale_cuda(float* x, int64_t n, float s, void* stream);
 #endif
 
 }  // namespace loom::kernels
