@@ -9,18 +9,10 @@
 #include <random>
 #include <vector>
 
+#include "cuda_check.hpp"
 #include "loom/kernels/rows.hpp"
 
 namespace {
-
-#define CHECK_CUDA(x)                                                                  \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
 
 template <class Launch> float median_us(Launch launch) {
   cudaEvent_t start, stop;
