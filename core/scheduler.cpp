@@ -1,0 +1,188 @@
+// Scheduler: continuous batching with chunked prefill and preemption by recomputation (see
+// scheduler.hpp for the policy).
+#include "loom/core/scheduler.hpp"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "loom/core/error.hpp"
+
+namespace loom {
+
+namespace {
+
+std::string seq_name(int64_t seq) { return "scheduler: sequence " + std::to_string(seq); }
+
+} // namespace
+
+Scheduler::Scheduler(SchedulerOptions options, KvBlockManager &blocks) : options_(options), blocks_(blocks) {
+  if (options.max_seqs < 1) throw runtime_error("scheduler: max_seqs must be at least 1, got " + std::to_string(options.max_seqs));
+  if (options.max_batched_tokens < 1)
+    throw runtime_error("scheduler: max_batched_tokens must be at least 1, got " +
+                        std::to_string(options.max_batched_tokens));
+}
+
+Scheduler::Request &Scheduler::request(int64_t seq, const char *what) {
+  return const_cast<Request &>(std::as_const(*this).request(seq, what));
+}
+
+const Scheduler::Request &Scheduler::request(int64_t seq, const char *what) const {
+  auto it = requests_.find(seq);
+  if (it == requests_.end()) throw runtime_error(seq_name(seq) + " is unknown (" + what + ")");
+  return it->second;
+}
+
+void Scheduler::add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_tokens) {
+  if (requests_.count(seq) != 0 || blocks_.live(seq)) throw runtime_error(seq_name(seq) + " already exists (add)");
+  if (prompt.empty()) throw runtime_error(seq_name(seq) + " has an empty prompt (add)");
+  if (max_new_tokens < 0)
+    throw runtime_error(seq_name(seq) + ": max_new_tokens " + std::to_string(max_new_tokens) + " is negative (add)");
+  const int64_t capacity = blocks_.total_blocks() * blocks_.block_size();
+  if (max_new_tokens > capacity - int64_t(prompt.size()))
+    throw runtime_error(seq_name(seq) + ": prompt " + std::to_string(prompt.size()) + " + max_new_tokens " +
+                        std::to_string(max_new_tokens) + " tokens exceed the KV pool's " + std::to_string(capacity) +
+                        " positions (add)");
+  if (!options_.chunked_prefill && int64_t(prompt.size()) > options_.max_batched_tokens)
+    throw runtime_error(seq_name(seq) + ": prompt of " + std::to_string(prompt.size()) +
+                        " tokens exceeds max_batched_tokens " + std::to_string(options_.max_batched_tokens) +
+                        " without chunked prefill (add)");
+  Request r;
+  r.prompt_size = prompt.size();
+  r.tokens = std::move(prompt);
+  r.max_new_tokens = max_new_tokens;
+  requests_.emplace(seq, std::move(r));
+  waiting_.push_back(seq);
+}
+
+int32_t Scheduler::prefill_chunk(const Request &r, int32_t budget) const {
+  const int64_t remaining = int64_t(r.tokens.size()) - r.computed;
+  if (remaining <= 0 || budget <= 0) return 0;
+  const int64_t chunk = std::min<int64_t>(budget, remaining);
+  const bool whole = !options_.chunked_prefill && remaining <= options_.max_batched_tokens;
+  return whole && chunk < remaining ? 0 : int32_t(chunk);
+}
+
+void Scheduler::preempt(int64_t seq, SchedulePlan &plan) {
+  Request &r = request(seq, "preempt");
+  blocks_.release(seq);
+  r.computed = 0;
+  r.running = false;
+  running_.erase(std::find(running_.begin(), running_.end(), seq));
+  waiting_.push_front(seq);
+  plan.preempted.push_back(seq);
+  ++preemptions_;
+}
+
+bool Scheduler::grow_running(int64_t seq, int32_t n, SchedulePlan &plan) {
+  const Request &r = request(seq, "schedule");
+  while (!blocks_.grow(seq, r.computed + n, r.computed, plan.copies)) {
+    // The victim: the most recently admitted running sequence with no work in this plan. `seq`
+    // itself qualifies, so there always is one.
+    auto victim = std::find_if(running_.rbegin(), running_.rend(), [&](int64_t s) { return !requests_.at(s).planned; });
+    const int64_t v = *victim;
+    preempt(v, plan);
+    if (v == seq) return false;
+  }
+  return true;
+}
+
+void Scheduler::plan_work(int64_t seq, int32_t n, SchedulePlan &plan) {
+  Request &r = request(seq, "schedule");
+  r.planned = true;
+  plan.work.push_back({seq, r.computed, n, r.computed + n == int64_t(r.tokens.size())});
+  plan.n_tokens += n;
+}
+
+SchedulePlan Scheduler::schedule() {
+  SchedulePlan plan;
+  for (int64_t s : running_) requests_.at(s).planned = false;
+  int32_t budget = options_.max_batched_tokens;
+
+  // 1. Decode, in admission order. A preemption removes an entry at or after i.
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
+    const int64_t seq = running_[i];
+    const Request &r = requests_.at(seq);
+    if (r.computed + 1 != int64_t(r.tokens.size())) {
+      ++i;
+      continue;
+    }
+    if (!grow_running(seq, 1, plan)) continue; // seq went back to waiting; running_[i] is the next one
+    plan_work(seq, 1, plan);
+    budget -= 1;
+    ++i;
+  }
+
+  // 2a. Unfinished prefills of running sequences (chunked, or resumed ones too long for a step).
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
+    const int64_t seq = running_[i];
+    const Request &r = requests_.at(seq);
+    if (r.planned || r.computed + 1 >= int64_t(r.tokens.size())) {
+      ++i;
+      continue;
+    }
+    const int32_t chunk = prefill_chunk(r, budget);
+    if (chunk == 0) break;
+    if (!grow_running(seq, chunk, plan)) continue;
+    plan_work(seq, chunk, plan);
+    budget -= chunk;
+    ++i;
+  }
+
+  // 2b. Admission in arrival order. Not in a step that preempted (as vLLM): the pool is short,
+  // and a just-preempted sequence would be readmitted at once to recompute everything.
+  while (plan.preempted.empty() && !waiting_.empty() && running_.size() < size_t(options_.max_seqs) && budget > 0) {
+    const int64_t seq = waiting_.front();
+    Request &r = requests_.at(seq);
+    r.computed = blocks_.begin(seq, r.tokens);
+    const int32_t chunk = prefill_chunk(r, budget);
+    if (chunk == 0 || !blocks_.grow(seq, r.computed + chunk, r.computed, plan.copies)) {
+      blocks_.cancel(seq); // it stays first in line; its blocks and the hit stats are given back
+      r.computed = 0;
+      break;
+    }
+    waiting_.pop_front();
+    running_.push_back(seq);
+    r.running = true;
+    plan_work(seq, chunk, plan);
+    budget -= chunk;
+  }
+
+  // 3. The caller runs the whole plan before the next schedule(): count its tokens as computed.
+  for (const ScheduledWork &w : plan.work) {
+    Request &r = requests_.at(w.seq);
+    r.computed += w.n_tokens;
+    blocks_.computed(w.seq, r.tokens, r.computed);
+  }
+  return plan;
+}
+
+void Scheduler::append(int64_t seq, int32_t token) {
+  Request &r = request(seq, "append");
+  if (!r.running || r.computed != int64_t(r.tokens.size()))
+    throw runtime_error(seq_name(seq) + " did not sample in the last step (append)");
+  if (int64_t(r.tokens.size() - r.prompt_size) >= r.max_new_tokens)
+    throw runtime_error(seq_name(seq) + " already has its max_new_tokens " + std::to_string(r.max_new_tokens) +
+                        " tokens (append)");
+  r.tokens.push_back(token);
+}
+
+void Scheduler::finish(int64_t seq) {
+  const Request &r = request(seq, "finish");
+  if (r.running) {
+    blocks_.release(seq);
+    running_.erase(std::find(running_.begin(), running_.end(), seq));
+  } else {
+    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), seq));
+  }
+  requests_.erase(seq);
+}
+
+const std::vector<int32_t> &Scheduler::tokens(int64_t seq) const { return request(seq, "tokens").tokens; }
+
+int64_t Scheduler::generated(int64_t seq) const {
+  const Request &r = request(seq, "generated");
+  return int64_t(r.tokens.size() - r.prompt_size);
+}
+
+} // namespace loom
