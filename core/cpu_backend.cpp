@@ -350,12 +350,34 @@ loom_kv_layout CpuBackend::prepare_attention(Instance &attention) const {
 }
 
 void CpuBackend::reserve(int32_t max_seqs, int64_t max_positions) {
+  if (ready_ && !paged_ && max_seqs <= max_seqs_ && max_positions <= max_positions_ &&
+      (layout_.block_size == 0 || kv_pools_.size() == static_cast<size_t>(config_.n_layers)))
+    return;
+  size_cache(max_seqs, max_positions, false, 0, 0);
+}
+
+ModelBackend::BlockPool CpuBackend::reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks,
+                                                   uint64_t kv_bytes) {
+  size_cache(max_seqs, max_positions, true, n_blocks, kv_bytes == 0 ? uint64_t{1} << 30 : kv_bytes);
+  return {layout_.block_size, pool_blocks_};
+}
+
+void CpuBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) {
+  if (!paged_) throw runtime_error(options_.source_name + ": copy_blocks outside paged mode");
+  for (const auto &[src, dst] : src_dst) {
+    if (src < 0 || dst < 0 || src >= pool_blocks_ || dst >= pool_blocks_)
+      throw runtime_error(options_.source_name + ": copy_blocks(" + std::to_string(src) + ", " + std::to_string(dst) +
+                          ") outside the pool of " + std::to_string(pool_blocks_) + " blocks");
+    const size_t bytes = layout_.bytes_per_block;
+    for (auto &pool : kv_pools_)
+      std::memcpy(pool.data() + static_cast<size_t>(dst) * bytes, pool.data() + static_cast<size_t>(src) * bytes, bytes);
+  }
+}
+
+void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged, int64_t n_blocks, uint64_t kv_bytes) {
   auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
   if (attention.empty())
     throw runtime_error(options_.source_name + ": the pipeline has no [attention]: add one such as use = \"sdpa\"");
-  if (ready_ && max_seqs <= max_seqs_ && max_positions <= max_positions_ &&
-      (layout_.block_size == 0 || kv_pools_.size() == static_cast<size_t>(config_.n_layers)))
-    return;
   if (max_seqs < 1 || max_seqs > 4096 || max_positions < 1 || max_positions > (int64_t{1} << 24))
     throw runtime_error(options_.source_name + ": a batch of " + std::to_string(max_seqs) + " sequences of " +
                         std::to_string(max_positions) + " positions is outside what the CPU backend sizes");
@@ -372,9 +394,21 @@ void CpuBackend::reserve(int32_t max_seqs, int64_t max_positions) {
       max_positions_ = positions; // what attention_config() reports
       layout = prepare_attention(*attention.front());
     }
+    if (paged && layout.block_size <= 0)
+      throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name +
+                          "): keeps no KV cache in blocks, so it cannot serve a paged (scheduled) run");
     if (layout.block_size > 0) {
-      const uint64_t blocks = static_cast<uint64_t>((positions + layout.block_size - 1) / layout.block_size) *
-                              static_cast<uint64_t>(seqs);
+      uint64_t blocks = static_cast<uint64_t>((positions + layout.block_size - 1) / layout.block_size) *
+                        static_cast<uint64_t>(seqs);
+      if (paged) {
+        const uint64_t per_block = layout.bytes_per_block * static_cast<uint64_t>(config_.n_layers);
+        blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks) : kv_bytes / per_block;
+        const uint64_t one_seq = static_cast<uint64_t>((positions + layout.block_size - 1) / layout.block_size);
+        if (blocks < one_seq)
+          throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name + "): a KV pool of " +
+                              std::to_string(blocks) + " blocks cannot hold one sequence of " +
+                              std::to_string(positions) + " positions (" + std::to_string(one_seq) + " blocks)");
+      }
       if (layout.bytes_per_block > (uint64_t{8} << 30) / blocks / static_cast<uint64_t>(config_.n_layers))
         throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name +
                             "): its KV layout needs more than 8 GiB for " + std::to_string(seqs) + " sequences of " +
@@ -390,6 +424,8 @@ void CpuBackend::reserve(int32_t max_seqs, int64_t max_positions) {
   kv_pools_ = std::move(pools);
   layout_ = layout;
   blocks_per_seq_ = layout.block_size > 0 ? (positions + layout.block_size - 1) / layout.block_size : 0;
+  pool_blocks_ = kv_pools_.empty() ? 0 : kv_pools_.front().dim(0);
+  paged_ = paged;
   max_seqs_ = seqs;
   max_positions_ = positions;
   if (ready_) return;
@@ -585,6 +621,7 @@ void CpuBackend::embed_row(int32_t token, float *out) const {
 }
 
 void CpuBackend::copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) {
+  if (paged_) throw runtime_error(options_.source_name + ": copy_slot in paged mode (copy blocks instead)");
   const SlotCopy c =
       plan_slot_copy(src_slot, dst_slot, positions, max_seqs_, max_positions_, blocks_per_seq_, layout_, options_.source_name);
   if (c.bytes == 0) return;
@@ -599,7 +636,12 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   const bool gpt2 = c.architecture == Architecture::gpt2;
   if (!ready_ || (layout_.block_size > 0 && kv_pools_.size() != static_cast<size_t>(c.n_layers)))
     throw runtime_error(options_.source_name + ": the CPU backend ran without a KV cache (reserve() first)");
-  if (T < 1 || S < 1 || batch.seq_offsets.size() != static_cast<size_t>(S) + 1 || batch.seq_slots.size() != static_cast<size_t>(S) ||
+  const bool tables = batch.table_cols > 0;
+  if (tables != paged_)
+    throw runtime_error(options_.source_name + (paged_ ? ": a step batch without block tables in paged mode"
+                                                       : ": a step batch with block tables outside paged mode"));
+  if (T < 1 || S < 1 || batch.seq_offsets.size() != static_cast<size_t>(S) + 1 ||
+      (!tables && batch.seq_slots.size() != static_cast<size_t>(S)) ||
       batch.seq_offsets[0] != 0 || batch.seq_offsets[static_cast<size_t>(S)] != T)
     throw runtime_error(options_.source_name + ": a malformed step batch (" + std::to_string(T) + " tokens, " +
                         std::to_string(S) + " sequences)");
@@ -609,9 +651,9 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   std::vector<bool> slot_used(static_cast<size_t>(max_seqs_), false);
   for (int64_t s = 0; s < S; ++s) {
     const int32_t begin = batch.seq_offsets[static_cast<size_t>(s)], end = batch.seq_offsets[static_cast<size_t>(s) + 1];
-    const int32_t p0 = batch.seq_positions[static_cast<size_t>(s)], slot = batch.seq_slots[static_cast<size_t>(s)];
+    const int32_t p0 = batch.seq_positions[static_cast<size_t>(s)], slot = tables ? 0 : batch.seq_slots[static_cast<size_t>(s)];
     const int64_t last = static_cast<int64_t>(p0) + (end - begin);
-    if (end <= begin || p0 < 0 || slot < 0 || slot >= max_seqs_ || slot_used[static_cast<size_t>(slot)])
+    if (end <= begin || p0 < 0 || slot < 0 || slot >= max_seqs_ || (!tables && slot_used[static_cast<size_t>(slot)]))
       throw runtime_error(options_.source_name + ": step batch sequence " + std::to_string(s) +
                           " has no tokens, a negative position, or a KV slot outside the cache or shared");
     if (last > max_positions_ || last > c.max_positions)
@@ -632,10 +674,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   std::copy(batch.seq_positions.begin(), batch.seq_positions.end(), seq_positions_.data());
   if (layout_.block_size > 0) {
     block_table_ = HostTensor<int32_t>({S, blocks_per_seq_});
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t j = 0; j < blocks_per_seq_; ++j)
-        block_table_.data()[s * blocks_per_seq_ + j] =
-            static_cast<int32_t>(batch.seq_slots[static_cast<size_t>(s)] * blocks_per_seq_ + j);
+    fill_block_table(batch, blocks_per_seq_, pool_blocks_, layout_.block_size, block_table_.data(), options_.source_name);
   }
 
   auto sized = [](std::vector<float> &v, int64_t n) {

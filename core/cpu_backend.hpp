@@ -69,6 +69,8 @@ class CpuBackend final : public ModelBackend {
   void reserve(int32_t max_seqs, int64_t max_positions) override;
   DLTensor *forward(const StepBatch &batch) override;
   void copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) override;
+  BlockPool reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks, uint64_t kv_bytes) override;
+  void copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) override;
   DLDevice device() const override { return {kDLCPU, 0}; }
   std::string describe() const override;
 
@@ -85,6 +87,10 @@ class CpuBackend final : public ModelBackend {
   const void *weight_data(std::string_view module) const;
 
  private:
+  // Sizes the KV cache: slot mode (max_seqs slots of max_positions), or paged mode (a pool of
+  // n_blocks blocks, or as many as kv_bytes holds when n_blocks is 0). Prepares attention and
+  // makes the one-time state on the first call.
+  void size_cache(int32_t max_seqs, int64_t max_positions, bool paged, int64_t n_blocks, uint64_t kv_bytes);
   // Values the backend reads: `data` points into a checkpoint mapping (in place) or into `own`.
   // Move-only; a moved vector keeps its buffer, so `data` stays valid across moves.
   template <class T> struct Values {
@@ -163,6 +169,8 @@ class CpuBackend final : public ModelBackend {
   int32_t max_seqs_ = 0;
   int64_t max_positions_ = 0;
   int64_t blocks_per_seq_ = 0;
+  int64_t pool_blocks_ = 0; // blocks in each layer's pool
+  bool paged_ = false;      // reserve_blocks(): sequences name their blocks in the step batch
   loom_kv_layout layout_{};
   std::vector<detail::HostTensor<uint8_t>> kv_pools_;
   std::shared_ptr<Instance> quantizer_; // the one that made the qweights

@@ -197,6 +197,8 @@ class CudaBackend final : public ModelBackend {
   DLTensor *forward(const StepBatch &batch) override;
   int32_t *token_feed(int32_t seqs) override;
   void copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) override;
+  BlockPool reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks, uint64_t kv_bytes) override;
+  void copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) override;
   DLDevice device() const override { return options_.device; }
   std::string describe() const override {
     return "cuda:" + std::to_string(options_.device.device_id) + " " + (bf16() ? "bfloat16" : "float32") +
@@ -222,6 +224,10 @@ class CudaBackend final : public ModelBackend {
            static_cast<size_t>(seqs) * static_cast<size_t>(blocks_per_seq_);
   }
   loom_kv_layout prepare_attention(Instance &attention) const;
+  // Sizes the KV cache: slot mode (max_seqs slots of max_positions), or paged mode (a pool of
+  // n_blocks blocks, or as many as kv_bytes holds when n_blocks is 0; kv_bytes 0: 85% of the
+  // free memory, less 1 GiB for activations).
+  void size_cache(int32_t max_seqs, int64_t max_positions, bool paged, int64_t n_blocks, uint64_t kv_bytes);
   void install_hook();
   // y[T, out] = x[T, in] W^T (+ beta * y), float32 accumulation.
   void gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta);
@@ -252,8 +258,10 @@ class CudaBackend final : public ModelBackend {
   int32_t max_seqs_ = 0;
   int64_t max_positions_ = 0;
   int64_t blocks_per_seq_ = 0;
+  int64_t pool_blocks_ = 0; // blocks in each layer's pool
+  bool paged_ = false;      // reserve_blocks(): sequences name their blocks in the step batch
   loom_kv_layout layout_{};
-  std::vector<DeviceBuffer> kv_pools_; // per layer [max_seqs * blocks_per_seq, bytes_per_block]
+  std::vector<DeviceBuffer> kv_pools_; // per layer [pool_blocks, bytes_per_block]
   DeviceBuffer cos_sin_;               // [max_positions, D/2, 2] float32
   const Instance *prepared_attention_ = nullptr;
   bool hook_installed_ = false;
@@ -483,7 +491,37 @@ void CudaBackend::reserve(int32_t max_seqs, int64_t max_positions) {
   auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
   if (attention.empty())
     throw runtime_error(options_.source_name + ": the pipeline has no [attention]: add one such as use = \"flash\"");
-  if (max_seqs <= max_seqs_ && max_positions <= max_positions_ && prepared_attention_ == attention.front().get()) return;
+  if (!paged_ && max_seqs <= max_seqs_ && max_positions <= max_positions_ && prepared_attention_ == attention.front().get())
+    return;
+  size_cache(max_seqs, max_positions, false, 0, 0);
+}
+
+ModelBackend::BlockPool CudaBackend::reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks,
+                                                    uint64_t kv_bytes) {
+  size_cache(max_seqs, max_positions, true, n_blocks, kv_bytes);
+  return {layout_.block_size, pool_blocks_};
+}
+
+void CudaBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) {
+  if (!paged_) throw runtime_error(options_.source_name + ": copy_blocks outside paged mode");
+  const size_t bytes = layout_.bytes_per_block;
+  for (const auto &[src, dst] : src_dst) {
+    if (src < 0 || dst < 0 || src >= pool_blocks_ || dst >= pool_blocks_)
+      throw runtime_error(options_.source_name + ": copy_blocks(" + std::to_string(src) + ", " + std::to_string(dst) +
+                          ") outside the pool of " + std::to_string(pool_blocks_) + " blocks");
+    // Ordered on the stream behind the forward pass that wrote the source.
+    for (auto &pool : kv_pools_)
+      cuda_check(cudaMemcpyAsync(pool.get<uint8_t>() + static_cast<size_t>(dst) * bytes,
+                                 pool.get<uint8_t>() + static_cast<size_t>(src) * bytes, bytes, cudaMemcpyDeviceToDevice,
+                                 stream_),
+                 "copy_blocks");
+  }
+}
+
+void CudaBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged, int64_t n_blocks, uint64_t kv_bytes) {
+  auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
+  if (attention.empty())
+    throw runtime_error(options_.source_name + ": the pipeline has no [attention]: add one such as use = \"flash\"");
   if (max_positions > (int64_t{1} << 24) || max_seqs > 4096 || max_seqs < 1)
     throw runtime_error(options_.source_name + ": a batch of " + std::to_string(max_seqs) + " sequences of " +
                         std::to_string(max_positions) + " positions is outside what the CUDA backend sizes");
@@ -494,11 +532,22 @@ void CudaBackend::reserve(int32_t max_seqs, int64_t max_positions) {
   layout_ = prepare_attention(*attention.front());
   prepared_attention_ = attention.front().get();
   blocks_per_seq_ = (max_positions_ + layout_.block_size - 1) / layout_.block_size;
-  const uint64_t pool_bytes = static_cast<uint64_t>(max_seqs_) * static_cast<uint64_t>(blocks_per_seq_) * layout_.bytes_per_block;
   size_t free_bytes = 0, total_bytes = 0;
   cuda_check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
   uint64_t in_use = 0; // freed below before the new pools are made
   for (const auto &pool : kv_pools_) in_use += pool.bytes();
+  uint64_t blocks = static_cast<uint64_t>(max_seqs_) * static_cast<uint64_t>(blocks_per_seq_);
+  if (paged) {
+    const uint64_t per_block = layout_.bytes_per_block * static_cast<uint64_t>(config_.n_layers);
+    const uint64_t available = free_bytes + in_use, headroom = uint64_t{1} << 30;
+    if (kv_bytes == 0) kv_bytes = available > headroom ? (available - headroom) / 100 * 85 : 0;
+    blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks) : kv_bytes / per_block;
+    if (blocks < static_cast<uint64_t>(blocks_per_seq_))
+      throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name + "): a KV pool of " +
+                          std::to_string(blocks) + " blocks cannot hold one sequence of " +
+                          std::to_string(max_positions_) + " positions (" + std::to_string(blocks_per_seq_) + " blocks)");
+  }
+  const uint64_t pool_bytes = blocks * layout_.bytes_per_block;
   if (pool_bytes * static_cast<uint64_t>(config_.n_layers) > free_bytes + in_use)
     throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name + "): a KV cache of " +
                         std::to_string(pool_bytes * static_cast<uint64_t>(config_.n_layers) >> 20) +
@@ -506,6 +555,8 @@ void CudaBackend::reserve(int32_t max_seqs, int64_t max_positions) {
                         " positions does not fit in the GPU's free memory");
   kv_pools_.clear();
   for (int64_t l = 0; l < config_.n_layers; ++l) kv_pools_.emplace_back(pool_bytes);
+  pool_blocks_ = static_cast<int64_t>(blocks);
+  paged_ = paged;
   if (!inv_freq_.empty()) {
     const int64_t half = config_.head_dim / 2;
     std::vector<float> table(static_cast<size_t>(max_positions_ * half * 2));
@@ -538,6 +589,7 @@ void CudaBackend::grow_meta(size_t entries, size_t keep, int keep_half) {
 }
 
 void CudaBackend::copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) {
+  if (paged_) throw runtime_error(options_.source_name + ": copy_slot in paged mode (copy blocks instead)");
   const SlotCopy c =
       plan_slot_copy(src_slot, dst_slot, positions, max_seqs_, max_positions_, blocks_per_seq_, layout_, options_.source_name);
   if (c.bytes == 0) return;
@@ -625,7 +677,7 @@ void CudaBackend::attend(Instance &attention, AttentionCall &call, int32_t T, in
   }
   b.layer = layer;
   b.kv_pool = call.vpool.set(kv_pools_[static_cast<size_t>(layer)].get(), dev, DLDataType{kDLUInt, 8, 1},
-                             {static_cast<int64_t>(max_seqs_) * blocks_per_seq_, static_cast<int64_t>(layout_.bytes_per_block)});
+                             {pool_blocks_, static_cast<int64_t>(layout_.bytes_per_block)});
   attention.check(attention.vtable<loom_attention_vtable>()->forward(attention.handle(), &b), "forward");
   op_times_.mark("attention", stream_);
 }
@@ -767,12 +819,20 @@ void CudaBackend::run_layers_gemv(Instance &attention, AttentionCall &call, int3
 
 DLTensor *CudaBackend::forward(const StepBatch &batch) {
   const int32_t T = batch.n_tokens(), S = batch.n_seqs();
+  const bool tables = batch.table_cols > 0;
   if (T <= 0 || S <= 0 || static_cast<int32_t>(batch.seq_offsets.size()) != S + 1 ||
-      static_cast<int32_t>(batch.seq_slots.size()) != S || batch.seq_offsets[0] != 0 || batch.seq_offsets[S] != T)
+      (!tables && static_cast<int32_t>(batch.seq_slots.size()) != S) || batch.seq_offsets[0] != 0 || batch.seq_offsets[S] != T)
     throw runtime_error("CUDA backend: a malformed step batch");
+  if (tables != paged_)
+    throw runtime_error(std::string("CUDA backend: a step batch ") +
+                        (paged_ ? "without block tables in paged mode" : "with block tables outside paged mode"));
   auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
-  if (attention.empty() || prepared_attention_ != attention.front().get() || S > max_seqs_)
+  if (attention.empty() || prepared_attention_ != attention.front().get() || S > max_seqs_) {
+    if (paged_)
+      throw runtime_error("CUDA backend: " + std::to_string(S) + " sequences in a step, more than reserve_blocks() sized (" +
+                          std::to_string(max_seqs_) + "), or the attention plugin was swapped: reserve again");
     reserve(std::max(S, max_seqs_), max_positions_);
+  }
   // A fed decode step's tokens are already on the device, where the sampler wrote them.
   const bool fed = batch.tokens_fed;
   if (fed && T != S) throw runtime_error("CUDA backend: only a decode step (one token per sequence) is fed from the device");
@@ -817,7 +877,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
   }
   for (int32_t s = 0; s <= S; ++s) offsets[s] = batch.seq_offsets[static_cast<size_t>(s)];
   for (int32_t s = 0; s < S; ++s) {
-    const int32_t p0 = batch.seq_positions[static_cast<size_t>(s)], slot = batch.seq_slots[static_cast<size_t>(s)];
+    const int32_t p0 = batch.seq_positions[static_cast<size_t>(s)], slot = tables ? 0 : batch.seq_slots[static_cast<size_t>(s)];
     const int32_t begin = offsets[s], end = offsets[s + 1];
     if (end <= begin || p0 < 0 || static_cast<int64_t>(p0) + (end - begin) > max_positions_ || slot < 0 || slot >= max_seqs_)
       throw runtime_error("CUDA backend: sequence " + std::to_string(s) + " has no tokens, runs past the " +
@@ -825,8 +885,8 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
     for (int32_t t = begin; t < end; ++t) positions[t] = p0 + (t - begin);
     seq_positions[s] = p0;
     last_rows[s] = end - 1;
-    for (size_t j = 0; j < M; ++j) table[static_cast<size_t>(s) * M + j] = static_cast<int32_t>(static_cast<size_t>(slot) * M + j);
   }
+  fill_block_table(batch, static_cast<int64_t>(M), pool_blocks_, layout_.block_size, table, options_.source_name);
   // The upload waits for the last forward that read this half (two steps back), not for the one
   // in flight, and this step waits for the upload; a fed step's tokens, written on stream_ by the
   // sampler, are not part of it.

@@ -133,9 +133,21 @@ std::vector<int32_t> read_token_ids(const SchemaReader &r, const toml::node &n, 
   return out;
 }
 
+void read_scheduler_table(const toml::table &t, const std::string &source, SchedulerSpec &s) {
+  SchemaReader r(t, "scheduler", source);
+  r.only({"max_seqs", "max_batched_tokens", "chunked_prefill", "prefix_caching", "kv_blocks", "kv_cache_mib"});
+  s.enabled = true;
+  r.read_int("max_seqs", s.max_seqs, 1, 4096);
+  r.read_int("max_batched_tokens", s.max_batched_tokens, 1, 1 << 20);
+  r.read_int("kv_blocks", s.kv_blocks, 0, int64_t{1} << 30);
+  r.read_int("kv_cache_mib", s.kv_cache_mib, 0, int64_t{1} << 30);
+  if (auto n = r.get("chunked_prefill", toml::node_type::boolean, "true or false")) s.chunked_prefill = *n->value<bool>();
+  if (auto n = r.get("prefix_caching", toml::node_type::boolean, "true or false")) s.prefix_caching = *n->value<bool>();
+}
+
 void read_run_table(const toml::table &t, const std::string &source, RunSpec &run, bool has_model) {
   SchemaReader r(t, "run", source);
-  r.only({"steps", "prompt", "prompts", "messages", "chat_template", "stop", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
+  r.only({"steps", "prompt", "prompts", "prompt_steps", "messages", "chat_template", "stop", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
           "n_kv_heads", "n_layers"});
   r.read_int("steps", run.steps, 1, 1 << 20);
   r.read_int("top_k", run.top_k, 1, 1000);
@@ -170,6 +182,19 @@ void read_run_table(const toml::table &t, const std::string &source, RunSpec &ru
     }
     if (run.prompts.empty()) r.fail(*n, "prompts", "must hold at least one prompt");
     if (run.prompts.size() > 1024) r.fail(*n, "prompts", "holds more than 1024 prompts");
+  }
+  if (auto n = r.get("prompt_steps", toml::node_type::array, "an array of step counts, one per prompt")) {
+    size_t i = 0;
+    for (const auto &item : *n->as_array()) {
+      const std::string key = "prompt_steps[" + std::to_string(i++) + "]";
+      if (!item.is_integer()) r.fail(item, key, "expected an integer, got " + detail::describe_type(item));
+      const int64_t v = *item.value<int64_t>();
+      if (v < 1 || v > (1 << 20)) r.fail(item, key, "must be between 1 and 1048576, got " + std::to_string(v));
+      run.prompt_steps.push_back(v);
+    }
+    if (run.prompt_steps.size() != std::max<size_t>(run.prompts.size(), 1))
+      r.fail(*n, "prompt_steps", "holds " + std::to_string(run.prompt_steps.size()) + " counts for " +
+                                     std::to_string(std::max<size_t>(run.prompts.size(), 1)) + " prompts (one each)");
   }
   if (auto n = r.get("stop_tokens", toml::node_type::array, "an array of token ids")) {
     run.stop_tokens_set = true;
@@ -397,9 +422,14 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
       read_run_table(*node.as_table(), source, m.run, root.contains("model"));
       continue;
     }
+    if (k == "scheduler") {
+      if (!node.is_table()) fail("expected a table");
+      read_scheduler_table(*node.as_table(), source, m.scheduler);
+      continue;
+    }
     loom_kind kind = kind_from_name(k);
     if (kind == 0)
-      fail("unknown key (known: loom, model, run, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
+      fail("unknown key (known: loom, model, run, scheduler, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
     if (kind_is_list(kind)) {
       if (!node.is_array_of_tables()) fail("expected an array of tables: write [[" + k + "]]");
       size_t i = 0;

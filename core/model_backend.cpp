@@ -30,6 +30,40 @@ loom_attention_config attention_config_for(const ModelConfig &config, int64_t ma
   return c;
 }
 
+void fill_block_table(const StepBatch &batch, int64_t cols, int64_t pool_blocks, int32_t block_size, int32_t *table,
+                      const std::string &source_name) {
+  const int64_t S = batch.n_seqs();
+  if (batch.table_cols <= 0) {
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t slot = batch.seq_slots[static_cast<size_t>(s)];
+      if ((slot + 1) * cols > pool_blocks)
+        throw runtime_error(source_name + ": step batch sequence " + std::to_string(s) + " names KV slot " +
+                            std::to_string(slot) + ", outside the cache (the backend is in paged mode: pass block tables)");
+      for (int64_t j = 0; j < cols; ++j) table[s * cols + j] = static_cast<int32_t>(slot * cols + j);
+    }
+    return;
+  }
+  const int64_t given = batch.table_cols;
+  if (given > cols || batch.block_tables.size() != static_cast<size_t>(S * given))
+    throw runtime_error(source_name + ": step batch block tables of " + std::to_string(given) + " columns for " +
+                        std::to_string(S) + " sequences (" + std::to_string(batch.block_tables.size()) +
+                        " entries; at most " + std::to_string(cols) + " columns)");
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t last = static_cast<int64_t>(batch.seq_positions[static_cast<size_t>(s)]) +
+                         (batch.seq_offsets[static_cast<size_t>(s) + 1] - batch.seq_offsets[static_cast<size_t>(s)]);
+    if (last > given * block_size)
+      throw runtime_error(source_name + ": step batch sequence " + std::to_string(s) + " reaches position " +
+                          std::to_string(last - 1) + ", past its block table of " + std::to_string(given) + " blocks");
+    for (int64_t j = 0; j < cols; ++j) {
+      const int32_t b = j < given ? batch.block_tables[static_cast<size_t>(s * given + j)] : 0;
+      if (b < 0 || b >= pool_blocks)
+        throw runtime_error(source_name + ": step batch sequence " + std::to_string(s) + " names KV block " +
+                            std::to_string(b) + ", outside the pool of " + std::to_string(pool_blocks));
+      table[s * cols + j] = b;
+    }
+  }
+}
+
 SlotCopy plan_slot_copy(int32_t src_slot, int32_t dst_slot, int64_t positions, int32_t max_seqs, int64_t max_positions,
                         int64_t blocks_per_seq, const loom_kv_layout &layout, const std::string &source_name) {
   if (src_slot < 0 || dst_slot < 0 || src_slot >= max_seqs || dst_slot >= max_seqs || positions < 0 ||

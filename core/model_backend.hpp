@@ -29,6 +29,10 @@ struct StepBatch {
   std::vector<int32_t> seq_offsets;   // [S+1]: the tokens of sequence s are [off[s], off[s+1])
   std::vector<int32_t> seq_positions; // [S]: position of each sequence's first new token
   std::vector<int32_t> seq_slots;     // [S]: the KV-cache slot (0 .. max_seqs-1) each sequence owns
+  // Paged mode (after ModelBackend::reserve_blocks; seq_slots then unused): row s's pool blocks
+  // are block_tables[s * table_cols + j], j < table_cols, position p in block p / block_size.
+  std::vector<int32_t> block_tables;
+  int32_t table_cols = 0;
   // A decode step (one token per sequence) whose tokens the sampler wrote on the device, at
   // ModelBackend::token_feed(n_seqs()); `tokens` then holds n_seqs() placeholders.
   bool tokens_fed = false;
@@ -63,6 +67,20 @@ class ModelBackend {
   // search (core/beam_search.cpp): a beam that continues another beam takes a copy of its
   // cache. Both slots must lie within what reserve() sized (plan_slot_copy checks it).
   virtual void copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) = 0;
+  // Paged mode, for the scheduler (core/serving.cpp): one pool of KV blocks per layer shared by
+  // every sequence through StepBatch::block_tables, for batches of up to `max_seqs` sequences of
+  // up to `max_positions` positions. The pool holds `n_blocks` blocks, or when n_blocks is 0 as
+  // many as `kv_bytes` holds (0: the backend's default budget: most of the GPU's free memory,
+  // or 1 GiB of host memory). Returns the pool's block size and block count. reserve() goes
+  // back to the slot layout. Throws when even a minimal pool does not fit.
+  struct BlockPool {
+    int32_t block_size = 0;
+    int64_t n_blocks = 0;
+  };
+  virtual BlockPool reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks, uint64_t kv_bytes) = 0;
+  // Copies whole KV blocks (every layer) src -> dst, in order, ordered before the next forward
+  // pass (copy-on-write of a shared block). Paged mode only.
+  virtual void copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) = 0;
   virtual DLDevice device() const = 0;
   // A short description for logs and benchmarks ("cpu float32 x2 threads", "cuda:0 bfloat16").
   virtual std::string describe() const = 0;
@@ -75,6 +93,13 @@ class ModelBackend {
 struct SlotCopy {
   uint64_t src_offset = 0, dst_offset = 0, bytes = 0;
 };
+// The [S, cols] block table a forward pass gives attention: in slot mode sequence s's blocks are
+// slot * cols + j; in paged mode the batch's own tables (checked against the pool's `pool_blocks`
+// and padded with block 0, never read: positions are checked against the table's length).
+// Throws on a table entry outside the pool or a sequence whose positions pass its table.
+void fill_block_table(const StepBatch &batch, int64_t cols, int64_t pool_blocks, int32_t block_size, int32_t *table,
+                      const std::string &source_name);
+
 SlotCopy plan_slot_copy(int32_t src_slot, int32_t dst_slot, int64_t positions, int32_t max_seqs, int64_t max_positions,
                         int64_t blocks_per_seq, const loom_kv_layout &layout, const std::string &source_name);
 

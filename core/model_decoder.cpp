@@ -194,7 +194,7 @@ loom_sampling_batch ModelDecoder::SamplingRows::batch(DLTensor *logits, int64_t 
 
 int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
                               const std::vector<std::vector<int32_t>> &histories, uint64_t step,
-                              std::vector<int32_t> &tokens, bool ahead) {
+                              std::vector<int32_t> &tokens, bool ahead, const std::vector<uint64_t> *row_steps) {
   auto chain = pipeline_.list(LOOM_KIND_SAMPLER);
   if (chain.empty()) throw runtime_error(manifest_.source_name + ": the pipeline has no [[sampler]]: add one such as greedy");
   const size_t n = rows.size();
@@ -226,7 +226,7 @@ int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows
   tokens.assign(n, -1);
   SamplingRows sampling;
   for (size_t r = 0; r < n; ++r)
-    sampling.add(rows[r], histories[static_cast<size_t>(rows[r])], manifest_.seed, step);
+    sampling.add(rows[r], histories[static_cast<size_t>(rows[r])], manifest_.seed, row_steps ? (*row_steps)[r] : step);
   loom_sampling_batch b = sampling.batch(logits, config_.vocab_size, tokens.data());
   int32_t *feed = nullptr;
   if (ahead && decode_ahead_ && logits->device.device_type != kDLCPU && chain_on_device && n > 0 &&
@@ -274,6 +274,18 @@ size_t ModelDecoder::start_run(int64_t steps, RunResult &result) const {
   return longest;
 }
 
+std::vector<int64_t> ModelDecoder::step_limits(int64_t &steps) const {
+  const std::vector<int64_t> &own = manifest_.run.prompt_steps;
+  if (own.size() != prompts_.size()) return std::vector<int64_t>(prompts_.size(), steps);
+  steps = *std::max_element(own.begin(), own.end());
+  return own;
+}
+
+void ModelDecoder::release_sequence(int64_t seq) {
+  for (auto &s : pipeline_.list(LOOM_KIND_SAMPLER))
+    if (auto fn = s->vtable<loom_sampler_vtable>()->release) fn(s->handle(), seq);
+}
+
 ModelDecoder::ForgetSequences::~ForgetSequences() {
   try {
     auto guard = pipeline.begin_step();
@@ -285,14 +297,19 @@ ModelDecoder::ForgetSequences::~ForgetSequences() {
 
 void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
                             RunResult &result) {
-  if (beam_chain()) return generate_beams(steps, on_token, on_sequence_token, result);
+  if (beam_chain()) {
+    if (manifest_.scheduler.enabled)
+      throw runtime_error(manifest_.source_name + ": scheduler: beam search runs its own batch; remove [scheduler] or "
+                          "the beam-search sampler");
+    return generate_beams(steps, on_token, on_sequence_token, result);
+  }
+  if (manifest_.scheduler.enabled) return generate_scheduled(steps, on_token, on_sequence_token, result);
   const size_t n = prompts_.size();
+  const std::vector<int64_t> limits = step_limits(steps);
+  auto limit_of = [&](size_t seq) { return limits[seq]; };
   const size_t longest = start_run(steps, result);
   ForgetSequences release_at_end{pipeline_};
-  auto release = [&](int32_t seq) {
-    for (auto &s : pipeline_.list(LOOM_KIND_SAMPLER))
-      if (auto fn = s->vtable<loom_sampler_vtable>()->release) fn(s->handle(), seq);
-  };
+  auto release = [&](int32_t seq) { release_sequence(seq); };
 
   std::vector<std::vector<int32_t>> histories = prompts_;
   std::vector<int32_t> rows(n); // the sequence of each row of `logits`
@@ -378,8 +395,8 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
         bool done = std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
         if (!done && !manifest_.run.stop.empty() && generated_text(prompts_[static_cast<size_t>(seq)], out.tokens, &out.text))
           done = stopped_by_string[static_cast<size_t>(seq)] = true;
-        if (done) {
-          out.stopped = true;
+        if (done) out.stopped = true;
+        if (done || static_cast<int64_t>(out.tokens.size()) >= limit_of(static_cast<size_t>(seq))) {
           release(seq); // the sequence leaves the batch
         } else {
           next_rows.push_back(seq);

@@ -75,8 +75,11 @@ class ModelDecoder {
   // (ModelBackend::token_feed) and the call returns the feed: they are still to be read back.
   // Otherwise `tokens` holds them and it returns nullptr. Either way accept_tokens() follows
   // once they are known. LOOM_DECODE_AHEAD=0 turns `ahead` off.
+  // `row_steps` (optional): each row's own RNG counter instead of `step` (the scheduler's rows
+  // are at different steps of their sequences).
   int32_t *sample(DLTensor *logits, const std::vector<int32_t> &rows, const std::vector<std::vector<int32_t>> &histories,
-                  uint64_t step, std::vector<int32_t> &tokens, bool ahead);
+                  uint64_t step, std::vector<int32_t> &tokens, bool ahead,
+                  const std::vector<uint64_t> *row_steps = nullptr);
   // The part of a sampling batch every call fills the same way: each row's sequence, history
   // and random numbers. Every row's RNG is (seed, step): a sequence samples exactly as it would
   // alone, whatever else is in the batch (so identical prompts in one batch sample alike).
@@ -111,7 +114,16 @@ class ModelDecoder {
     Pipeline &pipeline;
     ~ForgetSequences();
   };
+  // Each prompt's own step limit (run.prompt_steps, else `steps`); raises `steps` to the
+  // largest of them.
+  std::vector<int64_t> step_limits(int64_t &steps) const;
+  // Every sampler link forgets sequence `seq` (it left the run).
+  void release_sequence(int64_t seq);
   bool beam_chain() const;
+  // generate() when the manifest has [scheduler] (core/scheduled_generate.cpp): the prompts are
+  // requests of a continuous-batching scheduler over a paged KV cache.
+  void generate_scheduled(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
+                          RunResult &result);
   void generate_beams(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
                       RunResult &result);
 

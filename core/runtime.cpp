@@ -81,6 +81,13 @@ RunResult Runtime::run(int64_t steps, const TokenCallback &on_token, const Seque
   decoder_->retrieve(result);
   decoder_->call_tools(result);
   decoder_->generate(steps > 0 ? steps : manifest_.run.steps, on_token, on_sequence_token, result);
+  if (result.scheduler.used) {
+    metrics_.gauge("scheduler.prefix_cache_hit_rate", result.scheduler.prefix_cache_hit_rate);
+    metrics_.count("scheduler.prompt_tokens", static_cast<double>(result.scheduler.prompt_tokens));
+    metrics_.count("scheduler.cached_prompt_tokens", static_cast<double>(result.scheduler.cached_tokens));
+    metrics_.count("scheduler.preemptions", static_cast<double>(result.scheduler.preemptions));
+    metrics_.count("scheduler.steps", static_cast<double>(result.scheduler.steps));
+  }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   size_t tokens = 0;
   for (const auto &s : result.sequences) tokens += s.tokens.size();

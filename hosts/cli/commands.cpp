@@ -291,6 +291,11 @@ int cmd_run(const std::vector<std::string> &args) {
     if (batch) std::cout << " (" << r.sequences.size() << " sequences, " << stopped << " stopped by a stop token or string)";
     else if (r.stopped) std::cout << " (stopped by a stop token or string)";
     std::cout << "\n";
+    if (r.scheduler.used)
+      std::cout << "scheduler: " << r.scheduler.steps << " steps, " << r.scheduler.preemptions << " preemptions, prefix cache "
+                << r.scheduler.cached_tokens << " of " << r.scheduler.prompt_tokens << " prompt tokens ("
+                << std::setprecision(1) << 100.0 * r.scheduler.prefix_cache_hit_rate << "%), KV pool "
+                << r.scheduler.kv_blocks << " blocks of " << r.scheduler.block_size << "\n";
     return r.cancelled ? 1 : 0;
   });
 }

@@ -60,6 +60,8 @@ struct RunSpec {
   // A batch of prompts instead of `prompt` (or `messages`): generated together, each with the
   // same steps and stop rules; empty when not given.
   std::vector<PromptSpec> prompts;
+  // Tokens each of `prompts` may generate (its own `steps`), when given: one per prompt.
+  std::vector<int64_t> prompt_steps;
   std::vector<int32_t> stop_tokens; // generation ends after one of these
   bool stop_tokens_set = false;     // else the model's eos_token_id stops it
   std::vector<std::string> stop;    // generation ends where its text first contains one of these
@@ -77,6 +79,18 @@ struct RunSpec {
   int64_t n_layers = 2;
 };
 
+// [scheduler]: when given, the run's prompts are served as requests by core's continuous-batching
+// scheduler over a paged KV cache (core/scheduled_generate.cpp) instead of one fixed batch.
+struct SchedulerSpec {
+  bool enabled = false;             // a [scheduler] table was given
+  int64_t max_seqs = 64;            // sequences in one step (the batch limit)
+  int64_t max_batched_tokens = 2048; // tokens in one step: decode tokens plus prefill chunks
+  bool chunked_prefill = true;      // a long prompt is prefilled over several steps
+  bool prefix_caching = true;       // full KV blocks are reused by requests with the same prefix
+  int64_t kv_blocks = 0;            // blocks in the KV pool; 0: as many as kv_cache_mib holds
+  int64_t kv_cache_mib = 0;         // 0: the backend's default (most of the GPU's free memory)
+};
+
 struct Manifest {
   std::string source_name;             // file path or a caller-given name
   std::filesystem::path base_dir;      // relative paths resolve against it
@@ -87,6 +101,7 @@ struct Manifest {
   std::filesystem::path model_path; // empty: the synthetic model
   std::string model_dtype = "auto"; // [model] dtype: auto, float32 or bfloat16
   RunSpec run;
+  SchedulerSpec scheduler;
   std::vector<ComponentSpec> components; // manifest order within each kind
 
   std::vector<const ComponentSpec *> of_kind(loom_kind kind) const;

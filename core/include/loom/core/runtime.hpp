@@ -48,6 +48,18 @@ struct SequenceResult {
   bool stopped = false;        // a stop token or string ended it before run.steps
 };
 
+// What the scheduler did in a run served through [scheduler] (core/scheduled_generate.cpp).
+struct SchedulerStats {
+  bool used = false;            // the run went through the scheduler
+  int64_t steps = 0;            // forward passes
+  int64_t preemptions = 0;      // sequences preempted (and later recomputed) for lack of KV blocks
+  int64_t prompt_tokens = 0;    // prompt tokens looked up in the prefix cache (resumed ones included)
+  int64_t cached_tokens = 0;    // of those, found there (not recomputed)
+  double prefix_cache_hit_rate = 0; // cached_tokens / prompt_tokens
+  int64_t kv_blocks = 0;        // the KV pool's blocks
+  int32_t block_size = 0;       // positions per block
+};
+
 struct RunResult {
   // Sequence 0's, for single-prompt callers (the same as sequences[0]).
   std::vector<int32_t> prompt;        // the prompt's token ids
@@ -63,6 +75,7 @@ struct RunResult {
   double prefill_seconds = 0; // the prompts' forward pass (one batch)
   double decode_seconds = 0;  // sampling and the generated tokens' forward passes (all sequences)
   bool cancelled = false;
+  SchedulerStats scheduler;
 };
 
 // Called after each generated token of sequence 0; returning false stops the run (every
