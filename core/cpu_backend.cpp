@@ -358,7 +358,12 @@ void CpuBackend::reserve(int32_t max_seqs, int64_t max_positions) {
 
 ModelBackend::BlockPool CpuBackend::reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks,
                                                    uint64_t kv_bytes) {
+  // The same pool again (the next run of a runtime): keep it.
+  if (ready_ && paged_ && max_seqs <= max_seqs_ && max_positions <= max_positions_ && n_blocks == pool_request_.first &&
+      kv_bytes == pool_request_.second)
+    return {layout_.block_size, pool_blocks_};
   size_cache(max_seqs, max_positions, true, n_blocks, kv_bytes == 0 ? uint64_t{1} << 30 : kv_bytes);
+  pool_request_ = {n_blocks, kv_bytes};
   return {layout_.block_size, pool_blocks_};
 }
 

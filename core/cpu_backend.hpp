@@ -171,6 +171,7 @@ class CpuBackend final : public ModelBackend {
   int64_t blocks_per_seq_ = 0;
   int64_t pool_blocks_ = 0; // blocks in each layer's pool
   bool paged_ = false;      // reserve_blocks(): sequences name their blocks in the step batch
+  std::pair<int64_t, uint64_t> pool_request_{-1, 0}; // reserve_blocks()'s (n_blocks, kv_bytes) of that pool
   loom_kv_layout layout_{};
   std::vector<detail::HostTensor<uint8_t>> kv_pools_;
   std::shared_ptr<Instance> quantizer_; // the one that made the qweights

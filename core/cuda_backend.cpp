@@ -260,6 +260,7 @@ class CudaBackend final : public ModelBackend {
   int64_t blocks_per_seq_ = 0;
   int64_t pool_blocks_ = 0; // blocks in each layer's pool
   bool paged_ = false;      // reserve_blocks(): sequences name their blocks in the step batch
+  std::pair<int64_t, uint64_t> pool_request_{-1, 0}; // reserve_blocks()'s (n_blocks, kv_bytes) of that pool
   loom_kv_layout layout_{};
   std::vector<DeviceBuffer> kv_pools_; // per layer [pool_blocks, bytes_per_block]
   DeviceBuffer cos_sin_;               // [max_positions, D/2, 2] float32
@@ -498,7 +499,13 @@ void CudaBackend::reserve(int32_t max_seqs, int64_t max_positions) {
 
 ModelBackend::BlockPool CudaBackend::reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks,
                                                     uint64_t kv_bytes) {
+  // The same pool again (the next run of a runtime): keep it, and the decode graphs made for it.
+  auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
+  if (paged_ && !attention.empty() && prepared_attention_ == attention.front().get() && max_seqs <= max_seqs_ &&
+      max_positions <= max_positions_ && n_blocks == pool_request_.first && kv_bytes == pool_request_.second)
+    return {layout_.block_size, pool_blocks_};
   size_cache(max_seqs, max_positions, true, n_blocks, kv_bytes);
+  pool_request_ = {n_blocks, kv_bytes};
   return {layout_.block_size, pool_blocks_};
 }
 
