@@ -408,11 +408,14 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
       if (paged) {
         const uint64_t per_block = layout.bytes_per_block * static_cast<uint64_t>(config_.n_layers);
         blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks) : kv_bytes / per_block;
-        const uint64_t one_seq = static_cast<uint64_t>((positions + layout.block_size - 1) / layout.block_size);
+        // One sequence at a time must fit: all its positions, or under a sliding window about
+        // the window (the scheduler checks each request's own span).
+        const int64_t span = config_.sliding_window > 0 ? std::min<int64_t>(positions, config_.sliding_window + 1) : positions;
+        const uint64_t one_seq = static_cast<uint64_t>((span + layout.block_size - 1) / layout.block_size);
         if (blocks < one_seq)
           throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name + "): a KV pool of " +
                               std::to_string(blocks) + " blocks cannot hold one sequence of " +
-                              std::to_string(positions) + " positions (" + std::to_string(one_seq) + " blocks)");
+                              std::to_string(span) + " positions (" + std::to_string(one_seq) + " blocks)");
       }
       if (layout.bytes_per_block > (uint64_t{8} << 30) / blocks / static_cast<uint64_t>(config_.n_layers))
         throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name +

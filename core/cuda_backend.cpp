@@ -549,10 +549,15 @@ void CudaBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged
     const uint64_t available = free_bytes + in_use, headroom = uint64_t{1} << 30;
     if (kv_bytes == 0) kv_bytes = available > headroom ? (available - headroom) / 100 * 85 : 0;
     blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks) : kv_bytes / per_block;
-    if (blocks < static_cast<uint64_t>(blocks_per_seq_))
+    // One sequence at a time must fit: all its positions, or under a sliding window about the
+    // window (the scheduler checks each request's own span).
+    const int64_t span =
+        config_.sliding_window > 0 ? std::min<int64_t>(max_positions_, config_.sliding_window + 1) : max_positions_;
+    const uint64_t one_seq = static_cast<uint64_t>((span + layout_.block_size - 1) / layout_.block_size);
+    if (blocks < one_seq)
       throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name + "): a KV pool of " +
-                          std::to_string(blocks) + " blocks cannot hold one sequence of " +
-                          std::to_string(max_positions_) + " positions (" + std::to_string(blocks_per_seq_) + " blocks)");
+                          std::to_string(blocks) + " blocks cannot hold one sequence of " + std::to_string(span) +
+                          " positions (" + std::to_string(one_seq) + " blocks)");
   }
   const uint64_t pool_bytes = blocks * layout_.bytes_per_block;
   if (pool_bytes * static_cast<uint64_t>(config_.n_layers) > free_bytes + in_use)

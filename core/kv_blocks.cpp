@@ -124,7 +124,7 @@ int64_t KvBlockManager::begin(int64_t seq, const std::vector<int32_t> &tokens) {
 
 int64_t KvBlockManager::copies_needed(const Sequence &s, int64_t first_block, int64_t end_block) const {
   int64_t n = 0;
-  for (int64_t i = first_block; i < end_block; ++i)
+  for (int64_t i = std::max(first_block, s.dropped); i < end_block; ++i)
     if (blocks_[size_t(s.table[size_t(i)])].refs > 1) ++n;
   return n;
 }
@@ -151,6 +151,9 @@ bool KvBlockManager::grow(int64_t seq, int64_t n_tokens, int64_t written_from, s
   const int64_t want = blocks_for(n_tokens, block_size_);
   const int64_t first = written_from / block_size_;
   const int64_t end = std::min(want, int64_t(s.table.size()));
+  if (first < s.dropped && first < end)
+    throw runtime_error(seq_name(seq) + ": writes from position " + std::to_string(written_from) +
+                        ", in blocks it dropped behind its window (grow)");
   // Blocks from `first` on get new contents: their prefix identities must be earned again.
   if (int64_t(s.nodes.size()) > first) s.nodes.resize(size_t(first));
   for (int64_t i = first; i < end; ++i) {
@@ -194,6 +197,8 @@ void KvBlockManager::computed(int64_t seq, const std::vector<int32_t> &tokens, i
       continue;
     }
     const int32_t b = s.table[i];
+    if (b == kDropped)
+      throw runtime_error(seq_name(seq) + ": block " + std::to_string(i) + " was dropped before it was computed (computed)");
     Block &blk = blocks_[size_t(b)];
     if (blk.cached) // cached under another key: the caller's tokens are not what the block holds
       throw runtime_error(seq_name(seq) + ": the tokens of block " + std::to_string(i) +
@@ -217,15 +222,32 @@ void KvBlockManager::fork(int64_t src, int64_t dst) {
   d.table = s.table;
   d.nodes = s.nodes;
   d.computed = s.computed;
-  for (int32_t b : d.table) ++blocks_[size_t(b)].refs;
+  d.dropped = s.dropped;
+  for (int32_t b : d.table)
+    if (b != kDropped) ++blocks_[size_t(b)].refs;
   seqs_.emplace(dst, std::move(d));
 }
 
 void KvBlockManager::release(int64_t seq) {
   Sequence &s = sequence(seq, "release");
   // Tail first, so that in the LRU a sequence's continuation is evicted before its prefix.
-  for (auto it = s.table.rbegin(); it != s.table.rend(); ++it) unref(*it);
+  for (auto it = s.table.rbegin(); it != s.table.rend(); ++it)
+    if (*it != kDropped) unref(*it);
   seqs_.erase(seq);
+}
+
+int64_t KvBlockManager::drop_before(int64_t seq, int64_t position) {
+  Sequence &s = sequence(seq, "drop_before");
+  // Only computed blocks: a block still to be written is not behind anything yet.
+  const int64_t end = std::min<int64_t>(std::min(position, s.computed) / block_size_, int64_t(s.table.size()));
+  int64_t n = 0;
+  // Front first: in the LRU a dropped prefix goes before the continuation still in use.
+  for (; s.dropped < end; ++s.dropped, ++n) {
+    int32_t &slot = s.table[size_t(s.dropped)];
+    unref(slot);
+    slot = kDropped;
+  }
+  return n;
 }
 
 void KvBlockManager::cancel(int64_t seq) {

@@ -49,6 +49,7 @@ void ModelDecoder::generate_scheduled(int64_t steps, const TokenCallback &on_tok
   options.max_seqs = static_cast<int32_t>(spec.max_seqs);
   options.max_batched_tokens = static_cast<int32_t>(spec.max_batched_tokens);
   options.chunked_prefill = spec.chunked_prefill;
+  options.window = static_cast<int32_t>(config_.sliding_window); // the attention plugins apply it
   Scheduler scheduler(options, blocks);
   for (size_t i = 0; i < n; ++i) {
     try {
@@ -98,9 +99,14 @@ void ModelDecoder::generate_scheduled(int64_t steps, const TokenCallback &on_tok
                             tokens.begin() + w.first_position + w.n_tokens);
         batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
         batch.seq_positions.push_back(static_cast<int32_t>(w.first_position));
+        // Blocks dropped behind a sliding window are never attended to, but a kernel may still
+        // load a masked tile that reaches back into them: their entries name the sequence's
+        // first live block (written data, finite), as do the columns past its table.
         const std::vector<int32_t> &table = blocks.table(w.seq);
-        batch.block_tables.insert(batch.block_tables.end(), table.begin(), table.end());
-        batch.block_tables.resize(batch.block_tables.size() + static_cast<size_t>(cols) - table.size(), 0);
+        const auto live = std::find_if(table.begin(), table.end(), [](int32_t b) { return b != KvBlockManager::kDropped; });
+        const int32_t filler = live != table.end() ? *live : 0;
+        for (int32_t b : table) batch.block_tables.push_back(b == KvBlockManager::kDropped ? filler : b);
+        batch.block_tables.resize(batch.block_tables.size() + static_cast<size_t>(cols) - table.size(), filler);
         if (w.samples) {
           rows.push_back(static_cast<int32_t>(w.seq));
           row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq)));

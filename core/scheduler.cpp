@@ -39,7 +39,12 @@ void Scheduler::add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_to
   if (max_new_tokens < 0)
     throw runtime_error(seq_name(seq) + ": max_new_tokens " + std::to_string(max_new_tokens) + " is negative (add)");
   const int64_t capacity = blocks_.total_blocks() * blocks_.block_size();
-  if (max_new_tokens > capacity - int64_t(prompt.size()))
+  // Positions it holds at once: all of them, or under a sliding window the window, a step's
+  // tokens and the partly dropped block at the window's start.
+  int64_t span = int64_t(prompt.size()) + max_new_tokens;
+  if (options_.window > 0)
+    span = std::min<int64_t>(span, int64_t(options_.window) + options_.max_batched_tokens + 2 * blocks_.block_size());
+  if (max_new_tokens > capacity - int64_t(prompt.size()) && span > capacity)
     throw runtime_error(seq_name(seq) + ": prompt " + std::to_string(prompt.size()) + " + max_new_tokens " +
                         std::to_string(max_new_tokens) + " tokens exceed the KV pool's " + std::to_string(capacity) +
                         " positions (add)");
@@ -74,8 +79,14 @@ void Scheduler::preempt(int64_t seq, SchedulePlan &plan) {
   ++preemptions_;
 }
 
+void Scheduler::drop_behind_window(int64_t seq, const Request &r) {
+  // This step's queries start at r.computed and read keys from r.computed - window + 1 on.
+  if (options_.window > 0) blocks_.drop_before(seq, r.computed - options_.window + 1);
+}
+
 bool Scheduler::grow_running(int64_t seq, int32_t n, SchedulePlan &plan) {
   const Request &r = request(seq, "schedule");
+  drop_behind_window(seq, r);
   while (!blocks_.grow(seq, r.computed + n, r.computed, plan.copies)) {
     // The victim: the most recently admitted running sequence with no work in this plan. `seq`
     // itself qualifies, so there always is one.
@@ -135,6 +146,7 @@ SchedulePlan Scheduler::schedule() {
     const int64_t seq = waiting_.front();
     Request &r = requests_.at(seq);
     r.computed = blocks_.begin(seq, r.tokens);
+    drop_behind_window(seq, r); // (a long prefix hit)
     const int32_t chunk = prefill_chunk(r, budget);
     if (chunk == 0 || !blocks_.grow(seq, r.computed + chunk, r.computed, plan.copies)) {
       blocks_.cancel(seq); // it stays first in line; its blocks and the hit stats are given back

@@ -387,6 +387,42 @@ void run_model_check(KvBlockOptions options, uint32_t seed, int ops) {
 
 } // namespace
 
+TEST_CASE("KvBlockManager drops the blocks behind a sliding window", "[kv_blocks][window]") {
+  for (bool caching : {false, true}) {
+    INFO("prefix caching " << caching);
+    KvBlockManager m(KvBlockOptions{8, 4, caching});
+    const auto t = iota_tokens(14); // blocks 0-2 full, block 3 holds 2 positions
+    prefill(m, 1, t);
+    REQUIRE(m.free_blocks() == 4);
+    // Only computed blocks wholly before the position go: block 2 ends at 12 > 11.
+    CHECK(m.drop_before(1, 11) == 2);
+    CHECK(m.table(1)[0] == KvBlockManager::kDropped);
+    CHECK(m.table(1)[1] == KvBlockManager::kDropped);
+    CHECK(m.table(1)[2] >= 0);
+    CHECK(m.table(1).size() == 4);
+    CHECK(m.free_blocks() == 6);  // back to the pool (cached ones are evictable, so free too)
+    CHECK(m.drop_before(1, 11) == 0); // idempotent
+    CHECK(m.drop_before(1, 100) == 1); // capped at the computed 14 positions: block 3 is not full of KV yet
+    // Writing behind the window is refused; growing past the end works.
+    std::vector<BlockCopy> copies;
+    CHECK_THROWS_AS(m.grow(1, 15, 4, copies), loom::Error);
+    REQUIRE(m.grow(1, 17, 14, copies));
+    CHECK(copies.empty());
+    CHECK(m.table(1).size() == 5);
+    // A fork shares only the live blocks; releasing both gives everything back.
+    m.fork(1, 2);
+    CHECK(m.table(2)[0] == KvBlockManager::kDropped);
+    m.release(1);
+    m.release(2);
+    CHECK(m.free_blocks() == 8);
+    if (caching) {
+      // The dropped full blocks stayed cached: a new sequence with the same prefix finds them.
+      CHECK(m.begin(3, t) == 12);
+      m.release(3);
+    }
+  }
+}
+
 TEST_CASE("KvBlockManager keeps every sequence's KV intact under random operations", "[kv_blocks][random]") {
   const std::vector<KvBlockOptions> configs{{24, 4, true}, {12, 2, true}, {40, 1, true}, {16, 3, true}, {24, 4, false}};
   uint32_t seed = 1;

@@ -168,6 +168,35 @@ TEST_CASE("prefix caching reuses the KV blocks of a shared prefix", "[scheduler]
   CHECK(metrics.at("scheduler.prefix_cache_hit_rate").value == Approx(result.scheduler.prefix_cache_hit_rate));
 }
 
+TEST_CASE("under a sliding window a request holds only the blocks its window reads", "[scheduler][model][window]") {
+  // tiny-mistral attends to its last 4 positions. Requests of 20-27 prompt tokens and 40 steps
+  // span 15-17 blocks of 4, more than the pool's 10: they fit only because each drops the blocks
+  // behind its window as it goes; each must get exactly the tokens it gets alone.
+  const fs::path mistral = fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/models/tiny-mistral";
+  const std::string head = "[loom]\ndevice = \"cpu\"\nthreads = 2\n[model]\npath = \"" + mistral.string() +
+                           "\"\n[attention]\nuse = \"sdpa\"\nblock_size = 4\n[[sampler]]\nuse = \"greedy\"\n";
+  std::mt19937 g(17);
+  std::uniform_int_distribution<int32_t> token(3, 250);
+  Requests reqs;
+  for (int i = 0; i < 8; ++i) {
+    std::vector<int32_t> p(static_cast<size_t>(20 + i));
+    for (auto &t : p) t = token(g);
+    reqs.prompts.push_back(p);
+    reqs.steps.push_back(40);
+  }
+  std::vector<std::vector<int32_t>> expected;
+  for (size_t i = 0; i < reqs.prompts.size(); ++i)
+    expected.push_back(loom::Runtime::from_string(head + "[run]\nstop_tokens = []\nprompt = " + ids_toml(reqs.prompts[i]) +
+                                                  "\nsteps = 40\n")
+                           ->run()
+                           .tokens);
+  for (const char *table : {"kv_blocks = 10\nmax_batched_tokens = 8\n", "kv_blocks = 10\nmax_batched_tokens = 8\nprefix_caching = false\n"}) {
+    INFO(table);
+    const auto r = loom::Runtime::from_string(head + "[scheduler]\n" + table + reqs.run_table())->run();
+    CHECK(tokens_of(r) == expected);
+  }
+}
+
 TEST_CASE("[scheduler] and run.prompt_steps are checked, by key", "[scheduler][manifest]") {
   auto error_of = [](const std::string &toml) {
     try {

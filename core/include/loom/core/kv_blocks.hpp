@@ -106,6 +106,13 @@ class KvBlockManager {
   // counted, so a request retried every step is queried once.
   void cancel(int64_t seq);
 
+  // Sliding-window attention: no later query of seq reads a key before `position`, so seq drops
+  // its references to the computed blocks wholly before it (they return to the pool, or stay
+  // cached while prefix caching is on) and their table entries become kDropped. The table keeps
+  // its length: position p still maps to entry p / block_size. Returns how many were dropped.
+  int64_t drop_before(int64_t seq, int64_t position);
+  static constexpr int32_t kDropped = -1;
+
   bool live(int64_t seq) const { return seqs_.count(seq) != 0; }
   KvBlockStats stats() const { return stats_; }
 
@@ -131,6 +138,7 @@ class KvBlockManager {
     std::vector<uint64_t> nodes; // nodes[i]: prefix identity through table[i], for the known prefix
     int64_t computed = 0;        // positions the caller said hold their KV
     int64_t queried = 0, hit = 0; // what begin() counted, for cancel()
+    int64_t dropped = 0;          // table[0, dropped) are kDropped (drop_before)
   };
 
   Sequence &sequence(int64_t seq, const char *what);

@@ -29,6 +29,10 @@ struct SchedulerOptions {
   int32_t max_seqs = 64;             // running sequences at most
   int32_t max_batched_tokens = 2048; // tokens computed per step at most (decode + prefill)
   bool chunked_prefill = true;       // false: a prompt's prefill is scheduled whole or not at all
+  // Sliding-window attention (0: none): a query at position p reads keys > p - window only, so a
+  // sequence's blocks wholly behind its next query's window go back to the pool
+  // (KvBlockManager::drop_before) and a request needs about window + a step's tokens of blocks.
+  int32_t window = 0;
 };
 
 // This step computes tokens(seq)[first_position, first_position + n_tokens) at those positions.
@@ -104,6 +108,8 @@ class Scheduler {
   // Grows seq for `n` more tokens from its computed count, preempting the most recently admitted
   // unplanned running sequences while the pool is short. False when seq itself was preempted.
   bool grow_running(int64_t seq, int32_t n, SchedulePlan &plan);
+  // Under a sliding window, seq's blocks wholly behind this step's first query's window go back.
+  void drop_behind_window(int64_t seq, const Request &r);
   void preempt(int64_t seq, SchedulePlan &plan);
   void plan_work(int64_t seq, int32_t n, SchedulePlan &plan);
   // Tokens of seq's next prefill chunk within `budget`; 0 when it must wait (whole-or-nothing).
