@@ -1,5 +1,5 @@
 // [Batching] item 5, Loom's side: serves a fixed set of requests through the runtime's
-// continuous-batching scheduler ([scheduler], core/scheduled_generate.cpp) and prints one JSON
+// continuous-batching scheduler ([scheduler], core/serving.cpp) and prints one JSON
 // line per batch limit: output tokens/s, time to first token and inter-token latency (p50, p99).
 //
 // usage: loom_serve_bench MODEL_DIR REQUESTS_JSON [--batches 32,64,128] [--max-batched-tokens N]

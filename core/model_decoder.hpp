@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "loom/core/model_config.hpp"
+#include "loom/core/request_queue.hpp"
 #include "loom/core/runtime.hpp"
 #include "loom/core/sampler_chain.hpp"
 #include "loom/core/tokenizer.hpp"
@@ -53,6 +54,9 @@ class ModelDecoder {
   ModelDecoder &operator=(const ModelDecoder &) = delete;
 
   void retrieve(RunResult &result);
+  // Serves the requests of `queue` as they arrive until it is closed and they have all ended
+  // (core/serving.cpp; Runtime::serve). Needs [scheduler].
+  SchedulerStats serve(RequestQueue &queue, int64_t max_positions);
   void call_tools(RunResult &result);
   void generate(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
                 RunResult &result);
@@ -120,8 +124,8 @@ class ModelDecoder {
   // Every sampler link forgets sequence `seq` (it left the run).
   void release_sequence(int64_t seq);
   bool beam_chain() const;
-  // generate() when the manifest has [scheduler] (core/scheduled_generate.cpp): the prompts are
-  // requests of a continuous-batching scheduler over a paged KV cache.
+  // generate() when the manifest has [scheduler] (core/serving.cpp): the prompts are
+  // requests of a continuous-batching scheduler over a paged KV cache, all queued at the start.
   void generate_scheduled(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
                           RunResult &result);
   void generate_beams(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,

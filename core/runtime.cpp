@@ -69,6 +69,24 @@ Runtime::~Runtime() {
   pipeline_.reset();
 }
 
+void Runtime::record_scheduler_metrics(const SchedulerStats &s) {
+  metrics_.gauge("scheduler.prefix_cache_hit_rate", s.prefix_cache_hit_rate);
+  metrics_.count("scheduler.prompt_tokens", static_cast<double>(s.prompt_tokens));
+  metrics_.count("scheduler.cached_prompt_tokens", static_cast<double>(s.cached_tokens));
+  metrics_.count("scheduler.preemptions", static_cast<double>(s.preemptions));
+  metrics_.count("scheduler.steps", static_cast<double>(s.steps));
+}
+
+SchedulerStats Runtime::serve(RequestQueue &queue, int64_t max_positions) {
+  struct ClearCancel {
+    std::atomic<bool> &flag;
+    ~ClearCancel() { flag.store(false); }
+  } clear_at_end{cancelled_};
+  const SchedulerStats stats = decoder_->serve(queue, max_positions);
+  record_scheduler_metrics(stats);
+  return stats;
+}
+
 RunResult Runtime::run(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token) {
   if (steps < 0 || steps > (int64_t{1} << 20))
     throw runtime_error(manifest_.source_name + ": a run of " + std::to_string(steps) + " steps (1 to 1048576 allowed)");
@@ -81,13 +99,7 @@ RunResult Runtime::run(int64_t steps, const TokenCallback &on_token, const Seque
   decoder_->retrieve(result);
   decoder_->call_tools(result);
   decoder_->generate(steps > 0 ? steps : manifest_.run.steps, on_token, on_sequence_token, result);
-  if (result.scheduler.used) {
-    metrics_.gauge("scheduler.prefix_cache_hit_rate", result.scheduler.prefix_cache_hit_rate);
-    metrics_.count("scheduler.prompt_tokens", static_cast<double>(result.scheduler.prompt_tokens));
-    metrics_.count("scheduler.cached_prompt_tokens", static_cast<double>(result.scheduler.cached_tokens));
-    metrics_.count("scheduler.preemptions", static_cast<double>(result.scheduler.preemptions));
-    metrics_.count("scheduler.steps", static_cast<double>(result.scheduler.steps));
-  }
+  if (result.scheduler.used) record_scheduler_metrics(result.scheduler);
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   size_t tokens = 0;
   for (const auto &s : result.sequences) tokens += s.tokens.size();

@@ -1,18 +1,21 @@
-// Runs served through [scheduler] (core/scheduled_generate.cpp: continuous batching, chunked
+// Runs served through [scheduler] (core/serving.cpp: continuous batching, chunked
 // prefill, a paged KV pool with prefix caching, preemption by recomputation) against the same
 // prompts run alone: every request must get exactly the tokens it gets alone, whatever joined or
 // left the batch around it, however its prompt was chunked, whether its prefix came from the
 // cache, and whether it was preempted and recomputed. On the CPU with the default model.
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <filesystem>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "loom/core/error.hpp"
+#include "loom/core/request_queue.hpp"
 #include "loom/core/runtime.hpp"
 
 namespace fs = std::filesystem;
@@ -195,6 +198,72 @@ TEST_CASE("under a sliding window a request holds only the blocks its window rea
     const auto r = loom::Runtime::from_string(head + "[scheduler]\n" + table + reqs.run_table())->run();
     CHECK(tokens_of(r) == expected);
   }
+}
+
+TEST_CASE("requests that arrive while the runtime serves join the batch and get their tokens alone",
+          "[scheduler][model][serve]") {
+  // A producer thread submits 24 requests a few milliseconds apart while Runtime::serve runs on
+  // this thread: each joins the running batch at a later step. Every request must get its tokens
+  // alone; one whose callback says stop ends there; one too long for the server is refused
+  // through on_done, and the others go on.
+  const Requests reqs = make_requests(24, 7);
+  const auto expected = alone(reqs);
+  auto rt = loom::Runtime::from_string(base_manifest() + "[scheduler]\nmax_seqs = 6\nmax_batched_tokens = 32\n" +
+                                       "[run]\nprompt = [1]\n");
+  loom::RequestQueue queue;
+  std::vector<std::vector<int32_t>> streamed(reqs.prompts.size()), done(reqs.prompts.size());
+  std::vector<int> done_calls(reqs.prompts.size() + 1, 0);
+  std::string refused;
+  const size_t stopper = 5; // its callback stops it after 3 tokens
+  std::vector<int64_t> ids;
+  std::thread producer([&] {
+    for (size_t i = 0; i < reqs.prompts.size(); ++i) {
+      loom::ServeRequest r;
+      r.prompt = reqs.prompts[i];
+      r.max_new_tokens = reqs.steps[i];
+      r.on_token = [&, i](int64_t index, int32_t token) {
+        CHECK(index == static_cast<int64_t>(streamed[i].size()));
+        streamed[i].push_back(token);
+        return !(i == stopper && streamed[i].size() == 3);
+      };
+      r.on_done = [&, i](const loom::SequenceResult &out, const std::string &error) {
+        CHECK(error.empty());
+        CHECK(out.prompt == reqs.prompts[i]);
+        done[i] = out.tokens;
+        ++done_calls[i];
+      };
+      ids.push_back(queue.submit(std::move(r))); // (Catch's CHECK is for the main thread only)
+      if (i == 10) { // too long for the server's 80 positions
+        loom::ServeRequest big;
+        big.prompt.assign(70, 5);
+        big.max_new_tokens = 20;
+        big.on_done = [&](const loom::SequenceResult &out, const std::string &error) {
+          refused = error;
+          CHECK(out.tokens.empty());
+          ++done_calls.back();
+        };
+        queue.submit(std::move(big));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    }
+    queue.close();
+  });
+  const loom::SchedulerStats stats = rt->serve(queue, 80);
+  producer.join();
+  CHECK(stats.used);
+  for (size_t i = 0; i < ids.size(); ++i) CHECK(ids[i] == static_cast<int64_t>(i <= 10 ? i : i + 1)); // in order
+  CHECK(refused.find("positions in all at most") != std::string::npos);
+  CHECK(done_calls == std::vector<int>(reqs.prompts.size() + 1, 1));
+  for (size_t i = 0; i < reqs.prompts.size(); ++i) {
+    INFO("request " << i);
+    if (i == stopper) {
+      CHECK(done[i] == std::vector<int32_t>(expected[i].begin(), expected[i].begin() + std::min<size_t>(3, expected[i].size())));
+      continue;
+    }
+    CHECK(done[i] == expected[i]);
+    CHECK(streamed[i] == expected[i]);
+  }
+  CHECK_THROWS_AS(queue.submit(loom::ServeRequest{}), loom::Error); // closed
 }
 
 TEST_CASE("[scheduler] and run.prompt_steps are checked, by key", "[scheduler][manifest]") {

@@ -80,7 +80,7 @@ struct RunSpec {
 };
 
 // [scheduler]: when given, the run's prompts are served as requests by core's continuous-batching
-// scheduler over a paged KV cache (core/scheduled_generate.cpp) instead of one fixed batch.
+// scheduler over a paged KV cache (core/serving.cpp) instead of one fixed batch.
 struct SchedulerSpec {
   bool enabled = false;             // a [scheduler] table was given
   int64_t max_seqs = 64;            // sequences in one step (the batch limit)

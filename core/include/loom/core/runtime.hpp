@@ -48,7 +48,7 @@ struct SequenceResult {
   bool stopped = false;        // a stop token or string ended it before run.steps
 };
 
-// What the scheduler did in a run served through [scheduler] (core/scheduled_generate.cpp).
+// What the scheduler did in a run served through [scheduler] (core/serving.cpp).
 struct SchedulerStats {
   bool used = false;            // the run went through the scheduler
   int64_t steps = 0;            // forward passes
@@ -85,6 +85,8 @@ using TokenCallback = std::function<bool(int32_t step, int32_t token)>;
 // step, sequences come in order); returning false stops the run (every sequence).
 using SequenceTokenCallback = std::function<bool(int32_t sequence, int32_t step, int32_t token)>;
 
+class RequestQueue;
+
 class Runtime {
  public:
   static std::unique_ptr<Runtime> from_file(const std::filesystem::path &path,
@@ -104,6 +106,14 @@ class Runtime {
   // thread outside the step lock (a swap from a callback lands before the next step); both may be
   // given (on_token first).
   RunResult run(int64_t steps = 0, const TokenCallback &on_token = {}, const SequenceTokenCallback &on_sequence_token = {});
+  // Serves requests as they arrive in `queue` (from any thread), on this thread, through the
+  // manifest's [scheduler] (required): each request joins the running batch at the next step and
+  // its callbacks run here. Returns when the queue is closed and every request has ended (or at
+  // cancel(), which ends the rest with what they generated so far; an idle server notices it
+  // within 100 ms). A request longer than `max_positions` (prompt + new tokens), or that the KV
+  // pool could never hold, is refused through its on_done. The KV pool is sized for
+  // `max_positions`-position sequences. One run or serve at a time.
+  SchedulerStats serve(RequestQueue &queue, int64_t max_positions);
   // The prompt's token ids (run.prompt, or its text encoded by the model's tokenizer); with
   // run.prompts, the first one's.
   const std::vector<int32_t> &prompt() const;
@@ -121,6 +131,7 @@ class Runtime {
   void cancel() { cancelled_.store(true); }
 
  private:
+  void record_scheduler_metrics(const SchedulerStats &s);
   Manifest manifest_;
   DLDevice device_{kDLCPU, 0};
   Metrics metrics_;

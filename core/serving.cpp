@@ -1,0 +1,270 @@
+// ModelDecoder::serve and generate_scheduled: requests served by core's continuous-batching
+// scheduler (loom/core/scheduler.hpp) over a paged KV cache (loom/core/kv_blocks.hpp), when the
+// manifest has [scheduler]. serve() takes requests from a RequestQueue as they arrive (between
+// steps); generate_scheduled() serves the run's prompts as requests all queued at the start.
+//
+// Every step the scheduler plans the work: one token for each running sequence, then chunks of
+// prompts (a long prompt over several steps) within the step's token budget, admitting waiting
+// requests while the sequence budget and the KV pool allow, and preempting the newest running
+// sequence (its blocks freed, its tokens recomputed later) when the pool runs out. The decoder
+// runs the plan as one ragged forward pass with each sequence's block table, samples the rows
+// whose chunk reached their last token, and applies the stop rules; a finished request leaves
+// and frees its blocks at once, so a waiting request can take its place at the next step.
+//
+// Results are the same as the fixed batch's: every row's RNG counter is its own sequence's step,
+// a sequence's KV entries are the same whichever blocks hold them, and a preempted sequence
+// recomputes exactly the tokens it had. No decode-ahead here (each step waits for its tokens).
+#include <algorithm>
+#include <chrono>
+#include <unordered_map>
+
+#include "loom/core/error.hpp"
+#include "loom/core/kv_blocks.hpp"
+#include "loom/core/pipeline.hpp"
+#include "loom/core/request_queue.hpp"
+#include "loom/core/scheduler.hpp"
+#include "model_decoder.hpp"
+
+namespace loom {
+
+namespace {
+
+// What a request's StepBatch row needs: its table, with the entries a sliding window dropped
+// (never attended to, but a kernel may still load a masked tile reaching back into them) and
+// the columns past its end naming its first live block (written data, finite).
+void append_table(const std::vector<int32_t> &table, int64_t cols, std::vector<int32_t> &out) {
+  const auto live = std::find_if(table.begin(), table.end(), [](int32_t b) { return b != KvBlockManager::kDropped; });
+  const int32_t filler = live != table.end() ? *live : 0;
+  for (int32_t b : table) out.push_back(b == KvBlockManager::kDropped ? filler : b);
+  out.resize(out.size() + static_cast<size_t>(cols) - table.size(), filler);
+}
+
+} // namespace
+
+SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
+  const SchedulerSpec &spec = manifest_.scheduler;
+  if (!spec.enabled)
+    throw runtime_error(manifest_.source_name + ": serving requests needs a [scheduler] table (max_seqs, max_batched_tokens, ...)");
+  if (max_positions < 1 || max_positions > config_.max_positions)
+    throw runtime_error(manifest_.source_name + ": serving requests of up to " + std::to_string(max_positions) +
+                        " positions, outside the model's 1 to " + std::to_string(config_.max_positions));
+  ForgetSequences release_at_end{pipeline_};
+  ModelBackend::BlockPool pool;
+  {
+    auto guard = pipeline_.begin_step();
+    pool = backend_->reserve_blocks(static_cast<int32_t>(spec.max_seqs), max_positions, spec.kv_blocks,
+                                    static_cast<uint64_t>(spec.kv_cache_mib) << 20);
+  }
+  KvBlockOptions block_options;
+  block_options.n_blocks = pool.n_blocks;
+  block_options.block_size = pool.block_size;
+  block_options.prefix_caching = spec.prefix_caching;
+  KvBlockManager blocks(block_options);
+  SchedulerOptions options;
+  options.max_seqs = static_cast<int32_t>(spec.max_seqs);
+  options.max_batched_tokens = static_cast<int32_t>(spec.max_batched_tokens);
+  options.chunked_prefill = spec.chunked_prefill;
+  options.window = static_cast<int32_t>(config_.sliding_window); // the attention plugins apply it
+  Scheduler scheduler(options, blocks);
+
+  struct Live {
+    ServeRequest request;
+    SequenceResult out;
+    bool stopped_by_string = false;
+  };
+  std::unordered_map<int64_t, Live> live;
+  std::vector<std::vector<int32_t>> histories; // by request id: prompt then generated
+  // Ends a request that the scheduler no longer holds: its text, then on_done.
+  auto end_request = [&](int64_t id, const std::string &error) {
+    auto it = live.find(id);
+    Live &l = it->second;
+    if (tokenizer_ && !l.stopped_by_string) generated_text(l.out.prompt, l.out.tokens, &l.out.text);
+    release_sequence(id);
+    ServeRequest request = std::move(l.request);
+    SequenceResult out = std::move(l.out);
+    live.erase(it);
+    histories[static_cast<size_t>(id)] = {};
+    if (request.on_done) request.on_done(out, error);
+  };
+
+  SchedulerStats stats;
+  StepBatch batch;
+  std::vector<int32_t> rows, sampled;
+  std::vector<uint64_t> row_steps;
+  std::vector<std::pair<int32_t, int32_t>> copies;
+  std::vector<std::pair<int64_t, ServeRequest>> arrived;
+  bool open = true;
+  while (true) {
+    if (cancelled_.load()) {
+      while (!live.empty()) {
+        const int64_t id = live.begin()->first;
+        scheduler.finish(id);
+        end_request(id, ""); // what it generated so far
+      }
+      break;
+    }
+    // New requests join between steps; an idle server waits for them (a while, then looks at
+    // the cancel flag again).
+    arrived.clear();
+    if (open) open = queue.take(arrived, scheduler.idle());
+    for (auto &[id, request] : arrived) {
+      std::string refused;
+      if (request.prompt.empty()) refused = "an empty prompt";
+      for (int32_t t : request.prompt)
+        if (refused.empty() && (t < 0 || t >= config_.vocab_size))
+          refused = "token " + std::to_string(t) + " is outside the vocabulary of " + std::to_string(config_.vocab_size);
+      if (refused.empty() && (request.max_new_tokens < 1 ||
+                              static_cast<int64_t>(request.prompt.size()) + request.max_new_tokens > max_positions))
+        refused = "a prompt of " + std::to_string(request.prompt.size()) + " tokens and " +
+                  std::to_string(request.max_new_tokens) + " new tokens (1 or more; " + std::to_string(max_positions) +
+                  " positions in all at most)";
+      if (refused.empty()) {
+        try {
+          scheduler.add(id, request.prompt, request.max_new_tokens);
+        } catch (const Error &e) {
+          refused = e.what();
+        }
+      }
+      if (!refused.empty()) {
+        if (request.on_done) request.on_done(SequenceResult{request.prompt, {}, {}, false}, refused);
+        continue;
+      }
+      if (histories.size() <= static_cast<size_t>(id)) histories.resize(static_cast<size_t>(id) + 1);
+      histories[static_cast<size_t>(id)] = request.prompt;
+      Live l;
+      l.out.prompt = request.prompt;
+      l.request = std::move(request);
+      live.emplace(id, std::move(l));
+    }
+    if (scheduler.idle()) {
+      if (!open) break;
+      continue;
+    }
+    std::vector<std::pair<int64_t, int32_t>> emitted; // (request, token) of this step
+    std::vector<int64_t> ended;                       // requests that ended at this step
+    {
+      auto guard = pipeline_.begin_step();
+      SchedulePlan plan = scheduler.schedule();
+      if (plan.work.empty())
+        throw runtime_error(manifest_.source_name + ": scheduler: no work planned while requests wait (" +
+                            std::to_string(scheduler.waiting()) + " waiting, " + std::to_string(scheduler.running()) +
+                            " running): the KV pool of " + std::to_string(pool.n_blocks) + " blocks is too small");
+      // Rows that sample come first, so that their logits are the first rows of the output.
+      std::stable_partition(plan.work.begin(), plan.work.end(), [](const ScheduledWork &w) { return w.samples; });
+      batch.tokens.clear();
+      batch.seq_offsets.assign(1, 0);
+      batch.seq_positions.clear();
+      batch.seq_slots.clear();
+      batch.block_tables.clear();
+      batch.tokens_fed = false;
+      int64_t cols = 1;
+      for (const ScheduledWork &w : plan.work) cols = std::max<int64_t>(cols, static_cast<int64_t>(blocks.table(w.seq).size()));
+      batch.table_cols = static_cast<int32_t>(cols);
+      rows.clear();
+      row_steps.clear();
+      for (const ScheduledWork &w : plan.work) {
+        const std::vector<int32_t> &tokens = scheduler.tokens(w.seq);
+        batch.tokens.insert(batch.tokens.end(), tokens.begin() + w.first_position,
+                            tokens.begin() + w.first_position + w.n_tokens);
+        batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
+        batch.seq_positions.push_back(static_cast<int32_t>(w.first_position));
+        append_table(blocks.table(w.seq), cols, batch.block_tables);
+        if (w.samples) {
+          rows.push_back(static_cast<int32_t>(w.seq));
+          row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq)));
+        }
+      }
+      copies.clear();
+      for (const BlockCopy &c : plan.copies) copies.emplace_back(c.src, c.dst);
+      if (!copies.empty()) backend_->copy_blocks(copies);
+      DLTensor *logits = backend_->forward(batch);
+      all_reduce(logits);
+      ++stats.steps;
+      if (rows.empty()) continue; // prefill chunks only
+      DLTensor sampled_rows = *logits; // the first rows.size() rows
+      int64_t shape[2] = {static_cast<int64_t>(rows.size()), logits->shape[1]};
+      sampled_rows.shape = shape;
+      sample(&sampled_rows, rows, histories, 0, sampled, false, &row_steps);
+      accept_tokens(rows, sampled);
+      for (size_t r = 0; r < rows.size(); ++r) {
+        const int32_t seq = rows[r], token = sampled[r];
+        Live &l = live.at(seq);
+        scheduler.append(seq, token);
+        histories[static_cast<size_t>(seq)].push_back(token);
+        l.out.tokens.push_back(token);
+        emitted.emplace_back(seq, token);
+        bool done = std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
+        if (!done && !manifest_.run.stop.empty() && generated_text(l.out.prompt, l.out.tokens, &l.out.text))
+          done = l.stopped_by_string = true;
+        if (done) l.out.stopped = true;
+        if (done || static_cast<int64_t>(l.out.tokens.size()) >= l.request.max_new_tokens) {
+          scheduler.finish(seq); // its blocks go back to the pool (full ones stay cached)
+          ended.push_back(seq);
+        }
+      }
+    }
+    // Callbacks run outside the step lock: a swap they make lands before the next step. A
+    // request whose callback says stop ends here.
+    for (const auto &[seq, token] : emitted) {
+      Live &l = live.at(seq);
+      const bool ending = std::find(ended.begin(), ended.end(), seq) != ended.end();
+      if (l.request.on_token && !l.request.on_token(static_cast<int64_t>(l.out.tokens.size()) - 1, token) && !ending) {
+        scheduler.finish(seq);
+        ended.push_back(seq);
+      }
+    }
+    for (int64_t seq : ended) end_request(seq, "");
+  }
+  const KvBlockStats block_stats = blocks.stats();
+  stats.used = true;
+  stats.preemptions = scheduler.preemptions();
+  stats.prompt_tokens = block_stats.queried_tokens;
+  stats.cached_tokens = block_stats.hit_tokens;
+  stats.prefix_cache_hit_rate = block_stats.hit_rate();
+  stats.kv_blocks = pool.n_blocks;
+  stats.block_size = pool.block_size;
+  return stats;
+}
+
+void ModelDecoder::generate_scheduled(int64_t steps, const TokenCallback &on_token,
+                                      const SequenceTokenCallback &on_sequence_token, RunResult &result) {
+  const size_t n = prompts_.size();
+  const std::vector<int64_t> limits = step_limits(steps);
+  const size_t longest = start_run(steps, result);
+  const auto start = std::chrono::steady_clock::now();
+  // Every prompt queued at once; the run stops (every request) when a callback says so.
+  RequestQueue queue;
+  bool stop_all = false;
+  size_t first_tokens = 0;
+  for (size_t i = 0; i < n; ++i) {
+    ServeRequest r;
+    r.prompt = prompts_[i];
+    r.max_new_tokens = limits[i];
+    const int32_t seq = static_cast<int32_t>(i);
+    r.on_token = [&, seq](int64_t index, int32_t token) {
+      if (index == 0 && ++first_tokens == n)
+        result.prefill_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (!stop_all && seq == 0 && on_token && !on_token(static_cast<int32_t>(index), token)) stop_all = true;
+      if (!stop_all && on_sequence_token && !on_sequence_token(seq, static_cast<int32_t>(index), token)) stop_all = true;
+      return !stop_all;
+    };
+    r.on_done = [&, i](const SequenceResult &out, const std::string &error) {
+      if (!error.empty()) throw runtime_error(manifest_.source_name + ": run.prompts[" + std::to_string(i) + "]: " + error);
+      result.sequences[i] = out;
+    };
+    queue.submit(std::move(r));
+  }
+  queue.close();
+  result.scheduler = serve(queue, static_cast<int64_t>(longest) + steps);
+  result.cancelled = cancelled_.load();
+  // "Prefill" time: until every request had its first token (admitted, prefilled, sampled).
+  result.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() -
+                          result.prefill_seconds;
+  const SequenceResult &first = result.sequences.front();
+  result.prompt = first.prompt;
+  result.tokens = first.tokens;
+  result.text = first.text;
+  result.stopped = first.stopped;
+}
+
+} // namespace loom
