@@ -19,6 +19,7 @@
 // usage: loom_attention_bench [--lengths 2048,4096,8192] [--dims 64,128] [--batches 1,4]
 //          [--heads 32] [--kv-heads 8] [--block 16] [--reps 30] [--warmup 5]
 //          [--prefill-calls 10] [--decode-calls 20] [--decode-bytes 200000000] [--no-decode]
+//          [--no-prefill]   (--no-prefill: decode cases alone; their caches are still filled)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -47,6 +48,7 @@ struct Options {
   int prefill_calls = 10, decode_calls = 20;
   double decode_bytes = 2e8; // KV bytes the rotated decode caches span at least (4x the H100's L2)
   bool decode = true;
+  bool prefill = true; // time the prefill cases (their forward still fills the decode caches)
 };
 
 std::vector<int> parse_list(const char *s) {
@@ -82,6 +84,7 @@ Options parse(int argc, char **argv) {
     else if (a == "--decode-calls") o.decode_calls = std::atoi(need());
     else if (a == "--decode-bytes") o.decode_bytes = std::atof(need());
     else if (a == "--no-decode") o.decode = false;
+    else if (a == "--no-prefill") o.prefill = false;
     else {
       std::fprintf(stderr, "unknown argument %s (see the comment at the top of bench/attention_bench.cpp)\n",
                    a.c_str());
@@ -284,11 +287,14 @@ void run_case(const Flash &f, const Options &o, int D, int S, int L, const Devic
     View vq(q.ptr, bf16, {T, H, D}), vk(k.ptr, bf16, {T, Hkv, D}), vv(v.ptr, bf16, {T, Hkv, D}),
         vo(out.ptr, bf16, {T, H, D}), voff(off.ptr, i32, {S + 1}), vpos(pos.ptr, i32, {S});
     auto batch_on = [&](int c) { return causal_batch(S, T, vq, vk, vv, vo, voff, vpos, vtab[static_cast<size_t>(c)], vpool); };
-    const double us = median_us(f, o, o.prefill_calls, [&](int) { return batch_on(0); });
-    const double flops = 4.0 * S * static_cast<double>(H * D) * L * (L + 1) / 2.0;
-    print_case("prefill", o, D, S, L, o.prefill_calls, 1, us, flops, kv_bytes, max_abs_bf16(out.ptr, static_cast<size_t>(T * H * D)));
-    // Fill the other decode copies' caches the same way (untimed).
-    for (int c = 1; c < copies; ++c) f.forward(batch_on(c));
+    if (o.prefill) {
+      const double us = median_us(f, o, o.prefill_calls, [&](int) { return batch_on(0); });
+      const double flops = 4.0 * S * static_cast<double>(H * D) * L * (L + 1) / 2.0;
+      print_case("prefill", o, D, S, L, o.prefill_calls, 1, us, flops, kv_bytes,
+                 max_abs_bf16(out.ptr, static_cast<size_t>(T * H * D)));
+    }
+    // Fill the other decode copies' caches the same way (untimed; copy 0 too without the timing).
+    for (int c = o.prefill ? 1 : 0; c < copies; ++c) f.forward(batch_on(c));
     CHECK_CUDA(cudaStreamSynchronize(f.stream()));
   }
   if (!o.decode) return;

@@ -80,6 +80,8 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   const Dtype dtype = is_bf16(c.dtype) ? Dtype::bf16 : Dtype::f16;
   const bool wgmma = major == 9 && minor == 0;
   check_cuda(configure_kernels(dtype, c.head_dim, wgmma), "cudaFuncSetAttribute (prefill shared memory)");
+  check_cuda(configure_decode(dtype, c.head_dim, c.n_heads / c.n_kv_heads, decode_narrow_, decode_wide_),
+             "configure_decode (decode shared memory)");
   allocate_scratch(c);
 
   cfg_ = c;
@@ -131,19 +133,23 @@ void FlashAttention::release_scratch() {
 }
 
 // Wide CTAs when the batch's CTAs would cover a quarter of the SMs or less (batch 1 to 4 of a
-// Llama-3.2-1B shape), so that a short context is one CTA per head group; then enough splits to
-// fill the GPU (one wide CTA per SM, a few narrow ones), no more than min_chunk-key chunks of the
-// longest context the table can hold, and within the scratch.
+// Llama-3.2-1B shape), so that a short context is one CTA per head group. Then as many splits as
+// fill one wave of resident CTAs (configure_decode's per_sm: one wide CTA per SM, a few narrow
+// ones), rounded down: a split past the wave would start a second, mostly idle one, and the
+// launch would take two CTA times instead of one (rounding up cost batch 4 up to 1.6x on the
+// H100: 5 splits of 32 wide CTAs are 160 CTAs on 132 SMs). No more than min_chunk-key chunks of
+// the longest context the table can hold, and within the scratch.
 DecodePlan FlashAttention::plan_decode(int n_tokens, int table_cols) const {
   DecodePlan plan;
   const int heads_per_cta = decode_heads_per_cta(cfg_.n_heads / cfg_.n_kv_heads);
   const int64_t ctas = static_cast<int64_t>(std::max(n_tokens, 1)) * (cfg_.n_heads / heads_per_cta);
   const bool wide = 4 * ctas <= sm_count_;
   plan.warps = wide ? kDecodeWideWarps : kDecodeWarps;
-  const int64_t per_sm = wide ? 1 : 4;
+  const DecodeFit& fit = wide ? decode_wide_ : decode_narrow_;
+  plan.stages = fit.stages;
   plan.min_chunk = decode_min_chunk(plan.warps, cfg_.head_dim);
   if (scratch_ == nullptr || n_tokens <= 0) return plan;
-  const int64_t want = (per_sm * sm_count_ + ctas - 1) / ctas;
+  const int64_t want = static_cast<int64_t>(fit.per_sm) * sm_count_ / ctas;
   const int64_t by_length = (static_cast<int64_t>(table_cols) * block_size_ + plan.min_chunk - 1) / plan.min_chunk;
   const int64_t by_scratch = scratch_rows_ / (static_cast<int64_t>(n_tokens) * cfg_.n_heads);
   const int64_t n = std::min({want, by_length, by_scratch, static_cast<int64_t>(kDecodeMaxSplits)});

@@ -47,6 +47,7 @@ class FlashAttention {
   Problem prepared_problem_{};  // the config part of every launch
   uint64_t bytes_per_block_ = 0;
   int sm_count_ = 1;
+  DecodeFit decode_narrow_, decode_wide_;  // from configure_decode at prepare()
   void* scratch_ = nullptr;
   DLDevice scratch_device_{kDLCPU, 0};
   int64_t scratch_rows_ = 0;  // (token, head, split) partial rows the scratch holds

@@ -16,18 +16,20 @@
 // Splits. With few tokens (batch 1) the grid would be a handful of CTAs, so a token's keys are
 // cut into n_splits chunks, each CTA writes an unnormalised partial (row, max, sum) into scratch,
 // and the last CTA of the (token, head group) to arrive merges them (a second launch cost about
-// as much as the merge at batch 1). The host picks W and n_splits from T, the table width and
-// the scratch size only; each CTA computes its chunk from the actual key range on the device (at
-// least plan.min_chunk keys, one load of every lane of a 16-warp CTA; splits past the end leave
-// at once), so the launch is the same whatever the lengths are. A single live split writes the
-// output itself, with no partials and no merge: the usual batch-1 case up to 256 keys (D = 64).
+// as much as the merge at batch 1). The host picks W and n_splits from T, the table width, the
+// scratch size and the CTAs an SM holds (found once at prepare) only; each CTA computes its
+// chunk from the actual key range on the device (at least plan.min_chunk keys, one load of every
+// lane of a 16-warp CTA; splits past the end leave at once), so the launch is the same whatever
+// the lengths are. A single live split writes the output itself, with no partials and no merge:
+// the usual batch-1 case up to 256 keys (D = 64).
 //
 // Latency. At batch 1 the kernel is a chain of dependent memory round trips, so each is started
 // as early as it may be: the sequence metadata and the block table (uploaded by the host, never
 // written by the kernel before this one) are read and the first keys' addresses found before
 // griddepcontrol.wait; q, the new k/v and every cache row after it (the kernel before may write
 // q/k/v, and the cache is only read once it is complete); the next step's table entries are read
-// while the current keys are on their way, and the cache append is stored after the loop.
+// before the current keys are waited for (their K/V copies go into a shared-memory ring one trip
+// ahead), and the cache append is stored behind the first trip's copies.
 #include <cmath>
 
 #include "flash_device.cuh"
@@ -40,6 +42,7 @@ struct DecodeArgs : dev::BatchArgs {
   const uint8_t* v;
   int n_splits;
   int min_chunk;
+  int stages;  // 1 or 2
   float* partial_out;
   float* partial_ml;
   unsigned* arrivals;
@@ -59,8 +62,11 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   constexpr int kThreads = W * 32;
   constexpr int kLanesPerKey = D / 8;
   constexpr int kGroups = kThreads / kLanesPerKey;  // keys read at once by the CTA
-  constexpr int kUnroll = 4;                        // keys in flight per lane group
+  constexpr int kUnroll = kDecodeUnroll;            // keys per lane group and trip
   constexpr int kStep = kGroups * kUnroll;          // keys per trip of the loop
+  // This thread's K and V pieces of the trips in flight, [stages][kUnroll][K, V][kThreads]: each
+  // thread reads back only what it copied itself, so the ring needs no barrier.
+  extern __shared__ uint4 s_ring[];
   __shared__ float s_acc[W][G][D];
   __shared__ float s_m[W][G];
   __shared__ float s_l[W][G];
@@ -97,7 +103,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
 
   // Key j's K row (its V row is a.v - a.k further for this batch's keys, values_bytes for the
   // pool's): this batch's from k/v, earlier ones from the pool; null outside the split or where
-  // the table has no block.
+  // the table has no block. Found for one trip just before its copies are issued.
   const uint8_t* kp[kUnroll];
   bool fresh[kUnroll];
   auto locate = [&](int base) {
@@ -134,6 +140,37 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
 
   dev::wait_for_previous_kernel();
 
+  // The ring. With two stages, trip i + 1's copies are issued before trip i is computed, so that
+  // its loads are in flight during the arithmetic (they used to wait for it and for the next
+  // table lookup). Each trip commits one cp.async group (empty past the split's end), so that
+  // "all but the newest stages - 1 groups complete" means "this trip has landed". Bit
+  // kUnroll * n + u of ok_bits: key u of the trip n trips after the one computed next exists
+  // (its piece is real, not zero-filled).
+  const int ahead = a.stages - 1;
+  unsigned ok_bits = 0;
+  int issue_base = k_begin;  // first key of the next trip to issue
+  int issue_slot = 0;
+  auto issue_next = [&](int trips_ahead) {
+    if (issue_base < k_end) {
+      if (issue_base != k_begin) locate(issue_base);  // k_begin's keys were found before the wait
+      uint4* const dst = s_ring + issue_slot * (kUnroll * 2 * kThreads) + threadIdx.x;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const bool ok = kp[u] != nullptr;
+        // Absent keys read nothing (zero-filled); the pool base only keeps the address valid.
+        const uint8_t* const key = ok ? kp[u] : a.pool.base;
+        const uint8_t* const value = ok ? kp[u] + (fresh[u] ? a.v - a.k : a.pool.values_bytes) : a.pool.base;
+        dev::cp_async16(dst + (2 * u) * kThreads, key, ok);
+        dev::cp_async16(dst + (2 * u + 1) * kThreads, value, ok);
+        ok_bits |= static_cast<unsigned>(ok) << (trips_ahead * kUnroll + u);
+      }
+    }
+    dev::cp_async_commit();
+    issue_base += kStep;
+    issue_slot = issue_slot + 1 == a.stages ? 0 : issue_slot + 1;
+  };
+  for (int i = 0; i < ahead; ++i) issue_next(i);
+
   // This lane's D/8 slice of each head's query, kept packed (converted per use: 16 registers
   // fewer for G = 4) and not read until the first keys' loads are out.
   const T* const q = static_cast<const T*>(a.q);
@@ -154,17 +191,23 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   // The trip count is the same for every lane (the shuffles below need the whole warp). Each
   // trip reads kUnroll keys per lane group and folds them into the running softmax at once: one
   // rescale of the accumulators per trip instead of one per key.
+  int slot = 0;
   for (int base = k_begin; base < k_end; base += kStep) {
+    issue_next(ahead);
+    if (base == k_begin) append();  // behind the first trip's copies, so that the waits overlap
+    if (ahead == 0) dev::cp_async_wait<0>();
+    else dev::cp_async_wait<1>();
+    const uint4* const src = s_ring + slot * (kUnroll * 2 * kThreads) + threadIdx.x;
     uint4 kr[kUnroll], vr[kUnroll];
     bool ok[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      ok[u] = kp[u] != nullptr;
-      const uint8_t* vp = kp[u] + (fresh[u] ? a.v - a.k : a.pool.values_bytes);
-      kr[u] = ok[u] ? *reinterpret_cast<const uint4*>(kp[u]) : make_uint4(0, 0, 0, 0);
-      vr[u] = ok[u] ? *reinterpret_cast<const uint4*>(vp) : make_uint4(0, 0, 0, 0);
+      ok[u] = (ok_bits >> u) & 1u;
+      kr[u] = src[(2 * u) * kThreads];
+      vr[u] = src[(2 * u + 1) * kThreads];
     }
-    if (base == k_begin) append();  // behind the first trip's loads, so that the waits overlap
+    ok_bits >>= kUnroll;
+    slot = slot + 1 == a.stages ? 0 : slot + 1;
     float sc[kUnroll][G];  // scores in log2 units; -inf for keys outside the split or the table
     float vf[kUnroll][8];
 #pragma unroll
@@ -220,9 +263,6 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
         acc[h][e] = acc_e;
       }
     }
-    // The next trip's keys (here rather than behind this trip's loads: the pointers would then
-    // be live across the arithmetic above, and spill).
-    if (base + kStep < k_end) locate(base + kStep);
   }
   if (k_begin >= k_end) append();  // no keys (garbage positions): the loop never ran
 
@@ -339,6 +379,7 @@ cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream
   a.partial_out = plan.partial_out;
   a.partial_ml = plan.partial_ml;
   a.arrivals = plan.arrivals;
+  a.stages = plan.stages;
   const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(p.n_heads / G),
                   static_cast<unsigned>(p.n_tokens));
   cudaLaunchAttribute attribute{};
@@ -347,6 +388,7 @@ cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = dim3(W * 32);
+  config.dynamicSmemBytes = static_cast<size_t>(plan.stages) * decode_stage_bytes(W);
   config.stream = stream;
   config.attrs = p.programmatic ? &attribute : nullptr;
   config.numAttrs = p.programmatic ? 1 : 0;
@@ -370,7 +412,49 @@ cudaError_t launch_heads(const Problem& p, const DecodePlan& plan, cudaStream_t 
   }
 }
 
+template <class T, int D, int G, int W>
+cudaError_t fit(DecodeFit& f) {
+  const auto kernel = decode_kernel<T, D, G, W>;
+  cudaFuncAttributes attr{};
+  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  int device = 0, optin = 0;
+  if (e == cudaSuccess) e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return e;
+  const int stage = decode_stage_bytes(W);
+  const int room = (optin - static_cast<int>(attr.sharedSizeBytes)) / stage;
+  if (room < 1) return cudaErrorInvalidConfiguration;  // below any GPU flash accepts (sm_80+)
+  f.stages = room < kDecodeMaxStages ? room : kDecodeMaxStages;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, f.stages * stage);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.per_sm, kernel, W * 32, static_cast<size_t>(f.stages) * stage);
+  if (f.per_sm < 1) f.per_sm = 1;
+  return e;
+}
+
+template <class T, int D, int G>
+cudaError_t fit_widths(DecodeFit& narrow, DecodeFit& wide) {
+  const cudaError_t e = fit<T, D, G, kDecodeWarps>(narrow);
+  return e != cudaSuccess ? e : fit<T, D, G, kDecodeWideWarps>(wide);
+}
+
+template <class T, int D>
+cudaError_t fit_heads(int group, DecodeFit& narrow, DecodeFit& wide) {
+  switch (decode_heads_per_cta(group)) {
+    case 1: return fit_widths<T, D, 1>(narrow, wide);
+    case 2: return fit_widths<T, D, 2>(narrow, wide);
+    default: return fit_widths<T, D, 4>(narrow, wide);
+  }
+}
+
 }  // namespace
+
+cudaError_t configure_decode(Dtype dtype, int head_dim, int group, DecodeFit& narrow, DecodeFit& wide) {
+  if (dtype == Dtype::bf16)
+    return head_dim == 64 ? fit_heads<__nv_bfloat16, 64>(group, narrow, wide)
+                          : fit_heads<__nv_bfloat16, 128>(group, narrow, wide);
+  return head_dim == 64 ? fit_heads<__half, 64>(group, narrow, wide) : fit_heads<__half, 128>(group, narrow, wide);
+}
 
 cudaError_t launch_decode(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
   if (p.n_tokens == 0) return cudaSuccess;

@@ -57,6 +57,7 @@ struct Problem {
 // combines them, counted by `arrivals` (zero between launches).
 struct DecodePlan {
   int warps = 4;                 // kDecodeWarps or kDecodeWideWarps
+  int stages = 1;                // trips of keys in the shared-memory ring (see decode_stage_bytes)
   int min_chunk = 64;            // decode_min_chunk(warps, head_dim)
   int n_splits = 1;
   float* partial_out = nullptr;  // [T, H, n_splits, D]
@@ -78,6 +79,22 @@ constexpr int decode_min_chunk(int warps, int head_dim) {
 inline constexpr int kDecodeMinChunk = 64;  // the least of decode_min_chunk
 // Most splits of one token's keys (bounds the scratch).
 inline constexpr int kDecodeMaxSplits = 64;
+// Keys in flight per lane group and trip of the decode loop.
+inline constexpr int kDecodeUnroll = 4;
+// A decode CTA copies its keys and values into a ring of shared memory (cp.async), `stages`
+// trips deep: the next trip's loads are in flight while one is computed. Two stages measured
+// faster than three on the H100 at batch 1 to 32 (and a wide CTA's three stages would not fit
+// an A100's shared memory); one is the fallback where two do not fit. One stage holds
+// kDecodeUnroll K and V pieces of 16 bytes per thread.
+inline constexpr int kDecodeMaxStages = 2;
+constexpr int decode_stage_bytes(int warps) { return warps * 32 * kDecodeUnroll * 2 * 16; }
+
+// What one decode CTA width gets on the current device: the deepest ring that fits its shared
+// memory (at most kDecodeMaxStages), and how many such CTAs an SM holds at once.
+struct DecodeFit {
+  int stages = 1;
+  int per_sm = 1;
+};
 
 // Largest power of two dividing n, at most `cap` (a power of two).
 constexpr int pow2_divisor(int n, int cap) {
@@ -95,6 +112,12 @@ constexpr int decode_heads_per_cta(int group) { return pow2_divisor(group, 4); }
 // dynamic shared memory limit of the prefill kernel that launch_prefill will pick on the current
 // device (`wgmma`: as Problem::wgmma).
 cudaError_t configure_kernels(Dtype dtype, int head_dim, bool wgmma);
+
+// Once per prepared geometry, like configure_kernels: raises the decode kernels' dynamic shared
+// memory limit to the deepest ring that fits and reports it, with the CTAs an SM then holds
+// (what plan_decode fills the GPU with), for CTAs of kDecodeWarps (`narrow`)
+// and kDecodeWideWarps (`wide`) warps with decode_heads_per_cta(group) heads.
+cudaError_t configure_decode(Dtype dtype, int head_dim, int group, DecodeFit& narrow, DecodeFit& wide);
 
 // Writes the batch's new k/v rows into the paged cache (before launch_prefill; launch_decode
 // does it itself).
