@@ -35,6 +35,15 @@ FlashAttention::FlashAttention(const loom_host_api* host, loom_host_ctx* ctx) : 
   if (b < 1 || b > 1024 || (b & (b - 1)) != 0)
     invalid_param("block_size", "flash: block_size must be a power of two in [1, 1024], got " + std::to_string(b));
   block_size_ = static_cast<int>(b);
+  // flash keeps its cache in the compute dtype; quantized caches live in sdpa for now.
+  const std::string kv = cfg_string(host, ctx, "kv_dtype");
+  if (kv == "int8" || kv == "fp8")
+    invalid_param("kv_dtype", "flash: kv_dtype \"" + kv +
+                                  "\" is not supported yet: flash stores its KV cache in the compute dtype (\"auto\", "
+                                  "or \"bf16\" with bfloat16 compute); sdpa supports \"int8\" and \"fp8\"");
+  if (kv != "auto" && kv != "bf16")
+    invalid_param("kv_dtype", "flash: kv_dtype must be \"auto\" or \"bf16\", got \"" + kv + "\"");
+  kv_bf16_ = kv == "bf16";
 }
 
 FlashAttention::~FlashAttention() { release_scratch(); }
@@ -54,6 +63,9 @@ void FlashAttention::check_config(const loom_attention_config& c) const {
                 " is not supported: flash has kernels for head_dim 64 and 128 (sdpa takes any)");
   if (!is_bf16(c.dtype) && !is_f16(c.dtype))
     unsupported("flash: config.dtype " + dtype_name(c.dtype) + " is not supported: use bfloat16 or float16");
+  if (kv_bf16_ && !is_bf16(c.dtype))
+    unsupported("flash: kv_dtype \"bf16\" needs bfloat16 compute (config.dtype is " + dtype_name(c.dtype) +
+                "): flash stores its KV cache in the compute dtype");
   if (c.device.device_type != kDLCUDA)
     unsupported("flash: runs on CUDA only, but config.device is " + device_name(c.device) + " (sdpa runs there)");
 }

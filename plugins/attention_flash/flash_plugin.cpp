@@ -32,12 +32,14 @@ constexpr loom_attention_vtable kVtable = {
 constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "block_size", LOOM_VALUE_INT, 0, "16",
      "tokens per KV cache block, a power of two in [1, 1024]"},
+    {sizeof(loom_param_desc), "kv_dtype", LOOM_VALUE_STRING, 0, "\"auto\"",
+     "KV cache storage: \"auto\" (the compute dtype) or \"bf16\"; int8/fp8 caches are sdpa's only"},
 };
 constexpr loom_component_desc kFlash = {
     sizeof(loom_component_desc), LOOM_KIND_ATTENTION, "flash", "1.0.0",
     "FlashAttention-2-style CUDA attention (tensor-core prefill, split-key decode) over a paged "
     "bfloat16/float16 KV cache; head_dim 64 or 128",
-    kParams, 1, LOOM_THREADING_SERIAL, &kVtable};
+    kParams, 2, LOOM_THREADING_SERIAL, &kVtable};
 const loom_component_desc* const kComponents[] = {&kFlash};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-attention-flash", "1.0.0",

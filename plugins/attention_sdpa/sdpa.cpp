@@ -2,10 +2,12 @@
 // cache, on the CPU (float32) and, in builds with CUDA, on a CUDA device (float32 or bfloat16;
 // sdpa_cuda.cpp). Clear over fast: every other attention plugin is checked against this one.
 //
-// KV block layout in the pool (one layer), in the config dtype, B = block_size:
-//   block = keys [B, Hkv, D] followed by values [B, Hkv, D]
-//   bytes_per_block = 2 * B * Hkv * D * sizeof(dtype)
-// A sequence's token at position p lives in pool block block_table[s, p / B], slot p % B.
+// The cache may be stored in another type than the compute dtype (`kv_dtype`: bf16, or int8 /
+// fp8 E4M3 with a float32 scale per (token, kv head) row): k and v are quantized as they are
+// written into the cache and dequantized as attention reads them. The block layout, scales
+// included, is in sdpa_kv_format.hpp; a sequence's token at position p lives in pool block
+// block_table[s, p / B], slot p % B.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -16,6 +18,7 @@
 #include "loom_device_tensor.hpp"
 #include "loom_attention_glue.hpp"
 #include "loom_plugin_util.hpp"
+#include "sdpa_kv_format.hpp"
 #if LOOM_SDPA_CUDA
 #include "sdpa_cuda.hpp"
 #endif
@@ -23,14 +26,42 @@
 namespace loomp::sdpa {
 namespace {
 
+// DLPack 1.1's kDLFloat8_e4m3fn. The system dlpack.h (0.6) predates the fp8 codes, so the value
+// is spelled here; a host that knows DLPack 1.1 reads it as what it is.
+constexpr uint8_t kDLFloat8E4M3fnCode = 10;
+
+// kv_dtype as configured; kAuto is resolved against config.dtype at prepare().
+enum class KvDtype { kAuto, kBf16, kInt8, kFp8 };
+
+KvDtype parse_kv_dtype(const std::string& v) {
+  if (v == "auto") return KvDtype::kAuto;
+  if (v == "bf16") return KvDtype::kBf16;
+  if (v == "int8") return KvDtype::kInt8;
+  if (v == "fp8") return KvDtype::kFp8;
+  invalid_param("kv_dtype", "sdpa: kv_dtype must be \"auto\", \"bf16\", \"int8\" or \"fp8\", got \"" + v + "\"");
+}
+
+DLDataType cache_dtype_of(KvFormat f) {
+  switch (f) {
+    case KvFormat::f32: return DLDataType{kDLFloat, 32, 1};
+    case KvFormat::bf16: return DLDataType{kDLBfloat, 16, 1};
+    case KvFormat::int8: return DLDataType{kDLInt, 8, 1};
+    case KvFormat::fp8: return DLDataType{kDLFloat8E4M3fnCode, 8, 1};
+  }
+  return DLDataType{kDLUInt, 8, 1};
+}
+
 struct Sdpa {
   const loom_host_api* host;
   loom_host_ctx* ctx;
   int64_t block_size;
+  KvDtype kv_dtype;
   bool prepared = false;
   loom_attention_config cfg{};
+  KvGeometry kv{};  // the cache's block format, fixed at prepare()
 
-  Sdpa(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c), block_size(cfg_int(h, c, "block_size")) {
+  Sdpa(const loom_host_api* h, loom_host_ctx* c)
+      : host(h), ctx(c), block_size(cfg_int(h, c, "block_size")), kv_dtype(parse_kv_dtype(cfg_string(h, c, "kv_dtype"))) {
     if (block_size < 1 || block_size > 1024 || (block_size & (block_size - 1)) != 0)
       invalid_param("block_size",
                     "sdpa: block_size must be a power of two in [1, 1024], got " + std::to_string(block_size));
@@ -58,13 +89,16 @@ struct Sdpa {
                     ")");
     }
     if (!std::isfinite(c.softmax_scale)) invalid("sdpa: softmax_scale is not finite");
+    KvFormat format = is_bf16(c.dtype) ? KvFormat::bf16 : KvFormat::f32;
+    if (kv_dtype == KvDtype::kBf16) format = KvFormat::bf16;
+    if (kv_dtype == KvDtype::kInt8) format = KvFormat::int8;
+    if (kv_dtype == KvDtype::kFp8) format = KvFormat::fp8;
     cfg = c;
+    kv = KvGeometry{block_size, c.n_kv_heads, c.head_dim, format};
     prepared = true;
-    const uint64_t elem = is_bf16(c.dtype) ? 2 : sizeof(float);
     out.block_size = static_cast<int32_t>(block_size);
-    out.cache_dtype = c.dtype;
-    out.bytes_per_block = 2ull * static_cast<uint64_t>(block_size) * static_cast<uint64_t>(c.n_kv_heads) *
-                          static_cast<uint64_t>(c.head_dim) * elem;
+    out.cache_dtype = cache_dtype_of(format);
+    out.bytes_per_block = static_cast<uint64_t>(kv.bytes_per_block());
   }
 
   void forward(const loom_attention_batch& b) {
@@ -75,7 +109,7 @@ struct Sdpa {
     if (cfg.n_layers > 0 && (b.layer < 0 || b.layer >= cfg.n_layers))
       invalid("sdpa: layer " + std::to_string(b.layer) + " out of range");
 #if LOOM_SDPA_CUDA
-    if (cfg.device.device_type == kDLCUDA) return forward_cuda(host, ctx, cfg, block_size, b);
+    if (cfg.device.device_type == kDLCUDA) return forward_cuda(host, ctx, cfg, kv, b);
 #endif
     for (const DLTensor* t : {b.q, b.k, b.v, b.out})
       if (t != nullptr && (t->device.device_type != kDLCPU || !is_f32(t->dtype)))
@@ -87,7 +121,7 @@ struct Sdpa {
     check_i32(b.seq_offsets, "seq_offsets", {S + 1});
     check_i32(b.seq_positions, "seq_positions", {S});
     check_i32(b.block_table, "block_table", {S, -1});
-    check_cpu_tensor(b.kv_pool, "kv_pool", kDLUInt, 8, {-1, static_cast<int64_t>(2 * B * Hkv * D * 4)});
+    check_cpu_tensor(b.kv_pool, "kv_pool", kDLUInt, 8, {-1, kv.bytes_per_block()});
     const int32_t* off = data_of<int32_t>(*b.seq_offsets);
     const int32_t* pos = data_of<int32_t>(*b.seq_positions);
     const int32_t* table = data_of<int32_t>(*b.block_table);
@@ -112,11 +146,33 @@ struct Sdpa {
     }
 
     uint8_t* pool = data_of<uint8_t>(*b.kv_pool);
-    const int64_t block_floats = 2 * B * Hkv * D;
-    // Pointer to the key (which = 0) or value (which = 1) row [D] of kv head h at position p.
-    auto slot = [&](int64_t s, int64_t p, int64_t h, int which) {
-      float* block = reinterpret_cast<float*>(pool) + static_cast<int64_t>(table[s * M + p / B]) * block_floats;
-      return block + which * B * Hkv * D + ((p % B) * Hkv + h) * D;
+    const KvFormat format = kv.format;
+    // The block holding position p of sequence s, and the cache row of (p, kv head h, which):
+    // which = 0 for the key, 1 for the value.
+    const int64_t block_bytes = kv.bytes_per_block();
+    auto block_of = [&](int64_t s, int64_t p) { return pool + table[s * M + p / B] * block_bytes; };
+    auto row_of = [&](int64_t p, int64_t h, int which) { return kv.row(which, p % B, h); };
+    // Row (s, p, h, which) read back as float into `dst` [D].
+    auto load_row = [&](int64_t s, int64_t p, int64_t h, int which, float* dst) {
+      uint8_t* block = block_of(s, p);
+      const int64_t r = row_of(p, h, which);
+      const float scale = kv_quantized(format) ? *kv.row_scale(block, r) : 0.0f;
+      const uint8_t* src = kv.row_data(block, r);
+      for (int64_t d = 0; d < D; ++d) dst[d] = kv_load(src, d, scale, format);
+    };
+    // Stores a new row [D], quantizing it with its own scale where the format has scales.
+    auto store_row = [&](int64_t s, int64_t p, int64_t h, int which, const float* src) {
+      uint8_t* block = block_of(s, p);
+      const int64_t r = row_of(p, h, which);
+      float scale = 0.0f;
+      if (kv_quantized(format)) {
+        float absmax = 0.0f;
+        for (int64_t d = 0; d < D; ++d) absmax = std::max(absmax, std::fabs(src[d]));
+        scale = kv_scale(absmax, format);
+        *kv.row_scale(block, r) = scale;
+      }
+      uint8_t* dst = kv.row_data(block, r);
+      for (int64_t d = 0; d < D; ++d) kv_store(dst, d, src[d], scale, format);
     };
     const float* q = data_of<float>(*b.q);
     const float* k = data_of<float>(*b.k);
@@ -124,21 +180,22 @@ struct Sdpa {
     float* out = data_of<float>(*b.out);
     const int64_t group = H / Hkv;
     const int64_t window = cfg.sliding_window;
-    std::vector<float> scores;
+    std::vector<float> scores, row(static_cast<size_t>(D));
 
     for (int64_t s = 0; s < S; ++s) {
       if (host->is_cancelled && host->is_cancelled(ctx)) fail(LOOM_ERR_CANCELLED, "sdpa: cancelled");
       const int64_t n_new = off[s + 1] - off[s], p0 = pos[s], total = p0 + n_new;
-      // 1. Append the new keys and values to the cache.
+      // 1. Append the new keys and values to the cache (quantized there for int8/fp8).
       for (int64_t i = 0; i < n_new; ++i)
         for (int64_t h = 0; h < Hkv; ++h) {
           const int64_t src = ((off[s] + i) * Hkv + h) * D;
-          std::memcpy(slot(s, p0 + i, h, 0), k + src, static_cast<size_t>(D) * sizeof(float));
-          std::memcpy(slot(s, p0 + i, h, 1), v + src, static_cast<size_t>(D) * sizeof(float));
+          store_row(s, p0 + i, h, 0, k + src);
+          store_row(s, p0 + i, h, 1, v + src);
         }
       // 2. Each new token attends to cached positions [lo, hi]: causal stops at its own
       //    position; the sliding window keeps keys with position > p - window. lo <= p <= hi,
-      //    so the range is never empty.
+      //    so the range is never empty. Keys and values are read back from the cache, so the
+      //    new tokens see their own stored (possibly quantized) rows like every later token.
       scores.resize(static_cast<size_t>(total));
       for (int64_t i = 0; i < n_new; ++i) {
         const int64_t p = p0 + i;
@@ -149,9 +206,9 @@ struct Sdpa {
           const float* qr = q + ((off[s] + i) * H + h) * D;
           float mx = -INFINITY;
           for (int64_t j = lo; j <= hi; ++j) {
-            const float* kr = slot(s, j, kvh, 0);
+            load_row(s, j, kvh, 0, row.data());
             float dot = 0.0f;
-            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
+            for (int64_t d = 0; d < D; ++d) dot += qr[d] * row[d];
             scores[j] = dot * cfg.softmax_scale;
             mx = std::max(mx, scores[j]);
           }
@@ -164,8 +221,8 @@ struct Sdpa {
           for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
           for (int64_t j = lo; j <= hi; ++j) {
             const float w = scores[j] / denom;
-            const float* vr = slot(s, j, kvh, 1);
-            for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
+            load_row(s, j, kvh, 1, row.data());
+            for (int64_t d = 0; d < D; ++d) o[d] += w * row[d];
           }
         }
       }
@@ -192,11 +249,15 @@ constexpr loom_attention_vtable kVtable = {
 constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "block_size", LOOM_VALUE_INT, 0, "16",
      "tokens per KV cache block, a power of two in [1, 1024]"},
+    {sizeof(loom_param_desc), "kv_dtype", LOOM_VALUE_STRING, 0, "\"auto\"",
+     "KV cache storage: \"auto\" (the compute dtype), \"bf16\", \"int8\" or \"fp8\" (E4M3), each int8/fp8 "
+     "(token, kv head) row with its own float32 scale"},
 };
 constexpr loom_component_desc kSdpa = {
     sizeof(loom_component_desc), LOOM_KIND_ATTENTION, "sdpa", "1.0.0",
-    "Reference scaled dot-product attention over a paged KV cache: CPU float32, CUDA float32/bfloat16",
-    kParams, 1, LOOM_THREADING_SERIAL, &kVtable};
+    "Reference scaled dot-product attention over a paged KV cache: CPU float32, CUDA float32/bfloat16; "
+    "KV cache in the compute dtype, bf16, int8 or fp8",
+    kParams, 2, LOOM_THREADING_SERIAL, &kVtable};
 const loom_component_desc* const kComponents[] = {&kSdpa};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-attention-sdpa", "1.0.0",

@@ -23,8 +23,8 @@ struct DeviceGuard : loomp::DeviceGuard {
 }  // namespace
 
 void forward_cuda(const loom_host_api* host, loom_host_ctx* ctx, const loom_attention_config& cfg,
-                  int64_t block_size, const loom_attention_batch& b) {
-  const int64_t H = cfg.n_heads, Hkv = cfg.n_kv_heads, D = cfg.head_dim, B = block_size;
+                  const KvGeometry& kv, const loom_attention_batch& b) {
+  const int64_t H = cfg.n_heads, Hkv = cfg.n_kv_heads, D = cfg.head_dim, B = kv.block_size;
   const int64_t T = b.n_tokens, S = b.n_seqs;
   const bool bf16 = is_bf16(cfg.dtype);
   const int64_t elem = bf16 ? 2 : 4;
@@ -36,8 +36,11 @@ void forward_cuda(const loom_host_api* host, loom_host_ctx* ctx, const loom_atte
   check_device_tensor(b.seq_offsets, "seq_offsets", dev, kI32, {S + 1}, 4);
   check_device_tensor(b.seq_positions, "seq_positions", dev, kI32, {S}, 4);
   check_device_tensor(b.block_table, "block_table", dev, kI32, {S, -1}, 4);
-  const int64_t bytes_per_block = 2 * B * Hkv * D * elem;
-  check_device_tensor(b.kv_pool, "kv_pool", dev, kU8, {-1, bytes_per_block}, elem);
+  const int64_t bytes_per_block = kv.bytes_per_block();
+  // Rows and scales are loaded as their element type (float scales: bytes_per_block and the
+  // scales' offset are multiples of 16, so a 4-aligned pool keeps every block's scales aligned).
+  check_device_tensor(b.kv_pool, "kv_pool", dev, kU8, {-1, bytes_per_block},
+                      static_cast<std::uintptr_t>(kv_quantized(kv.format) ? 4 : kv_elem_bytes(kv.format)));
   if (T == 0) return;
   if (S == 0) invalid("sdpa: n_tokens is " + std::to_string(T) + " but n_seqs is 0");
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
@@ -53,6 +56,7 @@ void forward_cuda(const loom_host_api* host, loom_host_ctx* ctx, const loom_atte
   p.window = cfg.sliding_window;
   p.scale = cfg.softmax_scale;
   p.bytes_per_block = bytes_per_block;
+  p.kv = kv;
   bind_attention_batch(p, b);
 
   DeviceGuard device(dev.device_id);

@@ -1,7 +1,8 @@
 // sdpa on CUDA: the GPU reference. Clear over fast, like the CPU path it mirrors: the same cache
-// layout (keys [B, Hkv, D] then values [B, Hkv, D] per block, in the config dtype), float32
-// arithmetic throughout, and the same three steps per (token, head): the max score, the softmax
-// denominator, then the weighted sum of values.
+// format (sdpa_kv_format.hpp: keys then values per block in f32, bf16, int8 or fp8, the last two
+// with a float32 scale per row, quantized by the same functions, so the stored bytes equal the
+// CPU's), float32 arithmetic throughout, and the same three steps per (token, head): the max
+// score, the softmax denominator, then the weighted sum of values.
 //
 // One CTA per (token, query head). A CTA finds its sequence by binary search in seq_offsets and
 // reads positions and the block table on the device. Entries that point outside the pool make
@@ -42,38 +43,65 @@ __device__ int seq_of_token(const int32_t* off, int n_seqs, int t) {
   return lo;
 }
 
-// Where the cache keeps the key (which = 0) or value (which = 1) row of (sequence s, position
-// pos, kv head h); nullptr when the block table has no valid block there.
-template <class T>
-__device__ T* cache_row(const CudaProblem& p, int s, int64_t pos, int h, int which) {
+// The pool block holding position pos of sequence s; nullptr when the block table has no valid
+// block there.
+__device__ uint8_t* cache_block(const CudaProblem& p, int s, int64_t pos) {
   if (pos < 0 || pos / p.block_size >= p.table_cols) return nullptr;
   const int block = p.block_table[static_cast<int64_t>(s) * p.table_cols + pos / p.block_size];
   if (block < 0 || block >= p.pool_blocks) return nullptr;
-  T* base = reinterpret_cast<T*>(p.pool + static_cast<int64_t>(block) * p.bytes_per_block);
-  const int64_t half = static_cast<int64_t>(p.block_size) * p.n_kv_heads * p.head_dim;
-  return base + which * half + ((pos % p.block_size) * p.n_kv_heads + h) * p.head_dim;
+  return p.pool + static_cast<int64_t>(block) * p.bytes_per_block;
+}
+
+// A cache row of D elements and its scale (0 for formats without scales).
+struct CacheRow {
+  uint8_t* data = nullptr;
+  float scale = 0.0f;
+};
+
+// The key (which = 0) or value (which = 1) row of (sequence s, position pos, kv head h); data is
+// nullptr when the block table has no valid block there.
+__device__ CacheRow cache_row(const CudaProblem& p, int s, int64_t pos, int h, int which) {
+  CacheRow r;
+  uint8_t* block = cache_block(p, s, pos);
+  if (block == nullptr) return r;
+  const int64_t row = p.kv.row(which, pos % p.block_size, h);
+  r.data = p.kv.row_data(block, row);
+  if (kv_quantized(p.kv.format)) r.scale = *p.kv.row_scale(block, row);
+  return r;
 }
 
 __device__ int64_t position_of(const CudaProblem& p, int s, int t) {
   return static_cast<int64_t>(p.seq_positions[s]) + t - p.seq_offsets[s];
 }
 
-// One thread per element of the new k/v rows.
+// One warp per new key or value row (token, kv head, which): the lanes reduce the row's absmax
+// for its scale (quantized formats), then store D elements strided by 32. A warp's lanes share
+// one row, so the early exits below are warp-uniform and the full-mask shuffles are safe.
 template <class T>
 __global__ void cache_write_kernel(const CudaProblem p) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= static_cast<int64_t>(p.n_tokens) * p.n_kv_heads * p.head_dim) return;
-  const int d = static_cast<int>(i % p.head_dim);
-  const int64_t row = i / p.head_dim;
-  const int h = static_cast<int>(row % p.n_kv_heads);
-  const int t = static_cast<int>(row / p.n_kv_heads);
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  if (row >= static_cast<int64_t>(p.n_tokens) * p.n_kv_heads * 2) return;
+  const int which = static_cast<int>(row % 2);
+  const int64_t token_head = row / 2;
+  const int h = static_cast<int>(token_head % p.n_kv_heads);
+  const int t = static_cast<int>(token_head / p.n_kv_heads);
   const int s = seq_of_token(p.seq_offsets, p.n_seqs, t);
-  const int64_t pos = position_of(p, s, t);
-  T* key = cache_row<T>(p, s, pos, h, 0);
-  T* value = cache_row<T>(p, s, pos, h, 1);
-  if (key == nullptr) return;
-  key[d] = static_cast<const T*>(p.k)[i];
-  value[d] = static_cast<const T*>(p.v)[i];
+  uint8_t* block = cache_block(p, s, position_of(p, s, t));
+  if (block == nullptr) return;
+  const T* src = static_cast<const T*>(which == 0 ? p.k : p.v) + token_head * p.head_dim;
+  const int64_t r = p.kv.row(which, position_of(p, s, t) % p.block_size, h);
+  const KvFormat format = p.kv.format;
+  float scale = 0.0f;
+  if (kv_quantized(format)) {
+    float absmax = 0.0f;
+    for (int d = lane; d < p.head_dim; d += 32) absmax = fmaxf(absmax, fabsf(to_float(src[d])));
+    for (int o = 16; o > 0; o /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xffffffffu, absmax, o));
+    scale = kv_scale(absmax, format);
+    if (lane == 0) *p.kv.row_scale(block, r) = scale;
+  }
+  uint8_t* dst = p.kv.row_data(block, r);
+  for (int d = lane; d < p.head_dim; d += 32) kv_store(dst, d, to_float(src[d]), scale, format);
 }
 
 __device__ float block_max(float x, float* red) {
@@ -125,11 +153,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const CudaProblem p
   }
   __syncthreads();
 
+  const KvFormat format = p.kv.format;
   auto score = [&](int64_t j) {
-    const T* key = cache_row<T>(p, s, j, kvh, 0);
-    if (key == nullptr) return -INFINITY;
+    const CacheRow key = cache_row(p, s, j, kvh, 0);
+    if (key.data == nullptr) return -INFINITY;
     float dot = 0.0f;
-    for (int d = 0; d < p.head_dim; ++d) dot += q[d] * to_float(key[d]);
+    for (int d = 0; d < p.head_dim; ++d) dot += q[d] * kv_load(key.data, d, key.scale, format);
     return dot * p.scale;
   };
 
@@ -158,7 +187,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const CudaProblem p
       float a = acc[d];
       for (int i = 0; i < n; ++i) {
         if (w[i] == 0.0f) continue;
-        a += w[i] * to_float(cache_row<T>(p, s, c0 + i, kvh, 1)[d]);
+        const CacheRow value = cache_row(p, s, c0 + i, kvh, 1);
+        a += w[i] * kv_load(value.data, d, value.scale, format);
       }
       acc[d] = a;
     }
@@ -171,8 +201,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const CudaProblem p
 
 template <class T>
 cudaError_t launch(const CudaProblem& p, cudaStream_t stream) {
-  const int64_t elements = static_cast<int64_t>(p.n_tokens) * p.n_kv_heads * p.head_dim;
-  cache_write_kernel<T><<<static_cast<unsigned>((elements + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
+  const int64_t rows = static_cast<int64_t>(p.n_tokens) * p.n_kv_heads * 2;  // a warp each
+  cache_write_kernel<T><<<static_cast<unsigned>((rows * 32 + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   const size_t smem = (2 * static_cast<size_t>(p.head_dim) + kChunk + 32) * sizeof(float);

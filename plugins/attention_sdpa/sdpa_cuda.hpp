@@ -8,14 +8,16 @@
 #include <cstdint>
 
 #include "loom/loom_plugin_api.h"
+#include "sdpa_kv_format.hpp"
 
 namespace loomp::sdpa {
 
 // Checks a batch whose tensors all live on config.device (kDLCUDA) in config.dtype (float32 or
-// bfloat16), then enqueues the cache append and the attention on the host's current stream.
+// bfloat16) and whose pool has kv's block format, then enqueues the cache append (quantizing for
+// int8/fp8) and the attention on the host's current stream.
 // Reads no device memory on the host and does not wait for the kernels. Throws Fail.
 void forward_cuda(const loom_host_api* host, loom_host_ctx* ctx, const loom_attention_config& config,
-                  int64_t block_size, const loom_attention_batch& batch);
+                  const KvGeometry& kv, const loom_attention_batch& batch);
 
 }  // namespace loomp::sdpa
 

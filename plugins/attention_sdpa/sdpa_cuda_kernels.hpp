@@ -10,12 +10,15 @@
 
 #include <cstdint>
 
+#include "sdpa_kv_format.hpp"
+
 namespace loomp::sdpa {
 
 struct CudaProblem {
-  bool bf16 = false;  // element type of q, k, v, out and the cache: bfloat16, else float32
+  bool bf16 = false;  // element type of q, k, v and out: bfloat16, else float32
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   int block_size = 0;  // B, a power of two
+  KvGeometry kv{};     // the cache's block format (sdpa_kv_format.hpp)
   int window = 0;
   int causal = 1;
   float scale = 0.0f;
@@ -32,7 +35,8 @@ struct CudaProblem {
   uint8_t* pool = nullptr;
 };
 
-// Appends k/v to the cache, then computes attention for every (token, head). Returns the first
+// Appends k/v to the cache (quantized for int8/fp8), then computes attention for every (token,
+// head), reading the cache back as float. Returns the first
 // launch error.
 cudaError_t launch_cuda(const CudaProblem& p, cudaStream_t stream);
 

@@ -82,15 +82,34 @@ TEST_CASE("flash describes itself and checks block_size", "[flash][attention]") 
   CHECK(std::string(d.name) == "flash");
   CHECK(d.kind == LOOM_KIND_ATTENTION);
   CHECK(d.threading == LOOM_THREADING_SERIAL);
-  REQUIRE(d.param_count == 1);
+  REQUIRE(d.param_count == 2);
   CHECK(std::string(d.params[0].key) == "block_size");
   CHECK(std::string(d.params[0].default_value) == "16");
+  CHECK(std::string(d.params[1].key) == "kv_dtype");
+  CHECK(std::string(d.params[1].default_value) == "\"auto\"");
   CHECK(d.vtable != nullptr);
   CHECK_THAT(bt::build_error("[attention]\nuse = \"flash\"\nblock_size = 12\n"),
              Catch::Contains("flash: block_size must be a power of two"));
   CHECK_THAT(bt::build_error("[attention]\nuse = \"flash\"\nblock_size = 2048\n"), Catch::Contains("block_size"));
   CHECK_THAT(bt::build_error("[attention]\nuse = \"flash\"\nblocks = 16\n"), Catch::Contains("blocks"));
   CHECK(bt::build_error("[attention]\nuse = \"flash\"\nblock_size = 64\n").empty());
+}
+
+TEST_CASE("flash takes kv_dtype auto and bf16 and refuses the quantized caches sdpa has", "[flash][attention][kv]") {
+  for (const char *kv : {"int8", "fp8"}) {
+    INFO(kv);
+    const std::string err = bt::build_error(std::string("[attention]\nuse = \"flash\"\nkv_dtype = \"") + kv + "\"\n");
+    CHECK_THAT(err, Catch::Contains("attention.kv_dtype") && Catch::Contains("not supported yet") &&
+                        Catch::Contains("sdpa supports \"int8\" and \"fp8\""));
+  }
+  CHECK_THAT(bt::build_error("[attention]\nuse = \"flash\"\nkv_dtype = \"int4\"\n"),
+             Catch::Contains("attention.kv_dtype") && Catch::Contains("must be \"auto\" or \"bf16\""));
+  CHECK(bt::build_error("[attention]\nuse = \"flash\"\nkv_dtype = \"auto\"\n").empty());
+  // bf16 storage is the bf16 compute dtype's own cache; under float16 compute it is refused.
+  auto rt = bt::runtime("[attention]\nuse = \"flash\"\nkv_dtype = \"bf16\"\n");
+  auto f16 = prepare(*rt, config(8, 2, 64, DLDataType{kDLFloat, 16, 1}, kCuda));
+  CHECK(f16.status == LOOM_ERR_UNSUPPORTED);
+  CHECK_THAT(f16.error, Catch::Contains("kv_dtype \"bf16\" needs bfloat16 compute"));
 }
 
 TEST_CASE("flash refuses configs it has no kernels for, by name, before touching a GPU", "[flash][attention]") {

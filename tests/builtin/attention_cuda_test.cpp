@@ -2,7 +2,9 @@
 // `flash` (bfloat16, float16) against `sdpa` on the CPU, over ragged batches of several
 // sequences (prefill, decode steps, chunked and uneven steps), GQA ratios 1 to 24, head dims 64
 // and 128, block sizes 1 to 64 and sliding windows; flash's decode captured in a CUDA graph and
-// replayed with new positions in device memory; clear refusals of bad batches. A hidden
+// replayed with new positions in device memory; clear refusals of bad batches; sdpa's bf16,
+// int8 and fp8 KV caches (kv_dtype) on CUDA against the same caches on the CPU, stored bytes
+// included. A hidden
 // micro-benchmark ("[bench]") times flash against sdpa on CUDA.
 //
 // Inputs are rounded to bfloat16 once, so every dtype sees the same values and the CPU
@@ -244,11 +246,11 @@ const loom_host_api *stream_host() {
 class Backend {
  public:
   Backend(const std::string &component, DLDevice dev, Dt dt, const Geometry &g, int n_blocks,
-          const loom_host_api *host = nullptr)
+          const loom_host_api *host = nullptr, const std::string &kv_dtype = "auto")
       : dev_(dev), dt_(dt), g_(g) {
     const std::string manifest = std::string("[loom]\ndevice = \"") + (dev.device_type == kDLCPU ? "cpu" : "cuda") +
                                  "\"\n\n[attention]\nuse = \"" + component + "\"\nblock_size = " + std::to_string(g.B) +
-                                 "\n";
+                                 "\nkv_dtype = \"" + kv_dtype + "\"\n";
     rt_ = loom::Runtime::from_string(manifest, "<attention_cuda_test>");
     inst_ = &rt_->pipeline().at("attention");
     vt_ = inst_->vtable<loom_attention_vtable>();
@@ -263,7 +265,10 @@ class Backend {
     INFO(component << " prepare: " << inst_->last_error());
     REQUIRE(st == LOOM_OK);
     REQUIRE(layout_.block_size == g.B);
-    REQUIRE(layout_.bytes_per_block == 2ull * static_cast<uint64_t>(g.B * g.Hkv * g.D) * elem_size(dt));
+    // Scaled caches (int8, fp8) are sized in builtin_sdpa_kv_dtype_test; here the CPU and CUDA
+    // instances must agree, which compare_kv checks.
+    if (kv_dtype == "auto")
+      REQUIRE(layout_.bytes_per_block == 2ull * static_cast<uint64_t>(g.B * g.Hkv * g.D) * elem_size(dt));
     n_blocks_ = n_blocks;
     const size_t pool_bytes = static_cast<size_t>(n_blocks) * layout_.bytes_per_block;
     if (dev.device_type == kDLCPU) {
@@ -321,6 +326,13 @@ class Backend {
   void *device_pool() const { return pool_.ptr; }
   int n_blocks() const { return n_blocks_; }
   const loom_kv_layout &layout() const { return layout_; }
+  // The whole KV pool as bytes, copied from the device where it lives there.
+  std::vector<uint8_t> pool_bytes() const {
+    if (dev_.device_type == kDLCPU) return host_pool_;
+    std::vector<uint8_t> out(pool_.bytes);
+    CUDA_REQUIRE(cudaMemcpy(out.data(), pool_.ptr, out.size(), cudaMemcpyDeviceToHost));
+    return out;
+  }
 
  private:
   void call(View &q, View &k, View &v, View &out, View &off, View &pos, View &table, View &pool, int64_t S, int64_t T) {
@@ -399,14 +411,60 @@ std::vector<std::vector<int>> standard_steps(std::mt19937 &rng, int S, int max_p
   return steps;
 }
 
+// A geometry run over S sequences of standard_steps() with prefills up to max_prefill tokens.
+struct Case {
+  Geometry g;
+  int S, max_prefill;
+};
+
+// sdpa with a KV cache of `kv_dtype` on CUDA (float32 and bfloat16 compute) against sdpa with the
+// same cache on the CPU, step by step. Both quantize the same (bf16-valued) k/v with the same
+// functions (sdpa_kv_format.hpp), so the pools must hold identical bytes after every step; the
+// outputs differ only by float summation order (float32) or bf16 rounding of the output.
+void compare_kv(const Geometry &g, const std::vector<std::vector<int>> &lens, uint32_t seed, const std::string &kv_dtype) {
+  const Scenario sc = make_scenario(g, lens, seed);
+  INFO("kv_dtype=" << kv_dtype << " H=" << g.H << " Hkv=" << g.Hkv << " D=" << g.D << " B=" << g.B
+                   << " window=" << g.window << " S=" << sc.S);
+  Backend reference("sdpa", kCpu, Dt::f32, g, sc.N, nullptr, kv_dtype);
+  Backend f32("sdpa", kGpu, Dt::f32, g, sc.N, nullptr, kv_dtype), bf16("sdpa", kGpu, Dt::bf16, g, sc.N, nullptr, kv_dtype);
+  REQUIRE(f32.layout().bytes_per_block == reference.layout().bytes_per_block);
+  REQUIRE(bf16.layout().bytes_per_block == reference.layout().bytes_per_block);
+  CHECK(f32.layout().cache_dtype.code == reference.layout().cache_dtype.code);
+  double worst_f32 = 0, worst_bf16 = 0;
+  for (size_t i = 0; i < sc.steps.size(); ++i) {
+    INFO("step " << i << " (T=" << sc.steps[i].T << ")");
+    const auto want = reference.forward(sc, sc.steps[i]);
+    const double e32 = relative_error(f32.forward(sc, sc.steps[i]), want);
+    const double e16 = relative_error(bf16.forward(sc, sc.steps[i]), want);
+    CHECK(e32 <= 1e-4);
+    CHECK(e16 <= 2e-2);
+    worst_f32 = std::max(worst_f32, e32);
+    worst_bf16 = std::max(worst_bf16, e16);
+    const auto cpu_pool = reference.pool_bytes();
+    CHECK(f32.pool_bytes() == cpu_pool);
+    CHECK(bf16.pool_bytes() == cpu_pool);
+  }
+  std::printf("kv_dtype=%-4s H=%-2d Hkv=%-2d D=%-3d B=%-2d window=%-3d S=%d: sdpa/float32 %.2e  sdpa/bfloat16 %.2e\n",
+              kv_dtype.c_str(), g.H, g.Hkv, g.D, g.B, g.window, sc.S, worst_f32, worst_bf16);
+}
+
 } // namespace
+
+TEST_CASE("CUDA sdpa with bf16, int8 and fp8 KV caches matches CPU sdpa with the same cache", "[cuda][attention][kv]") {
+  std::mt19937 rng(4242);
+  const std::vector<Case> cases = {
+      {{8, 2, 64, 16, 0}, 3, 120},   // GQA 4
+      {{12, 4, 48, 4, 0}, 2, 90},    // GQA 3, head dim 48 (the default model's), small blocks
+      {{8, 8, 20, 1, 17}, 2, 60},    // odd row bytes (20): scales after padding, window
+      {{16, 1, 128, 32, 0}, 2, 150}, // MQA, head dim 128 (4 elements a lane)
+  };
+  for (const char *kv : {"int8", "fp8", "bf16"})
+    for (size_t i = 0; i < cases.size(); ++i)
+      compare_kv(cases[i].g, standard_steps(rng, cases[i].S, cases[i].max_prefill), static_cast<uint32_t>(300 + i), kv);
+}
 
 TEST_CASE("CUDA sdpa and flash match CPU sdpa over prefill and decode", "[cuda][attention]") {
   std::mt19937 rng(2024);
-  struct Case {
-    Geometry g;
-    int S, max_prefill;
-  };
   const std::vector<Case> cases = {
       {{8, 8, 64, 16, 0}, 4, 150},     // MHA
       {{16, 4, 128, 16, 0}, 3, 200},   // GQA 4

@@ -1,0 +1,94 @@
+// FP8 E4M3 ("e4m3fn": OCP 8-bit floating point, the variant without infinities) encode and
+// decode, for C++ and CUDA code alike (host and device): plugins that store values as fp8 (the
+// sdpa KV cache) and their tests share one definition, so a CPU and a GPU path store identical
+// bytes.
+//
+// A code is s eeee mmm: sign, exponent with bias 7, three mantissa bits.
+//   exponent 1..15: (-1)^s * (1 + m/8) * 2^(e - 7)   (e = 15, m = 7 is NaN: no infinities)
+//   exponent 0:     (-1)^s * (m/8) * 2^-6            (subnormals; m = 0 is +-0)
+// The largest finite value is 0x7E = 1.75 * 2^8 = 448, the smallest subnormal 2^-9.
+//
+// Encoding rounds to the nearest code, ties to the even code (last mantissa bit 0), and
+// saturates: magnitudes at or above 448 become +-448, never NaN, because callers scale their
+// values into range first and a clamped outlier is better than a poisoned one. A NaN input
+// encodes to NaN (0x7F with its sign).
+#ifndef LOOM_PLUGINS_COMMON_E4M3_HPP
+#define LOOM_PLUGINS_COMMON_E4M3_HPP
+
+#include <math.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define LOOM_HOST_DEVICE __host__ __device__
+#else
+#define LOOM_HOST_DEVICE
+#endif
+
+namespace loomp::e4m3 {
+
+constexpr float kMax = 448.0f;
+
+// x rounded to an integer, ties to even, whatever the FPU rounding mode. |x| < 2^22, so the
+// fraction x - floor(x) is exact.
+LOOM_HOST_DEVICE inline float round_half_even(float x) {
+  const float f = floorf(x);
+  const float frac = x - f;
+  if (frac > 0.5f) return f + 1.0f;
+  if (frac < 0.5f) return f;
+  return fmodf(f, 2.0f) == 0.0f ? f : f + 1.0f;
+}
+
+// The sign bit of x (set for -0.0 too).
+LOOM_HOST_DEVICE inline bool sign_bit(float x) {
+#if defined(__CUDA_ARCH__)
+  return (__float_as_uint(x) >> 31) != 0;
+#else
+  uint32_t u = 0;
+  std::memcpy(&u, &x, sizeof(u));
+  return (u >> 31) != 0;
+#endif
+}
+
+LOOM_HOST_DEVICE inline float decode(uint8_t code) {
+  const int e = (code >> 3) & 0xF, m = code & 0x7;
+  const float sign = (code & 0x80) != 0 ? -1.0f : 1.0f;
+  if (e == 0xF && m == 0x7) return NAN;
+  // Subnormal m * 2^-9; normal (8 + m) * 2^(e - 10): both products of small integers and powers
+  // of two, so exact.
+  if (e == 0) return sign * ldexpf(static_cast<float>(m), -9);
+  return sign * ldexpf(static_cast<float>(8 + m), e - 10);
+}
+
+LOOM_HOST_DEVICE inline uint8_t encode(float x) {
+  const uint8_t sign = sign_bit(x) ? 0x80 : 0x00;
+  if (x != x) return static_cast<uint8_t>(sign | 0x7F);
+  const float a = fabsf(x);
+  if (a >= kMax) return static_cast<uint8_t>(sign | 0x7E);
+  if (a == 0.0f) return sign;  // frexpf(0) gives no binade
+  // The binade of a: a = f * 2^ex with f in [0.5, 1), so a in [2^(ex-1), 2^ex). Below 2^-6 the
+  // spacing stays that of the subnormals, 2^-9.
+  int ex = 0;
+  frexpf(a, &ex);
+  const int e = ex - 1 < -6 ? -6 : ex - 1;
+  // a in units of the spacing 2^(e-3); scaling by a power of two is exact, the rounding is the
+  // only inexact step. q counts units from 0, so q in [0, 16] for normals: a carry into the
+  // next binade (q = 16) lands on the right code because codes are monotonic in q.
+  const float q = round_half_even(ldexpf(a, 3 - e));
+  const int units = static_cast<int>(q);
+  int code = 0;
+  if (e == -6 && units < 8) {
+    code = units;  // subnormal (or zero)
+  } else {
+    // units in [8, 16]: normal with mantissa units - 8, exponent field e + 7; units = 16 is the
+    // next exponent's mantissa 0, which (e + 7) * 8 + units also gives.
+    code = (e + 7) * 8 + (units - 8);
+  }
+  if (code > 0x7E) code = 0x7E;  // a just below 448 cannot round past it, but stay NaN-free
+  return static_cast<uint8_t>(sign | code);
+}
+
+}  // namespace loomp::e4m3
+
+#endif
