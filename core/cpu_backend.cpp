@@ -342,7 +342,9 @@ loom_kv_layout CpuBackend::prepare_attention(Instance &attention) const {
   loom_attention_config config = attention_config();
   loom_kv_layout layout{};
   layout.struct_size = sizeof(layout);
+  layout.window = config.sliding_window;
   attention.check(attention.vtable<loom_attention_vtable>()->prepare(attention.handle(), &config, &layout), "prepare");
+  if (layout.window < 0) throw runtime_error(attention.slot() + " (" + attention.desc().name + "): prepare reported a negative window");
   if (layout.block_size < 0 || layout.block_size > (1 << 20) || (layout.block_size > 0 && layout.bytes_per_block == 0) ||
       layout.bytes_per_block > (uint64_t{1} << 32))
     throw runtime_error(attention.slot() + " (" + attention.desc().name + "): prepare reported an absurd KV layout");
@@ -361,10 +363,10 @@ ModelBackend::BlockPool CpuBackend::reserve_blocks(int32_t max_seqs, int64_t max
   // The same pool again (the next run of a runtime): keep it.
   if (ready_ && paged_ && max_seqs <= max_seqs_ && max_positions <= max_positions_ && n_blocks == pool_request_.first &&
       kv_bytes == pool_request_.second)
-    return {layout_.block_size, pool_blocks_};
+    return {layout_.block_size, pool_blocks_, layout_.window};
   size_cache(max_seqs, max_positions, true, n_blocks, kv_bytes == 0 ? uint64_t{1} << 30 : kv_bytes);
   pool_request_ = {n_blocks, kv_bytes};
-  return {layout_.block_size, pool_blocks_};
+  return {layout_.block_size, pool_blocks_, layout_.window};
 }
 
 void CpuBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) {
@@ -410,7 +412,7 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
         blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks) : kv_bytes / per_block;
         // One sequence at a time must fit: all its positions, or under a sliding window about
         // the window (the scheduler checks each request's own span).
-        const int64_t span = config_.sliding_window > 0 ? std::min<int64_t>(positions, config_.sliding_window + 1) : positions;
+        const int64_t span = layout.window > 0 ? std::min<int64_t>(positions, layout.window + 1) : positions;
         const uint64_t one_seq = static_cast<uint64_t>((span + layout.block_size - 1) / layout.block_size);
         if (blocks < one_seq)
           throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name + "): a KV pool of " +

@@ -466,7 +466,9 @@ loom_kv_layout CudaBackend::prepare_attention(Instance &attention) const {
   loom_attention_config c = attention_config_for(config_, max_positions_, act_dl(), options_.device);
   loom_kv_layout layout{};
   layout.struct_size = sizeof(layout);
+  layout.window = c.sliding_window;
   attention.check(attention.vtable<loom_attention_vtable>()->prepare(attention.handle(), &c, &layout), "prepare");
+  if (layout.window < 0) throw runtime_error(attention.slot() + " (" + attention.desc().name + "): prepare reported a negative window");
   if (layout.block_size <= 0 || layout.block_size > (1 << 20) || layout.bytes_per_block == 0 ||
       layout.bytes_per_block > (uint64_t{1} << 32))
     throw runtime_error(attention.slot() + " (" + attention.desc().name +
@@ -503,10 +505,10 @@ ModelBackend::BlockPool CudaBackend::reserve_blocks(int32_t max_seqs, int64_t ma
   auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
   if (paged_ && !attention.empty() && prepared_attention_ == attention.front().get() && max_seqs <= max_seqs_ &&
       max_positions <= max_positions_ && n_blocks == pool_request_.first && kv_bytes == pool_request_.second)
-    return {layout_.block_size, pool_blocks_};
+    return {layout_.block_size, pool_blocks_, layout_.window};
   size_cache(max_seqs, max_positions, true, n_blocks, kv_bytes);
   pool_request_ = {n_blocks, kv_bytes};
-  return {layout_.block_size, pool_blocks_};
+  return {layout_.block_size, pool_blocks_, layout_.window};
 }
 
 void CudaBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) {
@@ -551,8 +553,7 @@ void CudaBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged
     blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks) : kv_bytes / per_block;
     // One sequence at a time must fit: all its positions, or under a sliding window about the
     // window (the scheduler checks each request's own span).
-    const int64_t span =
-        config_.sliding_window > 0 ? std::min<int64_t>(max_positions_, config_.sliding_window + 1) : max_positions_;
+    const int64_t span = layout_.window > 0 ? std::min<int64_t>(max_positions_, layout_.window + 1) : max_positions_;
     const uint64_t one_seq = static_cast<uint64_t>((span + layout_.block_size - 1) / layout_.block_size);
     if (blocks < one_seq)
       throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name + "): a KV pool of " +

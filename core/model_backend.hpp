@@ -76,6 +76,7 @@ class ModelBackend {
   struct BlockPool {
     int32_t block_size = 0;
     int64_t n_blocks = 0;
+    int32_t window = 0; // the attention plugin's sliding window (loom_kv_layout.window); 0: none
   };
   virtual BlockPool reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks, uint64_t kv_bytes) = 0;
   // Copies whole KV blocks (every layer) src -> dst, in order, ordered before the next forward

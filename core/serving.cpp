@@ -64,7 +64,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   options.max_seqs = static_cast<int32_t>(spec.max_seqs);
   options.max_batched_tokens = static_cast<int32_t>(spec.max_batched_tokens);
   options.chunked_prefill = spec.chunked_prefill;
-  options.window = static_cast<int32_t>(config_.sliding_window); // the attention plugins apply it
+  options.window = pool.window; // the window the attention plugin applies (its own, or the model's)
   Scheduler scheduler(options, blocks);
 
   struct Live {

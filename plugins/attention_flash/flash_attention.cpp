@@ -35,6 +35,11 @@ FlashAttention::FlashAttention(const loom_host_api* host, loom_host_ctx* ctx) : 
   if (b < 1 || b > 1024 || (b & (b - 1)) != 0)
     invalid_param("block_size", "flash: block_size must be a power of two in [1, 1024], got " + std::to_string(b));
   block_size_ = static_cast<int>(b);
+  const int64_t w = cfg_int(host, ctx, "sliding_window");
+  if (w < 0 || w > (int64_t{1} << 30))
+    invalid_param("sliding_window", "flash: sliding_window must be 0 (the model's) or a window of 1 to 2^30 positions, got " +
+                                        std::to_string(w));
+  window_ = static_cast<int32_t>(w);
   // flash keeps its cache in the compute dtype; quantized caches live in sdpa for now.
   const std::string kv = cfg_string(host, ctx, "kv_dtype");
   if (kv == "int8" || kv == "fp8")
@@ -103,7 +108,7 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   prepared_problem_.n_heads = c.n_heads;
   prepared_problem_.n_kv_heads = c.n_kv_heads;
   prepared_problem_.head_dim = c.head_dim;
-  prepared_problem_.window = c.sliding_window;
+  prepared_problem_.window = window_ > 0 ? window_ : c.sliding_window;  // its own window over the model's
   prepared_problem_.block_shift = log2_exact(block_size_);
   prepared_problem_.scale_log2 = static_cast<float>(static_cast<double>(c.softmax_scale) * 1.4426950408889634);
   prepared_problem_.programmatic = major >= 9;
@@ -112,6 +117,8 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   layout.block_size = block_size_;
   layout.cache_dtype = c.dtype;
   layout.bytes_per_block = bytes_per_block;
+  if (layout.struct_size >= offsetof(loom_kv_layout, window) + sizeof(layout.window))  // (ABI 1.4)
+    layout.window = prepared_problem_.window;
 }
 
 // Scratch for split decode, sized once from the geometry: a batch of one token can split its

@@ -42,6 +42,7 @@ class FlashAttention {
   const loom_host_api* host_;
   loom_host_ctx* ctx_;
   int block_size_;
+  int32_t window_ = 0;  // sliding_window: 0 applies the model's (config.sliding_window)
   bool kv_bf16_ = false;  // kv_dtype = "bf16": refused at prepare() unless the compute dtype is bf16
   bool prepared_ = false;
   loom_attention_config cfg_{};

@@ -34,12 +34,14 @@ constexpr loom_param_desc kParams[] = {
      "tokens per KV cache block, a power of two in [1, 1024]"},
     {sizeof(loom_param_desc), "kv_dtype", LOOM_VALUE_STRING, 0, "\"auto\"",
      "KV cache storage: \"auto\" (the compute dtype) or \"bf16\"; int8/fp8 caches are sdpa's only"},
+    {sizeof(loom_param_desc), "sliding_window", LOOM_VALUE_INT, 0, "0",
+     "attend to the last N positions only (Mistral-style, on the paged cache); 0: the model's own window"},
 };
 constexpr loom_component_desc kFlash = {
     sizeof(loom_component_desc), LOOM_KIND_ATTENTION, "flash", "1.0.0",
     "FlashAttention-2-style CUDA attention (tensor-core prefill, split-key decode) over a paged "
     "bfloat16/float16 KV cache; head_dim 64 or 128",
-    kParams, 2, LOOM_THREADING_SERIAL, &kVtable};
+    kParams, 3, LOOM_THREADING_SERIAL, &kVtable};
 const loom_component_desc* const kComponents[] = {&kFlash};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-attention-flash", "1.0.0",

@@ -56,12 +56,17 @@ struct Sdpa {
   loom_host_ctx* ctx;
   int64_t block_size;
   KvDtype kv_dtype;
+  int64_t own_window;  // sliding_window: 0 applies the model's (config.sliding_window)
   bool prepared = false;
   loom_attention_config cfg{};
   KvGeometry kv{};  // the cache's block format, fixed at prepare()
 
   Sdpa(const loom_host_api* h, loom_host_ctx* c)
-      : host(h), ctx(c), block_size(cfg_int(h, c, "block_size")), kv_dtype(parse_kv_dtype(cfg_string(h, c, "kv_dtype"))) {
+      : host(h), ctx(c), block_size(cfg_int(h, c, "block_size")), kv_dtype(parse_kv_dtype(cfg_string(h, c, "kv_dtype"))),
+        own_window(cfg_int(h, c, "sliding_window")) {
+    if (own_window < 0 || own_window > (int64_t{1} << 30))
+      invalid_param("sliding_window", "sdpa: sliding_window must be 0 (the model's) or a window of 1 to 2^30 positions, got " +
+                                          std::to_string(own_window));
     if (block_size < 1 || block_size > 1024 || (block_size & (block_size - 1)) != 0)
       invalid_param("block_size",
                     "sdpa: block_size must be a power of two in [1, 1024], got " + std::to_string(block_size));
@@ -94,11 +99,14 @@ struct Sdpa {
     if (kv_dtype == KvDtype::kInt8) format = KvFormat::int8;
     if (kv_dtype == KvDtype::kFp8) format = KvFormat::fp8;
     cfg = c;
+    if (own_window > 0) cfg.sliding_window = static_cast<int32_t>(own_window);  // its own window over the model's
     kv = KvGeometry{block_size, c.n_kv_heads, c.head_dim, format};
     prepared = true;
     out.block_size = static_cast<int32_t>(block_size);
     out.cache_dtype = cache_dtype_of(format);
     out.bytes_per_block = static_cast<uint64_t>(kv.bytes_per_block());
+    if (out.struct_size >= offsetof(loom_kv_layout, window) + sizeof(out.window))  // (ABI 1.4)
+      out.window = cfg.sliding_window;
   }
 
   void forward(const loom_attention_batch& b) {
@@ -252,12 +260,14 @@ constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "kv_dtype", LOOM_VALUE_STRING, 0, "\"auto\"",
      "KV cache storage: \"auto\" (the compute dtype), \"bf16\", \"int8\" or \"fp8\" (E4M3), each int8/fp8 "
      "(token, kv head) row with its own float32 scale"},
+    {sizeof(loom_param_desc), "sliding_window", LOOM_VALUE_INT, 0, "0",
+     "attend to the last N positions only (Mistral-style, on the paged cache); 0: the model's own window"},
 };
 constexpr loom_component_desc kSdpa = {
     sizeof(loom_component_desc), LOOM_KIND_ATTENTION, "sdpa", "1.0.0",
     "Reference scaled dot-product attention over a paged KV cache: CPU float32, CUDA float32/bfloat16; "
     "KV cache in the compute dtype, bf16, int8 or fp8",
-    kParams, 2, LOOM_THREADING_SERIAL, &kVtable};
+    kParams, 3, LOOM_THREADING_SERIAL, &kVtable};
 const loom_component_desc* const kComponents[] = {&kSdpa};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-attention-sdpa", "1.0.0",

@@ -46,6 +46,30 @@ Prepared prepare(loom::Runtime &rt, const loom_attention_config &c) {
 
 } // namespace
 
+TEST_CASE("sliding_window sets the window the plugin applies and reports (ABI 1.4)", "[sdpa][flash][attention][window]") {
+  std::vector<std::string> plugins = {"sdpa"};
+#if LOOM_TEST_HAVE_CUDA
+  plugins.push_back("flash");
+#endif
+  for (const std::string &name : plugins) {
+    INFO(name);
+    const DLDataType dtype = name == "flash" ? kBF16 : kF32;
+    const DLDevice device = name == "flash" ? kCuda : kCpu;
+    auto model_window = config(8, 2, 64, dtype, device);
+    model_window.sliding_window = 32;
+    // 0 (the default): the model's window, reported back; none when the model has none.
+    auto rt = bt::runtime("[attention]\nuse = \"" + name + "\"\n");
+    CHECK(prepare(*rt, model_window).layout.window == 32);
+    CHECK(prepare(*rt, config(8, 2, 64, dtype, device)).layout.window == 0);
+    // Its own window replaces the model's.
+    auto own = bt::runtime("[attention]\nuse = \"" + name + "\"\nsliding_window = 8\n");
+    CHECK(prepare(*own, model_window).layout.window == 8);
+    CHECK(prepare(*own, config(8, 2, 64, dtype, device)).layout.window == 8);
+    CHECK_THAT(bt::build_error("[attention]\nuse = \"" + name + "\"\nsliding_window = -1\n"),
+               Catch::Contains("attention.sliding_window") && Catch::Contains("must be 0"));
+  }
+}
+
 TEST_CASE("sdpa takes CUDA configs exactly when the build has CUDA", "[sdpa][attention]") {
   auto rt = bt::runtime("[attention]\nuse = \"sdpa\"\nblock_size = 8\n");
 #if LOOM_TEST_HAVE_CUDA
@@ -82,7 +106,8 @@ TEST_CASE("flash describes itself and checks block_size", "[flash][attention]") 
   CHECK(std::string(d.name) == "flash");
   CHECK(d.kind == LOOM_KIND_ATTENTION);
   CHECK(d.threading == LOOM_THREADING_SERIAL);
-  REQUIRE(d.param_count == 2);
+  REQUIRE(d.param_count == 3);
+  CHECK(std::string(d.params[2].key) == "sliding_window");
   CHECK(std::string(d.params[0].key) == "block_size");
   CHECK(std::string(d.params[0].default_value) == "16");
   CHECK(std::string(d.params[1].key) == "kv_dtype");

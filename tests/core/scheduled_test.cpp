@@ -200,6 +200,40 @@ TEST_CASE("under a sliding window a request holds only the blocks its window rea
   }
 }
 
+TEST_CASE("an attention plugin's own sliding_window frees blocks the same way", "[scheduler][model][window]") {
+  // tiny-llama has no window; sdpa's sliding_window = 6 gives it one (reported to the host
+  // through loom_kv_layout.window, ABI 1.4), so requests of 60 positions fit a pool of 40.
+  const fs::path llama = fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/models/tiny-llama";
+  auto head = [&](int window) {
+    return "[loom]\ndevice = \"cpu\"\nthreads = 2\n[model]\npath = \"" + llama.string() +
+           "\"\n[attention]\nuse = \"sdpa\"\nblock_size = 4\nsliding_window = " + std::to_string(window) +
+           "\n[[sampler]]\nuse = \"greedy\"\n";
+  };
+  std::mt19937 g(23);
+  std::uniform_int_distribution<int32_t> token(3, 250);
+  Requests reqs;
+  for (int i = 0; i < 6; ++i) {
+    std::vector<int32_t> p(static_cast<size_t>(20 + i));
+    for (auto &t : p) t = token(g);
+    reqs.prompts.push_back(p);
+    reqs.steps.push_back(40);
+  }
+  std::vector<std::vector<int32_t>> windowed, full;
+  for (size_t i = 0; i < reqs.prompts.size(); ++i)
+    for (int window : {6, 0}) {
+      auto tokens = loom::Runtime::from_string(head(window) + "[run]\nstop_tokens = []\nprompt = " + ids_toml(reqs.prompts[i]) +
+                                               "\nsteps = 40\n")
+                        ->run()
+                        .tokens;
+      (window > 0 ? windowed : full).push_back(tokens);
+    }
+  CHECK(windowed != full); // the window changes what the model sees
+  const auto r = loom::Runtime::from_string(head(6) + "[scheduler]\nkv_blocks = 10\nmax_batched_tokens = 8\n" +
+                                            reqs.run_table())
+                     ->run();
+  CHECK(tokens_of(r) == windowed);
+}
+
 TEST_CASE("requests that arrive while the runtime serves join the batch and get their tokens alone",
           "[scheduler][model][serve]") {
   // A producer thread submits 24 requests a few milliseconds apart while Runtime::serve runs on

@@ -38,6 +38,12 @@ typedef struct loom_kv_layout {
   DLDataType cache_dtype;      /* element type of a stored key/value (bf16, fp8, int8) */
   /* Bytes of one block of one layer, keys and values and any scales included. */
   uint64_t bytes_per_block;
+  /* ABI 1.4 (check LOOM_HAS_FIELD before writing): the sliding window the plugin applies: a
+   * query at position p reads only keys at positions > p - window; 0 = every earlier position.
+   * The host sets it to config->sliding_window before prepare(), so a plugin that leaves it
+   * alone applies the model's window; one with its own window setting writes that. The host
+   * frees the cache blocks wholly behind a sequence's window. */
+  int32_t window;
 } loom_kv_layout;
 
 typedef struct loom_attention_batch {
