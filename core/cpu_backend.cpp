@@ -364,7 +364,7 @@ ModelBackend::BlockPool CpuBackend::reserve_blocks(int32_t max_seqs, int64_t max
   if (ready_ && paged_ && max_seqs <= max_seqs_ && max_positions <= max_positions_ && n_blocks == pool_request_.first &&
       kv_bytes == pool_request_.second)
     return {layout_.block_size, pool_blocks_, layout_.window};
-  size_cache(max_seqs, max_positions, true, n_blocks, kv_bytes == 0 ? uint64_t{1} << 30 : kv_bytes);
+  size_cache(max_seqs, max_positions, true, n_blocks, kv_bytes);
   pool_request_ = {n_blocks, kv_bytes};
   return {layout_.block_size, pool_blocks_, layout_.window};
 }
@@ -409,7 +409,10 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
                         static_cast<uint64_t>(seqs);
       if (paged) {
         const uint64_t per_block = layout.bytes_per_block * static_cast<uint64_t>(config_.n_layers);
-        blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks) : kv_bytes / per_block;
+        // kv_bytes 0: what max_seqs whole sequences need (as the slot layout), at most 1 GiB.
+        blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks)
+                 : kv_bytes > 0 ? kv_bytes / per_block
+                                : std::min<uint64_t>(blocks, (uint64_t{1} << 30) / per_block);
         // One sequence at a time must fit: all its positions, or under a sliding window about
         // the window (the scheduler checks each request's own span).
         const int64_t span = layout.window > 0 ? std::min<int64_t>(positions, layout.window + 1) : positions;

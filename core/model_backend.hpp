@@ -71,7 +71,7 @@ class ModelBackend {
   // every sequence through StepBatch::block_tables, for batches of up to `max_seqs` sequences of
   // up to `max_positions` positions. The pool holds `n_blocks` blocks, or when n_blocks is 0 as
   // many as `kv_bytes` holds (0: the backend's default budget: most of the GPU's free memory,
-  // or 1 GiB of host memory). Returns the pool's block size and block count. reserve() goes
+  // or on the CPU what max_seqs whole sequences need, at most 1 GiB). Returns the pool's block size and block count. reserve() goes
   // back to the slot layout. Throws when even a minimal pool does not fit.
   struct BlockPool {
     int32_t block_size = 0;

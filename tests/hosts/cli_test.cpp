@@ -100,6 +100,16 @@ TEST_CASE("validate and run the shipped manifests", "[cli]") {
   CHECK(r.out.find("prompt 4 tokens at") != std::string::npos);
   // --set reaches the plugin's table.
   CHECK(loom("run " + kConfigs + "greedy.toml --set run.steps=2").out.find("\n2 tokens in") != std::string::npos);
+  // Served runs end with the scheduler's line; a small pool preempts without losing a request.
+  const auto served = loom("run " + kConfigs + "serve.toml --set loom.device=cpu");
+  CHECK(served.code == 0);
+  CHECK(served.out.find("(8 sequences,") != std::string::npos);
+  CHECK(served.out.find("scheduler: ") != std::string::npos);
+  CHECK(served.out.find(", 0 preemptions, prefix cache ") != std::string::npos);
+  const auto tight = loom("run " + kConfigs + "serve.toml --set loom.device=cpu --set scheduler.kv_blocks=16");
+  CHECK(tight.code == 0);
+  CHECK(tight.out.find("(8 sequences,") != std::string::npos);
+  CHECK(tight.out.find(", 0 preemptions") == std::string::npos);
 }
 
 TEST_CASE("bad input gets a one-line error and its exit code", "[cli]") {
