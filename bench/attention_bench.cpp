@@ -16,10 +16,16 @@
 // `copies` caches (separate pool regions) so that back-to-back calls read their keys from
 // memory, not from the L2 cache the previous call filled; prefill reuses one cache.
 //
+// KV-cache storage: --kv-dtype takes a list of flash's kv_dtype values (bf16, int8, fp8; default
+// bf16, the bf16 compute dtype's own cache) and runs every case once per value, so that the cache
+// formats are compared in one run on one machine. kv_gbps counts the bytes the format stores
+// (1-byte codes plus a float32 scale per row for int8/fp8).
+//
 // usage: loom_attention_bench [--lengths 2048,4096,8192] [--dims 64,128] [--batches 1,4]
 //          [--heads 32] [--kv-heads 8] [--block 16] [--reps 30] [--warmup 5]
 //          [--prefill-calls 10] [--decode-calls 20] [--decode-bytes 200000000] [--no-decode]
 //          [--no-prefill]   (--no-prefill: decode cases alone; their caches are still filled)
+//          [--kv-dtype bf16,int8,fp8]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -49,6 +55,7 @@ struct Options {
   double decode_bytes = 2e8; // KV bytes the rotated decode caches span at least (4x the H100's L2)
   bool decode = true;
   bool prefill = true; // time the prefill cases (their forward still fills the decode caches)
+  std::vector<std::string> kv_dtypes{"bf16"};
 };
 
 std::vector<int> parse_list(const char *s) {
@@ -56,6 +63,14 @@ std::vector<int> parse_list(const char *s) {
   std::stringstream ss(s);
   std::string item;
   while (std::getline(ss, item, ',')) out.push_back(std::atoi(item.c_str()));
+  return out;
+}
+
+std::vector<std::string> parse_words(const char *s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(item);
   return out;
 }
 
@@ -85,6 +100,7 @@ Options parse(int argc, char **argv) {
     else if (a == "--decode-bytes") o.decode_bytes = std::atof(need());
     else if (a == "--no-decode") o.decode = false;
     else if (a == "--no-prefill") o.prefill = false;
+    else if (a == "--kv-dtype") o.kv_dtypes = parse_words(need());
     else {
       std::fprintf(stderr, "unknown argument %s (see the comment at the top of bench/attention_bench.cpp)\n",
                    a.c_str());
@@ -158,9 +174,9 @@ loom_attention_batch causal_batch(int S, int64_t T, View &q, View &k, View &v, V
 // The flash instance of a one-slot pipeline, prepared for one head_dim.
 class Flash {
  public:
-  Flash(const Options &o, int head_dim, int max_positions) {
+  Flash(const Options &o, int head_dim, int max_positions, const std::string &kv_dtype) : kv_dtype_(kv_dtype) {
     const std::string manifest = "[loom]\ndevice = \"cuda\"\n\n[attention]\nuse = \"flash\"\nblock_size = " +
-                                 std::to_string(o.block) + "\n";
+                                 std::to_string(o.block) + "\nkv_dtype = \"" + kv_dtype + "\"\n";
     rt_ = loom::Runtime::from_string(manifest, "<loom_attention_bench>");
     inst_ = &rt_->pipeline().at("attention");
     vt_ = inst_->vtable<loom_attention_vtable>();
@@ -180,6 +196,11 @@ class Flash {
   }
   void forward(const loom_attention_batch &b) const { inst_->check(vt_->forward(inst_->handle(), &b), "forward"); }
   uint64_t bytes_per_block() const { return layout_.bytes_per_block; }
+  const std::string &kv_dtype() const { return kv_dtype_; }
+  // Bytes the cache stores per (token, kv head) row of D values.
+  double row_bytes(int head_dim) const {
+    return kv_dtype_ == "int8" || kv_dtype_ == "fp8" ? head_dim + 4.0 : 2.0 * head_dim;
+  }
   cudaStream_t stream() const { return stream_; }
 
  private:
@@ -188,6 +209,7 @@ class Flash {
   const loom_attention_vtable *vt_ = nullptr;
   loom_kv_layout layout_{};
   cudaStream_t stream_ = nullptr;
+  std::string kv_dtype_;
 };
 
 // Median microseconds of one call: `calls` forward() calls captured in one graph, `reps` timed
@@ -239,13 +261,14 @@ double max_abs_bf16(const void *dev, size_t n) {
   return m;
 }
 
-void print_case(const char *phase, const Options &o, int D, int S, int L, int calls, int copies, double us,
-                double flops, double kv_bytes, double out_max) {
-  std::printf("{\"phase\": \"%s\", \"batch\": %d, \"length\": %d, \"head_dim\": %d, \"heads\": %d, \"kv_heads\": %d, "
+void print_case(const char *phase, const Options &o, const Flash &f, int D, int S, int L, int calls, int copies,
+                double us, double flops, double kv_bytes, double out_max) {
+  std::printf("{\"phase\": \"%s\", \"kv_dtype\": \"%s\", \"batch\": %d, \"length\": %d, \"head_dim\": %d, "
+              "\"heads\": %d, \"kv_heads\": %d, "
               "\"block_size\": %d, \"calls\": %d, \"copies\": %d, \"reps\": %d, \"warmup\": %d, \"median_us\": %.2f, "
               "\"tflops\": %.1f, \"kv_gbps\": %.0f, \"out_max_abs\": %.4f}\n",
-              phase, S, L, D, o.heads, o.kv_heads, o.block, calls, copies, o.reps, o.warmup, us, flops / us * 1e-6,
-              kv_bytes / us * 1e-3, out_max);
+              phase, f.kv_dtype().c_str(), S, L, D, o.heads, o.kv_heads, o.block, calls, copies, o.reps, o.warmup, us,
+              flops / us * 1e-6, kv_bytes / us * 1e-3, out_max);
   std::fflush(stdout);
 }
 
@@ -253,7 +276,7 @@ void print_case(const char *phase, const Options &o, int D, int S, int L, int ca
 void run_case(const Flash &f, const Options &o, int D, int S, int L, const DeviceBuffer &q, const DeviceBuffer &k,
               const DeviceBuffer &v, const DeviceBuffer &out) {
   const int64_t H = o.heads, Hkv = o.kv_heads, M = (L + o.block - 1) / o.block, N = S * M;
-  const double kv_bytes = 2.0 * S * L * static_cast<double>(Hkv * D * 2);
+  const double kv_bytes = 2.0 * S * L * static_cast<double>(Hkv) * f.row_bytes(D);
   // Decode copies: enough caches that the calls between two visits of one read >= decode_bytes.
   const int copies = o.decode ? static_cast<int>(std::clamp(std::ceil(o.decode_bytes / kv_bytes), 1.0, 64.0)) : 1;
   DeviceBuffer pool(static_cast<size_t>(copies * N) * f.bytes_per_block());
@@ -288,9 +311,12 @@ void run_case(const Flash &f, const Options &o, int D, int S, int L, const Devic
         vo(out.ptr, bf16, {T, H, D}), voff(off.ptr, i32, {S + 1}), vpos(pos.ptr, i32, {S});
     auto batch_on = [&](int c) { return causal_batch(S, T, vq, vk, vv, vo, voff, vpos, vtab[static_cast<size_t>(c)], vpool); };
     if (o.prefill) {
+      // One untimed call first: an int8/fp8 cache's prefill sizes its scratch at its first call
+      // (an allocation, which graph capture would refuse); a bf16 one just warms up.
+      f.forward(batch_on(0));
       const double us = median_us(f, o, o.prefill_calls, [&](int) { return batch_on(0); });
       const double flops = 4.0 * S * static_cast<double>(H * D) * L * (L + 1) / 2.0;
-      print_case("prefill", o, D, S, L, o.prefill_calls, 1, us, flops, kv_bytes,
+      print_case("prefill", o, f, D, S, L, o.prefill_calls, 1, us, flops, kv_bytes,
                  max_abs_bf16(out.ptr, static_cast<size_t>(T * H * D)));
     }
     // Fill the other decode copies' caches the same way (untimed; copy 0 too without the timing).
@@ -313,7 +339,8 @@ void run_case(const Flash &f, const Options &o, int D, int S, int L, const Devic
     return causal_batch(S, T, vq, vk, vv, vo, voff, vpos, vtab[static_cast<size_t>(i % copies)], vpool);
   });
   const double flops = 4.0 * S * static_cast<double>(H * D) * L;
-  print_case("decode", o, D, S, L, calls, copies, us, flops, kv_bytes, max_abs_bf16(out.ptr, static_cast<size_t>(T * H * D)));
+  print_case("decode", o, f, D, S, L, calls, copies, us, flops, kv_bytes,
+             max_abs_bf16(out.ptr, static_cast<size_t>(T * H * D)));
 }
 
 } // namespace
@@ -337,9 +364,11 @@ int main(int argc, char **argv) {
       upload(q, random_bf16(q_elems, 1));
       upload(k, random_bf16(kv_elems, 2));
       upload(v, random_bf16(kv_elems, 3));
-      const Flash f(o, D, longest);
-      for (int S : o.batches)
-        for (int L : o.lengths) run_case(f, o, D, S, L, q, k, v, out);
+      for (const std::string &kv : o.kv_dtypes) {
+        const Flash f(o, D, longest, kv);
+        for (int S : o.batches)
+          for (int L : o.lengths) run_case(f, o, D, S, L, q, k, v, out);
+      }
     }
   } catch (const loom::Error &e) {
     std::fprintf(stderr, "loom_attention_bench: %s\n", e.what());

@@ -40,18 +40,21 @@ FlashAttention::FlashAttention(const loom_host_api* host, loom_host_ctx* ctx) : 
     invalid_param("sliding_window", "flash: sliding_window must be 0 (the model's) or a window of 1 to 2^30 positions, got " +
                                         std::to_string(w));
   window_ = static_cast<int32_t>(w);
-  // flash keeps its cache in the compute dtype; quantized caches live in sdpa for now.
+  // "auto" and "bf16" keep the cache in the compute dtype; "int8" and "fp8" in sdpa's quantized
+  // block format (loom_kv_format.hpp), with either compute dtype.
   const std::string kv = cfg_string(host, ctx, "kv_dtype");
-  if (kv == "int8" || kv == "fp8")
-    invalid_param("kv_dtype", "flash: kv_dtype \"" + kv +
-                                  "\" is not supported yet: flash stores its KV cache in the compute dtype (\"auto\", "
-                                  "or \"bf16\" with bfloat16 compute); sdpa supports \"int8\" and \"fp8\"");
-  if (kv != "auto" && kv != "bf16")
-    invalid_param("kv_dtype", "flash: kv_dtype must be \"auto\" or \"bf16\", got \"" + kv + "\"");
+  if (kv != "auto" && kv != "bf16" && kv != "int8" && kv != "fp8")
+    invalid_param("kv_dtype",
+                  "flash: kv_dtype must be \"auto\", \"bf16\", \"int8\" or \"fp8\", got \"" + kv + "\"");
   kv_bf16_ = kv == "bf16";
+  if (kv == "int8") kv_format_ = KvFormat::int8;
+  if (kv == "fp8") kv_format_ = KvFormat::fp8;
 }
 
-FlashAttention::~FlashAttention() { release_scratch(); }
+FlashAttention::~FlashAttention() {
+  release_scratch();
+  release_prefill_scratch();
+}
 
 void FlashAttention::check_config(const loom_attention_config& c) const {
   if (c.n_heads <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0)
@@ -78,8 +81,13 @@ void FlashAttention::check_config(const loom_attention_config& c) const {
 void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& layout) {
   prepared_ = false;
   check_config(c);
-  const uint64_t bytes_per_block = 2ull * static_cast<uint64_t>(block_size_) * static_cast<uint64_t>(c.n_kv_heads) *
-                                   static_cast<uint64_t>(c.head_dim) * 2ull;
+  const bool quantized = kvcache::kv_quantized(kv_format_);
+  // Quantized: exactly sdpa's block (codes, then the row scales), so that the pools interchange.
+  const uint64_t bytes_per_block =
+      quantized ? static_cast<uint64_t>(
+                      kvcache::KvGeometry{block_size_, c.n_kv_heads, c.head_dim, kv_format_}.bytes_per_block())
+                : 2ull * static_cast<uint64_t>(block_size_) * static_cast<uint64_t>(c.n_kv_heads) *
+                      static_cast<uint64_t>(c.head_dim) * 2ull;
   if (bytes_per_block > static_cast<uint64_t>(std::numeric_limits<int32_t>::max()))
     unsupported("flash: a KV block of " + std::to_string(bytes_per_block) + " bytes is too large");
 
@@ -97,8 +105,9 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   const Dtype dtype = is_bf16(c.dtype) ? Dtype::bf16 : Dtype::f16;
   const bool wgmma = major == 9 && minor == 0;
   check_cuda(configure_kernels(dtype, c.head_dim, wgmma), "cudaFuncSetAttribute (prefill shared memory)");
-  check_cuda(configure_decode(dtype, c.head_dim, c.n_heads / c.n_kv_heads, decode_narrow_, decode_wide_),
+  check_cuda(configure_decode(dtype, c.head_dim, c.n_heads / c.n_kv_heads, kv_format_, decode_narrow_, decode_wide_),
              "configure_decode (decode shared memory)");
+  release_prefill_scratch();  // sized by the batches of this geometry, at their first prefill
   allocate_scratch(c);
 
   cfg_ = c;
@@ -113,9 +122,14 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   prepared_problem_.scale_log2 = static_cast<float>(static_cast<double>(c.softmax_scale) * 1.4426950408889634);
   prepared_problem_.programmatic = major >= 9;
   prepared_problem_.wgmma = wgmma;
+  prepared_problem_.kv_format = kv_format_;
+  prepared_problem_.kv_block_bytes = static_cast<int64_t>(bytes_per_block);
   prepared_ = true;
   layout.block_size = block_size_;
-  layout.cache_dtype = c.dtype;
+  // As sdpa reports its caches: int8, or DLPack 1.1's float8_e4m3fn code.
+  layout.cache_dtype = kv_format_ == KvFormat::int8  ? DLDataType{kDLInt, 8, 1}
+                       : kv_format_ == KvFormat::fp8 ? DLDataType{kvcache::kDLFloat8E4M3fnCode, 8, 1}
+                                                     : c.dtype;
   layout.bytes_per_block = bytes_per_block;
   if (layout.struct_size >= offsetof(loom_kv_layout, window) + sizeof(layout.window))  // (ABI 1.4)
     layout.window = prepared_problem_.window;
@@ -149,6 +163,56 @@ void FlashAttention::release_scratch() {
   if (scratch_ != nullptr) host_->device_free(ctx_, scratch_device_, scratch_);
   scratch_ = nullptr;
   scratch_rows_ = 0;
+}
+
+void FlashAttention::release_prefill_scratch() {
+  if (prefill_scratch_ != nullptr) host_->device_free(ctx_, prefill_device_, prefill_scratch_);
+  prefill_scratch_ = nullptr;
+  prefill_scratch_bytes_ = 0;
+}
+
+// Prefill over an int8/fp8 cache: quantize the new rows into the pool, dequantize every
+// sequence's cached rows (up to its length) into the scratch in the compute dtype's layout, and
+// run the unquantized prefill kernels on that view (the scratch table maps block j of sequence s
+// to scratch block s * M + j). The simplest design that reuses the tuned kernels unchanged; it
+// costs a read of the quantized context, a write and a read of it in bf16/f16, and scratch of
+// S * M unquantized blocks (one layer's, reused by every layer).
+void FlashAttention::run_quantized_prefill(const Problem& p, cudaStream_t stream) {
+  const auto blocks = static_cast<size_t>(p.n_seqs) * static_cast<size_t>(p.table_cols);
+  if (blocks > static_cast<size_t>(std::numeric_limits<int32_t>::max()))
+    unsupported("flash: an int8/fp8 prefill of " + std::to_string(p.n_seqs) + " sequences x " +
+                std::to_string(p.table_cols) + " table columns is too large for its scratch table");
+  const size_t table_bytes = (blocks * sizeof(int32_t) + 255) / 256 * 256;
+  const size_t block_bytes = 2 * (size_t{1} << p.block_shift) * static_cast<size_t>(p.n_kv_heads) *
+                             static_cast<size_t>(p.head_dim) * 2;
+  const size_t need = table_bytes + blocks * block_bytes;
+  if (need > prefill_scratch_bytes_) {
+    // Grow by half again, so that slowly growing contexts do not reallocate every call. The old
+    // scratch may still be read by queued kernels: wait for them before it goes back.
+    const size_t want = std::max(need, prefill_scratch_bytes_ + prefill_scratch_bytes_ / 2);
+    if (prefill_scratch_ != nullptr && host_->stream_synchronize(ctx_, cfg_.device) != LOOM_OK)
+      fail(LOOM_ERR_DEVICE, "flash: cannot wait for the stream before growing the prefill scratch");
+    release_prefill_scratch();
+    void* q = nullptr;
+    if (host_->device_alloc(ctx_, cfg_.device, want, 256, &q) != LOOM_OK || q == nullptr)
+      fail(LOOM_ERR_OUT_OF_MEMORY, "flash: cannot allocate " + std::to_string(want) +
+                                       " bytes of prefill scratch (the dequantized int8/fp8 context) on " +
+                                       device_name(cfg_.device));
+    prefill_scratch_ = q;
+    prefill_scratch_bytes_ = want;
+    prefill_device_ = cfg_.device;
+  }
+  auto* table = static_cast<int32_t*>(prefill_scratch_);
+  auto* data = static_cast<uint8_t*>(prefill_scratch_) + table_bytes;
+  check_cuda(launch_cache_write(p, stream), "cache write kernel launch");
+  check_cuda(launch_dequantize(p, table, data, stream), "dequantize kernel launch");
+  Problem view = p;
+  view.kv_format = KvFormat::bf16;  // the compute dtype's layout
+  view.kv_block_bytes = static_cast<int64_t>(block_bytes);
+  view.pool = data;
+  view.pool_blocks = static_cast<int64_t>(blocks);
+  view.block_table = table;
+  check_cuda(launch_prefill(view, stream), "prefill kernel launch");
 }
 
 // Wide CTAs when the batch's CTAs would cover a quarter of the SMs or less (batch 1 to 4 of a
@@ -217,6 +281,8 @@ void FlashAttention::forward(const loom_attention_batch& b) {
   // runs first.
   if (T == S && T <= 65535) {
     check_cuda(launch_decode(p, plan_decode(p.n_tokens, p.table_cols), stream), "decode kernel launch");
+  } else if (kvcache::kv_quantized(p.kv_format)) {
+    run_quantized_prefill(p, stream);
   } else {
     check_cuda(launch_cache_write(p, stream), "cache write kernel launch");
     check_cuda(launch_prefill(p, stream), "prefill kernel launch");

@@ -30,6 +30,19 @@
 // q/k/v, and the cache is only read once it is complete); the next step's table entries are read
 // before the current keys are waited for (their K/V copies go into a shared-memory ring one trip
 // ahead), and the cache append is stored behind the first trip's copies.
+//
+// int8 / fp8 caches (sdpa's block format, loom_kv_format.hpp). Same work split and ring, but a
+// lane's 8 values of a key row are 8 code bytes (half the bytes of bf16: decode is bound by
+// reading the cache, which is the point of the format) plus the row's float32 scale; a ring
+// piece holds the K and V codes, the next one the two scales. Codes are converted to float in
+// registers with integer tricks (a byte permute and an add or mask per value, not the
+// quarter-rate conversion instructions, which made the kernel compute-bound at head dim 128);
+// the key scale multiplies the reduced dot product and the value scale the softmax weight, so a
+// row costs two multiplications, not D. Every key is read from the pool, the new ones as sdpa
+// reads them, quantized: each CTA whose split holds new positions quantizes those rows (warp 0,
+// one row at a time, as sdpa's cache write does: same absmax, scale and codes, so the same
+// bytes) and stores them before its first copy is issued; CTAs of other heads of the KV group,
+// or later tokens of the same sequence, may store the same row, with identical bytes.
 #include <cmath>
 
 #include "flash_device.cuh"
@@ -48,6 +61,39 @@ struct DecodeArgs : dev::BatchArgs {
   unsigned* arrivals;
 };
 
+// A lane's 8 cached values of a quantized row, as float, the row's scale not applied and, for
+// fp8, times 2^-8 (kCodeScale undoes it, folded into the row scale).
+//   int8: the byte with its sign bit flipped (c + 128, in [1, 255]) becomes the low mantissa
+//     bits of 2^23, so the float is 2^23 + c + 128 exactly; subtracting 2^23 + 128 leaves c.
+//   fp8 E4M3: e4m3::decode2_half_bits_scaled (loom_e4m3.hpp, tested on every code pair) makes
+//     two halves of value code * 2^-8, exact; the NaN codes (kv_store writes them only for NaN
+//     inputs) read as +-480 * 2^-8 instead.
+template <KvFormat F>
+constexpr float kCodeScale = F == KvFormat::fp8 ? 256.0f : 1.0f;
+template <KvFormat F>
+__device__ __forceinline__ void codes_to_float(uint32_t lo, uint32_t hi, float (&f)[8]) {
+  const uint32_t w[2] = {lo, hi};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if constexpr (F == KvFormat::int8) {
+      const uint32_t biased = w[i] ^ 0x80808080u;
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        f[4 * i + b] = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440u + b)) - 8388736.0f;
+    } else {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const uint32_t h = e4m3::decode2_half_bits_scaled(w[i] >> (16 * b));
+        __half2 pair;
+        memcpy(&pair, &h, sizeof pair);
+        const float2 v = __half22float2(pair);
+        f[4 * i + 2 * b] = v.x;
+        f[4 * i + 2 * b + 1] = v.y;
+      }
+    }
+  }
+}
+
 // Counts this CTA's arrival (thread 0, after a __syncthreads that orders the CTA's partial
 // stores before it): a release of those stores and an acquire of the other CTAs' ones.
 __device__ __forceinline__ unsigned arrive(unsigned* counter) {
@@ -56,16 +102,19 @@ __device__ __forceinline__ unsigned arrive(unsigned* counter) {
   return old;
 }
 
-template <class T, int D, int G, int W>
+// F: KvFormat::int8 or fp8 for a quantized pool, bf16 for the compute dtype's (T's) layout.
+template <class T, int D, int G, int W, KvFormat F>
 __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs a) {
   using E = dev::Elem<T>;
+  constexpr bool kQuant = F == KvFormat::int8 || F == KvFormat::fp8;
   constexpr int kThreads = W * 32;
   constexpr int kLanesPerKey = D / 8;
   constexpr int kGroups = kThreads / kLanesPerKey;  // keys read at once by the CTA
   constexpr int kUnroll = kDecodeUnroll;            // keys per lane group and trip
   constexpr int kStep = kGroups * kUnroll;          // keys per trip of the loop
   // This thread's K and V pieces of the trips in flight, [stages][kUnroll][K, V][kThreads]: each
-  // thread reads back only what it copied itself, so the ring needs no barrier.
+  // thread reads back only what it copied itself, so the ring needs no barrier. Quantized: the
+  // K piece holds K codes (bytes 0-7) and V codes (8-15), the V piece the K and V scales.
   extern __shared__ uint4 s_ring[];
   __shared__ float s_acc[W][G][D];
   __shared__ float s_m[W][G];
@@ -85,8 +134,11 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   const dev::SeqSpan span = dev::seq_span(a.off, a.n_tokens, s);
   const int64_t p = dev::token_position(a.pos, a.off, s, t);
   const int64_t total = p - (t - span.begin) + span.count;
-  const int64_t new_begin = total - span.count;  // position of the sequence's first new token
+  // Position of the sequence's first new token, read from k/v rather than the pool (quantized
+  // pools: none, see the file comment).
+  const int64_t new_begin = kQuant ? total : total - span.count;
   const int64_t row_bytes = static_cast<int64_t>(D) * 2;
+  [[maybe_unused]] const int64_t value_scales = a.pool.values_bytes / D * 4;  // quantized: key -> value scale
   const dev::KeyRange range =
       dev::key_range(p, total, a.causal, a.window, a.pool.cols << a.pool.block_shift);
   const int len = range.hi - range.lo + 1;
@@ -105,7 +157,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   // pool's): this batch's from k/v, earlier ones from the pool; null outside the split or where
   // the table has no block. Found for one trip just before its copies are issued.
   const uint8_t* kp[kUnroll];
-  bool fresh[kUnroll];
+  [[maybe_unused]] const uint8_t* ksp[kUnroll];  // quantized: the key row's scale (the value's is B * Hkv * 4 further)
+  [[maybe_unused]] bool fresh[kUnroll];
   auto locate = [&](int base) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -113,7 +166,14 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
       kp[u] = nullptr;
       fresh[u] = j >= new_begin;
       if (j < k_end) {
-        if (fresh[u]) {
+        if constexpr (kQuant) {
+          const int64_t block = a.pool.block_offset(s, j);
+          if (block >= 0) {
+            const int64_t row = a.pool.key_row(j, kvh);
+            kp[u] = a.pool.base + block + row * D + li * 8;
+            ksp[u] = a.pool.base + block + a.pool.scales_bytes + row * 4;
+          }
+        } else if (fresh[u]) {
           if (j - new_begin < span.count)
             kp[u] = a.k + ((span.begin + (j - new_begin)) * a.pool.kv_heads + kvh) * row_bytes + li * 16;
         } else {
@@ -127,7 +187,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   // The cache append: the first CTA of each (token, KV head) stores the token's k/v rows. Nothing
   // in this launch reads them back from the cache (new keys are read from k/v), so no reader
   // races with these stores.
-  const bool appends = split == 0 && head0 % a.group == 0 && threadIdx.x < D / 8;
+  const bool appends = !kQuant && split == 0 && head0 % a.group == 0 && threadIdx.x < D / 8;
   const int64_t append_at = appends ? a.pool.key_offset(s, p, kvh) : -1;
   auto append = [&] {
     if (append_at < 0) return;
@@ -139,6 +199,31 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   };
 
   dev::wait_for_previous_kernel();
+
+  if constexpr (kQuant) {
+    // The new rows this split reads (see the file comment), stored before any copy is issued and
+    // made visible to the CTA's copies by the barrier. Bounds are CTA-uniform.
+    const int64_t first_new = total - span.count;
+    const int64_t lo_new = max(first_new, static_cast<int64_t>(k_begin));
+    const int64_t hi_new = min(total, static_cast<int64_t>(k_end));
+    if (lo_new < hi_new) {
+      if (warp == 0) {
+        const kvcache::KvGeometry kv{int64_t{1} << a.pool.block_shift, a.pool.kv_heads, D, F};
+        const int lane = static_cast<int>(threadIdx.x);
+        for (int64_t j = lo_new; j < hi_new; ++j) {
+          const int64_t block = a.pool.block_offset(s, j);
+          if (block < 0) continue;
+          const int64_t src = ((span.begin + (j - first_new)) * a.pool.kv_heads + kvh) * D;
+          const int64_t slot = j & ((int64_t{1} << a.pool.block_shift) - 1);
+          dev::store_quantized_row<T, D>(reinterpret_cast<const T*>(a.k) + src, a.pool.base + block,
+                                         kv.row(0, slot, kvh), kv, lane);
+          dev::store_quantized_row<T, D>(reinterpret_cast<const T*>(a.v) + src, a.pool.base + block,
+                                         kv.row(1, slot, kvh), kv, lane);
+        }
+      }
+      __syncthreads();
+    }
+  }
 
   // The ring. With two stages, trip i + 1's copies are issued before trip i is computed, so that
   // its loads are in flight during the arithmetic (they used to wait for it and for the next
@@ -157,11 +242,25 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const bool ok = kp[u] != nullptr;
-        // Absent keys read nothing (zero-filled); the pool base only keeps the address valid.
-        const uint8_t* const key = ok ? kp[u] : a.pool.base;
-        const uint8_t* const value = ok ? kp[u] + (fresh[u] ? a.v - a.k : a.pool.values_bytes) : a.pool.base;
-        dev::cp_async16(dst + (2 * u) * kThreads, key, ok);
-        dev::cp_async16(dst + (2 * u + 1) * kThreads, value, ok);
+        if constexpr (kQuant) {
+          // Absent keys read nothing (zero codes, zero scales).
+          const uint8_t* const key = ok ? kp[u] : a.pool.base;
+          const uint8_t* const value = ok ? kp[u] + a.pool.values_bytes : a.pool.base;
+          const uint8_t* const key_scale = ok ? ksp[u] : a.pool.base;
+          const uint8_t* const value_scale = ok ? ksp[u] + value_scales : a.pool.base;
+          uint8_t* const codes = reinterpret_cast<uint8_t*>(dst + (2 * u) * kThreads);
+          uint8_t* const scales = reinterpret_cast<uint8_t*>(dst + (2 * u + 1) * kThreads);
+          dev::cp_async8(codes, key, ok);
+          dev::cp_async8(codes + 8, value, ok);
+          dev::cp_async4(scales, key_scale, ok);
+          dev::cp_async4(scales + 4, value_scale, ok);
+        } else {
+          // Absent keys read nothing (zero-filled); the pool base only keeps the address valid.
+          const uint8_t* const key = ok ? kp[u] : a.pool.base;
+          const uint8_t* const value = ok ? kp[u] + (fresh[u] ? a.v - a.k : a.pool.values_bytes) : a.pool.base;
+          dev::cp_async16(dst + (2 * u) * kThreads, key, ok);
+          dev::cp_async16(dst + (2 * u + 1) * kThreads, value, ok);
+        }
         ok_bits |= static_cast<unsigned>(ok) << (trips_ahead * kUnroll + u);
       }
     }
@@ -210,19 +309,27 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
     slot = slot + 1 == a.stages ? 0 : slot + 1;
     float sc[kUnroll][G];  // scores in log2 units; -inf for keys outside the split or the table
     float vf[kUnroll][8];
+    [[maybe_unused]] float key_scale[kUnroll], value_scale[kUnroll];  // quantized rows' scales
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float kf[8];
-      const uint32_t kw[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
-      const uint32_t vw[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
+      if constexpr (kQuant) {
+        codes_to_float<F>(kr[u].x, kr[u].y, kf);
+        codes_to_float<F>(kr[u].z, kr[u].w, vf[u]);
+        key_scale[u] = __uint_as_float(vr[u].x) * (kCodeScale<F> * a.scale_log2);
+        value_scale[u] = __uint_as_float(vr[u].y) * kCodeScale<F>;
+      } else {
+        const uint32_t kw[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
+        const uint32_t vw[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 kf2 = E::to_float2(kw[e]);
-        const float2 vf2 = E::to_float2(vw[e]);
-        kf[2 * e] = kf2.x;
-        kf[2 * e + 1] = kf2.y;
-        vf[u][2 * e] = vf2.x;
-        vf[u][2 * e + 1] = vf2.y;
+        for (int e = 0; e < 4; ++e) {
+          const float2 kf2 = E::to_float2(kw[e]);
+          const float2 vf2 = E::to_float2(vw[e]);
+          kf[2 * e] = kf2.x;
+          kf[2 * e + 1] = kf2.y;
+          vf[u][2 * e] = vf2.x;
+          vf[u][2 * e + 1] = vf2.y;
+        }
       }
 #pragma unroll
       for (int h = 0; h < G; ++h) {
@@ -236,7 +343,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
         }
 #pragma unroll
         for (int o = kLanesPerKey / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        sc[u][h] = ok[u] ? dot * a.scale_log2 : -INFINITY;
+        if constexpr (kQuant) sc[u][h] = ok[u] ? dot * key_scale[u] : -INFINITY;
+        else sc[u][h] = ok[u] ? dot * a.scale_log2 : -INFINITY;
       }
     }
 #pragma unroll
@@ -255,6 +363,10 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
         sum += pw[u];
       }
       l[h] = l[h] * alpha + sum;
+      if constexpr (kQuant) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) pw[u] *= value_scale[u];  // the weight of the codes
+      }
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         float acc_e = acc[h][e] * alpha;
@@ -368,7 +480,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   if (threadIdx.x == 0) *counter = 0;
 }
 
-template <class T, int D, int G, int W>
+template <class T, int D, int G, int W, KvFormat F>
 cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
   DecodeArgs a;
   static_cast<dev::BatchArgs&>(a) = dev::make_batch_args(p);
@@ -392,29 +504,38 @@ cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream
   config.stream = stream;
   config.attrs = p.programmatic ? &attribute : nullptr;
   config.numAttrs = p.programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, decode_kernel<T, D, G, W>, a);
+  return cudaLaunchKernelEx(&config, decode_kernel<T, D, G, W, F>, a);
+}
+
+template <class T, int D, int G, KvFormat F>
+cudaError_t launch_warps(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
+  switch (plan.warps) {
+    case kDecodeWideWarps: return launch<T, D, G, kDecodeWideWarps, F>(p, plan, stream);
+    default: return launch<T, D, G, kDecodeWarps, F>(p, plan, stream);
+  }
 }
 
 template <class T, int D, int G>
-cudaError_t launch_warps(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
-  switch (plan.warps) {
-    case kDecodeWideWarps: return launch<T, D, G, kDecodeWideWarps>(p, plan, stream);
-    default: return launch<T, D, G, kDecodeWarps>(p, plan, stream);
+cudaError_t launch_format(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
+  switch (p.kv_format) {
+    case KvFormat::int8: return launch_warps<T, D, G, KvFormat::int8>(p, plan, stream);
+    case KvFormat::fp8: return launch_warps<T, D, G, KvFormat::fp8>(p, plan, stream);
+    default: return launch_warps<T, D, G, KvFormat::bf16>(p, plan, stream);
   }
 }
 
 template <class T, int D>
 cudaError_t launch_heads(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
   switch (decode_heads_per_cta(p.n_heads / p.n_kv_heads)) {
-    case 1: return launch_warps<T, D, 1>(p, plan, stream);
-    case 2: return launch_warps<T, D, 2>(p, plan, stream);
-    default: return launch_warps<T, D, 4>(p, plan, stream);
+    case 1: return launch_format<T, D, 1>(p, plan, stream);
+    case 2: return launch_format<T, D, 2>(p, plan, stream);
+    default: return launch_format<T, D, 4>(p, plan, stream);
   }
 }
 
-template <class T, int D, int G, int W>
+template <class T, int D, int G, int W, KvFormat F>
 cudaError_t fit(DecodeFit& f) {
-  const auto kernel = decode_kernel<T, D, G, W>;
+  const auto kernel = decode_kernel<T, D, G, W, F>;
   cudaFuncAttributes attr{};
   cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
   int device = 0, optin = 0;
@@ -432,28 +553,39 @@ cudaError_t fit(DecodeFit& f) {
   return e;
 }
 
-template <class T, int D, int G>
+template <class T, int D, int G, KvFormat F>
 cudaError_t fit_widths(DecodeFit& narrow, DecodeFit& wide) {
-  const cudaError_t e = fit<T, D, G, kDecodeWarps>(narrow);
-  return e != cudaSuccess ? e : fit<T, D, G, kDecodeWideWarps>(wide);
+  const cudaError_t e = fit<T, D, G, kDecodeWarps, F>(narrow);
+  return e != cudaSuccess ? e : fit<T, D, G, kDecodeWideWarps, F>(wide);
+}
+
+template <class T, int D, int G>
+cudaError_t fit_format(KvFormat format, DecodeFit& narrow, DecodeFit& wide) {
+  switch (format) {
+    case KvFormat::int8: return fit_widths<T, D, G, KvFormat::int8>(narrow, wide);
+    case KvFormat::fp8: return fit_widths<T, D, G, KvFormat::fp8>(narrow, wide);
+    default: return fit_widths<T, D, G, KvFormat::bf16>(narrow, wide);
+  }
 }
 
 template <class T, int D>
-cudaError_t fit_heads(int group, DecodeFit& narrow, DecodeFit& wide) {
+cudaError_t fit_heads(int group, KvFormat format, DecodeFit& narrow, DecodeFit& wide) {
   switch (decode_heads_per_cta(group)) {
-    case 1: return fit_widths<T, D, 1>(narrow, wide);
-    case 2: return fit_widths<T, D, 2>(narrow, wide);
-    default: return fit_widths<T, D, 4>(narrow, wide);
+    case 1: return fit_format<T, D, 1>(format, narrow, wide);
+    case 2: return fit_format<T, D, 2>(format, narrow, wide);
+    default: return fit_format<T, D, 4>(format, narrow, wide);
   }
 }
 
 }  // namespace
 
-cudaError_t configure_decode(Dtype dtype, int head_dim, int group, DecodeFit& narrow, DecodeFit& wide) {
+cudaError_t configure_decode(Dtype dtype, int head_dim, int group, KvFormat format, DecodeFit& narrow,
+                             DecodeFit& wide) {
   if (dtype == Dtype::bf16)
-    return head_dim == 64 ? fit_heads<__nv_bfloat16, 64>(group, narrow, wide)
-                          : fit_heads<__nv_bfloat16, 128>(group, narrow, wide);
-  return head_dim == 64 ? fit_heads<__half, 64>(group, narrow, wide) : fit_heads<__half, 128>(group, narrow, wide);
+    return head_dim == 64 ? fit_heads<__nv_bfloat16, 64>(group, format, narrow, wide)
+                          : fit_heads<__nv_bfloat16, 128>(group, format, narrow, wide);
+  return head_dim == 64 ? fit_heads<__half, 64>(group, format, narrow, wide)
+                        : fit_heads<__half, 128>(group, format, narrow, wide);
 }
 
 cudaError_t launch_decode(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {

@@ -32,6 +32,7 @@ struct Elem<__nv_bfloat16> {
     return __bfloat1622float2(h);
   }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     uint32_t packed;
@@ -48,6 +49,7 @@ struct Elem<__half> {
     return __half22float2(h);
   }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
     uint32_t packed;
@@ -118,44 +120,85 @@ __device__ __forceinline__ KeyRange key_range(int64_t p, int64_t total, int caus
   return r;
 }
 
-// The paged pool of one layer, as the kernels address it.
+// The paged pool of one layer, as the kernels address it: either the compute dtype's layout (2
+// bytes a value; the prefill kernels only ever see this one) or sdpa's quantized block (1-byte
+// codes and a float32 scale per row, loom_kv_format.hpp).
 struct Pool {
-  uint8_t* base;  // written only by the cache-write kernel
+  uint8_t* base;  // written only by the cache-write kernel (and decode's append)
   int64_t n_blocks;
-  int64_t block_bytes;   // 2 * B * Hkv * D * 2
-  int64_t values_bytes;  // offset of the values inside a block: B * Hkv * D * 2
+  int64_t block_bytes;   // 2 * B * Hkv * D * 2, or the quantized block's bytes_per_block
+  int64_t values_bytes;  // offset of the value rows inside a block: B * Hkv * row_bytes
+  int64_t scales_bytes;  // quantized: offset of the key scales inside a block (values' are B * Hkv * 4 further)
   const int32_t* table;  // [S, cols]
   int cols;
   int block_shift;
   int kv_heads;
   int head_dim;
+  int row_bytes;  // D * 2, or D for 1-byte codes
 
-  // Byte offset of the key row of (sequence s, position pos, kv head h) from `base`, or -1 when
-  // the table has no valid block there. The value row is values_bytes further.
-  __device__ __forceinline__ int64_t key_offset(int s, int64_t pos, int h) const {
+  // Byte offset of the block holding (sequence s, position pos) from `base`, or -1 when the table
+  // has no valid block there.
+  __device__ __forceinline__ int64_t block_offset(int s, int64_t pos) const {
     if (pos < 0) return -1;
     const int64_t logical = pos >> block_shift;
     if (logical >= cols) return -1;
     const int block = __ldg(table + static_cast<int64_t>(s) * cols + logical);
     if (block < 0 || block >= n_blocks) return -1;
-    const int slot = pos & ((1 << block_shift) - 1);
-    return static_cast<int64_t>(block) * block_bytes +
-           (static_cast<int64_t>(slot) * kv_heads + h) * head_dim * 2;
+    return static_cast<int64_t>(block) * block_bytes;
+  }
+  // The key row (slot * Hkv + h) of position pos and kv head h inside its block.
+  __device__ __forceinline__ int key_row(int64_t pos, int h) const {
+    return static_cast<int>(pos & ((1 << block_shift) - 1)) * kv_heads + h;
+  }
+  // Byte offset of the key row of (sequence s, position pos, kv head h) from `base`, or -1 when
+  // the table has no valid block there. The value row is values_bytes further.
+  __device__ __forceinline__ int64_t key_offset(int s, int64_t pos, int h) const {
+    const int64_t block = block_offset(s, pos);
+    return block < 0 ? -1 : block + static_cast<int64_t>(key_row(pos, h)) * row_bytes;
   }
 };
 
 __host__ __forceinline__ Pool make_pool(const Problem& p) {
+  const bool quantized = kvcache::kv_quantized(p.kv_format);
+  const int64_t rows = (int64_t{1} << p.block_shift) * p.n_kv_heads;  // key rows of a block
   Pool pool;
   pool.base = p.pool;
   pool.n_blocks = p.pool_blocks;
-  pool.values_bytes = (int64_t{1} << p.block_shift) * p.n_kv_heads * p.head_dim * 2;
-  pool.block_bytes = 2 * pool.values_bytes;
+  pool.row_bytes = quantized ? p.head_dim : p.head_dim * 2;
+  pool.values_bytes = rows * pool.row_bytes;
+  pool.block_bytes = quantized ? p.kv_block_bytes : 2 * pool.values_bytes;
+  pool.scales_bytes = quantized ? kvcache::KvGeometry{int64_t{1} << p.block_shift, p.n_kv_heads, p.head_dim,
+                                                      p.kv_format}.scales_offset()
+                                : 0;
   pool.table = p.block_table;
   pool.cols = p.table_cols;
   pool.block_shift = p.block_shift;
   pool.kv_heads = p.n_kv_heads;
   pool.head_dim = p.head_dim;
   return pool;
+}
+
+// One warp quantizes and stores one new row (`src`: D values of the batch's k or v) as row `row`
+// of the int8/fp8 block at `block` (format kv.format), exactly as sdpa's cache write does: lane
+// l takes values l, l + 32, ..., the row's absmax over the warp, then loom_kv_format.hpp's scale
+// and codes, so the bytes are sdpa's. Every lane of the warp must call it.
+template <class T, int D>
+__device__ __forceinline__ void store_quantized_row(const T* src, uint8_t* block, int64_t row,
+                                                    const kvcache::KvGeometry& kv, int lane) {
+  float x[D / 32];
+  float absmax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) {
+    x[i] = Elem<T>::to_float(src[lane + 32 * i]);
+    absmax = fmaxf(absmax, fabsf(x[i]));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) absmax = fmaxf(absmax, __shfl_xor_sync(0xffffffffu, absmax, o));
+  const float scale = kvcache::kv_scale(absmax, kv.format);
+  if (lane == 0) *kv.row_scale(block, row) = scale;
+  uint8_t* const dst = kv.row_data(block, row);
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) kvcache::kv_store(dst, lane + 32 * i, x[i], scale, kv.format);
 }
 
 // The kernel arguments every flash kernel over a batch takes (decode and prefill add their own
@@ -202,6 +245,18 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
+               : "memory");
+}
+// 8- and 4-byte ones (quantized cache rows and their scales; .cg takes 16 bytes only, so these
+// go through L1), zero-filled likewise.
+__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
+  const int bytes = valid ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }

@@ -6,8 +6,12 @@
 // Thread-safety: the launchers keep no state; they enqueue work on `stream` and return the
 // launch status (cudaGetLastError after the launch) without waiting for the work.
 //
-// KV cache layout (one layer, cache dtype = the q/k/v dtype, B = block_size):
-//   block = keys [B, Hkv, D] followed by values [B, Hkv, D]; bytes_per_block = 2 * B * Hkv * D * 2
+// KV cache layout (one layer, B = block_size):
+//   kv_dtype auto/bf16 (cache dtype = the q/k/v dtype): block = keys [B, Hkv, D] followed by
+//     values [B, Hkv, D]; bytes_per_block = 2 * B * Hkv * D * 2
+//   kv_dtype int8/fp8: sdpa's quantized block (loom_kv_format.hpp): one-byte codes, keys then
+//     values, then a float32 scale per (token, kv head) row, so the pools of the two plugins
+//     hold identical bytes.
 // A sequence's token at position p lives in pool block block_table[s, p / B], slot p % B.
 #ifndef LOOM_PLUGINS_ATTENTION_FLASH_LAUNCH_HPP
 #define LOOM_PLUGINS_ATTENTION_FLASH_LAUNCH_HPP
@@ -16,7 +20,11 @@
 
 #include <cstdint>
 
+#include "loom_kv_format.hpp"
+
 namespace loomp::flash {
+
+using kvcache::KvFormat;
 
 enum class Dtype { bf16, f16 };
 
@@ -35,6 +43,10 @@ struct Problem {
   bool programmatic = false;
   // Compute capability exactly 9.0, where the sm_90a prefill kernel (wgmma) runs.
   bool wgmma = false;
+  // The pool's block format: int8 or fp8 (kv_quantized) is sdpa's quantized block of
+  // kv_block_bytes bytes; anything else means the compute dtype (bf16 layout, 2 bytes a value).
+  KvFormat kv_format = KvFormat::bf16;
+  int64_t kv_block_bytes = 0;
   // Per forward() call.
   int causal = 1;
   int n_tokens = 0;   // T
@@ -116,12 +128,22 @@ cudaError_t configure_kernels(Dtype dtype, int head_dim, bool wgmma);
 // Once per prepared geometry, like configure_kernels: raises the decode kernels' dynamic shared
 // memory limit to the deepest ring that fits and reports it, with the CTAs an SM then holds
 // (what plan_decode fills the GPU with), for CTAs of kDecodeWarps (`narrow`)
-// and kDecodeWideWarps (`wide`) warps with decode_heads_per_cta(group) heads.
-cudaError_t configure_decode(Dtype dtype, int head_dim, int group, DecodeFit& narrow, DecodeFit& wide);
+// and kDecodeWideWarps (`wide`) warps with decode_heads_per_cta(group) heads, reading a pool of
+// `format` (as Problem::kv_format).
+cudaError_t configure_decode(Dtype dtype, int head_dim, int group, KvFormat format, DecodeFit& narrow,
+                             DecodeFit& wide);
 
 // Writes the batch's new k/v rows into the paged cache (before launch_prefill; launch_decode
-// does it itself).
+// does it itself). For int8/fp8 it quantizes each row exactly as sdpa
+// does (loom_kv_format.hpp: same scale, same rounding), so the stored bytes equal sdpa's.
 cudaError_t launch_cache_write(const Problem& p, cudaStream_t stream);
+
+// For a quantized pool (p.kv_format int8/fp8): dequantizes, into `blocks` (S * M blocks of the
+// compute dtype's layout, 2 * B * Hkv * D * 2 bytes each), the cached rows below each sequence's
+// length after this call (block j of sequence s goes to block s * M + j), and writes the matching
+// table `table` [S, M] (s * M + j, or -1 where p.block_table has no valid block). The prefill
+// kernels then run on that unquantized view. Runs after launch_cache_write.
+cudaError_t launch_dequantize(const Problem& p, int32_t* table, uint8_t* blocks, cudaStream_t stream);
 
 // Tensor-core attention over any ragged batch (prefill, chunked prefill, mixed): wgmma for
 // head_dim 64 where Problem::wgmma, mma.sync otherwise. A programmatic dependent launch where
@@ -129,8 +151,10 @@ cudaError_t launch_cache_write(const Problem& p, cudaStream_t stream);
 cudaError_t launch_prefill(const Problem& p, cudaStream_t stream);
 
 // One CTA per (split, query-head group, token), CUDA cores; for batches of one token per
-// sequence. Appends the batch's k/v to the cache as well. With plan.n_splits > 1 the CTAs write
-// the scratch and the last one of each (token, head group) combines it: one launch either way.
+// sequence. Appends the batch's k/v to the cache as well (int8/fp8: quantized as
+// launch_cache_write does, and read back from the pool like every other key, as sdpa does).
+// With plan.n_splits > 1 the CTAs write the scratch and the last one of each (token, head
+// group) combines it: one launch either way.
 cudaError_t launch_decode(const Problem& p, const DecodePlan& plan, cudaStream_t stream);
 
 }  // namespace loomp::flash

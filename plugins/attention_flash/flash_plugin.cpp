@@ -33,7 +33,8 @@ constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "block_size", LOOM_VALUE_INT, 0, "16",
      "tokens per KV cache block, a power of two in [1, 1024]"},
     {sizeof(loom_param_desc), "kv_dtype", LOOM_VALUE_STRING, 0, "\"auto\"",
-     "KV cache storage: \"auto\" (the compute dtype) or \"bf16\"; int8/fp8 caches are sdpa's only"},
+     "KV cache storage: \"auto\" (the compute dtype), \"bf16\", \"int8\" or \"fp8\" (E4M3; sdpa's block format, "
+     "a float32 scale per row)"},
     {sizeof(loom_param_desc), "sliding_window", LOOM_VALUE_INT, 0, "0",
      "attend to the last N positions only (Mistral-style, on the paged cache); 0: the model's own window"},
 };

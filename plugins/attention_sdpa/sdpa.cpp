@@ -5,7 +5,7 @@
 // The cache may be stored in another type than the compute dtype (`kv_dtype`: bf16, or int8 /
 // fp8 E4M3 with a float32 scale per (token, kv head) row): k and v are quantized as they are
 // written into the cache and dequantized as attention reads them. The block layout, scales
-// included, is in sdpa_kv_format.hpp; a sequence's token at position p lives in pool block
+// included, is in loom_kv_format.hpp; a sequence's token at position p lives in pool block
 // block_table[s, p / B], slot p % B.
 #include <algorithm>
 #include <cmath>
@@ -18,17 +18,14 @@
 #include "loom_device_tensor.hpp"
 #include "loom_attention_glue.hpp"
 #include "loom_plugin_util.hpp"
-#include "sdpa_kv_format.hpp"
+#include "loom_kv_format.hpp"
 #if LOOM_SDPA_CUDA
 #include "sdpa_cuda.hpp"
 #endif
 
 namespace loomp::sdpa {
+using namespace loomp::kvcache;  // the block format flash shares (loom_kv_format.hpp)
 namespace {
-
-// DLPack 1.1's kDLFloat8_e4m3fn. The system dlpack.h (0.6) predates the fp8 codes, so the value
-// is spelled here; a host that knows DLPack 1.1 reads it as what it is.
-constexpr uint8_t kDLFloat8E4M3fnCode = 10;
 
 // kv_dtype as configured; kAuto is resolved against config.dtype at prepare().
 enum class KvDtype { kAuto, kBf16, kInt8, kFp8 };

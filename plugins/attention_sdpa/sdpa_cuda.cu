@@ -1,5 +1,5 @@
 // sdpa on CUDA: the GPU reference. Clear over fast, like the CPU path it mirrors: the same cache
-// format (sdpa_kv_format.hpp: keys then values per block in f32, bf16, int8 or fp8, the last two
+// format (loom_kv_format.hpp: keys then values per block in f32, bf16, int8 or fp8, the last two
 // with a float32 scale per row, quantized by the same functions, so the stored bytes equal the
 // CPU's), float32 arithmetic throughout, and the same three steps per (token, head): the max
 // score, the softmax denominator, then the weighted sum of values.

@@ -8,9 +8,10 @@
 #include <cstdint>
 
 #include "loom/loom_plugin_api.h"
-#include "sdpa_kv_format.hpp"
+#include "loom_kv_format.hpp"
 
 namespace loomp::sdpa {
+using namespace loomp::kvcache;  // the block format flash shares (loom_kv_format.hpp)
 
 // Checks a batch whose tensors all live on config.device (kDLCUDA) in config.dtype (float32 or
 // bfloat16) and whose pool has kv's block format, then enqueues the cache append (quantizing for

@@ -10,15 +10,16 @@
 
 #include <cstdint>
 
-#include "sdpa_kv_format.hpp"
+#include "loom_kv_format.hpp"
 
 namespace loomp::sdpa {
+using namespace loomp::kvcache;  // the block format flash shares (loom_kv_format.hpp)
 
 struct CudaProblem {
   bool bf16 = false;  // element type of q, k, v and out: bfloat16, else float32
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   int block_size = 0;  // B, a power of two
-  KvGeometry kv{};     // the cache's block format (sdpa_kv_format.hpp)
+  KvGeometry kv{};     // the cache's block format (loom_kv_format.hpp)
   int window = 0;
   int causal = 1;
   float scale = 0.0f;

@@ -1,7 +1,7 @@
 // FP8 E4M3 ("e4m3fn": OCP 8-bit floating point, the variant without infinities) encode and
 // decode, for C++ and CUDA code alike (host and device): plugins that store values as fp8 (the
-// sdpa KV cache) and their tests share one definition, so a CPU and a GPU path store identical
-// bytes.
+// sdpa and flash KV caches) and their tests share one definition, so a CPU and a GPU path store
+// identical bytes.
 //
 // A code is s eeee mmm: sign, exponent with bias 7, three mantissa bits.
 //   exponent 1..15: (-1)^s * (1 + m/8) * 2^(e - 7)   (e = 15, m = 7 is NaN: no infinities)
@@ -87,6 +87,18 @@ LOOM_HOST_DEVICE inline uint8_t encode(float x) {
   }
   if (code > 0x7E) code = 0x7E;  // a just below 448 cannot round past it, but stay NaN-free
   return static_cast<uint8_t>(sign | code);
+}
+
+// Two codes (bits 0-7 and 8-15 of `pair`; higher bits ignored) as the bits of two IEEE binary16
+// halves (the first code's in bits 0-15) whose values are the codes' values times 2^-8: the 7
+// magnitude bits go into the half's exponent and mantissa fields (4 exponent bits of bias 7 read
+// with bias 15, the 3 mantissa bits as the top of 10), subnormals included, all exact, and the
+// sign bit into the half's. Shifts and masks only, so a GPU decodes at full rate (flash's decode
+// kernel; the scale it multiplies by afterwards takes the 2^8 back). The NaN codes (0x7F, 0xFF)
+// read as +-480 * 2^-8, not NaN.
+LOOM_HOST_DEVICE inline uint32_t decode2_half_bits_scaled(uint32_t pair) {
+  const uint32_t x = ((pair & 0xFFu) << 8) | ((pair & 0xFF00u) << 16);  // each code in a half's high byte
+  return ((x >> 1) & 0x3F803F80u) | (x & 0x80008000u);
 }
 
 }  // namespace loomp::e4m3

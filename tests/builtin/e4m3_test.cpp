@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "loom_e4m3.hpp"
@@ -51,6 +52,30 @@ TEST_CASE("E4M3 decode matches the format's definition on all 256 codes", "[e4m3
   CHECK(e4m3::decode(0x38) == 1.0f);
   CHECK(std::isnan(e4m3::decode(0x7F)));
   CHECK(std::isnan(e4m3::decode(0xFF)));
+}
+
+TEST_CASE("E4M3 pairs decode to halves of the codes' values times 2^-8, exactly", "[e4m3]") {
+  // A binary16 value from its bits (no infinities or NaNs expected here).
+  auto half_value = [](uint32_t h) {
+    const int e = static_cast<int>((h >> 10) & 0x1F), m = static_cast<int>(h & 0x3FF);
+    REQUIRE(e != 31);
+    const double v = e == 0 ? std::ldexp(m, -24) : std::ldexp(1024 + m, e - 25);
+    return (h & 0x8000) != 0 ? -v : v;
+  };
+  for (uint32_t pair = 0; pair < 0x10000; ++pair) {
+    const auto c0 = static_cast<uint8_t>(pair & 0xFF), c1 = static_cast<uint8_t>(pair >> 8);
+    // Bits above the pair are ignored.
+    const uint32_t bits = loomp::e4m3::decode2_half_bits_scaled(pair | 0xABCD0000u);
+    for (const auto &[code, half] : {std::pair{c0, bits & 0xFFFFu}, std::pair{c1, bits >> 16}}) {
+      if ((code & 0x7F) == 0x7F) {  // NaN codes: +-480 * 2^-8, documented
+        CHECK(half_value(half) == ((code & 0x80) != 0 ? -480.0 : 480.0) / 256.0);
+        continue;
+      }
+      INFO("code " << static_cast<int>(code));
+      CHECK(half_value(half) == static_cast<double>(loomp::e4m3::decode(code)) / 256.0);
+      CHECK(((half & 0x8000u) != 0) == ((code & 0x80) != 0));  // -0 keeps its sign
+    }
+  }
 }
 
 TEST_CASE("E4M3 encode round-trips every finite code", "[e4m3]") {

@@ -47,7 +47,7 @@ loom_attention_config config(const Shape &g) {
 
 int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 
-// What sdpa_kv_format.hpp documents: f32/bf16 2 * B * Hkv * D elements; int8/fp8 one byte an
+// What loom_kv_format.hpp documents: f32/bf16 2 * B * Hkv * D elements; int8/fp8 one byte an
 // element, then from a 16-byte boundary a float scale per row, the block rounded up to 16 bytes.
 int64_t expected_bytes_per_block(const Shape &g, const std::string &kv) {
   const int64_t rows = 2 * g.B * g.Hkv;

@@ -1,5 +1,7 @@
-// sdpa's KV cache block format, shared by the CPU path (sdpa.cpp) and the CUDA kernels
-// (sdpa_cuda.cu) so both store and read identical bytes; host and device code.
+// The quantized KV cache block format that sdpa (its CPU path, sdpa.cpp, and its CUDA kernels,
+// sdpa_cuda.cu) and flash (flash_cache_write.cu, flash_decode.cu) share, so that all of them
+// store and read identical bytes and one plugin's pool is valid for the other; host and device
+// code. (flash's unquantized caches are in the compute dtype, bf16 or f16, laid out like bf16.)
 //
 // One block of one layer, B = block_size, row r = (which * B + slot) * Hkv + kv_head with
 // which = 0 for keys and 1 for values:
@@ -12,15 +14,20 @@
 // Quantization is symmetric per (token, kv head) row of D values: scale = absmax / 127 (int8,
 // codes in [-127, 127]) or absmax / 448 (fp8 E4M3, loom_e4m3.hpp); a stored code c reads back
 // as c * scale. An all-zero row gets scale 0 and reads back as zeros (no division by zero).
-#ifndef LOOM_PLUGINS_ATTENTION_SDPA_KV_FORMAT_HPP
-#define LOOM_PLUGINS_ATTENTION_SDPA_KV_FORMAT_HPP
+#ifndef LOOM_PLUGINS_COMMON_KV_FORMAT_HPP
+#define LOOM_PLUGINS_COMMON_KV_FORMAT_HPP
 
 #include <cstdint>
 #include <cstring>
 
 #include "loom_e4m3.hpp"
 
-namespace loomp::sdpa {
+namespace loomp::kvcache {
+
+// DLPack 1.1's kDLFloat8_e4m3fn, the cache_dtype code of an fp8 cache. The system dlpack.h (0.6)
+// predates the fp8 codes, so the value is spelled here; a host that knows DLPack 1.1 reads it as
+// what it is.
+constexpr uint8_t kDLFloat8E4M3fnCode = 10;
 
 enum class KvFormat : int32_t { f32 = 0, bf16 = 1, int8 = 2, fp8 = 3 };
 
@@ -117,6 +124,6 @@ LOOM_HOST_DEVICE inline float kv_load(const uint8_t* row, int64_t d, float scale
   return 0.0f;
 }
 
-}  // namespace loomp::sdpa
+}  // namespace loomp::kvcache
 
 #endif
