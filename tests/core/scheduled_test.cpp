@@ -70,6 +70,20 @@ Requests make_requests(size_t n, uint32_t seed) {
   return r;
 }
 
+// `n` requests of 20, 21, ... random tokens (ids 3-250: every fixture's vocabulary), 40 steps each.
+Requests long_requests(int n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_int_distribution<int32_t> token(3, 250);
+  Requests reqs;
+  for (int i = 0; i < n; ++i) {
+    std::vector<int32_t> p(static_cast<size_t>(20 + i));
+    for (auto &t : p) t = token(g);
+    reqs.prompts.push_back(p);
+    reqs.steps.push_back(40);
+  }
+  return reqs;
+}
+
 std::vector<std::vector<int32_t>> tokens_of(const loom::RunResult &r) {
   std::vector<std::vector<int32_t>> out;
   for (const auto &s : r.sequences) out.push_back(s.tokens);
@@ -178,15 +192,7 @@ TEST_CASE("under a sliding window a request holds only the blocks its window rea
   const fs::path mistral = fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/models/tiny-mistral";
   const std::string head = "[loom]\ndevice = \"cpu\"\nthreads = 2\n[model]\npath = \"" + mistral.string() +
                            "\"\n[attention]\nuse = \"sdpa\"\nblock_size = 4\n[[sampler]]\nuse = \"greedy\"\n";
-  std::mt19937 g(17);
-  std::uniform_int_distribution<int32_t> token(3, 250);
-  Requests reqs;
-  for (int i = 0; i < 8; ++i) {
-    std::vector<int32_t> p(static_cast<size_t>(20 + i));
-    for (auto &t : p) t = token(g);
-    reqs.prompts.push_back(p);
-    reqs.steps.push_back(40);
-  }
+  const Requests reqs = long_requests(8, 17);
   std::vector<std::vector<int32_t>> expected;
   for (size_t i = 0; i < reqs.prompts.size(); ++i)
     expected.push_back(loom::Runtime::from_string(head + "[run]\nstop_tokens = []\nprompt = " + ids_toml(reqs.prompts[i]) +
@@ -209,15 +215,7 @@ TEST_CASE("an attention plugin's own sliding_window frees blocks the same way", 
            "\"\n[attention]\nuse = \"sdpa\"\nblock_size = 4\nsliding_window = " + std::to_string(window) +
            "\n[[sampler]]\nuse = \"greedy\"\n";
   };
-  std::mt19937 g(23);
-  std::uniform_int_distribution<int32_t> token(3, 250);
-  Requests reqs;
-  for (int i = 0; i < 6; ++i) {
-    std::vector<int32_t> p(static_cast<size_t>(20 + i));
-    for (auto &t : p) t = token(g);
-    reqs.prompts.push_back(p);
-    reqs.steps.push_back(40);
-  }
+  const Requests reqs = long_requests(6, 23);
   std::vector<std::vector<int32_t>> windowed, full;
   for (size_t i = 0; i < reqs.prompts.size(); ++i)
     for (int window : {6, 0}) {
