@@ -193,7 +193,7 @@ loom_sampling_batch ModelDecoder::SamplingRows::batch(DLTensor *logits, int64_t 
 }
 
 int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
-                              const std::vector<std::vector<int32_t>> &histories, uint64_t step,
+                              const std::vector<const std::vector<int32_t> *> &row_history, uint64_t step,
                               std::vector<int32_t> &tokens, bool ahead, const std::vector<uint64_t> *row_steps) {
   auto chain = pipeline_.list(LOOM_KIND_SAMPLER);
   if (chain.empty()) throw runtime_error(manifest_.source_name + ": the pipeline has no [[sampler]]: add one such as greedy");
@@ -226,7 +226,7 @@ int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows
   tokens.assign(n, -1);
   SamplingRows sampling;
   for (size_t r = 0; r < n; ++r)
-    sampling.add(rows[r], histories[static_cast<size_t>(rows[r])], manifest_.seed, row_steps ? (*row_steps)[r] : step);
+    sampling.add(rows[r], *row_history[r], manifest_.seed, row_steps ? (*row_steps)[r] : step);
   loom_sampling_batch b = sampling.batch(logits, config_.vocab_size, tokens.data());
   int32_t *feed = nullptr;
   if (ahead && decode_ahead_ && logits->device.device_type != kDLCPU && chain_on_device && n > 0 &&
@@ -312,6 +312,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   auto release = [&](int32_t seq) { release_sequence(seq); };
 
   std::vector<std::vector<int32_t>> histories = prompts_;
+  std::vector<const std::vector<int32_t> *> row_history; // histories of this step's rows
   std::vector<int32_t> rows(n); // the sequence of each row of `logits`
   for (size_t i = 0; i < n; ++i) rows[i] = static_cast<int32_t>(i);
   DLTensor *logits = nullptr;
@@ -376,7 +377,9 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
         }
       }
       const bool more = step + 1 < steps;
-      if (int32_t *feed = sample(logits, rows, histories, static_cast<uint64_t>(step), sampled, more)) {
+      row_history.clear();
+      for (int32_t seq : rows) row_history.push_back(&histories[static_cast<size_t>(seq)]);
+      if (int32_t *feed = sample(logits, rows, row_history, static_cast<uint64_t>(step), sampled, more)) {
         readback.start(feed, rows.size(), backend_->device());
         // Queue the next step now, for every row of this one; the device runs it while the host
         // waits for this step's tokens and applies the stop rules.

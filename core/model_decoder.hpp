@@ -72,7 +72,8 @@ class ModelDecoder {
   // The text `generated` adds after `prompt` into *text, cut before the first stop string;
   // true when a stop string was found. Needs the tokenizer.
   bool generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated, std::string *text) const;
-  // Runs the sampler chain over `logits` [rows, vocab]; rows[r] is the sequence of row r. With
+  // Runs the sampler chain over `logits` [rows, vocab]; rows[r] is the sequence of row r and
+  // *row_history[r] its tokens so far (prompt then generated; valid for the call). With
   // `ahead` (the caller would queue the next step before the tokens reach the host), when the
   // logits are on the device, the whole chain runs there and its selecting link can leave the
   // tokens there (LOOM_SAMPLER_DEVICE_TOKENS), the tokens go to the backend's token feed
@@ -81,8 +82,8 @@ class ModelDecoder {
   // once they are known. LOOM_DECODE_AHEAD=0 turns `ahead` off.
   // `row_steps` (optional): each row's own RNG counter instead of `step` (the scheduler's rows
   // are at different steps of their sequences).
-  int32_t *sample(DLTensor *logits, const std::vector<int32_t> &rows, const std::vector<std::vector<int32_t>> &histories,
-                  uint64_t step, std::vector<int32_t> &tokens, bool ahead,
+  int32_t *sample(DLTensor *logits, const std::vector<int32_t> &rows,
+                  const std::vector<const std::vector<int32_t> *> &row_history, uint64_t step, std::vector<int32_t> &tokens, bool ahead,
                   const std::vector<uint64_t> *row_steps = nullptr);
   // The part of a sampling batch every call fills the same way: each row's sequence, history
   // and random numbers. Every row's RNG is (seed, step): a sequence samples exactly as it would

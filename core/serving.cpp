@@ -73,7 +73,6 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     bool stopped_by_string = false;
   };
   std::unordered_map<int64_t, Live> live;
-  std::vector<std::vector<int32_t>> histories; // by request id: prompt then generated
   // Ends a request that the scheduler no longer holds: its text, then on_done.
   auto end_request = [&](int64_t id, const std::string &error) {
     auto it = live.find(id);
@@ -83,13 +82,13 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     ServeRequest request = std::move(l.request);
     SequenceResult out = std::move(l.out);
     live.erase(it);
-    histories[static_cast<size_t>(id)] = {};
     if (request.on_done) request.on_done(out, error);
   };
 
   SchedulerStats stats;
   StepBatch batch;
   std::vector<int32_t> rows, sampled;
+  std::vector<const std::vector<int32_t> *> row_history; // the scheduler's tokens of each sampled row
   std::vector<uint64_t> row_steps;
   std::vector<std::pair<int32_t, int32_t>> copies;
   std::vector<std::pair<int64_t, ServeRequest>> arrived;
@@ -129,8 +128,6 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         if (request.on_done) request.on_done(SequenceResult{request.prompt, {}, {}, false}, refused);
         continue;
       }
-      if (histories.size() <= static_cast<size_t>(id)) histories.resize(static_cast<size_t>(id) + 1);
-      histories[static_cast<size_t>(id)] = request.prompt;
       Live l;
       l.out.prompt = request.prompt;
       l.request = std::move(request);
@@ -162,6 +159,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       batch.table_cols = static_cast<int32_t>(cols);
       rows.clear();
       row_steps.clear();
+      row_history.clear();
       for (const ScheduledWork &w : plan.work) {
         const std::vector<int32_t> &tokens = scheduler.tokens(w.seq);
         batch.tokens.insert(batch.tokens.end(), tokens.begin() + w.first_position,
@@ -171,6 +169,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         append_table(blocks.table(w.seq), cols, batch.block_tables);
         if (w.samples) {
           rows.push_back(static_cast<int32_t>(w.seq));
+          row_history.push_back(&tokens);
           row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq)));
         }
       }
@@ -184,13 +183,12 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       DLTensor sampled_rows = *logits; // the first rows.size() rows
       int64_t shape[2] = {static_cast<int64_t>(rows.size()), logits->shape[1]};
       sampled_rows.shape = shape;
-      sample(&sampled_rows, rows, histories, 0, sampled, false, &row_steps);
+      sample(&sampled_rows, rows, row_history, 0, sampled, false, &row_steps);
       accept_tokens(rows, sampled);
       for (size_t r = 0; r < rows.size(); ++r) {
         const int32_t seq = rows[r], token = sampled[r];
         Live &l = live.at(seq);
         scheduler.append(seq, token);
-        histories[static_cast<size_t>(seq)].push_back(token);
         l.out.tokens.push_back(token);
         emitted.emplace_back(seq, token);
         bool done = std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
