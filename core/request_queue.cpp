@@ -21,11 +21,6 @@ void RequestQueue::close() {
   ready_.notify_all();
 }
 
-bool RequestQueue::closed() const {
-  std::lock_guard lock(mutex_);
-  return closed_;
-}
-
 bool RequestQueue::take(std::vector<std::pair<int64_t, ServeRequest>> &out, bool wait) {
   std::unique_lock lock(mutex_);
   // A bounded wait: the server looks at its cancel flag between waits.

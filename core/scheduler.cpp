@@ -44,7 +44,7 @@ void Scheduler::add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_to
   int64_t span = int64_t(prompt.size()) + max_new_tokens;
   if (options_.window > 0)
     span = std::min<int64_t>(span, int64_t(options_.window) + options_.max_batched_tokens + 2 * blocks_.block_size());
-  if (max_new_tokens > capacity - int64_t(prompt.size()) && span > capacity)
+  if (span > capacity)
     throw runtime_error(seq_name(seq) + ": prompt " + std::to_string(prompt.size()) + " + max_new_tokens " +
                         std::to_string(max_new_tokens) + " tokens exceed the KV pool's " + std::to_string(capacity) +
                         " positions (add)");

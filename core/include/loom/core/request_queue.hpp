@@ -38,14 +38,13 @@ class RequestQueue {
   int64_t submit(ServeRequest request);
   // No more requests: serve() returns once every submitted request has ended.
   void close();
-  bool closed() const;
   // Serving side: moves the pending requests into `out`. With `wait`, blocks until there is one,
   // the queue is closed, or 100 ms passed. Returns false when the queue is closed and nothing was
   // pending.
   bool take(std::vector<std::pair<int64_t, ServeRequest>> &out, bool wait);
 
  private:
-  mutable std::mutex mutex_;
+  std::mutex mutex_;
   std::condition_variable ready_;
   std::deque<std::pair<int64_t, ServeRequest>> pending_;
   int64_t next_id_ = 0;
