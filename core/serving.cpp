@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <chrono>
 #include <unordered_map>
+#include <utility>
 
 #include "loom/core/error.hpp"
 #include "loom/core/kv_blocks.hpp"
@@ -129,7 +130,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         continue;
       }
       Live l;
-      l.out.prompt = request.prompt;
+      l.out.prompt = std::move(request.prompt); // (the scheduler holds its own copy for the tokens)
       l.request = std::move(request);
       live.emplace(id, std::move(l));
     }
