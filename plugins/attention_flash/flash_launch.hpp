@@ -145,8 +145,8 @@ cudaError_t launch_cache_write(const Problem& p, cudaStream_t stream);
 // kernels then run on that unquantized view. Runs after launch_cache_write.
 cudaError_t launch_dequantize(const Problem& p, int32_t* table, uint8_t* blocks, cudaStream_t stream);
 
-// Tensor-core attention over any ragged batch (prefill, chunked prefill, mixed): wgmma for
-// head_dim 64 where Problem::wgmma, mma.sync otherwise. A programmatic dependent launch where
+// Tensor-core attention over any ragged batch (prefill, chunked prefill, mixed): wgmma
+// where Problem::wgmma, mma.sync otherwise. A programmatic dependent launch where
 // Problem::programmatic (it waits for the kernel before it, the cache write, to complete).
 cudaError_t launch_prefill(const Problem& p, cudaStream_t stream);
 

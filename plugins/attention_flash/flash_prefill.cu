@@ -1,7 +1,7 @@
 // Flash: FlashAttention-style tiled attention on tensor cores (float32 accumulation) over the
 // paged KV cache, for any ragged batch. Two kernels share the work split, the masking and the
 // online softmax: prefill_kernel (mma.sync m16n8k16, any sm_80+ GPU, head_dim 64 and 128) and,
-// on compute capability 9.0 for head_dim 64, prefill_wgmma_kernel (wgmma, see there).
+// on compute capability 9.0, prefill_wgmma_kernel (wgmma, head_dim 64 and 128, see there).
 //
 // Work split. A CTA owns a tile of kRows query rows (16 per warp and m16 tile; kMT tiles per
 // warp) and streams the keys it can see in tiles of kKeys through a kStages-deep cp.async ring
@@ -102,19 +102,19 @@ struct TileWork {
 };
 // Waits for the kernel before (the cache write and q are then visible) and claims the CTA's tile;
 // false for a surplus CTA (uniform across the block). Every thread calls it (barriers inside).
-// Work items are numbered tile-major so that the heads of one tile start together.
-__device__ bool claim_tile(const PrefillArgs& a, int keys_per_tile, TileWork& w) {
-  __shared__ int s_seq, s_tile;
+// Work items are numbered tile-major so that the heads of one tile start together. `pair`: two
+// ints of shared memory that nothing else writes.
+__device__ bool claim_tile(const PrefillArgs& a, int keys_per_tile, TileWork& w, int* pair) {
   dev::wait_for_previous_kernel();
-  if (threadIdx.x == 0) s_seq = -1;
+  if (threadIdx.x == 0) pair[0] = -1;
   __syncthreads();
   w.head_group = static_cast<int>(blockIdx.x % a.head_groups);
-  if (threadIdx.x < 32) find_tile(a, static_cast<int>(blockIdx.x / a.head_groups), &s_seq, &s_tile);
+  if (threadIdx.x < 32) find_tile(a, static_cast<int>(blockIdx.x / a.head_groups), &pair[0], &pair[1]);
   __syncthreads();
-  w.s = s_seq;
-  if (w.s < 0) return false;
+  w.s = pair[0];
+  if (w.s < 0) return false;  // uniform: the whole block leaves
   w.span = dev::seq_span(a.off, a.n_tokens, w.s);
-  w.tok0 = s_tile * a.tile_tokens;  // first token of the tile, within the sequence
+  w.tok0 = pair[1] * a.tile_tokens;  // first token of the tile, within the sequence
   w.n_tok = min(a.tile_tokens, w.span.count - w.tok0);
   w.p_first = dev::token_position(a.pos, a.off, w.s, w.span.begin + w.tok0);
   w.total = w.p_first - w.tok0 + w.span.count;
@@ -140,7 +140,8 @@ __global__ void __launch_bounds__(L::kThreads) prefill_kernel(const PrefillArgs 
   T* const sV = sK + ST * N * LD;
 
   TileWork w;
-  if (!claim_tile(a, N, w)) return;
+  __shared__ int pair[2];
+  if (!claim_tile(a, N, w, pair)) return;
   const int s = w.s, tok0 = w.tok0, n_tok = w.n_tok, capacity = w.capacity, pack = w.pack, head0 = w.head0;
   const int kvh = w.kvh, kv_hi = w.kv_hi, kt0 = w.kt0, n_kt = w.n_kt;
   const int64_t p_first = w.p_first, total = w.total;
@@ -385,9 +386,10 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 __device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
 // Keeps the compiler from reading an accumulator before the wgmma that writes it has completed.
-__device__ __forceinline__ void reg_fence(float (&d)[32]) {
+template <int Size>
+__device__ __forceinline__ void reg_fence(float (&d)[Size]) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < Size; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -422,40 +424,51 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4],
 
 #endif
 
-// The sm_90a prefill for head_dim 64: the same work split, masking and online softmax as
-// prefill_kernel, with each warpgroup (4 warps) owning 64 query rows and both products on wgmma:
-// S = Q K^T with Q's fragments in registers and K read by the tensor cores from shared memory,
-// O += P V with P's fragments (the score accumulators, converted) in registers and V from
-// shared memory. Tiles are stored 128-byte swizzled (a row of 64 elements is 128 bytes), as the
-// wgmma descriptors describe them; warpgroups decide skip / mask per key tile for all their rows.
-template <int NWG, int Stages>
+// The sm_90a prefill for head_dim 64 and 128: the same work split, masking and online softmax
+// as prefill_kernel, with each warpgroup (4 warps) owning 64 query rows and both products on
+// wgmma: S = Q K^T with Q's fragments in registers and K read by the tensor cores from shared
+// memory, O += P V with P's fragments (the score accumulators, converted) in registers and V
+// from shared memory. Tiles are stored 128-byte swizzled as the wgmma descriptors describe them:
+// a row of 64 elements is 128 bytes, so a head_dim 128 tile is two panels, each holding 64 of
+// every row's elements (S sums over both; O is two 64-column halves, one m64n64 product each).
+// Warpgroups decide skip / mask per key tile for all their rows.
+template <int D_, int NWG, int Stages, int Keys = 64>
 struct WgTiling {
-  static constexpr int D = 64;
-  static constexpr int kKeys = 64;
+  static constexpr int D = D_;
+  static constexpr int kPanels = D / 64;
+  static constexpr int kKeys = Keys;
   static constexpr int kStages = Stages;
   static constexpr int kThreads = 128 * NWG;
-  static constexpr int kMinBlocks = NWG == 1 ? 3 : NWG == 2 ? 2 : 1;  // CTAs per SM the registers allow
+  // CTAs per SM that the registers allow (head_dim 128 holds twice the O accumulators).
+  static constexpr int kMinBlocks = D == 128 ? 1 : NWG == 1 ? 3 : NWG == 2 ? 2 : 1;
   static constexpr int kRows = 64 * NWG;
-  static constexpr int kTileBytes = kKeys * 128;
+  static constexpr int kPanelBytes = kKeys * 128;       // one panel of a K or V tile
+  static constexpr int kTileBytes = kPanels * kPanelBytes;
+  static constexpr int kQPanelBytes = kRows * 128;
   // Q, then K and V per stage; 1024 more so that the base can be rounded up to 1024 bytes.
-  static constexpr int kSmemBytes = 1024 + kRows * 128 + 2 * Stages * kTileBytes;
-  static_assert(Stages >= 3, "P V of a tile still reads it while the tile two ahead loads");
+  static constexpr int kSmemBytes = 1024 + kPanels * kQPanelBytes + 2 * Stages * kTileBytes;
+  static_assert((D == 64 || D == 128) && Stages >= 3, "P V of a tile still reads it while the tile two ahead loads");
 };
 
 template <class T, class L>
 __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kernel(const PrefillArgs a) {
 #if defined(LOOM_FLASH_WGMMA)
-  constexpr int D = L::D, N = L::kKeys, ST = L::kStages;
-  constexpr int kPieces = D / 8;  // 16-byte pieces per row
+  constexpr int D = L::D, N = L::kKeys, ST = L::kStages, NP = L::kPanels;
+  constexpr int kPieces = D / 8;  // 16-byte pieces per row; piece c lies in panel c / 8
   using E = dev::Elem<T>;
   extern __shared__ uint4 smem[];
   uint8_t* const base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem) + 1023) & ~uintptr_t{1023});
-  uint8_t* const sQ = base;
-  uint8_t* const sK = sQ + L::kRows * 128;  // [ST][N rows of 128 bytes]
+  uint8_t* const sQ = base;                          // [NP][kRows rows of 128 bytes]
+  uint8_t* const sK = sQ + NP * L::kQPanelBytes;  // [ST][NP][N rows of 128 bytes]
   uint8_t* const sV = sK + ST * L::kTileBytes;
 
+  // The pair lies in the first bytes of the dynamic shared memory: in the alignment padding or
+  // at the start of Q, and then read by every thread before Q's loads start (the barrier). A
+  // static pair would move the dynamic base and cost up to 1 KiB more alignment padding.
   TileWork w;
-  if (!claim_tile(a, N, w)) return;
+  const bool claimed = claim_tile(a, N, w, reinterpret_cast<int*>(smem));
+  if (!claimed) return;
+  __syncthreads();
   const int s = w.s, tok0 = w.tok0, n_tok = w.n_tok, capacity = w.capacity, pack = w.pack, head0 = w.head0;
   const int kvh = w.kvh, kv_hi = w.kv_hi, kt0 = w.kt0, n_kt = w.n_kt;
   const int64_t p_first = w.p_first, total = w.total;
@@ -488,13 +501,13 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
     const bool ok = tl < n_tok;
     const int64_t token = span.begin + tok0 + tl;
     const T* src = ok ? q + (token * a.n_heads + head0 + (r & (pack - 1))) * D + c * 8 : q;
-    dev::cp_async16(sQ + sw128_offset(r, c), src, ok);
+    dev::cp_async16(sQ + (c >> 3) * L::kQPanelBytes + sw128_offset(r, c & 7), src, ok);
   }
 
   auto load_kv = [&](int kt, int buf) {
     const int c = threadIdx.x % kPieces;
-    uint8_t* const k_dst = sK + buf * L::kTileBytes;
-    uint8_t* const v_dst = sV + buf * L::kTileBytes;
+    uint8_t* const k_dst = sK + buf * L::kTileBytes + (c >> 3) * L::kPanelBytes;
+    uint8_t* const v_dst = sV + buf * L::kTileBytes + (c >> 3) * L::kPanelBytes;
 #pragma unroll
     for (int r = threadIdx.x / kPieces; r < N; r += L::kThreads / kPieces) {
       const int j = kt * N + r;
@@ -502,8 +515,8 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
       const bool ok = at >= 0;
       const uint8_t* key = ok ? a.pool.base + at + c * 16 : a.pool.base;
       const uint8_t* value = ok ? key + a.pool.values_bytes : a.pool.base;
-      dev::cp_async16(k_dst + sw128_offset(r, c), key, ok);
-      dev::cp_async16(v_dst + sw128_offset(r, c), value, ok);
+      dev::cp_async16(k_dst + sw128_offset(r, c & 7), key, ok);
+      dev::cp_async16(v_dst + sw128_offset(r, c & 7), value, ok);
     }
   };
   // P V of one key tile runs on the tensor cores while the softmax of the next one runs on the
@@ -522,12 +535,15 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
   }
 
   uint32_t qf[D / 16][4];
-  float o[32], sc[32];
+  // O's 64-column halves (head_dim 128) or whole (64); S as N / 64 m64n64 accumulators in a
+  // row, so that element 4 nb + e holds key column 8 nb + 2 tq + (e & 1) for any N.
+  float o[NP][32], sc[N / 2];
 #pragma unroll
-  for (int e = 0; e < 32; ++e) {
-    o[e] = 0.0f;
-    sc[e] = 0.0f;
-  }
+  for (int e = 0; e < 32; ++e)
+#pragma unroll
+    for (int h = 0; h < NP; ++h) o[h][e] = 0.0f;
+#pragma unroll
+  for (int e = 0; e < N / 2; ++e) sc[e] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const float scale = a.scale_log2;  // > 0
   const uint64_t k_desc = sw128_desc(dev::smem_addr(sK)), v_desc = sw128_desc(dev::smem_addr(sV));
@@ -535,17 +551,24 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
   uint32_t pa[N / 16][4];
   bool have_p = false;  // pa holds P of the previous tile, whose P V is not issued yet
   int p_buf = 0;
+  auto fence_o = [&] {
+#pragma unroll
+    for (int h = 0; h < NP; ++h) reg_fence(o[h]);
+  };
   auto issue_pv = [&](int b) {
-    reg_fence(o);
+    fence_o();
 #pragma unroll
     for (int kk = 0; kk < N / 16; ++kk)
 #pragma unroll
       for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(pa[kk][e])::"memory");
     wgmma_fence();
-    // O += P V: four k-steps of 16 keys; V is N-major (a key's 64 values are one row).
+    // O += P V: four k-steps of 16 keys per 64-column half; V is N-major (a key's 64 values of
+    // a panel are one row).
 #pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk)
-      wgmma_rs<T, 1>(o, pa[kk], v_desc + ((b * L::kTileBytes + kk * 2048) >> 4), 1);
+    for (int h = 0; h < NP; ++h)
+#pragma unroll
+      for (int kk = 0; kk < N / 16; ++kk)
+        wgmma_rs<T, 1>(o[h], pa[kk], v_desc + ((b * L::kTileBytes + h * L::kPanelBytes + kk * 2048) >> 4), 1);
     wgmma_commit();
   };
 
@@ -560,7 +583,7 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        dev::ldmatrix_x4(qf[kk], sQ + sw128_offset(r, 2 * kk + (lane >> 4)));
+        dev::ldmatrix_x4(qf[kk], sQ + (kk >> 2) * L::kQPanelBytes + sw128_offset(r, 2 * (kk & 3) + (lane >> 4)));
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           qf[kk][e] ^= a.q_sign;
@@ -571,74 +594,89 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
     const int key0 = (kt0 + it) * N;
     const int buf = it % ST;
     // Uniform over the warpgroup, as wgmma needs.
-    const bool live = wg_live && key0 <= hi_max && key0 + N - 1 >= lo_min;
-    if (live) {
-      // S = Q K^T: 64 rows x 64 keys per warpgroup, four k-steps of 16 along D. The fences order
-      // every ordinary write of the operand registers before wgmma.fence, as wgmma requires.
-      reg_fence(sc);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        wgmma_rs<T, 0>(sc, qf[kk], k_desc + ((buf * L::kTileBytes + kk * 32) >> 4), kk);
-      wgmma_commit();
-    }
-    if (have_p) issue_pv(p_buf);
+    const bool live = __shfl_sync(0xffffffffu, static_cast<int>(wg_live && key0 <= hi_max && key0 + N - 1 >= lo_min), 0) != 0;
     if (!live) {
-      if (have_p) wgmma_wait_all();
-      reg_fence(o);
+      if (have_p) {
+        issue_pv(p_buf);
+        wgmma_wait_all();
+        fence_o();
+      }
       have_p = false;
       continue;
     }
-    if (have_p) wgmma_wait<1>();  // S has landed; P V may still run
-    else wgmma_wait_all();
+    // S = Q K^T: 64 rows x 64 keys per warpgroup, D / 16 k-steps of 16 along D (four per
+    // panel). The fences order every ordinary write of the operand registers before
+    // wgmma.fence, as wgmma requires.
     reg_fence(sc);
-
-    if (!(key0 >= lo_max && key0 + N - 1 <= hi_min)) {  // some row sees part of the tile
+    wgmma_fence();
 #pragma unroll
-      for (int e = 0; e < 32; ++e) {
-        const int i = (e >> 1) & 1;
-        const int j = key0 + (e >> 2) * 8 + tq * 2 + (e & 1);
-        if (j < row_lo[i] || j > row_hi[i]) sc[e] = -INFINITY;
-      }
-    }
+    for (int ns = 0; ns < N / 64; ++ns)
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_rs<T, 0>(*reinterpret_cast<float(*)[32]>(sc + 32 * ns), qf[kk],
+                       k_desc + ((buf * L::kTileBytes + (kk >> 2) * L::kPanelBytes + ns * 64 * 128 + (kk & 3) * 32) >> 4),
+                       kk);
+    wgmma_commit();
 
+    // The softmax of S; reads and writes sc only. ptxas tracks which wgmma results are complete
+    // along each path, not across two branches on the same flag: each order of waits below
+    // lies in one branch, or it would serialise every wgmma of the kernel (its C7514 / C7518
+    // notes) to keep the accumulators safe.
     float alpha[2];
     bool moved = false;
+    auto softmax = [&] {
+      if (!(key0 >= lo_max && key0 + N - 1 <= hi_min)) {  // some row sees part of the tile
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < N / 8; ++nb) mx = fmaxf(mx, fmaxf(sc[4 * nb + 2 * i], sc[4 * nb + 2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // Lazy rescaling: the max moves only when a tile beats it by more than 8 (log2 units), so
-      // P stays below 256 (exact enough in bf16/f16, far from overflow) and O and the sum are
-      // rescaled only in warps where some row's max moved.
-      const float mx_s = mx * scale;
-      const float m_new = mx_s > m[i] + 8.0f ? mx_s : m[i];
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-      alpha[i] = fast_exp2(m[i] - m_use);
-      moved |= m_new != m[i];
-      m[i] = m_new;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nb = 0; nb < N / 8; ++nb)
-#pragma unroll
-        for (int e = 4 * nb + 2 * i; e < 4 * nb + 2 * i + 2; ++e) {
-          sc[e] = fast_exp2(fmaf(sc[e], scale, -m_use));
-          sum += sc[e];
+        for (int e = 0; e < N / 2; ++e) {
+          const int i = (e >> 1) & 1;
+          const int j = key0 + (e >> 2) * 8 + tq * 2 + (e & 1);
+          if (j < row_lo[i] || j > row_hi[i]) sc[e] = -INFINITY;
         }
-      l[i] = l[i] * alpha[i] + sum;
-    }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < N / 8; ++nb) mx = fmaxf(mx, fmaxf(sc[4 * nb + 2 * i], sc[4 * nb + 2 * i + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // Lazy rescaling: the max moves only when a tile beats it by more than 8 (log2 units),
+        // so P stays below 256 (exact enough in bf16/f16, far from overflow) and O and the sum
+        // are rescaled only in warps where some row's max moved.
+        const float mx_s = mx * scale;
+        const float m_new = mx_s > m[i] + 8.0f ? mx_s : m[i];
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
+        alpha[i] = fast_exp2(m[i] - m_use);
+        moved |= m_new != m[i];
+        m[i] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nb = 0; nb < N / 8; ++nb)
+#pragma unroll
+          for (int e = 4 * nb + 2 * i; e < 4 * nb + 2 * i + 2; ++e) {
+            sc[e] = fast_exp2(fmaf(sc[e], scale, -m_use));
+            sum += sc[e];
+          }
+        l[i] = l[i] * alpha[i] + sum;
+      }
+    };
     if (have_p) {
+      issue_pv(p_buf);  // P V of the previous tile runs on the tensor cores during the softmax
+      wgmma_wait<1>();  // S has landed
+      reg_fence(sc);
+      softmax();
       wgmma_wait_all();  // P V of the previous tile is in O
-      reg_fence(o);
+      fence_o();
+    } else {
+      wgmma_wait_all();
+      reg_fence(sc);
+      softmax();
     }
     if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd)
+      for (int h = 0; h < NP; ++h)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) o[4 * nd + e] *= alpha[(e >> 1) & 1];
+        for (int e = 0; e < 32; ++e) o[h][e] *= alpha[(e >> 1) & 1];
     }
     // Key columns 8 nb .. 8 nb + 7 are k-half (nb & 1) of P's k-step nb / 2.
 #pragma unroll
@@ -651,7 +689,7 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
   if (have_p) {
     issue_pv(p_buf);
     wgmma_wait_all();
-    reg_fence(o);
+    fence_o();
   }
   dev::cp_async_wait<0>();
 
@@ -667,23 +705,29 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
     const int64_t token = span.begin + tok0 + (r >> a.pack_shift);
     T* const dst = out + (token * a.n_heads + head0 + (r & (pack - 1))) * D + tq * 2;
 #pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd)
-      *reinterpret_cast<uint32_t*>(dst + nd * 8) = E::pack(o[4 * nd + 2 * i] * inv, o[4 * nd + 2 * i + 1] * inv);
+    for (int nd = 0; nd < D / 8; ++nd) {
+      const float* const oh = o[nd >> 3];
+      const int e = 4 * (nd & 7) + 2 * i;
+      *reinterpret_cast<uint32_t*>(dst + nd * 8) = E::pack(oh[e] * inv, oh[e + 1] * inv);
+    }
   }
 #else
-  static_assert(L::D == 64 && L::kStages >= 3, "tiling");  // launched on compute capability 9.0 only
+  static_assert(L::kStages >= 3, "tiling");  // launched on compute capability 9.0 only
   (void)a;
 #endif
 }
 
-// The tilings in use (measured on H200, bf16, 32 heads over 8 KV heads, one causal 2048-token
-// prompt): head_dim 64 on sm_90a takes the wgmma kernel, two warpgroups and three stages
-// (about 80 us a layer, cache write included, against 87 for the best mma.sync tiling,
-// Prefill64); head_dim 128 takes 8 warps of 16 rows (209 us, against 255 with 4 warps).
+// The tilings in use (bf16, 32 heads over 8 KV heads, causal prompts of 2k-8k tokens). On sm_90a
+// the wgmma kernel, two warpgroups and three stages: head_dim 64 with 64 keys a tile (two CTAs
+// an SM), head_dim 128 with 128 (3-4% faster than 64 on the H100; one CTA an SM, 229
+// registers). One warpgroup a CTA (more CTAs an SM) was 25-35% slower at both head dims, four
+// stages no faster. Elsewhere mma.sync: head_dim 64 as Prefill64 (87 us a 2048-token layer on
+// H200 against the wgmma kernel's 80 before its wgmma stopped being serialised), head_dim 128
+// with 8 warps of 16 rows (209 us, against 255 with 4 warps).
 using Prefill64 = Tiling<64, 4, 2, 64, 3>;
 using Prefill128 = Tiling<128, 8, 1, 64, 2>;
-using Prefill64Wgmma = WgTiling<2, 3>;
-
+using Prefill64Wgmma = WgTiling<64, 2, 3>;
+using Prefill128Wgmma = WgTiling<128, 2, 3, 128>;
 template <class T, class L, bool Wg = false>
 cudaError_t launch(const Problem& p, cudaStream_t stream) {
   PrefillArgs a;
@@ -728,13 +772,13 @@ cudaError_t configure() {
 
 template <class T>
 cudaError_t configure_type(int head_dim, bool wgmma) {
-  if (head_dim != 64) return configure<T, Prefill128>();
+  if (head_dim != 64) return wgmma ? configure<T, Prefill128Wgmma, true>() : configure<T, Prefill128>();
   return wgmma ? configure<T, Prefill64Wgmma, true>() : configure<T, Prefill64>();
 }
 
 template <class T>
 cudaError_t launch_type(const Problem& p, cudaStream_t stream) {
-  if (p.head_dim != 64) return launch<T, Prefill128>(p, stream);
+  if (p.head_dim != 64) return p.wgmma ? launch<T, Prefill128Wgmma, true>(p, stream) : launch<T, Prefill128>(p, stream);
   return p.wgmma ? launch<T, Prefill64Wgmma, true>(p, stream) : launch<T, Prefill64>(p, stream);
 }
 
