@@ -6,39 +6,21 @@ usage: python3 bench/gemm_shapes_torch.py
 For M = 32, 64 and 128 rows (the batch of a decode step) times x @ w.t() for each linear of a
 Llama-3.2-1B-shape layer and the lm_head: 10 calls captured in one CUDA graph, each on another
 copy of the weight (at least 200 MB of copies in all, so that weights come from memory and not
-from L2), 3 warm-up replays, the median of 50 replays divided by 10. Prints microseconds and the
+from L2), 3 warm-up replays, the median of 50 replays divided by 10 (attention_vs_torch's timing). Prints microseconds and the
 weight-read rate per shape, and the per-step total (16 layers + lm_head). A reference for the
 profile in BENCHMARKS.md ("Where a batch-64 decode step goes").
 """
+import os
+import sys
+
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_vs_torch import graph_median_us  # noqa: E402  (the same graph-replay timing)
 
 SHAPES = {"qkv": (2048, 3072), "o": (2048, 2048), "gate_up": (2048, 16384), "down": (8192, 2048),
           "lm_head": (2048, 128256)}
 LAYERS = 16
-
-
-def median_us(fn, calls=10, reps=50):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1000.0 / calls)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main():
@@ -49,13 +31,7 @@ def main():
             copies = max(1, int(2e8 // (n * k * 2)) + 1)
             weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            turn = [0]
-
-            def call():
-                turn[0] = (turn[0] + 1) % len(weights)
-                return x @ weights[turn[0]].t()
-
-            us = median_us(call)
+            us = graph_median_us(lambda i: x @ weights[i % len(weights)].t(), calls=10, reps=50, warmup=3)
             nbytes = n * k * 2
             times = 1 if name == "lm_head" else LAYERS
             total_us += us * times
