@@ -393,6 +393,35 @@ __device__ __forceinline__ void reg_fence(float (&d)[Size]) {
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// Shared-memory barriers (mbarrier) and named barriers, for the ping-pong tiling.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(dev::smem_addr(bar)), "r"(count) : "memory");
+}
+// One arrival, made when every cp.async this thread issued so far has landed.
+__device__ __forceinline__ void mbar_arrive_on_copies(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(dev::smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(dev::smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+  asm volatile(
+      "{ .reg .pred done;\n"
+      "LOOM_MBAR_WAIT%=: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra LOOM_MBAR_WAIT%=; }\n" ::"r"(dev::smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// Barrier ids as immediates: an id in a register makes ptxas reserve all 16 of the CTA's.
+template <int Id>
+__device__ __forceinline__ void named_sync(int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(Id), "r"(threads) : "memory");
+}
+template <int Id>
+__device__ __forceinline__ void named_arrive(int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(Id), "r"(threads) : "memory");
+}
+
 // d (64 x 64, this thread's 32 floats) (+)= a (64 x 16 from registers, the mma.sync A fragment of
 // each warp's 16 rows) * b (16 x 64 in shared memory, descriptor `b`). TransB: b is stored
 // N-major ([k][n], as V is); else K-major ([n][k], as K is). accumulate == 0 overwrites d.
@@ -431,10 +460,16 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4],
 // from shared memory. Tiles are stored 128-byte swizzled as the wgmma descriptors describe them:
 // a row of 64 elements is 128 bytes, so a head_dim 128 tile is two panels, each holding 64 of
 // every row's elements (S sums over both; O is two 64-column halves, one m64n64 product each).
-// Warpgroups decide skip / mask per key tile for all their rows.
-template <int D_, int NWG, int Stages, int Keys = 64>
+// Warpgroups decide skip / mask per key tile for all their rows. Without PingPong every thread
+// copies part of each K/V tile and the CTA meets at one barrier per tile, so both warpgroups do
+// their softmax at the same time. With PingPong (two warpgroups) the copies complete on
+// mbarriers (full[stage], armed by cp.async.mbarrier.arrive), each warp frees a stage on
+// another mbarrier (empty[stage]) once its P V has read it, and the warpgroups take turns to
+// issue their wgmma, so that one's softmax overlaps the other's products.
+template <int D_, int NWG, int Stages, int Keys = 64, bool PingPong = false>
 struct WgTiling {
   static constexpr int D = D_;
+  static constexpr bool kPingPong = PingPong;
   static constexpr int kPanels = D / 64;
   static constexpr int kKeys = Keys;
   static constexpr int kStages = Stages;
@@ -446,7 +481,8 @@ struct WgTiling {
   static constexpr int kTileBytes = kPanels * kPanelBytes;
   static constexpr int kQPanelBytes = kRows * 128;
   // Q, then K and V per stage; 1024 more so that the base can be rounded up to 1024 bytes.
-  static constexpr int kSmemBytes = 1024 + kPanels * kQPanelBytes + 2 * Stages * kTileBytes;
+  static constexpr int kSmemBytes = 1024 + kPanels * kQPanelBytes + 2 * Stages * kTileBytes + (PingPong ? 16 * Stages : 0);
+  static_assert(!PingPong || NWG == 2, "ping-pong alternates two warpgroups");
   static_assert((D == 64 || D == 128) && Stages >= 3, "P V of a tile still reads it while the tile two ahead loads");
 };
 
@@ -468,6 +504,17 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
   TileWork w;
   const bool claimed = claim_tile(a, N, w, reinterpret_cast<int*>(smem));
   if (!claimed) return;
+  // Ping-pong: full[b] completes when every thread's copies into buffer b have landed; empty[b]
+  // when every warp has finished reading it (its P V complete).
+  uint64_t* const full = reinterpret_cast<uint64_t*>(sV + ST * L::kTileBytes);
+  uint64_t* const empty = full + ST;
+  if constexpr (L::kPingPong) {
+    if (threadIdx.x == 0)
+      for (int b = 0; b < ST; ++b) {
+        mbar_init(full + b, L::kThreads);
+        mbar_init(empty + b, L::kThreads / 32);
+      }
+  }
   __syncthreads();
   const int s = w.s, tok0 = w.tok0, n_tok = w.n_tok, capacity = w.capacity, pack = w.pack, head0 = w.head0;
   const int kvh = w.kvh, kv_hi = w.kv_hi, kt0 = w.kt0, n_kt = w.n_kt;
@@ -530,7 +577,10 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
   static_assert(kAhead >= 1, "stages");
 #pragma unroll
   for (int st = 0; st < kAhead; ++st) {
-    if (st < n_kt) load_kv(kt0 + st, st);
+    if (st < n_kt) {
+      load_kv(kt0 + st, st);
+      if constexpr (L::kPingPong) mbar_arrive_on_copies(full + st);  // the first also covers Q
+    }
     dev::cp_async_commit();
   }
 
@@ -572,11 +622,44 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
     wgmma_commit();
   };
 
+  // Ping-pong: the two warpgroups take turns to issue their wgmma (named barriers 1 and 2, one
+  // per warpgroup's turn), so that one's softmax runs while the other's products occupy the
+  // tensor cores; no block-wide barrier per tile, so they can drift apart by part of a tile.
+  auto release = [&](int b) {
+    if constexpr (L::kPingPong)
+      if (lane == 0) mbar_arrive(empty + b);
+  };
+  auto turn_begin = [&] {
+    if constexpr (L::kPingPong) {
+      if (wg == 0) named_sync<1>(2 * 128);
+      else named_sync<2>(2 * 128);
+    }
+  };
+  auto turn_end = [&](int it) {  // the other warpgroup's turn (none after warpgroup 1's last)
+    if constexpr (L::kPingPong) {
+      if (wg == 0) named_arrive<2>(2 * 128);
+      else if (it != n_kt - 1) named_arrive<1>(2 * 128);
+    }
+  };
+  if constexpr (L::kPingPong)
+    if (wg == 1 && n_kt > 0) named_arrive<1>(2 * 128);  // warpgroup 0 goes first
+
   for (int it = 0; it < n_kt; ++it) {
-    dev::cp_async_wait<kAhead - 1>();
-    fence_proxy_async();  // the tensor cores read what cp.async wrote
-    __syncthreads();      // ... every thread's part; and the buffer refilled next is free
-    if (it + kAhead < n_kt) load_kv(kt0 + it + kAhead, (it + kAhead) % ST);
+    if constexpr (L::kPingPong) {
+      mbar_wait(full + it % ST, (it / ST) & 1);
+      fence_proxy_async();  // the tensor cores read what cp.async wrote
+      const int next = it + kAhead;
+      if (next < n_kt) {
+        if (next >= ST) mbar_wait(empty + next % ST, ((next / ST) + 1) & 1);
+        load_kv(kt0 + next, next % ST);
+        mbar_arrive_on_copies(full + next % ST);
+      }
+    } else {
+      dev::cp_async_wait<kAhead - 1>();
+      fence_proxy_async();  // the tensor cores read what cp.async wrote
+      __syncthreads();      // ... every thread's part; and the buffer refilled next is free
+      if (it + kAhead < n_kt) load_kv(kt0 + it + kAhead, (it + kAhead) % ST);
+    }
     dev::cp_async_commit();
 
     if (it == 0) {
@@ -595,12 +678,18 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
     const int buf = it % ST;
     // Uniform over the warpgroup, as wgmma needs.
     const bool live = __shfl_sync(0xffffffffu, static_cast<int>(wg_live && key0 <= hi_max && key0 + N - 1 >= lo_min), 0) != 0;
+    turn_begin();
     if (!live) {
       if (have_p) {
         issue_pv(p_buf);
+        turn_end(it);
         wgmma_wait_all();
         fence_o();
+        release(p_buf);
+      } else {
+        turn_end(it);
       }
+      release(buf);  // never read
       have_p = false;
       continue;
     }
@@ -662,12 +751,15 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
     };
     if (have_p) {
       issue_pv(p_buf);  // P V of the previous tile runs on the tensor cores during the softmax
+      turn_end(it);
       wgmma_wait<1>();  // S has landed
       reg_fence(sc);
       softmax();
       wgmma_wait_all();  // P V of the previous tile is in O
       fence_o();
+      release(p_buf);
     } else {
+      turn_end(it);
       wgmma_wait_all();
       reg_fence(sc);
       softmax();
@@ -691,7 +783,7 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
     wgmma_wait_all();
     fence_o();
   }
-  dev::cp_async_wait<0>();
+  dev::cp_async_wait<0>();  // (ping-pong: every copy was waited for through full[])
 
   T* const out = static_cast<T*>(a.out);
 #pragma unroll
@@ -712,22 +804,23 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
     }
   }
 #else
-  static_assert(L::kStages >= 3, "tiling");  // launched on compute capability 9.0 only
+  static_assert(L::kStages >= 3 && (L::kPingPong || !L::kPingPong), "tiling");  // launched on 9.0 only
   (void)a;
 #endif
 }
 
 // The tilings in use (bf16, 32 heads over 8 KV heads, causal prompts of 2k-8k tokens). On sm_90a
 // the wgmma kernel, two warpgroups and three stages: head_dim 64 with 64 keys a tile (two CTAs
-// an SM), head_dim 128 with 128 (3-4% faster than 64 on the H100; one CTA an SM, 229
-// registers). One warpgroup a CTA (more CTAs an SM) was 25-35% slower at both head dims, four
-// stages no faster. Elsewhere mma.sync: head_dim 64 as Prefill64 (87 us a 2048-token layer on
+// an SM), head_dim 128 with 128 (3-4% faster than 64 on the H100; one CTA an SM, 240
+// registers) and ping-pong (2-4% faster at head_dim 128, 8-10% slower at 64, where two CTAs
+// an SM already overlap each other's softmax). One warpgroup a CTA (more CTAs an SM) was 25-35%
+// slower at both head dims, four stages no faster. Elsewhere mma.sync: head_dim 64 as Prefill64 (87 us a 2048-token layer on
 // H200 against the wgmma kernel's 80 before its wgmma stopped being serialised), head_dim 128
 // with 8 warps of 16 rows (209 us, against 255 with 4 warps).
 using Prefill64 = Tiling<64, 4, 2, 64, 3>;
 using Prefill128 = Tiling<128, 8, 1, 64, 2>;
 using Prefill64Wgmma = WgTiling<64, 2, 3>;
-using Prefill128Wgmma = WgTiling<128, 2, 3, 128>;
+using Prefill128Wgmma = WgTiling<128, 2, 3, 128, true>;
 template <class T, class L, bool Wg = false>
 cudaError_t launch(const Problem& p, cudaStream_t stream) {
   PrefillArgs a;
