@@ -551,14 +551,29 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
     dev::cp_async16(sQ + (c >> 3) * L::kQPanelBytes + sw128_offset(r, c & 7), src, ok);
   }
 
+  // A thread copies piece c of kRowsPerThread consecutive key rows, so that where a cache block
+  // holds them all (block size >= kRowsPerThread) one table lookup serves them: the copies are
+  // issued by the same warps that do the softmax, and their address arithmetic is part of the
+  // instruction stream that bounds this kernel.
+  constexpr int kRowsPerThread = N / (L::kThreads / kPieces);
+  static_assert(kRowsPerThread >= 1 && (kRowsPerThread & (kRowsPerThread - 1)) == 0, "rows per thread");
+  const bool one_block = (1 << a.pool.block_shift) >= kRowsPerThread;
   auto load_kv = [&](int kt, int buf) {
     const int c = threadIdx.x % kPieces;
     uint8_t* const k_dst = sK + buf * L::kTileBytes + (c >> 3) * L::kPanelBytes;
     uint8_t* const v_dst = sV + buf * L::kTileBytes + (c >> 3) * L::kPanelBytes;
+    const int r0 = (threadIdx.x / kPieces) * kRowsPerThread;
+    const int j0 = kt * N + r0;
+    const int64_t block0 = one_block && j0 <= kv_hi ? a.pool.block_offset(s, j0) : -1;
 #pragma unroll
-    for (int r = threadIdx.x / kPieces; r < N; r += L::kThreads / kPieces) {
-      const int j = kt * N + r;
-      const int64_t at = j <= kv_hi ? a.pool.key_offset(s, j, kvh) : -1;
+    for (int u = 0; u < kRowsPerThread; ++u) {
+      const int r = r0 + u;
+      const int j = j0 + u;
+      int64_t at = -1;
+      if (j <= kv_hi) {
+        if (one_block) at = block0 < 0 ? -1 : block0 + static_cast<int64_t>(a.pool.key_row(j, kvh)) * a.pool.row_bytes;
+        else at = a.pool.key_offset(s, j, kvh);
+      }
       const bool ok = at >= 0;
       const uint8_t* key = ok ? a.pool.base + at + c * 16 : a.pool.base;
       const uint8_t* value = ok ? key + a.pool.values_bytes : a.pool.base;
