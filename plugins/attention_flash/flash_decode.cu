@@ -159,15 +159,26 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   const uint8_t* kp[kUnroll];
   [[maybe_unused]] const uint8_t* ksp[kUnroll];  // quantized: the key row's scale (the value's is B * Hkv * 4 further)
   [[maybe_unused]] bool fresh[kUnroll];
+  // A lane group's kUnroll keys of a trip are consecutive, so that one table lookup serves those
+  // in the same cache block (a lookup is a dependent load in front of the trip's copies).
   auto locate = [&](int base) {
+    int64_t looked_up = -1, block_at = -1;  // the last logical block looked up, and its offset
+    auto block_of = [&](int j) {
+      const int64_t logical = j >> a.pool.block_shift;
+      if (logical != looked_up) {
+        looked_up = logical;
+        block_at = a.pool.block_offset(s, j);
+      }
+      return block_at;
+    };
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int j = base + u * kGroups + grp;
+      const int j = base + grp * kUnroll + u;
       kp[u] = nullptr;
       fresh[u] = j >= new_begin;
       if (j < k_end) {
         if constexpr (kQuant) {
-          const int64_t block = a.pool.block_offset(s, j);
+          const int64_t block = block_of(j);
           if (block >= 0) {
             const int64_t row = a.pool.key_row(j, kvh);
             kp[u] = a.pool.base + block + row * D + li * 8;
@@ -177,8 +188,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
           if (j - new_begin < span.count)
             kp[u] = a.k + ((span.begin + (j - new_begin)) * a.pool.kv_heads + kvh) * row_bytes + li * 16;
         } else {
-          const int64_t at = a.pool.key_offset(s, j, kvh);
-          if (at >= 0) kp[u] = a.pool.base + at + li * 16;
+          const int64_t block = block_of(j);
+          if (block >= 0) kp[u] = a.pool.base + block + static_cast<int64_t>(a.pool.key_row(j, kvh)) * row_bytes + li * 16;
         }
       }
     }
