@@ -826,12 +826,13 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
 
 // The tilings in use (bf16, 32 heads over 8 KV heads, causal prompts of 2k-8k tokens). On sm_90a
 // the wgmma kernel, two warpgroups and three stages: head_dim 64 with 64 keys a tile (two CTAs
-// an SM), head_dim 128 with 128 (3-4% faster than 64 on the H100; one CTA an SM, 240
+// an SM), head_dim 128 with 128 (3-4% faster than 64 on the H100; one CTA an SM, about 240
 // registers) and ping-pong (2-4% faster at head_dim 128, 8-10% slower at 64, where two CTAs
 // an SM already overlap each other's softmax). One warpgroup a CTA (more CTAs an SM) was 25-35%
-// slower at both head dims, four stages no faster. Elsewhere mma.sync: head_dim 64 as Prefill64 (87 us a 2048-token layer on
-// H200 against the wgmma kernel's 80 before its wgmma stopped being serialised), head_dim 128
-// with 8 warps of 16 rows (209 us, against 255 with 4 warps).
+// slower at both head dims, four stages no faster. Elsewhere mma.sync: head_dim 64 as
+// Prefill64 (87 us a 2048-token layer on H200 against the wgmma kernel's 80 before its wgmma
+// stopped being serialised), head_dim 128 with 8 warps of 16 rows (209 us, against 255 with 4
+// warps). BENCHMARKS.md has the measurements.
 using Prefill64 = Tiling<64, 4, 2, 64, 3>;
 using Prefill128 = Tiling<128, 8, 1, 64, 2>;
 using Prefill64Wgmma = WgTiling<64, 2, 3>;
