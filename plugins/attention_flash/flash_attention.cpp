@@ -131,8 +131,7 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
                        : kv_format_ == KvFormat::fp8 ? DLDataType{kvcache::kDLFloat8E4M3fnCode, 8, 1}
                                                      : c.dtype;
   layout.bytes_per_block = bytes_per_block;
-  if (layout.struct_size >= offsetof(loom_kv_layout, window) + sizeof(layout.window))  // (ABI 1.4)
-    layout.window = prepared_problem_.window;
+  layout.window = prepared_problem_.window;  // a host before ABI 1.4 does not get it back (the glue)
 }
 
 // Scratch for split decode, sized once from the geometry: a batch of one token can split its

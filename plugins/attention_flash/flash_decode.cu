@@ -189,7 +189,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
             kp[u] = a.k + ((span.begin + (j - new_begin)) * a.pool.kv_heads + kvh) * row_bytes + li * 16;
         } else {
           const int64_t block = block_of(j);
-          if (block >= 0) kp[u] = a.pool.base + block + static_cast<int64_t>(a.pool.key_row(j, kvh)) * row_bytes + li * 16;
+          const int64_t at = a.pool.key_offset_in(block, j, kvh);
+          if (at >= 0) kp[u] = a.pool.base + at + li * 16;
         }
       }
     }

@@ -153,7 +153,11 @@ struct Pool {
   // Byte offset of the key row of (sequence s, position pos, kv head h) from `base`, or -1 when
   // the table has no valid block there. The value row is values_bytes further.
   __device__ __forceinline__ int64_t key_offset(int s, int64_t pos, int h) const {
-    const int64_t block = block_offset(s, pos);
+    return key_offset_in(block_offset(s, pos), pos, h);
+  }
+  // The same, with the block's offset already looked up (block_offset of a position in the same
+  // block), so that one lookup serves several keys of a block.
+  __device__ __forceinline__ int64_t key_offset_in(int64_t block, int64_t pos, int h) const {
     return block < 0 ? -1 : block + static_cast<int64_t>(key_row(pos, h)) * row_bytes;
   }
 };

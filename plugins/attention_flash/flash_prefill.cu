@@ -481,8 +481,9 @@ struct WgTiling {
   static constexpr int kTileBytes = kPanels * kPanelBytes;
   static constexpr int kQPanelBytes = kRows * 128;
   // Q, then K and V per stage; 1024 more so that the base can be rounded up to 1024 bytes.
-  static constexpr int kSmemBytes = 1024 + kPanels * kQPanelBytes + 2 * Stages * kTileBytes + (PingPong ? 16 * Stages : 0);
-  static_assert(!PingPong || NWG == 2, "ping-pong alternates two warpgroups");
+  // With PingPong, 2 * Stages mbarriers of 8 bytes after them.
+  static constexpr int kSmemBytes = 1024 + kPanels * kQPanelBytes + 2 * Stages * kTileBytes + (kPingPong ? 16 * Stages : 0);
+  static_assert(!kPingPong || NWG == 2, "ping-pong alternates two warpgroups");
   static_assert((D == 64 || D == 128) && Stages >= 3, "P V of a tile still reads it while the tile two ahead loads");
 };
 
@@ -571,8 +572,7 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
       const int j = j0 + u;
       int64_t at = -1;
       if (j <= kv_hi) {
-        if (one_block) at = block0 < 0 ? -1 : block0 + static_cast<int64_t>(a.pool.key_row(j, kvh)) * a.pool.row_bytes;
-        else at = a.pool.key_offset(s, j, kvh);
+        at = one_block ? a.pool.key_offset_in(block0, j, kvh) : a.pool.key_offset(s, j, kvh);
       }
       const bool ok = at >= 0;
       const uint8_t* key = ok ? a.pool.base + at + c * 16 : a.pool.base;
@@ -819,7 +819,7 @@ __global__ void __launch_bounds__(L::kThreads, L::kMinBlocks) prefill_wgmma_kern
     }
   }
 #else
-  static_assert(L::kStages >= 3 && (L::kPingPong || !L::kPingPong), "tiling");  // launched on 9.0 only
+  static_assert(L::kStages >= 3, "tiling");  // launched on compute capability 9.0 only
   (void)a;
 #endif
 }
@@ -837,6 +837,7 @@ using Prefill64 = Tiling<64, 4, 2, 64, 3>;
 using Prefill128 = Tiling<128, 8, 1, 64, 2>;
 using Prefill64Wgmma = WgTiling<64, 2, 3>;
 using Prefill128Wgmma = WgTiling<128, 2, 3, 128, true>;
+
 template <class T, class L, bool Wg = false>
 cudaError_t launch(const Problem& p, cudaStream_t stream) {
   PrefillArgs a;

@@ -102,8 +102,7 @@ struct Sdpa {
     out.block_size = static_cast<int32_t>(block_size);
     out.cache_dtype = cache_dtype_of(format);
     out.bytes_per_block = static_cast<uint64_t>(kv.bytes_per_block());
-    if (out.struct_size >= offsetof(loom_kv_layout, window) + sizeof(out.window))  // (ABI 1.4)
-      out.window = cfg.sliding_window;
+    out.window = cfg.sliding_window;  // a host before ABI 1.4 does not get it back (the glue)
   }
 
   void forward(const loom_attention_batch& b) {

@@ -4,6 +4,7 @@
 // it touches a GPU. Numerics on the GPU are in attention_cuda_test.cpp.
 #include <catch2/catch.hpp>
 
+#include <cstddef>
 #include <cstdio>
 
 #include <cmath>
@@ -62,11 +63,12 @@ TEST_CASE("sliding_window sets the window the plugin applies and reports (ABI 1.
     // 0 (the default): the model's window, reported back; none when the model has none.
     auto rt = bt::runtime("[attention]\nuse = \"" + name + "\"\n");
     const Prepared first = prepare(*rt, model_window);
-    if (name == "flash" && first.status != LOOM_OK) { // flash's prepare needs a device
+    if (name == "flash" && first.status == LOOM_ERR_DEVICE) { // flash's prepare needs a device
       std::printf("flash: prepare failed (%s): its window checks are skipped without a CUDA device\n",
                   first.error.c_str());
       continue;
     }
+    REQUIRE(first.status == LOOM_OK);
     CHECK(first.layout.window == 32);
     CHECK(prepare(*rt, config(8, 2, 64, dtype, device)).layout.window == 0);
     // Its own window replaces the model's.
@@ -169,3 +171,22 @@ TEST_CASE("flash refuses configs it has no kernels for, by name, before touching
   CHECK_THAT(inst.last_error(), Catch::Contains("flash: forward called before prepare"));
 }
 #endif
+
+TEST_CASE("a host from before ABI 1.4 gets back only the layout fields its struct has", "[sdpa][attention][abi]") {
+  auto rt = bt::runtime("[attention]\nuse = \"sdpa\"\n");
+  loom::Instance &inst = rt->pipeline().at("attention");
+  auto c = config(8, 2, 64, kF32, kCpu);
+  c.sliding_window = 32;
+  loom_kv_layout layout{};
+  layout.struct_size = static_cast<uint32_t>(offsetof(loom_kv_layout, window)); // ABI 1.3's layout
+  layout.window = -7;                                                          // past its end
+  REQUIRE(inst.vtable<loom_attention_vtable>()->prepare(inst.handle(), &c, &layout) == LOOM_OK);
+  CHECK(layout.struct_size == offsetof(loom_kv_layout, window));
+  CHECK(layout.block_size > 0);
+  CHECK(layout.bytes_per_block > 0);
+  CHECK(layout.window == -7);
+  // A struct without bytes_per_block is refused by name.
+  layout.struct_size = static_cast<uint32_t>(offsetof(loom_kv_layout, bytes_per_block));
+  CHECK(inst.vtable<loom_attention_vtable>()->prepare(inst.handle(), &c, &layout) == LOOM_ERR_INVALID_ARGUMENT);
+  CHECK_THAT(inst.last_error(), Catch::Contains("layout_out struct_size"));
+}
