@@ -253,11 +253,7 @@ void ModelDecoder::generate_beams(int64_t steps, const TokenCallback &on_token,
   result.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - decode_start).count();
   if (tokenizer_)
     for (size_t g = 0; g < n; ++g) generated_text(prompts_[g], result.sequences[g].tokens, &result.sequences[g].text);
-  const SequenceResult &first = result.sequences.front();
-  result.prompt = first.prompt;
-  result.tokens = first.tokens;
-  result.text = first.text;
-  result.stopped = first.stopped;
+  take_first_sequence(result);
   // The hypotheses are final only now: stream them.
   bool go_on = true;
   for (size_t g = 0; g < n && go_on; ++g) {

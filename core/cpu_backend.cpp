@@ -370,11 +370,8 @@ ModelBackend::BlockPool CpuBackend::reserve_blocks(int32_t max_seqs, int64_t max
 }
 
 void CpuBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) {
-  if (!paged_) throw runtime_error(options_.source_name + ": copy_blocks outside paged mode");
+  check_block_copies(src_dst, paged_, pool_blocks_, options_.source_name);
   for (const auto &[src, dst] : src_dst) {
-    if (src < 0 || dst < 0 || src >= pool_blocks_ || dst >= pool_blocks_)
-      throw runtime_error(options_.source_name + ": copy_blocks(" + std::to_string(src) + ", " + std::to_string(dst) +
-                          ") outside the pool of " + std::to_string(pool_blocks_) + " blocks");
     const size_t bytes = layout_.bytes_per_block;
     for (auto &pool : kv_pools_)
       std::memcpy(pool.data() + static_cast<size_t>(dst) * bytes, pool.data() + static_cast<size_t>(src) * bytes, bytes);
@@ -408,19 +405,11 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
       uint64_t blocks = static_cast<uint64_t>((positions + layout.block_size - 1) / layout.block_size) *
                         static_cast<uint64_t>(seqs);
       if (paged) {
-        const uint64_t per_block = layout.bytes_per_block * static_cast<uint64_t>(config_.n_layers);
         // kv_bytes 0: what max_seqs whole sequences need (as the slot layout), at most 1 GiB.
-        blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks)
-                 : kv_bytes > 0 ? kv_bytes / per_block
-                                : std::min<uint64_t>(blocks, (uint64_t{1} << 30) / per_block);
-        // One sequence at a time must fit: all its positions, or under a sliding window about
-        // the window (the scheduler checks each request's own span).
-        const int64_t span = layout.window > 0 ? std::min<int64_t>(positions, layout.window + 1) : positions;
-        const uint64_t one_seq = static_cast<uint64_t>((span + layout.block_size - 1) / layout.block_size);
-        if (blocks < one_seq)
-          throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name + "): a KV pool of " +
-                              std::to_string(blocks) + " blocks cannot hold one sequence of " +
-                              std::to_string(span) + " positions (" + std::to_string(one_seq) + " blocks)");
+        const uint64_t per_block = layout.bytes_per_block * static_cast<uint64_t>(config_.n_layers);
+        blocks = paged_pool_blocks(layout, config_.n_layers, positions, n_blocks, kv_bytes,
+                                   std::min<uint64_t>(blocks, (uint64_t{1} << 30) / per_block),
+                                   attention.front()->slot() + " (" + attention.front()->desc().name + ")");
       }
       if (layout.bytes_per_block > (uint64_t{8} << 30) / blocks / static_cast<uint64_t>(config_.n_layers))
         throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name +

@@ -512,12 +512,9 @@ ModelBackend::BlockPool CudaBackend::reserve_blocks(int32_t max_seqs, int64_t ma
 }
 
 void CudaBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) {
-  if (!paged_) throw runtime_error(options_.source_name + ": copy_blocks outside paged mode");
+  check_block_copies(src_dst, paged_, pool_blocks_, options_.source_name);
   const size_t bytes = layout_.bytes_per_block;
   for (const auto &[src, dst] : src_dst) {
-    if (src < 0 || dst < 0 || src >= pool_blocks_ || dst >= pool_blocks_)
-      throw runtime_error(options_.source_name + ": copy_blocks(" + std::to_string(src) + ", " + std::to_string(dst) +
-                          ") outside the pool of " + std::to_string(pool_blocks_) + " blocks");
     // Ordered on the stream behind the forward pass that wrote the source.
     for (auto &pool : kv_pools_)
       cuda_check(cudaMemcpyAsync(pool.get<uint8_t>() + static_cast<size_t>(dst) * bytes,
@@ -547,18 +544,11 @@ void CudaBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged
   for (const auto &pool : kv_pools_) in_use += pool.bytes();
   uint64_t blocks = static_cast<uint64_t>(max_seqs_) * static_cast<uint64_t>(blocks_per_seq_);
   if (paged) {
-    const uint64_t per_block = layout_.bytes_per_block * static_cast<uint64_t>(config_.n_layers);
+    // kv_bytes 0: 85% of the free memory (the old pools' included) beyond 1 GiB of headroom.
     const uint64_t available = free_bytes + in_use, headroom = uint64_t{1} << 30;
     if (kv_bytes == 0) kv_bytes = available > headroom ? (available - headroom) / 100 * 85 : 0;
-    blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks) : kv_bytes / per_block;
-    // One sequence at a time must fit: all its positions, or under a sliding window about the
-    // window (the scheduler checks each request's own span).
-    const int64_t span = layout_.window > 0 ? std::min<int64_t>(max_positions_, layout_.window + 1) : max_positions_;
-    const uint64_t one_seq = static_cast<uint64_t>((span + layout_.block_size - 1) / layout_.block_size);
-    if (blocks < one_seq)
-      throw runtime_error(attention.front()->slot() + " (" + attention.front()->desc().name + "): a KV pool of " +
-                          std::to_string(blocks) + " blocks cannot hold one sequence of " + std::to_string(span) +
-                          " positions (" + std::to_string(one_seq) + " blocks)");
+    blocks = paged_pool_blocks(layout_, config_.n_layers, max_positions_, n_blocks, kv_bytes, 0,
+                               attention.front()->slot() + " (" + attention.front()->desc().name + ")");
   }
   const uint64_t pool_bytes = blocks * layout_.bytes_per_block;
   if (pool_bytes * static_cast<uint64_t>(config_.n_layers) > free_bytes + in_use)

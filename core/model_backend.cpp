@@ -1,6 +1,7 @@
 // make_backend: the device picks the backend, the manifest and the checkpoint pick its dtype.
 #include "model_backend.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "cpu_backend.hpp"
@@ -62,6 +63,29 @@ void fill_block_table(const StepBatch &batch, int64_t cols, int64_t pool_blocks,
       table[s * cols + j] = b;
     }
   }
+}
+
+void check_block_copies(const std::vector<std::pair<int32_t, int32_t>> &src_dst, bool paged, int64_t pool_blocks,
+                        const std::string &source_name) {
+  if (!paged) throw runtime_error(source_name + ": copy_blocks outside paged mode");
+  for (const auto &[src, dst] : src_dst)
+    if (src < 0 || dst < 0 || src >= pool_blocks || dst >= pool_blocks)
+      throw runtime_error(source_name + ": copy_blocks(" + std::to_string(src) + ", " + std::to_string(dst) +
+                          ") outside the pool of " + std::to_string(pool_blocks) + " blocks");
+}
+
+uint64_t paged_pool_blocks(const loom_kv_layout &layout, int64_t n_layers, int64_t positions, int64_t n_blocks,
+                           uint64_t kv_bytes, uint64_t default_blocks, const std::string &attention) {
+  const uint64_t per_block = layout.bytes_per_block * static_cast<uint64_t>(n_layers);
+  const uint64_t blocks = n_blocks > 0 ? static_cast<uint64_t>(n_blocks) : kv_bytes > 0 ? kv_bytes / per_block : default_blocks;
+  // One sequence at a time must fit: all its positions, or under a sliding window about the
+  // window (the scheduler checks each request's own span).
+  const int64_t span = layout.window > 0 ? std::min<int64_t>(positions, layout.window + 1) : positions;
+  const uint64_t one_seq = static_cast<uint64_t>((span + layout.block_size - 1) / layout.block_size);
+  if (blocks < one_seq)
+    throw runtime_error(attention + ": a KV pool of " + std::to_string(blocks) + " blocks cannot hold one sequence of " +
+                        std::to_string(span) + " positions (" + std::to_string(one_seq) + " blocks)");
+  return blocks;
 }
 
 SlotCopy plan_slot_copy(int32_t src_slot, int32_t dst_slot, int64_t positions, int32_t max_seqs, int64_t max_positions,

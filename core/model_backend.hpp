@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <dlpack/dlpack.h>
@@ -103,6 +104,16 @@ void fill_block_table(const StepBatch &batch, int64_t cols, int64_t pool_blocks,
 
 SlotCopy plan_slot_copy(int32_t src_slot, int32_t dst_slot, int64_t positions, int32_t max_seqs, int64_t max_positions,
                         int64_t blocks_per_seq, const loom_kv_layout &layout, const std::string &source_name);
+
+// Checks copy_blocks' arguments: paged mode, every (src, dst) block inside the pool.
+void check_block_copies(const std::vector<std::pair<int32_t, int32_t>> &src_dst, bool paged, int64_t pool_blocks,
+                        const std::string &source_name);
+
+// Blocks of a paged KV pool: `n_blocks` when given, else `kv_bytes` over a block's bytes in all
+// `n_layers` layers, else `default_blocks`. Throws (naming `attention`) when one sequence of
+// `positions` (or, under a sliding window, about the window) does not fit.
+uint64_t paged_pool_blocks(const loom_kv_layout &layout, int64_t n_layers, int64_t positions, int64_t n_blocks,
+                           uint64_t kv_bytes, uint64_t default_blocks, const std::string &attention);
 
 class Pipeline;
 class ModelWeights;

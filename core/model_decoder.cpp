@@ -306,10 +306,8 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   if (manifest_.scheduler.enabled) return generate_scheduled(steps, on_token, on_sequence_token, result);
   const size_t n = prompts_.size();
   const std::vector<int64_t> limits = step_limits(steps);
-  auto limit_of = [&](size_t seq) { return limits[seq]; };
   const size_t longest = start_run(steps, result);
   ForgetSequences release_at_end{pipeline_};
-  auto release = [&](int32_t seq) { release_sequence(seq); };
 
   std::vector<std::vector<int32_t>> histories = prompts_;
   std::vector<const std::vector<int32_t> *> row_history; // histories of this step's rows
@@ -335,7 +333,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   }
   auto decode_start = std::chrono::steady_clock::now();
   result.prefill_seconds = std::chrono::duration<double>(decode_start - prefill_start).count();
-  std::vector<bool> stopped_by_string(n, false);
+  std::vector<char> stopped_by_string(n, 0); // char, not bool: hits_stop takes a pointer to one
   std::vector<int32_t> sampled, next_rows;
   // The next step's batch: one token for each sequence in `seqs`. Fed: its tokens are still on
   // the device (sampled, not yet read back) and each sequence's new token goes at position
@@ -395,12 +393,11 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
         SequenceResult &out = result.sequences[static_cast<size_t>(seq)];
         histories[static_cast<size_t>(seq)].push_back(token);
         out.tokens.push_back(token);
-        bool done = std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
-        if (!done && !manifest_.run.stop.empty() && generated_text(prompts_[static_cast<size_t>(seq)], out.tokens, &out.text))
-          done = stopped_by_string[static_cast<size_t>(seq)] = true;
-        if (done) out.stopped = true;
-        if (done || static_cast<int64_t>(out.tokens.size()) >= limit_of(static_cast<size_t>(seq))) {
-          release(seq); // the sequence leaves the batch
+        bool by_string = false;
+        const bool done = hits_stop(prompts_[static_cast<size_t>(seq)], out, token, &by_string);
+        if (by_string) stopped_by_string[static_cast<size_t>(seq)] = 1;
+        if (done || static_cast<int64_t>(out.tokens.size()) >= limits[static_cast<size_t>(seq)]) {
+          release_sequence(seq); // the sequence leaves the batch
         } else {
           next_rows.push_back(seq);
         }
@@ -428,6 +425,17 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   if (tokenizer_)
     for (size_t i = 0; i < n; ++i)
       if (!stopped_by_string[i]) generated_text(prompts_[i], result.sequences[i].tokens, &result.sequences[i].text);
+  take_first_sequence(result);
+}
+
+bool ModelDecoder::hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string) const {
+  bool done = std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
+  if (!done && !manifest_.run.stop.empty() && generated_text(prompt, out.tokens, &out.text)) done = *by_string = true;
+  if (done) out.stopped = true;
+  return done;
+}
+
+void ModelDecoder::take_first_sequence(RunResult &result) {
   const SequenceResult &first = result.sequences.front();
   result.prompt = first.prompt;
   result.tokens = first.tokens;

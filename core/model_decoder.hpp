@@ -72,6 +72,11 @@ class ModelDecoder {
   // The text `generated` adds after `prompt` into *text, cut before the first stop string;
   // true when a stop string was found. Needs the tokenizer.
   bool generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated, std::string *text) const;
+  // Whether `token`, just appended to out.tokens, ends the sequence: a stop token, or one of
+  // run.stop in its text (then *by_string is set and out.text holds the text). Sets out.stopped.
+  bool hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string) const;
+  // The run's single-sequence fields (prompt, tokens, text, stopped) from its first sequence.
+  static void take_first_sequence(RunResult &result);
   // Runs the sampler chain over `logits` [rows, vocab]; rows[r] is the sequence of row r and
   // *row_history[r] its tokens so far (prompt then generated; valid for the call). With
   // `ahead` (the caller would queue the next step before the tokens reach the host), when the

@@ -11,6 +11,12 @@
 namespace loom {
 
 namespace {
+// Clears the cancel flag when a run or a serve ends, however it ends.
+struct ClearCancel {
+  std::atomic<bool> &flag;
+  ~ClearCancel() { flag.store(false); }
+};
+
 DLDevice resolve_named_device(const std::string &name, const std::string &source, const std::string &key) {
   if (name == "cpu") return {kDLCPU, 0};
   int count = cuda_device_count();
@@ -78,10 +84,7 @@ void Runtime::record_scheduler_metrics(const SchedulerStats &s) {
 }
 
 SchedulerStats Runtime::serve(RequestQueue &queue, int64_t max_positions) {
-  struct ClearCancel {
-    std::atomic<bool> &flag;
-    ~ClearCancel() { flag.store(false); }
-  } clear_at_end{cancelled_};
+  ClearCancel clear_at_end{cancelled_};
   const SchedulerStats stats = decoder_->serve(queue, max_positions);
   record_scheduler_metrics(stats);
   return stats;
@@ -90,10 +93,7 @@ SchedulerStats Runtime::serve(RequestQueue &queue, int64_t max_positions) {
 RunResult Runtime::run(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token) {
   if (steps < 0 || steps > (int64_t{1} << 20))
     throw runtime_error(manifest_.source_name + ": a run of " + std::to_string(steps) + " steps (1 to 1048576 allowed)");
-  struct ClearCancel {
-    std::atomic<bool> &flag;
-    ~ClearCancel() { flag.store(false); }
-  } clear_at_end{cancelled_};
+  ClearCancel clear_at_end{cancelled_};
   auto start = std::chrono::steady_clock::now();
   RunResult result;
   decoder_->retrieve(result);

@@ -72,6 +72,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     ServeRequest request;
     SequenceResult out;
     bool stopped_by_string = false;
+    bool ending = false; // ends at this step (in `ended`)
   };
   std::unordered_map<int64_t, Live> live;
   // Ends a request that the scheduler no longer holds: its text, then on_done.
@@ -89,6 +90,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   SchedulerStats stats;
   StepBatch batch;
   std::vector<int32_t> rows, sampled;
+  std::vector<std::pair<int64_t, int32_t>> emitted; // (request, token) of this step
+  std::vector<int64_t> ended;                       // requests that ended at this step
   std::vector<const std::vector<int32_t> *> row_history; // the scheduler's tokens of each sampled row
   std::vector<uint64_t> row_steps;
   std::vector<std::pair<int32_t, int32_t>> copies;
@@ -138,8 +141,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       if (!open) break;
       continue;
     }
-    std::vector<std::pair<int64_t, int32_t>> emitted; // (request, token) of this step
-    std::vector<int64_t> ended;                       // requests that ended at this step
+    emitted.clear();
+    ended.clear();
     {
       auto guard = pipeline_.begin_step();
       SchedulePlan plan = scheduler.schedule();
@@ -192,13 +195,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         scheduler.append(seq, token);
         l.out.tokens.push_back(token);
         emitted.emplace_back(seq, token);
-        bool done = std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
-        if (!done && !manifest_.run.stop.empty() && generated_text(l.out.prompt, l.out.tokens, &l.out.text))
-          done = l.stopped_by_string = true;
-        if (done) l.out.stopped = true;
+        const bool done = hits_stop(l.out.prompt, l.out, token, &l.stopped_by_string);
         if (done || static_cast<int64_t>(l.out.tokens.size()) >= l.request.max_new_tokens) {
           scheduler.finish(seq); // its blocks go back to the pool (full ones stay cached)
           ended.push_back(seq);
+          l.ending = true;
         }
       }
     }
@@ -206,10 +207,10 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     // request whose callback says stop ends here.
     for (const auto &[seq, token] : emitted) {
       Live &l = live.at(seq);
-      const bool ending = std::find(ended.begin(), ended.end(), seq) != ended.end();
-      if (l.request.on_token && !l.request.on_token(static_cast<int64_t>(l.out.tokens.size()) - 1, token) && !ending) {
+      if (l.request.on_token && !l.request.on_token(static_cast<int64_t>(l.out.tokens.size()) - 1, token) && !l.ending) {
         scheduler.finish(seq);
         ended.push_back(seq);
+        l.ending = true;
       }
     }
     for (int64_t seq : ended) end_request(seq, "");
@@ -259,11 +260,7 @@ void ModelDecoder::generate_scheduled(int64_t steps, const TokenCallback &on_tok
   // "Prefill" time: until every request had its first token (admitted, prefilled, sampled).
   result.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() -
                           result.prefill_seconds;
-  const SequenceResult &first = result.sequences.front();
-  result.prompt = first.prompt;
-  result.tokens = first.tokens;
-  result.text = first.text;
-  result.stopped = first.stopped;
+  take_first_sequence(result);
 }
 
 } // namespace loom
