@@ -60,22 +60,6 @@ def pct(values, p):
     return v[lo] + (v[hi] - v[lo]) * (at - lo)
 
 
-def copy_bandwidth():
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    times = []
-    for i in range(25):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        y.copy_(x)
-        e.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(s.elapsed_time(e) / 1e3)
-    del x, y
-    return 2 * (1 << 30) / statistics.median(times)
-
-
 class StepClock:
     """A LogitsProcessor that records the wall time of every generation step."""
 
@@ -87,7 +71,7 @@ class StepClock:
         return scores
 
 
-def run_hf(model, reqs, batch, start_offset=0.0):
+def run_hf(model, reqs, batch):
     from transformers import LogitsProcessorList
 
     prompts, outs = reqs["prompts"], reqs["output_lens"]
@@ -115,7 +99,7 @@ def run_hf(model, reqs, batch, start_offset=0.0):
         for i in idx:
             n = outs[i]
             generated += n
-            ttft.append(known[0] - t0 + start_offset)
+            ttft.append(known[0] - t0)
             itl.extend(known[t] - known[t - 1] for t in range(1, n))
     seconds = time.perf_counter() - t0
     return {"side": "hf", "batch": batch, "requests": len(prompts), "output_tokens": generated,
@@ -156,7 +140,7 @@ def main():
         sys.exit(f"loom_serve_bench failed ({loom.returncode})")
     results["loom"] = [json.loads(line) for line in loom.stdout.splitlines() if line.startswith("{")]
 
-    bandwidth = copy_bandwidth()
+    bandwidth = llama1b_torch.copy_bandwidth()["copy_rw_bytes_per_s"]  # the engine bench's measure
     results["copy_bandwidth_gb_s"] = bandwidth / 1e9
     from transformers import AutoModelForCausalLM
     try:
