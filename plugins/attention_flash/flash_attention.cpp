@@ -9,6 +9,7 @@
 #include <limits>
 #include <string>
 
+#include "loom_attention_glue.hpp"
 #include "loom_cuda_guard.hpp"
 #include "loom_device_tensor.hpp"
 #include "loom_plugin_util.hpp"
@@ -35,20 +36,13 @@ FlashAttention::FlashAttention(const loom_host_api* host, loom_host_ctx* ctx) : 
   if (b < 1 || b > 1024 || (b & (b - 1)) != 0)
     invalid_param("block_size", "flash: block_size must be a power of two in [1, 1024], got " + std::to_string(b));
   block_size_ = static_cast<int>(b);
-  const int64_t w = cfg_int(host, ctx, "sliding_window");
-  if (w < 0 || w > (int64_t{1} << 30))
-    invalid_param("sliding_window", "flash: sliding_window must be 0 (the model's) or a window of 1 to 2^30 positions, got " +
-                                        std::to_string(w));
-  window_ = static_cast<int32_t>(w);
+  window_ = parse_sliding_window("flash", cfg_int(host, ctx, "sliding_window"));
   // "auto" and "bf16" keep the cache in the compute dtype; "int8" and "fp8" in sdpa's quantized
   // block format (loom_kv_format.hpp), with either compute dtype.
-  const std::string kv = cfg_string(host, ctx, "kv_dtype");
-  if (kv != "auto" && kv != "bf16" && kv != "int8" && kv != "fp8")
-    invalid_param("kv_dtype",
-                  "flash: kv_dtype must be \"auto\", \"bf16\", \"int8\" or \"fp8\", got \"" + kv + "\"");
-  kv_bf16_ = kv == "bf16";
-  if (kv == "int8") kv_format_ = KvFormat::int8;
-  if (kv == "fp8") kv_format_ = KvFormat::fp8;
+  const KvDtype kv = parse_kv_dtype("flash", cfg_string(host, ctx, "kv_dtype"));
+  kv_bf16_ = kv == KvDtype::kBf16;
+  if (kv == KvDtype::kInt8) kv_format_ = KvFormat::int8;
+  if (kv == KvDtype::kFp8) kv_format_ = KvFormat::fp8;
 }
 
 FlashAttention::~FlashAttention() {
@@ -126,10 +120,8 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   prepared_problem_.kv_block_bytes = static_cast<int64_t>(bytes_per_block);
   prepared_ = true;
   layout.block_size = block_size_;
-  // As sdpa reports its caches: int8, or DLPack 1.1's float8_e4m3fn code.
-  layout.cache_dtype = kv_format_ == KvFormat::int8  ? DLDataType{kDLInt, 8, 1}
-                       : kv_format_ == KvFormat::fp8 ? DLDataType{kvcache::kDLFloat8E4M3fnCode, 8, 1}
-                                                     : c.dtype;
+  // As sdpa reports its caches; the unquantized cache is in the compute dtype (f16 included).
+  layout.cache_dtype = kv_format_ == KvFormat::int8 || kv_format_ == KvFormat::fp8 ? kv_cache_dtype(kv_format_) : c.dtype;
   layout.bytes_per_block = bytes_per_block;
   layout.window = prepared_problem_.window;  // a host before ABI 1.4 does not get it back (the glue)
 }

@@ -27,43 +27,19 @@ namespace loomp::sdpa {
 using namespace loomp::kvcache;  // the block format flash shares (loom_kv_format.hpp)
 namespace {
 
-// kv_dtype as configured; kAuto is resolved against config.dtype at prepare().
-enum class KvDtype { kAuto, kBf16, kInt8, kFp8 };
-
-KvDtype parse_kv_dtype(const std::string& v) {
-  if (v == "auto") return KvDtype::kAuto;
-  if (v == "bf16") return KvDtype::kBf16;
-  if (v == "int8") return KvDtype::kInt8;
-  if (v == "fp8") return KvDtype::kFp8;
-  invalid_param("kv_dtype", "sdpa: kv_dtype must be \"auto\", \"bf16\", \"int8\" or \"fp8\", got \"" + v + "\"");
-}
-
-DLDataType cache_dtype_of(KvFormat f) {
-  switch (f) {
-    case KvFormat::f32: return DLDataType{kDLFloat, 32, 1};
-    case KvFormat::bf16: return DLDataType{kDLBfloat, 16, 1};
-    case KvFormat::int8: return DLDataType{kDLInt, 8, 1};
-    case KvFormat::fp8: return DLDataType{kDLFloat8E4M3fnCode, 8, 1};
-  }
-  return DLDataType{kDLUInt, 8, 1};
-}
-
 struct Sdpa {
   const loom_host_api* host;
   loom_host_ctx* ctx;
   int64_t block_size;
-  KvDtype kv_dtype;
+  KvDtype kv_dtype;  // kAuto is resolved against config.dtype at prepare()
   int64_t own_window;  // sliding_window: 0 applies the model's (config.sliding_window)
   bool prepared = false;
   loom_attention_config cfg{};
   KvGeometry kv{};  // the cache's block format, fixed at prepare()
 
   Sdpa(const loom_host_api* h, loom_host_ctx* c)
-      : host(h), ctx(c), block_size(cfg_int(h, c, "block_size")), kv_dtype(parse_kv_dtype(cfg_string(h, c, "kv_dtype"))),
-        own_window(cfg_int(h, c, "sliding_window")) {
-    if (own_window < 0 || own_window > (int64_t{1} << 30))
-      invalid_param("sliding_window", "sdpa: sliding_window must be 0 (the model's) or a window of 1 to 2^30 positions, got " +
-                                          std::to_string(own_window));
+      : host(h), ctx(c), block_size(cfg_int(h, c, "block_size")), kv_dtype(parse_kv_dtype("sdpa", cfg_string(h, c, "kv_dtype"))),
+        own_window(parse_sliding_window("sdpa", cfg_int(h, c, "sliding_window"))) {
     if (block_size < 1 || block_size > 1024 || (block_size & (block_size - 1)) != 0)
       invalid_param("block_size",
                     "sdpa: block_size must be a power of two in [1, 1024], got " + std::to_string(block_size));
@@ -100,7 +76,7 @@ struct Sdpa {
     kv = KvGeometry{block_size, c.n_kv_heads, c.head_dim, format};
     prepared = true;
     out.block_size = static_cast<int32_t>(block_size);
-    out.cache_dtype = cache_dtype_of(format);
+    out.cache_dtype = kv_cache_dtype(format);
     out.bytes_per_block = static_cast<uint64_t>(kv.bytes_per_block());
     out.window = cfg.sliding_window;  // a host before ABI 1.4 does not get it back (the glue)
   }

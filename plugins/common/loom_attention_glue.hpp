@@ -5,12 +5,42 @@
 // Thread-safety: as the component's own calls (serial per instance).
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 #include <string>
 
+#include "loom_kv_format.hpp"
 #include "loom_plugin_util.hpp"
 
 namespace loomp {
+
+// The settings sdpa and flash share, parsed the same way, with the same messages.
+// kv_dtype: "auto" (the compute dtype's cache), "bf16", "int8" or "fp8".
+enum class KvDtype { kAuto, kBf16, kInt8, kFp8 };
+inline KvDtype parse_kv_dtype(const std::string& component, const std::string& v) {
+  if (v == "auto") return KvDtype::kAuto;
+  if (v == "bf16") return KvDtype::kBf16;
+  if (v == "int8") return KvDtype::kInt8;
+  if (v == "fp8") return KvDtype::kFp8;
+  invalid_param("kv_dtype", component + ": kv_dtype must be \"auto\", \"bf16\", \"int8\" or \"fp8\", got \"" + v + "\"");
+}
+// sliding_window: 0 applies the model's; else a window of 1 to 2^30 positions.
+inline int32_t parse_sliding_window(const std::string& component, int64_t w) {
+  if (w < 0 || w > (int64_t{1} << 30))
+    invalid_param("sliding_window", component + ": sliding_window must be 0 (the model's) or a window of 1 to 2^30 positions, got " +
+                                        std::to_string(w));
+  return static_cast<int32_t>(w);
+}
+// The cache_dtype a layout reports for a cache in format f (int8, or DLPack 1.1's float8_e4m3fn code).
+inline DLDataType kv_cache_dtype(kvcache::KvFormat f) {
+  switch (f) {
+    case kvcache::KvFormat::f32: return DLDataType{kDLFloat, 32, 1};
+    case kvcache::KvFormat::bf16: return DLDataType{kDLBfloat, 16, 1};
+    case kvcache::KvFormat::int8: return DLDataType{kDLInt, 8, 1};
+    case kvcache::KvFormat::fp8: return DLDataType{kvcache::kDLFloat8E4M3fnCode, 8, 1};
+  }
+  return DLDataType{kDLUInt, 8, 1};
+}
 
 template <class C>
 loom_status attention_prepare(C& a, const loom_host_api* host, loom_host_ctx* ctx, const char* name,

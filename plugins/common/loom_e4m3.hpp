@@ -18,7 +18,6 @@
 #include <math.h>
 
 #include <cstdint>
-#include <cstring>
 
 #if defined(__CUDACC__)
 #define LOOM_HOST_DEVICE __host__ __device__
@@ -40,16 +39,8 @@ LOOM_HOST_DEVICE inline float round_half_even(float x) {
   return fmodf(f, 2.0f) == 0.0f ? f : f + 1.0f;
 }
 
-// The sign bit of x (set for -0.0 too).
-LOOM_HOST_DEVICE inline bool sign_bit(float x) {
-#if defined(__CUDA_ARCH__)
-  return (__float_as_uint(x) >> 31) != 0;
-#else
-  uint32_t u = 0;
-  std::memcpy(&u, &x, sizeof(u));
-  return (u >> 31) != 0;
-#endif
-}
+// The sign bit of x (set for -0.0 and for a NaN with its sign bit set, too).
+LOOM_HOST_DEVICE inline bool sign_bit(float x) { return signbit(x) != 0; }
 
 LOOM_HOST_DEVICE inline float decode(uint8_t code) {
   const int e = (code >> 3) & 0xF, m = code & 0x7;
