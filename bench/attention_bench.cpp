@@ -41,6 +41,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_args.hpp"
 #include "cuda_check.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/runtime.hpp"
@@ -57,14 +58,6 @@ struct Options {
   bool prefill = true; // time the prefill cases (their forward still fills the decode caches)
   std::vector<std::string> kv_dtypes{"bf16"};
 };
-
-std::vector<int> parse_list(const char *s) {
-  std::vector<int> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(std::atoi(item.c_str()));
-  return out;
-}
 
 std::vector<std::string> parse_words(const char *s) {
   std::vector<std::string> out;
@@ -87,9 +80,9 @@ Options parse(int argc, char **argv) {
       ++i;
       return next;
     };
-    if (a == "--lengths") o.lengths = parse_list(need());
-    else if (a == "--dims") o.dims = parse_list(need());
-    else if (a == "--batches") o.batches = parse_list(need());
+    if (a == "--lengths") o.lengths = loom_bench::parse_int_list(need());
+    else if (a == "--dims") o.dims = loom_bench::parse_int_list(need());
+    else if (a == "--batches") o.batches = loom_bench::parse_int_list(need());
     else if (a == "--heads") o.heads = std::atoi(need());
     else if (a == "--kv-heads") o.kv_heads = std::atoi(need());
     else if (a == "--block") o.block = std::atoi(need());

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_args.hpp"
 #include "cuda_backend.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
@@ -135,13 +136,6 @@ double gemm_tflops(int m, int n, int k) {
   return median(runs);
 }
 
-std::vector<int> parse_list(const std::string &s) {
-  std::vector<int> out;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');) out.push_back(std::stoi(item));
-  return out;
-}
-
 } // namespace
 
 int main(int argc, char **argv) {
@@ -157,7 +151,7 @@ int main(int argc, char **argv) {
   for (int i = 2; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--attention") attention = v;
-    else if (k == "--batches") batches = parse_list(v);
+    else if (k == "--batches") batches = loom_bench::parse_int_list(v);
     else if (k == "--prompt") prompt = std::stoi(v);
     else if (k == "--new") fresh = std::stoi(v);
     else if (k == "--prefill") prefill = std::stoi(v);

@@ -18,12 +18,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "bench_args.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/runtime.hpp"
 
@@ -40,14 +40,6 @@ double percentile(std::vector<double> v, double p) {
   return v[lo] + (v[hi] - v[lo]) * (at - static_cast<double>(lo));
 }
 
-std::vector<int> parse_list(const std::string &s) {
-  std::vector<int> out;
-  std::stringstream in(s);
-  std::string item;
-  while (std::getline(in, item, ',')) out.push_back(std::stoi(item));
-  return out;
-}
-
 } // namespace
 
 int main(int argc, char **argv) {
@@ -62,7 +54,7 @@ int main(int argc, char **argv) {
   std::string attention = "flash", device = "cuda";
   for (int i = 3; i + 1 < argc; i += 2) {
     const std::string key = argv[i], value = argv[i + 1];
-    if (key == "--batches") batches = parse_list(value);
+    if (key == "--batches") batches = loom_bench::parse_int_list(value);
     else if (key == "--max-batched-tokens") max_batched_tokens = std::stoi(value);
     else if (key == "--attention") attention = value;
     else if (key == "--device") device = value;
