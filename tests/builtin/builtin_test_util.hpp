@@ -66,4 +66,24 @@ inline std::string build_error(const std::string &components_toml) {
   return "";
 }
 
+// A causal attention batch of layer 0 over the given tensors (views that outlive the call).
+inline loom_attention_batch causal_batch(DLTensor *q, DLTensor *k, DLTensor *v, DLTensor *out, DLTensor *seq_offsets,
+                                         DLTensor *seq_positions, DLTensor *block_table, DLTensor *kv_pool,
+                                         int64_t n_seqs, int64_t n_tokens) {
+  loom_attention_batch b{};
+  b.struct_size = sizeof(b);
+  b.n_seqs = static_cast<int32_t>(n_seqs);
+  b.n_tokens = static_cast<int32_t>(n_tokens);
+  b.q = q;
+  b.k = k;
+  b.v = v;
+  b.out = out;
+  b.seq_offsets = seq_offsets;
+  b.seq_positions = seq_positions;
+  b.block_table = block_table;
+  b.kv_pool = kv_pool;
+  b.causal = 1;
+  return b;
+}
+
 } // namespace bt

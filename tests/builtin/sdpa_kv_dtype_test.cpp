@@ -101,19 +101,8 @@ class Paged {
     bt::Tensor<float> tq({T, g_.H, g_.D}, std::move(q)), tk({T, g_.Hkv, g_.D}, std::move(k)),
         tv({T, g_.Hkv, g_.D}, std::move(v)), out({T, g_.H, g_.D});
     bt::Tensor<int32_t> off({S + 1}, offsets), pos({S}, positions);
-    loom_attention_batch b{};
-    b.struct_size = sizeof(b);
-    b.n_seqs = static_cast<int32_t>(S);
-    b.n_tokens = static_cast<int32_t>(T);
-    b.q = tq.dl();
-    b.k = tk.dl();
-    b.v = tv.dl();
-    b.out = out.dl();
-    b.seq_offsets = off.dl();
-    b.seq_positions = pos.dl();
-    b.block_table = table.dl();
-    b.kv_pool = pool_.dl();
-    b.causal = 1;
+    loom_attention_batch b =
+        bt::causal_batch(tq.dl(), tk.dl(), tv.dl(), out.dl(), off.dl(), pos.dl(), table.dl(), pool_.dl(), S, T);
     const loom_status st = vt_->forward(inst_->handle(), &b);
     INFO(inst_->last_error());
     REQUIRE(st == LOOM_OK);

@@ -88,20 +88,8 @@ struct Harness {
     bt::Tensor<float> out({T, H, D});
     bt::Tensor<int32_t> offsets({4}, off);
     bt::Tensor<int32_t> pos({3}, positions);
-    loom_attention_batch b{};
-    b.struct_size = sizeof(b);
-    b.layer = 0;
-    b.n_seqs = 3;
-    b.n_tokens = T;
-    b.q = q.dl();
-    b.k = k.dl();
-    b.v = v.dl();
-    b.out = out.dl();
-    b.seq_offsets = offsets.dl();
-    b.seq_positions = pos.dl();
-    b.block_table = table.dl();
-    b.kv_pool = pool.dl();
-    b.causal = 1;
+    loom_attention_batch b =
+        bt::causal_batch(q.dl(), k.dl(), v.dl(), out.dl(), offsets.dl(), pos.dl(), table.dl(), pool.dl(), 3, T);
     REQUIRE(vt->forward(attn->handle(), &b) == LOOM_OK);
     for (int s = 0; s < 3; ++s) {
       for (int32_t i = 0; i < lens[s]; ++i) {
