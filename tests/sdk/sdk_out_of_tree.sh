@@ -43,8 +43,8 @@ use = "dist"
 TOML
 out=$("$loom" run "$work/manifest.toml")
 echo "$out"
-echo "$out" | grep -q "6 tokens in" || { echo "FAIL: the template plugin did not run"; exit 1; }
-echo "$out" | grep -q "template-greedy-above 0.1.0" || { echo "FAIL: the pipeline does not show the template"; exit 1; }
+grep -q "6 tokens in" <<< "$out" || { echo "FAIL: the template plugin did not run"; exit 1; }
+grep -q "template-greedy-above 0.1.0" <<< "$out" || { echo "FAIL: the pipeline does not show the template"; exit 1; }
 # A bad value for its parameter is caught by the host from the plugin's declaration.
 if "$loom" validate "$work/manifest.toml" --set 'sampler[0].floor="high"' 2> "$work/err.txt"; then
   echo "FAIL: a string floor was accepted"; exit 1
