@@ -13,6 +13,8 @@
 // size). Times are host wall-clock at the token callback, which runs after each step's tokens
 // reach the host. TTFT of a request = its first token's time - the run's start; ITL = the gaps
 // between a request's consecutive tokens; throughput = all output tokens / the run's time.
+// full_decode_steps: [seconds, KV positions] of each step that decoded the full batch and nothing
+// else (the scheduler's step log), for the decode-step roofline of serve_vs_hf.py.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -109,6 +111,14 @@ int main(int argc, char **argv) {
           ttft.push_back(times[i].front());
           for (size_t t = 1; t < times[i].size(); ++t) itl.push_back(times[i][t] - times[i][t - 1]);
         }
+        // Decode steps at the full batch: every sequence of the batch limit decodes one token and
+        // nothing prefills, after a step that also sampled (a prefill-only step does not wait for
+        // the device, so its work would spill into the next step's time). [seconds, context].
+        nlohmann::json full_decode = nlohmann::json::array();
+        const auto &log = r.scheduler.step_log;
+        for (size_t s = 1; s < log.size(); ++s)
+          if (log[s].sequences == batch && log[s].tokens == batch && log[s].sampled == batch && log[s - 1].sampled > 0)
+            full_decode.push_back({log[s].seconds, log[s].context});
         nlohmann::json out = {{"side", "loom"},
                               {"batch", batch},
                               {"requests", prompts.size()},
@@ -122,6 +132,7 @@ int main(int argc, char **argv) {
                               {"steps", r.scheduler.steps},
                               {"preemptions", r.scheduler.preemptions},
                               {"kv_blocks", r.scheduler.kv_blocks},
+                              {"full_decode_steps", full_decode},
                               {"backend", rt->backend_description()}};
         std::printf("%s\n", out.dump().c_str());
         std::fflush(stdout);

@@ -26,6 +26,12 @@ Throughput = output tokens / wall time. Roofline (batch limit B, decode-only, ba
 B * bandwidth / bytes read per step, bytes = the weights (every parameter once, bf16) + the KV
 cache of B sequences at the requests' mean context (prompt + half the output); bandwidth = the
 measured device-to-device copy rate (2 * bytes / time of a 1 GiB copy, median of 20).
+
+The end-to-end throughput includes the prefills and the end of the run, when fewer requests
+remain than the batch limit, which the decode-only roofline does not. Two more measures: each
+decode step that ran the full batch and nothing else (Loom's step log), against the roofline at
+that step's own KV bytes (median over the steps); and the ceiling of this workload, the
+throughput with free prefills and every decode step at the roofline (ideal_schedule_ceiling).
 """
 import argparse
 import json
@@ -108,6 +114,34 @@ def run_hf(model, reqs, batch):
             "itl_p50_ms": 1e3 * pct(itl, 0.5), "itl_p99_ms": 1e3 * pct(itl, 0.99)}
 
 
+def ideal_schedule_ceiling(reqs, batch, bandwidth, weight_bytes, kv_per_token):
+    """Output tokens/s of the requests served at `batch` with free prefills and every decode step
+    at the bandwidth bound (weights + the running sequences' KV, read once): first come, first
+    served, a finished request's slot taken by the next at once, as Loom's scheduler does. The
+    most any engine could reach on this workload, short of the decode-only roofline because
+    the batch runs part-empty at the end and the KV grows."""
+    waiting = list(zip((len(p) for p in reqs["prompts"]), reqs["output_lens"]))
+    waiting.reverse()
+    running = []  # [context, tokens still to generate]
+    seconds = 0.0
+    tokens = 0
+    while waiting or running:
+        while waiting and len(running) < batch:
+            prompt, out = waiting.pop()
+            tokens += 1  # the prefill's token
+            if out > 1:
+                running.append([prompt + 1, out - 1])
+        if not running:
+            continue
+        seconds += (weight_bytes + sum(r[0] for r in running) * kv_per_token) / bandwidth
+        tokens += len(running)
+        for r in running:
+            r[0] += 1
+            r[1] -= 1
+        running = [r for r in running if r[1] > 0]
+    return tokens / seconds
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("loom_bench")
@@ -153,6 +187,16 @@ def main():
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     mean_context = statistics.mean(len(p) for p in reqs["prompts"]) + statistics.mean(reqs["output_lens"]) / 2
     results["roofline"] = {str(b): b * bandwidth / (weight_bytes + b * mean_context * kv_per_token) for b in batches}
+    results["ideal_schedule_tok_s"] = {str(b): ideal_schedule_ceiling(reqs, b, bandwidth, weight_bytes, kv_per_token)
+                                       for b in batches}
+    for r in results["loom"]:  # each full-batch decode step against the roofline at its own KV
+        steps = r.get("full_decode_steps", [])
+        r["full_decode"] = {
+            "steps": len(steps),
+            "step_ms_p50": 1e3 * pct([s for s, _ in steps], 0.5),
+            "tok_s_p50": pct([r["batch"] / s for s, _ in steps], 0.5),
+            "of_roofline_p50": pct([(weight_bytes + c * kv_per_token) / (bandwidth * s) for s, c in steps], 0.5),
+        }
     results["hf"] = []
     if not args.skip_hf:
         warm = {"prompts": reqs["prompts"][:4], "output_lens": [8] * 4}
@@ -180,6 +224,18 @@ def main():
               + (f"{h['ttft_p50_ms']:.0f} / {h['ttft_p99_ms']:.0f} | " if h else "- | ")
               + f"{r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f} | "
               + (f"{h['itl_p50_ms']:.2f} / {h['itl_p99_ms']:.2f} |" if h else "- |"))
+    print("\nDecode steps at the full batch (every sequence of the limit decoding, nothing prefilling), each "
+          "against the roofline at its own KV bytes; and the end-to-end ceiling of this workload (free "
+          "prefills, every decode step at the roofline):")
+    print("| batch limit | full-batch steps | step ms p50 | tok/s p50 | of roofline p50 | end-to-end ceiling tok/s | "
+          "ceiling / roofline | Loom end-to-end / ceiling |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results["loom"]:
+        b = r["batch"]
+        d = r["full_decode"]
+        ceiling = results["ideal_schedule_tok_s"][str(b)]
+        print(f"| {b} | {d['steps']} | {d['step_ms_p50']:.2f} | {d['tok_s_p50']:,.0f} | {d['of_roofline_p50']:.0%} | "
+              f"{ceiling:,.0f} | {ceiling / results['roofline'][str(b)]:.0%} | {r['output_tok_s'] / ceiling:.0%} |")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     ended.clear();
     {
       auto guard = pipeline_.begin_step();
+      const auto step_start = std::chrono::steady_clock::now();
+      StepRecord record;
       SchedulePlan plan = scheduler.schedule();
       if (plan.work.empty())
         throw runtime_error(manifest_.source_name + ": scheduler: no work planned while requests wait (" +
@@ -171,6 +173,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
         batch.seq_positions.push_back(static_cast<int32_t>(w.first_position));
         append_table(blocks.table(w.seq), cols, batch.block_tables);
+        record.context += w.first_position + w.n_tokens;
         if (w.samples) {
           rows.push_back(static_cast<int32_t>(w.seq));
           row_history.push_back(&tokens);
@@ -183,7 +186,17 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       DLTensor *logits = backend_->forward(batch);
       all_reduce(logits);
       ++stats.steps;
-      if (rows.empty()) continue; // prefill chunks only
+      record.sequences = static_cast<int32_t>(plan.work.size());
+      record.tokens = static_cast<int32_t>(batch.tokens.size());
+      record.sampled = static_cast<int32_t>(rows.size());
+      auto log_step = [&] {
+        record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+        if (stats.step_log.size() < SchedulerStats::kStepLogLimit) stats.step_log.push_back(record);
+      };
+      if (rows.empty()) { // prefill chunks only
+        log_step();
+        continue;
+      }
       DLTensor sampled_rows = *logits; // the first rows.size() rows
       int64_t shape[2] = {static_cast<int64_t>(rows.size()), logits->shape[1]};
       sampled_rows.shape = shape;
@@ -202,6 +215,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           l.ending = true;
         }
       }
+      log_step();
     }
     // Callbacks run outside the step lock: a swap they make lands before the next step. A
     // request whose callback says stop ends here.

@@ -133,6 +133,23 @@ TEST_CASE("64 different prompts served together get the greedy tokens each gets 
     CHECK((r.scheduler.preemptions > 0) == c.preempts);
     CHECK((r.scheduler.cached_tokens > 0) == c.hits); // the shared prefixes and identical prompts hit
     CHECK((r.scheduler.prefix_cache_hit_rate > 0.0) == c.hits);
+    // The step log: a record per step, a sampled row per generated token, the batch limit held.
+    REQUIRE(r.scheduler.step_log.size() == static_cast<size_t>(r.scheduler.steps));
+    int64_t sampled = 0, generated = 0, fed = 0, prompt_tokens = 0;
+    for (const loom::StepRecord &s : r.scheduler.step_log) {
+      CHECK(s.sampled <= s.sequences);
+      CHECK(s.sequences <= s.tokens);
+      CHECK(s.context >= s.tokens);
+      CHECK(s.seconds > 0.0);
+      sampled += s.sampled;
+      fed += s.tokens;
+    }
+    for (const auto &t : expected) generated += static_cast<int64_t>(t.size());
+    for (const auto &p : reqs.prompts) prompt_tokens += static_cast<int64_t>(p.size());
+    CHECK(sampled == generated);
+    // Every prompt token and every generated token but the last is fed at least once (more when
+    // a prefix cache miss or a preemption recomputes, fewer when the cache hits).
+    if (!c.hits && !c.preempts) CHECK(fed == prompt_tokens + generated - static_cast<int64_t>(reqs.prompts.size()));
   }
 }
 

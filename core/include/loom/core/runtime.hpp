@@ -49,6 +49,16 @@ struct SequenceResult {
 };
 
 // What the scheduler did in a run served through [scheduler] (core/serving.cpp).
+// One forward pass of the scheduler (a step): what it ran and how long it took on the host's
+// clock, from planning to the sampled tokens being on the host (callbacks excluded).
+struct StepRecord {
+  int32_t sequences = 0; // sequences in the pass (decoding or prefilling a chunk)
+  int32_t tokens = 0;    // tokens fed (a decoding sequence feeds one)
+  int32_t sampled = 0;   // rows sampled (sequences that produced a token)
+  int64_t context = 0;   // KV positions the pass attends to, summed over its sequences
+  double seconds = 0;
+};
+
 struct SchedulerStats {
   bool used = false;            // the run went through the scheduler
   int64_t steps = 0;            // forward passes
@@ -58,6 +68,10 @@ struct SchedulerStats {
   double prefix_cache_hit_rate = 0; // cached_tokens / prompt_tokens
   int64_t kv_blocks = 0;        // the KV pool's blocks
   int32_t block_size = 0;       // positions per block
+  // The run's first kStepLogLimit steps, in order (bounded, so that a long-lived server's log
+  // does not grow without end).
+  static constexpr size_t kStepLogLimit = 65536;
+  std::vector<StepRecord> step_log;
 };
 
 struct RunResult {
