@@ -15,6 +15,7 @@
 #include "loom/core/reference_model.hpp"
 #include "loom/kernels/gemv.hpp"
 #include "loom/kernels/model.hpp"
+#include "loom/kernels/skinny_gemm.hpp"
 #include "loom/loom_plugin_api.h"
 
 namespace loom {
@@ -302,6 +303,15 @@ class CudaBackend final : public ModelBackend {
   // off for them; the flash plugin decides for its own kernels).
   int32_t gemv_tokens_ = 0;
   bool programmatic_ = false;
+  // Steps of more tokens, up to skinny_tokens_, run the gate/up projection and SwiGLU as one
+  // skinny tensor-core GEMM (loom/kernels/skinny_gemm.hpp) instead of cuBLAS and a SwiGLU
+  // kernel (0: never; bfloat16 on compute capability 8.0 and newer, no MLP bias;
+  // LOOM_CUDA_SKINNY=0 turns it off, for comparisons). The other linears stay on cuBLAS: at
+  // T = 64 on the H100 the skinny kernel was slower for q/k/v, o and down (their outputs have
+  // too few tiles for the GPU without splitting K) and no faster for the LM head (BENCHMARKS.md).
+  int32_t skinny_tokens_ = 0;
+  // y = x W^T by the skinny GEMM when the step and the shape allow it; false: use cuBLAS.
+  bool skinny_gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, kernels::SkinnyEpilogue e);
 };
 
 // float32 -> bfloat16, round to nearest even (the device kernel's rounding too).
@@ -414,6 +424,25 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
              "cudaDeviceGetAttribute");
   programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
+  if (bf16() && major >= 8 && !gpt2 && !env_off("LOOM_CUDA_SKINNY")) {
+    skinny_tokens_ = kernels::skinny_gemm_max_tokens();
+  }
+}
+
+bool CudaBackend::skinny_gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, kernels::SkinnyEpilogue e) {
+  if (tokens > skinny_tokens_ || w.bias) return false;
+  kernels::SkinnyGemmArgs a;
+  a.tokens = tokens;
+  a.in = static_cast<int32_t>(w.in);
+  a.out = static_cast<int32_t>(w.out);
+  a.weight = &w == &lm_head_ ? lm_head_weight_ : w.weight.get();
+  a.act = x;
+  a.out_ptr = y;
+  // Shapes the kernel does not take (not multiples of its 128-row tiles) fall back to cuBLAS.
+  const int rc = kernels::skinny_gemm_bf16_cuda(a, e, programmatic_, stream_);
+  if (rc == static_cast<int>(cudaErrorInvalidValue)) return false;
+  kernel_check(rc, "skinny gemm");
+  return true;
 }
 
 CudaBackend::~CudaBackend() {
@@ -733,12 +762,15 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     if (gpt2) {
       gemm(layer.gate_up, h_.get(), T, inter_.get(), act_cuda(), 0.0f);
       kernel_check(kernels::bias_gelu_cuda(inter_.get(), layer.gate_up.bias.get<float>(), T, I, dt, stream_), "gelu");
+      op_times_.mark("activation", stream_);
+    } else if (skinny_gemm(layer.gate_up, h_.get(), T, inter_.get(), kernels::SkinnyEpilogue::swiglu)) {
+      op_times_.mark("gate_up gemm+swiglu", stream_);
     } else {
       gemm(layer.gate_up, h_.get(), T, gate_up_.get(), act_cuda(), 0.0f);
       op_times_.mark("gate_up gemm", stream_);
       kernel_check(kernels::swiglu_cuda(gate_up_.get(), T, I, inter_.get(), dt, stream_), "swiglu");
+      op_times_.mark("activation", stream_);
     }
-    op_times_.mark("activation", stream_);
     gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, 1.0f);
     op_times_.mark("down gemm", stream_);
     pending_bias = layer.down.bias ? layer.down.bias.get<float>() : nullptr;

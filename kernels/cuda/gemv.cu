@@ -35,25 +35,14 @@ namespace {
 
 using device::kFullMask;
 using device::kRowThreads;
+using device::allow_next_kernel;
 using device::round_bf16;
+using device::wait_for_previous_kernel;
 
 constexpr int kWarps = kRowThreads / 32;
 constexpr int kSteps = 4;        // 16-byte pieces per row and lane in one pipeline stage
 constexpr int kMaxTokens = 4;    // register accumulators: 2 rows x T per lane
 constexpr int kSmemBytes = 48 * 1024;
-
-// Programmatic dependent launch (sm_90): wait until the previous kernel's writes are visible;
-// then let the next kernel start its own prologue.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_next_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 // bfloat16 pairs packed in a 32-bit word -> floats (exact).
 __device__ __forceinline__ float lo_bf16(uint32_t w) { return __uint_as_float(w << 16); }

@@ -38,14 +38,35 @@ __global__ void embed_kernel(const int32_t* tokens, const int32_t* positions, in
     x[t * hidden + i] = load(row, i) + (pos_row ? load(pos_row, i) : 0.0f);
 }
 
-template <class T>
+// PER > 0: hidden == PER * kRowThreads, the row held in registers (norm_row_regs); 0: any
+// hidden, norm_row's loops.
+template <class T, int PER>
 __global__ void __launch_bounds__(kRowThreads)
 add_bias_norm_kernel(float* x, const int32_t* row_index, int32_t hidden, const float* pending_bias, const float* w,
                      const float* b, float eps, T* out) {
+  // A programmatic launch after this one (the skinny GEMM) may start and fetch its weights now;
+  // it waits for this grid before it reads the normalised rows.
+  device::allow_next_kernel();
   const int64_t r = blockIdx.x;
   float* row = x + static_cast<int64_t>(row_index ? row_index[r] : r) * hidden;
-  if (pending_bias) device::add_row_bias(row, hidden, pending_bias);
-  device::norm_row(row, hidden, w, b, eps, out + r * hidden);
+  if constexpr (PER > 0) {
+    device::norm_row_regs<PER>(row, pending_bias, w, b, eps, out + r * hidden);
+  } else {
+    if (pending_bias) device::add_row_bias(row, hidden, pending_bias);
+    device::norm_row(row, hidden, w, b, eps, out + r * hidden);
+  }
+}
+
+template <class T, int PER = 16>
+void launch_norm(float* x, const int32_t* row_index, int32_t n_rows, int32_t hidden, const float* pending_bias,
+                 const float* w, const float* b, float eps, T* out, cudaStream_t s) {
+  if constexpr (PER > 0) {
+    if (hidden != PER * kRowThreads) {
+      launch_norm<T, PER - 1>(x, row_index, n_rows, hidden, pending_bias, w, b, eps, out, s);
+      return;
+    }
+  }
+  add_bias_norm_kernel<T, PER><<<n_rows, kRowThreads, 0, s>>>(x, row_index, hidden, pending_bias, w, b, eps, out);
 }
 
 // Block (t, chunk): the chunk's kRowThreads consecutive entries of token t's (head, pair) index
@@ -156,12 +177,11 @@ int add_bias_norm_cuda(float* x, const int32_t* row_index, int32_t n_rows, int32
                        const float* w, const float* b, float eps, void* out, Dtype dtype, void* stream) {
   if (n_rows <= 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
+  // Rows of up to 16 x kRowThreads values (4096) that divide evenly are held in registers.
   if (dtype == Dtype::bf16)
-    add_bias_norm_kernel<<<n_rows, kRowThreads, 0, s>>>(x, row_index, hidden, pending_bias, w, b, eps,
-                                                        static_cast<__nv_bfloat16*>(out));
+    launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<__nv_bfloat16*>(out), s);
   else
-    add_bias_norm_kernel<<<n_rows, kRowThreads, 0, s>>>(x, row_index, hidden, pending_bias, w, b, eps,
-                                                        static_cast<float*>(out));
+    launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<float*>(out), s);
   return launched();
 }
 

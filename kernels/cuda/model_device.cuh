@@ -28,6 +28,19 @@ __device__ __forceinline__ float gelu_tanh(float v) {
   return 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
 }
 
+// Programmatic dependent launch (sm_90; no-ops before): wait until the previous kernel's writes are visible;
+// then let the next kernel start its own prologue.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Sum over the block (kRowThreads threads); every thread gets the total. All threads must call.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float partial[kRowThreads / 32];
@@ -72,6 +85,51 @@ __device__ __forceinline__ void norm_row(const float* row, int32_t hidden, const
   for (int i = threadIdx.x; i < hidden; i += kRowThreads) var += (row[i] - mean) * (row[i] - mean);
   const float inv = rsqrtf(block_sum(var) * inv_h + eps);
   for (int i = threadIdx.x; i < hidden; i += kRowThreads) store(out, i, (row[i] - mean) * inv * w[i] + b[i]);
+}
+
+// norm_row with the row in registers: hidden == PER * kRowThreads, thread j holding values j,
+// j + kRowThreads, ... as norm_row partitions the row, and adding pending_bias (optional) into
+// the row first, as add_row_bias does. Every load is issued at once and w is loaded before the
+// reduction, so a row costs one memory latency instead of norm_row's three (load, reload after
+// the sum, store); the sums and products are norm_row's, in the same order.
+template <int PER, class T>
+__device__ __forceinline__ void norm_row_regs(float* row, const float* pending_bias, const float* w, const float* b,
+                                              float eps, T* out) {
+  float v[PER], wv[PER];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) v[k] = row[threadIdx.x + k * kRowThreads];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) wv[k] = w[threadIdx.x + k * kRowThreads];
+  if (pending_bias) {
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      v[k] += pending_bias[threadIdx.x + k * kRowThreads];
+      row[threadIdx.x + k * kRowThreads] = v[k];
+    }
+  }
+  const float inv_h = 1.0f / static_cast<float>(PER * kRowThreads);
+  float sum = 0.0f, sum_sq = 0.0f;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    sum += v[k];
+    sum_sq += v[k] * v[k];
+  }
+  if (b == nullptr) {
+    const float inv = rsqrtf(block_sum(sum_sq) * inv_h + eps);
+#pragma unroll
+    for (int k = 0; k < PER; ++k) store(out, threadIdx.x + k * kRowThreads, wv[k] * (v[k] * inv));
+    return;
+  }
+  const float mean = block_sum(sum) * inv_h;
+  float var = 0.0f;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) var += (v[k] - mean) * (v[k] - mean);
+  const float inv = rsqrtf(block_sum(var) * inv_h + eps);
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int i = threadIdx.x + k * kRowThreads;
+    store(out, i, (v[k] - mean) * inv * wv[k] + b[i]);
+  }
 }
 
 // row += bias with norm_row's partition of the row over the threads.

@@ -26,6 +26,8 @@ int embed_rows_cuda(const int32_t* tokens, const int32_t* positions, int32_t n_t
 //   into the residual stream), then out[r] = norm(x[src]) as `dtype`, where norm is
 //   RMSNorm (w * x / sqrt(mean(x^2) + eps)) when b is null, else LayerNorm ((x - mean) /
 //   sqrt(var + eps) * w + b). x: [*, H] float32; w, b, pending_bias: [H] float32; out: [n_rows, H].
+//   Rows of up to 4096 values that are a multiple of 256 are held in registers (one memory
+//   latency a row); others take two more passes over the row.
 int add_bias_norm_cuda(float* x, const int32_t* row_index, int32_t n_rows, int32_t hidden, const float* pending_bias,
                        const float* w, const float* b, float eps, void* out, Dtype dtype, void* stream);
 
