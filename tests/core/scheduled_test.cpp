@@ -5,6 +5,8 @@
 // cache, and whether it was preempted and recomputed. On the CPU with the default model.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <random>
@@ -252,9 +254,10 @@ TEST_CASE("an attention plugin's own sliding_window frees blocks the same way", 
 TEST_CASE("requests that arrive while the runtime serves join the batch and get their tokens alone",
           "[scheduler][model][serve]") {
   // A producer thread submits 24 requests a few milliseconds apart while Runtime::serve runs on
-  // this thread: each joins the running batch at a later step. Every request must get its tokens
-  // alone; one whose callback says stop ends there; one too long for the server is refused
-  // through on_done, and the others go on.
+  // this thread: each joins the running batch at a later step. The second half is submitted only
+  // once the server has streamed a token, so those requests certainly arrive mid-run. Every
+  // request must get its tokens alone; one whose callback says stop ends there; one too long for
+  // the server is refused through on_done, and the others go on.
   const Requests reqs = make_requests(24, 7);
   const auto expected = alone(reqs);
   auto rt = loom::Runtime::from_string(base_manifest() + "[scheduler]\nmax_seqs = 6\nmax_batched_tokens = 32\n" +
@@ -265,12 +268,19 @@ TEST_CASE("requests that arrive while the runtime serves join the batch and get 
   std::string refused;
   const size_t stopper = 5; // its callback stops it after 3 tokens
   std::vector<int64_t> ids;
+  std::atomic<bool> streaming{false}; // a token has reached a callback
+  bool waited = false;                // the producer saw it before the second half
   std::thread producer([&] {
     for (size_t i = 0; i < reqs.prompts.size(); ++i) {
+      if (i == reqs.prompts.size() / 2) {
+        for (int k = 0; k < 20000 && !streaming.load(); ++k) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        waited = streaming.load();
+      }
       loom::ServeRequest r;
       r.prompt = reqs.prompts[i];
       r.max_new_tokens = reqs.steps[i];
       r.on_token = [&, i](int64_t index, int32_t token) {
+        streaming = true;
         CHECK(index == static_cast<int64_t>(streamed[i].size()));
         streamed[i].push_back(token);
         return !(i == stopper && streamed[i].size() == 3);
@@ -300,6 +310,14 @@ TEST_CASE("requests that arrive while the runtime serves join the batch and get 
   const loom::SchedulerStats stats = rt->serve(queue, 80);
   producer.join();
   CHECK(stats.used);
+  CHECK(waited);
+  // The step log shows it: after steps that sampled tokens, later steps still prefill newly
+  // arrived prompts (a step feeds more tokens than it has sequences only when one prefills).
+  const auto &log = stats.step_log;
+  const auto first_sample = std::find_if(log.begin(), log.end(), [](const loom::StepRecord &r) { return r.sampled > 0; });
+  REQUIRE(first_sample != log.end());
+  CHECK(std::any_of(first_sample + 1, log.end(), [](const loom::StepRecord &r) { return r.tokens > r.sequences; }));
+  for (const loom::StepRecord &r : log) CHECK(r.sequences <= 6); // max_seqs
   for (size_t i = 0; i < ids.size(); ++i) CHECK(ids[i] == static_cast<int64_t>(i <= 10 ? i : i + 1)); // in order
   CHECK(refused.find("positions in all at most") != std::string::npos);
   CHECK(done_calls == std::vector<int>(reqs.prompts.size() + 1, 1));
