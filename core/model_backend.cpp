@@ -50,13 +50,17 @@ void fill_block_table(const StepBatch &batch, int64_t cols, int64_t pool_blocks,
                         std::to_string(S) + " sequences (" + std::to_string(batch.block_tables.size()) +
                         " entries; at most " + std::to_string(cols) + " columns)");
   for (int64_t s = 0; s < S; ++s) {
+    // Columns past the batch's tables name the sequence's first block: written data (a kernel
+    // may load a masked tile that reaches past the last position, and a masked score still
+    // multiplies the value it loads), as serving pads its tables (core/serving.cpp).
+    const int32_t filler = given > 0 ? batch.block_tables[static_cast<size_t>(s * given)] : 0;
     const int64_t last = static_cast<int64_t>(batch.seq_positions[static_cast<size_t>(s)]) +
                          (batch.seq_offsets[static_cast<size_t>(s) + 1] - batch.seq_offsets[static_cast<size_t>(s)]);
     if (last > given * block_size)
       throw runtime_error(source_name + ": step batch sequence " + std::to_string(s) + " reaches position " +
                           std::to_string(last - 1) + ", past its block table of " + std::to_string(given) + " blocks");
     for (int64_t j = 0; j < cols; ++j) {
-      const int32_t b = j < given ? batch.block_tables[static_cast<size_t>(s * given + j)] : 0;
+      const int32_t b = j < given ? batch.block_tables[static_cast<size_t>(s * given + j)] : filler;
       if (b < 0 || b >= pool_blocks)
         throw runtime_error(source_name + ": step batch sequence " + std::to_string(s) + " names KV block " +
                             std::to_string(b) + ", outside the pool of " + std::to_string(pool_blocks));

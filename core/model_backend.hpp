@@ -96,8 +96,10 @@ struct SlotCopy {
   uint64_t src_offset = 0, dst_offset = 0, bytes = 0;
 };
 // The [S, cols] block table a forward pass gives attention: in slot mode sequence s's blocks are
-// slot * cols + j; in paged mode the batch's own tables (checked against the pool's `pool_blocks`
-// and padded with block 0, never read: positions are checked against the table's length).
+// slot * cols + j; in paged mode the batch's own tables (checked against the pool's `pool_blocks`),
+// the columns past them naming the sequence's first block: positions are checked against the
+// table's length, but a kernel may load (masked) a tile past the last position, so every entry
+// names a block the sequence has written (serving pads its rows the same way).
 // Throws on a table entry outside the pool or a sequence whose positions pass its table.
 void fill_block_table(const StepBatch &batch, int64_t cols, int64_t pool_blocks, int32_t block_size, int32_t *table,
                       const std::string &source_name);

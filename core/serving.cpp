@@ -32,7 +32,8 @@ namespace {
 
 // What a request's StepBatch row needs: its table, with the entries a sliding window dropped
 // (never attended to, but a kernel may still load a masked tile reaching back into them) and
-// the columns past its end naming its first live block (written data, finite).
+// the columns past its end naming its first live block (written data, finite): the rule
+// fill_block_table (model_backend.hpp) applies to the columns past the batch's tables.
 void append_table(const std::vector<int32_t> &table, int64_t cols, std::vector<int32_t> &out) {
   const auto live = std::find_if(table.begin(), table.end(), [](int32_t b) { return b != KvBlockManager::kDropped; });
   const int32_t filler = live != table.end() ? *live : 0;

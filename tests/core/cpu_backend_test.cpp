@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../../core/cpu_backend.hpp"
+#include "../../core/model_backend.hpp"
 #include "../../core/thread_pool.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/manifest.hpp"
@@ -570,4 +571,41 @@ TEST_CASE("the main pipeline batches prompts through every kind of plugin", "[pi
     CHECK(longer.sequences[i].tokens.size() == 30);
     CHECK(again.sequences[i].tokens == batch.sequences[i].tokens);
   }
+}
+
+TEST_CASE("fill_block_table gives every column a block the sequence wrote, and checks the tables", "[backend][paged]") {
+  // Two sequences: 3 positions (one block of 4) and 6 positions (two blocks), tables of 2
+  // columns (the first padded by serving with its own block), a backend table of 4 columns.
+  loom::StepBatch b;
+  b.tokens = {1, 2, 3, 4};
+  b.seq_offsets = {0, 1, 4};
+  b.seq_positions = {2, 2}; // positions 2, and 2..4
+  b.table_cols = 2;
+  b.block_tables = {7, 7, 3, 9};
+  std::vector<int32_t> table(8, -1);
+  loom::fill_block_table(b, 4, 16, 4, table.data(), "t.toml");
+  CHECK(table == std::vector<int32_t>{7, 7, 7, 7, 3, 9, 3, 3});
+  // Slot mode: sequence s owns blocks slot * cols + j.
+  loom::StepBatch slots = b;
+  slots.table_cols = 0;
+  slots.block_tables.clear();
+  slots.seq_slots = {1, 0};
+  loom::fill_block_table(slots, 4, 16, 4, table.data(), "t.toml");
+  CHECK(table == std::vector<int32_t>{4, 5, 6, 7, 0, 1, 2, 3});
+  auto error_of = [&](loom::StepBatch x, int64_t pool) {
+    try {
+      loom::fill_block_table(x, 4, pool, 4, table.data(), "t.toml");
+    } catch (const loom::Error &e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  CHECK(error_of(b, 8).find("t.toml: step batch sequence 1 names KV block 9, outside the pool of 8") == 0);
+  loom::StepBatch past = b;
+  past.seq_positions[1] = 6; // positions 6..8 need three blocks
+  CHECK(error_of(past, 16).find("reaches position 8, past its block table of 2 blocks") != std::string::npos);
+  loom::StepBatch ragged = b;
+  ragged.block_tables.pop_back();
+  CHECK(error_of(ragged, 16).find("block tables of 2 columns for 2 sequences (3 entries") != std::string::npos);
+  CHECK(error_of(slots, 4).find("names KV slot 1, outside the cache") != std::string::npos);
 }
