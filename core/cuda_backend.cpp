@@ -305,7 +305,8 @@ class CudaBackend final : public ModelBackend {
   bool programmatic_ = false;
   // Steps of more tokens, up to skinny_tokens_, run the gate/up projection and SwiGLU as one
   // skinny tensor-core GEMM (loom/kernels/skinny_gemm.hpp) instead of cuBLAS and a SwiGLU
-  // kernel (0: never; bfloat16 on compute capability 8.0 and newer, no MLP bias;
+  // kernel (0: never; bfloat16 on compute capability 8.0 and newer with the shared memory the
+  // kernel needs, no MLP bias;
   // LOOM_CUDA_SKINNY=0 turns it off, for comparisons). The other linears stay on cuBLAS: at
   // T = 64 on the H100 the skinny kernel was slower for q/k/v, o and down (their outputs have
   // too few tiles for the GPU without splitting K) and no faster for the LM head (BENCHMARKS.md).
@@ -424,7 +425,7 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
              "cudaDeviceGetAttribute");
   programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
-  if (bf16() && major >= 8 && !gpt2 && !env_off("LOOM_CUDA_SKINNY")) {
+  if (bf16() && major >= 8 && !gpt2 && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported()) {
     skinny_tokens_ = kernels::skinny_gemm_max_tokens();
   }
 }

@@ -297,6 +297,8 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(SkinnyGemmArgs a,
     finish<E>(a, tile, t, r, v, up);
   }
   cluster.sync(); // no block leaves while another reads its shared memory
+#else
+  __trap(); // the host splits only where this code was compiled for sm_90+ (device_shape)
 #endif
 }
 
@@ -304,7 +306,10 @@ struct DeviceShape {
   int sms = 0;
   size_t smem_per_sm = 0, reserved_per_block = 0;
   int max_threads_per_sm = 0;
-  bool clusters = false; // compute capability 9.0+: K may be split
+  size_t smem_optin = 0;  // the most dynamic shared memory a block may have
+  // K may be split: a GPU of compute capability 9.0+ running code compiled for it (a newer GPU
+  // that JIT-compiles the sm_80 PTX runs a kernel without the cluster reduce).
+  bool clusters = false;
   // Blocks with `smem` bytes of shared memory that fit on an SM at once.
   int blocks_per_sm(size_t smem) const {
     return std::max(1, static_cast<int>(std::min(smem_per_sm / (smem + reserved_per_block),
@@ -390,7 +395,11 @@ cudaError_t device_shape(DeviceShape& shape) {
   cudaDeviceProp prop{};
   if (cudaError_t e = cudaGetDeviceProperties(&prop, device); e != cudaSuccess) return e;
   shape.sms = std::max(prop.multiProcessorCount, 1);
-  shape.clusters = prop.major >= 9;
+  cudaFuncAttributes attributes{};
+  if (cudaError_t e = cudaFuncGetAttributes(&attributes, skinny_gemm_kernel<8, SkinnyEpilogue::store_f32>); e != cudaSuccess)
+    return e;
+  shape.clusters = prop.major >= 9 && attributes.ptxVersion >= 90;
+  shape.smem_optin = prop.sharedMemPerBlockOptin;
   shape.smem_per_sm = prop.sharedMemPerMultiprocessor;
   shape.reserved_per_block = prop.reservedSharedMemPerBlock;
   shape.max_threads_per_sm = prop.maxThreadsPerMultiProcessor;
@@ -398,9 +407,16 @@ cudaError_t device_shape(DeviceShape& shape) {
   return cudaSuccess;
 }
 
+bool skinny_gemm_fits(const DeviceShape& d) { return static_cast<size_t>(Layout<8, kStages>::smem_bytes) <= d.smem_optin; }
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
+
+bool skinny_gemm_supported() {
+  DeviceShape d;
+  return device_shape(d) == cudaSuccess && skinny_gemm_fits(d);
+}
 
 int skinny_gemm_bf16_cuda(const SkinnyGemmArgs& a, SkinnyEpilogue epilogue, bool programmatic, void* stream) {
   const auto invalid = static_cast<int>(cudaErrorInvalidValue);
@@ -409,8 +425,12 @@ int skinny_gemm_bf16_cuda(const SkinnyGemmArgs& a, SkinnyEpilogue epilogue, bool
       a.out % out_multiple != 0 || a.weight == nullptr || a.act == nullptr || a.out_ptr == nullptr ||
       !aligned16(a.weight) || !aligned16(a.act))
     return invalid;
+  if ((reinterpret_cast<uintptr_t>(a.out_ptr) & 3u) != 0) return invalid;
   DeviceShape d;
   if (cudaError_t e = device_shape(d); e != cudaSuccess) return e;
+  // GPUs with less shared memory a block than the ring of 64 tokens (99 KB on sm_86/89/120) are
+  // refused before any CUDA call, so that no launch error is left behind for the caller.
+  if (!skinny_gemm_fits(d)) return invalid;
   auto s = static_cast<cudaStream_t>(stream);
   switch (epilogue) {
     case SkinnyEpilogue::store_bf16: return launch_tokens<SkinnyEpilogue::store_bf16>(a, d, programmatic, s);

@@ -44,8 +44,13 @@ struct SkinnyGemmArgs {
 
 constexpr int32_t skinny_gemm_max_tokens() { return 64; }
 
-// Enqueues y = x W^T with the epilogue. Shapes outside the contract, null pointers or a
-// misaligned weight or input return cudaErrorInvalidValue without launching.
+// Whether the current device can run the kernel: its shared-memory ring needs about 145 KB a
+// block (not on GPUs of 99 KB, such as sm_86/89/120). False when the device cannot be queried.
+bool skinny_gemm_supported();
+
+// Enqueues y = x W^T with the epilogue. Shapes outside the contract, null pointers, a
+// misaligned weight or input, or a device that is not supported return cudaErrorInvalidValue
+// without any CUDA call that could leave an error behind.
 int skinny_gemm_bf16_cuda(const SkinnyGemmArgs& args, SkinnyEpilogue epilogue, bool programmatic, void* stream);
 
 }  // namespace loom::kernels
