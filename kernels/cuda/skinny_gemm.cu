@@ -15,13 +15,14 @@
 // so the bits do not depend on timing) and applies the epilogue to it.
 //
 // Measured on the H100 at T = 64, the 1B model's shapes, per batch-64 decode step (16 layers;
-// LOOM_CUDA_OP_TIMES, launch gaps included): gate/up + SwiGLU 507 us against cuBLAS's gate/up
-// and the SwiGLU kernel's 553. The weight loads ask L2 for 256-byte blocks (529 us without,
-// 541 with mma.sync instead of wgmma); six stages beat four (one block per SM instead of two).
-// Where K is split the kernel loses to cuBLAS (q/k/v 223-355 us against 166, o 216-313 against
-// 151, down 360-516 against 326): the first version, which reduced the partials through global
-// memory in the last block of each tile, was 2.6-3.9 times slower still. So the backend uses it
-// for gate/up only.
+// LOOM_CUDA_OP_TIMES, launch gaps included): gate/up + SwiGLU 507 us against 552-556 for cuBLAS's
+// gate/up and the SwiGLU kernel summed. Step by step: mma.sync with four stages 564, wgmma 541,
+// the weight loads asking L2 for 256-byte blocks 529, six stages 507. Where K is split the
+// kernel loses to cuBLAS (q/k/v 223-355 us against 166, o 216-313 against 151, down 360-516
+// against 326), and the first version, which reduced the partials through global memory in the
+// last block of each tile, was 2.6-3.9 times slower than cuBLAS. So the backend uses it for
+// gate/up only.
+
 #include "loom/kernels/skinny_gemm.hpp"
 
 #include <cooperative_groups.h>

@@ -48,7 +48,6 @@ struct SequenceResult {
   bool stopped = false;        // a stop token or string ended it before run.steps
 };
 
-// What the scheduler did in a run served through [scheduler] (core/serving.cpp).
 // One forward pass of the scheduler (a step): what it ran and how long it took on the host's
 // clock, from planning to the sampled tokens being on the host (callbacks excluded).
 struct StepRecord {
@@ -59,6 +58,7 @@ struct StepRecord {
   double seconds = 0;
 };
 
+// What the scheduler did in a run served through [scheduler] (core/serving.cpp).
 struct SchedulerStats {
   bool used = false;            // the run went through the scheduler
   int64_t steps = 0;            // forward passes
