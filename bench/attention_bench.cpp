@@ -59,14 +59,6 @@ struct Options {
   std::vector<std::string> kv_dtypes{"bf16"};
 };
 
-std::vector<std::string> parse_words(const char *s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(item);
-  return out;
-}
-
 Options parse(int argc, char **argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
@@ -93,7 +85,7 @@ Options parse(int argc, char **argv) {
     else if (a == "--decode-bytes") o.decode_bytes = std::atof(need());
     else if (a == "--no-decode") o.decode = false;
     else if (a == "--no-prefill") o.prefill = false;
-    else if (a == "--kv-dtype") o.kv_dtypes = parse_words(need());
+    else if (a == "--kv-dtype") o.kv_dtypes = loom_bench::parse_word_list(need());
     else {
       std::fprintf(stderr, "unknown argument %s (see the comment at the top of bench/attention_bench.cpp)\n",
                    a.c_str());

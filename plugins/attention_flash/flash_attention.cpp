@@ -41,8 +41,7 @@ FlashAttention::FlashAttention(const loom_host_api* host, loom_host_ctx* ctx) : 
   // block format (loom_kv_format.hpp), with either compute dtype.
   const KvDtype kv = parse_kv_dtype("flash", cfg_string(host, ctx, "kv_dtype"));
   kv_bf16_ = kv == KvDtype::kBf16;
-  if (kv == KvDtype::kInt8) kv_format_ = KvFormat::int8;
-  if (kv == KvDtype::kFp8) kv_format_ = KvFormat::fp8;
+  kv_format_ = kv_format_of(kv, KvFormat::bf16);
 }
 
 FlashAttention::~FlashAttention() {
@@ -121,7 +120,7 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   prepared_ = true;
   layout.block_size = block_size_;
   // As sdpa reports its caches; the unquantized cache is in the compute dtype (f16 included).
-  layout.cache_dtype = kv_format_ == KvFormat::int8 || kv_format_ == KvFormat::fp8 ? kv_cache_dtype(kv_format_) : c.dtype;
+  layout.cache_dtype = quantized ? kv_cache_dtype(kv_format_) : c.dtype;
   layout.bytes_per_block = bytes_per_block;
   layout.window = prepared_problem_.window;  // a host before ABI 1.4 does not get it back (the glue)
 }

@@ -67,10 +67,7 @@ struct Sdpa {
                     ")");
     }
     if (!std::isfinite(c.softmax_scale)) invalid("sdpa: softmax_scale is not finite");
-    KvFormat format = is_bf16(c.dtype) ? KvFormat::bf16 : KvFormat::f32;
-    if (kv_dtype == KvDtype::kBf16) format = KvFormat::bf16;
-    if (kv_dtype == KvDtype::kInt8) format = KvFormat::int8;
-    if (kv_dtype == KvDtype::kFp8) format = KvFormat::fp8;
+    const KvFormat format = kv_format_of(kv_dtype, is_bf16(c.dtype) ? KvFormat::bf16 : KvFormat::f32);
     cfg = c;
     if (own_window > 0) cfg.sliding_window = static_cast<int32_t>(own_window);  // its own window over the model's
     kv = KvGeometry{block_size, c.n_kv_heads, c.head_dim, format};

@@ -24,6 +24,17 @@ inline KvDtype parse_kv_dtype(const std::string& component, const std::string& v
   if (v == "fp8") return KvDtype::kFp8;
   invalid_param("kv_dtype", component + ": kv_dtype must be \"auto\", \"bf16\", \"int8\" or \"fp8\", got \"" + v + "\"");
 }
+// The cache format a kv_dtype asks for; `unquantized`: the format "auto" means (the compute
+// dtype's).
+inline kvcache::KvFormat kv_format_of(KvDtype kv, kvcache::KvFormat unquantized) {
+  switch (kv) {
+    case KvDtype::kBf16: return kvcache::KvFormat::bf16;
+    case KvDtype::kInt8: return kvcache::KvFormat::int8;
+    case KvDtype::kFp8: return kvcache::KvFormat::fp8;
+    case KvDtype::kAuto: break;
+  }
+  return unquantized;
+}
 // sliding_window: 0 applies the model's; else a window of 1 to 2^30 positions.
 inline int32_t parse_sliding_window(const std::string& component, int64_t w) {
   if (w < 0 || w > (int64_t{1} << 30))

@@ -138,21 +138,7 @@ struct View {
 // the batch.
 loom_attention_batch causal_batch(View &q, View &k, View &v, View &out, View &off, View &pos, View &table, View &pool,
                                   int64_t S, int64_t T) {
-  loom_attention_batch b{};
-  b.struct_size = sizeof(b);
-  b.layer = 0;
-  b.n_seqs = static_cast<int32_t>(S);
-  b.n_tokens = static_cast<int32_t>(T);
-  b.q = &q.t;
-  b.k = &k.t;
-  b.v = &v.t;
-  b.out = &out.t;
-  b.seq_offsets = &off.t;
-  b.seq_positions = &pos.t;
-  b.block_table = &table.t;
-  b.kv_pool = &pool.t;
-  b.causal = 1;
-  return b;
+  return bt::causal_batch(&q.t, &k.t, &v.t, &out.t, &off.t, &pos.t, &table.t, &pool.t, S, T);
 }
 
 struct Geometry {

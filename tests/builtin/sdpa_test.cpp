@@ -127,19 +127,8 @@ TEST_CASE("sdpa validates its inputs and names the field", "[sdpa]") {
   bt::Tensor<float> q({2, H, D}), k({2, Hkv, D}), v({2, Hkv, D}), out({2, H, D});
   bt::Tensor<int32_t> offsets({2}, {0, 2}), pos({1}, {0}), table({1, 2}, {0, 99});
   loom_attention_batch b{};
-  b.struct_size = sizeof(b);
-  b.n_seqs = 1;
-  b.n_tokens = 2;
   auto fill = [&] {
-    b.q = q.dl();
-    b.k = k.dl();
-    b.v = v.dl();
-    b.out = out.dl();
-    b.seq_offsets = offsets.dl();
-    b.seq_positions = pos.dl();
-    b.block_table = table.dl();
-    b.kv_pool = h.pool.dl();
-    b.causal = 1;
+    b = bt::causal_batch(q.dl(), k.dl(), v.dl(), out.dl(), offsets.dl(), pos.dl(), table.dl(), h.pool.dl(), 1, 2);
   };
   fill();
   REQUIRE(h.vt->forward(h.attn->handle(), &b) == LOOM_OK); // 2 tokens need only block 0
