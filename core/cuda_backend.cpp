@@ -303,16 +303,18 @@ class CudaBackend final : public ModelBackend {
   // off for them; the flash plugin decides for its own kernels).
   int32_t gemv_tokens_ = 0;
   bool programmatic_ = false;
-  // Steps of more tokens, up to skinny_tokens_, run the gate/up projection and SwiGLU as one
+  // Steps of up to skinny_gemm_max_tokens() tokens run the gate/up projection and SwiGLU as one
   // skinny tensor-core GEMM (loom/kernels/skinny_gemm.hpp) instead of cuBLAS and a SwiGLU
-  // kernel (0: never; bfloat16 on compute capability 8.0 and newer with the shared memory the
-  // kernel needs, no MLP bias;
-  // LOOM_CUDA_SKINNY=0 turns it off, for comparisons). The other linears stay on cuBLAS: at
-  // T = 64 on the H100 the skinny kernel was slower for q/k/v, o and down (their outputs have
-  // too few tiles for the GPU without splitting K) and no faster for the LM head (BENCHMARKS.md).
-  int32_t skinny_tokens_ = 0;
-  // y = x W^T by the skinny GEMM when the step and the shape allow it; false: use cuBLAS.
-  bool skinny_gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, kernels::SkinnyEpilogue e);
+  // kernel, when this is set: bfloat16, a device the kernel supports, every layer's gate/up
+  // without bias and of a shape it takes (LOOM_CUDA_SKINNY=0 turns it off, for comparisons).
+  // The other linears stay on cuBLAS: at T = 64 on the H100 the skinny kernel was slower for
+  // q/k/v, o and down (their outputs have too few tiles for the GPU without splitting K) and no
+  // faster for the LM head (BENCHMARKS.md).
+  bool skinny_swiglu_ = false;
+  // inter[T, I] = SwiGLU(x W_gate_up^T) by the skinny GEMM.
+  void skinny_swiglu(const DeviceLinear &gate_up, const void *x, int32_t tokens, void *inter);
+  // The weights of a linear on the device (the tied LM head's are the embedding's).
+  const void *weight_of(const DeviceLinear &w) const { return &w == &lm_head_ ? lm_head_weight_ : w.weight.get(); }
 };
 
 // float32 -> bfloat16, round to nearest even (the device kernel's rounding too).
@@ -425,25 +427,23 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
              "cudaDeviceGetAttribute");
   programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
-  if (bf16() && major >= 8 && !gpt2 && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported()) {
-    skinny_tokens_ = kernels::skinny_gemm_max_tokens();
-  }
+  if (bf16() && major >= 8 && !gpt2 && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported())
+    skinny_swiglu_ = std::all_of(layers_.begin(), layers_.end(), [](const DeviceLayer &layer) {
+      return !layer.gate_up.bias && kernels::skinny_gemm_takes(static_cast<int32_t>(layer.gate_up.in),
+                                                               static_cast<int32_t>(layer.gate_up.out),
+                                                               kernels::SkinnyEpilogue::swiglu);
+    });
 }
 
-bool CudaBackend::skinny_gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, kernels::SkinnyEpilogue e) {
-  if (tokens > skinny_tokens_ || w.bias) return false;
+void CudaBackend::skinny_swiglu(const DeviceLinear &gate_up, const void *x, int32_t tokens, void *inter) {
   kernels::SkinnyGemmArgs a;
   a.tokens = tokens;
-  a.in = static_cast<int32_t>(w.in);
-  a.out = static_cast<int32_t>(w.out);
-  a.weight = &w == &lm_head_ ? lm_head_weight_ : w.weight.get();
+  a.in = static_cast<int32_t>(gate_up.in);
+  a.out = static_cast<int32_t>(gate_up.out);
+  a.weight = gate_up.weight.get();
   a.act = x;
-  a.out_ptr = y;
-  // Shapes the kernel does not take (not multiples of its 128-row tiles) fall back to cuBLAS.
-  const int rc = kernels::skinny_gemm_bf16_cuda(a, e, programmatic_, stream_);
-  if (rc == static_cast<int>(cudaErrorInvalidValue)) return false;
-  kernel_check(rc, "skinny gemm");
-  return true;
+  a.out_ptr = inter;
+  kernel_check(kernels::skinny_gemm_bf16_cuda(a, kernels::SkinnyEpilogue::swiglu, programmatic_, stream_), "skinny gemm");
 }
 
 CudaBackend::~CudaBackend() {
@@ -676,7 +676,7 @@ void CudaBackend::gemm(const DeviceLinear &w, const void *x, int32_t tokens, voi
   // Row-major y[T, out] = x[T, in] W[out, in]^T is column-major y^T[out, T] = W^T' x^T' with
   // W read as the column-major [in, out] matrix it is, transposed.
   const float alpha = 1.0f;
-  const void *weight = &w == &lm_head_ ? lm_head_weight_ : w.weight.get();
+  const void *weight = weight_of(w);
   cublas_check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.out), tokens, static_cast<int>(w.in),
                             &alpha, weight, act_cuda(), static_cast<int>(w.in), x, act_cuda(), static_cast<int>(w.in),
                             &beta, y, y_type, static_cast<int>(w.out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
@@ -764,7 +764,8 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       gemm(layer.gate_up, h_.get(), T, inter_.get(), act_cuda(), 0.0f);
       kernel_check(kernels::bias_gelu_cuda(inter_.get(), layer.gate_up.bias.get<float>(), T, I, dt, stream_), "gelu");
       op_times_.mark("activation", stream_);
-    } else if (skinny_gemm(layer.gate_up, h_.get(), T, inter_.get(), kernels::SkinnyEpilogue::swiglu)) {
+    } else if (skinny_swiglu_ && T <= kernels::skinny_gemm_max_tokens()) {
+      skinny_swiglu(layer.gate_up, h_.get(), T, inter_.get());
       op_times_.mark("gate_up gemm+swiglu", stream_);
     } else {
       gemm(layer.gate_up, h_.get(), T, gate_up_.get(), act_cuda(), 0.0f);
@@ -804,7 +805,7 @@ void CudaBackend::run_layers_gemv(Instance &attention, AttentionCall &call, int3
     g.tokens = T;
     g.in = static_cast<int32_t>(w.in);
     g.out = static_cast<int32_t>(w.out);
-    g.weight = &w == &lm_head_ ? lm_head_weight_ : w.weight.get();
+    g.weight = weight_of(w);
     g.bias = w.bias ? w.bias.get<float>() : nullptr;
     g.resid = x;
     g.norm_w = norm_w.get<float>();

@@ -333,7 +333,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   }
   auto decode_start = std::chrono::steady_clock::now();
   result.prefill_seconds = std::chrono::duration<double>(decode_start - prefill_start).count();
-  std::vector<char> stopped_by_string(n, 0); // char, not bool: hits_stop takes a pointer to one
+  std::vector<bool> stopped_by_string(n, false);
   std::vector<int32_t> sampled, next_rows;
   // The next step's batch: one token for each sequence in `seqs`. Fed: its tokens are still on
   // the device (sampled, not yet read back) and each sequence's new token goes at position
@@ -395,7 +395,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
         out.tokens.push_back(token);
         bool by_string = false;
         const bool done = hits_stop(prompts_[static_cast<size_t>(seq)], out, token, &by_string);
-        if (by_string) stopped_by_string[static_cast<size_t>(seq)] = 1;
+        if (by_string) stopped_by_string[static_cast<size_t>(seq)] = true;
         if (done || static_cast<int64_t>(out.tokens.size()) >= limits[static_cast<size_t>(seq)]) {
           release_sequence(seq); // the sequence leaves the batch
         } else {

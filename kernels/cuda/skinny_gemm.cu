@@ -33,7 +33,6 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
-#include <utility>
 
 #include "model_device.cuh"
 
@@ -419,12 +418,15 @@ bool skinny_gemm_supported() {
   return device_shape(d) == cudaSuccess && skinny_gemm_fits(d);
 }
 
+bool skinny_gemm_takes(int32_t in, int32_t out, SkinnyEpilogue epilogue) {
+  const int out_multiple = epilogue == SkinnyEpilogue::swiglu ? 2 * kRows : kRows;
+  return in >= kBK && in % kBK == 0 && out >= out_multiple && out % out_multiple == 0;
+}
+
 int skinny_gemm_bf16_cuda(const SkinnyGemmArgs& a, SkinnyEpilogue epilogue, bool programmatic, void* stream) {
   const auto invalid = static_cast<int>(cudaErrorInvalidValue);
-  const int out_multiple = epilogue == SkinnyEpilogue::swiglu ? 2 * kRows : kRows;
-  if (a.tokens < 1 || a.tokens > skinny_gemm_max_tokens() || a.in < kBK || a.in % kBK != 0 || a.out < out_multiple ||
-      a.out % out_multiple != 0 || a.weight == nullptr || a.act == nullptr || a.out_ptr == nullptr ||
-      !aligned16(a.weight) || !aligned16(a.act))
+  if (a.tokens < 1 || a.tokens > skinny_gemm_max_tokens() || !skinny_gemm_takes(a.in, a.out, epilogue) ||
+      a.weight == nullptr || a.act == nullptr || a.out_ptr == nullptr || !aligned16(a.weight) || !aligned16(a.act))
     return invalid;
   if ((reinterpret_cast<uintptr_t>(a.out_ptr) & 3u) != 0) return invalid;
   DeviceShape d;

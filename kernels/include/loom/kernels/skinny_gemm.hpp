@@ -44,6 +44,10 @@ struct SkinnyGemmArgs {
 
 constexpr int32_t skinny_gemm_max_tokens() { return 64; }
 
+// Whether the kernel takes a weight of this shape with this epilogue (in a multiple of 64, out
+// of 128, or of 256 for swiglu).
+bool skinny_gemm_takes(int32_t in, int32_t out, SkinnyEpilogue epilogue);
+
 // Whether the current device can run the kernel: its shared-memory ring needs about 145 KB a
 // block (not on GPUs of 99 KB, such as sm_86/89/120). False when the device cannot be queried.
 bool skinny_gemm_supported();
