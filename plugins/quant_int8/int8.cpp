@@ -15,6 +15,7 @@
 
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
+#include "loom_quant_util.hpp"
 
 struct loom_qweight {
   int64_t out = 0, in = 0;
@@ -110,45 +111,17 @@ void export_weight(const Int8& self, const loom_qweight& w, const loom_tensor_si
   if (s != LOOM_OK) fail(s, "int8: could not write the metadata");
 }
 
-// A tensor named exactly `suffix`, or "<prefix>.<suffix>" (the host may keep module prefixes).
-const DLTensor* find_tensor(const loom_named_tensor* ts, uint32_t count, const std::string& suffix) {
-  const DLTensor* found = nullptr;
-  for (uint32_t i = 0; i < count; ++i) {
-    if (ts[i].name == nullptr) invalid("int8: tensor " + std::to_string(i) + " has no name");
-    const std::string name = ts[i].name;
-    const bool match = name == suffix || (name.size() > suffix.size() &&
-                                          name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0 &&
-                                          name[name.size() - suffix.size() - 1] == '.');
-    if (!match) continue;
-    if (found) invalid("int8: tensor '" + suffix + "' given more than once");
-    found = ts[i].tensor;
-    if (found == nullptr) invalid("int8: tensor '" + suffix + "' is NULL");
-  }
-  if (found == nullptr) invalid("int8: missing tensor '" + suffix + "'");
-  return found;
-}
-
 std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_t count, const char* meta_json,
                                             DLDevice target) {
   check_target(target);
   if (ts == nullptr && count > 0) invalid("int8: tensors is NULL");
-  if (meta_json == nullptr) invalid("int8: metadata is NULL");
-  nlohmann::json meta;
-  try {
-    meta = nlohmann::json::parse(meta_json);
-  } catch (const nlohmann::json::exception& e) {
-    invalid(std::string("int8: metadata is not valid JSON: ") + e.what());
-  }
-  if (!meta.is_object() || !meta.contains("format") || !meta["format"].is_string())
-    invalid("int8: metadata has no \"format\" string");
-  if (meta["format"] != "loom-int8")
-    invalid("int8: unknown format '" + meta["format"].get<std::string>() + "' (expected loom-int8)");
+  const nlohmann::json meta = parse_quant_metadata(meta_json, "loom-int8", "int8");
   if (meta.contains("bits") && meta["bits"] != 8) invalid("int8: metadata bits must be 8");
   if (meta.contains("scheme") && meta["scheme"] != "per-channel-symmetric")
     invalid("int8: unknown scheme (expected per-channel-symmetric)");
 
-  const DLTensor* q = find_tensor(ts, count, "qweight");
-  const DLTensor* sc = find_tensor(ts, count, "scales");
+  const DLTensor* q = find_named_tensor(ts, count, "qweight", "int8");
+  const DLTensor* sc = find_named_tensor(ts, count, "scales", "int8");
   if (q->ndim != 2) invalid("int8: tensor 'qweight' must be 2-D [out, in], got " + std::to_string(q->ndim) + "-D");
   if (!is_dtype(q->dtype, kDLInt, 8)) invalid("int8: tensor 'qweight' must have dtype int8");
   check_cpu_tensor(q, "qweight", kDLInt, 8, {-1, -1});

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -49,6 +51,36 @@ inline std::vector<float> random_floats(size_t n, uint32_t seed, float lo = -1.0
   std::vector<float> out(n);
   for (auto &x : out) x = d(g);
   return out;
+}
+
+// A tensor a plugin exported (quantizers' export_weight): shape, dtype and bytes, editable by
+// tests that corrupt it before importing it back.
+struct StoredTensor {
+  std::vector<int64_t> shape;
+  DLDataType dtype{};
+  std::vector<uint8_t> bytes;
+  // A DLTensor over this entry (valid while it lives and is not resized).
+  DLTensor view() {
+    DLTensor t{};
+    t.data = bytes.data();
+    t.device = DLDevice{kDLCPU, 0};
+    t.ndim = static_cast<int32_t>(shape.size());
+    t.dtype = dtype;
+    t.shape = shape.data();
+    return t;
+  }
+};
+using StoredTensors = std::map<std::string, StoredTensor>;
+
+// A loom_tensor_sink callback that copies each tensor into the StoredTensors at `user`.
+inline loom_status store_tensor(void *user, const char *name, DLTensor *t, DLTensor *grad) {
+  if (grad != nullptr) return LOOM_ERR_INTERNAL;
+  size_t n = 1;
+  for (int i = 0; i < t->ndim; ++i) n *= static_cast<size_t>(t->shape[i]);
+  StoredTensor s{std::vector<int64_t>(t->shape, t->shape + t->ndim), t->dtype, std::vector<uint8_t>(n * t->dtype.bits / 8)};
+  std::memcpy(s.bytes.data(), static_cast<char *>(t->data) + t->byte_offset, s.bytes.size());
+  (*static_cast<StoredTensors *>(user))[name] = std::move(s);
+  return LOOM_OK;
 }
 
 // A runtime on the CPU from component tables (TOML text).

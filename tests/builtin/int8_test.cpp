@@ -3,8 +3,6 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
-#include <cstring>
-#include <map>
 
 #include <nlohmann/json.hpp>
 
@@ -13,34 +11,6 @@
 namespace {
 
 constexpr int64_t OUT = 6, IN = 10;
-
-struct Stored {
-  std::vector<int64_t> shape;
-  DLDataType dtype;
-  std::vector<uint8_t> bytes;
-};
-
-loom_status collect(void *user, const char *name, DLTensor *t, DLTensor *grad) {
-  if (grad != nullptr) return LOOM_ERR_INTERNAL;
-  auto &m = *static_cast<std::map<std::string, Stored> *>(user);
-  size_t n = 1;
-  for (int i = 0; i < t->ndim; ++i) n *= static_cast<size_t>(t->shape[i]);
-  Stored s{std::vector<int64_t>(t->shape, t->shape + t->ndim), t->dtype, std::vector<uint8_t>(n * t->dtype.bits / 8)};
-  std::memcpy(s.bytes.data(), static_cast<char *>(t->data) + t->byte_offset, s.bytes.size());
-  m[name] = std::move(s);
-  return LOOM_OK;
-}
-
-// A DLTensor over a Stored entry (shape and dtype may be edited by the test).
-DLTensor view(Stored &s) {
-  DLTensor t{};
-  t.data = s.bytes.data();
-  t.device = DLDevice{kDLCPU, 0};
-  t.ndim = static_cast<int32_t>(s.shape.size());
-  t.dtype = s.dtype;
-  t.shape = s.shape.data();
-  return t;
-}
 
 struct Fixture {
   std::unique_ptr<loom::Runtime> rt = bt::runtime("[quantizer]\nuse = \"int8\"\n");
@@ -115,9 +85,9 @@ TEST_CASE("int8 linear matches the dense product", "[int8]") {
 
 TEST_CASE("int8 export and import round-trip; corrupt imports name the tensor", "[int8]") {
   Fixture f;
-  std::map<std::string, Stored> stored;
+  bt::StoredTensors stored;
   loom::HostBuffer meta;
-  loom_tensor_sink sink{sizeof(loom_tensor_sink), &stored, &collect};
+  loom_tensor_sink sink{sizeof(loom_tensor_sink), &stored, &bt::store_tensor};
   REQUIRE(f.vt->export_weight(f.q.handle(), f.qw, &sink, meta.abi()) == LOOM_OK);
   REQUIRE(stored.count("qweight") == 1);
   REQUIRE(stored.count("scales") == 1);
@@ -136,34 +106,34 @@ TEST_CASE("int8 export and import round-trip; corrupt imports name the tensor", 
                                DLDevice{kDLCPU, 0}, out);
   };
   loom_qweight *back = nullptr;
-  REQUIRE(import({{"qweight", view(stored["qweight"])}, {"scales", view(stored["scales"])}}, meta_text, &back) ==
+  REQUIRE(import({{"qweight", stored["qweight"].view()}, {"scales", stored["scales"].view()}}, meta_text, &back) ==
           LOOM_OK);
   CHECK(f.dequant(back) == f.dequant(f.qw));
   f.vt->free_weight(f.q.handle(), back);
 
   loom_qweight *none = nullptr;
-  CHECK(import({{"qweight", view(stored["qweight"])}}, meta_text, &none) == LOOM_ERR_INVALID_ARGUMENT);
+  CHECK(import({{"qweight", stored["qweight"].view()}}, meta_text, &none) == LOOM_ERR_INVALID_ARGUMENT);
   CHECK_THAT(f.q.last_error(), Catch::Contains("missing tensor 'scales'"));
 
-  Stored wrong_dtype = stored["qweight"];
+  bt::StoredTensor wrong_dtype = stored["qweight"];
   wrong_dtype.dtype = DLDataType{kDLUInt, 8, 1};
-  CHECK(import({{"qweight", view(wrong_dtype)}, {"scales", view(stored["scales"])}}, meta_text, &none) ==
+  CHECK(import({{"qweight", wrong_dtype.view()}, {"scales", stored["scales"].view()}}, meta_text, &none) ==
         LOOM_ERR_INVALID_ARGUMENT);
   CHECK_THAT(f.q.last_error(), Catch::Contains("'qweight'") && Catch::Contains("int8"));
 
-  Stored short_scales = stored["scales"];
+  bt::StoredTensor short_scales = stored["scales"];
   short_scales.shape = {OUT - 1};
-  CHECK(import({{"qweight", view(stored["qweight"])}, {"scales", view(short_scales)}}, meta_text, &none) ==
+  CHECK(import({{"qweight", stored["qweight"].view()}, {"scales", short_scales.view()}}, meta_text, &none) ==
         LOOM_ERR_INVALID_ARGUMENT);
   CHECK_THAT(f.q.last_error(), Catch::Contains("'scales'") && Catch::Contains("shape"));
 
-  Stored flat = stored["qweight"];
+  bt::StoredTensor flat = stored["qweight"];
   flat.shape = {OUT * IN};
-  CHECK(import({{"qweight", view(flat)}, {"scales", view(stored["scales"])}}, meta_text, &none) ==
+  CHECK(import({{"qweight", flat.view()}, {"scales", stored["scales"].view()}}, meta_text, &none) ==
         LOOM_ERR_INVALID_ARGUMENT);
   CHECK_THAT(f.q.last_error(), Catch::Contains("'qweight'") && Catch::Contains("2-D"));
 
-  CHECK(import({{"qweight", view(stored["qweight"])}, {"scales", view(stored["scales"])}},
+  CHECK(import({{"qweight", stored["qweight"].view()}, {"scales", stored["scales"].view()}},
                R"({"format":"gptq","bits":4})", &none) == LOOM_ERR_INVALID_ARGUMENT);
   CHECK_THAT(f.q.last_error(), Catch::Contains("unknown format 'gptq'"));
   CHECK(none == nullptr);

@@ -1,0 +1,272 @@
+// Quantizer component `int4`: group-wise 4-bit weights (W4A16 on the CPU: codes unpacked and
+// multiplied in float32), by round-to-nearest or by AWQ's activation-aware scale search over
+// the calibration activations the host passes (int4_math.hpp has the arithmetic).
+//
+// Export layout (one weight): "qweight" uint8 [out, in/2] (two codes a byte, low nibble first),
+// "scales" float32 [out, in/group], "zeros" uint8 [out, in/group], and for AWQ "act_scale"
+// float32 [in]; metadata {"format":"loom-int4","bits":4,"group_size":G,"zero_point":bool,
+// "method":"rtn"|"awq"}.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "int4_math.hpp"
+#include "loom/loom_plugin_api.h"
+#include "loom_plugin_util.hpp"
+#include "loom_quant_util.hpp"
+
+struct loom_qweight {
+  loomp::int4q::Int4Weight w;
+  std::string method;  // "rtn" or "awq"
+};
+
+namespace loomp::int4q {
+namespace {
+
+constexpr DLDataType kU8{kDLUInt, 8, 1};
+
+struct Int4 {
+  const loom_host_api* host;
+  loom_host_ctx* ctx;
+  int64_t group = 128;
+  std::string method = "rtn";
+  bool zero_point = true;
+  int64_t awq_grid = 20, awq_rows = 256;
+
+  Int4(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {
+    group = cfg_int(h, c, "group_size");
+    if (group < 2 || group % 2 != 0 || group > 65536)
+      invalid_param("group_size", "group_size must be an even number in [2, 65536], got " + std::to_string(group));
+    method = cfg_string(h, c, "method");
+    if (method != "rtn" && method != "awq")
+      invalid_param("method", "method must be \"rtn\" (round to nearest) or \"awq\", got \"" + method + "\"");
+    zero_point = cfg_bool(h, c, "zero_point");
+    awq_grid = cfg_int(h, c, "awq_grid");
+    if (awq_grid < 1 || awq_grid > 1000) invalid_param("awq_grid", "awq_grid must be in [1, 1000]");
+    awq_rows = cfg_int(h, c, "awq_rows");
+    if (awq_rows < 1) invalid_param("awq_rows", "awq_rows must be at least 1");
+  }
+
+  void log(const std::string& line) const {
+    if (host->log) host->log(ctx, LOOM_LOG_INFO, line.c_str());
+  }
+};
+
+void check_target(DLDevice d) {
+  if (d.device_type != kDLCPU) unsupported("int4: only the CPU target device is supported");
+}
+
+std::unique_ptr<loom_qweight> quantize(const Int4& self, const loom_quantize_request& r) {
+  check_target(r.target_device);
+  const std::string module = r.module_name ? r.module_name : "?";
+  const DLTensor* w = r.weight;
+  if (w == nullptr) invalid("int4: " + module + ": weight is NULL");
+  if (!is_f32(w->dtype)) unsupported("int4: " + module + ": weights must come as float32");
+  check_f32(w, "weight", {-1, -1});
+  const int64_t out = w->shape[0], in = w->shape[1];
+  if (in % self.group != 0)
+    invalid("int4: " + module + ": group_size " + std::to_string(self.group) + " does not divide in_features " +
+            std::to_string(in) + " (choose a group_size that divides every layer's input width)");
+  const float* src = data_of<float>(*w);
+  for (int64_t e = 0; e < out * in; ++e)
+    if (!std::isfinite(src[e])) invalid("int4: " + module + ": weight row " + std::to_string(e / in) + " holds a non-finite value");
+  auto q = std::make_unique<loom_qweight>();
+  q->method = self.method;
+  if (self.method == "rtn") {
+    q->w = int4q::quantize(src, out, in, self.group, self.zero_point, nullptr);
+    return q;
+  }
+  const DLTensor* x = r.calibration;  // struct_size covers it (checked up to target_device)
+  if (x == nullptr || x->ndim != 2 || x->shape[0] < 1)
+    invalid("int4: " + module + ": method \"awq\" needs calibration activations (set model.calibration in the manifest)");
+  check_f32(x, "calibration", {-1, in});
+  const AwqChoice c = awq_search(src, out, in, self.group, self.zero_point, data_of<float>(*x), x->shape[0],
+                                 static_cast<int>(self.awq_grid), self.awq_rows);
+  char line[256];
+  std::snprintf(line, sizeof line, "%s: awq alpha %.2f, calibration output error %.4g of round-to-nearest's",
+                module.c_str(), c.alpha, c.rtn_error > 0 ? c.error / c.rtn_error : 1.0);
+  self.log(line);
+  q->w = int4q::quantize(src, out, in, self.group, self.zero_point, c.alpha > 0 ? c.scale.data() : nullptr);
+  return q;
+}
+
+void linear_fn_impl(const loom_qweight& q, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
+  check_f32(x, "x", {-1, q.w.in});
+  const int64_t n = x->shape[0];
+  check_f32(y, "y", {n, q.w.out});
+  if (bias != nullptr) check_f32(bias, "bias", {q.w.out});
+  linear(q.w, data_of<float>(*x), n, bias ? data_of<float>(*bias) : nullptr, data_of<float>(*y));
+}
+
+void dequantize(const loom_qweight& q, DLTensor* out) {
+  if (out != nullptr && !is_f32(out->dtype)) unsupported("int4: dequantize writes float32 only");
+  check_f32(out, "out", {q.w.out, q.w.in});
+  float* o = data_of<float>(*out);
+  for (int64_t r = 0; r < q.w.out; ++r) dequantize_row(q.w, r, o + r * q.w.in);
+}
+
+std::string metadata_of(const loom_qweight& q) {
+  return nlohmann::json{{"format", "loom-int4"},        {"bits", 4},           {"group_size", q.w.group},
+                        {"zero_point", q.w.zero_point}, {"method", q.method}}
+      .dump();
+}
+
+void export_weight(const Int4& self, const loom_qweight& q, const loom_tensor_sink* sink, loom_buffer* meta) {
+  if (sink == nullptr || sink->put == nullptr) invalid("int4: sink is NULL");
+  if (meta == nullptr) invalid("int4: metadata buffer is NULL");
+  const Int4Weight& w = q.w;
+  // The sink only reads; const_cast because DLTensor.data is non-const.
+  OwnedView qv(const_cast<uint8_t*>(w.packed.data()), kU8, {w.out, w.in / 2});
+  OwnedView sv(const_cast<float*>(w.scales.data()), kF32, {w.out, w.groups()});
+  OwnedView zv(const_cast<uint8_t*>(w.zeros.data()), kU8, {w.out, w.groups()});
+  OwnedView av(const_cast<float*>(w.act_scale.data()), kF32, {w.in});
+  auto put = [&](const char* name, OwnedView& v) {
+    const loom_status s = sink->put(sink->user, name, &v.t, nullptr);
+    if (s != LOOM_OK) fail(s, std::string("int4: the sink refused tensor '") + name + "'");
+  };
+  put("qweight", qv);
+  put("scales", sv);
+  put("zeros", zv);
+  if (!w.act_scale.empty()) put("act_scale", av);
+  const std::string m = metadata_of(q);
+  if (self.host->buffer_append(meta, m.data(), m.size()) != LOOM_OK) fail(LOOM_ERR_INTERNAL, "int4: could not write the metadata");
+}
+
+std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_t count, const char* meta_json,
+                                            DLDevice target) {
+  check_target(target);
+  if (ts == nullptr && count > 0) invalid("int4: tensors is NULL");
+  const nlohmann::json meta = parse_quant_metadata(meta_json, "loom-int4", "int4");
+  if (!meta.contains("bits") || meta["bits"] != 4) invalid("int4: metadata \"bits\" must be 4");
+  if (!meta.contains("group_size") || !meta["group_size"].is_number_integer())
+    invalid("int4: metadata has no integer \"group_size\"");
+  const int64_t group = meta["group_size"].get<int64_t>();
+  const bool zero_point = meta.value("zero_point", true);
+  const std::string method = meta.value("method", std::string("rtn"));
+  if (method != "rtn" && method != "awq") invalid("int4: metadata \"method\" must be \"rtn\" or \"awq\"");
+
+  const DLTensor* qt = find_named_tensor(ts, count, "qweight", "int4");
+  const DLTensor* st = find_named_tensor(ts, count, "scales", "int4");
+  const DLTensor* zt = find_named_tensor(ts, count, "zeros", "int4");
+  const DLTensor* at = find_named_tensor(ts, count, "act_scale", "int4", /*optional=*/true);
+  if (qt->ndim != 2) invalid("int4: tensor 'qweight' must be 2-D [out, in/2], got " + std::to_string(qt->ndim) + "-D");
+  check_cpu_tensor(qt, "qweight", kDLUInt, 8, {-1, -1});
+  const int64_t out = qt->shape[0], in = qt->shape[1] * 2;
+  if (group < 2 || group % 2 != 0 || in % group != 0)
+    invalid("int4: group_size " + std::to_string(group) + " does not divide in_features " + std::to_string(in) +
+            " (from 'qweight' " + shape_str(*qt) + ") into even groups");
+  const int64_t G = in / group;
+  if (st->ndim != 2 || st->shape[0] != out || st->shape[1] != G || !is_f32(st->dtype))
+    invalid("int4: tensor 'scales' must be float32 of shape [" + std::to_string(out) + ", " + std::to_string(G) +
+            "] (qweight rows, in_features / group_size), got " + shape_str(*st));
+  check_f32(st, "scales", {out, G});
+  if (zt->ndim != 2 || zt->shape[0] != out || zt->shape[1] != G)
+    invalid("int4: tensor 'zeros' must have shape [" + std::to_string(out) + ", " + std::to_string(G) + "], got " +
+            shape_str(*zt));
+  check_cpu_tensor(zt, "zeros", kDLUInt, 8, {out, G});
+  if ((method == "awq") != (at != nullptr))
+    invalid(method == "awq" ? "int4: method \"awq\" needs tensor 'act_scale'"
+                            : "int4: tensor 'act_scale' given, but metadata \"method\" is not \"awq\"");
+  if (at) {
+    if (at->ndim != 1 || at->shape[0] != in || !is_f32(at->dtype))
+      invalid("int4: tensor 'act_scale' must be float32 of shape [" + std::to_string(in) + "], got " + shape_str(*at));
+    check_f32(at, "act_scale", {in});
+  }
+  auto q = std::make_unique<loom_qweight>();
+  q->method = method;
+  Int4Weight& w = q->w;
+  w.out = out;
+  w.in = in;
+  w.group = group;
+  w.zero_point = zero_point;
+  const auto* qs = data_of<uint8_t>(*qt);
+  w.packed.assign(qs, qs + out * in / 2);
+  const float* ss = data_of<float>(*st);
+  w.scales.assign(ss, ss + out * G);
+  for (float s : w.scales)
+    if (!(s > 0.0f) || !std::isfinite(s)) invalid("int4: tensor 'scales' holds a non-positive or non-finite scale");
+  const auto* zs = data_of<uint8_t>(*zt);
+  w.zeros.assign(zs, zs + out * G);
+  for (uint8_t z : w.zeros)
+    if (z > 15) invalid("int4: tensor 'zeros' holds " + std::to_string(z) + ", outside the code range [0, 15]");
+  if (at) {
+    const float* as = data_of<float>(*at);
+    w.act_scale.assign(as, as + in);
+    for (float a : w.act_scale)
+      if (!(a > 0.0f) || !std::isfinite(a)) invalid("int4: tensor 'act_scale' holds a non-positive or non-finite scale");
+  }
+  return q;
+}
+
+// ---- ABI glue ----
+Int4& self(void* inst) { return *static_cast<Int4*>(inst); }
+
+loom_status quantize_fn(void* inst, const loom_quantize_request* r, loom_qweight** out) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    if (r == nullptr || out == nullptr) invalid("int4: request and out must not be NULL");
+    if (!LOOM_HAS_FIELD(r, loom_quantize_request, target_device)) invalid("int4: request struct_size too small");
+    *out = quantize(self(inst), *r).release();
+  });
+}
+loom_status linear_fn(void* inst, const loom_qweight* w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    if (w == nullptr) invalid("int4: weight is NULL");
+    linear_fn_impl(*w, x, bias, y);
+  });
+}
+loom_status dequantize_fn(void* inst, const loom_qweight* w, DLTensor* out) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    if (w == nullptr) invalid("int4: weight is NULL");
+    dequantize(*w, out);
+  });
+}
+loom_status export_fn(void* inst, const loom_qweight* w, const loom_tensor_sink* sink, loom_buffer* meta) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    if (w == nullptr) invalid("int4: weight is NULL");
+    export_weight(self(inst), *w, sink, meta);
+  });
+}
+loom_status import_fn(void* inst, const loom_named_tensor* ts, uint32_t count, const char* meta, DLDevice target,
+                      loom_qweight** out) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    if (out == nullptr) invalid("int4: out is NULL");
+    *out = import_weight(ts, count, meta, target).release();
+  });
+}
+void free_fn(void*, loom_qweight* w) { delete w; }
+
+constexpr loom_quantizer_vtable kVtable = {
+    sizeof(loom_quantizer_vtable),
+    {&create_instance<Int4>, &destroy_instance<Int4>, nullptr, nullptr, nullptr},
+    &quantize_fn, &linear_fn, &dequantize_fn, &export_fn, &import_fn, &free_fn,
+};
+constexpr loom_param_desc param(const char* key, loom_value_type type, const char* def, const char* description) {
+  return loom_param_desc{sizeof(loom_param_desc), key, type, 0, def, description};
+}
+constexpr loom_param_desc kParams[] = {
+    param("group_size", LOOM_VALUE_INT, "128", "inputs per group (even, dividing every layer's input width)"),
+    param("method", LOOM_VALUE_STRING, "\"rtn\"",
+          "\"rtn\": round to nearest; \"awq\": activation-aware scale search (needs model.calibration)"),
+    param("zero_point", LOOM_VALUE_BOOL, "true", "asymmetric groups with a zero point (false: symmetric)"),
+    param("awq_grid", LOOM_VALUE_INT, "20", "AWQ: alpha values tried, 0 to (grid - 1) / grid"),
+    param("awq_rows", LOOM_VALUE_INT, "256", "AWQ: output rows the search measures its error on, per layer"),
+};
+constexpr loom_component_desc kInt4 = {
+    sizeof(loom_component_desc), LOOM_KIND_QUANTIZER, "int4", "1.0.0",
+    "Group-wise 4-bit weights, round-to-nearest or AWQ scale search (CPU)",
+    kParams, 5, LOOM_THREADING_SERIAL, &kVtable};
+const loom_component_desc* const kComponents[] = {&kInt4};
+const loom_plugin_desc kPlugin = {
+    sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-quant-int4", "1.0.0",
+    "Apache-2.0", kComponents, 1, nullptr};
+
+}  // namespace
+}  // namespace loomp::int4q
+
+extern "C" LOOM_PLUGIN_EXPORT const loom_plugin_desc* loom_plugin_entry(void) { return &loomp::int4q::kPlugin; }

@@ -1,0 +1,166 @@
+#include "int4_math.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace loomp::int4q {
+namespace {
+
+// One group's scale, zero point and codes.
+void quantize_group(const float* v, int64_t n, bool zero_point, float& scale, uint8_t& zero, uint8_t* codes) {
+  if (zero_point) {
+    float lo = v[0], hi = v[0];
+    for (int64_t i = 1; i < n; ++i) {
+      lo = std::min(lo, v[i]);
+      hi = std::max(hi, v[i]);
+    }
+    // A constant group: one step of its own magnitude (codes 0 and 1 then hold it exactly).
+    scale = hi > lo ? (hi - lo) / 15.0f : (hi != 0.0f ? std::fabs(hi) : 1.0f);
+    zero = static_cast<uint8_t>(std::clamp(std::nearbyint(-lo / scale), 0.0f, 15.0f));
+    for (int64_t i = 0; i < n; ++i)
+      codes[i] = static_cast<uint8_t>(std::clamp(std::nearbyint(v[i] / scale) + zero, 0.0f, 15.0f));
+  } else {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
+    scale = amax > 0.0f ? amax / 7.0f : 1.0f;
+    zero = 8;
+    for (int64_t i = 0; i < n; ++i)
+      codes[i] = static_cast<uint8_t>(std::clamp(std::nearbyint(v[i] / scale), -8.0f, 7.0f) + 8.0f);
+  }
+}
+
+// Row o of W diag(a) quantized and read back, a divided out again: the row the product sees.
+void roundtrip_row(const float* w, int64_t in, int64_t group, bool zero_point, const float* a, float* out,
+                   std::vector<float>& scaled, std::vector<uint8_t>& codes) {
+  scaled.resize(static_cast<size_t>(in));
+  codes.resize(static_cast<size_t>(group));
+  for (int64_t i = 0; i < in; ++i) scaled[static_cast<size_t>(i)] = a ? w[i] * a[i] : w[i];
+  for (int64_t g0 = 0; g0 < in; g0 += group) {
+    float s = 0;
+    uint8_t z = 0;
+    quantize_group(scaled.data() + g0, group, zero_point, s, z, codes.data());
+    for (int64_t i = 0; i < group; ++i) {
+      const float v = (static_cast<float>(codes[static_cast<size_t>(i)]) - static_cast<float>(z)) * s;
+      out[g0 + i] = a ? v / a[g0 + i] : v;
+    }
+  }
+}
+
+}  // namespace
+
+Int4Weight quantize(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point, const float* act_scale) {
+  Int4Weight q;
+  q.out = out;
+  q.in = in;
+  q.group = group;
+  q.zero_point = zero_point;
+  q.packed.assign(static_cast<size_t>(out * in / 2), 0);
+  q.scales.resize(static_cast<size_t>(out * q.groups()));
+  q.zeros.resize(static_cast<size_t>(out * q.groups()));
+  if (act_scale) q.act_scale.assign(act_scale, act_scale + in);
+  std::vector<float> row(static_cast<size_t>(in));
+  std::vector<uint8_t> codes(static_cast<size_t>(in));
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t i = 0; i < in; ++i) row[static_cast<size_t>(i)] = act_scale ? w[o * in + i] * act_scale[i] : w[o * in + i];
+    for (int64_t g = 0; g < q.groups(); ++g) {
+      const size_t at = static_cast<size_t>(o * q.groups() + g);
+      quantize_group(row.data() + g * group, group, zero_point, q.scales[at], q.zeros[at], codes.data() + g * group);
+    }
+    uint8_t* dst = q.packed.data() + o * (in / 2);
+    for (int64_t j = 0; j < in / 2; ++j)
+      dst[j] = static_cast<uint8_t>(codes[static_cast<size_t>(2 * j)] | (codes[static_cast<size_t>(2 * j + 1)] << 4));
+  }
+  return q;
+}
+
+void dequantize_row(const Int4Weight& q, int64_t o, float* row) {
+  for (int64_t i = 0; i < q.in; ++i) {
+    const size_t at = static_cast<size_t>(o * q.groups() + i / q.group);
+    const float v = (static_cast<float>(q.code(o, i)) - static_cast<float>(q.zeros[at])) * q.scales[at];
+    row[i] = q.act_scale.empty() ? v : v / q.act_scale[static_cast<size_t>(i)];
+  }
+}
+
+void linear(const Int4Weight& q, const float* x, int64_t n, const float* bias, float* y) {
+  const int64_t in = q.in, G = q.groups(), group = q.group;
+  std::vector<float> xs(static_cast<size_t>(in)), group_sum(static_cast<size_t>(G));
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * in;
+    for (int64_t i = 0; i < in; ++i) xs[static_cast<size_t>(i)] = q.act_scale.empty() ? xr[i] : xr[i] / q.act_scale[static_cast<size_t>(i)];
+    // sum_i x_i (q_i - z) s = s (sum_i x_i q_i - z sum_i x_i): the zero point once per group.
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) s += xs[static_cast<size_t>(i)];
+      group_sum[static_cast<size_t>(g)] = s;
+    }
+    for (int64_t o = 0; o < q.out; ++o) {
+      const uint8_t* codes = q.packed.data() + o * (in / 2);
+      const float* scales = q.scales.data() + o * G;
+      const uint8_t* zeros = q.zeros.data() + o * G;
+      float acc = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        float dot = 0.0f;
+        for (int64_t j = g * group / 2; j < (g + 1) * group / 2; ++j) {
+          const uint8_t b = codes[j];
+          dot += xs[static_cast<size_t>(2 * j)] * static_cast<float>(b & 15) +
+                 xs[static_cast<size_t>(2 * j + 1)] * static_cast<float>(b >> 4);
+        }
+        acc += scales[g] * (dot - static_cast<float>(zeros[g]) * group_sum[static_cast<size_t>(g)]);
+      }
+      y[r * q.out + o] = acc + (bias ? bias[o] : 0.0f);
+    }
+  }
+}
+
+AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point, const float* x,
+                     int64_t n, int grid, int64_t rows) {
+  std::vector<double> mean_abs(static_cast<size_t>(in), 0.0);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < in; ++i) mean_abs[static_cast<size_t>(i)] += std::fabs(x[r * in + i]);
+  for (double& m : mean_abs) m = std::max(m / static_cast<double>(std::max<int64_t>(n, 1)), 1e-4);
+  const int64_t searched = std::clamp<int64_t>(rows, 1, out);
+  std::vector<float> exact(static_cast<size_t>(in)), approx(static_cast<size_t>(in)), scaled;
+  std::vector<uint8_t> codes;
+  // The squared error of x (W - W~)^T over the searched rows, for scales a (null: none).
+  auto error_of = [&](const float* a) {
+    double total = 0.0;
+    for (int64_t k = 0; k < searched; ++k) {
+      const int64_t o = k * out / searched;
+      roundtrip_row(w + o * in, in, group, zero_point, a, approx.data(), scaled, codes);
+      for (int64_t i = 0; i < in; ++i) exact[static_cast<size_t>(i)] = w[o * in + i] - approx[static_cast<size_t>(i)];
+      for (int64_t r = 0; r < n; ++r) {
+        double d = 0.0;
+        for (int64_t i = 0; i < in; ++i) d += static_cast<double>(x[r * in + i]) * exact[static_cast<size_t>(i)];
+        total += d * d;
+      }
+    }
+    return total;
+  };
+  AwqChoice best;
+  best.rtn_error = error_of(nullptr);
+  best.error = best.rtn_error;
+  best.scale.assign(static_cast<size_t>(in), 1.0f);
+  std::vector<float> a(static_cast<size_t>(in));
+  for (int k = 1; k < grid; ++k) {
+    const double alpha = static_cast<double>(k) / grid;
+    double lo = std::numeric_limits<double>::max(), hi = 0.0;
+    for (int64_t i = 0; i < in; ++i) {
+      const double v = std::pow(mean_abs[static_cast<size_t>(i)], alpha);
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+    }
+    const double norm = std::sqrt(lo * hi);
+    for (int64_t i = 0; i < in; ++i)
+      a[static_cast<size_t>(i)] = static_cast<float>(std::pow(mean_abs[static_cast<size_t>(i)], alpha) / norm);
+    const double e = error_of(a.data());
+    if (e < best.error) {
+      best.error = e;
+      best.alpha = alpha;
+      best.scale = a;
+    }
+  }
+  return best;
+}
+
+}  // namespace loomp::int4q
