@@ -6,12 +6,7 @@
 //
 // For each kv_dtype ("auto" = the float32 cache, then bf16, int8, fp8) the runtime is built
 // from a manifest ([attention] use = "sdpa", kv_dtype = ...; [model] dtype = "float32"), and
-//  - perplexity: the text, one verse a line, each verse encoded with BOS as in training, packed
-//    into windows of whole verses of at most max_position_embeddings tokens; each window is fed
-//    one token per forward (teacher-forced decode steps through the paged cache: every key and
-//    value the model attends to was read back from the cache), and the logits of step p score
-//    token p + 1. Perplexity = exp(mean negative log-likelihood), in double, over every scored
-//    token;
+//  - perplexity on the text (bench/perplexity.hpp);
 //  - greedy agreement: the first verse of each window as a prompt, 256 greedy tokens after each
 //    through Runtime::run() (stop tokens off), compared position by position with the float32
 //    cache's tokens; also, per prompt, the first position where they part.
@@ -26,6 +21,7 @@
 #include <vector>
 
 #include "cpu_backend.hpp"
+#include "perplexity.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
 #include "loom/core/runtime.hpp"
@@ -46,28 +42,6 @@ std::string manifest(const fs::path &model, const std::string &kv, const std::st
          "\nstop_tokens = []\n";
 }
 
-// Negative log-likelihood (nats) of each window's tokens after its first, summed; count in n.
-double window_nll(loom::CpuBackend &backend, const std::vector<int32_t> &ids, int64_t vocab, int64_t &n) {
-  const auto len = static_cast<int32_t>(ids.size());
-  backend.reserve(1, len);
-  double nll = 0;
-  for (int32_t p = 0; p + 1 < len; ++p) {
-    loom::StepBatch b;
-    b.tokens = {ids[static_cast<size_t>(p)]};
-    b.seq_offsets = {0, 1};
-    b.seq_positions = {p};
-    b.seq_slots = {0};
-    const DLTensor *t = backend.forward(b);
-    const float *row = static_cast<const float *>(t->data);
-    double mx = -INFINITY, sum = 0;
-    for (int64_t v = 0; v < vocab; ++v) mx = std::max(mx, static_cast<double>(row[v]));
-    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - mx);
-    nll += mx + std::log(sum) - static_cast<double>(row[ids[static_cast<size_t>(p + 1)]]);
-    ++n;
-  }
-  return nll;
-}
-
 struct Row {
   std::string kv;
   double ppl = 0;
@@ -85,23 +59,10 @@ int main(int argc, char **argv) {
     const loom::ModelConfig config = loom::load_model_config(model);
     const auto tokenizer = loom::Tokenizer::load(model);
     if (!tokenizer) throw std::runtime_error(model.string() + " has no tokenizer");
-    std::ifstream in(text);
-    if (!in) throw std::runtime_error("cannot read " + text.string());
-    std::vector<std::vector<int32_t>> windows(1);
-    std::string line;
-    std::vector<std::string> prompts;  // the first verse of each window
-    int64_t text_tokens = 0;
-    while (std::getline(in, line)) {
-      if (line.empty()) continue;
-      const auto ids = tokenizer->encode(line, true);
-      text_tokens += static_cast<int64_t>(ids.size());
-      if (static_cast<int64_t>(ids.size()) > config.max_positions)
-        throw std::runtime_error("a verse longer than the model's context");
-      if (static_cast<int64_t>(windows.back().size() + ids.size()) > config.max_positions)
-        windows.emplace_back();
-      if (windows.back().empty()) prompts.push_back(line);
-      windows.back().insert(windows.back().end(), ids.begin(), ids.end());
-    }
+    const bench::HeldOut held_out = bench::load_held_out(text, *tokenizer, config);
+    const auto &windows = held_out.windows;
+    const auto &prompts = held_out.first_verses;  // the first verse of each window
+    const int64_t text_tokens = held_out.tokens;
     for (const auto &p : prompts)
       if (p.find('\'') != std::string::npos) throw std::runtime_error("a prompt holds an apostrophe: " + p);
 
@@ -118,9 +79,7 @@ int main(int argc, char **argv) {
         options.source_name = "<kv_dtype_accuracy>";
         loom::CpuBackend backend(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(model)),
                                  rt->pipeline(), options);
-        double nll = 0;
-        for (const auto &w : windows) nll += window_nll(backend, w, config.vocab_size, r.scored);
-        r.ppl = std::exp(nll / static_cast<double>(r.scored));
+        r.ppl = bench::perplexity(backend, held_out, config.vocab_size, r.scored);
       }
       for (const auto &p : prompts) r.tokens.push_back(loom::Runtime::from_string(manifest(model, kv, p), "<kv_dtype_accuracy>")->run().tokens);
       rows.push_back(std::move(r));

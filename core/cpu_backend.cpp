@@ -2,8 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <iostream>
+#include <memory>
 #include <type_traits>
 
 #include "loom/core/error.hpp"
@@ -321,6 +325,7 @@ void CpuBackend::build(ModelWeights weights) {
                       layer.down.get()})
       if (l) linears_.push_back(l);
   linears_.push_back(lm_head_.get());
+  for (size_t i = 0; i < linears_.size(); ++i) linears_[i]->index = static_cast<int32_t>(i);
   if (!gpt2) inv_freq_ = rope_inv_freq(c);
 }
 
@@ -435,6 +440,7 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
   // (a quantizer or adapter refusing a module) leaves nothing half-installed for the next run.
   auto quantizers = pipeline_.list(LOOM_KIND_QUANTIZER);
   std::vector<loom_qweight *> weights;
+  if (!quantizers.empty() && !options_.calibration.empty() && captured_.empty()) capture_calibration();
   if (!quantizers.empty()) weights = quantize_all(*quantizers.front());
   std::vector<std::pair<std::shared_ptr<Instance>, std::vector<loom_adapter_site *>>> attached;
   try {
@@ -456,8 +462,99 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
 
 // ---- Quantizer and adapters -------------------------------------------------------------------
 
+void CpuBackend::capture_calibration() {
+  const int64_t bs = layout_.block_size;
+  int64_t longest = std::min<int64_t>(max_positions_, config_.max_positions);
+  if (paged_ && bs > 0) longest = std::min(longest, pool_blocks_ * bs);
+  captured_.assign(linears_.size(), nullptr);
+  capturing_ = true;
+  struct Reset {
+    CpuBackend &b;
+    ~Reset() {
+      b.capturing_ = false;
+      b.captured_x_ = nullptr;
+      b.captured_last_.reset();
+    }
+  } reset{*this};
+  // One sequence at a time in slot 0 (or the pool's first blocks): nothing else runs yet.
+  for (const auto &seq : options_.calibration) {
+    const auto n = static_cast<int32_t>(std::min<int64_t>(static_cast<int64_t>(seq.size()), longest));
+    if (n < 1) continue;
+    StepBatch b;
+    b.tokens.assign(seq.begin(), seq.begin() + n);
+    b.seq_offsets = {0, n};
+    b.seq_positions = {0};
+    if (paged_) {
+      b.table_cols = static_cast<int32_t>((n + bs - 1) / bs);
+      for (int32_t j = 0; j < b.table_cols; ++j) b.block_tables.push_back(j);
+    } else {
+      b.seq_slots = {0};
+    }
+    forward(b);
+  }
+}
+
+void CpuBackend::capture(const Linear &lin, const float *x, int64_t n) {
+  auto &buffer = captured_[static_cast<size_t>(lin.index)];
+  if (x == captured_x_ && n == captured_n_ && captured_last_) {
+    if (!buffer) buffer = captured_last_; // the same input as the linear before (k after q)
+    if (buffer == captured_last_) return;
+  }
+  if (!buffer) buffer = std::make_shared<std::vector<float>>();
+  buffer->insert(buffer->end(), x, x + n * lin.in);
+  captured_x_ = x;
+  captured_n_ = n;
+  captured_last_ = buffer;
+}
+
+QuantizationError CpuBackend::measure(Instance &quantizer, const Linear &lin, const loom_qweight *q, const float *w) {
+  QuantizationError e;
+  e.module = lin.name;
+  std::vector<float> wq(static_cast<size_t>(lin.out * lin.in));
+  View out(wq.data(), kF32, {lin.out, lin.in});
+  quantizer.check(quantizer.vtable<loom_quantizer_vtable>()->dequantize(quantizer.handle(), q, out.dl()),
+                  ("dequantize " + lin.name).c_str());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < wq.size(); ++i) {
+    const double d = static_cast<double>(w[i]) - wq[i];
+    diff += d * d;
+    norm += static_cast<double>(w[i]) * w[i];
+  }
+  e.weight_error = norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+  const auto &x = lin.index >= 0 && static_cast<size_t>(lin.index) < captured_.size() ? captured_[static_cast<size_t>(lin.index)]
+                                                                                      : nullptr;
+  if (x && !x->empty()) {
+    const int64_t total = static_cast<int64_t>(x->size()) / lin.in;
+    e.rows = std::min(total, kErrorRows);
+    double out_diff = 0, out_norm = 0;
+    for (int64_t k = 0; k < e.rows; ++k) {
+      const float *row = x->data() + (k * total / e.rows) * lin.in; // evenly spaced rows
+      for (int64_t o = 0; o < lin.out; ++o) {
+        double exact = 0, approx = 0;
+        for (int64_t i = 0; i < lin.in; ++i) {
+          exact += static_cast<double>(row[i]) * w[o * lin.in + i];
+          approx += static_cast<double>(row[i]) * wq[static_cast<size_t>(o * lin.in + i)];
+        }
+        out_diff += (exact - approx) * (exact - approx);
+        out_norm += exact * exact;
+      }
+    }
+    e.output_error = out_norm > 0 ? std::sqrt(out_diff / out_norm) : std::sqrt(out_diff);
+  }
+  char line[160];
+  if (e.rows > 0)
+    std::snprintf(line, sizeof line, "weight error %.3e, output error %.3e (relative; %lld calibration rows)",
+                  e.weight_error, e.output_error, static_cast<long long>(e.rows));
+  else
+    std::snprintf(line, sizeof line, "weight error %.3e (relative)", e.weight_error);
+  if (std::getenv("LOOM_DEBUG"))
+    std::cerr << "[debug] " << quantizer.slot() << " (" << quantizer.desc().name << "): " << lin.name << ": " << line << "\n";
+  return e;
+}
+
 std::vector<loom_qweight *> CpuBackend::quantize_all(Instance &quantizer) {
   std::vector<loom_qweight *> out;
+  std::vector<QuantizationError> errors;
   auto vt = quantizer.vtable<loom_quantizer_vtable>();
   std::vector<float> widened; // a bfloat16 weight as float32: quantizers quantize from float32
   auto one = [&](Linear &l) {
@@ -468,11 +565,13 @@ std::vector<loom_qweight *> CpuBackend::quantize_all(Instance &quantizer) {
       w = widened.data();
     }
     View weight(w, kF32, {l.out, l.in});
+    const auto &x = captured_.empty() ? nullptr : captured_[static_cast<size_t>(l.index)];
+    View calibration(x ? x->data() : nullptr, kF32, {x ? static_cast<int64_t>(x->size()) / l.in : 0, l.in});
     loom_quantize_request req{};
     req.struct_size = sizeof(req);
     req.module_name = l.name.c_str();
     req.weight = weight.dl();
-    req.calibration = nullptr;
+    req.calibration = x && !x->empty() ? calibration.dl() : nullptr;
     req.target_device = {kDLCPU, 0};
     loom_qweight *q = nullptr;
     loom_status s = vt->quantize(quantizer.handle(), &req, &q);
@@ -481,8 +580,32 @@ std::vector<loom_qweight *> CpuBackend::quantize_all(Instance &quantizer) {
       quantizer.check(s, ("quantize " + l.name).c_str());
     }
     out.push_back(q);
+    try {
+      errors.push_back(measure(quantizer, l, q, w));
+    } catch (...) {
+      free_qweights(quantizer, out);
+      throw;
+    }
   };
   for (Linear *l : linears_) one(*l);
+  // One line for the whole model; each linear's with LOOM_DEBUG=1.
+  size_t worst = 0;
+  double weight_sum = 0, output_sum = 0;
+  for (size_t i = 0; i < errors.size(); ++i) {
+    weight_sum += errors[i].weight_error;
+    output_sum += errors[i].output_error;
+    if (errors[i].weight_error > errors[worst].weight_error) worst = i;
+  }
+  if (!errors.empty()) {
+    const double n = static_cast<double>(errors.size());
+    char line[256];
+    std::snprintf(line, sizeof line, "%zu linears, relative weight error mean %.3e, max %.3e (%s)", errors.size(),
+                  weight_sum / n, errors[worst].weight_error, errors[worst].module.c_str());
+    std::cerr << "[info] " << quantizer.slot() << " (" << quantizer.desc().name << "): " << line;
+    if (errors.front().rows > 0) std::fprintf(stderr, ", output error mean %.3e on calibration rows", output_sum / n);
+    std::cerr << " (each linear's with LOOM_DEBUG=1)\n";
+  }
+  quantization_errors_ = std::move(errors);
   return out;
 }
 
@@ -586,6 +709,7 @@ void CpuBackend::matmul(const Linear &lin, const float *x, int64_t n, float *y) 
 }
 
 void CpuBackend::linear(Linear &lin, float *x, int64_t n, float *y) {
+  if (capturing_ && &lin != lm_head_.get()) capture(lin, x, n); // the head's rows: forward()
   View xv(x, kF32, {n, lin.in}), yv(y, kF32, {n, lin.out});
   if (quantizer_ && lin.qweight) {
     View bias(lin.bias.data, kF32, {lin.out});
@@ -636,7 +760,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size,
                 V = c.vocab_size;
   const bool gpt2 = c.architecture == Architecture::gpt2;
-  if (!ready_ || (layout_.block_size > 0 && kv_pools_.size() != static_cast<size_t>(c.n_layers)))
+  if ((!ready_ && !capturing_) || (layout_.block_size > 0 && kv_pools_.size() != static_cast<size_t>(c.n_layers)))
     throw runtime_error(options_.source_name + ": the CPU backend ran without a KV cache (reserve() first)");
   const bool tables = batch.table_cols > 0;
   if (tables != paged_)
@@ -744,6 +868,13 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
     rows(T, H, [&](int64_t t) {
       for (int64_t i = 0; i < H; ++i) x[t * H + i] += proj[t * H + i];
     });
+  }
+  if (capturing_) { // the head's calibration rows: every token's, not only the last ones
+    std::vector<float> normed(static_cast<size_t>(T * H));
+    rows(T, 4 * H, [&](int64_t t) { norm(final_norm_, final_norm_bias_, x + t * H, normed.data() + t * H); });
+    captured_x_ = nullptr;
+    capture(*lm_head_, normed.data(), T);
+    captured_x_ = nullptr; // normed is about to go; no later input may match its address
   }
   // Only each sequence's last token goes through the final norm and the head.
   float *last = sized(last_, S * H), *last_h = sized(last_h_, S * H);

@@ -55,6 +55,17 @@ struct CpuBackendOptions {
   ComputeDtype dtype = ComputeDtype::float32;
   int32_t threads = 0;     // 0 = one per hardware thread
   std::string source_name; // the manifest, for errors
+  // Token sequences run through the float weights once, before a quantizer quantizes, so that
+  // it gets each linear's inputs as calibration activations (see calibration.hpp).
+  std::vector<std::vector<int32_t>> calibration;
+};
+
+// How far one quantized linear is from its float weights: |W - W~| / |W| (Frobenius), and
+// |x (W - W~)^T| / |x W^T| over up to kErrorRows calibration rows x (0 rows: no output error).
+struct QuantizationError {
+  std::string module;
+  double weight_error = 0, output_error = 0;
+  int64_t rows = 0;
 };
 
 class CpuBackend final : public ModelBackend {
@@ -85,6 +96,10 @@ class CpuBackend final : public ModelBackend {
   // "h.0.attn.c_attn.q", "lm_head"), nullptr when there is none; for tests that check where a
   // weight lives.
   const void *weight_data(std::string_view module) const;
+  // The quantizer's error on each linear, in linear order, as the last quantization (at the
+  // first reserve, or a quantizer swap) measured and logged it; empty without a quantizer.
+  const std::vector<QuantizationError> &quantization_errors() const { return quantization_errors_; }
+  static constexpr int64_t kErrorRows = 64;
 
  private:
   // Sizes the KV cache: slot mode (max_seqs slots of max_positions), or paged mode (a pool of
@@ -117,6 +132,7 @@ class CpuBackend final : public ModelBackend {
     Values<uint16_t> w16;        // [out, in] bfloat16 bits when the dtype is bfloat16
     Values<float> bias;          // [out], or empty
     loom_qweight *qweight = nullptr; // owned by the quantizer instance
+    int32_t index = -1;              // position in linears_
     std::vector<std::pair<const Instance *, loom_adapter_site *>> sites;
   };
   struct Layer {
@@ -138,6 +154,11 @@ class CpuBackend final : public ModelBackend {
   loom_attention_config attention_config() const;
   loom_kv_layout prepare_attention(Instance &attention) const;
   std::vector<loom_qweight *> quantize_all(Instance &quantizer);
+  // The float forward over options_.calibration, recording every linear's inputs (captured_).
+  void capture_calibration();
+  void capture(const Linear &lin, const float *x, int64_t n);
+  // Measures and logs how far `q` (the quantizer's weight for `lin`) is from lin's weights.
+  QuantizationError measure(Instance &quantizer, const Linear &lin, const loom_qweight *q, const float *w);
   void free_qweights(Instance &quantizer, const std::vector<loom_qweight *> &weights);
   std::vector<loom_adapter_site *> attach_all(Instance &adapter);
   void install_hooks();
@@ -176,6 +197,14 @@ class CpuBackend final : public ModelBackend {
   std::vector<detail::HostTensor<uint8_t>> kv_pools_;
   std::shared_ptr<Instance> quantizer_; // the one that made the qweights
   bool ready_ = false;
+  // Calibration activations per linear ([rows, in] float32), kept for quantizer swaps; linears
+  // fed the same input in a forward (q/k/v, gate/up) share one buffer.
+  std::vector<std::shared_ptr<std::vector<float>>> captured_;
+  bool capturing_ = false;
+  const float *captured_x_ = nullptr; // the input the last capture recorded, and its buffer
+  int64_t captured_n_ = 0;
+  std::shared_ptr<std::vector<float>> captured_last_;
+  std::vector<QuantizationError> quantization_errors_;
 
   // Scratch of the last forward, reused while the batch shape allows.
   std::vector<float> x_, h_, q_, k_, v_, attn_, proj_, up_, gate_, last_, last_h_;

@@ -405,7 +405,7 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
     if (k == "model") {
       if (!node.is_table()) fail("expected a table");
       SchemaReader r(*node.as_table(), "model", source);
-      r.only({"path", "dtype"});
+      r.only({"path", "dtype", "calibration", "calibration_tokens", "calibration_length"});
       std::string path;
       if (!r.read_string("path", path) || path.empty())
         fail("needs path = \"a Hugging Face model directory\"");
@@ -415,6 +415,14 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
                "expected \"auto\", \"float32\" or \"bfloat16\", got \"" + m.model_dtype + "\"");
       std::filesystem::path p = path;
       m.model_path = p.is_absolute() ? p : (base_dir / p).lexically_normal();
+      std::string calibration;
+      if (r.read_string("calibration", calibration)) {
+        if (calibration.empty()) r.fail(*node.as_table()->get("calibration"), "calibration", "must not be empty");
+        std::filesystem::path cp = calibration;
+        m.calibration_path = cp.is_absolute() ? cp : (base_dir / cp).lexically_normal();
+      }
+      r.read_int("calibration_tokens", m.calibration_tokens, 1, 1 << 20);
+      r.read_int("calibration_length", m.calibration_length, 2, 1 << 20);
       continue;
     }
     if (k == "run") {

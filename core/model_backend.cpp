@@ -128,6 +128,7 @@ std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeigh
     cpu.dtype = options.dtype.value_or(options.half_checkpoint ? ComputeDtype::bfloat16 : ComputeDtype::float32);
     cpu.threads = options.threads;
     cpu.source_name = options.source_name;
+    cpu.calibration = options.calibration;
     return std::make_unique<CpuBackend>(config, std::move(weights), pipeline, cpu);
   }
   default:

@@ -128,6 +128,9 @@ struct BackendOptions {
   bool half_checkpoint = false;      // the checkpoint stores bfloat16 or float16 weights
   int32_t threads = 0;               // [loom] threads for the CPU backend; 0 = one per hardware thread
   std::string source_name;           // the manifest, for errors
+  // Token sequences whose linear-layer inputs the quantizer gets as calibration activations
+  // ([model] calibration); empty: none.
+  std::vector<std::vector<int32_t>> calibration;
 };
 
 // The backend for options.device, owning `weights` (consumed) from now on (model_backend.cpp).

@@ -1,5 +1,7 @@
 #include "model_decoder.hpp"
 
+#include "calibration.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -64,31 +66,32 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevic
   options.source_name = manifest.source_name;
   if (manifest.model_dtype == "float32") options.dtype = ComputeDtype::float32;
   else if (manifest.model_dtype == "bfloat16") options.dtype = ComputeDtype::bfloat16;
+  // A tokenizer Loom cannot read (an NFC normalizer, say) matters only when text is needed.
+  std::string tokenizer_error;
   if (manifest.model_path.empty()) {
     config_ = synthetic_config(manifest.run);
+    if (!manifest.calibration_path.empty())
+      throw manifest_error(manifest.source_name + ": model.calibration: needs a [model] path (a checkpoint with a tokenizer)");
     backend_ = make_backend(config_, synthetic_weights(config_, manifest.seed), pipeline, options);
   } else {
     config_ = load_model_config(manifest.model_path);
+    try {
+      tokenizer_ = Tokenizer::load(manifest.model_path);
+    } catch (const Error &e) {
+      tokenizer_error = " (";
+      tokenizer_error += e.what();
+      tokenizer_error += ")";
+    }
+    options.calibration = calibration_sequences(manifest, tokenizer_.get(), config_.max_positions);
     SafetensorsIndex checkpoint = SafetensorsIndex::open_model_dir(manifest.model_path);
     // "auto" keeps the checkpoint's precision: half when its weights are stored as BF16 or F16.
     for (const auto &[file, shard] : checkpoint.shards())
       for (const auto &t : shard.tensors())
         if (t.dtype == SafetensorsDtype::BF16 || t.dtype == SafetensorsDtype::F16) options.half_checkpoint = true;
     backend_ = make_backend(config_, ModelWeights::load(config_, checkpoint), pipeline, options);
+    if (tokenizer_ && vocabulary) vocabulary->set_source(tokenizer_, config_.eos_token_ids);
   }
   const RunSpec &run = manifest.run;
-  // A tokenizer Loom cannot read (an NFC normalizer, say) matters only when text is needed.
-  std::string tokenizer_error;
-  if (!manifest.model_path.empty()) {
-    try {
-      tokenizer_ = Tokenizer::load(manifest.model_path);
-      if (tokenizer_ && vocabulary) vocabulary->set_source(tokenizer_, config_.eos_token_ids);
-    } catch (const Error &e) {
-      tokenizer_error = " (";
-      tokenizer_error += e.what();
-      tokenizer_error += ")";
-    }
-  }
   if (!run.prompts.empty()) {
     for (size_t i = 0; i < run.prompts.size(); ++i)
       prompts_.push_back(encode_prompt(run.prompts[i].text, run.prompts[i].ids, "run.prompts[" + std::to_string(i) + "]",

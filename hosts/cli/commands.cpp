@@ -226,10 +226,17 @@ int cmd_run(const std::vector<std::string> &args) {
     size_t hold = 0;
     for (const auto &stop : runtime->manifest().run.stop) hold = std::max(hold, stop.size());
     size_t printed = 0;
-    std::cout << prompt_text;
+    // The prompt is echoed with the first token, so that what the run logs first (a quantizer's
+    // summary, say) does not land inside the streamed text.
+    bool echoed = false;
+    auto echo = [&] {
+      if (!echoed) std::cout << prompt_text;
+      echoed = true;
+    };
     TokenCallback stream;
     if (has_text && !batch)
       stream = [&](int32_t, int32_t token) {
+        echo();
         context.push_back(token);
         std::string text = *runtime->decode(context);
         if (text.compare(0, prompt_text.size(), prompt_text) != 0) return true;
@@ -248,6 +255,7 @@ int cmd_run(const std::vector<std::string> &args) {
         return true;
       };
     RunResult r = runtime->run(a.steps, stream);
+    echo();
     if (has_text && !batch) std::cout << (r.text.size() > printed ? r.text.substr(printed) : std::string()) << "\n";
     if (batch)
       for (size_t i = 0; i < r.sequences.size(); ++i) {

@@ -37,7 +37,7 @@ struct Int4 {
   int64_t group = 128;
   std::string method = "rtn";
   bool zero_point = true;
-  int64_t awq_grid = 20, awq_rows = 256;
+  int64_t awq_grid = 20, awq_rows = 256, awq_clip = 10;
 
   Int4(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {
     group = cfg_int(h, c, "group_size");
@@ -51,10 +51,12 @@ struct Int4 {
     if (awq_grid < 1 || awq_grid > 1000) invalid_param("awq_grid", "awq_grid must be in [1, 1000]");
     awq_rows = cfg_int(h, c, "awq_rows");
     if (awq_rows < 1) invalid_param("awq_rows", "awq_rows must be at least 1");
+    awq_clip = cfg_int(h, c, "awq_clip");
+    if (awq_clip < 0 || awq_clip > 100) invalid_param("awq_clip", "awq_clip must be in [0, 100]");
   }
 
   void log(const std::string& line) const {
-    if (host->log) host->log(ctx, LOOM_LOG_INFO, line.c_str());
+    if (host->log) host->log(ctx, LOOM_LOG_DEBUG, line.c_str());
   }
 };
 
@@ -88,11 +90,20 @@ std::unique_ptr<loom_qweight> quantize(const Int4& self, const loom_quantize_req
   check_f32(x, "calibration", {-1, in});
   const AwqChoice c = awq_search(src, out, in, self.group, self.zero_point, data_of<float>(*x), x->shape[0],
                                  static_cast<int>(self.awq_grid), self.awq_rows);
+  const float* scale = c.alpha > 0 ? c.scale.data() : nullptr;
+  std::vector<float> clip;
+  if (self.awq_clip > 0)
+    clip = clip_search(src, out, in, self.group, self.zero_point, scale, data_of<float>(*x), x->shape[0],
+                       static_cast<int>(self.awq_clip));
+  int64_t clipped = 0;
+  for (float v : clip) clipped += v > 0.0f;
   char line[256];
-  std::snprintf(line, sizeof line, "%s: awq alpha %.2f, calibration output error %.4g of round-to-nearest's",
-                module.c_str(), c.alpha, c.rtn_error > 0 ? c.error / c.rtn_error : 1.0);
+  std::snprintf(line, sizeof line,
+                "%s: awq alpha %.2f (calibration output error %.4g of round-to-nearest's), %lld of %zu groups clipped",
+                module.c_str(), c.alpha, c.rtn_error > 0 ? c.error / c.rtn_error : 1.0, static_cast<long long>(clipped),
+                clip.size());
   self.log(line);
-  q->w = int4q::quantize(src, out, in, self.group, self.zero_point, c.alpha > 0 ? c.scale.data() : nullptr);
+  q->w = int4q::quantize(src, out, in, self.group, self.zero_point, scale, clip.empty() ? nullptr : clip.data());
   return q;
 }
 
@@ -256,11 +267,13 @@ constexpr loom_param_desc kParams[] = {
     param("zero_point", LOOM_VALUE_BOOL, "true", "asymmetric groups with a zero point (false: symmetric)"),
     param("awq_grid", LOOM_VALUE_INT, "20", "AWQ: alpha values tried, 0 to (grid - 1) / grid"),
     param("awq_rows", LOOM_VALUE_INT, "256", "AWQ: output rows the search measures its error on, per layer"),
+    param("awq_clip", LOOM_VALUE_INT, "10",
+          "AWQ: range limits tried per group, max|w| down to half of it (0: no clip search)"),
 };
 constexpr loom_component_desc kInt4 = {
     sizeof(loom_component_desc), LOOM_KIND_QUANTIZER, "int4", "1.0.0",
     "Group-wise 4-bit weights, round-to-nearest or AWQ scale search (CPU)",
-    kParams, 5, LOOM_THREADING_SERIAL, &kVtable};
+    kParams, 6, LOOM_THREADING_SERIAL, &kVtable};
 const loom_component_desc* const kComponents[] = {&kInt4};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-quant-int4", "1.0.0",

@@ -7,13 +7,15 @@
 namespace loomp::int4q {
 namespace {
 
-// One group's scale, zero point and codes.
-void quantize_group(const float* v, int64_t n, bool zero_point, float& scale, uint8_t& zero, uint8_t* codes) {
+// One group's scale, zero point and codes; clip > 0 first limits the range to [-clip, clip].
+void quantize_group(const float* v, int64_t n, bool zero_point, float clip, float& scale, uint8_t& zero,
+                    uint8_t* codes) {
+  auto at = [&](int64_t i) { return clip > 0.0f ? std::clamp(v[i], -clip, clip) : v[i]; };
   if (zero_point) {
-    float lo = v[0], hi = v[0];
+    float lo = at(0), hi = at(0);
     for (int64_t i = 1; i < n; ++i) {
-      lo = std::min(lo, v[i]);
-      hi = std::max(hi, v[i]);
+      lo = std::min(lo, at(i));
+      hi = std::max(hi, at(i));
     }
     // A constant group: one step of its own magnitude (codes 0 and 1 then hold it exactly).
     scale = hi > lo ? (hi - lo) / 15.0f : (hi != 0.0f ? std::fabs(hi) : 1.0f);
@@ -22,7 +24,7 @@ void quantize_group(const float* v, int64_t n, bool zero_point, float& scale, ui
       codes[i] = static_cast<uint8_t>(std::clamp(std::nearbyint(v[i] / scale) + zero, 0.0f, 15.0f));
   } else {
     float amax = 0.0f;
-    for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
+    for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(at(i)));
     scale = amax > 0.0f ? amax / 7.0f : 1.0f;
     zero = 8;
     for (int64_t i = 0; i < n; ++i)
@@ -39,7 +41,7 @@ void roundtrip_row(const float* w, int64_t in, int64_t group, bool zero_point, c
   for (int64_t g0 = 0; g0 < in; g0 += group) {
     float s = 0;
     uint8_t z = 0;
-    quantize_group(scaled.data() + g0, group, zero_point, s, z, codes.data());
+    quantize_group(scaled.data() + g0, group, zero_point, 0.0f, s, z, codes.data());
     for (int64_t i = 0; i < group; ++i) {
       const float v = (static_cast<float>(codes[static_cast<size_t>(i)]) - static_cast<float>(z)) * s;
       out[g0 + i] = a ? v / a[g0 + i] : v;
@@ -49,7 +51,8 @@ void roundtrip_row(const float* w, int64_t in, int64_t group, bool zero_point, c
 
 }  // namespace
 
-Int4Weight quantize(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point, const float* act_scale) {
+Int4Weight quantize(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point, const float* act_scale,
+                    const float* clip) {
   Int4Weight q;
   q.out = out;
   q.in = in;
@@ -65,7 +68,8 @@ Int4Weight quantize(const float* w, int64_t out, int64_t in, int64_t group, bool
     for (int64_t i = 0; i < in; ++i) row[static_cast<size_t>(i)] = act_scale ? w[o * in + i] * act_scale[i] : w[o * in + i];
     for (int64_t g = 0; g < q.groups(); ++g) {
       const size_t at = static_cast<size_t>(o * q.groups() + g);
-      quantize_group(row.data() + g * group, group, zero_point, q.scales[at], q.zeros[at], codes.data() + g * group);
+      quantize_group(row.data() + g * group, group, zero_point, clip ? clip[at] : 0.0f, q.scales[at], q.zeros[at],
+                     codes.data() + g * group);
     }
     uint8_t* dst = q.packed.data() + o * (in / 2);
     for (int64_t j = 0; j < in / 2; ++j)
@@ -83,32 +87,38 @@ void dequantize_row(const Int4Weight& q, int64_t o, float* row) {
 }
 
 void linear(const Int4Weight& q, const float* x, int64_t n, const float* bias, float* y) {
-  const int64_t in = q.in, G = q.groups(), group = q.group;
-  std::vector<float> xs(static_cast<size_t>(in)), group_sum(static_cast<size_t>(G));
-  for (int64_t r = 0; r < n; ++r) {
-    const float* xr = x + r * in;
-    for (int64_t i = 0; i < in; ++i) xs[static_cast<size_t>(i)] = q.act_scale.empty() ? xr[i] : xr[i] / q.act_scale[static_cast<size_t>(i)];
-    // sum_i x_i (q_i - z) s = s (sum_i x_i q_i - z sum_i x_i): the zero point once per group.
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.0f;
-      for (int64_t i = g * group; i < (g + 1) * group; ++i) s += xs[static_cast<size_t>(i)];
-      group_sum[static_cast<size_t>(g)] = s;
-    }
-    for (int64_t o = 0; o < q.out; ++o) {
-      const uint8_t* codes = q.packed.data() + o * (in / 2);
-      const float* scales = q.scales.data() + o * G;
-      const uint8_t* zeros = q.zeros.data() + o * G;
-      float acc = 0.0f;
-      for (int64_t g = 0; g < G; ++g) {
-        float dot = 0.0f;
-        for (int64_t j = g * group / 2; j < (g + 1) * group / 2; ++j) {
-          const uint8_t b = codes[j];
-          dot += xs[static_cast<size_t>(2 * j)] * static_cast<float>(b & 15) +
-                 xs[static_cast<size_t>(2 * j + 1)] * static_cast<float>(b >> 4);
-        }
-        acc += scales[g] * (dot - static_cast<float>(zeros[g]) * group_sum[static_cast<size_t>(g)]);
+  const int64_t in = q.in;
+  // Inputs divided by the AWQ scales once; then each weight row is unpacked once into float32
+  // and dotted with every input row (eight partial sums, which the compiler keeps in vector
+  // lanes: float sums are not reassociated for it).
+  std::vector<float> xs;
+  if (!q.act_scale.empty()) {
+    xs.resize(static_cast<size_t>(n * in));
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < in; ++i) xs[static_cast<size_t>(r * in + i)] = x[r * in + i] / q.act_scale[static_cast<size_t>(i)];
+    x = xs.data();
+  }
+  std::vector<float> row(static_cast<size_t>(in));
+  for (int64_t o = 0; o < q.out; ++o) {
+    const uint8_t* codes = q.packed.data() + o * (in / 2);
+    const float* scales = q.scales.data() + o * q.groups();
+    const uint8_t* zeros = q.zeros.data() + o * q.groups();
+    for (int64_t g = 0; g < q.groups(); ++g) {
+      const float s = scales[g], z = static_cast<float>(zeros[g]);
+      for (int64_t j = g * q.group / 2; j < (g + 1) * q.group / 2; ++j) {
+        row[static_cast<size_t>(2 * j)] = (static_cast<float>(codes[j] & 15) - z) * s;
+        row[static_cast<size_t>(2 * j + 1)] = (static_cast<float>(codes[j] >> 4) - z) * s;
       }
-      y[r * q.out + o] = acc + (bias ? bias[o] : 0.0f);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const float* xr = x + r * in;
+      float acc[8] = {};
+      int64_t i = 0;
+      for (; i + 8 <= in; i += 8)
+        for (int k = 0; k < 8; ++k) acc[k] += xr[i + k] * row[static_cast<size_t>(i + k)];
+      for (; i < in; ++i) acc[0] += xr[i] * row[static_cast<size_t>(i)];
+      const float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      y[r * q.out + o] = sum + (bias ? bias[o] : 0.0f);
     }
   }
 }
@@ -120,6 +130,24 @@ AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, boo
     for (int64_t i = 0; i < in; ++i) mean_abs[static_cast<size_t>(i)] += std::fabs(x[r * in + i]);
   for (double& m : mean_abs) m = std::max(m / static_cast<double>(std::max<int64_t>(n, 1)), 1e-4);
   const int64_t searched = std::clamp<int64_t>(rows, 1, out);
+  // |x d|^2 summed over the rows of x, for a row difference d: directly (n * in per row), or as
+  // d^T (x^T x) d with the Gram matrix made once (in * in per row), whichever costs less over
+  // the whole search.
+  const bool gram = in * in * (searched * grid + n) < n * in * searched * grid;
+  std::vector<double> xtx;
+  if (gram) {
+    xtx.assign(static_cast<size_t>(in * in), 0.0);
+    for (int64_t r = 0; r < n; ++r) {
+      const float* xr = x + r * in;
+      for (int64_t i = 0; i < in; ++i) {
+        const double xi = xr[i];
+        double* row = xtx.data() + i * in;
+        for (int64_t j = 0; j <= i; ++j) row[j] += xi * xr[j];
+      }
+    }
+    for (int64_t i = 0; i < in; ++i)
+      for (int64_t j = 0; j < i; ++j) xtx[static_cast<size_t>(j * in + i)] = xtx[static_cast<size_t>(i * in + j)];
+  }
   std::vector<float> exact(static_cast<size_t>(in)), approx(static_cast<size_t>(in)), scaled;
   std::vector<uint8_t> codes;
   // The squared error of x (W - W~)^T over the searched rows, for scales a (null: none).
@@ -129,6 +157,15 @@ AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, boo
       const int64_t o = k * out / searched;
       roundtrip_row(w + o * in, in, group, zero_point, a, approx.data(), scaled, codes);
       for (int64_t i = 0; i < in; ++i) exact[static_cast<size_t>(i)] = w[o * in + i] - approx[static_cast<size_t>(i)];
+      if (gram) {
+        for (int64_t i = 0; i < in; ++i) {
+          const double* row = xtx.data() + i * in;
+          double gd = 0.0;
+          for (int64_t j = 0; j < in; ++j) gd += row[j] * exact[static_cast<size_t>(j)];
+          total += exact[static_cast<size_t>(i)] * gd;
+        }
+        continue;
+      }
       for (int64_t r = 0; r < n; ++r) {
         double d = 0.0;
         for (int64_t i = 0; i < in; ++i) d += static_cast<double>(x[r * in + i]) * exact[static_cast<size_t>(i)];
@@ -161,6 +198,59 @@ AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, boo
     }
   }
   return best;
+}
+
+std::vector<float> clip_search(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point,
+                               const float* act_scale, const float* x, int64_t n, int steps) {
+  const int64_t G = in / group;
+  // Per group, the Gram matrix of the inputs the product sees (x / a): [G][group][group].
+  std::vector<double> gram(static_cast<size_t>(G * group * group), 0.0);
+  std::vector<float> xs(static_cast<size_t>(in));
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t i = 0; i < in; ++i) xs[static_cast<size_t>(i)] = act_scale ? x[r * in + i] / act_scale[i] : x[r * in + i];
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = xs.data() + g * group;
+      double* m = gram.data() + g * group * group;
+      for (int64_t i = 0; i < group; ++i)
+        for (int64_t j = 0; j < group; ++j) m[i * group + j] += static_cast<double>(xg[i]) * xg[j];
+    }
+  }
+  std::vector<float> clip(static_cast<size_t>(out * G), 0.0f), v(static_cast<size_t>(group)),
+      diff(static_cast<size_t>(group));
+  std::vector<uint8_t> codes(static_cast<size_t>(group));
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t g = 0; g < G; ++g) {
+      float amax = 0.0f;
+      for (int64_t i = 0; i < group; ++i) {
+        const int64_t c = g * group + i;
+        v[static_cast<size_t>(i)] = act_scale ? w[o * in + c] * act_scale[c] : w[o * in + c];
+        amax = std::max(amax, std::fabs(v[static_cast<size_t>(i)]));
+      }
+      const double* m = gram.data() + g * group * group;
+      double best = std::numeric_limits<double>::max();
+      float best_clip = 0.0f;
+      for (int k = 0; k < steps && amax > 0.0f; ++k) {
+        const float c = amax * (1.0f - 0.5f * static_cast<float>(k) / static_cast<float>(steps));
+        float s = 0;
+        uint8_t z = 0;
+        quantize_group(v.data(), group, zero_point, c, s, z, codes.data());
+        for (int64_t i = 0; i < group; ++i)
+          diff[static_cast<size_t>(i)] =
+              v[static_cast<size_t>(i)] - (static_cast<float>(codes[static_cast<size_t>(i)]) - static_cast<float>(z)) * s;
+        double e = 0.0;
+        for (int64_t i = 0; i < group; ++i) {
+          double md = 0.0;
+          for (int64_t j = 0; j < group; ++j) md += m[i * group + j] * diff[static_cast<size_t>(j)];
+          e += diff[static_cast<size_t>(i)] * md;
+        }
+        if (e < best) {
+          best = e;
+          best_clip = k == 0 ? 0.0f : c; // the full range needs no clip
+        }
+      }
+      clip[static_cast<size_t>(o * G + g)] = best_clip;
+    }
+  return clip;
 }
 
 }  // namespace loomp::int4q

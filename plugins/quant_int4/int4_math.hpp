@@ -37,14 +37,16 @@ struct Int4Weight {
 };
 
 // Quantizes W [out, in] (row-major float32), scaled by act_scale ([in]) first when it is not
-// null (act_scale is then kept in the result). in % group == 0 and group even, checked by the
-// caller.
-Int4Weight quantize(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point, const float* act_scale);
+// null (act_scale is then kept in the result). clip ([out, in / group], optional): a group's
+// (scaled) values are limited to [-clip, clip] before its range is taken; 0 = no limit.
+// in % group == 0 and group even, checked by the caller.
+Int4Weight quantize(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point, const float* act_scale,
+                    const float* clip = nullptr);
 
 // Row o of W~ (the value the product uses, act_scale divided out) into row[in].
 void dequantize_row(const Int4Weight& q, int64_t o, float* row);
 
-// y[n, out] = x[n, in] W~^T (+ bias[out]). Float32 sums: per group, then scaled.
+// y[n, out] = x[n, in] W~^T (+ bias[out]), in float32 (the rows of W~ unpacked on the fly).
 void linear(const Int4Weight& q, const float* x, int64_t n, const float* bias, float* y);
 
 struct AwqChoice {
@@ -60,5 +62,12 @@ struct AwqChoice {
 // (evenly spaced) to bound the cost.
 AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point, const float* x,
                      int64_t n, int grid, int64_t rows);
+
+// AWQ's clip search: for each group of each row (scaled by act_scale when not null), the range
+// limit among max|w| * (1 - k / (2 steps)), k < steps, whose quantized group gives the least
+// squared error on the calibration inputs x [n, in] (divided by act_scale), through the group's
+// Gram matrix. Returns clip [out, in / group] for quantize (0 where the full range is best).
+std::vector<float> clip_search(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point,
+                               const float* act_scale, const float* x, int64_t n, int steps);
 
 }  // namespace loomp::int4q

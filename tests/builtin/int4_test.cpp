@@ -246,3 +246,22 @@ TEST_CASE("int4 export and import round-trip; corrupt imports name what is wrong
     f.vt->free_weight(f.q->handle(), qw);
   }
 }
+
+TEST_CASE("int4 AWQ's clip search lowers the error of full-range groups", "[int4]") {
+  // Gaussian rows: the extremes of a group stretch its steps for the values in between.
+  Fixture clip("method = \"awq\"\nawq_grid = 1\n"), none("method = \"awq\"\nawq_grid = 1\nawq_clip = 0\n");
+  std::mt19937 g(21);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (auto &v : clip.w.v) v = normal(g);
+  none.w.v = clip.w.v;
+  bt::Tensor<float> x({64, IN}, bt::random_floats(64 * IN, 8)); // no outlier channels
+  loom_qweight *a = nullptr, *b = nullptr;
+  REQUIRE(clip.quantize(&a, x.dl()) == LOOM_OK);
+  REQUIRE(none.quantize(&b, x.dl()) == LOOM_OK);
+  const double with_clip = output_error(x, clip.w.v, clip.dequant(a));
+  const double without = output_error(x, none.w.v, none.dequant(b));
+  INFO("clip " << with_clip << " none " << without);
+  CHECK(with_clip < 0.97 * without);
+  clip.vt->free_weight(clip.q->handle(), a);
+  none.vt->free_weight(none.q->handle(), b);
+}

@@ -100,6 +100,13 @@ struct Manifest {
   int64_t threads = 0;              // [loom] threads; 0 = one per hardware thread
   std::filesystem::path model_path; // empty: the synthetic model
   std::string model_dtype = "auto"; // [model] dtype: auto, float32 or bfloat16
+  // [model] calibration: a text file (one passage a line) whose activations the quantizer sees
+  // (activation-aware methods such as int4's "awq"); empty: none. Each line is encoded with BOS
+  // and lines are packed into sequences of at most calibration_length tokens, up to
+  // calibration_tokens tokens in all.
+  std::filesystem::path calibration_path;
+  int64_t calibration_tokens = 512;
+  int64_t calibration_length = 256;
   RunSpec run;
   SchedulerSpec scheduler;
   std::vector<ComponentSpec> components; // manifest order within each kind
