@@ -5,14 +5,20 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <initializer_list>
+#include <set>
 #include <iostream>
 #include <memory>
 #include <type_traits>
 
 #include "loom/core/error.hpp"
+#include "loom/core/host_buffer.hpp"
+#include "loom/core/safetensors_writer.hpp"
 #include "loom/core/reference_model.hpp"
 #include "transformer_ops.hpp"
+
+#include <nlohmann/json.hpp>
 
 namespace loom {
 
@@ -228,6 +234,16 @@ std::unique_ptr<CpuBackend::Linear> CpuBackend::make_linear(std::string name, Mo
                                                             Values<float> bias) {
   auto l = std::make_unique<Linear>();
   l->name = std::move(name);
+  if (const QuantizedCheckpoint *q = checkpoint_quantization_.get()) {
+    auto it = q->modules.find(l->name);
+    if (it != q->modules.end()) {
+      l->imported = &it->second;
+      l->out = it->second.shape[0];
+      l->in = it->second.shape[1];
+      l->bias = std::move(bias);
+      if (!weights.contains(weight)) return l; // a tied head keeps the embedding, below
+    }
+  }
   const StoredWeight *s = weights.stored(weight); // (at() of a stored weight would convert it)
   const std::vector<int64_t> shape = s ? s->shape : weights.at(weight).shape;
   l->out = shape[0];
@@ -258,6 +274,7 @@ std::unique_ptr<CpuBackend::Linear> CpuBackend::make_linear(std::string name, in
 
 void CpuBackend::build(ModelWeights weights) {
   const ModelConfig &c = config_;
+  if (weights.quantized()) checkpoint_quantization_ = std::make_shared<QuantizedCheckpoint>(*weights.quantized());
   const int64_t H = c.hidden_size;
   // Tensors are used in place or moved out of `weights` as they are converted, never converted
   // all at once: peak memory stays the copies the backend keeps, plus one float32 tensor.
@@ -392,7 +409,12 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
                         std::to_string(max_positions) + " positions is outside what the CPU backend sizes");
   // Grow-only: a shorter run reuses the larger cache. Nothing changes unless all succeeds.
   const int32_t seqs = std::max(max_seqs, max_seqs_);
-  const int64_t positions = std::max(max_positions, max_positions_);
+  int64_t positions = std::max(max_positions, max_positions_);
+  // The first sizing before a calibrated quantization holds the longest calibration sequence
+  // (calibration runs through this cache, before the run that asked for it).
+  if (!ready_ && !options_.calibration.empty() && !pipeline_.list(LOOM_KIND_QUANTIZER).empty())
+    for (const auto &seq : options_.calibration)
+      positions = std::max(positions, std::min<int64_t>(static_cast<int64_t>(seq.size()), config_.max_positions));
   loom_kv_layout layout = layout_;
   std::vector<HostTensor<uint8_t>> pools;
   const int64_t before = max_positions_;
@@ -440,7 +462,12 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
   // (a quantizer or adapter refusing a module) leaves nothing half-installed for the next run.
   auto quantizers = pipeline_.list(LOOM_KIND_QUANTIZER);
   std::vector<loom_qweight *> weights;
-  if (!quantizers.empty() && !options_.calibration.empty() && captured_.empty()) capture_calibration();
+  if (checkpoint_quantization_ && quantizers.empty())
+    throw runtime_error(options_.source_name + ": [model] path holds weights quantized by '" +
+                        checkpoint_quantization_->quantizer + "' (loom quantize); add [quantizer] use = \"" +
+                        checkpoint_quantization_->quantizer + "\" to load them");
+  if (!quantizers.empty() && !options_.calibration.empty() && captured_.empty() && !checkpoint_quantization_)
+    capture_calibration();
   if (!quantizers.empty()) weights = quantize_all(*quantizers.front());
   std::vector<std::pair<std::shared_ptr<Instance>, std::vector<loom_adapter_site *>>> attached;
   try {
@@ -507,6 +534,52 @@ void CpuBackend::capture(const Linear &lin, const float *x, int64_t n) {
   captured_last_ = buffer;
 }
 
+loom_qweight *CpuBackend::import_linear(Instance &quantizer, const Linear &lin) {
+  // Copies: safetensors promises no alignment, and the plugin reads typed values.
+  struct Copy {
+    std::string name;
+    std::vector<uint8_t> bytes;
+    std::vector<int64_t> shape;
+    DLTensor t{};
+  };
+  std::vector<std::unique_ptr<Copy>> copies;
+  for (const auto &[suffix, w] : lin.imported->tensors) {
+    DLDataType dt{};
+    switch (w.dtype) {
+    case SafetensorsDtype::F32: dt = {kDLFloat, 32, 1}; break;
+    case SafetensorsDtype::F16: dt = {kDLFloat, 16, 1}; break;
+    case SafetensorsDtype::BF16: dt = {kDLBfloat, 16, 1}; break;
+    case SafetensorsDtype::I8: dt = {kDLInt, 8, 1}; break;
+    case SafetensorsDtype::U8: dt = {kDLUInt, 8, 1}; break;
+    case SafetensorsDtype::I16: dt = {kDLInt, 16, 1}; break;
+    case SafetensorsDtype::I32: dt = {kDLInt, 32, 1}; break;
+    case SafetensorsDtype::U32: dt = {kDLUInt, 32, 1}; break;
+    default:
+      throw runtime_error(options_.source_name + ": " + lin.name + "." + suffix + ": dtype " + dtype_name(w.dtype) +
+                          " cannot be handed to a quantizer");
+    }
+    auto c = std::make_unique<Copy>();
+    c->name = lin.name + "." + suffix;
+    const auto *p = reinterpret_cast<const uint8_t *>(w.bytes.data());
+    c->bytes.assign(p, p + w.bytes.size());
+    c->shape = w.shape;
+    c->t.data = c->bytes.data();
+    c->t.device = {kDLCPU, 0};
+    c->t.ndim = static_cast<int32_t>(c->shape.size());
+    c->t.dtype = dt;
+    c->t.shape = c->shape.data();
+    copies.push_back(std::move(c));
+  }
+  std::vector<loom_named_tensor> named;
+  for (auto &c : copies) named.push_back({sizeof(loom_named_tensor), c->name.c_str(), &c->t});
+  loom_qweight *q = nullptr;
+  quantizer.check(quantizer.vtable<loom_quantizer_vtable>()->import_weight(
+                      quantizer.handle(), named.data(), static_cast<uint32_t>(named.size()),
+                      lin.imported->metadata.c_str(), DLDevice{kDLCPU, 0}, &q),
+                  ("import " + lin.name + " (quantized by '" + checkpoint_quantization_->quantizer + "')").c_str());
+  return q;
+}
+
 QuantizationError CpuBackend::measure(Instance &quantizer, const Linear &lin, const loom_qweight *q, const float *w) {
   QuantizationError e;
   e.module = lin.name;
@@ -558,6 +631,10 @@ std::vector<loom_qweight *> CpuBackend::quantize_all(Instance &quantizer) {
   auto vt = quantizer.vtable<loom_quantizer_vtable>();
   std::vector<float> widened; // a bfloat16 weight as float32: quantizers quantize from float32
   auto one = [&](Linear &l) {
+    if (l.imported) {
+      out.push_back(import_linear(quantizer, l));
+      return;
+    }
     const float *w = l.w32.data;
     if (l.w32.empty()) {
       widened.resize(l.w16.size);
@@ -596,6 +673,9 @@ std::vector<loom_qweight *> CpuBackend::quantize_all(Instance &quantizer) {
     output_sum += errors[i].output_error;
     if (errors[i].weight_error > errors[worst].weight_error) worst = i;
   }
+  if (checkpoint_quantization_)
+    std::cerr << "[info] " << quantizer.slot() << " (" << quantizer.desc().name << "): "
+              << checkpoint_quantization_->modules.size() << " linears imported from the checkpoint\n";
   if (!errors.empty()) {
     const double n = static_cast<double>(errors.size());
     char line[256];
@@ -884,6 +964,115 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   if (logits_.numel() != static_cast<size_t>(S * V)) logits_ = HostTensor<float>({S, V});
   linear(*lm_head_, last_h, S, logits_.data());
   return logits_.dl();
+}
+
+
+// ---- loom quantize ----------------------------------------------------------------------------
+
+namespace {
+
+SafetensorsDtype safetensors_dtype(const DLDataType &t, const std::string &name) {
+  if (t.lanes == 1) {
+    if (t.code == kDLFloat && t.bits == 32) return SafetensorsDtype::F32;
+    if (t.code == kDLFloat && t.bits == 16) return SafetensorsDtype::F16;
+    if (t.code == kDLBfloat && t.bits == 16) return SafetensorsDtype::BF16;
+    if (t.code == kDLInt && t.bits == 8) return SafetensorsDtype::I8;
+    if (t.code == kDLInt && t.bits == 16) return SafetensorsDtype::I16;
+    if (t.code == kDLInt && t.bits == 32) return SafetensorsDtype::I32;
+    if (t.code == kDLUInt && t.bits == 8) return SafetensorsDtype::U8;
+    if (t.code == kDLUInt && t.bits == 32) return SafetensorsDtype::U32;
+  }
+  throw runtime_error("loom quantize: " + name + ": the quantizer exported a dtype safetensors cannot hold here");
+}
+
+struct ExportedTensor {
+  std::string name;
+  SafetensorsDtype dtype;
+  std::vector<int64_t> shape;
+  std::vector<std::byte> bytes;
+};
+
+struct ExportSink {
+  std::string module;
+  std::vector<ExportedTensor> *out;
+  std::string error; // why put() refused a tensor (no exception crosses back into the plugin)
+  static loom_status put(void *user, const char *name, DLTensor *t, DLTensor *) noexcept {
+    auto &self = *static_cast<ExportSink *>(user);
+    try {
+      if (name == nullptr || t == nullptr || t->device.device_type != kDLCPU || t->strides != nullptr || t->ndim < 0 ||
+          t->ndim > 8)
+        throw runtime_error("loom quantize: " + self.module + ": the quantizer exported a tensor that is not a dense host tensor");
+      ExportedTensor e;
+      e.name = self.module + "." + name;
+      e.dtype = safetensors_dtype(t->dtype, e.name);
+      e.shape.assign(t->shape, t->shape + t->ndim);
+      size_t n = 1;
+      for (int64_t d : e.shape) n *= static_cast<size_t>(d);
+      const auto *p = static_cast<const std::byte *>(t->data) + t->byte_offset;
+      e.bytes.assign(p, p + n * dtype_size(e.dtype));
+      self.out->push_back(std::move(e));
+      return LOOM_OK;
+    } catch (const std::exception &e) {
+      self.error = e.what();
+      return LOOM_ERR_INVALID_ARGUMENT;
+    }
+  }
+};
+
+} // namespace
+
+void CpuBackend::export_quantized(const SafetensorsIndex &source, const std::filesystem::path &out_dir) {
+  if (config_.architecture == Architecture::gpt2)
+    throw runtime_error(options_.source_name + ": loom quantize: GPT-2 checkpoints are not supported (Llama-family only)");
+  if (pipeline_.list(LOOM_KIND_QUANTIZER).empty())
+    throw runtime_error(options_.source_name + ": loom quantize: the manifest has no [quantizer]");
+  if (!ready_) reserve(1, 1); // quantizes (with the calibration, when the manifest has one)
+  auto vt = quantizer_->vtable<loom_quantizer_vtable>();
+  std::vector<ExportedTensor> exported;
+  nlohmann::json modules = nlohmann::json::object();
+  std::set<std::string> replaced; // source tensors the exported ones stand for
+  for (const Linear *l : linears_) {
+    ExportSink sink{l->name, &exported, {}};
+    loom_tensor_sink abi{sizeof(loom_tensor_sink), &sink, &ExportSink::put};
+    HostBuffer meta;
+    const loom_status status = vt->export_weight(quantizer_->handle(), l->qweight, &abi, meta.abi());
+    if (!sink.error.empty()) throw runtime_error(sink.error);
+    quantizer_->check(status, ("export " + l->name).c_str());
+    nlohmann::json m;
+    try {
+      m = nlohmann::json::parse(meta.view());
+    } catch (const nlohmann::json::exception &) {
+      throw runtime_error("loom quantize: " + l->name + ": the quantizer's metadata is not JSON");
+    }
+    modules[l->name] = {{"shape", {l->out, l->in}}, {"metadata", m}};
+    replaced.insert(l->name + ".weight");
+  }
+  // A tied head's weight is the embedding, which lookups still read.
+  if (config_.tie_word_embeddings) replaced.erase("lm_head.weight");
+  std::vector<TensorToWrite> tensors;
+  for (const auto &[file, shard] : source.shards())
+    for (const auto &t : shard.tensors()) {
+      std::string suffix;
+      const size_t dot = t.name.rfind('.');
+      const bool old_quantized = checkpoint_quantization_ && dot != std::string::npos &&
+                                 checkpoint_quantization_->modules.count(t.name.substr(0, dot)) &&
+                                 t.name.compare(dot + 1, std::string::npos, "bias") != 0;
+      if (replaced.count(t.name) || old_quantized) continue;
+      tensors.push_back({t.name, t.dtype, t.shape, std::span<const std::byte>(t.data, static_cast<size_t>(t.nbytes))});
+    }
+  for (const auto &e : exported) tensors.push_back({e.name, e.dtype, e.shape, e.bytes});
+  const nlohmann::json header = {{"quantizer", quantizer_->desc().name},
+                                 {"version", quantizer_->desc().version},
+                                 {"modules", modules}};
+  std::filesystem::create_directories(out_dir);
+  write_safetensors(out_dir / SafetensorsIndex::kSingleName, tensors,
+                    {{"format", "pt"}, {QuantizedCheckpoint::kMetadataKey, header.dump()}});
+  // What else the model directory needs to load: its config and tokenizer.
+  const std::filesystem::path from = source.path().parent_path();
+  for (const char *name : {"config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+                           "tokenizer_config.json", "special_tokens_map.json"})
+    if (std::filesystem::exists(from / name) && !std::filesystem::equivalent(from, out_dir))
+      std::filesystem::copy_file(from / name, out_dir / name, std::filesystem::copy_options::overwrite_existing);
 }
 
 } // namespace loom

@@ -35,6 +35,7 @@
 // workers only run core's loops.
 #pragma once
 
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -96,6 +97,12 @@ class CpuBackend final : public ModelBackend {
   // "h.0.attn.c_attn.q", "lm_head"), nullptr when there is none; for tests that check where a
   // weight lives.
   const void *weight_data(std::string_view module) const;
+  // Writes the model with its linears as the quantizer stores them to out_dir/model.safetensors
+  // (`loom quantize`): every other tensor of `source` (the checkpoint this backend was loaded
+  // from) as stored, each linear's exported tensors as "<module>.<suffix>", and the
+  // loom.quantization metadata (QuantizedCheckpoint). Quantizes first when reserve() has not.
+  // Throws loom::Error without a quantizer, for GPT-2, or when the quantizer cannot export.
+  void export_quantized(const SafetensorsIndex &source, const std::filesystem::path &out_dir);
   // The quantizer's error on each linear, in linear order, as the last quantization (at the
   // first reserve, or a quantizer swap) measured and logged it; empty without a quantizer.
   const std::vector<QuantizationError> &quantization_errors() const { return quantization_errors_; }
@@ -133,6 +140,10 @@ class CpuBackend final : public ModelBackend {
     Values<float> bias;          // [out], or empty
     loom_qweight *qweight = nullptr; // owned by the quantizer instance
     int32_t index = -1;              // position in linears_
+    // Set when the checkpoint stores this linear quantized (`loom quantize`): the quantizer
+    // imports these tensors instead of quantizing w32/w16, which are then empty (except a tied
+    // head's, which lookups read). Points into checkpoint_quantization_.
+    const QuantizedModule *imported = nullptr;
     std::vector<std::pair<const Instance *, loom_adapter_site *>> sites;
   };
   struct Layer {
@@ -157,6 +168,8 @@ class CpuBackend final : public ModelBackend {
   // The float forward over options_.calibration, recording every linear's inputs (captured_).
   void capture_calibration();
   void capture(const Linear &lin, const float *x, int64_t n);
+  // The quantizer's weight for a linear the checkpoint stores quantized.
+  loom_qweight *import_linear(Instance &quantizer, const Linear &lin);
   // Measures and logs how far `q` (the quantizer's weight for `lin`) is from lin's weights.
   QuantizationError measure(Instance &quantizer, const Linear &lin, const loom_qweight *q, const float *w);
   void free_qweights(Instance &quantizer, const std::vector<loom_qweight *> &weights);
@@ -205,6 +218,7 @@ class CpuBackend final : public ModelBackend {
   int64_t captured_n_ = 0;
   std::shared_ptr<std::vector<float>> captured_last_;
   std::vector<QuantizationError> quantization_errors_;
+  std::shared_ptr<const QuantizedCheckpoint> checkpoint_quantization_; // null: a plain checkpoint
 
   // Scratch of the last forward, reused while the batch shape allows.
   std::vector<float> x_, h_, q_, k_, v_, attn_, proj_, up_, gate_, last_, last_h_;

@@ -1,6 +1,7 @@
 #include "model_decoder.hpp"
 
 #include "calibration.hpp"
+#include "cpu_backend.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -119,6 +120,15 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevic
                          tokenizer_error);
   stop_tokens_ = run.stop_tokens_set ? run.stop_tokens : config_.eos_token_ids;
   if (manifest.model_path.empty() && !run.stop_tokens_set) stop_tokens_.clear(); // random weights: run all steps
+}
+
+void ModelDecoder::export_quantized(const std::filesystem::path &dir) {
+  auto *cpu = dynamic_cast<CpuBackend *>(backend_.get());
+  if (manifest_.model_path.empty())
+    throw manifest_error(manifest_.source_name + ": loom quantize needs a [model] path (a checkpoint to quantize)");
+  if (cpu == nullptr)
+    throw runtime_error(manifest_.source_name + ": loom quantize runs on the CPU backend (loom.device = \"cpu\")");
+  cpu->export_quantized(SafetensorsIndex::open_model_dir(manifest_.model_path), dir);
 }
 
 ModelDecoder::~ModelDecoder() = default; // the backend removes its swap hooks under the step lock

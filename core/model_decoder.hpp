@@ -64,6 +64,9 @@ class ModelDecoder {
   std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
   const std::vector<std::vector<int32_t>> &prompts() const { return prompts_; }
   std::string backend_description() const { return backend_->describe(); }
+  // `loom quantize`: the model with its linears as the pipeline's quantizer stores them, written
+  // to dir (CpuBackend::export_quantized). CPU backend only.
+  void export_quantized(const std::filesystem::path &dir);
 
  private:
   // One prompt's token ids from its text or ids; `key` names it in errors.

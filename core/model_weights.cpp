@@ -5,6 +5,8 @@
 
 #include "loom/core/error.hpp"
 
+#include <nlohmann/json.hpp>
+
 namespace loom {
 
 namespace {
@@ -134,15 +136,85 @@ std::map<std::string, std::vector<int64_t>> expected_weights(const ModelConfig &
   return w;
 }
 
+namespace {
+
+// The checkpoint's "loom.quantization" metadata, checked against the model's linears; the
+// modules' weights leave `expected`.
+std::shared_ptr<QuantizedCheckpoint> read_quantization(const ModelConfig &config, const SafetensorsIndex &checkpoint,
+                                                       std::map<std::string, std::vector<int64_t>> &expected) {
+  auto it = checkpoint.metadata().find(QuantizedCheckpoint::kMetadataKey);
+  if (it == checkpoint.metadata().end()) return nullptr;
+  const std::string where = checkpoint.path().string() + ": __metadata__ " + QuantizedCheckpoint::kMetadataKey + ": ";
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(it->second);
+  } catch (const nlohmann::json::exception &e) {
+    throw runtime_error(where + "not valid JSON (" + e.what() + ")");
+  }
+  if (config.architecture == Architecture::gpt2)
+    throw runtime_error(where + "quantized GPT-2 checkpoints are not supported (Llama-family only)");
+  if (!j.is_object() || !j.contains("quantizer") || !j["quantizer"].is_string() || !j.contains("modules") ||
+      !j["modules"].is_object())
+    throw runtime_error(where + "expected {\"quantizer\": name, \"modules\": {...}}");
+  auto q = std::make_shared<QuantizedCheckpoint>();
+  q->quantizer = j["quantizer"].get<std::string>();
+  q->version = j.value("version", std::string());
+  for (const auto &[module, m] : j["modules"].items()) {
+    const std::string at = where + "module " + module + ": ";
+    if (!m.is_object() || !m.contains("shape") || !m["shape"].is_array() || !m.contains("metadata") ||
+        !m["metadata"].is_object())
+      throw runtime_error(at + "expected {\"shape\": [out, in], \"metadata\": {...}}");
+    QuantizedModule qm;
+    for (const auto &d : m["shape"]) {
+      if (!d.is_number_integer()) throw runtime_error(at + "shape must hold integers");
+      qm.shape.push_back(d.get<int64_t>());
+    }
+    const bool tied_head = config.tie_word_embeddings && module == "lm_head";
+    auto e = expected.find(module + ".weight");
+    const std::vector<int64_t> want = tied_head ? std::vector<int64_t>{config.vocab_size, config.hidden_size}
+                                      : e != expected.end() ? e->second : std::vector<int64_t>{};
+    if (want.size() != 2) throw runtime_error(at + "not a linear layer of " + config.architecture_name + " with this config");
+    if (qm.shape != want)
+      throw runtime_error(at + "shape " + shape_string(qm.shape) + " does not match the config's " + shape_string(want));
+    qm.metadata = m["metadata"].dump();
+    if (!tied_head) expected.erase(e);
+    q->modules.emplace(module, std::move(qm));
+  }
+  return q;
+}
+
+// The quantized module a tensor name belongs to ("<module>.<suffix>", suffix not "bias"), or null.
+QuantizedModule *module_of(QuantizedCheckpoint *q, const std::string &name, std::string &suffix) {
+  if (!q) return nullptr;
+  const size_t dot = name.rfind('.');
+  if (dot == std::string::npos || name.compare(dot + 1, std::string::npos, "bias") == 0) return nullptr;
+  auto it = q->modules.find(std::string_view(name).substr(0, dot));
+  if (it == q->modules.end()) return nullptr;
+  suffix = name.substr(dot + 1);
+  return &it->second;
+}
+
+} // namespace
+
 ModelWeights ModelWeights::load(const ModelConfig &config, const SafetensorsIndex &checkpoint) {
   auto expected = expected_weights(config);
   ModelWeights out;
+  out.quantized_ = read_quantization(config, checkpoint, expected);
   for (const auto &[file, shard] : checkpoint.shards()) {
     for (const auto &t : shard.tensors()) {
       std::string name = t.name;
       if (config.architecture == Architecture::gpt2 && name.rfind("transformer.", 0) == 0) name = name.substr(12);
       std::string where = shard.path().string() + ": " + t.name + ": ";
       if (ignorable_buffer(name)) continue;
+      std::string suffix;
+      if (QuantizedModule *m = module_of(out.quantized_.get(), name, suffix)) {
+        if (!shard.mapping()) throw runtime_error(where + "quantized checkpoints load from files only");
+        for (const auto &[existing, w] : m->tensors)
+          if (existing == suffix) throw runtime_error(where + "appears twice in the checkpoint");
+        m->tensors.emplace_back(suffix, StoredWeight{t.dtype, t.shape, std::span<const std::byte>(t.data, static_cast<size_t>(t.nbytes)),
+                                                     shard.mapping()});
+        continue;
+      }
       // GPT-2 checkpoints carry the causal mask as "h.N.attn.bias" [1, 1, P, P].
       if (config.architecture == Architecture::gpt2 && t.shape.size() == 4 && name.size() > 10 &&
           name.substr(name.size() - 10) == ".attn.bias")
@@ -173,6 +245,11 @@ ModelWeights ModelWeights::load(const ModelConfig &config, const SafetensorsInde
       out.weights_.emplace(name, std::move(e));
     }
   }
+  if (out.quantized_)
+    for (const auto &[module, m] : out.quantized_->modules)
+      if (m.tensors.empty())
+        throw runtime_error(checkpoint.path().string() + ": " + module + ": quantized (" + QuantizedCheckpoint::kMetadataKey +
+                            "), but the checkpoint holds none of its tensors");
   for (const auto &[name, shape] : expected)
     if (!out.weights_.count(name))
       throw runtime_error(checkpoint.path().string() + ": " + name + ": missing (" + config.architecture_name +

@@ -113,6 +113,8 @@ const std::vector<std::vector<int32_t>> &Runtime::prompts() const { return decod
 
 std::string Runtime::backend_description() const { return decoder_->backend_description(); }
 
+void Runtime::export_quantized(const std::filesystem::path &dir) { decoder_->export_quantized(dir); }
+
 std::optional<std::string> Runtime::decode(const std::vector<int32_t> &ids) const { return decoder_->decode(ids); }
 
 SwapReport Runtime::swap(std::string_view slot, std::string_view component_toml) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <chrono>
 #include <functional>
 #include <iomanip>
 #include <iostream>
@@ -100,6 +101,17 @@ run.prompts, every prompt is generated in one batch and each sequence's text is 
 end; the last line counts the tokens of all sequences.
   --set K=V    override a manifest value, e.g. --set sampler[0].k=5 (value parsed as TOML, else a string)
   --steps N    generate N tokens instead of run.steps
+)";
+
+const char *kQuantizeUsage = R"(usage: loom quantize MANIFEST --out DIR [--set KEY.PATH=VALUE]...
+
+Quantizes MANIFEST's [model] with its [quantizer] on the CPU (with [model] calibration text for
+activation-aware methods such as int4's "awq") and writes DIR/model.safetensors: each linear as
+the quantizer stores it, every other tensor as the checkpoint stores it, and the quantization
+metadata; the model's config and tokenizer files are copied beside it. A manifest whose [model]
+path is DIR and whose [quantizer] is the same component loads it without re-quantizing.
+  --out DIR    the directory to write (created when missing)
+  --set K=V    override a manifest value, e.g. --set quantizer.group_size=64
 )";
 
 std::string kind_label(loom_kind k) { return kind_name(k); }
@@ -305,6 +317,37 @@ int cmd_run(const std::vector<std::string> &args) {
                 << std::setprecision(1) << 100.0 * r.scheduler.prefix_cache_hit_rate << "%), KV pool "
                 << r.scheduler.kv_blocks << " blocks of " << r.scheduler.block_size << "\n";
     return r.cancelled ? 1 : 0;
+  });
+}
+
+int cmd_quantize(const std::vector<std::string> &args) {
+  return guarded(kQuantizeUsage, [&] {
+    std::vector<std::string> rest;
+    std::string out;
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (args[i] == "--out") {
+        if (i + 1 >= args.size()) throw Error(ErrorCategory::usage, "--out needs a directory");
+        out = args[++i];
+      } else {
+        rest.push_back(args[i]);
+      }
+    }
+    ManifestArgs a = parse_manifest_args(rest, false);
+    if (a.help) {
+      std::cout << kQuantizeUsage;
+      return 0;
+    }
+    if (out.empty()) throw Error(ErrorCategory::usage, "--out DIR is required");
+    a.overrides.push_back("loom.device=cpu"); // the CPU backend quantizes and exports
+    auto runtime = Runtime::from_file(a.manifest, a.overrides);
+    const auto start = std::chrono::steady_clock::now();
+    runtime->export_quantized(out);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const auto path = std::filesystem::path(out) / "model.safetensors";
+    std::cout << "wrote " << path.string() << " (" << std::fixed << std::setprecision(1)
+              << static_cast<double>(std::filesystem::file_size(path)) / (1024.0 * 1024.0) << " MiB, quantized by "
+              << runtime->pipeline().at("quantizer").desc().name << " in " << std::setprecision(2) << seconds << " s)\n";
+    return 0;
   });
 }
 

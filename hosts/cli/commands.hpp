@@ -9,5 +9,6 @@ namespace loom::cli {
 int cmd_plugins(const std::vector<std::string> &args);
 int cmd_validate(const std::vector<std::string> &args);
 int cmd_run(const std::vector<std::string> &args);
+int cmd_quantize(const std::vector<std::string> &args);
 
 } // namespace loom::cli

@@ -19,6 +19,7 @@ commands:
   plugins [--json] [--path DIR]...   list plugin libraries and their components
   validate MANIFEST [--set K=V]...   check a manifest against the installed plugins
   run MANIFEST [--set K=V]...        build the pipeline and run the manifest's [run] section
+  quantize MANIFEST --out DIR        write the [model] quantized by its [quantizer], to load later
   version                            print Loom's version and plugin ABI
 
 `loom <command> --help` describes a command.
@@ -52,6 +53,7 @@ int main(int argc, char **argv) {
   if (command == "plugins") return loom::cli::cmd_plugins(args);
   if (command == "validate") return loom::cli::cmd_validate(args);
   if (command == "run") return loom::cli::cmd_run(args);
+  if (command == "quantize") return loom::cli::cmd_quantize(args);
   std::cerr << "loom: unknown command '" << command << "'\n\n" << kUsage;
   return 2;
 }

@@ -4,8 +4,8 @@
 //
 // Export layout (one weight): "qweight" uint8 [out, in/2] (two codes a byte, low nibble first),
 // "scales" float32 [out, in/group], "zeros" uint8 [out, in/group], and for AWQ "act_scale"
-// float32 [in]; metadata {"format":"loom-int4","bits":4,"group_size":G,"zero_point":bool,
-// "method":"rtn"|"awq"}.
+// float32 [in] (absent when its search chose no scaling); metadata {"format":"loom-int4",
+// "bits":4,"group_size":G,"zero_point":bool,"method":"rtn"|"awq","act_scale":bool}.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -123,8 +123,8 @@ void dequantize(const loom_qweight& q, DLTensor* out) {
 }
 
 std::string metadata_of(const loom_qweight& q) {
-  return nlohmann::json{{"format", "loom-int4"},        {"bits", 4},           {"group_size", q.w.group},
-                        {"zero_point", q.w.zero_point}, {"method", q.method}}
+  return nlohmann::json{{"format", "loom-int4"},       {"bits", 4},         {"group_size", q.w.group},
+                        {"zero_point", q.w.zero_point}, {"method", q.method}, {"act_scale", !q.w.act_scale.empty()}}
       .dump();
 }
 
@@ -181,9 +181,12 @@ std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_
     invalid("int4: tensor 'zeros' must have shape [" + std::to_string(out) + ", " + std::to_string(G) + "], got " +
             shape_str(*zt));
   check_cpu_tensor(zt, "zeros", kDLUInt, 8, {out, G});
-  if ((method == "awq") != (at != nullptr))
-    invalid(method == "awq" ? "int4: method \"awq\" needs tensor 'act_scale'"
-                            : "int4: tensor 'act_scale' given, but metadata \"method\" is not \"awq\"");
+  // AWQ keeps act_scale unless its search settled on no scaling (alpha 0); metadata says which.
+  const bool scaled = meta.value("act_scale", false);
+  if (scaled && method != "awq") invalid("int4: metadata \"act_scale\" is true, but \"method\" is not \"awq\"");
+  if (scaled != (at != nullptr))
+    invalid(scaled ? "int4: metadata \"act_scale\" is true, but tensor 'act_scale' is missing"
+                   : "int4: tensor 'act_scale' given, but metadata \"act_scale\" is not true");
   if (at) {
     if (at->ndim != 1 || at->shape[0] != in || !is_f32(at->dtype))
       invalid("int4: tensor 'act_scale' must be float32 of shape [" + std::to_string(in) + "], got " + shape_str(*at));

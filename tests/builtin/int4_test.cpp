@@ -187,8 +187,8 @@ TEST_CASE("int4 export and import round-trip; corrupt imports name what is wrong
     CHECK(stored["scales"].shape == std::vector<int64_t>{OUT, IN / GROUP});
     CHECK(stored["zeros"].shape == std::vector<int64_t>{OUT, IN / GROUP});
     const auto m = nlohmann::json::parse(meta.view());
-    CHECK(m == nlohmann::json{{"format", "loom-int4"}, {"bits", 4}, {"group_size", GROUP}, {"zero_point", true},
-                              {"method", method}});
+    CHECK(m == nlohmann::json{{"format", "loom-int4"}, {"bits", 4},         {"group_size", GROUP},
+                              {"zero_point", true},  {"method", method}, {"act_scale", awq}});
     const std::string meta_text(meta.view());
 
     auto import = [&](bt::StoredTensors ts, const std::string &md, loom_qweight **out) {
@@ -237,11 +237,14 @@ TEST_CASE("int4 export and import round-trip; corrupt imports name what is wrong
     expect_error(stored, md.dump(), "bits");
     expect_error(stored, "{not json", "not valid JSON");
     if (awq) {
-      expect_error(without("act_scale"), meta_text, "needs tensor 'act_scale'");
+      expect_error(without("act_scale"), meta_text, "tensor 'act_scale' is missing");
+      auto rtn = m;
+      rtn["method"] = "rtn";
+      expect_error(stored, rtn.dump(), "\"method\" is not \"awq\"");
     } else {
       auto extra = stored;
       extra["act_scale"] = bt::StoredTensor{{IN}, DLDataType{kDLFloat, 32, 1}, std::vector<uint8_t>(IN * 4, 0)};
-      expect_error(extra, meta_text, "not \"awq\"");
+      expect_error(extra, meta_text, "\"act_scale\" is not true");
     }
     f.vt->free_weight(f.q->handle(), qw);
   }

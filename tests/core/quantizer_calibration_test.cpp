@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../../core/calibration.hpp"
+#include "quant_test_support.hpp"
 #include "../../core/cpu_backend.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/manifest.hpp"
@@ -23,8 +24,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kKjv = fs::path(LOOM_SOURCE_DIR) / "models/tiny-kjv";
-const fs::path kCalibration = fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/text/kjv_calibration.txt";
+using quant_test::kCalibration;
+using quant_test::kKjv;
 
 std::string manifest(const std::string &model_extra, const std::string &quantizer) {
   return "[loom]\ndevice = \"cpu\"\n[model]\npath = \"" + kKjv.string() + "\"\n" + model_extra +
@@ -53,19 +54,7 @@ struct Quantized {
   std::unique_ptr<loom::CpuBackend> backend;
   Quantized(const std::string &quantizer, bool calibrated) {
     rt = loom::Runtime::from_string(manifest("", quantizer), "calib.toml");
-    loom::CpuBackendOptions options;
-    options.dtype = loom::ComputeDtype::float32;
-    options.threads = 2;
-    options.source_name = "calib.toml";
-    if (calibrated) {
-      loom::Manifest m;
-      m.source_name = "calib.toml";
-      m.calibration_path = kCalibration;
-      m.calibration_tokens = 600;
-      m.calibration_length = 200;
-      auto tokenizer = loom::Tokenizer::load(kKjv);
-      options.calibration = loom::calibration_sequences(m, tokenizer.get(), config.max_positions);
-    }
+    const auto options = quant_test::options("calib.toml", calibrated ? 600 : 0, 200, config.max_positions);
     backend = std::make_unique<loom::CpuBackend>(
         config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(kKjv)), rt->pipeline(), options);
     backend->reserve(1, 32);

@@ -15,6 +15,11 @@
 // Holding the mapping means holding the file: see mapped_file.hpp for what truncating or
 // rewriting a mapped file does.
 //
+// A checkpoint written by `loom quantize` (QuantizedCheckpoint below) holds some linears as their
+// quantizer's tensors instead of "<module>.weight"; those load as QuantizedModules, checked for
+// a known module, its shape, and at least one tensor (their contents are the quantizer's to check
+// when it imports them).
+//
 // Errors: loom::Error (runtime) "file: tensor: cause". Thread-safety: const methods (at()
 // included, whose conversion happens once under std::call_once) may run concurrently; take() and
 // moves need exclusive access.
@@ -51,6 +56,27 @@ struct StoredWeight {
   std::shared_ptr<const MappedFile> mapping;
 };
 
+// A linear stored quantized by `loom quantize`: the tensors its quantizer exported (named by
+// suffix: "qweight", "scales", ...), the quantizer's metadata JSON, and the shape [out, in] of
+// the weight it replaces. The tensors stay in the checkpoint's mapping, any dtype.
+struct QuantizedModule {
+  std::vector<int64_t> shape;
+  std::string metadata;
+  std::vector<std::pair<std::string, StoredWeight>> tensors;
+};
+
+// What a quantized checkpoint says in its "__metadata__" key "loom.quantization":
+//   {"quantizer": "int4", "version": "1.0.0", "modules": {"<module>": {"shape": [out, in],
+//    "metadata": {...the quantizer's...}}, ...}}
+// Module names are the linears' ("model.layers.0.self_attn.q_proj", "lm_head"); their tensors are
+// "<module>.<suffix>" and replace "<module>.weight" (a tied head keeps the embedding, which
+// lookups read).
+struct QuantizedCheckpoint {
+  static constexpr const char *kMetadataKey = "loom.quantization";
+  std::string quantizer, version;
+  std::map<std::string, QuantizedModule, std::less<>> modules;
+};
+
 class ModelWeights {
  public:
   static ModelWeights load(const ModelConfig &config, const SafetensorsIndex &checkpoint);
@@ -67,6 +93,8 @@ class ModelWeights {
   // StoredWeight's mapping may be copied to keep the bytes longer.
   const StoredWeight *stored(std::string_view name) const;
   size_t size() const { return weights_.size(); }
+  // The quantized linears of a `loom quantize` checkpoint; nullptr for a plain one.
+  const QuantizedCheckpoint *quantized() const { return quantized_.get(); }
 
  private:
   struct Entry {
@@ -76,6 +104,7 @@ class ModelWeights {
     mutable HostWeight host;        // shape always; values once converted
   };
   std::map<std::string, std::unique_ptr<Entry>, std::less<>> weights_;
+  std::shared_ptr<QuantizedCheckpoint> quantized_;
 };
 
 // The names and shapes the architecture needs, for checks and for writers of checkpoints.

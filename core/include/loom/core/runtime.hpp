@@ -135,6 +135,10 @@ class Runtime {
   const std::vector<std::vector<int32_t>> &prompts() const;
   // "cpu float32 x2 threads": where and how the model computes.
   std::string backend_description() const;
+  // `loom quantize`: writes the [model] with its linears as the [quantizer] stores them (and the
+  // model's config and tokenizer) to dir/model.safetensors, loadable by a manifest naming the same
+  // quantizer without re-quantizing. CPU device only; throws loom::Error.
+  void export_quantized(const std::filesystem::path &dir);
   // The text of `ids` by the model's tokenizer; nullopt when the model has none.
   std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
   // Swaps the component in `slot` for the one described by a TOML table text
