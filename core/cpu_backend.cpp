@@ -632,7 +632,12 @@ std::vector<loom_qweight *> CpuBackend::quantize_all(Instance &quantizer) {
   std::vector<float> widened; // a bfloat16 weight as float32: quantizers quantize from float32
   auto one = [&](Linear &l) {
     if (l.imported) {
-      out.push_back(import_linear(quantizer, l));
+      try {
+        out.push_back(import_linear(quantizer, l));
+      } catch (...) {
+        free_qweights(quantizer, out); // the ones made so far
+        throw;
+      }
       return;
     }
     const float *w = l.w32.data;
