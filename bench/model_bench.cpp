@@ -141,16 +141,17 @@ double gemm_tflops(int m, int n, int k) {
 int main(int argc, char **argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0); // lines reach a pipe as they are printed
   if (argc < 2 || std::string(argv[1]) == "--help") {
-    std::cerr << "usage: loom_model_bench MODEL_DIR [--attention flash] [--batches 1,32] [--prompt 128] [--new 128]"
-                 " [--prefill 2048] [--reps 5] [--json FILE]\n";
+    std::cerr << "usage: loom_model_bench MODEL_DIR [--attention flash] [--quantizer NAME] [--batches 1,32] [--prompt 128]"
+                 " [--new 128] [--prefill 2048] [--reps 5] [--json FILE]\n";
     return 2;
   }
-  std::string model_dir = argv[1], attention = "flash", json_path;
+  std::string model_dir = argv[1], attention = "flash", json_path, quantizer;
   std::vector<int> batches{1, 32};
   int prompt = 128, fresh = 128, prefill = 2048, reps = 5;
   for (int i = 2; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--attention") attention = v;
+    else if (k == "--quantizer") quantizer = "[quantizer]\nuse = \"" + v + "\"\n";
     else if (k == "--batches") batches = loom_bench::parse_int_list(v);
     else if (k == "--prompt") prompt = std::stoi(v);
     else if (k == "--new") fresh = std::stoi(v);
@@ -170,7 +171,7 @@ int main(int argc, char **argv) {
     const int max_batch = *std::max_element(batches.begin(), batches.end());
     auto t0 = Clock::now();
     loom::Manifest manifest = loom::parse_manifest_string("[loom]\ndevice = \"cuda\"\n[attention]\nuse = \"" + attention +
-                                                              "\"\n[[sampler]]\nuse = \"greedy\"\n",
+                                                              "\"\n[[sampler]]\nuse = \"greedy\"\n" + quantizer,
                                                           "bench");
     loom::Registry registry(loom::Registry::default_search_paths({}));
     registry.scan();
@@ -326,7 +327,7 @@ int main(int argc, char **argv) {
       else setenv("LOOM_DECODE_AHEAD", "0", 1);
       auto rt = loom::Runtime::from_string("[loom]\ndevice = \"cuda\"\n[model]\npath = \"" + model_dir +
                                            "\"\n[attention]\nuse = \"" + attention +
-                                           "\"\n" + samplers + "[run]\nsteps = " + std::to_string(fresh) +
+                                           "\"\n" + quantizer + samplers + "[run]\nsteps = " + std::to_string(fresh) +
                                            "\nstop_tokens = []\nprompts = [" + prompts + "]\n",
                                            "bench");
       unsetenv("LOOM_DECODE_AHEAD");

@@ -87,6 +87,7 @@ class PinnedBuffer {
 struct DeviceLinear {
   DeviceBuffer weight, bias;
   int64_t out = 0, in = 0;
+  loom_qweight *qweight = nullptr; // the quantizer's weight instead of `weight`, when there is one
 };
 
 struct DeviceLayer {
@@ -215,7 +216,16 @@ class CudaBackend final : public ModelBackend {
 
   DeviceBuffer upload_matrix(const std::vector<float> &values);
   DeviceBuffer upload_f32(const std::vector<float> &values);
-  DeviceLinear upload_linear(const std::vector<float> &w, int64_t out, int64_t in, const std::vector<float> &bias);
+  // A linear's weight in the compute dtype, or, with a quantizer, as the quantizer places it on
+  // the GPU (module: the name it sees; q/k/v and gate/up are one fused module each here).
+  DeviceLinear upload_linear(const std::string &module, const std::vector<float> &w, int64_t out, int64_t in,
+                             const std::vector<float> &bias);
+  // y = x W^T through the quantizer: written as y_type (beta 0) or added into float32 y (beta 1).
+  void quantized_gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta);
+  std::shared_ptr<Instance> quantizer_;   // the pipeline's quantizer, when it has one
+  DeviceLayer pending_layer_;             // the layer being loaded (its qweights freed on a failure)
+  void free_qweights();
+  DeviceBuffer quant_out_;                // float32 [T, hidden]: products added into the residual
   void ensure_capacity(int32_t tokens, int32_t seqs);
   // Grows both halves of the step metadata to `entries` int32s each, keeping the first `keep`
   // of half `keep_half` (a fed step's tokens).
@@ -329,12 +339,16 @@ uint16_t to_bf16(float f) {
 CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
                          const CudaBackendOptions &options)
     : config_(config), pipeline_(pipeline), options_(options), graphs_enabled_(options.graphs) {
-  for (loom_kind kind : {LOOM_KIND_QUANTIZER, LOOM_KIND_ADAPTER}) {
-    auto list = pipeline_.list(kind);
-    if (!list.empty())
-      throw runtime_error(options_.source_name + ": " + list.front()->slot() + " (" + list.front()->desc().name +
-                          "): quantizer and adapter components run on the CPU backend only for now; use "
-                          "loom.device = \"cpu\"");
+  if (auto list = pipeline_.list(LOOM_KIND_ADAPTER); !list.empty())
+    throw runtime_error(options_.source_name + ": " + list.front()->slot() + " (" + list.front()->desc().name +
+                        "): adapter components run on the CPU backend only for now; use loom.device = \"cpu\"");
+  if (auto list = pipeline_.list(LOOM_KIND_QUANTIZER); !list.empty()) {
+    quantizer_ = list.front();
+    // Its weights live on the GPU as this quantizer made them: no swap while this backend lives.
+    pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, [](Instance &fresh, Instance &) -> std::function<void()> {
+      throw runtime_error("swap " + fresh.slot() + ": the CUDA backend cannot swap its quantizer while it runs; "
+                          "swap it between runs or on the CPU");
+    });
   }
   cuda_check(cudaSetDevice(options_.device.device_id), "cudaSetDevice");
   stream_ = static_cast<cudaStream_t>(cuda_compute_stream(options_.device.device_id));
@@ -351,67 +365,86 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   const bool gpt2 = c.architecture == Architecture::gpt2;
   auto take = [&](const std::string &name) { return weights.take(name).values; };
   auto maybe = [&](const std::string &name) { return weights.contains(name) ? take(name) : std::vector<float>{}; };
-  embedding_ = upload_matrix(take(gpt2 ? "wte.weight" : "model.embed_tokens.weight"));
-  if (gpt2) positions_ = upload_matrix(take("wpe.weight"));
-  for (int64_t l = 0; l < c.n_layers; ++l) {
-    DeviceLayer layer;
-    if (gpt2) {
-      // Conv1D weights are [in, out]: transpose into [out, in]; c_attn's columns are q | k | v,
-      // which is already the fused layout.
-      auto transpose = [](const HostWeight &w) {
-        const int64_t in = w.shape[0], out = w.shape[1];
-        std::vector<float> t(static_cast<size_t>(in * out));
-        for (int64_t i = 0; i < in; ++i)
-          for (int64_t o = 0; o < out; ++o) t[static_cast<size_t>(o * in + i)] = w.values[static_cast<size_t>(i * out + o)];
-        return t;
-      };
-      std::string p = "h." + std::to_string(l) + ".";
-      layer.qkv = upload_linear(transpose(weights.at(p + "attn.c_attn.weight")), qkv_out, H, take(p + "attn.c_attn.bias"));
-      layer.o = upload_linear(transpose(weights.at(p + "attn.c_proj.weight")), H, H, take(p + "attn.c_proj.bias"));
-      layer.gate_up = upload_linear(transpose(weights.at(p + "mlp.c_fc.weight")), I, H, take(p + "mlp.c_fc.bias"));
-      layer.down = upload_linear(transpose(weights.at(p + "mlp.c_proj.weight")), H, I, take(p + "mlp.c_proj.bias"));
-      layer.norm1_w = upload_f32(take(p + "ln_1.weight"));
-      layer.norm1_b = upload_f32(take(p + "ln_1.bias"));
-      layer.norm2_w = upload_f32(take(p + "ln_2.weight"));
-      layer.norm2_b = upload_f32(take(p + "ln_2.bias"));
-    } else {
-      std::string p = "model.layers." + std::to_string(l) + ".";
-      // Row-wise concatenation of [out_i, in] matrices (and their biases) into one.
-      auto concat = [&](std::initializer_list<std::string> names, bool biases) {
-        std::vector<float> all;
-        for (const auto &n : names) {
-          auto v = biases ? maybe(p + n + ".bias") : take(p + n + ".weight");
-          all.insert(all.end(), v.begin(), v.end());
-        }
-        return all;
-      };
-      auto qkv_bias = concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, true);
-      if (!qkv_bias.empty() && static_cast<int64_t>(qkv_bias.size()) != qkv_out)
-        throw runtime_error(options_.source_name + ": layer " + std::to_string(l) +
-                            ": q/k/v biases must be present for all three projections or none");
-      layer.qkv = upload_linear(concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, false), qkv_out, H,
-                                qkv_bias);
-      layer.o = upload_linear(take(p + "self_attn.o_proj.weight"), H, c.n_heads * D,
-                              maybe(p + "self_attn.o_proj.bias"));
-      auto gu_bias = concat({"mlp.gate_proj", "mlp.up_proj"}, true);
-      layer.gate_up = upload_linear(concat({"mlp.gate_proj", "mlp.up_proj"}, false), 2 * I, H, gu_bias);
-      if (layer.gate_up.bias)
-        throw runtime_error(options_.source_name + ": MLP biases (mlp_bias) are not supported by the CUDA backend yet");
-      layer.down = upload_linear(take(p + "mlp.down_proj.weight"), H, I, maybe(p + "mlp.down_proj.bias"));
-      layer.norm1_w = upload_f32(take(p + "input_layernorm.weight"));
-      layer.norm2_w = upload_f32(take(p + "post_attention_layernorm.weight"));
+  // Quantized weights are the quantizer's: freed through it if loading fails part-way.
+  try {
+    const bool tied = c.tie_word_embeddings || gpt2;
+    std::vector<float> embedding = take(gpt2 ? "wte.weight" : "model.embed_tokens.weight");
+    embedding_ = upload_matrix(embedding);
+    // A tied head under a quantizer is its own quantized copy; lookups keep reading embedding_.
+    if (quantizer_ && tied) lm_head_ = upload_linear("lm_head", embedding, c.vocab_size, H, {});
+    embedding = {};
+    if (gpt2) positions_ = upload_matrix(take("wpe.weight"));
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      DeviceLayer &layer = pending_layer_; // (freed by free_qweights() if loading fails)
+      if (gpt2) {
+        // Conv1D weights are [in, out]: transpose into [out, in]; c_attn's columns are q | k | v,
+        // which is already the fused layout.
+        auto transpose = [](const HostWeight &w) {
+          const int64_t in = w.shape[0], out = w.shape[1];
+          std::vector<float> t(static_cast<size_t>(in * out));
+          for (int64_t i = 0; i < in; ++i)
+            for (int64_t o = 0; o < out; ++o) t[static_cast<size_t>(o * in + i)] = w.values[static_cast<size_t>(i * out + o)];
+          return t;
+        };
+        std::string p = "h." + std::to_string(l) + ".";
+        layer.qkv = upload_linear(p + "attn.c_attn", transpose(weights.at(p + "attn.c_attn.weight")), qkv_out, H,
+                                  take(p + "attn.c_attn.bias"));
+        layer.o = upload_linear(p + "attn.c_proj", transpose(weights.at(p + "attn.c_proj.weight")), H, H,
+                                take(p + "attn.c_proj.bias"));
+        layer.gate_up = upload_linear(p + "mlp.c_fc", transpose(weights.at(p + "mlp.c_fc.weight")), I, H,
+                                      take(p + "mlp.c_fc.bias"));
+        layer.down = upload_linear(p + "mlp.c_proj", transpose(weights.at(p + "mlp.c_proj.weight")), H, I,
+                                   take(p + "mlp.c_proj.bias"));
+        layer.norm1_w = upload_f32(take(p + "ln_1.weight"));
+        layer.norm1_b = upload_f32(take(p + "ln_1.bias"));
+        layer.norm2_w = upload_f32(take(p + "ln_2.weight"));
+        layer.norm2_b = upload_f32(take(p + "ln_2.bias"));
+      } else {
+        std::string p = "model.layers." + std::to_string(l) + ".";
+        // Row-wise concatenation of [out_i, in] matrices (and their biases) into one.
+        auto concat = [&](std::initializer_list<std::string> names, bool biases) {
+          std::vector<float> all;
+          for (const auto &n : names) {
+            auto v = biases ? maybe(p + n + ".bias") : take(p + n + ".weight");
+            all.insert(all.end(), v.begin(), v.end());
+          }
+          return all;
+        };
+        auto qkv_bias = concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, true);
+        if (!qkv_bias.empty() && static_cast<int64_t>(qkv_bias.size()) != qkv_out)
+          throw runtime_error(options_.source_name + ": layer " + std::to_string(l) +
+                              ": q/k/v biases must be present for all three projections or none");
+        layer.qkv = upload_linear(p + "self_attn.qkv_proj",
+                                  concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, false), qkv_out, H,
+                                  qkv_bias);
+        layer.o = upload_linear(p + "self_attn.o_proj", take(p + "self_attn.o_proj.weight"), H, c.n_heads * D,
+                                maybe(p + "self_attn.o_proj.bias"));
+        auto gu_bias = concat({"mlp.gate_proj", "mlp.up_proj"}, true);
+        layer.gate_up = upload_linear(p + "mlp.gate_up_proj", concat({"mlp.gate_proj", "mlp.up_proj"}, false), 2 * I, H,
+                                      gu_bias);
+        if (layer.gate_up.bias)
+          throw runtime_error(options_.source_name + ": MLP biases (mlp_bias) are not supported by the CUDA backend yet");
+        layer.down = upload_linear(p + "mlp.down_proj", take(p + "mlp.down_proj.weight"), H, I,
+                                   maybe(p + "mlp.down_proj.bias"));
+        layer.norm1_w = upload_f32(take(p + "input_layernorm.weight"));
+        layer.norm2_w = upload_f32(take(p + "post_attention_layernorm.weight"));
+      }
+      layers_.push_back(std::move(layer));
+      pending_layer_ = DeviceLayer{};
     }
-    layers_.push_back(std::move(layer));
-  }
-  final_w_ = upload_f32(take(gpt2 ? "ln_f.weight" : "model.norm.weight"));
-  if (gpt2) final_b_ = upload_f32(take("ln_f.bias"));
-  if (c.tie_word_embeddings || gpt2) {
-    lm_head_.out = c.vocab_size;
-    lm_head_.in = H;
-    lm_head_weight_ = embedding_.get();
-  } else {
-    lm_head_ = upload_linear(take("lm_head.weight"), c.vocab_size, H, {});
-    lm_head_weight_ = lm_head_.weight.get();
+    final_w_ = upload_f32(take(gpt2 ? "ln_f.weight" : "model.norm.weight"));
+    if (gpt2) final_b_ = upload_f32(take("ln_f.bias"));
+    if (tied) {
+      lm_head_.out = c.vocab_size;
+      lm_head_.in = H;
+      lm_head_weight_ = embedding_.get();
+    } else {
+      lm_head_ = upload_linear("lm_head", take("lm_head.weight"), c.vocab_size, H, {});
+      lm_head_weight_ = lm_head_.weight.get();
+    }
+  } catch (...) {
+    free_qweights();
+    throw;
   }
   if (!gpt2) inv_freq_ = rope_inv_freq(c);
   cuda_check(cudaStreamSynchronize(stream_), "weight upload");
@@ -419,7 +452,7 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
     const char *v = std::getenv(name);
     return v != nullptr && std::string(v) == "0";
   };
-  if (bf16() && !env_off("LOOM_CUDA_GEMV"))
+  if (bf16() && !quantizer_ && !env_off("LOOM_CUDA_GEMV"))
     gemv_tokens_ = std::min({kernels::gemv_max_tokens(static_cast<int32_t>(H)),
                              kernels::gemv_max_tokens(static_cast<int32_t>(c.n_heads * D)),
                              kernels::gemv_max_tokens(static_cast<int32_t>(I))});
@@ -427,7 +460,7 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
              "cudaDeviceGetAttribute");
   programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
-  if (bf16() && major >= 8 && !gpt2 && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported())
+  if (bf16() && major >= 8 && !gpt2 && !quantizer_ && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported())
     skinny_swiglu_ = std::all_of(layers_.begin(), layers_.end(), [](const DeviceLayer &layer) {
       return !layer.gate_up.bias && kernels::skinny_gemm_takes(static_cast<int32_t>(layer.gate_up.in),
                                                                static_cast<int32_t>(layer.gate_up.out),
@@ -450,8 +483,10 @@ CudaBackend::~CudaBackend() {
   {
     auto guard = pipeline_.begin_step(); // a swap in flight either finished with the hook or sees none
     if (hook_installed_) pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, {});
+    if (quantizer_) pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, {});
   }
   if (stream_) cudaStreamSynchronize(stream_);
+  free_qweights();
   invalidate_graphs();
   graphs_attention_.reset();
   for (cudaEvent_t e : staged_)
@@ -479,7 +514,7 @@ DeviceBuffer CudaBackend::upload_matrix(const std::vector<float> &values) {
   return b;
 }
 
-DeviceLinear CudaBackend::upload_linear(const std::vector<float> &w, int64_t out, int64_t in,
+DeviceLinear CudaBackend::upload_linear(const std::string &module, const std::vector<float> &w, int64_t out, int64_t in,
                                         const std::vector<float> &bias) {
   if (static_cast<int64_t>(w.size()) != out * in)
     throw runtime_error("CUDA backend: a weight of " + std::to_string(w.size()) + " values where [" +
@@ -487,7 +522,18 @@ DeviceLinear CudaBackend::upload_linear(const std::vector<float> &w, int64_t out
   DeviceLinear l;
   l.out = out;
   l.in = in;
-  l.weight = upload_matrix(w);
+  if (quantizer_) {
+    DeviceView host;
+    loom_quantize_request req{};
+    req.struct_size = sizeof(req);
+    req.module_name = module.c_str();
+    req.weight = host.set(const_cast<float *>(w.data()), DLDevice{kDLCPU, 0}, DLDataType{kDLFloat, 32, 1}, {out, in});
+    req.target_device = options_.device;
+    quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->quantize(quantizer_->handle(), &req, &l.qweight),
+                      ("quantize " + module + " for the GPU").c_str());
+  } else {
+    l.weight = upload_matrix(w);
+  }
   if (!bias.empty()) l.bias = upload_f32(bias);
   return l;
 }
@@ -652,6 +698,7 @@ void CudaBackend::ensure_capacity(int32_t tokens, int32_t seqs) {
   const size_t t = static_cast<size_t>(T), s = static_cast<size_t>(S), H = static_cast<size_t>(c.hidden_size),
                I = static_cast<size_t>(c.intermediate_size), D = static_cast<size_t>(c.head_dim);
   x_ = DeviceBuffer(t * H * 4);
+  if (quantizer_) quant_out_ = DeviceBuffer(t * H * 4);
   h_ = DeviceBuffer(t * H * a);
   qkv_ = DeviceBuffer(t * qkv_cols * a);
   q_ = DeviceBuffer(t * static_cast<size_t>(c.n_heads) * D * a);
@@ -672,7 +719,40 @@ void CudaBackend::invalidate_graphs() {
   graphs_.clear();
 }
 
+void CudaBackend::free_qweights() {
+  if (!quantizer_) return;
+  auto vt = quantizer_->vtable<loom_quantizer_vtable>();
+  auto free_one = [&](DeviceLinear &l) {
+    if (l.qweight) vt->free_weight(quantizer_->handle(), l.qweight);
+    l.qweight = nullptr;
+  };
+  for (DeviceLayer &layer : layers_)
+    for (DeviceLinear *l : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down}) free_one(*l);
+  free_one(lm_head_);
+  for (DeviceLinear *l : {&pending_layer_.qkv, &pending_layer_.o, &pending_layer_.gate_up, &pending_layer_.down}) free_one(*l);
+}
+
+void CudaBackend::quantized_gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type,
+                                 float beta) {
+  const DLDevice dev = options_.device;
+  const DLDataType f32{kDLFloat, 32, 1};
+  DeviceView vx, vy;
+  DLTensor *xt = vx.set(const_cast<void *>(x), dev, act_dl(), {tokens, w.in});
+  // The quantizer overwrites y: a product added into the residual goes through quant_out_.
+  DLTensor *yt = beta == 0.0f ? vy.set(y, dev, y_type == CUDA_R_32F ? f32 : act_dl(), {tokens, w.out})
+                              : vy.set(quant_out_.get(), dev, f32, {tokens, w.out});
+  quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->linear(quantizer_->handle(), w.qweight, xt, nullptr, yt),
+                    "linear");
+  if (beta != 0.0f)
+    kernel_check(kernels::add_f32_cuda(static_cast<float *>(y), quant_out_.get<float>(), int64_t{tokens} * w.out, stream_),
+                 "add");
+}
+
 void CudaBackend::gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta) {
+  if (w.qweight) {
+    quantized_gemm(w, x, tokens, y, y_type, beta);
+    return;
+  }
   // Row-major y[T, out] = x[T, in] W[out, in]^T is column-major y^T[out, T] = W^T' x^T' with
   // W read as the column-major [in, out] matrix it is, transposed.
   const float alpha = 1.0f;

@@ -150,6 +150,12 @@ __global__ void bias_gelu_kernel(T* x, const float* bias, int32_t n_tokens, int3
   }
 }
 
+__global__ void add_f32_kernel(float* x, const float* add, int64_t n) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[e] += add[e];
+}
+
 __global__ void f32_to_bf16_kernel(const float* in, int64_t n, __nv_bfloat16* out) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -236,6 +242,12 @@ int bias_gelu_cuda(void* x, const float* bias, int32_t n_tokens, int32_t inter, 
     bias_gelu_kernel<<<grid, 256, 0, s>>>(static_cast<__nv_bfloat16*>(x), bias, n_tokens, inter);
   else
     bias_gelu_kernel<<<grid, 256, 0, s>>>(static_cast<float*>(x), bias, n_tokens, inter);
+  return launched();
+}
+
+int add_f32_cuda(float* x, const float* add, int64_t n, void* stream) {
+  if (n <= 0) return 0;
+  add_f32_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(x, add, n);
   return launched();
 }
 

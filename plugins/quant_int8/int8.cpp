@@ -2,8 +2,10 @@
 //   scale[o] = max_i |W[o, i]| / 127   (an all-zero row gets scale 1)
 //   q[o, i]  = round(W[o, i] / scale[o]) in [-127, 127]
 //   W~[o, i] = q[o, i] * scale[o],  so |W - W~| <= scale[o] / 2
-// Weights live in host memory (CPU path). Export layout: "qweight" int8 [out, in],
-// "scales" float32 [out], metadata {"format":"loom-int8","bits":8,"scheme":"per-channel-symmetric"}.
+// Weights live in host memory (CPU path) and, for a CUDA target, also in device memory from the
+// host's allocator, where the product is int8_cuda.cu's W8A16 kernel (bf16 or f32 activations).
+// Export layout: "qweight" int8 [out, in], "scales" float32 [out], metadata
+// {"format":"loom-int8","bits":8,"scheme":"per-channel-symmetric"}.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -16,11 +18,19 @@
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
 #include "loom_quant_util.hpp"
+#if LOOM_INT8_CUDA
+#include "int8_cuda.hpp"
+#include "loom_cuda_guard.hpp"
+#endif
 
 struct loom_qweight {
   int64_t out = 0, in = 0;
   std::vector<int8_t> q;      // [out, in]
   std::vector<float> scales;  // [out]
+  // A CUDA target's copies (device memory from the host's allocator), else null.
+  DLDevice device{kDLCPU, 0};
+  int8_t* q_dev = nullptr;
+  float* scales_dev = nullptr;
 };
 
 namespace loomp::int8q {
@@ -35,7 +45,42 @@ struct Int8 {
 };
 
 void check_target(DLDevice d) {
-  if (d.device_type != kDLCPU) unsupported("int8: only the CPU target device is supported");
+#if LOOM_INT8_CUDA
+  if (d.device_type == kDLCUDA) return;
+#endif
+  if (d.device_type != kDLCPU) unsupported("int8: only the CPU and CUDA target devices are supported");
+}
+
+// Frees a weight's device copies (through the host that allocated them).
+void free_device(const Int8& self, loom_qweight& w) {
+  if (w.q_dev) self.host->device_free(self.ctx, w.device, w.q_dev);
+  if (w.scales_dev) self.host->device_free(self.ctx, w.device, w.scales_dev);
+  w.q_dev = nullptr;
+  w.scales_dev = nullptr;
+}
+
+// Copies the codes and scales to the target device, when it is a GPU.
+void place(const Int8& self, loom_qweight& w, DLDevice target) {
+  if (target.device_type != kDLCUDA) return;
+  if (w.in % 16 != 0) unsupported("int8: on CUDA, in_features must be a multiple of 16, got " + std::to_string(w.in));
+  w.device = target;
+  const DLDevice host{kDLCPU, 0};
+  auto copy = [&](void** dst, const void* src, size_t bytes, const char* what) {
+    if (self.host->device_alloc(self.ctx, target, bytes, 256, dst) != LOOM_OK)
+      fail(LOOM_ERR_OUT_OF_MEMORY, std::string("int8: cannot allocate the device ") + what);
+    if (self.host->memcpy(self.ctx, *dst, target, src, host, bytes) != LOOM_OK)
+      fail(LOOM_ERR_DEVICE, std::string("int8: cannot copy the ") + what + " to the device");
+  };
+  try {
+    copy(reinterpret_cast<void**>(&w.q_dev), w.q.data(), w.q.size(), "codes");
+    copy(reinterpret_cast<void**>(&w.scales_dev), w.scales.data(), w.scales.size() * sizeof(float), "scales");
+    // The host copies stay for export_weight and dequantize; the copy must finish before the
+    // caller may free its own buffers or run the product.
+    if (self.host->stream_synchronize(self.ctx, target) != LOOM_OK) fail(LOOM_ERR_DEVICE, "int8: upload failed");
+  } catch (...) {
+    free_device(self, w);
+    throw;
+  }
 }
 
 std::unique_ptr<loom_qweight> quantize(const loom_quantize_request& r) {
@@ -70,6 +115,39 @@ std::unique_ptr<loom_qweight> quantize(const loom_quantize_request& r) {
 
 // y[n, out] = x[n, in] @ W~^T (+ bias): the int8 row is dequantized on the fly, the dot
 // product accumulates in float and the channel scale is applied once per output.
+#if LOOM_INT8_CUDA
+bool is_bf16(DLDataType t) { return t.code == kDLBfloat && t.bits == 16 && t.lanes == 1; }
+
+// The product on the weight's GPU: x and y bf16 or f32 [n, in] / [n, out], bias f32, all there.
+void linear_cuda(const Int8& self, const loom_qweight& w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
+  auto check = [&](const DLTensor* t, const char* name, int64_t cols, bool allow_bf16) {
+    if (t == nullptr) invalid(std::string("int8: ") + name + " is NULL");
+    if (t->device.device_type != kDLCUDA || t->device.device_id != w.device.device_id)
+      invalid(std::string("int8: ") + name + " must be on the weight's GPU");
+    if (!(is_f32(t->dtype) || (allow_bf16 && is_bf16(t->dtype))))
+      invalid(std::string("int8: ") + name + (allow_bf16 ? " must be float32 or bfloat16" : " must be float32"));
+    if (t->ndim != (cols < 0 ? 1 : 2) || !is_contiguous(*t) || (reinterpret_cast<uintptr_t>(t->data) + t->byte_offset) % 16)
+      invalid(std::string("int8: ") + name + " must be a contiguous, 16-byte aligned " + (cols < 0 ? "1-D" : "2-D") + " tensor");
+    if (cols >= 0 && t->shape[1] != cols)
+      invalid(std::string("int8: ") + name + " has " + std::to_string(t->shape[1]) + " columns, expected " + std::to_string(cols));
+  };
+  check(x, "x", w.in, true);
+  check(y, "y", w.out, true);
+  if (y->shape[0] != x->shape[0]) invalid("int8: y must have as many rows as x");
+  if (bias) {
+    check(bias, "bias", -1, false);
+    if (bias->shape[0] != w.out) invalid("int8: bias must have out_features values");
+  }
+  DeviceGuard guard(w.device.device_id, "int8");
+  auto data = [](const DLTensor* t) { return static_cast<char*>(t->data) + t->byte_offset; };
+  const int e = w8a16_linear_cuda(w.q_dev, w.scales_dev, data(x), is_bf16(x->dtype),
+                                  bias ? reinterpret_cast<const float*>(data(bias)) : nullptr, data(y), is_bf16(y->dtype),
+                                  static_cast<int32_t>(x->shape[0]), static_cast<int32_t>(w.out), static_cast<int32_t>(w.in),
+                                  self.host->current_stream(self.ctx, w.device));
+  check_cuda(static_cast<cudaError_t>(e), "int8", "W8A16 kernel launch");
+}
+#endif
+
 void linear(const loom_qweight& w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
   check_f32(x, "x", {-1, w.in});
   const int64_t n = x->shape[0];
@@ -158,12 +236,20 @@ loom_status quantize_fn(void* inst, const loom_quantize_request* r, loom_qweight
   return guard(self(inst).host, self(inst).ctx, [&] {
     if (r == nullptr || out == nullptr) invalid("int8: request and out must not be NULL");
     if (!LOOM_HAS_FIELD(r, loom_quantize_request, target_device)) invalid("int8: request struct_size too small");
-    *out = quantize(*r).release();
+    auto w = quantize(*r);
+    place(self(inst), *w, r->target_device);
+    *out = w.release();
   });
 }
 loom_status linear_fn(void* inst, const loom_qweight* w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
   return guard(self(inst).host, self(inst).ctx, [&] {
     if (w == nullptr) invalid("int8: weight is NULL");
+#if LOOM_INT8_CUDA
+    if (w->device.device_type == kDLCUDA) {
+      linear_cuda(self(inst), *w, x, bias, y);
+      return;
+    }
+#endif
     linear(*w, x, bias, y);
   });
 }
@@ -183,10 +269,15 @@ loom_status import_fn(void* inst, const loom_named_tensor* ts, uint32_t count, c
                       loom_qweight** out) {
   return guard(self(inst).host, self(inst).ctx, [&] {
     if (out == nullptr) invalid("int8: out is NULL");
-    *out = import_weight(ts, count, meta, target).release();
+    auto w = import_weight(ts, count, meta, target);
+    place(self(inst), *w, target);
+    *out = w.release();
   });
 }
-void free_fn(void*, loom_qweight* w) { delete w; }
+void free_fn(void* inst, loom_qweight* w) {
+  if (w) free_device(self(inst), *w);
+  delete w;
+}
 
 constexpr loom_quantizer_vtable kVtable = {
     sizeof(loom_quantizer_vtable),
@@ -195,7 +286,7 @@ constexpr loom_quantizer_vtable kVtable = {
 };
 constexpr loom_component_desc kInt8 = {
     sizeof(loom_component_desc), LOOM_KIND_QUANTIZER, "int8", "1.0.0",
-    "Per-output-channel symmetric int8 weights, dequantized on the fly (CPU)",
+    "Per-output-channel symmetric int8 weights, dequantized on the fly (CPU; W8A16 kernel on CUDA)",
     nullptr, 0, LOOM_THREADING_SERIAL, &kVtable};
 const loom_component_desc* const kComponents[] = {&kInt8};
 const loom_plugin_desc kPlugin = {

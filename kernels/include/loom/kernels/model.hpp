@@ -46,6 +46,9 @@ int swiglu_cuda(const void* gate_up, int32_t n_tokens, int32_t inter, void* out,
 // x: [T, I] in place: x = gelu_tanh(x + bias) (GPT-2's gelu_new); bias [I] float32 (optional).
 int bias_gelu_cuda(void* x, const float* bias, int32_t n_tokens, int32_t inter, Dtype dtype, void* stream);
 
+// x[n] += add[n], float32 (a product computed elsewhere added into the residual stream).
+int add_f32_cuda(float* x, const float* add, int64_t n, void* stream);
+
 // out[n] (bfloat16) = round-to-nearest-even(in[n]) (float32), for uploading weights.
 int f32_to_bf16_cuda(const float* in, int64_t n, void* out, void* stream);
 
