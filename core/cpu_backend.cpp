@@ -497,10 +497,12 @@ void CpuBackend::capture_calibration() {
   capturing_ = true;
   struct Reset {
     CpuBackend &b;
+    bool done = false;
     ~Reset() {
       b.capturing_ = false;
       b.captured_x_ = nullptr;
       b.captured_last_.reset();
+      if (!done) b.captured_.clear(); // a failed capture leaves nothing half-recorded behind
     }
   } reset{*this};
   // One sequence at a time in slot 0 (or the pool's first blocks): nothing else runs yet.
@@ -519,6 +521,7 @@ void CpuBackend::capture_calibration() {
     }
     forward(b);
   }
+  reset.done = true;
 }
 
 void CpuBackend::capture(const Linear &lin, const float *x, int64_t n) {
@@ -1012,7 +1015,11 @@ struct ExportSink {
       e.dtype = safetensors_dtype(t->dtype, e.name);
       e.shape.assign(t->shape, t->shape + t->ndim);
       size_t n = 1;
-      for (int64_t d : e.shape) n *= static_cast<size_t>(d);
+      for (int64_t d : e.shape) {
+        if (d < 0 || d > (int64_t{1} << 40)) throw runtime_error("loom quantize: " + e.name + ": a bad dimension");
+        n *= static_cast<size_t>(d);
+      }
+      if (n > 0 && t->data == nullptr) throw runtime_error("loom quantize: " + e.name + ": no data");
       const auto *p = static_cast<const std::byte *>(t->data) + t->byte_offset;
       e.bytes.assign(p, p + n * dtype_size(e.dtype));
       self.out->push_back(std::move(e));

@@ -342,14 +342,10 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   if (auto list = pipeline_.list(LOOM_KIND_ADAPTER); !list.empty())
     throw runtime_error(options_.source_name + ": " + list.front()->slot() + " (" + list.front()->desc().name +
                         "): adapter components run on the CPU backend only for now; use loom.device = \"cpu\"");
-  if (auto list = pipeline_.list(LOOM_KIND_QUANTIZER); !list.empty()) {
-    quantizer_ = list.front();
-    // Its weights live on the GPU as this quantizer made them: no swap while this backend lives.
-    pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, [](Instance &fresh, Instance &) -> std::function<void()> {
-      throw runtime_error("swap " + fresh.slot() + ": the CUDA backend cannot swap its quantizer while it runs; "
-                          "swap it between runs or on the CPU");
-    });
-  }
+  if (const QuantizedCheckpoint *q = weights.quantized())
+    throw runtime_error(options_.source_name + ": [model] path holds weights quantized by '" + q->quantizer +
+                        "' (loom quantize), which load on the CPU backend only for now; use loom.device = \"cpu\"");
+  if (auto list = pipeline_.list(LOOM_KIND_QUANTIZER); !list.empty()) quantizer_ = list.front();
   cuda_check(cudaSetDevice(options_.device.device_id), "cudaSetDevice");
   stream_ = static_cast<cudaStream_t>(cuda_compute_stream(options_.device.device_id));
   if (stream_ == nullptr) throw runtime_error("CUDA backend: no compute stream for device " + std::to_string(options_.device.device_id));
@@ -442,30 +438,37 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
       lm_head_ = upload_linear("lm_head", take("lm_head.weight"), c.vocab_size, H, {});
       lm_head_weight_ = lm_head_.weight.get();
     }
+    if (!gpt2) inv_freq_ = rope_inv_freq(c);
+    cuda_check(cudaStreamSynchronize(stream_), "weight upload");
+    auto env_off = [](const char *name) {
+      const char *v = std::getenv(name);
+      return v != nullptr && std::string(v) == "0";
+    };
+    if (bf16() && !quantizer_ && !env_off("LOOM_CUDA_GEMV"))
+      gemv_tokens_ = std::min({kernels::gemv_max_tokens(static_cast<int32_t>(H)),
+                               kernels::gemv_max_tokens(static_cast<int32_t>(c.n_heads * D)),
+                               kernels::gemv_max_tokens(static_cast<int32_t>(I))});
+    int major = 0;
+    cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
+               "cudaDeviceGetAttribute");
+    programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
+    if (bf16() && major >= 8 && !gpt2 && !quantizer_ && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported())
+      skinny_swiglu_ = std::all_of(layers_.begin(), layers_.end(), [](const DeviceLayer &layer) {
+        return !layer.gate_up.bias && kernels::skinny_gemm_takes(static_cast<int32_t>(layer.gate_up.in),
+                                                                 static_cast<int32_t>(layer.gate_up.out),
+                                                                 kernels::SkinnyEpilogue::swiglu);
+      });
+    // The quantizer's weights live on the GPU as it made them: no swap while this backend lives
+    // (installed last: a constructor that throws leaves no hook behind).
+    if (quantizer_)
+      pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, [](Instance &fresh, Instance &) -> std::function<void()> {
+        throw runtime_error("swap " + fresh.slot() + ": the CUDA backend cannot swap its quantizer while it runs; "
+                            "swap it between runs or on the CPU");
+      });
   } catch (...) {
     free_qweights();
     throw;
   }
-  if (!gpt2) inv_freq_ = rope_inv_freq(c);
-  cuda_check(cudaStreamSynchronize(stream_), "weight upload");
-  auto env_off = [](const char *name) {
-    const char *v = std::getenv(name);
-    return v != nullptr && std::string(v) == "0";
-  };
-  if (bf16() && !quantizer_ && !env_off("LOOM_CUDA_GEMV"))
-    gemv_tokens_ = std::min({kernels::gemv_max_tokens(static_cast<int32_t>(H)),
-                             kernels::gemv_max_tokens(static_cast<int32_t>(c.n_heads * D)),
-                             kernels::gemv_max_tokens(static_cast<int32_t>(I))});
-  int major = 0;
-  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
-             "cudaDeviceGetAttribute");
-  programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
-  if (bf16() && major >= 8 && !gpt2 && !quantizer_ && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported())
-    skinny_swiglu_ = std::all_of(layers_.begin(), layers_.end(), [](const DeviceLayer &layer) {
-      return !layer.gate_up.bias && kernels::skinny_gemm_takes(static_cast<int32_t>(layer.gate_up.in),
-                                                               static_cast<int32_t>(layer.gate_up.out),
-                                                               kernels::SkinnyEpilogue::swiglu);
-    });
 }
 
 void CudaBackend::skinny_swiglu(const DeviceLinear &gate_up, const void *x, int32_t tokens, void *inter) {

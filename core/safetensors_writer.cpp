@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <algorithm>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -17,9 +18,17 @@ void write_safetensors(const std::filesystem::path &path, const std::vector<Tens
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::set<std::string> names;
+  // Tensors back to back (the format allows no gaps), widest elements first: each then starts
+  // at a multiple of its element size, the data buffer itself starting at a multiple of 8.
+  std::vector<const TensorToWrite *> order;
+  for (const auto &t : tensors) order.push_back(&t);
+  std::stable_sort(order.begin(), order.end(), [](const TensorToWrite *a, const TensorToWrite *b) {
+    return dtype_size(a->dtype) > dtype_size(b->dtype);
+  });
   uint64_t offset = 0;
   std::vector<uint64_t> begins;
-  for (const auto &t : tensors) {
+  for (const TensorToWrite *tp : order) {
+    const TensorToWrite &t = *tp;
     if (t.name.empty() || t.name == "__metadata__" || !names.insert(t.name).second)
       throw runtime_error(where + "tensor name '" + t.name + "' is empty, reserved or repeated");
     uint64_t numel = 1;
@@ -29,7 +38,6 @@ void write_safetensors(const std::filesystem::path &path, const std::vector<Tens
     }
     if (numel * dtype_size(t.dtype) != t.bytes.size())
       throw runtime_error(where + t.name + ": " + std::to_string(t.bytes.size()) + " bytes do not match its shape and dtype");
-    offset = (offset + 7) / 8 * 8;
     begins.push_back(offset);
     header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
     offset += t.bytes.size();
@@ -44,13 +52,8 @@ void write_safetensors(const std::filesystem::path &path, const std::vector<Tens
     for (int i = 0; i < 8; ++i) size[i] = static_cast<unsigned char>((static_cast<uint64_t>(text.size()) >> (8 * i)) & 0xff);
     out.write(reinterpret_cast<const char *>(size), 8);
     out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    uint64_t at = 0;
-    static const char zeros[8] = {};
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      out.write(zeros, static_cast<std::streamsize>(begins[i] - at));
-      out.write(reinterpret_cast<const char *>(tensors[i].bytes.data()), static_cast<std::streamsize>(tensors[i].bytes.size()));
-      at = begins[i] + tensors[i].bytes.size();
-    }
+    for (const TensorToWrite *t : order)
+      out.write(reinterpret_cast<const char *>(t->bytes.data()), static_cast<std::streamsize>(t->bytes.size()));
     out.flush();
     if (!out) {
       std::error_code ec;

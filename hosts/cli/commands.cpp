@@ -346,7 +346,7 @@ int cmd_quantize(const std::vector<std::string> &args) {
     const auto path = std::filesystem::path(out) / "model.safetensors";
     std::cout << "wrote " << path.string() << " (" << std::fixed << std::setprecision(1)
               << static_cast<double>(std::filesystem::file_size(path)) / (1024.0 * 1024.0) << " MiB, quantized by "
-              << runtime->pipeline().at("quantizer").desc().name << " in " << std::setprecision(2) << seconds << " s)\n";
+              << runtime->pipeline().list(LOOM_KIND_QUANTIZER).front()->desc().name << " in " << std::setprecision(2) << seconds << " s)\n";
     return 0;
   });
 }

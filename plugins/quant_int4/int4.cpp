@@ -158,6 +158,12 @@ std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_
   if (!meta.contains("group_size") || !meta["group_size"].is_number_integer())
     invalid("int4: metadata has no integer \"group_size\"");
   const int64_t group = meta["group_size"].get<int64_t>();
+  auto typed = [&](const char* key, bool (nlohmann::json::*is)() const noexcept, const char* what) {
+    if (meta.contains(key) && !(meta[key].*is)()) invalid(std::string("int4: metadata \"") + key + "\" must be " + what);
+  };
+  typed("zero_point", &nlohmann::json::is_boolean, "true or false");
+  typed("act_scale", &nlohmann::json::is_boolean, "true or false");
+  typed("method", &nlohmann::json::is_string, "a string");
   const bool zero_point = meta.value("zero_point", true);
   const std::string method = meta.value("method", std::string("rtn"));
   if (method != "rtn" && method != "awq") invalid("int4: metadata \"method\" must be \"rtn\" or \"awq\"");

@@ -12,13 +12,14 @@ void quantize_group(const float* v, int64_t n, bool zero_point, float clip, floa
                     uint8_t* codes) {
   auto at = [&](int64_t i) { return clip > 0.0f ? std::clamp(v[i], -clip, clip) : v[i]; };
   if (zero_point) {
-    float lo = at(0), hi = at(0);
-    for (int64_t i = 1; i < n; ++i) {
+    // The range always holds 0 (as GPTQ's does): a group of one sign would otherwise need a
+    // zero point outside [0, 15], and its codes would saturate.
+    float lo = 0.0f, hi = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
       lo = std::min(lo, at(i));
       hi = std::max(hi, at(i));
     }
-    // A constant group: one step of its own magnitude (codes 0 and 1 then hold it exactly).
-    scale = hi > lo ? (hi - lo) / 15.0f : (hi != 0.0f ? std::fabs(hi) : 1.0f);
+    scale = hi > lo ? (hi - lo) / 15.0f : 1.0f;  // (an all-zero group: any scale)
     zero = static_cast<uint8_t>(std::clamp(std::nearbyint(-lo / scale), 0.0f, 15.0f));
     for (int64_t i = 0; i < n; ++i)
       codes[i] = static_cast<uint8_t>(std::clamp(std::nearbyint(v[i] / scale) + zero, 0.0f, 15.0f));
@@ -133,7 +134,8 @@ AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, boo
   // |x d|^2 summed over the rows of x, for a row difference d: directly (n * in per row), or as
   // d^T (x^T x) d with the Gram matrix made once (in * in per row), whichever costs less over
   // the whole search.
-  const bool gram = in * in * (searched * grid + n) < n * in * searched * grid;
+  const double din = static_cast<double>(in), dn = static_cast<double>(n), work = static_cast<double>(searched) * grid;
+  const bool gram = din * din * (work + dn) < dn * din * work;
   std::vector<double> xtx;
   if (gram) {
     xtx.assign(static_cast<size_t>(in * in), 0.0);

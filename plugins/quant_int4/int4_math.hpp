@@ -4,7 +4,8 @@
 // A weight W [out, in] is cut into groups of `group` consecutive inputs of one output row.
 // Each group g of row o has a scale s[o, g] and a zero point z[o, g] in [0, 15]; a value is
 // stored as the code q in [0, 15] and read back as (q - z) * s.
-//   zero_point (asymmetric, AutoAWQ's default): s = (max - min) / 15, z = round(-min / s),
+//   zero_point (asymmetric, AutoAWQ's default): with lo = min(min, 0) and hi = max(max, 0) (the
+//     range holds 0, so z fits), s = (hi - lo) / 15, z = round(-lo / s),
 //     q = clamp(round(w / s) + z, 0, 15); error at most s (half a step from rounding, half a
 //     step more where z's rounding pushes an extreme past the code range).
 //   symmetric: s = max|w| / 7, z = 8, q = clamp(round(w / s), -8, 7) + 8; error at most s / 2.

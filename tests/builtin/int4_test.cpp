@@ -29,6 +29,7 @@ struct Fixture {
     vt = q->vtable<loom_quantizer_vtable>();
     for (int64_t i = 0; i < GROUP; ++i) w.v[2 * IN + i] = 0.0f;     // an all-zero group
     for (int64_t i = 0; i < GROUP; ++i) w.v[3 * IN + i] = -0.75f;   // a constant group
+    for (int64_t i = 0; i < GROUP; ++i) w.v[4 * IN + i] = 10.0f + 0.25f * static_cast<float>(i); // all positive
   }
   loom_status quantize(loom_qweight **out, DLTensor *calibration = nullptr) {
     loom_quantize_request r{};
@@ -80,11 +81,11 @@ TEST_CASE("int4 round-to-nearest stays within a step of each group", "[int4]") {
     const auto dq = f.dequant(qw);
     for (int64_t o = 0; o < OUT; ++o)
       for (int64_t g = 0; g < IN / GROUP; ++g) {
-        float lo = 0, hi = 0, amax = 0;
+        float lo = 0, hi = 0, amax = 0; // the range always holds 0
         for (int64_t i = g * GROUP; i < (g + 1) * GROUP; ++i) {
           const float v = f.w.v[o * IN + i];
-          lo = i == g * GROUP ? v : std::min(lo, v);
-          hi = i == g * GROUP ? v : std::max(hi, v);
+          lo = std::min(lo, v);
+          hi = std::max(hi, v);
           amax = std::max(amax, std::fabs(v));
         }
         // Asymmetric: at most one step (range / 15); symmetric: half a step (max|w| / 7).
@@ -236,6 +237,9 @@ TEST_CASE("int4 export and import round-trip; corrupt imports name what is wrong
     md["bits"] = 8;
     expect_error(stored, md.dump(), "bits");
     expect_error(stored, "{not json", "not valid JSON");
+    md["bits"] = 4;
+    md["zero_point"] = "yes";
+    expect_error(stored, md.dump(), "\"zero_point\" must be true or false");
     if (awq) {
       expect_error(without("act_scale"), meta_text, "tensor 'act_scale' is missing");
       auto rtn = m;

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <execinfo.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <csignal>
@@ -367,6 +368,20 @@ TEST_CASE("the CUDA backend refuses what it cannot run, by name", "[cuda]") {
   refused("[quantizer]\nuse = \"int4\"\ngroup_size = 16\n",
           "quantize model.layers.0.self_attn.qkv_proj for the GPU failed: int4: only the CPU target device");
   refused("[[adapter]]\nuse = \"lora\"\n", "m.toml: adapter[0] (lora): adapter components run on the CPU backend only");
+  // A `loom quantize` checkpoint loads on the CPU only, so far.
+  const fs::path quantized = fs::temp_directory_path() / ("loom_cuda_q8_" + std::to_string(::getpid()));
+  loom::Runtime::from_string("[loom]\ndevice = \"cpu\"\n" + model + "[attention]\nuse = \"sdpa\"\n[quantizer]\nuse = \"int8\"\n" +
+                             "[[sampler]]\nuse = \"greedy\"\n")
+      ->export_quantized(quantized);
+  try {
+    loom::Runtime::from_string("[loom]\ndevice = \"cuda\"\n[model]\npath = \"" + quantized.string() +
+                                   "\"\n[attention]\nuse = \"sdpa\"\n[quantizer]\nuse = \"int8\"\n[[sampler]]\nuse = \"greedy\"\n",
+                               "q.toml");
+    FAIL("a quantized checkpoint was accepted on CUDA");
+  } catch (const loom::Error &e) {
+    CHECK_THAT(e.what(), Catch::Contains("quantized by 'int8' (loom quantize), which load on the CPU backend only"));
+  }
+  fs::remove_all(quantized);
   // With device = "auto" a pipeline with a quantizer runs on the CPU.
   auto rt = loom::Runtime::from_string(model + "[attention]\nuse = \"sdpa\"\n[quantizer]\nuse = \"int8\"\n"
                                                "[[sampler]]\nuse = \"greedy\"\n[run]\nprompt = [1, 2, 3]\nsteps = 4\n");

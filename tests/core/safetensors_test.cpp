@@ -13,6 +13,7 @@
 #include <limits>
 #include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -22,6 +23,7 @@
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
 #include "loom/core/safetensors.hpp"
+#include "loom/core/safetensors_writer.hpp"
 
 namespace fs = std::filesystem;
 using loom::SafetensorsDtype;
@@ -782,4 +784,42 @@ TEST_CASE("ModelWeights keeps tensors in the checkpoint's mapping and converts t
   auto in_memory = loom::ModelWeights::from_map(std::move(made));
   CHECK(in_memory.stored("w") == nullptr);
   CHECK(in_memory.at("w").values == std::vector<float>{1.0f, 2.0f});
+}
+
+TEST_CASE("write_safetensors writes what open() reads: odd sizes, no gaps, aligned tensors", "[safetensors][writer]") {
+  const fs::path path = fs::temp_directory_path() / ("loom_writer_" + std::to_string(::getpid()) + ".safetensors");
+  const std::vector<uint8_t> codes = {1, 2, 3};              // 3 bytes: odd
+  const std::vector<float> scales = {0.5f, -2.25f, 7.0f};    // 12 bytes
+  const std::vector<uint16_t> half = {0x3f80};               // 2 bytes
+  const std::vector<int64_t> wide = {-5, 1LL << 40};         // 16 bytes
+  auto bytes = [](const auto &v) { return std::as_bytes(std::span(v)); };
+  loom::write_safetensors(path,
+                          {{"m.codes", loom::SafetensorsDtype::U8, {3}, bytes(codes)},
+                           {"m.scales", loom::SafetensorsDtype::F32, {3}, bytes(scales)},
+                           {"m.half", loom::SafetensorsDtype::BF16, {1, 1}, bytes(half)},
+                           {"m.wide", loom::SafetensorsDtype::I64, {2}, bytes(wide)}},
+                          {{"loom.quantization", "{}"}});
+  const auto f = loom::SafetensorsFile::open(path);
+  REQUIRE(f.tensors().size() == 4);
+  CHECK(f.metadata().at("loom.quantization") == "{}");
+  auto same = [&](const char *name, const auto &v) {
+    const auto *t = f.find(name);
+    REQUIRE(t != nullptr);
+    CHECK(static_cast<size_t>(t->nbytes) == v.size() * sizeof(v[0]));
+    CHECK(std::memcmp(t->data, v.data(), static_cast<size_t>(t->nbytes)) == 0);
+    CHECK(reinterpret_cast<uintptr_t>(t->data) % sizeof(v[0]) == 0);
+  };
+  same("m.codes", codes);
+  same("m.scales", scales);
+  same("m.half", half);
+  same("m.wide", wide);
+  CHECK(f.find("m.half")->shape == std::vector<int64_t>{1, 1});
+  CHECK_FALSE(fs::exists(path.string() + ".tmp"));
+  CHECK_THROWS_WITH(loom::write_safetensors(path, {{"x", loom::SafetensorsDtype::F32, {2}, bytes(codes)}}, {}),
+                    Catch::Contains("x: 3 bytes do not match"));
+  CHECK_THROWS_WITH(loom::write_safetensors(path, {{"x", loom::SafetensorsDtype::U8, {3}, bytes(codes)},
+                                                   {"x", loom::SafetensorsDtype::U8, {3}, bytes(codes)}},
+                                            {}),
+                    Catch::Contains("repeated"));
+  fs::remove(path);
 }

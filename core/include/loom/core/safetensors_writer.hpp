@@ -1,7 +1,8 @@
 // loom::write_safetensors: writes tensors as one safetensors file (the format safetensors.hpp
 // reads): an 8-byte little-endian header length, the JSON header ("__metadata__" of strings,
 // then each tensor's dtype, shape and data offsets), padded with spaces to a multiple of 8, then
-// the data, each tensor starting at a multiple of 8 so that typed readers find it aligned.
+// the data: tensors back to back (the format allows no gaps), widest element type first, so each
+// starts at a multiple of its element size and typed readers find it aligned.
 //
 // The file is written to "<path>.tmp" and renamed over `path` when complete, so a failed or
 // interrupted write never leaves a truncated file under the final name. Errors: loom::Error
