@@ -4,8 +4,9 @@
 // are judged against, measured on the same GPU: device copy bandwidth and the cuBLAS bf16 GEMM
 // peak.
 //
-// usage: loom_model_bench MODEL_DIR [--attention flash] [--batches 1,32] [--prompt 128]
-//                         [--new 128] [--prefill 2048] [--reps 5] [--json FILE]
+// usage: loom_model_bench MODEL_DIR [--attention flash] [--quantizer NAME] [--batches 1,32]
+//                         [--prompt 128] [--new 128] [--prefill 2048] [--reps 5] [--json FILE]
+// (--quantizer: every linear through that quantizer component, e.g. int8)
 // Decode: each of B sequences gets a `prompt`-token random prompt, then `new` greedy tokens,
 // through loom::Runtime exactly as `loom run` generates (the greedy sampler plugin, stop rules,
 // every token back on the host each step), with the next step queued ahead (the default) and
