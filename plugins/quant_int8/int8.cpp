@@ -156,14 +156,23 @@ void linear(const loom_qweight& w, const DLTensor* x, const DLTensor* bias, DLTe
   const float* xs = data_of<float>(*x);
   const float* bs = bias ? data_of<float>(*bias) : nullptr;
   float* ys = data_of<float>(*y);
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t o = 0; o < w.out; ++o) {
-      const int8_t* q = w.q.data() + o * w.in;
+  // Each code row is widened to float32 once and dotted with every input row; eight partial
+  // sums, which the compiler keeps in vector lanes (it may not reassociate one float sum).
+  std::vector<float> row(static_cast<size_t>(w.in));
+  for (int64_t o = 0; o < w.out; ++o) {
+    const int8_t* q = w.q.data() + o * w.in;
+    for (int64_t i = 0; i < w.in; ++i) row[static_cast<size_t>(i)] = static_cast<float>(q[i]);
+    for (int64_t r = 0; r < n; ++r) {
       const float* xr = xs + r * w.in;
-      float acc = 0.0f;
-      for (int64_t i = 0; i < w.in; ++i) acc += xr[i] * static_cast<float>(q[i]);
-      ys[r * w.out + o] = acc * w.scales[o] + (bs ? bs[o] : 0.0f);
+      float acc[8] = {};
+      int64_t i = 0;
+      for (; i + 8 <= w.in; i += 8)
+        for (int k = 0; k < 8; ++k) acc[k] += xr[i + k] * row[static_cast<size_t>(i + k)];
+      for (; i < w.in; ++i) acc[0] += xr[i] * row[static_cast<size_t>(i)];
+      const float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      ys[r * w.out + o] = sum * w.scales[o] + (bs ? bs[o] : 0.0f);
     }
+  }
 }
 
 void dequantize(const loom_qweight& w, DLTensor* out) {
