@@ -84,10 +84,20 @@ class PinnedBuffer {
 };
 
 // A linear's weight [out, in] in the compute dtype and its optional float32 bias [out].
+// A quantizer's weight, freed through the instance that made it (so a load that fails part-way
+// frees what it made by unwinding).
+struct QWeightFree {
+  std::shared_ptr<Instance> quantizer;
+  void operator()(loom_qweight *w) const {
+    quantizer->vtable<loom_quantizer_vtable>()->free_weight(quantizer->handle(), w);
+  }
+};
+
 struct DeviceLinear {
   DeviceBuffer weight, bias;
   int64_t out = 0, in = 0;
-  loom_qweight *qweight = nullptr; // the quantizer's weight instead of `weight`, when there is one
+  // The quantizer's weight instead of `weight`, when there is one.
+  std::unique_ptr<loom_qweight, QWeightFree> qweight;
 };
 
 struct DeviceLayer {
@@ -223,8 +233,6 @@ class CudaBackend final : public ModelBackend {
   // y = x W^T through the quantizer: written as y_type (beta 0) or added into float32 y (beta 1).
   void quantized_gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta);
   std::shared_ptr<Instance> quantizer_;   // the pipeline's quantizer, when it has one
-  DeviceLayer pending_layer_;             // the layer being loaded (its qweights freed on a failure)
-  void free_qweights();
   DeviceBuffer quant_out_;                // float32 [T, hidden]: products added into the residual
   void ensure_capacity(int32_t tokens, int32_t seqs);
   // Grows both halves of the step metadata to `entries` int32s each, keeping the first `keep`
@@ -361,114 +369,107 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   const bool gpt2 = c.architecture == Architecture::gpt2;
   auto take = [&](const std::string &name) { return weights.take(name).values; };
   auto maybe = [&](const std::string &name) { return weights.contains(name) ? take(name) : std::vector<float>{}; };
-  // Quantized weights are the quantizer's: freed through it if loading fails part-way.
-  try {
-    const bool tied = c.tie_word_embeddings || gpt2;
-    std::vector<float> embedding = take(gpt2 ? "wte.weight" : "model.embed_tokens.weight");
-    embedding_ = upload_matrix(embedding);
-    // A tied head under a quantizer is its own quantized copy; lookups keep reading embedding_.
-    if (quantizer_ && tied) lm_head_ = upload_linear("lm_head", embedding, c.vocab_size, H, {});
-    embedding = {};
-    if (gpt2) positions_ = upload_matrix(take("wpe.weight"));
-    for (int64_t l = 0; l < c.n_layers; ++l) {
-      DeviceLayer &layer = pending_layer_; // (freed by free_qweights() if loading fails)
-      if (gpt2) {
-        // Conv1D weights are [in, out]: transpose into [out, in]; c_attn's columns are q | k | v,
-        // which is already the fused layout.
-        auto transpose = [](const HostWeight &w) {
-          const int64_t in = w.shape[0], out = w.shape[1];
-          std::vector<float> t(static_cast<size_t>(in * out));
-          for (int64_t i = 0; i < in; ++i)
-            for (int64_t o = 0; o < out; ++o) t[static_cast<size_t>(o * in + i)] = w.values[static_cast<size_t>(i * out + o)];
-          return t;
-        };
-        std::string p = "h." + std::to_string(l) + ".";
-        layer.qkv = upload_linear(p + "attn.c_attn", transpose(weights.at(p + "attn.c_attn.weight")), qkv_out, H,
-                                  take(p + "attn.c_attn.bias"));
-        layer.o = upload_linear(p + "attn.c_proj", transpose(weights.at(p + "attn.c_proj.weight")), H, H,
-                                take(p + "attn.c_proj.bias"));
-        layer.gate_up = upload_linear(p + "mlp.c_fc", transpose(weights.at(p + "mlp.c_fc.weight")), I, H,
-                                      take(p + "mlp.c_fc.bias"));
-        layer.down = upload_linear(p + "mlp.c_proj", transpose(weights.at(p + "mlp.c_proj.weight")), H, I,
-                                   take(p + "mlp.c_proj.bias"));
-        layer.norm1_w = upload_f32(take(p + "ln_1.weight"));
-        layer.norm1_b = upload_f32(take(p + "ln_1.bias"));
-        layer.norm2_w = upload_f32(take(p + "ln_2.weight"));
-        layer.norm2_b = upload_f32(take(p + "ln_2.bias"));
-      } else {
-        std::string p = "model.layers." + std::to_string(l) + ".";
-        // Row-wise concatenation of [out_i, in] matrices (and their biases) into one.
-        auto concat = [&](std::initializer_list<std::string> names, bool biases) {
-          std::vector<float> all;
-          for (const auto &n : names) {
-            auto v = biases ? maybe(p + n + ".bias") : take(p + n + ".weight");
-            all.insert(all.end(), v.begin(), v.end());
-          }
-          return all;
-        };
-        auto qkv_bias = concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, true);
-        if (!qkv_bias.empty() && static_cast<int64_t>(qkv_bias.size()) != qkv_out)
-          throw runtime_error(options_.source_name + ": layer " + std::to_string(l) +
-                              ": q/k/v biases must be present for all three projections or none");
-        layer.qkv = upload_linear(p + "self_attn.qkv_proj",
-                                  concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, false), qkv_out, H,
-                                  qkv_bias);
-        layer.o = upload_linear(p + "self_attn.o_proj", take(p + "self_attn.o_proj.weight"), H, c.n_heads * D,
-                                maybe(p + "self_attn.o_proj.bias"));
-        auto gu_bias = concat({"mlp.gate_proj", "mlp.up_proj"}, true);
-        layer.gate_up = upload_linear(p + "mlp.gate_up_proj", concat({"mlp.gate_proj", "mlp.up_proj"}, false), 2 * I, H,
-                                      gu_bias);
-        if (layer.gate_up.bias)
-          throw runtime_error(options_.source_name + ": MLP biases (mlp_bias) are not supported by the CUDA backend yet");
-        layer.down = upload_linear(p + "mlp.down_proj", take(p + "mlp.down_proj.weight"), H, I,
-                                   maybe(p + "mlp.down_proj.bias"));
-        layer.norm1_w = upload_f32(take(p + "input_layernorm.weight"));
-        layer.norm2_w = upload_f32(take(p + "post_attention_layernorm.weight"));
-      }
-      layers_.push_back(std::move(layer));
-      pending_layer_ = DeviceLayer{};
-    }
-    final_w_ = upload_f32(take(gpt2 ? "ln_f.weight" : "model.norm.weight"));
-    if (gpt2) final_b_ = upload_f32(take("ln_f.bias"));
-    if (tied) {
-      lm_head_.out = c.vocab_size;
-      lm_head_.in = H;
-      lm_head_weight_ = embedding_.get();
+  const bool tied = c.tie_word_embeddings || gpt2;
+  std::vector<float> embedding = take(gpt2 ? "wte.weight" : "model.embed_tokens.weight");
+  embedding_ = upload_matrix(embedding);
+  // A tied head under a quantizer is its own quantized copy; lookups keep reading embedding_.
+  if (quantizer_ && tied) lm_head_ = upload_linear("lm_head", embedding, c.vocab_size, H, {});
+  embedding = {};
+  if (gpt2) positions_ = upload_matrix(take("wpe.weight"));
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    DeviceLayer layer;
+    if (gpt2) {
+      // Conv1D weights are [in, out]: transpose into [out, in]; c_attn's columns are q | k | v,
+      // which is already the fused layout.
+      auto transpose = [](const HostWeight &w) {
+        const int64_t in = w.shape[0], out = w.shape[1];
+        std::vector<float> t(static_cast<size_t>(in * out));
+        for (int64_t i = 0; i < in; ++i)
+          for (int64_t o = 0; o < out; ++o) t[static_cast<size_t>(o * in + i)] = w.values[static_cast<size_t>(i * out + o)];
+        return t;
+      };
+      std::string p = "h." + std::to_string(l) + ".";
+      layer.qkv = upload_linear(p + "attn.c_attn", transpose(weights.at(p + "attn.c_attn.weight")), qkv_out, H,
+                                take(p + "attn.c_attn.bias"));
+      layer.o = upload_linear(p + "attn.c_proj", transpose(weights.at(p + "attn.c_proj.weight")), H, H,
+                              take(p + "attn.c_proj.bias"));
+      layer.gate_up = upload_linear(p + "mlp.c_fc", transpose(weights.at(p + "mlp.c_fc.weight")), I, H,
+                                    take(p + "mlp.c_fc.bias"));
+      layer.down = upload_linear(p + "mlp.c_proj", transpose(weights.at(p + "mlp.c_proj.weight")), H, I,
+                                 take(p + "mlp.c_proj.bias"));
+      layer.norm1_w = upload_f32(take(p + "ln_1.weight"));
+      layer.norm1_b = upload_f32(take(p + "ln_1.bias"));
+      layer.norm2_w = upload_f32(take(p + "ln_2.weight"));
+      layer.norm2_b = upload_f32(take(p + "ln_2.bias"));
     } else {
-      lm_head_ = upload_linear("lm_head", take("lm_head.weight"), c.vocab_size, H, {});
-      lm_head_weight_ = lm_head_.weight.get();
+      std::string p = "model.layers." + std::to_string(l) + ".";
+      // Row-wise concatenation of [out_i, in] matrices (and their biases) into one.
+      auto concat = [&](std::initializer_list<std::string> names, bool biases) {
+        std::vector<float> all;
+        for (const auto &n : names) {
+          auto v = biases ? maybe(p + n + ".bias") : take(p + n + ".weight");
+          all.insert(all.end(), v.begin(), v.end());
+        }
+        return all;
+      };
+      auto qkv_bias = concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, true);
+      if (!qkv_bias.empty() && static_cast<int64_t>(qkv_bias.size()) != qkv_out)
+        throw runtime_error(options_.source_name + ": layer " + std::to_string(l) +
+                            ": q/k/v biases must be present for all three projections or none");
+      layer.qkv = upload_linear(p + "self_attn.qkv_proj",
+                                concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, false), qkv_out, H,
+                                qkv_bias);
+      layer.o = upload_linear(p + "self_attn.o_proj", take(p + "self_attn.o_proj.weight"), H, c.n_heads * D,
+                              maybe(p + "self_attn.o_proj.bias"));
+      auto gu_bias = concat({"mlp.gate_proj", "mlp.up_proj"}, true);
+      layer.gate_up = upload_linear(p + "mlp.gate_up_proj", concat({"mlp.gate_proj", "mlp.up_proj"}, false), 2 * I, H,
+                                    gu_bias);
+      if (layer.gate_up.bias)
+        throw runtime_error(options_.source_name + ": MLP biases (mlp_bias) are not supported by the CUDA backend yet");
+      layer.down = upload_linear(p + "mlp.down_proj", take(p + "mlp.down_proj.weight"), H, I,
+                                 maybe(p + "mlp.down_proj.bias"));
+      layer.norm1_w = upload_f32(take(p + "input_layernorm.weight"));
+      layer.norm2_w = upload_f32(take(p + "post_attention_layernorm.weight"));
     }
-    if (!gpt2) inv_freq_ = rope_inv_freq(c);
-    cuda_check(cudaStreamSynchronize(stream_), "weight upload");
-    auto env_off = [](const char *name) {
-      const char *v = std::getenv(name);
-      return v != nullptr && std::string(v) == "0";
-    };
-    if (bf16() && !quantizer_ && !env_off("LOOM_CUDA_GEMV"))
-      gemv_tokens_ = std::min({kernels::gemv_max_tokens(static_cast<int32_t>(H)),
-                               kernels::gemv_max_tokens(static_cast<int32_t>(c.n_heads * D)),
-                               kernels::gemv_max_tokens(static_cast<int32_t>(I))});
-    int major = 0;
-    cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
-               "cudaDeviceGetAttribute");
-    programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
-    if (bf16() && major >= 8 && !gpt2 && !quantizer_ && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported())
-      skinny_swiglu_ = std::all_of(layers_.begin(), layers_.end(), [](const DeviceLayer &layer) {
-        return !layer.gate_up.bias && kernels::skinny_gemm_takes(static_cast<int32_t>(layer.gate_up.in),
-                                                                 static_cast<int32_t>(layer.gate_up.out),
-                                                                 kernels::SkinnyEpilogue::swiglu);
-      });
-    // The quantizer's weights live on the GPU as it made them: no swap while this backend lives
-    // (installed last: a constructor that throws leaves no hook behind).
-    if (quantizer_)
-      pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, [](Instance &fresh, Instance &) -> std::function<void()> {
-        throw runtime_error("swap " + fresh.slot() + ": the CUDA backend cannot swap its quantizer while it runs; "
-                            "swap it between runs or on the CPU");
-      });
-  } catch (...) {
-    free_qweights();
-    throw;
+    layers_.push_back(std::move(layer));
   }
+  final_w_ = upload_f32(take(gpt2 ? "ln_f.weight" : "model.norm.weight"));
+  if (gpt2) final_b_ = upload_f32(take("ln_f.bias"));
+  if (tied) {
+    lm_head_.out = c.vocab_size;
+    lm_head_.in = H;
+    lm_head_weight_ = embedding_.get();
+  } else {
+    lm_head_ = upload_linear("lm_head", take("lm_head.weight"), c.vocab_size, H, {});
+    lm_head_weight_ = lm_head_.weight.get();
+  }
+  if (!gpt2) inv_freq_ = rope_inv_freq(c);
+  cuda_check(cudaStreamSynchronize(stream_), "weight upload");
+  auto env_off = [](const char *name) {
+    const char *v = std::getenv(name);
+    return v != nullptr && std::string(v) == "0";
+  };
+  if (bf16() && !quantizer_ && !env_off("LOOM_CUDA_GEMV"))
+    gemv_tokens_ = std::min({kernels::gemv_max_tokens(static_cast<int32_t>(H)),
+                             kernels::gemv_max_tokens(static_cast<int32_t>(c.n_heads * D)),
+                             kernels::gemv_max_tokens(static_cast<int32_t>(I))});
+  int major = 0;
+  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
+             "cudaDeviceGetAttribute");
+  programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
+  if (bf16() && major >= 8 && !gpt2 && !quantizer_ && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported())
+    skinny_swiglu_ = std::all_of(layers_.begin(), layers_.end(), [](const DeviceLayer &layer) {
+      return !layer.gate_up.bias && kernels::skinny_gemm_takes(static_cast<int32_t>(layer.gate_up.in),
+                                                               static_cast<int32_t>(layer.gate_up.out),
+                                                               kernels::SkinnyEpilogue::swiglu);
+    });
+  // The quantizer's weights live on the GPU as it made them: no swap while this backend lives
+  // (installed last: a constructor that throws leaves no hook behind).
+  if (quantizer_)
+    pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, [](Instance &fresh, Instance &) -> std::function<void()> {
+      throw runtime_error("swap " + fresh.slot() + ": the CUDA backend cannot swap its quantizer while it runs; "
+                          "swap it between runs or on the CPU");
+    });
 }
 
 void CudaBackend::skinny_swiglu(const DeviceLinear &gate_up, const void *x, int32_t tokens, void *inter) {
@@ -488,8 +489,7 @@ CudaBackend::~CudaBackend() {
     if (hook_installed_) pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, {});
     if (quantizer_) pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, {});
   }
-  if (stream_) cudaStreamSynchronize(stream_);
-  free_qweights();
+  if (stream_) cudaStreamSynchronize(stream_); // (the quantizer's weights go with layers_ and lm_head_)
   invalidate_graphs();
   graphs_attention_.reset();
   for (cudaEvent_t e : staged_)
@@ -532,8 +532,10 @@ DeviceLinear CudaBackend::upload_linear(const std::string &module, const std::ve
     req.module_name = module.c_str();
     req.weight = host.set(const_cast<float *>(w.data()), DLDevice{kDLCPU, 0}, DLDataType{kDLFloat, 32, 1}, {out, in});
     req.target_device = options_.device;
-    quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->quantize(quantizer_->handle(), &req, &l.qweight),
+    loom_qweight *q = nullptr;
+    quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->quantize(quantizer_->handle(), &req, &q),
                       ("quantize " + module + " for the GPU").c_str());
+    l.qweight = {q, QWeightFree{quantizer_}};
   } else {
     l.weight = upload_matrix(w);
   }
@@ -722,19 +724,6 @@ void CudaBackend::invalidate_graphs() {
   graphs_.clear();
 }
 
-void CudaBackend::free_qweights() {
-  if (!quantizer_) return;
-  auto vt = quantizer_->vtable<loom_quantizer_vtable>();
-  auto free_one = [&](DeviceLinear &l) {
-    if (l.qweight) vt->free_weight(quantizer_->handle(), l.qweight);
-    l.qweight = nullptr;
-  };
-  for (DeviceLayer &layer : layers_)
-    for (DeviceLinear *l : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down}) free_one(*l);
-  free_one(lm_head_);
-  for (DeviceLinear *l : {&pending_layer_.qkv, &pending_layer_.o, &pending_layer_.gate_up, &pending_layer_.down}) free_one(*l);
-}
-
 void CudaBackend::quantized_gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type,
                                  float beta) {
   const DLDevice dev = options_.device;
@@ -744,7 +733,7 @@ void CudaBackend::quantized_gemm(const DeviceLinear &w, const void *x, int32_t t
   // The quantizer overwrites y: a product added into the residual goes through quant_out_.
   DLTensor *yt = beta == 0.0f ? vy.set(y, dev, y_type == CUDA_R_32F ? f32 : act_dl(), {tokens, w.out})
                               : vy.set(quant_out_.get(), dev, f32, {tokens, w.out});
-  quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->linear(quantizer_->handle(), w.qweight, xt, nullptr, yt),
+  quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->linear(quantizer_->handle(), w.qweight.get(), xt, nullptr, yt),
                     "linear");
   if (beta != 0.0f)
     kernel_check(kernels::add_f32_cuda(static_cast<float *>(y), quant_out_.get<float>(), int64_t{tokens} * w.out, stream_),
