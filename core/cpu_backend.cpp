@@ -5,7 +5,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <initializer_list>
 #include <set>
 #include <iostream>
@@ -343,6 +342,11 @@ void CpuBackend::build(ModelWeights weights) {
       if (l) linears_.push_back(l);
   linears_.push_back(lm_head_.get());
   for (size_t i = 0; i < linears_.size(); ++i) linears_[i]->index = static_cast<int32_t>(i);
+  for (auto &layer : layers_) { // linears fed the same rows in a forward
+    layer.k->same_input = layer.q.get();
+    layer.v->same_input = layer.q.get();
+    if (layer.gate) layer.gate->same_input = layer.up.get();
+  }
   if (!gpt2) inv_freq_ = rope_inv_freq(c);
 }
 
@@ -494,14 +498,16 @@ void CpuBackend::capture_calibration() {
   int64_t longest = std::min<int64_t>(max_positions_, config_.max_positions);
   if (paged_ && bs > 0) longest = std::min(longest, pool_blocks_ * bs);
   captured_.assign(linears_.size(), nullptr);
+  for (const Linear *l : linears_)
+    if (!l->same_input) captured_[static_cast<size_t>(l->index)] = std::make_shared<std::vector<float>>();
+  for (const Linear *l : linears_)
+    if (l->same_input) captured_[static_cast<size_t>(l->index)] = captured_[static_cast<size_t>(l->same_input->index)];
   capturing_ = true;
   struct Reset {
     CpuBackend &b;
     bool done = false;
     ~Reset() {
       b.capturing_ = false;
-      b.captured_x_ = nullptr;
-      b.captured_last_.reset();
       if (!done) b.captured_.clear(); // a failed capture leaves nothing half-recorded behind
     }
   } reset{*this};
@@ -525,16 +531,9 @@ void CpuBackend::capture_calibration() {
 }
 
 void CpuBackend::capture(const Linear &lin, const float *x, int64_t n) {
-  auto &buffer = captured_[static_cast<size_t>(lin.index)];
-  if (x == captured_x_ && n == captured_n_ && captured_last_) {
-    if (!buffer) buffer = captured_last_; // the same input as the linear before (k after q)
-    if (buffer == captured_last_) return;
-  }
-  if (!buffer) buffer = std::make_shared<std::vector<float>>();
-  buffer->insert(buffer->end(), x, x + n * lin.in);
-  captured_x_ = x;
-  captured_n_ = n;
-  captured_last_ = buffer;
+  if (lin.same_input) return; // its buffer is the one the linear it shares rows with fills
+  auto &buffer = *captured_[static_cast<size_t>(lin.index)];
+  buffer.insert(buffer.end(), x, x + n * lin.in);
 }
 
 loom_qweight *CpuBackend::import_linear(Instance &quantizer, const Linear &lin) {
@@ -547,20 +546,10 @@ loom_qweight *CpuBackend::import_linear(Instance &quantizer, const Linear &lin) 
   };
   std::vector<std::unique_ptr<Copy>> copies;
   for (const auto &[suffix, w] : lin.imported->tensors) {
-    DLDataType dt{};
-    switch (w.dtype) {
-    case SafetensorsDtype::F32: dt = {kDLFloat, 32, 1}; break;
-    case SafetensorsDtype::F16: dt = {kDLFloat, 16, 1}; break;
-    case SafetensorsDtype::BF16: dt = {kDLBfloat, 16, 1}; break;
-    case SafetensorsDtype::I8: dt = {kDLInt, 8, 1}; break;
-    case SafetensorsDtype::U8: dt = {kDLUInt, 8, 1}; break;
-    case SafetensorsDtype::I16: dt = {kDLInt, 16, 1}; break;
-    case SafetensorsDtype::I32: dt = {kDLInt, 32, 1}; break;
-    case SafetensorsDtype::U32: dt = {kDLUInt, 32, 1}; break;
-    default:
+    const std::optional<DLDataType> dt = dl_dtype(w.dtype);
+    if (!dt)
       throw runtime_error(options_.source_name + ": " + lin.name + "." + suffix + ": dtype " + dtype_name(w.dtype) +
                           " cannot be handed to a quantizer");
-    }
     auto c = std::make_unique<Copy>();
     c->name = lin.name + "." + suffix;
     const auto *p = reinterpret_cast<const uint8_t *>(w.bytes.data());
@@ -569,7 +558,7 @@ loom_qweight *CpuBackend::import_linear(Instance &quantizer, const Linear &lin) 
     c->t.data = c->bytes.data();
     c->t.device = {kDLCPU, 0};
     c->t.ndim = static_cast<int32_t>(c->shape.size());
-    c->t.dtype = dt;
+    c->t.dtype = *dt;
     c->t.shape = c->shape.data();
     copies.push_back(std::move(c));
   }
@@ -960,9 +949,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   if (capturing_) { // the head's calibration rows: every token's, not only the last ones
     std::vector<float> normed(static_cast<size_t>(T * H));
     rows(T, 4 * H, [&](int64_t t) { norm(final_norm_, final_norm_bias_, x + t * H, normed.data() + t * H); });
-    captured_x_ = nullptr;
     capture(*lm_head_, normed.data(), T);
-    captured_x_ = nullptr; // normed is about to go; no later input may match its address
   }
   // Only each sequence's last token goes through the final norm and the head.
   float *last = sized(last_, S * H), *last_h = sized(last_h_, S * H);
@@ -978,20 +965,6 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
 // ---- loom quantize ----------------------------------------------------------------------------
 
 namespace {
-
-SafetensorsDtype safetensors_dtype(const DLDataType &t, const std::string &name) {
-  if (t.lanes == 1) {
-    if (t.code == kDLFloat && t.bits == 32) return SafetensorsDtype::F32;
-    if (t.code == kDLFloat && t.bits == 16) return SafetensorsDtype::F16;
-    if (t.code == kDLBfloat && t.bits == 16) return SafetensorsDtype::BF16;
-    if (t.code == kDLInt && t.bits == 8) return SafetensorsDtype::I8;
-    if (t.code == kDLInt && t.bits == 16) return SafetensorsDtype::I16;
-    if (t.code == kDLInt && t.bits == 32) return SafetensorsDtype::I32;
-    if (t.code == kDLUInt && t.bits == 8) return SafetensorsDtype::U8;
-    if (t.code == kDLUInt && t.bits == 32) return SafetensorsDtype::U32;
-  }
-  throw runtime_error("loom quantize: " + name + ": the quantizer exported a dtype safetensors cannot hold here");
-}
 
 struct ExportedTensor {
   std::string name;
@@ -1012,7 +985,9 @@ struct ExportSink {
         throw runtime_error("loom quantize: " + self.module + ": the quantizer exported a tensor that is not a dense host tensor");
       ExportedTensor e;
       e.name = self.module + "." + name;
-      e.dtype = safetensors_dtype(t->dtype, e.name);
+      const std::optional<SafetensorsDtype> dtype = safetensors_dtype(t->dtype);
+      if (!dtype) throw runtime_error("loom quantize: " + e.name + ": the quantizer exported a dtype safetensors cannot hold here");
+      e.dtype = *dtype;
       e.shape.assign(t->shape, t->shape + t->ndim);
       size_t n = 1;
       for (int64_t d : e.shape) {
@@ -1064,12 +1039,8 @@ void CpuBackend::export_quantized(const SafetensorsIndex &source, const std::fil
   std::vector<TensorToWrite> tensors;
   for (const auto &[file, shard] : source.shards())
     for (const auto &t : shard.tensors()) {
-      std::string suffix;
-      const size_t dot = t.name.rfind('.');
-      const bool old_quantized = checkpoint_quantization_ && dot != std::string::npos &&
-                                 checkpoint_quantization_->modules.count(t.name.substr(0, dot)) &&
-                                 t.name.compare(dot + 1, std::string::npos, "bias") != 0;
-      if (replaced.count(t.name) || old_quantized) continue;
+      // (a quantized source's module tensors are re-exported above)
+      if (replaced.count(t.name) || (checkpoint_quantization_ && !checkpoint_quantization_->module_of(t.name).empty())) continue;
       tensors.push_back({t.name, t.dtype, t.shape, std::span<const std::byte>(t.data, static_cast<size_t>(t.nbytes))});
     }
   for (const auto &e : exported) tensors.push_back({e.name, e.dtype, e.shape, e.bytes});

@@ -144,6 +144,8 @@ class CpuBackend final : public ModelBackend {
     // imports these tensors instead of quantizing w32/w16, which are then empty (except a tied
     // head's, which lookups read). Points into checkpoint_quantization_.
     const QuantizedModule *imported = nullptr;
+    // The linear whose input rows this one always gets too (k and v: q's; gate: up's), or null.
+    const Linear *same_input = nullptr;
     std::vector<std::pair<const Instance *, loom_adapter_site *>> sites;
   };
   struct Layer {
@@ -211,12 +213,9 @@ class CpuBackend final : public ModelBackend {
   std::shared_ptr<Instance> quantizer_; // the one that made the qweights
   bool ready_ = false;
   // Calibration activations per linear ([rows, in] float32), kept for quantizer swaps; linears
-  // fed the same input in a forward (q/k/v, gate/up) share one buffer.
+  // fed the same input (Linear::same_input) share one buffer.
   std::vector<std::shared_ptr<std::vector<float>>> captured_;
   bool capturing_ = false;
-  const float *captured_x_ = nullptr; // the input the last capture recorded, and its buffer
-  int64_t captured_n_ = 0;
-  std::shared_ptr<std::vector<float>> captured_last_;
   std::vector<QuantizationError> quantization_errors_;
   std::shared_ptr<const QuantizedCheckpoint> checkpoint_quantization_; // null: a plain checkpoint
 

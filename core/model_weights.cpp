@@ -183,18 +183,14 @@ std::shared_ptr<QuantizedCheckpoint> read_quantization(const ModelConfig &config
   return q;
 }
 
-// The quantized module a tensor name belongs to ("<module>.<suffix>", suffix not "bias"), or null.
-QuantizedModule *module_of(QuantizedCheckpoint *q, const std::string &name, std::string &suffix) {
-  if (!q) return nullptr;
-  const size_t dot = name.rfind('.');
-  if (dot == std::string::npos || name.compare(dot + 1, std::string::npos, "bias") == 0) return nullptr;
-  auto it = q->modules.find(std::string_view(name).substr(0, dot));
-  if (it == q->modules.end()) return nullptr;
-  suffix = name.substr(dot + 1);
-  return &it->second;
-}
-
 } // namespace
+
+std::string_view QuantizedCheckpoint::module_of(std::string_view tensor) const {
+  const size_t dot = tensor.rfind('.');
+  if (dot == std::string_view::npos || tensor.substr(dot + 1) == "bias") return {};
+  auto it = modules.find(tensor.substr(0, dot));
+  return it == modules.end() ? std::string_view{} : std::string_view(it->first);
+}
 
 ModelWeights ModelWeights::load(const ModelConfig &config, const SafetensorsIndex &checkpoint) {
   auto expected = expected_weights(config);
@@ -206,8 +202,10 @@ ModelWeights ModelWeights::load(const ModelConfig &config, const SafetensorsInde
       if (config.architecture == Architecture::gpt2 && name.rfind("transformer.", 0) == 0) name = name.substr(12);
       std::string where = shard.path().string() + ": " + t.name + ": ";
       if (ignorable_buffer(name)) continue;
-      std::string suffix;
-      if (QuantizedModule *m = module_of(out.quantized_.get(), name, suffix)) {
+      if (const std::string_view module = out.quantized_ ? out.quantized_->module_of(name) : std::string_view{};
+          !module.empty()) {
+        QuantizedModule *m = &out.quantized_->modules.find(module)->second;
+        const std::string suffix = name.substr(module.size() + 1);
         if (!shard.mapping()) throw runtime_error(where + "quantized checkpoints load from files only");
         for (const auto &[existing, w] : m->tensors)
           if (existing == suffix) throw runtime_error(where + "appears twice in the checkpoint");

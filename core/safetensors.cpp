@@ -238,16 +238,18 @@ struct DtypeInfo {
   SafetensorsDtype dtype;
   const char *name;
   size_t size;
+  uint8_t dl_code; // DLPack's type code; kNoDl where Loom passes no such tensor to plugins
 };
+constexpr uint8_t kNoDl = 0xff;
 constexpr std::array<DtypeInfo, 15> kDtypes{{
-    {SafetensorsDtype::F64, "F64", 8},       {SafetensorsDtype::F32, "F32", 4},
-    {SafetensorsDtype::F16, "F16", 2},       {SafetensorsDtype::BF16, "BF16", 2},
-    {SafetensorsDtype::F8_E4M3, "F8_E4M3", 1}, {SafetensorsDtype::F8_E5M2, "F8_E5M2", 1},
-    {SafetensorsDtype::I64, "I64", 8},       {SafetensorsDtype::I32, "I32", 4},
-    {SafetensorsDtype::I16, "I16", 2},       {SafetensorsDtype::I8, "I8", 1},
-    {SafetensorsDtype::U64, "U64", 8},       {SafetensorsDtype::U32, "U32", 4},
-    {SafetensorsDtype::U16, "U16", 2},       {SafetensorsDtype::U8, "U8", 1},
-    {SafetensorsDtype::BOOL, "BOOL", 1},
+    {SafetensorsDtype::F64, "F64", 8, kDLFloat},       {SafetensorsDtype::F32, "F32", 4, kDLFloat},
+    {SafetensorsDtype::F16, "F16", 2, kDLFloat},       {SafetensorsDtype::BF16, "BF16", 2, kDLBfloat},
+    {SafetensorsDtype::F8_E4M3, "F8_E4M3", 1, kNoDl}, {SafetensorsDtype::F8_E5M2, "F8_E5M2", 1, kNoDl},
+    {SafetensorsDtype::I64, "I64", 8, kDLInt},         {SafetensorsDtype::I32, "I32", 4, kDLInt},
+    {SafetensorsDtype::I16, "I16", 2, kDLInt},         {SafetensorsDtype::I8, "I8", 1, kDLInt},
+    {SafetensorsDtype::U64, "U64", 8, kDLUInt},        {SafetensorsDtype::U32, "U32", 4, kDLUInt},
+    {SafetensorsDtype::U16, "U16", 2, kDLUInt},        {SafetensorsDtype::U8, "U8", 1, kDLUInt},
+    {SafetensorsDtype::BOOL, "BOOL", 1, kNoDl},
 }};
 
 const DtypeInfo &info(SafetensorsDtype d) {
@@ -331,6 +333,16 @@ const char *dtype_name(SafetensorsDtype dtype) noexcept { return info(dtype).nam
 std::optional<SafetensorsDtype> parse_dtype(std::string_view name) noexcept {
   for (const auto &i : kDtypes)
     if (name == i.name) return i.dtype;
+  return std::nullopt;
+}
+std::optional<DLDataType> dl_dtype(SafetensorsDtype dtype) noexcept {
+  const DtypeInfo &i = info(dtype);
+  if (i.dl_code == kNoDl) return std::nullopt;
+  return DLDataType{i.dl_code, static_cast<uint8_t>(i.size * 8), 1};
+}
+std::optional<SafetensorsDtype> safetensors_dtype(const DLDataType &dtype) noexcept {
+  for (const auto &i : kDtypes)
+    if (i.dl_code != kNoDl && i.dl_code == dtype.code && i.size * 8 == dtype.bits && dtype.lanes == 1) return i.dtype;
   return std::nullopt;
 }
 

@@ -75,6 +75,9 @@ struct QuantizedCheckpoint {
   static constexpr const char *kMetadataKey = "loom.quantization";
   std::string quantizer, version;
   std::map<std::string, QuantizedModule, std::less<>> modules;
+  // The name of the module a checkpoint tensor belongs to ("<module>.<suffix>", suffix not
+  // "bias", which stays an ordinary tensor), or empty when it belongs to none.
+  std::string_view module_of(std::string_view tensor) const;
 };
 
 class ModelWeights {

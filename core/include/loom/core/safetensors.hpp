@@ -49,6 +49,8 @@
 #include <string_view>
 #include <vector>
 
+#include <dlpack/dlpack.h>
+
 #include "loom/core/mapped_file.hpp"
 
 namespace loom {
@@ -66,6 +68,10 @@ size_t dtype_size(SafetensorsDtype dtype) noexcept;
 const char *dtype_name(SafetensorsDtype dtype) noexcept;
 // The dtype of a header spelling, or nullopt when unknown (case-sensitive, like the format).
 std::optional<SafetensorsDtype> parse_dtype(std::string_view name) noexcept;
+// The DLPack dtype of a stored dtype, and back; nullopt for the F8 and BOOL types, which Loom
+// hands to no plugin.
+std::optional<DLDataType> dl_dtype(SafetensorsDtype dtype) noexcept;
+std::optional<SafetensorsDtype> safetensors_dtype(const DLDataType &dtype) noexcept;
 
 struct SafetensorsTensor {
   std::string name;
