@@ -33,6 +33,14 @@ void quantize_group(const float* v, int64_t n, bool zero_point, float clip, floa
   }
 }
 
+// A group quantized (quantize_group) and read back: out[i] is the value the product uses for v[i].
+void roundtrip_group(const float* v, int64_t n, bool zero_point, float clip, float* out, uint8_t* codes) {
+  float s = 0;
+  uint8_t z = 0;
+  quantize_group(v, n, zero_point, clip, s, z, codes);
+  for (int64_t i = 0; i < n; ++i) out[i] = (static_cast<float>(codes[i]) - static_cast<float>(z)) * s;
+}
+
 // Row o of W diag(a) quantized and read back, a divided out again: the row the product sees.
 void roundtrip_row(const float* w, int64_t in, int64_t group, bool zero_point, const float* a, float* out,
                    std::vector<float>& scaled, std::vector<uint8_t>& codes) {
@@ -40,13 +48,31 @@ void roundtrip_row(const float* w, int64_t in, int64_t group, bool zero_point, c
   codes.resize(static_cast<size_t>(group));
   for (int64_t i = 0; i < in; ++i) scaled[static_cast<size_t>(i)] = a ? w[i] * a[i] : w[i];
   for (int64_t g0 = 0; g0 < in; g0 += group) {
-    float s = 0;
-    uint8_t z = 0;
-    quantize_group(scaled.data() + g0, group, zero_point, 0.0f, s, z, codes.data());
-    for (int64_t i = 0; i < group; ++i) {
-      const float v = (static_cast<float>(codes[static_cast<size_t>(i)]) - static_cast<float>(z)) * s;
-      out[g0 + i] = a ? v / a[g0 + i] : v;
-    }
+    roundtrip_group(scaled.data() + g0, group, zero_point, 0.0f, out + g0, codes.data());
+    if (a)
+      for (int64_t i = g0; i < g0 + group; ++i) out[i] /= a[i];
+  }
+}
+
+// The Gram matrix x'^T x' [m, m] of columns [c0, c0 + m) of x [n, in], where x' = x / a per
+// column when a is not null.
+std::vector<double> gram(const float* x, int64_t n, int64_t in, int64_t c0, int64_t m, const float* a) {
+  std::vector<double> g(static_cast<size_t>(m * m), 0.0);
+  std::vector<float> xs(static_cast<size_t>(m));
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t i = 0; i < m; ++i) xs[static_cast<size_t>(i)] = a ? x[r * in + c0 + i] / a[c0 + i] : x[r * in + c0 + i];
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < m; ++j) g[static_cast<size_t>(i * m + j)] += static_cast<double>(xs[static_cast<size_t>(i)]) * xs[static_cast<size_t>(j)];
+  }
+  return g;
+}
+
+// total += d^T M d, for M [m, m].
+void add_quadratic(const double* M, const float* d, int64_t m, double& total) {
+  for (int64_t i = 0; i < m; ++i) {
+    double md = 0.0;
+    for (int64_t j = 0; j < m; ++j) md += M[i * m + j] * d[j];
+    total += d[i] * md;
   }
 }
 
@@ -135,21 +161,8 @@ AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, boo
   // d^T (x^T x) d with the Gram matrix made once (in * in per row), whichever costs less over
   // the whole search.
   const double din = static_cast<double>(in), dn = static_cast<double>(n), work = static_cast<double>(searched) * grid;
-  const bool gram = din * din * (work + dn) < dn * din * work;
-  std::vector<double> xtx;
-  if (gram) {
-    xtx.assign(static_cast<size_t>(in * in), 0.0);
-    for (int64_t r = 0; r < n; ++r) {
-      const float* xr = x + r * in;
-      for (int64_t i = 0; i < in; ++i) {
-        const double xi = xr[i];
-        double* row = xtx.data() + i * in;
-        for (int64_t j = 0; j <= i; ++j) row[j] += xi * xr[j];
-      }
-    }
-    for (int64_t i = 0; i < in; ++i)
-      for (int64_t j = 0; j < i; ++j) xtx[static_cast<size_t>(j * in + i)] = xtx[static_cast<size_t>(i * in + j)];
-  }
+  const bool use_gram = din * din * (work + dn) < dn * din * work;
+  const std::vector<double> xtx = use_gram ? gram(x, n, in, 0, in, nullptr) : std::vector<double>{};
   std::vector<float> exact(static_cast<size_t>(in)), approx(static_cast<size_t>(in)), scaled;
   std::vector<uint8_t> codes;
   // The squared error of x (W - W~)^T over the searched rows, for scales a (null: none).
@@ -159,13 +172,8 @@ AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, boo
       const int64_t o = k * out / searched;
       roundtrip_row(w + o * in, in, group, zero_point, a, approx.data(), scaled, codes);
       for (int64_t i = 0; i < in; ++i) exact[static_cast<size_t>(i)] = w[o * in + i] - approx[static_cast<size_t>(i)];
-      if (gram) {
-        for (int64_t i = 0; i < in; ++i) {
-          const double* row = xtx.data() + i * in;
-          double gd = 0.0;
-          for (int64_t j = 0; j < in; ++j) gd += row[j] * exact[static_cast<size_t>(j)];
-          total += exact[static_cast<size_t>(i)] * gd;
-        }
+      if (use_gram) {
+        add_quadratic(xtx.data(), exact.data(), in, total);
         continue;
       }
       for (int64_t r = 0; r < n; ++r) {
@@ -205,18 +213,9 @@ AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, boo
 std::vector<float> clip_search(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point,
                                const float* act_scale, const float* x, int64_t n, int steps) {
   const int64_t G = in / group;
-  // Per group, the Gram matrix of the inputs the product sees (x / a): [G][group][group].
-  std::vector<double> gram(static_cast<size_t>(G * group * group), 0.0);
-  std::vector<float> xs(static_cast<size_t>(in));
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t i = 0; i < in; ++i) xs[static_cast<size_t>(i)] = act_scale ? x[r * in + i] / act_scale[i] : x[r * in + i];
-    for (int64_t g = 0; g < G; ++g) {
-      const float* xg = xs.data() + g * group;
-      double* m = gram.data() + g * group * group;
-      for (int64_t i = 0; i < group; ++i)
-        for (int64_t j = 0; j < group; ++j) m[i * group + j] += static_cast<double>(xg[i]) * xg[j];
-    }
-  }
+  // Per group, the Gram matrix of the inputs the product sees (x / a).
+  std::vector<std::vector<double>> grams;
+  for (int64_t g = 0; g < G; ++g) grams.push_back(gram(x, n, in, g * group, group, act_scale));
   std::vector<float> clip(static_cast<size_t>(out * G), 0.0f), v(static_cast<size_t>(group)),
       diff(static_cast<size_t>(group));
   std::vector<uint8_t> codes(static_cast<size_t>(group));
@@ -228,23 +227,14 @@ std::vector<float> clip_search(const float* w, int64_t out, int64_t in, int64_t 
         v[static_cast<size_t>(i)] = act_scale ? w[o * in + c] * act_scale[c] : w[o * in + c];
         amax = std::max(amax, std::fabs(v[static_cast<size_t>(i)]));
       }
-      const double* m = gram.data() + g * group * group;
       double best = std::numeric_limits<double>::max();
       float best_clip = 0.0f;
       for (int k = 0; k < steps && amax > 0.0f; ++k) {
         const float c = amax * (1.0f - 0.5f * static_cast<float>(k) / static_cast<float>(steps));
-        float s = 0;
-        uint8_t z = 0;
-        quantize_group(v.data(), group, zero_point, c, s, z, codes.data());
-        for (int64_t i = 0; i < group; ++i)
-          diff[static_cast<size_t>(i)] =
-              v[static_cast<size_t>(i)] - (static_cast<float>(codes[static_cast<size_t>(i)]) - static_cast<float>(z)) * s;
+        roundtrip_group(v.data(), group, zero_point, c, diff.data(), codes.data());
+        for (int64_t i = 0; i < group; ++i) diff[static_cast<size_t>(i)] = v[static_cast<size_t>(i)] - diff[static_cast<size_t>(i)];
         double e = 0.0;
-        for (int64_t i = 0; i < group; ++i) {
-          double md = 0.0;
-          for (int64_t j = 0; j < group; ++j) md += m[i * group + j] * diff[static_cast<size_t>(j)];
-          e += diff[static_cast<size_t>(i)] * md;
-        }
+        add_quadratic(grams[static_cast<size_t>(g)].data(), diff.data(), group, e);
         if (e < best) {
           best = e;
           best_clip = k == 0 ? 0.0f : c; // the full range needs no clip

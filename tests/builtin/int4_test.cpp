@@ -71,6 +71,18 @@ double output_error(const bt::Tensor<float> &x, const std::vector<float> &w, con
   return total;
 }
 
+// The output errors on x of a's and b's weights, each quantized with its own calibration.
+std::pair<double, double> output_errors(Fixture &a, DLTensor *calibration_a, Fixture &b, DLTensor *calibration_b,
+                                        const bt::Tensor<float> &x) {
+  loom_qweight *qa = nullptr, *qb = nullptr;
+  REQUIRE(a.quantize(&qa, calibration_a) == LOOM_OK);
+  REQUIRE(b.quantize(&qb, calibration_b) == LOOM_OK);
+  const std::pair<double, double> errors{output_error(x, a.w.v, a.dequant(qa)), output_error(x, b.w.v, b.dequant(qb))};
+  a.vt->free_weight(a.q->handle(), qa);
+  b.vt->free_weight(b.q->handle(), qb);
+  return errors;
+}
+
 } // namespace
 
 TEST_CASE("int4 round-to-nearest stays within a step of each group", "[int4]") {
@@ -135,15 +147,9 @@ TEST_CASE("int4 AWQ lowers the output error of round-to-nearest on outlier activ
   std::normal_distribution<float> noise(0.0f, 1.0f);
   for (int64_t r = 0; r < 64; ++r)
     for (int64_t i = 0; i < IN; ++i) held_out.v[r * IN + i] = noise(g) * (i == 5 || i == 37 ? 30.0f : 1.0f);
-  loom_qweight *a = nullptr, *b = nullptr;
-  REQUIRE(rtn.quantize(&a) == LOOM_OK);
-  REQUIRE(awq.quantize(&b, calib.dl()) == LOOM_OK);
-  const double e_rtn = output_error(held_out, rtn.w.v, rtn.dequant(a));
-  const double e_awq = output_error(held_out, awq.w.v, awq.dequant(b));
+  const auto [e_rtn, e_awq] = output_errors(rtn, nullptr, awq, calib.dl(), held_out);
   INFO("rtn " << e_rtn << " awq " << e_awq);
   CHECK(e_awq < 0.7 * e_rtn);
-  rtn.vt->free_weight(rtn.q->handle(), a);
-  awq.vt->free_weight(awq.q->handle(), b);
 
   loom_qweight *none = nullptr;
   CHECK(awq.quantize(&none) == LOOM_ERR_INVALID_ARGUMENT);
@@ -262,13 +268,7 @@ TEST_CASE("int4 AWQ's clip search lowers the error of full-range groups", "[int4
   for (auto &v : clip.w.v) v = normal(g);
   none.w.v = clip.w.v;
   bt::Tensor<float> x({64, IN}, bt::random_floats(64 * IN, 8)); // no outlier channels
-  loom_qweight *a = nullptr, *b = nullptr;
-  REQUIRE(clip.quantize(&a, x.dl()) == LOOM_OK);
-  REQUIRE(none.quantize(&b, x.dl()) == LOOM_OK);
-  const double with_clip = output_error(x, clip.w.v, clip.dequant(a));
-  const double without = output_error(x, none.w.v, none.dequant(b));
+  const auto [with_clip, without] = output_errors(clip, x.dl(), none, x.dl(), x);
   INFO("clip " << with_clip << " none " << without);
   CHECK(with_clip < 0.97 * without);
-  clip.vt->free_weight(clip.q->handle(), a);
-  none.vt->free_weight(none.q->handle(), b);
 }
