@@ -105,6 +105,12 @@ struct DeviceLayer {
   DeviceBuffer norm1_w, norm1_b, norm2_w, norm2_b; // float32; the _b ones for LayerNorm only
 };
 
+// A development switch: NAME=0 in the environment turns a fast path off (to compare with it).
+bool env_off(const char *name) {
+  const char *v = std::getenv(name);
+  return v != nullptr && std::string(v) == "0";
+}
+
 // A DLTensor view of device memory whose shape array lives with it.
 struct DeviceView {
   DLTensor dl{};
@@ -232,7 +238,13 @@ class CudaBackend final : public ModelBackend {
                              const std::vector<float> &bias);
   // y = x W^T through the quantizer: written as y_type (beta 0) or added into float32 y (beta 1).
   void quantized_gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta);
+  // The quantizer's fused product (loom.quantizer.fused/1) of w, when it offers input/output for
+  // w at T rows and w has no bias: runs it and returns true; else false and nothing ran.
+  bool fused_gemm(const DeviceLinear &w, const void *x, int32_t T, loom_linear_input input, loom_linear_output output,
+                  const DeviceBuffer *norm_w, void *y, DLDataType y_type);
+  void mlp_up(DeviceLayer &layer, int32_t T);
   std::shared_ptr<Instance> quantizer_;   // the pipeline's quantizer, when it has one
+  const loom_quantizer_fused *quant_fused_ = nullptr; // its fused products, when it offers them
   DeviceBuffer quant_out_;                // float32 [T, hidden]: products added into the residual
   void ensure_capacity(int32_t tokens, int32_t seqs);
   // Grows both halves of the step metadata to `entries` int32s each, keeping the first `keep`
@@ -353,7 +365,17 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   if (const QuantizedCheckpoint *q = weights.quantized())
     throw runtime_error(options_.source_name + ": [model] path holds weights quantized by '" + q->quantizer +
                         "' (loom quantize), which load on the CPU backend only for now; use loom.device = \"cpu\"");
-  if (auto list = pipeline_.list(LOOM_KIND_QUANTIZER); !list.empty()) quantizer_ = list.front();
+  if (auto list = pipeline_.list(LOOM_KIND_QUANTIZER); !list.empty()) {
+    quantizer_ = list.front();
+    const auto *vt = quantizer_->vtable<loom_quantizer_vtable>();
+    const auto *ext = vt->life.get_extension
+                          ? static_cast<const loom_quantizer_fused *>(
+                                vt->life.get_extension(quantizer_->handle(), LOOM_QUANTIZER_FUSED_EXTENSION))
+                          : nullptr;
+    if (ext && LOOM_HAS_FIELD(ext, loom_quantizer_fused, linear_fused) && ext->max_rows && ext->linear_fused &&
+        !env_off("LOOM_CUDA_QUANT_FUSED"))
+      quant_fused_ = ext;
+  }
   cuda_check(cudaSetDevice(options_.device.device_id), "cudaSetDevice");
   stream_ = static_cast<cudaStream_t>(cuda_compute_stream(options_.device.device_id));
   if (stream_ == nullptr) throw runtime_error("CUDA backend: no compute stream for device " + std::to_string(options_.device.device_id));
@@ -445,10 +467,6 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   }
   if (!gpt2) inv_freq_ = rope_inv_freq(c);
   cuda_check(cudaStreamSynchronize(stream_), "weight upload");
-  auto env_off = [](const char *name) {
-    const char *v = std::getenv(name);
-    return v != nullptr && std::string(v) == "0";
-  };
   if (bf16() && !quantizer_ && !env_off("LOOM_CUDA_GEMV"))
     gemv_tokens_ = std::min({kernels::gemv_max_tokens(static_cast<int32_t>(H)),
                              kernels::gemv_max_tokens(static_cast<int32_t>(c.n_heads * D)),
@@ -740,6 +758,28 @@ void CudaBackend::quantized_gemm(const DeviceLinear &w, const void *x, int32_t t
                  "add");
 }
 
+bool CudaBackend::fused_gemm(const DeviceLinear &w, const void *x, int32_t T, loom_linear_input input,
+                             loom_linear_output output, const DeviceBuffer *norm_w, void *y, DLDataType y_type) {
+  if (!quant_fused_ || !w.qweight || w.bias) return false;
+  const DLDevice dev = options_.device;
+  const DLDataType f32{kDLFloat, 32, 1};
+  DeviceView vx, vy, vn;
+  loom_linear_fusion f{};
+  f.struct_size = sizeof(f);
+  f.input = input;
+  f.output = output;
+  f.act_dtype = act_dl();
+  if (input == LOOM_LINEAR_INPUT_RMS_NORM) {
+    f.norm_weight = vn.set(norm_w->get(), dev, f32, {w.in});
+    f.norm_eps = static_cast<float>(config_.norm_eps);
+  }
+  if (quant_fused_->max_rows(quantizer_->handle(), w.qweight.get(), &f) < T) return false;
+  DLTensor *xt = vx.set(const_cast<void *>(x), dev, input == LOOM_LINEAR_INPUT_RMS_NORM ? f32 : act_dl(), {T, w.in});
+  DLTensor *yt = vy.set(y, dev, y_type, {T, output == LOOM_LINEAR_OUTPUT_SWIGLU ? w.out / 2 : w.out});
+  quantizer_->check(quant_fused_->linear_fused(quantizer_->handle(), w.qweight.get(), xt, &f, yt), "linear_fused");
+  return true;
+}
+
 void CudaBackend::gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta) {
   if (w.qweight) {
     quantized_gemm(w, x, tokens, y, y_type, beta);
@@ -790,8 +830,7 @@ void CudaBackend::attend(Instance &attention, AttentionCall &call, int32_t T, in
 void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
   const ModelConfig &c = config_;
   const int32_t H = static_cast<int32_t>(c.hidden_size), D = static_cast<int32_t>(c.head_dim),
-                Hq = static_cast<int32_t>(c.n_heads), Hkv = static_cast<int32_t>(c.n_kv_heads),
-                I = static_cast<int32_t>(c.intermediate_size);
+                Hq = static_cast<int32_t>(c.n_heads), Hkv = static_cast<int32_t>(c.n_kv_heads);
   const float eps = static_cast<float>(c.norm_eps);
   const bool gpt2 = c.architecture == Architecture::gpt2;
   const auto dt = kdtype();
@@ -811,51 +850,87 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     return;
   }
   const float *pending_bias = nullptr; // the last linear's bias, added by the next norm
+  // With a quantizer that fuses (loom.quantizer.fused/1), RMSNorm moves into the q/k/v and
+  // gate/up products, SwiGLU into gate/up's, the residual adds into o's and down's.
+  const DLDataType f32{kDLFloat, 32, 1};
+  const bool rms = !gpt2;
   for (int32_t l = 0; l < c.n_layers; ++l) {
     DeviceLayer &layer = layers_[static_cast<size_t>(l)];
-    kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm1_w.get<float>(),
-                                             layer.norm1_b ? layer.norm1_b.get<float>() : nullptr, eps, h_.get(), dt, stream_),
-                 "norm");
-    op_times_.mark("norm", stream_);
-    gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
-    op_times_.mark("qkv gemm", stream_);
+    if (rms && !pending_bias && !layer.norm1_b &&
+        fused_gemm(layer.qkv, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_STORE, &layer.norm1_w, qkv_.get(), act_dl())) {
+      op_times_.mark("norm+qkv fused", stream_);
+    } else {
+      kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm1_w.get<float>(),
+                                               layer.norm1_b ? layer.norm1_b.get<float>() : nullptr, eps, h_.get(), dt, stream_),
+                   "norm");
+      op_times_.mark("norm", stream_);
+      gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
+      op_times_.mark("qkv gemm", stream_);
+    }
     kernel_check(kernels::qkv_bias_rope_split_cuda(qkv_.get(), layer.qkv.bias ? layer.qkv.bias.get<float>() : nullptr,
                                                    gpt2 ? nullptr : cos_sin_.get<float>(), d_positions_, T, Hq, Hkv, D,
                                                    q_.get(), k_.get(), v_.get(), dt, stream_),
                  "qkv");
     op_times_.mark("bias+rope+split", stream_);
     attend(attention, call, T, S, l);
-    gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, 1.0f);
-    op_times_.mark("o gemm", stream_);
-    pending_bias = layer.o.bias ? layer.o.bias.get<float>() : nullptr;
-    kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm2_w.get<float>(),
-                                             layer.norm2_b ? layer.norm2_b.get<float>() : nullptr, eps, h_.get(), dt, stream_),
-                 "norm");
-    op_times_.mark("norm", stream_);
-    if (gpt2) {
-      gemm(layer.gate_up, h_.get(), T, inter_.get(), act_cuda(), 0.0f);
-      kernel_check(kernels::bias_gelu_cuda(inter_.get(), layer.gate_up.bias.get<float>(), T, I, dt, stream_), "gelu");
-      op_times_.mark("activation", stream_);
-    } else if (skinny_swiglu_ && T <= kernels::skinny_gemm_max_tokens()) {
-      skinny_swiglu(layer.gate_up, h_.get(), T, inter_.get());
-      op_times_.mark("gate_up gemm+swiglu", stream_);
+    if (fused_gemm(layer.o, attn_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
+      op_times_.mark("o fused", stream_);
     } else {
-      gemm(layer.gate_up, h_.get(), T, gate_up_.get(), act_cuda(), 0.0f);
-      op_times_.mark("gate_up gemm", stream_);
-      kernel_check(kernels::swiglu_cuda(gate_up_.get(), T, I, inter_.get(), dt, stream_), "swiglu");
-      op_times_.mark("activation", stream_);
+      gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, 1.0f);
+      op_times_.mark("o gemm", stream_);
     }
-    gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, 1.0f);
-    op_times_.mark("down gemm", stream_);
+    pending_bias = layer.o.bias ? layer.o.bias.get<float>() : nullptr;
+    if (rms && !pending_bias && !layer.norm2_b &&
+        fused_gemm(layer.gate_up, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_SWIGLU, &layer.norm2_w,
+                   inter_.get(), act_dl())) {
+      op_times_.mark("norm+gate_up+swiglu fused", stream_);
+    } else {
+      kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm2_w.get<float>(),
+                                               layer.norm2_b ? layer.norm2_b.get<float>() : nullptr, eps, h_.get(), dt, stream_),
+                   "norm");
+      op_times_.mark("norm", stream_);
+      mlp_up(layer, T);
+    }
+    if (fused_gemm(layer.down, inter_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
+      op_times_.mark("down fused", stream_);
+    } else {
+      gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, 1.0f);
+      op_times_.mark("down gemm", stream_);
+    }
     pending_bias = layer.down.bias ? layer.down.bias.get<float>() : nullptr;
   }
-  // Only each sequence's last token needs the final norm and the head.
+  // Only each sequence's last token needs the final norm and the head (all of them in a decode
+  // step, where the fused head can normalise them itself).
+  if (T == S && rms && !pending_bias && !final_b_ &&
+      fused_gemm(lm_head_, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_STORE, &final_w_, logits_.get(), f32)) {
+    op_times_.mark("final norm+lm_head fused", stream_);
+    return;
+  }
   kernel_check(kernels::add_bias_norm_cuda(x, d_last_rows_, S, H, pending_bias, final_w_.get<float>(),
                                            final_b_ ? final_b_.get<float>() : nullptr, eps, final_h_.get(), dt, stream_),
                "final norm");
   op_times_.mark("final norm", stream_);
   gemm(lm_head_, final_h_.get(), S, logits_.get(), CUDA_R_32F, 0.0f);
   op_times_.mark("lm_head gemm", stream_);
+}
+
+// The MLP's up projection and activation from h_ into inter_ (the unfused path).
+void CudaBackend::mlp_up(DeviceLayer &layer, int32_t T) {
+  const int32_t I = static_cast<int32_t>(config_.intermediate_size);
+  const auto dt = kdtype();
+  if (config_.architecture == Architecture::gpt2) {
+    gemm(layer.gate_up, h_.get(), T, inter_.get(), act_cuda(), 0.0f);
+    kernel_check(kernels::bias_gelu_cuda(inter_.get(), layer.gate_up.bias.get<float>(), T, I, dt, stream_), "gelu");
+    op_times_.mark("activation", stream_);
+  } else if (skinny_swiglu_ && T <= kernels::skinny_gemm_max_tokens()) {
+    skinny_swiglu(layer.gate_up, h_.get(), T, inter_.get());
+    op_times_.mark("gate_up gemm+swiglu", stream_);
+  } else {
+    gemm(layer.gate_up, h_.get(), T, gate_up_.get(), act_cuda(), 0.0f);
+    op_times_.mark("gate_up gemm", stream_);
+    kernel_check(kernels::swiglu_cuda(gate_up_.get(), T, I, inter_.get(), dt, stream_), "swiglu");
+    op_times_.mark("activation", stream_);
+  }
 }
 
 // A decode step of a few tokens (T == S <= gemv_tokens_): every linear is a fused GEMV

@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "flash_launch.hpp"
+#include "loom_cuda_pdl.cuh"
 
 namespace loomp::flash::dev {
 
@@ -58,21 +59,10 @@ struct Elem<__half> {
   }
 };
 
-// ---- programmatic dependent launch (sm_90; no-ops elsewhere and when not launched so) ----
+// ---- programmatic dependent launch (plugins/common/loom_cuda_pdl.cuh) ----
 
-// Lets the next kernel on the stream start its own prologue (its blocks wait for this grid
-// before they read what it writes).
-__device__ __forceinline__ void allow_next_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-// Waits until the previous kernel's writes (q, k, v) are visible.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
+using pdl::allow_next_kernel;
+using pdl::wait_for_previous_kernel;
 
 // ---- the batch ----
 

@@ -1,6 +1,8 @@
-// Quantizer component `int4`: group-wise 4-bit weights (W4A16 on the CPU: codes unpacked and
-// multiplied in float32), by round-to-nearest or by AWQ's activation-aware scale search over
-// the calibration activations the host passes (int4_math.hpp has the arithmetic).
+// Quantizer component `int4`: group-wise 4-bit weights (W4A16: on the CPU codes unpacked and
+// multiplied in float32; on CUDA int4_cuda.cu's kernel, with the fusions of
+// loom.quantizer.fused/1), by round-to-nearest or by AWQ's activation-aware scale search over
+// the calibration activations the host passes (int4_math.hpp has the arithmetic). A CUDA weight
+// keeps its host copy for export_weight and dequantize.
 //
 // Export layout (one weight): "qweight" uint8 [out, in/2] (two codes a byte, low nibble first),
 // "scales" float32 [out, in/group], "zeros" uint8 [out, in/group], and for AWQ "act_scale"
@@ -20,10 +22,21 @@
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
 #include "loom_quant_util.hpp"
+#if LOOM_INT4_CUDA
+#include "int4_cuda.hpp"
+#include "loom_cuda_guard.hpp"
+#include "loom_quant_cuda.hpp"
+#endif
 
 struct loom_qweight {
   loomp::int4q::Int4Weight w;
   std::string method;  // "rtn" or "awq"
+  // A CUDA target's copies (device memory from the host's allocator), else null.
+  DLDevice device{kDLCPU, 0};
+  void* codes_dev = nullptr;
+  void* scales_dev = nullptr;
+  void* zeros_dev = nullptr;
+  void* act_scale_dev = nullptr;
 };
 
 namespace loomp::int4q {
@@ -38,6 +51,9 @@ struct Int4 {
   std::string method = "rtn";
   bool zero_point = true;
   int64_t awq_grid = 20, awq_rows = 256, awq_clip = 10;
+#if LOOM_INT4_CUDA
+  TiledResources tiled{&tiled_create, &tiled_destroy};  // the prefill path, from the first GPU weight
+#endif
 
   Int4(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {
     group = cfg_int(h, c, "group_size");
@@ -61,8 +77,67 @@ struct Int4 {
 };
 
 void check_target(DLDevice d) {
-  if (d.device_type != kDLCPU) unsupported("int4: only the CPU target device is supported");
+#if LOOM_INT4_CUDA
+  if (d.device_type == kDLCUDA) return;
+#endif
+  if (d.device_type != kDLCPU) unsupported("int4: only the CPU and CUDA target devices are supported");
 }
+
+void free_device(const Int4& self, loom_qweight& q) {
+  for (void** p : {&q.codes_dev, &q.scales_dev, &q.zeros_dev, &q.act_scale_dev}) {
+    if (*p) self.host->device_free(self.ctx, q.device, *p);
+    *p = nullptr;
+  }
+}
+
+// Copies codes, scales, zeros and AWQ scales to the target device, when it is a GPU.
+void place(Int4& self, loom_qweight& q, DLDevice target) {
+  if (target.device_type != kDLCUDA) return;
+#if LOOM_INT4_CUDA
+  const Int4Weight& w = q.w;
+  if (w.in % kCodesPerPiece != 0 || w.group % kCodesPerPiece != 0)
+    unsupported("int4: on CUDA, in_features and group_size must be multiples of 32, got " + std::to_string(w.in) +
+                " and " + std::to_string(w.group));
+  q.device = target;
+  self.tiled.ensure(self.host, self.ctx, target);
+  try {
+    q.codes_dev = upload(self.host, self.ctx, target, w.packed.data(), w.packed.size(), "int4", "codes");
+    q.scales_dev = upload(self.host, self.ctx, target, w.scales.data(), w.scales.size() * sizeof(float), "int4", "scales");
+    q.zeros_dev = upload(self.host, self.ctx, target, w.zeros.data(), w.zeros.size(), "int4", "zero points");
+    if (!w.act_scale.empty())
+      q.act_scale_dev =
+          upload(self.host, self.ctx, target, w.act_scale.data(), w.act_scale.size() * sizeof(float), "int4", "AWQ scales");
+  } catch (...) {
+    free_device(self, q);
+    throw;
+  }
+#else
+  (void)self;
+  (void)q;
+#endif
+}
+
+#if LOOM_INT4_CUDA
+// The product on the weight's GPU (plain, or fused when `fusion` is not NULL).
+void linear_cuda(const Int4& self, const loom_qweight& q, const DLTensor* x, const DLTensor* bias,
+                 const loom_linear_fusion* fusion, DLTensor* y) {
+  const Int4Weight& w = q.w;
+  qgemv::Args a = io_args("int4", q.device, w.out, w.in, x, bias, fusion, y);
+  const int pieces = static_cast<int>(w.in / kCodesPerPiece);
+  if (fusion != nullptr && a.tokens > fused_max_rows(fusion, w.out, pieces, kCodesPerPiece))
+    unsupported("int4: this fusion takes at most max_rows rows");
+  a.codes = q.codes_dev;
+  a.row_pieces = pieces;
+  a.scales = static_cast<const float*>(q.scales_dev);
+  a.zeros = static_cast<const uint8_t*>(q.zeros_dev);
+  a.groups = static_cast<int>(w.groups());
+  a.group_pieces = static_cast<int>(w.group / kCodesPerPiece);
+  a.act_scale = static_cast<const float*>(q.act_scale_dev);
+  DeviceGuard guard(q.device.device_id, "int4");
+  check_cuda(static_cast<cudaError_t>(w4a16_cuda(a, self.tiled.for_device(q.device), self.host->current_stream(self.ctx, q.device))),
+             "int4", "W4A16 product");
+}
+#endif
 
 std::unique_ptr<loom_qweight> quantize(const Int4& self, const loom_quantize_request& r) {
   check_target(r.target_device);
@@ -231,12 +306,20 @@ loom_status quantize_fn(void* inst, const loom_quantize_request* r, loom_qweight
   return guard(self(inst).host, self(inst).ctx, [&] {
     if (r == nullptr || out == nullptr) invalid("int4: request and out must not be NULL");
     if (!LOOM_HAS_FIELD(r, loom_quantize_request, target_device)) invalid("int4: request struct_size too small");
-    *out = quantize(self(inst), *r).release();
+    auto q = quantize(self(inst), *r);
+    place(self(inst), *q, r->target_device);
+    *out = q.release();
   });
 }
 loom_status linear_fn(void* inst, const loom_qweight* w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
   return guard(self(inst).host, self(inst).ctx, [&] {
     if (w == nullptr) invalid("int4: weight is NULL");
+#if LOOM_INT4_CUDA
+    if (w->device.device_type == kDLCUDA) {
+      linear_cuda(self(inst), *w, x, bias, nullptr, y);
+      return;
+    }
+#endif
     linear_fn_impl(*w, x, bias, y);
   });
 }
@@ -256,14 +339,36 @@ loom_status import_fn(void* inst, const loom_named_tensor* ts, uint32_t count, c
                       loom_qweight** out) {
   return guard(self(inst).host, self(inst).ctx, [&] {
     if (out == nullptr) invalid("int4: out is NULL");
-    *out = import_weight(ts, count, meta, target).release();
+    auto q = import_weight(ts, count, meta, target);
+    place(self(inst), *q, target);
+    *out = q.release();
   });
 }
-void free_fn(void*, loom_qweight* w) { delete w; }
+void free_fn(void* inst, loom_qweight* w) {
+  if (w) free_device(self(inst), *w);
+  delete w;
+}
+
+#if LOOM_INT4_CUDA
+struct Fused {
+  using Instance = Int4;
+  static constexpr const char* kName = "int4";
+  static constexpr int kPer = kCodesPerPiece;
+  static bool on_gpu(const loom_qweight& q) { return q.device.device_type == kDLCUDA; }
+  static int64_t out(const loom_qweight& q) { return q.w.out; }
+  static int64_t in(const loom_qweight& q) { return q.w.in; }
+  static void linear(Int4& self, const loom_qweight& q, const DLTensor* x, const loom_linear_fusion* f, DLTensor* y) {
+    linear_cuda(self, q, x, nullptr, f, y);
+  }
+};
+const void* extension_fn(void* inst, const char* id) { return FusedExtension<Fused>::get(inst, id); }
+#else
+const void* extension_fn(void*, const char*) { return nullptr; }
+#endif
 
 constexpr loom_quantizer_vtable kVtable = {
     sizeof(loom_quantizer_vtable),
-    {&create_instance<Int4>, &destroy_instance<Int4>, nullptr, nullptr, nullptr},
+    {&create_instance<Int4>, &destroy_instance<Int4>, &extension_fn, nullptr, nullptr},
     &quantize_fn, &linear_fn, &dequantize_fn, &export_fn, &import_fn, &free_fn,
 };
 constexpr loom_param_desc param(const char* key, loom_value_type type, const char* def, const char* description) {
@@ -281,7 +386,7 @@ constexpr loom_param_desc kParams[] = {
 };
 constexpr loom_component_desc kInt4 = {
     sizeof(loom_component_desc), LOOM_KIND_QUANTIZER, "int4", "1.0.0",
-    "Group-wise 4-bit weights, round-to-nearest or AWQ scale search (CPU)",
+    "Group-wise 4-bit weights, round-to-nearest or AWQ scale search (CPU; W4A16 kernel on CUDA)",
     kParams, 6, LOOM_THREADING_SERIAL, &kVtable};
 const loom_component_desc* const kComponents[] = {&kInt4};
 const loom_plugin_desc kPlugin = {

@@ -3,7 +3,8 @@
 //   q[o, i]  = round(W[o, i] / scale[o]) in [-127, 127]
 //   W~[o, i] = q[o, i] * scale[o],  so |W - W~| <= scale[o] / 2
 // Weights live in host memory (CPU path) and, for a CUDA target, also in device memory from the
-// host's allocator, where the product is int8_cuda.cu's W8A16 kernel (bf16 or f32 activations).
+// host's allocator, where the product is int8_cuda.cu's W8A16 kernel (bf16 or f32 activations),
+// with the fusions of loom.quantizer.fused/1 (RMSNorm prologue, residual add, SwiGLU).
 // Export layout: "qweight" int8 [out, in], "scales" float32 [out], metadata
 // {"format":"loom-int8","bits":8,"scheme":"per-channel-symmetric"}.
 #include <algorithm>
@@ -21,6 +22,7 @@
 #if LOOM_INT8_CUDA
 #include "int8_cuda.hpp"
 #include "loom_cuda_guard.hpp"
+#include "loom_quant_cuda.hpp"
 #endif
 
 struct loom_qweight {
@@ -41,6 +43,9 @@ constexpr const char* kMetadata = R"({"format":"loom-int8","bits":8,"scheme":"pe
 struct Int8 {
   const loom_host_api* host;
   loom_host_ctx* ctx;
+#if LOOM_INT8_CUDA
+  TiledResources tiled{&tiled_create, &tiled_destroy};  // the prefill path, from the first GPU weight
+#endif
   Int8(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {}
 };
 
@@ -59,28 +64,27 @@ void free_device(const Int8& self, loom_qweight& w) {
   w.scales_dev = nullptr;
 }
 
-// Copies the codes and scales to the target device, when it is a GPU.
-void place(const Int8& self, loom_qweight& w, DLDevice target) {
+// Copies the codes and scales to the target device, when it is a GPU. The host copies stay for
+// export_weight and dequantize.
+void place(Int8& self, loom_qweight& w, DLDevice target) {
   if (target.device_type != kDLCUDA) return;
-  if (w.in % 16 != 0) unsupported("int8: on CUDA, in_features must be a multiple of 16, got " + std::to_string(w.in));
+#if LOOM_INT8_CUDA
+  if (w.in % kCodesPerPiece != 0)
+    unsupported("int8: on CUDA, in_features must be a multiple of 16, got " + std::to_string(w.in));
   w.device = target;
-  const DLDevice host{kDLCPU, 0};
-  auto copy = [&](void** dst, const void* src, size_t bytes, const char* what) {
-    if (self.host->device_alloc(self.ctx, target, bytes, 256, dst) != LOOM_OK)
-      fail(LOOM_ERR_OUT_OF_MEMORY, std::string("int8: cannot allocate the device ") + what);
-    if (self.host->memcpy(self.ctx, *dst, target, src, host, bytes) != LOOM_OK)
-      fail(LOOM_ERR_DEVICE, std::string("int8: cannot copy the ") + what + " to the device");
-  };
+  self.tiled.ensure(self.host, self.ctx, target);
   try {
-    copy(reinterpret_cast<void**>(&w.q_dev), w.q.data(), w.q.size(), "codes");
-    copy(reinterpret_cast<void**>(&w.scales_dev), w.scales.data(), w.scales.size() * sizeof(float), "scales");
-    // The host copies stay for export_weight and dequantize; the copy must finish before the
-    // caller may free its own buffers or run the product.
-    if (self.host->stream_synchronize(self.ctx, target) != LOOM_OK) fail(LOOM_ERR_DEVICE, "int8: upload failed");
+    w.q_dev = static_cast<int8_t*>(upload(self.host, self.ctx, target, w.q.data(), w.q.size(), "int8", "codes"));
+    w.scales_dev = static_cast<float*>(
+        upload(self.host, self.ctx, target, w.scales.data(), w.scales.size() * sizeof(float), "int8", "scales"));
   } catch (...) {
     free_device(self, w);
     throw;
   }
+#else
+  (void)self;
+  (void)w;
+#endif
 }
 
 std::unique_ptr<loom_qweight> quantize(const loom_quantize_request& r) {
@@ -113,41 +117,24 @@ std::unique_ptr<loom_qweight> quantize(const loom_quantize_request& r) {
   return qw;
 }
 
-// y[n, out] = x[n, in] @ W~^T (+ bias): the int8 row is dequantized on the fly, the dot
-// product accumulates in float and the channel scale is applied once per output.
 #if LOOM_INT8_CUDA
-bool is_bf16(DLDataType t) { return t.code == kDLBfloat && t.bits == 16 && t.lanes == 1; }
-
-// The product on the weight's GPU: x and y bf16 or f32 [n, in] / [n, out], bias f32, all there.
-void linear_cuda(const Int8& self, const loom_qweight& w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
-  auto check = [&](const DLTensor* t, const char* name, int64_t cols, bool allow_bf16) {
-    if (t == nullptr) invalid(std::string("int8: ") + name + " is NULL");
-    if (t->device.device_type != kDLCUDA || t->device.device_id != w.device.device_id)
-      invalid(std::string("int8: ") + name + " must be on the weight's GPU");
-    if (!(is_f32(t->dtype) || (allow_bf16 && is_bf16(t->dtype))))
-      invalid(std::string("int8: ") + name + (allow_bf16 ? " must be float32 or bfloat16" : " must be float32"));
-    if (t->ndim != (cols < 0 ? 1 : 2) || !is_contiguous(*t) || (reinterpret_cast<uintptr_t>(t->data) + t->byte_offset) % 16)
-      invalid(std::string("int8: ") + name + " must be a contiguous, 16-byte aligned " + (cols < 0 ? "1-D" : "2-D") + " tensor");
-    if (cols >= 0 && t->shape[1] != cols)
-      invalid(std::string("int8: ") + name + " has " + std::to_string(t->shape[1]) + " columns, expected " + std::to_string(cols));
-  };
-  check(x, "x", w.in, true);
-  check(y, "y", w.out, true);
-  if (y->shape[0] != x->shape[0]) invalid("int8: y must have as many rows as x");
-  if (bias) {
-    check(bias, "bias", -1, false);
-    if (bias->shape[0] != w.out) invalid("int8: bias must have out_features values");
-  }
+// The product on the weight's GPU (plain, or fused when `fusion` is not NULL).
+void linear_cuda(const Int8& self, const loom_qweight& w, const DLTensor* x, const DLTensor* bias,
+                 const loom_linear_fusion* fusion, DLTensor* y) {
+  qgemv::Args a = io_args("int8", w.device, w.out, w.in, x, bias, fusion, y);
+  if (fusion != nullptr && a.tokens > fused_max_rows(fusion, w.out, static_cast<int>(w.in / kCodesPerPiece), kCodesPerPiece))
+    unsupported("int8: this fusion takes at most max_rows rows");
+  a.codes = w.q_dev;
+  a.row_pieces = static_cast<int>(w.in / kCodesPerPiece);
+  a.scales = w.scales_dev;
   DeviceGuard guard(w.device.device_id, "int8");
-  auto data = [](const DLTensor* t) { return static_cast<char*>(t->data) + t->byte_offset; };
-  const int e = w8a16_linear_cuda(w.q_dev, w.scales_dev, data(x), is_bf16(x->dtype),
-                                  bias ? reinterpret_cast<const float*>(data(bias)) : nullptr, data(y), is_bf16(y->dtype),
-                                  static_cast<int32_t>(x->shape[0]), static_cast<int32_t>(w.out), static_cast<int32_t>(w.in),
-                                  self.host->current_stream(self.ctx, w.device));
-  check_cuda(static_cast<cudaError_t>(e), "int8", "W8A16 kernel launch");
+  check_cuda(static_cast<cudaError_t>(w8a16_cuda(a, self.tiled.for_device(w.device), self.host->current_stream(self.ctx, w.device))),
+             "int8", "W8A16 product");
 }
 #endif
 
+// y[n, out] = x[n, in] @ W~^T (+ bias): the int8 row is dequantized on the fly, the dot
+// product accumulates in float and the channel scale is applied once per output.
 void linear(const loom_qweight& w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
   check_f32(x, "x", {-1, w.in});
   const int64_t n = x->shape[0];
@@ -255,7 +242,7 @@ loom_status linear_fn(void* inst, const loom_qweight* w, const DLTensor* x, cons
     if (w == nullptr) invalid("int8: weight is NULL");
 #if LOOM_INT8_CUDA
     if (w->device.device_type == kDLCUDA) {
-      linear_cuda(self(inst), *w, x, bias, y);
+      linear_cuda(self(inst), *w, x, bias, nullptr, y);
       return;
     }
 #endif
@@ -288,9 +275,26 @@ void free_fn(void* inst, loom_qweight* w) {
   delete w;
 }
 
+#if LOOM_INT8_CUDA
+struct Fused {
+  using Instance = Int8;
+  static constexpr const char* kName = "int8";
+  static constexpr int kPer = kCodesPerPiece;
+  static bool on_gpu(const loom_qweight& w) { return w.device.device_type == kDLCUDA; }
+  static int64_t out(const loom_qweight& w) { return w.out; }
+  static int64_t in(const loom_qweight& w) { return w.in; }
+  static void linear(Int8& self, const loom_qweight& w, const DLTensor* x, const loom_linear_fusion* f, DLTensor* y) {
+    linear_cuda(self, w, x, nullptr, f, y);
+  }
+};
+const void* extension_fn(void* inst, const char* id) { return FusedExtension<Fused>::get(inst, id); }
+#else
+const void* extension_fn(void*, const char*) { return nullptr; }
+#endif
+
 constexpr loom_quantizer_vtable kVtable = {
     sizeof(loom_quantizer_vtable),
-    {&create_fn, &destroy_fn, nullptr, nullptr, nullptr},
+    {&create_fn, &destroy_fn, &extension_fn, nullptr, nullptr},
     &quantize_fn, &linear_fn, &dequantize_fn, &export_fn, &import_fn, &free_fn,
 };
 constexpr loom_component_desc kInt8 = {

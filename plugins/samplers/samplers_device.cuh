@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "loom_cuda_pdl.cuh"
+
 namespace loomp::samplers::cuda {
 
 // Order-preserving key: a larger float gives a larger key; -0.0 is folded onto +0.0 (the CPU
@@ -35,16 +37,8 @@ __device__ __forceinline__ double weight(float x, float mx) {
 // before drains, and wait (griddepcontrol.wait) for its writes before reading anything. Every
 // kernel launched through launch_after() must call wait_for_previous_kernel() before its first
 // global read; each lets the next kernel in early (allow_next_kernel()).
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_next_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
+using pdl::allow_next_kernel;          // plugins/common/loom_cuda_pdl.cuh
+using pdl::wait_for_previous_kernel;
 // Whether the current device runs programmatic dependent launches (compute capability 9.0+).
 bool programmatic_launch();
 template <typename... Params, typename... Args>

@@ -51,6 +51,11 @@ PROBE_TYPE(loom_attention_vtable)
 PROBE_TYPE(loom_qweight)
 PROBE_TYPE(loom_quantize_request)
 PROBE_TYPE(loom_quantizer_vtable)
+/* quantizer_fused.h */
+PROBE_TYPE(loom_linear_input)
+PROBE_TYPE(loom_linear_output)
+PROBE_TYPE(loom_linear_fusion)
+PROBE_TYPE(loom_quantizer_fused)
 /* adapter.h */
 PROBE_TYPE(loom_adapter_site)
 PROBE_TYPE(loom_adapter_module)

@@ -366,7 +366,8 @@ TEST_CASE("the CUDA backend refuses what it cannot run, by name", "[cuda]") {
     }
   };
   refused("[quantizer]\nuse = \"int4\"\ngroup_size = 16\n",
-          "quantize model.layers.0.self_attn.qkv_proj for the GPU failed: int4: only the CPU target device");
+          "quantize model.layers.0.self_attn.qkv_proj for the GPU failed: int4: on CUDA, in_features and group_size "
+          "must be multiples of 32");
   refused("[[adapter]]\nuse = \"lora\"\n", "m.toml: adapter[0] (lora): adapter components run on the CPU backend only");
   // A `loom quantize` checkpoint loads on the CPU only, so far.
   const fs::path quantized = fs::temp_directory_path() / ("loom_cuda_q8_" + std::to_string(::getpid()));
@@ -389,17 +390,19 @@ TEST_CASE("the CUDA backend refuses what it cannot run, by name", "[cuda]") {
   CHECK(rt->run().tokens.size() == 4);
 }
 
-TEST_CASE("int8 weights on CUDA compute what they compute on the CPU", "[cuda][quant]") {
-  // The same codes and scales on both (each quantizes the same float32 weights); float32 compute
-  // differs only in summation order, bfloat16 also in its activations' rounding.
+TEST_CASE("quantized weights on CUDA compute what they compute on the CPU", "[cuda][quant]") {
+  // The same codes and scales on both (each quantizes the same float32 weights); the GPU kernels
+  // stage their inputs as bfloat16, and decode steps take the fused products (RMSNorm, SwiGLU and
+  // residual adds inside the quantizer's kernel), prefills the unfused ones.
+  for (const char *quantizer : {"use = \"int8\"\n", "use = \"int4\"\ngroup_size = 32\n"})
   for (const char *name : {"tiny-llama", "tiny-llama3-tied", "tiny-gpt2"}) {
     const fs::path dir = kModels / name;
     auto manifest = [&](const char *device, const char *dtype) {
       return "[loom]\ndevice = \"" + std::string(device) + "\"\n[model]\npath = \"" + dir.string() + "\"\ndtype = \"" +
-             dtype + "\"\n[attention]\nuse = \"sdpa\"\nblock_size = 16\n[quantizer]\nuse = \"int8\"\n"
+             dtype + "\"\n[attention]\nuse = \"sdpa\"\nblock_size = 16\n[quantizer]\n" + quantizer +
              "[[sampler]]\nuse = \"greedy\"\n[run]\nprompt = [1, 5, 9, 2, 7]\nsteps = 24\nstop_tokens = []\n";
     };
-    INFO(name);
+    INFO(name << " " << quantizer);
     auto cpu = loom::Runtime::from_string(manifest("cpu", "float32"), "cpu.toml");
     auto gpu = loom::Runtime::from_string(manifest("cuda", "float32"), "gpu.toml");
     REQUIRE(gpu->device().device_type == kDLCUDA);

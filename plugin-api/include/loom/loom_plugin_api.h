@@ -10,6 +10,7 @@
 #include "loom/tensor.h"
 #include "loom/attention.h"
 #include "loom/quantizer.h"
+#include "loom/quantizer_fused.h"
 #include "loom/adapter.h"
 #include "loom/sampler.h"
 #include "loom/parallel.h"

@@ -1,0 +1,330 @@
+// The int8 and int4 quantizers' CUDA products (loom_quant_gemv.cuh) against their CPU products on
+// the same codes: plain `linear` (bf16/f32 in and out, bias, more tokens than one launch takes)
+// and every fusion of loom.quantizer.fused/1 (RMSNorm prologue, residual add, SwiGLU), on shapes
+// that take the kernel's row-pair and split-K paths and a row that ends inside a 32-piece block.
+// Exits 77 (CTest: skipped) without a CUDA device.
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+
+#include "builtin_test_util.hpp"
+#include "loom/core/host_context.hpp"
+
+namespace {
+
+constexpr DLDevice kGpu{kDLCUDA, 0};
+constexpr DLDataType kF32{kDLFloat, 32, 1};
+constexpr DLDataType kBF16{kDLBfloat, 16, 1};
+
+float bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+// Device memory with a DLTensor view.
+struct DeviceTensor {
+  std::vector<int64_t> shape;
+  DLDataType dtype;
+  void *data = nullptr;
+  DLTensor t{};
+  DeviceTensor(std::vector<int64_t> s, DLDataType d) : shape(std::move(s)), dtype(d) {
+    REQUIRE(cudaMalloc(&data, bytes()) == cudaSuccess);
+  }
+  ~DeviceTensor() { cudaFree(data); }
+  DeviceTensor(const DeviceTensor &) = delete;
+  DeviceTensor &operator=(const DeviceTensor &) = delete;
+  size_t count() const {
+    size_t n = 1;
+    for (int64_t e : shape) n *= static_cast<size_t>(e);
+    return n;
+  }
+  size_t bytes() const { return count() * dtype.bits / 8; }
+  DLTensor *dl() {
+    t = DLTensor{};
+    t.data = data;
+    t.device = kGpu;
+    t.ndim = static_cast<int32_t>(shape.size());
+    t.dtype = dtype;
+    t.shape = shape.data();
+    return &t;
+  }
+  void upload(const std::vector<float> &v) {
+    REQUIRE(v.size() == count());
+    if (dtype.bits == 32) {
+      REQUIRE(cudaMemcpy(data, v.data(), bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+      return;
+    }
+    std::vector<__nv_bfloat16> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i) h[i] = __float2bfloat16_rn(v[i]);
+    REQUIRE(cudaMemcpy(data, h.data(), bytes(), cudaMemcpyHostToDevice) == cudaSuccess);
+  }
+  std::vector<float> download() const {
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    std::vector<float> v(count());
+    if (dtype.bits == 32) {
+      REQUIRE(cudaMemcpy(v.data(), data, bytes(), cudaMemcpyDeviceToHost) == cudaSuccess);
+      return v;
+    }
+    std::vector<__nv_bfloat16> h(v.size());
+    REQUIRE(cudaMemcpy(h.data(), data, bytes(), cudaMemcpyDeviceToHost) == cudaSuccess);
+    for (size_t i = 0; i < v.size(); ++i) v[i] = __bfloat162float(h[i]);
+    return v;
+  }
+};
+
+// One quantizer, one weight quantized for the CPU and for the GPU (the same codes: quantize is
+// deterministic), and the CPU's product as the reference.
+struct Quantized {
+  std::unique_ptr<loom::Runtime> rt;
+  loom::Instance &q;
+  const loom_quantizer_vtable *vt;
+  const loom_quantizer_fused *fused;
+  int64_t out, in;
+  loom_qweight *cpu = nullptr, *gpu = nullptr;
+
+  Quantized(const std::string &toml, int64_t out_features, int64_t in_features)
+      : rt(bt::runtime(toml)), q(rt->pipeline().at("quantizer")), vt(q.vtable<loom_quantizer_vtable>()),
+        fused(static_cast<const loom_quantizer_fused *>(vt->life.get_extension(q.handle(), LOOM_QUANTIZER_FUSED_EXTENSION))),
+        out(out_features), in(in_features) {
+    REQUIRE(fused != nullptr);
+    bt::Tensor<float> w({out, in}, bt::random_floats(static_cast<size_t>(out * in), 11, -1.0f, 1.0f));
+    // Calibration rows with a few loud inputs, for AWQ (int8 and RTN ignore them).
+    bt::Tensor<float> calib({32, in}, bt::random_floats(static_cast<size_t>(32 * in), 12, -1.0f, 1.0f));
+    for (int64_t r = 0; r < 32; ++r)
+      for (int64_t i = 0; i < in; i += 97) calib.v[static_cast<size_t>(r * in + i)] *= 20.0f;
+    loom_quantize_request r{};
+    r.struct_size = sizeof(r);
+    r.module_name = "test.linear";
+    r.weight = w.dl();
+    r.calibration = calib.dl();
+    r.target_device = DLDevice{kDLCPU, 0};
+    REQUIRE(vt->quantize(q.handle(), &r, &cpu) == LOOM_OK);
+    r.target_device = kGpu;
+    const loom_status s = vt->quantize(q.handle(), &r, &gpu);
+    INFO(q.last_error());
+    REQUIRE(s == LOOM_OK);
+  }
+  ~Quantized() {
+    vt->free_weight(q.handle(), cpu);
+    vt->free_weight(q.handle(), gpu);
+  }
+
+  // The CPU product of x [n, in] (float32, already in the form the GPU multiplies).
+  std::vector<float> reference(const std::vector<float> &x, int64_t n) {
+    bt::Tensor<float> xt({n, in}, x), yt({n, out});
+    REQUIRE(vt->linear(q.handle(), cpu, xt.dl(), nullptr, yt.dl()) == LOOM_OK);
+    return yt.v;
+  }
+};
+
+void check_close(const std::vector<float> &ours, const std::vector<float> &ref, double tolerance) {
+  REQUIRE(ours.size() == ref.size());
+  double worst = 0, largest = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    worst = std::max(worst, std::abs(static_cast<double>(ours[i]) - ref[i]));
+    largest = std::max(largest, std::abs(static_cast<double>(ref[i])));
+  }
+  INFO("worst " << worst << " of largest " << largest);
+  CHECK(worst <= tolerance * largest);
+}
+
+// Every product of one quantizer at one shape.
+void check_products(const std::string &toml, int64_t out, int64_t in) {
+  INFO(toml << "out " << out << ", in " << in);
+  Quantized qz(toml, out, in);
+  loom_linear_fusion f{};
+  f.struct_size = sizeof(f);
+  f.act_dtype = kBF16;
+  const int32_t max_rows = qz.fused->max_rows(qz.q.handle(), qz.gpu, &f);
+  CHECK(max_rows >= 1);
+  CHECK(max_rows <= 4);
+  CHECK(qz.fused->max_rows(qz.q.handle(), qz.cpu, &f) == 0);  // fused products are for GPU weights
+
+  // 70 rows: bfloat16 products take the prefill path (dequantized rows through cuBLAS).
+  for (int64_t n : {int64_t{1}, int64_t{3}, int64_t{max_rows}, int64_t{9}, int64_t{70}}) {
+    INFO("rows " << n);
+    const auto x = bt::random_floats(static_cast<size_t>(n * in), 5 + static_cast<uint32_t>(n), -2.0f, 2.0f);
+    std::vector<float> xb(x.size());
+    for (size_t i = 0; i < x.size(); ++i) xb[i] = bf16(x[i]);
+
+    // Plain linear: float32 and bfloat16 activations, any number of rows, with a bias.
+    {
+      DeviceTensor xd({n, in}, kF32), yd({n, out}, kF32), bd({out}, kF32);
+      xd.upload(x);
+      const auto bias = bt::random_floats(static_cast<size_t>(out), 9);
+      bd.upload(bias);
+      REQUIRE(qz.vt->linear(qz.q.handle(), qz.gpu, xd.dl(), bd.dl(), yd.dl()) == LOOM_OK);
+      auto ref = qz.reference(x, n);  // float32 activations are staged as float32
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t o = 0; o < out; ++o) ref[static_cast<size_t>(r * out + o)] += bias[static_cast<size_t>(o)];
+      check_close(yd.download(), ref, 2e-5);
+      DeviceTensor xh({n, in}, kBF16), yh({n, out}, kBF16);
+      xh.upload(x);
+      REQUIRE(qz.vt->linear(qz.q.handle(), qz.gpu, xh.dl(), bd.dl(), yh.dl()) == LOOM_OK);
+      auto ref_b = qz.reference(xb, n);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t o = 0; o < out; ++o) ref_b[static_cast<size_t>(r * out + o)] += bias[static_cast<size_t>(o)];
+      check_close(yh.download(), ref_b, 8e-3);
+    }
+    if (n > max_rows) {  // a fused product refuses more rows than max_rows
+      DeviceTensor xd({n, in}, kBF16), yd({n, out}, kF32);
+      f.input = LOOM_LINEAR_INPUT_ACT;
+      f.output = LOOM_LINEAR_OUTPUT_ADD;
+      CHECK(qz.fused->linear_fused(qz.q.handle(), qz.gpu, xd.dl(), &f, yd.dl()) == LOOM_ERR_UNSUPPORTED);
+      continue;
+    }
+    // RMSNorm prologue (x is the float32 residual), stored as bfloat16.
+    {
+      const auto norm_w = bt::random_floats(static_cast<size_t>(in), 13, 0.5f, 1.5f);
+      std::vector<float> normed(x.size());
+      for (int64_t r = 0; r < n; ++r) {
+        double sq = 0;
+        for (int64_t i = 0; i < in; ++i) sq += static_cast<double>(x[static_cast<size_t>(r * in + i)]) * x[static_cast<size_t>(r * in + i)];
+        const float inv = 1.0f / std::sqrt(static_cast<float>(sq / static_cast<double>(in)) + 1e-5f);
+        for (int64_t i = 0; i < in; ++i) {
+          const size_t at = static_cast<size_t>(r * in + i);
+          normed[at] = bf16(norm_w[static_cast<size_t>(i)] * (x[at] * inv));
+        }
+      }
+      DeviceTensor xd({n, in}, kF32), nd({in}, kF32), yd({n, out}, kBF16);
+      xd.upload(x);
+      nd.upload(norm_w);
+      f.input = LOOM_LINEAR_INPUT_RMS_NORM;
+      f.output = LOOM_LINEAR_OUTPUT_STORE;
+      f.norm_weight = nd.dl();
+      f.norm_eps = 1e-5f;
+      REQUIRE(qz.fused->linear_fused(qz.q.handle(), qz.gpu, xd.dl(), &f, yd.dl()) == LOOM_OK);
+      check_close(yd.download(), qz.reference(normed, n), 1e-2);
+      f.norm_weight = nullptr;
+    }
+    // Residual add into float32 y.
+    {
+      const auto resid = bt::random_floats(static_cast<size_t>(n * out), 17, -3.0f, 3.0f);
+      DeviceTensor xd({n, in}, kBF16), yd({n, out}, kF32);
+      xd.upload(x);
+      yd.upload(resid);
+      f.input = LOOM_LINEAR_INPUT_ACT;
+      f.output = LOOM_LINEAR_OUTPUT_ADD;
+      REQUIRE(qz.fused->linear_fused(qz.q.handle(), qz.gpu, xd.dl(), &f, yd.dl()) == LOOM_OK);
+      auto ref = qz.reference(xb, n);
+      for (size_t i = 0; i < ref.size(); ++i) ref[i] += resid[i];
+      check_close(yd.download(), ref, 4e-3);  // bfloat16 inputs: products in half2
+    }
+    // SwiGLU of the two halves of the product.
+    if (out % 2 == 0) {
+      DeviceTensor xd({n, in}, kBF16), yd({n, out / 2}, kBF16);
+      xd.upload(x);
+      f.input = LOOM_LINEAR_INPUT_ACT;
+      f.output = LOOM_LINEAR_OUTPUT_SWIGLU;
+      REQUIRE(qz.fused->linear_fused(qz.q.handle(), qz.gpu, xd.dl(), &f, yd.dl()) == LOOM_OK);
+      const auto p = qz.reference(xb, n);
+      std::vector<float> ref(static_cast<size_t>(n * out / 2));
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < out / 2; ++j) {
+          const float g = bf16(p[static_cast<size_t>(r * out + j)]), u = bf16(p[static_cast<size_t>(r * out + out / 2 + j)]);
+          ref[static_cast<size_t>(r * out / 2 + j)] = g / (1.0f + std::exp(-g)) * u;
+        }
+      check_close(yd.download(), ref, 8e-3);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("int8 on CUDA: linear and fused products match the CPU's", "[cuda][quant]") {
+  // 2048 inputs: 128 pieces, so few rows split K in two; 1040: 65 pieces, a row ends inside a
+  // 32-piece block; 8192: max_rows is 3 (the staged rows fill 48 KB).
+  check_products("[quantizer]\nuse = \"int8\"\n", 64, 2048);
+  check_products("[quantizer]\nuse = \"int8\"\n", 4099, 1040);
+  check_products("[quantizer]\nuse = \"int8\"\n", 300, 8192);
+}
+
+TEST_CASE("int4 on CUDA: linear and fused products match the CPU's", "[cuda][quant]") {
+  check_products("[quantizer]\nuse = \"int4\"\n", 64, 2048);
+  check_products("[quantizer]\nuse = \"int4\"\ngroup_size = 32\nzero_point = false\n", 4099, 1056);
+  check_products("[quantizer]\nuse = \"int4\"\ngroup_size = 64\n", 300, 8192);
+  // AWQ: the input scales divide the staged inputs, and fold into the prefill path's rows.
+  check_products("[quantizer]\nuse = \"int4\"\nmethod = \"awq\"\nawq_rows = 16\n", 4099, 1024);
+}
+
+TEST_CASE("int4 on CUDA refuses shapes its kernel cannot take, by name", "[cuda][quant]") {
+  auto rt = bt::runtime("[quantizer]\nuse = \"int4\"\ngroup_size = 16\n");
+  loom::Instance &q = rt->pipeline().at("quantizer");
+  const auto *vt = q.vtable<loom_quantizer_vtable>();
+  bt::Tensor<float> w({8, 64}, bt::random_floats(8 * 64, 3));
+  loom_quantize_request r{};
+  r.struct_size = sizeof(r);
+  r.module_name = "test.linear";
+  r.weight = w.dl();
+  r.target_device = kGpu;
+  loom_qweight *out = nullptr;
+  CHECK(vt->quantize(q.handle(), &r, &out) == LOOM_ERR_UNSUPPORTED);
+  CHECK(out == nullptr);
+  CHECK_THAT(q.last_error(), Catch::Contains("int4: on CUDA, in_features and group_size must be multiples of 32"));
+}
+
+int main(int argc, char **argv) {
+  if (!loom::cuda_device_present()) {
+    std::cout << "quant_cuda_test: skipped: no CUDA device\n";
+    return 77;
+  }
+  return Catch::Session().run(argc, argv);
+}
+
+// Not a test (hidden tag): the fused decode products of the 1B shape, one token, timed over 200
+// back-to-back launches each; prints microseconds per product and the weight bytes per second.
+// Run: quant_cuda_test "[.bench]"
+TEST_CASE("quantized GEMV timings on the 1B shape", "[.bench]") {
+  struct Shape {
+    const char *name;
+    int64_t out, in;
+    loom_linear_input input;
+    loom_linear_output output;
+  };
+  const Shape shapes[] = {{"qkv", 3072, 2048, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_STORE},
+                          {"o", 2048, 2048, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD},
+                          {"gate_up", 16384, 2048, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_SWIGLU},
+                          {"down", 2048, 8192, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD},
+                          {"lm_head", 32000, 2048, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_STORE}};
+  for (const char *toml : {"[quantizer]\nuse = \"int8\"\n", "[quantizer]\nuse = \"int4\"\n"})
+    for (const auto act : {kBF16, kF32})
+      for (const Shape &s : shapes) {
+        Quantized qz(toml, s.out, s.in);
+        const bool norm = s.input == LOOM_LINEAR_INPUT_RMS_NORM;
+        DeviceTensor xd({1, s.in}, norm ? kF32 : act), nd({s.in}, kF32),
+            yd({1, s.output == LOOM_LINEAR_OUTPUT_SWIGLU ? s.out / 2 : s.out},
+               s.output == LOOM_LINEAR_OUTPUT_ADD ? kF32 : (s.output == LOOM_LINEAR_OUTPUT_SWIGLU ? act : kF32));
+        xd.upload(bt::random_floats(static_cast<size_t>(s.in), 1));
+        nd.upload(std::vector<float>(static_cast<size_t>(s.in), 1.0f));
+        yd.upload(std::vector<float>(yd.count(), 0.0f));
+        loom_linear_fusion f{};
+        f.struct_size = sizeof(f);
+        f.input = s.input;
+        f.output = s.output;
+        f.norm_weight = norm ? nd.dl() : nullptr;
+        f.norm_eps = 1e-5f;
+        f.act_dtype = act;
+        auto once = [&] { REQUIRE(qz.fused->linear_fused(qz.q.handle(), qz.gpu, xd.dl(), &f, yd.dl()) == LOOM_OK); };
+        for (int i = 0; i < 20; ++i) once();
+        cudaEvent_t a, b;
+        cudaEventCreate(&a);
+        cudaEventCreate(&b);
+        cudaStream_t stream = static_cast<cudaStream_t>(loom::cuda_compute_stream(0));
+        cudaEventRecord(a, stream);
+        for (int i = 0; i < 200; ++i) once();
+        cudaEventRecord(b, stream);
+        cudaEventSynchronize(b);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, a, b);
+        const double us = ms * 1000.0 / 200;
+        const double bytes = static_cast<double>(s.out * s.in) * (std::strstr(toml, "int8") ? 1.0 : 0.5);
+        std::printf("%-5s %-4s %-8s %8.2f us  %7.0f GB/s\n", std::strstr(toml, "int8") ? "int8" : "int4",
+                    act.bits == 16 ? "bf16" : "f32", s.name, us, bytes / us / 1e3);
+        cudaEventDestroy(a);
+        cudaEventDestroy(b);
+      }
+}
