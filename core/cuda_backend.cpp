@@ -773,9 +773,24 @@ bool CudaBackend::fused_gemm(const DeviceLinear &w, const void *x, int32_t T, lo
     f.norm_weight = vn.set(norm_w->get(), dev, f32, {w.in});
     f.norm_eps = static_cast<float>(config_.norm_eps);
   }
+  DeviceView vcs, vpos, vq, vk, vv;
+  if (output == LOOM_LINEAR_OUTPUT_ROPE_QKV) { // y is q_/k_/v_, rotated at d_positions_
+    const ModelConfig &c = config_;
+    const int64_t D = c.head_dim;
+    f.rope_cos_sin = vcs.set(cos_sin_.get(), dev, f32, {max_positions_, D / 2, 2});
+    f.rope_positions = vpos.set(d_positions_, dev, DLDataType{kDLInt, 32, 1}, {T});
+    f.rope_heads = static_cast<int32_t>(c.n_heads);
+    f.rope_kv_heads = static_cast<int32_t>(c.n_kv_heads);
+    f.rope_head_dim = static_cast<int32_t>(D);
+    f.rope_q = vq.set(q_.get(), dev, act_dl(), {T, c.n_heads, D});
+    f.rope_k = vk.set(k_.get(), dev, act_dl(), {T, c.n_kv_heads, D});
+    f.rope_v = vv.set(v_.get(), dev, act_dl(), {T, c.n_kv_heads, D});
+  }
   if (quant_fused_->max_rows(quantizer_->handle(), w.qweight.get(), &f) < T) return false;
   DLTensor *xt = vx.set(const_cast<void *>(x), dev, input == LOOM_LINEAR_INPUT_RMS_NORM ? f32 : act_dl(), {T, w.in});
-  DLTensor *yt = vy.set(y, dev, y_type, {T, output == LOOM_LINEAR_OUTPUT_SWIGLU ? w.out / 2 : w.out});
+  DLTensor *yt = output == LOOM_LINEAR_OUTPUT_ROPE_QKV
+                     ? nullptr
+                     : vy.set(y, dev, y_type, {T, output == LOOM_LINEAR_OUTPUT_SWIGLU ? w.out / 2 : w.out});
   quantizer_->check(quant_fused_->linear_fused(quantizer_->handle(), w.qweight.get(), xt, &f, yt), "linear_fused");
   return true;
 }
@@ -851,27 +866,35 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
   }
   const float *pending_bias = nullptr; // the last linear's bias, added by the next norm
   // With a quantizer that fuses (loom.quantizer.fused/1), RMSNorm moves into the q/k/v and
-  // gate/up products, SwiGLU into gate/up's, the residual adds into o's and down's.
+  // gate/up products, RoPE and the q/k/v split into q/k/v's, SwiGLU into gate/up's, the residual
+  // adds into o's and down's.
   const DLDataType f32{kDLFloat, 32, 1};
   const bool rms = !gpt2;
   for (int32_t l = 0; l < c.n_layers; ++l) {
     DeviceLayer &layer = layers_[static_cast<size_t>(l)];
-    if (rms && !pending_bias && !layer.norm1_b &&
-        fused_gemm(layer.qkv, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_STORE, &layer.norm1_w, qkv_.get(), act_dl())) {
-      op_times_.mark("norm+qkv fused", stream_);
+    const bool fuse_norm1 = rms && !pending_bias && !layer.norm1_b;
+    if (fuse_norm1 && cos_sin_ &&
+        fused_gemm(layer.qkv, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_ROPE_QKV, &layer.norm1_w, nullptr, act_dl())) {
+      op_times_.mark("norm+qkv+rope fused", stream_);
     } else {
-      kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm1_w.get<float>(),
-                                               layer.norm1_b ? layer.norm1_b.get<float>() : nullptr, eps, h_.get(), dt, stream_),
-                   "norm");
-      op_times_.mark("norm", stream_);
-      gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
-      op_times_.mark("qkv gemm", stream_);
+      if (fuse_norm1 &&
+          fused_gemm(layer.qkv, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_STORE, &layer.norm1_w, qkv_.get(), act_dl())) {
+        op_times_.mark("norm+qkv fused", stream_);
+      } else {
+        kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm1_w.get<float>(),
+                                                 layer.norm1_b ? layer.norm1_b.get<float>() : nullptr, eps, h_.get(), dt,
+                                                 stream_),
+                     "norm");
+        op_times_.mark("norm", stream_);
+        gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
+        op_times_.mark("qkv gemm", stream_);
+      }
+      kernel_check(kernels::qkv_bias_rope_split_cuda(qkv_.get(), layer.qkv.bias ? layer.qkv.bias.get<float>() : nullptr,
+                                                     gpt2 ? nullptr : cos_sin_.get<float>(), d_positions_, T, Hq, Hkv, D,
+                                                     q_.get(), k_.get(), v_.get(), dt, stream_),
+                   "qkv");
+      op_times_.mark("bias+rope+split", stream_);
     }
-    kernel_check(kernels::qkv_bias_rope_split_cuda(qkv_.get(), layer.qkv.bias ? layer.qkv.bias.get<float>() : nullptr,
-                                                   gpt2 ? nullptr : cos_sin_.get<float>(), d_positions_, T, Hq, Hkv, D,
-                                                   q_.get(), k_.get(), v_.get(), dt, stream_),
-                 "qkv");
-    op_times_.mark("bias+rope+split", stream_);
     attend(attention, call, T, S, l);
     if (fused_gemm(layer.o, attn_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
       op_times_.mark("o fused", stream_);

@@ -54,14 +54,39 @@ inline qgemv::Args io_args(const std::string& component, DLDevice device, int64_
   a.output = fusion ? static_cast<int>(fusion->output) : qgemv::output_store;
   if (a.input != qgemv::input_act && a.input != qgemv::input_rms_norm)
     unsupported(component + ": unknown fusion input " + std::to_string(a.input));
-  if (a.output != qgemv::output_store && a.output != qgemv::output_add && a.output != qgemv::output_swiglu)
+  if (a.output != qgemv::output_store && a.output != qgemv::output_add && a.output != qgemv::output_swiglu &&
+      a.output != qgemv::output_rope_qkv)
     unsupported(component + ": unknown fusion output " + std::to_string(a.output));
   check_float_tensor(x, component, "x", device, {-1, in}, a.input == qgemv::input_act);
   const int64_t n = x->shape[0];
   if (a.output == qgemv::output_swiglu && out % 2 != 0)
     invalid(component + ": SwiGLU needs an even number of output features, got " + std::to_string(out));
-  const int64_t y_cols = a.output == qgemv::output_swiglu ? out / 2 : out;
-  check_float_tensor(y, component, "y", device, {n, y_cols}, a.output != qgemv::output_add);
+  if (a.output == qgemv::output_rope_qkv) {
+    if (!LOOM_HAS_FIELD(fusion, loom_linear_fusion, rope_v)) invalid(component + ": fusion struct_size too small for RoPE");
+    const int64_t heads = fusion->rope_heads, kv = fusion->rope_kv_heads, D = fusion->rope_head_dim;
+    if (heads < 1 || kv < 0 || D < 2 || D % 2 != 0 || (heads + 2 * kv) * D != out)
+      invalid(component + ": RoPE heads (" + std::to_string(heads) + " + 2 x " + std::to_string(kv) + ") x head_dim " +
+              std::to_string(D) + " must be the " + std::to_string(out) + " output features, head_dim even");
+    const DLDataType act = is_bf16(fusion->act_dtype) ? kBF16 : kF32;
+    check_device_tensor(fusion->rope_q, (component + ": rope_q").c_str(), device, act, {n, heads, D});
+    if (kv > 0) {
+      check_device_tensor(fusion->rope_k, (component + ": rope_k").c_str(), device, act, {n, kv, D});
+      check_device_tensor(fusion->rope_v, (component + ": rope_v").c_str(), device, act, {n, kv, D});
+    }
+    check_device_tensor(fusion->rope_cos_sin, (component + ": rope_cos_sin").c_str(), device, kF32, {-1, D / 2, 2});
+    check_device_tensor(fusion->rope_positions, (component + ": rope_positions").c_str(), device, kI32, {n});
+    a.cos_sin = reinterpret_cast<const float*>(tensor_data(fusion->rope_cos_sin));
+    a.positions = reinterpret_cast<const int32_t*>(tensor_data(fusion->rope_positions));
+    a.heads = static_cast<int>(heads);
+    a.kv_heads = static_cast<int>(kv);
+    a.head_dim = static_cast<int>(D);
+    a.q = const_cast<char*>(tensor_data(fusion->rope_q));
+    a.k = kv > 0 ? const_cast<char*>(tensor_data(fusion->rope_k)) : nullptr;
+    a.v = kv > 0 ? const_cast<char*>(tensor_data(fusion->rope_v)) : nullptr;
+  } else {
+    const int64_t y_cols = a.output == qgemv::output_swiglu ? out / 2 : out;
+    check_float_tensor(y, component, "y", device, {n, y_cols}, a.output != qgemv::output_add);
+  }
   if (a.input == qgemv::input_rms_norm) {
     check_float_tensor(fusion->norm_weight, component, "norm_weight", device, {in}, false);
     a.norm_w = reinterpret_cast<const float*>(tensor_data(fusion->norm_weight));
@@ -79,8 +104,12 @@ inline qgemv::Args io_args(const std::string& component, DLDevice device, int64_
   a.x = tensor_data(x);
   a.x_bf16 = is_bf16(x->dtype);
   a.stage_f32 = fusion != nullptr ? is_f32(fusion->act_dtype) : !a.x_bf16;
-  a.y = const_cast<char*>(tensor_data(y));
-  a.y_bf16 = is_bf16(y->dtype);
+  if (a.output == qgemv::output_rope_qkv) {
+    a.y_bf16 = is_bf16(fusion->act_dtype);
+  } else {
+    a.y = const_cast<char*>(tensor_data(y));
+    a.y_bf16 = is_bf16(y->dtype);
+  }
   a.tokens = static_cast<int>(n);
   a.out = static_cast<int>(out);
   a.in = static_cast<int>(in);
@@ -88,11 +117,16 @@ inline qgemv::Args io_args(const std::string& component, DLDevice device, int64_
 }
 
 // loom_quantizer_fused.max_rows for a GPU weight of `row_pieces` pieces of `per` codes: every
-// fusion of ABI 1.5, up to what one launch stages.
+// fusion of ABI 1.5 (RoPE when its heads make up the output), up to what one launch stages.
 inline int32_t fused_max_rows(const loom_linear_fusion* fusion, int64_t out, int row_pieces, int per) {
   if (fusion == nullptr || !LOOM_HAS_FIELD(fusion, loom_linear_fusion, act_dtype)) return 0;
-  if (fusion->input > LOOM_LINEAR_INPUT_RMS_NORM || fusion->output > LOOM_LINEAR_OUTPUT_SWIGLU) return 0;
+  if (fusion->input > LOOM_LINEAR_INPUT_RMS_NORM || fusion->output > LOOM_LINEAR_OUTPUT_ROPE_QKV) return 0;
   if (fusion->output == LOOM_LINEAR_OUTPUT_SWIGLU && out % 2 != 0) return 0;
+  if (fusion->output == LOOM_LINEAR_OUTPUT_ROPE_QKV &&
+      (!LOOM_HAS_FIELD(fusion, loom_linear_fusion, rope_v) || fusion->rope_head_dim < 2 || fusion->rope_head_dim % 2 != 0 || fusion->rope_heads < 1 ||
+       fusion->rope_kv_heads < 0 ||
+       (static_cast<int64_t>(fusion->rope_heads) + 2 * fusion->rope_kv_heads) * fusion->rope_head_dim != out))
+    return 0;
   if (!is_f32(fusion->act_dtype) && !is_bf16(fusion->act_dtype)) return 0;
   return qgemv::max_tokens(row_pieces, per, is_f32(fusion->act_dtype));
 }

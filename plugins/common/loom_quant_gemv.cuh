@@ -69,7 +69,7 @@ using pdl::wait_for_previous_kernel;
 
 __host__ __device__ __forceinline__ int units_of(const Args& a) {
   if (a.split) return a.out;
-  if (a.output == output_swiglu) return a.out / 2;
+  if (a.output == output_swiglu || a.output == output_rope_qkv) return a.out / 2;
   return (a.out + 1) / 2;
 }
 
@@ -80,6 +80,10 @@ struct Streams {
 __device__ __forceinline__ Streams streams_of(const Args& a, int unit) {
   if (a.split) return {unit, unit, a.row_pieces / 2, a.row_pieces / 2};
   if (a.output == output_swiglu) return {unit, unit + a.out / 2, 0, a.row_pieces};
+  if (a.output == output_rope_qkv) {  // rows i and i + D/2 of one head: a rotation pair
+    const int half = a.head_dim / 2, head = unit / half, i = unit - head * half;
+    return {head * a.head_dim + i, head * a.head_dim + i + half, 0, a.row_pieces};
+  }
   return {2 * unit, 2 * unit + 1 < a.out ? 2 * unit + 1 : -1, 0, a.row_pieces};
 }
 
@@ -322,6 +326,39 @@ __device__ __forceinline__ void finish_unit(const Args& a, int unit, int t, floa
     y0 += a.bias[m.r0];
     if (m.r1 >= 0) y1 += a.bias[m.r1];
   }
+  if (a.output == output_rope_qkv) {
+    const int D = a.head_dim, half = D / 2, head = unit / half, i = unit - head * half;
+    float x0 = a.y_bf16 ? round_bf16(y0) : y0, x1 = a.y_bf16 ? round_bf16(y1) : y1;
+    void* base;
+    int64_t at;
+    bool rotate = true;
+    if (head < a.heads) {
+      base = a.q;
+      at = (static_cast<int64_t>(t) * a.heads + head) * D;
+    } else if (head < a.heads + a.kv_heads) {
+      base = a.k;
+      at = (static_cast<int64_t>(t) * a.kv_heads + head - a.heads) * D;
+    } else {
+      base = a.v;
+      at = (static_cast<int64_t>(t) * a.kv_heads + head - a.heads - a.kv_heads) * D;
+      rotate = false;
+    }
+    if (rotate) {
+      const float* cs = a.cos_sin + (static_cast<int64_t>(a.positions[t]) * half + i) * 2;
+      const float c = cs[0], s = cs[1];
+      const float r0 = x0 * c - x1 * s, r1 = x1 * c + x0 * s;
+      x0 = r0;
+      x1 = r1;
+    }
+    if (a.y_bf16) {
+      static_cast<__nv_bfloat16*>(base)[at + i] = __float2bfloat16_rn(x0);
+      static_cast<__nv_bfloat16*>(base)[at + i + half] = __float2bfloat16_rn(x1);
+    } else {
+      static_cast<float*>(base)[at + i] = x0;
+      static_cast<float*>(base)[at + i + half] = x1;
+    }
+    return;
+  }
   if (a.output == output_swiglu) {
     const float g = a.y_bf16 ? round_bf16(y0) : y0, u = a.y_bf16 ? round_bf16(y1) : y1;
     store(a, static_cast<int64_t>(t) * (a.out / 2) + unit, g / (1.0f + __expf(-g)) * u);
@@ -437,7 +474,9 @@ cudaError_t launch_tokens(Args a, cudaStream_t stream) {
   }
   // Fewer row pairs than warps: split each row's K in two instead, so that all warps stream
   // (only where the halves start on a 32-piece boundary, which keeps the staged reads aligned).
-  if (a.output != output_swiglu && (a.out + 1) / 2 < wave * kWarps && a.row_pieces % 64 == 0) a.split = true;
+  if (a.output != output_swiglu && a.output != output_rope_qkv && (a.out + 1) / 2 < wave * kWarps &&
+      a.row_pieces % 64 == 0)
+    a.split = true;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(std::min(wave, (units_of(a) + kWarps - 1) / kWarps)));
   config.blockDim = dim3(kThreads);
@@ -488,7 +527,16 @@ cudaError_t launch_chunked(Args a, cudaStream_t stream) {
     Args part = a;
     part.tokens = std::min(chunk, total - t0);
     part.x = static_cast<const char*>(a.x) + static_cast<int64_t>(t0) * a.in * x_bytes;
-    part.y = static_cast<char*>(a.y) + static_cast<int64_t>(t0) * y_cols * y_bytes;
+    if (a.output == output_rope_qkv) {
+      const int64_t qn = static_cast<int64_t>(t0) * a.heads * a.head_dim * y_bytes,
+                    kn = static_cast<int64_t>(t0) * a.kv_heads * a.head_dim * y_bytes;
+      part.q = static_cast<char*>(a.q) + qn;
+      part.k = static_cast<char*>(a.k) + kn;
+      part.v = static_cast<char*>(a.v) + kn;
+      part.positions = a.positions + t0;
+    } else {
+      part.y = static_cast<char*>(a.y) + static_cast<int64_t>(t0) * y_cols * y_bytes;
+    }
     if (cudaError_t e = launch<F>(part, stream); e != cudaSuccess) return e;
   }
   return cudaSuccess;

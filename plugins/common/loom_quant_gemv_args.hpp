@@ -12,7 +12,7 @@ constexpr int kMaxTokens = 4;            // register accumulators: 2 streams x T
 constexpr int64_t kSmemBytes = 48 * 1024;  // staged input rows, bfloat16
 
 enum Input : int { input_act = 0, input_rms_norm = 1 };
-enum Output : int { output_store = 0, output_add = 1, output_swiglu = 2 };
+enum Output : int { output_store = 0, output_add = 1, output_swiglu = 2, output_rope_qkv = 3 };
 
 struct Args {
   const void* codes = nullptr;        // [out, row_pieces] 16-byte pieces, 16-byte aligned
@@ -31,6 +31,12 @@ struct Args {
   bool y_bf16 = false;
   int output = output_store;
   int tokens = 0, out = 0, in = 0;
+  // output_rope_qkv: rows are q | k | v heads; q and k rotated at positions by cos_sin
+  // [P, head_dim / 2, 2], then written to q [T, heads, D], k and v [T, kv_heads, D] (y's dtype).
+  const float* cos_sin = nullptr;
+  const int32_t* positions = nullptr;
+  int heads = 0, kv_heads = 0, head_dim = 0;
+  void *q = nullptr, *k = nullptr, *v = nullptr;
   bool stage_f32 = false;             // stage inputs as float32 (a float32 caller), else bfloat16
   bool split = false;                 // set by the launcher: units are the two halves of one row
 };

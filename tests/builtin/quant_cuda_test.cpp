@@ -22,6 +22,7 @@ namespace {
 constexpr DLDevice kGpu{kDLCUDA, 0};
 constexpr DLDataType kF32{kDLFloat, 32, 1};
 constexpr DLDataType kBF16{kDLBfloat, 16, 1};
+constexpr DLDataType kDLInt32() { return DLDataType{kDLInt, 32, 1}; }
 
 float bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
@@ -132,8 +133,12 @@ void check_close(const std::vector<float> &ours, const std::vector<float> &ref, 
   CHECK(worst <= tolerance * largest);
 }
 
+struct RopeShape {
+  int32_t heads = 0, kv_heads = 0, head_dim = 0;  // heads == 0: out is no q/k/v layout
+};
+
 // Every product of one quantizer at one shape.
-void check_products(const std::string &toml, int64_t out, int64_t in) {
+void check_products(const std::string &toml, int64_t out, int64_t in, RopeShape rope = {}) {
   INFO(toml << "out " << out << ", in " << in);
   Quantized qz(toml, out, in);
   loom_linear_fusion f{};
@@ -214,6 +219,77 @@ void check_products(const std::string &toml, int64_t out, int64_t in) {
       for (size_t i = 0; i < ref.size(); ++i) ref[i] += resid[i];
       check_close(yd.download(), ref, 4e-3);  // bfloat16 inputs: products in half2
     }
+    // RoPE and the q/k/v split of a fused q/k/v product.
+    if (rope.heads > 0) {
+      const int64_t D = rope.head_dim, half = D / 2, P = 16;
+      std::vector<float> cos_sin(static_cast<size_t>(P * half * 2));
+      const auto angles = bt::random_floats(static_cast<size_t>(P * half), 19, 0.0f, 6.2831853f);
+      for (size_t i = 0; i < angles.size(); ++i) {
+        cos_sin[2 * i] = std::cos(angles[i]);
+        cos_sin[2 * i + 1] = std::sin(angles[i]);
+      }
+      std::vector<int32_t> positions(static_cast<size_t>(n));
+      for (int64_t r = 0; r < n; ++r) positions[static_cast<size_t>(r)] = static_cast<int32_t>((r * 7 + 3) % P);
+      DeviceTensor xd({n, in}, kBF16), cs({P, half, 2}, kF32), pos({n}, kDLInt32()), qd({n, rope.heads, D}, kBF16),
+          kd({n, rope.kv_heads, D}, kBF16), vd({n, rope.kv_heads, D}, kBF16);
+      xd.upload(x);
+      cs.upload(cos_sin);
+      REQUIRE(cudaMemcpy(pos.data, positions.data(), positions.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+      f.input = LOOM_LINEAR_INPUT_ACT;
+      f.output = LOOM_LINEAR_OUTPUT_ROPE_QKV;
+      f.rope_cos_sin = cs.dl();
+      f.rope_positions = pos.dl();
+      f.rope_heads = rope.heads;
+      f.rope_kv_heads = rope.kv_heads;
+      f.rope_head_dim = rope.head_dim;
+      f.rope_q = qd.dl();
+      f.rope_k = kd.dl();
+      f.rope_v = vd.dl();
+      REQUIRE(qz.fused->max_rows(qz.q.handle(), qz.gpu, &f) >= n);
+      REQUIRE(qz.fused->linear_fused(qz.q.handle(), qz.gpu, xd.dl(), &f, nullptr) == LOOM_OK);
+      const auto p = qz.reference(xb, n);
+      std::vector<float> q_ref(qd.count()), k_ref(kd.count()), v_ref(vd.count());
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t h = 0; h < rope.heads + 2 * rope.kv_heads; ++h)
+          for (int64_t i = 0; i < half; ++i) {
+            float a = bf16(p[static_cast<size_t>(r * out + h * D + i)]), b = bf16(p[static_cast<size_t>(r * out + h * D + i + half)]);
+            std::vector<float> *dst;
+            int64_t at;
+            if (h < rope.heads) {
+              dst = &q_ref;
+              at = (r * rope.heads + h) * D;
+            } else if (h < rope.heads + rope.kv_heads) {
+              dst = &k_ref;
+              at = (r * rope.kv_heads + h - rope.heads) * D;
+            } else {
+              dst = &v_ref;
+              at = (r * rope.kv_heads + h - rope.heads - rope.kv_heads) * D;
+            }
+            if (dst != &v_ref) {
+              const size_t c = static_cast<size_t>((positions[static_cast<size_t>(r)] * half + i) * 2);
+              const float ra = a * cos_sin[c] - b * cos_sin[c + 1], rb = b * cos_sin[c] + a * cos_sin[c + 1];
+              a = ra;
+              b = rb;
+            }
+            (*dst)[static_cast<size_t>(at + i)] = a;
+            (*dst)[static_cast<size_t>(at + i + half)] = b;
+          }
+      check_close(qd.download(), q_ref, 8e-3);
+      check_close(kd.download(), k_ref, 8e-3);
+      check_close(vd.download(), v_ref, 8e-3);
+      f = loom_linear_fusion{};
+      f.struct_size = sizeof(f);
+      f.act_dtype = kBF16;
+      // A q/k/v layout that does not make up the output is refused by max_rows.
+      f.output = LOOM_LINEAR_OUTPUT_ROPE_QKV;
+      f.rope_heads = rope.heads + 1;
+      f.rope_kv_heads = rope.kv_heads;
+      f.rope_head_dim = rope.head_dim;
+      CHECK(qz.fused->max_rows(qz.q.handle(), qz.gpu, &f) == 0);
+      f = loom_linear_fusion{};
+      f.struct_size = sizeof(f);
+      f.act_dtype = kBF16;
+    }
     // SwiGLU of the two halves of the product.
     if (out % 2 == 0) {
       DeviceTensor xd({n, in}, kBF16), yd({n, out / 2}, kBF16);
@@ -238,15 +314,15 @@ void check_products(const std::string &toml, int64_t out, int64_t in) {
 TEST_CASE("int8 on CUDA: linear and fused products match the CPU's", "[cuda][quant]") {
   // 2048 inputs: 128 pieces, so few rows split K in two; 1040: 65 pieces, a row ends inside a
   // 32-piece block; 8192: max_rows is 3 (the staged rows fill 48 KB).
-  check_products("[quantizer]\nuse = \"int8\"\n", 64, 2048);
+  check_products("[quantizer]\nuse = \"int8\"\n", 64, 2048, {2, 1, 16});
   check_products("[quantizer]\nuse = \"int8\"\n", 4099, 1040);
-  check_products("[quantizer]\nuse = \"int8\"\n", 300, 8192);
+  check_products("[quantizer]\nuse = \"int8\"\n", 300, 8192, {9, 3, 20});
 }
 
 TEST_CASE("int4 on CUDA: linear and fused products match the CPU's", "[cuda][quant]") {
-  check_products("[quantizer]\nuse = \"int4\"\n", 64, 2048);
+  check_products("[quantizer]\nuse = \"int4\"\n", 64, 2048, {2, 1, 16});
   check_products("[quantizer]\nuse = \"int4\"\ngroup_size = 32\nzero_point = false\n", 4099, 1056);
-  check_products("[quantizer]\nuse = \"int4\"\ngroup_size = 64\n", 300, 8192);
+  check_products("[quantizer]\nuse = \"int4\"\ngroup_size = 64\n", 300, 8192, {9, 3, 20});
   // AWQ: the input scales divide the staged inputs, and fold into the prefill path's rows.
   check_products("[quantizer]\nuse = \"int4\"\nmethod = \"awq\"\nawq_rows = 16\n", 4099, 1024);
 }

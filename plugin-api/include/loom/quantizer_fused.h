@@ -4,8 +4,8 @@
  * Without fusion a quantized decode layer is norm, q/k/v, ..., o, add, norm, gate/up, SwiGLU,
  * down, add: each a kernel over a few KB, whose launch and drain cost more than the weights
  * save at batch 1. With this extension the host asks the quantizer to normalise its input
- * (RMSNorm prologue), to add its product into the float32 residual, or to apply SwiGLU to a
- * fused gate/up product, inside its own kernel.
+ * (RMSNorm prologue), to add its product into the float32 residual, to apply SwiGLU to a
+ * fused gate/up product, or to rotate and split a fused q/k/v product, inside its own kernel.
  *
  * Obtained with life.get_extension(instance, LOOM_QUANTIZER_FUSED_EXTENSION); NULL when the
  * quantizer has none, and the host then runs `linear` and its own kernels. The table is static or
@@ -42,7 +42,14 @@ typedef enum loom_linear_output {
   LOOM_LINEAR_OUTPUT_ADD = 1,
   /* y[n, out / 2] = silu(g) * u with g = p[:, j] and u = p[:, j + out / 2], each rounded to
    * bfloat16 first when y is bfloat16, as the host's SwiGLU kernel reads a bf16 gate/up product. */
-  LOOM_LINEAR_OUTPUT_SWIGLU = 2
+  LOOM_LINEAR_OUTPUT_SWIGLU = 2,
+  /* The product is the q | k | v rows of rope_heads, rope_kv_heads and rope_kv_heads heads of
+   * rope_head_dim values; each value is rounded to act_dtype, q and k are rotated (RoPE, the
+   * rotate-half layout: values i and i + head_dim / 2 of a head are a pair) by
+   * rope_cos_sin[rope_positions[row], i] (cos, sin), and the three are written to rope_q
+   * [n, heads, head_dim], rope_k and rope_v [n, kv_heads, head_dim] (act_dtype); y is unused.
+   * As the host's own RoPE kernel after an unfused q/k/v product. */
+  LOOM_LINEAR_OUTPUT_ROPE_QKV = 3
 } loom_linear_output;
 
 typedef struct loom_linear_fusion {
@@ -54,6 +61,11 @@ typedef struct loom_linear_fusion {
   /* The activations' dtype (bfloat16 or float32): x's for ACT, the normalised row's for
    * RMS_NORM. A float32 caller gets float32 products (no bfloat16 rounding of its inputs). */
   DLDataType act_dtype;
+  /* ROPE_QKV only (else NULL / 0): */
+  const DLTensor *rope_cos_sin;   /* float32 [max_positions, head_dim / 2, 2] */
+  const DLTensor *rope_positions; /* int32 [n] */
+  int32_t rope_heads, rope_kv_heads, rope_head_dim; /* q heads, k and v heads, values a head */
+  DLTensor *rope_q, *rope_k, *rope_v;
 } loom_linear_fusion;
 
 typedef struct loom_quantizer_fused {
