@@ -1,4 +1,4 @@
-// [Quantizers] item 4: what int8 and int4 weights (round-to-nearest and AWQ) cost in accuracy,
+// [Quantizers] item 4: what int8, fp8 and int4 weights (round-to-nearest and AWQ) cost in accuracy,
 // end to end on the CPU with float32 compute, so the weights are the only change.
 //
 // usage: loom_quant_accuracy [MODEL_DIR [HELD_OUT_TEXT [CALIBRATION_TEXT]]]
@@ -66,7 +66,14 @@ int main(int argc, char **argv) {
     const auto sequences = loom::calibration_sequences(calib, tokenizer.get(), config.max_positions);
 
     std::vector<Format> formats = {{"bf16 (checkpoint)", "", 16, false},
-                                   {"int8 per-channel", "use = \"int8\"\n", 8, false}};
+                                   {"int8 per-channel", "use = \"int8\"\n", 8, false},
+                                   // fp8 also rounds the activations (dynamic scales): its
+                                   // perplexity includes that, the logged errors (dequantized
+                                   // weights on float activations) do not.
+                                   {"fp8 E4M3 per-channel, per-token activations", "use = \"fp8\"\n", 8, false},
+                                   {"fp8 E4M3 per-tensor, per-tensor activations",
+                                    "use = \"fp8\"\nweight_scale = \"per-tensor\"\nactivation_scale = \"per-tensor\"\n", 8,
+                                    false}};
     for (int group : {128, 64, 32}) {
       bool divides = true; // every linear's input width (hidden and intermediate sizes)
       for (int64_t in : {config.hidden_size, config.intermediate_size, config.n_heads * config.head_dim})

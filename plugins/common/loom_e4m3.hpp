@@ -16,6 +16,7 @@
 #define LOOM_PLUGINS_COMMON_E4M3_HPP
 
 #include <math.h>
+#include <string.h>
 
 #include <cstdint>
 
@@ -78,6 +79,30 @@ LOOM_HOST_DEVICE inline uint8_t encode(float x) {
   }
   if (code > 0x7E) code = 0x7E;  // a just below 448 cannot round past it, but stay NaN-free
   return static_cast<uint8_t>(sign | code);
+}
+
+// encode() by integer arithmetic on the float's bits (no frexpf/ldexpf; about ten times faster on
+// the host), for bulk encoding such as quantizing a model's weights at load: the same code for
+// every input (e4m3_test compares the two over a stride of all 2^32 bit patterns and every
+// midpoint). Normals round their 23-bit mantissa to 3 bits, ties to even, by adding half a unit
+// less one plus the kept last bit; below 2^-6 the value in units of 2^-9 (an exact scaling)
+// rounds like encode's.
+LOOM_HOST_DEVICE inline uint8_t encode_bits(float x) {
+  uint32_t b = 0;
+  memcpy(&b, &x, sizeof(b));
+  const uint8_t sign = static_cast<uint8_t>((b >> 24) & 0x80u);
+  const uint32_t a = b & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return static_cast<uint8_t>(sign | 0x7F);  // NaN
+  if (a >= 0x43E00000u) return static_cast<uint8_t>(sign | 0x7E);  // 448 and up saturate
+  if (a < 0x3C800000u) {                                           // below 2^-6: subnormal codes
+    float f = 0.0f;
+    memcpy(&f, &a, sizeof(f));
+    return static_cast<uint8_t>(sign | static_cast<int>(round_half_even(f * 512.0f)));  // 8 is 2^-6's code
+  }
+  const uint32_t r = (a + 0x7FFFFu + ((a >> 20) & 1u)) & 0xFFF00000u;
+  // Exponent field: the float's (bias 127) rebased to bias 7; a carry into it is already in r.
+  const uint32_t code = ((((r >> 23) - 120u) << 3) | ((r >> 20) & 7u));
+  return static_cast<uint8_t>(sign | (code > 0x7Eu ? 0x7Eu : code));
 }
 
 // Two codes (bits 0-7 and 8-15 of `pair`; higher bits ignored) as the bits of two IEEE binary16

@@ -8,6 +8,9 @@
 // "scales" float32 [out, in/group], "zeros" uint8 [out, in/group], and for AWQ "act_scale"
 // float32 [in] (absent when its search chose no scaling); metadata {"format":"loom-int4",
 // "bits":4,"group_size":G,"zero_point":bool,"method":"rtn"|"awq","act_scale":bool}.
+#ifndef LOOM_INT4_CUDA
+#define LOOM_INT4_CUDA 0  // the CUDA path is built only with nvcc (CMakeLists.txt)
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -22,6 +25,7 @@
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
 #include "loom_quant_util.hpp"
+#include "loom_quantizer_glue.hpp"
 #if LOOM_INT4_CUDA
 #include "int4_cuda.hpp"
 #include "loom_cuda_guard.hpp"
@@ -76,18 +80,10 @@ struct Int4 {
   }
 };
 
-void check_target(DLDevice d) {
-#if LOOM_INT4_CUDA
-  if (d.device_type == kDLCUDA) return;
-#endif
-  if (d.device_type != kDLCPU) unsupported("int4: only the CPU and CUDA target devices are supported");
-}
+void check_target(DLDevice d) { check_target_device(d, LOOM_INT4_CUDA != 0, "int4"); }
 
 void free_device(const Int4& self, loom_qweight& q) {
-  for (void** p : {&q.codes_dev, &q.scales_dev, &q.zeros_dev, &q.act_scale_dev}) {
-    if (*p) self.host->device_free(self.ctx, q.device, *p);
-    *p = nullptr;
-  }
+  free_device_copies(self.host, self.ctx, q.device, q.codes_dev, q.scales_dev, q.zeros_dev, q.act_scale_dev);
 }
 
 // Copies codes, scales, zeros and AWQ scales to the target device, when it is a GPU.
@@ -139,7 +135,7 @@ void linear_cuda(const Int4& self, const loom_qweight& q, const DLTensor* x, con
 }
 #endif
 
-std::unique_ptr<loom_qweight> quantize(const Int4& self, const loom_quantize_request& r) {
+std::unique_ptr<loom_qweight> quantize_request(const Int4& self, const loom_quantize_request& r) {
   check_target(r.target_device);
   const std::string module = r.module_name ? r.module_name : "?";
   const DLTensor* w = r.weight;
@@ -204,30 +200,22 @@ std::string metadata_of(const loom_qweight& q) {
 }
 
 void export_weight(const Int4& self, const loom_qweight& q, const loom_tensor_sink* sink, loom_buffer* meta) {
-  if (sink == nullptr || sink->put == nullptr) invalid("int4: sink is NULL");
-  if (meta == nullptr) invalid("int4: metadata buffer is NULL");
   const Int4Weight& w = q.w;
   // The sink only reads; const_cast because DLTensor.data is non-const.
   OwnedView qv(const_cast<uint8_t*>(w.packed.data()), kU8, {w.out, w.in / 2});
   OwnedView sv(const_cast<float*>(w.scales.data()), kF32, {w.out, w.groups()});
   OwnedView zv(const_cast<uint8_t*>(w.zeros.data()), kU8, {w.out, w.groups()});
   OwnedView av(const_cast<float*>(w.act_scale.data()), kF32, {w.in});
-  auto put = [&](const char* name, OwnedView& v) {
-    const loom_status s = sink->put(sink->user, name, &v.t, nullptr);
-    if (s != LOOM_OK) fail(s, std::string("int4: the sink refused tensor '") + name + "'");
-  };
-  put("qweight", qv);
-  put("scales", sv);
-  put("zeros", zv);
-  if (!w.act_scale.empty()) put("act_scale", av);
-  const std::string m = metadata_of(q);
-  if (self.host->buffer_append(meta, m.data(), m.size()) != LOOM_OK) fail(LOOM_ERR_INTERNAL, "int4: could not write the metadata");
+  put_tensor(sink, "int4", "qweight", &qv.t);
+  put_tensor(sink, "int4", "scales", &sv.t);
+  put_tensor(sink, "int4", "zeros", &zv.t);
+  if (!w.act_scale.empty()) put_tensor(sink, "int4", "act_scale", &av.t);
+  append_metadata(self.host, meta, metadata_of(q), "int4");
 }
 
 std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_t count, const char* meta_json,
                                             DLDevice target) {
   check_target(target);
-  if (ts == nullptr && count > 0) invalid("int4: tensors is NULL");
   const nlohmann::json meta = parse_quant_metadata(meta_json, "loom-int4", "int4");
   if (!meta.contains("bits") || meta["bits"] != 4) invalid("int4: metadata \"bits\" must be 4");
   if (!meta.contains("group_size") || !meta["group_size"].is_number_integer())
@@ -300,77 +288,46 @@ std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_
 }
 
 // ---- ABI glue ----
-Int4& self(void* inst) { return *static_cast<Int4*>(inst); }
-
-loom_status quantize_fn(void* inst, const loom_quantize_request* r, loom_qweight** out) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (r == nullptr || out == nullptr) invalid("int4: request and out must not be NULL");
-    if (!LOOM_HAS_FIELD(r, loom_quantize_request, target_device)) invalid("int4: request struct_size too small");
-    auto q = quantize(self(inst), *r);
-    place(self(inst), *q, r->target_device);
-    *out = q.release();
-  });
-}
-loom_status linear_fn(void* inst, const loom_qweight* w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (w == nullptr) invalid("int4: weight is NULL");
-#if LOOM_INT4_CUDA
-    if (w->device.device_type == kDLCUDA) {
-      linear_cuda(self(inst), *w, x, bias, nullptr, y);
-      return;
-    }
-#endif
-    linear_fn_impl(*w, x, bias, y);
-  });
-}
-loom_status dequantize_fn(void* inst, const loom_qweight* w, DLTensor* out) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (w == nullptr) invalid("int4: weight is NULL");
-    dequantize(*w, out);
-  });
-}
-loom_status export_fn(void* inst, const loom_qweight* w, const loom_tensor_sink* sink, loom_buffer* meta) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (w == nullptr) invalid("int4: weight is NULL");
-    export_weight(self(inst), *w, sink, meta);
-  });
-}
-loom_status import_fn(void* inst, const loom_named_tensor* ts, uint32_t count, const char* meta, DLDevice target,
-                      loom_qweight** out) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (out == nullptr) invalid("int4: out is NULL");
-    auto q = import_weight(ts, count, meta, target);
-    place(self(inst), *q, target);
-    *out = q.release();
-  });
-}
-void free_fn(void* inst, loom_qweight* w) {
-  if (w) free_device(self(inst), *w);
-  delete w;
-}
-
-#if LOOM_INT4_CUDA
-struct Fused {
+struct Traits {
   using Instance = Int4;
   static constexpr const char* kName = "int4";
-  static constexpr int kPer = kCodesPerPiece;
-  static bool on_gpu(const loom_qweight& q) { return q.device.device_type == kDLCUDA; }
-  static int64_t out(const loom_qweight& q) { return q.w.out; }
-  static int64_t in(const loom_qweight& q) { return q.w.in; }
-  static void linear(Int4& self, const loom_qweight& q, const DLTensor* x, const loom_linear_fusion* f, DLTensor* y) {
-    linear_cuda(self, q, x, nullptr, f, y);
+  static std::unique_ptr<loom_qweight> quantize(Int4& self, const loom_quantize_request& r) { return quantize_request(self, r); }
+  static std::unique_ptr<loom_qweight> import_weight(Int4&, const loom_named_tensor* ts, uint32_t count, const char* meta,
+                                                     DLDevice target) {
+    return int4q::import_weight(ts, count, meta, target);
   }
-};
-const void* extension_fn(void* inst, const char* id) { return FusedExtension<Fused>::get(inst, id); }
+  static void place(Int4& self, loom_qweight& q, DLDevice target) { int4q::place(self, q, target); }
+  static void linear(Int4& self, const loom_qweight& q, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
+#if LOOM_INT4_CUDA
+    if (q.device.device_type == kDLCUDA) return linear_cuda(self, q, x, bias, nullptr, y);
 #else
-const void* extension_fn(void*, const char*) { return nullptr; }
+    (void)self;
 #endif
-
-constexpr loom_quantizer_vtable kVtable = {
-    sizeof(loom_quantizer_vtable),
-    {&create_instance<Int4>, &destroy_instance<Int4>, &extension_fn, nullptr, nullptr},
-    &quantize_fn, &linear_fn, &dequantize_fn, &export_fn, &import_fn, &free_fn,
+    linear_fn_impl(q, x, bias, y);
+  }
+  static void dequantize(Int4&, const loom_qweight& q, DLTensor* out) { int4q::dequantize(q, out); }
+  static void export_weight(Int4& self, const loom_qweight& q, const loom_tensor_sink* sink, loom_buffer* meta) {
+    int4q::export_weight(self, q, sink, meta);
+  }
+  static void free_device(Int4& self, loom_qweight& q) { int4q::free_device(self, q); }
+#if LOOM_INT4_CUDA
+  struct Fused {
+    using Instance = Int4;
+    static constexpr const char* kName = "int4";
+    static constexpr int kPer = kCodesPerPiece;
+    static bool on_gpu(const loom_qweight& q) { return q.device.device_type == kDLCUDA; }
+    static int64_t out(const loom_qweight& q) { return q.w.out; }
+    static int64_t in(const loom_qweight& q) { return q.w.in; }
+    static void linear(Int4& self, const loom_qweight& q, const DLTensor* x, const loom_linear_fusion* f, DLTensor* y) {
+      linear_cuda(self, q, x, nullptr, f, y);
+    }
+  };
+  static const void* extension(void* inst, const char* id) { return FusedExtension<Fused>::get(inst, id); }
+#else
+  static const void* extension(void*, const char*) { return nullptr; }
+#endif
 };
+
 constexpr loom_param_desc param(const char* key, loom_value_type type, const char* def, const char* description) {
   return loom_param_desc{sizeof(loom_param_desc), key, type, 0, def, description};
 }
@@ -387,7 +344,7 @@ constexpr loom_param_desc kParams[] = {
 constexpr loom_component_desc kInt4 = {
     sizeof(loom_component_desc), LOOM_KIND_QUANTIZER, "int4", "1.0.0",
     "Group-wise 4-bit weights, round-to-nearest or AWQ scale search (CPU; W4A16 kernel on CUDA)",
-    kParams, 6, LOOM_THREADING_SERIAL, &kVtable};
+    kParams, 6, LOOM_THREADING_SERIAL, &QuantizerGlue<Traits>::kVtable};
 const loom_component_desc* const kComponents[] = {&kInt4};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-quant-int4", "1.0.0",

@@ -7,6 +7,9 @@
 // with the fusions of loom.quantizer.fused/1 (RMSNorm prologue, residual add, SwiGLU).
 // Export layout: "qweight" int8 [out, in], "scales" float32 [out], metadata
 // {"format":"loom-int8","bits":8,"scheme":"per-channel-symmetric"}.
+#ifndef LOOM_INT8_CUDA
+#define LOOM_INT8_CUDA 0  // the CUDA path is built only with nvcc (CMakeLists.txt)
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -19,6 +22,7 @@
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
 #include "loom_quant_util.hpp"
+#include "loom_quantizer_glue.hpp"
 #if LOOM_INT8_CUDA
 #include "int8_cuda.hpp"
 #include "loom_cuda_guard.hpp"
@@ -49,20 +53,10 @@ struct Int8 {
   Int8(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {}
 };
 
-void check_target(DLDevice d) {
-#if LOOM_INT8_CUDA
-  if (d.device_type == kDLCUDA) return;
-#endif
-  if (d.device_type != kDLCPU) unsupported("int8: only the CPU and CUDA target devices are supported");
-}
+void check_target(DLDevice d) { check_target_device(d, LOOM_INT8_CUDA != 0, "int8"); }
 
 // Frees a weight's device copies (through the host that allocated them).
-void free_device(const Int8& self, loom_qweight& w) {
-  if (w.q_dev) self.host->device_free(self.ctx, w.device, w.q_dev);
-  if (w.scales_dev) self.host->device_free(self.ctx, w.device, w.scales_dev);
-  w.q_dev = nullptr;
-  w.scales_dev = nullptr;
-}
+void free_device(const Int8& self, loom_qweight& w) { free_device_copies(self.host, self.ctx, w.device, w.q_dev, w.scales_dev); }
 
 // Copies the codes and scales to the target device, when it is a GPU. The host copies stay for
 // export_weight and dequantize.
@@ -172,23 +166,17 @@ void dequantize(const loom_qweight& w, DLTensor* out) {
 }
 
 void export_weight(const Int8& self, const loom_qweight& w, const loom_tensor_sink* sink, loom_buffer* meta) {
-  if (sink == nullptr || sink->put == nullptr) invalid("int8: sink is NULL");
-  if (meta == nullptr) invalid("int8: metadata buffer is NULL");
   // The sink only reads; const_cast is needed because DLTensor.data is non-const.
   OwnedView qv(const_cast<int8_t*>(w.q.data()), kI8, {w.out, w.in});
   OwnedView sv(const_cast<float*>(w.scales.data()), kF32, {w.out});
-  loom_status s = sink->put(sink->user, "qweight", &qv.t, nullptr);
-  if (s != LOOM_OK) fail(s, "int8: the sink refused tensor 'qweight'");
-  s = sink->put(sink->user, "scales", &sv.t, nullptr);
-  if (s != LOOM_OK) fail(s, "int8: the sink refused tensor 'scales'");
-  s = self.host->buffer_append(meta, kMetadata, std::strlen(kMetadata));
-  if (s != LOOM_OK) fail(s, "int8: could not write the metadata");
+  put_tensor(sink, "int8", "qweight", &qv.t);
+  put_tensor(sink, "int8", "scales", &sv.t);
+  append_metadata(self.host, meta, kMetadata, "int8");
 }
 
 std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_t count, const char* meta_json,
                                             DLDevice target) {
   check_target(target);
-  if (ts == nullptr && count > 0) invalid("int8: tensors is NULL");
   const nlohmann::json meta = parse_quant_metadata(meta_json, "loom-int8", "int8");
   if (meta.contains("bits") && meta["bits"] != 8) invalid("int8: metadata bits must be 8");
   if (meta.contains("scheme") && meta["scheme"] != "per-channel-symmetric")
@@ -219,88 +207,50 @@ std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_
 }
 
 // ---- ABI glue ----
-loom_status create_fn(const loom_host_api* host, loom_host_ctx* ctx, void** out) {
-  return guard(host, ctx, [&] {
-    if (out == nullptr) invalid("out_instance is NULL");
-    *out = std::make_unique<Int8>(host, ctx).release();
-  });
-}
-void destroy_fn(void* inst) { delete static_cast<Int8*>(inst); }
-Int8& self(void* inst) { return *static_cast<Int8*>(inst); }
-
-loom_status quantize_fn(void* inst, const loom_quantize_request* r, loom_qweight** out) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (r == nullptr || out == nullptr) invalid("int8: request and out must not be NULL");
-    if (!LOOM_HAS_FIELD(r, loom_quantize_request, target_device)) invalid("int8: request struct_size too small");
-    auto w = quantize(*r);
-    place(self(inst), *w, r->target_device);
-    *out = w.release();
-  });
-}
-loom_status linear_fn(void* inst, const loom_qweight* w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (w == nullptr) invalid("int8: weight is NULL");
-#if LOOM_INT8_CUDA
-    if (w->device.device_type == kDLCUDA) {
-      linear_cuda(self(inst), *w, x, bias, nullptr, y);
-      return;
-    }
-#endif
-    linear(*w, x, bias, y);
-  });
-}
-loom_status dequantize_fn(void* inst, const loom_qweight* w, DLTensor* out) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (w == nullptr) invalid("int8: weight is NULL");
-    dequantize(*w, out);
-  });
-}
-loom_status export_fn(void* inst, const loom_qweight* w, const loom_tensor_sink* sink, loom_buffer* meta) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (w == nullptr) invalid("int8: weight is NULL");
-    export_weight(self(inst), *w, sink, meta);
-  });
-}
-loom_status import_fn(void* inst, const loom_named_tensor* ts, uint32_t count, const char* meta, DLDevice target,
-                      loom_qweight** out) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (out == nullptr) invalid("int8: out is NULL");
-    auto w = import_weight(ts, count, meta, target);
-    place(self(inst), *w, target);
-    *out = w.release();
-  });
-}
-void free_fn(void* inst, loom_qweight* w) {
-  if (w) free_device(self(inst), *w);
-  delete w;
-}
-
-#if LOOM_INT8_CUDA
-struct Fused {
+struct Traits {
   using Instance = Int8;
   static constexpr const char* kName = "int8";
-  static constexpr int kPer = kCodesPerPiece;
-  static bool on_gpu(const loom_qweight& w) { return w.device.device_type == kDLCUDA; }
-  static int64_t out(const loom_qweight& w) { return w.out; }
-  static int64_t in(const loom_qweight& w) { return w.in; }
-  static void linear(Int8& self, const loom_qweight& w, const DLTensor* x, const loom_linear_fusion* f, DLTensor* y) {
-    linear_cuda(self, w, x, nullptr, f, y);
+  static std::unique_ptr<loom_qweight> quantize(Int8&, const loom_quantize_request& r) { return int8q::quantize(r); }
+  static std::unique_ptr<loom_qweight> import_weight(Int8&, const loom_named_tensor* ts, uint32_t count, const char* meta,
+                                                     DLDevice target) {
+    return int8q::import_weight(ts, count, meta, target);
   }
-};
-const void* extension_fn(void* inst, const char* id) { return FusedExtension<Fused>::get(inst, id); }
+  static void place(Int8& self, loom_qweight& w, DLDevice target) { int8q::place(self, w, target); }
+  static void linear(Int8& self, const loom_qweight& w, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
+#if LOOM_INT8_CUDA
+    if (w.device.device_type == kDLCUDA) return linear_cuda(self, w, x, bias, nullptr, y);
 #else
-const void* extension_fn(void*, const char*) { return nullptr; }
+    (void)self;
 #endif
-
-constexpr loom_quantizer_vtable kVtable = {
-    sizeof(loom_quantizer_vtable),
-    {&create_fn, &destroy_fn, &extension_fn, nullptr, nullptr},
-    &quantize_fn, &linear_fn, &dequantize_fn, &export_fn, &import_fn, &free_fn,
+    int8q::linear(w, x, bias, y);
+  }
+  static void dequantize(Int8&, const loom_qweight& w, DLTensor* out) { int8q::dequantize(w, out); }
+  static void export_weight(Int8& self, const loom_qweight& w, const loom_tensor_sink* sink, loom_buffer* meta) {
+    int8q::export_weight(self, w, sink, meta);
+  }
+  static void free_device(Int8& self, loom_qweight& w) { int8q::free_device(self, w); }
+#if LOOM_INT8_CUDA
+  struct Fused {
+    using Instance = Int8;
+    static constexpr const char* kName = "int8";
+    static constexpr int kPer = kCodesPerPiece;
+    static bool on_gpu(const loom_qweight& w) { return w.device.device_type == kDLCUDA; }
+    static int64_t out(const loom_qweight& w) { return w.out; }
+    static int64_t in(const loom_qweight& w) { return w.in; }
+    static void linear(Int8& self, const loom_qweight& w, const DLTensor* x, const loom_linear_fusion* f, DLTensor* y) {
+      linear_cuda(self, w, x, nullptr, f, y);
+    }
+  };
+  static const void* extension(void* inst, const char* id) { return FusedExtension<Fused>::get(inst, id); }
+#else
+  static const void* extension(void*, const char*) { return nullptr; }
+#endif
 };
+
 constexpr loom_component_desc kInt8 = {
     sizeof(loom_component_desc), LOOM_KIND_QUANTIZER, "int8", "1.0.0",
     "Per-output-channel symmetric int8 weights, dequantized on the fly (CPU; W8A16 kernel on CUDA)",
-    nullptr, 0, LOOM_THREADING_SERIAL, &kVtable};
+    nullptr, 0, LOOM_THREADING_SERIAL, &QuantizerGlue<Traits>::kVtable};
 const loom_component_desc* const kComponents[] = {&kInt8};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-quant-int8", "1.0.0",

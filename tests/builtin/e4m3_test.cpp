@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -135,4 +136,28 @@ TEST_CASE("E4M3 round_half_even ignores the FPU rounding mode's ties", "[e4m3]")
   CHECK(e4m3::round_half_even(2.4999998f) == 2.0f);
   CHECK(e4m3::round_half_even(126.5f) == 126.0f);
   CHECK(e4m3::round_half_even(-126.5f) == -126.0f);
+}
+
+TEST_CASE("E4M3 encode_bits gives encode's code for every input", "[e4m3]") {
+  // A stride over all 2^32 bit patterns (every sign, binade and NaN/infinity kind is hit), then
+  // every code's midpoint with its neighbours and the values one float step either side.
+  uint64_t checked = 0;
+  for (uint64_t bits = 0; bits < (uint64_t{1} << 32); bits += 251) {
+    const uint32_t b = static_cast<uint32_t>(bits);
+    float x = 0;
+    std::memcpy(&x, &b, sizeof(x));
+    const uint8_t want = e4m3::encode(x), got = e4m3::encode_bits(x);
+    if (want != got) FAIL("bits " << b << " value " << x << ": encode " << int(want) << ", encode_bits " << int(got));
+    ++checked;
+  }
+  for (int c = 0; c < 0x7E; ++c) {
+    const float lo = e4m3::decode(static_cast<uint8_t>(c)), hi = e4m3::decode(static_cast<uint8_t>(c + 1));
+    const float mid = (lo + hi) / 2;
+    for (const float v : {mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1000.0f), lo, hi})
+      for (const float s : {v, -v}) {
+        INFO("value " << s);
+        CHECK(e4m3::encode_bits(s) == e4m3::encode(s));
+      }
+  }
+  CHECK(checked > 17000000);
 }

@@ -1,7 +1,8 @@
 // The int8 and int4 quantizers' CUDA products (loom_quant_gemv.cuh) against their CPU products on
 // the same codes: plain `linear` (bf16/f32 in and out, bias, more tokens than one launch takes)
 // and every fusion of loom.quantizer.fused/1 (RMSNorm prologue, residual add, SwiGLU), on shapes
-// that take the kernel's row-pair and split-K paths and a row that ends inside a 32-piece block.
+// that take the kernel's row-pair and split-K paths and a row that ends inside a 32-piece block;
+// and the fp8 quantizer's cuBLASLt products against its CPU product.
 // Exits 77 (CTest: skipped) without a CUDA device.
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
@@ -91,7 +92,6 @@ struct Quantized {
       : rt(bt::runtime(toml)), q(rt->pipeline().at("quantizer")), vt(q.vtable<loom_quantizer_vtable>()),
         fused(static_cast<const loom_quantizer_fused *>(vt->life.get_extension(q.handle(), LOOM_QUANTIZER_FUSED_EXTENSION))),
         out(out_features), in(in_features) {
-    REQUIRE(fused != nullptr);
     bt::Tensor<float> w({out, in}, bt::random_floats(static_cast<size_t>(out * in), 11, -1.0f, 1.0f));
     // Calibration rows with a few loud inputs, for AWQ (int8 and RTN ignore them).
     bt::Tensor<float> calib({32, in}, bt::random_floats(static_cast<size_t>(32 * in), 12, -1.0f, 1.0f));
@@ -141,6 +141,7 @@ struct RopeShape {
 void check_products(const std::string &toml, int64_t out, int64_t in, RopeShape rope = {}) {
   INFO(toml << "out " << out << ", in " << in);
   Quantized qz(toml, out, in);
+  REQUIRE(qz.fused != nullptr);
   loom_linear_fusion f{};
   f.struct_size = sizeof(f);
   f.act_dtype = kBF16;
@@ -309,7 +310,122 @@ void check_products(const std::string &toml, int64_t out, int64_t in, RopeShape 
   }
 }
 
+// The fp8 quantizer's products (cuBLASLt E4M3, no fusions) against its CPU product on the same
+// codes: float32 and bfloat16 activations and outputs, a bias, and, for 8192 inputs, more rows
+// than one chunk of the activation scratch holds (2,047).
+void check_fp8_products(const std::string &toml, int64_t out, int64_t in, const std::vector<int64_t> &row_counts) {
+  INFO(toml << "out " << out << ", in " << in);
+  Quantized qz(toml, out, in);
+  CHECK(qz.fused == nullptr);
+  for (const int64_t n : row_counts) {
+    INFO("rows " << n);
+    const auto x = bt::random_floats(static_cast<size_t>(n * in), 5 + static_cast<uint32_t>(n), -2.0f, 2.0f);
+    std::vector<float> xb(x.size());
+    for (size_t i = 0; i < x.size(); ++i) xb[i] = bf16(x[i]);
+    const auto bias = bt::random_floats(static_cast<size_t>(out), 9);
+    DeviceTensor bd({out}, kF32);
+    bd.upload(bias);
+    auto with_bias = [&](std::vector<float> ref) {
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t o = 0; o < out; ++o) ref[static_cast<size_t>(r * out + o)] += bias[static_cast<size_t>(o)];
+      return ref;
+    };
+    const auto ref = with_bias(qz.reference(x, n));
+    {
+      DeviceTensor xd({n, in}, kF32), yd({n, out}, kF32);
+      xd.upload(x);
+      REQUIRE(qz.vt->linear(qz.q.handle(), qz.gpu, xd.dl(), bd.dl(), yd.dl()) == LOOM_OK);
+      // The same codes on both sides (the identity test below checks them bit for bit): only the
+      // accumulation differs, and Hopper's E4M3 tensor cores accumulate with fewer bits than
+      // float32 between cuBLASLt's promotions (1.1e-4 to 1.8e-4 of the largest output measured).
+      check_close(yd.download(), ref, 5e-4);
+    }
+    {
+      DeviceTensor xh({n, in}, kBF16), yh({n, out}, kBF16), yf({n, out}, kF32);
+      xh.upload(x);
+      const auto ref_b = with_bias(qz.reference(xb, n));
+      REQUIRE(qz.vt->linear(qz.q.handle(), qz.gpu, xh.dl(), bd.dl(), yh.dl()) == LOOM_OK);
+      check_close(yh.download(), ref_b, 8e-3);
+      REQUIRE(qz.vt->linear(qz.q.handle(), qz.gpu, xh.dl(), nullptr, yf.dl()) == LOOM_OK);
+      check_close(yf.download(), qz.reference(xb, n), 5e-4);
+    }
+  }
+}
+
 }  // namespace
+
+TEST_CASE("fp8 on CUDA: cuBLASLt's E4M3 products match the CPU's", "[cuda][quant]") {
+  for (const char *scales : {"", "weight_scale = \"per-tensor\"\n", "activation_scale = \"per-tensor\"\n",
+                             "weight_scale = \"per-tensor\"\nactivation_scale = \"per-tensor\"\n"}) {
+    const std::string toml = std::string("[quantizer]\nuse = \"fp8\"\n") + scales;
+    check_fp8_products(toml, 64, 2048, {1, 3, 70});
+    check_fp8_products(toml, 4112, 1040, {1, 17});
+  }
+  check_fp8_products("[quantizer]\nuse = \"fp8\"\n", 48, 8192, {2100});
+  check_fp8_products("[quantizer]\nuse = \"fp8\"\nactivation_scale = \"per-tensor\"\n", 48, 8192, {2100});
+}
+
+TEST_CASE("fp8 on CUDA quantizes activations exactly as the CPU does", "[cuda][quant]") {
+  // An identity weight (every row's scale 1/448, its one code 448) passes the quantized
+  // activations through: y = decode(code(x / s)) * s for each row's scale s. Magnitudes spread
+  // over 24 binades reach E4M3's subnormals, and exact midpoints between two codes test the ties.
+  const int64_t in = 256, n = 5;
+  std::vector<float> eye(static_cast<size_t>(in * in), 0.0f);
+  for (int64_t i = 0; i < in; ++i) eye[static_cast<size_t>(i * in + i)] = 1.0f;
+  for (const char *act : {"per-token", "per-tensor"}) {
+    INFO(act);
+    auto rt = bt::runtime(std::string("[quantizer]\nuse = \"fp8\"\nactivation_scale = \"") + act + "\"\n");
+    loom::Instance &q = rt->pipeline().at("quantizer");
+    const auto *vt = q.vtable<loom_quantizer_vtable>();
+    bt::Tensor<float> w({in, in}, eye);
+    loom_quantize_request r{};
+    r.struct_size = sizeof(r);
+    r.module_name = "identity";
+    r.weight = w.dl();
+    r.target_device = DLDevice{kDLCPU, 0};
+    loom_qweight *cpu = nullptr, *gpu = nullptr;
+    REQUIRE(vt->quantize(q.handle(), &r, &cpu) == LOOM_OK);
+    r.target_device = kGpu;
+    REQUIRE(vt->quantize(q.handle(), &r, &gpu) == LOOM_OK);
+    const auto u = bt::random_floats(static_cast<size_t>(n * in), 21, 0.0f, 1.0f);
+    const auto e = bt::random_floats(static_cast<size_t>(n * in), 22, -24.0f, 0.0f);
+    std::vector<float> x(u.size());
+    for (size_t i = 0; i < x.size(); ++i) x[i] = (u[i] < 0.5f ? -1.0f : 1.0f) * std::ldexp(1.0f + u[i], static_cast<int>(e[i]));
+    x[3] = 1.0f;                 // row 0's amax 1: the scale is 1/448, so x / s = 448 x
+    x[4] = 1.0625f / 448.0f;     // midway between codes 1 and 1.125 (x / s = 1.0625): ties to even, 1
+    x[5] = 1.1875f / 448.0f;     // midway between 1.125 and 1.25: ties to 1.25 (even mantissa)
+    x[6] = std::ldexp(1.5f, -9) / 448.0f;  // midway between the subnormals 2^-9 and 2^-8
+    bt::Tensor<float> xt({n, in}, x), yt({n, in});
+    REQUIRE(vt->linear(q.handle(), cpu, xt.dl(), nullptr, yt.dl()) == LOOM_OK);
+    DeviceTensor xd({n, in}, kF32), yd({n, in}, kF32);
+    xd.upload(x);
+    REQUIRE(vt->linear(q.handle(), gpu, xd.dl(), nullptr, yd.dl()) == LOOM_OK);
+    const auto got = yd.download();
+    int differ = 0;
+    for (size_t i = 0; i < got.size(); ++i)
+      // A code apart is at least 2^-4 relative; the scales' product may round differently.
+      if (std::fabs(got[i] - yt.v[i]) > 1e-6f * std::fabs(yt.v[i]) && ++differ <= 5) UNSCOPED_INFO("at " << i << ": x " << x[i] << " cpu " << yt.v[i] << " gpu " << got[i]);
+    CHECK(differ == 0);
+    vt->free_weight(q.handle(), cpu);
+    vt->free_weight(q.handle(), gpu);
+  }
+}
+
+TEST_CASE("fp8 on CUDA refuses shapes cuBLASLt cannot take, by name", "[cuda][quant]") {
+  auto rt = bt::runtime("[quantizer]\nuse = \"fp8\"\n");
+  loom::Instance &q = rt->pipeline().at("quantizer");
+  const auto *vt = q.vtable<loom_quantizer_vtable>();
+  bt::Tensor<float> w({8, 40}, bt::random_floats(8 * 40, 3));
+  loom_quantize_request r{};
+  r.struct_size = sizeof(r);
+  r.module_name = "test.linear";
+  r.weight = w.dl();
+  r.target_device = kGpu;
+  loom_qweight *out = nullptr;
+  CHECK(vt->quantize(q.handle(), &r, &out) == LOOM_ERR_UNSUPPORTED);
+  CHECK(out == nullptr);
+  CHECK_THAT(q.last_error(), Catch::Contains("fp8: on CUDA, in_features and out_features must be multiples of 16"));
+}
 
 TEST_CASE("int8 on CUDA: linear and fused products match the CPU's", "[cuda][quant]") {
   // 2048 inputs: 128 pieces, so few rows split K in two; 1040: 65 pieces, a row ends inside a
