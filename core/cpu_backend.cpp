@@ -537,39 +537,8 @@ void CpuBackend::capture(const Linear &lin, const float *x, int64_t n) {
 }
 
 loom_qweight *CpuBackend::import_linear(Instance &quantizer, const Linear &lin) {
-  // Copies: safetensors promises no alignment, and the plugin reads typed values.
-  struct Copy {
-    std::string name;
-    std::vector<uint8_t> bytes;
-    std::vector<int64_t> shape;
-    DLTensor t{};
-  };
-  std::vector<std::unique_ptr<Copy>> copies;
-  for (const auto &[suffix, w] : lin.imported->tensors) {
-    const std::optional<DLDataType> dt = dl_dtype(w.dtype);
-    if (!dt)
-      throw runtime_error(options_.source_name + ": " + lin.name + "." + suffix + ": dtype " + dtype_name(w.dtype) +
-                          " cannot be handed to a quantizer");
-    auto c = std::make_unique<Copy>();
-    c->name = lin.name + "." + suffix;
-    const auto *p = reinterpret_cast<const uint8_t *>(w.bytes.data());
-    c->bytes.assign(p, p + w.bytes.size());
-    c->shape = w.shape;
-    c->t.data = c->bytes.data();
-    c->t.device = {kDLCPU, 0};
-    c->t.ndim = static_cast<int32_t>(c->shape.size());
-    c->t.dtype = *dt;
-    c->t.shape = c->shape.data();
-    copies.push_back(std::move(c));
-  }
-  std::vector<loom_named_tensor> named;
-  for (auto &c : copies) named.push_back({sizeof(loom_named_tensor), c->name.c_str(), &c->t});
-  loom_qweight *q = nullptr;
-  quantizer.check(quantizer.vtable<loom_quantizer_vtable>()->import_weight(
-                      quantizer.handle(), named.data(), static_cast<uint32_t>(named.size()),
-                      lin.imported->metadata.c_str(), DLDevice{kDLCPU, 0}, &q),
-                  ("import " + lin.name + " (quantized by '" + checkpoint_quantization_->quantizer + "')").c_str());
-  return q;
+  return import_quantized_module(quantizer, *lin.imported, lin.name, checkpoint_quantization_->quantizer, DLDevice{kDLCPU, 0},
+                                 options_.source_name);
 }
 
 QuantizationError CpuBackend::measure(Instance &quantizer, const Linear &lin, const loom_qweight *q, const float *w) {

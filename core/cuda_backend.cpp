@@ -98,6 +98,10 @@ struct DeviceLinear {
   int64_t out = 0, in = 0;
   // The quantizer's weight instead of `weight`, when there is one.
   std::unique_ptr<loom_qweight, QWeightFree> qweight;
+  // Instead of either: the linears whose rows make up this one, in order, when a `loom quantize`
+  // checkpoint stores them quantized one by one (q, k and v; gate and up): each is multiplied on
+  // its own and its columns copied into the product.
+  std::vector<DeviceLinear> parts;
 };
 
 struct DeviceLayer {
@@ -246,6 +250,8 @@ class CudaBackend final : public ModelBackend {
   std::shared_ptr<Instance> quantizer_;   // the pipeline's quantizer, when it has one
   const loom_quantizer_fused *quant_fused_ = nullptr; // its fused products, when it offers them
   DeviceBuffer quant_out_;                // float32 [T, hidden]: products added into the residual
+  DeviceBuffer part_out_;                 // float32 [T, part_cols_]: one part's product (DeviceLinear::parts)
+  int64_t part_cols_ = 0;                 // the widest part; 0: no linear has parts
   void ensure_capacity(int32_t tokens, int32_t seqs);
   // Grows both halves of the step metadata to `entries` int32s each, keeping the first `keep`
   // of half `keep_half` (a fed step's tokens).
@@ -362,9 +368,6 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   if (auto list = pipeline_.list(LOOM_KIND_ADAPTER); !list.empty())
     throw runtime_error(options_.source_name + ": " + list.front()->slot() + " (" + list.front()->desc().name +
                         "): adapter components run on the CPU backend only for now; use loom.device = \"cpu\"");
-  if (const QuantizedCheckpoint *q = weights.quantized())
-    throw runtime_error(options_.source_name + ": [model] path holds weights quantized by '" + q->quantizer +
-                        "' (loom quantize), which load on the CPU backend only for now; use loom.device = \"cpu\"");
   if (auto list = pipeline_.list(LOOM_KIND_QUANTIZER); !list.empty()) {
     quantizer_ = list.front();
     const auto *vt = quantizer_->vtable<loom_quantizer_vtable>();
@@ -376,6 +379,11 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
         !env_off("LOOM_CUDA_QUANT_FUSED"))
       quant_fused_ = ext;
   }
+  // A `loom quantize` checkpoint: its quantized linears are imported by the pipeline's quantizer.
+  const QuantizedCheckpoint *checkpoint = weights.quantized();
+  if (checkpoint && !quantizer_)
+    throw runtime_error(options_.source_name + ": [model] path holds weights quantized by '" + checkpoint->quantizer +
+                        "' (loom quantize); add [quantizer] use = \"" + checkpoint->quantizer + "\" to load them");
   cuda_check(cudaSetDevice(options_.device.device_id), "cudaSetDevice");
   stream_ = static_cast<cudaStream_t>(cuda_compute_stream(options_.device.device_id));
   if (stream_ == nullptr) throw runtime_error("CUDA backend: no compute stream for device " + std::to_string(options_.device.device_id));
@@ -391,11 +399,28 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   const bool gpt2 = c.architecture == Architecture::gpt2;
   auto take = [&](const std::string &name) { return weights.take(name).values; };
   auto maybe = [&](const std::string &name) { return weights.contains(name) ? take(name) : std::vector<float>{}; };
+  auto stored_quantized = [&](const std::string &module) -> const QuantizedModule * {
+    if (!checkpoint) return nullptr;
+    const auto it = checkpoint->modules.find(module);
+    return it == checkpoint->modules.end() ? nullptr : &it->second;
+  };
+  auto import_linear = [&](const std::string &module, const QuantizedModule &m) {
+    DeviceLinear l;
+    l.out = m.shape[0];
+    l.in = m.shape[1];
+    l.qweight = {import_quantized_module(*quantizer_, m, module, checkpoint->quantizer, options_.device, options_.source_name),
+                 QWeightFree{quantizer_}};
+    return l;
+  };
+  if (checkpoint && gpt2)
+    throw runtime_error(options_.source_name + ": [model] path: GPT-2 checkpoints quantized by loom quantize are not supported");
   const bool tied = c.tie_word_embeddings || gpt2;
   std::vector<float> embedding = take(gpt2 ? "wte.weight" : "model.embed_tokens.weight");
   embedding_ = upload_matrix(embedding);
   // A tied head under a quantizer is its own quantized copy; lookups keep reading embedding_.
-  if (quantizer_ && tied) lm_head_ = upload_linear("lm_head", embedding, c.vocab_size, H, {});
+  if (quantizer_ && tied)
+    lm_head_ = stored_quantized("lm_head") ? import_linear("lm_head", *stored_quantized("lm_head"))
+                                           : upload_linear("lm_head", embedding, c.vocab_size, H, {});
   embedding = {};
   if (gpt2) positions_ = upload_matrix(take("wpe.weight"));
   for (int64_t l = 0; l < c.n_layers; ++l) {
@@ -434,22 +459,51 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
         }
         return all;
       };
+      // The linear [out, in] made of the rows of `names`: their float weights concatenated and
+      // uploaded (quantized by the pipeline's quantizer, if any), or, when the checkpoint stores
+      // them quantized, each imported as it is (one part each).
+      auto linear_of = [&](const std::string &fused, std::initializer_list<std::string> names, int64_t out, int64_t in,
+                           std::vector<float> bias) {
+        size_t quantized = 0;
+        for (const auto &n : names) quantized += stored_quantized(p + n) != nullptr;
+        if (quantized == 0) return upload_linear(p + fused, concat(names, false), out, in, bias);
+        std::string list;
+        for (const auto &n : names) list += (list.empty() ? "" : ", ") + p + n;
+        if (quantized != names.size())
+          throw runtime_error(options_.source_name + ": [model] path stores some of " + list +
+                              " quantized and some not; the CUDA backend loads them together");
+        DeviceLinear lin;
+        if (names.size() == 1) {
+          lin = import_linear(p + *names.begin(), *stored_quantized(p + *names.begin()));
+        } else {
+          for (const auto &n : names) lin.parts.push_back(import_linear(p + n, *stored_quantized(p + n)));
+          lin.in = in;
+          for (const DeviceLinear &part : lin.parts) {
+            if (part.in != in)
+              throw runtime_error(options_.source_name + ": [model] path: " + list + " must all take " + std::to_string(in) + " inputs");
+            lin.out += part.out;
+            part_cols_ = std::max(part_cols_, part.out);
+          }
+        }
+        if (lin.out != out || lin.in != in)
+          throw runtime_error(options_.source_name + ": [model] path: " + list + " quantized as [" + std::to_string(lin.out) +
+                              ", " + std::to_string(lin.in) + "], the model needs [" + std::to_string(out) + ", " +
+                              std::to_string(in) + "]");
+        if (!bias.empty()) lin.bias = upload_f32(bias);
+        return lin;
+      };
       auto qkv_bias = concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, true);
       if (!qkv_bias.empty() && static_cast<int64_t>(qkv_bias.size()) != qkv_out)
         throw runtime_error(options_.source_name + ": layer " + std::to_string(l) +
                             ": q/k/v biases must be present for all three projections or none");
-      layer.qkv = upload_linear(p + "self_attn.qkv_proj",
-                                concat({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, false), qkv_out, H,
-                                qkv_bias);
-      layer.o = upload_linear(p + "self_attn.o_proj", take(p + "self_attn.o_proj.weight"), H, c.n_heads * D,
-                              maybe(p + "self_attn.o_proj.bias"));
+      layer.qkv = linear_of("self_attn.qkv_proj", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, qkv_out, H,
+                            qkv_bias);
+      layer.o = linear_of("self_attn.o_proj", {"self_attn.o_proj"}, H, c.n_heads * D, maybe(p + "self_attn.o_proj.bias"));
       auto gu_bias = concat({"mlp.gate_proj", "mlp.up_proj"}, true);
-      layer.gate_up = upload_linear(p + "mlp.gate_up_proj", concat({"mlp.gate_proj", "mlp.up_proj"}, false), 2 * I, H,
-                                    gu_bias);
+      layer.gate_up = linear_of("mlp.gate_up_proj", {"mlp.gate_proj", "mlp.up_proj"}, 2 * I, H, gu_bias);
       if (layer.gate_up.bias)
         throw runtime_error(options_.source_name + ": MLP biases (mlp_bias) are not supported by the CUDA backend yet");
-      layer.down = upload_linear(p + "mlp.down_proj", take(p + "mlp.down_proj.weight"), H, I,
-                                 maybe(p + "mlp.down_proj.bias"));
+      layer.down = linear_of("mlp.down_proj", {"mlp.down_proj"}, H, I, maybe(p + "mlp.down_proj.bias"));
       layer.norm1_w = upload_f32(take(p + "input_layernorm.weight"));
       layer.norm2_w = upload_f32(take(p + "post_attention_layernorm.weight"));
     }
@@ -462,7 +516,8 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
     lm_head_.in = H;
     lm_head_weight_ = embedding_.get();
   } else {
-    lm_head_ = upload_linear("lm_head", take("lm_head.weight"), c.vocab_size, H, {});
+    lm_head_ = stored_quantized("lm_head") ? import_linear("lm_head", *stored_quantized("lm_head"))
+                                           : upload_linear("lm_head", take("lm_head.weight"), c.vocab_size, H, {});
     lm_head_weight_ = lm_head_.weight.get();
   }
   if (!gpt2) inv_freq_ = rope_inv_freq(c);
@@ -722,6 +777,7 @@ void CudaBackend::ensure_capacity(int32_t tokens, int32_t seqs) {
                I = static_cast<size_t>(c.intermediate_size), D = static_cast<size_t>(c.head_dim);
   x_ = DeviceBuffer(t * H * 4);
   if (quantizer_) quant_out_ = DeviceBuffer(t * H * 4);
+  if (part_cols_ > 0) part_out_ = DeviceBuffer(t * static_cast<size_t>(part_cols_) * 4);
   h_ = DeviceBuffer(t * H * a);
   qkv_ = DeviceBuffer(t * qkv_cols * a);
   q_ = DeviceBuffer(t * static_cast<size_t>(c.n_heads) * D * a);
@@ -796,6 +852,20 @@ bool CudaBackend::fused_gemm(const DeviceLinear &w, const void *x, int32_t T, lo
 }
 
 void CudaBackend::gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta) {
+  if (!w.parts.empty()) { // each part's product, then its columns of y (a strided copy)
+    if (beta != 0.0f) throw runtime_error("CUDA backend: a linear of parts cannot add into its output");
+    const size_t elem = y_type == CUDA_R_32F ? 4 : act_bytes();
+    int64_t col = 0;
+    for (const DeviceLinear &part : w.parts) {
+      quantized_gemm(part, x, tokens, part_out_.get(), y_type, 0.0f);
+      cuda_check(cudaMemcpy2DAsync(static_cast<char *>(y) + static_cast<size_t>(col) * elem, static_cast<size_t>(w.out) * elem,
+                                   part_out_.get(), static_cast<size_t>(part.out) * elem, static_cast<size_t>(part.out) * elem,
+                                   static_cast<size_t>(tokens), cudaMemcpyDeviceToDevice, stream_),
+                 "copy a part's columns");
+      col += part.out;
+    }
+    return;
+  }
   if (w.qweight) {
     quantized_gemm(w, x, tokens, y, y_type, beta);
     return;

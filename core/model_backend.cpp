@@ -9,9 +9,11 @@
 #include "cuda_backend.hpp"
 #endif
 #include "loom/core/error.hpp"
+#include "loom/core/instance.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
 #include "loom/core/pipeline.hpp"
+#include "loom/quantizer.h"
 
 namespace loom {
 
@@ -104,6 +106,43 @@ SlotCopy plan_slot_copy(int32_t src_slot, int32_t dst_slot, int64_t positions, i
   const uint64_t blocks = static_cast<uint64_t>((positions + layout.block_size - 1) / layout.block_size);
   return {static_cast<uint64_t>(src_slot) * per_slot, static_cast<uint64_t>(dst_slot) * per_slot,
           blocks * layout.bytes_per_block};
+}
+
+loom_qweight *import_quantized_module(Instance &quantizer, const QuantizedModule &module, const std::string &name,
+                                      const std::string &checkpoint_quantizer, DLDevice device,
+                                      const std::string &source_name) {
+  struct Copy {
+    std::string name;
+    std::vector<uint8_t> bytes;
+    std::vector<int64_t> shape;
+    DLTensor t{};
+  };
+  std::vector<std::unique_ptr<Copy>> copies;
+  for (const auto &[suffix, w] : module.tensors) {
+    const std::optional<DLDataType> dt = dl_dtype(w.dtype);
+    if (!dt)
+      throw runtime_error(source_name + ": " + name + "." + suffix + ": dtype " + dtype_name(w.dtype) +
+                          " cannot be handed to a quantizer");
+    auto c = std::make_unique<Copy>();
+    c->name = name + "." + suffix;
+    const auto *p = reinterpret_cast<const uint8_t *>(w.bytes.data());
+    c->bytes.assign(p, p + w.bytes.size());
+    c->shape = w.shape;
+    c->t.data = c->bytes.data();
+    c->t.device = {kDLCPU, 0};
+    c->t.ndim = static_cast<int32_t>(c->shape.size());
+    c->t.dtype = *dt;
+    c->t.shape = c->shape.data();
+    copies.push_back(std::move(c));
+  }
+  std::vector<loom_named_tensor> named;
+  for (auto &c : copies) named.push_back({sizeof(loom_named_tensor), c->name.c_str(), &c->t});
+  loom_qweight *q = nullptr;
+  quantizer.check(quantizer.vtable<loom_quantizer_vtable>()->import_weight(quantizer.handle(), named.data(),
+                                                                           static_cast<uint32_t>(named.size()),
+                                                                           module.metadata.c_str(), device, &q),
+                  ("import " + name + " (quantized by '" + checkpoint_quantizer + "')").c_str());
+  return q;
 }
 
 std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,

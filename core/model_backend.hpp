@@ -21,6 +21,7 @@
 #include <dlpack/dlpack.h>
 
 #include "loom/attention.h"
+#include "loom/quantizer.h"
 
 namespace loom {
 
@@ -119,7 +120,17 @@ uint64_t paged_pool_blocks(const loom_kv_layout &layout, int64_t n_layers, int64
 
 class Pipeline;
 class ModelWeights;
+class Instance;
 struct ModelConfig;
+struct QuantizedModule;
+
+// The quantizer's weight, on `device`, for a linear that a `loom quantize` checkpoint stores
+// quantized (its tensors copied out of the mapping first: safetensors promises no alignment and
+// the plugin reads typed values). Throws loom::Error naming the module and the checkpoint's
+// quantizer when the plugin refuses it. Shared by the backends.
+loom_qweight *import_quantized_module(Instance &quantizer, const QuantizedModule &module, const std::string &name,
+                                      const std::string &checkpoint_quantizer, DLDevice device,
+                                      const std::string &source_name);
 
 // What make_backend needs besides the model: the device and the manifest's choices.
 struct BackendOptions {
