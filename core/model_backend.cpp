@@ -150,6 +150,10 @@ std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeigh
   switch (options.device.device_type) {
   case kDLCUDA: {
 #if LOOM_HAVE_CUDA
+    if (!options.calibration.empty())
+      throw runtime_error(options.source_name + ": [model] calibration: calibration activations are captured by the CPU "
+                                                "backend only; quantize ahead of time with `loom quantize` (it runs on the "
+                                                "CPU) and load that checkpoint with loom.device = \"cuda\"");
     // "auto" as on the CPU: float32 checkpoints compute in float32, the others in bfloat16.
     CudaBackendOptions cuda;
     cuda.device = options.device;

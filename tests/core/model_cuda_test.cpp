@@ -369,6 +369,19 @@ TEST_CASE("the CUDA backend refuses what it cannot run, by name", "[cuda]") {
           "quantize model.layers.0.self_attn.qkv_proj for the GPU failed: int4: on CUDA, in_features and group_size "
           "must be multiples of 32");
   refused("[[adapter]]\nuse = \"lora\"\n", "m.toml: adapter[0] (lora): adapter components run on the CPU backend only");
+  // AWQ's calibration activations are captured on the CPU only: the manifest is told to quantize
+  // ahead of time.
+  try {
+    loom::Runtime::from_string("[loom]\ndevice = \"cuda\"\n[model]\npath = \"" + (source_dir() / "models/tiny-kjv").string() +
+                                   "\"\ncalibration = \"" + (source_dir() / "tests/fixtures/text/kjv_calibration.txt").string() +
+                                   "\"\n[attention]\nuse = \"sdpa\"\n[quantizer]\nuse = \"int4\"\nmethod = \"awq\"\n"
+                                   "group_size = 32\n[[sampler]]\nuse = \"greedy\"\n",
+                               "awq.toml");
+    FAIL("AWQ calibration was accepted on CUDA");
+  } catch (const loom::Error &e) {
+    CHECK_THAT(e.what(), Catch::Contains("awq.toml: [model] calibration: calibration activations are captured by the CPU "
+                                         "backend only; quantize ahead of time with `loom quantize`"));
+  }
   // A `loom quantize` checkpoint needs its quantizer in the pipeline.
   const fs::path quantized = fs::temp_directory_path() / ("loom_cuda_q8_" + std::to_string(::getpid()));
   loom::Runtime::from_string("[loom]\ndevice = \"cpu\"\n" + model + "[attention]\nuse = \"sdpa\"\n[quantizer]\nuse = \"int8\"\n" +
