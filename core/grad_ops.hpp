@@ -1,0 +1,213 @@
+// Private to core: the operations of the Llama family with their backward passes, for training
+// on the CPU (LlamaTrainer). Templated on the scalar type: float for training, double for the
+// finite-difference checks of tests/core/train_grad_test.cpp. Plain loops, written for clarity;
+// shapes in comments, all arrays contiguous row-major. Forward functions overwrite their outputs;
+// backward functions ADD into the gradients they produce (callers zero them), because most
+// gradients have more than one contributor (a residual stream, q/k/v sharing their input, a tied
+// head sharing the embedding).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace loom::grad {
+
+// y[n, out] = x[n, in] W[out, in]^T (+ b[out] when b is not null)
+template <class T>
+void linear(const T *x, int64_t n, const T *W, int64_t out, int64_t in, const T *b, T *y) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      const T *w = W + o * in, *xr = x + r * in;
+      T acc = 0;
+      for (int64_t i = 0; i < in; ++i) acc += xr[i] * w[i];
+      y[r * out + o] = acc + (b ? b[o] : T(0));
+    }
+}
+
+// dx[n, in] += dy W; dW[out, in] += dy^T x; db[out] += column sums of dy (each when not null).
+template <class T>
+void linear_backward(const T *dy, const T *x, int64_t n, const T *W, int64_t out, int64_t in, T *dx, T *dW, T *db) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T *g = dy + r * out, *xr = x + r * in;
+    for (int64_t o = 0; o < out; ++o) {
+      const T go = g[o];
+      if (go == T(0)) continue;
+      const T *w = W + o * in;
+      if (dx)
+        for (int64_t i = 0; i < in; ++i) dx[r * in + i] += go * w[i];
+      if (dW)
+        for (int64_t i = 0; i < in; ++i) dW[o * in + i] += go * xr[i];
+      if (db) db[o] += go;
+    }
+  }
+}
+
+// One row: y[H] = w * x * r with r = 1 / sqrt(mean(x^2) + eps); returns r for the backward.
+template <class T>
+T rms_norm(const T *x, const T *w, int64_t H, double eps, T *y) {
+  T ss = 0;
+  for (int64_t i = 0; i < H; ++i) ss += x[i] * x[i];
+  const T r = T(1) / std::sqrt(ss / static_cast<T>(H) + static_cast<T>(eps));
+  for (int64_t i = 0; i < H; ++i) y[i] = w[i] * (x[i] * r);
+  return r;
+}
+
+// With g = w * dy: dx += r g - x r^3 (g . x) / H; dw += dy * x * r.
+template <class T>
+void rms_norm_backward(const T *dy, const T *x, const T *w, T r, int64_t H, T *dx, T *dw) {
+  T gx = 0;
+  for (int64_t i = 0; i < H; ++i) gx += w[i] * dy[i] * x[i];
+  const T c = r * r * r * gx / static_cast<T>(H);
+  for (int64_t i = 0; i < H; ++i) {
+    dx[i] += r * w[i] * dy[i] - x[i] * c;
+    dw[i] += dy[i] * x[i] * r;
+  }
+}
+
+// Rotary embedding of v[heads, D] at `pos`, rotate-half layout (pairs (i, i + D/2)); `inverse`
+// rotates by the opposite angle, which is the backward of the rotation. In float the angle is
+// computed in float32 as transformers does (ops::rope), in double in double.
+template <class T>
+void rope(T *v, int64_t heads, int64_t D, int64_t pos, const std::vector<double> &inv_freq, bool inverse) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    T angle;
+    if constexpr (std::is_same_v<T, float>)
+      angle = static_cast<float>(pos) * static_cast<float>(inv_freq[static_cast<size_t>(i)]);
+    else
+      angle = static_cast<T>(pos) * static_cast<T>(inv_freq[static_cast<size_t>(i)]);
+    const T c = std::cos(angle), s = inverse ? -std::sin(angle) : std::sin(angle);
+    for (int64_t h = 0; h < heads; ++h) {
+      T *row = v + h * D;
+      const T a = row[i], b = row[i + half];
+      row[i] = a * c - b * s;
+      row[i + half] = b * c + a * s;
+    }
+  }
+}
+
+template <class T>
+T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// m = silu(g) * u, elementwise over n values.
+template <class T>
+void swiglu(const T *g, const T *u, int64_t n, T *m) {
+  for (int64_t i = 0; i < n; ++i) m[i] = g[i] * sigmoid(g[i]) * u[i];
+}
+
+// dg += dm * u * silu'(g), du += dm * silu(g); silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
+template <class T>
+void swiglu_backward(const T *dm, const T *g, const T *u, int64_t n, T *dg, T *du) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = sigmoid(g[i]);
+    dg[i] += dm[i] * u[i] * s * (T(1) + g[i] * (T(1) - s));
+    du[i] += dm[i] * g[i] * s;
+  }
+}
+
+// Causal attention over one sequence of L tokens: q[L, Hq, D], k/v[L, Hkv, D] (query head h
+// reads KV head h / (Hq / Hkv)); key j is visible to query i when j <= i and, with a sliding
+// window W > 0, i - j < W. Writes out[L, Hq, D] and the probabilities p[Hq, L, L] (zero where
+// masked) that the backward reuses.
+template <class T>
+void attention(const T *q, const T *k, const T *v, int64_t L, int64_t Hq, int64_t Hkv, int64_t D, int64_t window,
+               T *out, T *p) {
+  const T scale = T(1) / std::sqrt(static_cast<T>(D));
+  std::fill(out, out + L * Hq * D, T(0));
+  std::fill(p, p + Hq * L * L, T(0));
+  for (int64_t h = 0; h < Hq; ++h) {
+    const int64_t kh = h / (Hq / Hkv);
+    for (int64_t i = 0; i < L; ++i) {
+      T *pi = p + (h * L + i) * L;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
+      T max = -std::numeric_limits<T>::infinity();
+      for (int64_t j = first; j <= i; ++j) {
+        T s = 0;
+        for (int64_t d = 0; d < D; ++d) s += q[(i * Hq + h) * D + d] * k[(j * Hkv + kh) * D + d];
+        pi[j] = s * scale;
+        max = std::max(max, pi[j]);
+      }
+      T sum = 0;
+      for (int64_t j = first; j <= i; ++j) sum += (pi[j] = std::exp(pi[j] - max));
+      for (int64_t j = first; j <= i; ++j) {
+        pi[j] /= sum;
+        for (int64_t d = 0; d < D; ++d) out[(i * Hq + h) * D + d] += pi[j] * v[(j * Hkv + kh) * D + d];
+      }
+    }
+  }
+}
+
+// The backward of attention(): with dP = dO V^T and dS = P * (dP - rowsum(P * dP)),
+// dq += scale dS K, dk += scale dS^T Q, dv += P^T dO (per query head, into its KV head).
+template <class T>
+void attention_backward(const T *d_out, const T *q, const T *k, const T *v, const T *p, int64_t L, int64_t Hq, int64_t Hkv,
+                        int64_t D, T *dq, T *dk, T *dv) {
+  const T scale = T(1) / std::sqrt(static_cast<T>(D));
+  std::vector<T> dp(static_cast<size_t>(L));
+  for (int64_t h = 0; h < Hq; ++h) {
+    const int64_t kh = h / (Hq / Hkv);
+    for (int64_t i = 0; i < L; ++i) {
+      const T *pi = p + (h * L + i) * L;
+      const T *go = d_out + (i * Hq + h) * D;
+      T dot = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        if (pi[j] == T(0)) {
+          dp[static_cast<size_t>(j)] = 0;
+          continue;
+        }
+        T s = 0;
+        for (int64_t d = 0; d < D; ++d) s += go[d] * v[(j * Hkv + kh) * D + d];
+        dp[static_cast<size_t>(j)] = s;
+        dot += pi[j] * s;
+        for (int64_t d = 0; d < D; ++d) dv[(j * Hkv + kh) * D + d] += pi[j] * go[d];
+      }
+      for (int64_t j = 0; j <= i; ++j) {
+        if (pi[j] == T(0)) continue;
+        const T ds = pi[j] * (dp[static_cast<size_t>(j)] - dot) * scale;
+        for (int64_t d = 0; d < D; ++d) {
+          dq[(i * Hq + h) * D + d] += ds * k[(j * Hkv + kh) * D + d];
+          dk[(j * Hkv + kh) * D + d] += ds * q[(i * Hq + h) * D + d];
+        }
+      }
+    }
+  }
+}
+
+// Mean cross-entropy of logits[n, V] against targets[n] (a target < 0 is not scored) in double;
+// dlogits[n, V] is set to the gradient of that mean times `grad_scale` (zero on unscored rows).
+// Returns the summed (not averaged) loss and the count of scored rows in *count.
+template <class T>
+double cross_entropy(const T *logits, const int32_t *targets, int64_t n, int64_t V, T *dlogits, double grad_scale,
+                     int64_t *count) {
+  int64_t scored = 0;
+  for (int64_t r = 0; r < n; ++r) scored += targets[r] >= 0;
+  *count = scored;
+  double total = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const T *row = logits + r * V;
+    T *drow = dlogits ? dlogits + r * V : nullptr;
+    if (targets[r] < 0) {
+      if (drow) std::fill(drow, drow + V, T(0));
+      continue;
+    }
+    const T max = *std::max_element(row, row + V);
+    double sum = 0;
+    for (int64_t c = 0; c < V; ++c) sum += std::exp(static_cast<double>(row[c] - max));
+    const double lse = std::log(sum) + static_cast<double>(max);
+    total += lse - static_cast<double>(row[targets[r]]);
+    if (drow) {
+      const double w = grad_scale / static_cast<double>(scored);
+      for (int64_t c = 0; c < V; ++c) drow[c] = static_cast<T>(std::exp(static_cast<double>(row[c]) - lse) * w);
+      drow[targets[r]] -= static_cast<T>(w);
+    }
+  }
+  return total;
+}
+
+}  // namespace loom::grad

@@ -1,0 +1,274 @@
+// LlamaTrainer: the forward pass with saved activations, its backward pass, AdamW and clipping
+// (see llama_trainer.hpp).
+#include "llama_trainer.hpp"
+
+#include <cmath>
+#include <cstdint>
+
+#include "grad_ops.hpp"
+#include "loom/core/error.hpp"
+#include "loom/core/reference_model.hpp"
+
+namespace loom {
+
+namespace {
+constexpr size_t kNone = SIZE_MAX;
+}
+
+// What the backward pass needs from the forward pass of one sequence of n tokens.
+template <class T>
+struct LlamaTrainer<T>::Acts {
+  struct PerLayer {
+    std::vector<T> x_in, r1, h1, q, k, v, p, a, x_mid, r2, h2, g, u, m;
+  };
+  std::vector<PerLayer> layers;
+  std::vector<T> x_final, r_final, h_final, logits;
+};
+
+template <class T>
+LlamaTrainer<T>::LlamaTrainer(const ModelConfig &config, const ModelWeights &weights) : config_(config) {
+  if (config_.architecture == Architecture::gpt2)
+    throw runtime_error("training: GPT-2 models are not trainable yet (the Llama family is)");
+  for (const auto &[name, shape] : expected_weights(config_)) {
+    const HostWeight &w = weights.at(name);
+    TrainParam<T> p;
+    p.name = name;
+    p.shape = shape;
+    p.value.assign(w.values.begin(), w.values.end());
+    p.grad.assign(p.value.size(), T(0));
+    index_.emplace(name, params_.size());
+    params_.push_back(std::move(p));
+  }
+  auto need = [&](const std::string &name) {
+    const size_t i = find(name);
+    if (i == kNone) throw runtime_error("training: the model has no tensor " + name);
+    return i;
+  };
+  embed_ = need("model.embed_tokens.weight");
+  final_norm_ = need("model.norm.weight");
+  head_ = config_.tie_word_embeddings ? embed_ : need("lm_head.weight");
+  for (int64_t l = 0; l < config_.n_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    Layer L{need(p + "input_layernorm.weight"), need(p + "self_attn.q_proj.weight"), need(p + "self_attn.k_proj.weight"),
+            need(p + "self_attn.v_proj.weight"), need(p + "self_attn.o_proj.weight"),
+            need(p + "post_attention_layernorm.weight"), need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight"),
+            need(p + "mlp.down_proj.weight")};
+    L.q_b = find(p + "self_attn.q_proj.bias");
+    L.k_b = find(p + "self_attn.k_proj.bias");
+    L.v_b = find(p + "self_attn.v_proj.bias");
+    L.o_b = find(p + "self_attn.o_proj.bias");
+    L.gate_b = find(p + "mlp.gate_proj.bias");
+    L.up_b = find(p + "mlp.up_proj.bias");
+    L.down_b = find(p + "mlp.down_proj.bias");
+    layers_.push_back(L);
+  }
+  inv_freq_ = rope_inv_freq(config_);
+}
+
+template <class T>
+size_t LlamaTrainer<T>::find(const std::string &name) const {
+  const auto it = index_.find(name);
+  return it == index_.end() ? kNone : it->second;
+}
+
+template <class T>
+TrainParam<T> &LlamaTrainer<T>::param(std::string_view name) {
+  const auto it = index_.find(name);
+  if (it == index_.end()) throw runtime_error("training: no parameter " + std::string(name));
+  return params_[it->second];
+}
+
+template <class T>
+void LlamaTrainer<T>::zero_grad() {
+  for (auto &p : params_) std::fill(p.grad.begin(), p.grad.end(), T(0));
+}
+
+template <class T>
+void LlamaTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) {
+  const ModelConfig &c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, D = c.head_dim, Hq = c.n_heads,
+                Hkv = c.n_kv_heads, I = c.intermediate_size, V = c.vocab_size;
+  if (n > c.max_positions)
+    throw runtime_error("training: a sequence of " + std::to_string(n) + " tokens exceeds the model's " +
+                        std::to_string(c.max_positions) + " positions");
+  auto bias = [&](size_t i) { return i == kNone ? nullptr : value(i); };
+  std::vector<T> x(static_cast<size_t>(n * H));
+  for (int64_t t = 0; t < n; ++t) {
+    const int32_t id = tokens[static_cast<size_t>(t)];
+    if (id < 0 || id >= V) throw runtime_error("training: token " + std::to_string(id) + " is outside the vocabulary");
+    std::copy_n(value(embed_) + id * H, H, x.begin() + t * H);
+  }
+  acts.layers.assign(layers_.size(), {});
+  std::vector<T> tmp;
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer &L = layers_[l];
+    auto &A = acts.layers[l];
+    A.x_in = x;
+    A.r1.resize(static_cast<size_t>(n));
+    A.h1.resize(x.size());
+    for (int64_t t = 0; t < n; ++t)
+      A.r1[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(L.norm1), H, c.norm_eps, A.h1.data() + t * H);
+    A.q.resize(static_cast<size_t>(n * Hq * D));
+    A.k.resize(static_cast<size_t>(n * Hkv * D));
+    A.v.resize(A.k.size());
+    grad::linear(A.h1.data(), n, value(L.q), Hq * D, H, bias(L.q_b), A.q.data());
+    grad::linear(A.h1.data(), n, value(L.k), Hkv * D, H, bias(L.k_b), A.k.data());
+    grad::linear(A.h1.data(), n, value(L.v), Hkv * D, H, bias(L.v_b), A.v.data());
+    for (int64_t t = 0; t < n; ++t) {
+      grad::rope(A.q.data() + t * Hq * D, Hq, D, t, inv_freq_, false);
+      grad::rope(A.k.data() + t * Hkv * D, Hkv, D, t, inv_freq_, false);
+    }
+    A.a.resize(A.q.size());
+    A.p.resize(static_cast<size_t>(Hq * n * n));
+    grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data());
+    tmp.resize(x.size());
+    grad::linear(A.a.data(), n, value(L.o), H, Hq * D, bias(L.o_b), tmp.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+    A.x_mid = x;
+    A.r2.resize(static_cast<size_t>(n));
+    A.h2.resize(x.size());
+    for (int64_t t = 0; t < n; ++t)
+      A.r2[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(L.norm2), H, c.norm_eps, A.h2.data() + t * H);
+    A.g.resize(static_cast<size_t>(n * I));
+    A.u.resize(A.g.size());
+    A.m.resize(A.g.size());
+    grad::linear(A.h2.data(), n, value(L.gate), I, H, bias(L.gate_b), A.g.data());
+    grad::linear(A.h2.data(), n, value(L.up), I, H, bias(L.up_b), A.u.data());
+    grad::swiglu(A.g.data(), A.u.data(), n * I, A.m.data());
+    grad::linear(A.m.data(), n, value(L.down), H, I, bias(L.down_b), tmp.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+  }
+  acts.x_final = x;
+  acts.r_final.resize(static_cast<size_t>(n));
+  acts.h_final.resize(x.size());
+  for (int64_t t = 0; t < n; ++t)
+    acts.r_final[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(final_norm_), H, c.norm_eps,
+                                                          acts.h_final.data() + t * H);
+  acts.logits.resize(static_cast<size_t>(n * V));
+  grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data());
+}
+
+template <class T>
+std::vector<T> LlamaTrainer<T>::logits(const std::vector<int32_t> &tokens) {
+  Acts acts;
+  forward(tokens, acts);
+  return std::move(acts.logits);
+}
+
+template <class T>
+double LlamaTrainer<T>::loss(const std::vector<int32_t> &tokens, bool backward, double grad_scale) {
+  const ModelConfig &c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, D = c.head_dim, Hq = c.n_heads,
+                Hkv = c.n_kv_heads, I = c.intermediate_size, V = c.vocab_size;
+  if (n < 2) throw runtime_error("training: a sequence needs at least two tokens");
+  Acts acts;
+  forward(tokens, acts);
+  std::vector<int32_t> targets(tokens.begin() + 1, tokens.end());
+  targets.push_back(-1);  // the last position predicts nothing
+  std::vector<T> dlogits(backward ? acts.logits.size() : 0);
+  int64_t scored = 0;
+  const double total = grad::cross_entropy(acts.logits.data(), targets.data(), n, V, backward ? dlogits.data() : nullptr,
+                                           grad_scale, &scored);
+  if (!backward) return total / static_cast<double>(scored);
+
+  auto gbias = [&](size_t i) { return i == kNone ? nullptr : grad(i); };
+  // The head, then the final norm.
+  std::vector<T> dh(static_cast<size_t>(n * H), T(0)), dx(dh.size(), T(0));
+  grad::linear_backward(dlogits.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(), grad(head_),
+                        static_cast<T *>(nullptr));
+  for (int64_t t = 0; t < n; ++t)
+    grad::rms_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
+                            acts.r_final[static_cast<size_t>(t)], H, dx.data() + t * H, grad(final_norm_));
+  std::vector<T> dm, dg, du, da, dq, dk, dv;
+  for (size_t l = layers_.size(); l-- > 0;) {
+    const Layer &L = layers_[l];
+    const auto &A = acts.layers[l];
+    // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2))), h2 = norm2(x_mid).
+    dm.assign(static_cast<size_t>(n * I), T(0));
+    grad::linear_backward(dx.data(), A.m.data(), n, value(L.down), H, I, dm.data(), grad(L.down), gbias(L.down_b));
+    dg.assign(dm.size(), T(0));
+    du.assign(dm.size(), T(0));
+    grad::swiglu_backward(dm.data(), A.g.data(), A.u.data(), n * I, dg.data(), du.data());
+    std::fill(dh.begin(), dh.end(), T(0));
+    grad::linear_backward(dg.data(), A.h2.data(), n, value(L.gate), I, H, dh.data(), grad(L.gate), gbias(L.gate_b));
+    grad::linear_backward(du.data(), A.h2.data(), n, value(L.up), I, H, dh.data(), grad(L.up), gbias(L.up_b));
+    for (int64_t t = 0; t < n; ++t)
+      grad::rms_norm_backward(dh.data() + t * H, A.x_mid.data() + t * H, value(L.norm2), A.r2[static_cast<size_t>(t)], H,
+                              dx.data() + t * H, grad(L.norm2));
+    // Attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x_in).
+    da.assign(static_cast<size_t>(n * Hq * D), T(0));
+    grad::linear_backward(dx.data(), A.a.data(), n, value(L.o), H, Hq * D, da.data(), grad(L.o), gbias(L.o_b));
+    dq.assign(da.size(), T(0));
+    dk.assign(static_cast<size_t>(n * Hkv * D), T(0));
+    dv.assign(dk.size(), T(0));
+    grad::attention_backward(da.data(), A.q.data(), A.k.data(), A.v.data(), A.p.data(), n, Hq, Hkv, D, dq.data(), dk.data(),
+                             dv.data());
+    for (int64_t t = 0; t < n; ++t) {
+      grad::rope(dq.data() + t * Hq * D, Hq, D, t, inv_freq_, true);
+      grad::rope(dk.data() + t * Hkv * D, Hkv, D, t, inv_freq_, true);
+    }
+    std::fill(dh.begin(), dh.end(), T(0));
+    grad::linear_backward(dq.data(), A.h1.data(), n, value(L.q), Hq * D, H, dh.data(), grad(L.q), gbias(L.q_b));
+    grad::linear_backward(dk.data(), A.h1.data(), n, value(L.k), Hkv * D, H, dh.data(), grad(L.k), gbias(L.k_b));
+    grad::linear_backward(dv.data(), A.h1.data(), n, value(L.v), Hkv * D, H, dh.data(), grad(L.v), gbias(L.v_b));
+    for (int64_t t = 0; t < n; ++t)
+      grad::rms_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.r1[static_cast<size_t>(t)], H,
+                              dx.data() + t * H, grad(L.norm1));
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    T *row = grad(embed_) + tokens[static_cast<size_t>(t)] * H;
+    for (int64_t i = 0; i < H; ++i) row[i] += dx[static_cast<size_t>(t * H + i)];
+  }
+  return total / static_cast<double>(scored);
+}
+
+template <class T>
+void AdamW<T>::step(std::vector<TrainParam<T>> &params, double lr) {
+  if (m_.empty()) {
+    for (const auto &p : params) {
+      m_.emplace_back(p.value.size(), T(0));
+      v_.emplace_back(p.value.size(), T(0));
+    }
+  }
+  if (m_.size() != params.size()) throw runtime_error("AdamW: the parameter list changed between steps");
+  ++step_;
+  const double b1 = options_.beta1, b2 = options_.beta2;
+  const double c1 = 1.0 - std::pow(b1, static_cast<double>(step_)), c2 = 1.0 - std::pow(b2, static_cast<double>(step_));
+  for (size_t k = 0; k < params.size(); ++k) {
+    auto &p = params[k];
+    auto &m = m_[k];
+    auto &v = v_[k];
+    const double decay = p.shape.size() >= 2 ? options_.weight_decay : 0.0;
+    for (size_t i = 0; i < p.value.size(); ++i) {
+      const double g = static_cast<double>(p.grad[i]);
+      m[i] = static_cast<T>(b1 * static_cast<double>(m[i]) + (1.0 - b1) * g);
+      v[i] = static_cast<T>(b2 * static_cast<double>(v[i]) + (1.0 - b2) * g * g);
+      double w = static_cast<double>(p.value[i]) * (1.0 - lr * decay);
+      w -= lr * (static_cast<double>(m[i]) / c1) / (std::sqrt(static_cast<double>(v[i]) / c2) + options_.eps);
+      p.value[i] = static_cast<T>(w);
+    }
+  }
+}
+
+template <class T>
+double clip_grad_norm(std::vector<TrainParam<T>> &params, double max_norm) {
+  double sq = 0;
+  for (const auto &p : params)
+    for (T g : p.grad) sq += static_cast<double>(g) * static_cast<double>(g);
+  const double norm = std::sqrt(sq);
+  if (norm > max_norm && norm > 0) {
+    const T scale = static_cast<T>(max_norm / (norm + 1e-6));
+    for (auto &p : params)
+      for (T &g : p.grad) g *= scale;
+  }
+  return norm;
+}
+
+template class LlamaTrainer<float>;
+template class LlamaTrainer<double>;
+template class AdamW<float>;
+template class AdamW<double>;
+template double clip_grad_norm<float>(std::vector<TrainParam<float>> &, double);
+template double clip_grad_norm<double>(std::vector<TrainParam<double>> &, double);
+
+}  // namespace loom

@@ -1,0 +1,106 @@
+// Private to core: the first piece of the training engine ([Training]): a Llama-family model
+// (Llama, Mistral, Qwen2; tied or separate head; q/k/v and MLP biases when the config has them)
+// whose forward pass keeps its activations and whose backward pass computes the gradient of the
+// mean next-token cross-entropy for every parameter, on the CPU, with the operations of
+// grad_ops.hpp; an AdamW optimizer and gradient clipping over its parameters.
+//
+// The scalar type is a template parameter: float to train, double for the finite-difference
+// checks (tests/core/train_grad_test.cpp). Its forward pass is the same model as ReferenceModel
+// (checked against it) with attention computed by the core, not by the attention plugin: the
+// plugin's `backward` (attention.h) is a later step, as are GPT-2, CUDA and mixed precision.
+//
+// Ownership: a trainer owns copies of its parameters and their gradients. Thread-safety: none.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "loom/core/model_config.hpp"
+#include "loom/core/model_weights.hpp"
+
+namespace loom {
+
+template <class T>
+struct TrainParam {
+  std::string name;              // the checkpoint's ("model.layers.0.self_attn.q_proj.weight")
+  std::vector<int64_t> shape;
+  std::vector<T> value, grad;    // row-major, same size
+};
+
+template <class T>
+class LlamaTrainer {
+ public:
+  // Copies every weight the config expects out of `weights` (as T). Throws loom::Error for a
+  // GPT-2 config (not yet trainable) or a missing tensor.
+  LlamaTrainer(const ModelConfig &config, const ModelWeights &weights);
+
+  const ModelConfig &config() const { return config_; }
+  std::vector<TrainParam<T>> &params() { return params_; }
+  TrainParam<T> &param(std::string_view name);
+  void zero_grad();
+
+  // The mean cross-entropy of predicting tokens[t + 1] after tokens[0..t], over t < n - 1 (at
+  // least two tokens). With `backward`, its gradient times `grad_scale` is added into every
+  // parameter's grad (a scale of 1 / sequences averages a batch of sequences).
+  double loss(const std::vector<int32_t> &tokens, bool backward, double grad_scale = 1.0);
+  // Logits [n, vocab] after each position (the forward pass alone).
+  std::vector<T> logits(const std::vector<int32_t> &tokens);
+
+ private:
+  // Parameter indices of one decoder layer (SIZE_MAX for an absent bias).
+  struct Layer {
+    size_t norm1, q, k, v, o, norm2, gate, up, down;
+    size_t q_b = SIZE_MAX, k_b = SIZE_MAX, v_b = SIZE_MAX, o_b = SIZE_MAX, gate_b = SIZE_MAX, up_b = SIZE_MAX,
+           down_b = SIZE_MAX;
+  };
+  struct Acts;
+  void forward(const std::vector<int32_t> &tokens, Acts &acts);
+  T *value(size_t index) { return params_[index].value.data(); }
+  T *grad(size_t index) { return params_[index].grad.data(); }
+  // The index of a parameter, or SIZE_MAX when the model has none of that name (biases).
+  size_t find(const std::string &name) const;
+
+  ModelConfig config_;
+  std::vector<TrainParam<T>> params_;
+  std::map<std::string, size_t, std::less<>> index_;
+  std::vector<Layer> layers_;
+  size_t embed_ = 0, final_norm_ = 0, head_ = 0;
+  std::vector<double> inv_freq_;
+};
+
+struct AdamWOptions {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double weight_decay = 0.0;  // decoupled (AdamW), on matrices only: norms and biases are not decayed
+};
+
+// AdamW as torch.optim.AdamW computes it (bias-corrected moments; decay p -= lr * wd * p before
+// the update), its moments in T.
+template <class T>
+class AdamW {
+ public:
+  explicit AdamW(AdamWOptions options) : options_(options) {}
+  // One update of every parameter from its grad, at learning rate `lr` (a schedule's value).
+  void step(std::vector<TrainParam<T>> &params, double lr);
+  int64_t steps() const { return step_; }
+
+ private:
+  AdamWOptions options_;
+  int64_t step_ = 0;
+  std::vector<std::vector<T>> m_, v_;
+};
+
+// Scales every grad so that their global L2 norm is at most max_norm (when it exceeds it, as
+// torch.nn.utils.clip_grad_norm_); returns the norm before clipping.
+template <class T>
+double clip_grad_norm(std::vector<TrainParam<T>> &params, double max_norm);
+
+extern template class LlamaTrainer<float>;
+extern template class LlamaTrainer<double>;
+extern template class AdamW<float>;
+extern template class AdamW<double>;
+
+}  // namespace loom

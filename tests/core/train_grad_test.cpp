@@ -1,0 +1,318 @@
+// The CPU training engine's first piece ([Training] items 1 and 5): every operation's backward
+// against central finite differences in double, the whole Llama-family model's gradient (every
+// parameter tensor sampled) against finite differences in double on the tiny fixture models
+// (GQA, q/k/v biases, tied head, sliding window), the training forward against ReferenceModel,
+// AdamW against a hand-computed update, clipping, and a short training run that fits a sequence.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <random>
+#include <vector>
+
+#include "../../core/grad_ops.hpp"
+#include "../../core/llama_trainer.hpp"
+#include "loom/core/error.hpp"
+#include "loom/core/model_config.hpp"
+#include "loom/core/model_weights.hpp"
+#include "loom/core/reference_model.hpp"
+#include "loom/core/safetensors.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kModels = fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/models";
+
+std::vector<double> random_values(size_t n, uint32_t seed, double lo = -1.0, double hi = 1.0) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> dist(lo, hi);
+  std::vector<double> v(n);
+  for (double &e : v) e = dist(rng);
+  return v;
+}
+
+double dot(const std::vector<double> &a, const std::vector<double> &b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Checks d(sum(f(x) * w))/dx from `backward` (given dy = w) against central differences, for
+// every entry of x. f writes y from x; backward adds dx given dy.
+template <class F, class B>
+void check_op(std::vector<double> x, size_t y_size, F f, B backward, uint32_t seed) {
+  const auto w = random_values(y_size, seed);
+  std::vector<double> y(y_size), dx(x.size(), 0.0);
+  f(x, y);
+  backward(x, w, dx);
+  const double h = 1e-6;
+  for (size_t i = 0; i < x.size(); ++i) {
+    auto xp = x, xm = x;
+    xp[i] += h;
+    xm[i] -= h;
+    std::vector<double> yp(y_size), ym(y_size);
+    f(xp, yp);
+    f(xm, ym);
+    const double numeric = (dot(yp, w) - dot(ym, w)) / (2 * h);
+    INFO("entry " << i);
+    CHECK(dx[i] == Approx(numeric).margin(1e-7).epsilon(1e-6));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("each operation's backward matches finite differences", "[train]") {
+  using namespace loom::grad;
+  SECTION("linear: input, weight and bias") {
+    const int64_t n = 3, out = 4, in = 5;
+    const auto W = random_values(out * in, 1), b = random_values(out, 2);
+    check_op(random_values(n * in, 3), n * out,
+             [&](const std::vector<double> &x, std::vector<double> &y) { linear(x.data(), n, W.data(), out, in, b.data(), y.data()); },
+             [&](const std::vector<double> &x, const std::vector<double> &dy, std::vector<double> &dx) {
+               linear_backward(dy.data(), x.data(), n, W.data(), out, in, dx.data(), static_cast<double *>(nullptr),
+                               static_cast<double *>(nullptr));
+             },
+             4);
+    const auto x = random_values(n * in, 5);
+    check_op(W, n * out,
+             [&](const std::vector<double> &w, std::vector<double> &y) { linear(x.data(), n, w.data(), out, in, b.data(), y.data()); },
+             [&](const std::vector<double> &w, const std::vector<double> &dy, std::vector<double> &dw) {
+               linear_backward(dy.data(), x.data(), n, w.data(), out, in, static_cast<double *>(nullptr), dw.data(),
+                               static_cast<double *>(nullptr));
+             },
+             6);
+    check_op(b, n * out,
+             [&](const std::vector<double> &bb, std::vector<double> &y) { linear(x.data(), n, W.data(), out, in, bb.data(), y.data()); },
+             [&](const std::vector<double> &, const std::vector<double> &dy, std::vector<double> &db) {
+               linear_backward(dy.data(), x.data(), n, W.data(), out, in, static_cast<double *>(nullptr),
+                               static_cast<double *>(nullptr), db.data());
+             },
+             7);
+  }
+  SECTION("RMSNorm: input and weight") {
+    const int64_t H = 6;
+    const auto w = random_values(H, 8, 0.5, 1.5), x0 = random_values(H, 9);
+    check_op(x0, H, [&](const std::vector<double> &x, std::vector<double> &y) { rms_norm(x.data(), w.data(), H, 1e-5, y.data()); },
+             [&](const std::vector<double> &x, const std::vector<double> &dy, std::vector<double> &dx) {
+               std::vector<double> y(H), dw(H, 0.0);
+               const double r = rms_norm(x.data(), w.data(), H, 1e-5, y.data());
+               rms_norm_backward(dy.data(), x.data(), w.data(), r, H, dx.data(), dw.data());
+             },
+             10);
+    check_op(w, H, [&](const std::vector<double> &ww, std::vector<double> &y) { rms_norm(x0.data(), ww.data(), H, 1e-5, y.data()); },
+             [&](const std::vector<double> &ww, const std::vector<double> &dy, std::vector<double> &dw) {
+               std::vector<double> y(H), dx(H, 0.0);
+               const double r = rms_norm(x0.data(), ww.data(), H, 1e-5, y.data());
+               rms_norm_backward(dy.data(), x0.data(), ww.data(), r, H, dx.data(), dw.data());
+             },
+             11);
+  }
+  SECTION("RoPE") {
+    const int64_t heads = 2, D = 8;
+    const std::vector<double> inv_freq = {1.0, 0.3, 0.1, 0.01};
+    check_op(random_values(heads * D, 12), heads * D,
+             [&](const std::vector<double> &x, std::vector<double> &y) {
+               y = x;
+               rope(y.data(), heads, D, 7, inv_freq, false);
+             },
+             [&](const std::vector<double> &, const std::vector<double> &dy, std::vector<double> &dx) {
+               auto g = dy;
+               rope(g.data(), heads, D, 7, inv_freq, true);
+               for (size_t i = 0; i < g.size(); ++i) dx[i] += g[i];
+             },
+             13);
+  }
+  SECTION("SwiGLU: gate and up") {
+    const int64_t n = 7;
+    const auto u = random_values(n, 14, -3, 3), g0 = random_values(n, 15, -4, 4);
+    check_op(g0, n, [&](const std::vector<double> &g, std::vector<double> &m) { swiglu(g.data(), u.data(), n, m.data()); },
+             [&](const std::vector<double> &g, const std::vector<double> &dm, std::vector<double> &dg) {
+               std::vector<double> du(n, 0.0);
+               swiglu_backward(dm.data(), g.data(), u.data(), n, dg.data(), du.data());
+             },
+             16);
+    check_op(u, n, [&](const std::vector<double> &uu, std::vector<double> &m) { swiglu(g0.data(), uu.data(), n, m.data()); },
+             [&](const std::vector<double> &uu, const std::vector<double> &dm, std::vector<double> &du) {
+               std::vector<double> dg(n, 0.0);
+               swiglu_backward(dm.data(), g0.data(), uu.data(), n, dg.data(), du.data());
+             },
+             17);
+  }
+  SECTION("causal attention with GQA and a sliding window: q, k and v") {
+    const int64_t L = 5, Hq = 4, Hkv = 2, D = 3;
+    for (const int64_t window : {int64_t{0}, int64_t{3}}) {
+      INFO("window " << window);
+      const auto q0 = random_values(L * Hq * D, 18), k0 = random_values(L * Hkv * D, 19), v0 = random_values(L * Hkv * D, 20);
+      std::vector<double> p(static_cast<size_t>(Hq * L * L));
+      auto grads = [&](const std::vector<double> &q, const std::vector<double> &k, const std::vector<double> &v,
+                       const std::vector<double> &dy, std::vector<double> &dq, std::vector<double> &dk, std::vector<double> &dv) {
+        std::vector<double> out(q.size());
+        attention(q.data(), k.data(), v.data(), L, Hq, Hkv, D, window, out.data(), p.data());
+        attention_backward(dy.data(), q.data(), k.data(), v.data(), p.data(), L, Hq, Hkv, D, dq.data(), dk.data(), dv.data());
+      };
+      const size_t n_out = static_cast<size_t>(L * Hq * D);
+      check_op(q0, n_out,
+               [&](const std::vector<double> &q, std::vector<double> &y) {
+                 attention(q.data(), k0.data(), v0.data(), L, Hq, Hkv, D, window, y.data(), p.data());
+               },
+               [&](const std::vector<double> &q, const std::vector<double> &dy, std::vector<double> &dq) {
+                 std::vector<double> dk(k0.size(), 0.0), dv(v0.size(), 0.0);
+                 grads(q, k0, v0, dy, dq, dk, dv);
+               },
+               21);
+      check_op(k0, n_out,
+               [&](const std::vector<double> &k, std::vector<double> &y) {
+                 attention(q0.data(), k.data(), v0.data(), L, Hq, Hkv, D, window, y.data(), p.data());
+               },
+               [&](const std::vector<double> &k, const std::vector<double> &dy, std::vector<double> &dk) {
+                 std::vector<double> dq(q0.size(), 0.0), dv(v0.size(), 0.0);
+                 grads(q0, k, v0, dy, dq, dk, dv);
+               },
+               22);
+      check_op(v0, n_out,
+               [&](const std::vector<double> &v, std::vector<double> &y) {
+                 attention(q0.data(), k0.data(), v.data(), L, Hq, Hkv, D, window, y.data(), p.data());
+               },
+               [&](const std::vector<double> &v, const std::vector<double> &dy, std::vector<double> &dv) {
+                 std::vector<double> dq(q0.size(), 0.0), dk(k0.size(), 0.0);
+                 grads(q0, k0, v, dy, dq, dk, dv);
+               },
+               23);
+    }
+  }
+  SECTION("cross-entropy") {
+    const int64_t n = 3, V = 5;
+    const std::vector<int32_t> targets = {2, -1, 4};
+    const auto logits = random_values(n * V, 24, -3, 3);
+    std::vector<double> d(logits.size());
+    int64_t count = 0;
+    const double total = cross_entropy(logits.data(), targets.data(), n, V, d.data(), 1.0, &count);
+    CHECK(count == 2);
+    double expect = 0;
+    for (int64_t r : {0, 2}) {
+      double s = 0;
+      for (int64_t c = 0; c < V; ++c) s += std::exp(logits[static_cast<size_t>(r * V + c)]);
+      expect += std::log(s) - logits[static_cast<size_t>(r * V + targets[static_cast<size_t>(r)])];
+    }
+    CHECK(total == Approx(expect).epsilon(1e-12));
+    const double h = 1e-6;
+    for (size_t i = 0; i < logits.size(); ++i) {
+      auto lp = logits, lm = logits;
+      lp[i] += h;
+      lm[i] -= h;
+      const double numeric = (cross_entropy(lp.data(), targets.data(), n, V, static_cast<double *>(nullptr), 1.0, &count) -
+                              cross_entropy(lm.data(), targets.data(), n, V, static_cast<double *>(nullptr), 1.0, &count)) /
+                             (2 * h) / 2.0;  // the gradient is of the mean over the 2 scored rows
+      CHECK(d[i] == Approx(numeric).margin(1e-8));
+    }
+  }
+}
+
+TEST_CASE("the Llama trainer's gradients match finite differences in double", "[train]") {
+  // Every parameter tensor, a few entries each: embeddings (tied head included), norms, q/k/v
+  // with Qwen2's biases, o, gate, up, down, the head.
+  for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-llama3-tied", "tiny-mistral"}) {
+    INFO(name);
+    const fs::path dir = kModels / name;
+    const loom::ModelConfig config = loom::load_model_config(dir);
+    loom::LlamaTrainer<double> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
+    const std::vector<int32_t> tokens = {1, 17, 4, 33, 8, 21, 5, 99, 3};
+    trainer.zero_grad();
+    const double loss = trainer.loss(tokens, true);
+    CHECK(std::isfinite(loss));
+    std::mt19937 rng(7);
+    int checked = 0;
+    for (auto &p : trainer.params()) {
+      // Embedding rows of tokens that occur (others have no gradient), elsewhere any entry.
+      std::vector<size_t> entries;
+      if (p.name == "model.embed_tokens.weight") {
+        const size_t H = static_cast<size_t>(config.hidden_size);
+        for (int32_t t : {17, 5, 3}) entries.push_back(static_cast<size_t>(t) * H + rng() % H);
+        if (config.tie_word_embeddings) entries.push_back(static_cast<size_t>(200) * H + rng() % H);  // head only
+      } else {
+        for (int i = 0; i < 3; ++i) entries.push_back(rng() % p.value.size());
+      }
+      for (const size_t e : entries) {
+        const double saved = p.value[e], h = 1e-5;
+        p.value[e] = saved + h;
+        const double up = trainer.loss(tokens, false);
+        p.value[e] = saved - h;
+        const double down = trainer.loss(tokens, false);
+        p.value[e] = saved;
+        const double numeric = (up - down) / (2 * h);
+        INFO(p.name << "[" << e << "]");
+        CHECK(p.grad[e] == Approx(numeric).margin(1e-8).epsilon(1e-5));
+        ++checked;
+      }
+    }
+    CHECK(checked > 30);
+  }
+}
+
+TEST_CASE("the trainer's forward pass is ReferenceModel's", "[train]") {
+  for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-llama3-tied", "tiny-mistral"}) {
+    INFO(name);
+    const fs::path dir = kModels / name;
+    const loom::ModelConfig config = loom::load_model_config(dir);
+    loom::LlamaTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
+    const std::vector<int32_t> tokens = {1, 17, 4, 33, 8, 21, 5};
+    const auto ours = trainer.logits(tokens);
+    const auto ref = loom::ReferenceModel::load(dir).forward(tokens);
+    REQUIRE(ours.size() == ref.size());
+    for (size_t i = 0; i < ref.size(); ++i) CHECK(ours[i] == Approx(ref[i]).margin(1e-5));
+  }
+  const fs::path gpt2 = kModels / "tiny-gpt2";
+  const loom::ModelConfig config = loom::load_model_config(gpt2);
+  CHECK_THROWS_WITH(loom::LlamaTrainer<float>(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(gpt2))),
+                    Catch::Contains("GPT-2 models are not trainable yet"));
+}
+
+TEST_CASE("AdamW follows torch's update, clipping bounds the norm, and training fits a sequence", "[train]") {
+  // One parameter, two steps by hand: m = (1-b1) g, v = (1-b2) g^2, bias-corrected, decay first.
+  std::vector<loom::TrainParam<double>> params(1);
+  params[0].shape = {1, 1};
+  params[0].value = {1.0};
+  params[0].grad = {0.5};
+  loom::AdamWOptions o;
+  o.weight_decay = 0.1;
+  loom::AdamW<double> adam(o);
+  adam.step(params, 0.01);
+  // m^ = 0.5, v^ = 0.25: the update is lr * 0.5 / (0.5 + eps), after the decay 1 * (1 - 0.001).
+  CHECK(params[0].value[0] == Approx(1.0 * (1 - 0.01 * 0.1) - 0.01 * 0.5 / (0.5 + 1e-8)).epsilon(1e-12));
+  params[0].grad = {-1.0};
+  const double w1 = params[0].value[0];
+  adam.step(params, 0.01);
+  const double m = 0.9 * 0.05 + 0.1 * -1.0, v = 0.999 * 0.00025 + 0.001 * 1.0;
+  const double expect = w1 * (1 - 0.001) - 0.01 * (m / (1 - 0.81)) / (std::sqrt(v / (1 - 0.999 * 0.999)) + 1e-8);
+  CHECK(params[0].value[0] == Approx(expect).epsilon(1e-12));
+
+  params[0].grad = {3.0};
+  std::vector<loom::TrainParam<double>> two = params;
+  two[0].grad = {4.0};
+  params.push_back(two[0]);  // grads 3 and 4: norm 5
+  CHECK(loom::clip_grad_norm(params, 1.0) == Approx(5.0));
+  CHECK(params[0].grad[0] == Approx(0.6).epsilon(1e-5));
+  CHECK(params[1].grad[0] == Approx(0.8).epsilon(1e-5));
+  CHECK(loom::clip_grad_norm(params, 10.0) == Approx(1.0).epsilon(1e-5));  // under the bound: unchanged
+  CHECK(params[0].grad[0] == Approx(0.6).epsilon(1e-5));
+
+  // 40 AdamW steps on one 24-token sequence of the tiny model take its loss well down.
+  const fs::path dir = kModels / "tiny-llama";
+  const loom::ModelConfig config = loom::load_model_config(dir);
+  loom::LlamaTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 24; ++i) tokens.push_back((i * 37 + 11) % 256);
+  loom::AdamW<float> opt(loom::AdamWOptions{});
+  const double first = trainer.loss(tokens, false);
+  double last = first;
+  for (int step = 0; step < 40; ++step) {
+    trainer.zero_grad();
+    last = trainer.loss(tokens, true);
+    loom::clip_grad_norm(trainer.params(), 1.0);
+    opt.step(trainer.params(), 1e-2);
+  }
+  last = trainer.loss(tokens, false);
+  INFO("loss " << first << " -> " << last);
+  CHECK(last < 0.2 * first);
+}
