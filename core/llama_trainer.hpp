@@ -17,6 +17,7 @@
 #include <map>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "loom/core/model_config.hpp"
@@ -86,6 +87,15 @@ class AdamW {
   // One update of every parameter from its grad, at learning rate `lr` (a schedule's value).
   void step(std::vector<TrainParam<T>> &params, double lr);
   int64_t steps() const { return step_; }
+  // The moments (per parameter, empty before the first step), for checkpoints.
+  const std::vector<std::vector<T>> &first_moments() const { return m_; }
+  const std::vector<std::vector<T>> &second_moments() const { return v_; }
+  // Continues from a checkpoint's step count and moments.
+  void restore(int64_t steps, std::vector<std::vector<T>> m, std::vector<std::vector<T>> v) {
+    step_ = steps;
+    m_ = std::move(m);
+    v_ = std::move(v);
+  }
 
  private:
   AdamWOptions options_;

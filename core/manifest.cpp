@@ -145,6 +145,56 @@ void read_scheduler_table(const toml::table &t, const std::string &source, Sched
   if (auto n = r.get("prefix_caching", toml::node_type::boolean, "true or false")) s.prefix_caching = *n->value<bool>();
 }
 
+void read_train_table(const toml::table &t, const std::string &source, const std::filesystem::path &base_dir,
+                      TrainSpec &s) {
+  SchemaReader r(t, "train", source);
+  r.only({"data", "validation_data", "validation_fraction", "seq_len", "batch_size", "grad_accum", "steps", "lr", "min_lr",
+          "schedule", "warmup", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "eval_every", "save_every", "out",
+          "resume"});
+  s.enabled = true;
+  auto path = [&](std::string_view key, std::filesystem::path &out, bool required) {
+    std::string v;
+    if (!r.read_string(key, v)) {
+      if (required) r.fail(t, key, "is required");
+      return;
+    }
+    if (v.empty()) r.fail(*t.get(key), key, "must not be empty");
+    const std::filesystem::path p = v;
+    out = p.is_absolute() ? p : (base_dir / p).lexically_normal();
+  };
+  // A float key (an integer is taken as a float too) within [min, max].
+  auto real = [&](std::string_view key, double &out, double min, double max) {
+    const toml::node *n = t.get(key);
+    if (n == nullptr) return;
+    if (!n->is_floating_point() && !n->is_integer()) r.fail(*n, key, "expected a number, got " + detail::describe_type(*n));
+    const double v = n->is_integer() ? static_cast<double>(*n->value<int64_t>()) : *n->value<double>();
+    if (!(v >= min && v <= max)) r.fail(*n, key, "must be between " + std::to_string(min) + " and " + std::to_string(max));
+    out = v;
+  };
+  path("data", s.data, true);
+  path("validation_data", s.validation_data, false);
+  path("out", s.out, true);
+  path("resume", s.resume, false);
+  real("validation_fraction", s.validation_fraction, 0.0, 0.5);
+  r.read_int("seq_len", s.seq_len, 2, 1 << 20);
+  r.read_int("batch_size", s.batch_size, 1, 1 << 16);
+  r.read_int("grad_accum", s.grad_accum, 1, 1 << 16);
+  r.read_int("steps", s.steps, 1, int64_t{1} << 32);
+  real("lr", s.lr, 0.0, 10.0);
+  real("min_lr", s.min_lr, 0.0, 10.0);
+  if (r.read_string("schedule", s.schedule) && s.schedule != "cosine" && s.schedule != "linear" && s.schedule != "constant")
+    r.fail(*t.get("schedule"), "schedule", "expected \"cosine\", \"linear\" or \"constant\", got \"" + s.schedule + "\"");
+  r.read_int("warmup", s.warmup, 0, int64_t{1} << 32);
+  real("weight_decay", s.weight_decay, 0.0, 10.0);
+  real("beta1", s.beta1, 0.0, 0.999999);
+  real("beta2", s.beta2, 0.0, 0.999999999);
+  real("eps", s.eps, 1e-30, 1.0);
+  real("grad_clip", s.grad_clip, 0.0, 1e9);
+  r.read_int("eval_every", s.eval_every, 0, int64_t{1} << 32);
+  r.read_int("save_every", s.save_every, 0, int64_t{1} << 32);
+  if (s.min_lr > s.lr) r.fail(*t.get("min_lr"), "min_lr", "must not exceed lr");
+}
+
 void read_run_table(const toml::table &t, const std::string &source, RunSpec &run, bool has_model) {
   SchemaReader r(t, "run", source);
   r.only({"steps", "prompt", "prompts", "prompt_steps", "messages", "chat_template", "stop", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
@@ -435,9 +485,15 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
       read_scheduler_table(*node.as_table(), source, m.scheduler);
       continue;
     }
+    if (k == "train") {
+      if (!node.is_table()) fail("expected a table");
+      if (!root.contains("model")) fail("needs a [model] to train");
+      read_train_table(*node.as_table(), source, base_dir, m.train);
+      continue;
+    }
     loom_kind kind = kind_from_name(k);
     if (kind == 0)
-      fail("unknown key (known: loom, model, run, scheduler, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
+      fail("unknown key (known: loom, model, run, scheduler, train, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
     if (kind_is_list(kind)) {
       if (!node.is_array_of_tables()) fail("expected an array of tables: write [[" + k + "]]");
       size_t i = 0;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <chrono>
 #include <functional>
 #include <iomanip>
@@ -12,6 +13,7 @@
 #include "loom/core/manifest.hpp"
 #include "loom/core/registry.hpp"
 #include "loom/core/runtime.hpp"
+#include "loom/core/training.hpp"
 
 namespace loom::cli {
 
@@ -112,6 +114,16 @@ metadata; the model's config and tokenizer files are copied beside it. A manifes
 path is DIR and whose [quantizer] is the same component loads it without re-quantizing.
   --out DIR    the directory to write (created when missing)
   --set K=V    override a manifest value, e.g. --set quantizer.group_size=64
+)";
+
+const char *kTrainUsage = R"(usage: loom train MANIFEST [--set KEY.PATH=VALUE]... [--steps N]
+
+Trains MANIFEST's [model] on its [train] data on the CPU (float32; the Llama family) and writes,
+in train.out: train_log.jsonl (a line per step and per evaluation), checkpoint/ (resumable with
+[train] resume = "OUT/checkpoint"), model/ (the trained model, loadable as a [model] path) and
+loss.png (when gnuplot is installed). A progress line shows step, loss, tokens/s and the ETA.
+  --steps N    stop after N steps of this run (saving the checkpoint), to resume later
+  --set K=V    override a manifest value, e.g. --set train.lr=3e-4
 )";
 
 std::string kind_label(loom_kind k) { return kind_name(k); }
@@ -347,6 +359,33 @@ int cmd_quantize(const std::vector<std::string> &args) {
     std::cout << "wrote " << path.string() << " (" << std::fixed << std::setprecision(1)
               << static_cast<double>(std::filesystem::file_size(path)) / (1024.0 * 1024.0) << " MiB, quantized by "
               << runtime->pipeline().list(LOOM_KIND_QUANTIZER).front()->desc().name << " in " << std::setprecision(2) << seconds << " s)\n";
+    return 0;
+  });
+}
+
+int cmd_train(const std::vector<std::string> &args) {
+  return guarded(kTrainUsage, [&] {
+    ManifestArgs a = parse_manifest_args(args, true);
+    if (a.help) {
+      std::cout << kTrainUsage;
+      return 0;
+    }
+    const Manifest manifest = parse_manifest_file(a.manifest, a.overrides);
+    TrainOptions options;
+    options.stop_after = a.steps;
+    const auto start = std::chrono::steady_clock::now();
+    const TrainResult r = train(manifest, options);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::cout << "trained to step " << r.step << " of " << manifest.train.steps << " in " << std::fixed
+              << std::setprecision(1) << seconds << " s (" << r.train_sequences << " training and "
+              << r.validation_sequences << " validation sequences)";
+    if (!r.val_loss.empty())
+      std::cout << "; validation loss " << std::setprecision(4) << r.val_loss.back().second << ", perplexity "
+                << std::setprecision(2) << std::exp(r.val_loss.back().second);
+    std::cout << "\n";
+    if (!r.model_dir.empty()) std::cout << "model: " << r.model_dir.string() << "\n";
+    else std::cout << "checkpoint: " << (manifest.train.out / "checkpoint").string() << "\n";
+    if (!r.plot.empty()) std::cout << "plot: " << r.plot.string() << "\n";
     return 0;
   });
 }

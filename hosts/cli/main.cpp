@@ -20,6 +20,7 @@ commands:
   validate MANIFEST [--set K=V]...   check a manifest against the installed plugins
   run MANIFEST [--set K=V]...        build the pipeline and run the manifest's [run] section
   quantize MANIFEST --out DIR        write the [model] quantized by its [quantizer], to load later
+  train MANIFEST [--steps N]         train the [model] on the [train] data (CPU), with checkpoints
   version                            print Loom's version and plugin ABI
 
 `loom <command> --help` describes a command.
@@ -54,6 +55,7 @@ int main(int argc, char **argv) {
   if (command == "validate") return loom::cli::cmd_validate(args);
   if (command == "run") return loom::cli::cmd_run(args);
   if (command == "quantize") return loom::cli::cmd_quantize(args);
+  if (command == "train") return loom::cli::cmd_train(args);
   std::cerr << "loom: unknown command '" << command << "'\n\n" << kUsage;
   return 2;
 }

@@ -91,6 +91,28 @@ struct SchedulerSpec {
   int64_t kv_cache_mib = 0;         // 0: the backend's default (most of the GPU's free memory)
 };
 
+// [train]: what `loom train` does with the [model] (core/training_run.cpp). Paths are resolved
+// against the manifest's directory.
+struct TrainSpec {
+  bool enabled = false;                      // a [train] table was given
+  std::filesystem::path data;                // .txt (one document a line) or .jsonl ("text" or chat "messages")
+  std::filesystem::path validation_data;     // optional; else validation_fraction of the data's sequences
+  double validation_fraction = 0.05;
+  int64_t seq_len = 128;                     // tokens per packed training sequence
+  int64_t batch_size = 8;                    // sequences per micro-batch
+  int64_t grad_accum = 1;                    // micro-batches per optimizer step
+  int64_t steps = 100;                       // optimizer steps
+  double lr = 1e-3, min_lr = 0.0;            // peak and final learning rate
+  std::string schedule = "cosine";           // cosine | linear | constant (after warmup)
+  int64_t warmup = 0;                        // steps of linear warmup from 0
+  double weight_decay = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double grad_clip = 1.0;                    // max global gradient norm; 0 = no clipping
+  int64_t eval_every = 0;                    // validation every N steps (0: at the end only)
+  int64_t save_every = 0;                    // a resumable checkpoint every N steps (0: at the end only)
+  std::filesystem::path out;                 // output directory (checkpoints, the exported model, log, plot)
+  std::filesystem::path resume;              // a checkpoint directory to continue from; empty: start fresh
+};
+
 struct Manifest {
   std::string source_name;             // file path or a caller-given name
   std::filesystem::path base_dir;      // relative paths resolve against it
@@ -109,6 +131,7 @@ struct Manifest {
   int64_t calibration_length = 256;
   RunSpec run;
   SchedulerSpec scheduler;
+  TrainSpec train;
   std::vector<ComponentSpec> components; // manifest order within each kind
 
   std::vector<const ComponentSpec *> of_kind(loom_kind kind) const;

@@ -1,0 +1,332 @@
+// loom::train (loom/core/training.hpp): data, the optimizer loop, logs, checkpoints, export, plot.
+#include "loom/core/training.hpp"
+
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <numbers>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "llama_trainer.hpp"
+#include "loom/core/chat_template.hpp"
+#include "loom/core/error.hpp"
+#include "loom/core/model_config.hpp"
+#include "loom/core/model_weights.hpp"
+#include "loom/core/safetensors.hpp"
+#include "loom/core/safetensors_writer.hpp"
+#include "loom/core/tokenizer.hpp"
+#include "training_data.hpp"
+
+extern char **environ;
+
+namespace loom {
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+// Files a model directory carries besides its weights.
+constexpr const char *kModelFiles[] = {"config.json",          "generation_config.json", "tokenizer.model",
+                                       "tokenizer.json",       "tokenizer_config.json",  "special_tokens_map.json"};
+
+double learning_rate(const TrainSpec &t, int64_t step) {
+  if (t.warmup > 0 && step <= t.warmup) return t.lr * static_cast<double>(step) / static_cast<double>(t.warmup);
+  if (t.schedule == "constant") return t.lr;
+  const double span = static_cast<double>(std::max<int64_t>(1, t.steps - t.warmup));
+  const double progress = std::clamp(static_cast<double>(step - t.warmup) / span, 0.0, 1.0);
+  if (t.schedule == "linear") return t.lr + (t.min_lr - t.lr) * progress;
+  return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + std::cos(std::numbers::pi * progress));
+}
+
+std::span<const std::byte> bytes_of(const std::vector<float> &v) { return std::as_bytes(std::span<const float>(v)); }
+
+// A model directory: the source's config and tokenizer files, the parameters as float32.
+void write_model_dir(const fs::path &dir, const fs::path &source, const std::vector<TrainParam<float>> &params) {
+  fs::create_directories(dir);
+  for (const char *name : kModelFiles)
+    if (fs::exists(source / name) && fs::absolute(source / name) != fs::absolute(dir / name))
+      fs::copy_file(source / name, dir / name, fs::copy_options::overwrite_existing);
+  std::vector<TensorToWrite> tensors;
+  for (const auto &p : params) tensors.push_back({p.name, SafetensorsDtype::F32, p.shape, bytes_of(p.value)});
+  write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
+}
+
+struct DataPosition {
+  int64_t epoch = 0, position = 0;
+};
+
+// The checkpoint directory, written beside and renamed over, so an interrupted save leaves the
+// previous one whole.
+void save_checkpoint(const fs::path &out, const fs::path &source, LlamaTrainer<float> &trainer, const AdamW<float> &opt,
+                     int64_t step, DataPosition data, uint64_t seed, const TrainSpec &t) {
+  const fs::path dir = out / "checkpoint", tmp = out / "checkpoint.tmp", old = out / "checkpoint.old";
+  fs::remove_all(tmp);
+  write_model_dir(tmp, source, trainer.params());
+  std::vector<TensorToWrite> moments;
+  const auto &params = trainer.params();
+  for (size_t i = 0; i < opt.first_moments().size(); ++i) {
+    moments.push_back({params[i].name + ".exp_avg", SafetensorsDtype::F32, params[i].shape, bytes_of(opt.first_moments()[i])});
+    moments.push_back({params[i].name + ".exp_avg_sq", SafetensorsDtype::F32, params[i].shape, bytes_of(opt.second_moments()[i])});
+  }
+  write_safetensors(tmp / "optimizer.safetensors", moments, {{"optimizer", "adamw"}});
+  const nlohmann::json state = {{"step", step},          {"optimizer_steps", opt.steps()},
+                                {"epoch", data.epoch},   {"position", data.position},
+                                {"seed", seed},          {"seq_len", t.seq_len},
+                                {"batch_size", t.batch_size}, {"grad_accum", t.grad_accum},
+                                {"data", t.data.string()}};
+  std::ofstream(tmp / "trainer_state.json") << state.dump(2) << "\n";
+  fs::remove_all(old);
+  if (fs::exists(dir)) fs::rename(dir, old);
+  fs::rename(tmp, dir);
+  fs::remove_all(old);
+}
+
+// Reads a checkpoint's optimizer and data state into `opt`; returns (step, position). The
+// manifest must describe the same data order (seed, sequence length, batch), else the resumed run
+// would not continue the interrupted one.
+std::pair<int64_t, DataPosition> load_checkpoint(const fs::path &dir, const std::string &source_name,
+                                                 LlamaTrainer<float> &trainer, AdamW<float> &opt, uint64_t seed,
+                                                 const TrainSpec &t) {
+  std::ifstream in(dir / "trainer_state.json");
+  if (!in) throw runtime_error(source_name + ": train.resume: " + (dir / "trainer_state.json").string() + " not found");
+  nlohmann::json state;
+  try {
+    state = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception &e) {
+    throw runtime_error((dir / "trainer_state.json").string() + ": " + e.what());
+  }
+  auto field = [&](const char *key) {
+    if (!state.contains(key) || !state[key].is_number_integer())
+      throw runtime_error((dir / "trainer_state.json").string() + ": \"" + std::string(key) + "\" missing or not an integer");
+    return state[key].get<int64_t>();
+  };
+  auto same = [&](const char *key, int64_t want, const char *manifest_key) {
+    if (field(key) != want)
+      throw runtime_error(source_name + ": train.resume: the checkpoint was made with " + manifest_key + " = " +
+                          std::to_string(field(key)) + ", the manifest says " + std::to_string(want) +
+                          "; a resumed run must keep the data order");
+  };
+  same("seed", static_cast<int64_t>(seed), "loom.seed");
+  same("seq_len", t.seq_len, "train.seq_len");
+  same("batch_size", t.batch_size, "train.batch_size");
+  same("grad_accum", t.grad_accum, "train.grad_accum");
+  const SafetensorsFile file = SafetensorsFile::open(dir / "optimizer.safetensors");
+  std::vector<std::vector<float>> m, v;
+  for (const auto &p : trainer.params()) {
+    for (const char *suffix : {".exp_avg", ".exp_avg_sq"}) {
+      const SafetensorsTensor *st = file.find(p.name + suffix);
+      if (st == nullptr || st->dtype != SafetensorsDtype::F32 || st->numel != p.value.size())
+        throw runtime_error((dir / "optimizer.safetensors").string() + ": " + p.name + suffix +
+                            " missing or not float32 of the parameter's shape");
+      std::vector<float> values(p.value.size());
+      std::memcpy(values.data(), st->data, st->nbytes);
+      (std::strcmp(suffix, ".exp_avg") == 0 ? m : v).push_back(std::move(values));
+    }
+  }
+  opt.restore(field("optimizer_steps"), std::move(m), std::move(v));
+  return {field("step"), DataPosition{field("epoch"), field("position")}};
+}
+
+// The log's lines up to `step` (a resumed run rewrites what the interrupted one logged later).
+void truncate_log(const fs::path &log, int64_t step) {
+  std::ifstream in(log);
+  if (!in) return;
+  std::vector<std::string> kept;
+  std::string line;
+  while (std::getline(in, line)) {
+    try {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= step) kept.push_back(line);
+    } catch (const nlohmann::json::exception &) {
+    }
+  }
+  in.close();
+  std::ofstream out(log, std::ios::trunc);
+  for (const auto &l : kept) out << l << "\n";
+}
+
+// gnuplot on the log's curves; returns the PNG's path, or empty when gnuplot is not installed.
+fs::path plot_losses(const fs::path &out, const fs::path &log) {
+  std::vector<std::pair<int64_t, double>> train, val;
+  std::ifstream in(log);
+  std::string line;
+  while (std::getline(in, line)) {
+    try {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("loss")) train.emplace_back(j["step"].get<int64_t>(), j["loss"].get<double>());
+      if (j.contains("val_loss")) val.emplace_back(j["step"].get<int64_t>(), j["val_loss"].get<double>());
+    } catch (const nlohmann::json::exception &) {
+    }
+  }
+  const fs::path train_dat = out / "loss_train.dat", val_dat = out / "loss_val.dat", script = out / "loss.gp",
+                 png = out / "loss.png";
+  {
+    std::ofstream t(train_dat), v(val_dat), g(script);
+    for (auto [s, l] : train) t << s << " " << std::setprecision(9) << l << "\n";
+    for (auto [s, l] : val) v << s << " " << std::setprecision(9) << l << "\n";
+    g << "set terminal pngcairo size 960,540\nset output '" << png.string() << "'\n"
+      << "set xlabel 'step'\nset ylabel 'loss (nats/token)'\nset grid\nset key top right\n"
+      << "plot '" << train_dat.string() << "' using 1:2 with lines title 'train'";
+    if (!val.empty()) g << ", '" << val_dat.string() << "' using 1:2 with linespoints pt 7 title 'validation'";
+    g << "\n";
+  }
+  // No shell: gnuplot is found on PATH and given the script's path.
+  std::string gnuplot = "gnuplot", arg = script.string();
+  char *argv[] = {gnuplot.data(), arg.data(), nullptr};
+  pid_t pid = 0;
+  if (posix_spawnp(&pid, "gnuplot", nullptr, nullptr, argv, environ) != 0) return {};
+  int status = 0;
+  if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0 || !fs::exists(png)) return {};
+  for (const auto &f : {train_dat, val_dat, script}) fs::remove(f);
+  return png;
+}
+
+std::string duration(double seconds) {
+  const auto s = static_cast<int64_t>(seconds + 0.5);
+  std::ostringstream o;
+  if (s >= 3600) o << s / 3600 << "h";
+  if (s >= 60) o << std::setw(s >= 3600 ? 2 : 1) << std::setfill('0') << (s / 60) % 60 << "m";
+  o << std::setw(s >= 60 ? 2 : 1) << std::setfill('0') << s % 60 << "s";
+  return o.str();
+}
+
+}  // namespace
+
+TrainResult train(const Manifest &m, const TrainOptions &options) {
+  const TrainSpec &t = m.train;
+  if (!t.enabled) throw manifest_error(m.source_name + ": needs a [train] table");
+  if (m.model_path.empty()) throw manifest_error(m.source_name + ": [train] needs a [model] path");
+  const ModelConfig config = load_model_config(m.model_path);
+  if (t.seq_len > config.max_positions)
+    throw manifest_error(m.source_name + ": train.seq_len: " + std::to_string(t.seq_len) + " exceeds the model's " +
+                         std::to_string(config.max_positions) + " positions");
+  const auto tokenizer = Tokenizer::load(m.model_path);
+  if (!tokenizer) throw runtime_error(m.source_name + ": [model] " + m.model_path.string() + " has no tokenizer to encode train.data");
+  const ChatFamily chat = detect_chat_family(m.model_path);
+  const uint64_t seed = m.seed;
+
+  // Data.
+  auto sequences = pack_sequences(load_token_stream(t.data, *tokenizer, config, chat), t.seq_len);
+  TrainValSplit split;
+  if (!t.validation_data.empty()) {
+    split.train = std::move(sequences);
+    split.validation = pack_sequences(load_token_stream(t.validation_data, *tokenizer, config, chat), t.seq_len);
+  } else {
+    split = split_sequences(std::move(sequences), t.validation_fraction, seed);
+  }
+  if (split.train.empty())
+    throw runtime_error(t.data.string() + ": too little text for one training sequence of " + std::to_string(t.seq_len) + " tokens");
+
+  // Model and optimizer, fresh or from the checkpoint.
+  const fs::path source = t.resume.empty() ? m.model_path : t.resume;
+  LlamaTrainer<float> trainer(config, ModelWeights::load(config, SafetensorsIndex::open_model_dir(source)));
+  AdamWOptions ao;
+  ao.lr = t.lr;
+  ao.beta1 = t.beta1;
+  ao.beta2 = t.beta2;
+  ao.eps = t.eps;
+  ao.weight_decay = t.weight_decay;
+  AdamW<float> opt(ao);
+  int64_t step = 0;
+  DataPosition pos;
+  fs::create_directories(t.out);
+  const fs::path log_path = t.out / "train_log.jsonl";
+  if (!t.resume.empty()) {
+    std::tie(step, pos) = load_checkpoint(t.resume, m.source_name, trainer, opt, seed, t);
+    truncate_log(log_path, step);
+  } else {
+    std::ofstream(log_path, std::ios::trunc);
+  }
+  std::ofstream log(log_path, std::ios::app);
+
+  TrainResult result;
+  result.train_sequences = static_cast<int64_t>(split.train.size());
+  result.validation_sequences = static_cast<int64_t>(split.validation.size());
+  auto validation_loss = [&] {
+    double sum = 0;
+    for (const auto &s : split.validation) sum += trainer.loss(s, false);
+    return sum / static_cast<double>(split.validation.size());
+  };
+  double eval_seconds = 0;  // kept out of the training throughput
+  auto evaluate = [&](int64_t at) {
+    if (split.validation.empty()) return;
+    const auto eval_start = Clock::now();
+    const double v = validation_loss();
+    eval_seconds += std::chrono::duration<double>(Clock::now() - eval_start).count();
+    result.val_loss.emplace_back(at, v);
+    log << nlohmann::json{{"step", at}, {"val_loss", v}, {"val_perplexity", std::exp(v)}}.dump() << std::endl;
+  };
+
+  std::vector<int64_t> order = epoch_order(static_cast<int64_t>(split.train.size()), seed, pos.epoch);
+  const int64_t per_step = t.batch_size * t.grad_accum;
+  const double scale = 1.0 / static_cast<double>(per_step);
+  const bool tty = isatty(2) != 0;
+  const auto start = Clock::now();
+  int64_t done_here = 0, tokens_here = 0;
+  if (t.resume.empty()) evaluate(0);  // the starting point of the validation curve
+  while (step < t.steps) {
+    ++step;
+    const double lr = learning_rate(t, step);
+    trainer.zero_grad();
+    double loss = 0;
+    for (int64_t i = 0; i < per_step; ++i) {
+      if (pos.position >= static_cast<int64_t>(order.size())) {
+        ++pos.epoch;
+        pos.position = 0;
+        order = epoch_order(static_cast<int64_t>(split.train.size()), seed, pos.epoch);
+      }
+      const auto &seq = split.train[static_cast<size_t>(order[static_cast<size_t>(pos.position++)])];
+      loss += trainer.loss(seq, true, scale) * scale;
+      tokens_here += static_cast<int64_t>(seq.size());
+    }
+    const double norm = clip_grad_norm(trainer.params(), t.grad_clip > 0 ? t.grad_clip : INFINITY);
+    opt.step(trainer.params(), lr);
+    ++done_here;
+    result.train_loss.emplace_back(step, loss);
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    const double tok_s = static_cast<double>(tokens_here) / std::max(elapsed - eval_seconds, 1e-9);
+    log << nlohmann::json{{"step", step},       {"loss", loss},          {"lr", lr},
+                          {"grad_norm", norm},  {"tokens", tokens_here}, {"tokens_per_s", tok_s},
+                          {"elapsed_s", elapsed}}
+               .dump()
+        << std::endl;
+    if (options.progress && (tty || step % std::max<int64_t>(1, t.steps / 20) == 0 || step == t.steps)) {
+      const double eta = (elapsed - eval_seconds) / static_cast<double>(done_here) * static_cast<double>(t.steps - step);
+      const int width = 24, filled = static_cast<int>(width * step / t.steps);
+      std::ostringstream line;
+      line << "step " << step << "/" << t.steps << " [" << std::string(static_cast<size_t>(filled), '#')
+           << std::string(static_cast<size_t>(width - filled), '.') << "] loss " << std::fixed << std::setprecision(4) << loss
+           << "  " << std::setprecision(0) << tok_s << " tok/s  ETA " << duration(eta);
+      std::cerr << (tty ? "\r" : "") << line.str() << (tty ? "\033[K" : "\n") << std::flush;
+    }
+    if (t.eval_every > 0 && step % t.eval_every == 0) evaluate(step);
+    if (t.save_every > 0 && step % t.save_every == 0) save_checkpoint(t.out, m.model_path, trainer, opt, step, pos, seed, t);
+    if (options.stop_after > 0 && done_here >= options.stop_after && step < t.steps) {
+      save_checkpoint(t.out, m.model_path, trainer, opt, step, pos, seed, t);
+      if (options.progress && tty) std::cerr << "\n";
+      result.step = step;
+      return result;
+    }
+  }
+  if (options.progress && tty) std::cerr << "\n";
+  if (t.eval_every == 0 || step % t.eval_every != 0) evaluate(step);
+  save_checkpoint(t.out, m.model_path, trainer, opt, step, pos, seed, t);
+  result.model_dir = t.out / "model";
+  write_model_dir(result.model_dir, m.model_path, trainer.params());
+  log.close();
+  result.plot = plot_losses(t.out, log_path);
+  result.step = step;
+  return result;
+}
+
+}  // namespace loom

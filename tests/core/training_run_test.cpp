@@ -1,0 +1,220 @@
+// `loom train` on the CPU (loom::train): [train] manifest errors, data files (text and JSON
+// Lines with "text" or chat "messages") and their errors, the learning-rate schedule in the log,
+// a resumed run equal to an uninterrupted one (losses and final weights bit for bit), the
+// exported model loading in Loom's engine, validation loss going down, and the plot.
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "../../core/training_data.hpp"
+#include "loom/core/error.hpp"
+#include "loom/core/manifest.hpp"
+#include "loom/core/model_config.hpp"
+#include "loom/core/runtime.hpp"
+#include "loom/core/tokenizer.hpp"
+#include "loom/core/training.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kSource = LOOM_SOURCE_DIR;
+const fs::path kKjv = kSource / "models/tiny-kjv";
+const fs::path kTrainText = kSource / "tests/fixtures/text/kjv_calibration.txt";
+const fs::path kHeldOut = kSource / "tests/fixtures/text/kjv_heldout.txt";
+
+fs::path scratch(const std::string &name) {
+  const fs::path d = fs::temp_directory_path() / ("loom_train_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+std::string manifest_text(const fs::path &out, const std::string &extra = "") {
+  return "[loom]\nseed = 3\n[model]\npath = \"" + kKjv.string() + "\"\n[train]\ndata = \"" + kTrainText.string() +
+         "\"\nvalidation_data = \"" + kHeldOut.string() + "\"\nseq_len = 32\nbatch_size = 2\nsteps = 8\nlr = 1e-3\n"
+         "warmup = 2\neval_every = 4\nout = \"" + out.string() + "\"\n" + extra;
+}
+
+loom::Manifest manifest(const fs::path &out, const std::vector<std::string> &overrides = {}, const std::string &extra = "") {
+  return loom::parse_manifest_string(manifest_text(out, extra), "train.toml", overrides);
+}
+
+std::vector<nlohmann::json> read_log(const fs::path &path) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+std::string file_bytes(const fs::path &p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+std::string manifest_error(const std::string &text) {
+  try {
+    loom::parse_manifest_string(text, "t.toml");
+  } catch (const loom::Error &e) {
+    return e.what();
+  }
+  return "";
+}
+
+loom::TrainOptions quiet(int64_t stop_after = 0) {
+  loom::TrainOptions o;
+  o.progress = false;
+  o.stop_after = stop_after;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("[train] values are checked where they are written", "[train]") {
+  const std::string model = "[model]\npath = \"" + kKjv.string() + "\"\n";
+  CHECK_THAT(manifest_error(model + "[train]\nout = \"/tmp/x\"\n"), Catch::Contains("t.toml:") && Catch::Contains("train.data: is required"));
+  CHECK_THAT(manifest_error(model + "[train]\ndata = \"a.txt\"\nout = \"o\"\nschedule = \"step\"\n"),
+             Catch::Contains("train.schedule: expected \"cosine\", \"linear\" or \"constant\""));
+  CHECK_THAT(manifest_error(model + "[train]\ndata = \"a.txt\"\nout = \"o\"\nlearning_rate = 0.1\n"),
+             Catch::Contains("train.learning_rate: unknown key"));
+  CHECK_THAT(manifest_error(model + "[train]\ndata = \"a.txt\"\nout = \"o\"\nlr = \"fast\"\n"),
+             Catch::Contains("train.lr: expected a number"));
+  CHECK_THAT(manifest_error(model + "[train]\ndata = \"a.txt\"\nout = \"o\"\nlr = 1e-4\nmin_lr = 1e-3\n"),
+             Catch::Contains("train.min_lr: must not exceed lr"));
+  CHECK_THAT(manifest_error("[train]\ndata = \"a.txt\"\nout = \"o\"\n"), Catch::Contains("needs a [model] to train"));
+  const fs::path out = scratch("errors");
+  CHECK_THROWS_WITH(loom::train(manifest(out, {"train.seq_len=100000"}), quiet()),
+                    Catch::Contains("train.seq_len: 100000 exceeds the model's 512 positions"));
+  CHECK_THROWS_WITH(loom::train(manifest(out, {"train.data=\"" + (out / "missing.txt").string() + "\""}), quiet()),
+                    Catch::Contains("missing.txt: cannot open the training data"));
+  fs::remove_all(out);
+}
+
+TEST_CASE("training data: text lines and JSON Lines with text or chat messages, with errors by line", "[train]") {
+  const loom::ModelConfig config = loom::load_model_config(kKjv);
+  const auto tokenizer = loom::Tokenizer::load(kKjv);
+  REQUIRE(tokenizer);
+  const fs::path dir = scratch("data");
+  std::ofstream(dir / "a.txt") << "In the beginning\n\n   \nGod created\n";
+  const auto text = loom::load_token_stream(dir / "a.txt", *tokenizer, config, loom::ChatFamily::plain);
+  auto expect = tokenizer->encode("In the beginning", true);
+  expect.push_back(config.eos_token_ids.front());
+  auto second = tokenizer->encode("God created", true);
+  expect.insert(expect.end(), second.begin(), second.end());
+  expect.push_back(config.eos_token_ids.front());
+  CHECK(text == expect);
+
+  std::ofstream(dir / "b.jsonl") << R"({"text": "In the beginning"})" << "\n"
+                                 << R"({"messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "God"}]})"
+                                 << "\n";
+  const auto jsonl = loom::load_token_stream(dir / "b.jsonl", *tokenizer, config, loom::ChatFamily::plain);
+  auto chat = loom::encode_chat(*tokenizer, loom::render_chat(loom::ChatFamily::plain,
+                                                              {{"user", "Who?"}, {"assistant", "God"}}, false));
+  CHECK(jsonl.size() == (expect.size() - second.size() - 1) + chat.size() + 1);
+  CHECK(std::equal(chat.begin(), chat.end(), jsonl.end() - static_cast<std::ptrdiff_t>(chat.size()) - 1));
+
+  std::ofstream(dir / "bad.jsonl") << R"({"text": "fine"})" << "\n" << R"({"txt": "typo"})" << "\n";
+  CHECK_THROWS_WITH(loom::load_token_stream(dir / "bad.jsonl", *tokenizer, config, loom::ChatFamily::plain),
+                    Catch::Contains("bad.jsonl:2: expected an object with \"text\" or \"messages\""));
+  std::ofstream(dir / "broken.jsonl") << "{\"text\": \n";
+  CHECK_THROWS_WITH(loom::load_token_stream(dir / "broken.jsonl", *tokenizer, config, loom::ChatFamily::plain),
+                    Catch::Contains("broken.jsonl:1: not JSON"));
+  std::ofstream(dir / "roles.jsonl") << R"({"messages": [{"role": "user"}]})" << "\n";
+  CHECK_THROWS_WITH(loom::load_token_stream(dir / "roles.jsonl", *tokenizer, config, loom::ChatFamily::plain),
+                    Catch::Contains("roles.jsonl:1: messages[0] must be an object with string \"role\" and \"content\""));
+  std::ofstream(dir / "empty.txt") << "\n\n";
+  CHECK_THROWS_WITH(loom::load_token_stream(dir / "empty.txt", *tokenizer, config, loom::ChatFamily::plain),
+                    Catch::Contains("no documents"));
+
+  const std::vector<int32_t> stream = {1, 2, 3, 4, 5, 6, 7};
+  CHECK(loom::pack_sequences(stream, 3) == std::vector<std::vector<int32_t>>{{1, 2, 3}, {4, 5, 6}});
+  std::vector<std::vector<int32_t>> seqs;
+  for (int32_t i = 0; i < 20; ++i) seqs.push_back({i, i});
+  const auto a = loom::split_sequences(seqs, 0.1, 9), b = loom::split_sequences(seqs, 0.1, 9);
+  CHECK(a.validation.size() == 2);
+  CHECK(a.train.size() == 18);
+  CHECK(a.validation == b.validation);  // seeded
+  CHECK(loom::epoch_order(10, 4, 0) == loom::epoch_order(10, 4, 0));
+  CHECK(loom::epoch_order(10, 4, 0) != loom::epoch_order(10, 4, 1));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("loom train logs its schedule, lowers the validation loss and exports a model the engine runs", "[train]") {
+  const fs::path out = scratch("run");
+  const loom::TrainResult r = loom::train(manifest(out), quiet());
+  CHECK(r.step == 8);
+  REQUIRE(r.train_loss.size() == 8);
+  REQUIRE(r.val_loss.size() == 3);  // steps 0, 4 and 8
+  CHECK(r.val_loss.front().first == 0);
+  CHECK(r.val_loss.back().second < r.val_loss.front().second);
+  // The log: warmup 2 then cosine from 1e-3 to 0 over steps 3..8.
+  const auto log = read_log(out / "train_log.jsonl");
+  std::vector<double> lrs;
+  for (const auto &j : log)
+    if (j.contains("lr")) lrs.push_back(j["lr"].get<double>());
+  REQUIRE(lrs.size() == 8);
+  CHECK(lrs[0] == Approx(0.5e-3));
+  CHECK(lrs[1] == Approx(1e-3));
+  for (int s = 3; s <= 8; ++s)
+    CHECK(lrs[static_cast<size_t>(s - 1)] == Approx(0.5e-3 * (1 + std::cos(M_PI * (s - 2) / 6.0))).margin(1e-12));
+  for (const auto &j : log)
+    if (j.contains("loss")) {
+      CHECK(j["tokens_per_s"].get<double>() > 0);
+      CHECK(std::isfinite(j["grad_norm"].get<double>()));
+    }
+  // The export is a model directory the engine loads and runs; it is not the starting model.
+  REQUIRE(fs::exists(r.model_dir / "model.safetensors"));
+  for (const char *f : {"config.json", "tokenizer.model"}) CHECK(fs::exists(r.model_dir / f));
+  auto run = [&](const fs::path &model) {
+    return loom::Runtime::from_string("[loom]\ndevice = \"cpu\"\n[model]\npath = \"" + model.string() +
+                                          "\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n"
+                                          "[run]\nprompt = \"And God said\"\nsteps = 12\nstop_tokens = []\n",
+                                      "run.toml")
+        ->run()
+        .tokens;
+  };
+  CHECK(run(r.model_dir).size() == 12);
+  CHECK(file_bytes(r.model_dir / "model.safetensors") != file_bytes(kKjv / "model.safetensors"));
+  if (!r.plot.empty()) CHECK(file_bytes(r.plot).substr(1, 3) == "PNG");
+  fs::remove_all(out);
+}
+
+TEST_CASE("a resumed training run continues exactly where it stopped", "[train]") {
+  const fs::path straight = scratch("straight"), resumed = scratch("resumed");
+  const loom::TrainResult full = loom::train(manifest(straight, {"train.eval_every=0"}), quiet());
+  const loom::TrainResult first = loom::train(manifest(resumed, {"train.eval_every=0"}), quiet(3));
+  CHECK(first.step == 3);
+  CHECK(first.model_dir.empty());
+  REQUIRE(fs::exists(resumed / "checkpoint/trainer_state.json"));
+  const loom::TrainResult rest =
+      loom::train(manifest(resumed, {"train.eval_every=0", "train.resume=\"" + (resumed / "checkpoint").string() + "\""}), quiet());
+  CHECK(rest.step == 8);
+  REQUIRE(rest.train_loss.size() == 5);
+  for (size_t i = 0; i < 5; ++i) {
+    INFO("step " << rest.train_loss[i].first);
+    CHECK(rest.train_loss[i] == full.train_loss[i + 3]);  // the same doubles
+  }
+  CHECK(file_bytes(rest.model_dir / "model.safetensors") == file_bytes(full.model_dir / "model.safetensors"));
+  // The log holds each step once, as the uninterrupted run's does.
+  std::vector<int64_t> steps;
+  for (const auto &j : read_log(resumed / "train_log.jsonl"))
+    if (j.contains("loss")) steps.push_back(j["step"].get<int64_t>());
+  CHECK(steps == std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8});
+  // A checkpoint refuses a manifest with another data order.
+  CHECK_THROWS_WITH(loom::train(manifest(resumed, {"train.resume=\"" + (resumed / "checkpoint").string() + "\"",
+                                                   "train.batch_size=3"}),
+                                quiet()),
+                    Catch::Contains("train.resume: the checkpoint was made with train.batch_size = 2, the manifest says 3"));
+  fs::remove_all(straight);
+  fs::remove_all(resumed);
+}
