@@ -2,13 +2,18 @@
 // against central finite differences in double, the whole Llama-family model's gradient (every
 // parameter tensor sampled) against finite differences in double on the tiny fixture models
 // (GQA, q/k/v biases, tied head, sliding window), the training forward against ReferenceModel,
-// AdamW against a hand-computed update, clipping, and a short training run that fits a sequence.
+// AdamW against a hand-computed update, clipping, a short training run that fits a sequence, and
+// 200 steps against PyTorch's loss curve on the same weights, batches and hyperparameters.
 #include <catch2/catch.hpp>
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "../../core/grad_ops.hpp"
 #include "../../core/llama_trainer.hpp"
@@ -315,4 +320,55 @@ TEST_CASE("AdamW follows torch's update, clipping bounds the norm, and training 
   last = trainer.loss(tokens, false);
   INFO("loss " << first << " -> " << last);
   CHECK(last < 0.2 * first);
+}
+
+TEST_CASE("a 200-step training run follows PyTorch's loss curve within 2%", "[train]") {
+  // tests/fixtures/models/train_curve.json: transformers' LlamaForCausalLM trained on the GPU
+  // machine by tests/fixtures/make_train_curve.py from the same weights, on the same batches,
+  // with the same AdamW, schedule and clipping; each step's loss before its update.
+  const fs::path fixture = kModels / "train_curve.json";
+  std::ifstream in(fixture);
+  REQUIRE(in.good());
+  const auto golden = nlohmann::json::parse(in);
+  const fs::path dir = kModels / golden["model"].get<std::string>();
+  const loom::ModelConfig config = loom::load_model_config(dir);
+  loom::LlamaTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
+  std::ifstream text_in(fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/text" / golden["text"].get<std::string>(), std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(text_in)), std::istreambuf_iterator<char>());
+  const int64_t steps = golden["steps"], batch = golden["batch"], seq = golden["seq"], stride = golden["stride"],
+                warmup = golden["warmup"];
+  const double lr = golden["lr"], min_lr = golden["min_lr"], clip = golden["clip"];
+  loom::AdamWOptions o;
+  o.beta1 = golden["beta1"];
+  o.beta2 = golden["beta2"];
+  o.eps = golden["eps"];
+  o.weight_decay = golden["weight_decay"];
+  loom::AdamW<float> opt(o);
+  const auto &losses = golden["losses"];
+  REQUIRE(static_cast<int64_t>(losses.size()) == steps);
+  double worst = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t step = s + 1;
+    const double rate = step <= warmup ? lr * static_cast<double>(step) / static_cast<double>(warmup)
+                                       : min_lr + 0.5 * (lr - min_lr) *
+                                                      (1 + std::cos(M_PI * static_cast<double>(step - warmup) /
+                                                                    static_cast<double>(steps - warmup)));
+    trainer.zero_grad();
+    double loss = 0;
+    for (int64_t i = 0; i < batch; ++i) {
+      const size_t start = static_cast<size_t>(((s * batch + i) * stride) % (static_cast<int64_t>(text.size()) - seq));
+      std::vector<int32_t> ids;
+      for (int64_t t = 0; t < seq; ++t) ids.push_back(static_cast<unsigned char>(text[start + static_cast<size_t>(t)]));
+      loss += trainer.loss(ids, true, 1.0 / static_cast<double>(batch)) / static_cast<double>(batch);
+    }
+    loom::clip_grad_norm(trainer.params(), clip);
+    opt.step(trainer.params(), rate);
+    const double theirs = losses[static_cast<size_t>(s)].get<double>();
+    worst = std::max(worst, std::fabs(loss - theirs) / theirs);
+    INFO("step " << step << ": Loom " << loss << ", PyTorch " << theirs);
+    CHECK(std::fabs(loss - theirs) <= 0.02 * theirs);
+  }
+  WARN("worst relative difference from PyTorch's curve over " << steps << " steps: " << worst << "; loss "
+                                                              << losses.front().get<double>() << " -> "
+                                                              << losses.back().get<double>());
 }
