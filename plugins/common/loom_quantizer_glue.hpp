@@ -26,6 +26,14 @@
 
 namespace loomp {
 
+// Deletes a weight; a template so that the delete is compiled where the plugin has defined
+// struct loom_qweight (the C ABI declares it incomplete, and deleting an incomplete type would
+// skip its destructor).
+template <class W>
+void delete_weight(W* w) {
+  delete w;
+}
+
 template <class Q>
 struct QuantizerGlue {
   using Instance = typename Q::Instance;
@@ -73,7 +81,7 @@ struct QuantizerGlue {
   }
   static void free_weight(void* inst, loom_qweight* w) {
     if (w) Q::free_device(self(inst), *w);
-    delete w;
+    delete_weight(w);
   }
 
   static constexpr loom_quantizer_vtable kVtable = {
