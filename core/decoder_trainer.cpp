@@ -1,6 +1,6 @@
-// LlamaTrainer: the forward pass with saved activations, its backward pass, AdamW and clipping
-// (see llama_trainer.hpp).
-#include "llama_trainer.hpp"
+// DecoderTrainer: the forward pass with saved activations, its backward pass, AdamW and clipping
+// (see decoder_trainer.hpp).
+#include "decoder_trainer.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -17,18 +17,23 @@ constexpr size_t kNone = SIZE_MAX;
 
 // What the backward pass needs from the forward pass of one sequence of n tokens.
 template <class T>
-struct LlamaTrainer<T>::Acts {
+struct DecoderTrainer<T>::Acts {
   struct PerLayer {
-    std::vector<T> x_in, r1, h1, q, k, v, p, a, x_mid, r2, h2, g, u, m;
+    std::vector<T> x_in, r1, mean1, h1, q, k, v, p, a, x_mid, r2, mean2, h2, g, u, m;
+    // Activation recomputation: everything but the layer's input is dropped after the forward
+    // pass and recomputed from it in the backward pass.
+    void keep_input_only() {
+      for (auto *each : {&r1, &mean1, &h1, &q, &k, &v, &p, &a, &x_mid, &r2, &mean2, &h2, &g, &u, &m})
+        std::vector<T>().swap(*each);
+    }
+    bool dropped() const { return x_mid.empty(); }
   };
   std::vector<PerLayer> layers;
-  std::vector<T> x_final, r_final, h_final, logits;
+  std::vector<T> x_final, r_final, mean_final, h_final, logits;
 };
 
 template <class T>
-LlamaTrainer<T>::LlamaTrainer(const ModelConfig &config, const ModelWeights &weights) : config_(config) {
-  if (config_.architecture == Architecture::gpt2)
-    throw runtime_error("training: GPT-2 models are not trainable yet (the Llama family is)");
+DecoderTrainer<T>::DecoderTrainer(const ModelConfig &config, const ModelWeights &weights) : config_(config) {
   for (const auto &[name, shape] : expected_weights(config_)) {
     const HostWeight &w = weights.at(name);
     TrainParam<T> p;
@@ -39,20 +44,46 @@ LlamaTrainer<T>::LlamaTrainer(const ModelConfig &config, const ModelWeights &wei
     index_.emplace(name, params_.size());
     params_.push_back(std::move(p));
   }
-  auto need = [&](const std::string &name) {
-    const size_t i = find(name);
-    if (i == kNone) throw runtime_error("training: the model has no tensor " + name);
-    return i;
-  };
+  if (config_.architecture == Architecture::gpt2) {
+    embed_ = need("wte.weight");
+    positions_ = need("wpe.weight");
+    final_norm_ = need("ln_f.weight");
+    final_norm_b_ = need("ln_f.bias");
+    head_ = embed_;
+    for (int64_t l = 0; l < config_.n_layers; ++l) {
+      const std::string p = "h." + std::to_string(l) + ".";
+      Layer L;
+      L.norm1 = need(p + "ln_1.weight");
+      L.norm1_b = need(p + "ln_1.bias");
+      L.q = need(p + "attn.c_attn.weight");
+      L.q_b = need(p + "attn.c_attn.bias");
+      L.o = need(p + "attn.c_proj.weight");
+      L.o_b = need(p + "attn.c_proj.bias");
+      L.norm2 = need(p + "ln_2.weight");
+      L.norm2_b = need(p + "ln_2.bias");
+      L.up = need(p + "mlp.c_fc.weight");
+      L.up_b = need(p + "mlp.c_fc.bias");
+      L.down = need(p + "mlp.c_proj.weight");
+      L.down_b = need(p + "mlp.c_proj.bias");
+      layers_.push_back(L);
+    }
+    return;
+  }
   embed_ = need("model.embed_tokens.weight");
   final_norm_ = need("model.norm.weight");
   head_ = config_.tie_word_embeddings ? embed_ : need("lm_head.weight");
   for (int64_t l = 0; l < config_.n_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    Layer L{need(p + "input_layernorm.weight"), need(p + "self_attn.q_proj.weight"), need(p + "self_attn.k_proj.weight"),
-            need(p + "self_attn.v_proj.weight"), need(p + "self_attn.o_proj.weight"),
-            need(p + "post_attention_layernorm.weight"), need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight"),
-            need(p + "mlp.down_proj.weight")};
+    Layer L;
+    L.norm1 = need(p + "input_layernorm.weight");
+    L.q = need(p + "self_attn.q_proj.weight");
+    L.k = need(p + "self_attn.k_proj.weight");
+    L.v = need(p + "self_attn.v_proj.weight");
+    L.o = need(p + "self_attn.o_proj.weight");
+    L.norm2 = need(p + "post_attention_layernorm.weight");
+    L.gate = need(p + "mlp.gate_proj.weight");
+    L.up = need(p + "mlp.up_proj.weight");
+    L.down = need(p + "mlp.down_proj.weight");
     L.q_b = find(p + "self_attn.q_proj.bias");
     L.k_b = find(p + "self_attn.k_proj.bias");
     L.v_b = find(p + "self_attn.v_proj.bias");
@@ -66,77 +97,56 @@ LlamaTrainer<T>::LlamaTrainer(const ModelConfig &config, const ModelWeights &wei
 }
 
 template <class T>
-size_t LlamaTrainer<T>::find(const std::string &name) const {
+size_t DecoderTrainer<T>::find(const std::string &name) const {
   const auto it = index_.find(name);
   return it == index_.end() ? kNone : it->second;
 }
 
 template <class T>
-TrainParam<T> &LlamaTrainer<T>::param(std::string_view name) {
+size_t DecoderTrainer<T>::need(const std::string &name) const {
+  const size_t i = find(name);
+  if (i == kNone) throw runtime_error("training: the model has no tensor " + name);
+  return i;
+}
+
+template <class T>
+TrainParam<T> &DecoderTrainer<T>::param(std::string_view name) {
   const auto it = index_.find(name);
   if (it == index_.end()) throw runtime_error("training: no parameter " + std::string(name));
   return params_[it->second];
 }
 
 template <class T>
-void LlamaTrainer<T>::zero_grad() {
+void DecoderTrainer<T>::zero_grad() {
   for (auto &p : params_) std::fill(p.grad.begin(), p.grad.end(), T(0));
 }
 
 template <class T>
-void LlamaTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) {
+void DecoderTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) {
   const ModelConfig &c = config_;
-  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, D = c.head_dim, Hq = c.n_heads,
-                Hkv = c.n_kv_heads, I = c.intermediate_size, V = c.vocab_size;
+  const int64_t n = static_cast<int64_t>(tokens.size());
   if (n > c.max_positions)
     throw runtime_error("training: a sequence of " + std::to_string(n) + " tokens exceeds the model's " +
                         std::to_string(c.max_positions) + " positions");
-  auto bias = [&](size_t i) { return i == kNone ? nullptr : value(i); };
+  for (const int32_t id : tokens)
+    if (id < 0 || id >= c.vocab_size) throw runtime_error("training: token " + std::to_string(id) + " is outside the vocabulary");
+  if (c.architecture == Architecture::gpt2)
+    forward_gpt2(tokens, acts);
+  else
+    forward_llama(tokens, acts);
+}
+
+template <class T>
+void DecoderTrainer<T>::forward_llama(const std::vector<int32_t> &tokens, Acts &acts) {
+  const ModelConfig &c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, V = c.vocab_size;
   std::vector<T> x(static_cast<size_t>(n * H));
-  for (int64_t t = 0; t < n; ++t) {
-    const int32_t id = tokens[static_cast<size_t>(t)];
-    if (id < 0 || id >= V) throw runtime_error("training: token " + std::to_string(id) + " is outside the vocabulary");
-    std::copy_n(value(embed_) + id * H, H, x.begin() + t * H);
-  }
+  for (int64_t t = 0; t < n; ++t) std::copy_n(value(embed_) + tokens[static_cast<size_t>(t)] * H, H, x.begin() + t * H);
   acts.layers.assign(layers_.size(), {});
-  std::vector<T> tmp;
   for (size_t l = 0; l < layers_.size(); ++l) {
-    const Layer &L = layers_[l];
-    auto &A = acts.layers[l];
-    A.x_in = x;
-    A.r1.resize(static_cast<size_t>(n));
-    A.h1.resize(x.size());
-    for (int64_t t = 0; t < n; ++t)
-      A.r1[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(L.norm1), H, c.norm_eps, A.h1.data() + t * H);
-    A.q.resize(static_cast<size_t>(n * Hq * D));
-    A.k.resize(static_cast<size_t>(n * Hkv * D));
-    A.v.resize(A.k.size());
-    grad::linear(A.h1.data(), n, value(L.q), Hq * D, H, bias(L.q_b), A.q.data());
-    grad::linear(A.h1.data(), n, value(L.k), Hkv * D, H, bias(L.k_b), A.k.data());
-    grad::linear(A.h1.data(), n, value(L.v), Hkv * D, H, bias(L.v_b), A.v.data());
-    for (int64_t t = 0; t < n; ++t) {
-      grad::rope(A.q.data() + t * Hq * D, Hq, D, t, inv_freq_, false);
-      grad::rope(A.k.data() + t * Hkv * D, Hkv, D, t, inv_freq_, false);
-    }
-    A.a.resize(A.q.size());
-    A.p.resize(static_cast<size_t>(Hq * n * n));
-    grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data());
-    tmp.resize(x.size());
-    grad::linear(A.a.data(), n, value(L.o), H, Hq * D, bias(L.o_b), tmp.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
-    A.x_mid = x;
-    A.r2.resize(static_cast<size_t>(n));
-    A.h2.resize(x.size());
-    for (int64_t t = 0; t < n; ++t)
-      A.r2[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(L.norm2), H, c.norm_eps, A.h2.data() + t * H);
-    A.g.resize(static_cast<size_t>(n * I));
-    A.u.resize(A.g.size());
-    A.m.resize(A.g.size());
-    grad::linear(A.h2.data(), n, value(L.gate), I, H, bias(L.gate_b), A.g.data());
-    grad::linear(A.h2.data(), n, value(L.up), I, H, bias(L.up_b), A.u.data());
-    grad::swiglu(A.g.data(), A.u.data(), n * I, A.m.data());
-    grad::linear(A.m.data(), n, value(L.down), H, I, bias(L.down_b), tmp.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+    acts.layers[l].x_in = x;
+    layer_forward_llama(l, x, acts.layers[l]);
+    if (recompute_) acts.layers[l].keep_input_only();
   }
   acts.x_final = x;
   acts.r_final.resize(static_cast<size_t>(n));
@@ -148,18 +158,136 @@ void LlamaTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) {
   grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data());
 }
 
+// GPT-2: x = wte[token] + wpe[t]; per layer x += c_proj(attention(split(c_attn(ln_1(x))))),
+// x += c_proj(gelu(c_fc(ln_2(x)))); logits = ln_f(x) wte^T. q, k and v are the thirds of c_attn's
+// output (no RoPE), stored in acts.q/k/v; c_fc's output in g, its GELU in m.
 template <class T>
-std::vector<T> LlamaTrainer<T>::logits(const std::vector<int32_t> &tokens) {
+void DecoderTrainer<T>::forward_gpt2(const std::vector<int32_t> &tokens, Acts &acts) {
+  const ModelConfig &c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, V = c.vocab_size;
+  std::vector<T> x(static_cast<size_t>(n * H));
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < H; ++i)
+      x[static_cast<size_t>(t * H + i)] = value(embed_)[tokens[static_cast<size_t>(t)] * H + i] + value(positions_)[t * H + i];
+  acts.layers.assign(layers_.size(), {});
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    acts.layers[l].x_in = x;
+    layer_forward_gpt2(l, x, acts.layers[l]);
+    if (recompute_) acts.layers[l].keep_input_only();
+  }
+  acts.x_final = x;
+  acts.r_final.resize(static_cast<size_t>(n));
+  acts.mean_final.resize(static_cast<size_t>(n));
+  acts.h_final.resize(x.size());
+  for (int64_t t = 0; t < n; ++t)
+    acts.r_final[static_cast<size_t>(t)] =
+        grad::layer_norm(x.data() + t * H, value(final_norm_), value(final_norm_b_), H, c.norm_eps, acts.h_final.data() + t * H,
+                         &acts.mean_final[static_cast<size_t>(t)]);
+  acts.logits.resize(static_cast<size_t>(n * V));
+  grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data());
+}
+
+// One Llama layer on the residual stream x (updated in place), its activations into A (whose
+// x_in the caller has set to x).
+template <class T>
+template <class PerLayer>
+void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLayer &A) {
+  const ModelConfig &c = config_;
+  const int64_t n = static_cast<int64_t>(x.size()) / c.hidden_size, H = c.hidden_size, D = c.head_dim, Hq = c.n_heads,
+                Hkv = c.n_kv_heads, I = c.intermediate_size;
+  auto bias = [&](size_t i) { return i == kNone ? nullptr : value(i); };
+  std::vector<T> tmp;
+  const Layer &L = layers_[l];
+  A.r1.resize(static_cast<size_t>(n));
+  A.h1.resize(x.size());
+  for (int64_t t = 0; t < n; ++t)
+    A.r1[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(L.norm1), H, c.norm_eps, A.h1.data() + t * H);
+  A.q.resize(static_cast<size_t>(n * Hq * D));
+  A.k.resize(static_cast<size_t>(n * Hkv * D));
+  A.v.resize(A.k.size());
+  grad::linear(A.h1.data(), n, value(L.q), Hq * D, H, bias(L.q_b), A.q.data());
+  grad::linear(A.h1.data(), n, value(L.k), Hkv * D, H, bias(L.k_b), A.k.data());
+  grad::linear(A.h1.data(), n, value(L.v), Hkv * D, H, bias(L.v_b), A.v.data());
+  for (int64_t t = 0; t < n; ++t) {
+    grad::rope(A.q.data() + t * Hq * D, Hq, D, t, inv_freq_, false);
+    grad::rope(A.k.data() + t * Hkv * D, Hkv, D, t, inv_freq_, false);
+  }
+  A.a.resize(A.q.size());
+  A.p.resize(static_cast<size_t>(Hq * n * n));
+  grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data());
+  tmp.resize(x.size());
+  grad::linear(A.a.data(), n, value(L.o), H, Hq * D, bias(L.o_b), tmp.data());
+  for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+  A.x_mid = x;
+  A.r2.resize(static_cast<size_t>(n));
+  A.h2.resize(x.size());
+  for (int64_t t = 0; t < n; ++t)
+    A.r2[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(L.norm2), H, c.norm_eps, A.h2.data() + t * H);
+  A.g.resize(static_cast<size_t>(n * I));
+  A.u.resize(A.g.size());
+  A.m.resize(A.g.size());
+  grad::linear(A.h2.data(), n, value(L.gate), I, H, bias(L.gate_b), A.g.data());
+  grad::linear(A.h2.data(), n, value(L.up), I, H, bias(L.up_b), A.u.data());
+  grad::swiglu(A.g.data(), A.u.data(), n * I, A.m.data());
+  grad::linear(A.m.data(), n, value(L.down), H, I, bias(L.down_b), tmp.data());
+  for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+}
+
+// One GPT-2 layer on the residual stream x (updated in place), its activations into A.
+template <class T>
+template <class PerLayer>
+void DecoderTrainer<T>::layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer &A) {
+  const ModelConfig &c = config_;
+  const int64_t n = static_cast<int64_t>(x.size()) / c.hidden_size, H = c.hidden_size, D = c.head_dim, Hh = c.n_heads,
+                I = c.intermediate_size;
+  std::vector<T> tmp, qkv(static_cast<size_t>(n * 3 * H));
+  const Layer &L = layers_[l];
+  A.r1.resize(static_cast<size_t>(n));
+  A.mean1.resize(static_cast<size_t>(n));
+  A.h1.resize(x.size());
+  for (int64_t t = 0; t < n; ++t)
+    A.r1[static_cast<size_t>(t)] = grad::layer_norm(x.data() + t * H, value(L.norm1), value(L.norm1_b), H, c.norm_eps,
+                                                    A.h1.data() + t * H, &A.mean1[static_cast<size_t>(t)]);
+  grad::conv1d(A.h1.data(), n, value(L.q), H, 3 * H, value(L.q_b), qkv.data());
+  A.q.resize(x.size());
+  A.k.resize(x.size());
+  A.v.resize(x.size());
+  for (int64_t t = 0; t < n; ++t) {
+    std::copy_n(qkv.begin() + t * 3 * H, H, A.q.begin() + t * H);
+    std::copy_n(qkv.begin() + t * 3 * H + H, H, A.k.begin() + t * H);
+    std::copy_n(qkv.begin() + t * 3 * H + 2 * H, H, A.v.begin() + t * H);
+  }
+  A.a.resize(x.size());
+  A.p.resize(static_cast<size_t>(Hh * n * n));
+  grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hh, Hh, D, int64_t{0}, A.a.data(), A.p.data());
+  tmp.resize(x.size());
+  grad::conv1d(A.a.data(), n, value(L.o), H, H, value(L.o_b), tmp.data());
+  for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+  A.x_mid = x;
+  A.r2.resize(static_cast<size_t>(n));
+  A.mean2.resize(static_cast<size_t>(n));
+  A.h2.resize(x.size());
+  for (int64_t t = 0; t < n; ++t)
+    A.r2[static_cast<size_t>(t)] = grad::layer_norm(x.data() + t * H, value(L.norm2), value(L.norm2_b), H, c.norm_eps,
+                                                    A.h2.data() + t * H, &A.mean2[static_cast<size_t>(t)]);
+  A.g.resize(static_cast<size_t>(n * I));
+  A.m.resize(A.g.size());
+  grad::conv1d(A.h2.data(), n, value(L.up), H, I, value(L.up_b), A.g.data());
+  for (size_t i = 0; i < A.g.size(); ++i) A.m[i] = grad::gelu_new(A.g[i]);
+  grad::conv1d(A.m.data(), n, value(L.down), I, H, value(L.down_b), tmp.data());
+  for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+}
+
+template <class T>
+std::vector<T> DecoderTrainer<T>::logits(const std::vector<int32_t> &tokens) {
   Acts acts;
   forward(tokens, acts);
   return std::move(acts.logits);
 }
 
 template <class T>
-double LlamaTrainer<T>::loss(const std::vector<int32_t> &tokens, bool backward, double grad_scale) {
-  const ModelConfig &c = config_;
-  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, D = c.head_dim, Hq = c.n_heads,
-                Hkv = c.n_kv_heads, I = c.intermediate_size, V = c.vocab_size;
+double DecoderTrainer<T>::loss(const std::vector<int32_t> &tokens, bool backward, double grad_scale) {
+  const int64_t n = static_cast<int64_t>(tokens.size()), V = config_.vocab_size;
   if (n < 2) throw runtime_error("training: a sequence needs at least two tokens");
   Acts acts;
   forward(tokens, acts);
@@ -169,8 +297,20 @@ double LlamaTrainer<T>::loss(const std::vector<int32_t> &tokens, bool backward, 
   int64_t scored = 0;
   const double total = grad::cross_entropy(acts.logits.data(), targets.data(), n, V, backward ? dlogits.data() : nullptr,
                                            grad_scale, &scored);
-  if (!backward) return total / static_cast<double>(scored);
+  if (backward) {
+    if (config_.architecture == Architecture::gpt2)
+      backward_gpt2(tokens, acts, dlogits);
+    else
+      backward_llama(tokens, acts, dlogits);
+  }
+  return total / static_cast<double>(scored);
+}
 
+template <class T>
+void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits) {
+  const ModelConfig &c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, D = c.head_dim, Hq = c.n_heads,
+                Hkv = c.n_kv_heads, I = c.intermediate_size, V = c.vocab_size;
   auto gbias = [&](size_t i) { return i == kNone ? nullptr : grad(i); };
   // The head, then the final norm.
   std::vector<T> dh(static_cast<size_t>(n * H), T(0)), dx(dh.size(), T(0));
@@ -182,7 +322,11 @@ double LlamaTrainer<T>::loss(const std::vector<int32_t> &tokens, bool backward, 
   std::vector<T> dm, dg, du, da, dq, dk, dv;
   for (size_t l = layers_.size(); l-- > 0;) {
     const Layer &L = layers_[l];
-    const auto &A = acts.layers[l];
+    auto &A = acts.layers[l];
+    if (A.dropped()) {  // activation recomputation: this layer's forward again, from its input
+      std::vector<T> x = A.x_in;
+      layer_forward_llama(l, x, A);
+    }
     // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2))), h2 = norm2(x_mid).
     dm.assign(static_cast<size_t>(n * I), T(0));
     grad::linear_backward(dx.data(), A.m.data(), n, value(L.down), H, I, dm.data(), grad(L.down), gbias(L.down_b));
@@ -214,12 +358,72 @@ double LlamaTrainer<T>::loss(const std::vector<int32_t> &tokens, bool backward, 
     for (int64_t t = 0; t < n; ++t)
       grad::rms_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.r1[static_cast<size_t>(t)], H,
                               dx.data() + t * H, grad(L.norm1));
+    if (recompute_) A.keep_input_only();
   }
   for (int64_t t = 0; t < n; ++t) {
     T *row = grad(embed_) + tokens[static_cast<size_t>(t)] * H;
     for (int64_t i = 0; i < H; ++i) row[i] += dx[static_cast<size_t>(t * H + i)];
   }
-  return total / static_cast<double>(scored);
+}
+
+template <class T>
+void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits) {
+  const ModelConfig &c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, D = c.head_dim, Hh = c.n_heads,
+                I = c.intermediate_size, V = c.vocab_size;
+  std::vector<T> dh(static_cast<size_t>(n * H), T(0)), dx(dh.size(), T(0));
+  grad::linear_backward(dlogits.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(), grad(head_),
+                        static_cast<T *>(nullptr));
+  for (int64_t t = 0; t < n; ++t)
+    grad::layer_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
+                              acts.mean_final[static_cast<size_t>(t)], acts.r_final[static_cast<size_t>(t)], H, dx.data() + t * H,
+                              grad(final_norm_), grad(final_norm_b_));
+  std::vector<T> dm, dg, da, dq, dk, dv, dqkv;
+  for (size_t l = layers_.size(); l-- > 0;) {
+    const Layer &L = layers_[l];
+    auto &A = acts.layers[l];
+    if (A.dropped()) {
+      std::vector<T> x = A.x_in;
+      layer_forward_gpt2(l, x, A);
+    }
+    // MLP: x_out = x_mid + c_proj(gelu(c_fc(h2))), h2 = ln_2(x_mid).
+    dm.assign(static_cast<size_t>(n * I), T(0));
+    grad::conv1d_backward(dx.data(), A.m.data(), n, value(L.down), I, H, dm.data(), grad(L.down), grad(L.down_b));
+    dg.resize(dm.size());
+    for (size_t i = 0; i < dm.size(); ++i) dg[i] = dm[i] * grad::gelu_new_grad(A.g[i]);
+    std::fill(dh.begin(), dh.end(), T(0));
+    grad::conv1d_backward(dg.data(), A.h2.data(), n, value(L.up), H, I, dh.data(), grad(L.up), grad(L.up_b));
+    for (int64_t t = 0; t < n; ++t)
+      grad::layer_norm_backward(dh.data() + t * H, A.x_mid.data() + t * H, value(L.norm2), A.mean2[static_cast<size_t>(t)],
+                                A.r2[static_cast<size_t>(t)], H, dx.data() + t * H, grad(L.norm2), grad(L.norm2_b));
+    // Attention: x_mid = x_in + c_proj(attention(split(c_attn(h1)))), h1 = ln_1(x_in).
+    da.assign(static_cast<size_t>(n * H), T(0));
+    grad::conv1d_backward(dx.data(), A.a.data(), n, value(L.o), H, H, da.data(), grad(L.o), grad(L.o_b));
+    dq.assign(da.size(), T(0));
+    dk.assign(da.size(), T(0));
+    dv.assign(da.size(), T(0));
+    grad::attention_backward(da.data(), A.q.data(), A.k.data(), A.v.data(), A.p.data(), n, Hh, Hh, D, dq.data(), dk.data(),
+                             dv.data());
+    dqkv.resize(static_cast<size_t>(n * 3 * H));
+    for (int64_t t = 0; t < n; ++t) {
+      std::copy_n(dq.begin() + t * H, H, dqkv.begin() + t * 3 * H);
+      std::copy_n(dk.begin() + t * H, H, dqkv.begin() + t * 3 * H + H);
+      std::copy_n(dv.begin() + t * H, H, dqkv.begin() + t * 3 * H + 2 * H);
+    }
+    std::fill(dh.begin(), dh.end(), T(0));
+    grad::conv1d_backward(dqkv.data(), A.h1.data(), n, value(L.q), H, 3 * H, dh.data(), grad(L.q), grad(L.q_b));
+    for (int64_t t = 0; t < n; ++t)
+      grad::layer_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.mean1[static_cast<size_t>(t)],
+                                A.r1[static_cast<size_t>(t)], H, dx.data() + t * H, grad(L.norm1), grad(L.norm1_b));
+    if (recompute_) A.keep_input_only();
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    T *row = grad(embed_) + tokens[static_cast<size_t>(t)] * H, *pos = grad(positions_) + t * H;
+    for (int64_t i = 0; i < H; ++i) {
+      row[i] += dx[static_cast<size_t>(t * H + i)];
+      pos[i] += dx[static_cast<size_t>(t * H + i)];
+    }
+  }
 }
 
 template <class T>
@@ -264,8 +468,8 @@ double clip_grad_norm(std::vector<TrainParam<T>> &params, double max_norm) {
   return norm;
 }
 
-template class LlamaTrainer<float>;
-template class LlamaTrainer<double>;
+template class DecoderTrainer<float>;
+template class DecoderTrainer<double>;
 template class AdamW<float>;
 template class AdamW<double>;
 template double clip_grad_norm<float>(std::vector<TrainParam<float>> &, double);

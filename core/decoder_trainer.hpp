@@ -1,13 +1,14 @@
-// Private to core: the first piece of the training engine ([Training]): a Llama-family model
-// (Llama, Mistral, Qwen2; tied or separate head; q/k/v and MLP biases when the config has them)
-// whose forward pass keeps its activations and whose backward pass computes the gradient of the
-// mean next-token cross-entropy for every parameter, on the CPU, with the operations of
-// grad_ops.hpp; an AdamW optimizer and gradient clipping over its parameters.
+// Private to core: the first piece of the training engine ([Training]): a decoder of a supported
+// architecture (the Llama family: Llama, Mistral, Qwen2, tied or separate head, q/k/v and MLP
+// biases when the config has them; and GPT-2: LayerNorm, learned positions, Conv1D weights,
+// GELU, tied head) whose forward pass keeps its activations and whose backward pass computes the
+// gradient of the mean next-token cross-entropy for every parameter, on the CPU, with the
+// operations of grad_ops.hpp; an AdamW optimizer and gradient clipping over its parameters.
 //
 // The scalar type is a template parameter: float to train, double for the finite-difference
 // checks (tests/core/train_grad_test.cpp). Its forward pass is the same model as ReferenceModel
 // (checked against it) with attention computed by the core, not by the attention plugin: the
-// plugin's `backward` (attention.h) is a later step, as are GPT-2, CUDA and mixed precision.
+// plugin's `backward` (attention.h) is a later step, as are CUDA and mixed precision.
 //
 // Ownership: a trainer owns copies of its parameters and their gradients. Thread-safety: none.
 #pragma once
@@ -33,16 +34,20 @@ struct TrainParam {
 };
 
 template <class T>
-class LlamaTrainer {
+class DecoderTrainer {
  public:
   // Copies every weight the config expects out of `weights` (as T). Throws loom::Error for a
-  // GPT-2 config (not yet trainable) or a missing tensor.
-  LlamaTrainer(const ModelConfig &config, const ModelWeights &weights);
+  // missing tensor.
+  DecoderTrainer(const ModelConfig &config, const ModelWeights &weights);
 
   const ModelConfig &config() const { return config_; }
   std::vector<TrainParam<T>> &params() { return params_; }
   TrainParam<T> &param(std::string_view name);
   void zero_grad();
+  // Activation recomputation: keep only each layer's input during the forward pass and
+  // recompute the rest layer by layer in the backward pass (less memory, one more forward).
+  // The gradients are the same bit for bit.
+  void set_recompute(bool on) { recompute_ = on; }
 
   // The mean cross-entropy of predicting tokens[t + 1] after tokens[0..t], over t < n - 1 (at
   // least two tokens). With `backward`, its gradient times `grad_scale` is added into every
@@ -52,14 +57,29 @@ class LlamaTrainer {
   std::vector<T> logits(const std::vector<int32_t> &tokens);
 
  private:
-  // Parameter indices of one decoder layer (SIZE_MAX for an absent bias).
+  // Parameter indices of one decoder layer (SIZE_MAX for an absent bias or, in GPT-2, an unused
+  // role: q holds c_attn [H, 3H], o c_proj, up c_fc, down the MLP's c_proj; the norms' biases
+  // are LayerNorm's).
   struct Layer {
-    size_t norm1, q, k, v, o, norm2, gate, up, down;
+    size_t norm1 = SIZE_MAX, q = SIZE_MAX, k = SIZE_MAX, v = SIZE_MAX, o = SIZE_MAX, norm2 = SIZE_MAX, gate = SIZE_MAX,
+           up = SIZE_MAX, down = SIZE_MAX;
     size_t q_b = SIZE_MAX, k_b = SIZE_MAX, v_b = SIZE_MAX, o_b = SIZE_MAX, gate_b = SIZE_MAX, up_b = SIZE_MAX,
-           down_b = SIZE_MAX;
+           down_b = SIZE_MAX, norm1_b = SIZE_MAX, norm2_b = SIZE_MAX;
   };
   struct Acts;
   void forward(const std::vector<int32_t> &tokens, Acts &acts);
+  void forward_llama(const std::vector<int32_t> &tokens, Acts &acts);
+  void forward_gpt2(const std::vector<int32_t> &tokens, Acts &acts);
+  // Adds the gradient of the loss whose logits' gradient is `dlogits` into every grad.
+  void backward_llama(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits);
+  void backward_gpt2(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits);
+  // One layer's forward pass on the residual stream x (updated), its activations into `layer`
+  // (an Acts::PerLayer: a template, so declared through a void-free forward declaration).
+  template <class PerLayer>
+  void layer_forward_llama(size_t l, std::vector<T> &x, PerLayer &layer);
+  template <class PerLayer>
+  void layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer &layer);
+  size_t need(const std::string &name) const;
   T *value(size_t index) { return params_[index].value.data(); }
   T *grad(size_t index) { return params_[index].grad.data(); }
   // The index of a parameter, or SIZE_MAX when the model has none of that name (biases).
@@ -70,7 +90,9 @@ class LlamaTrainer {
   std::map<std::string, size_t, std::less<>> index_;
   std::vector<Layer> layers_;
   size_t embed_ = 0, final_norm_ = 0, head_ = 0;
+  size_t positions_ = SIZE_MAX, final_norm_b_ = SIZE_MAX;  // GPT-2's wpe and ln_f bias
   std::vector<double> inv_freq_;
+  bool recompute_ = false;
 };
 
 struct AdamWOptions {
@@ -108,8 +130,8 @@ class AdamW {
 template <class T>
 double clip_grad_norm(std::vector<TrainParam<T>> &params, double max_norm);
 
-extern template class LlamaTrainer<float>;
-extern template class LlamaTrainer<double>;
+extern template class DecoderTrainer<float>;
+extern template class DecoderTrainer<double>;
 extern template class AdamW<float>;
 extern template class AdamW<double>;
 

@@ -1,5 +1,5 @@
 // Private to core: the operations of the Llama family with their backward passes, for training
-// on the CPU (LlamaTrainer). Templated on the scalar type: float for training, double for the
+// on the CPU (DecoderTrainer). Templated on the scalar type: float for training, double for the
 // finite-difference checks of tests/core/train_grad_test.cpp. Plain loops, written for clarity;
 // shapes in comments, all arrays contiguous row-major. Forward functions overwrite their outputs;
 // backward functions ADD into the gradients they produce (callers zero them), because most
@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <numbers>
 #include <type_traits>
 #include <vector>
 
@@ -87,6 +88,82 @@ void rope(T *v, int64_t heads, int64_t D, int64_t pos, const std::vector<double>
       row[i] = a * c - b * s;
       row[i + half] = b * c + a * s;
     }
+  }
+}
+
+// One row: y[H] = (x - mean) r w + b with r = 1 / sqrt(var + eps) (GPT-2's LayerNorm); returns
+// r and writes the mean, for the backward.
+template <class T>
+T layer_norm(const T *x, const T *w, const T *b, int64_t H, double eps, T *y, T *mean_out) {
+  T mean = 0, var = 0;
+  for (int64_t i = 0; i < H; ++i) mean += x[i];
+  mean /= static_cast<T>(H);
+  for (int64_t i = 0; i < H; ++i) var += (x[i] - mean) * (x[i] - mean);
+  var /= static_cast<T>(H);
+  const T r = T(1) / std::sqrt(var + static_cast<T>(eps));
+  for (int64_t i = 0; i < H; ++i) y[i] = (x[i] - mean) * r * w[i] + b[i];
+  *mean_out = mean;
+  return r;
+}
+
+// With xh = (x - mean) r and g = w * dy: dx += r (g - mean(g) - xh mean(g xh)); dw += dy xh;
+// db += dy.
+template <class T>
+void layer_norm_backward(const T *dy, const T *x, const T *w, T mean, T r, int64_t H, T *dx, T *dw, T *db) {
+  T g_mean = 0, gx_mean = 0;
+  for (int64_t i = 0; i < H; ++i) {
+    const T xh = (x[i] - mean) * r, g = w[i] * dy[i];
+    g_mean += g;
+    gx_mean += g * xh;
+  }
+  g_mean /= static_cast<T>(H);
+  gx_mean /= static_cast<T>(H);
+  for (int64_t i = 0; i < H; ++i) {
+    const T xh = (x[i] - mean) * r;
+    dx[i] += r * (w[i] * dy[i] - g_mean - xh * gx_mean);
+    dw[i] += dy[i] * xh;
+    db[i] += dy[i];
+  }
+}
+
+// GPT-2's GELU, 0.5 x (1 + tanh(c (x + 0.044715 x^3))) with c = sqrt(2 / pi), and its derivative.
+template <class T>
+T gelu_new(T x) {
+  const T c = std::sqrt(T(2) / std::numbers::pi_v<T>);
+  return T(0.5) * x * (T(1) + std::tanh(c * (x + T(0.044715) * x * x * x)));
+}
+template <class T>
+T gelu_new_grad(T x) {
+  const T c = std::sqrt(T(2) / std::numbers::pi_v<T>);
+  const T t = std::tanh(c * (x + T(0.044715) * x * x * x));
+  return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * c * (T(1) + T(3) * T(0.044715) * x * x);
+}
+
+// GPT-2's Conv1D: y[n, out] = x[n, in] W[in, out] + b[out].
+template <class T>
+void conv1d(const T *x, int64_t n, const T *W, int64_t in, int64_t out, const T *b, T *y) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      T acc = 0;
+      for (int64_t i = 0; i < in; ++i) acc += x[r * in + i] * W[i * out + o];
+      y[r * out + o] = acc + b[o];
+    }
+}
+
+// dx[n, in] += dy W^T; dW[in, out] += x^T dy; db += column sums of dy.
+template <class T>
+void conv1d_backward(const T *dy, const T *x, int64_t n, const T *W, int64_t in, int64_t out, T *dx, T *dW, T *db) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T *g = dy + r * out, *xr = x + r * in;
+    for (int64_t i = 0; i < in; ++i) {
+      const T *w = W + i * out;
+      T acc = 0;
+      for (int64_t o = 0; o < out; ++o) acc += g[o] * w[o];
+      dx[r * in + i] += acc;
+      T *dw = dW + i * out;
+      for (int64_t o = 0; o < out; ++o) dw[o] += xr[i] * g[o];
+    }
+    for (int64_t o = 0; o < out; ++o) db[o] += g[o];
   }
 }
 

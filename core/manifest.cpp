@@ -149,8 +149,8 @@ void read_train_table(const toml::table &t, const std::string &source, const std
                       TrainSpec &s) {
   SchemaReader r(t, "train", source);
   r.only({"data", "validation_data", "validation_fraction", "seq_len", "batch_size", "grad_accum", "steps", "lr", "min_lr",
-          "schedule", "warmup", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "eval_every", "save_every", "out",
-          "resume"});
+          "schedule", "warmup", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "recompute", "eval_every", "save_every",
+          "out", "resume"});
   s.enabled = true;
   auto path = [&](std::string_view key, std::filesystem::path &out, bool required) {
     std::string v;
@@ -190,6 +190,7 @@ void read_train_table(const toml::table &t, const std::string &source, const std
   real("beta2", s.beta2, 0.0, 0.999999999);
   real("eps", s.eps, 1e-30, 1.0);
   real("grad_clip", s.grad_clip, 0.0, 1e9);
+  if (auto n = r.get("recompute", toml::node_type::boolean, "true or false")) s.recompute = *n->value<bool>();
   r.read_int("eval_every", s.eval_every, 0, int64_t{1} << 32);
   r.read_int("save_every", s.save_every, 0, int64_t{1} << 32);
   if (s.min_lr > s.lr) r.fail(*t.get("min_lr"), "min_lr", "must not exceed lr");

@@ -16,7 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "llama_trainer.hpp"
+#include "decoder_trainer.hpp"
 #include "loom/core/chat_template.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/model_config.hpp"
@@ -67,7 +67,7 @@ struct DataPosition {
 
 // The checkpoint directory, written beside and renamed over, so an interrupted save leaves the
 // previous one whole.
-void save_checkpoint(const fs::path &out, const fs::path &source, LlamaTrainer<float> &trainer, const AdamW<float> &opt,
+void save_checkpoint(const fs::path &out, const fs::path &source, DecoderTrainer<float> &trainer, const AdamW<float> &opt,
                      int64_t step, DataPosition data, uint64_t seed, const TrainSpec &t) {
   const fs::path dir = out / "checkpoint", tmp = out / "checkpoint.tmp", old = out / "checkpoint.old";
   fs::remove_all(tmp);
@@ -95,7 +95,7 @@ void save_checkpoint(const fs::path &out, const fs::path &source, LlamaTrainer<f
 // manifest must describe the same data order (seed, sequence length, batch), else the resumed run
 // would not continue the interrupted one.
 std::pair<int64_t, DataPosition> load_checkpoint(const fs::path &dir, const std::string &source_name,
-                                                 LlamaTrainer<float> &trainer, AdamW<float> &opt, uint64_t seed,
+                                                 DecoderTrainer<float> &trainer, AdamW<float> &opt, uint64_t seed,
                                                  const TrainSpec &t) {
   std::ifstream in(dir / "trainer_state.json");
   if (!in) throw runtime_error(source_name + ": train.resume: " + (dir / "trainer_state.json").string() + " not found");
@@ -229,7 +229,8 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
 
   // Model and optimizer, fresh or from the checkpoint.
   const fs::path source = t.resume.empty() ? m.model_path : t.resume;
-  LlamaTrainer<float> trainer(config, ModelWeights::load(config, SafetensorsIndex::open_model_dir(source)));
+  DecoderTrainer<float> trainer(config, ModelWeights::load(config, SafetensorsIndex::open_model_dir(source)));
+  trainer.set_recompute(t.recompute);
   AdamWOptions ao;
   ao.lr = t.lr;
   ao.beta1 = t.beta1;

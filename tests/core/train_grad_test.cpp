@@ -1,7 +1,7 @@
 // The CPU training engine's first piece ([Training] items 1 and 5): every operation's backward
 // against central finite differences in double, the whole Llama-family model's gradient (every
 // parameter tensor sampled) against finite differences in double on the tiny fixture models
-// (GQA, q/k/v biases, tied head, sliding window), the training forward against ReferenceModel,
+// (GQA, q/k/v biases, tied head, sliding window, GPT-2), the training forward against ReferenceModel,
 // AdamW against a hand-computed update, clipping, a short training run that fits a sequence, and
 // 200 steps against PyTorch's loss curve on the same weights, batches and hyperparameters.
 #include <catch2/catch.hpp>
@@ -16,7 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../../core/grad_ops.hpp"
-#include "../../core/llama_trainer.hpp"
+#include "../../core/decoder_trainer.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
@@ -112,6 +112,60 @@ TEST_CASE("each operation's backward matches finite differences", "[train]") {
                rms_norm_backward(dy.data(), x0.data(), ww.data(), r, H, dx.data(), dw.data());
              },
              11);
+  }
+  SECTION("LayerNorm: input, weight and bias") {
+    const int64_t H = 6;
+    const auto w = random_values(H, 30, 0.5, 1.5), b = random_values(H, 31), x0 = random_values(H, 32);
+    auto back = [&](const std::vector<double> &x, const std::vector<double> &ww, const std::vector<double> &dy,
+                    std::vector<double> &dx, std::vector<double> &dw, std::vector<double> &db) {
+      std::vector<double> y(H);
+      double mean = 0;
+      const double r = layer_norm(x.data(), ww.data(), b.data(), H, 1e-5, y.data(), &mean);
+      layer_norm_backward(dy.data(), x.data(), ww.data(), mean, r, H, dx.data(), dw.data(), db.data());
+    };
+    double mean = 0;
+    check_op(x0, H, [&](const std::vector<double> &x, std::vector<double> &y) { layer_norm(x.data(), w.data(), b.data(), H, 1e-5, y.data(), &mean); },
+             [&](const std::vector<double> &x, const std::vector<double> &dy, std::vector<double> &dx) {
+               std::vector<double> dw(H, 0.0), db(H, 0.0);
+               back(x, w, dy, dx, dw, db);
+             },
+             33);
+    check_op(w, H, [&](const std::vector<double> &ww, std::vector<double> &y) { layer_norm(x0.data(), ww.data(), b.data(), H, 1e-5, y.data(), &mean); },
+             [&](const std::vector<double> &ww, const std::vector<double> &dy, std::vector<double> &dw) {
+               std::vector<double> dx(H, 0.0), db(H, 0.0);
+               back(x0, ww, dy, dx, dw, db);
+             },
+             34);
+  }
+  SECTION("GELU (tanh) and Conv1D") {
+    check_op(random_values(9, 35, -4, 4), 9,
+             [&](const std::vector<double> &x, std::vector<double> &y) {
+               for (size_t i = 0; i < x.size(); ++i) y[i] = gelu_new(x[i]);
+             },
+             [&](const std::vector<double> &x, const std::vector<double> &dy, std::vector<double> &dx) {
+               for (size_t i = 0; i < x.size(); ++i) dx[i] += dy[i] * gelu_new_grad(x[i]);
+             },
+             36);
+    const int64_t n = 3, in = 4, out = 5;
+    const auto W = random_values(in * out, 37), b = random_values(out, 38), x0 = random_values(n * in, 39);
+    check_op(x0, n * out, [&](const std::vector<double> &x, std::vector<double> &y) { conv1d(x.data(), n, W.data(), in, out, b.data(), y.data()); },
+             [&](const std::vector<double> &x, const std::vector<double> &dy, std::vector<double> &dx) {
+               std::vector<double> dw(W.size(), 0.0), db(out, 0.0);
+               conv1d_backward(dy.data(), x.data(), n, W.data(), in, out, dx.data(), dw.data(), db.data());
+             },
+             40);
+    check_op(W, n * out, [&](const std::vector<double> &ww, std::vector<double> &y) { conv1d(x0.data(), n, ww.data(), in, out, b.data(), y.data()); },
+             [&](const std::vector<double> &ww, const std::vector<double> &dy, std::vector<double> &dw) {
+               std::vector<double> dx(x0.size(), 0.0), db(out, 0.0);
+               conv1d_backward(dy.data(), x0.data(), n, ww.data(), in, out, dx.data(), dw.data(), db.data());
+             },
+             41);
+    check_op(b, n * out, [&](const std::vector<double> &bb, std::vector<double> &y) { conv1d(x0.data(), n, W.data(), in, out, bb.data(), y.data()); },
+             [&](const std::vector<double> &, const std::vector<double> &dy, std::vector<double> &db) {
+               std::vector<double> dx(x0.size(), 0.0), dw(W.size(), 0.0);
+               conv1d_backward(dy.data(), x0.data(), n, W.data(), in, out, dx.data(), dw.data(), db.data());
+             },
+             42);
   }
   SECTION("RoPE") {
     const int64_t heads = 2, D = 8;
@@ -214,14 +268,14 @@ TEST_CASE("each operation's backward matches finite differences", "[train]") {
   }
 }
 
-TEST_CASE("the Llama trainer's gradients match finite differences in double", "[train]") {
+TEST_CASE("the trainer's gradients match finite differences in double", "[train]") {
   // Every parameter tensor, a few entries each: embeddings (tied head included), norms, q/k/v
-  // with Qwen2's biases, o, gate, up, down, the head.
-  for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-llama3-tied", "tiny-mistral"}) {
+  // with Qwen2's biases, o, gate, up, down, the head; GPT-2's LayerNorms, Conv1Ds and positions.
+  for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-llama3-tied", "tiny-mistral", "tiny-gpt2"}) {
     INFO(name);
     const fs::path dir = kModels / name;
     const loom::ModelConfig config = loom::load_model_config(dir);
-    loom::LlamaTrainer<double> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
+    loom::DecoderTrainer<double> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
     const std::vector<int32_t> tokens = {1, 17, 4, 33, 8, 21, 5, 99, 3};
     trainer.zero_grad();
     const double loss = trainer.loss(tokens, true);
@@ -231,10 +285,14 @@ TEST_CASE("the Llama trainer's gradients match finite differences in double", "[
     for (auto &p : trainer.params()) {
       // Embedding rows of tokens that occur (others have no gradient), elsewhere any entry.
       std::vector<size_t> entries;
-      if (p.name == "model.embed_tokens.weight") {
+      if (p.name == "model.embed_tokens.weight" || p.name == "wte.weight") {
         const size_t H = static_cast<size_t>(config.hidden_size);
         for (int32_t t : {17, 5, 3}) entries.push_back(static_cast<size_t>(t) * H + rng() % H);
-        if (config.tie_word_embeddings) entries.push_back(static_cast<size_t>(200) * H + rng() % H);  // head only
+        if (config.tie_word_embeddings || p.name == "wte.weight")
+          entries.push_back(static_cast<size_t>(200) * H + rng() % H);  // the head's row only
+      } else if (p.name == "wpe.weight") {  // positions of the sequence
+        const size_t H = static_cast<size_t>(config.hidden_size);
+        for (size_t t : {0, 4, 8}) entries.push_back(t * H + rng() % H);
       } else {
         for (int i = 0; i < 3; ++i) entries.push_back(rng() % p.value.size());
       }
@@ -256,21 +314,17 @@ TEST_CASE("the Llama trainer's gradients match finite differences in double", "[
 }
 
 TEST_CASE("the trainer's forward pass is ReferenceModel's", "[train]") {
-  for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-llama3-tied", "tiny-mistral"}) {
+  for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-llama3-tied", "tiny-mistral", "tiny-gpt2"}) {
     INFO(name);
     const fs::path dir = kModels / name;
     const loom::ModelConfig config = loom::load_model_config(dir);
-    loom::LlamaTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
+    loom::DecoderTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
     const std::vector<int32_t> tokens = {1, 17, 4, 33, 8, 21, 5};
     const auto ours = trainer.logits(tokens);
     const auto ref = loom::ReferenceModel::load(dir).forward(tokens);
     REQUIRE(ours.size() == ref.size());
     for (size_t i = 0; i < ref.size(); ++i) CHECK(ours[i] == Approx(ref[i]).margin(1e-5));
   }
-  const fs::path gpt2 = kModels / "tiny-gpt2";
-  const loom::ModelConfig config = loom::load_model_config(gpt2);
-  CHECK_THROWS_WITH(loom::LlamaTrainer<float>(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(gpt2))),
-                    Catch::Contains("GPT-2 models are not trainable yet"));
 }
 
 TEST_CASE("AdamW follows torch's update, clipping bounds the norm, and training fits a sequence", "[train]") {
@@ -305,7 +359,7 @@ TEST_CASE("AdamW follows torch's update, clipping bounds the norm, and training 
   // 40 AdamW steps on one 24-token sequence of the tiny model take its loss well down.
   const fs::path dir = kModels / "tiny-llama";
   const loom::ModelConfig config = loom::load_model_config(dir);
-  loom::LlamaTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
+  loom::DecoderTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
   std::vector<int32_t> tokens;
   for (int i = 0; i < 24; ++i) tokens.push_back((i * 37 + 11) % 256);
   loom::AdamW<float> opt(loom::AdamWOptions{});
@@ -332,7 +386,7 @@ TEST_CASE("a 200-step training run follows PyTorch's loss curve within 2%", "[tr
   const auto golden = nlohmann::json::parse(in);
   const fs::path dir = kModels / golden["model"].get<std::string>();
   const loom::ModelConfig config = loom::load_model_config(dir);
-  loom::LlamaTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
+  loom::DecoderTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
   std::ifstream text_in(fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/text" / golden["text"].get<std::string>(), std::ios::binary);
   const std::string text((std::istreambuf_iterator<char>(text_in)), std::istreambuf_iterator<char>());
   const int64_t steps = golden["steps"], batch = golden["batch"], seq = golden["seq"], stride = golden["stride"],
@@ -371,4 +425,23 @@ TEST_CASE("a 200-step training run follows PyTorch's loss curve within 2%", "[tr
   WARN("worst relative difference from PyTorch's curve over " << steps << " steps: " << worst << "; loss "
                                                               << losses.front().get<double>() << " -> "
                                                               << losses.back().get<double>());
+}
+
+TEST_CASE("activation recomputation gives the same gradients bit for bit", "[train]") {
+  for (const char *name : {"tiny-llama", "tiny-gpt2"}) {
+    INFO(name);
+    const fs::path dir = kModels / name;
+    const loom::ModelConfig config = loom::load_model_config(dir);
+    auto weights = [&] { return loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)); };
+    loom::DecoderTrainer<float> kept(config, weights()), recomputed(config, weights());
+    recomputed.set_recompute(true);
+    const std::vector<int32_t> tokens = {1, 17, 4, 33, 8, 21, 5, 99, 3, 42, 7};
+    kept.zero_grad();
+    recomputed.zero_grad();
+    CHECK(kept.loss(tokens, true, 0.5) == recomputed.loss(tokens, true, 0.5));
+    for (size_t i = 0; i < kept.params().size(); ++i) {
+      INFO(kept.params()[i].name);
+      CHECK(kept.params()[i].grad == recomputed.params()[i].grad);
+    }
+  }
 }

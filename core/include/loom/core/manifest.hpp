@@ -107,6 +107,7 @@ struct TrainSpec {
   int64_t warmup = 0;                        // steps of linear warmup from 0
   double weight_decay = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   double grad_clip = 1.0;                    // max global gradient norm; 0 = no clipping
+  bool recompute = false;                    // activation recomputation (less memory, one more forward)
   int64_t eval_every = 0;                    // validation every N steps (0: at the end only)
   int64_t save_every = 0;                    // a resumable checkpoint every N steps (0: at the end only)
   std::filesystem::path out;                 // output directory (checkpoints, the exported model, log, plot)
