@@ -117,6 +117,12 @@ TrainParam<T> &DecoderTrainer<T>::param(std::string_view name) {
 }
 
 template <class T>
+void DecoderTrainer<T>::set_threads(int32_t threads) {
+  const int32_t n = detail::ThreadPool::resolve(threads);
+  pool_ = n > 1 ? std::make_unique<detail::ThreadPool>(n) : nullptr;
+}
+
+template <class T>
 void DecoderTrainer<T>::zero_grad() {
   for (auto &p : params_) std::fill(p.grad.begin(), p.grad.end(), T(0));
 }
@@ -155,7 +161,7 @@ void DecoderTrainer<T>::forward_llama(const std::vector<int32_t> &tokens, Acts &
     acts.r_final[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(final_norm_), H, c.norm_eps,
                                                           acts.h_final.data() + t * H);
   acts.logits.resize(static_cast<size_t>(n * V));
-  grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data());
+  grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data(), pool_.get());
 }
 
 // GPT-2: x = wte[token] + wpe[t]; per layer x += c_proj(attention(split(c_attn(ln_1(x))))),
@@ -184,7 +190,7 @@ void DecoderTrainer<T>::forward_gpt2(const std::vector<int32_t> &tokens, Acts &a
         grad::layer_norm(x.data() + t * H, value(final_norm_), value(final_norm_b_), H, c.norm_eps, acts.h_final.data() + t * H,
                          &acts.mean_final[static_cast<size_t>(t)]);
   acts.logits.resize(static_cast<size_t>(n * V));
-  grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data());
+  grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data(), pool_.get());
 }
 
 // One Llama layer on the residual stream x (updated in place), its activations into A (whose
@@ -205,18 +211,18 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   A.q.resize(static_cast<size_t>(n * Hq * D));
   A.k.resize(static_cast<size_t>(n * Hkv * D));
   A.v.resize(A.k.size());
-  grad::linear(A.h1.data(), n, value(L.q), Hq * D, H, bias(L.q_b), A.q.data());
-  grad::linear(A.h1.data(), n, value(L.k), Hkv * D, H, bias(L.k_b), A.k.data());
-  grad::linear(A.h1.data(), n, value(L.v), Hkv * D, H, bias(L.v_b), A.v.data());
+  grad::linear(A.h1.data(), n, value(L.q), Hq * D, H, bias(L.q_b), A.q.data(), pool_.get());
+  grad::linear(A.h1.data(), n, value(L.k), Hkv * D, H, bias(L.k_b), A.k.data(), pool_.get());
+  grad::linear(A.h1.data(), n, value(L.v), Hkv * D, H, bias(L.v_b), A.v.data(), pool_.get());
   for (int64_t t = 0; t < n; ++t) {
     grad::rope(A.q.data() + t * Hq * D, Hq, D, t, inv_freq_, false);
     grad::rope(A.k.data() + t * Hkv * D, Hkv, D, t, inv_freq_, false);
   }
   A.a.resize(A.q.size());
   A.p.resize(static_cast<size_t>(Hq * n * n));
-  grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data());
+  grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data(), pool_.get());
   tmp.resize(x.size());
-  grad::linear(A.a.data(), n, value(L.o), H, Hq * D, bias(L.o_b), tmp.data());
+  grad::linear(A.a.data(), n, value(L.o), H, Hq * D, bias(L.o_b), tmp.data(), pool_.get());
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
   A.x_mid = x;
   A.r2.resize(static_cast<size_t>(n));
@@ -226,10 +232,10 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   A.g.resize(static_cast<size_t>(n * I));
   A.u.resize(A.g.size());
   A.m.resize(A.g.size());
-  grad::linear(A.h2.data(), n, value(L.gate), I, H, bias(L.gate_b), A.g.data());
-  grad::linear(A.h2.data(), n, value(L.up), I, H, bias(L.up_b), A.u.data());
+  grad::linear(A.h2.data(), n, value(L.gate), I, H, bias(L.gate_b), A.g.data(), pool_.get());
+  grad::linear(A.h2.data(), n, value(L.up), I, H, bias(L.up_b), A.u.data(), pool_.get());
   grad::swiglu(A.g.data(), A.u.data(), n * I, A.m.data());
-  grad::linear(A.m.data(), n, value(L.down), H, I, bias(L.down_b), tmp.data());
+  grad::linear(A.m.data(), n, value(L.down), H, I, bias(L.down_b), tmp.data(), pool_.get());
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
 }
 
@@ -248,7 +254,7 @@ void DecoderTrainer<T>::layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer
   for (int64_t t = 0; t < n; ++t)
     A.r1[static_cast<size_t>(t)] = grad::layer_norm(x.data() + t * H, value(L.norm1), value(L.norm1_b), H, c.norm_eps,
                                                     A.h1.data() + t * H, &A.mean1[static_cast<size_t>(t)]);
-  grad::conv1d(A.h1.data(), n, value(L.q), H, 3 * H, value(L.q_b), qkv.data());
+  grad::conv1d(A.h1.data(), n, value(L.q), H, 3 * H, value(L.q_b), qkv.data(), pool_.get());
   A.q.resize(x.size());
   A.k.resize(x.size());
   A.v.resize(x.size());
@@ -259,9 +265,9 @@ void DecoderTrainer<T>::layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer
   }
   A.a.resize(x.size());
   A.p.resize(static_cast<size_t>(Hh * n * n));
-  grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hh, Hh, D, int64_t{0}, A.a.data(), A.p.data());
+  grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hh, Hh, D, int64_t{0}, A.a.data(), A.p.data(), pool_.get());
   tmp.resize(x.size());
-  grad::conv1d(A.a.data(), n, value(L.o), H, H, value(L.o_b), tmp.data());
+  grad::conv1d(A.a.data(), n, value(L.o), H, H, value(L.o_b), tmp.data(), pool_.get());
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
   A.x_mid = x;
   A.r2.resize(static_cast<size_t>(n));
@@ -272,9 +278,9 @@ void DecoderTrainer<T>::layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer
                                                     A.h2.data() + t * H, &A.mean2[static_cast<size_t>(t)]);
   A.g.resize(static_cast<size_t>(n * I));
   A.m.resize(A.g.size());
-  grad::conv1d(A.h2.data(), n, value(L.up), H, I, value(L.up_b), A.g.data());
+  grad::conv1d(A.h2.data(), n, value(L.up), H, I, value(L.up_b), A.g.data(), pool_.get());
   for (size_t i = 0; i < A.g.size(); ++i) A.m[i] = grad::gelu_new(A.g[i]);
-  grad::conv1d(A.m.data(), n, value(L.down), I, H, value(L.down_b), tmp.data());
+  grad::conv1d(A.m.data(), n, value(L.down), I, H, value(L.down_b), tmp.data(), pool_.get());
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
 }
 
@@ -315,7 +321,7 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
   // The head, then the final norm.
   std::vector<T> dh(static_cast<size_t>(n * H), T(0)), dx(dh.size(), T(0));
   grad::linear_backward(dlogits.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(), grad(head_),
-                        static_cast<T *>(nullptr));
+                        static_cast<T *>(nullptr), pool_.get());
   for (int64_t t = 0; t < n; ++t)
     grad::rms_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
                             acts.r_final[static_cast<size_t>(t)], H, dx.data() + t * H, grad(final_norm_));
@@ -329,32 +335,32 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
     }
     // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2))), h2 = norm2(x_mid).
     dm.assign(static_cast<size_t>(n * I), T(0));
-    grad::linear_backward(dx.data(), A.m.data(), n, value(L.down), H, I, dm.data(), grad(L.down), gbias(L.down_b));
+    grad::linear_backward(dx.data(), A.m.data(), n, value(L.down), H, I, dm.data(), grad(L.down), gbias(L.down_b), pool_.get());
     dg.assign(dm.size(), T(0));
     du.assign(dm.size(), T(0));
     grad::swiglu_backward(dm.data(), A.g.data(), A.u.data(), n * I, dg.data(), du.data());
     std::fill(dh.begin(), dh.end(), T(0));
-    grad::linear_backward(dg.data(), A.h2.data(), n, value(L.gate), I, H, dh.data(), grad(L.gate), gbias(L.gate_b));
-    grad::linear_backward(du.data(), A.h2.data(), n, value(L.up), I, H, dh.data(), grad(L.up), gbias(L.up_b));
+    grad::linear_backward(dg.data(), A.h2.data(), n, value(L.gate), I, H, dh.data(), grad(L.gate), gbias(L.gate_b), pool_.get());
+    grad::linear_backward(du.data(), A.h2.data(), n, value(L.up), I, H, dh.data(), grad(L.up), gbias(L.up_b), pool_.get());
     for (int64_t t = 0; t < n; ++t)
       grad::rms_norm_backward(dh.data() + t * H, A.x_mid.data() + t * H, value(L.norm2), A.r2[static_cast<size_t>(t)], H,
                               dx.data() + t * H, grad(L.norm2));
     // Attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x_in).
     da.assign(static_cast<size_t>(n * Hq * D), T(0));
-    grad::linear_backward(dx.data(), A.a.data(), n, value(L.o), H, Hq * D, da.data(), grad(L.o), gbias(L.o_b));
+    grad::linear_backward(dx.data(), A.a.data(), n, value(L.o), H, Hq * D, da.data(), grad(L.o), gbias(L.o_b), pool_.get());
     dq.assign(da.size(), T(0));
     dk.assign(static_cast<size_t>(n * Hkv * D), T(0));
     dv.assign(dk.size(), T(0));
     grad::attention_backward(da.data(), A.q.data(), A.k.data(), A.v.data(), A.p.data(), n, Hq, Hkv, D, dq.data(), dk.data(),
-                             dv.data());
+                             dv.data(), pool_.get());
     for (int64_t t = 0; t < n; ++t) {
       grad::rope(dq.data() + t * Hq * D, Hq, D, t, inv_freq_, true);
       grad::rope(dk.data() + t * Hkv * D, Hkv, D, t, inv_freq_, true);
     }
     std::fill(dh.begin(), dh.end(), T(0));
-    grad::linear_backward(dq.data(), A.h1.data(), n, value(L.q), Hq * D, H, dh.data(), grad(L.q), gbias(L.q_b));
-    grad::linear_backward(dk.data(), A.h1.data(), n, value(L.k), Hkv * D, H, dh.data(), grad(L.k), gbias(L.k_b));
-    grad::linear_backward(dv.data(), A.h1.data(), n, value(L.v), Hkv * D, H, dh.data(), grad(L.v), gbias(L.v_b));
+    grad::linear_backward(dq.data(), A.h1.data(), n, value(L.q), Hq * D, H, dh.data(), grad(L.q), gbias(L.q_b), pool_.get());
+    grad::linear_backward(dk.data(), A.h1.data(), n, value(L.k), Hkv * D, H, dh.data(), grad(L.k), gbias(L.k_b), pool_.get());
+    grad::linear_backward(dv.data(), A.h1.data(), n, value(L.v), Hkv * D, H, dh.data(), grad(L.v), gbias(L.v_b), pool_.get());
     for (int64_t t = 0; t < n; ++t)
       grad::rms_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.r1[static_cast<size_t>(t)], H,
                               dx.data() + t * H, grad(L.norm1));
@@ -373,7 +379,7 @@ void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &
                 I = c.intermediate_size, V = c.vocab_size;
   std::vector<T> dh(static_cast<size_t>(n * H), T(0)), dx(dh.size(), T(0));
   grad::linear_backward(dlogits.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(), grad(head_),
-                        static_cast<T *>(nullptr));
+                        static_cast<T *>(nullptr), pool_.get());
   for (int64_t t = 0; t < n; ++t)
     grad::layer_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
                               acts.mean_final[static_cast<size_t>(t)], acts.r_final[static_cast<size_t>(t)], H, dx.data() + t * H,
@@ -388,22 +394,22 @@ void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &
     }
     // MLP: x_out = x_mid + c_proj(gelu(c_fc(h2))), h2 = ln_2(x_mid).
     dm.assign(static_cast<size_t>(n * I), T(0));
-    grad::conv1d_backward(dx.data(), A.m.data(), n, value(L.down), I, H, dm.data(), grad(L.down), grad(L.down_b));
+    grad::conv1d_backward(dx.data(), A.m.data(), n, value(L.down), I, H, dm.data(), grad(L.down), grad(L.down_b), pool_.get());
     dg.resize(dm.size());
     for (size_t i = 0; i < dm.size(); ++i) dg[i] = dm[i] * grad::gelu_new_grad(A.g[i]);
     std::fill(dh.begin(), dh.end(), T(0));
-    grad::conv1d_backward(dg.data(), A.h2.data(), n, value(L.up), H, I, dh.data(), grad(L.up), grad(L.up_b));
+    grad::conv1d_backward(dg.data(), A.h2.data(), n, value(L.up), H, I, dh.data(), grad(L.up), grad(L.up_b), pool_.get());
     for (int64_t t = 0; t < n; ++t)
       grad::layer_norm_backward(dh.data() + t * H, A.x_mid.data() + t * H, value(L.norm2), A.mean2[static_cast<size_t>(t)],
                                 A.r2[static_cast<size_t>(t)], H, dx.data() + t * H, grad(L.norm2), grad(L.norm2_b));
     // Attention: x_mid = x_in + c_proj(attention(split(c_attn(h1)))), h1 = ln_1(x_in).
     da.assign(static_cast<size_t>(n * H), T(0));
-    grad::conv1d_backward(dx.data(), A.a.data(), n, value(L.o), H, H, da.data(), grad(L.o), grad(L.o_b));
+    grad::conv1d_backward(dx.data(), A.a.data(), n, value(L.o), H, H, da.data(), grad(L.o), grad(L.o_b), pool_.get());
     dq.assign(da.size(), T(0));
     dk.assign(da.size(), T(0));
     dv.assign(da.size(), T(0));
     grad::attention_backward(da.data(), A.q.data(), A.k.data(), A.v.data(), A.p.data(), n, Hh, Hh, D, dq.data(), dk.data(),
-                             dv.data());
+                             dv.data(), pool_.get());
     dqkv.resize(static_cast<size_t>(n * 3 * H));
     for (int64_t t = 0; t < n; ++t) {
       std::copy_n(dq.begin() + t * H, H, dqkv.begin() + t * 3 * H);
@@ -411,7 +417,7 @@ void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &
       std::copy_n(dv.begin() + t * H, H, dqkv.begin() + t * 3 * H + 2 * H);
     }
     std::fill(dh.begin(), dh.end(), T(0));
-    grad::conv1d_backward(dqkv.data(), A.h1.data(), n, value(L.q), H, 3 * H, dh.data(), grad(L.q), grad(L.q_b));
+    grad::conv1d_backward(dqkv.data(), A.h1.data(), n, value(L.q), H, 3 * H, dh.data(), grad(L.q), grad(L.q_b), pool_.get());
     for (int64_t t = 0; t < n; ++t)
       grad::layer_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.mean1[static_cast<size_t>(t)],
                                 A.r1[static_cast<size_t>(t)], H, dx.data() + t * H, grad(L.norm1), grad(L.norm1_b));

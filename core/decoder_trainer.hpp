@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -23,6 +24,7 @@
 
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
+#include "thread_pool.hpp"
 
 namespace loom {
 
@@ -48,6 +50,9 @@ class DecoderTrainer {
   // recompute the rest layer by layer in the backward pass (less memory, one more forward).
   // The gradients are the same bit for bit.
   void set_recompute(bool on) { recompute_ = on; }
+  // Threads for the matrix and attention loops (1: none; 0: one per hardware thread). The
+  // results do not depend on it: every element is summed in the same order.
+  void set_threads(int32_t threads);
 
   // The mean cross-entropy of predicting tokens[t + 1] after tokens[0..t], over t < n - 1 (at
   // least two tokens). With `backward`, its gradient times `grad_scale` is added into every
@@ -93,6 +98,7 @@ class DecoderTrainer {
   size_t positions_ = SIZE_MAX, final_norm_b_ = SIZE_MAX;  // GPT-2's wpe and ln_f bias
   std::vector<double> inv_freq_;
   bool recompute_ = false;
+  std::unique_ptr<detail::ThreadPool> pool_;  // null: the calling thread only
 };
 
 struct AdamWOptions {

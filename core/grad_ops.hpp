@@ -4,7 +4,9 @@
 // shapes in comments, all arrays contiguous row-major. Forward functions overwrite their outputs;
 // backward functions ADD into the gradients they produce (callers zero them), because most
 // gradients have more than one contributor (a residual stream, q/k/v sharing their input, a tied
-// head sharing the embedding).
+// head sharing the embedding). The matrix and attention functions take an optional thread pool;
+// each element is computed by one task in the sequential order of operations, so the results
+// are the same bit for bit whatever the number of threads.
 #pragma once
 
 #include <algorithm>
@@ -15,36 +17,67 @@
 #include <type_traits>
 #include <vector>
 
+#include "thread_pool.hpp"
+
 namespace loom::grad {
+
+using Pool = detail::ThreadPool;
+
+// f(i) for i in [0, n), on the pool when there is one.
+template <class F>
+void parallel_for(Pool *pool, int64_t n, F &&f) {
+  if (pool != nullptr) {
+    pool->run(n, f);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) f(i);
+}
 
 // y[n, out] = x[n, in] W[out, in]^T (+ b[out] when b is not null)
 template <class T>
-void linear(const T *x, int64_t n, const T *W, int64_t out, int64_t in, const T *b, T *y) {
-  for (int64_t r = 0; r < n; ++r)
+void linear(const T *x, int64_t n, const T *W, int64_t out, int64_t in, const T *b, T *y, Pool *pool = nullptr) {
+  parallel_for(pool, n, [&](int64_t r) {
     for (int64_t o = 0; o < out; ++o) {
       const T *w = W + o * in, *xr = x + r * in;
-      T acc = 0;
-      for (int64_t i = 0; i < in; ++i) acc += xr[i] * w[i];
-      y[r * out + o] = acc + (b ? b[o] : T(0));
+      // Eight partial sums in a fixed order (vector lanes; one running sum would serialise on
+      // the add's latency).
+      T acc[8] = {};
+      int64_t i = 0;
+      for (; i + 8 <= in; i += 8)
+        for (int k = 0; k < 8; ++k) acc[k] += xr[i + k] * w[i + k];
+      for (; i < in; ++i) acc[0] += xr[i] * w[i];
+      const T sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      y[r * out + o] = sum + (b ? b[o] : T(0));
     }
+  });
 }
 
 // dx[n, in] += dy W; dW[out, in] += dy^T x; db[out] += column sums of dy (each when not null).
 template <class T>
-void linear_backward(const T *dy, const T *x, int64_t n, const T *W, int64_t out, int64_t in, T *dx, T *dW, T *db) {
-  for (int64_t r = 0; r < n; ++r) {
-    const T *g = dy + r * out, *xr = x + r * in;
-    for (int64_t o = 0; o < out; ++o) {
-      const T go = g[o];
-      if (go == T(0)) continue;
-      const T *w = W + o * in;
-      if (dx)
+void linear_backward(const T *dy, const T *x, int64_t n, const T *W, int64_t out, int64_t in, T *dx, T *dW, T *db,
+                     Pool *pool = nullptr) {
+  if (dx)  // a task per row of dx, summing over o in order
+    parallel_for(pool, n, [&](int64_t r) {
+      const T *g = dy + r * out;
+      for (int64_t o = 0; o < out; ++o) {
+        const T go = g[o];
+        if (go == T(0)) continue;
+        const T *w = W + o * in;
         for (int64_t i = 0; i < in; ++i) dx[r * in + i] += go * w[i];
-      if (dW)
-        for (int64_t i = 0; i < in; ++i) dW[o * in + i] += go * xr[i];
-      if (db) db[o] += go;
-    }
-  }
+      }
+    });
+  if (dW || db)  // a task per row of dW, summing over r in order
+    parallel_for(pool, out, [&](int64_t o) {
+      for (int64_t r = 0; r < n; ++r) {
+        const T go = dy[r * out + o];
+        if (go == T(0)) continue;
+        if (dW) {
+          const T *xr = x + r * in;
+          for (int64_t i = 0; i < in; ++i) dW[o * in + i] += go * xr[i];
+        }
+        if (db) db[o] += go;
+      }
+    });
 }
 
 // One row: y[H] = w * x * r with r = 1 / sqrt(mean(x^2) + eps); returns r for the backward.
@@ -141,30 +174,40 @@ T gelu_new_grad(T x) {
 
 // GPT-2's Conv1D: y[n, out] = x[n, in] W[in, out] + b[out].
 template <class T>
-void conv1d(const T *x, int64_t n, const T *W, int64_t in, int64_t out, const T *b, T *y) {
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t o = 0; o < out; ++o) {
-      T acc = 0;
-      for (int64_t i = 0; i < in; ++i) acc += x[r * in + i] * W[i * out + o];
-      y[r * out + o] = acc + b[o];
+void conv1d(const T *x, int64_t n, const T *W, int64_t in, int64_t out, const T *b, T *y, Pool *pool = nullptr) {
+  parallel_for(pool, n, [&](int64_t r) {  // y's row accumulated over W's rows in order (contiguous)
+    T *yr = y + r * out;
+    for (int64_t o = 0; o < out; ++o) yr[o] = 0;
+    for (int64_t i = 0; i < in; ++i) {
+      const T xi = x[r * in + i], *w = W + i * out;
+      for (int64_t o = 0; o < out; ++o) yr[o] += xi * w[o];
     }
+    for (int64_t o = 0; o < out; ++o) yr[o] += b[o];
+  });
 }
 
 // dx[n, in] += dy W^T; dW[in, out] += x^T dy; db += column sums of dy.
 template <class T>
-void conv1d_backward(const T *dy, const T *x, int64_t n, const T *W, int64_t in, int64_t out, T *dx, T *dW, T *db) {
-  for (int64_t r = 0; r < n; ++r) {
-    const T *g = dy + r * out, *xr = x + r * in;
+void conv1d_backward(const T *dy, const T *x, int64_t n, const T *W, int64_t in, int64_t out, T *dx, T *dW, T *db,
+                     Pool *pool = nullptr) {
+  parallel_for(pool, n, [&](int64_t r) {  // dx by rows
+    const T *g = dy + r * out;
     for (int64_t i = 0; i < in; ++i) {
       const T *w = W + i * out;
       T acc = 0;
       for (int64_t o = 0; o < out; ++o) acc += g[o] * w[o];
       dx[r * in + i] += acc;
-      T *dw = dW + i * out;
-      for (int64_t o = 0; o < out; ++o) dw[o] += xr[i] * g[o];
     }
-    for (int64_t o = 0; o < out; ++o) db[o] += g[o];
-  }
+  });
+  parallel_for(pool, in, [&](int64_t i) {  // dW by rows of W, summing over r in order
+    T *dw = dW + i * out;
+    for (int64_t r = 0; r < n; ++r) {
+      const T xi = x[r * in + i], *g = dy + r * out;
+      for (int64_t o = 0; o < out; ++o) dw[o] += xi * g[o];
+    }
+  });
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t o = 0; o < out; ++o) db[o] += dy[r * out + o];
 }
 
 template <class T>
@@ -194,11 +237,11 @@ void swiglu_backward(const T *dm, const T *g, const T *u, int64_t n, T *dg, T *d
 // masked) that the backward reuses.
 template <class T>
 void attention(const T *q, const T *k, const T *v, int64_t L, int64_t Hq, int64_t Hkv, int64_t D, int64_t window,
-               T *out, T *p) {
+               T *out, T *p, Pool *pool = nullptr) {
   const T scale = T(1) / std::sqrt(static_cast<T>(D));
   std::fill(out, out + L * Hq * D, T(0));
   std::fill(p, p + Hq * L * L, T(0));
-  for (int64_t h = 0; h < Hq; ++h) {
+  parallel_for(pool, Hq, [&](int64_t h) {
     const int64_t kh = h / (Hq / Hkv);
     for (int64_t i = 0; i < L; ++i) {
       T *pi = p + (h * L + i) * L;
@@ -217,43 +260,46 @@ void attention(const T *q, const T *k, const T *v, int64_t L, int64_t Hq, int64_
         for (int64_t d = 0; d < D; ++d) out[(i * Hq + h) * D + d] += pi[j] * v[(j * Hkv + kh) * D + d];
       }
     }
-  }
+  });
 }
 
 // The backward of attention(): with dP = dO V^T and dS = P * (dP - rowsum(P * dP)),
 // dq += scale dS K, dk += scale dS^T Q, dv += P^T dO (per query head, into its KV head).
 template <class T>
 void attention_backward(const T *d_out, const T *q, const T *k, const T *v, const T *p, int64_t L, int64_t Hq, int64_t Hkv,
-                        int64_t D, T *dq, T *dk, T *dv) {
+                        int64_t D, T *dq, T *dk, T *dv, Pool *pool = nullptr) {
   const T scale = T(1) / std::sqrt(static_cast<T>(D));
-  std::vector<T> dp(static_cast<size_t>(L));
-  for (int64_t h = 0; h < Hq; ++h) {
-    const int64_t kh = h / (Hq / Hkv);
-    for (int64_t i = 0; i < L; ++i) {
-      const T *pi = p + (h * L + i) * L;
-      const T *go = d_out + (i * Hq + h) * D;
-      T dot = 0;
-      for (int64_t j = 0; j <= i; ++j) {
-        if (pi[j] == T(0)) {
-          dp[static_cast<size_t>(j)] = 0;
-          continue;
+  const int64_t group = Hq / Hkv;
+  // A task per KV head (its query heads in order), since dk and dv sum over them.
+  parallel_for(pool, Hkv, [&](int64_t kh) {
+    std::vector<T> dp(static_cast<size_t>(L));
+    for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+      for (int64_t i = 0; i < L; ++i) {
+        const T *pi = p + (h * L + i) * L;
+        const T *go = d_out + (i * Hq + h) * D;
+        T dot = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          if (pi[j] == T(0)) {
+            dp[static_cast<size_t>(j)] = 0;
+            continue;
+          }
+          T s = 0;
+          for (int64_t d = 0; d < D; ++d) s += go[d] * v[(j * Hkv + kh) * D + d];
+          dp[static_cast<size_t>(j)] = s;
+          dot += pi[j] * s;
+          for (int64_t d = 0; d < D; ++d) dv[(j * Hkv + kh) * D + d] += pi[j] * go[d];
         }
-        T s = 0;
-        for (int64_t d = 0; d < D; ++d) s += go[d] * v[(j * Hkv + kh) * D + d];
-        dp[static_cast<size_t>(j)] = s;
-        dot += pi[j] * s;
-        for (int64_t d = 0; d < D; ++d) dv[(j * Hkv + kh) * D + d] += pi[j] * go[d];
-      }
-      for (int64_t j = 0; j <= i; ++j) {
-        if (pi[j] == T(0)) continue;
-        const T ds = pi[j] * (dp[static_cast<size_t>(j)] - dot) * scale;
-        for (int64_t d = 0; d < D; ++d) {
-          dq[(i * Hq + h) * D + d] += ds * k[(j * Hkv + kh) * D + d];
-          dk[(j * Hkv + kh) * D + d] += ds * q[(i * Hq + h) * D + d];
+        for (int64_t j = 0; j <= i; ++j) {
+          if (pi[j] == T(0)) continue;
+          const T ds = pi[j] * (dp[static_cast<size_t>(j)] - dot) * scale;
+          for (int64_t d = 0; d < D; ++d) {
+            dq[(i * Hq + h) * D + d] += ds * k[(j * Hkv + kh) * D + d];
+            dk[(j * Hkv + kh) * D + d] += ds * q[(i * Hq + h) * D + d];
+          }
         }
       }
     }
-  }
+  });
 }
 
 // Mean cross-entropy of logits[n, V] against targets[n] (a target < 0 is not scored) in double;

@@ -231,6 +231,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   const fs::path source = t.resume.empty() ? m.model_path : t.resume;
   DecoderTrainer<float> trainer(config, ModelWeights::load(config, SafetensorsIndex::open_model_dir(source)));
   trainer.set_recompute(t.recompute);
+  trainer.set_threads(static_cast<int32_t>(m.threads));  // [loom] threads; the results do not depend on it
   AdamWOptions ao;
   ao.lr = t.lr;
   ao.beta1 = t.beta1;

@@ -427,21 +427,23 @@ TEST_CASE("a 200-step training run follows PyTorch's loss curve within 2%", "[tr
                                                               << losses.back().get<double>());
 }
 
-TEST_CASE("activation recomputation gives the same gradients bit for bit", "[train]") {
-  for (const char *name : {"tiny-llama", "tiny-gpt2"}) {
+TEST_CASE("activation recomputation and threads give the same gradients bit for bit", "[train]") {
+  for (const char *name : {"tiny-llama", "tiny-gpt2", "tiny-qwen2"}) {
     INFO(name);
     const fs::path dir = kModels / name;
     const loom::ModelConfig config = loom::load_model_config(dir);
     auto weights = [&] { return loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)); };
-    loom::DecoderTrainer<float> kept(config, weights()), recomputed(config, weights());
+    loom::DecoderTrainer<float> kept(config, weights()), recomputed(config, weights()), threaded(config, weights());
     recomputed.set_recompute(true);
+    threaded.set_threads(3);
     const std::vector<int32_t> tokens = {1, 17, 4, 33, 8, 21, 5, 99, 3, 42, 7};
-    kept.zero_grad();
-    recomputed.zero_grad();
-    CHECK(kept.loss(tokens, true, 0.5) == recomputed.loss(tokens, true, 0.5));
+    const double loss = kept.loss(tokens, true, 0.5);
+    CHECK(loss == recomputed.loss(tokens, true, 0.5));
+    CHECK(loss == threaded.loss(tokens, true, 0.5));
     for (size_t i = 0; i < kept.params().size(); ++i) {
       INFO(kept.params()[i].name);
       CHECK(kept.params()[i].grad == recomputed.params()[i].grad);
+      CHECK(kept.params()[i].grad == threaded.params()[i].grad);
     }
   }
 }
