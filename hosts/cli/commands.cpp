@@ -118,7 +118,7 @@ path is DIR and whose [quantizer] is the same component loads it without re-quan
 
 const char *kTrainUsage = R"(usage: loom train MANIFEST [--set KEY.PATH=VALUE]... [--steps N]
 
-Trains MANIFEST's [model] on its [train] data on the CPU (float32; the Llama family) and writes,
+Trains MANIFEST's [model] on its [train] data on the CPU (float32; Llama family and GPT-2) and writes,
 in train.out: train_log.jsonl (a line per step and per evaluation), checkpoint/ (resumable with
 [train] resume = "OUT/checkpoint"), model/ (the trained model, loadable as a [model] path) and
 loss.png (when gnuplot is installed). A progress line shows step, loss, tokens/s and the ETA.

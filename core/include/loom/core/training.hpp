@@ -1,5 +1,5 @@
 // loom::train: what `loom train MANIFEST` does ([Training]): the manifest's [model] trained on
-// its [train] data on the CPU (core/decoder_trainer.hpp: float32, the Llama family), with AdamW,
+// its [train] data on the CPU (core/decoder_trainer.hpp: float32, Llama family and GPT-2), with AdamW,
 // a warmup-then-cosine/linear/constant schedule, gradient accumulation and clipping, validation
 // loss and perplexity every eval_every steps, resumable checkpoints and a Hugging Face export.
 //
