@@ -379,9 +379,12 @@ int cmd_train(const std::vector<std::string> &args) {
     std::cout << "trained to step " << r.step << " of " << manifest.train.steps << " in " << std::fixed
               << std::setprecision(1) << seconds << " s (" << r.train_sequences << " training and "
               << r.validation_sequences << " validation sequences)";
-    if (!r.val_loss.empty())
-      std::cout << "; validation loss " << std::setprecision(4) << r.val_loss.back().second << ", perplexity "
-                << std::setprecision(2) << std::exp(r.val_loss.back().second);
+    if (!r.val_loss.empty()) {
+      std::cout << "; validation loss ";
+      if (r.val_loss.size() > 1) std::cout << std::setprecision(4) << r.val_loss.front().second << " -> ";
+      std::cout << std::setprecision(4) << r.val_loss.back().second << ", perplexity " << std::setprecision(2)
+                << std::exp(r.val_loss.back().second);
+    }
     std::cout << "\n";
     if (!r.model_dir.empty()) std::cout << "model: " << r.model_dir.string() << "\n";
     else std::cout << "checkpoint: " << (manifest.train.out / "checkpoint").string() << "\n";
