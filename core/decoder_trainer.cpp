@@ -158,7 +158,7 @@ void DecoderTrainer<T>::forward_llama(const std::vector<int32_t> &tokens, Acts &
   acts.r_final.resize(static_cast<size_t>(n));
   acts.h_final.resize(x.size());
   for (int64_t t = 0; t < n; ++t)
-    acts.r_final[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(final_norm_), H, c.norm_eps,
+    acts.r_final[static_cast<size_t>(t)] = ops::rms_norm(x.data() + t * H, value(final_norm_), H, c.norm_eps,
                                                           acts.h_final.data() + t * H);
   acts.logits.resize(static_cast<size_t>(n * V));
   grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data(), pool_.get());
@@ -187,7 +187,7 @@ void DecoderTrainer<T>::forward_gpt2(const std::vector<int32_t> &tokens, Acts &a
   acts.h_final.resize(x.size());
   for (int64_t t = 0; t < n; ++t)
     acts.r_final[static_cast<size_t>(t)] =
-        grad::layer_norm(x.data() + t * H, value(final_norm_), value(final_norm_b_), H, c.norm_eps, acts.h_final.data() + t * H,
+        ops::layer_norm(x.data() + t * H, value(final_norm_), value(final_norm_b_), H, c.norm_eps, acts.h_final.data() + t * H,
                          &acts.mean_final[static_cast<size_t>(t)]);
   acts.logits.resize(static_cast<size_t>(n * V));
   grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data(), pool_.get());
@@ -207,7 +207,7 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   A.r1.resize(static_cast<size_t>(n));
   A.h1.resize(x.size());
   for (int64_t t = 0; t < n; ++t)
-    A.r1[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(L.norm1), H, c.norm_eps, A.h1.data() + t * H);
+    A.r1[static_cast<size_t>(t)] = ops::rms_norm(x.data() + t * H, value(L.norm1), H, c.norm_eps, A.h1.data() + t * H);
   A.q.resize(static_cast<size_t>(n * Hq * D));
   A.k.resize(static_cast<size_t>(n * Hkv * D));
   A.v.resize(A.k.size());
@@ -215,8 +215,8 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   grad::linear(A.h1.data(), n, value(L.k), Hkv * D, H, bias(L.k_b), A.k.data(), pool_.get());
   grad::linear(A.h1.data(), n, value(L.v), Hkv * D, H, bias(L.v_b), A.v.data(), pool_.get());
   for (int64_t t = 0; t < n; ++t) {
-    grad::rope(A.q.data() + t * Hq * D, Hq, D, t, inv_freq_, false);
-    grad::rope(A.k.data() + t * Hkv * D, Hkv, D, t, inv_freq_, false);
+    ops::rope(A.q.data() + t * Hq * D, Hq, D, t, inv_freq_);
+    ops::rope(A.k.data() + t * Hkv * D, Hkv, D, t, inv_freq_);
   }
   A.a.resize(A.q.size());
   A.p.resize(static_cast<size_t>(Hq * n * n));
@@ -228,7 +228,7 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   A.r2.resize(static_cast<size_t>(n));
   A.h2.resize(x.size());
   for (int64_t t = 0; t < n; ++t)
-    A.r2[static_cast<size_t>(t)] = grad::rms_norm(x.data() + t * H, value(L.norm2), H, c.norm_eps, A.h2.data() + t * H);
+    A.r2[static_cast<size_t>(t)] = ops::rms_norm(x.data() + t * H, value(L.norm2), H, c.norm_eps, A.h2.data() + t * H);
   A.g.resize(static_cast<size_t>(n * I));
   A.u.resize(A.g.size());
   A.m.resize(A.g.size());
@@ -252,7 +252,7 @@ void DecoderTrainer<T>::layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer
   A.mean1.resize(static_cast<size_t>(n));
   A.h1.resize(x.size());
   for (int64_t t = 0; t < n; ++t)
-    A.r1[static_cast<size_t>(t)] = grad::layer_norm(x.data() + t * H, value(L.norm1), value(L.norm1_b), H, c.norm_eps,
+    A.r1[static_cast<size_t>(t)] = ops::layer_norm(x.data() + t * H, value(L.norm1), value(L.norm1_b), H, c.norm_eps,
                                                     A.h1.data() + t * H, &A.mean1[static_cast<size_t>(t)]);
   grad::conv1d(A.h1.data(), n, value(L.q), H, 3 * H, value(L.q_b), qkv.data(), pool_.get());
   A.q.resize(x.size());
@@ -274,12 +274,12 @@ void DecoderTrainer<T>::layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer
   A.mean2.resize(static_cast<size_t>(n));
   A.h2.resize(x.size());
   for (int64_t t = 0; t < n; ++t)
-    A.r2[static_cast<size_t>(t)] = grad::layer_norm(x.data() + t * H, value(L.norm2), value(L.norm2_b), H, c.norm_eps,
+    A.r2[static_cast<size_t>(t)] = ops::layer_norm(x.data() + t * H, value(L.norm2), value(L.norm2_b), H, c.norm_eps,
                                                     A.h2.data() + t * H, &A.mean2[static_cast<size_t>(t)]);
   A.g.resize(static_cast<size_t>(n * I));
   A.m.resize(A.g.size());
   grad::conv1d(A.h2.data(), n, value(L.up), H, I, value(L.up_b), A.g.data(), pool_.get());
-  for (size_t i = 0; i < A.g.size(); ++i) A.m[i] = grad::gelu_new(A.g[i]);
+  for (size_t i = 0; i < A.g.size(); ++i) A.m[i] = ops::gelu_new(A.g[i]);
   grad::conv1d(A.m.data(), n, value(L.down), I, H, value(L.down_b), tmp.data(), pool_.get());
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
 }
@@ -354,8 +354,8 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
     grad::attention_backward(da.data(), A.q.data(), A.k.data(), A.v.data(), A.p.data(), n, Hq, Hkv, D, dq.data(), dk.data(),
                              dv.data(), pool_.get());
     for (int64_t t = 0; t < n; ++t) {
-      grad::rope(dq.data() + t * Hq * D, Hq, D, t, inv_freq_, true);
-      grad::rope(dk.data() + t * Hkv * D, Hkv, D, t, inv_freq_, true);
+      ops::rope(dq.data() + t * Hq * D, Hq, D, t, inv_freq_, true);
+      ops::rope(dk.data() + t * Hkv * D, Hkv, D, t, inv_freq_, true);
     }
     std::fill(dh.begin(), dh.end(), T(0));
     grad::linear_backward(dq.data(), A.h1.data(), n, value(L.q), Hq * D, H, dh.data(), grad(L.q), gbias(L.q_b), pool_.get());

@@ -1,6 +1,8 @@
-// Private to core: the operations of the Llama family with their backward passes, for training
-// on the CPU (DecoderTrainer). Templated on the scalar type: float for training, double for the
-// finite-difference checks of tests/core/train_grad_test.cpp. Plain loops, written for clarity;
+// Private to core: the operations of the supported architectures' backward passes, and the
+// matrix and attention forward passes they pair with, for training on the CPU (DecoderTrainer);
+// the row operations' forward passes are transformer_ops.hpp's (ops::rms_norm, layer_norm, rope,
+// silu, gelu_new), shared with ReferenceModel. Templated on the scalar type: float for training,
+// double for the finite-difference checks of tests/core/train_grad_test.cpp. Plain loops, written for clarity;
 // shapes in comments, all arrays contiguous row-major. Forward functions overwrite their outputs;
 // backward functions ADD into the gradients they produce (callers zero them), because most
 // gradients have more than one contributor (a residual stream, q/k/v sharing their input, a tied
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "thread_pool.hpp"
+#include "transformer_ops.hpp"
 
 namespace loom::grad {
 
@@ -80,16 +83,6 @@ void linear_backward(const T *dy, const T *x, int64_t n, const T *W, int64_t out
     });
 }
 
-// One row: y[H] = w * x * r with r = 1 / sqrt(mean(x^2) + eps); returns r for the backward.
-template <class T>
-T rms_norm(const T *x, const T *w, int64_t H, double eps, T *y) {
-  T ss = 0;
-  for (int64_t i = 0; i < H; ++i) ss += x[i] * x[i];
-  const T r = T(1) / std::sqrt(ss / static_cast<T>(H) + static_cast<T>(eps));
-  for (int64_t i = 0; i < H; ++i) y[i] = w[i] * (x[i] * r);
-  return r;
-}
-
 // With g = w * dy: dx += r g - x r^3 (g . x) / H; dw += dy * x * r.
 template <class T>
 void rms_norm_backward(const T *dy, const T *x, const T *w, T r, int64_t H, T *dx, T *dw) {
@@ -100,43 +93,6 @@ void rms_norm_backward(const T *dy, const T *x, const T *w, T r, int64_t H, T *d
     dx[i] += r * w[i] * dy[i] - x[i] * c;
     dw[i] += dy[i] * x[i] * r;
   }
-}
-
-// Rotary embedding of v[heads, D] at `pos`, rotate-half layout (pairs (i, i + D/2)); `inverse`
-// rotates by the opposite angle, which is the backward of the rotation. In float the angle is
-// computed in float32 as transformers does (ops::rope), in double in double.
-template <class T>
-void rope(T *v, int64_t heads, int64_t D, int64_t pos, const std::vector<double> &inv_freq, bool inverse) {
-  const int64_t half = D / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    T angle;
-    if constexpr (std::is_same_v<T, float>)
-      angle = static_cast<float>(pos) * static_cast<float>(inv_freq[static_cast<size_t>(i)]);
-    else
-      angle = static_cast<T>(pos) * static_cast<T>(inv_freq[static_cast<size_t>(i)]);
-    const T c = std::cos(angle), s = inverse ? -std::sin(angle) : std::sin(angle);
-    for (int64_t h = 0; h < heads; ++h) {
-      T *row = v + h * D;
-      const T a = row[i], b = row[i + half];
-      row[i] = a * c - b * s;
-      row[i + half] = b * c + a * s;
-    }
-  }
-}
-
-// One row: y[H] = (x - mean) r w + b with r = 1 / sqrt(var + eps) (GPT-2's LayerNorm); returns
-// r and writes the mean, for the backward.
-template <class T>
-T layer_norm(const T *x, const T *w, const T *b, int64_t H, double eps, T *y, T *mean_out) {
-  T mean = 0, var = 0;
-  for (int64_t i = 0; i < H; ++i) mean += x[i];
-  mean /= static_cast<T>(H);
-  for (int64_t i = 0; i < H; ++i) var += (x[i] - mean) * (x[i] - mean);
-  var /= static_cast<T>(H);
-  const T r = T(1) / std::sqrt(var + static_cast<T>(eps));
-  for (int64_t i = 0; i < H; ++i) y[i] = (x[i] - mean) * r * w[i] + b[i];
-  *mean_out = mean;
-  return r;
 }
 
 // With xh = (x - mean) r and g = w * dy: dx += r (g - mean(g) - xh mean(g xh)); dw += dy xh;
@@ -159,12 +115,8 @@ void layer_norm_backward(const T *dy, const T *x, const T *w, T mean, T r, int64
   }
 }
 
-// GPT-2's GELU, 0.5 x (1 + tanh(c (x + 0.044715 x^3))) with c = sqrt(2 / pi), and its derivative.
-template <class T>
-T gelu_new(T x) {
-  const T c = std::sqrt(T(2) / std::numbers::pi_v<T>);
-  return T(0.5) * x * (T(1) + std::tanh(c * (x + T(0.044715) * x * x * x)));
-}
+// The derivative of GPT-2's GELU (ops::gelu_new), 0.5 x (1 + tanh(c (x + 0.044715 x^3))) with
+// c = sqrt(2 / pi).
 template <class T>
 T gelu_new_grad(T x) {
   const T c = std::sqrt(T(2) / std::numbers::pi_v<T>);
@@ -215,10 +167,10 @@ T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
-// m = silu(g) * u, elementwise over n values.
+// m = silu(g) * u, elementwise over n values (as ReferenceModel computes it).
 template <class T>
 void swiglu(const T *g, const T *u, int64_t n, T *m) {
-  for (int64_t i = 0; i < n; ++i) m[i] = g[i] * sigmoid(g[i]) * u[i];
+  for (int64_t i = 0; i < n; ++i) m[i] = ops::silu(g[i]) * u[i];
 }
 
 // dg += dm * u * silu'(g), du += dm * silu(g); silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
@@ -227,7 +179,7 @@ void swiglu_backward(const T *dm, const T *g, const T *u, int64_t n, T *dg, T *d
   for (int64_t i = 0; i < n; ++i) {
     const T s = sigmoid(g[i]);
     dg[i] += dm[i] * u[i] * s * (T(1) + g[i] * (T(1) - s));
-    du[i] += dm[i] * g[i] * s;
+    du[i] += dm[i] * ops::silu(g[i]);
   }
 }
 

@@ -1,7 +1,9 @@
 // Private to core: the per-row operations of the supported architectures, shared by the
-// reference forward pass (ReferenceModel) and the CPU backend (CpuBackend), so both compute
-// exactly the same numbers (the backend's linears are its own blocked kernels). Float32 with float accumulation, in transformers' order.
-// Shapes in comments; all pointers are to contiguous row-major float32.
+// reference forward pass (ReferenceModel), the CPU backend (CpuBackend) and the trainer's forward
+// pass (DecoderTrainer, through grad_ops.hpp), so all compute exactly the same numbers (the
+// backend's linears are its own blocked kernels). Templated on the scalar for the trainer's
+// double-precision checks; in float32 with float accumulation, in transformers' order.
+// Shapes in comments; all pointers are to contiguous row-major arrays.
 #pragma once
 
 #include <bit>
@@ -24,35 +26,43 @@ inline void linear(const float *x, int64_t n, const float *W, int64_t out, int64
     }
 }
 
-// y[H] = x / sqrt(mean(x^2) + eps) * w
-inline void rms_norm(const float *x, const float *w, int64_t H, double eps, float *y) {
-  float ss = 0;
+// y[H] = x * r * w with r = 1 / sqrt(mean(x^2) + eps); returns r (the trainer's backward uses it).
+template <class T>
+T rms_norm(const T *x, const T *w, int64_t H, double eps, T *y) {
+  T ss = 0;
   for (int64_t i = 0; i < H; ++i) ss += x[i] * x[i];
-  float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
+  const T inv = T(1) / std::sqrt(ss / static_cast<T>(H) + static_cast<T>(eps));
   for (int64_t i = 0; i < H; ++i) y[i] = w[i] * (x[i] * inv);
+  return inv;
 }
 
-// y[H] = (x - mean) / sqrt(var + eps) * w + b
-inline void layer_norm(const float *x, const float *w, const float *b, int64_t H, double eps, float *y) {
-  float mean = 0, var = 0;
+// y[H] = (x - mean) * r * w + b with r = 1 / sqrt(var + eps); returns r and, when mean_out is
+// not null, writes the mean (for the trainer's backward).
+template <class T>
+T layer_norm(const T *x, const T *w, const T *b, int64_t H, double eps, T *y, T *mean_out = nullptr) {
+  T mean = 0, var = 0;
   for (int64_t i = 0; i < H; ++i) mean += x[i];
-  mean /= static_cast<float>(H);
+  mean /= static_cast<T>(H);
   for (int64_t i = 0; i < H; ++i) var += (x[i] - mean) * (x[i] - mean);
-  var /= static_cast<float>(H);
-  float inv = 1.0f / std::sqrt(var + static_cast<float>(eps));
+  var /= static_cast<T>(H);
+  const T inv = T(1) / std::sqrt(var + static_cast<T>(eps));
   for (int64_t i = 0; i < H; ++i) y[i] = (x[i] - mean) * inv * w[i] + b[i];
+  if (mean_out) *mean_out = mean;
+  return inv;
 }
 
-// Rotary embedding at position `pos` on v[heads, D], rotate-half layout (pairs (i, i + D/2)).
-// The angle is computed in float32, as transformers does, to share its rounding.
-inline void rope(float *v, int64_t heads, int64_t D, int64_t pos, const std::vector<double> &inv_freq) {
+// Rotary embedding at position `pos` on v[heads, D], rotate-half layout (pairs (i, i + D/2));
+// `inverse` rotates by the opposite angle (the rotation's backward). In float the angle is
+// computed in float32, as transformers does, to share its rounding; in double in double.
+template <class T>
+void rope(T *v, int64_t heads, int64_t D, int64_t pos, const std::vector<double> &inv_freq, bool inverse = false) {
   const int64_t half = D / 2;
   for (int64_t i = 0; i < half; ++i) {
-    float angle = static_cast<float>(pos) * static_cast<float>(inv_freq[static_cast<size_t>(i)]);
-    float c = std::cos(angle), s = std::sin(angle);
+    const T angle = static_cast<T>(pos) * static_cast<T>(inv_freq[static_cast<size_t>(i)]);
+    const T c = std::cos(angle), s = inverse ? -std::sin(angle) : std::sin(angle);
     for (int64_t h = 0; h < heads; ++h) {
-      float *r = v + h * D;
-      float a = r[i], b = r[i + half];
+      T *r = v + h * D;
+      const T a = r[i], b = r[i + half];
       r[i] = a * c - b * s;
       r[i + half] = b * c + a * s;
     }
@@ -70,12 +80,16 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+template <class T>
+T silu(T x) {
+  return x / (T(1) + std::exp(-x));
+}
 
 // GPT-2's tanh approximation of GELU.
-inline float gelu_new(float x) {
-  const float c = std::sqrt(2.0f / std::numbers::pi_v<float>);
-  return 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x)));
+template <class T>
+T gelu_new(T x) {
+  const T c = std::sqrt(T(2) / std::numbers::pi_v<T>);
+  return T(0.5) * x * (T(1) + std::tanh(c * (x + T(0.044715) * x * x * x)));
 }
 
 } // namespace loom::ops

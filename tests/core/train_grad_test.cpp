@@ -69,6 +69,7 @@ void check_op(std::vector<double> x, size_t y_size, F f, B backward, uint32_t se
 
 TEST_CASE("each operation's backward matches finite differences", "[train]") {
   using namespace loom::grad;
+  using namespace loom::ops;  // the row operations' forward passes
   SECTION("linear: input, weight and bias") {
     const int64_t n = 3, out = 4, in = 5;
     const auto W = random_values(out * in, 1), b = random_values(out, 2);
