@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <span>
 
 #include "grad_ops.hpp"
 #include "loom/core/error.hpp"
@@ -44,55 +45,45 @@ DecoderTrainer<T>::DecoderTrainer(const ModelConfig &config, const ModelWeights 
     index_.emplace(name, params_.size());
     params_.push_back(std::move(p));
   }
-  if (config_.architecture == Architecture::gpt2) {
-    embed_ = need("wte.weight");
+  // Each layer's parameters by module name: "<prefix><module>.weight", and ".bias" where the
+  // checkpoint has one (GPT-2 always, the Llama family as its config says).
+  struct Role {
+    size_t Layer::*weight;
+    size_t Layer::*bias;  // null: the module has no bias slot
+    const char *module;
+  };
+  static constexpr Role kGpt2[] = {{&Layer::norm1, &Layer::norm1_b, "ln_1"},     {&Layer::q, &Layer::q_b, "attn.c_attn"},
+                                   {&Layer::o, &Layer::o_b, "attn.c_proj"},      {&Layer::norm2, &Layer::norm2_b, "ln_2"},
+                                   {&Layer::up, &Layer::up_b, "mlp.c_fc"},       {&Layer::down, &Layer::down_b, "mlp.c_proj"}};
+  static constexpr Role kLlama[] = {{&Layer::norm1, nullptr, "input_layernorm"},
+                                    {&Layer::q, &Layer::q_b, "self_attn.q_proj"},
+                                    {&Layer::k, &Layer::k_b, "self_attn.k_proj"},
+                                    {&Layer::v, &Layer::v_b, "self_attn.v_proj"},
+                                    {&Layer::o, &Layer::o_b, "self_attn.o_proj"},
+                                    {&Layer::norm2, nullptr, "post_attention_layernorm"},
+                                    {&Layer::gate, &Layer::gate_b, "mlp.gate_proj"},
+                                    {&Layer::up, &Layer::up_b, "mlp.up_proj"},
+                                    {&Layer::down, &Layer::down_b, "mlp.down_proj"}};
+  const bool gpt2 = config_.architecture == Architecture::gpt2;
+  for (int64_t l = 0; l < config_.n_layers; ++l) {
+    const std::string prefix = (gpt2 ? "h." : "model.layers.") + std::to_string(l) + ".";
+    Layer L;
+    for (const Role &r : gpt2 ? std::span<const Role>(kGpt2) : std::span<const Role>(kLlama)) {
+      L.*r.weight = need(prefix + r.module + ".weight");
+      if (r.bias) L.*r.bias = find(prefix + r.module + ".bias");
+    }
+    layers_.push_back(L);
+  }
+  if (gpt2) {
+    embed_ = head_ = need("wte.weight");
     positions_ = need("wpe.weight");
     final_norm_ = need("ln_f.weight");
     final_norm_b_ = need("ln_f.bias");
-    head_ = embed_;
-    for (int64_t l = 0; l < config_.n_layers; ++l) {
-      const std::string p = "h." + std::to_string(l) + ".";
-      Layer L;
-      L.norm1 = need(p + "ln_1.weight");
-      L.norm1_b = need(p + "ln_1.bias");
-      L.q = need(p + "attn.c_attn.weight");
-      L.q_b = need(p + "attn.c_attn.bias");
-      L.o = need(p + "attn.c_proj.weight");
-      L.o_b = need(p + "attn.c_proj.bias");
-      L.norm2 = need(p + "ln_2.weight");
-      L.norm2_b = need(p + "ln_2.bias");
-      L.up = need(p + "mlp.c_fc.weight");
-      L.up_b = need(p + "mlp.c_fc.bias");
-      L.down = need(p + "mlp.c_proj.weight");
-      L.down_b = need(p + "mlp.c_proj.bias");
-      layers_.push_back(L);
-    }
     return;
   }
   embed_ = need("model.embed_tokens.weight");
   final_norm_ = need("model.norm.weight");
   head_ = config_.tie_word_embeddings ? embed_ : need("lm_head.weight");
-  for (int64_t l = 0; l < config_.n_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    Layer L;
-    L.norm1 = need(p + "input_layernorm.weight");
-    L.q = need(p + "self_attn.q_proj.weight");
-    L.k = need(p + "self_attn.k_proj.weight");
-    L.v = need(p + "self_attn.v_proj.weight");
-    L.o = need(p + "self_attn.o_proj.weight");
-    L.norm2 = need(p + "post_attention_layernorm.weight");
-    L.gate = need(p + "mlp.gate_proj.weight");
-    L.up = need(p + "mlp.up_proj.weight");
-    L.down = need(p + "mlp.down_proj.weight");
-    L.q_b = find(p + "self_attn.q_proj.bias");
-    L.k_b = find(p + "self_attn.k_proj.bias");
-    L.v_b = find(p + "self_attn.v_proj.bias");
-    L.o_b = find(p + "self_attn.o_proj.bias");
-    L.gate_b = find(p + "mlp.gate_proj.bias");
-    L.up_b = find(p + "mlp.up_proj.bias");
-    L.down_b = find(p + "mlp.down_proj.bias");
-    layers_.push_back(L);
-  }
   inv_freq_ = rope_inv_freq(config_);
 }
 
