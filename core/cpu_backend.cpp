@@ -1019,12 +1019,7 @@ void CpuBackend::export_quantized(const SafetensorsIndex &source, const std::fil
   std::filesystem::create_directories(out_dir);
   write_safetensors(out_dir / SafetensorsIndex::kSingleName, tensors,
                     {{"format", "pt"}, {QuantizedCheckpoint::kMetadataKey, header.dump()}});
-  // What else the model directory needs to load: its config and tokenizer.
-  const std::filesystem::path from = source.path().parent_path();
-  for (const char *name : {"config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
-                           "tokenizer_config.json", "special_tokens_map.json"})
-    if (std::filesystem::exists(from / name) && !std::filesystem::equivalent(from, out_dir))
-      std::filesystem::copy_file(from / name, out_dir / name, std::filesystem::copy_options::overwrite_existing);
+  copy_model_files(source.path().parent_path(), out_dir); // its config and tokenizer
 }
 
 } // namespace loom

@@ -226,4 +226,12 @@ ModelConfig load_model_config(const std::filesystem::path &model_dir) {
   return config;
 }
 
+void copy_model_files(const std::filesystem::path &from, const std::filesystem::path &to) {
+  if (std::filesystem::equivalent(from, to)) return;
+  for (const char *name : {"config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+                           "tokenizer_config.json", "special_tokens_map.json"})
+    if (std::filesystem::exists(from / name))
+      std::filesystem::copy_file(from / name, to / name, std::filesystem::copy_options::overwrite_existing);
+}
+
 } // namespace loom

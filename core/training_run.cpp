@@ -35,10 +35,6 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-// Files a model directory carries besides its weights.
-constexpr const char *kModelFiles[] = {"config.json",          "generation_config.json", "tokenizer.model",
-                                       "tokenizer.json",       "tokenizer_config.json",  "special_tokens_map.json"};
-
 double learning_rate(const TrainSpec &t, int64_t step) {
   if (t.warmup > 0 && step <= t.warmup) return t.lr * static_cast<double>(step) / static_cast<double>(t.warmup);
   if (t.schedule == "constant") return t.lr;
@@ -53,9 +49,7 @@ std::span<const std::byte> bytes_of(const std::vector<float> &v) { return std::a
 // A model directory: the source's config and tokenizer files, the parameters as float32.
 void write_model_dir(const fs::path &dir, const fs::path &source, const std::vector<TrainParam<float>> &params) {
   fs::create_directories(dir);
-  for (const char *name : kModelFiles)
-    if (fs::exists(source / name) && fs::absolute(source / name) != fs::absolute(dir / name))
-      fs::copy_file(source / name, dir / name, fs::copy_options::overwrite_existing);
+  copy_model_files(source, dir);
   std::vector<TensorToWrite> tensors;
   for (const auto &p : params) tensors.push_back({p.name, SafetensorsDtype::F32, p.shape, bytes_of(p.value)});
   write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});

@@ -56,4 +56,9 @@ void apply_generation_config(std::string_view json_text, const std::string &sour
 
 const char *architecture_name(Architecture a);
 
+// Copies what a model directory needs besides its weights (config.json, generation_config.json
+// and the tokenizer files), those that `from` has, into the existing directory `to`; nothing when
+// they are the same directory. For writers of model directories (loom quantize, loom train).
+void copy_model_files(const std::filesystem::path &from, const std::filesystem::path &to);
+
 } // namespace loom
