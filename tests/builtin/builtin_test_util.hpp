@@ -8,10 +8,12 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "loom/core/error.hpp"
 #include "loom/core/host_buffer.hpp"
+#include "loom/core/instance.hpp"
 #include "loom/core/runtime.hpp"
 #include "loom/loom_plugin_api.h"
 
@@ -81,6 +83,32 @@ inline loom_status store_tensor(void *user, const char *name, DLTensor *t, DLTen
   std::memcpy(s.bytes.data(), static_cast<char *>(t->data) + t->byte_offset, s.bytes.size());
   (*static_cast<StoredTensors *>(user))[name] = std::move(s);
   return LOOM_OK;
+}
+
+// Quantizer calls as the host makes them, for the quantizer suites: `quantize` of `weight` (a
+// request naming `module`) for `target`, and `import_weight` of (name, tensor) pairs.
+inline loom_status quantize(loom::Instance &q, const DLTensor *weight, const char *module, DLDevice target,
+                            loom_qweight **out, const DLTensor *calibration = nullptr) {
+  loom_quantize_request r{};
+  r.struct_size = sizeof(r);
+  r.module_name = module;
+  r.weight = weight;
+  r.calibration = calibration;
+  r.target_device = target;
+  return q.vtable<loom_quantizer_vtable>()->quantize(q.handle(), &r, out);
+}
+inline loom_status import_tensors(loom::Instance &q, std::vector<std::pair<std::string, DLTensor>> tensors,
+                                  const std::string &metadata, loom_qweight **out, DLDevice target = {kDLCPU, 0}) {
+  std::vector<loom_named_tensor> named;
+  for (auto &[n, t] : tensors) named.push_back({sizeof(loom_named_tensor), n.c_str(), &t});
+  return q.vtable<loom_quantizer_vtable>()->import_weight(q.handle(), named.data(), static_cast<uint32_t>(named.size()),
+                                                          metadata.c_str(), target, out);
+}
+// Every stored tensor as a (name, view) pair for import_tensors (views into `stored`).
+inline std::vector<std::pair<std::string, DLTensor>> views_of(StoredTensors &stored) {
+  std::vector<std::pair<std::string, DLTensor>> out;
+  for (auto &[n, t] : stored) out.emplace_back(n, t.view());
+  return out;
 }
 
 // A runtime on the CPU from component tables (TOML text).

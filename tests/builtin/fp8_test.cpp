@@ -30,13 +30,8 @@ struct Fixture {
     for (int64_t i = 0; i < IN; ++i) w.v[static_cast<size_t>(2 * IN + i)] = 0.0f;       // an all-zero row
     for (int64_t i = 0; i < IN; ++i) w.v[static_cast<size_t>(4 * IN + i)] *= 1e-3f;     // a quiet row
     w.v[static_cast<size_t>(5 * IN + 7)] = 300.0f;                                      // an outlier
-    loom_quantize_request r{};
-    r.struct_size = sizeof(r);
-    r.module_name = "model.layers.0.mlp.down_proj";
-    r.weight = w.dl();
-    r.target_device = DLDevice{kDLCPU, 0};
     INFO(q.last_error());
-    REQUIRE(vt->quantize(q.handle(), &r, &qw) == LOOM_OK);
+    REQUIRE(bt::quantize(q, w.dl(), "model.layers.0.mlp.down_proj", DLDevice{kDLCPU, 0}, &qw) == LOOM_OK);
   }
   ~Fixture() { vt->free_weight(q.handle(), qw); }
 
@@ -158,10 +153,7 @@ TEST_CASE("fp8 export and import round-trip; corrupt imports name the tensor", "
     const std::string meta_text(meta.view());
 
     auto import = [&](std::vector<std::pair<std::string, DLTensor>> ts, const std::string &md, loom_qweight **out) {
-      std::vector<loom_named_tensor> named;
-      for (auto &[n, t] : ts) named.push_back({sizeof(loom_named_tensor), n.c_str(), &t});
-      return f.vt->import_weight(f.q.handle(), named.data(), static_cast<uint32_t>(named.size()), md.c_str(),
-                                 DLDevice{kDLCPU, 0}, out);
+      return bt::import_tensors(f.q, std::move(ts), md, out);
     };
     loom_qweight *back = nullptr;
     REQUIRE(import({{"qweight", stored["qweight"].view()}, {"scales", stored["scales"].view()}}, meta_text, &back) == LOOM_OK);
@@ -213,16 +205,10 @@ TEST_CASE("fp8 refuses bad parameters by key and non-finite weights", "[fp8]") {
              Catch::Contains("activation_scale") && Catch::Contains("per-token"));
   auto rt = bt::runtime("[quantizer]\nuse = \"fp8\"\n");
   loom::Instance &q = rt->pipeline().at("quantizer");
-  const auto *vt = q.vtable<loom_quantizer_vtable>();
   bt::Tensor<float> w({2, 16}, bt::random_floats(32, 3));
   w.v[20] = NAN;
-  loom_quantize_request r{};
-  r.struct_size = sizeof(r);
-  r.module_name = "m";
-  r.weight = w.dl();
-  r.target_device = DLDevice{kDLCPU, 0};
   loom_qweight *out = nullptr;
-  CHECK(vt->quantize(q.handle(), &r, &out) == LOOM_ERR_INVALID_ARGUMENT);
+  CHECK(bt::quantize(q, w.dl(), "m", DLDevice{kDLCPU, 0}, &out) == LOOM_ERR_INVALID_ARGUMENT);
   CHECK_THAT(q.last_error(), Catch::Contains("row 1") && Catch::Contains("non-finite"));
   CHECK(out == nullptr);
 }

@@ -32,13 +32,7 @@ struct Fixture {
     for (int64_t i = 0; i < GROUP; ++i) w.v[4 * IN + i] = 10.0f + 0.25f * static_cast<float>(i); // all positive
   }
   loom_status quantize(loom_qweight **out, DLTensor *calibration = nullptr) {
-    loom_quantize_request r{};
-    r.struct_size = sizeof(r);
-    r.module_name = "model.layers.0.mlp.down_proj";
-    r.weight = w.dl();
-    r.calibration = calibration;
-    r.target_device = DLDevice{kDLCPU, 0};
-    return vt->quantize(q->handle(), &r, out);
+    return bt::quantize(*q, w.dl(), "model.layers.0.mlp.down_proj", DLDevice{kDLCPU, 0}, out, calibration);
   }
   std::vector<float> dequant(const loom_qweight *x) {
     bt::Tensor<float> out({OUT, IN});
@@ -163,13 +157,8 @@ TEST_CASE("int4 AWQ lowers the output error of round-to-nearest on outlier activ
 TEST_CASE("int4 refuses a group size that does not divide, and bad settings", "[int4]") {
   Fixture f;
   bt::Tensor<float> odd({OUT, IN + GROUP / 2}, bt::random_floats(OUT * (IN + GROUP / 2), 4));
-  loom_quantize_request r{};
-  r.struct_size = sizeof(r);
-  r.module_name = "model.layers.1.self_attn.q_proj";
-  r.weight = odd.dl();
-  r.target_device = DLDevice{kDLCPU, 0};
   loom_qweight *out = nullptr;
-  CHECK(f.vt->quantize(f.q->handle(), &r, &out) == LOOM_ERR_INVALID_ARGUMENT);
+  CHECK(bt::quantize(*f.q, odd.dl(), "model.layers.1.self_attn.q_proj", DLDevice{kDLCPU, 0}, &out) == LOOM_ERR_INVALID_ARGUMENT);
   CHECK_THAT(f.q->last_error(), Catch::Contains("q_proj") && Catch::Contains("group_size 16 does not divide") &&
                                     Catch::Contains("72"));
   CHECK(out == nullptr);
@@ -199,15 +188,7 @@ TEST_CASE("int4 export and import round-trip; corrupt imports name what is wrong
     const std::string meta_text(meta.view());
 
     auto import = [&](bt::StoredTensors ts, const std::string &md, loom_qweight **out) {
-      std::vector<DLTensor> views;
-      views.reserve(ts.size());
-      std::vector<loom_named_tensor> named;
-      for (auto &[n, t] : ts) {
-        views.push_back(t.view());
-        named.push_back({sizeof(loom_named_tensor), n.c_str(), &views.back()});
-      }
-      return f.vt->import_weight(f.q->handle(), named.data(), static_cast<uint32_t>(named.size()), md.c_str(),
-                                 DLDevice{kDLCPU, 0}, out);
+      return bt::import_tensors(*f.q, bt::views_of(ts), md, out);
     };
     loom_qweight *back = nullptr;
     REQUIRE(import(stored, meta_text, &back) == LOOM_OK);

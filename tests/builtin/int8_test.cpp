@@ -21,12 +21,7 @@ struct Fixture {
 
   Fixture() {
     for (int64_t i = 0; i < IN; ++i) w.v[2 * IN + i] = 0.0f; // an all-zero row
-    loom_quantize_request r{};
-    r.struct_size = sizeof(r);
-    r.module_name = "model.layers.0.mlp.down_proj";
-    r.weight = w.dl();
-    r.target_device = DLDevice{kDLCPU, 0};
-    REQUIRE(vt->quantize(q.handle(), &r, &qw) == LOOM_OK);
+    REQUIRE(bt::quantize(q, w.dl(), "model.layers.0.mlp.down_proj", DLDevice{kDLCPU, 0}, &qw) == LOOM_OK);
   }
   ~Fixture() { vt->free_weight(q.handle(), qw); }
 
@@ -100,10 +95,7 @@ TEST_CASE("int8 export and import round-trip; corrupt imports name the tensor", 
   const std::string meta_text(meta.view());
 
   auto import = [&](std::vector<std::pair<std::string, DLTensor>> ts, const std::string &md, loom_qweight **out) {
-    std::vector<loom_named_tensor> named;
-    for (auto &[n, t] : ts) named.push_back({sizeof(loom_named_tensor), n.c_str(), &t});
-    return f.vt->import_weight(f.q.handle(), named.data(), static_cast<uint32_t>(named.size()), md.c_str(),
-                               DLDevice{kDLCPU, 0}, out);
+    return bt::import_tensors(f.q, std::move(ts), md, out);
   };
   loom_qweight *back = nullptr;
   REQUIRE(import({{"qweight", stored["qweight"].view()}, {"scales", stored["scales"].view()}}, meta_text, &back) ==
@@ -142,13 +134,8 @@ TEST_CASE("int8 export and import round-trip; corrupt imports name the tensor", 
 TEST_CASE("int8 rejects half-precision weights and unknown keys", "[int8]") {
   Fixture f;
   f.w.dl()->dtype = DLDataType{kDLBfloat, 16, 1};
-  loom_quantize_request r{};
-  r.struct_size = sizeof(r);
-  r.module_name = "m";
-  r.weight = &f.w.t;
-  r.target_device = DLDevice{kDLCPU, 0};
   loom_qweight *out = nullptr;
-  CHECK(f.vt->quantize(f.q.handle(), &r, &out) == LOOM_ERR_UNSUPPORTED);
+  CHECK(bt::quantize(f.q, &f.w.t, "m", DLDevice{kDLCPU, 0}, &out) == LOOM_ERR_UNSUPPORTED);
   CHECK_THAT(f.q.last_error(), Catch::Contains("bf16"));
   CHECK_THAT(bt::build_error("[quantizer]\nuse = \"int8\"\nbits = 4\n"), Catch::Contains("bits"));
 }
