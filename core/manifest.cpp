@@ -75,6 +75,27 @@ class SchemaReader {
     return true;
   }
 
+  // A number (an integer is taken as one too) within [min, max].
+  bool read_number(std::string_view key, double &out, double min, double max) const {
+    const toml::node *n = table_.get(key);
+    if (n == nullptr) return false;
+    if (!n->is_floating_point() && !n->is_integer()) fail(*n, key, "expected a number, got " + detail::describe_type(*n));
+    const double v = n->is_integer() ? static_cast<double>(*n->value<int64_t>()) : *n->value<double>();
+    if (!(v >= min && v <= max)) fail(*n, key, "must be between " + std::to_string(min) + " and " + std::to_string(max));
+    out = v;
+    return true;
+  }
+
+  // A non-empty path, relative to `base_dir` unless absolute.
+  bool read_path(std::string_view key, const std::filesystem::path &base_dir, std::filesystem::path &out) const {
+    std::string v;
+    if (!read_string(key, v)) return false;
+    if (v.empty()) fail(*table_.get(key), key, "must not be empty");
+    const std::filesystem::path p = v;
+    out = p.is_absolute() ? p : (base_dir / p).lexically_normal();
+    return true;
+  }
+
   const toml::table &table() const { return table_; }
   const std::string &source() const { return source_; }
 
@@ -152,44 +173,27 @@ void read_train_table(const toml::table &t, const std::string &source, const std
           "schedule", "warmup", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "recompute", "eval_every", "save_every",
           "out", "resume"});
   s.enabled = true;
-  auto path = [&](std::string_view key, std::filesystem::path &out, bool required) {
-    std::string v;
-    if (!r.read_string(key, v)) {
-      if (required) r.fail(t, key, "is required");
-      return;
-    }
-    if (v.empty()) r.fail(*t.get(key), key, "must not be empty");
-    const std::filesystem::path p = v;
-    out = p.is_absolute() ? p : (base_dir / p).lexically_normal();
-  };
-  // A float key (an integer is taken as a float too) within [min, max].
-  auto real = [&](std::string_view key, double &out, double min, double max) {
-    const toml::node *n = t.get(key);
-    if (n == nullptr) return;
-    if (!n->is_floating_point() && !n->is_integer()) r.fail(*n, key, "expected a number, got " + detail::describe_type(*n));
-    const double v = n->is_integer() ? static_cast<double>(*n->value<int64_t>()) : *n->value<double>();
-    if (!(v >= min && v <= max)) r.fail(*n, key, "must be between " + std::to_string(min) + " and " + std::to_string(max));
-    out = v;
-  };
-  path("data", s.data, true);
-  path("validation_data", s.validation_data, false);
-  path("out", s.out, true);
-  path("resume", s.resume, false);
-  real("validation_fraction", s.validation_fraction, 0.0, 0.5);
+  for (const char *required : {"data", "out"})
+    if (!t.contains(required)) r.fail(t, required, "is required");
+  r.read_path("data", base_dir, s.data);
+  r.read_path("validation_data", base_dir, s.validation_data);
+  r.read_path("out", base_dir, s.out);
+  r.read_path("resume", base_dir, s.resume);
+  r.read_number("validation_fraction", s.validation_fraction, 0.0, 0.5);
   r.read_int("seq_len", s.seq_len, 2, 1 << 20);
   r.read_int("batch_size", s.batch_size, 1, 1 << 16);
   r.read_int("grad_accum", s.grad_accum, 1, 1 << 16);
   r.read_int("steps", s.steps, 1, int64_t{1} << 32);
-  real("lr", s.lr, 0.0, 10.0);
-  real("min_lr", s.min_lr, 0.0, 10.0);
+  r.read_number("lr", s.lr, 0.0, 10.0);
+  r.read_number("min_lr", s.min_lr, 0.0, 10.0);
   if (r.read_string("schedule", s.schedule) && s.schedule != "cosine" && s.schedule != "linear" && s.schedule != "constant")
     r.fail(*t.get("schedule"), "schedule", "expected \"cosine\", \"linear\" or \"constant\", got \"" + s.schedule + "\"");
   r.read_int("warmup", s.warmup, 0, int64_t{1} << 32);
-  real("weight_decay", s.weight_decay, 0.0, 10.0);
-  real("beta1", s.beta1, 0.0, 0.999999);
-  real("beta2", s.beta2, 0.0, 0.999999999);
-  real("eps", s.eps, 1e-30, 1.0);
-  real("grad_clip", s.grad_clip, 0.0, 1e9);
+  r.read_number("weight_decay", s.weight_decay, 0.0, 10.0);
+  r.read_number("beta1", s.beta1, 0.0, 0.999999);
+  r.read_number("beta2", s.beta2, 0.0, 0.999999999);
+  r.read_number("eps", s.eps, 1e-30, 1.0);
+  r.read_number("grad_clip", s.grad_clip, 0.0, 1e9);
   if (auto n = r.get("recompute", toml::node_type::boolean, "true or false")) s.recompute = *n->value<bool>();
   r.read_int("eval_every", s.eval_every, 0, int64_t{1} << 32);
   r.read_int("save_every", s.save_every, 0, int64_t{1} << 32);
@@ -466,12 +470,7 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
                "expected \"auto\", \"float32\" or \"bfloat16\", got \"" + m.model_dtype + "\"");
       std::filesystem::path p = path;
       m.model_path = p.is_absolute() ? p : (base_dir / p).lexically_normal();
-      std::string calibration;
-      if (r.read_string("calibration", calibration)) {
-        if (calibration.empty()) r.fail(*node.as_table()->get("calibration"), "calibration", "must not be empty");
-        std::filesystem::path cp = calibration;
-        m.calibration_path = cp.is_absolute() ? cp : (base_dir / cp).lexically_normal();
-      }
+      r.read_path("calibration", base_dir, m.calibration_path);
       r.read_int("calibration_tokens", m.calibration_tokens, 1, 1 << 20);
       r.read_int("calibration_length", m.calibration_length, 2, 1 << 20);
       continue;
