@@ -131,36 +131,36 @@ std::pair<int64_t, DataPosition> load_checkpoint(const fs::path &dir, const std:
   return {field("step"), DataPosition{field("epoch"), field("position")}};
 }
 
-// The log's lines up to `step` (a resumed run rewrites what the interrupted one logged later).
-void truncate_log(const fs::path &log, int64_t step) {
+// The log's entries, in order (a line that is not a JSON object with an integer "step" is
+// skipped: a line cut short by an interrupted run).
+std::vector<nlohmann::json> read_log(const fs::path &log) {
+  std::vector<nlohmann::json> entries;
   std::ifstream in(log);
-  if (!in) return;
-  std::vector<std::string> kept;
   std::string line;
   while (std::getline(in, line)) {
     try {
-      const auto j = nlohmann::json::parse(line);
-      if (j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= step) kept.push_back(line);
+      auto j = nlohmann::json::parse(line);
+      if (j.is_object() && j.contains("step") && j["step"].is_number_integer()) entries.push_back(std::move(j));
     } catch (const nlohmann::json::exception &) {
     }
   }
-  in.close();
+  return entries;
+}
+
+// The log's entries up to `step` (a resumed run rewrites what the interrupted one logged later).
+void truncate_log(const fs::path &log, int64_t step) {
+  const auto entries = read_log(log);
   std::ofstream out(log, std::ios::trunc);
-  for (const auto &l : kept) out << l << "\n";
+  for (const auto &j : entries)
+    if (j["step"].get<int64_t>() <= step) out << j.dump() << "\n";
 }
 
 // gnuplot on the log's curves; returns the PNG's path, or empty when gnuplot is not installed.
 fs::path plot_losses(const fs::path &out, const fs::path &log) {
   std::vector<std::pair<int64_t, double>> train, val;
-  std::ifstream in(log);
-  std::string line;
-  while (std::getline(in, line)) {
-    try {
-      const auto j = nlohmann::json::parse(line);
-      if (j.contains("loss")) train.emplace_back(j["step"].get<int64_t>(), j["loss"].get<double>());
-      if (j.contains("val_loss")) val.emplace_back(j["step"].get<int64_t>(), j["val_loss"].get<double>());
-    } catch (const nlohmann::json::exception &) {
-    }
+  for (const auto &j : read_log(log)) {
+    if (j.contains("loss")) train.emplace_back(j["step"].get<int64_t>(), j["loss"].get<double>());
+    if (j.contains("val_loss")) val.emplace_back(j["step"].get<int64_t>(), j["val_loss"].get<double>());
   }
   const fs::path train_dat = out / "loss_train.dat", val_dat = out / "loss_val.dat", script = out / "loss.gp",
                  png = out / "loss.png";
