@@ -36,23 +36,10 @@ void parallel_for(Pool *pool, int64_t n, F &&f) {
   for (int64_t i = 0; i < n; ++i) f(i);
 }
 
-// y[n, out] = x[n, in] W[out, in]^T (+ b[out] when b is not null)
+// ops::linear, a task per row.
 template <class T>
 void linear(const T *x, int64_t n, const T *W, int64_t out, int64_t in, const T *b, T *y, Pool *pool = nullptr) {
-  parallel_for(pool, n, [&](int64_t r) {
-    for (int64_t o = 0; o < out; ++o) {
-      const T *w = W + o * in, *xr = x + r * in;
-      // Eight partial sums in a fixed order (vector lanes; one running sum would serialise on
-      // the add's latency).
-      T acc[8] = {};
-      int64_t i = 0;
-      for (; i + 8 <= in; i += 8)
-        for (int k = 0; k < 8; ++k) acc[k] += xr[i + k] * w[i + k];
-      for (; i < in; ++i) acc[0] += xr[i] * w[i];
-      const T sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-      y[r * out + o] = sum + (b ? b[o] : T(0));
-    }
-  });
+  parallel_for(pool, n, [&](int64_t r) { ops::linear(x + r * in, 1, W, out, in, b, y + r * out); });
 }
 
 // dx[n, in] += dy W; dW[out, in] += dy^T x; db[out] += column sums of dy (each when not null).

@@ -14,15 +14,21 @@
 
 namespace loom::ops {
 
-// y[n, out] = x[n, in] W[out, in]^T (+ b[out] when b is not null)
-inline void linear(const float *x, int64_t n, const float *W, int64_t out, int64_t in, const float *b, float *y) {
+// y[n, out] = x[n, in] W[out, in]^T (+ b[out] when b is not null). Each dot product keeps eight
+// partial sums in a fixed order (vector lanes; one running sum would serialise on the add's
+// latency).
+template <class T>
+void linear(const T *x, int64_t n, const T *W, int64_t out, int64_t in, const T *b, T *y) {
   for (int64_t r = 0; r < n; ++r)
     for (int64_t o = 0; o < out; ++o) {
-      const float *w = W + o * in;
-      const float *xr = x + r * in;
-      float acc = 0;
-      for (int64_t i = 0; i < in; ++i) acc += xr[i] * w[i];
-      y[r * out + o] = acc + (b ? b[o] : 0.0f);
+      const T *w = W + o * in, *xr = x + r * in;
+      T acc[8] = {};
+      int64_t i = 0;
+      for (; i + 8 <= in; i += 8)
+        for (int k = 0; k < 8; ++k) acc[k] += xr[i + k] * w[i + k];
+      for (; i < in; ++i) acc[0] += xr[i] * w[i];
+      const T sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      y[r * out + o] = sum + (b ? b[o] : T(0));
     }
 }
 

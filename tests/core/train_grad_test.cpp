@@ -69,12 +69,13 @@ void check_op(std::vector<double> x, size_t y_size, F f, B backward, uint32_t se
 
 TEST_CASE("each operation's backward matches finite differences", "[train]") {
   using namespace loom::grad;
+  namespace grad = loom::grad;
   using namespace loom::ops;  // the row operations' forward passes
   SECTION("linear: input, weight and bias") {
     const int64_t n = 3, out = 4, in = 5;
     const auto W = random_values(out * in, 1), b = random_values(out, 2);
     check_op(random_values(n * in, 3), n * out,
-             [&](const std::vector<double> &x, std::vector<double> &y) { linear(x.data(), n, W.data(), out, in, b.data(), y.data()); },
+             [&](const std::vector<double> &x, std::vector<double> &y) { grad::linear(x.data(), n, W.data(), out, in, b.data(), y.data()); },
              [&](const std::vector<double> &x, const std::vector<double> &dy, std::vector<double> &dx) {
                linear_backward(dy.data(), x.data(), n, W.data(), out, in, dx.data(), static_cast<double *>(nullptr),
                                static_cast<double *>(nullptr));
@@ -82,14 +83,14 @@ TEST_CASE("each operation's backward matches finite differences", "[train]") {
              4);
     const auto x = random_values(n * in, 5);
     check_op(W, n * out,
-             [&](const std::vector<double> &w, std::vector<double> &y) { linear(x.data(), n, w.data(), out, in, b.data(), y.data()); },
+             [&](const std::vector<double> &w, std::vector<double> &y) { grad::linear(x.data(), n, w.data(), out, in, b.data(), y.data()); },
              [&](const std::vector<double> &w, const std::vector<double> &dy, std::vector<double> &dw) {
                linear_backward(dy.data(), x.data(), n, w.data(), out, in, static_cast<double *>(nullptr), dw.data(),
                                static_cast<double *>(nullptr));
              },
              6);
     check_op(b, n * out,
-             [&](const std::vector<double> &bb, std::vector<double> &y) { linear(x.data(), n, W.data(), out, in, bb.data(), y.data()); },
+             [&](const std::vector<double> &bb, std::vector<double> &y) { grad::linear(x.data(), n, W.data(), out, in, bb.data(), y.data()); },
              [&](const std::vector<double> &, const std::vector<double> &dy, std::vector<double> &db) {
                linear_backward(dy.data(), x.data(), n, W.data(), out, in, static_cast<double *>(nullptr),
                                static_cast<double *>(nullptr), db.data());
