@@ -97,15 +97,8 @@ struct Quantized {
     bt::Tensor<float> calib({32, in}, bt::random_floats(static_cast<size_t>(32 * in), 12, -1.0f, 1.0f));
     for (int64_t r = 0; r < 32; ++r)
       for (int64_t i = 0; i < in; i += 97) calib.v[static_cast<size_t>(r * in + i)] *= 20.0f;
-    loom_quantize_request r{};
-    r.struct_size = sizeof(r);
-    r.module_name = "test.linear";
-    r.weight = w.dl();
-    r.calibration = calib.dl();
-    r.target_device = DLDevice{kDLCPU, 0};
-    REQUIRE(vt->quantize(q.handle(), &r, &cpu) == LOOM_OK);
-    r.target_device = kGpu;
-    const loom_status s = vt->quantize(q.handle(), &r, &gpu);
+    REQUIRE(bt::quantize(q, w.dl(), "test.linear", DLDevice{kDLCPU, 0}, &cpu, calib.dl()) == LOOM_OK);
+    const loom_status s = bt::quantize(q, w.dl(), "test.linear", kGpu, &gpu, calib.dl());
     INFO(q.last_error());
     REQUIRE(s == LOOM_OK);
   }
@@ -378,15 +371,9 @@ TEST_CASE("fp8 on CUDA quantizes activations exactly as the CPU does", "[cuda][q
     loom::Instance &q = rt->pipeline().at("quantizer");
     const auto *vt = q.vtable<loom_quantizer_vtable>();
     bt::Tensor<float> w({in, in}, eye);
-    loom_quantize_request r{};
-    r.struct_size = sizeof(r);
-    r.module_name = "identity";
-    r.weight = w.dl();
-    r.target_device = DLDevice{kDLCPU, 0};
     loom_qweight *cpu = nullptr, *gpu = nullptr;
-    REQUIRE(vt->quantize(q.handle(), &r, &cpu) == LOOM_OK);
-    r.target_device = kGpu;
-    REQUIRE(vt->quantize(q.handle(), &r, &gpu) == LOOM_OK);
+    REQUIRE(bt::quantize(q, w.dl(), "identity", DLDevice{kDLCPU, 0}, &cpu) == LOOM_OK);
+    REQUIRE(bt::quantize(q, w.dl(), "identity", kGpu, &gpu) == LOOM_OK);
     const auto u = bt::random_floats(static_cast<size_t>(n * in), 21, 0.0f, 1.0f);
     const auto e = bt::random_floats(static_cast<size_t>(n * in), 22, -24.0f, 0.0f);
     std::vector<float> x(u.size());
@@ -414,15 +401,9 @@ TEST_CASE("fp8 on CUDA quantizes activations exactly as the CPU does", "[cuda][q
 TEST_CASE("fp8 on CUDA refuses shapes cuBLASLt cannot take, by name", "[cuda][quant]") {
   auto rt = bt::runtime("[quantizer]\nuse = \"fp8\"\n");
   loom::Instance &q = rt->pipeline().at("quantizer");
-  const auto *vt = q.vtable<loom_quantizer_vtable>();
   bt::Tensor<float> w({8, 40}, bt::random_floats(8 * 40, 3));
-  loom_quantize_request r{};
-  r.struct_size = sizeof(r);
-  r.module_name = "test.linear";
-  r.weight = w.dl();
-  r.target_device = kGpu;
   loom_qweight *out = nullptr;
-  CHECK(vt->quantize(q.handle(), &r, &out) == LOOM_ERR_UNSUPPORTED);
+  CHECK(bt::quantize(q, w.dl(), "test.linear", kGpu, &out) == LOOM_ERR_UNSUPPORTED);
   CHECK(out == nullptr);
   CHECK_THAT(q.last_error(), Catch::Contains("fp8: on CUDA, in_features and out_features must be multiples of 16"));
 }
@@ -446,15 +427,9 @@ TEST_CASE("int4 on CUDA: linear and fused products match the CPU's", "[cuda][qua
 TEST_CASE("int4 on CUDA refuses shapes its kernel cannot take, by name", "[cuda][quant]") {
   auto rt = bt::runtime("[quantizer]\nuse = \"int4\"\ngroup_size = 16\n");
   loom::Instance &q = rt->pipeline().at("quantizer");
-  const auto *vt = q.vtable<loom_quantizer_vtable>();
   bt::Tensor<float> w({8, 64}, bt::random_floats(8 * 64, 3));
-  loom_quantize_request r{};
-  r.struct_size = sizeof(r);
-  r.module_name = "test.linear";
-  r.weight = w.dl();
-  r.target_device = kGpu;
   loom_qweight *out = nullptr;
-  CHECK(vt->quantize(q.handle(), &r, &out) == LOOM_ERR_UNSUPPORTED);
+  CHECK(bt::quantize(q, w.dl(), "test.linear", kGpu, &out) == LOOM_ERR_UNSUPPORTED);
   CHECK(out == nullptr);
   CHECK_THAT(q.last_error(), Catch::Contains("int4: on CUDA, in_features and group_size must be multiples of 32"));
 }
