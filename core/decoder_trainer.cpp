@@ -45,35 +45,9 @@ DecoderTrainer<T>::DecoderTrainer(const ModelConfig &config, const ModelWeights 
     index_.emplace(name, params_.size());
     params_.push_back(std::move(p));
   }
-  // Each layer's parameters by module name: "<prefix><module>.weight", and ".bias" where the
-  // checkpoint has one (GPT-2 always, the Llama family as its config says).
-  struct Role {
-    size_t Layer::*weight;
-    size_t Layer::*bias;  // null: the module has no bias slot
-    const char *module;
-  };
-  static constexpr Role kGpt2[] = {{&Layer::norm1, &Layer::norm1_b, "ln_1"},     {&Layer::q, &Layer::q_b, "attn.c_attn"},
-                                   {&Layer::o, &Layer::o_b, "attn.c_proj"},      {&Layer::norm2, &Layer::norm2_b, "ln_2"},
-                                   {&Layer::up, &Layer::up_b, "mlp.c_fc"},       {&Layer::down, &Layer::down_b, "mlp.c_proj"}};
-  static constexpr Role kLlama[] = {{&Layer::norm1, nullptr, "input_layernorm"},
-                                    {&Layer::q, &Layer::q_b, "self_attn.q_proj"},
-                                    {&Layer::k, &Layer::k_b, "self_attn.k_proj"},
-                                    {&Layer::v, &Layer::v_b, "self_attn.v_proj"},
-                                    {&Layer::o, &Layer::o_b, "self_attn.o_proj"},
-                                    {&Layer::norm2, nullptr, "post_attention_layernorm"},
-                                    {&Layer::gate, &Layer::gate_b, "mlp.gate_proj"},
-                                    {&Layer::up, &Layer::up_b, "mlp.up_proj"},
-                                    {&Layer::down, &Layer::down_b, "mlp.down_proj"}};
+  layers_ = decoder_layer_params(config_, [&](const std::string &name) { return find(name); },
+                                 [&](const std::string &name) { return need(name); });
   const bool gpt2 = config_.architecture == Architecture::gpt2;
-  for (int64_t l = 0; l < config_.n_layers; ++l) {
-    const std::string prefix = (gpt2 ? "h." : "model.layers.") + std::to_string(l) + ".";
-    Layer L;
-    for (const Role &r : gpt2 ? std::span<const Role>(kGpt2) : std::span<const Role>(kLlama)) {
-      L.*r.weight = need(prefix + r.module + ".weight");
-      if (r.bias) L.*r.bias = find(prefix + r.module + ".bias");
-    }
-    layers_.push_back(L);
-  }
   if (gpt2) {
     embed_ = head_ = need("wte.weight");
     positions_ = need("wpe.weight");

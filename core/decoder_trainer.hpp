@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "decoder_layout.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
 #include "thread_pool.hpp"
@@ -62,15 +63,7 @@ class DecoderTrainer {
   std::vector<T> logits(const std::vector<int32_t> &tokens);
 
  private:
-  // Parameter indices of one decoder layer (SIZE_MAX for an absent bias or, in GPT-2, an unused
-  // role: q holds c_attn [H, 3H], o c_proj, up c_fc, down the MLP's c_proj; the norms' biases
-  // are LayerNorm's).
-  struct Layer {
-    size_t norm1 = SIZE_MAX, q = SIZE_MAX, k = SIZE_MAX, v = SIZE_MAX, o = SIZE_MAX, norm2 = SIZE_MAX, gate = SIZE_MAX,
-           up = SIZE_MAX, down = SIZE_MAX;
-    size_t q_b = SIZE_MAX, k_b = SIZE_MAX, v_b = SIZE_MAX, o_b = SIZE_MAX, gate_b = SIZE_MAX, up_b = SIZE_MAX,
-           down_b = SIZE_MAX, norm1_b = SIZE_MAX, norm2_b = SIZE_MAX;
-  };
+  using Layer = DecoderLayerParams;
   struct Acts;
   void forward(const std::vector<int32_t> &tokens, Acts &acts);
   void forward_llama(const std::vector<int32_t> &tokens, Acts &acts);

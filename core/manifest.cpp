@@ -171,7 +171,7 @@ void read_train_table(const toml::table &t, const std::string &source, const std
   SchemaReader r(t, "train", source);
   r.only({"data", "validation_data", "validation_fraction", "seq_len", "batch_size", "grad_accum", "steps", "lr", "min_lr",
           "schedule", "warmup", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "recompute", "eval_every", "save_every",
-          "out", "resume"});
+          "out", "resume", "precision", "init", "save_dtype"});
   s.enabled = true;
   for (const char *required : {"data", "out"})
     if (!t.contains(required)) r.fail(t, required, "is required");
@@ -195,6 +195,12 @@ void read_train_table(const toml::table &t, const std::string &source, const std
   r.read_number("eps", s.eps, 1e-30, 1.0);
   r.read_number("grad_clip", s.grad_clip, 0.0, 1e9);
   if (auto n = r.get("recompute", toml::node_type::boolean, "true or false")) s.recompute = *n->value<bool>();
+  if (r.read_string("precision", s.precision) && s.precision != "float32" && s.precision != "bf16")
+    r.fail(*t.get("precision"), "precision", "expected \"float32\" or \"bf16\", got \"" + s.precision + "\"");
+  if (r.read_string("init", s.init) && s.init != "pretrained" && s.init != "random")
+    r.fail(*t.get("init"), "init", "expected \"pretrained\" or \"random\", got \"" + s.init + "\"");
+  if (r.read_string("save_dtype", s.save_dtype) && s.save_dtype != "float32" && s.save_dtype != "bfloat16")
+    r.fail(*t.get("save_dtype"), "save_dtype", "expected \"float32\" or \"bfloat16\", got \"" + s.save_dtype + "\"");
   r.read_int("eval_every", s.eval_every, 0, int64_t{1} << 32);
   r.read_int("save_every", s.save_every, 0, int64_t{1} << 32);
   if (s.min_lr > s.lr) r.fail(*t.get("min_lr"), "min_lr", "must not exceed lr");

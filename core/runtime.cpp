@@ -6,16 +6,10 @@
 
 #include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
+#include "device_select.hpp"
 #include "model_decoder.hpp"
 
 namespace loom {
-
-namespace {
-// Clears the cancel flag when a run or a serve ends, however it ends.
-struct ClearCancel {
-  std::atomic<bool> &flag;
-  ~ClearCancel() { flag.store(false); }
-};
 
 DLDevice resolve_named_device(const std::string &name, const std::string &source, const std::string &key) {
   if (name == "cpu") return {kDLCPU, 0};
@@ -34,6 +28,14 @@ DLDevice resolve_named_device(const std::string &name, const std::string &source
                          std::to_string(count) + ")");
   return {kDLCUDA, ordinal};
 }
+
+namespace {
+// Clears the cancel flag when a run or a serve ends, however it ends.
+struct ClearCancel {
+  std::atomic<bool> &flag;
+  ~ClearCancel() { flag.store(false); }
+};
+
 
 // "auto": the LOOM_DEVICE environment variable when set (cpu, cuda, cuda:N); else the first GPU
 // when there is one and the pipeline can run there (a [model], and no quantizer or adapter

@@ -16,7 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "decoder_trainer.hpp"
+#include "device_select.hpp"
 #include "loom/core/chat_template.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/model_config.hpp"
@@ -25,6 +25,9 @@
 #include "loom/core/safetensors_writer.hpp"
 #include "loom/core/tokenizer.hpp"
 #include "training_data.hpp"
+#include "training_engine.hpp"
+#include "transformer_ops.hpp"
+#include "weight_init.hpp"
 
 extern char **environ;
 
@@ -46,13 +49,36 @@ double learning_rate(const TrainSpec &t, int64_t step) {
 
 std::span<const std::byte> bytes_of(const std::vector<float> &v) { return std::as_bytes(std::span<const float>(v)); }
 
-// A model directory: the source's config and tokenizer files, the parameters as float32.
-void write_model_dir(const fs::path &dir, const fs::path &source, const std::vector<TrainParam<float>> &params) {
+// A model directory: the source's config and tokenizer files, the parameters as float32 or
+// (rounded to nearest even) bfloat16.
+void write_model_dir(const fs::path &dir, const fs::path &source, const std::vector<TrainParam<float>> &params,
+                     bool bf16 = false) {
   fs::create_directories(dir);
   copy_model_files(source, dir);
   std::vector<TensorToWrite> tensors;
-  for (const auto &p : params) tensors.push_back({p.name, SafetensorsDtype::F32, p.shape, bytes_of(p.value)});
+  std::vector<std::vector<uint16_t>> rounded;
+  rounded.reserve(params.size());
+  for (const auto &p : params) {
+    if (!bf16) {
+      tensors.push_back({p.name, SafetensorsDtype::F32, p.shape, bytes_of(p.value)});
+      continue;
+    }
+    auto &r = rounded.emplace_back(p.value.size());
+    for (size_t i = 0; i < r.size(); ++i) r[i] = ops::float_to_bf16(p.value[i]);
+    tensors.push_back({p.name, SafetensorsDtype::BF16, p.shape, std::as_bytes(std::span<const uint16_t>(r))});
+  }
   write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
+}
+
+// config.json's initializer_range (transformers' default 0.02 when absent).
+double initializer_range(const fs::path &model_dir) {
+  std::ifstream in(model_dir / "config.json");
+  try {
+    const auto j = nlohmann::json::parse(in);
+    if (j.contains("initializer_range") && j["initializer_range"].is_number()) return j["initializer_range"].get<double>();
+  } catch (const nlohmann::json::exception &) {
+  }
+  return 0.02;
 }
 
 struct DataPosition {
@@ -61,19 +87,21 @@ struct DataPosition {
 
 // The checkpoint directory, written beside and renamed over, so an interrupted save leaves the
 // previous one whole.
-void save_checkpoint(const fs::path &out, const fs::path &source, DecoderTrainer<float> &trainer, const AdamW<float> &opt,
-                     int64_t step, DataPosition data, uint64_t seed, const TrainSpec &t) {
+void save_checkpoint(const fs::path &out, const fs::path &source, TrainingEngine &engine, int64_t step, DataPosition data,
+                     uint64_t seed, const TrainSpec &t) {
   const fs::path dir = out / "checkpoint", tmp = out / "checkpoint.tmp", old = out / "checkpoint.old";
   fs::remove_all(tmp);
-  write_model_dir(tmp, source, trainer.params());
+  const auto &params = engine.host_params();
+  write_model_dir(tmp, source, params);
+  std::vector<std::vector<float>> m, v;
+  engine.host_moments(m, v);
   std::vector<TensorToWrite> moments;
-  const auto &params = trainer.params();
-  for (size_t i = 0; i < opt.first_moments().size(); ++i) {
-    moments.push_back({params[i].name + ".exp_avg", SafetensorsDtype::F32, params[i].shape, bytes_of(opt.first_moments()[i])});
-    moments.push_back({params[i].name + ".exp_avg_sq", SafetensorsDtype::F32, params[i].shape, bytes_of(opt.second_moments()[i])});
+  for (size_t i = 0; i < m.size(); ++i) {
+    moments.push_back({params[i].name + ".exp_avg", SafetensorsDtype::F32, params[i].shape, bytes_of(m[i])});
+    moments.push_back({params[i].name + ".exp_avg_sq", SafetensorsDtype::F32, params[i].shape, bytes_of(v[i])});
   }
   write_safetensors(tmp / "optimizer.safetensors", moments, {{"optimizer", "adamw"}});
-  const nlohmann::json state = {{"step", step},          {"optimizer_steps", opt.steps()},
+  const nlohmann::json state = {{"step", step},          {"optimizer_steps", engine.optimizer_steps()},
                                 {"epoch", data.epoch},   {"position", data.position},
                                 {"seed", seed},          {"seq_len", t.seq_len},
                                 {"batch_size", t.batch_size}, {"grad_accum", t.grad_accum},
@@ -89,8 +117,7 @@ void save_checkpoint(const fs::path &out, const fs::path &source, DecoderTrainer
 // manifest must describe the same data order (seed, sequence length, batch), else the resumed run
 // would not continue the interrupted one.
 std::pair<int64_t, DataPosition> load_checkpoint(const fs::path &dir, const std::string &source_name,
-                                                 DecoderTrainer<float> &trainer, AdamW<float> &opt, uint64_t seed,
-                                                 const TrainSpec &t) {
+                                                 TrainingEngine &engine, uint64_t seed, const TrainSpec &t) {
   std::ifstream in(dir / "trainer_state.json");
   if (!in) throw runtime_error(source_name + ": train.resume: " + (dir / "trainer_state.json").string() + " not found");
   nlohmann::json state;
@@ -116,7 +143,7 @@ std::pair<int64_t, DataPosition> load_checkpoint(const fs::path &dir, const std:
   same("grad_accum", t.grad_accum, "train.grad_accum");
   const SafetensorsFile file = SafetensorsFile::open(dir / "optimizer.safetensors");
   std::vector<std::vector<float>> m, v;
-  for (const auto &p : trainer.params()) {
+  for (const auto &p : engine.host_params()) {
     for (const char *suffix : {".exp_avg", ".exp_avg_sq"}) {
       const SafetensorsTensor *st = file.find(p.name + suffix);
       if (st == nullptr || st->dtype != SafetensorsDtype::F32 || st->numel != p.value.size())
@@ -127,7 +154,7 @@ std::pair<int64_t, DataPosition> load_checkpoint(const fs::path &dir, const std:
       (std::strcmp(suffix, ".exp_avg") == 0 ? m : v).push_back(std::move(values));
     }
   }
-  opt.restore(field("optimizer_steps"), std::move(m), std::move(v));
+  engine.restore_optimizer(field("optimizer_steps"), std::move(m), std::move(v));
   return {field("step"), DataPosition{field("epoch"), field("position")}};
 }
 
@@ -221,24 +248,40 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   if (split.train.empty())
     throw runtime_error(t.data.string() + ": too little text for one training sequence of " + std::to_string(t.seq_len) + " tokens");
 
-  // Model and optimizer, fresh or from the checkpoint.
+  // Model and optimizer, fresh or from the checkpoint, on the device the manifest names ("auto":
+  // LOOM_DEVICE, else the GPU when there is one and it trains this architecture, else the CPU).
   const fs::path source = t.resume.empty() ? m.model_path : t.resume;
-  DecoderTrainer<float> trainer(config, ModelWeights::load(config, SafetensorsIndex::open_model_dir(source)));
-  trainer.set_recompute(t.recompute);
-  trainer.set_threads(static_cast<int32_t>(m.threads));  // [loom] threads; the results do not depend on it
-  AdamWOptions ao;
-  ao.lr = t.lr;
-  ao.beta1 = t.beta1;
-  ao.beta2 = t.beta2;
-  ao.eps = t.eps;
-  ao.weight_decay = t.weight_decay;
-  AdamW<float> opt(ao);
+  DLDevice device{kDLCPU, 0};
+  if (m.device != "auto") {
+    device = resolve_named_device(m.device, m.source_name, "loom.device");
+  } else if (const char *env = std::getenv("LOOM_DEVICE"); env && *env && std::string(env) != "auto") {
+    device = resolve_named_device(env, "LOOM_DEVICE", "environment");
+  } else if (cuda_device_count() > 0 && cuda_trains(config)) {
+    device = {kDLCUDA, 0};
+  }
+  if (t.precision == "bf16" && device.device_type != kDLCUDA)
+    throw manifest_error(m.source_name + ": train.precision: \"bf16\" trains on CUDA only (the CPU trains in float32)");
+  TrainEngineOptions eo;
+  eo.adamw.lr = t.lr;
+  eo.adamw.beta1 = t.beta1;
+  eo.adamw.beta2 = t.beta2;
+  eo.adamw.eps = t.eps;
+  eo.adamw.weight_decay = t.weight_decay;
+  eo.recompute = t.recompute;
+  eo.threads = static_cast<int32_t>(m.threads);  // [loom] threads; the results do not depend on it
+  eo.device = device.device_id;
+  eo.bf16 = t.precision == "bf16";
+  const ModelWeights weights = t.resume.empty() && t.init == "random"
+                                   ? random_initial_weights(config, seed, initializer_range(m.model_path))
+                                   : ModelWeights::load(config, SafetensorsIndex::open_model_dir(source));
+  std::unique_ptr<TrainingEngine> engine = device.device_type == kDLCUDA ? make_cuda_training_engine(config, weights, eo)
+                                                                         : make_cpu_training_engine(config, weights, eo);
   int64_t step = 0;
   DataPosition pos;
   fs::create_directories(t.out);
   const fs::path log_path = t.out / "train_log.jsonl";
   if (!t.resume.empty()) {
-    std::tie(step, pos) = load_checkpoint(t.resume, m.source_name, trainer, opt, seed, t);
+    std::tie(step, pos) = load_checkpoint(t.resume, m.source_name, *engine, seed, t);
     truncate_log(log_path, step);
   } else {
     std::ofstream(log_path, std::ios::trunc);
@@ -248,9 +291,12 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   TrainResult result;
   result.train_sequences = static_cast<int64_t>(split.train.size());
   result.validation_sequences = static_cast<int64_t>(split.validation.size());
-  auto validation_loss = [&] {
+  result.device = engine->describe();
+  auto validation_loss = [&] {  // in micro-batches of batch_size sequences
     double sum = 0;
-    for (const auto &s : split.validation) sum += trainer.loss(s, false);
+    const std::span<const std::vector<int32_t>> all(split.validation);
+    for (size_t i = 0; i < all.size(); i += static_cast<size_t>(t.batch_size))
+      sum += engine->run(all.subspan(i, std::min(all.size() - i, static_cast<size_t>(t.batch_size))), false, 1.0);
     return sum / static_cast<double>(split.validation.size());
   };
   double eval_seconds = 0;  // kept out of the training throughput
@@ -265,6 +311,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
 
   std::vector<int64_t> order = epoch_order(static_cast<int64_t>(split.train.size()), seed, pos.epoch);
   const int64_t per_step = t.batch_size * t.grad_accum;
+  std::vector<std::vector<int32_t>> batch;  // one micro-batch's sequences
   const double scale = 1.0 / static_cast<double>(per_step);
   const bool tty = isatty(2) != 0;
   const auto start = Clock::now();
@@ -273,20 +320,23 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   while (step < t.steps) {
     ++step;
     const double lr = learning_rate(t, step);
-    trainer.zero_grad();
+    engine->zero_grad();
     double loss = 0;
-    for (int64_t i = 0; i < per_step; ++i) {
-      if (pos.position >= static_cast<int64_t>(order.size())) {
-        ++pos.epoch;
-        pos.position = 0;
-        order = epoch_order(static_cast<int64_t>(split.train.size()), seed, pos.epoch);
+    for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
+      batch.clear();
+      for (int64_t i = 0; i < t.batch_size; ++i) {
+        if (pos.position >= static_cast<int64_t>(order.size())) {
+          ++pos.epoch;
+          pos.position = 0;
+          order = epoch_order(static_cast<int64_t>(split.train.size()), seed, pos.epoch);
+        }
+        batch.push_back(split.train[static_cast<size_t>(order[static_cast<size_t>(pos.position++)])]);
+        tokens_here += static_cast<int64_t>(batch.back().size());
       }
-      const auto &seq = split.train[static_cast<size_t>(order[static_cast<size_t>(pos.position++)])];
-      loss += trainer.loss(seq, true, scale) * scale;
-      tokens_here += static_cast<int64_t>(seq.size());
+      loss += engine->run(batch, true, scale) * scale;
     }
-    const double norm = clip_grad_norm(trainer.params(), t.grad_clip > 0 ? t.grad_clip : INFINITY);
-    opt.step(trainer.params(), lr);
+    const double norm = engine->clip_grad_norm(t.grad_clip > 0 ? t.grad_clip : INFINITY);
+    engine->optimizer_step(lr);
     ++done_here;
     result.train_loss.emplace_back(step, loss);
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
@@ -306,9 +356,9 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
       std::cerr << (tty ? "\r" : "") << line.str() << (tty ? "\033[K" : "\n") << std::flush;
     }
     if (t.eval_every > 0 && step % t.eval_every == 0) evaluate(step);
-    if (t.save_every > 0 && step % t.save_every == 0) save_checkpoint(t.out, m.model_path, trainer, opt, step, pos, seed, t);
+    if (t.save_every > 0 && step % t.save_every == 0) save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t);
     if (options.stop_after > 0 && done_here >= options.stop_after && step < t.steps) {
-      save_checkpoint(t.out, m.model_path, trainer, opt, step, pos, seed, t);
+      save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t);
       if (options.progress && tty) std::cerr << "\n";
       result.step = step;
       return result;
@@ -316,9 +366,9 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   }
   if (options.progress && tty) std::cerr << "\n";
   if (t.eval_every == 0 || step % t.eval_every != 0) evaluate(step);
-  save_checkpoint(t.out, m.model_path, trainer, opt, step, pos, seed, t);
+  save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t);
   result.model_dir = t.out / "model";
-  write_model_dir(result.model_dir, m.model_path, trainer.params());
+  write_model_dir(result.model_dir, m.model_path, engine->host_params(), t.save_dtype == "bfloat16");
   log.close();
   result.plot = plot_losses(t.out, log_path);
   result.step = step;

@@ -378,7 +378,7 @@ int cmd_train(const std::vector<std::string> &args) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::cout << "trained to step " << r.step << " of " << manifest.train.steps << " in " << std::fixed
               << std::setprecision(1) << seconds << " s (" << r.train_sequences << " training and "
-              << r.validation_sequences << " validation sequences)";
+              << r.validation_sequences << " validation sequences) on " << r.device;
     if (!r.val_loss.empty()) {
       std::cout << "; validation loss ";
       if (r.val_loss.size() > 1) std::cout << std::setprecision(4) << r.val_loss.front().second << " -> ";

@@ -17,6 +17,7 @@
 
 #include "../../core/grad_ops.hpp"
 #include "../../core/decoder_trainer.hpp"
+#include "train_curve_fixture.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
@@ -382,51 +383,27 @@ TEST_CASE("a 200-step training run follows PyTorch's loss curve within 2%", "[tr
   // tests/fixtures/models/train_curve.json: transformers' LlamaForCausalLM trained on the GPU
   // machine by tests/fixtures/make_train_curve.py from the same weights, on the same batches,
   // with the same AdamW, schedule and clipping; each step's loss before its update.
-  const fs::path fixture = kModels / "train_curve.json";
-  std::ifstream in(fixture);
-  REQUIRE(in.good());
-  const auto golden = nlohmann::json::parse(in);
-  const fs::path dir = kModels / golden["model"].get<std::string>();
-  const loom::ModelConfig config = loom::load_model_config(dir);
-  loom::DecoderTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)));
-  std::ifstream text_in(fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/text" / golden["text"].get<std::string>(), std::ios::binary);
-  const std::string text((std::istreambuf_iterator<char>(text_in)), std::istreambuf_iterator<char>());
-  const int64_t steps = golden["steps"], batch = golden["batch"], seq = golden["seq"], stride = golden["stride"],
-                warmup = golden["warmup"];
-  const double lr = golden["lr"], min_lr = golden["min_lr"], clip = golden["clip"];
-  loom::AdamWOptions o;
-  o.beta1 = golden["beta1"];
-  o.beta2 = golden["beta2"];
-  o.eps = golden["eps"];
-  o.weight_decay = golden["weight_decay"];
-  loom::AdamW<float> opt(o);
-  const auto &losses = golden["losses"];
-  REQUIRE(static_cast<int64_t>(losses.size()) == steps);
+  const TrainCurve curve = load_train_curve(LOOM_SOURCE_DIR);
+  REQUIRE(!curve.model_dir.empty());
+  const loom::ModelConfig config = loom::load_model_config(curve.model_dir);
+  loom::DecoderTrainer<float> trainer(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(curve.model_dir)));
+  loom::AdamW<float> opt(curve.adamw);
+  REQUIRE(static_cast<int64_t>(curve.losses.size()) == curve.steps);
   double worst = 0;
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t step = s + 1;
-    const double rate = step <= warmup ? lr * static_cast<double>(step) / static_cast<double>(warmup)
-                                       : min_lr + 0.5 * (lr - min_lr) *
-                                                      (1 + std::cos(M_PI * static_cast<double>(step - warmup) /
-                                                                    static_cast<double>(steps - warmup)));
+  for (int64_t s = 0; s < curve.steps; ++s) {
     trainer.zero_grad();
     double loss = 0;
-    for (int64_t i = 0; i < batch; ++i) {
-      const size_t start = static_cast<size_t>(((s * batch + i) * stride) % (static_cast<int64_t>(text.size()) - seq));
-      std::vector<int32_t> ids;
-      for (int64_t t = 0; t < seq; ++t) ids.push_back(static_cast<unsigned char>(text[start + static_cast<size_t>(t)]));
-      loss += trainer.loss(ids, true, 1.0 / static_cast<double>(batch)) / static_cast<double>(batch);
-    }
-    loom::clip_grad_norm(trainer.params(), clip);
-    opt.step(trainer.params(), rate);
-    const double theirs = losses[static_cast<size_t>(s)].get<double>();
+    const double per = 1.0 / static_cast<double>(curve.batch);
+    for (const auto &ids : curve.batch_of(s)) loss += trainer.loss(ids, true, per) * per;
+    loom::clip_grad_norm(trainer.params(), curve.clip);
+    opt.step(trainer.params(), curve.rate(s));
+    const double theirs = curve.losses[static_cast<size_t>(s)];
     worst = std::max(worst, std::fabs(loss - theirs) / theirs);
-    INFO("step " << step << ": Loom " << loss << ", PyTorch " << theirs);
+    INFO("step " << s + 1 << ": Loom " << loss << ", PyTorch " << theirs);
     CHECK(std::fabs(loss - theirs) <= 0.02 * theirs);
   }
-  WARN("worst relative difference from PyTorch's curve over " << steps << " steps: " << worst << "; loss "
-                                                              << losses.front().get<double>() << " -> "
-                                                              << losses.back().get<double>());
+  WARN("worst relative difference from PyTorch's curve over " << curve.steps << " steps: " << worst << "; loss "
+                                                              << curve.losses.front() << " -> " << curve.losses.back());
 }
 
 TEST_CASE("activation recomputation and threads give the same gradients bit for bit", "[train]") {

@@ -108,6 +108,13 @@ struct TrainSpec {
   double weight_decay = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   double grad_clip = 1.0;                    // max global gradient norm; 0 = no clipping
   bool recompute = false;                    // activation recomputation (less memory, one more forward)
+  // float32 | bf16: on CUDA, bf16 rounds the linears' GEMM operands to bfloat16 (float32 master
+  // weights, gradients, optimizer state and accumulation); the CPU computes in float32 and refuses bf16.
+  std::string precision = "float32";
+  // pretrained: start from the [model]'s weights; random: pretrain from transformers-style random
+  // weights (seeded by loom.seed; the [model] directory gives only config.json and the tokenizer).
+  std::string init = "pretrained";
+  std::string save_dtype = "float32";        // the exported model/'s tensors: float32 | bfloat16 (checkpoints stay float32)
   int64_t eval_every = 0;                    // validation every N steps (0: at the end only)
   int64_t save_every = 0;                    // a resumable checkpoint every N steps (0: at the end only)
   std::filesystem::path out;                 // output directory (checkpoints, the exported model, log, plot)

@@ -1,5 +1,6 @@
 // loom::train: what `loom train MANIFEST` does ([Training]): the manifest's [model] trained on
-// its [train] data on the CPU (core/decoder_trainer.hpp: float32, Llama family and GPT-2), with AdamW,
+// its [train] data on the CPU (core/decoder_trainer.hpp: float32, Llama family and GPT-2) or on a
+// GPU (core/cuda_trainer.cpp: the Llama family, float32 or bf16 GEMM operands), with AdamW,
 // a warmup-then-cosine/linear/constant schedule, gradient accumulation and clipping, validation
 // loss and perplexity every eval_every steps, resumable checkpoints and a Hugging Face export.
 //
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -40,6 +42,7 @@ struct TrainResult {
   std::vector<std::pair<int64_t, double>> val_loss;    // (step, validation loss)
   int64_t step = 0;                                    // the last step done
   int64_t train_sequences = 0, validation_sequences = 0;
+  std::string device;                                  // where it trained ("cuda:0 float32", "cpu float32 x4 threads")
   std::filesystem::path model_dir;                     // the export (empty when stopped early)
   std::filesystem::path plot;                          // loss.png (empty when gnuplot was not found)
 };

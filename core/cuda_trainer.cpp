@@ -1,0 +1,595 @@
+// The CUDA TrainingEngine (training_engine.hpp): the Llama family (RMSNorm, RoPE, grouped-query
+// attention with an optional sliding window, SwiGLU, q/k/v and MLP biases, tied or separate
+// head) trained on one GPU. A micro-batch of B sequences of n tokens runs as T = B n rows: the
+// linears and the attention's products are cuBLAS GEMMs (the attention materialises its [n, n]
+// probabilities per head, kept for the backward pass), everything else is kernels/cuda/train.cu.
+//
+// Precision: parameters, gradients, AdamW's moments and activations are float32. With bf16 on,
+// the linears' GEMMs (forward and both backward products, the head included) take bfloat16
+// copies of their operands and accumulate in float32, as autocast does; the attention's
+// products stay float32. Every step is deterministic (the kernels use no atomics, cuBLAS is
+// deterministic on one stream), so a resumed run continues an interrupted one bit for bit.
+//
+// Memory: all parameters in one buffer (likewise gradients and moments), activations per layer
+// sized for the largest micro-batch seen; with recomputation only one layer's activations are
+// kept besides each layer's input.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <span>
+#include <utility>
+
+#include "loom/core/error.hpp"
+#include "loom/core/reference_model.hpp"
+#include "loom/kernels/model.hpp"
+#include "loom/kernels/rows.hpp"
+#include "loom/kernels/train.hpp"
+#include "decoder_layout.hpp"
+#include "training_engine.hpp"
+
+namespace loom {
+
+namespace {
+
+namespace kn = kernels;
+
+void check(cudaError_t e, const char *what) {
+  if (e != cudaSuccess) throw runtime_error(std::string("training on CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+void check_launch(int e, const char *what) { check(static_cast<cudaError_t>(e), what); }
+void check(cublasStatus_t s, const char *what) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw runtime_error(std::string("training on CUDA: ") + what + ": " + cublasGetStatusString(s));
+}
+
+// A device array, grown (never shrunk) by reserve; contents are not kept across a growth.
+template <class T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  DeviceArray(const DeviceArray &) = delete;
+  DeviceArray &operator=(const DeviceArray &) = delete;
+  DeviceArray(DeviceArray &&o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  DeviceArray &operator=(DeviceArray &&o) noexcept {
+    std::swap(ptr_, o.ptr_);
+    std::swap(size_, o.size_);
+    return *this;
+  }
+  ~DeviceArray() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  void reserve(size_t n) {
+    if (n <= size_) return;
+    if (ptr_) cudaFree(ptr_);
+    ptr_ = nullptr;
+    size_ = 0;
+    check(cudaMalloc(&ptr_, n * sizeof(T)), "cudaMalloc");
+    size_ = n;
+  }
+  T *get() const { return ptr_; }
+  size_t size() const { return size_; }
+
+ private:
+  T *ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+struct Param {
+  std::string name;
+  std::vector<int64_t> shape;
+  size_t offset = 0, size = 0;
+};
+
+// One layer's saved activations (see layer_forward).
+struct LayerActs {
+  DeviceArray<float> r1, h1, qs, ks, vs, p, a, x_mid, r2, h2, g, u, m;
+};
+
+class CudaTrainingEngine final : public TrainingEngine {
+ public:
+  CudaTrainingEngine(const ModelConfig &config, const ModelWeights &weights, const TrainEngineOptions &options);
+  ~CudaTrainingEngine() override {
+    if (blas_) cublasDestroy(blas_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  std::string describe() const override {
+    return "cuda:" + std::to_string(device_) + (bf16_ ? " float32, bf16 GEMMs" : " float32");
+  }
+  void zero_grad() override {
+    check(cudaMemsetAsync(grads_.get(), 0, total_ * sizeof(float), stream_), "zero the gradients");
+  }
+  double run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) override;
+  double clip_grad_norm(double max_norm) override;
+  void optimizer_step(double lr) override;
+  int64_t optimizer_steps() const override { return steps_; }
+  const std::vector<TrainParam<float>> &host_params() override;
+  std::vector<std::vector<float>> host_grads() override;
+  void host_moments(std::vector<std::vector<float>> &m, std::vector<std::vector<float>> &v) override;
+  void restore_optimizer(int64_t steps, std::vector<std::vector<float>> m, std::vector<std::vector<float>> v) override;
+
+ private:
+  using Layer = DecoderLayerParams;
+  size_t find(const std::string &name) const {
+    for (size_t i = 0; i < params_.size(); ++i)
+      if (params_[i].name == name) return i;
+    return SIZE_MAX;
+  }
+  size_t need(const std::string &name) const {
+    const size_t i = find(name);
+    if (i == SIZE_MAX) throw runtime_error("training: the model has no tensor " + name);
+    return i;
+  }
+  float *value(size_t i) const { return values_.get() + params_[i].offset; }
+  float *grad(size_t i) const { return grads_.get() + params_[i].offset; }
+  float *value_or_null(size_t i) const { return i == SIZE_MAX ? nullptr : value(i); }
+
+  void prepare(int64_t B, int64_t n);
+  // C = alpha op(A) op(B) + beta C (column-major, cuBLAS's convention); `linear_op` GEMMs take
+  // bfloat16 operands in bf16 mode.
+  void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A, int64_t lda, const float *B,
+            int64_t ldb, float beta, float *C, int64_t ldc, bool linear_op = true);
+  void batched(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A, int64_t lda, int64_t sa,
+               const float *B, int64_t ldb, int64_t sb, float *C, int64_t ldc, int64_t sc, int64_t count);
+  // y[T, out] = x[T, in] W^T (+ b), beta 1 adds into y.
+  void linear(const float *x, size_t w, size_t b, int64_t out, int64_t in, float *y, float beta = 0.0f);
+  // dx[T, in] (= or +=, beta) dy W; dW += dy^T x; db += column sums of dy.
+  void linear_backward(const float *dy, const float *x, size_t w, size_t b, int64_t out, int64_t in, float *dx,
+                       float dx_beta);
+  void layer_forward(size_t l, LayerActs &A, const float *x_in, float *x_out);
+  void layer_backward(size_t l, LayerActs &A, const float *x_in, float *dx);
+
+  ModelConfig config_;
+  int device_ = 0;
+  bool bf16_ = false, recompute_ = false;
+  AdamWOptions adamw_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  std::vector<Param> params_;
+  size_t total_ = 0;
+  DeviceArray<float> values_, grads_, moment1_, moment2_;  // AdamW's m and v
+  int64_t steps_ = 0;
+  std::vector<Layer> layers_;
+  size_t embed_ = 0, final_norm_ = 0, head_ = 0;
+  std::vector<double> inv_freq_;
+  std::vector<TrainParam<float>> host_;
+
+  // Sized by prepare for B sequences of n tokens.
+  int64_t B_ = 0, n_ = 0, T_ = 0, rope_n_ = 0;
+  std::vector<LayerActs> acts_;        // one per layer, or one shared with recomputation
+  std::vector<DeviceArray<float>> xs_;  // the residual stream before each layer, and after the last
+  DeviceArray<float> cos_sin_, q_, k_, v_, dp_, os_, dos_, dks_, dvs_, da_, dq_, dk_, dv_, dm_, dg_, du_, dh_, dx_,
+      dw_rows_, h_final_, r_final_, logits_, row_loss_;
+  DeviceArray<int32_t> tokens_, targets_, emb_index_;
+  DeviceArray<double> norm_scratch_, norm_;
+  DeviceArray<uint16_t> bf16_a_, bf16_b_;
+};
+
+CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWeights &weights,
+                                       const TrainEngineOptions &options)
+    : config_(config), device_(options.device), bf16_(options.bf16), recompute_(options.recompute),
+      adamw_(options.adamw) {
+  if (!cuda_trains(config))
+    throw runtime_error("training on CUDA: " + config.architecture_name +
+                        " has no CUDA trainer yet (the Llama family does); train it with loom.device = \"cpu\"");
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  check(cublasCreate(&blas_), "cublasCreate");
+  check(cublasSetStream(blas_, stream_), "cublasSetStream");
+  // Float32 GEMMs in float32 (no TF32), so that the float32 mode matches the CPU trainer.
+  check(cublasSetMathMode(blas_, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");
+
+  for (const auto &[name, shape] : expected_weights(config_)) {
+    Param p;
+    p.name = name;
+    p.shape = shape;
+    p.size = static_cast<size_t>(std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>()));
+    p.offset = total_;
+    total_ += (p.size + 63) / 64 * 64;  // 256-byte aligned starts
+    params_.push_back(std::move(p));
+  }
+  values_.reserve(total_);
+  grads_.reserve(total_);
+  check(cudaMemsetAsync(values_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
+  for (const auto &p : params_) {
+    const HostWeight &w = weights.at(p.name);
+    check(cudaMemcpyAsync(values_.get() + p.offset, w.values.data(), p.size * sizeof(float), cudaMemcpyHostToDevice,
+                          stream_),
+          "upload the weights");
+  }
+  check(cudaStreamSynchronize(stream_), "upload the weights");
+  zero_grad();
+
+  layers_ = decoder_layer_params(config_, [&](const std::string &name) { return find(name); },
+                                 [&](const std::string &name) { return need(name); });
+  embed_ = need("model.embed_tokens.weight");
+  final_norm_ = need("model.norm.weight");
+  head_ = config_.tie_word_embeddings ? embed_ : need("lm_head.weight");
+  inv_freq_ = rope_inv_freq(config_);
+  norm_scratch_.reserve(kn::kSumSquaresScratch);
+  norm_.reserve(1);
+}
+
+void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
+  const ModelConfig &c = config_;
+  const int64_t T = B * n, H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads,
+                I = c.intermediate_size, V = c.vocab_size;
+  B_ = B;
+  n_ = n;
+  T_ = T;
+  if (n != rope_n_) {  // the rotary table for positions 0..n-1, angles in float32 as ops::rope computes them
+    const int64_t half = D / 2;
+    std::vector<float> table(static_cast<size_t>(n * half * 2));
+    for (int64_t pos = 0; pos < n; ++pos)
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = static_cast<float>(pos) * static_cast<float>(inv_freq_[static_cast<size_t>(i)]);
+        table[static_cast<size_t>((pos * half + i) * 2)] = std::cos(angle);
+        table[static_cast<size_t>((pos * half + i) * 2 + 1)] = std::sin(angle);
+      }
+    cos_sin_.reserve(table.size());
+    check(cudaMemcpyAsync(cos_sin_.get(), table.data(), table.size() * sizeof(float), cudaMemcpyHostToDevice, stream_),
+          "upload the rotary table");
+    check(cudaStreamSynchronize(stream_), "upload the rotary table");
+    rope_n_ = n;
+  }
+  const size_t t = static_cast<size_t>(T), heads = static_cast<size_t>(B * Hq);
+  const size_t per_head = heads * static_cast<size_t>(n * D), probs = heads * static_cast<size_t>(n * n);
+  acts_.resize(recompute_ ? 1 : layers_.size());
+  for (auto &A : acts_) {
+    A.r1.reserve(t);
+    A.h1.reserve(t * H);
+    A.qs.reserve(per_head);
+    A.ks.reserve(per_head);
+    A.vs.reserve(per_head);
+    A.p.reserve(probs);
+    A.a.reserve(t * Hq * D);
+    A.x_mid.reserve(t * H);
+    A.r2.reserve(t);
+    A.h2.reserve(t * H);
+    A.g.reserve(t * I);
+    A.u.reserve(t * I);
+    A.m.reserve(t * I);
+  }
+  xs_.resize(layers_.size() + 1);
+  for (auto &x : xs_) x.reserve(t * H);
+  for (auto *b : {&q_, &da_, &dq_}) b->reserve(t * Hq * D);
+  for (auto *b : {&k_, &v_, &dk_, &dv_}) b->reserve(t * Hkv * D);
+  dp_.reserve(probs);
+  for (auto *b : {&os_, &dos_, &dks_, &dvs_}) b->reserve(per_head);
+  for (auto *b : {&dm_, &dg_, &du_}) b->reserve(t * I);
+  for (auto *b : {&dh_, &dx_, &dw_rows_, &h_final_}) b->reserve(t * H);
+  r_final_.reserve(t);
+  logits_.reserve(t * V);
+  row_loss_.reserve(t);
+  tokens_.reserve(t);
+  targets_.reserve(t);
+  emb_index_.reserve(3 * t + 1);
+}
+
+void CudaTrainingEngine::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A, int64_t lda,
+                              const float *B, int64_t ldb, float beta, float *C, int64_t ldc, bool linear_op) {
+  const cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  if (!bf16_ || !linear_op) {
+    check(cublasSgemm(blas_, oa, ob, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, A,
+                      static_cast<int>(lda), B, static_cast<int>(ldb), &beta, C, static_cast<int>(ldc)),
+          "cublasSgemm");
+    return;
+  }
+  // Column-major operands: A holds lda x (ta ? m : k) floats, B ldb x (tb ? k : n).
+  const int64_t na = lda * (ta ? m : k), nb = ldb * (tb ? k : n);
+  bf16_a_.reserve(static_cast<size_t>(na));
+  bf16_b_.reserve(static_cast<size_t>(nb));
+  check_launch(kn::f32_to_bf16_cuda(A, na, bf16_a_.get(), stream_), "round GEMM operands to bfloat16");
+  check_launch(kn::f32_to_bf16_cuda(B, nb, bf16_b_.get(), stream_), "round GEMM operands to bfloat16");
+  check(cublasGemmEx(blas_, oa, ob, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, bf16_a_.get(),
+                     CUDA_R_16BF, static_cast<int>(lda), bf16_b_.get(), CUDA_R_16BF, static_cast<int>(ldb), &beta, C,
+                     CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        "cublasGemmEx");
+}
+
+void CudaTrainingEngine::batched(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A,
+                                 int64_t lda, int64_t sa, const float *B, int64_t ldb, int64_t sb, float *C, int64_t ldc,
+                                 int64_t sc, int64_t count) {
+  const float beta = 0.0f;
+  check(cublasSgemmStridedBatched(blas_, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(m),
+                                  static_cast<int>(n), static_cast<int>(k), &alpha, A, static_cast<int>(lda), sa, B,
+                                  static_cast<int>(ldb), sb, &beta, C, static_cast<int>(ldc), sc, static_cast<int>(count)),
+        "cublasSgemmStridedBatched");
+}
+
+// Row-major y[T, out] = x[T, in] W[out, in]^T is, column-major, y^T = W^T' x^T: op(A) = T on W.
+void CudaTrainingEngine::linear(const float *x, size_t w, size_t b, int64_t out, int64_t in, float *y, float beta) {
+  gemm(true, false, out, T_, in, 1.0f, value(w), in, x, in, beta, y, out);
+  if (b != SIZE_MAX) check_launch(kn::bias_add_cuda(y, value(b), T_, static_cast<int32_t>(out), stream_), "bias");
+}
+
+void CudaTrainingEngine::linear_backward(const float *dy, const float *x, size_t w, size_t b, int64_t out, int64_t in,
+                                         float *dx, float dx_beta) {
+  if (dx) gemm(false, false, in, T_, out, 1.0f, value(w), in, dy, out, dx_beta, dx, in);  // dx = dy W
+  gemm(false, true, in, out, T_, 1.0f, x, in, dy, out, 1.0f, grad(w), in);                 // dW += dy^T x
+  if (b != SIZE_MAX)
+    check_launch(kn::column_sum_cuda(dy, static_cast<int32_t>(T_), static_cast<int32_t>(out), grad(b), stream_), "bias grad");
+}
+
+void CudaTrainingEngine::layer_forward(size_t l, LayerActs &A, const float *x_in, float *x_out) {
+  const ModelConfig &c = config_;
+  const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size,
+                group = Hq / Hkv, n = n_, heads = B_ * Hq;
+  const auto T = static_cast<int32_t>(T_);
+  const Layer &L = layers_[l];
+  const auto eps = static_cast<float>(c.norm_eps);
+  check_launch(kn::rms_norm_forward_cuda(x_in, value(L.norm1), T, static_cast<int32_t>(H), eps, A.h1.get(), A.r1.get(), stream_),
+               "rms norm");
+  linear(A.h1.get(), L.q, L.q_b, Hq * D, H, q_.get());
+  linear(A.h1.get(), L.k, L.k_b, Hkv * D, H, k_.get());
+  linear(A.h1.get(), L.v, L.v_b, Hkv * D, H, v_.get());
+  const auto n32 = static_cast<int32_t>(n), D32 = static_cast<int32_t>(D), B32 = static_cast<int32_t>(B_);
+  check_launch(kn::rope_cuda(q_.get(), T, static_cast<int32_t>(Hq), D32, n32, cos_sin_.get(), false, stream_), "rope");
+  check_launch(kn::rope_cuda(k_.get(), T, static_cast<int32_t>(Hkv), D32, n32, cos_sin_.get(), false, stream_), "rope");
+  check_launch(kn::split_heads_cuda(q_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, A.qs.get(), stream_), "split");
+  check_launch(kn::split_heads_cuda(k_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
+                                    A.ks.get(), stream_),
+               "split");
+  check_launch(kn::split_heads_cuda(v_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
+                                    A.vs.get(), stream_),
+               "split");
+  // Scores[i][j] = scale q_i . k_j, row-major per head: column-major S^T = K Q^T.
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  batched(true, false, n, n, D, scale, A.ks.get(), D, n * D, A.qs.get(), D, n * D, A.p.get(), n, n * n, heads);
+  check_launch(kn::causal_softmax_cuda(A.p.get(), heads * n, n32, static_cast<int32_t>(c.sliding_window), stream_),
+               "softmax");
+  batched(false, false, D, n, n, 1.0f, A.vs.get(), D, n * D, A.p.get(), n, n * n, os_.get(), D, n * D, heads);  // O = P V
+  check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, A.a.get(), stream_), "merge");
+  check(cudaMemcpyAsync(A.x_mid.get(), x_in, static_cast<size_t>(T_ * H) * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
+        "copy");
+  linear(A.a.get(), L.o, L.o_b, H, Hq * D, A.x_mid.get(), 1.0f);
+  check_launch(kn::rms_norm_forward_cuda(A.x_mid.get(), value(L.norm2), T, static_cast<int32_t>(H), eps, A.h2.get(),
+                                         A.r2.get(), stream_),
+               "rms norm");
+  linear(A.h2.get(), L.gate, L.gate_b, I, H, A.g.get());
+  linear(A.h2.get(), L.up, L.up_b, I, H, A.u.get());
+  check_launch(kn::swiglu_forward_cuda(A.g.get(), A.u.get(), T_ * I, A.m.get(), stream_), "swiglu");
+  check(cudaMemcpyAsync(x_out, A.x_mid.get(), static_cast<size_t>(T_ * H) * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
+        "copy");
+  linear(A.m.get(), L.down, L.down_b, H, I, x_out, 1.0f);
+}
+
+// dx: the loss's gradient with respect to the layer's output on entry, its input on return.
+void CudaTrainingEngine::layer_backward(size_t l, LayerActs &A, const float *x_in, float *dx) {
+  const ModelConfig &c = config_;
+  const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size,
+                group = Hq / Hkv, n = n_, heads = B_ * Hq;
+  const auto T = static_cast<int32_t>(T_), H32 = static_cast<int32_t>(H);
+  const Layer &L = layers_[l];
+  // MLP: x_out = x_mid + down(silu(gate(h2)) * up(h2)), h2 = norm2(x_mid).
+  linear_backward(dx, A.m.get(), L.down, L.down_b, H, I, dm_.get(), 0.0f);
+  check_launch(kn::swiglu_backward_cuda(dm_.get(), A.g.get(), A.u.get(), T_ * I, dg_.get(), du_.get(), stream_),
+               "swiglu backward");
+  linear_backward(dg_.get(), A.h2.get(), L.gate, L.gate_b, I, H, dh_.get(), 0.0f);
+  linear_backward(du_.get(), A.h2.get(), L.up, L.up_b, I, H, dh_.get(), 1.0f);
+  check_launch(kn::rms_norm_backward_cuda(dh_.get(), A.x_mid.get(), value(L.norm2), A.r2.get(), T, H32, dx, dw_rows_.get(),
+                                          stream_),
+               "rms norm backward");
+  check_launch(kn::column_sum_cuda(dw_rows_.get(), T, H32, grad(L.norm2), stream_), "norm grad");
+  // Attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x_in).
+  linear_backward(dx, A.a.get(), L.o, L.o_b, H, Hq * D, da_.get(), 0.0f);
+  const auto n32 = static_cast<int32_t>(n), D32 = static_cast<int32_t>(D), B32 = static_cast<int32_t>(B_);
+  check_launch(kn::split_heads_cuda(da_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, dos_.get(), stream_), "split");
+  batched(true, false, n, n, D, 1.0f, A.vs.get(), D, n * D, dos_.get(), D, n * D, dp_.get(), n, n * n, heads);  // dP = dO V^T
+  batched(false, true, D, n, n, 1.0f, dos_.get(), D, n * D, A.p.get(), n, n * n, dvs_.get(), D, n * D, heads);  // dV = P^T dO
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  check_launch(kn::softmax_backward_cuda(A.p.get(), dp_.get(), heads * n, n32, scale, stream_), "softmax backward");
+  batched(false, false, D, n, n, 1.0f, A.ks.get(), D, n * D, dp_.get(), n, n * n, os_.get(), D, n * D, heads);   // dQ = dS K
+  batched(false, true, D, n, n, 1.0f, A.qs.get(), D, n * D, dp_.get(), n, n * n, dks_.get(), D, n * D, heads);  // dK = dS^T Q
+  check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, dq_.get(), stream_), "merge");
+  check_launch(kn::merge_heads_cuda(dks_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
+                                    dk_.get(), stream_),
+               "merge");
+  check_launch(kn::merge_heads_cuda(dvs_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
+                                    dv_.get(), stream_),
+               "merge");
+  check_launch(kn::rope_cuda(dq_.get(), T, static_cast<int32_t>(Hq), D32, n32, cos_sin_.get(), true, stream_), "rope");
+  check_launch(kn::rope_cuda(dk_.get(), T, static_cast<int32_t>(Hkv), D32, n32, cos_sin_.get(), true, stream_), "rope");
+  linear_backward(dq_.get(), A.h1.get(), L.q, L.q_b, Hq * D, H, dh_.get(), 0.0f);
+  linear_backward(dk_.get(), A.h1.get(), L.k, L.k_b, Hkv * D, H, dh_.get(), 1.0f);
+  linear_backward(dv_.get(), A.h1.get(), L.v, L.v_b, Hkv * D, H, dh_.get(), 1.0f);
+  check_launch(kn::rms_norm_backward_cuda(dh_.get(), x_in, value(L.norm1), A.r1.get(), T, H32, dx, dw_rows_.get(), stream_),
+               "rms norm backward");
+  check_launch(kn::column_sum_cuda(dw_rows_.get(), T, H32, grad(L.norm1), stream_), "norm grad");
+}
+
+double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) {
+  if (batch.empty()) return 0.0;
+  const ModelConfig &c = config_;
+  const auto n = static_cast<int64_t>(batch.front().size());
+  if (n < 2) throw runtime_error("training: a sequence needs at least two tokens");
+  if (n > c.max_positions)
+    throw runtime_error("training: a sequence of " + std::to_string(n) + " tokens exceeds the model's " +
+                        std::to_string(c.max_positions) + " positions");
+  const auto B = static_cast<int64_t>(batch.size());
+  std::vector<int32_t> tokens, targets;
+  tokens.reserve(static_cast<size_t>(B * n));
+  for (const auto &seq : batch) {
+    if (static_cast<int64_t>(seq.size()) != n)
+      throw runtime_error("training on CUDA: the sequences of a batch must have the same length");
+    for (size_t t = 0; t < seq.size(); ++t) {
+      if (seq[t] < 0 || seq[t] >= c.vocab_size)
+        throw runtime_error("training: token " + std::to_string(seq[t]) + " is outside the vocabulary");
+      tokens.push_back(seq[t]);
+      targets.push_back(t + 1 < seq.size() ? seq[t + 1] : -1);
+    }
+  }
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  prepare(B, n);
+  const int64_t T = B * n, H = c.hidden_size, V = c.vocab_size;
+  const auto T32 = static_cast<int32_t>(T), H32 = static_cast<int32_t>(H);
+  // The embedding's backward sums each token's rows in position order (no atomics): positions
+  // sorted by token, the start of each token's run, and the tokens.
+  std::vector<int32_t> order(static_cast<size_t>(T));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return tokens[static_cast<size_t>(a)] < tokens[static_cast<size_t>(b)]; });
+  std::vector<int32_t> starts, unique;
+  for (int32_t k = 0; k < T32; ++k)
+    if (k == 0 || tokens[static_cast<size_t>(order[static_cast<size_t>(k)])] != tokens[static_cast<size_t>(order[static_cast<size_t>(k - 1)])]) {
+      starts.push_back(k);
+      unique.push_back(tokens[static_cast<size_t>(order[static_cast<size_t>(k)])]);
+    }
+  starts.push_back(T32);
+  std::vector<int32_t> emb(order);
+  emb.insert(emb.end(), starts.begin(), starts.end());
+  emb.insert(emb.end(), unique.begin(), unique.end());
+  check(cudaMemcpyAsync(tokens_.get(), tokens.data(), tokens.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_), "upload");
+  check(cudaMemcpyAsync(targets_.get(), targets.data(), targets.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_), "upload");
+  check(cudaMemcpyAsync(emb_index_.get(), emb.data(), emb.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_), "upload");
+
+  check_launch(kn::embed_rows_cuda(tokens_.get(), nullptr, T32, H32, value(embed_), nullptr, kn::Dtype::f32, xs_[0].get(),
+                                   stream_),
+               "embedding");
+  for (size_t l = 0; l < layers_.size(); ++l)
+    layer_forward(l, acts_[recompute_ ? 0 : l], xs_[l].get(), xs_[l + 1].get());
+  const float *x_final = xs_[layers_.size()].get();
+  check_launch(kn::rms_norm_forward_cuda(x_final, value(final_norm_), T32, H32, static_cast<float>(c.norm_eps), h_final_.get(),
+                                         r_final_.get(), stream_),
+               "rms norm");
+  linear(h_final_.get(), head_, SIZE_MAX, V, H, logits_.get());
+  const auto weight = static_cast<float>(grad_scale / static_cast<double>(n - 1));
+  check_launch(kn::cross_entropy_cuda(logits_.get(), targets_.get(), T32, static_cast<int32_t>(V), weight, backward,
+                                      row_loss_.get(), stream_),
+               "cross entropy");
+  if (backward) {
+    check(cudaMemsetAsync(dx_.get(), 0, static_cast<size_t>(T * H) * sizeof(float), stream_), "cudaMemset");
+    linear_backward(logits_.get(), h_final_.get(), head_, SIZE_MAX, V, H, dh_.get(), 0.0f);
+    check_launch(kn::rms_norm_backward_cuda(dh_.get(), x_final, value(final_norm_), r_final_.get(), T32, H32, dx_.get(),
+                                            dw_rows_.get(), stream_),
+                 "rms norm backward");
+    check_launch(kn::column_sum_cuda(dw_rows_.get(), T32, H32, grad(final_norm_), stream_), "norm grad");
+    for (size_t l = layers_.size(); l-- > 0;) {
+      LayerActs &A = acts_[recompute_ ? 0 : l];
+      if (recompute_) layer_forward(l, A, xs_[l].get(), xs_[l + 1].get());
+      layer_backward(l, A, xs_[l].get(), dx_.get());
+    }
+    const int32_t *idx = emb_index_.get();
+    check_launch(kn::embedding_backward_cuda(dx_.get(), idx, idx + T, idx + T + starts.size(),
+                                             static_cast<int32_t>(unique.size()), H32, grad(embed_), stream_),
+                 "embedding backward");
+  }
+  std::vector<float> losses(static_cast<size_t>(T));
+  check(cudaMemcpyAsync(losses.data(), row_loss_.get(), losses.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+        "download the losses");
+  check(cudaStreamSynchronize(stream_), "a training step");
+  double sum = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    double seq = 0;
+    for (int64_t t = 0; t < n - 1; ++t) seq += static_cast<double>(losses[static_cast<size_t>(b * n + t)]);
+    sum += seq / static_cast<double>(n - 1);
+  }
+  return sum;
+}
+
+double CudaTrainingEngine::clip_grad_norm(double max_norm) {
+  check_launch(kn::sum_squares_cuda(grads_.get(), static_cast<int64_t>(total_), norm_scratch_.get(), norm_.get(), stream_),
+               "gradient norm");
+  double sq = 0;
+  check(cudaMemcpyAsync(&sq, norm_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_), "gradient norm");
+  check(cudaStreamSynchronize(stream_), "gradient norm");
+  const double norm = std::sqrt(sq);
+  if (norm > max_norm && norm > 0)
+    check_launch(kn::scale_cuda(grads_.get(), static_cast<int64_t>(total_), static_cast<float>(max_norm / (norm + 1e-6)),
+                                stream_),
+                 "clip");
+  return norm;
+}
+
+void CudaTrainingEngine::optimizer_step(double lr) {
+  if (moment1_.size() == 0) {
+    moment1_.reserve(total_);
+    moment2_.reserve(total_);
+    check(cudaMemsetAsync(moment1_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
+    check(cudaMemsetAsync(moment2_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
+  }
+  ++steps_;
+  const double b1 = adamw_.beta1, b2 = adamw_.beta2;
+  const double c1 = 1.0 - std::pow(b1, static_cast<double>(steps_)), c2 = 1.0 - std::pow(b2, static_cast<double>(steps_));
+  for (const auto &p : params_) {
+    const double decay = p.shape.size() >= 2 ? adamw_.weight_decay : 0.0;
+    check_launch(kn::adamw_cuda(values_.get() + p.offset, grads_.get() + p.offset, moment1_.get() + p.offset, moment2_.get() + p.offset,
+                                static_cast<int64_t>(p.size), lr, b1, b2, adamw_.eps, decay, c1, c2, stream_),
+                 "AdamW");
+  }
+}
+
+const std::vector<TrainParam<float>> &CudaTrainingEngine::host_params() {
+  host_.resize(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    host_[i].name = params_[i].name;
+    host_[i].shape = params_[i].shape;
+    host_[i].value.resize(params_[i].size);
+    check(cudaMemcpyAsync(host_[i].value.data(), value(i), params_[i].size * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+          "download the parameters");
+  }
+  check(cudaStreamSynchronize(stream_), "download the parameters");
+  return host_;
+}
+
+std::vector<std::vector<float>> CudaTrainingEngine::host_grads() {
+  std::vector<std::vector<float>> g;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    g.emplace_back(params_[i].size);
+    check(cudaMemcpyAsync(g.back().data(), grad(i), params_[i].size * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+          "download the gradients");
+  }
+  check(cudaStreamSynchronize(stream_), "download the gradients");
+  return g;
+}
+
+void CudaTrainingEngine::host_moments(std::vector<std::vector<float>> &m, std::vector<std::vector<float>> &v) {
+  m.clear();
+  v.clear();
+  if (moment1_.size() == 0) return;
+  for (const auto &p : params_) {
+    m.emplace_back(p.size);
+    v.emplace_back(p.size);
+    check(cudaMemcpyAsync(m.back().data(), moment1_.get() + p.offset, p.size * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+          "download the moments");
+    check(cudaMemcpyAsync(v.back().data(), moment2_.get() + p.offset, p.size * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+          "download the moments");
+  }
+  check(cudaStreamSynchronize(stream_), "download the moments");
+}
+
+void CudaTrainingEngine::restore_optimizer(int64_t steps, std::vector<std::vector<float>> m,
+                                           std::vector<std::vector<float>> v) {
+  steps_ = steps;
+  if (m.empty()) return;
+  if (m.size() != params_.size() || v.size() != params_.size())
+    throw runtime_error("training on CUDA: the optimizer state does not match the parameters");
+  moment1_.reserve(total_);
+  moment2_.reserve(total_);
+  check(cudaMemsetAsync(moment1_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
+  check(cudaMemsetAsync(moment2_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (m[i].size() != params_[i].size || v[i].size() != params_[i].size)
+      throw runtime_error("training on CUDA: the optimizer state of " + params_[i].name + " has the wrong size");
+    check(cudaMemcpyAsync(moment1_.get() + params_[i].offset, m[i].data(), params_[i].size * sizeof(float), cudaMemcpyHostToDevice,
+                          stream_),
+          "upload the moments");
+    check(cudaMemcpyAsync(moment2_.get() + params_[i].offset, v[i].data(), params_[i].size * sizeof(float), cudaMemcpyHostToDevice,
+                          stream_),
+          "upload the moments");
+  }
+  check(cudaStreamSynchronize(stream_), "upload the moments");
+}
+
+}  // namespace
+
+bool cuda_trains(const ModelConfig &config) { return config.architecture != Architecture::gpt2; }
+
+std::unique_ptr<TrainingEngine> make_cuda_training_engine(const ModelConfig &config, const ModelWeights &weights,
+                                                          const TrainEngineOptions &options) {
+  return std::make_unique<CudaTrainingEngine>(config, weights, options);
+}
+
+}  // namespace loom

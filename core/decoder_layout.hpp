@@ -1,0 +1,61 @@
+// Private to core: which of a trainer's parameters each role of a decoder layer is, found by the
+// checkpoint's module names; shared by the CPU trainer (DecoderTrainer) and the CUDA one.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "loom/core/model_config.hpp"
+
+namespace loom {
+
+// Parameter indices of one decoder layer (SIZE_MAX for an absent bias or, in GPT-2, an unused
+// role: q holds c_attn [H, 3H], o c_proj, up c_fc, down the MLP's c_proj; the norms' biases are
+// LayerNorm's).
+struct DecoderLayerParams {
+  size_t norm1 = SIZE_MAX, q = SIZE_MAX, k = SIZE_MAX, v = SIZE_MAX, o = SIZE_MAX, norm2 = SIZE_MAX, gate = SIZE_MAX,
+         up = SIZE_MAX, down = SIZE_MAX;
+  size_t q_b = SIZE_MAX, k_b = SIZE_MAX, v_b = SIZE_MAX, o_b = SIZE_MAX, gate_b = SIZE_MAX, up_b = SIZE_MAX,
+         down_b = SIZE_MAX, norm1_b = SIZE_MAX, norm2_b = SIZE_MAX;
+};
+
+// Each layer's roles: "<prefix><module>.weight" through need(name) (which throws when absent),
+// and ".bias" through find(name) (SIZE_MAX when absent) where the module may have one.
+template <class Find, class Need>
+std::vector<DecoderLayerParams> decoder_layer_params(const ModelConfig &config, Find find, Need need) {
+  using L = DecoderLayerParams;
+  struct Role {
+    size_t L::*weight;
+    size_t L::*bias;  // null: the module has no bias slot
+    const char *module;
+  };
+  static constexpr Role kGpt2[] = {{&L::norm1, &L::norm1_b, "ln_1"}, {&L::q, &L::q_b, "attn.c_attn"},
+                                   {&L::o, &L::o_b, "attn.c_proj"},  {&L::norm2, &L::norm2_b, "ln_2"},
+                                   {&L::up, &L::up_b, "mlp.c_fc"},   {&L::down, &L::down_b, "mlp.c_proj"}};
+  static constexpr Role kLlama[] = {{&L::norm1, nullptr, "input_layernorm"},
+                                    {&L::q, &L::q_b, "self_attn.q_proj"},
+                                    {&L::k, &L::k_b, "self_attn.k_proj"},
+                                    {&L::v, &L::v_b, "self_attn.v_proj"},
+                                    {&L::o, &L::o_b, "self_attn.o_proj"},
+                                    {&L::norm2, nullptr, "post_attention_layernorm"},
+                                    {&L::gate, &L::gate_b, "mlp.gate_proj"},
+                                    {&L::up, &L::up_b, "mlp.up_proj"},
+                                    {&L::down, &L::down_b, "mlp.down_proj"}};
+  const bool gpt2 = config.architecture == Architecture::gpt2;
+  std::vector<DecoderLayerParams> layers;
+  for (int64_t l = 0; l < config.n_layers; ++l) {
+    const std::string prefix = (gpt2 ? "h." : "model.layers.") + std::to_string(l) + ".";
+    L layer;
+    for (const Role &r : gpt2 ? std::span<const Role>(kGpt2) : std::span<const Role>(kLlama)) {
+      layer.*r.weight = need(prefix + r.module + ".weight");
+      if (r.bias) layer.*r.bias = find(prefix + r.module + ".bias");
+    }
+    layers.push_back(layer);
+  }
+  return layers;
+}
+
+}  // namespace loom

@@ -1,0 +1,60 @@
+// Private to core: what loom::train (training_run.cpp) drives, whatever the device: a model's
+// parameters, their gradients and AdamW. Two engines: the CPU's (DecoderTrainer + AdamW, every
+// supported architecture) and CUDA's (cuda_trainer.cpp: cuBLAS and kernels/cuda/train.cu; the
+// Llama family, float32 or bf16 GEMM operands).
+//
+// Ownership: an engine owns its parameters, gradients and optimizer state (on its device).
+// Thread-safety: none; one caller.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "decoder_trainer.hpp"
+#include "loom/core/model_config.hpp"
+#include "loom/core/model_weights.hpp"
+
+namespace loom {
+
+struct TrainEngineOptions {
+  AdamWOptions adamw;
+  bool recompute = false;      // activation recomputation
+  int32_t threads = 0;         // CPU threads (0: one per hardware thread)
+  int device = 0;              // CUDA device ordinal
+  bool bf16 = false;           // CUDA: GEMM operands rounded to bfloat16 (fp32 master weights and accumulation)
+};
+
+class TrainingEngine {
+ public:
+  virtual ~TrainingEngine() = default;
+  virtual std::string describe() const = 0;  // "cpu float32 x4 threads", "cuda:0 bf16 GEMMs"
+  virtual void zero_grad() = 0;
+  // The forward pass of each sequence of `batch` (equal lengths on CUDA) and, with `backward`,
+  // its backward pass: adds grad_scale times the gradient of each sequence's mean next-token loss
+  // into the gradients. Returns the sum over the sequences of their mean losses.
+  virtual double run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) = 0;
+  // Clips the gradients' global L2 norm to max_norm (INFINITY: no clipping); returns the norm.
+  virtual double clip_grad_norm(double max_norm) = 0;
+  virtual void optimizer_step(double lr) = 0;
+  virtual int64_t optimizer_steps() const = 0;
+  // Names, shapes and current values of the parameters (copied to the host on CUDA).
+  virtual const std::vector<TrainParam<float>> &host_params() = 0;
+  // The gradients per parameter, in host_params' order (for tests).
+  virtual std::vector<std::vector<float>> host_grads() = 0;
+  // AdamW's moments per parameter (empty before the first step).
+  virtual void host_moments(std::vector<std::vector<float>> &m, std::vector<std::vector<float>> &v) = 0;
+  virtual void restore_optimizer(int64_t steps, std::vector<std::vector<float>> m, std::vector<std::vector<float>> v) = 0;
+};
+
+std::unique_ptr<TrainingEngine> make_cpu_training_engine(const ModelConfig &config, const ModelWeights &weights,
+                                                         const TrainEngineOptions &options);
+// Throws loom::Error when this build has no CUDA or the architecture has no CUDA trainer yet.
+std::unique_ptr<TrainingEngine> make_cuda_training_engine(const ModelConfig &config, const ModelWeights &weights,
+                                                          const TrainEngineOptions &options);
+// Whether make_cuda_training_engine accepts this architecture (in a CUDA build).
+bool cuda_trains(const ModelConfig &config);
+
+}  // namespace loom

@@ -1,0 +1,86 @@
+// The CUDA kernels of training ([Training]): the backward passes of a decoder's row and
+// element-wise operations, the attention softmax and its backward, cross-entropy, AdamW and the
+// gradient norm. The GEMMs between them are cuBLAS's (core/cuda_trainer.cpp).
+//
+// Conventions: float32 throughout (the trainer's bf16 mode rounds GEMM operands only, with model.hpp's
+// f32_to_bf16_cuda), every
+// pointer is device memory, shapes in comments are row-major. Each call only enqueues on
+// `stream` (a cudaStream_t as void*) and returns a cudaError_t as int (0: launched). Every
+// kernel is deterministic: each output element is produced by one thread in a fixed order (no
+// atomics), so a step gives the same bits on every run. Functions named *_backward ADD into
+// the gradients they produce unless the comment says "writes". Thread-safety: calls on
+// different streams/buffers are independent.
+#pragma once
+
+#include <cstdint>
+
+namespace loom::kernels {
+
+// y[n, H] = w * x * r with r[n] = 1 / sqrt(mean(x^2) + eps) (written: the backward's).
+int rms_norm_forward_cuda(const float* x, const float* w, int32_t n, int32_t H, float eps, float* y, float* r,
+                          void* stream);
+// dx[n, H] += r w dy - x r^3 (w dy . x) / H; writes dw_rows[n, H] = dy x r (reduce it with
+// column_sum_cuda for dw).
+int rms_norm_backward_cuda(const float* dy, const float* x, const float* w, const float* r, int32_t n, int32_t H,
+                           float* dx, float* dw_rows, void* stream);
+
+// out[C] += sum over the n rows of m[n, C], each column summed in row order.
+int column_sum_cuda(const float* m, int32_t n, int32_t C, float* out, void* stream);
+
+// Rotary embedding in place on v[T, heads, D] (rotate-half pairs (i, i + D/2)) at position
+// t % seq_len of each row t; cos_sin: [seq_len, D/2, 2] (cos, sin). `inverse` rotates by the
+// opposite angle (the backward).
+int rope_cuda(float* v, int32_t T, int32_t heads, int32_t D, int32_t seq_len, const float* cos_sin, bool inverse,
+              void* stream);
+
+// Writes dst[B, heads * rep, n, D] from src[B * n, heads, D]: head h of dst is src's head h / rep
+// (rep > 1 repeats the KV heads of grouped-query attention for their query heads).
+int split_heads_cuda(const float* src, int32_t B, int32_t n, int32_t heads, int32_t D, int32_t rep, float* dst,
+                     void* stream);
+// The reverse: dst[B * n, heads, D] (written) = the sum over each group of `group` consecutive
+// heads of src[B, heads * group, n, D], in head order.
+int merge_heads_cuda(const float* src, int32_t B, int32_t n, int32_t heads, int32_t D, int32_t group, float* dst,
+                     void* stream);
+
+// In place on rows of n scores (matrices [n, n] stacked, query i = row % n): key j is kept when
+// j <= i and, with window > 0, i - j < window; the kept ones become their softmax, the others 0.
+int causal_softmax_cuda(float* s, int64_t rows, int32_t n, int32_t window, void* stream);
+// In place: dp becomes scale * p * (dp - sum_j p dp) per row (the softmax's backward times the
+// score scale).
+int softmax_backward_cuda(const float* p, float* dp, int64_t rows, int32_t n, float scale, void* stream);
+
+// m = silu(g) * u (written); the backward writes dg = dm u silu'(g) and du = dm silu(g).
+int swiglu_forward_cuda(const float* g, const float* u, int64_t n, float* m, void* stream);
+int swiglu_backward_cuda(const float* dm, const float* g, const float* u, int64_t n, float* dg, float* du,
+                         void* stream);
+
+// y[rows, C] += b[C] on every row.
+int bias_add_cuda(float* y, const float* b, int64_t rows, int32_t C, void* stream);
+
+// y[n] += x[n].
+int accumulate_cuda(float* y, const float* x, int64_t n, void* stream);
+
+// Embedding backward without atomics: for u < n_unique, dtable[unique[u]] += the sum of
+// dx[order[k]] over k in [starts[u], starts[u + 1]), in k order. dx: [T, H].
+int embedding_backward_cuda(const float* dx, const int32_t* order, const int32_t* starts, const int32_t* unique,
+                            int32_t n_unique, int32_t H, float* dtable, void* stream);
+
+// Cross-entropy per row of logits[rows, V] against targets[rows] (< 0: not scored). Writes
+// loss[rows] (lse - logit[target], 0 unscored) and, in place of the logits when `grad` is
+// true, weight * (softmax - onehot) (0 on unscored rows).
+int cross_entropy_cuda(float* logits, const int32_t* targets, int32_t rows, int32_t V, float weight, bool grad,
+                       float* loss, void* stream);
+
+// One AdamW step of n parameters as torch.optim.AdamW (decoupled decay), in double arithmetic:
+// p = p (1 - lr decay) - lr (m / c1) / (sqrt(v / c2) + eps) after m, v are updated from g.
+int adamw_cuda(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1, double beta2,
+               double eps, double decay, double c1, double c2, void* stream);
+
+// The number of doubles of scratch that sum_squares_cuda needs.
+constexpr int32_t kSumSquaresScratch = 256;
+// out[0] (written, double) = the sum of x[n]^2 in a fixed order (blocks' partial sums in
+// scratch[kSumSquaresScratch], then one block adds them).
+int sum_squares_cuda(const float* x, int64_t n, double* scratch, double* out, void* stream);
+// (Clipping scales the gradients with rows.hpp's scale_cuda.)
+
+}  // namespace loom::kernels
