@@ -5,7 +5,9 @@
 # tokenizer of 2000 pieces trained on it (spm_train from Debian's sentencepiece), with byte
 # fallback, so that any text (JSON output under a schema, say) has ids; and the verses as token
 # ids (uint16 little-endian, each verse preceded by BOS = 1), split 98% / 2% into train.bin and
-# val.bin by verse. scripts/train_tiny_kjv.py trains the model from these.
+# val.bin by verse, and the same split as text, a verse a line, in train.txt and val.txt.
+# configs/train_default_model.toml (loom train) trains the default model from the text files;
+# scripts/train_tiny_kjv.py (PyTorch, the model's first maker) from the .bin files.
 set -euo pipefail
 out=$1
 mkdir -p "$out"
@@ -25,6 +27,9 @@ train, val = array.array("H"), array.array("H")
 for i, line in enumerate(open(f"{out}/kjv.ids")):
     ids = [1] + [int(t) for t in line.split()]
     (val if i % 50 == 49 else train).extend(ids)
+with open(f"{out}/kjv.txt") as verses, open(f"{out}/train.txt", "w") as t, open(f"{out}/val.txt", "w") as v:
+    for i, line in enumerate(verses):
+        (v if i % 50 == 49 else t).write(line)
 for name, a in (("train", train), ("val", val)):
     with open(f"{out}/{name}.bin", "wb") as f:
         a.tofile(f)  # x86-64: little-endian

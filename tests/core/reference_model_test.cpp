@@ -87,6 +87,13 @@ TEST_CASE("every architecture matches transformers", "[model][golden]") {
   }
 }
 
+TEST_CASE("the default model, trained and exported by loom train, is what transformers computes", "[model][golden]") {
+  // models/tiny-kjv comes from configs/train_default_model.toml; transformers loaded that
+  // export on the GPU machine (tests/fixtures/make_default_model_golden.py) for these outputs.
+  const fs::path kjv = fs::path(LOOM_SOURCE_DIR) / "models/tiny-kjv";
+  check_against_golden(loom::ReferenceModel::load(kjv), kModels / "tiny-kjv-golden.json");
+}
+
 TEST_CASE("configs in the older rope_scaling layout read the same", "[model][config]") {
   TempDir dir;
   auto path = edited_copy(dir, "tiny-llama3-tied", [](nlohmann::json &c) {

@@ -260,7 +260,7 @@ TEST_CASE("requests that arrive while the runtime serves join the batch and get 
   const Requests reqs = make_requests(24, 7);
   const auto expected = alone(reqs);
   auto rt = loom::Runtime::from_string(base_manifest() + "[scheduler]\nmax_seqs = 6\nmax_batched_tokens = 32\n" +
-                                       "[run]\nprompt = [1]\n");
+                                       "[run]\nprompt = [1]\nstop_tokens = []\n");  // as alone() runs
   loom::RequestQueue queue;
   std::vector<std::vector<int32_t>> streamed(reqs.prompts.size()), done(reqs.prompts.size());
   std::vector<int> done_calls(reqs.prompts.size() + 1, 0);
