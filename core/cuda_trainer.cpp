@@ -1,13 +1,14 @@
 // The CUDA TrainingEngine (training_engine.hpp): the Llama family (RMSNorm, RoPE, grouped-query
 // attention with an optional sliding window, SwiGLU, q/k/v and MLP biases, tied or separate
-// head) trained on one GPU. A micro-batch of B sequences of n tokens runs as T = B n rows: the
+// head) and GPT-2 (LayerNorm, learned positions, Conv1D weights, GELU, tied head) trained on one
+// GPU. A micro-batch of B sequences of n tokens runs as T = B n rows: the
 // linears and the attention's products are cuBLAS GEMMs (the attention materialises its [n, n]
 // probabilities per head, kept for the backward pass), everything else is kernels/cuda/train.cu.
 //
 // Precision: parameters, gradients, AdamW's moments and activations are float32. With bf16 on,
 // the linears' GEMMs (forward and both backward products, the head included) take bfloat16
 // copies of their operands and accumulate in float32, as autocast does; the attention's
-// products stay float32. Every step is deterministic (the kernels use no atomics, cuBLAS is
+// products run in TF32. Without it every GEMM is float32 (no TF32). Every step is deterministic (the kernels use no atomics, cuBLAS is
 // deterministic on one stream), so a resumed run continues an interrupted one bit for bit.
 //
 // Memory: all parameters in one buffer (likewise gradients and moments), activations per layer
@@ -86,7 +87,7 @@ struct Param {
 
 // One layer's saved activations (see layer_forward).
 struct LayerActs {
-  DeviceArray<float> r1, h1, qs, ks, vs, p, a, x_mid, r2, h2, g, u, m;
+  DeviceArray<float> r1, mean1, h1, qs, ks, vs, p, a, x_mid, r2, mean2, h2, g, u, m;  // mean1/2: LayerNorm's (GPT-2)
 };
 
 class CudaTrainingEngine final : public TrainingEngine {
@@ -139,6 +140,13 @@ class CudaTrainingEngine final : public TrainingEngine {
   // dx[T, in] (= or +=, beta) dy W; dW += dy^T x; db += column sums of dy.
   void linear_backward(const float *dy, const float *x, size_t w, size_t b, int64_t out, int64_t in, float *dx,
                        float dx_beta);
+  // GPT-2's Conv1D (W stored [in, out]) and its backward, as linear's.
+  void conv1d(const float *x, size_t w, size_t b, int64_t in, int64_t out, float *y, float beta = 0.0f);
+  void conv1d_backward(const float *dy, const float *x, size_t w, size_t b, int64_t in, int64_t out, float *dx,
+                       float dx_beta);
+  void attention_forward(LayerActs &A, const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride);
+  void attention_backward(LayerActs &A, const float *da, float *dq, int64_t q_stride, float *dk, float *dv,
+                          int64_t kv_stride);
   void layer_forward(size_t l, LayerActs &A, const float *x_in, float *x_out);
   void layer_backward(size_t l, LayerActs &A, const float *x_in, float *dx);
 
@@ -149,11 +157,13 @@ class CudaTrainingEngine final : public TrainingEngine {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   std::vector<Param> params_;
-  size_t total_ = 0;
+  size_t total_ = 0, decayed_ = 0;  // all floats of the flat buffers; the first decayed_ are matrices
   DeviceArray<float> values_, grads_, moment1_, moment2_;  // AdamW's m and v
   int64_t steps_ = 0;
   std::vector<Layer> layers_;
+  bool gpt2_ = false;
   size_t embed_ = 0, final_norm_ = 0, head_ = 0;
+  size_t positions_ = SIZE_MAX, final_norm_b_ = SIZE_MAX;  // GPT-2's wpe and ln_f bias
   std::vector<double> inv_freq_;
   std::vector<TrainParam<float>> host_;
 
@@ -161,9 +171,9 @@ class CudaTrainingEngine final : public TrainingEngine {
   int64_t B_ = 0, n_ = 0, T_ = 0, rope_n_ = 0;
   std::vector<LayerActs> acts_;        // one per layer, or one shared with recomputation
   std::vector<DeviceArray<float>> xs_;  // the residual stream before each layer, and after the last
-  DeviceArray<float> cos_sin_, q_, k_, v_, dp_, os_, dos_, dks_, dvs_, da_, dq_, dk_, dv_, dm_, dg_, du_, dh_, dx_,
+  DeviceArray<float> qkv_, mean_final_, cos_sin_, q_, k_, v_, dp_, os_, dos_, dks_, dvs_, da_, dq_, dk_, dv_, dm_, dg_, du_, dh_, dx_,
       dw_rows_, h_final_, r_final_, logits_, row_loss_;
-  DeviceArray<int32_t> tokens_, targets_, emb_index_;
+  DeviceArray<int32_t> tokens_, targets_, emb_index_, positions_index_, position_ids_;
   DeviceArray<double> norm_scratch_, norm_;
   DeviceArray<uint16_t> bf16_a_, bf16_b_;
 };
@@ -171,10 +181,7 @@ class CudaTrainingEngine final : public TrainingEngine {
 CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWeights &weights,
                                        const TrainEngineOptions &options)
     : config_(config), device_(options.device), bf16_(options.bf16), recompute_(options.recompute),
-      adamw_(options.adamw) {
-  if (!cuda_trains(config))
-    throw runtime_error("training on CUDA: " + config.architecture_name +
-                        " has no CUDA trainer yet (the Llama family does); train it with loom.device = \"cpu\"");
+      adamw_(options.adamw), gpt2_(config.architecture == Architecture::gpt2) {
   check(cudaSetDevice(device_), "cudaSetDevice");
   check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   check(cublasCreate(&blas_), "cublasCreate");
@@ -182,14 +189,22 @@ CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWei
   // Float32 GEMMs in float32 (no TF32), so that the float32 mode matches the CPU trainer.
   check(cublasSetMathMode(blas_, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");
 
-  for (const auto &[name, shape] : expected_weights(config_)) {
+  for (const auto &[name, shape] : expected_weights(config_)) {  // the CPU trainer's order
     Param p;
     p.name = name;
     p.shape = shape;
     p.size = static_cast<size_t>(std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>()));
-    p.offset = total_;
-    total_ += (p.size + 63) / 64 * 64;  // 256-byte aligned starts
     params_.push_back(std::move(p));
+  }
+  // The layout of the flat buffers: the matrices (decayed by AdamW) first, then the vectors
+  // (norms, biases), so that one AdamW launch covers the model, with decay below decayed_.
+  for (const bool matrices : {true, false}) {
+    for (Param &p : params_) {
+      if ((p.shape.size() >= 2) != matrices) continue;
+      p.offset = total_;
+      total_ += (p.size + 63) / 64 * 64;  // 256-byte aligned starts (the padding stays zero)
+    }
+    if (matrices) decayed_ = total_;
   }
   values_.reserve(total_);
   grads_.reserve(total_);
@@ -205,10 +220,17 @@ CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWei
 
   layers_ = decoder_layer_params(config_, [&](const std::string &name) { return find(name); },
                                  [&](const std::string &name) { return need(name); });
-  embed_ = need("model.embed_tokens.weight");
-  final_norm_ = need("model.norm.weight");
-  head_ = config_.tie_word_embeddings ? embed_ : need("lm_head.weight");
-  inv_freq_ = rope_inv_freq(config_);
+  if (gpt2_) {
+    embed_ = head_ = need("wte.weight");
+    positions_ = need("wpe.weight");
+    final_norm_ = need("ln_f.weight");
+    final_norm_b_ = need("ln_f.bias");
+  } else {
+    embed_ = need("model.embed_tokens.weight");
+    final_norm_ = need("model.norm.weight");
+    head_ = config_.tie_word_embeddings ? embed_ : need("lm_head.weight");
+    inv_freq_ = rope_inv_freq(config_);
+  }
   norm_scratch_.reserve(kn::kSumSquaresScratch);
   norm_.reserve(1);
 }
@@ -220,7 +242,7 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
   B_ = B;
   n_ = n;
   T_ = T;
-  if (n != rope_n_) {  // the rotary table for positions 0..n-1, angles in float32 as ops::rope computes them
+  if (!gpt2_ && n != rope_n_) {  // the rotary table for positions 0..n-1, angles in float32 as ops::rope computes them
     const int64_t half = D / 2;
     std::vector<float> table(static_cast<size_t>(n * half * 2));
     for (int64_t pos = 0; pos < n; ++pos)
@@ -240,6 +262,8 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
   acts_.resize(recompute_ ? 1 : layers_.size());
   for (auto &A : acts_) {
     A.r1.reserve(t);
+    A.mean1.reserve(t);
+    A.mean2.reserve(t);
     A.h1.reserve(t * H);
     A.qs.reserve(per_head);
     A.ks.reserve(per_head);
@@ -256,6 +280,8 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
   xs_.resize(layers_.size() + 1);
   for (auto &x : xs_) x.reserve(t * H);
   for (auto *b : {&q_, &da_, &dq_}) b->reserve(t * Hq * D);
+  if (gpt2_) qkv_.reserve(t * 3 * H);
+  mean_final_.reserve(t);
   for (auto *b : {&k_, &v_, &dk_, &dv_}) b->reserve(t * Hkv * D);
   dp_.reserve(probs);
   for (auto *b : {&os_, &dos_, &dks_, &dvs_}) b->reserve(per_head);
@@ -267,6 +293,8 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
   tokens_.reserve(t);
   targets_.reserve(t);
   emb_index_.reserve(3 * t + 1);
+  positions_index_.reserve(t + 2 * static_cast<size_t>(n) + 1);
+  position_ids_.reserve(t);
 }
 
 void CudaTrainingEngine::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A, int64_t lda,
@@ -294,10 +322,14 @@ void CudaTrainingEngine::batched(bool ta, bool tb, int64_t m, int64_t n, int64_t
                                  int64_t lda, int64_t sa, const float *B, int64_t ldb, int64_t sb, float *C, int64_t ldc,
                                  int64_t sc, int64_t count) {
   const float beta = 0.0f;
-  check(cublasSgemmStridedBatched(blas_, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(m),
+  // bf16 mode: the attention's products on TF32 tensor cores (10 mantissa bits, more than the
+  // linears' bfloat16 operands keep), without copies of the [n, n] probabilities.
+  if (bf16_) check(cublasSetMathMode(blas_, CUBLAS_TF32_TENSOR_OP_MATH), "cublasSetMathMode");
+  const cublasStatus_t status = cublasSgemmStridedBatched(blas_, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(m),
                                   static_cast<int>(n), static_cast<int>(k), &alpha, A, static_cast<int>(lda), sa, B,
-                                  static_cast<int>(ldb), sb, &beta, C, static_cast<int>(ldc), sc, static_cast<int>(count)),
-        "cublasSgemmStridedBatched");
+                                  static_cast<int>(ldb), sb, &beta, C, static_cast<int>(ldc), sc, static_cast<int>(count));
+  if (bf16_) check(cublasSetMathMode(blas_, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");
+  check(status, "cublasSgemmStridedBatched");
 }
 
 // Row-major y[T, out] = x[T, in] W[out, in]^T is, column-major, y^T = W^T' x^T: op(A) = T on W.
@@ -314,26 +346,18 @@ void CudaTrainingEngine::linear_backward(const float *dy, const float *x, size_t
     check_launch(kn::column_sum_cuda(dy, static_cast<int32_t>(T_), static_cast<int32_t>(out), grad(b), stream_), "bias grad");
 }
 
-void CudaTrainingEngine::layer_forward(size_t l, LayerActs &A, const float *x_in, float *x_out) {
+// Causal attention of the q/k/v rows (row strides in floats; q's heads first in its row) into
+// A.a [T, Hq D], keeping the head-major copies and the probabilities for the backward pass.
+void CudaTrainingEngine::attention_forward(LayerActs &A, const float *q, int64_t q_stride, const float *k,
+                                           const float *v, int64_t kv_stride) {
   const ModelConfig &c = config_;
-  const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size,
-                group = Hq / Hkv, n = n_, heads = B_ * Hq;
-  const auto T = static_cast<int32_t>(T_);
-  const Layer &L = layers_[l];
-  const auto eps = static_cast<float>(c.norm_eps);
-  check_launch(kn::rms_norm_forward_cuda(x_in, value(L.norm1), T, static_cast<int32_t>(H), eps, A.h1.get(), A.r1.get(), stream_),
-               "rms norm");
-  linear(A.h1.get(), L.q, L.q_b, Hq * D, H, q_.get());
-  linear(A.h1.get(), L.k, L.k_b, Hkv * D, H, k_.get());
-  linear(A.h1.get(), L.v, L.v_b, Hkv * D, H, v_.get());
+  const int64_t D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, group = Hq / Hkv, n = n_, heads = B_ * Hq;
   const auto n32 = static_cast<int32_t>(n), D32 = static_cast<int32_t>(D), B32 = static_cast<int32_t>(B_);
-  check_launch(kn::rope_cuda(q_.get(), T, static_cast<int32_t>(Hq), D32, n32, cos_sin_.get(), false, stream_), "rope");
-  check_launch(kn::rope_cuda(k_.get(), T, static_cast<int32_t>(Hkv), D32, n32, cos_sin_.get(), false, stream_), "rope");
-  check_launch(kn::split_heads_cuda(q_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, A.qs.get(), stream_), "split");
-  check_launch(kn::split_heads_cuda(k_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
+  check_launch(kn::split_heads_cuda(q, q_stride, B32, n32, static_cast<int32_t>(Hq), D32, 1, A.qs.get(), stream_), "split");
+  check_launch(kn::split_heads_cuda(k, kv_stride, B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
                                     A.ks.get(), stream_),
                "split");
-  check_launch(kn::split_heads_cuda(v_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
+  check_launch(kn::split_heads_cuda(v, kv_stride, B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
                                     A.vs.get(), stream_),
                "split");
   // Scores[i][j] = scale q_i . k_j, row-major per head: column-major S^T = K Q^T.
@@ -342,63 +366,135 @@ void CudaTrainingEngine::layer_forward(size_t l, LayerActs &A, const float *x_in
   check_launch(kn::causal_softmax_cuda(A.p.get(), heads * n, n32, static_cast<int32_t>(c.sliding_window), stream_),
                "softmax");
   batched(false, false, D, n, n, 1.0f, A.vs.get(), D, n * D, A.p.get(), n, n * n, os_.get(), D, n * D, heads);  // O = P V
-  check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, A.a.get(), stream_), "merge");
-  check(cudaMemcpyAsync(A.x_mid.get(), x_in, static_cast<size_t>(T_ * H) * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
-        "copy");
-  linear(A.a.get(), L.o, L.o_b, H, Hq * D, A.x_mid.get(), 1.0f);
-  check_launch(kn::rms_norm_forward_cuda(A.x_mid.get(), value(L.norm2), T, static_cast<int32_t>(H), eps, A.h2.get(),
-                                         A.r2.get(), stream_),
-               "rms norm");
-  linear(A.h2.get(), L.gate, L.gate_b, I, H, A.g.get());
-  linear(A.h2.get(), L.up, L.up_b, I, H, A.u.get());
-  check_launch(kn::swiglu_forward_cuda(A.g.get(), A.u.get(), T_ * I, A.m.get(), stream_), "swiglu");
-  check(cudaMemcpyAsync(x_out, A.x_mid.get(), static_cast<size_t>(T_ * H) * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
-        "copy");
-  linear(A.m.get(), L.down, L.down_b, H, I, x_out, 1.0f);
+  check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, A.a.get(), Hq * D, stream_),
+               "merge");
 }
 
-// dx: the loss's gradient with respect to the layer's output on entry, its input on return.
-void CudaTrainingEngine::layer_backward(size_t l, LayerActs &A, const float *x_in, float *dx) {
+// The backward of attention_forward from da [T, Hq D]: writes dq, dk, dv (row strides as given).
+void CudaTrainingEngine::attention_backward(LayerActs &A, const float *da, float *dq, int64_t q_stride, float *dk,
+                                            float *dv, int64_t kv_stride) {
   const ModelConfig &c = config_;
-  const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size,
-                group = Hq / Hkv, n = n_, heads = B_ * Hq;
-  const auto T = static_cast<int32_t>(T_), H32 = static_cast<int32_t>(H);
-  const Layer &L = layers_[l];
-  // MLP: x_out = x_mid + down(silu(gate(h2)) * up(h2)), h2 = norm2(x_mid).
-  linear_backward(dx, A.m.get(), L.down, L.down_b, H, I, dm_.get(), 0.0f);
-  check_launch(kn::swiglu_backward_cuda(dm_.get(), A.g.get(), A.u.get(), T_ * I, dg_.get(), du_.get(), stream_),
-               "swiglu backward");
-  linear_backward(dg_.get(), A.h2.get(), L.gate, L.gate_b, I, H, dh_.get(), 0.0f);
-  linear_backward(du_.get(), A.h2.get(), L.up, L.up_b, I, H, dh_.get(), 1.0f);
-  check_launch(kn::rms_norm_backward_cuda(dh_.get(), A.x_mid.get(), value(L.norm2), A.r2.get(), T, H32, dx, dw_rows_.get(),
-                                          stream_),
-               "rms norm backward");
-  check_launch(kn::column_sum_cuda(dw_rows_.get(), T, H32, grad(L.norm2), stream_), "norm grad");
-  // Attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x_in).
-  linear_backward(dx, A.a.get(), L.o, L.o_b, H, Hq * D, da_.get(), 0.0f);
+  const int64_t D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, group = Hq / Hkv, n = n_, heads = B_ * Hq;
   const auto n32 = static_cast<int32_t>(n), D32 = static_cast<int32_t>(D), B32 = static_cast<int32_t>(B_);
-  check_launch(kn::split_heads_cuda(da_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, dos_.get(), stream_), "split");
+  check_launch(kn::split_heads_cuda(da, Hq * D, B32, n32, static_cast<int32_t>(Hq), D32, 1, dos_.get(), stream_), "split");
   batched(true, false, n, n, D, 1.0f, A.vs.get(), D, n * D, dos_.get(), D, n * D, dp_.get(), n, n * n, heads);  // dP = dO V^T
   batched(false, true, D, n, n, 1.0f, dos_.get(), D, n * D, A.p.get(), n, n * n, dvs_.get(), D, n * D, heads);  // dV = P^T dO
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   check_launch(kn::softmax_backward_cuda(A.p.get(), dp_.get(), heads * n, n32, scale, stream_), "softmax backward");
   batched(false, false, D, n, n, 1.0f, A.ks.get(), D, n * D, dp_.get(), n, n * n, os_.get(), D, n * D, heads);   // dQ = dS K
   batched(false, true, D, n, n, 1.0f, A.qs.get(), D, n * D, dp_.get(), n, n * n, dks_.get(), D, n * D, heads);  // dK = dS^T Q
-  check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, dq_.get(), stream_), "merge");
-  check_launch(kn::merge_heads_cuda(dks_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
-                                    dk_.get(), stream_),
+  check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, dq, q_stride, stream_), "merge");
+  check_launch(kn::merge_heads_cuda(dks_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group), dk,
+                                    kv_stride, stream_),
                "merge");
-  check_launch(kn::merge_heads_cuda(dvs_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
-                                    dv_.get(), stream_),
+  check_launch(kn::merge_heads_cuda(dvs_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group), dv,
+                                    kv_stride, stream_),
                "merge");
+}
+
+void CudaTrainingEngine::layer_forward(size_t l, LayerActs &A, const float *x_in, float *x_out) {
+  const ModelConfig &c = config_;
+  const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size;
+  const auto T = static_cast<int32_t>(T_), H32 = static_cast<int32_t>(H);
+  const Layer &L = layers_[l];
+  const auto eps = static_cast<float>(c.norm_eps);
+  const size_t rows = static_cast<size_t>(T_ * H) * sizeof(float);
+  if (gpt2_) {
+    // x_mid = x_in + c_proj(attention(split(c_attn(ln_1(x_in))))); x_out = x_mid + c_proj(gelu(c_fc(ln_2(x_mid)))).
+    check_launch(kn::layer_norm_forward_cuda(x_in, value(L.norm1), value(L.norm1_b), T, H32, eps, A.h1.get(), A.mean1.get(),
+                                             A.r1.get(), stream_),
+                 "layer norm");
+    conv1d(A.h1.get(), L.q, L.q_b, H, 3 * H, qkv_.get());
+    attention_forward(A, qkv_.get(), 3 * H, qkv_.get() + H, qkv_.get() + 2 * H, 3 * H);
+    check(cudaMemcpyAsync(A.x_mid.get(), x_in, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
+    conv1d(A.a.get(), L.o, L.o_b, H, H, A.x_mid.get(), 1.0f);
+    check_launch(kn::layer_norm_forward_cuda(A.x_mid.get(), value(L.norm2), value(L.norm2_b), T, H32, eps, A.h2.get(),
+                                             A.mean2.get(), A.r2.get(), stream_),
+                 "layer norm");
+    conv1d(A.h2.get(), L.up, L.up_b, H, I, A.g.get());
+    check_launch(kn::gelu_forward_cuda(A.g.get(), T_ * I, A.m.get(), stream_), "gelu");
+    check(cudaMemcpyAsync(x_out, A.x_mid.get(), rows, cudaMemcpyDeviceToDevice, stream_), "copy");
+    conv1d(A.m.get(), L.down, L.down_b, I, H, x_out, 1.0f);
+    return;
+  }
+  check_launch(kn::rms_norm_forward_cuda(x_in, value(L.norm1), T, H32, eps, A.h1.get(), A.r1.get(), stream_), "rms norm");
+  linear(A.h1.get(), L.q, L.q_b, Hq * D, H, q_.get());
+  linear(A.h1.get(), L.k, L.k_b, Hkv * D, H, k_.get());
+  linear(A.h1.get(), L.v, L.v_b, Hkv * D, H, v_.get());
+  const auto n32 = static_cast<int32_t>(n_), D32 = static_cast<int32_t>(D);
+  check_launch(kn::rope_cuda(q_.get(), T, static_cast<int32_t>(Hq), D32, n32, cos_sin_.get(), false, stream_), "rope");
+  check_launch(kn::rope_cuda(k_.get(), T, static_cast<int32_t>(Hkv), D32, n32, cos_sin_.get(), false, stream_), "rope");
+  attention_forward(A, q_.get(), Hq * D, k_.get(), v_.get(), Hkv * D);
+  check(cudaMemcpyAsync(A.x_mid.get(), x_in, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
+  linear(A.a.get(), L.o, L.o_b, H, Hq * D, A.x_mid.get(), 1.0f);
+  check_launch(kn::rms_norm_forward_cuda(A.x_mid.get(), value(L.norm2), T, H32, eps, A.h2.get(), A.r2.get(), stream_),
+               "rms norm");
+  linear(A.h2.get(), L.gate, L.gate_b, I, H, A.g.get());
+  linear(A.h2.get(), L.up, L.up_b, I, H, A.u.get());
+  check_launch(kn::swiglu_forward_cuda(A.g.get(), A.u.get(), T_ * I, A.m.get(), stream_), "swiglu");
+  check(cudaMemcpyAsync(x_out, A.x_mid.get(), rows, cudaMemcpyDeviceToDevice, stream_), "copy");
+  linear(A.m.get(), L.down, L.down_b, H, I, x_out, 1.0f);
+}
+
+// dx: the loss's gradient with respect to the layer's output on entry, its input on return.
+void CudaTrainingEngine::layer_backward(size_t l, LayerActs &A, const float *x_in, float *dx) {
+  const ModelConfig &c = config_;
+  const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size;
+  const auto T = static_cast<int32_t>(T_), H32 = static_cast<int32_t>(H);
+  const Layer &L = layers_[l];
+  auto norm_backward = [&](const float *dy, const float *x, size_t w, size_t b, const float *mean, const float *r) {
+    if (gpt2_) {
+      check_launch(kn::layer_norm_backward_cuda(dy, x, value(w), mean, r, T, H32, dx, dw_rows_.get(), stream_),
+                   "layer norm backward");
+      check_launch(kn::column_sum_cuda(dy, T, H32, grad(b), stream_), "norm grad");
+    } else {
+      check_launch(kn::rms_norm_backward_cuda(dy, x, value(w), r, T, H32, dx, dw_rows_.get(), stream_), "rms norm backward");
+    }
+    check_launch(kn::column_sum_cuda(dw_rows_.get(), T, H32, grad(w), stream_), "norm grad");
+  };
+  if (gpt2_) {
+    conv1d_backward(dx, A.m.get(), L.down, L.down_b, I, H, dm_.get(), 0.0f);
+    check_launch(kn::gelu_backward_cuda(dm_.get(), A.g.get(), T_ * I, dg_.get(), stream_), "gelu backward");
+    conv1d_backward(dg_.get(), A.h2.get(), L.up, L.up_b, H, I, dh_.get(), 0.0f);
+    norm_backward(dh_.get(), A.x_mid.get(), L.norm2, L.norm2_b, A.mean2.get(), A.r2.get());
+    conv1d_backward(dx, A.a.get(), L.o, L.o_b, H, H, da_.get(), 0.0f);
+    attention_backward(A, da_.get(), qkv_.get(), 3 * H, qkv_.get() + H, qkv_.get() + 2 * H, 3 * H);
+    conv1d_backward(qkv_.get(), A.h1.get(), L.q, L.q_b, H, 3 * H, dh_.get(), 0.0f);
+    norm_backward(dh_.get(), x_in, L.norm1, L.norm1_b, A.mean1.get(), A.r1.get());
+    return;
+  }
+  // MLP: x_out = x_mid + down(silu(gate(h2)) * up(h2)), h2 = norm2(x_mid).
+  linear_backward(dx, A.m.get(), L.down, L.down_b, H, I, dm_.get(), 0.0f);
+  check_launch(kn::swiglu_backward_cuda(dm_.get(), A.g.get(), A.u.get(), T_ * I, dg_.get(), du_.get(), stream_),
+               "swiglu backward");
+  linear_backward(dg_.get(), A.h2.get(), L.gate, L.gate_b, I, H, dh_.get(), 0.0f);
+  linear_backward(du_.get(), A.h2.get(), L.up, L.up_b, I, H, dh_.get(), 1.0f);
+  norm_backward(dh_.get(), A.x_mid.get(), L.norm2, SIZE_MAX, nullptr, A.r2.get());
+  // Attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x_in).
+  linear_backward(dx, A.a.get(), L.o, L.o_b, H, Hq * D, da_.get(), 0.0f);
+  attention_backward(A, da_.get(), dq_.get(), Hq * D, dk_.get(), dv_.get(), Hkv * D);
+  const auto n32 = static_cast<int32_t>(n_), D32 = static_cast<int32_t>(D);
   check_launch(kn::rope_cuda(dq_.get(), T, static_cast<int32_t>(Hq), D32, n32, cos_sin_.get(), true, stream_), "rope");
   check_launch(kn::rope_cuda(dk_.get(), T, static_cast<int32_t>(Hkv), D32, n32, cos_sin_.get(), true, stream_), "rope");
   linear_backward(dq_.get(), A.h1.get(), L.q, L.q_b, Hq * D, H, dh_.get(), 0.0f);
   linear_backward(dk_.get(), A.h1.get(), L.k, L.k_b, Hkv * D, H, dh_.get(), 1.0f);
   linear_backward(dv_.get(), A.h1.get(), L.v, L.v_b, Hkv * D, H, dh_.get(), 1.0f);
-  check_launch(kn::rms_norm_backward_cuda(dh_.get(), x_in, value(L.norm1), A.r1.get(), T, H32, dx, dw_rows_.get(), stream_),
-               "rms norm backward");
-  check_launch(kn::column_sum_cuda(dw_rows_.get(), T, H32, grad(L.norm1), stream_), "norm grad");
+  norm_backward(dh_.get(), x_in, L.norm1, SIZE_MAX, nullptr, A.r1.get());
+}
+
+// GPT-2's Conv1D: row-major y[T, out] = x[T, in] W[in, out] (+ b): column-major y^T = W^T' x^T
+// with W read as it is stored.
+void CudaTrainingEngine::conv1d(const float *x, size_t w, size_t b, int64_t in, int64_t out, float *y, float beta) {
+  gemm(false, false, out, T_, in, 1.0f, value(w), out, x, in, beta, y, out);
+  if (b != SIZE_MAX) check_launch(kn::bias_add_cuda(y, value(b), T_, static_cast<int32_t>(out), stream_), "bias");
+}
+
+void CudaTrainingEngine::conv1d_backward(const float *dy, const float *x, size_t w, size_t b, int64_t in, int64_t out,
+                                         float *dx, float dx_beta) {
+  gemm(true, false, in, T_, out, 1.0f, value(w), out, dy, out, dx_beta, dx, in);  // dx = dy W^T
+  gemm(false, true, out, in, T_, 1.0f, dy, out, x, in, 1.0f, grad(w), out);        // dW += x^T dy
+  if (b != SIZE_MAX)
+    check_launch(kn::column_sum_cuda(dy, static_cast<int32_t>(T_), static_cast<int32_t>(out), grad(b), stream_), "bias grad");
 }
 
 double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) {
@@ -445,15 +541,34 @@ double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool
   check(cudaMemcpyAsync(targets_.get(), targets.data(), targets.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_), "upload");
   check(cudaMemcpyAsync(emb_index_.get(), emb.data(), emb.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_), "upload");
 
-  check_launch(kn::embed_rows_cuda(tokens_.get(), nullptr, T32, H32, value(embed_), nullptr, kn::Dtype::f32, xs_[0].get(),
-                                   stream_),
+  // GPT-2's learned positions: each row's position, and for the backward pass each position's
+  // rows in order (as the tokens' above: rows, run starts, positions).
+  if (gpt2_) {
+    std::vector<int32_t> pos(static_cast<size_t>(T)), runs;
+    for (int64_t t = 0; t < T; ++t) pos[static_cast<size_t>(t)] = static_cast<int32_t>(t % n);
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t b = 0; b < B; ++b) runs.push_back(static_cast<int32_t>(b * n + p));
+    for (int64_t p = 0; p <= n; ++p) runs.push_back(static_cast<int32_t>(p * B));
+    for (int64_t p = 0; p < n; ++p) runs.push_back(static_cast<int32_t>(p));
+    check(cudaMemcpyAsync(position_ids_.get(), pos.data(), pos.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+          "upload");
+    check(cudaMemcpyAsync(positions_index_.get(), runs.data(), runs.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+          "upload");
+  }
+  check_launch(kn::embed_rows_cuda(tokens_.get(), gpt2_ ? position_ids_.get() : nullptr, T32, H32, value(embed_),
+                                   gpt2_ ? value(positions_) : nullptr, kn::Dtype::f32, xs_[0].get(), stream_),
                "embedding");
   for (size_t l = 0; l < layers_.size(); ++l)
     layer_forward(l, acts_[recompute_ ? 0 : l], xs_[l].get(), xs_[l + 1].get());
   const float *x_final = xs_[layers_.size()].get();
-  check_launch(kn::rms_norm_forward_cuda(x_final, value(final_norm_), T32, H32, static_cast<float>(c.norm_eps), h_final_.get(),
-                                         r_final_.get(), stream_),
-               "rms norm");
+  const auto eps = static_cast<float>(c.norm_eps);
+  if (gpt2_)
+    check_launch(kn::layer_norm_forward_cuda(x_final, value(final_norm_), value(final_norm_b_), T32, H32, eps, h_final_.get(),
+                                             mean_final_.get(), r_final_.get(), stream_),
+                 "layer norm");
+  else
+    check_launch(kn::rms_norm_forward_cuda(x_final, value(final_norm_), T32, H32, eps, h_final_.get(), r_final_.get(), stream_),
+                 "rms norm");
   linear(h_final_.get(), head_, SIZE_MAX, V, H, logits_.get());
   const auto weight = static_cast<float>(grad_scale / static_cast<double>(n - 1));
   check_launch(kn::cross_entropy_cuda(logits_.get(), targets_.get(), T32, static_cast<int32_t>(V), weight, backward,
@@ -462,9 +577,16 @@ double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool
   if (backward) {
     check(cudaMemsetAsync(dx_.get(), 0, static_cast<size_t>(T * H) * sizeof(float), stream_), "cudaMemset");
     linear_backward(logits_.get(), h_final_.get(), head_, SIZE_MAX, V, H, dh_.get(), 0.0f);
-    check_launch(kn::rms_norm_backward_cuda(dh_.get(), x_final, value(final_norm_), r_final_.get(), T32, H32, dx_.get(),
-                                            dw_rows_.get(), stream_),
-                 "rms norm backward");
+    if (gpt2_) {
+      check_launch(kn::layer_norm_backward_cuda(dh_.get(), x_final, value(final_norm_), mean_final_.get(), r_final_.get(), T32,
+                                                H32, dx_.get(), dw_rows_.get(), stream_),
+                   "layer norm backward");
+      check_launch(kn::column_sum_cuda(dh_.get(), T32, H32, grad(final_norm_b_), stream_), "norm grad");
+    } else {
+      check_launch(kn::rms_norm_backward_cuda(dh_.get(), x_final, value(final_norm_), r_final_.get(), T32, H32, dx_.get(),
+                                              dw_rows_.get(), stream_),
+                   "rms norm backward");
+    }
     check_launch(kn::column_sum_cuda(dw_rows_.get(), T32, H32, grad(final_norm_), stream_), "norm grad");
     for (size_t l = layers_.size(); l-- > 0;) {
       LayerActs &A = acts_[recompute_ ? 0 : l];
@@ -475,6 +597,12 @@ double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool
     check_launch(kn::embedding_backward_cuda(dx_.get(), idx, idx + T, idx + T + starts.size(),
                                              static_cast<int32_t>(unique.size()), H32, grad(embed_), stream_),
                  "embedding backward");
+    if (gpt2_) {
+      const int32_t *runs = positions_index_.get();
+      check_launch(kn::embedding_backward_cuda(dx_.get(), runs, runs + T, runs + T + n + 1, static_cast<int32_t>(n), H32,
+                                               grad(positions_), stream_),
+                   "position embedding backward");
+    }
   }
   std::vector<float> losses(static_cast<size_t>(T));
   check(cudaMemcpyAsync(losses.data(), row_loss_.get(), losses.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_),
@@ -513,12 +641,10 @@ void CudaTrainingEngine::optimizer_step(double lr) {
   ++steps_;
   const double b1 = adamw_.beta1, b2 = adamw_.beta2;
   const double c1 = 1.0 - std::pow(b1, static_cast<double>(steps_)), c2 = 1.0 - std::pow(b2, static_cast<double>(steps_));
-  for (const auto &p : params_) {
-    const double decay = p.shape.size() >= 2 ? adamw_.weight_decay : 0.0;
-    check_launch(kn::adamw_cuda(values_.get() + p.offset, grads_.get() + p.offset, moment1_.get() + p.offset, moment2_.get() + p.offset,
-                                static_cast<int64_t>(p.size), lr, b1, b2, adamw_.eps, decay, c1, c2, stream_),
-                 "AdamW");
-  }
+  // One launch for every parameter (padding between them is zero and stays zero).
+  check_launch(kn::adamw_cuda(values_.get(), grads_.get(), moment1_.get(), moment2_.get(), static_cast<int64_t>(total_),
+                              static_cast<int64_t>(decayed_), lr, b1, b2, adamw_.eps, adamw_.weight_decay, c1, c2, stream_),
+               "AdamW");
 }
 
 const std::vector<TrainParam<float>> &CudaTrainingEngine::host_params() {
@@ -585,7 +711,7 @@ void CudaTrainingEngine::restore_optimizer(int64_t steps, std::vector<std::vecto
 
 }  // namespace
 
-bool cuda_trains(const ModelConfig &config) { return config.architecture != Architecture::gpt2; }
+bool cuda_trains(const ModelConfig &) { return true; }
 
 std::unique_ptr<TrainingEngine> make_cuda_training_engine(const ModelConfig &config, const ModelWeights &weights,
                                                           const TrainEngineOptions &options) {

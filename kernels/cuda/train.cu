@@ -71,6 +71,60 @@ __global__ void rms_norm_backward_kernel(const float* dy, const float* x, const 
   }
 }
 
+__global__ void layer_norm_forward_kernel(const float* x, const float* w, const float* b, int32_t H, float eps, float* y,
+                                          float* mean, float* r) {
+  const int64_t row = blockIdx.x;
+  const float* xr = x + row * H;
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < H; i += kRowThreads) s += xr[i];
+  const float mu = block_sum(s) / static_cast<float>(H);
+  float v = 0.0f;
+  for (int i = threadIdx.x; i < H; i += kRowThreads) v += (xr[i] - mu) * (xr[i] - mu);
+  const float inv = 1.0f / sqrtf(block_sum(v) / static_cast<float>(H) + eps);
+  for (int i = threadIdx.x; i < H; i += kRowThreads) y[row * H + i] = (xr[i] - mu) * inv * w[i] + b[i];
+  if (threadIdx.x == 0) {
+    mean[row] = mu;
+    r[row] = inv;
+  }
+}
+
+__global__ void layer_norm_backward_kernel(const float* dy, const float* x, const float* w, const float* mean,
+                                           const float* r, int32_t H, float* dx, float* dw_rows) {
+  const int64_t row = blockIdx.x;
+  const float* g = dy + row * H;
+  const float* xr = x + row * H;
+  const float mu = mean[row], inv = r[row];
+  float gs = 0.0f, gxs = 0.0f;
+  for (int i = threadIdx.x; i < H; i += kRowThreads) {
+    const float xh = (xr[i] - mu) * inv, gi = w[i] * g[i];
+    gs += gi;
+    gxs += gi * xh;
+  }
+  const float g_mean = block_sum(gs) / static_cast<float>(H);
+  const float gx_mean = block_sum(gxs) / static_cast<float>(H);
+  for (int i = threadIdx.x; i < H; i += kRowThreads) {
+    const float xh = (xr[i] - mu) * inv;
+    dx[row * H + i] += inv * (w[i] * g[i] - g_mean - xh * gx_mean);
+    dw_rows[row * H + i] = g[i] * xh;
+  }
+}
+
+__global__ void gelu_forward_kernel(const float* g, int64_t n, float* m) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    m[i] = device::gelu_tanh(g[i]);
+}
+
+__global__ void gelu_backward_kernel(const float* dm, const float* g, int64_t n, float* dg) {
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float x = g[i];
+    const float t = tanhf(c * (x + 0.044715f * x * x * x));
+    dg[i] = dm[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * x * x));
+  }
+}
+
 // A block of 32 x 8 threads per 32 columns: thread (c, k) sums rows k, k + 8, ... of column c,
 // then the 8 partials are added in k order.
 __global__ void column_sum_kernel(const float* m, int32_t n, int32_t C, float* out) {
@@ -108,8 +162,8 @@ __global__ void rope_kernel(float* v, int64_t pairs, int32_t heads, int32_t D, i
 }
 
 // dst[b, h, t, d] = src[(b n + t), h / rep, d] for h < heads * rep.
-__global__ void split_heads_kernel(const float* src, int64_t total, int32_t n, int32_t heads, int32_t D, int32_t rep,
-                                   float* dst) {
+__global__ void split_heads_kernel(const float* src, int64_t stride, int64_t total, int32_t n, int32_t heads, int32_t D,
+                                   int32_t rep, float* dst) {
   const int out_heads = heads * rep;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -119,13 +173,13 @@ __global__ void split_heads_kernel(const float* src, int64_t total, int32_t n, i
     rest /= n;
     const int h = static_cast<int>(rest % out_heads);
     const int64_t b = rest / out_heads;
-    dst[i] = src[((b * n + t) * heads + h / rep) * D + d];
+    dst[i] = src[(b * n + t) * stride + static_cast<int64_t>(h / rep) * D + d];
   }
 }
 
 // dst[(b n + t), h, d] = sum over g < group of src[b, h group + g, t, d].
 __global__ void merge_heads_kernel(const float* src, int64_t total, int32_t n, int32_t heads, int32_t D, int32_t group,
-                                   float* dst) {
+                                   float* dst, int64_t stride) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int d = static_cast<int>(i % D);
@@ -136,7 +190,7 @@ __global__ void merge_heads_kernel(const float* src, int64_t total, int32_t n, i
     const int64_t b = bt / n;
     float s = 0.0f;
     for (int g = 0; g < group; ++g) s += src[(((b * heads * group) + h * group + g) * n + t) * D + d];
-    dst[i] = s;
+    dst[bt * stride + static_cast<int64_t>(h) * D + d] = s;
   }
 }
 
@@ -227,8 +281,8 @@ __global__ void cross_entropy_kernel(float* logits, const int32_t* targets, int3
     for (int c = threadIdx.x; c < V; c += kRowThreads) r[c] = (expf(r[c] - lse) - (c == target ? 1.0f : 0.0f)) * weight;
 }
 
-__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1,
-                             double beta2, double eps, double decay, double c1, double c2) {
+__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, int64_t decayed, double lr,
+                             double beta1, double beta2, double eps, double decay, double c1, double c2) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const double gi = g[i];
@@ -236,7 +290,7 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
     const float vi = static_cast<float>(beta2 * static_cast<double>(v[i]) + (1.0 - beta2) * gi * gi);
     m[i] = mi;
     v[i] = vi;
-    double w = static_cast<double>(p[i]) * (1.0 - lr * decay);
+    double w = static_cast<double>(p[i]) * (1.0 - lr * (i < decayed ? decay : 0.0));
     w -= lr * (static_cast<double>(mi) / c1) / (sqrt(static_cast<double>(vi) / c2) + eps);
     p[i] = static_cast<float>(w);
   }
@@ -286,6 +340,33 @@ int rms_norm_backward_cuda(const float* dy, const float* x, const float* w, cons
   return launched();
 }
 
+int layer_norm_forward_cuda(const float* x, const float* w, const float* b, int32_t n, int32_t H, float eps, float* y,
+                            float* mean, float* r, void* stream) {
+  if (n <= 0) return 0;
+  layer_norm_forward_kernel<<<n, kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(x, w, b, H, eps, y, mean, r);
+  return launched();
+}
+
+int layer_norm_backward_cuda(const float* dy, const float* x, const float* w, const float* mean, const float* r,
+                             int32_t n, int32_t H, float* dx, float* dw_rows, void* stream) {
+  if (n <= 0) return 0;
+  layer_norm_backward_kernel<<<n, kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(dy, x, w, mean, r, H, dx,
+                                                                                       dw_rows);
+  return launched();
+}
+
+int gelu_forward_cuda(const float* g, int64_t n, float* m, void* stream) {
+  if (n <= 0) return 0;
+  gelu_forward_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(g, n, m);
+  return launched();
+}
+
+int gelu_backward_cuda(const float* dm, const float* g, int64_t n, float* dg, void* stream) {
+  if (n <= 0) return 0;
+  gelu_backward_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(dm, g, n, dg);
+  return launched();
+}
+
 int column_sum_cuda(const float* m, int32_t n, int32_t C, float* out, void* stream) {
   if (C <= 0) return 0;
   column_sum_kernel<<<(C + 31) / 32, dim3(32, 8), 0, static_cast<cudaStream_t>(stream)>>>(m, n, C, out);
@@ -302,21 +383,21 @@ int rope_cuda(float* v, int32_t T, int32_t heads, int32_t D, int32_t seq_len, co
   return launched();
 }
 
-int split_heads_cuda(const float* src, int32_t B, int32_t n, int32_t heads, int32_t D, int32_t rep, float* dst,
-                     void* stream) {
+int split_heads_cuda(const float* src, int64_t stride, int32_t B, int32_t n, int32_t heads, int32_t D, int32_t rep,
+                     float* dst, void* stream) {
   const int64_t total = static_cast<int64_t>(B) * heads * rep * n * D;
   if (total <= 0) return 0;
-  split_heads_kernel<<<grid_for(total, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(src, total, n, heads, D, rep,
-                                                                                          dst);
+  split_heads_kernel<<<grid_for(total, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(src, stride, total, n, heads,
+                                                                                          D, rep, dst);
   return launched();
 }
 
 int merge_heads_cuda(const float* src, int32_t B, int32_t n, int32_t heads, int32_t D, int32_t group, float* dst,
-                     void* stream) {
+                     int64_t stride, void* stream) {
   const int64_t total = static_cast<int64_t>(B) * n * heads * D;
   if (total <= 0) return 0;
   merge_heads_kernel<<<grid_for(total, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(src, total, n, heads, D,
-                                                                                          group, dst);
+                                                                                          group, dst, stride);
   return launched();
 }
 
@@ -377,11 +458,11 @@ int cross_entropy_cuda(float* logits, const int32_t* targets, int32_t rows, int3
   return launched();
 }
 
-int adamw_cuda(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1, double beta2,
-               double eps, double decay, double c1, double c2, void* stream) {
+int adamw_cuda(float* p, const float* g, float* m, float* v, int64_t n, int64_t decayed, double lr, double beta1,
+               double beta2, double eps, double decay, double c1, double c2, void* stream) {
   if (n <= 0) return 0;
-  adamw_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(p, g, m, v, n, lr, beta1, beta2, eps,
-                                                                                decay, c1, c2);
+  adamw_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(p, g, m, v, n, decayed, lr, beta1, beta2,
+                                                                                eps, decay, c1, c2);
   return launched();
 }
 

@@ -1,6 +1,6 @@
 // The CUDA training engine ([Training] items 1, 2 and 5 on CUDA): its loss and every
 // parameter's gradient against the CPU trainer (itself checked against finite differences) on
-// the Llama-family fixtures (GQA, q/k/v biases, tied head, sliding window, head dim 64);
+// the fixtures (GQA, q/k/v biases, tied head, sliding window, head dim 64, GPT-2);
 // optimizer steps against the CPU's; the same bits on every run and with activation
 // recomputation; bf16 GEMM operands close to float32; PyTorch's 200-step loss curve within 2%;
 // and `loom train` on CUDA resuming bit for bit and exporting a model the engine runs.
@@ -98,8 +98,8 @@ std::string file_bytes(const fs::path &p) {
 
 }  // namespace
 
-TEST_CASE("CUDA gradients match the CPU trainer's on every Llama-family fixture", "[train][cuda]") {
-  for (const char *name : {"tiny-llama", "tiny-llama-hd64", "tiny-llama3-tied", "tiny-mistral", "tiny-qwen2"}) {
+TEST_CASE("CUDA gradients match the CPU trainer's on every fixture architecture", "[train][cuda]") {
+  for (const char *name : {"tiny-llama", "tiny-llama-hd64", "tiny-llama3-tied", "tiny-mistral", "tiny-qwen2", "tiny-gpt2"}) {
     INFO(name);
     const fs::path dir = kModels / name;
     auto cpu = cpu_engine(dir, options());
@@ -129,7 +129,9 @@ TEST_CASE("CUDA gradients match the CPU trainer's on every Llama-family fixture"
 }
 
 TEST_CASE("CUDA optimizer steps follow the CPU's; runs repeat bit for bit, with or without recomputation", "[train][cuda]") {
-  const fs::path dir = kModels / "tiny-qwen2";
+  for (const char *name : {"tiny-qwen2", "tiny-gpt2"}) {
+  INFO(name);
+  const fs::path dir = kModels / name;
   auto cpu = cpu_engine(dir, options());
   auto gpu = cuda_engine(dir, options()), again = cuda_engine(dir, options()), recomputed = cuda_engine(dir, options(false, true));
   std::vector<double> losses;
@@ -167,6 +169,7 @@ TEST_CASE("CUDA optimizer steps follow the CPU's; runs repeat bit for bit, with 
     CHECK(relative(m1[i], m2[i]) < 1e-3);
   }
   CHECK(gpu->optimizer_steps() == 12);
+  }
 }
 
 TEST_CASE("bf16 GEMM operands stay close to float32 and still learn", "[train][cuda]") {
@@ -190,11 +193,6 @@ TEST_CASE("bf16 GEMM operands stay close to float32 and still learn", "[train][c
     bf16->optimizer_step(3e-3);
   }
   CHECK(last < 0.5 * first);  // it fits the two sequences
-}
-
-TEST_CASE("GPT-2 is refused on CUDA with the way out", "[train][cuda]") {
-  CHECK_THROWS_WITH(cuda_engine(kModels / "tiny-gpt2", options()),
-                    Catch::Contains("no CUDA trainer yet") && Catch::Contains("loom.device = \"cpu\""));
 }
 
 TEST_CASE("the CUDA trainer follows PyTorch's 200-step loss curve within 2%", "[train][cuda]") {
@@ -226,7 +224,7 @@ TEST_CASE("loom train on CUDA resumes bit for bit and exports a model the engine
     return loom::parse_manifest_string("[loom]\nseed = 3\ndevice = \"cuda\"\n[model]\npath = \"" + kjv.string() +
                                            "\"\n[train]\ndata = \"" + text.string() +
                                            "\"\nseq_len = 64\nbatch_size = 4\ngrad_accum = 2\nsteps = 10\nlr = 1e-3\n"
-                                           "warmup = 2\nout = \"" + out.string() + "\"\n",
+                                           "warmup = 2\ninit = \"random\"\nout = \"" + out.string() + "\"\n",
                                        "train.toml", overrides);
   };
   auto scratch = [](const std::string &name) {

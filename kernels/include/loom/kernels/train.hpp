@@ -24,6 +24,14 @@ int rms_norm_forward_cuda(const float* x, const float* w, int32_t n, int32_t H, 
 int rms_norm_backward_cuda(const float* dy, const float* x, const float* w, const float* r, int32_t n, int32_t H,
                            float* dx, float* dw_rows, void* stream);
 
+// LayerNorm: y[n, H] = (x - mean) r w + b with r = 1 / sqrt(var + eps); writes mean[n], r[n].
+int layer_norm_forward_cuda(const float* x, const float* w, const float* b, int32_t n, int32_t H, float eps, float* y,
+                            float* mean, float* r, void* stream);
+// With xh = (x - mean) r and g = w dy: dx += r (g - mean(g) - xh mean(g xh)); writes
+// dw_rows[n, H] = dy xh (column_sum_cuda gives dw; the bias's gradient is the column sum of dy).
+int layer_norm_backward_cuda(const float* dy, const float* x, const float* w, const float* mean, const float* r,
+                             int32_t n, int32_t H, float* dx, float* dw_rows, void* stream);
+
 // out[C] += sum over the n rows of m[n, C], each column summed in row order.
 int column_sum_cuda(const float* m, int32_t n, int32_t C, float* out, void* stream);
 
@@ -33,14 +41,15 @@ int column_sum_cuda(const float* m, int32_t n, int32_t C, float* out, void* stre
 int rope_cuda(float* v, int32_t T, int32_t heads, int32_t D, int32_t seq_len, const float* cos_sin, bool inverse,
               void* stream);
 
-// Writes dst[B, heads * rep, n, D] from src[B * n, heads, D]: head h of dst is src's head h / rep
-// (rep > 1 repeats the KV heads of grouped-query attention for their query heads).
-int split_heads_cuda(const float* src, int32_t B, int32_t n, int32_t heads, int32_t D, int32_t rep, float* dst,
-                     void* stream);
-// The reverse: dst[B * n, heads, D] (written) = the sum over each group of `group` consecutive
-// heads of src[B, heads * group, n, D], in head order.
+// Writes dst[B, heads * rep, n, D] from src's rows of B * n tokens, `stride` floats apart, each
+// starting with [heads, D]: head h of dst is src's head h / rep (rep > 1 repeats the KV heads of
+// grouped-query attention for their query heads).
+int split_heads_cuda(const float* src, int64_t stride, int32_t B, int32_t n, int32_t heads, int32_t D, int32_t rep,
+                     float* dst, void* stream);
+// The reverse: dst's rows (`stride` floats apart, [heads, D] written at their start) = the sum
+// over each group of `group` consecutive heads of src[B, heads * group, n, D], in head order.
 int merge_heads_cuda(const float* src, int32_t B, int32_t n, int32_t heads, int32_t D, int32_t group, float* dst,
-                     void* stream);
+                     int64_t stride, void* stream);
 
 // In place on rows of n scores (matrices [n, n] stacked, query i = row % n): key j is kept when
 // j <= i and, with window > 0, i - j < window; the kept ones become their softmax, the others 0.
@@ -53,6 +62,10 @@ int softmax_backward_cuda(const float* p, float* dp, int64_t rows, int32_t n, fl
 int swiglu_forward_cuda(const float* g, const float* u, int64_t n, float* m, void* stream);
 int swiglu_backward_cuda(const float* dm, const float* g, const float* u, int64_t n, float* dg, float* du,
                          void* stream);
+
+// GPT-2's GELU (tanh approximation): m = gelu(g) (written); dg = dm gelu'(g) (written).
+int gelu_forward_cuda(const float* g, int64_t n, float* m, void* stream);
+int gelu_backward_cuda(const float* dm, const float* g, int64_t n, float* dg, void* stream);
 
 // y[rows, C] += b[C] on every row.
 int bias_add_cuda(float* y, const float* b, int64_t rows, int32_t C, void* stream);
@@ -72,9 +85,11 @@ int cross_entropy_cuda(float* logits, const int32_t* targets, int32_t rows, int3
                        float* loss, void* stream);
 
 // One AdamW step of n parameters as torch.optim.AdamW (decoupled decay), in double arithmetic:
-// p = p (1 - lr decay) - lr (m / c1) / (sqrt(v / c2) + eps) after m, v are updated from g.
-int adamw_cuda(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1, double beta2,
-               double eps, double decay, double c1, double c2, void* stream);
+// p = p (1 - lr decay) - lr (m / c1) / (sqrt(v / c2) + eps) after m, v are updated from g, with
+// decay applied to the first `decayed` parameters only (a whole model in one launch: its
+// matrices first, its norms and biases after).
+int adamw_cuda(float* p, const float* g, float* m, float* v, int64_t n, int64_t decayed, double lr, double beta1,
+               double beta2, double eps, double decay, double c1, double c2, void* stream);
 
 // The number of doubles of scratch that sum_squares_cuda needs.
 constexpr int32_t kSumSquaresScratch = 256;
