@@ -129,10 +129,20 @@ class CudaTrainingEngine final : public TrainingEngine {
   float *value_or_null(size_t i) const { return i == SIZE_MAX ? nullptr : value(i); }
 
   void prepare(int64_t B, int64_t n);
-  // C = alpha op(A) op(B) + beta C (column-major, cuBLAS's convention); `linear_op` GEMMs take
-  // bfloat16 operands in bf16 mode.
-  void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A, int64_t lda, const float *B,
-            int64_t ldb, float beta, float *C, int64_t ldc, bool linear_op = true);
+  // A GEMM operand: float32, and in bf16 mode its rounded copy; ld in elements (column-major).
+  struct Operand {
+    const float *f32;
+    const uint16_t *bf16;
+    int64_t ld;
+  };
+  // C = op(A) op(B) + beta C (column-major, cuBLAS's convention): float32, or bfloat16 operands
+  // with float32 accumulation in bf16 mode.
+  void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const Operand &A, const Operand &B, float beta, float *C,
+            int64_t ldc);
+  // A parameter as an operand (bf16 mode: from the copy rounded once after each update).
+  Operand weight(size_t w, int64_t ld);
+  // An activation of n floats as an operand (bf16 mode: rounded into `slot`).
+  Operand activation(const float *x, int64_t n, int64_t ld, DeviceArray<uint16_t> &slot);
   void batched(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A, int64_t lda, int64_t sa,
                const float *B, int64_t ldb, int64_t sb, float *C, int64_t ldc, int64_t sc, int64_t count);
   // y[T, out] = x[T, in] W^T (+ b), beta 1 adds into y.
@@ -171,11 +181,12 @@ class CudaTrainingEngine final : public TrainingEngine {
   int64_t B_ = 0, n_ = 0, T_ = 0, rope_n_ = 0;
   std::vector<LayerActs> acts_;        // one per layer, or one shared with recomputation
   std::vector<DeviceArray<float>> xs_;  // the residual stream before each layer, and after the last
-  DeviceArray<float> qkv_, mean_final_, cos_sin_, q_, k_, v_, dp_, os_, dos_, dks_, dvs_, da_, dq_, dk_, dv_, dm_, dg_, du_, dh_, dx_,
+  DeviceArray<float> column_scratch_, qkv_, mean_final_, cos_sin_, q_, k_, v_, dp_, os_, dos_, dks_, dvs_, da_, dq_, dk_, dv_, dm_, dg_, du_, dh_, dx_,
       dw_rows_, h_final_, r_final_, logits_, row_loss_;
   DeviceArray<int32_t> tokens_, targets_, emb_index_, positions_index_, position_ids_;
   DeviceArray<double> norm_scratch_, norm_;
-  DeviceArray<uint16_t> bf16_a_, bf16_b_;
+  DeviceArray<uint16_t> rounded_x_, rounded_dy_, weights_bf16_;  // bf16 mode's operand copies
+  bool weights_stale_ = true;                                     // weights_bf16_ predates the last update
 };
 
 CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWeights &weights,
@@ -282,6 +293,10 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
   for (auto *b : {&q_, &da_, &dq_}) b->reserve(t * Hq * D);
   if (gpt2_) qkv_.reserve(t * 3 * H);
   mean_final_.reserve(t);
+  // column_sum_cuda's partials: the widest summed rows are the biases of the q/k/v, MLP and
+  // c_attn products.
+  const size_t widest = static_cast<size_t>(std::max({3 * H, I, (Hq + 2 * Hkv) * D, H}));
+  column_scratch_.reserve((t + kn::kColumnSumChunk - 1) / kn::kColumnSumChunk * widest);
   for (auto *b : {&k_, &v_, &dk_, &dv_}) b->reserve(t * Hkv * D);
   dp_.reserve(probs);
   for (auto *b : {&os_, &dos_, &dks_, &dvs_}) b->reserve(per_head);
@@ -297,25 +312,43 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
   position_ids_.reserve(t);
 }
 
-void CudaTrainingEngine::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A, int64_t lda,
-                              const float *B, int64_t ldb, float beta, float *C, int64_t ldc, bool linear_op) {
+void CudaTrainingEngine::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const Operand &A, const Operand &B,
+                              float beta, float *C, int64_t ldc) {
   const cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-  if (!bf16_ || !linear_op) {
-    check(cublasSgemm(blas_, oa, ob, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, A,
-                      static_cast<int>(lda), B, static_cast<int>(ldb), &beta, C, static_cast<int>(ldc)),
+  const float alpha = 1.0f;
+  if (!bf16_) {
+    check(cublasSgemm(blas_, oa, ob, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, A.f32,
+                      static_cast<int>(A.ld), B.f32, static_cast<int>(B.ld), &beta, C, static_cast<int>(ldc)),
           "cublasSgemm");
     return;
   }
-  // Column-major operands: A holds lda x (ta ? m : k) floats, B ldb x (tb ? k : n).
-  const int64_t na = lda * (ta ? m : k), nb = ldb * (tb ? k : n);
-  bf16_a_.reserve(static_cast<size_t>(na));
-  bf16_b_.reserve(static_cast<size_t>(nb));
-  check_launch(kn::f32_to_bf16_cuda(A, na, bf16_a_.get(), stream_), "round GEMM operands to bfloat16");
-  check_launch(kn::f32_to_bf16_cuda(B, nb, bf16_b_.get(), stream_), "round GEMM operands to bfloat16");
-  check(cublasGemmEx(blas_, oa, ob, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, bf16_a_.get(),
-                     CUDA_R_16BF, static_cast<int>(lda), bf16_b_.get(), CUDA_R_16BF, static_cast<int>(ldb), &beta, C,
-                     CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+  check(cublasGemmEx(blas_, oa, ob, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, A.bf16,
+                     CUDA_R_16BF, static_cast<int>(A.ld), B.bf16, CUDA_R_16BF, static_cast<int>(B.ld), &beta, C, CUDA_R_32F,
+                     static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         "cublasGemmEx");
+}
+
+CudaTrainingEngine::Operand CudaTrainingEngine::weight(size_t w, int64_t ld) {
+  Operand o{value(w), nullptr, ld};
+  if (!bf16_) return o;
+  if (weights_stale_) {  // once after each update: every parameter, rounded in one launch
+    weights_bf16_.reserve(total_);
+    check_launch(kn::f32_to_bf16_cuda(values_.get(), static_cast<int64_t>(total_), weights_bf16_.get(), stream_),
+                 "round the weights to bfloat16");
+    weights_stale_ = false;
+  }
+  o.bf16 = weights_bf16_.get() + params_[w].offset;
+  return o;
+}
+
+CudaTrainingEngine::Operand CudaTrainingEngine::activation(const float *x, int64_t n, int64_t ld,
+                                                           DeviceArray<uint16_t> &slot) {
+  Operand o{x, nullptr, ld};
+  if (!bf16_) return o;
+  slot.reserve(static_cast<size_t>(n));
+  check_launch(kn::f32_to_bf16_cuda(x, n, slot.get(), stream_), "round GEMM operands to bfloat16");
+  o.bf16 = slot.get();
+  return o;
 }
 
 void CudaTrainingEngine::batched(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A,
@@ -334,16 +367,19 @@ void CudaTrainingEngine::batched(bool ta, bool tb, int64_t m, int64_t n, int64_t
 
 // Row-major y[T, out] = x[T, in] W[out, in]^T is, column-major, y^T = W^T' x^T: op(A) = T on W.
 void CudaTrainingEngine::linear(const float *x, size_t w, size_t b, int64_t out, int64_t in, float *y, float beta) {
-  gemm(true, false, out, T_, in, 1.0f, value(w), in, x, in, beta, y, out);
+  gemm(true, false, out, T_, in, weight(w, in), activation(x, T_ * in, in, rounded_x_), beta, y, out);
   if (b != SIZE_MAX) check_launch(kn::bias_add_cuda(y, value(b), T_, static_cast<int32_t>(out), stream_), "bias");
 }
 
 void CudaTrainingEngine::linear_backward(const float *dy, const float *x, size_t w, size_t b, int64_t out, int64_t in,
                                          float *dx, float dx_beta) {
-  if (dx) gemm(false, false, in, T_, out, 1.0f, value(w), in, dy, out, dx_beta, dx, in);  // dx = dy W
-  gemm(false, true, in, out, T_, 1.0f, x, in, dy, out, 1.0f, grad(w), in);                 // dW += dy^T x
+  const Operand d = activation(dy, T_ * out, out, rounded_dy_);  // rounded once for both products
+  if (dx) gemm(false, false, in, T_, out, weight(w, in), d, dx_beta, dx, in);                       // dx = dy W
+  gemm(false, true, in, out, T_, activation(x, T_ * in, in, rounded_x_), d, 1.0f, grad(w), in);  // dW += dy^T x
   if (b != SIZE_MAX)
-    check_launch(kn::column_sum_cuda(dy, static_cast<int32_t>(T_), static_cast<int32_t>(out), grad(b), stream_), "bias grad");
+    check_launch(kn::column_sum_cuda(dy, static_cast<int32_t>(T_), static_cast<int32_t>(out), grad(b), column_scratch_.get(),
+                                     stream_),
+                 "bias grad");
 }
 
 // Causal attention of the q/k/v rows (row strides in floats; q's heads first in its row) into
@@ -380,7 +416,8 @@ void CudaTrainingEngine::attention_backward(LayerActs &A, const float *da, float
   batched(true, false, n, n, D, 1.0f, A.vs.get(), D, n * D, dos_.get(), D, n * D, dp_.get(), n, n * n, heads);  // dP = dO V^T
   batched(false, true, D, n, n, 1.0f, dos_.get(), D, n * D, A.p.get(), n, n * n, dvs_.get(), D, n * D, heads);  // dV = P^T dO
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  check_launch(kn::softmax_backward_cuda(A.p.get(), dp_.get(), heads * n, n32, scale, stream_), "softmax backward");
+  check_launch(kn::softmax_backward_cuda(A.p.get(), dp_.get(), heads * n, n32, static_cast<int32_t>(c.sliding_window), scale,
+                                                     stream_), "softmax backward");
   batched(false, false, D, n, n, 1.0f, A.ks.get(), D, n * D, dp_.get(), n, n * n, os_.get(), D, n * D, heads);   // dQ = dS K
   batched(false, true, D, n, n, 1.0f, A.qs.get(), D, n * D, dp_.get(), n, n * n, dks_.get(), D, n * D, heads);  // dK = dS^T Q
   check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, dq, q_stride, stream_), "merge");
@@ -446,11 +483,11 @@ void CudaTrainingEngine::layer_backward(size_t l, LayerActs &A, const float *x_i
     if (gpt2_) {
       check_launch(kn::layer_norm_backward_cuda(dy, x, value(w), mean, r, T, H32, dx, dw_rows_.get(), stream_),
                    "layer norm backward");
-      check_launch(kn::column_sum_cuda(dy, T, H32, grad(b), stream_), "norm grad");
+      check_launch(kn::column_sum_cuda(dy, T, H32, grad(b), column_scratch_.get(), stream_), "norm grad");
     } else {
       check_launch(kn::rms_norm_backward_cuda(dy, x, value(w), r, T, H32, dx, dw_rows_.get(), stream_), "rms norm backward");
     }
-    check_launch(kn::column_sum_cuda(dw_rows_.get(), T, H32, grad(w), stream_), "norm grad");
+    check_launch(kn::column_sum_cuda(dw_rows_.get(), T, H32, grad(w), column_scratch_.get(), stream_), "norm grad");
   };
   if (gpt2_) {
     conv1d_backward(dx, A.m.get(), L.down, L.down_b, I, H, dm_.get(), 0.0f);
@@ -485,16 +522,19 @@ void CudaTrainingEngine::layer_backward(size_t l, LayerActs &A, const float *x_i
 // GPT-2's Conv1D: row-major y[T, out] = x[T, in] W[in, out] (+ b): column-major y^T = W^T' x^T
 // with W read as it is stored.
 void CudaTrainingEngine::conv1d(const float *x, size_t w, size_t b, int64_t in, int64_t out, float *y, float beta) {
-  gemm(false, false, out, T_, in, 1.0f, value(w), out, x, in, beta, y, out);
+  gemm(false, false, out, T_, in, weight(w, out), activation(x, T_ * in, in, rounded_x_), beta, y, out);
   if (b != SIZE_MAX) check_launch(kn::bias_add_cuda(y, value(b), T_, static_cast<int32_t>(out), stream_), "bias");
 }
 
 void CudaTrainingEngine::conv1d_backward(const float *dy, const float *x, size_t w, size_t b, int64_t in, int64_t out,
                                          float *dx, float dx_beta) {
-  gemm(true, false, in, T_, out, 1.0f, value(w), out, dy, out, dx_beta, dx, in);  // dx = dy W^T
-  gemm(false, true, out, in, T_, 1.0f, dy, out, x, in, 1.0f, grad(w), out);        // dW += x^T dy
+  const Operand d = activation(dy, T_ * out, out, rounded_dy_);
+  gemm(true, false, in, T_, out, weight(w, out), d, dx_beta, dx, in);                           // dx = dy W^T
+  gemm(false, true, out, in, T_, d, activation(x, T_ * in, in, rounded_x_), 1.0f, grad(w), out);  // dW += x^T dy
   if (b != SIZE_MAX)
-    check_launch(kn::column_sum_cuda(dy, static_cast<int32_t>(T_), static_cast<int32_t>(out), grad(b), stream_), "bias grad");
+    check_launch(kn::column_sum_cuda(dy, static_cast<int32_t>(T_), static_cast<int32_t>(out), grad(b), column_scratch_.get(),
+                                     stream_),
+                 "bias grad");
 }
 
 double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) {
@@ -581,13 +621,13 @@ double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool
       check_launch(kn::layer_norm_backward_cuda(dh_.get(), x_final, value(final_norm_), mean_final_.get(), r_final_.get(), T32,
                                                 H32, dx_.get(), dw_rows_.get(), stream_),
                    "layer norm backward");
-      check_launch(kn::column_sum_cuda(dh_.get(), T32, H32, grad(final_norm_b_), stream_), "norm grad");
+      check_launch(kn::column_sum_cuda(dh_.get(), T32, H32, grad(final_norm_b_), column_scratch_.get(), stream_), "norm grad");
     } else {
       check_launch(kn::rms_norm_backward_cuda(dh_.get(), x_final, value(final_norm_), r_final_.get(), T32, H32, dx_.get(),
                                               dw_rows_.get(), stream_),
                    "rms norm backward");
     }
-    check_launch(kn::column_sum_cuda(dw_rows_.get(), T32, H32, grad(final_norm_), stream_), "norm grad");
+    check_launch(kn::column_sum_cuda(dw_rows_.get(), T32, H32, grad(final_norm_), column_scratch_.get(), stream_), "norm grad");
     for (size_t l = layers_.size(); l-- > 0;) {
       LayerActs &A = acts_[recompute_ ? 0 : l];
       if (recompute_) layer_forward(l, A, xs_[l].get(), xs_[l + 1].get());
@@ -639,6 +679,7 @@ void CudaTrainingEngine::optimizer_step(double lr) {
     check(cudaMemsetAsync(moment2_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
   }
   ++steps_;
+  weights_stale_ = true;
   const double b1 = adamw_.beta1, b2 = adamw_.beta2;
   const double c1 = 1.0 - std::pow(b1, static_cast<double>(steps_)), c2 = 1.0 - std::pow(b2, static_cast<double>(steps_));
   // One launch for every parameter (padding between them is zero and stays zero).

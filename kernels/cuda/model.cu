@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace loom::kernels {
 namespace {
@@ -162,6 +163,20 @@ __global__ void f32_to_bf16_kernel(const float* in, int64_t n, __nv_bfloat16* ou
     out[e] = __float2bfloat16_rn(in[e]);
 }
 
+// The same, four values a thread per step (16-byte loads, 8-byte stores) for aligned arrays of
+// n4 * 4 values; the caller converts any tail with the scalar kernel.
+__global__ void f32_to_bf16_x4_kernel(const float4* in, int64_t n4, uint2* out) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n4;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float4 v = in[e];
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    uint2 packed;
+    memcpy(&packed.x, &lo, 4);
+    memcpy(&packed.y, &hi, 4);
+    out[e] = packed;
+  }
+}
+
 int launched() { return static_cast<int>(cudaGetLastError()); }
 
 }  // namespace
@@ -253,8 +268,15 @@ int add_f32_cuda(float* x, const float* add, int64_t n, void* stream) {
 
 int f32_to_bf16_cuda(const float* in, int64_t n, void* out, void* stream) {
   if (n <= 0) return 0;
-  f32_to_bf16_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
-      in, n, static_cast<__nv_bfloat16*>(out));
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool aligned = reinterpret_cast<uintptr_t>(in) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 8 == 0;
+  const int64_t vectors = aligned ? n / 4 : 0;
+  if (vectors > 0)
+    f32_to_bf16_x4_kernel<<<grid_for(vectors, 256), 256, 0, s>>>(reinterpret_cast<const float4*>(in), vectors,
+                                                                 static_cast<uint2*>(out));
+  if (n > vectors * 4)
+    f32_to_bf16_kernel<<<grid_for(n - vectors * 4, 256), 256, 0, s>>>(in + vectors * 4, n - vectors * 4,
+                                                                      static_cast<__nv_bfloat16*>(out) + vectors * 4);
   return launched();
 }
 

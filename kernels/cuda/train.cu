@@ -125,21 +125,32 @@ __global__ void gelu_backward_kernel(const float* dm, const float* g, int64_t n,
   }
 }
 
-// A block of 32 x 8 threads per 32 columns: thread (c, k) sums rows k, k + 8, ... of column c,
-// then the 8 partials are added in k order.
-__global__ void column_sum_kernel(const float* m, int32_t n, int32_t C, float* out) {
-  __shared__ float partial[8][33];
+// A block of 32 x 8 threads per 32 columns and kColumnSumChunk rows: thread (c, k) sums rows k,
+// k + 8, ... of its chunk in column c, then the 8 partials are added in k order into the chunk's
+// partial sum.
+__global__ void column_partial_kernel(const float* m, int32_t n, int32_t C, float* partial) {
+  __shared__ float part[8][33];
   const int c = blockIdx.x * 32 + threadIdx.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * kColumnSumChunk;
+  const int64_t last = min(first + kColumnSumChunk, static_cast<int64_t>(n));
   float s = 0.0f;
   if (c < C)
-    for (int64_t row = threadIdx.y; row < n; row += 8) s += m[row * C + c];
-  partial[threadIdx.y][threadIdx.x] = s;
+    for (int64_t row = first + threadIdx.y; row < last; row += 8) s += m[row * C + c];
+  part[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && c < C) {
     float total = 0.0f;
-    for (int k = 0; k < 8; ++k) total += partial[k][threadIdx.x];
-    out[c] += total;
+    for (int k = 0; k < 8; ++k) total += part[k][threadIdx.x];
+    partial[static_cast<int64_t>(blockIdx.y) * C + c] = total;
   }
+}
+
+__global__ void column_total_kernel(const float* partial, int32_t chunks, int32_t C, float* out) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float total = 0.0f;
+  for (int k = 0; k < chunks; ++k) total += partial[static_cast<int64_t>(k) * C + c];
+  out[c] += total;
 }
 
 __global__ void rope_kernel(float* v, int64_t pairs, int32_t heads, int32_t D, int32_t seq_len, const float* cos_sin,
@@ -208,14 +219,18 @@ __global__ void causal_softmax_kernel(float* s, int32_t n, int32_t window) {
   for (int j = threadIdx.x; j < n; j += kRowThreads) r[j] = j >= first && j <= i ? expf(r[j] - mx) * inv : 0.0f;
 }
 
-__global__ void softmax_backward_kernel(const float* p, float* dp, int32_t n, float scale) {
+// Only the kept keys [first, i] of row i are read; the others' gradients are 0 (the causal half
+// of the matrix is never loaded).
+__global__ void softmax_backward_kernel(const float* p, float* dp, int32_t n, int32_t window, float scale) {
   const int64_t row = blockIdx.x;
+  const int i = static_cast<int>(row % n);
+  const int first = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
   const float* pr = p + row * n;
   float* dr = dp + row * n;
   float dot = 0.0f;
-  for (int j = threadIdx.x; j < n; j += kRowThreads) dot += pr[j] * dr[j];
+  for (int j = first + threadIdx.x; j <= i; j += kRowThreads) dot += pr[j] * dr[j];
   dot = block_sum(dot);
-  for (int j = threadIdx.x; j < n; j += kRowThreads) dr[j] = scale * pr[j] * (dr[j] - dot);
+  for (int j = threadIdx.x; j < n; j += kRowThreads) dr[j] = j >= first && j <= i ? scale * pr[j] * (dr[j] - dot) : 0.0f;
 }
 
 __global__ void swiglu_forward_kernel(const float* g, const float* u, int64_t n, float* m) {
@@ -268,12 +283,20 @@ __global__ void cross_entropy_kernel(float* logits, const int32_t* targets, int3
     if (threadIdx.x == 0) loss[row] = 0.0f;
     return;
   }
-  float mx = -INFINITY;
-  for (int c = threadIdx.x; c < V; c += kRowThreads) mx = fmaxf(mx, r[c]);
-  mx = block_max(mx);
-  float sum = 0.0f;
-  for (int c = threadIdx.x; c < V; c += kRowThreads) sum += expf(r[c] - mx);
-  const float lse = logf(block_sum(sum)) + mx;
+  // One pass over the row: each thread's running max and its sum of exponentials below it,
+  // rescaled to the row's max after.
+  float m = -INFINITY, sum = 0.0f;
+  for (int c = threadIdx.x; c < V; c += kRowThreads) {
+    const float v = r[c];
+    if (v > m) {
+      sum = sum * expf(m - v) + 1.0f;
+      m = v;
+    } else {
+      sum += expf(v - m);
+    }
+  }
+  const float mx = block_max(m);
+  const float lse = logf(block_sum(m == -INFINITY ? 0.0f : sum * expf(m - mx))) + mx;
   const float target_logit = r[target];
   __syncthreads();  // every thread has read the target's logit before any overwrites it
   if (threadIdx.x == 0) loss[row] = lse - target_logit;
@@ -367,9 +390,12 @@ int gelu_backward_cuda(const float* dm, const float* g, int64_t n, float* dg, vo
   return launched();
 }
 
-int column_sum_cuda(const float* m, int32_t n, int32_t C, float* out, void* stream) {
-  if (C <= 0) return 0;
-  column_sum_kernel<<<(C + 31) / 32, dim3(32, 8), 0, static_cast<cudaStream_t>(stream)>>>(m, n, C, out);
+int column_sum_cuda(const float* m, int32_t n, int32_t C, float* out, float* scratch, void* stream) {
+  if (C <= 0 || n <= 0) return 0;
+  auto st = static_cast<cudaStream_t>(stream);
+  const int chunks = (n + kColumnSumChunk - 1) / kColumnSumChunk;
+  column_partial_kernel<<<dim3((C + 31) / 32, chunks), dim3(32, 8), 0, st>>>(m, n, C, scratch);
+  column_total_kernel<<<(C + 255) / 256, 256, 0, st>>>(scratch, chunks, C, out);
   return launched();
 }
 
@@ -408,11 +434,12 @@ int causal_softmax_cuda(float* s, int64_t rows, int32_t n, int32_t window, void*
   return launched();
 }
 
-int softmax_backward_cuda(const float* p, float* dp, int64_t rows, int32_t n, float scale, void* stream) {
+int softmax_backward_cuda(const float* p, float* dp, int64_t rows, int32_t n, int32_t window, float scale,
+                          void* stream) {
   if (rows <= 0) return 0;
   if (rows > INT32_MAX) return static_cast<int>(cudaErrorInvalidValue);
-  softmax_backward_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, dp, n,
-                                                                                                            scale);
+  softmax_backward_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      p, dp, n, window, scale);
   return launched();
 }
 

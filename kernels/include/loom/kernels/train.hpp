@@ -33,7 +33,10 @@ int layer_norm_backward_cuda(const float* dy, const float* x, const float* w, co
                              int32_t n, int32_t H, float* dx, float* dw_rows, void* stream);
 
 // out[C] += sum over the n rows of m[n, C], each column summed in row order.
-int column_sum_cuda(const float* m, int32_t n, int32_t C, float* out, void* stream);
+// Two passes: blocks of kColumnSumChunk rows write partial sums into scratch
+// [ceil(n / kColumnSumChunk), C], then each column's partials are added in order.
+constexpr int32_t kColumnSumChunk = 256;
+int column_sum_cuda(const float* m, int32_t n, int32_t C, float* out, float* scratch, void* stream);
 
 // Rotary embedding in place on v[T, heads, D] (rotate-half pairs (i, i + D/2)) at position
 // t % seq_len of each row t; cos_sin: [seq_len, D/2, 2] (cos, sin). `inverse` rotates by the
@@ -55,8 +58,8 @@ int merge_heads_cuda(const float* src, int32_t B, int32_t n, int32_t heads, int3
 // j <= i and, with window > 0, i - j < window; the kept ones become their softmax, the others 0.
 int causal_softmax_cuda(float* s, int64_t rows, int32_t n, int32_t window, void* stream);
 // In place: dp becomes scale * p * (dp - sum_j p dp) per row (the softmax's backward times the
-// score scale).
-int softmax_backward_cuda(const float* p, float* dp, int64_t rows, int32_t n, float scale, void* stream);
+// score scale), reading only the keys causal_softmax_cuda kept (same n and window); 0 elsewhere.
+int softmax_backward_cuda(const float* p, float* dp, int64_t rows, int32_t n, int32_t window, float scale, void* stream);
 
 // m = silu(g) * u (written); the backward writes dg = dm u silu'(g) and du = dm silu(g).
 int swiglu_forward_cuda(const float* g, const float* u, int64_t n, float* m, void* stream);
