@@ -409,9 +409,9 @@ TEST_CASE("the CUDA backend refuses what it cannot run, by name", "[cuda]") {
 // import): greedy tokens, and the logits of a 7-token prefill and a decode step after it.
 // fp8 quantizes the activations too: an input that differs in its last bits (the GPU's kernels
 // against the CPU's, and the tensor cores' narrower accumulation) may round to a neighbouring
-// E4M3 code, 2^-4 away, so its logits get a looser bound (quant_cuda_test checks its codes bit for
-// bit), and those roundings part greedy continuations of random models after a dozen tokens or
-// more (tiny-llama: at token 18 of 24 on the H100), so it compares the first 12.
+// E4M3 code, 2^-4 away, so its logits get a looser bound, about one such step (quant_cuda_test
+// checks its codes bit for bit), and its greedy tokens are checked as choices the CPU's fp8 model
+// makes within that rounding (see below) rather than as the CPU's exact continuation.
 void check_quantized_on_cuda(const fs::path &dir, const std::string &quantizer, const std::string &prompt) {
   INFO(dir.filename().string() << " " << quantizer);
   const bool fp8 = quantizer.find("fp8") != std::string::npos;
@@ -424,16 +424,41 @@ void check_quantized_on_cuda(const fs::path &dir, const std::string &quantizer, 
   auto gpu = loom::Runtime::from_string(manifest("cuda"), "gpu.toml");
   REQUIRE(gpu->device().device_type == kDLCUDA);
   const auto expected = cpu->run();
-  const auto tokens = gpu->run().tokens; // decode steps replay CUDA graphs with the plugin's kernel
+  const auto gpu_run = gpu->run();  // decode steps replay CUDA graphs with the plugin's kernel
+  const auto &tokens = gpu_run.tokens;
+  const loom::ModelConfig config = loom::load_model_config(dir);
   if (fp8) {
-    REQUIRE(tokens.size() >= 12);
-    REQUIRE(expected.tokens.size() >= 12);
-    CHECK(std::vector<int32_t>(tokens.begin(), tokens.begin() + 12) ==
-          std::vector<int32_t>(expected.tokens.begin(), expected.tokens.begin() + 12));
+    // Where the CPU's two best logits are closer than fp8's rounding the two continuations may
+    // part (the default model's "And God said" does at its 4th token), so each of the GPU's
+    // tokens is checked against the CPU's fp8 model fed the GPU's own prefix: its logit must be
+    // within 6% (about one E4M3 step) of the largest |logit| from the CPU's best.
+    REQUIRE(tokens.size() == 24);
+    loom::CpuBackendOptions o;
+    o.dtype = loom::ComputeDtype::float32;
+    o.threads = 2;
+    loom::CpuBackend teacher(config, loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)),
+                             cpu->pipeline(), o);
+    std::vector<int32_t> seq = gpu_run.prompt;
+    seq.insert(seq.end(), tokens.begin(), tokens.end());
+    teacher.reserve(1, static_cast<int64_t>(seq.size()));
+    const size_t vocab = static_cast<size_t>(config.vocab_size), first = gpu_run.prompt.size() - 1;
+    for (size_t t = 0; t + 1 < seq.size(); ++t) {
+      const DLTensor *out = teacher.forward(single({seq[t]}, static_cast<int32_t>(t), 0));
+      if (t < first) continue;
+      const auto *row = static_cast<const float *>(out->data);
+      double best = -INFINITY, largest = 0;
+      for (size_t v = 0; v < vocab; ++v) {
+        best = std::max(best, static_cast<double>(row[v]));
+        largest = std::max(largest, std::abs(static_cast<double>(row[v])));
+      }
+      INFO("generated token " << t - first << ": " << seq[t + 1] << ", its CPU logit " << row[seq[t + 1]] << ", the best "
+                              << best);
+      CHECK(best - row[seq[t + 1]] <= 0.06 * largest);
+    }
+    CHECK(tokens[0] == expected.tokens[0]);
   } else {
     CHECK(tokens == expected.tokens);
   }
-  const loom::ModelConfig config = loom::load_model_config(dir);
   for (const auto dtype : {loom::ComputeDtype::float32, loom::ComputeDtype::bfloat16}) {
     const bool f32 = dtype == loom::ComputeDtype::float32;
     loom::CudaBackendOptions options;
@@ -459,7 +484,7 @@ void check_quantized_on_cuda(const fs::path &dir, const std::string &quantizer, 
         largest = std::max(largest, std::abs(static_cast<double>(r[v])));
       }
       INFO((f32 ? "float32" : "bfloat16") << " relative error " << worst / largest);
-      CHECK(worst / largest <= (f32 ? (fp8 ? 5e-2 : 1e-4) : (fp8 ? 6e-2 : 2e-2)));
+      CHECK(worst / largest <= (f32 ? (fp8 ? 6e-2 : 1e-4) : (fp8 ? 6e-2 : 2e-2)));
     }
   }
 }
