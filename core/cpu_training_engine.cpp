@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "loom/core/error.hpp"
+#include "loom/loom_plugin_api.h"
 #include "thread_pool.hpp"
 #include "training_engine.hpp"
 
@@ -17,21 +18,62 @@ class CpuTrainingEngine final : public TrainingEngine {
       : trainer_(config, weights), opt_(options.adamw), threads_(detail::ThreadPool::resolve(options.threads)) {
     trainer_.set_recompute(options.recompute);
     trainer_.set_threads(options.threads);
+    if (options.adapters.empty()) return;
+    trainer_.attach_adapters(options.adapters);
+    trainer_.set_frozen_base(true);
+    for (const auto &adapter : options.adapters) {
+      loom_tensor_sink sink{};
+      sink.struct_size = sizeof(sink);
+      sink.user = this;
+      sink.put = [](void *user, const char *name, DLTensor *tensor, DLTensor *grad) -> loom_status {
+        auto *self = static_cast<CpuTrainingEngine *>(user);
+        if (tensor == nullptr || grad == nullptr || tensor->dtype.code != kDLFloat || tensor->dtype.bits != 32)
+          return LOOM_ERR_INVALID_ARGUMENT;
+        size_t n = 1;
+        TrainParam<float> p;
+        p.name = name;
+        for (int i = 0; i < tensor->ndim; ++i) {
+          n *= static_cast<size_t>(tensor->shape[i]);
+          p.shape.push_back(tensor->shape[i]);
+        }
+        self->views_.push_back({static_cast<float *>(tensor->data), static_cast<float *>(grad->data), n, tensor->ndim >= 2});
+        self->adapter_params_.push_back(std::move(p));
+        return LOOM_OK;
+      };
+      adapter->check(adapter->vtable<loom_adapter_vtable>()->parameters(adapter->handle(), &sink), "parameters");
+    }
   }
-  std::string describe() const override { return "cpu float32 x" + std::to_string(threads_) + " threads"; }
-  void zero_grad() override { trainer_.zero_grad(); }
+  std::string describe() const override {
+    return "cpu float32 x" + std::to_string(threads_) + " threads" + (views_.empty() ? "" : ", adapters only (base frozen)");
+  }
+  void zero_grad() override {
+    trainer_.zero_grad();
+    for (const auto &v : views_) std::fill(v.grad, v.grad + v.size, 0.0f);
+  }
   double run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) override {
     double sum = 0;
     for (const auto &seq : batch) sum += trainer_.loss(seq, backward, grad_scale);
     return sum;
   }
-  double clip_grad_norm(double max_norm) override { return loom::clip_grad_norm(trainer_.params(), max_norm); }
-  void optimizer_step(double lr) override { opt_.step(trainer_.params(), lr); }
+  double clip_grad_norm(double max_norm) override {
+    return views_.empty() ? loom::clip_grad_norm(trainer_.params(), max_norm) : loom::clip_grad_norm(views_, max_norm);
+  }
+  void optimizer_step(double lr) override {
+    if (views_.empty()) opt_.step(trainer_.params(), lr);
+    else opt_.step(views_, lr);
+  }
   int64_t optimizer_steps() const override { return opt_.steps(); }
-  const std::vector<TrainParam<float>> &host_params() override { return trainer_.params(); }
+  const std::vector<TrainParam<float>> &host_params() override {
+    if (views_.empty()) return trainer_.params();
+    for (size_t i = 0; i < views_.size(); ++i) adapter_params_[i].value.assign(views_[i].value, views_[i].value + views_[i].size);
+    return adapter_params_;
+  }
   std::vector<std::vector<float>> host_grads() override {
     std::vector<std::vector<float>> g;
-    for (const auto &p : trainer_.params()) g.push_back(p.grad);
+    if (views_.empty())
+      for (const auto &p : trainer_.params()) g.push_back(p.grad);
+    else
+      for (const auto &v : views_) g.emplace_back(v.grad, v.grad + v.size);
     return g;
   }
   void host_moments(std::vector<std::vector<float>> &m, std::vector<std::vector<float>> &v) override {
@@ -41,11 +83,22 @@ class CpuTrainingEngine final : public TrainingEngine {
   void restore_optimizer(int64_t steps, std::vector<std::vector<float>> m, std::vector<std::vector<float>> v) override {
     opt_.restore(steps, std::move(m), std::move(v));
   }
+  void restore_params(const std::vector<TrainParam<float>> &values) override {
+    if (views_.empty()) throw runtime_error("training: restore_params is for adapters");
+    if (values.size() != views_.size()) throw runtime_error("training: the checkpoint's adapter has other parameters");
+    for (size_t i = 0; i < views_.size(); ++i) {
+      if (values[i].value.size() != views_[i].size)
+        throw runtime_error("training: the checkpoint's " + values[i].name + " has the wrong size");
+      std::copy(values[i].value.begin(), values[i].value.end(), views_[i].value);
+    }
+  }
 
  private:
   DecoderTrainer<float> trainer_;
   AdamW<float> opt_;
   int32_t threads_;
+  std::vector<ParamView<float>> views_;          // the adapters' parameters, when training adapters
+  std::vector<TrainParam<float>> adapter_params_;  // their names and shapes (values copied on request)
 };
 
 }  // namespace

@@ -111,6 +111,9 @@ class CudaTrainingEngine final : public TrainingEngine {
   std::vector<std::vector<float>> host_grads() override;
   void host_moments(std::vector<std::vector<float>> &m, std::vector<std::vector<float>> &v) override;
   void restore_optimizer(int64_t steps, std::vector<std::vector<float>> m, std::vector<std::vector<float>> v) override;
+  void restore_params(const std::vector<TrainParam<float>> &) override {
+    throw runtime_error("training on CUDA: restore_params is for adapters, which train on the CPU");
+  }
 
  private:
   using Layer = DecoderLayerParams;
@@ -193,6 +196,8 @@ CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWei
                                        const TrainEngineOptions &options)
     : config_(config), device_(options.device), bf16_(options.bf16), recompute_(options.recompute),
       adamw_(options.adamw), gpt2_(config.architecture == Architecture::gpt2) {
+  if (!options.adapters.empty())
+    throw runtime_error("training on CUDA: adapters train on the CPU for now (loom.device = \"cpu\")");
   check(cudaSetDevice(device_), "cudaSetDevice");
   check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   check(cublasCreate(&blas_), "cublasCreate");

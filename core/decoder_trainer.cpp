@@ -5,10 +5,12 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 
 #include "grad_ops.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/reference_model.hpp"
+#include "loom/loom_plugin_api.h"
 
 namespace loom {
 
@@ -166,7 +168,6 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   const ModelConfig &c = config_;
   const int64_t n = static_cast<int64_t>(x.size()) / c.hidden_size, H = c.hidden_size, D = c.head_dim, Hq = c.n_heads,
                 Hkv = c.n_kv_heads, I = c.intermediate_size;
-  auto bias = [&](size_t i) { return i == kNone ? nullptr : value(i); };
   std::vector<T> tmp;
   const Layer &L = layers_[l];
   A.r1.resize(static_cast<size_t>(n));
@@ -176,9 +177,9 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   A.q.resize(static_cast<size_t>(n * Hq * D));
   A.k.resize(static_cast<size_t>(n * Hkv * D));
   A.v.resize(A.k.size());
-  grad::linear(A.h1.data(), n, value(L.q), Hq * D, H, bias(L.q_b), A.q.data(), pool_.get());
-  grad::linear(A.h1.data(), n, value(L.k), Hkv * D, H, bias(L.k_b), A.k.data(), pool_.get());
-  grad::linear(A.h1.data(), n, value(L.v), Hkv * D, H, bias(L.v_b), A.v.data(), pool_.get());
+  project(L.q, L.q_b, A.h1.data(), n, Hq * D, H, A.q.data());
+  project(L.k, L.k_b, A.h1.data(), n, Hkv * D, H, A.k.data());
+  project(L.v, L.v_b, A.h1.data(), n, Hkv * D, H, A.v.data());
   for (int64_t t = 0; t < n; ++t) {
     ops::rope(A.q.data() + t * Hq * D, Hq, D, t, inv_freq_);
     ops::rope(A.k.data() + t * Hkv * D, Hkv, D, t, inv_freq_);
@@ -187,7 +188,7 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   A.p.resize(static_cast<size_t>(Hq * n * n));
   grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data(), pool_.get());
   tmp.resize(x.size());
-  grad::linear(A.a.data(), n, value(L.o), H, Hq * D, bias(L.o_b), tmp.data(), pool_.get());
+  project(L.o, L.o_b, A.a.data(), n, H, Hq * D, tmp.data());
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
   A.x_mid = x;
   A.r2.resize(static_cast<size_t>(n));
@@ -197,10 +198,10 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   A.g.resize(static_cast<size_t>(n * I));
   A.u.resize(A.g.size());
   A.m.resize(A.g.size());
-  grad::linear(A.h2.data(), n, value(L.gate), I, H, bias(L.gate_b), A.g.data(), pool_.get());
-  grad::linear(A.h2.data(), n, value(L.up), I, H, bias(L.up_b), A.u.data(), pool_.get());
+  project(L.gate, L.gate_b, A.h2.data(), n, I, H, A.g.data());
+  project(L.up, L.up_b, A.h2.data(), n, I, H, A.u.data());
   grad::swiglu(A.g.data(), A.u.data(), n * I, A.m.data());
-  grad::linear(A.m.data(), n, value(L.down), H, I, bias(L.down_b), tmp.data(), pool_.get());
+  project(L.down, L.down_b, A.m.data(), n, H, I, tmp.data());
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
 }
 
@@ -282,11 +283,10 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
   const ModelConfig &c = config_;
   const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, D = c.head_dim, Hq = c.n_heads,
                 Hkv = c.n_kv_heads, I = c.intermediate_size, V = c.vocab_size;
-  auto gbias = [&](size_t i) { return i == kNone ? nullptr : grad(i); };
   // The head, then the final norm.
   std::vector<T> dh(static_cast<size_t>(n * H), T(0)), dx(dh.size(), T(0));
-  grad::linear_backward(dlogits.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(), grad(head_),
-                        static_cast<T *>(nullptr), pool_.get());
+  grad::linear_backward(dlogits.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(),
+                        frozen_ ? static_cast<T *>(nullptr) : grad(head_), static_cast<T *>(nullptr), pool_.get());
   for (int64_t t = 0; t < n; ++t)
     grad::rms_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
                             acts.r_final[static_cast<size_t>(t)], H, dx.data() + t * H, grad(final_norm_));
@@ -300,19 +300,19 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
     }
     // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2))), h2 = norm2(x_mid).
     dm.assign(static_cast<size_t>(n * I), T(0));
-    grad::linear_backward(dx.data(), A.m.data(), n, value(L.down), H, I, dm.data(), grad(L.down), gbias(L.down_b), pool_.get());
+    project_backward(L.down, L.down_b, dx.data(), A.m.data(), n, H, I, dm.data());
     dg.assign(dm.size(), T(0));
     du.assign(dm.size(), T(0));
     grad::swiglu_backward(dm.data(), A.g.data(), A.u.data(), n * I, dg.data(), du.data());
     std::fill(dh.begin(), dh.end(), T(0));
-    grad::linear_backward(dg.data(), A.h2.data(), n, value(L.gate), I, H, dh.data(), grad(L.gate), gbias(L.gate_b), pool_.get());
-    grad::linear_backward(du.data(), A.h2.data(), n, value(L.up), I, H, dh.data(), grad(L.up), gbias(L.up_b), pool_.get());
+    project_backward(L.gate, L.gate_b, dg.data(), A.h2.data(), n, I, H, dh.data());
+    project_backward(L.up, L.up_b, du.data(), A.h2.data(), n, I, H, dh.data());
     for (int64_t t = 0; t < n; ++t)
       grad::rms_norm_backward(dh.data() + t * H, A.x_mid.data() + t * H, value(L.norm2), A.r2[static_cast<size_t>(t)], H,
                               dx.data() + t * H, grad(L.norm2));
     // Attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x_in).
     da.assign(static_cast<size_t>(n * Hq * D), T(0));
-    grad::linear_backward(dx.data(), A.a.data(), n, value(L.o), H, Hq * D, da.data(), grad(L.o), gbias(L.o_b), pool_.get());
+    project_backward(L.o, L.o_b, dx.data(), A.a.data(), n, H, Hq * D, da.data());
     dq.assign(da.size(), T(0));
     dk.assign(static_cast<size_t>(n * Hkv * D), T(0));
     dv.assign(dk.size(), T(0));
@@ -323,14 +323,15 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
       ops::rope(dk.data() + t * Hkv * D, Hkv, D, t, inv_freq_, true);
     }
     std::fill(dh.begin(), dh.end(), T(0));
-    grad::linear_backward(dq.data(), A.h1.data(), n, value(L.q), Hq * D, H, dh.data(), grad(L.q), gbias(L.q_b), pool_.get());
-    grad::linear_backward(dk.data(), A.h1.data(), n, value(L.k), Hkv * D, H, dh.data(), grad(L.k), gbias(L.k_b), pool_.get());
-    grad::linear_backward(dv.data(), A.h1.data(), n, value(L.v), Hkv * D, H, dh.data(), grad(L.v), gbias(L.v_b), pool_.get());
+    project_backward(L.q, L.q_b, dq.data(), A.h1.data(), n, Hq * D, H, dh.data());
+    project_backward(L.k, L.k_b, dk.data(), A.h1.data(), n, Hkv * D, H, dh.data());
+    project_backward(L.v, L.v_b, dv.data(), A.h1.data(), n, Hkv * D, H, dh.data());
     for (int64_t t = 0; t < n; ++t)
       grad::rms_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.r1[static_cast<size_t>(t)], H,
                               dx.data() + t * H, grad(L.norm1));
     if (recompute_) A.keep_input_only();
   }
+  if (frozen_) return;
   for (int64_t t = 0; t < n; ++t) {
     T *row = grad(embed_) + tokens[static_cast<size_t>(t)] * H;
     for (int64_t i = 0; i < H; ++i) row[i] += dx[static_cast<size_t>(t * H + i)];
@@ -399,10 +400,17 @@ void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &
 
 template <class T>
 void AdamW<T>::step(std::vector<TrainParam<T>> &params, double lr) {
+  std::vector<ParamView<T>> views;
+  for (auto &p : params) views.push_back({p.value.data(), p.grad.data(), p.value.size(), p.shape.size() >= 2});
+  step(views, lr);
+}
+
+template <class T>
+void AdamW<T>::step(const std::vector<ParamView<T>> &params, double lr) {
   if (m_.empty()) {
     for (const auto &p : params) {
-      m_.emplace_back(p.value.size(), T(0));
-      v_.emplace_back(p.value.size(), T(0));
+      m_.emplace_back(p.size, T(0));
+      v_.emplace_back(p.size, T(0));
     }
   }
   if (m_.size() != params.size()) throw runtime_error("AdamW: the parameter list changed between steps");
@@ -410,11 +418,11 @@ void AdamW<T>::step(std::vector<TrainParam<T>> &params, double lr) {
   const double b1 = options_.beta1, b2 = options_.beta2;
   const double c1 = 1.0 - std::pow(b1, static_cast<double>(step_)), c2 = 1.0 - std::pow(b2, static_cast<double>(step_));
   for (size_t k = 0; k < params.size(); ++k) {
-    auto &p = params[k];
+    const auto &p = params[k];
     auto &m = m_[k];
     auto &v = v_[k];
-    const double decay = p.shape.size() >= 2 ? options_.weight_decay : 0.0;
-    for (size_t i = 0; i < p.value.size(); ++i) {
+    const double decay = p.decay ? options_.weight_decay : 0.0;
+    for (size_t i = 0; i < p.size; ++i) {
       const double g = static_cast<double>(p.grad[i]);
       m[i] = static_cast<T>(b1 * static_cast<double>(m[i]) + (1.0 - b1) * g);
       v[i] = static_cast<T>(b2 * static_cast<double>(v[i]) + (1.0 - b2) * g * g);
@@ -426,17 +434,112 @@ void AdamW<T>::step(std::vector<TrainParam<T>> &params, double lr) {
 }
 
 template <class T>
-double clip_grad_norm(std::vector<TrainParam<T>> &params, double max_norm) {
+double clip_grad_norm(const std::vector<ParamView<T>> &params, double max_norm) {
   double sq = 0;
   for (const auto &p : params)
-    for (T g : p.grad) sq += static_cast<double>(g) * static_cast<double>(g);
+    for (size_t i = 0; i < p.size; ++i) sq += static_cast<double>(p.grad[i]) * static_cast<double>(p.grad[i]);
   const double norm = std::sqrt(sq);
   if (norm > max_norm && norm > 0) {
     const T scale = static_cast<T>(max_norm / (norm + 1e-6));
-    for (auto &p : params)
-      for (T &g : p.grad) g *= scale;
+    for (const auto &p : params)
+      for (size_t i = 0; i < p.size; ++i) p.grad[i] *= scale;
   }
   return norm;
+}
+
+template <class T>
+double clip_grad_norm(std::vector<TrainParam<T>> &params, double max_norm) {
+  std::vector<ParamView<T>> views;
+  for (auto &p : params) views.push_back({p.value.data(), p.grad.data(), p.value.size(), false});
+  return clip_grad_norm(views, max_norm);
+}
+
+// A DLTensor over float32 host memory (the adapter ABI's view of the trainer's arrays).
+struct HostView {
+  int64_t shape[2];
+  DLTensor t{};
+  HostView(const float *data, int64_t rows, int64_t cols) : shape{rows, cols} {
+    t.data = const_cast<float *>(data);
+    t.device = {kDLCPU, 0};
+    t.ndim = 2;
+    t.dtype = {kDLFloat, 32, 1};
+    t.shape = shape;
+  }
+};
+
+template <class T>
+void DecoderTrainer<T>::attach_adapters(const std::vector<std::shared_ptr<Instance>> &adapters) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (!adapters.empty()) throw runtime_error("training: adapters train in float32 only");
+  } else {
+    if (!adapters.empty() && config_.architecture == Architecture::gpt2)
+      throw runtime_error("training: adapters on GPT-2 are not supported yet (the Llama family's linears are)");
+    for (const auto &adapter : adapters) {
+      const auto *vt = adapter->vtable<loom_adapter_vtable>();
+      if (vt->backward == nullptr)
+        throw runtime_error(adapter->slot() + " (" + adapter->desc().name + "): the adapter has no backward; it cannot train");
+      int attached = 0;
+      for (const Layer &L : layers_)
+        for (const size_t w : {L.q, L.k, L.v, L.o, L.gate, L.up, L.down}) {
+          const std::string module = params_[w].name.substr(0, params_[w].name.size() - std::string(".weight").size());
+          if (!vt->targets(adapter->handle(), module.c_str())) continue;
+          loom_adapter_module m{};
+          m.struct_size = sizeof(m);
+          m.module_name = module.c_str();
+          m.out_features = params_[w].shape[0];
+          m.in_features = params_[w].shape[1];
+          m.dtype = {kDLFloat, 32, 1};
+          m.device = {kDLCPU, 0};
+          loom_adapter_site *site = nullptr;
+          adapter->check(vt->attach(adapter->handle(), &m, &site), ("attach " + module).c_str());
+          sites_[w].push_back(Site{adapter.get(), site});
+          ++attached;
+        }
+      if (attached == 0)
+        throw runtime_error(adapter->slot() + " (" + adapter->desc().name +
+                            "): its target modules match none of the model's linears");
+    }
+  }
+}
+
+template <class T>
+void DecoderTrainer<T>::project(size_t w, size_t b, const T *x, int64_t n, int64_t out, int64_t in, T *y) {
+  grad::linear(x, n, value(w), out, in, b == kNone ? nullptr : value(b), y, pool_.get());
+  if constexpr (std::is_same_v<T, float>) {
+    const auto it = sites_.find(w);
+    if (it == sites_.end()) return;
+    HostView xv(x, n, in), yv(y, n, out);
+    for (const Site &s : it->second) {
+      loom_adapter_io io{};
+      io.struct_size = sizeof(io);
+      io.x = &xv.t;
+      io.y = &yv.t;
+      io.training = 1;
+      Instance *a = s.adapter;
+      a->check(a->vtable<loom_adapter_vtable>()->forward(a->handle(), s.site, &io), "forward");
+    }
+  }
+}
+
+template <class T>
+void DecoderTrainer<T>::project_backward(size_t w, size_t b, const T *dy, const T *x, int64_t n, int64_t out, int64_t in,
+                                         T *dx) {
+  grad::linear_backward(dy, x, n, value(w), out, in, dx, frozen_ ? nullptr : grad(w),
+                        frozen_ || b == kNone ? nullptr : grad(b), pool_.get());
+  if constexpr (std::is_same_v<T, float>) {
+    const auto it = sites_.find(w);
+    if (it == sites_.end()) return;
+    HostView xv(x, n, in), dyv(dy, n, out), dxv(dx, n, in);
+    for (const Site &s : it->second) {
+      loom_adapter_grad_io io{};
+      io.struct_size = sizeof(io);
+      io.x = &xv.t;
+      io.d_y = &dyv.t;
+      io.d_x = &dxv.t;
+      Instance *a = s.adapter;
+      a->check(a->vtable<loom_adapter_vtable>()->backward(a->handle(), s.site, &io), "backward");
+    }
+  }
 }
 
 template class DecoderTrainer<float>;
@@ -445,5 +548,6 @@ template class AdamW<float>;
 template class AdamW<double>;
 template double clip_grad_norm<float>(std::vector<TrainParam<float>> &, double);
 template double clip_grad_norm<double>(std::vector<TrainParam<double>> &, double);
+template double clip_grad_norm<float>(const std::vector<ParamView<float>> &, double);
 
 }  // namespace loom

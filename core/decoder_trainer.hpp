@@ -23,6 +23,8 @@
 #include <vector>
 
 #include "decoder_layout.hpp"
+#include "loom/core/instance.hpp"
+#include "loom/loom_plugin_api.h"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
 #include "thread_pool.hpp"
@@ -55,6 +57,14 @@ class DecoderTrainer {
   // results do not depend on it: every element is summed in the same order.
   void set_threads(int32_t threads);
 
+  // Adapters ([PEFT]): each adapter instance is attached to the linears of the Llama family it
+  // targets; after such a linear's forward it adds its delta (training mode), and its backward
+  // adds into the input's gradient and its own parameters' (float only; GPT-2 is refused).
+  void attach_adapters(const std::vector<std::shared_ptr<Instance>> &adapters);
+  // A frozen base computes no gradients for the model's linears, biases, embedding and head
+  // (only what flows to the adapters; norms' weights still get theirs, unused).
+  void set_frozen_base(bool frozen) { frozen_ = frozen; }
+
   // The mean cross-entropy of predicting tokens[t + 1] after tokens[0..t], over t < n - 1 (at
   // least two tokens). With `backward`, its gradient times `grad_scale` is added into every
   // parameter's grad (a scale of 1 / sequences averages a batch of sequences).
@@ -77,6 +87,9 @@ class DecoderTrainer {
   void layer_forward_llama(size_t l, std::vector<T> &x, PerLayer &layer);
   template <class PerLayer>
   void layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer &layer);
+  // y = x W^T + b, then the adapters attached to W; and its backward (dx, and unless frozen dW, db).
+  void project(size_t w, size_t b, const T *x, int64_t n, int64_t out, int64_t in, T *y);
+  void project_backward(size_t w, size_t b, const T *dy, const T *x, int64_t n, int64_t out, int64_t in, T *dx);
   size_t need(const std::string &name) const;
   T *value(size_t index) { return params_[index].value.data(); }
   T *grad(size_t index) { return params_[index].grad.data(); }
@@ -90,8 +103,23 @@ class DecoderTrainer {
   size_t embed_ = 0, final_norm_ = 0, head_ = 0;
   size_t positions_ = SIZE_MAX, final_norm_b_ = SIZE_MAX;  // GPT-2's wpe and ln_f bias
   std::vector<double> inv_freq_;
-  bool recompute_ = false;
+  bool recompute_ = false, frozen_ = false;
+  struct Site {
+    Instance *adapter;
+    loom_adapter_site *site;
+  };
+  std::map<size_t, std::vector<Site>> sites_;  // by the linear's weight index
   std::unique_ptr<detail::ThreadPool> pool_;  // null: the calling thread only
+};
+
+// A parameter held elsewhere (an adapter plugin's): its values and gradient, `decay` for a
+// matrix.
+template <class T>
+struct ParamView {
+  T *value = nullptr;
+  T *grad = nullptr;
+  size_t size = 0;
+  bool decay = false;
 };
 
 struct AdamWOptions {
@@ -107,6 +135,7 @@ class AdamW {
   explicit AdamW(AdamWOptions options) : options_(options) {}
   // One update of every parameter from its grad, at learning rate `lr` (a schedule's value).
   void step(std::vector<TrainParam<T>> &params, double lr);
+  void step(const std::vector<ParamView<T>> &params, double lr);
   int64_t steps() const { return step_; }
   // The moments (per parameter, empty before the first step), for checkpoints.
   const std::vector<std::vector<T>> &first_moments() const { return m_; }
@@ -128,6 +157,8 @@ class AdamW {
 // torch.nn.utils.clip_grad_norm_); returns the norm before clipping.
 template <class T>
 double clip_grad_norm(std::vector<TrainParam<T>> &params, double max_norm);
+template <class T>
+double clip_grad_norm(const std::vector<ParamView<T>> &params, double max_norm);
 
 extern template class DecoderTrainer<float>;
 extern template class DecoderTrainer<double>;

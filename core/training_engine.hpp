@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "decoder_trainer.hpp"
+#include "loom/core/instance.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
 
@@ -25,6 +26,9 @@ struct TrainEngineOptions {
   int32_t threads = 0;         // CPU threads (0: one per hardware thread)
   int device = 0;              // CUDA device ordinal
   bool bf16 = false;           // CUDA: GEMM operands rounded to bfloat16 (fp32 master weights and accumulation)
+  // Adapter instances to train ([PEFT]; CPU only): the base model is frozen and only the
+  // adapters' parameters (listed by the plugin, PEFT names) are the engine's parameters.
+  std::vector<std::shared_ptr<Instance>> adapters;
 };
 
 class TrainingEngine {
@@ -47,6 +51,8 @@ class TrainingEngine {
   // AdamW's moments per parameter (empty before the first step).
   virtual void host_moments(std::vector<std::vector<float>> &m, std::vector<std::vector<float>> &v) = 0;
   virtual void restore_optimizer(int64_t steps, std::vector<std::vector<float>> m, std::vector<std::vector<float>> v) = 0;
+  // Sets the trained parameters' values (a resumed adapter run), in host_params' order.
+  virtual void restore_params(const std::vector<TrainParam<float>> &values) = 0;
 };
 
 std::unique_ptr<TrainingEngine> make_cpu_training_engine(const ModelConfig &config, const ModelWeights &weights,

@@ -21,6 +21,8 @@
 #include "loom/core/error.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
+#include "loom/core/pipeline.hpp"
+#include "loom/core/registry.hpp"
 #include "loom/core/safetensors.hpp"
 #include "loom/core/safetensors_writer.hpp"
 #include "loom/core/tokenizer.hpp"
@@ -70,6 +72,36 @@ void write_model_dir(const fs::path &dir, const fs::path &source, const std::vec
   write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
 }
 
+// An adapter directory in the Hugging Face PEFT layout: adapter_model.safetensors (the adapter's
+// parameters under PEFT's names) and adapter_config.json.
+void write_adapter_dir(const fs::path &dir, const std::vector<TrainParam<float>> &params, const nlohmann::json &config) {
+  fs::create_directories(dir);
+  std::vector<TensorToWrite> tensors;
+  for (const auto &p : params) tensors.push_back({p.name, SafetensorsDtype::F32, p.shape, bytes_of(p.value)});
+  write_safetensors(dir / "adapter_model.safetensors", tensors, {{"format", "pt"}});
+  std::ofstream(dir / "adapter_config.json") << config.dump(2) << "\n";
+}
+
+// PEFT's adapter_config.json for a `lora` component, from its resolved table.
+nlohmann::json lora_config(const ComponentSpec &spec, const Instance &adapter, const fs::path &base_model) {
+  if (std::string(adapter.desc().name) != "lora")
+    throw runtime_error(spec.slot + " (" + adapter.desc().name + "): loom train saves LoRA adapters only (PEFT layout) so far");
+  const auto table = spec.table->resolve(adapter.desc(), spec.slot);
+  const auto targets = table->json("target_modules");
+  return {{"peft_type", "LORA"},
+          {"task_type", "CAUSAL_LM"},
+          {"base_model_name_or_path", base_model.string()},
+          {"r", table->get_int("r").value_or(8)},
+          {"lora_alpha", table->get_float("alpha").value_or(16.0)},
+          {"lora_dropout", table->get_float("dropout").value_or(0.0)},
+          {"use_rslora", table->get_bool("use_rslora").value_or(false)},
+          {"target_modules", targets ? nlohmann::json::parse(*targets) : nlohmann::json::array()},
+          {"bias", "none"},
+          {"fan_in_fan_out", false},
+          {"inference_mode", true},
+          {"modules_to_save", nullptr}};
+}
+
 // config.json's initializer_range (transformers' default 0.02 when absent).
 double initializer_range(const fs::path &model_dir) {
   std::ifstream in(model_dir / "config.json");
@@ -88,11 +120,12 @@ struct DataPosition {
 // The checkpoint directory, written beside and renamed over, so an interrupted save leaves the
 // previous one whole.
 void save_checkpoint(const fs::path &out, const fs::path &source, TrainingEngine &engine, int64_t step, DataPosition data,
-                     uint64_t seed, const TrainSpec &t) {
+                     uint64_t seed, const TrainSpec &t, const nlohmann::json *adapter_config) {
   const fs::path dir = out / "checkpoint", tmp = out / "checkpoint.tmp", old = out / "checkpoint.old";
   fs::remove_all(tmp);
   const auto &params = engine.host_params();
-  write_model_dir(tmp, source, params);
+  if (adapter_config) write_adapter_dir(tmp, params, *adapter_config);
+  else write_model_dir(tmp, source, params);
   std::vector<std::vector<float>> m, v;
   engine.host_moments(m, v);
   std::vector<TensorToWrite> moments;
@@ -117,7 +150,7 @@ void save_checkpoint(const fs::path &out, const fs::path &source, TrainingEngine
 // manifest must describe the same data order (seed, sequence length, batch), else the resumed run
 // would not continue the interrupted one.
 std::pair<int64_t, DataPosition> load_checkpoint(const fs::path &dir, const std::string &source_name,
-                                                 TrainingEngine &engine, uint64_t seed, const TrainSpec &t) {
+                                                 TrainingEngine &engine, uint64_t seed, const TrainSpec &t, bool adapter) {
   std::ifstream in(dir / "trainer_state.json");
   if (!in) throw runtime_error(source_name + ": train.resume: " + (dir / "trainer_state.json").string() + " not found");
   nlohmann::json state;
@@ -155,6 +188,18 @@ std::pair<int64_t, DataPosition> load_checkpoint(const fs::path &dir, const std:
     }
   }
   engine.restore_optimizer(field("optimizer_steps"), std::move(m), std::move(v));
+  if (adapter) {  // the adapter's values (the base model came from [model] path)
+    const fs::path adapter_file = dir / "adapter_model.safetensors";
+    const SafetensorsFile weights = SafetensorsFile::open(adapter_file);
+    std::vector<TrainParam<float>> values = engine.host_params();
+    for (auto &p : values) {
+      const SafetensorsTensor *st = weights.find(p.name);
+      if (st == nullptr || st->dtype != SafetensorsDtype::F32 || st->numel != p.value.size())
+        throw runtime_error(adapter_file.string() + ": " + p.name + " missing or not float32 of the parameter's shape");
+      std::memcpy(p.value.data(), st->data, st->nbytes);
+    }
+    engine.restore_params(values);
+  }
   return {field("step"), DataPosition{field("epoch"), field("position")}};
 }
 
@@ -250,13 +295,22 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
 
   // Model and optimizer, fresh or from the checkpoint, on the device the manifest names ("auto":
   // LOOM_DEVICE, else the GPU when there is one and it trains this architecture, else the CPU).
-  const fs::path source = t.resume.empty() ? m.model_path : t.resume;
+  const auto adapter_specs = m.of_kind(LOOM_KIND_ADAPTER);
+  if (adapter_specs.size() > 1)
+    throw manifest_error(m.source_name + ": [train] trains one adapter at a time; the manifest has " +
+                         std::to_string(adapter_specs.size()));
+  if (!adapter_specs.empty() && t.recompute)
+    throw manifest_error(m.source_name + ": train.recompute: not with an adapter (its dropout would be drawn again)");
+  if (!adapter_specs.empty() && t.init == "random")
+    throw manifest_error(m.source_name + ": train.init: \"random\" with an adapter would train it over a random base");
+  // An adapter run loads the base from [model] path (its checkpoints hold the adapter only).
+  const fs::path source = t.resume.empty() || !adapter_specs.empty() ? m.model_path : t.resume;
   DLDevice device{kDLCPU, 0};
   if (m.device != "auto") {
     device = resolve_named_device(m.device, m.source_name, "loom.device");
   } else if (const char *env = std::getenv("LOOM_DEVICE"); env && *env && std::string(env) != "auto") {
     device = resolve_named_device(env, "LOOM_DEVICE", "environment");
-  } else if (cuda_device_count() > 0 && cuda_trains(config)) {
+  } else if (cuda_device_count() > 0 && cuda_trains(config) && adapter_specs.empty()) {
     device = {kDLCUDA, 0};
   }
   if (t.precision == "bf16" && device.device_type != kDLCUDA)
@@ -271,6 +325,21 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   eo.threads = static_cast<int32_t>(m.threads);  // [loom] threads; the results do not depend on it
   eo.device = device.device_id;
   eo.bf16 = t.precision == "bf16";
+  // Adapters are the pipeline's instances, built as the runtime builds them (on the CPU).
+  std::unique_ptr<Registry> registry;
+  std::unique_ptr<Pipeline> pipeline;
+  nlohmann::json adapter_config;
+  if (!adapter_specs.empty()) {
+    registry = std::make_unique<Registry>(Registry::default_search_paths(m.plugin_paths));
+    registry->scan();
+    InstanceEnvironment env;
+    env.device = {kDLCPU, 0};
+    pipeline = std::make_unique<Pipeline>(*registry, env);
+    pipeline->build(m);
+    eo.adapters = pipeline->list(LOOM_KIND_ADAPTER);
+    adapter_config = lora_config(*adapter_specs.front(), *eo.adapters.front(), m.model_path);
+  }
+  const nlohmann::json *adapter = adapter_specs.empty() ? nullptr : &adapter_config;
   const ModelWeights weights = t.resume.empty() && t.init == "random"
                                    ? random_initial_weights(config, seed, initializer_range(m.model_path))
                                    : ModelWeights::load(config, SafetensorsIndex::open_model_dir(source));
@@ -281,7 +350,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   fs::create_directories(t.out);
   const fs::path log_path = t.out / "train_log.jsonl";
   if (!t.resume.empty()) {
-    std::tie(step, pos) = load_checkpoint(t.resume, m.source_name, *engine, seed, t);
+    std::tie(step, pos) = load_checkpoint(t.resume, m.source_name, *engine, seed, t, adapter != nullptr);
     truncate_log(log_path, step);
   } else {
     std::ofstream(log_path, std::ios::trunc);
@@ -356,9 +425,9 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
       std::cerr << (tty ? "\r" : "") << line.str() << (tty ? "\033[K" : "\n") << std::flush;
     }
     if (t.eval_every > 0 && step % t.eval_every == 0) evaluate(step);
-    if (t.save_every > 0 && step % t.save_every == 0) save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t);
+    if (t.save_every > 0 && step % t.save_every == 0) save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t, adapter);
     if (options.stop_after > 0 && done_here >= options.stop_after && step < t.steps) {
-      save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t);
+      save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t, adapter);
       if (options.progress && tty) std::cerr << "\n";
       result.step = step;
       return result;
@@ -366,9 +435,14 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   }
   if (options.progress && tty) std::cerr << "\n";
   if (t.eval_every == 0 || step % t.eval_every != 0) evaluate(step);
-  save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t);
-  result.model_dir = t.out / "model";
-  write_model_dir(result.model_dir, m.model_path, engine->host_params(), t.save_dtype == "bfloat16");
+  save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t, adapter);
+  if (adapter) {
+    result.adapter_dir = t.out / "adapter";
+    write_adapter_dir(result.adapter_dir, engine->host_params(), *adapter);
+  } else {
+    result.model_dir = t.out / "model";
+    write_model_dir(result.model_dir, m.model_path, engine->host_params(), t.save_dtype == "bfloat16");
+  }
   log.close();
   result.plot = plot_losses(t.out, log_path);
   result.step = step;

@@ -387,6 +387,7 @@ int cmd_train(const std::vector<std::string> &args) {
     }
     std::cout << "\n";
     if (!r.model_dir.empty()) std::cout << "model: " << r.model_dir.string() << "\n";
+    else if (!r.adapter_dir.empty()) std::cout << "adapter: " << r.adapter_dir.string() << "\n";
     else std::cout << "checkpoint: " << (manifest.train.out / "checkpoint").string() << "\n";
     if (!r.plot.empty()) std::cout << "plot: " << r.plot.string() << "\n";
     return 0;

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <random>
 #include <vector>
 
@@ -22,7 +23,11 @@
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
 #include "loom/core/reference_model.hpp"
+#include "loom/core/manifest.hpp"
+#include "loom/core/pipeline.hpp"
+#include "loom/core/registry.hpp"
 #include "loom/core/safetensors.hpp"
+#include "loom/loom_plugin_api.h"
 
 namespace fs = std::filesystem;
 
@@ -424,5 +429,92 @@ TEST_CASE("activation recomputation and threads give the same gradients bit for 
       CHECK(kept.params()[i].grad == recomputed.params()[i].grad);
       CHECK(kept.params()[i].grad == threaded.params()[i].grad);
     }
+  }
+}
+
+TEST_CASE("a LoRA adapter's gradients through the trainer are the merged weight's, projected", "[train][peft]") {
+  // y = x (W + s B A)^T: with W' = W + s B A, dB = s dW' A^T and dA = s B^T dW'. The adapter's
+  // gradients through the frozen trainer must equal those computed from the merged model's dW'.
+  const fs::path dir = kModels / "tiny-llama";
+  const loom::ModelConfig config = loom::load_model_config(dir);
+  const loom::Manifest m = loom::parse_manifest_string(
+      "[model]\npath = \"" + dir.string() +
+          "\"\n[[adapter]]\nuse = \"lora\"\nr = 2\nalpha = 4\nseed = 3\ntarget_modules = [\"q_proj\", \"down_proj\"]\n",
+      "lora.toml");
+  loom::Registry registry(loom::Registry::default_search_paths(m.plugin_paths));
+  registry.scan();
+  loom::InstanceEnvironment env;
+  loom::Pipeline pipeline(registry, env);
+  pipeline.build(m);
+  const auto adapters = pipeline.list(LOOM_KIND_ADAPTER);
+  REQUIRE(adapters.size() == 1);
+  auto weights = [&] { return loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)); };
+  loom::DecoderTrainer<float> frozen(config, weights());
+  frozen.attach_adapters(adapters);
+  frozen.set_frozen_base(true);
+  struct Param {
+    std::string name;
+    float *value, *grad;
+    int64_t rows, cols;
+  };
+  std::vector<Param> params;
+  loom_tensor_sink sink{sizeof(loom_tensor_sink), &params,
+                        [](void *user, const char *name, DLTensor *t, DLTensor *g) -> loom_status {
+                          static_cast<std::vector<Param> *>(user)->push_back(
+                              {name, static_cast<float *>(t->data), static_cast<float *>(g->data), t->shape[0], t->shape[1]});
+                          return LOOM_OK;
+                        }};
+  adapters[0]->check(adapters[0]->vtable<loom_adapter_vtable>()->parameters(adapters[0]->handle(), &sink), "parameters");
+  REQUIRE(params.size() == 8);  // A and B of q_proj and down_proj in two layers
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> dist(-0.2f, 0.2f);
+  for (auto &p : params)  // B starts at 0 (no gradient for A then): give both random values
+    for (int64_t i = 0; i < p.rows * p.cols; ++i) p.value[i] = dist(rng);
+  const std::vector<int32_t> tokens = {1, 17, 4, 33, 8, 21, 5, 99, 3, 42, 7};
+  const double loss = frozen.loss(tokens, true, 1.0);
+  // The merged model, trained in full.
+  std::map<std::string, loom::HostWeight, std::less<>> merged_map;
+  const auto base = weights();
+  for (const auto &[name, shape] : loom::expected_weights(config)) merged_map.emplace(name, base.at(name));
+  const float s = 4.0f / 2.0f;
+  for (size_t k = 0; k < params.size(); k += 2) {  // lora_A then lora_B of one module
+    const Param &A = params[k], &B = params[k + 1];
+    REQUIRE(A.name.find("lora_A") != std::string::npos);
+    const std::string module = A.name.substr(std::string("base_model.model.").size(),
+                                             A.name.size() - std::string("base_model.model.").size() - std::string(".lora_A.weight").size());
+    auto &W = merged_map.at(module + ".weight").values;
+    const int64_t out = B.rows, in = A.cols, r = A.rows;
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) {
+        float acc = 0;
+        for (int64_t j = 0; j < r; ++j) acc += B.value[o * r + j] * A.value[j * in + i];
+        W[static_cast<size_t>(o * in + i)] += s * acc;
+      }
+  }
+  loom::DecoderTrainer<float> merged(config, loom::ModelWeights::from_map(std::move(merged_map)));
+  CHECK(merged.loss(tokens, true, 1.0) == Approx(loss).epsilon(1e-5));
+  for (size_t k = 0; k < params.size(); k += 2) {
+    const Param &A = params[k], &B = params[k + 1];
+    const std::string module = A.name.substr(std::string("base_model.model.").size(),
+                                             A.name.size() - std::string("base_model.model.").size() - std::string(".lora_A.weight").size());
+    const auto &dW = merged.param(module + ".weight").grad;
+    const int64_t out = B.rows, in = A.cols, r = A.rows;
+    double worst = 0, largest = 0;
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t j = 0; j < r; ++j) {  // dB[o][j] = s sum_i dW[o][i] A[j][i]
+        double e = 0;
+        for (int64_t i = 0; i < in; ++i) e += static_cast<double>(dW[static_cast<size_t>(o * in + i)]) * A.value[j * in + i];
+        worst = std::max(worst, std::fabs(s * e - B.grad[o * r + j]));
+        largest = std::max(largest, std::fabs(s * e));
+      }
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t i = 0; i < in; ++i) {  // dA[j][i] = s sum_o B[o][j] dW[o][i]
+        double e = 0;
+        for (int64_t o = 0; o < out; ++o) e += static_cast<double>(B.value[o * r + j]) * dW[static_cast<size_t>(o * in + i)];
+        worst = std::max(worst, std::fabs(s * e - A.grad[j * in + i]));
+        largest = std::max(largest, std::fabs(s * e));
+      }
+    INFO(module << ": worst " << worst << " of " << largest);
+    CHECK(worst <= 1e-4 * largest);
   }
 }

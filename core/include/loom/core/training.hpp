@@ -13,6 +13,10 @@
 //                     trainer_state.json (step, data position); `[train] resume` continues it,
 //                     giving the same losses as a run that was not interrupted
 //   model/            the final model in the Hugging Face layout (what `[model] path` loads)
+//   adapter/          instead, when the manifest has an [[adapter]] (LoRA, CPU): the base stays
+//                     frozen and the adapter is trained and saved in the PEFT layout
+//                     (adapter_config.json, adapter_model.safetensors); checkpoint/ then holds
+//                     the adapter, its moments and the state
 //   loss.png          the training and validation loss curves (gnuplot, when installed)
 // Errors: loom::Error (manifest category for bad [train] values, runtime otherwise).
 // Thread-safety: one call at a time per output directory.
@@ -43,7 +47,8 @@ struct TrainResult {
   int64_t step = 0;                                    // the last step done
   int64_t train_sequences = 0, validation_sequences = 0;
   std::string device;                                  // where it trained ("cuda:0 float32", "cpu float32 x4 threads")
-  std::filesystem::path model_dir;                     // the export (empty when stopped early)
+  std::filesystem::path model_dir;                     // the export (empty when stopped early or training an adapter)
+  std::filesystem::path adapter_dir;                   // an adapter run's export in the PEFT layout
   std::filesystem::path plot;                          // loss.png (empty when gnuplot was not found)
 };
 
