@@ -120,7 +120,7 @@ ComponentTable::ComponentTable(std::unique_ptr<Impl> impl) : impl_(std::move(imp
 ComponentTable::~ComponentTable() = default;
 
 bool ComponentTable::is_reserved_key(std::string_view key) {
-  return key == "use" || key == "library" || key == "version" || key == "name";
+  return key == "use" || key == "library" || key == "version" || key == "name" || key == "weights";
 }
 
 std::shared_ptr<const ComponentTable> ComponentTable::resolve(const loom_component_desc &component,

@@ -1,5 +1,7 @@
 #include "cpu_backend.hpp"
 
+#include "adapter_weights.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -679,6 +681,7 @@ std::vector<loom_adapter_site *> CpuBackend::attach_all(Instance &adapter) {
     sites.push_back(site);
   };
   for (Linear *l : linears_) one(*l);
+  load_adapter_weights(adapter);  // [[adapter]] weights = "dir", once every site exists
   return sites;
 }
 

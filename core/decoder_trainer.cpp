@@ -7,6 +7,7 @@
 #include <span>
 #include <type_traits>
 
+#include "adapter_weights.hpp"
 #include "grad_ops.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/reference_model.hpp"
@@ -498,6 +499,7 @@ void DecoderTrainer<T>::attach_adapters(const std::vector<std::shared_ptr<Instan
       if (attached == 0)
         throw runtime_error(adapter->slot() + " (" + adapter->desc().name +
                             "): its target modules match none of the model's linears");
+      load_adapter_weights(*adapter);  // continue training a saved adapter ([[adapter]] weights)
     }
   }
 }

@@ -47,6 +47,7 @@ std::unique_ptr<Instance> Instance::create(const ComponentRef &ref, const Compon
   inst->ctx_->slot = spec.slot;
   inst->ctx_->component = ref.component->name;
   inst->ctx_->config = std::move(config);
+  inst->ctx_->weights = spec.weights;
   inst->ctx_->device = env.device;
   inst->ctx_->metrics = env.metrics;
   inst->ctx_->cancelled = env.cancelled;

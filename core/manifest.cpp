@@ -350,6 +350,8 @@ ComponentSpec read_component(loom_kind kind, const std::string &slot, const std:
       r.fail(*t.get("name"), "name", "must be non-empty without spaces, brackets, dots or '='");
     spec.slot = name;
   }
+  if (r.read_path("weights", base_dir, spec.weights) && kind != LOOM_KIND_ADAPTER)
+    r.fail(*t.get("weights"), "weights", "only an [[adapter]] takes weights (a PEFT adapter directory)");
   spec.table = detail::make_component_table(document, t, source, base_dir);
   return spec;
 }

@@ -81,6 +81,11 @@ bool ignorable_buffer(std::string_view name) {
 
 } // namespace
 
+std::vector<float> tensor_as_float(SafetensorsDtype dtype, std::span<const std::byte> bytes) {
+  if (!weight_dtype(dtype)) throw runtime_error(std::string("dtype ") + dtype_name(dtype) + " is not F32, F16 or BF16");
+  return to_float(dtype, bytes);
+}
+
 std::map<std::string, std::vector<int64_t>> expected_weights(const ModelConfig &c) {
   std::map<std::string, std::vector<int64_t>> w;
   const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size, hd = c.head_dim;

@@ -10,6 +10,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
+#include <span>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -21,6 +24,8 @@
 #include "loom/core/model_config.hpp"
 #include "loom/core/runtime.hpp"
 #include "loom/core/safetensors.hpp"
+#include "loom/core/safetensors_writer.hpp"
+#include "loom/core/model_weights.hpp"
 #include "loom/core/tokenizer.hpp"
 #include "loom/core/training.hpp"
 
@@ -302,6 +307,59 @@ TEST_CASE("loom train trains a LoRA adapter over the frozen default model and sa
   REQUIRE(rest.train_loss.size() == 7);
   for (size_t i = 0; i < 7; ++i) CHECK(rest.train_loss[i] == r.train_loss[i + 5]);
   CHECK(file_bytes(rest.adapter_dir / "adapter_model.safetensors") == file_bytes(r.adapter_dir / "adapter_model.safetensors"));
+  // The saved adapter loads for inference ([[adapter]] weights) and generates what the base
+  // model with the delta merged into its weights generates.
+  const fs::path merged = scratch("lora_merged");
+  {
+    const loom::ModelConfig model_config = loom::load_model_config(kKjv);
+    const auto base = loom::ModelWeights::load(model_config, loom::SafetensorsIndex::open_model_dir(kKjv));
+    std::map<std::string, std::vector<float>> w;
+    std::map<std::string, std::vector<int64_t>> shapes = loom::expected_weights(model_config);
+    for (const auto &[name, shape] : shapes) w[name] = base.at(name).values;
+    const float scale = 8.0f / 4.0f;
+    for (const auto &t : adapter.tensors()) {
+      if (t.name.find(".lora_A.") == std::string::npos) continue;
+      const std::string module = t.name.substr(17, t.name.size() - 17 - 14);  // "base_model.model." ... ".lora_A.weight"
+      const auto *bt = adapter.find("base_model.model." + module + ".lora_B.weight");
+      REQUIRE(bt != nullptr);
+      std::vector<float> A(t.numel), B(bt->numel);
+      std::memcpy(A.data(), t.data, t.nbytes);
+      std::memcpy(B.data(), bt->data, bt->nbytes);
+      auto &W = w.at(module + ".weight");
+      const int64_t rank = t.shape[0], in = t.shape[1], outs = bt->shape[0];
+      for (int64_t o = 0; o < outs; ++o)
+        for (int64_t i = 0; i < in; ++i) {
+          float acc = 0;
+          for (int64_t j = 0; j < rank; ++j) acc += B[static_cast<size_t>(o * rank + j)] * A[static_cast<size_t>(j * in + i)];
+          W[static_cast<size_t>(o * in + i)] += scale * acc;
+        }
+    }
+    loom::copy_model_files(kKjv, merged);
+    std::vector<loom::TensorToWrite> tensors;
+    for (const auto &[name, v] : w)
+      tensors.push_back({name, loom::SafetensorsDtype::F32, shapes.at(name), std::as_bytes(std::span<const float>(v))});
+    loom::write_safetensors(merged / "model.safetensors", tensors, {});
+  }
+  auto generate = [&](const fs::path &model, const std::string &adapter_table) {
+    return loom::Runtime::from_string("[loom]\ndevice = \"cpu\"\n[model]\npath = \"" + model.string() +
+                                          "\"\ndtype = \"float32\"\n" + adapter_table +
+                                          "[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n"
+                                          "[run]\nprompt = \"The core loads\"\nsteps = 16\nstop_tokens = []\n",
+                                      "run.toml")
+        ->run()
+        .tokens;
+  };
+  const std::string lora = "[[adapter]]\nuse = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
+  const auto with_adapter = generate(kKjv, lora + "weights = \"" + r.adapter_dir.string() + "\"\n");
+  CHECK(with_adapter == generate(merged, ""));
+  CHECK(with_adapter != generate(kKjv, ""));
+  // A table that disagrees with adapter_config.json is refused, naming both.
+  CHECK_THROWS_WITH(generate(kKjv, "[[adapter]]\nuse = \"lora\"\nr = 4\nalpha = 16\ntarget_modules = [\"q_proj\", \"v_proj\", "
+                                   "\"down_proj\"]\nweights = \"" + r.adapter_dir.string() + "\"\n"),
+                    Catch::Contains("adapter_config.json: \"lora_alpha\" is 8.0, but adapter[0] (lora) has alpha = 16"));
+  CHECK_THROWS_WITH(loom::parse_manifest_string("[[sampler]]\nuse = \"greedy\"\nweights = \"x\"\n", "w.toml"),
+                    Catch::Contains("sampler[0].weights: only an [[adapter]] takes weights"));
+  fs::remove_all(merged);
   // What an adapter run refuses, by key.
   CHECK_THROWS_WITH(loom::train(loom::parse_manifest_string(lora_manifest(out, "recompute = true\n"), "lora.toml"), quiet()),
                     Catch::Contains("train.recompute: not with an adapter"));

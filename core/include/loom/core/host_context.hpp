@@ -8,6 +8,7 @@
 #pragma once
 
 #include <atomic>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -23,6 +24,7 @@ struct loom_host_ctx {
   std::string slot;      // "sampler[0]"
   std::string component; // "top-k"
   std::shared_ptr<const loom::ComponentTable> config;
+  std::filesystem::path weights;  // an adapter's PEFT directory ([[adapter]] weights), or empty
   DLDevice device{kDLCPU, 0};
   loom::Metrics *metrics = nullptr;
   const std::atomic<bool> *cancelled = nullptr;

@@ -35,6 +35,9 @@ struct ComponentSpec {
   std::string use;           // component name
   std::filesystem::path library; // empty unless the manifest names a library file
   std::string version_range;     // empty = any
+  // [[adapter]] weights = "dir": a PEFT adapter directory (adapter_model.safetensors, and
+  // adapter_config.json checked against the table) loaded into the adapter once attached.
+  std::filesystem::path weights;
   std::shared_ptr<const ComponentTable> table;
 };
 

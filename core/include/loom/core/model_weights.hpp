@@ -110,6 +110,9 @@ class ModelWeights {
   std::shared_ptr<QuantizedCheckpoint> quantized_;
 };
 
+// F32, F16 or BF16 tensor bytes as float32 values; throws loom::Error for another dtype.
+std::vector<float> tensor_as_float(SafetensorsDtype dtype, std::span<const std::byte> bytes);
+
 // The names and shapes the architecture needs, for checks and for writers of checkpoints.
 std::map<std::string, std::vector<int64_t>> expected_weights(const ModelConfig &config);
 
