@@ -12,6 +12,7 @@
 #include <iterator>
 #include <map>
 #include <span>
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -352,7 +353,11 @@ TEST_CASE("loom train trains a LoRA adapter over the frozen default model and sa
   const std::string lora = "[[adapter]]\nuse = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
   const auto with_adapter = generate(kKjv, lora + "weights = \"" + r.adapter_dir.string() + "\"\n");
   CHECK(with_adapter == generate(merged, ""));
-  CHECK(with_adapter != generate(kKjv, ""));
+  // (Twelve steps may leave greedy tokens as they were; that the delta is not zero is what makes
+  // the comparison above mean something.)
+  std::vector<float> b_values(b->numel);
+  std::memcpy(b_values.data(), b->data, b->nbytes);
+  CHECK(std::any_of(b_values.begin(), b_values.end(), [](float v) { return v != 0.0f; }));
   // A table that disagrees with adapter_config.json is refused, naming both.
   CHECK_THROWS_WITH(generate(kKjv, "[[adapter]]\nuse = \"lora\"\nr = 4\nalpha = 16\ntarget_modules = [\"q_proj\", \"v_proj\", "
                                    "\"down_proj\"]\nweights = \"" + r.adapter_dir.string() + "\"\n"),
