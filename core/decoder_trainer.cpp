@@ -104,59 +104,36 @@ void DecoderTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) 
                         std::to_string(c.max_positions) + " positions");
   for (const int32_t id : tokens)
     if (id < 0 || id >= c.vocab_size) throw runtime_error("training: token " + std::to_string(id) + " is outside the vocabulary");
-  if (c.architecture == Architecture::gpt2)
-    forward_gpt2(tokens, acts);
-  else
-    forward_llama(tokens, acts);
-}
-
-template <class T>
-void DecoderTrainer<T>::forward_llama(const std::vector<int32_t> &tokens, Acts &acts) {
-  const ModelConfig &c = config_;
-  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, V = c.vocab_size;
+  // The embedding (GPT-2 adds learned positions), the layers, the final norm (GPT-2's LayerNorm
+  // keeps its mean too), the head. GPT-2's layer: x += c_proj(attention(split(c_attn(ln_1(x))))),
+  // x += c_proj(gelu(c_fc(ln_2(x)))), with q, k and v the thirds of c_attn's output (no RoPE) in
+  // acts.q/k/v, c_fc's output in g and its GELU in m.
+  const bool gpt2 = c.architecture == Architecture::gpt2;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
   std::vector<T> x(static_cast<size_t>(n * H));
-  for (int64_t t = 0; t < n; ++t) std::copy_n(value(embed_) + tokens[static_cast<size_t>(t)] * H, H, x.begin() + t * H);
+  for (int64_t t = 0; t < n; ++t) {
+    std::copy_n(value(embed_) + tokens[static_cast<size_t>(t)] * H, H, x.begin() + t * H);
+    if (gpt2)
+      for (int64_t i = 0; i < H; ++i) x[static_cast<size_t>(t * H + i)] += value(positions_)[t * H + i];
+  }
   acts.layers.assign(layers_.size(), {});
   for (size_t l = 0; l < layers_.size(); ++l) {
     acts.layers[l].x_in = x;
-    layer_forward_llama(l, x, acts.layers[l]);
+    if (gpt2) layer_forward_gpt2(l, x, acts.layers[l]);
+    else layer_forward_llama(l, x, acts.layers[l]);
     if (recompute_) acts.layers[l].keep_input_only();
   }
   acts.x_final = x;
   acts.r_final.resize(static_cast<size_t>(n));
+  acts.mean_final.resize(gpt2 ? static_cast<size_t>(n) : 0);
   acts.h_final.resize(x.size());
-  for (int64_t t = 0; t < n; ++t)
-    acts.r_final[static_cast<size_t>(t)] = ops::rms_norm(x.data() + t * H, value(final_norm_), H, c.norm_eps,
-                                                          acts.h_final.data() + t * H);
-  acts.logits.resize(static_cast<size_t>(n * V));
-  grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data(), pool_.get());
-}
-
-// GPT-2: x = wte[token] + wpe[t]; per layer x += c_proj(attention(split(c_attn(ln_1(x))))),
-// x += c_proj(gelu(c_fc(ln_2(x)))); logits = ln_f(x) wte^T. q, k and v are the thirds of c_attn's
-// output (no RoPE), stored in acts.q/k/v; c_fc's output in g, its GELU in m.
-template <class T>
-void DecoderTrainer<T>::forward_gpt2(const std::vector<int32_t> &tokens, Acts &acts) {
-  const ModelConfig &c = config_;
-  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, V = c.vocab_size;
-  std::vector<T> x(static_cast<size_t>(n * H));
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i < H; ++i)
-      x[static_cast<size_t>(t * H + i)] = value(embed_)[tokens[static_cast<size_t>(t)] * H + i] + value(positions_)[t * H + i];
-  acts.layers.assign(layers_.size(), {});
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    acts.layers[l].x_in = x;
-    layer_forward_gpt2(l, x, acts.layers[l]);
-    if (recompute_) acts.layers[l].keep_input_only();
-  }
-  acts.x_final = x;
-  acts.r_final.resize(static_cast<size_t>(n));
-  acts.mean_final.resize(static_cast<size_t>(n));
-  acts.h_final.resize(x.size());
-  for (int64_t t = 0; t < n; ++t)
+  for (int64_t t = 0; t < n; ++t) {
+    T *h = acts.h_final.data() + t * H;
     acts.r_final[static_cast<size_t>(t)] =
-        ops::layer_norm(x.data() + t * H, value(final_norm_), value(final_norm_b_), H, c.norm_eps, acts.h_final.data() + t * H,
-                         &acts.mean_final[static_cast<size_t>(t)]);
+        gpt2 ? ops::layer_norm(x.data() + t * H, value(final_norm_), value(final_norm_b_), H, c.norm_eps, h,
+                               &acts.mean_final[static_cast<size_t>(t)])
+             : ops::rms_norm(x.data() + t * H, value(final_norm_), H, c.norm_eps, h);
+  }
   acts.logits.resize(static_cast<size_t>(n * V));
   grad::linear(acts.h_final.data(), n, value(head_), V, H, static_cast<const T *>(nullptr), acts.logits.data(), pool_.get());
 }

@@ -76,8 +76,6 @@ class DecoderTrainer {
   using Layer = DecoderLayerParams;
   struct Acts;
   void forward(const std::vector<int32_t> &tokens, Acts &acts);
-  void forward_llama(const std::vector<int32_t> &tokens, Acts &acts);
-  void forward_gpt2(const std::vector<int32_t> &tokens, Acts &acts);
   // Adds the gradient of the loss whose logits' gradient is `dlogits` into every grad.
   void backward_llama(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits);
   void backward_gpt2(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits);
