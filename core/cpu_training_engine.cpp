@@ -113,7 +113,6 @@ std::unique_ptr<TrainingEngine> make_cuda_training_engine(const ModelConfig &, c
                                                           const TrainEngineOptions &) {
   throw runtime_error("training on CUDA: this build has no CUDA");
 }
-bool cuda_trains(const ModelConfig &) { return false; }
 #endif
 
 }  // namespace loom

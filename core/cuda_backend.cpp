@@ -17,6 +17,7 @@
 #include "loom/kernels/model.hpp"
 #include "loom/kernels/skinny_gemm.hpp"
 #include "loom/loom_plugin_api.h"
+#include "transformer_ops.hpp"
 
 namespace loom {
 namespace {
@@ -714,18 +715,7 @@ void CudaBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged
   for (int64_t l = 0; l < config_.n_layers; ++l) kv_pools_.emplace_back(pool_bytes);
   pool_blocks_ = static_cast<int64_t>(blocks);
   paged_ = paged;
-  if (!inv_freq_.empty()) {
-    const int64_t half = config_.head_dim / 2;
-    std::vector<float> table(static_cast<size_t>(max_positions_ * half * 2));
-    for (int64_t p = 0; p < max_positions_; ++p)
-      for (int64_t i = 0; i < half; ++i) {
-        // As the CPU path: the angle rounded to float32 first (transformers' rounding).
-        const float angle = static_cast<float>(p) * static_cast<float>(inv_freq_[static_cast<size_t>(i)]);
-        table[static_cast<size_t>((p * half + i) * 2)] = std::cos(angle);
-        table[static_cast<size_t>((p * half + i) * 2 + 1)] = std::sin(angle);
-      }
-    cos_sin_ = upload_f32(table);
-  }
+  if (!inv_freq_.empty()) cos_sin_ = upload_f32(ops::rope_cos_sin_table(inv_freq_, max_positions_, config_.head_dim));
   install_hook();
 }
 

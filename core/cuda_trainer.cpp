@@ -31,6 +31,7 @@
 #include "loom/kernels/train.hpp"
 #include "decoder_layout.hpp"
 #include "training_engine.hpp"
+#include "transformer_ops.hpp"
 
 namespace loom {
 
@@ -258,15 +259,8 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
   B_ = B;
   n_ = n;
   T_ = T;
-  if (!gpt2_ && n != rope_n_) {  // the rotary table for positions 0..n-1, angles in float32 as ops::rope computes them
-    const int64_t half = D / 2;
-    std::vector<float> table(static_cast<size_t>(n * half * 2));
-    for (int64_t pos = 0; pos < n; ++pos)
-      for (int64_t i = 0; i < half; ++i) {
-        const float angle = static_cast<float>(pos) * static_cast<float>(inv_freq_[static_cast<size_t>(i)]);
-        table[static_cast<size_t>((pos * half + i) * 2)] = std::cos(angle);
-        table[static_cast<size_t>((pos * half + i) * 2 + 1)] = std::sin(angle);
-      }
+  if (!gpt2_ && n != rope_n_) {  // the rotary table for positions 0..n-1
+    const std::vector<float> table = ops::rope_cos_sin_table(inv_freq_, n, D);
     cos_sin_.reserve(table.size());
     check(cudaMemcpyAsync(cos_sin_.get(), table.data(), table.size() * sizeof(float), cudaMemcpyHostToDevice, stream_),
           "upload the rotary table");
@@ -756,8 +750,6 @@ void CudaTrainingEngine::restore_optimizer(int64_t steps, std::vector<std::vecto
 }
 
 }  // namespace
-
-bool cuda_trains(const ModelConfig &) { return true; }
 
 std::unique_ptr<TrainingEngine> make_cuda_training_engine(const ModelConfig &config, const ModelWeights &weights,
                                                           const TrainEngineOptions &options) {

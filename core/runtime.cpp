@@ -29,6 +29,13 @@ DLDevice resolve_named_device(const std::string &name, const std::string &source
   return {kDLCUDA, ordinal};
 }
 
+DLDevice resolve_manifest_device(const Manifest &m, bool gpu_runs_it) {
+  if (m.device != "auto") return resolve_named_device(m.device, m.source_name, "loom.device");
+  if (const char *env = std::getenv("LOOM_DEVICE"); env && *env && std::string(env) != "auto")
+    return resolve_named_device(env, "LOOM_DEVICE", "environment");
+  return gpu_runs_it && cuda_device_count() > 0 ? DLDevice{kDLCUDA, 0} : DLDevice{kDLCPU, 0};
+}
+
 namespace {
 // Clears the cancel flag when a run or a serve ends, however it ends.
 struct ClearCancel {
@@ -37,16 +44,11 @@ struct ClearCancel {
 };
 
 
-// "auto": the LOOM_DEVICE environment variable when set (cpu, cuda, cuda:N); else the first GPU
-// when there is one and the pipeline can run there (a [model], and no quantizer or adapter
-// components, which compute on the CPU only for now); else the CPU.
+// "auto" picks the GPU when the pipeline can run there: a [model], and no quantizer or adapter
+// components (which compute on the CPU only for now).
 DLDevice resolve_device(const Manifest &m) {
-  if (m.device != "auto") return resolve_named_device(m.device, m.source_name, "loom.device");
-  if (const char *env = std::getenv("LOOM_DEVICE"); env && *env && std::string(env) != "auto")
-    return resolve_named_device(env, "LOOM_DEVICE", "environment");
-  const bool cuda_ready = cuda_device_count() > 0 && !m.model_path.empty() && m.of_kind(LOOM_KIND_QUANTIZER).empty() &&
-                          m.of_kind(LOOM_KIND_ADAPTER).empty();
-  return cuda_ready ? DLDevice{kDLCUDA, 0} : DLDevice{kDLCPU, 0};
+  return resolve_manifest_device(m, !m.model_path.empty() && m.of_kind(LOOM_KIND_QUANTIZER).empty() &&
+                                        m.of_kind(LOOM_KIND_ADAPTER).empty());
 }
 } // namespace
 

@@ -1,7 +1,7 @@
 // Private to core: what loom::train (training_run.cpp) drives, whatever the device: a model's
 // parameters, their gradients and AdamW. Two engines: the CPU's (DecoderTrainer + AdamW, every
-// supported architecture) and CUDA's (cuda_trainer.cpp: cuBLAS and kernels/cuda/train.cu; the
-// Llama family, float32 or bf16 GEMM operands).
+// supported architecture, and adapters) and CUDA's (cuda_trainer.cpp: cuBLAS and
+// kernels/cuda/train.cu; the Llama family and GPT-2, float32 or bf16 GEMM operands).
 //
 // Ownership: an engine owns its parameters, gradients and optimizer state (on its device).
 // Thread-safety: none; one caller.
@@ -57,10 +57,8 @@ class TrainingEngine {
 
 std::unique_ptr<TrainingEngine> make_cpu_training_engine(const ModelConfig &config, const ModelWeights &weights,
                                                          const TrainEngineOptions &options);
-// Throws loom::Error when this build has no CUDA or the architecture has no CUDA trainer yet.
+// Throws loom::Error when this build has no CUDA or adapters are given (they train on the CPU).
 std::unique_ptr<TrainingEngine> make_cuda_training_engine(const ModelConfig &config, const ModelWeights &weights,
                                                           const TrainEngineOptions &options);
-// Whether make_cuda_training_engine accepts this architecture (in a CUDA build).
-bool cuda_trains(const ModelConfig &config);
 
 }  // namespace loom

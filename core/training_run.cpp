@@ -294,7 +294,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
     throw runtime_error(t.data.string() + ": too little text for one training sequence of " + std::to_string(t.seq_len) + " tokens");
 
   // Model and optimizer, fresh or from the checkpoint, on the device the manifest names ("auto":
-  // LOOM_DEVICE, else the GPU when there is one and it trains this architecture, else the CPU).
+  // LOOM_DEVICE, else the GPU when there is one and no adapter, which trains on the CPU).
   const auto adapter_specs = m.of_kind(LOOM_KIND_ADAPTER);
   if (adapter_specs.size() > 1)
     throw manifest_error(m.source_name + ": [train] trains one adapter at a time; the manifest has " +
@@ -305,14 +305,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
     throw manifest_error(m.source_name + ": train.init: \"random\" with an adapter would train it over a random base");
   // An adapter run loads the base from [model] path (its checkpoints hold the adapter only).
   const fs::path source = t.resume.empty() || !adapter_specs.empty() ? m.model_path : t.resume;
-  DLDevice device{kDLCPU, 0};
-  if (m.device != "auto") {
-    device = resolve_named_device(m.device, m.source_name, "loom.device");
-  } else if (const char *env = std::getenv("LOOM_DEVICE"); env && *env && std::string(env) != "auto") {
-    device = resolve_named_device(env, "LOOM_DEVICE", "environment");
-  } else if (cuda_device_count() > 0 && cuda_trains(config) && adapter_specs.empty()) {
-    device = {kDLCUDA, 0};
-  }
+  const DLDevice device = resolve_manifest_device(m, adapter_specs.empty());
   if (t.precision == "bf16" && device.device_type != kDLCUDA)
     throw manifest_error(m.source_name + ": train.precision: \"bf16\" trains on CUDA only (the CPU trains in float32)");
   TrainEngineOptions eo;

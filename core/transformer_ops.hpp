@@ -75,6 +75,21 @@ void rope(T *v, int64_t heads, int64_t D, int64_t pos, const std::vector<double>
   }
 }
 
+// The (cos, sin) of every rotary angle for positions [0, positions): [positions, D/2, 2] float32,
+// each angle rounded to float32 first as rope<float> computes it (transformers' rounding), for
+// kernels that read the table instead of computing the angles.
+inline std::vector<float> rope_cos_sin_table(const std::vector<double> &inv_freq, int64_t positions, int64_t D) {
+  const int64_t half = D / 2;
+  std::vector<float> table(static_cast<size_t>(positions * half * 2));
+  for (int64_t p = 0; p < positions; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(p) * static_cast<float>(inv_freq[static_cast<size_t>(i)]);
+      table[static_cast<size_t>((p * half + i) * 2)] = std::cos(angle);
+      table[static_cast<size_t>((p * half + i) * 2 + 1)] = std::sin(angle);
+    }
+  return table;
+}
+
 // bfloat16 <-> float32. A bfloat16 is the top half of a float32, so widening is a shift and is
 // exact; narrowing rounds to nearest, ties to even (NaN stays a quiet NaN). Narrowing a value
 // that came from bfloat16 is exact; one that came from float16 or float32 is rounded.
