@@ -5,15 +5,13 @@
 // error, bfloat16 (sdpa and, for head dim 64, `flash`) within 2e-2.
 // Exits 77 (skipped) where there is no CUDA device.
 #define CATCH_CONFIG_RUNNER
-#include <catch2/catch.hpp>
+#include "cuda_test_main.hpp"
 
 #include <cuda_runtime.h>
 
-#include <execinfo.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -36,12 +34,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// The source tree: LOOM_SOURCE_DIR in the environment (a build run on another machine, such as
-// the GPU machine), else where this build was configured.
-fs::path source_dir() {
-  const char *env = std::getenv("LOOM_SOURCE_DIR");
-  return env && *env ? fs::path(env) : fs::path(LOOM_SOURCE_DIR);
-}
+using loom_test::source_dir;
 const fs::path kModels = source_dir() / "tests/fixtures/models";
 
 nlohmann::json read_json(const fs::path &p) {
@@ -524,22 +517,4 @@ TEST_CASE("loom quantize checkpoints load on CUDA and compute what they compute 
   }
 }
 
-// A crash prints where it happened (Catch2 reports the signal, restores this handler and
-// raises it again): frames as module(+offset), resolved with addr2line against the build.
-void print_backtrace(int sig) {
-  void *frames[64];
-  const int n = backtrace(frames, 64);
-  backtrace_symbols_fd(frames, n, 2);
-  std::signal(sig, SIG_DFL);
-  std::raise(sig);
-}
-
-int main(int argc, char **argv) {
-  std::signal(SIGSEGV, print_backtrace);
-  std::signal(SIGABRT, print_backtrace);
-  if (!loom::cuda_device_present()) {
-    std::cout << "model_cuda_test: skipped: no CUDA device\n";
-    return 77;
-  }
-  return Catch::Session().run(argc, argv);
-}
+int main(int argc, char **argv) { return loom_test::run_cuda_suite("model_cuda_test", argc, argv); }

@@ -6,12 +6,9 @@
 // and `loom train` on CUDA resuming bit for bit and exporting a model the engine runs.
 // Exits 77 (skipped) where there is no CUDA device.
 #define CATCH_CONFIG_RUNNER
-#include <catch2/catch.hpp>
+#include "cuda_test_main.hpp"
 
-#include <execinfo.h>
 #include <unistd.h>
-
-#include <csignal>
 
 #include <algorithm>
 #include <cmath>
@@ -40,15 +37,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path source_dir() {
-  const char *env = std::getenv("LOOM_SOURCE_DIR");
-  return env && *env ? fs::path(env) : fs::path(LOOM_SOURCE_DIR);
-}
+using loom_test::source_dir;
 const fs::path kModels = source_dir() / "tests/fixtures/models";
-
-struct Pair {
-  std::unique_ptr<loom::TrainingEngine> cpu, cuda;
-};
 
 loom::TrainEngineOptions options(bool bf16 = false, bool recompute = false) {
   loom::TrainEngineOptions o;
@@ -257,21 +247,4 @@ TEST_CASE("loom train on CUDA resumes bit for bit and exports a model the engine
   fs::remove_all(resumed);
 }
 
-namespace {
-void print_backtrace(int sig) {
-  void *frames[64];
-  const int n = backtrace(frames, 64);
-  backtrace_symbols_fd(frames, n, 2);
-  std::signal(sig, SIG_DFL);
-  std::raise(sig);
-}
-}  // namespace
-
-int main(int argc, char **argv) {
-  std::signal(SIGSEGV, print_backtrace);
-  if (!loom::cuda_device_present()) {
-    std::cout << "train_cuda_test: skipped: no CUDA device\n";
-    return 77;
-  }
-  return Catch::Session().run(argc, argv);
-}
+int main(int argc, char **argv) { return loom_test::run_cuda_suite("train_cuda_test", argc, argv); }
