@@ -284,22 +284,29 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
     A.r2.reserve(t);
     A.h2.reserve(t * H);
     A.g.reserve(t * I);
-    A.u.reserve(t * I);
+    if (!gpt2_) A.u.reserve(t * I);  // SwiGLU's up projection (GPT-2's MLP has none)
     A.m.reserve(t * I);
   }
   xs_.resize(layers_.size() + 1);
   for (auto &x : xs_) x.reserve(t * H);
-  for (auto *b : {&q_, &da_, &dq_}) b->reserve(t * Hq * D);
-  if (gpt2_) qkv_.reserve(t * 3 * H);
+  // q/k/v and their gradients: GPT-2's in one [T, 3H] buffer (c_attn's output), the Llama
+  // family's apart (RoPE rotates q and k in place).
+  da_.reserve(t * Hq * D);
+  if (gpt2_) {
+    qkv_.reserve(t * 3 * H);
+  } else {
+    for (auto *b : {&q_, &dq_}) b->reserve(t * Hq * D);
+    for (auto *b : {&k_, &v_, &dk_, &dv_}) b->reserve(t * Hkv * D);
+    du_.reserve(t * I);
+  }
   mean_final_.reserve(t);
   // column_sum_cuda's partials: the widest summed rows are the biases of the q/k/v, MLP and
   // c_attn products.
   const size_t widest = static_cast<size_t>(std::max({3 * H, I, (Hq + 2 * Hkv) * D, H}));
   column_scratch_.reserve((t + kn::kColumnSumChunk - 1) / kn::kColumnSumChunk * widest);
-  for (auto *b : {&k_, &v_, &dk_, &dv_}) b->reserve(t * Hkv * D);
   dp_.reserve(probs);
   for (auto *b : {&os_, &dos_, &dks_, &dvs_}) b->reserve(per_head);
-  for (auto *b : {&dm_, &dg_, &du_}) b->reserve(t * I);
+  for (auto *b : {&dm_, &dg_}) b->reserve(t * I);
   for (auto *b : {&dh_, &dx_, &dw_rows_, &h_final_}) b->reserve(t * H);
   r_final_.reserve(t);
   logits_.reserve(t * V);
