@@ -169,6 +169,7 @@ struct View {
 };
 
 constexpr DLDataType kF32{kDLFloat, 32, 1};
+constexpr DLDataType kI32{kDLInt, 32, 1};
 
 } // namespace
 
@@ -186,6 +187,7 @@ CpuBackend::~CpuBackend() {
   pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, {});
   pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, {});
   pipeline_.set_activate_hook(LOOM_KIND_ADAPTER, {});
+  pipeline_.set_membership_hooks(LOOM_KIND_ADAPTER, {});
   if (quantizer_) {
     std::vector<loom_qweight *> weights;
     for (Linear *l : linears_) weights.push_back(l->qweight);
@@ -710,7 +712,8 @@ void CpuBackend::install_hooks() {
   pipeline_.set_activate_hook(LOOM_KIND_ADAPTER, [this, linears](Instance &fresh, Instance &old) -> std::function<void()> {
     auto sites = attach_all(fresh);
     const Instance *old_ptr = &old, *fresh_ptr = &fresh;
-    return [linears, sites, old_ptr, fresh_ptr] {
+    return [this, linears, sites, old_ptr, fresh_ptr] {
+      if (merged_ == old_ptr) unmerge_adapter(*old_ptr); // the new weights are not merged
       auto all = linears();
       for (size_t i = 0; i < all.size(); ++i) {
         auto &list = all[i]->sites;
@@ -719,6 +722,72 @@ void CpuBackend::install_hooks() {
       }
     };
   });
+  // Adapters loaded and unloaded while serving (Runtime::load_adapter / unload_adapter).
+  Pipeline::MembershipHooks membership;
+  membership.attach = [this](Instance &fresh) -> std::function<void()> {
+    auto sites = attach_all(fresh);
+    const Instance *fresh_ptr = &fresh;
+    return [this, sites, fresh_ptr] {
+      for (size_t i = 0; i < linears_.size(); ++i)
+        if (sites[i]) linears_[i]->sites.emplace_back(fresh_ptr, sites[i]);
+    };
+  };
+  membership.detach = [this](Instance &leaving) {
+    if (merged_ == &leaving) unmerge_adapter(leaving);
+    for (Linear *l : linears_) std::erase_if(l->sites, [&](const auto &p) { return p.first == &leaving; });
+  };
+  pipeline_.set_membership_hooks(LOOM_KIND_ADAPTER, std::move(membership));
+}
+
+void CpuBackend::merge_adapter(const Instance &adapter) {
+  if (merged_ == &adapter) return;
+  if (!ready_) reserve(1, 1); // attaches the adapters' sites
+  const std::string who = adapter.slot() + " (" + adapter.desc().name + ")";
+  if (merged_ != nullptr)
+    throw runtime_error("merge " + who + ": " + merged_->slot() + " is merged already; unmerge it first");
+  auto vt = adapter.vtable<loom_adapter_vtable>();
+  if (vt->merge == nullptr) throw runtime_error("merge " + who + ": the adapter cannot merge into base weights");
+  // Every merged weight is made first; nothing changes unless all of them succeed.
+  std::vector<std::pair<Linear *, std::vector<float>>> merged;
+  for (Linear *l : linears_)
+    for (auto &[instance, site] : l->sites) {
+      if (instance != &adapter) continue;
+      if (l->qweight != nullptr)
+        throw runtime_error("merge " + who + ": " + l->name + " is quantized; a quantized base keeps the adapter unmerged");
+      if (l == lm_head_.get() && !embedding_)
+        throw runtime_error("merge " + who + ": the LM head shares its weight with the embedding; merging would change both");
+      std::vector<float> w(static_cast<size_t>(l->out * l->in));
+      if (l->w32.empty())
+        for (size_t i = 0; i < w.size(); ++i) w[i] = ops::bf16_to_float(l->w16[i]);
+      else
+        std::copy(l->w32.data, l->w32.data + w.size(), w.begin());
+      View wv(w.data(), kF32, {l->out, l->in});
+      adapter.check(vt->merge(adapter.handle(), site, wv.dl(), 1), ("merge " + l->name).c_str());
+      merged.emplace_back(l, std::move(w));
+    }
+  for (auto &[l, w] : merged) {
+    if (l->w32.empty()) {
+      std::vector<uint16_t> w16(w.size());
+      for (size_t i = 0; i < w.size(); ++i) w16[i] = ops::float_to_bf16(w[i]);
+      l->unmerged16 = std::move(l->w16);
+      l->w16 = Values<uint16_t>(std::move(w16));
+    } else {
+      l->unmerged32 = std::move(l->w32);
+      l->w32 = Values<float>(std::move(w));
+    }
+  }
+  merged_ = &adapter;
+}
+
+void CpuBackend::unmerge_adapter(const Instance &adapter) {
+  if (merged_ != &adapter) return;
+  for (Linear *l : linears_) {
+    if (!l->unmerged32.empty()) l->w32 = std::move(l->unmerged32);
+    if (!l->unmerged16.empty()) l->w16 = std::move(l->unmerged16);
+    l->unmerged32 = {};
+    l->unmerged16 = {};
+  }
+  merged_ = nullptr;
 }
 
 // ---- Compute ----------------------------------------------------------------------------------
@@ -768,14 +837,77 @@ void CpuBackend::linear(Linear &lin, float *x, int64_t n, float *y) {
   } else {
     matmul(lin, x, n, y);
   }
+  if (!lin.sites.empty()) apply_adapters(lin, x, n, y);
+}
+
+void CpuBackend::apply_adapters(Linear &lin, float *x, int64_t n, float *y) {
+  View xv(x, kF32, {n, lin.in}), yv(y, kF32, {n, lin.out});
+  const bool head = &lin == lm_head_.get();
   for (auto &[instance, site] : lin.sites) {
+    const AdapterRows *rows = nullptr;
+    for (const AdapterRows &r : adapter_rows_)
+      if (r.instance == instance) rows = &r;
+    const bool any = rows == nullptr || (head ? rows->seqs_any : rows->tokens_any);
+    const bool all = rows == nullptr || (head ? rows->seqs_all : rows->tokens_all);
+    const std::vector<int32_t> *mask = rows == nullptr ? nullptr : head ? &rows->seqs : &rows->tokens;
+    auto vt = instance->vtable<loom_adapter_vtable>();
     loom_adapter_io io{};
     io.struct_size = sizeof(io);
     io.x = xv.dl();
-    io.y = yv.dl();
-    io.row_mask = nullptr;
     io.training = 0;
-    instance->check(instance->vtable<loom_adapter_vtable>()->forward(instance->handle(), site, &io), "forward");
+    if (instance != merged_) {
+      if (!any) continue;
+      View mv(all ? nullptr : mask->data(), kI32, {n});
+      io.y = yv.dl();
+      io.row_mask = all ? nullptr : mv.dl();
+      instance->check(vt->forward(instance->handle(), site, &io), "forward");
+      continue;
+    }
+    // Merged: the weights carry the delta; the rows that do not use the adapter lose it again.
+    if (all) continue;
+    std::vector<int32_t> off(static_cast<size_t>(n), 1);
+    if (mask)
+      for (int64_t i = 0; i < n; ++i) off[static_cast<size_t>(i)] = (*mask)[static_cast<size_t>(i)] ? 0 : 1;
+    delta_.assign(static_cast<size_t>(n * lin.out), 0.0f);
+    View dv(delta_.data(), kF32, {n, lin.out}), mv(off.data(), kI32, {n});
+    io.y = dv.dl();
+    io.row_mask = mv.dl();
+    instance->check(vt->forward(instance->handle(), site, &io), "forward");
+    for (size_t i = 0; i < delta_.size(); ++i) y[i] -= delta_[i];
+  }
+}
+
+void CpuBackend::plan_adapter_rows(const StepBatch &batch) {
+  adapter_rows_.clear();
+  if (batch.seq_adapters.empty()) return;
+  const int64_t S = batch.n_seqs(), T = batch.n_tokens();
+  if (batch.seq_adapters.size() != static_cast<size_t>(S))
+    throw runtime_error(options_.source_name + ": a step batch with " + std::to_string(batch.seq_adapters.size()) +
+                        " adapter choices for " + std::to_string(S) + " sequences");
+  const auto adapters = pipeline_.list(LOOM_KIND_ADAPTER);
+  for (size_t k = 0; k < adapters.size(); ++k) {
+    AdapterRows r;
+    r.instance = adapters[k].get();
+    r.tokens.assign(static_cast<size_t>(T), 0);
+    r.seqs.assign(static_cast<size_t>(S), 0);
+    for (int64_t s = 0; s < S; ++s) {
+      const int32_t choice = batch.seq_adapters[static_cast<size_t>(s)];
+      if (choice < StepBatch::kNoAdapter || choice >= static_cast<int32_t>(adapters.size()))
+        throw runtime_error(options_.source_name + ": step batch sequence " + std::to_string(s) + " names adapter " +
+                            std::to_string(choice) + " of " + std::to_string(adapters.size()));
+      const bool on = choice == StepBatch::kEveryAdapter || choice == static_cast<int32_t>(k);
+      if (!on) continue;
+      r.seqs[static_cast<size_t>(s)] = 1;
+      for (int32_t t = batch.seq_offsets[static_cast<size_t>(s)]; t < batch.seq_offsets[static_cast<size_t>(s) + 1]; ++t)
+        r.tokens[static_cast<size_t>(t)] = 1;
+    }
+    auto summarise = [](const std::vector<int32_t> &m, bool &any, bool &all) {
+      any = std::find(m.begin(), m.end(), 1) != m.end();
+      all = std::find(m.begin(), m.end(), 0) == m.end();
+    };
+    summarise(r.tokens, r.tokens_any, r.tokens_all);
+    summarise(r.seqs, r.seqs_any, r.seqs_all);
+    adapter_rows_.push_back(std::move(r));
   }
 }
 
@@ -842,6 +974,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
       throw runtime_error(options_.source_name + ": token " + std::to_string(token) + " is outside the model's vocabulary of " +
                           std::to_string(V));
 
+  plan_adapter_rows(batch);
   // The attention plugin's int32 metadata.
   offsets_ = HostTensor<int32_t>({S + 1});
   std::copy(batch.seq_offsets.begin(), batch.seq_offsets.end(), offsets_.data());

@@ -107,6 +107,16 @@ class CpuBackend final : public ModelBackend {
   // first reserve, or a quantizer swap) measured and logged it; empty without a quantizer.
   const std::vector<QuantizationError> &quantization_errors() const { return quantization_errors_; }
   static constexpr int64_t kErrorRows = 64;
+  // Folds `adapter`'s delta into the base weights of the linears it is attached to (the plugin's
+  // merge), so that the sequences using it run at the base model's cost; the other sequences get
+  // the delta taken out of their rows again (its forward into scratch, subtracted). The weights
+  // as they were are kept and put back by unmerge, bit for bit. One merged adapter at a time.
+  // Throws loom::Error when the adapter has no merge, a targeted linear is quantized, or another
+  // adapter is merged. Call under the pipeline's step lock.
+  bool runs_adapters() const override { return true; }
+  void merge_adapter(const Instance &adapter) override;
+  void unmerge_adapter(const Instance &adapter) override;
+  const Instance *merged_adapter() const { return merged_; }
 
  private:
   // Sizes the KV cache: slot mode (max_seqs slots of max_positions), or paged mode (a pool of
@@ -147,6 +157,17 @@ class CpuBackend final : public ModelBackend {
     // The linear whose input rows this one always gets too (k and v: q's; gate: up's), or null.
     const Linear *same_input = nullptr;
     std::vector<std::pair<const Instance *, loom_adapter_site *>> sites;
+    // While an adapter is merged into w32/w16: the weights as they were.
+    Values<float> unmerged32;
+    Values<uint16_t> unmerged16;
+  };
+  // Which rows of this step run with an adapter (StepBatch::seq_adapters): the token rows of the
+  // layers' linears and the sequence rows of the LM head, as int32 masks (the adapter ABI's
+  // row_mask); `any`/`all` say whether some or all rows are on.
+  struct AdapterRows {
+    const Instance *instance = nullptr;
+    std::vector<int32_t> tokens, seqs;
+    bool tokens_any = false, tokens_all = false, seqs_any = false, seqs_all = false;
   };
   struct Layer {
     std::unique_ptr<Linear> q, k, v, o, up, down, gate; // gate: gated (SiLU) MLPs only
@@ -177,6 +198,12 @@ class CpuBackend final : public ModelBackend {
   void free_qweights(Instance &quantizer, const std::vector<loom_qweight *> &weights);
   std::vector<loom_adapter_site *> attach_all(Instance &adapter);
   void install_hooks();
+  // The step's AdapterRows from batch.seq_adapters (cleared when it is empty: every adapter on
+  // every row).
+  void plan_adapter_rows(const StepBatch &batch);
+  // Adds (or, for a merged adapter, takes out) the deltas of lin's adapters on the rows that use
+  // them.
+  void apply_adapters(Linear &lin, float *x, int64_t n, float *y);
 
   // y[n, out] = x[n, in] W^T + b through the quantizer and adapters.
   void linear(Linear &lin, float *x, int64_t n, float *y);
@@ -222,6 +249,9 @@ class CpuBackend final : public ModelBackend {
   // Scratch of the last forward, reused while the batch shape allows.
   std::vector<float> x_, h_, q_, k_, v_, attn_, proj_, up_, gate_, last_, last_h_;
   std::vector<int32_t> token_pos_;
+  std::vector<AdapterRows> adapter_rows_; // this step's, empty: every adapter on every row
+  const Instance *merged_ = nullptr;      // the adapter merged into the weights, if any
+  std::vector<float> delta_;              // scratch for a merged adapter's delta
   detail::HostTensor<int32_t> offsets_, seq_positions_, block_table_;
   detail::HostTensor<float> logits_;
 };

@@ -20,7 +20,7 @@ int64_t blocks_for(int64_t n_tokens, int32_t block_size) { return (n_tokens + bl
 
 size_t KvBlockManager::CacheKeyHash::operator()(const CacheKey &k) const {
   // FNV-1a over the parent and the tokens; equality still compares them all.
-  uint64_t h = 1469598103934665603ull ^ k.parent;
+  uint64_t h = (1469598103934665603ull ^ k.parent) * 1099511628211ull ^ k.domain;
   for (int32_t t : k.tokens) {
     h ^= uint64_t(uint32_t(t));
     h *= 1099511628211ull;
@@ -90,11 +90,12 @@ void KvBlockManager::unref(int32_t block) {
   }
 }
 
-int64_t KvBlockManager::begin(int64_t seq, const std::vector<int32_t> &tokens) {
+int64_t KvBlockManager::begin(int64_t seq, const std::vector<int32_t> &tokens, uint64_t domain) {
   if (live(seq)) throw runtime_error(seq_name(seq) + " is already live (begin)");
   Sequence s;
+  s.domain = domain;
   if (prefix_caching_) {
-    CacheKey key{0, {}};
+    CacheKey key{domain, 0, {}};
     const size_t bs = size_t(block_size_);
     for (size_t at = 0; at + bs <= tokens.size(); at += bs) {
       key.tokens.assign(tokens.begin() + std::ptrdiff_t(at), tokens.begin() + std::ptrdiff_t(at + bs));
@@ -188,7 +189,7 @@ void KvBlockManager::computed(int64_t seq, const std::vector<int32_t> &tokens, i
   const size_t bs = size_t(block_size_);
   const size_t full = size_t(n_computed) / bs;
   for (size_t i = s.nodes.size(); i < full; ++i) {
-    CacheKey key{i == 0 ? 0 : s.nodes[i - 1],
+    CacheKey key{s.domain, i == 0 ? 0 : s.nodes[i - 1],
                  std::vector<int32_t>(tokens.begin() + std::ptrdiff_t(i * bs),
                                       tokens.begin() + std::ptrdiff_t((i + 1) * bs))};
     auto it = cache_.find(key);
@@ -223,6 +224,7 @@ void KvBlockManager::fork(int64_t src, int64_t dst) {
   d.nodes = s.nodes;
   d.computed = s.computed;
   d.dropped = s.dropped;
+  d.domain = s.domain;
   for (int32_t b : d.table)
     if (b != kDropped) ++blocks_[size_t(b)].refs;
   seqs_.emplace(dst, std::move(d));

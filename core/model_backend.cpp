@@ -17,6 +17,10 @@
 
 namespace loom {
 
+void ModelBackend::refuse_merge(const Instance &adapter) const {
+  throw runtime_error("merge " + adapter.slot() + ": the " + describe() + " backend runs no adapters");
+}
+
 loom_attention_config attention_config_for(const ModelConfig &config, int64_t max_positions, DLDataType dtype,
                                            DLDevice device) {
   loom_attention_config c{};

@@ -25,6 +25,8 @@
 
 namespace loom {
 
+class Instance;
+
 // One forward pass: the new tokens of S sequences packed along one token dimension.
 struct StepBatch {
   std::vector<int32_t> tokens;        // [T] token ids
@@ -38,6 +40,12 @@ struct StepBatch {
   // A decode step (one token per sequence) whose tokens the sampler wrote on the device, at
   // ModelBackend::token_feed(n_seqs()); `tokens` then holds n_seqs() placeholders.
   bool tokens_fed = false;
+  // Which adapters each sequence runs with ([PEFT] multi-adapter serving): empty, every adapter
+  // of the pipeline for every sequence (a manifest's run); else [S] entries, each kEveryAdapter,
+  // kNoAdapter (the base model) or k >= 0: only the pipeline's k-th adapter
+  // (Pipeline::list(LOOM_KIND_ADAPTER) order at this step).
+  std::vector<int32_t> seq_adapters;
+  static constexpr int32_t kEveryAdapter = -1, kNoAdapter = -2;
   int32_t n_seqs() const { return static_cast<int32_t>(seq_positions.size()); }
   int32_t n_tokens() const { return static_cast<int32_t>(tokens.size()); }
 };
@@ -84,9 +92,19 @@ class ModelBackend {
   // Copies whole KV blocks (every layer) src -> dst, in order, ordered before the next forward
   // pass (copy-on-write of a shared block). Paged mode only.
   virtual void copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) = 0;
+  // [PEFT] merge/unmerge while serving: folds the adapter's delta into the base weights (the
+  // sequences that use it then run at the base model's cost; the others get the delta taken out
+  // again), and puts the weights back exactly. Under the step lock. Backends without adapters
+  // refuse.
+  virtual bool runs_adapters() const { return false; } // adapters apply (per sequence) here
+  virtual void merge_adapter(const Instance &adapter) { refuse_merge(adapter); }
+  virtual void unmerge_adapter(const Instance &adapter) { refuse_merge(adapter); }
   virtual DLDevice device() const = 0;
   // A short description for logs and benchmarks ("cpu float32 x2 threads", "cuda:0 bfloat16").
   virtual std::string describe() const = 0;
+
+ private:
+  [[noreturn]] void refuse_merge(const Instance &adapter) const;
 };
 
 // What copy_slot moves in each layer's pool: slot s owns blocks [s * M, (s + 1) * M), and
@@ -120,7 +138,6 @@ uint64_t paged_pool_blocks(const loom_kv_layout &layout, int64_t n_layers, int64
 
 class Pipeline;
 class ModelWeights;
-class Instance;
 struct ModelConfig;
 struct QuantizedModule;
 

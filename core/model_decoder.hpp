@@ -28,7 +28,11 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <optional>
 #include <string>
 #include <vector>
@@ -64,6 +68,19 @@ class ModelDecoder {
   std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
   const std::vector<std::vector<int32_t>> &prompts() const { return prompts_; }
   std::string backend_description() const { return backend_->describe(); }
+  // [PEFT] adapters while serving (Runtime::load_adapter and friends). Requests choose an adapter
+  // by its slot (ServeRequest::adapter); the decoder counts the live requests of each.
+  // begin_unload: from now on requests naming `slot` are refused; returns once none of them is
+  // live (they finish with the adapter), or throws loom::Error after `timeout_s` seconds (the
+  // unload is then abandoned: end_unload). end_unload: `slot` may be named again (after a
+  // reload, or when the unload failed).
+  void begin_unload(const std::string &slot, double timeout_s);
+  void end_unload(const std::string &slot);
+  // Folds the adapter into the base weights / takes it out again (ModelBackend::merge_adapter),
+  // at the next step boundary. Later requests' prefix-cache entries are kept apart from earlier
+  // ones (the weights' rounding differs).
+  void merge_adapter(const Instance &adapter, bool merge);
+  bool runs_adapters() const { return backend_->runs_adapters(); }
   // `loom quantize`: the model with its linears as the pipeline's quantizer stores them, written
   // to dir (CpuBackend::export_quantized). CPU backend only.
   void export_quantized(const std::filesystem::path &dir);
@@ -133,6 +150,11 @@ class ModelDecoder {
   // Every sampler link forgets sequence `seq` (it left the run).
   void release_sequence(int64_t seq);
   bool beam_chain() const;
+  // serve()'s adapter choices: why a request naming `slot` is refused ("" when it is loaded);
+  // a choice as StepBatch::seq_adapters codes it among `adapters`; its prefix-cache domain.
+  std::string check_adapter_choice(const std::string &slot) const;
+  int32_t adapter_index(const std::optional<std::string> &choice, const std::vector<std::shared_ptr<Instance>> &adapters) const;
+  uint64_t prefix_domain(const std::optional<std::string> &choice) const;
   // generate() when the manifest has [scheduler] (core/serving.cpp): the prompts are
   // requests of a continuous-batching scheduler over a paged KV cache, all queued at the start.
   void generate_scheduled(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
@@ -150,6 +172,15 @@ class ModelDecoder {
   std::vector<int32_t> stop_tokens_;
   bool decode_ahead_ = true; // LOOM_DECODE_AHEAD=0 turns the queued-ahead decode step off
   SamplerChain sampler_chain_;
+  // Live requests per adapter slot, and the slots being unloaded (serve() and the unloading
+  // thread share them).
+  struct AdapterUse {
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::map<std::string, int64_t> live;
+    std::set<std::string> draining;
+  } adapter_use_;
+  std::atomic<uint64_t> merges_{0}; // merge/unmerge calls, part of the prefix-cache domain
 };
 
 } // namespace loom

@@ -72,6 +72,68 @@ std::string describe(const Instance &i) {
 }
 } // namespace
 
+void Pipeline::set_membership_hooks(loom_kind kind, MembershipHooks hooks) {
+  std::lock_guard lock(slots_mutex_);
+  for (auto &h : membership_hooks_)
+    if (h.first == kind) {
+      h.second = std::move(hooks);
+      return;
+    }
+  membership_hooks_.emplace_back(kind, std::move(hooks));
+}
+
+void Pipeline::add(const ComponentSpec &spec) {
+  std::lock_guard swap_lock(swap_mutex_);
+  if (!kind_is_list(spec.kind))
+    throw runtime_error("add " + spec.slot + ": only list kinds (sampler, adapter, retriever, tool) take new slots; a " +
+                        std::string(kind_name(spec.kind)) + " is swapped");
+  {
+    std::lock_guard lock(slots_mutex_);
+    for (const auto &s : slots_)
+      if (s.name == spec.slot) throw runtime_error("add " + spec.slot + ": the slot is taken (by " + describe(*s.instance) + ")");
+  }
+  if (spec.library.empty()) registry_.scan();
+  std::shared_ptr<Instance> fresh = create(spec);
+  auto step = begin_step();
+  MembershipHooks hooks;
+  {
+    std::lock_guard lock(slots_mutex_);
+    for (auto &h : membership_hooks_)
+      if (h.first == spec.kind) hooks = h.second;
+  }
+  std::function<void()> commit;
+  if (hooks.attach) commit = hooks.attach(*fresh); // may veto: `fresh` is destroyed on unwind
+  {
+    std::lock_guard lock(slots_mutex_);
+    // After the last instance of its kind, so that list() keeps the others' order.
+    auto at = slots_.end();
+    for (auto it = slots_.begin(); it != slots_.end(); ++it)
+      if (it->kind == spec.kind) at = std::next(it);
+    slots_.insert(at, Slot{spec.slot, spec.kind, fresh});
+  }
+  swaps_.fetch_add(1, std::memory_order_release);
+  if (commit) commit();
+}
+
+void Pipeline::remove(std::string_view slot) {
+  std::lock_guard swap_lock(swap_mutex_);
+  std::shared_ptr<Instance> leaving = get(slot);
+  auto step = begin_step();
+  MembershipHooks hooks;
+  {
+    std::lock_guard lock(slots_mutex_);
+    for (auto &h : membership_hooks_)
+      if (h.first == leaving->desc().kind) hooks = h.second;
+  }
+  if (hooks.detach) hooks.detach(*leaving);
+  {
+    std::lock_guard lock(slots_mutex_);
+    std::erase_if(slots_, [&](const Slot &s) { return s.name == slot; });
+  }
+  swaps_.fetch_add(1, std::memory_order_release);
+}
+
+
 SwapReport Pipeline::swap(const ComponentSpec &spec) {
   std::lock_guard swap_lock(swap_mutex_);
   std::shared_ptr<Instance> old = get(spec.slot);

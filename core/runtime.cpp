@@ -130,4 +130,41 @@ SwapReport Runtime::swap(std::string_view slot, std::string_view component_toml)
   return report;
 }
 
+std::shared_ptr<Instance> Runtime::adapter_in(std::string_view name, const char *what) const {
+  std::shared_ptr<Instance> adapter = pipeline_->get(name);
+  if (adapter->desc().kind != LOOM_KIND_ADAPTER)
+    throw runtime_error(std::string(what) + " " + std::string(name) + ": the slot holds a " + kind_name(adapter->desc().kind) +
+                        ", not an adapter");
+  return adapter;
+}
+
+void Runtime::load_adapter(std::string_view name, std::string_view component_toml) {
+  const std::string slot(name);
+  if (slot.empty()) throw runtime_error("load adapter: the adapter needs a name");
+  if (!decoder_->runs_adapters())
+    throw runtime_error("load adapter " + slot + ": the " + decoder_->backend_description() +
+                        " backend runs no adapters (they run on the CPU backend for now)");
+  ComponentSpec spec = parse_component_spec(LOOM_KIND_ADAPTER, slot, component_toml, "load adapter " + slot, manifest_.base_dir);
+  decoder_->end_unload(slot); // a slot unloaded before may be named again
+  pipeline_->add(spec);
+  metrics_.count("pipeline.adapter_loads", 1);
+}
+
+void Runtime::unload_adapter(std::string_view name, double timeout_s) {
+  const std::string slot(name);
+  std::shared_ptr<Instance> adapter = adapter_in(name, "unload");
+  decoder_->begin_unload(slot, timeout_s);
+  try {
+    pipeline_->remove(slot); // (the slot stays refused until a load names it again)
+  } catch (...) {
+    decoder_->end_unload(slot);
+    throw;
+  }
+  metrics_.count("pipeline.adapter_unloads", 1);
+}
+
+void Runtime::merge_adapter(std::string_view name) { decoder_->merge_adapter(*adapter_in(name, "merge"), true); }
+
+void Runtime::unmerge_adapter(std::string_view name) { decoder_->merge_adapter(*adapter_in(name, "unmerge"), false); }
+
 } // namespace loom

@@ -33,7 +33,7 @@ const Scheduler::Request &Scheduler::request(int64_t seq, const char *what) cons
   return it->second;
 }
 
-void Scheduler::add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_tokens) {
+void Scheduler::add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_tokens, uint64_t domain) {
   if (requests_.count(seq) != 0 || blocks_.live(seq)) throw runtime_error(seq_name(seq) + " already exists (add)");
   if (prompt.empty()) throw runtime_error(seq_name(seq) + " has an empty prompt (add)");
   if (max_new_tokens < 0)
@@ -56,6 +56,7 @@ void Scheduler::add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_to
   r.prompt_size = prompt.size();
   r.tokens = std::move(prompt);
   r.max_new_tokens = max_new_tokens;
+  r.domain = domain;
   requests_.emplace(seq, std::move(r));
   waiting_.push_back(seq);
 }
@@ -145,7 +146,7 @@ SchedulePlan Scheduler::schedule() {
   while (plan.preempted.empty() && !waiting_.empty() && running_.size() < size_t(options_.max_seqs) && budget > 0) {
     const int64_t seq = waiting_.front();
     Request &r = requests_.at(seq);
-    r.computed = blocks_.begin(seq, r.tokens);
+    r.computed = blocks_.begin(seq, r.tokens, r.domain);
     drop_behind_window(seq, r); // (a long prefix hit)
     const int32_t chunk = prefill_chunk(r, budget);
     if (chunk == 0 || !blocks_.grow(seq, r.computed + chunk, r.computed, plan.copies)) {

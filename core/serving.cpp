@@ -71,6 +71,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
 
   struct Live {
     ServeRequest request;
+    std::string adapter_slot; // counted in adapter_use_.live while it is live (named adapters)
     SequenceResult out;
     bool stopped_by_string = false;
     bool ending = false; // ends at this step (in `ended`)
@@ -84,6 +85,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     release_sequence(id);
     ServeRequest request = std::move(l.request);
     SequenceResult out = std::move(l.out);
+    if (!l.adapter_slot.empty()) {
+      std::lock_guard lock(adapter_use_.mutex);
+      if (--adapter_use_.live[l.adapter_slot] == 0) adapter_use_.live.erase(l.adapter_slot);
+      adapter_use_.changed.notify_all();
+    }
     live.erase(it);
     if (request.on_done) request.on_done(out, error);
   };
@@ -122,11 +128,27 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         refused = "a prompt of " + std::to_string(request.prompt.size()) + " tokens and " +
                   std::to_string(request.max_new_tokens) + " new tokens (1 or more; " + std::to_string(max_positions) +
                   " positions in all at most)";
+      std::string adapter_slot;
+      if (refused.empty() && request.adapter && !request.adapter->empty()) {
+        refused = check_adapter_choice(*request.adapter);
+        if (refused.empty()) adapter_slot = *request.adapter;
+      }
       if (refused.empty()) {
         try {
-          scheduler.add(id, request.prompt, request.max_new_tokens);
+          scheduler.add(id, request.prompt, request.max_new_tokens, prefix_domain(request.adapter));
         } catch (const Error &e) {
           refused = e.what();
+        }
+      }
+      if (refused.empty() && !adapter_slot.empty()) {
+        // Counted under the lock that begin_unload checks: an unload that began after the check
+        // above refuses it here instead.
+        std::lock_guard lock(adapter_use_.mutex);
+        if (adapter_use_.draining.count(adapter_slot)) {
+          refused = "adapter '" + adapter_slot + "' is being unloaded";
+          scheduler.finish(id);
+        } else {
+          ++adapter_use_.live[adapter_slot];
         }
       }
       if (!refused.empty()) {
@@ -134,6 +156,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         continue;
       }
       Live l;
+      l.adapter_slot = std::move(adapter_slot);
       l.out.prompt = std::move(request.prompt); // (the scheduler holds its own copy for the tokens)
       l.request = std::move(request);
       live.emplace(id, std::move(l));
@@ -167,7 +190,14 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       rows.clear();
       row_steps.clear();
       row_history.clear();
+      // Each row's adapter, when some request chose one (StepBatch::seq_adapters).
+      batch.seq_adapters.clear();
+      const bool choosing = std::any_of(plan.work.begin(), plan.work.end(),
+                                        [&](const ScheduledWork &w) { return live.at(w.seq).request.adapter.has_value(); });
+      std::vector<std::shared_ptr<Instance>> adapters;
+      if (choosing) adapters = pipeline_.list(LOOM_KIND_ADAPTER);
       for (const ScheduledWork &w : plan.work) {
+        if (choosing) batch.seq_adapters.push_back(adapter_index(live.at(w.seq).request.adapter, adapters));
         const std::vector<int32_t> &tokens = scheduler.tokens(w.seq);
         batch.tokens.insert(batch.tokens.end(), tokens.begin() + w.first_position,
                             tokens.begin() + w.first_position + w.n_tokens);
@@ -239,6 +269,61 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   stats.kv_blocks = pool.n_blocks;
   stats.block_size = pool.block_size;
   return stats;
+}
+
+std::string ModelDecoder::check_adapter_choice(const std::string &slot) const {
+  std::string loaded;
+  for (const auto &a : pipeline_.list(LOOM_KIND_ADAPTER)) {
+    if (a->slot() == slot) return "";
+    loaded += (loaded.empty() ? "" : ", ") + a->slot();
+  }
+  return "adapter '" + slot + "' is not loaded (" + (loaded.empty() ? "no adapters" : "loaded: " + loaded) + ")";
+}
+
+int32_t ModelDecoder::adapter_index(const std::optional<std::string> &choice,
+                                    const std::vector<std::shared_ptr<Instance>> &adapters) const {
+  if (!choice) return StepBatch::kEveryAdapter;
+  if (choice->empty()) return StepBatch::kNoAdapter;
+  for (size_t k = 0; k < adapters.size(); ++k)
+    if (adapters[k]->slot() == *choice) return static_cast<int32_t>(k);
+  // A live request's adapter stays loaded until it ends (begin_unload waits for it).
+  throw runtime_error(manifest_.source_name + ": adapter '" + *choice + "' of a live request is gone");
+}
+
+uint64_t ModelDecoder::prefix_domain(const std::optional<std::string> &choice) const {
+  // What a sequence's KV depends on besides its tokens: its adapter, and the weights as swaps,
+  // loads, unloads and merges left them. 0 (the manifest's own pipeline, never changed) keeps
+  // the domain of runs without choices.
+  const uint64_t generation = pipeline_.swaps() * 0x9e3779b97f4a7c15ull ^ merges_.load() * 0xc2b2ae3d27d4eb4full;
+  if (!choice && generation == 0) return 0;
+  uint64_t h = 1469598103934665603ull ^ generation;
+  const std::string key = !choice ? std::string("*") : "=" + *choice;
+  for (unsigned char c : key) h = (h ^ c) * 1099511628211ull;
+  return h == 0 ? 1 : h;
+}
+
+void ModelDecoder::begin_unload(const std::string &slot, double timeout_s) {
+  std::unique_lock lock(adapter_use_.mutex);
+  adapter_use_.draining.insert(slot);
+  const bool drained = adapter_use_.changed.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                                                     [&] { return adapter_use_.live.count(slot) == 0; });
+  if (!drained) {
+    adapter_use_.draining.erase(slot);
+    throw runtime_error("unload " + slot + ": " + std::to_string(adapter_use_.live[slot]) +
+                        " requests still run with it after " + std::to_string(timeout_s) + " s; it stays loaded");
+  }
+}
+
+void ModelDecoder::end_unload(const std::string &slot) {
+  std::lock_guard lock(adapter_use_.mutex);
+  adapter_use_.draining.erase(slot);
+}
+
+void ModelDecoder::merge_adapter(const Instance &adapter, bool merge) {
+  auto guard = pipeline_.begin_step();
+  if (merge) backend_->merge_adapter(adapter);
+  else backend_->unmerge_adapter(adapter);
+  merges_.fetch_add(1);
 }
 
 void ModelDecoder::generate_scheduled(int64_t steps, const TokenCallback &on_token,

@@ -431,3 +431,26 @@ TEST_CASE("KvBlockManager keeps every sequence's KV intact under random operatio
     for (int round = 0; round < 3; ++round) run_model_check(o, seed++, 4000);
   }
 }
+
+TEST_CASE("KvBlockManager keeps prefix domains apart", "[kv_blocks]") {
+  // Two requests with the same tokens under different adapters (domains) have different KV: the
+  // second must not hit the first's blocks; a third in the first's domain does, and so does a
+  // fork (it keeps its source's domain when it computes more blocks).
+  KvBlockManager m(KvBlockOptions{32, 4, true});
+  const auto tokens = iota_tokens(13);
+  REQUIRE(m.begin(0, tokens, 7) == 0);
+  std::vector<BlockCopy> copies;
+  REQUIRE(m.grow(0, 13, 0, copies));
+  m.computed(0, tokens, 13);
+  CHECK(m.begin(1, tokens, 8) == 0);
+  CHECK(m.begin(2, tokens) == 0); // domain 0: a pipeline without choices
+  CHECK(m.begin(3, tokens, 7) == 12);
+  CHECK(m.table(3) == std::vector<int32_t>(m.table(0).begin(), m.table(0).begin() + 3));
+  m.fork(0, 4);
+  auto longer = tokens;
+  for (int32_t t = 0; t < 7; ++t) longer.push_back(500 + t);
+  REQUIRE(m.grow(4, 20, 13, copies));
+  m.computed(4, longer, 20);
+  CHECK(m.begin(5, longer, 7) == 19);
+  CHECK(m.begin(6, longer, 9) == 0);
+}

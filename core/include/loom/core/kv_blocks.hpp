@@ -7,7 +7,9 @@
 // table(seq)[p / block_size] at slot p % block_size.
 //
 // Prefix caching: a FULL block whose positions have been computed (computed()) is entered in a
-// cache keyed by (the identity of the prefix before it, its own block_size tokens). A prefix
+// cache keyed by (the sequence's domain, the identity of the prefix before it, its own block_size
+// tokens). A domain names what else the KV depends on besides the tokens (the adapter a request
+// runs with, the pipeline's swap generation): sequences of different domains never share blocks. A prefix
 // identity is a node id that is never reused, so the key is exact: a lookup compares every token
 // and the parent, so hash collisions cannot give a false hit, and when a cached block is evicted
 // its id dies with it, so its cached descendants can no longer be reached (they age out of the
@@ -69,7 +71,8 @@ class KvBlockManager {
   // the hit, capped at tokens.size() - 1 so the caller computes at least one token (its logits).
   // When the cap cuts into a hit block, the caller's first write there goes through grow()'s
   // copy-on-write. Counts tokens.size() as queried and the return value as hits.
-  int64_t begin(int64_t seq, const std::vector<int32_t> &tokens);
+  // `domain`: see above (0 for a pipeline that computes every sequence alike).
+  int64_t begin(int64_t seq, const std::vector<int32_t> &tokens, uint64_t domain = 0);
 
   // Blocks grow(seq, n_tokens, written_from) would take (new blocks + copy-on-write copies), for
   // admission decisions. The two-argument form writes from the seq's computed count (what begin()
@@ -118,9 +121,10 @@ class KvBlockManager {
 
  private:
   struct CacheKey {
-    uint64_t parent; // node id of the prefix before the block; 0: the block starts the sequence
+    uint64_t domain = 0; // the sequence's domain (begin)
+    uint64_t parent = 0; // node id of the prefix before the block; 0: the block starts the sequence
     std::vector<int32_t> tokens;
-    bool operator==(const CacheKey &o) const { return parent == o.parent && tokens == o.tokens; }
+    bool operator==(const CacheKey &o) const { return domain == o.domain && parent == o.parent && tokens == o.tokens; }
   };
   struct CacheKeyHash {
     std::size_t operator()(const CacheKey &k) const;
@@ -139,6 +143,7 @@ class KvBlockManager {
     int64_t computed = 0;        // positions the caller said hold their KV
     int64_t queried = 0, hit = 0; // what begin() counted, for cancel()
     int64_t dropped = 0;          // table[0, dropped) are kDropped (drop_before)
+    uint64_t domain = 0;          // begin()'s
   };
 
   Sequence &sequence(int64_t seq, const char *what);

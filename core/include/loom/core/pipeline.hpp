@@ -64,7 +64,23 @@ class Pipeline {
   // thrown. The old instance is destroyed after the swap, and its library unloaded when no other
   // instance uses it.
   SwapReport swap(const ComponentSpec &spec);
-  // How many swaps have landed so far: a driver that queued work ahead of a step (the decoder's
+  // Membership of a list kind changing while a driver runs (adapters loaded and unloaded while
+  // serving): `attach` readies a new instance (it may throw to veto the add) and returns the
+  // action that commits it; `detach` runs at the safe point before an instance leaves, and must
+  // not throw. A driver installs them under the step lock, as it does activate hooks.
+  struct MembershipHooks {
+    std::function<std::function<void()>(Instance &fresh)> attach;
+    std::function<void(Instance &leaving)> detach;
+  };
+  void set_membership_hooks(loom_kind kind, MembershipHooks hooks);
+  // Creates an instance in a new slot, spec.slot (a list kind: sampler, adapter, retriever,
+  // tool; the slot must be free), and adds it at the next safe point, after the kind's others.
+  // When creating or attaching fails, nothing changes and loom::Error is thrown.
+  void add(const ComponentSpec &spec);
+  // Takes the instance in `slot` out at the next safe point (after its kind's detach hook); it is
+  // destroyed when no caller holds it any more. Throws loom::Error when the slot is empty.
+  void remove(std::string_view slot);
+  // How many swaps (and adds and removes) have landed so far: a driver that queued work ahead of a step (the decoder's
   // next forward pass) compares it to know whether a swap landed in between, and redoes it.
   uint64_t swaps() const { return swaps_.load(std::memory_order_acquire); }
 
@@ -81,6 +97,7 @@ class Pipeline {
   mutable std::mutex slots_mutex_; // guards slots_ and hooks_
   std::vector<Slot> slots_;        // creation order
   std::vector<std::pair<loom_kind, ActivateHook>> hooks_;
+  std::vector<std::pair<loom_kind, MembershipHooks>> membership_hooks_;
   std::mutex step_mutex_;
   std::mutex swap_mutex_; // one swap at a time
   std::atomic<uint64_t> swaps_{0};

@@ -12,6 +12,7 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -23,6 +24,11 @@ namespace loom {
 struct ServeRequest {
   std::vector<int32_t> prompt; // token ids, at least one
   int64_t max_new_tokens = 16; // it ends after this many (or at a stop token or string)
+  // [PEFT] which adapter it runs with: unset, every adapter of the pipeline (as a manifest's run
+  // applies them); "" the base model alone; else one adapter by its slot ("adapter[1]", or its
+  // `name`, also one loaded by Runtime::load_adapter). Rows with different adapters run in the
+  // same batch. A name that is not loaded (or is being unloaded) refuses the request.
+  std::optional<std::string> adapter;
   // After each generated token: its index in the request's output and the token. Returning false
   // cancels the request (it ends at once). Optional.
   std::function<bool(int64_t index, int32_t token)> on_token;

@@ -144,12 +144,27 @@ class Runtime {
   // Swaps the component in `slot` for the one described by a TOML table text
   // (`use = "top-k"\nk = 5`, optionally with library/version).
   SwapReport swap(std::string_view slot, std::string_view component_toml);
+  // [PEFT] adapters while serving. Each may be called from any thread, also while serve() runs;
+  // changes land between steps and no running request fails.
+  // load_adapter: a new adapter (an [[adapter]] table as TOML text: use, weights, r, ...) joins
+  // the pipeline in slot `name`; requests choose it by that name (ServeRequest::adapter).
+  // Throws loom::Error (naming the slot) when the name is taken, the table is bad, or the
+  // backend runs no adapters (CUDA, for now), and then nothing changes.
+  void load_adapter(std::string_view name, std::string_view component_toml);
+  // unload_adapter: requests naming it are refused from now on; the ones running with it
+  // finish first (waits up to `timeout_s`; past it, throws and the adapter stays loaded).
+  void unload_adapter(std::string_view name, double timeout_s = 60.0);
+  // merge_adapter: folds the adapter into the base weights (its requests run at the base
+  // model's cost; the others are unaffected); unmerge_adapter puts the weights back exactly.
+  void merge_adapter(std::string_view name);
+  void unmerge_adapter(std::string_view name);
   // Asks the run in progress (and plugins polling is_cancelled) to stop; a cancel that comes
   // before a run starts stops that run at its first step. Cleared when a run ends.
   void cancel() { cancelled_.store(true); }
 
  private:
   void record_scheduler_metrics(const SchedulerStats &s);
+  std::shared_ptr<Instance> adapter_in(std::string_view name, const char *what) const;
   Manifest manifest_;
   DLDevice device_{kDLCPU, 0};
   Metrics metrics_;

@@ -59,8 +59,9 @@ class Scheduler {
   // A request joins the waiting queue (first come, first served). Throws on a duplicate id (here
   // or live in the block manager), an empty prompt, max_new_tokens < 0, prompt + max_new_tokens
   // needing more blocks than the whole pool, or (without chunked prefill) a prompt longer than
-  // max_batched_tokens: requests that could never run.
-  void add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_tokens);
+  // max_batched_tokens: requests that could never run. `domain`: the prefix-cache domain of its
+  // KV (KvBlockManager::begin): what besides its tokens its KV depends on (its adapter).
+  void add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_tokens, uint64_t domain = 0);
 
   // The next step's work. Policy:
   // 1. Decode: every running sequence whose cache holds all but its last token gets 1 token, in
@@ -98,6 +99,7 @@ class Scheduler {
     std::vector<int32_t> tokens; // prompt + generated
     size_t prompt_size = 0;
     int64_t max_new_tokens = 0;
+    uint64_t domain = 0;         // prefix-cache domain (add)
     int64_t computed = 0;        // leading tokens whose KV the cache holds (or will after this step)
     bool running = false;
     bool planned = false;        // has a work item in the plan being built
