@@ -15,12 +15,14 @@ namespace {
 class CpuTrainingEngine final : public TrainingEngine {
  public:
   CpuTrainingEngine(const ModelConfig &config, const ModelWeights &weights, const TrainEngineOptions &options)
-      : trainer_(config, weights), opt_(options.adamw), threads_(detail::ThreadPool::resolve(options.threads)) {
+      : trainer_(config, weights), opt_(options.adamw), threads_(detail::ThreadPool::resolve(options.threads)),
+        quantized_(options.quantizer != nullptr) {
     trainer_.set_recompute(options.recompute);
     trainer_.set_threads(options.threads);
     if (options.adapters.empty()) return;
     trainer_.attach_adapters(options.adapters);
     trainer_.set_frozen_base(true);
+    if (options.quantizer) trainer_.quantize_base(options.quantizer);
     for (const auto &adapter : options.adapters) {
       loom_tensor_sink sink{};
       sink.struct_size = sizeof(sink);
@@ -44,7 +46,8 @@ class CpuTrainingEngine final : public TrainingEngine {
     }
   }
   std::string describe() const override {
-    return "cpu float32 x" + std::to_string(threads_) + " threads" + (views_.empty() ? "" : ", adapters only (base frozen)");
+    return "cpu float32 x" + std::to_string(threads_) + " threads" +
+           (views_.empty() ? "" : quantized_ ? ", adapters only (base frozen, quantized)" : ", adapters only (base frozen)");
   }
   void zero_grad() override {
     trainer_.zero_grad();
@@ -97,6 +100,7 @@ class CpuTrainingEngine final : public TrainingEngine {
   DecoderTrainer<float> trainer_;
   AdamW<float> opt_;
   int32_t threads_;
+  bool quantized_;
   std::vector<ParamView<float>> views_;          // the adapters' parameters, when training adapters
   std::vector<TrainParam<float>> adapter_params_;  // their names and shapes (values copied on request)
 };

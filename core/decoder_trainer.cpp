@@ -482,8 +482,70 @@ void DecoderTrainer<T>::attach_adapters(const std::vector<std::shared_ptr<Instan
 }
 
 template <class T>
+DecoderTrainer<T>::~DecoderTrainer() {
+  if (!quantizer_) return;
+  auto vt = quantizer_->vtable<loom_quantizer_vtable>();
+  for (auto &[w, q] : qweights_) vt->free_weight(quantizer_->handle(), q);
+}
+
+template <class T>
+void DecoderTrainer<T>::quantize_base(std::shared_ptr<Instance> quantizer) {
+  if constexpr (!std::is_same_v<T, float>) {
+    (void)quantizer;
+    throw runtime_error("training: a quantized base trains in float32 only");
+  } else {
+    if (!frozen_) throw runtime_error("training: a quantized base is frozen (train an adapter over it)");
+    if (config_.architecture == Architecture::gpt2)
+      throw runtime_error("training: a quantized GPT-2 base is not supported (the Llama family's is)");
+    if (quantizer_) throw runtime_error("training: the base is quantized already");
+    auto vt = quantizer->vtable<loom_quantizer_vtable>();
+    if (vt->dequantize == nullptr)
+      throw runtime_error(quantizer->slot() + " (" + quantizer->desc().name + "): the quantizer cannot dequantize, which the backward pass needs");
+    quantizer_ = quantizer;
+    for (const Layer &L : layers_)
+      for (const size_t w : {L.q, L.k, L.v, L.o, L.gate, L.up, L.down}) {
+        TrainParam<T> &p = params_[w];
+        const std::string module = p.name.substr(0, p.name.size() - std::string(".weight").size());
+        HostView weight(p.value.data(), p.shape[0], p.shape[1]);
+        loom_quantize_request r{};
+        r.struct_size = sizeof(r);
+        r.module_name = module.c_str();
+        r.weight = &weight.t;
+        r.calibration = nullptr;
+        r.target_device = {kDLCPU, 0};
+        loom_qweight *q = nullptr;
+        quantizer->check(vt->quantize(quantizer->handle(), &r, &q), ("quantize " + module).c_str());
+        qweights_[w] = q;
+        // The float copy goes: what QLoRA saves. (The shape stays for the adapters' sites.)
+        std::vector<T>().swap(p.value);
+        std::vector<T>().swap(p.grad);
+      }
+  }
+}
+
+template <class T>
 void DecoderTrainer<T>::project(size_t w, size_t b, const T *x, int64_t n, int64_t out, int64_t in, T *y) {
-  grad::linear(x, n, value(w), out, in, b == kNone ? nullptr : value(b), y, pool_.get());
+  if constexpr (std::is_same_v<T, float>) {
+    if (const auto q = qweights_.find(w); q != qweights_.end()) {
+      HostView xv(x, n, in), yv(y, n, out);
+      int64_t bias_shape[1] = {out};
+      DLTensor bias{};
+      if (b != kNone) {
+        bias.data = value(b);
+        bias.device = {kDLCPU, 0};
+        bias.ndim = 1;
+        bias.dtype = {kDLFloat, 32, 1};
+        bias.shape = bias_shape;
+      }
+      quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->linear(quantizer_->handle(), q->second, &xv.t,
+                                                                            b == kNone ? nullptr : &bias, &yv.t),
+                        "linear");
+    } else {
+      grad::linear(x, n, value(w), out, in, b == kNone ? nullptr : value(b), y, pool_.get());
+    }
+  } else {
+    grad::linear(x, n, value(w), out, in, b == kNone ? nullptr : value(b), y, pool_.get());
+  }
   if constexpr (std::is_same_v<T, float>) {
     const auto it = sites_.find(w);
     if (it == sites_.end()) return;
@@ -503,7 +565,17 @@ void DecoderTrainer<T>::project(size_t w, size_t b, const T *x, int64_t n, int64
 template <class T>
 void DecoderTrainer<T>::project_backward(size_t w, size_t b, const T *dy, const T *x, int64_t n, int64_t out, int64_t in,
                                          T *dx) {
-  grad::linear_backward(dy, x, n, value(w), out, in, dx, frozen_ ? nullptr : grad(w),
+  const T *weight = value(w);
+  if constexpr (std::is_same_v<T, float>) {
+    if (const auto q = qweights_.find(w); q != qweights_.end()) {
+      dequantized_.resize(static_cast<size_t>(out * in));
+      HostView wv(dequantized_.data(), out, in);
+      quantizer_->check(quantizer_->vtable<loom_quantizer_vtable>()->dequantize(quantizer_->handle(), q->second, &wv.t),
+                        "dequantize");
+      weight = dequantized_.data();
+    }
+  }
+  grad::linear_backward(dy, x, n, weight, out, in, dx, frozen_ ? nullptr : grad(w),
                         frozen_ || b == kNone ? nullptr : grad(b), pool_.get());
   if constexpr (std::is_same_v<T, float>) {
     const auto it = sites_.find(w);

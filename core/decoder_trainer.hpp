@@ -64,6 +64,15 @@ class DecoderTrainer {
   // A frozen base computes no gradients for the model's linears, biases, embedding and head
   // (only what flows to the adapters; norms' weights still get theirs, unused).
   void set_frozen_base(bool frozen) { frozen_ = frozen; }
+  // QLoRA-style ([PEFT] item 2): the frozen base's layer linears (q/k/v/o and the MLP's) are
+  // handed to the quantizer and their float values and gradients released; their forward runs
+  // through the quantizer's linear and their backward (the input's gradient only) through its
+  // dequantized weight, one linear at a time. Embedding, head and norms stay float. Needs a
+  // frozen base (set_frozen_base first); float only, Llama family.
+  void quantize_base(std::shared_ptr<Instance> quantizer);
+  ~DecoderTrainer();
+  DecoderTrainer(const DecoderTrainer &) = delete;
+  DecoderTrainer &operator=(const DecoderTrainer &) = delete;
 
   // The mean cross-entropy of predicting tokens[t + 1] after tokens[0..t], over t < n - 1 (at
   // least two tokens). With `backward`, its gradient times `grad_scale` is added into every
@@ -107,6 +116,9 @@ class DecoderTrainer {
     loom_adapter_site *site;
   };
   std::map<size_t, std::vector<Site>> sites_;  // by the linear's weight index
+  std::shared_ptr<Instance> quantizer_;         // quantize_base's
+  std::map<size_t, loom_qweight *> qweights_;   // by the linear's weight index; the quantizer owns them
+  std::vector<float> dequantized_;              // one linear's dequantized weight (backward)
   std::unique_ptr<detail::ThreadPool> pool_;  // null: the calling thread only
 };
 

@@ -29,6 +29,9 @@ struct TrainEngineOptions {
   // Adapter instances to train ([PEFT]; CPU only): the base model is frozen and only the
   // adapters' parameters (listed by the plugin, PEFT names) are the engine's parameters.
   std::vector<std::shared_ptr<Instance>> adapters;
+  // QLoRA-style ([PEFT]; CPU, with adapters): the frozen base's layer linears through this
+  // quantizer (DecoderTrainer::quantize_base).
+  std::shared_ptr<Instance> quantizer;
 };
 
 class TrainingEngine {

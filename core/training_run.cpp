@@ -301,6 +301,10 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
                          std::to_string(adapter_specs.size()));
   if (!adapter_specs.empty() && t.recompute)
     throw manifest_error(m.source_name + ": train.recompute: not with an adapter (its dropout would be drawn again)");
+  const auto quantizer_specs = m.of_kind(LOOM_KIND_QUANTIZER);
+  if (!quantizer_specs.empty() && adapter_specs.empty())
+    throw manifest_error(m.source_name + ": [quantizer] in a training manifest: only an adapter trains over a quantized base "
+                         "(QLoRA); full training keeps float weights");
   if (!adapter_specs.empty() && t.init == "random")
     throw manifest_error(m.source_name + ": train.init: \"random\" with an adapter would train it over a random base");
   // An adapter run loads the base from [model] path (its checkpoints hold the adapter only).
@@ -330,6 +334,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
     pipeline = std::make_unique<Pipeline>(*registry, env);
     pipeline->build(m);
     eo.adapters = pipeline->list(LOOM_KIND_ADAPTER);
+    if (!quantizer_specs.empty()) eo.quantizer = pipeline->list(LOOM_KIND_QUANTIZER).front();
     adapter_config = lora_config(*adapter_specs.front(), *eo.adapters.front(), m.model_path);
   }
   const nlohmann::json *adapter = adapter_specs.empty() ? nullptr : &adapter_config;

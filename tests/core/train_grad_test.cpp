@@ -518,3 +518,95 @@ TEST_CASE("a LoRA adapter's gradients through the trainer are the merged weight'
     CHECK(worst <= 1e-4 * largest);
   }
 }
+
+TEST_CASE("over a quantized base, the adapter's gradients are those over the dequantized weights", "[train][peft]") {
+  // QLoRA-style training: the frozen base's linears compute through the int8 quantizer, their
+  // float copies released. The loss and the adapter's gradients must equal a trainer whose base
+  // weights are the quantizer's dequantized weights, with the same adapter values.
+  const fs::path dir = kModels / "tiny-llama";
+  const loom::ModelConfig config = loom::load_model_config(dir);
+  const std::string text = "[model]\npath = \"" + dir.string() +
+                           "\"\n[quantizer]\nuse = \"int8\"\n[[adapter]]\nuse = \"lora\"\nr = 2\nalpha = 4\nseed = 3\n"
+                           "target_modules = [\"q_proj\", \"v_proj\", \"up_proj\", \"down_proj\"]\n";
+  const loom::Manifest m = loom::parse_manifest_string(text, "qlora.toml");
+  loom::Registry registry(loom::Registry::default_search_paths(m.plugin_paths));
+  registry.scan();
+  loom::Pipeline quantized_side(registry, loom::InstanceEnvironment{}), float_side(registry, loom::InstanceEnvironment{});
+  quantized_side.build(m);
+  float_side.build(m);
+  auto weights = [&] { return loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)); };
+  // The float side's base: every layer linear quantized and dequantized by the same quantizer.
+  std::map<std::string, loom::HostWeight, std::less<>> dequantized_map;
+  const auto base = weights();
+  for (const auto &[name, shape] : loom::expected_weights(config)) dequantized_map.emplace(name, base.at(name));
+  loom::Instance &q = float_side.at("quantizer");
+  auto qvt = q.vtable<loom_quantizer_vtable>();
+  int64_t replaced = 0;
+  for (auto &[name, w] : dequantized_map) {
+    if (name.find("layers.") == std::string::npos || name.find("_proj.weight") == std::string::npos) continue;
+    int64_t shape[2] = {w.shape[0], w.shape[1]};
+    DLTensor t{};
+    t.data = w.values.data();
+    t.device = {kDLCPU, 0};
+    t.ndim = 2;
+    t.dtype = {kDLFloat, 32, 1};
+    t.shape = shape;
+    loom_quantize_request r{};
+    r.struct_size = sizeof(r);
+    r.module_name = name.c_str();
+    r.weight = &t;
+    r.target_device = {kDLCPU, 0};
+    loom_qweight *qw = nullptr;
+    q.check(qvt->quantize(q.handle(), &r, &qw), "quantize");
+    q.check(qvt->dequantize(q.handle(), qw, &t), "dequantize");  // in place
+    qvt->free_weight(q.handle(), qw);
+    ++replaced;
+  }
+  CHECK(replaced == 2 * 7);
+  loom::DecoderTrainer<float> quantized(config, weights()), dequantized(config, loom::ModelWeights::from_map(std::move(dequantized_map)));
+  for (auto *t : {&quantized, &dequantized}) t->set_frozen_base(true);
+  quantized.attach_adapters(quantized_side.list(LOOM_KIND_ADAPTER));
+  dequantized.attach_adapters(float_side.list(LOOM_KIND_ADAPTER));
+  quantized.quantize_base(quantized_side.get("quantizer"));
+  CHECK(quantized.param("model.layers.0.self_attn.q_proj.weight").value.empty());  // released
+  CHECK(!quantized.param("model.layers.0.input_layernorm.weight").value.empty());
+  struct Param {
+    float *value, *grad;
+    size_t n;
+  };
+  auto params_of = [](loom::Pipeline &p) {
+    std::vector<Param> out;
+    loom_tensor_sink sink{sizeof(loom_tensor_sink), &out, [](void *user, const char *, DLTensor *t, DLTensor *g) -> loom_status {
+                            static_cast<std::vector<Param> *>(user)->push_back(
+                                {static_cast<float *>(t->data), static_cast<float *>(g->data),
+                                 static_cast<size_t>(t->shape[0] * t->shape[1])});
+                            return LOOM_OK;
+                          }};
+    auto a = p.list(LOOM_KIND_ADAPTER).front();
+    a->check(a->vtable<loom_adapter_vtable>()->parameters(a->handle(), &sink), "parameters");
+    return out;
+  };
+  const auto pq = params_of(quantized_side), pd = params_of(float_side);
+  REQUIRE(pq.size() == 16);
+  REQUIRE(pd.size() == pq.size());
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<float> dist(-0.2f, 0.2f);
+  for (size_t k = 0; k < pq.size(); ++k)
+    for (size_t i = 0; i < pq[k].n; ++i) pq[k].value[i] = pd[k].value[i] = dist(rng);
+  const std::vector<int32_t> tokens = {1, 17, 4, 33, 8, 21, 5, 99, 3, 42, 7};
+  const double lq = quantized.loss(tokens, true, 1.0), ld = dequantized.loss(tokens, true, 1.0);
+  CHECK(lq == Approx(ld).epsilon(1e-5));
+  for (size_t k = 0; k < pq.size(); ++k) {
+    double worst = 0, largest = 0;
+    for (size_t i = 0; i < pq[k].n; ++i) {
+      worst = std::max(worst, static_cast<double>(std::fabs(pq[k].grad[i] - pd[k].grad[i])));
+      largest = std::max(largest, static_cast<double>(std::fabs(pd[k].grad[i])));
+    }
+    INFO("adapter parameter " << k << ": worst " << worst << " of " << largest);
+    CHECK(largest > 0);
+    CHECK(worst <= 1e-4 * largest);
+  }
+  // The trainer refuses a quantized base that would train (not frozen).
+  loom::DecoderTrainer<float> full(config, weights());
+  CHECK_THROWS_WITH(full.quantize_base(quantized_side.get("quantizer")), Catch::Contains("a quantized base is frozen"));
+}

@@ -276,6 +276,30 @@ std::string lora_manifest(const fs::path &out, const std::string &extra = "") {
 
 }  // namespace
 
+TEST_CASE("loom train trains a LoRA adapter over an int8-quantized base (QLoRA-style)", "[train][peft]") {
+  const fs::path out = scratch("qlora");
+  const std::string quantizer = "[quantizer]\nuse = \"int8\"\n";
+  const loom::TrainResult r = loom::train(loom::parse_manifest_string(lora_manifest(out) + quantizer, "qlora.toml"), quiet());
+  CHECK_THAT(r.device, Catch::Contains("adapters only (base frozen, quantized)"));
+  REQUIRE(r.val_loss.size() == 2);
+  CHECK(r.val_loss.back().second < r.val_loss.front().second - 0.25);
+  REQUIRE(fs::exists(r.adapter_dir / "adapter_model.safetensors"));
+  // The same run over the float base starts from another loss: the quantized base is in use.
+  const fs::path plain = scratch("qlora_plain");
+  std::string one_step = lora_manifest(plain);
+  one_step.replace(one_step.find("steps = 12"), 10, "steps = 1");
+  const loom::TrainResult f = loom::train(loom::parse_manifest_string(one_step, "lora.toml"), quiet());
+  CHECK(f.val_loss.front().second != r.val_loss.front().second);
+  CHECK(std::fabs(f.val_loss.front().second - r.val_loss.front().second) < 0.05);  // int8 is close
+  // A quantizer without an adapter would train quantized weights: refused, by table.
+  const std::string full = "[loom]\ndevice = \"cpu\"\n[model]\npath = \"" + kKjv.string() + "\"\n" + quantizer +
+                           "[train]\ndata = \"" + (kSource / "DESIGN.md").string() + "\"\nout = \"" + out.string() + "\"\n";
+  CHECK_THROWS_WITH(loom::train(loom::parse_manifest_string(full, "full.toml"), quiet()),
+                    Catch::Contains("full.toml: [quantizer] in a training manifest: only an adapter trains over a quantized base"));
+  fs::remove_all(out);
+  fs::remove_all(plain);
+}
+
 TEST_CASE("loom train trains a LoRA adapter over the frozen default model and saves it in the PEFT layout", "[train][peft]") {
   const fs::path out = scratch("lora");
   const loom::TrainResult r = loom::train(loom::parse_manifest_string(lora_manifest(out), "lora.toml"), quiet());
