@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "json_guard.hpp"
+#include "loom/core/component_table.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
 #include "loom/core/safetensors.hpp"
@@ -65,12 +66,43 @@ void check_lora_config(const Instance &adapter, const fs::path &file) {
   }
 }
 
+// Loom's adapter_config.json of a non-LoRA component (peft_type "LOOM"): its component name and
+// resolved table must be the instance's.
+void check_loom_config(const Instance &adapter, const fs::path &file) {
+  std::ifstream in(file);
+  if (!in) return;  // optional, as PEFT's: the tensors' names and shapes still have to fit
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (detail::json_too_deep(text, 64)) throw runtime_error(file.string() + ": nested too deeply");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception &e) {
+    throw runtime_error(file.string() + ": " + e.what());
+  }
+  const std::string where = adapter.slot() + " (" + adapter.desc().name + ")";
+  if (!j.is_object() || j.value("peft_type", "") != "LOOM")
+    throw runtime_error(file.string() + ": not an adapter_config.json of a Loom " + adapter.desc().name + " adapter (peft_type \"LOOM\")");
+  if (j.value("loom_component", "") != adapter.desc().name)
+    throw runtime_error(file.string() + ": \"loom_component\" is " + j["loom_component"].dump() + ", but " + where + " is " +
+                        adapter.desc().name);
+  const auto resolved = adapter.ctx()->config->resolve(adapter.desc(), adapter.slot());
+  const auto ours = nlohmann::json::parse(resolved->json("").value_or("{}"));
+  const auto &theirs = j.contains("loom_config") ? j["loom_config"] : nlohmann::json::object();
+  for (const auto &[key, value] : ours.items()) {
+    if (key == "seed" || ComponentTable::is_reserved_key(key)) continue;  // (seed: the initialisation's)
+    if (!theirs.contains(key) || theirs[key] != value)
+      throw runtime_error(file.string() + ": \"loom_config\"." + key + " is " + (theirs.contains(key) ? theirs[key].dump() : "absent") +
+                          ", but " + where + " has " + key + " = " + value.dump());
+  }
+}
+
 }  // namespace
 
 void load_adapter_weights(Instance &adapter) {
   const fs::path dir = adapter.ctx()->weights;
   if (dir.empty()) return;
   if (std::string(adapter.desc().name) == "lora") check_lora_config(adapter, dir / "adapter_config.json");
+  else check_loom_config(adapter, dir / "adapter_config.json");
   const fs::path file = dir / "adapter_model.safetensors";
   const SafetensorsFile st = SafetensorsFile::open(file);
   const auto *vt = adapter.vtable<loom_adapter_vtable>();

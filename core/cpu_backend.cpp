@@ -346,6 +346,18 @@ void CpuBackend::build(ModelWeights weights) {
       if (l) linears_.push_back(l);
   linears_.push_back(lm_head_.get());
   for (size_t i = 0; i < linears_.size(); ++i) linears_[i]->index = static_cast<int32_t>(i);
+  sited_ = linears_;
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    Layer &layer = layers_[static_cast<size_t>(i)];
+    const std::string p = gpt2 ? "h." + std::to_string(i) + "." : "model.layers." + std::to_string(i) + ".";
+    for (auto [slot, name] : {std::pair{&layer.attn_block, gpt2 ? "attn" : "self_attn"}, std::pair{&layer.mlp_block, "mlp"}}) {
+      *slot = std::make_unique<Linear>();
+      (*slot)->name = p + name;
+      (*slot)->in = (*slot)->out = H;
+      (*slot)->block = true;
+      sited_.push_back(slot->get());
+    }
+  }
   for (auto &layer : layers_) { // linears fed the same rows in a forward
     layer.k->same_input = layer.q.get();
     layer.v->same_input = layer.q.get();
@@ -489,8 +501,8 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
     for (size_t i = 0; i < linears_.size(); ++i) linears_[i]->qweight = weights[i];
   }
   for (auto &[adapter, sites] : attached)
-    for (size_t i = 0; i < linears_.size(); ++i)
-      if (sites[i]) linears_[i]->sites.emplace_back(adapter.get(), sites[i]);
+    for (size_t i = 0; i < sited_.size(); ++i)
+      if (sites[i]) sited_[i]->sites.emplace_back(adapter.get(), sites[i]);
   install_hooks();
   ready_ = true;
 }
@@ -668,9 +680,12 @@ void CpuBackend::free_qweights(Instance &quantizer, const std::vector<loom_qweig
 std::vector<loom_adapter_site *> CpuBackend::attach_all(Instance &adapter) {
   auto vt = adapter.vtable<loom_adapter_vtable>();
   std::vector<loom_adapter_site *> sites;
+  // Block sites go only to libraries built for ABI 1.6 or later (older ones cannot tell them
+  // from linears).
+  const bool blocks = adapter.library().descriptor().abi_minor >= 6;
   auto one = [&](Linear &l) {
     loom_adapter_site *site = nullptr;
-    if (vt->targets(adapter.handle(), l.name.c_str())) {
+    if ((!l.block || blocks) && vt->targets(adapter.handle(), l.name.c_str())) {
       loom_adapter_module m{};
       m.struct_size = sizeof(m);
       m.module_name = l.name.c_str();
@@ -678,11 +693,12 @@ std::vector<loom_adapter_site *> CpuBackend::attach_all(Instance &adapter) {
       m.in_features = l.in;
       m.dtype = kF32;
       m.device = {kDLCPU, 0};
+      m.site = l.block ? LOOM_ADAPTER_SITE_BLOCK : LOOM_ADAPTER_SITE_LINEAR;
       adapter.check(vt->attach(adapter.handle(), &m, &site), ("attach " + l.name).c_str());
     }
     sites.push_back(site);
   };
-  for (Linear *l : linears_) one(*l);
+  for (Linear *l : sited_) one(*l);
   load_adapter_weights(adapter);  // [[adapter]] weights = "dir", once every site exists
   return sites;
 }
@@ -709,12 +725,12 @@ void CpuBackend::install_hooks() {
       quantizer_ = pipeline_.get(fresh.slot());
     };
   });
-  pipeline_.set_activate_hook(LOOM_KIND_ADAPTER, [this, linears](Instance &fresh, Instance &old) -> std::function<void()> {
+  pipeline_.set_activate_hook(LOOM_KIND_ADAPTER, [this](Instance &fresh, Instance &old) -> std::function<void()> {
     auto sites = attach_all(fresh);
     const Instance *old_ptr = &old, *fresh_ptr = &fresh;
-    return [this, linears, sites, old_ptr, fresh_ptr] {
+    return [this, sites, old_ptr, fresh_ptr] {
       if (merged_ == old_ptr) unmerge_adapter(*old_ptr); // the new weights are not merged
-      auto all = linears();
+      auto &all = sited_;
       for (size_t i = 0; i < all.size(); ++i) {
         auto &list = all[i]->sites;
         std::erase_if(list, [&](const auto &p) { return p.first == old_ptr; });
@@ -728,13 +744,13 @@ void CpuBackend::install_hooks() {
     auto sites = attach_all(fresh);
     const Instance *fresh_ptr = &fresh;
     return [this, sites, fresh_ptr] {
-      for (size_t i = 0; i < linears_.size(); ++i)
-        if (sites[i]) linears_[i]->sites.emplace_back(fresh_ptr, sites[i]);
+      for (size_t i = 0; i < sited_.size(); ++i)
+        if (sites[i]) sited_[i]->sites.emplace_back(fresh_ptr, sites[i]);
     };
   };
   membership.detach = [this](Instance &leaving) {
     if (merged_ == &leaving) unmerge_adapter(leaving);
-    for (Linear *l : linears_) std::erase_if(l->sites, [&](const auto &p) { return p.first == &leaving; });
+    for (Linear *l : sited_) std::erase_if(l->sites, [&](const auto &p) { return p.first == &leaving; });
   };
   pipeline_.set_membership_hooks(LOOM_KIND_ADAPTER, std::move(membership));
 }
@@ -747,6 +763,9 @@ void CpuBackend::merge_adapter(const Instance &adapter) {
     throw runtime_error("merge " + who + ": " + merged_->slot() + " is merged already; unmerge it first");
   auto vt = adapter.vtable<loom_adapter_vtable>();
   if (vt->merge == nullptr) throw runtime_error("merge " + who + ": the adapter cannot merge into base weights");
+  for (const Linear *l : sited_)
+    if (l->block && std::any_of(l->sites.begin(), l->sites.end(), [&](const auto &p) { return p.first == &adapter; }))
+      throw runtime_error("merge " + who + ": it sits on " + l->name + "'s output, which has no weight to merge into");
   // Every merged weight is made first; nothing changes unless all of them succeed.
   std::vector<std::pair<Linear *, std::vector<float>>> merged;
   for (Linear *l : linears_)
@@ -875,6 +894,11 @@ void CpuBackend::apply_adapters(Linear &lin, float *x, int64_t n, float *y) {
     instance->check(vt->forward(instance->handle(), site, &io), "forward");
     for (size_t i = 0; i < delta_.size(); ++i) y[i] -= delta_[i];
   }
+}
+
+void CpuBackend::block_adapters(Linear &block, float *out, int64_t n) {
+  block_in_.assign(out, out + n * block.in);
+  apply_adapters(block, block_in_.data(), n, out);
 }
 
 void CpuBackend::plan_adapter_rows(const StepBatch &batch) {
@@ -1031,6 +1055,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
     b.causal = 1;
     attention->check(avt->forward(attention->handle(), &b), "forward");
     linear(*layer.o, attn, T, proj);
+    if (!layer.attn_block->sites.empty()) block_adapters(*layer.attn_block, proj, T);
     rows(T, H, [&](int64_t t) {
       for (int64_t i = 0; i < H; ++i) x[t * H + i] += proj[t * H + i];
       norm(layer.norm2, layer.norm2_bias, x + t * H, h + t * H);
@@ -1047,6 +1072,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
       });
     }
     linear(*layer.down, up, T, proj);
+    if (!layer.mlp_block->sites.empty()) block_adapters(*layer.mlp_block, proj, T);
     rows(T, H, [&](int64_t t) {
       for (int64_t i = 0; i < H; ++i) x[t * H + i] += proj[t * H + i];
     });

@@ -157,6 +157,9 @@ class CpuBackend final : public ModelBackend {
     // The linear whose input rows this one always gets too (k and v: q's; gate: up's), or null.
     const Linear *same_input = nullptr;
     std::vector<std::pair<const Instance *, loom_adapter_site *>> sites;
+    // A block's output (adapter ABI 1.6 block sites: "model.layers.0.self_attn"), not a linear:
+    // no weights, in == out == hidden; only its sites are used.
+    bool block = false;
     // While an adapter is merged into w32/w16: the weights as they were.
     Values<float> unmerged32;
     Values<uint16_t> unmerged16;
@@ -171,6 +174,7 @@ class CpuBackend final : public ModelBackend {
   };
   struct Layer {
     std::unique_ptr<Linear> q, k, v, o, up, down, gate; // gate: gated (SiLU) MLPs only
+    std::unique_ptr<Linear> attn_block, mlp_block;      // block sites after o and down
     Values<float> norm1, norm1_bias, norm2, norm2_bias;
   };
 
@@ -204,6 +208,9 @@ class CpuBackend final : public ModelBackend {
   // Adds (or, for a merged adapter, takes out) the deltas of lin's adapters on the rows that use
   // them.
   void apply_adapters(Linear &lin, float *x, int64_t n, float *y);
+  // A block's output `out` [T, hidden] through the adapters on its block site (`kept`: scratch
+  // for the output before them, their input).
+  void block_adapters(Linear &block, float *out, int64_t n);
 
   // y[n, out] = x[n, in] W^T + b through the quantizer and adapters.
   void linear(Linear &lin, float *x, int64_t n, float *y);
@@ -227,6 +234,7 @@ class CpuBackend final : public ModelBackend {
   std::unique_ptr<Linear> lm_head_;
   std::unique_ptr<Linear> embedding_; // [vocab, hidden]; null when tied (lm_head_'s weight serves)
   std::vector<Linear *> linears_;     // every linear, in a fixed order (quantizer and adapter sites)
+  std::vector<Linear *> sited_;       // linears_, then every layer's blocks: where adapters attach
 
   // KV cache: per layer [max_seqs * blocks_per_seq, bytes_per_block].
   int32_t max_seqs_ = 0;
@@ -252,6 +260,7 @@ class CpuBackend final : public ModelBackend {
   std::vector<AdapterRows> adapter_rows_; // this step's, empty: every adapter on every row
   const Instance *merged_ = nullptr;      // the adapter merged into the weights, if any
   std::vector<float> delta_;              // scratch for a merged adapter's delta
+  std::vector<float> block_in_;           // scratch: a block's output before its adapters
   detail::HostTensor<int32_t> offsets_, seq_positions_, block_table_;
   detail::HostTensor<float> logits_;
 };

@@ -24,10 +24,11 @@ template <class T>
 struct DecoderTrainer<T>::Acts {
   struct PerLayer {
     std::vector<T> x_in, r1, mean1, h1, q, k, v, p, a, x_mid, r2, mean2, h2, g, u, m;
+    std::vector<T> attn_out, mlp_out;  // the blocks' outputs before block-site adapters (when attached)
     // Activation recomputation: everything but the layer's input is dropped after the forward
     // pass and recomputed from it in the backward pass.
     void keep_input_only() {
-      for (auto *each : {&r1, &mean1, &h1, &q, &k, &v, &p, &a, &x_mid, &r2, &mean2, &h2, &g, &u, &m})
+      for (auto *each : {&r1, &mean1, &h1, &q, &k, &v, &p, &a, &x_mid, &r2, &mean2, &h2, &g, &u, &m, &attn_out, &mlp_out})
         std::vector<T>().swap(*each);
     }
     bool dropped() const { return x_mid.empty(); }
@@ -167,6 +168,7 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data(), pool_.get());
   tmp.resize(x.size());
   project(L.o, L.o_b, A.a.data(), n, H, Hq * D, tmp.data());
+  block_adapters(l, 0, tmp, A.attn_out);
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
   A.x_mid = x;
   A.r2.resize(static_cast<size_t>(n));
@@ -180,6 +182,7 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   project(L.up, L.up_b, A.h2.data(), n, I, H, A.u.data());
   grad::swiglu(A.g.data(), A.u.data(), n * I, A.m.data());
   project(L.down, L.down_b, A.m.data(), n, H, I, tmp.data());
+  block_adapters(l, 1, tmp, A.mlp_out);
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
 }
 
@@ -268,7 +271,7 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
   for (int64_t t = 0; t < n; ++t)
     grad::rms_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
                             acts.r_final[static_cast<size_t>(t)], H, dx.data() + t * H, grad(final_norm_));
-  std::vector<T> dm, dg, du, da, dq, dk, dv;
+  std::vector<T> dm, dg, du, da, dq, dk, dv, d_block;
   for (size_t l = layers_.size(); l-- > 0;) {
     const Layer &L = layers_[l];
     auto &A = acts.layers[l];
@@ -278,7 +281,8 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
     }
     // MLP: x_out = x_mid + down(swiglu(gate(h2), up(h2))), h2 = norm2(x_mid).
     dm.assign(static_cast<size_t>(n * I), T(0));
-    project_backward(L.down, L.down_b, dx.data(), A.m.data(), n, H, I, dm.data());
+    const std::vector<T> &d_mlp = block_adapters_backward(l, 1, A.mlp_out, dx, d_block);
+    project_backward(L.down, L.down_b, d_mlp.data(), A.m.data(), n, H, I, dm.data());
     dg.assign(dm.size(), T(0));
     du.assign(dm.size(), T(0));
     grad::swiglu_backward(dm.data(), A.g.data(), A.u.data(), n * I, dg.data(), du.data());
@@ -290,7 +294,8 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
                               dx.data() + t * H, grad(L.norm2));
     // Attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x_in).
     da.assign(static_cast<size_t>(n * Hq * D), T(0));
-    project_backward(L.o, L.o_b, dx.data(), A.a.data(), n, H, Hq * D, da.data());
+    const std::vector<T> &d_attn = block_adapters_backward(l, 0, A.attn_out, dx, d_block);
+    project_backward(L.o, L.o_b, d_attn.data(), A.a.data(), n, H, Hq * D, da.data());
     dq.assign(da.size(), T(0));
     dk.assign(static_cast<size_t>(n * Hkv * D), T(0));
     dv.assign(dk.size(), T(0));
@@ -445,6 +450,32 @@ struct HostView {
   }
 };
 
+// Each site's forward (training mode) over x [n, in] into y [n, out], and its backward.
+template <class Sites>
+void forward_sites(const Sites &sites, const float *x, int64_t n, int64_t in, float *y, int64_t out) {
+  HostView xv(x, n, in), yv(y, n, out);
+  for (const auto &s : sites) {
+    loom_adapter_io io{};
+    io.struct_size = sizeof(io);
+    io.x = &xv.t;
+    io.y = &yv.t;
+    io.training = 1;
+    s.adapter->check(s.adapter->template vtable<loom_adapter_vtable>()->forward(s.adapter->handle(), s.site, &io), "forward");
+  }
+}
+template <class Sites>
+void backward_sites(const Sites &sites, const float *x, const float *dy, float *dx, int64_t n, int64_t in, int64_t out) {
+  HostView xv(x, n, in), dyv(dy, n, out), dxv(dx, n, in);
+  for (const auto &s : sites) {
+    loom_adapter_grad_io io{};
+    io.struct_size = sizeof(io);
+    io.x = &xv.t;
+    io.d_y = &dyv.t;
+    io.d_x = &dxv.t;
+    s.adapter->check(s.adapter->template vtable<loom_adapter_vtable>()->backward(s.adapter->handle(), s.site, &io), "backward");
+  }
+}
+
 template <class T>
 void DecoderTrainer<T>::attach_adapters(const std::vector<std::shared_ptr<Instance>> &adapters) {
   if constexpr (!std::is_same_v<T, float>) {
@@ -473,9 +504,30 @@ void DecoderTrainer<T>::attach_adapters(const std::vector<std::shared_ptr<Instan
           sites_[w].push_back(Site{adapter.get(), site});
           ++attached;
         }
+      // Block sites (ABI 1.6): each layer's attention and MLP outputs, offered to libraries that
+      // know the site field.
+      block_sites_.resize(layers_.size());
+      if (adapter->library().descriptor().abi_minor >= 6)
+        for (size_t l = 0; l < layers_.size(); ++l)
+          for (int b = 0; b < 2; ++b) {
+            const std::string &from = params_[b == 0 ? layers_[l].o : layers_[l].down].name;  // "...self_attn.o_proj.weight"
+            const std::string module = from.substr(0, from.rfind('.', from.size() - std::string(".weight").size() - 1));
+            if (!vt->targets(adapter->handle(), module.c_str())) continue;
+            loom_adapter_module m{};
+            m.struct_size = sizeof(m);
+            m.module_name = module.c_str();
+            m.out_features = m.in_features = config_.hidden_size;
+            m.dtype = {kDLFloat, 32, 1};
+            m.device = {kDLCPU, 0};
+            m.site = LOOM_ADAPTER_SITE_BLOCK;
+            loom_adapter_site *site = nullptr;
+            adapter->check(vt->attach(adapter->handle(), &m, &site), ("attach " + module).c_str());
+            block_sites_[l][static_cast<size_t>(b)].push_back(Site{adapter.get(), site});
+            ++attached;
+          }
       if (attached == 0)
         throw runtime_error(adapter->slot() + " (" + adapter->desc().name +
-                            "): its target modules match none of the model's linears");
+                            "): its target modules match none of the model's linears or blocks");
       load_adapter_weights(*adapter);  // continue training a saved adapter ([[adapter]] weights)
     }
   }
@@ -524,6 +576,33 @@ void DecoderTrainer<T>::quantize_base(std::shared_ptr<Instance> quantizer) {
 }
 
 template <class T>
+void DecoderTrainer<T>::block_adapters(size_t l, int block, std::vector<T> &out, std::vector<T> &kept) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (block_sites_.empty() || block_sites_[l][static_cast<size_t>(block)].empty()) return;
+    kept = out;  // the block's own output: every adapter's input, and the backward's
+    const int64_t H = config_.hidden_size, n = static_cast<int64_t>(out.size()) / H;
+    forward_sites(block_sites_[l][static_cast<size_t>(block)], kept.data(), n, H, out.data(), H);
+  } else {
+    (void)l, (void)block, (void)out, (void)kept;
+  }
+}
+
+template <class T>
+const std::vector<T> &DecoderTrainer<T>::block_adapters_backward(size_t l, int block, const std::vector<T> &kept,
+                                                                 const std::vector<T> &d_out, std::vector<T> &d_block) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (block_sites_.empty() || block_sites_[l][static_cast<size_t>(block)].empty()) return d_out;
+    d_block = d_out;  // the identity's share; each adapter adds its own
+    const int64_t H = config_.hidden_size, n = static_cast<int64_t>(d_out.size()) / H;
+    backward_sites(block_sites_[l][static_cast<size_t>(block)], kept.data(), d_out.data(), d_block.data(), n, H, H);
+    return d_block;
+  } else {
+    (void)l, (void)block, (void)kept, (void)d_block;
+    return d_out;
+  }
+}
+
+template <class T>
 void DecoderTrainer<T>::project(size_t w, size_t b, const T *x, int64_t n, int64_t out, int64_t in, T *y) {
   if constexpr (std::is_same_v<T, float>) {
     if (const auto q = qweights_.find(w); q != qweights_.end()) {
@@ -547,18 +626,7 @@ void DecoderTrainer<T>::project(size_t w, size_t b, const T *x, int64_t n, int64
     grad::linear(x, n, value(w), out, in, b == kNone ? nullptr : value(b), y, pool_.get());
   }
   if constexpr (std::is_same_v<T, float>) {
-    const auto it = sites_.find(w);
-    if (it == sites_.end()) return;
-    HostView xv(x, n, in), yv(y, n, out);
-    for (const Site &s : it->second) {
-      loom_adapter_io io{};
-      io.struct_size = sizeof(io);
-      io.x = &xv.t;
-      io.y = &yv.t;
-      io.training = 1;
-      Instance *a = s.adapter;
-      a->check(a->vtable<loom_adapter_vtable>()->forward(a->handle(), s.site, &io), "forward");
-    }
+    if (const auto it = sites_.find(w); it != sites_.end()) forward_sites(it->second, x, n, in, y, out);
   }
 }
 
@@ -578,18 +646,7 @@ void DecoderTrainer<T>::project_backward(size_t w, size_t b, const T *dy, const 
   grad::linear_backward(dy, x, n, weight, out, in, dx, frozen_ ? nullptr : grad(w),
                         frozen_ || b == kNone ? nullptr : grad(b), pool_.get());
   if constexpr (std::is_same_v<T, float>) {
-    const auto it = sites_.find(w);
-    if (it == sites_.end()) return;
-    HostView xv(x, n, in), dyv(dy, n, out), dxv(dx, n, in);
-    for (const Site &s : it->second) {
-      loom_adapter_grad_io io{};
-      io.struct_size = sizeof(io);
-      io.x = &xv.t;
-      io.d_y = &dyv.t;
-      io.d_x = &dxv.t;
-      Instance *a = s.adapter;
-      a->check(a->vtable<loom_adapter_vtable>()->backward(a->handle(), s.site, &io), "backward");
-    }
+    if (const auto it = sites_.find(w); it != sites_.end()) backward_sites(it->second, x, dy, dx, n, in, out);
   }
 }
 

@@ -13,6 +13,7 @@
 // Ownership: a trainer owns copies of its parameters and their gradients. Thread-safety: none.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -97,6 +98,12 @@ class DecoderTrainer {
   // y = x W^T + b, then the adapters attached to W; and its backward (dx, and unless frozen dW, db).
   void project(size_t w, size_t b, const T *x, int64_t n, int64_t out, int64_t in, T *y);
   void project_backward(size_t w, size_t b, const T *dy, const T *x, int64_t n, int64_t out, int64_t in, T *dx);
+  // Block-site adapters (ABI 1.6) of layer l's attention (block 0) or MLP (1): `out` (the block's
+  // output) gets their deltas, `kept` the output before them; and the backward: d_out's gradient
+  // of the block's own output (d_out itself when nothing is attached, else d_block).
+  void block_adapters(size_t l, int block, std::vector<T> &out, std::vector<T> &kept);
+  const std::vector<T> &block_adapters_backward(size_t l, int block, const std::vector<T> &kept, const std::vector<T> &d_out,
+                                                std::vector<T> &d_block);
   size_t need(const std::string &name) const;
   T *value(size_t index) { return params_[index].value.data(); }
   T *grad(size_t index) { return params_[index].grad.data(); }
@@ -116,6 +123,7 @@ class DecoderTrainer {
     loom_adapter_site *site;
   };
   std::map<size_t, std::vector<Site>> sites_;  // by the linear's weight index
+  std::vector<std::array<std::vector<Site>, 2>> block_sites_;  // per layer: attention's, MLP's (ABI 1.6)
   std::shared_ptr<Instance> quantizer_;         // quantize_base's
   std::map<size_t, loom_qweight *> qweights_;   // by the linear's weight index; the quantizer owns them
   std::vector<float> dequantized_;              // one linear's dequantized weight (backward)

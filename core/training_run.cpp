@@ -18,6 +18,7 @@
 
 #include "device_select.hpp"
 #include "loom/core/chat_template.hpp"
+#include "loom/core/component_table.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
@@ -82,11 +83,21 @@ void write_adapter_dir(const fs::path &dir, const std::vector<TrainParam<float>>
   std::ofstream(dir / "adapter_config.json") << config.dump(2) << "\n";
 }
 
-// PEFT's adapter_config.json for a `lora` component, from its resolved table.
-nlohmann::json lora_config(const ComponentSpec &spec, const Instance &adapter, const fs::path &base_model) {
-  if (std::string(adapter.desc().name) != "lora")
-    throw runtime_error(spec.slot + " (" + adapter.desc().name + "): loom train saves LoRA adapters only (PEFT layout) so far");
+// adapter_config.json: PEFT's for a `lora` component, from its resolved table; for any other
+// adapter component (PEFT has no bottleneck adapters) Loom's own: the component's name and its
+// resolved table, which loading checks (adapter_weights.cpp).
+nlohmann::json adapter_config(const ComponentSpec &spec, const Instance &adapter, const fs::path &base_model) {
   const auto table = spec.table->resolve(adapter.desc(), spec.slot);
+  if (std::string(adapter.desc().name) != "lora") {
+    auto params = nlohmann::json::parse(table->json("").value_or("{}"));
+    for (auto it = params.begin(); it != params.end();)
+      it = ComponentTable::is_reserved_key(it.key()) ? params.erase(it) : std::next(it);
+    return {{"peft_type", "LOOM"},
+            {"loom_component", adapter.desc().name},
+            {"loom_config", params},
+            {"base_model_name_or_path", base_model.string()},
+            {"inference_mode", true}};
+  }
   const auto targets = table->json("target_modules");
   return {{"peft_type", "LORA"},
           {"task_type", "CAUSAL_LM"},
@@ -335,7 +346,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
     pipeline->build(m);
     eo.adapters = pipeline->list(LOOM_KIND_ADAPTER);
     if (!quantizer_specs.empty()) eo.quantizer = pipeline->list(LOOM_KIND_QUANTIZER).front();
-    adapter_config = lora_config(*adapter_specs.front(), *eo.adapters.front(), m.model_path);
+    adapter_config = loom::adapter_config(*adapter_specs.front(), *eo.adapters.front(), m.model_path);
   }
   const nlohmann::json *adapter = adapter_specs.empty() ? nullptr : &adapter_config;
   const ModelWeights weights = t.resume.empty() && t.init == "random"

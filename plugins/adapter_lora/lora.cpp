@@ -14,8 +14,9 @@
 #include <string>
 #include <vector>
 
-#include "counter_rng.hpp"
+#include "loom_counter_rng.hpp"
 #include "loom/loom_plugin_api.h"
+#include "loom_adapter_glue.hpp"
 #include "loom_plugin_util.hpp"
 
 struct loom_adapter_site {
@@ -33,6 +34,7 @@ namespace {
 constexpr const char* kPrefix = "base_model.model.";
 
 struct Lora {
+  static constexpr const char* kName = "lora";
   const loom_host_api* host;
   loom_host_ctx* ctx;
   int64_t r;
@@ -70,8 +72,6 @@ struct Lora {
   }
 };
 
-Lora& self(void* inst) { return *static_cast<Lora*>(inst); }
-
 void check_module(const loom_adapter_module& m) {
   if (m.module_name == nullptr) invalid("lora: module_name is NULL");
   if (m.in_features <= 0 || m.out_features <= 0) invalid("lora: module features must be positive");
@@ -79,7 +79,10 @@ void check_module(const loom_adapter_module& m) {
   if (m.device.device_type != kDLCPU) unsupported("lora: only CPU modules are supported");
 }
 
-void attach(Lora& L, const loom_adapter_module& m, loom_adapter_site** out) {
+void attach(Lora& L, const loom_adapter_module* mp, loom_adapter_site** out) {
+  if (LOOM_HAS_FIELD(mp, loom_adapter_module, site) && mp->site != LOOM_ADAPTER_SITE_LINEAR)
+    invalid(std::string("lora: '") + mp->module_name + "' is a block's output, not a linear module; target linears (q_proj, down_proj, ...)");
+  const loom_adapter_module& m = *mp;
   check_module(m);
   if (!L.matches(m.module_name)) invalid(std::string("lora: module '") + m.module_name + "' is not targeted");
   if (L.find(m.module_name)) invalid(std::string("lora: module '") + m.module_name + "' is already attached");
@@ -239,65 +242,8 @@ void merge(Lora& L, loom_adapter_site& s, DLTensor* w, int32_t sign) {
 }
 
 // ---- ABI glue ----
-loom_status create_fn(const loom_host_api* host, loom_host_ctx* ctx, void** out) {
-  return guard(host, ctx, [&] {
-    if (out == nullptr) invalid("out_instance is NULL");
-    *out = std::make_unique<Lora>(host, ctx).release();
-  });
-}
-void destroy_fn(void* inst) { delete static_cast<Lora*>(inst); }
-int32_t targets_fn(void* inst, const char* name) {
-  try {
-    return name != nullptr && self(inst).matches(name) ? 1 : 0;
-  } catch (...) {
-    return 0;
-  }
-}
-loom_status attach_fn(void* inst, const loom_adapter_module* m, loom_adapter_site** out) {
-  Lora& L = self(inst);
-  return guard(L.host, L.ctx, [&] {
-    if (m == nullptr || out == nullptr) invalid("lora: module and out must not be NULL");
-    if (!LOOM_HAS_FIELD(m, loom_adapter_module, device)) invalid("lora: module struct_size too small");
-    attach(L, *m, out);
-  });
-}
-loom_status forward_fn(void* inst, loom_adapter_site* s, const loom_adapter_io* io) {
-  Lora& L = self(inst);
-  return guard(L.host, L.ctx, [&] {
-    if (s == nullptr || io == nullptr) invalid("lora: site and io must not be NULL");
-    if (!LOOM_HAS_FIELD(io, loom_adapter_io, training)) invalid("lora: io struct_size too small");
-    forward(L, *s, *io);
-  });
-}
-loom_status backward_fn(void* inst, loom_adapter_site* s, const loom_adapter_grad_io* io) {
-  Lora& L = self(inst);
-  return guard(L.host, L.ctx, [&] {
-    if (s == nullptr || io == nullptr) invalid("lora: site and io must not be NULL");
-    if (!LOOM_HAS_FIELD(io, loom_adapter_grad_io, row_mask)) invalid("lora: grad io struct_size too small");
-    backward(L, *s, *io);
-  });
-}
-loom_status parameters_fn(void* inst, const loom_tensor_sink* sink) {
-  Lora& L = self(inst);
-  return guard(L.host, L.ctx, [&] { parameters(L, sink); });
-}
-loom_status load_fn(void* inst, const loom_named_tensor* ts, uint32_t count) {
-  Lora& L = self(inst);
-  return guard(L.host, L.ctx, [&] { load(L, ts, count); });
-}
-loom_status merge_fn(void* inst, loom_adapter_site* s, DLTensor* w, int32_t sign) {
-  Lora& L = self(inst);
-  return guard(L.host, L.ctx, [&] {
-    if (s == nullptr) invalid("lora: site is NULL");
-    merge(L, *s, w, sign);
-  });
-}
+using Glue = AdapterGlue<Lora, &attach, &forward, &backward, &parameters, &load, &merge>;
 
-constexpr loom_adapter_vtable kVtable = {
-    sizeof(loom_adapter_vtable),
-    {&create_fn, &destroy_fn, nullptr, nullptr, nullptr},
-    &targets_fn, &attach_fn, &forward_fn, &backward_fn, &parameters_fn, &load_fn, &merge_fn,
-};
 constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "r", LOOM_VALUE_INT, 0, "8", "rank of the low-rank update"},
     {sizeof(loom_param_desc), "alpha", LOOM_VALUE_FLOAT, 0, "16", "scaling numerator: scale = alpha / r"},
@@ -310,7 +256,7 @@ constexpr loom_param_desc kParams[] = {
 constexpr loom_component_desc kLora = {
     sizeof(loom_component_desc), LOOM_KIND_ADAPTER, "lora", "1.0.0",
     "Low-rank adapter (LoRA) on named linear modules, PEFT-compatible names (CPU float32)",
-    kParams, 6, LOOM_THREADING_SERIAL, &kVtable};
+    kParams, 6, LOOM_THREADING_SERIAL, &Glue::vtable};
 const loom_component_desc* const kComponents[] = {&kLora};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-adapter-lora", "1.0.0",

@@ -34,6 +34,12 @@ TEST_CASE("a refused parameter value is reported at its key, for every kind of b
                                "lora: dropout must be in [0, 1)"));
   CHECK_THAT(bt::build_error("[[adapter]]\nuse = \"lora\"\ntarget_modules = []\n"),
              Catch::StartsWith(prefix("6:18", "adapter[0].target_modules", "lora", "libloom-adapter-lora.so")));
+  CHECK_THAT(bt::build_error("[[adapter]]\nuse = \"bottleneck\"\nactivation = \"tanh\"\n"),
+             Catch::StartsWith(prefix("6:14", "adapter[0].activation", "bottleneck", "libloom-adapter-bottleneck.so") +
+                               "bottleneck: activation must be \"relu\", \"gelu\" or \"silu\", got \"tanh\""));
+  CHECK_THAT(bt::build_error("[[adapter]]\nuse = \"bottleneck\"\nsize = 0\n"),
+             Catch::StartsWith(prefix("6:8", "adapter[0].size", "bottleneck", "libloom-adapter-bottleneck.so") +
+                               "bottleneck: size must be in [1, 65536], got 0"));
   CHECK_THAT(bt::build_error("[[retriever]]\nuse = \"bm25\"\ndocuments = \"/no/such/loom-dir\"\n"),
              Catch::StartsWith(prefix("6:13", "retriever[0].documents", "bm25", "libloom-retriever-bm25.so")));
 

@@ -41,7 +41,7 @@ struct Fixture {
                        "target_modules = [\"q_proj\", \"model.layers.0.mlp.up_proj\"]\n" + extra)) {
     ad = &rt->pipeline().at("adapter[0]");
     vt = ad->vtable<loom_adapter_vtable>();
-    loom_adapter_module m{sizeof(loom_adapter_module), kModule.c_str(), IN, OUT, {kDLFloat, 32, 1}, {kDLCPU, 0}};
+    loom_adapter_module m{sizeof(loom_adapter_module), kModule.c_str(), IN, OUT, {kDLFloat, 32, 1}, {kDLCPU, 0}, LOOM_ADAPTER_SITE_LINEAR};
     REQUIRE(vt->attach(ad->handle(), &m, &site) == LOOM_OK);
   }
   std::map<std::string, Param> params() {
@@ -244,9 +244,14 @@ TEST_CASE("lora load and config errors are clear", "[lora]") {
   CHECK(f.vt->load(f.ad->handle(), &t2, 1) == LOOM_ERR_INVALID_ARGUMENT);
   CHECK_THAT(f.ad->last_error(), Catch::Contains(kA) && Catch::Contains("shape"));
 
-  loom_adapter_module m{sizeof(loom_adapter_module), kModule.c_str(), IN, OUT, {kDLFloat, 16, 1}, {kDLCPU, 0}};
+  loom_adapter_module m{sizeof(loom_adapter_module), kModule.c_str(), IN, OUT, {kDLFloat, 16, 1}, {kDLCPU, 0}, LOOM_ADAPTER_SITE_LINEAR};
   loom_adapter_site *s = nullptr;
   CHECK(f.vt->attach(f.ad->handle(), &m, &s) == LOOM_ERR_UNSUPPORTED);
+  // A block's output (ABI 1.6) is not a linear: refused, naming it.
+  const std::string block = "model.layers.0.mlp";
+  loom_adapter_module bm{sizeof(loom_adapter_module), block.c_str(), IN, IN, {kDLFloat, 32, 1}, {kDLCPU, 0}, LOOM_ADAPTER_SITE_BLOCK};
+  CHECK(f.vt->attach(f.ad->handle(), &bm, &s) == LOOM_ERR_INVALID_ARGUMENT);
+  CHECK_THAT(f.ad->last_error(), Catch::Contains("'model.layers.0.mlp' is a block's output, not a linear module"));
 
   CHECK_THAT(bt::build_error("[[adapter]]\nuse = \"lora\"\ndropout = 1.5\n"), Catch::Contains("dropout"));
   CHECK_THAT(bt::build_error("[[adapter]]\nuse = \"lora\"\nr = 0\n"), Catch::Contains("r must"));

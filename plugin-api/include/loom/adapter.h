@@ -1,4 +1,5 @@
-/* Adapter kind: a trainable or loaded delta on named modules (LoRA, bottleneck, prefix).
+/* Adapter kind: a trainable or loaded delta on named modules (LoRA on linears, bottleneck
+ * adapters on block outputs).
  *
  * An adapter instance is one adapter (one set of weights). The host asks which modules it
  * targets, attaches it to each (the plugin allocates that module's parameters), and then calls
@@ -17,6 +18,20 @@ extern "C" {
 
 typedef struct loom_adapter_site loom_adapter_site; /* plugin-owned per-module state */
 
+/* Where a site sits (loom_adapter_module.site, ABI 1.6). */
+typedef int32_t loom_adapter_site_kind;
+enum {
+  /* A linear module ("model.layers.0.self_attn.q_proj"): forward's x is the linear's input
+   * [n, in_features], y its output [n, out_features]. */
+  LOOM_ADAPTER_SITE_LINEAR = 0,
+  /* A block's output before its residual add ("model.layers.0.self_attn" after o_proj,
+   * "model.layers.0.mlp" after down_proj; in_features == out_features == hidden size): x is that
+   * output, y holds the same values, and the adapter's delta f(x) is added into y (bottleneck
+   * adapters). In backward, d_x arrives holding d_y (the identity's share) and the adapter adds
+   * its own. Hosts offer block sites only to libraries built for ABI 1.6 or later. */
+  LOOM_ADAPTER_SITE_BLOCK = 1
+};
+
 typedef struct loom_adapter_module {
   uint32_t struct_size;
   const char *module_name;  /* "model.layers.0.self_attn.q_proj" */
@@ -24,6 +39,7 @@ typedef struct loom_adapter_module {
   int64_t out_features;
   DLDataType dtype;
   DLDevice device;
+  loom_adapter_site_kind site; /* ABI 1.6; older hosts offer linear sites only */
 } loom_adapter_module;
 
 typedef struct loom_adapter_io {

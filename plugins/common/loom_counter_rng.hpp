@@ -1,13 +1,13 @@
-// A tiny counter-based RNG for LoRA's initialisation and dropout: every draw is a pure
+// A tiny counter-based RNG for adapters' initialisation and dropout (lora, bottleneck): every draw is a pure
 // function of (seed, stream, index), so results do not depend on call order or threads.
 // splitmix64's finaliser is a good 64-bit mixer; quality is ample for init and dropout masks.
-#ifndef LOOM_PLUGINS_LORA_COUNTER_RNG_HPP
-#define LOOM_PLUGINS_LORA_COUNTER_RNG_HPP
+#ifndef LOOM_PLUGINS_COMMON_COUNTER_RNG_HPP
+#define LOOM_PLUGINS_COMMON_COUNTER_RNG_HPP
 
 #include <cstdint>
 #include <string_view>
 
-namespace loomp::lora {
+namespace loomp {
 
 inline constexpr uint64_t mix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -32,6 +32,6 @@ inline constexpr float uniform01(uint64_t seed, uint64_t stream, uint64_t index)
   return static_cast<float>(r >> 40) * (1.0f / 16777216.0f);
 }
 
-}  // namespace loomp::lora
+}  // namespace loomp
 
 #endif
