@@ -357,6 +357,14 @@ void CpuBackend::build(ModelWeights weights) {
       (*slot)->block = true;
       sited_.push_back(slot->get());
     }
+    if (!gpt2) {
+      layer.attn_prefix = std::make_unique<Linear>();
+      layer.attn_prefix->name = p + "self_attn";
+      layer.attn_prefix->in = H;
+      layer.attn_prefix->out = 2 * c.n_kv_heads * c.head_dim;
+      layer.attn_prefix->prefix = true;
+      sited_.push_back(layer.attn_prefix.get());
+    }
   }
   for (auto &layer : layers_) { // linears fed the same rows in a forward
     layer.k->same_input = layer.q.get();
@@ -683,9 +691,22 @@ std::vector<loom_adapter_site *> CpuBackend::attach_all(Instance &adapter) {
   // Block sites go only to libraries built for ABI 1.6 or later (older ones cannot tell them
   // from linears).
   const bool blocks = adapter.library().descriptor().abi_minor >= 6;
+  // Prefix sites go to an instance that says how many virtual tokens it adds, without asking
+  // targets(); one prefix adapter per pipeline, so that every sequence has one prefix.
+  const bool prefix = virtual_tokens(adapter) > 0;
+  if (prefix) {
+    if (config_.architecture == Architecture::gpt2 || config_.sliding_window > 0)
+      throw runtime_error(adapter.slot() + " (" + adapter.desc().name + "): prefix tuning runs on Llama-family models without a sliding window");
+    // (An instance in the same slot is the one a swap replaces.)
+    for (const auto &other : pipeline_.list(LOOM_KIND_ADAPTER))
+      if (other.get() != &adapter && other->slot() != adapter.slot() && virtual_tokens(*other) > 0)
+        throw runtime_error(adapter.slot() + ": " + other->slot() + " is a prefix adapter already; one per pipeline");
+  }
   auto one = [&](Linear &l) {
+    // Prefix sites without asking targets(); block sites only for 1.6 libraries.
+    const bool wanted = l.prefix ? prefix : (!l.block || blocks) && vt->targets(adapter.handle(), l.name.c_str());
     loom_adapter_site *site = nullptr;
-    if ((!l.block || blocks) && vt->targets(adapter.handle(), l.name.c_str())) {
+    if (wanted) {
       loom_adapter_module m{};
       m.struct_size = sizeof(m);
       m.module_name = l.name.c_str();
@@ -693,7 +714,7 @@ std::vector<loom_adapter_site *> CpuBackend::attach_all(Instance &adapter) {
       m.in_features = l.in;
       m.dtype = kF32;
       m.device = {kDLCPU, 0};
-      m.site = l.block ? LOOM_ADAPTER_SITE_BLOCK : LOOM_ADAPTER_SITE_LINEAR;
+      m.site = l.prefix ? LOOM_ADAPTER_SITE_ATTENTION_PREFIX : l.block ? LOOM_ADAPTER_SITE_BLOCK : LOOM_ADAPTER_SITE_LINEAR;
       adapter.check(vt->attach(adapter.handle(), &m, &site), ("attach " + l.name).c_str());
     }
     sites.push_back(site);
@@ -901,8 +922,56 @@ void CpuBackend::block_adapters(Linear &block, float *out, int64_t n) {
   apply_adapters(block, block_in_.data(), n, out);
 }
 
+int64_t CpuBackend::virtual_tokens(const Instance &adapter) {
+  const auto *vt = adapter.vtable<loom_adapter_vtable>();
+  if (vt->life.get_extension == nullptr) return 0;
+  const auto *ext = static_cast<const loom_adapter_prefix_ext *>(
+      vt->life.get_extension(adapter.handle(), LOOM_ADAPTER_PREFIX_EXTENSION));
+  return ext != nullptr && LOOM_HAS_FIELD(ext, loom_adapter_prefix_ext, virtual_tokens) ? ext->virtual_tokens : 0;
+}
+
+void CpuBackend::prefix_rows(Layer &layer, float *k, float *v) {
+  const int64_t kv = layer.attn_prefix->out / 2;
+  for (auto &[instance, site] : layer.attn_prefix->sites) {
+    const int64_t P = virtual_tokens(*instance);
+    std::vector<float> y(static_cast<size_t>(P * 2 * kv), 0.0f);
+    View yv(y.data(), kF32, {P, 2 * kv});
+    loom_adapter_io io{};
+    io.struct_size = sizeof(io);
+    io.y = yv.dl();
+    instance->check(instance->vtable<loom_adapter_vtable>()->forward(instance->handle(), site, &io), "forward");
+    for (const VirtualRow &r : virtual_rows_) {
+      if (r.adapter != instance) continue;
+      std::memcpy(k + r.row * kv, y.data() + r.position * 2 * kv, static_cast<size_t>(kv) * sizeof(float));
+      std::memcpy(v + r.row * kv, y.data() + r.position * 2 * kv + kv, static_cast<size_t>(kv) * sizeof(float));
+    }
+  }
+}
+
 void CpuBackend::plan_adapter_rows(const StepBatch &batch) {
   adapter_rows_.clear();
+  virtual_rows_.clear();
+  // Prefix tuning: the rows whose positions are below their sequence's prefix adapter's
+  // virtual tokens (the decoder put placeholders there) take its keys and values.
+  const Instance *prefix = nullptr;
+  int32_t prefix_index = -1;
+  if (!layers_.empty() && layers_[0].attn_prefix && !layers_[0].attn_prefix->sites.empty()) {
+    prefix = layers_[0].attn_prefix->sites.front().first;
+    const auto all = pipeline_.list(LOOM_KIND_ADAPTER);
+    for (size_t k = 0; k < all.size(); ++k)
+      if (all[k].get() == prefix) prefix_index = static_cast<int32_t>(k);
+  }
+  if (prefix != nullptr) {
+    const int64_t P = virtual_tokens(*prefix);
+    for (int64_t s = 0; s < batch.n_seqs(); ++s) {
+      const int32_t choice = batch.seq_adapters.empty() ? StepBatch::kEveryAdapter : batch.seq_adapters[static_cast<size_t>(s)];
+      if (choice != StepBatch::kEveryAdapter && choice != prefix_index) continue;
+      const int32_t p0 = batch.seq_positions[static_cast<size_t>(s)];
+      for (int32_t t = batch.seq_offsets[static_cast<size_t>(s)]; t < batch.seq_offsets[static_cast<size_t>(s) + 1]; ++t)
+        if (p0 + (t - batch.seq_offsets[static_cast<size_t>(s)]) < P)
+          virtual_rows_.push_back({t, p0 + (t - batch.seq_offsets[static_cast<size_t>(s)]), prefix});
+    }
+  }
   if (batch.seq_adapters.empty()) return;
   const int64_t S = batch.n_seqs(), T = batch.n_tokens();
   if (batch.seq_adapters.size() != static_cast<size_t>(S))
@@ -1037,6 +1106,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
         ops::rope(q + t * Hq * D, Hq, D, pos[t], inv_freq_);
         ops::rope(k + t * Hkv * D, Hkv, D, pos[t], inv_freq_);
       });
+    if (!virtual_rows_.empty()) prefix_rows(layer, k, v);
     // q, k, v as [T, heads, D]: the attention plugin's layout, the same memory as [T, heads * D].
     View q3(q, kF32, {T, Hq, D}), k3(k, kF32, {T, Hkv, D}), v3(v, kF32, {T, Hkv, D}), out3(attn, kF32, {T, Hq, D});
     loom_attention_batch b{};

@@ -160,6 +160,9 @@ class CpuBackend final : public ModelBackend {
     // A block's output (adapter ABI 1.6 block sites: "model.layers.0.self_attn"), not a linear:
     // no weights, in == out == hidden; only its sites are used.
     bool block = false;
+    // A layer's attention-prefix site (ABI 1.6 prefix tuning, "model.layers.0.self_attn"): no
+    // weights; in = hidden, out = 2 * kv width; only its sites are used.
+    bool prefix = false;
     // While an adapter is merged into w32/w16: the weights as they were.
     Values<float> unmerged32;
     Values<uint16_t> unmerged16;
@@ -175,6 +178,7 @@ class CpuBackend final : public ModelBackend {
   struct Layer {
     std::unique_ptr<Linear> q, k, v, o, up, down, gate; // gate: gated (SiLU) MLPs only
     std::unique_ptr<Linear> attn_block, mlp_block;      // block sites after o and down
+    std::unique_ptr<Linear> attn_prefix;                // prefix-tuning site (Llama family)
     Values<float> norm1, norm1_bias, norm2, norm2_bias;
   };
 
@@ -211,6 +215,12 @@ class CpuBackend final : public ModelBackend {
   // A block's output `out` [T, hidden] through the adapters on its block site (`kept`: scratch
   // for the output before them, their input).
   void block_adapters(Linear &block, float *out, int64_t n);
+  // Prefix tuning: the rows of this step at a sequence's virtual positions (below its prefix
+  // adapter's virtual tokens) get that adapter's keys and values for layer `layer` in k and v
+  // (after RoPE: they are used as they are). See plan_adapter_rows.
+  void prefix_rows(Layer &layer, float *k, float *v);
+  // Virtual tokens of `adapter` (loom.adapter.prefix/1), 0 when it is no prefix adapter.
+  static int64_t virtual_tokens(const Instance &adapter);
 
   // y[n, out] = x[n, in] W^T + b through the quantizer and adapters.
   void linear(Linear &lin, float *x, int64_t n, float *y);
@@ -261,6 +271,11 @@ class CpuBackend final : public ModelBackend {
   const Instance *merged_ = nullptr;      // the adapter merged into the weights, if any
   std::vector<float> delta_;              // scratch for a merged adapter's delta
   std::vector<float> block_in_;           // scratch: a block's output before its adapters
+  struct VirtualRow {
+    int32_t row, position;
+    const Instance *adapter;
+  };
+  std::vector<VirtualRow> virtual_rows_; // this step's rows at virtual positions (prefix tuning)
   detail::HostTensor<int32_t> offsets_, seq_positions_, block_table_;
   detail::HostTensor<float> logits_;
 };

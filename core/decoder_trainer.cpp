@@ -100,8 +100,10 @@ template <class T>
 void DecoderTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) {
   const ModelConfig &c = config_;
   const int64_t n = static_cast<int64_t>(tokens.size());
-  if (n > c.max_positions)
-    throw runtime_error("training: a sequence of " + std::to_string(n) + " tokens exceeds the model's " +
+  if (n + prefix_tokens_ > c.max_positions)
+    throw runtime_error("training: a sequence of " + std::to_string(n) + " tokens" +
+                        (prefix_tokens_ ? " after " + std::to_string(prefix_tokens_) + " virtual tokens" : std::string()) +
+                        " exceeds the model's " +
                         std::to_string(c.max_positions) + " positions");
   for (const int32_t id : tokens)
     if (id < 0 || id >= c.vocab_size) throw runtime_error("training: token " + std::to_string(id) + " is outside the vocabulary");
@@ -153,19 +155,23 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   A.h1.resize(x.size());
   for (int64_t t = 0; t < n; ++t)
     A.r1[static_cast<size_t>(t)] = ops::rms_norm(x.data() + t * H, value(L.norm1), H, c.norm_eps, A.h1.data() + t * H);
+  // With a prefix adapter, k and v hold its P virtual tokens first and the sequence sits at
+  // positions P, P + 1, ... (prefix_tokens_ is 0 without one).
+  const int64_t P = prefix_tokens_, kv = Hkv * D;
   A.q.resize(static_cast<size_t>(n * Hq * D));
-  A.k.resize(static_cast<size_t>(n * Hkv * D));
+  A.k.resize(static_cast<size_t>((P + n) * kv));
   A.v.resize(A.k.size());
   project(L.q, L.q_b, A.h1.data(), n, Hq * D, H, A.q.data());
-  project(L.k, L.k_b, A.h1.data(), n, Hkv * D, H, A.k.data());
-  project(L.v, L.v_b, A.h1.data(), n, Hkv * D, H, A.v.data());
+  project(L.k, L.k_b, A.h1.data(), n, kv, H, A.k.data() + P * kv);
+  project(L.v, L.v_b, A.h1.data(), n, kv, H, A.v.data() + P * kv);
   for (int64_t t = 0; t < n; ++t) {
-    ops::rope(A.q.data() + t * Hq * D, Hq, D, t, inv_freq_);
-    ops::rope(A.k.data() + t * Hkv * D, Hkv, D, t, inv_freq_);
+    ops::rope(A.q.data() + t * Hq * D, Hq, D, P + t, inv_freq_);
+    ops::rope(A.k.data() + (P + t) * kv, Hkv, D, P + t, inv_freq_);
   }
+  if (P > 0) prefix_forward(l, A.k, A.v);
   A.a.resize(A.q.size());
-  A.p.resize(static_cast<size_t>(Hq * n * n));
-  grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data(), pool_.get());
+  A.p.resize(static_cast<size_t>(Hq * n * (P + n)));
+  grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data(), pool_.get(), P);
   tmp.resize(x.size());
   project(L.o, L.o_b, A.a.data(), n, H, Hq * D, tmp.data());
   block_adapters(l, 0, tmp, A.attn_out);
@@ -296,19 +302,21 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
     da.assign(static_cast<size_t>(n * Hq * D), T(0));
     const std::vector<T> &d_attn = block_adapters_backward(l, 0, A.attn_out, dx, d_block);
     project_backward(L.o, L.o_b, d_attn.data(), A.a.data(), n, H, Hq * D, da.data());
+    const int64_t P = prefix_tokens_, kv = Hkv * D;
     dq.assign(da.size(), T(0));
-    dk.assign(static_cast<size_t>(n * Hkv * D), T(0));
+    dk.assign(static_cast<size_t>((P + n) * kv), T(0));
     dv.assign(dk.size(), T(0));
     grad::attention_backward(da.data(), A.q.data(), A.k.data(), A.v.data(), A.p.data(), n, Hq, Hkv, D, dq.data(), dk.data(),
-                             dv.data(), pool_.get());
+                             dv.data(), pool_.get(), P);
     for (int64_t t = 0; t < n; ++t) {
-      ops::rope(dq.data() + t * Hq * D, Hq, D, t, inv_freq_, true);
-      ops::rope(dk.data() + t * Hkv * D, Hkv, D, t, inv_freq_, true);
+      ops::rope(dq.data() + t * Hq * D, Hq, D, P + t, inv_freq_, true);
+      ops::rope(dk.data() + (P + t) * kv, Hkv, D, P + t, inv_freq_, true);
     }
+    if (P > 0) prefix_backward(l, dk, dv);
     std::fill(dh.begin(), dh.end(), T(0));
     project_backward(L.q, L.q_b, dq.data(), A.h1.data(), n, Hq * D, H, dh.data());
-    project_backward(L.k, L.k_b, dk.data(), A.h1.data(), n, Hkv * D, H, dh.data());
-    project_backward(L.v, L.v_b, dv.data(), A.h1.data(), n, Hkv * D, H, dh.data());
+    project_backward(L.k, L.k_b, dk.data() + P * kv, A.h1.data(), n, kv, H, dh.data());
+    project_backward(L.v, L.v_b, dv.data() + P * kv, A.h1.data(), n, kv, H, dh.data());
     for (int64_t t = 0; t < n; ++t)
       grad::rms_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.r1[static_cast<size_t>(t)], H,
                               dx.data() + t * H, grad(L.norm1));
@@ -525,6 +533,37 @@ void DecoderTrainer<T>::attach_adapters(const std::vector<std::shared_ptr<Instan
             block_sites_[l][static_cast<size_t>(b)].push_back(Site{adapter.get(), site});
             ++attached;
           }
+      // Prefix sites (ABI 1.6): each layer's attention, for instances that say how many virtual
+      // tokens they add (loom.adapter.prefix/1).
+      const auto *ext = vt->life.get_extension == nullptr
+                            ? nullptr
+                            : static_cast<const loom_adapter_prefix_ext *>(
+                                  vt->life.get_extension(adapter->handle(), LOOM_ADAPTER_PREFIX_EXTENSION));
+      if (ext != nullptr && LOOM_HAS_FIELD(ext, loom_adapter_prefix_ext, virtual_tokens)) {
+        if (prefix_tokens_ > 0) throw runtime_error(adapter->slot() + ": one prefix adapter at a time");
+        if (config_.sliding_window > 0)
+          throw runtime_error(adapter->slot() + " (" + adapter->desc().name + "): prefix tuning on a sliding-window model is not supported");
+        if (ext->virtual_tokens < 1 || ext->virtual_tokens >= config_.max_positions)
+          throw runtime_error(adapter->slot() + ": " + std::to_string(ext->virtual_tokens) + " virtual tokens do not fit the model's positions");
+        prefix_sites_.assign(layers_.size(), {});
+        for (size_t l = 0; l < layers_.size(); ++l) {
+          const std::string &from = params_[layers_[l].o].name;
+          const std::string module = from.substr(0, from.rfind('.', from.size() - std::string(".weight").size() - 1));
+          loom_adapter_module m{};
+          m.struct_size = sizeof(m);
+          m.module_name = module.c_str();
+          m.in_features = config_.hidden_size;
+          m.out_features = 2 * config_.n_kv_heads * config_.head_dim;
+          m.dtype = {kDLFloat, 32, 1};
+          m.device = {kDLCPU, 0};
+          m.site = LOOM_ADAPTER_SITE_ATTENTION_PREFIX;
+          loom_adapter_site *site = nullptr;
+          adapter->check(vt->attach(adapter->handle(), &m, &site), ("attach " + module).c_str());
+          prefix_sites_[l] = Site{adapter.get(), site};
+          ++attached;
+        }
+        prefix_tokens_ = ext->virtual_tokens;
+      }
       if (attached == 0)
         throw runtime_error(adapter->slot() + " (" + adapter->desc().name +
                             "): its target modules match none of the model's linears or blocks");
@@ -572,6 +611,48 @@ void DecoderTrainer<T>::quantize_base(std::shared_ptr<Instance> quantizer) {
         std::vector<T>().swap(p.value);
         std::vector<T>().swap(p.grad);
       }
+  }
+}
+
+template <class T>
+void DecoderTrainer<T>::prefix_forward(size_t l, std::vector<T> &k, std::vector<T> &v) {
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t P = prefix_tokens_, kv = config_.n_kv_heads * config_.head_dim;
+    std::vector<float> y(static_cast<size_t>(P * 2 * kv), 0.0f);
+    HostView yv(y.data(), P, 2 * kv);
+    loom_adapter_io io{};
+    io.struct_size = sizeof(io);
+    io.x = nullptr;
+    io.y = &yv.t;
+    io.training = 1;
+    Instance *a = prefix_sites_[l].adapter;
+    a->check(a->vtable<loom_adapter_vtable>()->forward(a->handle(), prefix_sites_[l].site, &io), "forward");
+    for (int64_t t = 0; t < P; ++t) {  // row t: its key, then its value
+      std::copy_n(y.begin() + t * 2 * kv, kv, k.begin() + t * kv);
+      std::copy_n(y.begin() + t * 2 * kv + kv, kv, v.begin() + t * kv);
+    }
+  } else {
+    (void)l, (void)k, (void)v;
+  }
+}
+
+template <class T>
+void DecoderTrainer<T>::prefix_backward(size_t l, const std::vector<T> &dk, const std::vector<T> &dv) {
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t P = prefix_tokens_, kv = config_.n_kv_heads * config_.head_dim;
+    std::vector<float> dy(static_cast<size_t>(P * 2 * kv));
+    for (int64_t t = 0; t < P; ++t) {
+      std::copy_n(dk.begin() + t * kv, kv, dy.begin() + t * 2 * kv);
+      std::copy_n(dv.begin() + t * kv, kv, dy.begin() + t * 2 * kv + kv);
+    }
+    HostView dyv(dy.data(), P, 2 * kv);
+    loom_adapter_grad_io io{};
+    io.struct_size = sizeof(io);
+    io.d_y = &dyv.t;
+    Instance *a = prefix_sites_[l].adapter;
+    a->check(a->vtable<loom_adapter_vtable>()->backward(a->handle(), prefix_sites_[l].site, &io), "backward");
+  } else {
+    (void)l, (void)dk, (void)dv;
   }
 }
 

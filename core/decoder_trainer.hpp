@@ -104,6 +104,10 @@ class DecoderTrainer {
   void block_adapters(size_t l, int block, std::vector<T> &out, std::vector<T> &kept);
   const std::vector<T> &block_adapters_backward(size_t l, int block, const std::vector<T> &kept, const std::vector<T> &d_out,
                                                 std::vector<T> &d_block);
+  // Prefix tuning (ABI 1.6): layer l's virtual keys and values into the first prefix_tokens_
+  // rows of k and v; and their gradient (those rows of dk and dv) back to the adapter.
+  void prefix_forward(size_t l, std::vector<T> &k, std::vector<T> &v);
+  void prefix_backward(size_t l, const std::vector<T> &dk, const std::vector<T> &dv);
   size_t need(const std::string &name) const;
   T *value(size_t index) { return params_[index].value.data(); }
   T *grad(size_t index) { return params_[index].grad.data(); }
@@ -124,6 +128,8 @@ class DecoderTrainer {
   };
   std::map<size_t, std::vector<Site>> sites_;  // by the linear's weight index
   std::vector<std::array<std::vector<Site>, 2>> block_sites_;  // per layer: attention's, MLP's (ABI 1.6)
+  std::vector<Site> prefix_sites_;  // per layer, when a prefix adapter is attached
+  int64_t prefix_tokens_ = 0;       // its virtual tokens
   std::shared_ptr<Instance> quantizer_;         // quantize_base's
   std::map<size_t, loom_qweight *> qweights_;   // by the linear's weight index; the quantizer owns them
   std::vector<float> dequantized_;              // one linear's dequantized weight (backward)

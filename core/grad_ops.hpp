@@ -176,48 +176,56 @@ void swiglu_backward(const T *dm, const T *g, const T *u, int64_t n, T *dg, T *d
 // masked) that the backward reuses.
 template <class T>
 void attention(const T *q, const T *k, const T *v, int64_t L, int64_t Hq, int64_t Hkv, int64_t D, int64_t window,
-               T *out, T *p, Pool *pool = nullptr) {
+               T *out, T *p, Pool *pool = nullptr, int64_t prefix = 0) {
+  // With `prefix` = P > 0 (prefix tuning), k and v hold P + L rows: P virtual tokens every query
+  // sees, then the sequence's own; p is then [Hq, L, P + L].
   const T scale = T(1) / std::sqrt(static_cast<T>(D));
+  const int64_t K = prefix + L;
   std::fill(out, out + L * Hq * D, T(0));
-  std::fill(p, p + Hq * L * L, T(0));
+  std::fill(p, p + Hq * L * K, T(0));
   parallel_for(pool, Hq, [&](int64_t h) {
     const int64_t kh = h / (Hq / Hkv);
     for (int64_t i = 0; i < L; ++i) {
-      T *pi = p + (h * L + i) * L;
+      T *pi = p + (h * L + i) * K;
       const int64_t first = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
+      auto visible = [&](auto &&fn) {
+        for (int64_t j = 0; j < prefix; ++j) fn(j);
+        for (int64_t j = prefix + first; j <= prefix + i; ++j) fn(j);
+      };
       T max = -std::numeric_limits<T>::infinity();
-      for (int64_t j = first; j <= i; ++j) {
+      visible([&](int64_t j) {
         T s = 0;
         for (int64_t d = 0; d < D; ++d) s += q[(i * Hq + h) * D + d] * k[(j * Hkv + kh) * D + d];
         pi[j] = s * scale;
         max = std::max(max, pi[j]);
-      }
+      });
       T sum = 0;
-      for (int64_t j = first; j <= i; ++j) sum += (pi[j] = std::exp(pi[j] - max));
-      for (int64_t j = first; j <= i; ++j) {
+      visible([&](int64_t j) { sum += (pi[j] = std::exp(pi[j] - max)); });
+      visible([&](int64_t j) {
         pi[j] /= sum;
         for (int64_t d = 0; d < D; ++d) out[(i * Hq + h) * D + d] += pi[j] * v[(j * Hkv + kh) * D + d];
-      }
+      });
     }
   });
 }
 
 // The backward of attention(): with dP = dO V^T and dS = P * (dP - rowsum(P * dP)),
-// dq += scale dS K, dk += scale dS^T Q, dv += P^T dO (per query head, into its KV head).
+// dq += scale dS K, dk += scale dS^T Q, dv += P^T dO (per query head, into its KV head). With a
+// prefix, dk and dv have its P rows first, as k and v.
 template <class T>
 void attention_backward(const T *d_out, const T *q, const T *k, const T *v, const T *p, int64_t L, int64_t Hq, int64_t Hkv,
-                        int64_t D, T *dq, T *dk, T *dv, Pool *pool = nullptr) {
+                        int64_t D, T *dq, T *dk, T *dv, Pool *pool = nullptr, int64_t prefix = 0) {
   const T scale = T(1) / std::sqrt(static_cast<T>(D));
-  const int64_t group = Hq / Hkv;
+  const int64_t group = Hq / Hkv, K = prefix + L;
   // A task per KV head (its query heads in order), since dk and dv sum over them.
   parallel_for(pool, Hkv, [&](int64_t kh) {
-    std::vector<T> dp(static_cast<size_t>(L));
+    std::vector<T> dp(static_cast<size_t>(K));
     for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
       for (int64_t i = 0; i < L; ++i) {
-        const T *pi = p + (h * L + i) * L;
+        const T *pi = p + (h * L + i) * K;
         const T *go = d_out + (i * Hq + h) * D;
         T dot = 0;
-        for (int64_t j = 0; j <= i; ++j) {
+        for (int64_t j = 0; j <= prefix + i; ++j) {
           if (pi[j] == T(0)) {
             dp[static_cast<size_t>(j)] = 0;
             continue;
@@ -228,7 +236,7 @@ void attention_backward(const T *d_out, const T *q, const T *k, const T *v, cons
           dot += pi[j] * s;
           for (int64_t d = 0; d < D; ++d) dv[(j * Hkv + kh) * D + d] += pi[j] * go[d];
         }
-        for (int64_t j = 0; j <= i; ++j) {
+        for (int64_t j = 0; j <= prefix + i; ++j) {
           if (pi[j] == T(0)) continue;
           const T ds = pi[j] * (dp[static_cast<size_t>(j)] - dot) * scale;
           for (int64_t d = 0; d < D; ++d) {

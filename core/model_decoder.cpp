@@ -308,8 +308,35 @@ ModelDecoder::ForgetSequences::~ForgetSequences() {
   }
 }
 
+int64_t ModelDecoder::virtual_tokens(const std::optional<std::string> &choice) const {
+  if (choice && choice->empty()) return 0;
+  for (const auto &a : pipeline_.list(LOOM_KIND_ADAPTER)) {
+    if (choice && a->slot() != *choice) continue;
+    const auto *vt = a->vtable<loom_adapter_vtable>();
+    const auto *ext = vt->life.get_extension == nullptr
+                          ? nullptr
+                          : static_cast<const loom_adapter_prefix_ext *>(vt->life.get_extension(a->handle(), LOOM_ADAPTER_PREFIX_EXTENSION));
+    if (ext != nullptr && LOOM_HAS_FIELD(ext, loom_adapter_prefix_ext, virtual_tokens)) return ext->virtual_tokens;
+  }
+  return 0;
+}
+
+std::vector<int32_t> ModelDecoder::with_virtual_tokens(int64_t n, const std::vector<int32_t> &prompt) const {
+  if (n == 0) return prompt;
+  // The placeholders' ids do not matter to the model (the backend gives those positions the
+  // adapter's keys and values); the tokenizer's BOS keeps sampler histories plausible.
+  int32_t placeholder = 0;
+  if (tokenizer_)
+    if (const auto bos = tokenizer_->encode("", true); !bos.empty()) placeholder = bos.front();
+  std::vector<int32_t> out(static_cast<size_t>(n), placeholder);
+  out.insert(out.end(), prompt.begin(), prompt.end());
+  return out;
+}
+
 void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
                             RunResult &result) {
+  if (beam_chain() && virtual_tokens(std::nullopt) > 0)
+    throw runtime_error(manifest_.source_name + ": beam search with a prefix adapter is not supported");
   if (beam_chain()) {
     if (manifest_.scheduler.enabled)
       throw runtime_error(manifest_.source_name + ": scheduler: beam search runs its own batch; remove [scheduler] or "
@@ -319,10 +346,14 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   if (manifest_.scheduler.enabled) return generate_scheduled(steps, on_token, on_sequence_token, result);
   const size_t n = prompts_.size();
   const std::vector<int64_t> limits = step_limits(steps);
-  const size_t longest = start_run(steps, result);
+  // A prefix adapter's virtual tokens come first in every sequence (their positions hold its
+  // keys and values; the prompt follows them).
+  const int64_t virtual_n = virtual_tokens(std::nullopt);
+  const size_t longest = start_run(steps + virtual_n, result) + static_cast<size_t>(virtual_n);
   ForgetSequences release_at_end{pipeline_};
 
-  std::vector<std::vector<int32_t>> histories = prompts_;
+  std::vector<std::vector<int32_t>> histories;
+  for (const auto &p : prompts_) histories.push_back(with_virtual_tokens(virtual_n, p));
   std::vector<const std::vector<int32_t> *> row_history; // histories of this step's rows
   std::vector<int32_t> rows(n); // the sequence of each row of `logits`
   for (size_t i = 0; i < n; ++i) rows[i] = static_cast<int32_t>(i);
@@ -336,7 +367,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
     // Every prompt in one ragged batch; sequence i owns KV slot i.
     batch.seq_offsets.push_back(0);
     for (size_t i = 0; i < n; ++i) {
-      batch.tokens.insert(batch.tokens.end(), prompts_[i].begin(), prompts_[i].end());
+      batch.tokens.insert(batch.tokens.end(), histories[i].begin(), histories[i].end());
       batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
       batch.seq_positions.push_back(0);
       batch.seq_slots.push_back(static_cast<int32_t>(i));

@@ -155,6 +155,10 @@ class ModelDecoder {
   std::string check_adapter_choice(const std::string &slot) const;
   int32_t adapter_index(const std::optional<std::string> &choice, const std::vector<std::shared_ptr<Instance>> &adapters) const;
   uint64_t prefix_domain(const std::optional<std::string> &choice) const;
+  // Prefix tuning: the virtual tokens of the prefix adapter a choice runs with (0: none), and a
+  // prompt with that many placeholders in front.
+  int64_t virtual_tokens(const std::optional<std::string> &choice) const;
+  std::vector<int32_t> with_virtual_tokens(int64_t n, const std::vector<int32_t> &prompt) const;
   // generate() when the manifest has [scheduler] (core/serving.cpp): the prompts are
   // requests of a continuous-batching scheduler over a paged KV cache, all queued at the start.
   void generate_scheduled(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,

@@ -123,8 +123,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       for (int32_t t : request.prompt)
         if (refused.empty() && (t < 0 || t >= config_.vocab_size))
           refused = "token " + std::to_string(t) + " is outside the vocabulary of " + std::to_string(config_.vocab_size);
+      // A prefix adapter's virtual tokens go before the prompt (KV positions for its keys and
+      // values); the request's own prompt and tokens are what it sees.
+      const int64_t virtual_n = refused.empty() ? virtual_tokens(request.adapter) : 0;
       if (refused.empty() && (request.max_new_tokens < 1 ||
-                              static_cast<int64_t>(request.prompt.size()) + request.max_new_tokens > max_positions))
+                              static_cast<int64_t>(request.prompt.size()) + virtual_n + request.max_new_tokens > max_positions))
         refused = "a prompt of " + std::to_string(request.prompt.size()) + " tokens and " +
                   std::to_string(request.max_new_tokens) + " new tokens (1 or more; " + std::to_string(max_positions) +
                   " positions in all at most)";
@@ -135,7 +138,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       }
       if (refused.empty()) {
         try {
-          scheduler.add(id, request.prompt, request.max_new_tokens, prefix_domain(request.adapter));
+          scheduler.add(id, with_virtual_tokens(virtual_n, request.prompt), request.max_new_tokens, prefix_domain(request.adapter));
         } catch (const Error &e) {
           refused = e.what();
         }

@@ -28,8 +28,10 @@ namespace {
 const fs::path kSource = LOOM_SOURCE_DIR;
 const fs::path kKjv = kSource / "models/tiny-kjv";
 
-// The [[adapter]] table (without its header) of one fixture adapter.
+// The [[adapter]] table (without its header) of one fixture adapter; "prefix": a prefix-tuning
+// adapter of 5 virtual tokens with seeded random keys and values.
 std::string lora_table(const std::string &fixture) {
+  if (fixture == "prefix") return "use = \"prefix\"\nnum_virtual_tokens = 5\nseed = 9\n";
   return "use = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\nweights = \"" +
          (kSource / "tests/fixtures/peft" / fixture).string() + "\"\n";
 }
@@ -80,7 +82,7 @@ std::vector<std::vector<int32_t>> alone(const Prompts &p, const std::vector<std:
   return out;
 }
 
-const std::pair<std::string, std::string> kBible{"bible", "loom-lora"}, kPeft{"peft", "peft-lora"};
+const std::pair<std::string, std::string> kBible{"bible", "loom-lora"}, kPeft{"peft", "peft-lora"}, kPrefix{"pre", "prefix"};
 
 // Expected tokens per choice: unset (every adapter), "" (none), "bible", "peft".
 std::map<std::string, std::vector<std::vector<int32_t>>> expectations(const Prompts &p) {
@@ -236,4 +238,36 @@ TEST_CASE("adapter management refuses what it cannot do, by name", "[peft][serve
   rt->unmerge_adapter("peft");
   const auto tokens = rt->run().tokens;
   CHECK(tokens == loom::Runtime::from_string(manifest({kPeft}, "[run]\nprompt = [1]\n"))->run().tokens);
+}
+
+TEST_CASE("a prefix adapter chosen per request: its requests and others in one batch get their tokens alone",
+          "[peft][serve]") {
+  // Requests with the prefix adapter carry its 5 virtual tokens before their prompts (KV
+  // positions holding its keys and values); the others do not; one batch holds both kinds, and
+  // the prefix blocks of one request serve the next (the same adapter's domain).
+  const Prompts p = make_prompts(8, 13);
+  std::map<std::string, std::vector<std::vector<int32_t>>> expected;
+  expected["pre"] = alone(p, {kPrefix});
+  expected["bible"] = alone(p, {kBible});
+  expected[""] = alone(p, {});
+  expected["*"] = alone(p, {kPrefix, kBible});
+  CHECK(expected.at("pre") != expected.at(""));
+  auto rt = loom::Runtime::from_string(manifest({kPrefix, kBible}, "[scheduler]\nmax_seqs = 6\nmax_batched_tokens = 40\n"
+                                                                    "[run]\nprompt = [1]\nstop_tokens = []\n"));
+  loom::RequestQueue queue;
+  const std::vector<std::optional<std::string>> choices{std::string("pre"), std::string("bible"), std::string(""), std::nullopt};
+  std::vector<Outcome> outcomes(p.ids.size() * choices.size());
+  for (size_t i = 0; i < p.ids.size(); ++i)
+    for (size_t c = 0; c < choices.size(); ++c) queue.submit(request(p, i, choices[c], outcomes[i * choices.size() + c]));
+  queue.close();
+  const loom::SchedulerStats stats = rt->serve(queue, 64);
+  CHECK(stats.cached_tokens >= 4 * static_cast<int64_t>(p.ids.size() - 1));  // (the first full block of placeholders)
+  for (const Outcome &o : outcomes) {
+    INFO("prompt " << o.prompt << " with adapter '" << o.choice << "'");
+    CHECK(o.error.empty());
+    CHECK(o.tokens == expected.at(o.choice)[o.prompt]);
+  }
+  // A second prefix adapter in the same pipeline is refused, naming both.
+  auto two = loom::Runtime::from_string(manifest({kPrefix, {"pre2", "prefix"}}, "[run]\nprompt = [1]\nsteps = 2\n"));
+  CHECK_THROWS_WITH(two->run(), Catch::Contains("pre: pre2 is a prefix adapter already; one per pipeline"));
 }

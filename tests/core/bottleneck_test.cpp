@@ -18,6 +18,7 @@
 
 #include "../../core/cpu_backend.hpp"
 #include "../../core/decoder_trainer.hpp"
+#include "adapter_test_support.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/manifest.hpp"
 #include "loom/core/model_config.hpp"
@@ -35,37 +36,10 @@ namespace {
 const fs::path kSource = LOOM_SOURCE_DIR;
 const fs::path kKjv = kSource / "models/tiny-kjv";
 
-struct Built {
-  loom::Manifest manifest;
-  std::unique_ptr<loom::Registry> registry;
-  std::unique_ptr<loom::Pipeline> pipeline;
-};
-Built build(const std::string &text) {
-  Built b{loom::parse_manifest_string(text, "bottleneck.toml"), nullptr, nullptr};
-  b.registry = std::make_unique<loom::Registry>(loom::Registry::default_search_paths(b.manifest.plugin_paths));
-  b.registry->scan();
-  b.pipeline = std::make_unique<loom::Pipeline>(*b.registry, loom::InstanceEnvironment{});
-  b.pipeline->build(b.manifest);
-  return b;
-}
-
-struct Param {
-  std::string name;
-  float *value, *grad;
-  size_t n;
-};
-std::vector<Param> params_of(loom::Instance &adapter) {
-  std::vector<Param> out;
-  loom_tensor_sink sink{sizeof(loom_tensor_sink), &out, [](void *user, const char *name, DLTensor *t, DLTensor *g) -> loom_status {
-                          size_t n = 1;
-                          for (int i = 0; i < t->ndim; ++i) n *= static_cast<size_t>(t->shape[i]);
-                          static_cast<std::vector<Param> *>(user)->push_back(
-                              {name, static_cast<float *>(t->data), static_cast<float *>(g->data), n});
-                          return LOOM_OK;
-                        }};
-  adapter.check(adapter.vtable<loom_adapter_vtable>()->parameters(adapter.handle(), &sink), "parameters");
-  return out;
-}
+using loom_test::Built;
+using loom_test::build;
+using loom_test::Param;
+using loom_test::params_of;
 
 const std::string kTable = "[[adapter]]\nuse = \"bottleneck\"\nsize = 16\nactivation = \"gelu\"\nseed = 2\n";
 
@@ -89,24 +63,7 @@ TEST_CASE("a bottleneck adapter's gradients through the trainer match finite dif
     for (size_t i = 0; i < p.n; ++i) p.value[i] = dist(rng);
   const std::vector<int32_t> tokens = {1, 17, 4, 33, 8, 21, 5, 99, 3, 42, 7};
   t.loss(tokens, true, 1.0);
-  // Central differences in float with a wide step: each tensor's largest gradient entry.
-  int checked = 0;
-  for (auto &p : params) {
-    const size_t i = static_cast<size_t>(std::max_element(p.grad, p.grad + p.n, [](float a, float c) {
-                                           return std::fabs(a) < std::fabs(c);
-                                         }) - p.grad);
-    const float g = p.grad[i], keep = p.value[i], h = 2e-2f;
-    if (std::fabs(g) < 1e-4f) continue;
-    p.value[i] = keep + h;
-    const double up = t.loss(tokens, false);
-    p.value[i] = keep - h;
-    const double down = t.loss(tokens, false);
-    p.value[i] = keep;
-    const double fd = (up - down) / (2.0 * h);
-    INFO(p.name << "[" << i << "]: analytic " << g << ", finite differences " << fd);
-    CHECK(std::fabs(fd - g) <= 0.03 * std::fabs(g) + 1e-4);
-    ++checked;
-  }
+  const int checked = loom_test::check_largest_gradients(params, [&] { return t.loss(tokens, false); });
   CHECK(checked == static_cast<int>(params.size()));  // every tensor has a gradient worth checking
 }
 
@@ -132,47 +89,13 @@ TEST_CASE("loom train trains a bottleneck adapter that the engine then runs with
 
   // The trained adapter loaded twice: into the trainer and into the CPU engine.
   const std::string loaded = kTable + "weights = \"" + r.adapter_dir.string() + "\"\n";
-  const loom::ModelConfig config = loom::load_model_config(kKjv);
-  auto weights = [&] { return loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(kKjv)); };
-  Built for_trainer = build(head + loaded), for_engine = build(head + loaded + "[attention]\nuse = \"sdpa\"\n");
-  loom::DecoderTrainer<float> trainer(config, weights());
-  trainer.attach_adapters(for_trainer.pipeline->list(LOOM_KIND_ADAPTER));
   const std::vector<int32_t> tokens = {1, 140, 7, 33, 512, 48, 9, 1200, 77, 5, 301};
-  const std::vector<float> expected = trainer.logits(tokens);
-  loom::CpuBackendOptions options;
-  options.dtype = loom::ComputeDtype::float32;
-  options.threads = 2;
-  options.source_name = "bottleneck";
-  loom::CpuBackend backend(config, weights(), *for_engine.pipeline, options);
-  backend.reserve(1, 32);
-  auto worst = [&](const DLTensor *got, size_t position) {
-    const auto *row = static_cast<const float *>(got->data);
-    double w = 0, largest = 0;
-    for (int64_t v = 0; v < config.vocab_size; ++v) {
-      const double e = expected[position * static_cast<size_t>(config.vocab_size) + static_cast<size_t>(v)];
-      w = std::max(w, std::fabs(row[v] - e));
-      largest = std::max(largest, std::fabs(e));
-    }
-    return w / largest;
-  };
-  loom::StepBatch prefill;  // all but the last token, then the last as a decode step
-  prefill.tokens.assign(tokens.begin(), tokens.end() - 1);
-  prefill.seq_offsets = {0, static_cast<int32_t>(tokens.size() - 1)};
-  prefill.seq_positions = {0};
-  prefill.seq_slots = {0};
-  CHECK(worst(backend.forward(prefill), tokens.size() - 2) < 1e-4);
-  loom::StepBatch decode;
-  decode.tokens = {tokens.back()};
-  decode.seq_offsets = {0, 1};
-  decode.seq_positions = {static_cast<int32_t>(tokens.size() - 1)};
-  decode.seq_slots = {0};
-  CHECK(worst(backend.forward(decode), tokens.size() - 1) < 1e-4);
+  const auto [prefill_error, decode_error] =
+      loom_test::engine_vs_trainer(kKjv, head + loaded, head + loaded + "[attention]\nuse = \"sdpa\"\n", tokens, 0);
+  CHECK(prefill_error < 1e-4);
+  CHECK(decode_error < 1e-4);
   // Without the adapter the logits are elsewhere (so the comparison above means something).
-  loom::DecoderTrainer<float> base(config, weights());
-  const std::vector<float> plain = base.logits(tokens);
-  double diff = 0;
-  for (size_t i = 0; i < plain.size(); ++i) diff = std::max(diff, static_cast<double>(std::fabs(plain[i] - expected[i])));
-  CHECK(diff > 1e-2);
+  CHECK(loom_test::engine_vs_trainer(kKjv, head + loaded, head + "[attention]\nuse = \"sdpa\"\n", tokens, 0).second > 1e-2);
   // A table that disagrees with the saved config is refused, naming the key; so is a LoRA
   // aimed at a block and a bottleneck that cannot merge.
   auto run = [&](const std::string &adapter) {

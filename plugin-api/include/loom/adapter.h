@@ -1,5 +1,5 @@
 /* Adapter kind: a trainable or loaded delta on named modules (LoRA on linears, bottleneck
- * adapters on block outputs).
+ * adapters on block outputs, prefix tuning's virtual keys and values in attention).
  *
  * An adapter instance is one adapter (one set of weights). The host asks which modules it
  * targets, attaches it to each (the plugin allocates that module's parameters), and then calls
@@ -29,8 +29,24 @@ enum {
    * output, y holds the same values, and the adapter's delta f(x) is added into y (bottleneck
    * adapters). In backward, d_x arrives holding d_y (the identity's share) and the adapter adds
    * its own. Hosts offer block sites only to libraries built for ABI 1.6 or later. */
-  LOOM_ADAPTER_SITE_BLOCK = 1
+  LOOM_ADAPTER_SITE_BLOCK = 1,
+  /* Prefix tuning: one per layer's attention ("model.layers.0.self_attn"); in_features is the
+   * model's hidden size, out_features 2 * n_kv_heads * head_dim. forward's x is NULL and y is
+   * [p, out_features], zeroed by the host: the adapter adds each of its p virtual tokens' key
+   * then value (used as they are: no rotary embedding is applied to them). Every query attends
+   * to them, and the real tokens take positions p, p + 1, ... (as a KV cache holding them would
+   * place them, which is how peft's prefix tuning runs on transformers). backward gets d_y of
+   * the same shape (x and d_x NULL). Offered only to instances that give the extension below. */
+  LOOM_ADAPTER_SITE_ATTENTION_PREFIX = 2
 };
+
+/* Instance extension of a prefix adapter (ABI 1.6): how many virtual tokens it puts before every
+ * sequence. The table lives as long as the instance. */
+#define LOOM_ADAPTER_PREFIX_EXTENSION "loom.adapter.prefix/1"
+typedef struct loom_adapter_prefix_ext {
+  uint32_t struct_size;
+  int64_t virtual_tokens;
+} loom_adapter_prefix_ext;
 
 typedef struct loom_adapter_module {
   uint32_t struct_size;
