@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <iostream>
 #include <map>
 
@@ -17,6 +18,7 @@
 #include "loom/kernels/model.hpp"
 #include "loom/kernels/skinny_gemm.hpp"
 #include "loom/loom_plugin_api.h"
+#include "cuda_adapters.hpp"
 #include "transformer_ops.hpp"
 
 namespace loom {
@@ -223,6 +225,12 @@ class CudaBackend final : public ModelBackend {
   BlockPool reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks, uint64_t kv_bytes) override;
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) override;
   DLDevice device() const override { return options_.device; }
+  bool runs_adapters() const override { return true; }
+  bool one_adapter_per_row() const override { return true; }
+  void merge_adapter(const Instance &adapter) override {
+    throw runtime_error("merge " + adapter.slot() + ": the CUDA backend applies adapters per row (gathered), not merged");
+  }
+  void unmerge_adapter(const Instance &adapter) override { merge_adapter(adapter); }
   std::string describe() const override {
     return "cuda:" + std::to_string(options_.device.device_id) + " " + (bf16() ? "bfloat16" : "float32") +
            (graphs_enabled_ ? " (CUDA graphs)" : "");
@@ -248,6 +256,19 @@ class CudaBackend final : public ModelBackend {
   bool fused_gemm(const DeviceLinear &w, const void *x, int32_t T, loom_linear_input input, loom_linear_output output,
                   const DeviceBuffer *norm_w, void *y, DLDataType y_type);
   void mlp_up(DeviceLayer &layer, int32_t T);
+  // [PEFT] adapters through their gathered extension (cuda_adapters.hpp); null without adapters
+  // (and then nothing changes). With a site anywhere, steps take the unfused paths.
+  std::unique_ptr<CudaAdapters> adapters_;
+  int32_t *d_row_adapter_ = nullptr; // [T] in the step metadata: each row's group entry (-1: none)
+  bool adapters_on() const { return adapters_ && adapters_->on(); }
+  void install_adapter_hooks();
+  // Everything that holds the groups' device memory is done, then `change` runs and the groups
+  // are made again for the current capacity (graphs captured them: they go).
+  void change_adapters(const std::function<void()> &change);
+  void adapt(int32_t layer, CudaAdapters::Module m, const void *x, void *y, DLDataType y_type, int64_t y_stride,
+             int64_t col0, int32_t T) {
+    if (adapters_on()) adapters_->apply(layer, m, x, act_dl(), y, y_type, y_stride, col0, T, d_row_adapter_);
+  }
   std::shared_ptr<Instance> quantizer_;   // the pipeline's quantizer, when it has one
   const loom_quantizer_fused *quant_fused_ = nullptr; // its fused products, when it offers them
   DeviceBuffer quant_out_;                // float32 [T, hidden]: products added into the residual
@@ -258,8 +279,8 @@ class CudaBackend final : public ModelBackend {
   // of half `keep_half` (a fed step's tokens).
   void grow_meta(size_t entries, size_t keep, int keep_half);
   size_t meta_entries(int32_t tokens, int32_t seqs) const {
-    return 2 * static_cast<size_t>(tokens) + (static_cast<size_t>(seqs) + 1) + 2 * static_cast<size_t>(seqs) +
-           static_cast<size_t>(seqs) * static_cast<size_t>(blocks_per_seq_);
+    return (adapters_on() ? 3 : 2) * static_cast<size_t>(tokens) + (static_cast<size_t>(seqs) + 1) +
+           2 * static_cast<size_t>(seqs) + static_cast<size_t>(seqs) * static_cast<size_t>(blocks_per_seq_);
   }
   loom_kv_layout prepare_attention(Instance &attention) const;
   // Sizes the KV cache: slot mode (max_seqs slots of max_positions), or paged mode (a pool of
@@ -366,9 +387,9 @@ uint16_t to_bf16(float f) {
 CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
                          const CudaBackendOptions &options)
     : config_(config), pipeline_(pipeline), options_(options), graphs_enabled_(options.graphs) {
-  if (auto list = pipeline_.list(LOOM_KIND_ADAPTER); !list.empty())
+  if (auto list = pipeline_.list(LOOM_KIND_ADAPTER); !list.empty() && !pipeline_.list(LOOM_KIND_QUANTIZER).empty())
     throw runtime_error(options_.source_name + ": " + list.front()->slot() + " (" + list.front()->desc().name +
-                        "): adapter components run on the CPU backend only for now; use loom.device = \"cpu\"");
+                        "): adapters over a quantized base run on the CPU backend only; use loom.device = \"cpu\"");
   if (auto list = pipeline_.list(LOOM_KIND_QUANTIZER); !list.empty()) {
     quantizer_ = list.front();
     const auto *vt = quantizer_->vtable<loom_quantizer_vtable>();
@@ -537,6 +558,12 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
                                                                static_cast<int32_t>(layer.gate_up.out),
                                                                kernels::SkinnyEpilogue::swiglu);
     });
+  // Adapters: their sites now (a refusal fails the construction), their groups with the first
+  // activations; their hooks with the others, last.
+  if (!quantizer_) { // (GPT-2's adapters are refused by name when they attach)
+    adapters_ = std::make_unique<CudaAdapters>(c, options_.device, act_dl(), options_.source_name);
+    for (auto &a : pipeline_.list(LOOM_KIND_ADAPTER)) adapters_->commit(a, adapters_->attach(*a));
+  }
   // The quantizer's weights live on the GPU as it made them: no swap while this backend lives
   // (installed last: a constructor that throws leaves no hook behind).
   if (quantizer_)
@@ -544,6 +571,38 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
       throw runtime_error("swap " + fresh.slot() + ": the CUDA backend cannot swap its quantizer while it runs; "
                           "swap it between runs or on the CPU");
     });
+  if (adapters_) install_adapter_hooks();
+}
+
+void CudaBackend::change_adapters(const std::function<void()> &change) {
+  cuda_check(cudaStreamSynchronize(stream_), "adapter change");
+  invalidate_graphs();
+  change();
+  adapters_->rebuild(capacity_tokens_);
+}
+
+void CudaBackend::install_adapter_hooks() {
+  pipeline_.set_activate_hook(LOOM_KIND_ADAPTER, [this](Instance &fresh, Instance &old) -> std::function<void()> {
+    auto sites = adapters_->attach(fresh);
+    const Instance *old_ptr = &old;
+    const std::string slot = fresh.slot();
+    // At commit the slot holds `fresh` (and `old` still lives, for its groups to go first).
+    return [this, sites, old_ptr, slot] { change_adapters([&] { adapters_->commit(pipeline_.get(slot), sites, old_ptr); }); };
+  });
+  Pipeline::MembershipHooks membership;
+  membership.attach = [this](Instance &fresh) -> std::function<void()> {
+    auto sites = adapters_->attach(fresh);
+    const std::string slot = fresh.slot();
+    return [this, sites, slot] { change_adapters([&] { adapters_->commit(pipeline_.get(slot), sites); }); };
+  };
+  membership.detach = [this](Instance &leaving) {
+    try {
+      change_adapters([&] { adapters_->remove(&leaving); });
+    } catch (const std::exception &e) {
+      std::cerr << "[warn] " << leaving.slot() << ": " << e.what() << "\n";
+    }
+  };
+  pipeline_.set_membership_hooks(LOOM_KIND_ADAPTER, std::move(membership));
 }
 
 void CudaBackend::skinny_swiglu(const DeviceLinear &gate_up, const void *x, int32_t tokens, void *inter) {
@@ -562,6 +621,10 @@ CudaBackend::~CudaBackend() {
     auto guard = pipeline_.begin_step(); // a swap in flight either finished with the hook or sees none
     if (hook_installed_) pipeline_.set_activate_hook(LOOM_KIND_ATTENTION, {});
     if (quantizer_) pipeline_.set_activate_hook(LOOM_KIND_QUANTIZER, {});
+    if (adapters_) {
+      pipeline_.set_activate_hook(LOOM_KIND_ADAPTER, {});
+      pipeline_.set_membership_hooks(LOOM_KIND_ADAPTER, {});
+    }
   }
   if (stream_) cudaStreamSynchronize(stream_); // (the quantizer's weights go with layers_ and lm_head_)
   invalidate_graphs();
@@ -780,6 +843,7 @@ void CudaBackend::ensure_capacity(int32_t tokens, int32_t seqs) {
   logits_ = DeviceBuffer(s * static_cast<size_t>(c.vocab_size) * 4);
   capacity_tokens_ = T;
   capacity_seqs_ = S;
+  if (adapters_) adapters_->rebuild(T);
 }
 
 void CudaBackend::invalidate_graphs() {
@@ -911,7 +975,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
   const auto dt = kdtype();
   float *x = x_.get<float>();
   AttentionCall call;
-  const bool gemv = T == S && T <= gemv_tokens_;
+  const bool gemv = T == S && T <= gemv_tokens_ && !adapters_on(); // (the GEMVs hide the linears' outputs)
   // The GEMV path looks the embeddings up in its first GEMV when the rows fit its staging.
   const bool embed_in_gemv = gemv && T <= kernels::gemv_max_embed_tokens(H);
   if (!embed_in_gemv) {
@@ -948,6 +1012,13 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
         op_times_.mark("norm", stream_);
         gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
         op_times_.mark("qkv gemm", stream_);
+        if (adapters_on()) {
+          const int64_t qkv_cols = (c.n_heads + 2 * c.n_kv_heads) * D, kv_cols = c.n_kv_heads * D;
+          adapt(l, CudaAdapters::q_proj, h_.get(), qkv_.get(), act_dl(), qkv_cols, 0, T);
+          adapt(l, CudaAdapters::k_proj, h_.get(), qkv_.get(), act_dl(), qkv_cols, c.n_heads * D, T);
+          adapt(l, CudaAdapters::v_proj, h_.get(), qkv_.get(), act_dl(), qkv_cols, c.n_heads * D + kv_cols, T);
+          op_times_.mark("q/k/v adapters", stream_);
+        }
       }
       kernel_check(kernels::qkv_bias_rope_split_cuda(qkv_.get(), layer.qkv.bias ? layer.qkv.bias.get<float>() : nullptr,
                                                      gpt2 ? nullptr : cos_sin_.get<float>(), d_positions_, T, Hq, Hkv, D,
@@ -961,6 +1032,10 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     } else {
       gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, 1.0f);
       op_times_.mark("o gemm", stream_);
+      if (adapters_on()) {
+        adapt(l, CudaAdapters::o_proj, attn_.get(), x, f32, H, 0, T);
+        op_times_.mark("o adapters", stream_);
+      }
     }
     pending_bias = layer.o.bias ? layer.o.bias.get<float>() : nullptr;
     if (rms && !pending_bias && !layer.norm2_b &&
@@ -979,6 +1054,10 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     } else {
       gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, 1.0f);
       op_times_.mark("down gemm", stream_);
+      if (adapters_on()) {
+        adapt(l, CudaAdapters::down_proj, inter_.get(), x, f32, H, 0, T);
+        op_times_.mark("down adapters", stream_);
+      }
     }
     pending_bias = layer.down.bias ? layer.down.bias.get<float>() : nullptr;
   }
@@ -1005,12 +1084,18 @@ void CudaBackend::mlp_up(DeviceLayer &layer, int32_t T) {
     gemm(layer.gate_up, h_.get(), T, inter_.get(), act_cuda(), 0.0f);
     kernel_check(kernels::bias_gelu_cuda(inter_.get(), layer.gate_up.bias.get<float>(), T, I, dt, stream_), "gelu");
     op_times_.mark("activation", stream_);
-  } else if (skinny_swiglu_ && T <= kernels::skinny_gemm_max_tokens()) {
+  } else if (skinny_swiglu_ && T <= kernels::skinny_gemm_max_tokens() && !adapters_on()) {
     skinny_swiglu(layer.gate_up, h_.get(), T, inter_.get());
     op_times_.mark("gate_up gemm+swiglu", stream_);
   } else {
     gemm(layer.gate_up, h_.get(), T, gate_up_.get(), act_cuda(), 0.0f);
     op_times_.mark("gate_up gemm", stream_);
+    if (adapters_on()) {
+      const int32_t l = static_cast<int32_t>(&layer - layers_.data());
+      adapt(l, CudaAdapters::gate_proj, h_.get(), gate_up_.get(), act_dl(), 2 * I, 0, T);
+      adapt(l, CudaAdapters::up_proj, h_.get(), gate_up_.get(), act_dl(), 2 * I, I, T);
+      op_times_.mark("gate/up adapters", stream_);
+    }
     kernel_check(kernels::swiglu_cuda(gate_up_.get(), T, I, inter_.get(), dt, stream_), "swiglu");
     op_times_.mark("activation", stream_);
   }
@@ -1136,6 +1221,17 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
   int32_t *seq_positions = place(static_cast<size_t>(S), d_seq_positions_);
   int32_t *last_rows = place(static_cast<size_t>(S), d_last_rows_);
   int32_t *table = place(static_cast<size_t>(S) * M, d_block_table_);
+  int32_t *row_adapter = adapters_on() ? place(static_cast<size_t>(T), d_row_adapter_) : nullptr;
+  if (row_adapter != nullptr) {
+    if (!batch.seq_adapters.empty() && batch.seq_adapters.size() != static_cast<size_t>(S))
+      throw runtime_error("CUDA backend: a step batch's adapter choices do not match its sequences");
+    for (int32_t s = 0; s < S; ++s) {
+      const int32_t entry =
+          adapters_->row_index(batch.seq_adapters.empty() ? StepBatch::kEveryAdapter : batch.seq_adapters[static_cast<size_t>(s)]);
+      for (int32_t t = batch.seq_offsets[static_cast<size_t>(s)]; t < batch.seq_offsets[static_cast<size_t>(s) + 1]; ++t)
+        row_adapter[t] = entry;
+    }
+  }
   for (int32_t t = 0; t < T && !fed; ++t) {
     if (batch.tokens[static_cast<size_t>(t)] < 0 || batch.tokens[static_cast<size_t>(t)] >= config_.vocab_size)
       throw runtime_error("CUDA backend: token " + std::to_string(batch.tokens[static_cast<size_t>(t)]) +

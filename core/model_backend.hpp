@@ -97,6 +97,9 @@ class ModelBackend {
   // again), and puts the weights back exactly. Under the step lock. Backends without adapters
   // refuse.
   virtual bool runs_adapters() const { return false; } // adapters apply (per sequence) here
+  // Whether a row runs with at most one adapter (CUDA's gathered kernels), so that a request
+  // without a choice cannot run while several adapters are loaded.
+  virtual bool one_adapter_per_row() const { return false; }
   virtual void merge_adapter(const Instance &adapter) { refuse_merge(adapter); }
   virtual void unmerge_adapter(const Instance &adapter) { refuse_merge(adapter); }
   virtual DLDevice device() const = 0;

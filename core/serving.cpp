@@ -132,6 +132,12 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
                   std::to_string(request.max_new_tokens) + " new tokens (1 or more; " + std::to_string(max_positions) +
                   " positions in all at most)";
       std::string adapter_slot;
+      if (refused.empty() && !request.adapter && backend_->one_adapter_per_row()) {
+        const size_t loaded = pipeline_.list(LOOM_KIND_ADAPTER).size();
+        if (loaded > 1)
+          refused = std::to_string(loaded) + " adapters are loaded and on " + backend_->describe() +
+                    " each request chooses one (or \"\" for the base model)";
+      }
       if (refused.empty() && request.adapter && !request.adapter->empty()) {
         refused = check_adapter_choice(*request.adapter);
         if (refused.empty()) adapter_slot = *request.adapter;

@@ -1,4 +1,6 @@
-// Adapter component `lora` (Hu et al. 2021, PEFT conventions), CPU float32.
+// Adapter component `lora` (Hu et al. 2021, PEFT conventions): CPU float32, and on CUDA (when
+// built with it) as bfloat16 copies of A and B applied through the gathered extension
+// (loom.adapter.gathered/1: several adapters' rows in one pair of launches, lora_gathered.cu).
 //   per targeted module with W [out, in]: A [r, in], B [out, r]
 //   forward:  y += s * (drop(x) A^T) B^T,   s = alpha / r   (alpha / sqrt(r) with use_rslora)
 //   init:     A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5)) bound),
@@ -18,6 +20,10 @@
 #include "loom/loom_plugin_api.h"
 #include "loom_adapter_glue.hpp"
 #include "loom_plugin_util.hpp"
+#ifdef LOOM_LORA_CUDA
+#include "lora_gathered.hpp"
+#include "loom_quant_cuda.hpp"  // upload()
+#endif
 
 struct loom_adapter_site {
   std::string module;
@@ -26,6 +32,9 @@ struct loom_adapter_site {
   std::vector<float> dA, dB;  // gradients, same shapes, accumulated by backward
   std::vector<float> mask;    // [n, in] dropout multipliers of the last training forward
   uint64_t dropout_calls = 0; // advances the dropout stream per training forward
+  DLDevice device{kDLCPU, 0}; // a CUDA site keeps bfloat16 copies of A and B there
+  void* dev_a = nullptr;
+  void* dev_b = nullptr;
 };
 
 namespace loomp::lora {
@@ -70,13 +79,51 @@ struct Lora {
       if (s->module == module) return s.get();
     return nullptr;
   }
+
+  ~Lora() {
+    for (auto& s : sites) {
+      if (s->dev_a) host->device_free(ctx, s->device, s->dev_a);
+      if (s->dev_b) host->device_free(ctx, s->device, s->dev_b);
+    }
+  }
+  Lora(const Lora&) = delete;
+  Lora& operator=(const Lora&) = delete;
+
+  // A CUDA site's device copies of A and B (bfloat16), allocated once, rewritten after a load.
+  void upload(loom_adapter_site& s) {
+#ifdef LOOM_LORA_CUDA
+    auto put = [&](const std::vector<float>& v, void*& dst, const char* what) {
+      std::vector<uint16_t> bits(v.size());
+      for (size_t i = 0; i < v.size(); ++i) bits[i] = lora_to_bf16(v[i]);
+      const size_t bytes = bits.size() * sizeof(uint16_t);
+      if (dst == nullptr && host->device_alloc(ctx, s.device, bytes, 256, &dst) != LOOM_OK)
+        fail(LOOM_ERR_OUT_OF_MEMORY, "lora: cannot allocate " + std::string(what) + " of '" + s.module + "' on the device");
+      if (host->memcpy(ctx, dst, s.device, bits.data(), DLDevice{kDLCPU, 0}, bytes) != LOOM_OK ||
+          host->stream_synchronize(ctx, s.device) != LOOM_OK)
+        fail(LOOM_ERR_DEVICE, "lora: cannot copy " + std::string(what) + " of '" + s.module + "' to the device");
+    };
+    put(s.A, s.dev_a, "A");
+    put(s.B, s.dev_b, "B");
+#else
+    (void)s;
+#endif
+  }
 };
+
+#ifdef LOOM_LORA_CUDA
+constexpr bool kCudaBuilt = true;
+#else
+constexpr bool kCudaBuilt = false;
+#endif
 
 void check_module(const loom_adapter_module& m) {
   if (m.module_name == nullptr) invalid("lora: module_name is NULL");
   if (m.in_features <= 0 || m.out_features <= 0) invalid("lora: module features must be positive");
-  if (!is_f32(m.dtype)) unsupported("lora: only float32 modules are supported");
-  if (m.device.device_type != kDLCPU) unsupported("lora: only CPU modules are supported");
+  const bool cuda = m.device.device_type == kDLCUDA;
+  if (m.device.device_type != kDLCPU && !(cuda && kCudaBuilt))
+    unsupported(kCudaBuilt ? "lora: only CPU and CUDA modules are supported" : "lora: only CPU modules are supported (built without CUDA)");
+  if (!is_f32(m.dtype) && !(cuda && m.dtype.code == kDLBfloat && m.dtype.bits == 16))
+    unsupported("lora: only float32 modules (and bfloat16 ones on CUDA) are supported");
 }
 
 void attach(Lora& L, const loom_adapter_module* mp, loom_adapter_site** out) {
@@ -97,6 +144,8 @@ void attach(Lora& L, const loom_adapter_module* mp, loom_adapter_site** out) {
   const float bound = 1.0f / std::sqrt(static_cast<float>(s->in));
   const uint64_t stream = fnv1a(s->module);
   for (size_t i = 0; i < s->A.size(); ++i) s->A[i] = (2.0f * uniform01(L.seed, stream, i) - 1.0f) * bound;
+  s->device = m.device;
+  if (s->device.device_type == kDLCUDA) L.upload(*s);
   *out = s.get();
   L.sites.push_back(std::move(s));
 }
@@ -126,7 +175,13 @@ void project_down(const Lora& L, const loom_adapter_site& s, const float* x, con
   }
 }
 
+[[noreturn]] void refuse_device_site(const loom_adapter_site& s) {
+  unsupported("lora: '" + s.module + "' is on CUDA, where it runs through the gathered extension (" +
+              LOOM_ADAPTER_GATHERED_EXTENSION + "); training on CUDA is not supported");
+}
+
 void forward(Lora& L, loom_adapter_site& s, const loom_adapter_io& io) {
+  if (s.device.device_type != kDLCPU) refuse_device_site(s);
   const int64_t n = check_io(s, io.x, io.row_mask);
   check_f32(io.y, "y", {n, s.out});
   const float* x = data_of<float>(*io.x);
@@ -157,6 +212,7 @@ void forward(Lora& L, loom_adapter_site& s, const loom_adapter_io& io) {
 // With h = drop(x) A^T and y += s h B^T:
 //   dB += s d_y^T h     dh = s d_y B     dA += dh^T drop(x)     d_x += (dh A) * mask
 void backward(Lora& L, loom_adapter_site& s, const loom_adapter_grad_io& io) {
+  if (s.device.device_type != kDLCPU) refuse_device_site(s);
   const int64_t n = check_io(s, io.x, io.row_mask);
   check_f32(io.d_y, "d_y", {n, s.out});
   check_f32(io.d_x, "d_x", {n, s.in});
@@ -226,6 +282,8 @@ void load(Lora& L, const loom_named_tensor* ts, uint32_t count) {
     plan.emplace_back(is_a ? &s->A : &s->B, ts[i].tensor);
   }
   for (auto& [dst, t] : plan) std::memcpy(dst->data(), data_of<float>(*t), dst->size() * sizeof(float));
+  for (auto& s : L.sites)
+    if (s->device.device_type == kDLCUDA) L.upload(*s);
 }
 
 void merge(Lora& L, loom_adapter_site& s, DLTensor* w, int32_t sign) {
@@ -241,8 +299,132 @@ void merge(Lora& L, loom_adapter_site& s, DLTensor* w, int32_t sign) {
     }
 }
 
+// ---- Gathered groups (CUDA) ----
+#ifdef LOOM_LORA_CUDA
+}  // namespace
+}  // namespace loomp::lora
+
+struct loom_adapter_group {
+  loomp::lora::Lora* first = nullptr;  // errors, host and stream go through it
+  DLDevice device{kDLCPU, 0};
+  int64_t in = 0, out = 0, max_rows = 0;
+  int32_t r_max = 0;
+  void* entries = nullptr;  // device GatheredEntry[count]
+  float* h = nullptr;       // device [max_rows, r_max]
+};
+
+namespace loomp::lora {
+namespace {
+
+void free_group(loom_adapter_group* g) {
+  if (g == nullptr) return;
+  if (g->entries) g->first->host->device_free(g->first->ctx, g->device, g->entries);
+  if (g->h) g->first->host->device_free(g->first->ctx, g->device, g->h);
+  delete g;
+}
+
+void create_group(void* const* instances, loom_adapter_site* const* sites, int32_t count, int64_t max_rows,
+                  loom_adapter_group** out) {
+  auto g = std::unique_ptr<loom_adapter_group, void (*)(loom_adapter_group*)>(new loom_adapter_group, &free_group);
+  std::vector<GatheredEntry> entries(static_cast<size_t>(count));
+  for (int32_t i = 0; i < count; ++i) {
+    const loom_adapter_site* s = sites[i];
+    if (s == nullptr) continue;
+    Lora& L = *static_cast<Lora*>(instances[i]);
+    if (g->first == nullptr) {
+      g->first = &L;
+      g->device = s->device;
+      g->in = s->in;
+      g->out = s->out;
+    }
+    if (s->device.device_type != kDLCUDA || s->device.device_id != g->device.device_id || s->in != g->in || s->out != g->out)
+      invalid("lora: a group's sites must share one CUDA module ('" + s->module + "' does not)");
+    entries[static_cast<size_t>(i)] = GatheredEntry{s->dev_a, s->dev_b, L.scale, static_cast<int32_t>(L.r)};
+    g->r_max = std::max(g->r_max, static_cast<int32_t>(L.r));
+  }
+  if (g->first == nullptr) invalid("lora: a group needs at least one site");
+  if (max_rows < 1) invalid("lora: a group's max_rows must be positive");
+  g->max_rows = max_rows;
+  const loom_host_api* host = g->first->host;
+  loom_host_ctx* ctx = g->first->ctx;
+  g->entries = upload(host, ctx, g->device, entries.data(), entries.size() * sizeof(GatheredEntry), "lora", "group table");
+  void* h = nullptr;
+  if (g->r_max > 64) unsupported("lora: ranks above 64 are not supported on CUDA");
+  const size_t chunks = static_cast<size_t>(lora_gathered_chunks(g->in));
+  if (host->device_alloc(ctx, g->device, chunks * static_cast<size_t>(max_rows) * static_cast<size_t>(g->r_max) * sizeof(float),
+                         256, &h) != LOOM_OK)
+    fail(LOOM_ERR_OUT_OF_MEMORY, "lora: cannot allocate a group's workspace");
+  g->h = static_cast<float*>(h);
+  *out = g.release();
+}
+
+void forward_group(loom_adapter_group& g, const loom_adapter_io& io, const DLTensor* row_adapter) {
+  const DLTensor* x = io.x;
+  DLTensor* y = io.y;
+  if (x == nullptr || y == nullptr || row_adapter == nullptr) invalid("lora: x, y and row_adapter must not be NULL");
+  const int64_t n = x->ndim == 2 ? x->shape[0] : -1;
+  auto device_float = [&](const DLTensor* t, const char* name) {
+    if (t->device.device_type != kDLCUDA || t->device.device_id != g.device.device_id)
+      unsupported(std::string("lora: ") + name + " must be on the group's CUDA device");
+    if (!(is_f32(t->dtype) || (t->dtype.code == kDLBfloat && t->dtype.bits == 16 && t->dtype.lanes == 1)))
+      invalid(std::string("lora: ") + name + " must be float32 or bfloat16");
+    if (t->ndim != 2 || t->shape[0] != n) invalid(std::string("lora: ") + name + " must be [n, features]");
+    if (t->strides != nullptr && t->strides[1] != 1) invalid(std::string("lora: ") + name + "'s rows must be contiguous");
+  };
+  device_float(x, "x");
+  device_float(y, "y");
+  if (x->shape[1] != g.in || y->shape[1] != g.out)
+    invalid("lora: the group's module is [" + std::to_string(g.out) + ", " + std::to_string(g.in) + "], x or y disagrees");
+  if (x->strides != nullptr && x->strides[0] != g.in) invalid("lora: x must be contiguous");
+  if (n > g.max_rows) invalid("lora: " + std::to_string(n) + " rows, more than the group's " + std::to_string(g.max_rows));
+  if (row_adapter->device.device_type != kDLCUDA || row_adapter->dtype.code != kDLInt || row_adapter->dtype.bits != 32 ||
+      row_adapter->ndim != 1 || row_adapter->shape[0] != n)
+    invalid("lora: row_adapter must be int32 [n] on the device");
+  GatheredLaunch l;
+  l.entries = static_cast<const GatheredEntry*>(g.entries);
+  l.row_adapter = static_cast<const int32_t*>(row_adapter->data) + row_adapter->byte_offset / 4;
+  l.x = static_cast<const char*>(x->data) + x->byte_offset;
+  l.x_bf16 = !is_f32(x->dtype);
+  l.in = g.in;
+  l.y = static_cast<char*>(y->data) + y->byte_offset;
+  l.y_bf16 = !is_f32(y->dtype);
+  l.y_stride = y->strides != nullptr ? y->strides[0] : g.out;
+  l.out = g.out;
+  l.h = g.h;
+  l.r_max = g.r_max;
+  l.n = n;
+  const int err = lora_gathered_cuda(l, g.first->host->current_stream(g.first->ctx, g.device));
+  if (err != 0) fail(LOOM_ERR_DEVICE, "lora: the gathered kernels failed to launch (CUDA error " + std::to_string(err) + ")");
+}
+
+loom_status create_group_fn(void* const* instances, loom_adapter_site* const* sites, int32_t count, int64_t max_rows,
+                            loom_adapter_group** out) {
+  Lora* first = nullptr;
+  for (int32_t i = 0; instances != nullptr && i < count && first == nullptr; ++i)
+    if (sites != nullptr && sites[i] != nullptr) first = static_cast<Lora*>(instances[i]);
+  if (first == nullptr || out == nullptr) return LOOM_ERR_INVALID_ARGUMENT;
+  return guard(first->host, first->ctx, [&] { create_group(instances, sites, count, max_rows, out); });
+}
+loom_status forward_group_fn(loom_adapter_group* g, const loom_adapter_io* io, const DLTensor* row_adapter) {
+  if (g == nullptr || io == nullptr) return LOOM_ERR_INVALID_ARGUMENT;
+  return guard(g->first->host, g->first->ctx, [&] { forward_group(*g, *io, row_adapter); });
+}
+void free_group_fn(loom_adapter_group* g) { free_group(g); }
+
+constexpr loom_adapter_gathered_ext kGathered = {sizeof(loom_adapter_gathered_ext), &create_group_fn, &forward_group_fn,
+                                                 &free_group_fn};
+const void* extension_fn(void*, const char* id) {
+  return id != nullptr && std::strcmp(id, LOOM_ADAPTER_GATHERED_EXTENSION) == 0 ? &kGathered : nullptr;
+}
+#endif
+
 // ---- ABI glue ----
 using Glue = AdapterGlue<Lora, &attach, &forward, &backward, &parameters, &load, &merge>;
+#ifdef LOOM_LORA_CUDA
+constexpr loom_adapter_vtable kVtable = Glue::with_extension(&extension_fn);
+#else
+constexpr loom_adapter_vtable kVtable = Glue::vtable;
+#endif
 
 constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "r", LOOM_VALUE_INT, 0, "8", "rank of the low-rank update"},
@@ -255,8 +437,8 @@ constexpr loom_param_desc kParams[] = {
 };
 constexpr loom_component_desc kLora = {
     sizeof(loom_component_desc), LOOM_KIND_ADAPTER, "lora", "1.0.0",
-    "Low-rank adapter (LoRA) on named linear modules, PEFT-compatible names (CPU float32)",
-    kParams, 6, LOOM_THREADING_SERIAL, &Glue::vtable};
+    "Low-rank adapter (LoRA) on named linear modules, PEFT-compatible names (CPU float32; CUDA serving, gathered)",
+    kParams, 6, LOOM_THREADING_SERIAL, &kVtable};
 const loom_component_desc* const kComponents[] = {&kLora};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-adapter-lora", "1.0.0",

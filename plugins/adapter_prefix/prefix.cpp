@@ -238,11 +238,7 @@ const void* extension_fn(void* inst, const char* id) {
   return &static_cast<Prefix*>(inst)->ext;
 }
 
-constexpr loom_adapter_vtable with_extension(loom_adapter_vtable v) {
-  v.life.get_extension = &extension_fn;
-  return v;
-}
-constexpr loom_adapter_vtable kVtable = with_extension(Glue::vtable);
+constexpr loom_adapter_vtable kVtable = Glue::with_extension(&extension_fn);
 
 constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "num_virtual_tokens", LOOM_VALUE_INT, 0, "8", "virtual tokens before every sequence"},

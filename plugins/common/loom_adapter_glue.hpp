@@ -83,6 +83,13 @@ struct AdapterGlue {
     });
   }
 
+  // The vtable with an instance extension lookup (lifecycle get_extension).
+  static constexpr loom_adapter_vtable with_extension(const void* (*extension)(void*, const char*)) {
+    loom_adapter_vtable v = vtable;
+    v.life.get_extension = extension;
+    return v;
+  }
+
   static constexpr loom_adapter_vtable vtable = {
       sizeof(loom_adapter_vtable),
       {&create, &destroy, nullptr, nullptr, nullptr},

@@ -64,6 +64,8 @@ PROBE_TYPE(loom_adapter_grad_io)
 PROBE_TYPE(loom_adapter_vtable)
 PROBE_TYPE(loom_adapter_site_kind)
 PROBE_TYPE(loom_adapter_prefix_ext)
+PROBE_TYPE(loom_adapter_group)
+PROBE_TYPE(loom_adapter_gathered_ext)
 /* sampler.h */
 PROBE_TYPE(loom_sampling_batch)
 PROBE_TYPE(loom_sampler_vtable)

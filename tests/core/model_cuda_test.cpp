@@ -361,7 +361,7 @@ TEST_CASE("the CUDA backend refuses what it cannot run, by name", "[cuda]") {
   refused("[quantizer]\nuse = \"int4\"\ngroup_size = 16\n",
           "quantize model.layers.0.self_attn.qkv_proj for the GPU failed: int4: on CUDA, in_features and group_size "
           "must be multiples of 32");
-  refused("[[adapter]]\nuse = \"lora\"\n", "m.toml: adapter[0] (lora): adapter components run on the CPU backend only");
+  refused("[[adapter]]\nuse = \"bottleneck\"\n", "m.toml: adapter[0] (bottleneck): this adapter has no CUDA path");
   // AWQ's calibration activations are captured on the CPU only: the manifest is told to quantize
   // ahead of time.
   try {

@@ -75,6 +75,29 @@ typedef struct loom_adapter_grad_io {
   const DLTensor *row_mask;
 } loom_adapter_grad_io;
 
+/* Gathered application (ABI 1.6), for serving several adapters of one library at once on a
+ * device: the host groups the sites that the instances attached to one module, and one call then
+ * adds to each row the delta of the adapter its index names (S-LoRA / Punica's BGMV), so a batch
+ * mixing adapters costs a launch or two per module, not one per adapter. An instance extension;
+ * every instance of a library returns the same table. */
+#define LOOM_ADAPTER_GATHERED_EXTENSION "loom.adapter.gathered/1"
+typedef struct loom_adapter_group loom_adapter_group; /* plugin-owned */
+typedef struct loom_adapter_gathered_ext {
+  uint32_t struct_size;
+  /* `count` entries: instances[i] and its site on the module, or sites[i] NULL when instance i
+   * does not target it (rows naming entry i are then left alone). Every site belongs to the same
+   * module, on the same device. At most `max_rows` rows per forward_group (its workspace is
+   * allocated here, through the host). *out is the library's until free_group. */
+  loom_status (*create_group)(void *const *instances, loom_adapter_site *const *sites, int32_t count, int64_t max_rows,
+                              loom_adapter_group **out);
+  /* io->x [n, in] and io->y [n, out] (y may have a row stride larger than out: strides[0]);
+   * row_adapter [n] int32 on the device: the entry whose delta row i gets, or -1. Ordered on the
+   * host's current stream; it neither allocates nor synchronises, so a CUDA graph may capture it.
+   * Errors are reported through the first instance of the group. */
+  loom_status (*forward_group)(loom_adapter_group *group, const loom_adapter_io *io, const DLTensor *row_adapter);
+  void (*free_group)(loom_adapter_group *group);
+} loom_adapter_gathered_ext;
+
 typedef struct loom_adapter_vtable {
   uint32_t struct_size;
   loom_lifecycle life;

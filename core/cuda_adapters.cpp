@@ -1,0 +1,152 @@
+// CudaAdapters (cuda_adapters.hpp): the adapters' gathered groups on the CUDA backend.
+#include "cuda_adapters.hpp"
+
+#include <algorithm>
+
+#include "adapter_weights.hpp"
+#include "loom/core/error.hpp"
+
+namespace loom {
+
+namespace {
+
+const loom_adapter_gathered_ext *gathered_of(const Instance &adapter) {
+  const auto *vt = adapter.vtable<loom_adapter_vtable>();
+  const auto *ext = vt->life.get_extension == nullptr
+                        ? nullptr
+                        : static_cast<const loom_adapter_gathered_ext *>(
+                              vt->life.get_extension(adapter.handle(), LOOM_ADAPTER_GATHERED_EXTENSION));
+  return ext != nullptr && LOOM_HAS_FIELD(ext, loom_adapter_gathered_ext, free_group) ? ext : nullptr;
+}
+
+} // namespace
+
+CudaAdapters::CudaAdapters(const ModelConfig &config, DLDevice device, DLDataType act, std::string source_name)
+    : config_(config), device_(device), act_(act), source_name_(std::move(source_name)) {
+  const int64_t H = config.hidden_size, D = config.head_dim, I = config.intermediate_size;
+  const int64_t q_out = config.n_heads * D, kv_out = config.n_kv_heads * D;
+  struct Shape {
+    const char *name;
+    int64_t in, out;
+  };
+  const Shape shapes[kModules] = {{"self_attn.q_proj", H, q_out}, {"self_attn.k_proj", H, kv_out}, {"self_attn.v_proj", H, kv_out},
+                                  {"self_attn.o_proj", q_out, H}, {"mlp.gate_proj", H, I},         {"mlp.up_proj", H, I},
+                                  {"mlp.down_proj", I, H}};
+  for (int64_t l = 0; l < config.n_layers; ++l)
+    for (const Shape &s : shapes)
+      modules_.push_back(Site{"model.layers." + std::to_string(l) + "." + s.name, s.in, s.out, {}, nullptr});
+}
+
+CudaAdapters::~CudaAdapters() { free_groups(); }
+
+std::vector<loom_adapter_site *> CudaAdapters::attach(Instance &adapter) const {
+  const std::string who = source_name_ + ": " + adapter.slot() + " (" + adapter.desc().name + ")";
+  const auto *ext = gathered_of(adapter);
+  if (ext == nullptr)
+    throw runtime_error(who + ": this adapter has no CUDA path (" + LOOM_ADAPTER_GATHERED_EXTENSION +
+                        "); run it on the CPU backend (loom.device = \"cpu\")");
+  if (gathered_ != nullptr && ext != gathered_)
+    throw runtime_error(who + ": adapters from different libraries cannot share a batch on CUDA");
+  if (config_.architecture == Architecture::gpt2)
+    throw runtime_error(who + ": adapters on GPT-2 run on the CPU backend only");
+  const auto *vt = adapter.vtable<loom_adapter_vtable>();
+  if (vt->targets(adapter.handle(), "lm_head"))
+    throw runtime_error(who + ": an adapter on the LM head is not supported on CUDA");
+  std::vector<loom_adapter_site *> sites(modules_.size(), nullptr);
+  bool any = false;
+  for (size_t i = 0; i < modules_.size(); ++i) {
+    const Site &m = modules_[i];
+    if (!vt->targets(adapter.handle(), m.name.c_str())) continue;
+    loom_adapter_module module{};
+    module.struct_size = sizeof(module);
+    module.module_name = m.name.c_str();
+    module.in_features = m.in;
+    module.out_features = m.out;
+    module.dtype = act_;
+    module.device = device_;
+    module.site = LOOM_ADAPTER_SITE_LINEAR;
+    adapter.check(vt->attach(adapter.handle(), &module, &sites[i]), ("attach " + m.name).c_str());
+    any = true;
+  }
+  if (!any) throw runtime_error(who + ": its target modules match none of the model's linears");
+  load_adapter_weights(adapter); // [[adapter]] weights = "dir", once every site exists
+  return sites;
+}
+
+void CudaAdapters::commit(std::shared_ptr<Instance> adapter, std::vector<loom_adapter_site *> sites, const Instance *replacing) {
+  if (gathered_ == nullptr) gathered_ = gathered_of(*adapter);
+  auto at = std::find_if(adapters_.begin(), adapters_.end(), [&](const auto &a) { return a.get() == replacing; });
+  const size_t k = replacing != nullptr && at != adapters_.end() ? static_cast<size_t>(at - adapters_.begin()) : adapters_.size();
+  if (k == adapters_.size()) {
+    adapters_.push_back(std::move(adapter));
+    for (size_t i = 0; i < modules_.size(); ++i) modules_[i].sites.push_back(sites[i]);
+  } else {
+    adapters_[k] = std::move(adapter);
+    for (size_t i = 0; i < modules_.size(); ++i) modules_[i].sites[k] = sites[i];
+  }
+  on_ = true;
+}
+
+void CudaAdapters::remove(const Instance *adapter) {
+  auto at = std::find_if(adapters_.begin(), adapters_.end(), [&](const auto &a) { return a.get() == adapter; });
+  if (at == adapters_.end()) return;
+  const auto k = at - adapters_.begin();
+  free_groups(); // their tables name the leaving adapter's device memory
+  adapters_.erase(at);
+  for (Site &m : modules_) m.sites.erase(m.sites.begin() + k);
+  on_ = !adapters_.empty();
+}
+
+void CudaAdapters::free_groups() {
+  for (Site &m : modules_) {
+    if (m.group != nullptr && gathered_ != nullptr) gathered_->free_group(m.group);
+    m.group = nullptr;
+  }
+}
+
+void CudaAdapters::rebuild(int64_t max_rows) {
+  free_groups();
+  rows_ = max_rows;
+  if (!on_ || max_rows < 1) return;
+  std::vector<void *> handles;
+  for (const auto &a : adapters_) handles.push_back(a->handle());
+  for (Site &m : modules_) {
+    const auto first = std::find_if(m.sites.begin(), m.sites.end(), [](loom_adapter_site *s) { return s != nullptr; });
+    if (first == m.sites.end()) continue;
+    Instance &owner = *adapters_[static_cast<size_t>(first - m.sites.begin())];
+    owner.check(gathered_->create_group(handles.data(), m.sites.data(), static_cast<int32_t>(m.sites.size()), max_rows, &m.group),
+                ("group " + m.name).c_str());
+  }
+}
+
+int32_t CudaAdapters::row_index(int32_t choice) const {
+  if (choice == -2) return -1; // StepBatch::kNoAdapter
+  if (choice == -1) {          // StepBatch::kEveryAdapter
+    if (adapters_.size() > 1)
+      throw runtime_error(source_name_ + ": a request runs with every one of " + std::to_string(adapters_.size()) +
+                          " adapters; on CUDA each request chooses one (ServeRequest::adapter)");
+    return adapters_.empty() ? -1 : 0;
+  }
+  if (choice < 0 || choice >= static_cast<int32_t>(adapters_.size()))
+    throw runtime_error(source_name_ + ": a step names adapter " + std::to_string(choice) + " of " + std::to_string(adapters_.size()));
+  return choice;
+}
+
+void CudaAdapters::apply(int32_t layer, Module m, const void *x, DLDataType x_type, void *y, DLDataType y_type,
+                         int64_t y_stride, int64_t col0, int32_t T, const int32_t *d_rows) {
+  Site &site = modules_[static_cast<size_t>(layer) * kModules + m];
+  if (site.group == nullptr) return;
+  int64_t x_shape[2] = {T, site.in}, y_shape[2] = {T, site.out}, y_strides[2] = {y_stride, 1}, r_shape[1] = {T};
+  DLTensor xt{const_cast<void *>(x), device_, 2, x_type, x_shape, nullptr, 0};
+  DLTensor yt{y, device_, 2, y_type, y_shape, y_strides, static_cast<uint64_t>(col0) * (y_type.bits / 8)};
+  DLTensor rt{const_cast<int32_t *>(d_rows), device_, 1, DLDataType{kDLInt, 32, 1}, r_shape, nullptr, 0};
+  loom_adapter_io io{};
+  io.struct_size = sizeof(io);
+  io.x = &xt;
+  io.y = &yt;
+  const auto first = std::find_if(site.sites.begin(), site.sites.end(), [](loom_adapter_site *s) { return s != nullptr; });
+  adapters_[static_cast<size_t>(first - site.sites.begin())]->check(gathered_->forward_group(site.group, &io, &rt),
+                                                                     ("adapters on " + site.name).c_str());
+}
+
+} // namespace loom

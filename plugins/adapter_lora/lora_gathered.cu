@@ -1,0 +1,144 @@
+// The `lora` adapter's gathered kernels (see lora_gathered.hpp): shrink in blocks of (row, chunk
+// of 2048 inputs), expand a thread per output element, B's row of r values read as one run.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+#include "lora_gathered.hpp"
+
+namespace loomp::lora {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float load(const void *p, int64_t i, bool bf16) {
+  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16 *>(p)[i]) : static_cast<const float *>(p)[i];
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Shrink: h_part[c][t][k] = x[t, chunk c] . A[k, chunk c], a block per (row, chunk of 2048
+// inputs): each thread loads its 8 inputs once and uses them for every k; warps reduce, then the
+// block. Chunks keep 8192-wide inputs (down_proj) on 4 blocks a row instead of 1.
+constexpr int kChunk = kThreads * 8;
+constexpr int kRankGroup = 16;  // k values a thread accumulates at once (registers)
+
+__global__ void shrink(GatheredLaunch l) {
+  const int64_t t = blockIdx.x;
+  const int chunk = blockIdx.y;
+  const int32_t which = l.row_adapter[t];
+  if (which < 0) return;
+  const GatheredEntry e = l.entries[which];
+  if (e.a == nullptr) return;
+  __shared__ float partial[kThreads / 32][kRankGroup];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const auto *A = static_cast<const __nv_bfloat16 *>(e.a);
+  const int64_t j0 = static_cast<int64_t>(chunk) * kChunk + threadIdx.x * 8;  // this thread's 8 inputs
+  const bool vec = l.x_bf16 && l.in % 8 == 0 && (reinterpret_cast<uintptr_t>(l.x) & 15) == 0 &&
+                   (reinterpret_cast<uintptr_t>(A) & 15) == 0;
+  float xv[8];
+  if (vec && j0 < l.in) {
+    const uint4 raw = *reinterpret_cast<const uint4 *>(static_cast<const __nv_bfloat16 *>(l.x) + t * l.in + j0);
+    const __nv_bfloat162 *p = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(p[i]);
+      xv[2 * i] = f.x;
+      xv[2 * i + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) xv[i] = j0 + i < l.in ? load(l.x, t * l.in + j0 + i, l.x_bf16) : 0.0f;
+  }
+  for (int k0 = 0; k0 < e.r; k0 += kRankGroup) {
+    float acc[kRankGroup];
+#pragma unroll
+    for (int k = 0; k < kRankGroup; ++k) {
+      acc[k] = 0.0f;
+      if (k0 + k >= e.r || j0 >= l.in) continue;
+      const __nv_bfloat16 *row = A + static_cast<int64_t>(k0 + k) * l.in + j0;
+      if (vec) {
+        const uint4 raw = *reinterpret_cast<const uint4 *>(row);
+        const __nv_bfloat162 *p = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 f = __bfloat1622float2(p[i]);
+          acc[k] += xv[2 * i] * f.x + xv[2 * i + 1] * f.y;
+        }
+      } else {
+        for (int i = 0; i < 8 && j0 + i < l.in; ++i) acc[k] += xv[i] * __bfloat162float(row[i]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kRankGroup; ++k) {
+      const float v = warp_sum(acc[k]);
+      if (lane == 0) partial[warp][k] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < kRankGroup && k0 + static_cast<int>(threadIdx.x) < e.r) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kThreads / 32; ++w) sum += partial[w][threadIdx.x];
+      l.h[(static_cast<int64_t>(chunk) * l.n + t) * l.r_max + k0 + threadIdx.x] = sum;
+    }
+    __syncthreads();
+  }
+}
+
+// Expand: y[t, o] += scale * sum_k h[t, k] B[o, k], h summed over the chunks first (in shared
+// memory, a block's rows share it).
+__global__ void expand(GatheredLaunch l, int chunks) {
+  const int64_t t = blockIdx.y;
+  const int32_t which = l.row_adapter[t];
+  if (which < 0) return;
+  const GatheredEntry e = l.entries[which];
+  if (e.a == nullptr) return;
+  __shared__ float h[64];
+  if (threadIdx.x < e.r) {
+    float sum = 0.0f;
+    for (int c = 0; c < chunks; ++c) sum += l.h[(static_cast<int64_t>(c) * l.n + t) * l.r_max + threadIdx.x];
+    h[threadIdx.x] = sum;
+  }
+  __syncthreads();
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (o >= l.out) return;
+  const auto *B = static_cast<const __nv_bfloat16 *>(e.b) + o * e.r;
+  float acc = 0.0f;
+  for (int k = 0; k < e.r; ++k) acc += h[k] * __bfloat162float(B[k]);
+  const int64_t at = t * l.y_stride + o;
+  if (l.y_bf16) {
+    auto *y = static_cast<__nv_bfloat16 *>(l.y);
+    y[at] = __float2bfloat16(__bfloat162float(y[at]) + e.scale * acc);
+  } else {
+    static_cast<float *>(l.y)[at] += e.scale * acc;
+  }
+}
+
+}  // namespace
+
+int lora_gathered_cuda(const GatheredLaunch &l, void *stream) {
+  if (l.n <= 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int chunks = lora_gathered_chunks(l.in);
+  shrink<<<dim3(static_cast<unsigned>(l.n), static_cast<unsigned>(chunks)), kThreads, 0, s>>>(l);
+  dim3 grid(static_cast<unsigned>((l.out + kThreads - 1) / kThreads), static_cast<unsigned>(l.n));
+  expand<<<grid, kThreads, 0, s>>>(l, chunks);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int lora_gathered_chunks(int64_t in) { return static_cast<int>((in + kChunk - 1) / kChunk); }
+
+uint16_t lora_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+}  // namespace loomp::lora
