@@ -132,21 +132,44 @@ int32_t CudaAdapters::row_index(int32_t choice) const {
   return choice;
 }
 
-void CudaAdapters::apply(int32_t layer, Module m, const void *x, DLDataType x_type, void *y, DLDataType y_type,
-                         int64_t y_stride, int64_t col0, int32_t T, const int32_t *d_rows) {
-  Site &site = modules_[static_cast<size_t>(layer) * kModules + m];
-  if (site.group == nullptr) return;
-  int64_t x_shape[2] = {T, site.in}, y_shape[2] = {T, site.out}, y_strides[2] = {y_stride, 1}, r_shape[1] = {T};
-  DLTensor xt{const_cast<void *>(x), device_, 2, x_type, x_shape, nullptr, 0};
-  DLTensor yt{y, device_, 2, y_type, y_shape, y_strides, static_cast<uint64_t>(col0) * (y_type.bits / 8)};
+void CudaAdapters::apply(int32_t layer, const Module *ms, const int64_t *col0s, int count, const void *x, DLDataType x_type,
+                         void *y, DLDataType y_type, int64_t y_stride, int32_t T, const int32_t *d_rows) {
+  constexpr int kMax = 4;
+  int64_t x_shape[kMax][2], y_shape[kMax][2], y_strides[2] = {y_stride, 1}, r_shape[1] = {T};
+  DLTensor xt[kMax], yt[kMax];
+  loom_adapter_io ios[kMax];
+  const loom_adapter_io *io_ptrs[kMax];
+  loom_adapter_group *groups[kMax];
+  Instance *owner = nullptr; // errors are reported through a group's first instance
+  std::string names;
+  int n = 0;
+  for (int i = 0; i < count && i < kMax; ++i) {
+    Site &site = modules_[static_cast<size_t>(layer) * kModules + ms[i]];
+    if (site.group == nullptr) continue;
+    x_shape[n][0] = y_shape[n][0] = T;
+    x_shape[n][1] = site.in;
+    y_shape[n][1] = site.out;
+    xt[n] = DLTensor{const_cast<void *>(x), device_, 2, x_type, x_shape[n], nullptr, 0};
+    yt[n] = DLTensor{y, device_, 2, y_type, y_shape[n], y_strides, static_cast<uint64_t>(col0s[i]) * (y_type.bits / 8)};
+    ios[n] = loom_adapter_io{};
+    ios[n].struct_size = sizeof(loom_adapter_io);
+    ios[n].x = &xt[n];
+    ios[n].y = &yt[n];
+    io_ptrs[n] = &ios[n];
+    groups[n] = site.group;
+    const auto first = std::find_if(site.sites.begin(), site.sites.end(), [](loom_adapter_site *s) { return s != nullptr; });
+    if (owner == nullptr) owner = adapters_[static_cast<size_t>(first - site.sites.begin())].get();
+    names += (names.empty() ? "" : ", ") + site.name;
+    ++n;
+  }
+  if (n == 0) return;
   DLTensor rt{const_cast<int32_t *>(d_rows), device_, 1, DLDataType{kDLInt, 32, 1}, r_shape, nullptr, 0};
-  loom_adapter_io io{};
-  io.struct_size = sizeof(io);
-  io.x = &xt;
-  io.y = &yt;
-  const auto first = std::find_if(site.sites.begin(), site.sites.end(), [](loom_adapter_site *s) { return s != nullptr; });
-  adapters_[static_cast<size_t>(first - site.sites.begin())]->check(gathered_->forward_group(site.group, &io, &rt),
-                                                                     ("adapters on " + site.name).c_str());
+  const std::string what = "adapters on " + names;
+  if (n > 1 && LOOM_HAS_FIELD(gathered_, loom_adapter_gathered_ext, forward_groups) && gathered_->forward_groups != nullptr) {
+    owner->check(gathered_->forward_groups(groups, io_ptrs, n, &rt), what.c_str());
+    return;
+  }
+  for (int i = 0; i < n; ++i) owner->check(gathered_->forward_group(groups[i], io_ptrs[i], &rt), what.c_str());
 }
 
 } // namespace loom

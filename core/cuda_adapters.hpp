@@ -53,7 +53,14 @@ class CudaAdapters {
   // module m in `layer`, x [T, in] its input; d_rows [T] int32 on the device. On the host's
   // current stream (capturable).
   void apply(int32_t layer, Module m, const void *x, DLDataType x_type, void *y, DLDataType y_type, int64_t y_stride,
-             int64_t col0, int32_t T, const int32_t *d_rows);
+             int64_t col0, int32_t T, const int32_t *d_rows) {
+    apply(layer, &m, &col0, 1, x, x_type, y, y_type, y_stride, T, d_rows);
+  }
+  // Several modules of `layer` with the same input x, each into y from its own column: in one
+  // pair of launches when the library offers forward_groups (q/k/v into the fused q/k/v
+  // output, gate/up into the fused gate/up output).
+  void apply(int32_t layer, const Module *ms, const int64_t *col0s, int count, const void *x, DLDataType x_type, void *y,
+             DLDataType y_type, int64_t y_stride, int32_t T, const int32_t *d_rows);
 
  private:
   struct Site {

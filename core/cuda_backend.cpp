@@ -1014,9 +1014,9 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
         op_times_.mark("qkv gemm", stream_);
         if (adapters_on()) {
           const int64_t qkv_cols = (c.n_heads + 2 * c.n_kv_heads) * D, kv_cols = c.n_kv_heads * D;
-          adapt(l, CudaAdapters::q_proj, h_.get(), qkv_.get(), act_dl(), qkv_cols, 0, T);
-          adapt(l, CudaAdapters::k_proj, h_.get(), qkv_.get(), act_dl(), qkv_cols, c.n_heads * D, T);
-          adapt(l, CudaAdapters::v_proj, h_.get(), qkv_.get(), act_dl(), qkv_cols, c.n_heads * D + kv_cols, T);
+          const CudaAdapters::Module ms[] = {CudaAdapters::q_proj, CudaAdapters::k_proj, CudaAdapters::v_proj};
+          const int64_t cols[] = {0, c.n_heads * D, c.n_heads * D + kv_cols};
+          adapters_->apply(l, ms, cols, 3, h_.get(), act_dl(), qkv_.get(), act_dl(), qkv_cols, T, d_row_adapter_);
           op_times_.mark("q/k/v adapters", stream_);
         }
       }
@@ -1092,8 +1092,9 @@ void CudaBackend::mlp_up(DeviceLayer &layer, int32_t T) {
     op_times_.mark("gate_up gemm", stream_);
     if (adapters_on()) {
       const int32_t l = static_cast<int32_t>(&layer - layers_.data());
-      adapt(l, CudaAdapters::gate_proj, h_.get(), gate_up_.get(), act_dl(), 2 * I, 0, T);
-      adapt(l, CudaAdapters::up_proj, h_.get(), gate_up_.get(), act_dl(), 2 * I, I, T);
+      const CudaAdapters::Module ms[] = {CudaAdapters::gate_proj, CudaAdapters::up_proj};
+      const int64_t cols[] = {0, I};
+      adapters_->apply(l, ms, cols, 2, h_.get(), act_dl(), gate_up_.get(), act_dl(), 2 * I, T, d_row_adapter_);
       op_times_.mark("gate/up adapters", stream_);
     }
     kernel_check(kernels::swiglu_cuda(gate_up_.get(), T, I, inter_.get(), dt, stream_), "swiglu");

@@ -358,7 +358,7 @@ void create_group(void* const* instances, loom_adapter_site* const* sites, int32
   *out = g.release();
 }
 
-void forward_group(loom_adapter_group& g, const loom_adapter_io& io, const DLTensor* row_adapter) {
+GatheredLaunch launch_of(loom_adapter_group& g, const loom_adapter_io& io, const DLTensor* row_adapter) {
   const DLTensor* x = io.x;
   DLTensor* y = io.y;
   if (x == nullptr || y == nullptr || row_adapter == nullptr) invalid("lora: x, y and row_adapter must not be NULL");
@@ -393,7 +393,11 @@ void forward_group(loom_adapter_group& g, const loom_adapter_io& io, const DLTen
   l.h = g.h;
   l.r_max = g.r_max;
   l.n = n;
-  const int err = lora_gathered_cuda(l, g.first->host->current_stream(g.first->ctx, g.device));
+  return l;
+}
+
+void launch(loom_adapter_group& g, const GatheredLaunch* launches, int count) {
+  const int err = lora_gathered_cuda(launches, count, g.first->host->current_stream(g.first->ctx, g.device));
   if (err != 0) fail(LOOM_ERR_DEVICE, "lora: the gathered kernels failed to launch (CUDA error " + std::to_string(err) + ")");
 }
 
@@ -407,12 +411,31 @@ loom_status create_group_fn(void* const* instances, loom_adapter_site* const* si
 }
 loom_status forward_group_fn(loom_adapter_group* g, const loom_adapter_io* io, const DLTensor* row_adapter) {
   if (g == nullptr || io == nullptr) return LOOM_ERR_INVALID_ARGUMENT;
-  return guard(g->first->host, g->first->ctx, [&] { forward_group(*g, *io, row_adapter); });
+  return guard(g->first->host, g->first->ctx, [&] {
+    const GatheredLaunch l = launch_of(*g, *io, row_adapter);
+    launch(*g, &l, 1);
+  });
+}
+loom_status forward_groups_fn(loom_adapter_group* const* groups, const loom_adapter_io* const* ios, int32_t count,
+                              const DLTensor* row_adapter) {
+  if (groups == nullptr || ios == nullptr || count < 1 || groups[0] == nullptr) return LOOM_ERR_INVALID_ARGUMENT;
+  loom_adapter_group& first = *groups[0];
+  return guard(first.first->host, first.first->ctx, [&] {
+    if (count > kMaxGathered) invalid("lora: at most " + std::to_string(kMaxGathered) + " groups in one call");
+    GatheredLaunch launches[kMaxGathered];
+    for (int32_t i = 0; i < count; ++i) {
+      if (groups[i] == nullptr || ios[i] == nullptr) invalid("lora: a NULL group or io");
+      if (groups[i]->device.device_id != first.device.device_id) invalid("lora: groups on different devices");
+      launches[i] = launch_of(*groups[i], *ios[i], row_adapter);
+      if (launches[i].n != launches[0].n) invalid("lora: groups of one call must have the same rows");
+    }
+    launch(first, launches, count);
+  });
 }
 void free_group_fn(loom_adapter_group* g) { free_group(g); }
 
 constexpr loom_adapter_gathered_ext kGathered = {sizeof(loom_adapter_gathered_ext), &create_group_fn, &forward_group_fn,
-                                                 &free_group_fn};
+                                                 &free_group_fn, &forward_groups_fn};
 const void* extension_fn(void*, const char* id) {
   return id != nullptr && std::strcmp(id, LOOM_ADAPTER_GATHERED_EXTENSION) == 0 ? &kGathered : nullptr;
 }

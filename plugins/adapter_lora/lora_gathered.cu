@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "lora_gathered.hpp"
@@ -23,18 +24,28 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Shrink: h_part[c][t][k] = x[t, chunk c] . A[k, chunk c], a block per (row, chunk of 2048
-// inputs): each thread loads its 8 inputs once and uses them for every k; warps reduce, then the
-// block. Chunks keep 8192-wide inputs (down_proj) on 4 blocks a row instead of 1.
+// inputs, launch and group of 4 k): each thread loads its 8 inputs and uses them for the group's
+// k; warps reduce, then the block. Chunks keep 8192-wide inputs (down_proj) on 4 blocks a row and
+// k groups give a rank-16 adapter 4, so a decode step's few rows still fill the GPU.
 constexpr int kChunk = kThreads * 8;
-constexpr int kRankGroup = 16;  // k values a thread accumulates at once (registers)
+constexpr int kRankGroup = 4;  // k values a block computes (blocks over (row, chunk, launch x k group))
+constexpr int kMaxRank = 64;
 
-__global__ void shrink(GatheredLaunch l) {
+struct Launches {
+  GatheredLaunch l[kMaxGathered];
+  int groups = 1;  // k groups per launch in the shrink's grid (the largest r_max / kRankGroup)
+};
+
+__global__ void shrink(Launches all) {
+  const GatheredLaunch &l = all.l[blockIdx.z / all.groups];
+  const int k_first = static_cast<int>(blockIdx.z % all.groups) * kRankGroup;
   const int64_t t = blockIdx.x;
   const int chunk = blockIdx.y;
+  if (static_cast<int64_t>(chunk) * kChunk >= l.in) return;
   const int32_t which = l.row_adapter[t];
   if (which < 0) return;
   const GatheredEntry e = l.entries[which];
-  if (e.a == nullptr) return;
+  if (e.a == nullptr || k_first >= e.r) return;
   __shared__ float partial[kThreads / 32][kRankGroup];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const auto *A = static_cast<const __nv_bfloat16 *>(e.a);
@@ -55,7 +66,7 @@ __global__ void shrink(GatheredLaunch l) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) xv[i] = j0 + i < l.in ? load(l.x, t * l.in + j0 + i, l.x_bf16) : 0.0f;
   }
-  for (int k0 = 0; k0 < e.r; k0 += kRankGroup) {
+  for (int k0 = k_first; k0 < k_first + kRankGroup && k0 < e.r; k0 += kRankGroup) {
     float acc[kRankGroup];
 #pragma unroll
     for (int k = 0; k < kRankGroup; ++k) {
@@ -90,26 +101,44 @@ __global__ void shrink(GatheredLaunch l) {
   }
 }
 
-// Expand: y[t, o] += scale * sum_k h[t, k] B[o, k], h summed over the chunks first (in shared
-// memory, a block's rows share it).
-__global__ void expand(GatheredLaunch l, int chunks) {
+// Expand: y[t, o] += scale * sum_k h[t, k] B[o, k], each thread summing h over the chunks as it
+// goes (a few floats, cached) and reading B's row 8 values at a time.
+__global__ void expand(Launches all) {
+  const GatheredLaunch &l = all.l[blockIdx.z];
+  if (static_cast<int64_t>(blockIdx.x) * kThreads >= l.out) return;
+  const int chunks = static_cast<int>((l.in + kChunk - 1) / kChunk);
   const int64_t t = blockIdx.y;
   const int32_t which = l.row_adapter[t];
   if (which < 0) return;
   const GatheredEntry e = l.entries[which];
   if (e.a == nullptr) return;
-  __shared__ float h[64];
-  if (threadIdx.x < e.r) {
-    float sum = 0.0f;
-    for (int c = 0; c < chunks; ++c) sum += l.h[(static_cast<int64_t>(c) * l.n + t) * l.r_max + threadIdx.x];
-    h[threadIdx.x] = sum;
-  }
-  __syncthreads();
   const int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (o >= l.out) return;
   const auto *B = static_cast<const __nv_bfloat16 *>(e.b) + o * e.r;
   float acc = 0.0f;
-  for (int k = 0; k < e.r; ++k) acc += h[k] * __bfloat162float(B[k]);
+  if (e.r % 8 == 0 && (reinterpret_cast<uintptr_t>(B) & 15) == 0) {
+    for (int k0 = 0; k0 < e.r; k0 += 8) {
+      const uint4 raw = *reinterpret_cast<const uint4 *>(B + k0);
+      const __nv_bfloat162 *p = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(p[i]);
+        float h0 = 0.0f, h1 = 0.0f;
+        for (int c = 0; c < chunks; ++c) {
+          const float *h = l.h + (static_cast<int64_t>(c) * l.n + t) * l.r_max + k0 + 2 * i;
+          h0 += h[0];
+          h1 += h[1];
+        }
+        acc += h0 * f.x + h1 * f.y;
+      }
+    }
+  } else {
+    for (int k = 0; k < e.r; ++k) {
+      float hk = 0.0f;
+      for (int c = 0; c < chunks; ++c) hk += l.h[(static_cast<int64_t>(c) * l.n + t) * l.r_max + k];
+      acc += hk * __bfloat162float(B[k]);
+    }
+  }
   const int64_t at = t * l.y_stride + o;
   if (l.y_bf16) {
     auto *y = static_cast<__nv_bfloat16 *>(l.y);
@@ -121,13 +150,20 @@ __global__ void expand(GatheredLaunch l, int chunks) {
 
 }  // namespace
 
-int lora_gathered_cuda(const GatheredLaunch &l, void *stream) {
-  if (l.n <= 0) return 0;
+int lora_gathered_cuda(const GatheredLaunch *launches, int count, void *stream) {
+  if (count < 1 || count > kMaxGathered || launches[0].n <= 0) return 0;
+  Launches all;
+  int64_t chunks = 1, out_blocks = 1;
+  for (int i = 0; i < count; ++i) {
+    all.l[i] = launches[i];
+    all.groups = std::max(all.groups, (std::min(launches[i].r_max, kMaxRank) + kRankGroup - 1) / kRankGroup);
+    chunks = std::max<int64_t>(chunks, (launches[i].in + kChunk - 1) / kChunk);
+    out_blocks = std::max<int64_t>(out_blocks, (launches[i].out + kThreads - 1) / kThreads);
+  }
   auto s = static_cast<cudaStream_t>(stream);
-  const int chunks = lora_gathered_chunks(l.in);
-  shrink<<<dim3(static_cast<unsigned>(l.n), static_cast<unsigned>(chunks)), kThreads, 0, s>>>(l);
-  dim3 grid(static_cast<unsigned>((l.out + kThreads - 1) / kThreads), static_cast<unsigned>(l.n));
-  expand<<<grid, kThreads, 0, s>>>(l, chunks);
+  const auto n = static_cast<unsigned>(launches[0].n), z = static_cast<unsigned>(count);
+  shrink<<<dim3(n, static_cast<unsigned>(chunks), z * static_cast<unsigned>(all.groups)), kThreads, 0, s>>>(all);
+  expand<<<dim3(static_cast<unsigned>(out_blocks), n, z), kThreads, 0, s>>>(all);
   return static_cast<int>(cudaGetLastError());
 }
 

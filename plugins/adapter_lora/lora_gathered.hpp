@@ -30,8 +30,12 @@ struct GatheredLaunch {
   int64_t n = 0;
 };
 
-// Returns a cudaError_t as int (0: success), on `stream` (a cudaStream_t).
-int lora_gathered_cuda(const GatheredLaunch &launch, void *stream);
+// Up to this many launches' work in one pair of kernels (blockIdx.z picks the launch).
+constexpr int kMaxGathered = 4;
+
+// Returns a cudaError_t as int (0: success), on `stream` (a cudaStream_t): launches[0, count)
+// in one shrink and one expand (their rows n must be equal).
+int lora_gathered_cuda(const GatheredLaunch *launches, int count, void *stream);
 
 // How many chunks of the input the shrink kernel splits a row into (the workspace's first
 // extent); r_max must be at most 64.

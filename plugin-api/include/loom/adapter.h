@@ -96,6 +96,11 @@ typedef struct loom_adapter_gathered_ext {
    * Errors are reported through the first instance of the group. */
   loom_status (*forward_group)(loom_adapter_group *group, const loom_adapter_io *io, const DLTensor *row_adapter);
   void (*free_group)(loom_adapter_group *group);
+  /* forward_group for `count` groups (up to 4) over the same rows in as few launches as the
+   * library can (q/k/v, or gate/up, of one layer): the same result as calling it for each in
+   * order. Optional (NULL: call forward_group per group). */
+  loom_status (*forward_groups)(loom_adapter_group *const *groups, const loom_adapter_io *const *ios, int32_t count,
+                                const DLTensor *row_adapter);
 } loom_adapter_gathered_ext;
 
 typedef struct loom_adapter_vtable {
