@@ -81,7 +81,7 @@ Side side(DLDevice device, loom::ComputeDtype dtype) {
     o.source_name = "cpu";
     s.backend = std::make_unique<loom::CpuBackend>(config, std::move(weights), *s.pipeline, o);
   }
-  s.backend->reserve(8, 64);
+  s.backend->reserve(8, 128);
   return s;
 }
 
@@ -112,7 +112,9 @@ double worst_row_error(const std::vector<float> &a, const std::vector<float> &b,
 }  // namespace
 
 TEST_CASE("LoRA on CUDA: rows of different adapters in one batch compute what the CPU computes", "[cuda][peft]") {
-  const std::vector<std::vector<int32_t>> prompts = {{1, 140, 7, 33}, {1, 512, 48, 9, 1200}, {1, 77, 5}, {1, 301, 22, 88, 6, 14}};
+  // 88 prefill rows (more than 64: the kernels by row) and 4 decode rows (by adapter).
+  std::vector<std::vector<int32_t>> prompts = {{1, 140, 7, 33}, {1, 512, 48, 9, 1200}, {1, 77, 5}, {1, 301, 22, 88, 6, 14}};
+  for (int32_t t = 0; t < 70; ++t) prompts[3].push_back(3 + (t * 37) % 1990);
   const std::vector<int32_t> choices = {0, 1, loom::StepBatch::kNoAdapter, 1};  // bible, peft, base, peft
   for (const auto &[dtype, tolerance] : {std::pair{loom::ComputeDtype::float32, 1e-2}, std::pair{loom::ComputeDtype::bfloat16, 4e-2}}) {
     INFO((dtype == loom::ComputeDtype::float32 ? "float32" : "bfloat16"));
