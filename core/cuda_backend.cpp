@@ -261,13 +261,17 @@ class CudaBackend final : public ModelBackend {
   std::unique_ptr<CudaAdapters> adapters_;
   int32_t *d_row_adapter_ = nullptr; // [T] in the step metadata: each row's group entry (-1: none)
   bool adapters_on() const { return adapters_ && adapters_->on(); }
+  // Some row of the step in flight runs with an adapter: then the unfused paths and the
+  // adapters' launches; else the step is the base model's, fast paths and all (its decode graph
+  // is a graph of its own).
+  bool step_adapters_ = false;
   void install_adapter_hooks();
   // Everything that holds the groups' device memory is done, then `change` runs and the groups
   // are made again for the current capacity (graphs captured them: they go).
   void change_adapters(const std::function<void()> &change);
   void adapt(int32_t layer, CudaAdapters::Module m, const void *x, void *y, DLDataType y_type, int64_t y_stride,
              int64_t col0, int32_t T) {
-    if (adapters_on()) adapters_->apply(layer, m, x, act_dl(), y, y_type, y_stride, col0, T, d_row_adapter_);
+    if (step_adapters_) adapters_->apply(layer, m, x, act_dl(), y, y_type, y_stride, col0, T, d_row_adapter_);
   }
   std::shared_ptr<Instance> quantizer_;   // the pipeline's quantizer, when it has one
   const loom_quantizer_fused *quant_fused_ = nullptr; // its fused products, when it offers them
@@ -350,8 +354,8 @@ class CudaBackend final : public ModelBackend {
   struct Graph {
     cudaGraphExec_t exec = nullptr;
   };
-  std::map<int32_t, Graph> graphs_; // by 2 x batch size + metadata half
-  std::map<int32_t, std::vector<std::string>> graph_op_names_; // with LOOM_CUDA_OP_TIMES
+  std::map<int32_t, Graph> graphs_; // by 2 x (2 x batch size + metadata half) + whether rows use adapters
+  std::map<int32_t, std::vector<std::string>> graph_op_names_; // by graph key, with LOOM_CUDA_OP_TIMES
   OpTimes op_times_;
   std::shared_ptr<Instance> graphs_attention_; // held, so that its address cannot be reused
   bool graphs_enabled_ = true;
@@ -975,7 +979,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
   const auto dt = kdtype();
   float *x = x_.get<float>();
   AttentionCall call;
-  const bool gemv = T == S && T <= gemv_tokens_ && !adapters_on(); // (the GEMVs hide the linears' outputs)
+  const bool gemv = T == S && T <= gemv_tokens_ && !step_adapters_; // (the GEMVs hide the linears' outputs)
   // The GEMV path looks the embeddings up in its first GEMV when the rows fit its staging.
   const bool embed_in_gemv = gemv && T <= kernels::gemv_max_embed_tokens(H);
   if (!embed_in_gemv) {
@@ -1012,7 +1016,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
         op_times_.mark("norm", stream_);
         gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
         op_times_.mark("qkv gemm", stream_);
-        if (adapters_on()) {
+        if (step_adapters_) {
           const int64_t qkv_cols = (c.n_heads + 2 * c.n_kv_heads) * D, kv_cols = c.n_kv_heads * D;
           const CudaAdapters::Module ms[] = {CudaAdapters::q_proj, CudaAdapters::k_proj, CudaAdapters::v_proj};
           const int64_t cols[] = {0, c.n_heads * D, c.n_heads * D + kv_cols};
@@ -1032,7 +1036,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     } else {
       gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, 1.0f);
       op_times_.mark("o gemm", stream_);
-      if (adapters_on()) {
+      if (step_adapters_) {
         adapt(l, CudaAdapters::o_proj, attn_.get(), x, f32, H, 0, T);
         op_times_.mark("o adapters", stream_);
       }
@@ -1054,7 +1058,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     } else {
       gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, 1.0f);
       op_times_.mark("down gemm", stream_);
-      if (adapters_on()) {
+      if (step_adapters_) {
         adapt(l, CudaAdapters::down_proj, inter_.get(), x, f32, H, 0, T);
         op_times_.mark("down adapters", stream_);
       }
@@ -1084,13 +1088,13 @@ void CudaBackend::mlp_up(DeviceLayer &layer, int32_t T) {
     gemm(layer.gate_up, h_.get(), T, inter_.get(), act_cuda(), 0.0f);
     kernel_check(kernels::bias_gelu_cuda(inter_.get(), layer.gate_up.bias.get<float>(), T, I, dt, stream_), "gelu");
     op_times_.mark("activation", stream_);
-  } else if (skinny_swiglu_ && T <= kernels::skinny_gemm_max_tokens() && !adapters_on()) {
+  } else if (skinny_swiglu_ && T <= kernels::skinny_gemm_max_tokens() && !step_adapters_) {
     skinny_swiglu(layer.gate_up, h_.get(), T, inter_.get());
     op_times_.mark("gate_up gemm+swiglu", stream_);
   } else {
     gemm(layer.gate_up, h_.get(), T, gate_up_.get(), act_cuda(), 0.0f);
     op_times_.mark("gate_up gemm", stream_);
-    if (adapters_on()) {
+    if (step_adapters_) {
       const int32_t l = static_cast<int32_t>(&layer - layers_.data());
       const CudaAdapters::Module ms[] = {CudaAdapters::gate_proj, CudaAdapters::up_proj};
       const int64_t cols[] = {0, I};
@@ -1223,12 +1227,14 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
   int32_t *last_rows = place(static_cast<size_t>(S), d_last_rows_);
   int32_t *table = place(static_cast<size_t>(S) * M, d_block_table_);
   int32_t *row_adapter = adapters_on() ? place(static_cast<size_t>(T), d_row_adapter_) : nullptr;
+  step_adapters_ = false;
   if (row_adapter != nullptr) {
     if (!batch.seq_adapters.empty() && batch.seq_adapters.size() != static_cast<size_t>(S))
       throw runtime_error("CUDA backend: a step batch's adapter choices do not match its sequences");
     for (int32_t s = 0; s < S; ++s) {
       const int32_t entry =
           adapters_->row_index(batch.seq_adapters.empty() ? StepBatch::kEveryAdapter : batch.seq_adapters[static_cast<size_t>(s)]);
+      step_adapters_ = step_adapters_ || entry >= 0;
       for (int32_t t = batch.seq_offsets[static_cast<size_t>(s)]; t < batch.seq_offsets[static_cast<size_t>(s) + 1]; ++t)
         row_adapter[t] = entry;
     }
@@ -1268,7 +1274,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
       invalidate_graphs();
       graphs_attention_ = attention.front();
     }
-    const int32_t key = 2 * S + half;
+    const int32_t key = 2 * (2 * S + half) + (step_adapters_ ? 1 : 0);
     auto it = graphs_.find(key);
     if (it == graphs_.end()) {
       // The metadata pointers depend only on (T, S) and the half: a graph made now stays valid
@@ -1288,7 +1294,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
       if (failure.empty() && end == cudaSuccess && graph &&
           cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess) {
         it = graphs_.emplace(key, Graph{exec}).first;
-        graph_op_names_[S] = op_times_.names();
+        graph_op_names_[key] = op_times_.names();
       } else {
         if (failure.empty()) failure = cudaGetErrorString(end != cudaSuccess ? end : cudaGetLastError());
         cudaGetLastError(); // clear the sticky capture error, if any
@@ -1303,7 +1309,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
       cuda_check(cudaGraphLaunch(it->second.exec, stream_), "cudaGraphLaunch");
       cuda_check(cudaEventRecord(used_[half], stream_), "cudaEventRecord");
       if (op_times_.enabled()) {
-        op_times_.replayed("decode", graph_op_names_[S]);
+        op_times_.replayed("decode", graph_op_names_[key]);
         op_times_.end(stream_);
       }
       return logits_view_.set(logits_.get(), options_.device, DLDataType{kDLFloat, 32, 1}, {S, config_.vocab_size});

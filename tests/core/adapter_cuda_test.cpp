@@ -132,8 +132,9 @@ TEST_CASE("LoRA on CUDA: rows of different adapters in one batch compute what th
     const auto expected = host_rows(cpu.backend->forward(prefill));
     const auto got = host_rows(cuda.backend->forward(prefill));
     CHECK(worst_row_error(got, expected, vocab) < tolerance);
-    // A decode step (captured and replayed as a CUDA graph, twice).
-    for (int repeat = 0; repeat < 2; ++repeat) {
+    // A decode step (captured and replayed as a CUDA graph, twice), then one in which no row
+    // runs with an adapter (the base model's own paths and graph, the adapters still loaded).
+    for (int repeat = 0; repeat < 3; ++repeat) {
       loom::StepBatch decode;
       decode.seq_offsets = {0};
       for (size_t s = 0; s < prompts.size(); ++s) {
@@ -143,6 +144,7 @@ TEST_CASE("LoRA on CUDA: rows of different adapters in one batch compute what th
         decode.seq_slots.push_back(static_cast<int32_t>(s));
       }
       decode.seq_adapters = choices;
+      if (repeat == 2) decode.seq_adapters.assign(choices.size(), loom::StepBatch::kNoAdapter);
       const auto e = host_rows(cpu.backend->forward(decode));
       const auto g = host_rows(cuda.backend->forward(decode));
       CHECK(worst_row_error(g, e, vocab) < tolerance);
