@@ -4,9 +4,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include "lora_gathered.hpp"
+#include "loom_cuda_pdl.cuh"
 
 namespace loomp::lora {
 namespace {
@@ -37,6 +39,10 @@ struct Launches {
 };
 
 __global__ void shrink(Launches all) {
+  // Programmatic dependent launch (sm_90): this grid is scheduled while the GEMM before it
+  // finishes, and waits for it here; the expand after it may be scheduled at once.
+  pdl::allow_next_kernel();
+  pdl::wait_for_previous_kernel();
   const GatheredLaunch &l = all.l[blockIdx.z / all.groups];
   const int k_first = static_cast<int>(blockIdx.z % all.groups) * kRankGroup;
   const int64_t t = blockIdx.x;
@@ -104,6 +110,7 @@ __global__ void shrink(Launches all) {
 // Expand: y[t, o] += scale * sum_k h[t, k] B[o, k], each thread summing h over the chunks as it
 // goes (a few floats, cached) and reading B's row 8 values at a time.
 __global__ void expand(Launches all) {
+  pdl::wait_for_previous_kernel();
   const GatheredLaunch &l = all.l[blockIdx.z];
   if (static_cast<int64_t>(blockIdx.x) * kThreads >= l.out) return;
   const int chunks = static_cast<int>((l.in + kChunk - 1) / kChunk);
@@ -162,9 +169,30 @@ int lora_gathered_cuda(const GatheredLaunch *launches, int count, void *stream) 
   }
   auto s = static_cast<cudaStream_t>(stream);
   const auto n = static_cast<unsigned>(launches[0].n), z = static_cast<unsigned>(count);
-  shrink<<<dim3(n, static_cast<unsigned>(chunks), z * static_cast<unsigned>(all.groups)), kThreads, 0, s>>>(all);
-  expand<<<dim3(static_cast<unsigned>(out_blocks), n, z), kThreads, 0, s>>>(all);
-  return static_cast<int>(cudaGetLastError());
+  // Programmatic launches on compute capability 9.0 and newer (LOOM_LORA_PDL=0 turns them off).
+  static const bool programmatic = [] {
+    int device = 0, major = 0;
+    const char *off = std::getenv("LOOM_LORA_PDL");
+    if (off != nullptr && off[0] == '0') return false;
+    return cudaGetDevice(&device) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+  }();
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  auto launch = [&](auto kernel, dim3 grid) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = dim3(kThreads);
+    config.stream = s;
+    config.attrs = programmatic ? &attribute : nullptr;
+    config.numAttrs = programmatic ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, all);
+  };
+  if (cudaError_t e = launch(shrink, dim3(n, static_cast<unsigned>(chunks), z * static_cast<unsigned>(all.groups)));
+      e != cudaSuccess)
+    return static_cast<int>(e);
+  return static_cast<int>(launch(expand, dim3(static_cast<unsigned>(out_blocks), n, z)));
 }
 
 int lora_gathered_chunks(int64_t in) { return static_cast<int>((in + kChunk - 1) / kChunk); }
