@@ -207,3 +207,50 @@ TEST_CASE("served on CUDA, requests choosing adapters get the tokens they get al
   rt->serve(queue, 64);
   CHECK_THAT(error, Catch::Contains("2 adapters are loaded and on cuda:0 float32") && Catch::Contains("each request chooses one"));
 }
+
+TEST_CASE("on CUDA, adapters load, swap and unload between steps and serve what they serve from the start", "[cuda][peft]") {
+  // The CUDA backend's membership and swap hooks: groups rebuilt and graphs dropped. A runtime
+  // that loads "bible" and then swaps it for peft's adapter must give the tokens of runtimes
+  // that had each adapter from the start (float32, served one request at a time).
+  const std::string head = "[loom]\ndevice = \"cuda\"\n[model]\npath = \"" + (source_dir() / "models/tiny-kjv").string() +
+                           "\"\ndtype = \"float32\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n";
+  const std::string tail = "[scheduler]\nmax_seqs = 4\nmax_batched_tokens = 64\n[run]\nprompt = [1]\n";
+  auto table = [&](const char *fixture) {
+    return std::string("use = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\nweights = \"") +
+           (source_dir() / "tests/fixtures/peft" / fixture).string() + "\"\n";
+  };
+  auto tokens = [&](loom::Runtime &rt, const std::optional<std::string> &adapter) {
+    loom::RequestQueue queue;
+    std::vector<int32_t> out;
+    std::string error;
+    loom::ServeRequest r;
+    r.prompt = {1, 140, 7, 33, 512};
+    r.max_new_tokens = 10;
+    r.adapter = adapter;
+    r.on_done = [&](const loom::SequenceResult &res, const std::string &e) {
+      out = res.tokens;
+      error = e;
+    };
+    queue.submit(std::move(r));
+    queue.close();
+    rt.serve(queue, 64);
+    CHECK(error.empty());
+    return out;
+  };
+  auto from_start = [&](const char *fixture) {
+    auto rt = loom::Runtime::from_string(head + "[[adapter]]\nname = \"a\"\n" + table(fixture) + tail);
+    return tokens(*rt, std::string("a"));
+  };
+  const auto bible = from_start("loom-lora"), peft = from_start("peft-lora");
+  auto rt = loom::Runtime::from_string(head + tail);
+  const auto base = tokens(*rt, std::nullopt);
+  rt->load_adapter("a", table("loom-lora"));
+  CHECK(tokens(*rt, std::string("a")) == bible);
+  CHECK(tokens(*rt, std::string("")) == base);
+  rt->swap("a", table("peft-lora"));
+  CHECK(tokens(*rt, std::string("a")) == peft);
+  rt->unload_adapter("a");
+  CHECK(tokens(*rt, std::nullopt) == base);
+  CHECK(bible != base);
+  CHECK_THROWS_WITH(rt->load_adapter("b", "use = \"bottleneck\"\n"), Catch::Contains("this adapter has no CUDA path"));
+}
