@@ -48,9 +48,7 @@ struct BeamRow {
 std::string named(const Instance &link) { return link.slot() + " (" + link.desc().name + ")"; }
 
 const loom_sampler_beams *beams_of(const Instance &link) {
-  const auto *vt = link.vtable<loom_sampler_vtable>();
-  const auto *beams = static_cast<const loom_sampler_beams *>(
-      vt->life.get_extension ? vt->life.get_extension(link.handle(), LOOM_SAMPLER_BEAMS_EXTENSION) : nullptr);
+  const auto *beams = link.extension<loom_sampler_beams>(LOOM_SAMPLER_BEAMS_EXTENSION);
   if (!LOOM_HAS_FIELD(beams, loom_sampler_beams, finish) || beams->width == nullptr || beams->finish == nullptr)
     throw runtime_error(named(link) + ": declares LOOM_SAMPLER_BEAMS but offers no " LOOM_SAMPLER_BEAMS_EXTENSION);
   return beams;

@@ -1,5 +1,6 @@
 #include "cpu_backend.hpp"
 
+#include "adapter_sites.hpp"
 #include "adapter_weights.hpp"
 
 #include <algorithm>
@@ -693,31 +694,23 @@ std::vector<loom_adapter_site *> CpuBackend::attach_all(Instance &adapter) {
   const bool blocks = adapter.library().descriptor().abi_minor >= 6;
   // Prefix sites go to an instance that says how many virtual tokens it adds, without asking
   // targets(); one prefix adapter per pipeline, so that every sequence has one prefix.
-  const bool prefix = virtual_tokens(adapter) > 0;
+  const bool prefix = adapter_virtual_tokens(adapter) > 0;
   if (prefix) {
     if (config_.architecture == Architecture::gpt2 || config_.sliding_window > 0)
       throw runtime_error(adapter.slot() + " (" + adapter.desc().name + "): prefix tuning runs on Llama-family models without a sliding window");
     // (An instance in the same slot is the one a swap replaces.)
     for (const auto &other : pipeline_.list(LOOM_KIND_ADAPTER))
-      if (other.get() != &adapter && other->slot() != adapter.slot() && virtual_tokens(*other) > 0)
+      if (other.get() != &adapter && other->slot() != adapter.slot() && adapter_virtual_tokens(*other) > 0)
         throw runtime_error(adapter.slot() + ": " + other->slot() + " is a prefix adapter already; one per pipeline");
   }
   auto one = [&](Linear &l) {
     // Prefix sites without asking targets(); block sites only for 1.6 libraries.
     const bool wanted = l.prefix ? prefix : (!l.block || blocks) && vt->targets(adapter.handle(), l.name.c_str());
-    loom_adapter_site *site = nullptr;
-    if (wanted) {
-      loom_adapter_module m{};
-      m.struct_size = sizeof(m);
-      m.module_name = l.name.c_str();
-      m.out_features = l.out;
-      m.in_features = l.in;
-      m.dtype = kF32;
-      m.device = {kDLCPU, 0};
-      m.site = l.prefix ? LOOM_ADAPTER_SITE_ATTENTION_PREFIX : l.block ? LOOM_ADAPTER_SITE_BLOCK : LOOM_ADAPTER_SITE_LINEAR;
-      adapter.check(vt->attach(adapter.handle(), &m, &site), ("attach " + l.name).c_str());
-    }
-    sites.push_back(site);
+    sites.push_back(wanted ? attach_adapter_site(adapter, l.name, l.in, l.out, kF32, {kDLCPU, 0},
+                                                 l.prefix  ? LOOM_ADAPTER_SITE_ATTENTION_PREFIX
+                                                 : l.block ? LOOM_ADAPTER_SITE_BLOCK
+                                                           : LOOM_ADAPTER_SITE_LINEAR)
+                           : nullptr);
   };
   for (Linear *l : sited_) one(*l);
   load_adapter_weights(adapter);  // [[adapter]] weights = "dir", once every site exists
@@ -922,18 +915,10 @@ void CpuBackend::block_adapters(Linear &block, float *out, int64_t n) {
   apply_adapters(block, block_in_.data(), n, out);
 }
 
-int64_t CpuBackend::virtual_tokens(const Instance &adapter) {
-  const auto *vt = adapter.vtable<loom_adapter_vtable>();
-  if (vt->life.get_extension == nullptr) return 0;
-  const auto *ext = static_cast<const loom_adapter_prefix_ext *>(
-      vt->life.get_extension(adapter.handle(), LOOM_ADAPTER_PREFIX_EXTENSION));
-  return ext != nullptr && LOOM_HAS_FIELD(ext, loom_adapter_prefix_ext, virtual_tokens) ? ext->virtual_tokens : 0;
-}
-
 void CpuBackend::prefix_rows(Layer &layer, float *k, float *v) {
   const int64_t kv = layer.attn_prefix->out / 2;
   for (auto &[instance, site] : layer.attn_prefix->sites) {
-    const int64_t P = virtual_tokens(*instance);
+    const int64_t P = adapter_virtual_tokens(*instance);
     std::vector<float> y(static_cast<size_t>(P * 2 * kv), 0.0f);
     View yv(y.data(), kF32, {P, 2 * kv});
     loom_adapter_io io{};
@@ -962,7 +947,7 @@ void CpuBackend::plan_adapter_rows(const StepBatch &batch) {
       if (all[k].get() == prefix) prefix_index = static_cast<int32_t>(k);
   }
   if (prefix != nullptr) {
-    const int64_t P = virtual_tokens(*prefix);
+    const int64_t P = adapter_virtual_tokens(*prefix);
     for (int64_t s = 0; s < batch.n_seqs(); ++s) {
       const int32_t choice = batch.seq_adapters.empty() ? StepBatch::kEveryAdapter : batch.seq_adapters[static_cast<size_t>(s)];
       if (choice != StepBatch::kEveryAdapter && choice != prefix_index) continue;

@@ -219,8 +219,6 @@ class CpuBackend final : public ModelBackend {
   // adapter's virtual tokens) get that adapter's keys and values for layer `layer` in k and v
   // (after RoPE: they are used as they are). See plan_adapter_rows.
   void prefix_rows(Layer &layer, float *k, float *v);
-  // Virtual tokens of `adapter` (loom.adapter.prefix/1), 0 when it is no prefix adapter.
-  static int64_t virtual_tokens(const Instance &adapter);
 
   // y[n, out] = x[n, in] W^T + b through the quantizer and adapters.
   void linear(Linear &lin, float *x, int64_t n, float *y);

@@ -3,23 +3,11 @@
 
 #include <algorithm>
 
+#include "adapter_sites.hpp"
 #include "adapter_weights.hpp"
 #include "loom/core/error.hpp"
 
 namespace loom {
-
-namespace {
-
-const loom_adapter_gathered_ext *gathered_of(const Instance &adapter) {
-  const auto *vt = adapter.vtable<loom_adapter_vtable>();
-  const auto *ext = vt->life.get_extension == nullptr
-                        ? nullptr
-                        : static_cast<const loom_adapter_gathered_ext *>(
-                              vt->life.get_extension(adapter.handle(), LOOM_ADAPTER_GATHERED_EXTENSION));
-  return ext != nullptr && LOOM_HAS_FIELD(ext, loom_adapter_gathered_ext, free_group) ? ext : nullptr;
-}
-
-} // namespace
 
 CudaAdapters::CudaAdapters(const ModelConfig &config, DLDevice device, DLDataType act, std::string source_name)
     : config_(config), device_(device), act_(act), source_name_(std::move(source_name)) {
@@ -41,7 +29,7 @@ CudaAdapters::~CudaAdapters() { free_groups(); }
 
 std::vector<loom_adapter_site *> CudaAdapters::attach(Instance &adapter) const {
   const std::string who = source_name_ + ": " + adapter.slot() + " (" + adapter.desc().name + ")";
-  const auto *ext = gathered_of(adapter);
+  const auto *ext = adapter_gathered(adapter);
   if (ext == nullptr)
     throw runtime_error(who + ": this adapter has no CUDA path (" + LOOM_ADAPTER_GATHERED_EXTENSION +
                         "); run it on the CPU backend (loom.device = \"cpu\")");
@@ -57,15 +45,7 @@ std::vector<loom_adapter_site *> CudaAdapters::attach(Instance &adapter) const {
   for (size_t i = 0; i < modules_.size(); ++i) {
     const Site &m = modules_[i];
     if (!vt->targets(adapter.handle(), m.name.c_str())) continue;
-    loom_adapter_module module{};
-    module.struct_size = sizeof(module);
-    module.module_name = m.name.c_str();
-    module.in_features = m.in;
-    module.out_features = m.out;
-    module.dtype = act_;
-    module.device = device_;
-    module.site = LOOM_ADAPTER_SITE_LINEAR;
-    adapter.check(vt->attach(adapter.handle(), &module, &sites[i]), ("attach " + m.name).c_str());
+    sites[i] = attach_adapter_site(adapter, m.name, m.in, m.out, act_, device_, LOOM_ADAPTER_SITE_LINEAR);
     any = true;
   }
   if (!any) throw runtime_error(who + ": its target modules match none of the model's linears");
@@ -74,7 +54,7 @@ std::vector<loom_adapter_site *> CudaAdapters::attach(Instance &adapter) const {
 }
 
 void CudaAdapters::commit(std::shared_ptr<Instance> adapter, std::vector<loom_adapter_site *> sites, const Instance *replacing) {
-  if (gathered_ == nullptr) gathered_ = gathered_of(*adapter);
+  if (gathered_ == nullptr) gathered_ = adapter_gathered(*adapter);
   auto at = std::find_if(adapters_.begin(), adapters_.end(), [&](const auto &a) { return a.get() == replacing; });
   const size_t k = replacing != nullptr && at != adapters_.end() ? static_cast<size_t>(at - adapters_.begin()) : adapters_.size();
   if (k == adapters_.size()) {

@@ -396,11 +396,7 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
                         "): adapters over a quantized base run on the CPU backend only; use loom.device = \"cpu\"");
   if (auto list = pipeline_.list(LOOM_KIND_QUANTIZER); !list.empty()) {
     quantizer_ = list.front();
-    const auto *vt = quantizer_->vtable<loom_quantizer_vtable>();
-    const auto *ext = vt->life.get_extension
-                          ? static_cast<const loom_quantizer_fused *>(
-                                vt->life.get_extension(quantizer_->handle(), LOOM_QUANTIZER_FUSED_EXTENSION))
-                          : nullptr;
+    const auto *ext = quantizer_->extension<loom_quantizer_fused>(LOOM_QUANTIZER_FUSED_EXTENSION);
     if (ext && LOOM_HAS_FIELD(ext, loom_quantizer_fused, linear_fused) && ext->max_rows && ext->linear_fused &&
         !env_off("LOOM_CUDA_QUANT_FUSED"))
       quant_fused_ = ext;

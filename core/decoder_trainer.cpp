@@ -7,6 +7,7 @@
 #include <span>
 #include <type_traits>
 
+#include "adapter_sites.hpp"
 #include "adapter_weights.hpp"
 #include "grad_ops.hpp"
 #include "loom/core/error.hpp"
@@ -491,78 +492,49 @@ void DecoderTrainer<T>::attach_adapters(const std::vector<std::shared_ptr<Instan
   } else {
     if (!adapters.empty() && config_.architecture == Architecture::gpt2)
       throw runtime_error("training: adapters on GPT-2 are not supported yet (the Llama family's linears are)");
+    const DLDataType f32{kDLFloat, 32, 1};
+    // "model.layers.0.self_attn.o_proj.weight" -> "model.layers.0.self_attn.o_proj", and with
+    // `block` the module around it ("model.layers.0.self_attn").
+    auto module_of = [&](size_t w, bool block) {
+      std::string name = params_[w].name.substr(0, params_[w].name.size() - std::string(".weight").size());
+      return block ? name.substr(0, name.rfind('.')) : name;
+    };
+    block_sites_.resize(layers_.size());
     for (const auto &adapter : adapters) {
       const auto *vt = adapter->vtable<loom_adapter_vtable>();
       if (vt->backward == nullptr)
         throw runtime_error(adapter->slot() + " (" + adapter->desc().name + "): the adapter has no backward; it cannot train");
       int attached = 0;
+      auto attach = [&](const std::string &module, int64_t in, int64_t out, loom_adapter_site_kind kind) {
+        ++attached;
+        return Site{adapter.get(), attach_adapter_site(*adapter, module, in, out, f32, {kDLCPU, 0}, kind)};
+      };
+      // Linear sites: the layers' projections the adapter targets.
       for (const Layer &L : layers_)
-        for (const size_t w : {L.q, L.k, L.v, L.o, L.gate, L.up, L.down}) {
-          const std::string module = params_[w].name.substr(0, params_[w].name.size() - std::string(".weight").size());
-          if (!vt->targets(adapter->handle(), module.c_str())) continue;
-          loom_adapter_module m{};
-          m.struct_size = sizeof(m);
-          m.module_name = module.c_str();
-          m.out_features = params_[w].shape[0];
-          m.in_features = params_[w].shape[1];
-          m.dtype = {kDLFloat, 32, 1};
-          m.device = {kDLCPU, 0};
-          loom_adapter_site *site = nullptr;
-          adapter->check(vt->attach(adapter->handle(), &m, &site), ("attach " + module).c_str());
-          sites_[w].push_back(Site{adapter.get(), site});
-          ++attached;
-        }
+        for (const size_t w : {L.q, L.k, L.v, L.o, L.gate, L.up, L.down})
+          if (const std::string module = module_of(w, false); vt->targets(adapter->handle(), module.c_str()))
+            sites_[w].push_back(attach(module, params_[w].shape[1], params_[w].shape[0], LOOM_ADAPTER_SITE_LINEAR));
       // Block sites (ABI 1.6): each layer's attention and MLP outputs, offered to libraries that
       // know the site field.
-      block_sites_.resize(layers_.size());
       if (adapter->library().descriptor().abi_minor >= 6)
         for (size_t l = 0; l < layers_.size(); ++l)
-          for (int b = 0; b < 2; ++b) {
-            const std::string &from = params_[b == 0 ? layers_[l].o : layers_[l].down].name;  // "...self_attn.o_proj.weight"
-            const std::string module = from.substr(0, from.rfind('.', from.size() - std::string(".weight").size() - 1));
-            if (!vt->targets(adapter->handle(), module.c_str())) continue;
-            loom_adapter_module m{};
-            m.struct_size = sizeof(m);
-            m.module_name = module.c_str();
-            m.out_features = m.in_features = config_.hidden_size;
-            m.dtype = {kDLFloat, 32, 1};
-            m.device = {kDLCPU, 0};
-            m.site = LOOM_ADAPTER_SITE_BLOCK;
-            loom_adapter_site *site = nullptr;
-            adapter->check(vt->attach(adapter->handle(), &m, &site), ("attach " + module).c_str());
-            block_sites_[l][static_cast<size_t>(b)].push_back(Site{adapter.get(), site});
-            ++attached;
-          }
+          for (size_t b = 0; b < 2; ++b)
+            if (const std::string module = module_of(b == 0 ? layers_[l].o : layers_[l].down, true);
+                vt->targets(adapter->handle(), module.c_str()))
+              block_sites_[l][b].push_back(attach(module, config_.hidden_size, config_.hidden_size, LOOM_ADAPTER_SITE_BLOCK));
       // Prefix sites (ABI 1.6): each layer's attention, for instances that say how many virtual
       // tokens they add (loom.adapter.prefix/1).
-      const auto *ext = vt->life.get_extension == nullptr
-                            ? nullptr
-                            : static_cast<const loom_adapter_prefix_ext *>(
-                                  vt->life.get_extension(adapter->handle(), LOOM_ADAPTER_PREFIX_EXTENSION));
-      if (ext != nullptr && LOOM_HAS_FIELD(ext, loom_adapter_prefix_ext, virtual_tokens)) {
+      if (const int64_t virtual_n = adapter_virtual_tokens(*adapter); virtual_n > 0) {
         if (prefix_tokens_ > 0) throw runtime_error(adapter->slot() + ": one prefix adapter at a time");
         if (config_.sliding_window > 0)
           throw runtime_error(adapter->slot() + " (" + adapter->desc().name + "): prefix tuning on a sliding-window model is not supported");
-        if (ext->virtual_tokens < 1 || ext->virtual_tokens >= config_.max_positions)
-          throw runtime_error(adapter->slot() + ": " + std::to_string(ext->virtual_tokens) + " virtual tokens do not fit the model's positions");
-        prefix_sites_.assign(layers_.size(), {});
-        for (size_t l = 0; l < layers_.size(); ++l) {
-          const std::string &from = params_[layers_[l].o].name;
-          const std::string module = from.substr(0, from.rfind('.', from.size() - std::string(".weight").size() - 1));
-          loom_adapter_module m{};
-          m.struct_size = sizeof(m);
-          m.module_name = module.c_str();
-          m.in_features = config_.hidden_size;
-          m.out_features = 2 * config_.n_kv_heads * config_.head_dim;
-          m.dtype = {kDLFloat, 32, 1};
-          m.device = {kDLCPU, 0};
-          m.site = LOOM_ADAPTER_SITE_ATTENTION_PREFIX;
-          loom_adapter_site *site = nullptr;
-          adapter->check(vt->attach(adapter->handle(), &m, &site), ("attach " + module).c_str());
-          prefix_sites_[l] = Site{adapter.get(), site};
-          ++attached;
-        }
-        prefix_tokens_ = ext->virtual_tokens;
+        if (virtual_n >= config_.max_positions)
+          throw runtime_error(adapter->slot() + ": " + std::to_string(virtual_n) + " virtual tokens do not fit the model's positions");
+        prefix_sites_.clear();
+        for (const Layer &L : layers_)
+          prefix_sites_.push_back(attach(module_of(L.o, true), config_.hidden_size, 2 * config_.n_kv_heads * config_.head_dim,
+                                         LOOM_ADAPTER_SITE_ATTENTION_PREFIX));
+        prefix_tokens_ = virtual_n;
       }
       if (attached == 0)
         throw runtime_error(adapter->slot() + " (" + adapter->desc().name +

@@ -1,5 +1,6 @@
 #include "model_decoder.hpp"
 
+#include "adapter_sites.hpp"
 #include "calibration.hpp"
 #include "cpu_backend.hpp"
 
@@ -91,6 +92,8 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevic
         if (t.dtype == SafetensorsDtype::BF16 || t.dtype == SafetensorsDtype::F16) options.half_checkpoint = true;
     backend_ = make_backend(config_, ModelWeights::load(config_, checkpoint), pipeline, options);
     if (tokenizer_ && vocabulary) vocabulary->set_source(tokenizer_, config_.eos_token_ids);
+    if (tokenizer_)
+      if (const auto bos = tokenizer_->encode("", true); !bos.empty()) placeholder_ = bos.front();
   }
   const RunSpec &run = manifest.run;
   if (!run.prompts.empty()) {
@@ -312,23 +315,14 @@ int64_t ModelDecoder::virtual_tokens(const std::optional<std::string> &choice) c
   if (choice && choice->empty()) return 0;
   for (const auto &a : pipeline_.list(LOOM_KIND_ADAPTER)) {
     if (choice && a->slot() != *choice) continue;
-    const auto *vt = a->vtable<loom_adapter_vtable>();
-    const auto *ext = vt->life.get_extension == nullptr
-                          ? nullptr
-                          : static_cast<const loom_adapter_prefix_ext *>(vt->life.get_extension(a->handle(), LOOM_ADAPTER_PREFIX_EXTENSION));
-    if (ext != nullptr && LOOM_HAS_FIELD(ext, loom_adapter_prefix_ext, virtual_tokens)) return ext->virtual_tokens;
+    if (const int64_t n = adapter_virtual_tokens(*a); n > 0) return n;
   }
   return 0;
 }
 
 std::vector<int32_t> ModelDecoder::with_virtual_tokens(int64_t n, const std::vector<int32_t> &prompt) const {
   if (n == 0) return prompt;
-  // The placeholders' ids do not matter to the model (the backend gives those positions the
-  // adapter's keys and values); the tokenizer's BOS keeps sampler histories plausible.
-  int32_t placeholder = 0;
-  if (tokenizer_)
-    if (const auto bos = tokenizer_->encode("", true); !bos.empty()) placeholder = bos.front();
-  std::vector<int32_t> out(static_cast<size_t>(n), placeholder);
+  std::vector<int32_t> out(static_cast<size_t>(n), placeholder_);
   out.insert(out.end(), prompt.begin(), prompt.end());
   return out;
 }

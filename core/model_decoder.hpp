@@ -185,6 +185,10 @@ class ModelDecoder {
     std::set<std::string> draining;
   } adapter_use_;
   std::atomic<uint64_t> merges_{0}; // merge/unmerge calls, part of the prefix-cache domain
+  // The id of a prefix adapter's placeholder tokens: the tokenizer's BOS (their ids do not matter
+  // to the model, whose backend gives those positions the adapter's keys and values; BOS keeps
+  // sampler histories plausible), else 0.
+  int32_t placeholder_ = 0;
 };
 
 } // namespace loom

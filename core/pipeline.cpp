@@ -56,14 +56,28 @@ std::vector<std::string> Pipeline::slots() const {
   return out;
 }
 
-void Pipeline::set_activate_hook(loom_kind kind, ActivateHook hook) {
-  std::lock_guard lock(slots_mutex_);
-  for (auto &h : hooks_)
+namespace {
+
+// A driver's hook per kind: set (replacing the kind's), and looked up (a copy: empty when none).
+template <class H> void set_for_kind(std::vector<std::pair<loom_kind, H>> &hooks, loom_kind kind, H hook) {
+  for (auto &h : hooks)
     if (h.first == kind) {
       h.second = std::move(hook);
       return;
     }
-  hooks_.emplace_back(kind, std::move(hook));
+  hooks.emplace_back(kind, std::move(hook));
+}
+template <class H> H for_kind(const std::vector<std::pair<loom_kind, H>> &hooks, loom_kind kind) {
+  for (const auto &h : hooks)
+    if (h.first == kind) return h.second;
+  return {};
+}
+
+} // namespace
+
+void Pipeline::set_activate_hook(loom_kind kind, ActivateHook hook) {
+  std::lock_guard lock(slots_mutex_);
+  set_for_kind(hooks_, kind, std::move(hook));
 }
 
 namespace {
@@ -74,12 +88,7 @@ std::string describe(const Instance &i) {
 
 void Pipeline::set_membership_hooks(loom_kind kind, MembershipHooks hooks) {
   std::lock_guard lock(slots_mutex_);
-  for (auto &h : membership_hooks_)
-    if (h.first == kind) {
-      h.second = std::move(hooks);
-      return;
-    }
-  membership_hooks_.emplace_back(kind, std::move(hooks));
+  set_for_kind(membership_hooks_, kind, std::move(hooks));
 }
 
 void Pipeline::add(const ComponentSpec &spec) {
@@ -98,8 +107,7 @@ void Pipeline::add(const ComponentSpec &spec) {
   MembershipHooks hooks;
   {
     std::lock_guard lock(slots_mutex_);
-    for (auto &h : membership_hooks_)
-      if (h.first == spec.kind) hooks = h.second;
+    hooks = for_kind(membership_hooks_, spec.kind);
   }
   std::function<void()> commit;
   if (hooks.attach) commit = hooks.attach(*fresh); // may veto: `fresh` is destroyed on unwind
@@ -122,8 +130,7 @@ void Pipeline::remove(std::string_view slot) {
   MembershipHooks hooks;
   {
     std::lock_guard lock(slots_mutex_);
-    for (auto &h : membership_hooks_)
-      if (h.first == leaving->desc().kind) hooks = h.second;
+    hooks = for_kind(membership_hooks_, leaving->desc().kind);
   }
   if (hooks.detach) hooks.detach(*leaving);
   {
@@ -157,8 +164,7 @@ SwapReport Pipeline::swap(const ComponentSpec &spec) {
   ActivateHook hook;
   {
     std::lock_guard lock(slots_mutex_);
-    for (auto &h : hooks_)
-      if (h.first == spec.kind) hook = h.second;
+    hook = for_kind(hooks_, spec.kind);
   }
   const loom_lifecycle &from = old->lifecycle();
   const loom_lifecycle &to = fresh->lifecycle();

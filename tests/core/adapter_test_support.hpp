@@ -1,9 +1,11 @@
-// Shared by the adapter tests of core_train_test (bottleneck_test.cpp, prefix_test.cpp): a
-// pipeline built from manifest text, and an adapter's parameters as the plugin lists them.
+// Shared by the adapter tests of core_train_test (bottleneck_test.cpp, prefix_test.cpp): the
+// default model, a pipeline built from manifest text, an adapter's parameters as the plugin
+// lists them, a short loom train of an adapter, and the trainer against the CPU engine.
 #pragma once
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <utility>
 #include <string>
@@ -14,11 +16,35 @@
 #include "loom/core/manifest.hpp"
 #include "loom/core/model_weights.hpp"
 #include "loom/core/safetensors.hpp"
+#include "loom/core/training.hpp"
 #include "loom/core/pipeline.hpp"
 #include "loom/core/registry.hpp"
 #include "loom/loom_plugin_api.h"
 
+#include <nlohmann/json.hpp>
+
 namespace loom_test {
+
+inline const std::filesystem::path kSource = LOOM_SOURCE_DIR;
+inline const std::filesystem::path kKjv = kSource / "models/tiny-kjv";
+// The head of the adapter tests' manifests: the default model on the CPU.
+inline const std::string kKjvHead = "[loom]\ndevice = \"cpu\"\nseed = 5\n[model]\npath = \"" + kKjv.string() + "\"\n";
+
+// loom train of the [[adapter]] `table` over the frozen default model on this repository's
+// DESIGN.md (a text it has never seen): 12 steps of 4 x 32 tokens at `lr`, quiet, into `out`.
+inline loom::TrainResult train_on_design(const std::string &table, const std::filesystem::path &out, double lr) {
+  const std::string train = "[train]\ndata = \"" + (kSource / "DESIGN.md").string() +
+                            "\"\nvalidation_fraction = 0.1\nseq_len = 32\nbatch_size = 4\nsteps = 12\nlr = " +
+                            std::to_string(lr) + "\nwarmup = 2\neval_every = 0\nout = \"" + out.string() + "\"\n";
+  loom::TrainOptions quiet;
+  quiet.progress = false;
+  return loom::train(loom::parse_manifest_string(kKjvHead + table + train, "adapter_train.toml"), quiet);
+}
+
+inline nlohmann::json read_json(const std::filesystem::path &path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
 
 struct Built {
   loom::Manifest manifest;

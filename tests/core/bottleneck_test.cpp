@@ -33,9 +33,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kSource = LOOM_SOURCE_DIR;
-const fs::path kKjv = kSource / "models/tiny-kjv";
-
+using loom_test::kKjv;
+using loom_test::kKjvHead;
+using loom_test::kSource;
 using loom_test::Built;
 using loom_test::build;
 using loom_test::Param;
@@ -70,18 +70,12 @@ TEST_CASE("a bottleneck adapter's gradients through the trainer match finite dif
 TEST_CASE("loom train trains a bottleneck adapter that the engine then runs with the trainer's logits", "[train][peft]") {
   const fs::path out = fs::temp_directory_path() / ("loom_bottleneck_" + std::to_string(::getpid()));
   fs::remove_all(out);
-  const std::string head = "[loom]\ndevice = \"cpu\"\nseed = 5\n[model]\npath = \"" + kKjv.string() + "\"\n";
-  const std::string train = "[train]\ndata = \"" + (kSource / "DESIGN.md").string() +
-                            "\"\nvalidation_fraction = 0.1\nseq_len = 32\nbatch_size = 4\nsteps = 12\nlr = 3e-3\nwarmup = 2\n"
-                            "eval_every = 0\nout = \"" + out.string() + "\"\n";
-  loom::TrainOptions quiet;
-  quiet.progress = false;
-  const loom::TrainResult r = loom::train(loom::parse_manifest_string(head + kTable + train, "bottleneck.toml"), quiet);
+  const std::string &head = kKjvHead;
+  const loom::TrainResult r = loom_test::train_on_design(kTable, out, 3e-3);
   CHECK_THAT(r.device, Catch::Contains("adapters only (base frozen)"));
   REQUIRE(r.val_loss.size() == 2);
   CHECK(r.val_loss.back().second < r.val_loss.front().second - 0.25);  // it learns the new text
-  std::ifstream config_in(r.adapter_dir / "adapter_config.json");
-  const auto config_json = nlohmann::json::parse(config_in);
+  const auto config_json = loom_test::read_json(r.adapter_dir / "adapter_config.json");
   CHECK(config_json["peft_type"] == "LOOM");
   CHECK(config_json["loom_component"] == "bottleneck");
   CHECK(config_json["loom_config"]["size"] == 16);

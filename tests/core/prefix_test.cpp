@@ -32,9 +32,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kSource = LOOM_SOURCE_DIR;
-const fs::path kKjv = kSource / "models/tiny-kjv";
-
+using loom_test::kKjv;
+using loom_test::kKjvHead;
+using loom_test::kSource;
 using loom_test::Built;
 using loom_test::build;
 using loom_test::Param;
@@ -71,18 +71,12 @@ TEST_CASE("a prefix adapter's gradients through the trainer match finite differe
 TEST_CASE("loom train trains a prefix adapter that the engine then runs with the trainer's logits", "[train][peft]") {
   const fs::path out = fs::temp_directory_path() / ("loom_prefix_" + std::to_string(::getpid()));
   fs::remove_all(out);
-  const std::string head = "[loom]\ndevice = \"cpu\"\nseed = 5\n[model]\npath = \"" + kKjv.string() + "\"\n";
+  const std::string &head = kKjvHead;
   const std::string table = "[[adapter]]\nuse = \"prefix\"\nnum_virtual_tokens = 6\nprojection = true\nencoder_hidden_size = 32\n";
-  const std::string train = "[train]\ndata = \"" + (kSource / "DESIGN.md").string() +
-                            "\"\nvalidation_fraction = 0.1\nseq_len = 32\nbatch_size = 4\nsteps = 12\nlr = 1e-2\nwarmup = 2\n"
-                            "eval_every = 0\nout = \"" + out.string() + "\"\n";
-  loom::TrainOptions quiet;
-  quiet.progress = false;
-  const loom::TrainResult r = loom::train(loom::parse_manifest_string(head + table + train, "prefix.toml"), quiet);
+  const loom::TrainResult r = loom_test::train_on_design(table, out, 1e-2);
   REQUIRE(r.val_loss.size() == 2);
   CHECK(r.val_loss.back().second < r.val_loss.front().second - 0.25);  // it learns the new text
-  std::ifstream config_in(r.adapter_dir / "adapter_config.json");
-  const auto config_json = nlohmann::json::parse(config_in);
+  const auto config_json = loom_test::read_json(r.adapter_dir / "adapter_config.json");
   CHECK(config_json["loom_component"] == "prefix");
   CHECK(config_json["loom_config"]["num_virtual_tokens"] == 6);
 

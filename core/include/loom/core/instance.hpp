@@ -42,6 +42,13 @@ class Instance {
   void *handle() const { return handle_; }
   template <class VT> const VT *vtable() const { return static_cast<const VT *>(desc_->vtable); }
   const loom_lifecycle &lifecycle() const;
+  // The instance's extension table `id` (lifecycle get_extension), as T; nullptr when the
+  // component has no get_extension or does not offer the id. Callers check its fields with
+  // LOOM_HAS_FIELD.
+  template <class T> const T *extension(const char *id) const {
+    const loom_lifecycle &life = lifecycle();
+    return life.get_extension == nullptr ? nullptr : static_cast<const T *>(life.get_extension(handle_, id));
+  }
   const loom_component_desc &desc() const { return *desc_; }
   const PluginLibrary &library() const { return *library_; }
   loom_host_ctx *ctx() const { return ctx_.get(); }
