@@ -77,6 +77,11 @@ void CudaAdapters::remove(const Instance *adapter) {
   on_ = !adapters_.empty();
 }
 
+Instance *CudaAdapters::site_owner(const Site &m) const {
+  const auto first = std::find_if(m.sites.begin(), m.sites.end(), [](loom_adapter_site *s) { return s != nullptr; });
+  return first == m.sites.end() ? nullptr : adapters_[static_cast<size_t>(first - m.sites.begin())].get();
+}
+
 void CudaAdapters::free_groups() {
   for (Site &m : modules_) {
     if (m.group != nullptr && gathered_ != nullptr) gathered_->free_group(m.group);
@@ -91,10 +96,9 @@ void CudaAdapters::rebuild(int64_t max_rows) {
   std::vector<void *> handles;
   for (const auto &a : adapters_) handles.push_back(a->handle());
   for (Site &m : modules_) {
-    const auto first = std::find_if(m.sites.begin(), m.sites.end(), [](loom_adapter_site *s) { return s != nullptr; });
-    if (first == m.sites.end()) continue;
-    Instance &owner = *adapters_[static_cast<size_t>(first - m.sites.begin())];
-    owner.check(gathered_->create_group(handles.data(), m.sites.data(), static_cast<int32_t>(m.sites.size()), max_rows, &m.group),
+    Instance *owner = site_owner(m);
+    if (owner == nullptr) continue;
+    owner->check(gathered_->create_group(handles.data(), m.sites.data(), static_cast<int32_t>(m.sites.size()), max_rows, &m.group),
                 ("group " + m.name).c_str());
   }
 }
@@ -121,7 +125,7 @@ void CudaAdapters::apply(int32_t layer, const Module *ms, const int64_t *col0s, 
   const loom_adapter_io *io_ptrs[kMax];
   loom_adapter_group *groups[kMax];
   Instance *owner = nullptr; // errors are reported through a group's first instance
-  std::string names;
+  const std::string *named[kMax];
   int n = 0;
   for (int i = 0; i < count && i < kMax; ++i) {
     Site &site = modules_[static_cast<size_t>(layer) * kModules + ms[i]];
@@ -137,19 +141,24 @@ void CudaAdapters::apply(int32_t layer, const Module *ms, const int64_t *col0s, 
     ios[n].y = &yt[n];
     io_ptrs[n] = &ios[n];
     groups[n] = site.group;
-    const auto first = std::find_if(site.sites.begin(), site.sites.end(), [](loom_adapter_site *s) { return s != nullptr; });
-    if (owner == nullptr) owner = adapters_[static_cast<size_t>(first - site.sites.begin())].get();
-    names += (names.empty() ? "" : ", ") + site.name;
+    if (owner == nullptr) owner = site_owner(site);
+    named[n] = &site.name;
     ++n;
   }
   if (n == 0) return;
   DLTensor rt{const_cast<int32_t *>(d_rows), device_, 1, DLDataType{kDLInt, 32, 1}, r_shape, nullptr, 0};
-  const std::string what = "adapters on " + names;
+  // (The message is made on failure only: this runs for every module group of every step.)
+  auto check = [&](loom_status status) {
+    if (status == LOOM_OK) return;
+    std::string what = "adapters on";
+    for (int i = 0; i < n; ++i) what += (i ? ", " : " ") + *named[i];
+    owner->check(status, what.c_str());
+  };
   if (n > 1 && LOOM_HAS_FIELD(gathered_, loom_adapter_gathered_ext, forward_groups) && gathered_->forward_groups != nullptr) {
-    owner->check(gathered_->forward_groups(groups, io_ptrs, n, &rt), what.c_str());
+    check(gathered_->forward_groups(groups, io_ptrs, n, &rt));
     return;
   }
-  for (int i = 0; i < n; ++i) owner->check(gathered_->forward_group(groups[i], io_ptrs[i], &rt), what.c_str());
+  for (int i = 0; i < n; ++i) check(gathered_->forward_group(groups[i], io_ptrs[i], &rt));
 }
 
 } // namespace loom

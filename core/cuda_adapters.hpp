@@ -70,6 +70,8 @@ class CudaAdapters {
     loom_adapter_group *group = nullptr;
   };
   void free_groups();
+  // The first adapter with a site on module m (its group reports through it), or nullptr.
+  Instance *site_owner(const Site &m) const;
 
   ModelConfig config_;
   DLDevice device_;

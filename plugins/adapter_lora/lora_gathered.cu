@@ -31,7 +31,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 // k groups give a rank-16 adapter 4, so a decode step's few rows still fill the GPU.
 constexpr int kChunk = kThreads * 8;
 constexpr int kRankGroup = 4;  // k values a block computes (blocks over (row, chunk, launch x k group))
-constexpr int kMaxRank = 64;
 
 struct Launches {
   GatheredLaunch l[kMaxGathered];
@@ -72,38 +71,35 @@ __global__ void shrink(Launches all) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) xv[i] = j0 + i < l.in ? load(l.x, t * l.in + j0 + i, l.x_bf16) : 0.0f;
   }
-  for (int k0 = k_first; k0 < k_first + kRankGroup && k0 < e.r; k0 += kRankGroup) {
-    float acc[kRankGroup];
+  float acc[kRankGroup];
 #pragma unroll
-    for (int k = 0; k < kRankGroup; ++k) {
-      acc[k] = 0.0f;
-      if (k0 + k >= e.r || j0 >= l.in) continue;
-      const __nv_bfloat16 *row = A + static_cast<int64_t>(k0 + k) * l.in + j0;
-      if (vec) {
-        const uint4 raw = *reinterpret_cast<const uint4 *>(row);
-        const __nv_bfloat162 *p = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+  for (int k = 0; k < kRankGroup; ++k) {
+    acc[k] = 0.0f;
+    if (k_first + k >= e.r || j0 >= l.in) continue;
+    const __nv_bfloat16 *row = A + static_cast<int64_t>(k_first + k) * l.in + j0;
+    if (vec) {
+      const uint4 raw = *reinterpret_cast<const uint4 *>(row);
+      const __nv_bfloat162 *p = reinterpret_cast<const __nv_bfloat162 *>(&raw);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 f = __bfloat1622float2(p[i]);
-          acc[k] += xv[2 * i] * f.x + xv[2 * i + 1] * f.y;
-        }
-      } else {
-        for (int i = 0; i < 8 && j0 + i < l.in; ++i) acc[k] += xv[i] * __bfloat162float(row[i]);
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(p[i]);
+        acc[k] += xv[2 * i] * f.x + xv[2 * i + 1] * f.y;
       }
+    } else {
+      for (int i = 0; i < 8 && j0 + i < l.in; ++i) acc[k] += xv[i] * __bfloat162float(row[i]);
     }
+  }
 #pragma unroll
-    for (int k = 0; k < kRankGroup; ++k) {
-      const float v = warp_sum(acc[k]);
-      if (lane == 0) partial[warp][k] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < kRankGroup && k0 + static_cast<int>(threadIdx.x) < e.r) {
-      float sum = 0.0f;
+  for (int k = 0; k < kRankGroup; ++k) {
+    const float v = warp_sum(acc[k]);
+    if (lane == 0) partial[warp][k] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < kRankGroup && k_first + static_cast<int>(threadIdx.x) < e.r) {
+    float sum = 0.0f;
 #pragma unroll
-      for (int w = 0; w < kThreads / 32; ++w) sum += partial[w][threadIdx.x];
-      l.h[(static_cast<int64_t>(chunk) * l.n + t) * l.r_max + k0 + threadIdx.x] = sum;
-    }
-    __syncthreads();
+    for (int w = 0; w < kThreads / 32; ++w) sum += partial[w][threadIdx.x];
+    l.h[(static_cast<int64_t>(chunk) * l.n + t) * l.r_max + k_first + threadIdx.x] = sum;
   }
 }
 
@@ -163,7 +159,7 @@ int lora_gathered_cuda(const GatheredLaunch *launches, int count, void *stream) 
   int64_t chunks = 1, out_blocks = 1;
   for (int i = 0; i < count; ++i) {
     all.l[i] = launches[i];
-    all.groups = std::max(all.groups, (std::min(launches[i].r_max, kMaxRank) + kRankGroup - 1) / kRankGroup);
+    all.groups = std::max(all.groups, (launches[i].r_max + kRankGroup - 1) / kRankGroup);
     chunks = std::max<int64_t>(chunks, (launches[i].in + kChunk - 1) / kChunk);
     out_blocks = std::max<int64_t>(out_blocks, (launches[i].out + kThreads - 1) / kThreads);
   }

@@ -1,8 +1,9 @@
 // [PEFT] item 4 on CUDA: LoRA adapters served through the gathered extension (the lora plugin's
 // lora_gathered.cu, the backend's cuda_adapters.cpp). One step batch holds rows of two adapters
 // and of the base model; each row's logits must be the CPU backend's (float32, the same rows and
-// choices) within the precision of the CUDA side: bfloat16 copies of A and B (3.5e-3 of the
-// largest logit in float32 mode on the H100), and in bfloat16 mode bfloat16 activations. Prefill and a decode step (captured in a CUDA graph) both.
+// choices) within the precision of the CUDA side: bfloat16 copies of A and B (the first version
+// of the kernels printed 3.5e-3 of the largest logit in float32 mode on the H100), and in bfloat16
+// mode bfloat16 activations. Prefill and a decode step (captured in a CUDA graph) both.
 // Served requests on CUDA with per-request adapters get the tokens they get alone on CUDA.
 #include <catch2/catch.hpp>
 
