@@ -5,6 +5,7 @@
 #include <cstring>
 #include <span>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -25,19 +26,25 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// adapter_config.json against the component's resolved table (LoRA's keys).
-void check_lora_config(const Instance &adapter, const fs::path &file) {
+// adapter_config.json as a JSON object; nullopt when the directory has none (it is optional, as
+// PEFT's: the tensors' names and shapes still have to fit the attached sites).
+std::optional<nlohmann::json> read_adapter_config(const fs::path &file) {
   std::ifstream in(file);
-  if (!in) return;  // optional: the tensors' shapes still have to fit the table's r
+  if (!in) return std::nullopt;
   const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  nlohmann::json j;
   if (detail::json_too_deep(text, 64)) throw runtime_error(file.string() + ": nested too deeply");
+  nlohmann::json j;
   try {
     j = nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception &e) {
     throw runtime_error(file.string() + ": " + e.what());
   }
   if (!j.is_object()) throw runtime_error(file.string() + ": not a JSON object");
+  return j;
+}
+
+// adapter_config.json against the component's resolved table (LoRA's keys).
+void check_lora_config(const Instance &adapter, const fs::path &file, const nlohmann::json &j) {
   const auto &table = *adapter.ctx()->config;
   const std::string where = adapter.slot() + " (" + adapter.desc().name + ")";
   auto mismatch = [&](const char *key, const std::string &theirs, const std::string &ours, const char *param) {
@@ -68,19 +75,9 @@ void check_lora_config(const Instance &adapter, const fs::path &file) {
 
 // Loom's adapter_config.json of a non-LoRA component (peft_type "LOOM"): its component name and
 // resolved table must be the instance's.
-void check_loom_config(const Instance &adapter, const fs::path &file) {
-  std::ifstream in(file);
-  if (!in) return;  // optional, as PEFT's: the tensors' names and shapes still have to fit
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (detail::json_too_deep(text, 64)) throw runtime_error(file.string() + ": nested too deeply");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception &e) {
-    throw runtime_error(file.string() + ": " + e.what());
-  }
+void check_loom_config(const Instance &adapter, const fs::path &file, const nlohmann::json &j) {
   const std::string where = adapter.slot() + " (" + adapter.desc().name + ")";
-  if (!j.is_object() || j.value("peft_type", "") != "LOOM")
+  if (j.value("peft_type", "") != "LOOM")
     throw runtime_error(file.string() + ": not an adapter_config.json of a Loom " + adapter.desc().name + " adapter (peft_type \"LOOM\")");
   if (j.value("loom_component", "") != adapter.desc().name)
     throw runtime_error(file.string() + ": \"loom_component\" is " + j["loom_component"].dump() + ", but " + where + " is " +
@@ -101,8 +98,11 @@ void check_loom_config(const Instance &adapter, const fs::path &file) {
 void load_adapter_weights(Instance &adapter) {
   const fs::path dir = adapter.ctx()->weights;
   if (dir.empty()) return;
-  if (std::string(adapter.desc().name) == "lora") check_lora_config(adapter, dir / "adapter_config.json");
-  else check_loom_config(adapter, dir / "adapter_config.json");
+  const fs::path config = dir / "adapter_config.json";
+  if (const auto j = read_adapter_config(config)) {
+    if (std::string(adapter.desc().name) == "lora") check_lora_config(adapter, config, *j);
+    else check_loom_config(adapter, config, *j);
+  }
   const fs::path file = dir / "adapter_model.safetensors";
   const SafetensorsFile st = SafetensorsFile::open(file);
   const auto *vt = adapter.vtable<loom_adapter_vtable>();

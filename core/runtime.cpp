@@ -43,9 +43,9 @@ struct ClearCancel {
   ~ClearCancel() { flag.store(false); }
 };
 
-
-// "auto" picks the GPU when the pipeline can run there: a [model], and no quantizer or adapter
-// components (which compute on the CPU only for now).
+// "auto" picks the GPU when the pipeline surely runs there: a [model], and no quantizer or
+// adapter components (a quantizer's calibration, and adapters other than LoRA or several applied
+// to one row, run on the CPU only; `loom.device = "cuda"` asks for the GPU anyway).
 DLDevice resolve_device(const Manifest &m) {
   return resolve_manifest_device(m, !m.model_path.empty() && m.of_kind(LOOM_KIND_QUANTIZER).empty() &&
                                         m.of_kind(LOOM_KIND_ADAPTER).empty());
