@@ -22,6 +22,7 @@
 #include "loom_plugin_util.hpp"
 #ifdef LOOM_LORA_CUDA
 #include "lora_gathered.hpp"
+#include "loom_kv_format.hpp"  // bf16_bits()
 #include "loom_quant_cuda.hpp"  // upload()
 #endif
 
@@ -94,7 +95,7 @@ struct Lora {
 #ifdef LOOM_LORA_CUDA
     auto put = [&](const std::vector<float>& v, void*& dst, const char* what) {
       std::vector<uint16_t> bits(v.size());
-      for (size_t i = 0; i < v.size(); ++i) bits[i] = lora_to_bf16(v[i]);
+      for (size_t i = 0; i < v.size(); ++i) bits[i] = kvcache::bf16_bits(v[i]);
       const size_t bytes = bits.size() * sizeof(uint16_t);
       if (dst == nullptr && host->device_alloc(ctx, s.device, bytes, 256, &dst) != LOOM_OK)
         fail(LOOM_ERR_OUT_OF_MEMORY, "lora: cannot allocate " + std::string(what) + " of '" + s.module + "' on the device");
@@ -116,8 +117,7 @@ constexpr bool kCudaBuilt = true;
 constexpr bool kCudaBuilt = false;
 #endif
 
-void check_module(const loom_adapter_module& m) {
-  if (m.module_name == nullptr) invalid("lora: module_name is NULL");
+void check_module(const loom_adapter_module& m) {  // (the glue checked module_name)
   if (m.in_features <= 0 || m.out_features <= 0) invalid("lora: module features must be positive");
   const bool cuda = m.device.device_type == kDLCUDA;
   if (m.device.device_type != kDLCPU && !(cuda && kCudaBuilt))

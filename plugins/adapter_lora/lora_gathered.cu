@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 
 #include "lora_gathered.hpp"
 #include "loom_cuda_pdl.cuh"
@@ -192,13 +191,5 @@ int lora_gathered_cuda(const GatheredLaunch *launches, int count, void *stream) 
 }
 
 int lora_gathered_chunks(int64_t in) { return static_cast<int>((in + kChunk - 1) / kChunk); }
-
-uint16_t lora_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 }  // namespace loomp::lora

@@ -41,7 +41,4 @@ int lora_gathered_cuda(const GatheredLaunch *launches, int count, void *stream);
 // extent); r_max must be at most 64.
 int lora_gathered_chunks(int64_t in);
 
-// Float32 values into bfloat16 bits (round to nearest even), for uploads.
-uint16_t lora_to_bf16(float f);
-
 }  // namespace loomp::lora
