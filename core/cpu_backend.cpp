@@ -938,13 +938,13 @@ void CpuBackend::plan_adapter_rows(const StepBatch &batch) {
   virtual_rows_.clear();
   // Prefix tuning: the rows whose positions are below their sequence's prefix adapter's
   // virtual tokens (the decoder put placeholders there) take its keys and values.
+  const auto adapters = pipeline_.list(LOOM_KIND_ADAPTER); // StepBatch::seq_adapters' order
   const Instance *prefix = nullptr;
   int32_t prefix_index = -1;
   if (!layers_.empty() && layers_[0].attn_prefix && !layers_[0].attn_prefix->sites.empty()) {
     prefix = layers_[0].attn_prefix->sites.front().first;
-    const auto all = pipeline_.list(LOOM_KIND_ADAPTER);
-    for (size_t k = 0; k < all.size(); ++k)
-      if (all[k].get() == prefix) prefix_index = static_cast<int32_t>(k);
+    for (size_t k = 0; k < adapters.size(); ++k)
+      if (adapters[k].get() == prefix) prefix_index = static_cast<int32_t>(k);
   }
   if (prefix != nullptr) {
     const int64_t P = adapter_virtual_tokens(*prefix);
@@ -962,7 +962,6 @@ void CpuBackend::plan_adapter_rows(const StepBatch &batch) {
   if (batch.seq_adapters.size() != static_cast<size_t>(S))
     throw runtime_error(options_.source_name + ": a step batch with " + std::to_string(batch.seq_adapters.size()) +
                         " adapter choices for " + std::to_string(S) + " sequences");
-  const auto adapters = pipeline_.list(LOOM_KIND_ADAPTER);
   for (size_t k = 0; k < adapters.size(); ++k) {
     AdapterRows r;
     r.instance = adapters[k].get();
