@@ -95,8 +95,25 @@ class CpuTrainingEngine final : public TrainingEngine {
       std::copy(values[i].value.begin(), values[i].value.end(), views_[i].value);
     }
   }
+  DLDevice device() const override { return {kDLCPU, 0}; }
+  std::vector<std::span<float>> grad_views() override { return spans(&TrainParam<float>::grad, &ParamView<float>::grad); }
+  std::vector<std::span<float>> value_views() override { return spans(&TrainParam<float>::value, &ParamView<float>::value); }
+  bool set_layer_hook(std::function<void(int64_t)> hook) override {
+    trainer_.set_layer_hook(std::move(hook));
+    return true;
+  }
+  void set_optimizer_shard(std::vector<bool> owned) override { opt_.set_owned(std::move(owned)); }
 
  private:
+  // The trained parameters' values or gradients: the model's, or the adapters' when training them.
+  std::vector<std::span<float>> spans(std::vector<float> TrainParam<float>::*own, float *ParamView<float>::*adapter) {
+    std::vector<std::span<float>> out;
+    if (views_.empty())
+      for (auto &p : trainer_.params()) out.emplace_back(p.*own);
+    else
+      for (const auto &v : views_) out.emplace_back(v.*adapter, v.size);
+    return out;
+  }
   DecoderTrainer<float> trainer_;
   AdamW<float> opt_;
   int32_t threads_;

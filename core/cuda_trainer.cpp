@@ -115,6 +115,23 @@ class CudaTrainingEngine final : public TrainingEngine {
   void restore_params(const std::vector<TrainParam<float>> &) override {
     throw runtime_error("training on CUDA: restore_params is for adapters, which train on the CPU");
   }
+  DLDevice device() const override { return {kDLCUDA, device_}; }
+  std::vector<std::span<float>> grad_views() override {
+    std::vector<std::span<float>> g;
+    for (size_t i = 0; i < params_.size(); ++i) g.emplace_back(grad(i), params_[i].size);
+    return g;
+  }
+  std::vector<std::span<float>> value_views() override {
+    std::vector<std::span<float>> g;
+    for (size_t i = 0; i < params_.size(); ++i) g.emplace_back(value(i), params_[i].size);
+    return g;
+  }
+  std::span<float> flat_grads() override { return {grads_.get(), total_}; }
+  void synchronize() override { check(cudaStreamSynchronize(stream_), "synchronize"); }
+  void set_optimizer_shard(std::vector<bool> owned) override {
+    if (std::find(owned.begin(), owned.end(), false) != owned.end())
+      throw runtime_error("training on CUDA: ZeRO stage 1 (a shard of the optimizer state) is not supported yet");
+  }
 
  private:
   using Layer = DecoderLayerParams;

@@ -262,6 +262,7 @@ double DecoderTrainer<T>::loss(const std::vector<int32_t> &tokens, bool backward
       backward_gpt2(tokens, acts, dlogits);
     else
       backward_llama(tokens, acts, dlogits);
+    if (layer_done_) layer_done_(-1);
   }
   return total / static_cast<double>(scored);
 }
@@ -322,6 +323,7 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
       grad::rms_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.r1[static_cast<size_t>(t)], H,
                               dx.data() + t * H, grad(L.norm1));
     if (recompute_) A.keep_input_only();
+    if (layer_done_) layer_done_(static_cast<int64_t>(l));
   }
   if (frozen_) return;
   for (int64_t t = 0; t < n; ++t) {
@@ -380,6 +382,7 @@ void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &
       grad::layer_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.mean1[static_cast<size_t>(t)],
                                 A.r1[static_cast<size_t>(t)], H, dx.data() + t * H, grad(L.norm1), grad(L.norm1_b));
     if (recompute_) A.keep_input_only();
+    if (layer_done_) layer_done_(static_cast<int64_t>(l));
   }
   for (int64_t t = 0; t < n; ++t) {
     T *row = grad(embed_) + tokens[static_cast<size_t>(t)] * H, *pos = grad(positions_) + t * H;
@@ -400,16 +403,19 @@ void AdamW<T>::step(std::vector<TrainParam<T>> &params, double lr) {
 template <class T>
 void AdamW<T>::step(const std::vector<ParamView<T>> &params, double lr) {
   if (m_.empty()) {
-    for (const auto &p : params) {
-      m_.emplace_back(p.size, T(0));
-      v_.emplace_back(p.size, T(0));
+    for (size_t k = 0; k < params.size(); ++k) {
+      m_.emplace_back(owns(k) ? params[k].size : 0, T(0));
+      v_.emplace_back(owns(k) ? params[k].size : 0, T(0));
     }
   }
   if (m_.size() != params.size()) throw runtime_error("AdamW: the parameter list changed between steps");
+  if (!owned_.empty() && owned_.size() != params.size())
+    throw runtime_error("AdamW: the ZeRO ownership mask does not match the parameters");
   ++step_;
   const double b1 = options_.beta1, b2 = options_.beta2;
   const double c1 = 1.0 - std::pow(b1, static_cast<double>(step_)), c2 = 1.0 - std::pow(b2, static_cast<double>(step_));
   for (size_t k = 0; k < params.size(); ++k) {
+    if (!owns(k)) continue;
     const auto &p = params[k];
     auto &m = m_[k];
     auto &v = v_[k];

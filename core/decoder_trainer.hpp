@@ -16,6 +16,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -79,6 +80,11 @@ class DecoderTrainer {
   // least two tokens). With `backward`, its gradient times `grad_scale` is added into every
   // parameter's grad (a scale of 1 / sequences averages a batch of sequences).
   double loss(const std::vector<int32_t> &tokens, bool backward, double grad_scale = 1.0);
+  // Data parallel training ([Parallel]): called during each backward pass after layer l's
+  // gradients are complete for this sequence (the parameters named "layers.<l>."), from the last
+  // layer down, then with -1 once every gradient is (embeddings, head, shared adapter
+  // parameters). Empty: none.
+  void set_layer_hook(std::function<void(int64_t)> hook) { layer_done_ = std::move(hook); }
   // Logits [n, vocab] after each position (the forward pass alone).
   std::vector<T> logits(const std::vector<int32_t> &tokens);
 
@@ -134,6 +140,7 @@ class DecoderTrainer {
   std::map<size_t, loom_qweight *> qweights_;   // by the linear's weight index; the quantizer owns them
   std::vector<float> dequantized_;              // one linear's dequantized weight (backward)
   std::unique_ptr<detail::ThreadPool> pool_;  // null: the calling thread only
+  std::function<void(int64_t)> layer_done_;
 };
 
 // A parameter held elsewhere (an adapter plugin's): its values and gradient, `decay` for a
@@ -161,6 +168,12 @@ class AdamW {
   void step(std::vector<TrainParam<T>> &params, double lr);
   void step(const std::vector<ParamView<T>> &params, double lr);
   int64_t steps() const { return step_; }
+  // ZeRO stage 1 ([Parallel]): only the parameters marked true are updated and have moments (the
+  // others' moments are empty vectors); an empty mask means every parameter.
+  void set_owned(std::vector<bool> owned) {
+    owned_ = std::move(owned);
+    drop_unowned();
+  }
   // The moments (per parameter, empty before the first step), for checkpoints.
   const std::vector<std::vector<T>> &first_moments() const { return m_; }
   const std::vector<std::vector<T>> &second_moments() const { return v_; }
@@ -169,10 +182,17 @@ class AdamW {
     step_ = steps;
     m_ = std::move(m);
     v_ = std::move(v);
+    drop_unowned();
   }
 
  private:
+  bool owns(size_t k) const { return owned_.empty() || (k < owned_.size() && owned_[k]); }
+  void drop_unowned() {
+    for (size_t k = 0; k < m_.size(); ++k)
+      if (!owns(k)) std::vector<T>().swap(m_[k]), std::vector<T>().swap(v_[k]);
+  }
   AdamWOptions options_;
+  std::vector<bool> owned_;
   int64_t step_ = 0;
   std::vector<std::vector<T>> m_, v_;
 };

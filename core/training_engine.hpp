@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -56,6 +57,25 @@ class TrainingEngine {
   virtual void restore_optimizer(int64_t steps, std::vector<std::vector<float>> m, std::vector<std::vector<float>> v) = 0;
   // Sets the trained parameters' values (a resumed adapter run), in host_params' order.
   virtual void restore_params(const std::vector<TrainParam<float>> &values) = 0;
+
+  // ---- data parallel ([Parallel], data_parallel.hpp) ----
+  // Where the gradients and values live: the CPU, or the engine's CUDA device.
+  virtual DLDevice device() const = 0;
+  // Each parameter's gradient and value, in host_params' order, where the engine keeps them
+  // (device memory on CUDA). Valid as long as the engine.
+  virtual std::vector<std::span<float>> grad_views() = 0;
+  virtual std::vector<std::span<float>> value_views() = 0;
+  // Every gradient in one contiguous array (zero padding between parameters), or empty when the
+  // engine keeps them apart.
+  virtual std::span<float> flat_grads() { return {}; }
+  // Waits for the work the engine has queued (CUDA); nothing on the CPU.
+  virtual void synchronize() {}
+  // Installs DecoderTrainer::set_layer_hook's hook (empty: removes it); false when the engine
+  // cannot tell when a layer's gradients are complete.
+  virtual bool set_layer_hook(std::function<void(int64_t)>) { return false; }
+  // ZeRO stage 1: only the parameters marked true are updated by optimizer_step and have
+  // moments (host_moments gives empty vectors for the others). Throws where unsupported.
+  virtual void set_optimizer_shard(std::vector<bool> owned) = 0;
 };
 
 std::unique_ptr<TrainingEngine> make_cpu_training_engine(const ModelConfig &config, const ModelWeights &weights,

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iomanip>
@@ -16,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "data_parallel.hpp"
 #include "device_select.hpp"
 #include "loom/core/chat_template.hpp"
 #include "loom/core/component_table.hpp"
@@ -131,14 +133,13 @@ struct DataPosition {
 // The checkpoint directory, written beside and renamed over, so an interrupted save leaves the
 // previous one whole.
 void save_checkpoint(const fs::path &out, const fs::path &source, TrainingEngine &engine, int64_t step, DataPosition data,
-                     uint64_t seed, const TrainSpec &t, const nlohmann::json *adapter_config) {
+                     uint64_t seed, const TrainSpec &t, const nlohmann::json *adapter_config,
+                     const std::vector<std::vector<float>> &m, const std::vector<std::vector<float>> &v) {
   const fs::path dir = out / "checkpoint", tmp = out / "checkpoint.tmp", old = out / "checkpoint.old";
   fs::remove_all(tmp);
   const auto &params = engine.host_params();
   if (adapter_config) write_adapter_dir(tmp, params, *adapter_config);
   else write_model_dir(tmp, source, params);
-  std::vector<std::vector<float>> m, v;
-  engine.host_moments(m, v);
   std::vector<TensorToWrite> moments;
   for (size_t i = 0; i < m.size(); ++i) {
     moments.push_back({params[i].name + ".exp_avg", SafetensorsDtype::F32, params[i].shape, bytes_of(m[i])});
@@ -333,17 +334,37 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   eo.threads = static_cast<int32_t>(m.threads);  // [loom] threads; the results do not depend on it
   eo.device = device.device_id;
   eo.bf16 = t.precision == "bf16";
-  // Adapters are the pipeline's instances, built as the runtime builds them (on the CPU).
+  // Adapters and the parallel strategy are the pipeline's instances, built as the runtime builds
+  // them (on the CPU; a parallel component meets the other ranks here).
   std::unique_ptr<Registry> registry;
   std::unique_ptr<Pipeline> pipeline;
   nlohmann::json adapter_config;
-  if (!adapter_specs.empty()) {
+  std::shared_ptr<Instance> parallel;
+  if (!adapter_specs.empty() || !m.of_kind(LOOM_KIND_PARALLEL).empty()) {
     registry = std::make_unique<Registry>(Registry::default_search_paths(m.plugin_paths));
     registry->scan();
     InstanceEnvironment env;
     env.device = {kDLCPU, 0};
     pipeline = std::make_unique<Pipeline>(*registry, env);
     pipeline->build(m);
+    if (auto p = pipeline->list(LOOM_KIND_PARALLEL); !p.empty()) parallel = p.front();
+  }
+  if (!parallel) {
+    // Launched as one of several ranks without a strategy, every process would train alone and
+    // write the same files.
+    for (const char *var : {"WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"})
+      if (const char *w = std::getenv(var); w != nullptr && std::string(w) != "1" && std::string(w) != "")
+        throw manifest_error(m.source_name + ": launched as one of several ranks (" + var + "=" + w +
+                             ") but the manifest has no [parallel] component; add [parallel] use = \"data\"");
+  }
+  if (parallel && device.device_type == kDLCUDA) {
+    // Several ranks on one host: each on its own GPU (torchrun's and mpirun's LOCAL_RANK).
+    loom_parallel_topology topo{};
+    topo.struct_size = sizeof(topo);
+    parallel->check(parallel->vtable<loom_parallel_vtable>()->topology(parallel->handle(), &topo), "topology");
+    if (topo.world_size > 1) eo.device = topo.local_rank;
+  }
+  if (!adapter_specs.empty()) {
     eo.adapters = pipeline->list(LOOM_KIND_ADAPTER);
     if (!quantizer_specs.empty()) eo.quantizer = pipeline->list(LOOM_KIND_QUANTIZER).front();
     adapter_config = loom::adapter_config(*adapter_specs.front(), *eo.adapters.front(), m.model_path);
@@ -354,28 +375,45 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
                                    : ModelWeights::load(config, SafetensorsIndex::open_model_dir(source));
   std::unique_ptr<TrainingEngine> engine = device.device_type == kDLCUDA ? make_cuda_training_engine(config, weights, eo)
                                                                          : make_cpu_training_engine(config, weights, eo);
+  // Data parallel: this rank trains on its share of each batch; rank 0 alone writes.
+  std::unique_ptr<DataParallel> dp = parallel ? std::make_unique<DataParallel>(*parallel, *engine) : nullptr;
+  const bool writes = !dp || dp->writes();
   int64_t step = 0;
   DataPosition pos;
   fs::create_directories(t.out);
   const fs::path log_path = t.out / "train_log.jsonl";
   if (!t.resume.empty()) {
     std::tie(step, pos) = load_checkpoint(t.resume, m.source_name, *engine, seed, t, adapter != nullptr);
-    truncate_log(log_path, step);
-  } else {
+    if (writes) truncate_log(log_path, step);
+  } else if (writes) {
     std::ofstream(log_path, std::ios::trunc);
   }
-  std::ofstream log(log_path, std::ios::app);
+  std::ofstream log;  // not open on the ranks that do not write: their lines go nowhere
+  if (writes) log.open(log_path, std::ios::app);
+  const auto checkpoint = [&](int64_t at) {
+    std::vector<std::vector<float>> moments, squares;
+    if (dp) dp->gather_moments(moments, squares);  // every rank takes part
+    else engine->host_moments(moments, squares);
+    if (writes) save_checkpoint(t.out, m.model_path, *engine, at, pos, seed, t, adapter, moments, squares);
+  };
 
   TrainResult result;
   result.train_sequences = static_cast<int64_t>(split.train.size());
   result.validation_sequences = static_cast<int64_t>(split.validation.size());
-  result.device = engine->describe();
-  auto validation_loss = [&] {  // in micro-batches of batch_size sequences
+  result.device = engine->describe() + (dp ? ", " + dp->describe() : "");
+  auto validation_loss = [&] {  // in micro-batches of batch_size sequences, shared among the data ranks
     double sum = 0;
     const std::span<const std::vector<int32_t>> all(split.validation);
-    for (size_t i = 0; i < all.size(); i += static_cast<size_t>(t.batch_size))
-      sum += engine->run(all.subspan(i, std::min(all.size() - i, static_cast<size_t>(t.batch_size))), false, 1.0);
-    return sum / static_cast<double>(split.validation.size());
+    for (size_t i = 0; i < all.size(); i += static_cast<size_t>(t.batch_size)) {
+      const auto chunk = all.subspan(i, std::min(all.size() - i, static_cast<size_t>(t.batch_size)));
+      if (!dp) {
+        sum += engine->run(chunk, false, 1.0);
+        continue;
+      }
+      const auto mine = dp->share({chunk.begin(), chunk.end()});
+      sum += engine->run(mine, false, 1.0);
+    }
+    return (dp ? dp->sum(sum) : sum) / static_cast<double>(split.validation.size());
   };
   double eval_seconds = 0;  // kept out of the training throughput
   auto evaluate = [&](int64_t at) {
@@ -411,10 +449,16 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
         batch.push_back(split.train[static_cast<size_t>(order[static_cast<size_t>(pos.position++)])]);
         tokens_here += static_cast<int64_t>(batch.back().size());
       }
-      loss += engine->run(batch, true, scale) * scale;
+      if (dp) loss += dp->run(dp->share(batch), scale, micro == t.grad_accum - 1) * scale;
+      else loss += engine->run(batch, true, scale) * scale;
+    }
+    if (dp) {
+      dp->finish_gradients();
+      loss = dp->sum(loss);
     }
     const double norm = engine->clip_grad_norm(t.grad_clip > 0 ? t.grad_clip : INFINITY);
-    engine->optimizer_step(lr);
+    if (dp) dp->optimizer_step(lr);
+    else engine->optimizer_step(lr);
     ++done_here;
     result.train_loss.emplace_back(step, loss);
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
@@ -424,7 +468,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
                           {"elapsed_s", elapsed}}
                .dump()
         << std::endl;
-    if (options.progress && (tty || step % std::max<int64_t>(1, t.steps / 20) == 0 || step == t.steps)) {
+    if (writes && options.progress && (tty || step % std::max<int64_t>(1, t.steps / 20) == 0 || step == t.steps)) {
       const double eta = (elapsed - eval_seconds) / static_cast<double>(done_here) * static_cast<double>(t.steps - step);
       const int width = 24, filled = static_cast<int>(width * step / t.steps);
       std::ostringstream line;
@@ -434,17 +478,22 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
       std::cerr << (tty ? "\r" : "") << line.str() << (tty ? "\033[K" : "\n") << std::flush;
     }
     if (t.eval_every > 0 && step % t.eval_every == 0) evaluate(step);
-    if (t.save_every > 0 && step % t.save_every == 0) save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t, adapter);
+    if (t.save_every > 0 && step % t.save_every == 0) checkpoint(step);
     if (options.stop_after > 0 && done_here >= options.stop_after && step < t.steps) {
-      save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t, adapter);
-      if (options.progress && tty) std::cerr << "\n";
+      checkpoint(step);
+      if (writes && options.progress && tty) std::cerr << "\n";
       result.step = step;
       return result;
     }
   }
-  if (options.progress && tty) std::cerr << "\n";
+  if (writes && options.progress && tty) std::cerr << "\n";
   if (t.eval_every == 0 || step % t.eval_every != 0) evaluate(step);
-  save_checkpoint(t.out, m.model_path, *engine, step, pos, seed, t, adapter);
+  checkpoint(step);
+  if (!writes) {  // rank 0 exports the model; this rank's replica is the same
+    result.step = step;
+    result.writer = false;
+    return result;
+  }
   if (adapter) {
     result.adapter_dir = t.out / "adapter";
     write_adapter_dir(result.adapter_dir, engine->host_params(), *adapter);

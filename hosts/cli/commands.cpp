@@ -386,7 +386,8 @@ int cmd_train(const std::vector<std::string> &args) {
                 << std::exp(r.val_loss.back().second);
     }
     std::cout << "\n";
-    if (!r.model_dir.empty()) std::cout << "model: " << r.model_dir.string() << "\n";
+    if (!r.writer) std::cout << "(this rank of a data parallel run; rank 0 writes the log, checkpoints and model)\n";
+    else if (!r.model_dir.empty()) std::cout << "model: " << r.model_dir.string() << "\n";
     else if (!r.adapter_dir.empty()) std::cout << "adapter: " << r.adapter_dir.string() << "\n";
     else std::cout << "checkpoint: " << (manifest.train.out / "checkpoint").string() << "\n";
     if (!r.plot.empty()) std::cout << "plot: " << r.plot.string() << "\n";

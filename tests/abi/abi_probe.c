@@ -77,6 +77,8 @@ PROBE_TYPE(loom_group)
 PROBE_TYPE(loom_parallel_topology)
 PROBE_TYPE(loom_shard)
 PROBE_TYPE(loom_parallel_vtable)
+PROBE_TYPE(loom_parallel_training)
+PROBE_TYPE(loom_parallel_training_ext)
 /* retriever.h */
 PROBE_TYPE(loom_score_kind)
 PROBE_TYPE(loom_document)

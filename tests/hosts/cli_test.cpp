@@ -9,26 +9,16 @@
 #include <nlohmann/json.hpp>
 
 #include "loom/abi.h"
+#include "process_util.hpp"
 #include <string>
 #include <sys/wait.h>
 
 namespace {
 
-struct Result {
-  int code;
-  std::string out; // stdout and stderr together
-};
+using Result = loom_test::ShellResult;  // stdout and stderr together
 
 Result loom(const std::string &args) {
-  std::string cmd = std::string("LOOM_PLUGIN_PATH= ") + LOOM_CLI + " " + args + " 2>&1";
-  FILE *p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+  return loom_test::run_shell(std::string("LOOM_PLUGIN_PATH= ") + LOOM_CLI + " " + args + " 2>&1");
 }
 
 const std::string kConfigs = std::string(LOOM_SOURCE_DIR) + "/configs/";

@@ -71,6 +71,27 @@ typedef struct loom_parallel_vtable {
   loom_status (*barrier)(void *instance, loom_group group);
 } loom_parallel_vtable;
 
+/* ---- ABI 1.7: extension "loom.parallel.training/1" (lifecycle get_extension) ----
+ * How a strategy wants the trainer to treat gradients and optimizer state across
+ * LOOM_GROUP_DATA. The trainer reads it once, after create(). */
+#define LOOM_PARALLEL_TRAINING_EXTENSION "loom.parallel.training/1"
+
+typedef struct loom_parallel_training {
+  uint32_t struct_size;
+  int32_t zero_stage;       /* 0: every data rank keeps the whole optimizer state; 1: ZeRO stage
+                               1, each data rank keeps and updates the moments of its own share
+                               of the parameters and broadcasts the updated values */
+  int64_t bucket_bytes;     /* gradients are all-reduced in buckets of about this many bytes */
+  int32_t overlap_backward; /* non-zero: a bucket is all-reduced as soon as the backward pass has
+                               finished its gradients, while the pass goes on with earlier layers */
+} loom_parallel_training;
+
+typedef struct loom_parallel_training_ext {
+  uint32_t struct_size;
+  /* Fills *out (out->struct_size set by the caller). [any thread] */
+  loom_status (*training)(void *instance, loom_parallel_training *out);
+} loom_parallel_training_ext;
+
 #ifdef __cplusplus
 }
 #endif

@@ -18,6 +18,10 @@
 //                     (adapter_config.json, adapter_model.safetensors); checkpoint/ then holds
 //                     the adapter, its moments and the state
 //   loss.png          the training and validation loss curves (gnuplot, when installed)
+// With a [parallel] component (`data`), the process is one rank of a launched world (torchrun's
+// RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT or mpirun's): each rank trains on its share of
+// every batch, the gradients are summed over the ranks (core/data_parallel.hpp), and rank 0
+// alone writes the files above; every rank reads train.resume.
 // Errors: loom::Error (manifest category for bad [train] values, runtime otherwise).
 // Thread-safety: one call at a time per output directory.
 #pragma once
@@ -50,6 +54,7 @@ struct TrainResult {
   std::filesystem::path model_dir;                     // the export (empty when stopped early or training an adapter)
   std::filesystem::path adapter_dir;                   // an adapter run's export in the PEFT layout
   std::filesystem::path plot;                          // loss.png (empty when gnuplot was not found)
+  bool writer = true;  // false on the data parallel ranks other than 0, which write nothing
 };
 
 TrainResult train(const Manifest &manifest, const TrainOptions &options = {});

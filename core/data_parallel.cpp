@@ -1,0 +1,276 @@
+#include "data_parallel.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <string_view>
+
+#include "loom/core/error.hpp"
+#include "loom/core/host_context.hpp"
+
+namespace loom {
+
+namespace {
+
+// The decoder layer a parameter belongs to: the number after "layers." (Llama family, PEFT
+// names) or ".h." (GPT-2); -1 for embeddings, head, final norm and shared adapter parameters.
+int64_t layer_of(std::string_view name) {
+  for (std::string_view key : {std::string_view("layers."), std::string_view(".h.")}) {
+    const size_t at = name.find(key);
+    if (at == std::string_view::npos) continue;
+    const char *first = name.data() + at + key.size(), *last = name.data() + name.size();
+    int64_t layer = -1;
+    const auto [end, ec] = std::from_chars(first, last, layer);
+    if (ec == std::errc() && end < last && *end == '.') return layer;
+  }
+  return -1;
+}
+
+DLTensor flat_tensor(void *data, int64_t &count, DLDevice device, DLDataType dtype) {
+  DLTensor t{};
+  t.data = data;
+  t.device = device;
+  t.ndim = 1;
+  t.dtype = dtype;
+  t.shape = &count;
+  return t;
+}
+
+}  // namespace
+
+DataParallel::DataParallel(Instance &parallel, TrainingEngine &engine)
+    : parallel_(parallel), engine_(engine), vt_(parallel.vtable<loom_parallel_vtable>()) {
+  topo_.struct_size = sizeof(topo_);
+  parallel_.check(vt_->topology(parallel_.handle(), &topo_), "topology");
+  if (topo_.tensor_size != 1 || topo_.pipeline_size != 1)
+    throw runtime_error("loom train: parallel component \"" + std::string(parallel_.desc().name) +
+                        "\" splits tensors or pipeline stages; training runs data parallel only so far");
+  training_ = {sizeof(loom_parallel_training), 0, 25 << 20, 1};
+  if (const auto *ext = parallel_.extension<loom_parallel_training_ext>(LOOM_PARALLEL_TRAINING_EXTENSION);
+      ext != nullptr && ext->training != nullptr)
+    parallel_.check(ext->training(parallel_.handle(), &training_), "training");
+  device_ = engine_.device();
+  grads_ = engine_.grad_views();
+  const bool cuda = device_.device_type == kDLCUDA;
+
+  // Every rank must hold the same parameters: their count and total size agree.
+  int64_t total = 0;
+  for (const auto &g : grads_) total += static_cast<int64_t>(g.size());
+  for (loom_reduce_op op : {LOOM_REDUCE_MAX, LOOM_REDUCE_MIN}) {
+    int64_t shape = 2, check[2] = {static_cast<int64_t>(grads_.size()), total};
+    DLTensor t = flat_tensor(check, shape, {kDLCPU, 0}, {kDLInt, 64, 1});
+    parallel_.check(vt_->all_reduce(parallel_.handle(), LOOM_GROUP_DATA, &t, op), "all_reduce");
+    if (check[0] != static_cast<int64_t>(grads_.size()) || check[1] != total)
+      throw runtime_error("loom train: the data parallel ranks hold different models (parameter counts or sizes differ)");
+  }
+
+  if (training_.zero_stage == 1) {
+    if (cuda)
+      throw runtime_error("loom train: parallel.zero_stage = 1 (ZeRO stage 1) runs on the CPU engine so far; on CUDA "
+                          "set zero_stage = 0");
+    // Contiguous shares of about total / size elements: a parameter goes to the rank whose share
+    // holds its middle.
+    owner_.resize(grads_.size());
+    std::vector<bool> mine(grads_.size());
+    int64_t before = 0;
+    for (size_t i = 0; i < grads_.size(); ++i) {
+      const int64_t mid = before + static_cast<int64_t>(grads_[i].size()) / 2;
+      owner_[i] = static_cast<int32_t>(std::min<int64_t>(topo_.data_size - 1, mid * topo_.data_size / std::max<int64_t>(total, 1)));
+      mine[i] = owner_[i] == topo_.data_rank;
+      before += static_cast<int64_t>(grads_[i].size());
+    }
+    engine_.set_optimizer_shard(std::move(mine));
+  }
+  if (topo_.data_size == 1 || cuda) return;  // CUDA: one flat all-reduce in finish_gradients
+
+  // Buckets in the order the backward pass finishes the parameters: the last layer first, the
+  // parameters outside the layers at the end.
+  const auto &params = engine_.host_params();
+  std::vector<size_t> order(grads_.size());
+  layer_of_.resize(grads_.size());
+  for (size_t i = 0; i < order.size(); ++i) {
+    order[i] = i;
+    layer_of_[i] = layer_of(params[i].name);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    const int64_t la = layer_of_[a] < 0 ? -1 : layer_of_[a], lb = layer_of_[b] < 0 ? -1 : layer_of_[b];
+    if ((la < 0) != (lb < 0)) return lb < 0;  // layers before the rest
+    return la > lb;
+  });
+  const size_t bucket_elems = std::max<size_t>(1, static_cast<size_t>(training_.bucket_bytes) / sizeof(float));
+  size_t filled = 0;
+  for (size_t i : order) {
+    if (buckets_.empty() || filled >= bucket_elems) {
+      buckets_.emplace_back();
+      filled = 0;
+    }
+    buckets_.back().push_back(i);
+    filled += grads_[i].size();
+  }
+  ready_.assign(grads_.size(), false);
+  overlap_ = training_.overlap_backward != 0 && engine_.set_layer_hook([this](int64_t layer) { layer_done(layer); });
+  thread_ = std::thread([this] { communicate(); });
+}
+
+DataParallel::~DataParallel() {
+  if (!thread_.joinable()) return;
+  {
+    std::lock_guard lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  thread_.join();
+  engine_.set_layer_hook({});
+}
+
+std::string DataParallel::describe() const {
+  return "data parallel x" + std::to_string(topo_.data_size) + (training_.zero_stage == 1 ? " (ZeRO-1)" : "") +
+         (overlap_ ? ", all-reduce overlapped with backward" : "");
+}
+
+std::vector<std::vector<int32_t>> DataParallel::share(const std::vector<std::vector<int32_t>> &batch) const {
+  std::vector<std::vector<int32_t>> mine;
+  for (size_t i = static_cast<size_t>(topo_.data_rank); i < batch.size(); i += static_cast<size_t>(topo_.data_size))
+    mine.push_back(batch[i]);
+  return mine;
+}
+
+double DataParallel::run(std::span<const std::vector<int32_t>> mine, double grad_scale, bool last) {
+  if (!last || !overlap_ || mine.empty()) return engine_.run(mine, true, grad_scale);
+  // The last sequence's backward pass finishes the gradients: buckets leave as its layers end.
+  double loss = mine.size() > 1 ? engine_.run(mine.first(mine.size() - 1), true, grad_scale) : 0.0;
+  armed_ = true;
+  try {
+    loss += engine_.run(mine.last(1), true, grad_scale);
+  } catch (...) {
+    armed_ = false;
+    throw;
+  }
+  armed_ = false;
+  return loss;
+}
+
+void DataParallel::layer_done(int64_t layer) {
+  if (!armed_) return;
+  for (size_t i = 0; i < ready_.size(); ++i)
+    if (layer < 0 || layer_of_[i] == layer) ready_[i] = true;
+  launch_ready_buckets();
+}
+
+void DataParallel::launch_ready_buckets() {
+  while (next_bucket_ < buckets_.size()) {
+    const auto &b = buckets_[next_bucket_];
+    if (!std::all_of(b.begin(), b.end(), [&](size_t i) { return ready_[i]; })) return;
+    {
+      std::lock_guard lock(mutex_);
+      queue_.push_back(next_bucket_);
+      ++in_flight_;
+    }
+    wake_.notify_one();
+    ++next_bucket_;
+  }
+}
+
+void DataParallel::communicate() {
+  for (;;) {
+    size_t b = 0;
+    {
+      std::unique_lock lock(mutex_);
+      wake_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping
+      b = queue_.front();
+      queue_.pop_front();
+    }
+    std::exception_ptr failure;
+    if (!error_) {  // after a failure the peers are gone: do not wait on them again
+      try {
+        reduce_bucket(b);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    }
+    {
+      std::lock_guard lock(mutex_);
+      if (failure) error_ = failure;
+      --in_flight_;
+    }
+    idle_.notify_all();
+  }
+}
+
+void DataParallel::reduce_bucket(size_t b) {
+  size_t n = 0;
+  for (size_t i : buckets_[b]) n += grads_[i].size();
+  flat_.resize(n);
+  size_t at = 0;
+  for (size_t i : buckets_[b]) at = static_cast<size_t>(std::copy(grads_[i].begin(), grads_[i].end(), flat_.begin() + static_cast<std::ptrdiff_t>(at)) - flat_.begin());
+  all_reduce(flat_, {kDLCPU, 0});
+  at = 0;
+  for (size_t i : buckets_[b]) {
+    std::copy_n(flat_.begin() + static_cast<std::ptrdiff_t>(at), grads_[i].size(), grads_[i].begin());
+    at += grads_[i].size();
+  }
+}
+
+void DataParallel::finish_gradients() {
+  if (device_.device_type == kDLCUDA) {  // also for a world of one: an NCCL communicator of one
+    engine_.synchronize();  // the backward pass is on the engine's stream, the collective on the host's
+    all_reduce(engine_.flat_grads(), device_);
+    std::string error;
+    if (!device_synchronize(device_, error)) throw runtime_error("data parallel all-reduce: " + error);
+    return;
+  }
+  if (topo_.data_size == 1) return;
+  std::fill(ready_.begin(), ready_.end(), true);
+  launch_ready_buckets();
+  std::exception_ptr failure;
+  {
+    std::unique_lock lock(mutex_);
+    idle_.wait(lock, [&] { return in_flight_ == 0; });
+    failure = error_;
+  }
+  std::fill(ready_.begin(), ready_.end(), false);
+  next_bucket_ = 0;
+  if (failure) std::rethrow_exception(failure);
+}
+
+void DataParallel::all_reduce(std::span<float> values, DLDevice device) {
+  int64_t count = static_cast<int64_t>(values.size());
+  DLTensor t = flat_tensor(values.data(), count, device, {kDLFloat, 32, 1});
+  parallel_.check(vt_->all_reduce(parallel_.handle(), LOOM_GROUP_DATA, &t, LOOM_REDUCE_SUM), "all_reduce");
+}
+
+void DataParallel::broadcast(std::span<float> values, DLDevice device, int32_t owner) {
+  // The owner's world rank: data ranks are strided by the ranks of one replica.
+  const int32_t root = topo_.world_rank + (owner - topo_.data_rank) * (topo_.world_size / topo_.data_size);
+  int64_t count = static_cast<int64_t>(values.size());
+  DLTensor t = flat_tensor(values.data(), count, device, {kDLFloat, 32, 1});
+  parallel_.check(vt_->broadcast(parallel_.handle(), LOOM_GROUP_DATA, &t, root), "broadcast");
+}
+
+double DataParallel::sum(double local) {
+  if (topo_.data_size == 1) return local;
+  int64_t count = 1;
+  DLTensor t = flat_tensor(&local, count, {kDLCPU, 0}, {kDLFloat, 64, 1});
+  parallel_.check(vt_->all_reduce(parallel_.handle(), LOOM_GROUP_DATA, &t, LOOM_REDUCE_SUM), "all_reduce");
+  return local;
+}
+
+void DataParallel::optimizer_step(double lr) {
+  engine_.optimizer_step(lr);
+  if (owner_.empty() || topo_.data_size == 1) return;
+  auto values = engine_.value_views();
+  for (size_t i = 0; i < values.size(); ++i) broadcast(values[i], device_, owner_[i]);
+}
+
+void DataParallel::gather_moments(std::vector<std::vector<float>> &m, std::vector<std::vector<float>> &v) {
+  engine_.host_moments(m, v);
+  if (owner_.empty() || topo_.data_size == 1 || m.empty()) return;  // empty: no step yet, on every rank
+  for (size_t i = 0; i < m.size(); ++i) {
+    m[i].resize(grads_[i].size());
+    v[i].resize(grads_[i].size());
+    broadcast(m[i], {kDLCPU, 0}, owner_[i]);
+    broadcast(v[i], {kDLCPU, 0}, owner_[i]);
+  }
+}
+
+}  // namespace loom

@@ -1,0 +1,48 @@
+// The GPU collective backend: one NCCL communicator per group of ranks, made the first time the
+// group runs a collective on CUDA buffers (a collective call itself, so every member makes it
+// at the same point). The group's lowest rank draws the NCCL unique id and sends it to the
+// others over the TCP mesh. Collectives are queued on the stream the caller passes (the host's
+// current stream) and return without waiting for it.
+//
+// Ownership: owns its communicators; the mesh must outlive it. Thread-safety: none, like the
+// mesh.
+#ifndef LOOM_PLUGINS_PARALLEL_NCCL_GROUPS_HPP
+#define LOOM_PLUGINS_PARALLEL_NCCL_GROUPS_HPP
+
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "tcp_mesh.hpp"
+
+namespace loomp::parallel {
+
+class NcclGroups {
+ public:
+  explicit NcclGroups(TcpMesh& mesh);
+  ~NcclGroups();
+  NcclGroups(const NcclGroups&) = delete;
+  NcclGroups& operator=(const NcclGroups&) = delete;
+
+  void all_reduce(const std::vector<int>& members, void* data, size_t count, ElemType type, ReduceOp op, int device,
+                  void* stream);
+  void broadcast(const std::vector<int>& members, void* data, size_t bytes, int root, int device, void* stream);
+  // out: members.size() * bytes, member-major.
+  void all_gather(const std::vector<int>& members, const void* in, size_t bytes, void* out, int device, void* stream);
+  // in: members.size() * count elements; out: this member's reduced count.
+  void reduce_scatter(const std::vector<int>& members, const void* in, void* out, size_t count, ElemType type, ReduceOp op,
+                      int device, void* stream);
+  void send(int peer, const void* data, size_t bytes, int device, void* stream);
+  void recv(int peer, void* data, size_t bytes, int device, void* stream);
+
+ private:
+  struct Comm;
+  Comm& comm(const std::vector<int>& members, int device);
+
+  TcpMesh& mesh_;
+  std::map<std::vector<int>, std::unique_ptr<Comm>> comms_;
+};
+
+}  // namespace loomp::parallel
+
+#endif

@@ -1,0 +1,215 @@
+// libloom-parallel's `data` component: a world of real processes (fork, torchrun's environment
+// variables, loopback TCP) running every collective, and the launch errors a user meets.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdlib>
+#include <functional>
+#include <sstream>
+
+#include "builtin_test_util.hpp"
+#include "process_util.hpp"
+
+namespace {
+
+void set_rank_env(int rank, int world, int port) {
+  setenv("RANK", std::to_string(rank).c_str(), 1);
+  setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
+  setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
+  setenv("MASTER_ADDR", "127.0.0.1", 1);
+  setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+}
+void clear_rank_env() {
+  for (const char *v : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}) unsetenv(v);
+}
+
+// Runs body(rank) in `world` processes (rank 0 in this one, the others forked first) and
+// returns each rank's failure text ("" when it passed).
+std::vector<std::string> run_world(int world, const std::function<std::string(int)> &body) {
+  const int port = loom_test::free_loopback_port();
+  std::vector<pid_t> children;
+  std::vector<int> pipes;
+  for (int r = 1; r < world; ++r) {
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::close(fds[0]);
+      set_rank_env(r, world, port);
+      std::string err;
+      try {
+        err = body(r);
+      } catch (const std::exception &e) {
+        err = e.what();
+      }
+      if (!err.empty()) (void)!::write(fds[1], err.data(), err.size());
+      ::close(fds[1]);
+      _exit(err.empty() ? 0 : 1);
+    }
+    ::close(fds[1]);
+    children.push_back(pid);
+    pipes.push_back(fds[0]);
+  }
+  set_rank_env(0, world, port);
+  std::vector<std::string> errors(static_cast<size_t>(world));
+  try {
+    errors[0] = body(0);
+  } catch (const std::exception &e) {
+    errors[0] = e.what();
+  }
+  clear_rank_env();
+  for (size_t k = 0; k < children.size(); ++k) {
+    char buf[4096];
+    ssize_t n = 0;
+    std::string text;
+    while ((n = ::read(pipes[k], buf, sizeof(buf))) > 0) text.append(buf, static_cast<size_t>(n));
+    ::close(pipes[k]);
+    int status = 0;
+    ::waitpid(children[k], &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) errors[k + 1] = text.empty() ? "rank died" : text;
+  }
+  return errors;
+}
+
+struct Rank {
+  std::unique_ptr<loom::Runtime> rt;
+  loom::Instance *p;
+  const loom_parallel_vtable *vt;
+  explicit Rank(const std::string &extra = "")
+      : rt(bt::runtime("[parallel]\nuse = \"data\"\ntimeout_s = 30.0\n" + extra)), p(&rt->pipeline().at("parallel")),
+        vt(p->vtable<loom_parallel_vtable>()) {}
+};
+
+#define EXPECT(cond)                                                                   \
+  do {                                                                                 \
+    if (!(cond)) return std::string("rank ") + std::to_string(rank) + ": " #cond;      \
+  } while (0)
+
+std::string collectives(int rank, int world) {
+  Rank R;
+  void *h = R.p->handle();
+  const auto *vt = R.vt;
+  loom_parallel_topology t{};
+  t.struct_size = sizeof(t);
+  EXPECT(vt->topology(h, &t) == LOOM_OK);
+  EXPECT(t.world_rank == rank && t.world_size == world && t.data_rank == rank && t.data_size == world);
+  EXPECT(t.tensor_size == 1 && t.pipeline_size == 1 && t.local_rank == rank);
+
+  const int n = 1000;  // more than one TCP segment
+  const float sum_ranks = static_cast<float>(world * (world + 1) / 2);
+  {
+    std::vector<float> v(n);
+    for (int i = 0; i < n; ++i) v[static_cast<size_t>(i)] = static_cast<float>((rank + 1) * i);
+    bt::Tensor<float> b({n}, v);
+    EXPECT(vt->all_reduce(h, LOOM_GROUP_WORLD, b.dl(), LOOM_REDUCE_SUM) == LOOM_OK);
+    for (int i = 0; i < n; ++i) EXPECT(b.v[static_cast<size_t>(i)] == sum_ranks * static_cast<float>(i));
+  }
+  for (auto [op, want] : {std::pair{LOOM_REDUCE_MAX, static_cast<float>(world)}, std::pair{LOOM_REDUCE_MIN, 1.0f},
+                          std::pair{LOOM_REDUCE_AVG, sum_ranks / static_cast<float>(world)}}) {
+    bt::Tensor<float> b({3}, {static_cast<float>(rank + 1), static_cast<float>(rank + 1), static_cast<float>(rank + 1)});
+    EXPECT(vt->all_reduce(h, LOOM_GROUP_DATA, b.dl(), op) == LOOM_OK);
+    EXPECT(std::fabs(b.v[2] - want) < 1e-6f);
+  }
+  {
+    bt::Tensor<int32_t> b({2}, {rank, 1});
+    EXPECT(vt->all_reduce(h, LOOM_GROUP_WORLD, b.dl(), LOOM_REDUCE_SUM) == LOOM_OK);
+    EXPECT(b.v[0] == world * (world - 1) / 2 && b.v[1] == world);
+    EXPECT(vt->all_reduce(h, LOOM_GROUP_WORLD, b.dl(), LOOM_REDUCE_AVG) == LOOM_ERR_UNSUPPORTED);
+  }
+  {
+    // The tensor and pipeline groups of a data strategy are this rank alone.
+    bt::Tensor<float> b({1}, {static_cast<float>(rank)});
+    EXPECT(vt->all_reduce(h, LOOM_GROUP_TENSOR, b.dl(), LOOM_REDUCE_SUM) == LOOM_OK);
+    EXPECT(b.v[0] == static_cast<float>(rank));
+    EXPECT(vt->send(h, b.dl(), (rank + 1) % world) == LOOM_ERR_INVALID_ARGUMENT);
+  }
+  {
+    const int root = world - 1;
+    bt::Tensor<float> b({4}, {static_cast<float>(rank), 0, 0, 0});
+    EXPECT(vt->broadcast(h, LOOM_GROUP_WORLD, b.dl(), root) == LOOM_OK);
+    EXPECT(b.v[0] == static_cast<float>(root));
+    EXPECT(vt->broadcast(h, LOOM_GROUP_WORLD, b.dl(), world) == LOOM_ERR_INVALID_ARGUMENT);
+  }
+  {
+    bt::Tensor<float> in({2}, {static_cast<float>(rank), static_cast<float>(10 * rank)});
+    bt::Tensor<float> out({world, 2});
+    EXPECT(vt->all_gather(h, LOOM_GROUP_WORLD, in.dl(), out.dl()) == LOOM_OK);
+    for (int r = 0; r < world; ++r)
+      EXPECT(out.v[static_cast<size_t>(2 * r)] == static_cast<float>(r) && out.v[static_cast<size_t>(2 * r + 1)] == static_cast<float>(10 * r));
+    bt::Tensor<float> wrong({world + 1, 2});
+    EXPECT(vt->all_gather(h, LOOM_GROUP_WORLD, in.dl(), wrong.dl()) == LOOM_ERR_INVALID_ARGUMENT);
+  }
+  {
+    std::vector<float> v(static_cast<size_t>(2 * world));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(rank) + static_cast<float>(i);
+    bt::Tensor<float> in({2 * world}, v), out({2});
+    EXPECT(vt->reduce_scatter(h, LOOM_GROUP_WORLD, in.dl(), out.dl(), LOOM_REDUCE_SUM) == LOOM_OK);
+    const float base = static_cast<float>(world * (world - 1) / 2);
+    EXPECT(out.v[0] == base + static_cast<float>(world * 2 * rank) && out.v[1] == base + static_cast<float>(world * (2 * rank + 1)));
+  }
+  EXPECT(vt->barrier(h, LOOM_GROUP_WORLD) == LOOM_OK);
+
+  const auto *ext = R.p->extension<loom_parallel_training_ext>(LOOM_PARALLEL_TRAINING_EXTENSION);
+  EXPECT(ext != nullptr);
+  loom_parallel_training tr{};
+  tr.struct_size = sizeof(tr);
+  EXPECT(ext->training(h, &tr) == LOOM_OK);
+  EXPECT(tr.zero_stage == 0 && tr.bucket_bytes == 25 * 1024 * 1024 && tr.overlap_backward == 1);
+  return "";
+}
+
+std::string joined(const std::vector<std::string> &errors) {
+  std::ostringstream o;
+  for (size_t r = 0; r < errors.size(); ++r)
+    if (!errors[r].empty()) o << "[" << r << "] " << errors[r] << "\n";
+  return o.str();
+}
+
+}  // namespace
+
+TEST_CASE("data: collectives over 2 and 4 processes give every rank the reduced values", "[parallel]") {
+  for (int world : {2, 4}) {
+    INFO("world " << world);
+    const auto errors = run_world(world, [world](int rank) { return collectives(rank, world); });
+    CHECK(joined(errors).empty());
+    INFO(joined(errors));
+  }
+}
+
+TEST_CASE("data: without a launcher it is a world of one", "[parallel]") {
+  clear_rank_env();
+  Rank R("zero_stage = 1\nbucket_mb = 4.0\noverlap = false\n");
+  loom_parallel_topology t{};
+  t.struct_size = sizeof(t);
+  REQUIRE(R.vt->topology(R.p->handle(), &t) == LOOM_OK);
+  CHECK(t.world_size == 1);
+  bt::Tensor<float> b({2}, {3, 4});
+  REQUIRE(R.vt->all_reduce(R.p->handle(), LOOM_GROUP_WORLD, b.dl(), LOOM_REDUCE_AVG) == LOOM_OK);
+  CHECK(b.v == std::vector<float>{3, 4});
+  loom_parallel_training tr{};
+  tr.struct_size = sizeof(tr);
+  REQUIRE(R.p->extension<loom_parallel_training_ext>(LOOM_PARALLEL_TRAINING_EXTENSION)->training(R.p->handle(), &tr) == LOOM_OK);
+  CHECK(tr.zero_stage == 1);
+  CHECK(tr.bucket_bytes == 4 * 1024 * 1024);
+  CHECK(tr.overlap_backward == 0);
+}
+
+TEST_CASE("data: launch and configuration errors name what is wrong", "[parallel]") {
+  clear_rank_env();
+  CHECK_THAT(bt::build_error("[parallel]\nuse = \"data\"\nzero_stage = 3\n"), Catch::Contains("zero_stage"));
+  CHECK_THAT(bt::build_error("[parallel]\nuse = \"data\"\nbucket_mb = -1.0\n"), Catch::Contains("bucket_mb"));
+  set_rank_env(2, 2, loom_test::free_loopback_port());
+  CHECK_THAT(bt::build_error("[parallel]\nuse = \"data\"\n"), Catch::Contains("RANK = 2 is outside WORLD_SIZE = 2"));
+  setenv("RANK", "x", 1);
+  CHECK_THAT(bt::build_error("[parallel]\nuse = \"data\"\n"), Catch::Contains("RANK=\"x\""));
+  // Rank 1 of 2 whose rank 0 never comes: a clear timeout, not a hang.
+  set_rank_env(1, 2, loom_test::free_loopback_port());
+  CHECK_THAT(bt::build_error("[parallel]\nuse = \"data\"\ntimeout_s = 0.5\n"), Catch::Contains("cannot connect to rank 0"));
+  // Rank 0 of 2 whose rank 1 never comes.
+  set_rank_env(0, 2, loom_test::free_loopback_port());
+  CHECK_THAT(bt::build_error("[parallel]\nuse = \"data\"\ntimeout_s = 0.5\n"), Catch::Contains("timed out waiting for 1 more rank(s) of 2"));
+  clear_rank_env();
+}

@@ -1,0 +1,178 @@
+// Data parallel training as a user launches it: several `loom train` processes with torchrun's
+// environment variables on loopback (the CPU collective backend), against one process. The same
+// global batch gives the same loss curve within float32 tolerance: 2 and 4 ranks, with and
+// without ZeRO stage 1 and overlap, a LoRA adapter, and a ZeRO-1 run interrupted and resumed.
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "process_util.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kSource = LOOM_SOURCE_DIR;
+
+using Run = loom_test::ShellResult;
+using loom_test::free_loopback_port;
+
+// `world` processes of `loom train manifest args` (one without a launcher when world is 0),
+// started together; their outputs and the worst exit code.
+Run launch(int world, const fs::path &manifest, const std::string &args = "") {
+  const int port = free_loopback_port();
+  std::string cmd;
+  const std::string train = std::string(LOOM_CLI) + " train " + manifest.string() + " " + args;
+  if (world == 0) {
+    cmd = "LOOM_PLUGIN_PATH= LOOM_DEVICE=cpu " + train + " 2>&1";
+  } else {
+    cmd = "(pids=; ";
+    for (int r = 0; r < world; ++r)
+      cmd += "LOOM_PLUGIN_PATH= LOOM_DEVICE=cpu RANK=" + std::to_string(r) + " WORLD_SIZE=" + std::to_string(world) +
+             " LOCAL_RANK=" + std::to_string(r) + " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " +
+             train + " > " + manifest.string() + ".rank" + std::to_string(r) + " 2>&1 & pids=\"$pids $!\"; ";
+    cmd += "fail=0; for p in $pids; do wait $p || fail=1; done; ";
+    for (int r = 0; r < world; ++r) cmd += "cat " + manifest.string() + ".rank" + std::to_string(r) + "; ";
+    cmd += "exit $fail)";
+  }
+  return loom_test::run_shell(cmd);
+}
+
+// A manifest training the shipped model (or a LoRA adapter on it) for 20 steps, 4 sequences of
+// 32 tokens a micro-batch, 2 micro-batches a step.
+fs::path manifest(const fs::path &dir, const std::string &parallel, bool lora = false, const std::string &resume = "") {
+  fs::create_directories(dir);
+  std::ofstream m(dir / "train.toml");
+  m << "[loom]\nseed = 5\n\n[model]\npath = \"" << (kSource / "models/tiny-kjv").string() << "\"\n\n"
+    << "[train]\ndata = \"" << (kSource / "tests/fixtures/text/kjv_calibration.txt").string() << "\"\n"
+    << "validation_data = \"" << (kSource / "tests/fixtures/text/kjv_heldout.txt").string() << "\"\n"
+    << "seq_len = 32\nbatch_size = 4\ngrad_accum = 2\nsteps = 20\nlr = " << (lora ? "2e-3" : "5e-4")
+    << "\nwarmup = 3\nweight_decay = 0.1\ngrad_clip = 1.0\neval_every = 10\nout = \"" << (dir / "out").string() << "\"\n";
+  if (!resume.empty()) m << "resume = \"" << resume << "\"\n";
+  if (lora) m << "\n[[adapter]]\nuse = \"lora\"\nr = 4\nalpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
+  if (!parallel.empty()) m << "\n[parallel]\nuse = \"data\"\n" << parallel;
+  return dir / "train.toml";
+}
+
+// (step, loss or val_loss) from a run's log.
+std::vector<std::pair<int64_t, double>> curve(const fs::path &dir) {
+  std::vector<std::pair<int64_t, double>> c;
+  std::ifstream in(dir / "out/train_log.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    c.emplace_back(j["step"].get<int64_t>(), j.contains("loss") ? j["loss"].get<double>() : -j["val_loss"].get<double>());
+  }
+  return c;
+}
+
+void check_same_curve(const std::vector<std::pair<int64_t, double>> &want, const std::vector<std::pair<int64_t, double>> &got) {
+  REQUIRE(got.size() == want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    INFO("entry " << i << " step " << want[i].first << ": " << want[i].second << " vs " << got[i].second);
+    CHECK(got[i].first == want[i].first);
+    CHECK(std::fabs(got[i].second - want[i].second) <= 1e-4 * std::fabs(want[i].second));
+  }
+}
+
+fs::path scratch(const std::string &name) {
+  std::string safe = name;
+  for (char &ch : safe)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '-';
+  const fs::path d = fs::temp_directory_path() / ("loom-parallel-train-" + std::to_string(::getpid())) / safe;
+  fs::remove_all(d);
+  return d;
+}
+
+}  // namespace
+
+TEST_CASE("data parallel training on 2 and 4 CPU ranks follows one rank's loss curve", "[parallel]") {
+  // One process's curve, computed once (Catch runs the case again for each section).
+  static const auto want = [] {
+    const auto base_dir = scratch("one");
+    const Run one = launch(0, manifest(base_dir, ""));
+    INFO(one.out);
+    REQUIRE(one.code == 0);
+    return curve(base_dir);
+  }();
+  REQUIRE(want.size() == 23);  // 20 steps and 3 evaluations
+
+  struct Case {
+    const char *name;
+    int world;
+    std::string table;
+  };
+  const Case cases[] = {
+      {"2 ranks", 2, "overlap = true\n"},
+      {"4 ranks, ZeRO-1, small buckets", 4, "zero_stage = 1\nbucket_mb = 0.02\n"},
+      {"2 ranks, ZeRO-1, no overlap", 2, "zero_stage = 1\noverlap = false\n"},
+  };
+  for (const auto &c : cases) {
+    SECTION(c.name) {
+      const auto dir = scratch(c.name);
+      const Run r = launch(c.world, manifest(dir, c.table));
+      INFO(r.out);
+      REQUIRE(r.code == 0);
+      CHECK(r.out.find("data parallel x" + std::to_string(c.world)) != std::string::npos);
+      check_same_curve(want, curve(dir));
+      CHECK(fs::exists(dir / "out/model/model.safetensors"));
+    }
+  }
+}
+
+TEST_CASE("a LoRA adapter trains data parallel like on one rank", "[parallel]") {
+  const auto one_dir = scratch("lora-one"), two_dir = scratch("lora-two");
+  const Run one = launch(0, manifest(one_dir, "", true));
+  INFO(one.out);
+  REQUIRE(one.code == 0);
+  const Run two = launch(2, manifest(two_dir, "zero_stage = 1\n", true));
+  INFO(two.out);
+  REQUIRE(two.code == 0);
+  check_same_curve(curve(one_dir), curve(two_dir));
+  CHECK(fs::exists(two_dir / "out/adapter/adapter_model.safetensors"));
+}
+
+TEST_CASE("a ZeRO-1 run interrupted and resumed gives the uninterrupted curve", "[parallel]") {
+  const auto whole = scratch("whole"), parts = scratch("parts");
+  const Run w = launch(2, manifest(whole, "zero_stage = 1\n"));
+  INFO(w.out);
+  REQUIRE(w.code == 0);
+  const Run first = launch(2, manifest(parts, "zero_stage = 1\n"), "--steps 7");
+  INFO(first.out);
+  REQUIRE(first.code == 0);
+  const Run second = launch(2, manifest(parts, "zero_stage = 1\n", false, (parts / "out/checkpoint").string()));
+  INFO(second.out);
+  REQUIRE(second.code == 0);
+  check_same_curve(curve(whole), curve(parts));
+}
+
+TEST_CASE("ranks launched without a [parallel] component are refused", "[parallel]") {
+  const auto dir = scratch("no-parallel");
+  const Run r = launch(2, manifest(dir, ""));
+  CHECK(r.code != 0);
+  CHECK(r.out.find("WORLD_SIZE=2") != std::string::npos);
+  CHECK(r.out.find("[parallel]") != std::string::npos);
+  CHECK_FALSE(fs::exists(dir / "out/train_log.jsonl"));
+}
+
+TEST_CASE("a rank that dies makes the others fail with a message, not hang", "[parallel]") {
+  const auto dir = scratch("dies");
+  // Rank 1 is given a model that does not exist; rank 0 waits for it at the start.
+  const fs::path m = manifest(dir, "timeout_s = 3.0\n");
+  const int port = free_loopback_port();
+  const std::string env = "LOOM_PLUGIN_PATH= LOOM_DEVICE=cpu WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port);
+  const std::string cmd = "(" + env + " RANK=0 " + LOOM_CLI + " train " + m.string() + " 2>&1 & pid=$!; " + env + " RANK=1 " +
+                          LOOM_CLI + " train " + m.string() + " --set model.path=/nonexistent >/dev/null 2>&1; wait $pid)";
+  const Run r = loom_test::run_shell(cmd);
+  INFO(r.out);
+  CHECK(r.code != 0);
+  CHECK(r.out.find("timed out waiting for 1 more rank(s) of 2") != std::string::npos);
+}
