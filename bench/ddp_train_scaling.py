@@ -11,6 +11,7 @@ torch (the GPU machine has no network). Then, with torchrun's environment variab
   1 GPU,  global batch B            the reference curve and step time
   N GPUs, global batch B            strong scaling: the loss curve must match the reference
   N GPUs, batch B per GPU (N x B)   weak scaling: efficiency = its tokens/s / (N x one GPU's)
+  N GPUs, global batch B, ZeRO-1    optimizer state sharded: the same curve again
 A step's time is the difference of consecutive "elapsed_s" in the log; the table gives the
 median over the steps after the fifth.
 """
@@ -57,7 +58,7 @@ def make_text(path, limit=8 << 20):
                     return
 
 
-def manifest(path, model, text, out, batch, steps, parallel):
+def manifest(path, model, text, out, batch, steps, parallel, zero=0):
     with open(path, "w") as f:
         f.write(f"""[loom]
 seed = 7
@@ -83,7 +84,7 @@ eval_every = 0
 out = "{out}"
 """)
         if parallel:
-            f.write('\n[parallel]\nuse = "data"\n')
+            f.write(f'\n[parallel]\nuse = "data"\nzero_stage = {zero}\n')
 
 
 def launch(loom, toml, world, port):
@@ -119,14 +120,15 @@ def main():
     model, text = os.path.join(work, "gpt2-124m"), os.path.join(work, "text.txt")
     make_model(model)
     make_text(text)
-    runs = [("1 GPU, global batch %d" % a.batch, 1, a.batch, False),
-            ("%d GPUs, global batch %d" % (a.gpus, a.batch), a.gpus, a.batch, True),
-            ("%d GPUs, batch %d per GPU" % (a.gpus, a.batch), a.gpus, a.batch * a.gpus, True)]
+    runs = [("1 GPU, global batch %d" % a.batch, 1, a.batch, False, 0),
+            ("%d GPUs, global batch %d" % (a.gpus, a.batch), a.gpus, a.batch, True, 0),
+            ("%d GPUs, batch %d per GPU" % (a.gpus, a.batch), a.gpus, a.batch * a.gpus, True, 0),
+            ("%d GPUs, global batch %d, ZeRO-1" % (a.gpus, a.batch), a.gpus, a.batch, True, 1)]
     results = []
-    for i, (name, world, batch, parallel) in enumerate(runs):
+    for i, (name, world, batch, parallel, zero) in enumerate(runs):
         out = os.path.join(work, "run%d" % i)
         toml = os.path.join(work, "run%d.toml" % i)
-        manifest(toml, model, text, out, batch, a.steps, parallel)
+        manifest(toml, model, text, out, batch, a.steps, parallel, zero)
         first = launch(a.loom, toml, world, 29600 + i)
         losses, step_s = read_log(out)
         results.append((name, world, batch, losses, step_s, first.strip().splitlines()[-2:]))

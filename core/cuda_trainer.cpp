@@ -128,10 +128,7 @@ class CudaTrainingEngine final : public TrainingEngine {
   }
   std::span<float> flat_grads() override { return {grads_.get(), total_}; }
   void synchronize() override { check(cudaStreamSynchronize(stream_), "synchronize"); }
-  void set_optimizer_shard(std::vector<bool> owned) override {
-    if (std::find(owned.begin(), owned.end(), false) != owned.end())
-      throw runtime_error("training on CUDA: ZeRO stage 1 (a shard of the optimizer state) is not supported yet");
-  }
+  void set_optimizer_shard(std::vector<bool> owned) override;
 
  private:
   using Layer = DecoderLayerParams;
@@ -150,6 +147,7 @@ class CudaTrainingEngine final : public TrainingEngine {
   float *value_or_null(size_t i) const { return i == SIZE_MAX ? nullptr : value(i); }
 
   void prepare(int64_t B, int64_t n);
+  void allocate_moments();  // zeroed, on the first step or restore
   // A GEMM operand: float32, and in bf16 mode its rounded copy; ld in elements (column-major).
   struct Operand {
     const float *f32;
@@ -190,6 +188,12 @@ class CudaTrainingEngine final : public TrainingEngine {
   std::vector<Param> params_;
   size_t total_ = 0, decayed_ = 0;  // all floats of the flat buffers; the first decayed_ are matrices
   DeviceArray<float> values_, grads_, moment1_, moment2_;  // AdamW's m and v
+  // Where each parameter's moments start in moment1_/moment2_: its offset in the flat buffers,
+  // or with a ZeRO-1 shard (sharded_) a place in compact arrays for the parameters this rank
+  // owns and SIZE_MAX for the others.
+  std::vector<size_t> moment_at_;
+  size_t moment_total_ = 0;
+  bool sharded_ = false;
   int64_t steps_ = 0;
   std::vector<Layer> layers_;
   bool gpt2_ = false;
@@ -240,6 +244,8 @@ CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWei
     }
     if (matrices) decayed_ = total_;
   }
+  for (const auto &p : params_) moment_at_.push_back(p.offset);
+  moment_total_ = total_;
   values_.reserve(total_);
   grads_.reserve(total_);
   check(cudaMemsetAsync(values_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
@@ -694,21 +700,47 @@ double CudaTrainingEngine::clip_grad_norm(double max_norm) {
   return norm;
 }
 
-void CudaTrainingEngine::optimizer_step(double lr) {
-  if (moment1_.size() == 0) {
-    moment1_.reserve(total_);
-    moment2_.reserve(total_);
-    check(cudaMemsetAsync(moment1_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
-    check(cudaMemsetAsync(moment2_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
+void CudaTrainingEngine::set_optimizer_shard(std::vector<bool> owned) {
+  if (owned.size() != params_.size()) throw runtime_error("training on CUDA: the ZeRO ownership mask does not match the parameters");
+  if (moment1_.size() != 0) throw runtime_error("training on CUDA: the optimizer state is sharded before the first step");
+  sharded_ = true;
+  moment_total_ = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    moment_at_[i] = owned[i] ? moment_total_ : SIZE_MAX;
+    if (owned[i]) moment_total_ += params_[i].size;
   }
+}
+
+void CudaTrainingEngine::allocate_moments() {
+  if (moment1_.size() != 0) return;
+  moment1_.reserve(std::max<size_t>(moment_total_, 1));  // a rank owning nothing still has "moments"
+  moment2_.reserve(std::max<size_t>(moment_total_, 1));
+  check(cudaMemsetAsync(moment1_.get(), 0, moment_total_ * sizeof(float), stream_), "cudaMemset");
+  check(cudaMemsetAsync(moment2_.get(), 0, moment_total_ * sizeof(float), stream_), "cudaMemset");
+}
+
+void CudaTrainingEngine::optimizer_step(double lr) {
+  allocate_moments();
   ++steps_;
   weights_stale_ = true;
   const double b1 = adamw_.beta1, b2 = adamw_.beta2;
   const double c1 = 1.0 - std::pow(b1, static_cast<double>(steps_)), c2 = 1.0 - std::pow(b2, static_cast<double>(steps_));
-  // One launch for every parameter (padding between them is zero and stays zero).
-  check_launch(kn::adamw_cuda(values_.get(), grads_.get(), moment1_.get(), moment2_.get(), static_cast<int64_t>(total_),
-                              static_cast<int64_t>(decayed_), lr, b1, b2, adamw_.eps, adamw_.weight_decay, c1, c2, stream_),
-               "AdamW");
+  if (!sharded_) {
+    // One launch for every parameter (padding between them is zero and stays zero).
+    check_launch(kn::adamw_cuda(values_.get(), grads_.get(), moment1_.get(), moment2_.get(), static_cast<int64_t>(total_),
+                                static_cast<int64_t>(decayed_), lr, b1, b2, adamw_.eps, adamw_.weight_decay, c1, c2, stream_),
+                 "AdamW");
+    return;
+  }
+  // ZeRO-1: a launch per parameter this rank owns (matrices, below decayed_, are decayed).
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (moment_at_[i] == SIZE_MAX) continue;
+    const auto n = static_cast<int64_t>(params_[i].size);
+    check_launch(kn::adamw_cuda(value(i), grad(i), moment1_.get() + moment_at_[i], moment2_.get() + moment_at_[i], n,
+                                params_[i].offset < decayed_ ? n : 0, lr, b1, b2, adamw_.eps, adamw_.weight_decay, c1, c2,
+                                stream_),
+                 "AdamW");
+  }
 }
 
 const std::vector<TrainParam<float>> &CudaTrainingEngine::host_params() {
@@ -739,12 +771,14 @@ void CudaTrainingEngine::host_moments(std::vector<std::vector<float>> &m, std::v
   m.clear();
   v.clear();
   if (moment1_.size() == 0) return;
-  for (const auto &p : params_) {
-    m.emplace_back(p.size);
-    v.emplace_back(p.size);
-    check(cudaMemcpyAsync(m.back().data(), moment1_.get() + p.offset, p.size * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const size_t at = moment_at_[i], n = at == SIZE_MAX ? 0 : params_[i].size;  // a shard: others' are empty
+    m.emplace_back(n);
+    v.emplace_back(n);
+    if (n == 0) continue;
+    check(cudaMemcpyAsync(m.back().data(), moment1_.get() + at, n * sizeof(float), cudaMemcpyDeviceToHost, stream_),
           "download the moments");
-    check(cudaMemcpyAsync(v.back().data(), moment2_.get() + p.offset, p.size * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+    check(cudaMemcpyAsync(v.back().data(), moment2_.get() + at, n * sizeof(float), cudaMemcpyDeviceToHost, stream_),
           "download the moments");
   }
   check(cudaStreamSynchronize(stream_), "download the moments");
@@ -756,18 +790,15 @@ void CudaTrainingEngine::restore_optimizer(int64_t steps, std::vector<std::vecto
   if (m.empty()) return;
   if (m.size() != params_.size() || v.size() != params_.size())
     throw runtime_error("training on CUDA: the optimizer state does not match the parameters");
-  moment1_.reserve(total_);
-  moment2_.reserve(total_);
-  check(cudaMemsetAsync(moment1_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
-  check(cudaMemsetAsync(moment2_.get(), 0, total_ * sizeof(float), stream_), "cudaMemset");
+  allocate_moments();
   for (size_t i = 0; i < params_.size(); ++i) {
     if (m[i].size() != params_[i].size || v[i].size() != params_[i].size)
       throw runtime_error("training on CUDA: the optimizer state of " + params_[i].name + " has the wrong size");
-    check(cudaMemcpyAsync(moment1_.get() + params_[i].offset, m[i].data(), params_[i].size * sizeof(float), cudaMemcpyHostToDevice,
-                          stream_),
+    const size_t at = moment_at_[i];
+    if (at == SIZE_MAX) continue;  // another rank's share (ZeRO-1)
+    check(cudaMemcpyAsync(moment1_.get() + at, m[i].data(), params_[i].size * sizeof(float), cudaMemcpyHostToDevice, stream_),
           "upload the moments");
-    check(cudaMemcpyAsync(moment2_.get() + params_[i].offset, v[i].data(), params_[i].size * sizeof(float), cudaMemcpyHostToDevice,
-                          stream_),
+    check(cudaMemcpyAsync(moment2_.get() + at, v[i].data(), params_[i].size * sizeof(float), cudaMemcpyHostToDevice, stream_),
           "upload the moments");
   }
   check(cudaStreamSynchronize(stream_), "upload the moments");

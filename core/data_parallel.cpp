@@ -64,9 +64,6 @@ DataParallel::DataParallel(Instance &parallel, TrainingEngine &engine)
   }
 
   if (training_.zero_stage == 1) {
-    if (cuda)
-      throw runtime_error("loom train: parallel.zero_stage = 1 (ZeRO stage 1) runs on the CPU engine so far; on CUDA "
-                          "set zero_stage = 0");
     // Contiguous shares of about total / size elements: a parameter goes to the rank whose share
     // holds its middle.
     owner_.resize(grads_.size());
@@ -258,8 +255,12 @@ double DataParallel::sum(double local) {
 void DataParallel::optimizer_step(double lr) {
   engine_.optimizer_step(lr);
   if (owner_.empty() || topo_.data_size == 1) return;
+  const bool cuda = device_.device_type == kDLCUDA;
+  if (cuda) engine_.synchronize();  // the update is on the engine's stream, the broadcasts on the host's
   auto values = engine_.value_views();
   for (size_t i = 0; i < values.size(); ++i) broadcast(values[i], device_, owner_[i]);
+  std::string error;
+  if (cuda && !device_synchronize(device_, error)) throw runtime_error("ZeRO-1 broadcast: " + error);
 }
 
 void DataParallel::gather_moments(std::vector<std::vector<float>> &m, std::vector<std::vector<float>> &v) {

@@ -8,7 +8,7 @@
 //   communication thread as soon as the step's last backward pass has finished its layers,
 //   while the pass goes on with earlier layers; otherwise (and on CUDA, where the gradients are
 //   one flat device array reduced in one call) after the backward pass.
-// - ZeRO stage 1 (zero_stage = 1, CPU engine): the parameters are split into contiguous shares
+// - ZeRO stage 1 (zero_stage = 1): the parameters are split into contiguous shares
 //   of about equal size, one per data rank; a rank keeps AdamW moments for its share only,
 //   updates only it, and broadcasts the updated values to the other ranks.
 //
