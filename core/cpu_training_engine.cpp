@@ -5,6 +5,7 @@
 
 #include "loom/core/error.hpp"
 #include "loom/loom_plugin_api.h"
+#include "tensor_shards.hpp"
 #include "thread_pool.hpp"
 #include "training_engine.hpp"
 
@@ -19,6 +20,13 @@ class CpuTrainingEngine final : public TrainingEngine {
         quantized_(options.quantizer != nullptr) {
     trainer_.set_recompute(options.recompute);
     trainer_.set_threads(options.threads);
+    if (options.tensor != nullptr && options.tensor->size() > 1) {
+      if (!options.adapters.empty()) throw runtime_error("training: tensor parallel training of adapters is not supported yet");
+      tensor_ = options.tensor;
+      const TensorShards *shards = tensor_;
+      trainer_.set_tensor_group({shards->vocab_begin(), config.vocab_size * shards->size(),
+                                 [shards](float *data, size_t count, bool max) { shards->all_reduce(data, count, max); }});
+    }
     if (options.adapters.empty()) return;
     trainer_.attach_adapters(options.adapters);
     trainer_.set_frozen_base(true);
@@ -59,7 +67,24 @@ class CpuTrainingEngine final : public TrainingEngine {
     return sum;
   }
   double clip_grad_norm(double max_norm) override {
-    return views_.empty() ? loom::clip_grad_norm(trainer_.params(), max_norm) : loom::clip_grad_norm(views_, max_norm);
+    if (tensor_ == nullptr)
+      return views_.empty() ? loom::clip_grad_norm(trainer_.params(), max_norm) : loom::clip_grad_norm(views_, max_norm);
+    // Tensor parallel: the split parameters' squares summed over the group, the replicated ones
+    // (the same on every rank) counted once.
+    double split = 0, replicated = 0;
+    for (const auto &p : trainer_.params()) {
+      double sq = 0;
+      for (const float g : p.grad) sq += static_cast<double>(g) * static_cast<double>(g);
+      (tensor_->split(p.name) ? split : replicated) += sq;
+    }
+    tensor_->all_reduce(&split, 1);
+    const double norm = std::sqrt(split + replicated);
+    if (norm > max_norm && norm > 0) {
+      const auto scale = static_cast<float>(max_norm / (norm + 1e-6));
+      for (auto &p : trainer_.params())
+        for (float &g : p.grad) g *= scale;
+    }
+    return norm;
   }
   void optimizer_step(double lr) override {
     if (views_.empty()) opt_.step(trainer_.params(), lr);
@@ -118,6 +143,7 @@ class CpuTrainingEngine final : public TrainingEngine {
   AdamW<float> opt_;
   int32_t threads_;
   bool quantized_;
+  const TensorShards *tensor_ = nullptr;  // tensor parallel: this rank's group
   std::vector<ParamView<float>> views_;          // the adapters' parameters, when training adapters
   std::vector<TrainParam<float>> adapter_params_;  // their names and shapes (values copied on request)
 };

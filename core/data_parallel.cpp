@@ -41,9 +41,9 @@ DataParallel::DataParallel(Instance &parallel, TrainingEngine &engine)
     : parallel_(parallel), engine_(engine), vt_(parallel.vtable<loom_parallel_vtable>()) {
   topo_.struct_size = sizeof(topo_);
   parallel_.check(vt_->topology(parallel_.handle(), &topo_), "topology");
-  if (topo_.tensor_size != 1 || topo_.pipeline_size != 1)
+  if (topo_.pipeline_size != 1)
     throw runtime_error("loom train: parallel component \"" + std::string(parallel_.desc().name) +
-                        "\" splits tensors or pipeline stages; training runs data parallel only so far");
+                        "\" splits pipeline stages; training runs data and tensor parallel only so far");
   training_ = {sizeof(loom_parallel_training), 0, 25 << 20, 1};
   if (const auto *ext = parallel_.extension<loom_parallel_training_ext>(LOOM_PARALLEL_TRAINING_EXTENSION);
       ext != nullptr && ext->training != nullptr)

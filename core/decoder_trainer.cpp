@@ -106,8 +106,9 @@ void DecoderTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) 
                         (prefix_tokens_ ? " after " + std::to_string(prefix_tokens_) + " virtual tokens" : std::string()) +
                         " exceeds the model's " +
                         std::to_string(c.max_positions) + " positions");
+  const int64_t vocab = tensor_parallel() ? tensor_.vocab_full : c.vocab_size;
   for (const int32_t id : tokens)
-    if (id < 0 || id >= c.vocab_size) throw runtime_error("training: token " + std::to_string(id) + " is outside the vocabulary");
+    if (id < 0 || id >= vocab) throw runtime_error("training: token " + std::to_string(id) + " is outside the vocabulary");
   // The embedding (GPT-2 adds learned positions), the layers, the final norm (GPT-2's LayerNorm
   // keeps its mean too), the head. GPT-2's layer: x += c_proj(attention(split(c_attn(ln_1(x))))),
   // x += c_proj(gelu(c_fc(ln_2(x)))), with q, k and v the thirds of c_attn's output (no RoPE) in
@@ -116,10 +117,12 @@ void DecoderTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) 
   const int64_t H = c.hidden_size, V = c.vocab_size;
   std::vector<T> x(static_cast<size_t>(n * H));
   for (int64_t t = 0; t < n; ++t) {
-    std::copy_n(value(embed_) + tokens[static_cast<size_t>(t)] * H, H, x.begin() + t * H);
+    const int64_t row = tokens[static_cast<size_t>(t)] - tensor_.vocab_begin;  // tensor parallel: this rank's rows only
+    if (row >= 0 && row < V) std::copy_n(value(embed_) + row * H, H, x.begin() + t * H);
     if (gpt2)
       for (int64_t i = 0; i < H; ++i) x[static_cast<size_t>(t * H + i)] += value(positions_)[t * H + i];
   }
+  tensor_sum(x);
   acts.layers.assign(layers_.size(), {});
   for (size_t l = 0; l < layers_.size(); ++l) {
     acts.layers[l].x_in = x;
@@ -175,6 +178,7 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data(), pool_.get(), P);
   tmp.resize(x.size());
   project(L.o, L.o_b, A.a.data(), n, H, Hq * D, tmp.data());
+  tensor_sum(tmp);
   block_adapters(l, 0, tmp, A.attn_out);
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
   A.x_mid = x;
@@ -189,6 +193,7 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   project(L.up, L.up_b, A.h2.data(), n, I, H, A.u.data());
   grad::swiglu(A.g.data(), A.u.data(), n * I, A.m.data());
   project(L.down, L.down_b, A.m.data(), n, H, I, tmp.data());
+  tensor_sum(tmp);
   block_adapters(l, 1, tmp, A.mlp_out);
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
 }
@@ -255,8 +260,11 @@ double DecoderTrainer<T>::loss(const std::vector<int32_t> &tokens, bool backward
   targets.push_back(-1);  // the last position predicts nothing
   std::vector<T> dlogits(backward ? acts.logits.size() : 0);
   int64_t scored = 0;
-  const double total = grad::cross_entropy(acts.logits.data(), targets.data(), n, V, backward ? dlogits.data() : nullptr,
-                                           grad_scale, &scored);
+  const double total =
+      tensor_parallel()
+          ? tensor_cross_entropy(acts.logits, targets, backward ? dlogits.data() : nullptr, grad_scale, &scored)
+          : grad::cross_entropy(acts.logits.data(), targets.data(), n, V, backward ? dlogits.data() : nullptr, grad_scale,
+                                &scored);
   if (backward) {
     if (config_.architecture == Architecture::gpt2)
       backward_gpt2(tokens, acts, dlogits);
@@ -268,6 +276,56 @@ double DecoderTrainer<T>::loss(const std::vector<int32_t> &tokens, bool backward
 }
 
 template <class T>
+void DecoderTrainer<T>::set_tensor_group(TensorGroup group) {
+  if (config_.architecture == Architecture::gpt2) throw runtime_error("training: tensor parallel GPT-2 is not supported yet");
+  if (!sites_.empty() || prefix_tokens_ > 0 || !block_sites_.empty() || quantizer_)
+    throw runtime_error("training: tensor parallel training of adapters is not supported yet");
+  if (group.vocab_begin < 0 || group.vocab_begin + config_.vocab_size > group.vocab_full)
+    throw runtime_error("training: the tensor-parallel vocabulary share lies outside the vocabulary");
+  tensor_ = std::move(group);
+}
+
+template <class T>
+double DecoderTrainer<T>::tensor_cross_entropy(const std::vector<T> &logits, const std::vector<int32_t> &targets, T *dlogits,
+                                               double grad_scale, int64_t *count) {
+  // Each rank holds the logits of its vocabulary share: the row maxima, the sums of exponentials
+  // and the target's logit are summed (the maxima maximised) over the tensor group.
+  const int64_t n = static_cast<int64_t>(targets.size()), V = config_.vocab_size, begin = tensor_.vocab_begin;
+  int64_t scored = 0;
+  for (const int32_t t : targets) scored += t >= 0;
+  *count = scored;
+  std::vector<T> max(static_cast<size_t>(n)), sum(max.size()), picked(max.size(), T(0));
+  for (int64_t r = 0; r < n; ++r) max[static_cast<size_t>(r)] = *std::max_element(logits.begin() + r * V, logits.begin() + (r + 1) * V);
+  tensor_.reduce(max.data(), max.size(), true);
+  for (int64_t r = 0; r < n; ++r) {
+    double s = 0;
+    for (int64_t c = 0; c < V; ++c) s += std::exp(static_cast<double>(logits[static_cast<size_t>(r * V + c)] - max[static_cast<size_t>(r)]));
+    sum[static_cast<size_t>(r)] = static_cast<T>(s);
+    const int64_t local = targets[static_cast<size_t>(r)] - begin;
+    if (targets[static_cast<size_t>(r)] >= 0 && local >= 0 && local < V) picked[static_cast<size_t>(r)] = logits[static_cast<size_t>(r * V + local)];
+  }
+  tensor_.reduce(sum.data(), sum.size(), false);
+  tensor_.reduce(picked.data(), picked.size(), false);
+  double total = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    T *drow = dlogits ? dlogits + r * V : nullptr;
+    if (targets[static_cast<size_t>(r)] < 0) {
+      if (drow) std::fill(drow, drow + V, T(0));
+      continue;
+    }
+    const double lse = std::log(static_cast<double>(sum[static_cast<size_t>(r)])) + static_cast<double>(max[static_cast<size_t>(r)]);
+    total += lse - static_cast<double>(picked[static_cast<size_t>(r)]);
+    if (drow) {
+      const double w = grad_scale / static_cast<double>(scored);
+      for (int64_t c = 0; c < V; ++c) drow[c] = static_cast<T>(std::exp(static_cast<double>(logits[static_cast<size_t>(r * V + c)]) - lse) * w);
+      const int64_t local = targets[static_cast<size_t>(r)] - begin;
+      if (local >= 0 && local < V) drow[local] -= static_cast<T>(w);
+    }
+  }
+  return total;
+}
+
+template <class T>
 void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits) {
   const ModelConfig &c = config_;
   const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, D = c.head_dim, Hq = c.n_heads,
@@ -276,6 +334,7 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
   std::vector<T> dh(static_cast<size_t>(n * H), T(0)), dx(dh.size(), T(0));
   grad::linear_backward(dlogits.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(),
                         frozen_ ? static_cast<T *>(nullptr) : grad(head_), static_cast<T *>(nullptr), pool_.get());
+  tensor_sum(dh);
   for (int64_t t = 0; t < n; ++t)
     grad::rms_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
                             acts.r_final[static_cast<size_t>(t)], H, dx.data() + t * H, grad(final_norm_));
@@ -297,6 +356,7 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
     std::fill(dh.begin(), dh.end(), T(0));
     project_backward(L.gate, L.gate_b, dg.data(), A.h2.data(), n, I, H, dh.data());
     project_backward(L.up, L.up_b, du.data(), A.h2.data(), n, I, H, dh.data());
+    tensor_sum(dh);
     for (int64_t t = 0; t < n; ++t)
       grad::rms_norm_backward(dh.data() + t * H, A.x_mid.data() + t * H, value(L.norm2), A.r2[static_cast<size_t>(t)], H,
                               dx.data() + t * H, grad(L.norm2));
@@ -319,6 +379,7 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
     project_backward(L.q, L.q_b, dq.data(), A.h1.data(), n, Hq * D, H, dh.data());
     project_backward(L.k, L.k_b, dk.data() + P * kv, A.h1.data(), n, kv, H, dh.data());
     project_backward(L.v, L.v_b, dv.data() + P * kv, A.h1.data(), n, kv, H, dh.data());
+    tensor_sum(dh);
     for (int64_t t = 0; t < n; ++t)
       grad::rms_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.r1[static_cast<size_t>(t)], H,
                               dx.data() + t * H, grad(L.norm1));
@@ -327,7 +388,9 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
   }
   if (frozen_) return;
   for (int64_t t = 0; t < n; ++t) {
-    T *row = grad(embed_) + tokens[static_cast<size_t>(t)] * H;
+    const int64_t local = tokens[static_cast<size_t>(t)] - tensor_.vocab_begin;  // this rank's rows only
+    if (local < 0 || local >= c.vocab_size) continue;
+    T *row = grad(embed_) + local * H;
     for (int64_t i = 0; i < H; ++i) row[i] += dx[static_cast<size_t>(t * H + i)];
   }
 }

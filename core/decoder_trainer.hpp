@@ -85,6 +85,17 @@ class DecoderTrainer {
   // layer down, then with -1 once every gradient is (embeddings, head, shared adapter
   // parameters). Empty: none.
   void set_layer_hook(std::function<void(int64_t)> hook) { layer_done_ = std::move(hook); }
+  // Tensor parallelism ([Parallel], Llama family, no adapters): the trainer was built with one
+  // rank's config and weights (tensor_shards.hpp: its heads, its share of the MLP's width and of
+  // the vocabulary, which starts at vocab_begin of vocab_full); `reduce` sums a buffer over the
+  // tensor group (with `max`: takes the maximum). The forward pass sums the row-parallel outputs
+  // (o, down) and the embedding, the loss is the vocabulary-parallel cross-entropy, the backward
+  // pass sums the column-parallel inputs' gradients.
+  struct TensorGroup {
+    int64_t vocab_begin = 0, vocab_full = 0;
+    std::function<void(T *, size_t, bool max)> reduce;
+  };
+  void set_tensor_group(TensorGroup group);
   // Logits [n, vocab] after each position (the forward pass alone).
   std::vector<T> logits(const std::vector<int32_t> &tokens);
 
@@ -141,6 +152,14 @@ class DecoderTrainer {
   std::vector<float> dequantized_;              // one linear's dequantized weight (backward)
   std::unique_ptr<detail::ThreadPool> pool_;  // null: the calling thread only
   std::function<void(int64_t)> layer_done_;
+  TensorGroup tensor_;
+  bool tensor_parallel() const { return static_cast<bool>(tensor_.reduce); }
+  void tensor_sum(std::vector<T> &v) {
+    if (tensor_parallel()) tensor_.reduce(v.data(), v.size(), false);
+  }
+  // The mean-loss cross-entropy over logits split by vocabulary (grad::cross_entropy's contract).
+  double tensor_cross_entropy(const std::vector<T> &logits, const std::vector<int32_t> &targets, T *dlogits,
+                              double grad_scale, int64_t *count);
 };
 
 // A parameter held elsewhere (an adapter plugin's): its values and gradient, `decay` for a

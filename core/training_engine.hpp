@@ -21,6 +21,8 @@
 
 namespace loom {
 
+class TensorShards;
+
 struct TrainEngineOptions {
   AdamWOptions adamw;
   bool recompute = false;      // activation recomputation
@@ -33,6 +35,9 @@ struct TrainEngineOptions {
   // QLoRA-style ([PEFT]; CPU, with adapters): the frozen base's layer linears through this
   // quantizer (DecoderTrainer::quantize_base).
   std::shared_ptr<Instance> quantizer;
+  // Tensor parallelism ([Parallel], CPU): the config and weights given to the engine are this
+  // rank's (TensorShards::local_config / local_weights); not owned, outlives the engine.
+  const TensorShards *tensor = nullptr;
 };
 
 class TrainingEngine {

@@ -29,6 +29,7 @@
 #include "loom/core/safetensors.hpp"
 #include "loom/core/safetensors_writer.hpp"
 #include "loom/core/tokenizer.hpp"
+#include "tensor_shards.hpp"
 #include "training_data.hpp"
 #include "training_engine.hpp"
 #include "transformer_ops.hpp"
@@ -132,12 +133,12 @@ struct DataPosition {
 
 // The checkpoint directory, written beside and renamed over, so an interrupted save leaves the
 // previous one whole.
-void save_checkpoint(const fs::path &out, const fs::path &source, TrainingEngine &engine, int64_t step, DataPosition data,
-                     uint64_t seed, const TrainSpec &t, const nlohmann::json *adapter_config,
-                     const std::vector<std::vector<float>> &m, const std::vector<std::vector<float>> &v) {
+void save_checkpoint(const fs::path &out, const fs::path &source, const std::vector<TrainParam<float>> &params,
+                     int64_t optimizer_steps, int64_t step, DataPosition data, uint64_t seed, const TrainSpec &t,
+                     const nlohmann::json *adapter_config, const std::vector<std::vector<float>> &m,
+                     const std::vector<std::vector<float>> &v) {
   const fs::path dir = out / "checkpoint", tmp = out / "checkpoint.tmp", old = out / "checkpoint.old";
   fs::remove_all(tmp);
-  const auto &params = engine.host_params();
   if (adapter_config) write_adapter_dir(tmp, params, *adapter_config);
   else write_model_dir(tmp, source, params);
   std::vector<TensorToWrite> moments;
@@ -146,7 +147,7 @@ void save_checkpoint(const fs::path &out, const fs::path &source, TrainingEngine
     moments.push_back({params[i].name + ".exp_avg_sq", SafetensorsDtype::F32, params[i].shape, bytes_of(v[i])});
   }
   write_safetensors(tmp / "optimizer.safetensors", moments, {{"optimizer", "adamw"}});
-  const nlohmann::json state = {{"step", step},          {"optimizer_steps", engine.optimizer_steps()},
+  const nlohmann::json state = {{"step", step},          {"optimizer_steps", optimizer_steps},
                                 {"epoch", data.epoch},   {"position", data.position},
                                 {"seed", seed},          {"seq_len", t.seq_len},
                                 {"batch_size", t.batch_size}, {"grad_accum", t.grad_accum},
@@ -373,8 +374,22 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   const ModelWeights weights = t.resume.empty() && t.init == "random"
                                    ? random_initial_weights(config, seed, initializer_range(m.model_path))
                                    : ModelWeights::load(config, SafetensorsIndex::open_model_dir(source));
-  std::unique_ptr<TrainingEngine> engine = device.device_type == kDLCUDA ? make_cuda_training_engine(config, weights, eo)
-                                                                         : make_cpu_training_engine(config, weights, eo);
+  // Tensor parallel: this rank trains its slices of the model (tensor_shards.hpp).
+  std::unique_ptr<TensorShards> shards;
+  if (parallel) {
+    shards = std::make_unique<TensorShards>(*parallel, config);
+    if (shards->size() == 1) shards.reset();
+  }
+  if (shards) {
+    if (device.device_type == kDLCUDA) throw manifest_error(m.source_name + ": [parallel] tensor parallel training runs on the CPU engine so far");
+    if (!adapter_specs.empty()) throw manifest_error(m.source_name + ": [parallel] tensor parallel training of adapters is not supported yet");
+    if (!t.resume.empty()) throw manifest_error(m.source_name + ": train.resume: resuming a tensor parallel run is not supported yet");
+    eo.tensor = shards.get();
+  }
+  std::unique_ptr<TrainingEngine> engine =
+      device.device_type == kDLCUDA ? make_cuda_training_engine(config, weights, eo)
+      : shards                      ? make_cpu_training_engine(shards->local_config(), shards->local_weights(weights), eo)
+                                    : make_cpu_training_engine(config, weights, eo);
   // Data parallel: this rank trains on its share of each batch; rank 0 alone writes.
   std::unique_ptr<DataParallel> dp = parallel ? std::make_unique<DataParallel>(*parallel, *engine) : nullptr;
   const bool writes = !dp || dp->writes();
@@ -390,17 +405,35 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   }
   std::ofstream log;  // not open on the ranks that do not write: their lines go nowhere
   if (writes) log.open(log_path, std::ios::app);
+  // The whole model's parameters (tensor parallel: gathered from the group; every rank takes part).
+  const auto full_params = [&] {
+    std::vector<TrainParam<float>> params = engine->host_params();
+    if (!shards) return params;
+    const auto shapes = expected_weights(config);
+    for (auto &p : params) {
+      p.value = shards->gather(p.name, p.value);
+      p.shape = shapes.at(p.name);
+    }
+    return params;
+  };
   const auto checkpoint = [&](int64_t at) {
     std::vector<std::vector<float>> moments, squares;
     if (dp) dp->gather_moments(moments, squares);  // every rank takes part
     else engine->host_moments(moments, squares);
-    if (writes) save_checkpoint(t.out, m.model_path, *engine, at, pos, seed, t, adapter, moments, squares);
+    const auto params = full_params();
+    if (shards)
+      for (size_t i = 0; i < moments.size(); ++i) {
+        moments[i] = shards->gather(params[i].name, moments[i]);
+        squares[i] = shards->gather(params[i].name, squares[i]);
+      }
+    if (writes) save_checkpoint(t.out, m.model_path, params, engine->optimizer_steps(), at, pos, seed, t, adapter, moments, squares);
   };
 
   TrainResult result;
   result.train_sequences = static_cast<int64_t>(split.train.size());
   result.validation_sequences = static_cast<int64_t>(split.validation.size());
-  result.device = engine->describe() + (dp ? ", " + dp->describe() : "");
+  result.device = engine->describe() + (shards ? ", tensor parallel x" + std::to_string(shards->size()) : "") +
+                  (dp ? ", " + dp->describe() : "");
   auto validation_loss = [&] {  // in micro-batches of batch_size sequences, shared among the data ranks
     double sum = 0;
     const std::span<const std::vector<int32_t>> all(split.validation);
@@ -489,6 +522,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   if (writes && options.progress && tty) std::cerr << "\n";
   if (t.eval_every == 0 || step % t.eval_every != 0) evaluate(step);
   checkpoint(step);
+  const auto final_params = adapter ? std::vector<TrainParam<float>>() : full_params();
   if (!writes) {  // rank 0 exports the model; this rank's replica is the same
     result.step = step;
     result.writer = false;
@@ -499,7 +533,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
     write_adapter_dir(result.adapter_dir, engine->host_params(), *adapter);
   } else {
     result.model_dir = t.out / "model";
-    write_model_dir(result.model_dir, m.model_path, engine->host_params(), t.save_dtype == "bfloat16");
+    write_model_dir(result.model_dir, m.model_path, final_params, t.save_dtype == "bfloat16");
   }
   log.close();
   result.plot = plot_losses(t.out, log_path);

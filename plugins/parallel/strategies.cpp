@@ -1,6 +1,7 @@
 // Parallel components over a launched world of processes (launch_env.hpp): `data` (replicas:
 // every parameter on every rank, gradients all-reduced over the data group, optionally ZeRO
-// stage 1). Collectives go over TCP for host buffers (tcp_mesh.hpp) and over NCCL for CUDA
+// stage 1) and `tensor` (Megatron-style splits over groups of `size` consecutive ranks, data
+// parallel across the groups). Collectives go over TCP for host buffers (tcp_mesh.hpp) and over NCCL for CUDA
 // buffers (nccl_groups.hpp, in builds with CUDA).
 //
 // Ranks are laid out tensor-fastest: world rank = (data_rank * pipeline_size + pipeline_rank) *
@@ -21,7 +22,10 @@
 namespace loomp::parallel {
 namespace {
 
+enum class Kind { Data, Tensor };
+
 struct Strategy {
+  Kind kind;
   const loom_host_api* host;
   loom_host_ctx* ctx;
   LaunchEnv env;
@@ -33,7 +37,14 @@ struct Strategy {
   std::unique_ptr<NcclGroups> nccl;
 #endif
 
-  Strategy(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c), env(read_launch_env()) {
+  Strategy(Kind k, const loom_host_api* h, loom_host_ctx* c) : kind(k), host(h), ctx(c), env(read_launch_env()) {
+    if (kind == Kind::Tensor) {
+      const int64_t size = cfg_int(h, c, "size");
+      tensor_size = size == 0 ? env.world : static_cast<int>(size);
+      if (size < 0 || tensor_size > env.world || env.world % tensor_size != 0)
+        invalid_param("size", "size " + std::to_string(size) + " must divide the world of " + std::to_string(env.world) +
+                                  " ranks (0: all of them)");
+    }
     const int64_t zero = cfg_int(h, c, "zero_stage");
     if (zero != 0 && zero != 1) invalid_param("zero_stage", "zero_stage must be 0 or 1 (ZeRO stage 1 shards the optimizer state)");
     const double bucket_mb = cfg_float(h, c, "bucket_mb");
@@ -127,12 +138,40 @@ loom_status topology_fn(void* inst, loom_parallel_topology* out) {
   });
 }
 
+bool ends_with(const std::string& s, const char* suffix) {
+  const std::string x(suffix);
+  return s.size() >= x.size() && s.compare(s.size() - x.size(), x.size(), x) == 0;
+}
+
+// Megatron's split of a Hugging Face Llama-family parameter: the dimension cut into tensor_size
+// parts (-1: replicated) and whether the module's output is then a partial sum.
+std::pair<int32_t, int32_t> megatron_split(const std::string& name) {
+  for (const char* column : {"q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight",
+                             "q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_proj.bias", "up_proj.bias"})
+    if (ends_with(name, column)) return {0, 0};
+  if (ends_with(name, "o_proj.weight") || ends_with(name, "down_proj.weight")) return {1, 1};
+  if (ends_with(name, "embed_tokens.weight") || ends_with(name, "lm_head.weight")) return {0, 0};  // the vocabulary
+  for (const char* gpt2 : {"c_attn.weight", "c_fc.weight", "c_proj.weight", "wte.weight"})
+    if (ends_with(name, gpt2)) unsupported("tensor: GPT-2's Conv1D layout (" + name + ") is not split yet");
+  return {-1, 0};  // norms, biases of row-parallel linears
+}
+
 loom_status shard_fn(void* inst, const char* name, const int64_t* shape, int32_t ndim, loom_shard* out) {
-  return call(inst, [&](Strategy&) {
+  return call(inst, [&](Strategy& S) {
     if (name == nullptr || out == nullptr) invalid("parallel: name and out must not be NULL");
     if (ndim < 0 || (ndim > 0 && shape == nullptr)) invalid("parallel: bad shape for '" + std::string(name) + "'");
     if (out->struct_size < sizeof(loom_shard)) invalid("parallel: shard struct_size too small");
-    *out = loom_shard{sizeof(loom_shard), -1, 0, ndim > 0 ? shape[0] : 1, 0, 0};  // data: replicated
+    *out = loom_shard{sizeof(loom_shard), -1, 0, ndim > 0 ? shape[0] : 1, 0, 0};  // replicated
+    if (S.tensor_size == 1) return;
+    const auto [dim, reduce_after] = megatron_split(name);
+    if (dim < 0) return;
+    if (dim >= ndim) invalid("tensor: '" + std::string(name) + "' has no dimension " + std::to_string(dim));
+    const int64_t extent = shape[dim];
+    if (extent % S.tensor_size != 0)
+      invalid("tensor: dimension " + std::to_string(dim) + " of '" + name + "' (" + std::to_string(extent) +
+              ") does not divide by the tensor group's " + std::to_string(S.tensor_size) + " ranks");
+    const int64_t part = extent / S.tensor_size;
+    *out = loom_shard{sizeof(loom_shard), dim, S.tensor_rank * part, (S.tensor_rank + 1) * part, reduce_after, 0};
   });
 }
 int32_t stage_of_layer_fn(void*, int32_t, int32_t) { return 0; }
@@ -252,9 +291,18 @@ const void* get_extension_fn(void*, const char* id) {
   return id != nullptr && std::string(id) == LOOM_PARALLEL_TRAINING_EXTENSION ? &kTraining : nullptr;
 }
 
+template <Kind K>
+loom_status create_fn(const loom_host_api* host, loom_host_ctx* ctx, void** out) {
+  return guard(host, ctx, [&] {
+    if (out == nullptr) invalid("out_instance is NULL");
+    *out = new Strategy(K, host, ctx);
+  });
+}
+
+template <Kind K>
 constexpr loom_parallel_vtable kVtable = {
     sizeof(loom_parallel_vtable),
-    {&create_instance<Strategy>, &destroy_instance<Strategy>, &get_extension_fn, nullptr, nullptr},
+    {&create_fn<K>, &destroy_instance<Strategy>, &get_extension_fn, nullptr, nullptr},
     &topology_fn, &shard_fn, &stage_of_layer_fn, &all_reduce_fn, &all_gather_fn,
     &reduce_scatter_fn, &broadcast_fn, &send_fn, &recv_fn, &barrier_fn,
 };
@@ -269,14 +317,24 @@ const loom_param_desc kDataParams[] = {
      "how long a rank waits for the others at start and in each collective"},
 };
 
+const loom_param_desc kTensorParams[] = {
+    {sizeof(loom_param_desc), "size", LOOM_VALUE_INT, 0, "0",
+     "ranks per tensor group (consecutive ranks; 0: the whole world); the groups are data parallel"},
+    kDataParams[0], kDataParams[1], kDataParams[2], kDataParams[3],
+};
+
 constexpr loom_component_desc kData = {
     sizeof(loom_component_desc), LOOM_KIND_PARALLEL, "data", "1.0.0",
     "Data parallel: replicas on every rank, gradients all-reduced in buckets, optional ZeRO stage 1",
-    kDataParams, sizeof(kDataParams) / sizeof(kDataParams[0]), LOOM_THREADING_SERIAL, &kVtable};
-const loom_component_desc* const kComponents[] = {&kData};
+    kDataParams, sizeof(kDataParams) / sizeof(kDataParams[0]), LOOM_THREADING_SERIAL, &kVtable<Kind::Data>};
+constexpr loom_component_desc kTensor = {
+    sizeof(loom_component_desc), LOOM_KIND_PARALLEL, "tensor", "1.0.0",
+    "Tensor parallel (Megatron): column/row-split attention and MLP, vocabulary-split embedding and head; x data",
+    kTensorParams, sizeof(kTensorParams) / sizeof(kTensorParams[0]), LOOM_THREADING_SERIAL, &kVtable<Kind::Tensor>};
+const loom_component_desc* const kComponents[] = {&kData, &kTensor};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-parallel", "1.0.0",
-    "Apache-2.0", kComponents, 1, nullptr};
+    "Apache-2.0", kComponents, 2, nullptr};
 
 }  // namespace
 }  // namespace loomp::parallel

@@ -78,9 +78,9 @@ struct Rank {
   std::unique_ptr<loom::Runtime> rt;
   loom::Instance *p;
   const loom_parallel_vtable *vt;
-  explicit Rank(const std::string &extra = "")
-      : rt(bt::runtime("[parallel]\nuse = \"data\"\ntimeout_s = 30.0\n" + extra)), p(&rt->pipeline().at("parallel")),
-        vt(p->vtable<loom_parallel_vtable>()) {}
+  explicit Rank(const std::string &extra = "", const std::string &component = "data")
+      : rt(bt::runtime("[parallel]\nuse = \"" + component + "\"\ntimeout_s = 30.0\n" + extra)),
+        p(&rt->pipeline().at("parallel")), vt(p->vtable<loom_parallel_vtable>()) {}
 };
 
 #define EXPECT(cond)                                                                   \
@@ -211,5 +211,59 @@ TEST_CASE("data: launch and configuration errors name what is wrong", "[parallel
   // Rank 0 of 2 whose rank 1 never comes.
   set_rank_env(0, 2, loom_test::free_loopback_port());
   CHECK_THAT(bt::build_error("[parallel]\nuse = \"data\"\ntimeout_s = 0.5\n"), Catch::Contains("timed out waiting for 1 more rank(s) of 2"));
+  clear_rank_env();
+}
+
+namespace {
+
+// A 4-rank world as tensor groups of 2: rank r is tensor rank r % 2 of data replica r / 2.
+std::string tensor_layout(int rank) {
+  Rank R("size = 2\n", "tensor");
+  void *h = R.p->handle();
+  loom_parallel_topology t{};
+  t.struct_size = sizeof(t);
+  EXPECT(R.vt->topology(h, &t) == LOOM_OK);
+  EXPECT(t.tensor_size == 2 && t.tensor_rank == rank % 2 && t.data_size == 2 && t.data_rank == rank / 2);
+  const auto cut = [&](const char *name, std::vector<int64_t> shape) {
+    loom_shard s{};
+    s.struct_size = sizeof(s);
+    const loom_status st = R.vt->shard(h, name, shape.data(), static_cast<int32_t>(shape.size()), &s);
+    return std::pair{st, s};
+  };
+  const int64_t part = rank % 2;
+  auto [st, q] = cut("model.layers.3.self_attn.q_proj.weight", {64, 32});
+  EXPECT(st == LOOM_OK && q.split_dim == 0 && q.begin == 32 * part && q.end == 32 * (part + 1) && q.reduce_after == 0);
+  auto [st2, o] = cut("model.layers.3.self_attn.o_proj.weight", {32, 64});
+  EXPECT(st2 == LOOM_OK && o.split_dim == 1 && o.begin == 32 * part && o.reduce_after == 1);
+  auto [st3, down] = cut("model.layers.0.mlp.down_proj.weight", {32, 96});
+  EXPECT(st3 == LOOM_OK && down.split_dim == 1 && down.end - down.begin == 48);
+  auto [st4, embed] = cut("model.embed_tokens.weight", {1000, 32});
+  EXPECT(st4 == LOOM_OK && embed.split_dim == 0 && embed.begin == 500 * part);
+  auto [st5, norm] = cut("model.layers.0.input_layernorm.weight", {32});
+  EXPECT(st5 == LOOM_OK && norm.split_dim == -1);
+  EXPECT(cut("model.layers.0.mlp.up_proj.weight", {33, 32}).first == LOOM_ERR_INVALID_ARGUMENT);  // 33 rows
+  EXPECT(cut("transformer.h.0.attn.c_attn.weight", {32, 96}).first == LOOM_ERR_UNSUPPORTED);
+  // The tensor group is {0, 1} or {2, 3}; the data group {r % 2, r % 2 + 2}.
+  bt::Tensor<float> b({1}, {static_cast<float>(1 << rank)});
+  EXPECT(R.vt->all_reduce(h, LOOM_GROUP_TENSOR, b.dl(), LOOM_REDUCE_SUM) == LOOM_OK);
+  EXPECT(b.v[0] == static_cast<float>(rank < 2 ? 1 + 2 : 4 + 8));
+  bt::Tensor<float> d({1}, {static_cast<float>(1 << rank)});
+  EXPECT(R.vt->all_reduce(h, LOOM_GROUP_DATA, d.dl(), LOOM_REDUCE_SUM) == LOOM_OK);
+  EXPECT(d.v[0] == static_cast<float>(rank % 2 == 0 ? 1 + 4 : 2 + 8));
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("tensor: Megatron splits per rank and tensor x data groups over 4 processes", "[parallel]") {
+  const auto errors = run_world(4, tensor_layout);
+  CHECK(joined(errors).empty());
+  INFO(joined(errors));
+}
+
+TEST_CASE("tensor: a size that does not divide the world is refused at its key", "[parallel]") {
+  set_rank_env(0, 1, loom_test::free_loopback_port());
+  CHECK_THAT(bt::build_error("[parallel]\nuse = \"tensor\"\nsize = 3\n"), Catch::Contains("size"));
+  CHECK_THAT(bt::build_error("[parallel]\nuse = \"tensor\"\nsize = 3\n"), Catch::Contains("must divide the world of 1"));
   clear_rank_env();
 }

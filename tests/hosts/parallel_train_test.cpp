@@ -7,6 +7,9 @@
 #include <catch2/catch.hpp>
 #include <cctype>
 #include <cmath>
+#include <cstring>
+#include <iterator>
+#include <map>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -48,7 +51,8 @@ Run launch(int world, const fs::path &manifest, const std::string &args = "") {
 
 // A manifest training the shipped model (or a LoRA adapter on it) for 20 steps, 4 sequences of
 // 32 tokens a micro-batch, 2 micro-batches a step.
-fs::path manifest(const fs::path &dir, const std::string &parallel, bool lora = false, const std::string &resume = "") {
+fs::path manifest(const fs::path &dir, const std::string &parallel, bool lora = false, const std::string &resume = "",
+                  const std::string &component = "data") {
   fs::create_directories(dir);
   std::ofstream m(dir / "train.toml");
   m << "[loom]\nseed = 5\n\n[model]\npath = \"" << (kSource / "models/tiny-kjv").string() << "\"\n\n"
@@ -58,7 +62,7 @@ fs::path manifest(const fs::path &dir, const std::string &parallel, bool lora = 
     << "\nwarmup = 3\nweight_decay = 0.1\ngrad_clip = 1.0\neval_every = 10\nout = \"" << (dir / "out").string() << "\"\n";
   if (!resume.empty()) m << "resume = \"" << resume << "\"\n";
   if (lora) m << "\n[[adapter]]\nuse = \"lora\"\nr = 4\nalpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
-  if (!parallel.empty()) m << "\n[parallel]\nuse = \"data\"\n" << parallel;
+  if (!parallel.empty()) m << "\n[parallel]\nuse = \"" << component << "\"\n" << parallel;
   return dir / "train.toml";
 }
 
@@ -83,6 +87,26 @@ void check_same_curve(const std::vector<std::pair<int64_t, double>> &want, const
   }
 }
 
+// The float32 tensors of a safetensors file, by name.
+std::map<std::string, std::vector<float>> read_f32_tensors(const fs::path &file) {
+  std::ifstream in(file, std::ios::binary);
+  uint64_t header_size = 0;
+  in.read(reinterpret_cast<char *>(&header_size), 8);
+  std::string header(header_size, '\0');
+  in.read(header.data(), static_cast<std::streamsize>(header_size));
+  const std::string body((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::map<std::string, std::vector<float>> out;
+  const auto index = nlohmann::json::parse(header);
+  for (const auto &[name, t] : index.items()) {
+    if (name == "__metadata__" || t["dtype"] != "F32") continue;
+    const auto begin = t["data_offsets"][0].get<size_t>(), end = t["data_offsets"][1].get<size_t>();
+    std::vector<float> v((end - begin) / 4);
+    std::memcpy(v.data(), body.data() + begin, end - begin);
+    out[name] = std::move(v);
+  }
+  return out;
+}
+
 fs::path scratch(const std::string &name) {
   std::string safe = name;
   for (char &ch : safe)
@@ -95,35 +119,56 @@ fs::path scratch(const std::string &name) {
 }  // namespace
 
 TEST_CASE("data parallel training on 2 and 4 CPU ranks follows one rank's loss curve", "[parallel]") {
-  // One process's curve, computed once (Catch runs the case again for each section).
-  static const auto want = [] {
-    const auto base_dir = scratch("one");
-    const Run one = launch(0, manifest(base_dir, ""));
+  // One process's curve and exported weights, computed once (Catch runs the case again for
+  // each section).
+  static const auto base_dir = [] {
+    const auto d = scratch("one");
+    const Run one = launch(0, manifest(d, ""));
     INFO(one.out);
     REQUIRE(one.code == 0);
-    return curve(base_dir);
+    return d;
   }();
+  static const auto want = curve(base_dir);
+  static const auto want_weights = read_f32_tensors(base_dir / "out/model/model.safetensors");
   REQUIRE(want.size() == 23);  // 20 steps and 3 evaluations
 
   struct Case {
     const char *name;
     int world;
-    std::string table;
+    std::string component, table, describes;
   };
   const Case cases[] = {
-      {"2 ranks", 2, "overlap = true\n"},
-      {"4 ranks, ZeRO-1, small buckets", 4, "zero_stage = 1\nbucket_mb = 0.02\n"},
-      {"2 ranks, ZeRO-1, no overlap", 2, "zero_stage = 1\noverlap = false\n"},
+      {"2 ranks", 2, "data", "overlap = true\n", "data parallel x2"},
+      {"4 ranks, ZeRO-1, small buckets", 4, "data", "zero_stage = 1\nbucket_mb = 0.02\n", "data parallel x4 (ZeRO-1)"},
+      {"2 ranks, ZeRO-1, no overlap", 2, "data", "zero_stage = 1\noverlap = false\n", "data parallel x2 (ZeRO-1)"},
+      {"tensor parallel over 2 ranks", 2, "tensor", "size = 2\n", "tensor parallel x2"},
+      {"tensor 2 x data 2, ZeRO-1", 4, "tensor", "size = 2\nzero_stage = 1\n", "tensor parallel x2, data parallel x2 (ZeRO-1)"},
   };
   for (const auto &c : cases) {
     SECTION(c.name) {
       const auto dir = scratch(c.name);
-      const Run r = launch(c.world, manifest(dir, c.table));
+      const Run r = launch(c.world, manifest(dir, c.table, false, "", c.component));
       INFO(r.out);
       REQUIRE(r.code == 0);
-      CHECK(r.out.find("data parallel x" + std::to_string(c.world)) != std::string::npos);
+      CHECK(r.out.find(c.describes) != std::string::npos);
       check_same_curve(want, curve(dir));
-      CHECK(fs::exists(dir / "out/model/model.safetensors"));
+      // The exported model (gathered from the tensor ranks) holds one rank's weights.
+      const auto mine = read_f32_tensors(dir / "out/model/model.safetensors");
+      REQUIRE(mine.size() == want_weights.size());
+      for (const auto &[name, values] : want_weights) {
+        INFO(name);
+        REQUIRE(mine.count(name) == 1);
+        REQUIRE(mine.at(name).size() == values.size());
+        // Relative Frobenius distance: AdamW turns float32 rounding in a near-zero gradient into a
+        // step of about lr either way, so single elements may differ by that much.
+        double diff = 0, norm = 1e-30;
+        for (size_t i = 0; i < values.size(); ++i) {
+          const double d = static_cast<double>(mine.at(name)[i]) - static_cast<double>(values[i]);
+          diff += d * d;
+          norm += static_cast<double>(values[i]) * static_cast<double>(values[i]);
+        }
+        CHECK(std::sqrt(diff / norm) <= 1e-5);
+      }
     }
   }
 }
@@ -161,6 +206,13 @@ TEST_CASE("ranks launched without a [parallel] component are refused", "[paralle
   CHECK(r.out.find("WORLD_SIZE=2") != std::string::npos);
   CHECK(r.out.find("[parallel]") != std::string::npos);
   CHECK_FALSE(fs::exists(dir / "out/train_log.jsonl"));
+}
+
+TEST_CASE("a model the tensor group cannot split is refused with the size that does not divide", "[parallel]") {
+  const auto dir = scratch("tensor-4");
+  const Run r = launch(4, manifest(dir, "size = 4\n", false, "", "tensor"));  // the default model has 2 KV heads
+  CHECK(r.code != 0);
+  CHECK(r.out.find("num_key_value_heads (2) does not divide by 4") != std::string::npos);
 }
 
 TEST_CASE("a rank that dies makes the others fail with a message, not hang", "[parallel]") {

@@ -1,0 +1,144 @@
+#include "tensor_shards.hpp"
+
+#include <algorithm>
+
+#include "loom/core/error.hpp"
+
+namespace loom {
+
+namespace {
+
+DLTensor host_tensor(void *data, int64_t &count, DLDataType dtype) {
+  DLTensor t{};
+  t.data = data;
+  t.device = {kDLCPU, 0};
+  t.ndim = 1;
+  t.dtype = dtype;
+  t.shape = &count;
+  return t;
+}
+
+bool ends_with(const std::string &s, const char *suffix) {
+  const std::string x(suffix);
+  return s.size() >= x.size() && s.compare(s.size() - x.size(), x.size(), x) == 0;
+}
+
+}  // namespace
+
+TensorShards::TensorShards(Instance &parallel, const ModelConfig &config) : parallel_(parallel), local_(config) {
+  const auto *vt = parallel.vtable<loom_parallel_vtable>();
+  loom_parallel_topology topo{};
+  topo.struct_size = sizeof(topo);
+  parallel.check(vt->topology(parallel.handle(), &topo), "topology");
+  rank_ = topo.tensor_rank;
+  size_ = topo.tensor_size;
+  const std::string who = "tensor parallel over " + std::to_string(size_) + " ranks";
+  if (size_ > 1 && config.architecture == Architecture::gpt2)
+    throw runtime_error(who + ": GPT-2's fused c_attn is not split yet (the Llama family is)");
+  for (const auto &[what, value] : {std::pair{"num_attention_heads", config.n_heads}, std::pair{"num_key_value_heads", config.n_kv_heads},
+                                    std::pair{"intermediate_size", config.intermediate_size}, std::pair{"vocab_size", config.vocab_size}})
+    if (value % size_ != 0)
+      throw runtime_error(who + ": the model's " + what + " (" + std::to_string(value) + ") does not divide by " +
+                          std::to_string(size_));
+  local_.n_heads /= size_;
+  local_.n_kv_heads /= size_;
+  local_.intermediate_size /= size_;
+  local_.vocab_size /= size_;
+  vocab_begin_ = rank_ * local_.vocab_size;
+
+  const auto local_shapes = expected_weights(local_);
+  for (const auto &[name, shape] : expected_weights(config)) {
+    if (size_ > 1 && (ends_with(name, "o_proj.bias") || ends_with(name, "down_proj.bias")))
+      throw runtime_error(who + ": " + name + " (a row-parallel linear's bias) is not split yet");
+    loom_shard s{};
+    s.struct_size = sizeof(s);
+    parallel.check(vt->shard(parallel.handle(), name.c_str(), shape.data(), static_cast<int32_t>(shape.size()), &s), "shard");
+    TensorSlice slice{s.split_dim, s.begin, s.end, shape};
+    std::vector<int64_t> mine = shape;
+    if (slice.dim >= 0) {
+      if (slice.dim >= static_cast<int32_t>(shape.size()) || slice.begin < 0 || slice.end > shape[static_cast<size_t>(slice.dim)] ||
+          slice.begin >= slice.end)
+        throw runtime_error(who + ": the parallel component cut " + name + " outside its shape");
+      mine[static_cast<size_t>(slice.dim)] = slice.end - slice.begin;
+    }
+    // The trainer computes with the local config's shapes: the component must cut exactly those.
+    const auto want = local_shapes.find(name);
+    if (want == local_shapes.end() || want->second != mine)
+      throw runtime_error(who + ": the parallel component's cut of " + name +
+                          " is not the Megatron split this engine computes with (column-parallel q/k/v/gate/up, "
+                          "row-parallel o/down, vocabulary-parallel embedding and head, replicated norms)");
+    if (slice.dim >= 0 && slice.begin != rank_ * (slice.end - slice.begin))
+      throw runtime_error(who + ": " + name + " is not cut in rank order");
+    slices_.emplace(name, std::move(slice));
+  }
+}
+
+bool TensorShards::split(const std::string &name) const {
+  const auto it = slices_.find(name);
+  return it != slices_.end() && it->second.dim >= 0;
+}
+
+ModelWeights TensorShards::local_weights(const ModelWeights &full) const {
+  std::map<std::string, HostWeight, std::less<>> local;
+  for (const auto &[name, slice] : slices_) {
+    const HostWeight &w = full.at(name);
+    HostWeight &out = local[name];
+    out.shape = w.shape;
+    if (slice.dim < 0) {
+      out.values = w.values;
+      continue;
+    }
+    out.shape[static_cast<size_t>(slice.dim)] = slice.end - slice.begin;
+    // Rows [begin, end) of dimension `dim` of a row-major tensor: `outer` blocks of
+    // `shape[dim] * inner` values, each contributing (end - begin) * inner.
+    int64_t outer = 1, inner = 1;
+    for (int32_t d = 0; d < slice.dim; ++d) outer *= w.shape[static_cast<size_t>(d)];
+    for (size_t d = static_cast<size_t>(slice.dim) + 1; d < w.shape.size(); ++d) inner *= w.shape[d];
+    const int64_t extent = w.shape[static_cast<size_t>(slice.dim)], keep = (slice.end - slice.begin) * inner;
+    out.values.resize(static_cast<size_t>(outer * keep));
+    for (int64_t o = 0; o < outer; ++o)
+      std::copy_n(w.values.begin() + (o * extent + slice.begin) * inner, keep, out.values.begin() + o * keep);
+  }
+  return ModelWeights::from_map(std::move(local));
+}
+
+std::vector<float> TensorShards::gather(const std::string &name, const std::vector<float> &local) const {
+  const auto it = slices_.find(name);
+  if (size_ == 1 || it == slices_.end() || it->second.dim < 0) return local;
+  const TensorSlice &slice = it->second;
+  std::vector<float> all(local.size() * static_cast<size_t>(size_));
+  int64_t in_count = static_cast<int64_t>(local.size()), out_count = static_cast<int64_t>(all.size());
+  DLTensor in = host_tensor(const_cast<float *>(local.data()), in_count, {kDLFloat, 32, 1});
+  DLTensor out = host_tensor(all.data(), out_count, {kDLFloat, 32, 1});
+  const auto *vt = parallel_.vtable<loom_parallel_vtable>();
+  parallel_.check(vt->all_gather(parallel_.handle(), LOOM_GROUP_TENSOR, &in, &out), "all_gather");
+  // The ranks' slices arrive one after another; put each back at its place along `dim`.
+  int64_t outer = 1, inner = 1;
+  for (int32_t d = 0; d < slice.dim; ++d) outer *= slice.full[static_cast<size_t>(d)];
+  for (size_t d = static_cast<size_t>(slice.dim) + 1; d < slice.full.size(); ++d) inner *= slice.full[d];
+  const int64_t part = (slice.end - slice.begin) * inner, extent = slice.full[static_cast<size_t>(slice.dim)] * inner;
+  std::vector<float> full(all.size());
+  for (int64_t r = 0; r < size_; ++r)
+    for (int64_t o = 0; o < outer; ++o)
+      std::copy_n(all.begin() + (r * outer + o) * part, part, full.begin() + o * extent + r * part);
+  return full;
+}
+
+void TensorShards::all_reduce(float *data, size_t count, bool max) const {
+  if (size_ == 1) return;
+  int64_t n = static_cast<int64_t>(count);
+  DLTensor t = host_tensor(data, n, {kDLFloat, 32, 1});
+  parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_reduce(parallel_.handle(), LOOM_GROUP_TENSOR, &t,
+                                                                      max ? LOOM_REDUCE_MAX : LOOM_REDUCE_SUM),
+                  "all_reduce");
+}
+
+void TensorShards::all_reduce(double *data, size_t count) const {
+  if (size_ == 1) return;
+  int64_t n = static_cast<int64_t>(count);
+  DLTensor t = host_tensor(data, n, {kDLFloat, 64, 1});
+  parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_reduce(parallel_.handle(), LOOM_GROUP_TENSOR, &t, LOOM_REDUCE_SUM),
+                  "all_reduce");
+}
+
+}  // namespace loom

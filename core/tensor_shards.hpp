@@ -1,0 +1,62 @@
+// Private to core: tensor parallelism's weights ([Parallel], Megatron-style). The parallel
+// component decides how each parameter is cut (loom_parallel_vtable::shard); this file applies
+// its decisions: the rank's model config (its heads, its share of the MLP's intermediate width
+// and of the vocabulary), its slices of the weights, and the way back (the full tensors gathered
+// from the tensor group, for checkpoints and exports).
+//
+// Column-parallel linears (q, k, v, gate, up) are split along their outputs, row-parallel ones
+// (o, down) along their inputs, the embedding and the head along the vocabulary; norms are
+// replicated. Llama family only; the heads, key/value heads, intermediate width and vocabulary
+// must divide by the tensor group's size.
+//
+// Ownership: plain values. Thread-safety: none needed (immutable after planning); gather() runs
+// collectives, one caller.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "decoder_trainer.hpp"
+#include "loom/core/instance.hpp"
+#include "loom/core/model_config.hpp"
+#include "loom/core/model_weights.hpp"
+
+namespace loom {
+
+struct TensorSlice {
+  int32_t dim = -1;          // the split dimension; -1: replicated
+  int64_t begin = 0, end = 0;  // this rank's range along it
+  std::vector<int64_t> full;   // the whole tensor's shape
+};
+
+class TensorShards {
+ public:
+  // Asks `parallel` for every parameter of `config`'s model; throws loom::Error when the model
+  // cannot be split that way (architecture, sizes that do not divide, row-parallel biases).
+  TensorShards(Instance &parallel, const ModelConfig &config);
+
+  int32_t rank() const { return rank_; }
+  int32_t size() const { return size_; }
+  const ModelConfig &local_config() const { return local_; }
+  int64_t vocab_begin() const { return vocab_begin_; }
+  // This rank's slices of the full weights (as float32).
+  ModelWeights local_weights(const ModelWeights &full) const;
+  // Whether the parameter is split (its gradient's squares sum over the tensor group).
+  bool split(const std::string &name) const;
+  // The full tensor from every tensor rank's slice (a collective over LOOM_GROUP_TENSOR).
+  std::vector<float> gather(const std::string &name, const std::vector<float> &local) const;
+  // Sums host values over the tensor group; the maximum with `max`.
+  void all_reduce(float *data, size_t count, bool max = false) const;
+  void all_reduce(double *data, size_t count) const;
+
+ private:
+  Instance &parallel_;
+  int32_t rank_ = 0, size_ = 1;
+  ModelConfig local_;
+  int64_t vocab_begin_ = 0;
+  std::map<std::string, TensorSlice> slices_;
+};
+
+}  // namespace loom
