@@ -1,4 +1,5 @@
 #include "cpu_backend.hpp"
+#include "tensor_shards.hpp"
 
 #include "adapter_sites.hpp"
 #include "adapter_weights.hpp"
@@ -178,6 +179,13 @@ constexpr DLDataType kI32{kDLInt, 32, 1};
 
 CpuBackend::CpuBackend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline, const CpuBackendOptions &options)
     : config_(config), pipeline_(pipeline), options_(options), pool_(options.threads) {
+  if (options.tensor && options.tensor->size() > 1) {
+    tensor_ = options.tensor.get();
+    for (loom_kind kind : {LOOM_KIND_ADAPTER, LOOM_KIND_QUANTIZER})
+      if (!pipeline.list(kind).empty())
+        throw runtime_error(options.source_name + ": tensor parallel inference with adapters or a quantizer is not supported yet");
+    if (!options.calibration.empty()) throw runtime_error(options.source_name + ": calibration under tensor parallelism");
+  }
   build(std::move(weights));
 }
 
@@ -202,6 +210,7 @@ std::string CpuBackend::describe() const {
   out += " x";
   out += std::to_string(pool_.size());
   out += pool_.size() == 1 ? " thread" : " threads";
+  if (tensor_) out += ", tensor parallel rank " + std::to_string(tensor_->rank()) + " of " + std::to_string(tensor_->size());
   return out;
 }
 
@@ -1017,6 +1026,11 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   const int64_t T = batch.n_tokens(), S = batch.n_seqs();
   const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size,
                 V = c.vocab_size;
+  // Tensor parallel: V is this rank's share of the vocabulary, starting at vocab_begin.
+  const int64_t vocab = tensor_ ? V * tensor_->size() : V, vocab_begin = tensor_ ? tensor_->vocab_begin() : 0;
+  const auto tensor_sum = [&](float *data, int64_t count) {
+    if (tensor_) tensor_->all_reduce(data, static_cast<size_t>(count));
+  };
   const bool gpt2 = c.architecture == Architecture::gpt2;
   if ((!ready_ && !capturing_) || (layout_.block_size > 0 && kv_pools_.size() != static_cast<size_t>(c.n_layers)))
     throw runtime_error(options_.source_name + ": the CPU backend ran without a KV cache (reserve() first)");
@@ -1047,9 +1061,9 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
     for (int32_t t = begin; t < end; ++t) token_pos_[static_cast<size_t>(t)] = p0 + (t - begin);
   }
   for (int32_t token : batch.tokens)
-    if (token < 0 || token >= V)
+    if (token < 0 || token >= vocab)
       throw runtime_error(options_.source_name + ": token " + std::to_string(token) + " is outside the model's vocabulary of " +
-                          std::to_string(V));
+                          std::to_string(vocab));
 
   plan_adapter_rows(batch);
   // The attention plugin's int32 metadata.
@@ -1073,10 +1087,13 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   const int32_t *pos = token_pos_.data();
 
   rows(T, H, [&](int64_t t) {
-    embed_row(tokens[t], x + t * H);
+    const int64_t row = tokens[t] - vocab_begin;  // tensor parallel: this rank's rows, zeros for the others'
+    if (row >= 0 && row < V) embed_row(static_cast<int32_t>(row), x + t * H);
+    else std::fill(x + t * H, x + (t + 1) * H, 0.0f);
     if (gpt2)
       for (int64_t i = 0; i < H; ++i) x[t * H + i] += positions_[static_cast<size_t>(pos[t] * H + i)];
   });
+  tensor_sum(x, T * H);
   std::shared_ptr<Instance> attention = pipeline_.list(LOOM_KIND_ATTENTION).front();
   auto avt = attention->vtable<loom_attention_vtable>();
   for (int64_t l = 0; l < c.n_layers; ++l) {
@@ -1109,6 +1126,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
     b.causal = 1;
     attention->check(avt->forward(attention->handle(), &b), "forward");
     linear(*layer.o, attn, T, proj);
+    tensor_sum(proj, T * H);
     if (!layer.attn_block->sites.empty()) block_adapters(*layer.attn_block, proj, T);
     rows(T, H, [&](int64_t t) {
       for (int64_t i = 0; i < H; ++i) x[t * H + i] += proj[t * H + i];
@@ -1126,6 +1144,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
       });
     }
     linear(*layer.down, up, T, proj);
+    tensor_sum(proj, T * H);
     if (!layer.mlp_block->sites.empty()) block_adapters(*layer.mlp_block, proj, T);
     rows(T, H, [&](int64_t t) {
       for (int64_t i = 0; i < H; ++i) x[t * H + i] += proj[t * H + i];
@@ -1141,8 +1160,15 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   for (int64_t s = 0; s < S; ++s)
     std::memcpy(last + s * H, x + (batch.seq_offsets[static_cast<size_t>(s) + 1] - 1) * H, static_cast<size_t>(H) * sizeof(float));
   rows(S, 4 * H, [&](int64_t s) { norm(final_norm_, final_norm_bias_, last + s * H, last_h + s * H); });
-  if (logits_.numel() != static_cast<size_t>(S * V)) logits_ = HostTensor<float>({S, V});
-  linear(*lm_head_, last_h, S, logits_.data());
+  if (logits_.numel() != static_cast<size_t>(S * vocab)) logits_ = HostTensor<float>({S, vocab});
+  if (!tensor_) {
+    linear(*lm_head_, last_h, S, logits_.data());
+    return logits_.dl();
+  }
+  // Each rank's columns of the vocabulary, gathered into every rank's whole rows.
+  float *mine = sized(local_logits_, S * V);
+  linear(*lm_head_, last_h, S, mine);
+  tensor_->gather_columns(mine, S, V, logits_.data());
   return logits_.dl();
 }
 

@@ -52,6 +52,8 @@
 
 namespace loom {
 
+class TensorShards;
+
 struct CpuBackendOptions {
   ComputeDtype dtype = ComputeDtype::float32;
   int32_t threads = 0;     // 0 = one per hardware thread
@@ -59,6 +61,11 @@ struct CpuBackendOptions {
   // Token sequences run through the float weights once, before a quantizer quantizes, so that
   // it gets each linear's inputs as calibration activations (see calibration.hpp).
   std::vector<std::vector<int32_t>> calibration;
+  // Tensor parallelism ([Parallel]): the config and weights given are this rank's
+  // (TensorShards::local_config / local_weights); forward() sums the row-parallel outputs and the
+  // embedding over the tensor group and gathers the vocabulary-split logits, so every rank
+  // returns the whole model's logits. Null or a group of one: the whole model.
+  std::shared_ptr<const TensorShards> tensor;
 };
 
 // How far one quantized linear is from its float weights: |W - W~| / |W| (Frobenius), and
@@ -263,7 +270,8 @@ class CpuBackend final : public ModelBackend {
   std::shared_ptr<const QuantizedCheckpoint> checkpoint_quantization_; // null: a plain checkpoint
 
   // Scratch of the last forward, reused while the batch shape allows.
-  std::vector<float> x_, h_, q_, k_, v_, attn_, proj_, up_, gate_, last_, last_h_;
+  std::vector<float> x_, h_, q_, k_, v_, attn_, proj_, up_, gate_, last_, last_h_, local_logits_;
+  const TensorShards *tensor_ = nullptr;  // tensor parallel: options_.tensor when its group has several ranks
   std::vector<int32_t> token_pos_;
   std::vector<AdapterRows> adapter_rows_; // this step's, empty: every adapter on every row
   const Instance *merged_ = nullptr;      // the adapter merged into the weights, if any

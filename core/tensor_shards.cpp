@@ -124,6 +124,18 @@ std::vector<float> TensorShards::gather(const std::string &name, const std::vect
   return full;
 }
 
+void TensorShards::gather_columns(const float *local, int64_t rows, int64_t cols, float *out) const {
+  std::vector<float> all(static_cast<size_t>(rows * cols * size_));
+  int64_t in_count = rows * cols, out_count = static_cast<int64_t>(all.size());
+  DLTensor in = host_tensor(const_cast<float *>(local), in_count, {kDLFloat, 32, 1});
+  DLTensor gathered = host_tensor(all.data(), out_count, {kDLFloat, 32, 1});
+  parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_gather(parallel_.handle(), LOOM_GROUP_TENSOR, &in, &gathered),
+                  "all_gather");
+  for (int64_t r = 0; r < size_; ++r)
+    for (int64_t i = 0; i < rows; ++i)
+      std::copy_n(all.begin() + (r * rows + i) * cols, cols, out + i * cols * size_ + r * cols);
+}
+
 void TensorShards::all_reduce(float *data, size_t count, bool max) const {
   if (size_ == 1) return;
   int64_t n = static_cast<int64_t>(count);

@@ -18,8 +18,8 @@
 #include <string>
 #include <vector>
 
-#include "decoder_trainer.hpp"
 #include "loom/core/instance.hpp"
+#include "loom/loom_plugin_api.h"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
 
@@ -47,6 +47,9 @@ class TensorShards {
   bool split(const std::string &name) const;
   // The full tensor from every tensor rank's slice (a collective over LOOM_GROUP_TENSOR).
   std::vector<float> gather(const std::string &name, const std::vector<float> &local) const;
+  // Rows of `cols` values split by columns over the group (this rank's at column rank * cols):
+  // out receives the whole rows, rows x (cols x size) (a collective over LOOM_GROUP_TENSOR).
+  void gather_columns(const float *local, int64_t rows, int64_t cols, float *out) const;
   // Sums host values over the tensor group; the maximum with `max`.
   void all_reduce(float *data, size_t count, bool max = false) const;
   void all_reduce(double *data, size_t count) const;

@@ -14,65 +14,9 @@
 
 namespace {
 
-void set_rank_env(int rank, int world, int port) {
-  setenv("RANK", std::to_string(rank).c_str(), 1);
-  setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
-  setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
-  setenv("MASTER_ADDR", "127.0.0.1", 1);
-  setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-}
-void clear_rank_env() {
-  for (const char *v : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}) unsetenv(v);
-}
-
-// Runs body(rank) in `world` processes (rank 0 in this one, the others forked first) and
-// returns each rank's failure text ("" when it passed).
-std::vector<std::string> run_world(int world, const std::function<std::string(int)> &body) {
-  const int port = loom_test::free_loopback_port();
-  std::vector<pid_t> children;
-  std::vector<int> pipes;
-  for (int r = 1; r < world; ++r) {
-    int fds[2];
-    REQUIRE(::pipe(fds) == 0);
-    const pid_t pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-      ::close(fds[0]);
-      set_rank_env(r, world, port);
-      std::string err;
-      try {
-        err = body(r);
-      } catch (const std::exception &e) {
-        err = e.what();
-      }
-      if (!err.empty()) (void)!::write(fds[1], err.data(), err.size());
-      ::close(fds[1]);
-      _exit(err.empty() ? 0 : 1);
-    }
-    ::close(fds[1]);
-    children.push_back(pid);
-    pipes.push_back(fds[0]);
-  }
-  set_rank_env(0, world, port);
-  std::vector<std::string> errors(static_cast<size_t>(world));
-  try {
-    errors[0] = body(0);
-  } catch (const std::exception &e) {
-    errors[0] = e.what();
-  }
-  clear_rank_env();
-  for (size_t k = 0; k < children.size(); ++k) {
-    char buf[4096];
-    ssize_t n = 0;
-    std::string text;
-    while ((n = ::read(pipes[k], buf, sizeof(buf))) > 0) text.append(buf, static_cast<size_t>(n));
-    ::close(pipes[k]);
-    int status = 0;
-    ::waitpid(children[k], &status, 0);
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) errors[k + 1] = text.empty() ? "rank died" : text;
-  }
-  return errors;
-}
+using loom_test::clear_rank_env;
+using loom_test::run_world;
+using loom_test::set_rank_env;
 
 struct Rank {
   std::unique_ptr<loom::Runtime> rt;

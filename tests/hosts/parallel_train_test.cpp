@@ -208,6 +208,40 @@ TEST_CASE("ranks launched without a [parallel] component are refused", "[paralle
   CHECK_FALSE(fs::exists(dir / "out/train_log.jsonl"));
 }
 
+TEST_CASE("loom run over a tensor parallel pair writes what one process writes", "[parallel]") {
+  const auto dir = scratch("run");
+  fs::create_directories(dir);
+  const auto write = [&](const std::string &name, const std::string &parallel) {
+    std::ofstream(dir / name) << "[loom]\ndevice = \"cpu\"\n[model]\npath = \"" << (kSource / "models/tiny-kjv").string()
+                              << "\"\n[run]\nsteps = 16\nprompt = \"And God said\"\nstop_tokens = []\n[attention]\nuse = "
+                                 "\"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n"
+                              << parallel;
+    return dir / name;
+  };
+  const auto text = [](const std::string &out) {  // the generated line: the one starting with the prompt
+    const size_t at = out.find("\nAnd God said");
+    return at == std::string::npos ? std::string() : out.substr(at, out.find('\n', at + 1) - at);
+  };
+  const auto one_manifest = write("one.toml", ""), two_manifest = write("two.toml", "[parallel]\nuse = \"tensor\"\n");
+  const Run one = loom_test::run_shell("LOOM_PLUGIN_PATH= " + std::string(LOOM_CLI) + " run " + one_manifest.string() + " 2>&1");
+  REQUIRE(one.code == 0);
+  const int port = free_loopback_port();
+  std::string cmd = "(";
+  for (int r = 0; r < 2; ++r)
+    cmd += "LOOM_PLUGIN_PATH= RANK=" + std::to_string(r) + " WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
+           std::to_string(port) + " " + LOOM_CLI + " run " + two_manifest.string() + " > " + (dir / "rank").string() +
+           std::to_string(r) + " 2>&1 & ";
+  cmd += "wait; cat " + (dir / "rank0").string() + "; echo ====; cat " + (dir / "rank1").string() + ")";
+  const Run two = loom_test::run_shell(cmd);
+  INFO(two.out);
+  const auto split = two.out.find("====");
+  REQUIRE(split != std::string::npos);
+  CHECK(two.out.find("tensor parallel rank 0 of 2") != std::string::npos);
+  CHECK_FALSE(text(one.out).empty());
+  CHECK(text(two.out.substr(0, split)) == text(one.out));
+  CHECK(text(two.out.substr(split)) == text(one.out));
+}
+
 TEST_CASE("a model the tensor group cannot split is refused with the size that does not divide", "[parallel]") {
   const auto dir = scratch("tensor-4");
   const Run r = launch(4, manifest(dir, "size = 4\n", false, "", "tensor"));  // the default model has 2 KV heads
