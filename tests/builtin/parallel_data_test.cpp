@@ -211,3 +211,26 @@ TEST_CASE("tensor: a size that does not divide the world is refused at its key",
   CHECK_THAT(bt::build_error("[parallel]\nuse = \"tensor\"\nsize = 3\n"), Catch::Contains("must divide the world of 1"));
   clear_rank_env();
 }
+
+TEST_CASE("data: OpenMPI's variables (mpirun) place the ranks like torchrun's", "[parallel]") {
+  // run_world sets torchrun's names; each rank swaps them for mpirun's before meeting.
+  const auto errors = run_world(2, [](int rank) -> std::string {
+    const std::string world = std::getenv("WORLD_SIZE");
+    for (const char *v : {"RANK", "WORLD_SIZE", "LOCAL_RANK"}) unsetenv(v);
+    setenv("OMPI_COMM_WORLD_RANK", std::to_string(rank).c_str(), 1);
+    setenv("OMPI_COMM_WORLD_SIZE", world.c_str(), 1);
+    setenv("OMPI_COMM_WORLD_LOCAL_RANK", std::to_string(rank).c_str(), 1);
+    Rank R;
+    loom_parallel_topology t{};
+    t.struct_size = sizeof(t);
+    EXPECT(R.vt->topology(R.p->handle(), &t) == LOOM_OK);
+    EXPECT(t.world_rank == rank && t.world_size == 2 && t.local_rank == rank);
+    bt::Tensor<float> b({1}, {static_cast<float>(rank + 1)});
+    EXPECT(R.vt->all_reduce(R.p->handle(), LOOM_GROUP_WORLD, b.dl(), LOOM_REDUCE_SUM) == LOOM_OK);
+    EXPECT(b.v[0] == 3.0f);
+    return "";
+  });
+  for (const char *v : {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"}) unsetenv(v);
+  CHECK(joined(errors).empty());
+  INFO(joined(errors));
+}
