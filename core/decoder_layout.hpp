@@ -24,8 +24,10 @@ struct DecoderLayerParams {
 
 // Each layer's roles: "<prefix><module>.weight" through need(name) (which throws when absent),
 // and ".bias" through find(name) (SIZE_MAX when absent) where the module may have one.
+// Layers [first, end) (end < 0: to the last), for a pipeline stage.
 template <class Find, class Need>
-std::vector<DecoderLayerParams> decoder_layer_params(const ModelConfig &config, Find find, Need need) {
+std::vector<DecoderLayerParams> decoder_layer_params(const ModelConfig &config, Find find, Need need, int64_t first = 0,
+                                                     int64_t end = -1) {
   using L = DecoderLayerParams;
   struct Role {
     size_t L::*weight;
@@ -46,7 +48,7 @@ std::vector<DecoderLayerParams> decoder_layer_params(const ModelConfig &config, 
                                     {&L::down, &L::down_b, "mlp.down_proj"}};
   const bool gpt2 = config.architecture == Architecture::gpt2;
   std::vector<DecoderLayerParams> layers;
-  for (int64_t l = 0; l < config.n_layers; ++l) {
+  for (int64_t l = first; l < (end < 0 ? config.n_layers : end); ++l) {
     const std::string prefix = (gpt2 ? "h." : "model.layers.") + std::to_string(l) + ".";
     L layer;
     for (const Role &r : gpt2 ? std::span<const Role>(kGpt2) : std::span<const Role>(kLlama)) {

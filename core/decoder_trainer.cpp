@@ -36,11 +36,44 @@ struct DecoderTrainer<T>::Acts {
   };
   std::vector<PerLayer> layers;
   std::vector<T> x_final, r_final, mean_final, h_final, logits;
+  int64_t n = 0;                  // positions
+  std::vector<int32_t> tokens;    // kept for the backward pass (stage_forward)
+  std::vector<T> dlogits;         // the last stage's, kept for the backward pass
+  std::vector<T> d_input;         // a stage without the embedding: its input's gradient
 };
 
+namespace {
+
+// The decoder layer of a parameter ("model.layers.3.", GPT-2's "h.3."), -1 for the others.
+int64_t layer_number(const std::string &name) {
+  for (const char *prefix : {"model.layers.", "h."}) {
+    const std::string p(prefix);
+    if (name.compare(0, p.size(), p) != 0) continue;
+    const size_t dot = name.find('.', p.size());
+    if (dot == std::string::npos) return -1;
+    try {
+      return std::stoll(name.substr(p.size(), dot - p.size()));
+    } catch (const std::exception &) {
+      return -1;
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
 template <class T>
-DecoderTrainer<T>::DecoderTrainer(const ModelConfig &config, const ModelWeights &weights) : config_(config) {
+DecoderTrainer<T>::DecoderTrainer(const ModelConfig &config, const ModelWeights &weights, Stage stage)
+    : config_(config), stage_(stage) {
+  const bool gpt2 = config_.architecture == Architecture::gpt2, tied = gpt2 || config_.tie_word_embeddings;
+  const auto in_stage = [&](const std::string &name) {
+    if (const int64_t layer = layer_number(name); layer >= 0) return layer >= stage_.first && (stage_.end < 0 || layer < stage_.end);
+    if (name == "model.embed_tokens.weight" || name == "wte.weight") return stage_.embedding || (stage_.head && tied);
+    if (name == "wpe.weight") return stage_.embedding;
+    return stage_.head;  // the final norm and the head
+  };
   for (const auto &[name, shape] : expected_weights(config_)) {
+    if (!in_stage(name)) continue;
     const HostWeight &w = weights.at(name);
     TrainParam<T> p;
     p.name = name;
@@ -51,18 +84,19 @@ DecoderTrainer<T>::DecoderTrainer(const ModelConfig &config, const ModelWeights 
     params_.push_back(std::move(p));
   }
   layers_ = decoder_layer_params(config_, [&](const std::string &name) { return find(name); },
-                                 [&](const std::string &name) { return need(name); });
-  const bool gpt2 = config_.architecture == Architecture::gpt2;
+                                 [&](const std::string &name) { return need(name); }, stage_.first, stage_.end);
+  const std::string embedding = gpt2 ? "wte.weight" : "model.embed_tokens.weight";
+  if (stage_.embedding || (stage_.head && tied)) embed_ = need(embedding);
+  if (stage_.head) head_ = tied ? embed_ : need("lm_head.weight");
   if (gpt2) {
-    embed_ = head_ = need("wte.weight");
-    positions_ = need("wpe.weight");
-    final_norm_ = need("ln_f.weight");
-    final_norm_b_ = need("ln_f.bias");
+    if (stage_.embedding) positions_ = need("wpe.weight");
+    if (stage_.head) {
+      final_norm_ = need("ln_f.weight");
+      final_norm_b_ = need("ln_f.bias");
+    }
     return;
   }
-  embed_ = need("model.embed_tokens.weight");
-  final_norm_ = need("model.norm.weight");
-  head_ = config_.tie_word_embeddings ? embed_ : need("lm_head.weight");
+  if (stage_.head) final_norm_ = need("model.norm.weight");
   inv_freq_ = rope_inv_freq(config_);
 }
 
@@ -98,9 +132,12 @@ void DecoderTrainer<T>::zero_grad() {
 }
 
 template <class T>
-void DecoderTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) {
+void DecoderTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> *x_in) {
   const ModelConfig &c = config_;
-  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (!stage_.embedding && (x_in == nullptr || x_in->empty() || x_in->size() % static_cast<size_t>(c.hidden_size) != 0))
+    throw runtime_error("training: a pipeline stage after the first needs the previous stage's output");
+  const int64_t n = stage_.embedding ? static_cast<int64_t>(tokens.size()) : static_cast<int64_t>(x_in->size()) / c.hidden_size;
+  acts.n = n;
   if (n + prefix_tokens_ > c.max_positions)
     throw runtime_error("training: a sequence of " + std::to_string(n) + " tokens" +
                         (prefix_tokens_ ? " after " + std::to_string(prefix_tokens_) + " virtual tokens" : std::string()) +
@@ -116,13 +153,14 @@ void DecoderTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) 
   const bool gpt2 = c.architecture == Architecture::gpt2;
   const int64_t H = c.hidden_size, V = c.vocab_size;
   std::vector<T> x(static_cast<size_t>(n * H));
-  for (int64_t t = 0; t < n; ++t) {
+  if (!stage_.embedding) x = *x_in;
+  for (int64_t t = 0; t < (stage_.embedding ? n : 0); ++t) {
     const int64_t row = tokens[static_cast<size_t>(t)] - tensor_.vocab_begin;  // tensor parallel: this rank's rows only
     if (row >= 0 && row < V) std::copy_n(value(embed_) + row * H, H, x.begin() + t * H);
     if (gpt2)
       for (int64_t i = 0; i < H; ++i) x[static_cast<size_t>(t * H + i)] += value(positions_)[t * H + i];
   }
-  tensor_sum(x);
+  if (stage_.embedding) tensor_sum(x);
   acts.layers.assign(layers_.size(), {});
   for (size_t l = 0; l < layers_.size(); ++l) {
     acts.layers[l].x_in = x;
@@ -131,6 +169,7 @@ void DecoderTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts) 
     if (recompute_) acts.layers[l].keep_input_only();
   }
   acts.x_final = x;
+  if (!stage_.head) return;  // the output (x_final) goes to the next stage
   acts.r_final.resize(static_cast<size_t>(n));
   acts.mean_final.resize(gpt2 ? static_cast<size_t>(n) : 0);
   acts.h_final.resize(x.size());
@@ -252,27 +291,66 @@ std::vector<T> DecoderTrainer<T>::logits(const std::vector<int32_t> &tokens) {
 
 template <class T>
 double DecoderTrainer<T>::loss(const std::vector<int32_t> &tokens, bool backward, double grad_scale) {
-  const int64_t n = static_cast<int64_t>(tokens.size()), V = config_.vocab_size;
-  if (n < 2) throw runtime_error("training: a sequence needs at least two tokens");
-  Acts acts;
-  forward(tokens, acts);
-  std::vector<int32_t> targets(tokens.begin() + 1, tokens.end());
-  targets.push_back(-1);  // the last position predicts nothing
-  std::vector<T> dlogits(backward ? acts.logits.size() : 0);
-  int64_t scored = 0;
-  const double total =
-      tensor_parallel()
-          ? tensor_cross_entropy(acts.logits, targets, backward ? dlogits.data() : nullptr, grad_scale, &scored)
-          : grad::cross_entropy(acts.logits.data(), targets.data(), n, V, backward ? dlogits.data() : nullptr, grad_scale,
-                                &scored);
-  if (backward) {
-    if (config_.architecture == Architecture::gpt2)
-      backward_gpt2(tokens, acts, dlogits);
-    else
-      backward_llama(tokens, acts, dlogits);
-    if (layer_done_) layer_done_(-1);
+  if (!stage_.embedding || !stage_.head) throw runtime_error("training: loss() needs the whole model (stage_forward on a stage)");
+  constexpr int64_t kWhole = -1;
+  double value = 0;
+  stage_forward(kWhole, tokens, nullptr, backward, grad_scale, &value);
+  if (backward) stage_backward(kWhole, nullptr);
+  return value;
+}
+
+template <class T>
+std::vector<T> DecoderTrainer<T>::stage_forward(int64_t id, const std::vector<int32_t> &tokens, const std::vector<T> *x_in,
+                                                bool backward, double grad_scale, double *loss) {
+  if (stage_.head && tokens.size() < 2) throw runtime_error("training: a sequence needs at least two tokens");
+  if (backward && in_flight_.count(id)) throw runtime_error("training: micro-batch " + std::to_string(id) + " is already in flight");
+  auto acts = std::make_unique<Acts>();
+  forward(tokens, *acts, x_in);
+  std::vector<T> out;
+  if (!stage_.head) {
+    out = std::move(acts->x_final);
+  } else {
+    const int64_t n = acts->n, V = config_.vocab_size;
+    if (static_cast<int64_t>(tokens.size()) != n) throw runtime_error("training: the last stage's tokens do not match its input");
+    std::vector<int32_t> targets(tokens.begin() + 1, tokens.end());
+    targets.push_back(-1);  // the last position predicts nothing
+    std::vector<T> dlogits(backward ? acts->logits.size() : 0);
+    int64_t scored = 0;
+    const double total =
+        tensor_parallel()
+            ? tensor_cross_entropy(acts->logits, targets, backward ? dlogits.data() : nullptr, grad_scale, &scored)
+            : grad::cross_entropy(acts->logits.data(), targets.data(), n, V, backward ? dlogits.data() : nullptr, grad_scale,
+                                  &scored);
+    if (loss != nullptr) *loss = total / static_cast<double>(scored);
+    acts->dlogits = std::move(dlogits);
+    std::vector<T>().swap(acts->logits);
   }
-  return total / static_cast<double>(scored);
+  if (backward) {
+    if (stage_.embedding) acts->tokens = tokens;
+    in_flight_.emplace(id, std::move(acts));
+  }
+  return out;
+}
+
+template <class T>
+std::vector<T> DecoderTrainer<T>::stage_backward(int64_t id, const std::vector<T> *d_out) {
+  const auto it = in_flight_.find(id);
+  if (it == in_flight_.end()) throw runtime_error("training: micro-batch " + std::to_string(id) + " has no forward pass in flight");
+  Acts &acts = *it->second;
+  if (!stage_.head && (d_out == nullptr || d_out->size() != static_cast<size_t>(acts.n * config_.hidden_size)))
+    throw runtime_error("training: a pipeline stage before the last needs the next stage's input gradient");
+  const std::vector<T> &dtop = stage_.head ? acts.dlogits : *d_out;
+  if (config_.architecture == Architecture::gpt2) backward_gpt2(acts.tokens, acts, dtop);
+  else backward_llama(acts.tokens, acts, dtop);
+  std::vector<T> d_in = std::move(acts.d_input);
+  in_flight_.erase(it);
+  if (layer_done_) layer_done_(-1);
+  return d_in;
+}
+
+template <class T>
+void DecoderTrainer<T>::drop(int64_t id) {
+  in_flight_.erase(id);
 }
 
 template <class T>
@@ -326,18 +404,23 @@ double DecoderTrainer<T>::tensor_cross_entropy(const std::vector<T> &logits, con
 }
 
 template <class T>
-void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits) {
+void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dtop) {
   const ModelConfig &c = config_;
-  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, D = c.head_dim, Hq = c.n_heads,
-                Hkv = c.n_kv_heads, I = c.intermediate_size, V = c.vocab_size;
-  // The head, then the final norm.
+  const int64_t n = acts.n, H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size,
+                V = c.vocab_size;
+  // The head, then the final norm (the last stage); a stage before it starts from its output's
+  // gradient.
   std::vector<T> dh(static_cast<size_t>(n * H), T(0)), dx(dh.size(), T(0));
-  grad::linear_backward(dlogits.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(),
-                        frozen_ ? static_cast<T *>(nullptr) : grad(head_), static_cast<T *>(nullptr), pool_.get());
-  tensor_sum(dh);
-  for (int64_t t = 0; t < n; ++t)
-    grad::rms_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
-                            acts.r_final[static_cast<size_t>(t)], H, dx.data() + t * H, grad(final_norm_));
+  if (stage_.head) {
+    grad::linear_backward(dtop.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(),
+                          frozen_ ? static_cast<T *>(nullptr) : grad(head_), static_cast<T *>(nullptr), pool_.get());
+    tensor_sum(dh);
+    for (int64_t t = 0; t < n; ++t)
+      grad::rms_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
+                              acts.r_final[static_cast<size_t>(t)], H, dx.data() + t * H, grad(final_norm_));
+  } else {
+    dx = dtop;
+  }
   std::vector<T> dm, dg, du, da, dq, dk, dv, d_block;
   for (size_t l = layers_.size(); l-- > 0;) {
     const Layer &L = layers_[l];
@@ -384,7 +467,11 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
       grad::rms_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.r1[static_cast<size_t>(t)], H,
                               dx.data() + t * H, grad(L.norm1));
     if (recompute_) A.keep_input_only();
-    if (layer_done_) layer_done_(static_cast<int64_t>(l));
+    if (layer_done_) layer_done_(stage_.first + static_cast<int64_t>(l));
+  }
+  if (!stage_.embedding) {
+    acts.d_input = std::move(dx);
+    return;
   }
   if (frozen_) return;
   for (int64_t t = 0; t < n; ++t) {
@@ -396,17 +483,20 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
 }
 
 template <class T>
-void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits) {
+void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dtop) {
   const ModelConfig &c = config_;
-  const int64_t n = static_cast<int64_t>(tokens.size()), H = c.hidden_size, D = c.head_dim, Hh = c.n_heads,
-                I = c.intermediate_size, V = c.vocab_size;
+  const int64_t n = acts.n, H = c.hidden_size, D = c.head_dim, Hh = c.n_heads, I = c.intermediate_size, V = c.vocab_size;
   std::vector<T> dh(static_cast<size_t>(n * H), T(0)), dx(dh.size(), T(0));
-  grad::linear_backward(dlogits.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(), grad(head_),
-                        static_cast<T *>(nullptr), pool_.get());
-  for (int64_t t = 0; t < n; ++t)
-    grad::layer_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
-                              acts.mean_final[static_cast<size_t>(t)], acts.r_final[static_cast<size_t>(t)], H, dx.data() + t * H,
-                              grad(final_norm_), grad(final_norm_b_));
+  if (stage_.head) {
+    grad::linear_backward(dtop.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(), grad(head_),
+                          static_cast<T *>(nullptr), pool_.get());
+    for (int64_t t = 0; t < n; ++t)
+      grad::layer_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
+                                acts.mean_final[static_cast<size_t>(t)], acts.r_final[static_cast<size_t>(t)], H,
+                                dx.data() + t * H, grad(final_norm_), grad(final_norm_b_));
+  } else {
+    dx = dtop;
+  }
   std::vector<T> dm, dg, da, dq, dk, dv, dqkv;
   for (size_t l = layers_.size(); l-- > 0;) {
     const Layer &L = layers_[l];
@@ -445,7 +535,11 @@ void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &
       grad::layer_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.mean1[static_cast<size_t>(t)],
                                 A.r1[static_cast<size_t>(t)], H, dx.data() + t * H, grad(L.norm1), grad(L.norm1_b));
     if (recompute_) A.keep_input_only();
-    if (layer_done_) layer_done_(static_cast<int64_t>(l));
+    if (layer_done_) layer_done_(stage_.first + static_cast<int64_t>(l));
+  }
+  if (!stage_.embedding) {
+    acts.d_input = std::move(dx);
+    return;
   }
   for (int64_t t = 0; t < n; ++t) {
     T *row = grad(embed_) + tokens[static_cast<size_t>(t)] * H, *pos = grad(positions_) + t * H;

@@ -43,9 +43,17 @@ struct TrainParam {
 template <class T>
 class DecoderTrainer {
  public:
-  // Copies every weight the config expects out of `weights` (as T). Throws loom::Error for a
-  // missing tensor.
-  DecoderTrainer(const ModelConfig &config, const ModelWeights &weights);
+  // A pipeline stage ([Parallel]): decoder layers [first, end) (end < 0: to the last), with the
+  // embedding (first stage) and the final norm and head (last stage; with a tied head it holds
+  // the embedding too). The default is the whole model.
+  struct Stage {
+    int64_t first = 0, end = -1;
+    bool embedding = true, head = true;
+  };
+  // Copies every weight of `stage` the config expects out of `weights` (as T). Throws
+  // loom::Error for a missing tensor.
+  DecoderTrainer(const ModelConfig &config, const ModelWeights &weights, Stage stage = {});
+  const Stage &stage() const { return stage_; }
 
   const ModelConfig &config() const { return config_; }
   std::vector<TrainParam<T>> &params() { return params_; }
@@ -96,16 +104,32 @@ class DecoderTrainer {
     std::function<void(T *, size_t, bool max)> reduce;
   };
   void set_tensor_group(TensorGroup group);
+  // Pipeline stages: one micro-batch's forward pass through this stage, from the token ids on
+  // the first stage, else from x_in (the previous stage's output, [n, hidden]); its activations
+  // stay under `id` until stage_backward(id) (or drop(id)). Returns the stage's output for the
+  // next stage; the last stage returns nothing and sets *loss to the mean cross-entropy and, with
+  // `backward`, keeps its logits' gradient times grad_scale. tokens are needed on the first and
+  // last stages.
+  std::vector<T> stage_forward(int64_t id, const std::vector<int32_t> &tokens, const std::vector<T> *x_in, bool backward,
+                               double grad_scale, double *loss);
+  // Its backward pass from d_out (the next stage's input gradient; null on the last stage): adds
+  // every gradient, drops the activations and returns the gradient of the stage's input (empty on
+  // the first stage).
+  std::vector<T> stage_backward(int64_t id, const std::vector<T> *d_out);
+  void drop(int64_t id);
   // Logits [n, vocab] after each position (the forward pass alone).
   std::vector<T> logits(const std::vector<int32_t> &tokens);
 
  private:
   using Layer = DecoderLayerParams;
   struct Acts;
-  void forward(const std::vector<int32_t> &tokens, Acts &acts);
-  // Adds the gradient of the loss whose logits' gradient is `dlogits` into every grad.
-  void backward_llama(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits);
-  void backward_gpt2(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dlogits);
+  // The stage's forward pass (x_in: the previous stage's output, null on the first stage).
+  void forward(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> *x_in = nullptr);
+  // Adds the gradient of the loss whose top gradient is `dtop` (the logits' on the last stage,
+  // else the stage output's) into every grad; a stage without the embedding leaves its input's
+  // gradient in acts.d_input.
+  void backward_llama(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dtop);
+  void backward_gpt2(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dtop);
   // One layer's forward pass on the residual stream x (updated), its activations into `layer`
   // (an Acts::PerLayer: a template, so declared through a void-free forward declaration).
   template <class PerLayer>
@@ -132,6 +156,8 @@ class DecoderTrainer {
   size_t find(const std::string &name) const;
 
   ModelConfig config_;
+  Stage stage_;
+  std::map<int64_t, std::unique_ptr<Acts>> in_flight_;  // stage_forward's activations by id
   std::vector<TrainParam<T>> params_;
   std::map<std::string, size_t, std::less<>> index_;
   std::vector<Layer> layers_;

@@ -432,6 +432,55 @@ TEST_CASE("activation recomputation and threads give the same gradients bit for 
   }
 }
 
+TEST_CASE("two pipeline stages chained give the whole model's loss and gradients", "[train][parallel]") {
+  for (const char *name : {"tiny-llama", "tiny-llama3-tied", "tiny-gpt2"}) {
+    INFO(name);
+    const fs::path dir = kModels / name;
+    const loom::ModelConfig config = loom::load_model_config(dir);
+    auto weights = [&] { return loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)); };
+    REQUIRE(config.n_layers == 2);
+    loom::DecoderTrainer<float> whole(config, weights()), first(config, weights(), {0, 1, true, false}),
+        last(config, weights(), {1, 2, false, true});
+    const std::vector<std::vector<int32_t>> batch = {{1, 17, 4, 33, 8, 21, 5, 99, 3, 42, 7}, {2, 9, 14, 6, 30}};
+    double want = 0, got = 0;
+    for (const auto &tokens : batch) want += whole.loss(tokens, true, 0.5);
+    // Both micro-batches forward, then both backward (the order a pipeline may take).
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const auto x = first.stage_forward(static_cast<int64_t>(i), batch[i], nullptr, true, 0.5, nullptr);
+      REQUIRE(x.size() == batch[i].size() * static_cast<size_t>(config.hidden_size));
+      double loss = 0;
+      CHECK(last.stage_forward(static_cast<int64_t>(i), batch[i], &x, true, 0.5, &loss).empty());
+      got += loss;
+    }
+    for (size_t i = batch.size(); i-- > 0;) {
+      const auto d = last.stage_backward(static_cast<int64_t>(i), nullptr);
+      CHECK(first.stage_backward(static_cast<int64_t>(i), &d).empty());
+    }
+    CHECK(got == Approx(want).epsilon(1e-12));
+    // Every parameter is on one stage, except a tied embedding, which both hold: its gradient is
+    // the sum of theirs.
+    for (const auto &p : whole.params()) {
+      INFO(p.name);
+      std::vector<float> sum(p.grad.size(), 0.0f);
+      int holders = 0;
+      for (auto *stage : {&first, &last})
+        for (const auto &q : stage->params())
+          if (q.name == p.name) {
+            ++holders;
+            for (size_t k = 0; k < sum.size(); ++k) sum[k] += q.grad[k];
+          }
+      const bool tied = p.name == "wte.weight" || (config.tie_word_embeddings && p.name == "model.embed_tokens.weight");
+      CHECK(holders == (tied ? 2 : 1));
+      double worst = 0, scale = 1e-30;
+      for (size_t k = 0; k < sum.size(); ++k) {
+        worst = std::max(worst, static_cast<double>(std::fabs(sum[k] - p.grad[k])));
+        scale = std::max(scale, static_cast<double>(std::fabs(p.grad[k])));
+      }
+      CHECK(worst <= 1e-6 * scale);
+    }
+  }
+}
+
 TEST_CASE("a LoRA adapter's gradients through the trainer are the merged weight's, projected", "[train][peft]") {
   // y = x (W + s B A)^T: with W' = W + s B A, dB = s dW' A^T and dA = s B^T dW'. The adapter's
   // gradients through the frozen trainer must equal those computed from the merged model's dW'.
