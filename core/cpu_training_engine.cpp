@@ -5,6 +5,7 @@
 
 #include "loom/core/error.hpp"
 #include "loom/loom_plugin_api.h"
+#include "pipeline_stages.hpp"
 #include "tensor_shards.hpp"
 #include "thread_pool.hpp"
 #include "training_engine.hpp"
@@ -16,8 +17,13 @@ namespace {
 class CpuTrainingEngine final : public TrainingEngine {
  public:
   CpuTrainingEngine(const ModelConfig &config, const ModelWeights &weights, const TrainEngineOptions &options)
-      : trainer_(config, weights), opt_(options.adamw), threads_(detail::ThreadPool::resolve(options.threads)),
-        quantized_(options.quantizer != nullptr) {
+      : trainer_(config, weights, options.pipeline ? options.pipeline->trainer_stage() : DecoderTrainer<float>::Stage{}),
+        opt_(options.adamw), threads_(detail::ThreadPool::resolve(options.threads)), quantized_(options.quantizer != nullptr),
+        pipeline_(options.pipeline != nullptr && options.pipeline->stages() > 1 ? options.pipeline : nullptr) {
+    if (pipeline_ && (!options.adapters.empty() || options.tensor))
+      throw runtime_error("training: pipeline stages with adapters or tensor parallelism are not supported yet");
+    hidden_ = config.hidden_size;
+    tied_ = config.architecture == Architecture::gpt2 || config.tie_word_embeddings;
     trainer_.set_recompute(options.recompute);
     trainer_.set_threads(options.threads);
     if (options.tensor != nullptr && options.tensor->size() > 1) {
@@ -62,11 +68,42 @@ class CpuTrainingEngine final : public TrainingEngine {
     for (const auto &v : views_) std::fill(v.grad, v.grad + v.size, 0.0f);
   }
   double run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) override {
+    if (pipeline_) return run_stages(batch, backward, grad_scale);
     double sum = 0;
     for (const auto &seq : batch) sum += trainer_.loss(seq, backward, grad_scale);
     return sum;
   }
+  void reduce_stage_gradients() override {
+    // A tied embedding: the first stage's (input) and the last stage's (head) gradients summed.
+    const size_t tied = tied_copy();
+    if (tied == SIZE_MAX) return;
+    auto &grad = trainer_.params()[tied].grad;
+    if (pipeline_->first()) {
+      pipeline_->send(grad, pipeline_->stages() - 1);
+      const auto sum = pipeline_->receive(grad.size(), pipeline_->stages() - 1);
+      std::copy(sum.begin(), sum.end(), grad.begin());  // in place: grad_views() point into it
+    } else {
+      const auto other = pipeline_->receive(grad.size(), 0);
+      for (size_t i = 0; i < grad.size(); ++i) grad[i] = other[i] + grad[i];  // the first stage's + the head's
+      pipeline_->send(grad, 0);
+    }
+  }
   double clip_grad_norm(double max_norm) override {
+    if (pipeline_) {
+      // Every stage's squares, a tied embedding's once (the last stage's copy is not counted).
+      double sq = 0;
+      const size_t tied = pipeline_->last() ? tied_copy() : SIZE_MAX;
+      for (size_t i = 0; i < trainer_.params().size(); ++i)
+        if (i != tied)
+          for (const float g : trainer_.params()[i].grad) sq += static_cast<double>(g) * static_cast<double>(g);
+      const double norm = std::sqrt(pipeline_->sum(sq));
+      if (norm > max_norm && norm > 0) {
+        const auto scale = static_cast<float>(max_norm / (norm + 1e-6));
+        for (auto &p : trainer_.params())
+          for (float &g : p.grad) g *= scale;
+      }
+      return norm;
+    }
     if (tensor_ == nullptr)
       return views_.empty() ? loom::clip_grad_norm(trainer_.params(), max_norm) : loom::clip_grad_norm(views_, max_norm);
     // Tensor parallel: the split parameters' squares summed over the group, the replicated ones
@@ -144,6 +181,57 @@ class CpuTrainingEngine final : public TrainingEngine {
   int32_t threads_;
   bool quantized_;
   const TensorShards *tensor_ = nullptr;  // tensor parallel: this rank's group
+  const PipelineStages *pipeline_ = nullptr;  // pipeline parallel: this rank's stage (of several)
+
+  // The index of the embedding's copy that the first and last stages both hold, SIZE_MAX when
+  // there is none (untied, one stage, or a middle stage).
+  size_t tied_copy() {
+    if (!pipeline_ || !tied_ || !(pipeline_->first() || pipeline_->last())) return SIZE_MAX;
+    auto &params = trainer_.params();
+    for (size_t i = 0; i < params.size(); ++i)
+      if (params[i].name == "model.embed_tokens.weight" || params[i].name == "wte.weight") return i;
+    return SIZE_MAX;
+  }
+  bool tied_ = false;  // the head is the embedding (GPT-2, tie_word_embeddings)
+
+  // 1F1B over the batch's sequences (one micro-batch each): a stage runs the forward passes
+  // the stages after it need to fill the pipeline, then alternates one forward and one backward
+  // pass, then drains the backward passes. Activations and gradients travel between
+  // neighbouring stages; the loss (the last stage's) is broadcast so every stage returns it.
+  double run_stages(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) {
+    const PipelineStages &P = *pipeline_;
+    const int64_t M = static_cast<int64_t>(batch.size()), H = hidden_;
+    double sum = 0;
+    const auto forward = [&](int64_t i) {
+      const auto &tokens = batch[static_cast<size_t>(i)];
+      std::vector<float> x;
+      if (!P.first()) x = P.receive_previous(tokens.size() * static_cast<size_t>(H));
+      double loss = 0;
+      auto out = trainer_.stage_forward(i, tokens, P.first() ? nullptr : &x, backward, grad_scale, &loss);
+      if (P.last()) sum += loss;
+      else P.send_next(out);
+    };
+    const auto backward_pass = [&](int64_t i) {
+      const auto &tokens = batch[static_cast<size_t>(i)];
+      std::vector<float> d;
+      if (!P.last()) d = P.receive_next(tokens.size() * static_cast<size_t>(H));
+      auto d_in = trainer_.stage_backward(i, P.last() ? nullptr : &d);
+      if (!P.first()) P.send_previous(d_in);
+    };
+    if (!backward) {
+      for (int64_t i = 0; i < M; ++i) forward(i);
+    } else {
+      const int64_t warmup = std::min<int64_t>(P.stages() - P.stage() - 1, M);
+      for (int64_t i = 0; i < warmup; ++i) forward(i);
+      for (int64_t i = warmup; i < M; ++i) {
+        forward(i);
+        backward_pass(i - warmup);
+      }
+      for (int64_t i = M - warmup; i < M; ++i) backward_pass(i);
+    }
+    return P.broadcast(sum, P.stages() - 1);
+  }
+  int64_t hidden_ = 0;
   std::vector<ParamView<float>> views_;          // the adapters' parameters, when training adapters
   std::vector<TrainParam<float>> adapter_params_;  // their names and shapes (values copied on request)
 };

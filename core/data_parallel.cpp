@@ -5,6 +5,7 @@
 #include <string_view>
 
 #include "loom/core/error.hpp"
+#include "host_tensor.hpp"
 #include "loom/core/host_context.hpp"
 
 namespace loom {
@@ -25,25 +26,12 @@ int64_t layer_of(std::string_view name) {
   return -1;
 }
 
-DLTensor flat_tensor(void *data, int64_t &count, DLDevice device, DLDataType dtype) {
-  DLTensor t{};
-  t.data = data;
-  t.device = device;
-  t.ndim = 1;
-  t.dtype = dtype;
-  t.shape = &count;
-  return t;
-}
-
 }  // namespace
 
 DataParallel::DataParallel(Instance &parallel, TrainingEngine &engine)
     : parallel_(parallel), engine_(engine), vt_(parallel.vtable<loom_parallel_vtable>()) {
   topo_.struct_size = sizeof(topo_);
   parallel_.check(vt_->topology(parallel_.handle(), &topo_), "topology");
-  if (topo_.pipeline_size != 1)
-    throw runtime_error("loom train: parallel component \"" + std::string(parallel_.desc().name) +
-                        "\" splits pipeline stages; training runs data and tensor parallel only so far");
   training_ = {sizeof(loom_parallel_training), 0, 25 << 20, 1};
   if (const auto *ext = parallel_.extension<loom_parallel_training_ext>(LOOM_PARALLEL_TRAINING_EXTENSION);
       ext != nullptr && ext->training != nullptr)
@@ -57,7 +45,7 @@ DataParallel::DataParallel(Instance &parallel, TrainingEngine &engine)
   for (const auto &g : grads_) total += static_cast<int64_t>(g.size());
   for (loom_reduce_op op : {LOOM_REDUCE_MAX, LOOM_REDUCE_MIN}) {
     int64_t shape = 2, check[2] = {static_cast<int64_t>(grads_.size()), total};
-    DLTensor t = flat_tensor(check, shape, {kDLCPU, 0}, {kDLInt, 64, 1});
+    DLTensor t = detail::flat_view(check, shape);
     parallel_.check(vt_->all_reduce(parallel_.handle(), LOOM_GROUP_DATA, &t, op), "all_reduce");
     if (check[0] != static_cast<int64_t>(grads_.size()) || check[1] != total)
       throw runtime_error("loom train: the data parallel ranks hold different models (parameter counts or sizes differ)");
@@ -104,7 +92,10 @@ DataParallel::DataParallel(Instance &parallel, TrainingEngine &engine)
     filled += grads_[i].size();
   }
   ready_.assign(grads_.size(), false);
-  overlap_ = training_.overlap_backward != 0 && engine_.set_layer_hook([this](int64_t layer) { layer_done(layer); });
+  // Not with pipeline stages: their exchanges run on this thread while buckets would be reduced
+  // on the communication thread, and one instance takes one call at a time.
+  overlap_ = training_.overlap_backward != 0 && topo_.pipeline_size == 1 &&
+             engine_.set_layer_hook([this](int64_t layer) { layer_done(layer); });
   thread_ = std::thread([this] { communicate(); });
 }
 
@@ -232,7 +223,7 @@ void DataParallel::finish_gradients() {
 
 void DataParallel::all_reduce(std::span<float> values, DLDevice device) {
   int64_t count = static_cast<int64_t>(values.size());
-  DLTensor t = flat_tensor(values.data(), count, device, {kDLFloat, 32, 1});
+  DLTensor t = detail::flat_view(values.data(), count, device);
   parallel_.check(vt_->all_reduce(parallel_.handle(), LOOM_GROUP_DATA, &t, LOOM_REDUCE_SUM), "all_reduce");
 }
 
@@ -240,14 +231,14 @@ void DataParallel::broadcast(std::span<float> values, DLDevice device, int32_t o
   // The owner's world rank: data ranks are strided by the ranks of one replica.
   const int32_t root = topo_.world_rank + (owner - topo_.data_rank) * (topo_.world_size / topo_.data_size);
   int64_t count = static_cast<int64_t>(values.size());
-  DLTensor t = flat_tensor(values.data(), count, device, {kDLFloat, 32, 1});
+  DLTensor t = detail::flat_view(values.data(), count, device);
   parallel_.check(vt_->broadcast(parallel_.handle(), LOOM_GROUP_DATA, &t, root), "broadcast");
 }
 
 double DataParallel::sum(double local) {
   if (topo_.data_size == 1) return local;
   int64_t count = 1;
-  DLTensor t = flat_tensor(&local, count, {kDLCPU, 0}, {kDLFloat, 64, 1});
+  DLTensor t = detail::flat_view(&local, count);
   parallel_.check(vt_->all_reduce(parallel_.handle(), LOOM_GROUP_DATA, &t, LOOM_REDUCE_SUM), "all_reduce");
   return local;
 }

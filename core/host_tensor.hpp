@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <dlpack/dlpack.h>
@@ -14,6 +15,21 @@ template <class T> constexpr DLDataType dtype_of();
 template <> constexpr DLDataType dtype_of<float>() { return {kDLFloat, 32, 1}; }
 template <> constexpr DLDataType dtype_of<int32_t>() { return {kDLInt, 32, 1}; }
 template <> constexpr DLDataType dtype_of<uint8_t>() { return {kDLUInt, 8, 1}; }
+
+template <> constexpr DLDataType dtype_of<double>() { return {kDLFloat, 64, 1}; }
+template <> constexpr DLDataType dtype_of<int64_t>() { return {kDLInt, 64, 1}; }
+
+// A one-dimensional view of `count` values of T at `data` on `device` (a collective's buffer);
+// `count` must outlive the view (its shape points at it).
+template <class T> DLTensor flat_view(T *data, int64_t &count, DLDevice device = {kDLCPU, 0}) {
+  DLTensor t{};
+  t.data = const_cast<std::remove_const_t<T> *>(data);
+  t.device = device;
+  t.ndim = 1;
+  t.dtype = dtype_of<std::remove_const_t<T>>();
+  t.shape = &count;
+  return t;
+}
 
 template <class T> class HostTensor {
  public:

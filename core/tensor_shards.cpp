@@ -2,21 +2,12 @@
 
 #include <algorithm>
 
+#include "host_tensor.hpp"
 #include "loom/core/error.hpp"
 
 namespace loom {
 
 namespace {
-
-DLTensor host_tensor(void *data, int64_t &count, DLDataType dtype) {
-  DLTensor t{};
-  t.data = data;
-  t.device = {kDLCPU, 0};
-  t.ndim = 1;
-  t.dtype = dtype;
-  t.shape = &count;
-  return t;
-}
 
 bool ends_with(const std::string &s, const char *suffix) {
   const std::string x(suffix);
@@ -108,8 +99,8 @@ std::vector<float> TensorShards::gather(const std::string &name, const std::vect
   const TensorSlice &slice = it->second;
   std::vector<float> all(local.size() * static_cast<size_t>(size_));
   int64_t in_count = static_cast<int64_t>(local.size()), out_count = static_cast<int64_t>(all.size());
-  DLTensor in = host_tensor(const_cast<float *>(local.data()), in_count, {kDLFloat, 32, 1});
-  DLTensor out = host_tensor(all.data(), out_count, {kDLFloat, 32, 1});
+  DLTensor in = detail::flat_view(const_cast<float *>(local.data()), in_count);
+  DLTensor out = detail::flat_view(all.data(), out_count);
   const auto *vt = parallel_.vtable<loom_parallel_vtable>();
   parallel_.check(vt->all_gather(parallel_.handle(), LOOM_GROUP_TENSOR, &in, &out), "all_gather");
   // The ranks' slices arrive one after another; put each back at its place along `dim`.
@@ -127,8 +118,8 @@ std::vector<float> TensorShards::gather(const std::string &name, const std::vect
 void TensorShards::gather_columns(const float *local, int64_t rows, int64_t cols, float *out) const {
   std::vector<float> all(static_cast<size_t>(rows * cols * size_));
   int64_t in_count = rows * cols, out_count = static_cast<int64_t>(all.size());
-  DLTensor in = host_tensor(const_cast<float *>(local), in_count, {kDLFloat, 32, 1});
-  DLTensor gathered = host_tensor(all.data(), out_count, {kDLFloat, 32, 1});
+  DLTensor in = detail::flat_view(const_cast<float *>(local), in_count);
+  DLTensor gathered = detail::flat_view(all.data(), out_count);
   parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_gather(parallel_.handle(), LOOM_GROUP_TENSOR, &in, &gathered),
                   "all_gather");
   for (int64_t r = 0; r < size_; ++r)
@@ -139,7 +130,7 @@ void TensorShards::gather_columns(const float *local, int64_t rows, int64_t cols
 void TensorShards::all_reduce(float *data, size_t count, bool max) const {
   if (size_ == 1) return;
   int64_t n = static_cast<int64_t>(count);
-  DLTensor t = host_tensor(data, n, {kDLFloat, 32, 1});
+  DLTensor t = detail::flat_view(data, n);
   parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_reduce(parallel_.handle(), LOOM_GROUP_TENSOR, &t,
                                                                       max ? LOOM_REDUCE_MAX : LOOM_REDUCE_SUM),
                   "all_reduce");
@@ -148,7 +139,7 @@ void TensorShards::all_reduce(float *data, size_t count, bool max) const {
 void TensorShards::all_reduce(double *data, size_t count) const {
   if (size_ == 1) return;
   int64_t n = static_cast<int64_t>(count);
-  DLTensor t = host_tensor(data, n, {kDLFloat, 64, 1});
+  DLTensor t = detail::flat_view(data, n);
   parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_reduce(parallel_.handle(), LOOM_GROUP_TENSOR, &t, LOOM_REDUCE_SUM),
                   "all_reduce");
 }

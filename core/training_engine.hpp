@@ -22,6 +22,7 @@
 namespace loom {
 
 class TensorShards;
+class PipelineStages;
 
 struct TrainEngineOptions {
   AdamWOptions adamw;
@@ -38,6 +39,9 @@ struct TrainEngineOptions {
   // Tensor parallelism ([Parallel], CPU): the config and weights given to the engine are this
   // rank's (TensorShards::local_config / local_weights); not owned, outlives the engine.
   const TensorShards *tensor = nullptr;
+  // Pipeline parallelism ([Parallel], CPU): this rank's stage; run() then drives the 1F1B
+  // schedule over the batch's sequences with the neighbouring stages. Not owned.
+  const PipelineStages *pipeline = nullptr;
 };
 
 class TrainingEngine {
@@ -49,6 +53,9 @@ class TrainingEngine {
   // its backward pass: adds grad_scale times the gradient of each sequence's mean next-token loss
   // into the gradients. Returns the sum over the sequences of their mean losses.
   virtual double run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) = 0;
+  // Completes the step's gradients across pipeline stages (a tied embedding's two copies
+  // summed); once a step, after the last run() and before clipping. Nothing without stages.
+  virtual void reduce_stage_gradients() {}
   // Clips the gradients' global L2 norm to max_norm (INFINITY: no clipping); returns the norm.
   virtual double clip_grad_norm(double max_norm) = 0;
   virtual void optimizer_step(double lr) = 0;

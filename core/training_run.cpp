@@ -12,7 +12,9 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <map>
 #include <numbers>
+#include <numeric>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -29,6 +31,7 @@
 #include "loom/core/safetensors.hpp"
 #include "loom/core/safetensors_writer.hpp"
 #include "loom/core/tokenizer.hpp"
+#include "pipeline_stages.hpp"
 #include "tensor_shards.hpp"
 #include "training_data.hpp"
 #include "training_engine.hpp"
@@ -376,9 +379,18 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
                                    : ModelWeights::load(config, SafetensorsIndex::open_model_dir(source));
   // Tensor parallel: this rank trains its slices of the model (tensor_shards.hpp).
   std::unique_ptr<TensorShards> shards;
+  std::unique_ptr<PipelineStages> stages;  // pipeline parallel: this rank's stage
   if (parallel) {
     shards = std::make_unique<TensorShards>(*parallel, config);
     if (shards->size() == 1) shards.reset();
+    stages = std::make_unique<PipelineStages>(*parallel, config);
+    if (stages->stages() == 1) stages.reset();
+  }
+  if (stages) {
+    if (device.device_type == kDLCUDA) throw manifest_error(m.source_name + ": [parallel] pipeline parallel training runs on the CPU engine so far");
+    if (!adapter_specs.empty()) throw manifest_error(m.source_name + ": [parallel] pipeline parallel training of adapters is not supported yet");
+    if (!t.resume.empty()) throw manifest_error(m.source_name + ": train.resume: resuming a pipeline parallel run is not supported yet");
+    eo.pipeline = stages.get();
   }
   if (shards) {
     if (device.device_type == kDLCUDA) throw manifest_error(m.source_name + ": [parallel] tensor parallel training runs on the CPU engine so far");
@@ -405,9 +417,34 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   }
   std::ofstream log;  // not open on the ranks that do not write: their lines go nowhere
   if (writes) log.open(log_path, std::ios::app);
-  // The whole model's parameters (tensor parallel: gathered from the group; every rank takes part).
+  // Values per parameter of this rank's stage, as the whole model's (every stage takes part).
+  const auto from_stages = [&](const std::vector<TrainParam<float>> &local, const std::vector<std::vector<float>> &values) {
+    std::map<std::string, size_t> index;
+    for (size_t i = 0; i < local.size(); ++i) index[local[i].name] = i;
+    std::vector<std::vector<float>> out;
+    for (const auto &[name, shape] : expected_weights(config)) {
+      const int32_t owner = stages->owner(name);
+      std::vector<float> v = owner == stages->stage() ? values.at(index.at(name))
+                                                      : std::vector<float>(static_cast<size_t>(
+                                                            std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>())));
+      stages->broadcast(v, owner);
+      out.push_back(std::move(v));
+    }
+    return out;
+  };
+  // The whole model's parameters (tensor parallel: gathered from the group; pipeline parallel:
+  // from the stages; every rank takes part).
   const auto full_params = [&] {
     std::vector<TrainParam<float>> params = engine->host_params();
+    if (stages) {
+      std::vector<std::vector<float>> values;
+      for (const auto &p : params) values.push_back(p.value);
+      auto all = from_stages(params, values);
+      std::vector<TrainParam<float>> full;
+      size_t i = 0;
+      for (const auto &[name, shape] : expected_weights(config)) full.push_back({name, shape, std::move(all[i++]), {}});
+      return full;
+    }
     if (!shards) return params;
     const auto shapes = expected_weights(config);
     for (auto &p : params) {
@@ -420,6 +457,11 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
     std::vector<std::vector<float>> moments, squares;
     if (dp) dp->gather_moments(moments, squares);  // every rank takes part
     else engine->host_moments(moments, squares);
+    if (stages && !moments.empty()) {
+      const auto &local = engine->host_params();
+      moments = from_stages(local, moments);
+      squares = from_stages(local, squares);
+    }
     const auto params = full_params();
     if (shards)
       for (size_t i = 0; i < moments.size(); ++i) {
@@ -433,6 +475,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   result.train_sequences = static_cast<int64_t>(split.train.size());
   result.validation_sequences = static_cast<int64_t>(split.validation.size());
   result.device = engine->describe() + (shards ? ", tensor parallel x" + std::to_string(shards->size()) : "") +
+                  (stages ? ", pipeline stage " + std::to_string(stages->stage()) + " of " + std::to_string(stages->stages()) : "") +
                   (dp ? ", " + dp->describe() : "");
   auto validation_loss = [&] {  // in micro-batches of batch_size sequences, shared among the data ranks
     double sum = 0;
@@ -485,6 +528,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
       if (dp) loss += dp->run(dp->share(batch), scale, micro == t.grad_accum - 1) * scale;
       else loss += engine->run(batch, true, scale) * scale;
     }
+    engine->reduce_stage_gradients();
     if (dp) {
       dp->finish_gradients();
       loss = dp->sum(loss);

@@ -1,7 +1,8 @@
 // Parallel components over a launched world of processes (launch_env.hpp): `data` (replicas:
 // every parameter on every rank, gradients all-reduced over the data group, optionally ZeRO
-// stage 1) and `tensor` (Megatron-style splits over groups of `size` consecutive ranks, data
-// parallel across the groups). Collectives go over TCP for host buffers (tcp_mesh.hpp) and over NCCL for CUDA
+// stage 1), `tensor` (Megatron-style splits over groups of `size` consecutive ranks, data
+// parallel across the groups) and `pipeline` (consecutive layers per stage over groups of
+// `stages` ranks, data parallel across the groups). Collectives go over TCP for host buffers (tcp_mesh.hpp) and over NCCL for CUDA
 // buffers (nccl_groups.hpp, in builds with CUDA).
 //
 // Ranks are laid out tensor-fastest: world rank = (data_rank * pipeline_size + pipeline_rank) *
@@ -22,7 +23,7 @@
 namespace loomp::parallel {
 namespace {
 
-enum class Kind { Data, Tensor };
+enum class Kind { Data, Tensor, Pipeline };
 
 struct Strategy {
   Kind kind;
@@ -38,12 +39,14 @@ struct Strategy {
 #endif
 
   Strategy(Kind k, const loom_host_api* h, loom_host_ctx* c) : kind(k), host(h), ctx(c), env(read_launch_env()) {
-    if (kind == Kind::Tensor) {
-      const int64_t size = cfg_int(h, c, "size");
-      tensor_size = size == 0 ? env.world : static_cast<int>(size);
-      if (size < 0 || tensor_size > env.world || env.world % tensor_size != 0)
-        invalid_param("size", "size " + std::to_string(size) + " must divide the world of " + std::to_string(env.world) +
-                                  " ranks (0: all of them)");
+    const char* group_key = kind == Kind::Tensor ? "size" : kind == Kind::Pipeline ? "stages" : nullptr;
+    if (group_key != nullptr) {
+      const int64_t size = cfg_int(h, c, group_key);
+      const int group = size == 0 ? env.world : static_cast<int>(size);
+      if (size < 0 || group > env.world || env.world % group != 0)
+        invalid_param(group_key, std::string(group_key) + " " + std::to_string(size) + " must divide the world of " +
+                                     std::to_string(env.world) + " ranks (0: all of them)");
+      (kind == Kind::Tensor ? tensor_size : pipeline_size) = group;
     }
     const int64_t zero = cfg_int(h, c, "zero_stage");
     if (zero != 0 && zero != 1) invalid_param("zero_stage", "zero_stage must be 0 or 1 (ZeRO stage 1 shards the optimizer state)");
@@ -174,7 +177,12 @@ loom_status shard_fn(void* inst, const char* name, const int64_t* shape, int32_t
     *out = loom_shard{sizeof(loom_shard), dim, S.tensor_rank * part, (S.tensor_rank + 1) * part, reduce_after, 0};
   });
 }
-int32_t stage_of_layer_fn(void*, int32_t, int32_t) { return 0; }
+// Consecutive layers per stage, as even as the count allows (the first stages take one fewer).
+int32_t stage_of_layer_fn(void* inst, int32_t layer, int32_t n_layers) {
+  const Strategy& S = self(inst);
+  if (S.pipeline_size <= 1 || n_layers <= 0 || layer < 0) return 0;
+  return static_cast<int32_t>(std::min<int64_t>(S.pipeline_size - 1, static_cast<int64_t>(layer) * S.pipeline_size / n_layers));
+}
 
 loom_status all_reduce_fn(void* inst, loom_group g, DLTensor* buf, loom_reduce_op op) {
   return call(inst, [&](Strategy& S) {
@@ -331,10 +339,19 @@ constexpr loom_component_desc kTensor = {
     sizeof(loom_component_desc), LOOM_KIND_PARALLEL, "tensor", "1.0.0",
     "Tensor parallel (Megatron): column/row-split attention and MLP, vocabulary-split embedding and head; x data",
     kTensorParams, sizeof(kTensorParams) / sizeof(kTensorParams[0]), LOOM_THREADING_SERIAL, &kVtable<Kind::Tensor>};
-const loom_component_desc* const kComponents[] = {&kData, &kTensor};
+const loom_param_desc kPipelineParams[] = {
+    {sizeof(loom_param_desc), "stages", LOOM_VALUE_INT, 0, "0",
+     "ranks per pipeline (consecutive ranks, one stage each; 0: the whole world); the pipelines are data parallel"},
+    kDataParams[0], kDataParams[1], kDataParams[2], kDataParams[3],
+};
+constexpr loom_component_desc kPipeline = {
+    sizeof(loom_component_desc), LOOM_KIND_PARALLEL, "pipeline", "1.0.0",
+    "Pipeline parallel: consecutive layers per stage, 1F1B over the micro-batches; x data",
+    kPipelineParams, sizeof(kPipelineParams) / sizeof(kPipelineParams[0]), LOOM_THREADING_SERIAL, &kVtable<Kind::Pipeline>};
+const loom_component_desc* const kComponents[] = {&kData, &kTensor, &kPipeline};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-parallel", "1.0.0",
-    "Apache-2.0", kComponents, 2, nullptr};
+    "Apache-2.0", kComponents, 3, nullptr};
 
 }  // namespace
 }  // namespace loomp::parallel

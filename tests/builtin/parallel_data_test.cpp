@@ -234,3 +234,39 @@ TEST_CASE("data: OpenMPI's variables (mpirun) place the ranks like torchrun's", 
   CHECK(joined(errors).empty());
   INFO(joined(errors));
 }
+
+namespace {
+
+// A 4-rank world as pipelines of 2 stages: rank r is stage r % 2 of data replica r / 2.
+std::string pipeline_layout(int rank) {
+  Rank R("stages = 2\n", "pipeline");
+  void *h = R.p->handle();
+  loom_parallel_topology t{};
+  t.struct_size = sizeof(t);
+  EXPECT(R.vt->topology(h, &t) == LOOM_OK);
+  EXPECT(t.pipeline_size == 2 && t.pipeline_rank == rank % 2 && t.data_size == 2 && t.data_rank == rank / 2 && t.tensor_size == 1);
+  for (int32_t l = 0; l < 5; ++l) EXPECT(R.vt->stage_of_layer(h, l, 5) == (l < 3 ? 0 : 1));
+  // Activations forward, gradients back, between the two stages of this rank's pipeline.
+  const int32_t peer = rank % 2 == 0 ? rank + 1 : rank - 1;
+  std::vector<float> big(100000);
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<float>(rank * 1000000 + static_cast<int>(i));
+  bt::Tensor<float> mine({static_cast<int64_t>(big.size())}, big), theirs({static_cast<int64_t>(big.size())});
+  if (rank % 2 == 0) {
+    EXPECT(R.vt->send(h, mine.dl(), peer) == LOOM_OK);
+    EXPECT(R.vt->recv(h, theirs.dl(), peer) == LOOM_OK);
+  } else {
+    EXPECT(R.vt->recv(h, theirs.dl(), peer) == LOOM_OK);
+    EXPECT(R.vt->send(h, mine.dl(), peer) == LOOM_OK);
+  }
+  EXPECT(theirs.v[99999] == static_cast<float>(peer * 1000000 + 99999));
+  EXPECT(R.vt->send(h, mine.dl(), (rank + 2) % 4) == LOOM_ERR_INVALID_ARGUMENT);  // another pipeline's rank
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("pipeline: stages of consecutive layers, point to point between stages, pipeline x data groups", "[parallel]") {
+  const auto errors = run_world(4, pipeline_layout);
+  CHECK(joined(errors).empty());
+  INFO(joined(errors));
+}

@@ -1,7 +1,9 @@
-// Data parallel training as a user launches it: several `loom train` processes with torchrun's
+// Parallel training as a user launches it: several `loom train` processes with torchrun's
 // environment variables on loopback (the CPU collective backend), against one process. The same
-// global batch gives the same loss curve within float32 tolerance: 2 and 4 ranks, with and
-// without ZeRO stage 1 and overlap, a LoRA adapter, and a ZeRO-1 run interrupted and resumed.
+// global batch gives the same loss curve within float32 tolerance and the same exported weights:
+// data parallel over 2 and 4 ranks (with and without ZeRO stage 1 and overlap, a LoRA adapter, a
+// ZeRO-1 run interrupted and resumed), tensor parallel (2, and 2 x data 2) and pipeline
+// parallel (2 stages, and 2 stages x data 2).
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -143,6 +145,8 @@ TEST_CASE("data parallel training on 2 and 4 CPU ranks follows one rank's loss c
       {"2 ranks, ZeRO-1, no overlap", 2, "data", "zero_stage = 1\noverlap = false\n", "data parallel x2 (ZeRO-1)"},
       {"tensor parallel over 2 ranks", 2, "tensor", "size = 2\n", "tensor parallel x2"},
       {"tensor 2 x data 2, ZeRO-1", 4, "tensor", "size = 2\nzero_stage = 1\n", "tensor parallel x2, data parallel x2 (ZeRO-1)"},
+      {"pipeline of 2 stages", 2, "pipeline", "stages = 2\n", "pipeline stage 0 of 2"},
+      {"pipeline 2 x data 2, ZeRO-1", 4, "pipeline", "stages = 2\nzero_stage = 1\n", "pipeline stage 0 of 2, data parallel x2 (ZeRO-1)"},
   };
   for (const auto &c : cases) {
     SECTION(c.name) {
