@@ -1,4 +1,5 @@
 #include "cpu_backend.hpp"
+#include "pipeline_stages.hpp"
 #include "tensor_shards.hpp"
 
 #include "adapter_sites.hpp"
@@ -186,6 +187,14 @@ CpuBackend::CpuBackend(const ModelConfig &config, ModelWeights weights, Pipeline
         throw runtime_error(options.source_name + ": tensor parallel inference with adapters or a quantizer is not supported yet");
     if (!options.calibration.empty()) throw runtime_error(options.source_name + ": calibration under tensor parallelism");
   }
+  if (options.pipeline && options.pipeline->stages() > 1) {
+    stages_ = options.pipeline.get();
+    first_layer_ = stages_->trainer_stage().first;
+    for (loom_kind kind : {LOOM_KIND_ADAPTER, LOOM_KIND_QUANTIZER})
+      if (!pipeline.list(kind).empty())
+        throw runtime_error(options.source_name + ": pipeline parallel inference with adapters or a quantizer is not supported yet");
+    if (!options.calibration.empty()) throw runtime_error(options.source_name + ": calibration under pipeline parallelism");
+  }
   build(std::move(weights));
 }
 
@@ -211,6 +220,7 @@ std::string CpuBackend::describe() const {
   out += std::to_string(pool_.size());
   out += pool_.size() == 1 ? " thread" : " threads";
   if (tensor_) out += ", tensor parallel rank " + std::to_string(tensor_->rank()) + " of " + std::to_string(tensor_->size());
+  if (stages_) out += ", pipeline stage " + std::to_string(stages_->stage()) + " of " + std::to_string(stages_->stages());
   return out;
 }
 
@@ -306,8 +316,11 @@ void CpuBackend::build(ModelWeights weights) {
     return make_linear(std::move(name), out, in, std::move(t), owned(std::move(bias)));
   };
   const bool gpt2 = c.architecture == Architecture::gpt2;
-  if (gpt2) positions_ = values("wpe.weight");
-  for (int64_t i = 0; i < c.n_layers; ++i) {
+  // A pipeline stage holds its layers, the embedding on the first stage, the head on the last.
+  const bool has_embedding = !stages_ || stages_->first(), has_head = !stages_ || stages_->last();
+  const int64_t end_layer = stages_ ? stages_->trainer_stage().end : c.n_layers;
+  if (gpt2 && has_embedding) positions_ = values("wpe.weight");
+  for (int64_t i = first_layer_; i < end_layer; ++i) {
     Layer layer;
     if (gpt2) {
       std::string p = "h." + std::to_string(i) + ".";
@@ -339,26 +352,28 @@ void CpuBackend::build(ModelWeights weights) {
     }
     layers_.push_back(std::move(layer));
   }
-  final_norm_ = values(gpt2 ? "ln_f.weight" : "model.norm.weight");
-  if (gpt2) final_norm_bias_ = values("ln_f.bias");
+  if (has_head) {
+    final_norm_ = values(gpt2 ? "ln_f.weight" : "model.norm.weight");
+    if (gpt2) final_norm_bias_ = values("ln_f.bias");
+  }
   // Tied: the head's weight is the embedding, stored once (lookups read the head's rows; the
   // quantizer and adapters see the head as its own module, as before).
   const std::string embedding = gpt2 ? "wte.weight" : "model.embed_tokens.weight";
   if (c.tie_word_embeddings) {
-    lm_head_ = make_linear("lm_head", weights, embedding, {});
+    if (has_embedding || has_head) lm_head_ = make_linear("lm_head", weights, embedding, {});
   } else {
-    embedding_ = make_linear("embed_tokens", weights, embedding, {});
-    lm_head_ = make_linear("lm_head", weights, "lm_head.weight", {});
+    if (has_embedding) embedding_ = make_linear("embed_tokens", weights, embedding, {});
+    if (has_head) lm_head_ = make_linear("lm_head", weights, "lm_head.weight", {});
   }
   for (auto &layer : layers_)
     for (Linear *l : {layer.q.get(), layer.k.get(), layer.v.get(), layer.o.get(), layer.gate.get(), layer.up.get(),
                       layer.down.get()})
       if (l) linears_.push_back(l);
-  linears_.push_back(lm_head_.get());
+  if (lm_head_) linears_.push_back(lm_head_.get());
   for (size_t i = 0; i < linears_.size(); ++i) linears_[i]->index = static_cast<int32_t>(i);
   sited_ = linears_;
-  for (int64_t i = 0; i < c.n_layers; ++i) {
-    Layer &layer = layers_[static_cast<size_t>(i)];
+  for (int64_t i = first_layer_; i < end_layer; ++i) {
+    Layer &layer = layers_[static_cast<size_t>(i - first_layer_)];
     const std::string p = gpt2 ? "h." + std::to_string(i) + "." : "model.layers." + std::to_string(i) + ".";
     for (auto [slot, name] : {std::pair{&layer.attn_block, gpt2 ? "attn" : "self_attn"}, std::pair{&layer.mlp_block, "mlp"}}) {
       *slot = std::make_unique<Linear>();
@@ -413,7 +428,7 @@ loom_kv_layout CpuBackend::prepare_attention(Instance &attention) const {
 
 void CpuBackend::reserve(int32_t max_seqs, int64_t max_positions) {
   if (ready_ && !paged_ && max_seqs <= max_seqs_ && max_positions <= max_positions_ &&
-      (layout_.block_size == 0 || kv_pools_.size() == static_cast<size_t>(config_.n_layers)))
+      (layout_.block_size == 0 || kv_pools_.size() == layers_.size()))
     return;
   size_cache(max_seqs, max_positions, false, 0, 0);
 }
@@ -481,7 +496,9 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
                             "): its KV layout needs more than 8 GiB for " + std::to_string(seqs) + " sequences of " +
                             std::to_string(positions) + " positions");
       kv_pools_.clear(); // (freed before the larger pools are made; forward() refuses to run without)
-      for (int64_t i = 0; i < config_.n_layers; ++i)
+      // This stage's layers (all of them without stages); the block count above is the whole
+      // model's, so that every stage's scheduler makes the same decisions.
+      for (size_t i = 0; i < layers_.size(); ++i)
         pools.emplace_back(std::vector<int64_t>{static_cast<int64_t>(blocks), static_cast<int64_t>(layout.bytes_per_block)});
     }
   } catch (...) {
@@ -1032,7 +1049,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
     if (tensor_) tensor_->all_reduce(data, static_cast<size_t>(count));
   };
   const bool gpt2 = c.architecture == Architecture::gpt2;
-  if ((!ready_ && !capturing_) || (layout_.block_size > 0 && kv_pools_.size() != static_cast<size_t>(c.n_layers)))
+  if ((!ready_ && !capturing_) || (layout_.block_size > 0 && kv_pools_.size() != layers_.size()))
     throw runtime_error(options_.source_name + ": the CPU backend ran without a KV cache (reserve() first)");
   const bool tables = batch.table_cols > 0;
   if (tables != paged_)
@@ -1086,17 +1103,22 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   const int32_t *tokens = batch.tokens.data();
   const int32_t *pos = token_pos_.data();
 
-  rows(T, H, [&](int64_t t) {
-    const int64_t row = tokens[t] - vocab_begin;  // tensor parallel: this rank's rows, zeros for the others'
-    if (row >= 0 && row < V) embed_row(static_cast<int32_t>(row), x + t * H);
-    else std::fill(x + t * H, x + (t + 1) * H, 0.0f);
-    if (gpt2)
-      for (int64_t i = 0; i < H; ++i) x[t * H + i] += positions_[static_cast<size_t>(pos[t] * H + i)];
-  });
-  tensor_sum(x, T * H);
+  if (stages_ && !stages_->first()) {
+    x_ = stages_->receive_previous(static_cast<size_t>(T * H));  // the previous stage's output
+    x = x_.data();
+  } else {
+    rows(T, H, [&](int64_t t) {
+      const int64_t row = tokens[t] - vocab_begin;  // tensor parallel: this rank's rows, zeros for the others'
+      if (row >= 0 && row < V) embed_row(static_cast<int32_t>(row), x + t * H);
+      else std::fill(x + t * H, x + (t + 1) * H, 0.0f);
+      if (gpt2)
+        for (int64_t i = 0; i < H; ++i) x[t * H + i] += positions_[static_cast<size_t>(pos[t] * H + i)];
+    });
+    tensor_sum(x, T * H);
+  }
   std::shared_ptr<Instance> attention = pipeline_.list(LOOM_KIND_ATTENTION).front();
   auto avt = attention->vtable<loom_attention_vtable>();
-  for (int64_t l = 0; l < c.n_layers; ++l) {
+  for (int64_t l = 0; l < static_cast<int64_t>(layers_.size()); ++l) {  // this stage's layers: the model's first_layer_ + l
     Layer &layer = layers_[static_cast<size_t>(l)];
     rows(T, 4 * H, [&](int64_t t) { norm(layer.norm1, layer.norm1_bias, x + t * H, h + t * H); });
     linear(*layer.q, h, T, q);
@@ -1112,7 +1134,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
     View q3(q, kF32, {T, Hq, D}), k3(k, kF32, {T, Hkv, D}), v3(v, kF32, {T, Hkv, D}), out3(attn, kF32, {T, Hq, D});
     loom_attention_batch b{};
     b.struct_size = sizeof(b);
-    b.layer = static_cast<int32_t>(l);
+    b.layer = static_cast<int32_t>(first_layer_ + l);
     b.n_seqs = static_cast<int32_t>(S);
     b.n_tokens = static_cast<int32_t>(T);
     b.q = q3.dl();
@@ -1150,6 +1172,13 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
       for (int64_t i = 0; i < H; ++i) x[t * H + i] += proj[t * H + i];
     });
   }
+  if (stages_ && !stages_->last()) {
+    // The output goes on to the next stage; the logits come back from the last.
+    stages_->send_next(x_);
+    if (logits_.numel() != static_cast<size_t>(S * vocab)) logits_ = HostTensor<float>({S, vocab});
+    stages_->broadcast(logits_.values(), stages_->stages() - 1);
+    return logits_.dl();
+  }
   if (capturing_) { // the head's calibration rows: every token's, not only the last ones
     std::vector<float> normed(static_cast<size_t>(T * H));
     rows(T, 4 * H, [&](int64_t t) { norm(final_norm_, final_norm_bias_, x + t * H, normed.data() + t * H); });
@@ -1163,6 +1192,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   if (logits_.numel() != static_cast<size_t>(S * vocab)) logits_ = HostTensor<float>({S, vocab});
   if (!tensor_) {
     linear(*lm_head_, last_h, S, logits_.data());
+    if (stages_) stages_->broadcast(logits_.values(), stages_->stages() - 1);  // to the other stages
     return logits_.dl();
   }
   // Each rank's columns of the vocabulary, gathered into every rank's whole rows.

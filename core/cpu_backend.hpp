@@ -53,6 +53,7 @@
 namespace loom {
 
 class TensorShards;
+class PipelineStages;
 
 struct CpuBackendOptions {
   ComputeDtype dtype = ComputeDtype::float32;
@@ -66,6 +67,11 @@ struct CpuBackendOptions {
   // embedding over the tensor group and gathers the vocabulary-split logits, so every rank
   // returns the whole model's logits. Null or a group of one: the whole model.
   std::shared_ptr<const TensorShards> tensor;
+  // Pipeline parallelism ([Parallel]): this rank's stage. The backend holds the stage's layers
+  // (and their KV cache; the embedding on the first stage, the final norm and head on the last),
+  // takes its input from the previous stage and hands its output to the next; the last stage's
+  // logits are broadcast, so every stage returns them. Null or one stage: the whole model.
+  std::shared_ptr<const PipelineStages> pipeline;
 };
 
 // How far one quantized linear is from its float weights: |W - W~| / |W| (Frobenius), and
@@ -272,6 +278,8 @@ class CpuBackend final : public ModelBackend {
   // Scratch of the last forward, reused while the batch shape allows.
   std::vector<float> x_, h_, q_, k_, v_, attn_, proj_, up_, gate_, last_, last_h_, local_logits_;
   const TensorShards *tensor_ = nullptr;  // tensor parallel: options_.tensor when its group has several ranks
+  const PipelineStages *stages_ = nullptr;  // pipeline parallel: options_.pipeline when it has several stages
+  int64_t first_layer_ = 0;                 // the model's index of layers_[0]
   std::vector<int32_t> token_pos_;
   std::vector<AdapterRows> adapter_rows_; // this step's, empty: every adapter on every row
   const Instance *merged_ = nullptr;      // the adapter merged into the weights, if any

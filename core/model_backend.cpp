@@ -1,5 +1,6 @@
 // make_backend: the device picks the backend, the manifest and the checkpoint pick its dtype.
 #include "model_backend.hpp"
+#include "pipeline_stages.hpp"
 #include "tensor_shards.hpp"
 
 #include <algorithm>
@@ -153,14 +154,18 @@ loom_qweight *import_quantized_module(Instance &quantizer, const QuantizedModule
 std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
                                            const BackendOptions &options) {
   // Tensor parallel ([Parallel]): this rank's slices of the model (tensor_shards.hpp).
+  // Pipeline parallel: this rank's stage of the model (pipeline_stages.hpp).
   std::shared_ptr<const TensorShards> shards;
+  std::shared_ptr<const PipelineStages> stages;
   if (auto parallel = pipeline.list(LOOM_KIND_PARALLEL); !parallel.empty()) {
     auto planned = std::make_shared<TensorShards>(*parallel.front(), config);
     if (planned->size() > 1) shards = std::move(planned);
+    auto staged = std::make_shared<PipelineStages>(*parallel.front(), config);
+    if (staged->stages() > 1) stages = std::move(staged);
   }
-  if (shards && options.device.device_type != kDLCPU)
-    throw runtime_error(options.source_name + ": [parallel] tensor parallel inference runs on the CPU backend so far "
-                                              "(set loom.device = \"cpu\")");
+  if ((shards || stages) && options.device.device_type != kDLCPU)
+    throw runtime_error(options.source_name + ": [parallel] tensor and pipeline parallel inference run on the CPU backend so "
+                                              "far (set loom.device = \"cpu\")");
   switch (options.device.device_type) {
   case kDLCUDA: {
 #if LOOM_HAVE_CUDA
@@ -186,6 +191,7 @@ std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeigh
     cpu.threads = options.threads;
     cpu.source_name = options.source_name;
     cpu.calibration = options.calibration;
+    cpu.pipeline = stages;
     if (!shards) return std::make_unique<CpuBackend>(config, std::move(weights), pipeline, cpu);
     cpu.tensor = shards;
     return std::make_unique<CpuBackend>(shards->local_config(), shards->local_weights(weights), pipeline, cpu);

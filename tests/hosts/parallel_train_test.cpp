@@ -212,8 +212,10 @@ TEST_CASE("ranks launched without a [parallel] component are refused", "[paralle
   CHECK_FALSE(fs::exists(dir / "out/train_log.jsonl"));
 }
 
-TEST_CASE("loom run over a tensor parallel pair writes what one process writes", "[parallel]") {
-  const auto dir = scratch("run");
+TEST_CASE("loom run over a tensor or pipeline parallel pair writes what one process writes", "[parallel]") {
+  const std::string component = GENERATE(std::string("tensor"), std::string("pipeline"));
+  INFO(component);
+  const auto dir = scratch("run-" + component);
   fs::create_directories(dir);
   const auto write = [&](const std::string &name, const std::string &parallel) {
     std::ofstream(dir / name) << "[loom]\ndevice = \"cpu\"\n[model]\npath = \"" << (kSource / "models/tiny-kjv").string()
@@ -226,7 +228,7 @@ TEST_CASE("loom run over a tensor parallel pair writes what one process writes",
     const size_t at = out.find("\nAnd God said");
     return at == std::string::npos ? std::string() : out.substr(at, out.find('\n', at + 1) - at);
   };
-  const auto one_manifest = write("one.toml", ""), two_manifest = write("two.toml", "[parallel]\nuse = \"tensor\"\n");
+  const auto one_manifest = write("one.toml", ""), two_manifest = write("two.toml", "[parallel]\nuse = \"" + component + "\"\n");
   const Run one = loom_test::run_shell("LOOM_PLUGIN_PATH= " + std::string(LOOM_CLI) + " run " + one_manifest.string() + " 2>&1");
   REQUIRE(one.code == 0);
   const int port = free_loopback_port();
@@ -240,7 +242,7 @@ TEST_CASE("loom run over a tensor parallel pair writes what one process writes",
   INFO(two.out);
   const auto split = two.out.find("====");
   REQUIRE(split != std::string::npos);
-  CHECK(two.out.find("tensor parallel rank 0 of 2") != std::string::npos);
+  CHECK(two.out.find(component == "tensor" ? "tensor parallel rank 0 of 2" : "pipeline stage 1 of 2") != std::string::npos);
   CHECK_FALSE(text(one.out).empty());
   CHECK(text(two.out.substr(0, split)) == text(one.out));
   CHECK(text(two.out.substr(split)) == text(one.out));

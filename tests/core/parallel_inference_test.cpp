@@ -1,7 +1,8 @@
-// Tensor parallel inference on the CPU backend ([Parallel]): 2 forked ranks (torchrun's
-// variables, the TCP backend on loopback) each hold half of the default model's heads, MLP width
-// and vocabulary, and every rank's backend returns the logits of the whole model within float32
-// rounding: a ragged prefill batch, then decode steps against the KV cache.
+// Parallel inference on the CPU backend ([Parallel]), over 2 forked ranks (torchrun's variables,
+// the TCP backend on loopback): tensor parallel (each rank holds half of the default model's
+// heads, MLP width and vocabulary) and pipeline parallel (each rank two of its four layers).
+// Every rank's backend returns the logits of the whole model within float32 rounding: a ragged
+// prefill batch, then decode steps against the KV cache.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -67,15 +68,19 @@ std::string manifest(const std::string &parallel) {
 
 }  // namespace
 
-TEST_CASE("tensor parallel inference over 2 processes gives one rank's logits", "[parallel]") {
+TEST_CASE("tensor and pipeline parallel inference over 2 processes give one rank's logits", "[parallel]") {
   loom_test::clear_rank_env();
-  const auto want = [] {
+  static const auto want = [] {
     auto rt = loom::Runtime::from_string(manifest(""));
     return logits(*rt);
   }();
   REQUIRE(want.size() == 3 * 2000 * 5);
+  const std::string component = GENERATE(std::string("tensor"), std::string("pipeline"));
+  INFO(component);
   const auto errors = loom_test::run_world(2, [&](int rank) -> std::string {
-    auto rt = loom::Runtime::from_string(manifest("[parallel]\nuse = \"tensor\"\ntimeout_s = 60.0\n"));
+    auto rt = loom::Runtime::from_string(manifest("[parallel]\nuse = \"" + component + "\"\ntimeout_s = 60.0\n"));
+    if (rt->backend_description().find(component == "tensor" ? "tensor parallel rank" : "pipeline stage") == std::string::npos)
+      return "rank " + std::to_string(rank) + ": the backend is not split: " + rt->backend_description();
     const auto got = logits(*rt);
     if (got.size() != want.size()) return "rank " + std::to_string(rank) + ": " + std::to_string(got.size()) + " logits";
     double worst = 0, scale = 0;
