@@ -68,18 +68,26 @@ std::string manifest(const std::string &parallel) {
 
 }  // namespace
 
-TEST_CASE("tensor and pipeline parallel inference over 2 processes give one rank's logits", "[parallel]") {
+TEST_CASE("data, tensor and pipeline parallel inference over 2 and 4 processes give one rank's logits", "[parallel]") {
   loom_test::clear_rank_env();
   static const auto want = [] {
     auto rt = loom::Runtime::from_string(manifest(""));
     return logits(*rt);
   }();
   REQUIRE(want.size() == 3 * 2000 * 5);
-  const std::string component = GENERATE(std::string("tensor"), std::string("pipeline"));
-  INFO(component);
-  const auto errors = loom_test::run_world(2, [&](int rank) -> std::string {
-    auto rt = loom::Runtime::from_string(manifest("[parallel]\nuse = \"" + component + "\"\ntimeout_s = 60.0\n"));
-    if (rt->backend_description().find(component == "tensor" ? "tensor parallel rank" : "pipeline stage") == std::string::npos)
+  struct Case {
+    const char *component;
+    int world;
+    const char *table, *describes;  // describes: what a split backend says (nothing for data)
+  };
+  const auto c = GENERATE(Case{"data", 2, "", ""}, Case{"tensor", 2, "", "tensor parallel rank"},
+                          Case{"tensor", 4, "size = 2\n", "tensor parallel rank"}, Case{"pipeline", 2, "", "pipeline stage"},
+                          Case{"pipeline", 4, "", "pipeline stage"}, Case{"pipeline", 4, "stages = 2\n", "pipeline stage"});
+  INFO(c.component << " over " << c.world << " ranks " << c.table);
+  const auto errors = loom_test::run_world(c.world, [&](int rank) -> std::string {
+    auto rt = loom::Runtime::from_string(
+        manifest("[parallel]\nuse = \"" + std::string(c.component) + "\"\ntimeout_s = 60.0\n" + c.table));
+    if (rt->backend_description().find(c.describes) == std::string::npos)
       return "rank " + std::to_string(rank) + ": the backend is not split: " + rt->backend_description();
     const auto got = logits(*rt);
     if (got.size() != want.size()) return "rank " + std::to_string(rank) + ": " + std::to_string(got.size()) + " logits";
