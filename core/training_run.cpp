@@ -476,7 +476,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   result.validation_sequences = static_cast<int64_t>(split.validation.size());
   result.device = engine->describe() + (shards ? ", tensor parallel x" + std::to_string(shards->size()) : "") +
                   (stages ? ", pipeline stage " + std::to_string(stages->stage()) + " of " + std::to_string(stages->stages()) : "") +
-                  (dp ? ", " + dp->describe() : "");
+                  (dp && (dp->size() > 1 || (!shards && !stages)) ? ", " + dp->describe() : "");
   auto validation_loss = [&] {  // in micro-batches of batch_size sequences, shared among the data ranks
     double sum = 0;
     const std::span<const std::vector<int32_t>> all(split.validation);

@@ -143,9 +143,9 @@ TEST_CASE("data parallel training on 2 and 4 CPU ranks follows one rank's loss c
       {"2 ranks", 2, "data", "overlap = true\n", "data parallel x2"},
       {"4 ranks, ZeRO-1, small buckets", 4, "data", "zero_stage = 1\nbucket_mb = 0.02\n", "data parallel x4 (ZeRO-1)"},
       {"2 ranks, ZeRO-1, no overlap", 2, "data", "zero_stage = 1\noverlap = false\n", "data parallel x2 (ZeRO-1)"},
-      {"tensor parallel over 2 ranks", 2, "tensor", "size = 2\n", "tensor parallel x2"},
+      {"tensor parallel over 2 ranks", 2, "tensor", "size = 2\n", "tensor parallel x2;"},
       {"tensor 2 x data 2, ZeRO-1", 4, "tensor", "size = 2\nzero_stage = 1\n", "tensor parallel x2, data parallel x2 (ZeRO-1)"},
-      {"pipeline of 2 stages", 2, "pipeline", "stages = 2\n", "pipeline stage 0 of 2"},
+      {"pipeline of 2 stages", 2, "pipeline", "stages = 2\n", "pipeline stage 0 of 2;"},
       {"pipeline 2 x data 2, ZeRO-1", 4, "pipeline", "stages = 2\nzero_stage = 1\n", "pipeline stage 0 of 2, data parallel x2 (ZeRO-1)"},
   };
   for (const auto &c : cases) {
