@@ -75,22 +75,27 @@ ModelWeights TensorShards::local_weights(const ModelWeights &full) const {
     const HostWeight &w = full.at(name);
     HostWeight &out = local[name];
     out.shape = w.shape;
-    if (slice.dim < 0) {
-      out.values = w.values;
-      continue;
-    }
-    out.shape[static_cast<size_t>(slice.dim)] = slice.end - slice.begin;
-    // Rows [begin, end) of dimension `dim` of a row-major tensor: `outer` blocks of
-    // `shape[dim] * inner` values, each contributing (end - begin) * inner.
-    int64_t outer = 1, inner = 1;
-    for (int32_t d = 0; d < slice.dim; ++d) outer *= w.shape[static_cast<size_t>(d)];
-    for (size_t d = static_cast<size_t>(slice.dim) + 1; d < w.shape.size(); ++d) inner *= w.shape[d];
-    const int64_t extent = w.shape[static_cast<size_t>(slice.dim)], keep = (slice.end - slice.begin) * inner;
-    out.values.resize(static_cast<size_t>(outer * keep));
-    for (int64_t o = 0; o < outer; ++o)
-      std::copy_n(w.values.begin() + (o * extent + slice.begin) * inner, keep, out.values.begin() + o * keep);
+    if (slice.dim >= 0) out.shape[static_cast<size_t>(slice.dim)] = slice.end - slice.begin;
+    out.values = this->slice(name, w.values);
   }
   return ModelWeights::from_map(std::move(local));
+}
+
+std::vector<float> TensorShards::slice(const std::string &name, const std::vector<float> &whole) const {
+  const auto it = slices_.find(name);
+  if (it == slices_.end() || it->second.dim < 0) return whole;
+  const TensorSlice &s = it->second;
+  // Rows [begin, end) of dimension `dim` of a row-major tensor: `outer` blocks of
+  // `shape[dim] * inner` values, each contributing (end - begin) * inner.
+  int64_t outer = 1, inner = 1;
+  for (int32_t d = 0; d < s.dim; ++d) outer *= s.full[static_cast<size_t>(d)];
+  for (size_t d = static_cast<size_t>(s.dim) + 1; d < s.full.size(); ++d) inner *= s.full[d];
+  const int64_t extent = s.full[static_cast<size_t>(s.dim)], keep = (s.end - s.begin) * inner;
+  if (static_cast<int64_t>(whole.size()) != outer * extent * inner) throw runtime_error(name + ": not the whole tensor's size");
+  std::vector<float> out(static_cast<size_t>(outer * keep));
+  for (int64_t o = 0; o < outer; ++o)
+    std::copy_n(whole.begin() + (o * extent + s.begin) * inner, keep, out.begin() + o * keep);
+  return out;
 }
 
 std::vector<float> TensorShards::gather(const std::string &name, const std::vector<float> &local) const {

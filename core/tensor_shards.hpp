@@ -43,6 +43,10 @@ class TensorShards {
   int64_t vocab_begin() const { return vocab_begin_; }
   // This rank's slices of the full weights (as float32).
   ModelWeights local_weights(const ModelWeights &full) const;
+  // This rank's slice of a whole tensor's values (a checkpoint's moments), and the whole
+  // tensor's size for a slice of `local` values.
+  std::vector<float> slice(const std::string &name, const std::vector<float> &whole) const;
+  size_t whole_size(const std::string &name, size_t local) const { return split(name) ? local * static_cast<size_t>(size_) : local; }
   // Whether the parameter is split (its gradient's squares sum over the tensor group).
   bool split(const std::string &name) const;
   // The full tensor from every tensor rank's slice (a collective over LOOM_GROUP_TENSOR).

@@ -166,7 +166,8 @@ void save_checkpoint(const fs::path &out, const fs::path &source, const std::vec
 // manifest must describe the same data order (seed, sequence length, batch), else the resumed run
 // would not continue the interrupted one.
 std::pair<int64_t, DataPosition> load_checkpoint(const fs::path &dir, const std::string &source_name,
-                                                 TrainingEngine &engine, uint64_t seed, const TrainSpec &t, bool adapter) {
+                                                 TrainingEngine &engine, uint64_t seed, const TrainSpec &t, bool adapter,
+                                                 const TensorShards *shards) {
   std::ifstream in(dir / "trainer_state.json");
   if (!in) throw runtime_error(source_name + ": train.resume: " + (dir / "trainer_state.json").string() + " not found");
   nlohmann::json state;
@@ -194,12 +195,16 @@ std::pair<int64_t, DataPosition> load_checkpoint(const fs::path &dir, const std:
   std::vector<std::vector<float>> m, v;
   for (const auto &p : engine.host_params()) {
     for (const char *suffix : {".exp_avg", ".exp_avg_sq"}) {
+      // (Tensor parallel: the whole model's moments, cut like the parameter; pipeline stages
+      // read their own parameters' only.)
       const SafetensorsTensor *st = file.find(p.name + suffix);
-      if (st == nullptr || st->dtype != SafetensorsDtype::F32 || st->numel != p.value.size())
+      const size_t whole = shards ? shards->whole_size(p.name, p.value.size()) : p.value.size();
+      if (st == nullptr || st->dtype != SafetensorsDtype::F32 || st->numel != whole)
         throw runtime_error((dir / "optimizer.safetensors").string() + ": " + p.name + suffix +
                             " missing or not float32 of the parameter's shape");
-      std::vector<float> values(p.value.size());
+      std::vector<float> values(whole);
       std::memcpy(values.data(), st->data, st->nbytes);
+      if (shards) values = shards->slice(p.name, values);
       (std::strcmp(suffix, ".exp_avg") == 0 ? m : v).push_back(std::move(values));
     }
   }
@@ -389,13 +394,11 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   if (stages) {
     if (device.device_type == kDLCUDA) throw manifest_error(m.source_name + ": [parallel] pipeline parallel training runs on the CPU engine so far");
     if (!adapter_specs.empty()) throw manifest_error(m.source_name + ": [parallel] pipeline parallel training of adapters is not supported yet");
-    if (!t.resume.empty()) throw manifest_error(m.source_name + ": train.resume: resuming a pipeline parallel run is not supported yet");
     eo.pipeline = stages.get();
   }
   if (shards) {
     if (device.device_type == kDLCUDA) throw manifest_error(m.source_name + ": [parallel] tensor parallel training runs on the CPU engine so far");
     if (!adapter_specs.empty()) throw manifest_error(m.source_name + ": [parallel] tensor parallel training of adapters is not supported yet");
-    if (!t.resume.empty()) throw manifest_error(m.source_name + ": train.resume: resuming a tensor parallel run is not supported yet");
     eo.tensor = shards.get();
   }
   std::unique_ptr<TrainingEngine> engine =
@@ -410,7 +413,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   fs::create_directories(t.out);
   const fs::path log_path = t.out / "train_log.jsonl";
   if (!t.resume.empty()) {
-    std::tie(step, pos) = load_checkpoint(t.resume, m.source_name, *engine, seed, t, adapter != nullptr);
+    std::tie(step, pos) = load_checkpoint(t.resume, m.source_name, *engine, seed, t, adapter != nullptr, shards.get());
     if (writes) truncate_log(log_path, step);
   } else if (writes) {
     std::ofstream(log_path, std::ios::trunc);

@@ -189,15 +189,18 @@ TEST_CASE("a LoRA adapter trains data parallel like on one rank", "[parallel]") 
   CHECK(fs::exists(two_dir / "out/adapter/adapter_model.safetensors"));
 }
 
-TEST_CASE("a ZeRO-1 run interrupted and resumed gives the uninterrupted curve", "[parallel]") {
-  const auto whole = scratch("whole"), parts = scratch("parts");
-  const Run w = launch(2, manifest(whole, "zero_stage = 1\n"));
+TEST_CASE("a data, tensor or pipeline parallel run (ZeRO-1) interrupted and resumed gives the uninterrupted curve", "[parallel]") {
+  const std::string component = GENERATE(std::string("data"), std::string("tensor"), std::string("pipeline"));
+  INFO(component);
+  const auto whole = scratch("whole-" + component), parts = scratch("parts-" + component);
+  const std::string table = "zero_stage = 1\n";
+  const Run w = launch(2, manifest(whole, table, false, "", component));
   INFO(w.out);
   REQUIRE(w.code == 0);
-  const Run first = launch(2, manifest(parts, "zero_stage = 1\n"), "--steps 7");
+  const Run first = launch(2, manifest(parts, table, false, "", component), "--steps 7");
   INFO(first.out);
   REQUIRE(first.code == 0);
-  const Run second = launch(2, manifest(parts, "zero_stage = 1\n", false, (parts / "out/checkpoint").string()));
+  const Run second = launch(2, manifest(parts, table, false, (parts / "out/checkpoint").string(), component));
   INFO(second.out);
   REQUIRE(second.code == 0);
   check_same_curve(curve(whole), curve(parts));
