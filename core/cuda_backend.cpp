@@ -16,9 +16,11 @@
 #include "loom/core/reference_model.hpp"
 #include "loom/kernels/gemv.hpp"
 #include "loom/kernels/model.hpp"
+#include "loom/kernels/rows.hpp"
 #include "loom/kernels/skinny_gemm.hpp"
 #include "loom/loom_plugin_api.h"
 #include "cuda_adapters.hpp"
+#include "tensor_shards.hpp"
 #include "transformer_ops.hpp"
 
 namespace loom {
@@ -233,7 +235,8 @@ class CudaBackend final : public ModelBackend {
   void unmerge_adapter(const Instance &adapter) override { merge_adapter(adapter); }
   std::string describe() const override {
     return "cuda:" + std::to_string(options_.device.device_id) + " " + (bf16() ? "bfloat16" : "float32") +
-           (graphs_enabled_ ? " (CUDA graphs)" : "");
+           (graphs_enabled_ ? " (CUDA graphs)" : "") +
+           (tensor_ ? ", tensor parallel rank " + std::to_string(tensor_->rank()) + " of " + std::to_string(tensor_->size()) : "");
   }
 
  private:
@@ -274,6 +277,16 @@ class CudaBackend final : public ModelBackend {
     if (step_adapters_) adapters_->apply(layer, m, x, act_dl(), y, y_type, y_stride, col0, T, d_row_adapter_);
   }
   std::shared_ptr<Instance> quantizer_;   // the pipeline's quantizer, when it has one
+  const TensorShards *tensor_ = nullptr;  // tensor parallel: options_.tensor when its group has several ranks
+  // Tensor parallel: a row-parallel product adds its partial sum into the residual stream x, so
+  // x is first divided by the group's size (exact for powers of two) and the group's x summed
+  // after it: the residual once, every rank's partial sum once.
+  void before_row_parallel(float *x, int64_t count) {
+    if (tensor_) kernel_check(kernels::scale_cuda(x, count, 1.0f / static_cast<float>(tensor_->size()), stream_), "tensor scale");
+  }
+  void after_row_parallel(float *x, int64_t count) {
+    if (tensor_) tensor_->all_reduce_device(x, static_cast<size_t>(count), options_.device);
+  }
   const loom_quantizer_fused *quant_fused_ = nullptr; // its fused products, when it offers them
   DeviceBuffer quant_out_;                // float32 [T, hidden]: products added into the residual
   DeviceBuffer part_out_;                 // float32 [T, part_cols_]: one part's product (DeviceLinear::parts)
@@ -391,6 +404,12 @@ uint16_t to_bf16(float f) {
 CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
                          const CudaBackendOptions &options)
     : config_(config), pipeline_(pipeline), options_(options), graphs_enabled_(options.graphs) {
+  if (options.tensor && options.tensor->size() > 1) {
+    tensor_ = options.tensor.get();
+    for (loom_kind kind : {LOOM_KIND_ADAPTER, LOOM_KIND_QUANTIZER})
+      if (!pipeline.list(kind).empty())
+        throw runtime_error(options.source_name + ": tensor parallel inference with adapters or a quantizer is not supported yet");
+  }
   if (auto list = pipeline_.list(LOOM_KIND_ADAPTER); !list.empty() && !pipeline_.list(LOOM_KIND_QUANTIZER).empty())
     throw runtime_error(options_.source_name + ": " + list.front()->slot() + " (" + list.front()->desc().name +
                         "): adapters over a quantized base run on the CPU backend only; use loom.device = \"cpu\"");
@@ -572,6 +591,13 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
                           "swap it between runs or on the CPU");
     });
   if (adapters_) install_adapter_hooks();
+  if (tensor_) {
+    // The group's NCCL communicator is made by its first collective: here, not inside a graph.
+    DeviceBuffer probe(sizeof(float));
+    cuda_check(cudaMemsetAsync(probe.get(), 0, sizeof(float), stream_), "cudaMemsetAsync");
+    after_row_parallel(probe.get<float>(), 1);
+    cuda_check(cudaStreamSynchronize(stream_), "tensor parallel warm-up");
+  }
 }
 
 void CudaBackend::change_adapters(const std::function<void()> &change) {
@@ -1027,6 +1053,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       op_times_.mark("bias+rope+split", stream_);
     }
     attend(attention, call, T, S, l);
+    before_row_parallel(x, int64_t{T} * H);
     if (fused_gemm(layer.o, attn_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
       op_times_.mark("o fused", stream_);
     } else {
@@ -1037,6 +1064,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
         op_times_.mark("o adapters", stream_);
       }
     }
+    after_row_parallel(x, int64_t{T} * H);
     pending_bias = layer.o.bias ? layer.o.bias.get<float>() : nullptr;
     if (rms && !pending_bias && !layer.norm2_b &&
         fused_gemm(layer.gate_up, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_SWIGLU, &layer.norm2_w,
@@ -1049,6 +1077,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       op_times_.mark("norm", stream_);
       mlp_up(layer, T);
     }
+    before_row_parallel(x, int64_t{T} * H);
     if (fused_gemm(layer.down, inter_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
       op_times_.mark("down fused", stream_);
     } else {
@@ -1059,6 +1088,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
         op_times_.mark("down adapters", stream_);
       }
     }
+    after_row_parallel(x, int64_t{T} * H);
     pending_bias = layer.down.bias ? layer.down.bias.get<float>() : nullptr;
   }
   // Only each sequence's last token needs the final norm and the head (all of them in a decode
@@ -1158,11 +1188,15 @@ void CudaBackend::run_layers_gemv(Instance &attention, AttentionCall &call, int3
     }
     run(qkv, norm, kernels::GemvEpilogue::rope_split, "norm+qkv+rope gemv");
     attend(attention, call, T, T, l);
+    before_row_parallel(x, int64_t{T} * c.hidden_size);
     run(residual(layer.o, attn_), kernels::GemvPrologue::act, kernels::GemvEpilogue::add_f32, "o gemv");
+    after_row_parallel(x, int64_t{T} * c.hidden_size);
     kernels::GemvArgs up = normed(layer.gate_up, layer.norm2_w, layer.norm2_b);
     up.out_act = inter_.get();
     run(up, norm, gpt2 ? kernels::GemvEpilogue::bias_gelu : kernels::GemvEpilogue::swiglu, "norm+gate_up+act gemv");
+    before_row_parallel(x, int64_t{T} * c.hidden_size);
     run(residual(layer.down, inter_), kernels::GemvPrologue::act, kernels::GemvEpilogue::add_f32, "down gemv");
+    after_row_parallel(x, int64_t{T} * c.hidden_size);
   }
   kernels::GemvArgs head = normed(lm_head_, final_w_, final_b_);
   head.bias = nullptr;

@@ -28,11 +28,17 @@
 
 namespace loom {
 
+class TensorShards;
+
 struct CudaBackendOptions {
   DLDevice device{kDLCUDA, 0};
   ComputeDtype dtype = ComputeDtype::bfloat16;
   bool graphs = true;       // replay decode steps from CUDA graphs
   std::string source_name;  // the manifest, for errors
+  // Tensor parallelism ([Parallel]): the config and weights are this rank's layers' slices (the
+  // vocabulary whole); the row-parallel products' outputs are summed over the group by NCCL on
+  // the backend's stream (inside decode graphs too). Null or one rank: the whole model.
+  std::shared_ptr<const TensorShards> tensor;
 };
 
 // Uploads `weights` (consumed) and checks the pipeline's components against what the backend

@@ -14,6 +14,7 @@ DLDevice resolve_named_device(const std::string &name, const std::string &source
 
 // The manifest's [loom] device; "auto": the LOOM_DEVICE environment variable when set, else the
 // first GPU when there is one and `gpu_runs_it` (what the caller runs can run there), else the CPU.
+// With a [parallel] component, "cuda" (no index) is the GPU of the process's local rank.
 DLDevice resolve_manifest_device(const Manifest &m, bool gpu_runs_it);
 
 }  // namespace loom

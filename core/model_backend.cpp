@@ -158,14 +158,15 @@ std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeigh
   std::shared_ptr<const TensorShards> shards;
   std::shared_ptr<const PipelineStages> stages;
   if (auto parallel = pipeline.list(LOOM_KIND_PARALLEL); !parallel.empty()) {
-    auto planned = std::make_shared<TensorShards>(*parallel.front(), config);
+    // (The CUDA backend keeps the vocabulary whole: its embedding lookups and head read the table.)
+    auto planned = std::make_shared<TensorShards>(*parallel.front(), config, options.device.device_type == kDLCUDA);
     if (planned->size() > 1) shards = std::move(planned);
     auto staged = std::make_shared<PipelineStages>(*parallel.front(), config);
     if (staged->stages() > 1) stages = std::move(staged);
   }
-  if ((shards || stages) && options.device.device_type != kDLCPU)
-    throw runtime_error(options.source_name + ": [parallel] tensor and pipeline parallel inference run on the CPU backend so "
-                                              "far (set loom.device = \"cpu\")");
+  if (stages && options.device.device_type != kDLCPU)
+    throw runtime_error(options.source_name + ": [parallel] pipeline parallel inference runs on the CPU backend so far "
+                                              "(set loom.device = \"cpu\")");
   switch (options.device.device_type) {
   case kDLCUDA: {
 #if LOOM_HAVE_CUDA
@@ -178,7 +179,9 @@ std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeigh
     cuda.device = options.device;
     cuda.dtype = options.dtype.value_or(options.half_checkpoint ? ComputeDtype::bfloat16 : ComputeDtype::float32);
     cuda.source_name = options.source_name;
-    return make_cuda_backend(config, std::move(weights), pipeline, cuda);
+    if (!shards) return make_cuda_backend(config, std::move(weights), pipeline, cuda);
+    cuda.tensor = shards;
+    return make_cuda_backend(shards->local_config(), shards->local_weights(weights), pipeline, cuda);
 #else
     throw runtime_error(options.source_name + ": loom.device: this build has no CUDA");
 #endif

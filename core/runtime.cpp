@@ -29,11 +29,28 @@ DLDevice resolve_named_device(const std::string &name, const std::string &source
   return {kDLCUDA, ordinal};
 }
 
+namespace {
+// One of several ranks on a host ([parallel]) takes the GPU of its local rank (torchrun's
+// LOCAL_RANK, mpirun's OMPI_COMM_WORLD_LOCAL_RANK) when the device names no index.
+DLDevice per_rank(const Manifest &m, DLDevice d, const std::string &name) {
+  if (d.device_type != kDLCUDA || m.of_kind(LOOM_KIND_PARALLEL).empty() || name.find(':') != std::string::npos) return d;
+  for (const char *var : {"LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"})
+    if (const char *v = std::getenv(var); v != nullptr && *v != '\0') {
+      char *end = nullptr;
+      const long r = std::strtol(v, &end, 10);
+      const int count = cuda_device_count();
+      if (*end == '\0' && r >= 0 && count > 0) d.device_id = static_cast<int32_t>(r % count);
+      break;
+    }
+  return d;
+}
+}  // namespace
+
 DLDevice resolve_manifest_device(const Manifest &m, bool gpu_runs_it) {
-  if (m.device != "auto") return resolve_named_device(m.device, m.source_name, "loom.device");
+  if (m.device != "auto") return per_rank(m, resolve_named_device(m.device, m.source_name, "loom.device"), m.device);
   if (const char *env = std::getenv("LOOM_DEVICE"); env && *env && std::string(env) != "auto")
-    return resolve_named_device(env, "LOOM_DEVICE", "environment");
-  return gpu_runs_it && cuda_device_count() > 0 ? DLDevice{kDLCUDA, 0} : DLDevice{kDLCPU, 0};
+    return per_rank(m, resolve_named_device(env, "LOOM_DEVICE", "environment"), env);
+  return gpu_runs_it && cuda_device_count() > 0 ? per_rank(m, DLDevice{kDLCUDA, 0}, "auto") : DLDevice{kDLCPU, 0};
 }
 
 namespace {

@@ -16,7 +16,8 @@ bool ends_with(const std::string &s, const char *suffix) {
 
 }  // namespace
 
-TensorShards::TensorShards(Instance &parallel, const ModelConfig &config) : parallel_(parallel), local_(config) {
+TensorShards::TensorShards(Instance &parallel, const ModelConfig &config, bool keep_vocabulary)
+    : parallel_(parallel), local_(config) {
   const auto *vt = parallel.vtable<loom_parallel_vtable>();
   loom_parallel_topology topo{};
   topo.struct_size = sizeof(topo);
@@ -27,15 +28,19 @@ TensorShards::TensorShards(Instance &parallel, const ModelConfig &config) : para
   if (size_ > 1 && config.architecture == Architecture::gpt2)
     throw runtime_error(who + ": GPT-2's fused c_attn is not split yet (the Llama family is)");
   for (const auto &[what, value] : {std::pair{"num_attention_heads", config.n_heads}, std::pair{"num_key_value_heads", config.n_kv_heads},
-                                    std::pair{"intermediate_size", config.intermediate_size}, std::pair{"vocab_size", config.vocab_size}})
+                                    std::pair{"intermediate_size", config.intermediate_size},
+                                    std::pair{"vocab_size", keep_vocabulary ? int64_t{0} : config.vocab_size}})
     if (value % size_ != 0)
       throw runtime_error(who + ": the model's " + what + " (" + std::to_string(value) + ") does not divide by " +
                           std::to_string(size_));
   local_.n_heads /= size_;
   local_.n_kv_heads /= size_;
   local_.intermediate_size /= size_;
-  local_.vocab_size /= size_;
-  vocab_begin_ = rank_ * local_.vocab_size;
+  if (!keep_vocabulary) local_.vocab_size /= size_;
+  vocab_begin_ = keep_vocabulary ? 0 : rank_ * local_.vocab_size;
+  const auto vocabulary = [](const std::string &name) {
+    return ends_with(name, "embed_tokens.weight") || ends_with(name, "lm_head.weight") || name == "wte.weight";
+  };
 
   const auto local_shapes = expected_weights(local_);
   for (const auto &[name, shape] : expected_weights(config)) {
@@ -45,6 +50,7 @@ TensorShards::TensorShards(Instance &parallel, const ModelConfig &config) : para
     s.struct_size = sizeof(s);
     parallel.check(vt->shard(parallel.handle(), name.c_str(), shape.data(), static_cast<int32_t>(shape.size()), &s), "shard");
     TensorSlice slice{s.split_dim, s.begin, s.end, shape};
+    if (keep_vocabulary && vocabulary(name)) slice = {-1, 0, shape.empty() ? 1 : shape[0], shape};
     std::vector<int64_t> mine = shape;
     if (slice.dim >= 0) {
       if (slice.dim >= static_cast<int32_t>(shape.size()) || slice.begin < 0 || slice.end > shape[static_cast<size_t>(slice.dim)] ||
@@ -130,6 +136,14 @@ void TensorShards::gather_columns(const float *local, int64_t rows, int64_t cols
   for (int64_t r = 0; r < size_; ++r)
     for (int64_t i = 0; i < rows; ++i)
       std::copy_n(all.begin() + (r * rows + i) * cols, cols, out + i * cols * size_ + r * cols);
+}
+
+void TensorShards::all_reduce_device(float *data, size_t count, DLDevice device) const {
+  if (size_ == 1) return;
+  int64_t n = static_cast<int64_t>(count);
+  DLTensor t = detail::flat_view(data, n, device);
+  parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_reduce(parallel_.handle(), LOOM_GROUP_TENSOR, &t, LOOM_REDUCE_SUM),
+                  "all_reduce");
 }
 
 void TensorShards::all_reduce(float *data, size_t count, bool max) const {

@@ -35,7 +35,9 @@ class TensorShards {
  public:
   // Asks `parallel` for every parameter of `config`'s model; throws loom::Error when the model
   // cannot be split that way (architecture, sizes that do not divide, row-parallel biases).
-  TensorShards(Instance &parallel, const ModelConfig &config);
+  // keep_vocabulary: the engine keeps the embedding and head whole on every rank (the CUDA
+  // backend: its lookups and head read the whole table) and splits the layers only.
+  TensorShards(Instance &parallel, const ModelConfig &config, bool keep_vocabulary = false);
 
   int32_t rank() const { return rank_; }
   int32_t size() const { return size_; }
@@ -54,6 +56,9 @@ class TensorShards {
   // Rows of `cols` values split by columns over the group (this rank's at column rank * cols):
   // out receives the whole rows, rows x (cols x size) (a collective over LOOM_GROUP_TENSOR).
   void gather_columns(const float *local, int64_t rows, int64_t cols, float *out) const;
+  // Sums float32 values in device memory over the tensor group (queued on the host's current
+  // stream for the device, as the CUDA backend's work is).
+  void all_reduce_device(float *data, size_t count, DLDevice device) const;
   // Sums host values over the tensor group; the maximum with `max`.
   void all_reduce(float *data, size_t count, bool max = false) const;
   void all_reduce(double *data, size_t count) const;

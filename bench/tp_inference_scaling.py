@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Tensor parallel inference of the 1B-shape model on several GPUs against one ([Multi-GPU] item 1).
+
+usage: python3 bench/tp_inference_scaling.py LOOM_BINARY [--gpus 2] [--prompt 2048] [--steps 256]
+
+Makes (or reuses) the Llama-3.2-1B-shape model of bench/llama1b_torch.py in /tmp/loom-llama1b
+(random bf16 weights, seed 0), then runs `loom run` with flash attention and greedy sampling:
+  1 GPU, and N GPUs with [parallel] use = "tensor" (one process per GPU, torchrun's variables,
+  NCCL_NVLS_ENABLE=0): a prompt of --prompt random token ids, --steps new tokens. The run's own
+  line gives the prefill (prompt tokens/s) and decode (generation tokens/s) rates.
+  The same two runs on two prompts at once, whose generated token ids are printed: the N-GPU
+  run must give the 1-GPU run's tokens.
+"""
+import argparse
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def manifest(path, model, prompts, steps, parallel):
+    with open(path, "w") as f:
+        f.write(f'[loom]\ndevice = "cuda"\nseed = 1\n\n[model]\npath = "{model}"\n\n[run]\nsteps = {steps}\n'
+                f'stop_tokens = []\n')
+        if len(prompts) == 1:
+            f.write(f"prompt = {prompts[0]}\n")
+        else:
+            f.write("prompts = [" + ", ".join(str(p) for p in prompts) + "]\n")
+        f.write('\n[attention]\nuse = "flash"\n\n[[sampler]]\nuse = "greedy"\n')
+        if parallel:
+            f.write('\n[parallel]\nuse = "tensor"\n')
+
+
+def launch(loom, toml, world, port):
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+        if world > 1:
+            env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([loom, "run", toml], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate()[0] for p in procs]
+    for r, (p, o) in enumerate(zip(procs, outs)):
+        if p.returncode != 0:
+            sys.exit(f"rank {r} of {world} failed ({p.returncode}):\n{o}")
+    return outs
+
+
+def rates(out):
+    m = re.search(r"prompt (\d+) tokens at ([\d.]+) tokens/s, generation (\d+) tokens at ([\d.]+) tokens/s", out)
+    if not m:
+        sys.exit("no rates in:\n" + out)
+    return float(m.group(2)), float(m.group(4))
+
+
+def tokens(out):
+    return [line.split("tokens:", 1)[1].split() for line in out.splitlines() if "tokens:" in line]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("loom")
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=256)
+    a = ap.parse_args()
+    sys.path.insert(0, HERE)
+    import llama1b_torch
+    model = "/tmp/loom-llama1b"
+    llama1b_torch.load_or_create(model, 0)
+    import torch
+    torch.cuda.empty_cache()
+    rng = random.Random(5)
+    long_prompt = [rng.randrange(1, 128000) for _ in range(a.prompt)]
+    pair = [[rng.randrange(1, 128000) for _ in range(n)] for n in (37, 90)]
+    work = tempfile.mkdtemp(prefix="loom-tp-")
+    results = {}
+    for world in (1, a.gpus):
+        speed, check = os.path.join(work, f"speed{world}.toml"), os.path.join(work, f"check{world}.toml")
+        manifest(speed, model, [long_prompt], a.steps, world > 1)
+        manifest(check, model, pair, 64, world > 1)
+        outs = launch(a.loom, speed, world, 29700 + world)
+        results[world] = {"rates": [rates(o) for o in outs], "line": outs[0].strip().splitlines()[-1],
+                          "describe": [l for l in outs[0].splitlines() if "model " in l],
+                          "tokens": [tokens(o) for o in launch(a.loom, check, world, 29800 + world)]}
+    one, many = results[1], results[a.gpus]
+    same = all(t == one["tokens"][0] for t in many["tokens"])
+    print(f"| run | prefill tokens/s ({a.prompt}-token prompt) | decode tokens/s (batch 1, {a.steps} tokens) |")
+    print("| --- | ---: | ---: |")
+    print(f"| 1 GPU | {one['rates'][0][0]:,.0f} | {one['rates'][0][1]:,.1f} |")
+    for r, (p, d) in enumerate(many["rates"]):
+        print(f"| {a.gpus} GPUs, tensor parallel (rank {r}'s line) | {p:,.0f} | {d:,.1f} |")
+    p1, d1 = one["rates"][0]
+    pn, dn = many["rates"][0]
+    print(f"\nspeed-up: prefill {pn / p1:.2f}x, decode {dn / d1:.2f}x")
+    print(f"greedy tokens of two prompts (64 each) identical to one GPU on every rank: {same}")
+    print("one GPU:", one["describe"], "|", one["line"])
+    print(f"{a.gpus} GPUs:", many["describe"], "|", many["line"])
+    if not same:
+        print("one GPU tokens:", one["tokens"][0])
+        print("N GPU tokens:", many["tokens"][0])
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
