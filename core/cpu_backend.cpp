@@ -1104,8 +1104,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   const int32_t *pos = token_pos_.data();
 
   if (stages_ && !stages_->first()) {
-    x_ = stages_->receive_previous(static_cast<size_t>(T * H));  // the previous stage's output
-    x = x_.data();
+    stages_->receive_into(x_, stages_->stage() - 1);  // the previous stage's output (x_ holds T * H)
   } else {
     rows(T, H, [&](int64_t t) {
       const int64_t row = tokens[t] - vocab_begin;  // tensor parallel: this rank's rows, zeros for the others'

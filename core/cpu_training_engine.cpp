@@ -89,38 +89,25 @@ class CpuTrainingEngine final : public TrainingEngine {
     }
   }
   double clip_grad_norm(double max_norm) override {
-    if (pipeline_) {
-      // Every stage's squares, a tied embedding's once (the last stage's copy is not counted).
-      double sq = 0;
-      const size_t tied = pipeline_->last() ? tied_copy() : SIZE_MAX;
-      for (size_t i = 0; i < trainer_.params().size(); ++i)
-        if (i != tied)
-          for (const float g : trainer_.params()[i].grad) sq += static_cast<double>(g) * static_cast<double>(g);
-      const double norm = std::sqrt(pipeline_->sum(sq));
-      if (norm > max_norm && norm > 0) {
-        const auto scale = static_cast<float>(max_norm / (norm + 1e-6));
-        for (auto &p : trainer_.params())
-          for (float &g : p.grad) g *= scale;
-      }
-      return norm;
-    }
-    if (tensor_ == nullptr)
+    if (tensor_ == nullptr && pipeline_ == nullptr)
       return views_.empty() ? loom::clip_grad_norm(trainer_.params(), max_norm) : loom::clip_grad_norm(views_, max_norm);
-    // Tensor parallel: the split parameters' squares summed over the group, the replicated ones
-    // (the same on every rank) counted once.
-    double split = 0, replicated = 0;
-    for (const auto &p : trainer_.params()) {
+    // The group's parameters are spread over its ranks: the squares of what this rank alone holds
+    // are summed over the group (a tensor slice; a pipeline stage's parameters, a tied
+    // embedding's once: not the last stage's copy); a replicated tensor-parallel parameter, the
+    // same on every rank, counts once.
+    double mine = 0, replicated = 0;
+    const size_t tied = pipeline_ && pipeline_->last() ? tied_copy() : SIZE_MAX;
+    auto &params = trainer_.params();
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (i == tied) continue;
       double sq = 0;
-      for (const float g : p.grad) sq += static_cast<double>(g) * static_cast<double>(g);
-      (tensor_->split(p.name) ? split : replicated) += sq;
+      for (const float g : params[i].grad) sq += static_cast<double>(g) * static_cast<double>(g);
+      (tensor_ && !tensor_->split(params[i].name) ? replicated : mine) += sq;
     }
-    tensor_->all_reduce(&split, 1);
-    const double norm = std::sqrt(split + replicated);
-    if (norm > max_norm && norm > 0) {
-      const auto scale = static_cast<float>(max_norm / (norm + 1e-6));
-      for (auto &p : trainer_.params())
-        for (float &g : p.grad) g *= scale;
-    }
+    if (pipeline_) mine = pipeline_->sum(mine);
+    else tensor_->all_reduce(&mine, 1);
+    const double norm = std::sqrt(mine + replicated);
+    loom::clip_to_norm(params, norm, max_norm);
     return norm;
   }
   void optimizer_step(double lr) override {
@@ -189,7 +176,7 @@ class CpuTrainingEngine final : public TrainingEngine {
     if (!pipeline_ || !tied_ || !(pipeline_->first() || pipeline_->last())) return SIZE_MAX;
     auto &params = trainer_.params();
     for (size_t i = 0; i < params.size(); ++i)
-      if (params[i].name == "model.embed_tokens.weight" || params[i].name == "wte.weight") return i;
+      if (is_token_embedding(params[i].name)) return i;
     return SIZE_MAX;
   }
   bool tied_ = false;  // the head is the embedding (GPT-2, tie_word_embeddings)

@@ -1,37 +1,16 @@
 #include "data_parallel.hpp"
 
 #include <algorithm>
-#include <charconv>
 #include <string_view>
 
 #include "loom/core/error.hpp"
-#include "host_tensor.hpp"
+#include "decoder_layout.hpp"
 #include "loom/core/host_context.hpp"
 
 namespace loom {
 
-namespace {
-
-// The decoder layer a parameter belongs to: the number after "layers." (Llama family, PEFT
-// names) or ".h." (GPT-2); -1 for embeddings, head, final norm and shared adapter parameters.
-int64_t layer_of(std::string_view name) {
-  for (std::string_view key : {std::string_view("layers."), std::string_view(".h.")}) {
-    const size_t at = name.find(key);
-    if (at == std::string_view::npos) continue;
-    const char *first = name.data() + at + key.size(), *last = name.data() + name.size();
-    int64_t layer = -1;
-    const auto [end, ec] = std::from_chars(first, last, layer);
-    if (ec == std::errc() && end < last && *end == '.') return layer;
-  }
-  return -1;
-}
-
-}  // namespace
-
 DataParallel::DataParallel(Instance &parallel, TrainingEngine &engine)
-    : parallel_(parallel), engine_(engine), vt_(parallel.vtable<loom_parallel_vtable>()) {
-  topo_.struct_size = sizeof(topo_);
-  parallel_.check(vt_->topology(parallel_.handle(), &topo_), "topology");
+    : parallel_(parallel), calls_(parallel), engine_(engine), topo_(calls_.topology()) {
   training_ = {sizeof(loom_parallel_training), 0, 25 << 20, 1};
   if (const auto *ext = parallel_.extension<loom_parallel_training_ext>(LOOM_PARALLEL_TRAINING_EXTENSION);
       ext != nullptr && ext->training != nullptr)
@@ -44,9 +23,8 @@ DataParallel::DataParallel(Instance &parallel, TrainingEngine &engine)
   int64_t total = 0;
   for (const auto &g : grads_) total += static_cast<int64_t>(g.size());
   for (loom_reduce_op op : {LOOM_REDUCE_MAX, LOOM_REDUCE_MIN}) {
-    int64_t shape = 2, check[2] = {static_cast<int64_t>(grads_.size()), total};
-    DLTensor t = detail::flat_view(check, shape);
-    parallel_.check(vt_->all_reduce(parallel_.handle(), LOOM_GROUP_DATA, &t, op), "all_reduce");
+    int64_t check[2] = {static_cast<int64_t>(grads_.size()), total};
+    calls_.all_reduce(LOOM_GROUP_DATA, check, 2, op);
     if (check[0] != static_cast<int64_t>(grads_.size()) || check[1] != total)
       throw runtime_error("loom train: the data parallel ranks hold different models (parameter counts or sizes differ)");
   }
@@ -74,7 +52,7 @@ DataParallel::DataParallel(Instance &parallel, TrainingEngine &engine)
   layer_of_.resize(grads_.size());
   for (size_t i = 0; i < order.size(); ++i) {
     order[i] = i;
-    layer_of_[i] = layer_of(params[i].name);
+    layer_of_[i] = decoder_layer_of(params[i].name);
   }
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
     const int64_t la = layer_of_[a] < 0 ? -1 : layer_of_[a], lb = layer_of_[b] < 0 ? -1 : layer_of_[b];
@@ -222,24 +200,18 @@ void DataParallel::finish_gradients() {
 }
 
 void DataParallel::all_reduce(std::span<float> values, DLDevice device) {
-  int64_t count = static_cast<int64_t>(values.size());
-  DLTensor t = detail::flat_view(values.data(), count, device);
-  parallel_.check(vt_->all_reduce(parallel_.handle(), LOOM_GROUP_DATA, &t, LOOM_REDUCE_SUM), "all_reduce");
+  calls_.all_reduce(LOOM_GROUP_DATA, values.data(), values.size(), LOOM_REDUCE_SUM, device);
 }
 
 void DataParallel::broadcast(std::span<float> values, DLDevice device, int32_t owner) {
   // The owner's world rank: data ranks are strided by the ranks of one replica.
   const int32_t root = topo_.world_rank + (owner - topo_.data_rank) * (topo_.world_size / topo_.data_size);
-  int64_t count = static_cast<int64_t>(values.size());
-  DLTensor t = detail::flat_view(values.data(), count, device);
-  parallel_.check(vt_->broadcast(parallel_.handle(), LOOM_GROUP_DATA, &t, root), "broadcast");
+  calls_.broadcast(LOOM_GROUP_DATA, values.data(), values.size(), root, device);
 }
 
 double DataParallel::sum(double local) {
   if (topo_.data_size == 1) return local;
-  int64_t count = 1;
-  DLTensor t = detail::flat_view(&local, count);
-  parallel_.check(vt_->all_reduce(parallel_.handle(), LOOM_GROUP_DATA, &t, LOOM_REDUCE_SUM), "all_reduce");
+  calls_.all_reduce(LOOM_GROUP_DATA, &local, 1);
   return local;
 }
 

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "loom/core/instance.hpp"
+#include "parallel_calls.hpp"
 #include "training_engine.hpp"
 
 namespace loom {
@@ -67,8 +68,8 @@ class DataParallel {
   void communicate();  // the communication thread's loop
 
   Instance &parallel_;
+  ParallelCalls calls_;
   TrainingEngine &engine_;
-  const loom_parallel_vtable *vt_;
   loom_parallel_topology topo_{};
   loom_parallel_training training_{};
   DLDevice device_{};

@@ -2,15 +2,36 @@
 // checkpoint's module names; shared by the CPU trainer (DecoderTrainer) and the CUDA one.
 #pragma once
 
+#include <charconv>
 #include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "loom/core/model_config.hpp"
 
 namespace loom {
+
+// The decoder layer a parameter belongs to: the number after "layers." (the Llama family, also
+// inside PEFT's adapter names) or GPT-2's "h."; -1 for the embeddings, head, final norm and
+// adapter parameters shared by all layers.
+inline int64_t decoder_layer_of(std::string_view name) {
+  for (std::string_view key : {std::string_view("layers."), std::string_view("h.")}) {
+    for (size_t at = name.find(key); at != std::string_view::npos; at = name.find(key, at + 1)) {
+      if (key == "h." && at != 0 && name[at - 1] != '.') continue;  // "h." begins a name component
+      const char *first = name.data() + at + key.size(), *last = name.data() + name.size();
+      int64_t layer = -1;
+      const auto [end, ec] = std::from_chars(first, last, layer);
+      if (ec == std::errc() && end < last && *end == '.') return layer;
+    }
+  }
+  return -1;
+}
+
+// The token embedding's parameter (which a tied head shares).
+inline bool is_token_embedding(std::string_view name) { return name == "model.embed_tokens.weight" || name == "wte.weight"; }
 
 // Parameter indices of one decoder layer (SIZE_MAX for an absent bias or, in GPT-2, an unused
 // role: q holds c_attn [H, 3H], o c_proj, up c_fc, down the MLP's c_proj; the norms' biases are

@@ -42,33 +42,14 @@ struct DecoderTrainer<T>::Acts {
   std::vector<T> d_input;         // a stage without the embedding: its input's gradient
 };
 
-namespace {
-
-// The decoder layer of a parameter ("model.layers.3.", GPT-2's "h.3."), -1 for the others.
-int64_t layer_number(const std::string &name) {
-  for (const char *prefix : {"model.layers.", "h."}) {
-    const std::string p(prefix);
-    if (name.compare(0, p.size(), p) != 0) continue;
-    const size_t dot = name.find('.', p.size());
-    if (dot == std::string::npos) return -1;
-    try {
-      return std::stoll(name.substr(p.size(), dot - p.size()));
-    } catch (const std::exception &) {
-      return -1;
-    }
-  }
-  return -1;
-}
-
-}  // namespace
 
 template <class T>
 DecoderTrainer<T>::DecoderTrainer(const ModelConfig &config, const ModelWeights &weights, Stage stage)
     : config_(config), stage_(stage) {
   const bool gpt2 = config_.architecture == Architecture::gpt2, tied = gpt2 || config_.tie_word_embeddings;
   const auto in_stage = [&](const std::string &name) {
-    if (const int64_t layer = layer_number(name); layer >= 0) return layer >= stage_.first && (stage_.end < 0 || layer < stage_.end);
-    if (name == "model.embed_tokens.weight" || name == "wte.weight") return stage_.embedding || (stage_.head && tied);
+    if (const int64_t layer = decoder_layer_of(name); layer >= 0) return layer >= stage_.first && (stage_.end < 0 || layer < stage_.end);
+    if (is_token_embedding(name)) return stage_.embedding || (stage_.head && tied);
     if (name == "wpe.weight") return stage_.embedding;
     return stage_.head;  // the final norm and the head
   };
@@ -594,12 +575,23 @@ double clip_grad_norm(const std::vector<ParamView<T>> &params, double max_norm) 
   for (const auto &p : params)
     for (size_t i = 0; i < p.size; ++i) sq += static_cast<double>(p.grad[i]) * static_cast<double>(p.grad[i]);
   const double norm = std::sqrt(sq);
-  if (norm > max_norm && norm > 0) {
-    const T scale = static_cast<T>(max_norm / (norm + 1e-6));
-    for (const auto &p : params)
-      for (size_t i = 0; i < p.size; ++i) p.grad[i] *= scale;
-  }
+  clip_to_norm(params, norm, max_norm);
   return norm;
+}
+
+template <class T>
+void clip_to_norm(const std::vector<ParamView<T>> &params, double norm, double max_norm) {
+  if (!(norm > max_norm && norm > 0)) return;
+  const T scale = static_cast<T>(max_norm / (norm + 1e-6));
+  for (const auto &p : params)
+    for (size_t i = 0; i < p.size; ++i) p.grad[i] *= scale;
+}
+
+template <class T>
+void clip_to_norm(std::vector<TrainParam<T>> &params, double norm, double max_norm) {
+  std::vector<ParamView<T>> views;
+  for (auto &p : params) views.push_back({p.value.data(), p.grad.data(), p.value.size(), false});
+  clip_to_norm(views, norm, max_norm);
 }
 
 template <class T>
@@ -873,5 +865,6 @@ template class AdamW<double>;
 template double clip_grad_norm<float>(std::vector<TrainParam<float>> &, double);
 template double clip_grad_norm<double>(std::vector<TrainParam<double>> &, double);
 template double clip_grad_norm<float>(const std::vector<ParamView<float>> &, double);
+template void clip_to_norm<float>(std::vector<TrainParam<float>> &, double, double);
 
 }  // namespace loom

@@ -248,6 +248,10 @@ template <class T>
 double clip_grad_norm(std::vector<TrainParam<T>> &params, double max_norm);
 template <class T>
 double clip_grad_norm(const std::vector<ParamView<T>> &params, double max_norm);
+// The scaling half: scales every grad by max_norm / norm when `norm` (computed by the caller,
+// e.g. over several ranks) exceeds max_norm.
+template <class T>
+void clip_to_norm(std::vector<TrainParam<T>> &params, double norm, double max_norm);
 
 extern template class DecoderTrainer<float>;
 extern template class DecoderTrainer<double>;

@@ -1,28 +1,12 @@
 #include "pipeline_stages.hpp"
 
-#include "host_tensor.hpp"
+#include "decoder_layout.hpp"
 #include "loom/core/error.hpp"
 
 namespace loom {
 
-namespace {
-
-int64_t layer_of(const std::string &name) {
-  for (const std::string prefix : {"model.layers.", "h."}) {
-    if (name.compare(0, prefix.size(), prefix) != 0) continue;
-    const size_t dot = name.find('.', prefix.size());
-    if (dot == std::string::npos) return -1;
-    return std::stoll(name.substr(prefix.size(), dot - prefix.size()));
-  }
-  return -1;
-}
-
-}  // namespace
-
 PipelineStages::PipelineStages(Instance &parallel, const ModelConfig &config)
-    : parallel_(parallel), vt_(parallel.vtable<loom_parallel_vtable>()), n_layers_(config.n_layers) {
-  topo_.struct_size = sizeof(topo_);
-  parallel_.check(vt_->topology(parallel_.handle(), &topo_), "topology");
+    : calls_(parallel), topo_(calls_.topology()), n_layers_(config.n_layers) {
   stage_ = topo_.pipeline_rank;
   stages_ = topo_.pipeline_size;
   if (stages_ > 1 && topo_.tensor_size > 1)
@@ -31,7 +15,7 @@ PipelineStages::PipelineStages(Instance &parallel, const ModelConfig &config)
   std::vector<int32_t> layers_per_stage(static_cast<size_t>(stages_), 0);
   int32_t previous = 0;
   for (int64_t l = 0; l < config.n_layers; ++l) {
-    const int32_t s = vt_->stage_of_layer(parallel_.handle(), static_cast<int32_t>(l), static_cast<int32_t>(config.n_layers));
+    const int32_t s = calls_.stage_of_layer(l, config.n_layers);
     if (s < 0 || s >= stages_ || s < previous)
       throw runtime_error("pipeline: the parallel component put layer " + std::to_string(l) + " on stage " + std::to_string(s) +
                           " (stages take consecutive layers, in order)");
@@ -51,9 +35,9 @@ PipelineStages::PipelineStages(Instance &parallel, const ModelConfig &config)
 }
 
 int32_t PipelineStages::owner(const std::string &name) const {
-  const int64_t layer = layer_of(name);
+  const int64_t layer = decoder_layer_of(name);
   if (layer >= 0 && layer < n_layers_) return stage_of_layer_[static_cast<size_t>(layer)];
-  if (name == "model.embed_tokens.weight" || name == "wte.weight" || name == "wpe.weight") return 0;
+  if (is_token_embedding(name) || name == "wpe.weight") return 0;
   return stages_ - 1;  // the final norm and the head
 }
 
@@ -63,39 +47,30 @@ int32_t PipelineStages::world_rank_of(int32_t stage) const {
 }
 
 void PipelineStages::send(const std::vector<float> &values, int32_t to_stage) const {
-  int64_t count = static_cast<int64_t>(values.size());
-  DLTensor t = detail::flat_view(const_cast<float *>(values.data()), count);
-  parallel_.check(vt_->send(parallel_.handle(), &t, world_rank_of(to_stage)), "send");
+  calls_.send(values.data(), values.size(), world_rank_of(to_stage));
 }
 
 std::vector<float> PipelineStages::receive(size_t count, int32_t from_stage) const {
   std::vector<float> values(count);
-  int64_t n = static_cast<int64_t>(count);
-  DLTensor t = detail::flat_view(values.data(), n);
-  parallel_.check(vt_->recv(parallel_.handle(), &t, world_rank_of(from_stage)), "recv");
+  receive_into(values, from_stage);
   return values;
 }
 
+void PipelineStages::receive_into(std::vector<float> &values, int32_t from_stage) const {
+  calls_.recv(values.data(), values.size(), world_rank_of(from_stage));
+}
+
 double PipelineStages::sum(double value) const {
-  if (stages_ == 1) return value;
-  int64_t n = 1;
-  DLTensor t = detail::flat_view(&value, n);
-  parallel_.check(vt_->all_reduce(parallel_.handle(), LOOM_GROUP_PIPELINE, &t, LOOM_REDUCE_SUM), "all_reduce");
+  if (stages_ > 1) calls_.all_reduce(LOOM_GROUP_PIPELINE, &value, 1);
   return value;
 }
 
 void PipelineStages::broadcast(std::vector<float> &values, int32_t from_stage) const {
-  if (stages_ == 1) return;
-  int64_t n = static_cast<int64_t>(values.size());
-  DLTensor t = detail::flat_view(values.data(), n);
-  parallel_.check(vt_->broadcast(parallel_.handle(), LOOM_GROUP_PIPELINE, &t, world_rank_of(from_stage)), "broadcast");
+  if (stages_ > 1) calls_.broadcast(LOOM_GROUP_PIPELINE, values.data(), values.size(), world_rank_of(from_stage));
 }
 
 double PipelineStages::broadcast(double value, int32_t from_stage) const {
-  if (stages_ == 1) return value;
-  int64_t n = 1;
-  DLTensor t = detail::flat_view(&value, n);
-  parallel_.check(vt_->broadcast(parallel_.handle(), LOOM_GROUP_PIPELINE, &t, world_rank_of(from_stage)), "broadcast");
+  if (stages_ > 1) calls_.broadcast(LOOM_GROUP_PIPELINE, &value, 1, world_rank_of(from_stage));
   return value;
 }
 

@@ -15,6 +15,7 @@
 
 #include "decoder_trainer.hpp"
 #include "loom/core/instance.hpp"
+#include "parallel_calls.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/loom_plugin_api.h"
 
@@ -39,6 +40,8 @@ class PipelineStages {
   std::vector<float> receive_previous(size_t count) const { return receive(count, stage_ - 1); }
   void send(const std::vector<float> &values, int32_t to_stage) const;
   std::vector<float> receive(size_t count, int32_t from_stage) const;
+  // Into `values` as sized (a buffer the caller reuses step after step).
+  void receive_into(std::vector<float> &values, int32_t from_stage) const;
   // Sums over the pipeline's stages.
   double sum(double value) const;
   // `values` as the stage `from_stage` holds them, on every stage.
@@ -48,8 +51,7 @@ class PipelineStages {
  private:
   int32_t world_rank_of(int32_t stage) const;
 
-  Instance &parallel_;
-  const loom_parallel_vtable *vt_;
+  ParallelCalls calls_;
   loom_parallel_topology topo_{};
   int32_t stage_ = 0, stages_ = 1;
   int64_t n_layers_ = 0;

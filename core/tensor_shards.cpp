@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-#include "host_tensor.hpp"
 #include "loom/core/error.hpp"
 
 namespace loom {
@@ -17,11 +16,8 @@ bool ends_with(const std::string &s, const char *suffix) {
 }  // namespace
 
 TensorShards::TensorShards(Instance &parallel, const ModelConfig &config, bool keep_vocabulary)
-    : parallel_(parallel), local_(config) {
-  const auto *vt = parallel.vtable<loom_parallel_vtable>();
-  loom_parallel_topology topo{};
-  topo.struct_size = sizeof(topo);
-  parallel.check(vt->topology(parallel.handle(), &topo), "topology");
+    : calls_(parallel), local_(config) {
+  const loom_parallel_topology topo = calls_.topology();
   rank_ = topo.tensor_rank;
   size_ = topo.tensor_size;
   const std::string who = "tensor parallel over " + std::to_string(size_) + " ranks";
@@ -46,9 +42,7 @@ TensorShards::TensorShards(Instance &parallel, const ModelConfig &config, bool k
   for (const auto &[name, shape] : expected_weights(config)) {
     if (size_ > 1 && (ends_with(name, "o_proj.bias") || ends_with(name, "down_proj.bias")))
       throw runtime_error(who + ": " + name + " (a row-parallel linear's bias) is not split yet");
-    loom_shard s{};
-    s.struct_size = sizeof(s);
-    parallel.check(vt->shard(parallel.handle(), name.c_str(), shape.data(), static_cast<int32_t>(shape.size()), &s), "shard");
+    const loom_shard s = calls_.shard(name, shape);
     TensorSlice slice{s.split_dim, s.begin, s.end, shape};
     if (keep_vocabulary && vocabulary(name)) slice = {-1, 0, shape.empty() ? 1 : shape[0], shape};
     std::vector<int64_t> mine = shape;
@@ -107,60 +101,39 @@ std::vector<float> TensorShards::slice(const std::string &name, const std::vecto
 std::vector<float> TensorShards::gather(const std::string &name, const std::vector<float> &local) const {
   const auto it = slices_.find(name);
   if (size_ == 1 || it == slices_.end() || it->second.dim < 0) return local;
+  // Along `dim`: `outer` blocks, each rank's `part` values of a block side by side.
   const TensorSlice &slice = it->second;
-  std::vector<float> all(local.size() * static_cast<size_t>(size_));
-  int64_t in_count = static_cast<int64_t>(local.size()), out_count = static_cast<int64_t>(all.size());
-  DLTensor in = detail::flat_view(const_cast<float *>(local.data()), in_count);
-  DLTensor out = detail::flat_view(all.data(), out_count);
-  const auto *vt = parallel_.vtable<loom_parallel_vtable>();
-  parallel_.check(vt->all_gather(parallel_.handle(), LOOM_GROUP_TENSOR, &in, &out), "all_gather");
-  // The ranks' slices arrive one after another; put each back at its place along `dim`.
   int64_t outer = 1, inner = 1;
   for (int32_t d = 0; d < slice.dim; ++d) outer *= slice.full[static_cast<size_t>(d)];
   for (size_t d = static_cast<size_t>(slice.dim) + 1; d < slice.full.size(); ++d) inner *= slice.full[d];
-  const int64_t part = (slice.end - slice.begin) * inner, extent = slice.full[static_cast<size_t>(slice.dim)] * inner;
-  std::vector<float> full(all.size());
-  for (int64_t r = 0; r < size_; ++r)
-    for (int64_t o = 0; o < outer; ++o)
-      std::copy_n(all.begin() + (r * outer + o) * part, part, full.begin() + o * extent + r * part);
+  std::vector<float> full(local.size() * static_cast<size_t>(size_));
+  gather_blocks(local.data(), outer, (slice.end - slice.begin) * inner, full.data());
   return full;
 }
 
 void TensorShards::gather_columns(const float *local, int64_t rows, int64_t cols, float *out) const {
-  std::vector<float> all(static_cast<size_t>(rows * cols * size_));
-  int64_t in_count = rows * cols, out_count = static_cast<int64_t>(all.size());
-  DLTensor in = detail::flat_view(const_cast<float *>(local), in_count);
-  DLTensor gathered = detail::flat_view(all.data(), out_count);
-  parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_gather(parallel_.handle(), LOOM_GROUP_TENSOR, &in, &gathered),
-                  "all_gather");
+  gather_blocks(local, rows, cols, out);
+}
+
+void TensorShards::gather_blocks(const float *local, int64_t outer, int64_t part, float *out) const {
+  // The ranks' values arrive one after another (rank-major); each block gets every rank's part.
+  std::vector<float> all(static_cast<size_t>(outer * part * size_));
+  calls_.all_gather(LOOM_GROUP_TENSOR, local, static_cast<size_t>(outer * part), all.data(), all.size());
   for (int64_t r = 0; r < size_; ++r)
-    for (int64_t i = 0; i < rows; ++i)
-      std::copy_n(all.begin() + (r * rows + i) * cols, cols, out + i * cols * size_ + r * cols);
+    for (int64_t o = 0; o < outer; ++o)
+      std::copy_n(all.begin() + (r * outer + o) * part, part, out + (o * size_ + r) * part);
 }
 
 void TensorShards::all_reduce_device(float *data, size_t count, DLDevice device) const {
-  if (size_ == 1) return;
-  int64_t n = static_cast<int64_t>(count);
-  DLTensor t = detail::flat_view(data, n, device);
-  parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_reduce(parallel_.handle(), LOOM_GROUP_TENSOR, &t, LOOM_REDUCE_SUM),
-                  "all_reduce");
+  if (size_ > 1) calls_.all_reduce(LOOM_GROUP_TENSOR, data, count, LOOM_REDUCE_SUM, device);
 }
 
 void TensorShards::all_reduce(float *data, size_t count, bool max) const {
-  if (size_ == 1) return;
-  int64_t n = static_cast<int64_t>(count);
-  DLTensor t = detail::flat_view(data, n);
-  parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_reduce(parallel_.handle(), LOOM_GROUP_TENSOR, &t,
-                                                                      max ? LOOM_REDUCE_MAX : LOOM_REDUCE_SUM),
-                  "all_reduce");
+  if (size_ > 1) calls_.all_reduce(LOOM_GROUP_TENSOR, data, count, max ? LOOM_REDUCE_MAX : LOOM_REDUCE_SUM);
 }
 
 void TensorShards::all_reduce(double *data, size_t count) const {
-  if (size_ == 1) return;
-  int64_t n = static_cast<int64_t>(count);
-  DLTensor t = detail::flat_view(data, n);
-  parallel_.check(parallel_.vtable<loom_parallel_vtable>()->all_reduce(parallel_.handle(), LOOM_GROUP_TENSOR, &t, LOOM_REDUCE_SUM),
-                  "all_reduce");
+  if (size_ > 1) calls_.all_reduce(LOOM_GROUP_TENSOR, data, count);
 }
 
 }  // namespace loom

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "loom/core/instance.hpp"
+#include "parallel_calls.hpp"
 #include "loom/loom_plugin_api.h"
 #include "loom/core/model_config.hpp"
 #include "loom/core/model_weights.hpp"
@@ -64,7 +65,11 @@ class TensorShards {
   void all_reduce(double *data, size_t count) const;
 
  private:
-  Instance &parallel_;
+  // Every rank's `outer` blocks of `part` values (rank-major after an all-gather) put back side
+  // by side: out holds outer blocks of size x part.
+  void gather_blocks(const float *local, int64_t outer, int64_t part, float *out) const;
+
+  ParallelCalls calls_;
   int32_t rank_ = 0, size_ = 1;
   ModelConfig local_;
   int64_t vocab_begin_ = 0;

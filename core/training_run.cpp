@@ -31,6 +31,7 @@
 #include "loom/core/safetensors.hpp"
 #include "loom/core/safetensors_writer.hpp"
 #include "loom/core/tokenizer.hpp"
+#include "parallel_calls.hpp"
 #include "pipeline_stages.hpp"
 #include "tensor_shards.hpp"
 #include "training_data.hpp"
@@ -368,9 +369,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   }
   if (parallel && device.device_type == kDLCUDA) {
     // Several ranks on one host: each on its own GPU (torchrun's and mpirun's LOCAL_RANK).
-    loom_parallel_topology topo{};
-    topo.struct_size = sizeof(topo);
-    parallel->check(parallel->vtable<loom_parallel_vtable>()->topology(parallel->handle(), &topo), "topology");
+    const loom_parallel_topology topo = ParallelCalls(*parallel).topology();
     if (topo.world_size > 1) eo.device = topo.local_rank;
   }
   if (!adapter_specs.empty()) {
