@@ -43,7 +43,10 @@ typedef struct loom_shard {
   int64_t begin, end;  /* this rank's half-open range along split_dim */
   int32_t reduce_after; /* non-zero: the module's output needs an all-reduce over LOOM_GROUP_TENSOR
                            (row-parallel linear) */
-  int32_t owner_stage; /* pipeline stage holding this parameter */
+  int32_t owner_stage; /* pipeline stage holding this parameter, where the component can tell
+                          from the name and shape alone; shard() does not learn the model's layer
+                          count, so the builtin `pipeline` leaves it 0 and hosts place layers
+                          with stage_of_layer() */
 } loom_shard;
 
 typedef struct loom_parallel_vtable {
