@@ -1104,7 +1104,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   const int32_t *pos = token_pos_.data();
 
   if (stages_ && !stages_->first()) {
-    stages_->receive_into(x_, stages_->stage() - 1);  // the previous stage's output (x_ holds T * H)
+    stages_->receive_into(x_.data(), x_.size(), stages_->stage() - 1);  // the previous stage's output (x_ holds T * H)
   } else {
     rows(T, H, [&](int64_t t) {
       const int64_t row = tokens[t] - vocab_begin;  // tensor parallel: this rank's rows, zeros for the others'
@@ -1173,7 +1173,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   }
   if (stages_ && !stages_->last()) {
     // The output goes on to the next stage; the logits come back from the last.
-    stages_->send_next(x_);
+    stages_->send(x_, stages_->stage() + 1);
     if (logits_.numel() != static_cast<size_t>(S * vocab)) logits_ = HostTensor<float>({S, vocab});
     stages_->broadcast(logits_.values(), stages_->stages() - 1);
     return logits_.dl();

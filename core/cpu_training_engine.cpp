@@ -1,5 +1,6 @@
 // The CPU's TrainingEngine: DecoderTrainer<float> and AdamW<float> (decoder_trainer.hpp), and,
 // in builds without CUDA, the refusal of the CUDA engine.
+#include <chrono>
 #include <cmath>
 #include <thread>
 
@@ -19,7 +20,8 @@ class CpuTrainingEngine final : public TrainingEngine {
   CpuTrainingEngine(const ModelConfig &config, const ModelWeights &weights, const TrainEngineOptions &options)
       : trainer_(config, weights, options.pipeline ? options.pipeline->trainer_stage() : DecoderTrainer<float>::Stage{}),
         opt_(options.adamw), threads_(detail::ThreadPool::resolve(options.threads)), quantized_(options.quantizer != nullptr),
-        pipeline_(options.pipeline != nullptr && options.pipeline->stages() > 1 ? options.pipeline : nullptr) {
+        pipeline_(options.pipeline != nullptr && options.pipeline->stages() > 1 ? options.pipeline : nullptr),
+        micro_(std::max<int64_t>(1, options.pipeline_micro_batch)) {
     if (pipeline_ && (!options.adapters.empty() || options.tensor))
       throw runtime_error("training: pipeline stages with adapters or tensor parallelism are not supported yet");
     hidden_ = config.hidden_size;
@@ -169,6 +171,7 @@ class CpuTrainingEngine final : public TrainingEngine {
   bool quantized_;
   const TensorShards *tensor_ = nullptr;  // tensor parallel: this rank's group
   const PipelineStages *pipeline_ = nullptr;  // pipeline parallel: this rank's stage (of several)
+  int64_t micro_ = 1;                         // sequences per pipeline micro-batch
 
   // The index of the embedding's copy that the first and last stages both hold, SIZE_MAX when
   // there is none (untied, one stage, or a middle stage).
@@ -181,43 +184,98 @@ class CpuTrainingEngine final : public TrainingEngine {
   }
   bool tied_ = false;  // the head is the embedding (GPT-2, tie_word_embeddings)
 
-  // 1F1B over the batch's sequences (one micro-batch each): a stage runs the forward passes
-  // the stages after it need to fill the pipeline, then alternates one forward and one backward
-  // pass, then drains the backward passes. Activations and gradients travel between
-  // neighbouring stages; the loss (the last stage's) is broadcast so every stage returns it.
-  double run_stages(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) {
-    const PipelineStages &P = *pipeline_;
-    const int64_t M = static_cast<int64_t>(batch.size()), H = hidden_;
-    double sum = 0;
-    const auto forward = [&](int64_t i) {
-      const auto &tokens = batch[static_cast<size_t>(i)];
-      std::vector<float> x;
-      if (!P.first()) x = P.receive_previous(tokens.size() * static_cast<size_t>(H));
-      double loss = 0;
-      auto out = trainer_.stage_forward(i, tokens, P.first() ? nullptr : &x, backward, grad_scale, &loss);
-      if (P.last()) sum += loss;
-      else P.send_next(out);
-    };
-    const auto backward_pass = [&](int64_t i) {
-      const auto &tokens = batch[static_cast<size_t>(i)];
-      std::vector<float> d;
-      if (!P.last()) d = P.receive_next(tokens.size() * static_cast<size_t>(H));
-      auto d_in = trainer_.stage_backward(i, P.last() ? nullptr : &d);
-      if (!P.first()) P.send_previous(d_in);
-    };
-    if (!backward) {
-      for (int64_t i = 0; i < M; ++i) forward(i);
-    } else {
-      const int64_t warmup = std::min<int64_t>(P.stages() - P.stage() - 1, M);
-      for (int64_t i = 0; i < warmup; ++i) forward(i);
-      for (int64_t i = warmup; i < M; ++i) {
-        forward(i);
-        backward_pass(i - warmup);
-      }
-      for (int64_t i = M - warmup; i < M; ++i) backward_pass(i);
+  // 1F1B (PipelineStages::run_1f1b) over micro-batches of k consecutive sequences: host vectors
+  // in and out of DecoderTrainer's stage passes, one sequence after another (a micro-batch's
+  // activations are its sequences' rows, end to end). The loss (the last stage's) is broadcast
+  // so every stage returns it.
+  struct StagePasses final : PipelineStages::MicroBatches {
+    CpuTrainingEngine &e;
+    std::span<const std::vector<int32_t>> batch;
+    int64_t k;
+    bool training;  // backward passes follow
+    double grad_scale, loss_sum = 0;
+    std::vector<std::vector<float>> in, out, d_out, d_in;  // by micro-batch, released after use
+    StagePasses(CpuTrainingEngine &engine, std::span<const std::vector<int32_t>> b, int64_t per, bool bw, double scale)
+        : e(engine), batch(b), k(per), training(bw), grad_scale(scale) {
+      const size_t m = b.size() / static_cast<size_t>(per);
+      in.resize(m), out.resize(m), d_out.resize(m), d_in.resize(m);
     }
-    return P.broadcast(sum, P.stages() - 1);
+    DLDevice device() const override { return {kDLCPU, 0}; }
+    size_t count(int64_t i) override {
+      size_t rows = 0;
+      for (int64_t s = i * k; s < (i + 1) * k; ++s) rows += batch[static_cast<size_t>(s)].size();
+      return rows * static_cast<size_t>(e.hidden_);
+    }
+    float *input(int64_t i) override { return sized(in, i); }
+    const float *output(int64_t i) override { return out[static_cast<size_t>(i)].data(); }
+    float *output_grad(int64_t i) override { return sized(d_out, i); }
+    const float *input_grad(int64_t i) override { return d_in[static_cast<size_t>(i)].data(); }
+    double busy_s = 0;  // in the passes themselves
+    void forward(int64_t i) override {
+      const Timer timer(busy_s);
+      const auto m = static_cast<size_t>(i);
+      size_t at = 0;
+      out[m].clear();
+      for (int64_t s = i * k; s < (i + 1) * k; ++s) {
+        const auto &tokens = batch[static_cast<size_t>(s)];
+        std::vector<float> x;
+        if (!e.pipeline_->first()) x = next_rows(in[m], at, tokens.size());
+        double loss = 0;
+        const auto y = e.trainer_.stage_forward(s, tokens, e.pipeline_->first() ? nullptr : &x, training, grad_scale, &loss);
+        out[m].insert(out[m].end(), y.begin(), y.end());
+        if (e.pipeline_->last()) loss_sum += loss;
+      }
+      in[m] = {};
+    }
+    void backward(int64_t i) override {
+      const Timer timer(busy_s);
+      const auto m = static_cast<size_t>(i);
+      size_t at = 0;
+      d_in[m].clear();
+      for (int64_t s = i * k; s < (i + 1) * k; ++s) {
+        std::vector<float> d;
+        if (!e.pipeline_->last()) d = next_rows(d_out[m], at, batch[static_cast<size_t>(s)].size());
+        const auto g = e.trainer_.stage_backward(s, e.pipeline_->last() ? nullptr : &d);
+        d_in[m].insert(d_in[m].end(), g.begin(), g.end());
+      }
+      out[m] = {};
+      d_out[m] = {};
+    }
+    // The next `tokens` rows of a micro-batch's values, from float `at` on (advanced past them).
+    std::vector<float> next_rows(const std::vector<float> &values, size_t &at, size_t tokens) const {
+      const size_t count = tokens * static_cast<size_t>(e.hidden_);
+      std::vector<float> rows(values.begin() + static_cast<std::ptrdiff_t>(at),
+                              values.begin() + static_cast<std::ptrdiff_t>(at + count));
+      at += count;
+      return rows;
+    }
+    float *sized(std::vector<std::vector<float>> &v, int64_t i) {
+      auto &x = v[static_cast<size_t>(i)];
+      x.resize(count(i));
+      return x.data();
+    }
+  };
+  // Adds the seconds from its construction to its destruction to a total.
+  struct Timer {
+    double &total;
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+    explicit Timer(double &t) : total(t) {}
+    ~Timer() { total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
+  };
+  double run_stages(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) {
+    const auto B = static_cast<int64_t>(batch.size());
+    const int64_t k = PipelineStages::micro_batch_size(B, micro_, backward);
+    StagePasses passes(*this, batch, k, backward, grad_scale);
+    double wall_s = 0;
+    {
+      const Timer timer(wall_s);
+      pipeline_->run_1f1b(B / k, backward, passes);
+    }
+    stage_time_ = {passes.busy_s, wall_s};
+    return pipeline_->broadcast(passes.loss_sum, pipeline_->stages() - 1);
   }
+  StageTime stage_time_;
+  StageTime last_stage_time() const override { return stage_time_; }
   int64_t hidden_ = 0;
   std::vector<ParamView<float>> views_;          // the adapters' parameters, when training adapters
   std::vector<TrainParam<float>> adapter_params_;  // their names and shapes (values copied on request)

@@ -25,11 +25,13 @@
 #include <utility>
 
 #include "loom/core/error.hpp"
+#include "loom/core/host_context.hpp"
 #include "loom/core/reference_model.hpp"
 #include "loom/kernels/model.hpp"
 #include "loom/kernels/rows.hpp"
 #include "loom/kernels/train.hpp"
 #include "decoder_layout.hpp"
+#include "pipeline_stages.hpp"
 #include "training_engine.hpp"
 #include "transformer_ops.hpp"
 
@@ -86,17 +88,39 @@ struct Param {
   size_t offset = 0, size = 0;
 };
 
-// One layer's saved activations (see layer_forward).
-struct LayerActs {
+// One layer's saved activations (see layer_forward): the storage, for every micro-batch slot
+// (pipeline stages keep several micro-batches in flight), and one slot's view of it.
+struct LayerStore {
   DeviceArray<float> r1, mean1, h1, qs, ks, vs, p, a, x_mid, r2, mean2, h2, g, u, m;  // mean1/2: LayerNorm's (GPT-2)
+};
+struct LayerActs {
+  float *r1, *mean1, *h1, *qs, *ks, *vs, *p, *a, *x_mid, *r2, *mean2, *h2, *g, *u, *m;
+};
+// Each activation's size per slot: a float per row, the hidden size, the head-major copies
+// (q/k/v, each query head), the attention's [n, n] probabilities, its output, the MLP's width.
+enum class ActSize { rows, hidden, per_head, probs, attention, mlp, up };
+struct ActField {
+  DeviceArray<float> LayerStore::*store;
+  float *LayerActs::*view;
+  ActSize size;
+};
+constexpr ActField kActFields[] = {
+    {&LayerStore::r1, &LayerActs::r1, ActSize::rows},          {&LayerStore::mean1, &LayerActs::mean1, ActSize::rows},
+    {&LayerStore::h1, &LayerActs::h1, ActSize::hidden},        {&LayerStore::qs, &LayerActs::qs, ActSize::per_head},
+    {&LayerStore::ks, &LayerActs::ks, ActSize::per_head},      {&LayerStore::vs, &LayerActs::vs, ActSize::per_head},
+    {&LayerStore::p, &LayerActs::p, ActSize::probs},           {&LayerStore::a, &LayerActs::a, ActSize::attention},
+    {&LayerStore::x_mid, &LayerActs::x_mid, ActSize::hidden},  {&LayerStore::r2, &LayerActs::r2, ActSize::rows},
+    {&LayerStore::mean2, &LayerActs::mean2, ActSize::rows},    {&LayerStore::h2, &LayerActs::h2, ActSize::hidden},
+    {&LayerStore::g, &LayerActs::g, ActSize::mlp},             {&LayerStore::u, &LayerActs::u, ActSize::up},
+    {&LayerStore::m, &LayerActs::m, ActSize::mlp},
 };
 
 class CudaTrainingEngine final : public TrainingEngine {
  public:
   CudaTrainingEngine(const ModelConfig &config, const ModelWeights &weights, const TrainEngineOptions &options);
   ~CudaTrainingEngine() override {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
     if (blas_) cublasDestroy(blas_);
-    if (stream_) cudaStreamDestroy(stream_);
   }
   std::string describe() const override {
     return "cuda:" + std::to_string(device_) + (bf16_ ? " float32, bf16 GEMMs" : " float32");
@@ -105,6 +129,8 @@ class CudaTrainingEngine final : public TrainingEngine {
     check(cudaMemsetAsync(grads_.get(), 0, total_ * sizeof(float), stream_), "zero the gradients");
   }
   double run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) override;
+  void reduce_stage_gradients() override;
+  StageTime last_stage_time() const override { return stage_time_; }
   double clip_grad_norm(double max_norm) override;
   void optimizer_step(double lr) override;
   int64_t optimizer_steps() const override { return steps_; }
@@ -146,7 +172,30 @@ class CudaTrainingEngine final : public TrainingEngine {
   float *grad(size_t i) const { return grads_.get() + params_[i].offset; }
   float *value_or_null(size_t i) const { return i == SIZE_MAX ? nullptr : value(i); }
 
-  void prepare(int64_t B, int64_t n);
+  // Sizes the buffers for micro-batches of B sequences of n tokens, keeping `slots` of them
+  // in flight (their activations and stage inputs and outputs; 1 without pipeline stages).
+  void prepare(int64_t B, int64_t n, int64_t slots = 1);
+  // A slot's activations of layer l (recomputation: one shared slot), and its residual stream
+  // before local layer l (l = the stage's layer count: after the last).
+  LayerActs acts(size_t l, int64_t slot);
+  size_t act_floats(ActSize size) const;  // one slot's floats (B_ x n_ rows)
+  float *x_at(size_t l, int64_t slot) const { return xs_[l].get() + slot * T_ * config_.hidden_size; }
+  // Every sequence of `batch` checked (ids in the vocabulary, one length); returns the length.
+  int64_t check_batch(std::span<const std::vector<int32_t>> batch) const;
+  void upload_positions();  // GPT-2's position ids and their backward order for B_ x n_
+  // The embedding of T_ tokens into x0; its backward from dx (the first stage's input gradient).
+  void embed_forward(const std::vector<int32_t> &tokens, float *x0);
+  void embed_backward(const std::vector<int32_t> &tokens, const float *dx, std::vector<int32_t> &index);
+  // The final norm, head and cross-entropy of x_final's T_ rows against the tokens' next ones
+  // (row_loss: each row's loss); with `backward` the logits' gradient, weighted, stays in logits_
+  // for head_backward, which writes the gradient of x_final into dx_.
+  void head_forward(const float *x_final, std::span<const std::vector<int32_t>> sequences, float *row_loss, bool backward,
+                    double grad_scale);
+  void head_backward(const float *x_final);
+  // Pipeline parallel: run() over this stage's part of the model (PipelineStages::run_1f1b).
+  double run_stages(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale);
+  // The index of the embedding copy the first and last stages both hold (SIZE_MAX: none).
+  size_t tied_copy() const;
   void allocate_moments();  // zeroed, on the first step or restore
   // A GEMM operand: float32, and in bf16 mode its rounded copy; ld in elements (column-major).
   struct Operand {
@@ -173,13 +222,16 @@ class CudaTrainingEngine final : public TrainingEngine {
   void conv1d(const float *x, size_t w, size_t b, int64_t in, int64_t out, float *y, float beta = 0.0f);
   void conv1d_backward(const float *dy, const float *x, size_t w, size_t b, int64_t in, int64_t out, float *dx,
                        float dx_beta);
-  void attention_forward(LayerActs &A, const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride);
-  void attention_backward(LayerActs &A, const float *da, float *dq, int64_t q_stride, float *dk, float *dv,
+  void attention_forward(const LayerActs &A, const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride);
+  void attention_backward(const LayerActs &A, const float *da, float *dq, int64_t q_stride, float *dk, float *dv,
                           int64_t kv_stride);
-  void layer_forward(size_t l, LayerActs &A, const float *x_in, float *x_out);
-  void layer_backward(size_t l, LayerActs &A, const float *x_in, float *dx);
+  void layer_forward(size_t l, const LayerActs &A, const float *x_in, float *x_out);
+  void layer_backward(size_t l, const LayerActs &A, const float *x_in, float *dx);
 
   ModelConfig config_;
+  DecoderTrainer<float>::Stage stage_;         // this rank's layers (the whole model without stages)
+  const PipelineStages *pipeline_ = nullptr;   // pipeline parallel: this rank's stage (of several)
+  int64_t micro_ = 1;                          // sequences per pipeline micro-batch
   int device_ = 0;
   bool bf16_ = false, recompute_ = false;
   AdamWOptions adamw_;
@@ -197,14 +249,15 @@ class CudaTrainingEngine final : public TrainingEngine {
   int64_t steps_ = 0;
   std::vector<Layer> layers_;
   bool gpt2_ = false;
-  size_t embed_ = 0, final_norm_ = 0, head_ = 0;
+  size_t embed_ = SIZE_MAX, final_norm_ = SIZE_MAX, head_ = SIZE_MAX;  // SIZE_MAX: another stage's
   size_t positions_ = SIZE_MAX, final_norm_b_ = SIZE_MAX;  // GPT-2's wpe and ln_f bias
   std::vector<double> inv_freq_;
   std::vector<TrainParam<float>> host_;
 
   // Sized by prepare for B sequences of n tokens.
   int64_t B_ = 0, n_ = 0, T_ = 0, rope_n_ = 0;
-  std::vector<LayerActs> acts_;        // one per layer, or one shared with recomputation
+  int64_t slots_ = 1;
+  std::vector<LayerStore> stores_;     // one per layer, or one shared with recomputation
   std::vector<DeviceArray<float>> xs_;  // the residual stream before each layer, and after the last
   DeviceArray<float> column_scratch_, qkv_, mean_final_, cos_sin_, q_, k_, v_, dp_, os_, dos_, dks_, dvs_, da_, dq_, dk_, dv_, dm_, dg_, du_, dh_, dx_,
       dw_rows_, h_final_, r_final_, logits_, row_loss_;
@@ -212,6 +265,9 @@ class CudaTrainingEngine final : public TrainingEngine {
   DeviceArray<double> norm_scratch_, norm_;
   DeviceArray<uint16_t> rounded_x_, rounded_dy_, weights_bf16_;  // bf16 mode's operand copies
   bool weights_stale_ = true;                                     // weights_bf16_ predates the last update
+  // Pipeline stages: events around each pass (reused from run to run) and the last run's times.
+  std::vector<cudaEvent_t> events_;
+  StageTime stage_time_;
 };
 
 CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWeights &weights,
@@ -220,14 +276,25 @@ CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWei
       adamw_(options.adamw), gpt2_(config.architecture == Architecture::gpt2) {
   if (!options.adapters.empty())
     throw runtime_error("training on CUDA: adapters train on the CPU for now (loom.device = \"cpu\")");
+  if (options.tensor != nullptr) throw runtime_error("training on CUDA: tensor parallel training runs on the CPU engine so far");
+  if (options.pipeline != nullptr && options.pipeline->stages() > 1) {
+    pipeline_ = options.pipeline;
+    stage_ = pipeline_->trainer_stage();
+    micro_ = std::max<int64_t>(1, options.pipeline_micro_batch);
+  }
   check(cudaSetDevice(device_), "cudaSetDevice");
-  check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  // The device's compute stream (device.cpp), where the parallel component also queues its NCCL
+  // transfers: a stage's sends and receives are ordered with its passes without a wait.
+  stream_ = static_cast<cudaStream_t>(cuda_compute_stream(device_));
+  if (stream_ == nullptr) throw runtime_error("training on CUDA: no compute stream for device " + std::to_string(device_));
   check(cublasCreate(&blas_), "cublasCreate");
   check(cublasSetStream(blas_, stream_), "cublasSetStream");
   // Float32 GEMMs in float32 (no TF32), so that the float32 mode matches the CPU trainer.
   check(cublasSetMathMode(blas_, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");
 
+  const bool tied = gpt2_ || config_.tie_word_embeddings;
   for (const auto &[name, shape] : expected_weights(config_)) {  // the CPU trainer's order
+    if (!stage_holds(name, stage_.first, stage_.end, stage_.embedding, stage_.head, tied)) continue;
     Param p;
     p.name = name;
     p.shape = shape;
@@ -259,23 +326,20 @@ CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWei
   zero_grad();
 
   layers_ = decoder_layer_params(config_, [&](const std::string &name) { return find(name); },
-                                 [&](const std::string &name) { return need(name); });
-  if (gpt2_) {
-    embed_ = head_ = need("wte.weight");
-    positions_ = need("wpe.weight");
-    final_norm_ = need("ln_f.weight");
-    final_norm_b_ = need("ln_f.bias");
-  } else {
-    embed_ = need("model.embed_tokens.weight");
-    final_norm_ = need("model.norm.weight");
-    head_ = config_.tie_word_embeddings ? embed_ : need("lm_head.weight");
-    inv_freq_ = rope_inv_freq(config_);
+                                 [&](const std::string &name) { return need(name); }, stage_.first, stage_.end);
+  if (stage_.embedding || (stage_.head && tied)) embed_ = need(gpt2_ ? "wte.weight" : "model.embed_tokens.weight");
+  if (stage_.head) {
+    head_ = tied ? embed_ : need("lm_head.weight");
+    final_norm_ = need(gpt2_ ? "ln_f.weight" : "model.norm.weight");
+    if (gpt2_) final_norm_b_ = need("ln_f.bias");
   }
+  if (gpt2_ && stage_.embedding) positions_ = need("wpe.weight");
+  if (!gpt2_) inv_freq_ = rope_inv_freq(config_);
   norm_scratch_.reserve(kn::kSumSquaresScratch);
   norm_.reserve(1);
 }
 
-void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
+void CudaTrainingEngine::prepare(int64_t B, int64_t n, int64_t slots) {
   const ModelConfig &c = config_;
   const int64_t T = B * n, H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads,
                 I = c.intermediate_size, V = c.vocab_size;
@@ -292,26 +356,13 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
   }
   const size_t t = static_cast<size_t>(T), heads = static_cast<size_t>(B * Hq);
   const size_t per_head = heads * static_cast<size_t>(n * D), probs = heads * static_cast<size_t>(n * n);
-  acts_.resize(recompute_ ? 1 : layers_.size());
-  for (auto &A : acts_) {
-    A.r1.reserve(t);
-    A.mean1.reserve(t);
-    A.mean2.reserve(t);
-    A.h1.reserve(t * H);
-    A.qs.reserve(per_head);
-    A.ks.reserve(per_head);
-    A.vs.reserve(per_head);
-    A.p.reserve(probs);
-    A.a.reserve(t * Hq * D);
-    A.x_mid.reserve(t * H);
-    A.r2.reserve(t);
-    A.h2.reserve(t * H);
-    A.g.reserve(t * I);
-    if (!gpt2_) A.u.reserve(t * I);  // SwiGLU's up projection (GPT-2's MLP has none)
-    A.m.reserve(t * I);
-  }
+  slots_ = slots;
+  stores_.resize(recompute_ ? 1 : layers_.size());
+  const auto stored = static_cast<size_t>(recompute_ ? 1 : slots);  // recomputation: one scratch slot
+  for (auto &S : stores_)
+    for (const ActField &f : kActFields) (S.*f.store).reserve(act_floats(f.size) * stored);
   xs_.resize(layers_.size() + 1);
-  for (auto &x : xs_) x.reserve(t * H);
+  for (auto &x : xs_) x.reserve(t * H * static_cast<size_t>(slots));
   // q/k/v and their gradients: GPT-2's in one [T, 3H] buffer (c_attn's output), the Llama
   // family's apart (RoPE rotates q and k in place).
   da_.reserve(t * Hq * D);
@@ -332,7 +383,7 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n) {
   for (auto *b : {&dm_, &dg_}) b->reserve(t * I);
   for (auto *b : {&dh_, &dx_, &dw_rows_, &h_final_}) b->reserve(t * H);
   r_final_.reserve(t);
-  logits_.reserve(t * V);
+  if (stage_.head) logits_.reserve(t * V);
   row_loss_.reserve(t);
   tokens_.reserve(t);
   targets_.reserve(t);
@@ -355,6 +406,29 @@ void CudaTrainingEngine::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k,
                      CUDA_R_16BF, static_cast<int>(A.ld), B.bf16, CUDA_R_16BF, static_cast<int>(B.ld), &beta, C, CUDA_R_32F,
                      static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         "cublasGemmEx");
+}
+
+size_t CudaTrainingEngine::act_floats(ActSize size) const {
+  const ModelConfig &c = config_;
+  const auto t = static_cast<size_t>(T_), heads = static_cast<size_t>(B_ * c.n_heads), n = static_cast<size_t>(n_);
+  switch (size) {
+    case ActSize::rows: return t;
+    case ActSize::hidden: return t * static_cast<size_t>(c.hidden_size);
+    case ActSize::per_head: return heads * n * static_cast<size_t>(c.head_dim);
+    case ActSize::probs: return heads * n * n;
+    case ActSize::attention: return t * static_cast<size_t>(c.n_heads * c.head_dim);
+    case ActSize::mlp: return t * static_cast<size_t>(c.intermediate_size);
+    case ActSize::up: return gpt2_ ? 0 : t * static_cast<size_t>(c.intermediate_size);  // GPT-2's MLP has no up projection
+  }
+  return 0;
+}
+
+LayerActs CudaTrainingEngine::acts(size_t l, int64_t slot) {
+  LayerStore &S = stores_[recompute_ ? 0 : l];
+  const auto at = static_cast<size_t>(recompute_ ? 0 : slot);
+  LayerActs A{};
+  for (const ActField &f : kActFields) A.*f.view = (S.*f.store).get() + at * act_floats(f.size);
+  return A;
 }
 
 CudaTrainingEngine::Operand CudaTrainingEngine::weight(size_t w, int64_t ld) {
@@ -413,42 +487,42 @@ void CudaTrainingEngine::linear_backward(const float *dy, const float *x, size_t
 
 // Causal attention of the q/k/v rows (row strides in floats; q's heads first in its row) into
 // A.a [T, Hq D], keeping the head-major copies and the probabilities for the backward pass.
-void CudaTrainingEngine::attention_forward(LayerActs &A, const float *q, int64_t q_stride, const float *k,
+void CudaTrainingEngine::attention_forward(const LayerActs &A, const float *q, int64_t q_stride, const float *k,
                                            const float *v, int64_t kv_stride) {
   const ModelConfig &c = config_;
   const int64_t D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, group = Hq / Hkv, n = n_, heads = B_ * Hq;
   const auto n32 = static_cast<int32_t>(n), D32 = static_cast<int32_t>(D), B32 = static_cast<int32_t>(B_);
-  check_launch(kn::split_heads_cuda(q, q_stride, B32, n32, static_cast<int32_t>(Hq), D32, 1, A.qs.get(), stream_), "split");
+  check_launch(kn::split_heads_cuda(q, q_stride, B32, n32, static_cast<int32_t>(Hq), D32, 1, A.qs, stream_), "split");
   check_launch(kn::split_heads_cuda(k, kv_stride, B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
-                                    A.ks.get(), stream_),
+                                    A.ks, stream_),
                "split");
   check_launch(kn::split_heads_cuda(v, kv_stride, B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
-                                    A.vs.get(), stream_),
+                                    A.vs, stream_),
                "split");
   // Scores[i][j] = scale q_i . k_j, row-major per head: column-major S^T = K Q^T.
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  batched(true, false, n, n, D, scale, A.ks.get(), D, n * D, A.qs.get(), D, n * D, A.p.get(), n, n * n, heads);
-  check_launch(kn::causal_softmax_cuda(A.p.get(), heads * n, n32, static_cast<int32_t>(c.sliding_window), stream_),
+  batched(true, false, n, n, D, scale, A.ks, D, n * D, A.qs, D, n * D, A.p, n, n * n, heads);
+  check_launch(kn::causal_softmax_cuda(A.p, heads * n, n32, static_cast<int32_t>(c.sliding_window), stream_),
                "softmax");
-  batched(false, false, D, n, n, 1.0f, A.vs.get(), D, n * D, A.p.get(), n, n * n, os_.get(), D, n * D, heads);  // O = P V
-  check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, A.a.get(), Hq * D, stream_),
+  batched(false, false, D, n, n, 1.0f, A.vs, D, n * D, A.p, n, n * n, os_.get(), D, n * D, heads);  // O = P V
+  check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, A.a, Hq * D, stream_),
                "merge");
 }
 
 // The backward of attention_forward from da [T, Hq D]: writes dq, dk, dv (row strides as given).
-void CudaTrainingEngine::attention_backward(LayerActs &A, const float *da, float *dq, int64_t q_stride, float *dk,
+void CudaTrainingEngine::attention_backward(const LayerActs &A, const float *da, float *dq, int64_t q_stride, float *dk,
                                             float *dv, int64_t kv_stride) {
   const ModelConfig &c = config_;
   const int64_t D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, group = Hq / Hkv, n = n_, heads = B_ * Hq;
   const auto n32 = static_cast<int32_t>(n), D32 = static_cast<int32_t>(D), B32 = static_cast<int32_t>(B_);
   check_launch(kn::split_heads_cuda(da, Hq * D, B32, n32, static_cast<int32_t>(Hq), D32, 1, dos_.get(), stream_), "split");
-  batched(true, false, n, n, D, 1.0f, A.vs.get(), D, n * D, dos_.get(), D, n * D, dp_.get(), n, n * n, heads);  // dP = dO V^T
-  batched(false, true, D, n, n, 1.0f, dos_.get(), D, n * D, A.p.get(), n, n * n, dvs_.get(), D, n * D, heads);  // dV = P^T dO
+  batched(true, false, n, n, D, 1.0f, A.vs, D, n * D, dos_.get(), D, n * D, dp_.get(), n, n * n, heads);  // dP = dO V^T
+  batched(false, true, D, n, n, 1.0f, dos_.get(), D, n * D, A.p, n, n * n, dvs_.get(), D, n * D, heads);  // dV = P^T dO
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  check_launch(kn::softmax_backward_cuda(A.p.get(), dp_.get(), heads * n, n32, static_cast<int32_t>(c.sliding_window), scale,
+  check_launch(kn::softmax_backward_cuda(A.p, dp_.get(), heads * n, n32, static_cast<int32_t>(c.sliding_window), scale,
                                                      stream_), "softmax backward");
-  batched(false, false, D, n, n, 1.0f, A.ks.get(), D, n * D, dp_.get(), n, n * n, os_.get(), D, n * D, heads);   // dQ = dS K
-  batched(false, true, D, n, n, 1.0f, A.qs.get(), D, n * D, dp_.get(), n, n * n, dks_.get(), D, n * D, heads);  // dK = dS^T Q
+  batched(false, false, D, n, n, 1.0f, A.ks, D, n * D, dp_.get(), n, n * n, os_.get(), D, n * D, heads);   // dQ = dS K
+  batched(false, true, D, n, n, 1.0f, A.qs, D, n * D, dp_.get(), n, n * n, dks_.get(), D, n * D, heads);  // dK = dS^T Q
   check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, dq, q_stride, stream_), "merge");
   check_launch(kn::merge_heads_cuda(dks_.get(), B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group), dk,
                                     kv_stride, stream_),
@@ -458,7 +532,7 @@ void CudaTrainingEngine::attention_backward(LayerActs &A, const float *da, float
                "merge");
 }
 
-void CudaTrainingEngine::layer_forward(size_t l, LayerActs &A, const float *x_in, float *x_out) {
+void CudaTrainingEngine::layer_forward(size_t l, const LayerActs &A, const float *x_in, float *x_out) {
   const ModelConfig &c = config_;
   const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size;
   const auto T = static_cast<int32_t>(T_), H32 = static_cast<int32_t>(H);
@@ -467,43 +541,43 @@ void CudaTrainingEngine::layer_forward(size_t l, LayerActs &A, const float *x_in
   const size_t rows = static_cast<size_t>(T_ * H) * sizeof(float);
   if (gpt2_) {
     // x_mid = x_in + c_proj(attention(split(c_attn(ln_1(x_in))))); x_out = x_mid + c_proj(gelu(c_fc(ln_2(x_mid)))).
-    check_launch(kn::layer_norm_forward_cuda(x_in, value(L.norm1), value(L.norm1_b), T, H32, eps, A.h1.get(), A.mean1.get(),
-                                             A.r1.get(), stream_),
+    check_launch(kn::layer_norm_forward_cuda(x_in, value(L.norm1), value(L.norm1_b), T, H32, eps, A.h1, A.mean1,
+                                             A.r1, stream_),
                  "layer norm");
-    conv1d(A.h1.get(), L.q, L.q_b, H, 3 * H, qkv_.get());
+    conv1d(A.h1, L.q, L.q_b, H, 3 * H, qkv_.get());
     attention_forward(A, qkv_.get(), 3 * H, qkv_.get() + H, qkv_.get() + 2 * H, 3 * H);
-    check(cudaMemcpyAsync(A.x_mid.get(), x_in, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
-    conv1d(A.a.get(), L.o, L.o_b, H, H, A.x_mid.get(), 1.0f);
-    check_launch(kn::layer_norm_forward_cuda(A.x_mid.get(), value(L.norm2), value(L.norm2_b), T, H32, eps, A.h2.get(),
-                                             A.mean2.get(), A.r2.get(), stream_),
+    check(cudaMemcpyAsync(A.x_mid, x_in, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
+    conv1d(A.a, L.o, L.o_b, H, H, A.x_mid, 1.0f);
+    check_launch(kn::layer_norm_forward_cuda(A.x_mid, value(L.norm2), value(L.norm2_b), T, H32, eps, A.h2,
+                                             A.mean2, A.r2, stream_),
                  "layer norm");
-    conv1d(A.h2.get(), L.up, L.up_b, H, I, A.g.get());
-    check_launch(kn::gelu_forward_cuda(A.g.get(), T_ * I, A.m.get(), stream_), "gelu");
-    check(cudaMemcpyAsync(x_out, A.x_mid.get(), rows, cudaMemcpyDeviceToDevice, stream_), "copy");
-    conv1d(A.m.get(), L.down, L.down_b, I, H, x_out, 1.0f);
+    conv1d(A.h2, L.up, L.up_b, H, I, A.g);
+    check_launch(kn::gelu_forward_cuda(A.g, T_ * I, A.m, stream_), "gelu");
+    check(cudaMemcpyAsync(x_out, A.x_mid, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
+    conv1d(A.m, L.down, L.down_b, I, H, x_out, 1.0f);
     return;
   }
-  check_launch(kn::rms_norm_forward_cuda(x_in, value(L.norm1), T, H32, eps, A.h1.get(), A.r1.get(), stream_), "rms norm");
-  linear(A.h1.get(), L.q, L.q_b, Hq * D, H, q_.get());
-  linear(A.h1.get(), L.k, L.k_b, Hkv * D, H, k_.get());
-  linear(A.h1.get(), L.v, L.v_b, Hkv * D, H, v_.get());
+  check_launch(kn::rms_norm_forward_cuda(x_in, value(L.norm1), T, H32, eps, A.h1, A.r1, stream_), "rms norm");
+  linear(A.h1, L.q, L.q_b, Hq * D, H, q_.get());
+  linear(A.h1, L.k, L.k_b, Hkv * D, H, k_.get());
+  linear(A.h1, L.v, L.v_b, Hkv * D, H, v_.get());
   const auto n32 = static_cast<int32_t>(n_), D32 = static_cast<int32_t>(D);
   check_launch(kn::rope_cuda(q_.get(), T, static_cast<int32_t>(Hq), D32, n32, cos_sin_.get(), false, stream_), "rope");
   check_launch(kn::rope_cuda(k_.get(), T, static_cast<int32_t>(Hkv), D32, n32, cos_sin_.get(), false, stream_), "rope");
   attention_forward(A, q_.get(), Hq * D, k_.get(), v_.get(), Hkv * D);
-  check(cudaMemcpyAsync(A.x_mid.get(), x_in, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
-  linear(A.a.get(), L.o, L.o_b, H, Hq * D, A.x_mid.get(), 1.0f);
-  check_launch(kn::rms_norm_forward_cuda(A.x_mid.get(), value(L.norm2), T, H32, eps, A.h2.get(), A.r2.get(), stream_),
+  check(cudaMemcpyAsync(A.x_mid, x_in, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
+  linear(A.a, L.o, L.o_b, H, Hq * D, A.x_mid, 1.0f);
+  check_launch(kn::rms_norm_forward_cuda(A.x_mid, value(L.norm2), T, H32, eps, A.h2, A.r2, stream_),
                "rms norm");
-  linear(A.h2.get(), L.gate, L.gate_b, I, H, A.g.get());
-  linear(A.h2.get(), L.up, L.up_b, I, H, A.u.get());
-  check_launch(kn::swiglu_forward_cuda(A.g.get(), A.u.get(), T_ * I, A.m.get(), stream_), "swiglu");
-  check(cudaMemcpyAsync(x_out, A.x_mid.get(), rows, cudaMemcpyDeviceToDevice, stream_), "copy");
-  linear(A.m.get(), L.down, L.down_b, H, I, x_out, 1.0f);
+  linear(A.h2, L.gate, L.gate_b, I, H, A.g);
+  linear(A.h2, L.up, L.up_b, I, H, A.u);
+  check_launch(kn::swiglu_forward_cuda(A.g, A.u, T_ * I, A.m, stream_), "swiglu");
+  check(cudaMemcpyAsync(x_out, A.x_mid, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
+  linear(A.m, L.down, L.down_b, H, I, x_out, 1.0f);
 }
 
 // dx: the loss's gradient with respect to the layer's output on entry, its input on return.
-void CudaTrainingEngine::layer_backward(size_t l, LayerActs &A, const float *x_in, float *dx) {
+void CudaTrainingEngine::layer_backward(size_t l, const LayerActs &A, const float *x_in, float *dx) {
   const ModelConfig &c = config_;
   const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size;
   const auto T = static_cast<int32_t>(T_), H32 = static_cast<int32_t>(H);
@@ -519,33 +593,33 @@ void CudaTrainingEngine::layer_backward(size_t l, LayerActs &A, const float *x_i
     check_launch(kn::column_sum_cuda(dw_rows_.get(), T, H32, grad(w), column_scratch_.get(), stream_), "norm grad");
   };
   if (gpt2_) {
-    conv1d_backward(dx, A.m.get(), L.down, L.down_b, I, H, dm_.get(), 0.0f);
-    check_launch(kn::gelu_backward_cuda(dm_.get(), A.g.get(), T_ * I, dg_.get(), stream_), "gelu backward");
-    conv1d_backward(dg_.get(), A.h2.get(), L.up, L.up_b, H, I, dh_.get(), 0.0f);
-    norm_backward(dh_.get(), A.x_mid.get(), L.norm2, L.norm2_b, A.mean2.get(), A.r2.get());
-    conv1d_backward(dx, A.a.get(), L.o, L.o_b, H, H, da_.get(), 0.0f);
+    conv1d_backward(dx, A.m, L.down, L.down_b, I, H, dm_.get(), 0.0f);
+    check_launch(kn::gelu_backward_cuda(dm_.get(), A.g, T_ * I, dg_.get(), stream_), "gelu backward");
+    conv1d_backward(dg_.get(), A.h2, L.up, L.up_b, H, I, dh_.get(), 0.0f);
+    norm_backward(dh_.get(), A.x_mid, L.norm2, L.norm2_b, A.mean2, A.r2);
+    conv1d_backward(dx, A.a, L.o, L.o_b, H, H, da_.get(), 0.0f);
     attention_backward(A, da_.get(), qkv_.get(), 3 * H, qkv_.get() + H, qkv_.get() + 2 * H, 3 * H);
-    conv1d_backward(qkv_.get(), A.h1.get(), L.q, L.q_b, H, 3 * H, dh_.get(), 0.0f);
-    norm_backward(dh_.get(), x_in, L.norm1, L.norm1_b, A.mean1.get(), A.r1.get());
+    conv1d_backward(qkv_.get(), A.h1, L.q, L.q_b, H, 3 * H, dh_.get(), 0.0f);
+    norm_backward(dh_.get(), x_in, L.norm1, L.norm1_b, A.mean1, A.r1);
     return;
   }
   // MLP: x_out = x_mid + down(silu(gate(h2)) * up(h2)), h2 = norm2(x_mid).
-  linear_backward(dx, A.m.get(), L.down, L.down_b, H, I, dm_.get(), 0.0f);
-  check_launch(kn::swiglu_backward_cuda(dm_.get(), A.g.get(), A.u.get(), T_ * I, dg_.get(), du_.get(), stream_),
+  linear_backward(dx, A.m, L.down, L.down_b, H, I, dm_.get(), 0.0f);
+  check_launch(kn::swiglu_backward_cuda(dm_.get(), A.g, A.u, T_ * I, dg_.get(), du_.get(), stream_),
                "swiglu backward");
-  linear_backward(dg_.get(), A.h2.get(), L.gate, L.gate_b, I, H, dh_.get(), 0.0f);
-  linear_backward(du_.get(), A.h2.get(), L.up, L.up_b, I, H, dh_.get(), 1.0f);
-  norm_backward(dh_.get(), A.x_mid.get(), L.norm2, SIZE_MAX, nullptr, A.r2.get());
+  linear_backward(dg_.get(), A.h2, L.gate, L.gate_b, I, H, dh_.get(), 0.0f);
+  linear_backward(du_.get(), A.h2, L.up, L.up_b, I, H, dh_.get(), 1.0f);
+  norm_backward(dh_.get(), A.x_mid, L.norm2, SIZE_MAX, nullptr, A.r2);
   // Attention: x_mid = x_in + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x_in).
-  linear_backward(dx, A.a.get(), L.o, L.o_b, H, Hq * D, da_.get(), 0.0f);
+  linear_backward(dx, A.a, L.o, L.o_b, H, Hq * D, da_.get(), 0.0f);
   attention_backward(A, da_.get(), dq_.get(), Hq * D, dk_.get(), dv_.get(), Hkv * D);
   const auto n32 = static_cast<int32_t>(n_), D32 = static_cast<int32_t>(D);
   check_launch(kn::rope_cuda(dq_.get(), T, static_cast<int32_t>(Hq), D32, n32, cos_sin_.get(), true, stream_), "rope");
   check_launch(kn::rope_cuda(dk_.get(), T, static_cast<int32_t>(Hkv), D32, n32, cos_sin_.get(), true, stream_), "rope");
-  linear_backward(dq_.get(), A.h1.get(), L.q, L.q_b, Hq * D, H, dh_.get(), 0.0f);
-  linear_backward(dk_.get(), A.h1.get(), L.k, L.k_b, Hkv * D, H, dh_.get(), 1.0f);
-  linear_backward(dv_.get(), A.h1.get(), L.v, L.v_b, Hkv * D, H, dh_.get(), 1.0f);
-  norm_backward(dh_.get(), x_in, L.norm1, SIZE_MAX, nullptr, A.r1.get());
+  linear_backward(dq_.get(), A.h1, L.q, L.q_b, Hq * D, H, dh_.get(), 0.0f);
+  linear_backward(dk_.get(), A.h1, L.k, L.k_b, Hkv * D, H, dh_.get(), 1.0f);
+  linear_backward(dv_.get(), A.h1, L.v, L.v_b, Hkv * D, H, dh_.get(), 1.0f);
+  norm_backward(dh_.get(), x_in, L.norm1, SIZE_MAX, nullptr, A.r1);
 }
 
 // GPT-2's Conv1D: row-major y[T, out] = x[T, in] W[in, out] (+ b): column-major y^T = W^T' x^T
@@ -566,70 +640,92 @@ void CudaTrainingEngine::conv1d_backward(const float *dy, const float *x, size_t
                  "bias grad");
 }
 
-double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) {
-  if (batch.empty()) return 0.0;
+int64_t CudaTrainingEngine::check_batch(std::span<const std::vector<int32_t>> batch) const {
   const ModelConfig &c = config_;
   const auto n = static_cast<int64_t>(batch.front().size());
   if (n < 2) throw runtime_error("training: a sequence needs at least two tokens");
   if (n > c.max_positions)
     throw runtime_error("training: a sequence of " + std::to_string(n) + " tokens exceeds the model's " +
                         std::to_string(c.max_positions) + " positions");
-  const auto B = static_cast<int64_t>(batch.size());
-  std::vector<int32_t> tokens, targets;
-  tokens.reserve(static_cast<size_t>(B * n));
   for (const auto &seq : batch) {
     if (static_cast<int64_t>(seq.size()) != n)
       throw runtime_error("training on CUDA: the sequences of a batch must have the same length");
-    for (size_t t = 0; t < seq.size(); ++t) {
-      if (seq[t] < 0 || seq[t] >= c.vocab_size)
-        throw runtime_error("training: token " + std::to_string(seq[t]) + " is outside the vocabulary");
-      tokens.push_back(seq[t]);
-      targets.push_back(t + 1 < seq.size() ? seq[t + 1] : -1);
-    }
+    for (const int32_t id : seq)
+      if (id < 0 || id >= c.vocab_size) throw runtime_error("training: token " + std::to_string(id) + " is outside the vocabulary");
   }
-  check(cudaSetDevice(device_), "cudaSetDevice");
-  prepare(B, n);
-  const int64_t T = B * n, H = c.hidden_size, V = c.vocab_size;
-  const auto T32 = static_cast<int32_t>(T), H32 = static_cast<int32_t>(H);
-  // The embedding's backward sums each token's rows in position order (no atomics): positions
-  // sorted by token, the start of each token's run, and the tokens.
-  std::vector<int32_t> order(static_cast<size_t>(T));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return tokens[static_cast<size_t>(a)] < tokens[static_cast<size_t>(b)]; });
-  std::vector<int32_t> starts, unique;
-  for (int32_t k = 0; k < T32; ++k)
-    if (k == 0 || tokens[static_cast<size_t>(order[static_cast<size_t>(k)])] != tokens[static_cast<size_t>(order[static_cast<size_t>(k - 1)])]) {
-      starts.push_back(k);
-      unique.push_back(tokens[static_cast<size_t>(order[static_cast<size_t>(k)])]);
-    }
-  starts.push_back(T32);
-  std::vector<int32_t> emb(order);
-  emb.insert(emb.end(), starts.begin(), starts.end());
-  emb.insert(emb.end(), unique.begin(), unique.end());
-  check(cudaMemcpyAsync(tokens_.get(), tokens.data(), tokens.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_), "upload");
-  check(cudaMemcpyAsync(targets_.get(), targets.data(), targets.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_), "upload");
-  check(cudaMemcpyAsync(emb_index_.get(), emb.data(), emb.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_), "upload");
+  return n;
+}
 
-  // GPT-2's learned positions: each row's position, and for the backward pass each position's
-  // rows in order (as the tokens' above: rows, run starts, positions).
-  if (gpt2_) {
-    std::vector<int32_t> pos(static_cast<size_t>(T)), runs;
-    for (int64_t t = 0; t < T; ++t) pos[static_cast<size_t>(t)] = static_cast<int32_t>(t % n);
-    for (int64_t p = 0; p < n; ++p)
-      for (int64_t b = 0; b < B; ++b) runs.push_back(static_cast<int32_t>(b * n + p));
-    for (int64_t p = 0; p <= n; ++p) runs.push_back(static_cast<int32_t>(p * B));
-    for (int64_t p = 0; p < n; ++p) runs.push_back(static_cast<int32_t>(p));
-    check(cudaMemcpyAsync(position_ids_.get(), pos.data(), pos.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
-          "upload");
-    check(cudaMemcpyAsync(positions_index_.get(), runs.data(), runs.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
-          "upload");
-  }
-  check_launch(kn::embed_rows_cuda(tokens_.get(), gpt2_ ? position_ids_.get() : nullptr, T32, H32, value(embed_),
-                                   gpt2_ ? value(positions_) : nullptr, kn::Dtype::f32, xs_[0].get(), stream_),
+void CudaTrainingEngine::upload_positions() {
+  // Each row's position, and for the backward pass each position's rows in order (as the
+  // tokens' in embed_backward: rows, run starts, positions).
+  const int64_t B = B_, n = n_, T = T_;
+  std::vector<int32_t> pos(static_cast<size_t>(T)), runs;
+  for (int64_t t = 0; t < T; ++t) pos[static_cast<size_t>(t)] = static_cast<int32_t>(t % n);
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t b = 0; b < B; ++b) runs.push_back(static_cast<int32_t>(b * n + p));
+  for (int64_t p = 0; p <= n; ++p) runs.push_back(static_cast<int32_t>(p * B));
+  for (int64_t p = 0; p < n; ++p) runs.push_back(static_cast<int32_t>(p));
+  check(cudaMemcpyAsync(position_ids_.get(), pos.data(), pos.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+        "upload");
+  check(cudaMemcpyAsync(positions_index_.get(), runs.data(), runs.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+        "upload");
+  check(cudaStreamSynchronize(stream_), "upload");  // the host vectors go out of scope
+}
+
+void CudaTrainingEngine::embed_forward(const std::vector<int32_t> &tokens, float *x0) {
+  check(cudaMemcpyAsync(tokens_.get(), tokens.data(), tokens.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+        "upload");
+  check_launch(kn::embed_rows_cuda(tokens_.get(), gpt2_ ? position_ids_.get() : nullptr, static_cast<int32_t>(T_),
+                                   static_cast<int32_t>(config_.hidden_size), value(embed_),
+                                   gpt2_ ? value(positions_) : nullptr, kn::Dtype::f32, x0, stream_),
                "embedding");
-  for (size_t l = 0; l < layers_.size(); ++l)
-    layer_forward(l, acts_[recompute_ ? 0 : l], xs_[l].get(), xs_[l + 1].get());
-  const float *x_final = xs_[layers_.size()].get();
+}
+
+void CudaTrainingEngine::embed_backward(const std::vector<int32_t> &tokens, const float *dx, std::vector<int32_t> &index) {
+  // Each token's rows summed in position order (no atomics): positions sorted by token, the
+  // start of each token's run, and the tokens. `index` holds them until the copy has run.
+  const auto T32 = static_cast<int32_t>(T_), H32 = static_cast<int32_t>(config_.hidden_size);
+  std::vector<int32_t> order(static_cast<size_t>(T_));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return tokens[static_cast<size_t>(a)] < tokens[static_cast<size_t>(b)]; });
+  std::vector<int32_t> starts, unique;
+  for (int32_t k = 0; k < T32; ++k) {
+    const int32_t token = tokens[static_cast<size_t>(order[static_cast<size_t>(k)])];
+    if (k == 0 || token != unique.back()) {
+      starts.push_back(k);
+      unique.push_back(token);
+    }
+  }
+  starts.push_back(T32);
+  index = std::move(order);
+  index.insert(index.end(), starts.begin(), starts.end());
+  index.insert(index.end(), unique.begin(), unique.end());
+  check(cudaMemcpyAsync(emb_index_.get(), index.data(), index.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+        "upload");
+  const int32_t *idx = emb_index_.get();
+  check_launch(kn::embedding_backward_cuda(dx, idx, idx + T_, idx + T_ + starts.size(), static_cast<int32_t>(unique.size()),
+                                           H32, grad(embed_), stream_),
+               "embedding backward");
+  if (gpt2_) {
+    const int32_t *runs = positions_index_.get();
+    check_launch(kn::embedding_backward_cuda(dx, runs, runs + T_, runs + T_ + n_ + 1, static_cast<int32_t>(n_), H32,
+                                             grad(positions_), stream_),
+                 "position embedding backward");
+  }
+}
+
+void CudaTrainingEngine::head_forward(const float *x_final, std::span<const std::vector<int32_t>> sequences, float *row_loss,
+                                      bool backward, double grad_scale) {
+  const ModelConfig &c = config_;
+  const auto T32 = static_cast<int32_t>(T_), H32 = static_cast<int32_t>(c.hidden_size);
+  std::vector<int32_t> targets;  // each row's next token, -1 after the last
+  targets.reserve(static_cast<size_t>(T_));
+  for (const auto &seq : sequences)
+    for (size_t t = 0; t < seq.size(); ++t) targets.push_back(t + 1 < seq.size() ? seq[t + 1] : -1);
+  check(cudaMemcpyAsync(targets_.get(), targets.data(), targets.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+        "upload");
   const auto eps = static_cast<float>(c.norm_eps);
   if (gpt2_)
     check_launch(kn::layer_norm_forward_cuda(x_final, value(final_norm_), value(final_norm_b_), T32, H32, eps, h_final_.get(),
@@ -638,47 +734,35 @@ double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool
   else
     check_launch(kn::rms_norm_forward_cuda(x_final, value(final_norm_), T32, H32, eps, h_final_.get(), r_final_.get(), stream_),
                  "rms norm");
-  linear(h_final_.get(), head_, SIZE_MAX, V, H, logits_.get());
-  const auto weight = static_cast<float>(grad_scale / static_cast<double>(n - 1));
-  check_launch(kn::cross_entropy_cuda(logits_.get(), targets_.get(), T32, static_cast<int32_t>(V), weight, backward,
-                                      row_loss_.get(), stream_),
+  linear(h_final_.get(), head_, SIZE_MAX, c.vocab_size, c.hidden_size, logits_.get());
+  const auto weight = static_cast<float>(grad_scale / static_cast<double>(n_ - 1));
+  check_launch(kn::cross_entropy_cuda(logits_.get(), targets_.get(), T32, static_cast<int32_t>(c.vocab_size), weight,
+                                      backward, row_loss, stream_),
                "cross entropy");
-  if (backward) {
-    check(cudaMemsetAsync(dx_.get(), 0, static_cast<size_t>(T * H) * sizeof(float), stream_), "cudaMemset");
-    linear_backward(logits_.get(), h_final_.get(), head_, SIZE_MAX, V, H, dh_.get(), 0.0f);
-    if (gpt2_) {
-      check_launch(kn::layer_norm_backward_cuda(dh_.get(), x_final, value(final_norm_), mean_final_.get(), r_final_.get(), T32,
-                                                H32, dx_.get(), dw_rows_.get(), stream_),
-                   "layer norm backward");
-      check_launch(kn::column_sum_cuda(dh_.get(), T32, H32, grad(final_norm_b_), column_scratch_.get(), stream_), "norm grad");
-    } else {
-      check_launch(kn::rms_norm_backward_cuda(dh_.get(), x_final, value(final_norm_), r_final_.get(), T32, H32, dx_.get(),
-                                              dw_rows_.get(), stream_),
-                   "rms norm backward");
-    }
-    check_launch(kn::column_sum_cuda(dw_rows_.get(), T32, H32, grad(final_norm_), column_scratch_.get(), stream_), "norm grad");
-    for (size_t l = layers_.size(); l-- > 0;) {
-      LayerActs &A = acts_[recompute_ ? 0 : l];
-      if (recompute_) layer_forward(l, A, xs_[l].get(), xs_[l + 1].get());
-      layer_backward(l, A, xs_[l].get(), dx_.get());
-    }
-    const int32_t *idx = emb_index_.get();
-    check_launch(kn::embedding_backward_cuda(dx_.get(), idx, idx + T, idx + T + starts.size(),
-                                             static_cast<int32_t>(unique.size()), H32, grad(embed_), stream_),
-                 "embedding backward");
-    if (gpt2_) {
-      const int32_t *runs = positions_index_.get();
-      check_launch(kn::embedding_backward_cuda(dx_.get(), runs, runs + T, runs + T + n + 1, static_cast<int32_t>(n), H32,
-                                               grad(positions_), stream_),
-                   "position embedding backward");
-    }
+}
+
+void CudaTrainingEngine::head_backward(const float *x_final) {
+  const ModelConfig &c = config_;
+  const auto T32 = static_cast<int32_t>(T_), H32 = static_cast<int32_t>(c.hidden_size);
+  check(cudaMemsetAsync(dx_.get(), 0, static_cast<size_t>(T_ * c.hidden_size) * sizeof(float), stream_), "cudaMemset");
+  linear_backward(logits_.get(), h_final_.get(), head_, SIZE_MAX, c.vocab_size, c.hidden_size, dh_.get(), 0.0f);
+  if (gpt2_) {
+    check_launch(kn::layer_norm_backward_cuda(dh_.get(), x_final, value(final_norm_), mean_final_.get(), r_final_.get(), T32,
+                                              H32, dx_.get(), dw_rows_.get(), stream_),
+                 "layer norm backward");
+    check_launch(kn::column_sum_cuda(dh_.get(), T32, H32, grad(final_norm_b_), column_scratch_.get(), stream_), "norm grad");
+  } else {
+    check_launch(kn::rms_norm_backward_cuda(dh_.get(), x_final, value(final_norm_), r_final_.get(), T32, H32, dx_.get(),
+                                            dw_rows_.get(), stream_),
+                 "rms norm backward");
   }
-  std::vector<float> losses(static_cast<size_t>(T));
-  check(cudaMemcpyAsync(losses.data(), row_loss_.get(), losses.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_),
-        "download the losses");
-  check(cudaStreamSynchronize(stream_), "a training step");
+  check_launch(kn::column_sum_cuda(dw_rows_.get(), T32, H32, grad(final_norm_), column_scratch_.get(), stream_), "norm grad");
+}
+
+// The mean over each sequence's n - 1 predicted rows, summed over the sequences.
+double sum_of_means(const std::vector<float> &losses, int64_t sequences, int64_t n) {
   double sum = 0;
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < sequences; ++b) {
     double seq = 0;
     for (int64_t t = 0; t < n - 1; ++t) seq += static_cast<double>(losses[static_cast<size_t>(b * n + t)]);
     sum += seq / static_cast<double>(n - 1);
@@ -686,12 +770,171 @@ double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool
   return sum;
 }
 
+double CudaTrainingEngine::run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) {
+  if (batch.empty()) return 0.0;
+  const int64_t n = check_batch(batch);
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  if (pipeline_) return run_stages(batch, backward, grad_scale);
+  const auto B = static_cast<int64_t>(batch.size());
+  prepare(B, n);
+  if (gpt2_) upload_positions();
+  std::vector<int32_t> tokens, index;
+  tokens.reserve(static_cast<size_t>(B * n));
+  for (const auto &seq : batch) tokens.insert(tokens.end(), seq.begin(), seq.end());
+  embed_forward(tokens, x_at(0, 0));
+  const size_t L = layers_.size();
+  for (size_t l = 0; l < L; ++l) layer_forward(l, acts(l, 0), x_at(l, 0), x_at(l + 1, 0));
+  head_forward(x_at(L, 0), batch, row_loss_.get(), backward, grad_scale);
+  if (backward) {
+    head_backward(x_at(L, 0));
+    for (size_t l = L; l-- > 0;) {
+      const LayerActs A = acts(l, 0);
+      if (recompute_) layer_forward(l, A, x_at(l, 0), x_at(l + 1, 0));
+      layer_backward(l, A, x_at(l, 0), dx_.get());
+    }
+    embed_backward(tokens, dx_.get(), index);
+  }
+  std::vector<float> losses(static_cast<size_t>(B * n));
+  check(cudaMemcpyAsync(losses.data(), row_loss_.get(), losses.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+        "download the losses");
+  check(cudaStreamSynchronize(stream_), "a training step");
+  return sum_of_means(losses, B, n);
+}
+
+double CudaTrainingEngine::run_stages(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) {
+  // Micro-batches of k sequences. A stage keeps at most (stages - stage) micro-batches in
+  // flight under 1F1B, so as many activation slots; micro-batch i uses slot i mod slots.
+  const PipelineStages &P = *pipeline_;
+  const auto B = static_cast<int64_t>(batch.size()), n = static_cast<int64_t>(batch.front().size());
+  const int64_t k = PipelineStages::micro_batch_size(B, micro_, backward);
+  const int64_t M = B / k;
+  const int64_t slots = backward ? std::min<int64_t>(M, P.stages() - P.stage()) : 1;
+  prepare(k, n, slots);
+  if (P.last()) row_loss_.reserve(static_cast<size_t>(B * n));  // every micro-batch's, read at the end
+  if (gpt2_ && P.first()) upload_positions();
+  const size_t L = layers_.size();
+  // Events: the run's start, then a pair around each pass (its compute, not its transfers).
+  const size_t needed = 2 + 2 * static_cast<size_t>(backward ? 2 * M : M);
+  while (events_.size() < needed) {
+    cudaEvent_t e = nullptr;
+    check(cudaEventCreate(&e), "cudaEventCreate");
+    events_.push_back(e);
+  }
+  size_t next_event = 0;
+  const std::function<void()> mark = [&] { check(cudaEventRecord(events_[next_event++], stream_), "cudaEventRecord"); };
+
+  struct Passes final : PipelineStages::MicroBatches {
+    CudaTrainingEngine &e;
+    std::span<const std::vector<int32_t>> batch;
+    bool training;
+    double grad_scale;
+    int64_t n, k, slots;
+    size_t L;
+    const std::function<void()> &mark;
+    std::vector<std::vector<int32_t>> index;  // the embedding backward's, kept until the run ends
+    Passes(CudaTrainingEngine &engine, std::span<const std::vector<int32_t>> b, bool bw, double scale, int64_t len,
+           int64_t per, int64_t s, size_t layers, const std::function<void()> &m)
+        : e(engine), batch(b), training(bw), grad_scale(scale), n(len), k(per), slots(s), L(layers), mark(m),
+          index(b.size()) {}
+    DLDevice device() const override { return {kDLCUDA, e.device_}; }
+    size_t count(int64_t) override { return static_cast<size_t>(k * n * e.config_.hidden_size); }
+    float *input(int64_t i) override { return e.x_at(0, i % slots); }
+    const float *output(int64_t i) override { return e.x_at(L, i % slots); }
+    float *output_grad(int64_t) override { return e.dx_.get(); }
+    const float *input_grad(int64_t) override { return e.dx_.get(); }
+    std::span<const std::vector<int32_t>> sequences(int64_t i) const {
+      return batch.subspan(static_cast<size_t>(i * k), static_cast<size_t>(k));
+    }
+    std::vector<int32_t> tokens(int64_t i) const {
+      std::vector<int32_t> t;
+      for (const auto &seq : sequences(i)) t.insert(t.end(), seq.begin(), seq.end());
+      return t;
+    }
+    void forward(int64_t i) override {
+      const int64_t slot = i % slots;
+      mark();
+      if (e.stage_.embedding) e.embed_forward(tokens(i), e.x_at(0, slot));
+      for (size_t l = 0; l < L; ++l) e.layer_forward(l, e.acts(l, slot), e.x_at(l, slot), e.x_at(l + 1, slot));
+      if (e.stage_.head) e.head_forward(e.x_at(L, slot), sequences(i), e.row_loss_.get() + i * k * n, training, grad_scale);
+      mark();
+    }
+    void backward(int64_t i) override {
+      const int64_t slot = i % slots;
+      mark();
+      if (e.stage_.head) e.head_backward(e.x_at(L, slot));  // else dx_ holds the next stage's gradient
+      for (size_t l = L; l-- > 0;) {
+        const LayerActs A = e.acts(l, slot);
+        if (e.recompute_) e.layer_forward(l, A, e.x_at(l, slot), e.x_at(l + 1, slot));
+        e.layer_backward(l, A, e.x_at(l, slot), e.dx_.get());
+      }
+      if (e.stage_.embedding) e.embed_backward(tokens(i), e.dx_.get(), index[static_cast<size_t>(i)]);
+      mark();
+    }
+  };
+  mark();
+  Passes passes(*this, batch, backward, grad_scale, n, k, slots, L, mark);
+  P.run_1f1b(M, backward, passes);
+  mark();
+  double sum = 0;
+  if (P.last()) {
+    std::vector<float> losses(static_cast<size_t>(B * n));
+    check(cudaMemcpyAsync(losses.data(), row_loss_.get(), losses.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+          "download the losses");
+    check(cudaStreamSynchronize(stream_), "a pipeline step");
+    sum = sum_of_means(losses, B, n);
+  }
+  check(cudaStreamSynchronize(stream_), "a pipeline step");
+  // Busy: the passes' own time; wall: from the run's first queued work to its last.
+  float ms = 0;
+  double busy = 0;
+  for (size_t e = 1; e + 2 < next_event; e += 2) {
+    check(cudaEventElapsedTime(&ms, events_[e], events_[e + 1]), "cudaEventElapsedTime");
+    busy += ms;
+  }
+  check(cudaEventElapsedTime(&ms, events_[0], events_[next_event - 1]), "cudaEventElapsedTime");
+  stage_time_ = {busy / 1e3, static_cast<double>(ms) / 1e3};
+  return P.broadcast(sum, P.stages() - 1);
+}
+
+size_t CudaTrainingEngine::tied_copy() const {
+  if (!pipeline_ || !(gpt2_ || config_.tie_word_embeddings) || !(pipeline_->first() || pipeline_->last())) return SIZE_MAX;
+  return embed_;
+}
+
+void CudaTrainingEngine::reduce_stage_gradients() {
+  // A tied embedding: the first stage's (input) and the last stage's (head) gradients, exchanged
+  // and added on both (IEEE addition commutes: both copies stay bit-identical).
+  const size_t tied = tied_copy();
+  if (tied == SIZE_MAX) return;
+  const size_t count = params_[tied].size;
+  column_scratch_.reserve(count);  // free between steps
+  const int32_t other = pipeline_->first() ? pipeline_->stages() - 1 : 0;
+  pipeline_->exchange(grad(tied), count, other, column_scratch_.get(), count, other, device());
+  check_launch(kn::accumulate_cuda(grad(tied), column_scratch_.get(), static_cast<int64_t>(count), stream_), "tied gradient");
+}
+
 double CudaTrainingEngine::clip_grad_norm(double max_norm) {
-  check_launch(kn::sum_squares_cuda(grads_.get(), static_cast<int64_t>(total_), norm_scratch_.get(), norm_.get(), stream_),
-               "gradient norm");
+  // The squares of every gradient this stage holds; a pipeline's stages sum theirs, the last
+  // stage leaving out its copy of a tied embedding (the first stage's counts it).
+  const auto squares = [&](size_t begin, size_t end) {
+    if (end <= begin) return 0.0;
+    check_launch(kn::sum_squares_cuda(grads_.get() + begin, static_cast<int64_t>(end - begin), norm_scratch_.get(),
+                                      norm_.get(), stream_),
+                 "gradient norm");
+    double sq = 0;
+    check(cudaMemcpyAsync(&sq, norm_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_), "gradient norm");
+    check(cudaStreamSynchronize(stream_), "gradient norm");
+    return sq;
+  };
   double sq = 0;
-  check(cudaMemcpyAsync(&sq, norm_.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_), "gradient norm");
-  check(cudaStreamSynchronize(stream_), "gradient norm");
+  const size_t tied = pipeline_ && pipeline_->last() ? tied_copy() : SIZE_MAX;
+  if (tied == SIZE_MAX) {
+    sq = squares(0, total_);
+  } else {
+    const size_t from = params_[tied].offset, to = from + params_[tied].size;
+    sq = squares(0, from) + squares(to, total_);
+  }
+  if (pipeline_) sq = pipeline_->sum(sq);
   const double norm = std::sqrt(sq);
   if (norm > max_norm && norm > 0)
     check_launch(kn::scale_cuda(grads_.get(), static_cast<int64_t>(total_), static_cast<float>(max_norm / (norm + 1e-6)),

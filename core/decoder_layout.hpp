@@ -33,6 +33,16 @@ inline int64_t decoder_layer_of(std::string_view name) {
 // The token embedding's parameter (which a tied head shares).
 inline bool is_token_embedding(std::string_view name) { return name == "model.embed_tokens.weight" || name == "wte.weight"; }
 
+// Whether a pipeline stage holding decoder layers [first, end) (end < 0: to the last), with or
+// without the embedding (the first stage) and the head (the last: with a tied head, also the
+// token embedding's copy), trains parameter `name`.
+inline bool stage_holds(std::string_view name, int64_t first, int64_t end, bool embedding, bool head, bool tied) {
+  if (const int64_t layer = decoder_layer_of(name); layer >= 0) return layer >= first && (end < 0 || layer < end);
+  if (is_token_embedding(name)) return embedding || (head && tied);
+  if (name == "wpe.weight") return embedding;
+  return head;  // the final norm and the head
+}
+
 // Parameter indices of one decoder layer (SIZE_MAX for an absent bias or, in GPT-2, an unused
 // role: q holds c_attn [H, 3H], o c_proj, up c_fc, down the MLP's c_proj; the norms' biases are
 // LayerNorm's).

@@ -47,14 +47,8 @@ template <class T>
 DecoderTrainer<T>::DecoderTrainer(const ModelConfig &config, const ModelWeights &weights, Stage stage)
     : config_(config), stage_(stage) {
   const bool gpt2 = config_.architecture == Architecture::gpt2, tied = gpt2 || config_.tie_word_embeddings;
-  const auto in_stage = [&](const std::string &name) {
-    if (const int64_t layer = decoder_layer_of(name); layer >= 0) return layer >= stage_.first && (stage_.end < 0 || layer < stage_.end);
-    if (is_token_embedding(name)) return stage_.embedding || (stage_.head && tied);
-    if (name == "wpe.weight") return stage_.embedding;
-    return stage_.head;  // the final norm and the head
-  };
   for (const auto &[name, shape] : expected_weights(config_)) {
-    if (!in_stage(name)) continue;
+    if (!stage_holds(name, stage_.first, stage_.end, stage_.embedding, stage_.head, tied)) continue;
     const HostWeight &w = weights.at(name);
     TrainParam<T> p;
     p.name = name;

@@ -171,7 +171,7 @@ void read_train_table(const toml::table &t, const std::string &source, const std
   SchemaReader r(t, "train", source);
   r.only({"data", "validation_data", "validation_fraction", "seq_len", "batch_size", "grad_accum", "steps", "lr", "min_lr",
           "schedule", "warmup", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "recompute", "eval_every", "save_every",
-          "out", "resume", "precision", "init", "save_dtype"});
+          "out", "resume", "precision", "init", "save_dtype", "pipeline_micro_batch"});
   s.enabled = true;
   for (const char *required : {"data", "out"})
     if (!t.contains(required)) r.fail(t, required, "is required");
@@ -183,6 +183,7 @@ void read_train_table(const toml::table &t, const std::string &source, const std
   r.read_int("seq_len", s.seq_len, 2, 1 << 20);
   r.read_int("batch_size", s.batch_size, 1, 1 << 16);
   r.read_int("grad_accum", s.grad_accum, 1, 1 << 16);
+  r.read_int("pipeline_micro_batch", s.pipeline_micro_batch, 1, 1 << 16);
   r.read_int("steps", s.steps, 1, int64_t{1} << 32);
   r.read_number("lr", s.lr, 0.0, 10.0);
   r.read_number("min_lr", s.min_lr, 0.0, 10.0);

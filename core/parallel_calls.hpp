@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "host_tensor.hpp"
+#include "loom/core/error.hpp"
 #include "loom/core/instance.hpp"
 #include "loom/loom_plugin_api.h"
 
@@ -58,15 +59,25 @@ class ParallelCalls {
     DLTensor a = detail::flat_view(in, n), b = detail::flat_view(out, m);
     p_.check(vt_->all_gather(p_.handle(), group, &a, &b), "all_gather");
   }
-  void send(const float *data, size_t count, int32_t peer) const {
+  void send(const float *data, size_t count, int32_t peer, DLDevice device = {kDLCPU, 0}) const {
     int64_t n = static_cast<int64_t>(count);
-    DLTensor t = detail::flat_view(data, n);
+    DLTensor t = detail::flat_view(data, n, device);
     p_.check(vt_->send(p_.handle(), &t, peer), "send");
   }
-  void recv(float *data, size_t count, int32_t peer) const {
+  void recv(float *data, size_t count, int32_t peer, DLDevice device = {kDLCPU, 0}) const {
     int64_t n = static_cast<int64_t>(count);
-    DLTensor t = detail::flat_view(data, n);
+    DLTensor t = detail::flat_view(data, n, device);
     p_.check(vt_->recv(p_.handle(), &t, peer), "recv");
+  }
+  // Both transfers in flight at once (ABI 1.8); a component built against an older ABI is
+  // refused by name rather than risking the deadlock send then recv can cause.
+  void send_recv(const float *out, size_t out_count, int32_t to, float *in, size_t in_count, int32_t from,
+                 DLDevice device = {kDLCPU, 0}) const {
+    if (!LOOM_HAS_FIELD(vt_, loom_parallel_vtable, send_recv) || vt_->send_recv == nullptr)
+      throw runtime_error("parallel: the component predates ABI 1.8 (no send_recv), which pipeline stages need");
+    int64_t a = static_cast<int64_t>(out_count), b = static_cast<int64_t>(in_count);
+    DLTensor s = detail::flat_view(out, a, device), r = detail::flat_view(in, b, device);
+    p_.check(vt_->send_recv(p_.handle(), &s, to, &r, from), "send_recv");
   }
 
  private:

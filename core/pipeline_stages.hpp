@@ -34,19 +34,46 @@ class PipelineStages {
   // The stage holding a parameter (a tied embedding: the first).
   int32_t owner(const std::string &name) const;
 
-  void send_next(const std::vector<float> &values) const { send(values, stage_ + 1); }
-  void send_previous(const std::vector<float> &values) const { send(values, stage_ - 1); }
-  std::vector<float> receive_next(size_t count) const { return receive(count, stage_ + 1); }
-  std::vector<float> receive_previous(size_t count) const { return receive(count, stage_ - 1); }
-  void send(const std::vector<float> &values, int32_t to_stage) const;
+  // Host vectors (the CPU engine) or, with `device`, device memory (the CUDA engine: transfers
+  // ordered on the device's compute stream, returning before they complete).
+  void send(const std::vector<float> &values, int32_t to_stage) const { send(values.data(), values.size(), to_stage); }
   std::vector<float> receive(size_t count, int32_t from_stage) const;
-  // Into `values` as sized (a buffer the caller reuses step after step).
-  void receive_into(std::vector<float> &values, int32_t from_stage) const;
+  void send(const float *values, size_t count, int32_t to_stage, DLDevice device = {kDLCPU, 0}) const;
+  void receive_into(float *values, size_t count, int32_t from_stage, DLDevice device = {kDLCPU, 0}) const;
+  // Sends to one stage while receiving from another (or the same): both in flight at once.
+  void exchange(const float *out, size_t out_count, int32_t to_stage, float *in, size_t in_count, int32_t from_stage,
+                DLDevice device = {kDLCPU, 0}) const;
   // Sums over the pipeline's stages.
   double sum(double value) const;
   // `values` as the stage `from_stage` holds them, on every stage.
   void broadcast(std::vector<float> &values, int32_t from_stage) const;
   double broadcast(double value, int32_t from_stage) const;
+
+  // What an engine gives the 1F1B schedule for micro-batch i: where its stage input arrives and
+  // its output leaves, where the output's gradient arrives and the input's leaves (each count(i)
+  // floats, on `device`; a pointer stays valid until the micro-batch's backward pass), and the
+  // passes themselves.
+  struct MicroBatches {
+    virtual ~MicroBatches() = default;
+    virtual DLDevice device() const = 0;
+    virtual size_t count(int64_t i) = 0;
+    virtual float *input(int64_t i) = 0;              // not called on the first stage
+    virtual const float *output(int64_t i) = 0;       // after forward(i); not on the last stage
+    virtual float *output_grad(int64_t i) = 0;        // not on the last stage
+    virtual const float *input_grad(int64_t i) = 0;   // after backward(i); not on the first stage
+    virtual void forward(int64_t i) = 0;
+    virtual void backward(int64_t i) = 0;
+  };
+  // Runs `m` micro-batches through this stage: 1F1B (a stage first runs the forward passes the
+  // later stages need to fill the pipeline, then alternates one forward and one backward pass,
+  // then drains the backward passes), each step's send to one neighbour paired with the receive
+  // from the other so that no two stages wait on each other. Forward passes only without
+  // `backward`.
+  void run_1f1b(int64_t m, bool backward, MicroBatches &mb) const;
+  // The sequences per micro-batch for a batch of `batch`: `wanted`
+  // (train.pipeline_micro_batch), which must divide a batch that trains; a forward-only batch
+  // it does not divide (the last validation chunk) runs one sequence a micro-batch.
+  static int64_t micro_batch_size(int64_t batch, int64_t wanted, bool backward);
 
  private:
   int32_t world_rank_of(int32_t stage) const;

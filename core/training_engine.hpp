@@ -42,6 +42,10 @@ struct TrainEngineOptions {
   // Pipeline parallelism ([Parallel], CPU): this rank's stage; run() then drives the 1F1B
   // schedule over the batch's sequences with the neighbouring stages. Not owned.
   const PipelineStages *pipeline = nullptr;
+  // Sequences per pipeline micro-batch: run() splits its batch into batch / this micro-batches
+  // (it must divide a batch that trains; a forward-only batch it does not divide runs one
+  // sequence a micro-batch).
+  int64_t pipeline_micro_batch = 1;
 };
 
 class TrainingEngine {
@@ -53,6 +57,13 @@ class TrainingEngine {
   // its backward pass: adds grad_scale times the gradient of each sequence's mean next-token loss
   // into the gradients. Returns the sum over the sequences of their mean losses.
   virtual double run(std::span<const std::vector<int32_t>> batch, bool backward, double grad_scale) = 0;
+  // Pipeline stages: how long the last run() took on this stage and how much of it the stage
+  // spent computing (the rest: waiting for its neighbours, the pipeline's bubble). Zeros
+  // without stages.
+  struct StageTime {
+    double busy_s = 0, wall_s = 0;
+  };
+  virtual StageTime last_stage_time() const { return {}; }
   // Completes the step's gradients across pipeline stages (a tied embedding's two copies
   // summed); once a step, after the last run() and before clipping. Nothing without stages.
   virtual void reduce_stage_gradients() {}

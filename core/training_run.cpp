@@ -391,9 +391,14 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
     if (stages->stages() == 1) stages.reset();
   }
   if (stages) {
-    if (device.device_type == kDLCUDA) throw manifest_error(m.source_name + ": [parallel] pipeline parallel training runs on the CPU engine so far");
     if (!adapter_specs.empty()) throw manifest_error(m.source_name + ": [parallel] pipeline parallel training of adapters is not supported yet");
     eo.pipeline = stages.get();
+    eo.pipeline_micro_batch = t.pipeline_micro_batch;
+    const int64_t data_ranks = std::max<int32_t>(1, ParallelCalls(*parallel).topology().data_size);
+    if (t.batch_size % (data_ranks * t.pipeline_micro_batch) != 0)
+      throw manifest_error(m.source_name + ": train.pipeline_micro_batch = " + std::to_string(t.pipeline_micro_batch) +
+                           " does not divide each data rank's share of train.batch_size = " + std::to_string(t.batch_size) +
+                           " (" + std::to_string(data_ranks) + " data rank(s))");
   }
   if (shards) {
     if (device.device_type == kDLCUDA) throw manifest_error(m.source_name + ": [parallel] tensor parallel training runs on the CPU engine so far");
@@ -516,6 +521,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
     const double lr = learning_rate(t, step);
     engine->zero_grad();
     double loss = 0;
+    TrainingEngine::StageTime stage_time;  // this step's, over its micro-batches
     for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
       batch.clear();
       for (int64_t i = 0; i < t.batch_size; ++i) {
@@ -529,8 +535,15 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
       }
       if (dp) loss += dp->run(dp->share(batch), scale, micro == t.grad_accum - 1) * scale;
       else loss += engine->run(batch, true, scale) * scale;
+      stage_time.busy_s += engine->last_stage_time().busy_s;
+      stage_time.wall_s += engine->last_stage_time().wall_s;
     }
     engine->reduce_stage_gradients();
+    // Pipeline stages: the share of the step each stage spent waiting for its neighbours (the
+    // bubble), averaged over the stages.
+    double idle = 0;
+    if (stages)
+      idle = stages->sum(stage_time.wall_s > 0 ? 1.0 - stage_time.busy_s / stage_time.wall_s : 0.0) / stages->stages();
     if (dp) {
       dp->finish_gradients();
       loss = dp->sum(loss);
@@ -542,11 +555,11 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
     result.train_loss.emplace_back(step, loss);
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const double tok_s = static_cast<double>(tokens_here) / std::max(elapsed - eval_seconds, 1e-9);
-    log << nlohmann::json{{"step", step},       {"loss", loss},          {"lr", lr},
+    nlohmann::json record{{"step", step},       {"loss", loss},          {"lr", lr},
                           {"grad_norm", norm},  {"tokens", tokens_here}, {"tokens_per_s", tok_s},
-                          {"elapsed_s", elapsed}}
-               .dump()
-        << std::endl;
+                          {"elapsed_s", elapsed}};
+    if (stages) record["pipeline_idle"] = idle;
+    log << record.dump() << std::endl;
     if (writes && options.progress && (tty || step % std::max<int64_t>(1, t.steps / 20) == 0 || step == t.steps)) {
       const double eta = (elapsed - eval_seconds) / static_cast<double>(done_here) * static_cast<double>(t.steps - step);
       const int width = 24, filled = static_cast<int>(width * step / t.steps);

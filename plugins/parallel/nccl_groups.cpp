@@ -94,16 +94,33 @@ void NcclGroups::reduce_scatter(const std::vector<int>& members, const void* in,
         "ncclReduceScatter");
 }
 
+NcclGroups::Comm& NcclGroups::pair(int peer, int device) {
+  return comm({std::min(peer, mesh_.rank()), std::max(peer, mesh_.rank())}, device);
+}
+
 void NcclGroups::send(int peer, const void* data, size_t bytes, int device, void* stream) {
-  std::vector<int> pair{std::min(peer, mesh_.rank()), std::max(peer, mesh_.rank())};
-  Comm& c = comm(pair, device);
+  Comm& c = pair(peer, device);
   check(ncclSend(data, bytes, ncclUint8, c.index == 0 ? 1 : 0, c.comm, as_stream(stream)), "ncclSend");
 }
 
 void NcclGroups::recv(int peer, void* data, size_t bytes, int device, void* stream) {
-  std::vector<int> pair{std::min(peer, mesh_.rank()), std::max(peer, mesh_.rank())};
-  Comm& c = comm(pair, device);
+  Comm& c = pair(peer, device);
   check(ncclRecv(data, bytes, ncclUint8, c.index == 0 ? 1 : 0, c.comm, as_stream(stream)), "ncclRecv");
+}
+
+void NcclGroups::send_recv(int send_peer, const void* send_data, size_t send_bytes, int recv_peer, void* recv_data,
+                           size_t recv_bytes, int device, void* stream) {
+  // The communicators exist before the group opens (making one is itself a collective).
+  Comm& to = pair(send_peer, device);
+  Comm& from = pair(recv_peer, device);
+  check(ncclGroupStart(), "ncclGroupStart");
+  const ncclResult_t sent = ncclSend(send_data, send_bytes, ncclUint8, to.index == 0 ? 1 : 0, to.comm, as_stream(stream));
+  const ncclResult_t received =
+      ncclRecv(recv_data, recv_bytes, ncclUint8, from.index == 0 ? 1 : 0, from.comm, as_stream(stream));
+  const ncclResult_t ended = ncclGroupEnd();  // always closed, whatever failed inside
+  check(sent, "ncclSend");
+  check(received, "ncclRecv");
+  check(ended, "ncclGroupEnd");
 }
 
 }  // namespace loomp::parallel

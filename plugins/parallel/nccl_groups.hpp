@@ -34,10 +34,15 @@ class NcclGroups {
                       int device, void* stream);
   void send(int peer, const void* data, size_t bytes, int device, void* stream);
   void recv(int peer, void* data, size_t bytes, int device, void* stream);
+  // Both in one NCCL group, so that two ranks sending to each other at once do not wait on
+  // each other's receive.
+  void send_recv(int send_peer, const void* send_data, size_t send_bytes, int recv_peer, void* recv_data,
+                 size_t recv_bytes, int device, void* stream);
 
  private:
   struct Comm;
   Comm& comm(const std::vector<int>& members, int device);
+  Comm& pair(int peer, int device);  // the communicator of this rank and `peer`
 
   TcpMesh& mesh_;
   std::map<std::vector<int>, std::unique_ptr<Comm>> comms_;

@@ -32,6 +32,7 @@ struct Strategy {
   LaunchEnv env;
   int tensor_size = 1, pipeline_size = 1, data_size = 1;
   int tensor_rank = 0, pipeline_rank = 0, data_rank = 0;
+  std::vector<int64_t> stage_layers;  // pipeline: layers per stage as configured (empty: even)
   loom_parallel_training training{sizeof(loom_parallel_training), 0, 0, 1};
   std::unique_ptr<TcpMesh> mesh;
 #if LOOM_PARALLEL_NCCL
@@ -47,6 +48,18 @@ struct Strategy {
         invalid_param(group_key, std::string(group_key) + " " + std::to_string(size) + " must divide the world of " +
                                      std::to_string(env.world) + " ranks (0: all of them)");
       (kind == Kind::Tensor ? tensor_size : pipeline_size) = group;
+    }
+    if (kind == Kind::Pipeline) {
+      uint32_t count = 0;
+      check_cfg(h->config_get_array_size(c, "stage_layers", &count), "stage_layers", "array");
+      for (uint32_t i = 0; i < count; ++i) {
+        const std::string key = "stage_layers[" + std::to_string(i) + "]";
+        const int64_t layers = cfg_int(h, c, key.c_str());
+        if (layers < 1) invalid_param("stage_layers", "stage_layers: stage " + std::to_string(i) + " gets " + std::to_string(layers) + " layers (at least 1)");
+        stage_layers.push_back(layers);
+      }
+      if (count != 0 && static_cast<int>(count) != pipeline_size)
+        invalid_param("stage_layers", "stage_layers lists " + std::to_string(count) + " stages, the pipeline has " + std::to_string(pipeline_size));
     }
     const int64_t zero = cfg_int(h, c, "zero_stage");
     if (zero != 0 && zero != 1) invalid_param("zero_stage", "zero_stage must be 0 or 1 (ZeRO stage 1 shards the optimizer state)");
@@ -177,10 +190,20 @@ loom_status shard_fn(void* inst, const char* name, const int64_t* shape, int32_t
     *out = loom_shard{sizeof(loom_shard), dim, S.tensor_rank * part, (S.tensor_rank + 1) * part, reduce_after, 0};
   });
 }
-// Consecutive layers per stage, as even as the count allows (the first stages take one fewer).
+// Consecutive layers per stage: as stage_layers says (-1 for a layer beyond their sum, or for
+// every layer when they do not add up to n_layers), else as even as the count allows (the first
+// stages take one fewer).
 int32_t stage_of_layer_fn(void* inst, int32_t layer, int32_t n_layers) {
   const Strategy& S = self(inst);
   if (S.pipeline_size <= 1 || n_layers <= 0 || layer < 0) return 0;
+  if (!S.stage_layers.empty()) {
+    int64_t end = 0, total = 0;
+    for (const int64_t l : S.stage_layers) total += l;
+    if (total != n_layers) return -1;
+    for (size_t s = 0; s < S.stage_layers.size(); ++s)
+      if (layer < (end += S.stage_layers[s])) return static_cast<int32_t>(s);
+    return -1;
+  }
   return static_cast<int32_t>(std::min<int64_t>(S.pipeline_size - 1, static_cast<int64_t>(layer) * S.pipeline_size / n_layers));
 }
 
@@ -284,6 +307,27 @@ loom_status send_fn(void* inst, const DLTensor* buf, int32_t peer) {
 }
 loom_status recv_fn(void* inst, DLTensor* buf, int32_t peer) { return point_to_point(inst, buf, peer, false); }
 
+loom_status send_recv_fn(void* inst, const DLTensor* send, int32_t send_peer, DLTensor* recv, int32_t recv_peer) {
+  return call(inst, [&](Strategy& S) {
+    check_buffer(send, "send");
+    check_buffer(recv, "recv");
+    check_peer(S, send_peer);
+    check_peer(S, recv_peer);
+    if (send->device.device_type != recv->device.device_type || send->device.device_id != recv->device.device_id)
+      invalid("parallel: send_recv's buffers are on different devices");
+    const size_t send_bytes = count_of(*send) * elem_size(elem_type(*send));
+    const size_t recv_bytes = count_of(*recv) * elem_size(elem_type(*recv));
+    std::byte* out = data_of<std::byte>(*const_cast<DLTensor*>(send));  // read only
+    std::byte* in = data_of<std::byte>(*recv);
+#if LOOM_PARALLEL_NCCL
+    if (on_cuda(*send))
+      return S.nccl->send_recv(send_peer, out, send_bytes, recv_peer, in, recv_bytes, send->device.device_id,
+                               stream_of(S, *send));
+#endif
+    S.mesh->send_recv(send_peer, out, send_bytes, recv_peer, in, recv_bytes);
+  });
+}
+
 loom_status barrier_fn(void* inst, loom_group g) {
   return call(inst, [&](Strategy& S) { S.mesh->barrier(S.members(g)); });
 }
@@ -312,7 +356,7 @@ constexpr loom_parallel_vtable kVtable = {
     sizeof(loom_parallel_vtable),
     {&create_fn<K>, &destroy_instance<Strategy>, &get_extension_fn, nullptr, nullptr},
     &topology_fn, &shard_fn, &stage_of_layer_fn, &all_reduce_fn, &all_gather_fn,
-    &reduce_scatter_fn, &broadcast_fn, &send_fn, &recv_fn, &barrier_fn,
+    &reduce_scatter_fn, &broadcast_fn, &send_fn, &recv_fn, &barrier_fn, &send_recv_fn,
 };
 
 const loom_param_desc kDataParams[] = {
@@ -342,6 +386,9 @@ constexpr loom_component_desc kTensor = {
 const loom_param_desc kPipelineParams[] = {
     {sizeof(loom_param_desc), "stages", LOOM_VALUE_INT, 0, "0",
      "ranks per pipeline (consecutive ranks, one stage each; 0: the whole world); the pipelines are data parallel"},
+    {sizeof(loom_param_desc), "stage_layers", LOOM_VALUE_ARRAY, 0, "[]",
+     "decoder layers per stage, in order, adding up to the model's (e.g. [8, 4] to leave the last stage room for the "
+     "head); empty: as even as the count allows"},
     kDataParams[0], kDataParams[1], kDataParams[2], kDataParams[3],
 };
 constexpr loom_component_desc kPipeline = {

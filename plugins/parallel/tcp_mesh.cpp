@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <exception>
 #include <thread>
 
 #include "loom_plugin_util.hpp"
@@ -297,6 +298,27 @@ int TcpMesh::socket_of(int peer) const {
 
 void TcpMesh::send(int peer, const void* data, size_t bytes) { send_all(socket_of(peer), data, bytes, rank_name(peer)); }
 void TcpMesh::recv(int peer, void* data, size_t bytes) { recv_all(socket_of(peer), data, bytes, rank_name(peer)); }
+
+void TcpMesh::send_recv(int send_peer, const void* send_data, size_t send_bytes, int recv_peer, void* recv_data,
+                        size_t recv_bytes) {
+  const int send_fd = socket_of(send_peer), recv_fd = socket_of(recv_peer);  // throws before a thread starts
+  std::exception_ptr send_error;
+  std::thread sender([&] {
+    try {
+      send_all(send_fd, send_data, send_bytes, rank_name(send_peer));
+    } catch (...) {
+      send_error = std::current_exception();
+    }
+  });
+  try {
+    recv_all(recv_fd, recv_data, recv_bytes, rank_name(recv_peer));
+  } catch (...) {
+    sender.join();  // the send gives up too, by its own timeout or the peer's closed socket
+    throw;
+  }
+  sender.join();
+  if (send_error) std::rethrow_exception(send_error);
+}
 
 void TcpMesh::all_reduce(const std::vector<int>& members, void* data, size_t count, ElemType type, ReduceOp op) {
   if (members.size() <= 1) return;

@@ -44,6 +44,10 @@ class TcpMesh {
 
   void send(int peer, const void* data, size_t bytes);
   void recv(int peer, void* data, size_t bytes);
+  // The send on a second thread while this one receives: two ranks sending to each other at once
+  // never wait for each other's socket buffers to drain.
+  void send_recv(int send_peer, const void* send_data, size_t send_bytes, int recv_peer, void* recv_data,
+                 size_t recv_bytes);
 
   // `members`: the group's world ranks, ascending, this rank among them.
   void all_reduce(const std::vector<int>& members, void* data, size_t count, ElemType type, ReduceOp op);

@@ -111,6 +111,11 @@ loom_status recv_fn(void* inst, DLTensor*, int32_t peer) {
     invalid("single: recv from peer " + std::to_string(peer) + ": no peer exists in a world of one rank");
   });
 }
+loom_status send_recv_fn(void* inst, const DLTensor*, int32_t send_peer, DLTensor*, int32_t) {
+  return guard(self(inst).host, self(inst).ctx, [&] {
+    invalid("single: send_recv with peer " + std::to_string(send_peer) + ": no peer exists in a world of one rank");
+  });
+}
 loom_status barrier_fn(void* inst, loom_group g) {
   return guard(self(inst).host, self(inst).ctx, [&] { check_group(g); });
 }
@@ -119,7 +124,7 @@ constexpr loom_parallel_vtable kVtable = {
     sizeof(loom_parallel_vtable),
     {&create_fn, &destroy_fn, nullptr, nullptr, nullptr},
     &topology_fn, &shard_fn, &stage_of_layer_fn, &all_reduce_fn, &all_gather_fn,
-    &reduce_scatter_fn, &broadcast_fn, &send_fn, &recv_fn, &barrier_fn,
+    &reduce_scatter_fn, &broadcast_fn, &send_fn, &recv_fn, &barrier_fn, &send_recv_fn,
 };
 constexpr loom_component_desc kSingle = {
     sizeof(loom_component_desc), LOOM_KIND_PARALLEL, "single", "1.0.0",

@@ -260,6 +260,16 @@ std::string pipeline_layout(int rank) {
   }
   EXPECT(theirs.v[99999] == static_cast<float>(peer * 1000000 + 99999));
   EXPECT(R.vt->send(h, mine.dl(), (rank + 2) % 4) == LOOM_ERR_INVALID_ARGUMENT);  // another pipeline's rank
+  // ABI 1.8 send_recv: both stages send 32 MB to each other at once, more than loopback's
+  // socket buffers hold, so a send before a receive on both sides would wait forever.
+  EXPECT(LOOM_HAS_FIELD(R.vt, loom_parallel_vtable, send_recv));
+  std::vector<float> large(8 << 20);
+  for (size_t i = 0; i < large.size(); i += 4096) large[i] = static_cast<float>(rank * 100 + static_cast<int>(i >> 12));
+  bt::Tensor<float> out({static_cast<int64_t>(large.size())}, large), in({static_cast<int64_t>(large.size())});
+  EXPECT(R.vt->send_recv(h, out.dl(), peer, in.dl(), peer) == LOOM_OK);
+  EXPECT(in.v[4096 * 2047] == static_cast<float>(peer * 100 + 2047));
+  EXPECT(in.v[0] == static_cast<float>(peer * 100));
+  EXPECT(R.vt->send_recv(h, out.dl(), peer, in.dl(), (rank + 2) % 4) == LOOM_ERR_INVALID_ARGUMENT);
   return "";
 }
 

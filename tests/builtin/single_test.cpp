@@ -71,6 +71,7 @@ TEST_CASE("single has no peer for point-to-point", "[single]") {
   Fixture f;
   bt::Tensor<float> buf({4});
   CHECK(f.vt->send(f.p.handle(), buf.dl(), 1) == LOOM_ERR_INVALID_ARGUMENT);
+  CHECK(f.vt->send_recv(f.p.handle(), buf.dl(), 1, buf.dl(), 1) == LOOM_ERR_INVALID_ARGUMENT);  // ABI 1.8
   CHECK_THAT(f.p.last_error(), Catch::Contains("no peer"));
   CHECK(f.vt->recv(f.p.handle(), buf.dl(), 0) == LOOM_ERR_INVALID_ARGUMENT);
   CHECK_THAT(f.p.last_error(), Catch::Contains("no peer"));

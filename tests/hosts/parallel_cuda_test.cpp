@@ -1,4 +1,4 @@
-// Data and tensor parallelism on several GPUs of one host ([Parallel], [Multi-GPU]): `loom run`
+// Data, tensor and pipeline parallelism on several GPUs of one host ([Parallel], [Multi-GPU]): `loom run`
 // and `loom train` over 2 processes (torchrun's variables, NCCL) against one GPU. Skipped (77)
 // with fewer than 2 GPUs. The binary and the source tree come from LOOM_CLI / LOOM_SOURCE_DIR
 // in the environment when set (a build carried to the GPU machine), else from this build.
@@ -109,6 +109,68 @@ TEST_CASE("data parallel training on 2 GPUs (with ZeRO-1) follows one GPU's curv
     const auto got = losses(dir / "out");
     REQUIRE(got.size() == want.size());
     for (size_t i = 0; i < want.size(); ++i) CHECK(std::fabs(got[i] - want[i]) <= 1e-4 * std::fabs(want[i]));
+  }
+}
+
+// A GPT-2 of 4 layers (tests/fixtures/models/tiny-gpt2's shape) with the byte-level tokenizer:
+// trained from random weights (train.init), it covers learned positions, LayerNorm and a tied
+// head whose two copies live on the first and last stages.
+fs::path tiny_gpt2() {
+  const fs::path d = scratch("tiny-gpt2");
+  nlohmann::json config = nlohmann::json::parse(std::ifstream(kSource / "tests/fixtures/models/tiny-gpt2/config.json"));
+  config["n_layer"] = 4;
+  config["vocab_size"] = 704;  // the tokenizer's 701 ids, rounded up
+  std::ofstream(d / "config.json") << config.dump(2);
+  fs::copy_file(kSource / "tests/fixtures/tokenizers/gpt2-style/tokenizer.json", d / "tokenizer.json");
+  return d;
+}
+
+TEST_CASE("pipeline parallel training on 2 GPUs follows one GPU's curve", "[parallel][cuda]") {
+  const fs::path gpt2 = tiny_gpt2();
+  struct Case {
+    const char *name;
+    fs::path model;
+    const char *extra;  // [train] lines
+  };
+  for (const Case &c : {Case{"tiny-kjv (Llama, tied)", kSource / "models/tiny-kjv", ""},
+                        Case{"tiny-kjv with recomputation and accumulation", kSource / "models/tiny-kjv",
+                             "recompute = true\ngrad_accum = 2\n"},
+                        Case{"GPT-2 (random init)", gpt2, "init = \"random\"\n"}}) {
+    const auto write = [&](const fs::path &dir, const std::string &parallel) {
+      std::ofstream(dir / "train.toml") << "[loom]\ndevice = \"cuda\"\nseed = 5\n[model]\npath = \"" << c.model.string()
+                                        << "\"\n[train]\ndata = \""
+                                        << (kSource / "tests/fixtures/text/kjv_calibration.txt").string()
+                                        << "\"\nvalidation_fraction = 0.0\nseq_len = 64\nbatch_size = 6\nsteps = 10\n"
+                                           "lr = 1e-3\nwarmup = 2\ngrad_clip = 1.0\neval_every = 0\nout = \""
+                                        << (dir / "out").string() << "\"\n"
+                                        << c.extra << parallel;
+      return dir / "train.toml";
+    };
+    const auto one_dir = scratch("pipe-one"), two_dir = scratch("pipe-two");
+    const auto one = launch("train", write(one_dir, ""), 1);
+    const auto two = launch("train", write(two_dir, "[parallel]\nuse = \"pipeline\"\nstages = 2\n"), 2);
+    INFO(c.name << "\n" << one.out << "\n----\n" << two.out);
+    REQUIRE(one.code == 0);
+    REQUIRE(two.code == 0);
+    CHECK(two.out.find("pipeline stage 0 of 2") != std::string::npos);
+    const auto want = losses(one_dir / "out"), got = losses(two_dir / "out");
+    REQUIRE(want.size() == 10);
+    REQUIRE(got.size() == want.size());
+    for (size_t i = 0; i < want.size(); ++i) CHECK(std::fabs(got[i] - want[i]) <= 1e-4 * std::fabs(want[i]));
+    // Every step says how much of it the stages waited (1F1B over 6 micro-batches, 2 stages).
+    std::ifstream log(two_dir / "out/train_log.jsonl");
+    std::string line;
+    int idle = 0;
+    while (std::getline(log, line)) {
+      const auto j = nlohmann::json::parse(line);
+      if (!j.contains("pipeline_idle")) continue;
+      ++idle;
+      CHECK(j["pipeline_idle"].get<double>() > 0.0);
+      CHECK(j["pipeline_idle"].get<double>() < 1.0);
+    }
+    CHECK(idle == 10);
+    // The exported model is the whole model (both stages' parameters).
+    CHECK(fs::file_size(two_dir / "out/model/model.safetensors") == fs::file_size(one_dir / "out/model/model.safetensors"));
   }
 }
 

@@ -146,6 +146,7 @@ TEST_CASE("data parallel training on 2 and 4 CPU ranks follows one rank's loss c
       {"tensor parallel over 2 ranks", 2, "tensor", "size = 2\n", "tensor parallel x2;"},
       {"tensor 2 x data 2, ZeRO-1", 4, "tensor", "size = 2\nzero_stage = 1\n", "tensor parallel x2, data parallel x2 (ZeRO-1)"},
       {"pipeline of 2 stages", 2, "pipeline", "stages = 2\n", "pipeline stage 0 of 2;"},
+      {"pipeline of 4 stages (a layer each)", 4, "pipeline", "stages = 4\n", "pipeline stage 0 of 4;"},
       {"pipeline 2 x data 2, ZeRO-1", 4, "pipeline", "stages = 2\nzero_stage = 1\n", "pipeline stage 0 of 2, data parallel x2 (ZeRO-1)"},
   };
   for (const auto &c : cases) {
@@ -175,6 +176,48 @@ TEST_CASE("data parallel training on 2 and 4 CPU ranks follows one rank's loss c
       }
     }
   }
+}
+
+TEST_CASE("pipeline micro-batches of 2 sequences over an uneven split follow one rank's curve", "[parallel]") {
+  const auto one_dir = scratch("pp-micro-one"), two_dir = scratch("pp-micro-two");
+  const Run one = launch(0, manifest(one_dir, ""));
+  INFO(one.out);
+  REQUIRE(one.code == 0);
+  // 3 of the 4 layers on the first stage; each batch of 4 sequences as 2 micro-batches of 2.
+  const Run two = launch(2, manifest(two_dir, "stages = 2\nstage_layers = [3, 1]\n", false, "", "pipeline"),
+                         "--set train.pipeline_micro_batch=2");
+  INFO(two.out);
+  REQUIRE(two.code == 0);
+  check_same_curve(curve(one_dir), curve(two_dir));
+  // Each step logs the stages' mean idle share, a fraction.
+  std::ifstream log(two_dir / "out/train_log.jsonl");
+  std::string line;
+  int steps = 0;
+  while (std::getline(log, line)) {
+    const auto j = nlohmann::json::parse(line);
+    if (!j.contains("loss")) continue;
+    ++steps;
+    REQUIRE(j.contains("pipeline_idle"));
+    CHECK(j["pipeline_idle"].get<double>() >= 0.0);
+    CHECK(j["pipeline_idle"].get<double>() < 1.0);
+  }
+  CHECK(steps == 20);
+}
+
+TEST_CASE("a pipeline whose layer split or micro-batch does not fit is refused by name", "[parallel]") {
+  const auto dir = scratch("pp-bad");
+  const Run layers = launch(2, manifest(dir, "stages = 2\nstage_layers = [2, 3]\n", false, "", "pipeline"));
+  INFO(layers.out);
+  CHECK(layers.code != 0);
+  CHECK(layers.out.find("no stage (do its layers per stage add up to 4?)") != std::string::npos);
+  const Run count = launch(2, manifest(dir, "stages = 2\nstage_layers = [4]\n", false, "", "pipeline"));
+  INFO(count.out);
+  CHECK(count.code != 0);
+  CHECK(count.out.find("stage_layers lists 1 stages, the pipeline has 2") != std::string::npos);
+  const Run micro = launch(2, manifest(dir, "stages = 2\n", false, "", "pipeline"), "--set train.pipeline_micro_batch=3");
+  INFO(micro.out);
+  CHECK(micro.code != 0);
+  CHECK(micro.out.find("train.pipeline_micro_batch = 3 does not divide") != std::string::npos);
 }
 
 TEST_CASE("a LoRA adapter trains data parallel like on one rank", "[parallel]") {

@@ -72,6 +72,14 @@ typedef struct loom_parallel_vtable {
   loom_status (*send)(void *instance, const DLTensor *buffer, int32_t peer);
   loom_status (*recv)(void *instance, DLTensor *buffer, int32_t peer);
   loom_status (*barrier)(void *instance, loom_group group);
+  /* ---- ABI 1.8 (check struct_size: LOOM_HAS_FIELD(vt, loom_parallel_vtable, send_recv)) ----
+   * Sends `send` to `send_peer` while receiving `recv` from `recv_peer` (both within
+   * LOOM_GROUP_PIPELINE, either the same rank or two), the two transfers in flight together:
+   * neighbouring stages that send to each other at once (an activation forward, a gradient back)
+   * cannot deadlock however large the buffers. On CUDA both are ordered on the host's current
+   * stream, as send and recv are. */
+  loom_status (*send_recv)(void *instance, const DLTensor *send, int32_t send_peer, DLTensor *recv,
+                           int32_t recv_peer);
 } loom_parallel_vtable;
 
 /* ---- ABI 1.7: extension "loom.parallel.training/1" (lifecycle get_extension) ----

@@ -111,6 +111,9 @@ struct TrainSpec {
   double weight_decay = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   double grad_clip = 1.0;                    // max global gradient norm; 0 = no clipping
   bool recompute = false;                    // activation recomputation (less memory, one more forward)
+  // Pipeline parallel: sequences per pipeline micro-batch (1F1B runs a rank's share of each
+  // micro-batch above as share / pipeline_micro_batch pipeline micro-batches); must divide it.
+  int64_t pipeline_micro_batch = 1;
   // float32 | bf16: on CUDA, bf16 rounds the linears' GEMM operands to bfloat16 (float32 master
   // weights, gradients, optimizer state and accumulation); the CPU computes in float32 and refuses bf16.
   std::string precision = "float32";
