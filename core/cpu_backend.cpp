@@ -326,13 +326,21 @@ void CpuBackend::build(ModelWeights weights) {
       std::string p = "h." + std::to_string(i) + ".";
       // Conv1D weights are [in, out]: transposed copies (the biases split with them).
       auto take = [&](const std::string &name) { return weights.take(p + name); };
+      // AW: the attention's width (H; a tensor parallel rank's share of the heads). The
+      // row-parallel c_proj biases are added by tensor rank 0 alone: the group's sum counts them once.
+      const int64_t AW = c.n_heads * c.head_dim;
+      const auto row_bias = [&](const std::string &name) {
+        HostWeight b = take(name);
+        if (tensor_ && tensor_->rank() != 0) std::fill(b.values.begin(), b.values.end(), 0.0f);
+        return b.values;
+      };
       HostWeight ca = take("attn.c_attn.weight"), cab = take("attn.c_attn.bias");
-      layer.q = conv(p + "attn.c_attn.q", ca, cab.values, 0, H);
-      layer.k = conv(p + "attn.c_attn.k", ca, cab.values, H, H);
-      layer.v = conv(p + "attn.c_attn.v", ca, cab.values, 2 * H, H);
-      layer.o = conv(p + "attn.c_proj", take("attn.c_proj.weight"), take("attn.c_proj.bias").values, 0, H);
+      layer.q = conv(p + "attn.c_attn.q", ca, cab.values, 0, AW);
+      layer.k = conv(p + "attn.c_attn.k", ca, cab.values, AW, AW);
+      layer.v = conv(p + "attn.c_attn.v", ca, cab.values, 2 * AW, AW);
+      layer.o = conv(p + "attn.c_proj", take("attn.c_proj.weight"), row_bias("attn.c_proj.bias"), 0, H);
       layer.up = conv(p + "mlp.c_fc", take("mlp.c_fc.weight"), take("mlp.c_fc.bias").values, 0, c.intermediate_size);
-      layer.down = conv(p + "mlp.c_proj", take("mlp.c_proj.weight"), take("mlp.c_proj.bias").values, 0, H);
+      layer.down = conv(p + "mlp.c_proj", take("mlp.c_proj.weight"), row_bias("mlp.c_proj.bias"), 0, H);
       layer.norm1 = values(p + "ln_1.weight");
       layer.norm1_bias = values(p + "ln_1.bias");
       layer.norm2 = values(p + "ln_2.weight");
@@ -1110,10 +1118,12 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
       const int64_t row = tokens[t] - vocab_begin;  // tensor parallel: this rank's rows, zeros for the others'
       if (row >= 0 && row < V) embed_row(static_cast<int32_t>(row), x + t * H);
       else std::fill(x + t * H, x + (t + 1) * H, 0.0f);
-      if (gpt2)
-        for (int64_t i = 0; i < H; ++i) x[t * H + i] += positions_[static_cast<size_t>(pos[t] * H + i)];
     });
     tensor_sum(x, T * H);
+    if (gpt2)  // the learned positions, once (after the vocabulary shares are summed)
+      rows(T, H, [&](int64_t t) {
+        for (int64_t i = 0; i < H; ++i) x[t * H + i] += positions_[static_cast<size_t>(pos[t] * H + i)];
+      });
   }
   std::shared_ptr<Instance> attention = pipeline_.list(LOOM_KIND_ATTENTION).front();
   auto avt = attention->vtable<loom_attention_vtable>();

@@ -33,7 +33,8 @@ class CpuTrainingEngine final : public TrainingEngine {
       tensor_ = options.tensor;
       const TensorShards *shards = tensor_;
       trainer_.set_tensor_group({shards->vocab_begin(), config.vocab_size * shards->size(),
-                                 [shards](float *data, size_t count, bool max) { shards->all_reduce(data, count, max); }});
+                                 [shards](float *data, size_t count, bool max) { shards->all_reduce(data, count, max); },
+                                 shards->rank() == 0});
     }
     if (options.adapters.empty()) return;
     trainer_.attach_adapters(options.adapters);

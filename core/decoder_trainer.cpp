@@ -132,10 +132,10 @@ void DecoderTrainer<T>::forward(const std::vector<int32_t> &tokens, Acts &acts, 
   for (int64_t t = 0; t < (stage_.embedding ? n : 0); ++t) {
     const int64_t row = tokens[static_cast<size_t>(t)] - tensor_.vocab_begin;  // tensor parallel: this rank's rows only
     if (row >= 0 && row < V) std::copy_n(value(embed_) + row * H, H, x.begin() + t * H);
-    if (gpt2)
-      for (int64_t i = 0; i < H; ++i) x[static_cast<size_t>(t * H + i)] += value(positions_)[t * H + i];
   }
   if (stage_.embedding) tensor_sum(x);
+  for (int64_t t = 0; t < (stage_.embedding && gpt2 ? n : 0); ++t)  // GPT-2's positions, once (after the sum)
+    for (int64_t i = 0; i < H; ++i) x[static_cast<size_t>(t * H + i)] += value(positions_)[t * H + i];
   acts.layers.assign(layers_.size(), {});
   for (size_t l = 0; l < layers_.size(); ++l) {
     acts.layers[l].x_in = x;
@@ -216,10 +216,13 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
 template <class T>
 template <class PerLayer>
 void DecoderTrainer<T>::layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer &A) {
+  // AW: the attention's width, Hh heads of D (H, except on a tensor parallel rank, which holds
+  // its share of the heads and of the MLP's width; the c_proj outputs are then summed over the
+  // group, their biases added by one rank).
   const ModelConfig &c = config_;
   const int64_t n = static_cast<int64_t>(x.size()) / c.hidden_size, H = c.hidden_size, D = c.head_dim, Hh = c.n_heads,
-                I = c.intermediate_size;
-  std::vector<T> tmp, qkv(static_cast<size_t>(n * 3 * H));
+                I = c.intermediate_size, AW = Hh * D;
+  std::vector<T> tmp, qkv(static_cast<size_t>(n * 3 * AW));
   const Layer &L = layers_[l];
   A.r1.resize(static_cast<size_t>(n));
   A.mean1.resize(static_cast<size_t>(n));
@@ -227,20 +230,21 @@ void DecoderTrainer<T>::layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer
   for (int64_t t = 0; t < n; ++t)
     A.r1[static_cast<size_t>(t)] = ops::layer_norm(x.data() + t * H, value(L.norm1), value(L.norm1_b), H, c.norm_eps,
                                                     A.h1.data() + t * H, &A.mean1[static_cast<size_t>(t)]);
-  grad::conv1d(A.h1.data(), n, value(L.q), H, 3 * H, value(L.q_b), qkv.data(), pool_.get());
-  A.q.resize(x.size());
-  A.k.resize(x.size());
-  A.v.resize(x.size());
+  grad::conv1d(A.h1.data(), n, value(L.q), H, 3 * AW, value(L.q_b), qkv.data(), pool_.get());
+  A.q.resize(static_cast<size_t>(n * AW));
+  A.k.resize(A.q.size());
+  A.v.resize(A.q.size());
   for (int64_t t = 0; t < n; ++t) {
-    std::copy_n(qkv.begin() + t * 3 * H, H, A.q.begin() + t * H);
-    std::copy_n(qkv.begin() + t * 3 * H + H, H, A.k.begin() + t * H);
-    std::copy_n(qkv.begin() + t * 3 * H + 2 * H, H, A.v.begin() + t * H);
+    std::copy_n(qkv.begin() + t * 3 * AW, AW, A.q.begin() + t * AW);
+    std::copy_n(qkv.begin() + t * 3 * AW + AW, AW, A.k.begin() + t * AW);
+    std::copy_n(qkv.begin() + t * 3 * AW + 2 * AW, AW, A.v.begin() + t * AW);
   }
-  A.a.resize(x.size());
+  A.a.resize(A.q.size());
   A.p.resize(static_cast<size_t>(Hh * n * n));
   grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hh, Hh, D, int64_t{0}, A.a.data(), A.p.data(), pool_.get());
   tmp.resize(x.size());
-  grad::conv1d(A.a.data(), n, value(L.o), H, H, value(L.o_b), tmp.data(), pool_.get());
+  grad::conv1d(A.a.data(), n, value(L.o), AW, H, row_bias(L.o_b), tmp.data(), pool_.get());
+  tensor_sum(tmp);
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
   A.x_mid = x;
   A.r2.resize(static_cast<size_t>(n));
@@ -253,7 +257,8 @@ void DecoderTrainer<T>::layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer
   A.m.resize(A.g.size());
   grad::conv1d(A.h2.data(), n, value(L.up), H, I, value(L.up_b), A.g.data(), pool_.get());
   for (size_t i = 0; i < A.g.size(); ++i) A.m[i] = ops::gelu_new(A.g[i]);
-  grad::conv1d(A.m.data(), n, value(L.down), I, H, value(L.down_b), tmp.data(), pool_.get());
+  grad::conv1d(A.m.data(), n, value(L.down), I, H, row_bias(L.down_b), tmp.data(), pool_.get());
+  tensor_sum(tmp);
   for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
 }
 
@@ -330,7 +335,6 @@ void DecoderTrainer<T>::drop(int64_t id) {
 
 template <class T>
 void DecoderTrainer<T>::set_tensor_group(TensorGroup group) {
-  if (config_.architecture == Architecture::gpt2) throw runtime_error("training: tensor parallel GPT-2 is not supported yet");
   if (!sites_.empty() || prefix_tokens_ > 0 || !block_sites_.empty() || quantizer_)
     throw runtime_error("training: tensor parallel training of adapters is not supported yet");
   if (group.vocab_begin < 0 || group.vocab_begin + config_.vocab_size > group.vocab_full)
@@ -460,11 +464,13 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
 template <class T>
 void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &acts, const std::vector<T> &dtop) {
   const ModelConfig &c = config_;
-  const int64_t n = acts.n, H = c.hidden_size, D = c.head_dim, Hh = c.n_heads, I = c.intermediate_size, V = c.vocab_size;
+  const int64_t n = acts.n, H = c.hidden_size, D = c.head_dim, Hh = c.n_heads, I = c.intermediate_size, V = c.vocab_size,
+                AW = Hh * D;
   std::vector<T> dh(static_cast<size_t>(n * H), T(0)), dx(dh.size(), T(0));
   if (stage_.head) {
     grad::linear_backward(dtop.data(), acts.h_final.data(), n, value(head_), V, H, dh.data(), grad(head_),
                           static_cast<T *>(nullptr), pool_.get());
+    tensor_sum(dh);  // a vocabulary-parallel head: each rank's share of the logits
     for (int64_t t = 0; t < n; ++t)
       grad::layer_norm_backward(dh.data() + t * H, acts.x_final.data() + t * H, value(final_norm_),
                                 acts.mean_final[static_cast<size_t>(t)], acts.r_final[static_cast<size_t>(t)], H,
@@ -487,25 +493,27 @@ void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &
     for (size_t i = 0; i < dm.size(); ++i) dg[i] = dm[i] * grad::gelu_new_grad(A.g[i]);
     std::fill(dh.begin(), dh.end(), T(0));
     grad::conv1d_backward(dg.data(), A.h2.data(), n, value(L.up), H, I, dh.data(), grad(L.up), grad(L.up_b), pool_.get());
+    tensor_sum(dh);
     for (int64_t t = 0; t < n; ++t)
       grad::layer_norm_backward(dh.data() + t * H, A.x_mid.data() + t * H, value(L.norm2), A.mean2[static_cast<size_t>(t)],
                                 A.r2[static_cast<size_t>(t)], H, dx.data() + t * H, grad(L.norm2), grad(L.norm2_b));
     // Attention: x_mid = x_in + c_proj(attention(split(c_attn(h1)))), h1 = ln_1(x_in).
-    da.assign(static_cast<size_t>(n * H), T(0));
-    grad::conv1d_backward(dx.data(), A.a.data(), n, value(L.o), H, H, da.data(), grad(L.o), grad(L.o_b), pool_.get());
+    da.assign(static_cast<size_t>(n * AW), T(0));
+    grad::conv1d_backward(dx.data(), A.a.data(), n, value(L.o), AW, H, da.data(), grad(L.o), grad(L.o_b), pool_.get());
     dq.assign(da.size(), T(0));
     dk.assign(da.size(), T(0));
     dv.assign(da.size(), T(0));
     grad::attention_backward(da.data(), A.q.data(), A.k.data(), A.v.data(), A.p.data(), n, Hh, Hh, D, dq.data(), dk.data(),
                              dv.data(), pool_.get());
-    dqkv.resize(static_cast<size_t>(n * 3 * H));
+    dqkv.resize(static_cast<size_t>(n * 3 * AW));
     for (int64_t t = 0; t < n; ++t) {
-      std::copy_n(dq.begin() + t * H, H, dqkv.begin() + t * 3 * H);
-      std::copy_n(dk.begin() + t * H, H, dqkv.begin() + t * 3 * H + H);
-      std::copy_n(dv.begin() + t * H, H, dqkv.begin() + t * 3 * H + 2 * H);
+      std::copy_n(dq.begin() + t * AW, AW, dqkv.begin() + t * 3 * AW);
+      std::copy_n(dk.begin() + t * AW, AW, dqkv.begin() + t * 3 * AW + AW);
+      std::copy_n(dv.begin() + t * AW, AW, dqkv.begin() + t * 3 * AW + 2 * AW);
     }
     std::fill(dh.begin(), dh.end(), T(0));
-    grad::conv1d_backward(dqkv.data(), A.h1.data(), n, value(L.q), H, 3 * H, dh.data(), grad(L.q), grad(L.q_b), pool_.get());
+    grad::conv1d_backward(dqkv.data(), A.h1.data(), n, value(L.q), H, 3 * AW, dh.data(), grad(L.q), grad(L.q_b), pool_.get());
+    tensor_sum(dh);
     for (int64_t t = 0; t < n; ++t)
       grad::layer_norm_backward(dh.data() + t * H, A.x_in.data() + t * H, value(L.norm1), A.mean1[static_cast<size_t>(t)],
                                 A.r1[static_cast<size_t>(t)], H, dx.data() + t * H, grad(L.norm1), grad(L.norm1_b));
@@ -517,9 +525,10 @@ void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &
     return;
   }
   for (int64_t t = 0; t < n; ++t) {
-    T *row = grad(embed_) + tokens[static_cast<size_t>(t)] * H, *pos = grad(positions_) + t * H;
+    const int64_t local = tokens[static_cast<size_t>(t)] - tensor_.vocab_begin;  // this rank's rows only
+    T *row = local >= 0 && local < V ? grad(embed_) + local * H : nullptr, *pos = grad(positions_) + t * H;
     for (int64_t i = 0; i < H; ++i) {
-      row[i] += dx[static_cast<size_t>(t * H + i)];
+      if (row) row[i] += dx[static_cast<size_t>(t * H + i)];
       pos[i] += dx[static_cast<size_t>(t * H + i)];
     }
   }

@@ -102,6 +102,9 @@ class DecoderTrainer {
   struct TensorGroup {
     int64_t vocab_begin = 0, vocab_full = 0;
     std::function<void(T *, size_t, bool max)> reduce;
+    // Whether this rank adds the row-parallel linears' biases (GPT-2's c_proj), which the sum
+    // over the group must count once: tensor rank 0's.
+    bool row_bias = true;
   };
   void set_tensor_group(TensorGroup group);
   // Pipeline stages: one micro-batch's forward pass through this stage, from the token ids on
@@ -180,6 +183,9 @@ class DecoderTrainer {
   std::function<void(int64_t)> layer_done_;
   TensorGroup tensor_;
   bool tensor_parallel() const { return static_cast<bool>(tensor_.reduce); }
+  // A row-parallel linear's bias (GPT-2's c_proj) as this rank adds it: null on all but one
+  // tensor rank, so the group's sum counts it once (its gradient is every rank's, replicated).
+  const T *row_bias(size_t b) { return b == SIZE_MAX || (tensor_parallel() && !tensor_.row_bias) ? nullptr : value(b); }
   void tensor_sum(std::vector<T> &v) {
     if (tensor_parallel()) tensor_.reduce(v.data(), v.size(), false);
   }

@@ -113,7 +113,7 @@ T gelu_new_grad(T x) {
 
 // GPT-2's Conv1D: y[n, out] = x[n, in] W[in, out] + b[out].
 template <class T>
-void conv1d(const T *x, int64_t n, const T *W, int64_t in, int64_t out, const T *b, T *y, Pool *pool = nullptr) {
+void conv1d(const T *x, int64_t n, const T *W, int64_t in, int64_t out, const T *b, T *y, Pool *pool = nullptr) {  // b may be null
   parallel_for(pool, n, [&](int64_t r) {  // y's row accumulated over W's rows in order (contiguous)
     T *yr = y + r * out;
     for (int64_t o = 0; o < out; ++o) yr[o] = 0;
@@ -121,7 +121,8 @@ void conv1d(const T *x, int64_t n, const T *W, int64_t in, int64_t out, const T 
       const T xi = x[r * in + i], *w = W + i * out;
       for (int64_t o = 0; o < out; ++o) yr[o] += xi * w[o];
     }
-    for (int64_t o = 0; o < out; ++o) yr[o] += b[o];
+    if (b)
+      for (int64_t o = 0; o < out; ++o) yr[o] += b[o];
   });
 }
 

@@ -96,9 +96,11 @@ std::map<std::string, std::vector<int64_t>> expected_weights(const ModelConfig &
       std::string p = "h." + std::to_string(l) + ".";
       w[p + "ln_1.weight"] = {H};
       w[p + "ln_1.bias"] = {H};
-      w[p + "attn.c_attn.weight"] = {H, 3 * H}; // Conv1D: [in, out]
-      w[p + "attn.c_attn.bias"] = {3 * H};
-      w[p + "attn.c_proj.weight"] = {H, H};
+      // Conv1D: [in, out]. The attention's width is the heads' (H itself, except on a tensor
+      // parallel rank, whose config has its share of the heads).
+      w[p + "attn.c_attn.weight"] = {H, 3 * c.n_heads * c.head_dim};
+      w[p + "attn.c_attn.bias"] = {3 * c.n_heads * c.head_dim};
+      w[p + "attn.c_proj.weight"] = {c.n_heads * c.head_dim, H};
       w[p + "attn.c_proj.bias"] = {H};
       w[p + "ln_2.weight"] = {H};
       w[p + "ln_2.bias"] = {H};

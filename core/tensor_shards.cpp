@@ -21,8 +21,8 @@ TensorShards::TensorShards(Instance &parallel, const ModelConfig &config, bool k
   rank_ = topo.tensor_rank;
   size_ = topo.tensor_size;
   const std::string who = "tensor parallel over " + std::to_string(size_) + " ranks";
-  if (size_ > 1 && config.architecture == Architecture::gpt2)
-    throw runtime_error(who + ": GPT-2's fused c_attn is not split yet (the Llama family is)");
+  if (size_ > 1 && keep_vocabulary && config.architecture == Architecture::gpt2)
+    throw runtime_error(who + ": tensor parallel GPT-2 runs on the CPU backend so far (the Llama family also on CUDA)");
   for (const auto &[what, value] : {std::pair{"num_attention_heads", config.n_heads}, std::pair{"num_key_value_heads", config.n_kv_heads},
                                     std::pair{"intermediate_size", config.intermediate_size},
                                     std::pair{"vocab_size", keep_vocabulary ? int64_t{0} : config.vocab_size}})
@@ -43,21 +43,22 @@ TensorShards::TensorShards(Instance &parallel, const ModelConfig &config, bool k
     if (size_ > 1 && (ends_with(name, "o_proj.bias") || ends_with(name, "down_proj.bias")))
       throw runtime_error(who + ": " + name + " (a row-parallel linear's bias) is not split yet");
     const loom_shard s = calls_.shard(name, shape);
-    TensorSlice slice{s.split_dim, s.begin, s.end, shape};
+    const int64_t parts = LOOM_HAS_FIELD(&s, loom_shard, parts) && s.parts > 1 ? s.parts : 1;
+    TensorSlice slice{s.split_dim, s.begin, s.end, shape, parts};
     if (keep_vocabulary && vocabulary(name)) slice = {-1, 0, shape.empty() ? 1 : shape[0], shape};
     std::vector<int64_t> mine = shape;
     if (slice.dim >= 0) {
-      if (slice.dim >= static_cast<int32_t>(shape.size()) || slice.begin < 0 || slice.end > shape[static_cast<size_t>(slice.dim)] ||
-          slice.begin >= slice.end)
+      if (slice.dim >= static_cast<int32_t>(shape.size()) || shape[static_cast<size_t>(slice.dim)] % parts != 0 ||
+          slice.begin < 0 || slice.end > shape[static_cast<size_t>(slice.dim)] / parts || slice.begin >= slice.end)
         throw runtime_error(who + ": the parallel component cut " + name + " outside its shape");
-      mine[static_cast<size_t>(slice.dim)] = slice.end - slice.begin;
+      mine[static_cast<size_t>(slice.dim)] = (slice.end - slice.begin) * parts;
     }
     // The trainer computes with the local config's shapes: the component must cut exactly those.
     const auto want = local_shapes.find(name);
     if (want == local_shapes.end() || want->second != mine)
       throw runtime_error(who + ": the parallel component's cut of " + name +
-                          " is not the Megatron split this engine computes with (column-parallel q/k/v/gate/up, "
-                          "row-parallel o/down, vocabulary-parallel embedding and head, replicated norms)");
+                          " is not the Megatron split this engine computes with (column-parallel q/k/v/gate/up and c_attn/c_fc, "
+                          "row-parallel o/down and c_proj, vocabulary-parallel embedding and head, replicated norms)");
     if (slice.dim >= 0 && slice.begin != rank_ * (slice.end - slice.begin))
       throw runtime_error(who + ": " + name + " is not cut in rank order");
     slices_.emplace(name, std::move(slice));
@@ -75,7 +76,7 @@ ModelWeights TensorShards::local_weights(const ModelWeights &full) const {
     const HostWeight &w = full.at(name);
     HostWeight &out = local[name];
     out.shape = w.shape;
-    if (slice.dim >= 0) out.shape[static_cast<size_t>(slice.dim)] = slice.end - slice.begin;
+    if (slice.dim >= 0) out.shape[static_cast<size_t>(slice.dim)] = (slice.end - slice.begin) * slice.parts;
     out.values = this->slice(name, w.values);
   }
   return ModelWeights::from_map(std::move(local));
@@ -90,8 +91,12 @@ std::vector<float> TensorShards::slice(const std::string &name, const std::vecto
   int64_t outer = 1, inner = 1;
   for (int32_t d = 0; d < s.dim; ++d) outer *= s.full[static_cast<size_t>(d)];
   for (size_t d = static_cast<size_t>(s.dim) + 1; d < s.full.size(); ++d) inner *= s.full[d];
-  const int64_t extent = s.full[static_cast<size_t>(s.dim)], keep = (s.end - s.begin) * inner;
-  if (static_cast<int64_t>(whole.size()) != outer * extent * inner) throw runtime_error(name + ": not the whole tensor's size");
+  // A fused dimension: `parts` blocks of extent / parts, each cut alike (as `outer` x parts
+  // blocks of the block's extent).
+  const int64_t extent = s.full[static_cast<size_t>(s.dim)] / s.parts, keep = (s.end - s.begin) * inner;
+  if (static_cast<int64_t>(whole.size()) != outer * s.parts * extent * inner)
+    throw runtime_error(name + ": not the whole tensor's size");
+  outer *= s.parts;
   std::vector<float> out(static_cast<size_t>(outer * keep));
   for (int64_t o = 0; o < outer; ++o)
     std::copy_n(whole.begin() + (o * extent + s.begin) * inner, keep, out.begin() + o * keep);
@@ -107,7 +112,7 @@ std::vector<float> TensorShards::gather(const std::string &name, const std::vect
   for (int32_t d = 0; d < slice.dim; ++d) outer *= slice.full[static_cast<size_t>(d)];
   for (size_t d = static_cast<size_t>(slice.dim) + 1; d < slice.full.size(); ++d) inner *= slice.full[d];
   std::vector<float> full(local.size() * static_cast<size_t>(size_));
-  gather_blocks(local.data(), outer, (slice.end - slice.begin) * inner, full.data());
+  gather_blocks(local.data(), outer * slice.parts, (slice.end - slice.begin) * inner, full.data());
   return full;
 }
 

@@ -6,8 +6,9 @@
 //
 // Column-parallel linears (q, k, v, gate, up) are split along their outputs, row-parallel ones
 // (o, down) along their inputs, the embedding and the head along the vocabulary; norms are
-// replicated. Llama family only; the heads, key/value heads, intermediate width and vocabulary
-// must divide by the tensor group's size.
+// replicated; GPT-2's fused c_attn is cut per block (q, k and v alike), its row-parallel c_proj
+// biases are added once (by the engines' tensor rank 0). The heads, key/value heads,
+// intermediate width and vocabulary must divide by the tensor group's size.
 //
 // Ownership: plain values. Thread-safety: none needed (immutable after planning); gather() runs
 // collectives, one caller.
@@ -28,8 +29,9 @@ namespace loom {
 
 struct TensorSlice {
   int32_t dim = -1;          // the split dimension; -1: replicated
-  int64_t begin = 0, end = 0;  // this rank's range along it
+  int64_t begin = 0, end = 0;  // this rank's range along it (within each fused block)
   std::vector<int64_t> full;   // the whole tensor's shape
+  int64_t parts = 1;           // fused blocks along dim (GPT-2's c_attn: q, k, v), each cut alike
 };
 
 class TensorShards {

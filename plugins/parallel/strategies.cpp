@@ -159,17 +159,27 @@ bool ends_with(const std::string& s, const char* suffix) {
   return s.size() >= x.size() && s.compare(s.size() - x.size(), x.size(), x) == 0;
 }
 
-// Megatron's split of a Hugging Face Llama-family parameter: the dimension cut into tensor_size
-// parts (-1: replicated) and whether the module's output is then a partial sum.
-std::pair<int32_t, int32_t> megatron_split(const std::string& name) {
+// Megatron's split of a Hugging Face parameter: the dimension cut into tensor_size parts (-1:
+// replicated), whether the module's output is then a partial sum, and how many fused blocks the
+// dimension holds (each cut alike).
+struct Split {
+  int32_t dim = -1, reduce_after = 0, parts = 1;
+};
+Split megatron_split(const std::string& name) {
+  // The Llama family: nn.Linear weights are [out, in].
   for (const char* column : {"q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight",
                              "q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_proj.bias", "up_proj.bias"})
-    if (ends_with(name, column)) return {0, 0};
-  if (ends_with(name, "o_proj.weight") || ends_with(name, "down_proj.weight")) return {1, 1};
-  if (ends_with(name, "embed_tokens.weight") || ends_with(name, "lm_head.weight")) return {0, 0};  // the vocabulary
-  for (const char* gpt2 : {"c_attn.weight", "c_fc.weight", "c_proj.weight", "wte.weight"})
-    if (ends_with(name, gpt2)) unsupported("tensor: GPT-2's Conv1D layout (" + name + ") is not split yet");
-  return {-1, 0};  // norms, biases of row-parallel linears
+    if (ends_with(name, column)) return {0, 0, 1};
+  if (ends_with(name, "o_proj.weight") || ends_with(name, "down_proj.weight")) return {1, 1, 1};
+  if (ends_with(name, "embed_tokens.weight") || ends_with(name, "lm_head.weight")) return {0, 0, 1};  // the vocabulary
+  // GPT-2: Conv1D weights are [in, out]; c_attn's outputs are q, k and v side by side.
+  if (ends_with(name, "attn.c_attn.weight")) return {1, 0, 3};
+  if (ends_with(name, "attn.c_attn.bias")) return {0, 0, 3};
+  if (ends_with(name, "mlp.c_fc.weight")) return {1, 0, 1};
+  if (ends_with(name, "mlp.c_fc.bias")) return {0, 0, 1};
+  if (ends_with(name, "c_proj.weight")) return {0, 1, 1};  // attn.c_proj and mlp.c_proj: row-parallel
+  if (name == "wte.weight") return {0, 0, 1};
+  return {};  // norms, biases of row-parallel linears (added once, after the sum), GPT-2's wpe
 }
 
 loom_status shard_fn(void* inst, const char* name, const int64_t* shape, int32_t ndim, loom_shard* out) {
@@ -177,17 +187,20 @@ loom_status shard_fn(void* inst, const char* name, const int64_t* shape, int32_t
     if (name == nullptr || out == nullptr) invalid("parallel: name and out must not be NULL");
     if (ndim < 0 || (ndim > 0 && shape == nullptr)) invalid("parallel: bad shape for '" + std::string(name) + "'");
     if (out->struct_size < sizeof(loom_shard)) invalid("parallel: shard struct_size too small");
-    *out = loom_shard{sizeof(loom_shard), -1, 0, ndim > 0 ? shape[0] : 1, 0, 0};  // replicated
+    *out = loom_shard{sizeof(loom_shard), -1, 0, ndim > 0 ? shape[0] : 1, 0, 0, 1};  // replicated
     if (S.tensor_size == 1) return;
-    const auto [dim, reduce_after] = megatron_split(name);
+    const Split split = megatron_split(name);
+    const int32_t dim = split.dim;
     if (dim < 0) return;
     if (dim >= ndim) invalid("tensor: '" + std::string(name) + "' has no dimension " + std::to_string(dim));
     const int64_t extent = shape[dim];
-    if (extent % S.tensor_size != 0)
+    if (extent % (split.parts * S.tensor_size) != 0)
       invalid("tensor: dimension " + std::to_string(dim) + " of '" + name + "' (" + std::to_string(extent) +
+              (split.parts > 1 ? ", " + std::to_string(split.parts) + " fused blocks" : std::string()) +
               ") does not divide by the tensor group's " + std::to_string(S.tensor_size) + " ranks");
-    const int64_t part = extent / S.tensor_size;
-    *out = loom_shard{sizeof(loom_shard), dim, S.tensor_rank * part, (S.tensor_rank + 1) * part, reduce_after, 0};
+    const int64_t part = extent / split.parts / S.tensor_size;
+    *out = loom_shard{sizeof(loom_shard), dim, S.tensor_rank * part, (S.tensor_rank + 1) * part, split.reduce_after, 0,
+                      split.parts};
   });
 }
 // Consecutive layers per stage: as stage_layers says (-1 for a layer beyond their sum, or for

@@ -69,7 +69,7 @@ loom_status shard_fn(void* inst, const char* name, const int64_t* shape, int32_t
     if (ndim < 0 || (ndim > 0 && shape == nullptr)) invalid("single: bad shape for '" + std::string(name) + "'");
     if (out->struct_size < sizeof(loom_shard)) invalid("single: shard struct_size too small");
     // Replicated: the whole first dimension (a scalar counts as one element).
-    *out = loom_shard{sizeof(loom_shard), -1, 0, ndim > 0 ? shape[0] : 1, 0, 0};
+    *out = loom_shard{sizeof(loom_shard), -1, 0, ndim > 0 ? shape[0] : 1, 0, 0, 1};
   });
 }
 int32_t stage_of_layer_fn(void*, int32_t, int32_t) { return 0; }

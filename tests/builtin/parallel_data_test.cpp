@@ -186,7 +186,18 @@ std::string tensor_layout(int rank) {
   auto [st5, norm] = cut("model.layers.0.input_layernorm.weight", {32});
   EXPECT(st5 == LOOM_OK && norm.split_dim == -1);
   EXPECT(cut("model.layers.0.mlp.up_proj.weight", {33, 32}).first == LOOM_ERR_INVALID_ARGUMENT);  // 33 rows
-  EXPECT(cut("transformer.h.0.attn.c_attn.weight", {32, 96}).first == LOOM_ERR_UNSUPPORTED);
+  // GPT-2's Conv1D weights are [in, out]; c_attn holds q, k and v side by side (ABI 1.8 parts).
+  auto [st6, qkv] = cut("h.0.attn.c_attn.weight", {32, 96});
+  EXPECT(st6 == LOOM_OK && qkv.split_dim == 1 && qkv.parts == 3 && qkv.begin == 16 * part && qkv.end == 16 * (part + 1));
+  auto [st7, qkv_b] = cut("h.0.attn.c_attn.bias", {96});
+  EXPECT(st7 == LOOM_OK && qkv_b.split_dim == 0 && qkv_b.parts == 3 && qkv_b.begin == 16 * part);
+  auto [st8, proj] = cut("h.0.attn.c_proj.weight", {32, 32});
+  EXPECT(st8 == LOOM_OK && proj.split_dim == 0 && proj.reduce_after == 1 && proj.parts == 1);
+  auto [st9, proj_b] = cut("h.0.mlp.c_proj.bias", {32});
+  EXPECT(st9 == LOOM_OK && proj_b.split_dim == -1);  // added once, after the sum
+  auto [st10, fc] = cut("h.0.mlp.c_fc.weight", {32, 128});
+  EXPECT(st10 == LOOM_OK && fc.split_dim == 1 && fc.begin == 64 * part);
+  EXPECT(cut("h.0.attn.c_attn.weight", {32, 93}).first == LOOM_ERR_INVALID_ARGUMENT);  // 3 blocks of 31
   // The tensor group is {0, 1} or {2, 3}; the data group {r % 2, r % 2 + 2}.
   bt::Tensor<float> b({1}, {static_cast<float>(1 << rank)});
   EXPECT(R.vt->all_reduce(h, LOOM_GROUP_TENSOR, b.dl(), LOOM_REDUCE_SUM) == LOOM_OK);

@@ -47,6 +47,11 @@ typedef struct loom_shard {
                           from the name and shape alone; shard() does not learn the model's layer
                           count, so the builtin `pipeline` leaves it 0 and hosts place layers
                           with stage_of_layer() */
+  /* ---- ABI 1.8 (LOOM_HAS_FIELD(s, loom_shard, parts)) ----
+   * A fused projection: split_dim holds `parts` equal blocks side by side (GPT-2's c_attn: q, k
+   * and v), each cut to [begin, end) within its block. 0 or 1: one block (begin and end index
+   * the whole dimension). */
+  int32_t parts;
 } loom_shard;
 
 typedef struct loom_parallel_vtable {
