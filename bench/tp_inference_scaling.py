@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Tensor parallel inference of the 1B-shape model on several GPUs against one ([Multi-GPU] item 1).
 
-usage: python3 bench/tp_inference_scaling.py LOOM_BINARY [--gpus 2] [--prompt 2048] [--steps 256]
+usage: python3 bench/tp_inference_scaling.py LOOM_BINARY [--gpus 2] [--prompt 2048] [--steps 256] [--repeat 1]
 
 Makes (or reuses) the Llama-3.2-1B-shape model of bench/llama1b_torch.py in /tmp/loom-llama1b
 (random bf16 weights, seed 0), then runs `loom run` with flash attention and greedy sampling:
   1 GPU, and N GPUs with [parallel] use = "tensor" (one process per GPU, torchrun's variables,
-  NCCL_NVLS_ENABLE=0): a prompt of --prompt random token ids, --steps new tokens. The run's own
-  line gives the prefill (prompt tokens/s) and decode (generation tokens/s) rates.
+  NCCL_NVLS_ENABLE=0), the latter twice: with the default one-kernel sums over peer memory for
+  small all-reduces (peer_all_reduce = true) and with NCCL for every sum (peer_all_reduce =
+  false): a prompt of --prompt random token ids, --steps new tokens. The run's own line gives the
+  prefill (prompt tokens/s) and decode (generation tokens/s) rates; with --repeat N each speed
+  run is made N times (the runs of the configurations interleaved) and the table gives medians.
   The same two runs on two prompts at once, whose generated token ids are printed: the N-GPU
   run must give the 1-GPU run's tokens.
 """
@@ -15,6 +18,7 @@ import argparse
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +26,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def manifest(path, model, prompts, steps, parallel):
+def manifest(path, model, prompts, steps, parallel, peer=True):
     with open(path, "w") as f:
         f.write(f'[loom]\ndevice = "cuda"\nseed = 1\n\n[model]\npath = "{model}"\n\n[run]\nsteps = {steps}\n'
                 f'stop_tokens = []\n')
@@ -32,7 +36,7 @@ def manifest(path, model, prompts, steps, parallel):
             f.write("prompts = [" + ", ".join(str(p) for p in prompts) + "]\n")
         f.write('\n[attention]\nuse = "flash"\n\n[[sampler]]\nuse = "greedy"\n')
         if parallel:
-            f.write('\n[parallel]\nuse = "tensor"\n')
+            f.write('\n[parallel]\nuse = "tensor"\n' + ("" if peer else "peer_all_reduce = false\n"))
 
 
 def launch(loom, toml, world, port):
@@ -68,6 +72,7 @@ def main():
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=1)
     a = ap.parse_args()
     sys.path.insert(0, HERE)
     import llama1b_torch
@@ -80,30 +85,36 @@ def main():
     pair = [[rng.randrange(1, 128000) for _ in range(n)] for n in (37, 90)]
     work = tempfile.mkdtemp(prefix="loom-tp-")
     results = {}
-    for world in (1, a.gpus):
-        speed, check = os.path.join(work, f"speed{world}.toml"), os.path.join(work, f"check{world}.toml")
-        manifest(speed, model, [long_prompt], a.steps, world > 1)
-        manifest(check, model, pair, 64, world > 1)
-        outs = launch(a.loom, speed, world, 29700 + world)
-        results[world] = {"rates": [rates(o) for o in outs], "line": outs[0].strip().splitlines()[-1],
-                          "describe": [l for l in outs[0].splitlines() if "model " in l],
-                          "tokens": [tokens(o) for o in launch(a.loom, check, world, 29800 + world)]}
-    one, many = results[1], results[a.gpus]
-    same = all(t == one["tokens"][0] for t in many["tokens"])
-    print(f"| run | prefill tokens/s ({a.prompt}-token prompt) | decode tokens/s (batch 1, {a.steps} tokens) |")
-    print("| --- | ---: | ---: |")
-    print(f"| 1 GPU | {one['rates'][0][0]:,.0f} | {one['rates'][0][1]:,.1f} |")
-    for r, (p, d) in enumerate(many["rates"]):
-        print(f"| {a.gpus} GPUs, tensor parallel (rank {r}'s line) | {p:,.0f} | {d:,.1f} |")
+    runs = [("1 GPU", 1, True), (f"{a.gpus} GPUs, tensor parallel, NCCL sums", a.gpus, False),
+            (f"{a.gpus} GPUs, tensor parallel, peer-memory sums", a.gpus, True)]
+    for i, (label, world, peer) in enumerate(runs):
+        check = os.path.join(work, f"check{i}.toml")
+        manifest(os.path.join(work, f"speed{i}.toml"), model, [long_prompt], a.steps, world > 1, peer)
+        manifest(check, model, pair, 64, world > 1, peer)
+        results[label] = {"rates": [], "tokens": [tokens(o) for o in launch(a.loom, check, world, 29800 + i)]}
+    for k in range(a.repeat):
+        for i, (label, world, peer) in enumerate(runs):
+            outs = launch(a.loom, os.path.join(work, f"speed{i}.toml"), world, 29700 + 10 * k + i)
+            results[label]["rates"].append(rates(outs[0]))
+            results[label]["line"] = outs[0].strip().splitlines()[-1]
+    for r in results.values():
+        r["rates"] = [(statistics.median(x[0] for x in r["rates"]), statistics.median(x[1] for x in r["rates"]))]
+    one = results["1 GPU"]
     p1, d1 = one["rates"][0]
-    pn, dn = many["rates"][0]
-    print(f"\nspeed-up: prefill {pn / p1:.2f}x, decode {dn / d1:.2f}x")
-    print(f"greedy tokens of two prompts (64 each) identical to one GPU on every rank: {same}")
-    print("one GPU:", one["describe"], "|", one["line"])
-    print(f"{a.gpus} GPUs:", many["describe"], "|", many["line"])
-    if not same:
-        print("one GPU tokens:", one["tokens"][0])
-        print("N GPU tokens:", many["tokens"][0])
+    print(f"| run | prefill tokens/s ({a.prompt}-token prompt) | decode tokens/s (batch 1, {a.steps} tokens) | "
+          "prefill vs 1 GPU | decode vs 1 GPU | greedy tokens = 1 GPU's |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    ok = True
+    for label, r in results.items():
+        p, d = r["rates"][0]
+        same = all(t == one["tokens"][0] for t in r["tokens"])
+        ok = ok and same
+        print(f"| {label} (rank 0's line) | {p:,.0f} | {d:,.1f} | {p / p1:.2f}x | {d / d1:.2f}x | {same} |")
+    for label, r in results.items():
+        print(label, "|", r["line"])
+    if not ok:
+        for label, r in results.items():
+            print(label, "tokens:", r["tokens"][0])
         sys.exit(1)
 
 

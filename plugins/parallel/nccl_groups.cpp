@@ -94,6 +94,22 @@ void NcclGroups::reduce_scatter(const std::vector<int>& members, const void* in,
         "ncclReduceScatter");
 }
 
+void NcclGroups::prepare(const std::vector<int>& members, int device) {
+  Comm& c = comm(members, device);
+  constexpr size_t kCount = size_t{1} << 18;  // 1 MB of float32: past the small-message protocols
+  void* buffer = nullptr;
+  cudaStream_t stream = nullptr;
+  check(cudaMalloc(&buffer, kCount * sizeof(float)), "cudaMalloc");
+  check(cudaMemset(buffer, 0, kCount * sizeof(float)), "cudaMemset");
+  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  const ncclResult_t r = ncclAllReduce(buffer, buffer, kCount, ncclFloat32, ncclSum, c.comm, stream);
+  const cudaError_t synced = cudaStreamSynchronize(stream);
+  cudaStreamDestroy(stream);
+  cudaFree(buffer);
+  check(r, "ncclAllReduce (warm-up)");
+  check(synced, "warm-up");
+}
+
 NcclGroups::Comm& NcclGroups::pair(int peer, int device) {
   return comm({std::min(peer, mesh_.rank()), std::max(peer, mesh_.rank())}, device);
 }

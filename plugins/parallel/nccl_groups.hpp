@@ -32,6 +32,10 @@ class NcclGroups {
   // in: members.size() * count elements; out: this member's reduced count.
   void reduce_scatter(const std::vector<int>& members, const void* in, void* out, size_t count, ElemType type, ReduceOp op,
                       int device, void* stream);
+  // Makes the group's communicator now and runs one all-reduce of 1 MB on it (a collective), so
+  // that its first NCCL call later is not the one that pays for the communicator and its
+  // connections (NCCL makes them at first use): not inside a timed step or a graph capture.
+  void prepare(const std::vector<int>& members, int device);
   void send(int peer, const void* data, size_t bytes, int device, void* stream);
   void recv(int peer, void* data, size_t bytes, int device, void* stream);
   // Both in one NCCL group, so that two ranks sending to each other at once do not wait on

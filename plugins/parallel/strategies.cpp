@@ -18,6 +18,7 @@
 #include "tcp_mesh.hpp"
 #if LOOM_PARALLEL_NCCL
 #include "nccl_groups.hpp"
+#include "peer_all_reduce.hpp"
 #endif
 
 namespace loomp::parallel {
@@ -37,6 +38,20 @@ struct Strategy {
   std::unique_ptr<TcpMesh> mesh;
 #if LOOM_PARALLEL_NCCL
   std::unique_ptr<NcclGroups> nccl;
+  // One-shot sums over peer memory (peer_all_reduce.hpp) per group, made at the group's first
+  // float32 sum on CUDA; null where the group's GPUs cannot map each other (NCCL then).
+  bool peer_sums = true;
+  std::map<std::vector<int>, std::unique_ptr<PeerAllReduce>> peer;
+  PeerAllReduce* peer_for(const std::vector<int>& members, int device) {
+    auto it = peer.find(members);
+    if (it == peer.end()) {
+      std::string why;
+      nccl->prepare(members, device);  // the larger sums still go to NCCL
+      it = peer.emplace(members, PeerAllReduce::create(*mesh, members, device, &why)).first;
+      if (!it->second && !why.empty()) host->log(ctx, LOOM_LOG_INFO, ("parallel: peer all-reduce off: " + why).c_str());
+    }
+    return it->second.get();
+  }
 #endif
 
   Strategy(Kind k, const loom_host_api* h, loom_host_ctx* c) : kind(k), host(h), ctx(c), env(read_launch_env()) {
@@ -70,6 +85,9 @@ struct Strategy {
     training.zero_stage = static_cast<int32_t>(zero);
     training.bucket_bytes = static_cast<int64_t>(bucket_mb * 1024 * 1024);
     training.overlap_backward = cfg_bool(h, c, "overlap") ? 1 : 0;
+#if LOOM_PARALLEL_NCCL
+    peer_sums = cfg_bool(h, c, "peer_all_reduce");
+#endif
     data_size = env.world / (tensor_size * pipeline_size);
     tensor_rank = env.rank % tensor_size;
     pipeline_rank = (env.rank / tensor_size) % pipeline_size;
@@ -227,7 +245,13 @@ loom_status all_reduce_fn(void* inst, loom_group g, DLTensor* buf, loom_reduce_o
     const ElemType type = elem_type(*buf);
     const ReduceOp r = reduce_op(op);
 #if LOOM_PARALLEL_NCCL
-    if (on_cuda(*buf)) return S.nccl->all_reduce(m, data_of<std::byte>(*buf), count_of(*buf), type, r, buf->device.device_id, stream_of(S, *buf));
+    if (on_cuda(*buf)) {
+      // Small float32 sums between GPUs of one host: one kernel over peer memory, not NCCL's ring.
+      if (S.peer_sums && type == ElemType::F32 && r == ReduceOp::Sum && m.size() > 1)
+        if (PeerAllReduce* p = S.peer_for(m, buf->device.device_id); p && count_of(*buf) * 4 <= PeerAllReduce::kMaxBytes)
+          return p->all_reduce(data_of<float>(*buf), count_of(*buf), stream_of(S, *buf));
+      return S.nccl->all_reduce(m, data_of<std::byte>(*buf), count_of(*buf), type, r, buf->device.device_id, stream_of(S, *buf));
+    }
 #endif
     if ((type == ElemType::I32 || type == ElemType::I64 || type == ElemType::U8) && r == ReduceOp::Avg)
       unsupported("parallel: AVG of integers");
@@ -380,12 +404,14 @@ const loom_param_desc kDataParams[] = {
      "all-reduce a bucket while the backward pass goes on with earlier layers (CPU engine)"},
     {sizeof(loom_param_desc), "timeout_s", LOOM_VALUE_FLOAT, 0, "300.0",
      "how long a rank waits for the others at start and in each collective"},
+    {sizeof(loom_param_desc), "peer_all_reduce", LOOM_VALUE_BOOL, 0, "true",
+     "float32 sums of up to 256 KB between GPUs of one host in one kernel over peer memory (false: NCCL for all)"},
 };
 
 const loom_param_desc kTensorParams[] = {
     {sizeof(loom_param_desc), "size", LOOM_VALUE_INT, 0, "0",
      "ranks per tensor group (consecutive ranks; 0: the whole world); the groups are data parallel"},
-    kDataParams[0], kDataParams[1], kDataParams[2], kDataParams[3],
+    kDataParams[0], kDataParams[1], kDataParams[2], kDataParams[3], kDataParams[4],
 };
 
 constexpr loom_component_desc kData = {
@@ -402,7 +428,7 @@ const loom_param_desc kPipelineParams[] = {
     {sizeof(loom_param_desc), "stage_layers", LOOM_VALUE_ARRAY, 0, "[]",
      "decoder layers per stage, in order, adding up to the model's (e.g. [8, 4] to leave the last stage room for the "
      "head); empty: as even as the count allows"},
-    kDataParams[0], kDataParams[1], kDataParams[2], kDataParams[3],
+    kDataParams[0], kDataParams[1], kDataParams[2], kDataParams[3], kDataParams[4],
 };
 constexpr loom_component_desc kPipeline = {
     sizeof(loom_component_desc), LOOM_KIND_PARALLEL, "pipeline", "1.0.0",
