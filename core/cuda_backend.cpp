@@ -278,12 +278,12 @@ class CudaBackend final : public ModelBackend {
   }
   std::shared_ptr<Instance> quantizer_;   // the pipeline's quantizer, when it has one
   const TensorShards *tensor_ = nullptr;  // tensor parallel: options_.tensor when its group has several ranks
-  // Tensor parallel: a row-parallel product adds its partial sum into the residual stream x, so
-  // x is first divided by the group's size (exact for powers of two) and the group's x summed
-  // after it: the residual once, every rank's partial sum once.
-  void before_row_parallel(float *x, int64_t count) {
-    if (tensor_) kernel_check(kernels::scale_cuda(x, count, 1.0f / static_cast<float>(tensor_->size()), stream_), "tensor scale");
-  }
+  // Tensor parallel: a row-parallel product adds its partial sum into the residual stream x
+  // scaled by 1 / the group's size (cuBLAS's beta, the GEMV's resid_scale: exact for powers of
+  // two, no kernel of its own), and the group's x is summed after it: the residual once, every
+  // rank's partial sum once. (Adapters and quantizers, whose products add unscaled, are refused
+  // under tensor parallelism.)
+  float residual_keep() const { return tensor_ ? 1.0f / static_cast<float>(tensor_->size()) : 1.0f; }
   void after_row_parallel(float *x, int64_t count) {
     if (tensor_) tensor_->all_reduce_device(x, static_cast<size_t>(count), options_.device);
   }
@@ -1053,11 +1053,10 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       op_times_.mark("bias+rope+split", stream_);
     }
     attend(attention, call, T, S, l);
-    before_row_parallel(x, int64_t{T} * H);
     if (fused_gemm(layer.o, attn_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
       op_times_.mark("o fused", stream_);
     } else {
-      gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, 1.0f);
+      gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, residual_keep());
       op_times_.mark("o gemm", stream_);
       if (step_adapters_) {
         adapt(l, CudaAdapters::o_proj, attn_.get(), x, f32, H, 0, T);
@@ -1077,11 +1076,10 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       op_times_.mark("norm", stream_);
       mlp_up(layer, T);
     }
-    before_row_parallel(x, int64_t{T} * H);
     if (fused_gemm(layer.down, inter_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
       op_times_.mark("down fused", stream_);
     } else {
-      gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, 1.0f);
+      gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, residual_keep());
       op_times_.mark("down gemm", stream_);
       if (step_adapters_) {
         adapt(l, CudaAdapters::down_proj, inter_.get(), x, f32, H, 0, T);
@@ -1168,6 +1166,7 @@ void CudaBackend::run_layers_gemv(Instance &attention, AttentionCall &call, int3
     g.bias = w.bias ? w.bias.get<float>() : nullptr;
     g.act = act.get();
     g.out_f32 = x;
+    g.resid_scale = residual_keep();
     return g;
   };
   for (int32_t l = 0; l < c.n_layers; ++l) {
@@ -1188,13 +1187,11 @@ void CudaBackend::run_layers_gemv(Instance &attention, AttentionCall &call, int3
     }
     run(qkv, norm, kernels::GemvEpilogue::rope_split, "norm+qkv+rope gemv");
     attend(attention, call, T, T, l);
-    before_row_parallel(x, int64_t{T} * c.hidden_size);
     run(residual(layer.o, attn_), kernels::GemvPrologue::act, kernels::GemvEpilogue::add_f32, "o gemv");
     after_row_parallel(x, int64_t{T} * c.hidden_size);
     kernels::GemvArgs up = normed(layer.gate_up, layer.norm2_w, layer.norm2_b);
     up.out_act = inter_.get();
     run(up, norm, gpt2 ? kernels::GemvEpilogue::bias_gelu : kernels::GemvEpilogue::swiglu, "norm+gate_up+act gemv");
-    before_row_parallel(x, int64_t{T} * c.hidden_size);
     run(residual(layer.down, inter_), kernels::GemvPrologue::act, kernels::GemvEpilogue::add_f32, "down gemv");
     after_row_parallel(x, int64_t{T} * c.hidden_size);
   }

@@ -231,12 +231,12 @@ __device__ __forceinline__ void load_produced_inputs(const GemvArgs& a, int unit
   if constexpr (E == GemvEpilogue::add_f32) {
     const float* o = a.out_f32 + static_cast<int64_t>(t) * a.out;
     if constexpr (KS) {
-      in.v0 = o[unit];
+      in.v0 = o[unit] * a.resid_scale;
     } else {
       int r0, r1;
       rows_of<E>(a, unit, r0, r1);
-      in.v0 = o[r0];
-      if (r1 >= 0) in.v1 = o[r1];
+      in.v0 = o[r0] * a.resid_scale;
+      if (r1 >= 0) in.v1 = o[r1] * a.resid_scale;
     }
   }
 }

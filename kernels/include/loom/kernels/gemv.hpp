@@ -68,6 +68,10 @@ struct GemvArgs {
   const void* embed_pos_table = nullptr;
   // Epilogue outputs.
   float* out_f32 = nullptr;  // add_f32, store_f32: [T, out]
+  // add_f32: out = out * resid_scale + W x (+ bias). Tensor parallel: 1 / the group's size, so
+  // that the group's sum of the partial products counts the residual once (exact for powers of
+  // two: the same bits as scaling first).
+  float resid_scale = 1.0f;
   void* out_act = nullptr;   // swiglu: [T, out / 2]; bias_gelu: [T, out]; bfloat16
   // rope_split.
   const float* cos_sin = nullptr;
