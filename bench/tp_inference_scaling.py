@@ -2,6 +2,7 @@
 """Tensor parallel inference of the 1B-shape model on several GPUs against one ([Multi-GPU] item 1).
 
 usage: python3 bench/tp_inference_scaling.py LOOM_BINARY [--gpus 2] [--prompt 2048] [--steps 256] [--repeat 1]
+                                               [--warmup 1]
 
 Makes (or reuses) the Llama-3.2-1B-shape model of bench/llama1b_torch.py in /tmp/loom-llama1b
 (random bf16 weights, seed 0), then runs `loom run` with flash attention and greedy sampling:
@@ -11,6 +12,8 @@ Makes (or reuses) the Llama-3.2-1B-shape model of bench/llama1b_torch.py in /tmp
   false): a prompt of --prompt random token ids, --steps new tokens. The run's own line gives the
   prefill (prompt tokens/s) and decode (generation tokens/s) rates; with --repeat N each speed
   run is made N times (the runs of the configurations interleaved) and the table gives medians.
+  Each speed run first makes --warmup untimed generations (`loom run --warmup`, default 1), so
+  that its rates leave out first-use costs (kernel loading, GEMM heuristics, the ranks' start).
   The same two runs on two prompts at once, whose generated token ids are printed: the N-GPU
   run must give the 1-GPU run's tokens.
 """
@@ -39,14 +42,14 @@ def manifest(path, model, prompts, steps, parallel, peer=True):
             f.write('\n[parallel]\nuse = "tensor"\n' + ("" if peer else "peer_all_reduce = false\n"))
 
 
-def launch(loom, toml, world, port):
+def launch(loom, toml, world, port, warmup=0):
     procs = []
     for r in range(world):
         env = dict(os.environ, NCCL_NVLS_ENABLE="0")
         if world > 1:
             env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([loom, "run", toml], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        procs.append(subprocess.Popen([loom, "run", toml] + (["--warmup", str(warmup)] if warmup else []), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outs = [p.communicate()[0] for p in procs]
     for r, (p, o) in enumerate(zip(procs, outs)):
@@ -73,6 +76,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1)
     a = ap.parse_args()
     sys.path.insert(0, HERE)
     import llama1b_torch
@@ -94,7 +98,7 @@ def main():
         results[label] = {"rates": [], "tokens": [tokens(o) for o in launch(a.loom, check, world, 29800 + i)]}
     for k in range(a.repeat):
         for i, (label, world, peer) in enumerate(runs):
-            outs = launch(a.loom, os.path.join(work, f"speed{i}.toml"), world, 29700 + 10 * k + i)
+            outs = launch(a.loom, os.path.join(work, f"speed{i}.toml"), world, 29700 + 10 * k + i, a.warmup)
             results[label]["rates"].append(rates(outs[0]))
             results[label]["line"] = outs[0].strip().splitlines()[-1]
     for r in results.values():

@@ -368,6 +368,9 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
     }
     logits = backend_->forward(batch);
     all_reduce(logits);
+    // The prefill's time is its device's: a GPU backend returns with its work queued, which the
+    // first decode step would otherwise be charged with (sampling waits for it anyway).
+    if (std::string error; !device_synchronize(backend_->device(), error)) throw runtime_error(error);
   }
   auto decode_start = std::chrono::steady_clock::now();
   result.prefill_seconds = std::chrono::duration<double>(decode_start - prefill_start).count();

@@ -25,11 +25,12 @@ struct ManifestArgs {
   std::string manifest;
   std::vector<std::string> overrides;
   int64_t steps = 0;
+  int64_t warmup = 0;  // loom run: untimed runs first
   bool help = false;
 };
 
-// Parses MANIFEST [--set K=V]... [--steps N]; throws loom::Error (usage).
-ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allow_steps) {
+// Parses MANIFEST [--set K=V]... [--steps N] [--warmup N]; throws loom::Error (usage).
+ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allow_steps, bool allow_warmup = false) {
   ManifestArgs out;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string &a = args[i];
@@ -48,6 +49,11 @@ ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allo
       auto [ptr, ec] = std::from_chars(v.data(), v.data() + v.size(), out.steps);
       if (ec != std::errc() || ptr != v.data() + v.size() || out.steps < 1 || out.steps > (1 << 20))
         throw Error(ErrorCategory::usage, "--steps: '" + v + "' is not a number between 1 and 1048576");
+    } else if (allow_warmup && a == "--warmup") {
+      std::string v = value("--warmup");
+      auto [ptr, ec] = std::from_chars(v.data(), v.data() + v.size(), out.warmup);
+      if (ec != std::errc() || ptr != v.data() + v.size() || out.warmup < 0 || out.warmup > 100)
+        throw Error(ErrorCategory::usage, "--warmup: '" + v + "' is not a number between 0 and 100");
     } else if (!a.empty() && a[0] == '-') {
       throw Error(ErrorCategory::usage, "unknown option '" + a + "'");
     } else if (out.manifest.empty()) {
@@ -94,7 +100,7 @@ that it exists (with the version asked for) and that its table holds only declar
 declared types. Creates nothing. Prints "ok" and exits 0 when the manifest is valid.
 )";
 
-const char *kRunUsage = R"(usage: loom run MANIFEST [--set KEY.PATH=VALUE]... [--steps N]
+const char *kRunUsage = R"(usage: loom run MANIFEST [--set KEY.PATH=VALUE]... [--steps N] [--warmup N]
 
 Builds the pipeline MANIFEST describes and runs its [run] section: retrievers answer run.query,
 tools run run.tool_calls, and the model ([model], or seeded random weights) continues run.prompt
@@ -103,6 +109,9 @@ run.prompts, every prompt is generated in one batch and each sequence's text is 
 end; the last line counts the tokens of all sequences.
   --set K=V    override a manifest value, e.g. --set sampler[0].k=5 (value parsed as TOML, else a string)
   --steps N    generate N tokens instead of run.steps
+  --warmup N   first run the same generation N times without output or timing (the printed run's
+               rates then leave out first-use costs: kernel loading, GEMM heuristics, waiting for
+               the other ranks to start); a seeded sampler's stream goes on across the runs
 )";
 
 const char *kQuantizeUsage = R"(usage: loom quantize MANIFEST --out DIR [--set KEY.PATH=VALUE]...
@@ -226,7 +235,7 @@ int cmd_validate(const std::vector<std::string> &args) {
 
 int cmd_run(const std::vector<std::string> &args) {
   return guarded(kRunUsage, [&] {
-    ManifestArgs a = parse_manifest_args(args, true);
+    ManifestArgs a = parse_manifest_args(args, true, true);
     if (a.help) {
       std::cout << kRunUsage;
       return 0;
@@ -278,6 +287,7 @@ int cmd_run(const std::vector<std::string> &args) {
         }
         return true;
       };
+    for (int64_t i = 0; i < a.warmup; ++i) runtime->run(a.steps);  // untimed, unprinted
     RunResult r = runtime->run(a.steps, stream);
     echo();
     if (has_text && !batch) std::cout << (r.text.size() > printed ? r.text.substr(printed) : std::string()) << "\n";

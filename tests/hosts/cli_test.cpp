@@ -136,6 +136,13 @@ TEST_CASE("run generates a batch of prompts and prints every sequence", "[cli]")
   auto text = loom("run " + kConfigs + "pipeline.toml --set 'run.prompts=[\"And God said\", \"Jesus wept\"]'");
   CHECK(text.code == 3); // pipeline.toml has run.prompt
   CHECK(text.out.find("run.prompts: give one of prompts, prompt or messages, not several") != std::string::npos);
+  // --warmup: the same greedy tokens after untimed runs; a bad count is a usage error.
+  auto warm = loom("run " + kConfigs + "greedy.toml --set 'run.prompts=[[1, 2], [3], [4, 5, 6]]' --warmup 2");
+  CHECK(warm.code == 0);
+  const auto tokens_of = [](const std::string &out) { return out.substr(out.find("\n[0] tokens: "), out.find("\n24 tokens in ") - out.find("\n[0] tokens: ")); };
+  CHECK(tokens_of(warm.out) == tokens_of(ids.out));
+  CHECK(loom("run " + kConfigs + "greedy.toml --warmup many").code == 2);
+  CHECK(loom("train " + kConfigs + "greedy.toml --warmup 1").code == 2);  // loom run's alone
   auto threads = loom("run " + kConfigs + "greedy.toml --set loom.threads=-2");
   CHECK(threads.code == 3);
   CHECK(threads.out.find("loom.threads: must be 0 (one per hardware thread) or a positive count, got -2") != std::string::npos);
