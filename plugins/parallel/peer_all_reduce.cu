@@ -34,7 +34,7 @@ __device__ float* half_of(char* base, unsigned long long epoch) {
 }
 
 __global__ void peer_all_reduce_kernel(float* data, size_t count, Members m, int index, int members,
-                                       unsigned long long* epochs) {
+                                       unsigned long long* epochs, long long wait_cycles) {
   const int b = blockIdx.x, tid = threadIdx.x;
   const size_t per = (count + gridDim.x - 1) / gridDim.x, begin = per * b, end = min(count, begin + per);
   __shared__ unsigned long long epoch;
@@ -52,7 +52,7 @@ __global__ void peer_all_reduce_kernel(float* data, size_t count, Members m, int
     const volatile unsigned long long* theirs = flag_of(m.base[index], b, tid);
     const long long start = clock64();
     while (*theirs < epoch)
-      if (clock64() - start > (1ll << 35)) __trap();  // about 20 s: a member that never came
+      if (clock64() - start > wait_cycles) __trap();  // a member that never came: an error, not a hang
     __threadfence_system();
   }
   __syncthreads();
@@ -74,7 +74,7 @@ std::vector<char> gather(TcpMesh& mesh, const std::vector<int>& members, const v
 }  // namespace
 
 std::unique_ptr<PeerAllReduce> PeerAllReduce::create(TcpMesh& mesh, const std::vector<int>& members, int device,
-                                                     std::string* why) {
+                                                     double timeout_s, std::string* why) {
   const auto self = std::find(members.begin(), members.end(), mesh.rank());
   if (self == members.end()) invalid("parallel (peer all-reduce): this rank is not a member of the group");
   const int index = static_cast<int>(self - members.begin()), n = static_cast<int>(members.size());
@@ -110,6 +110,14 @@ std::unique_ptr<PeerAllReduce> PeerAllReduce::create(TcpMesh& mesh, const std::v
   r->device_ = device;
   r->index_ = index;
   r->members_ = n;
+  // The wait's limit in clock64() cycles: timeout_s at the GPU's reported clock (2 GHz where it
+  // cannot be read, at least 1 GHz).
+  int khz = 0;
+  if (cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, device) != cudaSuccess || khz <= 0) {
+    cudaGetLastError();
+    khz = 2000000;
+  }
+  r->wait_cycles_ = static_cast<long long>(timeout_s * 1e3 * static_cast<double>(std::max(khz, 1000000)));
   check(cudaMalloc(&r->own_, kBufferBytes), "cudaMalloc");
   check(cudaMemset(r->own_, 0, kFlagBytes), "cudaMemset");
   check(cudaMalloc(reinterpret_cast<void**>(&r->epochs_), kMaxBlocks * sizeof(unsigned long long)), "cudaMalloc");
@@ -150,7 +158,7 @@ void PeerAllReduce::all_reduce(float* data, size_t count, void* stream) {
   // a call's parity is every block's, and a half comes back only after every member has left the
   // call before (each block waits for every member's flag of the call in between).
   peer_all_reduce_kernel<<<kMaxBlocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(data, count, m, index_, members_,
-                                                                                        epochs_);
+                                                                                        epochs_, wait_cycles_);
   check(cudaGetLastError(), "launch");
 }
 

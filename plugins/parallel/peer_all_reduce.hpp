@@ -9,8 +9,8 @@
 // only after every peer has finished reading it (it waited for their flags of the call in
 // between, which they raise only after their previous call's kernel ended).
 //
-// A peer that never arrives makes the kernel trap after about 20 s (an error on the stream, not a
-// hang). Ownership: owns its buffer and the peers' mappings. Thread-safety: one caller, every
+// A peer that does not arrive within the strategy's timeout_s makes the kernel trap (an error on
+// the stream, not a hang). Ownership: owns its buffer and the peers' mappings. Thread-safety: one caller, every
 // member making the same calls in the same order (like any collective).
 #ifndef LOOM_PLUGINS_PARALLEL_PEER_ALL_REDUCE_HPP
 #define LOOM_PLUGINS_PARALLEL_PEER_ALL_REDUCE_HPP
@@ -33,7 +33,8 @@ class PeerAllReduce {
   // A collective over `members` (this rank among them, each on its own GPU, `device` here).
   // Returns null, with the reason in *why, when the members are not all on this host or their
   // GPUs cannot map each other's memory; every member gets the same answer.
-  static std::unique_ptr<PeerAllReduce> create(TcpMesh& mesh, const std::vector<int>& members, int device, std::string* why);
+  static std::unique_ptr<PeerAllReduce> create(TcpMesh& mesh, const std::vector<int>& members, int device,
+                                               double timeout_s, std::string* why);
   ~PeerAllReduce();
   PeerAllReduce(const PeerAllReduce&) = delete;
   PeerAllReduce& operator=(const PeerAllReduce&) = delete;
@@ -45,6 +46,7 @@ class PeerAllReduce {
  private:
   PeerAllReduce() = default;
   int device_ = 0, index_ = 0, members_ = 0;
+  long long wait_cycles_ = 0;           // timeout_s in the GPU's clock cycles
   void* own_ = nullptr;                 // this rank's exchange buffer (cudaMalloc)
   std::vector<void*> mapped_;           // every member's buffer as mapped here (own_ for this rank)
   unsigned long long* epochs_ = nullptr;  // per-block epochs (device memory)

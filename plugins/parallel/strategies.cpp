@@ -34,6 +34,7 @@ struct Strategy {
   int tensor_size = 1, pipeline_size = 1, data_size = 1;
   int tensor_rank = 0, pipeline_rank = 0, data_rank = 0;
   std::vector<int64_t> stage_layers;  // pipeline: layers per stage as configured (empty: even)
+  double timeout_s = 300;             // every wait's limit
   loom_parallel_training training{sizeof(loom_parallel_training), 0, 0, 1};
   std::unique_ptr<TcpMesh> mesh;
 #if LOOM_PARALLEL_NCCL
@@ -47,7 +48,7 @@ struct Strategy {
     if (it == peer.end()) {
       std::string why;
       nccl->prepare(members, device);  // the larger sums still go to NCCL
-      it = peer.emplace(members, PeerAllReduce::create(*mesh, members, device, &why)).first;
+      it = peer.emplace(members, PeerAllReduce::create(*mesh, members, device, timeout_s, &why)).first;
       if (!it->second && !why.empty()) host->log(ctx, LOOM_LOG_INFO, ("parallel: peer all-reduce off: " + why).c_str());
     }
     return it->second.get();
@@ -80,7 +81,7 @@ struct Strategy {
     if (zero != 0 && zero != 1) invalid_param("zero_stage", "zero_stage must be 0 or 1 (ZeRO stage 1 shards the optimizer state)");
     const double bucket_mb = cfg_float(h, c, "bucket_mb");
     if (!(bucket_mb > 0 && bucket_mb <= 4096)) invalid_param("bucket_mb", "bucket_mb must be in (0, 4096]");
-    const double timeout_s = cfg_float(h, c, "timeout_s");
+    timeout_s = cfg_float(h, c, "timeout_s");
     if (!(timeout_s > 0 && timeout_s <= 86400)) invalid_param("timeout_s", "timeout_s must be in (0, 86400]");
     training.zero_stage = static_cast<int32_t>(zero);
     training.bucket_bytes = static_cast<int64_t>(bucket_mb * 1024 * 1024);
