@@ -96,6 +96,25 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevic
       if (const auto bos = tokenizer_->encode("", true); !bos.empty()) placeholder_ = bos.front();
   }
   const RunSpec &run = manifest.run;
+  tokenizer_error_ = tokenizer_error;
+  {  // RAG: a prompt that asks for the retrieved passages is made at run time (place_passages).
+    const auto wants = [](const std::string &t) { return t.find("{passages}") != std::string::npos; };
+    bool in_messages = false;
+    for (const auto &[role, content] : run.messages) in_messages = in_messages || wants(content);
+    for (const auto &p : run.prompts)
+      if (wants(p.text))
+        throw manifest_error(manifest.source_name + ": run.prompts: {passages} is for run.prompt or run.messages (one question)");
+    if (wants(run.prompt_text) || in_messages) {
+      const std::string key = in_messages ? "run.messages" : "run.prompt";
+      if (run.query.empty())
+        throw manifest_error(manifest.source_name + ": " + key + ": {passages} needs run.query (the question to retrieve for)");
+      if (pipeline.list(LOOM_KIND_RETRIEVER).empty())
+        throw manifest_error(manifest.source_name + ": " + key + ": {passages} needs a [[retriever]]");
+      rag_ = true;
+      rag_text_ = run.prompt_text;
+      rag_messages_ = run.messages;
+    }
+  }
   if (!run.prompts.empty()) {
     for (size_t i = 0; i < run.prompts.size(); ++i)
       prompts_.push_back(encode_prompt(run.prompts[i].text, run.prompts[i].ids, "run.prompts[" + std::to_string(i) + "]",
@@ -525,6 +544,69 @@ void ModelDecoder::retrieve(RunResult &result) {
     current->check(current->vtable<loom_retriever_vtable>()->search(current->handle(), &q, collect_passage, &sink),
                    "search");
   }
+}
+
+namespace {
+
+// Every occurrence of `key` in `text` replaced by `value`.
+std::string replace_all(std::string text, const std::string &key, const std::string &value) {
+  for (size_t at = text.find(key); at != std::string::npos; at = text.find(key, at + value.size()))
+    text.replace(at, key.size(), value);
+  return text;
+}
+
+}  // namespace
+
+void ModelDecoder::place_passages(RunResult &result) {
+  if (!rag_) return;
+  const RunSpec &run = manifest_.run;
+  // The retrievers' lists (in the pipeline's order), fused by reciprocal rank when there are
+  // several: score = sum over lists of 1 / (60 + rank), ranks from 1; ties keep the first seen.
+  std::vector<std::string> slots;
+  for (const auto &p : result.passages)
+    if (std::find(slots.begin(), slots.end(), p.retriever_slot) == slots.end()) slots.push_back(p.retriever_slot);
+  std::vector<PassageResult> fused;
+  if (slots.size() <= 1) {
+    fused = result.passages;
+  } else {
+    std::map<std::string, size_t> index;  // doc_id -> place in fused
+    std::map<std::string, int64_t> rank;  // the next rank in each retriever's list
+    for (const auto &p : result.passages) {
+      const double rrf = 1.0 / (60.0 + static_cast<double>(++rank[p.retriever_slot]));
+      const auto [it, fresh] = index.emplace(p.doc_id, fused.size());
+      if (fresh) {
+        fused.push_back(p);
+        fused.back().score = 0;
+        fused.back().score_kind = "rrf";
+        fused.back().retriever_slot.clear();
+      }
+      PassageResult &f = fused[it->second];
+      f.score += rrf;
+      f.retriever_slot += (f.retriever_slot.empty() ? "" : ",") + p.retriever_slot;
+    }
+    std::stable_sort(fused.begin(), fused.end(), [](const PassageResult &a, const PassageResult &b) { return a.score > b.score; });
+  }
+  if (fused.size() > static_cast<size_t>(run.top_k)) fused.resize(static_cast<size_t>(run.top_k));
+  std::string block;
+  for (size_t i = 0; i < fused.size(); ++i) {
+    std::string text = fused[i].text;
+    while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+    block += "[" + std::to_string(i + 1) + "] " + text + " (" + fused[i].doc_id + ")\n";
+  }
+  if (fused.empty()) block = "(no passage found)\n";
+  const auto fill = [&](const std::string &t) { return replace_all(replace_all(t, "{passages}", block), "{question}", run.query); };
+  std::vector<int32_t> ids;
+  if (!rag_messages_.empty()) {
+    ChatFamily family = run.chat_template == "auto" ? detect_chat_family(manifest_.model_path)
+                                                    : *chat_family_from_name(run.chat_template);
+    std::vector<ChatMessage> messages;
+    for (const auto &[role, content] : rag_messages_) messages.push_back({role, fill(content)});
+    ids = encode_chat(*tokenizer_, render_chat(family, messages, /*add_generation_prompt=*/true));
+    prompts_ = {encode_prompt({}, ids, "run.messages", tokenizer_error_)};
+  } else {
+    prompts_ = {encode_prompt(fill(rag_text_), {}, "run.prompt", tokenizer_error_)};
+  }
+  result.context = std::move(fused);
 }
 
 void ModelDecoder::call_tools(RunResult &result) {

@@ -58,6 +58,10 @@ class ModelDecoder {
   ModelDecoder &operator=(const ModelDecoder &) = delete;
 
   void retrieve(RunResult &result);
+  // RAG: when run.prompt (text) or a run.messages content holds {passages}, replaces it with the
+  // retrieved passages (result.passages; numbered [1], [2], ... for citations) and {question}
+  // with run.query, and makes that the prompt. Nothing otherwise.
+  void place_passages(RunResult &result);
   // Serves the requests of `queue` as they arrive until it is closed and they have all ended
   // (core/serving.cpp; Runtime::serve). Needs [scheduler].
   SchedulerStats serve(RequestQueue &queue, int64_t max_positions);
@@ -189,6 +193,11 @@ class ModelDecoder {
   // to the model, whose backend gives those positions the adapter's keys and values; BOS keeps
   // sampler histories plausible), else 0.
   int32_t placeholder_ = 0;
+  // RAG (place_passages): the prompt's template, as given; `rag_` when it has {passages}.
+  bool rag_ = false;
+  std::string rag_text_;                                   // run.prompt's text
+  std::vector<std::pair<std::string, std::string>> rag_messages_;  // or run.messages
+  std::string tokenizer_error_;                            // why there is no tokenizer, for errors
 };
 
 } // namespace loom

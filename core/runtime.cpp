@@ -118,6 +118,7 @@ RunResult Runtime::run(int64_t steps, const TokenCallback &on_token, const Seque
   auto start = std::chrono::steady_clock::now();
   RunResult result;
   decoder_->retrieve(result);
+  decoder_->place_passages(result);
   decoder_->call_tools(result);
   decoder_->generate(steps > 0 ? steps : manifest_.run.steps, on_token, on_sequence_token, result);
   if (result.scheduler.used) record_scheduler_metrics(result.scheduler);

@@ -263,8 +263,14 @@ int cmd_run(const std::vector<std::string> &args) {
     // summary, say) does not land inside the streamed text.
     bool echoed = false;
     auto echo = [&] {
-      if (!echoed) std::cout << prompt_text;
+      if (echoed) return;
       echoed = true;
+      // A RAG prompt is made when the run starts (its passages retrieved then): take it now.
+      if (runtime->prompt() != context && !batch) {
+        context = runtime->prompt();
+        if (has_text) prompt_text = *runtime->decode(context);
+      }
+      std::cout << prompt_text;
     };
     TokenCallback stream;
     if (has_text && !batch)
@@ -311,6 +317,11 @@ int cmd_run(const std::vector<std::string> &args) {
         std::cout << "  " << p.retriever_slot << "  " << p.doc_id << "  " << std::fixed << std::setprecision(3) << p.score
                   << " " << p.score_kind << "  " << text << "\n";
       }
+    }
+    if (!r.context.empty()) {  // RAG: what the prompt cites as [1], [2], ...
+      std::cout << "context:";
+      for (size_t i = 0; i < r.context.size(); ++i) std::cout << " [" << i + 1 << "] " << r.context[i].doc_id;
+      std::cout << "\n";
     }
     for (const auto &t : r.tool_results)
       std::cout << "tool " << t.tool << (t.is_error ? " (error)" : "") << ": " << t.content << "\n";

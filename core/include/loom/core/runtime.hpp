@@ -84,6 +84,10 @@ struct RunResult {
   // one batch and decoded together; a sequence leaves the batch when it stops.
   std::vector<SequenceResult> sequences;
   std::vector<PassageResult> passages; // retrievers' answers to run.query
+  // RAG: the passages placed in the prompt where it says {passages}, in citation order ([1]
+  // first): run.top_k of them, fused by reciprocal rank (k = 60, score kind "rrf") when several
+  // retrievers answered.
+  std::vector<PassageResult> context;
   std::vector<ToolCallResult> tool_results;
   double seconds = 0;         // the whole run
   double prefill_seconds = 0; // the prompts' forward pass (one batch)

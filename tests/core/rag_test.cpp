@@ -1,0 +1,125 @@
+// [RAG+Tools] item 2, the RAG stage: a prompt (run.prompt or a run.messages content) with
+// {passages} gets the retrievers' top run.top_k passages for run.query, numbered for citations,
+// and {question} the query; several retrievers are fused by reciprocal rank (k = 60). The
+// default model and bm25 over small folders written here.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <unistd.h>
+
+#include "loom/core/error.hpp"
+#include "loom/core/runtime.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kModel = fs::path(LOOM_SOURCE_DIR) / "models/tiny-kjv";
+
+fs::path folder(const std::string &name, const std::map<std::string, std::string> &files) {
+  const fs::path d = fs::temp_directory_path() / ("loom-rag-" + std::to_string(::getpid())) / name;
+  fs::remove_all(d);
+  fs::create_directories(d);
+  for (const auto &[file, text] : files) std::ofstream(d / file) << text;
+  return d;
+}
+
+std::string manifest(const std::string &run, const std::vector<fs::path> &folders) {
+  std::string m = "[loom]\ndevice = \"cpu\"\n[model]\npath = \"" + kModel.string() +
+                  "\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n[run]\nsteps = 4\n" + run;
+  for (const auto &f : folders) m += "\n[[retriever]]\nuse = \"bm25\"\ndocuments = \"" + f.string() + "\"\n";
+  return m;
+}
+
+const std::map<std::string, std::string> kFirst = {
+    {"wept.txt", "Jesus wept."},
+    {"light.txt", "And God said, Let there be light: and there was light."},
+    {"waters.txt", "And the Spirit of God moved upon the face of the waters, and God divided the light."},
+    {"beasts.txt", "And God made the beast of the earth after his kind."}};
+
+}  // namespace
+
+TEST_CASE("a prompt with {passages} gets the top passages, numbered for citation, and the question", "[rag]") {
+  const fs::path docs = folder("one", kFirst);
+  auto rt = loom::Runtime::from_string(
+      manifest("query = \"light\"\ntop_k = 2\nprompt = \"Passages:\\n{passages}Question: {question}\\nAnswer:\"\n", {docs}));
+  const loom::RunResult r = rt->run();
+  REQUIRE(r.passages.size() >= 2);
+  REQUIRE(r.context.size() == 2);  // top_k of the retriever's list, in its order
+  CHECK(r.context[0].doc_id == r.passages[0].doc_id);
+  CHECK(r.context[1].doc_id == r.passages[1].doc_id);
+  const std::string prompt = *rt->decode(r.sequences.at(0).prompt);
+  INFO(prompt);
+  // Both light passages, cited [1] and [2] with their ids, then the question.
+  const auto at = [&](const std::string &s) { return prompt.find(s); };
+  REQUIRE(at("[1]") != std::string::npos);
+  REQUIRE(at("[2]") != std::string::npos);
+  CHECK(at("[1]") < at("(" + r.context[0].doc_id + ")"));
+  CHECK(at("(" + r.context[0].doc_id + ")") < at("[2]"));
+  CHECK(at("(" + r.context[1].doc_id + ")") < at("Question: light"));
+  CHECK(at("{passages}") == std::string::npos);
+  CHECK(at("Jesus wept") == std::string::npos);  // not retrieved for "light"
+  CHECK(r.sequences.at(0).tokens.size() == 4);
+}
+
+TEST_CASE("several retrievers are fused by reciprocal rank (k = 60)", "[rag]") {
+  const fs::path a = folder("a", kFirst);
+  const fs::path b = folder("b", {{"waters.txt", kFirst.at("waters.txt")},
+                                  {"dark.txt", "And darkness was upon the face of the deep, and God called the light Day."},
+                                  {"lights.txt", "And God made two great lights; the greater light to rule the day."}});
+  auto rt = loom::Runtime::from_string(
+      manifest("query = \"light\"\ntop_k = 3\nprompt = \"{passages}Q: {question}\"\n", {a, b}));
+  const loom::RunResult r = rt->run();
+  // The fusion, computed here from the two lists: sum of 1 / (60 + rank) per doc id.
+  std::map<std::string, double> want;
+  std::map<std::string, int> rank;
+  for (const auto &p : r.passages) want[p.doc_id] += 1.0 / (60.0 + ++rank[p.retriever_slot]);
+  REQUIRE(want.size() >= 3);
+  REQUIRE(r.context.size() == 3);
+  for (size_t i = 0; i < r.context.size(); ++i) {
+    INFO(i << ": " << r.context[i].doc_id);
+    CHECK(r.context[i].score_kind == "rrf");
+    CHECK(std::fabs(r.context[i].score - want.at(r.context[i].doc_id)) < 1e-12);
+    if (i > 0) CHECK(r.context[i - 1].score >= r.context[i].score);
+  }
+  // No fused passage scores below one left out.
+  for (const auto &[id, score] : want) {
+    bool placed = false;
+    for (const auto &c : r.context) placed = placed || c.doc_id == id;
+    if (!placed) CHECK(score <= r.context.back().score);
+  }
+  // waters.txt is in both lists: it leads.
+  CHECK(r.context[0].doc_id == "waters.txt");
+  CHECK(r.context[0].retriever_slot == "retriever[0],retriever[1]");
+}
+
+TEST_CASE("{passages} in a chat message, and the stage's refusals", "[rag]") {
+  const fs::path docs = folder("chat", kFirst);
+  auto rt = loom::Runtime::from_string(manifest(
+      "query = \"wept\"\ntop_k = 1\nchat_template = \"plain\"\n"
+      "messages = [{ role = \"system\", content = \"Cite passages as [n].\" }, { role = \"user\", content = \"{passages}{question}\" }]\n",
+      {docs}));
+  const loom::RunResult r = rt->run();
+  REQUIRE(r.context.size() == 1);
+  CHECK(r.context[0].doc_id == "wept.txt");
+  const std::string prompt = *rt->decode(r.sequences.at(0).prompt);
+  INFO(prompt);
+  CHECK(prompt.find("[1] Jesus wept. (wept.txt)") != std::string::npos);
+  CHECK(prompt.find("Cite passages as [n].") != std::string::npos);  // the system message, rendered too
+
+  const auto error = [&](const std::string &run, const std::vector<fs::path> &folders) -> std::string {
+    try {
+      loom::Runtime::from_string(manifest(run, folders));
+    } catch (const loom::Error &e) {
+      return e.what();
+    }
+    return "";
+  };
+  CHECK_THAT(error("prompt = \"{passages}\"\n", {docs}), Catch::Contains("run.prompt: {passages} needs run.query"));
+  CHECK_THAT(error("query = \"x\"\nprompt = \"{passages}\"\n", {}), Catch::Contains("run.prompt: {passages} needs a [[retriever]]"));
+  CHECK_THAT(error("query = \"x\"\nprompts = [\"{passages}\", \"b\"]\n", {docs}),
+             Catch::Contains("run.prompts: {passages} is for run.prompt or run.messages"));
+}
