@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <filesystem>
 #include <cmath>
 #include <chrono>
 #include <functional>
@@ -9,11 +10,13 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "loom/core/document_chunks.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/manifest.hpp"
 #include "loom/core/registry.hpp"
 #include "loom/core/runtime.hpp"
 #include "loom/core/training.hpp"
+#include "loom/loom_plugin_api.h"
 
 namespace loom::cli {
 
@@ -136,6 +139,27 @@ loss.png (when gnuplot is installed). A progress line shows step, loss, tokens/s
 )";
 
 std::string kind_label(loom_kind k) { return kind_name(k); }
+
+const char *kIndexUsage = R"(usage: loom index build MANIFEST --docs PATH --out DIR [--chunk BYTES] [--overlap BYTES] [--set K=V]...
+       loom index query MANIFEST --index DIR [--top-k N] [--set K=V]... QUESTION...
+
+build: cuts the *.txt and *.md files under PATH (or the one file PATH) into chunks of at most
+--chunk bytes (default 800) ending at a paragraph, line or word break, each starting --overlap
+bytes (default 100) before the previous one's end; adds them to every [[retriever]] of MANIFEST
+(doc_id "file#n", metadata: source, chunk, byte offsets) and saves each retriever's index under
+DIR/<slot>. query: loads those indexes (nothing is re-ingested) and prints each retriever's
+top --top-k (default 5) passages for QUESTION.
+)";
+
+// A whole number flag's value within [lo, hi].
+int64_t int_flag(const std::string &flag, const std::string &v, int64_t lo, int64_t hi) {
+  int64_t out = 0;
+  auto [ptr, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
+  if (ec != std::errc() || ptr != v.data() + v.size() || out < lo || out > hi)
+    throw Error(ErrorCategory::usage, flag + ": '" + v + "' is not a number between " + std::to_string(lo) + " and " +
+                                          std::to_string(hi));
+  return out;
+}
 
 } // namespace
 
@@ -380,6 +404,94 @@ int cmd_quantize(const std::vector<std::string> &args) {
     std::cout << "wrote " << path.string() << " (" << std::fixed << std::setprecision(1)
               << static_cast<double>(std::filesystem::file_size(path)) / (1024.0 * 1024.0) << " MiB, quantized by "
               << runtime->pipeline().list(LOOM_KIND_QUANTIZER).front()->desc().name << " in " << std::setprecision(2) << seconds << " s)\n";
+    return 0;
+  });
+}
+
+int cmd_index(const std::vector<std::string> &args) {
+  return guarded(kIndexUsage, [&] {
+    if (!args.empty() && (args[0] == "--help" || args[0] == "-h")) {
+      std::cout << kIndexUsage;
+      return 0;
+    }
+    if (args.empty() || (args[0] != "build" && args[0] != "query"))
+      throw Error(ErrorCategory::usage, "index: the first argument is build or query");
+    const bool build = args[0] == "build";
+    std::string manifest, docs, out, index, question;
+    std::vector<std::string> overrides;
+    int64_t chunk = 800, overlap = 100, top_k = 5;
+    for (size_t i = 1; i < args.size(); ++i) {
+      const std::string &a = args[i];
+      auto value = [&](const char *flag) -> std::string {
+        if (i + 1 >= args.size()) throw Error(ErrorCategory::usage, std::string(flag) + " needs a value");
+        return args[++i];
+      };
+      if (a == "--set") overrides.push_back(value("--set"));
+      else if (build && a == "--docs") docs = value("--docs");
+      else if (build && a == "--out") out = value("--out");
+      else if (build && a == "--chunk") chunk = int_flag("--chunk", value("--chunk"), 2, 1 << 24);
+      else if (build && a == "--overlap") overlap = int_flag("--overlap", value("--overlap"), 0, 1 << 23);
+      else if (!build && a == "--index") index = value("--index");
+      else if (!build && a == "--top-k") top_k = int_flag("--top-k", value("--top-k"), 1, 1000);
+      else if (!a.empty() && a[0] == '-') throw Error(ErrorCategory::usage, "unknown option '" + a + "'");
+      else if (manifest.empty()) manifest = a;
+      else if (!build) question += (question.empty() ? "" : " ") + a;
+      else throw Error(ErrorCategory::usage, "unexpected argument '" + a + "'");
+    }
+    if (manifest.empty()) throw Error(ErrorCategory::usage, "a MANIFEST is required");
+    if (build && (docs.empty() || out.empty())) throw Error(ErrorCategory::usage, "index build needs --docs and --out");
+    if (!build && (index.empty() || question.empty())) throw Error(ErrorCategory::usage, "index query needs --index and a QUESTION");
+    auto runtime = Runtime::from_file(manifest, overrides);
+    const auto retrievers = runtime->pipeline().list(LOOM_KIND_RETRIEVER);
+    if (retrievers.empty()) throw Error(ErrorCategory::manifest, manifest + ": no [[retriever]] to index for");
+    namespace fs = std::filesystem;
+    if (build) {
+      const std::vector<DocumentChunk> chunks = chunk_documents(docs, chunk, overlap);
+      std::vector<loom_document> abi;
+      for (const auto &c : chunks)
+        abi.push_back(loom_document{sizeof(loom_document), c.doc_id.c_str(), c.text.c_str(), c.metadata_json.c_str(), nullptr, 0});
+      for (const auto &r : retrievers) {
+        const auto *vt = r->vtable<loom_retriever_vtable>();
+        for (size_t at = 0; at < abi.size(); at += 256)
+          r->check(vt->add(r->handle(), abi.data() + at, static_cast<uint32_t>(std::min<size_t>(256, abi.size() - at))), "add");
+        if (vt->save == nullptr)
+          throw Error(ErrorCategory::runtime, r->slot() + " (" + r->desc().name + "): this retriever keeps its index in memory only");
+        const fs::path dir = fs::path(out) / r->slot();
+        fs::create_directories(dir);
+        r->check(vt->save(r->handle(), dir.string().c_str()), "save");
+        uint64_t count = 0;
+        r->check(vt->count(r->handle(), &count), "count");
+        std::cout << r->slot() << " (" << r->desc().name << "): " << count << " documents, saved to " << dir.string() << "\n";
+      }
+      std::cout << "indexed " << chunks.size() << " chunks of " << docs << "\n";
+      return 0;
+    }
+    for (const auto &r : retrievers) {
+      const auto *vt = r->vtable<loom_retriever_vtable>();
+      const fs::path dir = fs::path(index) / r->slot();
+      if (vt->load == nullptr || !fs::is_directory(dir))
+        throw Error(ErrorCategory::runtime, dir.string() + ": no saved index for " + r->slot() + " (loom index build first)");
+      r->check(vt->load(r->handle(), dir.string().c_str()), "load");
+      loom_query q{};
+      q.struct_size = sizeof(q);
+      q.text = question.c_str();
+      q.top_k = static_cast<int32_t>(top_k);
+      int found = 0;
+      r->check(vt->search(r->handle(), &q,
+                          [](void *user, const loom_passage *p) -> loom_status {
+                            int &rank = *static_cast<int *>(user);
+                            std::string text = p->text ? p->text : "";
+                            std::replace(text.begin(), text.end(), '\n', ' ');
+                            if (text.size() > 72) text = text.substr(0, 69) + "...";
+                            std::cout << "  " << ++rank << ". " << (p->doc_id ? p->doc_id : "") << "  " << std::fixed
+                                      << std::setprecision(3) << p->score << "  " << text << "\n";
+                            return LOOM_OK;
+                          },
+                          &found),
+               "search");
+      if (found == 0) std::cout << "  (nothing found)\n";
+      std::cout << r->slot() << " (" << r->desc().name << "): " << found << " passage(s) for \"" << question << "\"\n";
+    }
     return 0;
   });
 }

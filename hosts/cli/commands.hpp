@@ -11,5 +11,6 @@ int cmd_validate(const std::vector<std::string> &args);
 int cmd_run(const std::vector<std::string> &args);
 int cmd_quantize(const std::vector<std::string> &args);
 int cmd_train(const std::vector<std::string> &args);
+int cmd_index(const std::vector<std::string> &args);
 
 } // namespace loom::cli

@@ -21,6 +21,8 @@ commands:
   run MANIFEST [--set K=V]...        build the pipeline and run the manifest's [run] section
   quantize MANIFEST --out DIR        write the [model] quantized by its [quantizer], to load later
   train MANIFEST [--steps N]         train the [model] on the [train] data (CPU), with checkpoints
+  index build|query MANIFEST ...     ingest a folder into the manifest's retrievers and save their
+                                     indexes; query the saved indexes
   version                            print Loom's version and plugin ABI
 
 `loom <command> --help` describes a command.
@@ -56,6 +58,7 @@ int main(int argc, char **argv) {
   if (command == "run") return loom::cli::cmd_run(args);
   if (command == "quantize") return loom::cli::cmd_quantize(args);
   if (command == "train") return loom::cli::cmd_train(args);
+  if (command == "index") return loom::cli::cmd_index(args);
   std::cerr << "loom: unknown command '" << command << "'\n\n" << kUsage;
   return 2;
 }

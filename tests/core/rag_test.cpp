@@ -10,6 +10,7 @@
 #include <map>
 #include <unistd.h>
 
+#include "loom/core/document_chunks.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/runtime.hpp"
 
@@ -122,4 +123,46 @@ TEST_CASE("{passages} in a chat message, and the stage's refusals", "[rag]") {
   CHECK_THAT(error("query = \"x\"\nprompt = \"{passages}\"\n", {}), Catch::Contains("run.prompt: {passages} needs a [[retriever]]"));
   CHECK_THAT(error("query = \"x\"\nprompts = [\"{passages}\", \"b\"]\n", {docs}),
              Catch::Contains("run.prompts: {passages} is for run.prompt or run.messages"));
+}
+
+TEST_CASE("documents are cut into overlapping chunks at breaks, never inside a UTF-8 character", "[rag]") {
+  std::string text;
+  for (int p = 0; p < 6; ++p) {
+    for (int w = 0; w < 30; ++w) text += (w % 7 == 3 ? "naïve " : "word ");
+    text += "\n\n";
+  }
+  const auto ranges = loom::chunk_ranges(text, 100, 20);
+  REQUIRE(ranges.size() > 4);
+  CHECK(ranges.front().first == 0);
+  CHECK(ranges.back().second == static_cast<int64_t>(text.size()));
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const auto [b, e] = ranges[i];
+    INFO("chunk " << i << " [" << b << ", " << e << ")");
+    CHECK(e - b <= 100);
+    CHECK(e > b);
+    const auto inner = [&](int64_t at) { return at < static_cast<int64_t>(text.size()) && (static_cast<unsigned char>(text[static_cast<size_t>(at)]) & 0xC0) == 0x80; };
+    CHECK_FALSE(inner(b));
+    CHECK_FALSE(inner(e));
+    if (e < static_cast<int64_t>(text.size())) CHECK((text[static_cast<size_t>(e - 1)] == ' ' || text[static_cast<size_t>(e - 1)] == '\n'));
+    if (i > 0) {
+      CHECK(b < ranges[i - 1].second);             // overlaps the previous chunk
+      CHECK(b >= ranges[i - 1].second - 20);       // by at most the overlap
+      CHECK(b > ranges[i - 1].first);              // and moves on
+      CHECK((text[static_cast<size_t>(b - 1)] == ' ' || text[static_cast<size_t>(b - 1)] == '\n'));  // at a word
+    }
+  }
+  CHECK_THROWS_WITH(loom::chunk_ranges(text, 100, 50), Catch::Contains("overlap"));
+  // Folders: *.txt and *.md, recursively, ids "path#n", metadata with the byte offsets.
+  const fs::path d = folder("ingest", {{"a.md", text}, {"skip.bin", "x"}});
+  fs::create_directories(d / "sub");
+  std::ofstream(d / "sub/b.txt") << "Jesus wept.";
+  const auto chunks = loom::chunk_documents(d, 100, 20);
+  REQUIRE(chunks.size() == ranges.size() + 1);
+  CHECK(chunks.front().doc_id == "a.md#0");
+  CHECK(chunks.back().doc_id == "sub/b.txt#0");
+  CHECK(chunks.back().text == "Jesus wept.");
+  CHECK(chunks[1].offset_begin == ranges[1].first);
+  CHECK(chunks[1].text == text.substr(static_cast<size_t>(ranges[1].first), static_cast<size_t>(ranges[1].second - ranges[1].first)));
+  CHECK(chunks[1].metadata_json.find("\"source\":\"a.md\"") != std::string::npos);
+  CHECK_THROWS_WITH(loom::chunk_documents(d / "missing", 100, 20), Catch::Contains("missing: no such file or folder"));
 }

@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <filesystem>
 #include <array>
+#include <fstream>
 #include <set>
+#include <unistd.h>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
@@ -146,4 +148,46 @@ TEST_CASE("run generates a batch of prompts and prints every sequence", "[cli]")
   auto threads = loom("run " + kConfigs + "greedy.toml --set loom.threads=-2");
   CHECK(threads.code == 3);
   CHECK(threads.out.find("loom.threads: must be 0 (one per hardware thread) or a positive count, got -2") != std::string::npos);
+}
+
+TEST_CASE("index build ingests a folder into the retrievers; index query reloads it", "[cli]") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("loom-cli-index-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir / "docs");
+  {
+    std::ofstream long_file(dir / "docs/long.md");
+    for (int i = 0; i < 40; ++i) long_file << "In the beginning God created the heaven and the earth, verse " << i << ".\n";
+    long_file << "\nThe quick zebra appears only at the very end.\n";
+    std::ofstream(dir / "docs/short.txt") << "Jesus wept.\n";
+  }
+  std::ofstream(dir / "index.toml") << "[[retriever]]\nuse = \"bm25\"\n";
+  const std::string manifest = (dir / "index.toml").string();
+  auto built = loom("index build " + manifest + " --docs " + (dir / "docs").string() + " --out " + (dir / "idx").string() +
+                    " --chunk 300 --overlap 50");
+  INFO(built.out);
+  REQUIRE(built.code == 0);
+  CHECK(built.out.find("indexed ") != std::string::npos);
+  CHECK(fs::is_directory(dir / "idx/retriever[0]"));
+  // A fresh process loads the saved index: the zebra is in long.md's last chunk.
+  auto q = loom("index query " + manifest + " --index " + (dir / "idx").string() + " --top-k 2 quick zebra");
+  INFO(q.out);
+  REQUIRE(q.code == 0);
+  const size_t first = q.out.find("  1. long.md#");
+  REQUIRE(first != std::string::npos);
+  CHECK(q.out.find("zebra", first) != std::string::npos);
+  CHECK(q.out.find("1 passage(s) for \"quick zebra\"") != std::string::npos);
+  auto wept = loom("index query " + manifest + " --index " + (dir / "idx").string() + " wept");
+  CHECK(wept.out.find("  1. short.txt#0") != std::string::npos);
+  // Errors: no index yet, no retriever, bad numbers, an overlap too large.
+  CHECK(loom("index query " + manifest + " --index " + (dir / "none").string() + " x").code == 1);
+  std::ofstream(dir / "empty.toml") << "[run]\nsteps = 1\n";
+  CHECK(loom("index build " + (dir / "empty.toml").string() + " --docs " + (dir / "docs").string() + " --out x").code == 3);
+  CHECK(loom("index build " + manifest + " --docs d --out o --chunk many").code == 2);
+  CHECK(loom("index frobnicate " + manifest).code == 2);
+  auto overlap = loom("index build " + manifest + " --docs " + (dir / "docs").string() + " --out " + (dir / "o").string() +
+                      " --chunk 100 --overlap 60");
+  CHECK(overlap.code == 1);
+  CHECK(overlap.out.find("overlap") != std::string::npos);
+  fs::remove_all(dir);
 }
