@@ -209,7 +209,7 @@ void read_train_table(const toml::table &t, const std::string &source, const std
 
 void read_run_table(const toml::table &t, const std::string &source, RunSpec &run, bool has_model) {
   SchemaReader r(t, "run", source);
-  r.only({"steps", "prompt", "prompts", "prompt_steps", "messages", "chat_template", "stop", "stop_tokens", "query", "top_k", "tool_calls", "vocab_size", "hidden_size", "n_heads",
+  r.only({"steps", "prompt", "prompts", "prompt_steps", "messages", "chat_template", "stop", "stop_tokens", "query", "top_k", "filter", "tool_calls", "vocab_size", "hidden_size", "n_heads",
           "n_kv_heads", "n_layers"});
   r.read_int("steps", run.steps, 1, 1 << 20);
   r.read_int("top_k", run.top_k, 1, 1000);
@@ -219,6 +219,7 @@ void read_run_table(const toml::table &t, const std::string &source, RunSpec &ru
   r.read_int("n_kv_heads", run.n_kv_heads, 1, 256);
   r.read_int("n_layers", run.n_layers, 1, 64);
   r.read_string("query", run.query);
+  r.read_string("filter", run.filter);
   if (const toml::node *text = t.get("prompt"); text != nullptr && text->is_string()) {
     run.prompt_text = *text->value<std::string>();
     if (run.prompt_text.empty()) r.fail(*text, "prompt", "must not be empty");

@@ -538,6 +538,7 @@ void ModelDecoder::retrieve(RunResult &result) {
     q.struct_size = sizeof(q);
     q.text = run.query.c_str();
     q.top_k = static_cast<int32_t>(run.top_k);
+    q.filter = run.filter.empty() ? nullptr : run.filter.c_str();
     PassageSink sink{&result, r->slot()};
     auto guard = pipeline_.begin_step(); // no swap of this retriever while it searches
     auto current = pipeline_.get(r->slot());

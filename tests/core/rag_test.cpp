@@ -166,3 +166,17 @@ TEST_CASE("documents are cut into overlapping chunks at breaks, never inside a U
   CHECK(chunks[1].metadata_json.find("\"source\":\"a.md\"") != std::string::npos);
   CHECK_THROWS_WITH(loom::chunk_documents(d / "missing", 100, 20), Catch::Contains("missing: no such file or folder"));
 }
+
+TEST_CASE("run.filter narrows every retriever's answers by metadata", "[rag]") {
+  const fs::path docs = folder("filter", kFirst);
+  const std::string waters = (docs / "waters.txt").string();
+  auto rt = loom::Runtime::from_string(manifest("query = \"light\"\ntop_k = 3\nfilter = 'path == \"" + waters +
+                                                    "\"'\nprompt = \"{passages}Q: {question}\"\n",
+                                                {docs}));
+  const loom::RunResult r = rt->run();
+  REQUIRE(r.passages.size() == 1);  // light.txt matches "light" too, but not the filter
+  CHECK(r.passages[0].doc_id == "waters.txt");
+  REQUIRE(r.context.size() == 1);
+  auto bad = loom::Runtime::from_string(manifest("query = \"light\"\nfilter = \"path ~~ 3\"\n", {docs}));
+  CHECK_THROWS_AS(bad->run(), loom::Error);
+}

@@ -74,6 +74,9 @@ struct RunSpec {
   std::string chat_template = "auto";
   std::string query;
   int64_t top_k = 3;
+  // A metadata filter every retriever applies to run.query's results (retriever.h's syntax:
+  // `source == "plugins.md" && chunk >= 1`); empty: none.
+  std::string filter;
   std::vector<ToolCallSpec> tool_calls;
   int64_t vocab_size = 256;
   int64_t hidden_size = 64;
