@@ -11,6 +11,7 @@
 #include <random>
 
 #include "loom/core/chat_template.hpp"
+#include "loom/core/passage_fusion.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
 #include "loom/core/host_buffer.hpp"
@@ -562,32 +563,8 @@ void ModelDecoder::place_passages(RunResult &result) {
   if (!rag_) return;
   const RunSpec &run = manifest_.run;
   // The retrievers' lists (in the pipeline's order), fused by reciprocal rank when there are
-  // several: score = sum over lists of 1 / (60 + rank), ranks from 1; ties keep the first seen.
-  std::vector<std::string> slots;
-  for (const auto &p : result.passages)
-    if (std::find(slots.begin(), slots.end(), p.retriever_slot) == slots.end()) slots.push_back(p.retriever_slot);
-  std::vector<PassageResult> fused;
-  if (slots.size() <= 1) {
-    fused = result.passages;
-  } else {
-    std::map<std::string, size_t> index;  // doc_id -> place in fused
-    std::map<std::string, int64_t> rank;  // the next rank in each retriever's list
-    for (const auto &p : result.passages) {
-      const double rrf = 1.0 / (60.0 + static_cast<double>(++rank[p.retriever_slot]));
-      const auto [it, fresh] = index.emplace(p.doc_id, fused.size());
-      if (fresh) {
-        fused.push_back(p);
-        fused.back().score = 0;
-        fused.back().score_kind = "rrf";
-        fused.back().retriever_slot.clear();
-      }
-      PassageResult &f = fused[it->second];
-      f.score += rrf;
-      f.retriever_slot += (f.retriever_slot.empty() ? "" : ",") + p.retriever_slot;
-    }
-    std::stable_sort(fused.begin(), fused.end(), [](const PassageResult &a, const PassageResult &b) { return a.score > b.score; });
-  }
-  if (fused.size() > static_cast<size_t>(run.top_k)) fused.resize(static_cast<size_t>(run.top_k));
+  // several (passage_fusion.hpp).
+  std::vector<PassageResult> fused = fuse_passages(result.passages, run.top_k);
   std::string block;
   for (size_t i = 0; i < fused.size(); ++i) {
     std::string text = fused[i].text;

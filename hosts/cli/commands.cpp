@@ -13,6 +13,7 @@
 #include "loom/core/document_chunks.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/manifest.hpp"
+#include "loom/core/passage_fusion.hpp"
 #include "loom/core/registry.hpp"
 #include "loom/core/runtime.hpp"
 #include "loom/core/training.hpp"
@@ -148,7 +149,8 @@ build: cuts the *.txt and *.md files under PATH (or the one file PATH) into chun
 bytes (default 100) before the previous one's end; adds them to every [[retriever]] of MANIFEST
 (doc_id "file#n", metadata: source, chunk, byte offsets) and saves each retriever's index under
 DIR/<slot>. query: loads those indexes (nothing is re-ingested) and prints each retriever's
-top --top-k (default 5) passages for QUESTION.
+top --top-k (default 5) passages for QUESTION and, with several retrievers, their reciprocal
+rank fusion (k = 60).
 )";
 
 // A whole number flag's value within [lo, hi].
@@ -466,6 +468,15 @@ int cmd_index(const std::vector<std::string> &args) {
       std::cout << "indexed " << chunks.size() << " chunks of " << docs << "\n";
       return 0;
     }
+    // Each retriever's top passages, then (with several) their reciprocal rank fusion.
+    std::vector<PassageResult> all;
+    const auto print = [](int rank, const PassageResult &p) {
+      std::string text = p.text;
+      std::replace(text.begin(), text.end(), '\n', ' ');
+      if (text.size() > 72) text = text.substr(0, 69) + "...";
+      std::cout << "  " << rank << ". " << p.doc_id << "  " << std::fixed << std::setprecision(3) << p.score << "  " << text
+                << "\n";
+    };
     for (const auto &r : retrievers) {
       const auto *vt = r->vtable<loom_retriever_vtable>();
       const fs::path dir = fs::path(index) / r->slot();
@@ -476,21 +487,33 @@ int cmd_index(const std::vector<std::string> &args) {
       q.struct_size = sizeof(q);
       q.text = question.c_str();
       q.top_k = static_cast<int32_t>(top_k);
-      int found = 0;
+      struct Sink {
+        std::vector<PassageResult> *all;
+        std::string slot;
+      } sink{&all, r->slot()};
+      const size_t first = all.size();
       r->check(vt->search(r->handle(), &q,
                           [](void *user, const loom_passage *p) -> loom_status {
-                            int &rank = *static_cast<int *>(user);
-                            std::string text = p->text ? p->text : "";
-                            std::replace(text.begin(), text.end(), '\n', ' ');
-                            if (text.size() > 72) text = text.substr(0, 69) + "...";
-                            std::cout << "  " << ++rank << ". " << (p->doc_id ? p->doc_id : "") << "  " << std::fixed
-                                      << std::setprecision(3) << p->score << "  " << text << "\n";
+                            auto *s = static_cast<Sink *>(user);
+                            PassageResult found;
+                            found.retriever_slot = s->slot;
+                            found.doc_id = p->doc_id ? p->doc_id : "";
+                            found.score = p->score;
+                            found.text = p->text ? p->text : "";
+                            s->all->push_back(std::move(found));
                             return LOOM_OK;
                           },
-                          &found),
+                          &sink),
                "search");
-      if (found == 0) std::cout << "  (nothing found)\n";
-      std::cout << r->slot() << " (" << r->desc().name << "): " << found << " passage(s) for \"" << question << "\"\n";
+      for (size_t i = first; i < all.size(); ++i) print(static_cast<int>(i - first + 1), all[i]);
+      if (all.size() == first) std::cout << "  (nothing found)\n";
+      std::cout << r->slot() << " (" << r->desc().name << "): " << all.size() - first << " passage(s) for \"" << question
+                << "\"\n";
+    }
+    if (retrievers.size() > 1) {
+      const auto fused = fuse_passages(all, top_k);
+      for (size_t i = 0; i < fused.size(); ++i) print(static_cast<int>(i + 1), fused[i]);
+      std::cout << "fused (reciprocal rank, k = 60): " << fused.size() << " passage(s)\n";
     }
     return 0;
   });

@@ -179,6 +179,17 @@ TEST_CASE("index build ingests a folder into the retrievers; index query reloads
   CHECK(q.out.find("1 passage(s) for \"quick zebra\"") != std::string::npos);
   auto wept = loom("index query " + manifest + " --index " + (dir / "idx").string() + " wept");
   CHECK(wept.out.find("  1. short.txt#0") != std::string::npos);
+  // Two retrievers: each list, then their fusion (the doc both found leads).
+  std::ofstream(dir / "two.toml") << "[[retriever]]\nuse = \"bm25\"\n[[retriever]]\nuse = \"bm25\"\n";
+  const std::string two = (dir / "two.toml").string();
+  REQUIRE(loom("index build " + two + " --docs " + (dir / "docs").string() + " --out " + (dir / "idx2").string()).code == 0);
+  auto fused = loom("index query " + two + " --index " + (dir / "idx2").string() + " --top-k 3 wept");
+  INFO(fused.out);
+  CHECK(fused.code == 0);
+  const size_t fused_at = fused.out.find("retriever[1] (bm25)");
+  REQUIRE(fused_at != std::string::npos);
+  CHECK(fused.out.find("  1. short.txt#0", fused_at) != std::string::npos);
+  CHECK(fused.out.find("fused (reciprocal rank, k = 60): ") != std::string::npos);
   // Errors: no index yet, no retriever, bad numbers, an overlap too large.
   CHECK(loom("index query " + manifest + " --index " + (dir / "none").string() + " x").code == 1);
   std::ofstream(dir / "empty.toml") << "[run]\nsteps = 1\n";
