@@ -228,3 +228,16 @@ TEST_CASE("retrieval set: recall@5 of bm25 over the held-out KJV verses", "[rag]
   CHECK(total == 20);
   CHECK(recall >= 0.85);
 }
+
+TEST_CASE("the RAG prompt is also what a scheduled run serves", "[rag]") {
+  const fs::path docs = folder("scheduled", kFirst);
+  auto rt = loom::Runtime::from_string(manifest("query = \"wept\"\ntop_k = 1\nprompt = \"{passages}Q: {question}\"\n", {docs}) +
+                                       "\n[scheduler]\nmax_seqs = 2\n");
+  const loom::RunResult r = rt->run();
+  REQUIRE(r.context.size() == 1);
+  CHECK(r.scheduler.used);
+  const std::string prompt = *rt->decode(r.sequences.at(0).prompt);
+  INFO(prompt);
+  CHECK(prompt.find("[1] Jesus wept. (wept.txt)") != std::string::npos);
+  CHECK(r.sequences.at(0).tokens.size() == 4);
+}
