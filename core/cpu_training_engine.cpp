@@ -77,19 +77,16 @@ class CpuTrainingEngine final : public TrainingEngine {
     return sum;
   }
   void reduce_stage_gradients() override {
-    // A tied embedding: the first stage's (input) and the last stage's (head) gradients summed.
+    // A tied embedding: the first stage's (input) and the last stage's (head) gradients
+    // exchanged and added on both, as the CUDA engine does (IEEE addition commutes: both copies
+    // stay bit-identical). In place: grad_views() point into it.
     const size_t tied = tied_copy();
     if (tied == SIZE_MAX) return;
     auto &grad = trainer_.params()[tied].grad;
-    if (pipeline_->first()) {
-      pipeline_->send(grad, pipeline_->stages() - 1);
-      const auto sum = pipeline_->receive(grad.size(), pipeline_->stages() - 1);
-      std::copy(sum.begin(), sum.end(), grad.begin());  // in place: grad_views() point into it
-    } else {
-      const auto other = pipeline_->receive(grad.size(), 0);
-      for (size_t i = 0; i < grad.size(); ++i) grad[i] = other[i] + grad[i];  // the first stage's + the head's
-      pipeline_->send(grad, 0);
-    }
+    std::vector<float> other(grad.size());
+    const int32_t peer = pipeline_->first() ? pipeline_->stages() - 1 : 0;
+    pipeline_->exchange(grad.data(), grad.size(), peer, other.data(), other.size(), peer);
+    for (size_t i = 0; i < grad.size(); ++i) grad[i] += other[i];
   }
   double clip_grad_norm(double max_norm) override {
     if (tensor_ == nullptr && pipeline_ == nullptr)

@@ -256,7 +256,6 @@ class CudaTrainingEngine final : public TrainingEngine {
 
   // Sized by prepare for B sequences of n tokens.
   int64_t B_ = 0, n_ = 0, T_ = 0, rope_n_ = 0;
-  int64_t slots_ = 1;
   std::vector<LayerStore> stores_;     // one per layer, or one shared with recomputation
   std::vector<DeviceArray<float>> xs_;  // the residual stream before each layer, and after the last
   DeviceArray<float> column_scratch_, qkv_, mean_final_, cos_sin_, q_, k_, v_, dp_, os_, dos_, dks_, dvs_, da_, dq_, dk_, dv_, dm_, dg_, du_, dh_, dx_,
@@ -356,7 +355,6 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n, int64_t slots) {
   }
   const size_t t = static_cast<size_t>(T), heads = static_cast<size_t>(B * Hq);
   const size_t per_head = heads * static_cast<size_t>(n * D), probs = heads * static_cast<size_t>(n * n);
-  slots_ = slots;
   stores_.resize(recompute_ ? 1 : layers_.size());
   const auto stored = static_cast<size_t>(recompute_ ? 1 : slots);  // recomputation: one scratch slot
   for (auto &S : stores_)
@@ -875,15 +873,12 @@ double CudaTrainingEngine::run_stages(std::span<const std::vector<int32_t>> batc
   Passes passes(*this, batch, backward, grad_scale, n, k, slots, L, mark);
   P.run_1f1b(M, backward, passes);
   mark();
-  double sum = 0;
-  if (P.last()) {
-    std::vector<float> losses(static_cast<size_t>(B * n));
+  std::vector<float> losses(P.last() ? static_cast<size_t>(B * n) : 0);  // the last stage's
+  if (!losses.empty())
     check(cudaMemcpyAsync(losses.data(), row_loss_.get(), losses.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_),
           "download the losses");
-    check(cudaStreamSynchronize(stream_), "a pipeline step");
-    sum = sum_of_means(losses, B, n);
-  }
   check(cudaStreamSynchronize(stream_), "a pipeline step");
+  const double sum = losses.empty() ? 0.0 : sum_of_means(losses, B, n);
   // Busy: the passes' own time; wall: from the run's first queued work to its last.
   float ms = 0;
   double busy = 0;

@@ -52,12 +52,6 @@ int32_t PipelineStages::world_rank_of(int32_t stage) const {
   return topo_.world_rank + (stage - stage_) * topo_.tensor_size;
 }
 
-std::vector<float> PipelineStages::receive(size_t count, int32_t from_stage) const {
-  std::vector<float> values(count);
-  receive_into(values.data(), count, from_stage);
-  return values;
-}
-
 void PipelineStages::send(const float *values, size_t count, int32_t to_stage, DLDevice device) const {
   calls_.send(values, count, world_rank_of(to_stage), device);
 }

@@ -37,7 +37,6 @@ class PipelineStages {
   // Host vectors (the CPU engine) or, with `device`, device memory (the CUDA engine: transfers
   // ordered on the device's compute stream, returning before they complete).
   void send(const std::vector<float> &values, int32_t to_stage) const { send(values.data(), values.size(), to_stage); }
-  std::vector<float> receive(size_t count, int32_t from_stage) const;
   void send(const float *values, size_t count, int32_t to_stage, DLDevice device = {kDLCPU, 0}) const;
   void receive_into(float *values, size_t count, int32_t from_stage, DLDevice device = {kDLCPU, 0}) const;
   // Sends to one stage while receiving from another (or the same): both in flight at once.
