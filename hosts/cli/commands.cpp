@@ -33,6 +33,16 @@ struct ManifestArgs {
   bool help = false;
 };
 
+// A whole number flag's value within [lo, hi].
+int64_t int_flag(const std::string &flag, const std::string &v, int64_t lo, int64_t hi) {
+  int64_t out = 0;
+  auto [ptr, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
+  if (ec != std::errc() || ptr != v.data() + v.size() || out < lo || out > hi)
+    throw Error(ErrorCategory::usage, flag + ": '" + v + "' is not a number between " + std::to_string(lo) + " and " +
+                                          std::to_string(hi));
+  return out;
+}
+
 // Parses MANIFEST [--set K=V]... [--steps N] [--warmup N]; throws loom::Error (usage).
 ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allow_steps, bool allow_warmup = false) {
   ManifestArgs out;
@@ -49,15 +59,9 @@ ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allo
     } else if (a.rfind("--set=", 0) == 0) {
       out.overrides.push_back(a.substr(6));
     } else if (allow_steps && a == "--steps") {
-      std::string v = value("--steps");
-      auto [ptr, ec] = std::from_chars(v.data(), v.data() + v.size(), out.steps);
-      if (ec != std::errc() || ptr != v.data() + v.size() || out.steps < 1 || out.steps > (1 << 20))
-        throw Error(ErrorCategory::usage, "--steps: '" + v + "' is not a number between 1 and 1048576");
+      out.steps = int_flag("--steps", value("--steps"), 1, 1 << 20);
     } else if (allow_warmup && a == "--warmup") {
-      std::string v = value("--warmup");
-      auto [ptr, ec] = std::from_chars(v.data(), v.data() + v.size(), out.warmup);
-      if (ec != std::errc() || ptr != v.data() + v.size() || out.warmup < 0 || out.warmup > 100)
-        throw Error(ErrorCategory::usage, "--warmup: '" + v + "' is not a number between 0 and 100");
+      out.warmup = int_flag("--warmup", value("--warmup"), 0, 100);
     } else if (!a.empty() && a[0] == '-') {
       throw Error(ErrorCategory::usage, "unknown option '" + a + "'");
     } else if (out.manifest.empty()) {
@@ -153,15 +157,6 @@ top --top-k (default 5) passages for QUESTION and, with several retrievers, thei
 rank fusion (k = 60).
 )";
 
-// A whole number flag's value within [lo, hi].
-int64_t int_flag(const std::string &flag, const std::string &v, int64_t lo, int64_t hi) {
-  int64_t out = 0;
-  auto [ptr, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
-  if (ec != std::errc() || ptr != v.data() + v.size() || out < lo || out > hi)
-    throw Error(ErrorCategory::usage, flag + ": '" + v + "' is not a number between " + std::to_string(lo) + " and " +
-                                          std::to_string(hi));
-  return out;
-}
 
 } // namespace
 
