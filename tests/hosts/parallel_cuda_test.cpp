@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "process_util.hpp"
+#include "tiny_gpt2.hpp"
 
 namespace fs = std::filesystem;
 
@@ -117,11 +118,7 @@ TEST_CASE("data parallel training on 2 GPUs (with ZeRO-1) follows one GPU's curv
 // head whose two copies live on the first and last stages.
 fs::path tiny_gpt2() {
   const fs::path d = scratch("tiny-gpt2");
-  nlohmann::json config = nlohmann::json::parse(std::ifstream(kSource / "tests/fixtures/models/tiny-gpt2/config.json"));
-  config["n_layer"] = 4;
-  config["vocab_size"] = 704;  // the tokenizer's 701 ids, rounded up
-  std::ofstream(d / "config.json") << config.dump(2);
-  fs::copy_file(kSource / "tests/fixtures/tokenizers/gpt2-style/tokenizer.json", d / "tokenizer.json");
+  loom_test::write_tiny_gpt2(kSource, d, 4);
   return d;
 }
 

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "process_util.hpp"
+#include "tiny_gpt2.hpp"
 
 namespace fs = std::filesystem;
 
@@ -224,11 +225,7 @@ TEST_CASE("tensor parallel GPT-2 (fused c_attn, c_proj biases, learned positions
   // A 2-layer GPT-2 (tests/fixtures/models/tiny-gpt2's shape) with the byte-level tokenizer,
   // trained from random weights.
   const auto dir = scratch("gpt2-tensor");
-  fs::create_directories(dir / "model");
-  auto config = nlohmann::json::parse(std::ifstream(kSource / "tests/fixtures/models/tiny-gpt2/config.json"));
-  config["vocab_size"] = 704;  // the tokenizer's 701 ids, rounded up to split in two
-  std::ofstream(dir / "model/config.json") << config.dump(2);
-  fs::copy_file(kSource / "tests/fixtures/tokenizers/gpt2-style/tokenizer.json", dir / "model/tokenizer.json");
+  loom_test::write_tiny_gpt2(kSource, dir / "model", 2);
   const auto write = [&](const std::string &name, const std::string &parallel) {
     fs::create_directories(dir / name);
     std::ofstream(dir / name / "train.toml")
