@@ -1,4 +1,4 @@
-// libloom-parallel's sums of CUDA buffers on 2 GPUs of one host, over forked processes (torchrun's
+// libloom-parallel's sums of CUDA buffers on every GPU of one host (2 to 8), over forked processes (torchrun's
 // variables, one GPU each): the one-kernel sums over peer memory (peer_all_reduce.cu; buffers up
 // to 256 KB) and NCCL's (larger ones, and everything with peer_all_reduce = false) give the exact
 // sums, over sizes that use one to all of the kernel's blocks in an order that reuses both halves
@@ -19,10 +19,12 @@
 
 namespace {
 
+int g_world = 2;  // the GPUs present, at most the peer sum's 8 members; set by main before any fork
+
 // Sums world copies of x_r[i] = (r + 1) * (i mod 1000) (exact in float32) in place on `device`;
 // empty when every element is right.
 std::string sum_check(const loom_parallel_vtable *vt, void *h, int rank, int device, size_t count, bool in_graph) {
-  const int world = 2;
+  const int world = g_world;
   std::vector<float> host(count);
   for (size_t i = 0; i < count; ++i) host[i] = static_cast<float>((rank + 1) * static_cast<int>(i % 1000));
   float *buffer = nullptr;
@@ -70,8 +72,9 @@ std::string sum_check(const loom_parallel_vtable *vt, void *h, int rank, int dev
 
 }  // namespace
 
-TEST_CASE("sums of CUDA buffers over 2 GPUs: peer memory and NCCL, plain and in a CUDA graph", "[parallel][cuda]") {
-  const auto errors = loom_test::run_world(2, [](int rank) -> std::string {
+TEST_CASE("sums of CUDA buffers over every GPU: peer memory and NCCL, plain and in a CUDA graph", "[parallel][cuda]") {
+  INFO(g_world << " GPUs");
+  const auto errors = loom_test::run_world(g_world, [](int rank) -> std::string {
     cudaSetDevice(rank);
     for (const char *peer : {"true", "false"}) {
       auto rt = bt::runtime(std::string("[parallel]\nuse = \"data\"\ntimeout_s = 60.0\npeer_all_reduce = ") + peer + "\n");
@@ -109,5 +112,7 @@ int main(int argc, char **argv) {
     std::cout << "builtin_parallel_cuda_test: skipped: " << gpus << " CUDA device(s), 2 needed\n";
     return 77;
   }
+  g_world = gpus > 8 ? 8 : gpus;
+  std::cout << "builtin_parallel_cuda_test: " << g_world << " GPUs\n";
   return Catch::Session().run(argc, argv);
 }
