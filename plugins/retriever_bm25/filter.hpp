@@ -1,15 +1,6 @@
-// Metadata filters for the bm25 retriever, compiled to a SQL fragment with bound parameters.
-//
-// Grammar (anything else is LOOM_ERR_UNSUPPORTED, never silently ignored):
-//   filter  := clause ("&&" clause)*
-//   clause  := field ("==" | "!=") string
-//            | field ("==" | "!=" | "<" | "<=" | ">" | ">=") number
-//   field   := [A-Za-z_][A-Za-z0-9_]* ("." [A-Za-z_][A-Za-z0-9_]*)*   (a path in the metadata)
-//   string  := '"' chars with \" and \\ escapes '"'
-//   number  := decimal with optional sign, fraction and exponent
-// Comparisons read json_extract(metadata, '$.field'); a clause on a missing field is false for
-// ==, <, <=, >, >= and true for != (!= is exactly the negation of ==). Numeric clauses only
-// match numeric JSON values, string clauses only JSON strings.
+// Metadata filters for the bm25 retriever, compiled to a SQL fragment with bound parameters
+// (the grammar and semantics: plugins/common/loom_metadata_filter.hpp, which parses them).
+// Comparisons read json_extract(metadata, '$.field').
 #ifndef LOOM_PLUGINS_BM25_FILTER_HPP
 #define LOOM_PLUGINS_BM25_FILTER_HPP
 

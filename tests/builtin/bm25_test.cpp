@@ -9,31 +9,16 @@
 #include <nlohmann/json.hpp>
 
 #include "builtin_test_util.hpp"
+#include "retriever_test_util.hpp"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-struct Hit {
-  std::string id, text, meta;
-  double score;
-  loom_score_kind kind;
-  int64_t begin, end;
-};
+using bt::collect;
+using bt::Hit;
 
-loom_status collect(void *user, const loom_passage *p) {
-  static_cast<std::vector<Hit> *>(user)->push_back(
-      {p->doc_id, p->text ? p->text : "", p->metadata_json ? p->metadata_json : "", p->score, p->score_kind,
-       p->offset_begin, p->offset_end});
-  return LOOM_OK;
-}
-
-fs::path temp_dir(const std::string &tag) {
-  std::random_device rd;
-  fs::path p = fs::temp_directory_path() / ("loom-bm25-" + tag + "-" + std::to_string(rd()));
-  fs::create_directories(p);
-  return p;
-}
+fs::path temp_dir(const std::string &tag) { return bt::temp_dir("bm25", tag); }
 
 struct Fixture {
   std::unique_ptr<loom::Runtime> rt;
