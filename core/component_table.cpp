@@ -120,7 +120,7 @@ ComponentTable::ComponentTable(std::unique_ptr<Impl> impl) : impl_(std::move(imp
 ComponentTable::~ComponentTable() = default;
 
 bool ComponentTable::is_reserved_key(std::string_view key) {
-  return key == "use" || key == "library" || key == "version" || key == "name" || key == "weights";
+  return key == "use" || key == "library" || key == "version" || key == "name" || key == "weights" || key == "index";
 }
 
 std::shared_ptr<const ComponentTable> ComponentTable::resolve(const loom_component_desc &component,
@@ -228,7 +228,7 @@ std::optional<std::string> ComponentTable::json(std::string_view key) const {
   std::ostringstream out;
   if (key.empty()) {
     toml::table copy = *impl_->table;
-    for (const char *reserved : {"use", "library", "version", "name"}) copy.erase(reserved);
+    for (const char *reserved : {"use", "library", "version", "name", "weights", "index"}) copy.erase(reserved);
     out << toml::json_formatter{copy};
     return out.str();
   }

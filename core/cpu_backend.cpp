@@ -1188,6 +1188,24 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
     stages_->broadcast(logits_.values(), stages_->stages() - 1);
     return logits_.dl();
   }
+  if (embedding_pass_) { // embed(): the final norm's output pooled per sequence; no head
+    embedded_.assign(static_cast<size_t>(S * H), 0.0f);
+    rows(S, 4 * H * (T / S + 1), [&](int64_t s) {
+      const int32_t begin = batch.seq_offsets[static_cast<size_t>(s)], end = batch.seq_offsets[static_cast<size_t>(s) + 1];
+      float *out = embedded_.data() + s * H;
+      if (!embed_mean_) {
+        norm(final_norm_, final_norm_bias_, x + (end - 1) * H, out);
+        return;
+      }
+      std::vector<float> normed(static_cast<size_t>(H));
+      for (int32_t t = begin; t < end; ++t) {
+        norm(final_norm_, final_norm_bias_, x + t * H, normed.data());
+        for (int64_t i = 0; i < H; ++i) out[i] += normed[static_cast<size_t>(i)];
+      }
+      for (int64_t i = 0; i < H; ++i) out[i] /= static_cast<float>(end - begin);
+    });
+    return nullptr;
+  }
   if (capturing_) { // the head's calibration rows: every token's, not only the last ones
     std::vector<float> normed(static_cast<size_t>(T * H));
     rows(T, 4 * H, [&](int64_t t) { norm(final_norm_, final_norm_bias_, x + t * H, normed.data() + t * H); });
@@ -1211,6 +1229,19 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
   return logits_.dl();
 }
 
+
+std::vector<float> CpuBackend::embed(const StepBatch &batch, bool mean_pool) {
+  if (tensor_ || stages_)
+    throw runtime_error(options_.source_name + ": embeddings are not computed under tensor or pipeline parallelism");
+  embedding_pass_ = true;
+  embed_mean_ = mean_pool;
+  struct Reset {
+    bool &flag;
+    ~Reset() { flag = false; }
+  } reset{embedding_pass_};
+  forward(batch);
+  return std::move(embedded_);
+}
 
 // ---- loom quantize ----------------------------------------------------------------------------
 

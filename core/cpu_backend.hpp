@@ -93,6 +93,7 @@ class CpuBackend final : public ModelBackend {
 
   void reserve(int32_t max_seqs, int64_t max_positions) override;
   DLTensor *forward(const StepBatch &batch) override;
+  std::vector<float> embed(const StepBatch &batch, bool mean_pool) override;
   void copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) override;
   BlockPool reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks, uint64_t kv_bytes) override;
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>> &src_dst) override;
@@ -272,6 +273,9 @@ class CpuBackend final : public ModelBackend {
   // fed the same input (Linear::same_input) share one buffer.
   std::vector<std::shared_ptr<std::vector<float>>> captured_;
   bool capturing_ = false;
+  // embed(): the forward pass stops after the final norm and pools into embedded_.
+  bool embedding_pass_ = false, embed_mean_ = true;
+  std::vector<float> embedded_;
   std::vector<QuantizationError> quantization_errors_;
   std::shared_ptr<const QuantizedCheckpoint> checkpoint_quantization_; // null: a plain checkpoint
 

@@ -222,6 +222,7 @@ class CudaBackend final : public ModelBackend {
   ~CudaBackend() override;
   void reserve(int32_t max_seqs, int64_t max_positions) override;
   DLTensor *forward(const StepBatch &batch) override;
+  std::vector<float> embed(const StepBatch &batch, bool mean_pool) override;
   int32_t *token_feed(int32_t seqs) override;
   void copy_slot(int32_t src_slot, int32_t dst_slot, int64_t positions) override;
   BlockPool reserve_blocks(int32_t max_seqs, int64_t max_positions, int64_t n_blocks, uint64_t kv_bytes) override;
@@ -372,6 +373,10 @@ class CudaBackend final : public ModelBackend {
   OpTimes op_times_;
   std::shared_ptr<Instance> graphs_attention_; // held, so that its address cannot be reused
   bool graphs_enabled_ = true;
+  // embed(): the forward pass stops before the final norm and copies every token's residual
+  // stream (and the bias the final norm would have added) to the host, where embed() pools.
+  bool embedding_pass_ = false;
+  std::vector<float> embed_x_, embed_bias_;
   // Decode steps of at most this many tokens use the fused GEMVs (0: never; bfloat16 only;
   // LOOM_CUDA_GEMV=0 turns them off, for comparisons). programmatic_: the GEMVs are launched as
   // programmatic dependent launches (compute capability 9.0 and newer; LOOM_CUDA_PDL=0 turns it
@@ -1089,6 +1094,18 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     after_row_parallel(x, int64_t{T} * H);
     pending_bias = layer.down.bias ? layer.down.bias.get<float>() : nullptr;
   }
+  if (embedding_pass_) {
+    embed_x_.resize(static_cast<size_t>(T) * static_cast<size_t>(H));
+    cuda_check(cudaMemcpyAsync(embed_x_.data(), x, embed_x_.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+               "embedding copy");
+    embed_bias_.assign(pending_bias ? static_cast<size_t>(H) : 0, 0.0f);
+    if (pending_bias)
+      cuda_check(cudaMemcpyAsync(embed_bias_.data(), pending_bias, embed_bias_.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                                 stream_),
+                 "embedding copy");
+    cuda_check(cudaStreamSynchronize(stream_), "embedding copy");
+    return;
+  }
   // Only each sequence's last token needs the final norm and the head (all of them in a decode
   // step, where the fused head can normalise them itself).
   if (T == S && rms && !pending_bias && !final_b_ &&
@@ -1296,7 +1313,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
   cuda_check(cudaStreamWaitEvent(stream_, staged_[half], 0), "cudaStreamWaitEvent");
 
   const bool decode = T == S;
-  if (decode && graphs_enabled_) {
+  if (decode && graphs_enabled_ && !embedding_pass_) {
     if (graphs_attention_ != attention.front()) {
       invalidate_graphs();
       graphs_attention_ = attention.front();
@@ -1347,6 +1364,41 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
   cuda_check(cudaEventRecord(used_[half], stream_), "cudaEventRecord");
   op_times_.end(stream_);
   return logits_view_.set(logits_.get(), options_.device, DLDataType{kDLFloat, 32, 1}, {S, config_.vocab_size});
+}
+
+std::vector<float> CudaBackend::embed(const StepBatch &batch, bool mean_pool) {
+  if (tensor_) throw runtime_error(options_.source_name + ": embeddings are not computed under tensor parallelism");
+  embedding_pass_ = true;
+  struct Reset {
+    bool &flag;
+    ~Reset() { flag = false; }
+  } reset{embedding_pass_};
+  forward(batch);
+  // The final norm on the host, in float32, over the rows pooling needs.
+  const ModelConfig &c = config_;
+  const int64_t H = c.hidden_size, S = batch.n_seqs();
+  const bool gpt2 = c.architecture == Architecture::gpt2;
+  const auto download = [&](const DeviceBuffer &b) {
+    std::vector<float> v(static_cast<size_t>(H));
+    cuda_check(cudaMemcpy(v.data(), b.get<float>(), v.size() * sizeof(float), cudaMemcpyDeviceToHost), "embedding weights");
+    return v;
+  };
+  const std::vector<float> w = download(final_w_), b = gpt2 ? download(final_b_) : std::vector<float>{};
+  std::vector<float> out(static_cast<size_t>(S * H), 0.0f), row(static_cast<size_t>(H)), normed(static_cast<size_t>(H));
+  for (int64_t s = 0; s < S; ++s) {
+    const int32_t end = batch.seq_offsets[static_cast<size_t>(s) + 1];
+    const int32_t begin = mean_pool ? batch.seq_offsets[static_cast<size_t>(s)] : end - 1;
+    float *o = out.data() + s * H;
+    for (int32_t t = begin; t < end; ++t) {
+      for (int64_t i = 0; i < H; ++i)
+        row[static_cast<size_t>(i)] = embed_x_[static_cast<size_t>(t * H + i)] + (embed_bias_.empty() ? 0.0f : embed_bias_[static_cast<size_t>(i)]);
+      if (gpt2) ops::layer_norm(row.data(), w.data(), b.data(), H, c.norm_eps, normed.data());
+      else ops::rms_norm(row.data(), w.data(), H, c.norm_eps, normed.data());
+      for (int64_t i = 0; i < H; ++i) o[i] += normed[static_cast<size_t>(i)];
+    }
+    for (int64_t i = 0; i < H; ++i) o[i] /= static_cast<float>(end - begin);
+  }
+  return out;
 }
 
 } // namespace

@@ -1,8 +1,10 @@
 #include "loom/core/instance.hpp"
 
+#include <filesystem>
 #include <string_view>
 
 #include "loom/core/error.hpp"
+#include "loom/retriever.h"
 #include "loom/sampler.h"
 
 namespace loom {
@@ -72,6 +74,20 @@ std::unique_ptr<Instance> Instance::create(const ComponentRef &ref, const Compon
                        ref.library->path().filename().string() + "): create failed: " + message);
   }
   inst->handle_ = handle;
+  if (!spec.index.empty()) {  // a saved index, for a retriever (the manifest allows it nowhere else)
+    const auto *vt = static_cast<const loom_retriever_vtable *>(ref.component->vtable);
+    const std::filesystem::path dir = spec.index / spec.slot;
+    std::string message;
+    if (vt->load == nullptr) message = "this retriever keeps its index in memory only";
+    else if (std::error_code ec; !std::filesystem::is_directory(dir, ec))
+      message = "no saved index at '" + dir.string() + "' (loom index build --out " + spec.index.string() + " first)";
+    else if (const loom_status s = vt->load(handle, dir.string().c_str()); s != LOOM_OK) {
+      message = inst->ctx_->take_error();
+      if (message.empty()) message = status_name(s);
+    }
+    if (!message.empty())
+      throw plugin_error(spec.table->where("index") + ": " + spec.slot + ".index (" + ref.component->name + "): " + message);
+  }
   return inst;
 }
 

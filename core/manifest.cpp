@@ -166,6 +166,19 @@ void read_scheduler_table(const toml::table &t, const std::string &source, Sched
   if (auto n = r.get("prefix_caching", toml::node_type::boolean, "true or false")) s.prefix_caching = *n->value<bool>();
 }
 
+void read_embedding_table(const toml::table &t, const std::string &source, EmbeddingSpec &s) {
+  SchemaReader r(t, "embedding", source);
+  r.only({"pooling", "normalize", "query_prefix", "document_prefix", "max_tokens", "batch"});
+  s.enabled = true;
+  if (r.read_string("pooling", s.pooling) && s.pooling != "mean" && s.pooling != "last")
+    r.fail(*t.get("pooling"), "pooling", "expected \"mean\" or \"last\", got \"" + s.pooling + "\"");
+  if (auto n = r.get("normalize", toml::node_type::boolean, "true or false")) s.normalize = *n->value<bool>();
+  r.read_string("query_prefix", s.query_prefix);
+  r.read_string("document_prefix", s.document_prefix);
+  r.read_int("max_tokens", s.max_tokens, 1, 1 << 20);
+  r.read_int("batch", s.batch, 1, 4096);
+}
+
 void read_train_table(const toml::table &t, const std::string &source, const std::filesystem::path &base_dir,
                       TrainSpec &s) {
   SchemaReader r(t, "train", source);
@@ -354,6 +367,8 @@ ComponentSpec read_component(loom_kind kind, const std::string &slot, const std:
   }
   if (r.read_path("weights", base_dir, spec.weights) && kind != LOOM_KIND_ADAPTER)
     r.fail(*t.get("weights"), "weights", "only an [[adapter]] takes weights (a PEFT adapter directory)");
+  if (r.read_path("index", base_dir, spec.index) && kind != LOOM_KIND_RETRIEVER)
+    r.fail(*t.get("index"), "index", "only a [[retriever]] takes an index (a directory `loom index build` wrote)");
   spec.table = detail::make_component_table(document, t, source, base_dir);
   return spec;
 }
@@ -495,6 +510,11 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
       read_scheduler_table(*node.as_table(), source, m.scheduler);
       continue;
     }
+    if (k == "embedding") {
+      if (!node.is_table()) fail("expected a table");
+      read_embedding_table(*node.as_table(), source, m.embedding);
+      continue;
+    }
     if (k == "train") {
       if (!node.is_table()) fail("expected a table");
       if (!root.contains("model")) fail("needs a [model] to train");
@@ -503,7 +523,7 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
     }
     loom_kind kind = kind_from_name(k);
     if (kind == 0)
-      fail("unknown key (known: loom, model, run, scheduler, train, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
+      fail("unknown key (known: loom, model, run, embedding, scheduler, train, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
     if (kind_is_list(kind)) {
       if (!node.is_array_of_tables()) fail("expected an array of tables: write [[" + k + "]]");
       size_t i = 0;

@@ -23,6 +23,10 @@ void ModelBackend::refuse_merge(const Instance &adapter) const {
   throw runtime_error("merge " + adapter.slot() + ": the " + describe() + " backend runs no adapters");
 }
 
+std::vector<float> ModelBackend::embed(const StepBatch &, bool) {
+  throw runtime_error("embeddings: the " + describe() + " backend does not compute them");
+}
+
 loom_attention_config attention_config_for(const ModelConfig &config, int64_t max_positions, DLDataType dtype,
                                            DLDevice device) {
   loom_attention_config c{};

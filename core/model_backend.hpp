@@ -102,6 +102,12 @@ class ModelBackend {
   virtual bool one_adapter_per_row() const { return false; }
   virtual void merge_adapter(const Instance &adapter) { refuse_merge(adapter); }
   virtual void unmerge_adapter(const Instance &adapter) { refuse_merge(adapter); }
+  // Embeddings ([embedding], DESIGN.md "Embeddings"): runs the batch (each sequence's tokens
+  // from position 0 in its own KV slot, as a prefill) and returns [S, hidden] float32 on the
+  // host: per sequence, the mean over its tokens (mean_pool) or its last token of the final
+  // norm's output, the hidden state the head reads. The KV slots' contents are then the
+  // batch's. Backends without it throw loom::Error naming what to do instead.
+  virtual std::vector<float> embed(const StepBatch &batch, bool mean_pool);
   virtual DLDevice device() const = 0;
   // A short description for logs and benchmarks ("cpu float32 x2 threads", "cuda:0 bfloat16").
   virtual std::string describe() const = 0;

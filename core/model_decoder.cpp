@@ -531,13 +531,65 @@ loom_status collect_passage(void *user, const loom_passage *p) {
 
 } // namespace
 
+std::vector<std::vector<float>> ModelDecoder::embed(const std::vector<std::string> &texts, bool query) {
+  const EmbeddingSpec &spec = manifest_.embedding;
+  const std::string &source = manifest_.source_name;
+  if (!spec.enabled) throw manifest_error(source + ": embeddings need an [embedding] table");
+  if (!tokenizer_) throw manifest_error(source + ": [embedding]: text needs a model with a tokenizer" + tokenizer_error_);
+  const int64_t limit = std::min<int64_t>(spec.max_tokens, config_.max_positions);
+  const std::string &prefix = query ? spec.query_prefix : spec.document_prefix;
+  std::vector<std::vector<float>> out;
+  out.reserve(texts.size());
+  for (size_t at = 0; at < texts.size(); at += static_cast<size_t>(spec.batch)) {
+    const size_t n = std::min(texts.size() - at, static_cast<size_t>(spec.batch));
+    StepBatch batch;
+    batch.seq_offsets.push_back(0);
+    int64_t longest = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const std::string key = query ? std::string("[embedding] of the query")
+                                    : std::string("[embedding] of text ").append(std::to_string(at + i));
+      std::vector<int32_t> ids = encode_prompt(prefix + texts[at + i], {}, key, tokenizer_error_);
+      if (static_cast<int64_t>(ids.size()) > limit) ids.resize(static_cast<size_t>(limit));
+      longest = std::max<int64_t>(longest, static_cast<int64_t>(ids.size()));
+      batch.tokens.insert(batch.tokens.end(), ids.begin(), ids.end());
+      batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
+      batch.seq_positions.push_back(0);
+      batch.seq_slots.push_back(static_cast<int32_t>(i));
+    }
+    std::vector<float> pooled;
+    {
+      auto guard = pipeline_.begin_step();  // no swap of the attention plugin while it runs
+      backend_->reserve(static_cast<int32_t>(n), longest);
+      pooled = backend_->embed(batch, spec.pooling == "mean");
+    }
+    const size_t hidden = pooled.size() / n;
+    for (size_t i = 0; i < n; ++i) {
+      std::vector<float> v(pooled.begin() + static_cast<std::ptrdiff_t>(i * hidden),
+                           pooled.begin() + static_cast<std::ptrdiff_t>((i + 1) * hidden));
+      if (spec.normalize) {
+        double norm = 0;
+        for (float x : v) norm += static_cast<double>(x) * x;
+        if (norm > 0)
+          for (float &x : v) x = static_cast<float>(x / std::sqrt(norm));
+      }
+      out.push_back(std::move(v));
+    }
+  }
+  return out;
+}
+
 void ModelDecoder::retrieve(RunResult &result) {
   const RunSpec &run = manifest_.run;
   if (run.query.empty()) return;
+  std::vector<float> query_embedding;
+  if (manifest_.embedding.enabled && !pipeline_.list(LOOM_KIND_RETRIEVER).empty())
+    query_embedding = embed({run.query}, /*query=*/true).front();
   for (auto &r : pipeline_.list(LOOM_KIND_RETRIEVER)) {
     loom_query q{};
     q.struct_size = sizeof(q);
     q.text = run.query.c_str();
+    q.embedding = query_embedding.empty() ? nullptr : query_embedding.data();
+    q.embedding_dim = static_cast<int32_t>(query_embedding.size());
     q.top_k = static_cast<int32_t>(run.top_k);
     q.filter = run.filter.empty() ? nullptr : run.filter.c_str();
     PassageSink sink{&result, r->slot()};

@@ -57,6 +57,10 @@ class ModelDecoder {
   ModelDecoder(const ModelDecoder &) = delete;
   ModelDecoder &operator=(const ModelDecoder &) = delete;
 
+  // The model's embeddings of `texts` as [embedding] says (Runtime::embed): `query` picks the
+  // query prefix, else the document prefix. Runs on the backend (ModelBackend::embed), between
+  // runs, under the step lock.
+  std::vector<std::vector<float>> embed(const std::vector<std::string> &texts, bool query);
   void retrieve(RunResult &result);
   // RAG: when run.prompt (text) or a run.messages content holds {passages}, replaces it with the
   // retrieved passages (result.passages; numbered [1], [2], ... for citations) and {question}

@@ -111,6 +111,10 @@ SchedulerStats Runtime::serve(RequestQueue &queue, int64_t max_positions) {
   return stats;
 }
 
+std::vector<std::vector<float>> Runtime::embed(const std::vector<std::string> &texts, bool query) {
+  return decoder_->embed(texts, query);
+}
+
 RunResult Runtime::run(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token) {
   if (steps < 0 || steps > (int64_t{1} << 20))
     throw runtime_error(manifest_.source_name + ": a run of " + std::to_string(steps) + " steps (1 to 1048576 allowed)");

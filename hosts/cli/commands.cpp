@@ -444,9 +444,25 @@ int cmd_index(const std::vector<std::string> &args) {
     namespace fs = std::filesystem;
     if (build) {
       const std::vector<DocumentChunk> chunks = chunk_documents(docs, chunk, overlap);
+      // With [embedding], the model embeds every chunk once, for the dense retrievers; the saved
+      // index keeps the vectors, so a query later embeds only its question.
+      std::vector<std::vector<float>> vectors;
+      if (runtime->manifest().embedding.enabled) {
+        std::vector<std::string> texts;
+        for (const auto &c : chunks) texts.push_back(c.text);
+        const auto start = std::chrono::steady_clock::now();
+        vectors = runtime->embed(texts, /*query=*/false);
+        std::cout << "embedded " << vectors.size() << " chunks in " << std::fixed << std::setprecision(1)
+                  << std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() << " s ("
+                  << (vectors.empty() ? 0 : vectors.front().size()) << " dimensions)\n";
+      }
       std::vector<loom_document> abi;
-      for (const auto &c : chunks)
-        abi.push_back(loom_document{sizeof(loom_document), c.doc_id.c_str(), c.text.c_str(), c.metadata_json.c_str(), nullptr, 0});
+      for (size_t i = 0; i < chunks.size(); ++i) {
+        const auto &c = chunks[i];
+        abi.push_back(loom_document{sizeof(loom_document), c.doc_id.c_str(), c.text.c_str(), c.metadata_json.c_str(),
+                                    vectors.empty() ? nullptr : vectors[i].data(),
+                                    vectors.empty() ? 0 : static_cast<int32_t>(vectors[i].size())});
+      }
       for (const auto &r : retrievers) {
         const auto *vt = r->vtable<loom_retriever_vtable>();
         for (size_t at = 0; at < abi.size(); at += 256)
@@ -465,6 +481,8 @@ int cmd_index(const std::vector<std::string> &args) {
     }
     // Each retriever's top passages, then (with several) their reciprocal rank fusion.
     std::vector<PassageResult> all;
+    const std::vector<float> question_vector =
+        runtime->manifest().embedding.enabled ? runtime->embed({question}, /*query=*/true).front() : std::vector<float>{};
     const auto print = [](int rank, const PassageResult &p) {
       std::string text = p.text;
       std::replace(text.begin(), text.end(), '\n', ' ');
@@ -481,6 +499,8 @@ int cmd_index(const std::vector<std::string> &args) {
       loom_query q{};
       q.struct_size = sizeof(q);
       q.text = question.c_str();
+      q.embedding = question_vector.empty() ? nullptr : question_vector.data();
+      q.embedding_dim = static_cast<int32_t>(question_vector.size());
       q.top_k = static_cast<int32_t>(top_k);
       struct Sink {
         std::vector<PassageResult> *all;

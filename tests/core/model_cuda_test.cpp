@@ -345,6 +345,38 @@ TEST_CASE("beam search on CUDA gives the hypotheses it gives on the CPU", "[cuda
     }
 }
 
+TEST_CASE("embeddings on CUDA match transformers' pooled last hidden state", "[cuda][embedding]") {
+  // tests/fixtures/make_embedding_golden.py (float32); the default model's bf16 weights run in
+  // bf16 here, so the vectors agree to bf16's precision: cosine similarity, and the same
+  // nearest text of the four for each, as in float32 on the CPU (core_rag_test).
+  std::ifstream in(kModels / "tiny-kjv-embeddings.json");
+  const auto g = nlohmann::json::parse(in);
+  std::vector<std::string> texts;
+  for (const auto &c : g["cases"]) texts.push_back(c["text"].get<std::string>());
+  for (const char *pooling : {"mean", "last"}) {
+    INFO("pooling = " << pooling);
+    auto rt = loom::Runtime::from_string("[loom]\ndevice = \"cuda\"\n[model]\npath = \"" +
+                                         (source_dir() / "models/tiny-kjv").string() +
+                                         "\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n[embedding]\nnormalize = false\n"
+                                         "pooling = \"" + pooling + "\"\nbatch = 3\n");
+    const auto got = rt->embed(texts, false);
+    REQUIRE(got.size() == texts.size());
+    for (size_t i = 0; i < texts.size(); ++i) {
+      const auto want = g["cases"][i][pooling].get<std::vector<float>>();
+      REQUIRE(got[i].size() == want.size());
+      double dot = 0, a = 0, b = 0;
+      for (size_t j = 0; j < want.size(); ++j) {
+        dot += static_cast<double>(got[i][j]) * want[j];
+        a += static_cast<double>(got[i][j]) * got[i][j];
+        b += static_cast<double>(want[j]) * want[j];
+      }
+      INFO(texts[i]);
+      CHECK(dot / std::sqrt(a * b) > 0.999);
+      CHECK(std::sqrt(a) == Approx(std::sqrt(b)).epsilon(0.02));
+    }
+  }
+}
+
 TEST_CASE("the CUDA backend refuses what it cannot run, by name", "[cuda]") {
   const std::string model = "[model]\npath = \"" + (kModels / "tiny-llama").string() + "\"\n";
   auto refused = [&](const std::string &component, const std::string &words) {

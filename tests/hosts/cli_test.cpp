@@ -202,3 +202,49 @@ TEST_CASE("index build ingests a folder into the retrievers; index query reloads
   CHECK(overlap.out.find("overlap") != std::string::npos);
   fs::remove_all(dir);
 }
+
+TEST_CASE("a hybrid index: the model embeds the chunks once; loom run loads the saved index", "[cli]") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("loom-cli-hybrid-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir / "docs");
+  std::ofstream(dir / "docs/wept.txt") << "Jesus wept.\n";
+  std::ofstream(dir / "docs/light.txt") << "And God said, Let there be light: and there was light.\n";
+  std::ofstream(dir / "docs/beasts.txt") << "And God made the beast of the earth after his kind.\n";
+  const std::string head = "[loom]\ndevice = \"cpu\"\n[model]\npath = \"" + std::string(LOOM_SOURCE_DIR) +
+                           "/models/tiny-kjv\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n[embedding]\n";
+  std::ofstream(dir / "hybrid.toml") << head << "[[retriever]]\nuse = \"bm25\"\n[[retriever]]\nuse = \"dense\"\n";
+  const std::string manifest = (dir / "hybrid.toml").string();
+  auto built = loom("index build " + manifest + " --docs " + (dir / "docs").string() + " --out " + (dir / "idx").string());
+  INFO(built.out);
+  REQUIRE(built.code == 0);
+  CHECK(built.out.find("embedded 3 chunks") != std::string::npos);
+  CHECK(built.out.find("(192 dimensions)") != std::string::npos);
+  CHECK(built.out.find("retriever[1] (dense): 3 documents") != std::string::npos);
+  auto q = loom("index query " + manifest + " --index " + (dir / "idx").string() + " --top-k 3 Let there be light");
+  INFO(q.out);
+  REQUIRE(q.code == 0);
+  CHECK(q.out.find("retriever[1] (dense): 3 passage(s)") != std::string::npos);
+  CHECK(q.out.find("fused (reciprocal rank, k = 60): 3 passage(s)") != std::string::npos);
+  // loom run with index = the saved directory: the RAG prompt gets the fused passages.
+  std::ofstream(dir / "run.toml") << head << "[run]\nsteps = 2\nquery = \"Let there be light\"\ntop_k = 2\n"
+                                  << "prompt = \"{passages}Question: {question}\\nAnswer:\"\n"
+                                  << "[[retriever]]\nuse = \"bm25\"\nindex = \"idx\"\n[[retriever]]\nuse = \"dense\"\nindex = \"idx\"\n";
+  auto run = loom("run " + (dir / "run.toml").string());
+  INFO(run.out);
+  CHECK(run.code == 0);
+  CHECK(run.out.find("context: [1] light.txt#0") != std::string::npos);
+  // A missing index names the key and what to do.
+  std::ofstream(dir / "missing.toml") << head << "[[retriever]]\nuse = \"dense\"\nindex = \"nowhere\"\n";
+  auto missing = loom("run " + (dir / "missing.toml").string());
+  CHECK(missing.code != 0);
+  CHECK(missing.out.find("retriever[0].index (dense): no saved index") != std::string::npos);
+  CHECK(missing.out.find("loom index build") != std::string::npos);
+  // A query without [embedding] reaches dense without a vector: refused, saying why.
+  std::ofstream(dir / "plain.toml") << "[[retriever]]\nuse = \"dense\"\n";
+  auto plain = loom("index build " + (dir / "plain.toml").string() + " --docs " + (dir / "docs").string() + " --out " +
+                    (dir / "idx3").string());
+  CHECK(plain.code != 0);
+  CHECK(plain.out.find("[embedding]") != std::string::npos);
+  fs::remove_all(dir);
+}

@@ -8,6 +8,7 @@
 //                 dtype = "auto"|"float32"|"bfloat16": the weights' precision ("auto" keeps the
 //                 checkpoint's: bfloat16 for bf16/fp16 checkpoints, float32 for fp32 ones)
 //   [run]         what `loom run` does (see RunSpec)
+//   [embedding]   how the model embeds text for dense retrievers (see EmbeddingSpec)
 //   [attention] [quantizer] [parallel]                  one component each, optional
 //   [[sampler]] [[adapter]] [[retriever]] [[tool]]      ordered lists of components
 // A component table carries `use` (component name, required), optional `library` (a path),
@@ -38,6 +39,9 @@ struct ComponentSpec {
   // [[adapter]] weights = "dir": a PEFT adapter directory (adapter_model.safetensors, and
   // adapter_config.json checked against the table) loaded into the adapter once attached.
   std::filesystem::path weights;
+  // [[retriever]] index = "dir": what `loom index build --out dir` saved; the retriever loads its
+  // own part (dir/<slot>) through the ABI's load when the pipeline is built.
+  std::filesystem::path index;
   std::shared_ptr<const ComponentTable> table;
 };
 
@@ -97,6 +101,20 @@ struct SchedulerSpec {
   int64_t kv_cache_mib = 0;         // 0: the backend's default (most of the GPU's free memory)
 };
 
+// [embedding]: the model as an embedding model (DESIGN.md, "Embeddings"). With this table the
+// host embeds every document `loom index build` adds and every query a run or `loom index
+// query` asks, and passes the vectors to the retrievers (loom_document/loom_query.embedding),
+// which dense retrievers need and lexical ones ignore.
+struct EmbeddingSpec {
+  bool enabled = false;          // an [embedding] table was given
+  std::string pooling = "mean";  // mean | last: over the final norm's outputs of the text's tokens
+  bool normalize = true;         // unit length (L2)
+  std::string query_prefix;      // prepended to queries ("query: " for e5-style models)
+  std::string document_prefix;   // prepended to documents
+  int64_t max_tokens = 512;      // longer texts are cut to their first max_tokens tokens
+  int64_t batch = 16;            // texts per forward pass
+};
+
 // [train]: what `loom train` does with the [model] (core/training_run.cpp). Paths are resolved
 // against the manifest's directory.
 struct TrainSpec {
@@ -147,6 +165,7 @@ struct Manifest {
   int64_t calibration_tokens = 512;
   int64_t calibration_length = 256;
   RunSpec run;
+  EmbeddingSpec embedding;
   SchedulerSpec scheduler;
   TrainSpec train;
   std::vector<ComponentSpec> components; // manifest order within each kind

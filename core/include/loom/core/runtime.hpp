@@ -123,6 +123,11 @@ class Runtime {
   // Runs the manifest's [run] section; `steps` > 0 overrides run.steps. Callbacks run on this
   // thread outside the step lock (a swap from a callback lands before the next step); both may be
   // given (on_token first).
+  // The model's embeddings of `texts` ([embedding]: pooling, normalisation, max_tokens; the
+  // query prefix when `query`, else the document prefix), one vector of hidden_size floats per
+  // text. Throws loom::Error without [embedding] or a tokenizer, or on a backend that does not
+  // compute embeddings. Not concurrently with run() or serve().
+  std::vector<std::vector<float>> embed(const std::vector<std::string> &texts, bool query);
   RunResult run(int64_t steps = 0, const TokenCallback &on_token = {}, const SequenceTokenCallback &on_sequence_token = {});
   // Serves requests as they arrive in `queue` (from any thread), on this thread, through the
   // manifest's [scheduler] (required): each request joins the running batch at the next step and
