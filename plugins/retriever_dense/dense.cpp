@@ -11,7 +11,6 @@
 #include <memory>
 #include <set>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -42,8 +41,7 @@ IndexOptions read_options(const loom_host_api *h, loom_host_ctx *c) {
   o.ef_construction = static_cast<size_t>(ranged("ef_construction", 1, 1 << 16));
   o.ef_search = static_cast<size_t>(ranged("ef_search", 1, 1 << 16));
   o.exact_below = static_cast<size_t>(ranged("exact_below", 0, int64_t{1} << 40));
-  const int64_t threads = ranged("build_threads", 0, 1024);
-  o.build_threads = threads > 0 ? static_cast<size_t>(threads) : std::max(1u, std::thread::hardware_concurrency());
+
   return o;
 }
 
@@ -187,13 +185,11 @@ constexpr loom_param_desc kParams[] = {
      "HNSW candidates while searching (at least top_k): higher is slower and closer to exact"},
     {sizeof(loom_param_desc), "exact_below", LOOM_VALUE_INT, 0, "20000",
      "a filtered search over at most this many matching documents is exact"},
-    {sizeof(loom_param_desc), "build_threads", LOOM_VALUE_INT, 0, "0",
-     "threads inserting a large batch of documents; 0: one per hardware thread, 1: a reproducible graph"},
 };
 constexpr loom_component_desc kDense = {
     sizeof(loom_component_desc), LOOM_KIND_RETRIEVER, "dense", "1.0.0",
     "Dense retrieval: nearest embeddings in an HNSW graph (hnswlib), metadata filters, persisted index",
-    kParams, 7, LOOM_THREADING_SERIAL, &kVtable};
+    kParams, 6, LOOM_THREADING_SERIAL, &kVtable};
 const loom_component_desc *const kComponents[] = {&kDense};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-retriever-dense", "1.0.0",

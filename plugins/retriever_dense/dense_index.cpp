@@ -1,13 +1,10 @@
 #include "dense_index.hpp"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <mutex>
-#include <thread>
 
 #include <hnswlib/hnswlib.h>
 
@@ -156,8 +153,7 @@ void DenseIndex::add(std::vector<NewDocument> docs) {
   if (docs.empty()) return;
   const size_t needed = graph_->cur_element_count + docs.size();
   if (needed > graph_->max_elements_) graph_->resizeIndex(std::max(needed, graph_->max_elements_ * 2));
-  // Slots first (retiring the slots of replaced documents), then the graph insertions, which
-  // hnswlib lets several threads make at once for distinct labels.
+  // Slots first (retiring the slots of replaced documents), then the graph insertions.
   const size_t first = docs_.size();
   docs_.reserve(first + docs.size());
   for (auto &d : docs) {
@@ -174,27 +170,12 @@ void DenseIndex::add(std::vector<NewDocument> docs) {
     id_to_slot_.emplace(stored.id, docs_.size());
     docs_.push_back(std::move(stored));
   }
-  const size_t threads = std::max<size_t>(1, std::min(options_.build_threads, docs.size() / 64));
-  std::atomic<size_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  const auto insert = [&] {
-    try {
-      for (size_t i; (i = next.fetch_add(1)) < docs.size();) {
-        const std::vector<float> v = prepared(docs[i].embedding.data());
-        graph_->addPoint(v.data(), first + i);
-      }
-    } catch (...) {
-      std::lock_guard lock(error_mutex);
-      error = std::current_exception();
-      next = docs.size();
-    }
-  };
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < threads; ++t) pool.emplace_back(insert);
-  insert();
-  for (auto &t : pool) t.join();
-  if (error) std::rethrow_exception(error);
+  // One thread: hnswlib 0.6's concurrent addPoint can read a neighbour's upper-level links
+  // while they are being allocated (found under ASan), so insertions are not parallel.
+  for (size_t i = 0; i < docs.size(); ++i) {
+    const std::vector<float> v = prepared(docs[i].embedding.data());
+    graph_->addPoint(v.data(), first + i);
+  }
 }
 
 bool DenseIndex::remove(const std::string &id) {

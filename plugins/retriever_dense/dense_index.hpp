@@ -10,8 +10,7 @@
 // closer), ip (inner product as given; bigger is closer), l2 (score = Euclidean distance,
 // smaller is closer).
 //
-// Ownership: owns its documents and graph. Thread-safety: add() may insert with several threads
-// of its own (build_threads); search() may run concurrently with
+// Ownership: owns its documents and graph. Thread-safety: search() may run concurrently with
 // other searches (hnswlib's searches are thread-safe once ef is set, which only add() and
 // load() change); add/remove/load/save need exclusive use (retriever.h's rule).
 #ifndef LOOM_PLUGINS_DENSE_INDEX_HPP
@@ -45,7 +44,6 @@ struct IndexOptions {
   size_t ef_construction = 200;  // candidates while inserting
   size_t ef_search = 128;        // candidates while searching (at least top_k)
   size_t exact_below = 20000;    // filtered searches over at most this many documents are exact
-  size_t build_threads = 1;      // threads inserting a large add (the graph then depends on their timing)
 };
 
 struct NewDocument {

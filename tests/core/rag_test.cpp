@@ -202,7 +202,7 @@ TEST_CASE("retrieval set: recall@5 of bm25, dense and hybrid over the held-out K
   }
   REQUIRE(verses.size() == 440);
   auto rt = loom::Runtime::from_string(manifest("[embedding]\npooling = \"mean\"\n", {}) +
-                                       "[[retriever]]\nuse = \"bm25\"\n[[retriever]]\nuse = \"dense\"\nbuild_threads = 1\n");
+                                       "[[retriever]]\nuse = \"bm25\"\n[[retriever]]\nuse = \"dense\"\n");
   const std::vector<std::vector<float>> vectors = rt->embed(verses, /*query=*/false);
   REQUIRE(vectors.size() == verses.size());
   REQUIRE(vectors[0].size() == 192);  // the default model's hidden size
