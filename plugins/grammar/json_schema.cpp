@@ -1,7 +1,8 @@
 // JSON schema -> GBNF. Supported: type (string, number, integer, boolean, null, object, array,
 // or a list of them), properties, required, additionalProperties (false or absent: no extra
 // properties are ever generated), items, minItems, maxItems, minLength, maxLength (of strings),
-// enum, const, $ref to "#",
+// enum, const, anyOf and oneOf (alternatives: a value of any one branch; oneOf's "exactly one"
+// is not enforced, so its branches should not overlap), $ref to "#",
 // "#/$defs/NAME" or "#/definitions/NAME", and the annotations title, description, $schema, $id,
 // $comment, default, examples (ignored). Properties appear in the order the schema lists them;
 // optional ones may be left out. Any other keyword is an error naming it and its JSON path.
@@ -150,7 +151,7 @@ class Compiler {
     static const std::set<std::string> known = {
         "type", "properties", "required", "additionalProperties", "items", "minItems",
         "maxItems", "minLength", "maxLength", "enum", "const", "$ref", "$defs", "definitions", "title", "description",
-        "$schema", "$id", "$comment", "default", "examples"};
+        "$schema", "$id", "$comment", "default", "examples", "anyOf", "oneOf"};
     for (auto it = s.begin(); it != s.end(); ++it)
       if (!known.count(it.key())) fail(path + "/" + pointer_escape(it.key()), "unsupported keyword '" + it.key() + "'");
     if (s.contains("$defs") && !s["$defs"].is_object()) fail(path + "/$defs", "must be an object");
@@ -161,6 +162,21 @@ class Compiler {
                             "minItems", "maxItems", "minLength", "maxLength"})
         if (s.contains(k)) fail(path + "/" + k, std::string("keyword '") + k + "' beside $ref is not supported");
       return ref(s["$ref"].get<std::string>(), path, depth);
+    }
+    for (const char* alt : {"anyOf", "oneOf"}) {
+      if (!s.contains(alt)) continue;
+      const std::string at = path + "/" + alt;
+      for (const char* k : {"type", "properties", "items", "enum", "const", "required", "additionalProperties", "minItems",
+                            "maxItems", "minLength", "maxLength", "anyOf", "oneOf"})
+        if (k != std::string(alt) && s.contains(k)) fail(path + "/" + k, std::string("keyword '") + k + "' beside " + alt + " is not supported");
+      const json& branches = s[alt];
+      if (!branches.is_array() || branches.empty()) fail(at, "must be a non-empty array of schemas");
+      std::string body;
+      for (size_t i = 0; i < branches.size(); ++i) {
+        if (i) body += " | ";
+        body += visit(branches[i], at + "/" + std::to_string(i), depth + 1);
+      }
+      return add(body);
     }
     if (s.contains("const") || s.contains("enum"))
       for (const char* k : {"minLength", "maxLength"})

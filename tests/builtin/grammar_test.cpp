@@ -366,7 +366,11 @@ TEST_CASE("json-schema: unsupported keywords are errors naming the keyword and i
   CHECK(schema_error(R"({"type": "string", "format": "date"})") == "json-schema: /format: unsupported keyword 'format'");
   CHECK(schema_error(R"({"type": "object", "properties": {"a": {"type": "array", "items": {"pattern": "x"}}}})") ==
         "json-schema: /properties/a/items/pattern: unsupported keyword 'pattern'");
-  CHECK(schema_error(R"({"anyOf": [{"type": "string"}]})") == "json-schema: /anyOf: unsupported keyword 'anyOf'");
+  CHECK(schema_error(R"({"allOf": [{"type": "string"}]})") == "json-schema: /allOf: unsupported keyword 'allOf'");
+  CHECK(schema_error(R"({"anyOf": []})") == "json-schema: /anyOf: must be a non-empty array of schemas");
+  CHECK(schema_error(R"({"oneOf": [{"type": "string"}], "type": "string"})") ==
+        "json-schema: /type: keyword 'type' beside oneOf is not supported");
+  CHECK(schema_error(R"({"oneOf": [{"type": "string"}, {"pattern": "x"}]})") == "json-schema: /oneOf/1/pattern: unsupported keyword 'pattern'");
   CHECK(schema_error(R"({"type": "object", "additionalProperties": true})") ==
         "json-schema: /additionalProperties: only 'additionalProperties: false' is supported");
   CHECK(schema_error(R"({"type": "object", "properties": {}, "required": ["x"]})") ==
@@ -474,4 +478,51 @@ TEST_CASE("json-schema: random walks over allowed tokens always produce valid in
   }
   CHECK(completed >= kSamples * 9 / 10);
   CHECK(keys_seen.size() >= 6);  // the walks exercise the optional properties too
+}
+
+TEST_CASE("json-schema: oneOf branches (an agent's tool call or final answer) give instances of one branch", "[grammar]") {
+  const char *schema = R"({"oneOf": [
+    {"type": "object", "properties": {"tool": {"const": "add"}, "arguments": {"type": "object",
+      "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"], "additionalProperties": false}},
+     "required": ["tool", "arguments"], "additionalProperties": false},
+    {"type": "object", "properties": {"final": {"type": "string"}}, "required": ["final"], "additionalProperties": false}]})";
+  TestVocab v = json_vocab();
+  for (const char *t : {"tool", "add", "arguments", "final", "\"a\"", "\"b\""}) v.add(t);
+  Harness hs("[[sampler]]\nuse = \"json-schema\"\nschema = " + toml_str(schema) + "\n", v);
+  std::mt19937 rng(99);
+  int calls = 0, finals = 0;
+  for (int s = 0; s < 200; ++s) {
+    const int64_t seq = 5000 + s;
+    std::string out;
+    bool done = false;
+    for (int step = 0; step < 4000 && !done; ++step) {
+      const auto allowed = hs.allowed(seq);
+      REQUIRE_FALSE(allowed.empty());
+      const int32_t t = allowed[std::uniform_int_distribution<size_t>(0, allowed.size() - 1)(rng)];
+      REQUIRE(hs.accept(seq, t) == LOOM_OK);
+      if (t == v.ends[0]) done = true;
+      else out += v.text[static_cast<size_t>(t)];
+    }
+    hs.vt->release(hs.h, seq);
+    if (!done) continue;
+    INFO(out);
+    nlohmann::json j;
+    REQUIRE_NOTHROW(j = nlohmann::json::parse(out));
+    REQUIRE(j.is_object());
+    if (j.contains("final")) {
+      CHECK(j.size() == 1);
+      CHECK(j["final"].is_string());
+      ++finals;
+    } else {
+      CHECK(j.size() == 2);
+      CHECK(j["tool"] == "add");
+      REQUIRE(j["arguments"].is_object());
+      CHECK(j["arguments"].size() == 2);
+      CHECK(j["arguments"]["a"].is_number());
+      CHECK(j["arguments"]["b"].is_number());
+      ++calls;
+    }
+  }
+  CHECK(calls > 20);
+  CHECK(finals > 20);
 }
