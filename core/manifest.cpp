@@ -179,6 +179,23 @@ void read_embedding_table(const toml::table &t, const std::string &source, Embed
   r.read_int("batch", s.batch, 1, 4096);
 }
 
+void read_agent_table(const toml::table &t, const std::string &source, AgentSpec &s) {
+  SchemaReader r(t, "agent", source);
+  r.only({"max_steps", "max_tokens", "step_tokens", "call_timeout_s", "max_result_bytes", "tools"});
+  s.enabled = true;
+  r.read_int("max_steps", s.max_steps, 1, 1000);
+  r.read_int("max_tokens", s.max_tokens, 1, 1 << 24);
+  r.read_int("step_tokens", s.step_tokens, 1, 1 << 20);
+  r.read_number("call_timeout_s", s.call_timeout_s, 0.001, 86400.0);
+  r.read_int("max_result_bytes", s.max_result_bytes, 1, 1 << 30);
+  if (auto n = r.get("tools", toml::node_type::array, "an array of tool names")) {
+    for (const auto &item : *n->as_array()) {
+      if (!item.is_string() || item.value<std::string>()->empty()) r.fail(item, "tools", "expected non-empty tool names");
+      s.tools.push_back(*item.value<std::string>());
+    }
+  }
+}
+
 void read_train_table(const toml::table &t, const std::string &source, const std::filesystem::path &base_dir,
                       TrainSpec &s) {
   SchemaReader r(t, "train", source);
@@ -515,6 +532,11 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
       read_embedding_table(*node.as_table(), source, m.embedding);
       continue;
     }
+    if (k == "agent") {
+      if (!node.is_table()) fail("expected a table");
+      read_agent_table(*node.as_table(), source, m.agent);
+      continue;
+    }
     if (k == "train") {
       if (!node.is_table()) fail("expected a table");
       if (!root.contains("model")) fail("needs a [model] to train");
@@ -523,7 +545,7 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
     }
     loom_kind kind = kind_from_name(k);
     if (kind == 0)
-      fail("unknown key (known: loom, model, run, embedding, scheduler, train, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
+      fail("unknown key (known: loom, model, run, embedding, agent, scheduler, train, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
     if (kind_is_list(kind)) {
       if (!node.is_array_of_tables()) fail("expected an array of tables: write [[" + k + "]]");
       size_t i = 0;

@@ -154,7 +154,11 @@ void ModelDecoder::export_quantized(const std::filesystem::path &dir) {
   cpu->export_quantized(SafetensorsIndex::open_model_dir(manifest_.model_path), dir);
 }
 
-ModelDecoder::~ModelDecoder() = default; // the backend removes its swap hooks under the step lock
+// The backend removes its swap hooks under the step lock; agent tool calls that overran their
+// time limit are waited for (their instances are the pipeline's).
+ModelDecoder::~ModelDecoder() {
+  for (auto &t : abandoned_calls_) t.join();
+}
 
 std::vector<int32_t> ModelDecoder::encode_prompt(const std::string &text, const std::vector<int32_t> &ids,
                                                  const std::string &key, const std::string &tokenizer_error) const {

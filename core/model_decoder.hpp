@@ -33,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <thread>
 #include <optional>
 #include <string>
 #include <vector>
@@ -70,6 +71,9 @@ class ModelDecoder {
   // (core/serving.cpp; Runtime::serve). Needs [scheduler].
   SchedulerStats serve(RequestQueue &queue, int64_t max_positions);
   void call_tools(RunResult &result);
+  // The agent loop ([agent]; core/agent_loop.cpp): turns of generation and tool calls, recorded
+  // in result.agent_steps; the last turn's sequence is result's.
+  void run_agent(const TokenCallback &on_token, RunResult &result);
   void generate(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
                 RunResult &result);
   const ModelConfig &config() const { return config_; }
@@ -181,6 +185,8 @@ class ModelDecoder {
   std::unique_ptr<ModelBackend> backend_;
   std::shared_ptr<const Tokenizer> tokenizer_;          // null when the model has none
   std::vector<std::vector<int32_t>> prompts_;    // token ids, one per sequence
+  // Agent tool calls that overran call_timeout_s, still running; joined by the destructor.
+  std::vector<std::thread> abandoned_calls_;
   std::vector<int32_t> stop_tokens_;
   bool decode_ahead_ = true; // LOOM_DECODE_AHEAD=0 turns the queued-ahead decode step off
   SamplerChain sampler_chain_;

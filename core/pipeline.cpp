@@ -91,7 +91,7 @@ void Pipeline::set_membership_hooks(loom_kind kind, MembershipHooks hooks) {
   set_for_kind(membership_hooks_, kind, std::move(hooks));
 }
 
-void Pipeline::add(const ComponentSpec &spec) {
+void Pipeline::add(const ComponentSpec &spec, bool first) {
   std::lock_guard swap_lock(swap_mutex_);
   if (!kind_is_list(spec.kind))
     throw runtime_error("add " + spec.slot + ": only list kinds (sampler, adapter, retriever, tool) take new slots; a " +
@@ -113,10 +113,14 @@ void Pipeline::add(const ComponentSpec &spec) {
   if (hooks.attach) commit = hooks.attach(*fresh); // may veto: `fresh` is destroyed on unwind
   {
     std::lock_guard lock(slots_mutex_);
-    // After the last instance of its kind, so that list() keeps the others' order.
+    // After the last instance of its kind (or before the first), so that list() keeps the
+    // others' order.
     auto at = slots_.end();
     for (auto it = slots_.begin(); it != slots_.end(); ++it)
-      if (it->kind == spec.kind) at = std::next(it);
+      if (it->kind == spec.kind) {
+        at = first ? it : std::next(it);
+        if (first) break;
+      }
     slots_.insert(at, Slot{spec.slot, spec.kind, fresh});
   }
   swaps_.fetch_add(1, std::memory_order_release);

@@ -124,7 +124,8 @@ RunResult Runtime::run(int64_t steps, const TokenCallback &on_token, const Seque
   decoder_->retrieve(result);
   decoder_->place_passages(result);
   decoder_->call_tools(result);
-  decoder_->generate(steps > 0 ? steps : manifest_.run.steps, on_token, on_sequence_token, result);
+  if (manifest_.agent.enabled) decoder_->run_agent(on_token, result);
+  else decoder_->generate(steps > 0 ? steps : manifest_.run.steps, on_token, on_sequence_token, result);
   if (result.scheduler.used) record_scheduler_metrics(result.scheduler);
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   size_t tokens = 0;

@@ -271,7 +271,9 @@ int cmd_run(const std::vector<std::string> &args) {
     }
     std::cout << "  model          " << runtime->backend_description() << "\n" << std::flush;
     const bool batch = runtime->prompts().size() > 1;
-    bool has_text = runtime->decode({}).has_value();
+    // An agent's turns are printed once each, after the run (its conversation changes every turn).
+    const bool agent = runtime->manifest().agent.enabled;
+    bool has_text = runtime->decode({}).has_value() && !agent;
     // Stream (one prompt): print what each new token adds to the text. The generation is decoded
     // after the prompt each time (pieces keep their context spacing), and the last characters are
     // held back while they could still begin a stop string, which is never printed.
@@ -344,9 +346,23 @@ int cmd_run(const std::vector<std::string> &args) {
       for (size_t i = 0; i < r.context.size(); ++i) std::cout << " [" << i + 1 << "] " << r.context[i].doc_id;
       std::cout << "\n";
     }
-    for (const auto &t : r.tool_results)
+    // The agent loop's turns (and its tool calls: not listed again below).
+    for (size_t i = 0; i < r.agent_steps.size(); ++i) {
+      const AgentStep &s = r.agent_steps[i];
+      std::string shown = s.result;
+      std::replace(shown.begin(), shown.end(), '\n', ' ');
+      if (shown.size() > 160) shown = shown.substr(0, 157) + "...";
+      std::cout << "agent turn " << i + 1 << " (" << s.tokens << " tokens): "
+                << (s.tool.empty() ? s.action : s.tool + " " + s.arguments_json) << " -> "
+                << shown << "\n";
+    }
+    if (!r.agent_stop.empty())
+      std::cout << "agent: stopped (" << r.agent_stop << ")" << (r.agent_answer.empty() ? "" : ": " + r.agent_answer) << "\n";
+    for (const auto &t : r.tool_results) {
+      if (!r.agent_steps.empty()) break;
       std::cout << "tool " << t.tool << (t.is_error ? " (error)" : "") << ": " << t.content << "\n";
-    if (!has_text && !batch) {
+    }
+    if (!has_text && !batch && !agent) {
       std::cout << "tokens:";
       for (int32_t t : r.tokens) std::cout << " " << t;
       std::cout << "\n";

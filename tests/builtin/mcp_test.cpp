@@ -4,7 +4,13 @@
 // ping, non-text content, the output cap, a server that dies, and servers that cannot start.
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <set>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
 
 #include "builtin_test_util.hpp"
 
@@ -52,7 +58,7 @@ struct Client {
 TEST_CASE("mcp: the server's tools (two pages) become Loom tools and run", "[mcp]") {
   Client c;
   const auto names = c.names();
-  CHECK(names == std::set<std::string>{"add", "echo", "fail", "huge", "slow", "crash", "change", "ping_me", "image"});
+  CHECK(names == std::set<std::string>{"add", "echo", "fail", "huge", "slow", "crash", "change", "ping_me", "image", "sqrt"});
   loom_tool_info info{};
   info.struct_size = sizeof(info);
   REQUIRE(c.vt->tool_info(c.inst->handle(), 0, &info) == LOOM_OK);
@@ -127,4 +133,78 @@ TEST_CASE("mcp: run.tool_calls reach the server through the pipeline", "[mcp]") 
   CHECK(r.tool_results[0].content == "42.0");  // the server writes its double sum so
   CHECK_FALSE(r.tool_results[0].is_error);
   CHECK(r.tool_results[1].is_error);
+}
+
+TEST_CASE("agent loop against the MCP server: every call that reaches it is valid", "[mcp][agent]") {
+  // The default model, sampling: its actions are drawn from the action grammar (a tool of
+  // agent.tools with schema-shaped arguments, or a final answer); sqrt's minimum is not in the
+  // grammar, so negative x must be caught by the schema check before the server sees it.
+  namespace fs = std::filesystem;
+  const fs::path log = fs::temp_directory_path() / ("loom-agent-" + std::to_string(::getpid()) + ".jsonl");
+  fs::remove(log);
+  ::setenv("MCP_TEST_LOG", log.string().c_str(), 1);
+  size_t tool_runs = 0, schema_refusals = 0, turns = 0;
+  for (int seed = 1; seed <= 20; ++seed) {
+    auto rt = loom::Runtime::from_string(
+        "[loom]\ndevice = \"cpu\"\nseed = " + std::to_string(seed) + "\n[model]\npath = \"" + std::string(LOOM_SOURCE_DIR) +
+        "/models/tiny-kjv\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"dist\"\n"
+        "[run]\nprompt = \"Add 2 and 3, then take the square root.\"\n"
+        "[agent]\nmax_steps = 5\nstep_tokens = 64\nmax_tokens = 400\ntools = [\"add\", \"sqrt\"]\n"
+        "[[tool]]\nuse = \"mcp\"\ncommand = [\"" + kServer + "\"]\n", "agent.toml");
+    const auto r = rt->run();
+    INFO("seed " << seed << ", stop " << r.agent_stop);
+    CHECK(!r.agent_steps.empty());
+    CHECK(r.agent_steps.size() <= 5);
+    CHECK((r.agent_stop == "final" || r.agent_stop == "max_steps" || r.agent_stop == "max_tokens" || r.agent_stop == "repeated call" || r.agent_stop == "context full"));
+    int64_t tokens = 0;
+    for (const auto &s : r.agent_steps) {
+      tokens += s.tokens;
+      CHECK(s.tokens <= 64);
+      if (s.result.rfind("error: the arguments of", 0) == 0) ++schema_refusals;
+    }
+    CHECK(tokens <= 400);
+    tool_runs += r.tool_results.size();
+    turns += r.agent_steps.size();
+    if (r.agent_stop == "final") CHECK(r.agent_steps.back().tool.empty());
+  }
+  ::unsetenv("MCP_TEST_LOG");
+  // What reached the server: exactly the calls the loop ran, each with valid arguments.
+  std::ifstream in(log);
+  size_t logged = 0;
+  for (std::string line; std::getline(in, line); ++logged) {
+    const auto call = nlohmann::json::parse(line);
+    INFO(line);
+    const auto &a = call["arguments"];
+    REQUIRE(a.is_object());
+    if (call["name"] == "add") {
+      CHECK(a.size() == 2);
+      CHECK(a["a"].is_number());
+      CHECK(a["b"].is_number());
+    } else {
+      REQUIRE(call["name"] == "sqrt");
+      CHECK(a.size() == 1);
+      REQUIRE(a["x"].is_number());
+      CHECK(a["x"].get<double>() >= 0);
+    }
+  }
+  WARN(turns << " turns, " << tool_runs << " tool calls run, " << schema_refusals << " refused by the schema");
+  CHECK(logged == tool_runs);
+  // The test exercises both paths: calls that ran, and calls the schema check stopped (measured:
+  // 2 and 8 over these 20 seeded runs of the default model).
+  CHECK(tool_runs >= 1);
+  CHECK(schema_refusals >= 1);
+  fs::remove(log);
+}
+
+TEST_CASE("agent: refusals name the key", "[mcp][agent]") {
+  const std::string head = "[loom]\ndevice = \"cpu\"\n[model]\npath = \"" + std::string(LOOM_SOURCE_DIR) +
+                           "/models/tiny-kjv\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n[run]\nprompt = \"x\"\n";
+  const std::string tool = "[[tool]]\nuse = \"mcp\"\ncommand = [\"" + kServer + "\"]\n";
+  CHECK_THROWS_WITH(loom::Runtime::from_string(head + "[agent]\ntools = [\"nope\"]\n" + tool)->run(),
+                    Catch::Contains("agent.tools: no tool named 'nope'") && Catch::Contains("add"));
+  CHECK_THROWS_WITH(loom::Runtime::from_string(head + "[agent]\n")->run(), Catch::Contains("offers no tools"));
+  CHECK_THROWS_WITH(loom::Runtime::from_string(head + "[agent]\nsteps = 3\n" + tool), Catch::Contains("agent") && Catch::Contains("steps"));
+  CHECK_THROWS_WITH(loom::Runtime::from_string(head + "[agent]\nmax_steps = 0\n" + tool), Catch::Contains("max_steps"));
+  // A step too long for the model's 512 positions leaves no room for a turn.
+  CHECK_THROWS_WITH(loom::Runtime::from_string(head + "[agent]\nstep_tokens = 600\n" + tool)->run(), Catch::Contains("no room for a turn"));
 }

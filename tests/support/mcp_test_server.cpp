@@ -9,10 +9,12 @@
 //   change {}           announces notifications/tools/list_changed; a tool "late" appears
 //   ping_me {}          asks the client "ping" first and answers once the client has answered
 //   image {}            an image content and a text content
+//   sqrt {x >= 0}       the square root (x below 0 is refused: the schema's minimum)
 // tools/list comes in two pages (nextCursor). A line "not json" precedes every tools/call
 // answer, which the client must skip. Flags: --no-tools (no tools capability), --exit-at-start.
 // Every tools/call is appended to the file named by MCP_TEST_LOG, when set, as one JSON line.
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -61,6 +63,7 @@ int main(int argc, char **argv) {
       tool("change", json::object(), json::array()),
       tool("ping_me", json::object(), json::array()),
       tool("image", json::object(), json::array()),
+      tool("sqrt", {{"x", {{"type", "number"}, {"minimum", 0}}}}, json::array({"x"})),
   };
   const char *log_path = std::getenv("MCP_TEST_LOG");
   std::string line;
@@ -125,6 +128,9 @@ int main(int argc, char **argv) {
       } else if (name == "image") {
         result = {{"content", json::array({{{"type", "image"}, {"mimeType", "image/png"}, {"data", "iVBORw0KGgo="}},
                                            {{"type", "text"}, {"text", "a caption"}}})}};
+      } else if (name == "sqrt") {
+        const double x = args.value("x", -1.0);
+        result = x < 0 ? text_result("x must not be negative", true) : text_result(json(std::sqrt(x)).dump());
       } else if (name == "late") {
         result = text_result("late tool");
       } else {

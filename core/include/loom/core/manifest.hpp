@@ -9,6 +9,7 @@
 //                 checkpoint's: bfloat16 for bf16/fp16 checkpoints, float32 for fp32 ones)
 //   [run]         what `loom run` does (see RunSpec)
 //   [embedding]   how the model embeds text for dense retrievers (see EmbeddingSpec)
+//   [agent]       the agent loop: the model calls the pipeline's tools (see AgentSpec)
 //   [attention] [quantizer] [parallel]                  one component each, optional
 //   [[sampler]] [[adapter]] [[retriever]] [[tool]]      ordered lists of components
 // A component table carries `use` (component name, required), optional `library` (a path),
@@ -115,6 +116,22 @@ struct EmbeddingSpec {
   int64_t batch = 16;            // texts per forward pass
 };
 
+// [agent]: `loom run` as an agent loop (core/agent_loop.cpp, DESIGN.md "Agent loop"): each
+// turn the model writes one JSON action, constrained by a grammar built from the tools'
+// schemas, either {"tool": NAME, "arguments": {...}} or {"final": "answer"}; arguments are
+// validated against the tool's schema before it runs, and its (capped) result is fed back as
+// untrusted text. The loop stops at a final answer, max_steps turns, the max_tokens budget, a
+// call identical to an earlier one, or a conversation that leaves no room for another turn.
+struct AgentSpec {
+  bool enabled = false;
+  int64_t max_steps = 6;           // model turns
+  int64_t max_tokens = 1024;       // tokens generated over the whole loop
+  int64_t step_tokens = 256;       // tokens of one turn
+  double call_timeout_s = 30.0;    // a tool call's time limit (the loop then goes on without it)
+  int64_t max_result_bytes = 4096; // a tool result is cut off here before the model sees it
+  std::vector<std::string> tools;  // the tools offered (names); empty: every tool of the pipeline
+};
+
 // [train]: what `loom train` does with the [model] (core/training_run.cpp). Paths are resolved
 // against the manifest's directory.
 struct TrainSpec {
@@ -166,6 +183,7 @@ struct Manifest {
   int64_t calibration_length = 256;
   RunSpec run;
   EmbeddingSpec embedding;
+  AgentSpec agent;
   SchedulerSpec scheduler;
   TrainSpec train;
   std::vector<ComponentSpec> components; // manifest order within each kind

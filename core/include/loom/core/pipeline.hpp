@@ -75,8 +75,10 @@ class Pipeline {
   void set_membership_hooks(loom_kind kind, MembershipHooks hooks);
   // Creates an instance in a new slot, spec.slot (a list kind: sampler, adapter, retriever,
   // tool; the slot must be free), and adds it at the next safe point, after the kind's others.
-  // When creating or attaching fails, nothing changes and loom::Error is thrown.
-  void add(const ComponentSpec &spec);
+  // When creating or attaching fails, nothing changes and loom::Error is thrown. `first`: before
+  // the kind's others instead (a sampler that must see the logits before the chain's links:
+  // the agent loop's grammar).
+  void add(const ComponentSpec &spec, bool first = false);
   // Takes the instance in `slot` out at the next safe point (after its kind's detach hook); it is
   // destroyed when no caller holds it any more. Throws loom::Error when the slot is empty.
   void remove(std::string_view slot);

@@ -40,6 +40,16 @@ struct ToolCallResult {
   bool is_error = false;
 };
 
+// One turn of the agent loop ([agent]): the model's action and what came of it.
+struct AgentStep {
+  std::string action;         // the model's text for the turn (a JSON action, or what it wrote instead)
+  std::string tool;           // the tool called ("" for a final answer or an invalid action)
+  std::string arguments_json; // as called (compact JSON)
+  std::string result;         // what the model was shown: the tool's (capped) output or the error
+  bool is_error = false;      // the action was invalid, the arguments failed the schema, or the tool failed
+  int64_t tokens = 0;         // tokens generated in the turn
+};
+
 // One sequence of a run: a prompt of run.prompts (or the one prompt) and what it generated.
 struct SequenceResult {
   std::vector<int32_t> prompt; // the prompt's token ids
@@ -89,6 +99,11 @@ struct RunResult {
   // retrievers answered.
   std::vector<PassageResult> context;
   std::vector<ToolCallResult> tool_results;
+  // The agent loop ([agent]): its turns, why it stopped ("final", "max_steps", "max_tokens",
+  // "repeated call", "context full"), and the final answer (when the model gave one).
+  std::vector<AgentStep> agent_steps;
+  std::string agent_stop;
+  std::string agent_answer;
   double seconds = 0;         // the whole run
   double prefill_seconds = 0; // the prompts' forward pass (one batch)
   double decode_seconds = 0;  // sampling and the generated tokens' forward passes (all sequences)
