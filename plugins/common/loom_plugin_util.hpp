@@ -121,6 +121,17 @@ inline std::vector<std::string> cfg_string_array(const loom_host_api* h, loom_ho
   return out;
 }
 
+// ---- tools ----
+
+// A tool's outcome written into the host's result buffer (`who` names the tool in errors).
+inline void write_tool_result(const loom_host_api* host, loom_tool_result* result, const std::string& text, bool is_error,
+                              const std::string& who) {
+  host->buffer_clear(result->content);
+  const loom_status s = host->buffer_append(result->content, text.data(), text.size());
+  if (s != LOOM_OK) fail(s, who + ": could not write the result");
+  result->is_error = is_error ? 1 : 0;
+}
+
 // ---- DLTensor helpers ----
 
 inline bool is_dtype(DLDataType t, uint8_t code, uint8_t bits) {

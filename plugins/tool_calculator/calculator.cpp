@@ -77,10 +77,7 @@ loom_status call_fn(void* inst, const char* tool_name, const char* arguments_jso
     if (tool_name == nullptr || std::strcmp(tool_name, kToolName) != 0)
       fail(LOOM_ERR_NOT_FOUND, std::string("calculator: no tool named '") + (tool_name ? tool_name : "(null)") + "'");
     const auto [text, is_error] = run(arguments_json);
-    c.host->buffer_clear(result->content);
-    const loom_status s = c.host->buffer_append(result->content, text.data(), text.size());
-    if (s != LOOM_OK) fail(s, "calculator: could not write the result");
-    result->is_error = is_error ? 1 : 0;
+    write_tool_result(c.host, result, text, is_error, "calculator");
   });
 }
 

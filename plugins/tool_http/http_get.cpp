@@ -145,10 +145,7 @@ loom_status call_fn(void *inst, const char *tool_name, const char *arguments_jso
     if (tool_name == nullptr || std::strcmp(tool_name, kToolName) != 0)
       fail(LOOM_ERR_NOT_FOUND, std::string("http_get: no tool named '") + (tool_name ? tool_name : "(null)") + "'");
     const auto [text, is_error] = h.run(arguments_json);
-    h.host->buffer_clear(result->content);
-    const loom_status s = h.host->buffer_append(result->content, text.data(), text.size());
-    if (s != LOOM_OK) fail(s, "http_get: could not write the result");
-    result->is_error = is_error ? 1 : 0;
+    write_tool_result(h.host, result, text, is_error, "http_get");
   });
 }
 

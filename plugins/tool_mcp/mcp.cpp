@@ -237,10 +237,7 @@ loom_status call_fn(void *inst, const char *tool_name, const char *arguments_jso
     for (const auto &t : m.tools) known = known || t.name == tool_name;
     if (!known) fail(LOOM_ERR_NOT_FOUND, m.where() + " offers no tool named '" + tool_name + "'");
     const auto [text, is_error] = m.call(tool_name, arguments_json);
-    m.host->buffer_clear(result->content);
-    const loom_status s = m.host->buffer_append(result->content, text.data(), text.size());
-    if (s != LOOM_OK) fail(s, "mcp: could not write the result");
-    result->is_error = is_error ? 1 : 0;
+    write_tool_result(m.host, result, text, is_error, "mcp");
   });
 }
 

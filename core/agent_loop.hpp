@@ -1,0 +1,64 @@
+// Private to core: the agent loop's turns ([agent]; core/agent_loop.cpp), apart from how a turn
+// is generated, so that tests can script the model's actions.
+//
+// Ownership: borrows the manifest and the pipeline (its tool instances are shared with the
+// calls); a call that overruns call_timeout_s is moved to `abandoned`, which the owner (the
+// decoder) joins later. Thread-safety: one thread runs a loop.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "loom/core/chat_template.hpp"
+#include "loom/core/manifest.hpp"
+#include "loom/core/pipeline.hpp"
+#include "loom/core/runtime.hpp"
+#include "tool_arguments.hpp"
+
+namespace loom {
+
+struct AgentTurn {
+  std::string text;     // what the model wrote
+  int64_t tokens = 0;   // tokens it took
+};
+
+class AgentLoop {
+ public:
+  // Finds the offered tools (agent.tools, or all) and compiles their schemas; throws
+  // loom::Error (manifest) naming agent.tools or the missing [[tool]].
+  AgentLoop(const Manifest &manifest, Pipeline &pipeline, std::vector<std::thread> &abandoned);
+  ~AgentLoop();
+  AgentLoop(const AgentLoop &) = delete;
+  AgentLoop &operator=(const AgentLoop &) = delete;
+
+  // The grammar of one action: oneOf {"tool": NAME, "arguments": ...} per tool, {"final": ...}.
+  const std::string &action_schema() const { return action_schema_; }
+  // A turn: the conversation so far and the turn's token limit -> the model's text, or nullopt
+  // when the conversation leaves no room for a turn (the loop then stops: "context full").
+  using TurnFn = std::function<std::optional<AgentTurn>(const std::vector<ChatMessage> &, int64_t)>;
+  // Runs turns after `task` (the user's messages) until an answer or a limit, recording them in
+  // result.agent_steps / agent_stop / agent_answer and the calls in result.tool_results.
+  void run(const std::vector<ChatMessage> &task, const TurnFn &turn, RunResult &result);
+
+ private:
+  struct Tool {
+    std::shared_ptr<Instance> owner;
+    std::string name, description, schema_json;
+    std::unique_ptr<ArgumentSchema> schema;
+  };
+  // {text the model sees, failed}: the tool's (capped) output, its error, or a timeout.
+  std::pair<std::string, bool> call(const Tool &tool, const std::string &arguments);
+
+  const Manifest &manifest_;
+  Pipeline &pipeline_;
+  std::vector<std::thread> &abandoned_;
+  std::vector<Tool> tools_;
+  std::string action_schema_, system_message_;
+};
+
+}  // namespace loom
