@@ -454,7 +454,12 @@ int cmd_index(const std::vector<std::string> &args) {
     if (manifest.empty()) throw Error(ErrorCategory::usage, "a MANIFEST is required");
     if (build && (docs.empty() || out.empty())) throw Error(ErrorCategory::usage, "index build needs --docs and --out");
     if (!build && (index.empty() || question.empty())) throw Error(ErrorCategory::usage, "index query needs --index and a QUESTION");
-    auto runtime = Runtime::from_file(manifest, overrides);
+    // One manifest serves `index build` and the runs that load its output (`index = DIR`): a
+    // build starts from empty retrievers, so it does not load what it is about to write.
+    Manifest parsed = parse_manifest_file(manifest, overrides);
+    if (build)
+      for (auto &c : parsed.components) c.index.clear();
+    auto runtime = std::make_unique<Runtime>(std::move(parsed));
     const auto retrievers = runtime->pipeline().list(LOOM_KIND_RETRIEVER);
     if (retrievers.empty()) throw Error(ErrorCategory::manifest, manifest + ": no [[retriever]] to index for");
     namespace fs = std::filesystem;

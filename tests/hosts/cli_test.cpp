@@ -234,6 +234,11 @@ TEST_CASE("a hybrid index: the model embeds the chunks once; loom run loads the 
   INFO(run.out);
   CHECK(run.code == 0);
   CHECK(run.out.find("context: [1] light.txt#0") != std::string::npos);
+  // The same manifest builds the index it loads: a build does not load it first.
+  fs::remove_all(dir / "idx");
+  REQUIRE(loom("index build " + (dir / "run.toml").string() + " --docs " + (dir / "docs").string() + " --out " +
+               (dir / "idx").string()).code == 0);
+  CHECK(loom("run " + (dir / "run.toml").string()).out.find("context: [1] light.txt#0") != std::string::npos);
   // A missing index names the key and what to do.
   std::ofstream(dir / "missing.toml") << head << "[[retriever]]\nuse = \"dense\"\nindex = \"nowhere\"\n";
   auto missing = loom("run " + (dir / "missing.toml").string());
