@@ -188,7 +188,8 @@ TEST_CASE("retrieval set: recall@5 of bm25, dense and hybrid over the held-out K
   // tests/fixtures/text/kjv_retrieval.json: hand-written questions, each with its verse. The
   // verses are added through the retriever ABI (doc_id "v<line>"); dense gets the default
   // model's embeddings ([embedding]: mean pooling), made by Runtime::embed as `loom index build`
-  // makes them; hybrid is the RAG stage's fusion of both lists (reciprocal rank, k = 60).
+  // makes them; hybrid is the RAG stage's fusion of both top-5 lists (reciprocal rank, k = 60),
+  // and "hybrid component" the `hybrid` retriever (both indexes in one, their top 50 fused).
   const fs::path text = fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/text";
   std::ifstream in(text / "kjv_retrieval.json");
   const auto set = nlohmann::json::parse(in);
@@ -202,11 +203,11 @@ TEST_CASE("retrieval set: recall@5 of bm25, dense and hybrid over the held-out K
   }
   REQUIRE(verses.size() == 440);
   auto rt = loom::Runtime::from_string(manifest("[embedding]\npooling = \"mean\"\n", {}) +
-                                       "[[retriever]]\nuse = \"bm25\"\n[[retriever]]\nuse = \"dense\"\n");
+                                       "[[retriever]]\nuse = \"bm25\"\n[[retriever]]\nuse = \"dense\"\n[[retriever]]\nuse = \"hybrid\"\n");
   const std::vector<std::vector<float>> vectors = rt->embed(verses, /*query=*/false);
   REQUIRE(vectors.size() == verses.size());
   REQUIRE(vectors[0].size() == 192);  // the default model's hidden size
-  for (const char *slot : {"retriever[0]", "retriever[1]"}) {
+  for (const char *slot : {"retriever[0]", "retriever[1]", "retriever[2]"}) {
     auto &r = rt->pipeline().at(slot);
     std::vector<loom_document> docs;
     for (size_t i = 0; i < verses.size(); ++i)
@@ -221,8 +222,8 @@ TEST_CASE("retrieval set: recall@5 of bm25, dense and hybrid over the held-out K
     std::string want = "v";
     want += std::to_string(item["line"].get<int>());
     const std::vector<float> qv = rt->embed({q}, /*query=*/true).front();
-    std::vector<loom::PassageResult> lists;  // bm25's top 5, then dense's
-    for (const char *slot : {"retriever[0]", "retriever[1]"}) {
+    std::vector<loom::PassageResult> lists;  // bm25's top 5, dense's, then the hybrid component's
+    for (const char *slot : {"retriever[0]", "retriever[1]", "retriever[2]"}) {
       auto &r = rt->pipeline().at(slot);
       loom_query query{sizeof(loom_query), q.c_str(), qv.data(), static_cast<int32_t>(qv.size()), 5, nullptr};
       struct Sink {
@@ -249,7 +250,10 @@ TEST_CASE("retrieval set: recall@5 of bm25, dense and hybrid over the held-out K
     ++total;
     found["bm25"] += has(lists, "retriever[0]") ? 1 : 0;
     found["dense"] += has(lists, "retriever[1]") ? 1 : 0;
-    found["hybrid"] += has(loom::fuse_passages(lists, 5), nullptr) ? 1 : 0;
+    std::vector<loom::PassageResult> two(lists.begin(), lists.end());
+    two.erase(std::remove_if(two.begin(), two.end(), [](const auto &p) { return p.retriever_slot == "retriever[2]"; }), two.end());
+    found["hybrid"] += has(loom::fuse_passages(two, 5), nullptr) ? 1 : 0;
+    found["hybrid component"] += has(lists, "retriever[2]") ? 1 : 0;
   }
   CHECK(total == 20);
   std::map<std::string, double> recall;
@@ -262,6 +266,7 @@ TEST_CASE("retrieval set: recall@5 of bm25, dense and hybrid over the held-out K
   CHECK(recall["bm25"] >= 0.85);
   CHECK(recall["dense"] >= 0.5);
   CHECK(recall["hybrid"] >= 0.85);
+  CHECK(recall["hybrid component"] >= 0.85);  // each index's top 50 fused, then the top 5
 }
 
 TEST_CASE("the RAG prompt is also what a scheduled run serves", "[rag]") {
