@@ -111,6 +111,9 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevic
         throw manifest_error(manifest.source_name + ": " + key + ": {passages} needs run.query (the question to retrieve for)");
       if (pipeline.list(LOOM_KIND_RETRIEVER).empty())
         throw manifest_error(manifest.source_name + ": " + key + ": {passages} needs a [[retriever]]");
+      if (manifest.agent.enabled)
+        throw manifest_error(manifest.source_name + ": " + key + ": {passages} with [agent] is not supported yet (the agent's "
+                             "task is the prompt as written)");
       rag_ = true;
       rag_text_ = run.prompt_text;
       rag_messages_ = run.messages;

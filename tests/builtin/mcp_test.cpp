@@ -205,6 +205,9 @@ TEST_CASE("agent: refusals name the key", "[mcp][agent]") {
   CHECK_THROWS_WITH(loom::Runtime::from_string(head + "[agent]\n")->run(), Catch::Contains("offers no tools"));
   CHECK_THROWS_WITH(loom::Runtime::from_string(head + "[agent]\nsteps = 3\n" + tool), Catch::Contains("agent") && Catch::Contains("steps"));
   CHECK_THROWS_WITH(loom::Runtime::from_string(head + "[agent]\nmax_steps = 0\n" + tool), Catch::Contains("max_steps"));
+  CHECK_THROWS_WITH(loom::Runtime::from_string(head + "query = \"q\"\n[agent]\n[[retriever]]\nuse = \"bm25\"\n" + tool,
+                                               "agent.toml", {"run.prompt={passages}"}),
+                    Catch::Contains("{passages} with [agent] is not supported yet"));
   // A step too long for the model's 512 positions leaves no room for a turn.
   CHECK_THROWS_WITH(loom::Runtime::from_string(head + "[agent]\nstep_tokens = 600\n" + tool)->run(), Catch::Contains("no room for a turn"));
 }
