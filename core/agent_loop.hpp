@@ -31,7 +31,9 @@ class AgentLoop {
  public:
   // Finds the offered tools (agent.tools, or all) and compiles their schemas; throws
   // loom::Error (manifest) naming agent.tools or the missing [[tool]].
-  AgentLoop(const Manifest &manifest, Pipeline &pipeline, std::vector<std::thread> &abandoned);
+  // `llama3_native`: with agent.format = "native", describe and parse Llama 3's bare JSON calls
+  // instead of <tool_call> blocks.
+  AgentLoop(const Manifest &manifest, Pipeline &pipeline, std::vector<std::thread> &abandoned, bool llama3_native = false);
   ~AgentLoop();
   AgentLoop(const AgentLoop &) = delete;
   AgentLoop &operator=(const AgentLoop &) = delete;
@@ -51,6 +53,8 @@ class AgentLoop {
     std::string name, description, schema_json;
     std::unique_ptr<ArgumentSchema> schema;
   };
+  // A native reply as the JSON action the loop reads: the first call, or {"final": text}.
+  std::string native_action(const std::string &text) const;
   // {text the model sees, failed}: the tool's (capped) output, its error, or a timeout.
   std::pair<std::string, bool> call(const Tool &tool, const std::string &arguments);
 
@@ -59,6 +63,7 @@ class AgentLoop {
   std::vector<std::thread> &abandoned_;
   std::vector<Tool> tools_;
   std::string action_schema_, system_message_;
+  bool native_ = false, llama3_ = false;
 };
 
 }  // namespace loom

@@ -181,7 +181,9 @@ void read_embedding_table(const toml::table &t, const std::string &source, Embed
 
 void read_agent_table(const toml::table &t, const std::string &source, AgentSpec &s) {
   SchemaReader r(t, "agent", source);
-  r.only({"max_steps", "max_tokens", "step_tokens", "call_timeout_s", "max_result_bytes", "tools"});
+  r.only({"max_steps", "max_tokens", "step_tokens", "call_timeout_s", "max_result_bytes", "tools", "format"});
+  if (r.read_string("format", s.format) && s.format != "json" && s.format != "native")
+    r.fail(*t.get("format"), "format", "expected \"json\" or \"native\", got \"" + s.format + "\"");
   s.enabled = true;
   r.read_int("max_steps", s.max_steps, 1, 1000);
   r.read_int("max_tokens", s.max_tokens, 1, 1 << 24);

@@ -2,7 +2,8 @@
 // purpose rather than by a model's chance: a call and its result, a final answer, arguments
 // refused by the schema (never reaching the tool), an invalid action, a repeated call, the
 // per-call timeout (the MCP test server's slow tool), the result cap and its data framing, the
-// token budget, and a full context. The model-driven loop: builtin_mcp_test.
+// token budget, a full context, and format = "native" (Hermes/Qwen <tool_call> blocks, Llama 3's
+// bare JSON). The model-driven loop: builtin_mcp_test.
 #include <catch2/catch.hpp>
 
 #include <chrono>
@@ -21,11 +22,11 @@ struct Scripted {
   std::unique_ptr<loom::AgentLoop> loop;
   std::vector<std::vector<loom::ChatMessage>> seen;  // the conversation at each turn
 
-  explicit Scripted(const std::string &agent) {
+  explicit Scripted(const std::string &agent, bool llama3 = false) {
     rt = loom::Runtime::from_string("[loom]\ndevice = \"cpu\"\n[agent]\n" + agent + "\n[[tool]]\nuse = \"calculator\"\n"
                                     "[[tool]]\nuse = \"mcp\"\ncommand = [\"" + kServer + "\"]\ntimeout_s = 5.0\n",
                                     "agent.toml");
-    loop = std::make_unique<loom::AgentLoop>(rt->manifest(), rt->pipeline(), abandoned);
+    loop = std::make_unique<loom::AgentLoop>(rt->manifest(), rt->pipeline(), abandoned, llama3);
   }
   ~Scripted() {
     loop.reset();
@@ -133,5 +134,39 @@ TEST_CASE("agent loop: results are capped; the token budget and a full context s
     const auto r = s.run({});
     CHECK(r.agent_steps.empty());
     CHECK(r.agent_stop == "context full");
+  }
+}
+
+TEST_CASE("agent loop, native format: <tool_call> blocks and Llama 3's JSON become calls; text is the answer", "[agent]") {
+  SECTION("Hermes / Qwen <tool_call>") {
+    Scripted s("max_steps = 6\nformat = \"native\"");
+    const auto r = s.run({"Let me compute.\n<tool_call>\n{\"name\": \"calculator\", \"arguments\": {\"expression\": \"2+2\"}}\n</tool_call>",
+                          R"(<tool_call>{"name": "calculator", "arguments": "{\"expression\": \"3*3\"}"}</tool_call>)",
+                          "<tool_call>\n{\"name\": \"calcu", R"(<tool_call>{"name": "sqrt", "arguments": {"x": -1}}</tool_call>)",
+                          "  The answer is 4, then 9.  "});
+    REQUIRE(r.agent_steps.size() == 5);
+    CHECK(r.agent_steps[0].tool == "calculator");
+    CHECK(r.agent_steps[0].result == "4");
+    CHECK(r.agent_steps[1].result == "9");  // arguments given as a JSON string
+    CHECK(r.agent_steps[2].is_error);       // an unfinished call
+    CHECK(r.agent_steps[3].result.find("do not match its schema") != std::string::npos);
+    CHECK(r.agent_stop == "final");
+    CHECK(r.agent_answer == "The answer is 4, then 9.");
+    CHECK(r.tool_results.size() == 2);
+    const std::string &system = s.seen[0][0].content;
+    CHECK(system.find("<tools>") != std::string::npos);
+    CHECK(system.find("\"name\":\"calculator\"") != std::string::npos);
+    CHECK(system.find("<tool_call>") != std::string::npos);
+  }
+  SECTION("Llama 3: a bare JSON object with parameters") {
+    Scripted s("max_steps = 4\nformat = \"native\"", /*llama3=*/true);
+    const auto r = s.run({R"({"name": "calculator", "parameters": {"expression": "1+2"}})", "It is 3."});
+    REQUIRE(r.agent_steps.size() == 2);
+    CHECK(r.agent_steps[0].result == "3");
+    CHECK(r.agent_answer == "It is 3.");
+    CHECK(s.seen[0][0].content.find("\"parameters\": {...}") != std::string::npos);
+  }
+  SECTION("format is checked") {
+    CHECK_THROWS_WITH(Scripted("format = \"xml\""), Catch::Contains("agent.format") && Catch::Contains("native"));
   }
 }

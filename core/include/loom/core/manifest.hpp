@@ -130,6 +130,10 @@ struct AgentSpec {
   double call_timeout_s = 30.0;    // a tool call's time limit (the loop then goes on without it)
   int64_t max_result_bytes = 4096; // a tool result is cut off here before the model sees it
   std::vector<std::string> tools;  // the tools offered (names); empty: every tool of the pipeline
+  // json: the grammar-constrained JSON action above. native: no grammar; the model calls tools
+  // in its family's own format (<tool_call>{"name", "arguments"}</tool_call> as Hermes and Qwen
+  // write it; a bare {"name", "parameters"} object for Llama 3), and plain text is its answer.
+  std::string format = "json";
 };
 
 // [train]: what `loom train` does with the [model] (core/training_run.cpp). Paths are resolved
