@@ -110,19 +110,9 @@ std::string signature(const std::string &name, const json &schema) {
   return out + ")";
 }
 
-// A tool call on its own thread, so that the loop can stop waiting for it.
-struct CallState {
-  std::mutex mutex;
-  std::condition_variable done_cv;
-  bool done = false;
-  loom_status status = LOOM_OK;
-  std::string content, error;
-  bool is_error = false;
-};
-
 }  // namespace
 
-AgentLoop::AgentLoop(const Manifest &manifest, Pipeline &pipeline, std::vector<std::thread> &abandoned, bool llama3_native)
+AgentLoop::AgentLoop(const Manifest &manifest, Pipeline &pipeline, std::vector<AbandonedCall> &abandoned, bool llama3_native)
     : manifest_(manifest), pipeline_(pipeline), abandoned_(abandoned), native_(manifest.agent.format == "native"),
       llama3_(llama3_native) {
   const AgentSpec &spec = manifest.agent;
@@ -305,6 +295,23 @@ std::pair<std::string, bool> AgentLoop::call(const Tool &tool, const std::string
   // On its own thread, waited for at most call_timeout_s; the pipeline's step lock keeps the tool
   // from being swapped while the loop waits.
   auto guard = pipeline_.begin_step();
+  // Calls given up earlier: the finished ones joined; one still inside this tool's instance
+  // keeps it from being called again.
+  for (auto it = abandoned_.begin(); it != abandoned_.end();) {
+    bool done = false;
+    {
+      std::lock_guard lock(it->state->mutex);
+      done = it->state->done;
+    }
+    if (!done) {
+      if (it->instance == tool.owner.get())
+        return {"error: " + tool.name + " is still busy with an earlier call that did not answer in time", true};
+      ++it;
+      continue;
+    }
+    it->thread.join();
+    it = abandoned_.erase(it);
+  }
   auto state = std::make_shared<CallState>();
   std::shared_ptr<Instance> owner = tool.owner;
   std::thread worker([state, owner, name = tool.name, arguments] {
@@ -328,7 +335,7 @@ std::pair<std::string, bool> AgentLoop::call(const Tool &tool, const std::string
     finished = state->done_cv.wait_for(lock, std::chrono::duration<double>(spec.call_timeout_s), [&] { return state->done; });
   }
   if (!finished) {
-    abandoned_.push_back(std::move(worker));
+    abandoned_.push_back(AbandonedCall{std::move(worker), state, tool.owner.get()});
     std::ostringstream limit;
     limit << spec.call_timeout_s;
     return {"error: " + tool.name + " did not answer within " + limit.str() + " s", true};

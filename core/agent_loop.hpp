@@ -3,10 +3,13 @@
 //
 // Ownership: borrows the manifest and the pipeline (its tool instances are shared with the
 // calls); a call that overruns call_timeout_s is moved to `abandoned`, which the owner (the
-// decoder) joins later. Thread-safety: one thread runs a loop.
+// decoder) joins later; finished ones are joined at the next call, and a tool instance with a
+// call still running there is not called again (its plugin may be serial). Thread-safety: one thread runs a loop.
 #pragma once
 
+#include <condition_variable>
 #include <functional>
+#include <mutex>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +25,23 @@
 
 namespace loom {
 
+// A tool call on its own thread, so that the loop can stop waiting for it.
+struct CallState {
+  std::mutex mutex;
+  std::condition_variable done_cv;
+  bool done = false;
+  loom_status status = LOOM_OK;
+  std::string content, error;
+  bool is_error = false;
+};
+
+// A call the loop stopped waiting for: still running on `thread` inside `instance`.
+struct AbandonedCall {
+  std::thread thread;
+  std::shared_ptr<CallState> state;
+  const Instance *instance = nullptr;
+};
+
 struct AgentTurn {
   std::string text;     // what the model wrote
   int64_t tokens = 0;   // tokens it took
@@ -33,7 +53,7 @@ class AgentLoop {
   // loom::Error (manifest) naming agent.tools or the missing [[tool]].
   // `llama3_native`: with agent.format = "native", describe and parse Llama 3's bare JSON calls
   // instead of <tool_call> blocks.
-  AgentLoop(const Manifest &manifest, Pipeline &pipeline, std::vector<std::thread> &abandoned, bool llama3_native = false);
+  AgentLoop(const Manifest &manifest, Pipeline &pipeline, std::vector<AbandonedCall> &abandoned, bool llama3_native = false);
   ~AgentLoop();
   AgentLoop(const AgentLoop &) = delete;
   AgentLoop &operator=(const AgentLoop &) = delete;
@@ -60,7 +80,7 @@ class AgentLoop {
 
   const Manifest &manifest_;
   Pipeline &pipeline_;
-  std::vector<std::thread> &abandoned_;
+  std::vector<AbandonedCall> &abandoned_;
   std::vector<Tool> tools_;
   std::string action_schema_, system_message_;
   bool native_ = false, llama3_ = false;

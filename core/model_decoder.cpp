@@ -160,7 +160,7 @@ void ModelDecoder::export_quantized(const std::filesystem::path &dir) {
 // The backend removes its swap hooks under the step lock; agent tool calls that overran their
 // time limit are waited for (their instances are the pipeline's).
 ModelDecoder::~ModelDecoder() {
-  for (auto &t : abandoned_calls_) t.join();
+  for (auto &call : abandoned_calls_) call.thread.join();
 }
 
 std::vector<int32_t> ModelDecoder::encode_prompt(const std::string &text, const std::vector<int32_t> &ids,

@@ -45,6 +45,7 @@
 #include "loom/core/tokenizer.hpp"
 #include "loom/core/vocabulary.hpp"
 #include "loom/loom_plugin_api.h"
+#include "agent_loop.hpp"
 #include "model_backend.hpp"
 
 namespace loom {
@@ -186,7 +187,7 @@ class ModelDecoder {
   std::shared_ptr<const Tokenizer> tokenizer_;          // null when the model has none
   std::vector<std::vector<int32_t>> prompts_;    // token ids, one per sequence
   // Agent tool calls that overran call_timeout_s, still running; joined by the destructor.
-  std::vector<std::thread> abandoned_calls_;
+  std::vector<AbandonedCall> abandoned_calls_;
   std::vector<int32_t> stop_tokens_;
   bool decode_ahead_ = true; // LOOM_DECODE_AHEAD=0 turns the queued-ahead decode step off
   SamplerChain sampler_chain_;

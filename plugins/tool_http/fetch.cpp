@@ -126,19 +126,25 @@ struct Transfer {
   Address pinned;
   FetchResult *result;
   bool socket_refused = false;
+  bool out_of_memory = false;
 };
 
 size_t on_body(char *data, size_t size, size_t n, void *user) {
   auto *t = static_cast<Transfer *>(user);
   const size_t bytes = size * n;
   const uint64_t room = t->policy->max_bytes - std::min<uint64_t>(t->policy->max_bytes, t->result->body.size());
-  if (bytes > room) {
-    t->result->body.append(data, static_cast<size_t>(room));
-    t->result->truncated = true;
-    return 0;  // stops the transfer (CURLE_WRITE_ERROR, expected)
+  try {  // no exception may unwind through libcurl's C frames
+    if (bytes > room) {
+      t->result->body.append(data, static_cast<size_t>(room));
+      t->result->truncated = true;
+      return 0;  // stops the transfer (CURLE_WRITE_ERROR, expected)
+    }
+    t->result->body.append(data, bytes);
+    return bytes;
+  } catch (...) {
+    t->out_of_memory = true;
+    return 0;
   }
-  t->result->body.append(data, bytes);
-  return bytes;
 }
 
 int on_progress(void *user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
@@ -154,7 +160,7 @@ curl_socket_t on_open_socket(void *user, curlsocktype, curl_sockaddr *address) {
     t->socket_refused = true;
     return CURL_SOCKET_BAD;
   }
-  return socket(address->family, address->socktype, address->protocol);
+  return socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);  // not inherited by child processes
 }
 
 }  // namespace
@@ -180,10 +186,13 @@ FetchResult fetch(const std::string &url, const FetchPolicy &policy, const std::
       return result;
     }
     Transfer t{&policy, &cancelled, hop.address, &result};
+    // A name is pinned to its checked address; a literal address needs no pin (curl does not
+    // resolve it, and its CURLOPT_RESOLVE entries cannot name an IPv6 literal host).
     std::string address = hop.address.text();
     if (!hop.address.v4) address = "[" + address + "]";
+    const bool literal = hop.host.front() == '[' || hop.host == hop.address.text();
     const std::string pin = hop.host + ":" + std::to_string(hop.port) + ":" + address;
-    std::unique_ptr<curl_slist, ListDeleter> resolve(curl_slist_append(nullptr, pin.c_str()));
+    std::unique_ptr<curl_slist, ListDeleter> resolve(literal ? nullptr : curl_slist_append(nullptr, pin.c_str()));
     CURL *c = curl.get();
     curl_easy_setopt(c, CURLOPT_URL, hop.url.c_str());
     curl_easy_setopt(c, CURLOPT_RESOLVE, resolve.get());
@@ -203,6 +212,11 @@ FetchResult fetch(const std::string &url, const FetchPolicy &policy, const std::
     curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress);
     curl_easy_setopt(c, CURLOPT_XFERINFODATA, &t);
     const CURLcode rc = curl_easy_perform(c);
+    if (t.out_of_memory) {
+      result.failed = true;
+      result.message = "out of memory for the response";
+      return result;
+    }
     if (t.socket_refused) {
       result.refused = true;
       result.message = "curl tried to connect to another address than the checked " + hop.address.text();

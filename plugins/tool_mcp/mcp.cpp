@@ -35,6 +35,20 @@ using Clock = std::chrono::steady_clock;
 
 constexpr const char *kProtocolVersion = "2025-06-18";
 
+// Whether `j` nests at most `limit` arrays and objects deep (checked without recursion): deeper
+// messages are refused, since dumping them (recursive) could exhaust the stack.
+bool shallow(const json &j, int limit) {
+  std::vector<std::pair<const json *, int>> stack{{&j, 0}};
+  while (!stack.empty()) {
+    const auto [node, depth] = stack.back();
+    stack.pop_back();
+    if (!node->is_structured()) continue;
+    if (depth >= limit) return false;
+    for (const auto &child : *node) stack.push_back({&child, depth + 1});
+  }
+  return true;
+}
+
 struct ToolEntry {
   std::string name, description, input_schema, output_schema;
 };
@@ -87,10 +101,17 @@ struct Mcp {
     return "an answer without a result";
   }
 
-  void send(const json &message) {
-    if (!peer->write_line(message.dump()))
-      fail(LOOM_ERR_IO, where() + " does not take input any more (" + peer->state() + ")");
+  // Writes a message by `deadline` (a request's own); a server that does not read it in time, or
+  // has gone, is a failure of the plugin.
+  void send(const json &message, Clock::time_point deadline) {
+    switch (peer->write_line(message.dump(), deadline, [this] { return host->is_cancelled(ctx) != 0; })) {
+      case StdioPeer::Read::line: return;
+      case StdioPeer::Read::cancelled: fail(LOOM_ERR_CANCELLED, where() + ": cancelled while writing to the server");
+      case StdioPeer::Read::timeout: fail(LOOM_ERR_IO, where() + " does not read its input");
+      default: fail(LOOM_ERR_IO, where() + " does not take input any more (" + peer->state() + ")");
+    }
   }
+  void send(const json &message) { send(message, Clock::now() + std::chrono::seconds(5)); }
   void notify(const std::string &method, const json &params) { send({{"jsonrpc", "2.0"}, {"method", method}, {"params", params}}); }
 
   // What the server sends that is not the answer being waited for.
@@ -109,14 +130,18 @@ struct Mcp {
   // is too long or late becomes an error answer with code 0; a closed server throws.
   json request(const std::string &method, const json &params, double seconds) {
     const int64_t id = next_id++;
-    send({{"jsonrpc", "2.0"}, {"id", id}, {"method", method}, {"params", params}});
     const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+    send({{"jsonrpc", "2.0"}, {"id", id}, {"method", method}, {"params", params}}, deadline);
     std::string line;
     for (;;) {
       switch (peer->read_line(&line, deadline, max_line_bytes, [this] { return host->is_cancelled(ctx) != 0; })) {
         case StdioPeer::Read::line: {
           json m = json::parse(line, nullptr, false);
           if (m.is_discarded()) continue;  // not JSON (a server's stray output): not an answer
+          if (!shallow(m, 64)) {
+            notify("notifications/cancelled", {{"requestId", id}, {"reason", "reply nested too deeply"}});
+            return {{"error", {{"code", 0}, {"message", "a message nested deeper than 64 levels was dropped"}}}};
+          }
           if (m.is_object() && m.contains("id") && m["id"] == id && !m.contains("method")) return m;
           on_other(m);
           continue;

@@ -28,12 +28,19 @@ StdioPeer::StdioPeer(const std::vector<std::string> &argv) {
   // A pipe to report exec's failure: closed by exec on success (O_CLOEXEC), so the parent reads
   // either the errno or end-of-file.
   int report[2];
-  if (pipe2(report, O_CLOEXEC) != 0) fail(LOOM_ERR_IO, std::string("mcp: pipe: ") + std::strerror(errno));
+  if (pipe2(report, O_CLOEXEC) != 0) {
+    for (int fd : {in[0], in[1], out[0], out[1]}) close(fd);
+    fail(LOOM_ERR_IO, std::string("mcp: pipe: ") + std::strerror(errno));
+  }
   std::vector<char *> args;
   for (const auto &a : argv) args.push_back(const_cast<char *>(a.c_str()));
   args.push_back(nullptr);
   pid_ = fork();
-  if (pid_ < 0) fail(LOOM_ERR_IO, std::string("mcp: fork: ") + std::strerror(errno));
+  if (pid_ < 0) {
+    const int e = errno;
+    for (int fd : {in[0], in[1], out[0], out[1], report[0], report[1]}) close(fd);
+    fail(LOOM_ERR_IO, std::string("mcp: fork: ") + std::strerror(e));
+  }
   if (pid_ == 0) {  // the child: only async-signal-safe calls until exec
     dup2(in[0], STDIN_FILENO);
     dup2(out[1], STDOUT_FILENO);
@@ -48,6 +55,7 @@ StdioPeer::StdioPeer(const std::vector<std::string> &argv) {
   close(report[1]);
   to_child_ = in[1];
   from_child_ = out[0];
+  fcntl(to_child_, F_SETFL, fcntl(to_child_, F_GETFL) | O_NONBLOCK);  // writes wait in poll, with a deadline
   int child_errno = 0;
   const ssize_t got = read(report[0], &child_errno, sizeof child_errno);
   close(report[0]);
@@ -77,7 +85,8 @@ StdioPeer::~StdioPeer() {
   waitpid(pid_, &status_, 0);
 }
 
-bool StdioPeer::write_line(const std::string &line) {
+StdioPeer::Read StdioPeer::write_line(const std::string &line, std::chrono::steady_clock::time_point deadline,
+                                      const std::function<bool()> &cancelled) {
   // A write to a server that has exited raises SIGPIPE, which would end the host: the signal is
   // blocked on this thread for the write and, when raised, taken back before unblocking (the
   // process's own disposition is left alone).
@@ -87,22 +96,49 @@ bool StdioPeer::write_line(const std::string &line) {
   pthread_sigmask(SIG_BLOCK, &pipe_only, &previous);
   const std::string data = line + "\n";
   size_t at = 0;
-  bool ok = true;
+  Read outcome = Read::line;
+  char buf[65536];
   while (at < data.size()) {
+    if (cancelled && cancelled()) {
+      outcome = Read::cancelled;
+      break;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) {
+      outcome = Read::timeout;
+      break;
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count();
+    pollfd p[2] = {{to_child_, POLLOUT, 0}, {from_child_, POLLIN, 0}};
+    const int ready = poll(p, 2, static_cast<int>(std::min<long long>(left, 50)));
+    if (ready < 0 && errno != EINTR) {
+      outcome = Read::closed;
+      break;
+    }
+    if (ready <= 0) continue;
+    if (p[1].revents & POLLIN) {  // drain what the child writes meanwhile
+      const ssize_t n = read(from_child_, buf, sizeof buf);
+      if (n > 0) pending_.append(buf, static_cast<size_t>(n));
+    }
+    if (p[0].revents & (POLLERR | POLLHUP)) {
+      outcome = Read::closed;
+      break;
+    }
+    if (!(p[0].revents & POLLOUT)) continue;
     const ssize_t n = write(to_child_, data.data() + at, data.size() - at);
-    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
     if (n <= 0) {
-      ok = false;
       if (errno == EPIPE) {
         const timespec none{0, 0};
         sigtimedwait(&pipe_only, nullptr, &none);
       }
+      outcome = Read::closed;
       break;
     }
     at += static_cast<size_t>(n);
   }
   pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-  return ok;
+  return outcome;
 }
 
 StdioPeer::Read StdioPeer::read_line(std::string *out, std::chrono::steady_clock::time_point deadline, size_t max_bytes,

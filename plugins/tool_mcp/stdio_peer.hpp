@@ -24,10 +24,12 @@ class StdioPeer {
   StdioPeer(const StdioPeer &) = delete;
   StdioPeer &operator=(const StdioPeer &) = delete;
 
-  // Writes one line (a newline is appended). False when the child has gone.
-  bool write_line(const std::string &line);
-
   enum class Read { line, timeout, cancelled, closed, too_long };
+  // Writes one line (a newline is appended) by `deadline`: line when written, closed when the
+  // child has gone, timeout or cancelled. What the child writes meanwhile is kept for
+  // read_line, so a child that writes while it is being written to cannot deadlock the two.
+  Read write_line(const std::string &line, std::chrono::steady_clock::time_point deadline,
+                  const std::function<bool()> &cancelled);
   // The next line (without its newline) into *out, waiting until `deadline`; `cancelled` is
   // polled every 50 ms. A line longer than max_bytes is skipped to its end and reported as
   // too_long (the stream stays in step for the next line).

@@ -18,7 +18,7 @@ const std::string kServer = MCP_TEST_SERVER;
 
 struct Scripted {
   std::unique_ptr<loom::Runtime> rt;
-  std::vector<std::thread> abandoned;
+  std::vector<loom::AbandonedCall> abandoned;
   std::unique_ptr<loom::AgentLoop> loop;
   std::vector<std::vector<loom::ChatMessage>> seen;  // the conversation at each turn
 
@@ -30,7 +30,7 @@ struct Scripted {
   }
   ~Scripted() {
     loop.reset();
-    for (auto &t : abandoned) t.join();
+    for (auto &call : abandoned) call.thread.join();
   }
   loom::RunResult run(std::deque<std::string> actions, int64_t tokens_each = 10) {
     loom::RunResult r;
@@ -112,6 +112,15 @@ TEST_CASE("agent loop: a call past call_timeout_s is given up and the loop goes 
   CHECK(r.agent_steps[1].result == "2");
   CHECK(s.abandoned.size() == 1);  // joined by the owner (here, the fixture)
   CHECK(r.agent_stop == "context full");  // the script ran out
+  // While the abandoned call runs inside the MCP client, that client is not called again.
+  const auto busy = s.run({R"({"tool": "echo", "arguments": {"text": "x"}})"});
+  REQUIRE(busy.agent_steps.size() == 1);
+  CHECK(busy.agent_steps[0].result == "error: echo is still busy with an earlier call that did not answer in time");
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // the slow call ends
+  const auto later = s.run({R"({"tool": "echo", "arguments": {"text": "y"}})"});
+  REQUIRE(later.agent_steps.size() == 1);
+  CHECK(later.agent_steps[0].result == "y");
+  CHECK(s.abandoned.empty());  // joined at that call
 }
 
 TEST_CASE("agent loop: results are capped; the token budget and a full context stop it", "[agent]") {
