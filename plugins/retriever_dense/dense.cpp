@@ -18,11 +18,13 @@
 #include "dense_documents.hpp"
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
+#include "loom_retriever_glue.hpp"
 
 namespace loomp::dense {
 namespace {
 
 struct Dense {
+  static constexpr const char *kName = "dense";
   const loom_host_api *host;
   loom_host_ctx *ctx;
   DenseIndex index;
@@ -31,15 +33,17 @@ struct Dense {
 
   void add(const loom_document *docs, uint32_t count) {
     int32_t dim = 0;
-    std::vector<NewDocument> batch = checked_documents(index, docs, count, "dense", &dim);
+    std::vector<NewDocument> batch = checked_documents(index, docs, count, kName, &dim);
     if (index.dim() == 0 && count > 0) index.set_dim(dim);
     index.add(std::move(batch));
   }
+  bool erase(const std::string &id) { return index.remove(id); }
+  uint64_t count() { return index.count(); }
+  void save(const std::string &dir) { index.save(dir); }
+  void load(const std::string &dir) { index.load(dir); }
 
   void search(const loom_query &q, loom_passage_fn emit, void *user) {
-    if (emit == nullptr) invalid("dense: emit is NULL");
-    if (q.top_k < 0) invalid("dense: top_k must be >= 0");
-    const auto clauses = loomp::filter::parse(q.filter ? q.filter : "", "dense");
+    const auto clauses = loomp::filter::parse(q.filter ? q.filter : "", kName);
     if (q.top_k == 0 || index.count() == 0) return;
     const std::vector<float> v = checked_embedding(index, q.embedding, q.embedding_dim, "dense: the query");
     const loom_score_kind kind = index.metric() == Metric::cosine ? LOOM_SCORE_COSINE
@@ -47,70 +51,11 @@ struct Dense {
                                                                   : LOOM_SCORE_L2;
     for (const Hit &h : index.search(v.data(), static_cast<size_t>(q.top_k), clauses)) {
       const StoredDocument &d = index.doc(h.slot);
-      loom_passage p{};
-      p.struct_size = sizeof(loom_passage);
-      p.doc_id = d.id.c_str();
-      p.score = index.score(h);
-      p.score_kind = kind;
-      p.text = d.text.c_str();
-      p.offset_begin = -1;
-      p.offset_end = -1;
-      p.metadata_json = d.metadata.empty() ? nullptr : d.metadata.c_str();
-      const loom_status s = emit(user, &p);
-      if (s != LOOM_OK) fail(s, "dense: search stopped by the caller");
+      emit_passage(emit, user, d.id, index.score(h), kind, d.text, d.metadata, kName);
     }
   }
 };
 
-Dense &self(void *inst) { return *static_cast<Dense *>(inst); }
-
-loom_status create_fn(const loom_host_api *host, loom_host_ctx *ctx, void **out) {
-  return guard(host, ctx, [&] {
-    if (out == nullptr) invalid("out_instance is NULL");
-    *out = std::make_unique<Dense>(host, ctx).release();
-  });
-}
-void destroy_fn(void *inst) { delete static_cast<Dense *>(inst); }
-loom_status add_fn(void *inst, const loom_document *docs, uint32_t count) {
-  return guard(self(inst).host, self(inst).ctx, [&] { self(inst).add(docs, count); });
-}
-loom_status remove_fn(void *inst, const char *id) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (id == nullptr) invalid("dense: doc_id is NULL");
-    if (!self(inst).index.remove(id)) fail(LOOM_ERR_NOT_FOUND, std::string("dense: no document '") + id + "'");
-  });
-}
-loom_status count_fn(void *inst, uint64_t *out) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (out == nullptr) invalid("dense: out is NULL");
-    *out = self(inst).index.count();
-  });
-}
-loom_status search_fn(void *inst, const loom_query *q, loom_passage_fn emit, void *user) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (q == nullptr) invalid("dense: query is NULL");
-    if (!LOOM_HAS_FIELD(q, loom_query, filter)) invalid("dense: query struct_size too small");
-    self(inst).search(*q, emit, user);
-  });
-}
-loom_status save_fn(void *inst, const char *dir) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (dir == nullptr) invalid("dense: directory is NULL");
-    self(inst).index.save(dir);
-  });
-}
-loom_status load_fn(void *inst, const char *dir) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (dir == nullptr) invalid("dense: directory is NULL");
-    self(inst).index.load(dir);
-  });
-}
-
-constexpr loom_retriever_vtable kVtable = {
-    sizeof(loom_retriever_vtable),
-    {&create_fn, &destroy_fn, nullptr, nullptr, nullptr},
-    &add_fn, &remove_fn, &count_fn, &search_fn, &save_fn, &load_fn,
-};
 constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "metric", LOOM_VALUE_STRING, 0, "\"cosine\"",
      "\"cosine\" (score: cosine similarity), \"ip\" (inner product) or \"l2\" (Euclidean distance, smaller is closer)"},
@@ -125,7 +70,7 @@ constexpr loom_param_desc kParams[] = {
 constexpr loom_component_desc kDense = {
     sizeof(loom_component_desc), LOOM_KIND_RETRIEVER, "dense", "1.0.0",
     "Dense retrieval: nearest embeddings in an HNSW graph (hnswlib), metadata filters, persisted index",
-    kParams, 6, LOOM_THREADING_SERIAL, &kVtable};
+    kParams, 6, LOOM_THREADING_SERIAL, &RetrieverGlue<Dense>::kVtable};
 const loom_component_desc *const kComponents[] = {&kDense};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-retriever-dense", "1.0.0",

@@ -16,6 +16,7 @@
 #include "../retriever_dense/dense_documents.hpp"
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
+#include "loom_retriever_glue.hpp"
 
 namespace loomp::hybrid {
 namespace {
@@ -32,6 +33,7 @@ struct Fused {
 };
 
 struct Hybrid {
+  static constexpr const char *kName = "hybrid";
   const loom_host_api *host;
   loom_host_ctx *ctx;
   Bm25Index lexical;
@@ -52,14 +54,14 @@ struct Hybrid {
     dense.add(std::move(batch));
   }
 
+  uint64_t count() { return dense.count(); }
+
   bool erase(const std::string &id) {
     const bool a = lexical.erase(id), b = dense.remove(id);
     return a || b;
   }
 
   void search(const loom_query &q, loom_passage_fn emit, void *user) {
-    if (emit == nullptr) invalid("hybrid: emit is NULL");
-    if (q.top_k < 0) invalid("hybrid: top_k must be >= 0");
     const std::string filter = q.filter ? q.filter : "";
     const auto clauses = loomp::filter::parse(filter, "hybrid");
     if (q.top_k == 0 || dense.count() == 0) return;
@@ -85,19 +87,7 @@ struct Hybrid {
       return a.score != b.score ? a.score > b.score : a.first_seen < b.first_seen;
     });
     fused.resize(std::min(fused.size(), static_cast<size_t>(q.top_k)));
-    for (const Fused &f : fused) {
-      loom_passage p{};
-      p.struct_size = sizeof(loom_passage);
-      p.doc_id = f.id.c_str();
-      p.score = f.score;
-      p.score_kind = LOOM_SCORE_RRF;
-      p.text = f.text.c_str();
-      p.offset_begin = -1;
-      p.offset_end = -1;
-      p.metadata_json = f.metadata.empty() ? nullptr : f.metadata.c_str();
-      const loom_status s = emit(user, &p);
-      if (s != LOOM_OK) fail(s, "hybrid: search stopped by the caller");
-    }
+    for (const Fused &f : fused) emit_passage(emit, user, f.id, f.score, LOOM_SCORE_RRF, f.text, f.metadata, kName);
   }
 
   void save(const std::string &dir) {
@@ -105,8 +95,8 @@ struct Hybrid {
     dense.save((fs::path(dir) / "dense").string());
   }
   void load(const std::string &dir) {
-    // Both loads are checked by their indexes; a failure of the second leaves the first
-    // replaced, so load into fresh indexes and swap both at the end.
+    // All or nothing: bm25 loads into a fresh index, swapped in only after the dense index's
+    // load (which replaces it only when the files are whole) has succeeded.
     Bm25Index fresh_lexical;
     fresh_lexical.load((fs::path(dir) / "bm25").string());
     dense.load((fs::path(dir) / "dense").string());
@@ -114,55 +104,6 @@ struct Hybrid {
   }
 };
 
-Hybrid &self(void *inst) { return *static_cast<Hybrid *>(inst); }
-
-loom_status create_fn(const loom_host_api *host, loom_host_ctx *ctx, void **out) {
-  return guard(host, ctx, [&] {
-    if (out == nullptr) invalid("out_instance is NULL");
-    *out = std::make_unique<Hybrid>(host, ctx).release();
-  });
-}
-void destroy_fn(void *inst) { delete static_cast<Hybrid *>(inst); }
-loom_status add_fn(void *inst, const loom_document *docs, uint32_t count) {
-  return guard(self(inst).host, self(inst).ctx, [&] { self(inst).add(docs, count); });
-}
-loom_status remove_fn(void *inst, const char *id) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (id == nullptr) invalid("hybrid: doc_id is NULL");
-    if (!self(inst).erase(id)) fail(LOOM_ERR_NOT_FOUND, std::string("hybrid: no document '") + id + "'");
-  });
-}
-loom_status count_fn(void *inst, uint64_t *out) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (out == nullptr) invalid("hybrid: out is NULL");
-    *out = self(inst).dense.count();
-  });
-}
-loom_status search_fn(void *inst, const loom_query *q, loom_passage_fn emit, void *user) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (q == nullptr) invalid("hybrid: query is NULL");
-    if (!LOOM_HAS_FIELD(q, loom_query, filter)) invalid("hybrid: query struct_size too small");
-    self(inst).search(*q, emit, user);
-  });
-}
-loom_status save_fn(void *inst, const char *dir) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (dir == nullptr) invalid("hybrid: directory is NULL");
-    self(inst).save(dir);
-  });
-}
-loom_status load_fn(void *inst, const char *dir) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (dir == nullptr) invalid("hybrid: directory is NULL");
-    self(inst).load(dir);
-  });
-}
-
-constexpr loom_retriever_vtable kVtable = {
-    sizeof(loom_retriever_vtable),
-    {&create_fn, &destroy_fn, nullptr, nullptr, nullptr},
-    &add_fn, &remove_fn, &count_fn, &search_fn, &save_fn, &load_fn,
-};
 constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "depth", LOOM_VALUE_INT, 0, "50", "passages taken from each index before fusing (at least top_k)"},
     {sizeof(loom_param_desc), "metric", LOOM_VALUE_STRING, 0, "\"cosine\"", "the dense index's metric: cosine, ip or l2"},
@@ -175,7 +116,7 @@ constexpr loom_param_desc kParams[] = {
 constexpr loom_component_desc kHybrid = {
     sizeof(loom_component_desc), LOOM_KIND_RETRIEVER, "hybrid", "1.0.0",
     "BM25 and dense retrieval over the same documents, fused by reciprocal rank (k = 60)", kParams, 7,
-    LOOM_THREADING_SERIAL, &kVtable};
+    LOOM_THREADING_SERIAL, &RetrieverGlue<Hybrid>::kVtable};
 const loom_component_desc *const kComponents[] = {&kHybrid};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-retriever-hybrid", "1.0.0",
