@@ -7,7 +7,6 @@
 // Concurrent calls are safe (one curl handle each; the policy is read-only after create).
 #include <curl/curl.h>
 
-#include <cstring>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -18,15 +17,15 @@
 #include "fetch.hpp"
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
+#include "loom_tool_glue.hpp"
 
 namespace loomp::http {
 namespace {
 
-constexpr const char *kToolName = "http_get";
-constexpr const char *kDescription =
+constexpr const char *kToolDescription =
     "Fetches a web page or file by URL (http or https, GET) and returns its text. Only allow-listed hosts; "
     "large responses are cut off.";
-constexpr const char *kInputSchema =
+constexpr const char *kToolSchema =
     R"({"type":"object","properties":{"url":{"type":"string","description":"an http:// or https:// URL"}},"required":["url"],"additionalProperties":false})";
 
 // Valid UTF-8 stays; any other byte becomes U+FFFD, so that the text handed on is well formed.
@@ -55,6 +54,7 @@ std::string valid_utf8(const std::string &in) {
 }
 
 struct HttpGet {
+  static constexpr const char *kName = "http_get", *kDescription = kToolDescription, *kInputSchema = kToolSchema;
   const loom_host_api *host;
   loom_host_ctx *ctx;
   FetchPolicy policy;
@@ -115,45 +115,6 @@ struct HttpGet {
   }
 };
 
-HttpGet &self(void *inst) { return *static_cast<HttpGet *>(inst); }
-
-loom_status create_fn(const loom_host_api *host, loom_host_ctx *ctx, void **out) {
-  return guard(host, ctx, [&] {
-    if (out == nullptr) invalid("out_instance is NULL");
-    *out = std::make_unique<HttpGet>(host, ctx).release();
-  });
-}
-void destroy_fn(void *inst) { delete static_cast<HttpGet *>(inst); }
-loom_status tool_count_fn(void *inst, uint32_t *out) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (out == nullptr) invalid("http_get: out is NULL");
-    *out = 1;
-  });
-}
-loom_status tool_info_fn(void *inst, uint32_t index, loom_tool_info *out) {
-  return guard(self(inst).host, self(inst).ctx, [&] {
-    if (out == nullptr) invalid("http_get: out is NULL");
-    if (index != 0) fail(LOOM_ERR_NOT_FOUND, "http_get: tool index " + std::to_string(index) + " does not exist");
-    if (out->struct_size < sizeof(loom_tool_info)) invalid("http_get: tool_info struct_size too small");
-    *out = loom_tool_info{sizeof(loom_tool_info), kToolName, kDescription, kInputSchema, nullptr};
-  });
-}
-loom_status call_fn(void *inst, const char *tool_name, const char *arguments_json, loom_tool_result *result) {
-  HttpGet &h = self(inst);
-  return guard(h.host, h.ctx, [&] {
-    if (result == nullptr || result->content == nullptr) invalid("http_get: result or result->content is NULL");
-    if (tool_name == nullptr || std::strcmp(tool_name, kToolName) != 0)
-      fail(LOOM_ERR_NOT_FOUND, std::string("http_get: no tool named '") + (tool_name ? tool_name : "(null)") + "'");
-    const auto [text, is_error] = h.run(arguments_json);
-    write_tool_result(h.host, result, text, is_error, "http_get");
-  });
-}
-
-constexpr loom_tool_vtable kVtable = {
-    sizeof(loom_tool_vtable),
-    {&create_fn, &destroy_fn, nullptr, nullptr, nullptr},
-    &tool_count_fn, &tool_info_fn, &call_fn,
-};
 constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "allowed_hosts", LOOM_VALUE_ARRAY, 1, nullptr,
      "host names the tool may fetch: exact names, \"*.example.com\" (subdomains) or \"*\" (any)"},
@@ -167,7 +128,7 @@ constexpr loom_param_desc kParams[] = {
 constexpr loom_component_desc kHttpGet = {
     sizeof(loom_component_desc), LOOM_KIND_TOOL, "http_get", "1.0.0",
     "HTTP(S) GET with an allow-list, SSRF guards (no private addresses, pinned connections, re-checked redirects) and limits",
-    kParams, 6, LOOM_THREADING_CONCURRENT, &kVtable};
+    kParams, 6, LOOM_THREADING_CONCURRENT, &SingleToolGlue<HttpGet>::kVtable};
 const loom_component_desc *const kComponents[] = {&kHttpGet};
 const loom_plugin_desc kPlugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-tool-http", "1.0.0",
