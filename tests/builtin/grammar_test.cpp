@@ -3,6 +3,8 @@
 // vocabulary supplied by a test stand-in for the host extension loom.host.vocab/1.
 #include <catch2/catch.hpp>
 
+#include <optional>
+
 #include <cmath>
 #include <fstream>
 #include <random>
@@ -448,6 +450,24 @@ TestVocab json_vocab() {
 }
 }  // namespace
 
+// One walk of sequence `seq` over uniformly drawn allowed tokens until an end token: the text
+// generated, or nothing when 4000 steps did not end it. Every step must allow some token.
+std::optional<std::string> random_walk(Harness &hs, const TestVocab &v, int64_t seq, std::mt19937 &rng) {
+  std::string out;
+  bool done = false;
+  for (int step = 0; step < 4000 && !done; ++step) {
+    const auto allowed = hs.allowed(seq);
+    REQUIRE_FALSE(allowed.empty());
+    const int32_t t = allowed[std::uniform_int_distribution<size_t>(0, allowed.size() - 1)(rng)];
+    REQUIRE(hs.accept(seq, t) == LOOM_OK);
+    if (t == v.ends[0]) done = true;
+    else out += v.text[static_cast<size_t>(t)];
+  }
+  hs.vt->release(hs.h, seq);
+  if (!done) return std::nullopt;
+  return out;
+}
+
 TEST_CASE("json-schema: random walks over allowed tokens always produce valid instances", "[grammar]") {
   TestVocab v = json_vocab();
   Harness hs("[[sampler]]\nuse = \"json-schema\"\nschema = " + toml_str(kSchema) + "\n", v);
@@ -456,19 +476,9 @@ TEST_CASE("json-schema: random walks over allowed tokens always produce valid in
   int completed = 0;
   std::set<std::string> keys_seen;
   for (int s = 0; s < kSamples; ++s) {
-    const int64_t seq = 1000 + s;
-    std::string out;
-    bool done = false;
-    for (int step = 0; step < 4000 && !done; ++step) {
-      const auto allowed = hs.allowed(seq);
-      REQUIRE_FALSE(allowed.empty());
-      const int32_t t = allowed[std::uniform_int_distribution<size_t>(0, allowed.size() - 1)(rng)];
-      REQUIRE(hs.accept(seq, t) == LOOM_OK);
-      if (t == v.ends[0]) done = true;
-      else out += v.text[static_cast<size_t>(t)];
-    }
-    hs.vt->release(hs.h, seq);
-    if (!done) continue;  // a very long walk; counted below
+    const auto walked = random_walk(hs, v, 1000 + s, rng);
+    if (!walked) continue;  // a very long walk; counted below
+    const std::string &out = *walked;
     ++completed;
     nlohmann::json j;
     INFO(out);
@@ -492,19 +502,9 @@ TEST_CASE("json-schema: oneOf branches (an agent's tool call or final answer) gi
   std::mt19937 rng(99);
   int calls = 0, finals = 0;
   for (int s = 0; s < 200; ++s) {
-    const int64_t seq = 5000 + s;
-    std::string out;
-    bool done = false;
-    for (int step = 0; step < 4000 && !done; ++step) {
-      const auto allowed = hs.allowed(seq);
-      REQUIRE_FALSE(allowed.empty());
-      const int32_t t = allowed[std::uniform_int_distribution<size_t>(0, allowed.size() - 1)(rng)];
-      REQUIRE(hs.accept(seq, t) == LOOM_OK);
-      if (t == v.ends[0]) done = true;
-      else out += v.text[static_cast<size_t>(t)];
-    }
-    hs.vt->release(hs.h, seq);
-    if (!done) continue;
+    const auto walked = random_walk(hs, v, 5000 + s, rng);
+    if (!walked) continue;
+    const std::string &out = *walked;
     INFO(out);
     nlohmann::json j;
     REQUIRE_NOTHROW(j = nlohmann::json::parse(out));
