@@ -166,6 +166,32 @@ void read_scheduler_table(const toml::table &t, const std::string &source, Sched
   if (auto n = r.get("prefix_caching", toml::node_type::boolean, "true or false")) s.prefix_caching = *n->value<bool>();
 }
 
+void read_server_table(const toml::table &t, const std::string &source, ServerSpec &s) {
+  SchemaReader r(t, "server", source);
+  r.only({"host", "port", "model_name", "api_keys", "admin_key", "max_queue", "max_body_bytes", "max_tokens",
+          "max_positions", "request_timeout_s", "drain_timeout_s", "max_connections", "read_timeout_s"});
+  s.enabled = true;
+  r.read_string("host", s.host);
+  r.read_int("port", s.port, 0, 65535);
+  r.read_string("model_name", s.model_name);
+  if (auto n = r.get("api_keys", toml::node_type::array, "an array of keys")) {
+    for (const auto &item : *n->as_array()) {
+      if (!item.is_string() || item.value<std::string>()->size() < 8) r.fail(item, "api_keys", "expected keys of 8 or more characters");
+      s.api_keys.push_back(*item.value<std::string>());
+    }
+  }
+  if (r.read_string("admin_key", s.admin_key) && s.admin_key.size() < 8)
+    r.fail(*t.get("admin_key"), "admin_key", "expected a key of 8 or more characters");
+  r.read_int("max_queue", s.max_queue, 0, 1 << 20);
+  r.read_int("max_body_bytes", s.max_body_bytes, 1024, int64_t{1} << 30);
+  r.read_int("max_tokens", s.max_tokens, 1, 1 << 24);
+  r.read_int("max_positions", s.max_positions, 0, 1 << 24);
+  r.read_number("request_timeout_s", s.request_timeout_s, 0.001, 86400.0 * 7);
+  r.read_number("drain_timeout_s", s.drain_timeout_s, 0.0, 86400.0);
+  r.read_int("max_connections", s.max_connections, 4, 65536);
+  r.read_number("read_timeout_s", s.read_timeout_s, 0.01, 3600.0);
+}
+
 void read_embedding_table(const toml::table &t, const std::string &source, EmbeddingSpec &s) {
   SchemaReader r(t, "embedding", source);
   r.only({"pooling", "normalize", "query_prefix", "document_prefix", "max_tokens", "batch"});
@@ -529,6 +555,11 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
       read_scheduler_table(*node.as_table(), source, m.scheduler);
       continue;
     }
+    if (k == "server") {
+      if (!node.is_table()) fail("expected a table");
+      read_server_table(*node.as_table(), source, m.server);
+      continue;
+    }
     if (k == "embedding") {
       if (!node.is_table()) fail("expected a table");
       read_embedding_table(*node.as_table(), source, m.embedding);
@@ -547,7 +578,7 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
     }
     loom_kind kind = kind_from_name(k);
     if (kind == 0)
-      fail("unknown key (known: loom, model, run, embedding, agent, scheduler, train, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
+      fail("unknown key (known: loom, model, run, embedding, agent, scheduler, server, train, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
     if (kind_is_list(kind)) {
       if (!node.is_array_of_tables()) fail("expected an array of tables: write [[" + k + "]]");
       size_t i = 0;

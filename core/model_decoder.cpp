@@ -181,7 +181,7 @@ std::vector<int32_t> ModelDecoder::encode_prompt(const std::string &text, const 
 }
 
 bool ModelDecoder::generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
-                                  std::string *text) const {
+                                  std::string *text, const std::vector<std::string> *stops) const {
   // Decoded after the prompt, so that pieces keep the spacing they have in context.
   // Stop tokens end the text; they are not part of it (a BPE tokenizer would write
   // "<|endoftext|>").
@@ -193,10 +193,33 @@ bool ModelDecoder::generated_text(const std::vector<int32_t> &prompt, const std:
                                                        : tokenizer_->decode(std::vector<int32_t>(all.begin() + static_cast<std::ptrdiff_t>(prompt.size()), all.end()));
   // A stop string ends the text where it begins (it is not part of the output).
   size_t cut = std::string::npos;
-  for (const auto &stop : manifest_.run.stop) cut = std::min(cut, text->find(stop));
+  for (const auto &stop : stops ? *stops : manifest_.run.stop) cut = std::min(cut, text->find(stop));
   if (cut == std::string::npos) return false;
   text->resize(cut);
   return true;
+}
+
+std::vector<int32_t> ModelDecoder::encode_messages(const std::vector<ChatMessage> &messages, const std::string &key) const {
+  if (!tokenizer_) throw runtime_error(key + ": chat messages need a model with a tokenizer" + tokenizer_error_);
+  const RunSpec &run = manifest_.run;
+  ChatFamily family = run.chat_template == "auto" ? detect_chat_family(manifest_.model_path)
+                                                  : *chat_family_from_name(run.chat_template);
+  std::vector<int32_t> ids;
+  try {
+    ids = encode_chat(*tokenizer_, render_chat(family, messages, /*add_generation_prompt=*/true));
+  } catch (const Error &e) {
+    throw runtime_error(key + " (" + chat_family_name(family) + " template): " + e.what());
+  }
+  return encode_prompt({}, ids, key, tokenizer_error_);
+}
+
+std::string ModelDecoder::continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
+                                       const std::vector<std::string> &stops, bool *stopped) const {
+  if (!tokenizer_) throw runtime_error("text of generated tokens: the model has no tokenizer" + tokenizer_error_);
+  std::string text;
+  const bool cut = generated_text(prompt, generated, &text, &stops);
+  if (stopped) *stopped = cut;
+  return text;
 }
 
 std::optional<std::string> ModelDecoder::decode(const std::vector<int32_t> &ids) const {
@@ -237,8 +260,9 @@ loom_sampling_batch ModelDecoder::SamplingRows::batch(DLTensor *logits, int64_t 
 
 int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
                               const std::vector<const std::vector<int32_t> *> &row_history, uint64_t step,
-                              std::vector<int32_t> &tokens, bool ahead, const std::vector<uint64_t> *row_steps) {
-  auto chain = pipeline_.list(LOOM_KIND_SAMPLER);
+                              std::vector<int32_t> &tokens, bool ahead, const std::vector<uint64_t> *row_steps,
+                              const std::vector<std::shared_ptr<Instance>> *own_chain, const std::vector<uint64_t> *row_keys) {
+  auto chain = own_chain && !own_chain->empty() ? *own_chain : pipeline_.list(LOOM_KIND_SAMPLER);
   if (chain.empty()) throw runtime_error(manifest_.source_name + ": the pipeline has no [[sampler]]: add one such as greedy");
   const size_t n = rows.size();
   if (logits->ndim != 2 || logits->shape[0] != static_cast<int64_t>(n) || logits->shape[1] != config_.vocab_size)
@@ -269,7 +293,7 @@ int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows
   tokens.assign(n, -1);
   SamplingRows sampling;
   for (size_t r = 0; r < n; ++r)
-    sampling.add(rows[r], *row_history[r], manifest_.seed, row_steps ? (*row_steps)[r] : step);
+    sampling.add(rows[r], *row_history[r], row_keys ? (*row_keys)[r] : manifest_.seed, row_steps ? (*row_steps)[r] : step);
   loom_sampling_batch b = sampling.batch(logits, config_.vocab_size, tokens.data());
   int32_t *feed = nullptr;
   if (ahead && decode_ahead_ && logits->device.device_type != kDLCPU && chain_on_device && n > 0 &&
@@ -290,8 +314,9 @@ int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows
   return feed && std::all_of(tokens.begin(), tokens.end(), [](int32_t t) { return t == -1; }) ? feed : nullptr;
 }
 
-void ModelDecoder::accept_tokens(const std::vector<int32_t> &rows, const std::vector<int32_t> &tokens) {
-  auto chain = pipeline_.list(LOOM_KIND_SAMPLER);
+void ModelDecoder::accept_tokens(const std::vector<int32_t> &rows, const std::vector<int32_t> &tokens,
+                                 const std::vector<std::shared_ptr<Instance>> *own_chain) {
+  auto chain = own_chain && !own_chain->empty() ? *own_chain : pipeline_.list(LOOM_KIND_SAMPLER);
   const size_t n = rows.size();
   for (int32_t token : tokens)
     if (token < 0 || token >= config_.vocab_size)
@@ -496,9 +521,11 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   take_first_sequence(result);
 }
 
-bool ModelDecoder::hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string) const {
+bool ModelDecoder::hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string,
+                             const std::vector<std::string> *stops) const {
   bool done = std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
-  if (!done && !manifest_.run.stop.empty() && generated_text(prompt, out.tokens, &out.text)) done = *by_string = true;
+  const std::vector<std::string> &strings = stops ? *stops : manifest_.run.stop;
+  if (!done && !strings.empty() && tokenizer_ && generated_text(prompt, out.tokens, &out.text, &strings)) done = *by_string = true;
   if (done) out.stopped = true;
   return done;
 }

@@ -38,6 +38,7 @@
 #include <string>
 #include <vector>
 
+#include "loom/core/chat_template.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/request_queue.hpp"
 #include "loom/core/runtime.hpp"
@@ -78,6 +79,17 @@ class ModelDecoder {
   void generate(int64_t steps, const TokenCallback &on_token, const SequenceTokenCallback &on_sequence_token,
                 RunResult &result);
   const ModelConfig &config() const { return config_; }
+  // Hosts (Runtime::encode_text, encode_messages, continuation): a text prompt's ids (with BOS),
+  // a conversation's ids through the manifest's chat template, and what `generated` adds to
+  // `prompt` as text (cut at the first of `stops`; stop tokens left out). Need the tokenizer
+  // (loom::Error otherwise); `key` names the input in errors.
+  std::vector<int32_t> encode_text(const std::string &text, const std::string &key) const {
+    return encode_prompt(text, {}, key, tokenizer_error_);
+  }
+  std::vector<int32_t> encode_messages(const std::vector<ChatMessage> &messages, const std::string &key) const;
+  std::string continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
+                           const std::vector<std::string> &stops, bool *stopped) const;
+  bool has_tokenizer() const { return tokenizer_ != nullptr; }
   std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
   const std::vector<std::vector<int32_t>> &prompts() const { return prompts_; }
   std::string backend_description() const { return backend_->describe(); }
@@ -104,10 +116,13 @@ class ModelDecoder {
                                      const std::string &tokenizer_error) const;
   // The text `generated` adds after `prompt` into *text, cut before the first stop string;
   // true when a stop string was found. Needs the tokenizer.
-  bool generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated, std::string *text) const;
+  // `stops`: these stop strings instead of run.stop.
+  bool generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated, std::string *text,
+                      const std::vector<std::string> *stops = nullptr) const;
   // Whether `token`, just appended to out.tokens, ends the sequence: a stop token, or one of
   // run.stop in its text (then *by_string is set and out.text holds the text). Sets out.stopped.
-  bool hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string) const;
+  bool hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string,
+                 const std::vector<std::string> *stops = nullptr) const;
   // The run's single-sequence fields (prompt, tokens, text, stopped) from its first sequence.
   static void take_first_sequence(RunResult &result);
   // Runs the sampler chain over `logits` [rows, vocab]; rows[r] is the sequence of row r and
@@ -122,7 +137,9 @@ class ModelDecoder {
   // are at different steps of their sequences).
   int32_t *sample(DLTensor *logits, const std::vector<int32_t> &rows,
                   const std::vector<const std::vector<int32_t> *> &row_history, uint64_t step, std::vector<int32_t> &tokens, bool ahead,
-                  const std::vector<uint64_t> *row_steps = nullptr);
+                  const std::vector<uint64_t> *row_steps = nullptr,
+                  const std::vector<std::shared_ptr<Instance>> *own_chain = nullptr,
+                  const std::vector<uint64_t> *row_keys = nullptr);
   // The part of a sampling batch every call fills the same way: each row's sequence, history
   // and random numbers. Every row's RNG is (seed, step): a sequence samples exactly as it would
   // alone, whatever else is in the batch (so identical prompts in one batch sample alike).
@@ -143,7 +160,9 @@ class ModelDecoder {
     sampler_chain_.apply(chain, b, hint);
   }
   // Checks the sampled tokens and tells every link of the chain which token each sequence got.
-  void accept_tokens(const std::vector<int32_t> &rows, const std::vector<int32_t> &tokens);
+  // `own_chain` (non-empty): a served request's own links instead of the pipeline's (also in sample()).
+  void accept_tokens(const std::vector<int32_t> &rows, const std::vector<int32_t> &tokens,
+                     const std::vector<std::shared_ptr<Instance>> *own_chain = nullptr);
   void all_reduce(DLTensor *logits);
   // Beam search (core/beam_search.cpp): generate() when the chain's last link has
   // LOOM_SAMPLER_BEAMS.

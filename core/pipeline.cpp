@@ -17,6 +17,12 @@ std::shared_ptr<Instance> Pipeline::create(const ComponentSpec &spec) {
   return std::shared_ptr<Instance>(Instance::create(ref, spec, env_));
 }
 
+std::shared_ptr<Instance> Pipeline::create_detached(const ComponentSpec &spec) {
+  std::lock_guard swap_lock(swap_mutex_);
+  if (spec.library.empty()) registry_.scan();
+  return create(spec);
+}
+
 void Pipeline::build(const Manifest &manifest) {
   std::vector<Slot> built;
   try {

@@ -144,6 +144,37 @@ void Runtime::export_quantized(const std::filesystem::path &dir) { decoder_->exp
 
 std::optional<std::string> Runtime::decode(const std::vector<int32_t> &ids) const { return decoder_->decode(ids); }
 
+std::vector<std::shared_ptr<Instance>> Runtime::make_samplers(const std::vector<std::string> &component_tomls,
+                                                              const std::string &what) {
+  std::vector<std::shared_ptr<Instance>> chain;
+  for (size_t i = 0; i < component_tomls.size(); ++i) {
+    const std::string slot = what + ".sampler[" + std::to_string(i) + "]";
+    ComponentSpec spec = parse_component_spec(LOOM_KIND_SAMPLER, slot, component_tomls[i], slot, manifest_.base_dir);
+    chain.push_back(pipeline_->create_detached(spec));
+  }
+  return chain;
+}
+
+std::vector<int32_t> Runtime::encode_text(const std::string &text, const std::string &key) const {
+  return decoder_->encode_text(text, key);
+}
+
+std::vector<int32_t> Runtime::encode_messages(const std::vector<std::pair<std::string, std::string>> &messages,
+                                              const std::string &key) const {
+  std::vector<ChatMessage> chat;
+  for (const auto &[role, content] : messages) chat.push_back({role, content});
+  return decoder_->encode_messages(chat, key);
+}
+
+std::string Runtime::continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
+                                  const std::vector<std::string> &stops, bool *stopped) const {
+  return decoder_->continuation(prompt, generated, stops, stopped);
+}
+
+bool Runtime::has_tokenizer() const { return decoder_->has_tokenizer(); }
+int64_t Runtime::max_positions() const { return decoder_->config().max_positions; }
+int64_t Runtime::vocab_size() const { return decoder_->config().vocab_size; }
+
 SwapReport Runtime::swap(std::string_view slot, std::string_view component_toml) {
   std::shared_ptr<Instance> current = pipeline_->get(slot);
   ComponentSpec spec = parse_component_spec(current->desc().kind, slot, component_toml,

@@ -81,7 +81,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   auto end_request = [&](int64_t id, const std::string &error) {
     auto it = live.find(id);
     Live &l = it->second;
-    if (tokenizer_ && !l.stopped_by_string) generated_text(l.out.prompt, l.out.tokens, &l.out.text);
+    if (tokenizer_ && !l.stopped_by_string)
+      generated_text(l.out.prompt, l.out.tokens, &l.out.text, l.request.stop ? &*l.request.stop : nullptr);
     release_sequence(id);
     ServeRequest request = std::move(l.request);
     SequenceResult out = std::move(l.out);
@@ -94,6 +95,19 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     if (request.on_done) request.on_done(out, error);
   };
 
+  ServeLoad &load = queue.load();
+  const auto publish_load = [&] {
+    const KvBlockStats b = blocks.stats();
+    load.waiting.store(scheduler.waiting(), std::memory_order_relaxed);
+    load.running.store(scheduler.running(), std::memory_order_relaxed);
+    load.kv_blocks_total.store(blocks.total_blocks(), std::memory_order_relaxed);
+    load.kv_blocks_used.store(blocks.total_blocks() - blocks.free_blocks(), std::memory_order_relaxed);
+    load.prompt_tokens.store(b.queried_tokens, std::memory_order_relaxed);
+    load.cached_tokens.store(b.hit_tokens, std::memory_order_relaxed);
+    load.preemptions.store(scheduler.preemptions(), std::memory_order_relaxed);
+    load.steps.fetch_add(1, std::memory_order_relaxed);
+  };
+  publish_load();
   SchedulerStats stats;
   StepBatch batch;
   std::vector<int32_t> rows, sampled;
@@ -101,6 +115,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   std::vector<int64_t> ended;                       // requests that ended at this step
   std::vector<const std::vector<int32_t> *> row_history; // the scheduler's tokens of each sampled row
   std::vector<uint64_t> row_steps;
+  // One chain's rows of a step (sampled together).
+  std::vector<int32_t> group_rows, group_tokens;
+  std::vector<const std::vector<int32_t> *> group_history;
+  std::vector<uint64_t> group_steps, group_keys;
+  std::vector<std::pair<int64_t, std::string>> failed; // requests whose own chain failed this step
   std::vector<std::pair<int32_t, int32_t>> copies;
   std::vector<std::pair<int64_t, ServeRequest>> arrived;
   bool open = true;
@@ -170,7 +189,17 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       l.request = std::move(request);
       live.emplace(id, std::move(l));
     }
+    // Requests cancelled from outside (their client went away) leave before the step.
+    ended.clear();
+    for (auto &[id, l] : live)
+      if (l.request.cancel && l.request.cancel->load(std::memory_order_relaxed)) ended.push_back(id);
+    for (int64_t id : ended) {
+      scheduler.finish(id);
+      live.at(id).out.cancelled = true;
+      end_request(id, "");
+    }
     if (scheduler.idle()) {
+      publish_load();
       if (!open) break;
       continue;
     }
@@ -185,8 +214,18 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         throw runtime_error(manifest_.source_name + ": scheduler: no work planned while requests wait (" +
                             std::to_string(scheduler.waiting()) + " waiting, " + std::to_string(scheduler.running()) +
                             " running): the KV pool of " + std::to_string(pool.n_blocks) + " blocks is too small");
-      // Rows that sample come first, so that their logits are the first rows of the output.
+      // Rows that sample come first, so that their logits are the first rows of the output; among
+      // them, the rows of the pipeline's chain, then each request's own chain (the rows of one
+      // chain are contiguous and sampled together).
       std::stable_partition(plan.work.begin(), plan.work.end(), [](const ScheduledWork &w) { return w.samples; });
+      const auto chain_of = [&](const ScheduledWork &w) -> const Instance * {
+        const auto &own = live.at(w.seq).request.samplers;
+        return own.empty() ? nullptr : own.front().get();
+      };
+      const auto sampling_end = std::find_if(plan.work.begin(), plan.work.end(), [](const ScheduledWork &w) { return !w.samples; });
+      std::stable_sort(plan.work.begin(), sampling_end, [&](const ScheduledWork &a, const ScheduledWork &b) {
+        return std::less<const Instance *>()(chain_of(a), chain_of(b));
+      });
       batch.tokens.clear();
       batch.seq_offsets.assign(1, 0);
       batch.seq_positions.clear();
@@ -237,18 +276,55 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         log_step();
         continue;
       }
-      DLTensor sampled_rows = *logits; // the first rows.size() rows
-      int64_t shape[2] = {static_cast<int64_t>(rows.size()), logits->shape[1]};
-      sampled_rows.shape = shape;
-      sample(&sampled_rows, rows, row_history, 0, sampled, false, &row_steps);
-      accept_tokens(rows, sampled);
+      // One sampling call per chain, over its contiguous rows (the first rows.size() rows of the
+      // logits are the sampled ones).
+      sampled.assign(rows.size(), -1);
+      for (size_t begin = 0; begin < rows.size();) {
+        const ServeRequest &first = live.at(rows[begin]).request;
+        const Instance *chain = first.samplers.empty() ? nullptr : first.samplers.front().get();
+        size_t end = begin + 1;
+        while (end < rows.size() && chain_of(plan.work[end]) == chain) ++end;
+        group_rows.assign(rows.begin() + static_cast<std::ptrdiff_t>(begin), rows.begin() + static_cast<std::ptrdiff_t>(end));
+        group_history.assign(row_history.begin() + static_cast<std::ptrdiff_t>(begin),
+                             row_history.begin() + static_cast<std::ptrdiff_t>(end));
+        group_steps.assign(row_steps.begin() + static_cast<std::ptrdiff_t>(begin), row_steps.begin() + static_cast<std::ptrdiff_t>(end));
+        group_keys.clear();
+        for (int32_t seq : group_rows) group_keys.push_back(live.at(seq).request.seed.value_or(manifest_.seed));
+        DLTensor group_logits = *logits;
+        int64_t shape[2] = {static_cast<int64_t>(end - begin), logits->shape[1]};
+        group_logits.shape = shape;
+        // (data moved rather than byte_offset: links index from data)
+        group_logits.data = static_cast<char *>(logits->data) + logits->byte_offset +
+                            begin * static_cast<size_t>(logits->shape[1]) * (logits->dtype.bits / 8u);
+        group_logits.byte_offset = 0;
+        if (first.samplers.empty()) {
+          sample(&group_logits, group_rows, group_history, 0, group_tokens, false, &group_steps, &first.samplers, &group_keys);
+          accept_tokens(group_rows, group_tokens, &first.samplers);
+        } else {
+          // A request's own chain failing (a constraint nothing satisfies, say) fails that
+          // request only: its rows get no token and it ends with the error below.
+          try {
+            sample(&group_logits, group_rows, group_history, 0, group_tokens, false, &group_steps, &first.samplers, &group_keys);
+            accept_tokens(group_rows, group_tokens, &first.samplers);
+          } catch (const Error &e) {
+            group_tokens.assign(group_rows.size(), -1);
+            for (int32_t seq : group_rows) failed.emplace_back(seq, e.what());
+          }
+        }
+        std::copy(group_tokens.begin(), group_tokens.end(), sampled.begin() + static_cast<std::ptrdiff_t>(begin));
+        begin = end;
+      }
       for (size_t r = 0; r < rows.size(); ++r) {
         const int32_t seq = rows[r], token = sampled[r];
+        if (token < 0) { // its chain failed (in `failed`)
+          scheduler.finish(seq);
+          continue;
+        }
         Live &l = live.at(seq);
         scheduler.append(seq, token);
         l.out.tokens.push_back(token);
         emitted.emplace_back(seq, token);
-        const bool done = hits_stop(l.out.prompt, l.out, token, &l.stopped_by_string);
+        const bool done = hits_stop(l.out.prompt, l.out, token, &l.stopped_by_string, l.request.stop ? &*l.request.stop : nullptr);
         if (done || static_cast<int64_t>(l.out.tokens.size()) >= l.request.max_new_tokens) {
           scheduler.finish(seq); // its blocks go back to the pool (full ones stay cached)
           ended.push_back(seq);
@@ -262,12 +338,16 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     for (const auto &[seq, token] : emitted) {
       Live &l = live.at(seq);
       if (l.request.on_token && !l.request.on_token(static_cast<int64_t>(l.out.tokens.size()) - 1, token) && !l.ending) {
+        l.out.cancelled = true;
         scheduler.finish(seq);
         ended.push_back(seq);
         l.ending = true;
       }
     }
     for (int64_t seq : ended) end_request(seq, "");
+    for (const auto &[seq, error] : failed) end_request(seq, "sampling: " + error);
+    failed.clear();
+    publish_load();
   }
   const KvBlockStats block_stats = blocks.stats();
   stats.used = true;

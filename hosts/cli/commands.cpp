@@ -23,16 +23,13 @@ namespace loom::cli {
 
 namespace {
 
+int64_t int_flag(const std::string &flag, const std::string &v, int64_t lo, int64_t hi);
+int report(const Error &e);
 
-// Options shared by the commands that read a manifest.
-struct ManifestArgs {
-  std::string manifest;
-  std::vector<std::string> overrides;
-  int64_t steps = 0;
-  int64_t warmup = 0;  // loom run: untimed runs first
-  bool help = false;
-};
+} // namespace
 
+
+namespace {
 // A whole number flag's value within [lo, hi].
 int64_t int_flag(const std::string &flag, const std::string &v, int64_t lo, int64_t hi) {
   int64_t out = 0;
@@ -42,9 +39,10 @@ int64_t int_flag(const std::string &flag, const std::string &v, int64_t lo, int6
                                           std::to_string(hi));
   return out;
 }
+} // namespace
 
 // Parses MANIFEST [--set K=V]... [--steps N] [--warmup N]; throws loom::Error (usage).
-ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allow_steps, bool allow_warmup = false) {
+ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allow_steps, bool allow_warmup) {
   ManifestArgs out;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string &a = args[i];
@@ -74,10 +72,12 @@ ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allo
   return out;
 }
 
+namespace {
 int report(const Error &e) {
   std::cerr << "loom: " << e.what() << "\n";
   return static_cast<int>(e.category());
 }
+} // namespace
 
 int guarded(const char *usage, const std::function<int()> &body) {
   try {
@@ -91,6 +91,8 @@ int guarded(const char *usage, const std::function<int()> &body) {
     return 1;
   }
 }
+
+namespace {
 
 const char *kPluginsUsage = R"(usage: loom plugins [--json] [--path DIR]...
 

@@ -23,6 +23,8 @@ commands:
   train MANIFEST [--steps N]         train the [model] on the [train] data (CPU), with checkpoints
   index build|query MANIFEST ...     ingest a folder into the manifest's retrievers and save their
                                      indexes; query the saved indexes
+  serve MANIFEST [--set K=V]...      serve the model over HTTP: OpenAI-compatible completions,
+                                     chat, embeddings, with /health, /ready and /metrics
   version                            print Loom's version and plugin ABI
 
 `loom <command> --help` describes a command.
@@ -59,6 +61,7 @@ int main(int argc, char **argv) {
   if (command == "quantize") return loom::cli::cmd_quantize(args);
   if (command == "train") return loom::cli::cmd_train(args);
   if (command == "index") return loom::cli::cmd_index(args);
+  if (command == "serve") return loom::cli::cmd_serve(args);
   std::cerr << "loom: unknown command '" << command << "'\n\n" << kUsage;
   return 2;
 }

@@ -169,6 +169,25 @@ struct TrainSpec {
   std::filesystem::path resume;              // a checkpoint directory to continue from; empty: start fresh
 };
 
+// [server]: `loom serve`'s HTTP front end (hosts/server). Generation goes through [scheduler],
+// which serving needs.
+struct ServerSpec {
+  bool enabled = false;                 // a [server] table was given
+  std::string host = "127.0.0.1";
+  int64_t port = 8080;                  // 0: any free port (printed at start)
+  std::string model_name;               // the id /v1/models lists and requests name; "": the model directory's name
+  std::vector<std::string> api_keys;    // Bearer keys for every route but /health (none: no auth)
+  std::string admin_key;                // Bearer key for /admin routes ("" : admin routes refused)
+  int64_t max_queue = 64;               // requests waiting beyond [scheduler] max_seqs; more get 429
+  int64_t max_body_bytes = 1 << 20;     // larger bodies get 413
+  int64_t max_tokens = 256;             // a request's max_tokens when it gives none
+  int64_t max_positions = 0;            // prompt + new tokens of one request; 0: the model's
+  double request_timeout_s = 600;       // a generation running longer ends (finish_reason "length")
+  double drain_timeout_s = 30;          // SIGTERM: how long in-flight requests may finish
+  int64_t max_connections = 2048;       // connection threads; more connections wait for one
+  double read_timeout_s = 10;           // an idle or slow connection is closed after this
+};
+
 struct Manifest {
   std::string source_name;             // file path or a caller-given name
   std::filesystem::path base_dir;      // relative paths resolve against it
@@ -189,6 +208,7 @@ struct Manifest {
   EmbeddingSpec embedding;
   AgentSpec agent;
   SchedulerSpec scheduler;
+  ServerSpec server;
   TrainSpec train;
   std::vector<ComponentSpec> components; // manifest order within each kind
 

@@ -49,6 +49,11 @@ class Pipeline {
   std::vector<std::shared_ptr<Instance>> list(loom_kind kind) const;
   std::vector<std::string> slots() const;
 
+  // A new instance of `spec` that belongs to no slot (a served request's own sampler chain): the
+  // caller owns it; no activate or membership hook runs. Serialised with swaps and adds (the
+  // registry may rescan). Throws loom::Error naming spec.slot.
+  std::shared_ptr<Instance> create_detached(const ComponentSpec &spec);
+
   // Held by a driver while it runs one step.
   [[nodiscard]] std::unique_lock<std::mutex> begin_step() { return std::unique_lock(step_mutex_); }
 

@@ -7,10 +7,12 @@
 // close() from any thread; take() from the serving thread only.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -29,6 +31,19 @@ struct ServeRequest {
   // `name`, also one loaded by Runtime::load_adapter). Rows with different adapters run in the
   // same batch. A name that is not loaded (or is being unloaded) refuses the request.
   std::optional<std::string> adapter;
+  // The request's own sampler chain (instances from Runtime::make_samplers, owned by the request
+  // and used by the serving thread only), applied to its rows instead of the pipeline's
+  // [[sampler]] links; empty: the pipeline's (so a swap of those reaches it).
+  std::vector<std::shared_ptr<Instance>> samplers;
+  // Its RNG key instead of loom.seed: rows sample from (seed, step), so the same seed and prompt
+  // give the same tokens whatever else runs (OpenAI's `seed`).
+  std::optional<uint64_t> seed;
+  // Its stop strings instead of run.stop (the text ends where one begins).
+  std::optional<std::vector<std::string>> stop;
+  // Set from any thread to end the request at the next step boundary (a client that went away):
+  // it leaves the batch, its KV blocks go back to the pool, and on_done gets what it generated
+  // (SequenceResult::cancelled set). Optional.
+  std::shared_ptr<std::atomic<bool>> cancel;
   // After each generated token: its index in the request's output and the token. Returning false
   // cancels the request (it ends at once). Optional.
   std::function<bool(int64_t index, int32_t token)> on_token;
@@ -37,8 +52,24 @@ struct ServeRequest {
   std::function<void(const SequenceResult &result, const std::string &error)> on_done;
 };
 
+// What the serving thread is doing, published after every step (for a host's /metrics and its
+// admission control). Relaxed atomics: each value is current, together they are a snapshot only
+// approximately.
+struct ServeLoad {
+  std::atomic<int64_t> waiting{0};        // requests admitted by the scheduler's queue, not yet running
+  std::atomic<int64_t> running{0};        // sequences in the running batch
+  std::atomic<int64_t> kv_blocks_used{0}; // KV blocks held by sequences (cached free blocks excluded)
+  std::atomic<int64_t> kv_blocks_total{0};
+  std::atomic<int64_t> prompt_tokens{0};  // prompt tokens looked up in the prefix cache, since serve() began
+  std::atomic<int64_t> cached_tokens{0};  // of those, found there
+  std::atomic<int64_t> preemptions{0};
+  std::atomic<int64_t> steps{0};
+};
+
 class RequestQueue {
  public:
+  // Updated by the serving thread; read from any thread.
+  ServeLoad &load() { return load_; }
   // Queues a request and returns its id (0, 1, 2, ... in submission order). Throws loom::Error
   // after close().
   int64_t submit(ServeRequest request);
@@ -54,6 +85,7 @@ class RequestQueue {
   std::condition_variable ready_;
   std::deque<std::pair<int64_t, ServeRequest>> pending_;
   int64_t next_id_ = 0;
+  ServeLoad load_;
   bool closed_ = false;
 };
 

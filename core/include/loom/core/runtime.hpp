@@ -56,6 +56,7 @@ struct SequenceResult {
   std::vector<int32_t> tokens; // generated tokens, prompt excluded (a stop token included)
   std::string text;            // the generated text (what it adds to the prompt's), with a tokenizer
   bool stopped = false;        // a stop token or string ended it before run.steps
+  bool cancelled = false;      // served: its cancel flag or a callback ended it early
 };
 
 // One forward pass of the scheduler (a step): what it ran and how long it took on the host's
@@ -152,6 +153,25 @@ class Runtime {
   // pool could never hold, is refused through its on_done. The KV pool is sized for
   // `max_positions`-position sequences. One run or serve at a time.
   SchedulerStats serve(RequestQueue &queue, int64_t max_positions);
+  // For hosts that take requests (loom serve, libloom); each may be called from any thread, also
+  // while serve() runs. make_samplers: a sampler chain of its own for one ServeRequest, one
+  // instance per TOML table text (`use = "top-p"\np = 0.9`), in order; `what` names it in errors
+  // (loom::Error naming the link). encode_text: a text prompt's ids (BOS first, as run.prompt);
+  // encode_messages: a conversation through the manifest's chat template (run.chat_template),
+  // ending in the assistant's generation prompt; continuation: the text `generated` adds to
+  // `prompt`, cut where the first of `stops` begins (*stopped says whether one did). The three
+  // need a tokenizer (loom::Error otherwise, also for text that encodes to no tokens).
+  std::vector<std::shared_ptr<Instance>> make_samplers(const std::vector<std::string> &component_tomls,
+                                                       const std::string &what);
+  std::vector<int32_t> encode_text(const std::string &text, const std::string &key) const;
+  std::vector<int32_t> encode_messages(const std::vector<std::pair<std::string, std::string>> &messages,
+                                       const std::string &key) const;
+  std::string continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
+                           const std::vector<std::string> &stops, bool *stopped = nullptr) const;
+  bool has_tokenizer() const;
+  // The model's context length (positions) and vocabulary size.
+  int64_t max_positions() const;
+  int64_t vocab_size() const;
   // The prompt's token ids (run.prompt, or its text encoded by the model's tokenizer); with
   // run.prompts, the first one's.
   const std::vector<int32_t> &prompt() const;

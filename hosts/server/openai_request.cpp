@@ -1,0 +1,333 @@
+#include "openai_request.hpp"
+
+#include <cmath>
+#include <cstdio>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "json_guard.hpp"
+
+namespace loom::server {
+
+namespace {
+
+using json = nlohmann::json;
+
+constexpr int kMaxDepth = 64;   // deeper JSON is refused before it is parsed
+constexpr int64_t kMaxN = 16;   // choices per request
+constexpr size_t kMaxStops = 4; // OpenAI's limit
+constexpr size_t kMaxPrompts = 64;
+
+[[noreturn]] void bad(const std::string &param, const std::string &message) { throw ApiError(400, message, param); }
+
+json parse_body(const std::string &body) {
+  if (loom::detail::json_too_deep(body, kMaxDepth))
+    bad("", "the request body nests JSON deeper than " + std::to_string(kMaxDepth) + " levels");
+  json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) bad("", "the request body is not valid JSON");
+  if (!j.is_object()) bad("", "the request body must be a JSON object");
+  return j;
+}
+
+// Refuses members that are neither used nor knowingly ignored, naming them (a typo such as
+// "max_token" would otherwise pass unnoticed).
+void only(const json &j, const std::set<std::string> &known) {
+  for (const auto &[key, value] : j.items())
+    if (!known.count(key)) bad(key, "unknown or unsupported parameter '" + key + "'");
+}
+
+std::string string_field(const json &j, const char *key, bool required) {
+  if (!j.contains(key) || j[key].is_null()) {
+    if (required) bad(key, std::string("'") + key + "' is required");
+    return {};
+  }
+  if (!j[key].is_string()) bad(key, std::string("'") + key + "' must be a string");
+  return j[key].get<std::string>();
+}
+
+std::optional<double> number_field(const json &j, const char *key, double lo, double hi) {
+  if (!j.contains(key) || j[key].is_null()) return std::nullopt;
+  const json &v = j[key];
+  if (!v.is_number()) bad(key, std::string("'") + key + "' must be a number");
+  const double x = v.get<double>();
+  if (!std::isfinite(x) || x < lo || x > hi)
+    bad(key, std::string("'") + key + "' must be between " + json(lo).dump() + " and " + json(hi).dump());
+  return x;
+}
+
+std::optional<int64_t> int_field(const json &j, const char *key, int64_t lo, int64_t hi) {
+  if (!j.contains(key) || j[key].is_null()) return std::nullopt;
+  const json &v = j[key];
+  if (!v.is_number_integer()) bad(key, std::string("'") + key + "' must be an integer");
+  if (v.is_number_unsigned() ? v.get<uint64_t>() > static_cast<uint64_t>(hi) : (v.get<int64_t>() < lo || v.get<int64_t>() > hi))
+    bad(key, std::string("'") + key + "' must be between " + std::to_string(lo) + " and " + std::to_string(hi));
+  return v.get<int64_t>();
+}
+
+bool bool_field(const json &j, const char *key, bool fallback) {
+  if (!j.contains(key) || j[key].is_null()) return fallback;
+  if (!j[key].is_boolean()) bad(key, std::string("'") + key + "' must be true or false");
+  return j[key].get<bool>();
+}
+
+int32_t token_id(const json &v, const std::string &param, int64_t vocab_size) {
+  if (!v.is_number_integer()) bad(param, "'" + param + "' must hold integer token ids");
+  const bool ok = v.is_number_unsigned() ? v.get<uint64_t>() < static_cast<uint64_t>(vocab_size)
+                                         : v.get<int64_t>() >= 0 && v.get<int64_t>() < vocab_size;
+  if (!ok) bad(param, "'" + param + "': token " + v.dump() + " is outside the vocabulary of " + std::to_string(vocab_size));
+  return static_cast<int32_t>(v.get<int64_t>());
+}
+
+std::string message_content(const json &m, const std::string &param) {
+  if (!m.contains("content") || m["content"].is_null()) bad(param + ".content", "'" + param + ".content' is required");
+  const json &c = m["content"];
+  if (c.is_string()) return c.get<std::string>();
+  if (!c.is_array()) bad(param + ".content", "'" + param + ".content' must be a string or an array of text parts");
+  std::string text;
+  for (size_t i = 0; i < c.size(); ++i) {
+    const std::string part = param + ".content[" + std::to_string(i) + "]";
+    const json &p = c[i];
+    if (!p.is_object() || !p.contains("type") || p["type"] != "text" || !p.contains("text") || !p["text"].is_string())
+      bad(part, "'" + part + "' must be {\"type\": \"text\", \"text\": ...} (other content kinds are not supported)");
+    text += p["text"].get<std::string>();
+  }
+  return text;
+}
+
+void parse_messages(const json &j, GenerationParams &p) {
+  if (!j.contains("messages")) bad("messages", "'messages' is required");
+  const json &ms = j["messages"];
+  if (!ms.is_array() || ms.empty()) bad("messages", "'messages' must be a non-empty array");
+  for (size_t i = 0; i < ms.size(); ++i) {
+    const std::string param = "messages[" + std::to_string(i) + "]";
+    const json &m = ms[i];
+    if (!m.is_object()) bad(param, "'" + param + "' must be an object");
+    only(m, {"role", "content", "name"});
+    std::string role = string_field(m, "role", true);
+    if (role == "developer") role = "system";
+    if (role != "system" && role != "user" && role != "assistant")
+      bad(param + ".role", "'" + param + ".role' must be system, developer, user or assistant, got '" + role + "'");
+    p.messages.emplace_back(role, message_content(m, param));
+  }
+}
+
+void parse_prompt(const json &j, GenerationParams &p, int64_t vocab_size) {
+  if (!j.contains("prompt") || j["prompt"].is_null()) bad("prompt", "'prompt' is required");
+  const json &v = j["prompt"];
+  const auto ids_of = [&](const json &a, const std::string &param) {
+    if (a.empty()) bad(param, "'" + param + "' must not be empty");
+    std::vector<int32_t> ids;
+    for (const json &t : a) ids.push_back(token_id(t, param, vocab_size));
+    return ids;
+  };
+  if (v.is_string()) {
+    p.prompt_texts.push_back(v.get<std::string>());
+  } else if (v.is_array() && !v.empty() && v[0].is_number()) {
+    p.prompt_ids.push_back(ids_of(v, "prompt"));
+  } else if (v.is_array() && !v.empty()) {
+    if (v.size() > kMaxPrompts) bad("prompt", "'prompt' holds more than " + std::to_string(kMaxPrompts) + " prompts");
+    for (size_t i = 0; i < v.size(); ++i) {
+      const std::string param = "prompt[" + std::to_string(i) + "]";
+      if (v[i].is_string()) p.prompt_texts.push_back(v[i].get<std::string>());
+      else if (v[i].is_array()) p.prompt_ids.push_back(ids_of(v[i], param));
+      else bad(param, "'" + param + "' must be a string or an array of token ids");
+    }
+    if (!p.prompt_texts.empty() && !p.prompt_ids.empty()) bad("prompt", "'prompt' mixes text and token ids");
+  } else {
+    bad("prompt", "'prompt' must be a string, an array of strings, or token ids");
+  }
+  for (size_t i = 0; i < p.prompt_texts.size(); ++i)
+    if (p.prompt_texts[i].empty()) bad("prompt", "'prompt' must not be empty");
+}
+
+void parse_response_format(const json &j, GenerationParams &p) {
+  if (!j.contains("response_format") || j["response_format"].is_null()) return;
+  const json &f = j["response_format"];
+  if (!f.is_object()) bad("response_format", "'response_format' must be an object");
+  const std::string type = string_field(f, "type", true);
+  if (type == "text") {
+    only(f, {"type"});
+  } else if (type == "json_object") {
+    only(f, {"type"});
+    p.format = ResponseFormat::json_object;
+  } else if (type == "json_schema") {
+    only(f, {"type", "json_schema"});
+    if (!f.contains("json_schema") || !f["json_schema"].is_object())
+      bad("response_format.json_schema", "'response_format.json_schema' must be an object with a 'schema'");
+    const json &s = f["json_schema"];
+    only(s, {"name", "schema", "strict", "description"});
+    if (!s.contains("schema") || !s["schema"].is_object())
+      bad("response_format.json_schema.schema", "'response_format.json_schema.schema' must be a JSON schema object");
+    p.format = ResponseFormat::json_schema;
+    p.schema_json = s["schema"].dump();
+  } else {
+    bad("response_format.type", "'response_format.type' must be text, json_object or json_schema, got '" + type + "'");
+  }
+}
+
+// Any JSON object, in the grammar sampler's GBNF (whitespace bounded so that a model cannot
+// spend its tokens on it).
+constexpr const char *kJsonObjectGrammar = R"(root ::= object
+value ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ( "," ws string ":" ws value )* )? "}" ws
+array ::= "[" ws ( value ( "," ws value )* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] ) )* "\"" ws
+number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )? ws
+ws ::= ( " " | "\n" )?
+)";
+
+} // namespace
+
+std::string error_body(const ApiError &e) {
+  json err = {{"message", e.what()}, {"type", e.type}, {"param", nullptr}, {"code", nullptr}};
+  if (!e.param.empty()) err["param"] = e.param;
+  return json{{"error", err}}.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+bool GenerationParams::own_sampling() const {
+  return temperature || top_p || frequency_penalty != 0 || presence_penalty != 0 || !logit_bias.empty() ||
+         format != ResponseFormat::text;
+}
+
+GenerationParams parse_generation(const std::string &body, bool chat, int64_t vocab_size) {
+  const json j = parse_body(body);
+  std::set<std::string> known = {"model", "max_tokens", "n", "stop", "temperature", "top_p", "frequency_penalty",
+                                 "presence_penalty", "seed", "logit_bias", "response_format", "stream", "stream_options",
+                                 "user", "logprobs"};
+  if (chat) {
+    known.insert({"messages", "max_completion_tokens"});
+  } else {
+    known.insert({"prompt", "echo"});
+  }
+  only(j, known);
+  GenerationParams p;
+  p.chat = chat;
+  p.model = string_field(j, "model", true);
+  if (chat) parse_messages(j, p);
+  else parse_prompt(j, p, vocab_size);
+  p.max_tokens = int_field(j, "max_tokens", 1, 1 << 24);
+  if (chat)
+    if (auto m = int_field(j, "max_completion_tokens", 1, 1 << 24)) p.max_tokens = m;
+  p.n = int_field(j, "n", 1, kMaxN).value_or(1);
+  if (j.contains("stop") && !j["stop"].is_null()) {
+    const json &s = j["stop"];
+    if (s.is_string()) p.stop.push_back(s.get<std::string>());
+    else if (s.is_array() && s.size() <= kMaxStops) {
+      for (const json &x : s) {
+        if (!x.is_string()) bad("stop", "'stop' must be a string or an array of up to 4 strings");
+        p.stop.push_back(x.get<std::string>());
+      }
+    } else bad("stop", "'stop' must be a string or an array of up to 4 strings");
+    for (const auto &x : p.stop)
+      if (x.empty()) bad("stop", "'stop' strings must not be empty");
+  }
+  p.temperature = number_field(j, "temperature", 0.0, 2.0);
+  p.top_p = number_field(j, "top_p", 0.0, 1.0);
+  if (p.top_p && *p.top_p <= 0.0) bad("top_p", "'top_p' must be greater than 0");
+  p.frequency_penalty = number_field(j, "frequency_penalty", -2.0, 2.0).value_or(0.0);
+  p.presence_penalty = number_field(j, "presence_penalty", -2.0, 2.0).value_or(0.0);
+  if (j.contains("seed") && !j["seed"].is_null()) {
+    const json &s = j["seed"];
+    if (!s.is_number_integer()) bad("seed", "'seed' must be an integer");
+    p.seed = s.is_number_unsigned() ? s.get<uint64_t>() : static_cast<uint64_t>(s.get<int64_t>());
+  }
+  if (j.contains("logit_bias") && !j["logit_bias"].is_null()) {
+    const json &b = j["logit_bias"];
+    if (!b.is_object()) bad("logit_bias", "'logit_bias' must be an object of token id -> bias");
+    if (b.size() > 1024) bad("logit_bias", "'logit_bias' holds more than 1024 tokens");
+    for (const auto &[key, value] : b.items()) {
+      int64_t id = -1;
+      if (key.empty() || key.size() > 10 || key.find_first_not_of("0123456789") != std::string::npos ||
+          (id = std::stoll(key)) >= vocab_size)
+        bad("logit_bias", "'logit_bias': key '" + key + "' is not a token id of the vocabulary of " + std::to_string(vocab_size));
+      if (!value.is_number() || !std::isfinite(value.get<double>()) || std::fabs(value.get<double>()) > 100.0)
+        bad("logit_bias", "'logit_bias': the bias of token " + key + " must be a number between -100 and 100");
+      p.logit_bias.emplace_back(static_cast<int32_t>(id), value.get<double>());
+    }
+  }
+  parse_response_format(j, p);
+  p.stream = bool_field(j, "stream", false);
+  if (j.contains("stream_options") && !j["stream_options"].is_null()) {
+    const json &o = j["stream_options"];
+    if (!o.is_object()) bad("stream_options", "'stream_options' must be an object");
+    only(o, {"include_usage"});
+    p.include_usage = bool_field(o, "include_usage", false);
+    if (!p.stream) bad("stream_options", "'stream_options' is only allowed with stream: true");
+  }
+  string_field(j, "user", false);
+  if (bool_field(j, "logprobs", false)) bad("logprobs", "'logprobs' is not supported yet");
+  if (!chat && bool_field(j, "echo", false)) bad("echo", "'echo' is not supported");
+  return p;
+}
+
+std::string toml_quote(const std::string &s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"') out += "\\\"";
+    else if (c == '\\') out += "\\\\";
+    else if (c == '\n') out += "\\n";
+    else if (c == '\t') out += "\\t";
+    else if (c == '\r') out += "\\r";
+    else if (c < 0x20 || c == 0x7F) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04X", c);
+      out += buf;
+    } else out += static_cast<char>(c);
+  }
+  return out + "\"";
+}
+
+std::vector<std::string> sampler_chain_tomls(const GenerationParams &p) {
+  std::vector<std::string> chain;
+  if (!p.logit_bias.empty()) {
+    std::string t = "use = \"logit-bias\"\nbias = [";
+    for (size_t i = 0; i < p.logit_bias.size(); ++i) {
+      // -100 bans the token outright, as OpenAI documents.
+      const std::string value = p.logit_bias[i].second <= -100.0 ? "-inf" : json(p.logit_bias[i].second).dump();
+      t += (i ? ", " : "") + std::string("{ token = ") + std::to_string(p.logit_bias[i].first) + ", value = " + value + " }";
+    }
+    chain.push_back(t + "]");
+  }
+  if (p.format == ResponseFormat::json_schema) chain.push_back("use = \"json-schema\"\nschema = " + toml_quote(p.schema_json));
+  if (p.format == ResponseFormat::json_object) chain.push_back("use = \"grammar\"\ngrammar = " + toml_quote(kJsonObjectGrammar));
+  if (p.frequency_penalty != 0 || p.presence_penalty != 0)
+    chain.push_back("use = \"penalties\"\nfrequency_penalty = " + json(p.frequency_penalty).dump() +
+                    "\npresence_penalty = " + json(p.presence_penalty).dump());
+  const double temperature = p.temperature.value_or(1.0);
+  if (temperature == 0.0) {
+    chain.push_back("use = \"greedy\"");
+    return chain;
+  }
+  if (temperature != 1.0) chain.push_back("use = \"temperature\"\nt = " + json(temperature).dump());
+  if (p.top_p && *p.top_p < 1.0) chain.push_back("use = \"top-p\"\np = " + json(*p.top_p).dump());
+  chain.push_back("use = \"dist\"");
+  return chain;
+}
+
+EmbeddingParams parse_embeddings(const std::string &body) {
+  const json j = parse_body(body);
+  only(j, {"model", "input", "encoding_format", "user", "dimensions"});
+  EmbeddingParams p;
+  p.model = string_field(j, "model", true);
+  if (!j.contains("input")) bad("input", "'input' is required");
+  const json &in = j["input"];
+  if (in.is_string()) p.input.push_back(in.get<std::string>());
+  else if (in.is_array() && !in.empty() && in.size() <= 2048) {
+    for (size_t i = 0; i < in.size(); ++i) {
+      if (!in[i].is_string()) bad("input", "'input[" + std::to_string(i) + "]' must be a string (token ids are not supported)");
+      p.input.push_back(in[i].get<std::string>());
+    }
+  } else bad("input", "'input' must be a string or an array of 1 to 2048 strings");
+  for (const auto &s : p.input)
+    if (s.empty()) bad("input", "'input' strings must not be empty");
+  const std::string format = string_field(j, "encoding_format", false);
+  if (!format.empty() && format != "float" && format != "base64")
+    bad("encoding_format", "'encoding_format' must be float or base64");
+  p.base64 = format == "base64";
+  if (j.contains("dimensions") && !j["dimensions"].is_null()) bad("dimensions", "'dimensions' is not supported");
+  string_field(j, "user", false);
+  return p;
+}
+
+} // namespace loom::server

@@ -1,0 +1,77 @@
+// OpenAI-style request bodies (/v1/completions, /v1/chat/completions, /v1/embeddings) parsed
+// and checked into plain structs, and the errors a client gets back.
+//
+// Everything a client sends is untrusted: the parser never throws anything but ApiError (a 4xx
+// with an OpenAI-style body naming the field), bounds every number, and refuses parameters Loom
+// does not implement instead of ignoring them silently.
+// Thread-safety: pure functions over their arguments.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace loom::server {
+
+// A request the server refuses: HTTP status, OpenAI's error `type`, the offending field (`param`,
+// "" when none) and a message. Serialised by error_body().
+struct ApiError : std::runtime_error {
+  int status;
+  std::string type, param;
+  ApiError(int status_, std::string message, std::string param_ = {}, std::string type_ = "invalid_request_error")
+      : std::runtime_error(std::move(message)), status(status_), type(std::move(type_)), param(std::move(param_)) {}
+};
+
+// {"error": {"message", "type", "param", "code"}} (param and code null when empty).
+std::string error_body(const ApiError &e);
+
+enum class ResponseFormat { text, json_object, json_schema };
+
+// A completion or chat completion, after checking.
+struct GenerationParams {
+  bool chat = false;
+  std::string model;
+  // Completions: one or more prompts (text, or token ids); chat: the conversation.
+  std::vector<std::string> prompt_texts;
+  std::vector<std::vector<int32_t>> prompt_ids;
+  std::vector<std::pair<std::string, std::string>> messages; // (role, content)
+  std::optional<int64_t> max_tokens;
+  int64_t n = 1;
+  std::vector<std::string> stop;
+  std::optional<double> temperature, top_p;
+  double frequency_penalty = 0, presence_penalty = 0;
+  std::optional<uint64_t> seed;
+  std::vector<std::pair<int32_t, double>> logit_bias; // token id, bias in [-100, 100]
+  ResponseFormat format = ResponseFormat::text;
+  std::string schema_json; // json_schema: the schema (compact JSON)
+  bool stream = false;
+  bool include_usage = false; // stream_options.include_usage
+  // Whether the request asks for anything but the manifest's sampler chain (then it gets a chain
+  // of its own, built by sampler_chain_tomls()).
+  bool own_sampling() const;
+};
+
+// Parses a /v1/completions (chat = false) or /v1/chat/completions body. `vocab_size` bounds
+// token ids (prompt ids, logit_bias keys). Throws ApiError.
+GenerationParams parse_generation(const std::string &body, bool chat, int64_t vocab_size);
+
+// The sampler chain that carries out a request's sampling parameters, as component TOML texts
+// for Runtime::make_samplers: logit-bias, the JSON constraint (json-schema or grammar),
+// penalties, then greedy when temperature is 0, else temperature, top-p (when < 1) and dist.
+std::vector<std::string> sampler_chain_tomls(const GenerationParams &p);
+
+// A /v1/embeddings body: `input` as one string or an array of strings.
+struct EmbeddingParams {
+  std::string model;
+  std::vector<std::string> input;
+  bool base64 = false; // encoding_format "base64": little-endian float32s
+};
+EmbeddingParams parse_embeddings(const std::string &body);
+
+// A TOML basic string holding `s` (quotes, backslashes and control characters escaped).
+std::string toml_quote(const std::string &s);
+
+} // namespace loom::server

@@ -1,0 +1,476 @@
+// `loom serve`'s HTTP server (hosts/server), driven in-process on a loopback port by a real HTTP
+// client (cpp-httplib's): the OpenAI routes and their parameters against the runtime's own
+// results, streaming, auth, admission (429), disconnects, bad requests, idle sockets, draining.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <random>
+#include <thread>
+
+#include <catch2/catch.hpp>
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include "loom/core/runtime.hpp"
+#include "server.hpp"
+#include "stream_text.hpp"
+
+using json = nlohmann::json;
+using loom::Runtime;
+using loom::server::Server;
+
+namespace {
+
+const std::string kModel = std::string(LOOM_SOURCE_DIR) + "/models/tiny-kjv";
+
+std::string manifest(const std::string &server_extra = "", const std::string &scheduler = "max_seqs = 8\nmax_batched_tokens = 256") {
+  const std::string queue = server_extra.find("max_queue") == std::string::npos ? "max_queue = 8\n" : "";
+  return "[loom]\ndevice = \"cpu\"\nseed = 7\nthreads = 1\n[model]\npath = \"" + kModel +
+         "\"\n[run]\nstop_tokens = [1, 2]\n[scheduler]\n" + scheduler + "\n[server]\nport = 0\nread_timeout_s = 2\n" + queue +
+         server_extra +
+         "\n[embedding]\npooling = \"mean\"\n[attention]\nuse = \"sdpa\"\nblock_size = 8\n"
+         "[[sampler]]\nuse = \"temperature\"\nt = 0.8\n[[sampler]]\nuse = \"top-k\"\nk = 40\n[[sampler]]\nuse = \"dist\"\n";
+}
+
+// A server on a free loopback port for one test case.
+struct Fixture {
+  std::unique_ptr<Runtime> runtime, embedder;
+  std::unique_ptr<Server> server;
+  int port = 0;
+  explicit Fixture(const std::string &text = manifest()) {
+    runtime = Runtime::from_string(text, "server_test.toml");
+    embedder = Runtime::from_string(text, "server_test.toml");
+    server = std::make_unique<Server>(*runtime, embedder.get(), runtime->manifest().server);
+    port = server->start();
+    REQUIRE(server->wait_ready(60));
+  }
+  httplib::Client client() const {
+    httplib::Client c("127.0.0.1", port);
+    c.set_read_timeout(60, 0);
+    return c;
+  }
+  httplib::Result post(const std::string &path, const json &body, const httplib::Headers &headers = {}) const {
+    return client().Post(path.c_str(), headers, body.dump(), "application/json");
+  }
+};
+
+// The SSE events of a streamed body ("data: ..." lines), [DONE] last.
+std::vector<std::string> events(const std::string &body) {
+  std::vector<std::string> out;
+  size_t at = 0;
+  while ((at = body.find("data: ", at)) != std::string::npos) {
+    const size_t end = body.find("\n\n", at);
+    out.push_back(body.substr(at + 6, end - at - 6));
+    at = end;
+  }
+  return out;
+}
+
+// What a greedy [run] of the same model gives for `prompt` (the reference for temperature 0).
+std::string greedy_run(const std::string &prompt, int steps) {
+  auto r = Runtime::from_string("[loom]\ndevice = \"cpu\"\nthreads = 1\n[model]\npath = \"" + kModel + "\"\n[run]\nsteps = " +
+                                    std::to_string(steps) + "\nprompt = \"" + prompt +
+                                    "\"\nstop_tokens = [1, 2]\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n",
+                                "greedy.toml");
+  return r->run().text;
+}
+
+int64_t metric(const Fixture &f, const std::string &name) {
+  auto res = f.client().Get("/metrics");
+  REQUIRE(res);
+  const std::string &b = res->body;
+  const size_t at = b.find("\n" + name + " ");
+  REQUIRE(at != std::string::npos);
+  return static_cast<int64_t>(std::stod(b.substr(at + name.size() + 2)));
+}
+
+} // namespace
+
+TEST_CASE("streamable_prefix holds back stop-string starts and cut characters", "[server]") {
+  using loom::server::streamable_prefix;
+  CHECK(streamable_prefix("hello wor", {"world"}) == 6);
+  CHECK(streamable_prefix("hello", {"xyz"}) == 5);
+  CHECK(streamable_prefix("ab\xEF\xBF\xBD", {}) == 2);
+  CHECK(streamable_prefix("ab\xE2\x82", {}) == 2);    // a 3-byte character missing its last byte
+  CHECK(streamable_prefix("ab\xE2\x82\xAC", {}) == 5); // complete
+}
+
+TEST_CASE("models, health, ready, metrics", "[server]") {
+  Fixture f;
+  auto c = f.client();
+  auto models = c.Get("/v1/models");
+  REQUIRE(models);
+  CHECK(models->status == 200);
+  CHECK(json::parse(models->body)["data"][0]["id"] == "tiny-kjv");
+  CHECK(c.Get("/v1/models/tiny-kjv")->status == 200);
+  auto missing = c.Get("/v1/models/gpt-9");
+  CHECK(missing->status == 404);
+  CHECK(json::parse(missing->body)["error"]["param"] == "model");
+  CHECK(c.Get("/health")->status == 200);
+  CHECK(c.Get("/ready")->status == 200);
+  auto m = c.Get("/metrics");
+  CHECK(m->status == 200);
+  for (const char *name : {"loom_time_to_first_token_seconds_bucket", "loom_inter_token_latency_seconds_count", "loom_queue_depth",
+                           "loom_kv_cache_usage_ratio", "loom_prefix_cache_hit_rate", "loom_generation_tokens_per_second",
+                           "loom_http_responses_total"})
+    CHECK(m->body.find(name) != std::string::npos);
+  auto nowhere = c.Get("/v2/nothing");
+  CHECK(nowhere->status == 404);
+  CHECK(json::parse(nowhere->body)["error"]["message"].get<std::string>().find("/v2/nothing") != std::string::npos);
+}
+
+TEST_CASE("completions at temperature 0 are the greedy run's; streaming gives the same text", "[server]") {
+  Fixture f;
+  const std::string want = greedy_run("And God said", 24);
+  auto res = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"temperature", 0}});
+  REQUIRE(res);
+  REQUIRE(res->status == 200);
+  const json body = json::parse(res->body);
+  CHECK(body["object"] == "text_completion");
+  CHECK(body["choices"][0]["text"] == want);
+  CHECK(body["usage"]["prompt_tokens"].get<int>() > 0);
+  CHECK(body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"].get<int>() + body["usage"]["completion_tokens"].get<int>());
+  const std::string reason = body["choices"][0]["finish_reason"];
+  CHECK((reason == "stop" || reason == "length"));
+
+  auto streamed = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"temperature", 0},
+                                             {"stream", true}, {"stream_options", {{"include_usage", true}}}});
+  REQUIRE(streamed);
+  CHECK(streamed->status == 200);
+  CHECK(streamed->get_header_value("Content-Type").find("text/event-stream") != std::string::npos);
+  const auto ev = events(streamed->body);
+  REQUIRE(ev.size() >= 3);
+  CHECK(ev.back() == "[DONE]");
+  std::string text;
+  json usage;
+  for (size_t i = 0; i + 1 < ev.size(); ++i) {
+    const json e = json::parse(ev[i]);
+    if (!e["usage"].is_null()) usage = e["usage"];
+    for (const auto &ch : e["choices"]) text += ch["text"].get<std::string>();
+  }
+  CHECK(text == want);
+  CHECK(usage["completion_tokens"] == body["usage"]["completion_tokens"]);
+}
+
+TEST_CASE("chat completions: non-streamed and streamed agree; seeds reproduce; n choices", "[server]") {
+  Fixture f;
+  const json messages = json::array({{{"role", "system"}, {"content", "You speak as the King James Bible."}},
+                                     {{"role", "user"}, {"content", "hi"}}});
+  json req = {{"model", "tiny-kjv"}, {"messages", messages}, {"max_tokens", 20}, {"temperature", 0.9}, {"seed", 1234}};
+  auto a = f.post("/v1/chat/completions", req), b = f.post("/v1/chat/completions", req);
+  REQUIRE(a->status == 200);
+  const json ja = json::parse(a->body), jb = json::parse(b->body);
+  CHECK(ja["object"] == "chat.completion");
+  CHECK(ja["choices"][0]["message"]["role"] == "assistant");
+  CHECK(ja["choices"][0]["message"]["content"] == jb["choices"][0]["message"]["content"]);
+  CHECK(!ja["choices"][0]["message"]["content"].get<std::string>().empty());
+  req["stream"] = true;
+  auto s = f.post("/v1/chat/completions", req);
+  const auto ev = events(s->body);
+  REQUIRE(ev.size() >= 3);
+  CHECK(json::parse(ev[0])["choices"][0]["delta"]["role"] == "assistant");
+  std::string text;
+  std::string finish;
+  for (size_t i = 0; i + 1 < ev.size(); ++i) {
+    const json e = json::parse(ev[i]); // (named: a range-for over a temporary's member dangles)
+    for (const auto &ch : e["choices"]) {
+      if (ch["delta"].contains("content")) text += ch["delta"]["content"].get<std::string>();
+      if (!ch["finish_reason"].is_null()) finish = ch["finish_reason"].get<std::string>();
+    }
+  }
+  CHECK(text == ja["choices"][0]["message"]["content"]);
+  CHECK(finish == ja["choices"][0]["finish_reason"]);
+
+  json many = {{"model", "tiny-kjv"}, {"messages", messages}, {"max_tokens", 16}, {"n", 4}, {"seed", 99}, {"temperature", 1.5}};
+  auto n = f.post("/v1/chat/completions", many);
+  const json jn = json::parse(n->body);
+  REQUIRE(jn["choices"].size() == 4);
+  std::set<std::string> distinct;
+  for (size_t i = 0; i < 4; ++i) {
+    CHECK(jn["choices"][i]["index"] == i);
+    distinct.insert(jn["choices"][i]["message"]["content"].get<std::string>());
+  }
+  CHECK(distinct.size() > 1); // each choice samples with its own seed
+}
+
+TEST_CASE("stop strings, logit_bias and max_tokens act on the output", "[server]") {
+  Fixture f;
+  const std::string full = greedy_run("And God said", 32);
+  REQUIRE(full.size() > 8);
+  // A stop string taken from the middle of the greedy text: the output ends right before it.
+  const std::string stop = full.substr(full.size() / 2, 3);
+  auto r = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 32}, {"temperature", 0}, {"stop", stop}});
+  const json j = json::parse(r->body);
+  CHECK(j["choices"][0]["text"] == full.substr(0, full.find(stop)));
+  CHECK(j["choices"][0]["finish_reason"] == "stop");
+  auto rs = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 32}, {"temperature", 0}, {"stop", json::array({stop})}, {"stream", true}});
+  std::string text;
+  for (const auto &e : events(rs->body)) {
+    if (e == "[DONE]") continue;
+    const json event = json::parse(e);
+    for (const auto &ch : event["choices"]) text += ch["text"].get<std::string>();
+  }
+  CHECK(text == full.substr(0, full.find(stop))); // the stop string's start was never streamed
+
+  // logit_bias +100 on one token makes greedy pick it; -100 bans a token.
+  const std::vector<int32_t> prompt = {1, 400, 500};
+  auto forced = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", prompt}, {"max_tokens", 1}, {"temperature", 0},
+                                           {"logit_bias", {{"77", 100}}}});
+  const json jf = json::parse(forced->body);
+  CHECK(jf["usage"]["completion_tokens"] == 1);
+  CHECK(jf["choices"][0]["text"] == f.runtime->continuation(prompt, {77}, {}));
+  auto plain = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", prompt}, {"max_tokens", 1}, {"temperature", 0}});
+  const std::string greedy_first = json::parse(plain->body)["choices"][0]["text"];
+  // Every token that reads as the greedy one's text is banned (byte fallback spells text twice).
+  json ban = json::object();
+  for (int32_t t = 0; t < f.runtime->vocab_size(); ++t)
+    if (f.runtime->continuation(prompt, {t}, {}) == greedy_first) ban[std::to_string(t)] = -100;
+  REQUIRE(!ban.empty());
+  auto banned = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", prompt}, {"max_tokens", 1}, {"temperature", 0},
+                                           {"logit_bias", ban}});
+  CHECK(json::parse(banned->body)["choices"][0]["text"] != greedy_first);
+  auto long_out = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", prompt}, {"max_tokens", 5}, {"temperature", 0},
+                                             {"logit_bias", {{"1", -100}, {"2", -100}}}});
+  const json jl = json::parse(long_out->body);
+  CHECK(jl["usage"]["completion_tokens"] == 5); // the stop tokens are banned: it runs to max_tokens
+  CHECK(jl["choices"][0]["finish_reason"] == "length");
+}
+
+TEST_CASE("response_format: JSON schema and JSON object outputs parse", "[server]") {
+  Fixture f;
+  const json schema = {{"type", "object"},
+                       {"properties", {{"name", {{"type", "string"}, {"maxLength", 12}}}, {"age", {{"type", "integer"}}}}},
+                       {"required", {"name", "age"}}};
+  for (int seed = 0; seed < 3; ++seed) {
+    auto r = f.post("/v1/chat/completions",
+                    {{"model", "tiny-kjv"},
+                     {"messages", {{{"role", "user"}, {"content", "Give a name and an age as JSON."}}}},
+                     {"max_tokens", 80}, {"seed", seed},
+                     {"response_format", {{"type", "json_schema"}, {"json_schema", {{"name", "person"}, {"schema", schema}}}}}});
+    REQUIRE(r->status == 200);
+    const json j = json::parse(r->body);
+    INFO(j.dump());
+    if (j["choices"][0]["finish_reason"] != "stop") continue; // ran out of tokens inside a number
+    const json out = json::parse(j["choices"][0]["message"]["content"].get<std::string>());
+    CHECK(out["name"].is_string());
+    CHECK(out["name"].get<std::string>().size() <= 12);
+    CHECK(out["age"].is_number_integer());
+  }
+  auto bad = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", {{{"role", "user"}, {"content", "x"}}}},
+                                             {"response_format", {{"type", "json_schema"}, {"json_schema", {{"schema", {{"type", "object"}, {"patternProperties", json::object()}}}}}}}});
+  CHECK(bad->status == 400);
+  CHECK(json::parse(bad->body)["error"]["param"] == "response_format");
+  auto obj = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "{"}, {"max_tokens", 48}, {"seed", 3},
+                                        {"response_format", {{"type", "json_object"}}}});
+  REQUIRE(obj->status == 200);
+  const std::string text = json::parse(obj->body)["choices"][0]["text"];
+  REQUIRE(!text.empty());
+  CHECK(text[0] == '{');
+}
+
+TEST_CASE("embeddings equal the runtime's", "[server]") {
+  Fixture f;
+  auto r = f.post("/v1/embeddings", {{"model", "tiny-kjv"}, {"input", {"In the beginning", "God created"}}});
+  REQUIRE(r->status == 200);
+  const json j = json::parse(r->body);
+  REQUIRE(j["data"].size() == 2);
+  auto local = Runtime::from_string(manifest(), "e.toml")->embed({"In the beginning", "God created"}, false);
+  for (size_t i = 0; i < 2; ++i) {
+    const auto v = j["data"][i]["embedding"].get<std::vector<float>>();
+    REQUIRE(v.size() == local[i].size());
+    for (size_t k = 0; k < v.size(); ++k) CHECK(v[k] == Approx(local[i][k]).margin(1e-6));
+  }
+  CHECK(j["usage"]["prompt_tokens"].get<int>() > 0);
+  CHECK(f.post("/v1/embeddings", {{"model", "tiny-kjv"}, {"input", json::array()}})->status == 400);
+}
+
+TEST_CASE("API keys guard every route but /health; admin routes take the admin key", "[server]") {
+  Fixture f(manifest("api_keys = [\"sk-test-key-1\", \"sk-test-key-2\"]\nadmin_key = \"admin-key-123\"\n"));
+  auto c = f.client();
+  CHECK(c.Get("/health")->status == 200);
+  CHECK(c.Get("/v1/models")->status == 401);
+  CHECK(c.Get("/metrics")->status == 401);
+  CHECK(c.Get("/v1/models", {{"Authorization", "Bearer sk-test-key-3"}})->status == 401);
+  CHECK(c.Get("/v1/models", {{"Authorization", "Bearer sk-test-key-2"}})->status == 200);
+  CHECK(c.Get("/v1/models", {{"Authorization", "sk-test-key-2"}})->status == 401);
+  const json swap = {{"slot", "sampler[1]"}, {"component", "use = \"top-k\"\nk = 5"}};
+  CHECK(f.post("/admin/swap", swap, {{"Authorization", "Bearer sk-test-key-1"}})->status == 401);
+  auto ok = f.post("/admin/swap", swap, {{"Authorization", "Bearer admin-key-123"}});
+  CHECK(ok->status == 200);
+  CHECK(json::parse(ok->body)["swapped"] == "sampler[1]");
+  CHECK(f.post("/admin/swap", {{"slot", "sampler[9]"}, {"component", "use = \"greedy\""}}, {{"Authorization", "Bearer admin-key-123"}})->status == 404);
+  CHECK(f.post("/admin/swap", {{"slot", "sampler[1]"}, {"component", "use = \"top-k\"\nk = -5"}}, {{"Authorization", "Bearer admin-key-123"}})->status == 400);
+}
+
+TEST_CASE("a full queue answers 429 with Retry-After at once", "[server]") {
+  Fixture f(manifest("max_queue = 2\n", "max_seqs = 2\nmax_batched_tokens = 64"));
+  // Four long requests fill the 2 running places and the 2 queue places.
+  std::vector<std::thread> clients;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < 4; ++i)
+    clients.emplace_back([&] {
+      auto r = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", {1, 400}}, {"max_tokens", 200}, {"logit_bias", {{"1", -100}, {"2", -100}}}});
+      if (r && r->status == 200) ++ok;
+    });
+  while (f.server->in_flight() < 4) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  std::vector<double> waits;
+  for (int i = 0; i < 8; ++i) { // twice saturation
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "x"}, {"max_tokens", 4}});
+    waits.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    REQUIRE(r);
+    CHECK(r->status == 429);
+    CHECK(r->get_header_value("Retry-After") == "1");
+    CHECK(json::parse(r->body)["error"]["type"] == "rate_limit_error");
+  }
+  std::sort(waits.begin(), waits.end());
+  CHECK(waits.back() < 0.05);
+  for (auto &t : clients) t.join();
+  CHECK(ok == 4);
+  CHECK(metric(f, "loom_requests_rejected_total") == 8);
+}
+
+TEST_CASE("a client that disconnects cancels its generation and frees its KV blocks", "[server]") {
+  Fixture f;
+  const int cycles = 300;
+  double worst = 0;
+  for (int i = 0; i < cycles; ++i) {
+    httplib::Client c = f.client();
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
+    req.set_header("Content-Type", "application/json");
+    req.body = json{{"model", "tiny-kjv"}, {"prompt", {1, 400, 500}}, {"max_tokens", 400}, {"stream", true},
+                    {"logit_bias", {{"1", -100}, {"2", -100}}}}.dump();
+    int chunks = 0;
+    req.content_receiver = [&](const char *, size_t, uint64_t, uint64_t) { return ++chunks < 3; }; // then hang up
+    c.send(req);
+    c.stop();
+    const auto t0 = std::chrono::steady_clock::now();
+    while (f.server->in_flight() > 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5))
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    worst = std::max(worst, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    REQUIRE(f.server->in_flight() == 0);
+  }
+  WARN("disconnect -> request ended: worst " << worst * 1000 << " ms over " << cycles << " cycles");
+  CHECK(worst < 0.25);
+  // Every KV block went back (the engine publishes after each step; idle it publishes too).
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(metric(f, "loom_kv_blocks_used") == 0);
+  CHECK(metric(f, "loom_requests_cancelled_total") == cycles);
+}
+
+TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[server]") {
+  Fixture f(manifest("max_body_bytes = 65536\n"));
+  auto c = f.client();
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"/v1/completions", "{"},
+      {"/v1/completions", "[]"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\"}"},
+      {"/v1/completions", "{\"model\": \"nope\", \"prompt\": \"x\"}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"max_tokens\": -1}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"max_tokens\": 100000}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"temperature\": \"hot\"}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"temperature\": 7}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"n\": 1000}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": [99999999]}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"logit_bias\": {\"abc\": 1}}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"stop\": [\"a\",\"b\",\"c\",\"d\",\"e\"]}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"max_token\": 3}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"stream_options\": {\"include_usage\": true}}"},
+      {"/v1/chat/completions", "{\"model\": \"tiny-kjv\", \"messages\": []}"},
+      {"/v1/chat/completions", "{\"model\": \"tiny-kjv\", \"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}"},
+      {"/v1/chat/completions", "{\"model\": \"tiny-kjv\", \"messages\": [{\"role\": \"user\"}]}"},
+      {"/v1/chat/completions", std::string(100, '[') + std::string(100, ']')},
+      {"/v1/embeddings", "{\"model\": \"tiny-kjv\", \"input\": 5}"},
+      {"/v1/completions", std::string(70000, ' ')},
+  };
+  for (const auto &[path, body] : cases) {
+    auto r = c.Post(path.c_str(), body, "application/json");
+    REQUIRE(r);
+    INFO(path << " " << body.substr(0, 120) << " -> " << r->status << " " << r->body);
+    CHECK(r->status >= 400);
+    CHECK(r->status < 500);
+    const json e = json::parse(r->body, nullptr, false);
+    CHECK(e.contains("error"));
+  }
+  // Random requests: mutations of valid bodies (fields dropped, retyped, set to extremes) and
+  // random bytes. Only 2xx and 4xx.
+  std::mt19937 rng(5);
+  const std::vector<json> values = {nullptr, true, -1, 0, 1, 3, 1e308, -1e308, 0.5, "", "x", "tiny-kjv",
+                                    json::array(), json::array({1, 2}), json::object(), json::array({"a"}), 2147483648LL};
+  const std::vector<std::string> keys = {"model", "prompt", "messages", "max_tokens", "n", "stop", "temperature", "top_p",
+                                         "seed", "logit_bias", "response_format", "stream", "frequency_penalty",
+                                         "presence_penalty", "input", "stream_options", "logprobs", "echo", "user"};
+  int counts[6] = {};
+  for (int i = 0; i < 1500; ++i) {
+    json body = {{"model", "tiny-kjv"}, {"max_tokens", 2}};
+    const int route = static_cast<int>(rng() % 3);
+    if (route == 0) body["prompt"] = "And";
+    if (route == 1) body["messages"] = {{{"role", "user"}, {"content", "Hi"}}};
+    if (route == 2) body["input"] = "x";
+    for (int m = 0; m < 1 + static_cast<int>(rng() % 3); ++m) body[keys[rng() % keys.size()]] = values[rng() % values.size()];
+    std::string text = body.dump();
+    if (rng() % 5 == 0) text[rng() % text.size()] = static_cast<char>(rng() % 256);
+    const char *path = route == 0 ? "/v1/completions" : route == 1 ? "/v1/chat/completions" : "/v1/embeddings";
+    auto r = c.Post(path, text, "application/json");
+    REQUIRE(r);
+    INFO(path << " " << text << " -> " << r->status << " " << r->body.substr(0, 300));
+    REQUIRE(r->status < 500);
+    ++counts[r->status / 100];
+  }
+  CHECK(counts[2] > 0);
+  CHECK(counts[4] > 0);
+}
+
+TEST_CASE("idle sockets do not starve the workers", "[server]") {
+  Fixture f;
+  std::vector<int> idle;
+  for (int i = 0; i < 1000; ++i) {
+    const int s = ::socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(s >= 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(f.port));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(s, reinterpret_cast<sockaddr *>(&addr), sizeof addr) == 0);
+    idle.push_back(s);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 4}});
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE(r);
+  CHECK(r->status == 200);
+  CHECK(took < 1.0);
+  for (int s : idle) ::close(s);
+}
+
+TEST_CASE("drain: in-flight streams complete, new requests get 503", "[server]") {
+  Fixture f;
+  std::string body;
+  std::thread client([&] {
+    auto r = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", {1, 400}}, {"max_tokens", 60}, {"stream", true},
+                                        {"logit_bias", {{"1", -100}, {"2", -100}}}});
+    if (r) body = r->body;
+  });
+  while (f.server->in_flight() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  std::thread drainer([&] { f.server->drain(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  auto late = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "x"}, {"max_tokens", 2}});
+  if (late) { // (the listener may already be closed)
+    CHECK(late->status == 503);
+  }
+  client.join();
+  drainer.join();
+  const auto ev = events(body);
+  REQUIRE(!ev.empty());
+  CHECK(ev.back() == "[DONE]");
+  int tokens = 0;
+  for (const auto &e : ev)
+    if (e != "[DONE]") tokens += 1;
+  CHECK(tokens > 1);
+}
