@@ -1,5 +1,6 @@
 #include "openai_request.hpp"
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <set>
@@ -95,6 +96,23 @@ std::string message_content(const json &m, const std::string &param) {
   return text;
 }
 
+// An assistant message's tool_calls, as the model would have written them.
+std::string assistant_tool_calls(const json &calls, const std::string &param) {
+  if (!calls.is_array() || calls.empty()) bad(param, "'" + param + "' must be a non-empty array");
+  std::vector<ToolCall> out;
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const std::string at = param + "[" + std::to_string(i) + "]";
+    const json &c = calls[i];
+    if (!c.is_object() || !c.contains("function") || !c["function"].is_object())
+      bad(at, "'" + at + "' must be {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}");
+    only(c, {"id", "type", "function"});
+    const json &f = c["function"];
+    only(f, {"name", "arguments"});
+    out.push_back({string_field(f, "name", true), string_field(f, "arguments", false)});
+  }
+  return render_tool_calls(out);
+}
+
 void parse_messages(const json &j, GenerationParams &p) {
   if (!j.contains("messages")) bad("messages", "'messages' is required");
   const json &ms = j["messages"];
@@ -103,12 +121,86 @@ void parse_messages(const json &j, GenerationParams &p) {
     const std::string param = "messages[" + std::to_string(i) + "]";
     const json &m = ms[i];
     if (!m.is_object()) bad(param, "'" + param + "' must be an object");
-    only(m, {"role", "content", "name"});
+    only(m, {"role", "content", "name", "tool_calls", "tool_call_id"});
     std::string role = string_field(m, "role", true);
     if (role == "developer") role = "system";
+    if (role == "tool") { // a tool's result: shown to the model as a user turn
+      p.messages.emplace_back("user", render_tool_result(message_content(m, param)));
+      continue;
+    }
     if (role != "system" && role != "user" && role != "assistant")
-      bad(param + ".role", "'" + param + ".role' must be system, developer, user or assistant, got '" + role + "'");
+      bad(param + ".role", "'" + param + ".role' must be system, developer, user, assistant or tool, got '" + role + "'");
+    if (role == "assistant" && m.contains("tool_calls") && !m["tool_calls"].is_null()) {
+      std::string text = m.contains("content") && m["content"].is_string() ? m["content"].get<std::string>() + "\n" : "";
+      p.messages.emplace_back(role, text + assistant_tool_calls(m["tool_calls"], param + ".tool_calls"));
+      continue;
+    }
     p.messages.emplace_back(role, message_content(m, param));
+  }
+}
+
+bool valid_function_name(const std::string &name) {
+  if (name.empty() || name.size() > 64) return false;
+  for (char c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_' && c != '-') return false;
+  return true;
+}
+
+void parse_tools(const json &j, GenerationParams &p) {
+  if (j.contains("tools") && !j["tools"].is_null()) {
+    const json &ts = j["tools"];
+    if (!ts.is_array() || ts.size() > 128) bad("tools", "'tools' must be an array of at most 128 functions");
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const std::string param = "tools[" + std::to_string(i) + "]";
+      const json &t = ts[i];
+      if (!t.is_object() || !t.contains("type") || t["type"] != "function" || !t.contains("function") || !t["function"].is_object())
+        bad(param, "'" + param + "' must be {\"type\": \"function\", \"function\": {\"name\", \"description\", \"parameters\"}}");
+      only(t, {"type", "function"});
+      const json &f = t["function"];
+      only(f, {"name", "description", "parameters", "strict"});
+      ToolDef def;
+      def.name = string_field(f, "name", true);
+      if (!valid_function_name(def.name))
+        bad(param + ".function.name", "'" + param + ".function.name' must be 1 to 64 letters, digits, '_' or '-'");
+      for (const auto &other : p.tools)
+        if (other.name == def.name) bad(param + ".function.name", "the function name '" + def.name + "' is given twice");
+      def.description = string_field(f, "description", false);
+      if (f.contains("parameters") && !f["parameters"].is_null()) {
+        if (!f["parameters"].is_object()) bad(param + ".function.parameters", "'" + param + ".function.parameters' must be a JSON schema object");
+        def.parameters_json = f["parameters"].dump();
+      } else {
+        def.parameters_json = "{}";
+      }
+      p.tools.push_back(std::move(def));
+    }
+  }
+  p.tool_choice = p.tools.empty() ? ToolChoice::none : ToolChoice::auto_;
+  if (j.contains("tool_choice") && !j["tool_choice"].is_null()) {
+    const json &c = j["tool_choice"];
+    if (c.is_string()) {
+      const std::string v = c.get<std::string>();
+      if (v == "none") p.tool_choice = ToolChoice::none;
+      else if (v == "auto") p.tool_choice = ToolChoice::auto_;
+      else if (v == "required") p.tool_choice = ToolChoice::required;
+      else bad("tool_choice", "'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\"}}");
+    } else if (c.is_object() && c.contains("function") && c["function"].is_object()) {
+      p.tool_choice = ToolChoice::named;
+      p.tool_name = string_field(c["function"], "name", true);
+    } else {
+      bad("tool_choice", "'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\"}}");
+    }
+    if (p.tool_choice != ToolChoice::none && p.tools.empty()) bad("tool_choice", "'tool_choice' needs 'tools'");
+    if (p.tool_choice == ToolChoice::named) {
+      bool found = false;
+      for (const auto &t : p.tools) found = found || t.name == p.tool_name;
+      if (!found) bad("tool_choice", "'tool_choice' names '" + p.tool_name + "', which is not among the tools");
+    }
+  }
+  if (p.uses_tools()) {
+    // The tools are offered in a system message (appended to the first one, or a new first one).
+    const std::string offer = tool_system_prompt(p.callable_tools());
+    if (!p.messages.empty() && p.messages.front().first == "system") p.messages.front().second += "\n\n" + offer;
+    else p.messages.insert(p.messages.begin(), {"system", offer});
   }
 }
 
@@ -187,7 +279,14 @@ std::string error_body(const ApiError &e) {
 
 bool GenerationParams::own_sampling() const {
   return temperature || top_p || frequency_penalty != 0 || presence_penalty != 0 || !logit_bias.empty() ||
-         format != ResponseFormat::text;
+         format != ResponseFormat::text || tool_choice == ToolChoice::required || tool_choice == ToolChoice::named;
+}
+
+std::vector<ToolDef> GenerationParams::callable_tools() const {
+  if (tool_choice != ToolChoice::named) return tools;
+  for (const auto &t : tools)
+    if (t.name == tool_name) return {t};
+  return {};
 }
 
 GenerationParams parse_generation(const std::string &body, bool chat, int64_t vocab_size) {
@@ -196,7 +295,7 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
                                  "presence_penalty", "seed", "logit_bias", "response_format", "stream", "stream_options",
                                  "user", "logprobs"};
   if (chat) {
-    known.insert({"messages", "max_completion_tokens"});
+    known.insert({"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls"});
   } else {
     known.insert({"prompt", "echo"});
   }
@@ -204,8 +303,13 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   GenerationParams p;
   p.chat = chat;
   p.model = string_field(j, "model", true);
-  if (chat) parse_messages(j, p);
-  else parse_prompt(j, p, vocab_size);
+  if (chat) {
+    parse_messages(j, p);
+    parse_tools(j, p);
+    bool_field(j, "parallel_tool_calls", true); // several <tool_call> blocks are read either way
+  } else {
+    parse_prompt(j, p, vocab_size);
+  }
   p.max_tokens = int_field(j, "max_tokens", 1, 1 << 24);
   if (chat)
     if (auto m = int_field(j, "max_completion_tokens", 1, 1 << 24)) p.max_tokens = m;
@@ -247,6 +351,8 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
     }
   }
   parse_response_format(j, p);
+  if (p.format != ResponseFormat::text && (p.tool_choice == ToolChoice::required || p.tool_choice == ToolChoice::named))
+    bad("response_format", "'response_format' and a required tool call both constrain the reply: give one");
   p.stream = bool_field(j, "stream", false);
   if (j.contains("stream_options") && !j["stream_options"].is_null()) {
     const json &o = j["stream_options"];
@@ -290,6 +396,8 @@ std::vector<std::string> sampler_chain_tomls(const GenerationParams &p) {
     chain.push_back(t + "]");
   }
   if (p.format == ResponseFormat::json_schema) chain.push_back("use = \"json-schema\"\nschema = " + toml_quote(p.schema_json));
+  if (p.tool_choice == ToolChoice::required || p.tool_choice == ToolChoice::named)
+    chain.push_back("use = \"json-schema\"\nschema = " + toml_quote(tool_call_schema(p.callable_tools())));
   if (p.format == ResponseFormat::json_object) chain.push_back("use = \"grammar\"\ngrammar = " + toml_quote(kJsonObjectGrammar));
   if (p.frequency_penalty != 0 || p.presence_penalty != 0)
     chain.push_back("use = \"penalties\"\nfrequency_penalty = " + json(p.frequency_penalty).dump() +

@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "tool_calls.hpp"
+
 namespace loom::server {
 
 // A request the server refuses: HTTP status, OpenAI's error `type`, the offending field (`param`,
@@ -49,6 +51,15 @@ struct GenerationParams {
   std::string schema_json; // json_schema: the schema (compact JSON)
   bool stream = false;
   bool include_usage = false; // stream_options.include_usage
+  // Chat function calling (tool_calls.hpp): the offered tools and how the model may use them.
+  // With tools and a choice other than none, the tools are described in a system message (in
+  // `messages` already) and the reply is parsed into tool_calls.
+  std::vector<ToolDef> tools;
+  ToolChoice tool_choice = ToolChoice::none;
+  std::string tool_name; // ToolChoice::named
+  bool uses_tools() const { return !tools.empty() && tool_choice != ToolChoice::none; }
+  // The tools the reply may call (the named one, or all).
+  std::vector<ToolDef> callable_tools() const;
   // Whether the request asks for anything but the manifest's sampler chain (then it gets a chain
   // of its own, built by sampler_chain_tomls()).
   bool own_sampling() const;

@@ -305,7 +305,7 @@ struct Server::Impl {
       try {
         samplers = runtime.make_samplers(sampler_chain_tomls(p), "request");
       } catch (const Error &e) {
-        throw ApiError(400, e.what(), p.format == ResponseFormat::text ? "" : "response_format");
+        throw ApiError(400, e.what(), p.format != ResponseFormat::text ? "response_format" : p.own_sampling() && p.uses_tools() ? "tools" : "");
       }
     }
     const int64_t n_choices = static_cast<int64_t>(prompts.size()) * p.n;
@@ -390,8 +390,18 @@ struct Server::Impl {
         p.stream ? "text/event-stream" : "application/json",
         [this, job, params, chat, id, created, timeout, arrival, started](size_t, httplib::DataSink &sink) {
           const GenerationParams &gp = *params;
+          // The tool calls of each choice's reply (none without tools).
+          std::vector<std::vector<ToolCall>> calls(job->choices.size());
+          const auto tool_calls_json = [&](size_t i) {
+            json out = json::array();
+            for (size_t k = 0; k < calls[i].size(); ++k)
+              out.push_back({{"index", k}, {"id", id + "-call-" + std::to_string(i) + "-" + std::to_string(k)}, {"type", "function"},
+                             {"function", {{"name", calls[i][k].name}, {"arguments", calls[i][k].arguments_json}}}});
+            return out;
+          };
           const auto finish_reason = [&](const Choice &c) -> json {
             if (!c.error.empty()) return "error";
+            if (!calls[static_cast<size_t>(&c - job->choices.data())].empty()) return "tool_calls";
             if (c.result.stopped) return "stop";
             return "length"; // max_tokens, or cut short by a timeout or a drain
           };
@@ -416,7 +426,8 @@ struct Server::Impl {
           std::unique_lock lock(job->mutex);
           while (job->finished < job->choices.size()) {
             // Stream what is new, then wait for more (checking the client and the clock).
-            if (gp.stream) {
+            // (A reply that may be a tool call is sent whole at the end.)
+            if (gp.stream && !gp.uses_tools()) {
               json deltas = json::array();
               for (size_t i = 0; i < job->choices.size(); ++i) {
                 Choice &c = job->choices[i];
@@ -453,7 +464,9 @@ struct Server::Impl {
               }
             }
           }
-          // Every choice ended: the rest of each text, the finish reasons, usage.
+          // Every choice ended: the rest of each text (or its tool calls), the finish reasons, usage.
+          if (gp.uses_tools())
+            for (size_t i = 0; i < job->choices.size(); ++i) calls[i] = parse_tool_calls(job->choices[i].result.text, gp.callable_tools());
           int64_t prompt_n = 0, completion_n = 0;
           for (size_t i = 0; i < job->choices.size(); ++i) {
             const Choice &c = job->choices[i];
@@ -471,8 +484,9 @@ struct Server::Impl {
               const Choice &c = job->choices[i];
               const std::string &text = c.result.text;
               const std::string rest = text.size() > c.sent ? text.substr(c.sent) : std::string();
-              last.push_back(chat ? json{{"index", i}, {"delta", rest.empty() ? json::object() : json{{"content", rest}}},
-                                         {"logprobs", nullptr}, {"finish_reason", finish_reason(c)}}
+              json delta = rest.empty() ? json::object() : json{{"content", rest}};
+              if (!calls[i].empty()) delta = {{"tool_calls", tool_calls_json(i)}};
+              last.push_back(chat ? json{{"index", i}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", finish_reason(c)}}
                                   : json{{"index", i}, {"text", rest}, {"logprobs", nullptr}, {"finish_reason", finish_reason(c)}});
             }
             out += chunk(std::move(last));
@@ -488,8 +502,9 @@ struct Server::Impl {
             json choices = json::array();
             for (size_t i = 0; i < job->choices.size(); ++i) {
               const Choice &c = job->choices[i];
-              choices.push_back(chat ? json{{"index", i}, {"message", {{"role", "assistant"}, {"content", c.result.text}}},
-                                            {"logprobs", nullptr}, {"finish_reason", finish_reason(c)}}
+              json message = {{"role", "assistant"}, {"content", c.result.text}};
+              if (!calls[i].empty()) message = {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", tool_calls_json(i)}};
+              choices.push_back(chat ? json{{"index", i}, {"message", message}, {"logprobs", nullptr}, {"finish_reason", finish_reason(c)}}
                                      : json{{"index", i}, {"text", c.result.text}, {"logprobs", nullptr},
                                             {"finish_reason", finish_reason(c)}});
             }

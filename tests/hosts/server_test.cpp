@@ -18,6 +18,7 @@
 #include "loom/core/runtime.hpp"
 #include "server.hpp"
 #include "stream_text.hpp"
+#include "tool_calls.hpp"
 
 using json = nlohmann::json;
 using loom::Runtime;
@@ -473,4 +474,80 @@ TEST_CASE("drain: in-flight streams complete, new requests get 503", "[server]")
   for (const auto &e : ev)
     if (e != "[DONE]") tokens += 1;
   CHECK(tokens > 1);
+}
+
+TEST_CASE("tool calls are read from replies: <tool_call> blocks, bare objects, known tools only", "[server]") {
+  using loom::server::parse_tool_calls;
+  const std::vector<loom::server::ToolDef> tools = {{"add", "adds", "{}"}, {"get_weather", "weather", "{}"}};
+  auto two = parse_tool_calls("<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1}}</tool_call>\n"
+                              "<tool_call>{\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\": \\\"Ur\\\"}\"}</tool_call>",
+                              tools);
+  REQUIRE(two.size() == 2);
+  CHECK(two[0].name == "add");
+  CHECK(json::parse(two[0].arguments_json) == json{{"a", 1}});
+  CHECK(json::parse(two[1].arguments_json) == json{{"city", "Ur"}});
+  auto bare = parse_tool_calls(" {\"name\": \"add\", \"parameters\": {\"b\": 2}} ", tools);
+  REQUIRE(bare.size() == 1);
+  CHECK(json::parse(bare[0].arguments_json) == json{{"b", 2}});
+  CHECK(parse_tool_calls("{\"name\": \"rm_rf\", \"arguments\": {}}", tools).empty());
+  CHECK(parse_tool_calls("In the beginning God created", tools).empty());
+  CHECK(parse_tool_calls("<tool_call>{\"name\": \"add\", \"arguments\": [1]}</tool_call>", tools).empty());
+}
+
+TEST_CASE("chat with tools: required and named choices give tool_calls that fit the schemas", "[server]") {
+  Fixture f;
+  const json tools = json::array(
+      {{{"type", "function"},
+        {"function", {{"name", "get_weather"}, {"description", "the weather in a city"},
+                      {"parameters", {{"type", "object"}, {"properties", {{"city", {{"type", "string"}, {"maxLength", 16}}}}}, {"required", {"city"}}}}}}},
+       {{"type", "function"},
+        {"function", {{"name", "add"}, {"description", "adds two numbers"},
+                      {"parameters", {{"type", "object"}, {"properties", {{"a", {{"type", "integer"}}}, {"b", {{"type", "integer"}}}}}, {"required", {"a", "b"}}}}}}}});
+  const json messages = json::array({{{"role", "user"}, {"content", "What is the weather in Jerusalem?"}}});
+  int calls = 0;
+  for (int seed = 0; seed < 4; ++seed) {
+    auto r = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools}, {"tool_choice", "required"},
+                                             {"max_tokens", 96}, {"seed", seed}});
+    REQUIRE(r->status == 200);
+    const json j = json::parse(r->body);
+    INFO(j.dump());
+    if (j["choices"][0]["finish_reason"] == "length") continue; // cut inside a number
+    CHECK(j["choices"][0]["finish_reason"] == "tool_calls");
+    const json &call = j["choices"][0]["message"]["tool_calls"][0];
+    CHECK(call["type"] == "function");
+    CHECK(j["choices"][0]["message"]["content"].is_null());
+    const std::string name = call["function"]["name"];
+    const json args = json::parse(call["function"]["arguments"].get<std::string>());
+    if (name == "get_weather") CHECK(args["city"].get<std::string>().size() <= 16);
+    else CHECK((name == "add" && args["a"].is_number_integer() && args["b"].is_number_integer()));
+    ++calls;
+  }
+  CHECK(calls >= 1);
+  const json named = {{"type", "function"}, {"function", {{"name", "add"}}}};
+  auto r = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools}, {"tool_choice", named},
+                                           {"max_tokens", 96}, {"seed", 1}, {"stream", true}});
+  const auto ev = events(r->body);
+  REQUIRE(ev.size() >= 3);
+  const json last = json::parse(ev[ev.size() - 2]);
+  if (last["choices"][0]["finish_reason"] == "tool_calls") {
+    CHECK(last["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "add");
+  } else {
+    CHECK(last["choices"][0]["finish_reason"] == "length");
+  }
+  // A conversation that already called a tool and holds its result; tool_choice none.
+  const json history = json::array(
+      {{{"role", "user"}, {"content", "Add 2 and 3."}},
+       {{"role", "assistant"}, {"content", nullptr},
+        {"tool_calls", {{{"id", "c1"}, {"type", "function"}, {"function", {{"name", "add"}, {"arguments", "{\"a\":2,\"b\":3}"}}}}}}},
+       {{"role", "tool"}, {"tool_call_id", "c1"}, {"content", "5"}}});
+  auto after = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", history}, {"tools", tools}, {"tool_choice", "none"}, {"max_tokens", 8}});
+  CHECK(after->status == 200);
+  CHECK(json::parse(after->body)["choices"][0]["message"]["content"].is_string());
+  // Bad tool definitions are 400s naming them.
+  auto bad = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tool_choice", "required"}});
+  CHECK(bad->status == 400);
+  auto bad_name = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages},
+                                                  {"tools", {{{"type", "function"}, {"function", {{"name", "no spaces"}}}}}}});
+  CHECK(bad_name->status == 400);
+  CHECK(json::parse(bad_name->body)["error"]["param"] == "tools[0].function.name");
 }

@@ -49,6 +49,18 @@ for (let seed = 0; seed < 4; seed++) {
 }
 check(parsed >= 1, `JSON mode: ${parsed} of 4 outputs parse and match the schema (the others ran out of tokens)`);
 
+const tools = [{ type: 'function', function: { name: 'lookup_verse', description: 'finds a verse',
+                 parameters: { type: 'object', properties: { book: { type: 'string', maxLength: 12 } }, required: ['book'] } } }];
+let called = 0;
+for (let seed = 0; seed < 4; seed++) {
+  const t = await client.chat.completions.create({ model: 'tiny-kjv', messages: [{ role: 'user', content: 'Find Genesis 1.' }],
+                                                  tools, tool_choice: 'required', max_tokens: 60, seed });
+  const msg = t.choices[0].message;
+  if (t.choices[0].finish_reason === 'tool_calls' && msg.tool_calls?.[0]?.function?.name === 'lookup_verse' &&
+      typeof JSON.parse(msg.tool_calls[0].function.arguments).book === 'string') called++;
+}
+check(called >= 1, `tools: ${called} of 4 replies are lookup_verse calls with schema-valid arguments`);
+
 const emb = await client.embeddings.create({ model: 'tiny-kjv', input: ['In the beginning', 'God created'] });
 check(emb.data.length === 2 && emb.data[0].embedding.length > 0, 'embeddings.create (float)');
 const emb64 = await client.embeddings.create({ model: 'tiny-kjv', input: 'In the beginning' }); // the client asks for base64
