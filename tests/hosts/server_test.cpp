@@ -551,3 +551,94 @@ TEST_CASE("chat with tools: required and named choices give tool_calls that fit 
   CHECK(bad_name->status == 400);
   CHECK(json::parse(bad_name->body)["error"]["param"] == "tools[0].function.name");
 }
+
+TEST_CASE("100 hot swaps under 32 streaming clients fail no request", "[server][swap]") {
+  // Attention, quantizer, adapter and sampler swaps through the admin route, among them swaps
+  // to a rebuilt copy of the samplers' library.
+  std::string text = manifest("admin_key = \"admin-key-123\"\nmax_queue = 64\n", "max_seqs = 32\nmax_batched_tokens = 512");
+  text += "[quantizer]\nuse = \"int8\"\n[[adapter]]\nuse = \"lora\"\nr = 2\n";
+  Fixture f(text);
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / ("loom-swap-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const std::filesystem::path lib = dir / "libloom-samplers-rebuilt.so";
+  const auto rebuild = [&] { // a new file at the same path, as a linker writes its output
+    std::filesystem::copy_file(std::string(LOOM_BUILTIN_PLUGIN_DIR) + "/libloom-samplers.so", dir / "tmp.so",
+                               std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::rename(dir / "tmp.so", lib);
+    std::filesystem::last_write_time(lib, std::filesystem::file_time_type::clock::now());
+  };
+  rebuild();
+
+  std::atomic<int> phase{0}; // 0: no swaps, 1: swapping, 2: stop
+  std::atomic<int> requests{0}, failures{0};
+  std::mutex gaps_mutex;
+  std::vector<double> gaps[2];
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 32; ++i)
+    clients.emplace_back([&, i] {
+      while (phase.load() < 2) {
+        const int at = phase.load();
+        httplib::Client c = f.client();
+        httplib::Request req;
+        req.method = "POST";
+        req.path = "/v1/chat/completions";
+        req.set_header("Content-Type", "application/json");
+        req.body = json{{"model", "tiny-kjv"}, {"messages", {{{"role", "user"}, {"content", "Verse " + std::to_string(i)}}}},
+                        {"max_tokens", 24}, {"stream", true}}.dump();
+        std::string body;
+        std::vector<double> mine;
+        auto last = std::chrono::steady_clock::now();
+        bool first = true;
+        req.content_receiver = [&](const char *data, size_t n, uint64_t, uint64_t) {
+          const auto now = std::chrono::steady_clock::now();
+          if (!first) mine.push_back(std::chrono::duration<double>(now - last).count());
+          first = false;
+          last = now;
+          body.append(data, n);
+          return true;
+        };
+        auto res = c.send(req);
+        ++requests;
+        if (!res || res->status != 200 || body.find("data: [DONE]") == std::string::npos || body.find("\"error\"") != std::string::npos)
+          ++failures;
+        std::lock_guard lock(gaps_mutex);
+        gaps[at].insert(gaps[at].end(), mine.begin(), mine.end());
+      }
+    });
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  phase = 1;
+  const httplib::Headers admin = {{"Authorization", "Bearer admin-key-123"}};
+  int swapped = 0;
+  for (int s = 0; s < 100; ++s) {
+    json swap;
+    switch (s % 5) {
+    case 0: swap = {{"slot", "sampler[0]"}, {"component", "use = \"temperature\"\nt = " + std::to_string(0.5 + 0.01 * s)}}; break;
+    case 1: swap = {{"slot", "attention"}, {"component", "use = \"sdpa\"\nblock_size = 8"}}; break;
+    case 2: swap = {{"slot", "quantizer"}, {"component", "use = \"int8\""}}; break;
+    case 3: swap = {{"slot", "adapter[0]"}, {"component", "use = \"lora\"\nr = 2"}}; break;
+    default:
+      if (s % 10 == 9) rebuild();
+      swap = {{"slot", "sampler[1]"}, {"component", "use = \"top-k\"\nk = 40\nlibrary = \"" + lib.string() + "\""}};
+    }
+    auto r = f.post("/admin/swap", swap, admin);
+    REQUIRE(r);
+    INFO(swap.dump() << " -> " << r->body);
+    CHECK(r->status == 200);
+    swapped += r->status == 200;
+  }
+  const int during = requests.load();
+  phase = 2;
+  for (auto &t : clients) t.join();
+  std::filesystem::remove_all(dir);
+  CHECK(swapped == 100);
+  CHECK(failures == 0);
+  const auto p99 = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[std::min(v.size() - 1, v.size() * 99 / 100)];
+  };
+  WARN("hot swap under 32 streaming clients: " << requests.load() << " requests (" << during << " before the swaps ended), "
+       << failures.load() << " failed; inter-token p99 " << p99(gaps[0]) * 1000 << " ms without swaps, "
+       << p99(gaps[1]) * 1000 << " ms with 100 swaps");
+  CHECK(!gaps[0].empty());
+  CHECK(!gaps[1].empty());
+}
