@@ -45,8 +45,7 @@ void append_table(const std::vector<int32_t> &table, int64_t cols, std::vector<i
 
 SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   const SchedulerSpec &spec = manifest_.scheduler;
-  if (!spec.enabled)
-    throw runtime_error(manifest_.source_name + ": serving requests needs a [scheduler] table (max_seqs, max_batched_tokens, ...)");
+  // (Without a [scheduler] table its defaults apply: SchedulerSpec's.)
   if (max_positions < 1 || max_positions > config_.max_positions)
     throw runtime_error(manifest_.source_name + ": serving requests of up to " + std::to_string(max_positions) +
                         " positions, outside the model's 1 to " + std::to_string(config_.max_positions));

@@ -1,16 +1,25 @@
 // The C embedding API over loom::Runtime. No exception crosses this boundary.
 #include "loom/loom.h"
 
+#include <algorithm>
+#include <cstddef>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
 
 #include "loom/core/error.hpp"
+#include "loom/core/request_queue.hpp"
 #include "loom/core/runtime.hpp"
+#include "stream_text.hpp"
 
 struct loom_runtime {
   std::unique_ptr<loom::Runtime> runtime;
   std::vector<loom::SequenceResult> last_sequences; // of the last completed run
+  std::mutex generating;                            // generate, chat and embed: one at a time
 };
 
 namespace {
@@ -47,6 +56,99 @@ std::vector<std::string> to_vector(const char *const *overrides, size_t count) {
     out.emplace_back(overrides[i]);
   }
   return out;
+}
+
+// The options a caller passed, as far as its struct_size reaches; the defaults beyond.
+loom_generate_options read_options(const loom_generate_options *given) {
+  loom_generate_options o{};
+  o.struct_size = sizeof o;
+  if (given == nullptr) return o;
+  if (given->struct_size < offsetof(loom_generate_options, max_tokens) + sizeof(int64_t))
+    throw loom::runtime_error("loom_generate_options.struct_size is " + std::to_string(given->struct_size) +
+                              ": set it to sizeof(loom_generate_options)");
+  std::memcpy(&o, given, std::min(given->struct_size, sizeof o));
+  o.struct_size = sizeof o;
+  return o;
+}
+
+std::string number(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+// One generation of `prompt` through Runtime::serve on this thread, as the options say.
+loom_status generate_ids(loom_runtime *rt, std::vector<int32_t> prompt, const loom_generate_options *given,
+                         loom_text_fn on_text, void *user, char **text_out, int32_t *stopped) {
+  std::lock_guard lock(rt->generating);
+  loom::Runtime &runtime = *rt->runtime;
+  const loom_generate_options o = read_options(given);
+  if (o.max_tokens < 0) throw loom::runtime_error("loom_generate_options.max_tokens is negative");
+  if (o.stop == nullptr && o.stop_count > 0) throw loom::runtime_error("loom_generate_options.stop is NULL with stop_count > 0");
+  loom::ServeRequest r;
+  r.max_new_tokens = o.max_tokens == 0 ? 256 : o.max_tokens;
+  r.stop = std::vector<std::string>();
+  for (size_t i = 0; i < o.stop_count; ++i) {
+    if (o.stop[i] == nullptr || o.stop[i][0] == '\0') throw loom::runtime_error("loom_generate_options.stop[" + std::to_string(i) + "] is empty");
+    r.stop->push_back(o.stop[i]);
+  }
+  if (o.use_seed) r.seed = o.seed;
+  if (o.use_sampling) {
+    if (!(o.temperature >= 0.0 && o.temperature <= 100.0)) throw loom::runtime_error("loom_generate_options.temperature must be in [0, 100]");
+    if (!(o.top_p >= 0.0 && o.top_p <= 1.0)) throw loom::runtime_error("loom_generate_options.top_p must be in [0, 1]");
+    std::vector<std::string> chain;
+    if (o.temperature == 0.0) {
+      chain.push_back("use = \"greedy\"");
+    } else {
+      chain.push_back("use = \"temperature\"\nt = " + number(o.temperature));
+      if (o.top_p > 0.0 && o.top_p < 1.0) chain.push_back("use = \"top-p\"\np = " + number(o.top_p));
+      chain.push_back("use = \"dist\"");
+    }
+    r.samplers = runtime.make_samplers(chain, "loom_generate_options");
+  }
+  const int64_t positions = static_cast<int64_t>(prompt.size()) + r.max_new_tokens;
+  if (positions > runtime.max_positions())
+    throw loom::runtime_error("the prompt's " + std::to_string(prompt.size()) + " tokens and max_tokens " +
+                              std::to_string(r.max_new_tokens) + " exceed the model's " + std::to_string(runtime.max_positions()) +
+                              " positions");
+  r.prompt = prompt;
+  // Streamed text: what the generation adds, less a tail that could still begin a stop string
+  // or finish a character cut between tokens (the rule loom serve streams by).
+  std::vector<int32_t> tokens;
+  size_t sent = 0;
+  bool stop_asked = false;
+  const std::vector<std::string> stops = *r.stop;
+  if (on_text && runtime.has_tokenizer())
+    r.on_token = [&](int64_t, int32_t token) {
+      tokens.push_back(token);
+      const std::string text = runtime.continuation(prompt, tokens, stops);
+      const size_t safe = loom::server::streamable_prefix(text, stops);
+      if (safe > sent) {
+        if (on_text(user, text.data() + sent, safe - sent) != 0) stop_asked = true;
+        sent = safe;
+      }
+      return !stop_asked;
+    };
+  loom::SequenceResult result;
+  std::string refused;
+  r.on_done = [&](const loom::SequenceResult &out, const std::string &error) {
+    result = out;
+    refused = error;
+  };
+  loom::RequestQueue queue;
+  queue.submit(std::move(r));
+  queue.close();
+  runtime.serve(queue, positions);
+  if (!refused.empty()) throw loom::runtime_error(refused);
+  if (on_text && result.text.size() > sent && !stop_asked) on_text(user, result.text.data() + sent, result.text.size() - sent);
+  if (text_out) {
+    char *copy = static_cast<char *>(std::malloc(result.text.size() + 1));
+    if (copy == nullptr) throw std::bad_alloc();
+    std::memcpy(copy, result.text.c_str(), result.text.size() + 1);
+    *text_out = copy;
+  }
+  if (stopped) *stopped = result.stopped ? 1 : 0;
+  return result.cancelled && !stop_asked ? fail(LOOM_ERR_CANCELLED, "the generation was cancelled") : LOOM_OK;
 }
 
 } // namespace
@@ -156,6 +258,64 @@ loom_status loom_runtime_cancel(loom_runtime *runtime) {
   runtime->runtime->cancel();
   return LOOM_OK;
 }
+
+loom_status loom_runtime_generate(loom_runtime *runtime, const char *prompt, const loom_generate_options *options,
+                                  loom_text_fn on_text, void *user, char **text_out, int32_t *stopped) {
+  last_error.clear();
+  if (text_out) *text_out = nullptr;
+  if (runtime == nullptr || prompt == nullptr) return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_generate: NULL argument");
+  try {
+    return generate_ids(runtime, runtime->runtime->encode_text(prompt, "prompt"), options, on_text, user, text_out, stopped);
+  } catch (...) {
+    return from_exception();
+  }
+}
+
+loom_status loom_runtime_chat(loom_runtime *runtime, const loom_chat_message *messages, size_t count,
+                              const loom_generate_options *options, loom_text_fn on_text, void *user, char **text_out,
+                              int32_t *stopped) {
+  last_error.clear();
+  if (text_out) *text_out = nullptr;
+  if (runtime == nullptr || messages == nullptr || count == 0)
+    return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_chat: NULL argument or no messages");
+  try {
+    std::vector<std::pair<std::string, std::string>> chat;
+    for (size_t i = 0; i < count; ++i) {
+      if (messages[i].role == nullptr || messages[i].content == nullptr)
+        return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_chat: messages[" + std::to_string(i) + "] has a NULL role or content");
+      chat.emplace_back(messages[i].role, messages[i].content);
+    }
+    return generate_ids(runtime, runtime->runtime->encode_messages(chat, "messages"), options, on_text, user, text_out, stopped);
+  } catch (...) {
+    return from_exception();
+  }
+}
+
+loom_status loom_runtime_embed(loom_runtime *runtime, const char *const *texts, size_t count, float *out, size_t capacity,
+                               size_t *dim) {
+  last_error.clear();
+  if (runtime == nullptr || texts == nullptr || dim == nullptr || count == 0 || (out == nullptr && capacity > 0))
+    return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_embed: NULL argument or no texts");
+  try {
+    std::vector<std::string> in;
+    for (size_t i = 0; i < count; ++i) {
+      if (texts[i] == nullptr) return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_embed: texts[" + std::to_string(i) + "] is NULL");
+      in.emplace_back(texts[i]);
+    }
+    std::lock_guard lock(runtime->generating);
+    const auto vectors = runtime->runtime->embed(in, false);
+    *dim = vectors.empty() ? 0 : vectors[0].size();
+    if (capacity < count * *dim)
+      return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_embed: room for " + std::to_string(capacity) + " floats, " +
+                                                 std::to_string(count * *dim) + " needed (" + std::to_string(*dim) + " per text)");
+    for (size_t i = 0; i < count; ++i) std::copy(vectors[i].begin(), vectors[i].end(), out + i * *dim);
+    return LOOM_OK;
+  } catch (...) {
+    return from_exception();
+  }
+}
+
+void loom_free_string(char *text) { std::free(text); }
 
 void loom_runtime_destroy(loom_runtime *runtime) { delete runtime; }
 

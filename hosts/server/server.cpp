@@ -123,8 +123,6 @@ struct Server::Impl {
 
   Impl(Runtime &r, Runtime *e, const ServerSpec &s) : runtime(r), embedder(e), spec(s) {
     const Manifest &m = runtime.manifest();
-    if (!m.scheduler.enabled)
-      throw runtime_error(m.source_name + ": [server] needs a [scheduler] table (loom serve batches requests through it)");
     model_name = spec.model_name;
     if (model_name.empty()) model_name = m.model_path.empty() ? "loom-synthetic" : m.model_path.filename().string();
     max_positions = spec.max_positions > 0 ? std::min(spec.max_positions, runtime.max_positions()) : runtime.max_positions();

@@ -29,10 +29,9 @@ namespace loom::server {
 
 class Server {
  public:
-  // `runtime` serves generation ([scheduler] required); `embedder` (may be null: /v1/embeddings
-  // then answers 404) computes embeddings, a second runtime of the same manifest because
-  // Runtime::embed does not run while Runtime::serve does. Throws loom::Error for a manifest
-  // without [scheduler].
+  // `runtime` serves generation (batched by its [scheduler], or the scheduler's defaults);
+  // `embedder` (may be null: /v1/embeddings then answers 404) computes embeddings, a second
+  // runtime of the same manifest because Runtime::embed does not run while Runtime::serve does.
   Server(Runtime &runtime, Runtime *embedder, const ServerSpec &spec);
   ~Server();
   Server(const Server &) = delete;

@@ -146,7 +146,7 @@ class Runtime {
   std::vector<std::vector<float>> embed(const std::vector<std::string> &texts, bool query);
   RunResult run(int64_t steps = 0, const TokenCallback &on_token = {}, const SequenceTokenCallback &on_sequence_token = {});
   // Serves requests as they arrive in `queue` (from any thread), on this thread, through the
-  // manifest's [scheduler] (required): each request joins the running batch at the next step and
+  // manifest's [scheduler] (its defaults without one): each request joins the running batch at the next step and
   // its callbacks run here. Returns when the queue is closed and every request has ended (or at
   // cancel(), which ends the rest with what they generated so far; an idle server notices it
   // within 100 ms). A request longer than `max_positions` (prompt + new tokens), or that the KV

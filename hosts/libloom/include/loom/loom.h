@@ -10,9 +10,11 @@
  * Ownership: a loom_runtime is owned by the caller from create until loom_runtime_destroy.
  * Strings passed in are copied; strings returned are owned by the library (see each call).
  * Thread-safety: calls on different runtimes are independent. On one runtime, loom_runtime_run
- * runs on the calling thread; loom_runtime_swap and loom_runtime_cancel may be called from other
- * threads while it runs (a swap lands between two steps). loom_runtime_destroy must not race
- * with any other call on the same runtime.
+ * (and generate, chat, embed) run on the calling thread; loom_runtime_swap and loom_runtime_cancel
+ * may be called from other threads while they run (a swap lands between two steps).
+ * loom_runtime_destroy must not race with any other call on the same runtime.
+ * Stability: the plugin ABI's rules (DESIGN.md): functions and struct fields are only added
+ * (structs carry struct_size), never changed or removed within a major version.
  */
 #ifndef LOOM_LOOM_H
 #define LOOM_LOOM_H
@@ -82,6 +84,63 @@ LOOM_API loom_status loom_runtime_swap(loom_runtime *runtime, const char *slot, 
 
 /* Asks a run in progress to stop at the next step. */
 LOOM_API loom_status loom_runtime_cancel(loom_runtime *runtime);
+
+/* ---- Generation with per-call parameters (libloom 1.1) ----
+ *
+ * loom_runtime_generate and loom_runtime_chat run one generation through the runtime's
+ * continuous-batching scheduler (the manifest's [scheduler], or its defaults), independently of
+ * the manifest's [run] section. They, and loom_runtime_embed, run on the calling thread; calls
+ * on one runtime from several threads run one at a time. loom_runtime_swap may be called from
+ * another thread meanwhile (it lands between two steps), and loom_runtime_cancel ends the
+ * generation in progress with what it has (LOOM_ERR_CANCELLED). */
+
+/* What one generation does. Zero-initialise, set struct_size = sizeof(loom_generate_options),
+ * then what differs from the defaults. Later versions append fields; a caller compiled against
+ * an older header passes a smaller struct_size and gets the defaults for the rest. */
+typedef struct loom_generate_options {
+  size_t struct_size;
+  int64_t max_tokens;          /* tokens to generate at most; 0: 256 */
+  int32_t use_sampling;        /* 0: the manifest's [[sampler]] chain; 1: temperature and top_p below */
+  double temperature;          /* with use_sampling: 0 picks the most likely token (greedy) */
+  double top_p;                /* with use_sampling: nucleus mass, (0, 1]; 0 is taken as 1 */
+  int32_t use_seed;            /* 1: sample with `seed` (same seed and prompt, same text); 0: loom.seed */
+  uint64_t seed;
+  const char *const *stop;     /* stop strings (the text ends where one begins); may be NULL */
+  size_t stop_count;
+} loom_generate_options;
+
+/* Called with each new piece of text as it is generated (never a piece of a stop string); the
+ * piece is not NUL-terminated and valid for the call. Return non-zero to stop the generation. */
+typedef int32_t (*loom_text_fn)(void *user, const char *piece, size_t length);
+
+/* Continues `prompt` (text, encoded by the model's tokenizer with its BOS token). `options`
+ * may be NULL (the defaults); `on_text` may be NULL. On LOOM_OK (or LOOM_ERR_CANCELLED),
+ * `*text_out` (may be NULL) receives the generated text, NUL-terminated, which the caller frees
+ * with loom_free_string, and `*stopped` (may be NULL) whether a stop token or string ended it. */
+LOOM_API loom_status loom_runtime_generate(loom_runtime *runtime, const char *prompt, const loom_generate_options *options,
+                                           loom_text_fn on_text, void *user, char **text_out, int32_t *stopped);
+
+/* One message of a conversation: role "system", "user" or "assistant", and its text. */
+typedef struct loom_chat_message {
+  const char *role;
+  const char *content;
+} loom_chat_message;
+
+/* The assistant's reply to `messages` (rendered by the manifest's chat template, run.chat_template),
+ * otherwise as loom_runtime_generate. */
+LOOM_API loom_status loom_runtime_chat(loom_runtime *runtime, const loom_chat_message *messages, size_t count,
+                                       const loom_generate_options *options, loom_text_fn on_text, void *user,
+                                       char **text_out, int32_t *stopped);
+
+/* The model's embeddings of `texts` (the manifest's [embedding] table: pooling, normalisation,
+ * the document prefix): `*dim` receives the vector size, and `out` (capacity floats) the
+ * count x dim floats, row by row. When capacity < count x dim (out may then be NULL), only
+ * *dim is set and LOOM_ERR_INVALID_ARGUMENT returned: call again with enough room. */
+LOOM_API loom_status loom_runtime_embed(loom_runtime *runtime, const char *const *texts, size_t count, float *out,
+                                        size_t capacity, size_t *dim);
+
+/* Frees a string returned by libloom (loom_runtime_generate, loom_runtime_chat). NULL is a no-op. */
+LOOM_API void loom_free_string(char *text);
 
 /* Destroys the runtime: instances in reverse order, then their libraries. NULL is a no-op. */
 LOOM_API void loom_runtime_destroy(loom_runtime *runtime);
