@@ -421,8 +421,21 @@ struct Server::Impl {
             }
           }
           *started = true;
+          auto last_check = Clock::now();
           std::unique_lock lock(job->mutex);
           while (job->finished < job->choices.size()) {
+            // The client and the clock, every 20 ms however often tokens wake us.
+            if (Clock::now() - last_check >= std::chrono::milliseconds(20)) {
+              last_check = Clock::now();
+              if (!sink.is_writable()) { // the client went away: its choices end at the next step
+                job->cancel->store(true);
+                return false;
+              }
+              if (seconds_since(arrival) > timeout && !job->timed_out) {
+                job->timed_out = true;
+                job->cancel->store(true);
+              }
+            }
             // Stream what is new, then wait for more (checking the client and the clock).
             // (A reply that may be a tool call is sent whole at the end.)
             if (gp.stream && !gp.uses_tools()) {
@@ -451,16 +464,7 @@ struct Server::Impl {
                 continue;
               }
             }
-            if (job->changed.wait_for(lock, std::chrono::milliseconds(20)) == std::cv_status::timeout) {
-              if (!sink.is_writable()) { // the client went away: its choices end at the next step
-                job->cancel->store(true);
-                return false;
-              }
-              if (seconds_since(arrival) > timeout && !job->timed_out) {
-                job->timed_out = true;
-                job->cancel->store(true);
-              }
-            }
+            job->changed.wait_for(lock, std::chrono::milliseconds(20));
           }
           // Every choice ended: the rest of each text (or its tool calls), the finish reasons, usage.
           if (gp.uses_tools())

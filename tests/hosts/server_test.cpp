@@ -642,3 +642,16 @@ TEST_CASE("100 hot swaps under 32 streaming clients fail no request", "[server][
   CHECK(!gaps[0].empty());
   CHECK(!gaps[1].empty());
 }
+
+TEST_CASE("a request past request_timeout_s ends with what it has", "[server]") {
+  Fixture f(manifest("request_timeout_s = 0.05\n"));
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", {1, 400}}, {"max_tokens", 500}, {"logit_bias", {{"1", -100}, {"2", -100}}}});
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE(r->status == 200);
+  const json j = json::parse(r->body);
+  CHECK(j["choices"][0]["finish_reason"] == "length");
+  CHECK(j["usage"]["completion_tokens"].get<int>() < 500);
+  CHECK(took < 1.0);
+  CHECK(f.server->in_flight() == 0);
+}
