@@ -9,6 +9,8 @@
 #include <random>
 #include <thread>
 
+#include <sys/socket.h>
+
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
@@ -93,6 +95,16 @@ struct Job {
   bool timed_out = false;
 };
 
+// cpp-httplib listens with a backlog of 5 (CPPHTTPLIB_LISTEN_BACKLOG, fixed when Debian built the
+// library): a burst of connections overflows it and the kernel makes them wait for SYN-ACK
+// retransmissions (seconds). The listening socket is listened on again with the system's
+// maximum once bound.
+struct HttpServer : httplib::Server {
+  void widen_backlog() {
+    if (svr_sock_ != INVALID_SOCKET) ::listen(svr_sock_, SOMAXCONN);
+  }
+};
+
 } // namespace
 
 struct Server::Impl {
@@ -102,7 +114,7 @@ struct Server::Impl {
   std::string model_name;
   int64_t max_positions = 0;
   int64_t capacity = 0; // choices in flight at most
-  httplib::Server http;
+  HttpServer http;
   ConnectionPool *pool = nullptr; // owned by http (its task queue)
   RequestQueue queue;
   std::thread engine, listener;
@@ -644,6 +656,7 @@ int Server::start() {
   if (port <= 0)
     throw runtime_error(s.runtime.manifest().source_name + ": [server]: cannot listen on " + s.spec.host + ":" +
                         std::to_string(s.spec.port) + " (in use, or not an address of this machine)");
+  s.http.widen_backlog();
   s.engine = std::thread([&s] { s.run_engine(); });
   // Warm-up: one short request through the engine; /ready answers 200 once it ended.
   ServeRequest warm;
