@@ -408,7 +408,7 @@ TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[serve
                                          "seed", "logit_bias", "response_format", "stream", "frequency_penalty",
                                          "presence_penalty", "input", "stream_options", "logprobs", "echo", "user"};
   int counts[6] = {};
-  for (int i = 0; i < 1500; ++i) {
+  for (int i = 0; i < 100000; ++i) {
     json body = {{"model", "tiny-kjv"}, {"max_tokens", 2}};
     const int route = static_cast<int>(rng() % 3);
     if (route == 0) body["prompt"] = "And";
