@@ -667,3 +667,32 @@ TEST_CASE("a request past request_timeout_s ends with what it has", "[server]") 
   CHECK(took < 1.0);
   CHECK(f.server->in_flight() == 0);
 }
+
+TEST_CASE("/ready answers 503 until the warm-up request has run", "[server]") {
+  auto runtime = Runtime::from_string(manifest(), "server_test.toml");
+  Server server(*runtime, nullptr, runtime->manifest().server);
+  int port = 0;
+  {
+    // The engine cannot take a step while the step lock is held: the warm-up waits.
+    auto hold = runtime->pipeline().begin_step();
+    port = server.start();
+    httplib::Client c("127.0.0.1", port);
+    int status = 0;
+    std::string body;
+    for (int i = 0; i < 200 && status == 0; ++i) {
+      if (auto ready = c.Get("/ready")) {
+        status = ready->status;
+        body = ready->body;
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+    }
+    CHECK(status == 503);
+    CHECK(json::parse(body)["status"] == "warming up");
+    CHECK(c.Get("/health")->status == 200);
+  }
+  CHECK(server.wait_ready(30));
+  httplib::Client c("127.0.0.1", port);
+  CHECK(c.Get("/ready")->status == 200);
+  CHECK(c.Post("/v1/embeddings", "{\"model\": \"tiny-kjv\", \"input\": \"x\"}", "application/json")->status == 404);
+}
