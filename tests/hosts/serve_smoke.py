@@ -1,0 +1,39 @@
+# A smoke test of a running `loom serve` (stdlib only, for the GPU machine, which has no node):
+#   loom serve configs/server.toml --set loom.device='"cuda"' --set server.port=18181 &
+#   python3 tests/hosts/serve_smoke.py http://127.0.0.1:18181
+import json, sys, time, urllib.request, threading
+base = sys.argv[1]
+def post(path, body):
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+ok = True
+def check(c, what):
+    global ok
+    print(("ok: " if c else "FAIL: ") + what); ok = ok and c
+s, b = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And God said", "max_tokens": 24, "temperature": 0})
+check(s == 200 and json.loads(b)["usage"]["completion_tokens"] > 0, "greedy completion on CUDA: " + b[:200])
+s, b2 = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And God said", "max_tokens": 24, "temperature": 0})
+check(json.loads(b)["choices"][0]["text"] == json.loads(b2)["choices"][0]["text"], "repeatable")
+s, b = post("/v1/chat/completions", {"model": "tiny-kjv", "messages": [{"role": "user", "content": "Name a book."}], "max_tokens": 60, "seed": 1,
+     "response_format": {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "object", "properties": {"book": {"type": "string", "maxLength": 10}}, "required": ["book"]}}}})
+j = json.loads(b); print(j["choices"][0])
+if j["choices"][0]["finish_reason"] == "stop":
+    check(isinstance(json.loads(j["choices"][0]["message"]["content"])["book"], str), "json_schema on CUDA logits")
+s, b = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And", "max_tokens": 8, "n": 3, "temperature": 1.2, "top_p": 0.9, "seed": 5, "stream": True})
+check(s == 200 and b.rstrip().endswith("data: [DONE]"), "n=3 streamed with top_p")
+# 32 concurrent mixed requests (own chains and the pipeline's in one batch)
+res = []
+def worker(i):
+    body = {"model": "tiny-kjv", "prompt": "Verse %d" % i, "max_tokens": 16}
+    if i % 2: body["temperature"] = 0.7
+    res.append(post("/v1/completions", body)[0])
+t0 = time.time(); ts = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+[t.start() for t in ts]; [t.join() for t in ts]
+check(res.count(200) == 32, "32 concurrent mixed-chain requests in %.2f s" % (time.time() - t0))
+with urllib.request.urlopen(base + "/metrics") as r: m = r.read().decode()
+print([l for l in m.splitlines() if l.startswith("loom_kv_blocks_total") or l.startswith("loom_time_to_first_token_seconds_count")])
+print("gpu smoke: " + ("all passed" if ok else "FAILED"))
