@@ -123,7 +123,6 @@ struct Server::Impl {
   std::mutex jobs_mutex;
   std::vector<std::weak_ptr<Job>> jobs; // for drain's cancel
   std::mutex embed_mutex;
-  std::string engine_error;
   std::atomic<uint64_t> next_id{1};
   // Metrics.
   Histogram ttft{latency_buckets()}, itl{latency_buckets()}, duration{latency_buckets()};
