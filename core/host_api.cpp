@@ -8,6 +8,7 @@
 #include "loom/core/host_context.hpp"
 #include "loom/host_kernels.h"
 #include "loom/host_vocab.h"
+#include "hosted_model.hpp"
 
 const char *loom_host_ctx::keep(const std::string &lookup, std::string value) noexcept {
   try {
@@ -299,6 +300,8 @@ const void *host_get_extension(loom_host_ctx *ctx, const char *id) {
   // Offered once a model with a tokenizer is loaded (after the instances were created: ask at
   // apply time, not in create()).
   if (id != nullptr && std::strcmp(id, LOOM_HOST_VOCAB_EXTENSION) == 0) return vocabulary_of(ctx) ? &kVocab : nullptr;
+  if (id != nullptr && std::strcmp(id, LOOM_HOST_MODELS_EXTENSION) == 0)
+    return ctx != nullptr && ctx->models != nullptr ? host_models_table() : nullptr;
   return nullptr;
 }
 

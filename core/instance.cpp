@@ -54,6 +54,7 @@ std::unique_ptr<Instance> Instance::create(const ComponentRef &ref, const Compon
   inst->ctx_->metrics = env.metrics;
   inst->ctx_->cancelled = env.cancelled;
   inst->ctx_->vocabulary = env.vocabulary;
+  inst->ctx_->models = env.models;
   void *handle = nullptr;
   loom_status status = inst->lifecycle().create(host_api(), inst->ctx_.get(), &handle);
   if (status != LOOM_OK || handle == nullptr) {

@@ -23,7 +23,7 @@ constexpr KindInfo kKinds[] = {
     {LOOM_KIND_ATTENTION, "attention", false}, {LOOM_KIND_QUANTIZER, "quantizer", false},
     {LOOM_KIND_PARALLEL, "parallel", false},   {LOOM_KIND_SAMPLER, "sampler", true},
     {LOOM_KIND_ADAPTER, "adapter", true},      {LOOM_KIND_RETRIEVER, "retriever", true},
-    {LOOM_KIND_TOOL, "tool", true},
+    {LOOM_KIND_TOOL, "tool", true},            {LOOM_KIND_DRAFTER, "drafter", false},
 };
 
 // Walks a table with a fixed schema: every key must be known and of the expected type.
@@ -156,7 +156,8 @@ std::vector<int32_t> read_token_ids(const SchemaReader &r, const toml::node &n, 
 
 void read_scheduler_table(const toml::table &t, const std::string &source, SchedulerSpec &s) {
   SchemaReader r(t, "scheduler", source);
-  r.only({"max_seqs", "max_batched_tokens", "chunked_prefill", "prefix_caching", "kv_blocks", "kv_cache_mib"});
+  r.only({"max_seqs", "max_batched_tokens", "chunked_prefill", "prefix_caching", "kv_blocks", "kv_cache_mib",
+          "speculative_tokens", "speculative_adaptive", "speculative_max_tokens"});
   s.enabled = true;
   r.read_int("max_seqs", s.max_seqs, 1, 4096);
   r.read_int("max_batched_tokens", s.max_batched_tokens, 1, 1 << 20);
@@ -164,6 +165,16 @@ void read_scheduler_table(const toml::table &t, const std::string &source, Sched
   r.read_int("kv_cache_mib", s.kv_cache_mib, 0, int64_t{1} << 30);
   if (auto n = r.get("chunked_prefill", toml::node_type::boolean, "true or false")) s.chunked_prefill = *n->value<bool>();
   if (auto n = r.get("prefix_caching", toml::node_type::boolean, "true or false")) s.prefix_caching = *n->value<bool>();
+  r.read_int("speculative_tokens", s.speculative_tokens, 1, 64);
+  r.read_int("speculative_max_tokens", s.speculative_max_tokens, 1, 64);
+  if (auto n = r.get("speculative_adaptive", toml::node_type::boolean, "true or false"))
+    s.speculative_adaptive = *n->value<bool>();
+  if (s.speculative_tokens > s.speculative_max_tokens) {
+    if (t.contains("speculative_max_tokens"))
+      r.fail(*t.get("speculative_tokens"), "speculative_tokens",
+             "must not exceed speculative_max_tokens (" + std::to_string(s.speculative_max_tokens) + ")");
+    s.speculative_max_tokens = s.speculative_tokens;
+  }
 }
 
 void read_server_table(const toml::table &t, const std::string &source, ServerSpec &s) {
@@ -578,7 +589,7 @@ Manifest build_manifest(toml::table parsed, const std::string &source, const std
     }
     loom_kind kind = kind_from_name(k);
     if (kind == 0)
-      fail("unknown key (known: loom, model, run, embedding, agent, scheduler, server, train, attention, quantizer, parallel, sampler, adapter, retriever, tool)");
+      fail("unknown key (known: loom, model, run, embedding, agent, scheduler, server, train, attention, quantizer, parallel, sampler, adapter, retriever, tool, drafter)");
     if (kind_is_list(kind)) {
       if (!node.is_array_of_tables()) fail("expected an array of tables: write [[" + k + "]]");
       size_t i = 0;

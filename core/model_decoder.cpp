@@ -354,11 +354,18 @@ void ModelDecoder::release_sequence(int64_t seq) {
     if (auto fn = s->vtable<loom_sampler_vtable>()->release) fn(s->handle(), seq);
 }
 
+void ModelDecoder::release_draft_sequence(int64_t seq) {
+  for (auto &d : pipeline_.list(LOOM_KIND_DRAFTER))
+    if (auto fn = d->vtable<loom_drafter_vtable>()->release) fn(d->handle(), seq);
+}
+
 ModelDecoder::ForgetSequences::~ForgetSequences() {
   try {
     auto guard = pipeline.begin_step();
     for (auto &s : pipeline.list(LOOM_KIND_SAMPLER))
       if (auto release = s->vtable<loom_sampler_vtable>()->release) release(s->handle(), -1);
+    for (auto &d : pipeline.list(LOOM_KIND_DRAFTER))
+      if (auto release = d->vtable<loom_drafter_vtable>()->release) release(d->handle(), -1);
   } catch (...) { // (out of memory listing the chain): nothing to release then
   }
 }
@@ -389,7 +396,9 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
                           "the beam-search sampler");
     return generate_beams(steps, on_token, on_sequence_token, result);
   }
-  if (manifest_.scheduler.enabled) return generate_scheduled(steps, on_token, on_sequence_token, result);
+  // Speculative decoding lives in the serving loop: a [drafter] runs the prompts as requests.
+  if (manifest_.scheduler.enabled || !manifest_.of_kind(LOOM_KIND_DRAFTER).empty())
+    return generate_scheduled(steps, on_token, on_sequence_token, result);
   const size_t n = prompts_.size();
   const std::vector<int64_t> limits = step_limits(steps);
   // A prefix adapter's virtual tokens come first in every sequence (their positions hold its

@@ -181,6 +181,8 @@ class ModelDecoder {
   std::vector<int64_t> step_limits(int64_t &steps) const;
   // Every sampler link forgets sequence `seq` (it left the run).
   void release_sequence(int64_t seq);
+  // The drafter (speculative decoding) forgets sequence `seq`; -1: every sequence.
+  void release_draft_sequence(int64_t seq);
   bool beam_chain() const;
   // serve()'s adapter choices: why a request naming `slot` is refused ("" when it is loaded);
   // a choice as StepBatch::seq_adapters codes it among `adapters`; its prefix-cache domain.

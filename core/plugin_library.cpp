@@ -60,6 +60,7 @@ size_t v1_vtable_size(loom_kind kind) {
   case LOOM_KIND_PARALLEL: return sizeof(loom_parallel_vtable);
   case LOOM_KIND_RETRIEVER: return sizeof(loom_retriever_vtable);
   case LOOM_KIND_TOOL: return sizeof(loom_tool_vtable);
+  case LOOM_KIND_DRAFTER: return sizeof(loom_drafter_vtable);
   default: return 0;
   }
 }
@@ -111,6 +112,9 @@ std::string missing_required_call(loom_kind kind, const void *vt) {
     if (m.empty()) m = need(reinterpret_cast<const void *>(v->call), "call");
     break;
   }
+  case LOOM_KIND_DRAFTER:
+    m = need(reinterpret_cast<const void *>(static_cast<const loom_drafter_vtable *>(vt)->propose), "propose");
+    break;
   default: break;
   }
   return m;
@@ -123,7 +127,7 @@ std::string check_component(const loom_component_desc *c, uint32_t index) {
     return where + " has an absurd struct_size " + std::to_string(c->struct_size);
   if (!sane_name(c->name)) return where + " has no valid name (lowercase letters, digits, '-', '_', '.')";
   where = "component '" + std::string(c->name) + "'";
-  if (c->kind < LOOM_KIND_ATTENTION || c->kind > LOOM_KIND_TOOL)
+  if (c->kind < LOOM_KIND_ATTENTION || c->kind > LOOM_KIND_DRAFTER)
     return where + " has an unknown kind " + std::to_string(c->kind);
   if (!sane_string(c->version, 64) || !parse_version(c->version))
     return where + " has no valid semantic version";

@@ -7,6 +7,7 @@
 #include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
 #include "device_select.hpp"
+#include "hosted_model.hpp"
 #include "model_decoder.hpp"
 
 namespace loom {
@@ -85,7 +86,20 @@ Runtime::Runtime(Manifest manifest)
     if (std::error_code ec; !std::filesystem::is_directory(dir, ec))
       throw manifest_error(manifest_.source_name + ": loom.plugin_paths: '" + dir.string() + "' is not a directory");
   registry_.scan();
-  pipeline_ = std::make_unique<Pipeline>(registry_, InstanceEnvironment{device_, &metrics_, &cancelled_, &vocabulary_});
+  ModelHostOptions hosted;
+  hosted.registry = &registry_;
+  hosted.device = device_;
+  if (manifest_.model_dtype == "float32") hosted.dtype = ComputeDtype::float32;
+  else if (manifest_.model_dtype == "bfloat16") hosted.dtype = ComputeDtype::bfloat16;
+  hosted.threads = static_cast<int32_t>(manifest_.threads);
+  hosted.base_dir = manifest_.base_dir;
+  hosted.source_name = manifest_.source_name;
+  if (const auto attention = manifest_.of_kind(LOOM_KIND_ATTENTION); !attention.empty()) hosted.attention = *attention.front();
+  hosted.metrics = &metrics_;
+  hosted.cancelled = &cancelled_;
+  model_host_ = std::make_unique<ModelHost>(std::move(hosted));
+  pipeline_ = std::make_unique<Pipeline>(registry_,
+                                         InstanceEnvironment{device_, &metrics_, &cancelled_, &vocabulary_, model_host_.get()});
   pipeline_->build(manifest_);
   // Loads the model now, into the backend make_backend picks for device_.
   decoder_ = std::make_unique<ModelDecoder>(manifest_, *pipeline_, device_, cancelled_, &vocabulary_);
@@ -102,6 +116,12 @@ void Runtime::record_scheduler_metrics(const SchedulerStats &s) {
   metrics_.count("scheduler.cached_prompt_tokens", static_cast<double>(s.cached_tokens));
   metrics_.count("scheduler.preemptions", static_cast<double>(s.preemptions));
   metrics_.count("scheduler.steps", static_cast<double>(s.steps));
+  if (s.drafted_tokens > 0 || s.drafter_failures > 0) {
+    metrics_.count("speculative.drafted_tokens", static_cast<double>(s.drafted_tokens));
+    metrics_.count("speculative.accepted_tokens", static_cast<double>(s.accepted_tokens));
+    metrics_.count("speculative.drafter_failures", static_cast<double>(s.drafter_failures));
+    metrics_.gauge("speculative.acceptance_rate", s.acceptance_rate());
+  }
 }
 
 SchedulerStats Runtime::serve(RequestQueue &queue, int64_t max_positions) {

@@ -119,9 +119,17 @@ SchedulePlan Scheduler::schedule() {
       ++i;
       continue;
     }
-    if (!grow_running(seq, 1, plan)) continue; // seq went back to waiting; running_[i] is the next one
-    plan_work(seq, 1, plan);
-    budget -= 1;
+    // Drafts ride along when the budget leaves room (a decode for every other running sequence
+    // comes first: each gets its own token before any gets drafts).
+    Request &rw = requests_.at(seq);
+    const int32_t drafts = std::max(0, std::min<int32_t>(rw.draft, budget - 1));
+    rw.draft = 0;
+    if (!grow_running(seq, 1 + drafts, plan)) continue; // seq went back to waiting; running_[i] is the next one
+    plan_work(seq, 1 + drafts, plan);
+    plan.work.back().draft = drafts;
+    plan.work.back().samples = true;
+    requests_.at(seq).drafted = drafts;
+    budget -= 1 + drafts;
     ++i;
   }
 
@@ -164,7 +172,8 @@ SchedulePlan Scheduler::schedule() {
   // 3. The caller runs the whole plan before the next schedule(): count its tokens as computed.
   for (const ScheduledWork &w : plan.work) {
     Request &r = requests_.at(w.seq);
-    r.computed += w.n_tokens;
+    r.computed += w.n_tokens - w.draft; // drafts count once accepted (accept_drafts)
+    if (w.draft == 0) r.drafted = 0;
     blocks_.computed(w.seq, r.tokens, r.computed);
   }
   return plan;
@@ -178,6 +187,37 @@ void Scheduler::append(int64_t seq, int32_t token) {
     throw runtime_error(seq_name(seq) + " already has its max_new_tokens " + std::to_string(r.max_new_tokens) +
                         " tokens (append)");
   r.tokens.push_back(token);
+}
+
+std::vector<int64_t> Scheduler::decoding() const {
+  std::vector<int64_t> out;
+  for (int64_t s : running_) {
+    const Request &r = requests_.at(s);
+    if (r.computed + 1 == int64_t(r.tokens.size())) out.push_back(s);
+  }
+  return out;
+}
+
+void Scheduler::propose_draft(int64_t seq, int32_t n) {
+  Request &r = request(seq, "propose_draft");
+  if (!r.running || r.computed + 1 != int64_t(r.tokens.size()))
+    throw runtime_error(seq_name(seq) + " is not decoding (propose_draft)");
+  const int64_t room = r.max_new_tokens - int64_t(r.tokens.size() - r.prompt_size) - 1;
+  if (n < 0 || n > room)
+    throw runtime_error(seq_name(seq) + ": " + std::to_string(n) + " drafts outside 0 .. " + std::to_string(room) +
+                        " (propose_draft)");
+  r.draft = n;
+}
+
+void Scheduler::accept_drafts(int64_t seq, const int32_t *tokens, int32_t n) {
+  Request &r = request(seq, "accept_drafts");
+  if (!r.running || r.computed != int64_t(r.tokens.size()) || n < 0 || n > r.drafted)
+    throw runtime_error(seq_name(seq) + ": " + std::to_string(n) + " accepted drafts, but the last step ran " +
+                        std::to_string(r.drafted) + " (accept_drafts)");
+  r.tokens.insert(r.tokens.end(), tokens, tokens + n);
+  r.computed += n;
+  r.drafted = 0;
+  blocks_.computed(seq, r.tokens, r.computed);
 }
 
 void Scheduler::finish(int64_t seq) {

@@ -16,6 +16,9 @@
 // recomputes exactly the tokens it had. No decode-ahead here (each step waits for its tokens).
 #include <algorithm>
 #include <chrono>
+#include <climits>
+#include <cstdint>
+#include <deque>
 #include <unordered_map>
 #include <utility>
 
@@ -74,12 +77,19 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     SequenceResult out;
     bool stopped_by_string = false;
     bool ending = false; // ends at this step (in `ended`)
+    size_t cut = SIZE_MAX; // on_token said stop after this many tokens (a step may emit several)
+    int64_t virtual_n = 0; // a prefix adapter's placeholders before the prompt
+    // Speculative decoding: the drafts proposed for the next step, and this sequence's k.
+    std::vector<int32_t> draft;
+    int32_t k = 0;
   };
   std::unordered_map<int64_t, Live> live;
   // Ends a request that the scheduler no longer holds: its text, then on_done.
   auto end_request = [&](int64_t id, const std::string &error) {
     auto it = live.find(id);
     Live &l = it->second;
+    if (l.out.tokens.size() > l.cut) l.out.tokens.resize(l.cut);
+    release_draft_sequence(id);
     if (tokenizer_ && !l.stopped_by_string)
       generated_text(l.out.prompt, l.out.tokens, &l.out.text, l.request.stop ? &*l.request.stop : nullptr);
     release_sequence(id);
@@ -110,10 +120,31 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   SchedulerStats stats;
   StepBatch batch;
   std::vector<int32_t> rows, sampled;
-  std::vector<std::pair<int64_t, int32_t>> emitted; // (request, token) of this step
+  struct Emitted {
+    int64_t seq;
+    int64_t index; // in the request's generated tokens
+    int32_t token;
+  };
+  std::vector<Emitted> emitted; // tokens of this step, in order
   std::vector<int64_t> ended;                       // requests that ended at this step
   std::vector<const std::vector<int32_t> *> row_history; // the scheduler's tokens of each sampled row
   std::vector<uint64_t> row_steps;
+  std::vector<const Instance *> row_chain; // each sampled row's chain (nullptr: the pipeline's)
+  // Speculative decoding: a drafter's proposals, and the histories of the rows after drafts.
+  const int32_t spec_max_k = static_cast<int32_t>(spec.speculative_max_tokens);
+  std::vector<int64_t> draft_seqs;
+  std::vector<const int32_t *> draft_context;
+  std::vector<int32_t> draft_len, draft_max, draft_out, draft_n;
+  std::deque<std::vector<int32_t>> draft_histories;
+  const auto speculable = [](const std::vector<std::shared_ptr<Instance>> &chain) {
+    // A row after drafts is sampled as if they were accepted; links that keep per-sequence
+    // state (accept(): grammars, mirostat) or select beams would need that state forked, so
+    // their requests decode without drafts.
+    return !chain.empty() && std::none_of(chain.begin(), chain.end(), [](const std::shared_ptr<Instance> &s) {
+      const auto *vt = s->vtable<loom_sampler_vtable>();
+      return vt->accept != nullptr || (vt->flags & LOOM_SAMPLER_BEAMS) != 0;
+    });
+  };
   // One chain's rows of a step (sampled together).
   std::vector<int32_t> group_rows, group_tokens;
   std::vector<const std::vector<int32_t> *> group_history;
@@ -184,6 +215,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       }
       Live l;
       l.adapter_slot = std::move(adapter_slot);
+      l.virtual_n = virtual_n;
+      l.k = static_cast<int32_t>(spec.speculative_tokens);
       l.out.prompt = std::move(request.prompt); // (the scheduler holds its own copy for the tokens)
       l.request = std::move(request);
       live.emplace(id, std::move(l));
@@ -208,6 +241,64 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       auto guard = pipeline_.begin_step();
       const auto step_start = std::chrono::steady_clock::now();
       StepRecord record;
+      if (const auto drafters = pipeline_.list(LOOM_KIND_DRAFTER); !drafters.empty()) {
+        // Speculative decoding: the drafter proposes up to k tokens for each decoding sequence
+        // whose chain can verify them; the scheduler gives them room when the budget allows.
+        const bool pipeline_speculable = speculable(pipeline_.list(LOOM_KIND_SAMPLER));
+        draft_seqs.clear();
+        draft_context.clear();
+        draft_len.clear();
+        draft_max.clear();
+        for (int64_t seq : scheduler.decoding()) {
+          Live &l = live.at(seq);
+          l.draft.clear();
+          const bool verifiable = l.request.samplers.empty() ? pipeline_speculable : speculable(l.request.samplers);
+          const int64_t room = l.request.max_new_tokens - static_cast<int64_t>(l.out.tokens.size()) - 1;
+          const int32_t max_draft = static_cast<int32_t>(std::min<int64_t>(l.k, room));
+          if (!verifiable || max_draft < 1) continue;
+          const std::vector<int32_t> &tokens = scheduler.tokens(seq);
+          draft_seqs.push_back(seq);
+          draft_context.push_back(tokens.data() + l.virtual_n);
+          draft_len.push_back(static_cast<int32_t>(static_cast<int64_t>(tokens.size()) - l.virtual_n));
+          draft_max.push_back(max_draft);
+        }
+        if (!draft_seqs.empty()) {
+          const int32_t stride = *std::max_element(draft_max.begin(), draft_max.end());
+          draft_out.assign(draft_seqs.size() * static_cast<size_t>(stride), -1);
+          draft_n.assign(draft_seqs.size(), 0);
+          loom_draft_batch db{};
+          db.struct_size = sizeof(db);
+          db.n_seqs = static_cast<int32_t>(draft_seqs.size());
+          db.vocab_size = static_cast<int32_t>(config_.vocab_size);
+          db.seq_ids = draft_seqs.data();
+          db.context = draft_context.data();
+          db.context_len = draft_len.data();
+          db.max_draft = draft_max.data();
+          db.stride = stride;
+          db.draft_out = draft_out.data();
+          db.n_out = draft_n.data();
+          Instance &drafter = *drafters.front();
+          try {
+            drafter.check(drafter.vtable<loom_drafter_vtable>()->propose(drafter.handle(), &db), "propose");
+            for (size_t i = 0; i < draft_seqs.size(); ++i) {
+              Live &l = live.at(draft_seqs[i]);
+              const int32_t n = std::clamp(draft_n[i], 0, draft_max[i]);
+              // (A token outside the vocabulary ends the drafts: they are proposals, never trusted.)
+              for (int32_t j = 0; j < n; ++j) {
+                const int32_t t = draft_out[i * static_cast<size_t>(stride) + static_cast<size_t>(j)];
+                if (t < 0 || t >= config_.vocab_size) break;
+                l.draft.push_back(t);
+              }
+              if (!l.draft.empty()) scheduler.propose_draft(draft_seqs[i], static_cast<int32_t>(l.draft.size()));
+            }
+          } catch (const Error &e) {
+            // A failing drafter costs this step its drafts, never a request.
+            ++stats.drafter_failures;
+            stats.drafter_error = e.what();
+            for (int64_t seq : draft_seqs) live.at(seq).draft.clear();
+          }
+        }
+      }
       SchedulePlan plan = scheduler.schedule();
       if (plan.work.empty())
         throw runtime_error(manifest_.source_name + ": scheduler: no work planned while requests wait (" +
@@ -237,6 +328,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       rows.clear();
       row_steps.clear();
       row_history.clear();
+      row_chain.clear();
+      draft_histories.clear();
       // Each row's adapter, when some request chose one (StepBatch::seq_adapters).
       batch.seq_adapters.clear();
       const bool choosing = std::any_of(plan.work.begin(), plan.work.end(),
@@ -244,8 +337,35 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       std::vector<std::shared_ptr<Instance>> adapters;
       if (choosing) adapters = pipeline_.list(LOOM_KIND_ADAPTER);
       for (const ScheduledWork &w : plan.work) {
-        if (choosing) batch.seq_adapters.push_back(adapter_index(live.at(w.seq).request.adapter, adapters));
         const std::vector<int32_t> &tokens = scheduler.tokens(w.seq);
+        if (w.draft > 0) {
+          // Verification: the last token and each draft are one-token sequences of their own
+          // sharing the block table, at consecutive positions, so that each gets its logits
+          // (attention reads the keys the earlier ones write in the same pass: loom/attention.h).
+          // Row j is sampled as the sequence's step generated + j would be after drafts 0..j-1.
+          const Live &l = live.at(w.seq);
+          const int32_t adapter = choosing ? adapter_index(l.request.adapter, adapters) : 0;
+          for (int32_t j = 0; j <= w.draft; ++j) {
+            if (choosing) batch.seq_adapters.push_back(adapter);
+            batch.tokens.push_back(j == 0 ? tokens[static_cast<size_t>(w.first_position)] : l.draft[static_cast<size_t>(j - 1)]);
+            batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
+            batch.seq_positions.push_back(static_cast<int32_t>(w.first_position + j));
+            append_table(blocks.table(w.seq), cols, batch.block_tables);
+            record.context += w.first_position + j + 1;
+            rows.push_back(static_cast<int32_t>(w.seq));
+            if (j == 0) {
+              row_history.push_back(&tokens);
+            } else {
+              std::vector<int32_t> &h = draft_histories.emplace_back(tokens);
+              h.insert(h.end(), l.draft.begin(), l.draft.begin() + j);
+              row_history.push_back(&h);
+            }
+            row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq) + j));
+            row_chain.push_back(chain_of(w));
+          }
+          continue;
+        }
+        if (choosing) batch.seq_adapters.push_back(adapter_index(live.at(w.seq).request.adapter, adapters));
         batch.tokens.insert(batch.tokens.end(), tokens.begin() + w.first_position,
                             tokens.begin() + w.first_position + w.n_tokens);
         batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
@@ -256,6 +376,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           rows.push_back(static_cast<int32_t>(w.seq));
           row_history.push_back(&tokens);
           row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq)));
+          row_chain.push_back(chain_of(w));
         }
       }
       copies.clear();
@@ -282,7 +403,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         const ServeRequest &first = live.at(rows[begin]).request;
         const Instance *chain = first.samplers.empty() ? nullptr : first.samplers.front().get();
         size_t end = begin + 1;
-        while (end < rows.size() && chain_of(plan.work[end]) == chain) ++end;
+        while (end < rows.size() && row_chain[end] == chain) ++end;
         group_rows.assign(rows.begin() + static_cast<std::ptrdiff_t>(begin), rows.begin() + static_cast<std::ptrdiff_t>(end));
         group_history.assign(row_history.begin() + static_cast<std::ptrdiff_t>(begin),
                              row_history.begin() + static_cast<std::ptrdiff_t>(end));
@@ -313,33 +434,61 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         std::copy(group_tokens.begin(), group_tokens.end(), sampled.begin() + static_cast<std::ptrdiff_t>(begin));
         begin = end;
       }
-      for (size_t r = 0; r < rows.size(); ++r) {
-        const int32_t seq = rows[r], token = sampled[r];
-        if (token < 0) { // its chain failed (in `failed`)
+      size_t r = 0;
+      for (const ScheduledWork &w : plan.work) {
+        if (!w.samples) continue;
+        const int64_t seq = w.seq;
+        const int32_t *got = sampled.data() + r; // 1 + w.draft rows
+        r += static_cast<size_t>(1 + w.draft);
+        if (got[0] < 0) { // its chain failed (in `failed`)
           scheduler.finish(seq);
           continue;
         }
         Live &l = live.at(seq);
-        scheduler.append(seq, token);
-        l.out.tokens.push_back(token);
-        emitted.emplace_back(seq, token);
-        const bool done = hits_stop(l.out.prompt, l.out, token, &l.stopped_by_string, l.request.stop ? &*l.request.stop : nullptr);
-        if (done || static_cast<int64_t>(l.out.tokens.size()) >= l.request.max_new_tokens) {
+        // Drafts are kept while each equals what the target sampled at its position (the token
+        // the target itself would have produced there, with the same random numbers); the row
+        // after the last kept draft gives the step's own token. So the tokens are exactly those
+        // of decoding without drafts: for greedy chains the argmax, for sampling chains the
+        // rejection-sampling rule with a point-mass proposal (DESIGN.md "Speculative decoding").
+        int32_t kept = 0;
+        while (kept < w.draft && got[kept] == l.draft[static_cast<size_t>(kept)]) ++kept;
+        if (w.draft > 0) {
+          stats.drafted_tokens += w.draft;
+          stats.accepted_tokens += kept;
+          record.drafted += w.draft;
+          record.accepted += kept;
+          if (spec.speculative_adaptive) // (transformers' "heuristic" schedule: +2 when all were kept, else -1)
+            l.k = kept == w.draft ? std::min(l.k + 2, spec_max_k) : std::max(1, l.k - 1);
+        }
+        bool done = false;
+        for (int32_t i = 0; i <= kept && !done; ++i) {
+          const int32_t token = got[i];
+          l.out.tokens.push_back(token);
+          emitted.push_back({seq, static_cast<int64_t>(l.out.tokens.size()) - 1, token});
+          done = hits_stop(l.out.prompt, l.out, token, &l.stopped_by_string, l.request.stop ? &*l.request.stop : nullptr) ||
+                 static_cast<int64_t>(l.out.tokens.size()) >= l.request.max_new_tokens;
+        }
+        if (done) {
           scheduler.finish(seq); // its blocks go back to the pool (full ones stay cached)
           ended.push_back(seq);
           l.ending = true;
+        } else {
+          if (kept > 0) scheduler.accept_drafts(seq, l.draft.data(), kept);
+          scheduler.append(seq, got[kept]);
         }
       }
       log_step();
     }
     // Callbacks run outside the step lock: a swap they make lands before the next step. A
     // request whose callback says stop ends here.
-    for (const auto &[seq, token] : emitted) {
-      Live &l = live.at(seq);
-      if (l.request.on_token && !l.request.on_token(static_cast<int64_t>(l.out.tokens.size()) - 1, token) && !l.ending) {
+    for (const Emitted &e : emitted) {
+      Live &l = live.at(e.seq);
+      if (l.cut != SIZE_MAX || !l.request.on_token || l.request.on_token(e.index, e.token)) continue;
+      l.cut = static_cast<size_t>(e.index) + 1; // (later tokens of this step are dropped)
+      if (!l.ending) {
         l.out.cancelled = true;
-        scheduler.finish(seq);
-        ended.push_back(seq);
+        scheduler.finish(e.seq);
+        ended.push_back(e.seq);
         l.ending = true;
       }
     }

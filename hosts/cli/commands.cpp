@@ -388,6 +388,13 @@ int cmd_run(const std::vector<std::string> &args) {
                 << r.scheduler.cached_tokens << " of " << r.scheduler.prompt_tokens << " prompt tokens ("
                 << std::setprecision(1) << 100.0 * r.scheduler.prefix_cache_hit_rate << "%), KV pool "
                 << r.scheduler.kv_blocks << " blocks of " << r.scheduler.block_size << "\n";
+    if (r.scheduler.drafted_tokens > 0 || r.scheduler.drafter_failures > 0)
+      std::cout << "speculative: " << r.scheduler.accepted_tokens << " of " << r.scheduler.drafted_tokens
+                << " drafted tokens accepted (" << std::setprecision(1) << 100.0 * r.scheduler.acceptance_rate() << "%)"
+                << (r.scheduler.drafter_failures > 0
+                        ? ", " + std::to_string(r.scheduler.drafter_failures) + " drafter calls failed: " + r.scheduler.drafter_error
+                        : std::string())
+                << "\n";
     return r.cancelled ? 1 : 0;
   });
 }

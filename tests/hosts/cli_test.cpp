@@ -48,7 +48,7 @@ TEST_CASE("help and version", "[cli]") {
 TEST_CASE("plugins lists components of every kind, as a table and as JSON", "[cli]") {
   auto table = loom("plugins");
   CHECK(table.code == 0);
-  for (const char *kind : {"attention", "quantizer", "adapter", "sampler", "parallel", "retriever", "tool"}) {
+  for (const char *kind : {"attention", "quantizer", "adapter", "sampler", "parallel", "retriever", "tool", "drafter"}) {
     INFO(kind);
     CHECK(table.out.find(std::string("\n  ") + kind) != std::string::npos);
   }
@@ -59,7 +59,7 @@ TEST_CASE("plugins lists components of every kind, as a table and as JSON", "[cl
   std::set<std::string> kinds;
   for (const auto &lib : doc["libraries"])
     for (const auto &c : lib["components"]) kinds.insert(c["kind"].get<std::string>());
-  CHECK(kinds.size() == 7);
+  CHECK(kinds.size() == 8);
   // Broken libraries in an extra path are reported, and the good ones still listed.
   auto bad = loom("plugins --path " + std::string(LOOM_TEST_PLUGIN_DIR) + "/bad");
   CHECK(bad.code == 0);

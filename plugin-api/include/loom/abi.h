@@ -26,7 +26,7 @@ extern "C" {
 /* The host refuses a library whose abi_major differs from its own. A minor bump only appends
  * fields to structs or calls to tables; a reader of an older minor checks struct_size. */
 #define LOOM_ABI_MAJOR 1
-#define LOOM_ABI_MINOR 8
+#define LOOM_ABI_MINOR 9
 
 /* True when a struct filled by the other side is large enough to hold `field`. */
 #define LOOM_HAS_FIELD(ptr, type, field) \
@@ -61,7 +61,8 @@ enum {
   LOOM_KIND_SAMPLER = 4,
   LOOM_KIND_PARALLEL = 5,
   LOOM_KIND_RETRIEVER = 6,
-  LOOM_KIND_TOOL = 7
+  LOOM_KIND_TOOL = 7,
+  LOOM_KIND_DRAFTER = 8 /* ABI 1.9 */
 };
 
 /* Log levels for loom_host_api.log. */

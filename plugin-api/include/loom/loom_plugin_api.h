@@ -6,6 +6,7 @@
 #include "loom/host.h"
 #include "loom/host_kernels.h"
 #include "loom/host_vocab.h"
+#include "loom/host_models.h"
 #include "loom/plugin.h"
 #include "loom/tensor.h"
 #include "loom/attention.h"
@@ -16,4 +17,5 @@
 #include "loom/parallel.h"
 #include "loom/retriever.h"
 #include "loom/tool.h"
+#include "loom/drafter.h"
 #endif

@@ -19,6 +19,10 @@
 #include "loom/core/vocabulary.hpp"
 #include "loom/host.h"
 
+namespace loom {
+class ModelHost;
+}
+
 struct loom_host_ctx {
   std::string kind;      // "sampler"
   std::string slot;      // "sampler[0]"
@@ -29,6 +33,7 @@ struct loom_host_ctx {
   loom::Metrics *metrics = nullptr;
   const std::atomic<bool> *cancelled = nullptr;
   const loom::VocabularySlot *vocabulary = nullptr;
+  const loom::ModelHost *models = nullptr; // loom.host.models/1; null where the host runs no models
 
   std::mutex mutex; // guards the three members below
   std::string last_error;

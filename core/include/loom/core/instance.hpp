@@ -21,11 +21,14 @@ namespace loom {
 
 class VocabularySlot;
 
+class ModelHost;
+
 struct InstanceEnvironment {
   DLDevice device{kDLCPU, 0};
   Metrics *metrics = nullptr;
   const std::atomic<bool> *cancelled = nullptr;
   const VocabularySlot *vocabulary = nullptr; // the model's tokens, for the vocabulary extension
+  const ModelHost *models = nullptr;          // models plugins may run (loom.host.models/1)
 };
 
 class Instance {

@@ -100,6 +100,12 @@ struct SchedulerSpec {
   bool prefix_caching = true;       // full KV blocks are reused by requests with the same prefix
   int64_t kv_blocks = 0;            // blocks in the KV pool; 0: as many as kv_cache_mib holds
   int64_t kv_cache_mib = 0;         // 0: the backend's default (most of the GPU's free memory)
+  // Speculative decoding, with a [drafter] (DESIGN.md "Speculative decoding"): the drafts the
+  // drafter may propose per step and sequence (k); with speculative_adaptive each sequence's k
+  // follows its acceptance (1 .. speculative_max_tokens).
+  int64_t speculative_tokens = 4;
+  bool speculative_adaptive = false;
+  int64_t speculative_max_tokens = 8;
 };
 
 // [embedding]: the model as an embedding model (DESIGN.md, "Embeddings"). With this table the

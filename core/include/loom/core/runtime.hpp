@@ -24,6 +24,8 @@
 
 namespace loom {
 
+class ModelHost;
+
 class ModelDecoder;
 
 struct PassageResult {
@@ -67,6 +69,8 @@ struct StepRecord {
   int32_t sampled = 0;   // rows sampled (sequences that produced a token)
   int64_t context = 0;   // KV positions the pass attends to, summed over its sequences
   double seconds = 0;
+  int32_t drafted = 0;   // speculative decoding: draft tokens fed (in `tokens`)
+  int32_t accepted = 0;  // of those, accepted
 };
 
 // What the scheduler did in a run served through [scheduler] (core/serving.cpp).
@@ -79,6 +83,14 @@ struct SchedulerStats {
   double prefix_cache_hit_rate = 0; // cached_tokens / prompt_tokens
   int64_t kv_blocks = 0;        // the KV pool's blocks
   int32_t block_size = 0;       // positions per block
+  // Speculative decoding ([drafter]): draft tokens verified by the target, and of those accepted
+  // (acceptance rate = accepted / drafted); drafter calls that failed (those steps ran without
+  // drafts), with the last failure's message.
+  int64_t drafted_tokens = 0;
+  int64_t accepted_tokens = 0;
+  int64_t drafter_failures = 0;
+  std::string drafter_error;
+  double acceptance_rate() const { return drafted_tokens > 0 ? double(accepted_tokens) / double(drafted_tokens) : 0.0; }
   // The run's first kStepLogLimit steps, in order (bounded, so that a long-lived server's log
   // does not grow without end).
   static constexpr size_t kStepLogLimit = 65536;
@@ -215,6 +227,7 @@ class Runtime {
   VocabularySlot vocabulary_; // the model's tokens, offered to plugins; filled by the decoder
   std::atomic<bool> cancelled_{false};
   Registry registry_;
+  std::unique_ptr<ModelHost> model_host_; // models plugins run (draft models); outlives the pipeline
   std::unique_ptr<Pipeline> pipeline_;
   std::unique_ptr<ModelDecoder> decoder_; // destroyed before the pipeline
 };

@@ -37,11 +37,15 @@ struct SchedulerOptions {
 
 // This step computes tokens(seq)[first_position, first_position + n_tokens) at those positions.
 // samples: the chunk ends at the seq's last known token, so its logits are sampled this step.
+// draft (speculative decoding, propose_draft()): a decode whose n_tokens are the last known token
+// then `draft` draft tokens the caller holds, at the positions after it; every one of its rows is
+// sampled, and only the token before the drafts counts as computed until accept_drafts().
 struct ScheduledWork {
   int64_t seq;
   int64_t first_position;
   int32_t n_tokens;
   bool samples;
+  int32_t draft = 0;
 };
 
 struct SchedulePlan {
@@ -82,6 +86,21 @@ class Scheduler {
   // running, did not sample last step, or already has max_new_tokens generated tokens.
   void append(int64_t seq, int32_t token);
 
+  // Speculative decoding. Running sequences whose next step is a decode (their cache holds all
+  // but their last token), in admission order: the ones a drafter may propose for.
+  std::vector<int64_t> decoding() const;
+  // The next schedule() gives seq's decode 1 + n tokens when the budget allows (fewer drafts
+  // otherwise; a plan's ScheduledWork::draft says how many): its blocks grow for them, their KV
+  // is computed, but they are not the sequence's tokens. Throws when seq is not decoding, n < 0,
+  // or the drafts would pass max_new_tokens - 1 (the step samples one token of its own after them).
+  void propose_draft(int64_t seq, int32_t n);
+  // After a step that ran seq with drafts: the first `n` of them were accepted (they equal what
+  // the target sampled): they join seq's tokens with their KV computed; append() then adds the
+  // token sampled after them. The KV of the rejected drafts stays in seq's blocks, unused, and
+  // is overwritten by later steps (nothing caches it: only computed tokens enter the prefix
+  // cache). Throws when n exceeds the last plan's drafts of seq.
+  void accept_drafts(int64_t seq, const int32_t *tokens, int32_t n);
+
   // The caller ended seq (stop token or string, max_new_tokens, cancel), running or waiting:
   // releases its blocks and forgets it. Throws on an unknown seq.
   void finish(int64_t seq);
@@ -103,6 +122,8 @@ class Scheduler {
     int64_t computed = 0;        // leading tokens whose KV the cache holds (or will after this step)
     bool running = false;
     bool planned = false;        // has a work item in the plan being built
+    int32_t draft = 0;           // propose_draft()'s, for the next plan
+    int32_t drafted = 0;         // drafts in the last plan's work item, for accept_drafts()
   };
 
   Request &request(int64_t seq, const char *what);

@@ -1,0 +1,54 @@
+/* Drafter kind (ABI 1.9): proposes the next few tokens of a sequence for speculative decoding.
+ *
+ * The engine asks the drafter for up to k tokens that may follow a sequence's context, feeds the
+ * context's last token and the drafts to the target model in one forward pass, and keeps the
+ * drafts that the target's sampler chain would have produced itself, then one token of the
+ * target's own (DESIGN.md "Speculative decoding"). A drafter only proposes: a bad draft costs
+ * time, never correctness. Examples: prompt lookup (n-gram matching against the context), a
+ * smaller model sharing the target's tokenizer (through the host extension loom.host.models/1).
+ *
+ * Sequences: the host names each sequence with a seq_id and gives its whole context (prompt and
+ * generated tokens) at every call, so a drafter may keep per-sequence state (a draft model's KV
+ * cache) and compare it with the context to see what the target accepted; release() says when a
+ * sequence ended. Ownership: everything the batch points to is the host's, valid for the call;
+ * the drafter writes only the _out arrays.
+ */
+#ifndef LOOM_DRAFTER_H
+#define LOOM_DRAFTER_H
+
+#include "loom/plugin.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct loom_draft_batch {
+  uint32_t struct_size;
+  int32_t n_seqs;             /* S */
+  int32_t vocab_size;         /* the target model's: draft tokens must lie in [0, vocab_size) */
+  const int64_t *seq_ids;     /* [S] */
+  /* [S] the context of each sequence: prompt then generated tokens; the last one is the token
+   * the target model reads next (its KV is not computed yet). */
+  const int32_t *const *context;
+  const int32_t *context_len; /* [S], each >= 1 */
+  const int32_t *max_draft;   /* [S] propose at most this many tokens for sequence s (>= 1) */
+  int32_t stride;             /* >= every max_draft[s] */
+  /* [S * stride], written: the drafts of sequence s are draft_out[s * stride + i], i < n_out[s] */
+  int32_t *draft_out;
+  int32_t *n_out;             /* [S], written: 0 (no proposal) .. max_draft[s] */
+} loom_draft_batch;
+
+typedef struct loom_drafter_vtable {
+  uint32_t struct_size;
+  loom_lifecycle life;
+  /* Proposes drafts for every sequence of the batch. Called on the serving thread between
+   * forward passes. [serial per instance] */
+  loom_status (*propose)(void *instance, const loom_draft_batch *batch);
+  /* Forgets sequence seq_id (it ended); -1 forgets every sequence. Optional (NULL). */
+  void (*release)(void *instance, int64_t seq_id);
+} loom_drafter_vtable;
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOOM_DRAFTER_H */

@@ -1,0 +1,159 @@
+// Drafter component `draft-model`: a smaller model that shares the target's tokenizer drafts
+// greedily (each draft is its argmax after the context and the drafts before it). The model
+// runs through the host extension loom.host.models/1, with a KV cache of its own: sequence
+// slots, each holding the tokens this drafter fed last time. At every call the new context is
+// compared with them: the common prefix is kept (the target accepted those drafts), the rest is
+// fed again from there (positions are overwritten), so rejected drafts cost nothing to undo.
+//
+// Greedy drafts are point-mass proposals: the engine's verification keeps exactly the target's
+// output (DESIGN.md "Speculative decoding"). Sequences beyond max_seqs at once get no drafts.
+#include <algorithm>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "drafter_glue.hpp"
+
+namespace loomp::drafters {
+namespace {
+
+struct DraftModel {
+  const loom_host_api* host;
+  loom_host_ctx* ctx;
+  const loom_host_models* models = nullptr;
+  loom_host_model* model = nullptr;
+  int32_t max_seqs = 0, max_positions = 0;
+  struct Seq {
+    int32_t slot = 0;
+    std::vector<int32_t> cached; // tokens whose KV the slot holds, from position 0
+  };
+  std::unordered_map<int64_t, Seq> seqs;
+  std::vector<int32_t> free_slots;
+  // One forward pass's arrays (kept between calls).
+  std::vector<int32_t> slots, positions, offsets, tokens, argmax, rows;
+
+  DraftModel(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {
+    const std::string path = cfg_string(h, c, "model");
+    if (path.empty()) invalid_param("model", "model must name the draft model's directory");
+    const int64_t n = cfg_int(h, c, "max_seqs"), p = cfg_int(h, c, "max_positions");
+    if (n < 1 || n > 4096) invalid_param("max_seqs", "max_seqs must be between 1 and 4096, got " + std::to_string(n));
+    if (p < 0 || p > (int64_t{1} << 24)) invalid_param("max_positions", "max_positions must be 0 (the model's) or positive");
+    models = static_cast<const loom_host_models*>(h->get_extension(c, LOOM_HOST_MODELS_EXTENSION));
+    if (models == nullptr || !LOOM_HAS_FIELD(models, loom_host_models, close))
+      unsupported("draft-model: this host offers no " LOOM_HOST_MODELS_EXTENSION " extension to run a model");
+    const loom_status s = models->open(c, path.c_str(), static_cast<int32_t>(n), static_cast<int32_t>(p), &model);
+    if (s != LOOM_OK) throw Fail(s, "draft-model: cannot open the draft model (see the message before)", "model");
+    max_seqs = static_cast<int32_t>(n);
+    max_positions = models->max_positions(model);
+    for (int32_t i = max_seqs - 1; i >= 0; --i) free_slots.push_back(i);
+  }
+  ~DraftModel() {
+    if (model != nullptr) models->close(model);
+  }
+  DraftModel(const DraftModel&) = delete;
+  DraftModel& operator=(const DraftModel&) = delete;
+
+  void run(int32_t n) {
+    loom_model_batch mb{};
+    mb.struct_size = sizeof(mb);
+    mb.n_seqs = n;
+    mb.slots = slots.data();
+    mb.positions = positions.data();
+    mb.offsets = offsets.data();
+    mb.tokens = tokens.data();
+    argmax.assign(static_cast<size_t>(n), -1);
+    mb.argmax_out = argmax.data();
+    const loom_status s = models->forward(model, &mb);
+    if (s != LOOM_OK) fail(s, "draft-model: the draft model's forward pass failed");
+  }
+
+  void propose(const loom_draft_batch& b) {
+    if (models->vocab_size(model) > b.vocab_size)
+      invalid("draft-model: the draft model's vocabulary (" + std::to_string(models->vocab_size(model)) +
+              " tokens) is larger than the target's (" + std::to_string(b.vocab_size) + "): they must share a tokenizer");
+    // Pass 0: each sequence feeds what its slot does not hold yet (at least its last token).
+    slots.clear();
+    positions.clear();
+    offsets.assign(1, 0);
+    tokens.clear();
+    rows.clear();
+    std::vector<int32_t> want(static_cast<size_t>(b.n_seqs), 0);
+    for (int32_t s = 0; s < b.n_seqs; ++s) {
+      b.n_out[s] = 0;
+      const int32_t len = b.context_len[s];
+      if (len < 1 || b.context[s] == nullptr) continue;
+      want[s] = std::min({b.max_draft[s], b.stride, max_positions - len});
+      if (want[s] < 1) continue;
+      auto it = seqs.find(b.seq_ids[s]);
+      if (it == seqs.end()) {
+        if (free_slots.empty()) continue; // more sequences than slots: this one goes without
+        it = seqs.emplace(b.seq_ids[s], Seq{free_slots.back(), {}}).first;
+        free_slots.pop_back();
+      }
+      Seq& q = it->second;
+      const int32_t* x = b.context[s];
+      int32_t common = 0;
+      const int32_t held = static_cast<int32_t>(std::min<size_t>(q.cached.size(), static_cast<size_t>(len - 1)));
+      while (common < held && q.cached[static_cast<size_t>(common)] == x[common]) ++common;
+      q.cached.assign(x, x + len);
+      slots.push_back(q.slot);
+      positions.push_back(common);
+      tokens.insert(tokens.end(), x + common, x + len);
+      offsets.push_back(static_cast<int32_t>(tokens.size()));
+      rows.push_back(s);
+    }
+    // Then one draft per pass for the sequences that want more.
+    for (int32_t step = 0; !rows.empty(); ++step) {
+      run(static_cast<int32_t>(rows.size()));
+      std::vector<int32_t> next;
+      slots.clear();
+      positions.clear();
+      offsets.assign(1, 0);
+      tokens.clear();
+      for (size_t r = 0; r < rows.size(); ++r) {
+        const int32_t s = rows[r], t = argmax[r];
+        if (t < 0 || t >= b.vocab_size) continue;
+        b.draft_out[static_cast<size_t>(s) * static_cast<size_t>(b.stride) + static_cast<size_t>(b.n_out[s])] = t;
+        if (++b.n_out[s] >= want[s]) continue;
+        Seq& q = seqs.at(b.seq_ids[s]);
+        slots.push_back(q.slot);
+        positions.push_back(static_cast<int32_t>(q.cached.size()));
+        q.cached.push_back(t);
+        tokens.push_back(t);
+        offsets.push_back(static_cast<int32_t>(tokens.size()));
+        next.push_back(s);
+      }
+      rows.swap(next);
+    }
+  }
+
+  void release(int64_t seq) {
+    if (seq == -1) {
+      for (const auto& [id, q] : seqs) free_slots.push_back(q.slot);
+      seqs.clear();
+      return;
+    }
+    if (auto it = seqs.find(seq); it != seqs.end()) {
+      free_slots.push_back(it->second.slot);
+      seqs.erase(it);
+    }
+  }
+};
+
+constexpr loom_param_desc kParams[] = {
+    {sizeof(loom_param_desc), "model", LOOM_VALUE_STRING, 1, nullptr,
+     "the draft model's directory (Hugging Face layout; the target's tokenizer), relative to the manifest"},
+    {sizeof(loom_param_desc), "max_seqs", LOOM_VALUE_INT, 0, "16", "sequences drafted for at once (KV slots)"},
+    {sizeof(loom_param_desc), "max_positions", LOOM_VALUE_INT, 0, "0",
+     "positions of each slot; 0: the draft model's maximum"},
+};
+
+}  // namespace
+
+extern const loom_component_desc draft_model_desc;
+const loom_component_desc draft_model_desc = {
+    sizeof(loom_component_desc), LOOM_KIND_DRAFTER, "draft-model", "1.0.0",
+    "A smaller model with the same tokenizer drafts greedily (its own KV cache, through loom.host.models/1)",
+    kParams, 3, LOOM_THREADING_SERIAL, &DrafterGlue<DraftModel>::kVtable};
+
+}  // namespace loomp::drafters
