@@ -122,6 +122,11 @@ loom_status models_open(loom_host_ctx *ctx, const char *path, int32_t max_seqs, 
     }
     return LOOM_ERR_INVALID_ARGUMENT;
   }
+  const auto failed = [&](const std::string &why) {
+    std::lock_guard lock(ctx->mutex);
+    ctx->models_error = why;
+  };
+  failed("");
   try {
     auto handle = std::make_unique<loom_host_model>();
     handle->ctx = ctx;
@@ -129,16 +134,21 @@ loom_status models_open(loom_host_ctx *ctx, const char *path, int32_t max_seqs, 
     *out = handle.release();
     return LOOM_OK;
   } catch (const Error &e) {
-    std::lock_guard lock(ctx->mutex);
-    ctx->last_error = e.what();
+    failed(e.what());
     return e.status() != 0 ? e.status() : LOOM_ERR_INVALID_ARGUMENT;
   } catch (const std::bad_alloc &) {
+    failed("out of memory");
     return LOOM_ERR_OUT_OF_MEMORY;
   } catch (const std::exception &e) {
-    std::lock_guard lock(ctx->mutex);
-    ctx->last_error = e.what();
+    failed(e.what());
     return LOOM_ERR_INTERNAL;
   }
+}
+
+const char *models_open_error(loom_host_ctx *ctx) {
+  if (!ctx) return "";
+  std::lock_guard lock(ctx->mutex);
+  return ctx->models_error.c_str();
 }
 
 int32_t models_vocab_size(loom_host_model *m) { return m && m->model ? m->model->vocab_size() : 0; }
@@ -169,7 +179,8 @@ void models_close(loom_host_model *m) noexcept {
   }
 }
 
-const loom_host_models kModels = {sizeof(loom_host_models), models_open, models_vocab_size, models_max_positions, models_forward, models_close};
+const loom_host_models kModels = {sizeof(loom_host_models), models_open, models_vocab_size, models_max_positions, models_forward, models_close,
+                                  models_open_error};
 
 } // namespace
 

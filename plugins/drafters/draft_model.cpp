@@ -39,10 +39,11 @@ struct DraftModel {
     if (n < 1 || n > 4096) invalid_param("max_seqs", "max_seqs must be between 1 and 4096, got " + std::to_string(n));
     if (p < 0 || p > (int64_t{1} << 24)) invalid_param("max_positions", "max_positions must be 0 (the model's) or positive");
     models = static_cast<const loom_host_models*>(h->get_extension(c, LOOM_HOST_MODELS_EXTENSION));
-    if (models == nullptr || !LOOM_HAS_FIELD(models, loom_host_models, close))
+    if (models == nullptr || !LOOM_HAS_FIELD(models, loom_host_models, open_error))
       unsupported("draft-model: this host offers no " LOOM_HOST_MODELS_EXTENSION " extension to run a model");
     const loom_status s = models->open(c, path.c_str(), static_cast<int32_t>(n), static_cast<int32_t>(p), &model);
-    if (s != LOOM_OK) throw Fail(s, "draft-model: cannot open the draft model (see the message before)", "model");
+    if (s != LOOM_OK)
+      throw Fail(s, "draft-model: cannot open the draft model '" + path + "': " + models->open_error(c), "model");
     max_seqs = static_cast<int32_t>(n);
     max_positions = models->max_positions(model);
     for (int32_t i = max_seqs - 1; i >= 0; --i) free_slots.push_back(i);

@@ -22,6 +22,9 @@ extern "C" {
 
 typedef struct loom_host_model loom_host_model;
 
+/* Errors: open() reports through open_error() (the plugin names the failure in its own words,
+ * with that text); forward() through the context's error, as every host call. */
+
 /* One forward pass over the new tokens of S sequences. Sequence s owns KV slot slots[s] (0 ..
  * max_seqs - 1) and its new tokens sit at positions [positions[s], positions[s] + n), n =
  * offsets[s+1] - offsets[s] >= 1; positions before positions[s] must hold what earlier passes
@@ -50,6 +53,9 @@ typedef struct loom_host_models {
   int32_t (*max_positions)(loom_host_model *model); /* as opened */
   loom_status (*forward)(loom_host_model *model, const loom_model_batch *batch);
   void (*close)(loom_host_model *model);
+  /* Why the last open() on this context failed (a missing directory, a bad checkpoint); "" when
+   * it did not. Owned by the host, valid until the next open() on the context. */
+  const char *(*open_error)(loom_host_ctx *ctx);
 } loom_host_models;
 
 #ifdef __cplusplus

@@ -37,6 +37,7 @@ struct loom_host_ctx {
 
   std::mutex mutex; // guards the three members below
   std::string last_error;
+  std::string models_error; // why the last loom.host.models/1 open() failed
   // The config key set_config_error() named with last_error, as the plugin gave it: not checked
   // here (the plugin may name any string); Instance::create decides whether it can point at it.
   std::string last_error_key;

@@ -1,0 +1,301 @@
+// Speculative decoding ([drafter], core/serving.cpp): drafts verified by the target in one
+// forward pass must never change what is generated. Greedy and seeded sampling runs with the
+// ngram and draft-model drafters give exactly the tokens of runs without them, over many prompts,
+// with batching, chunked prefill, preemption and a drafter that fails; a chi-square test on a
+// tiny vocabulary checks that sampled outputs keep the target's distribution; the scheduler's
+// draft bookkeeping is checked on its own. On the CPU with the default model (and a perturbed
+// copy of it as a draft model that disagrees now and then).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "loom/core/error.hpp"
+#include "loom/core/kv_blocks.hpp"
+#include "loom/core/request_queue.hpp"
+#include "loom/core/runtime.hpp"
+#include "loom/core/scheduler.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kKjv = fs::path(LOOM_SOURCE_DIR) / "models/tiny-kjv";
+
+std::string base_manifest(const std::string &chain = "[[sampler]]\nuse = \"greedy\"\n") {
+  return "[loom]\ndevice = \"cpu\"\nthreads = 2\nseed = 11\n[model]\npath = \"" + kKjv.string() +
+         "\"\n[attention]\nuse = \"sdpa\"\nblock_size = 4\n" + chain;
+}
+
+// A draft model that mostly agrees with the default model: a copy whose last MLP's weights have
+// their low mantissa bits scrambled (bfloat16, so a relative change of up to ~6%).
+fs::path perturbed_draft_model() {
+  const fs::path dir = fs::temp_directory_path() / "loom-speculative-draft";
+  fs::create_directories(dir);
+  for (const char *f : {"config.json", "generation_config.json", "tokenizer.model"})
+    fs::copy_file(kKjv / f, dir / f, fs::copy_options::overwrite_existing);
+  std::ifstream in(kKjv / "model.safetensors", std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  uint64_t header = 0;
+  std::memcpy(&header, bytes.data(), 8);
+  const auto meta = nlohmann::json::parse(std::string(bytes.data() + 8, header));
+  const auto &t = meta.at("model.layers.3.mlp.down_proj.weight");
+  REQUIRE(t.at("dtype") == "BF16");
+  const size_t begin = 8 + header + t.at("data_offsets")[0].get<size_t>(), end = 8 + header + t.at("data_offsets")[1].get<size_t>();
+  std::mt19937 g(3);
+  for (size_t i = begin; i < end; i += 2) bytes[i] = static_cast<char>(static_cast<uint8_t>(bytes[i]) ^ (g() & 0x0f));
+  std::ofstream(dir / "model.safetensors", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  return dir;
+}
+
+const std::vector<std::string> kPrompts = {
+    "And God said",
+    "In the beginning",
+    "Blessed are the",
+    "And the LORD spake unto Moses, saying, Speak unto the children of Israel, and say unto them",
+    "The LORD is my shepherd; I shall not want.",
+    "For God so loved the world,",
+    "And it came to pass, when men began to multiply on the face of the earth,",
+    "Repeat after me: the words of the LORD are pure words. The words of the LORD are",
+    "Thou shalt",
+    "And Jesus answered and said unto them,",
+    "Hear, O Israel:",
+    "And the earth was without form, and void; and darkness was upon the face of the deep. And the earth was",
+    "Honour thy father and thy mother:",
+    "And he said unto them, Go ye into all the world,",
+    "Now the serpent was more subtil than any beast of the field",
+    "Let there be light: and there was light. Let there be light: and there was",
+    "The fear of the LORD is the beginning of wisdom",
+    "And Noah",
+    "Behold, I stand at the door, and knock:",
+    "Jesus wept.",
+    "I am the way, the truth, and the life:",
+    "Vanity of vanities, saith the Preacher, vanity of vanities; all is",
+    "And Abraham begat Isaac; and Isaac begat Jacob; and Jacob begat",
+    "Give us this day",
+};
+
+std::string run_table(int steps) {
+  std::string list;
+  for (size_t i = 0; i < kPrompts.size(); ++i) list.append(i ? ", " : "").append(nlohmann::json(kPrompts[i]).dump());
+  std::string out = "[run]\nstop_tokens = []\nsteps = ";
+  out.append(std::to_string(steps)).append("\nprompts = [").append(list).append("]\n");
+  return out;
+}
+
+std::vector<std::vector<int32_t>> tokens_of(const loom::RunResult &r) {
+  std::vector<std::vector<int32_t>> out;
+  for (const auto &s : r.sequences) out.push_back(s.tokens);
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("the scheduler gives a decode its drafts' room and counts only accepted drafts", "[speculative][scheduler]") {
+  loom::KvBlockManager blocks(loom::KvBlockOptions{32, 4, true});
+  loom::SchedulerOptions options;
+  options.max_batched_tokens = 64;
+  loom::Scheduler s(options, blocks);
+  s.add(1, {5, 6, 7}, 10);
+  auto plan = s.schedule(); // prefill
+  REQUIRE(plan.work.size() == 1);
+  s.append(1, 8);
+  REQUIRE(s.decoding() == std::vector<int64_t>{1});
+  CHECK_THROWS_AS(s.propose_draft(1, 9), loom::Error); // 9 drafts + its own token pass max_new_tokens
+  CHECK_THROWS_AS(s.propose_draft(2, 1), loom::Error);
+  s.propose_draft(1, 3);
+  plan = s.schedule();
+  REQUIRE(plan.work.size() == 1);
+  CHECK(plan.work[0].n_tokens == 4);
+  CHECK(plan.work[0].draft == 3);
+  CHECK(plan.work[0].samples);
+  CHECK(plan.work[0].first_position == 3);
+  CHECK(blocks.table(1).size() == 2); // positions 0..6
+  CHECK_THROWS_AS(s.accept_drafts(1, std::vector<int32_t>{1, 2, 3, 4}.data(), 4), loom::Error);
+  const std::vector<int32_t> kept = {9, 10};
+  s.accept_drafts(1, kept.data(), 2);
+  s.append(1, 11);
+  CHECK(s.tokens(1) == std::vector<int32_t>{5, 6, 7, 8, 9, 10, 11});
+  CHECK(s.generated(1) == 4);
+  // The next plan decodes from the last token: the rejected draft's position is written again.
+  plan = s.schedule();
+  REQUIRE(plan.work.size() == 1);
+  CHECK(plan.work[0].first_position == 6);
+  CHECK(plan.work[0].n_tokens == 1);
+  CHECK(plan.work[0].draft == 0);
+  CHECK_THROWS_AS(s.accept_drafts(1, kept.data(), 1), loom::Error); // no drafts ran
+  s.append(1, 12);
+  // A step budget that leaves room for only part of the drafts trims them.
+  loom::KvBlockManager small_blocks(loom::KvBlockOptions{32, 4, true});
+  options.max_batched_tokens = 3;
+  loom::Scheduler tight(options, small_blocks);
+  tight.add(1, {5}, 10);
+  tight.schedule();
+  tight.append(1, 6);
+  tight.propose_draft(1, 5);
+  plan = tight.schedule();
+  CHECK(plan.work[0].draft == 2);
+  CHECK(plan.work[0].n_tokens == 3);
+}
+
+TEST_CASE("greedy decoding with drafts gives exactly the tokens of decoding without them", "[speculative][model]") {
+  const fs::path draft = perturbed_draft_model();
+  const auto expected = tokens_of(loom::Runtime::from_string(base_manifest() + "[scheduler]\n" + run_table(40))->run());
+  struct Config {
+    std::string tables;
+    bool rejects; // some drafts are rejected
+  };
+  const std::string draft_model = "[drafter]\nuse = \"draft-model\"\nmodel = \"" + draft.string() + "\"\n";
+  for (const Config &c : {
+           Config{"[scheduler]\n[drafter]\nuse = \"ngram\"\n", true},
+           Config{"[scheduler]\nspeculative_tokens = 6\nspeculative_adaptive = true\n[drafter]\nuse = \"ngram\"\nmax_ngram = 2\n", true},
+           Config{"[scheduler]\nspeculative_tokens = 3\n" + draft_model, true},
+           // Adaptive k; small steps (drafts trimmed by the budget, prompts chunked); a pool so small
+           // that sequences are preempted; a drafter with fewer slots than sequences.
+           Config{"[scheduler]\nspeculative_adaptive = true\nmax_seqs = 8\nmax_batched_tokens = 12\nkv_blocks = 48\n" + draft_model +
+                      "max_seqs = 3\n",
+                  true},
+           // No [scheduler]: a [drafter] alone serves the run through it.
+           Config{"[drafter]\nuse = \"ngram\"\n", true},
+       }) {
+    INFO(c.tables);
+    std::vector<std::vector<int32_t>> streamed(kPrompts.size());
+    auto rt = loom::Runtime::from_string(base_manifest() + c.tables + run_table(40));
+    const loom::RunResult r = rt->run(0, nullptr, [&](int32_t seq, int32_t step, int32_t token) {
+      CHECK(step == static_cast<int32_t>(streamed[static_cast<size_t>(seq)].size()));
+      streamed[static_cast<size_t>(seq)].push_back(token);
+      return true;
+    });
+    CHECK(tokens_of(r) == expected);
+    CHECK(streamed == expected);
+    CHECK(r.scheduler.drafted_tokens > 0);
+    CHECK(r.scheduler.accepted_tokens > 0);
+    CHECK((r.scheduler.accepted_tokens < r.scheduler.drafted_tokens) == c.rejects);
+    CHECK(r.scheduler.drafter_failures == 0);
+    // Fewer forward passes than tokens: the point of it.
+    int64_t generated = 0;
+    for (const auto &t : expected) generated += static_cast<int64_t>(t.size());
+    int64_t drafted = 0, accepted = 0;
+    for (const auto &s : r.scheduler.step_log) {
+      drafted += s.drafted;
+      accepted += s.accepted;
+    }
+    CHECK(drafted == r.scheduler.drafted_tokens);
+    CHECK(accepted == r.scheduler.accepted_tokens);
+  }
+}
+
+TEST_CASE("seeded sampling with drafts gives the tokens of sampling without them", "[speculative][model]") {
+  const std::string chain = "[[sampler]]\nuse = \"temperature\"\nt = 0.8\n[[sampler]]\nuse = \"top-k\"\nk = 40\n"
+                            "[[sampler]]\nuse = \"repetition-penalty\"\npenalty = 1.1\n[[sampler]]\nuse = \"dist\"\n";
+  const auto expected = tokens_of(loom::Runtime::from_string(base_manifest(chain) + "[scheduler]\n" + run_table(32))->run());
+  const fs::path draft = perturbed_draft_model();
+  for (const std::string &drafter : {std::string("[drafter]\nuse = \"ngram\"\n"),
+                                     "[drafter]\nuse = \"draft-model\"\nmodel = \"" + draft.string() + "\"\n"}) {
+    INFO(drafter);
+    const auto r = loom::Runtime::from_string(base_manifest(chain) + "[scheduler]\n" + drafter + run_table(32))->run();
+    CHECK(tokens_of(r) == expected);
+    CHECK(r.scheduler.accepted_tokens > 0);
+    CHECK(r.scheduler.accepted_tokens < r.scheduler.drafted_tokens);
+  }
+}
+
+TEST_CASE("a drafter that fails costs its drafts, never a request", "[speculative][model]") {
+  // The draft model's vocabulary (2000) is larger than the target's (the synthetic model's 16):
+  // every propose() fails, and the run goes on without drafts.
+  const std::string synthetic = "[loom]\ndevice = \"cpu\"\nseed = 3\n[run]\nvocab_size = 16\nhidden_size = 32\nn_heads = 2\n"
+                                "n_kv_heads = 1\nn_layers = 2\nsteps = 12\nprompts = [[1, 2, 3, 1, 2], [4, 5, 6]]\n"
+                                "[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n[scheduler]\n";
+  const auto expected = tokens_of(loom::Runtime::from_string(synthetic)->run());
+  const auto r = loom::Runtime::from_string(synthetic + "[drafter]\nuse = \"draft-model\"\nmodel = \"" + kKjv.string() + "\"\n")->run();
+  CHECK(tokens_of(r) == expected);
+  CHECK(r.scheduler.drafter_failures > 0);
+  CHECK(r.scheduler.drafted_tokens == 0);
+  CHECK(r.scheduler.drafter_error.find("vocabulary") != std::string::npos);
+}
+
+TEST_CASE("bad drafter tables are refused naming the key", "[speculative][manifest]") {
+  try {
+    loom::Runtime::from_string(base_manifest() + "[drafter]\nuse = \"ngram\"\nmax_ngram = 2\nmin_ngram = 3\n[run]\nprompt = \"a\"\n");
+    FAIL("accepted min_ngram > max_ngram");
+  } catch (const loom::Error &e) {
+    CHECK(std::string(e.what()).find("drafter.min_ngram") != std::string::npos);
+  }
+  try {
+    loom::Runtime::from_string(base_manifest() + "[drafter]\nuse = \"draft-model\"\nmodel = \"no/such/model\"\n[run]\nprompt = \"a\"\n");
+    FAIL("accepted a missing draft model");
+  } catch (const loom::Error &e) {
+    CHECK(std::string(e.what()).find("no/such/model") != std::string::npos);
+  }
+  CHECK_THROWS_WITH(loom::Runtime::from_string(base_manifest() + "[scheduler]\nspeculative_tokens = 9\nspeculative_max_tokens = 4\n"
+                                                                 "[run]\nprompt = \"a\"\n"),
+                    Catch::Contains("speculative_tokens"));
+}
+
+TEST_CASE("sampled outputs with drafts keep the target's distribution (chi-square)", "[speculative][model]") {
+  // A synthetic model over 8 tokens and a repetitive prompt, so that prompt lookup drafts most
+  // steps and the target rejects many drafts. 4,000 requests with seeds 0..3999 sample 3 tokens
+  // each, with drafts and without; the pairs (2nd, 3rd token), where drafts were verified, must
+  // follow the same distribution as 4,000 requests without drafts of other seeds (two-sample
+  // chi-square over the 64 cells, p > 0.001), and each seed's tokens are those it gets without.
+  const std::string synthetic = "[loom]\ndevice = \"cpu\"\nseed = 5\n[run]\nvocab_size = 8\nhidden_size = 32\nn_heads = 2\n"
+                                "n_kv_heads = 1\nn_layers = 2\nprompt = [1, 2, 3, 1, 2, 3, 1, 2]\n"
+                                "[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"temperature\"\nt = 1.5\n"
+                                "[[sampler]]\nuse = \"dist\"\n[scheduler]\nmax_seqs = 64\n";
+  const int n = 4000;
+  auto serve = [&](const std::string &manifest, uint64_t first_seed, loom::SchedulerStats *stats) {
+    auto rt = loom::Runtime::from_string(manifest);
+    loom::RequestQueue queue;
+    std::vector<std::vector<int32_t>> out(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      loom::ServeRequest r;
+      r.prompt = {1, 2, 3, 1, 2, 3, 1, 2};
+      r.max_new_tokens = 3;
+      r.seed = first_seed + static_cast<uint64_t>(i);
+      r.on_done = [&out, i](const loom::SequenceResult &res, const std::string &error) {
+        REQUIRE(error.empty());
+        out[static_cast<size_t>(i)] = res.tokens;
+      };
+      queue.submit(std::move(r));
+    }
+    queue.close();
+    *stats = rt->serve(queue, 16);
+    return out;
+  };
+  loom::SchedulerStats with_stats, without_stats, other_stats;
+  const auto with = serve(synthetic + "[drafter]\nuse = \"ngram\"\n", 0, &with_stats);
+  const auto same_seeds = serve(synthetic, 0, &without_stats);
+  const auto other_seeds = serve(synthetic, 100000, &other_stats);
+  CHECK(with == same_seeds);
+  CHECK(with_stats.drafted_tokens > 1000);
+  CHECK(with_stats.accepted_tokens > 100);
+  CHECK(with_stats.drafted_tokens - with_stats.accepted_tokens > 100);
+  std::map<int, double> a, b;
+  for (int i = 0; i < n; ++i) {
+    REQUIRE(with[static_cast<size_t>(i)].size() == 3);
+    a[with[static_cast<size_t>(i)][1] * 8 + with[static_cast<size_t>(i)][2]] += 1;
+    b[other_seeds[static_cast<size_t>(i)][1] * 8 + other_seeds[static_cast<size_t>(i)][2]] += 1;
+  }
+  double chi2 = 0;
+  int cells = 0;
+  for (int c = 0; c < 64; ++c) {
+    const double x = a[c], y = b[c];
+    if (x + y == 0) continue;
+    chi2 += (x - y) * (x - y) / (x + y); // equal sample sizes
+    ++cells;
+  }
+  // The 0.999 quantile of chi-square with cells - 1 degrees of freedom (Wilson-Hilferty).
+  const double k = cells - 1, z = 3.0902;
+  const double critical = k * std::pow(1 - 2 / (9 * k) + z * std::sqrt(2 / (9 * k)), 3);
+  INFO("chi2 " << chi2 << " over " << cells << " cells, critical " << critical);
+  CHECK(cells > 16);
+  CHECK(chi2 < critical);
+}
