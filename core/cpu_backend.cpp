@@ -1155,6 +1155,7 @@ DLTensor *CpuBackend::forward(const StepBatch &batch) {
     b.block_table = layout_.block_size > 0 ? block_table_.dl() : nullptr;
     b.kv_pool = layout_.block_size > 0 ? kv_pools_[static_cast<size_t>(l)].dl() : nullptr;
     b.causal = 1;
+    b.shared_blocks = batch.shared_blocks ? 1 : 0;
     attention->check(avt->forward(attention->handle(), &b), "forward");
     linear(*layer.o, attn, T, proj);
     tensor_sum(proj, T * H);

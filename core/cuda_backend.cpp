@@ -337,6 +337,7 @@ class CudaBackend final : public ModelBackend {
   int64_t blocks_per_seq_ = 0;
   int64_t pool_blocks_ = 0; // blocks in each layer's pool
   bool paged_ = false;      // reserve_blocks(): sequences name their blocks in the step batch
+  bool shared_blocks_ = false; // this step's StepBatch::shared_blocks (part of a decode graph's key)
   std::pair<int64_t, uint64_t> pool_request_{-1, 0}; // reserve_blocks()'s (n_blocks, kv_bytes) of that pool
   loom_kv_layout layout_{};
   std::vector<DeviceBuffer> kv_pools_; // per layer [pool_blocks, bytes_per_block]
@@ -989,6 +990,7 @@ void CudaBackend::attend(Instance &attention, AttentionCall &call, int32_t T, in
     b.seq_positions = call.vpos.set(d_seq_positions_, dev, i32, {S});
     b.block_table = call.vtable.set(d_block_table_, dev, i32, {S, blocks_per_seq_});
     b.causal = 1;
+    b.shared_blocks = shared_blocks_ ? 1 : 0;
   }
   b.layer = layer;
   b.kv_pool = call.vpool.set(kv_pools_[static_cast<size_t>(layer)].get(), dev, DLDataType{kDLUInt, 8, 1},
@@ -1236,6 +1238,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
   }
   // A fed decode step's tokens are already on the device, where the sampler wrote them.
   const bool fed = batch.tokens_fed;
+  shared_blocks_ = batch.shared_blocks;
   if (fed && T != S) throw runtime_error("CUDA backend: only a decode step (one token per sequence) is fed from the device");
   ensure_capacity(T, S);
   // The int32 metadata, packed for one upload.
@@ -1318,7 +1321,7 @@ DLTensor *CudaBackend::forward(const StepBatch &batch) {
       invalidate_graphs();
       graphs_attention_ = attention.front();
     }
-    const int32_t key = 2 * (2 * S + half) + (step_adapters_ ? 1 : 0);
+    const int32_t key = 2 * (2 * (2 * S + half) + (step_adapters_ ? 1 : 0)) + (shared_blocks_ ? 1 : 0);
     auto it = graphs_.find(key);
     if (it == graphs_.end()) {
       // The metadata pointers depend only on (T, S) and the half: a graph made now stays valid

@@ -5,6 +5,8 @@
 #include <cstring>
 #include <set>
 
+#include <nlohmann/json.hpp>
+
 #include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
 #include "loom/core/model_weights.hpp"
@@ -54,11 +56,12 @@ HostedModel::HostedModel(const ModelHostOptions &options, const std::filesystem:
 }
 
 HostedModel::~HostedModel() {
+  if (argmax_ != nullptr) device_free(backend_->device(), argmax_);
   backend_.reset();
   pipeline_.reset();
 }
 
-void HostedModel::forward(const loom_model_batch &b) {
+void HostedModel::stage(const loom_model_batch &b, int32_t extra) {
   const std::string who = "model " + name_ + ": forward";
   if (b.n_seqs < 1 || b.n_seqs > max_seqs_)
     throw runtime_error(who + ": " + std::to_string(b.n_seqs) + " sequences (1 to " + std::to_string(max_seqs_) + ")");
@@ -80,8 +83,8 @@ void HostedModel::forward(const loom_model_batch &b) {
     if (b.slots[s] < 0 || b.slots[s] >= max_seqs_ || !slots.insert(b.slots[s]).second)
       throw runtime_error(seq + ": slot " + std::to_string(b.slots[s]) + " is outside 0 to " + std::to_string(max_seqs_ - 1) +
                           " or named twice");
-    if (b.positions[s] < 0 || int64_t{b.positions[s]} + n > max_positions_)
-      throw runtime_error(seq + ": positions " + std::to_string(b.positions[s]) + " + " + std::to_string(n) + " pass " +
+    if (b.positions[s] < 0 || int64_t{b.positions[s]} + n + extra > max_positions_)
+      throw runtime_error(seq + ": positions " + std::to_string(b.positions[s]) + " + " + std::to_string(n + extra) + " pass " +
                           std::to_string(max_positions_));
     for (int32_t i = b.offsets[s]; i < b.offsets[s + 1]; ++i) {
       if (b.tokens[i] < 0 || b.tokens[i] >= config_.vocab_size)
@@ -93,6 +96,11 @@ void HostedModel::forward(const loom_model_batch &b) {
     step_.seq_positions.push_back(b.positions[s]);
     step_.seq_slots.push_back(b.slots[s]);
   }
+}
+
+void HostedModel::forward(const loom_model_batch &b) {
+  const std::string who = "model " + name_ + ": forward";
+  stage(b, 0);
   auto guard = pipeline_->begin_step();
   DLTensor *logits = backend_->forward(step_);
   const auto *data = reinterpret_cast<const float *>(static_cast<const char *>(logits->data) + logits->byte_offset);
@@ -105,16 +113,71 @@ void HostedModel::forward(const loom_model_batch &b) {
     throw runtime_error(who + ": copying the logits: " + error);
 }
 
-std::unique_ptr<HostedModel> ModelHost::open(const std::string &path, int32_t max_seqs, int32_t max_positions) const {
+void HostedModel::greedy(const loom_model_batch &b, int32_t steps, int32_t *tokens_out) {
+  const std::string who = "model " + name_ + ": greedy";
+  if (steps < 1 || steps > 256 || tokens_out == nullptr) throw runtime_error(who + ": steps must be 1 to 256, with tokens_out");
+  stage(b, steps - 1);
+  const int32_t S = b.n_seqs;
+  const DLDevice device = backend_->device();
+  const size_t need = static_cast<size_t>(steps) * static_cast<size_t>(S) * sizeof(int32_t);
+  std::string error;
+  if (need > argmax_bytes_) {
+    if (argmax_ != nullptr) device_free(device, argmax_);
+    argmax_ = nullptr;
+    argmax_bytes_ = 0;
+    if (device_alloc(device, need, 256, &argmax_, error) != LOOM_OK) throw runtime_error(who + ": " + error);
+    argmax_bytes_ = need;
+  }
+  auto *acc = static_cast<int32_t *>(argmax_);
+  std::vector<int32_t> positions(step_.seq_positions.size());
+  for (int32_t s = 0; s < S; ++s) positions[static_cast<size_t>(s)] = step_.seq_positions[static_cast<size_t>(s)] + (b.offsets[s + 1] - b.offsets[s]);
+  auto guard = pipeline_->begin_step();
+  DLTensor *logits = backend_->forward(step_);
+  for (int32_t i = 0; i < steps; ++i) {
+    const auto *x = reinterpret_cast<const float *>(static_cast<const char *>(logits->data) + logits->byte_offset);
+    int32_t *row = acc + static_cast<size_t>(i) * static_cast<size_t>(S);
+    if (!device_argmax_rows_to(x, S, config_.vocab_size, device, row, error)) throw runtime_error(who + ": argmax: " + error);
+    if (i + 1 == steps) break;
+    // The next pass reads this one's argmax where the backend takes fed tokens (on the device,
+    // no wait for the host), else from the host (the CPU backend: `row` is host memory there).
+    step_.tokens.assign(static_cast<size_t>(S), 0);
+    step_.seq_offsets.resize(static_cast<size_t>(S) + 1);
+    for (int32_t s = 0; s <= S; ++s) step_.seq_offsets[static_cast<size_t>(s)] = s;
+    for (int32_t s = 0; s < S; ++s) step_.seq_positions[static_cast<size_t>(s)] = positions[static_cast<size_t>(s)] + i;
+    if (int32_t *feed = backend_->token_feed(S)) {
+      if (!device_argmax_rows_to(x, S, config_.vocab_size, device, feed, error)) throw runtime_error(who + ": argmax: " + error);
+      step_.tokens_fed = true;
+    } else {
+      std::copy(row, row + S, step_.tokens.begin());
+      step_.tokens_fed = false;
+    }
+    logits = backend_->forward(step_);
+  }
+  std::vector<int32_t> host(static_cast<size_t>(steps) * static_cast<size_t>(S));
+  if (device_memcpy(host.data(), DLDevice{kDLCPU, 0}, acc, device, host.size() * sizeof(int32_t), error) != LOOM_OK)
+    throw runtime_error(who + ": copying the tokens: " + error);
+  for (int32_t s = 0; s < S; ++s)
+    for (int32_t i = 0; i < steps; ++i)
+      tokens_out[static_cast<size_t>(s) * static_cast<size_t>(steps) + static_cast<size_t>(i)] =
+          host[static_cast<size_t>(i) * static_cast<size_t>(S) + static_cast<size_t>(s)];
+}
+
+std::unique_ptr<HostedModel> ModelHost::open(const std::string &path, const std::string &attention, int32_t max_seqs,
+                                             int32_t max_positions) const {
   std::filesystem::path dir = path;
   if (dir.is_relative()) dir = (options_.base_dir / dir).lexically_normal();
-  return std::make_unique<HostedModel>(options_, dir, max_seqs, max_positions);
+  if (attention.empty()) return std::make_unique<HostedModel>(options_, dir, max_seqs, max_positions);
+  ModelHostOptions options = options_;
+  std::string table = "use = ";
+  table.append(nlohmann::json(attention).dump()).append("\n");
+  options.attention = parse_component_spec(LOOM_KIND_ATTENTION, "attention", table, "model " + dir.string() + " attention");
+  return std::make_unique<HostedModel>(options, dir, max_seqs, max_positions);
 }
 
 namespace {
 
-loom_status models_open(loom_host_ctx *ctx, const char *path, int32_t max_seqs, int32_t max_positions,
-                        loom_host_model **out) {
+loom_status models_open(loom_host_ctx *ctx, const char *path, const char *attention, int32_t max_seqs,
+                        int32_t max_positions, loom_host_model **out) {
   if (!ctx || !ctx->models || !path || !out) {
     if (ctx) {
       std::lock_guard lock(ctx->mutex);
@@ -130,7 +193,7 @@ loom_status models_open(loom_host_ctx *ctx, const char *path, int32_t max_seqs, 
   try {
     auto handle = std::make_unique<loom_host_model>();
     handle->ctx = ctx;
-    handle->model = ctx->models->open(path, max_seqs, max_positions);
+    handle->model = ctx->models->open(path, attention ? attention : "", max_seqs, max_positions);
     *out = handle.release();
     return LOOM_OK;
   } catch (const Error &e) {
@@ -154,22 +217,36 @@ const char *models_open_error(loom_host_ctx *ctx) {
 int32_t models_vocab_size(loom_host_model *m) { return m && m->model ? m->model->vocab_size() : 0; }
 int32_t models_max_positions(loom_host_model *m) { return m && m->model ? m->model->max_positions() : 0; }
 
-loom_status models_forward(loom_host_model *m, const loom_model_batch *b) {
-  if (!m || !m->model || !b) return LOOM_ERR_INVALID_ARGUMENT;
+// Runs `call` on the model, turning a failure into the context's error and a status.
+template <class Call>
+loom_status on_model(loom_host_model *m, const Call &call) {
+  if (!m || !m->model) return LOOM_ERR_INVALID_ARGUMENT;
+  const auto report = [&](const char *what) {
+    std::lock_guard lock(m->ctx->mutex);
+    m->ctx->last_error = what;
+  };
   try {
-    m->model->forward(*b);
+    call(*m->model);
     return LOOM_OK;
   } catch (const Error &e) {
-    std::lock_guard lock(m->ctx->mutex);
-    m->ctx->last_error = e.what();
+    report(e.what());
     return e.status() != 0 ? e.status() : LOOM_ERR_INVALID_ARGUMENT;
   } catch (const std::bad_alloc &) {
     return LOOM_ERR_OUT_OF_MEMORY;
   } catch (const std::exception &e) {
-    std::lock_guard lock(m->ctx->mutex);
-    m->ctx->last_error = e.what();
+    report(e.what());
     return LOOM_ERR_INTERNAL;
   }
+}
+
+loom_status models_forward(loom_host_model *m, const loom_model_batch *b) {
+  if (!b) return LOOM_ERR_INVALID_ARGUMENT;
+  return on_model(m, [&](HostedModel &model) { model.forward(*b); });
+}
+
+loom_status models_greedy(loom_host_model *m, const loom_model_batch *b, int32_t steps, int32_t *tokens_out) {
+  if (!b) return LOOM_ERR_INVALID_ARGUMENT;
+  return on_model(m, [&](HostedModel &model) { model.greedy(*b, steps, tokens_out); });
 }
 
 void models_close(loom_host_model *m) noexcept {
@@ -180,7 +257,7 @@ void models_close(loom_host_model *m) noexcept {
 }
 
 const loom_host_models kModels = {sizeof(loom_host_models), models_open, models_vocab_size, models_max_positions, models_forward, models_close,
-                                  models_open_error};
+                                  models_open_error, models_greedy};
 
 } // namespace
 

@@ -58,6 +58,9 @@ class HostedModel {
   // Runs `batch` (host_models.h) and fills its outputs. Throws loom::Error on a batch outside the
   // slots, positions or vocabulary, or a backend failure.
   void forward(const loom_model_batch &batch);
+  // host_models.h greedy(): the batch, then steps - 1 decode passes fed with each pass's argmax on
+  // the device; tokens_out [S * steps]. Throws loom::Error as forward().
+  void greedy(const loom_model_batch &batch, int32_t steps, int32_t *tokens_out);
 
  private:
   std::string name_; // the directory, for errors
@@ -67,13 +70,20 @@ class HostedModel {
   int32_t max_seqs_ = 0;
   int32_t max_positions_ = 0;
   StepBatch step_;
+  // Fills step_ from `batch` (checked); `extra` more positions must fit after each sequence's.
+  void stage(const loom_model_batch &batch, int32_t extra);
+  // greedy()'s argmaxes, [steps * S] int32 on the device (grown as needed).
+  void *argmax_ = nullptr;
+  size_t argmax_bytes_ = 0;
 };
 
 class ModelHost {
  public:
   explicit ModelHost(ModelHostOptions options) : options_(std::move(options)) {}
   // A model for a plugin (host_models.h open()); the plugin frees it with close() (delete).
-  std::unique_ptr<HostedModel> open(const std::string &path, int32_t max_seqs, int32_t max_positions) const;
+  // `attention`: a component name, or "" for the runtime's [attention].
+  std::unique_ptr<HostedModel> open(const std::string &path, const std::string &attention, int32_t max_seqs,
+                                    int32_t max_positions) const;
 
  private:
   ModelHostOptions options_;

@@ -40,6 +40,9 @@ struct StepBatch {
   // A decode step (one token per sequence) whose tokens the sampler wrote on the device, at
   // ModelBackend::token_feed(n_seqs()); `tokens` then holds n_seqs() placeholders.
   bool tokens_fed = false;
+  // Sequences share blocks and read keys others of the batch write (speculative verification):
+  // passed to attention as loom_attention_batch.shared_blocks.
+  bool shared_blocks = false;
   // Which adapters each sequence runs with ([PEFT] multi-adapter serving): empty, every adapter
   // of the pipeline for every sequence (a manifest's run); else [S] entries, each kEveryAdapter,
   // kNoAdapter (the base model) or k >= 0: only the pipeline's k-th adapter

@@ -56,7 +56,10 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   ModelBackend::BlockPool pool;
   {
     auto guard = pipeline_.begin_step();
-    pool = backend_->reserve_blocks(static_cast<int32_t>(spec.max_seqs), max_positions, spec.kv_blocks,
+    // With a drafter a step's batch holds up to 1 + speculative_max_tokens one-token rows per
+    // decoding sequence (verification), so the backend sizes its per-row buffers for them.
+    const int64_t rows = pipeline_.list(LOOM_KIND_DRAFTER).empty() ? spec.max_seqs : spec.max_seqs * (1 + spec.speculative_max_tokens);
+    pool = backend_->reserve_blocks(static_cast<int32_t>(std::min<int64_t>(rows, 4096)), max_positions, spec.kv_blocks,
                                     static_cast<uint64_t>(spec.kv_cache_mib) << 20);
   }
   KvBlockOptions block_options;
@@ -241,7 +244,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       auto guard = pipeline_.begin_step();
       const auto step_start = std::chrono::steady_clock::now();
       StepRecord record;
-      if (const auto drafters = pipeline_.list(LOOM_KIND_DRAFTER); !drafters.empty()) {
+      const auto drafters = pipeline_.list(LOOM_KIND_DRAFTER);
+      const auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
+      // Verification needs an attention component that knows loom_attention_batch.shared_blocks.
+      const bool verifies = !attention.empty() && attention.front()->library().descriptor().abi_minor >= 9;
+      if (!drafters.empty() && verifies) {
         // Speculative decoding: the drafter proposes up to k tokens for each decoding sequence
         // whose chain can verify them; the scheduler gives them room when the budget allows.
         const bool pipeline_speculable = speculable(pipeline_.list(LOOM_KIND_SAMPLER));
@@ -322,6 +329,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       batch.seq_slots.clear();
       batch.block_tables.clear();
       batch.tokens_fed = false;
+      batch.shared_blocks = std::any_of(plan.work.begin(), plan.work.end(), [](const ScheduledWork &w) { return w.draft > 0; });
       int64_t cols = 1;
       for (const ScheduledWork &w : plan.work) cols = std::max<int64_t>(cols, static_cast<int64_t>(blocks.table(w.seq).size()));
       batch.table_cols = static_cast<int32_t>(cols);

@@ -270,6 +270,11 @@ void FlashAttention::forward(const loom_attention_batch& b) {
   // appends k/v to the cache itself; prefill reads every key from the cache, so the append
   // runs first.
   if (T == S && T <= 65535) {
+    // Sequences that read keys other sequences of the batch append (speculative verification)
+    // need those keys in the cache first; the decode kernel's own append then rewrites the same
+    // bytes.
+    if (b.struct_size >= offsetof(loom_attention_batch, shared_blocks) + sizeof(b.shared_blocks) && b.shared_blocks != 0)
+      check_cuda(launch_cache_write(p, stream), "cache write kernel launch");
     check_cuda(launch_decode(p, plan_decode(p.n_tokens, p.table_cols), stream), "decode kernel launch");
   } else if (kvcache::kv_quantized(p.kv_format)) {
     run_quantized_prefill(p, stream);

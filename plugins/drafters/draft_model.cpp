@@ -30,7 +30,7 @@ struct DraftModel {
   std::unordered_map<int64_t, Seq> seqs;
   std::vector<int32_t> free_slots;
   // One forward pass's arrays (kept between calls).
-  std::vector<int32_t> slots, positions, offsets, tokens, argmax, rows;
+  std::vector<int32_t> slots, positions, offsets, tokens, rows, drafted;
 
   DraftModel(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {
     const std::string path = cfg_string(h, c, "model");
@@ -39,9 +39,11 @@ struct DraftModel {
     if (n < 1 || n > 4096) invalid_param("max_seqs", "max_seqs must be between 1 and 4096, got " + std::to_string(n));
     if (p < 0 || p > (int64_t{1} << 24)) invalid_param("max_positions", "max_positions must be 0 (the model's) or positive");
     models = static_cast<const loom_host_models*>(h->get_extension(c, LOOM_HOST_MODELS_EXTENSION));
-    if (models == nullptr || !LOOM_HAS_FIELD(models, loom_host_models, open_error))
+    if (models == nullptr || !LOOM_HAS_FIELD(models, loom_host_models, greedy))
       unsupported("draft-model: this host offers no " LOOM_HOST_MODELS_EXTENSION " extension to run a model");
-    const loom_status s = models->open(c, path.c_str(), static_cast<int32_t>(n), static_cast<int32_t>(p), &model);
+    const std::string attention = cfg_string(h, c, "attention");
+    const loom_status s = models->open(c, path.c_str(), attention.empty() ? nullptr : attention.c_str(),
+                                       static_cast<int32_t>(n), static_cast<int32_t>(p), &model);
     if (s != LOOM_OK)
       throw Fail(s, "draft-model: cannot open the draft model '" + path + "': " + models->open_error(c), "model");
     max_seqs = static_cast<int32_t>(n);
@@ -53,20 +55,6 @@ struct DraftModel {
   }
   DraftModel(const DraftModel&) = delete;
   DraftModel& operator=(const DraftModel&) = delete;
-
-  void run(int32_t n) {
-    loom_model_batch mb{};
-    mb.struct_size = sizeof(mb);
-    mb.n_seqs = n;
-    mb.slots = slots.data();
-    mb.positions = positions.data();
-    mb.offsets = offsets.data();
-    mb.tokens = tokens.data();
-    argmax.assign(static_cast<size_t>(n), -1);
-    mb.argmax_out = argmax.data();
-    const loom_status s = models->forward(model, &mb);
-    if (s != LOOM_OK) fail(s, "draft-model: the draft model's forward pass failed");
-  }
 
   void propose(const loom_draft_batch& b) {
     if (models->vocab_size(model) > b.vocab_size)
@@ -103,28 +91,35 @@ struct DraftModel {
       offsets.push_back(static_cast<int32_t>(tokens.size()));
       rows.push_back(s);
     }
-    // Then one draft per pass for the sequences that want more.
-    for (int32_t step = 0; !rows.empty(); ++step) {
-      run(static_cast<int32_t>(rows.size()));
-      std::vector<int32_t> next;
-      slots.clear();
-      positions.clear();
-      offsets.assign(1, 0);
-      tokens.clear();
-      for (size_t r = 0; r < rows.size(); ++r) {
-        const int32_t s = rows[r], t = argmax[r];
-        if (t < 0 || t >= b.vocab_size) continue;
-        b.draft_out[static_cast<size_t>(s) * static_cast<size_t>(b.stride) + static_cast<size_t>(b.n_out[s])] = t;
-        if (++b.n_out[s] >= want[s]) continue;
-        Seq& q = seqs.at(b.seq_ids[s]);
-        slots.push_back(q.slot);
-        positions.push_back(static_cast<int32_t>(q.cached.size()));
-        q.cached.push_back(t);
-        tokens.push_back(t);
-        offsets.push_back(static_cast<int32_t>(tokens.size()));
-        next.push_back(s);
+    if (rows.empty()) return;
+    // Then the drafts, all passes in one host call (on a GPU they follow one another on the
+    // device): as many as the sequence that wants most; the others keep their first want[s].
+    int32_t steps = 0;
+    for (int32_t s : rows) steps = std::max(steps, want[s]);
+    for (size_t r = 0; r < rows.size(); ++r) // (a sequence near its slot's end drafts no further than it fits)
+      steps = std::min(steps, max_positions - b.context_len[rows[r]] + 1);
+    if (steps < 1) return;
+    loom_model_batch mb{};
+    mb.struct_size = sizeof(mb);
+    mb.n_seqs = static_cast<int32_t>(rows.size());
+    mb.slots = slots.data();
+    mb.positions = positions.data();
+    mb.offsets = offsets.data();
+    mb.tokens = tokens.data();
+    drafted.assign(rows.size() * static_cast<size_t>(steps), -1);
+    const loom_status st = models->greedy(model, &mb, steps, drafted.data());
+    if (st != LOOM_OK) fail(st, "draft-model: the draft model's forward passes failed");
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const int32_t s = rows[r];
+      Seq& q = seqs.at(b.seq_ids[s]);
+      const int32_t n = std::min(want[s], steps);
+      for (int32_t i = 0; i < n; ++i) {
+        const int32_t t = drafted[r * static_cast<size_t>(steps) + static_cast<size_t>(i)];
+        if (t < 0 || t >= b.vocab_size) break;
+        b.draft_out[static_cast<size_t>(s) * static_cast<size_t>(b.stride) + static_cast<size_t>(b.n_out[s]++)] = t;
       }
-      rows.swap(next);
+      // The slot holds the context and the first steps - 1 drafts.
+      for (int32_t i = 0; i + 1 < steps; ++i) q.cached.push_back(drafted[r * static_cast<size_t>(steps) + static_cast<size_t>(i)]);
     }
   }
 
@@ -144,6 +139,8 @@ struct DraftModel {
 constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "model", LOOM_VALUE_STRING, 1, nullptr,
      "the draft model's directory (Hugging Face layout; the target's tokenizer), relative to the manifest"},
+    {sizeof(loom_param_desc), "attention", LOOM_VALUE_STRING, 0, "\"\"",
+     "attention component for the draft model (\"sdpa\", \"flash\"); \"\": the manifest's [attention]"},
     {sizeof(loom_param_desc), "max_seqs", LOOM_VALUE_INT, 0, "16", "sequences drafted for at once (KV slots)"},
     {sizeof(loom_param_desc), "max_positions", LOOM_VALUE_INT, 0, "0",
      "positions of each slot; 0: the draft model's maximum"},
@@ -155,6 +152,6 @@ extern const loom_component_desc draft_model_desc;
 const loom_component_desc draft_model_desc = {
     sizeof(loom_component_desc), LOOM_KIND_DRAFTER, "draft-model", "1.0.0",
     "A smaller model with the same tokenizer drafts greedily (its own KV cache, through loom.host.models/1)",
-    kParams, 3, LOOM_THREADING_SERIAL, &DrafterGlue<DraftModel>::kVtable};
+    kParams, 4, LOOM_THREADING_SERIAL, &DrafterGlue<DraftModel>::kVtable};
 
 }  // namespace loomp::drafters

@@ -5,6 +5,14 @@
  * paged KV cache that the host allocates and the scheduler hands out in blocks. A plugin states
  * the cache layout it wants (kv_layout) and the host sizes the pool from it.
  *
+ * Sequences of one batch may share blocks (ABI 1.9, speculative decoding): the host may split one
+ * sequence's new tokens into several one-token sequences with the same block table at consecutive
+ * positions, so that each token gets its own output row; it then sets batch->shared_blocks. A
+ * plugin must then write every new key and value of the batch into the cache before any query
+ * of the batch reads the cache (or process the sequences in batch order, writing each one's keys
+ * before the next reads them). The host speculates only with attention components built for ABI
+ * 1.9 or later.
+ *
  * Shapes use T = tokens in the batch, S = sequences, H = query heads, Hkv = key/value heads,
  * D = head dim, B = block size, N = blocks in the pool, M = max blocks per sequence.
  */
@@ -61,6 +69,11 @@ typedef struct loom_attention_batch {
   DLTensor *block_table;    /* [S, M] int32 on the device: pool block of each logical block */
   DLTensor *kv_pool;        /* [N, bytes_per_block] uint8 for this layer, NULL when block_size 0 */
   int32_t causal;           /* non-zero for decoder self-attention */
+  /* ABI 1.9 (check LOOM_HAS_FIELD): non-zero when sequences of this batch share blocks and read
+   * keys other sequences of the batch write (speculative verification, above): every new key and
+   * value must be in the cache before any query reads it. 0 lets a plugin fuse the append into
+   * its attention kernel. */
+  int32_t shared_blocks;
 } loom_attention_batch;
 
 /* Training: gradients of one layer's attention over fully materialised q, k, v (no cache). */

@@ -46,9 +46,11 @@ typedef struct loom_model_batch {
 typedef struct loom_host_models {
   uint32_t struct_size;
   /* Loads the model at `path` (a directory; relative to the manifest's directory) for up to
-   * max_seqs sequences of up to max_positions positions each (0: the model's maximum). */
-  loom_status (*open)(loom_host_ctx *ctx, const char *path, int32_t max_seqs, int32_t max_positions,
-                      loom_host_model **out);
+   * max_seqs sequences of up to max_positions positions each (0: the model's maximum), with a
+   * fresh instance of the attention component named `attention` (NULL: the one of the runtime's
+   * [attention] table, with its settings). */
+  loom_status (*open)(loom_host_ctx *ctx, const char *path, const char *attention, int32_t max_seqs,
+                      int32_t max_positions, loom_host_model **out);
   int32_t (*vocab_size)(loom_host_model *model);
   int32_t (*max_positions)(loom_host_model *model); /* as opened */
   loom_status (*forward)(loom_host_model *model, const loom_model_batch *batch);
@@ -56,6 +58,12 @@ typedef struct loom_host_models {
   /* Why the last open() on this context failed (a missing directory, a bad checkpoint); "" when
    * it did not. Owned by the host, valid until the next open() on the context. */
   const char *(*open_error)(loom_host_ctx *ctx);
+  /* Greedy drafting in one call: runs `batch` (its outputs ignored), then steps - 1 decode passes,
+   * each feeding every sequence the argmax of its previous pass, and writes the steps argmaxes of
+   * sequence s to tokens_out[s * steps + i]. On a GPU the passes follow one another on the device
+   * without waiting for the host. The slots then hold the batch's tokens and the first steps - 1
+   * argmaxes. Every sequence needs positions[s] + n + steps - 1 <= max_positions. */
+  loom_status (*greedy)(loom_host_model *model, const loom_model_batch *batch, int32_t steps, int32_t *tokens_out);
 } loom_host_models;
 
 #ifdef __cplusplus
