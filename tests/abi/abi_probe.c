@@ -31,6 +31,9 @@ PROBE_TYPE(loom_host_api)
 /* host_kernels.h */
 PROBE_TYPE(loom_host_kernels)
 PROBE_TYPE(loom_host_vocab)
+PROBE_TYPE(loom_host_models)
+PROBE_TYPE(loom_model_batch)
+PROBE_TYPE(loom_host_model)
 /* plugin.h */
 PROBE_TYPE(loom_param_desc)
 PROBE_TYPE(loom_lifecycle)
@@ -90,6 +93,9 @@ PROBE_TYPE(loom_retriever_vtable)
 PROBE_TYPE(loom_tool_info)
 PROBE_TYPE(loom_tool_result)
 PROBE_TYPE(loom_tool_vtable)
+/* drafter.h (ABI 1.9) */
+PROBE_TYPE(loom_draft_batch)
+PROBE_TYPE(loom_drafter_vtable)
 
 /* The values of the ABI's enum constants and string ids are part of ABI major 1. A major bump
  * may change them (update this block with the new baseline). */
