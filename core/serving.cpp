@@ -107,6 +107,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     if (request.on_done) request.on_done(out, error);
   };
 
+  SchedulerStats stats;
   ServeLoad &load = queue.load();
   const auto publish_load = [&] {
     const KvBlockStats b = blocks.stats();
@@ -117,10 +118,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     load.prompt_tokens.store(b.queried_tokens, std::memory_order_relaxed);
     load.cached_tokens.store(b.hit_tokens, std::memory_order_relaxed);
     load.preemptions.store(scheduler.preemptions(), std::memory_order_relaxed);
+    load.drafted_tokens.store(stats.drafted_tokens, std::memory_order_relaxed);
+    load.accepted_tokens.store(stats.accepted_tokens, std::memory_order_relaxed);
     load.steps.fetch_add(1, std::memory_order_relaxed);
   };
   publish_load();
-  SchedulerStats stats;
   StepBatch batch;
   std::vector<int32_t> rows, sampled;
   struct Emitted {

@@ -218,6 +218,10 @@ struct Server::Impl {
     w.metric("loom_prefix_cache_hit_tokens_total", "counter", "prompt tokens found in the prefix cache", hit);
     w.metric("loom_prefix_cache_hit_rate", "gauge", "hit / queried prompt tokens", queried > 0 ? hit / queried : 0.0);
     w.metric("loom_preemptions_total", "counter", "sequences preempted for lack of KV blocks", static_cast<double>(load.preemptions.load()));
+    w.metric("loom_speculative_drafted_tokens_total", "counter", "draft tokens verified (speculative decoding)",
+             static_cast<double>(load.drafted_tokens.load()));
+    w.metric("loom_speculative_accepted_tokens_total", "counter", "draft tokens accepted (speculative decoding)",
+             static_cast<double>(load.accepted_tokens.load()));
     w.metric("loom_engine_steps_total", "counter", "scheduler steps", static_cast<double>(load.steps.load()));
     w.metric("loom_ready", "gauge", "1 when the server takes requests", ready.load() && !draining.load() ? 1.0 : 0.0);
     for (const auto &[name, v] : runtime.metrics().snapshot()) {

@@ -696,3 +696,29 @@ TEST_CASE("/ready answers 503 until the warm-up request has run", "[server]") {
   CHECK(c.Get("/ready")->status == 200);
   CHECK(c.Post("/v1/embeddings", "{\"model\": \"tiny-kjv\", \"input\": \"x\"}", "application/json")->status == 404);
 }
+
+TEST_CASE("with a drafter, completions are those without; /metrics counts the drafts", "[server][speculative]") {
+  // Prompt lookup on prompts that repeat themselves, greedy and seeded sampling: the server's
+  // answers must not change, and the drafts show in /metrics.
+  Fixture plain;
+  std::string text = manifest();
+  text.append("[drafter]\nuse = \"ngram\"\n");
+  Fixture drafted(text);
+  const std::vector<std::string> prompts = {"The LORD is my shepherd; I shall not want. The LORD is my shepherd;",
+                                            "Let there be light: and there was light. Let there be light:", "And God said"};
+  for (const std::string &p : prompts)
+    for (const json &sampling : {json{{"temperature", 0}}, json{{"temperature", 0.9}, {"top_p", 0.95}, {"seed", 5}}}) {
+      INFO(p << " " << sampling.dump());
+      json body = {{"model", "tiny-kjv"}, {"prompt", p}, {"max_tokens", 40}};
+      body.update(sampling);
+      auto a = plain.post("/v1/completions", body), b = drafted.post("/v1/completions", body);
+      REQUIRE(a);
+      REQUIRE(b);
+      REQUIRE(a->status == 200);
+      REQUIRE(b->status == 200);
+      CHECK(json::parse(a->body)["choices"][0]["text"] == json::parse(b->body)["choices"][0]["text"]);
+    }
+  CHECK(metric(drafted, "loom_speculative_drafted_tokens_total") > 0);
+  CHECK(metric(drafted, "loom_speculative_accepted_tokens_total") > 0);
+  CHECK(metric(plain, "loom_speculative_drafted_tokens_total") == 0);
+}

@@ -63,6 +63,8 @@ struct ServeLoad {
   std::atomic<int64_t> prompt_tokens{0};  // prompt tokens looked up in the prefix cache, since serve() began
   std::atomic<int64_t> cached_tokens{0};  // of those, found there
   std::atomic<int64_t> preemptions{0};
+  std::atomic<int64_t> drafted_tokens{0};  // speculative decoding: drafts verified, since serve() began
+  std::atomic<int64_t> accepted_tokens{0}; // of those, accepted
   std::atomic<int64_t> steps{0};
 };
 
