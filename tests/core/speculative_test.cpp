@@ -148,7 +148,8 @@ TEST_CASE("the scheduler gives a decode its drafts' room and counts only accepte
 
 TEST_CASE("greedy decoding with drafts gives exactly the tokens of decoding without them", "[speculative][model]") {
   const fs::path draft = perturbed_draft_model();
-  const auto expected = tokens_of(loom::Runtime::from_string(base_manifest() + "[scheduler]\n" + run_table(40))->run());
+  const auto plain = loom::Runtime::from_string(base_manifest() + "[scheduler]\n" + run_table(40))->run();
+  const auto expected = tokens_of(plain);
   struct Config {
     std::string tables;
     bool rejects; // some drafts are rejected
@@ -180,9 +181,9 @@ TEST_CASE("greedy decoding with drafts gives exactly the tokens of decoding with
     CHECK(r.scheduler.accepted_tokens > 0);
     CHECK((r.scheduler.accepted_tokens < r.scheduler.drafted_tokens) == c.rejects);
     CHECK(r.scheduler.drafter_failures == 0);
-    // Fewer forward passes than tokens: the point of it.
-    int64_t generated = 0;
-    for (const auto &t : expected) generated += static_cast<int64_t>(t.size());
+    // Fewer forward passes than without drafts: the point of it (with room in the pool and the
+    // step budget; the tight configuration preempts and chunks instead).
+    if (c.tables.find("kv_blocks") == std::string::npos) CHECK(r.scheduler.steps < plain.scheduler.steps);
     int64_t drafted = 0, accepted = 0;
     for (const auto &s : r.scheduler.step_log) {
       drafted += s.drafted;
