@@ -169,6 +169,10 @@ SchedulePlan Scheduler::schedule() {
     budget -= chunk;
   }
 
+  // Drafts are for this plan only: a sequence that got no decode here (the budget ran out, or it
+  // was preempted) proposes again before a later one.
+  for (auto &[id, r] : requests_) r.draft = 0;
+
   // 3. The caller runs the whole plan before the next schedule(): count its tokens as computed.
   for (const ScheduledWork &w : plan.work) {
     Request &r = requests_.at(w.seq);

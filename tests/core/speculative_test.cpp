@@ -144,6 +144,29 @@ TEST_CASE("the scheduler gives a decode its drafts' room and counts only accepte
   plan = tight.schedule();
   CHECK(plan.work[0].draft == 2);
   CHECK(plan.work[0].n_tokens == 3);
+  // Drafts proposed for a sequence that the plan does not reach (the budget went to an earlier
+  // one) are dropped, not carried into a later plan.
+  loom::KvBlockManager blocks3(loom::KvBlockOptions{32, 4, true});
+  options.max_batched_tokens = 2;
+  loom::Scheduler starved(options, blocks3);
+  starved.add(1, {5}, 10);
+  starved.add(2, {6}, 10);
+  starved.schedule(); // both prefills
+  starved.append(1, 7);
+  starved.append(2, 8);
+  starved.propose_draft(1, 1);
+  starved.propose_draft(2, 3);
+  plan = starved.schedule(); // sequence 1 and its draft take the budget of 2
+  REQUIRE(plan.work.size() == 1);
+  CHECK(plan.work[0].seq == 1);
+  CHECK(plan.work[0].draft == 1);
+  starved.append(1, 9); // its draft rejected
+  starved.finish(1);
+  plan = starved.schedule();
+  REQUIRE(plan.work.size() == 1);
+  CHECK(plan.work[0].seq == 2);
+  CHECK(plan.work[0].draft == 0);
+  CHECK(plan.work[0].n_tokens == 1);
 }
 
 TEST_CASE("greedy decoding with drafts gives exactly the tokens of decoding without them", "[speculative][model]") {

@@ -90,7 +90,7 @@ class Scheduler {
   // but their last token), in admission order: the ones a drafter may propose for.
   std::vector<int64_t> decoding() const;
   // The next schedule() gives seq's decode 1 + n tokens when the budget allows (fewer drafts
-  // otherwise; a plan's ScheduledWork::draft says how many): its blocks grow for them, their KV
+  // otherwise, none when seq gets no decode in that plan; ScheduledWork::draft says how many): its blocks grow for them, their KV
   // is computed, but they are not the sequence's tokens. Throws when seq is not decoding, n < 0,
   // or the drafts would pass max_new_tokens - 1 (the step samples one token of its own after them).
   void propose_draft(int64_t seq, int32_t n);
