@@ -438,7 +438,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
             accept_tokens(group_rows, group_tokens, &first.samplers);
           } catch (const Error &e) {
             group_tokens.assign(group_rows.size(), -1);
-            for (int32_t seq : group_rows) failed.emplace_back(seq, e.what());
+            for (int32_t seq : group_rows) // (a sequence verifying drafts has several rows: once each)
+              if (failed.empty() || failed.back().first != seq) failed.emplace_back(seq, e.what());
           }
         }
         std::copy(group_tokens.begin(), group_tokens.end(), sampled.begin() + static_cast<std::ptrdiff_t>(begin));

@@ -323,3 +323,38 @@ TEST_CASE("sampled outputs with drafts keep the target's distribution (chi-squar
   CHECK(cells > 16);
   CHECK(chi2 < critical);
 }
+
+TEST_CASE("with a drafter, a request whose own chain fails fails alone", "[speculative][model]") {
+  // A chain without a selecting link selects nothing: that request ends with the error, once,
+  // and the request beside it, which verifies drafts, completes.
+  auto rt = loom::Runtime::from_string(base_manifest() + "[scheduler]\n[drafter]\nuse = \"ngram\"\n[run]\nprompt = \"x\"\n");
+  const std::vector<int32_t> prompt = rt->encode_text("Let there be light: and there was light. Let there be light:", "prompt");
+  loom::RequestQueue queue;
+  int done = 0;
+  std::string failure;
+  std::vector<int32_t> good;
+  loom::ServeRequest bad;
+  bad.prompt = prompt;
+  bad.max_new_tokens = 16;
+  bad.samplers = rt->make_samplers({"use = \"temperature\"\nt = 1.0\n"}, "bad");
+  bad.on_done = [&](const loom::SequenceResult &, const std::string &error) {
+    ++done;
+    failure = error;
+  };
+  loom::ServeRequest ok;
+  ok.prompt = prompt;
+  ok.max_new_tokens = 16;
+  ok.on_done = [&](const loom::SequenceResult &r, const std::string &error) {
+    ++done;
+    CHECK(error.empty());
+    good = r.tokens;
+  };
+  queue.submit(std::move(ok));
+  queue.submit(std::move(bad));
+  queue.close();
+  const loom::SchedulerStats stats = rt->serve(queue, 128);
+  CHECK(done == 2);
+  CHECK(failure.find("sampling") != std::string::npos);
+  CHECK(!good.empty());
+  CHECK(stats.drafted_tokens > 0);
+}
