@@ -3,6 +3,7 @@
 #include "loom/core/scheduler.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <string>
 #include <utility>
 
@@ -112,6 +113,12 @@ SchedulePlan Scheduler::schedule() {
   int32_t budget = options_.max_batched_tokens;
 
   // 1. Decode, in admission order. A preemption removes an entry at or after i.
+  // Drafts ride along only with room to spare: the budget keeps a token for every decode after
+  // this one, the rows stay within max_rows, and drafts never take blocks that would preempt.
+  int32_t decodes_left = 0;
+  for (int64_t s : running_) decodes_left += requests_.at(s).computed + 1 == int64_t(requests_.at(s).tokens.size());
+  int64_t draft_rows_left = options_.max_rows > 0 ? std::max<int64_t>(0, int64_t{options_.max_rows} - options_.max_seqs)
+                                                  : int64_t{INT32_MAX};
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     const int64_t seq = running_[i];
     const Request &r = requests_.at(seq);
@@ -119,11 +126,15 @@ SchedulePlan Scheduler::schedule() {
       ++i;
       continue;
     }
-    // Drafts ride along when the budget leaves room (a decode for every other running sequence
-    // comes first: each gets its own token before any gets drafts).
+    --decodes_left;
     Request &rw = requests_.at(seq);
-    const int32_t drafts = std::max(0, std::min<int32_t>(rw.draft, budget - 1));
+    int32_t drafts = std::max(0, std::min<int32_t>(rw.draft, budget - 1 - std::max(0, decodes_left)));
+    drafts = static_cast<int32_t>(std::min<int64_t>(drafts, draft_rows_left));
+    if (drafts > 0 && blocks_.blocks_needed(seq, r.computed + 1 + drafts) > blocks_.free_blocks() &&
+        blocks_.blocks_needed(seq, r.computed + 1) <= blocks_.free_blocks())
+      drafts = 0; // (a plain decode fits: no preemption for optional tokens)
     rw.draft = 0;
+    draft_rows_left -= drafts;
     if (!grow_running(seq, 1 + drafts, plan)) continue; // seq went back to waiting; running_[i] is the next one
     plan_work(seq, 1 + drafts, plan);
     plan.work.back().draft = drafts;

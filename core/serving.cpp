@@ -54,12 +54,14 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
                         " positions, outside the model's 1 to " + std::to_string(config_.max_positions));
   ForgetSequences release_at_end{pipeline_};
   ModelBackend::BlockPool pool;
+  int64_t reserved_rows = spec.max_seqs;
   {
     auto guard = pipeline_.begin_step();
     // With a drafter a step's batch holds up to 1 + speculative_max_tokens one-token rows per
     // decoding sequence (verification), so the backend sizes its per-row buffers for them.
-    const int64_t rows = pipeline_.list(LOOM_KIND_DRAFTER).empty() ? spec.max_seqs : spec.max_seqs * (1 + spec.speculative_max_tokens);
-    pool = backend_->reserve_blocks(static_cast<int32_t>(std::min<int64_t>(rows, 4096)), max_positions, spec.kv_blocks,
+    if (!pipeline_.list(LOOM_KIND_DRAFTER).empty())
+      reserved_rows = std::min<int64_t>(spec.max_seqs * (1 + spec.speculative_max_tokens), std::max<int64_t>(spec.max_seqs, 4096));
+    pool = backend_->reserve_blocks(static_cast<int32_t>(reserved_rows), max_positions, spec.kv_blocks,
                                     static_cast<uint64_t>(spec.kv_cache_mib) << 20);
   }
   KvBlockOptions block_options;
@@ -72,6 +74,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   options.max_batched_tokens = static_cast<int32_t>(spec.max_batched_tokens);
   options.chunked_prefill = spec.chunked_prefill;
   options.window = pool.window; // the window the attention plugin applies (its own, or the model's)
+  options.max_rows = static_cast<int32_t>(reserved_rows);
   Scheduler scheduler(options, blocks);
 
   struct Live {
@@ -91,7 +94,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   auto end_request = [&](int64_t id, const std::string &error) {
     auto it = live.find(id);
     Live &l = it->second;
-    if (l.out.tokens.size() > l.cut) l.out.tokens.resize(l.cut);
+    if (l.out.tokens.size() > l.cut) { // (the callback refused a token before one that stopped it)
+      l.out.tokens.resize(l.cut);
+      l.stopped_by_string = false;
+      l.out.stopped = false;
+    }
     release_draft_sequence(id);
     if (tokenizer_ && !l.stopped_by_string)
       generated_text(l.out.prompt, l.out.tokens, &l.out.text, l.request.stop ? &*l.request.stop : nullptr);

@@ -57,7 +57,8 @@ struct DraftModel {
   DraftModel& operator=(const DraftModel&) = delete;
 
   void propose(const loom_draft_batch& b) {
-    if (models->vocab_size(model) > b.vocab_size)
+    const int32_t draft_vocab = models->vocab_size(model);
+    if (draft_vocab > b.vocab_size)
       invalid("draft-model: the draft model's vocabulary (" + std::to_string(models->vocab_size(model)) +
               " tokens) is larger than the target's (" + std::to_string(b.vocab_size) + "): they must share a tokenizer");
     // Pass 0: each sequence feeds what its slot does not hold yet (at least its last token).
@@ -81,6 +82,9 @@ struct DraftModel {
       }
       Seq& q = it->second;
       const int32_t* x = b.context[s];
+      // A context token the draft model does not know (the target's vocabulary is larger) means
+      // no drafts for this sequence, not a failed batch.
+      if (std::any_of(x, x + len, [&](int32_t t) { return t < 0 || t >= draft_vocab; })) continue;
       int32_t common = 0;
       const int32_t held = static_cast<int32_t>(std::min<size_t>(q.cached.size(), static_cast<size_t>(len - 1)));
       while (common < held && q.cached[static_cast<size_t>(common)] == x[common]) ++common;
@@ -108,7 +112,10 @@ struct DraftModel {
     mb.tokens = tokens.data();
     drafted.assign(rows.size() * static_cast<size_t>(steps), -1);
     const loom_status st = models->greedy(model, &mb, steps, drafted.data());
-    if (st != LOOM_OK) fail(st, "draft-model: the draft model's forward passes failed");
+    if (st != LOOM_OK) {
+      for (int32_t s : rows) seqs.at(b.seq_ids[s]).cached.clear(); // what the slots hold is unknown now
+      fail(st, "draft-model: the draft model's forward passes failed");
+    }
     for (size_t r = 0; r < rows.size(); ++r) {
       const int32_t s = rows[r];
       Seq& q = seqs.at(b.seq_ids[s]);

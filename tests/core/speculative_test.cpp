@@ -144,29 +144,47 @@ TEST_CASE("the scheduler gives a decode its drafts' room and counts only accepte
   plan = tight.schedule();
   CHECK(plan.work[0].draft == 2);
   CHECK(plan.work[0].n_tokens == 3);
-  // Drafts proposed for a sequence that the plan does not reach (the budget went to an earlier
-  // one) are dropped, not carried into a later plan.
+  // Every decoding sequence gets its own token before any gets drafts; drafts stay within the
+  // rows the backend holds (max_rows - max_seqs per plan); drafts proposed for a plan are gone
+  // from the next.
   loom::KvBlockManager blocks3(loom::KvBlockOptions{32, 4, true});
-  options.max_batched_tokens = 2;
-  loom::Scheduler starved(options, blocks3);
-  starved.add(1, {5}, 10);
-  starved.add(2, {6}, 10);
-  starved.schedule(); // both prefills
-  starved.append(1, 7);
-  starved.append(2, 8);
-  starved.propose_draft(1, 1);
-  starved.propose_draft(2, 3);
-  plan = starved.schedule(); // sequence 1 and its draft take the budget of 2
-  REQUIRE(plan.work.size() == 1);
+  options.max_batched_tokens = 4;
+  options.max_seqs = 2;
+  loom::Scheduler fair(options, blocks3);
+  fair.add(1, {5}, 10);
+  fair.add(2, {6}, 10);
+  fair.schedule(); // both prefills
+  fair.append(1, 7);
+  fair.append(2, 8);
+  fair.propose_draft(1, 3);
+  fair.propose_draft(2, 3);
+  plan = fair.schedule();
+  REQUIRE(plan.work.size() == 2);
   CHECK(plan.work[0].seq == 1);
-  CHECK(plan.work[0].draft == 1);
-  starved.append(1, 9); // its draft rejected
-  starved.finish(1);
-  plan = starved.schedule();
-  REQUIRE(plan.work.size() == 1);
-  CHECK(plan.work[0].seq == 2);
-  CHECK(plan.work[0].draft == 0);
-  CHECK(plan.work[0].n_tokens == 1);
+  CHECK(plan.work[0].draft == 2); // 4 tokens: 1 + 2 drafts, and 1 kept for sequence 2
+  CHECK(plan.work[1].seq == 2);
+  CHECK(plan.work[1].draft == 0);
+  fair.append(1, 9);
+  fair.append(2, 10);
+  plan = fair.schedule(); // no proposals: plain decodes
+  REQUIRE(plan.work.size() == 2);
+  CHECK(plan.work[0].draft + plan.work[1].draft == 0);
+  fair.append(1, 11);
+  fair.append(2, 12);
+  loom::KvBlockManager blocks4(loom::KvBlockOptions{32, 4, true});
+  options.max_batched_tokens = 64;
+  options.max_rows = 3; // one draft row beyond the two sequences
+  loom::Scheduler rows(options, blocks4);
+  rows.add(1, {5}, 10);
+  rows.add(2, {6}, 10);
+  rows.schedule();
+  rows.append(1, 7);
+  rows.append(2, 8);
+  rows.propose_draft(1, 3);
+  rows.propose_draft(2, 3);
+  plan = rows.schedule();
+  REQUIRE(plan.work.size() == 2);
+  CHECK(plan.work[0].draft + plan.work[1].draft == 1);
 }
 
 TEST_CASE("greedy decoding with drafts gives exactly the tokens of decoding without them", "[speculative][model]") {

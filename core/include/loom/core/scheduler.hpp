@@ -33,6 +33,9 @@ struct SchedulerOptions {
   // sequence's blocks wholly behind its next query's window go back to the pool
   // (KvBlockManager::drop_before) and a request needs about window + a step's tokens of blocks.
   int32_t window = 0;
+  // Speculative decoding: rows a step's batch may hold (each draft is a row of its own beside
+  // one per sequence): drafts are trimmed to max_rows - max_seqs per plan. 0: no limit.
+  int32_t max_rows = 0;
 };
 
 // This step computes tokens(seq)[first_position, first_position + n_tokens) at those positions.
