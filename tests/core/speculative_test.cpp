@@ -151,14 +151,18 @@ TEST_CASE("the scheduler gives a decode its drafts' room and counts only accepte
   options.max_batched_tokens = 4;
   options.max_seqs = 2;
   loom::Scheduler fair(options, blocks3);
-  fair.add(1, {5}, 10);
-  fair.add(2, {6}, 10);
-  fair.schedule(); // both prefills
-  fair.append(1, 7);
-  fair.append(2, 8);
-  fair.propose_draft(1, 3);
-  fair.propose_draft(2, 3);
-  plan = fair.schedule();
+  // Two sequences prefilled and decoding, each proposing 3 drafts, then planned.
+  const auto two_drafting = [](loom::Scheduler &sched) {
+    sched.add(1, {5}, 10);
+    sched.add(2, {6}, 10);
+    sched.schedule(); // both prefills
+    sched.append(1, 7);
+    sched.append(2, 8);
+    sched.propose_draft(1, 3);
+    sched.propose_draft(2, 3);
+    return sched.schedule();
+  };
+  plan = two_drafting(fair);
   REQUIRE(plan.work.size() == 2);
   CHECK(plan.work[0].seq == 1);
   CHECK(plan.work[0].draft == 2); // 4 tokens: 1 + 2 drafts, and 1 kept for sequence 2
@@ -175,14 +179,7 @@ TEST_CASE("the scheduler gives a decode its drafts' room and counts only accepte
   options.max_batched_tokens = 64;
   options.max_rows = 3; // one draft row beyond the two sequences
   loom::Scheduler rows(options, blocks4);
-  rows.add(1, {5}, 10);
-  rows.add(2, {6}, 10);
-  rows.schedule();
-  rows.append(1, 7);
-  rows.append(2, 8);
-  rows.propose_draft(1, 3);
-  rows.propose_draft(2, 3);
-  plan = rows.schedule();
+  plan = two_drafting(rows);
   REQUIRE(plan.work.size() == 2);
   CHECK(plan.work[0].draft + plan.work[1].draft == 1);
 }
