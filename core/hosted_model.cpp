@@ -176,6 +176,24 @@ std::unique_ptr<HostedModel> ModelHost::open(const std::string &path, const std:
 
 namespace {
 
+// Runs `call`; a failure goes to `report` (its message) and becomes a status.
+template <class Call, class Report>
+loom_status status_of(const Call &call, const Report &report) {
+  try {
+    call();
+    return LOOM_OK;
+  } catch (const Error &e) {
+    report(e.what());
+    return e.status() != 0 ? e.status() : LOOM_ERR_INVALID_ARGUMENT;
+  } catch (const std::bad_alloc &) {
+    report("out of memory");
+    return LOOM_ERR_OUT_OF_MEMORY;
+  } catch (const std::exception &e) {
+    report(e.what());
+    return LOOM_ERR_INTERNAL;
+  }
+}
+
 loom_status models_open(loom_host_ctx *ctx, const char *path, const char *attention, int32_t max_seqs,
                         int32_t max_positions, loom_host_model **out) {
   if (!ctx || !ctx->models || !path || !out) {
@@ -190,22 +208,14 @@ loom_status models_open(loom_host_ctx *ctx, const char *path, const char *attent
     ctx->models_error = why;
   };
   failed("");
-  try {
-    auto handle = std::make_unique<loom_host_model>();
-    handle->ctx = ctx;
-    handle->model = ctx->models->open(path, attention ? attention : "", max_seqs, max_positions);
-    *out = handle.release();
-    return LOOM_OK;
-  } catch (const Error &e) {
-    failed(e.what());
-    return e.status() != 0 ? e.status() : LOOM_ERR_INVALID_ARGUMENT;
-  } catch (const std::bad_alloc &) {
-    failed("out of memory");
-    return LOOM_ERR_OUT_OF_MEMORY;
-  } catch (const std::exception &e) {
-    failed(e.what());
-    return LOOM_ERR_INTERNAL;
-  }
+  return status_of(
+      [&] {
+        auto handle = std::make_unique<loom_host_model>();
+        handle->ctx = ctx;
+        handle->model = ctx->models->open(path, attention ? attention : "", max_seqs, max_positions);
+        *out = handle.release();
+      },
+      failed);
 }
 
 const char *models_open_error(loom_host_ctx *ctx) {
@@ -221,22 +231,11 @@ int32_t models_max_positions(loom_host_model *m) { return m && m->model ? m->mod
 template <class Call>
 loom_status on_model(loom_host_model *m, const Call &call) {
   if (!m || !m->model) return LOOM_ERR_INVALID_ARGUMENT;
-  const auto report = [&](const char *what) {
-    std::lock_guard lock(m->ctx->mutex);
-    m->ctx->last_error = what;
-  };
-  try {
-    call(*m->model);
-    return LOOM_OK;
-  } catch (const Error &e) {
-    report(e.what());
-    return e.status() != 0 ? e.status() : LOOM_ERR_INVALID_ARGUMENT;
-  } catch (const std::bad_alloc &) {
-    return LOOM_ERR_OUT_OF_MEMORY;
-  } catch (const std::exception &e) {
-    report(e.what());
-    return LOOM_ERR_INTERNAL;
-  }
+  return status_of([&] { call(*m->model); },
+                   [&](const std::string &what) {
+                     std::lock_guard lock(m->ctx->mutex);
+                     m->ctx->last_error = what;
+                   });
 }
 
 loom_status models_forward(loom_host_model *m, const loom_model_batch *b) {
