@@ -235,7 +235,7 @@ void ModelDecoder::all_reduce(DLTensor *logits) {
   p.check(p.vtable<loom_parallel_vtable>()->all_reduce(p.handle(), LOOM_GROUP_WORLD, logits, LOOM_REDUCE_AVG), "all_reduce");
 }
 
-void ModelDecoder::SamplingRows::add(int64_t seq, const std::vector<int32_t> &tokens, uint64_t seed, uint64_t step) {
+void ModelDecoder::SamplingRows::add(int64_t seq, std::span<const int32_t> tokens, uint64_t seed, uint64_t step) {
   seq_ids.push_back(seq);
   history.push_back(tokens.data());
   history_len.push_back(static_cast<int32_t>(tokens.size()));
@@ -259,7 +259,7 @@ loom_sampling_batch ModelDecoder::SamplingRows::batch(DLTensor *logits, int64_t 
 }
 
 int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows,
-                              const std::vector<const std::vector<int32_t> *> &row_history, uint64_t step,
+                              const std::vector<std::span<const int32_t>> &row_history, uint64_t step,
                               std::vector<int32_t> &tokens, bool ahead, const std::vector<uint64_t> *row_steps,
                               const std::vector<std::shared_ptr<Instance>> *own_chain, const std::vector<uint64_t> *row_keys) {
   auto chain = own_chain && !own_chain->empty() ? *own_chain : pipeline_.list(LOOM_KIND_SAMPLER);
@@ -293,7 +293,7 @@ int32_t *ModelDecoder::sample(DLTensor *logits, const std::vector<int32_t> &rows
   tokens.assign(n, -1);
   SamplingRows sampling;
   for (size_t r = 0; r < n; ++r)
-    sampling.add(rows[r], *row_history[r], row_keys ? (*row_keys)[r] : manifest_.seed, row_steps ? (*row_steps)[r] : step);
+    sampling.add(rows[r], row_history[r], row_keys ? (*row_keys)[r] : manifest_.seed, row_steps ? (*row_steps)[r] : step);
   loom_sampling_batch b = sampling.batch(logits, config_.vocab_size, tokens.data());
   int32_t *feed = nullptr;
   if (ahead && decode_ahead_ && logits->device.device_type != kDLCPU && chain_on_device && n > 0 &&
@@ -409,7 +409,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
 
   std::vector<std::vector<int32_t>> histories;
   for (const auto &p : prompts_) histories.push_back(with_virtual_tokens(virtual_n, p));
-  std::vector<const std::vector<int32_t> *> row_history; // histories of this step's rows
+  std::vector<std::span<const int32_t>> row_history; // histories of this step's rows
   std::vector<int32_t> rows(n); // the sequence of each row of `logits`
   for (size_t i = 0; i < n; ++i) rows[i] = static_cast<int32_t>(i);
   DLTensor *logits = nullptr;
@@ -478,7 +478,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
       }
       const bool more = step + 1 < steps;
       row_history.clear();
-      for (int32_t seq : rows) row_history.push_back(&histories[static_cast<size_t>(seq)]);
+      for (int32_t seq : rows) row_history.emplace_back(histories[static_cast<size_t>(seq)]);
       if (int32_t *feed = sample(logits, rows, row_history, static_cast<uint64_t>(step), sampled, more)) {
         readback.start(feed, rows.size(), backend_->device());
         // Queue the next step now, for every row of this one; the device runs it while the host

@@ -33,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <span>
 #include <thread>
 #include <optional>
 #include <string>
@@ -126,7 +127,7 @@ class ModelDecoder {
   // The run's single-sequence fields (prompt, tokens, text, stopped) from its first sequence.
   static void take_first_sequence(RunResult &result);
   // Runs the sampler chain over `logits` [rows, vocab]; rows[r] is the sequence of row r and
-  // *row_history[r] its tokens so far (prompt then generated; valid for the call). With
+  // row_history[r] its tokens so far (prompt then generated; valid for the call). With
   // `ahead` (the caller would queue the next step before the tokens reach the host), when the
   // logits are on the device, the whole chain runs there and its selecting link can leave the
   // tokens there (LOOM_SAMPLER_DEVICE_TOKENS), the tokens go to the backend's token feed
@@ -136,7 +137,7 @@ class ModelDecoder {
   // `row_steps` (optional): each row's own RNG counter instead of `step` (the scheduler's rows
   // are at different steps of their sequences).
   int32_t *sample(DLTensor *logits, const std::vector<int32_t> &rows,
-                  const std::vector<const std::vector<int32_t> *> &row_history, uint64_t step, std::vector<int32_t> &tokens, bool ahead,
+                  const std::vector<std::span<const int32_t>> &row_history, uint64_t step, std::vector<int32_t> &tokens, bool ahead,
                   const std::vector<uint64_t> *row_steps = nullptr,
                   const std::vector<std::shared_ptr<Instance>> *own_chain = nullptr,
                   const std::vector<uint64_t> *row_keys = nullptr);
@@ -148,7 +149,7 @@ class ModelDecoder {
     std::vector<const int32_t *> history;
     std::vector<int32_t> history_len;
     std::vector<uint64_t> keys, counters;
-    void add(int64_t seq, const std::vector<int32_t> &tokens, uint64_t seed, uint64_t step);
+    void add(int64_t seq, std::span<const int32_t> tokens, uint64_t seed, uint64_t step);
     // A batch over these rows and `logits` [rows, vocab] whose selecting link writes tokens_out.
     loom_sampling_batch batch(DLTensor *logits, int64_t vocab, int32_t *tokens_out);
   };

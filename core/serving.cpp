@@ -19,6 +19,7 @@
 #include <climits>
 #include <cstdint>
 #include <deque>
+#include <span>
 #include <unordered_map>
 #include <utility>
 
@@ -139,7 +140,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   };
   std::vector<Emitted> emitted; // tokens of this step, in order
   std::vector<int64_t> ended;                       // requests that ended at this step
-  std::vector<const std::vector<int32_t> *> row_history; // the scheduler's tokens of each sampled row
+  std::vector<std::span<const int32_t>> row_history; // the tokens of each sampled row (the scheduler's, or with drafts)
   std::vector<uint64_t> row_steps;
   std::vector<const Instance *> row_chain; // each sampled row's chain (nullptr: the pipeline's)
   // Speculative decoding: a drafter's proposals, and the histories of the rows after drafts.
@@ -159,7 +160,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   };
   // One chain's rows of a step (sampled together).
   std::vector<int32_t> group_rows, group_tokens;
-  std::vector<const std::vector<int32_t> *> group_history;
+  std::vector<std::span<const int32_t>> group_history;
   std::vector<uint64_t> group_steps, group_keys;
   std::vector<std::pair<int64_t, std::string>> failed; // requests whose own chain failed this step
   std::vector<std::pair<int32_t, int32_t>> copies;
@@ -370,12 +371,15 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
             append_table(blocks.table(w.seq), cols, batch.block_tables);
             record.context += w.first_position + j + 1;
             rows.push_back(static_cast<int32_t>(w.seq));
+            // Row j's history: the tokens and drafts 1..j, prefixes of one copy per sequence.
             if (j == 0) {
-              row_history.push_back(&tokens);
+              row_history.emplace_back(tokens);
             } else {
-              std::vector<int32_t> &h = draft_histories.emplace_back(tokens);
-              h.insert(h.end(), l.draft.begin(), l.draft.begin() + j);
-              row_history.push_back(&h);
+              if (j == 1) {
+                std::vector<int32_t> &h = draft_histories.emplace_back(tokens);
+                h.insert(h.end(), l.draft.begin(), l.draft.begin() + w.draft);
+              }
+              row_history.emplace_back(draft_histories.back().data(), tokens.size() + static_cast<size_t>(j));
             }
             row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq) + j));
             row_chain.push_back(chain_of(w));
@@ -391,7 +395,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         record.context += w.first_position + w.n_tokens;
         if (w.samples) {
           rows.push_back(static_cast<int32_t>(w.seq));
-          row_history.push_back(&tokens);
+          row_history.emplace_back(tokens);
           row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq)));
           row_chain.push_back(chain_of(w));
         }
