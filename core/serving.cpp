@@ -165,6 +165,63 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   std::vector<std::pair<int64_t, std::string>> failed; // requests whose own chain failed this step
   std::vector<std::pair<int32_t, int32_t>> copies;
   std::vector<std::pair<int64_t, ServeRequest>> arrived;
+  // Speculative decoding, before a step is planned: the drafter proposes up to k tokens for each
+  // decoding sequence whose chain can verify them (Live::draft); the scheduler gives them room
+  // when the budget allows (Scheduler::propose_draft).
+  const auto propose_drafts = [&](Instance &drafter) {
+    const bool pipeline_speculable = speculable(pipeline_.list(LOOM_KIND_SAMPLER));
+    draft_seqs.clear();
+    draft_context.clear();
+    draft_len.clear();
+    draft_max.clear();
+    for (int64_t seq : scheduler.decoding()) {
+      Live &l = live.at(seq);
+      l.draft.clear();
+      const bool verifiable = l.request.samplers.empty() ? pipeline_speculable : speculable(l.request.samplers);
+      const int64_t room = l.request.max_new_tokens - static_cast<int64_t>(l.out.tokens.size()) - 1;
+      const int32_t max_draft = static_cast<int32_t>(std::min<int64_t>(l.k, room));
+      if (!verifiable || max_draft < 1) continue;
+      const std::vector<int32_t> &tokens = scheduler.tokens(seq);
+      draft_seqs.push_back(seq);
+      draft_context.push_back(tokens.data() + l.virtual_n);
+      draft_len.push_back(static_cast<int32_t>(static_cast<int64_t>(tokens.size()) - l.virtual_n));
+      draft_max.push_back(max_draft);
+    }
+    if (draft_seqs.empty()) return;
+    const int32_t stride = *std::max_element(draft_max.begin(), draft_max.end());
+    draft_out.assign(draft_seqs.size() * static_cast<size_t>(stride), -1);
+    draft_n.assign(draft_seqs.size(), 0);
+    loom_draft_batch db{};
+    db.struct_size = sizeof(db);
+    db.n_seqs = static_cast<int32_t>(draft_seqs.size());
+    db.vocab_size = static_cast<int32_t>(config_.vocab_size);
+    db.seq_ids = draft_seqs.data();
+    db.context = draft_context.data();
+    db.context_len = draft_len.data();
+    db.max_draft = draft_max.data();
+    db.stride = stride;
+    db.draft_out = draft_out.data();
+    db.n_out = draft_n.data();
+    try {
+      drafter.check(drafter.vtable<loom_drafter_vtable>()->propose(drafter.handle(), &db), "propose");
+      for (size_t i = 0; i < draft_seqs.size(); ++i) {
+        Live &l = live.at(draft_seqs[i]);
+        const int32_t n = std::clamp(draft_n[i], 0, draft_max[i]);
+        // (A token outside the vocabulary ends the drafts: they are proposals, never trusted.)
+        for (int32_t j = 0; j < n; ++j) {
+          const int32_t t = draft_out[i * static_cast<size_t>(stride) + static_cast<size_t>(j)];
+          if (t < 0 || t >= config_.vocab_size) break;
+          l.draft.push_back(t);
+        }
+        if (!l.draft.empty()) scheduler.propose_draft(draft_seqs[i], static_cast<int32_t>(l.draft.size()));
+      }
+    } catch (const Error &e) {
+      // A failing drafter costs this step its drafts, never a request.
+      ++stats.drafter_failures;
+      stats.drafter_error = e.what();
+      for (int64_t seq : draft_seqs) live.at(seq).draft.clear();
+    }
+  };
   bool open = true;
   while (true) {
     if (cancelled_.load()) {
@@ -257,65 +314,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       const auto drafters = pipeline_.list(LOOM_KIND_DRAFTER);
       const auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
       // Verification needs an attention component that knows loom_attention_batch.shared_blocks.
-      const bool verifies = !attention.empty() && attention.front()->library().descriptor().abi_minor >= 9;
-      if (!drafters.empty() && verifies) {
-        // Speculative decoding: the drafter proposes up to k tokens for each decoding sequence
-        // whose chain can verify them; the scheduler gives them room when the budget allows.
-        const bool pipeline_speculable = speculable(pipeline_.list(LOOM_KIND_SAMPLER));
-        draft_seqs.clear();
-        draft_context.clear();
-        draft_len.clear();
-        draft_max.clear();
-        for (int64_t seq : scheduler.decoding()) {
-          Live &l = live.at(seq);
-          l.draft.clear();
-          const bool verifiable = l.request.samplers.empty() ? pipeline_speculable : speculable(l.request.samplers);
-          const int64_t room = l.request.max_new_tokens - static_cast<int64_t>(l.out.tokens.size()) - 1;
-          const int32_t max_draft = static_cast<int32_t>(std::min<int64_t>(l.k, room));
-          if (!verifiable || max_draft < 1) continue;
-          const std::vector<int32_t> &tokens = scheduler.tokens(seq);
-          draft_seqs.push_back(seq);
-          draft_context.push_back(tokens.data() + l.virtual_n);
-          draft_len.push_back(static_cast<int32_t>(static_cast<int64_t>(tokens.size()) - l.virtual_n));
-          draft_max.push_back(max_draft);
-        }
-        if (!draft_seqs.empty()) {
-          const int32_t stride = *std::max_element(draft_max.begin(), draft_max.end());
-          draft_out.assign(draft_seqs.size() * static_cast<size_t>(stride), -1);
-          draft_n.assign(draft_seqs.size(), 0);
-          loom_draft_batch db{};
-          db.struct_size = sizeof(db);
-          db.n_seqs = static_cast<int32_t>(draft_seqs.size());
-          db.vocab_size = static_cast<int32_t>(config_.vocab_size);
-          db.seq_ids = draft_seqs.data();
-          db.context = draft_context.data();
-          db.context_len = draft_len.data();
-          db.max_draft = draft_max.data();
-          db.stride = stride;
-          db.draft_out = draft_out.data();
-          db.n_out = draft_n.data();
-          Instance &drafter = *drafters.front();
-          try {
-            drafter.check(drafter.vtable<loom_drafter_vtable>()->propose(drafter.handle(), &db), "propose");
-            for (size_t i = 0; i < draft_seqs.size(); ++i) {
-              Live &l = live.at(draft_seqs[i]);
-              const int32_t n = std::clamp(draft_n[i], 0, draft_max[i]);
-              // (A token outside the vocabulary ends the drafts: they are proposals, never trusted.)
-              for (int32_t j = 0; j < n; ++j) {
-                const int32_t t = draft_out[i * static_cast<size_t>(stride) + static_cast<size_t>(j)];
-                if (t < 0 || t >= config_.vocab_size) break;
-                l.draft.push_back(t);
-              }
-              if (!l.draft.empty()) scheduler.propose_draft(draft_seqs[i], static_cast<int32_t>(l.draft.size()));
-            }
-          } catch (const Error &e) {
-            // A failing drafter costs this step its drafts, never a request.
-            ++stats.drafter_failures;
-            stats.drafter_error = e.what();
-            for (int64_t seq : draft_seqs) live.at(seq).draft.clear();
-          }
-        }
-      }
+      if (!drafters.empty() && !attention.empty() && attention.front()->library().descriptor().abi_minor >= 9)
+        propose_drafts(*drafters.front());
       SchedulePlan plan = scheduler.schedule();
       if (plan.work.empty())
         throw runtime_error(manifest_.source_name + ": scheduler: no work planned while requests wait (" +
