@@ -100,10 +100,12 @@ bool Scheduler::grow_running(int64_t seq, int32_t n, SchedulePlan &plan) {
   return true;
 }
 
-void Scheduler::plan_work(int64_t seq, int32_t n, SchedulePlan &plan) {
+void Scheduler::plan_work(int64_t seq, int32_t n, SchedulePlan &plan, int32_t draft) {
   Request &r = request(seq, "schedule");
   r.planned = true;
-  plan.work.push_back({seq, r.computed, n, r.computed + n == int64_t(r.tokens.size())});
+  r.drafted = draft;
+  // (A decode with drafts samples every row: its last known token is the first of its n.)
+  plan.work.push_back({seq, r.computed, n, r.computed + n - draft == int64_t(r.tokens.size()), draft});
   plan.n_tokens += n;
 }
 
@@ -127,19 +129,14 @@ SchedulePlan Scheduler::schedule() {
       continue;
     }
     --decodes_left;
-    Request &rw = requests_.at(seq);
-    int32_t drafts = std::max(0, std::min<int32_t>(rw.draft, budget - 1 - std::max(0, decodes_left)));
+    int32_t drafts = std::max(0, std::min<int32_t>(r.draft, budget - 1 - std::max(0, decodes_left)));
     drafts = static_cast<int32_t>(std::min<int64_t>(drafts, draft_rows_left));
     if (drafts > 0 && blocks_.blocks_needed(seq, r.computed + 1 + drafts) > blocks_.free_blocks() &&
         blocks_.blocks_needed(seq, r.computed + 1) <= blocks_.free_blocks())
       drafts = 0; // (a plain decode fits: no preemption for optional tokens)
-    rw.draft = 0;
     draft_rows_left -= drafts;
     if (!grow_running(seq, 1 + drafts, plan)) continue; // seq went back to waiting; running_[i] is the next one
-    plan_work(seq, 1 + drafts, plan);
-    plan.work.back().draft = drafts;
-    plan.work.back().samples = true;
-    requests_.at(seq).drafted = drafts;
+    plan_work(seq, 1 + drafts, plan, drafts);
     budget -= 1 + drafts;
     ++i;
   }
@@ -188,7 +185,6 @@ SchedulePlan Scheduler::schedule() {
   for (const ScheduledWork &w : plan.work) {
     Request &r = requests_.at(w.seq);
     r.computed += w.n_tokens - w.draft; // drafts count once accepted (accept_drafts)
-    if (w.draft == 0) r.drafted = 0;
     blocks_.computed(w.seq, r.tokens, r.computed);
   }
   return plan;

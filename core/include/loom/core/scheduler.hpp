@@ -137,7 +137,7 @@ class Scheduler {
   // Under a sliding window, seq's blocks wholly behind this step's first query's window go back.
   void drop_behind_window(int64_t seq, const Request &r);
   void preempt(int64_t seq, SchedulePlan &plan);
-  void plan_work(int64_t seq, int32_t n, SchedulePlan &plan);
+  void plan_work(int64_t seq, int32_t n, SchedulePlan &plan, int32_t draft = 0);
   // Tokens of seq's next prefill chunk within `budget`; 0 when it must wait (whole-or-nothing).
   int32_t prefill_chunk(const Request &r, int32_t budget) const;
 
