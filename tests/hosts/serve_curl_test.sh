@@ -24,7 +24,10 @@ json='-H Content-Type:application/json'
 
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/health")" = 200 ] || fail "/health"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/ready")" = 200 ] || fail "/ready"
-curl -sf "$base/v1/models" | grep -q '"id":"tiny-kjv"' || fail "/v1/models"
+# (Bodies are read whole before grep -q: under pipefail, a grep that stops at its first match
+# makes curl's later writes fail with SIGPIPE, and the pipeline with them.)
+out=$(curl -sf "$base/v1/models") || fail "/v1/models"
+echo "$out" | grep -q '"id":"tiny-kjv"' || fail "/v1/models: $out"
 
 out=$(curl -sf $json "$base/v1/completions" -d '{"model":"tiny-kjv","prompt":"And God said","max_tokens":16,"temperature":0}')
 echo "$out" | grep -q '"object":"text_completion"' || fail "completion: $out"
@@ -45,7 +48,8 @@ code=$(curl -s -o "$work/err" -w '%{http_code}' $json "$base/v1/completions" -d 
 [ "$code" = 400 ] || fail "bad temperature gave $code"
 grep -q '"param":"temperature"' "$work/err" || fail "error body: $(cat "$work/err")"
 
-curl -sf "$base/metrics" | grep -q '^loom_time_to_first_token_seconds_count [1-9]' || fail "/metrics"
+metrics=$(curl -sf "$base/metrics") || fail "/metrics"
+grep -q '^loom_time_to_first_token_seconds_count [1-9]' <<<"$metrics" || fail "/metrics: no first-token count"
 
 # SIGTERM with a stream open: the stream completes, the process exits 0.
 curl -sN $json "$base/v1/completions" -d '{"model":"tiny-kjv","prompt":[1,400],"max_tokens":300,"stream":true,"logit_bias":{"1":-100,"2":-100}}' >"$work/stream" &
