@@ -41,8 +41,8 @@ int64_t int_flag(const std::string &flag, const std::string &v, int64_t lo, int6
 }
 } // namespace
 
-// Parses MANIFEST [--set K=V]... [--steps N] [--warmup N]; throws loom::Error (usage).
-ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allow_steps, bool allow_warmup) {
+// Parses MANIFEST [--set K=V]... [--steps N] [--warmup N] [--tokens]; throws loom::Error (usage).
+ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allow_steps, bool run_flags) {
   ManifestArgs out;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string &a = args[i];
@@ -58,8 +58,10 @@ ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allo
       out.overrides.push_back(a.substr(6));
     } else if (allow_steps && a == "--steps") {
       out.steps = int_flag("--steps", value("--steps"), 1, 1 << 20);
-    } else if (allow_warmup && a == "--warmup") {
+    } else if (run_flags && a == "--warmup") {
       out.warmup = int_flag("--warmup", value("--warmup"), 0, 100);
+    } else if (run_flags && a == "--tokens") {
+      out.print_tokens = true;
     } else if (!a.empty() && a[0] == '-') {
       throw Error(ErrorCategory::usage, "unknown option '" + a + "'");
     } else if (out.manifest.empty()) {
@@ -110,7 +112,7 @@ that it exists (with the version asked for) and that its table holds only declar
 declared types. Creates nothing. Prints "ok" and exits 0 when the manifest is valid.
 )";
 
-const char *kRunUsage = R"(usage: loom run MANIFEST [--set KEY.PATH=VALUE]... [--steps N] [--warmup N]
+const char *kRunUsage = R"(usage: loom run MANIFEST [--set KEY.PATH=VALUE]... [--steps N] [--warmup N] [--tokens]
 
 Builds the pipeline MANIFEST describes and runs its [run] section: retrievers answer run.query,
 tools run run.tool_calls, and the model ([model], or seeded random weights) continues run.prompt
@@ -122,6 +124,8 @@ end; the last line counts the tokens of all sequences.
   --warmup N   first run the same generation N times without output or timing (the printed run's
                rates then leave out first-use costs: kernel loading, GEMM heuristics, waiting for
                the other ranks to start); a seeded sampler's stream goes on across the runs
+  --tokens     also print the generated token ids (a "tokens:" line per sequence) where a tokenizer
+               prints text, to compare runs exactly (a model without a tokenizer always prints them)
 )";
 
 const char *kQuantizeUsage = R"(usage: loom quantize MANIFEST --out DIR [--set KEY.PATH=VALUE]...
@@ -333,6 +337,11 @@ int cmd_run(const std::vector<std::string> &args) {
           for (int32_t t : seq.tokens) std::cout << " " << t;
         }
         std::cout << (seq.stopped ? "  (stopped)" : "") << "\n";
+        if (has_text && a.print_tokens) {
+          std::cout << "[" << i << "] tokens:";
+          for (int32_t t : seq.tokens) std::cout << " " << t;
+          std::cout << "\n";
+        }
       }
     if (!runtime->manifest().run.query.empty()) {
       std::cout << "query: " << runtime->manifest().run.query << "\n";
@@ -364,7 +373,7 @@ int cmd_run(const std::vector<std::string> &args) {
       if (!r.agent_steps.empty()) break;
       std::cout << "tool " << t.tool << (t.is_error ? " (error)" : "") << ": " << t.content << "\n";
     }
-    if (!has_text && !batch && !agent) {
+    if ((!has_text || a.print_tokens) && !batch && !agent) {
       std::cout << "tokens:";
       for (int32_t t : r.tokens) std::cout << " " << t;
       std::cout << "\n";

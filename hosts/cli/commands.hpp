@@ -21,12 +21,14 @@ struct ManifestArgs {
   std::string manifest;
   std::vector<std::string> overrides;
   int64_t steps = 0;
-  int64_t warmup = 0;  // loom run: untimed runs first
+  int64_t warmup = 0;         // loom run: untimed runs first
+  bool print_tokens = false;  // loom run --tokens: token ids printed beside the text
   bool help = false;
 };
 
-// Parses MANIFEST [--set K=V]... [--steps N] [--warmup N]; throws loom::Error (usage).
-ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allow_steps, bool allow_warmup = false);
+// Parses MANIFEST [--set K=V]... [--steps N] [--warmup N] [--tokens]; throws loom::Error (usage).
+// --warmup and --tokens are loom run's (run_flags).
+ManifestArgs parse_manifest_args(const std::vector<std::string> &args, bool allow_steps, bool run_flags = false);
 // Runs a command's body: a loom::Error is printed (with `usage` for usage errors) and becomes
 // its category's exit code; any other exception exits 1.
 int guarded(const char *usage, const std::function<int()> &body);

@@ -6,6 +6,7 @@
 #include <array>
 #include <fstream>
 #include <set>
+#include <sstream>
 #include <unistd.h>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -145,6 +146,21 @@ TEST_CASE("run generates a batch of prompts and prints every sequence", "[cli]")
   CHECK(tokens_of(warm.out) == tokens_of(ids.out));
   CHECK(loom("run " + kConfigs + "greedy.toml --warmup many").code == 2);
   CHECK(loom("train " + kConfigs + "greedy.toml --warmup 1").code == 2);  // loom run's alone
+  // --tokens: a model with a tokenizer prints text, and with the flag its token ids as well.
+  auto text_only = loom("run " + kConfigs + "pipeline.toml --steps 6");
+  auto with_ids = loom("run " + kConfigs + "pipeline.toml --steps 6 --tokens");
+  REQUIRE(text_only.code == 0);
+  REQUIRE(with_ids.code == 0);
+  CHECK(text_only.out.find("tokens:") == std::string::npos);
+  const size_t at = with_ids.out.find("\ntokens: ");
+  REQUIRE(at != std::string::npos);
+  std::istringstream ids_line(with_ids.out.substr(at + 9, with_ids.out.find('\n', at + 1) - at - 9));
+  std::vector<int> printed_ids;
+  for (int id; ids_line >> id;) printed_ids.push_back(id);
+  CHECK(!printed_ids.empty());
+  CHECK(printed_ids.size() <= 6);
+  CHECK(with_ids.out.substr(0, at) == text_only.out.substr(0, at));  // the same text before the ids
+  CHECK(loom("train " + kConfigs + "greedy.toml --tokens").code == 2);
   auto threads = loom("run " + kConfigs + "greedy.toml --set loom.threads=-2");
   CHECK(threads.code == 3);
   CHECK(threads.out.find("loom.threads: must be 0 (one per hardware thread) or a positive count, got -2") != std::string::npos);
