@@ -1,25 +1,42 @@
 #!/usr/bin/env bash
-# [Speculative] item 5 on the GPU machine: trains the 105M target (configs/speculative/
-# train_target.toml) with Loom on the King James Bible, then times batch-1 greedy decoding of it
-# with prompt lookup and with the default model (models/tiny-kjv, trained by Loom on the same
-# corpus) as the draft model, against plain decoding (bench/speculative_bench.cpp), beside
-# transformers' prompt lookup and assisted generation on the same models (bench/speculative_vs_hf.py).
+# [Speculative] item 5 on the GPU machine: trains a target model with Loom on the King James Bible,
+# then times batch-1 greedy decoding of it with prompt lookup and with the default model
+# (models/tiny-kjv, trained by Loom on the same corpus) as the draft model, against plain decoding
+# (bench/speculative_bench.cpp), beside transformers' prompt lookup and assisted generation on the
+# same models (bench/speculative_vs_hf.py).
 #
-# usage: bench/speculative.sh BIN_DIR KJV_DIR [STEPS]
+# usage: [TRAIN_GPUS=N] bench/speculative.sh BIN_DIR KJV_DIR [STEPS] [TARGET] [PROMPTS] [HF_REPEAT]
 #   BIN_DIR: holds loom and loom_speculative_bench (LOOM_PLUGIN_PATH set to the plugins)
 #   KJV_DIR: scripts/prepare_kjv.sh's output (train.txt, val.txt)
+#   TARGET: kjv-105m (default: configs/speculative/train_target.toml, 105M parameters) or kjv-1b
+#     (train_target_1b.toml: Llama-3.2-1B's layers, 0.98B parameters, data parallel over
+#     TRAIN_GPUS processes, default 1)
+#   PROMPTS: prompts per workload (default 12); HF_REPEAT: transformers' runs per prompt (default 2)
 set -euo pipefail
-bin=$1 kjv=$2 steps=${3:-128}
+bin=$1 kjv=$2 steps=${3:-128} target=${4:-kjv-105m} n_prompts=${5:-12} hf_repeat=${6:-2}
+gpus=${TRAIN_GPUS:-1}
 here=$(cd "$(dirname "$0")/.." && pwd)
-model=/tmp/kjv-105m
+case "$target" in
+  kjv-105m) manifest=train_target.toml ;;
+  kjv-1b) manifest=train_target_1b.toml ;;
+  *) echo "speculative.sh: unknown target '$target' (kjv-105m or kjv-1b)" >&2; exit 2 ;;
+esac
+model=/tmp/$target out=/tmp/$target-train
 mkdir -p "$model"
-cp "$here/configs/speculative/kjv-105m.config.json" "$model/config.json"
+cp "$here/configs/speculative/$target.config.json" "$model/config.json"
 cp "$here/models/tiny-kjv/tokenizer.model" "$here/models/tiny-kjv/generation_config.json" "$model/"
 start=$(date +%s)
-"$bin/loom" train "$here/configs/speculative/train_target.toml" --set model.path="$model" \
-  --set train.data="$kjv/train.txt" --set train.validation_data="$kjv/val.txt" --set train.out=/tmp/kjv-105m-train \
-  > /tmp/kjv-105m-train.log 2>&1 || { tail -20 /tmp/kjv-105m-train.log; exit 1; }
-echo "trained in $(( $(date +%s) - start )) s:"; grep -iE "val|valid" /tmp/kjv-105m-train.log | tail -5
-python3 "$here/bench/speculative_prompts.py" "$kjv" /tmp/speculative_prompts.jsonl 12
-python3 "$here/bench/speculative_vs_hf.py" "$bin/loom_speculative_bench" /tmp/kjv-105m-train/model "$here/models/tiny-kjv" \
-  /tmp/speculative_prompts.jsonl "$steps" 4
+pids=()
+for ((r = 0; r < gpus; r++)); do
+  launch=()
+  ((gpus == 1)) || launch=(env RANK=$r WORLD_SIZE=$gpus LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29660)
+  "${launch[@]}" "$bin/loom" train "$here/configs/speculative/$manifest" --set model.path="$model" \
+    --set train.data="$kjv/train.txt" --set train.validation_data="$kjv/val.txt" --set train.out="$out" \
+    > "/tmp/$target-train.$r.log" 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p" || { tail -20 /tmp/"$target"-train.*.log; exit 1; }; done
+echo "trained in $(( $(date +%s) - start )) s on $gpus GPU(s):"; grep -iE "val|valid" "/tmp/$target-train.0.log" | tail -5
+python3 "$here/bench/speculative_prompts.py" "$kjv" /tmp/speculative_prompts.jsonl "$n_prompts"
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 "$here/bench/speculative_vs_hf.py" "$bin/loom_speculative_bench" \
+  "$out/model" "$here/models/tiny-kjv" /tmp/speculative_prompts.jsonl "$steps" 4 "$hf_repeat"

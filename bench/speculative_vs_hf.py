@@ -2,13 +2,13 @@
 """[Speculative] item 5's peer: Hugging Face transformers' own speculative decoding on the same
 models and prompts as bench/speculative_bench.cpp, in the same run.
 
-usage: bench/speculative_vs_hf.py BENCH_BINARY TARGET_DIR DRAFT_DIR PROMPTS.jsonl [STEPS] [K]
+usage: bench/speculative_vs_hf.py BENCH_BINARY TARGET_DIR DRAFT_DIR PROMPTS.jsonl [STEPS] [K] [HF_REPEAT]
 
 Runs Loom's bench (its table and JSON lines, and the prompts' token ids), then transformers'
 generate() at batch 1, greedy, STEPS new tokens with no stop token, bf16 on the GPU: plain,
 prompt lookup (prompt_lookup_num_tokens=K) and an assistant model (num_assistant_tokens=K,
 constant schedule). A request's decode rate is (tokens - 1) / (time of its last token - time of
-its first), taken from a streamer, as Loom's bench does. Prints one table: per workload and mode,
+its first), taken from a streamer, as Loom's bench does; the fastest of HF_REPEAT runs (default 2). Prints one table: per workload and mode,
 Loom's and transformers' median decode rates and speed-ups over their own plain decoding.
 """
 import json
@@ -24,6 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 bench, target_dir, draft_dir, prompts = sys.argv[1:5]
 steps = int(sys.argv[5]) if len(sys.argv) > 5 else 128
 k = int(sys.argv[6]) if len(sys.argv) > 6 else 4
+hf_repeat = int(sys.argv[7]) if len(sys.argv) > 7 else 2
 ids_file = "/tmp/speculative_ids.jsonl"
 
 loom = subprocess.run([bench, "--target", target_dir, "--draft", draft_dir, "--prompts", prompts, "--steps", str(steps),
@@ -74,7 +75,7 @@ decode_rate(requests[0]["prompt_ids"], {})  # warm-up
 rates = {}
 for name, extra in modes.items():
     for i, r in enumerate(requests):
-        best = max((decode_rate(r["prompt_ids"], extra) for _ in range(2)), key=lambda x: x[0])
+        best = max((decode_rate(r["prompt_ids"], extra) for _ in range(hf_repeat)), key=lambda x: x[0])
         rates[(name, i)] = best
 print(f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}")
 print("| workload | mode | Loom tokens/s | Loom speed-up | transformers tokens/s | transformers speed-up | Loom / transformers |")
