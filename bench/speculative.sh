@@ -5,16 +5,18 @@
 # (bench/speculative_bench.cpp), beside transformers' prompt lookup and assisted generation on the
 # same models (bench/speculative_vs_hf.py).
 #
-# usage: [TRAIN_GPUS=N] bench/speculative.sh BIN_DIR KJV_DIR [STEPS] [TARGET] [PROMPTS] [HF_REPEAT]
+# usage: [TRAIN_GPUS=N] [DRAFT=kjv-draft] bench/speculative.sh BIN_DIR KJV_DIR [STEPS] [TARGET] [PROMPTS] [HF_REPEAT]
 #   BIN_DIR: holds loom and loom_speculative_bench (LOOM_PLUGIN_PATH set to the plugins)
 #   KJV_DIR: scripts/prepare_kjv.sh's output (train.txt, val.txt)
 #   TARGET: kjv-105m (default: configs/speculative/train_target.toml, 105M parameters) or kjv-1b
 #     (train_target_1b.toml: Llama-3.2-1B's layers, 0.98B parameters, data parallel over
 #     TRAIN_GPUS processes, default 1)
 #   PROMPTS: prompts per workload (default 12); HF_REPEAT: transformers' runs per prompt (default 2)
+#   DRAFT: tiny-kjv (default: models/tiny-kjv, head dim 48, on `sdpa`) or kjv-draft
+#     (configs/speculative/train_draft.toml, trained here on the first GPU, head dim 64, on `flash`)
 set -euo pipefail
 bin=$1 kjv=$2 steps=${3:-128} target=${4:-kjv-105m} n_prompts=${5:-12} hf_repeat=${6:-2}
-gpus=${TRAIN_GPUS:-1}
+gpus=${TRAIN_GPUS:-1} draft=${DRAFT:-tiny-kjv}
 here=$(cd "$(dirname "$0")/.." && pwd)
 case "$target" in
   kjv-105m) manifest=train_target.toml ;;
@@ -37,6 +39,19 @@ for ((r = 0; r < gpus; r++)); do
 done
 for p in "${pids[@]}"; do wait "$p" || { tail -20 /tmp/"$target"-train.*.log; exit 1; }; done
 echo "trained in $(( $(date +%s) - start )) s on $gpus GPU(s):"; grep -iE "val|valid" "/tmp/$target-train.0.log" | tail -5
+case "$draft" in
+  tiny-kjv) draft_dir=$here/models/tiny-kjv draft_attention=sdpa ;;
+  kjv-draft)
+    mkdir -p /tmp/kjv-draft
+    cp "$here/configs/speculative/kjv-draft.config.json" /tmp/kjv-draft/config.json
+    cp "$here/models/tiny-kjv/tokenizer.model" "$here/models/tiny-kjv/generation_config.json" /tmp/kjv-draft/
+    start=$(date +%s)
+    "$bin/loom" train "$here/configs/speculative/train_draft.toml" --set train.data="$kjv/train.txt" \
+      --set train.validation_data="$kjv/val.txt" > /tmp/kjv-draft-train.log 2>&1 || { tail -20 /tmp/kjv-draft-train.log; exit 1; }
+    echo "draft trained in $(( $(date +%s) - start )) s:"; grep -E "^trained" /tmp/kjv-draft-train.log
+    draft_dir=/tmp/kjv-draft-train/model draft_attention=flash ;;
+  *) echo "speculative.sh: unknown draft '$draft' (tiny-kjv or kjv-draft)" >&2; exit 2 ;;
+esac
 python3 "$here/bench/speculative_prompts.py" "$kjv" /tmp/speculative_prompts.jsonl "$n_prompts"
 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 "$here/bench/speculative_vs_hf.py" "$bin/loom_speculative_bench" \
-  "$out/model" "$here/models/tiny-kjv" /tmp/speculative_prompts.jsonl "$steps" 4 "$hf_repeat"
+  "$out/model" "$draft_dir" /tmp/speculative_prompts.jsonl "$steps" 4 "$hf_repeat" "$draft_attention"

@@ -3,6 +3,7 @@
 models and prompts as bench/speculative_bench.cpp, in the same run.
 
 usage: bench/speculative_vs_hf.py BENCH_BINARY TARGET_DIR DRAFT_DIR PROMPTS.jsonl [STEPS] [K] [HF_REPEAT]
+                                  [DRAFT_ATTENTION]
 
 Runs Loom's bench (its table and JSON lines, and the prompts' token ids), then transformers'
 generate() at batch 1, greedy, STEPS new tokens with no stop token, bf16 on the GPU: plain,
@@ -25,10 +26,11 @@ bench, target_dir, draft_dir, prompts = sys.argv[1:5]
 steps = int(sys.argv[5]) if len(sys.argv) > 5 else 128
 k = int(sys.argv[6]) if len(sys.argv) > 6 else 4
 hf_repeat = int(sys.argv[7]) if len(sys.argv) > 7 else 2
+draft_attention = sys.argv[8] if len(sys.argv) > 8 else "sdpa"  # Loom's attention component for the draft
 ids_file = "/tmp/speculative_ids.jsonl"
 
 loom = subprocess.run([bench, "--target", target_dir, "--draft", draft_dir, "--prompts", prompts, "--steps", str(steps),
-                       "--k", str(k), "--repeat", "3", "--ids", ids_file], capture_output=True, text=True)
+                       "--k", str(k), "--repeat", "3", "--ids", ids_file, "--draft-attention", draft_attention], capture_output=True, text=True)
 if loom.returncode != 0:
     sys.exit(f"{bench} failed ({loom.returncode}):\n{loom.stdout}\n{loom.stderr}")
 loom = loom.stdout
