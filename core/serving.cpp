@@ -143,6 +143,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   std::vector<std::span<const int32_t>> row_history; // the tokens of each sampled row (the scheduler's, or with drafts)
   std::vector<uint64_t> row_steps;
   std::vector<const Instance *> row_chain; // each sampled row's chain (nullptr: the pipeline's)
+  std::vector<int32_t> row_draft;          // a verification row's index j (0: the last token's row, or no drafts)
   // Speculative decoding: a drafter's proposals, and the histories of the rows after drafts.
   const int32_t spec_max_k = static_cast<int32_t>(spec.speculative_max_tokens);
   std::vector<int64_t> draft_seqs;
@@ -150,14 +151,18 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   std::vector<int32_t> draft_len, draft_max, draft_out, draft_n;
   std::deque<std::vector<int32_t>> draft_histories;
   const auto speculable = [](const std::vector<std::shared_ptr<Instance>> &chain) {
-    // A row after drafts is sampled as if they were accepted; links that keep per-sequence
-    // state (accept(): grammars, mirostat) or select beams would need that state forked, so
-    // their requests decode without drafts.
+    // Beams are selected across a sequence's candidates, not row by row: their requests decode
+    // without drafts. Chains with per-sequence state (accept(): grammars, json-schema,
+    // mirostat) verify row by row (below).
     return !chain.empty() && std::none_of(chain.begin(), chain.end(), [](const std::shared_ptr<Instance> &s) {
-      const auto *vt = s->vtable<loom_sampler_vtable>();
-      return vt->accept != nullptr || (vt->flags & LOOM_SAMPLER_BEAMS) != 0;
+      return (s->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_BEAMS) != 0;
     });
   };
+  const auto stateful = [](const std::vector<std::shared_ptr<Instance>> &chain) {
+    return std::any_of(chain.begin(), chain.end(),
+                       [](const std::shared_ptr<Instance> &s) { return s->vtable<loom_sampler_vtable>()->accept != nullptr; });
+  };
+
   // One chain's rows of a step (sampled together).
   std::vector<int32_t> group_rows, group_tokens;
   std::vector<std::span<const int32_t>> group_history;
@@ -347,6 +352,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       row_steps.clear();
       row_history.clear();
       row_chain.clear();
+      row_draft.clear();
       draft_histories.clear();
       // Each row's adapter, when some request chose one (StepBatch::seq_adapters).
       batch.seq_adapters.clear();
@@ -383,6 +389,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
             }
             row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq) + j));
             row_chain.push_back(chain_of(w));
+            row_draft.push_back(j);
           }
           continue;
         }
@@ -398,6 +405,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           row_history.emplace_back(tokens);
           row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq)));
           row_chain.push_back(chain_of(w));
+          row_draft.push_back(0);
         }
       }
       copies.clear();
@@ -417,14 +425,14 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         log_step();
         continue;
       }
-      // One sampling call per chain, over its contiguous rows (the first rows.size() rows of the
-      // logits are the sampled ones).
+      // The first rows.size() rows of the logits are the sampled ones.
       sampled.assign(rows.size(), -1);
-      for (size_t begin = 0; begin < rows.size();) {
+      // Samples rows [begin, end), all of one chain, in one call, and tells the chain's links
+      // the tokens. A request's own chain failing fails that request only; so does the
+      // pipeline's chain failing on a row after drafts (`contained`); otherwise its failure is
+      // the engine's.
+      const auto sample_rows = [&](size_t begin, size_t end, bool contained) {
         const ServeRequest &first = live.at(rows[begin]).request;
-        const Instance *chain = first.samplers.empty() ? nullptr : first.samplers.front().get();
-        size_t end = begin + 1;
-        while (end < rows.size() && row_chain[end] == chain) ++end;
         group_rows.assign(rows.begin() + static_cast<std::ptrdiff_t>(begin), rows.begin() + static_cast<std::ptrdiff_t>(end));
         group_history.assign(row_history.begin() + static_cast<std::ptrdiff_t>(begin),
                              row_history.begin() + static_cast<std::ptrdiff_t>(end));
@@ -438,12 +446,12 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         group_logits.data = static_cast<char *>(logits->data) + logits->byte_offset +
                             begin * static_cast<size_t>(logits->shape[1]) * (logits->dtype.bits / 8u);
         group_logits.byte_offset = 0;
-        if (first.samplers.empty()) {
+        if (first.samplers.empty() && !contained) {
           sample(&group_logits, group_rows, group_history, 0, group_tokens, false, &group_steps, &first.samplers, &group_keys);
           accept_tokens(group_rows, group_tokens, &first.samplers);
         } else {
-          // A request's own chain failing (a constraint nothing satisfies, say) fails that
-          // request only: its rows get no token and it ends with the error below.
+          // (a constraint nothing satisfies, say): its rows get no token and the request ends
+          // with the error below.
           try {
             sample(&group_logits, group_rows, group_history, 0, group_tokens, false, &group_steps, &first.samplers, &group_keys);
             accept_tokens(group_rows, group_tokens, &first.samplers);
@@ -454,6 +462,31 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           }
         }
         std::copy(group_tokens.begin(), group_tokens.end(), sampled.begin() + static_cast<std::ptrdiff_t>(begin));
+      };
+      // One sampling call per chain, over its contiguous rows. A chain with per-sequence state
+      // verifying drafts goes row by row instead: row j is sampled only when rows 0..j-1 gave
+      // the drafts, none of them a stop token, after the chain accepted those tokens, so its
+      // state is the one decoding without drafts has there; the rows after the first difference
+      // are not sampled (-1). (A stop string among them ends the request below, and a failure
+      // of a row after it is dropped there.)
+      for (size_t begin = 0; begin < rows.size();) {
+        const ServeRequest &first = live.at(rows[begin]).request;
+        const Instance *chain = first.samplers.empty() ? nullptr : first.samplers.front().get();
+        size_t end = begin + 1;
+        while (end < rows.size() && row_chain[end] == chain) ++end;
+        const bool verifying = std::any_of(row_draft.begin() + static_cast<std::ptrdiff_t>(begin),
+                                           row_draft.begin() + static_cast<std::ptrdiff_t>(end), [](int32_t j) { return j > 0; });
+        if (!verifying || !stateful(first.samplers.empty() ? pipeline_.list(LOOM_KIND_SAMPLER) : first.samplers)) {
+          sample_rows(begin, end, false);
+        } else {
+          for (size_t r = begin; r < end; ++r) {
+            const int32_t j = row_draft[r];
+            if (j > 0 && (sampled[r - 1] != live.at(rows[r]).draft[static_cast<size_t>(j - 1)] ||
+                          std::find(stop_tokens_.begin(), stop_tokens_.end(), sampled[r - 1]) != stop_tokens_.end()))
+              continue;
+            sample_rows(r, r + 1, j > 0);
+          }
+        }
         begin = end;
       }
       size_t r = 0;
@@ -462,10 +495,6 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         const int64_t seq = w.seq;
         const int32_t *got = sampled.data() + r; // 1 + w.draft rows
         r += static_cast<size_t>(1 + w.draft);
-        if (got[0] < 0) { // its chain failed (in `failed`)
-          scheduler.finish(seq);
-          continue;
-        }
         Live &l = live.at(seq);
         // Drafts are kept while each equals what the target sampled at its position (the token
         // the target itself would have produced there, with the same random numbers); the row
@@ -474,6 +503,13 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         // rejection-sampling rule with a point-mass proposal (DESIGN.md "Speculative decoding").
         int32_t kept = 0;
         while (kept < w.draft && got[kept] == l.draft[static_cast<size_t>(kept)]) ++kept;
+        // No token where its chain failed (the error is in `failed`): the tokens before it are
+        // those decoding without drafts gives before the same failure.
+        const bool chain_failed = got[kept] < 0;
+        if (chain_failed && kept == 0) {
+          scheduler.finish(seq);
+          continue;
+        }
         if (w.draft > 0) {
           stats.drafted_tokens += w.draft;
           stats.accepted_tokens += kept;
@@ -483,7 +519,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
             l.k = kept == w.draft ? std::min(l.k + 2, spec_max_k) : std::max(1, l.k - 1);
         }
         bool done = false;
-        for (int32_t i = 0; i <= kept && !done; ++i) {
+        for (int32_t i = 0; i < kept + (chain_failed ? 0 : 1) && !done; ++i) {
           const int32_t token = got[i];
           l.out.tokens.push_back(token);
           emitted.push_back({seq, static_cast<int64_t>(l.out.tokens.size()) - 1, token});
@@ -491,9 +527,13 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
                  static_cast<int64_t>(l.out.tokens.size()) >= l.request.max_new_tokens;
         }
         if (done) {
+          // (decoding without drafts would have stopped before the failing row)
+          if (chain_failed) std::erase_if(failed, [&](const auto &f) { return f.first == seq; });
           scheduler.finish(seq); // its blocks go back to the pool (full ones stay cached)
           ended.push_back(seq);
           l.ending = true;
+        } else if (chain_failed) {
+          scheduler.finish(seq); // it ends with its chain's error (`failed`)
         } else {
           if (kept > 0) scheduler.accept_drafts(seq, l.draft.data(), kept);
           scheduler.append(seq, got[kept]);
