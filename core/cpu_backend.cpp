@@ -527,7 +527,7 @@ void CpuBackend::size_cache(int32_t max_seqs, int64_t max_positions, bool paged,
   std::vector<loom_qweight *> weights;
   if (checkpoint_quantization_ && quantizers.empty())
     throw runtime_error(options_.source_name + ": [model] path holds weights quantized by '" +
-                        checkpoint_quantization_->quantizer + "' (loom quantize); add [quantizer] use = \"" +
+                        checkpoint_quantization_->quantizer + "' (" + checkpoint_quantization_->source + "); add [quantizer] use = \"" +
                         checkpoint_quantization_->quantizer + "\" to load them");
   if (!quantizers.empty() && !options_.calibration.empty() && captured_.empty() && !checkpoint_quantization_)
     capture_calibration();

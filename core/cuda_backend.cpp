@@ -430,7 +430,7 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   const QuantizedCheckpoint *checkpoint = weights.quantized();
   if (checkpoint && !quantizer_)
     throw runtime_error(options_.source_name + ": [model] path holds weights quantized by '" + checkpoint->quantizer +
-                        "' (loom quantize); add [quantizer] use = \"" + checkpoint->quantizer + "\" to load them");
+                        "' (" + checkpoint->source + "); add [quantizer] use = \"" + checkpoint->quantizer + "\" to load them");
   cuda_check(cudaSetDevice(options_.device.device_id), "cudaSetDevice");
   stream_ = static_cast<cudaStream_t>(cuda_compute_stream(options_.device.device_id));
   if (stream_ == nullptr) throw runtime_error("CUDA backend: no compute stream for device " + std::to_string(options_.device.device_id));

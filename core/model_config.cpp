@@ -179,6 +179,10 @@ ModelConfig parse_model_config(std::string_view text, const std::string &source)
     r.fail("num_key_value_heads", std::to_string(c.n_kv_heads) + " does not divide num_attention_heads " + std::to_string(c.n_heads));
   if (c.architecture == Architecture::gpt2 && c.head_dim * c.n_heads != c.hidden_size)
     r.fail("n_head", "n_embd must be a multiple of n_head");
+  if (j.contains("quantization_config") && !j.at("quantization_config").is_null()) {
+    if (!j.at("quantization_config").is_object()) r.fail("quantization_config", "expected an object");
+    c.quantization_config = j.at("quantization_config").dump();
+  }
   return c;
 }
 

@@ -190,6 +190,69 @@ std::shared_ptr<QuantizedCheckpoint> read_quantization(const ModelConfig &config
   return q;
 }
 
+// A Hugging Face checkpoint quantized to 4 bits by AutoAWQ (GEMM layout) or GPTQ, described by
+// config.json's quantization_config: every linear with a "<module>.qweight" tensor is handed to
+// the `int4` quantizer with metadata naming the layout (plugins/quant_int4/int4_hf_layouts.hpp).
+std::shared_ptr<QuantizedCheckpoint> read_hf_quantization(const ModelConfig &config, const SafetensorsIndex &checkpoint,
+                                                          std::map<std::string, std::vector<int64_t>> &expected) {
+  if (config.quantization_config.empty()) return nullptr;
+  const std::string where = "config.json: quantization_config.";
+  const nlohmann::json j = nlohmann::json::parse(config.quantization_config);
+  const std::string method = j.contains("quant_method") && j["quant_method"].is_string() ? j["quant_method"].get<std::string>() : "";
+  if (method != "awq" && method != "gptq")
+    throw runtime_error(where + "quant_method: '" + method +
+                        "' checkpoints do not load (Loom loads 4-bit AutoAWQ GEMM (\"awq\") and GPTQ (\"gptq\") checkpoints)");
+  if (config.architecture == Architecture::gpt2) throw runtime_error(where + "quant_method: quantized GPT-2 checkpoints are not supported");
+  auto integer = [&](const char *key) {
+    if (!j.contains(key) || !j[key].is_number_integer()) throw runtime_error(where + key + ": expected an integer");
+    return j[key].get<int64_t>();
+  };
+  if (integer("bits") != 4) throw runtime_error(where + "bits: " + std::to_string(integer("bits")) + " (only 4-bit checkpoints load)");
+  const int64_t group = integer("group_size");
+  nlohmann::json base{{"bits", 4}};
+  if (method == "awq") {
+    const std::string version = j.value("version", std::string("gemm"));
+    if (version != "gemm" && version != "GEMM")
+      throw runtime_error(where + "version: '" + version + "' (AutoAWQ's GEMM layout loads; GEMV, Marlin and ExLlama do not)");
+    if (!j.value("zero_point", true)) throw runtime_error(where + "zero_point: false (AutoAWQ checkpoints without zero points do not load)");
+    base["format"] = "autoawq-gemm";
+  } else {
+    if (j.value("desc_act", false)) throw runtime_error(where + "desc_act: true (act-order GPTQ checkpoints do not load)");
+    const std::string format = j.value("checkpoint_format", std::string("gptq"));
+    if (format != "gptq" && format != "gptq_v2")
+      throw runtime_error(where + "checkpoint_format: '" + format + "' (\"gptq\" and \"gptq_v2\" load)");
+    base["format"] = "gptq";
+    base["zero_offset"] = format == "gptq" ? 1 : 0; // v1 stores zero points less one
+  }
+  auto q = std::make_shared<QuantizedCheckpoint>();
+  q->quantizer = "int4";
+  q->version = method;
+  q->source = method == "awq" ? "AutoAWQ" : "GPTQ";
+  for (const auto &[file, shard] : checkpoint.shards())
+    for (const auto &t : shard.tensors()) {
+      const std::string suffix = ".qweight";
+      if (t.name.size() <= suffix.size() || t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
+      const std::string module = t.name.substr(0, t.name.size() - suffix.size());
+      auto e = expected.find(module + ".weight");
+      if (e == expected.end() || e->second.size() != 2)
+        throw runtime_error(shard.path().string() + ": " + t.name + ": not a linear layer of " + config.architecture_name +
+                            " with this config");
+      QuantizedModule qm;
+      qm.shape = e->second;
+      nlohmann::json meta = base;
+      meta["out"] = qm.shape[0];
+      meta["in"] = qm.shape[1];
+      meta["group_size"] = group == -1 ? qm.shape[1] : group; // -1: one group per row (GPTQ)
+      qm.metadata = meta.dump();
+      expected.erase(e);
+      q->modules.emplace(module, std::move(qm));
+    }
+  if (q->modules.empty())
+    throw runtime_error(checkpoint.path().string() + ": config.json has a quantization_config (" + method +
+                        "), but the checkpoint holds no \"<module>.qweight\" tensor");
+  return q;
+}
+
 } // namespace
 
 std::string_view QuantizedCheckpoint::module_of(std::string_view tensor) const {
@@ -203,6 +266,7 @@ ModelWeights ModelWeights::load(const ModelConfig &config, const SafetensorsInde
   auto expected = expected_weights(config);
   ModelWeights out;
   out.quantized_ = read_quantization(config, checkpoint, expected);
+  if (!out.quantized_) out.quantized_ = read_hf_quantization(config, checkpoint, expected);
   for (const auto &[file, shard] : checkpoint.shards()) {
     for (const auto &t : shard.tensors()) {
       std::string name = t.name;

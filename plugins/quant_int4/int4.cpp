@@ -7,7 +7,9 @@
 // Export layout (one weight): "qweight" uint8 [out, in/2] (two codes a byte, low nibble first),
 // "scales" float32 [out, in/group], "zeros" uint8 [out, in/group], and for AWQ "act_scale"
 // float32 [in] (absent when its search chose no scaling); metadata {"format":"loom-int4",
-// "bits":4,"group_size":G,"zero_point":bool,"method":"rtn"|"awq","act_scale":bool}.
+// "bits":4,"group_size":G,"zero_point":bool,"method":"rtn"|"awq","act_scale":bool}. Import also
+// reads AutoAWQ-GEMM and GPTQ linears (int4_hf_layouts.hpp); such a weight exports in this layout
+// with "method" naming where it came from ("autoawq-gemm" or "gptq").
 #ifndef LOOM_INT4_CUDA
 #define LOOM_INT4_CUDA 0  // the CUDA path is built only with nvcc (CMakeLists.txt)
 #endif
@@ -21,6 +23,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "int4_hf_layouts.hpp"
 #include "int4_math.hpp"
 #include "loom/loom_plugin_api.h"
 #include "loom_plugin_util.hpp"
@@ -216,6 +219,16 @@ void export_weight(const Int4& self, const loom_qweight& q, const loom_tensor_si
 std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_t count, const char* meta_json,
                                             DLDevice target) {
   check_target(target);
+  // A Hugging Face checkpoint's layout (AutoAWQ, GPTQ): its codes as they are.
+  if (meta_json != nullptr) {
+    const nlohmann::json hf = nlohmann::json::parse(meta_json, nullptr, /*allow_exceptions=*/false);
+    if (is_hf_layout(hf)) {
+      auto q = std::make_unique<loom_qweight>();
+      q->method = hf["format"].get<std::string>();
+      q->w = import_hf_layout(ts, count, hf);
+      return q;
+    }
+  }
   const nlohmann::json meta = parse_quant_metadata(meta_json, "loom-int4", "int4");
   if (!meta.contains("bits") || meta["bits"] != 4) invalid("int4: metadata \"bits\" must be 4");
   if (!meta.contains("group_size") || !meta["group_size"].is_number_integer())
@@ -229,7 +242,8 @@ std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_
   typed("method", &nlohmann::json::is_string, "a string");
   const bool zero_point = meta.value("zero_point", true);
   const std::string method = meta.value("method", std::string("rtn"));
-  if (method != "rtn" && method != "awq") invalid("int4: metadata \"method\" must be \"rtn\" or \"awq\"");
+  if (method != "rtn" && method != "awq" && method != "autoawq-gemm" && method != "gptq")
+    invalid("int4: metadata \"method\" must be \"rtn\", \"awq\", \"autoawq-gemm\" or \"gptq\"");
 
   const DLTensor* qt = find_named_tensor(ts, count, "qweight", "int4");
   const DLTensor* st = find_named_tensor(ts, count, "scales", "int4");

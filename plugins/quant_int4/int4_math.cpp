@@ -78,8 +78,7 @@ void add_quadratic(const double* M, const float* d, int64_t m, double& total) {
 
 }  // namespace
 
-Int4Weight quantize(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point, const float* act_scale,
-                    const float* clip) {
+Int4Weight sized_weight(int64_t out, int64_t in, int64_t group, bool zero_point) {
   Int4Weight q;
   q.out = out;
   q.in = in;
@@ -88,6 +87,12 @@ Int4Weight quantize(const float* w, int64_t out, int64_t in, int64_t group, bool
   q.packed.assign(static_cast<size_t>(out * in / 2), 0);
   q.scales.resize(static_cast<size_t>(out * q.groups()));
   q.zeros.resize(static_cast<size_t>(out * q.groups()));
+  return q;
+}
+
+Int4Weight quantize(const float* w, int64_t out, int64_t in, int64_t group, bool zero_point, const float* act_scale,
+                    const float* clip) {
+  Int4Weight q = sized_weight(out, in, group, zero_point);
   if (act_scale) q.act_scale.assign(act_scale, act_scale + in);
   std::vector<float> row(static_cast<size_t>(in));
   std::vector<uint8_t> codes(static_cast<size_t>(in));

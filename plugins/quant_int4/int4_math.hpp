@@ -37,6 +37,9 @@ struct Int4Weight {
   }
 };
 
+// A weight of that shape with its codes zero and its scales and zero points sized, to be filled.
+Int4Weight sized_weight(int64_t out, int64_t in, int64_t group, bool zero_point);
+
 // Quantizes W [out, in] (row-major float32), scaled by act_scale ([in]) first when it is not
 // null (act_scale is then kept in the result). clip ([out, in / group], optional): a group's
 // (scaled) values are limited to [-clip, clip] before its range is taken; 0 = no limit.

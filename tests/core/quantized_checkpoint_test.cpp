@@ -3,7 +3,10 @@
 // corrupt or mismatched quantized checkpoint gets an error naming the module and what is wrong.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <map>
 #include <unistd.h>
 #include <filesystem>
 #include <fstream>
@@ -103,6 +106,111 @@ fs::path rewrite(const fs::path &dir, const std::string &name,
   return out;
 }
 
+// The float16 nearest a positive finite float (round to nearest even), as its bits.
+uint16_t half_bits(float x) {
+  int e = 0;
+  std::frexp(x, &e);                      // x = m 2^e, m in [0.5, 1)
+  const int exp = std::max(e - 1, -14);   // the half's exponent (subnormals below 2^-14)
+  const double step = std::ldexp(1.0, exp - 10);
+  double m = std::nearbyint(static_cast<double>(x) / step); // mantissa with its leading 1
+  int ex = exp;
+  if (m >= 2048) {                        // rounded up into the next binade
+    m /= 2;
+    ++ex;
+  }
+  if (m < 1024) return static_cast<uint16_t>(m); // subnormal
+  return static_cast<uint16_t>(((ex + 15) << 10) | (static_cast<int>(m) - 1024));
+}
+float half_value(uint16_t h) {
+  const int exp = (h >> 10) & 31, mant = h & 1023;
+  return exp == 0 ? std::ldexp(static_cast<float>(mant), -24) : std::ldexp(static_cast<float>(mant + 1024), exp - 25);
+}
+
+// dir's `loom quantize` int4 checkpoint (zero points) rewritten as a Hugging Face checkpoint:
+// "awq" (AutoAWQ's GEMM packing: nibble n of a word holds output 8c + (0, 2, 4, 6, 1, 3, 5, 7)[n]
+// of input row i), "gptq" (GPTQ v1: inputs packed down the columns, zero points stored less one,
+// g_idx), each with float16 scales and config.json's quantization_config; or "loom" (the same
+// layout as dir with its scales rounded to float16, the weights the other two hold). The tied
+// head stays unquantized in the checkpoint (HF checkpoints leave it so).
+fs::path hf_checkpoint(const fs::path &dir, const std::string &format, int64_t group, const nlohmann::json &qconfig) {
+  const auto file = loom::SafetensorsFile::open(dir / "model.safetensors");
+  auto meta = nlohmann::json::parse(file.metadata().at("loom.quantization"));
+  meta["modules"].erase("lm_head");
+  std::map<std::string, const loom::SafetensorsTensor *, std::less<>> by_name;
+  for (const auto &t : file.tensors()) by_name[t.name] = &t;
+  std::vector<Rewritten> out;
+  for (const auto &t : file.tensors()) {
+    const size_t dot = t.name.rfind('.');
+    const std::string module = t.name.substr(0, dot), suffix = t.name.substr(dot + 1);
+    if (module == "lm_head") continue;
+    if (!meta["modules"].contains(module)) {
+      out.push_back({t.name, t.shape, t.dtype, std::vector<std::byte>(t.data, t.data + t.nbytes)});
+      continue;
+    }
+    if (suffix != "qweight") continue;  // a module's three tensors are written once, below
+    const auto *qw = by_name.at(module + ".qweight"), *sc = by_name.at(module + ".scales"), *zs = by_name.at(module + ".zeros");
+    const int64_t O = qw->shape[0], I = qw->shape[1] * 2, G = I / group;
+    const auto *codes = reinterpret_cast<const uint8_t *>(qw->data);
+    const auto *scales = reinterpret_cast<const float *>(sc->data);
+    const auto *zeros = reinterpret_cast<const uint8_t *>(zs->data);
+    auto code = [&](int64_t o, int64_t i) { return static_cast<uint32_t>((codes[o * (I / 2) + i / 2] >> (4 * (i & 1))) & 15); };
+    std::vector<uint16_t> s16(static_cast<size_t>(G * O));  // [G, O]
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t g = 0; g < G; ++g) s16[static_cast<size_t>(g * O + o)] = half_bits(scales[o * G + g]);
+    auto bytes_of = [](const auto &v) {
+      const auto *p = reinterpret_cast<const std::byte *>(v.data());
+      return std::vector<std::byte>(p, p + v.size() * sizeof(v[0]));
+    };
+    if (format == "loom") {
+      std::vector<float> rounded(static_cast<size_t>(O * G));
+      for (int64_t o = 0; o < O; ++o)
+        for (int64_t g = 0; g < G; ++g) rounded[static_cast<size_t>(o * G + g)] = half_value(s16[static_cast<size_t>(g * O + o)]);
+      out.push_back({module + ".qweight", qw->shape, qw->dtype, std::vector<std::byte>(qw->data, qw->data + qw->nbytes)});
+      out.push_back({module + ".scales", sc->shape, sc->dtype, bytes_of(rounded)});
+      out.push_back({module + ".zeros", zs->shape, zs->dtype, std::vector<std::byte>(zs->data, zs->data + zs->nbytes)});
+      continue;
+    }
+    const int order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+    const bool awq = format == "awq";
+    std::vector<uint32_t> qweight(static_cast<size_t>(I * O / 8), 0), qzeros(static_cast<size_t>(G * O / 8), 0);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < O / 8; ++c)
+        for (int n = 0; n < 8; ++n) {
+          const int64_t o = 8 * c + (awq ? order[n] : n);
+          const uint32_t z = zeros[o * G + g];
+          qzeros[static_cast<size_t>(g * (O / 8) + c)] |= (awq ? z : (z - 1) & 15u) << (4 * n);
+        }
+    if (awq) {
+      for (int64_t i = 0; i < I; ++i)
+        for (int64_t c = 0; c < O / 8; ++c)
+          for (int n = 0; n < 8; ++n) qweight[static_cast<size_t>(i * (O / 8) + c)] |= code(8 * c + order[n], i) << (4 * n);
+    } else {
+      for (int64_t r = 0; r < I / 8; ++r)
+        for (int64_t o = 0; o < O; ++o)
+          for (int n = 0; n < 8; ++n) qweight[static_cast<size_t>(r * O + o)] |= code(o, 8 * r + n) << (4 * n);
+      std::vector<int32_t> g_idx(static_cast<size_t>(I));
+      for (int64_t i = 0; i < I; ++i) g_idx[static_cast<size_t>(i)] = static_cast<int32_t>(i / group);
+      out.push_back({module + ".g_idx", {I}, loom::SafetensorsDtype::I32, bytes_of(g_idx)});
+    }
+    out.push_back({module + ".qweight", awq ? std::vector<int64_t>{I, O / 8} : std::vector<int64_t>{I / 8, O},
+                   loom::SafetensorsDtype::I32, bytes_of(qweight)});
+    out.push_back({module + ".qzeros", {G, O / 8}, loom::SafetensorsDtype::I32, bytes_of(qzeros)});
+    out.push_back({module + ".scales", {G, O}, loom::SafetensorsDtype::F16, bytes_of(s16)});
+  }
+  const fs::path to = fresh_dir("hf_" + format);
+  fs::create_directories(to);
+  fs::copy_file(dir / "tokenizer.model", to / "tokenizer.model");
+  auto config = nlohmann::json::parse(std::ifstream(dir / "config.json"));
+  if (!qconfig.is_null()) config["quantization_config"] = qconfig;
+  std::ofstream(to / "config.json") << config.dump(2);
+  std::vector<loom::TensorToWrite> w;
+  for (const auto &t : out) w.push_back({t.name, t.dtype, t.shape, t.bytes});
+  std::map<std::string, std::string> file_meta;
+  if (format == "loom") file_meta["loom.quantization"] = meta.dump();
+  loom::write_safetensors(to / "model.safetensors", w, file_meta);
+  return to;
+}
+
 } // namespace
 
 TEST_CASE("a quantized checkpoint loads without re-quantizing and computes the same logits", "[quant][checkpoint]") {
@@ -196,4 +304,68 @@ TEST_CASE("a corrupt or mismatched quantized checkpoint gets an error naming wha
          {"model.layers.1.mlp.down_proj.bias", "not a weight"});
   expect(rewrite(dir, "json", [&](auto &, auto &m) { m = "not an object"; }), {"loom.quantization", "expected"});
   fs::remove_all(dir);
+}
+
+TEST_CASE("AutoAWQ and GPTQ checkpoints load through config.json's quantization_config", "[quant][checkpoint]") {
+  const std::string int4 = "use = \"int4\"\ngroup_size = 64\n";
+  const fs::path dir = fresh_dir("hf_source");
+  loom::Runtime::from_string(manifest(kKjv, int4), "q.toml")->export_quantized(dir);
+  const nlohmann::json awq = {{"quant_method", "awq"}, {"bits", 4}, {"group_size", 64}, {"zero_point", true}, {"version", "gemm"}};
+  const nlohmann::json gptq = {{"quant_method", "gptq"}, {"bits", 4},         {"group_size", 64},
+                               {"desc_act", false},    {"sym", false},      {"checkpoint_format", "gptq"}};
+  const fs::path reference = hf_checkpoint(dir, "loom", 64, nullptr);
+  const fs::path awq_dir = hf_checkpoint(dir, "awq", 64, awq), gptq_dir = hf_checkpoint(dir, "gptq", 64, gptq);
+  // The codes, zero points and float16 scales are the checkpoint's: the same logits, exactly.
+  const std::vector<float> expected = logits(reference, int4, false);
+  CHECK(logits(awq_dir, int4, false) == expected);
+  CHECK(logits(gptq_dir, int4, false) == expected);
+  // Generation runs on them, and a checkpoint without [quantizer] names what to add.
+  CHECK(load_error(awq_dir, int4).empty());
+  CHECK_THAT(load_error(awq_dir, ""), Catch::Contains("quantized by 'int4' (AutoAWQ)") && Catch::Contains("[quantizer]"));
+
+  // What does not load is refused naming the key or tensor.
+  auto with_config = [&](const fs::path &from, const std::string &name, const std::function<void(nlohmann::json &)> &edit) {
+    const fs::path to = fresh_dir(name);
+    fs::create_directories(to);
+    for (const char *f : {"model.safetensors", "tokenizer.model"}) fs::copy_file(from / f, to / f);
+    auto config = nlohmann::json::parse(std::ifstream(from / "config.json"));
+    edit(config["quantization_config"]);
+    std::ofstream(to / "config.json") << config.dump(2);
+    return to;
+  };
+  auto expect = [&](const fs::path &bad, const std::vector<std::string> &words) {
+    const std::string e = load_error(bad, int4);
+    INFO(e);
+    for (const auto &w : words) CHECK_THAT(e, Catch::Contains(w));
+    fs::remove_all(bad);
+  };
+  expect(with_config(awq_dir, "bnb", [](auto &q) { q["quant_method"] = "bitsandbytes"; }), {"quant_method", "bitsandbytes"});
+  expect(with_config(awq_dir, "bits8", [](auto &q) { q["bits"] = 8; }), {"quantization_config.bits", "only 4-bit"});
+  expect(with_config(awq_dir, "gemv", [](auto &q) { q["version"] = "gemv"; }), {"version", "gemv"});
+  expect(with_config(gptq_dir, "desc_act", [](auto &q) { q["desc_act"] = true; }), {"desc_act"});
+  expect(with_config(awq_dir, "group", [](auto &q) { q["group_size"] = 128; }), {"model.layers.0", "group_size 128"});
+  // An act-order g_idx (inputs of one group scattered) and a scales tensor of the wrong shape.
+  const std::string module = "model.layers.1.mlp.down_proj";
+  auto rewrite_tensor = [&](const fs::path &from, const std::string &name, const std::string &tensor,
+                            const std::function<void(Rewritten &)> &edit) {
+    const auto file = loom::SafetensorsFile::open(from / "model.safetensors");
+    std::vector<Rewritten> tensors;
+    for (const auto &t : file.tensors()) {
+      tensors.push_back({t.name, t.shape, t.dtype, std::vector<std::byte>(t.data, t.data + t.nbytes)});
+      if (t.name == tensor) edit(tensors.back());
+    }
+    const fs::path to = fresh_dir(name);
+    fs::create_directories(to);
+    for (const char *f : {"config.json", "tokenizer.model"}) fs::copy_file(from / f, to / f);
+    std::vector<loom::TensorToWrite> w;
+    for (const auto &t : tensors) w.push_back({t.name, t.dtype, t.shape, t.bytes});
+    loom::write_safetensors(to / "model.safetensors", w, {});
+    return to;
+  };
+  expect(rewrite_tensor(gptq_dir, "g_idx", module + ".g_idx",
+                        [](Rewritten &t) { t.bytes[0] = std::byte{1}; }), // input 0 in group 1
+         {module, "g_idx", "act-order"});
+  expect(rewrite_tensor(awq_dir, "scales_shape", module + ".scales", [](Rewritten &t) { std::swap(t.shape[0], t.shape[1]); }),
+         {module, "'scales'", "shape"});
+  for (const fs::path &d : {dir, reference, awq_dir, gptq_dir}) fs::remove_all(d);
 }

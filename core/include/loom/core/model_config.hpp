@@ -44,6 +44,9 @@ struct ModelConfig {
   bool mlp_bias = false;
   std::string activation = "silu"; // silu (gated MLP) or gelu_new (GPT-2)
   std::vector<int32_t> eos_token_ids; // generation_config.json's eos_token_id, else config.json's
+  // config.json's "quantization_config" object as JSON text (a pre-quantized Hugging Face
+  // checkpoint: AutoAWQ, GPTQ), empty when absent; ModelWeights::load reads it.
+  std::string quantization_config;
 };
 
 // Parses config.json text; `source` names it in errors.

@@ -74,6 +74,10 @@ struct QuantizedModule {
 struct QuantizedCheckpoint {
   static constexpr const char *kMetadataKey = "loom.quantization";
   std::string quantizer, version;
+  // Who quantized it, for messages: "loom quantize", or "AutoAWQ" / "GPTQ" for a Hugging Face
+  // checkpoint read through config.json's quantization_config (modules in the int4 quantizer's
+  // "autoawq-gemm" / "gptq" layouts).
+  std::string source = "loom quantize";
   std::map<std::string, QuantizedModule, std::less<>> modules;
   // The name of the module a checkpoint tensor belongs to ("<module>.<suffix>", suffix not
   // "bias", which stays an ordinary tensor), or empty when it belongs to none.
