@@ -253,3 +253,83 @@ TEST_CASE("int4 AWQ's clip search lowers the error of full-range groups", "[int4
   INFO("clip " << with_clip << " none " << without);
   CHECK(with_clip < 0.97 * without);
 }
+
+TEST_CASE("int4 imports an AutoAWQ-GEMM weight as AutoAWQ packs it; bad layouts name what is wrong", "[int4]") {
+  // 16 outputs x 64 inputs, groups of 16: codes (o + 3i) mod 16, zero points (o + g) mod 16,
+  // scales (1 + o + g) / 64 (exact in float16). AutoAWQ packs output 8c + (0, 2, 4, 6, 1, 3, 5, 7)[n]
+  // into nibble n of word (i, c), its zero points likewise, scales as float16 [groups, out].
+  constexpr int64_t O = 16, I = 64, G = 16, NG = I / G;
+  Fixture f;
+  const int order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  auto code = [](int64_t o, int64_t i) { return static_cast<uint32_t>((o + 3 * i) % 16); };
+  auto zero = [](int64_t o, int64_t g) { return static_cast<uint32_t>((o + g) % 16); };
+  auto scale = [](int64_t o, int64_t g) { return static_cast<float>(1 + o + g) / 64.0f; };
+  std::vector<uint32_t> qweight(I * O / 8, 0), qzeros(NG * O / 8, 0);
+  std::vector<uint16_t> scales(NG * O);
+  for (int64_t c = 0; c < O / 8; ++c)
+    for (int n = 0; n < 8; ++n) {
+      for (int64_t i = 0; i < I; ++i) qweight[static_cast<size_t>(i * (O / 8) + c)] |= code(8 * c + order[n], i) << (4 * n);
+      for (int64_t g = 0; g < NG; ++g) qzeros[static_cast<size_t>(g * (O / 8) + c)] |= zero(8 * c + order[n], g) << (4 * n);
+    }
+  for (int64_t g = 0; g < NG; ++g)
+    for (int64_t o = 0; o < O; ++o) {
+      // (1 + o + g) / 64 as a float16: exponent and mantissa of a small integer over 2^6
+      const int v = static_cast<int>(1 + o + g);
+      int e = 0;
+      while ((v >> (e + 1)) != 0) ++e;
+      scales[static_cast<size_t>(g * O + o)] =
+          static_cast<uint16_t>(((e - 6 + 15) << 10) | (((v << 10) >> e) & 1023));
+    }
+  auto bytes = [](const auto &v) {
+    const auto *p = reinterpret_cast<const uint8_t *>(v.data());
+    return std::vector<uint8_t>(p, p + v.size() * sizeof(v[0]));
+  };
+  bt::StoredTensors stored;
+  stored["qweight"] = bt::StoredTensor{{I, O / 8}, DLDataType{kDLInt, 32, 1}, bytes(qweight)};
+  stored["qzeros"] = bt::StoredTensor{{NG, O / 8}, DLDataType{kDLInt, 32, 1}, bytes(qzeros)};
+  stored["scales"] = bt::StoredTensor{{NG, O}, DLDataType{kDLFloat, 16, 1}, bytes(scales)};
+  const nlohmann::json meta = {{"format", "autoawq-gemm"}, {"bits", 4}, {"group_size", G}, {"out", O}, {"in", I}};
+  auto import = [&](bt::StoredTensors ts, const std::string &md, loom_qweight **out) {
+    return bt::import_tensors(*f.q, bt::views_of(ts), md, out);
+  };
+  loom_qweight *w = nullptr;
+  REQUIRE(import(stored, meta.dump(), &w) == LOOM_OK);
+  bt::Tensor<float> back({O, I});
+  REQUIRE(f.vt->dequantize(f.q->handle(), w, back.dl()) == LOOM_OK);
+  int wrong = 0;
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t i = 0; i < I; ++i) {
+      const float want = (static_cast<float>(code(o, i)) - static_cast<float>(zero(o, i / G))) * scale(o, i / G);
+      wrong += back.v[static_cast<size_t>(o * I + i)] != want;
+    }
+  CHECK(wrong == 0);
+  f.vt->free_weight(f.q->handle(), w);
+
+  loom_qweight *none = nullptr;
+  auto expect_error = [&](bt::StoredTensors ts, const nlohmann::json &md, const std::string &words) {
+    CHECK(import(std::move(ts), md.dump(), &none) == LOOM_ERR_INVALID_ARGUMENT);
+    CHECK_THAT(f.q->last_error(), Catch::Contains(words));
+    CHECK(none == nullptr);
+  };
+  auto md = meta;
+  md["out"] = 12;
+  expect_error(stored, md, "multiples of 8");
+  md = meta;
+  md["group_size"] = 24;
+  expect_error(stored, md, "group_size 24 does not divide in_features 64");
+  md = meta;
+  md.erase("in");
+  expect_error(stored, md, "no integer \"in\"");
+  auto transposed = stored;
+  std::swap(transposed["qweight"].shape[0], transposed["qweight"].shape[1]);
+  expect_error(transposed, meta, "'qweight' must be int32 of shape [64, 2]");
+  auto extra = stored;
+  extra["g_idx"] = bt::StoredTensor{{I}, DLDataType{kDLInt, 32, 1}, std::vector<uint8_t>(I * 4, 0)};
+  expect_error(extra, meta, "unexpected tensor 'g_idx'");
+  auto zero_scale = stored;
+  std::fill(zero_scale["scales"].bytes.begin(), zero_scale["scales"].bytes.begin() + 2, 0);
+  expect_error(zero_scale, meta, "non-positive");
+  md = meta;
+  md["format"] = "gptq";
+  expect_error(stored, md, "\"zero_offset\"");
+}
