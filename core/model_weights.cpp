@@ -230,8 +230,8 @@ std::shared_ptr<QuantizedCheckpoint> read_hf_quantization(const ModelConfig &con
   q->source = method == "awq" ? "AutoAWQ" : "GPTQ";
   for (const auto &[file, shard] : checkpoint.shards())
     for (const auto &t : shard.tensors()) {
-      const std::string suffix = ".qweight";
-      if (t.name.size() <= suffix.size() || t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
+      const std::string_view suffix = ".qweight";
+      if (t.name.size() <= suffix.size() || !t.name.ends_with(suffix)) continue;
       const std::string module = t.name.substr(0, t.name.size() - suffix.size());
       auto e = expected.find(module + ".weight");
       if (e == expected.end() || e->second.size() != 2)

@@ -32,8 +32,9 @@ inline const DLTensor* find_named_tensor(const loom_named_tensor* ts, uint32_t c
   return found;
 }
 
-// The metadata object, checked to name `format`.
-inline nlohmann::json parse_quant_metadata(const char* json, const std::string& format, const std::string& who) {
+// The metadata object, checked to hold a "format" string (a quantizer that reads several
+// formats dispatches on it).
+inline nlohmann::json parse_quant_metadata(const char* json, const std::string& who) {
   if (json == nullptr) invalid(who + ": metadata is NULL");
   nlohmann::json meta;
   try {
@@ -43,8 +44,19 @@ inline nlohmann::json parse_quant_metadata(const char* json, const std::string& 
   }
   if (!meta.is_object() || !meta.contains("format") || !meta["format"].is_string())
     invalid(who + ": metadata has no \"format\" string");
+  return meta;
+}
+
+// Fails unless the metadata names `format`.
+inline void check_quant_format(const nlohmann::json& meta, const std::string& format, const std::string& who) {
   if (meta["format"] != format)
     invalid(who + ": unknown format '" + meta["format"].get<std::string>() + "' (expected " + format + ")");
+}
+
+// The metadata object, checked to name `format`.
+inline nlohmann::json parse_quant_metadata(const char* json, const std::string& format, const std::string& who) {
+  nlohmann::json meta = parse_quant_metadata(json, who);
+  check_quant_format(meta, format, who);
   return meta;
 }
 

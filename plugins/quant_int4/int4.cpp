@@ -219,17 +219,14 @@ void export_weight(const Int4& self, const loom_qweight& q, const loom_tensor_si
 std::unique_ptr<loom_qweight> import_weight(const loom_named_tensor* ts, uint32_t count, const char* meta_json,
                                             DLDevice target) {
   check_target(target);
-  // A Hugging Face checkpoint's layout (AutoAWQ, GPTQ): its codes as they are.
-  if (meta_json != nullptr) {
-    const nlohmann::json hf = nlohmann::json::parse(meta_json, nullptr, /*allow_exceptions=*/false);
-    if (is_hf_layout(hf)) {
-      auto q = std::make_unique<loom_qweight>();
-      q->method = hf["format"].get<std::string>();
-      q->w = import_hf_layout(ts, count, hf);
-      return q;
-    }
+  const nlohmann::json meta = parse_quant_metadata(meta_json, "int4");
+  if (is_hf_layout(meta)) { // a Hugging Face checkpoint's layout (AutoAWQ, GPTQ): its codes as they are
+    auto q = std::make_unique<loom_qweight>();
+    q->method = meta["format"].get<std::string>();
+    q->w = import_hf_layout(ts, count, meta);
+    return q;
   }
-  const nlohmann::json meta = parse_quant_metadata(meta_json, "loom-int4", "int4");
+  check_quant_format(meta, "loom-int4", "int4");
   if (!meta.contains("bits") || meta["bits"] != 4) invalid("int4: metadata \"bits\" must be 4");
   if (!meta.contains("group_size") || !meta["group_size"].is_number_integer())
     invalid("int4: metadata has no integer \"group_size\"");

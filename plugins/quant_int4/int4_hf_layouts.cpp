@@ -73,10 +73,7 @@ const uint32_t* words_of(const DLTensor* t, const char* name, const std::vector<
 
 }  // namespace
 
-bool is_hf_layout(const nlohmann::json& meta) {
-  return meta.is_object() && meta.contains("format") && meta["format"].is_string() &&
-         (meta["format"] == "autoawq-gemm" || meta["format"] == "gptq");
-}
+bool is_hf_layout(const nlohmann::json& meta) { return meta["format"] == "autoawq-gemm" || meta["format"] == "gptq"; }
 
 Int4Weight import_hf_layout(const loom_named_tensor* ts, uint32_t count, const nlohmann::json& meta) {
   const std::string format = meta["format"].get<std::string>();
@@ -115,7 +112,7 @@ Int4Weight import_hf_layout(const loom_named_tensor* ts, uint32_t count, const n
   }
   for (uint32_t k = 0; k < count; ++k) {
     const std::string name = ts[k].name ? ts[k].name : "";
-    const std::string suffix = name.substr(name.rfind('.') == std::string::npos ? 0 : name.rfind('.') + 1);
+    const std::string suffix = name.substr(name.rfind('.') + 1);  // (npos + 1 == 0: the whole name)
     if (suffix != "qweight" && suffix != "qzeros" && suffix != "scales" && (awq || suffix != "g_idx"))
       invalid(who + ": unexpected tensor '" + name + "'");
   }

@@ -34,6 +34,7 @@ namespace loomp::int4q {
 // AutoAWQ's packing order: nibble n of a word holds output 8c + kAwqOrder[n].
 inline constexpr int kAwqOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
+// Whether metadata (an object with a "format" string, parse_quant_metadata) names one of these.
 bool is_hf_layout(const nlohmann::json& meta);
 Int4Weight import_hf_layout(const loom_named_tensor* ts, uint32_t count, const nlohmann::json& meta);
 
