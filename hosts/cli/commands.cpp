@@ -326,20 +326,20 @@ int cmd_run(const std::vector<std::string> &args) {
     RunResult r = runtime->run(a.steps, stream);
     echo();
     if (has_text && !batch) std::cout << (r.text.size() > printed ? r.text.substr(printed) : std::string()) << "\n";
+    const auto print_ids = [](const std::vector<int32_t> &tokens) {
+      std::cout << "tokens:";
+      for (int32_t t : tokens) std::cout << " " << t;
+    };
     if (batch)
       for (size_t i = 0; i < r.sequences.size(); ++i) {
         const SequenceResult &seq = r.sequences[i];
         std::cout << "[" << i << "] ";
-        if (has_text) {
-          std::cout << *runtime->decode(seq.prompt) << seq.text;
-        } else {
-          std::cout << "tokens:";
-          for (int32_t t : seq.tokens) std::cout << " " << t;
-        }
+        if (has_text) std::cout << *runtime->decode(seq.prompt) << seq.text;
+        else print_ids(seq.tokens);
         std::cout << (seq.stopped ? "  (stopped)" : "") << "\n";
         if (has_text && a.print_tokens) {
-          std::cout << "[" << i << "] tokens:";
-          for (int32_t t : seq.tokens) std::cout << " " << t;
+          std::cout << "[" << i << "] ";
+          print_ids(seq.tokens);
           std::cout << "\n";
         }
       }
@@ -374,8 +374,7 @@ int cmd_run(const std::vector<std::string> &args) {
       std::cout << "tool " << t.tool << (t.is_error ? " (error)" : "") << ": " << t.content << "\n";
     }
     if ((!has_text || a.print_tokens) && !batch && !agent) {
-      std::cout << "tokens:";
-      for (int32_t t : r.tokens) std::cout << " " << t;
+      print_ids(r.tokens);
       std::cout << "\n";
     }
     // Totals over every sequence of the batch.
