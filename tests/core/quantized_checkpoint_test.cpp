@@ -82,7 +82,8 @@ std::string load_error(const fs::path &model, const std::string &quantizer) {
   return "";
 }
 
-// Rewrites dir's checkpoint into a new directory after `edit` changes its tensors and metadata.
+// Rewrites dir's checkpoint into a new directory after `edit` changes its tensors and its
+// loom.quantization metadata (null, and written back only, where the file has it).
 struct Rewritten {
   std::string name;
   std::vector<int64_t> shape;
@@ -95,14 +96,17 @@ fs::path rewrite(const fs::path &dir, const std::string &name,
   std::vector<Rewritten> tensors;
   for (const auto &t : file.tensors())
     tensors.push_back({t.name, t.shape, t.dtype, std::vector<std::byte>(t.data, t.data + t.nbytes)});
-  auto meta = nlohmann::json::parse(file.metadata().at("loom.quantization"));
+  const auto stored = file.metadata().find("loom.quantization");
+  nlohmann::json meta = stored == file.metadata().end() ? nlohmann::json() : nlohmann::json::parse(stored->second);
   edit(tensors, meta);
   const fs::path out = fresh_dir(name);
   fs::create_directories(out);
   for (const char *f : {"config.json", "tokenizer.model"}) fs::copy_file(dir / f, out / f);
   std::vector<loom::TensorToWrite> w;
   for (const auto &t : tensors) w.push_back({t.name, t.dtype, t.shape, t.bytes});
-  loom::write_safetensors(out / "model.safetensors", w, {{"loom.quantization", meta.dump()}});
+  std::map<std::string, std::string> file_meta;
+  if (!meta.is_null()) file_meta["loom.quantization"] = meta.dump();
+  loom::write_safetensors(out / "model.safetensors", w, file_meta);
   return out;
 }
 
@@ -348,19 +352,10 @@ TEST_CASE("AutoAWQ and GPTQ checkpoints load through config.json's quantization_
   const std::string module = "model.layers.1.mlp.down_proj";
   auto rewrite_tensor = [&](const fs::path &from, const std::string &name, const std::string &tensor,
                             const std::function<void(Rewritten &)> &edit) {
-    const auto file = loom::SafetensorsFile::open(from / "model.safetensors");
-    std::vector<Rewritten> tensors;
-    for (const auto &t : file.tensors()) {
-      tensors.push_back({t.name, t.shape, t.dtype, std::vector<std::byte>(t.data, t.data + t.nbytes)});
-      if (t.name == tensor) edit(tensors.back());
-    }
-    const fs::path to = fresh_dir(name);
-    fs::create_directories(to);
-    for (const char *f : {"config.json", "tokenizer.model"}) fs::copy_file(from / f, to / f);
-    std::vector<loom::TensorToWrite> w;
-    for (const auto &t : tensors) w.push_back({t.name, t.dtype, t.shape, t.bytes});
-    loom::write_safetensors(to / "model.safetensors", w, {});
-    return to;
+    return rewrite(from, name, [&](std::vector<Rewritten> &ts, nlohmann::json &) {
+      for (auto &t : ts)
+        if (t.name == tensor) edit(t);
+    });
   };
   expect(rewrite_tensor(gptq_dir, "g_idx", module + ".g_idx",
                         [](Rewritten &t) { t.bytes[0] = std::byte{1}; }), // input 0 in group 1
