@@ -476,7 +476,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         while (end < rows.size() && row_chain[end] == chain) ++end;
         const bool verifying = std::any_of(row_draft.begin() + static_cast<std::ptrdiff_t>(begin),
                                            row_draft.begin() + static_cast<std::ptrdiff_t>(end), [](int32_t j) { return j > 0; });
-        if (!verifying || !stateful(first.samplers.empty() ? pipeline_.list(LOOM_KIND_SAMPLER) : first.samplers)) {
+        if (!verifying || !(first.samplers.empty() ? stateful(pipeline_.list(LOOM_KIND_SAMPLER)) : stateful(first.samplers))) {
           sample_rows(begin, end, false);
         } else {
           for (size_t r = begin; r < end; ++r) {
