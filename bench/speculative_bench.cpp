@@ -7,9 +7,13 @@
 // decode rate over the prompts, the speed-up over plain decoding (median of the per-prompt
 // ratios), the acceptance rate, the mean tokens per target forward pass, and how many prompts
 // got exactly the plain tokens; then one JSON line per row.
+// --temperature T > 0 samples instead (temperature T, then `dist`, seed 0 for every request)
+// and adds a mode whose draft model samples its drafts at T, verified against their q
+// (min(1, p/q)); its tokens follow the same distribution, not the plain run's draws.
 //
 // usage: loom_speculative_bench --target DIR --draft DIR --prompts FILE [--steps 128] [--k 4]
 //        [--device cuda] [--attention flash] [--draft-attention sdpa] [--repeat 1] [--ids OUT.jsonl]
+//        [--temperature 0]
 // --ids writes each prompt's token ids and its plain greedy tokens ({"workload", "prompt_ids",
 // "tokens"}), for bench/speculative_vs_hf.py's peer runs on the same inputs.
 #include <algorithm>
@@ -75,16 +79,21 @@ Outcome serve_one(loom::Runtime &rt, const std::vector<int32_t> &prompt, int ste
 
 int main(int argc, char **argv) {
   std::map<std::string, std::string> a{{"--steps", "128"},   {"--k", "4"},          {"--device", "cuda"},
-                                       {"--attention", "flash"}, {"--draft-attention", "sdpa"}, {"--repeat", "1"}};
+                                       {"--attention", "flash"}, {"--draft-attention", "sdpa"}, {"--repeat", "1"},
+                                       {"--temperature", "0"}};
   for (int i = 1; i + 1 < argc; i += 2) a[argv[i]] = argv[i + 1];
   for (const char *need : {"--target", "--draft", "--prompts"})
     if (!a.count(need)) {
       std::cerr << "usage: loom_speculative_bench --target DIR --draft DIR --prompts FILE [--steps N] [--k K] "
-                   "[--device cuda] [--attention flash] [--draft-attention sdpa] [--repeat R]\n";
+                   "[--device cuda] [--attention flash] [--draft-attention sdpa] [--repeat R] [--temperature T]\n";
       return 2;
     }
   try {
     const int steps = std::stoi(a["--steps"]), k = std::stoi(a["--k"]), repeat = std::stoi(a["--repeat"]);
+    const double temperature = std::stod(a["--temperature"]);
+    const std::string chain = temperature > 0 ? "[[sampler]]\nuse = \"temperature\"\nt = " + a["--temperature"] +
+                                                    "\n[[sampler]]\nuse = \"dist\"\n"
+                                              : "[[sampler]]\nuse = \"greedy\"\n";
     std::vector<Prompt> prompts;
     std::ifstream in(a["--prompts"]);
     for (std::string line; std::getline(in, line);)
@@ -95,17 +104,19 @@ int main(int argc, char **argv) {
     if (prompts.empty()) throw loom::runtime_error(a["--prompts"] + ": no prompts");
     const std::string head = "[loom]\ndevice = " + nlohmann::json(a["--device"]).dump() + "\nseed = 0\n[model]\npath = " +
                              nlohmann::json(a["--target"]).dump() + "\n[attention]\nuse = " +
-                             nlohmann::json(a["--attention"]).dump() + "\n[[sampler]]\nuse = \"greedy\"\n[run]\nstop_tokens = []\n"
+                             nlohmann::json(a["--attention"]).dump() + "\n" + chain + "[run]\nstop_tokens = []\n"
                              "prompt = \"x\"\n[scheduler]\nmax_seqs = 1\nspeculative_tokens = " + std::to_string(k) + "\n";
     const std::string draft_model = "[drafter]\nuse = \"draft-model\"\nmodel = " + nlohmann::json(a["--draft"]).dump() +
                                     "\nattention = " + nlohmann::json(a["--draft-attention"]).dump() + "\nmax_seqs = 1\n";
     struct Mode {
       std::string name, tables;
     };
-    const std::vector<Mode> modes = {{"plain", ""},
-                                     {"ngram k=" + std::to_string(k), "[drafter]\nuse = \"ngram\"\n"},
-                                     {"draft-model k=" + std::to_string(k), draft_model},
-                                     {"draft-model adaptive", "speculative_adaptive = true\n" + draft_model}};
+    std::vector<Mode> modes = {{"plain", ""},
+                               {"ngram k=" + std::to_string(k), "[drafter]\nuse = \"ngram\"\n"},
+                               {"draft-model k=" + std::to_string(k), draft_model},
+                               {"draft-model adaptive", "speculative_adaptive = true\n" + draft_model}};
+    if (temperature > 0)
+      modes.push_back({"draft-model sampled k=" + std::to_string(k), draft_model + "temperature = " + a["--temperature"] + "\n"});
     // results[mode][prompt]
     std::vector<std::vector<Outcome>> results(modes.size());
     std::vector<std::vector<loom::SchedulerStats>> stats(modes.size());
@@ -134,7 +145,8 @@ int main(int argc, char **argv) {
     std::vector<std::string> workloads;
     for (const Prompt &p : prompts)
       if (std::find(workloads.begin(), workloads.end(), p.workload) == workloads.end()) workloads.push_back(p.workload);
-    std::printf("device: %s; %zu prompts, %d greedy tokens each, batch 1\n\n", device.c_str(), prompts.size(), steps);
+    std::printf("device: %s; %zu prompts, %d %s tokens each, batch 1\n\n", device.c_str(), prompts.size(), steps,
+                temperature > 0 ? ("sampled (temperature " + a["--temperature"] + ")").c_str() : "greedy");
     std::printf("| workload | mode | decode tokens/s (median) | speed-up vs plain (median) | acceptance | tokens per target pass | same tokens as plain |\n");
     std::printf("| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
     std::vector<nlohmann::json> lines;

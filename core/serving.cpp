@@ -23,7 +23,9 @@
 #include <unordered_map>
 #include <utility>
 
+#include "loom/core/draft_verification.hpp"
 #include "loom/core/error.hpp"
+#include "loom/core/host_context.hpp"
 #include "loom/core/kv_blocks.hpp"
 #include "loom/core/pipeline.hpp"
 #include "loom/core/request_queue.hpp"
@@ -88,6 +90,9 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     int64_t virtual_n = 0; // a prefix adapter's placeholders before the prompt
     // Speculative decoding: the drafts proposed for the next step, and this sequence's k.
     std::vector<int32_t> draft;
+    // Sampled drafts (loom_draft_batch.q_out): the drafter's distribution q of each draft,
+    // normalised; empty when the drafts are point masses.
+    std::vector<std::vector<float>> draft_q;
     int32_t k = 0;
   };
   std::unordered_map<int64_t, Live> live;
@@ -144,12 +149,17 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   std::vector<uint64_t> row_steps;
   std::vector<const Instance *> row_chain; // each sampled row's chain (nullptr: the pipeline's)
   std::vector<int32_t> row_draft;          // a verification row's index j (0: the last token's row, or no drafts)
+  std::vector<char> row_q;                 // the row verifies sampled drafts (Live::draft_q)
   // Speculative decoding: a drafter's proposals, and the histories of the rows after drafts.
   const int32_t spec_max_k = static_cast<int32_t>(spec.speculative_max_tokens);
   std::vector<int64_t> draft_seqs;
   std::vector<const int32_t *> draft_context;
   std::vector<int32_t> draft_len, draft_max, draft_out, draft_n;
   std::deque<std::vector<int32_t>> draft_histories;
+  std::vector<float> draft_q_store;  // the q rows offered to the drafter, stride x vocab per sequence
+  std::vector<float *> draft_q_out;
+  std::vector<int32_t> draft_q_given;
+  std::vector<char> draft_categorical;
   const auto speculable = [](const std::vector<std::shared_ptr<Instance>> &chain) {
     // Beams are selected across a sequence's candidates, not row by row: their requests decode
     // without drafts. Chains with per-sequence state (accept(): grammars, json-schema,
@@ -161,6 +171,13 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   const auto stateful = [](const std::vector<std::shared_ptr<Instance>> &chain) {
     return std::any_of(chain.begin(), chain.end(),
                        [](const std::shared_ptr<Instance> &s) { return s->vtable<loom_sampler_vtable>()->accept != nullptr; });
+  };
+  // A chain that can verify sampled drafts against their q: its selecting link draws from the
+  // row's softmax (LOOM_SAMPLER_CATEGORICAL) and no link keeps per-sequence state, so the target's
+  // distribution at every row is the softmax of the rows its other links leave.
+  const auto categorical = [&](const std::vector<std::shared_ptr<Instance>> &chain) {
+    return !chain.empty() && (chain.back()->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_CATEGORICAL) != 0 &&
+           !stateful(chain);
   };
 
   // One chain's rows of a step (sampled together).
@@ -175,13 +192,16 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   // when the budget allows (Scheduler::propose_draft).
   const auto propose_drafts = [&](Instance &drafter) {
     const bool pipeline_speculable = speculable(pipeline_.list(LOOM_KIND_SAMPLER));
+    const bool pipeline_categorical = categorical(pipeline_.list(LOOM_KIND_SAMPLER));
     draft_seqs.clear();
     draft_context.clear();
     draft_len.clear();
     draft_max.clear();
+    draft_categorical.clear();
     for (int64_t seq : scheduler.decoding()) {
       Live &l = live.at(seq);
       l.draft.clear();
+      l.draft_q.clear();
       const bool verifiable = l.request.samplers.empty() ? pipeline_speculable : speculable(l.request.samplers);
       const int64_t room = l.request.max_new_tokens - static_cast<int64_t>(l.out.tokens.size()) - 1;
       const int32_t max_draft = static_cast<int32_t>(std::min<int64_t>(l.k, room));
@@ -191,11 +211,23 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       draft_context.push_back(tokens.data() + l.virtual_n);
       draft_len.push_back(static_cast<int32_t>(static_cast<int64_t>(tokens.size()) - l.virtual_n));
       draft_max.push_back(max_draft);
+      draft_categorical.push_back(l.request.samplers.empty() ? pipeline_categorical : categorical(l.request.samplers));
     }
     if (draft_seqs.empty()) return;
     const int32_t stride = *std::max_element(draft_max.begin(), draft_max.end());
     draft_out.assign(draft_seqs.size() * static_cast<size_t>(stride), -1);
     draft_n.assign(draft_seqs.size(), 0);
+    // Room for sampled drafts' q, offered only to sequences whose chain can verify them.
+    const size_t q_row = static_cast<size_t>(config_.vocab_size);
+    draft_q_store.resize(static_cast<size_t>(std::count(draft_categorical.begin(), draft_categorical.end(), 1)) *
+                         static_cast<size_t>(stride) * q_row);
+    draft_q_out.assign(draft_seqs.size(), nullptr);
+    draft_q_given.assign(draft_seqs.size(), 0);
+    for (size_t i = 0, at = 0; i < draft_seqs.size(); ++i)
+      if (draft_categorical[i]) {
+        draft_q_out[i] = draft_q_store.data() + at;
+        at += static_cast<size_t>(stride) * q_row;
+      }
     loom_draft_batch db{};
     db.struct_size = sizeof(db);
     db.n_seqs = static_cast<int32_t>(draft_seqs.size());
@@ -207,6 +239,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     db.stride = stride;
     db.draft_out = draft_out.data();
     db.n_out = draft_n.data();
+    db.q_out = draft_q_out.data();
+    db.q_given = draft_q_given.data();
     try {
       drafter.check(drafter.vtable<loom_drafter_vtable>()->propose(drafter.handle(), &db), "propose");
       for (size_t i = 0; i < draft_seqs.size(); ++i) {
@@ -218,13 +252,28 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           if (t < 0 || t >= config_.vocab_size) break;
           l.draft.push_back(t);
         }
+        // Sampled drafts keep their q; a row that is not a distribution (or gives its draft no
+        // probability) makes them all point masses, which verify correctly whatever drew them.
+        if (draft_q_given[i] != 0 && draft_q_out[i] != nullptr) {
+          for (size_t j = 0; j < l.draft.size(); ++j) {
+            const float *q = draft_q_out[i] + j * q_row;
+            std::vector<float> &row = l.draft_q.emplace_back(q, q + q_row);
+            if (!normalise_proposal(row, l.draft[j])) {
+              l.draft_q.clear();
+              break;
+            }
+          }
+        }
         if (!l.draft.empty()) scheduler.propose_draft(draft_seqs[i], static_cast<int32_t>(l.draft.size()));
       }
     } catch (const Error &e) {
       // A failing drafter costs this step its drafts, never a request.
       ++stats.drafter_failures;
       stats.drafter_error = e.what();
-      for (int64_t seq : draft_seqs) live.at(seq).draft.clear();
+      for (int64_t seq : draft_seqs) {
+        live.at(seq).draft.clear();
+        live.at(seq).draft_q.clear();
+      }
     }
   };
   bool open = true;
@@ -353,6 +402,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       row_history.clear();
       row_chain.clear();
       row_draft.clear();
+      row_q.clear();
       draft_histories.clear();
       // Each row's adapter, when some request chose one (StepBatch::seq_adapters).
       batch.seq_adapters.clear();
@@ -390,6 +440,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
             row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq) + j));
             row_chain.push_back(chain_of(w));
             row_draft.push_back(j);
+            row_q.push_back(static_cast<char>(l.draft_q.size() >= static_cast<size_t>(w.draft)));
           }
           continue;
         }
@@ -406,6 +457,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq)));
           row_chain.push_back(chain_of(w));
           row_draft.push_back(0);
+          row_q.push_back(0);
         }
       }
       copies.clear();
@@ -469,11 +521,59 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       // state is the one decoding without drafts has there; the rows after the first difference
       // are not sampled (-1). (A stop string among them ends the request below, and a failure
       // of a row after it is dropped there.)
+      // Sampled drafts (rows [begin, end), whole sequences of one categorical chain): the
+      // chain's links but the selecting one rewrite a host copy of each sequence's rows, whose
+      // softmax is the target's distribution p there, and the rejection rule against the drafts'
+      // q picks the tokens (core/draft_verification.hpp). A failing link fails that request.
+      const auto verify_sampled = [&](size_t begin, size_t end) {
+        const ServeRequest &first = live.at(rows[begin]).request;
+        const std::vector<std::shared_ptr<Instance>> chain =
+            first.samplers.empty() ? pipeline_.list(LOOM_KIND_SAMPLER) : first.samplers;
+        const std::vector<std::shared_ptr<Instance>> links(chain.begin(), chain.end() - 1);
+        const size_t V = static_cast<size_t>(config_.vocab_size);
+        for (size_t r = begin; r < end;) {
+          const int64_t seq = rows[r];
+          size_t n = 1;
+          while (r + n < end && row_draft[r + n] > 0) ++n;
+          const Live &l = live.at(seq);
+          try {
+            std::vector<float> host(n * V);
+            std::string error;
+            const char *src = static_cast<const char *>(logits->data) + logits->byte_offset + r * V * sizeof(float);
+            if (device_memcpy(host.data(), DLDevice{kDLCPU, 0}, src, logits->device, host.size() * sizeof(float), error) != LOOM_OK)
+              throw runtime_error("copying logits to the host to verify sampled drafts: " + error);
+            const uint64_t key = l.request.seed.value_or(manifest_.seed);
+            if (!links.empty()) {
+              SamplingRows sampling;
+              for (size_t i = 0; i < n; ++i) sampling.add(seq, row_history[r + i], key, row_steps[r + i]);
+              int64_t shape[2] = {static_cast<int64_t>(n), static_cast<int64_t>(V)};
+              DLTensor view{host.data(), DLDevice{kDLCPU, 0}, 2, DLDataType{kDLFloat, 32, 1}, shape, nullptr, 0};
+              std::vector<int32_t> none(n, -1);
+              apply_chain(links, sampling.batch(&view, static_cast<int64_t>(V), none.data()),
+                          "selecting samplers (greedy, dist) must come last");
+            }
+            std::vector<std::vector<double>> p(n, std::vector<double>(V));
+            for (size_t i = 0; i < n; ++i) probabilities_of(std::span<const float>(host.data() + i * V, V), p[i]);
+            std::vector<int32_t> tokens;
+            verify_sampled_drafts(p, std::span(l.draft_q.data(), n - 1), std::span(l.draft.data(), n - 1), key,
+                                  std::span(row_steps.data() + r, n), tokens);
+            std::copy(tokens.begin(), tokens.end(), sampled.begin() + static_cast<std::ptrdiff_t>(r));
+          } catch (const Error &e) {
+            failed.emplace_back(seq, e.what());
+          }
+          r += n;
+        }
+      };
       for (size_t begin = 0; begin < rows.size();) {
         const ServeRequest &first = live.at(rows[begin]).request;
         const Instance *chain = first.samplers.empty() ? nullptr : first.samplers.front().get();
         size_t end = begin + 1;
-        while (end < rows.size() && row_chain[end] == chain) ++end;
+        while (end < rows.size() && row_chain[end] == chain && row_q[end] == row_q[begin]) ++end;
+        if (row_q[begin] != 0) {
+          verify_sampled(begin, end);
+          begin = end;
+          continue;
+        }
         const bool verifying = std::any_of(row_draft.begin() + static_cast<std::ptrdiff_t>(begin),
                                            row_draft.begin() + static_cast<std::ptrdiff_t>(end), [](int32_t j) { return j > 0; });
         if (!verifying || !(first.samplers.empty() ? stateful(pipeline_.list(LOOM_KIND_SAMPLER)) : stateful(first.samplers))) {
@@ -501,6 +601,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         // after the last kept draft gives the step's own token. So the tokens are exactly those
         // of decoding without drafts: for greedy chains the argmax, for sampling chains the
         // rejection-sampling rule with a point-mass proposal (DESIGN.md "Speculative decoding").
+        // Sampled drafts (verify_sampled) come here as the kept drafts and then a token that
+        // differs from the next draft, so the same walk counts them.
         int32_t kept = 0;
         while (kept < w.draft && got[kept] == l.draft[static_cast<size_t>(kept)]) ++kept;
         // No token where its chain failed (the error is in `failed`): the tokens before it are

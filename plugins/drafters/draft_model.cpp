@@ -6,8 +6,15 @@
 // fed again from there (positions are overwritten), so rejected drafts cost nothing to undo.
 //
 // Greedy drafts are point-mass proposals: the engine's verification keeps exactly the target's
-// output (DESIGN.md "Speculative decoding"). Sequences beyond max_seqs at once get no drafts.
+// output (DESIGN.md "Speculative decoding"). With `temperature` > 0, a sequence whose sampler
+// chain the host verifies against a distribution (loom_draft_batch.q_out, ABI 1.10) gets drafts
+// drawn from softmax(logits / temperature) and that q with them, so the host keeps each with
+// probability min(1, p/q); those passes bring their logits back to the host one by one. The
+// draws are a pure function of (seed, sequence, position). Sequences beyond max_seqs at once get
+// no drafts.
 #include <algorithm>
+#include <cmath>
+#include <cstddef>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -23,6 +30,8 @@ struct DraftModel {
   const loom_host_models* models = nullptr;
   loom_host_model* model = nullptr;
   int32_t max_seqs = 0, max_positions = 0;
+  double temperature = 0.0;
+  uint64_t seed = 0;
   struct Seq {
     int32_t slot = 0;
     std::vector<int32_t> cached; // tokens whose KV the slot holds, from position 0
@@ -31,6 +40,7 @@ struct DraftModel {
   std::vector<int32_t> free_slots;
   // One forward pass's arrays (kept between calls).
   std::vector<int32_t> slots, positions, offsets, tokens, rows, drafted;
+  std::vector<float> logits;
 
   DraftModel(const loom_host_api* h, loom_host_ctx* c) : host(h), ctx(c) {
     const std::string path = cfg_string(h, c, "model");
@@ -46,6 +56,10 @@ struct DraftModel {
                                        static_cast<int32_t>(n), static_cast<int32_t>(p), &model);
     if (s != LOOM_OK)
       throw Fail(s, "draft-model: cannot open the draft model '" + path + "': " + models->open_error(c), "model");
+    temperature = cfg_float(h, c, "temperature");
+    if (!(temperature >= 0.0) || !std::isfinite(temperature))
+      invalid_param("temperature", "temperature must be 0 (greedy drafts) or a positive number");
+    seed = static_cast<uint64_t>(cfg_int(h, c, "seed"));
     max_seqs = static_cast<int32_t>(n);
     max_positions = models->max_positions(model);
     for (int32_t i = max_seqs - 1; i >= 0; --i) free_slots.push_back(i);
@@ -111,7 +125,11 @@ struct DraftModel {
     mb.offsets = offsets.data();
     mb.tokens = tokens.data();
     drafted.assign(rows.size() * static_cast<size_t>(steps), -1);
-    const loom_status st = models->greedy(model, &mb, steps, drafted.data());
+    const bool sampling = temperature > 0.0 && b.struct_size >= offsetof(loom_draft_batch, q_given) + sizeof b.q_given && // (ABI 1.10)
+                           b.q_out != nullptr &&
+                          b.q_given != nullptr &&
+                          std::any_of(rows.begin(), rows.end(), [&](int32_t s) { return b.q_out[s] != nullptr; });
+    const loom_status st = sampling ? sample_passes(b, mb, steps) : models->greedy(model, &mb, steps, drafted.data());
     if (st != LOOM_OK) {
       for (int32_t s : rows) seqs.at(b.seq_ids[s]).cached.clear(); // what the slots hold is unknown now
       fail(st, "draft-model: the draft model's forward passes failed");
@@ -128,6 +146,74 @@ struct DraftModel {
       // The slot holds the context and the first steps - 1 drafts.
       for (int32_t i = 0; i + 1 < steps; ++i) q.cached.push_back(drafted[r * static_cast<size_t>(steps) + static_cast<size_t>(i)]);
     }
+  }
+
+  // A uniform double in [0, 1) for (seed, sequence, position).
+  static uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+  }
+  double uniform(int64_t seq, int64_t position) const {
+    return static_cast<double>(mix(mix(mix(seed) ^ static_cast<uint64_t>(seq)) ^ static_cast<uint64_t>(position)) >> 11) *
+           0x1.0p-53;
+  }
+
+  // The draft passes one at a time, each pass's logits on the host: a row whose sequence the
+  // host offered q draws its draft from softmax(logits / temperature) and writes that q (zero
+  // past the draft model's vocabulary); the other rows take the argmax. Fills `drafted` as
+  // greedy() does.
+  loom_status sample_passes(const loom_draft_batch& b, loom_model_batch mb, int32_t steps) {
+    const size_t V = static_cast<size_t>(models->vocab_size(model)), R = rows.size();
+    logits.resize(R * V);
+    std::vector<int32_t> feed_positions(R), feed_tokens(R), feed_offsets(R + 1);
+    std::vector<double> w(V);
+    for (int32_t i = 0; i < steps; ++i) {
+      mb.logits_out = logits.data();
+      mb.argmax_out = nullptr;
+      if (const loom_status st = models->forward(model, &mb); st != LOOM_OK) return st;
+      for (size_t r = 0; r < R; ++r) {
+        const int32_t s = rows[r];
+        const float* x = logits.data() + r * V;
+        const int32_t argmax = static_cast<int32_t>(std::max_element(x, x + V) - x);
+        int32_t token = argmax;
+        if (float* q = b.q_out[s] != nullptr ? b.q_out[s] + static_cast<size_t>(i) * static_cast<size_t>(b.vocab_size) : nullptr) {
+          double total = 0.0;
+          for (size_t t = 0; t < V; ++t) total += w[t] = std::exp((static_cast<double>(x[t]) - x[argmax]) / temperature);
+          std::fill(q, q + b.vocab_size, 0.0f);
+          if (total > 0.0 && std::isfinite(total)) {
+            const double target = uniform(b.seq_ids[s], b.context_len[s] + i) * total;
+            double acc = 0.0;
+            for (size_t t = 0; t < V; ++t) {
+              q[t] = static_cast<float>(w[t] / total);
+              if (acc <= target && target < acc + w[t]) token = static_cast<int32_t>(t);
+              acc += w[t];
+            }
+          } else {
+            q[argmax] = 1.0f;  // (logits that make no distribution: a point mass, which verifies too)
+          }
+          if (q[token] <= 0.0f) { // (rounding put the draw on a token whose q rounds to 0)
+            std::fill(q, q + b.vocab_size, 0.0f);
+            token = argmax;
+            q[argmax] = 1.0f;
+          }
+        }
+        drafted[r * static_cast<size_t>(steps) + static_cast<size_t>(i)] = token;
+      }
+      if (i + 1 == steps) break;
+      for (size_t r = 0; r < R; ++r) { // each row's draft at its next position
+        feed_positions[r] = b.context_len[rows[r]] + i;
+        feed_tokens[r] = drafted[r * static_cast<size_t>(steps) + static_cast<size_t>(i)];
+        feed_offsets[r + 1] = static_cast<int32_t>(r + 1);
+      }
+      mb.positions = feed_positions.data();
+      mb.tokens = feed_tokens.data();
+      mb.offsets = feed_offsets.data();
+    }
+    for (int32_t s : rows)
+      if (b.q_out[s] != nullptr) b.q_given[s] = 1;
+    return LOOM_OK;
   }
 
   void release(int64_t seq) {
@@ -149,6 +235,10 @@ constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "attention", LOOM_VALUE_STRING, 0, "\"\"",
      "attention component for the draft model (\"sdpa\", \"flash\"); \"\": the manifest's [attention]"},
     {sizeof(loom_param_desc), "max_seqs", LOOM_VALUE_INT, 0, "16", "sequences drafted for at once (KV slots)"},
+    {sizeof(loom_param_desc), "temperature", LOOM_VALUE_FLOAT, 0, "0",
+     "0: greedy drafts; > 0: sequences whose sampler chain draws from a distribution get drafts drawn from "
+     "softmax(logits / temperature), verified against it (min(1, p/q))"},
+    {sizeof(loom_param_desc), "seed", LOOM_VALUE_INT, 0, "0", "the sampled drafts' random numbers"},
     {sizeof(loom_param_desc), "max_positions", LOOM_VALUE_INT, 0, "0",
      "positions of each slot; 0: the draft model's maximum"},
 };
@@ -159,6 +249,6 @@ extern const loom_component_desc draft_model_desc;
 const loom_component_desc draft_model_desc = {
     sizeof(loom_component_desc), LOOM_KIND_DRAFTER, "draft-model", "1.0.0",
     "A smaller model with the same tokenizer drafts greedily (its own KV cache, through loom.host.models/1)",
-    kParams, 4, LOOM_THREADING_SERIAL, &DrafterGlue<DraftModel>::kVtable};
+    kParams, 6, LOOM_THREADING_SERIAL, &DrafterGlue<DraftModel>::kVtable};
 
 }  // namespace loomp::drafters

@@ -103,7 +103,7 @@ struct Dist : Base {
 };
 
 constexpr loom_sampler_vtable kVtable =
-    make_vtable<Dist>(LOOM_SAMPLER_SELECTS | LOOM_SAMPLER_USES_RNG | kRunsOnCuda | kReadsCandidates |
+    make_vtable<Dist>(LOOM_SAMPLER_SELECTS | LOOM_SAMPLER_CATEGORICAL | LOOM_SAMPLER_USES_RNG | kRunsOnCuda | kReadsCandidates |
                       (LOOM_SAMPLERS_CUDA ? static_cast<uint32_t>(LOOM_SAMPLER_DEVICE_TOKENS) : 0u));
 
 }  // namespace

@@ -1,8 +1,9 @@
 // Speculative decoding ([drafter], core/serving.cpp): drafts verified by the target in one
 // forward pass must never change what is generated. Greedy and seeded sampling runs with the
 // ngram and draft-model drafters give exactly the tokens of runs without them, over many prompts,
-// with batching, chunked prefill, preemption and a drafter that fails; a chi-square test on a
-// tiny vocabulary checks that sampled outputs keep the target's distribution; the scheduler's
+// with batching, chunked prefill, preemption and a drafter that fails; chi-square tests on a
+// tiny vocabulary check that sampled outputs keep the target's distribution, with point-mass
+// drafts and with drafts sampled from a q of the drafter's (min(1, p/q)); the scheduler's
 // draft bookkeeping is checked on its own. On the CPU with the default model (and a perturbed
 // copy of it as a draft model that disagrees now and then).
 #include <catch2/catch.hpp>
@@ -247,6 +248,39 @@ TEST_CASE("seeded sampling with drafts gives the tokens of sampling without them
   }
 }
 
+TEST_CASE("draft-model with a temperature samples its drafts where the chain samples", "[speculative][model]") {
+  // temperature > 0: a sequence whose chain draws from a distribution gets drafts drawn from the
+  // draft model's softmax and verified against it (min(1, p/q)), so a draft model close to the
+  // target keeps far more of them than greedy drafts, which a sampled token matches only when it
+  // is the argmax; a greedy chain is offered no q, so its drafts stay greedy and its tokens those
+  // of decoding without drafts.
+  const std::string chain = "[[sampler]]\nuse = \"temperature\"\nt = 1.0\n[[sampler]]\nuse = \"dist\"\n";
+  const fs::path draft = perturbed_draft_model();
+  const std::string drafter = "[drafter]\nuse = \"draft-model\"\nmodel = \"" + draft.string() + "\"\n";
+  const auto greedy_drafts = loom::Runtime::from_string(base_manifest(chain) + "[scheduler]\n" + drafter + run_table(32))->run();
+  const auto sampled_drafts =
+      loom::Runtime::from_string(base_manifest(chain) + "[scheduler]\n" + drafter + "temperature = 1.0\nseed = 3\n" + run_table(32))->run();
+  const auto rate = [](const loom::RunResult &r) {
+    return static_cast<double>(r.scheduler.accepted_tokens) / static_cast<double>(r.scheduler.drafted_tokens);
+  };
+  INFO("kept: greedy drafts " << rate(greedy_drafts) << ", sampled drafts " << rate(sampled_drafts));
+  REQUIRE(greedy_drafts.scheduler.drafted_tokens > 100);
+  REQUIRE(sampled_drafts.scheduler.drafted_tokens > 100);
+  CHECK(rate(sampled_drafts) > rate(greedy_drafts) + 0.2);
+  CHECK(sampled_drafts.scheduler.accepted_tokens < sampled_drafts.scheduler.drafted_tokens);
+  for (const auto &s : sampled_drafts.sequences) {
+    CHECK(s.tokens.size() == 32);
+    for (int32_t token : s.tokens) CHECK((token >= 0 && token < 2000));
+  }
+  const auto plain = tokens_of(loom::Runtime::from_string(base_manifest() + "[scheduler]\n" + run_table(32))->run());
+  const auto greedy_chain =
+      loom::Runtime::from_string(base_manifest() + "[scheduler]\n" + drafter + "temperature = 1.0\n" + run_table(32))->run();
+  CHECK(tokens_of(greedy_chain) == plain);
+  CHECK(greedy_chain.scheduler.accepted_tokens > 0);
+  CHECK_THROWS_WITH(loom::Runtime::from_string(base_manifest() + drafter + "temperature = -1.0\n[run]\nprompt = \"a\"\n"),
+                    Catch::Contains("temperature"));
+}
+
 TEST_CASE("chains with per-sequence state verify drafts row by row and keep their tokens", "[speculative][model]") {
   // A grammar (its state: where the text is in the grammar) and mirostat (its state: mu) change
   // with every accepted token, so a row after drafts is sampled only once the rows before it
@@ -304,56 +338,56 @@ TEST_CASE("bad drafter tables are refused naming the key", "[speculative][manife
                     Catch::Contains("speculative_tokens"));
 }
 
-TEST_CASE("sampled outputs with drafts keep the target's distribution (chi-square)", "[speculative][model]") {
-  // A synthetic model over 8 tokens and a repetitive prompt, so that prompt lookup drafts most
-  // steps and the target rejects many drafts. 4,000 requests with seeds 0..3999 sample 3 tokens
-  // each, with drafts and without; the pairs (2nd, 3rd token), where drafts were verified, must
-  // follow the same distribution as 4,000 requests without drafts of other seeds (two-sample
-  // chi-square over the 64 cells, p > 0.001), and each seed's tokens are those it gets without.
-  const std::string synthetic = "[loom]\ndevice = \"cpu\"\nseed = 5\n[run]\nvocab_size = 8\nhidden_size = 32\nn_heads = 2\n"
-                                "n_kv_heads = 1\nn_layers = 2\nprompt = [1, 2, 3, 1, 2, 3, 1, 2]\n"
-                                "[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"temperature\"\nt = 1.5\n"
-                                "[[sampler]]\nuse = \"dist\"\n[scheduler]\nmax_seqs = 64\n";
-  const int n = 4000;
-  auto serve = [&](const std::string &manifest, uint64_t first_seed, loom::SchedulerStats *stats) {
-    auto rt = loom::Runtime::from_string(manifest);
-    loom::RequestQueue queue;
-    std::vector<std::vector<int32_t>> out(static_cast<size_t>(n));
-    for (int i = 0; i < n; ++i) {
-      loom::ServeRequest r;
-      r.prompt = {1, 2, 3, 1, 2, 3, 1, 2};
-      r.max_new_tokens = 3;
-      r.seed = first_seed + static_cast<uint64_t>(i);
-      r.on_done = [&out, i](const loom::SequenceResult &res, const std::string &error) {
-        REQUIRE(error.empty());
-        out[static_cast<size_t>(i)] = res.tokens;
-      };
-      queue.submit(std::move(r));
-    }
-    queue.close();
-    *stats = rt->serve(queue, 16);
-    return out;
-  };
-  loom::SchedulerStats with_stats, without_stats, other_stats;
-  const auto with = serve(synthetic + "[drafter]\nuse = \"ngram\"\n", 0, &with_stats);
-  const auto same_seeds = serve(synthetic, 0, &without_stats);
-  const auto other_seeds = serve(synthetic, 100000, &other_stats);
-  CHECK(with == same_seeds);
-  CHECK(with_stats.drafted_tokens > 1000);
-  CHECK(with_stats.accepted_tokens > 100);
-  CHECK(with_stats.drafted_tokens - with_stats.accepted_tokens > 100);
-  std::map<int, double> a, b;
+namespace {
+
+// A synthetic model over 8 tokens and a repetitive prompt, sampled at temperature 1.5.
+std::string synthetic_manifest(const std::string &loom_extra = "") {
+  return "[loom]\ndevice = \"cpu\"\nseed = 5\n" + loom_extra +
+         "[run]\nvocab_size = 8\nhidden_size = 32\nn_heads = 2\n"
+         "n_kv_heads = 1\nn_layers = 2\nprompt = [1, 2, 3, 1, 2, 3, 1, 2]\n"
+         "[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"temperature\"\nt = 1.5\n"
+         "[[sampler]]\nuse = \"dist\"\n[scheduler]\nmax_seqs = 64\n";
+}
+
+// n requests of that prompt with seeds first_seed.., 3 tokens each.
+std::vector<std::vector<int32_t>> serve_synthetic(const std::string &manifest, int n, uint64_t first_seed,
+                                                  loom::SchedulerStats *stats) {
+  auto rt = loom::Runtime::from_string(manifest);
+  loom::RequestQueue queue;
+  std::vector<std::vector<int32_t>> out(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) {
-    REQUIRE(with[static_cast<size_t>(i)].size() == 3);
-    a[with[static_cast<size_t>(i)][1] * 8 + with[static_cast<size_t>(i)][2]] += 1;
-    b[other_seeds[static_cast<size_t>(i)][1] * 8 + other_seeds[static_cast<size_t>(i)][2]] += 1;
+    loom::ServeRequest r;
+    r.prompt = {1, 2, 3, 1, 2, 3, 1, 2};
+    r.max_new_tokens = 3;
+    r.seed = first_seed + static_cast<uint64_t>(i);
+    r.on_done = [&out, i](const loom::SequenceResult &res, const std::string &error) {
+      REQUIRE(error.empty());
+      out[static_cast<size_t>(i)] = res.tokens;
+    };
+    queue.submit(std::move(r));
+  }
+  queue.close();
+  *stats = rt->serve(queue, 16);
+  return out;
+}
+
+// Two-sample chi-square over the 64 cells of the pairs (2nd, 3rd token), equal sample sizes:
+// whether the two samples may come from one distribution (p > 0.001).
+void check_same_distribution(const std::vector<std::vector<int32_t>> &x, const std::vector<std::vector<int32_t>> &y) {
+  REQUIRE(x.size() == y.size());
+  std::map<int, double> a, b;
+  for (size_t i = 0; i < x.size(); ++i) {
+    REQUIRE(x[i].size() == 3);
+    REQUIRE(y[i].size() == 3);
+    a[x[i][1] * 8 + x[i][2]] += 1;
+    b[y[i][1] * 8 + y[i][2]] += 1;
   }
   double chi2 = 0;
   int cells = 0;
   for (int c = 0; c < 64; ++c) {
-    const double x = a[c], y = b[c];
-    if (x + y == 0) continue;
-    chi2 += (x - y) * (x - y) / (x + y); // equal sample sizes
+    const double u = a[c], v = b[c];
+    if (u + v == 0) continue;
+    chi2 += (u - v) * (u - v) / (u + v);
     ++cells;
   }
   // The 0.999 quantile of chi-square with cells - 1 degrees of freedom (Wilson-Hilferty).
@@ -362,6 +396,49 @@ TEST_CASE("sampled outputs with drafts keep the target's distribution (chi-squar
   INFO("chi2 " << chi2 << " over " << cells << " cells, critical " << critical);
   CHECK(cells > 16);
   CHECK(chi2 < critical);
+}
+
+} // namespace
+
+TEST_CASE("sampled outputs with drafts keep the target's distribution (chi-square)", "[speculative][model]") {
+  // Prompt lookup drafts most steps of the repetitive prompt and the target rejects many drafts.
+  // 4,000 requests with seeds 0..3999 sample 3 tokens each, with drafts and without; the pairs
+  // (2nd, 3rd token), where drafts were verified, must follow the same distribution as 4,000
+  // requests without drafts of other seeds, and each seed's tokens are those it gets without.
+  const int n = 4000;
+  loom::SchedulerStats with_stats, without_stats, other_stats;
+  const auto with = serve_synthetic(synthetic_manifest() + "[drafter]\nuse = \"ngram\"\n", n, 0, &with_stats);
+  const auto same_seeds = serve_synthetic(synthetic_manifest(), n, 0, &without_stats);
+  const auto other_seeds = serve_synthetic(synthetic_manifest(), n, 100000, &other_stats);
+  CHECK(with == same_seeds);
+  CHECK(with_stats.drafted_tokens > 1000);
+  CHECK(with_stats.accepted_tokens > 100);
+  CHECK(with_stats.drafted_tokens - with_stats.accepted_tokens > 100);
+  check_same_distribution(with, other_seeds);
+}
+
+TEST_CASE("sampled drafts verified against their q keep the distribution and more drafts", "[speculative][model]") {
+  // A test drafter (tests/plugins/misc.c, "sampled-drafts") draws every draft from q(t) =
+  // (t + 1) / 36, unlike the target's p, and gives q with them (ABI 1.10) or not (give_q =
+  // false: point masses). Verified with min(1, p/q) and the residual max(0, p - q), the output
+  // must still follow p (chi-square against requests without drafts), and the rule must keep
+  // more drafts than point-mass verification of the same drafts (sum min(p, q) > sum p q).
+  const int n = 4000;
+  const std::string misc = "plugin_paths = [" + nlohmann::json((fs::path(LOOM_TEST_PLUGIN_DIR) / "misc").string()).dump() + "]\n";
+  loom::SchedulerStats q_stats, point_stats, other_stats;
+  const auto with_q = serve_synthetic(synthetic_manifest(misc) + "[drafter]\nuse = \"sampled-drafts\"\n", n, 0, &q_stats);
+  const auto point = serve_synthetic(synthetic_manifest(misc) + "[drafter]\nuse = \"sampled-drafts\"\ngive_q = false\n", n, 0,
+                                     &point_stats);
+  const auto other_seeds = serve_synthetic(synthetic_manifest(), n, 100000, &other_stats);
+  REQUIRE(q_stats.drafted_tokens > 1000);
+  REQUIRE(point_stats.drafted_tokens > 1000);
+  const double q_rate = static_cast<double>(q_stats.accepted_tokens) / static_cast<double>(q_stats.drafted_tokens);
+  const double point_rate = static_cast<double>(point_stats.accepted_tokens) / static_cast<double>(point_stats.drafted_tokens);
+  INFO("kept with q " << q_rate << ", as point masses " << point_rate);
+  CHECK(q_rate > point_rate + 0.1);
+  CHECK(q_stats.drafted_tokens - q_stats.accepted_tokens > 100); // rejections drew from the residual
+  check_same_distribution(with_q, other_seeds);
+  check_same_distribution(point, other_seeds);
 }
 
 TEST_CASE("with a drafter, a request whose own chain fails fails alone", "[speculative][model]") {

@@ -3,10 +3,14 @@
  *  - tool "echo": one tool, "echo", whose result is its arguments JSON, unchanged;
  *  - sampler "bad-value": create() always fails through set_config_error (ABI 1.3) with the key
  *    its `key` parameter names, to test how the host points at a config value; `mode` varies
- *    the call ("config-error", "null-key", "then-set-error"). */
+ *    the call ("config-error", "null-key", "then-set-error");
+ *  - drafter "sampled-drafts": proposes max_draft tokens drawn from a fixed distribution over
+ *    the first 8 tokens, q(t) = (t + 1) / 36, and gives that q with them where the host offers
+ *    room (ABI 1.10) and `give_q` is true, to test the host's min(1, p/q) verification. */
 #include <stdlib.h>
 #include <string.h>
 
+#include "loom/drafter.h"
 #include "loom/sampler.h"
 #include "loom/tool.h"
 
@@ -159,12 +163,82 @@ static const loom_component_desc bad_value_component = {
     &bad_value_vtable,
 };
 
+/* ---- sampled-drafts ---- */
+
+typedef struct sampled_drafts {
+  int32_t give_q;
+} sampled_drafts;
+
+static loom_status sampled_create(const loom_host_api *host, loom_host_ctx *ctx, void **out_instance) {
+  sampled_drafts *d = (sampled_drafts *)calloc(1, sizeof *d);
+  if (d == NULL) {
+    host->set_error(ctx, "sampled-drafts: out of memory");
+    return LOOM_ERR_OUT_OF_MEMORY;
+  }
+  if (host->config_get_bool(ctx, "give_q", &d->give_q) != LOOM_OK) {
+    free(d);
+    host->set_error(ctx, "sampled-drafts: cannot read give_q");
+    return LOOM_ERR_INTERNAL;
+  }
+  *out_instance = d;
+  return LOOM_OK;
+}
+
+static void sampled_destroy(void *instance) { free(instance); }
+
+/* SplitMix64: the draws are a pure function of (sequence, position). */
+static uint64_t sampled_mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+static loom_status sampled_propose(void *instance, const loom_draft_batch *b) {
+  const sampled_drafts *d = (const sampled_drafts *)instance;
+  const int32_t support = b->vocab_size < 8 ? b->vocab_size : 8;
+  const int32_t total = support * (support + 1) / 2;
+  const int with_q = d->give_q && LOOM_HAS_FIELD(b, loom_draft_batch, q_given) && b->q_out != NULL && b->q_given != NULL;
+  for (int32_t s = 0; s < b->n_seqs; ++s) {
+    float *q = with_q ? b->q_out[s] : NULL;
+    b->n_out[s] = b->max_draft[s];
+    for (int32_t i = 0; i < b->max_draft[s]; ++i) {
+      const uint64_t x = sampled_mix(sampled_mix((uint64_t)b->seq_ids[s]) ^ (uint64_t)(b->context_len[s] + i));
+      int32_t r = (int32_t)(x % (uint64_t)total), t = 0;
+      while (r >= t + 1) r -= ++t;
+      b->draft_out[s * b->stride + i] = t;
+      if (q != NULL)
+        for (int32_t v = 0; v < b->vocab_size; ++v)
+          q[(size_t)i * (size_t)b->vocab_size + (size_t)v] = v < support ? (float)(v + 1) / (float)total : 0.0f;
+    }
+    if (q != NULL) b->q_given[s] = 1;
+  }
+  return LOOM_OK;
+}
+
+static const loom_drafter_vtable sampled_vtable = {
+    sizeof(loom_drafter_vtable),
+    {sampled_create, sampled_destroy, NULL, NULL, NULL},
+    sampled_propose,
+    NULL,
+};
+
+static const loom_param_desc sampled_params[] = {
+    {sizeof(loom_param_desc), "give_q", LOOM_VALUE_BOOL, 0, "true", "give q with the drafts where the host offers room"},
+};
+
+static const loom_component_desc sampled_component = {
+    sizeof(loom_component_desc), LOOM_KIND_DRAFTER, "sampled-drafts", "1.0.0",
+    "test drafter: drafts drawn from q(t) = (t + 1) / 36 over tokens 0-7", sampled_params, 1, LOOM_THREADING_SERIAL,
+    &sampled_vtable,
+};
+
 static const loom_component_desc *const misc_components[] = {&fails_component, &echo_component,
-                                                             &bad_value_component};
+                                                             &bad_value_component, &sampled_component};
 
 static const loom_plugin_desc misc_plugin = {
     sizeof(loom_plugin_desc), LOOM_ABI_MAJOR, LOOM_ABI_MINOR, "loom-test-misc", "1.0.0",
-    "Apache-2.0", misc_components, 3, NULL,
+    "Apache-2.0", misc_components, 4, NULL,
 };
 
 LOOM_PLUGIN_EXPORT const loom_plugin_desc *loom_plugin_entry(void);

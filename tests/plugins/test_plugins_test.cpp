@@ -164,7 +164,10 @@ TEST_CASE("misc: create-fails fails with its message, echo echoes", "[plugins]")
   Library lib(plugin("misc/libloom-test-misc.so"));
   REQUIRE(lib.handle != nullptr);
   const loom_plugin_desc* d = lib.desc();
-  REQUIRE(d->component_count == 3);
+  REQUIRE(d->component_count == 4);
+  // (the fourth, drafter "sampled-drafts", is exercised by core_speculative_test)
+  CHECK(std::string(d->components[3]->name) == "sampled-drafts");
+  CHECK(d->components[3]->kind == LOOM_KIND_DRAFTER);
   loom_host_api host = make_host();
 
   const loom_component_desc* fails = d->components[0];

@@ -26,7 +26,7 @@ extern "C" {
 /* The host refuses a library whose abi_major differs from its own. A minor bump only appends
  * fields to structs or calls to tables; a reader of an older minor checks struct_size. */
 #define LOOM_ABI_MAJOR 1
-#define LOOM_ABI_MINOR 9
+#define LOOM_ABI_MINOR 10
 
 /* True when a struct filled by the other side is large enough to hold `field`. */
 #define LOOM_HAS_FIELD(ptr, type, field) \

@@ -1,4 +1,4 @@
-/* Drafter kind (ABI 1.9): proposes the next few tokens of a sequence for speculative decoding.
+/* Drafter kind (ABI 1.9; sampled drafts 1.10): proposes the next few tokens of a sequence for speculative decoding.
  *
  * The engine asks the drafter for up to k tokens that may follow a sequence's context, feeds the
  * context's last token and the drafts to the target model in one forward pass, and keeps the
@@ -36,6 +36,19 @@ typedef struct loom_draft_batch {
   /* [S * stride], written: the drafts of sequence s are draft_out[s * stride + i], i < n_out[s] */
   int32_t *draft_out;
   int32_t *n_out;             /* [S], written: 0 (no proposal) .. max_draft[s] */
+  /* ---- ABI 1.10 (a drafter checks LOOM_HAS_FIELD(batch, loom_draft_batch, q_given)): sampled
+   * drafts. q_out[s] is NULL, or [stride, vocab_size] float32 host memory that the host offers
+   * sequence s because its sampler chain draws the token from a distribution (its selecting link
+   * is flagged LOOM_SAMPLER_CATEGORICAL). A drafter that drew draft i of sequence s from a
+   * distribution q_i of its own writes q_i into row i (probabilities over the target's
+   * vocabulary that sum to 1, with q_i(draft i) > 0) and sets q_given[s] to 1. The host then
+   * keeps draft i with probability min(1, p_i(d_i) / q_i(d_i)), p_i being the target's
+   * distribution there, and at the first rejection draws the token from max(0, p_i - q_i)
+   * renormalised (Leviathan et al.; Chen et al.): the output follows p exactly and keeps more
+   * drafts than point-mass verification wherever q resembles p. With q_given[s] 0 (the host
+   * sets 0 before the call) drafts are point masses, verified as greedy drafts are. ---- */
+  float *const *q_out;        /* [S] */
+  int32_t *q_given;           /* [S], written */
 } loom_draft_batch;
 
 typedef struct loom_drafter_vtable {

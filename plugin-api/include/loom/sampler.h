@@ -147,7 +147,12 @@ enum {
   LOOM_SAMPLER_CANDIDATES = 1u << 6,
   /* ABI 1.4: with LOOM_SAMPLER_CANDIDATES: reads dense rows through candidates->dense_scale and
    * may defer a multiply there (see "A deferred scale" above). */
-  LOOM_SAMPLER_DENSE_SCALE = 1u << 7
+  LOOM_SAMPLER_DENSE_SCALE = 1u << 7,
+  /* ABI 1.10: with SELECTS: draws row r's token from softmax of the row as it reaches this link
+   * (masked tokens at zero), by nothing but the row's random numbers. The host may then verify
+   * a drafter's sampled drafts against that distribution instead of calling this link
+   * (loom_draft_batch.q_out): the tokens follow the same distribution, not the same draws. */
+  LOOM_SAMPLER_CATEGORICAL = 1u << 8
 };
 
 typedef struct loom_sampler_vtable {
