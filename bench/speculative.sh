@@ -17,6 +17,8 @@
 #   COPY_EVERY: the models trained here learn from train.txt with one group of 4 verses in N
 #     also written out twice as one line (bench/speculative_copy_data.py; default 3), so that they
 #     rewrite a given passage, as the copying workload asks; 0 trains on train.txt alone
+#   TEMPERATURE: > 0 samples (temperature, then dist) and adds the draft model's sampled drafts
+#     (min(1, p/q)); transformers is then not run (HF_REPEAT = 0 skips it too)
 #   TARGET_SET: more `--set KEY=VALUE` overrides of the target's training manifest, space-separated
 #     (for example "train.steps=1000 train.seq_len=512")
 set -euo pipefail
@@ -68,4 +70,4 @@ case "$draft" in
 esac
 python3 "$here/bench/speculative_prompts.py" "$kjv" /tmp/speculative_prompts.jsonl "$n_prompts"
 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 "$here/bench/speculative_vs_hf.py" "$bin/loom_speculative_bench" \
-  "$out/model" "$draft_dir" /tmp/speculative_prompts.jsonl "$steps" 4 "$hf_repeat" "$draft_attention"
+  "$out/model" "$draft_dir" /tmp/speculative_prompts.jsonl "$steps" 4 "$hf_repeat" "$draft_attention" "${TEMPERATURE:-0}"

@@ -3,13 +3,15 @@
 models and prompts as bench/speculative_bench.cpp, in the same run.
 
 usage: bench/speculative_vs_hf.py BENCH_BINARY TARGET_DIR DRAFT_DIR PROMPTS.jsonl [STEPS] [K] [HF_REPEAT]
-                                  [DRAFT_ATTENTION]
+                                  [DRAFT_ATTENTION] [TEMPERATURE]
 
 Runs Loom's bench (its table and JSON lines, and the prompts' token ids), then transformers'
 generate() at batch 1, greedy, STEPS new tokens with no stop token, bf16 on the GPU: plain,
 prompt lookup (prompt_lookup_num_tokens=K) and an assistant model (num_assistant_tokens=K,
 constant schedule). A request's decode rate is (tokens - 1) / (time of its last token - time of
-its first), taken from a streamer, as Loom's bench does; the fastest of HF_REPEAT runs (default 2). Prints one table: per workload and mode,
+its first), taken from a streamer, as Loom's bench does; the fastest of HF_REPEAT runs (default 2;
+0 runs Loom's bench alone). TEMPERATURE > 0 has Loom's bench sample (its --temperature) and runs
+Loom's bench alone: transformers' runs here are greedy. Prints one table: per workload and mode,
 Loom's and transformers' median decode rates and speed-ups over their own plain decoding.
 """
 import json
@@ -27,15 +29,19 @@ steps = int(sys.argv[5]) if len(sys.argv) > 5 else 128
 k = int(sys.argv[6]) if len(sys.argv) > 6 else 4
 hf_repeat = int(sys.argv[7]) if len(sys.argv) > 7 else 2
 draft_attention = sys.argv[8] if len(sys.argv) > 8 else "sdpa"  # Loom's attention component for the draft
+temperature = sys.argv[9] if len(sys.argv) > 9 else "0"
 ids_file = "/tmp/speculative_ids.jsonl"
 
 loom = subprocess.run([bench, "--target", target_dir, "--draft", draft_dir, "--prompts", prompts, "--steps", str(steps),
-                       "--k", str(k), "--repeat", "3", "--ids", ids_file, "--draft-attention", draft_attention], capture_output=True, text=True)
+                       "--k", str(k), "--repeat", "3", "--ids", ids_file, "--draft-attention", draft_attention,
+                       "--temperature", temperature], capture_output=True, text=True)
 if loom.returncode != 0:
     sys.exit(f"{bench} failed ({loom.returncode}):\n{loom.stdout}\n{loom.stderr}")
 loom = loom.stdout
 print(loom)
 loom_rows = {(r["workload"], r["mode"]): r for r in (json.loads(l) for l in loom.splitlines() if l.startswith("{"))}
+if hf_repeat < 1 or float(temperature) > 0:  # Loom's table alone (the peer's runs cost minutes of device time at 1B)
+    sys.exit(0)
 
 
 class Clock(BaseStreamer):
