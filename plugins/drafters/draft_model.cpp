@@ -48,6 +48,12 @@ struct DraftModel {
     const int64_t n = cfg_int(h, c, "max_seqs"), p = cfg_int(h, c, "max_positions");
     if (n < 1 || n > 4096) invalid_param("max_seqs", "max_seqs must be between 1 and 4096, got " + std::to_string(n));
     if (p < 0 || p > (int64_t{1} << 24)) invalid_param("max_positions", "max_positions must be 0 (the model's) or positive");
+    // Every parameter is checked before the model opens: a throw after it would skip the
+    // destructor and leak the model.
+    temperature = cfg_float(h, c, "temperature");
+    if (!(temperature >= 0.0) || !std::isfinite(temperature))
+      invalid_param("temperature", "temperature must be 0 (greedy drafts) or a positive number");
+    seed = static_cast<uint64_t>(cfg_int(h, c, "seed"));
     models = static_cast<const loom_host_models*>(h->get_extension(c, LOOM_HOST_MODELS_EXTENSION));
     if (models == nullptr || !LOOM_HAS_FIELD(models, loom_host_models, greedy))
       unsupported("draft-model: this host offers no " LOOM_HOST_MODELS_EXTENSION " extension to run a model");
@@ -56,13 +62,14 @@ struct DraftModel {
                                        static_cast<int32_t>(n), static_cast<int32_t>(p), &model);
     if (s != LOOM_OK)
       throw Fail(s, "draft-model: cannot open the draft model '" + path + "': " + models->open_error(c), "model");
-    temperature = cfg_float(h, c, "temperature");
-    if (!(temperature >= 0.0) || !std::isfinite(temperature))
-      invalid_param("temperature", "temperature must be 0 (greedy drafts) or a positive number");
-    seed = static_cast<uint64_t>(cfg_int(h, c, "seed"));
     max_seqs = static_cast<int32_t>(n);
     max_positions = models->max_positions(model);
-    for (int32_t i = max_seqs - 1; i >= 0; --i) free_slots.push_back(i);
+    try {
+      for (int32_t i = max_seqs - 1; i >= 0; --i) free_slots.push_back(i);
+    } catch (...) {
+      models->close(model);
+      throw;
+    }
   }
   ~DraftModel() {
     if (model != nullptr) models->close(model);
