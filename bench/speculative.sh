@@ -19,6 +19,7 @@
 #     rewrite a given passage, as the copying workload asks; 0 trains on train.txt alone
 #   TEMPERATURE: > 0 samples (temperature, then dist) and adds the draft model's sampled drafts
 #     (min(1, p/q)); transformers is then not run (HF_REPEAT = 0 skips it too)
+#   K: drafts per step (default 4), for Loom and for transformers' prompt lookup and assistant
 #   TARGET_SET: more `--set KEY=VALUE` overrides of the target's training manifest, space-separated
 #     (for example "train.steps=1000 train.seq_len=512")
 set -euo pipefail
@@ -70,4 +71,4 @@ case "$draft" in
 esac
 python3 "$here/bench/speculative_prompts.py" "$kjv" /tmp/speculative_prompts.jsonl "$n_prompts"
 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 "$here/bench/speculative_vs_hf.py" "$bin/loom_speculative_bench" \
-  "$out/model" "$draft_dir" /tmp/speculative_prompts.jsonl "$steps" 4 "$hf_repeat" "$draft_attention" "${TEMPERATURE:-0}"
+  "$out/model" "$draft_dir" /tmp/speculative_prompts.jsonl "$steps" "${K:-4}" "$hf_repeat" "$draft_attention" "${TEMPERATURE:-0}"

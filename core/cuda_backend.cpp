@@ -573,6 +573,10 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
     gemv_tokens_ = std::min({kernels::gemv_max_tokens(static_cast<int32_t>(H)),
                              kernels::gemv_max_tokens(static_cast<int32_t>(c.n_heads * D)),
                              kernels::gemv_max_tokens(static_cast<int32_t>(I))});
+  // LOOM_CUDA_GEMV_TOKENS=N: the GEMVs take steps of at most N tokens, the rest the cuBLAS path
+  // (for comparisons at a few tokens, such as speculative verification passes: BENCHMARKS.md).
+  if (const char *cap = std::getenv("LOOM_CUDA_GEMV_TOKENS"); cap != nullptr && *cap != '\0')
+    gemv_tokens_ = std::min(gemv_tokens_, static_cast<int32_t>(std::clamp(std::atol(cap), 0L, 64L)));
   int major = 0;
   cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
              "cudaDeviceGetAttribute");
