@@ -2,7 +2,8 @@
 // adapters served together (row s runs with adapter s mod N, through the lora plugin's gathered
 // kernels), against the same model without adapters, in one process on one GPU. Both sides are
 // the backend's forward passes (the decode step replayed as a CUDA graph), no sampling, so the
-// ratio is the adapters' cost alone. Also: the adapters loaded but every row on the base model.
+// ratio is the adapters' cost alone. Also: the adapters loaded but every row on the base model,
+// and the adapters through the two-kernel path (LOOM_LORA_FUSED=0) rather than the fused one.
 //
 // usage: loom_lora_bench MODEL_DIR [--adapters 8] [--rank 16] [--batch 32] [--context 128]
 //                        [--steps 64] [--reps 5] [--attention flash]
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -179,6 +181,14 @@ int main(int argc, char **argv) {
     const double base_tps = decode(base, [](int) { return loom::StepBatch::kNoAdapter; }, false);
     const double multi_tps = decode(multi, [&](int s) { return s % adapters; }, true);
     const double unused_tps = decode(multi, [](int) { return loom::StepBatch::kNoAdapter; }, true);
+    // The shrink/expand pair instead of the fused kernel (sm_90), in a backend of its own: graphs
+    // keep the kernels of their capture.
+    ::setenv("LOOM_LORA_FUSED", "0", 1);
+    Side pair = make(adapters);
+    const double pair_tps = decode(pair, [&](int s) { return s % adapters; }, true);
+    ::unsetenv("LOOM_LORA_FUSED");
+    pair.backend.reset();  // before the pipeline whose adapters it uses
+    pair.pipeline.reset();
     const double base_again = decode(base, [](int) { return loom::StepBatch::kNoAdapter; }, false);
     std::printf("model %s, batch %d, context %d, %d decode steps, median of %d; %d LoRA adapters of rank %d on all 7 "
                 "projections\n",
@@ -191,6 +201,7 @@ int main(int argc, char **argv) {
     const std::string label = std::to_string(adapters) + " adapters, row s on adapter s mod " + std::to_string(adapters);
     row(label.c_str(), multi_tps);
     row("adapters loaded, every row on the base", unused_tps);
+    row((label + ", LOOM_LORA_FUSED=0 (shrink + expand)").c_str(), pair_tps);
     std::printf("backend: %s\n", base.backend->describe().c_str());
   } catch (const std::exception &e) {
     std::cerr << "loom_lora_bench: " << e.what() << "\n";

@@ -1,8 +1,11 @@
 // The launch of the `lora` adapter's gathered kernels (lora_gathered.cu): plain C++, so the
 // plugin's host code includes it without nvcc. One call adds to each row t of y the LoRA delta
-// of the adapter entries[row_adapter[t]] (-1: none), S-LoRA / Punica's BGMV in two kernels:
-// shrink (h[t, :r] = x[t] A^T in blocks of (row, input chunk)) and expand (y[t, o] += scale *
-// h[t] . B[o], blocks over (output chunk, row)).
+// of the adapter entries[row_adapter[t]] (-1: none), S-LoRA / Punica's BGMV: on compute
+// capability 9.0 and newer one fused kernel (a cluster of 8 blocks per row: each computes h's
+// partial over an eighth of the inputs, the cluster sums them in distributed shared memory, each
+// adds the delta to an eighth of the outputs; LOOM_LORA_FUSED=0 turns it off), elsewhere two
+// kernels: shrink (h[t, :r] = x[t] A^T in blocks of (row, input chunk), into the workspace h)
+// and expand (y[t, o] += scale * h[t] . B[o], blocks over (output chunk, row)).
 #pragma once
 
 #include <cstdint>
@@ -34,7 +37,7 @@ struct GatheredLaunch {
 constexpr int kMaxGathered = 4;
 
 // Returns a cudaError_t as int (0: success), on `stream` (a cudaStream_t): launches[0, count)
-// in one shrink and one expand (their rows n must be equal).
+// in one fused kernel or one shrink and one expand (their rows n must be equal).
 int lora_gathered_cuda(const GatheredLaunch *launches, int count, void *stream);
 
 // How many chunks of the input the shrink kernel splits a row into (the workspace's first

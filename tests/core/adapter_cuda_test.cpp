@@ -3,7 +3,8 @@
 // and of the base model; each row's logits must be the CPU backend's (float32, the same rows and
 // choices) within the precision of the CUDA side: bfloat16 copies of A and B (the first version
 // of the kernels printed 3.5e-3 of the largest logit in float32 mode on the H100), and in bfloat16
-// mode bfloat16 activations. Prefill and a decode step (captured in a CUDA graph) both.
+// mode bfloat16 activations. Prefill and a decode step (captured in a CUDA graph) both, through
+// both kernel paths (fused on sm_90, the shrink/expand pair).
 // Served requests on CUDA with per-request adapters get the tokens they get alone on CUDA.
 #include <catch2/catch.hpp>
 
@@ -117,8 +118,13 @@ TEST_CASE("LoRA on CUDA: rows of different adapters in one batch compute what th
   std::vector<std::vector<int32_t>> prompts = {{1, 140, 7, 33}, {1, 512, 48, 9, 1200}, {1, 77, 5}, {1, 301, 22, 88, 6, 14}};
   for (int32_t t = 0; t < 70; ++t) prompts[3].push_back(3 + (t * 37) % 1990);
   const std::vector<int32_t> choices = {0, 1, loom::StepBatch::kNoAdapter, 1};  // bible, peft, base, peft
+  // Both kernel paths: the fused one (sm_90 and newer; elsewhere "1" runs the pair too) and the
+  // shrink/expand pair (LOOM_LORA_FUSED=0), each in backends of its own (graphs keep the choice
+  // of their capture).
+  for (const char *fused : {"1", "0"})
   for (const auto &[dtype, tolerance] : {std::pair{loom::ComputeDtype::float32, 1e-2}, std::pair{loom::ComputeDtype::bfloat16, 4e-2}}) {
-    INFO((dtype == loom::ComputeDtype::float32 ? "float32" : "bfloat16"));
+    ::setenv("LOOM_LORA_FUSED", fused, 1);
+    INFO("LOOM_LORA_FUSED=" << fused << ", " << (dtype == loom::ComputeDtype::float32 ? "float32" : "bfloat16"));
     Side cpu = side({kDLCPU, 0}, dtype), cuda = side({kDLCUDA, 0}, dtype);
     loom::StepBatch prefill;
     prefill.seq_offsets = {0};
@@ -159,6 +165,7 @@ TEST_CASE("LoRA on CUDA: rows of different adapters in one batch compute what th
         base_rows(base.begin(), base.begin() + static_cast<std::ptrdiff_t>(2 * vocab));
     CHECK(worst_row_error(base_rows, adapted_rows, vocab) > 5 * tolerance);
   }
+  ::unsetenv("LOOM_LORA_FUSED");
 }
 
 TEST_CASE("served on CUDA, requests choosing adapters get the tokens they get alone", "[cuda][peft]") {
