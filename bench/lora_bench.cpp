@@ -6,7 +6,8 @@
 // and the adapters through the two-kernel path (LOOM_LORA_FUSED=0) rather than the fused one.
 //
 // usage: loom_lora_bench MODEL_DIR [--adapters 8] [--rank 16] [--batch 32] [--context 128]
-//                        [--steps 64] [--reps 5] [--attention flash]
+//                        [--steps 64] [--reps 5] [--attention flash] [--only-adapters 1]
+// (--only-adapters 1: only the adapters' side, prefill and decode, for a profiler's run.)
 // Each adapter targets q/k/v/o/gate/up/down with r = rank, alpha = 2 rank, and random A and B
 // (B is zero at initialisation, which would change no logits; the kernels do the same work).
 #include <cuda_runtime.h>
@@ -90,15 +91,17 @@ struct Side {
 int main(int argc, char **argv) {
   if (argc < 2) {
     std::cerr << "usage: loom_lora_bench MODEL_DIR [--adapters 8] [--rank 16] [--batch 32] [--context 128] [--steps 64] "
-                 "[--reps 5] [--attention flash]\n";
+                 "[--reps 5] [--attention flash] [--only-adapters 1]\n";
     return 2;
   }
   const std::string model_dir = argv[1];
   int adapters = 8, rank = 16, batch = 32, context = 128, steps = 64, reps = 5;
+  bool only_adapters = false;  // --only-adapters 1: just the adapters' side (a profiler's run)
   std::string attention = "flash";
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--adapters") adapters = std::stoi(v);
+    if (k == "--only-adapters") only_adapters = v == "1";
+    else if (k == "--adapters") adapters = std::stoi(v);
     else if (k == "--rank") rank = std::stoi(v);
     else if (k == "--batch") batch = std::stoi(v);
     else if (k == "--context") context = std::stoi(v);
@@ -138,7 +141,9 @@ int main(int argc, char **argv) {
       for (auto &a : s.pipeline->list(LOOM_KIND_ADAPTER)) randomise(*a, seed++);
       return s;
     };
-    Side base = make(0), multi = make(adapters);
+    Side base;
+    if (!only_adapters) base = make(0);
+    Side multi = make(adapters);
     std::mt19937 rng(7);
     std::uniform_int_distribution<int32_t> token(10, static_cast<int32_t>(config.vocab_size) - 1);
     loom::StepBatch prefill;
@@ -178,6 +183,11 @@ int main(int argc, char **argv) {
       }
       return median(runs);
     };
+    if (only_adapters) {
+      const double tps = decode(multi, [&](int s) { return s % adapters; }, true);
+      std::printf("%d adapters, row s on adapter s mod %d: %.1f tok/s\n", adapters, adapters, tps);
+      return 0;
+    }
     const double base_tps = decode(base, [](int) { return loom::StepBatch::kNoAdapter; }, false);
     const double multi_tps = decode(multi, [&](int s) { return s % adapters; }, true);
     const double unused_tps = decode(multi, [](int) { return loom::StepBatch::kNoAdapter; }, true);
