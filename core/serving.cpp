@@ -215,33 +215,42 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     }
     if (draft_seqs.empty()) return;
     const int32_t stride = *std::max_element(draft_max.begin(), draft_max.end());
-    draft_out.assign(draft_seqs.size() * static_cast<size_t>(stride), -1);
     draft_n.assign(draft_seqs.size(), 0);
-    // Room for sampled drafts' q, offered only to sequences whose chain can verify them.
-    const size_t q_row = static_cast<size_t>(config_.vocab_size);
-    draft_q_store.resize(static_cast<size_t>(std::count(draft_categorical.begin(), draft_categorical.end(), 1)) *
-                         static_cast<size_t>(stride) * q_row);
     draft_q_out.assign(draft_seqs.size(), nullptr);
     draft_q_given.assign(draft_seqs.size(), 0);
-    for (size_t i = 0, at = 0; i < draft_seqs.size(); ++i)
-      if (draft_categorical[i]) {
-        draft_q_out[i] = draft_q_store.data() + at;
-        at += static_cast<size_t>(stride) * q_row;
-      }
-    loom_draft_batch db{};
-    db.struct_size = sizeof(db);
-    db.n_seqs = static_cast<int32_t>(draft_seqs.size());
-    db.vocab_size = static_cast<int32_t>(config_.vocab_size);
-    db.seq_ids = draft_seqs.data();
-    db.context = draft_context.data();
-    db.context_len = draft_len.data();
-    db.max_draft = draft_max.data();
-    db.stride = stride;
-    db.draft_out = draft_out.data();
-    db.n_out = draft_n.data();
-    db.q_out = draft_q_out.data();
-    db.q_given = draft_q_given.data();
+    const size_t q_row = static_cast<size_t>(config_.vocab_size);
     try {
+      draft_out.assign(draft_seqs.size() * static_cast<size_t>(stride), -1);
+      // Room for sampled drafts' q (stride x vocab floats a sequence: GBs for large batches and
+      // vocabularies), only for a drafter built for ABI 1.10 or later (older ones never write
+      // it) and only for sequences whose chain can verify them; allocated on first use. Each
+      // call's rows are zeroed first, so a row the drafter leaves unwritten reads as 0, never as
+      // an earlier step's q: it is then no distribution, and the drafts verify as point masses.
+      // (Only rows below max_draft are read back.)
+      if (drafter.library().descriptor().abi_minor >= 10) {
+        const size_t offered = static_cast<size_t>(std::count(draft_categorical.begin(), draft_categorical.end(), 1));
+        if (draft_q_store.size() < offered * static_cast<size_t>(stride) * q_row)
+          draft_q_store.resize(offered * static_cast<size_t>(stride) * q_row);
+        for (size_t i = 0, at = 0; i < draft_seqs.size(); ++i)
+          if (draft_categorical[i]) {
+            draft_q_out[i] = draft_q_store.data() + at;
+            std::fill_n(draft_q_out[i], static_cast<size_t>(draft_max[i]) * q_row, 0.0f);
+            at += static_cast<size_t>(stride) * q_row;
+          }
+      }
+      loom_draft_batch db{};
+      db.struct_size = sizeof(db);
+      db.n_seqs = static_cast<int32_t>(draft_seqs.size());
+      db.vocab_size = static_cast<int32_t>(config_.vocab_size);
+      db.seq_ids = draft_seqs.data();
+      db.context = draft_context.data();
+      db.context_len = draft_len.data();
+      db.max_draft = draft_max.data();
+      db.stride = stride;
+      db.draft_out = draft_out.data();
+      db.n_out = draft_n.data();
+      db.q_out = draft_q_out.data();
+      db.q_given = draft_q_given.data();
       drafter.check(drafter.vtable<loom_drafter_vtable>()->propose(drafter.handle(), &db), "propose");
       for (size_t i = 0; i < draft_seqs.size(); ++i) {
         Live &l = live.at(draft_seqs[i]);
@@ -266,13 +275,17 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         }
         if (!l.draft.empty()) scheduler.propose_draft(draft_seqs[i], static_cast<int32_t>(l.draft.size()));
       }
-    } catch (const Error &e) {
-      // A failing drafter costs this step its drafts, never a request.
+    } catch (const std::exception &e) {
+      // A failing drafter costs this step its drafts, never a request; so does a q buffer that
+      // cannot be allocated (std::bad_alloc): drafts are optional.
+      // (The throw may come after earlier sequences' propose_draft, e.g. copying a later q row:
+      // their room is withdrawn too, so no step plans drafts that Live::draft no longer holds.)
       ++stats.drafter_failures;
       stats.drafter_error = e.what();
       for (int64_t seq : draft_seqs) {
         live.at(seq).draft.clear();
         live.at(seq).draft_q.clear();
+        scheduler.propose_draft(seq, 0);
       }
     }
   };
@@ -531,6 +544,14 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
             first.samplers.empty() ? pipeline_.list(LOOM_KIND_SAMPLER) : first.samplers;
         const std::vector<std::shared_ptr<Instance>> links(chain.begin(), chain.end() - 1);
         const size_t V = static_cast<size_t>(config_.vocab_size);
+        // The rows are read below as [rows, vocab] float32, row-major (as sample() checks the
+        // shape for the chains): anything else is the backend's error, not a request's.
+        if (logits->ndim != 2 || logits->shape[0] < static_cast<int64_t>(end) || logits->shape[1] != config_.vocab_size)
+          throw runtime_error(manifest_.source_name + ": the model backend returned logits of the wrong shape");
+        if (logits->dtype.code != kDLFloat || logits->dtype.bits != 32 || logits->dtype.lanes != 1 ||
+            (logits->strides != nullptr && (logits->strides[1] != 1 || logits->strides[0] != logits->shape[1])))
+          throw runtime_error(manifest_.source_name +
+                              ": the model backend returned logits that are not compact float32 rows (verifying sampled drafts)");
         for (size_t r = begin; r < end;) {
           const int64_t seq = rows[r];
           size_t n = 1;
@@ -558,7 +579,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
             verify_sampled_drafts(p, std::span(l.draft_q.data(), n - 1), std::span(l.draft.data(), n - 1), key,
                                   std::span(row_steps.data() + r, n), tokens);
             std::copy(tokens.begin(), tokens.end(), sampled.begin() + static_cast<std::ptrdiff_t>(r));
-          } catch (const Error &e) {
+          } catch (const std::exception &e) {
+            // (a link failing, a NaN logit, or the host rows not allocated: std::bad_alloc)
             failed.emplace_back(seq, e.what());
           }
           r += n;

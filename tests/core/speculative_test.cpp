@@ -3,8 +3,10 @@
 // ngram and draft-model drafters give exactly the tokens of runs without them, over many prompts,
 // with batching, chunked prefill, preemption and a drafter that fails; chi-square tests on a
 // tiny vocabulary check that sampled outputs keep the target's distribution, with point-mass
-// drafts and with drafts sampled from a q of the drafter's (min(1, p/q)); the scheduler's
-// draft bookkeeping is checked on its own. On the CPU with the default model (and a perturbed
+// drafts and with drafts sampled from a q of the drafter's (min(1, p/q)); q rows a drafter
+// leaves unwritten never carry an earlier step's q; the verification rule's edge cases (+inf
+// and NaN logits, rows and drafts out of bounds) and the scheduler's draft bookkeeping are
+// checked on their own. On the CPU with the default model (and a perturbed
 // copy of it as a draft model that disagrees now and then).
 #include <catch2/catch.hpp>
 
@@ -12,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -19,6 +22,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "loom/core/draft_verification.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/kv_blocks.hpp"
 #include "loom/core/request_queue.hpp"
@@ -349,16 +353,16 @@ std::string synthetic_manifest(const std::string &loom_extra = "") {
          "[[sampler]]\nuse = \"dist\"\n[scheduler]\nmax_seqs = 64\n";
 }
 
-// n requests of that prompt with seeds first_seed.., 3 tokens each.
+// n requests of that prompt with seeds first_seed.., 3 tokens each (or max_new_tokens, up to 8).
 std::vector<std::vector<int32_t>> serve_synthetic(const std::string &manifest, int n, uint64_t first_seed,
-                                                  loom::SchedulerStats *stats) {
+                                                  loom::SchedulerStats *stats, int64_t max_new_tokens = 3) {
   auto rt = loom::Runtime::from_string(manifest);
   loom::RequestQueue queue;
   std::vector<std::vector<int32_t>> out(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) {
     loom::ServeRequest r;
     r.prompt = {1, 2, 3, 1, 2, 3, 1, 2};
-    r.max_new_tokens = 3;
+    r.max_new_tokens = max_new_tokens;
     r.seed = first_seed + static_cast<uint64_t>(i);
     r.on_done = [&out, i](const loom::SequenceResult &res, const std::string &error) {
       REQUIRE(error.empty());
@@ -474,4 +478,67 @@ TEST_CASE("with a drafter, a request whose own chain fails fails alone", "[specu
   CHECK(failure.find("sampling") != std::string::npos);
   CHECK(!good.empty());
   CHECK(stats.drafted_tokens > 0);
+}
+
+TEST_CASE("q rows a drafter leaves unwritten are never an earlier step's q", "[speculative][model]") {
+  // stale_q: the test drafter writes q into every row offered at its first call but gives no q
+  // there (q_given 0), then claims q_given at every later call without writing q. The host
+  // zeroes the offered rows before each call, so those rows are no distribution and the drafts
+  // verify as point masses: each seed's tokens are exactly those it gets without drafts. (Rows
+  // left from the first call would be a valid q, verified with min(1, p/q): other draws.)
+  const int n = 48;
+  const std::string misc = "plugin_paths = [" + nlohmann::json((fs::path(LOOM_TEST_PLUGIN_DIR) / "misc").string()).dump() + "]\n";
+  loom::SchedulerStats stale_stats, plain_stats;
+  const auto stale = serve_synthetic(synthetic_manifest(misc) + "[drafter]\nuse = \"sampled-drafts\"\nstale_q = true\n", n, 0,
+                                     &stale_stats, 8);
+  const auto plain = serve_synthetic(synthetic_manifest(), n, 0, &plain_stats, 8);
+  REQUIRE(stale_stats.drafted_tokens > 100);
+  CHECK(stale_stats.accepted_tokens < stale_stats.drafted_tokens);
+  CHECK(stale == plain);
+}
+
+TEST_CASE("sampled-draft verification: +inf logits, NaN and bad rows", "[speculative][verification]") {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> logits = {0.0f, inf, 1.0f, 2.0f};
+  std::vector<double> p(4);
+  loom::probabilities_of(logits, p);
+  CHECK(p == std::vector<double>{0.0, 1.0, 0.0, 0.0});
+  loom::probabilities_of(std::vector<float>{inf, 5.0f, -inf, inf}, p);
+  CHECK(p == std::vector<double>{0.5, 0.0, 0.0, 0.5});
+  CHECK_THROWS_WITH(loom::probabilities_of(std::vector<float>{0.0f, std::nanf(""), 1.0f, 2.0f}, p), Catch::Contains("NaN"));
+  CHECK_THROWS_WITH(loom::probabilities_of(std::vector<float>{-inf, -inf, -inf, -inf}, p), Catch::Contains("-inf"));
+  CHECK_THROWS(loom::probabilities_of(std::vector<float>{0.0f, 1.0f}, p)); // (p is 4 long)
+
+  // Logits {0, +inf, 1, 2} at every row, drafts {0, 2} from a uniform q: p is a point mass on
+  // token 1, so draft 0 is rejected (p(0) = 0) and the residual max(0, p - q) gives token 1,
+  // whatever the random numbers.
+  const std::vector<int32_t> drafts = {0, 2};
+  const std::vector<std::vector<float>> q(2, std::vector<float>(4, 0.25f));
+  const std::vector<uint64_t> counters = {7, 8, 9};
+  for (uint64_t key : std::initializer_list<uint64_t>{0, 1, 12345}) {
+    std::vector<std::vector<double>> rows(3, std::vector<double>(4));
+    for (auto &row : rows) loom::probabilities_of(logits, row);
+    std::vector<int32_t> tokens;
+    CHECK(loom::verify_sampled_drafts(rows, q, drafts, key, counters, tokens) == 0);
+    CHECK(tokens == std::vector<int32_t>{1});
+  }
+
+  // Bounds: rows of other lengths, drafts outside the vocabulary and values that are no
+  // probabilities are errors, never reads past a row or NaN comparisons.
+  const std::vector<std::vector<double>> good_p(3, std::vector<double>(4, 0.25));
+  std::vector<int32_t> tokens;
+  CHECK(loom::verify_sampled_drafts(good_p, q, drafts, 1, counters, tokens) >= 0);
+  const auto fails = [&](const std::vector<std::vector<double>> &pp, const std::vector<std::vector<float>> &qq,
+                         const std::vector<int32_t> &dd, const char *what) {
+    CHECK_THROWS_WITH(loom::verify_sampled_drafts(pp, qq, dd, 1, counters, tokens), Catch::Contains(what));
+  };
+  fails(good_p, {std::vector<float>(4, 0.25f), std::vector<float>(3, 1.0f / 3)}, drafts, "proposal row 1 has 3 entries");
+  fails(good_p, {std::vector<float>(5, 0.2f), std::vector<float>(5, 0.2f)}, drafts, "proposal row 0 has 5 entries");
+  fails({std::vector<double>(4, 0.25), std::vector<double>(5, 0.2), std::vector<double>(4, 0.25)}, q, drafts,
+        "target row 1 has 5 entries");
+  fails(good_p, q, {0, 4}, "token 4, outside the vocabulary of 4");
+  fails(good_p, q, {-1, 2}, "token -1, outside");
+  fails(good_p, {std::vector<float>(4, 0.25f), {0.25f, std::nanf(""), 0.25f, 0.25f}}, drafts, "proposal row 1");
+  fails({std::vector<double>(4, 0.25), std::vector<double>(4, 0.25), {0.5, std::nan(""), 0.5, 0.0}}, q, drafts, "target row 2");
+  fails(good_p, q, {0}, "2 target rows");
 }

@@ -6,7 +6,9 @@
  *    the call ("config-error", "null-key", "then-set-error");
  *  - drafter "sampled-drafts": proposes max_draft tokens drawn from a fixed distribution over
  *    the first 8 tokens, q(t) = (t + 1) / 36, and gives that q with them where the host offers
- *    room (ABI 1.10) and `give_q` is true, to test the host's min(1, p/q) verification. */
+ *    room (ABI 1.10) and `give_q` is true, to test the host's min(1, p/q) verification; with
+ *    `stale_q` it writes that q on its first call only, without q_given, and on later calls sets
+ *    q_given without writing q, to test that the host clears the rows it offers. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -167,6 +169,8 @@ static const loom_component_desc bad_value_component = {
 
 typedef struct sampled_drafts {
   int32_t give_q;
+  int32_t stale_q;
+  int64_t calls;
 } sampled_drafts;
 
 static loom_status sampled_create(const loom_host_api *host, loom_host_ctx *ctx, void **out_instance) {
@@ -175,9 +179,10 @@ static loom_status sampled_create(const loom_host_api *host, loom_host_ctx *ctx,
     host->set_error(ctx, "sampled-drafts: out of memory");
     return LOOM_ERR_OUT_OF_MEMORY;
   }
-  if (host->config_get_bool(ctx, "give_q", &d->give_q) != LOOM_OK) {
+  if (host->config_get_bool(ctx, "give_q", &d->give_q) != LOOM_OK ||
+      host->config_get_bool(ctx, "stale_q", &d->stale_q) != LOOM_OK) {
     free(d);
-    host->set_error(ctx, "sampled-drafts: cannot read give_q");
+    host->set_error(ctx, "sampled-drafts: cannot read give_q or stale_q");
     return LOOM_ERR_INTERNAL;
   }
   *out_instance = d;
@@ -195,12 +200,13 @@ static uint64_t sampled_mix(uint64_t x) {
 }
 
 static loom_status sampled_propose(void *instance, const loom_draft_batch *b) {
-  const sampled_drafts *d = (const sampled_drafts *)instance;
+  sampled_drafts *d = (sampled_drafts *)instance;
+  const int first_call = d->calls++ == 0;
   const int32_t support = b->vocab_size < 8 ? b->vocab_size : 8;
   const int32_t total = support * (support + 1) / 2;
   const int with_q = d->give_q && LOOM_HAS_FIELD(b, loom_draft_batch, q_given) && b->q_out != NULL && b->q_given != NULL;
   for (int32_t s = 0; s < b->n_seqs; ++s) {
-    float *q = with_q ? b->q_out[s] : NULL;
+    float *q = with_q && (!d->stale_q || first_call) ? b->q_out[s] : NULL;
     b->n_out[s] = b->max_draft[s];
     for (int32_t i = 0; i < b->max_draft[s]; ++i) {
       const uint64_t x = sampled_mix(sampled_mix((uint64_t)b->seq_ids[s]) ^ (uint64_t)(b->context_len[s] + i));
@@ -211,7 +217,7 @@ static loom_status sampled_propose(void *instance, const loom_draft_batch *b) {
         for (int32_t v = 0; v < b->vocab_size; ++v)
           q[(size_t)i * (size_t)b->vocab_size + (size_t)v] = v < support ? (float)(v + 1) / (float)total : 0.0f;
     }
-    if (q != NULL) b->q_given[s] = 1;
+    if (with_q && b->q_out[s] != NULL && (d->stale_q ? !first_call : q != NULL)) b->q_given[s] = 1;
   }
   return LOOM_OK;
 }
@@ -225,11 +231,13 @@ static const loom_drafter_vtable sampled_vtable = {
 
 static const loom_param_desc sampled_params[] = {
     {sizeof(loom_param_desc), "give_q", LOOM_VALUE_BOOL, 0, "true", "give q with the drafts where the host offers room"},
+    {sizeof(loom_param_desc), "stale_q", LOOM_VALUE_BOOL, 0, "false",
+     "write q on the first call only (q_given 0), then claim q_given without writing it"},
 };
 
 static const loom_component_desc sampled_component = {
     sizeof(loom_component_desc), LOOM_KIND_DRAFTER, "sampled-drafts", "1.0.0",
-    "test drafter: drafts drawn from q(t) = (t + 1) / 36 over tokens 0-7", sampled_params, 1, LOOM_THREADING_SERIAL,
+    "test drafter: drafts drawn from q(t) = (t + 1) / 36 over tokens 0-7", sampled_params, 2, LOOM_THREADING_SERIAL,
     &sampled_vtable,
 };
 

@@ -4,8 +4,13 @@
  * context's last token and the drafts to the target model in one forward pass, and keeps the
  * drafts that the target's sampler chain would have produced itself, then one token of the
  * target's own (DESIGN.md "Speculative decoding"). A drafter only proposes: a bad draft costs
- * time, never correctness. Examples: prompt lookup (n-gram matching against the context), a
- * smaller model sharing the target's tokenizer (through the host extension loom.host.models/1).
+ * time, never correctness, except for one claim a drafter may make: that sampled drafts were
+ * drawn from the q it gives (q_out below, ABI 1.10). The host checks that each such q row is a
+ * distribution giving its draft mass (finite, >= 0, a positive sum; it renormalises), else it
+ * verifies the drafts as point masses, which is exact whatever drew them; it cannot check that
+ * the drafts were drawn from q, and a q that lies biases the output. Examples: prompt lookup
+ * (n-gram matching against the context), a smaller model sharing the target's tokenizer
+ * (through the host extension loom.host.models/1).
  *
  * Sequences: the host names each sequence with a seq_id and gives its whole context (prompt and
  * generated tokens) at every call, so a drafter may keep per-sequence state (a draft model's KV
@@ -46,7 +51,9 @@ typedef struct loom_draft_batch {
    * distribution there, and at the first rejection draws the token from max(0, p_i - q_i)
    * renormalised (Leviathan et al.; Chen et al.): the output follows p exactly and keeps more
    * drafts than point-mass verification wherever q resembles p. With q_given[s] 0 (the host
-   * sets 0 before the call) drafts are point masses, verified as greedy drafts are. ---- */
+   * sets 0 before the call) drafts are point masses, verified as greedy drafts are. The host
+   * offers q only to drafters built for ABI 1.10 or later, and zeroes rows 0 .. max_draft[s] - 1
+   * before every call: an entry the drafter leaves is 0, never an earlier call's value. ---- */
   float *const *q_out;        /* [S] */
   int32_t *q_given;           /* [S], written */
 } loom_draft_batch;

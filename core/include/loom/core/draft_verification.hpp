@@ -20,7 +20,9 @@ namespace loom {
 double verification_uniform(uint64_t key, uint64_t counter, uint64_t stream);
 
 // Probabilities of a row of logits as a categorical sampler reads them: softmax, masked (-inf)
-// tokens at 0. Throws loom::Error when every logit is -inf or one is NaN.
+// tokens at 0; when some logits are +inf, uniform over those (softmax's limit). p must be as
+// long as the row. Throws loom::Error when every logit is -inf or one is NaN (as the samplers
+// refuse NaN), so p is always a distribution.
 void probabilities_of(std::span<const float> logits, std::span<double> p);
 
 // Checks a drafter's proposal distribution for draft `token` and renormalises it in place: every
@@ -31,7 +33,9 @@ bool normalise_proposal(std::span<float> q, int32_t token);
 // The rule above. p: k + 1 rows of the target's probabilities (row i after drafts 0..i-1), q: k
 // rows, drafts: k tokens, counters: k + 1 (row i's RNG counter). Writes into `tokens` the kept
 // drafts and then the one token of the target's (k + 1 tokens when every draft was kept, else
-// kept + 1); returns how many drafts were kept.
+// kept + 1); returns how many drafts were kept. Throws loom::Error, before drawing anything, when
+// the rows differ in length, a draft lies outside [0, vocabulary) or a value is negative or not
+// finite.
 int32_t verify_sampled_drafts(std::span<const std::vector<double>> p, std::span<const std::vector<float>> q,
                               std::span<const int32_t> drafts, uint64_t key, std::span<const uint64_t> counters,
                               std::vector<int32_t> &tokens);
