@@ -142,9 +142,9 @@ struct BeamSearch : Base {
       const float* x = rows.row(s + k);
       float* c = cand.data() + k * V;
       const float mx = *std::max_element(x, x + V); // (checked above: no NaN, not all -inf)
-      const double lse = logsumexp_row(x, V, mx);
+      const LogSoftmax log_p = log_softmax_row(x, V, mx);  // (+inf logits: uniform over them)
       for (int64_t v = 0; v < V; ++v)
-        c[v] = x[v] == -INFINITY ? -INFINITY : g.scores[static_cast<size_t>(k)] + static_cast<float>(x[v] - lse);
+        c[v] = x[v] == -INFINITY ? -INFINITY : g.scores[static_cast<size_t>(k)] + static_cast<float>(log_p(x[v]));
     }
     // 2. The K best, best first, ties to the lower flat index.
     const int64_t K = std::min<int64_t>(W * V, std::max<int64_t>(2, 1 + b.n_end_tokens) * W);

@@ -588,7 +588,7 @@ __device__ double total_in_id_order(const RowWeights& s, int n) {
 }
 
 // top-p over candidates: the CPU's weights, its total (summed in id order) and its nucleus
-// (summed in candidate order, which is the CPU's order of probability desc, id asc).
+// (summed in candidate order, which is the CPU's order: logit desc, id asc).
 __global__ void __launch_bounds__(kRowThreads)
 top_p_kernel(const float* __restrict__ cand_v, const int32_t* __restrict__ cand_id, int32_t* __restrict__ cand_n,
              int64_t capacity, double p, int64_t min_keep) {
@@ -664,7 +664,7 @@ dist_kernel(const float* __restrict__ cand_v, const int32_t* __restrict__ cand_i
   const int chosen = chosen_place < 0 ? -1 : s.by_id[chosen_place];
   tokens[row] = chosen < 0 ? -1 : s.id[chosen];
   if (logprobs != nullptr && chosen >= 0)
-    logprobs[row] = static_cast<float>(static_cast<double>(v[chosen]) - static_cast<double>(v[0]) - log(total));
+    logprobs[row] = static_cast<float>(__dsub_rn(log_weight(v[chosen], v[0]), log(total)));
 }
 
 }  // namespace

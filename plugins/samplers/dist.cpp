@@ -1,8 +1,10 @@
 // Sampler `dist`: draws a token from softmax(logits) of each row with the counter-based
 // Philox-4x32-10 keyed by (rng_key[row], rng_counter[row]); see philox.hpp for the convention.
-// Masked (-inf) tokens have probability zero. CPU or CUDA: the same u, weights and walk in id
-// order (sums on the device run in another order, so a draw within rounding of a cumulative
-// boundary may land one token apart); tokens left on the device when the host asks for that. On
+// Masked (-inf) tokens have probability zero; when a row holds +inf logits (a temperature near
+// 0, a huge logit bias) they share all of it evenly (softmax's limit), and a NaN logit is an error
+// on the CPU (argmax_row). CPU or CUDA: the same u, weights and walk in id order (sums on the
+// device run in another order, so a draw within rounding of a cumulative boundary may land one
+// token apart; +inf rows sum exactly); tokens left on the device when the host asks for that. On
 // candidate rows (ABI 1.3) the sums run in the CPU's order: the CPU's tokens exactly.
 #include <cmath>
 
@@ -45,12 +47,9 @@ struct Dist : Base {
     rows = cpu_rows(&b, "dist");  // refuses device logits: this build has no CUDA path
 #endif
     for (int64_t r = 0; r < rows.n; ++r) {
-      const float* x = rows.row(r);
-      float mx = 0.0f;
-      double log_total = 0.0;
-      const int64_t chosen = draw_row(x, rows.vocab, r, b.rng_key[r], b.rng_counter[r], &mx, &log_total);
-      b.tokens_out[r] = static_cast<int32_t>(chosen);
-      if (logprobs) logprobs[r] = static_cast<float>(static_cast<double>(x[chosen]) - mx - log_total);
+      double logp = 0.0;
+      b.tokens_out[r] = static_cast<int32_t>(draw_row(rows.row(r), rows.vocab, r, b.rng_key[r], b.rng_counter[r], &logp));
+      if (logprobs) logprobs[r] = static_cast<float>(logp);
     }
   }
 

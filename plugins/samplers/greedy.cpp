@@ -22,7 +22,7 @@ struct Greedy : Base {
         const float* x = rows.row(r);
         const int64_t best = argmax_row(x, rows.vocab, r);
         b.tokens_out[r] = static_cast<int32_t>(best);
-        if (logprobs) logprobs[r] = static_cast<float>(x[best] - logsumexp_row(x, rows.vocab, x[best]));
+        if (logprobs) logprobs[r] = static_cast<float>(log_softmax_row(x, rows.vocab, x[best])(x[best]));
       }
       return;
     }
@@ -54,7 +54,7 @@ struct Greedy : Base {
         const int32_t tok = b.tokens_out[r];
         if (tok < 0 || tok >= b.vocab_size) fail(LOOM_ERR_INTERNAL, "greedy: argmax_rows returned an out-of-range token");
         const int64_t best = argmax_row(x, b.vocab_size, r);
-        logprobs[r] = static_cast<float>(x[tok] - logsumexp_row(x, b.vocab_size, x[best]));
+        logprobs[r] = static_cast<float>(log_softmax_row(x, b.vocab_size, x[best])(x[tok]));
       }
     }
   }

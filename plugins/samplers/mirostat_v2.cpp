@@ -54,18 +54,19 @@ struct MirostatV2 : Base {
       float* x = rows.row(r);
       const int64_t best = argmax_row(x, rows.vocab, r);
       const float mx = x[best];
-      const double log_total = logsumexp_row(x, rows.vocab, mx) - mx;
-      // surprise_i = -log2 p_i = (max + log_total - x_i) / ln 2; masked when > mu.
+      const LogSoftmax log_p = log_softmax_row(x, rows.vocab, mx);
+      const double log_total = log_p.lse - mx;
+      // surprise_i = -log2 p_i = (max + log_total - x_i) / ln 2; masked when > mu. (A +inf max:
+      // log2 n for each of the n +inf entries, +inf for the rest.)
       const double m = mu_of(b.seq_ids[r]);
       for (int64_t i = 0; i < rows.vocab; ++i) {
         if (i == best || x[i] == -INFINITY) continue;
-        const double surprise = (static_cast<double>(mx) + log_total - x[i]) / std::log(2.0);
+        const double surprise = log_p.inf_max ? -log_p(x[i]) / std::log(2.0)
+                                              : (static_cast<double>(mx) + log_total - x[i]) / std::log(2.0);
         if (surprise > m) x[i] = -INFINITY;
       }
-      float kmx = 0.0f;
-      double klog_total = 0.0;
-      const int64_t chosen = draw_row(x, rows.vocab, r, b.rng_key[r], b.rng_counter[r], &kmx, &klog_total);
-      const double logp = static_cast<double>(x[chosen]) - kmx - klog_total;  // renormalised
+      double logp = 0.0;  // renormalised over the survivors
+      const int64_t chosen = draw_row(x, rows.vocab, r, b.rng_key[r], b.rng_counter[r], &logp);
       b.tokens_out[r] = static_cast<int32_t>(chosen);
       if (logprobs) logprobs[r] = static_cast<float>(logp);
       pending[b.seq_ids[r]] = Pending{static_cast<int32_t>(chosen), -logp / std::log(2.0)};

@@ -82,7 +82,31 @@ inline int64_t argmax_row(const float* x, int64_t vocab, int64_t row) {
   return best;
 }
 
-// log(sum(exp(x))) over a row, stable; -inf entries contribute nothing.
+// A row's softmax is exp(x - max) / sum, computed as unnormalised weights in double. When the
+// row's largest logit is +inf (a temperature near 0, a huge logit bias) that is exp(inf - inf) =
+// NaN, and a NaN sum makes every comparison against it false; the distribution is then
+// softmax's limit instead: 1/n for each of the row's n +inf entries, 0 elsewhere (as core's
+// probabilities_of for sampled drafts, and the CUDA paths' weight() in samplers_device.cuh).
+// NaN logits never get here: argmax_row refuses them first.
+
+// A token's unnormalised probability: exp(x - max) in double, 0 for -inf; with a +inf max, 1 for
+// a +inf entry and 0 for any other.
+inline double logit_weight(float x, float max_logit) {
+  if (max_logit == INFINITY) return x == INFINITY ? 1.0 : 0.0;
+  return x == -INFINITY ? 0.0 : std::exp(static_cast<double>(x) - max_logit);
+}
+// Its logarithm: x - max in double (-inf for -inf); with a +inf max, 0 or -inf.
+inline double log_logit_weight(float x, float max_logit) {
+  if (max_logit == INFINITY) return x == INFINITY ? 0.0 : -INFINITY;
+  return static_cast<double>(x) - max_logit;
+}
+inline int64_t count_pos_inf(const float* x, int64_t vocab) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < vocab; ++i) n += x[i] == INFINITY;
+  return n;
+}
+
+// log(sum(exp(x))) over a row of finite max, stable; -inf entries contribute nothing.
 inline double logsumexp_row(const float* x, int64_t vocab, float max_logit) {
   double s = 0.0;
   for (int64_t i = 0; i < vocab; ++i)
@@ -90,13 +114,28 @@ inline double logsumexp_row(const float* x, int64_t vocab, float max_logit) {
   return static_cast<double>(max_logit) + std::log(s);
 }
 
-// prob[i] = exp(x[i] - max_logit) in double (0 for -inf) over a row of `vocab` entries (prob is
-// at least that long); returns their sum: the unnormalised probabilities the mass-based
-// filters (top-p, typical-p) work on.
+// log p of a row's logits: x - logsumexp_row, or with a +inf max -log(n) for its n +inf entries
+// and -inf for the rest. `lse` is the logsumexp, or log(n) for a +inf max.
+struct LogSoftmax {
+  double lse;
+  bool inf_max;
+  double operator()(float xi) const {
+    if (inf_max) return xi == INFINITY ? -lse : -INFINITY;
+    return xi - lse;
+  }
+};
+inline LogSoftmax log_softmax_row(const float* x, int64_t vocab, float max_logit) {
+  if (max_logit == INFINITY) return LogSoftmax{std::log(static_cast<double>(count_pos_inf(x, vocab))), true};
+  return LogSoftmax{logsumexp_row(x, vocab, max_logit), false};
+}
+
+// prob[i] = logit_weight(x[i], max_logit) over a row of `vocab` entries (prob is at least that
+// long); returns their sum: the unnormalised probabilities the mass-based filters (top-p,
+// typical-p) work on.
 inline double row_weights(const float* x, int64_t vocab, float max_logit, std::vector<double>& prob) {
   double total = 0.0;
   for (int64_t i = 0; i < vocab; ++i) {
-    prob[static_cast<size_t>(i)] = x[i] == -INFINITY ? 0.0 : std::exp(static_cast<double>(x[i]) - max_logit);
+    prob[static_cast<size_t>(i)] = logit_weight(x[i], max_logit);
     total += prob[static_cast<size_t>(i)];
   }
   return total;
@@ -117,29 +156,29 @@ inline DLTensor* tokens_device_of(const loom_sampling_batch& b) {
 }
 
 // The draw `dist` makes from one (masked) row: u = uniform01(key, counter) scaled by the sum of
-// exp(x - max) over the finite logits, then the first token, in id order, whose cumulative
-// weight exceeds it. Returns the token; *log_total (optional) receives log(sum exp(x - max)) so
-// that the caller can report log p(token) = x[token] - max - *log_total. Selecting samplers that
-// truncate first (mirostat) mask the row and call this, so they draw exactly as `dist` would.
+// the weights (logit_weight: exp(x - max) over the finite logits, or 1 for each +inf logit when
+// the max is +inf), then the first token, in id order, whose cumulative weight exceeds it.
+// Returns the token; *logp (optional) receives its log-probability under the row's softmax.
+// Selecting samplers that truncate first (mirostat) mask the row and call this, so they draw
+// exactly as `dist` would.
 inline int64_t draw_row(const float* x, int64_t vocab, int64_t row, uint64_t key, uint64_t counter,
-                        float* max_out = nullptr, double* log_total = nullptr) {
+                        double* logp = nullptr) {
   const float mx = x[argmax_row(x, vocab, row)];
-  // Unnormalised probabilities exp(x - max) summed in double; the draw scales u by the sum
-  // instead of normalising every entry.
+  // Unnormalised probabilities summed in double; the draw scales u by the sum instead of
+  // normalising every entry. (A +inf max: the weights are 0 and 1, the sum n exact, u * n < n,
+  // so the walk ends on a +inf entry, each of them with probability 1/n.)
   double total = 0.0;
-  for (int64_t i = 0; i < vocab; ++i)
-    if (x[i] != -INFINITY) total += std::exp(static_cast<double>(x[i]) - mx);
+  for (int64_t i = 0; i < vocab; ++i) total += logit_weight(x[i], mx);
   const double target = static_cast<double>(philox::uniform01(key, counter)) * total;
   int64_t chosen = -1;
   double cum = 0.0;
   for (int64_t i = 0; i < vocab; ++i) {
     if (x[i] == -INFINITY) continue;
-    cum += std::exp(static_cast<double>(x[i]) - mx);
+    cum += logit_weight(x[i], mx);
     chosen = i;  // the last finite token absorbs rounding when target ~ total
     if (cum > target) break;
   }
-  if (max_out) *max_out = mx;
-  if (log_total) *log_total = std::log(total);
+  if (logp) *logp = log_logit_weight(x[chosen], mx) - std::log(total);
   return chosen;
 }
 

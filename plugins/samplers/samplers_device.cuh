@@ -27,8 +27,16 @@ __device__ __forceinline__ uint64_t composite(float f, int64_t id) {
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 // A token's unnormalised probability exp(x - max) in double, as the CPU computes it; 0 for -inf.
+// With a +inf max, softmax's limit: 1 for a +inf entry, 0 for the rest (exp(inf - inf) would be
+// NaN); the CPU's logit_weight in sampler_common.hpp.
 __device__ __forceinline__ double weight(float x, float mx) {
+  if (mx == INFINITY) return x == INFINITY ? 1.0 : 0.0;
   return x == -INFINITY ? 0.0 : exp(__dsub_rn(static_cast<double>(x), static_cast<double>(mx)));
+}
+// Its logarithm: x - max in double; with a +inf max, 0 or -inf (the CPU's log_logit_weight).
+__device__ __forceinline__ double log_weight(float x, float mx) {
+  if (mx == INFINITY) return x == INFINITY ? 0.0 : -INFINITY;
+  return __dsub_rn(static_cast<double>(x), static_cast<double>(mx));
 }
 
 // ---- programmatic dependent launch (sm_90) ----

@@ -1,9 +1,12 @@
 // Sampler `temperature`: divides every logit by t (t > 0). t = 0 is rejected at create:
-// "always pick the argmax" is the greedy sampler's job, and dividing by zero is not.
+// "always pick the argmax" is the greedy sampler's job, and dividing by zero is not; so is a t
+// whose 1/t overflows float (it would turn logits of 0 into NaN).
 // CPU or CUDA (the same float multiply by 1/t), on dense rows or on candidate rows (ABI 1.3).
 // On dense CUDA rows offered with candidates it defers the multiply (ABI 1.4 dense_scale): the
 // next link that reads rows (top-k) applies it as it loads them, saving a pass over the rows.
 #include <cmath>
+#include <cstdio>
+#include <string>
 
 #include "sampler_common.hpp"
 #include "samplers_cuda.hpp"
@@ -20,6 +23,16 @@ struct Temperature : Base {
     if (!(v > 0.0) || !std::isfinite(v))
       invalid_param("t", "temperature: t must be a finite number > 0, got " + std::to_string(v));
     t = static_cast<float>(v);
+    // Below ~2.9e-39, 1/t overflows to +inf in float and a logit of exactly 0 would become
+    // 0 * inf = NaN. (Above it, logits the multiply overflows become +inf, which the links after
+    // treat as softmax's limit: the probability spread evenly over them.)
+    if (!std::isfinite(1.0f / t)) {
+      char got[32];
+      std::snprintf(got, sizeof got, "%g", v);
+      invalid_param("t", std::string("temperature: t = ") + got +
+                             " is too small (1/t overflows float; t must be >= 1/FLT_MAX, about 2.9e-39); use the "
+                             "`greedy` sampler for deterministic argmax");
+    }
   }
 
   void apply(const loom_sampling_batch& b) {

@@ -1,8 +1,9 @@
 // Sampler `top-p` (nucleus): keeps the smallest prefix of tokens, by probability descending,
-// whose cumulative probability reaches p, and at least min_keep tokens; masks the rest.
+// whose cumulative probability reaches p, and at least min_keep tokens; masks the rest. +inf
+// logits share all the probability (softmax's limit, see logit_weight).
 // The sort is partial and grows geometrically: the nucleus is usually a few dozen tokens out of
 // a vocabulary of tens of thousands, so sorting everything would waste most of the work.
-// CUDA: a radix descent over (probability desc, id asc) with the same weights exp(x - max) in
+// CUDA: a radix descent over (logit desc, id asc) with the same weights exp(x - max) in
 // double, summed in another order: at an exact boundary the kept sets may differ by a token.
 // On candidate rows (ABI 1.3) the sums run in the CPU's order: the CPU's nucleus exactly.
 #include <algorithm>
@@ -50,7 +51,10 @@ struct TopP : Base {
       const float mx = x[argmax_row(x, rows.vocab, r)];
       const double total = row_weights(x, rows.vocab, mx, prob);
       std::iota(idx.begin(), idx.end(), 0);
-      const auto better = [&](int32_t a, int32_t c) { return prob[a] > prob[c] || (prob[a] == prob[c] && a < c); };
+      // By (logit desc, id asc), the CUDA paths' order: probability desc wherever exp() tells the
+      // logits apart, and the same order among weights that tie at 0 (underflow, or the finite
+      // logits of a row whose max is +inf, which min_keep may still keep).
+      const auto better = [x](int32_t a, int32_t c) { return x[a] > x[c] || (x[a] == x[c] && a < c); };
       const double target = p * total;
       int64_t sorted = 0, keep = 0;
       double cum = 0.0;

@@ -2,7 +2,8 @@
 // TypicalLogitsWarper and llama.cpp): with H the entropy of the row's softmax, orders tokens
 // by |(-log p_i) - H| ascending (ties by lower token id) and keeps the smallest prefix whose
 // probability mass reaches p, and at least min_keep tokens; masks the rest with -inf.
-// p = 1 keeps everything. Masked (-inf) tokens have probability zero and are never kept back.
+// p = 1 keeps everything. Masked (-inf) tokens have probability zero and are never kept back;
+// +inf logits share all the probability (softmax's limit, see logit_weight).
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -32,16 +33,18 @@ struct TypicalP : Base {
       const float mx = x[argmax_row(x, rows.vocab, r)];
       const double total = row_weights(x, rows.vocab, mx, prob);
       const double log_total = std::log(total);
-      // Entropy H = -sum p log p over the finite tokens, log p = x - max - log(total).
+      // Entropy H = -sum p log p over the finite tokens, log p = x - max - log(total) (a +inf
+      // max: -log n for its n +inf entries, -inf for the rest, whose 0 log 0 adds nothing).
       double entropy = 0.0;
       idx.clear();
       for (int64_t i = 0; i < rows.vocab; ++i) {
         if (x[i] == -INFINITY) continue;
         prob[i] /= total;
-        entropy -= prob[i] * (static_cast<double>(x[i]) - mx - log_total);
+        dev[i] = log_logit_weight(x[i], mx) - log_total;  // log p, for now
+        if (prob[i] > 0.0) entropy -= prob[i] * dev[i];
         idx.push_back(static_cast<int32_t>(i));
       }
-      for (int32_t i : idx) dev[i] = std::fabs(-(static_cast<double>(x[i]) - mx - log_total) - entropy);
+      for (int32_t i : idx) dev[i] = std::fabs(-dev[i] - entropy);
       std::sort(idx.begin(), idx.end(),
                 [&](int32_t a, int32_t c) { return dev[a] < dev[c] || (dev[a] == dev[c] && a < c); });
       size_t keep = idx.size();  // rounding: keep every finite token if the mass never reaches p

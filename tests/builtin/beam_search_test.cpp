@@ -162,6 +162,15 @@ TEST_CASE("beam-search stops as early_stopping says", "[samplers][beams]") {
   CHECK(h[0].calls == 3);
 }
 
+TEST_CASE("beam-search scores +inf logits as softmax's limit", "[samplers][beams][inf]") {
+  // Two +inf logits: each has log p = log(1/2), the finite one -inf (log p was NaN everywhere).
+  const Model model = [](const std::vector<int32_t> &) { return std::vector<float>{INFINITY, 0.0f, INFINITY}; };
+  auto rt = bt::runtime(manifest(2, "1.0", "false"));
+  auto h = run_beams(rt->pipeline().at("sampler[0]"), model, {{1}}, 3, {}, 3);
+  CHECK(h[0].tokens == std::vector<int32_t>{0, 0, 0});
+  CHECK(h[0].score == Approx(std::log(0.5)));
+}
+
 TEST_CASE("beam-search checks its parameters and the host's batch", "[samplers][beams]") {
   CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"beam-search\"\nwidth = 0\n"),
              Catch::Contains("beam-search: width must be >= 1") && Catch::Contains("got 0") &&

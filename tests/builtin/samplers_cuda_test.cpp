@@ -8,9 +8,11 @@
 // top-k -> top-p -> min-p -> dist gives the same tokens. Through core's SamplerChain the rows
 // travel as candidates (ABI 1.3) after top-k: top-k into candidates and back must give the CPU's
 // rows bit for bit, and a candidate chain exactly the CPU's tokens and log-probabilities (no
-// boundary exception there: the sums run in the CPU's order). A hidden "[.bench]" case times each
-// link and the chain on 32 x 128256 rows with CUDA events (device time: a long copy ahead keeps
-// the GPU busy while the host queues the links, as the decoder's next step does).
+// boundary exception there: the sums run in the CPU's order). Rows holding +inf logits
+// ("[inf]": softmax's limit, uniform over them) give the CPU's tokens, rows and
+// log-probabilities exactly, dense or as candidates. A hidden "[.bench]" case times each link
+// and the chain on 32 x 128256 rows with CUDA events (device time: a long copy ahead keeps the
+// GPU busy while the host queues the links, as the decoder's next step does).
 // Exits 77 (CTest: skipped) when there is no CUDA device.
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
@@ -603,6 +605,88 @@ TEST_CASE("the chain over candidate rows draws exactly the CPU's tokens and log-
     CHECK(rows > 500);
     CHECK(differ == 0);
     CHECK(lp_differ == 0);
+  }
+}
+
+// Rows holding +inf logits (what a temperature near 0 or a huge logit bias leaves): row i has
+// 1 + i % 4 of them at random ids (spread over the chunks), about 10% -inf, the rest normal.
+Rows make_inf_rows(int64_t n, int64_t vocab, uint32_t seed) {
+  Rows r = make_rows(n, vocab, seed, 3.0f, false);
+  std::mt19937 g(seed + 1);
+  std::uniform_int_distribution<int64_t> id(0, vocab - 1);
+  std::uniform_real_distribution<float> ud(0.0f, 1.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    float *x = r.x.data() + i * vocab;
+    for (int64_t j = 0; j < vocab; ++j)
+      if (ud(g) < 0.1f) x[j] = -INFINITY;
+    for (int64_t k = 0; k < 1 + i % 4; ++k) x[id(g)] = INFINITY;
+  }
+  return r;
+}
+
+const Shape kInfShapes[] = {{1, 1000}, {5, 4097}, {500, 4097}, {32, 32000}, {8, 128256}};
+
+TEST_CASE("+inf logits: dist and the filters on CUDA give the CPU's tokens and rows exactly", "[samplers][cuda][inf]") {
+  // Softmax's limit: the +inf entries share all the probability evenly (exp(inf - inf) was NaN,
+  // and the draw fell through to the last finite token). The weights are 0 and 1 and their sums
+  // exact integers, so no exact-boundary exception: every token and row must be the CPU's.
+  auto rt = bt::runtime("[[sampler]]\nuse = \"dist\"\n");
+  auto &dist = rt->pipeline().at("sampler[0]");
+  uint32_t seed = 12000;
+  for (const Shape &s : kInfShapes)
+    for (bool device_tokens : {false, true}) {
+      const Rows r = make_inf_rows(s.rows, s.vocab, seed++);
+      const Both both = run_both(dist, r, device_tokens);
+      INFO("dist rows " << s.rows << " vocab " << s.vocab << " device tokens " << device_tokens);
+      CHECK(both.gpu_tokens == both.cpu_tokens);
+      for (int64_t i = 0; i < s.rows; ++i) {
+        const int32_t tok = both.gpu_tokens[static_cast<size_t>(i)];
+        REQUIRE(tok >= 0);
+        CHECK(r.x[static_cast<size_t>(i * s.vocab + tok)] == INFINITY);
+      }
+    }
+  for (const char *toml : {"[[sampler]]\nuse = \"top-p\"\np = 0.5\n", "[[sampler]]\nuse = \"top-p\"\np = 0.9\nmin_keep = 3\n",
+                           "[[sampler]]\nuse = \"top-p\"\np = 0.95\nmin_keep = 50\n",
+                           "[[sampler]]\nuse = \"min-p\"\np = 0.05\n", "[[sampler]]\nuse = \"top-k\"\nk = 2\n",
+                           "[[sampler]]\nuse = \"top-k\"\nk = 40\n"}) {
+    auto frt = bt::runtime(toml);
+    auto &in = frt->pipeline().at("sampler[0]");
+    for (const Shape &s : kInfShapes) {
+      const Rows r = make_inf_rows(s.rows, s.vocab, seed++);
+      const Both both = run_both(in, r);
+      INFO(toml << "rows " << s.rows << " vocab " << s.vocab);
+      CHECK(differing_rows(both.cpu, both.gpu, s.vocab).empty());
+    }
+  }
+}
+
+TEST_CASE("+inf logits: chains on CUDA (candidate rows and dense) draw the CPU's tokens and log-probabilities",
+          "[samplers][cuda][candidates][inf]") {
+  // The last chain makes its +inf logits itself: 1/t = 1e38 overflows every |logit| above ~3.4.
+  for (const char *links : {"[[sampler]]\nuse = \"temperature\"\nt = 0.8\n[[sampler]]\nuse = \"top-k\"\nk = 40\n"
+                            "[[sampler]]\nuse = \"top-p\"\np = 0.9\n[[sampler]]\nuse = \"min-p\"\np = 0.05\n",
+                            "[[sampler]]\nuse = \"top-p\"\np = 0.9\nmin_keep = 3\n",
+                            "[[sampler]]\nuse = \"temperature\"\nt = 1e-38\n[[sampler]]\nuse = \"top-k\"\nk = 40\n"}) {
+    auto rt = bt::runtime(std::string(links) + "[[sampler]]\nuse = \"dist\"\n");
+    auto chain = rt->pipeline().list(LOOM_KIND_SAMPLER);
+    uint32_t seed = 13000;
+    for (const Shape &s : kInfShapes) {
+      const Rows r = make_inf_rows(s.rows, s.vocab, seed++);
+      for (bool logprobs : {false, true}) {
+        const ChainRun run = run_chain(chain, r, logprobs);
+        INFO(links << "rows " << s.rows << " vocab " << s.vocab << " logprobs " << logprobs);
+        CHECK(run.gpu_tokens == run.cpu_tokens);
+        for (int64_t i = 0; i < s.rows; ++i) {
+          const size_t at = static_cast<size_t>(i);
+          REQUIRE(run.cpu_tokens[at] >= 0);
+          CHECK(run.cpu[static_cast<size_t>(i * s.vocab + run.cpu_tokens[at])] == INFINITY);
+          if (logprobs) {
+            CHECK(std::memcmp(&run.gpu_logprobs[at], &run.cpu_logprobs[at], sizeof(float)) == 0);
+            CHECK(run.cpu_logprobs[at] <= 0.0f);
+          }
+        }
+      }
+    }
   }
 }
 

@@ -254,6 +254,127 @@ TEST_CASE("dist is reproducible per (key, counter) and follows softmax", "[sampl
   CHECK_THAT(s.last_error(), Catch::Contains("-inf"));
 }
 
+namespace {
+
+// `n` rows of `logits` through the links of `rt`'s chain in order, row i drawn with counter i.
+// Returns the batch (tokens, log-probabilities, rewritten rows).
+Batch run_chain(loom::Runtime &rt, const std::vector<float> &logits, int n) {
+  std::vector<float> many;
+  for (int i = 0; i < n; ++i) many.insert(many.end(), logits.begin(), logits.end());
+  Batch b(n, static_cast<int64_t>(logits.size()), many);
+  for (int i = 0; i < n; ++i) {
+    b.key[i] = 42;
+    b.counter[i] = static_cast<uint64_t>(i);
+    b.seq_ids[i] = 1000 + i;
+  }
+  for (auto &link : rt.pipeline().list(LOOM_KIND_SAMPLER)) {
+    const loom_status s = apply(*link, b);
+    INFO(link->desc().name << ": " << link->last_error());
+    REQUIRE(s == LOOM_OK);
+  }
+  return b;
+}
+
+} // namespace
+
+TEST_CASE("+inf logits take all the probability: dist and chains draw only them, evenly", "[samplers][inf]") {
+  // A +inf logit (a temperature near 0, a huge logit bias) made exp(x - max) NaN and the draw
+  // fell through to the last finite token. Softmax's limit: uniform over the +inf entries.
+  const std::vector<float> one_inf{0.0f, INFINITY, 1.0f, 2.0f};
+  const std::vector<float> two_inf{0.0f, INFINITY, 1.0f, INFINITY, -INFINITY};
+  const std::string dist = "[[sampler]]\nuse = \"dist\"\n";
+  const std::vector<std::string> chains = {
+      dist,
+      "[[sampler]]\nuse = \"temperature\"\nt = 0.7\n[[sampler]]\nuse = \"top-p\"\np = 0.9\n" + dist,
+      "[[sampler]]\nuse = \"top-k\"\nk = 3\n[[sampler]]\nuse = \"min-p\"\np = 0.05\n"
+      "[[sampler]]\nuse = \"typical-p\"\np = 0.95\n" + dist,
+      "[[sampler]]\nuse = \"mirostat-v2\"\ntau = 5.0\n", // mu = 10 bits keeps both +inf entries
+  };
+  const int n = 4000;
+  for (const std::string &toml : chains) {
+    INFO(toml);
+    auto rt = bt::runtime(toml);
+    Batch one = run_chain(*rt, one_inf, n);
+    for (int i = 0; i < n; ++i) {
+      REQUIRE(one.tokens[i] == 1);
+      REQUIRE(one.logprobs[i] == 0.0f);
+    }
+    Batch two = run_chain(*rt, two_inf, n);
+    std::map<int32_t, int> freq;
+    for (int i = 0; i < n; ++i) {
+      ++freq[two.tokens[i]];
+      REQUIRE(two.logprobs[i] == Approx(std::log(0.5)).epsilon(1e-6));
+    }
+    CHECK(freq.size() == 2);
+    CHECK(static_cast<double>(freq[1]) / n == Approx(0.5).margin(0.03));
+    CHECK(static_cast<double>(freq[3]) / n == Approx(0.5).margin(0.03));
+  }
+  // The +inf made by the multiply itself: 1/t = 1e38, so 5 * 1e38 and 4 * 1e38 overflow.
+  auto cold = bt::runtime("[[sampler]]\nuse = \"temperature\"\nt = 1e-38\n" + dist);
+  Batch one = run_chain(*cold, {0.0f, 5.0f, 1.0f, 2.0f}, n);
+  CHECK(one.logits.v[1] == INFINITY);
+  for (int i = 0; i < n; ++i) REQUIRE(one.tokens[i] == 1);
+  Batch two = run_chain(*cold, {0.0f, 5.0f, 1.0f, 4.0f}, n);
+  std::map<int32_t, int> freq;
+  for (int32_t t : two.tokens) ++freq[t];
+  CHECK(freq.size() == 2);
+  CHECK(static_cast<double>(freq[1]) / n == Approx(0.5).margin(0.03));
+
+  // NaN stays an error, +inf or not.
+  auto rt = bt::runtime(dist);
+  Batch nan(1, 3, {INFINITY, std::nanf(""), 1.0f});
+  CHECK(apply(rt->pipeline().at("sampler[0]"), nan) == LOOM_ERR_INVALID_ARGUMENT);
+  CHECK_THAT(rt->pipeline().at("sampler[0]").last_error(), Catch::Contains("NaN"));
+}
+
+TEST_CASE("filters, greedy and mirostat weigh +inf logits as softmax's limit", "[samplers][inf]") {
+  const auto kept = [](const std::string &toml, const std::vector<float> &logits) {
+    auto rt = bt::runtime(toml);
+    Batch b(1, static_cast<int64_t>(logits.size()), logits);
+    REQUIRE(apply(rt->pipeline().at("sampler[0]"), b) == LOOM_OK);
+    std::vector<int> out;
+    for (size_t i = 0; i < logits.size(); ++i)
+      if (!masked(b.logits.v[i])) {
+        CHECK(b.logits.v[i] == logits[i]);
+        out.push_back(static_cast<int>(i));
+      }
+    return out;
+  };
+  const float inf = INFINITY;
+  // top-p: each of the four +inf entries weighs 1/4, so p = 0.5 keeps the first two by id; past
+  // them min_keep takes the finite ones by logit (as the CUDA path ranks), not by id.
+  CHECK(kept("[[sampler]]\nuse = \"top-p\"\np = 0.5\n", {0, inf, 1, inf, inf, inf}) == std::vector<int>{1, 3});
+  CHECK(kept("[[sampler]]\nuse = \"top-p\"\np = 0.5\nmin_keep = 4\n", {0, inf, 3, inf, 1}) ==
+        std::vector<int>{1, 2, 3, 4});
+  // typical-p: entropy log 2, every +inf entry exactly typical, the finite ones infinitely surprising.
+  CHECK(kept("[[sampler]]\nuse = \"typical-p\"\np = 0.5\n", {0, inf, 1, inf}) == std::vector<int>{1});
+  CHECK(kept("[[sampler]]\nuse = \"typical-p\"\np = 0.9\n", {0, inf, 1, inf}) == std::vector<int>{1, 3});
+  CHECK(kept("[[sampler]]\nuse = \"min-p\"\np = 0.1\n", {0, inf, 1, inf}) == std::vector<int>{1, 3});
+
+  auto g = bt::runtime("[[sampler]]\nuse = \"greedy\"\n");
+  Batch b(2, 4, {0, inf, 1, inf, 0, inf, 1, 2});
+  REQUIRE(apply(g->pipeline().at("sampler[0]"), b) == LOOM_OK);
+  CHECK(b.tokens == std::vector<int32_t>{1, 1});
+  CHECK(b.logprobs[0] == Approx(std::log(0.5)).epsilon(1e-6));
+  CHECK(b.logprobs[1] == 0.0f);
+
+  // mirostat: the second +inf entry's surprise is 1 bit; mu = 0.5 masks it (the first maximum
+  // always survives), and the finite entries' infinite surprise masks them under any mu.
+  auto m = bt::runtime("[[sampler]]\nuse = \"mirostat-v2\"\ntau = 0.25\n");
+  Batch mb(1, 4, {0, inf, 1, inf});
+  REQUIRE(apply(m->pipeline().at("sampler[0]"), mb) == LOOM_OK);
+  CHECK(mb.tokens[0] == 1);
+  CHECK(mb.logprobs[0] == 0.0f);
+  CHECK(masked(mb.logits.v[0]));
+  CHECK(masked(mb.logits.v[2]));
+  CHECK(masked(mb.logits.v[3]));
+
+  // temperature refuses a t whose 1/t overflows (0 * inf would be NaN); 1e-38 is still fine.
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"temperature\"\nt = 1e-40\n"), Catch::Contains("too small"));
+  CHECK_THAT(bt::build_error("[[sampler]]\nuse = \"temperature\"\nt = 1e-50\n"), Catch::Contains("greedy"));
+  CHECK(bt::build_error("[[sampler]]\nuse = \"temperature\"\nt = 1e-38\n").empty());
+}
+
 TEST_CASE("a chain of top-k then greedy runs in manifest order", "[samplers]") {
   auto rt = bt::runtime("[[sampler]]\nuse = \"top-k\"\nk = 1\n\n[[sampler]]\nuse = \"greedy\"\n");
   Batch b(1, 3, {0.5f, 2.0f, 1.0f});
