@@ -81,8 +81,12 @@ void ThreadPool::worker_main(std::stop_token stop) {
   uint64_t seen = 0;
   for (;;) {
     wait_change(job_, seen);
-    if (stop.stop_requested()) return;
+    // The job first, then the stop: the destructor requests the stop and then bumps job_, so a
+    // worker that reads the bumped value also sees the stop. (Checked the other way round, a
+    // worker woken by the last job's close could miss a stop requested just after its check,
+    // then read the destructor's bump as its new `seen` and sleep on it for good: a hung join.)
     seen = job_.load(std::memory_order_seq_cst);
+    if (stop.stop_requested()) return;
     if ((seen & 1) == 0) continue; // closed before this worker woke
     // Join: counted first, then the job checked again (both sequentially consistent, against
     // dispatch's close-then-check), so that the caller either waits for this worker or this
