@@ -278,9 +278,10 @@ void read_train_table(const toml::table &t, const std::string &source, const std
 
 void read_run_table(const toml::table &t, const std::string &source, RunSpec &run, bool has_model) {
   SchemaReader r(t, "run", source);
-  r.only({"steps", "prompt", "prompts", "prompt_steps", "messages", "chat_template", "stop", "stop_tokens", "query", "top_k", "filter", "tool_calls", "vocab_size", "hidden_size", "n_heads",
+  r.only({"steps", "n", "prompt", "prompts", "prompt_steps", "messages", "chat_template", "stop", "stop_tokens", "query", "top_k", "filter", "tool_calls", "vocab_size", "hidden_size", "n_heads",
           "n_kv_heads", "n_layers"});
   r.read_int("steps", run.steps, 1, 1 << 20);
+  r.read_int("n", run.n, 1, 64);
   r.read_int("top_k", run.top_k, 1, 1000);
   r.read_int("vocab_size", run.vocab_size, 2, 1 << 18);
   r.read_int("hidden_size", run.hidden_size, 1, 4096);

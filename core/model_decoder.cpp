@@ -146,6 +146,18 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevic
                          tokenizer_error);
   stop_tokens_ = run.stop_tokens_set ? run.stop_tokens : config_.eos_token_ids;
   if (manifest.model_path.empty() && !run.stop_tokens_set) stop_tokens_.clear(); // random weights: run all steps
+  if (run.n > 1) {
+    // n samples per prompt: the prompts repeated, prompt-major, each sample with its own key.
+    if (rag_) throw manifest_error(manifest.source_name + ": run.n: several samples with {passages} are not supported");
+    if (manifest.agent.enabled) throw manifest_error(manifest.source_name + ": run.n: several samples with [agent] are not supported");
+    std::vector<std::vector<int32_t>> repeated;
+    for (const auto &p : prompts_)
+      for (int64_t j = 0; j < run.n; ++j) {
+        repeated.push_back(p);
+        sample_keys_.push_back(manifest.seed + static_cast<uint64_t>(j) * 0x9e3779b97f4a7c15ull);
+      }
+    prompts_ = std::move(repeated);
+  }
 }
 
 void ModelDecoder::export_quantized(const std::filesystem::path &dir) {
@@ -344,9 +356,12 @@ size_t ModelDecoder::start_run(int64_t steps, RunResult &result) const {
 
 std::vector<int64_t> ModelDecoder::step_limits(int64_t &steps) const {
   const std::vector<int64_t> &own = manifest_.run.prompt_steps;
-  if (own.size() != prompts_.size()) return std::vector<int64_t>(prompts_.size(), steps);
+  const size_t n = static_cast<size_t>(manifest_.run.n);  // samples per prompt (prompts_ holds each n times)
+  if (own.empty() || own.size() * n != prompts_.size()) return std::vector<int64_t>(prompts_.size(), steps);
   steps = *std::max_element(own.begin(), own.end());
-  return own;
+  std::vector<int64_t> limits;
+  for (int64_t s : own) limits.insert(limits.end(), n, s);
+  return limits;
 }
 
 void ModelDecoder::release_sequence(int64_t seq) {
@@ -391,6 +406,9 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   if (beam_chain() && virtual_tokens(std::nullopt) > 0)
     throw runtime_error(manifest_.source_name + ": beam search with a prefix adapter is not supported");
   if (beam_chain()) {
+    if (!sample_keys_.empty())
+      throw runtime_error(manifest_.source_name + ": run.n: beam search returns its own beams; remove run.n or the "
+                          "beam-search sampler");
     if (manifest_.scheduler.enabled)
       throw runtime_error(manifest_.source_name + ": scheduler: beam search runs its own batch; remove [scheduler] or "
                           "the beam-search sampler");
@@ -410,6 +428,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   std::vector<std::vector<int32_t>> histories;
   for (const auto &p : prompts_) histories.push_back(with_virtual_tokens(virtual_n, p));
   std::vector<std::span<const int32_t>> row_history; // histories of this step's rows
+  std::vector<uint64_t> row_keys;                    // run.n > 1: their sampling keys
   std::vector<int32_t> rows(n); // the sequence of each row of `logits`
   for (size_t i = 0; i < n; ++i) rows[i] = static_cast<int32_t>(i);
   DLTensor *logits = nullptr;
@@ -479,7 +498,12 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
       const bool more = step + 1 < steps;
       row_history.clear();
       for (int32_t seq : rows) row_history.emplace_back(histories[static_cast<size_t>(seq)]);
-      if (int32_t *feed = sample(logits, rows, row_history, static_cast<uint64_t>(step), sampled, more)) {
+      if (!sample_keys_.empty()) {
+        row_keys.clear();
+        for (int32_t seq : rows) row_keys.push_back(sample_keys_[static_cast<size_t>(seq)]);
+      }
+      if (int32_t *feed = sample(logits, rows, row_history, static_cast<uint64_t>(step), sampled, more, nullptr, nullptr,
+                                 sample_keys_.empty() ? nullptr : &row_keys)) {
         readback.start(feed, rows.size(), backend_->device());
         // Queue the next step now, for every row of this one; the device runs it while the host
         // waits for this step's tokens and applies the stop rules.

@@ -763,6 +763,7 @@ void ModelDecoder::generate_scheduled(int64_t steps, const TokenCallback &on_tok
     ServeRequest r;
     r.prompt = prompts_[i];
     r.max_new_tokens = limits[i];
+    if (!sample_keys_.empty()) r.seed = sample_keys_[i];  // run.n: sample j's key
     const int32_t seq = static_cast<int32_t>(i);
     r.on_token = [&, seq](int64_t index, int32_t token) {
       if (index == 0 && ++first_tokens == n)
@@ -772,7 +773,9 @@ void ModelDecoder::generate_scheduled(int64_t steps, const TokenCallback &on_tok
       return !stop_all;
     };
     r.on_done = [&, i](const SequenceResult &out, const std::string &error) {
-      if (!error.empty()) throw runtime_error(manifest_.source_name + ": run.prompts[" + std::to_string(i) + "]: " + error);
+      if (!error.empty())
+        throw runtime_error(manifest_.source_name + ": run.prompts[" + std::to_string(i / static_cast<size_t>(manifest_.run.n)) +
+                            "]: " + error);
       result.sequences[i] = out;
     };
     queue.submit(std::move(r));

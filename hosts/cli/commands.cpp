@@ -330,15 +330,22 @@ int cmd_run(const std::vector<std::string> &args) {
       std::cout << "tokens:";
       for (int32_t t : tokens) std::cout << " " << t;
     };
+    // Sequence i is prompt i, or with run.n samples per prompt sample i % n of prompt i / n,
+    // labelled [prompt.sample].
+    const size_t samples = static_cast<size_t>(runtime->manifest().run.n);
+    const auto label = [&](size_t i) {
+      return samples > 1 ? "[" + std::to_string(i / samples) + "." + std::to_string(i % samples) + "] "
+                         : "[" + std::to_string(i) + "] ";
+    };
     if (batch)
       for (size_t i = 0; i < r.sequences.size(); ++i) {
         const SequenceResult &seq = r.sequences[i];
-        std::cout << "[" << i << "] ";
+        std::cout << label(i);
         if (has_text) std::cout << *runtime->decode(seq.prompt) << seq.text;
         else print_ids(seq.tokens);
         std::cout << (seq.stopped ? "  (stopped)" : "") << "\n";
         if (has_text && a.print_tokens) {
-          std::cout << "[" << i << "] ";
+          std::cout << label(i);
           print_ids(seq.tokens);
           std::cout << "\n";
         }

@@ -86,6 +86,16 @@ Requests long_requests(int n, uint32_t seed) {
   return reqs;
 }
 
+// The error a manifest's run ends with ("no error" when it runs).
+std::string error_of(const std::string &toml) {
+  try {
+    loom::Runtime::from_string(toml, "m.toml")->run();
+  } catch (const loom::Error &e) {
+    return std::string(e.what());
+  }
+  return std::string("no error");
+}
+
 std::vector<std::vector<int32_t>> tokens_of(const loom::RunResult &r) {
   std::vector<std::vector<int32_t>> out;
   for (const auto &s : r.sequences) out.push_back(s.tokens);
@@ -333,14 +343,6 @@ TEST_CASE("requests that arrive while the runtime serves join the batch and get 
 }
 
 TEST_CASE("[scheduler] and run.prompt_steps are checked, by key", "[scheduler][manifest]") {
-  auto error_of = [](const std::string &toml) {
-    try {
-      loom::Runtime::from_string(toml, "m.toml")->run();
-    } catch (const loom::Error &e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
   const std::string run = "[run]\nprompts = [[5, 6], [7]]\nsteps = 4\n";
   CHECK(error_of(base_manifest() + "[scheduler]\nmax_seq = 4\n" + run).find("scheduler.max_seq: unknown key") !=
         std::string::npos);
@@ -361,4 +363,38 @@ TEST_CASE("run.prompt_steps limits each prompt of a fixed batch too", "[schedule
   const Requests reqs = make_requests(6, 3);
   auto r = loom::Runtime::from_string(base_manifest() + reqs.run_table())->run();
   CHECK(tokens_of(r) == alone(reqs));
+}
+
+TEST_CASE("run.n: samples per prompt, sample 0 the plain run, each sample with its own key", "[batch][scheduler][model]") {
+  const std::string dist = "[[sampler]]\nuse = \"dist\"\n";
+  const std::string run = "[run]\nstop_tokens = []\nprompts = [[5, 6, 7], [9]]\nsteps = 12\n";
+  for (const std::string scheduler : {"", "[scheduler]\n"}) {
+    INFO((scheduler.empty() ? "fixed batch" : "[scheduler]"));
+    const auto plain = loom::Runtime::from_string(base_manifest(dist) + scheduler + run)->run();
+    const auto three = loom::Runtime::from_string(base_manifest(dist) + scheduler + run + "n = 3\n")->run();
+    REQUIRE(three.sequences.size() == 6);  // prompt-major: sequence p * 3 + j is sample j of prompt p
+    for (size_t p = 0; p < 2; ++p) {
+      CHECK(three.sequences[p * 3].prompt == plain.sequences[p].prompt);
+      CHECK(three.sequences[p * 3].tokens == plain.sequences[p].tokens);  // sample 0: the manifest's seed
+      CHECK(three.sequences[p * 3 + 1].prompt == plain.sequences[p].prompt);
+      // The other samples draw with keys of their own (12 draws at temperature 1: they part).
+      CHECK(three.sequences[p * 3 + 1].tokens != three.sequences[p * 3].tokens);
+      CHECK(three.sequences[p * 3 + 2].tokens != three.sequences[p * 3 + 1].tokens);
+    }
+    // Greedy samples are all the same continuation.
+    const auto greedy = loom::Runtime::from_string(base_manifest() + scheduler + run + "n = 2\n")->run();
+    REQUIRE(greedy.sequences.size() == 4);
+    CHECK(greedy.sequences[0].tokens == greedy.sequences[1].tokens);
+    CHECK(greedy.sequences[2].tokens == greedy.sequences[3].tokens);
+  }
+  // prompt_steps counts per prompt, for each of its samples.
+  const auto limited =
+      loom::Runtime::from_string(base_manifest(dist) + run + "n = 2\nprompt_steps = [3, 5]\n")->run();
+  REQUIRE(limited.sequences.size() == 4);
+  CHECK(limited.sequences[1].tokens.size() == 3);
+  CHECK(limited.sequences[3].tokens.size() == 5);
+  CHECK(error_of(base_manifest(dist) + run + "n = 0\n").find("run.n: must be between 1 and 64") != std::string::npos);
+  CHECK(error_of(base_manifest(dist) + run + "n = 65\n").find("run.n: must be between 1 and 64") != std::string::npos);
+  CHECK(error_of(base_manifest("[[sampler]]\nuse = \"beam-search\"\nwidth = 2\n") + run + "n = 2\n").find("run.n: beam search") !=
+        std::string::npos);
 }
