@@ -151,11 +151,7 @@ ModelDecoder::ModelDecoder(const Manifest &manifest, Pipeline &pipeline, DLDevic
     if (rag_) throw manifest_error(manifest.source_name + ": run.n: several samples with {passages} are not supported");
     if (manifest.agent.enabled) throw manifest_error(manifest.source_name + ": run.n: several samples with [agent] are not supported");
     std::vector<std::vector<int32_t>> repeated;
-    for (const auto &p : prompts_)
-      for (int64_t j = 0; j < run.n; ++j) {
-        repeated.push_back(p);
-        sample_keys_.push_back(manifest.seed + static_cast<uint64_t>(j) * 0x9e3779b97f4a7c15ull);
-      }
+    for (const auto &p : prompts_) repeated.insert(repeated.end(), static_cast<size_t>(run.n), p);
     prompts_ = std::move(repeated);
   }
 }
@@ -357,7 +353,7 @@ size_t ModelDecoder::start_run(int64_t steps, RunResult &result) const {
 std::vector<int64_t> ModelDecoder::step_limits(int64_t &steps) const {
   const std::vector<int64_t> &own = manifest_.run.prompt_steps;
   const size_t n = static_cast<size_t>(manifest_.run.n);  // samples per prompt (prompts_ holds each n times)
-  if (own.empty() || own.size() * n != prompts_.size()) return std::vector<int64_t>(prompts_.size(), steps);
+  if (own.size() * n != prompts_.size()) return std::vector<int64_t>(prompts_.size(), steps);
   steps = *std::max_element(own.begin(), own.end());
   std::vector<int64_t> limits;
   for (int64_t s : own) limits.insert(limits.end(), n, s);
@@ -406,7 +402,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   if (beam_chain() && virtual_tokens(std::nullopt) > 0)
     throw runtime_error(manifest_.source_name + ": beam search with a prefix adapter is not supported");
   if (beam_chain()) {
-    if (!sample_keys_.empty())
+    if (manifest_.run.n > 1)
       throw runtime_error(manifest_.source_name + ": run.n: beam search returns its own beams; remove run.n or the "
                           "beam-search sampler");
     if (manifest_.scheduler.enabled)
@@ -498,12 +494,13 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
       const bool more = step + 1 < steps;
       row_history.clear();
       for (int32_t seq : rows) row_history.emplace_back(histories[static_cast<size_t>(seq)]);
-      if (!sample_keys_.empty()) {
+      const bool samples = manifest_.run.n > 1;
+      if (samples) {
         row_keys.clear();
-        for (int32_t seq : rows) row_keys.push_back(sample_keys_[static_cast<size_t>(seq)]);
+        for (int32_t seq : rows) row_keys.push_back(sample_key(static_cast<size_t>(seq)));
       }
       if (int32_t *feed = sample(logits, rows, row_history, static_cast<uint64_t>(step), sampled, more, nullptr, nullptr,
-                                 sample_keys_.empty() ? nullptr : &row_keys)) {
+                                 samples ? &row_keys : nullptr)) {
         readback.start(feed, rows.size(), backend_->device());
         // Queue the next step now, for every row of this one; the device runs it while the host
         // waits for this step's tokens and applies the stop rules.

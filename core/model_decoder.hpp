@@ -208,10 +208,11 @@ class ModelDecoder {
   std::unique_ptr<ModelBackend> backend_;
   std::shared_ptr<const Tokenizer> tokenizer_;          // null when the model has none
   std::vector<std::vector<int32_t>> prompts_;    // token ids, one per sequence
-  // run.n > 1: each sequence's sampling key (sample j of a prompt: seed + j * 0x9e37...), one
-  // per sequence of prompts_ (the prompts repeated n times each); empty for n = 1 (every row
-  // samples with the manifest's seed, as before).
-  std::vector<uint64_t> sample_keys_;
+  // run.n > 1 (prompts_ holds each prompt n times): sequence i is sample i % n of its prompt,
+  // keyed nth_sample_seed(loom.seed, i % n); with n = 1 every row samples with loom.seed.
+  uint64_t sample_key(size_t seq) const {
+    return nth_sample_seed(manifest_.seed, static_cast<int64_t>(seq % static_cast<size_t>(manifest_.run.n)));
+  }
   // Agent tool calls that overran call_timeout_s, still running; joined by the destructor.
   std::vector<AbandonedCall> abandoned_calls_;
   std::vector<int32_t> stop_tokens_;

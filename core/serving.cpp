@@ -763,7 +763,7 @@ void ModelDecoder::generate_scheduled(int64_t steps, const TokenCallback &on_tok
     ServeRequest r;
     r.prompt = prompts_[i];
     r.max_new_tokens = limits[i];
-    if (!sample_keys_.empty()) r.seed = sample_keys_[i];  // run.n: sample j's key
+    if (manifest_.run.n > 1) r.seed = sample_key(i);
     const int32_t seq = static_cast<int32_t>(i);
     r.on_token = [&, seq](int64_t index, int32_t token) {
       if (index == 0 && ++first_tokens == n)

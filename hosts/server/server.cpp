@@ -347,7 +347,7 @@ struct Server::Impl {
       r.prompt = choice.prompt;
       r.max_new_tokens = max_tokens;
       r.samplers = samplers; // shared by the choices: one sampling call for their rows
-      r.seed = base_seed + static_cast<uint64_t>(c % p.n) * 0x9e3779b97f4a7c15ull;
+      r.seed = nth_sample_seed(base_seed, c % p.n);
       r.stop = p.stop;
       r.cancel = job->cancel;
       const size_t index = static_cast<size_t>(c);

@@ -71,9 +71,9 @@ struct RunSpec {
   // Tokens each of `prompts` may generate (its own `steps`), when given: one per prompt.
   std::vector<int64_t> prompt_steps;
   // Samples per prompt (1-64): each prompt becomes n sequences, prompt-major (sequence
-  // p * n + j is sample j of prompt p), sample j drawn with the key seed + j * 0x9e3779b97f4a7c15
-  // (sample 0 with the seed itself, so n = 1 is the plain run; the HTTP server's `n` uses the
-  // same keys). Not with beam search, {passages} or [agent].
+  // p * n + j is sample j of prompt p), sample j drawn with the key nth_sample_seed(seed, j)
+  // (request_queue.hpp; sample 0 with the seed itself, so n = 1 is the plain run; the HTTP
+  // server's `n` uses the same keys). Not with beam search, {passages} or [agent].
   int64_t n = 1;
   std::vector<int32_t> stop_tokens; // generation ends after one of these
   bool stop_tokens_set = false;     // else the model's eos_token_id stops it

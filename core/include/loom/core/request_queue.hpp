@@ -23,6 +23,10 @@
 
 namespace loom {
 
+// The key of sample j of a prompt sampled several times from `seed` (sample 0: the seed itself):
+// distinct keys a golden-ratio step apart, so the samples draw independent numbers.
+inline uint64_t nth_sample_seed(uint64_t seed, int64_t j) { return seed + static_cast<uint64_t>(j) * 0x9e3779b97f4a7c15ull; }
+
 struct ServeRequest {
   std::vector<int32_t> prompt; // token ids, at least one
   int64_t max_new_tokens = 16; // it ends after this many (or at a stop token or string)
@@ -36,7 +40,8 @@ struct ServeRequest {
   // [[sampler]] links; empty: the pipeline's (so a swap of those reaches it).
   std::vector<std::shared_ptr<Instance>> samplers;
   // Its RNG key instead of loom.seed: rows sample from (seed, step), so the same seed and prompt
-  // give the same tokens whatever else runs (OpenAI's `seed`).
+  // give the same tokens whatever else runs (OpenAI's `seed`). Sample j of several of one prompt
+  // (the server's `n`, run.n) uses nth_sample_seed(seed, j).
   std::optional<uint64_t> seed;
   // Its stop strings instead of run.stop (the text ends where one begins).
   std::optional<std::vector<std::string>> stop;
