@@ -19,6 +19,7 @@
 #include <climits>
 #include <cstdint>
 #include <deque>
+#include <limits>
 #include <span>
 #include <unordered_map>
 #include <utility>
@@ -224,9 +225,10 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       // Room for sampled drafts' q (stride x vocab floats a sequence: GBs for large batches and
       // vocabularies), only for a drafter built for ABI 1.10 or later (older ones never write
       // it) and only for sequences whose chain can verify them; allocated on first use. Each
-      // call's rows are zeroed first, so a row the drafter leaves unwritten reads as 0, never as
-      // an earlier step's q: it is then no distribution, and the drafts verify as point masses.
-      // (Only rows below max_draft are read back.)
+      // offered row's first entry is set to NaN before the call (not the whole row: that would be
+      // max_draft x vocab floats a sequence every step, even for drafters that never write q),
+      // so a row the drafter leaves unwritten is no distribution, never an earlier step's q, and
+      // its drafts verify as point masses. (Only rows below max_draft are read back.)
       if (drafter.library().descriptor().abi_minor >= 10) {
         const size_t offered = static_cast<size_t>(std::count(draft_categorical.begin(), draft_categorical.end(), 1));
         if (draft_q_store.size() < offered * static_cast<size_t>(stride) * q_row)
@@ -234,7 +236,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         for (size_t i = 0, at = 0; i < draft_seqs.size(); ++i)
           if (draft_categorical[i]) {
             draft_q_out[i] = draft_q_store.data() + at;
-            std::fill_n(draft_q_out[i], static_cast<size_t>(draft_max[i]) * q_row, 0.0f);
+            for (size_t j = 0; j < static_cast<size_t>(draft_max[i]); ++j)
+              draft_q_out[i][j * q_row] = std::numeric_limits<float>::quiet_NaN();
             at += static_cast<size_t>(stride) * q_row;
           }
       }

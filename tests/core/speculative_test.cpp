@@ -483,7 +483,8 @@ TEST_CASE("with a drafter, a request whose own chain fails fails alone", "[specu
 TEST_CASE("q rows a drafter leaves unwritten are never an earlier step's q", "[speculative][model]") {
   // stale_q: the test drafter writes q into every row offered at its first call but gives no q
   // there (q_given 0), then claims q_given at every later call without writing q. The host
-  // zeroes the offered rows before each call, so those rows are no distribution and the drafts
+  // marks the offered rows (a NaN first entry) before each call, so those rows are no
+  // distribution and the drafts
   // verify as point masses: each seed's tokens are exactly those it gets without drafts. (Rows
   // left from the first call would be a valid q, verified with min(1, p/q): other draws.)
   const int n = 48;

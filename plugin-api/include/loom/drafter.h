@@ -52,8 +52,9 @@ typedef struct loom_draft_batch {
    * renormalised (Leviathan et al.; Chen et al.): the output follows p exactly and keeps more
    * drafts than point-mass verification wherever q resembles p. With q_given[s] 0 (the host
    * sets 0 before the call) drafts are point masses, verified as greedy drafts are. The host
-   * offers q only to drafters built for ABI 1.10 or later, and zeroes rows 0 .. max_draft[s] - 1
-   * before every call: an entry the drafter leaves is 0, never an earlier call's value. ---- */
+   * offers q only to drafters built for ABI 1.10 or later, and sets the first entry of rows
+   * 0 .. max_draft[s] - 1 to NaN before every call: a row the drafter does not write is refused
+   * (its drafts become point masses), never read as an earlier call's q. ---- */
   float *const *q_out;        /* [S] */
   int32_t *q_given;           /* [S], written */
 } loom_draft_batch;
