@@ -34,7 +34,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 constexpr int kChunk = kThreads * 8;
 constexpr int kRankGroup = 4;  // k values a block computes (blocks over (row, chunk, launch x k group))
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxRank = 64;   // lora_gathered_chunks' contract: r_max <= 64
 
 struct Launches {
   GatheredLaunch l[kMaxGathered];
@@ -181,10 +180,12 @@ __global__ void expand(Launches all) {
 // memory, and block c adds the delta to its slice of the outputs. One launch instead of two, no
 // workspace round trip, and a row's 8 blocks keep a decode step's few rows spread over the GPU.
 constexpr int kClusterBlocks = 8;
-constexpr int kRanksPerWarp = kMaxRank / kWarps;
 
 __global__ void fused(Launches all) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Inside the guard: the sm_80 pass compiles an empty body, where these would be unused.
+  constexpr int kMaxRank = 64;  // lora_gathered_chunks' contract: r_max <= 64
+  constexpr int kRanksPerWarp = kMaxRank / kWarps;
   pdl::allow_next_kernel();
   pdl::wait_for_previous_kernel();
   const GatheredLaunch &l = all.l[blockIdx.z];
