@@ -92,6 +92,10 @@ class ModelDecoder {
                            const std::vector<std::string> &stops, bool *stopped) const;
   bool has_tokenizer() const { return tokenizer_ != nullptr; }
   std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
+  std::optional<std::string> token_bytes(int32_t id) const {
+    if (!tokenizer_) return std::nullopt;
+    return tokenizer_->token_bytes(id);
+  }
   const std::vector<std::vector<int32_t>> &prompts() const { return prompts_; }
   std::string backend_description() const { return backend_->describe(); }
   // [PEFT] adapters while serving (Runtime::load_adapter and friends). Requests choose an adapter

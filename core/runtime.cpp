@@ -163,6 +163,7 @@ std::string Runtime::backend_description() const { return decoder_->backend_desc
 void Runtime::export_quantized(const std::filesystem::path &dir) { decoder_->export_quantized(dir); }
 
 std::optional<std::string> Runtime::decode(const std::vector<int32_t> &ids) const { return decoder_->decode(ids); }
+std::optional<std::string> Runtime::token_bytes(int32_t id) const { return decoder_->token_bytes(id); }
 
 std::vector<std::shared_ptr<Instance>> Runtime::make_samplers(const std::vector<std::string> &component_tomls,
                                                               const std::string &what) {

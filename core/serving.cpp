@@ -32,6 +32,7 @@
 #include "loom/core/request_queue.hpp"
 #include "loom/core/scheduler.hpp"
 #include "model_decoder.hpp"
+#include "token_logprobs.hpp"
 
 namespace loom {
 
@@ -103,6 +104,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     Live &l = it->second;
     if (l.out.tokens.size() > l.cut) { // (the callback refused a token before one that stopped it)
       l.out.tokens.resize(l.cut);
+      if (l.out.logprobs.size() > l.cut) l.out.logprobs.resize(l.cut);
       l.stopped_by_string = false;
       l.out.stopped = false;
     }
@@ -151,6 +153,10 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   std::vector<const Instance *> row_chain; // each sampled row's chain (nullptr: the pipeline's)
   std::vector<int32_t> row_draft;          // a verification row's index j (0: the last token's row, or no drafts)
   std::vector<char> row_q;                 // the row verifies sampled drafts (Live::draft_q)
+  // Log-probabilities: the raw logits of the sampled rows whose request asked for them, copied
+  // to the host before the samplers run; row i's is lp_rows[lp_at[i] * vocab...] (-1: none).
+  std::vector<float> lp_rows;
+  std::vector<int64_t> lp_at;
   // Speculative decoding: a drafter's proposals, and the histories of the rows after drafts.
   const int32_t spec_max_k = static_cast<int32_t>(spec.speculative_max_tokens);
   std::vector<int64_t> draft_seqs;
@@ -320,6 +326,9 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         refused = "a prompt of " + std::to_string(request.prompt.size()) + " tokens and " +
                   std::to_string(request.max_new_tokens) + " new tokens (1 or more; " + std::to_string(max_positions) +
                   " positions in all at most)";
+      if (refused.empty() && (request.logprobs < -1 || request.logprobs > kMaxTopLogprobs))
+        refused = "logprobs " + std::to_string(request.logprobs) + ": -1 for none, else 0 to " +
+                  std::to_string(kMaxTopLogprobs) + " alternatives";
       std::string adapter_slot;
       if (refused.empty() && !request.adapter && backend_->one_adapter_per_row()) {
         const size_t loaded = pipeline_.list(LOOM_KIND_ADAPTER).size();
@@ -350,7 +359,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         }
       }
       if (!refused.empty()) {
-        if (request.on_done) request.on_done(SequenceResult{request.prompt, {}, {}, false}, refused);
+        if (request.on_done) {
+          SequenceResult none;
+          none.prompt = request.prompt;
+          request.on_done(none, refused);
+        }
         continue;
       }
       Live l;
@@ -494,6 +507,42 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         continue;
       }
       // The first rows.size() rows of the logits are the sampled ones.
+      const size_t V = static_cast<size_t>(config_.vocab_size);
+      // Rows read on the host are [rows, vocab] float32, row-major (as sample() checks the shape
+      // for the chains): anything else is the backend's error, not a request's.
+      const auto check_host_readable = [&](size_t n_rows, const char *why) {
+        if (logits->ndim != 2 || logits->shape[0] < static_cast<int64_t>(n_rows) || logits->shape[1] != config_.vocab_size)
+          throw runtime_error(manifest_.source_name + ": the model backend returned logits of the wrong shape");
+        if (logits->dtype.code != kDLFloat || logits->dtype.bits != 32 || logits->dtype.lanes != 1 ||
+            (logits->strides != nullptr && (logits->strides[1] != 1 || logits->strides[0] != logits->shape[1])))
+          throw runtime_error(manifest_.source_name + ": the model backend returned logits that are not compact float32 rows (" +
+                              why + ")");
+      };
+      // Log-probabilities (ServeRequest::logprobs): the rows of the requests that asked, raw, on
+      // the host before any sampler link rewrites them (a sequence verifying drafts: each of its
+      // rows, the kept drafts' included).
+      lp_at.assign(rows.size(), -1);
+      int64_t lp_n = 0;
+      for (size_t i = 0; i < rows.size(); ++i)
+        if (live.at(rows[i]).request.logprobs >= 0) lp_at[i] = lp_n++;
+      if (lp_n > 0) {
+        check_host_readable(rows.size(), "log-probabilities");
+        lp_rows.resize(static_cast<size_t>(lp_n) * V);
+        for (size_t i = 0; i < rows.size();) {
+          size_t n = 0;
+          while (i + n < rows.size() && lp_at[i + n] >= 0) ++n;
+          if (n == 0) {
+            ++i;
+            continue;
+          }
+          std::string error;
+          const char *src = static_cast<const char *>(logits->data) + logits->byte_offset + i * V * sizeof(float);
+          if (device_memcpy(lp_rows.data() + static_cast<size_t>(lp_at[i]) * V, DLDevice{kDLCPU, 0}, src, logits->device,
+                            n * V * sizeof(float), error) != LOOM_OK)
+            throw runtime_error(manifest_.source_name + ": copying logits to the host for log-probabilities: " + error);
+          i += n;
+        }
+      }
       sampled.assign(rows.size(), -1);
       // Samples rows [begin, end), all of one chain, in one call, and tells the chain's links
       // the tokens. A request's own chain failing fails that request only; so does the
@@ -546,15 +595,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         const std::vector<std::shared_ptr<Instance>> chain =
             first.samplers.empty() ? pipeline_.list(LOOM_KIND_SAMPLER) : first.samplers;
         const std::vector<std::shared_ptr<Instance>> links(chain.begin(), chain.end() - 1);
-        const size_t V = static_cast<size_t>(config_.vocab_size);
-        // The rows are read below as [rows, vocab] float32, row-major (as sample() checks the
-        // shape for the chains): anything else is the backend's error, not a request's.
-        if (logits->ndim != 2 || logits->shape[0] < static_cast<int64_t>(end) || logits->shape[1] != config_.vocab_size)
-          throw runtime_error(manifest_.source_name + ": the model backend returned logits of the wrong shape");
-        if (logits->dtype.code != kDLFloat || logits->dtype.bits != 32 || logits->dtype.lanes != 1 ||
-            (logits->strides != nullptr && (logits->strides[1] != 1 || logits->strides[0] != logits->shape[1])))
-          throw runtime_error(manifest_.source_name +
-                              ": the model backend returned logits that are not compact float32 rows (verifying sampled drafts)");
+        check_host_readable(end, "verifying sampled drafts");
         for (size_t r = begin; r < end;) {
           const int64_t seq = rows[r];
           size_t n = 1;
@@ -618,6 +659,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       for (const ScheduledWork &w : plan.work) {
         if (!w.samples) continue;
         const int64_t seq = w.seq;
+        const size_t first_row = r;
         const int32_t *got = sampled.data() + r; // 1 + w.draft rows
         r += static_cast<size_t>(1 + w.draft);
         Live &l = live.at(seq);
@@ -649,6 +691,10 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         for (int32_t i = 0; i < kept + (chain_failed ? 0 : 1) && !done; ++i) {
           const int32_t token = got[i];
           l.out.tokens.push_back(token);
+          if (l.request.logprobs >= 0)
+            l.out.logprobs.push_back(token_logprob(
+                std::span<const float>(lp_rows.data() + static_cast<size_t>(lp_at[first_row + static_cast<size_t>(i)]) * V, V),
+                token, l.request.logprobs));
           emitted.push_back({seq, static_cast<int64_t>(l.out.tokens.size()) - 1, token});
           done = hits_stop(l.out.prompt, l.out, token, &l.stopped_by_string, l.request.stop ? &*l.request.stop : nullptr) ||
                  static_cast<int64_t>(l.out.tokens.size()) >= l.request.max_new_tokens;
@@ -672,6 +718,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     // request whose callback says stop ends here.
     for (const Emitted &e : emitted) {
       Live &l = live.at(e.seq);
+      if (l.cut == SIZE_MAX && l.request.on_logprob && static_cast<size_t>(e.index) < l.out.logprobs.size())
+        l.request.on_logprob(e.index, l.out.logprobs[static_cast<size_t>(e.index)]);
       if (l.cut != SIZE_MAX || !l.request.on_token || l.request.on_token(e.index, e.token)) continue;
       l.cut = static_cast<size_t>(e.index) + 1; // (later tokens of this step are dropped)
       if (!l.ending) {

@@ -45,6 +45,11 @@ struct ServeRequest {
   std::optional<uint64_t> seed;
   // Its stop strings instead of run.stop (the text ends where one begins).
   std::optional<std::vector<std::string>> stop;
+  // Log-probabilities: -1 none; 0 to kMaxTopLogprobs: each generated token's log-probability
+  // under the model's raw distribution and that many most likely alternatives
+  // (SequenceResult::logprobs, and on_logprob as tokens come). Costs a copy of the row of logits
+  // to the host for each token of such a request. Outside that range the request is refused.
+  int32_t logprobs = -1;
   // Set from any thread to end the request at the next step boundary (a client that went away):
   // it leaves the batch, its KV blocks go back to the pool, and on_done gets what it generated
   // (SequenceResult::cancelled set). Optional.
@@ -52,6 +57,8 @@ struct ServeRequest {
   // After each generated token: its index in the request's output and the token. Returning false
   // cancels the request (it ends at once). Optional.
   std::function<bool(int64_t index, int32_t token)> on_token;
+  // With logprobs >= 0: just before on_token, the token's log-probabilities. Optional.
+  std::function<void(int64_t index, const TokenLogprob &logprob)> on_logprob;
   // Once, when the request ends (stopped, at max_new_tokens, cancelled, or refused: then
   // `error` says why and the result is empty). Optional.
   std::function<void(const SequenceResult &result, const std::string &error)> on_done;

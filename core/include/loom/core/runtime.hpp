@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "loom/core/manifest.hpp"
@@ -53,12 +54,24 @@ struct AgentStep {
 };
 
 // One sequence of a run: a prompt of run.prompts (or the one prompt) and what it generated.
+// A generated token's log-probability under the model's distribution at its position (the
+// softmax of the raw logits, before the sampler chain rewrote them), and the most likely tokens
+// there (ServeRequest::logprobs of them), most likely first.
+struct TokenLogprob {
+  int32_t token = -1;
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top; // (token, log-probability)
+};
+inline constexpr int32_t kMaxTopLogprobs = 20; // alternatives a request may ask for
+
 struct SequenceResult {
   std::vector<int32_t> prompt; // the prompt's token ids
   std::vector<int32_t> tokens; // generated tokens, prompt excluded (a stop token included)
   std::string text;            // the generated text (what it adds to the prompt's), with a tokenizer
   bool stopped = false;        // a stop token or string ended it before run.steps
   bool cancelled = false;      // served: its cancel flag or a callback ended it early
+  // Served requests that asked (ServeRequest::logprobs): one entry per token of `tokens`.
+  std::vector<TokenLogprob> logprobs;
 };
 
 // One forward pass of the scheduler (a step): what it ran and how long it took on the host's
@@ -197,6 +210,10 @@ class Runtime {
   void export_quantized(const std::filesystem::path &dir);
   // The text of `ids` by the model's tokenizer; nullopt when the model has none.
   std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
+  // The bytes token `id` adds to a text it continues (Tokenizer::token_bytes: possibly part of a
+  // UTF-8 character; empty for control tokens and ids outside the vocabulary); nullopt when the
+  // model has no tokenizer.
+  std::optional<std::string> token_bytes(int32_t id) const;
   // Swaps the component in `slot` for the one described by a TOML table text
   // (`use = "top-k"\nk = 5`, optionally with library/version).
   SwapReport swap(std::string_view slot, std::string_view component_toml);
