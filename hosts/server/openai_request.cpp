@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "json_guard.hpp"
+#include "loom/core/runtime.hpp"
 
 namespace loom::server {
 
@@ -295,7 +296,7 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
                                  "presence_penalty", "seed", "logit_bias", "response_format", "stream", "stream_options",
                                  "user", "logprobs"};
   if (chat) {
-    known.insert({"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls"});
+    known.insert({"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "top_logprobs"});
   } else {
     known.insert({"prompt", "echo"});
   }
@@ -362,7 +363,15 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
     if (!p.stream) bad("stream_options", "'stream_options' is only allowed with stream: true");
   }
   string_field(j, "user", false);
-  if (bool_field(j, "logprobs", false)) bad("logprobs", "'logprobs' is not supported yet");
+  // Chat: logprobs true/false and top_logprobs alternatives; completions: logprobs = alternatives.
+  if (chat) {
+    const bool wants = bool_field(j, "logprobs", false);
+    const std::optional<int64_t> top = int_field(j, "top_logprobs", 0, kMaxTopLogprobs);
+    if (top && !wants) bad("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+    if (wants) p.logprobs = static_cast<int32_t>(top.value_or(0));
+  } else if (const std::optional<int64_t> top = int_field(j, "logprobs", 0, kMaxTopLogprobs)) {
+    p.logprobs = static_cast<int32_t>(*top);
+  }
   if (!chat && bool_field(j, "echo", false)) bad("echo", "'echo' is not supported");
   return p;
 }

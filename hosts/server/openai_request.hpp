@@ -51,6 +51,9 @@ struct GenerationParams {
   std::string schema_json; // json_schema: the schema (compact JSON)
   bool stream = false;
   bool include_usage = false; // stream_options.include_usage
+  // Log-probabilities of the reply's tokens with this many alternatives (0-20); -1: none. Chat:
+  // logprobs: true and top_logprobs; completions: logprobs.
+  int32_t logprobs = -1;
   // Chat function calling (tool_calls.hpp): the offered tools and how the model may use them.
   // With tools and a choice other than none, the tools are described in a system message (in
   // `messages` already) and the reply is parsed into tool_calls.

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "connection_pool.hpp"
+#include "logprobs_json.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/request_queue.hpp"
 #include "openai_request.hpp"
@@ -82,6 +83,8 @@ struct Choice {
   Clock::time_point last_token;
   size_t sent = 0;        // bytes of text already streamed
   size_t tokens_seen = 0; // tokens the HTTP thread has looked at
+  std::vector<TokenLogprob> logprobs; // as they come (ServeRequest::on_logprob), when asked for
+  size_t logprobs_sent = 0;           // of those, streamed
 };
 
 // A request in flight: its choices and the flag that cancels them. The engine thread's
@@ -352,6 +355,14 @@ struct Server::Impl {
       r.cancel = job->cancel;
       const size_t index = static_cast<size_t>(c);
       std::weak_ptr<Job> weak = job;
+      r.logprobs = p.logprobs;
+      if (p.logprobs >= 0)
+        r.on_logprob = [weak, index](int64_t, const TokenLogprob &logprob) { // (on_token wakes the reader)
+          if (auto j = weak.lock()) {
+            std::lock_guard lock(j->mutex);
+            j->choices[index].logprobs.push_back(logprob);
+          }
+        };
       r.on_token = [this, weak, index, arrival](int64_t, int32_t token) {
         auto j = weak.lock();
         if (!j) return false;
@@ -425,6 +436,22 @@ struct Server::Impl {
             return "data: " + dump(j) + "\n\n";
           };
           const auto write = [&](const std::string &s) { return sink.write(s.data(), s.size()); };
+          // A choice's `logprobs`: entries [begin, end) of `tokens` (null when not asked for).
+          const auto logprobs_json = [&](const std::vector<TokenLogprob> &tokens, size_t begin, size_t end) -> json {
+            if (gp.logprobs < 0) return nullptr;
+            return chat ? chat_logprobs(runtime, tokens, begin, end)
+                        : completion_logprobs(runtime, tokens, token_offsets(runtime, tokens), begin, end);
+          };
+          // How many of `tokens` begin within the first `text_bytes` bytes of the text (or end
+          // there, with `whole`); every one when the model has no tokenizer (and so no text).
+          const auto tokens_in = [&](const std::vector<TokenLogprob> &tokens, size_t text_bytes, bool whole) {
+            if (!runtime.has_tokenizer()) return tokens.size();
+            const std::vector<size_t> offsets = token_offsets(runtime, tokens);
+            if (!whole) return tokens_within(offsets, text_bytes);
+            size_t n = 0;
+            while (n < tokens.size() && offsets[n + 1] <= text_bytes) ++n;
+            return n;
+          };
           if (gp.stream && chat && !*started) {
             json first = json::array();
             for (size_t i = 0; i < job->choices.size(); ++i)
@@ -464,8 +491,15 @@ struct Server::Impl {
                 if (safe <= c.sent) continue;
                 const std::string delta = text.substr(c.sent, safe - c.sent);
                 c.sent = safe;
-                deltas.push_back(chat ? json{{"index", i}, {"delta", {{"content", delta}}}, {"logprobs", nullptr}, {"finish_reason", nullptr}}
-                                      : json{{"index", i}, {"text", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}});
+                // The log-probabilities of the tokens whose text this chunk completes.
+                json logprobs = nullptr;
+                if (gp.logprobs >= 0) {
+                  const size_t done_tokens = std::max(c.logprobs_sent, tokens_in(c.logprobs, safe, true));
+                  logprobs = logprobs_json(c.logprobs, c.logprobs_sent, done_tokens);
+                  c.logprobs_sent = done_tokens;
+                }
+                deltas.push_back(chat ? json{{"index", i}, {"delta", {{"content", delta}}}, {"logprobs", logprobs}, {"finish_reason", nullptr}}
+                                      : json{{"index", i}, {"text", delta}, {"logprobs", logprobs}, {"finish_reason", nullptr}});
               }
               if (!deltas.empty()) {
                 const std::string out = chunk(std::move(deltas));
@@ -503,8 +537,11 @@ struct Server::Impl {
               const std::string rest = text.size() > c.sent ? text.substr(c.sent) : std::string();
               json delta = rest.empty() ? json::object() : json{{"content", rest}};
               if (!calls[i].empty()) delta = {{"tool_calls", tool_calls_json(i)}};
-              last.push_back(chat ? json{{"index", i}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", finish_reason(c)}}
-                                  : json{{"index", i}, {"text", rest}, {"logprobs", nullptr}, {"finish_reason", finish_reason(c)}});
+              const std::vector<TokenLogprob> &lps = c.result.logprobs;
+              const json logprobs =
+                  logprobs_json(lps, c.logprobs_sent, std::max(c.logprobs_sent, tokens_in(lps, text.size(), false)));
+              last.push_back(chat ? json{{"index", i}, {"delta", delta}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}}
+                                  : json{{"index", i}, {"text", rest}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}});
             }
             out += chunk(std::move(last));
             if (!failure.empty())
@@ -521,8 +558,9 @@ struct Server::Impl {
               const Choice &c = job->choices[i];
               json message = {{"role", "assistant"}, {"content", c.result.text}};
               if (!calls[i].empty()) message = {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", tool_calls_json(i)}};
-              choices.push_back(chat ? json{{"index", i}, {"message", message}, {"logprobs", nullptr}, {"finish_reason", finish_reason(c)}}
-                                     : json{{"index", i}, {"text", c.result.text}, {"logprobs", nullptr},
+              const json logprobs = logprobs_json(c.result.logprobs, 0, tokens_in(c.result.logprobs, c.result.text.size(), false));
+              choices.push_back(chat ? json{{"index", i}, {"message", message}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}}
+                                     : json{{"index", i}, {"text", c.result.text}, {"logprobs", logprobs},
                                             {"finish_reason", finish_reason(c)}});
             }
             json body = {{"id", id}, {"object", chat ? "chat.completion" : "text_completion"}, {"created", created},

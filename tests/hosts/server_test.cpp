@@ -6,8 +6,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <fstream>
 #include <random>
 #include <thread>
 
@@ -365,6 +368,129 @@ TEST_CASE("a client that disconnects cancels its generation and frees its KV blo
   CHECK(metric(f, "loom_requests_cancelled_total") == cycles);
 }
 
+TEST_CASE("logprobs: completions and chat, streamed or not, are the model's (transformers' at the first token)", "[server][logprobs]") {
+  Fixture f;
+  // transformers' logits after "And God said" (BOS first, as the server encodes it):
+  // tests/fixtures/models/tiny-kjv-golden.json, made by make_default_model_golden.py.
+  std::ifstream in(std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/models/tiny-kjv-golden.json");
+  REQUIRE(in);
+  const json golden = json::parse(in)["cases"][0];
+  REQUIRE(golden["prompt"] == "And God said");
+  std::vector<double> ref = golden["logits"].back().get<std::vector<double>>();
+  const double top = *std::max_element(ref.begin(), ref.end());
+  double sum = 0;
+  for (double v : ref) sum += std::exp(v - top);
+  for (double &v : ref) v -= top + std::log(sum);
+  const std::vector<double> sorted = [&] {
+    std::vector<double> v = ref;
+    std::sort(v.begin(), v.end(), std::greater<>());
+    return v;
+  }();
+  const int32_t first = golden["greedy"][0].get<int32_t>();
+
+  const json req = {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 12}, {"temperature", 0}, {"logprobs", 5}};
+  auto res = f.post("/v1/completions", req);
+  REQUIRE(res);
+  REQUIRE(res->status == 200);
+  const json choice = json::parse(res->body)["choices"][0];
+  const json &lp = choice["logprobs"];
+  const size_t n = lp["tokens"].size();
+  REQUIRE(n > 0);
+  REQUIRE(lp["token_logprobs"].size() == n);
+  REQUIRE(lp["top_logprobs"].size() == n);
+  REQUIRE(lp["text_offset"].size() == n);
+  std::string joined;
+  for (size_t i = 0; i < n; ++i) {
+    INFO("token " << i);
+    CHECK(lp["text_offset"][i] == joined.size());
+    joined += lp["tokens"][i].get<std::string>();
+    CHECK(lp["top_logprobs"][i].size() <= 5);
+    // Greedy: the token is the most likely one, its log-probability the largest listed.
+    double best = -1e30;
+    for (const auto &[text, value] : lp["top_logprobs"][i].items()) best = std::max(best, value.get<double>());
+    CHECK(lp["token_logprobs"][i].get<double>() == Approx(best).margin(1e-6));
+  }
+  CHECK(joined == choice["text"]);
+  CHECK(lp["token_logprobs"][0].get<double>() == Approx(ref[static_cast<size_t>(first)]).margin(2e-4));
+  std::vector<double> listed;
+  for (const auto &[text, value] : lp["top_logprobs"][0].items()) listed.push_back(value.get<double>());
+  std::sort(listed.begin(), listed.end(), std::greater<>());
+  for (size_t k = 0; k < listed.size(); ++k) CHECK(listed[k] == Approx(sorted[k]).margin(2e-4));
+
+  // Streamed: the chunks' entries, in order, are the same.
+  json streamed_req = req;
+  streamed_req["stream"] = true;
+  auto s = f.post("/v1/completions", streamed_req);
+  REQUIRE(s);
+  json tokens = json::array(), values = json::array();
+  for (const std::string &e : events(s->body)) {
+    if (e == "[DONE]") continue;
+    const json chunk = json::parse(e);
+    for (const auto &ch : chunk["choices"]) {
+      if (ch["logprobs"].is_null()) continue;
+      for (const auto &t : ch["logprobs"]["tokens"]) tokens.push_back(t);
+      for (const auto &v : ch["logprobs"]["token_logprobs"]) values.push_back(v);
+    }
+  }
+  CHECK(tokens == lp["tokens"]);
+  CHECK(values == lp["token_logprobs"]);
+
+  // Chat, non-streamed and streamed.
+  json chat = {{"model", "tiny-kjv"}, {"messages", json::array({{{"role", "system"}, {"content", "You speak as the King James Bible."}},
+                                                                     {{"role", "user"}, {"content", "hi"}}})},
+               {"max_tokens", 10},
+               {"temperature", 0}, {"logprobs", true}, {"top_logprobs", 2}};
+  auto c = f.post("/v1/chat/completions", chat);
+  REQUIRE(c);
+  REQUIRE(c->status == 200);
+  const json message_choice = json::parse(c->body)["choices"][0];
+  const json &content = message_choice["logprobs"]["content"];
+  REQUIRE(content.is_array());
+  INFO(c->body);
+  REQUIRE(!content.empty());
+  std::string chat_joined;
+  for (const auto &t : content) {
+    const std::string text = t["token"];
+    std::vector<int> bytes(text.begin(), text.end());
+    for (int &b : bytes) b &= 0xff;
+    CHECK(t["bytes"].get<std::vector<int>>() == bytes);
+    CHECK(t["top_logprobs"].size() == 2);
+    CHECK(t["logprob"] == t["top_logprobs"][0]["logprob"]);
+    chat_joined += text;
+  }
+  CHECK(chat_joined == message_choice["message"]["content"]);
+  chat["stream"] = true;
+  auto cs = f.post("/v1/chat/completions", chat);
+  REQUIRE(cs);
+  json chat_streamed = json::array();
+  for (const std::string &e : events(cs->body)) {
+    if (e == "[DONE]") continue;
+    const json chunk = json::parse(e);
+    for (const auto &ch : chunk["choices"])
+      if (!ch["logprobs"].is_null())
+        for (const auto &t : ch["logprobs"]["content"]) chat_streamed.push_back(t);
+  }
+  CHECK(chat_streamed == content);
+
+  // Without the parameter: null; with a stop string: only the tokens that begin in the text.
+  auto plain = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 4}, {"temperature", 0}});
+  CHECK(json::parse(plain->body)["choices"][0]["logprobs"].is_null());
+  const std::string full = choice["text"];
+  REQUIRE(full.size() > 6);
+  json cut_req = req;
+  cut_req["stop"] = full.substr(4, 3);
+  auto cut = f.post("/v1/completions", cut_req);
+  const json cut_choice = json::parse(cut->body)["choices"][0];
+  const std::string cut_text = cut_choice["text"];
+  CHECK(cut_text.size() < full.size());
+  std::string cut_joined;
+  for (const auto &t : cut_choice["logprobs"]["tokens"]) {
+    CHECK(cut_joined.size() < std::max<size_t>(cut_text.size(), 1)); // each listed token begins in the text
+    cut_joined += t.get<std::string>();
+  }
+  CHECK(cut_joined.substr(0, cut_text.size()) == cut_text);
+}
+
 TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[server]") {
   Fixture f(manifest("max_body_bytes = 65536\n"));
   auto c = f.client();
@@ -389,6 +515,11 @@ TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[serve
       {"/v1/chat/completions", std::string(100, '[') + std::string(100, ']')},
       {"/v1/embeddings", "{\"model\": \"tiny-kjv\", \"input\": 5}"},
       {"/v1/completions", std::string(70000, ' ')},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"logprobs\": 21}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"logprobs\": true}"},
+      {"/v1/chat/completions", "{\"model\": \"tiny-kjv\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"top_logprobs\": 2}"},
+      {"/v1/chat/completions",
+       "{\"model\": \"tiny-kjv\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"logprobs\": true, \"top_logprobs\": 30}"},
   };
   for (const auto &[path, body] : cases) {
     auto r = c.Post(path.c_str(), body, "application/json");
@@ -406,7 +537,7 @@ TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[serve
                                     json::array(), json::array({1, 2}), json::object(), json::array({"a"}), 2147483648LL};
   const std::vector<std::string> keys = {"model", "prompt", "messages", "max_tokens", "n", "stop", "temperature", "top_p",
                                          "seed", "logit_bias", "response_format", "stream", "frequency_penalty",
-                                         "presence_penalty", "input", "stream_options", "logprobs", "echo", "user"};
+                                         "presence_penalty", "input", "stream_options", "logprobs", "top_logprobs", "echo", "user"};
   int counts[6] = {};
   for (int i = 0; i < 100000; ++i) {
     json body = {{"model", "tiny-kjv"}, {"max_tokens", 2}};
