@@ -23,6 +23,19 @@ static int32_t print_piece(void *user, const char *piece, size_t length) {
   return 0;
 }
 
+/* Keeps each sample's streamed pieces (up to 4 KB each). */
+struct samples_seen {
+  char text[3][4096];
+  size_t length[3];
+};
+static int32_t collect_sample(void *user, size_t sample, const char *piece, size_t length) {
+  struct samples_seen *seen = user;
+  if (sample >= 3 || seen->length[sample] + length > sizeof seen->text[0]) return 1;
+  memcpy(seen->text[sample] + seen->length[sample], piece, length);
+  seen->length[sample] += length;
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc != 2) {
     fprintf(stderr, "usage: embed_c MANIFEST\n");
@@ -67,6 +80,30 @@ int main(int argc, char **argv) {
   if (!check(loom_runtime_chat(rt, messages, 2, &options, NULL, NULL, &text, NULL), "chat")) return 1;
   printf("chat: %s\n", text);
   loom_free_string(text);
+
+  /* Three samples of one prompt in one batch; sample 0 is the single generation's text. */
+  struct samples_seen seen;
+  memset(&seen, 0, sizeof seen);
+  char *samples[3] = {NULL, NULL, NULL};
+  int32_t samples_stopped[3] = {-1, -1, -1};
+  options.max_tokens = 16;
+  if (!check(loom_runtime_generate_n(rt, "And God said", &options, 3, collect_sample, &seen, samples, samples_stopped),
+             "generate_n"))
+    return 1;
+  if (!check(loom_runtime_generate(rt, "And God said", &options, NULL, NULL, &text, NULL), "generate (sample 0)")) return 1;
+  int distinct = strcmp(samples[0], samples[1]) != 0 || strcmp(samples[0], samples[2]) != 0;
+  for (int j = 0; j < 3; ++j) {
+    printf("generate_n: [%d] %s\n", j, samples[j]);
+    /* The streamed pieces make up each sample's text. */
+    if (seen.length[j] != strlen(samples[j]) || memcmp(seen.text[j], samples[j], seen.length[j]) != 0) return 1;
+    if (samples_stopped[j] != 0 && samples_stopped[j] != 1) return 1;
+  }
+  printf("generate_n: sample 0 = generate: %d, samples differ: %d\n", strcmp(samples[0], text) == 0, distinct);
+  if (strcmp(samples[0], text) != 0 || !distinct) return 1;
+  for (int j = 0; j < 3; ++j) loom_free_string(samples[j]);
+  loom_free_string(text);
+  if (loom_runtime_generate_n(rt, "And God said", &options, 0, NULL, NULL, samples, NULL) != LOOM_ERR_INVALID_ARGUMENT) return 1;
+  printf("generate_n: n = 0 refused: %s\n", loom_last_error());
 
   /* Embeddings: ask for the size first, then fill. */
   const char *texts[] = {"In the beginning", "God created the heaven"};

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <new>
 #include <string>
@@ -77,9 +78,18 @@ std::string number(double v) {
   return buf;
 }
 
-// One generation of `prompt` through Runtime::serve on this thread, as the options say.
-loom_status generate_ids(loom_runtime *rt, std::vector<int32_t> prompt, const loom_generate_options *given,
-                         loom_text_fn on_text, void *user, char **text_out, int32_t *stopped) {
+// Samples per call of loom_runtime_generate_n / loom_runtime_chat_n (as run.n).
+constexpr size_t kMaxSamples = 64;
+
+// Streams sample `sample`'s new text; returns non-zero to stop that sample.
+using SampleText = std::function<int32_t(size_t sample, const char *piece, size_t length)>;
+
+// `n` samples of `prompt` through Runtime::serve on this thread, in one batch, as the options
+// say: sample j draws with nth_sample_seed(seed, j) (seed: the options' or loom.seed), so sample
+// 0 is the single generation's. Writes each sample's text to texts_out[j] and its stop flag to
+// stopped_out[j] (each array may be NULL).
+loom_status generate_samples(loom_runtime *rt, const std::vector<int32_t> &prompt, const loom_generate_options *given,
+                             size_t n, const SampleText &on_text, char **texts_out, int32_t *stopped_out) {
   std::lock_guard lock(rt->generating);
   loom::Runtime &runtime = *rt->runtime;
   const loom_generate_options o = read_options(given);
@@ -92,7 +102,6 @@ loom_status generate_ids(loom_runtime *rt, std::vector<int32_t> prompt, const lo
     if (o.stop[i] == nullptr || o.stop[i][0] == '\0') throw loom::runtime_error("loom_generate_options.stop[" + std::to_string(i) + "] is empty");
     r.stop->push_back(o.stop[i]);
   }
-  if (o.use_seed) r.seed = o.seed;
   if (o.use_sampling) {
     if (!(o.temperature >= 0.0 && o.temperature <= 100.0)) throw loom::runtime_error("loom_generate_options.temperature must be in [0, 100]");
     if (!(o.top_p >= 0.0 && o.top_p <= 1.0)) throw loom::runtime_error("loom_generate_options.top_p must be in [0, 1]");
@@ -104,7 +113,7 @@ loom_status generate_ids(loom_runtime *rt, std::vector<int32_t> prompt, const lo
       if (o.top_p > 0.0 && o.top_p < 1.0) chain.push_back("use = \"top-p\"\np = " + number(o.top_p));
       chain.push_back("use = \"dist\"");
     }
-    r.samplers = runtime.make_samplers(chain, "loom_generate_options");
+    r.samplers = runtime.make_samplers(chain, "loom_generate_options"); // shared by the samples: one sampling call
   }
   const int64_t positions = static_cast<int64_t>(prompt.size()) + r.max_new_tokens;
   if (positions > runtime.max_positions())
@@ -112,43 +121,101 @@ loom_status generate_ids(loom_runtime *rt, std::vector<int32_t> prompt, const lo
                               std::to_string(r.max_new_tokens) + " exceed the model's " + std::to_string(runtime.max_positions()) +
                               " positions");
   r.prompt = prompt;
-  // Streamed text: what the generation adds, less a tail that could still begin a stop string
-  // or finish a character cut between tokens (the rule loom serve streams by).
-  std::vector<int32_t> tokens;
-  size_t sent = 0;
-  bool stop_asked = false;
-  const std::vector<std::string> stops = *r.stop;
-  if (on_text && runtime.has_tokenizer())
-    r.on_token = [&](int64_t, int32_t token) {
-      tokens.push_back(token);
-      const std::string text = runtime.continuation(prompt, tokens, stops);
-      const size_t safe = loom::server::streamable_prefix(text, stops);
-      if (safe > sent) {
-        if (on_text(user, text.data() + sent, safe - sent) != 0) stop_asked = true;
-        sent = safe;
-      }
-      return !stop_asked;
-    };
-  loom::SequenceResult result;
-  std::string refused;
-  r.on_done = [&](const loom::SequenceResult &out, const std::string &error) {
-    result = out;
-    refused = error;
+  const uint64_t seed = o.use_seed ? o.seed : runtime.manifest().seed;
+  // Streamed text: what each sample adds, less a tail that could still begin a stop string or
+  // finish a character cut between tokens (the rule loom serve streams by).
+  struct Sample {
+    std::vector<int32_t> tokens;
+    size_t sent = 0;
+    bool stop_asked = false;
+    loom::SequenceResult result;
+    std::string refused;
   };
+  std::vector<Sample> samples(n);
+  const std::vector<std::string> stops = *r.stop;
   loom::RequestQueue queue;
-  queue.submit(std::move(r));
+  for (size_t j = 0; j < n; ++j) {
+    loom::ServeRequest sr = r;
+    sr.seed = loom::nth_sample_seed(seed, static_cast<int64_t>(j));
+    Sample &s = samples[j];
+    if (on_text && runtime.has_tokenizer())
+      sr.on_token = [&, j](int64_t, int32_t token) {
+        s.tokens.push_back(token);
+        const std::string text = runtime.continuation(prompt, s.tokens, stops);
+        const size_t safe = loom::server::streamable_prefix(text, stops);
+        if (safe > s.sent) {
+          if (on_text(j, text.data() + s.sent, safe - s.sent) != 0) s.stop_asked = true;
+          s.sent = safe;
+        }
+        return !s.stop_asked;
+      };
+    sr.on_done = [&s](const loom::SequenceResult &out, const std::string &error) {
+      s.result = out;
+      s.refused = error;
+    };
+    queue.submit(std::move(sr));
+  }
   queue.close();
   runtime.serve(queue, positions);
-  if (!refused.empty()) throw loom::runtime_error(refused);
-  if (on_text && result.text.size() > sent && !stop_asked) on_text(user, result.text.data() + sent, result.text.size() - sent);
-  if (text_out) {
-    char *copy = static_cast<char *>(std::malloc(result.text.size() + 1));
-    if (copy == nullptr) throw std::bad_alloc();
-    std::memcpy(copy, result.text.c_str(), result.text.size() + 1);
-    *text_out = copy;
+  for (const Sample &s : samples)
+    if (!s.refused.empty()) throw loom::runtime_error(s.refused);
+  bool cancelled = false;
+  for (size_t j = 0; j < n; ++j) {
+    const Sample &s = samples[j];
+    if (on_text && s.result.text.size() > s.sent && !s.stop_asked) on_text(j, s.result.text.data() + s.sent, s.result.text.size() - s.sent);
+    if (stopped_out) stopped_out[j] = s.result.stopped ? 1 : 0;
+    cancelled = cancelled || (s.result.cancelled && !s.stop_asked);
   }
-  if (stopped) *stopped = result.stopped ? 1 : 0;
-  return result.cancelled && !stop_asked ? fail(LOOM_ERR_CANCELLED, "the generation was cancelled") : LOOM_OK;
+  if (texts_out) {
+    for (size_t j = 0; j < n; ++j) {
+      const std::string &text = samples[j].result.text;
+      char *copy = static_cast<char *>(std::malloc(text.size() + 1));
+      if (copy == nullptr) {
+        for (size_t k = 0; k < j; ++k) {
+          std::free(texts_out[k]);
+          texts_out[k] = nullptr;
+        }
+        throw std::bad_alloc();
+      }
+      std::memcpy(copy, text.c_str(), text.size() + 1);
+      texts_out[j] = copy;
+    }
+  }
+  return cancelled ? fail(LOOM_ERR_CANCELLED, "the generation was cancelled") : LOOM_OK;
+}
+
+// A single generation: sample 0 of generate_samples.
+loom_status generate_one(loom_runtime *rt, const std::vector<int32_t> &prompt, const loom_generate_options *options,
+                         loom_text_fn on_text, void *user, char **text_out, int32_t *stopped) {
+  SampleText text;
+  if (on_text) text = [&](size_t, const char *piece, size_t length) { return on_text(user, piece, length); };
+  return generate_samples(rt, prompt, options, 1, text, text_out, stopped);
+}
+
+// Checks n and clears the outputs of the _n entry points.
+void start_samples(const char *what, size_t n, char **texts_out) {
+  if (n < 1 || n > kMaxSamples)
+    throw loom::runtime_error(std::string(what) + ": n is " + std::to_string(n) + ", outside 1 to " + std::to_string(kMaxSamples),
+                              LOOM_ERR_INVALID_ARGUMENT);
+  if (texts_out)
+    for (size_t j = 0; j < n; ++j) texts_out[j] = nullptr;
+}
+
+SampleText sample_text(loom_sample_text_fn on_text, void *user) {
+  if (!on_text) return {};
+  return [on_text, user](size_t j, const char *piece, size_t length) { return on_text(user, j, piece, length); };
+}
+
+// A conversation's token ids (loom_runtime_chat and loom_runtime_chat_n).
+std::vector<int32_t> chat_ids(loom::Runtime &runtime, const loom_chat_message *messages, size_t count, const char *what) {
+  std::vector<std::pair<std::string, std::string>> chat;
+  for (size_t i = 0; i < count; ++i) {
+    if (messages[i].role == nullptr || messages[i].content == nullptr)
+      throw loom::runtime_error(std::string(what) + ": messages[" + std::to_string(i) + "] has a NULL role or content",
+                                LOOM_ERR_INVALID_ARGUMENT);
+    chat.emplace_back(messages[i].role, messages[i].content);
+  }
+  return runtime.encode_messages(chat, "messages");
 }
 
 } // namespace
@@ -265,7 +332,7 @@ loom_status loom_runtime_generate(loom_runtime *runtime, const char *prompt, con
   if (text_out) *text_out = nullptr;
   if (runtime == nullptr || prompt == nullptr) return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_generate: NULL argument");
   try {
-    return generate_ids(runtime, runtime->runtime->encode_text(prompt, "prompt"), options, on_text, user, text_out, stopped);
+    return generate_one(runtime, runtime->runtime->encode_text(prompt, "prompt"), options, on_text, user, text_out, stopped);
   } catch (...) {
     return from_exception();
   }
@@ -279,13 +346,36 @@ loom_status loom_runtime_chat(loom_runtime *runtime, const loom_chat_message *me
   if (runtime == nullptr || messages == nullptr || count == 0)
     return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_chat: NULL argument or no messages");
   try {
-    std::vector<std::pair<std::string, std::string>> chat;
-    for (size_t i = 0; i < count; ++i) {
-      if (messages[i].role == nullptr || messages[i].content == nullptr)
-        return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_chat: messages[" + std::to_string(i) + "] has a NULL role or content");
-      chat.emplace_back(messages[i].role, messages[i].content);
-    }
-    return generate_ids(runtime, runtime->runtime->encode_messages(chat, "messages"), options, on_text, user, text_out, stopped);
+    return generate_one(runtime, chat_ids(*runtime->runtime, messages, count, "loom_runtime_chat"), options, on_text, user,
+                        text_out, stopped);
+  } catch (...) {
+    return from_exception();
+  }
+}
+
+loom_status loom_runtime_generate_n(loom_runtime *runtime, const char *prompt, const loom_generate_options *options, size_t n,
+                                    loom_sample_text_fn on_text, void *user, char **texts_out, int32_t *stopped_out) {
+  last_error.clear();
+  if (runtime == nullptr || prompt == nullptr) return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_generate_n: NULL argument");
+  try {
+    start_samples("loom_runtime_generate_n", n, texts_out);
+    return generate_samples(runtime, runtime->runtime->encode_text(prompt, "prompt"), options, n, sample_text(on_text, user),
+                            texts_out, stopped_out);
+  } catch (...) {
+    return from_exception();
+  }
+}
+
+loom_status loom_runtime_chat_n(loom_runtime *runtime, const loom_chat_message *messages, size_t count,
+                                const loom_generate_options *options, size_t n, loom_sample_text_fn on_text, void *user,
+                                char **texts_out, int32_t *stopped_out) {
+  last_error.clear();
+  if (runtime == nullptr || messages == nullptr || count == 0)
+    return fail(LOOM_ERR_INVALID_ARGUMENT, "loom_runtime_chat_n: NULL argument or no messages");
+  try {
+    start_samples("loom_runtime_chat_n", n, texts_out);
+    return generate_samples(runtime, chat_ids(*runtime->runtime, messages, count, "loom_runtime_chat_n"), options, n,
+                            sample_text(on_text, user), texts_out, stopped_out);
   } catch (...) {
     return from_exception();
   }

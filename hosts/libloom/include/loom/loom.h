@@ -132,6 +132,24 @@ LOOM_API loom_status loom_runtime_chat(loom_runtime *runtime, const loom_chat_me
                                        const loom_generate_options *options, loom_text_fn on_text, void *user,
                                        char **text_out, int32_t *stopped);
 
+/* Several samples of one prompt, generated together in one batch (as loom serve's `n` and run.n):
+ * sample j draws with the key seed + j * 0x9e3779b97f4a7c15, seed being options->seed with
+ * use_seed, else loom.seed, so sample 0 is loom_runtime_generate's text with the same options
+ * and the others part from it (greedy samples all agree). n is 1 to 64. `on_text` (may be NULL)
+ * gets each sample's pieces with its index, in the order they come; returning non-zero stops
+ * that sample only. On LOOM_OK (or LOOM_ERR_CANCELLED), texts_out[j] (the array may be NULL;
+ * else n entries, each freed with loom_free_string) receives sample j's text and stopped_out[j]
+ * (may be NULL) whether a stop token or string ended it; on other errors every texts_out entry
+ * is NULL (an n out of range writes nothing). */
+typedef int32_t (*loom_sample_text_fn)(void *user, size_t sample, const char *piece, size_t length);
+LOOM_API loom_status loom_runtime_generate_n(loom_runtime *runtime, const char *prompt, const loom_generate_options *options,
+                                             size_t n, loom_sample_text_fn on_text, void *user, char **texts_out,
+                                             int32_t *stopped_out);
+/* The same for the assistant's reply to `messages` (see loom_runtime_chat). */
+LOOM_API loom_status loom_runtime_chat_n(loom_runtime *runtime, const loom_chat_message *messages, size_t count,
+                                         const loom_generate_options *options, size_t n, loom_sample_text_fn on_text,
+                                         void *user, char **texts_out, int32_t *stopped_out);
+
 /* The model's embeddings of `texts` (the manifest's [embedding] table: pooling, normalisation,
  * the document prefix): `*dim` receives the vector size, and `out` (capacity floats) the
  * count x dim floats, row by row. When capacity < count x dim (out may then be NULL), only
