@@ -552,8 +552,8 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
 }
 
 bool ModelDecoder::hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string,
-                             const std::vector<std::string> *stops) const {
-  bool done = std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
+                             const std::vector<std::string> *stops, bool ignore_stop_tokens) const {
+  bool done = !ignore_stop_tokens && is_stop_token(token);
   const std::vector<std::string> &strings = stops ? *stops : manifest_.run.stop;
   if (!done && !strings.empty() && tokenizer_ && generated_text(prompt, out.tokens, &out.text, &strings)) done = *by_string = true;
   if (done) out.stopped = true;

@@ -27,6 +27,7 @@
 // Thread-safety: one thread drives it; swaps from other threads land between steps.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <map>
@@ -126,8 +127,12 @@ class ModelDecoder {
                       const std::vector<std::string> *stops = nullptr) const;
   // Whether `token`, just appended to out.tokens, ends the sequence: a stop token, or one of
   // run.stop in its text (then *by_string is set and out.text holds the text). Sets out.stopped.
+  // `ignore_stop_tokens`: only stop strings count (ServeRequest::ignore_stop_tokens).
   bool hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string,
-                 const std::vector<std::string> *stops = nullptr) const;
+                 const std::vector<std::string> *stops = nullptr, bool ignore_stop_tokens = false) const;
+  bool is_stop_token(int32_t token) const {
+    return std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
+  }
   // The run's single-sequence fields (prompt, tokens, text, stopped) from its first sequence.
   static void take_first_sequence(RunResult &result);
   // Runs the sampler chain over `logits` [rows, vocab]; rows[r] is the sequence of row r and

@@ -527,7 +527,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         if (live.at(rows[i]).request.logprobs >= 0) lp_at[i] = lp_n++;
       if (lp_n > 0) {
         check_host_readable(rows.size(), "log-probabilities");
-        lp_rows.resize(static_cast<size_t>(lp_n) * V);
+        lp_rows.resize(static_cast<size_t>(lp_n) * V); // (as sample()'s host rows: no memory is the engine's failure)
         for (size_t i = 0; i < rows.size();) {
           size_t n = 0;
           while (i + n < rows.size() && lp_at[i + n] >= 0) ++n;
@@ -647,8 +647,9 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         } else {
           for (size_t r = begin; r < end; ++r) {
             const int32_t j = row_draft[r];
-            if (j > 0 && (sampled[r - 1] != live.at(rows[r]).draft[static_cast<size_t>(j - 1)] ||
-                          std::find(stop_tokens_.begin(), stop_tokens_.end(), sampled[r - 1]) != stop_tokens_.end()))
+            const Live &l = live.at(rows[r]);
+            if (j > 0 && (sampled[r - 1] != l.draft[static_cast<size_t>(j - 1)] ||
+                          (!l.request.ignore_stop_tokens && is_stop_token(sampled[r - 1]))))
               continue;
             sample_rows(r, r + 1, j > 0);
           }
@@ -691,12 +692,13 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         for (int32_t i = 0; i < kept + (chain_failed ? 0 : 1) && !done; ++i) {
           const int32_t token = got[i];
           l.out.tokens.push_back(token);
-          if (l.request.logprobs >= 0)
+          if (l.request.logprobs >= 0 && lp_at[first_row + static_cast<size_t>(i)] >= 0)
             l.out.logprobs.push_back(token_logprob(
                 std::span<const float>(lp_rows.data() + static_cast<size_t>(lp_at[first_row + static_cast<size_t>(i)]) * V, V),
                 token, l.request.logprobs));
           emitted.push_back({seq, static_cast<int64_t>(l.out.tokens.size()) - 1, token});
-          done = hits_stop(l.out.prompt, l.out, token, &l.stopped_by_string, l.request.stop ? &*l.request.stop : nullptr) ||
+          done = hits_stop(l.out.prompt, l.out, token, &l.stopped_by_string, l.request.stop ? &*l.request.stop : nullptr,
+                           l.request.ignore_stop_tokens) ||
                  static_cast<int64_t>(l.out.tokens.size()) >= l.request.max_new_tokens;
         }
         if (done) {

@@ -1,56 +1,68 @@
 #include "token_logprobs.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 namespace loom {
+
+namespace {
+
+// Whether logit (x, a) ranks before (y, b): larger first, numbers before NaN, ties by id.
+bool ranks_before(float x, int32_t a, float y, int32_t b) {
+  const bool x_nan = std::isnan(x), y_nan = std::isnan(y);
+  if (x_nan != y_nan) return y_nan;
+  if (x_nan) return a < b;
+  return x > y || (x == y && a < b);
+}
+
+} // namespace
 
 TokenLogprob token_logprob(std::span<const float> row, int32_t token, int32_t top) {
   TokenLogprob out;
   out.token = token;
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  double max = -std::numeric_limits<double>::infinity();
+  const float inf = std::numeric_limits<float>::infinity();
+  const int32_t vocab = static_cast<int32_t>(row.size());
+  const int32_t k = std::clamp<int32_t>(top, 0, std::min<int32_t>(kMaxTopLogprobs, vocab));
+  // One pass: the maximum, NaN and +inf counts, and the k best (id, logit) kept sorted in a small
+  // array (insertion: k <= 20).
+  float max = -inf;
   bool has_nan = false;
-  int64_t infinite = 0; // +inf entries: softmax's limit puts all the mass on them, equally
-  for (float x : row) {
+  int64_t infinite = 0;
+  std::array<std::pair<int32_t, float>, kMaxTopLogprobs> best{};
+  int32_t kept = 0;
+  for (int32_t i = 0; i < vocab; ++i) {
+    const float x = row[static_cast<size_t>(i)];
     if (std::isnan(x)) has_nan = true;
-    else if (x == std::numeric_limits<float>::infinity()) ++infinite;
-    else max = std::max(max, static_cast<double>(x));
+    else if (x == inf) ++infinite;
+    else max = std::max(max, x);
+    if (k == 0 || (kept == k && !ranks_before(x, i, best[static_cast<size_t>(k - 1)].second, best[static_cast<size_t>(k - 1)].first)))
+      continue;
+    int32_t at = kept < k ? kept++ : k - 1;
+    while (at > 0 && ranks_before(x, i, best[static_cast<size_t>(at - 1)].second, best[static_cast<size_t>(at - 1)].first)) {
+      best[static_cast<size_t>(at)] = best[static_cast<size_t>(at - 1)];
+      --at;
+    }
+    best[static_cast<size_t>(at)] = {i, x};
   }
   // log p(i): log-softmax, or -log(count) for the +inf entries (and -inf for the rest) when some
   // are +inf; NaN when nothing finite or infinite fixes the distribution.
   double log_sum = nan;
   if (!has_nan && infinite == 0 && std::isfinite(max)) {
     double sum = 0;
-    for (float x : row) sum += std::exp(static_cast<double>(x) - max);
-    log_sum = max + std::log(sum);
+    for (float x : row) sum += static_cast<double>(std::exp(x - max));
+    log_sum = static_cast<double>(max) + std::log(sum);
   }
-  const auto logp = [&](int32_t i) -> double {
-    if (has_nan) return nan;
-    const float x = row[static_cast<size_t>(i)];
-    if (infinite > 0) return x == std::numeric_limits<float>::infinity() ? -std::log(static_cast<double>(infinite))
-                                                                          : -std::numeric_limits<double>::infinity();
-    return static_cast<double>(x) - log_sum;
+  const auto logp = [&](float x) -> float {
+    if (has_nan) return static_cast<float>(nan);
+    if (infinite > 0) return x == inf ? static_cast<float>(-std::log(static_cast<double>(infinite))) : -inf;
+    return static_cast<float>(static_cast<double>(x) - log_sum);
   };
-  const int32_t vocab = static_cast<int32_t>(row.size());
-  out.logprob = token >= 0 && token < vocab ? static_cast<float>(logp(token)) : static_cast<float>(nan);
-  const int32_t k = std::clamp<int32_t>(top, 0, std::min<int32_t>(kMaxTopLogprobs, vocab));
-  if (k == 0) return out;
-  // The k largest logits (NaN sorts last), ties by id: a partial sort of the ids.
-  std::vector<int32_t> ids(static_cast<size_t>(vocab));
-  for (int32_t i = 0; i < vocab; ++i) ids[static_cast<size_t>(i)] = i;
-  const auto before = [&](int32_t a, int32_t b) {
-    const float x = row[static_cast<size_t>(a)], y = row[static_cast<size_t>(b)];
-    const bool x_nan = std::isnan(x), y_nan = std::isnan(y);
-    if (x_nan != y_nan) return y_nan; // numbers before NaN
-    if (x_nan) return a < b;
-    return x > y || (x == y && a < b);
-  };
-  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), before);
-  out.top.reserve(static_cast<size_t>(k));
-  for (int32_t i = 0; i < k; ++i) out.top.emplace_back(ids[static_cast<size_t>(i)], static_cast<float>(logp(ids[static_cast<size_t>(i)])));
+  out.logprob = token >= 0 && token < vocab ? logp(row[static_cast<size_t>(token)]) : static_cast<float>(nan);
+  out.top.reserve(static_cast<size_t>(kept));
+  for (int32_t i = 0; i < kept; ++i) out.top.emplace_back(best[static_cast<size_t>(i)].first, logp(best[static_cast<size_t>(i)].second));
   return out;
 }
 

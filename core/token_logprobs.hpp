@@ -15,9 +15,11 @@
 namespace loom {
 
 // `token`'s log-probability in `row` (one position's logits over the vocabulary) and the `top`
-// most likely tokens (at most kMaxTopLogprobs), most likely first, ties by the smaller id.
-// Log-softmax in double. A row with a NaN, or with no finite maximum, gives NaN log-probabilities
-// (the row says nothing), +inf entries share the probability equally.
+// most likely tokens (at most kMaxTopLogprobs), most likely first, ties by the smaller id. The
+// normaliser is summed in double. Rows with +inf entries: those share the probability (each
+// log(1 / count)), the rest get -inf. Rows with a NaN, or with every entry -inf: NaN (the row
+// says nothing); alternatives then rank numbers before NaN. One pass over the row, no allocation
+// beyond the result.
 TokenLogprob token_logprob(std::span<const float> row, int32_t token, int32_t top);
 
 } // namespace loom

@@ -1,6 +1,7 @@
 #include "logprobs_json.hpp"
 
-#include <string>
+#include <algorithm>
+#include <cmath>
 
 namespace loom::server {
 
@@ -8,64 +9,107 @@ namespace {
 
 using json = nlohmann::json;
 
-std::string text_of(const Runtime &runtime, int32_t token) {
-  std::optional<std::string> bytes = runtime.token_bytes(token);
-  return bytes ? *bytes : "token_id:" + std::to_string(token);
+double finite(float logprob) { return std::isfinite(logprob) ? static_cast<double>(logprob) : -9999.0; }
+
+// Valid UTF-8, each malformed or cut sequence a U+FFFD (so that two pieces that both become
+// U+FFFD are seen to be one key before JSON writes them).
+std::string valid_utf8(const std::string &s) {
+  std::string out;
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    bool ok = n > 0 && i + n <= s.size();
+    for (size_t k = 1; ok && k < n; ++k) ok = (static_cast<unsigned char>(s[i + k]) >> 6) == 0x2;
+    if (ok) {
+      out.append(s, i, n);
+      i += n;
+    } else {
+      out += "\xef\xbf\xbd";
+      ++i;
+    }
+  }
+  return out;
 }
 
-json bytes_of(const std::string &text) {
+size_t characters(const std::string &text, size_t bytes) {
+  size_t n = 0;
+  for (size_t i = 0; i < bytes && i < text.size(); ++i) n += (static_cast<unsigned char>(text[i]) >> 6) != 0x2;
+  return n;
+}
+
+// The bytes token `id` adds, or `in_text` (its text in the reply) when it has none of its own.
+std::string bytes_of_token(const Runtime &runtime, int32_t id, const std::string &in_text = "") {
+  const std::optional<std::string> bytes = runtime.token_bytes(id);
+  if (!bytes) return "token_id:" + std::to_string(id);
+  return bytes->empty() ? in_text : *bytes;
+}
+
+json byte_list(const std::string &text) {
   json out = json::array();
   for (unsigned char c : text) out.push_back(static_cast<int>(c));
   return out;
 }
 
-} // namespace
-
-std::vector<size_t> token_offsets(const Runtime &runtime, std::span<const TokenLogprob> tokens) {
-  std::vector<size_t> offsets(1, 0);
-  for (const TokenLogprob &t : tokens) {
-    const std::optional<std::string> bytes = runtime.token_bytes(t.token);
-    offsets.push_back(offsets.back() + (bytes ? bytes->size() : 0));
-  }
-  return offsets;
+// Token i's text in the reply (empty where it completes nothing, or past the text).
+std::string text_in_reply(const TokenTexts &texts, const std::string &text, size_t i) {
+  const size_t from = std::min(texts.begin(i), text.size()), to = std::min(texts.begin(i + 1), text.size());
+  return to > from ? text.substr(from, to - from) : std::string();
 }
 
-size_t tokens_within(const std::vector<size_t> &offsets, size_t text_bytes) {
+} // namespace
+
+void TokenTexts::extend(std::span<const TokenLogprob> tokens) {
+  while (ids_.size() < tokens.size()) {
+    ids_.push_back(tokens[ids_.size()].token);
+    const size_t length = runtime_.has_tokenizer() ? runtime_.continuation(prompt_, ids_, {}).size() : 0;
+    // (A character cut between tokens decodes as U+FFFD until its last byte comes: keep the
+    // offsets from going back.)
+    offsets_.push_back(std::max(offsets_.back(), length));
+  }
+}
+
+size_t TokenTexts::within(size_t text_bytes, bool whole) const {
+  if (!runtime_.has_tokenizer()) return measured(); // no text: every token
   size_t n = 0;
-  while (n + 1 < offsets.size() && offsets[n] < text_bytes) ++n;
+  while (n < measured() && offsets_[n] < text_bytes && (!whole || offsets_[n + 1] <= text_bytes)) ++n;
   return n;
 }
 
-json chat_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens, size_t begin, size_t end) {
+json chat_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens, const TokenTexts &texts,
+                   const std::string &text, size_t begin, size_t end) {
   json content = json::array();
-  for (size_t i = begin; i < end && i < tokens.size(); ++i) {
+  for (size_t i = begin; i < end && i < tokens.size() && i < texts.measured(); ++i) {
     const TokenLogprob &t = tokens[i];
-    const std::string text = text_of(runtime, t.token);
+    const std::string token = bytes_of_token(runtime, t.token, text_in_reply(texts, text, i));
     json top = json::array();
     for (const auto &[id, logprob] : t.top) {
-      const std::string alt = text_of(runtime, id);
-      top.push_back({{"token", alt}, {"logprob", logprob}, {"bytes", bytes_of(alt)}});
+      const std::string alt = bytes_of_token(runtime, id);
+      top.push_back({{"token", alt}, {"logprob", finite(logprob)}, {"bytes", byte_list(alt)}});
     }
-    content.push_back({{"token", text}, {"logprob", t.logprob}, {"bytes", bytes_of(text)}, {"top_logprobs", top}});
+    content.push_back({{"token", token}, {"logprob", finite(t.logprob)}, {"bytes", byte_list(token)}, {"top_logprobs", top}});
   }
   return {{"content", content}, {"refusal", nullptr}};
 }
 
-json completion_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens, const std::vector<size_t> &offsets,
-                         size_t begin, size_t end) {
+json completion_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens, const TokenTexts &texts,
+                         const std::string &text, size_t begin, size_t end) {
   json out = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
               {"text_offset", json::array()}};
-  for (size_t i = begin; i < end && i < tokens.size(); ++i) {
+  for (size_t i = begin; i < end && i < tokens.size() && i < texts.measured(); ++i) {
     const TokenLogprob &t = tokens[i];
-    out["tokens"].push_back(text_of(runtime, t.token));
-    out["token_logprobs"].push_back(t.logprob);
+    out["tokens"].push_back(bytes_of_token(runtime, t.token, text_in_reply(texts, text, i)));
+    out["token_logprobs"].push_back(finite(t.logprob));
+    // The alternatives and the sampled token, as OpenAI lists them (an object: clients read the
+    // values, JSON keeps no order); two ids whose texts are one key: the likelier.
     json top = json::object();
     for (const auto &[id, logprob] : t.top) {
-      const std::string alt = text_of(runtime, id);
-      if (!top.contains(alt)) top[alt] = logprob; // (two ids with one text: the likelier)
+      const std::string alt = valid_utf8(bytes_of_token(runtime, id));
+      if (!top.contains(alt)) top[alt] = finite(logprob);
     }
-    out["top_logprobs"].push_back(top);
-    out["text_offset"].push_back(i < offsets.size() ? offsets[i] : 0);
+    const std::string sampled = valid_utf8(bytes_of_token(runtime, t.token, text_in_reply(texts, text, i)));
+    if (!top.contains(sampled)) top[sampled] = finite(t.logprob);
+    out["top_logprobs"].push_back(std::move(top));
+    out["text_offset"].push_back(characters(text, texts.begin(i)));
   }
   return out;
 }

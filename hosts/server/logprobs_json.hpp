@@ -2,17 +2,23 @@
 // (loom::TokenLogprob, ServeRequest::logprobs): chat's {"content": [{token, logprob, bytes,
 // top_logprobs}]} and the completions API's {tokens, token_logprobs, top_logprobs, text_offset}.
 //
-// A token's text is the bytes it adds to the text (Runtime::token_bytes; part of a UTF-8
-// character for byte-level pieces, sent with U+FFFD in `token` and exactly in `bytes`);
-// "token_id:N" when the model has no tokenizer. The entries cover the tokens that begin inside
-// the returned text: a stop string cuts the text, and the tokens wholly past the cut (and a stop
-// token at the end, which adds no text) are not listed.
+// Where each token's text begins is measured on the text itself: the generated text of the
+// first k tokens (Runtime::continuation, as the reply's text is made), so special tokens,
+// unknown pieces and characters cut between tokens land where the reply has them. The entries
+// cover the tokens that begin inside the returned text: a stop string cuts the text, and the
+// tokens wholly past the cut (and an end token at the end, which adds no text) are not listed.
+// A token's `token` is the bytes it adds (Runtime::token_bytes; a piece of a UTF-8 character is
+// sent with U+FFFD there and exactly in `bytes`), or its text in the reply when it has no bytes
+// of its own (special tokens); "token_id:N" without a tokenizer. Log-probabilities that are not
+// finite (a -inf alternative, a NaN row) are sent as -9999.0, as vLLM does: JSON has no
+// infinities, and clients add them up.
 //
-// Thread-safety: pure functions of their arguments (Runtime's token_bytes is safe from any thread).
+// Thread-safety: a TokenTexts belongs to one reader; Runtime's calls are safe from any thread.
 #pragma once
 
 #include <cstddef>
 #include <span>
+#include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -21,15 +27,31 @@
 
 namespace loom::server {
 
-// Byte offsets of each token's text in the generated text: entry i where token i begins, and one
-// more, where the last ends.
-std::vector<size_t> token_offsets(const Runtime &runtime, std::span<const TokenLogprob> tokens);
-// How many of the tokens begin before `text_bytes` (the returned text's length).
-size_t tokens_within(const std::vector<size_t> &offsets, size_t text_bytes);
-// Entries [begin, end) of `tokens` in the chat format ({"content": [...], "refusal": null}).
-nlohmann::json chat_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens, size_t begin, size_t end);
-// The same in the completions format; text_offset from `offsets` (token_offsets of all tokens).
-nlohmann::json completion_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens,
-                                   const std::vector<size_t> &offsets, size_t begin, size_t end);
+// Where the tokens of one reply begin in its text, extended as tokens come (each new token
+// decodes the reply once).
+class TokenTexts {
+ public:
+  TokenTexts(const Runtime &runtime, std::vector<int32_t> prompt) : runtime_(runtime), prompt_(std::move(prompt)) {}
+  // Measures the tokens of `tokens` not measured yet.
+  void extend(std::span<const TokenLogprob> tokens);
+  size_t measured() const { return offsets_.size() - 1; }
+  // Byte offset in the text where token i begins (i <= measured(): the end of the last).
+  size_t begin(size_t i) const { return offsets_[i]; }
+  // How many tokens begin before byte `text_bytes`; with `whole`, of those the ones that also
+  // end there (a streamed chunk lists the tokens whose text it completes).
+  size_t within(size_t text_bytes, bool whole) const;
+
+ private:
+  const Runtime &runtime_;
+  std::vector<int32_t> prompt_, ids_;
+  std::vector<size_t> offsets_{0};
+};
+
+// Entries [begin, end) of `tokens` (measured by `texts`) in the chat format ({"content": [...],
+// "refusal": null}), or the completions format (text_offset in characters of `text`, the reply).
+nlohmann::json chat_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens, const TokenTexts &texts,
+                             const std::string &text, size_t begin, size_t end);
+nlohmann::json completion_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens, const TokenTexts &texts,
+                                   const std::string &text, size_t begin, size_t end);
 
 } // namespace loom::server

@@ -279,7 +279,8 @@ std::string error_body(const ApiError &e) {
 }
 
 bool GenerationParams::own_sampling() const {
-  return temperature || top_p || frequency_penalty != 0 || presence_penalty != 0 || !logit_bias.empty() ||
+  return temperature || top_p || frequency_penalty != 0 || presence_penalty != 0 || !logit_bias.empty() || top_k > 0 ||
+         min_p > 0 || repetition_penalty != 1.0 ||
          format != ResponseFormat::text || tool_choice == ToolChoice::required || tool_choice == ToolChoice::named;
 }
 
@@ -294,7 +295,9 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   const json j = parse_body(body);
   std::set<std::string> known = {"model", "max_tokens", "n", "stop", "temperature", "top_p", "frequency_penalty",
                                  "presence_penalty", "seed", "logit_bias", "response_format", "stream", "stream_options",
-                                 "user", "logprobs"};
+                                 "user", "logprobs",
+                                 // vLLM's sampling extensions
+                                 "top_k", "min_p", "repetition_penalty", "ignore_eos"};
   if (chat) {
     known.insert({"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "top_logprobs"});
   } else {
@@ -331,6 +334,14 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   p.top_p = number_field(j, "top_p", 0.0, 1.0);
   if (p.top_p && *p.top_p <= 0.0) bad("top_p", "'top_p' must be greater than 0");
   p.frequency_penalty = number_field(j, "frequency_penalty", -2.0, 2.0).value_or(0.0);
+  // vLLM's extensions: top_k (-1 or 0: off), min_p, repetition_penalty (1: off; over the prompt
+  // and the reply), ignore_eos.
+  p.top_k = int_field(j, "top_k", -1, 1 << 30).value_or(0);
+  if (p.top_k < 0) p.top_k = 0;
+  p.min_p = number_field(j, "min_p", 0.0, 1.0).value_or(0.0);
+  p.repetition_penalty = number_field(j, "repetition_penalty", 0.0, 2.0).value_or(1.0);
+  if (p.repetition_penalty <= 0.0) bad("repetition_penalty", "'repetition_penalty' must be greater than 0");
+  p.ignore_eos = bool_field(j, "ignore_eos", false);
   p.presence_penalty = number_field(j, "presence_penalty", -2.0, 2.0).value_or(0.0);
   if (j.contains("seed") && !j["seed"].is_null()) {
     const json &s = j["seed"];
@@ -411,13 +422,17 @@ std::vector<std::string> sampler_chain_tomls(const GenerationParams &p) {
   if (p.frequency_penalty != 0 || p.presence_penalty != 0)
     chain.push_back("use = \"penalties\"\nfrequency_penalty = " + json(p.frequency_penalty).dump() +
                     "\npresence_penalty = " + json(p.presence_penalty).dump());
+  if (p.repetition_penalty != 1.0) chain.push_back("use = \"repetition-penalty\"\npenalty = " + json(p.repetition_penalty).dump());
   const double temperature = p.temperature.value_or(1.0);
   if (temperature == 0.0) {
     chain.push_back("use = \"greedy\"");
     return chain;
   }
   if (temperature != 1.0) chain.push_back("use = \"temperature\"\nt = " + json(temperature).dump());
+  // (vLLM's order: top-k, top-p, then min-p.)
+  if (p.top_k > 0) chain.push_back("use = \"top-k\"\nk = " + std::to_string(p.top_k));
   if (p.top_p && *p.top_p < 1.0) chain.push_back("use = \"top-p\"\np = " + json(*p.top_p).dump());
+  if (p.min_p > 0.0) chain.push_back("use = \"min-p\"\np = " + json(p.min_p).dump());
   chain.push_back("use = \"dist\"");
   return chain;
 }

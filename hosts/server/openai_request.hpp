@@ -45,6 +45,11 @@ struct GenerationParams {
   std::vector<std::string> stop;
   std::optional<double> temperature, top_p;
   double frequency_penalty = 0, presence_penalty = 0;
+  // vLLM's extensions: top_k (0: off), min_p (0: off), repetition_penalty (1: off), ignore_eos
+  // (the model's end tokens do not end the reply).
+  int64_t top_k = 0;
+  double min_p = 0, repetition_penalty = 1.0;
+  bool ignore_eos = false;
   std::optional<uint64_t> seed;
   std::vector<std::pair<int32_t, double>> logit_bias; // token id, bias in [-100, 100]
   ResponseFormat format = ResponseFormat::text;
@@ -74,7 +79,8 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
 
 // The sampler chain that carries out a request's sampling parameters, as component TOML texts
 // for Runtime::make_samplers: logit-bias, the JSON constraint (json-schema or grammar),
-// penalties, then greedy when temperature is 0, else temperature, top-p (when < 1) and dist.
+// penalties, repetition-penalty, then greedy when temperature is 0, else temperature, top-k, top-p
+// (when < 1), min-p and dist.
 std::vector<std::string> sampler_chain_tomls(const GenerationParams &p);
 
 // A /v1/embeddings body: `input` as one string or an array of strings.

@@ -85,6 +85,7 @@ struct Choice {
   size_t tokens_seen = 0; // tokens the HTTP thread has looked at
   std::vector<TokenLogprob> logprobs; // as they come (ServeRequest::on_logprob), when asked for
   size_t logprobs_sent = 0;           // of those, streamed
+  std::unique_ptr<TokenTexts> texts;  // where those tokens begin in the text (the HTTP thread's)
 };
 
 // A request in flight: its choices and the flag that cancels them. The engine thread's
@@ -352,6 +353,7 @@ struct Server::Impl {
       r.samplers = samplers; // shared by the choices: one sampling call for their rows
       r.seed = nth_sample_seed(base_seed, c % p.n);
       r.stop = p.stop;
+      r.ignore_stop_tokens = p.ignore_eos;
       r.cancel = job->cancel;
       const size_t index = static_cast<size_t>(c);
       std::weak_ptr<Job> weak = job;
@@ -436,21 +438,22 @@ struct Server::Impl {
             return "data: " + dump(j) + "\n\n";
           };
           const auto write = [&](const std::string &s) { return sink.write(s.data(), s.size()); };
-          // A choice's `logprobs`: entries [begin, end) of `tokens` (null when not asked for).
-          const auto logprobs_json = [&](const std::vector<TokenLogprob> &tokens, size_t begin, size_t end) -> json {
-            if (gp.logprobs < 0) return nullptr;
-            return chat ? chat_logprobs(runtime, tokens, begin, end)
-                        : completion_logprobs(runtime, tokens, token_offsets(runtime, tokens), begin, end);
+          // Where a choice's tokens begin in its text, measured as far as `tokens` goes.
+          const auto texts_of = [&](Choice &c, const std::vector<TokenLogprob> &tokens) -> TokenTexts & {
+            if (!c.texts) c.texts = std::make_unique<TokenTexts>(runtime, c.prompt);
+            c.texts->extend(tokens);
+            return *c.texts;
           };
-          // How many of `tokens` begin within the first `text_bytes` bytes of the text (or end
-          // there, with `whole`); every one when the model has no tokenizer (and so no text).
-          const auto tokens_in = [&](const std::vector<TokenLogprob> &tokens, size_t text_bytes, bool whole) {
-            if (!runtime.has_tokenizer()) return tokens.size();
-            const std::vector<size_t> offsets = token_offsets(runtime, tokens);
-            if (!whole) return tokens_within(offsets, text_bytes);
-            size_t n = 0;
-            while (n < tokens.size() && offsets[n + 1] <= text_bytes) ++n;
-            return n;
+          // A choice's `logprobs` (null when not asked for): the entries from c.logprobs_sent on
+          // of the tokens that begin within the first `text_bytes` bytes of `text` (with `whole`,
+          // that also end there), which are then counted as sent.
+          const auto logprobs_json = [&](Choice &c, const std::vector<TokenLogprob> &tokens, const std::string &text,
+                                         size_t text_bytes, bool whole) -> json {
+            if (gp.logprobs < 0) return nullptr;
+            const TokenTexts &t = texts_of(c, tokens);
+            const size_t begin = c.logprobs_sent, end = std::max(begin, t.within(text_bytes, whole));
+            c.logprobs_sent = end;
+            return chat ? chat_logprobs(runtime, tokens, t, text, begin, end) : completion_logprobs(runtime, tokens, t, text, begin, end);
           };
           if (gp.stream && chat && !*started) {
             json first = json::array();
@@ -492,12 +495,7 @@ struct Server::Impl {
                 const std::string delta = text.substr(c.sent, safe - c.sent);
                 c.sent = safe;
                 // The log-probabilities of the tokens whose text this chunk completes.
-                json logprobs = nullptr;
-                if (gp.logprobs >= 0) {
-                  const size_t done_tokens = std::max(c.logprobs_sent, tokens_in(c.logprobs, safe, true));
-                  logprobs = logprobs_json(c.logprobs, c.logprobs_sent, done_tokens);
-                  c.logprobs_sent = done_tokens;
-                }
+                const json logprobs = logprobs_json(c, c.logprobs, text, safe, true);
                 deltas.push_back(chat ? json{{"index", i}, {"delta", {{"content", delta}}}, {"logprobs", logprobs}, {"finish_reason", nullptr}}
                                       : json{{"index", i}, {"text", delta}, {"logprobs", logprobs}, {"finish_reason", nullptr}});
               }
@@ -532,14 +530,12 @@ struct Server::Impl {
           if (gp.stream) {
             json last = json::array();
             for (size_t i = 0; i < job->choices.size(); ++i) {
-              const Choice &c = job->choices[i];
+              Choice &c = job->choices[i];
               const std::string &text = c.result.text;
               const std::string rest = text.size() > c.sent ? text.substr(c.sent) : std::string();
               json delta = rest.empty() ? json::object() : json{{"content", rest}};
               if (!calls[i].empty()) delta = {{"tool_calls", tool_calls_json(i)}};
-              const std::vector<TokenLogprob> &lps = c.result.logprobs;
-              const json logprobs =
-                  logprobs_json(lps, c.logprobs_sent, std::max(c.logprobs_sent, tokens_in(lps, text.size(), false)));
+              const json logprobs = logprobs_json(c, c.result.logprobs, text, text.size(), false);
               last.push_back(chat ? json{{"index", i}, {"delta", delta}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}}
                                   : json{{"index", i}, {"text", rest}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}});
             }
@@ -555,10 +551,10 @@ struct Server::Impl {
           } else {
             json choices = json::array();
             for (size_t i = 0; i < job->choices.size(); ++i) {
-              const Choice &c = job->choices[i];
+              Choice &c = job->choices[i];
               json message = {{"role", "assistant"}, {"content", c.result.text}};
               if (!calls[i].empty()) message = {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", tool_calls_json(i)}};
-              const json logprobs = logprobs_json(c.result.logprobs, 0, tokens_in(c.result.logprobs, c.result.text.size(), false));
+              const json logprobs = logprobs_json(c, c.result.logprobs, c.result.text, c.result.text.size(), false);
               choices.push_back(chat ? json{{"index", i}, {"message", message}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}}
                                      : json{{"index", i}, {"text", c.result.text}, {"logprobs", logprobs},
                                             {"finish_reason", finish_reason(c)}});

@@ -491,6 +491,39 @@ TEST_CASE("logprobs: completions and chat, streamed or not, are the model's (tra
   CHECK(cut_joined.substr(0, cut_text.size()) == cut_text);
 }
 
+TEST_CASE("vLLM's sampling extensions: top_k, min_p, repetition_penalty, ignore_eos", "[server]") {
+  Fixture f;
+  const std::string greedy = greedy_run("And God said", 24);
+  const auto text_of = [&](json extra) {
+    json req = {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"seed", 3}};
+    req.update(extra);
+    auto r = f.post("/v1/completions", req);
+    REQUIRE(r);
+    INFO(r->body);
+    REQUIRE(r->status == 200);
+    return json::parse(r->body);
+  };
+  // One candidate left (top_k 1, or min_p 1: only the most likely token reaches the top's
+  // probability) is greedy decoding, however hot the temperature.
+  CHECK(text_of({{"temperature", 1.5}, {"top_k", 1}})["choices"][0]["text"] == greedy);
+  CHECK(text_of({{"temperature", 1.5}, {"min_p", 1.0}})["choices"][0]["text"] == greedy);
+  CHECK(text_of({{"temperature", 1.5}})["choices"][0]["text"] != greedy); // (so the two above were filtered)
+  CHECK(text_of({{"temperature", 1.5}, {"top_k", -1}})["choices"][0]["text"] == text_of({{"temperature", 1.5}})["choices"][0]["text"]);
+  // The greedy reply repeats itself; a repetition penalty changes it.
+  CHECK(text_of({{"temperature", 0}, {"repetition_penalty", 1.5}})["choices"][0]["text"] != greedy);
+  CHECK(text_of({{"temperature", 0}, {"repetition_penalty", 1.0}})["choices"][0]["text"] == greedy);
+  // The default model ends this greedy reply with its end token after 19 tokens; ignore_eos runs on.
+  const json ended = text_of({{"temperature", 0}, {"max_tokens", 40}});
+  CHECK(ended["choices"][0]["finish_reason"] == "stop");
+  CHECK(ended["usage"]["completion_tokens"].get<int>() < 40);
+  const json on = text_of({{"temperature", 0}, {"max_tokens", 40}, {"ignore_eos", true}});
+  CHECK(on["choices"][0]["finish_reason"] == "length");
+  CHECK(on["usage"]["completion_tokens"] == 40);
+  const std::string first = ended["choices"][0]["text"], longer = on["choices"][0]["text"];
+  CHECK(longer.substr(0, first.size()) == first);
+  CHECK(longer.size() > first.size());
+}
+
 TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[server]") {
   Fixture f(manifest("max_body_bytes = 65536\n"));
   auto c = f.client();
@@ -516,6 +549,10 @@ TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[serve
       {"/v1/embeddings", "{\"model\": \"tiny-kjv\", \"input\": 5}"},
       {"/v1/completions", std::string(70000, ' ')},
       {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"logprobs\": 21}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"top_k\": -2}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"min_p\": 1.5}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"repetition_penalty\": 0}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"ignore_eos\": \"yes\"}"},
       {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"logprobs\": true}"},
       {"/v1/chat/completions", "{\"model\": \"tiny-kjv\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"top_logprobs\": 2}"},
       {"/v1/chat/completions",
@@ -537,7 +574,8 @@ TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[serve
                                     json::array(), json::array({1, 2}), json::object(), json::array({"a"}), 2147483648LL};
   const std::vector<std::string> keys = {"model", "prompt", "messages", "max_tokens", "n", "stop", "temperature", "top_p",
                                          "seed", "logit_bias", "response_format", "stream", "frequency_penalty",
-                                         "presence_penalty", "input", "stream_options", "logprobs", "top_logprobs", "echo", "user"};
+                                         "presence_penalty", "input", "stream_options", "logprobs", "top_logprobs", "echo", "user",
+                                         "top_k", "min_p", "repetition_penalty", "ignore_eos"};
   int counts[6] = {};
   for (int i = 0; i < 100000; ++i) {
     json body = {{"model", "tiny-kjv"}, {"max_tokens", 2}};

@@ -45,6 +45,10 @@ struct ServeRequest {
   std::optional<uint64_t> seed;
   // Its stop strings instead of run.stop (the text ends where one begins).
   std::optional<std::vector<std::string>> stop;
+  // The run's stop tokens (run.stop_tokens, by default the model's end tokens) do not end it
+  // (vLLM's ignore_eos): it generates max_new_tokens unless a stop string ends it or it is
+  // cancelled. The tokens stay out of its text, as always.
+  bool ignore_stop_tokens = false;
   // Log-probabilities: -1 none; 0 to kMaxTopLogprobs: each generated token's log-probability
   // under the model's raw distribution and that many most likely alternatives
   // (SequenceResult::logprobs, and on_logprob as tokens come). Costs a copy of the row of logits

@@ -53,7 +53,6 @@ struct AgentStep {
   int64_t tokens = 0;         // tokens generated in the turn
 };
 
-// One sequence of a run: a prompt of run.prompts (or the one prompt) and what it generated.
 // A generated token's log-probability under the model's distribution at its position (the
 // softmax of the raw logits, before the sampler chain rewrote them), and the most likely tokens
 // there (ServeRequest::logprobs of them), most likely first.
@@ -64,6 +63,7 @@ struct TokenLogprob {
 };
 inline constexpr int32_t kMaxTopLogprobs = 20; // alternatives a request may ask for
 
+// One sequence of a run: a prompt of run.prompts (or the one prompt) and what it generated.
 struct SequenceResult {
   std::vector<int32_t> prompt; // the prompt's token ids
   std::vector<int32_t> tokens; // generated tokens, prompt excluded (a stop token included)
