@@ -189,13 +189,15 @@ std::vector<int32_t> ModelDecoder::encode_prompt(const std::string &text, const 
 }
 
 bool ModelDecoder::generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
-                                  std::string *text, const std::vector<std::string> *stops) const {
+                                  std::string *text, const std::vector<std::string> *stops,
+                                  std::span<const int32_t> more_stop_tokens) const {
   // Decoded after the prompt, so that pieces keep the spacing they have in context.
   // Stop tokens end the text; they are not part of it (a BPE tokenizer would write
   // "<|endoftext|>").
   std::vector<int32_t> all = prompt;
   for (int32_t id : generated)
-    if (std::find(stop_tokens_.begin(), stop_tokens_.end(), id) == stop_tokens_.end()) all.push_back(id);
+    if (!is_stop_token(id) && std::find(more_stop_tokens.begin(), more_stop_tokens.end(), id) == more_stop_tokens.end())
+      all.push_back(id);
   std::string before = tokenizer_->decode(prompt), whole = tokenizer_->decode(all);
   *text = whole.compare(0, before.size(), before) == 0 ? whole.substr(before.size())
                                                        : tokenizer_->decode(std::vector<int32_t>(all.begin() + static_cast<std::ptrdiff_t>(prompt.size()), all.end()));
@@ -552,10 +554,15 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
 }
 
 bool ModelDecoder::hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string,
-                             const std::vector<std::string> *stops, bool ignore_stop_tokens) const {
-  bool done = !ignore_stop_tokens && is_stop_token(token);
+                             const std::vector<std::string> *stops, const RequestStops &own) const {
+  // (Before min_tokens the stop tokens had no probability; a draft cannot bring one either,
+  // since drafts are kept only where the target's chain chose them.)
+  bool done = static_cast<int64_t>(out.tokens.size()) > own.min_tokens - 1 &&
+              ((!own.ignore_run_tokens && is_stop_token(token)) ||
+               std::find(own.more_tokens.begin(), own.more_tokens.end(), token) != own.more_tokens.end());
   const std::vector<std::string> &strings = stops ? *stops : manifest_.run.stop;
-  if (!done && !strings.empty() && tokenizer_ && generated_text(prompt, out.tokens, &out.text, &strings)) done = *by_string = true;
+  if (!done && !strings.empty() && tokenizer_ && generated_text(prompt, out.tokens, &out.text, &strings, own.more_tokens))
+    done = *by_string = true;
   if (done) out.stopped = true;
   return done;
 }

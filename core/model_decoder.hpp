@@ -53,6 +53,14 @@
 
 namespace loom {
 
+// A served request's own stop rules (ServeRequest): the run's stop tokens ignored, more stop
+// tokens, no stop token before min_tokens tokens.
+struct RequestStops {
+  bool ignore_run_tokens = false;
+  std::span<const int32_t> more_tokens;
+  int64_t min_tokens = 0;
+};
+
 class ModelDecoder {
  public:
   // `vocabulary` (optional) receives the model's tokenizer, for plugins that ask the host for it.
@@ -122,14 +130,14 @@ class ModelDecoder {
                                      const std::string &tokenizer_error) const;
   // The text `generated` adds after `prompt` into *text, cut before the first stop string;
   // true when a stop string was found. Needs the tokenizer.
-  // `stops`: these stop strings instead of run.stop.
+  // `stops`: these stop strings instead of run.stop. `more_stop_tokens` (a request's
+  // stop_token_ids) are left out of the text as the run's stop tokens are.
   bool generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated, std::string *text,
-                      const std::vector<std::string> *stops = nullptr) const;
+                      const std::vector<std::string> *stops = nullptr, std::span<const int32_t> more_stop_tokens = {}) const;
   // Whether `token`, just appended to out.tokens, ends the sequence: a stop token, or one of
   // run.stop in its text (then *by_string is set and out.text holds the text). Sets out.stopped.
-  // `ignore_stop_tokens`: only stop strings count (ServeRequest::ignore_stop_tokens).
   bool hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string,
-                 const std::vector<std::string> *stops = nullptr, bool ignore_stop_tokens = false) const;
+                 const std::vector<std::string> *stops = nullptr, const RequestStops &own = {}) const;
   bool is_stop_token(int32_t token) const {
     return std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
   }

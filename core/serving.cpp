@@ -110,7 +110,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     }
     release_draft_sequence(id);
     if (tokenizer_ && !l.stopped_by_string)
-      generated_text(l.out.prompt, l.out.tokens, &l.out.text, l.request.stop ? &*l.request.stop : nullptr);
+      generated_text(l.out.prompt, l.out.tokens, &l.out.text, l.request.stop ? &*l.request.stop : nullptr,
+                     l.request.stop_token_ids);
     release_sequence(id);
     ServeRequest request = std::move(l.request);
     SequenceResult out = std::move(l.out);
@@ -186,6 +187,17 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     return !chain.empty() && (chain.back()->vtable<loom_sampler_vtable>()->flags & LOOM_SAMPLER_CATEGORICAL) != 0 &&
            !stateful(chain);
   };
+
+  // A request's own stop rules (ServeRequest: ignore_stop_tokens, stop_token_ids, min_tokens),
+  // whether a token is one of its stop tokens, and those tokens for min_tokens' mask.
+  const auto stops_of = [](const Live &l) {
+    return RequestStops{l.request.ignore_stop_tokens, l.request.stop_token_ids, l.request.min_tokens};
+  };
+  const auto ends = [&](const Live &l, int32_t token) {
+    return (!l.request.ignore_stop_tokens && is_stop_token(token)) ||
+           std::find(l.request.stop_token_ids.begin(), l.request.stop_token_ids.end(), token) != l.request.stop_token_ids.end();
+  };
+  std::vector<int32_t> masked_tokens;
 
   // One chain's rows of a step (sampled together).
   std::vector<int32_t> group_rows, group_tokens;
@@ -326,6 +338,12 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         refused = "a prompt of " + std::to_string(request.prompt.size()) + " tokens and " +
                   std::to_string(request.max_new_tokens) + " new tokens (1 or more; " + std::to_string(max_positions) +
                   " positions in all at most)";
+      for (int32_t t : request.stop_token_ids)
+        if (refused.empty() && (t < 0 || t >= config_.vocab_size))
+          refused = "stop token " + std::to_string(t) + " is outside the vocabulary of " + std::to_string(config_.vocab_size);
+      if (refused.empty() && (request.min_tokens < 0 || request.min_tokens > request.max_new_tokens))
+        refused = "min_tokens " + std::to_string(request.min_tokens) + ": 0 to max_new_tokens (" +
+                  std::to_string(request.max_new_tokens) + ")";
       if (refused.empty() && (request.logprobs < -1 || request.logprobs > kMaxTopLogprobs))
         refused = "logprobs " + std::to_string(request.logprobs) + ": -1 for none, else 0 to " +
                   std::to_string(kMaxTopLogprobs) + " alternatives";
@@ -543,6 +561,23 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           i += n;
         }
       }
+      // min_tokens: a row of a request short of it gives its stop tokens no probability (after
+      // the log-probabilities' copy, which reports the raw rows).
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const Live &l = live.at(rows[i]);
+        if (static_cast<int64_t>(row_steps[i]) >= l.request.min_tokens) continue;
+        masked_tokens.assign(l.request.stop_token_ids.begin(), l.request.stop_token_ids.end());
+        if (!l.request.ignore_stop_tokens) masked_tokens.insert(masked_tokens.end(), stop_tokens_.begin(), stop_tokens_.end());
+        if (masked_tokens.empty()) continue;
+        check_host_readable(rows.size(), "min_tokens");
+        const float none = -std::numeric_limits<float>::infinity();
+        for (int32_t t : masked_tokens) {
+          char *at = static_cast<char *>(logits->data) + logits->byte_offset + (i * V + static_cast<size_t>(t)) * sizeof(float);
+          std::string error;
+          if (device_memcpy(at, logits->device, &none, DLDevice{kDLCPU, 0}, sizeof none, error) != LOOM_OK)
+            throw runtime_error(manifest_.source_name + ": masking stop tokens for min_tokens: " + error);
+        }
+      }
       sampled.assign(rows.size(), -1);
       // Samples rows [begin, end), all of one chain, in one call, and tells the chain's links
       // the tokens. A request's own chain failing fails that request only; so does the
@@ -648,8 +683,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           for (size_t r = begin; r < end; ++r) {
             const int32_t j = row_draft[r];
             const Live &l = live.at(rows[r]);
-            if (j > 0 && (sampled[r - 1] != l.draft[static_cast<size_t>(j - 1)] ||
-                          (!l.request.ignore_stop_tokens && is_stop_token(sampled[r - 1]))))
+            if (j > 0 && (sampled[r - 1] != l.draft[static_cast<size_t>(j - 1)] || ends(l, sampled[r - 1])))
               continue;
             sample_rows(r, r + 1, j > 0);
           }
@@ -698,7 +732,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
                 token, l.request.logprobs));
           emitted.push_back({seq, static_cast<int64_t>(l.out.tokens.size()) - 1, token});
           done = hits_stop(l.out.prompt, l.out, token, &l.stopped_by_string, l.request.stop ? &*l.request.stop : nullptr,
-                           l.request.ignore_stop_tokens) ||
+                           stops_of(l)) ||
                  static_cast<int64_t>(l.out.tokens.size()) >= l.request.max_new_tokens;
         }
         if (done) {

@@ -297,7 +297,7 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
                                  "presence_penalty", "seed", "logit_bias", "response_format", "stream", "stream_options",
                                  "user", "logprobs",
                                  // vLLM's sampling extensions
-                                 "top_k", "min_p", "repetition_penalty", "ignore_eos"};
+                                 "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens"};
   if (chat) {
     known.insert({"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "top_logprobs"});
   } else {
@@ -342,6 +342,13 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   p.repetition_penalty = number_field(j, "repetition_penalty", 0.0, 2.0).value_or(1.0);
   if (p.repetition_penalty <= 0.0) bad("repetition_penalty", "'repetition_penalty' must be greater than 0");
   p.ignore_eos = bool_field(j, "ignore_eos", false);
+  if (j.contains("stop_token_ids") && !j["stop_token_ids"].is_null()) {
+    const json &ids = j["stop_token_ids"];
+    if (!ids.is_array() || ids.size() > 64) bad("stop_token_ids", "'stop_token_ids' must be an array of up to 64 token ids");
+    for (const json &id : ids) p.stop_token_ids.push_back(token_id(id, "stop_token_ids", vocab_size));
+  }
+  p.min_tokens = int_field(j, "min_tokens", 0, 1 << 24).value_or(0);
+  if (p.max_tokens && p.min_tokens > *p.max_tokens) bad("min_tokens", "'min_tokens' must not exceed 'max_tokens'");
   p.presence_penalty = number_field(j, "presence_penalty", -2.0, 2.0).value_or(0.0);
   if (j.contains("seed") && !j["seed"].is_null()) {
     const json &s = j["seed"];

@@ -354,6 +354,8 @@ struct Server::Impl {
       r.seed = nth_sample_seed(base_seed, c % p.n);
       r.stop = p.stop;
       r.ignore_stop_tokens = p.ignore_eos;
+      r.stop_token_ids = p.stop_token_ids;
+      r.min_tokens = std::min(p.min_tokens, max_tokens);
       r.cancel = job->cancel;
       const size_t index = static_cast<size_t>(c);
       std::weak_ptr<Job> weak = job;
@@ -489,7 +491,12 @@ struct Server::Impl {
                 Choice &c = job->choices[i];
                 if (c.done || c.tokens.size() == c.tokens_seen) continue;
                 c.tokens_seen = c.tokens.size();
-                const std::string text = runtime.continuation(c.prompt, c.tokens, gp.stop);
+                // (stop_token_ids end the reply and stay out of its text, as the engine writes it)
+                std::vector<int32_t> shown = c.tokens;
+                std::erase_if(shown, [&](int32_t t) {
+                  return std::find(gp.stop_token_ids.begin(), gp.stop_token_ids.end(), t) != gp.stop_token_ids.end();
+                });
+                const std::string text = runtime.continuation(c.prompt, shown, gp.stop);
                 const size_t safe = streamable_prefix(text, gp.stop);
                 if (safe <= c.sent) continue;
                 const std::string delta = text.substr(c.sent, safe - c.sent);

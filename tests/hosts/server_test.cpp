@@ -491,7 +491,7 @@ TEST_CASE("logprobs: completions and chat, streamed or not, are the model's (tra
   CHECK(cut_joined.substr(0, cut_text.size()) == cut_text);
 }
 
-TEST_CASE("vLLM's sampling extensions: top_k, min_p, repetition_penalty, ignore_eos", "[server]") {
+TEST_CASE("vLLM's extensions: top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids", "[server]") {
   Fixture f;
   const std::string greedy = greedy_run("And God said", 24);
   const auto text_of = [&](json extra) {
@@ -522,6 +522,33 @@ TEST_CASE("vLLM's sampling extensions: top_k, min_p, repetition_penalty, ignore_
   const std::string first = ended["choices"][0]["text"], longer = on["choices"][0]["text"];
   CHECK(longer.substr(0, first.size()) == first);
   CHECK(longer.size() > first.size());
+  // min_tokens: the end token gets no probability before 30 tokens, so this greedy reply runs
+  // past its 19; stop strings still apply.
+  const json held = text_of({{"temperature", 0}, {"max_tokens", 40}, {"min_tokens", 30}});
+  CHECK(held["usage"]["completion_tokens"].get<int>() >= 30);
+  CHECK(held["choices"][0]["text"].get<std::string>().substr(0, first.size()) == first);
+  // stop_token_ids: the greedy reply's third token (transformers' greedy ids for this prompt,
+  // tests/fixtures/models/tiny-kjv-golden.json) ends it after three tokens, its text left out,
+  // streamed or not.
+  std::ifstream in(std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/models/tiny-kjv-golden.json");
+  const json golden = json::parse(in)["cases"][0];
+  REQUIRE(golden["prompt"] == "And God said");
+  const int32_t third = golden["greedy"][2];
+  const json cut = text_of({{"temperature", 0}, {"stop_token_ids", {third}}});
+  CHECK(cut["choices"][0]["finish_reason"] == "stop");
+  CHECK(cut["usage"]["completion_tokens"] == 3);
+  const std::string two = f.runtime->continuation(golden["input_ids"].get<std::vector<int32_t>>(),
+                                                 {golden["greedy"][0].get<int32_t>(), golden["greedy"][1].get<int32_t>()}, {});
+  CHECK(cut["choices"][0]["text"] == two);
+  auto streamed = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"temperature", 0},
+                                             {"stop_token_ids", {third}}, {"stream", true}});
+  std::string text;
+  for (const std::string &e : events(streamed->body)) {
+    if (e == "[DONE]") continue;
+    const json chunk = json::parse(e); // (named: a range-for over a temporary's member dangles)
+    for (const auto &ch : chunk["choices"]) text += ch["text"].get<std::string>();
+  }
+  CHECK(text == two);
 }
 
 TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[server]") {
@@ -553,6 +580,10 @@ TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[serve
       {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"min_p\": 1.5}"},
       {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"repetition_penalty\": 0}"},
       {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"ignore_eos\": \"yes\"}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"stop_token_ids\": [99999999]}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"stop_token_ids\": 5}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"max_tokens\": 4, \"min_tokens\": 5}"},
+      {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"min_tokens\": -1}"},
       {"/v1/completions", "{\"model\": \"tiny-kjv\", \"prompt\": \"x\", \"logprobs\": true}"},
       {"/v1/chat/completions", "{\"model\": \"tiny-kjv\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"top_logprobs\": 2}"},
       {"/v1/chat/completions",
@@ -575,7 +606,7 @@ TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[serve
   const std::vector<std::string> keys = {"model", "prompt", "messages", "max_tokens", "n", "stop", "temperature", "top_p",
                                          "seed", "logit_bias", "response_format", "stream", "frequency_penalty",
                                          "presence_penalty", "input", "stream_options", "logprobs", "top_logprobs", "echo", "user",
-                                         "top_k", "min_p", "repetition_penalty", "ignore_eos"};
+                                         "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens"};
   int counts[6] = {};
   for (int i = 0; i < 100000; ++i) {
     json body = {{"model", "tiny-kjv"}, {"max_tokens", 2}};

@@ -49,6 +49,13 @@ struct ServeRequest {
   // (vLLM's ignore_eos): it generates max_new_tokens unless a stop string ends it or it is
   // cancelled. The tokens stay out of its text, as always.
   bool ignore_stop_tokens = false;
+  // More tokens that end it (vLLM's stop_token_ids), left out of its text as the run's are.
+  std::vector<int32_t> stop_token_ids;
+  // No stop token ends it before it has this many tokens (vLLM's min_tokens): its stop tokens
+  // (the run's unless ignored, and stop_token_ids) get no probability until then (their logits
+  // are set to -inf before the sampler chain; log-probabilities are the raw row's). Stop strings
+  // apply as always. 0 to max_new_tokens.
+  int64_t min_tokens = 0;
   // Log-probabilities: -1 none; 0 to kMaxTopLogprobs: each generated token's log-probability
   // under the model's raw distribution and that many most likely alternatives
   // (SequenceResult::logprobs, and on_logprob as tokens come). Costs a copy of the row of logits
