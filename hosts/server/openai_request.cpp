@@ -259,6 +259,62 @@ void parse_response_format(const json &j, GenerationParams &p) {
   }
 }
 
+// A GBNF string literal matching `s` exactly.
+std::string gbnf_literal(const std::string &s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02X", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "\"";
+}
+
+// vLLM's guided_json / guided_choice / guided_grammar and llama.cpp's json_schema / grammar:
+// one constraint on the reply, as the json-schema and grammar samplers carry it out (GBNF, the
+// llama.cpp dialect, for the grammars). At most one of them, and not with response_format.
+void parse_guided(const json &j, GenerationParams &p) {
+  const auto given = [&](const char *key) { return j.contains(key) && !j[key].is_null(); };
+  int count = p.format != ResponseFormat::text ? 1 : 0;
+  for (const char *key : {"guided_json", "guided_choice", "guided_grammar", "grammar", "json_schema"}) {
+    if (!given(key)) continue;
+    if (++count > 1)
+      bad(key, std::string("'") + key + "' and '" + p.constraint_param + "' both constrain the reply: give one");
+    p.constraint_param = key;
+    const json &v = j[key];
+    const std::string k = key;
+    if (k == "guided_json" || k == "json_schema") {
+      // (vLLM takes the schema as an object or as its JSON text)
+      json schema = v;
+      if (v.is_string()) {
+        schema = json::parse(v.get<std::string>(), nullptr, false);
+        if (schema.is_discarded()) bad(key, "'" + k + "' is not valid JSON");
+      }
+      if (!schema.is_object()) bad(key, "'" + k + "' must be a JSON schema object");
+      p.format = ResponseFormat::json_schema;
+      p.schema_json = schema.dump();
+    } else if (k == "guided_choice") {
+      if (!v.is_array() || v.empty() || v.size() > 1024) bad(key, "'guided_choice' must be an array of 1 to 1024 strings");
+      std::string rule = "root ::= ";
+      for (size_t i = 0; i < v.size(); ++i) {
+        if (!v[i].is_string() || v[i].get<std::string>().empty()) bad(key, "'guided_choice' must hold non-empty strings");
+        rule += (i ? " | " : "") + gbnf_literal(v[i].get<std::string>());
+      }
+      p.grammar = rule + "\n";
+    } else {
+      if (!v.is_string() || v.get<std::string>().empty()) bad(key, "'" + k + "' must be a GBNF grammar (text with a 'root' rule)");
+      p.grammar = v.get<std::string>();
+    }
+  }
+}
+
 // Any JSON object, in the grammar sampler's GBNF (whitespace bounded so that a model cannot
 // spend its tokens on it).
 constexpr const char *kJsonObjectGrammar = R"(root ::= object
@@ -280,6 +336,7 @@ std::string error_body(const ApiError &e) {
 
 bool GenerationParams::own_sampling() const {
   return temperature || top_p || frequency_penalty != 0 || presence_penalty != 0 || !logit_bias.empty() || top_k > 0 ||
+         !grammar.empty() ||
          min_p > 0 || repetition_penalty != 1.0 ||
          format != ResponseFormat::text || tool_choice == ToolChoice::required || tool_choice == ToolChoice::named;
 }
@@ -297,7 +354,9 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
                                  "presence_penalty", "seed", "logit_bias", "response_format", "stream", "stream_options",
                                  "user", "logprobs",
                                  // vLLM's sampling extensions
-                                 "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens"};
+                                 "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens",
+                                 // constrained decoding as vLLM (guided_*) and llama.cpp's server (grammar, json_schema) take it
+                                 "guided_json", "guided_choice", "guided_grammar", "grammar", "json_schema"};
   if (chat) {
     known.insert({"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "top_logprobs"});
   } else {
@@ -370,8 +429,9 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
     }
   }
   parse_response_format(j, p);
+  parse_guided(j, p);
   if (p.format != ResponseFormat::text && (p.tool_choice == ToolChoice::required || p.tool_choice == ToolChoice::named))
-    bad("response_format", "'response_format' and a required tool call both constrain the reply: give one");
+    bad(p.constraint_param, "'" + p.constraint_param + "' and a required tool call both constrain the reply: give one");
   p.stream = bool_field(j, "stream", false);
   if (j.contains("stream_options") && !j["stream_options"].is_null()) {
     const json &o = j["stream_options"];
@@ -426,6 +486,7 @@ std::vector<std::string> sampler_chain_tomls(const GenerationParams &p) {
   if (p.tool_choice == ToolChoice::required || p.tool_choice == ToolChoice::named)
     chain.push_back("use = \"json-schema\"\nschema = " + toml_quote(tool_call_schema(p.callable_tools())));
   if (p.format == ResponseFormat::json_object) chain.push_back("use = \"grammar\"\ngrammar = " + toml_quote(kJsonObjectGrammar));
+  if (!p.grammar.empty()) chain.push_back("use = \"grammar\"\ngrammar = " + toml_quote(p.grammar));
   if (p.frequency_penalty != 0 || p.presence_penalty != 0)
     chain.push_back("use = \"penalties\"\nfrequency_penalty = " + json(p.frequency_penalty).dump() +
                     "\npresence_penalty = " + json(p.presence_penalty).dump());

@@ -56,6 +56,9 @@ struct GenerationParams {
   std::vector<std::pair<int32_t, double>> logit_bias; // token id, bias in [-100, 100]
   ResponseFormat format = ResponseFormat::text;
   std::string schema_json; // json_schema: the schema (compact JSON)
+  std::string grammar;     // a GBNF grammar the reply must follow (guided_choice, guided_grammar, grammar)
+  // The request field the reply's constraint came from (response_format, guided_json, ...), for errors.
+  std::string constraint_param = "response_format";
   bool stream = false;
   bool include_usage = false; // stream_options.include_usage
   // Log-probabilities of the reply's tokens with this many alternatives (0-20); -1: none. Chat:

@@ -322,7 +322,9 @@ struct Server::Impl {
       try {
         samplers = runtime.make_samplers(sampler_chain_tomls(p), "request");
       } catch (const Error &e) {
-        throw ApiError(400, e.what(), p.format != ResponseFormat::text ? "response_format" : p.own_sampling() && p.uses_tools() ? "tools" : "");
+        throw ApiError(400, e.what(), p.format != ResponseFormat::text || !p.grammar.empty() ? p.constraint_param
+                                      : p.own_sampling() && p.uses_tools()                  ? "tools"
+                                                                                            : "");
       }
     }
     const int64_t n_choices = static_cast<int64_t>(prompts.size()) * p.n;

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <fstream>
 #include <random>
+#include <set>
 #include <thread>
 
 #include <catch2/catch.hpp>
@@ -551,6 +552,55 @@ TEST_CASE("vLLM's extensions: top_k, min_p, repetition_penalty, ignore_eos, min_
   CHECK(text == two);
 }
 
+TEST_CASE("guided decoding as vLLM and llama.cpp's server take it: guided_choice, guided_json, grammar", "[server]") {
+  Fixture f;
+  const auto reply = [&](json extra, int seed) {
+    json req = {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"seed", seed}};
+    req.update(extra);
+    auto r = f.post("/v1/completions", req);
+    REQUIRE(r);
+    INFO(r->body);
+    REQUIRE(r->status == 200);
+    return json::parse(r->body)["choices"][0];
+  };
+  const std::set<std::string> choices = {"yes", "no", "the \"light\""};
+  std::set<std::string> seen;
+  for (int seed = 0; seed < 6; ++seed) {
+    const json c = reply({{"guided_choice", json(std::vector<std::string>(choices.begin(), choices.end()))}}, seed);
+    CHECK(choices.count(c["text"].get<std::string>()) == 1);
+    seen.insert(c["text"].get<std::string>());
+  }
+  CHECK(seen.size() > 1); // sampled among them
+  const json schema = {{"type", "object"}, {"properties", {{"n", {{"type", "integer"}}}}}, {"required", {"n"}}};
+  for (const json &given : {json(schema), json(schema.dump())}) { // an object, or its text (vLLM takes both)
+    for (const char *key : {"guided_json", "json_schema"}) {
+      const json c = reply({{key, given}, {"max_tokens", 40}}, 1);
+      if (c["finish_reason"] != "stop") continue; // ran out of tokens inside a number
+      const json out = json::parse(c["text"].get<std::string>());
+      CHECK(out["n"].is_number_integer());
+    }
+  }
+  for (const char *key : {"grammar", "guided_grammar"}) {
+    const std::string digits = reply({{key, "root ::= [0-9]+"}, {"max_tokens", 6}}, 2)["text"];
+    REQUIRE(!digits.empty());
+    CHECK(digits.find_first_not_of("0123456789") == std::string::npos);
+  }
+  // Refused, naming the field: a bad grammar, a bad choice list, two constraints at once.
+  const auto refused = [&](json extra) {
+    json req = {{"model", "tiny-kjv"}, {"prompt", "x"}};
+    req.update(extra);
+    auto r = f.post("/v1/completions", req);
+    REQUIRE(r);
+    CHECK(r->status == 400);
+    return json::parse(r->body)["error"]["param"];
+  };
+  CHECK(refused({{"grammar", "root ::= ("}}) == "grammar");
+  CHECK(refused({{"guided_choice", json::array()}}) == "guided_choice");
+  CHECK(refused({{"guided_json", "{not json"}}) == "guided_json");
+  CHECK(refused({{"guided_json", schema}, {"guided_choice", {"a"}}}) == "guided_choice"); // (the second one named)
+  CHECK(refused({{"guided_choice", {"a"}}, {"response_format", {{"type", "json_object"}}}}) == "guided_choice");
+}
+
 TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[server]") {
   Fixture f(manifest("max_body_bytes = 65536\n"));
   auto c = f.client();
@@ -606,7 +656,8 @@ TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[serve
   const std::vector<std::string> keys = {"model", "prompt", "messages", "max_tokens", "n", "stop", "temperature", "top_p",
                                          "seed", "logit_bias", "response_format", "stream", "frequency_penalty",
                                          "presence_penalty", "input", "stream_options", "logprobs", "top_logprobs", "echo", "user",
-                                         "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens"};
+                                         "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens",
+                                         "guided_json", "guided_choice", "guided_grammar", "grammar", "json_schema"};
   int counts[6] = {};
   for (int i = 0; i < 100000; ++i) {
     json body = {{"model", "tiny-kjv"}, {"max_tokens", 2}};
