@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "loom/core/chat_template.hpp"
+#include "loom/core/error.hpp"
 #include "loom/core/model_config.hpp"
 #include "loom/core/request_queue.hpp"
 #include "loom/core/runtime.hpp"
@@ -97,6 +98,10 @@ class ModelDecoder {
     return encode_prompt(text, {}, key, tokenizer_error_);
   }
   std::vector<int32_t> encode_messages(const std::vector<ChatMessage> &messages, const std::string &key) const;
+  std::vector<int32_t> tokenize(std::string_view text, bool add_special) const {
+    if (!tokenizer_) throw runtime_error("tokenize: the model has no tokenizer" + tokenizer_error_);
+    return tokenizer_->encode(text, add_special);
+  }
   std::string continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
                            const std::vector<std::string> &stops, bool *stopped) const;
   bool has_tokenizer() const { return tokenizer_ != nullptr; }

@@ -180,6 +180,10 @@ std::vector<int32_t> Runtime::encode_text(const std::string &text, const std::st
   return decoder_->encode_text(text, key);
 }
 
+std::vector<int32_t> Runtime::tokenize(std::string_view text, bool add_special) const {
+  return decoder_->tokenize(text, add_special);
+}
+
 std::vector<int32_t> Runtime::encode_messages(const std::vector<std::pair<std::string, std::string>> &messages,
                                               const std::string &key) const {
   std::vector<ChatMessage> chat;

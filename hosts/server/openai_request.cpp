@@ -471,6 +471,40 @@ std::string toml_quote(const std::string &s) {
   return out + "\"";
 }
 
+TokenizeParams parse_tokenize(const std::string &body) {
+  const json j = parse_body(body);
+  only(j, {"model", "prompt", "content", "messages", "add_special_tokens", "add_special", "with_pieces", "add_generation_prompt"});
+  TokenizeParams p;
+  p.model = string_field(j, "model", false);
+  const int given = static_cast<int>(j.contains("prompt")) + static_cast<int>(j.contains("content")) +
+                    static_cast<int>(j.contains("messages"));
+  if (given != 1) bad("prompt", "give one of 'prompt', 'content' or 'messages'");
+  if (j.contains("messages")) {
+    GenerationParams chat;
+    parse_messages(j, chat);
+    p.messages = std::move(chat.messages);
+    if (!bool_field(j, "add_generation_prompt", true))
+      bad("add_generation_prompt", "'add_generation_prompt': the chat template always ends in the assistant's prompt here");
+  } else {
+    const char *key = j.contains("prompt") ? "prompt" : "content";
+    if (!j[key].is_string()) bad(key, std::string("'") + key + "' must be a string");
+    p.text = j[key].get<std::string>();
+    p.add_special = j.contains("prompt") ? bool_field(j, "add_special_tokens", true) : bool_field(j, "add_special", false);
+  }
+  p.with_pieces = bool_field(j, "with_pieces", false);
+  return p;
+}
+
+std::vector<int32_t> parse_detokenize(const std::string &body, int64_t vocab_size) {
+  const json j = parse_body(body);
+  only(j, {"model", "tokens"});
+  string_field(j, "model", false);
+  if (!j.contains("tokens") || !j["tokens"].is_array()) bad("tokens", "'tokens' must be an array of token ids");
+  std::vector<int32_t> ids; // (may be empty: no text)
+  for (const json &t : j["tokens"]) ids.push_back(token_id(t, "tokens", vocab_size));
+  return ids;
+}
+
 std::vector<std::string> sampler_chain_tomls(const GenerationParams &p) {
   std::vector<std::string> chain;
   if (!p.logit_bias.empty()) {

@@ -78,6 +78,21 @@ struct GenerationParams {
   bool own_sampling() const;
 };
 
+// /tokenize and /detokenize, in vLLM's and llama.cpp's server's shapes. Tokenize: `prompt`
+// (vLLM; special tokens added unless add_special_tokens is false), `content` (llama.cpp; added
+// only with add_special: true), or chat `messages` (through the chat template, ending in the
+// assistant's generation prompt); with_pieces (llama.cpp) asks for each token's text.
+struct TokenizeParams {
+  std::string model;
+  std::string text;
+  std::vector<std::pair<std::string, std::string>> messages; // (role, content), when given
+  bool add_special = true;
+  bool with_pieces = false;
+};
+TokenizeParams parse_tokenize(const std::string &body);
+// Detokenize: `tokens`, ids within the vocabulary.
+std::vector<int32_t> parse_detokenize(const std::string &body, int64_t vocab_size);
+
 // Parses a /v1/completions (chat = false) or /v1/chat/completions body. `vocab_size` bounds
 // token ids (prompt ids, logit_bias keys). Throws ApiError.
 GenerationParams parse_generation(const std::string &body, bool chat, int64_t vocab_size);

@@ -287,6 +287,43 @@ struct Server::Impl {
                     "application/json");
   }
 
+  // ---- tokenizer ----
+
+  // /tokenize: vLLM's answer (count, max_model_len, tokens) and llama.cpp's (tokens, as objects
+  // with their piece under with_pieces) in one body.
+  void tokenize(const httplib::Request &req, httplib::Response &res) {
+    const TokenizeParams p = parse_tokenize(req.body);
+    if (!p.model.empty()) check_model(p.model); // (llama.cpp's clients name none)
+    if (!runtime.has_tokenizer()) throw ApiError(400, "this model has no tokenizer");
+    std::vector<int32_t> ids;
+    try {
+      ids = p.messages.empty() ? runtime.tokenize(p.text, p.add_special) : runtime.encode_messages(p.messages, "messages");
+    } catch (const Error &e) {
+      throw ApiError(400, e.what(), p.messages.empty() ? "prompt" : "messages");
+    }
+    json tokens = json::array();
+    for (int32_t id : ids) {
+      if (!p.with_pieces) {
+        tokens.push_back(id);
+        continue;
+      }
+      const std::string piece = runtime.token_bytes(id).value_or("");
+      tokens.push_back({{"id", id}, {"piece", piece}});
+    }
+    res.set_content(dump(json{{"tokens", tokens}, {"count", ids.size()}, {"max_model_len", runtime.max_positions()}}),
+                    "application/json");
+  }
+
+  // /detokenize: the text of the ids, as "prompt" (vLLM) and "content" (llama.cpp).
+  void detokenize(const httplib::Request &req, httplib::Response &res) {
+    const std::vector<int32_t> ids = parse_detokenize(req.body, runtime.vocab_size());
+    const json j = json::parse(req.body); // (parsed once already: valid)
+    if (j.contains("model") && j["model"].is_string()) check_model(j["model"].get<std::string>());
+    if (!runtime.has_tokenizer()) throw ApiError(400, "this model has no tokenizer");
+    const std::string text = runtime.decode(ids).value_or("");
+    res.set_content(dump(json{{"prompt", text}, {"content", text}}), "application/json");
+  }
+
   // ---- generation ----
 
   void generate(const httplib::Request &req, httplib::Response &res, bool chat) {
@@ -669,6 +706,12 @@ Server::Server(Runtime &runtime, Runtime *embedder, const ServerSpec &spec)
               }));
   s.http.Post("/v1/embeddings", guarded("/v1/embeddings", [&s](const httplib::Request &req, httplib::Response &res) {
                 s.embeddings(req, res);
+              }));
+  s.http.Post("/tokenize", guarded("/tokenize", [&s](const httplib::Request &req, httplib::Response &res) {
+                s.tokenize(req, res);
+              }));
+  s.http.Post("/detokenize", guarded("/detokenize", [&s](const httplib::Request &req, httplib::Response &res) {
+                s.detokenize(req, res);
               }));
   s.http.Post("/admin/swap", guarded("/admin/swap", [&s](const httplib::Request &req, httplib::Response &res) {
                 json j = json::parse(req.body, nullptr, false);

@@ -601,6 +601,39 @@ TEST_CASE("guided decoding as vLLM and llama.cpp's server take it: guided_choice
   CHECK(refused({{"guided_choice", {"a"}}, {"response_format", {{"type", "json_object"}}}}) == "guided_choice");
 }
 
+TEST_CASE("/tokenize and /detokenize, in vLLM's and llama.cpp's shapes", "[server]") {
+  Fixture f;
+  const std::vector<int32_t> ids = f.runtime->encode_text("And God said", "test"); // BOS first
+  auto a = f.post("/tokenize", {{"model", "tiny-kjv"}, {"prompt", "And God said"}});
+  REQUIRE(a->status == 200);
+  const json ja = json::parse(a->body);
+  CHECK(ja["tokens"].get<std::vector<int32_t>>() == ids);
+  CHECK(ja["count"] == ids.size());
+  CHECK(ja["max_model_len"] == f.runtime->max_positions());
+  // llama.cpp's: `content`, no special tokens unless asked, pieces on request.
+  auto b = f.post("/tokenize", {{"content", "And God said"}, {"with_pieces", true}});
+  REQUIRE(b->status == 200);
+  const json jb = json::parse(b->body);
+  REQUIRE(jb["tokens"].size() == ids.size() - 1);
+  std::string joined;
+  for (size_t i = 0; i < jb["tokens"].size(); ++i) {
+    CHECK(jb["tokens"][i]["id"] == ids[i + 1]);
+    joined += jb["tokens"][i]["piece"].get<std::string>();
+  }
+  CHECK(joined == " And God said"); // (sentencepiece's leading space)
+  auto c = f.post("/tokenize", {{"model", "tiny-kjv"}, {"messages", {{{"role", "user"}, {"content", "hi"}}}}});
+  REQUIRE(c->status == 200);
+  CHECK(json::parse(c->body)["tokens"].get<std::vector<int32_t>>() == f.runtime->encode_messages({{"user", "hi"}}, "test"));
+  auto d = f.post("/detokenize", {{"model", "tiny-kjv"}, {"tokens", ids}});
+  REQUIRE(d->status == 200);
+  CHECK(json::parse(d->body)["prompt"] == "And God said");
+  CHECK(json::parse(d->body)["content"] == "And God said");
+  CHECK(f.post("/detokenize", {{"tokens", {99999999}}})->status == 400);
+  CHECK(f.post("/detokenize", {{"tokens", "x"}})->status == 400);
+  CHECK(f.post("/tokenize", {{"prompt", "x"}, {"content", "y"}})->status == 400);
+  CHECK(f.post("/tokenize", {{"model", "other"}, {"prompt", "x"}})->status == 404);
+}
+
 TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[server]") {
   Fixture f(manifest("max_body_bytes = 65536\n"));
   auto c = f.client();
@@ -657,18 +690,24 @@ TEST_CASE("bad requests get 4xx with an OpenAI error body, never a 5xx", "[serve
                                          "seed", "logit_bias", "response_format", "stream", "frequency_penalty",
                                          "presence_penalty", "input", "stream_options", "logprobs", "top_logprobs", "echo", "user",
                                          "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens",
-                                         "guided_json", "guided_choice", "guided_grammar", "grammar", "json_schema"};
+                                         "guided_json", "guided_choice", "guided_grammar", "grammar", "json_schema",
+                                         "content", "tokens", "with_pieces", "add_special", "add_special_tokens"};
   int counts[6] = {};
   for (int i = 0; i < 100000; ++i) {
     json body = {{"model", "tiny-kjv"}, {"max_tokens", 2}};
-    const int route = static_cast<int>(rng() % 3);
-    if (route == 0) body["prompt"] = "And";
+    const int route = static_cast<int>(rng() % 5);
+    if (route == 0 || route == 3) body["prompt"] = "And";
     if (route == 1) body["messages"] = {{{"role", "user"}, {"content", "Hi"}}};
     if (route == 2) body["input"] = "x";
+    if (route == 4) body = {{"tokens", {1, 2}}};
     for (int m = 0; m < 1 + static_cast<int>(rng() % 3); ++m) body[keys[rng() % keys.size()]] = values[rng() % values.size()];
     std::string text = body.dump();
     if (rng() % 5 == 0) text[rng() % text.size()] = static_cast<char>(rng() % 256);
-    const char *path = route == 0 ? "/v1/completions" : route == 1 ? "/v1/chat/completions" : "/v1/embeddings";
+    const char *path = route == 0   ? "/v1/completions"
+                       : route == 1 ? "/v1/chat/completions"
+                       : route == 2 ? "/v1/embeddings"
+                       : route == 3 ? "/tokenize"
+                                    : "/detokenize";
     auto r = c.Post(path, text, "application/json");
     REQUIRE(r);
     INFO(path << " " << text << " -> " << r->status << " " << r->body.substr(0, 300));

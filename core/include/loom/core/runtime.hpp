@@ -189,6 +189,9 @@ class Runtime {
   std::vector<std::shared_ptr<Instance>> make_samplers(const std::vector<std::string> &component_tomls,
                                                        const std::string &what);
   std::vector<int32_t> encode_text(const std::string &text, const std::string &key) const;
+  // The tokenizer's ids of `text`, with or without the special tokens it adds to a sequence (BOS),
+  // possibly none (hosts' /tokenize). Needs a tokenizer (loom::Error otherwise).
+  std::vector<int32_t> tokenize(std::string_view text, bool add_special) const;
   std::vector<int32_t> encode_messages(const std::vector<std::pair<std::string, std::string>> &messages,
                                        const std::string &key) const;
   std::string continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
