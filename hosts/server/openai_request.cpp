@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "json_guard.hpp"
+#include "regex_gbnf.hpp"
 #include "loom/core/runtime.hpp"
 
 namespace loom::server {
@@ -259,31 +260,13 @@ void parse_response_format(const json &j, GenerationParams &p) {
   }
 }
 
-// A GBNF string literal matching `s` exactly.
-std::string gbnf_literal(const std::string &s) {
-  std::string out = "\"";
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20 || c == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02X", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out + "\"";
-}
-
-// vLLM's guided_json / guided_choice / guided_grammar and llama.cpp's json_schema / grammar:
+// vLLM's guided_json / guided_choice / guided_regex / guided_grammar and llama.cpp's json_schema / grammar:
 // one constraint on the reply, as the json-schema and grammar samplers carry it out (GBNF, the
 // llama.cpp dialect, for the grammars). At most one of them, and not with response_format.
 void parse_guided(const json &j, GenerationParams &p) {
   const auto given = [&](const char *key) { return j.contains(key) && !j[key].is_null(); };
   int count = p.format != ResponseFormat::text ? 1 : 0;
-  for (const char *key : {"guided_json", "guided_choice", "guided_grammar", "grammar", "json_schema"}) {
+  for (const char *key : {"guided_json", "guided_choice", "guided_regex", "guided_grammar", "grammar", "json_schema"}) {
     if (!given(key)) continue;
     if (++count > 1)
       bad(key, std::string("'") + key + "' and '" + p.constraint_param + "' both constrain the reply: give one");
@@ -308,6 +291,13 @@ void parse_guided(const json &j, GenerationParams &p) {
         rule += (i ? " | " : "") + gbnf_literal(v[i].get<std::string>());
       }
       p.grammar = rule + "\n";
+    } else if (k == "guided_regex") {
+      if (!v.is_string()) bad(key, "'guided_regex' must be a regular expression (a string)");
+      try {
+        p.grammar = regex_to_gbnf(v.get<std::string>());
+      } catch (const std::invalid_argument &e) {
+        bad(key, std::string("'guided_regex' ") + e.what());
+      }
     } else {
       if (!v.is_string() || v.get<std::string>().empty()) bad(key, "'" + k + "' must be a GBNF grammar (text with a 'root' rule)");
       p.grammar = v.get<std::string>();
@@ -356,7 +346,7 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
                                  // vLLM's sampling extensions
                                  "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens",
                                  // constrained decoding as vLLM (guided_*) and llama.cpp's server (grammar, json_schema) take it
-                                 "guided_json", "guided_choice", "guided_grammar", "grammar", "json_schema"};
+                                 "guided_json", "guided_choice", "guided_regex", "guided_grammar", "grammar", "json_schema"};
   if (chat) {
     known.insert({"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "top_logprobs"});
   } else {

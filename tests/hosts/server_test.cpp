@@ -12,6 +12,7 @@
 #include <cmath>
 #include <fstream>
 #include <random>
+#include <regex>
 #include <set>
 #include <thread>
 
@@ -584,6 +585,26 @@ TEST_CASE("guided decoding as vLLM and llama.cpp's server take it: guided_choice
     const std::string digits = reply({{key, "root ::= [0-9]+"}, {"max_tokens", 6}}, 2)["text"];
     REQUIRE(!digits.empty());
     CHECK(digits.find_first_not_of("0123456789") == std::string::npos);
+  }
+  // guided_regex: the reply matches the whole expression (std::regex, ECMAScript, checks it).
+  int matched = 0;
+  for (const std::string re : {R"(\d{3}-\d{2})", "(yes|no)!?", "[A-Z][a-z]{2,5}", R"(\w+@\w+\.com)", "a.c", R"([^\s"]{1,4} "x")",
+                               "^(?:ab)+c?$", R"([\d_]+)"}) {
+    for (int seed = 0; seed < 2; ++seed) {
+      const json c = reply({{"guided_regex", re}, {"max_tokens", 40}}, seed);
+      INFO(re << " -> " << c.dump());
+      if (c["finish_reason"] != "stop") continue;
+      CHECK(std::regex_match(c["text"].get<std::string>(), std::regex(re)));
+      ++matched;
+    }
+  }
+  CHECK(matched >= 12); // (most replies end inside 40 tokens)
+  for (const std::string re : {"(a", "a{2,1}", R"((a)\1)", "(?=a)b", "a**", "[a", "a^b", R"(\b)", ""}) {
+    json req = {{"model", "tiny-kjv"}, {"prompt", "x"}, {"guided_regex", re}};
+    auto r = f.post("/v1/completions", req);
+    INFO(re << " -> " << r->body);
+    CHECK(r->status == 400);
+    CHECK(json::parse(r->body)["error"]["param"] == "guided_regex");
   }
   // Refused, naming the field: a bad grammar, a bad choice list, two constraints at once.
   const auto refused = [&](json extra) {
