@@ -21,6 +21,8 @@
 #include <nlohmann/json.hpp>
 
 #include "loom/core/runtime.hpp"
+#include "openai_request.hpp"
+#include "regex_gbnf.hpp"
 #include "server.hpp"
 #include "stream_text.hpp"
 #include "tool_calls.hpp"
@@ -620,6 +622,29 @@ TEST_CASE("guided decoding as vLLM and llama.cpp's server take it: guided_choice
   CHECK(refused({{"guided_json", "{not json"}}) == "guided_json");
   CHECK(refused({{"guided_json", schema}, {"guided_choice", {"a"}}}) == "guided_choice"); // (the second one named)
   CHECK(refused({{"guided_choice", {"a"}}, {"response_format", {{"type", "json_object"}}}}) == "guided_choice");
+}
+
+TEST_CASE("regex_to_gbnf: random expressions convert to grammars the grammar sampler accepts, or are refused", "[server]") {
+  // 3,000 random strings over regular expressions' metacharacters: each either converts to a
+  // grammar that the grammar sampler compiles, or is refused with std::invalid_argument.
+  auto rt = Runtime::from_string(manifest(), "regex_test.toml");
+  std::mt19937 rng(11);
+  const std::string alphabet = "ab()[]{}|*+?.^$\\-,0123dwsDWSn:=!\"";
+  int converted = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::string re;
+    for (int k = 1 + static_cast<int>(rng() % 12); k > 0; --k) re += alphabet[rng() % alphabet.size()];
+    std::string grammar;
+    try {
+      grammar = loom::server::regex_to_gbnf(re);
+    } catch (const std::invalid_argument &) {
+      continue;
+    }
+    INFO(re << " -> " << grammar);
+    CHECK_NOTHROW(rt->make_samplers({"use = \"grammar\"\ngrammar = " + loom::server::toml_quote(grammar)}, "regex"));
+    ++converted;
+  }
+  CHECK(converted > 300);
 }
 
 TEST_CASE("/tokenize and /detokenize, in vLLM's and llama.cpp's shapes", "[server]") {
