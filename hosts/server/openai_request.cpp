@@ -440,7 +440,8 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   } else if (const std::optional<int64_t> top = int_field(j, "logprobs", 0, kMaxTopLogprobs)) {
     p.logprobs = static_cast<int32_t>(*top);
   }
-  if (!chat && bool_field(j, "echo", false)) bad("echo", "'echo' is not supported");
+  p.echo = !chat && bool_field(j, "echo", false);
+  if (p.echo && p.logprobs >= 0) bad("echo", "'echo' with 'logprobs' (the prompt's log-probabilities) is not supported yet");
   return p;
 }
 

@@ -64,6 +64,7 @@ struct GenerationParams {
   // Log-probabilities of the reply's tokens with this many alternatives (0-20); -1: none. Chat:
   // logprobs: true and top_logprobs; completions: logprobs.
   int32_t logprobs = -1;
+  bool echo = false; // completions: the reply's text begins with the prompt's
   // Chat function calling (tool_calls.hpp): the offered tools and how the model may use them.
   // With tools and a choice other than none, the tools are described in a system message (in
   // `messages` already) and the reply is parsed into tool_calls.

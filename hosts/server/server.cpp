@@ -81,6 +81,7 @@ struct Choice {
   SequenceResult result;
   std::string error;
   Clock::time_point last_token;
+  std::string echo;       // the prompt's text, sent before the reply's (completions' echo)
   size_t sent = 0;        // bytes of text already streamed
   size_t tokens_seen = 0; // tokens the HTTP thread has looked at
   std::vector<TokenLogprob> logprobs; // as they come (ServeRequest::on_logprob), when asked for
@@ -383,7 +384,10 @@ struct Server::Impl {
     const uint64_t base_seed = p.seed ? *p.seed : (static_cast<uint64_t>(entropy()) << 32 | entropy());
     for (int64_t c = 0; c < n_choices; ++c) {
       Choice &choice = job->choices[static_cast<size_t>(c)];
-      choice.prompt = prompts[static_cast<size_t>(c / p.n)];
+      const size_t k = static_cast<size_t>(c / p.n);
+      choice.prompt = prompts[k];
+      // echo: the prompt as given (its text, or the text of its ids)
+      if (p.echo) choice.echo = k < p.prompt_texts.size() ? p.prompt_texts[k] : runtime.decode(choice.prompt).value_or("");
       choice.last_token = arrival;
       prompt_tokens.fetch_add(choice.prompt.size(), std::memory_order_relaxed);
       ServeRequest r;
@@ -505,6 +509,14 @@ struct Server::Impl {
               job->cancel->store(true);
               return false;
             }
+          } else if (gp.stream && gp.echo && !*started) {
+            json first = json::array();
+            for (size_t i = 0; i < job->choices.size(); ++i)
+              first.push_back({{"index", i}, {"text", job->choices[i].echo}, {"logprobs", nullptr}, {"finish_reason", nullptr}});
+            if (!write(chunk(first))) {
+              job->cancel->store(true);
+              return false;
+            }
           }
           *started = true;
           auto last_check = Clock::now();
@@ -602,7 +614,7 @@ struct Server::Impl {
               if (!calls[i].empty()) message = {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", tool_calls_json(i)}};
               const json logprobs = logprobs_json(c, c.result.logprobs, c.result.text, c.result.text.size(), false);
               choices.push_back(chat ? json{{"index", i}, {"message", message}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}}
-                                     : json{{"index", i}, {"text", c.result.text}, {"logprobs", logprobs},
+                                     : json{{"index", i}, {"text", c.echo + c.result.text}, {"logprobs", logprobs},
                                             {"finish_reason", finish_reason(c)}});
             }
             json body = {{"id", id}, {"object", chat ? "chat.completion" : "text_completion"}, {"created", created},

@@ -162,6 +162,22 @@ TEST_CASE("completions at temperature 0 are the greedy run's; streaming gives th
   }
   CHECK(text == want);
   CHECK(usage["completion_tokens"] == body["usage"]["completion_tokens"]);
+
+  // echo: the prompt's text first, streamed or not; not with logprobs (the prompt's are not computed).
+  auto echoed = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"temperature", 0},
+                                           {"echo", true}});
+  REQUIRE(echoed->status == 200);
+  CHECK(json::parse(echoed->body)["choices"][0]["text"] == "And God said" + want);
+  auto echo_stream = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24},
+                                                {"temperature", 0}, {"echo", true}, {"stream", true}});
+  std::string echo_text;
+  for (const std::string &e : events(echo_stream->body)) {
+    if (e == "[DONE]") continue;
+    const json c = json::parse(e);
+    for (const auto &ch : c["choices"]) echo_text += ch["text"].get<std::string>();
+  }
+  CHECK(echo_text == "And God said" + want);
+  CHECK(f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "x"}, {"echo", true}, {"logprobs", 1}})->status == 400);
 }
 
 TEST_CASE("chat completions: non-streamed and streamed agree; seeds reproduce; n choices", "[server]") {
