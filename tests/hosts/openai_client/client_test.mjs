@@ -36,6 +36,23 @@ check(streamed === chat.choices[0].message.content, `streamed chat equals the sa
 check(chunks >= 3 && finish === chat.choices[0].finish_reason, 'stream chunks and finish_reason');
 check(usage && usage.completion_tokens === chat.usage.completion_tokens, 'stream usage');
 
+// Log-probabilities: plain, and streamed through the client's own stream helper, which merges
+// the chunks' logprobs.content.
+const lpBody = { model: 'tiny-kjv', messages, max_tokens: 10, temperature: 0, logprobs: true, top_logprobs: 2 };
+const lp = await client.chat.completions.create(lpBody);
+const lpContent = lp.choices[0].logprobs?.content ?? [];
+check(lpContent.length > 0 && lpContent.every((t) => typeof t.token === 'string' && t.logprob <= 0 && Array.isArray(t.bytes) &&
+                                                    t.top_logprobs.length === 2 && t.top_logprobs[0].logprob === t.logprob),
+      `chat logprobs (${lpContent.length} tokens, 2 alternatives each, greedy: the token is the first)`);
+const merged = await client.chat.completions.stream(lpBody).finalChatCompletion();
+check(JSON.stringify(merged.choices[0].logprobs?.content) === JSON.stringify(lpContent) &&
+      merged.choices[0].message.content === lp.choices[0].message.content,
+      'streamed logprobs, merged by the client, equal the plain reply\'s');
+const clp = await client.completions.create({ model: 'tiny-kjv', prompt: 'And God said', max_tokens: 8, temperature: 0, logprobs: 3 });
+const l = clp.choices[0].logprobs;
+check(l && l.tokens.join('') === clp.choices[0].text && l.token_logprobs.length === l.tokens.length &&
+      l.text_offset[0] === 0 && Object.keys(l.top_logprobs[0]).length >= 3, 'completions logprobs (tokens make up the text)');
+
 const schema = { type: 'object', properties: { book: { type: 'string', maxLength: 16 }, chapter: { type: 'integer' } },
                  required: ['book', 'chapter'], additionalProperties: false };
 let parsed = 0;
