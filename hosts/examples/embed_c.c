@@ -23,6 +23,17 @@ static int32_t print_piece(void *user, const char *piece, size_t length) {
   return 0;
 }
 
+/* Options with their own sampling (temperature 0: greedy), the rest at the defaults. */
+static loom_generate_options sampling_options(int64_t max_tokens, double temperature) {
+  loom_generate_options o;
+  memset(&o, 0, sizeof o);
+  o.struct_size = sizeof o;
+  o.max_tokens = max_tokens;
+  o.use_sampling = 1;
+  o.temperature = temperature;
+  return o;
+}
+
 /* Keeps each sample's streamed pieces (up to 4 KB each). */
 struct samples_seen {
   char text[3][4096];
@@ -45,12 +56,7 @@ int main(int argc, char **argv) {
   if (!check(loom_runtime_create_from_file(argv[1], NULL, 0, &rt), "create")) return 1;
 
   /* A greedy continuation, streamed, with a stop string. */
-  loom_generate_options options;
-  memset(&options, 0, sizeof options);
-  options.struct_size = sizeof options;
-  options.max_tokens = 32;
-  options.use_sampling = 1;
-  options.temperature = 0.0;
+  loom_generate_options options = sampling_options(32, 0.0);
   const char *stops[] = {"\n"};
   options.stop = stops;
   options.stop_count = 1;
@@ -104,6 +110,29 @@ int main(int argc, char **argv) {
   loom_free_string(text);
   if (loom_runtime_generate_n(rt, "And God said", &options, 0, NULL, NULL, samples, NULL) != LOOM_ERR_INVALID_ARGUMENT) return 1;
   printf("generate_n: n = 0 refused: %s\n", loom_last_error());
+
+  /* top_k 1 leaves one candidate: greedy, however hot; ignore_eos runs to max_tokens. */
+  loom_generate_options hot = sampling_options(12, 1.5);
+  hot.top_k = 1;
+  char *one = NULL, *greedy = NULL;
+  if (!check(loom_runtime_generate(rt, "And God said", &hot, NULL, NULL, &one, NULL), "generate top_k 1")) return 1;
+  hot.temperature = 0.0;
+  hot.top_k = 0;
+  if (!check(loom_runtime_generate(rt, "And God said", &hot, NULL, NULL, &greedy, NULL), "generate greedy")) return 1;
+  printf("generate: top_k 1 at temperature 1.5 = greedy: %d\n", strcmp(one, greedy) == 0);
+  if (strcmp(one, greedy) != 0) return 1;
+  loom_free_string(one);
+  loom_free_string(greedy);
+  hot.max_tokens = 40;
+  hot.ignore_eos = 1;
+  int32_t ended = -1;
+  if (!check(loom_runtime_generate(rt, "And God said", &hot, NULL, NULL, &one, &ended), "generate ignore_eos")) return 1;
+  printf("generate: ignore_eos: stopped=%d, %zu bytes\n", (int)ended, strlen(one));
+  if (ended != 0) return 1;
+  loom_free_string(one);
+  hot.min_tokens = 41;
+  if (loom_runtime_generate(rt, "And God said", &hot, NULL, NULL, &one, NULL) == LOOM_OK) return 1;
+  printf("generate: min_tokens > max_tokens refused: %s\n", loom_last_error());
 
   /* Embeddings: ask for the size first, then fill. */
   const char *texts[] = {"In the beginning", "God created the heaven"};

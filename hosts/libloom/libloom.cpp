@@ -102,15 +102,27 @@ loom_status generate_samples(loom_runtime *rt, const std::vector<int32_t> &promp
     if (o.stop[i] == nullptr || o.stop[i][0] == '\0') throw loom::runtime_error("loom_generate_options.stop[" + std::to_string(i) + "] is empty");
     r.stop->push_back(o.stop[i]);
   }
+  if (o.min_tokens < 0 || o.min_tokens > r.max_new_tokens)
+    throw loom::runtime_error("loom_generate_options.min_tokens must be in [0, max_tokens]");
+  r.min_tokens = o.min_tokens;
+  r.ignore_stop_tokens = o.ignore_eos != 0;
   if (o.use_sampling) {
     if (!(o.temperature >= 0.0 && o.temperature <= 100.0)) throw loom::runtime_error("loom_generate_options.temperature must be in [0, 100]");
     if (!(o.top_p >= 0.0 && o.top_p <= 1.0)) throw loom::runtime_error("loom_generate_options.top_p must be in [0, 1]");
+    if (o.top_k < 0) throw loom::runtime_error("loom_generate_options.top_k must be >= 0");
+    if (!(o.min_p >= 0.0 && o.min_p <= 1.0)) throw loom::runtime_error("loom_generate_options.min_p must be in [0, 1]");
+    if (!(o.repetition_penalty >= 0.0 && o.repetition_penalty <= 100.0))
+      throw loom::runtime_error("loom_generate_options.repetition_penalty must be in [0, 100] (0 or 1: off)");
     std::vector<std::string> chain;
+    if (o.repetition_penalty != 0.0 && o.repetition_penalty != 1.0)
+      chain.push_back("use = \"repetition-penalty\"\npenalty = " + number(o.repetition_penalty));
     if (o.temperature == 0.0) {
       chain.push_back("use = \"greedy\"");
     } else {
       chain.push_back("use = \"temperature\"\nt = " + number(o.temperature));
+      if (o.top_k > 0) chain.push_back("use = \"top-k\"\nk = " + std::to_string(o.top_k));
       if (o.top_p > 0.0 && o.top_p < 1.0) chain.push_back("use = \"top-p\"\np = " + number(o.top_p));
+      if (o.min_p > 0.0) chain.push_back("use = \"min-p\"\np = " + number(o.min_p));
       chain.push_back("use = \"dist\"");
     }
     r.samplers = runtime.make_samplers(chain, "loom_generate_options"); // shared by the samples: one sampling call

@@ -107,6 +107,12 @@ typedef struct loom_generate_options {
   uint64_t seed;
   const char *const *stop;     /* stop strings (the text ends where one begins); may be NULL */
   size_t stop_count;
+  /* Appended later (a smaller struct_size leaves them at their defaults, as zero does): */
+  int32_t top_k;               /* with use_sampling: keep the k most likely tokens; 0: off */
+  double min_p;                /* with use_sampling: drop tokens below min_p x the top one's probability; 0: off */
+  double repetition_penalty;   /* with use_sampling: > 1 discourages tokens of the prompt and the text; 0 or 1: off */
+  int32_t ignore_eos;          /* 1: the model's end tokens do not end the text (max_tokens does) */
+  int64_t min_tokens;          /* the end tokens get no probability before this many tokens; 0: off */
 } loom_generate_options;
 
 /* Called with each new piece of text as it is generated (never a piece of a stop string); the
