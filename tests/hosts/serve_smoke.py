@@ -25,6 +25,16 @@ if j["choices"][0]["finish_reason"] == "stop":
     check(isinstance(json.loads(j["choices"][0]["message"]["content"])["book"], str), "json_schema on CUDA logits")
 s, b = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And", "max_tokens": 8, "n": 3, "temperature": 1.2, "top_p": 0.9, "seed": 5, "stream": True})
 check(s == 200 and b.rstrip().endswith("data: [DONE]"), "n=3 streamed with top_p")
+# Log-probabilities (rows copied from the GPU before the chain) and min_tokens (-inf written into
+# the GPU's logits): greedy picks the most likely token; the end token waits for min_tokens.
+s, b = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And God said", "max_tokens": 12, "temperature": 0, "logprobs": 2})
+lp = json.loads(b)["choices"][0]["logprobs"] if s == 200 else None
+check(lp is not None and "".join(lp["tokens"]) == json.loads(b)["choices"][0]["text"] and
+      all(abs(max(t.values()) - v) < 1e-6 for t, v in zip(lp["top_logprobs"], lp["token_logprobs"])), "logprobs on CUDA: " + b[:200])
+s, b = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And God said", "max_tokens": 40, "temperature": 0, "min_tokens": 30})
+check(s == 200 and json.loads(b)["usage"]["completion_tokens"] >= 30, "min_tokens on CUDA: " + b[:200])
+s, b = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And", "max_tokens": 16, "seed": 3, "guided_regex": "[0-9]{2,4}"})
+check(s == 200 and json.loads(b)["choices"][0]["text"].isdigit(), "guided_regex on CUDA: " + b[:200])
 # 32 concurrent mixed requests (own chains and the pipeline's in one batch)
 res = []
 def worker(i):
