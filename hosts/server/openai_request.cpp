@@ -300,6 +300,8 @@ void parse_guided(const json &j, GenerationParams &p) {
       }
     } else {
       if (!v.is_string() || v.get<std::string>().empty()) bad(key, "'" + k + "' must be a GBNF grammar (text with a 'root' rule)");
+      // (a request's grammar is compiled under the grammar cache's lock: kept small)
+      if (v.get<std::string>().size() > 16384) bad(key, "'" + k + "' is longer than 16384 bytes");
       p.grammar = v.get<std::string>();
     }
   }
@@ -420,7 +422,12 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   }
   parse_response_format(j, p);
   parse_guided(j, p);
-  if (p.format != ResponseFormat::text && (p.tool_choice == ToolChoice::required || p.tool_choice == ToolChoice::named))
+  const bool constrained = p.format != ResponseFormat::text || !p.grammar.empty();
+  // A completed constraint leaves only the end token, which ignore_eos and min_tokens take away.
+  if (constrained && p.ignore_eos) bad("ignore_eos", "'ignore_eos' cannot go with '" + p.constraint_param + "': the reply ends where the constraint does");
+  if (constrained && p.min_tokens > 0)
+    bad("min_tokens", "'min_tokens' cannot go with '" + p.constraint_param + "': the reply ends where the constraint does");
+  if (constrained && (p.tool_choice == ToolChoice::required || p.tool_choice == ToolChoice::named))
     bad(p.constraint_param, "'" + p.constraint_param + "' and a required tool call both constrain the reply: give one");
   p.stream = bool_field(j, "stream", false);
   if (j.contains("stream_options") && !j["stream_options"].is_null()) {

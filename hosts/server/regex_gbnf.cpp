@@ -92,10 +92,12 @@ class Converter {
         return std::stoi(s);
       };
       const int lo = number(comma == std::string::npos ? inside : inside.substr(0, comma));
+      if (lo > 1000) fail(cat({"repetition {", inside, "} repeats more than 1000 times"}));
       if (comma == std::string::npos) q = cat({"{", std::to_string(lo), "}"});
       else if (comma + 1 == inside.size()) q = cat({"{", std::to_string(lo), ",}"});
       else {
         const int hi = number(inside.substr(comma + 1));
+        if (hi > 1000) fail(cat({"repetition {", inside, "} repeats more than 1000 times"}));
         if (hi < lo) fail(cat({"repetition {", inside, "} has its bounds the wrong way round"}));
         q = cat({"{", std::to_string(lo), ",", std::to_string(hi), "}"});
       }
@@ -186,19 +188,32 @@ class Converter {
       ++p_;
     }
     bool first = true;
+    // What the previous item was: a range may start only at a single character, and a '-' after
+    // a set (\d, \w, \s) or a range's end is refused or literal as Python's re has it.
+    enum class Prev { none, single, set, range_end } prev = Prev::none;
+    bool in_range = false; // a '-' of a range was just written
     while (p_ < re_.size() && (first || !at(']'))) {
       first = false;
       if (at('\\')) {
+        const bool set = p_ + 1 < re_.size() && std::string_view("dwsDWS").find(re_[p_ + 1]) != std::string_view::npos;
+        if (set && in_range) fail("a range cannot end at \\d, \\w or \\s");
         out += escape(true);
+        prev = set ? Prev::set : in_range ? Prev::range_end : Prev::single;
+        in_range = false;
         continue;
       }
       if (at('[') && p_ + 1 < re_.size() && re_[p_ + 1] == ':') fail("POSIX classes ([:alpha:]) are not supported");
       const auto c = static_cast<unsigned char>(re_[p_]);
-      if (c == '-' && p_ > 0 && re_[p_ - 1] != '[' && re_[p_ - 1] != '^' && p_ + 1 < re_.size() && re_[p_ + 1] != ']') {
+      const bool dash_inside = c == '-' && !in_range && p_ + 1 < re_.size() && re_[p_ + 1] != ']';
+      if (dash_inside && prev == Prev::single) {
         out += '-'; // a range
         ++p_;
+        in_range = true;
         continue;
       }
+      if (dash_inside && prev == Prev::set) fail("a range cannot start at \\d, \\w or \\s");
+      prev = in_range ? Prev::range_end : Prev::single;
+      in_range = false;
       if (c >= 0x80) { // a UTF-8 character, as is
         size_t n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
         if (p_ + n > re_.size()) fail("a UTF-8 character cut short");

@@ -607,7 +607,7 @@ TEST_CASE("guided decoding as vLLM and llama.cpp's server take it: guided_choice
   // guided_regex: the reply matches the whole expression (std::regex, ECMAScript, checks it).
   int matched = 0;
   for (const std::string re : {R"(\d{3}-\d{2})", "(yes|no)!?", "[A-Z][a-z]{2,5}", R"(\w+@\w+\.com)", "a.c", R"([^\s"]{1,4} "x")",
-                               "^(?:ab)+c?$", R"([\d_]+)"}) {
+                               "^(?:ab)+c?$", R"([\d_]+)", "[a-c-x]{2,3}", R"([\w-]{3})"}) {
     for (int seed = 0; seed < 2; ++seed) {
       const json c = reply({{"guided_regex", re}, {"max_tokens", 40}}, seed);
       INFO(re << " -> " << c.dump());
@@ -617,7 +617,8 @@ TEST_CASE("guided decoding as vLLM and llama.cpp's server take it: guided_choice
     }
   }
   CHECK(matched >= 12); // (most replies end inside 40 tokens)
-  for (const std::string re : {"(a", "a{2,1}", R"((a)\1)", "(?=a)b", "a**", "[a", "a^b", R"(\b)", ""}) {
+  for (const std::string re : {"(a", "a{2,1}", R"((a)\1)", "(?=a)b", "a**", "[a", "a^b", R"(\b)", "", R"([\w-~])", R"([a-\d])",
+                               "a{1001}"}) {
     json req = {{"model", "tiny-kjv"}, {"prompt", "x"}, {"guided_regex", re}};
     auto r = f.post("/v1/completions", req);
     INFO(re << " -> " << r->body);
@@ -638,6 +639,10 @@ TEST_CASE("guided decoding as vLLM and llama.cpp's server take it: guided_choice
   CHECK(refused({{"guided_json", "{not json"}}) == "guided_json");
   CHECK(refused({{"guided_json", schema}, {"guided_choice", {"a"}}}) == "guided_choice"); // (the second one named)
   CHECK(refused({{"guided_choice", {"a"}}, {"response_format", {{"type", "json_object"}}}}) == "guided_choice");
+  // A completed constraint leaves only the end token: ignore_eos and min_tokens cannot go with one.
+  CHECK(refused({{"guided_choice", {"a"}}, {"ignore_eos", true}}) == "ignore_eos");
+  CHECK(refused({{"grammar", "root ::= [0-9]+"}, {"min_tokens", 3}}) == "min_tokens");
+  CHECK(refused({{"grammar", std::string(20000, ' ') + "root ::= \"a\""}}) == "grammar");
 }
 
 TEST_CASE("regex_to_gbnf: random expressions convert to grammars the grammar sampler accepts, or are refused", "[server]") {
