@@ -557,9 +557,7 @@ bool ModelDecoder::hits_stop(const std::vector<int32_t> &prompt, SequenceResult 
                              const std::vector<std::string> *stops, const RequestStops &own) const {
   // (Before min_tokens the stop tokens had no probability; a draft cannot bring one either,
   // since drafts are kept only where the target's chain chose them.)
-  bool done = static_cast<int64_t>(out.tokens.size()) > own.min_tokens - 1 &&
-              ((!own.ignore_run_tokens && is_stop_token(token)) ||
-               std::find(own.more_tokens.begin(), own.more_tokens.end(), token) != own.more_tokens.end());
+  bool done = static_cast<int64_t>(out.tokens.size()) >= own.min_tokens && is_stop_token(token, own);
   const std::vector<std::string> &strings = stops ? *stops : manifest_.run.stop;
   if (!done && !strings.empty() && tokenizer_ && generated_text(prompt, out.tokens, &out.text, &strings, own.more_tokens))
     done = *by_string = true;

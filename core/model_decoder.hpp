@@ -146,6 +146,11 @@ class ModelDecoder {
   bool is_stop_token(int32_t token) const {
     return std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
   }
+  // Whether `token` is one of a request's stop tokens (the run's unless ignored, and its own).
+  bool is_stop_token(int32_t token, const RequestStops &own) const {
+    return (!own.ignore_run_tokens && is_stop_token(token)) ||
+           std::find(own.more_tokens.begin(), own.more_tokens.end(), token) != own.more_tokens.end();
+  }
   // The run's single-sequence fields (prompt, tokens, text, stopped) from its first sequence.
   static void take_first_sequence(RunResult &result);
   // Runs the sampler chain over `logits` [rows, vocab]; rows[r] is the sequence of row r and

@@ -189,13 +189,9 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   };
 
   // A request's own stop rules (ServeRequest: ignore_stop_tokens, stop_token_ids, min_tokens),
-  // whether a token is one of its stop tokens, and those tokens for min_tokens' mask.
+  // and its stop tokens for min_tokens' mask.
   const auto stops_of = [](const Live &l) {
     return RequestStops{l.request.ignore_stop_tokens, l.request.stop_token_ids, l.request.min_tokens};
-  };
-  const auto ends = [&](const Live &l, int32_t token) {
-    return (!l.request.ignore_stop_tokens && is_stop_token(token)) ||
-           std::find(l.request.stop_token_ids.begin(), l.request.stop_token_ids.end(), token) != l.request.stop_token_ids.end();
   };
   std::vector<int32_t> masked_tokens;
 
@@ -563,13 +559,14 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       }
       // min_tokens: a row of a request short of it gives its stop tokens no probability (after
       // the log-probabilities' copy, which reports the raw rows).
+      bool mask_checked = false;
       for (size_t i = 0; i < rows.size(); ++i) {
         const Live &l = live.at(rows[i]);
         if (static_cast<int64_t>(row_steps[i]) >= l.request.min_tokens) continue;
         masked_tokens.assign(l.request.stop_token_ids.begin(), l.request.stop_token_ids.end());
         if (!l.request.ignore_stop_tokens) masked_tokens.insert(masked_tokens.end(), stop_tokens_.begin(), stop_tokens_.end());
         if (masked_tokens.empty()) continue;
-        check_host_readable(rows.size(), "min_tokens");
+        if (!std::exchange(mask_checked, true)) check_host_readable(rows.size(), "min_tokens");
         const float none = -std::numeric_limits<float>::infinity();
         for (int32_t t : masked_tokens) {
           char *at = static_cast<char *>(logits->data) + logits->byte_offset + (i * V + static_cast<size_t>(t)) * sizeof(float);
@@ -683,7 +680,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           for (size_t r = begin; r < end; ++r) {
             const int32_t j = row_draft[r];
             const Live &l = live.at(rows[r]);
-            if (j > 0 && (sampled[r - 1] != l.draft[static_cast<size_t>(j - 1)] || ends(l, sampled[r - 1])))
+            if (j > 0 && (sampled[r - 1] != l.draft[static_cast<size_t>(j - 1)] || is_stop_token(sampled[r - 1], stops_of(l))))
               continue;
             sample_rows(r, r + 1, j > 0);
           }

@@ -97,7 +97,8 @@ json completion_logprobs(const Runtime &runtime, std::span<const TokenLogprob> t
               {"text_offset", json::array()}};
   for (size_t i = begin; i < end && i < tokens.size() && i < texts.measured(); ++i) {
     const TokenLogprob &t = tokens[i];
-    out["tokens"].push_back(bytes_of_token(runtime, t.token, text_in_reply(texts, text, i)));
+    const std::string token = bytes_of_token(runtime, t.token, text_in_reply(texts, text, i));
+    out["tokens"].push_back(token);
     out["token_logprobs"].push_back(finite(t.logprob));
     // The alternatives and the sampled token, as OpenAI lists them (an object: clients read the
     // values, JSON keeps no order); two ids whose texts are one key: the likelier.
@@ -106,7 +107,7 @@ json completion_logprobs(const Runtime &runtime, std::span<const TokenLogprob> t
       const std::string alt = valid_utf8(bytes_of_token(runtime, id));
       if (!top.contains(alt)) top[alt] = finite(logprob);
     }
-    const std::string sampled = valid_utf8(bytes_of_token(runtime, t.token, text_in_reply(texts, text, i)));
+    const std::string sampled = valid_utf8(token);
     if (!top.contains(sampled)) top[sampled] = finite(t.logprob);
     out["top_logprobs"].push_back(std::move(top));
     out["text_offset"].push_back(characters(text, texts.begin(i)));

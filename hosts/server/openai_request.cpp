@@ -493,14 +493,14 @@ TokenizeParams parse_tokenize(const std::string &body) {
   return p;
 }
 
-std::vector<int32_t> parse_detokenize(const std::string &body, int64_t vocab_size) {
+DetokenizeParams parse_detokenize(const std::string &body, int64_t vocab_size) {
   const json j = parse_body(body);
   only(j, {"model", "tokens"});
-  string_field(j, "model", false);
+  DetokenizeParams p;
+  p.model = string_field(j, "model", false);
   if (!j.contains("tokens") || !j["tokens"].is_array()) bad("tokens", "'tokens' must be an array of token ids");
-  std::vector<int32_t> ids; // (may be empty: no text)
-  for (const json &t : j["tokens"]) ids.push_back(token_id(t, "tokens", vocab_size));
-  return ids;
+  for (const json &t : j["tokens"]) p.ids.push_back(token_id(t, "tokens", vocab_size)); // (may be none: no text)
+  return p;
 }
 
 std::vector<std::string> sampler_chain_tomls(const GenerationParams &p) {

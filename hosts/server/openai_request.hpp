@@ -91,8 +91,12 @@ struct TokenizeParams {
   bool with_pieces = false;
 };
 TokenizeParams parse_tokenize(const std::string &body);
-// Detokenize: `tokens`, ids within the vocabulary.
-std::vector<int32_t> parse_detokenize(const std::string &body, int64_t vocab_size);
+// Detokenize: `tokens`, ids within the vocabulary, and the optional `model`.
+struct DetokenizeParams {
+  std::string model;
+  std::vector<int32_t> ids;
+};
+DetokenizeParams parse_detokenize(const std::string &body, int64_t vocab_size);
 
 // Parses a /v1/completions (chat = false) or /v1/chat/completions body. `vocab_size` bounds
 // token ids (prompt ids, logit_bias keys). Throws ApiError.

@@ -317,11 +317,10 @@ struct Server::Impl {
 
   // /detokenize: the text of the ids, as "prompt" (vLLM) and "content" (llama.cpp).
   void detokenize(const httplib::Request &req, httplib::Response &res) {
-    const std::vector<int32_t> ids = parse_detokenize(req.body, runtime.vocab_size());
-    const json j = json::parse(req.body); // (parsed once already: valid)
-    if (j.contains("model") && j["model"].is_string()) check_model(j["model"].get<std::string>());
+    const DetokenizeParams p = parse_detokenize(req.body, runtime.vocab_size());
+    if (!p.model.empty()) check_model(p.model);
     if (!runtime.has_tokenizer()) throw ApiError(400, "this model has no tokenizer");
-    const std::string text = runtime.decode(ids).value_or("");
+    const std::string text = runtime.decode(p.ids).value_or("");
     res.set_content(dump(json{{"prompt", text}, {"content", text}}), "application/json");
   }
 
