@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <string>
 
@@ -27,6 +28,13 @@ int log2_exact(int64_t n) {
   int s = 0;
   while ((int64_t{1} << s) < n) ++s;
   return s;
+}
+
+// The tensor-core decode kernel, unless LOOM_FLASH_DECODE_MMA=0 asks for the CUDA-core one (to
+// measure both in one process; read at each prepare()).
+bool decode_mma_allowed() {
+  const char* v = std::getenv("LOOM_FLASH_DECODE_MMA");
+  return v == nullptr || std::string(v) != "0";
 }
 
 }  // namespace
@@ -98,7 +106,8 @@ void FlashAttention::prepare(const loom_attention_config& c, loom_kv_layout& lay
   const Dtype dtype = is_bf16(c.dtype) ? Dtype::bf16 : Dtype::f16;
   const bool wgmma = major == 9 && minor == 0;
   check_cuda(configure_kernels(dtype, c.head_dim, wgmma), "cudaFuncSetAttribute (prefill shared memory)");
-  check_cuda(configure_decode(dtype, c.head_dim, c.n_heads / c.n_kv_heads, kv_format_, decode_narrow_, decode_wide_),
+  check_cuda(configure_decode(dtype, c.head_dim, c.n_heads / c.n_kv_heads, kv_format_, decode_mma_allowed(),
+                              decode_narrow_, decode_wide_),
              "configure_decode (decode shared memory)");
   release_prefill_scratch();  // sized by the batches of this geometry, at their first prefill
   allocate_scratch(c);
@@ -220,7 +229,8 @@ DecodePlan FlashAttention::plan_decode(int n_tokens, int table_cols) const {
   plan.warps = wide ? kDecodeWideWarps : kDecodeWarps;
   const DecodeFit& fit = wide ? decode_wide_ : decode_narrow_;
   plan.stages = fit.stages;
-  plan.min_chunk = decode_min_chunk(plan.warps, cfg_.head_dim);
+  plan.mma = fit.mma;
+  plan.min_chunk = decode_min_chunk(plan.warps, cfg_.head_dim, fit.mma);
   if (scratch_ == nullptr || n_tokens <= 0) return plan;
   const int64_t want = static_cast<int64_t>(fit.per_sm) * sm_count_ / ctas;
   const int64_t by_length = (static_cast<int64_t>(table_cols) * block_size_ + plan.min_chunk - 1) / plan.min_chunk;

@@ -103,15 +103,23 @@ __device__ __forceinline__ unsigned arrive(unsigned* counter) {
 }
 
 // F: KvFormat::int8 or fp8 for a quantized pool, bf16 for the compute dtype's (T's) layout.
-template <class T, int D, int G, int W, KvFormat F>
+// kMma: scores and the weighted sum of values on tensor cores (unquantized pools only; see the
+// file comment).
+template <class T, int D, int G, int W, KvFormat F, bool kMma>
 __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs a) {
   using E = dev::Elem<T>;
   constexpr bool kQuant = F == KvFormat::int8 || F == KvFormat::fp8;
+  static_assert(!kMma || !kQuant, "the tensor-core decode reads unquantized pools only");
   constexpr int kThreads = W * 32;
   constexpr int kLanesPerKey = D / 8;
-  constexpr int kGroups = kThreads / kLanesPerKey;  // keys read at once by the CTA
-  constexpr int kUnroll = kDecodeUnroll;            // keys per lane group and trip
-  constexpr int kStep = kGroups * kUnroll;          // keys per trip of the loop
+  constexpr int kGroups = kThreads / kLanesPerKey;      // keys read at once by the CTA
+  constexpr int kUnroll = kMma ? kMmaKeys * D / 256 : kDecodeUnroll;  // decode_unroll: keys per lane group and trip
+  constexpr int kStep = kGroups * kUnroll;              // keys per trip of the loop
+  // kMma: a warp's share of a trip is kMmaKeys keys, its K tile then its V tile in the ring,
+  // each key's D / 8 pieces of 16 bytes at piece (c ^ (key & 7)), so that the eight rows an
+  // ldmatrix reads fall in distinct banks.
+  static_assert(!kMma || (32 / kLanesPerKey) * kUnroll == kMmaKeys, "a warp's trip is one m16n8k16 key step");
+  constexpr int kWarpTile = 2 * kMmaKeys * kLanesPerKey;  // uint4 of one warp's K and V tiles
   // This thread's K and V pieces of the trips in flight, [stages][kUnroll][K, V][kThreads]: each
   // thread reads back only what it copied itself, so the ring needs no barrier. Quantized: the
   // K piece holds K codes (bytes 0-7) and V codes (8-15), the V piece the K and V scales.
@@ -128,6 +136,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   const int warp = threadIdx.x / 32;
   const int grp = threadIdx.x / kLanesPerKey;
   const int li = threadIdx.x % kLanesPerKey;
+  [[maybe_unused]] const int lane_id = static_cast<int>(threadIdx.x % 32);
 
   // Before the wait: only the metadata and the table (see the file comment).
   const int s = dev::seq_of_token(a.off, a.n_seqs, t);
@@ -242,15 +251,18 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   // table lookup). Each trip commits one cp.async group (empty past the split's end), so that
   // "all but the newest stages - 1 groups complete" means "this trip has landed". Bit
   // kUnroll * n + u of ok_bits: key u of the trip n trips after the one computed next exists
-  // (its piece is real, not zero-filled).
+  // (its piece is real, not zero-filled). kMma: bit kMmaKeys * n + r: key r of the warp's
+  // share of that trip exists (gathered from the lanes that copy it with a ballot).
   const int ahead = a.stages - 1;
-  unsigned ok_bits = 0;
+  uint64_t ok_bits = 0;
   int issue_base = k_begin;  // first key of the next trip to issue
   int issue_slot = 0;
   auto issue_next = [&](int trips_ahead) {
     if (issue_base < k_end) {
       if (issue_base != k_begin) locate(issue_base);  // k_begin's keys were found before the wait
       uint4* const dst = s_ring + issue_slot * (kUnroll * 2 * kThreads) + threadIdx.x;
+      [[maybe_unused]] uint4* const tile = s_ring + issue_slot * (kUnroll * 2 * kThreads) + warp * kWarpTile;
+      [[maybe_unused]] unsigned valid = 0;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const bool ok = kp[u] != nullptr;
@@ -270,11 +282,23 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
           // Absent keys read nothing (zero-filled); the pool base only keeps the address valid.
           const uint8_t* const key = ok ? kp[u] : a.pool.base;
           const uint8_t* const value = ok ? kp[u] + (fresh[u] ? a.v - a.k : a.pool.values_bytes) : a.pool.base;
-          dev::cp_async16(dst + (2 * u) * kThreads, key, ok);
-          dev::cp_async16(dst + (2 * u + 1) * kThreads, value, ok);
+          if constexpr (kMma) {
+            const int r = (lane_id / kLanesPerKey) * kUnroll + u;  // the key within the warp's share
+            const int at = r * kLanesPerKey + (li ^ (r & 7));
+            dev::cp_async16(tile + at, key, ok);
+            dev::cp_async16(tile + kMmaKeys * kLanesPerKey + at, value, ok);
+            const unsigned lanes = __ballot_sync(0xffffffffu, ok);
+#pragma unroll
+            for (int q = 0; q < 32 / kLanesPerKey; ++q)
+              valid |= ((lanes >> (q * kLanesPerKey)) & 1u) << (q * kUnroll + u);
+          } else {
+            dev::cp_async16(dst + (2 * u) * kThreads, key, ok);
+            dev::cp_async16(dst + (2 * u + 1) * kThreads, value, ok);
+          }
         }
-        ok_bits |= static_cast<unsigned>(ok) << (trips_ahead * kUnroll + u);
+        if constexpr (!kMma) ok_bits |= static_cast<unsigned>(ok) << (trips_ahead * kUnroll + u);
       }
+      if constexpr (kMma) ok_bits |= static_cast<uint64_t>(valid) << (trips_ahead * kMmaKeys);
     }
     dev::cp_async_commit();
     issue_base += kStep;
@@ -284,19 +308,43 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
 
   // This lane's D/8 slice of each head's query, kept packed (converted per use: 16 registers
   // fewer for G = 4) and not read until the first keys' loads are out.
+  // kMma: the m16n8k16 A fragments of the query rows (row g = head g of the CTA's G, rows G to
+  // 15 zero) for each 16 dimensions, loaded once.
   const T* const q = static_cast<const T*>(a.q);
-  uint4 qr[G];
+  [[maybe_unused]] uint4 qr[G];
+  [[maybe_unused]] uint32_t qa[kMma ? D / 16 : 1][4];
+  [[maybe_unused]] const int mg = lane_id / 4, mt = lane_id % 4;  // kMma: this lane's fragment row and column pair
+  if constexpr (kMma) {
+    const T* const row = q + (static_cast<int64_t>(t) * a.n_heads + head0 + mg) * D + 2 * mt;
 #pragma unroll
-  for (int h = 0; h < G; ++h)
-    qr[h] = *reinterpret_cast<const uint4*>(q + (static_cast<int64_t>(t) * a.n_heads + head0 + h) * D + li * 8);
+    for (int ks = 0; ks < D / 16; ++ks) {
+      qa[ks][0] = mg < G ? *reinterpret_cast<const uint32_t*>(row + 16 * ks) : 0u;
+      qa[ks][1] = 0u;
+      qa[ks][2] = mg < G ? *reinterpret_cast<const uint32_t*>(row + 16 * ks + 8) : 0u;
+      qa[ks][3] = 0u;
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < G; ++h)
+      qr[h] = *reinterpret_cast<const uint4*>(q + (static_cast<int64_t>(t) * a.n_heads + head0 + h) * D + li * 8);
+  }
 
-  float m[G], l[G], acc[G][8];
+  [[maybe_unused]] float m[G], l[G], acc[G][8];
+  // kMma: this lane's running max and sum of its fragment row (the max is the same across the
+  // row's four lanes, each sums its own keys), and the m16n8 accumulators of O [16 x D].
+  [[maybe_unused]] float mrow = -INFINITY, lrow = 0.0f;
+  [[maybe_unused]] float o[kMma ? D / 8 : 1][4];
+  if constexpr (kMma) {
 #pragma unroll
-  for (int h = 0; h < G; ++h) {
-    m[h] = -INFINITY;
-    l[h] = 0.0f;
+    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  } else {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc[h][e] = 0.0f;
+    for (int h = 0; h < G; ++h) {
+      m[h] = -INFINITY;
+      l[h] = 0.0f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[h][e] = 0.0f;
+    }
   }
 
   // The trip count is the same for every lane (the shuffles below need the whole warp). Each
@@ -304,10 +352,80 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   // rescale of the accumulators per trip instead of one per key.
   int slot = 0;
   for (int base = k_begin; base < k_end; base += kStep) {
+    // kMma: every lane of the warp is past its reads of the slot the next copies go to.
+    if constexpr (kMma) __syncwarp();
     issue_next(ahead);
     if (base == k_begin) append();  // behind the first trip's copies, so that the waits overlap
     if (ahead == 0) dev::cp_async_wait<0>();
-    else dev::cp_async_wait<1>();
+    else if (ahead == 1) dev::cp_async_wait<1>();
+    else dev::cp_async_wait<2>();
+    if constexpr (kMma) {
+      __syncwarp();  // the other lanes' copies of this trip are visible too
+      const uint4* const tile = s_ring + slot * (kUnroll * 2 * kThreads) + warp * kWarpTile;
+      const auto valid = static_cast<unsigned>(ok_bits & ((1u << kMmaKeys) - 1u));
+      ok_bits >>= kMmaKeys;
+      slot = slot + 1 == a.stages ? 0 : slot + 1;
+      // S = Q K^T for the warp's 16 keys: two n8 tiles, D / 16 k-steps, one ldmatrix per two.
+      float sacc[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.0f;
+#pragma unroll
+      for (int pc = 0; pc < kLanesPerKey / 4; ++pc) {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int r = nt * 8 + (lane_id & 7);
+          const int c = 4 * pc + (lane_id >> 3);
+          uint32_t b[4];
+          dev::ldmatrix_x4(b, tile + r * kLanesPerKey + (c ^ (r & 7)));
+          dev::mma_16816<T>(sacc[nt], qa[2 * pc], b[0], b[1]);
+          dev::mma_16816<T>(sacc[nt], qa[2 * pc + 1], b[2], b[3]);
+        }
+      }
+      // This lane's scores: row mg, keys 8 nt + 2 mt + e (rows 8-15, sacc[.][2..3], are padding).
+      float sc[2][2];
+      float mx = mrow;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = nt * 8 + 2 * mt + e;
+          sc[nt][e] = (valid >> key) & 1u ? sacc[nt][e] * a.scale_log2 : -INFINITY;
+          mx = fmaxf(mx, sc[nt][e]);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = mx == -INFINITY ? 0.0f : mx;  // nothing visible yet: keep exp2 finite
+      const float alpha = exp2f(mrow - m_use);
+      mrow = mx;
+      float pw[2][2];
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          pw[nt][e] = exp2f(sc[nt][e] - m_use);
+          sum += pw[nt][e];
+        }
+      lrow = lrow * alpha + sum;
+      // P as the A fragment of O += P V (its k dimension is the 16 keys; rows 8-15 zero).
+      const uint32_t pa[4] = {E::pack(pw[0][0], pw[0][1]), 0u, E::pack(pw[1][0], pw[1][1]), 0u};
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        o[j][0] *= alpha;
+        o[j][1] *= alpha;
+      }
+      // V through ldmatrix.trans: matrices (keys 0-7 | 8-15) x (dims 8c .. 8c + 7) give B fragments.
+#pragma unroll
+      for (int jp = 0; jp < D / 16; ++jp) {
+        const int r = (lane_id & 7) + ((lane_id >> 3) & 1) * 8;
+        const int c = 2 * jp + (lane_id >> 4);
+        uint32_t b[4];
+        dev::ldmatrix_x4_trans(b, tile + kMmaKeys * kLanesPerKey + r * kLanesPerKey + (c ^ (r & 7)));
+        dev::mma_16816<T>(o[2 * jp], pa, b[0], b[1]);
+        dev::mma_16816<T>(o[2 * jp + 1], pa, b[2], b[3]);
+      }
+      continue;
+    }
     const uint4* const src = s_ring + slot * (kUnroll * 2 * kThreads) + threadIdx.x;
     uint4 kr[kUnroll], vr[kUnroll];
     bool ok[kUnroll];
@@ -391,9 +509,25 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   if (k_begin >= k_end) append();  // no keys (garbage positions): the loop never ran
 
   // Merge the lane groups of each warp (lanes li, li + D/8, ...) with shuffles, then the warps
-  // through shared memory.
+  // through shared memory. kMma: a row's four lanes add their sums; the lanes of rows below G
+  // hold the warp's output for head mg, dimensions 8 j + 2 mt + e.
+  if constexpr (kMma) {
+    lrow += __shfl_xor_sync(0xffffffffu, lrow, 1);
+    lrow += __shfl_xor_sync(0xffffffffu, lrow, 2);
+    if (mg < G) {
 #pragma unroll
-  for (int h = 0; h < G; ++h) {
+      for (int j = 0; j < D / 8; ++j) {
+        s_acc[warp][mg][8 * j + 2 * mt] = o[j][0];
+        s_acc[warp][mg][8 * j + 2 * mt + 1] = o[j][1];
+      }
+      if (mt == 0) {
+        s_m[warp][mg] = mrow;
+        s_l[warp][mg] = lrow;
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < (kMma ? 0 : G); ++h) {
     float mx = m[h];
 #pragma unroll
     for (int o = kLanesPerKey; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
@@ -492,7 +626,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   if (threadIdx.x == 0) *counter = 0;
 }
 
-template <class T, int D, int G, int W, KvFormat F>
+template <class T, int D, int G, int W, KvFormat F, bool kMma>
 cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
   DecodeArgs a;
   static_cast<dev::BatchArgs&>(a) = dev::make_batch_args(p);
@@ -512,27 +646,29 @@ cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = dim3(W * 32);
-  config.dynamicSmemBytes = static_cast<size_t>(plan.stages) * decode_stage_bytes(W);
+  config.dynamicSmemBytes = static_cast<size_t>(plan.stages) * decode_stage_bytes(W, D, kMma);
   config.stream = stream;
   config.attrs = p.programmatic ? &attribute : nullptr;
   config.numAttrs = p.programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, decode_kernel<T, D, G, W, F>, a);
+  return cudaLaunchKernelEx(&config, decode_kernel<T, D, G, W, F, kMma>, a);
 }
 
-template <class T, int D, int G, KvFormat F>
+template <class T, int D, int G, KvFormat F, bool kMma>
 cudaError_t launch_warps(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
   switch (plan.warps) {
-    case kDecodeWideWarps: return launch<T, D, G, kDecodeWideWarps, F>(p, plan, stream);
-    default: return launch<T, D, G, kDecodeWarps, F>(p, plan, stream);
+    case kDecodeWideWarps: return launch<T, D, G, kDecodeWideWarps, F, kMma>(p, plan, stream);
+    default: return launch<T, D, G, kDecodeWarps, F, kMma>(p, plan, stream);
   }
 }
 
 template <class T, int D, int G>
 cudaError_t launch_format(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {
   switch (p.kv_format) {
-    case KvFormat::int8: return launch_warps<T, D, G, KvFormat::int8>(p, plan, stream);
-    case KvFormat::fp8: return launch_warps<T, D, G, KvFormat::fp8>(p, plan, stream);
-    default: return launch_warps<T, D, G, KvFormat::bf16>(p, plan, stream);
+    case KvFormat::int8: return launch_warps<T, D, G, KvFormat::int8, false>(p, plan, stream);
+    case KvFormat::fp8: return launch_warps<T, D, G, KvFormat::fp8, false>(p, plan, stream);
+    default:
+      return plan.mma ? launch_warps<T, D, G, KvFormat::bf16, true>(p, plan, stream)
+                      : launch_warps<T, D, G, KvFormat::bf16, false>(p, plan, stream);
   }
 }
 
@@ -545,59 +681,92 @@ cudaError_t launch_heads(const Problem& p, const DecodePlan& plan, cudaStream_t 
   }
 }
 
-template <class T, int D, int G, int W, KvFormat F>
+template <class T, int D, int G, int W, KvFormat F, bool kMma>
 cudaError_t fit(DecodeFit& f) {
-  const auto kernel = decode_kernel<T, D, G, W, F>;
+  const auto kernel = decode_kernel<T, D, G, W, F, kMma>;
   cudaFuncAttributes attr{};
   cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
   int device = 0, optin = 0;
   if (e == cudaSuccess) e = cudaGetDevice(&device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (e != cudaSuccess) return e;
-  const int stage = decode_stage_bytes(W);
+  const int stage = decode_stage_bytes(W, D, kMma);
   const int room = (optin - static_cast<int>(attr.sharedSizeBytes)) / stage;
   if (room < 1) return cudaErrorInvalidConfiguration;  // below any GPU flash accepts (sm_80+)
+  auto occupancy = [&](int stages, int& per_sm) {
+    cudaError_t r = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, stages * stage);
+    if (r == cudaSuccess)
+      r = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, W * 32, static_cast<size_t>(stages) * stage);
+    return r;
+  };
+  // Two stages (one where only one fits); the tensor-core kernel takes a third where that keeps
+  // as many CTAs on an SM (its arithmetic is short, so more copies in flight pay).
   f.stages = room < kDecodeMaxStages ? room : kDecodeMaxStages;
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, f.stages * stage);
-  if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.per_sm, kernel, W * 32, static_cast<size_t>(f.stages) * stage);
+  e = occupancy(f.stages, f.per_sm);
+  if (e == cudaSuccess && kMma && room >= kMmaMaxStages) {
+    int deeper = 0;
+    e = occupancy(kMmaMaxStages, deeper);
+    if (e == cudaSuccess && deeper >= f.per_sm) f.stages = kMmaMaxStages;
+    else if (e == cudaSuccess) e = occupancy(f.stages, f.per_sm);  // back to the shallower ring's limit
+  }
   if (f.per_sm < 1) f.per_sm = 1;
+  f.mma = kMma;
+  return e;
+}
+
+// One CTA width: the tensor-core kernel where allowed, its ring gets at least two stages (one
+// leaves no copies in flight during the arithmetic; the wide CTA at head dim 128 would get one)
+// and an SM holds as many of its CTAs as of the CUDA-core kernel's (at head dim 128 its ring of
+// 16 keys a warp holds twice the bytes: 3 CTAs an SM instead of 4 measured 1.8x slower at batch
+// 64 on the H200), else the CUDA-core kernel.
+template <class T, int D, int G, int W, KvFormat F>
+cudaError_t fit_width(bool allow_mma, DecodeFit& f) {
+  f = DecodeFit{};
+  cudaError_t e = fit<T, D, G, W, F, false>(f);
+  if constexpr (F == KvFormat::bf16) {
+    if (e == cudaSuccess && allow_mma) {
+      DecodeFit mma;
+      e = fit<T, D, G, W, F, true>(mma);
+      if (e == cudaErrorInvalidConfiguration) return cudaSuccess;  // its ring does not fit at all
+      if (e == cudaSuccess && mma.stages >= 2 && mma.per_sm >= f.per_sm) f = mma;
+    }
+  }
   return e;
 }
 
 template <class T, int D, int G, KvFormat F>
-cudaError_t fit_widths(DecodeFit& narrow, DecodeFit& wide) {
-  const cudaError_t e = fit<T, D, G, kDecodeWarps, F>(narrow);
-  return e != cudaSuccess ? e : fit<T, D, G, kDecodeWideWarps, F>(wide);
+cudaError_t fit_widths(bool allow_mma, DecodeFit& narrow, DecodeFit& wide) {
+  const cudaError_t e = fit_width<T, D, G, kDecodeWarps, F>(allow_mma, narrow);
+  return e != cudaSuccess ? e : fit_width<T, D, G, kDecodeWideWarps, F>(allow_mma, wide);
 }
 
 template <class T, int D, int G>
-cudaError_t fit_format(KvFormat format, DecodeFit& narrow, DecodeFit& wide) {
+cudaError_t fit_format(KvFormat format, bool allow_mma, DecodeFit& narrow, DecodeFit& wide) {
   switch (format) {
-    case KvFormat::int8: return fit_widths<T, D, G, KvFormat::int8>(narrow, wide);
-    case KvFormat::fp8: return fit_widths<T, D, G, KvFormat::fp8>(narrow, wide);
-    default: return fit_widths<T, D, G, KvFormat::bf16>(narrow, wide);
+    case KvFormat::int8: return fit_widths<T, D, G, KvFormat::int8>(false, narrow, wide);
+    case KvFormat::fp8: return fit_widths<T, D, G, KvFormat::fp8>(false, narrow, wide);
+    default: return fit_widths<T, D, G, KvFormat::bf16>(allow_mma, narrow, wide);
   }
 }
 
 template <class T, int D>
-cudaError_t fit_heads(int group, KvFormat format, DecodeFit& narrow, DecodeFit& wide) {
+cudaError_t fit_heads(int group, KvFormat format, bool allow_mma, DecodeFit& narrow, DecodeFit& wide) {
   switch (decode_heads_per_cta(group)) {
-    case 1: return fit_format<T, D, 1>(format, narrow, wide);
-    case 2: return fit_format<T, D, 2>(format, narrow, wide);
-    default: return fit_format<T, D, 4>(format, narrow, wide);
+    case 1: return fit_format<T, D, 1>(format, allow_mma, narrow, wide);
+    case 2: return fit_format<T, D, 2>(format, allow_mma, narrow, wide);
+    default: return fit_format<T, D, 4>(format, allow_mma, narrow, wide);
   }
 }
 
 }  // namespace
 
-cudaError_t configure_decode(Dtype dtype, int head_dim, int group, KvFormat format, DecodeFit& narrow,
-                             DecodeFit& wide) {
+cudaError_t configure_decode(Dtype dtype, int head_dim, int group, KvFormat format, bool allow_mma,
+                             DecodeFit& narrow, DecodeFit& wide) {
   if (dtype == Dtype::bf16)
-    return head_dim == 64 ? fit_heads<__nv_bfloat16, 64>(group, format, narrow, wide)
-                          : fit_heads<__nv_bfloat16, 128>(group, format, narrow, wide);
-  return head_dim == 64 ? fit_heads<__half, 64>(group, format, narrow, wide)
-                        : fit_heads<__half, 128>(group, format, narrow, wide);
+    return head_dim == 64 ? fit_heads<__nv_bfloat16, 64>(group, format, allow_mma, narrow, wide)
+                          : fit_heads<__nv_bfloat16, 128>(group, format, allow_mma, narrow, wide);
+  return head_dim == 64 ? fit_heads<__half, 64>(group, format, allow_mma, narrow, wide)
+                        : fit_heads<__half, 128>(group, format, allow_mma, narrow, wide);
 }
 
 cudaError_t launch_decode(const Problem& p, const DecodePlan& plan, cudaStream_t stream) {

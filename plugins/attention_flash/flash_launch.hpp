@@ -69,6 +69,7 @@ struct Problem {
 // combines them, counted by `arrivals` (zero between launches).
 struct DecodePlan {
   int warps = 4;                 // kDecodeWarps or kDecodeWideWarps
+  bool mma = false;              // the tensor-core kernel (DecodeFit::mma of the width)
   int stages = 1;                // trips of keys in the shared-memory ring (see decode_stage_bytes)
   int min_chunk = 64;            // decode_min_chunk(warps, head_dim)
   int n_splits = 1;
@@ -82,30 +83,38 @@ struct DecodePlan {
 // is one split (no merge) and one round trip to memory.
 inline constexpr int kDecodeWarps = 4;
 inline constexpr int kDecodeWideWarps = 16;
+// Keys in flight per lane group (D/8 lanes) and trip of the CUDA-core decode loop.
+inline constexpr int kDecodeUnroll = 4;
+// The tensor-core decode (kMma): each warp computes kMmaKeys keys a trip (the k extent of one
+// m16n8k16 step of P V), so a lane group copies kMmaKeys * D / 256 of them.
+inline constexpr int kMmaKeys = 16;
+constexpr int decode_unroll(int head_dim, bool mma) { return mma ? kMmaKeys * head_dim / 256 : kDecodeUnroll; }
 // Keys a decode split covers at least, so that short contexts are not cut into slivers: one trip
-// of the CTA's loop (4 keys per D/8 lanes), and never under 64.
-constexpr int decode_min_chunk(int warps, int head_dim) {
-  const int trip = warps * 32 / (head_dim / 8) * 4;
+// of the CTA's loop, and never under 64.
+constexpr int decode_min_chunk(int warps, int head_dim, bool mma) {
+  const int trip = warps * 32 / (head_dim / 8) * decode_unroll(head_dim, mma);
   return trip > 64 ? trip : 64;
 }
 inline constexpr int kDecodeMinChunk = 64;  // the least of decode_min_chunk
 // Most splits of one token's keys (bounds the scratch).
 inline constexpr int kDecodeMaxSplits = 64;
-// Keys in flight per lane group and trip of the decode loop.
-inline constexpr int kDecodeUnroll = 4;
 // A decode CTA copies its keys and values into a ring of shared memory (cp.async), `stages`
 // trips deep: the next trip's loads are in flight while one is computed. Two stages measured
 // faster than three on the H100 at batch 1 to 32 (and a wide CTA's three stages would not fit
 // an A100's shared memory); one is the fallback where two do not fit. One stage holds
-// kDecodeUnroll K and V pieces of 16 bytes per thread.
+// decode_unroll K and V pieces of 16 bytes per thread.
 inline constexpr int kDecodeMaxStages = 2;
-constexpr int decode_stage_bytes(int warps) { return warps * 32 * kDecodeUnroll * 2 * 16; }
+inline constexpr int kMmaMaxStages = 3;  // the tensor-core kernel's (see configure_decode)
+constexpr int decode_stage_bytes(int warps, int head_dim, bool mma) {
+  return warps * 32 * decode_unroll(head_dim, mma) * 2 * 16;
+}
 
 // What one decode CTA width gets on the current device: the deepest ring that fits its shared
 // memory (at most kDecodeMaxStages), and how many such CTAs an SM holds at once.
 struct DecodeFit {
   int stages = 1;
   int per_sm = 1;
+  bool mma = false;  // the tensor-core kernel (unquantized pools, where its ring has two stages)
 };
 
 // Largest power of two dividing n, at most `cap` (a power of two).
@@ -129,9 +138,10 @@ cudaError_t configure_kernels(Dtype dtype, int head_dim, bool wgmma);
 // memory limit to the deepest ring that fits and reports it, with the CTAs an SM then holds
 // (what plan_decode fills the GPU with), for CTAs of kDecodeWarps (`narrow`)
 // and kDecodeWideWarps (`wide`) warps with decode_heads_per_cta(group) heads, reading a pool of
-// `format` (as Problem::kv_format).
-cudaError_t configure_decode(Dtype dtype, int head_dim, int group, KvFormat format, DecodeFit& narrow,
-                             DecodeFit& wide);
+// `format` (as Problem::kv_format); `allow_mma` lets a width of an unquantized pool take the
+// tensor-core kernel (DecodeFit::mma says whether it did).
+cudaError_t configure_decode(Dtype dtype, int head_dim, int group, KvFormat format, bool allow_mma,
+                             DecodeFit& narrow, DecodeFit& wide);
 
 // Writes the batch's new k/v rows into the paged cache (before launch_prefill; launch_decode
 // does it itself). For int8/fp8 it quantizes each row exactly as sdpa
