@@ -230,7 +230,7 @@ DecodePlan FlashAttention::plan_decode(int n_tokens, int table_cols) const {
   const DecodeFit& fit = wide ? decode_wide_ : decode_narrow_;
   plan.stages = fit.stages;
   plan.mma = fit.mma;
-  plan.min_chunk = decode_min_chunk(plan.warps, cfg_.head_dim, fit.mma);
+  plan.min_chunk = decode_min_chunk(plan.warps, cfg_.head_dim);
   if (scratch_ == nullptr || n_tokens <= 0) return plan;
   const int64_t want = static_cast<int64_t>(fit.per_sm) * sm_count_ / ctas;
   const int64_t by_length = (static_cast<int64_t>(table_cols) * block_size_ + plan.min_chunk - 1) / plan.min_chunk;

@@ -113,13 +113,14 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   constexpr int kThreads = W * 32;
   constexpr int kLanesPerKey = D / 8;
   constexpr int kGroups = kThreads / kLanesPerKey;      // keys read at once by the CTA
-  constexpr int kUnroll = kMma ? kMmaKeys * D / 256 : kDecodeUnroll;  // decode_unroll: keys per lane group and trip
+  constexpr int kUnroll = kDecodeUnroll;                // keys per lane group and trip
   constexpr int kStep = kGroups * kUnroll;              // keys per trip of the loop
-  // kMma: a warp's share of a trip is kMmaKeys keys, its K tile then its V tile in the ring,
-  // each key's D / 8 pieces of 16 bytes at piece (c ^ (key & 7)), so that the eight rows an
-  // ldmatrix reads fall in distinct banks.
-  static_assert(!kMma || (32 / kLanesPerKey) * kUnroll == kMmaKeys, "a warp's trip is one m16n8k16 key step");
-  constexpr int kWarpTile = 2 * kMmaKeys * kLanesPerKey;  // uint4 of one warp's K and V tiles
+  // kMma: a warp's share of a trip is kKeys keys (16 at D = 64, 8 at D = 128: one k step of
+  // P V), its K tile then its V tile in the ring, each key's D / 8 pieces of 16 bytes at piece
+  // (c ^ (key & 7)), so that the eight rows an ldmatrix reads fall in distinct banks.
+  constexpr int kKeys = (32 / kLanesPerKey) * kUnroll;
+  static_assert(kKeys == 16 || kKeys == 8, "a warp's trip is one m16n8k16 or m16n8k8 step");
+  constexpr int kWarpTile = 2 * kKeys * kLanesPerKey;  // uint4 of one warp's K and V tiles
   // This thread's K and V pieces of the trips in flight, [stages][kUnroll][K, V][kThreads]: each
   // thread reads back only what it copied itself, so the ring needs no barrier. Quantized: the
   // K piece holds K codes (bytes 0-7) and V codes (8-15), the V piece the K and V scales.
@@ -169,14 +170,30 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   [[maybe_unused]] const uint8_t* ksp[kUnroll];  // quantized: the key row's scale (the value's is B * Hkv * 4 further)
   [[maybe_unused]] bool fresh[kUnroll];
   // A lane group's kUnroll keys of a trip are consecutive, so that one table lookup serves those
-  // in the same cache block (a lookup is a dependent load in front of the trip's copies).
+  // in the same cache block (a lookup is a dependent load in front of the trip's copies). The
+  // entry of the block holding the group's first key of the next trip is loaded when a trip is
+  // issued (prefetch), so that its latency passes during the computation in between rather than
+  // in front of the next trip's copies; keys of another block look theirs up then.
+  int64_t next_logical = -1;  // the logical block prefetched, or -1
+  int next_entry = -1;        // its table entry
+  auto prefetch = [&](int base) {
+    const int j = base + grp * kUnroll;
+    next_logical = -1;
+    if (j >= 0 && j < k_end && (j >> a.pool.block_shift) < a.pool.cols) {
+      next_logical = j >> a.pool.block_shift;
+      next_entry = __ldg(a.pool.table + static_cast<int64_t>(s) * a.pool.cols + next_logical);
+    }
+  };
   auto locate = [&](int base) {
     int64_t looked_up = -1, block_at = -1;  // the last logical block looked up, and its offset
     auto block_of = [&](int j) {
       const int64_t logical = j >> a.pool.block_shift;
       if (logical != looked_up) {
         looked_up = logical;
-        block_at = a.pool.block_offset(s, j);
+        if (logical == next_logical)
+          block_at = next_entry < 0 || next_entry >= a.pool.n_blocks ? -1 : next_entry * a.pool.block_bytes;
+        else
+          block_at = a.pool.block_offset(s, j);
       }
       return block_at;
     };
@@ -251,7 +268,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   // table lookup). Each trip commits one cp.async group (empty past the split's end), so that
   // "all but the newest stages - 1 groups complete" means "this trip has landed". Bit
   // kUnroll * n + u of ok_bits: key u of the trip n trips after the one computed next exists
-  // (its piece is real, not zero-filled). kMma: bit kMmaKeys * n + r: key r of the warp's
+  // (its piece is real, not zero-filled). kMma: bit kKeys * n + r: key r of the warp's
   // share of that trip exists (gathered from the lanes that copy it with a ballot).
   const int ahead = a.stages - 1;
   uint64_t ok_bits = 0;
@@ -286,7 +303,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
             const int r = (lane_id / kLanesPerKey) * kUnroll + u;  // the key within the warp's share
             const int at = r * kLanesPerKey + (li ^ (r & 7));
             dev::cp_async16(tile + at, key, ok);
-            dev::cp_async16(tile + kMmaKeys * kLanesPerKey + at, value, ok);
+            dev::cp_async16(tile + kKeys * kLanesPerKey + at, value, ok);
             const unsigned lanes = __ballot_sync(0xffffffffu, ok);
 #pragma unroll
             for (int q = 0; q < 32 / kLanesPerKey; ++q)
@@ -298,7 +315,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
         }
         if constexpr (!kMma) ok_bits |= static_cast<unsigned>(ok) << (trips_ahead * kUnroll + u);
       }
-      if constexpr (kMma) ok_bits |= static_cast<uint64_t>(valid) << (trips_ahead * kMmaKeys);
+      if constexpr (kMma) ok_bits |= static_cast<uint64_t>(valid) << (trips_ahead * kKeys);
+      prefetch(issue_base + kStep);
     }
     dev::cp_async_commit();
     issue_base += kStep;
@@ -362,17 +380,18 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
     if constexpr (kMma) {
       __syncwarp();  // the other lanes' copies of this trip are visible too
       const uint4* const tile = s_ring + slot * (kUnroll * 2 * kThreads) + warp * kWarpTile;
-      const auto valid = static_cast<unsigned>(ok_bits & ((1u << kMmaKeys) - 1u));
-      ok_bits >>= kMmaKeys;
+      const auto valid = static_cast<unsigned>(ok_bits & ((1u << kKeys) - 1u));
+      ok_bits >>= kKeys;
       slot = slot + 1 == a.stages ? 0 : slot + 1;
-      // S = Q K^T for the warp's 16 keys: two n8 tiles, D / 16 k-steps, one ldmatrix per two.
-      float sacc[2][4];
+      // S = Q K^T for the warp's keys: kNt n8 tiles, D / 16 k-steps, one ldmatrix per two.
+      constexpr int kNt = kKeys / 8;
+      float sacc[kNt][4];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.0f;
+      for (int nt = 0; nt < kNt; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.0f;
 #pragma unroll
       for (int pc = 0; pc < kLanesPerKey / 4; ++pc) {
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
+        for (int nt = 0; nt < kNt; ++nt) {
           const int r = nt * 8 + (lane_id & 7);
           const int c = 4 * pc + (lane_id >> 3);
           uint32_t b[4];
@@ -382,10 +401,10 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
         }
       }
       // This lane's scores: row mg, keys 8 nt + 2 mt + e (rows 8-15, sacc[.][2..3], are padding).
-      float sc[2][2];
+      float sc[kNt][2];
       float mx = mrow;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = nt * 8 + 2 * mt + e;
@@ -397,32 +416,46 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
       const float m_use = mx == -INFINITY ? 0.0f : mx;  // nothing visible yet: keep exp2 finite
       const float alpha = exp2f(mrow - m_use);
       mrow = mx;
-      float pw[2][2];
+      float pw[kNt][2];
       float sum = 0.0f;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           pw[nt][e] = exp2f(sc[nt][e] - m_use);
           sum += pw[nt][e];
         }
       lrow = lrow * alpha + sum;
-      // P as the A fragment of O += P V (its k dimension is the 16 keys; rows 8-15 zero).
-      const uint32_t pa[4] = {E::pack(pw[0][0], pw[0][1]), 0u, E::pack(pw[1][0], pw[1][1]), 0u};
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
         o[j][0] *= alpha;
         o[j][1] *= alpha;
       }
-      // V through ldmatrix.trans: matrices (keys 0-7 | 8-15) x (dims 8c .. 8c + 7) give B fragments.
+      // O += P V: P is the A fragment (its k dimension the warp's keys; rows 8-15 zero), V comes
+      // through ldmatrix.trans, each 8 x 8 matrix (8 keys x dims 8c .. 8c + 7) a B fragment.
+      const uint4* const v_tile = tile + kKeys * kLanesPerKey;
+      if constexpr (kKeys == 16) {
+        const uint32_t pa[4] = {E::pack(pw[0][0], pw[0][1]), 0u, E::pack(pw[kNt - 1][0], pw[kNt - 1][1]), 0u};
 #pragma unroll
-      for (int jp = 0; jp < D / 16; ++jp) {
-        const int r = (lane_id & 7) + ((lane_id >> 3) & 1) * 8;
-        const int c = 2 * jp + (lane_id >> 4);
-        uint32_t b[4];
-        dev::ldmatrix_x4_trans(b, tile + kMmaKeys * kLanesPerKey + r * kLanesPerKey + (c ^ (r & 7)));
-        dev::mma_16816<T>(o[2 * jp], pa, b[0], b[1]);
-        dev::mma_16816<T>(o[2 * jp + 1], pa, b[2], b[3]);
+        for (int jp = 0; jp < D / 16; ++jp) {
+          const int r = (lane_id & 7) + ((lane_id >> 3) & 1) * 8;  // matrices (keys 0-7 | 8-15) x (c | c + 1)
+          const int c = 2 * jp + (lane_id >> 4);
+          uint32_t b[4];
+          dev::ldmatrix_x4_trans(b, v_tile + r * kLanesPerKey + (c ^ (r & 7)));
+          dev::mma_16816<T>(o[2 * jp], pa, b[0], b[1]);
+          dev::mma_16816<T>(o[2 * jp + 1], pa, b[2], b[3]);
+        }
+      } else {
+        const uint32_t pa[2] = {E::pack(pw[0][0], pw[0][1]), 0u};
+#pragma unroll
+        for (int jq = 0; jq < D / 32; ++jq) {
+          const int r = lane_id & 7;  // matrices keys 0-7 x (c .. c + 3)
+          const int c = 4 * jq + (lane_id >> 3);
+          uint32_t b[4];
+          dev::ldmatrix_x4_trans(b, v_tile + r * kLanesPerKey + (c ^ (r & 7)));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) dev::mma_1688<T>(o[4 * jq + i], pa, b[i]);
+        }
       }
       continue;
     }
@@ -646,7 +679,7 @@ cudaError_t launch(const Problem& p, const DecodePlan& plan, cudaStream_t stream
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = dim3(W * 32);
-  config.dynamicSmemBytes = static_cast<size_t>(plan.stages) * decode_stage_bytes(W, D, kMma);
+  config.dynamicSmemBytes = static_cast<size_t>(plan.stages) * decode_stage_bytes(W);
   config.stream = stream;
   config.attrs = p.programmatic ? &attribute : nullptr;
   config.numAttrs = p.programmatic ? 1 : 0;
@@ -690,7 +723,7 @@ cudaError_t fit(DecodeFit& f) {
   if (e == cudaSuccess) e = cudaGetDevice(&device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (e != cudaSuccess) return e;
-  const int stage = decode_stage_bytes(W, D, kMma);
+  const int stage = decode_stage_bytes(W);
   const int room = (optin - static_cast<int>(attr.sharedSizeBytes)) / stage;
   if (room < 1) return cudaErrorInvalidConfiguration;  // below any GPU flash accepts (sm_80+)
   auto occupancy = [&](int stages, int& per_sm) {
@@ -714,11 +747,10 @@ cudaError_t fit(DecodeFit& f) {
   return e;
 }
 
-// One CTA width: the tensor-core kernel where allowed, its ring gets at least two stages (one
-// leaves no copies in flight during the arithmetic; the wide CTA at head dim 128 would get one)
-// and an SM holds as many of its CTAs as of the CUDA-core kernel's (at head dim 128 its ring of
-// 16 keys a warp holds twice the bytes: 3 CTAs an SM instead of 4 measured 1.8x slower at batch
-// 64 on the H200), else the CUDA-core kernel.
+// One CTA width: the tensor-core kernel where allowed, unless its ring would hold fewer than two
+// stages or an SM fewer of its CTAs than of the CUDA-core kernel's (the rings are the same size,
+// so neither happens on sm_80+; the check keeps a future geometry from losing occupancy: a ring
+// of twice the bytes, 3 CTAs an SM instead of 4, measured 1.8x slower at batch 64 on the H200).
 template <class T, int D, int G, int W, KvFormat F>
 cudaError_t fit_width(bool allow_mma, DecodeFit& f) {
   f = DecodeFit{};

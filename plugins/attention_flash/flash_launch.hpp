@@ -83,16 +83,14 @@ struct DecodePlan {
 // is one split (no merge) and one round trip to memory.
 inline constexpr int kDecodeWarps = 4;
 inline constexpr int kDecodeWideWarps = 16;
-// Keys in flight per lane group (D/8 lanes) and trip of the CUDA-core decode loop.
+// Keys in flight per lane group (D/8 lanes) and trip of the decode loop: a warp's trip is
+// 32 / (D/8) * 4 keys, 16 at head dim 64 and 8 at 128 (the k extent of the tensor-core kernel's
+// m16n8k16 or m16n8k8 step of P V).
 inline constexpr int kDecodeUnroll = 4;
-// The tensor-core decode (kMma): each warp computes kMmaKeys keys a trip (the k extent of one
-// m16n8k16 step of P V), so a lane group copies kMmaKeys * D / 256 of them.
-inline constexpr int kMmaKeys = 16;
-constexpr int decode_unroll(int head_dim, bool mma) { return mma ? kMmaKeys * head_dim / 256 : kDecodeUnroll; }
 // Keys a decode split covers at least, so that short contexts are not cut into slivers: one trip
-// of the CTA's loop, and never under 64.
-constexpr int decode_min_chunk(int warps, int head_dim, bool mma) {
-  const int trip = warps * 32 / (head_dim / 8) * decode_unroll(head_dim, mma);
+// of the CTA's loop (4 keys per D/8 lanes), and never under 64.
+constexpr int decode_min_chunk(int warps, int head_dim) {
+  const int trip = warps * 32 / (head_dim / 8) * kDecodeUnroll;
   return trip > 64 ? trip : 64;
 }
 inline constexpr int kDecodeMinChunk = 64;  // the least of decode_min_chunk
@@ -102,12 +100,10 @@ inline constexpr int kDecodeMaxSplits = 64;
 // trips deep: the next trip's loads are in flight while one is computed. Two stages measured
 // faster than three on the H100 at batch 1 to 32 (and a wide CTA's three stages would not fit
 // an A100's shared memory); one is the fallback where two do not fit. One stage holds
-// decode_unroll K and V pieces of 16 bytes per thread.
+// kDecodeUnroll K and V pieces of 16 bytes per thread.
 inline constexpr int kDecodeMaxStages = 2;
 inline constexpr int kMmaMaxStages = 3;  // the tensor-core kernel's (see configure_decode)
-constexpr int decode_stage_bytes(int warps, int head_dim, bool mma) {
-  return warps * 32 * decode_unroll(head_dim, mma) * 2 * 16;
-}
+constexpr int decode_stage_bytes(int warps) { return warps * 32 * kDecodeUnroll * 2 * 16; }
 
 // What one decode CTA width gets on the current device: the deepest ring that fits its shared
 // memory (at most kDecodeMaxStages), and how many such CTAs an SM holds at once.
