@@ -6,9 +6,20 @@
 // same K/V rows, mostly from L2) and one split of the token's visible keys. A key row (D
 // elements, 16 bytes per lane) is read by D/8 lanes, so one load of K and V serves all G heads;
 // each group of D/8 lanes keeps its own online softmax over the keys it reads, the groups of a
-// warp are merged with shuffles and the warps through shared memory at the end. Decode is bound
-// by reading the cache, so CUDA cores suffice; tensor cores would idle on a single query row per
-// head.
+// warp are merged with shuffles and the warps through shared memory at the end.
+//
+// Tensor cores (kMma, unquantized pools). The CUDA-core loop above spends about 700 instructions
+// a thread per trip (q converted per key, a shuffle tree per score, 8 multiply-adds per value and
+// head), which at batch 32-128 bounded the kernel, not the memory. The tensor-core kernel keeps
+// the work split and the ring, but each warp's share of a trip (16 keys at D = 64, 8 at 128) is
+// one tile: S = Q K^T as m16n8k16 products with the G heads as rows 0..G-1 of a 16-row A
+// fragment (the rest zero: tensor cores have throughput to spare, the padding costs nothing that
+// binds), the online softmax on the S fragments (a row's four lanes share its max through two
+// shuffles), and O += P V with P straight from the S registers (m16n8k16 at D = 64, m16n8k8 at
+// 128) and V through ldmatrix.trans. Its ring is laid out by warp and key, swizzled so that
+// ldmatrix reads conflict-free rows; a warp reads keys other lanes copied, so it waits for its
+// copies with __syncwarp, and a ballot tells it which keys exist. It measured 1.2-1.5x the
+// CUDA-core kernel at batch 16-128 on the H200 (BENCHMARKS.md) and no slower at batch 1-4.
 //
 // The decode kernel also appends the batch's k/v to the cache (no separate launch: at batch 1
 // every launch costs about as much as the attention itself).
