@@ -30,11 +30,13 @@ int log2_exact(int64_t n) {
   return s;
 }
 
-// The tensor-core decode kernel, unless LOOM_FLASH_DECODE_MMA=0 asks for the CUDA-core one (to
-// measure both in one process; read at each prepare()).
+// The tensor-core decode kernel, unless LOOM_FLASH_DECODE_MMA is 0, false, off or no (to measure
+// the CUDA-core one in the same process; read at each prepare()).
 bool decode_mma_allowed() {
   const char* v = std::getenv("LOOM_FLASH_DECODE_MMA");
-  return v == nullptr || std::string(v) != "0";
+  if (v == nullptr) return true;
+  const std::string s(v);
+  return s != "0" && s != "false" && s != "off" && s != "no";
 }
 
 }  // namespace

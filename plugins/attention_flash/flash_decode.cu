@@ -66,7 +66,7 @@ struct DecodeArgs : dev::BatchArgs {
   const uint8_t* v;
   int n_splits;
   int min_chunk;
-  int stages;  // 1 or 2
+  int stages;  // 1 or 2; the tensor-core kernel 3 where it fits
   float* partial_out;
   float* partial_ml;
   unsigned* arrivals;
@@ -132,9 +132,11 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
   constexpr int kKeys = (32 / kLanesPerKey) * kUnroll;
   static_assert(kKeys == 16 || kKeys == 8, "a warp's trip is one m16n8k16 or m16n8k8 step");
   constexpr int kWarpTile = 2 * kKeys * kLanesPerKey;  // uint4 of one warp's K and V tiles
-  // This thread's K and V pieces of the trips in flight, [stages][kUnroll][K, V][kThreads]: each
-  // thread reads back only what it copied itself, so the ring needs no barrier. Quantized: the
-  // K piece holds K codes (bytes 0-7) and V codes (8-15), the V piece the K and V scales.
+  // The trips in flight. CUDA-core kernel: this thread's K and V pieces, [stages][kUnroll][K, V]
+  // [kThreads]: each thread reads back only what it copied itself, so the ring needs no barrier;
+  // quantized, the K piece holds K codes (bytes 0-7) and V codes (8-15), the V piece the K and
+  // V scales. Tensor-core kernel: [stages][warp][K, V][kKeys][D / 8] (swizzled as above), read
+  // by the whole warp after a __syncwarp.
   extern __shared__ uint4 s_ring[];
   __shared__ float s_acc[W][G][D];
   __shared__ float s_m[W][G];
@@ -274,7 +276,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
     }
   }
 
-  // The ring. With two stages, trip i + 1's copies are issued before trip i is computed, so that
+  // The ring. With two stages (three: two trips ahead), trip i + 1's copies are issued before
+  // trip i is computed, so that
   // its loads are in flight during the arithmetic (they used to wait for it and for the next
   // table lookup). Each trip commits one cp.async group (empty past the split's end), so that
   // "all but the newest stages - 1 groups complete" means "this trip has landed". Bit
@@ -753,15 +756,17 @@ cudaError_t fit(DecodeFit& f) {
     if (e == cudaSuccess && deeper >= f.per_sm) f.stages = kMmaMaxStages;
     else if (e == cudaSuccess) e = occupancy(f.stages, f.per_sm);  // back to the shallower ring's limit
   }
+  if (e == cudaSuccess && kMma && f.per_sm < 1) return cudaErrorInvalidConfiguration;  // cannot run at all
   if (f.per_sm < 1) f.per_sm = 1;
   f.mma = kMma;
   return e;
 }
 
 // One CTA width: the tensor-core kernel where allowed, unless its ring would hold fewer than two
-// stages or an SM fewer of its CTAs than of the CUDA-core kernel's (the rings are the same size,
-// so neither happens on sm_80+; the check keeps a future geometry from losing occupancy: a ring
-// of twice the bytes, 3 CTAs an SM instead of 4, measured 1.8x slower at batch 64 on the H200).
+// stages or an SM fewer of its CTAs than of the CUDA-core kernel's (the rings are the same size;
+// registers could still differ: a ring of twice the bytes, 3 CTAs an SM instead of 4, measured
+// 1.8x slower at batch 64 on the H200). Any failure to fit it leaves the CUDA-core kernel,
+// which has fitted already.
 template <class T, int D, int G, int W, KvFormat F>
 cudaError_t fit_width(bool allow_mma, DecodeFit& f) {
   f = DecodeFit{};
@@ -769,9 +774,8 @@ cudaError_t fit_width(bool allow_mma, DecodeFit& f) {
   if constexpr (F == KvFormat::bf16) {
     if (e == cudaSuccess && allow_mma) {
       DecodeFit mma;
-      e = fit<T, D, G, W, F, true>(mma);
-      if (e == cudaErrorInvalidConfiguration) return cudaSuccess;  // its ring does not fit at all
-      if (e == cudaSuccess && mma.stages >= 2 && mma.per_sm >= f.per_sm) f = mma;
+      if (fit<T, D, G, W, F, true>(mma) == cudaSuccess && mma.stages >= 2 && mma.per_sm >= f.per_sm) f = mma;
+      (void)cudaGetLastError();  // (a failed query leaves no error behind for a later launch check)
     }
   }
   return e;

@@ -106,11 +106,12 @@ inline constexpr int kMmaMaxStages = 3;  // the tensor-core kernel's (see config
 constexpr int decode_stage_bytes(int warps) { return warps * 32 * kDecodeUnroll * 2 * 16; }
 
 // What one decode CTA width gets on the current device: the deepest ring that fits its shared
-// memory (at most kDecodeMaxStages), and how many such CTAs an SM holds at once.
+// memory (at most kDecodeMaxStages; the tensor-core kernel kMmaMaxStages where that keeps as
+// many CTAs an SM), and how many such CTAs an SM holds at once.
 struct DecodeFit {
   int stages = 1;
   int per_sm = 1;
-  bool mma = false;  // the tensor-core kernel (unquantized pools, where its ring has two stages)
+  bool mma = false;  // the tensor-core kernel (unquantized pools, where its ring has two stages or more)
 };
 
 // Largest power of two dividing n, at most `cap` (a power of two).

@@ -528,8 +528,10 @@ TEST_CASE("flash's tensor-core and CUDA-core decode kernels both match CPU sdpa"
   // Unquantized caches decode on tensor cores unless LOOM_FLASH_DECODE_MMA=0 (read at prepare);
   // the CUDA-core kernel still serves int8/fp8 caches and widths whose tensor-core ring would
   // get one stage. Served shapes (64 sequences of ~400 keys: 4-warp CTAs, one split), few
-  // sequences (16-warp CTAs, splits), GQA 1 to 8, both head dims, a window, float16.
-  const Geometry gqa4{32, 8, 64, 16, 0, 2048}, mha{8, 8, 128, 16, 0, 2048}, gqa8{16, 2, 64, 32, 90, 2048};
+  // sequences (16-warp CTAs, splits), GQA 1 to 8 (1, 2 and 4 heads a CTA), both head dims, a
+  // window, float16.
+  const Geometry gqa4{32, 8, 64, 16, 0, 2048}, mha{8, 8, 128, 16, 0, 2048}, gqa8{16, 2, 64, 32, 90, 2048},
+      gqa2{16, 8, 128, 16, 0, 2048};
   const std::vector<std::vector<int>> served{std::vector<int>(64, 400), std::vector<int>(64, 1),
                                              std::vector<int>(64, 1)};
   const std::vector<std::vector<int>> few{{700, 33, 1}, {1, 1, 1}, {1, 1, 1}};
@@ -540,6 +542,7 @@ TEST_CASE("flash's tensor-core and CUDA-core decode kernels both match CPU sdpa"
     compare(gqa4, few, 42, {{"flash", Dt::bf16, 2e-2}, {"flash", Dt::f16, 2e-2}});
     compare(mha, few, 43, {{"flash", Dt::bf16, 2e-2}});
     compare(gqa8, served, 44, {{"flash", Dt::f16, 2e-2}});
+    compare(gqa2, few, 45, {{"flash", Dt::bf16, 2e-2}}); // two heads a CTA
   }
   REQUIRE(unsetenv("LOOM_FLASH_DECODE_MMA") == 0);
 }
