@@ -376,6 +376,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         if (request.on_done) {
           SequenceResult none;
           none.prompt = request.prompt;
+          none.request_error = true;
           request.on_done(none, refused);
         }
         continue;
@@ -763,7 +764,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       }
     }
     for (int64_t seq : ended) end_request(seq, "");
-    for (const auto &[seq, error] : failed) end_request(seq, "sampling: " + error);
+    for (const auto &[seq, error] : failed) {
+      Live &l = live.at(seq);
+      l.out.request_error = !l.request.samplers.empty(); // its own chain, not the pipeline's
+      end_request(seq, "sampling: " + error);
+    }
     failed.clear();
     publish_load();
   }

@@ -1,5 +1,6 @@
 #include "server.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <ctime>
@@ -453,6 +454,26 @@ struct Server::Impl {
     const std::string id = std::string(chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id.fetch_add(1));
     const int64_t created = static_cast<int64_t>(std::time(nullptr));
     const double timeout = spec.request_timeout_s;
+    // Most failures come at a request's first step (a constraint the matcher refuses, a chain
+    // whose parameters fail, a request the engine refuses). The status line goes out before the
+    // body, so wait, up to the request's timeout, until every choice has its first token or has
+    // ended: a choice that failed by then gets a real status (400 for the request's own error,
+    // 500 for the engine's) instead of 200 and an error body. (Its client's going away is not
+    // noticed during this wait; the provider below notices it.)
+    {
+      std::unique_lock lock(job->mutex);
+      job->changed.wait_for(lock, std::chrono::duration<double>(std::max(0.0, timeout - seconds_since(arrival))), [&] {
+        return std::all_of(job->choices.begin(), job->choices.end(), [](const Choice &c) { return c.done || !c.tokens.empty(); });
+      });
+      for (const Choice &c : job->choices)
+        if (c.done && !c.error.empty()) {
+          job->cancel->store(true); // the other choices end at the next step
+          const bool own = c.result.request_error;
+          send_error(res, ApiError(own ? 400 : 500, "generation failed: " + c.error, own && (p.format != ResponseFormat::text || !p.grammar.empty()) ? p.constraint_param : "",
+                                   own ? "invalid_request_error" : "server_error"));
+          return;
+        }
+    }
     auto params = std::make_shared<GenerationParams>(p);
     auto started = std::make_shared<bool>(false);
     res.set_header("Cache-Control", "no-cache");

@@ -648,6 +648,38 @@ TEST_CASE("guided decoding as vLLM and llama.cpp's server take it: guided_choice
   CHECK(refused({{"grammar", std::string(20000, ' ') + "root ::= \"a\""}}) == "grammar");
 }
 
+TEST_CASE("a request whose own constraint fails at its first step gets 400 naming the constraint, not 200", "[server]") {
+  Fixture f;
+  // Parses, but too ambiguous for the matcher (more live parse stacks than its limit): the
+  // failure comes from the request's sampler chain at the first step, after admission.
+  std::string ambiguous = "root ::=";
+  for (int i = 0; i < 200; ++i) ambiguous += R"( ("a" | "b" | ""))";
+  for (const bool stream : {false, true})
+    for (const char *path : {"/v1/completions", "/v1/chat/completions"}) {
+      json req = {{"model", "tiny-kjv"}, {"max_tokens", 4}, {"guided_grammar", ambiguous}, {"stream", stream}, {"n", 2}};
+      if (std::string(path) == "/v1/completions") req["prompt"] = "And";
+      else req["messages"] = json::array({{{"role", "user"}, {"content", "Say a or b."}}});
+      auto r = f.post(path, req);
+      REQUIRE(r);
+      INFO(path << " stream=" << stream << " -> " << r->status << " " << r->body);
+      CHECK(r->status == 400);
+      const json e = json::parse(r->body)["error"];
+      CHECK(e["param"] == "guided_grammar");
+      CHECK(e["type"] == "invalid_request_error");
+      CHECK(e["message"].get<std::string>().find("too ambiguous") != std::string::npos);
+    }
+  // The server serves on: the same grammar, less ambiguous, and a plain request.
+  std::string fine = "root ::=";
+  for (int i = 0; i < 4; ++i) fine += R"( ("a" | "b"))";
+  auto r = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And"}, {"max_tokens", 4}, {"guided_grammar", fine}});
+  REQUIRE(r);
+  CHECK(r->status == 200);
+  CHECK(json::parse(r->body)["choices"][0]["text"].get<std::string>().size() == 4);
+  r = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And"}, {"max_tokens", 4}});
+  REQUIRE(r);
+  CHECK(r->status == 200);
+}
+
 TEST_CASE("regex_to_gbnf: random expressions convert to grammars the grammar sampler accepts, or are refused", "[server]") {
   // 3,000 random strings over regular expressions' metacharacters: each either converts to a
   // grammar that the grammar sampler compiles, or is refused with std::invalid_argument.

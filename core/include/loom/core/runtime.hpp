@@ -70,6 +70,11 @@ struct SequenceResult {
   std::string text;            // the generated text (what it adds to the prompt's), with a tokenizer
   bool stopped = false;        // a stop token or string ended it before run.steps
   bool cancelled = false;      // served: its cancel flag or a callback ended it early
+  // Served, ended with an error that is the request's own (on_done's error): refused when it
+  // arrived (an empty prompt, a bad token or stop token, limits, an adapter), or its own sampler
+  // chain (ServeRequest::samplers: a constraint, its parameters) failed. Other errors are the
+  // engine's (the pipeline's chain, the backend).
+  bool request_error = false;
   // Served requests that asked (ServeRequest::logprobs): one entry per token of `tokens`.
   std::vector<TokenLogprob> logprobs;
 };
