@@ -34,8 +34,10 @@ const Scheduler::Request &Scheduler::request(int64_t seq, const char *what) cons
   return it->second;
 }
 
-void Scheduler::add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_tokens, uint64_t domain) {
+void Scheduler::add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_tokens, uint64_t domain, bool token_rows) {
   if (requests_.count(seq) != 0 || blocks_.live(seq)) throw runtime_error(seq_name(seq) + " already exists (add)");
+  if (token_rows && options_.token_rows < 1)
+    throw runtime_error(seq_name(seq) + " asks for a row per prefill token, and this scheduler gives none (add)");
   if (prompt.empty()) throw runtime_error(seq_name(seq) + " has an empty prompt (add)");
   if (max_new_tokens < 0)
     throw runtime_error(seq_name(seq) + ": max_new_tokens " + std::to_string(max_new_tokens) + " is negative (add)");
@@ -49,7 +51,7 @@ void Scheduler::add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_to
     throw runtime_error(seq_name(seq) + ": prompt " + std::to_string(prompt.size()) + " + max_new_tokens " +
                         std::to_string(max_new_tokens) + " tokens exceed the KV pool's " + std::to_string(capacity) +
                         " positions (add)");
-  if (!options_.chunked_prefill && int64_t(prompt.size()) > options_.max_batched_tokens)
+  if (!options_.chunked_prefill && !token_rows && int64_t(prompt.size()) > options_.max_batched_tokens)
     throw runtime_error(seq_name(seq) + ": prompt of " + std::to_string(prompt.size()) +
                         " tokens exceeds max_batched_tokens " + std::to_string(options_.max_batched_tokens) +
                         " without chunked prefill (add)");
@@ -58,15 +60,17 @@ void Scheduler::add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_to
   r.tokens = std::move(prompt);
   r.max_new_tokens = max_new_tokens;
   r.domain = domain;
+  r.token_rows = token_rows;
   requests_.emplace(seq, std::move(r));
   waiting_.push_back(seq);
 }
 
-int32_t Scheduler::prefill_chunk(const Request &r, int32_t budget) const {
+int32_t Scheduler::prefill_chunk(const Request &r, int32_t budget, int32_t rows) const {
   const int64_t remaining = int64_t(r.tokens.size()) - r.computed;
+  if (r.token_rows) budget = std::min(budget, rows); // always chunked, by rows
   if (remaining <= 0 || budget <= 0) return 0;
   const int64_t chunk = std::min<int64_t>(budget, remaining);
-  const bool whole = !options_.chunked_prefill && remaining <= options_.max_batched_tokens;
+  const bool whole = !options_.chunked_prefill && !r.token_rows && remaining <= options_.max_batched_tokens;
   return whole && chunk < remaining ? 0 : int32_t(chunk);
 }
 
@@ -142,6 +146,8 @@ SchedulePlan Scheduler::schedule() {
   }
 
   // 2a. Unfinished prefills of running sequences (chunked, or resumed ones too long for a step).
+  // A token_rows sequence past this step's rows waits for the next step; the others go on.
+  int32_t rows = options_.token_rows;
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     const int64_t seq = running_[i];
     const Request &r = requests_.at(seq);
@@ -149,11 +155,17 @@ SchedulePlan Scheduler::schedule() {
       ++i;
       continue;
     }
-    const int32_t chunk = prefill_chunk(r, budget);
+    const int32_t chunk = prefill_chunk(r, budget, rows);
+    if (chunk == 0 && r.token_rows) {
+      ++i;
+      continue;
+    }
     if (chunk == 0) break;
+    const bool token_rows = r.token_rows; // (r may be preempted below)
     if (!grow_running(seq, chunk, plan)) continue;
     plan_work(seq, chunk, plan);
     budget -= chunk;
+    if (token_rows) rows -= chunk;
     ++i;
   }
 
@@ -164,7 +176,7 @@ SchedulePlan Scheduler::schedule() {
     Request &r = requests_.at(seq);
     r.computed = blocks_.begin(seq, r.tokens, r.domain);
     drop_behind_window(seq, r); // (a long prefix hit)
-    const int32_t chunk = prefill_chunk(r, budget);
+    const int32_t chunk = prefill_chunk(r, budget, rows);
     if (chunk == 0 || !blocks_.grow(seq, r.computed + chunk, r.computed, plan.copies)) {
       blocks_.cancel(seq); // it stays first in line; its blocks and the hit stats are given back
       r.computed = 0;
@@ -175,6 +187,7 @@ SchedulePlan Scheduler::schedule() {
     r.running = true;
     plan_work(seq, chunk, plan);
     budget -= chunk;
+    if (r.token_rows) rows -= chunk;
   }
 
   // Drafts are for this plan only: a sequence that got no decode here (the budget ran out, or it

@@ -60,13 +60,19 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   ForgetSequences release_at_end{pipeline_};
   ModelBackend::BlockPool pool;
   int64_t reserved_rows = spec.max_seqs;
+  // Rows of their own for prompt tokens (ServeRequest::prompt_logprobs): they read keys other
+  // rows of the step write, which needs an attention component that knows shared_blocks.
+  const auto attention_now = pipeline_.list(LOOM_KIND_ATTENTION);
+  const bool rows_share_blocks = !attention_now.empty() && attention_now.front()->library().descriptor().abi_minor >= 9;
+  const int32_t prompt_rows = rows_share_blocks ? kPromptLogprobRows : 0;
   {
     auto guard = pipeline_.begin_step();
     // With a drafter a step's batch holds up to 1 + speculative_max_tokens one-token rows per
-    // decoding sequence (verification), so the backend sizes its per-row buffers for them.
+    // decoding sequence (verification), so the backend sizes its per-row buffers for them; and
+    // prompt_rows more for prompt log-probabilities.
     if (!pipeline_.list(LOOM_KIND_DRAFTER).empty())
       reserved_rows = std::min<int64_t>(spec.max_seqs * (1 + spec.speculative_max_tokens), std::max<int64_t>(spec.max_seqs, 4096));
-    pool = backend_->reserve_blocks(static_cast<int32_t>(reserved_rows), max_positions, spec.kv_blocks,
+    pool = backend_->reserve_blocks(static_cast<int32_t>(reserved_rows + prompt_rows), max_positions, spec.kv_blocks,
                                     static_cast<uint64_t>(spec.kv_cache_mib) << 20);
   }
   KvBlockOptions block_options;
@@ -80,6 +86,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   options.chunked_prefill = spec.chunked_prefill;
   options.window = pool.window; // the window the attention plugin applies (its own, or the model's)
   options.max_rows = static_cast<int32_t>(reserved_rows);
+  options.token_rows = prompt_rows;
   Scheduler scheduler(options, blocks);
 
   struct Live {
@@ -90,6 +97,9 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     bool ending = false; // ends at this step (in `ended`)
     size_t cut = SIZE_MAX; // on_token said stop after this many tokens (a step may emit several)
     int64_t virtual_n = 0; // a prefix adapter's placeholders before the prompt
+    // prompt_logprobs: out.prompt_logprobs has an entry per prompt token after the first, filled
+    // (token >= 0) as the prefill computes them; `prompt_missing` counts the unfilled ones.
+    size_t prompt_missing = 0;
     // Speculative decoding: the drafts proposed for the next step, and this sequence's k.
     std::vector<int32_t> draft;
     // Sampled drafts (loom_draft_batch.q_out): the drafter's distribution q of each draft,
@@ -107,6 +117,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       if (l.out.logprobs.size() > l.cut) l.out.logprobs.resize(l.cut);
       l.stopped_by_string = false;
       l.out.stopped = false;
+    }
+    if (l.prompt_missing > 0) { // ended before its prefill did (cancelled, failed): the computed ones
+      const auto unfilled = std::find_if(l.out.prompt_logprobs.begin(), l.out.prompt_logprobs.end(),
+                                         [](const TokenLogprob &e) { return e.token < 0; });
+      l.out.prompt_logprobs.erase(unfilled, l.out.prompt_logprobs.end());
     }
     release_draft_sequence(id);
     if (tokenizer_ && !l.stopped_by_string)
@@ -158,6 +173,18 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   // to the host before the samplers run; row i's is lp_rows[lp_at[i] * vocab...] (-1: none).
   std::vector<float> lp_rows;
   std::vector<int64_t> lp_at;
+  // Prompt log-probabilities: the prompt positions of this step that run as rows of their own
+  // (the rows of a chunk in position order, where the chunk is in the batch), their logits on
+  // the host; and where each sampled row is in the batch (sample_at[i], i for every sampled row
+  // unless a chunk's rows come before it: the rows are then moved up after the forward pass).
+  struct PromptRow {
+    int64_t seq;
+    int64_t position; // in the scheduler's tokens (a prefix adapter's placeholders first)
+    int32_t row;      // in the batch
+  };
+  std::vector<PromptRow> prompt_rows_now;
+  std::vector<float> prompt_lp_rows;
+  std::vector<int32_t> sample_at;
   // Speculative decoding: a drafter's proposals, and the histories of the rows after drafts.
   const int32_t spec_max_k = static_cast<int32_t>(spec.speculative_max_tokens);
   std::vector<int64_t> draft_seqs;
@@ -343,6 +370,21 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       if (refused.empty() && (request.logprobs < -1 || request.logprobs > kMaxTopLogprobs))
         refused = "logprobs " + std::to_string(request.logprobs) + ": -1 for none, else 0 to " +
                   std::to_string(kMaxTopLogprobs) + " alternatives";
+      if (refused.empty() && (request.prompt_logprobs < -1 || request.prompt_logprobs > kMaxTopLogprobs))
+        refused = "prompt_logprobs " + std::to_string(request.prompt_logprobs) + ": -1 for none, else 0 to " +
+                  std::to_string(kMaxTopLogprobs) + " alternatives";
+      if (refused.empty() && request.prompt_logprobs >= 0 && prompt_rows == 0)
+        refused = "prompt_logprobs needs an attention component that knows loom_attention_batch.shared_blocks "
+                  "(plugin ABI 1.9 or newer)";
+      // Prompt log-probabilities: every prompt position computed, as rows of their own; its own
+      // prefix-cache domain, so that no other request's blocks stand in for positions it must
+      // compute (its own, after a preemption, may: those positions were computed already).
+      const bool prompt_rows_wanted = request.prompt_logprobs >= 0 && request.prompt.size() > 1;
+      uint64_t domain = 0;
+      if (refused.empty()) {
+        domain = prefix_domain(request.adapter);
+        if (prompt_rows_wanted) domain = (domain ^ 0x9e3779b97f4a7c15ull) * 0xbf58476d1ce4e5b9ull + static_cast<uint64_t>(id) + 1;
+      }
       std::string adapter_slot;
       if (refused.empty() && !request.adapter && backend_->one_adapter_per_row()) {
         const size_t loaded = pipeline_.list(LOOM_KIND_ADAPTER).size();
@@ -356,7 +398,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       }
       if (refused.empty()) {
         try {
-          scheduler.add(id, with_virtual_tokens(virtual_n, request.prompt), request.max_new_tokens, prefix_domain(request.adapter));
+          scheduler.add(id, with_virtual_tokens(virtual_n, request.prompt), request.max_new_tokens, domain, prompt_rows_wanted);
         } catch (const Error &e) {
           refused = e.what();
         }
@@ -385,6 +427,10 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       l.adapter_slot = std::move(adapter_slot);
       l.virtual_n = virtual_n;
       l.k = static_cast<int32_t>(spec.speculative_tokens);
+      if (request.prompt_logprobs >= 0 && request.prompt.size() > 1) {
+        l.out.prompt_logprobs.resize(request.prompt.size() - 1);
+        l.prompt_missing = request.prompt.size() - 1;
+      }
       l.out.prompt = std::move(request.prompt); // (the scheduler holds its own copy for the tokens)
       l.request = std::move(request);
       live.emplace(id, std::move(l));
@@ -442,6 +488,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       for (const ScheduledWork &w : plan.work) cols = std::max<int64_t>(cols, static_cast<int64_t>(blocks.table(w.seq).size()));
       batch.table_cols = static_cast<int32_t>(cols);
       rows.clear();
+      prompt_rows_now.clear();
+      sample_at.clear();
       row_steps.clear();
       row_history.clear();
       row_chain.clear();
@@ -471,6 +519,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
             append_table(blocks.table(w.seq), cols, batch.block_tables);
             record.context += w.first_position + j + 1;
             rows.push_back(static_cast<int32_t>(w.seq));
+            sample_at.push_back(batch.n_seqs() - 1);
             // Row j's history: the tokens and drafts 1..j, prefixes of one copy per sequence.
             if (j == 0) {
               row_history.emplace_back(tokens);
@@ -488,21 +537,40 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           }
           continue;
         }
-        if (choosing) batch.seq_adapters.push_back(adapter_index(live.at(w.seq).request.adapter, adapters));
-        batch.tokens.insert(batch.tokens.end(), tokens.begin() + w.first_position,
-                            tokens.begin() + w.first_position + w.n_tokens);
-        batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
-        batch.seq_positions.push_back(static_cast<int32_t>(w.first_position));
-        append_table(blocks.table(w.seq), cols, batch.block_tables);
-        record.context += w.first_position + w.n_tokens;
-        if (w.samples) {
+        // One entry of the batch: tokens [first, first + n) of w's sequence at their positions.
+        const auto add_entry = [&](int64_t first, int32_t n) {
+          if (choosing) batch.seq_adapters.push_back(adapter_index(live.at(w.seq).request.adapter, adapters));
+          batch.tokens.insert(batch.tokens.end(), tokens.begin() + first, tokens.begin() + first + n);
+          batch.seq_offsets.push_back(static_cast<int32_t>(batch.tokens.size()));
+          batch.seq_positions.push_back(static_cast<int32_t>(first));
+          append_table(blocks.table(w.seq), cols, batch.block_tables);
+          record.context += first + n;
+        };
+        // The entry just added is a sampled row (its logits go to the chain).
+        const auto sampled_row = [&] {
           rows.push_back(static_cast<int32_t>(w.seq));
+          sample_at.push_back(batch.n_seqs() - 1);
           row_history.emplace_back(tokens);
           row_steps.push_back(static_cast<uint64_t>(scheduler.generated(w.seq)));
           row_chain.push_back(chain_of(w));
           row_draft.push_back(0);
           row_q.push_back(0);
+        };
+        const Live &lw = live.at(w.seq);
+        if (lw.prompt_missing > 0 && w.first_position < lw.virtual_n + static_cast<int64_t>(lw.out.prompt.size()) - 1) {
+          // Prompt log-probabilities: each position a one-token row of its own sharing the block
+          // table, in position order (as verification's rows: loom/attention.h), so that each
+          // gets its logits. The last one samples when the chunk does.
+          for (int32_t j = 0; j < w.n_tokens; ++j) {
+            add_entry(w.first_position + j, 1);
+            if (w.samples && j + 1 == w.n_tokens) sampled_row();
+            else prompt_rows_now.push_back({w.seq, w.first_position + j, batch.n_seqs() - 1});
+          }
+          batch.shared_blocks = true; // its rows read keys the earlier ones write
+          continue;
         }
+        add_entry(w.first_position, w.n_tokens);
+        if (w.samples) sampled_row();
       }
       copies.clear();
       for (const BlockCopy &c : plan.copies) copies.emplace_back(c.src, c.dst);
@@ -517,11 +585,6 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
         if (stats.step_log.size() < SchedulerStats::kStepLogLimit) stats.step_log.push_back(record);
       };
-      if (rows.empty()) { // prefill chunks only
-        log_step();
-        continue;
-      }
-      // The first rows.size() rows of the logits are the sampled ones.
       const size_t V = static_cast<size_t>(config_.vocab_size);
       // Rows read on the host are [rows, vocab] float32, row-major (as sample() checks the shape
       // for the chains): anything else is the backend's error, not a request's.
@@ -533,6 +596,41 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           throw runtime_error(manifest_.source_name + ": the model backend returned logits that are not compact float32 rows (" +
                               why + ")");
       };
+      if (!prompt_rows_now.empty()) {
+        // Prompt log-probabilities: the row at position q is the distribution of the token at
+        // q + 1; the prompt's (past a prefix adapter's placeholders) are kept, once each. Then
+        // the sampled rows move up to the first rows.size() rows, where the chains read them
+        // (each to a row at or before its own, in order, so no row is overwritten before it moved).
+        const size_t n = prompt_rows_now.size();
+        check_host_readable(static_cast<size_t>(batch.n_seqs()), "prompt log-probabilities");
+        prompt_lp_rows.resize(n * V);
+        std::string error;
+        const auto row_bytes = [&](size_t row) { return static_cast<char *>(logits->data) + logits->byte_offset + row * V * sizeof(float); };
+        for (size_t k = 0; k < n; ++k)
+          if (device_memcpy(prompt_lp_rows.data() + k * V, DLDevice{kDLCPU, 0}, row_bytes(static_cast<size_t>(prompt_rows_now[k].row)),
+                            logits->device, V * sizeof(float), error) != LOOM_OK)
+            throw runtime_error(manifest_.source_name + ": copying logits to the host for prompt log-probabilities: " + error);
+        for (size_t i = 0; i < sample_at.size(); ++i)
+          if (static_cast<size_t>(sample_at[i]) != i &&
+              device_memcpy(row_bytes(i), logits->device, row_bytes(static_cast<size_t>(sample_at[i])), logits->device,
+                            V * sizeof(float), error) != LOOM_OK)
+            throw runtime_error(manifest_.source_name + ": moving the sampled rows of logits up: " + error);
+        for (size_t k = 0; k < n; ++k) {
+          Live &l = live.at(prompt_rows_now[k].seq);
+          const int64_t i = prompt_rows_now[k].position - l.virtual_n;
+          if (i < 0 || i + 1 >= static_cast<int64_t>(l.out.prompt.size())) continue;
+          TokenLogprob &entry = l.out.prompt_logprobs[static_cast<size_t>(i)];
+          if (entry.token >= 0) continue; // (computed before a preemption)
+          entry = token_logprob(std::span<const float>(prompt_lp_rows.data() + k * V, V), l.out.prompt[static_cast<size_t>(i) + 1],
+                                l.request.prompt_logprobs);
+          --l.prompt_missing;
+        }
+      }
+      if (rows.empty()) { // prefill chunks only
+        log_step();
+        continue;
+      }
+      // The first rows.size() rows of the logits are the sampled ones.
       // Log-probabilities (ServeRequest::logprobs): the rows of the requests that asked, raw, on
       // the host before any sampler link rewrites them (a sequence verifying drafts: each of its
       // rows, the kept drafts' included).

@@ -91,6 +91,19 @@ json chat_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens,
   return {{"content", content}, {"refusal", nullptr}};
 }
 
+// The alternatives and the token itself, as OpenAI lists them (an object: clients read the
+// values, JSON keeps no order); two ids whose texts are one key: the likelier.
+json top_object(const Runtime &runtime, const TokenLogprob &t, const std::string &token) {
+  json top = json::object();
+  for (const auto &[id, logprob] : t.top) {
+    const std::string alt = valid_utf8(bytes_of_token(runtime, id));
+    if (!top.contains(alt)) top[alt] = finite(logprob);
+  }
+  const std::string own = valid_utf8(token);
+  if (!top.contains(own)) top[own] = finite(t.logprob);
+  return top;
+}
+
 json completion_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens, const TokenTexts &texts,
                          const std::string &text, size_t begin, size_t end) {
   json out = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
@@ -100,18 +113,47 @@ json completion_logprobs(const Runtime &runtime, std::span<const TokenLogprob> t
     const std::string token = bytes_of_token(runtime, t.token, text_in_reply(texts, text, i));
     out["tokens"].push_back(token);
     out["token_logprobs"].push_back(finite(t.logprob));
-    // The alternatives and the sampled token, as OpenAI lists them (an object: clients read the
-    // values, JSON keeps no order); two ids whose texts are one key: the likelier.
-    json top = json::object();
-    for (const auto &[id, logprob] : t.top) {
-      const std::string alt = valid_utf8(bytes_of_token(runtime, id));
-      if (!top.contains(alt)) top[alt] = finite(logprob);
-    }
-    const std::string sampled = valid_utf8(token);
-    if (!top.contains(sampled)) top[sampled] = finite(t.logprob);
-    out["top_logprobs"].push_back(std::move(top));
+    out["top_logprobs"].push_back(top_object(runtime, t, token));
     out["text_offset"].push_back(characters(text, texts.begin(i)));
   }
+  return out;
+}
+
+json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt, std::span<const TokenLogprob> entries,
+                          const std::string &echo, json reply) {
+  json out = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
+              {"text_offset", json::array()}};
+  // Where each prompt token begins in the decoded prompt: the characters of the text of the
+  // tokens before it (never going back: a character cut between tokens decodes as U+FFFD until
+  // its last byte comes).
+  std::string previous;
+  size_t offset = 0;
+  std::vector<int32_t> before;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    before.push_back(prompt[i]);
+    const std::string upto = runtime.has_tokenizer() ? runtime.continuation({}, before, {}) : std::string();
+    // The token as the text has it (what it adds to the decoded prompt: a sentencepiece word
+    // starting the prompt loses its space), so that the entries add up to the text; its key among
+    // the alternatives is its bytes, as theirs are.
+    const std::string piece = upto.size() > previous.size() ? upto.substr(previous.size()) : std::string();
+    const std::string token = runtime.has_tokenizer() ? piece : bytes_of_token(runtime, prompt[i]);
+    out["tokens"].push_back(token);
+    out["text_offset"].push_back(offset);
+    offset = std::max(offset, characters(upto, upto.size()));
+    previous = upto;
+    if (i == 0 || i - 1 >= entries.size()) {
+      out["token_logprobs"].push_back(nullptr);
+      out["top_logprobs"].push_back(nullptr);
+      continue;
+    }
+    const TokenLogprob &t = entries[i - 1];
+    out["token_logprobs"].push_back(finite(t.logprob));
+    out["top_logprobs"].push_back(top_object(runtime, t, bytes_of_token(runtime, prompt[i], piece)));
+  }
+  const size_t shift = characters(echo, echo.size());
+  for (const char *key : {"tokens", "token_logprobs", "top_logprobs"})
+    for (json &v : reply[key]) out[key].push_back(std::move(v));
+  for (const json &o : reply["text_offset"]) out["text_offset"].push_back(o.get<size_t>() + shift);
   return out;
 }
 

@@ -54,4 +54,14 @@ nlohmann::json chat_logprobs(const Runtime &runtime, std::span<const TokenLogpro
 nlohmann::json completion_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens, const TokenTexts &texts,
                                    const std::string &text, size_t begin, size_t end);
 
+// Completions' echo with logprobs: the entries of the prompt's tokens (from
+// SequenceResult::prompt_logprobs, which has one per token after the first) before those of the
+// reply (`reply`, from completion_logprobs, whose text_offset then moves past `echo`). The first
+// prompt token has no log-probability: null, and null alternatives, as OpenAI sends it. A
+// prompt token's entry in `tokens` is the text it adds to the decoded prompt (so that they add
+// up to it: the prompt's text when given as text, unless the tokenizer does not give it back
+// byte for byte), its text_offset measured there.
+nlohmann::json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt,
+                                    std::span<const TokenLogprob> entries, const std::string &echo, nlohmann::json reply);
+
 } // namespace loom::server

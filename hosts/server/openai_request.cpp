@@ -365,7 +365,8 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   } else {
     parse_prompt(j, p, vocab_size);
   }
-  p.max_tokens = int_field(j, "max_tokens", 1, 1 << 24);
+  // 0 (completions with echo: score the prompt, generate nothing, as lm-evaluation-harness asks).
+  p.max_tokens = int_field(j, "max_tokens", 0, 1 << 24);
   if (chat)
     if (auto m = int_field(j, "max_completion_tokens", 1, 1 << 24)) p.max_tokens = m;
   p.n = int_field(j, "n", 1, kMaxN).value_or(1);
@@ -448,7 +449,11 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
     p.logprobs = static_cast<int32_t>(*top);
   }
   p.echo = !chat && bool_field(j, "echo", false);
-  if (p.echo && p.logprobs >= 0) bad("echo", "'echo' with 'logprobs' (the prompt's log-probabilities) is not supported yet");
+  if (p.max_tokens == 0 && !p.echo) bad("max_tokens", "'max_tokens' must be at least 1 (0 only with 'echo': the prompt alone)");
+  // echo with logprobs lists the prompt's tokens too (their log-probabilities come with the
+  // whole reply, so not streamed).
+  if (p.echo && p.logprobs >= 0 && p.stream)
+    bad("stream", "'echo' with 'logprobs' (the prompt's log-probabilities) is not streamed: leave 'stream' out");
   return p;
 }
 

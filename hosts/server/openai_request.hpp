@@ -64,7 +64,10 @@ struct GenerationParams {
   // Log-probabilities of the reply's tokens with this many alternatives (0-20); -1: none. Chat:
   // logprobs: true and top_logprobs; completions: logprobs.
   int32_t logprobs = -1;
-  bool echo = false; // completions: the reply's text begins with the prompt's
+  bool echo = false; // completions: the reply's text begins with the prompt's (with logprobs: and its tokens' entries)
+  // Completions with echo and max_tokens 0: the prompt is scored (its log-probabilities), nothing
+  // is generated.
+  bool prompt_only() const { return echo && max_tokens && *max_tokens == 0; }
   // Chat function calling (tool_calls.hpp): the offered tools and how the model may use them.
   // With tools and a choice other than none, the tools are described in a system message (in
   // `messages` already) and the reply is parsed into tool_calls.

@@ -392,7 +392,8 @@ struct Server::Impl {
       prompt_tokens.fetch_add(choice.prompt.size(), std::memory_order_relaxed);
       ServeRequest r;
       r.prompt = choice.prompt;
-      r.max_new_tokens = max_tokens;
+      r.max_new_tokens = p.prompt_only() ? 1 : max_tokens; // (the prompt alone: its one token is dropped)
+      if (p.echo) r.prompt_logprobs = p.logprobs;
       r.samplers = samplers; // shared by the choices: one sampling call for their rows
       r.seed = nth_sample_seed(base_seed, c % p.n);
       r.stop = p.stop;
@@ -556,7 +557,7 @@ struct Server::Impl {
             }
             // Stream what is new, then wait for more (checking the client and the clock).
             // (A reply that may be a tool call is sent whole at the end.)
-            if (gp.stream && !gp.uses_tools()) {
+            if (gp.stream && !gp.uses_tools() && !gp.prompt_only()) {
               json deltas = json::array();
               for (size_t i = 0; i < job->choices.size(); ++i) {
                 Choice &c = job->choices[i];
@@ -592,6 +593,13 @@ struct Server::Impl {
             job->changed.wait_for(lock, std::chrono::milliseconds(20));
           }
           // Every choice ended: the rest of each text (or its tool calls), the finish reasons, usage.
+          if (gp.prompt_only()) // the token the engine had to generate is not part of the reply
+            for (Choice &c : job->choices) {
+              c.result.tokens.clear();
+              c.result.text.clear();
+              c.result.logprobs.clear();
+              c.result.stopped = false;
+            }
           if (gp.uses_tools())
             for (size_t i = 0; i < job->choices.size(); ++i) calls[i] = parse_tool_calls(job->choices[i].result.text, gp.callable_tools());
           int64_t prompt_n = 0, completion_n = 0;
@@ -632,7 +640,9 @@ struct Server::Impl {
               Choice &c = job->choices[i];
               json message = {{"role", "assistant"}, {"content", c.result.text}};
               if (!calls[i].empty()) message = {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", tool_calls_json(i)}};
-              const json logprobs = logprobs_json(c, c.result.logprobs, c.result.text, c.result.text.size(), false);
+              json logprobs = logprobs_json(c, c.result.logprobs, c.result.text, c.result.text.size(), false);
+              if (!chat && gp.echo && gp.logprobs >= 0) // the prompt's tokens first (null for the first)
+                logprobs = with_prompt_logprobs(runtime, c.prompt, c.result.prompt_logprobs, c.echo, std::move(logprobs));
               choices.push_back(chat ? json{{"index", i}, {"message", message}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}}
                                      : json{{"index", i}, {"text", c.echo + c.result.text}, {"logprobs", logprobs},
                                             {"finish_reason", finish_reason(c)}});

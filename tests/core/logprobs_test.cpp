@@ -40,7 +40,8 @@ struct Served {
 };
 
 // Serves `requests` (their on_done / on_logprob are set here) and returns what each got.
-std::vector<Served> serve(loom::Runtime &rt, std::vector<loom::ServeRequest> requests, loom::SchedulerStats *stats = nullptr) {
+std::vector<Served> serve(loom::Runtime &rt, std::vector<loom::ServeRequest> requests, loom::SchedulerStats *stats = nullptr,
+                          int64_t max_positions = 128) {
   std::vector<Served> out(requests.size());
   loom::RequestQueue queue;
   for (size_t i = 0; i < requests.size(); ++i) {
@@ -55,7 +56,7 @@ std::vector<Served> serve(loom::Runtime &rt, std::vector<loom::ServeRequest> req
     queue.submit(std::move(r));
   }
   queue.close();
-  const loom::SchedulerStats s = rt.serve(queue, 128);
+  const loom::SchedulerStats s = rt.serve(queue, max_positions);
   if (stats) *stats = s;
   return out;
 }
@@ -82,6 +83,35 @@ void check_consistent(const Served &s, int32_t top) {
     const auto it = std::find_if(lp.top.begin(), lp.top.end(), [&](const auto &t) { return t.first == lp.token; });
     if (it != lp.top.end()) CHECK(it->second == lp.logprob);
     else if (!lp.top.empty()) CHECK(lp.logprob <= lp.top.back().second);
+  }
+}
+
+nlohmann::json golden_cases() {
+  std::ifstream in(kGolden);
+  REQUIRE(in);
+  return nlohmann::json::parse(in)["cases"];
+}
+
+// `n` requests for `prompt`, each up to max_new tokens.
+std::vector<loom::ServeRequest> requests_for(const std::vector<int32_t> &prompt, size_t n, int64_t max_new) {
+  std::vector<loom::ServeRequest> requests(n);
+  for (auto &r : requests) {
+    r.prompt = prompt;
+    r.max_new_tokens = max_new;
+  }
+  return requests;
+}
+
+// `top` lists the most likely tokens of the log-distribution `ref`, with its values.
+void check_top(const std::vector<std::pair<int32_t, float>> &top, const std::vector<double> &ref) {
+  std::vector<int32_t> order(ref.size());
+  for (size_t k = 0; k < order.size(); ++k) order[k] = static_cast<int32_t>(k);
+  std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(top.size()), order.end(),
+                    [&](int32_t a, int32_t b) { return ref[static_cast<size_t>(a)] > ref[static_cast<size_t>(b)]; });
+  for (size_t k = 0; k < top.size(); ++k) {
+    INFO("alternative " << k);
+    CHECK(top[k].first == order[k]);
+    CHECK(top[k].second == Approx(ref[static_cast<size_t>(order[k])]).margin(2e-4));
   }
 }
 
@@ -114,20 +144,13 @@ TEST_CASE("token_logprob: log-softmax, the top alternatives by logit then id, +i
 
 TEST_CASE("served log-probabilities are transformers' at the first token and the raw distribution's whatever the chain",
           "[logprobs][scheduler][model]") {
-  std::ifstream in(kGolden);
-  REQUIRE(in);
-  const nlohmann::json golden = nlohmann::json::parse(in);
   auto rt = loom::Runtime::from_string(manifest());
-  for (const auto &c : golden["cases"]) {
+  for (const auto &c : golden_cases()) {
     const std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
     const std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
     const std::vector<double> ref = log_softmax(c["logits"].back().get<std::vector<double>>());
     INFO(c["prompt"].get<std::string>());
-    std::vector<loom::ServeRequest> requests(4);
-    for (auto &r : requests) {
-      r.prompt = prompt;
-      r.max_new_tokens = 12;
-    }
+    std::vector<loom::ServeRequest> requests = requests_for(prompt, 4, 12);
     requests[0].logprobs = 5;
     // A chain of its own that rewrites the logits (temperature 0.25): the log-probabilities stay
     // the model's.
@@ -151,14 +174,7 @@ TEST_CASE("served log-probabilities are transformers' at the first token and the
       const loom::TokenLogprob &first = got[static_cast<size_t>(i)].result.logprobs.at(0);
       CHECK(first.logprob == Approx(ref[static_cast<size_t>(greedy[0])]).margin(2e-4));
       // The top alternatives are transformers' most likely tokens, with its log-probabilities.
-      std::vector<int32_t> order(ref.size());
-      for (size_t k = 0; k < order.size(); ++k) order[k] = static_cast<int32_t>(k);
-      std::partial_sort(order.begin(), order.begin() + 5, order.end(), [&](int32_t a, int32_t b) { return ref[a] > ref[b]; });
-      for (size_t k = 0; k < first.top.size(); ++k) {
-        INFO("alternative " << k);
-        CHECK(first.top[k].first == order[k]);
-        CHECK(first.top[k].second == Approx(ref[static_cast<size_t>(order[k])]).margin(2e-4));
-      }
+      check_top(first.top, ref);
     }
     // Greedy: each token is the most likely one.
     for (const loom::TokenLogprob &lp : got[0].result.logprobs) CHECK(lp.top.at(0).first == lp.token);
@@ -204,4 +220,99 @@ TEST_CASE("log-probabilities with speculative drafts are those without, and out-
     CHECK(results[1][k].logprob == Approx(results[0][k].logprob).margin(1e-4));
     for (size_t a = 0; a < results[0][k].top.size(); ++a) CHECK(results[1][k].top[a].first == results[0][k].top[a].first);
   }
+}
+
+TEST_CASE("prompt log-probabilities are transformers' at every prompt position", "[logprobs][scheduler][model]") {
+  auto rt = loom::Runtime::from_string(manifest());
+  for (const auto &c : golden_cases()) {
+    const std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
+    INFO(c["prompt"].get<std::string>());
+    std::vector<loom::ServeRequest> requests = requests_for(prompt, 3, 3);
+    requests[0].prompt_logprobs = 5;
+    requests[1].prompt_logprobs = 0;
+    requests[1].logprobs = 2; // both kinds at once
+    const std::vector<Served> got = serve(*rt, std::move(requests));
+    for (const Served &s : got) CHECK(s.error.empty());
+    CHECK(got[0].result.tokens == got[2].result.tokens); // the rows of its own change no token
+    CHECK(got[2].result.prompt_logprobs.empty());
+    for (int i : {0, 1}) {
+      const auto &entries = got[static_cast<size_t>(i)].result.prompt_logprobs;
+      REQUIRE(entries.size() == prompt.size() - 1);
+      for (size_t p = 0; p + 1 < prompt.size(); ++p) {
+        INFO("request " << i << ", prompt position " << p);
+        const std::vector<double> ref = log_softmax(c["logits"][p].get<std::vector<double>>());
+        const loom::TokenLogprob &e = entries[p];
+        CHECK(e.token == prompt[p + 1]);
+        CHECK(e.logprob == Approx(ref[static_cast<size_t>(prompt[p + 1])]).margin(2e-4));
+        REQUIRE(e.top.size() == (i == 0 ? 5u : 0u));
+        check_top(e.top, ref);
+      }
+    }
+    CHECK(got[1].result.logprobs.size() == 3);
+  }
+}
+
+TEST_CASE("prompt log-probabilities of a long prompt span steps, bypass the prefix cache and match one-token requests",
+          "[logprobs][scheduler][model]") {
+  // 300 prompt tokens: three steps of kPromptLogprobRows rows; the same prompt served before
+  // fills the prefix cache, which must not stand in for positions the request has to compute.
+  std::vector<int32_t> prompt = {1};
+  for (int i = 1; i < 300; ++i) prompt.push_back(static_cast<int32_t>(200 + (i * 37) % 1500));
+  auto rt = loom::Runtime::from_string(manifest("max_batched_tokens = 512\n"));
+  {
+    std::vector<loom::ServeRequest> warm(1);
+    warm[0].prompt = prompt;
+    warm[0].max_new_tokens = 1;
+    REQUIRE(serve(*rt, std::move(warm), nullptr, 512)[0].error.empty());
+  }
+  std::vector<loom::ServeRequest> requests(2);
+  requests[0].prompt = prompt;
+  requests[0].max_new_tokens = 2;
+  requests[0].prompt_logprobs = loom::kMaxTopLogprobs;
+  requests[1].prompt = {1, 300, 391};
+  requests[1].max_new_tokens = 2;
+  loom::SchedulerStats stats;
+  const std::vector<Served> got = serve(*rt, std::move(requests), &stats, 512);
+  REQUIRE(got[0].error.empty());
+  const auto &entries = got[0].result.prompt_logprobs;
+  REQUIRE(entries.size() == prompt.size() - 1);
+  for (size_t p = 0; p + 1 < prompt.size(); ++p) CHECK(entries[p].token == prompt[p + 1]);
+  CHECK(stats.steps >= 3);
+  // Position p's distribution is the first generated token's of the prompt's first p + 1
+  // tokens (across the steps' boundaries at 128 and 256).
+  for (const size_t p : {size_t{0}, size_t{1}, size_t{126}, size_t{127}, size_t{128}, size_t{255}, size_t{256}, size_t{298}}) {
+    INFO("prompt position " << p);
+    std::vector<loom::ServeRequest> one(1);
+    one[0].prompt.assign(prompt.begin(), prompt.begin() + static_cast<std::ptrdiff_t>(p) + 1);
+    one[0].max_new_tokens = 1;
+    one[0].logprobs = loom::kMaxTopLogprobs;
+    const Served s = serve(*rt, std::move(one), nullptr, 512)[0];
+    REQUIRE(s.result.logprobs.size() == 1);
+    const loom::TokenLogprob &want = s.result.logprobs[0];
+    REQUIRE(entries[p].top.size() == want.top.size());
+    for (size_t k = 0; k < want.top.size(); ++k) {
+      CHECK(entries[p].top[k].first == want.top[k].first);
+      CHECK(entries[p].top[k].second == Approx(want.top[k].second).margin(1e-4));
+    }
+  }
+}
+
+TEST_CASE("prompt log-probabilities: out-of-range counts are refused, a one-token prompt has none", "[logprobs][scheduler][model]") {
+  auto rt = loom::Runtime::from_string(manifest());
+  std::vector<loom::ServeRequest> requests(3);
+  for (auto &r : requests) {
+    r.prompt = {1, 300, 391};
+    r.max_new_tokens = 2;
+  }
+  requests[0].prompt_logprobs = loom::kMaxTopLogprobs + 1;
+  requests[1].prompt_logprobs = -2;
+  requests[2].prompt = {1};
+  requests[2].prompt_logprobs = 3;
+  const std::vector<Served> got = serve(*rt, std::move(requests));
+  CHECK(got[0].error.find("prompt_logprobs 21") != std::string::npos);
+  CHECK(got[0].result.request_error);
+  CHECK(got[1].error.find("prompt_logprobs -2") != std::string::npos);
+  CHECK(got[2].error.empty());
+  CHECK(got[2].result.prompt_logprobs.empty());
+  CHECK(got[2].result.tokens.size() == 2);
 }

@@ -334,3 +334,46 @@ TEST_CASE("Scheduler rejects invalid input", "[scheduler]") {
     CHECK(blocks.free_blocks() == blocks.total_blocks());
   }
 }
+
+TEST_CASE("token_rows sequences get prefill chunks within the step's rows, chunked whatever chunked_prefill says",
+          "[scheduler]") {
+  for (const bool chunked : {true, false}) {
+    INFO("chunked_prefill " << chunked);
+    KvBlockOptions bo;
+    bo.n_blocks = 64;
+    bo.block_size = 4;
+    KvBlockManager blocks(bo);
+    SchedulerOptions o;
+    o.max_seqs = 4;
+    o.max_batched_tokens = 64;
+    o.chunked_prefill = chunked;
+    o.token_rows = 8;
+    Scheduler s(o, blocks);
+    s.add(1, std::vector<int32_t>(20, 5), 2, 0, true);
+    s.add(2, std::vector<int32_t>(6, 7), 2, 0, true);
+    s.add(3, std::vector<int32_t>(10, 9), 2); // an ordinary one beside them
+    SchedulePlan p = s.schedule(); // 1 gets the step's 8 rows; 2 waits in line; 3 waits behind it
+    REQUIRE(p.work.size() == 1);
+    CHECK(p.work[0].seq == 1);
+    CHECK(p.work[0].n_tokens == 8);
+    CHECK_FALSE(p.work[0].samples);
+    p = s.schedule();
+    REQUIRE(p.work.size() == 1);
+    CHECK(p.work[0].n_tokens == 8);
+    p = s.schedule(); // 1's last 4, then 2 gets the 4 rows left, then 3 its whole prompt
+    REQUIRE(p.work.size() == 3);
+    CHECK(p.work[0].seq == 1);
+    CHECK(p.work[0].n_tokens == 4);
+    CHECK(p.work[0].samples);
+    CHECK(p.work[1].seq == 2);
+    CHECK(p.work[1].n_tokens == 4);
+    CHECK(p.work[2].seq == 3);
+    CHECK(p.work[2].n_tokens == 10);
+  }
+  KvBlockOptions bo;
+  bo.n_blocks = 16;
+  bo.block_size = 4;
+  KvBlockManager blocks(bo);
+  Scheduler none(SchedulerOptions{}, blocks);
+  CHECK_THROWS_WITH(none.add(1, {1, 2, 3}, 2, 0, true), Catch::Contains("a row per prefill token"));
+}

@@ -163,7 +163,7 @@ TEST_CASE("completions at temperature 0 are the greedy run's; streaming gives th
   CHECK(text == want);
   CHECK(usage["completion_tokens"] == body["usage"]["completion_tokens"]);
 
-  // echo: the prompt's text first, streamed or not; not with logprobs (the prompt's are not computed).
+  // echo: the prompt's text first, streamed or not (with logprobs: not streamed, below).
   auto echoed = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"temperature", 0},
                                            {"echo", true}});
   REQUIRE(echoed->status == 200);
@@ -177,7 +177,67 @@ TEST_CASE("completions at temperature 0 are the greedy run's; streaming gives th
     for (const auto &ch : c["choices"]) echo_text += ch["text"].get<std::string>();
   }
   CHECK(echo_text == "And God said" + want);
-  CHECK(f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "x"}, {"echo", true}, {"logprobs", 1}})->status == 400);
+  auto streamed_scores = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "x"}, {"echo", true}, {"logprobs", 1}, {"stream", true}});
+  CHECK(streamed_scores->status == 400);
+  CHECK(json::parse(streamed_scores->body)["error"]["param"] == "stream");
+}
+
+TEST_CASE("echo with logprobs lists the prompt's tokens first, transformers' log-probabilities; max_tokens 0 scores the prompt alone",
+          "[server][logprobs]") {
+  Fixture f;
+  std::ifstream in(std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/models/tiny-kjv-golden.json");
+  REQUIRE(in);
+  const json golden = json::parse(in)["cases"][0];
+  REQUIRE(golden["prompt"] == "And God said");
+  const std::vector<int32_t> ids = golden["input_ids"].get<std::vector<int32_t>>(); // BOS first, as the server encodes it
+  const auto log_softmax_at = [&](size_t row, int32_t token) {
+    const std::vector<double> logits = golden["logits"][row].get<std::vector<double>>();
+    const double top = *std::max_element(logits.begin(), logits.end());
+    double sum = 0;
+    for (double v : logits) sum += std::exp(v - top);
+    return logits[static_cast<size_t>(token)] - top - std::log(sum);
+  };
+  for (const int max_tokens : {5, 0}) {
+    INFO("max_tokens " << max_tokens);
+    auto res = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", max_tokens},
+                                          {"temperature", 0}, {"echo", true}, {"logprobs", 3}});
+    REQUIRE(res);
+    INFO(res->body);
+    REQUIRE(res->status == 200);
+    const json body = json::parse(res->body);
+    const json &choice = body["choices"][0];
+    const json &lp = choice["logprobs"];
+    const std::string text = choice["text"];
+    REQUIRE(text.rfind("And God said", 0) == 0);
+    const size_t generated = body["usage"]["completion_tokens"].get<size_t>();
+    CHECK(generated == static_cast<size_t>(max_tokens));
+    if (max_tokens == 0) {
+      CHECK(text == "And God said");
+      CHECK(choice["finish_reason"] == "length");
+    }
+    const size_t n = lp["tokens"].size();
+    REQUIRE(n == ids.size() + generated);
+    REQUIRE(lp["token_logprobs"].size() == n);
+    REQUIRE(lp["top_logprobs"].size() == n);
+    REQUIRE(lp["text_offset"].size() == n);
+    CHECK(lp["token_logprobs"][0].is_null()); // nothing before the first token
+    CHECK(lp["top_logprobs"][0].is_null());
+    std::string joined;
+    for (size_t i = 0; i < n; ++i) {
+      INFO("token " << i);
+      CHECK(lp["text_offset"][i] == joined.size());
+      joined += lp["tokens"][i].get<std::string>();
+      if (i == 0) continue;
+      CHECK(lp["top_logprobs"][i].size() <= 4); // 3 alternatives and the token itself
+      if (i < ids.size()) // a prompt token: transformers' log-probability of it after the ones before
+        CHECK(lp["token_logprobs"][i].get<double>() == Approx(log_softmax_at(i - 1, ids[i])).margin(2e-4));
+    }
+    CHECK(joined == text);
+  }
+  // Refused: max_tokens 0 without echo.
+  auto zero = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "x"}, {"max_tokens", 0}});
+  CHECK(zero->status == 400);
+  CHECK(json::parse(zero->body)["error"]["param"] == "max_tokens");
 }
 
 TEST_CASE("chat completions: non-streamed and streamed agree; seeds reproduce; n choices", "[server]") {

@@ -61,6 +61,15 @@ struct ServeRequest {
   // (SequenceResult::logprobs, and on_logprob as tokens come). Costs a copy of the row of logits
   // to the host for each token of such a request. Outside that range the request is refused.
   int32_t logprobs = -1;
+  // Prompt log-probabilities (vLLM's prompt_logprobs; OpenAI completions' echo with logprobs): -1
+  // none; 0 to kMaxTopLogprobs: each prompt token after the first, its log-probability under the
+  // model's distribution given the tokens before it and that many most likely alternatives
+  // (SequenceResult::prompt_logprobs). Such a request's prefill runs each prompt token as a row
+  // of its own, at most kPromptLogprobRows of them a step (so a long prompt takes several steps),
+  // and bypasses the prefix cache (every position must be computed). Needs an attention
+  // component of plugin ABI 1.9 or newer (loom_attention_batch.shared_blocks); refused otherwise,
+  // and outside that range.
+  int32_t prompt_logprobs = -1;
   // Set from any thread to end the request at the next step boundary (a client that went away):
   // it leaves the batch, its KV blocks go back to the pool, and on_done gets what it generated
   // (SequenceResult::cancelled set). Optional.

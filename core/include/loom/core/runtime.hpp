@@ -62,6 +62,9 @@ struct TokenLogprob {
   std::vector<std::pair<int32_t, float>> top; // (token, log-probability)
 };
 inline constexpr int32_t kMaxTopLogprobs = 20; // alternatives a request may ask for
+// Prompt tokens a step computes as rows of their own for requests that asked for
+// ServeRequest::prompt_logprobs (the backend's per-row buffers grow by this many rows).
+inline constexpr int32_t kPromptLogprobRows = 128;
 
 // One sequence of a run: a prompt of run.prompts (or the one prompt) and what it generated.
 struct SequenceResult {
@@ -77,6 +80,9 @@ struct SequenceResult {
   bool request_error = false;
   // Served requests that asked (ServeRequest::logprobs): one entry per token of `tokens`.
   std::vector<TokenLogprob> logprobs;
+  // Served requests that asked (ServeRequest::prompt_logprobs): one entry per token of `prompt`
+  // after the first (entry i is prompt[i + 1]'s), in the order of the prompt.
+  std::vector<TokenLogprob> prompt_logprobs;
 };
 
 // One forward pass of the scheduler (a step): what it ran and how long it took on the host's

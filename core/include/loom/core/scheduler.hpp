@@ -36,6 +36,10 @@ struct SchedulerOptions {
   // Speculative decoding: rows a step's batch may hold (each draft is a row of its own beside
   // one per sequence): drafts are trimmed to max_rows - max_seqs per plan. 0: no limit.
   int32_t max_rows = 0;
+  // Rows a step gives to the prefill of sequences added with token_rows (each of their prefill
+  // tokens a row of its own: prompt log-probabilities): their chunks are capped by what is left
+  // of these this step, and chunked whatever chunked_prefill says. 0: add() refuses them.
+  int32_t token_rows = 0;
 };
 
 // This step computes tokens(seq)[first_position, first_position + n_tokens) at those positions.
@@ -68,7 +72,10 @@ class Scheduler {
   // needing more blocks than the whole pool, or (without chunked prefill) a prompt longer than
   // max_batched_tokens: requests that could never run. `domain`: the prefix-cache domain of its
   // KV (KvBlockManager::begin): what besides its tokens its KV depends on (its adapter).
-  void add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_tokens, uint64_t domain = 0);
+  // token_rows: the caller computes each of its prefill tokens as a row of its own
+  // (SchedulerOptions::token_rows); throws when that is 0.
+  void add(int64_t seq, std::vector<int32_t> prompt, int64_t max_new_tokens, uint64_t domain = 0,
+           bool token_rows = false);
 
   // The next step's work. Policy:
   // 1. Decode: every running sequence whose cache holds all but its last token gets 1 token, in
@@ -122,6 +129,7 @@ class Scheduler {
     size_t prompt_size = 0;
     int64_t max_new_tokens = 0;
     uint64_t domain = 0;         // prefix-cache domain (add)
+    bool token_rows = false;     // each prefill token a row of its own (add)
     int64_t computed = 0;        // leading tokens whose KV the cache holds (or will after this step)
     bool running = false;
     bool planned = false;        // has a work item in the plan being built
@@ -139,7 +147,9 @@ class Scheduler {
   void preempt(int64_t seq, SchedulePlan &plan);
   void plan_work(int64_t seq, int32_t n, SchedulePlan &plan, int32_t draft = 0);
   // Tokens of seq's next prefill chunk within `budget`; 0 when it must wait (whole-or-nothing).
-  int32_t prefill_chunk(const Request &r, int32_t budget) const;
+  // The next prefill chunk of r within `budget` tokens (and `rows` for a token_rows sequence);
+  // 0 when none fits.
+  int32_t prefill_chunk(const Request &r, int32_t budget, int32_t rows) const;
 
   SchedulerOptions options_;
   KvBlockManager &blocks_;
