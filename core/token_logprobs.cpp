@@ -61,6 +61,11 @@ TokenLogprob token_logprob(std::span<const float> row, int32_t token, int32_t to
     return static_cast<float>(static_cast<double>(x) - log_sum);
   };
   out.logprob = token >= 0 && token < vocab ? logp(row[static_cast<size_t>(token)]) : static_cast<float>(nan);
+  if (token >= 0 && token < vocab) { // its rank: 1 + the tokens before it in the order of `top`
+    const float own = row[static_cast<size_t>(token)];
+    out.rank = 1;
+    for (int32_t i = 0; i < vocab; ++i) out.rank += ranks_before(row[static_cast<size_t>(i)], i, own, token);
+  }
   out.top.reserve(static_cast<size_t>(kept));
   for (int32_t i = 0; i < kept; ++i) out.top.emplace_back(best[static_cast<size_t>(i)].first, logp(best[static_cast<size_t>(i)].second));
   return out;

@@ -157,4 +157,21 @@ json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &pr
   return out;
 }
 
+json vllm_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt, std::span<const TokenLogprob> entries) {
+  json out = json::array();
+  if (!prompt.empty()) out.push_back(nullptr);
+  for (size_t i = 0; i < entries.size() && i + 1 < prompt.size(); ++i) {
+    const TokenLogprob &t = entries[i];
+    json position = json::object();
+    for (size_t k = 0; k < t.top.size(); ++k)
+      position[std::to_string(t.top[k].first)] = {{"logprob", finite(t.top[k].second)}, {"rank", k + 1},
+                                                  {"decoded_token", valid_utf8(bytes_of_token(runtime, t.top[k].first))}};
+    const std::string own = std::to_string(t.token);
+    if (!position.contains(own))
+      position[own] = {{"logprob", finite(t.logprob)}, {"rank", t.rank}, {"decoded_token", valid_utf8(bytes_of_token(runtime, t.token))}};
+    out.push_back(std::move(position));
+  }
+  return out;
+}
+
 } // namespace loom::server

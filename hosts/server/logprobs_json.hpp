@@ -64,4 +64,10 @@ nlohmann::json completion_logprobs(const Runtime &runtime, std::span<const Token
 nlohmann::json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt,
                                     std::span<const TokenLogprob> entries, const std::string &echo, nlohmann::json reply);
 
+// vLLM's `prompt_logprobs` of a choice: null for the first prompt token, then per token an
+// object keyed by token id (as a string) of {logprob, rank, decoded_token}: the prompt's token
+// and the most likely alternatives.
+nlohmann::json vllm_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt,
+                                    std::span<const TokenLogprob> entries);
+
 } // namespace loom::server

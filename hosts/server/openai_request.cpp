@@ -347,6 +347,7 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
                                  "user", "logprobs",
                                  // vLLM's sampling extensions
                                  "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens",
+                                 "prompt_logprobs",
                                  // constrained decoding as vLLM (guided_*) and llama.cpp's server (grammar, json_schema) take it
                                  "guided_json", "guided_choice", "guided_regex", "guided_grammar", "grammar", "json_schema"};
   if (chat) {
@@ -454,6 +455,10 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   // whole reply, so not streamed).
   if (p.echo && p.logprobs >= 0 && p.stream)
     bad("stream", "'echo' with 'logprobs' (the prompt's log-probabilities) is not streamed: leave 'stream' out");
+  if (const std::optional<int64_t> n = int_field(j, "prompt_logprobs", 0, kMaxTopLogprobs)) {
+    p.prompt_logprobs = static_cast<int32_t>(*n);
+    if (p.stream) bad("stream", "'prompt_logprobs' is not streamed: leave 'stream' out");
+  }
   return p;
 }
 

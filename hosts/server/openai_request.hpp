@@ -64,6 +64,9 @@ struct GenerationParams {
   // Log-probabilities of the reply's tokens with this many alternatives (0-20); -1: none. Chat:
   // logprobs: true and top_logprobs; completions: logprobs.
   int32_t logprobs = -1;
+  // vLLM's prompt_logprobs: the prompt's tokens' log-probabilities with this many alternatives
+  // (0-20), in each choice's `prompt_logprobs`; -1: none.
+  int32_t prompt_logprobs = -1;
   bool echo = false; // completions: the reply's text begins with the prompt's (with logprobs: and its tokens' entries)
   // Completions with echo and max_tokens 0: the prompt is scored (its log-probabilities), nothing
   // is generated.

@@ -393,7 +393,7 @@ struct Server::Impl {
       ServeRequest r;
       r.prompt = choice.prompt;
       r.max_new_tokens = p.prompt_only() ? 1 : max_tokens; // (the prompt alone: its one token is dropped)
-      if (p.echo) r.prompt_logprobs = p.logprobs;
+      r.prompt_logprobs = std::max(p.echo ? p.logprobs : -1, p.prompt_logprobs);
       r.samplers = samplers; // shared by the choices: one sampling call for their rows
       r.seed = nth_sample_seed(base_seed, c % p.n);
       r.stop = p.stop;
@@ -641,11 +641,21 @@ struct Server::Impl {
               json message = {{"role", "assistant"}, {"content", c.result.text}};
               if (!calls[i].empty()) message = {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", tool_calls_json(i)}};
               json logprobs = logprobs_json(c, c.result.logprobs, c.result.text, c.result.text.size(), false);
+              // The prompt's entries with `n` alternatives (echo's logprobs and prompt_logprobs may
+              // ask for different counts; the engine computed the larger).
+              const auto prompt_entries = [&](int32_t n) {
+                std::vector<TokenLogprob> entries = c.result.prompt_logprobs;
+                for (TokenLogprob &e : entries)
+                  if (e.top.size() > static_cast<size_t>(n)) e.top.resize(static_cast<size_t>(n));
+                return entries;
+              };
               if (!chat && gp.echo && gp.logprobs >= 0) // the prompt's tokens first (null for the first)
-                logprobs = with_prompt_logprobs(runtime, c.prompt, c.result.prompt_logprobs, c.echo, std::move(logprobs));
+                logprobs = with_prompt_logprobs(runtime, c.prompt, prompt_entries(gp.logprobs), c.echo, std::move(logprobs));
               choices.push_back(chat ? json{{"index", i}, {"message", message}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}}
                                      : json{{"index", i}, {"text", c.echo + c.result.text}, {"logprobs", logprobs},
                                             {"finish_reason", finish_reason(c)}});
+              if (gp.prompt_logprobs >= 0)
+                choices.back()["prompt_logprobs"] = vllm_prompt_logprobs(runtime, c.prompt, prompt_entries(gp.prompt_logprobs));
             }
             json body = {{"id", id}, {"object", chat ? "chat.completion" : "text_completion"}, {"created", created},
                          {"model", model_name}, {"choices", choices}, {"usage", usage}};

@@ -123,6 +123,11 @@ TEST_CASE("token_logprob: log-softmax, the top alternatives by logit then id, +i
   const std::vector<double> ref = log_softmax({1.0, 3.0, 3.0, -2.0, 0.5});
   CHECK(lp.token == 4);
   CHECK(lp.logprob == Approx(ref[4]).margin(1e-6));
+  CHECK(lp.rank == 4); // after 1, 2 (tied: the smaller id first) and 0
+  CHECK(loom::token_logprob(row, 2, 0).rank == 2);
+  CHECK(loom::token_logprob(row, 1, 0).rank == 1);
+  CHECK(loom::token_logprob(row, 3, 0).rank == 5);
+  CHECK(loom::token_logprob(row, 9, 0).rank == 0); // outside the vocabulary: unknown
   REQUIRE(lp.top.size() == 3);
   CHECK(lp.top[0].first == 1); // tie between 1 and 2: the smaller id first
   CHECK(lp.top[1].first == 2);

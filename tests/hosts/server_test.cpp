@@ -182,7 +182,7 @@ TEST_CASE("completions at temperature 0 are the greedy run's; streaming gives th
   CHECK(json::parse(streamed_scores->body)["error"]["param"] == "stream");
 }
 
-TEST_CASE("echo with logprobs lists the prompt's tokens first, transformers' log-probabilities; max_tokens 0 scores the prompt alone",
+TEST_CASE("echo with logprobs lists the prompt's tokens first, transformers' log-probabilities; max_tokens 0 scores the prompt alone; vLLM's prompt_logprobs",
           "[server][logprobs]") {
   Fixture f;
   std::ifstream in(std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/models/tiny-kjv-golden.json");
@@ -234,10 +234,49 @@ TEST_CASE("echo with logprobs lists the prompt's tokens first, transformers' log
     }
     CHECK(joined == text);
   }
-  // Refused: max_tokens 0 without echo.
+  // vLLM's prompt_logprobs: per prompt token after the first, its id's entry (logprob, rank,
+  // decoded_token) and the alternatives', in each choice.
+  auto res = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 2},
+                                        {"temperature", 0}, {"prompt_logprobs", 2}, {"n", 2}});
+  REQUIRE(res);
+  INFO(res->body);
+  REQUIRE(res->status == 200);
+  const json scored = json::parse(res->body);
+  for (const json &choice : scored["choices"]) {
+    const json &pl = choice["prompt_logprobs"];
+    REQUIRE(pl.size() == ids.size());
+    CHECK(pl[0].is_null());
+    for (size_t i = 1; i < ids.size(); ++i) {
+      INFO("prompt token " << i);
+      const json &own = pl[i][std::to_string(ids[i])];
+      CHECK(own["logprob"].get<double>() == Approx(log_softmax_at(i - 1, ids[i])).margin(2e-4));
+      CHECK(own["rank"].get<int64_t>() >= 1);
+      CHECK(pl[i].size() <= 3);
+      std::set<int64_t> ranks;
+      for (const auto &[id, e] : pl[i].items()) ranks.insert(e["rank"].get<int64_t>());
+      CHECK(ranks.count(1) == 1); // the two alternatives (the prompt's token may be one of them)
+      CHECK(ranks.count(2) == 1);
+    }
+  }
+  auto chat = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", json::array({{{"role", "user"}, {"content", "hi"}}})},
+                                              {"max_tokens", 2}, {"prompt_logprobs", 0}});
+  REQUIRE(chat);
+  INFO(chat->body);
+  REQUIRE(chat->status == 200);
+  const json chat_body = json::parse(chat->body);
+  const json &chat_pl = chat_body["choices"][0]["prompt_logprobs"];
+  CHECK(chat_pl.size() > 2);
+  for (size_t i = 1; i < chat_pl.size(); ++i) CHECK(chat_pl[i].size() == 1); // just the prompt's own token
+  // Refused: max_tokens 0 without echo; prompt_logprobs streamed or out of range.
   auto zero = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "x"}, {"max_tokens", 0}});
   CHECK(zero->status == 400);
   CHECK(json::parse(zero->body)["error"]["param"] == "max_tokens");
+  auto streamed = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "x"}, {"prompt_logprobs", 1}, {"stream", true}});
+  CHECK(streamed->status == 400);
+  CHECK(json::parse(streamed->body)["error"]["param"] == "stream");
+  auto many = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "x"}, {"prompt_logprobs", 21}});
+  CHECK(many->status == 400);
+  CHECK(json::parse(many->body)["error"]["param"] == "prompt_logprobs");
 }
 
 TEST_CASE("chat completions: non-streamed and streamed agree; seeds reproduce; n choices", "[server]") {

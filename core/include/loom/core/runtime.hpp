@@ -59,6 +59,7 @@ struct AgentStep {
 struct TokenLogprob {
   int32_t token = -1;
   float logprob = 0;
+  int64_t rank = 0; // 1 + the tokens more likely than it (ties: smaller ids first); 0: unknown
   std::vector<std::pair<int32_t, float>> top; // (token, log-probability)
 };
 inline constexpr int32_t kMaxTopLogprobs = 20; // alternatives a request may ask for
