@@ -171,9 +171,14 @@ SchedulePlan Scheduler::schedule() {
 
   // 2b. Admission in arrival order. Not in a step that preempted (as vLLM): the pool is short,
   // and a just-preempted sequence would be readmitted at once to recompute everything.
-  while (plan.preempted.empty() && !waiting_.empty() && running_.size() < size_t(options_.max_seqs) && budget > 0) {
-    const int64_t seq = waiting_.front();
+  // A token_rows request finding this step's rows spent keeps its place; the ones behind it go on.
+  for (size_t wi = 0; plan.preempted.empty() && wi < waiting_.size() && running_.size() < size_t(options_.max_seqs) && budget > 0;) {
+    const int64_t seq = waiting_[wi];
     Request &r = requests_.at(seq);
+    if (r.token_rows && rows == 0) {
+      ++wi;
+      continue;
+    }
     r.computed = blocks_.begin(seq, r.tokens, r.domain);
     drop_behind_window(seq, r); // (a long prefix hit)
     const int32_t chunk = prefill_chunk(r, budget, rows);
@@ -182,7 +187,7 @@ SchedulePlan Scheduler::schedule() {
       r.computed = 0;
       break;
     }
-    waiting_.pop_front();
+    waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(wi));
     running_.push_back(seq);
     r.running = true;
     plan_work(seq, chunk, plan);

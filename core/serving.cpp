@@ -60,19 +60,21 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   ForgetSequences release_at_end{pipeline_};
   ModelBackend::BlockPool pool;
   int64_t reserved_rows = spec.max_seqs;
-  // Rows of their own for prompt tokens (ServeRequest::prompt_logprobs): they read keys other
-  // rows of the step write, which needs an attention component that knows shared_blocks.
-  const auto attention_now = pipeline_.list(LOOM_KIND_ATTENTION);
-  const bool rows_share_blocks = !attention_now.empty() && attention_now.front()->library().descriptor().abi_minor >= 9;
-  const int32_t prompt_rows = rows_share_blocks ? kPromptLogprobRows : 0;
+  // Rows of their own for prompt tokens (ServeRequest::prompt_logprobs), at most this many a
+  // step. (Paged backends size their per-row buffers at each forward, so these rows need no
+  // reservation; whether the attention component lets rows share blocks is checked each step.)
+  const int32_t prompt_rows = kPromptLogprobRows;
+  const auto attention_shares_blocks = [&] {
+    const auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
+    return !attention.empty() && attention.front()->library().descriptor().abi_minor >= 9;
+  };
   {
     auto guard = pipeline_.begin_step();
     // With a drafter a step's batch holds up to 1 + speculative_max_tokens one-token rows per
-    // decoding sequence (verification), so the backend sizes its per-row buffers for them; and
-    // prompt_rows more for prompt log-probabilities.
+    // decoding sequence (verification), so the backend sizes its per-row buffers for them.
     if (!pipeline_.list(LOOM_KIND_DRAFTER).empty())
       reserved_rows = std::min<int64_t>(spec.max_seqs * (1 + spec.speculative_max_tokens), std::max<int64_t>(spec.max_seqs, 4096));
-    pool = backend_->reserve_blocks(static_cast<int32_t>(reserved_rows + prompt_rows), max_positions, spec.kv_blocks,
+    pool = backend_->reserve_blocks(static_cast<int32_t>(reserved_rows), max_positions, spec.kv_blocks,
                                     static_cast<uint64_t>(spec.kv_cache_mib) << 20);
   }
   KvBlockOptions block_options;
@@ -100,6 +102,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     // prompt_logprobs: out.prompt_logprobs has an entry per prompt token after the first, filled
     // (token >= 0) as the prefill computes them; `prompt_missing` counts the unfilled ones.
     size_t prompt_missing = 0;
+    bool prompt_blocked = false; // the attention component swapped in while it prefilled cannot share blocks
     // Speculative decoding: the drafts proposed for the next step, and this sequence's k.
     std::vector<int32_t> draft;
     // Sampled drafts (loom_draft_batch.q_out): the drafter's distribution q of each draft,
@@ -109,9 +112,12 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   };
   std::unordered_map<int64_t, Live> live;
   // Ends a request that the scheduler no longer holds: its text, then on_done.
-  auto end_request = [&](int64_t id, const std::string &error) {
+  auto end_request = [&](int64_t id, std::string error) {
     auto it = live.find(id);
     Live &l = it->second;
+    if (l.prompt_blocked && error.empty() && !l.out.cancelled)
+      error = "prompt_logprobs: the attention component swapped in while the prompt was prefilled does not know "
+              "loom_attention_batch.shared_blocks (plugin ABI 1.9 or newer)";
     if (l.out.tokens.size() > l.cut) { // (the callback refused a token before one that stopped it)
       l.out.tokens.resize(l.cut);
       if (l.out.logprobs.size() > l.cut) l.out.logprobs.resize(l.cut);
@@ -373,7 +379,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       if (refused.empty() && (request.prompt_logprobs < -1 || request.prompt_logprobs > kMaxTopLogprobs))
         refused = "prompt_logprobs " + std::to_string(request.prompt_logprobs) + ": -1 for none, else 0 to " +
                   std::to_string(kMaxTopLogprobs) + " alternatives";
-      if (refused.empty() && request.prompt_logprobs >= 0 && prompt_rows == 0)
+      if (refused.empty() && request.prompt_logprobs >= 0 && !attention_shares_blocks())
         refused = "prompt_logprobs needs an attention component that knows loom_attention_batch.shared_blocks "
                   "(plugin ABI 1.9 or newer)";
       // Prompt log-probabilities: every prompt position computed, as rows of their own; its own
@@ -556,8 +562,12 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           row_draft.push_back(0);
           row_q.push_back(0);
         };
-        const Live &lw = live.at(w.seq);
-        if (lw.prompt_missing > 0 && w.first_position < lw.virtual_n + static_cast<int64_t>(lw.out.prompt.size()) - 1) {
+        Live &lw = live.at(w.seq);
+        if (lw.prompt_missing > 0 && w.first_position < lw.virtual_n + static_cast<int64_t>(lw.out.prompt.size()) - 1 &&
+            !attention_shares_blocks())
+          lw.prompt_blocked = true; // (prefilled as usual; it ends with an error)
+        if (lw.prompt_missing > 0 && !lw.prompt_blocked &&
+            w.first_position < lw.virtual_n + static_cast<int64_t>(lw.out.prompt.size()) - 1) {
           // Prompt log-probabilities: each position a one-token row of its own sharing the block
           // table, in position order (as verification's rows: loom/attention.h), so that each
           // gets its logits. The last one samples when the chunk does.

@@ -123,24 +123,23 @@ json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &pr
                           const std::string &echo, json reply) {
   json out = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
               {"text_offset", json::array()}};
-  // Where each prompt token begins in the decoded prompt: the characters of the text of the
-  // tokens before it (never going back: a character cut between tokens decodes as U+FFFD until
-  // its last byte comes).
-  std::string previous;
+  // Each prompt token as the text has it: what it adds to the text of the few tokens before it
+  // (kContext: enough for a tokenizer's spacing and a cut UTF-8 character, and linear in the
+  // prompt's length; a sentencepiece word starting the prompt loses its space), so that the
+  // entries add up to the decoded prompt; where it begins: the characters of the entries before.
+  // Its key among the alternatives is its bytes, as theirs are.
+  constexpr size_t kContext = 8;
   size_t offset = 0;
-  std::vector<int32_t> before;
   for (size_t i = 0; i < prompt.size(); ++i) {
-    before.push_back(prompt[i]);
-    const std::string upto = runtime.has_tokenizer() ? runtime.continuation({}, before, {}) : std::string();
-    // The token as the text has it (what it adds to the decoded prompt: a sentencepiece word
-    // starting the prompt loses its space), so that the entries add up to the text; its key among
-    // the alternatives is its bytes, as theirs are.
-    const std::string piece = upto.size() > previous.size() ? upto.substr(previous.size()) : std::string();
+    const auto lo = static_cast<std::ptrdiff_t>(i > kContext ? i - kContext : 0);
+    const std::string piece = runtime.has_tokenizer()
+                                  ? runtime.continuation(std::vector<int32_t>(prompt.begin() + lo, prompt.begin() + static_cast<std::ptrdiff_t>(i)),
+                                                         {prompt[i]}, {})
+                                  : std::string();
     const std::string token = runtime.has_tokenizer() ? piece : bytes_of_token(runtime, prompt[i]);
     out["tokens"].push_back(token);
     out["text_offset"].push_back(offset);
-    offset = std::max(offset, characters(upto, upto.size()));
-    previous = upto;
+    offset += characters(token, token.size());
     if (i == 0 || i - 1 >= entries.size()) {
       out["token_logprobs"].push_back(nullptr);
       out["top_logprobs"].push_back(nullptr);

@@ -457,13 +457,16 @@ struct Server::Impl {
     const double timeout = spec.request_timeout_s;
     // Most failures come at a request's first step (a constraint the matcher refuses, a chain
     // whose parameters fail, a request the engine refuses). The status line goes out before the
-    // body, so wait, up to the request's timeout, until every choice has its first token or has
-    // ended: a choice that failed by then gets a real status (400 for the request's own error,
-    // 500 for the engine's) instead of 200 and an error body. (Its client's going away is not
-    // noticed during this wait; the provider below notices it.)
+    // body, so wait a little (kStatusWait, within the request's timeout) until every choice has
+    // its first token or has ended: a choice that failed by then gets a real status (400 for the
+    // request's own error, 500 for the engine's) instead of 200 and an error body. The wait is
+    // short because a client's going away is not noticed during it (the provider below notices
+    // it); a request queued longer answers a later failure in its body, as before.
     {
+      constexpr double kStatusWait = 2.0;
       std::unique_lock lock(job->mutex);
-      job->changed.wait_for(lock, std::chrono::duration<double>(std::max(0.0, timeout - seconds_since(arrival))), [&] {
+      const double wait = std::max(0.0, std::min(kStatusWait, timeout - seconds_since(arrival)));
+      job->changed.wait_for(lock, std::chrono::duration<double>(wait), [&] {
         return std::all_of(job->choices.begin(), job->choices.end(), [](const Choice &c) { return c.done || !c.tokens.empty(); });
       });
       for (const Choice &c : job->choices)
@@ -636,6 +639,7 @@ struct Server::Impl {
             out += "data: [DONE]\n\n";
           } else {
             json choices = json::array();
+            json chat_prompt_logprobs; // vLLM's chat puts the prompt's at the top level: one prompt
             for (size_t i = 0; i < job->choices.size(); ++i) {
               Choice &c = job->choices[i];
               json message = {{"role", "assistant"}, {"content", c.result.text}};
@@ -654,11 +658,13 @@ struct Server::Impl {
               choices.push_back(chat ? json{{"index", i}, {"message", message}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}}
                                      : json{{"index", i}, {"text", c.echo + c.result.text}, {"logprobs", logprobs},
                                             {"finish_reason", finish_reason(c)}});
-              if (gp.prompt_logprobs >= 0)
+              if (gp.prompt_logprobs >= 0 && !chat) // (chat: once, for the whole response, below)
                 choices.back()["prompt_logprobs"] = vllm_prompt_logprobs(runtime, c.prompt, prompt_entries(gp.prompt_logprobs));
+              if (gp.prompt_logprobs >= 0 && chat && i == 0) chat_prompt_logprobs = vllm_prompt_logprobs(runtime, c.prompt, prompt_entries(gp.prompt_logprobs));
             }
             json body = {{"id", id}, {"object", chat ? "chat.completion" : "text_completion"}, {"created", created},
                          {"model", model_name}, {"choices", choices}, {"usage", usage}};
+            if (!chat_prompt_logprobs.is_null()) body["prompt_logprobs"] = std::move(chat_prompt_logprobs); // (as vLLM's chat)
             if (!failure.empty()) body = json::parse(error_body(ApiError(500, "generation failed: " + failure, "", "server_error")));
             out = dump(body);
           }

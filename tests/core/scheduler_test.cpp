@@ -352,23 +352,25 @@ TEST_CASE("token_rows sequences get prefill chunks within the step's rows, chunk
     s.add(1, std::vector<int32_t>(20, 5), 2, 0, true);
     s.add(2, std::vector<int32_t>(6, 7), 2, 0, true);
     s.add(3, std::vector<int32_t>(10, 9), 2); // an ordinary one beside them
-    SchedulePlan p = s.schedule(); // 1 gets the step's 8 rows; 2 waits in line; 3 waits behind it
-    REQUIRE(p.work.size() == 1);
+    SchedulePlan p = s.schedule(); // 1 gets the step's 8 rows; 2 keeps its place; 3 goes on past it
+    REQUIRE(p.work.size() == 2);
     CHECK(p.work[0].seq == 1);
     CHECK(p.work[0].n_tokens == 8);
     CHECK_FALSE(p.work[0].samples);
+    CHECK(p.work[1].seq == 3);
+    CHECK(p.work[1].n_tokens == 10);
     p = s.schedule();
     REQUIRE(p.work.size() == 1);
+    CHECK(p.work[0].seq == 1);
     CHECK(p.work[0].n_tokens == 8);
-    p = s.schedule(); // 1's last 4, then 2 gets the 4 rows left, then 3 its whole prompt
-    REQUIRE(p.work.size() == 3);
+    p = s.schedule(); // 1's last 4, then 2 gets the 4 rows left
+    REQUIRE(p.work.size() == 2);
     CHECK(p.work[0].seq == 1);
     CHECK(p.work[0].n_tokens == 4);
     CHECK(p.work[0].samples);
     CHECK(p.work[1].seq == 2);
     CHECK(p.work[1].n_tokens == 4);
-    CHECK(p.work[2].seq == 3);
-    CHECK(p.work[2].n_tokens == 10);
+    CHECK_FALSE(p.work[1].samples);
   }
   KvBlockOptions bo;
   bo.n_blocks = 16;
