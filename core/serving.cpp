@@ -60,12 +60,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   ForgetSequences release_at_end{pipeline_};
   ModelBackend::BlockPool pool;
   int64_t reserved_rows = spec.max_seqs;
-  // Rows of their own for prompt tokens (ServeRequest::prompt_logprobs), at most this many a
-  // step. (Paged backends size their per-row buffers at each forward, so these rows need no
-  // reservation; whether the attention component lets rows share blocks is checked each step.)
-  const int32_t prompt_rows = kPromptLogprobRows;
-  const auto attention_shares_blocks = [&] {
-    const auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
+  // Rows of one sequence may share blocks (verification, prompt log-probabilities) only with an
+  // attention component that knows loom_attention_batch.shared_blocks (ABI 1.9); checked each
+  // step, as the component may be swapped. (Prompt rows need no backend reservation: paged
+  // backends size their per-row buffers at each forward.)
+  const auto shares_blocks = [](const std::vector<std::shared_ptr<Instance>> &attention) {
     return !attention.empty() && attention.front()->library().descriptor().abi_minor >= 9;
   };
   {
@@ -88,7 +87,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   options.chunked_prefill = spec.chunked_prefill;
   options.window = pool.window; // the window the attention plugin applies (its own, or the model's)
   options.max_rows = static_cast<int32_t>(reserved_rows);
-  options.token_rows = prompt_rows;
+  options.token_rows = kPromptLogprobRows;
   Scheduler scheduler(options, blocks);
 
   struct Live {
@@ -379,7 +378,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       if (refused.empty() && (request.prompt_logprobs < -1 || request.prompt_logprobs > kMaxTopLogprobs))
         refused = "prompt_logprobs " + std::to_string(request.prompt_logprobs) + ": -1 for none, else 0 to " +
                   std::to_string(kMaxTopLogprobs) + " alternatives";
-      if (refused.empty() && request.prompt_logprobs >= 0 && !attention_shares_blocks())
+      if (refused.empty() && request.prompt_logprobs >= 0 && !shares_blocks(pipeline_.list(LOOM_KIND_ATTENTION)))
         refused = "prompt_logprobs needs an attention component that knows loom_attention_batch.shared_blocks "
                   "(plugin ABI 1.9 or newer)";
       // Prompt log-probabilities: every prompt position computed, as rows of their own; its own
@@ -433,7 +432,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       l.adapter_slot = std::move(adapter_slot);
       l.virtual_n = virtual_n;
       l.k = static_cast<int32_t>(spec.speculative_tokens);
-      if (request.prompt_logprobs >= 0 && request.prompt.size() > 1) {
+      if (prompt_rows_wanted) {
         l.out.prompt_logprobs.resize(request.prompt.size() - 1);
         l.prompt_missing = request.prompt.size() - 1;
       }
@@ -462,9 +461,8 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
       const auto step_start = std::chrono::steady_clock::now();
       StepRecord record;
       const auto drafters = pipeline_.list(LOOM_KIND_DRAFTER);
-      const auto attention = pipeline_.list(LOOM_KIND_ATTENTION);
-      // Verification needs an attention component that knows loom_attention_batch.shared_blocks.
-      if (!drafters.empty() && !attention.empty() && attention.front()->library().descriptor().abi_minor >= 9)
+      const bool rows_share_blocks = shares_blocks(pipeline_.list(LOOM_KIND_ATTENTION));
+      if (!drafters.empty() && rows_share_blocks) // (verification's rows share blocks)
         propose_drafts(*drafters.front());
       SchedulePlan plan = scheduler.schedule();
       if (plan.work.empty())
@@ -563,11 +561,11 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           row_q.push_back(0);
         };
         Live &lw = live.at(w.seq);
-        if (lw.prompt_missing > 0 && w.first_position < lw.virtual_n + static_cast<int64_t>(lw.out.prompt.size()) - 1 &&
-            !attention_shares_blocks())
-          lw.prompt_blocked = true; // (prefilled as usual; it ends with an error)
-        if (lw.prompt_missing > 0 && !lw.prompt_blocked &&
-            w.first_position < lw.virtual_n + static_cast<int64_t>(lw.out.prompt.size()) - 1) {
+        // (a chunk holding a prompt position whose log-probability is still to come)
+        const bool prompt_rows_due =
+            lw.prompt_missing > 0 && w.first_position < lw.virtual_n + static_cast<int64_t>(lw.out.prompt.size()) - 1;
+        if (prompt_rows_due && !rows_share_blocks) lw.prompt_blocked = true; // (prefilled as usual; it ends with an error)
+        if (prompt_rows_due && !lw.prompt_blocked) {
           // Prompt log-probabilities: each position a one-token row of its own sharing the block
           // table, in position order (as verification's rows: loom/attention.h), so that each
           // gets its logits. The last one samples when the chunk does.
@@ -616,10 +614,14 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
         prompt_lp_rows.resize(n * V);
         std::string error;
         const auto row_bytes = [&](size_t row) { return static_cast<char *>(logits->data) + logits->byte_offset + row * V * sizeof(float); };
-        for (size_t k = 0; k < n; ++k)
+        // One copy per run of consecutive batch rows (a chunk's rows are one run, but the one that
+        // samples).
+        for (size_t k = 0, run = 1; k < n; k += run) {
+          for (run = 1; k + run < n && prompt_rows_now[k + run].row == prompt_rows_now[k].row + static_cast<int32_t>(run);) ++run;
           if (device_memcpy(prompt_lp_rows.data() + k * V, DLDevice{kDLCPU, 0}, row_bytes(static_cast<size_t>(prompt_rows_now[k].row)),
-                            logits->device, V * sizeof(float), error) != LOOM_OK)
+                            logits->device, run * V * sizeof(float), error) != LOOM_OK)
             throw runtime_error(manifest_.source_name + ": copying logits to the host for prompt log-probabilities: " + error);
+        }
         for (size_t i = 0; i < sample_at.size(); ++i)
           if (static_cast<size_t>(sample_at[i]) != i &&
               device_memcpy(row_bytes(i), logits->device, row_bytes(static_cast<size_t>(sample_at[i])), logits->device,

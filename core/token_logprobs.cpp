@@ -33,8 +33,13 @@ TokenLogprob token_logprob(std::span<const float> row, int32_t token, int32_t to
   int64_t infinite = 0;
   std::array<std::pair<int32_t, float>, kMaxTopLogprobs> best{};
   int32_t kept = 0;
+  // The token's rank: 1 + the tokens before it in the order of `top` (counted in the same pass).
+  const bool known = token >= 0 && token < vocab;
+  const float own = known ? row[static_cast<size_t>(token)] : 0.0f;
+  int64_t before = 0;
   for (int32_t i = 0; i < vocab; ++i) {
     const float x = row[static_cast<size_t>(i)];
+    if (known) before += ranks_before(x, i, own, token);
     if (std::isnan(x)) has_nan = true;
     else if (x == inf) ++infinite;
     else max = std::max(max, x);
@@ -60,12 +65,8 @@ TokenLogprob token_logprob(std::span<const float> row, int32_t token, int32_t to
     if (infinite > 0) return x == inf ? static_cast<float>(-std::log(static_cast<double>(infinite))) : -inf;
     return static_cast<float>(static_cast<double>(x) - log_sum);
   };
-  out.logprob = token >= 0 && token < vocab ? logp(row[static_cast<size_t>(token)]) : static_cast<float>(nan);
-  if (token >= 0 && token < vocab) { // its rank: 1 + the tokens before it in the order of `top`
-    const float own = row[static_cast<size_t>(token)];
-    out.rank = 1;
-    for (int32_t i = 0; i < vocab; ++i) out.rank += ranks_before(row[static_cast<size_t>(i)], i, own, token);
-  }
+  out.logprob = known ? logp(own) : static_cast<float>(nan);
+  out.rank = known ? before + 1 : 0;
   out.top.reserve(static_cast<size_t>(kept));
   for (int32_t i = 0; i < kept; ++i) out.top.emplace_back(best[static_cast<size_t>(i)].first, logp(best[static_cast<size_t>(i)].second));
   return out;
