@@ -91,11 +91,11 @@ json chat_logprobs(const Runtime &runtime, std::span<const TokenLogprob> tokens,
   return {{"content", content}, {"refusal", nullptr}};
 }
 
-// The alternatives and the token itself, as OpenAI lists them (an object: clients read the
-// values, JSON keeps no order); two ids whose texts are one key: the likelier.
-json top_object(const Runtime &runtime, const TokenLogprob &t, const std::string &token) {
+// The (first `limit`) alternatives and the token itself, as OpenAI lists them (an object: clients
+// read the values, JSON keeps no order); two ids whose texts are one key: the likelier.
+json top_object(const Runtime &runtime, const TokenLogprob &t, const std::string &token, size_t limit = kMaxTopLogprobs) {
   json top = json::object();
-  for (const auto &[id, logprob] : t.top) {
+  for (const auto &[id, logprob] : std::span(t.top).first(std::min(limit, t.top.size()))) {
     const std::string alt = valid_utf8(bytes_of_token(runtime, id));
     if (!top.contains(alt)) top[alt] = finite(logprob);
   }
@@ -120,7 +120,7 @@ json completion_logprobs(const Runtime &runtime, std::span<const TokenLogprob> t
 }
 
 json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt, std::span<const TokenLogprob> entries,
-                          const std::string &echo, json reply) {
+                          size_t top, const std::string &echo, json reply) {
   json out = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
               {"text_offset", json::array()}};
   // Each prompt token as the text has it: what it adds to the text of the few tokens before it
@@ -147,7 +147,7 @@ json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &pr
     }
     const TokenLogprob &t = entries[i - 1];
     out["token_logprobs"].push_back(finite(t.logprob));
-    out["top_logprobs"].push_back(top_object(runtime, t, bytes_of_token(runtime, prompt[i], piece)));
+    out["top_logprobs"].push_back(top_object(runtime, t, bytes_of_token(runtime, prompt[i], piece), top));
   }
   const size_t shift = characters(echo, echo.size());
   for (const char *key : {"tokens", "token_logprobs", "top_logprobs"})
@@ -156,13 +156,14 @@ json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &pr
   return out;
 }
 
-json vllm_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt, std::span<const TokenLogprob> entries) {
+json vllm_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt, std::span<const TokenLogprob> entries,
+                          size_t top) {
   json out = json::array();
   if (!prompt.empty()) out.push_back(nullptr);
   for (size_t i = 0; i < entries.size() && i + 1 < prompt.size(); ++i) {
     const TokenLogprob &t = entries[i];
     json position = json::object();
-    for (size_t k = 0; k < t.top.size(); ++k)
+    for (size_t k = 0; k < t.top.size() && k < top; ++k)
       position[std::to_string(t.top[k].first)] = {{"logprob", finite(t.top[k].second)}, {"rank", k + 1},
                                                   {"decoded_token", valid_utf8(bytes_of_token(runtime, t.top[k].first))}};
     const std::string own = std::to_string(t.token);

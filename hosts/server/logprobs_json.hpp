@@ -61,13 +61,15 @@ nlohmann::json completion_logprobs(const Runtime &runtime, std::span<const Token
 // prompt token's entry in `tokens` is the text it adds to the decoded prompt (so that they add
 // up to it: the prompt's text when given as text, unless the tokenizer does not give it back
 // byte for byte), its text_offset measured there.
+// Each entry lists at most `top` of its alternatives (the engine may have computed more).
 nlohmann::json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt,
-                                    std::span<const TokenLogprob> entries, const std::string &echo, nlohmann::json reply);
+                                    std::span<const TokenLogprob> entries, size_t top, const std::string &echo,
+                                    nlohmann::json reply);
 
 // vLLM's `prompt_logprobs` of a choice: null for the first prompt token, then per token an
 // object keyed by token id (as a string) of {logprob, rank, decoded_token}: the prompt's token
-// and the most likely alternatives.
+// and the `top` most likely alternatives (of those the entries hold).
 nlohmann::json vllm_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt,
-                                    std::span<const TokenLogprob> entries);
+                                    std::span<const TokenLogprob> entries, size_t top);
 
 } // namespace loom::server

@@ -424,7 +424,7 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   }
   parse_response_format(j, p);
   parse_guided(j, p);
-  const bool constrained = p.format != ResponseFormat::text || !p.grammar.empty();
+  const bool constrained = p.constrained();
   // A completed constraint leaves only the end token, which ignore_eos and min_tokens take away.
   if (constrained && p.ignore_eos) bad("ignore_eos", "'ignore_eos' cannot go with '" + p.constraint_param + "': the reply ends where the constraint does");
   if (constrained && p.min_tokens > 0)

@@ -71,6 +71,8 @@ struct GenerationParams {
   // Completions with echo and max_tokens 0: the prompt is scored (its log-probabilities), nothing
   // is generated.
   bool prompt_only() const { return echo && max_tokens && *max_tokens == 0; }
+  // A constraint (response_format, guided_*, grammar, json_schema) shapes the reply.
+  bool constrained() const { return format != ResponseFormat::text || !grammar.empty(); }
   // Chat function calling (tool_calls.hpp): the offered tools and how the model may use them.
   // With tools and a choice other than none, the tools are described in a system message (in
   // `messages` already) and the reply is parsed into tool_calls.

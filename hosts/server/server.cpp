@@ -473,7 +473,7 @@ struct Server::Impl {
         if (c.done && !c.error.empty()) {
           job->cancel->store(true); // the other choices end at the next step
           const bool own = c.result.request_error;
-          send_error(res, ApiError(own ? 400 : 500, "generation failed: " + c.error, own && (p.format != ResponseFormat::text || !p.grammar.empty()) ? p.constraint_param : "",
+          send_error(res, ApiError(own ? 400 : 500, "generation failed: " + c.error, own && p.constrained() ? p.constraint_param : "",
                                    own ? "invalid_request_error" : "server_error"));
           return;
         }
@@ -645,22 +645,20 @@ struct Server::Impl {
               json message = {{"role", "assistant"}, {"content", c.result.text}};
               if (!calls[i].empty()) message = {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", tool_calls_json(i)}};
               json logprobs = logprobs_json(c, c.result.logprobs, c.result.text, c.result.text.size(), false);
-              // The prompt's entries with `n` alternatives (echo's logprobs and prompt_logprobs may
-              // ask for different counts; the engine computed the larger).
-              const auto prompt_entries = [&](int32_t n) {
-                std::vector<TokenLogprob> entries = c.result.prompt_logprobs;
-                for (TokenLogprob &e : entries)
-                  if (e.top.size() > static_cast<size_t>(n)) e.top.resize(static_cast<size_t>(n));
-                return entries;
-              };
+              // The prompt's entries, each with the alternatives its field asked for (echo's logprobs
+              // and prompt_logprobs may ask for different counts; the engine computed the larger).
               if (!chat && gp.echo && gp.logprobs >= 0) // the prompt's tokens first (null for the first)
-                logprobs = with_prompt_logprobs(runtime, c.prompt, prompt_entries(gp.logprobs), c.echo, std::move(logprobs));
+                logprobs = with_prompt_logprobs(runtime, c.prompt, c.result.prompt_logprobs, static_cast<size_t>(gp.logprobs),
+                                                c.echo, std::move(logprobs));
               choices.push_back(chat ? json{{"index", i}, {"message", message}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}}
                                      : json{{"index", i}, {"text", c.echo + c.result.text}, {"logprobs", logprobs},
                                             {"finish_reason", finish_reason(c)}});
-              if (gp.prompt_logprobs >= 0 && !chat) // (chat: once, for the whole response, below)
-                choices.back()["prompt_logprobs"] = vllm_prompt_logprobs(runtime, c.prompt, prompt_entries(gp.prompt_logprobs));
-              if (gp.prompt_logprobs >= 0 && chat && i == 0) chat_prompt_logprobs = vllm_prompt_logprobs(runtime, c.prompt, prompt_entries(gp.prompt_logprobs));
+              // vLLM's prompt_logprobs: per choice for completions, once at the top level for chat.
+              if (gp.prompt_logprobs >= 0 && (!chat || i == 0)) {
+                json entries = vllm_prompt_logprobs(runtime, c.prompt, c.result.prompt_logprobs, static_cast<size_t>(gp.prompt_logprobs));
+                if (chat) chat_prompt_logprobs = std::move(entries);
+                else choices.back()["prompt_logprobs"] = std::move(entries);
+              }
             }
             json body = {{"id", id}, {"object", chat ? "chat.completion" : "text_completion"}, {"created", created},
                          {"model", model_name}, {"choices", choices}, {"usage", usage}};
