@@ -10,6 +10,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kv_pool_model.hpp"
@@ -352,25 +353,18 @@ TEST_CASE("token_rows sequences get prefill chunks within the step's rows, chunk
     s.add(1, std::vector<int32_t>(20, 5), 2, 0, true);
     s.add(2, std::vector<int32_t>(6, 7), 2, 0, true);
     s.add(3, std::vector<int32_t>(10, 9), 2); // an ordinary one beside them
-    SchedulePlan p = s.schedule(); // 1 gets the step's 8 rows; 2 keeps its place; 3 goes on past it
-    REQUIRE(p.work.size() == 2);
-    CHECK(p.work[0].seq == 1);
-    CHECK(p.work[0].n_tokens == 8);
-    CHECK_FALSE(p.work[0].samples);
-    CHECK(p.work[1].seq == 3);
-    CHECK(p.work[1].n_tokens == 10);
-    p = s.schedule();
-    REQUIRE(p.work.size() == 1);
-    CHECK(p.work[0].seq == 1);
-    CHECK(p.work[0].n_tokens == 8);
-    p = s.schedule(); // 1's last 4, then 2 gets the 4 rows left
-    REQUIRE(p.work.size() == 2);
-    CHECK(p.work[0].seq == 1);
-    CHECK(p.work[0].n_tokens == 4);
-    CHECK(p.work[0].samples);
-    CHECK(p.work[1].seq == 2);
-    CHECK(p.work[1].n_tokens == 4);
-    CHECK_FALSE(p.work[1].samples);
+    // Each step's work items as (seq, tokens, samples).
+    using Item = std::tuple<int64_t, int32_t, bool>;
+    const auto items = [&s] {
+      std::vector<Item> out;
+      for (const auto &w : s.schedule().work) out.emplace_back(w.seq, w.n_tokens, w.samples);
+      return out;
+    };
+    // 1 gets the step's 8 rows; 2 keeps its place; 3 goes on past it.
+    CHECK(items() == std::vector<Item>{{1, 8, false}, {3, 10, true}});
+    CHECK(items() == std::vector<Item>{{1, 8, false}});
+    // 1's last 4, then 2 gets the 4 rows left.
+    CHECK(items() == std::vector<Item>{{1, 4, true}, {2, 4, false}});
   }
   KvBlockOptions bo;
   bo.n_blocks = 16;
