@@ -18,7 +18,7 @@
 // shuffles), and O += P V with P straight from the S registers (m16n8k16 at D = 64, m16n8k8 at
 // 128) and V through ldmatrix.trans. Its ring is laid out by warp and key, swizzled so that
 // ldmatrix reads conflict-free rows; a warp reads keys other lanes copied, so it waits for its
-// copies with __syncwarp, and a ballot tells it which keys exist. It measured 1.2-1.5x the
+// copies with __syncwarp, and a ballot tells it which keys exist. It measured 1.2-1.4x the
 // CUDA-core kernel at batch 16-128 on the H200 (BENCHMARKS.md) and no slower at batch 1-4.
 //
 // The decode kernel also appends the batch's k/v to the cache (no separate launch: at batch 1
