@@ -43,6 +43,7 @@
 
 #include "bench_args.hpp"
 #include "cuda_check.hpp"
+#include "graph_timing.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/runtime.hpp"
 #include "loom/loom_plugin_api.h"
@@ -201,34 +202,10 @@ class Flash {
 // replays after `warmup` untimed ones. `batch_of(i)` is the i-th call's batch.
 template <class BatchOf>
 double median_us(const Flash &f, const Options &o, int calls, BatchOf &&batch_of) {
-  cudaStream_t s = f.stream();
-  CHECK_CUDA(cudaStreamSynchronize(s));
-  cudaGraph_t graph = nullptr;
-  CHECK_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < calls; ++i) f.forward(batch_of(i));
-  CHECK_CUDA(cudaStreamEndCapture(s, &graph));
-  cudaGraphExec_t exec = nullptr;
-  CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  for (int i = 0; i < o.warmup; ++i) CHECK_CUDA(cudaGraphLaunch(exec, s));
-  std::vector<double> times;
-  for (int i = 0; i < o.reps; ++i) {
-    CHECK_CUDA(cudaEventRecord(start, s));
-    CHECK_CUDA(cudaGraphLaunch(exec, s));
-    CHECK_CUDA(cudaEventRecord(stop, s));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(1000.0 * static_cast<double>(ms) / calls);
-  }
-  CHECK_CUDA(cudaEventDestroy(start));
-  CHECK_CUDA(cudaEventDestroy(stop));
-  CHECK_CUDA(cudaGraphExecDestroy(exec));
-  CHECK_CUDA(cudaGraphDestroy(graph));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  const double ms = loom_bench::graph_median_ms(f.stream(), o.warmup, o.reps, [&](cudaStream_t) {
+    for (int i = 0; i < calls; ++i) f.forward(batch_of(i));
+  });
+  return 1000.0 * ms / calls;
 }
 
 // Largest |x| of bf16 `out` (NaN if any is NaN): a check that the timed calls computed numbers.

@@ -82,20 +82,26 @@ def torch_case(c, mode):
         return graph_median_us(call, c["calls"], c["reps"], c["warmup"])
 
 
-def main():
-    args = sys.argv[1:]
+def run_loom_bench(argv, usage):
+    """Runs `argv` (a Loom bench and its arguments, less a `--json F` pair, which is returned) and
+    returns (its JSON lines, F or None); exits with `usage` when argv is empty."""
+    args = list(argv)
     json_path = None
     if "--json" in args:
         i = args.index("--json")
         json_path = args[i + 1]
         del args[i:i + 2]
     if not args:
-        sys.exit(__doc__)
+        sys.exit(usage)
     run = subprocess.run(args, capture_output=True, text=True)
     if run.returncode != 0:
         sys.stderr.write(run.stderr)
         sys.exit(f"{args[0]} exited with {run.returncode}")
-    ours = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")], json_path
+
+
+def main():
+    ours, json_path = run_loom_bench(sys.argv[1:], __doc__)
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; CUDA {torch.version.cuda}")
     rows = []
     for c in ours:

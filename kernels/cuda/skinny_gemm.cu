@@ -8,19 +8,23 @@
 // memory; elsewhere each warp takes 16 rows with mma.sync m16n8k16 (ldmatrix, conflict-free on
 // the swizzled rows).
 //
-// Split K (sm_90+): when the output has fewer tiles than the GPU has room for blocks, each tile's
-// K is cut into `splits` ranges, one block each, and the blocks of a tile form a thread-block
-// cluster. Each stages its float32 partial tile in its shared memory; after a cluster barrier,
-// block q adds the q-th slice of every block's partial (distributed shared memory, in rank order,
-// so the bits do not depend on timing) and applies the epilogue to it.
+// Split K (sm_90+): when the output has too few tiles to fill the GPU, each tile's K is cut into
+// `splits` ranges, one block each, and the blocks of a tile form a thread-block cluster. Their
+// ring is kSplitStages deep (a split has few steps; two blocks then fit an SM). Each stages its
+// float32 partial tile in its shared memory; after a cluster barrier, block q adds the q-th slice
+// of every block's partial (distributed shared memory, four outputs at a time, every rank's load
+// issued before the sum, which is in rank order, so the bits do not depend on timing) and applies
+// the epilogue to it.
 //
 // Measured on the H100 at T = 64, the 1B model's shapes, per batch-64 decode step (16 layers;
 // LOOM_CUDA_OP_TIMES, launch gaps included): gate/up + SwiGLU 507 us against 552-556 for cuBLAS's
 // gate/up and the SwiGLU kernel summed. Step by step: mma.sync with four stages 564, wgmma 541,
-// the weight loads asking L2 for 256-byte blocks 529, six stages 507. Where K is split the
-// kernel loses to cuBLAS (q/k/v 223-355 us against 166, o 216-313 against 151, down 360-516
-// against 326), and the first version, which reduced the partials through global memory in the
-// last block of each tile, was 2.6-3.9 times slower than cuBLAS. So the backend uses it for
+// the weight loads asking L2 for 256-byte blocks 529, six stages 507. Split K lost to cuBLAS
+// (the first version, which reduced the partials through global memory in the last block of each
+// tile, 2.6-3.9 times slower). On the H200 (bench/linear_bench.cu, 16 calls in a CUDA graph, us a
+// call at T = 64): the vectorised cluster reduce and shorter split ring took o from 10.1 to 7.3,
+// down from 17.6 to 14.3 and q/k/v from 8.8 to 7.4, still behind cuBLAS (5.9, 13.7-14.1, 6.3);
+// gate/up unsplit 20.4 against cuBLAS's 18.9 plus a SwiGLU launch. So the backend uses it for
 // gate/up only.
 
 #include "loom/kernels/skinny_gemm.hpp"
@@ -43,6 +47,9 @@ constexpr int kRows = 128;    // weight rows per block
 constexpr int kBK = 64;       // K per stage: one 128-byte row of bfloat16
 constexpr int kThreads = 256; // eight warps, 16 rows each
 constexpr int kStages = 6;   // 145 KB at 64 tokens: one block per SM
+// Where K is split each block has few steps, and a shorter ring lets two or three blocks share
+// an SM (97 KB at 64 tokens), so that the split tiles are resident at once.
+constexpr int kSplitStages = 4;
 constexpr int kMinStepsPerSplit = 4;
 constexpr int kMaxSplits = 8; // the portable cluster size
 constexpr int kEpilogueStride = kRows + 4; // floats per token row of the staged tile
@@ -164,7 +171,7 @@ __device__ __forceinline__ void finish(const SkinnyGemmArgs& a, int tile, int t,
   }
 }
 
-template <int NT, SkinnyEpilogue E>
+template <int NT, SkinnyEpilogue E, int kStages>
 __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(SkinnyGemmArgs a, int splits) {
   extern __shared__ __align__(128) unsigned char smem[];
   using L = Layout<NT, kStages>;
@@ -284,17 +291,33 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(SkinnyGemmArgs a,
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync(); // every partial is staged
-  const int per_block = (T * outputs + splits - 1) / splits;
-  const int begin = split * per_block, end = min(T * outputs, begin + per_block);
+  // Four outputs of a token at a time; each rank's partial loaded before any is added (in rank
+  // order), so that the remote loads are in flight together rather than one latency each.
+  constexpr int quads = outputs / 4;
+  const int per_block = (T * quads + splits - 1) / splits;
+  const int begin = split * per_block, end = min(T * quads, begin + per_block);
   for (int e = begin + tid; e < end; e += kThreads) {
-    const int t = e / outputs, r = e - t * outputs;
-    float v = 0.0f, up = 0.0f;
-    for (int q = 0; q < splits; ++q) {
-      const float* row = cluster.map_shared_rank(staged, q) + t * kEpilogueStride;
-      v += row[r];
-      if constexpr (E == SkinnyEpilogue::swiglu) up += row[r + kRows / 2];
-    }
-    finish<E>(a, tile, t, r, v, up);
+    const int t = e / quads, r = (e - t * quads) * 4;
+    float4 part[kMaxSplits], part_up[E == SkinnyEpilogue::swiglu ? kMaxSplits : 1];
+#pragma unroll
+    for (int q = 0; q < kMaxSplits; ++q)
+      if (q < splits) {
+        const float* row = cluster.map_shared_rank(staged, q) + t * kEpilogueStride;
+        part[q] = *reinterpret_cast<const float4*>(row + r);
+        if constexpr (E == SkinnyEpilogue::swiglu) part_up[q] = *reinterpret_cast<const float4*>(row + r + kRows / 2);
+      }
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f), up = v;
+#pragma unroll
+    for (int q = 0; q < kMaxSplits; ++q)
+      if (q < splits) {
+        v.x += part[q].x, v.y += part[q].y, v.z += part[q].z, v.w += part[q].w;
+        if constexpr (E == SkinnyEpilogue::swiglu)
+          up.x += part_up[q].x, up.y += part_up[q].y, up.z += part_up[q].z, up.w += part_up[q].w;
+      }
+    finish<E>(a, tile, t, r, v.x, up.x);
+    finish<E>(a, tile, t, r + 1, v.y, up.y);
+    finish<E>(a, tile, t, r + 2, v.z, up.z);
+    finish<E>(a, tile, t, r + 3, v.w, up.w);
   }
   cluster.sync(); // no block leaves while another reads its shared memory
 #else
@@ -304,40 +327,33 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(SkinnyGemmArgs a,
 
 struct DeviceShape {
   int sms = 0;
-  size_t smem_per_sm = 0, reserved_per_block = 0;
-  int max_threads_per_sm = 0;
   size_t smem_optin = 0;  // the most dynamic shared memory a block may have
   // K may be split: a GPU of compute capability 9.0+ running code compiled for it (a newer GPU
   // that JIT-compiles the sm_80 PTX runs a kernel without the cluster reduce).
   bool clusters = false;
-  // Blocks with `smem` bytes of shared memory that fit on an SM at once.
-  int blocks_per_sm(size_t smem) const {
-    return std::max(1, static_cast<int>(std::min(smem_per_sm / (smem + reserved_per_block),
-                                                 static_cast<size_t>(max_threads_per_sm / kThreads))));
-  }
 };
 
 cudaError_t device_shape(DeviceShape& shape);
 
 int32_t tiles_of(int32_t out) { return out / kRows; }
 
-// K splits for a shape: none when the tiles fill the GPU; else as many as the free room allows,
-// each at least kMinStepsPerSplit steps of K.
-int splits_for(int32_t in, int32_t out, const DeviceShape& d, size_t smem) {
+// K splits for a shape: none when the tiles fill the GPU; else enough that the blocks cover about
+// three quarters of the SMs, each split at least kMinStepsPerSplit steps of K. Measured on the
+// H200 at T = 16 and 64 (bench/linear_bench.cu, BENCHMARKS.md): q/k/v (24 tiles) was fastest at
+// 4 splits, o and down (16 tiles) at 5-6; splits that put a block on every SM (5 and 8) ran
+// 1.4-1.6x slower, the clusters not all resident at once.
+int splits_for(int32_t in, int32_t out, const DeviceShape& d) {
   const int tiles = tiles_of(out);
-  const int room = d.sms * d.blocks_per_sm(smem);
   if (!d.clusters || tiles >= d.sms) return 1;
-  const int by_room = std::max(1, room / std::max(tiles, 1));
+  const int by_room = std::max(1, d.sms * 3 / 4 / std::max(tiles, 1));
   const int by_k = std::max(1, in / kBK / kMinStepsPerSplit);
   return std::min({by_room, by_k, kMaxSplits});
 }
 
-template <int NT, SkinnyEpilogue E>
-int launch(const SkinnyGemmArgs& a, const DeviceShape& d, bool programmatic, cudaStream_t stream) {
-  const auto kernel = skinny_gemm_kernel<NT, E>;
-  constexpr int smem = Layout<NT, kStages>::smem_bytes;
-  // Splits by the largest token count's ring, so that a shape splits the same whatever T.
-  const int splits = splits_for(a.in, a.out, d, Layout<8, kStages>::smem_bytes);
+template <int NT, SkinnyEpilogue E, int Stages>
+int launch_staged(const SkinnyGemmArgs& a, int splits, bool programmatic, cudaStream_t stream) {
+  const auto kernel = skinny_gemm_kernel<NT, E, Stages>;
+  constexpr int smem = Layout<NT, Stages>::smem_bytes;
   static std::mutex mutex;
   static std::map<int, bool> opted_in; // by device
   int device = 0;
@@ -374,6 +390,15 @@ int launch(const SkinnyGemmArgs& a, const DeviceShape& d, bool programmatic, cud
   return static_cast<int>(cudaLaunchKernelEx(&config, kernel, a, splits));
 }
 
+template <int NT, SkinnyEpilogue E>
+int launch(const SkinnyGemmArgs& a, const DeviceShape& d, bool programmatic, cudaStream_t stream) {
+  // Splits by the largest token count's ring, so that a shape splits the same whatever T.
+  const int splits = a.splits > 0 ? (d.clusters ? std::min({a.splits, kMaxSplits, a.in / kBK}) : 1)
+                                   : splits_for(a.in, a.out, d);
+  if (splits == 1) return launch_staged<NT, E, kStages>(a, 1, programmatic, stream);
+  return launch_staged<NT, E, kSplitStages>(a, splits, programmatic, stream);
+}
+
 template <SkinnyEpilogue E>
 int launch_tokens(const SkinnyGemmArgs& a, const DeviceShape& d, bool programmatic, cudaStream_t s) {
   // Tiles of 16, 32 or 64 tokens: the wgmma shapes instantiated (rows past T are ignored).
@@ -396,13 +421,10 @@ cudaError_t device_shape(DeviceShape& shape) {
   if (cudaError_t e = cudaGetDeviceProperties(&prop, device); e != cudaSuccess) return e;
   shape.sms = std::max(prop.multiProcessorCount, 1);
   cudaFuncAttributes attributes{};
-  if (cudaError_t e = cudaFuncGetAttributes(&attributes, skinny_gemm_kernel<8, SkinnyEpilogue::store_f32>); e != cudaSuccess)
+  if (cudaError_t e = cudaFuncGetAttributes(&attributes, skinny_gemm_kernel<8, SkinnyEpilogue::store_f32, kStages>); e != cudaSuccess)
     return e;
   shape.clusters = prop.major >= 9 && attributes.ptxVersion >= 90;
   shape.smem_optin = prop.sharedMemPerBlockOptin;
-  shape.smem_per_sm = prop.sharedMemPerMultiprocessor;
-  shape.reserved_per_block = prop.reservedSharedMemPerBlock;
-  shape.max_threads_per_sm = prop.maxThreadsPerMultiProcessor;
   known.emplace(device, shape);
   return cudaSuccess;
 }
@@ -426,7 +448,8 @@ bool skinny_gemm_takes(int32_t in, int32_t out, SkinnyEpilogue epilogue) {
 int skinny_gemm_bf16_cuda(const SkinnyGemmArgs& a, SkinnyEpilogue epilogue, bool programmatic, void* stream) {
   const auto invalid = static_cast<int>(cudaErrorInvalidValue);
   if (a.tokens < 1 || a.tokens > skinny_gemm_max_tokens() || !skinny_gemm_takes(a.in, a.out, epilogue) ||
-      a.weight == nullptr || a.act == nullptr || a.out_ptr == nullptr || !aligned16(a.weight) || !aligned16(a.act))
+      a.weight == nullptr || a.act == nullptr || a.out_ptr == nullptr || !aligned16(a.weight) || !aligned16(a.act) ||
+      a.splits < 0)
     return invalid;
   if ((reinterpret_cast<uintptr_t>(a.out_ptr) & 3u) != 0) return invalid;
   DeviceShape d;

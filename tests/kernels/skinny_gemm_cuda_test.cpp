@@ -28,8 +28,8 @@ struct Shape {
 double silu(double x) { return x / (1.0 + std::exp(-x)); }
 
 // Runs one launch of `e` and checks it against the host product; returns the raw output.
-std::vector<float> check_case(const Shape& s, lk::SkinnyEpilogue e, std::mt19937& rng) {
-  INFO("T " << s.tokens << " in " << s.in << " out " << s.out << " epilogue " << static_cast<int>(e));
+std::vector<float> check_case(const Shape& s, lk::SkinnyEpilogue e, std::mt19937& rng, int splits = 0) {
+  INFO("T " << s.tokens << " in " << s.in << " out " << s.out << " epilogue " << static_cast<int>(e) << " splits " << splits);
   std::vector<float> w = normal(static_cast<size_t>(s.out) * s.in, 0.05f, rng);
   std::vector<float> x = normal(static_cast<size_t>(s.tokens) * s.in, 1.0f, rng);
   std::vector<uint16_t> wb(w.size()), xb(x.size());
@@ -64,6 +64,7 @@ std::vector<float> check_case(const Shape& s, lk::SkinnyEpilogue e, std::mt19937
   a.weight = dw.get();
   a.act = dx.get();
   a.out_ptr = f32 ? static_cast<void*>(out_f32.get()) : static_cast<void*>(out_bf16.get());
+  a.splits = splits;
   CUDA_REQUIRE(lk::skinny_gemm_bf16_cuda(a, e, false, nullptr));
   CUDA_REQUIRE(cudaDeviceSynchronize());
   std::vector<float> got(n_out);
@@ -128,6 +129,30 @@ TEST_CASE("the skinny GEMM matches a float64 product for every epilogue", "[kern
                                    lk::SkinnyEpilogue::add_f32, lk::SkinnyEpilogue::swiglu})
         check_case(s, e, rng);
     }
+}
+
+TEST_CASE("the skinny GEMM matches at every K split a benchmark may ask for", "[kernels][cuda][skinny]") {
+  if (!lk::skinny_gemm_supported()) {
+    WARN("the skinny GEMM is not supported on this GPU; its products are not checked");
+    return;
+  }
+  std::mt19937 rng(11);
+  // Splits that do not divide the K steps (3, 5, 6, 7) or the tile's outputs among the blocks,
+  // and more than the portable cluster (capped); token counts that leave rows of a tile unused.
+  for (int splits = 1; splits <= 9; ++splits)
+    for (int tokens : {7, 64}) {
+      const Shape s{tokens, 1536, 512};
+      check_case(s, lk::SkinnyEpilogue::add_f32, rng, splits);
+      check_case(s, lk::SkinnyEpilogue::swiglu, rng, splits);
+    }
+  lk::SkinnyGemmArgs negative;
+  negative.tokens = 1;
+  negative.in = 64;
+  negative.out = 128;
+  negative.weight = negative.act = negative.out_ptr = reinterpret_cast<void*>(uintptr_t{256});
+  negative.splits = -1;
+  CHECK(lk::skinny_gemm_bf16_cuda(negative, lk::SkinnyEpilogue::store_f32, false, nullptr) ==
+        static_cast<int>(cudaErrorInvalidValue));
 }
 
 TEST_CASE("the skinny GEMM refuses shapes outside its contract", "[kernels][cuda][skinny]") {

@@ -40,6 +40,10 @@ struct SkinnyGemmArgs {
   const void* weight = nullptr;  // [out, in] bfloat16, 16-byte aligned
   const void* act = nullptr;     // [T, in] bfloat16, 16-byte aligned
   void* out_ptr = nullptr;       // as the epilogue says
+  // K splits (a cluster of blocks per output tile, sm_90+): 0 lets the kernel choose by the
+  // shape and the GPU; a benchmark may ask for 1..8 (more are capped to 8 and to the K steps; 1
+  // where clusters are absent).
+  int32_t splits = 0;
 };
 
 constexpr int32_t skinny_gemm_max_tokens() { return 64; }
