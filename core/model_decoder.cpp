@@ -190,20 +190,37 @@ std::vector<int32_t> ModelDecoder::encode_prompt(const std::string &text, const 
 
 bool ModelDecoder::generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
                                   std::string *text, const std::vector<std::string> *stops,
-                                  std::span<const int32_t> more_stop_tokens) const {
+                                  std::span<const int32_t> more_stop_tokens, int64_t min_tokens) const {
   // Decoded after the prompt, so that pieces keep the spacing they have in context.
   // Stop tokens end the text; they are not part of it (a BPE tokenizer would write
   // "<|endoftext|>").
-  std::vector<int32_t> all = prompt;
-  for (int32_t id : generated)
-    if (!is_stop_token(id) && std::find(more_stop_tokens.begin(), more_stop_tokens.end(), id) == more_stop_tokens.end())
-      all.push_back(id);
-  std::string before = tokenizer_->decode(prompt), whole = tokenizer_->decode(all);
-  *text = whole.compare(0, before.size(), before) == 0 ? whole.substr(before.size())
-                                                       : tokenizer_->decode(std::vector<int32_t>(all.begin() + static_cast<std::ptrdiff_t>(prompt.size()), all.end()));
-  // A stop string ends the text where it begins (it is not part of the output).
+  const std::string before = tokenizer_->decode(prompt);
+  auto text_of = [&](size_t n) { // the text of generated[0, n), stop tokens left out
+    std::vector<int32_t> all = prompt;
+    for (size_t i = 0; i < n; ++i) {
+      const int32_t id = generated[i];
+      if (!is_stop_token(id) && std::find(more_stop_tokens.begin(), more_stop_tokens.end(), id) == more_stop_tokens.end())
+        all.push_back(id);
+    }
+    const std::string whole = tokenizer_->decode(all);
+    return whole.compare(0, before.size(), before) == 0
+               ? whole.substr(before.size())
+               : tokenizer_->decode(std::vector<int32_t>(all.begin() + static_cast<std::ptrdiff_t>(prompt.size()), all.end()));
+  };
+  *text = text_of(generated.size());
+  // A stop string ends the text where it begins (it is not part of the output). Before
+  // min_tokens tokens none applies (vLLM's min_tokens): one counts only where it ends in the
+  // text of the tokens after them.
+  const std::vector<std::string> &strings = stops ? *stops : manifest_.run.stop;
+  if (strings.empty()) return false;
+  const auto held = static_cast<size_t>(std::max<int64_t>(min_tokens, 0));
+  if (held >= generated.size() && held > 0) return false;
+  const size_t floor = held > 0 ? text_of(held).size() : 0;
   size_t cut = std::string::npos;
-  for (const auto &stop : stops ? *stops : manifest_.run.stop) cut = std::min(cut, text->find(stop));
+  for (const auto &stop : strings) {
+    if (stop.empty()) continue;
+    cut = std::min(cut, text->find(stop, floor >= stop.size() ? floor - stop.size() + 1 : 0));
+  }
   if (cut == std::string::npos) return false;
   text->resize(cut);
   return true;
@@ -224,10 +241,10 @@ std::vector<int32_t> ModelDecoder::encode_messages(const std::vector<ChatMessage
 }
 
 std::string ModelDecoder::continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
-                                       const std::vector<std::string> &stops, bool *stopped) const {
+                                       const std::vector<std::string> &stops, bool *stopped, int64_t min_tokens) const {
   if (!tokenizer_) throw runtime_error("text of generated tokens: the model has no tokenizer" + tokenizer_error_);
   std::string text;
-  const bool cut = generated_text(prompt, generated, &text, &stops);
+  const bool cut = generated_text(prompt, generated, &text, &stops, {}, min_tokens);
   if (stopped) *stopped = cut;
   return text;
 }
@@ -559,7 +576,8 @@ bool ModelDecoder::hits_stop(const std::vector<int32_t> &prompt, SequenceResult 
   // since drafts are kept only where the target's chain chose them.)
   bool done = static_cast<int64_t>(out.tokens.size()) >= own.min_tokens && is_stop_token(token, own);
   const std::vector<std::string> &strings = stops ? *stops : manifest_.run.stop;
-  if (!done && !strings.empty() && tokenizer_ && generated_text(prompt, out.tokens, &out.text, &strings, own.more_tokens))
+  if (!done && !strings.empty() && tokenizer_ &&
+      generated_text(prompt, out.tokens, &out.text, &strings, own.more_tokens, own.min_tokens))
     done = *by_string = true;
   if (done) out.stopped = true;
   return done;

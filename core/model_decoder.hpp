@@ -55,7 +55,7 @@
 namespace loom {
 
 // A served request's own stop rules (ServeRequest): the run's stop tokens ignored, more stop
-// tokens, no stop token before min_tokens tokens.
+// tokens, no stop token or stop string before min_tokens tokens.
 struct RequestStops {
   bool ignore_run_tokens = false;
   std::span<const int32_t> more_tokens;
@@ -103,7 +103,7 @@ class ModelDecoder {
     return tokenizer_->encode(text, add_special);
   }
   std::string continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
-                           const std::vector<std::string> &stops, bool *stopped) const;
+                           const std::vector<std::string> &stops, bool *stopped, int64_t min_tokens = 0) const;
   bool has_tokenizer() const { return tokenizer_ != nullptr; }
   std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
   std::optional<std::string> token_bytes(int32_t id) const {
@@ -136,9 +136,12 @@ class ModelDecoder {
   // The text `generated` adds after `prompt` into *text, cut before the first stop string;
   // true when a stop string was found. Needs the tokenizer.
   // `stops`: these stop strings instead of run.stop. `more_stop_tokens` (a request's
-  // stop_token_ids) are left out of the text as the run's stop tokens are.
+  // stop_token_ids) are left out of the text as the run's stop tokens are. `min_tokens`: a stop
+  // string counts only where it ends in the text after the first min_tokens tokens (vLLM's
+  // min_tokens holds stop strings back as it holds stop tokens).
   bool generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated, std::string *text,
-                      const std::vector<std::string> *stops = nullptr, std::span<const int32_t> more_stop_tokens = {}) const;
+                      const std::vector<std::string> *stops = nullptr, std::span<const int32_t> more_stop_tokens = {},
+                      int64_t min_tokens = 0) const;
   // Whether `token`, just appended to out.tokens, ends the sequence: a stop token, or one of
   // run.stop in its text (then *by_string is set and out.text holds the text). Sets out.stopped.
   bool hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string,

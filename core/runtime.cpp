@@ -192,8 +192,8 @@ std::vector<int32_t> Runtime::encode_messages(const std::vector<std::pair<std::s
 }
 
 std::string Runtime::continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
-                                  const std::vector<std::string> &stops, bool *stopped) const {
-  return decoder_->continuation(prompt, generated, stops, stopped);
+                                  const std::vector<std::string> &stops, bool *stopped, int64_t min_tokens) const {
+  return decoder_->continuation(prompt, generated, stops, stopped, min_tokens);
 }
 
 bool Runtime::has_tokenizer() const { return decoder_->has_tokenizer(); }

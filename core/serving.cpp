@@ -131,7 +131,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     release_draft_sequence(id);
     if (tokenizer_ && !l.stopped_by_string)
       generated_text(l.out.prompt, l.out.tokens, &l.out.text, l.request.stop ? &*l.request.stop : nullptr,
-                     l.request.stop_token_ids);
+                     l.request.stop_token_ids, l.request.min_tokens);
     release_sequence(id);
     ServeRequest request = std::move(l.request);
     SequenceResult out = std::move(l.out);
@@ -168,6 +168,16 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     int32_t token;
   };
   std::vector<Emitted> emitted; // tokens of this step, in order
+  // Requests whose prompt log-probabilities were completed by a step, for on_prompt_logprobs:
+  // reported outside the step lock, before the step's tokens, or at the next loop turn where a
+  // prefill-only step skipped the token callbacks.
+  std::vector<int64_t> prompts_scored;
+  auto report_scored_prompts = [&] {
+    for (int64_t seq : prompts_scored)
+      if (auto it = live.find(seq); it != live.end() && it->second.request.on_prompt_logprobs)
+        it->second.request.on_prompt_logprobs(it->second.out.prompt_logprobs);
+    prompts_scored.clear();
+  };
   std::vector<int64_t> ended;                       // requests that ended at this step
   std::vector<std::span<const int32_t>> row_history; // the tokens of each sampled row (the scheduler's, or with drafts)
   std::vector<uint64_t> row_steps;
@@ -340,6 +350,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
   };
   bool open = true;
   while (true) {
+    report_scored_prompts();
     if (cancelled_.load()) {
       while (!live.empty()) {
         const int64_t id = live.begin()->first;
@@ -635,7 +646,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
           if (entry.token >= 0) continue; // (computed before a preemption)
           entry = token_logprob(std::span<const float>(prompt_lp_rows.data() + k * V, V), l.out.prompt[static_cast<size_t>(i) + 1],
                                 l.request.prompt_logprobs);
-          --l.prompt_missing;
+          if (--l.prompt_missing == 0 && l.request.on_prompt_logprobs) prompts_scored.push_back(prompt_rows_now[k].seq);
         }
       }
       if (rows.empty()) { // prefill chunks only
@@ -860,6 +871,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     }
     // Callbacks run outside the step lock: a swap they make lands before the next step. A
     // request whose callback says stop ends here.
+    report_scored_prompts();
     for (const Emitted &e : emitted) {
       Live &l = live.at(e.seq);
       if (l.cut == SIZE_MAX && l.request.on_logprob && static_cast<size_t>(e.index) < l.out.logprobs.size())

@@ -153,7 +153,7 @@ loom_status generate_samples(loom_runtime *rt, const std::vector<int32_t> &promp
     if (on_text && runtime.has_tokenizer())
       sr.on_token = [&, j](int64_t, int32_t token) {
         s.tokens.push_back(token);
-        const std::string text = runtime.continuation(prompt, s.tokens, stops);
+        const std::string text = runtime.continuation(prompt, s.tokens, stops, nullptr, r.min_tokens);
         const size_t safe = loom::server::streamable_prefix(text, stops);
         if (safe > s.sent) {
           if (on_text(j, text.data() + s.sent, safe - s.sent) != 0) s.stop_asked = true;

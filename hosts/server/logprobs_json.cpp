@@ -149,11 +149,17 @@ json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &pr
     out["token_logprobs"].push_back(finite(t.logprob));
     out["top_logprobs"].push_back(top_object(runtime, t, bytes_of_token(runtime, prompt[i], piece), top));
   }
-  const size_t shift = characters(echo, echo.size());
-  for (const char *key : {"tokens", "token_logprobs", "top_logprobs"})
+  if (reply.is_null()) return out;
+  offsets_after_echo(reply, echo);
+  for (const char *key : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
     for (json &v : reply[key]) out[key].push_back(std::move(v));
-  for (const json &o : reply["text_offset"]) out["text_offset"].push_back(o.get<size_t>() + shift);
   return out;
+}
+
+void offsets_after_echo(json &logprobs, const std::string &echo) {
+  if (logprobs.is_null()) return;
+  const size_t shift = characters(echo, echo.size());
+  for (json &o : logprobs["text_offset"]) o = o.get<size_t>() + shift;
 }
 
 json vllm_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt, std::span<const TokenLogprob> entries,

@@ -61,10 +61,15 @@ nlohmann::json completion_logprobs(const Runtime &runtime, std::span<const Token
 // prompt token's entry in `tokens` is the text it adds to the decoded prompt (so that they add
 // up to it: the prompt's text when given as text, unless the tokenizer does not give it back
 // byte for byte), its text_offset measured there.
-// Each entry lists at most `top` of its alternatives (the engine may have computed more).
+// Each entry lists at most `top` of its alternatives (the engine may have computed more). A null
+// `reply`: the prompt's entries alone (a stream's echo chunk, sent before the reply's tokens).
 nlohmann::json with_prompt_logprobs(const Runtime &runtime, const std::vector<int32_t> &prompt,
                                     std::span<const TokenLogprob> entries, size_t top, const std::string &echo,
                                     nlohmann::json reply);
+
+// Moves the text_offset entries of completions-format `logprobs` past `echo` (the reply's
+// offsets in a text that begins with the echoed prompt). Nothing for null.
+void offsets_after_echo(nlohmann::json &logprobs, const std::string &echo);
 
 // vLLM's `prompt_logprobs` of a choice: null for the first prompt token, then per token an
 // object keyed by token id (as a string) of {logprob, rank, decoded_token}: the prompt's token

@@ -451,13 +451,11 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   }
   p.echo = !chat && bool_field(j, "echo", false);
   if (p.max_tokens == 0 && !p.echo) bad("max_tokens", "'max_tokens' must be at least 1 (0 only with 'echo': the prompt alone)");
-  // echo with logprobs lists the prompt's tokens too (their log-probabilities come with the
-  // whole reply, so not streamed).
-  if (p.echo && p.logprobs >= 0 && p.stream)
-    bad("stream", "'echo' with 'logprobs' (the prompt's log-probabilities) is not streamed: leave 'stream' out");
+  // (echo with logprobs lists the prompt's tokens too; streamed, in each choice's echo chunk.)
   if (const std::optional<int64_t> n = int_field(j, "prompt_logprobs", 0, kMaxTopLogprobs)) {
     p.prompt_logprobs = static_cast<int32_t>(*n);
-    if (p.stream) bad("stream", "'prompt_logprobs' is not streamed: leave 'stream' out");
+    // (as vLLM, which refuses them with stream; echo with logprobs streams the prompt's entries)
+    if (p.stream) bad("stream", "'prompt_logprobs' is not streamed: leave 'stream' out (or stream 'echo' with 'logprobs')");
   }
   return p;
 }

@@ -51,7 +51,7 @@ struct GenerationParams {
   double min_p = 0, repetition_penalty = 1.0;
   bool ignore_eos = false;
   std::vector<int32_t> stop_token_ids; // more tokens that end the reply (left out of its text)
-  int64_t min_tokens = 0;              // no end token before this many tokens
+  int64_t min_tokens = 0;              // no end token, and no stop string ending, before this many tokens
   std::optional<uint64_t> seed;
   std::vector<std::pair<int32_t, double>> logit_bias; // token id, bias in [-100, 100]
   ResponseFormat format = ResponseFormat::text;

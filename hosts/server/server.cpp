@@ -85,9 +85,15 @@ struct Choice {
   std::string echo;       // the prompt's text, sent before the reply's (completions' echo)
   size_t sent = 0;        // bytes of text already streamed
   size_t tokens_seen = 0; // tokens the HTTP thread has looked at
+  int64_t min_tokens = 0; // the request's: stop strings count only in the text after that many tokens
   std::vector<TokenLogprob> logprobs; // as they come (ServeRequest::on_logprob), when asked for
   size_t logprobs_sent = 0;           // of those, streamed
   std::unique_ptr<TokenTexts> texts;  // where those tokens begin in the text (the HTTP thread's)
+  // A streamed echo with logprobs: the prompt's entries once the engine computed them
+  // (ServeRequest::on_prompt_logprobs), and whether the echo chunk went out.
+  std::vector<TokenLogprob> prompt_entries;
+  bool prompt_scored = false;
+  bool echoed = false;
 };
 
 // A request in flight: its choices and the flag that cancels them. The engine thread's
@@ -400,6 +406,7 @@ struct Server::Impl {
       r.ignore_stop_tokens = p.ignore_eos;
       r.stop_token_ids = p.stop_token_ids;
       r.min_tokens = std::min(p.min_tokens, max_tokens);
+      choice.min_tokens = r.min_tokens;
       r.cancel = job->cancel;
       const size_t index = static_cast<size_t>(c);
       std::weak_ptr<Job> weak = job;
@@ -409,6 +416,18 @@ struct Server::Impl {
           if (auto j = weak.lock()) {
             std::lock_guard lock(j->mutex);
             j->choices[index].logprobs.push_back(logprob);
+          }
+        };
+      if (p.stream && p.echo && p.logprobs >= 0) // (the echo chunk carries the prompt's entries)
+        r.on_prompt_logprobs = [weak, index](const std::vector<TokenLogprob> &entries) {
+          if (auto j = weak.lock()) {
+            {
+              std::lock_guard lock(j->mutex);
+              Choice &ch = j->choices[index];
+              ch.prompt_entries = entries;
+              ch.prompt_scored = true;
+            }
+            j->changed.notify_all();
           }
         };
       r.on_token = [this, weak, index, arrival](int64_t, int32_t token) {
@@ -533,7 +552,23 @@ struct Server::Impl {
               job->cancel->store(true);
               return false;
             }
-          } else if (gp.stream && gp.echo && !*started) {
+          }
+          // Completions' echo: the prompt's text before the reply's. With logprobs it carries the
+          // prompt's entries, so each choice's echo goes out once the engine has scored its prompt
+          // (the reply's offsets then count the echo's characters, as in a whole response);
+          // without, every echo goes out at once.
+          const bool echo_entries = gp.stream && gp.echo && gp.logprobs >= 0;
+          // (It reads the choice's prompt and echo, which do not change, and `entries`: callable
+          // without the job's lock, which the engine's callbacks wait for.)
+          const auto echo_chunk_entry = [&](size_t i, std::span<const TokenLogprob> entries, json reply_logprobs,
+                                            const std::string &reply) {
+            const Choice &c = job->choices[i];
+            return json{{"index", i}, {"text", c.echo + reply},
+                        {"logprobs", with_prompt_logprobs(runtime, c.prompt, entries, static_cast<size_t>(gp.logprobs), c.echo,
+                                                          std::move(reply_logprobs))},
+                        {"finish_reason", nullptr}};
+          };
+          if (gp.stream && gp.echo && !echo_entries && !*started) {
             json first = json::array();
             for (size_t i = 0; i < job->choices.size(); ++i)
               first.push_back({{"index", i}, {"text", job->choices[i].echo}, {"logprobs", nullptr}, {"finish_reason", nullptr}});
@@ -558,40 +593,53 @@ struct Server::Impl {
                 job->cancel->store(true);
               }
             }
-            // Stream what is new, then wait for more (checking the client and the clock).
+            // Stream what is new, then wait for more (checking the client and the clock): echoes
+            // whose prompts are scored (or that have tokens, or ended), then the replies' text.
             // (A reply that may be a tool call is sent whole at the end.)
-            if (gp.stream && !gp.uses_tools() && !gp.prompt_only()) {
-              json deltas = json::array();
+            json entries = json::array();
+            std::vector<std::pair<size_t, std::vector<TokenLogprob>>> echoes; // their JSON is made unlocked
+            std::vector<bool> echoed_now(job->choices.size(), false); // (one entry a choice per chunk)
+            if (echo_entries)
               for (size_t i = 0; i < job->choices.size(); ++i) {
                 Choice &c = job->choices[i];
-                if (c.done || c.tokens.size() == c.tokens_seen) continue;
+                if (c.echoed || !(c.prompt_scored || !c.tokens.empty() || c.done)) continue;
+                echoes.emplace_back(i, c.prompt_scored ? c.prompt_entries : c.result.prompt_logprobs);
+                c.echoed = echoed_now[i] = true;
+              }
+            if (gp.stream && !gp.uses_tools() && !gp.prompt_only()) {
+              for (size_t i = 0; i < job->choices.size(); ++i) {
+                Choice &c = job->choices[i];
+                if (c.done || c.tokens.size() == c.tokens_seen || (echo_entries && !c.echoed) || echoed_now[i]) continue;
                 c.tokens_seen = c.tokens.size();
                 // (stop_token_ids end the reply and stay out of its text, as the engine writes it)
                 std::vector<int32_t> shown = c.tokens;
                 std::erase_if(shown, [&](int32_t t) {
                   return std::find(gp.stop_token_ids.begin(), gp.stop_token_ids.end(), t) != gp.stop_token_ids.end();
                 });
-                const std::string text = runtime.continuation(c.prompt, shown, gp.stop);
+                const std::string text = runtime.continuation(c.prompt, shown, gp.stop, nullptr, c.min_tokens);
                 const size_t safe = streamable_prefix(text, gp.stop);
                 if (safe <= c.sent) continue;
                 const std::string delta = text.substr(c.sent, safe - c.sent);
                 c.sent = safe;
                 // The log-probabilities of the tokens whose text this chunk completes.
-                const json logprobs = logprobs_json(c, c.logprobs, text, safe, true);
-                deltas.push_back(chat ? json{{"index", i}, {"delta", {{"content", delta}}}, {"logprobs", logprobs}, {"finish_reason", nullptr}}
-                                      : json{{"index", i}, {"text", delta}, {"logprobs", logprobs}, {"finish_reason", nullptr}});
+                json logprobs = logprobs_json(c, c.logprobs, text, safe, true);
+                if (gp.echo) offsets_after_echo(logprobs, c.echo);
+                entries.push_back(chat ? json{{"index", i}, {"delta", {{"content", delta}}}, {"logprobs", logprobs}, {"finish_reason", nullptr}}
+                                       : json{{"index", i}, {"text", delta}, {"logprobs", logprobs}, {"finish_reason", nullptr}});
               }
-              if (!deltas.empty()) {
-                const std::string out = chunk(std::move(deltas));
-                lock.unlock();
-                const bool ok = write(out);
-                lock.lock();
-                if (!ok) {
-                  job->cancel->store(true);
-                  return false;
-                }
-                continue;
+            }
+            if (!entries.empty() || !echoes.empty()) {
+              lock.unlock();
+              json all = json::array();
+              for (const auto &[i, prompt_entries] : echoes) all.push_back(echo_chunk_entry(i, prompt_entries, nullptr, ""));
+              for (json &e : entries) all.push_back(std::move(e));
+              const bool ok = write(chunk(std::move(all)));
+              lock.lock();
+              if (!ok) {
+                job->cancel->store(true);
+                return false;
               }
+              continue;
             }
             job->changed.wait_for(lock, std::chrono::milliseconds(20));
           }
@@ -624,7 +672,15 @@ struct Server::Impl {
               const std::string rest = text.size() > c.sent ? text.substr(c.sent) : std::string();
               json delta = rest.empty() ? json::object() : json{{"content", rest}};
               if (!calls[i].empty()) delta = {{"tool_calls", tool_calls_json(i)}};
-              const json logprobs = logprobs_json(c, c.result.logprobs, text, text.size(), false);
+              json logprobs = logprobs_json(c, c.result.logprobs, text, text.size(), false);
+              if (echo_entries && !c.echoed) { // ended before its echo went out: the echo leads the last chunk
+                c.echoed = true;
+                json entry = echo_chunk_entry(i, c.prompt_scored ? c.prompt_entries : c.result.prompt_logprobs, std::move(logprobs), rest);
+                entry["finish_reason"] = finish_reason(c);
+                last.push_back(std::move(entry));
+                continue;
+              }
+              if (gp.echo) offsets_after_echo(logprobs, c.echo);
               last.push_back(chat ? json{{"index", i}, {"delta", delta}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}}
                                   : json{{"index", i}, {"text", rest}, {"logprobs", logprobs}, {"finish_reason", finish_reason(c)}});
             }

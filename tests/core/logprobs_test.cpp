@@ -274,13 +274,30 @@ TEST_CASE("prompt log-probabilities of a long prompt span steps, bypass the pref
   requests[0].prompt = prompt;
   requests[0].max_new_tokens = 2;
   requests[0].prompt_logprobs = loom::kMaxTopLogprobs;
+  // on_prompt_logprobs: once, with every entry, before the first token (a host streams them
+  // ahead of the reply).
+  std::vector<std::vector<loom::TokenLogprob>> reported;
+  size_t reported_before_first_token = SIZE_MAX;
+  requests[0].on_prompt_logprobs = [&](const std::vector<loom::TokenLogprob> &e) { reported.push_back(e); };
+  requests[0].on_token = [&](int64_t index, int32_t) {
+    if (index == 0) reported_before_first_token = reported.size();
+    return true;
+  };
   requests[1].prompt = {1, 300, 391};
   requests[1].max_new_tokens = 2;
+  requests[1].on_prompt_logprobs = [&](const std::vector<loom::TokenLogprob> &) { FAIL("a request without prompt_logprobs was reported"); };
   loom::SchedulerStats stats;
   const std::vector<Served> got = serve(*rt, std::move(requests), &stats, 512);
   REQUIRE(got[0].error.empty());
   const auto &entries = got[0].result.prompt_logprobs;
   REQUIRE(entries.size() == prompt.size() - 1);
+  REQUIRE(reported.size() == 1);
+  CHECK(reported_before_first_token == 1);
+  REQUIRE(reported[0].size() == entries.size());
+  for (size_t p = 0; p < entries.size(); ++p) {
+    CHECK(reported[0][p].token == entries[p].token);
+    CHECK(reported[0][p].logprob == entries[p].logprob);
+  }
   for (size_t p = 0; p + 1 < prompt.size(); ++p) CHECK(entries[p].token == prompt[p + 1]);
   CHECK(stats.steps >= 3);
   // Position p's distribution is the first generated token's of the prompt's first p + 1

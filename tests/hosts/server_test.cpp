@@ -163,7 +163,7 @@ TEST_CASE("completions at temperature 0 are the greedy run's; streaming gives th
   CHECK(text == want);
   CHECK(usage["completion_tokens"] == body["usage"]["completion_tokens"]);
 
-  // echo: the prompt's text first, streamed or not (with logprobs: not streamed, below).
+  // echo: the prompt's text first, streamed or not (with logprobs: below).
   auto echoed = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"temperature", 0},
                                            {"echo", true}});
   REQUIRE(echoed->status == 200);
@@ -177,9 +177,6 @@ TEST_CASE("completions at temperature 0 are the greedy run's; streaming gives th
     for (const auto &ch : c["choices"]) echo_text += ch["text"].get<std::string>();
   }
   CHECK(echo_text == "And God said" + want);
-  auto streamed_scores = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "x"}, {"echo", true}, {"logprobs", 1}, {"stream", true}});
-  CHECK(streamed_scores->status == 400);
-  CHECK(json::parse(streamed_scores->body)["error"]["param"] == "stream");
 }
 
 TEST_CASE("echo with logprobs lists the prompt's tokens first, transformers' log-probabilities; max_tokens 0 scores the prompt alone; vLLM's prompt_logprobs",
@@ -233,6 +230,43 @@ TEST_CASE("echo with logprobs lists the prompt's tokens first, transformers' log
         CHECK(lp["token_logprobs"][i].get<double>() == Approx(log_softmax_at(i - 1, ids[i])).margin(2e-4));
     }
     CHECK(joined == text);
+    // Streamed (two choices): each choice's echo chunk carries the prompt's entries, the reply's
+    // chunks its tokens' with offsets past the echo; merged, each choice's text and lists are
+    // the whole response's.
+    auto streamed = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", max_tokens},
+                                               {"temperature", 0}, {"echo", true}, {"logprobs", 3}, {"n", 2}, {"stream", true}});
+    REQUIRE(streamed);
+    REQUIRE(streamed->status == 200);
+    std::vector<std::string> texts(2);
+    std::vector<json> merged(2, json{{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
+                                     {"text_offset", json::array()}});
+    std::vector<int> first_chunk_entries(2, -1);
+    for (const std::string &e : events(streamed->body)) {
+      if (e == "[DONE]") continue;
+      const json c = json::parse(e); // (named: a range-for over a temporary's member dangles)
+      for (const auto &ch : c["choices"]) {
+        const size_t i = ch["index"];
+        REQUIRE(i < 2);
+        if (first_chunk_entries[i] < 0) {
+          CHECK(ch["text"].get<std::string>().rfind("And God said", 0) == 0); // the echo leads
+          first_chunk_entries[i] = static_cast<int>(ch["logprobs"]["tokens"].size());
+        }
+        texts[i] += ch["text"].get<std::string>();
+        if (ch["logprobs"].is_null()) continue;
+        for (const char *key : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
+          for (const json &v : ch["logprobs"][key]) merged[i][key].push_back(v);
+      }
+    }
+    for (size_t i = 0; i < 2; ++i) {
+      INFO("streamed choice " << i);
+      CHECK(first_chunk_entries[i] >= static_cast<int>(ids.size())); // the prompt's entries came with the echo
+      CHECK(texts[i] == text);
+      CHECK(merged[i]["tokens"] == lp["tokens"]);
+      CHECK(merged[i]["text_offset"] == lp["text_offset"]);
+      CHECK(merged[i]["top_logprobs"] == lp["top_logprobs"]);
+      REQUIRE(merged[i]["token_logprobs"].size() == n);
+      for (size_t k = 1; k < n; ++k) CHECK(merged[i]["token_logprobs"][k].get<double>() == lp["token_logprobs"][k].get<double>());
+    }
   }
   // vLLM's prompt_logprobs: per prompt token after the first, its id's entry (logprob, rank,
   // decoded_token) and the alternatives', in each choice.
@@ -669,6 +703,65 @@ TEST_CASE("vLLM's extensions: top_k, min_p, repetition_penalty, ignore_eos, min_
     for (const auto &ch : chunk["choices"]) text += ch["text"].get<std::string>();
   }
   CHECK(text == two);
+}
+
+TEST_CASE("min_tokens holds stop strings back as vLLM does: only one ending after the first min_tokens tokens counts", "[server]") {
+  Fixture f;
+  const auto post = [&](json extra) {
+    json req = {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"temperature", 0}, {"ignore_eos", true}};
+    req.update(extra);
+    auto r = f.post("/v1/completions", req);
+    REQUIRE(r);
+    INFO(r->body);
+    REQUIRE(r->status == 200);
+    return r->body;
+  };
+  const auto text_of = [&](json extra) { return json::parse(post(extra))["choices"][0]; };
+  const int held = 10;
+  // The greedy reply's text, and the text of its first `held` tokens (a prefix of it).
+  const std::string whole = text_of({{"max_tokens", 40}})["text"], floor = text_of({{"max_tokens", held}})["text"];
+  REQUIRE(whole.substr(0, floor.size()) == floor);
+  // A stop string found in the first tokens' text and again after it, so that min_tokens moves the cut.
+  std::string stop;
+  for (const char *candidate : {"e", "t", "a", "o", "h", " "})
+    if (floor.find(candidate) != std::string::npos && whole.find(candidate, floor.size()) != std::string::npos) {
+      stop = candidate;
+      break;
+    }
+  REQUIRE(!stop.empty());
+  INFO("stop string '" << stop << "', first " << held << " tokens: '" << floor << "'");
+  CHECK(text_of({{"max_tokens", 40}, {"stop", stop}})["text"] == whole.substr(0, whole.find(stop)));
+  const std::string want = whole.substr(0, whole.find(stop, floor.size() + 1 - stop.size()));
+  const json cut = text_of({{"max_tokens", 40}, {"stop", stop}, {"min_tokens", held}});
+  CHECK(cut["finish_reason"] == "stop");
+  CHECK(cut["text"] == want);
+  // Streamed, the same text arrives.
+  std::string streamed;
+  for (const std::string &e : events(post({{"max_tokens", 40}, {"stop", stop}, {"min_tokens", held}, {"stream", true}}))) {
+    if (e == "[DONE]") continue;
+    const json chunk = json::parse(e); // (named: a range-for over a temporary's member dangles)
+    for (const auto &ch : chunk["choices"]) streamed += ch["text"].get<std::string>();
+  }
+  CHECK(streamed == want);
+  // A reply that ends at max_tokens keeps a stop string found only in its first tokens' text.
+  std::string early;
+  for (size_t len = 3; len <= floor.size() && early.empty(); ++len)
+    for (size_t at = 0; at + len <= floor.size(); ++at)
+      if (whole.find(floor.substr(at, len), floor.size() + 1 - len) == std::string::npos) {
+        early = floor.substr(at, len);
+        break;
+      }
+  REQUIRE(!early.empty());
+  const json kept = text_of({{"max_tokens", 40}, {"stop", early}, {"min_tokens", held}});
+  CHECK(kept["finish_reason"] == "length");
+  CHECK(kept["text"] == whole);
+  // A stop string that begins inside the first tokens' text and ends after it counts (vLLM checks
+  // the text each new token completes): the floor's last character and the next one.
+  if (whole.size() > floor.size()) {
+    const std::string straddling = whole.substr(floor.size() - 1, 2);
+    const size_t at = whole.find(straddling, floor.size() - 1);
+    CHECK(text_of({{"max_tokens", 40}, {"stop", straddling}, {"min_tokens", held}})["text"] == whole.substr(0, at));
+  }
 }
 
 TEST_CASE("guided decoding as vLLM and llama.cpp's server take it: guided_choice, guided_json, grammar", "[server]") {

@@ -53,8 +53,9 @@ struct ServeRequest {
   std::vector<int32_t> stop_token_ids;
   // No stop token ends it before it has this many tokens (vLLM's min_tokens): its stop tokens
   // (the run's unless ignored, and stop_token_ids) get no probability until then (their logits
-  // are set to -inf before the sampler chain; log-probabilities are the raw row's). Stop strings
-  // apply as always. 0 to max_new_tokens.
+  // are set to -inf before the sampler chain; log-probabilities are the raw row's), and a stop
+  // string counts only where it ends in the text of the tokens after the first min_tokens (as
+  // vLLM's stop checks start only past min_tokens). 0 to max_new_tokens.
   int64_t min_tokens = 0;
   // Log-probabilities: -1 none; 0 to kMaxTopLogprobs: each generated token's log-probability
   // under the model's raw distribution and that many most likely alternatives
@@ -79,6 +80,11 @@ struct ServeRequest {
   std::function<bool(int64_t index, int32_t token)> on_token;
   // With logprobs >= 0: just before on_token, the token's log-probabilities. Optional.
   std::function<void(int64_t index, const TokenLogprob &logprob)> on_logprob;
+  // With prompt_logprobs >= 0 and a prompt of two tokens or more: once, when every entry of
+  // SequenceResult::prompt_logprobs is computed (before the first token's on_logprob and
+  // on_token), those entries (valid for the call). Not called for a request that ends before its
+  // prefill does. Optional.
+  std::function<void(const std::vector<TokenLogprob> &entries)> on_prompt_logprobs;
   // Once, when the request ends (stopped, at max_new_tokens, cancelled, or refused: then
   // `error` says why and the result is empty). Optional.
   std::function<void(const SequenceResult &result, const std::string &error)> on_done;

@@ -196,8 +196,9 @@ class Runtime {
   // (loom::Error naming the link). encode_text: a text prompt's ids (BOS first, as run.prompt);
   // encode_messages: a conversation through the manifest's chat template (run.chat_template),
   // ending in the assistant's generation prompt; continuation: the text `generated` adds to
-  // `prompt`, cut where the first of `stops` begins (*stopped says whether one did). The three
-  // need a tokenizer (loom::Error otherwise, also for text that encodes to no tokens).
+  // `prompt`, cut where the first of `stops` begins (*stopped says whether one did); with
+  // `min_tokens` (a request's, ServeRequest::min_tokens) only a stop string that ends in the text
+  // after the first min_tokens tokens counts, as the engine cuts. The three need a tokenizer (loom::Error otherwise, also for text that encodes to no tokens).
   std::vector<std::shared_ptr<Instance>> make_samplers(const std::vector<std::string> &component_tomls,
                                                        const std::string &what);
   std::vector<int32_t> encode_text(const std::string &text, const std::string &key) const;
@@ -207,7 +208,7 @@ class Runtime {
   std::vector<int32_t> encode_messages(const std::vector<std::pair<std::string, std::string>> &messages,
                                        const std::string &key) const;
   std::string continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
-                           const std::vector<std::string> &stops, bool *stopped = nullptr) const;
+                           const std::vector<std::string> &stops, bool *stopped = nullptr, int64_t min_tokens = 0) const;
   bool has_tokenizer() const;
   // The model's context length (positions) and vocabulary size.
   int64_t max_positions() const;

@@ -112,7 +112,8 @@ typedef struct loom_generate_options {
   double min_p;                /* with use_sampling: drop tokens below min_p x the top one's probability; 0: off */
   double repetition_penalty;   /* with use_sampling: > 1 discourages tokens of the prompt and the text; 0 or 1: off */
   int32_t ignore_eos;          /* 1: the model's end tokens do not end the text (max_tokens does) */
-  int64_t min_tokens;          /* the end tokens get no probability before this many tokens; 0: off */
+  int64_t min_tokens;          /* the end tokens get no probability before this many tokens, and a stop
+                                  string counts only where it ends in the text after them; 0: off */
 } loom_generate_options;
 
 /* Called with each new piece of text as it is generated (never a piece of a stop string); the
