@@ -94,6 +94,7 @@ struct Choice {
   std::vector<TokenLogprob> prompt_entries;
   bool prompt_scored = false;
   bool echoed = false;
+  std::unique_ptr<ToolCallStream> tool_stream; // a streamed reply with tools: its content and calls so far
 };
 
 // A request in flight: its choices and the flag that cancels them. The engine thread's
@@ -506,12 +507,23 @@ struct Server::Impl {
           const GenerationParams &gp = *params;
           // The tool calls of each choice's reply (none without tools).
           std::vector<std::vector<ToolCall>> calls(job->choices.size());
-          const auto tool_calls_json = [&](size_t i) {
+          // Choice i's calls `some`, the first being its call number `first` (ids by that number).
+          const auto tool_calls_json = [&](size_t i, std::span<const ToolCall> some, size_t first) {
             json out = json::array();
-            for (size_t k = 0; k < calls[i].size(); ++k)
+            for (size_t j = 0; j < some.size(); ++j) {
+              const size_t k = first + j;
               out.push_back({{"index", k}, {"id", id + "-call-" + std::to_string(i) + "-" + std::to_string(k)}, {"type", "function"},
-                             {"function", {{"name", calls[i][k].name}, {"arguments", calls[i][k].arguments_json}}}});
+                             {"function", {{"name", some[j].name}, {"arguments", some[j].arguments_json}}}});
+            }
             return out;
+          };
+          // A reply with tools streams its content as it comes and each call once its block
+          // closes (ToolCallStream); the delta of choice i for `piece` (empty: nothing new).
+          const auto tool_stream_delta = [&](size_t i, const ToolCallStream::Piece &piece) {
+            json delta = json::object();
+            if (!piece.content.empty()) delta["content"] = piece.content;
+            if (!piece.calls.empty()) delta["tool_calls"] = tool_calls_json(i, piece.calls, piece.first_call);
+            return delta;
           };
           const auto finish_reason = [&](const Choice &c) -> json {
             if (!c.error.empty()) return "error";
@@ -595,7 +607,6 @@ struct Server::Impl {
             }
             // Stream what is new, then wait for more (checking the client and the clock): echoes
             // whose prompts are scored (or that have tokens, or ended), then the replies' text.
-            // (A reply that may be a tool call is sent whole at the end.)
             json entries = json::array();
             std::vector<std::pair<size_t, std::vector<TokenLogprob>>> echoes; // their JSON is made unlocked
             std::vector<bool> echoed_now(job->choices.size(), false); // (one entry a choice per chunk)
@@ -606,7 +617,7 @@ struct Server::Impl {
                 echoes.emplace_back(i, c.prompt_scored ? c.prompt_entries : c.result.prompt_logprobs);
                 c.echoed = echoed_now[i] = true;
               }
-            if (gp.stream && !gp.uses_tools() && !gp.prompt_only()) {
+            if (gp.stream && !gp.prompt_only()) {
               for (size_t i = 0; i < job->choices.size(); ++i) {
                 Choice &c = job->choices[i];
                 if (c.done || c.tokens.size() == c.tokens_seen || (echo_entries && !c.echoed) || echoed_now[i]) continue;
@@ -618,6 +629,16 @@ struct Server::Impl {
                 });
                 const std::string text = runtime.continuation(c.prompt, shown, gp.stop, nullptr, c.min_tokens);
                 const size_t safe = streamable_prefix(text, gp.stop);
+                if (gp.uses_tools()) {
+                  if (!c.tool_stream) c.tool_stream = std::make_unique<ToolCallStream>(gp.callable_tools());
+                  const ToolCallStream::Piece piece = c.tool_stream->update(text, safe);
+                  json delta = tool_stream_delta(i, piece);
+                  if (delta.empty()) continue;
+                  c.sent = piece.content_end;
+                  entries.push_back({{"index", i}, {"delta", std::move(delta)}, {"logprobs", logprobs_json(c, c.logprobs, text, c.sent, true)},
+                                     {"finish_reason", nullptr}});
+                  continue;
+                }
                 if (safe <= c.sent) continue;
                 const std::string delta = text.substr(c.sent, safe - c.sent);
                 c.sent = safe;
@@ -671,7 +692,10 @@ struct Server::Impl {
               const std::string &text = c.result.text;
               const std::string rest = text.size() > c.sent ? text.substr(c.sent) : std::string();
               json delta = rest.empty() ? json::object() : json{{"content", rest}};
-              if (!calls[i].empty()) delta = {{"tool_calls", tool_calls_json(i)}};
+              if (gp.uses_tools()) {
+                if (!c.tool_stream) c.tool_stream = std::make_unique<ToolCallStream>(gp.callable_tools());
+                delta = tool_stream_delta(i, c.tool_stream->finish(text));
+              }
               json logprobs = logprobs_json(c, c.result.logprobs, text, text.size(), false);
               if (echo_entries && !c.echoed) { // ended before its echo went out: the echo leads the last chunk
                 c.echoed = true;
@@ -699,7 +723,11 @@ struct Server::Impl {
             for (size_t i = 0; i < job->choices.size(); ++i) {
               Choice &c = job->choices[i];
               json message = {{"role", "assistant"}, {"content", c.result.text}};
-              if (!calls[i].empty()) message = {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", tool_calls_json(i)}};
+              if (!calls[i].empty()) {
+                const std::string content = reply_content(c.result.text, calls[i]);
+                message = {{"role", "assistant"}, {"content", content.empty() ? json(nullptr) : json(content)},
+                           {"tool_calls", tool_calls_json(i, calls[i], 0)}};
+              }
               json logprobs = logprobs_json(c, c.result.logprobs, c.result.text, c.result.text.size(), false);
               // The prompt's entries, each with the alternatives its field asked for (echo's logprobs
               // and prompt_logprobs may ask for different counts; the engine computed the larger).

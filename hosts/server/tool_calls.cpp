@@ -98,4 +98,66 @@ std::vector<ToolCall> parse_tool_calls(const std::string &text, const std::vecto
   return calls;
 }
 
+namespace {
+
+const std::string kOpenTag = "<tool_call>", kCloseTag = "</tool_call>";
+
+// The end of text[0, end) without its trailing whitespace.
+size_t before_trailing_space(const std::string &text, size_t end) {
+  while (end > 0 && std::string_view(" \t\r\n").find(text[end - 1]) != std::string_view::npos) --end;
+  return end;
+}
+
+} // namespace
+
+std::string reply_content(const std::string &text, const std::vector<ToolCall> &calls) {
+  if (calls.empty()) return text;
+  const size_t tag = text.find(kOpenTag);
+  return tag == std::string::npos ? std::string() : text.substr(0, before_trailing_space(text, tag));
+}
+
+ToolCallStream::Piece ToolCallStream::advance(const std::string &text, size_t content_end, std::vector<ToolCall> calls) {
+  Piece piece;
+  piece.first_call = calls_sent_;
+  if (content_end > content_sent_) {
+    piece.content = text.substr(content_sent_, content_end - content_sent_);
+    content_sent_ = content_end;
+  }
+  piece.content_end = content_sent_;
+  if (calls.size() > calls_sent_) {
+    piece.calls.assign(calls.begin() + static_cast<std::ptrdiff_t>(calls_sent_), calls.end());
+    calls_sent_ = calls.size();
+  }
+  return piece;
+}
+
+ToolCallStream::Piece ToolCallStream::update(const std::string &text, size_t safe) {
+  safe = std::min(safe, text.size());
+  const size_t first = text.find_first_not_of(" \t\r\n");
+  if (first == std::string::npos || first >= safe || text[first] == '{') return advance(text, 0, {});
+  const size_t tag = text.find(kOpenTag);
+  if (tag == std::string::npos || tag + kOpenTag.size() > safe) {
+    // Plain text so far: all of it but a tail that may begin the tag, and whitespace before that.
+    size_t end = safe;
+    for (size_t keep = std::min(kOpenTag.size() - 1, safe); keep > 0; --keep)
+      if (text.compare(safe - keep, keep, kOpenTag, 0, keep) == 0) {
+        end = safe - keep;
+        break;
+      }
+    if (tag != std::string::npos) end = std::min(end, tag);
+    return advance(text, before_trailing_space(text, end), {});
+  }
+  // The calls of the blocks closed within the final text (each is parsed as the whole reply's is).
+  const size_t closed = text.rfind(kCloseTag, safe >= kCloseTag.size() ? safe - kCloseTag.size() : 0);
+  std::vector<ToolCall> calls;
+  if (closed != std::string::npos && closed > tag) calls = parse_tool_calls(text.substr(0, closed + kCloseTag.size()), tools_);
+  return advance(text, before_trailing_space(text, tag), std::move(calls));
+}
+
+ToolCallStream::Piece ToolCallStream::finish(const std::string &text) {
+  std::vector<ToolCall> calls = parse_tool_calls(text, tools_);
+  const size_t content_end = calls.empty() ? text.size() : reply_content(text, calls).size();
+  return advance(text, std::max(content_end, content_sent_), std::move(calls));
+}
+
 } // namespace loom::server

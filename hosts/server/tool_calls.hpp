@@ -39,4 +39,36 @@ std::string tool_call_schema(const std::vector<ToolDef> &tools);
 // object; only calls that name one of `tools` with object arguments count. Empty: a plain answer.
 std::vector<ToolCall> parse_tool_calls(const std::string &text, const std::vector<ToolDef> &tools);
 
+// The content of a whole reply whose calls are `calls`: all of it when there are none; else the
+// text before its first <tool_call> block with trailing whitespace dropped (empty: no content,
+// as a reply that is one bare call object has none).
+std::string reply_content(const std::string &text, const std::vector<ToolCall> &calls);
+
+// Streams a reply that may hold tool calls (chat with tools): its content as it comes, except
+// what may begin a call, and each <tool_call> block's call once the block closes. Held back:
+// a reply whose first character (after whitespace) is '{' (it may be one bare call object:
+// decided at the end), text from the first <tool_call> on, a tail that may begin one, and
+// whitespace in front of them. update() is given the reply's text so far, of which the first
+// `safe` bytes are final (a stop string may still cut the rest), and returns what is new;
+// finish() the rest once the reply ended. Concatenated, the pieces' content is
+// reply_content(text, parse_tool_calls(text, tools)) and their calls are those calls, in order.
+// Not thread-safe (one per streamed choice).
+class ToolCallStream {
+ public:
+  struct Piece {
+    std::string content;
+    std::vector<ToolCall> calls;
+    size_t first_call = 0;   // the index of calls[0] among the reply's calls
+    size_t content_end = 0;  // bytes of the text the content sent so far covers
+  };
+  explicit ToolCallStream(std::vector<ToolDef> tools) : tools_(std::move(tools)) {}
+  Piece update(const std::string &text, size_t safe);
+  Piece finish(const std::string &text);
+
+ private:
+  Piece advance(const std::string &text, size_t content_end, std::vector<ToolCall> calls);
+  std::vector<ToolDef> tools_;
+  size_t content_sent_ = 0, calls_sent_ = 0;
+};
+
 } // namespace loom::server

@@ -1091,6 +1091,74 @@ TEST_CASE("tool calls are read from replies: <tool_call> blocks, bare objects, k
   CHECK(parse_tool_calls("<tool_call>{\"name\": \"add\", \"arguments\": [1]}</tool_call>", tools).empty());
 }
 
+TEST_CASE("a streamed reply with tools: content as it comes, each call once its block closes, adding up to the whole reply's", "[server]") {
+  using loom::server::ToolCallStream;
+  const std::vector<loom::server::ToolDef> tools = {{"add", "adds", "{}"}, {"get_weather", "weather", "{}"}};
+  struct Streamed {
+    std::string content;
+    std::vector<loom::server::ToolCall> calls;
+    std::vector<size_t> call_at; // the text's length when each call went out
+    std::vector<size_t> content_at; // ... and when each content piece went out
+  };
+  // Feeds the reply a few bytes at a time (as tokens come), `safe` all of it but the last
+  // `unsafe` bytes, then finishes.
+  const auto stream = [&](const std::string &reply, size_t step, size_t unsafe) {
+    ToolCallStream s(tools);
+    Streamed out;
+    const auto take = [&](const ToolCallStream::Piece &p, size_t at) {
+      if (!p.content.empty()) out.content_at.push_back(at);
+      out.content += p.content;
+      CHECK(p.first_call == out.calls.size());
+      for (const auto &c : p.calls) {
+        out.calls.push_back(c);
+        out.call_at.push_back(at);
+      }
+    };
+    for (size_t n = step; n < reply.size(); n += step) {
+      const std::string text = reply.substr(0, n);
+      take(s.update(text, text.size() > unsafe ? text.size() - unsafe : 0), n);
+    }
+    take(s.finish(reply), reply.size());
+    return out;
+  };
+  const std::string first = "<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1}}</tool_call>";
+  const std::string second = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Ur\"}}</tool_call>";
+  const std::vector<std::string> replies = {
+      "Let me add that.\n" + first + "\n" + second + "\ndone",
+      first + second,
+      "In the beginning God created the heaven and the earth. <tool_ca",  // a plain answer ending in half a tag
+      "Use <tool_call>{\"name\": \"rm_rf\", \"arguments\": {}}</tool_call> now", // a block naming no tool: plain
+      " {\"name\": \"add\", \"parameters\": {\"b\": 2}}",                    // one bare call object
+      "{\"answer\": 42}",                                                     // a bare object that is no call
+      "Two blocks, the second unclosed:\n\n" + first + "\n<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 2}}",
+  };
+  for (const std::string &reply : replies)
+    for (const size_t step : {size_t{1}, size_t{3}, size_t{7}})
+      for (const size_t unsafe : {size_t{0}, size_t{2}}) {
+        INFO("reply '" << reply << "', " << step << " bytes a step, " << unsafe << " not yet final");
+        const auto whole = loom::server::parse_tool_calls(reply, tools);
+        const Streamed got = stream(reply, step, unsafe);
+        CHECK(got.content == loom::server::reply_content(reply, whole));
+        REQUIRE(got.calls.size() == whole.size());
+        for (size_t k = 0; k < whole.size(); ++k) {
+          CHECK(got.calls[k].name == whole[k].name);
+          CHECK(got.calls[k].arguments_json == whole[k].arguments_json);
+        }
+      }
+  // The first reply: its content before the tag went out before the tag was complete, and its
+  // first call before the second block opened.
+  const std::string reply = replies[0];
+  const Streamed got = stream(reply, 1, 0);
+  CHECK(got.content == "Let me add that.");
+  REQUIRE(!got.content_at.empty());
+  CHECK(got.content_at.front() < reply.find("<tool_call>"));
+  REQUIRE(got.call_at.size() == 2);
+  CHECK(got.call_at[0] == reply.find("</tool_call>") + std::string("</tool_call>").size());
+  CHECK(got.call_at[0] < reply.find(second));
+  // A plain answer streams as it comes (not all at the end).
+  CHECK(stream(replies[2], 1, 0).content_at.size() > 10);
+}
+
 TEST_CASE("chat with tools: required and named choices give tool_calls that fit the schemas", "[server]") {
   Fixture f;
   const json tools = json::array(
@@ -1131,6 +1199,33 @@ TEST_CASE("chat with tools: required and named choices give tool_calls that fit 
   } else {
     CHECK(last["choices"][0]["finish_reason"] == "length");
   }
+  // tool_choice auto: the reply streams as it comes (it used to be held to the end), and adds up
+  // to the whole response's content, call or not.
+  json auto_req = {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools}, {"max_tokens", 24}, {"min_tokens", 20}, {"temperature", 0}};
+  auto whole = f.post("/v1/chat/completions", auto_req);
+  REQUIRE(whole->status == 200);
+  const json whole_body = json::parse(whole->body);
+  auto_req["stream"] = true;
+  auto live = f.post("/v1/chat/completions", auto_req);
+  REQUIRE(live->status == 200);
+  std::string content;
+  int content_chunks = 0, call_chunks = 0;
+  for (const std::string &e : events(live->body)) {
+    if (e == "[DONE]") continue;
+    const json chunk = json::parse(e); // (named: a range-for over a temporary's member dangles)
+    for (const auto &ch : chunk["choices"]) {
+      if (ch["delta"].contains("content") && ch["delta"]["content"].is_string() && !ch["delta"]["content"].get<std::string>().empty()) {
+        content += ch["delta"]["content"].get<std::string>();
+        ++content_chunks;
+      }
+      if (ch["delta"].contains("tool_calls")) ++call_chunks;
+    }
+  }
+  const json &message = whole_body["choices"][0]["message"];
+  INFO(whole_body.dump());
+  CHECK(content == (message["content"].is_null() ? std::string() : message["content"].get<std::string>()));
+  CHECK(call_chunks == (message.contains("tool_calls") ? 1 : 0));
+  if (!message.contains("tool_calls")) CHECK(content_chunks > 1);
   // A conversation that already called a tool and holds its result; tool_choice none.
   const json history = json::array(
       {{{"role", "user"}, {"content", "Add 2 and 3."}},
