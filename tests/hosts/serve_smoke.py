@@ -35,6 +35,43 @@ s, b = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And God said", "
 check(s == 200 and json.loads(b)["usage"]["completion_tokens"] >= 30, "min_tokens on CUDA: " + b[:200])
 s, b = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And", "max_tokens": 16, "seed": 3, "guided_regex": "[0-9]{2,4}"})
 check(s == 200 and json.loads(b)["choices"][0]["text"].isdigit(), "guided_regex on CUDA: " + b[:200])
+# Prompt log-probabilities on CUDA (one-token rows through the decode kernel, sampled rows moved
+# up on the device), against transformers' (the golden file, float32 on the CPU: within bf16's
+# error), whole and streamed in the echo chunk (the same lists merged); min_tokens with a stop
+# string (only one ending after the first min_tokens tokens counts); tools streamed.
+import math, os
+golden = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "models", "tiny-kjv-golden.json")))["cases"][0]
+def log_softmax_at(row, token):
+    xs = golden["logits"][row]; m = max(xs)
+    return xs[token] - m - math.log(sum(math.exp(x - m) for x in xs))
+req = {"model": "tiny-kjv", "prompt": golden["prompt"], "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 2}
+s, b = post("/v1/completions", req)
+lp = json.loads(b)["choices"][0]["logprobs"] if s == 200 else None
+ids = golden["input_ids"]
+check(lp is not None and lp["token_logprobs"][0] is None and
+      all(abs(lp["token_logprobs"][i] - log_softmax_at(i - 1, ids[i])) < 0.05 for i in range(1, len(ids))),
+      "prompt logprobs on CUDA within 0.05 of transformers': " + str(lp and lp["token_logprobs"][:len(ids)]))
+s, b = post("/v1/completions", dict(req, stream=True))
+merged = []
+for line in b.splitlines():
+    if line.startswith("data: {"):
+        for ch in json.loads(line[6:])["choices"]:
+            if ch["logprobs"]: merged += ch["logprobs"]["token_logprobs"]
+check(s == 200 and lp is not None and merged == lp["token_logprobs"], "streamed echo logprobs on CUDA = whole: %s" % merged[:6])
+s, whole = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And God said", "max_tokens": 40, "temperature": 0, "ignore_eos": True})
+s, head = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And God said", "max_tokens": 10, "temperature": 0, "ignore_eos": True})
+whole, head = json.loads(whole)["choices"][0]["text"], json.loads(head)["choices"][0]["text"]
+stop = next((c for c in "etaoh " if c in head and c in whole[len(head):]), None)
+if stop:
+    s, b = post("/v1/completions", {"model": "tiny-kjv", "prompt": "And God said", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+                                    "stop": stop, "min_tokens": 10})
+    check(s == 200 and json.loads(b)["choices"][0]["text"] == whole[:whole.find(stop, len(head))], "min_tokens holds stop strings on CUDA")
+tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
+s, b = post("/v1/chat/completions", {"model": "tiny-kjv", "messages": [{"role": "user", "content": "Add."}], "tools": tools, "max_tokens": 24,
+                                     "min_tokens": 20, "temperature": 0, "stream": True})
+pieces = [ch["delta"].get("content") for line in b.splitlines() if line.startswith("data: {")
+          for ch in json.loads(line[6:])["choices"] if ch["delta"].get("content")]
+check(s == 200 and len(pieces) > 1, "a reply with tools streamed in %d pieces" % len(pieces))
 # 32 concurrent mixed requests (own chains and the pipeline's in one batch)
 res = []
 def worker(i):
