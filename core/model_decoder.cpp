@@ -215,7 +215,14 @@ bool ModelDecoder::generated_text(const std::vector<int32_t> &prompt, const std:
   if (strings.empty()) return false;
   const auto held = static_cast<size_t>(std::max<int64_t>(min_tokens, 0));
   if (held >= generated.size() && held > 0) return false;
-  const size_t floor = held > 0 ? text_of(held).size() : 0;
+  // (Measured as the part the first tokens' text shares with the whole: a character cut between
+  // token `held` and the next decodes as U+FFFD there, so the cut character is not counted.)
+  size_t floor = 0;
+  if (held > 0) {
+    const std::string first = text_of(held);
+    const size_t n = std::min(first.size(), text->size());
+    while (floor < n && first[floor] == (*text)[floor]) ++floor;
+  }
   size_t cut = std::string::npos;
   for (const auto &stop : strings) {
     if (stop.empty()) continue;

@@ -133,7 +133,10 @@ ToolCallStream::Piece ToolCallStream::advance(const std::string &text, size_t co
 
 ToolCallStream::Piece ToolCallStream::update(const std::string &text, size_t safe) {
   safe = std::min(safe, text.size());
-  const size_t first = text.find_first_not_of(" \t\r\n");
+  // (A byte-order mark before a bare call object is skipped by the JSON parser, so it is here.)
+  const std::string_view bom = "\xEF\xBB\xBF";
+  if (text.size() < bom.size() && bom.substr(0, text.size()) == text) return advance(text, 0, {});
+  const size_t first = text.find_first_not_of(" \t\r\n", text.compare(0, bom.size(), bom) == 0 ? bom.size() : 0);
   if (first == std::string::npos || first >= safe || text[first] == '{') return advance(text, 0, {});
   const size_t tag = text.find(kOpenTag);
   if (tag == std::string::npos || tag + kOpenTag.size() > safe) {

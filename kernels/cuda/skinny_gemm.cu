@@ -392,7 +392,7 @@ int launch_staged(const SkinnyGemmArgs& a, int splits, bool programmatic, cudaSt
 
 template <int NT, SkinnyEpilogue E>
 int launch(const SkinnyGemmArgs& a, const DeviceShape& d, bool programmatic, cudaStream_t stream) {
-  // Splits by the largest token count's ring, so that a shape splits the same whatever T.
+  // Splits by the shape and the GPU only, so that a shape splits the same whatever T.
   const int splits = a.splits > 0 ? (d.clusters ? std::min({a.splits, kMaxSplits, a.in / kBK}) : 1)
                                    : splits_for(a.in, a.out, d);
   if (splits == 1) return launch_staged<NT, E, kStages>(a, 1, programmatic, stream);

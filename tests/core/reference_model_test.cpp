@@ -183,6 +183,43 @@ TEST_CASE("stop strings end the generation where they begin", "[model][pipeline]
   CHECK_THROWS_WITH(loom::Runtime::from_string("[run]\nstop = [\"\"]\n"), Catch::Contains("run.stop[0]: expected a non-empty string"));
 }
 
+TEST_CASE("with min_tokens a stop string counts only where it ends after the first tokens' text", "[model][pipeline]") {
+  auto rt = loom::Runtime::from_string("[model]\npath = \"" + (fs::path(LOOM_SOURCE_DIR) / "models/tiny-kjv").string() +
+                                       "\"\n[run]\nprompt = \"And\"\n[attention]\nuse = \"sdpa\"\n[[sampler]]\nuse = \"greedy\"\n");
+  const std::vector<int32_t> prompt = rt->encode_text("And", "prompt");
+  const std::vector<int32_t> gen = rt->tokenize(" God said, Let there be light: and there was light.", false);
+  REQUIRE(gen.size() > 6);
+  const std::string whole = rt->continuation(prompt, gen, {});
+  bool stopped = false;
+  CHECK(rt->continuation(prompt, gen, {"e"}, &stopped) == whole.substr(0, whole.find('e')));
+  CHECK(stopped);
+  // Past the first 4 tokens' text: the first "e" that ends after it.
+  const std::string first4 = rt->continuation(prompt, std::vector<int32_t>(gen.begin(), gen.begin() + 4), {});
+  REQUIRE(whole.substr(0, first4.size()) == first4);
+  CHECK(rt->continuation(prompt, gen, {"e"}, &stopped, 4) == whole.substr(0, whole.find('e', first4.size())));
+  // One that begins inside it and ends after it counts.
+  const std::string straddling = whole.substr(first4.size() - 1, 2);
+  CHECK(rt->continuation(prompt, gen, {straddling}, &stopped, 4) == whole.substr(0, first4.size() - 1));
+  // None before min_tokens tokens: nothing is cut while the text is the first tokens' alone.
+  CHECK(rt->continuation(prompt, std::vector<int32_t>(gen.begin(), gen.begin() + 4), {"e"}, &stopped, 4) == first4);
+  CHECK_FALSE(stopped);
+  // A character cut between the first tokens and the next (byte pieces) is not counted in
+  // them: a stop string right after it still counts (vLLM's detokenizer leaves the partial
+  // character out too).
+  const std::string letter = "\xc3\xa9"; // e acute, two bytes
+  const std::vector<int32_t> accented = rt->tokenize(letter + "a", false);
+  size_t cut = 0;
+  for (size_t k = 1; k < accented.size() && cut == 0; ++k) {
+    const std::string head = rt->continuation(prompt, std::vector<int32_t>(accented.begin(), accented.begin() + static_cast<std::ptrdiff_t>(k)), {});
+    if (head.find("\xef\xbf\xbd") != std::string::npos) cut = k; // U+FFFD: a character cut
+  }
+  REQUIRE(cut > 0); // the tokenizer spells the accented letter in byte pieces
+  const std::string spelled = rt->continuation(prompt, accented, {});
+  REQUIRE(spelled.find(letter + "a") != std::string::npos);
+  CHECK(rt->continuation(prompt, accented, {"a"}, &stopped, static_cast<int64_t>(cut)) == spelled.substr(0, spelled.find(letter + "a") + 2));
+  CHECK(stopped);
+}
+
 TEST_CASE("generation_config.json sets the end-of-sequence ids", "[model][config]") {
   auto config = loom::load_model_config(kModels / "tiny-llama");
   CHECK(config.eos_token_ids == std::vector<int32_t>{2});

@@ -1130,6 +1130,7 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call once its 
       "Use <tool_call>{\"name\": \"rm_rf\", \"arguments\": {}}</tool_call> now", // a block naming no tool: plain
       " {\"name\": \"add\", \"parameters\": {\"b\": 2}}",                    // one bare call object
       "{\"answer\": 42}",                                                     // a bare object that is no call
+      "\xEF\xBB\xBF{\"name\": \"add\", \"arguments\": {}}",                      // a bare call after a byte-order mark
       "Two blocks, the second unclosed:\n\n" + first + "\n<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 2}}",
   };
   for (const std::string &reply : replies)
