@@ -64,6 +64,14 @@ struct Fixture {
   httplib::Result post(const std::string &path, const json &body, const httplib::Headers &headers = {}) const {
     return client().Post(path.c_str(), headers, body.dump(), "application/json");
   }
+  // A request that must succeed: its body, parsed (the body in the failure message otherwise).
+  json ok(const std::string &path, const json &body) const {
+    auto r = post(path, body);
+    REQUIRE(r);
+    INFO(r->body);
+    REQUIRE(r->status == 200);
+    return json::parse(r->body);
+  }
 };
 
 // The SSE events of a streamed body ("data: ..." lines), [DONE] last.
@@ -74,6 +82,17 @@ std::vector<std::string> events(const std::string &body) {
     const size_t end = body.find("\n\n", at);
     out.push_back(body.substr(at + 6, end - at - 6));
     at = end;
+  }
+  return out;
+}
+
+// Every choice object of a streamed body's chunks, in order ([DONE] left out).
+std::vector<json> streamed_choices(const std::string &body) {
+  std::vector<json> out;
+  for (const std::string &e : events(body)) {
+    if (e == "[DONE]") continue;
+    const json chunk = json::parse(e); // (named: a range-for over a temporary's member dangles)
+    for (const auto &ch : chunk["choices"]) out.push_back(ch);
   }
   return out;
 }
@@ -171,11 +190,7 @@ TEST_CASE("completions at temperature 0 are the greedy run's; streaming gives th
   auto echo_stream = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24},
                                                 {"temperature", 0}, {"echo", true}, {"stream", true}});
   std::string echo_text;
-  for (const std::string &e : events(echo_stream->body)) {
-    if (e == "[DONE]") continue;
-    const json c = json::parse(e);
-    for (const auto &ch : c["choices"]) echo_text += ch["text"].get<std::string>();
-  }
+  for (const json &ch : streamed_choices(echo_stream->body)) echo_text += ch["text"].get<std::string>();
   CHECK(echo_text == "And God said" + want);
 }
 
@@ -241,21 +256,17 @@ TEST_CASE("echo with logprobs lists the prompt's tokens first, transformers' log
     std::vector<json> merged(2, json{{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
                                      {"text_offset", json::array()}});
     std::vector<int> first_chunk_entries(2, -1);
-    for (const std::string &e : events(streamed->body)) {
-      if (e == "[DONE]") continue;
-      const json c = json::parse(e); // (named: a range-for over a temporary's member dangles)
-      for (const auto &ch : c["choices"]) {
-        const size_t i = ch["index"];
-        REQUIRE(i < 2);
-        if (first_chunk_entries[i] < 0) {
-          CHECK(ch["text"].get<std::string>().rfind("And God said", 0) == 0); // the echo leads
-          first_chunk_entries[i] = static_cast<int>(ch["logprobs"]["tokens"].size());
-        }
-        texts[i] += ch["text"].get<std::string>();
-        if (ch["logprobs"].is_null()) continue;
-        for (const char *key : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
-          for (const json &v : ch["logprobs"][key]) merged[i][key].push_back(v);
+    for (const json &ch : streamed_choices(streamed->body)) {
+      const size_t i = ch["index"];
+      REQUIRE(i < 2);
+      if (first_chunk_entries[i] < 0) {
+        CHECK(ch["text"].get<std::string>().rfind("And God said", 0) == 0); // the echo leads
+        first_chunk_entries[i] = static_cast<int>(ch["logprobs"]["tokens"].size());
       }
+      texts[i] += ch["text"].get<std::string>();
+      if (ch["logprobs"].is_null()) continue;
+      for (const char *key : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
+        for (const json &v : ch["logprobs"][key]) merged[i][key].push_back(v);
     }
     for (size_t i = 0; i < 2; ++i) {
       INFO("streamed choice " << i);
@@ -577,14 +588,10 @@ TEST_CASE("logprobs: completions and chat, streamed or not, are the model's (tra
   auto s = f.post("/v1/completions", streamed_req);
   REQUIRE(s);
   json tokens = json::array(), values = json::array();
-  for (const std::string &e : events(s->body)) {
-    if (e == "[DONE]") continue;
-    const json chunk = json::parse(e);
-    for (const auto &ch : chunk["choices"]) {
-      if (ch["logprobs"].is_null()) continue;
-      for (const auto &t : ch["logprobs"]["tokens"]) tokens.push_back(t);
-      for (const auto &v : ch["logprobs"]["token_logprobs"]) values.push_back(v);
-    }
+  for (const json &ch : streamed_choices(s->body)) {
+    if (ch["logprobs"].is_null()) continue;
+    for (const auto &t : ch["logprobs"]["tokens"]) tokens.push_back(t);
+    for (const auto &v : ch["logprobs"]["token_logprobs"]) values.push_back(v);
   }
   CHECK(tokens == lp["tokens"]);
   CHECK(values == lp["token_logprobs"]);
@@ -617,13 +624,9 @@ TEST_CASE("logprobs: completions and chat, streamed or not, are the model's (tra
   auto cs = f.post("/v1/chat/completions", chat);
   REQUIRE(cs);
   json chat_streamed = json::array();
-  for (const std::string &e : events(cs->body)) {
-    if (e == "[DONE]") continue;
-    const json chunk = json::parse(e);
-    for (const auto &ch : chunk["choices"])
-      if (!ch["logprobs"].is_null())
-        for (const auto &t : ch["logprobs"]["content"]) chat_streamed.push_back(t);
-  }
+  for (const json &ch : streamed_choices(cs->body))
+    if (!ch["logprobs"].is_null())
+      for (const auto &t : ch["logprobs"]["content"]) chat_streamed.push_back(t);
   CHECK(chat_streamed == content);
 
   // Without the parameter: null; with a stop string: only the tokens that begin in the text.
@@ -651,11 +654,7 @@ TEST_CASE("vLLM's extensions: top_k, min_p, repetition_penalty, ignore_eos, min_
   const auto text_of = [&](json extra) {
     json req = {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"seed", 3}};
     req.update(extra);
-    auto r = f.post("/v1/completions", req);
-    REQUIRE(r);
-    INFO(r->body);
-    REQUIRE(r->status == 200);
-    return json::parse(r->body);
+    return f.ok("/v1/completions", req);
   };
   // One candidate left (top_k 1, or min_p 1: only the most likely token reaches the top's
   // probability) is greedy decoding, however hot the temperature.
@@ -697,26 +696,18 @@ TEST_CASE("vLLM's extensions: top_k, min_p, repetition_penalty, ignore_eos, min_
   auto streamed = f.post("/v1/completions", {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"temperature", 0},
                                              {"stop_token_ids", {third}}, {"stream", true}});
   std::string text;
-  for (const std::string &e : events(streamed->body)) {
-    if (e == "[DONE]") continue;
-    const json chunk = json::parse(e); // (named: a range-for over a temporary's member dangles)
-    for (const auto &ch : chunk["choices"]) text += ch["text"].get<std::string>();
-  }
+  for (const json &ch : streamed_choices(streamed->body)) text += ch["text"].get<std::string>();
   CHECK(text == two);
 }
 
 TEST_CASE("min_tokens holds stop strings back as vLLM does: only one ending after the first min_tokens tokens counts", "[server]") {
   Fixture f;
-  const auto post = [&](json extra) {
+  const auto request = [](json extra) {
     json req = {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"temperature", 0}, {"ignore_eos", true}};
     req.update(extra);
-    auto r = f.post("/v1/completions", req);
-    REQUIRE(r);
-    INFO(r->body);
-    REQUIRE(r->status == 200);
-    return r->body;
+    return req;
   };
-  const auto text_of = [&](json extra) { return json::parse(post(extra))["choices"][0]; };
+  const auto text_of = [&](json extra) { return f.ok("/v1/completions", request(extra))["choices"][0]; };
   const int held = 10;
   // The greedy reply's text, and the text of its first `held` tokens (a prefix of it).
   const std::string whole = text_of({{"max_tokens", 40}})["text"], floor = text_of({{"max_tokens", held}})["text"];
@@ -736,12 +727,11 @@ TEST_CASE("min_tokens holds stop strings back as vLLM does: only one ending afte
   CHECK(cut["finish_reason"] == "stop");
   CHECK(cut["text"] == want);
   // Streamed, the same text arrives.
+  auto live = f.post("/v1/completions", request({{"max_tokens", 40}, {"stop", stop}, {"min_tokens", held}, {"stream", true}}));
+  REQUIRE(live);
+  REQUIRE(live->status == 200);
   std::string streamed;
-  for (const std::string &e : events(post({{"max_tokens", 40}, {"stop", stop}, {"min_tokens", held}, {"stream", true}}))) {
-    if (e == "[DONE]") continue;
-    const json chunk = json::parse(e); // (named: a range-for over a temporary's member dangles)
-    for (const auto &ch : chunk["choices"]) streamed += ch["text"].get<std::string>();
-  }
+  for (const json &ch : streamed_choices(live->body)) streamed += ch["text"].get<std::string>();
   CHECK(streamed == want);
   // A reply that ends at max_tokens keeps a stop string found only in its first tokens' text.
   std::string early;
@@ -769,11 +759,7 @@ TEST_CASE("guided decoding as vLLM and llama.cpp's server take it: guided_choice
   const auto reply = [&](json extra, int seed) {
     json req = {{"model", "tiny-kjv"}, {"prompt", "And God said"}, {"max_tokens", 24}, {"seed", seed}};
     req.update(extra);
-    auto r = f.post("/v1/completions", req);
-    REQUIRE(r);
-    INFO(r->body);
-    REQUIRE(r->status == 200);
-    return json::parse(r->body)["choices"][0];
+    return f.ok("/v1/completions", req)["choices"][0];
   };
   const std::set<std::string> choices = {"yes", "no", "the \"light\""};
   std::set<std::string> seen;
@@ -1203,24 +1189,19 @@ TEST_CASE("chat with tools: required and named choices give tool_calls that fit 
   // tool_choice auto: the reply streams as it comes (it used to be held to the end), and adds up
   // to the whole response's content, call or not.
   json auto_req = {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools}, {"max_tokens", 24}, {"min_tokens", 20}, {"temperature", 0}};
-  auto whole = f.post("/v1/chat/completions", auto_req);
-  REQUIRE(whole->status == 200);
-  const json whole_body = json::parse(whole->body);
+  const json whole_body = f.ok("/v1/chat/completions", auto_req);
   auto_req["stream"] = true;
   auto live = f.post("/v1/chat/completions", auto_req);
+  REQUIRE(live);
   REQUIRE(live->status == 200);
   std::string content;
   int content_chunks = 0, call_chunks = 0;
-  for (const std::string &e : events(live->body)) {
-    if (e == "[DONE]") continue;
-    const json chunk = json::parse(e); // (named: a range-for over a temporary's member dangles)
-    for (const auto &ch : chunk["choices"]) {
-      if (ch["delta"].contains("content") && ch["delta"]["content"].is_string() && !ch["delta"]["content"].get<std::string>().empty()) {
-        content += ch["delta"]["content"].get<std::string>();
-        ++content_chunks;
-      }
-      if (ch["delta"].contains("tool_calls")) ++call_chunks;
+  for (const json &ch : streamed_choices(live->body)) {
+    if (ch["delta"].contains("content") && ch["delta"]["content"].is_string() && !ch["delta"]["content"].get<std::string>().empty()) {
+      content += ch["delta"]["content"].get<std::string>();
+      ++content_chunks;
     }
+    if (ch["delta"].contains("tool_calls")) ++call_chunks;
   }
   const json &message = whole_body["choices"][0]["message"];
   INFO(whole_body.dump());
