@@ -95,6 +95,9 @@ struct Choice {
   bool prompt_scored = false;
   bool echoed = false;
   std::unique_ptr<ToolCallStream> tool_stream; // a streamed reply with tools: its content and calls so far
+  // The prompt's entries as far as they are known: handed over once scored, else the result's
+  // (a choice that ended; none for a one-token prompt).
+  const std::vector<TokenLogprob> &known_prompt_entries() const { return prompt_scored ? prompt_entries : result.prompt_logprobs; }
 };
 
 // A request in flight: its choices and the flag that cancels them. The engine thread's
@@ -525,6 +528,10 @@ struct Server::Impl {
             if (!piece.calls.empty()) delta["tool_calls"] = tool_calls_json(i, piece.calls, piece.first_call);
             return delta;
           };
+          const auto tool_stream_of = [&](Choice &c) -> ToolCallStream & {
+            if (!c.tool_stream) c.tool_stream = std::make_unique<ToolCallStream>(gp.callable_tools());
+            return *c.tool_stream;
+          };
           const auto finish_reason = [&](const Choice &c) -> json {
             if (!c.error.empty()) return "error";
             if (!calls[static_cast<size_t>(&c - job->choices.data())].empty()) return "tool_calls";
@@ -607,20 +614,19 @@ struct Server::Impl {
             }
             // Stream what is new, then wait for more (checking the client and the clock): echoes
             // whose prompts are scored (or that have tokens, or ended), then the replies' text.
+            // (A choice's echo is marked sent once written, so that its reply's text waits a turn:
+            // one entry a choice per chunk.)
             json entries = json::array();
             std::vector<std::pair<size_t, std::vector<TokenLogprob>>> echoes; // their JSON is made unlocked
-            std::vector<bool> echoed_now(job->choices.size(), false); // (one entry a choice per chunk)
             if (echo_entries)
               for (size_t i = 0; i < job->choices.size(); ++i) {
-                Choice &c = job->choices[i];
-                if (c.echoed || !(c.prompt_scored || !c.tokens.empty() || c.done)) continue;
-                echoes.emplace_back(i, c.prompt_scored ? c.prompt_entries : c.result.prompt_logprobs);
-                c.echoed = echoed_now[i] = true;
+                const Choice &c = job->choices[i];
+                if (!c.echoed && (c.prompt_scored || !c.tokens.empty() || c.done)) echoes.emplace_back(i, c.known_prompt_entries());
               }
             if (gp.stream && !gp.prompt_only()) {
               for (size_t i = 0; i < job->choices.size(); ++i) {
                 Choice &c = job->choices[i];
-                if (c.done || c.tokens.size() == c.tokens_seen || (echo_entries && !c.echoed) || echoed_now[i]) continue;
+                if (c.done || c.tokens.size() == c.tokens_seen || (echo_entries && !c.echoed)) continue;
                 c.tokens_seen = c.tokens.size();
                 // (stop_token_ids end the reply and stay out of its text, as the engine writes it)
                 std::vector<int32_t> shown = c.tokens;
@@ -630,8 +636,7 @@ struct Server::Impl {
                 const std::string text = runtime.continuation(c.prompt, shown, gp.stop, nullptr, c.min_tokens);
                 const size_t safe = streamable_prefix(text, gp.stop);
                 if (gp.uses_tools()) {
-                  if (!c.tool_stream) c.tool_stream = std::make_unique<ToolCallStream>(gp.callable_tools());
-                  const ToolCallStream::Piece piece = c.tool_stream->update(text, safe);
+                  const ToolCallStream::Piece piece = tool_stream_of(c).update(text, safe);
                   json delta = tool_stream_delta(i, piece);
                   if (delta.empty()) continue;
                   c.sent = piece.content_end;
@@ -656,6 +661,7 @@ struct Server::Impl {
               for (json &e : entries) all.push_back(std::move(e));
               const bool ok = write(chunk(std::move(all)));
               lock.lock();
+              for (const auto &echo : echoes) job->choices[echo.first].echoed = true;
               if (!ok) {
                 job->cancel->store(true);
                 return false;
@@ -692,14 +698,10 @@ struct Server::Impl {
               const std::string &text = c.result.text;
               const std::string rest = text.size() > c.sent ? text.substr(c.sent) : std::string();
               json delta = rest.empty() ? json::object() : json{{"content", rest}};
-              if (gp.uses_tools()) {
-                if (!c.tool_stream) c.tool_stream = std::make_unique<ToolCallStream>(gp.callable_tools());
-                delta = tool_stream_delta(i, c.tool_stream->finish(text));
-              }
+              if (gp.uses_tools()) delta = tool_stream_delta(i, tool_stream_of(c).finish(text));
               json logprobs = logprobs_json(c, c.result.logprobs, text, text.size(), false);
               if (echo_entries && !c.echoed) { // ended before its echo went out: the echo leads the last chunk
-                c.echoed = true;
-                json entry = echo_chunk_entry(i, c.prompt_scored ? c.prompt_entries : c.result.prompt_logprobs, std::move(logprobs), rest);
+                json entry = echo_chunk_entry(i, c.known_prompt_entries(), std::move(logprobs), rest);
                 entry["finish_reason"] = finish_reason(c);
                 last.push_back(std::move(entry));
                 continue;

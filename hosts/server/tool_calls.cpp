@@ -150,10 +150,14 @@ ToolCallStream::Piece ToolCallStream::update(const std::string &text, size_t saf
     if (tag != std::string::npos) end = std::min(end, tag);
     return advance(text, before_trailing_space(text, end), {});
   }
-  // The calls of the blocks closed within the final text (each is parsed as the whole reply's is).
+  // The calls of the blocks closed within the final text (each is parsed as the whole reply's
+  // is), parsed again only when another block has closed.
   const size_t closed = text.rfind(kCloseTag, safe >= kCloseTag.size() ? safe - kCloseTag.size() : 0);
   std::vector<ToolCall> calls;
-  if (closed != std::string::npos && closed > tag) calls = parse_tool_calls(text.substr(0, closed + kCloseTag.size()), tools_);
+  if (closed != std::string::npos && closed > tag && closed + kCloseTag.size() > parsed_to_) {
+    parsed_to_ = closed + kCloseTag.size();
+    calls = parse_tool_calls(text.substr(0, parsed_to_), tools_);
+  }
   return advance(text, before_trailing_space(text, tag), std::move(calls));
 }
 

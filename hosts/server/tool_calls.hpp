@@ -69,6 +69,7 @@ class ToolCallStream {
   Piece advance(const std::string &text, size_t content_end, std::vector<ToolCall> calls);
   std::vector<ToolDef> tools_;
   size_t content_sent_ = 0, calls_sent_ = 0;
+  size_t parsed_to_ = 0; // the end of the last closed block whose calls were parsed
 };
 
 } // namespace loom::server
