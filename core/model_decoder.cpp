@@ -215,18 +215,23 @@ bool ModelDecoder::generated_text(const std::vector<int32_t> &prompt, const std:
   if (strings.empty()) return false;
   const auto held = static_cast<size_t>(std::max<int64_t>(min_tokens, 0));
   if (held >= generated.size() && held > 0) return false;
-  // (Measured as the part the first tokens' text shares with the whole: a character cut between
-  // token `held` and the next decodes as U+FFFD there, so the cut character is not counted.)
-  size_t floor = 0;
-  if (held > 0) {
+  // The earliest stop string ending past byte `floor` of the text.
+  const auto earliest = [&](size_t floor) {
+    size_t at = std::string::npos;
+    for (const auto &stop : strings)
+      if (!stop.empty()) at = std::min(at, text->find(stop, floor >= stop.size() ? floor - stop.size() + 1 : 0));
+    return at;
+  };
+  size_t cut = earliest(0);
+  if (cut != std::string::npos && held > 0) {
+    // The first tokens' text, decoded only when a stop string is there at all, measured as the
+    // part it shares with the whole: a character cut between token `held` and the next decodes
+    // as U+FFFD there, so the cut character is not counted.
     const std::string first = text_of(held);
     const size_t n = std::min(first.size(), text->size());
+    size_t floor = 0;
     while (floor < n && first[floor] == (*text)[floor]) ++floor;
-  }
-  size_t cut = std::string::npos;
-  for (const auto &stop : strings) {
-    if (stop.empty()) continue;
-    cut = std::min(cut, text->find(stop, floor >= stop.size() ? floor - stop.size() + 1 : 0));
+    cut = earliest(floor);
   }
   if (cut == std::string::npos) return false;
   text->resize(cut);
