@@ -171,10 +171,10 @@ __device__ __forceinline__ void finish(const SkinnyGemmArgs& a, int tile, int t,
   }
 }
 
-template <int NT, SkinnyEpilogue E, int kStages>
+template <int NT, SkinnyEpilogue E, int Stages>
 __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(SkinnyGemmArgs a, int splits) {
   extern __shared__ __align__(128) unsigned char smem[];
-  using L = Layout<NT, kStages>;
+  using L = Layout<NT, Stages>;
   const int tile = blockIdx.x, split = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int steps = a.in / kBK;
@@ -209,29 +209,29 @@ __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(SkinnyGemmArgs a,
   };
 
   // The weights do not depend on the previous kernel: start them before waiting for it.
-  for (int s = 0; s < kStages - 1; ++s)
+  for (int s = 0; s < Stages - 1; ++s)
     if (s < n) load_weights(s, s);
   device::wait_for_previous_kernel();
   device::allow_next_kernel();
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < Stages - 1; ++s) {
     if (s < n) load_tokens(s, s);
     cp_async_commit();
   }
 
   float acc[NT][4] = {};
   for (int step = 0; step < n; ++step) {
-    cp_async_wait<kStages - 2>();
+    cp_async_wait<Stages - 2>();
 #if defined(LOOM_SKINNY_WGMMA)
     fence_proxy_async();
 #endif
     __syncthreads();
-    const int next = step + kStages - 1;
+    const int next = step + Stages - 1;
     if (next < n) {
-      load_weights(next, next % kStages);
-      load_tokens(next, next % kStages);
+      load_weights(next, next % Stages);
+      load_tokens(next, next % Stages);
     }
     cp_async_commit();
-    const uint32_t sw = base + (step % kStages) * L::stage_bytes, sx = sw + L::w_bytes;
+    const uint32_t sw = base + (step % Stages) * L::stage_bytes, sx = sw + L::w_bytes;
 #if defined(LOOM_SKINNY_WGMMA)
     // Each warpgroup multiplies its 64 rows; the tensor cores read both tiles from shared memory.
     {
@@ -340,8 +340,8 @@ int32_t tiles_of(int32_t out) { return out / kRows; }
 // K splits for a shape: none when the tiles fill the GPU; else enough that the blocks cover about
 // three quarters of the SMs, each split at least kMinStepsPerSplit steps of K. Measured on the
 // H200 at T = 16 and 64 (bench/linear_bench.cu, BENCHMARKS.md): q/k/v (24 tiles) was fastest at
-// 4 splits, o and down (16 tiles) at 5-6; splits that put a block on every SM (5 and 8) ran
-// 1.4-1.6x slower, the clusters not all resident at once.
+// 4 splits, o and down (16 tiles) at 5-6; splits that put a block on every SM (5 and 8) ran up
+// to 1.75x slower in some runs and about as fast in others.
 int splits_for(int32_t in, int32_t out, const DeviceShape& d) {
   const int tiles = tiles_of(out);
   if (!d.clusters || tiles >= d.sms) return 1;

@@ -285,7 +285,7 @@ __device__ __forceinline__ void stage_input(const Args& a, XT* xs, int stride, f
   auto slot = [&](int k) { return staged_slot<F, XT>(k / F::kPer, k % F::kPer); };
   const int groups = a.in / 8;  // in is a multiple of the format's kPer, itself of 8
   const bool rms = a.input == input_rms_norm;
-  const bool vec_x = aligned16(a.x) && a.in % 8 == 0, vec_s = !a.act_scale || aligned16(a.act_scale);
+  const bool vec_x = aligned16(a.x), vec_s = !a.act_scale || aligned16(a.act_scale);
   // Group g's 8 raw inputs of token t (float32 or bfloat16, as the caller gave them).
   auto load_x = [&](int t, int g, float (&v)[8]) {
     const int64_t row = static_cast<int64_t>(t) * a.in;
