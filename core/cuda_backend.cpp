@@ -379,9 +379,10 @@ class CudaBackend final : public ModelBackend {
   bool embedding_pass_ = false;
   std::vector<float> embed_x_, embed_bias_;
   // Decode steps of at most this many tokens use the fused GEMVs (0: never; bfloat16 only;
-  // LOOM_CUDA_GEMV=0 turns them off, for comparisons). programmatic_: the GEMVs are launched as
-  // programmatic dependent launches (compute capability 9.0 and newer; LOOM_CUDA_PDL=0 turns it
-  // off for them; the flash plugin decides for its own kernels).
+  // LOOM_CUDA_GEMV=0 turns them off, for comparisons). programmatic_: the GEMVs, the skinny GEMM,
+  // the norms and the RoPE split are launched as programmatic dependent launches (compute
+  // capability 9.0 and newer; LOOM_CUDA_PDL=0 turns it off for them; the flash plugin decides
+  // for its own kernels).
   int32_t gemv_tokens_ = 0;
   bool programmatic_ = false;
   // Steps of up to skinny_gemm_max_tokens() tokens run the gate/up projection and SwiGLU as one
@@ -1044,7 +1045,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       } else {
         kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm1_w.get<float>(),
                                                  layer.norm1_b ? layer.norm1_b.get<float>() : nullptr, eps, h_.get(), dt,
-                                                 stream_),
+                                                 stream_, programmatic_),
                      "norm");
         op_times_.mark("norm", stream_);
         gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
@@ -1059,7 +1060,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       }
       kernel_check(kernels::qkv_bias_rope_split_cuda(qkv_.get(), layer.qkv.bias ? layer.qkv.bias.get<float>() : nullptr,
                                                      gpt2 ? nullptr : cos_sin_.get<float>(), d_positions_, T, Hq, Hkv, D,
-                                                     q_.get(), k_.get(), v_.get(), dt, stream_),
+                                                     q_.get(), k_.get(), v_.get(), dt, stream_, programmatic_),
                    "qkv");
       op_times_.mark("bias+rope+split", stream_);
     }
@@ -1082,7 +1083,8 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       op_times_.mark("norm+gate_up+swiglu fused", stream_);
     } else {
       kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm2_w.get<float>(),
-                                               layer.norm2_b ? layer.norm2_b.get<float>() : nullptr, eps, h_.get(), dt, stream_),
+                                               layer.norm2_b ? layer.norm2_b.get<float>() : nullptr, eps, h_.get(), dt, stream_,
+                                               programmatic_),
                    "norm");
       op_times_.mark("norm", stream_);
       mlp_up(layer, T);
@@ -1120,7 +1122,8 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     return;
   }
   kernel_check(kernels::add_bias_norm_cuda(x, d_last_rows_, S, H, pending_bias, final_w_.get<float>(),
-                                           final_b_ ? final_b_.get<float>() : nullptr, eps, final_h_.get(), dt, stream_),
+                                           final_b_ ? final_b_.get<float>() : nullptr, eps, final_h_.get(), dt, stream_,
+                                           programmatic_),
                "final norm");
   op_times_.mark("final norm", stream_);
   gemm(lm_head_, final_h_.get(), S, logits_.get(), CUDA_R_32F, 0.0f);

@@ -24,6 +24,24 @@ using device::load;
 using device::store;
 
 
+// Launches kernel<<<grid, block, 0, s>>>(args...), as a programmatic dependent launch when
+// `programmatic` (sm_90+): the kernel may then be scheduled while the one before it finishes, so
+// it must wait for that one (device::wait_for_previous_kernel) before it touches global memory.
+template <class... Params, class... Args>
+cudaError_t launch_maybe_programmatic(bool programmatic, dim3 grid, dim3 block, cudaStream_t s,
+                                      void (*kernel)(Params...), Args... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = s;
+  config.attrs = programmatic ? &attribute : nullptr;
+  config.numAttrs = programmatic ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
 int grid_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return static_cast<int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
@@ -46,8 +64,10 @@ __global__ void __launch_bounds__(kRowThreads)
 add_bias_norm_kernel(float* x, const int32_t* row_index, int32_t hidden, const float* pending_bias, const float* w,
                      const float* b, float eps, T* out) {
   // A programmatic launch after this one (the skinny GEMM) may start and fetch its weights now;
-  // it waits for this grid before it reads the normalised rows.
+  // it waits for this grid before it reads the normalised rows. This one, launched
+  // programmatically, waits for the kernel that wrote x.
   device::allow_next_kernel();
+  device::wait_for_previous_kernel();
   const int64_t r = blockIdx.x;
   float* row = x + static_cast<int64_t>(row_index ? row_index[r] : r) * hidden;
   if constexpr (PER > 0) {
@@ -59,15 +79,14 @@ add_bias_norm_kernel(float* x, const int32_t* row_index, int32_t hidden, const f
 }
 
 template <class T, int PER = 16>
-void launch_norm(float* x, const int32_t* row_index, int32_t n_rows, int32_t hidden, const float* pending_bias,
-                 const float* w, const float* b, float eps, T* out, cudaStream_t s) {
+cudaError_t launch_norm(float* x, const int32_t* row_index, int32_t n_rows, int32_t hidden, const float* pending_bias,
+                        const float* w, const float* b, float eps, T* out, bool programmatic, cudaStream_t s) {
   if constexpr (PER > 0) {
-    if (hidden != PER * kRowThreads) {
-      launch_norm<T, PER - 1>(x, row_index, n_rows, hidden, pending_bias, w, b, eps, out, s);
-      return;
-    }
+    if (hidden != PER * kRowThreads)
+      return launch_norm<T, PER - 1>(x, row_index, n_rows, hidden, pending_bias, w, b, eps, out, programmatic, s);
   }
-  add_bias_norm_kernel<T, PER><<<n_rows, kRowThreads, 0, s>>>(x, row_index, hidden, pending_bias, w, b, eps, out);
+  return launch_maybe_programmatic(programmatic, dim3(static_cast<unsigned>(n_rows)), dim3(kRowThreads), s,
+                                   add_bias_norm_kernel<T, PER>, x, row_index, hidden, pending_bias, w, b, eps, out);
 }
 
 // Block (t, chunk): the chunk's kRowThreads consecutive entries of token t's (head, pair) index
@@ -78,6 +97,8 @@ template <class T>
 __global__ void __launch_bounds__(kRowThreads)
 qkv_kernel(const T* qkv, const float* bias, const float* cos_sin, const int32_t* positions, int32_t n_heads,
            int32_t n_kv_heads, int32_t head_dim, T* q, T* k, T* v) {
+  device::allow_next_kernel();  // the attention kernel after it waits for this grid itself
+  device::wait_for_previous_kernel();
   const int64_t t = blockIdx.x;
   const int half = head_dim / 2;
   const int heads_total = n_heads + 2 * n_kv_heads;
@@ -195,35 +216,39 @@ int embed_rows_cuda(const int32_t* tokens, const int32_t* positions, int32_t n_t
 }
 
 int add_bias_norm_cuda(float* x, const int32_t* row_index, int32_t n_rows, int32_t hidden, const float* pending_bias,
-                       const float* w, const float* b, float eps, void* out, Dtype dtype, void* stream) {
+                       const float* w, const float* b, float eps, void* out, Dtype dtype, void* stream,
+                       bool programmatic) {
   if (n_rows <= 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
   // Rows of up to 16 x kRowThreads values (4096) that divide evenly are held in registers.
-  if (dtype == Dtype::bf16)
-    launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<__nv_bfloat16*>(out), s);
-  else
-    launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<float*>(out), s);
-  return launched();
+  const cudaError_t e =
+      dtype == Dtype::bf16
+          ? launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<__nv_bfloat16*>(out), programmatic, s)
+          : launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<float*>(out), programmatic, s);
+  return e != cudaSuccess ? static_cast<int>(e) : launched();
 }
 
 int qkv_bias_rope_split_cuda(const void* qkv, const float* bias, const float* cos_sin, const int32_t* positions,
                              int32_t n_tokens, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, void* q, void* k,
-                             void* v, Dtype dtype, void* stream) {
+                             void* v, Dtype dtype, void* stream, bool programmatic) {
   if (n_tokens <= 0) return 0;
   if (head_dim % 2 != 0 || head_dim > 1024) return static_cast<int>(cudaErrorInvalidValue);
   auto s = static_cast<cudaStream_t>(stream);
   const int pairs = (n_heads + 2 * n_kv_heads) * (head_dim / 2);
   const dim3 grid(static_cast<unsigned>(n_tokens), static_cast<unsigned>((pairs + kRowThreads - 1) / kRowThreads));
-  const int threads = kRowThreads;
+  const dim3 block(kRowThreads);
+  cudaError_t e;
   if (dtype == Dtype::bf16) {
     using T = __nv_bfloat16;
-    qkv_kernel<<<grid, threads, 0, s>>>(static_cast<const T*>(qkv), bias, cos_sin, positions, n_heads, n_kv_heads,
-                                        head_dim, static_cast<T*>(q), static_cast<T*>(k), static_cast<T*>(v));
+    e = launch_maybe_programmatic(programmatic, grid, block, s, qkv_kernel<T>, static_cast<const T*>(qkv), bias, cos_sin,
+                                  positions, n_heads, n_kv_heads, head_dim, static_cast<T*>(q), static_cast<T*>(k),
+                                  static_cast<T*>(v));
   } else {
-    qkv_kernel<<<grid, threads, 0, s>>>(static_cast<const float*>(qkv), bias, cos_sin, positions, n_heads, n_kv_heads,
-                                        head_dim, static_cast<float*>(q), static_cast<float*>(k), static_cast<float*>(v));
+    e = launch_maybe_programmatic(programmatic, grid, block, s, qkv_kernel<float>, static_cast<const float*>(qkv), bias,
+                                  cos_sin, positions, n_heads, n_kv_heads, head_dim, static_cast<float*>(q),
+                                  static_cast<float*>(k), static_cast<float*>(v));
   }
-  return launched();
+  return e != cudaSuccess ? static_cast<int>(e) : launched();
 }
 
 int swiglu_cuda(const void* gate_up, int32_t n_tokens, int32_t inter, void* out, Dtype dtype, void* stream) {

@@ -28,8 +28,12 @@ int embed_rows_cuda(const int32_t* tokens, const int32_t* positions, int32_t n_t
 //   sqrt(var + eps) * w + b). x: [*, H] float32; w, b, pending_bias: [H] float32; out: [n_rows, H].
 //   Rows of up to 4096 values that are a multiple of 256 are held in registers (one memory
 //   latency a row); others take two more passes over the row.
+// programmatic (here and below): launched as a programmatic dependent launch (sm_90+), scheduled
+// while the kernel before it in the stream finishes; the kernel waits for that one before it
+// reads or writes anything, so the result is the same either way.
 int add_bias_norm_cuda(float* x, const int32_t* row_index, int32_t n_rows, int32_t hidden, const float* pending_bias,
-                       const float* w, const float* b, float eps, void* out, Dtype dtype, void* stream);
+                       const float* w, const float* b, float eps, void* out, Dtype dtype, void* stream,
+                       bool programmatic = false);
 
 // qkv: [T, (Hq + 2 Hkv) * D] of `dtype`, the fused projection's output (q heads, then k, then v).
 // Adds bias ([(Hq + 2 Hkv) * D] float32, optional), rotates q and k by the rotary embedding at
@@ -38,7 +42,7 @@ int add_bias_norm_cuda(float* x, const int32_t* row_index, int32_t n_rows, int32
 // k: [T, Hkv, D], v: [T, Hkv, D] of `dtype`. D must be even and at most 1024.
 int qkv_bias_rope_split_cuda(const void* qkv, const float* bias, const float* cos_sin, const int32_t* positions,
                              int32_t n_tokens, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, void* q, void* k,
-                             void* v, Dtype dtype, void* stream);
+                             void* v, Dtype dtype, void* stream, bool programmatic = false);
 
 // gate_up: [T, 2 I] (gate columns [0, I), up columns [I, 2 I)) -> out: [T, I] = silu(gate) * up.
 int swiglu_cuda(const void* gate_up, int32_t n_tokens, int32_t inter, void* out, Dtype dtype, void* stream);
