@@ -198,6 +198,33 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
     }
   };
   auto locate = [&](int base) {
+    if constexpr (!kQuant) {
+      // The usual trip: the group's kUnroll keys are cache rows of one block (the group's first
+      // key a multiple of kUnroll, blocks of at least kUnroll keys), all inside the split and
+      // none new, so one table entry and one address serve all of them (the general code below
+      // looks each key up; it made the loop's bookkeeping longer than its arithmetic).
+      const int j0 = base + grp * kUnroll;
+      if (j0 >= 0 && (j0 & (kUnroll - 1)) == 0 && (1 << a.pool.block_shift) >= kUnroll && j0 + kUnroll <= k_end &&
+          j0 + kUnroll <= new_begin) {
+        const int64_t logical = j0 >> a.pool.block_shift;
+        int64_t block = -1;
+        if (logical < a.pool.cols) {
+          const int entry = logical == next_logical
+                                ? next_entry
+                                : __ldg(a.pool.table + static_cast<int64_t>(s) * a.pool.cols + logical);
+          if (entry >= 0 && entry < a.pool.n_blocks) block = entry * a.pool.block_bytes;
+        }
+        const uint8_t* const first =
+            block < 0 ? nullptr : a.pool.base + a.pool.key_offset_in(block, j0, kvh) + li * 16;
+        const int64_t key_stride = static_cast<int64_t>(a.pool.kv_heads) * a.pool.row_bytes;  // next slot, same head
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          kp[u] = first == nullptr ? nullptr : first + u * key_stride;
+          fresh[u] = false;
+        }
+        return;
+      }
+    }
     int64_t looked_up = -1, block_at = -1;  // the last logical block looked up, and its offset
     auto block_of = [&](int j) {
       const int64_t logical = j >> a.pool.block_shift;
@@ -318,10 +345,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
             const int at = r * kLanesPerKey + (li ^ (r & 7));
             dev::cp_async16(tile + at, key, ok);
             dev::cp_async16(tile + kKeys * kLanesPerKey + at, value, ok);
-            const unsigned lanes = __ballot_sync(0xffffffffu, ok);
-#pragma unroll
-            for (int q = 0; q < 32 / kLanesPerKey; ++q)
-              valid |= ((lanes >> (q * kLanesPerKey)) & 1u) << (q * kUnroll + u);
+            valid |= static_cast<unsigned>(ok) << u;  // this lane group's keys; gathered below
           } else {
             dev::cp_async16(dst + (2 * u) * kThreads, key, ok);
             dev::cp_async16(dst + (2 * u + 1) * kThreads, value, ok);
@@ -329,7 +353,15 @@ __global__ void __launch_bounds__(W * 32, 16 / W) decode_kernel(const DecodeArgs
         }
         if constexpr (!kMma) ok_bits |= static_cast<unsigned>(ok) << (trips_ahead * kUnroll + u);
       }
-      if constexpr (kMma) ok_bits |= static_cast<uint64_t>(valid) << (trips_ahead * kKeys);
+      if constexpr (kMma) {
+        // Key r = q * kUnroll + u of the warp's share exists: bit u of lane group q's mask (the
+        // lanes of a group agree on it).
+        unsigned gathered = 0;
+#pragma unroll
+        for (int q = 0; q < 32 / kLanesPerKey; ++q)
+          gathered |= __shfl_sync(0xffffffffu, valid, q * kLanesPerKey) << (q * kUnroll);
+        ok_bits |= static_cast<uint64_t>(gathered) << (trips_ahead * kKeys);
+      }
       prefetch(issue_base + kStep);
     }
     dev::cp_async_commit();
