@@ -510,26 +510,42 @@ struct Server::Impl {
           const GenerationParams &gp = *params;
           // The tool calls of each choice's reply (none without tools).
           std::vector<std::vector<ToolCall>> calls(job->choices.size());
-          // Choice i's calls `some`, the first being its call number `first` (ids by that number).
-          const auto tool_calls_json = [&](size_t i, std::span<const ToolCall> some, size_t first) {
+          // The id of choice i's call number k (the same streamed or not).
+          const auto call_id = [&](size_t i, size_t k) { return id + "-call-" + std::to_string(i) + "-" + std::to_string(k); };
+          // Choice i's calls.
+          const auto tool_calls_json = [&](size_t i, std::span<const ToolCall> all) {
             json out = json::array();
-            for (size_t j = 0; j < some.size(); ++j) {
-              const size_t k = first + j;
-              out.push_back({{"index", k}, {"id", id + "-call-" + std::to_string(i) + "-" + std::to_string(k)}, {"type", "function"},
-                             {"function", {{"name", some[j].name}, {"arguments", some[j].arguments_json}}}});
-            }
+            for (size_t k = 0; k < all.size(); ++k)
+              out.push_back({{"index", k}, {"id", call_id(i, k)}, {"type", "function"},
+                             {"function", {{"name", all[k].name}, {"arguments", all[k].arguments_json}}}});
             return out;
           };
-          // A reply with tools streams its content as it comes and each call once its block
-          // closes (ToolCallStream); the delta of choice i for `piece` (empty: nothing new).
+          // A reply with tools streams its content as it comes and each call as OpenAI does: its
+          // id, type and name first, then its arguments in pieces (ToolCallStream); the delta of
+          // choice i for `piece` (empty: nothing new).
           const auto tool_stream_delta = [&](size_t i, const ToolCallStream::Piece &piece) {
             json delta = json::object();
             if (!piece.content.empty()) delta["content"] = piece.content;
-            if (!piece.calls.empty()) delta["tool_calls"] = tool_calls_json(i, piece.calls, piece.first_call);
+            if (piece.calls.empty()) return delta;
+            json out = json::array();
+            for (const ToolCallStream::CallDelta &d : piece.calls) {
+              json call = {{"index", d.index}};
+              if (d.name) {
+                call["id"] = call_id(i, d.index);
+                call["type"] = "function";
+                call["function"] = {{"name", *d.name}, {"arguments", d.arguments}};
+              } else {
+                call["function"] = {{"arguments", d.arguments}};
+              }
+              out.push_back(std::move(call));
+            }
+            delta["tool_calls"] = std::move(out);
             return delta;
           };
           const auto tool_stream_of = [&](Choice &c) -> ToolCallStream & {
-            if (!c.tool_stream) c.tool_stream = std::make_unique<ToolCallStream>(gp.callable_tools());
+            if (!c.tool_stream)
+              c.tool_stream = std::make_unique<ToolCallStream>(
+                  gp.callable_tools(), gp.tool_choice == ToolChoice::required || gp.tool_choice == ToolChoice::named);
             return *c.tool_stream;
           };
           const auto finish_reason = [&](const Choice &c) -> json {
@@ -728,7 +744,7 @@ struct Server::Impl {
               if (!calls[i].empty()) {
                 const std::string content = reply_content(c.result.text, calls[i]);
                 message = {{"role", "assistant"}, {"content", content.empty() ? json(nullptr) : json(content)},
-                           {"tool_calls", tool_calls_json(i, calls[i], 0)}};
+                           {"tool_calls", tool_calls_json(i, calls[i])}};
               }
               json logprobs = logprobs_json(c, c.result.logprobs, c.result.text, c.result.text.size(), false);
               // The prompt's entries, each with the alternatives its field asked for (echo's logprobs

@@ -1,5 +1,8 @@
 #include "tool_calls.hpp"
 
+#include <optional>
+#include <string_view>
+
 #include <nlohmann/json.hpp>
 
 #include "json_guard.hpp"
@@ -116,28 +119,204 @@ std::string reply_content(const std::string &text, const std::vector<ToolCall> &
   return tag == std::string::npos ? std::string() : text.substr(0, before_trailing_space(text, tag));
 }
 
-ToolCallStream::Piece ToolCallStream::advance(const std::string &text, size_t content_end, std::vector<ToolCall> calls) {
-  Piece piece;
-  piece.first_call = calls_sent_;
+namespace {
+
+// One complete JSON token at a time from a text that may end anywhere (a reply so far).
+class JsonTokens {
+ public:
+  enum class Status { ok, incomplete, bad };
+  explicit JsonTokens(std::string_view text) : t_(text) {}
+  // The next token (whitespace skipped) in `token`; incomplete: the text ends inside it or
+  // before it (a number is complete only once something follows it).
+  Status next(std::string_view &token) {
+    while (at_ < t_.size() && std::string_view(" \t\r\n").find(t_[at_]) != std::string_view::npos) ++at_;
+    if (at_ == t_.size()) return Status::incomplete;
+    const size_t from = at_;
+    const char c = t_[at_];
+    if (std::string_view("{}[]:,").find(c) != std::string_view::npos) {
+      ++at_;
+    } else if (c == '"') {
+      size_t i = at_ + 1;
+      while (i < t_.size() && t_[i] != '"') i += t_[i] == '\\' ? 2 : 1;
+      if (i >= t_.size()) return Status::incomplete;
+      at_ = i + 1;
+    } else if (c == '-' || (c >= '0' && c <= '9')) {
+      size_t i = at_;
+      while (i < t_.size() && std::string_view("0123456789+-.eE").find(t_[i]) != std::string_view::npos) ++i;
+      if (i == t_.size()) return Status::incomplete;
+      at_ = i;
+    } else {
+      for (const std::string_view literal : {"true", "false", "null"}) {
+        const std::string_view rest = t_.substr(at_, literal.size());
+        if (rest == literal) {
+          at_ += literal.size();
+          token = t_.substr(from, at_ - from);
+          return Status::ok;
+        }
+        if (rest.size() < literal.size() && literal.starts_with(rest)) return Status::incomplete;
+      }
+      return Status::bad;
+    }
+    token = t_.substr(from, at_ - from);
+    return Status::ok;
+  }
+
+ private:
+  std::string_view t_;
+  size_t at_ = 0;
+};
+
+// A string or number token written as the whole response's dump() writes it (each parsed on
+// its own, as the whole parse does); false where it is not valid JSON.
+bool compact_token(std::string_view token, std::string &out) {
+  if (std::string_view("{}[]:,").find(token[0]) != std::string_view::npos || token[0] == 't' || token[0] == 'f' ||
+      token[0] == 'n') {
+    out.append(token);
+    return true;
+  }
+  const json j = json::parse(token, nullptr, false);
+  if (j.is_discarded()) return false;
+  out += dump(j);
+  return true;
+}
+
+// What a call object written so far tells: its "name" (complete, and before "arguments") and,
+// where "arguments" follows the name and holds an object, that object's compact text so far.
+struct CallScan {
+  std::optional<std::string> name;
+  std::string arguments;
+};
+
+CallScan scan_call(std::string_view body) {
+  using S = JsonTokens::Status;
+  CallScan scan;
+  JsonTokens tokens(body);
+  std::string_view t;
+  if (tokens.next(t) != S::ok || t != "{") return scan;
+  while (true) {
+    if (tokens.next(t) != S::ok || t[0] != '"') return scan;
+    const json key = json::parse(t, nullptr, false);
+    if (key.is_discarded() || tokens.next(t) != S::ok || t != ":") return scan;
+    if (tokens.next(t) != S::ok) return scan;
+    if (key == "name" && !scan.name) {
+      if (t[0] != '"') return scan;
+      const json name = json::parse(t, nullptr, false);
+      if (name.is_discarded()) return scan;
+      scan.name = name.get<std::string>();
+    } else if (key == "arguments" && scan.name) {
+      if (t != "{") return scan;
+      scan.arguments.push_back('{');
+      for (int depth = 1; depth > 0;) {
+        if (tokens.next(t) != S::ok || !compact_token(t, scan.arguments)) return scan;
+        if (t == "{" || t == "[") {
+          if (++depth > 64) return scan;  // (read_call refuses deeper text)
+        } else if (t == "}" || t == "]") {
+          --depth;
+        }
+      }
+      return scan;  // nothing after the arguments is streamed
+    } else if (t == "{" || t == "[") {  // another key's value: skipped
+      for (int depth = 1; depth > 0;) {
+        if (tokens.next(t) != S::ok) return scan;
+        if (t == "{" || t == "[") ++depth;
+        else if (t == "}" || t == "]") --depth;
+      }
+    }
+    if (tokens.next(t) != S::ok || t != ",") return scan;
+  }
+}
+
+constexpr size_t kBareAt = std::string::npos - 1; // open_at_ of a reply that is one bare call object
+
+} // namespace
+
+ToolCallStream::CallDelta &ToolCallStream::delta_for(Piece &piece, size_t index) {
+  for (CallDelta &d : piece.calls)
+    if (d.index == index) return d;
+  piece.calls.push_back({index, std::nullopt, {}});
+  return piece.calls.back();
+}
+
+void ToolCallStream::send_content(const std::string &text, size_t content_end, Piece &piece) {
   if (content_end > content_sent_) {
     piece.content = text.substr(content_sent_, content_end - content_sent_);
     content_sent_ = content_end;
   }
   piece.content_end = content_sent_;
-  if (calls.size() > calls_sent_) {
-    piece.calls.assign(calls.begin() + static_cast<std::ptrdiff_t>(calls_sent_), calls.end());
-    calls_sent_ = calls.size();
-  }
-  return piece;
 }
+
+void ToolCallStream::stream_body(const std::string &text, size_t at, size_t begin, size_t end, bool closed, Piece &piece) {
+  const std::string_view body(text.data() + begin, end - begin);
+  if (closed) {
+    std::vector<ToolCall> one;
+    const bool ok = read_call(trim(std::string(body)), tools_, one);
+    if (at == open_at_) {
+      // The rest of a call whose name went out (nothing, if the whole call reads otherwise).
+      if (ok && one[0].name == open_name_ && one[0].arguments_json.starts_with(args_sent_) &&
+          one[0].arguments_json.size() > args_sent_.size())
+        delta_for(piece, open_index_).arguments += one[0].arguments_json.substr(args_sent_.size());
+      open_at_ = std::string::npos;
+      args_sent_.clear();
+    } else if (ok) {
+      CallDelta &d = delta_for(piece, next_index_++);
+      d.name = one[0].name;
+      d.arguments = one[0].arguments_json;
+    }
+    return;
+  }
+  const CallScan scan = scan_call(body);
+  if (at != open_at_) {
+    if (!scan.name || !find_tool(tools_, *scan.name)) return;
+    open_at_ = at;
+    open_index_ = next_index_++;
+    open_name_ = *scan.name;
+    args_sent_.clear();
+    delta_for(piece, open_index_).name = open_name_;
+  }
+  if (scan.arguments.size() > args_sent_.size() && scan.arguments.starts_with(args_sent_)) {
+    delta_for(piece, open_index_).arguments += scan.arguments.substr(args_sent_.size());
+    args_sent_ = scan.arguments;
+  }
+}
+
+void ToolCallStream::blocks(const std::string &text, size_t safe, bool at_end, Piece &piece) {
+  while (true) {
+    const size_t at = text.find(kOpenTag, cursor_);
+    if (at == std::string::npos || at + kOpenTag.size() > safe) return;
+    const size_t begin = at + kOpenTag.size();
+    const size_t close = text.find(kCloseTag, begin);
+    if (close != std::string::npos && close + kCloseTag.size() <= safe) {
+      stream_body(text, at, begin, close, true, piece);
+      cursor_ = close + kCloseTag.size();
+      continue;
+    }
+    // An open block (at the end, read to the end as parse_tool_calls does).
+    stream_body(text, at, begin, at_end ? text.size() : std::min(safe, close), at_end, piece);
+    if (at_end) cursor_ = text.size();
+    return;
+  }
+}
+
+namespace {
+// Where a reply's text begins: after a byte-order mark (the JSON parser skips one before a bare
+// call object, so this does too) and whitespace; npos when there is none yet.
+size_t reply_start(const std::string &text) {
+  const std::string_view bom = "\xEF\xBB\xBF";
+  if (text.size() < bom.size() && bom.substr(0, text.size()) == text) return std::string::npos;
+  return text.find_first_not_of(" \t\r\n", text.compare(0, bom.size(), bom) == 0 ? bom.size() : 0);
+}
+} // namespace
 
 ToolCallStream::Piece ToolCallStream::update(const std::string &text, size_t safe) {
   safe = std::min(safe, text.size());
-  // (A byte-order mark before a bare call object is skipped by the JSON parser, so it is here.)
-  const std::string_view bom = "\xEF\xBB\xBF";
-  if (text.size() < bom.size() && bom.substr(0, text.size()) == text) return advance(text, 0, {});
-  const size_t first = text.find_first_not_of(" \t\r\n", text.compare(0, bom.size(), bom) == 0 ? bom.size() : 0);
-  if (first == std::string::npos || first >= safe || text[first] == '{') return advance(text, 0, {});
+  Piece piece;
+  piece.content_end = content_sent_;
+  const size_t first = reply_start(text);
+  if (first == std::string::npos || first >= safe) return piece;
+  if (text[first] == '{') {  // maybe one bare call object: held, or streamed where it must be one
+    if (reply_is_call_ && text.find(kOpenTag) == std::string::npos) stream_body(text, kBareAt, first, safe, false, piece);
+    return piece;
+  }
   const size_t tag = text.find(kOpenTag);
   if (tag == std::string::npos || tag + kOpenTag.size() > safe) {
     // Plain text so far: all of it but a tail that may begin the tag, and whitespace before that.
@@ -148,23 +327,32 @@ ToolCallStream::Piece ToolCallStream::update(const std::string &text, size_t saf
         break;
       }
     if (tag != std::string::npos) end = std::min(end, tag);
-    return advance(text, before_trailing_space(text, end), {});
+    send_content(text, before_trailing_space(text, end), piece);
+    return piece;
   }
-  // The calls of the blocks closed within the final text (each is parsed as the whole reply's
-  // is), parsed again only when another block has closed.
-  const size_t closed = text.rfind(kCloseTag, safe >= kCloseTag.size() ? safe - kCloseTag.size() : 0);
-  std::vector<ToolCall> calls;
-  if (closed != std::string::npos && closed > tag && closed + kCloseTag.size() > parsed_to_) {
-    parsed_to_ = closed + kCloseTag.size();
-    calls = parse_tool_calls(text.substr(0, parsed_to_), tools_);
-  }
-  return advance(text, before_trailing_space(text, tag), std::move(calls));
+  send_content(text, before_trailing_space(text, tag), piece);
+  blocks(text, safe, false, piece);
+  return piece;
 }
 
 ToolCallStream::Piece ToolCallStream::finish(const std::string &text) {
-  std::vector<ToolCall> calls = parse_tool_calls(text, tools_);
+  Piece piece;
+  const std::vector<ToolCall> calls = parse_tool_calls(text, tools_);
+  const size_t first = reply_start(text);
+  if (open_at_ == kBareAt) {
+    stream_body(text, kBareAt, first, text.size(), true, piece);
+  } else {
+    blocks(text, text.size(), true, piece);
+    if (next_index_ == 0)  // one bare call object (parse_tool_calls' reading when no block holds one)
+      for (const ToolCall &c : calls) {
+        CallDelta &d = delta_for(piece, next_index_++);
+        d.name = c.name;
+        d.arguments = c.arguments_json;
+      }
+  }
   const size_t content_end = calls.empty() ? text.size() : reply_content(text, calls).size();
-  return advance(text, std::max(content_end, content_sent_), std::move(calls));
+  send_content(text, std::max(content_end, content_sent_), piece);
+  return piece;
 }
 
 } // namespace loom::server

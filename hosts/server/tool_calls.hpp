@@ -8,6 +8,7 @@
 // Thread-safety: pure functions.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,31 +46,60 @@ std::vector<ToolCall> parse_tool_calls(const std::string &text, const std::vecto
 std::string reply_content(const std::string &text, const std::vector<ToolCall> &calls);
 
 // Streams a reply that may hold tool calls (chat with tools): its content as it comes, except
-// what may begin a call, and each <tool_call> block's call once the block closes. Held back:
+// what may begin a call, and each call as OpenAI streams one: a first delta with its index and
+// name once the block's "name" is read and names a tool, then its arguments' JSON text in pieces
+// as they are written (compact, as the whole response writes them: whitespace dropped, each
+// string and number re-written once it is complete), the rest when the block closes. Held back:
 // a reply whose first character (after whitespace) is '{' (it may be one bare call object:
-// decided at the end), text from the first <tool_call> on, a tail that may begin one, and
-// whitespace in front of them. update() is given the reply's text so far, of which the first
+// decided at the end) unless `reply_is_call` (tool_choice "required" or a named function, where
+// the sampler makes the reply one call object: it streams as a block does), text from the first
+// <tool_call> on, a tail that may begin one, and whitespace in front of them. Arguments are
+// streamed as they come only where "name" precedes an "arguments" object; otherwise (a
+// "parameters" object, arguments written as a JSON string, the name after them) they go out
+// whole when the block closes. update() is given the reply's text so far, of which the first
 // `safe` bytes are final (a stop string may still cut the rest), and returns what is new;
 // finish() the rest once the reply ended. Concatenated, the pieces' content is
-// reply_content(text, parse_tool_calls(text, tools)) and their calls are those calls, in order.
+// reply_content(text, parse_tool_calls(text, tools)) and each index's name and arguments are
+// those calls', in order, for every reply whose blocks all hold valid calls. A block whose name
+// went out but whose call turns out invalid (its JSON broken, or cut off by max_tokens or a stop
+// string) stays as far as it was streamed, as OpenAI's stream leaves a cut-off call, and the
+// whole response drops it; so do the rare arguments that compact differently as a whole (a key
+// written twice).
 // Not thread-safe (one per streamed choice).
 class ToolCallStream {
  public:
+  struct CallDelta {
+    size_t index = 0;                 // the call's number among the reply's streamed calls
+    std::optional<std::string> name;  // set in a call's first delta (which carries its id and type)
+    std::string arguments;            // the next piece of its arguments' JSON text (may be empty)
+  };
   struct Piece {
     std::string content;
-    std::vector<ToolCall> calls;
-    size_t first_call = 0;   // the index of calls[0] among the reply's calls
-    size_t content_end = 0;  // bytes of the text the content sent so far covers
+    std::vector<CallDelta> calls;  // at most one a call
+    size_t content_end = 0;        // bytes of the text the content sent so far covers
   };
-  explicit ToolCallStream(std::vector<ToolDef> tools) : tools_(std::move(tools)) {}
+  explicit ToolCallStream(std::vector<ToolDef> tools, bool reply_is_call = false)
+      : tools_(std::move(tools)), reply_is_call_(reply_is_call) {}
   Piece update(const std::string &text, size_t safe);
   Piece finish(const std::string &text);
 
  private:
-  Piece advance(const std::string &text, size_t content_end, std::vector<ToolCall> calls);
+  // The blocks from cursor_ on within text[0, safe): closed ones finished, an open one streamed
+  // (finished too when `at_end`, as parse_tool_calls reads an unclosed last block).
+  void blocks(const std::string &text, size_t safe, bool at_end, Piece &piece);
+  // A block body [begin, end) of text: stream what is new (closed: finish it).
+  void stream_body(const std::string &text, size_t at, size_t begin, size_t end, bool closed, Piece &piece);
+  CallDelta &delta_for(Piece &piece, size_t index);
+  void send_content(const std::string &text, size_t content_end, Piece &piece);
   std::vector<ToolDef> tools_;
-  size_t content_sent_ = 0, calls_sent_ = 0;
-  size_t parsed_to_ = 0; // the end of the last closed block whose calls were parsed
+  bool reply_is_call_ = false;
+  size_t content_sent_ = 0;
+  size_t cursor_ = 0;          // where the next block is looked for
+  size_t next_index_ = 0;      // the number the next call gets
+  size_t open_at_ = std::string::npos;  // the block (its tag's offset) whose call is streaming
+  size_t open_index_ = 0;
+  std::string open_name_;
+  std::string args_sent_;      // that call's arguments text sent so far
 };
 
 } // namespace loom::server

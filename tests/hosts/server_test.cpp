@@ -1077,27 +1077,34 @@ TEST_CASE("tool calls are read from replies: <tool_call> blocks, bare objects, k
   CHECK(parse_tool_calls("<tool_call>{\"name\": \"add\", \"arguments\": [1]}</tool_call>", tools).empty());
 }
 
-TEST_CASE("a streamed reply with tools: content as it comes, each call once its block closes, adding up to the whole reply's", "[server]") {
+TEST_CASE("a streamed reply with tools: content as it comes, each call's name then its arguments in pieces, adding up to the whole reply's", "[server]") {
   using loom::server::ToolCallStream;
   const std::vector<loom::server::ToolDef> tools = {{"add", "adds", "{}"}, {"get_weather", "weather", "{}"}};
   struct Streamed {
     std::string content;
-    std::vector<loom::server::ToolCall> calls;
-    std::vector<size_t> call_at; // the text's length when each call went out
-    std::vector<size_t> content_at; // ... and when each content piece went out
+    std::vector<loom::server::ToolCall> calls; // each call's name and its arguments' pieces joined
+    std::vector<size_t> call_at;               // the text's length when each call's name went out
+    std::vector<std::vector<size_t>> args_at;  // ... and when each piece of its arguments did
+    std::vector<size_t> content_at;            // ... and each content piece
   };
   // Feeds the reply a few bytes at a time (as tokens come), `safe` all of it but the last
   // `unsafe` bytes, then finishes.
-  const auto stream = [&](const std::string &reply, size_t step, size_t unsafe) {
-    ToolCallStream s(tools);
+  const auto stream = [&](const std::string &reply, size_t step, size_t unsafe, bool reply_is_call = false) {
+    ToolCallStream s(tools, reply_is_call);
     Streamed out;
     const auto take = [&](const ToolCallStream::Piece &p, size_t at) {
       if (!p.content.empty()) out.content_at.push_back(at);
       out.content += p.content;
-      CHECK(p.first_call == out.calls.size());
-      for (const auto &c : p.calls) {
-        out.calls.push_back(c);
-        out.call_at.push_back(at);
+      for (const auto &d : p.calls) {
+        if (d.name) { // a call's first delta: the next number
+          REQUIRE(d.index == out.calls.size());
+          out.calls.push_back({*d.name, ""});
+          out.call_at.push_back(at);
+          out.args_at.emplace_back();
+        }
+        REQUIRE(d.index < out.calls.size());
+        out.calls[d.index].arguments_json += d.arguments;
+        if (!d.arguments.empty()) out.args_at[d.index].push_back(at);
       }
     };
     for (size_t n = step; n < reply.size(); n += step) {
@@ -1109,41 +1116,78 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call once its 
   };
   const std::string first = "<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1}}</tool_call>";
   const std::string second = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Ur\"}}</tool_call>";
+  // Arguments that compact differently from how they are written: spaces, escapes, numbers.
+  const std::string written =
+      "<tool_call> {\"name\" : \"get_weather\",\n \"arguments\": { \"city\" : \"Ur \\u00e9 \\\"x\\\" \\/\", \"days\": 1.50,"
+      " \"opts\": [true, null, {\"a\": -0, \"b\": 1e2}], \"e\": {} } }\n</tool_call>";
   const std::vector<std::string> replies = {
       "Let me add that.\n" + first + "\n" + second + "\ndone",
       first + second,
+      written,
       "In the beginning God created the heaven and the earth. <tool_ca",  // a plain answer ending in half a tag
       "Use <tool_call>{\"name\": \"rm_rf\", \"arguments\": {}}</tool_call> now", // a block naming no tool: plain
       " {\"name\": \"add\", \"parameters\": {\"b\": 2}}",                    // one bare call object
       "{\"answer\": 42}",                                                     // a bare object that is no call
       "\xEF\xBB\xBF{\"name\": \"add\", \"arguments\": {}}",                      // a bare call after a byte-order mark
       "Two blocks, the second unclosed:\n\n" + first + "\n<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 2}}",
+      // the arguments as "parameters", as a JSON string, and before the name: whole at the close
+      "<tool_call>{\"name\": \"add\", \"parameters\": {\"a\": [1, 2]}}</tool_call>",
+      "<tool_call>{\"name\": \"add\", \"arguments\": \"{\\\"a\\\": 3}\"}</tool_call>",
+      "<tool_call>{\"arguments\": {\"a\": 4}, \"name\": \"add\"}</tool_call>",
   };
   for (const std::string &reply : replies)
     for (const size_t step : {size_t{1}, size_t{3}, size_t{7}})
-      for (const size_t unsafe : {size_t{0}, size_t{2}}) {
-        INFO("reply '" << reply << "', " << step << " bytes a step, " << unsafe << " not yet final");
-        const auto whole = loom::server::parse_tool_calls(reply, tools);
-        const Streamed got = stream(reply, step, unsafe);
-        CHECK(got.content == loom::server::reply_content(reply, whole));
-        REQUIRE(got.calls.size() == whole.size());
-        for (size_t k = 0; k < whole.size(); ++k) {
-          CHECK(got.calls[k].name == whole[k].name);
-          CHECK(got.calls[k].arguments_json == whole[k].arguments_json);
+      for (const size_t unsafe : {size_t{0}, size_t{2}})
+        for (const bool reply_is_call : {false, true}) {
+          INFO("reply '" << reply << "', " << step << " bytes a step, " << unsafe << " not yet final, reply_is_call "
+                         << reply_is_call);
+          const auto whole = loom::server::parse_tool_calls(reply, tools);
+          const Streamed got = stream(reply, step, unsafe, reply_is_call);
+          CHECK(got.content == loom::server::reply_content(reply, whole));
+          REQUIRE(got.calls.size() == whole.size());
+          for (size_t k = 0; k < whole.size(); ++k) {
+            CHECK(got.calls[k].name == whole[k].name);
+            CHECK(got.calls[k].arguments_json == whole[k].arguments_json);
+          }
         }
-      }
-  // The first reply: its content before the tag went out before the tag was complete, and its
-  // first call before the second block opened.
+  // The first reply: its content before the tag went out before the tag was complete; its first
+  // call's name before its arguments were complete, and the call before the second block opened.
   const std::string reply = replies[0];
   const Streamed got = stream(reply, 1, 0);
   CHECK(got.content == "Let me add that.");
   REQUIRE(!got.content_at.empty());
   CHECK(got.content_at.front() < reply.find("<tool_call>"));
   REQUIRE(got.call_at.size() == 2);
-  CHECK(got.call_at[0] == reply.find("</tool_call>") + std::string("</tool_call>").size());
-  CHECK(got.call_at[0] < reply.find(second));
+  CHECK(got.call_at[0] < reply.find("\"arguments\""));
+  REQUIRE(!got.args_at[0].empty());
+  CHECK(got.args_at[0].back() <= reply.find("</tool_call>") + std::string("</tool_call>").size());
+  CHECK(got.call_at[1] < reply.find(second) + second.size());
+  // Arguments stream as they are written: the long ones in several pieces before their block
+  // closes (each string and number once complete).
+  const Streamed long_args = stream(written, 1, 0);
+  REQUIRE(long_args.args_at.size() == 1);
+  CHECK(long_args.args_at[0].size() >= 10);
+  CHECK(long_args.args_at[0][9] < written.find("</tool_call>"));
+  CHECK(long_args.calls[0].arguments_json == R"({"city":"Ur é \"x\" /","days":1.5,"opts":[true,null,{"a":0,"b":100.0}],"e":{}})");
+  // tool_choice required or named: the bare call object streams as a block does; otherwise it is
+  // held to the end (it may be a plain answer).
+  const std::string bare = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Jerusalem\", \"days\": 3}}";
+  const Streamed required = stream(bare, 1, 0, true);
+  REQUIRE(required.call_at.size() == 1);
+  CHECK(required.call_at[0] < bare.find("\"arguments\""));
+  CHECK(required.args_at[0].size() >= 4);
+  CHECK(stream(bare, 1, 0, false).call_at == std::vector<size_t>{bare.size()});
   // A plain answer streams as it comes (not all at the end).
-  CHECK(stream(replies[2], 1, 0).content_at.size() > 10);
+  CHECK(stream(replies[3], 1, 0).content_at.size() > 10);
+  // A call cut off inside its arguments (max_tokens) stays as far as it streamed, as OpenAI's
+  // stream leaves it; the whole response has no call, and the content adds up all the same.
+  const std::string cut = "Checking.\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Jer";
+  const Streamed cut_got = stream(cut, 1, 0);
+  CHECK(loom::server::parse_tool_calls(cut, tools).empty());
+  REQUIRE(cut_got.calls.size() == 1);
+  CHECK(cut_got.calls[0].name == "get_weather");
+  CHECK(cut_got.calls[0].arguments_json == "{\"city\":");
+  CHECK(cut_got.content == loom::server::reply_content(cut, {}));
 }
 
 TEST_CASE("chat with tools: required and named choices give tool_calls that fit the schemas", "[server]") {
@@ -1178,13 +1222,37 @@ TEST_CASE("chat with tools: required and named choices give tool_calls that fit 
   const json named = {{"type", "function"}, {"function", {{"name", "add"}}}};
   auto r = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools}, {"tool_choice", named},
                                            {"max_tokens", 96}, {"seed", 1}, {"stream", true}});
-  const auto ev = events(r->body);
-  REQUIRE(ev.size() >= 3);
-  const json last = json::parse(ev[ev.size() - 2]);
-  if (last["choices"][0]["finish_reason"] == "tool_calls") {
-    CHECK(last["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "add");
+  // Streamed as OpenAI streams a call: id, type and name in its first delta, then the arguments
+  // in pieces, which join to the call's JSON arguments.
+  const auto join_calls = [](const std::vector<json> &choices) {
+    json joined = json::array();
+    for (const json &ch : choices) {
+      if (!ch["delta"].contains("tool_calls")) continue;
+      for (const json &d : ch["delta"]["tool_calls"]) {
+        const size_t k = d["index"].get<size_t>();
+        if (d.contains("id")) {
+          REQUIRE(k == joined.size());
+          CHECK(d["type"] == "function");
+          joined.push_back({{"id", d["id"]}, {"name", d["function"]["name"]}, {"arguments", ""}, {"pieces", 0}});
+        }
+        REQUIRE(k < joined.size());
+        joined[k]["arguments"] = joined[k]["arguments"].get<std::string>() + d["function"]["arguments"].get<std::string>();
+        joined[k]["pieces"] = joined[k]["pieces"].get<int>() + 1;
+      }
+    }
+    return joined;
+  };
+  const std::vector<json> named_choices = streamed_choices(r->body);
+  REQUIRE(!named_choices.empty());
+  const json named_calls = join_calls(named_choices);
+  if (named_choices.back()["finish_reason"] == "tool_calls") {
+    REQUIRE(named_calls.size() == 1);
+    CHECK(named_calls[0]["name"] == "add");
+    const json args = json::parse(named_calls[0]["arguments"].get<std::string>());
+    CHECK((args["a"].is_number_integer() && args["b"].is_number_integer()));
+    CHECK(named_calls[0]["pieces"].get<int>() > 2);  // not all at the end
   } else {
-    CHECK(last["choices"][0]["finish_reason"] == "length");
+    CHECK(named_choices.back()["finish_reason"] == "length");
   }
   // tool_choice auto: the reply streams as it comes (it used to be held to the end), and adds up
   // to the whole response's content, call or not.
@@ -1195,18 +1263,24 @@ TEST_CASE("chat with tools: required and named choices give tool_calls that fit 
   REQUIRE(live);
   REQUIRE(live->status == 200);
   std::string content;
-  int content_chunks = 0, call_chunks = 0;
-  for (const json &ch : streamed_choices(live->body)) {
+  int content_chunks = 0;
+  const std::vector<json> live_choices = streamed_choices(live->body);
+  for (const json &ch : live_choices)
     if (ch["delta"].contains("content") && ch["delta"]["content"].is_string() && !ch["delta"]["content"].get<std::string>().empty()) {
       content += ch["delta"]["content"].get<std::string>();
       ++content_chunks;
     }
-    if (ch["delta"].contains("tool_calls")) ++call_chunks;
-  }
+  const json live_calls = join_calls(live_choices);
   const json &message = whole_body["choices"][0]["message"];
   INFO(whole_body.dump());
   CHECK(content == (message["content"].is_null() ? std::string() : message["content"].get<std::string>()));
-  CHECK(call_chunks == (message.contains("tool_calls") ? 1 : 0));
+  const json whole_calls = message.contains("tool_calls") ? message["tool_calls"] : json::array();
+  REQUIRE(live_calls.size() == whole_calls.size());
+  for (size_t k = 0; k < whole_calls.size(); ++k) {
+    CHECK(live_calls[k]["id"] == whole_calls[k]["id"]);
+    CHECK(live_calls[k]["name"] == whole_calls[k]["function"]["name"]);
+    CHECK(live_calls[k]["arguments"] == whole_calls[k]["function"]["arguments"]);
+  }
   if (!message.contains("tool_calls")) CHECK(content_chunks > 1);
   // A conversation that already called a tool and holds its result; tool_choice none.
   const json history = json::array(
