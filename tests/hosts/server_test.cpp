@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <regex>
 #include <set>
@@ -1077,42 +1078,53 @@ TEST_CASE("tool calls are read from replies: <tool_call> blocks, bare objects, k
   CHECK(parse_tool_calls("<tool_call>{\"name\": \"add\", \"arguments\": [1]}</tool_call>", tools).empty());
 }
 
-TEST_CASE("a streamed reply with tools: content as it comes, each call's name then its arguments in pieces, adding up to the whole reply's", "[server]") {
-  using loom::server::ToolCallStream;
-  const std::vector<loom::server::ToolDef> tools = {{"add", "adds", "{}"}, {"get_weather", "weather", "{}"}};
-  struct Streamed {
-    std::string content;
-    std::vector<loom::server::ToolCall> calls; // each call's name and its arguments' pieces joined
-    std::vector<size_t> call_at;               // the text's length when each call's name went out
-    std::vector<std::vector<size_t>> args_at;  // ... and when each piece of its arguments did
-    std::vector<size_t> content_at;            // ... and each content piece
-  };
-  // Feeds the reply a few bytes at a time (as tokens come), `safe` all of it but the last
-  // `unsafe` bytes, then finishes.
-  const auto stream = [&](const std::string &reply, size_t step, size_t unsafe, bool reply_is_call = false) {
-    ToolCallStream s(tools, reply_is_call);
-    Streamed out;
-    const auto take = [&](const ToolCallStream::Piece &p, size_t at) {
-      if (!p.content.empty()) out.content_at.push_back(at);
-      out.content += p.content;
-      for (const auto &d : p.calls) {
-        if (d.name) { // a call's first delta: the next number
-          REQUIRE(d.index == out.calls.size());
-          out.calls.push_back({*d.name, ""});
-          out.call_at.push_back(at);
-          out.args_at.emplace_back();
-        }
-        REQUIRE(d.index < out.calls.size());
-        out.calls[d.index].arguments_json += d.arguments;
-        if (!d.arguments.empty()) out.args_at[d.index].push_back(at);
+namespace {
+
+// What a ToolCallStream sent for one reply, joined as a client joins OpenAI's stream.
+struct StreamedTools {
+  std::string content;
+  std::vector<loom::server::ToolCall> calls; // each call's name and its arguments' pieces joined
+  std::vector<size_t> call_at;               // the text's length when each call's name went out
+  std::vector<std::vector<size_t>> args_at;  // ... and when each piece of its arguments did
+  std::vector<size_t> content_at;            // ... and each content piece
+};
+
+// Feeds `reply` to a ToolCallStream a few bytes at a time (as tokens come), `safe` all of it but
+// the last `unsafe` bytes, then finishes it.
+StreamedTools stream_tools(const std::vector<loom::server::ToolDef> &tools, const std::string &reply, size_t step,
+                           size_t unsafe, bool reply_is_call = false) {
+  loom::server::ToolCallStream s(tools, reply_is_call);
+  StreamedTools out;
+  const auto take = [&](const loom::server::ToolCallStream::Piece &p, size_t at) {
+    if (!p.content.empty()) out.content_at.push_back(at);
+    out.content += p.content;
+    for (const auto &d : p.calls) {
+      if (d.name) { // a call's first delta: the next number
+        REQUIRE(d.index == out.calls.size());
+        out.calls.push_back({*d.name, ""});
+        out.call_at.push_back(at);
+        out.args_at.emplace_back();
       }
-    };
-    for (size_t n = step; n < reply.size(); n += step) {
-      const std::string text = reply.substr(0, n);
-      take(s.update(text, text.size() > unsafe ? text.size() - unsafe : 0), n);
+      REQUIRE(d.index < out.calls.size());
+      out.calls[d.index].arguments_json += d.arguments;
+      if (!d.arguments.empty()) out.args_at[d.index].push_back(at);
     }
-    take(s.finish(reply), reply.size());
-    return out;
+  };
+  for (size_t n = step; n < reply.size(); n += step) {
+    const std::string text = reply.substr(0, n);
+    take(s.update(text, text.size() > unsafe ? text.size() - unsafe : 0), n);
+  }
+  take(s.finish(reply), reply.size());
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("a streamed reply with tools: content as it comes, each call's name then its arguments in pieces, adding up to the whole reply's", "[server]") {
+  const std::vector<loom::server::ToolDef> tools = {{"add", "adds", "{}"}, {"get_weather", "weather", "{}"}};
+  using Streamed = StreamedTools;
+  const auto stream = [&](const std::string &reply, size_t step, size_t unsafe, bool reply_is_call = false) {
+    return stream_tools(tools, reply, step, unsafe, reply_is_call);
   };
   const std::string first = "<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1}}</tool_call>";
   const std::string second = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Ur\"}}</tool_call>";
@@ -1188,6 +1200,71 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call's name th
   CHECK(cut_got.calls[0].name == "get_weather");
   CHECK(cut_got.calls[0].arguments_json == "{\"city\":");
   CHECK(cut_got.content == loom::server::reply_content(cut, {}));
+}
+
+TEST_CASE("streamed tool calls over random replies: valid ones add up exactly, cut ones differ only by the cut call", "[server]") {
+  const std::vector<loom::server::ToolDef> tools = {{"add", "adds", "{}"}, {"get_weather", "weather", "{}"}};
+  std::mt19937 rng(20261129);
+  const auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
+  const std::vector<std::string> words = {"a", "é", "\"q\"", "back\\slash", "tab\t", "<b>", "</b>", "{", "}", "ü€𝄞", ""};
+  std::function<json(int)> value = [&](int depth) -> json {
+    switch (pick(depth > 2 ? 5 : 7)) {
+      case 0: return static_cast<int64_t>(rng() % 2001) - 1000;
+      case 1: return static_cast<double>(rng() % 100000) / 64.0 - 700.0;
+      case 2: return words[pick(words.size())];
+      case 3: return pick(2) == 0;
+      case 4: return nullptr;
+      case 5: {
+        json a = json::array();
+        for (size_t i = pick(4); i > 0; --i) a.push_back(value(depth + 1));
+        return a;
+      }
+      default: {
+        json o = json::object();
+        for (size_t i = pick(4); i > 0; --i) o[std::string(words[pick(words.size())]).append(std::to_string(i))] = value(depth + 1);
+        return o;
+      }
+    }
+  };
+  for (int r = 0; r < 2000; ++r) {
+    std::string reply = pick(2) == 0 ? "Let me look that up. " : "";
+    const size_t n_calls = 1 + pick(3);
+    for (size_t k = 0; k < n_calls; ++k) {
+      json args = json::object();
+      for (size_t i = pick(4); i > 0; --i) args[std::string(1, 'k').append(std::to_string(i))] = value(0);
+      const json call = {{"name", pick(2) == 0 ? "add" : "get_weather"}, {"arguments", args}};
+      const int indent = static_cast<int>(pick(3)) - 1; // compact, or spread over lines
+      reply += "<tool_call>" + std::string(pick(2), '\n') + call.dump(indent) + "</tool_call>" + std::string(pick(2), '\n');
+    }
+    const auto whole = loom::server::parse_tool_calls(reply, tools);
+    REQUIRE(whole.size() == n_calls);
+    // Cut anywhere (max_tokens): the calls before the cut block add up, that one at most differs.
+    const std::string cut = reply.substr(0, pick(reply.size() + 1));
+    const auto cut_whole = loom::server::parse_tool_calls(cut, tools);
+    for (const size_t step : {size_t{1}, size_t{1} + pick(9)}) {
+      const size_t unsafe = pick(3);
+      INFO("reply '" << reply << "', cut at " << cut.size() << ", " << step << " bytes a step, " << unsafe << " not yet final");
+      const StreamedTools got = stream_tools(tools, reply, step, unsafe);
+      CHECK(got.content == loom::server::reply_content(reply, whole));
+      REQUIRE(got.calls.size() == whole.size());
+      for (size_t k = 0; k < whole.size(); ++k) {
+        CHECK(got.calls[k].name == whole[k].name);
+        CHECK(got.calls[k].arguments_json == whole[k].arguments_json);
+      }
+      const StreamedTools cut_got = stream_tools(tools, cut, step, unsafe);
+      CHECK(cut_got.content == loom::server::reply_content(cut, cut_whole));
+      REQUIRE(cut_got.calls.size() >= cut_whole.size());
+      CHECK(cut_got.calls.size() <= cut_whole.size() + 1);
+      for (size_t k = 0; k < cut_whole.size(); ++k) {
+        CHECK(cut_got.calls[k].name == cut_whole[k].name);
+        CHECK(cut_got.calls[k].arguments_json == cut_whole[k].arguments_json);
+      }
+      if (cut_got.calls.size() > cut_whole.size()) { // the cut call: what went out is a prefix of the compact text
+        const std::string &sent = cut_got.calls.back().arguments_json;
+        CHECK((sent.empty() || sent[0] == '{'));
+      }
+    }
+  }
 }
 
 TEST_CASE("chat with tools: required and named choices give tool_calls that fit the schemas", "[server]") {
