@@ -1,5 +1,7 @@
 #include "tool_calls.hpp"
 
+#include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <string_view>
 
@@ -160,6 +162,8 @@ class JsonTokens {
     token = t_.substr(from, at_ - from);
     return Status::ok;
   }
+  // The text from the next token on (whitespace skipped), after next() said incomplete.
+  std::string_view rest() const { return t_.substr(std::min(at_, t_.size())); }
 
  private:
   std::string_view t_;
@@ -177,6 +181,42 @@ bool compact_token(std::string_view token, std::string &out) {
   const json j = json::parse(token, nullptr, false);
   if (j.is_discarded()) return false;
   out += dump(j);
+  return true;
+}
+
+// The start of a string value whose closing quote has not come yet (`raw` from its opening
+// quote on), as dump() will write the whole string: every complete character so far (an escape
+// once complete, a surrogate pair once both halves are), without the closing quote. False where
+// the text so far is not a valid string.
+bool compact_open_string(std::string_view raw, std::string &out) {
+  size_t cut = 1, i = 1;
+  while (i < raw.size()) {
+    if (raw[i] == '\\') {
+      if (i + 1 >= raw.size()) break;
+      if (raw[i + 1] != 'u') {
+        i += 2;
+      } else {
+        if (i + 6 > raw.size()) break;
+        const unsigned long unit = std::strtoul(std::string(raw.substr(i + 2, 4)).c_str(), nullptr, 16);
+        i += 6;
+        if (unit >= 0xD800 && unit <= 0xDBFF) {  // a high surrogate: its low half too
+          if (i + 6 > raw.size()) break;
+          i += 6;
+        }
+      }
+    } else {  // a UTF-8 character: as many bytes as its first announces
+      const auto lead = static_cast<unsigned char>(raw[i]);
+      const size_t bytes = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+      if (i + bytes > raw.size()) break;
+      i += bytes;
+    }
+    cut = i;
+  }
+  const json j = json::parse(std::string(raw.substr(0, cut)) + '"', nullptr, false);
+  if (j.is_discarded() || !j.is_string()) return false;
+  std::string whole = dump(j);
+  whole.pop_back();  // its closing quote
+  out += whole;
   return true;
 }
 
@@ -206,13 +246,22 @@ CallScan scan_call(std::string_view body) {
     } else if (key == "arguments" && scan.name) {
       if (t != "{") return scan;
       scan.arguments.push_back('{');
-      for (int depth = 1; depth > 0;) {
-        if (tokens.next(t) != S::ok || !compact_token(t, scan.arguments)) return scan;
+      // Containers open ('{' or '['), and whether the next token is a value (after ':', or
+      // anywhere in an array): a string value streams before its closing quote.
+      std::string open = "{";
+      bool value_next = false;
+      while (!open.empty()) {
+        const S status = tokens.next(t);
+        if (status == S::incomplete && value_next && tokens.rest().starts_with('"'))
+          compact_open_string(tokens.rest(), scan.arguments);
+        if (status != S::ok || !compact_token(t, scan.arguments)) return scan;
         if (t == "{" || t == "[") {
-          if (++depth > 64) return scan;  // (read_call refuses deeper text)
+          open.push_back(t[0]);
+          if (open.size() > 64) return scan;  // (read_call refuses deeper text)
         } else if (t == "}" || t == "]") {
-          --depth;
+          open.pop_back();
         }
+        value_next = !open.empty() && (open.back() == '[' ? t == "[" || t == "," : t == ":");
       }
       return scan;  // nothing after the arguments is streamed
     } else if (t == "{" || t == "[") {  // another key's value: skipped

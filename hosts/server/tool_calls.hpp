@@ -49,7 +49,8 @@ std::string reply_content(const std::string &text, const std::vector<ToolCall> &
 // what may begin a call, and each call as OpenAI streams one: a first delta with its index and
 // name once the block's "name" is read and names a tool, then its arguments' JSON text in pieces
 // as they are written (compact, as the whole response writes them: whitespace dropped, each
-// string and number re-written once it is complete), the rest when the block closes. Held back:
+// number re-written once it is complete, each string value up to its last complete character),
+// the rest when the block closes. Held back:
 // a reply whose first character (after whitespace) is '{' (it may be one bare call object:
 // decided at the end) unless `reply_is_call` (tool_choice "required" or a named function, where
 // the sampler makes the reply one call object: it streams as a block does), text from the first

@@ -1181,6 +1181,14 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call's name th
   CHECK(long_args.args_at[0].size() >= 10);
   CHECK(long_args.args_at[0][9] < written.find("</tool_call>"));
   CHECK(long_args.calls[0].arguments_json == R"({"city":"Ur é \"x\" /","days":1.5,"opts":[true,null,{"a":0,"b":100.0}],"e":{}})");
+  // A long string argument streams as it is written, escapes and all, not once it closes.
+  const std::string code = "<tool_call>{\"name\": \"add\", \"arguments\": {\"code\": \"def f(x):\\n    return \\\"\\u00e9\\ud834\\udd1e\\\" * x  # ü\"}}</tool_call>";
+  const Streamed code_got = stream(code, 1, 0);
+  REQUIRE(code_got.args_at.size() == 1);
+  CHECK(code_got.args_at[0].size() >= 20);
+  CHECK(code_got.args_at[0][19] < code.find("\"}}"));
+  CHECK(code_got.calls[0].arguments_json == loom::server::parse_tool_calls(code, tools)[0].arguments_json);
+  CHECK(code_got.calls[0].arguments_json == "{\"code\":\"def f(x):\\n    return \\\"é𝄞\\\" * x  # ü\"}");
   // tool_choice required or named: the bare call object streams as a block does; otherwise it is
   // held to the end (it may be a plain answer).
   const std::string bare = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Jerusalem\", \"days\": 3}}";
@@ -1198,7 +1206,7 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call's name th
   CHECK(loom::server::parse_tool_calls(cut, tools).empty());
   REQUIRE(cut_got.calls.size() == 1);
   CHECK(cut_got.calls[0].name == "get_weather");
-  CHECK(cut_got.calls[0].arguments_json == "{\"city\":");
+  CHECK(cut_got.calls[0].arguments_json == "{\"city\":\"Je"); // a string streams before its closing quote
   CHECK(cut_got.content == loom::server::reply_content(cut, {}));
 }
 
@@ -1234,7 +1242,7 @@ TEST_CASE("streamed tool calls over random replies: valid ones add up exactly, c
       for (size_t i = pick(4); i > 0; --i) args[std::string(1, 'k').append(std::to_string(i))] = value(0);
       const json call = {{"name", pick(2) == 0 ? "add" : "get_weather"}, {"arguments", args}};
       const int indent = static_cast<int>(pick(3)) - 1; // compact, or spread over lines
-      reply += "<tool_call>" + std::string(pick(2), '\n') + call.dump(indent) + "</tool_call>" + std::string(pick(2), '\n');
+      reply += "<tool_call>" + std::string(pick(2), '\n') + call.dump(indent, ' ', pick(2) == 0) /* ASCII only: non-ASCII escaped */ + "</tool_call>" + std::string(pick(2), '\n');
     }
     const auto whole = loom::server::parse_tool_calls(reply, tools);
     REQUIRE(whole.size() == n_calls);
@@ -1259,9 +1267,10 @@ TEST_CASE("streamed tool calls over random replies: valid ones add up exactly, c
         CHECK(cut_got.calls[k].name == cut_whole[k].name);
         CHECK(cut_got.calls[k].arguments_json == cut_whole[k].arguments_json);
       }
-      if (cut_got.calls.size() > cut_whole.size()) { // the cut call: what went out is a prefix of the compact text
-        const std::string &sent = cut_got.calls.back().arguments_json;
-        CHECK((sent.empty() || sent[0] == '{'));
+      if (cut_got.calls.size() > cut_whole.size()) { // the cut call: what went out begins the whole call's compact text
+        const size_t k = cut_whole.size();
+        CHECK(cut_got.calls[k].name == whole[k].name);
+        CHECK(whole[k].arguments_json.starts_with(cut_got.calls[k].arguments_json));
       }
     }
   }
