@@ -1118,6 +1118,15 @@ StreamedTools stream_tools(const std::vector<loom::server::ToolDef> &tools, cons
   return out;
 }
 
+// The calls a stream joined up to are `whole`'s, name for name and argument text for text.
+void check_same_calls(const StreamedTools &got, const std::vector<loom::server::ToolCall> &whole) {
+  REQUIRE(got.calls.size() == whole.size());
+  for (size_t k = 0; k < whole.size(); ++k) {
+    CHECK(got.calls[k].name == whole[k].name);
+    CHECK(got.calls[k].arguments_json == whole[k].arguments_json);
+  }
+}
+
 } // namespace
 
 TEST_CASE("a streamed reply with tools: content as it comes, each call's name then its arguments in pieces, adding up to the whole reply's", "[server]") {
@@ -1156,11 +1165,7 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call's name th
           const auto whole = loom::server::parse_tool_calls(reply, tools);
           const Streamed got = stream(reply, step, unsafe, reply_is_call);
           CHECK(got.content == loom::server::reply_content(reply, whole));
-          REQUIRE(got.calls.size() == whole.size());
-          for (size_t k = 0; k < whole.size(); ++k) {
-            CHECK(got.calls[k].name == whole[k].name);
-            CHECK(got.calls[k].arguments_json == whole[k].arguments_json);
-          }
+          check_same_calls(got, whole);
         }
   // The first reply: its content before the tag went out before the tag was complete; its first
   // call's name before its arguments were complete, and the call before the second block opened.
@@ -1254,11 +1259,7 @@ TEST_CASE("streamed tool calls over random replies: valid ones add up exactly, c
       INFO("reply '" << reply << "', cut at " << cut.size() << ", " << step << " bytes a step, " << unsafe << " not yet final");
       const StreamedTools got = stream_tools(tools, reply, step, unsafe);
       CHECK(got.content == loom::server::reply_content(reply, whole));
-      REQUIRE(got.calls.size() == whole.size());
-      for (size_t k = 0; k < whole.size(); ++k) {
-        CHECK(got.calls[k].name == whole[k].name);
-        CHECK(got.calls[k].arguments_json == whole[k].arguments_json);
-      }
+      check_same_calls(got, whole);
       const StreamedTools cut_got = stream_tools(tools, cut, step, unsafe);
       CHECK(cut_got.content == loom::server::reply_content(cut, cut_whole));
       REQUIRE(cut_got.calls.size() >= cut_whole.size());
