@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
+#include <set>
 #include <string_view>
 
 #include <nlohmann/json.hpp>
@@ -23,11 +24,25 @@ const ToolDef *find_tool(const std::vector<ToolDef> &tools, const std::string &n
   return nullptr;
 }
 
-// One call object ({"name", "arguments"} or {"name", "parameters"}) naming a known tool.
+// One call object ({"name", "arguments"} or {"name", "parameters"}) naming a known tool. An
+// object with a key written twice is none (which value was meant is unknown; the parser would
+// keep the last, a stream has sent the first).
 bool read_call(const std::string &text, const std::vector<ToolDef> &tools, std::vector<ToolCall> &out) {
   if (loom::detail::json_too_deep(text, 64)) return false;
-  const json j = json::parse(text, nullptr, false);
-  if (j.is_discarded() || !j.is_object() || !j.contains("name") || !j["name"].is_string()) return false;
+  std::vector<std::set<std::string>> keys;  // each open object's keys so far
+  bool repeated = false;
+  const json::parser_callback_t seen = [&](int, json::parse_event_t event, json &parsed) {
+    if (event == json::parse_event_t::object_start) {
+      keys.emplace_back();
+    } else if (event == json::parse_event_t::object_end && !keys.empty()) {
+      keys.pop_back();
+    } else if (event == json::parse_event_t::key && !keys.empty() && parsed.is_string()) {
+      if (!keys.back().insert(parsed.get_ref<const std::string &>()).second) repeated = true;
+    }
+    return true;
+  };
+  const json j = json::parse(text, seen, false);
+  if (repeated || j.is_discarded() || !j.is_object() || !j.contains("name") || !j["name"].is_string()) return false;
   const std::string name = j["name"].get<std::string>();
   if (!find_tool(tools, name)) return false;
   json arguments = json::object();
@@ -127,7 +142,7 @@ namespace {
 class JsonTokens {
  public:
   enum class Status { ok, incomplete, bad };
-  explicit JsonTokens(std::string_view text) : t_(text) {}
+  explicit JsonTokens(std::string_view text, size_t from = 0) : t_(text), at_(from) {}
   // The next token (whitespace skipped) in `token`; incomplete: the text ends inside it or
   // before it (a number is complete only once something follows it).
   Status next(std::string_view &token) {
@@ -164,6 +179,8 @@ class JsonTokens {
   }
   // The text from the next token on (whitespace skipped), after next() said incomplete.
   std::string_view rest() const { return t_.substr(std::min(at_, t_.size())); }
+  // Where the next token starts (after the last one returned).
+  size_t position() const { return at_; }
 
  private:
   std::string_view t_;
@@ -184,12 +201,11 @@ bool compact_token(std::string_view token, std::string &out) {
   return true;
 }
 
-// The start of a string value whose closing quote has not come yet (`raw` from its opening
-// quote on), as dump() will write the whole string: every complete character so far (an escape
-// once complete, a surrogate pair once both halves are), without the closing quote. False where
-// the text so far is not a valid string.
-bool compact_open_string(std::string_view raw, std::string &out) {
-  size_t cut = 1, i = 1;
+// The raw bytes [from, end) of an open string (`raw` from its opening quote) that are whole
+// characters: `end` is the last boundary (an escape once complete, a surrogate pair once both
+// halves are, a UTF-8 character once all its bytes are).
+size_t whole_characters(std::string_view raw, size_t from) {
+  size_t end = from, i = from;
   while (i < raw.size()) {
     if (raw[i] == '\\') {
       if (i + 1 >= raw.size()) break;
@@ -210,72 +226,152 @@ bool compact_open_string(std::string_view raw, std::string &out) {
       if (i + bytes > raw.size()) break;
       i += bytes;
     }
-    cut = i;
+    end = i;
   }
-  const json j = json::parse(std::string(raw.substr(0, cut)) + '"', nullptr, false);
-  if (j.is_discarded() || !j.is_string()) return false;
-  std::string whole = dump(j);
-  whole.pop_back();  // its closing quote
-  out += whole;
-  return true;
-}
-
-// What a call object written so far tells: its "name" (complete, and before "arguments") and,
-// where "arguments" follows the name and holds an object, that object's compact text so far.
-struct CallScan {
-  std::optional<std::string> name;
-  std::string arguments;
-};
-
-CallScan scan_call(std::string_view body) {
-  using S = JsonTokens::Status;
-  CallScan scan;
-  JsonTokens tokens(body);
-  std::string_view t;
-  if (tokens.next(t) != S::ok || t != "{") return scan;
-  while (true) {
-    if (tokens.next(t) != S::ok || t[0] != '"') return scan;
-    const json key = json::parse(t, nullptr, false);
-    if (key.is_discarded() || tokens.next(t) != S::ok || t != ":") return scan;
-    if (tokens.next(t) != S::ok) return scan;
-    if (key == "name" && !scan.name) {
-      if (t[0] != '"') return scan;
-      const json name = json::parse(t, nullptr, false);
-      if (name.is_discarded()) return scan;
-      scan.name = name.get<std::string>();
-    } else if (key == "arguments" && scan.name) {
-      if (t != "{") return scan;
-      scan.arguments.push_back('{');
-      // Containers open ('{' or '['), and whether the next token is a value (after ':', or
-      // anywhere in an array): a string value streams before its closing quote.
-      std::string open = "{";
-      bool value_next = false;
-      while (!open.empty()) {
-        const S status = tokens.next(t);
-        if (status == S::incomplete && value_next && tokens.rest().starts_with('"'))
-          compact_open_string(tokens.rest(), scan.arguments);
-        if (status != S::ok || !compact_token(t, scan.arguments)) return scan;
-        if (t == "{" || t == "[") {
-          open.push_back(t[0]);
-          if (open.size() > 64) return scan;  // (read_call refuses deeper text)
-        } else if (t == "}" || t == "]") {
-          open.pop_back();
-        }
-        value_next = !open.empty() && (open.back() == '[' ? t == "[" || t == "," : t == ":");
-      }
-      return scan;  // nothing after the arguments is streamed
-    } else if (t == "{" || t == "[") {  // another key's value: skipped
-      for (int depth = 1; depth > 0;) {
-        if (tokens.next(t) != S::ok) return scan;
-        if (t == "{" || t == "[") ++depth;
-        else if (t == "}" || t == "]") --depth;
-      }
-    }
-    if (tokens.next(t) != S::ok || t != ",") return scan;
-  }
+  return end;
 }
 
 constexpr size_t kBareAt = std::string::npos - 1; // open_at_ of a reply that is one bare call object
+
+} // namespace
+
+// What the open call object written so far tells: its "name" (complete, and before
+// "arguments") and, where "arguments" follows the name and holds an object, that object's
+// compact text so far. Kept between updates (the text up to `safe` is final), so that each
+// update lexes only what is new: a token once, a string value's characters once.
+struct ToolCallStream::Scanner {
+  enum class Phase { brace, key, colon, value, skip, comma, args, done };
+  Phase phase = Phase::brace;
+  size_t pos = 0;  // where the next token starts in the body
+  std::string key; // the key whose value comes next
+  std::optional<std::string> name;
+  std::string open;        // arguments: the containers open ('{' or '[')
+  bool value_next = false; // ... and whether the next token is a value (after ':', or in an array)
+  int skip_depth = 0;      // another key's container value, skipped
+  std::string compact;     // arguments: the compact text of their complete tokens
+  // A string value of the arguments still open: its quote's offset in the body, the raw bytes
+  // of it written so far, and their compact text (from its opening quote).
+  size_t string_at = std::string::npos, string_cut = 0;
+  std::string string_compact;
+
+  std::string arguments() const { return string_at == std::string::npos ? compact : compact + string_compact; }
+
+  void advance(std::string_view body) {
+    using S = JsonTokens::Status;
+    JsonTokens tokens(body, pos);
+    std::string_view t;
+    while (phase != Phase::done) {
+      const S status = tokens.next(t);
+      if (status == S::bad) phase = Phase::done;
+      if (status != S::ok) {
+        if (status == S::incomplete && phase == Phase::args && value_next && tokens.rest().starts_with('"'))
+          open_string(body, body.size() - tokens.rest().size());
+        return;
+      }
+      string_at = std::string::npos;
+      take(t);
+      pos = tokens.position();
+    }
+  }
+
+ private:
+  // A string token's value; none for any other token.
+  static std::optional<std::string> string_token(std::string_view t) {
+    if (t[0] != '"') return std::nullopt;
+    const json j = json::parse(t, nullptr, false);
+    if (!j.is_string()) return std::nullopt;
+    return j.get<std::string>();
+  }
+  void take(std::string_view t) {
+    switch (phase) {
+      case Phase::brace:
+        phase = t == "{" ? Phase::key : Phase::done;
+        return;
+      case Phase::key:
+        if (std::optional<std::string> k = string_token(t)) {
+          key = std::move(*k);
+          phase = Phase::colon;
+        } else {
+          phase = Phase::done;
+        }
+        return;
+      case Phase::colon:
+        phase = t == ":" ? Phase::value : Phase::done;
+        return;
+      case Phase::value:
+        if (key == "name" && !name) {
+          name = string_token(t);
+          phase = name ? Phase::comma : Phase::done;
+        } else if (key == "arguments" && name) {
+          if (t != "{") {
+            phase = Phase::done;  // arguments as a string, an array, ...: whole at the close
+            return;
+          }
+          compact.assign(1, '{');
+          open.assign(1, '{');
+          value_next = false;
+          phase = Phase::args;
+        } else if (t == "{" || t == "[") {
+          skip_depth = 1;
+          phase = Phase::skip;
+        } else {
+          phase = Phase::comma;
+        }
+        return;
+      case Phase::skip:
+        if (t == "{" || t == "[") ++skip_depth;
+        else if (t == "}" || t == "]") --skip_depth;
+        if (skip_depth == 0) phase = Phase::comma;
+        return;
+      case Phase::comma:
+        phase = t == "," ? Phase::key : Phase::done;
+        return;
+      case Phase::args:
+        if (!compact_token(t, compact)) {
+          phase = Phase::done;
+          return;
+        }
+        if (t == "{" || t == "[") {
+          open.push_back(t[0]);
+          if (open.size() > 64) phase = Phase::done;  // (read_call refuses such depth)
+        } else if (t == "}" || t == "]") {
+          open.pop_back();
+          if (open.empty()) phase = Phase::done;  // nothing after the arguments is streamed
+        }
+        value_next = !open.empty() && (open.back() == '[' ? t == "[" || t == "," : t == ":");
+        return;
+      case Phase::done:
+        return;
+    }
+  }
+
+  // The open string value at body offset `at`: its whole characters not yet written, parsed
+  // and dumped on their own (escaping is per character, so the pieces join to the dump of the
+  // whole string).
+  void open_string(std::string_view body, size_t at) {
+    if (string_at != at) {
+      string_at = at;
+      string_cut = 1;
+      string_compact.assign(1, '"');
+    }
+    const std::string_view raw = body.substr(at);
+    const size_t end = whole_characters(raw, string_cut);
+    if (end == string_cut) return;
+    const json j = json::parse(std::string(1, '"').append(raw.substr(string_cut, end - string_cut)).append(1, '"'), nullptr, false);
+    if (!j.is_string()) return;  // not a valid string so far: nothing more of it
+    const std::string piece = dump(j);
+    string_compact.append(piece, 1, piece.size() - 2);
+    string_cut = end;
+  }
+};
+
+ToolCallStream::ToolCallStream(std::vector<ToolDef> tools, bool reply_is_call)
+    : tools_(std::move(tools)), reply_is_call_(reply_is_call) {}
+ToolCallStream::~ToolCallStream() = default;
+ToolCallStream::ToolCallStream(ToolCallStream &&) noexcept = default;
+ToolCallStream &ToolCallStream::operator=(ToolCallStream &&) noexcept = default;
+
+namespace {
 
 } // namespace
 
@@ -299,6 +395,7 @@ void ToolCallStream::stream_body(const std::string &text, size_t at, size_t begi
   if (closed) {
     std::vector<ToolCall> one;
     const bool ok = read_call(trim(std::string(body)), tools_, one);
+    if (at == scan_at_) scan_.reset();
     if (at == open_at_) {
       // The rest of a call whose name went out (nothing, if the whole call reads otherwise).
       if (ok && one[0].name == open_name_ && one[0].arguments_json.starts_with(args_sent_) &&
@@ -313,18 +410,23 @@ void ToolCallStream::stream_body(const std::string &text, size_t at, size_t begi
     }
     return;
   }
-  const CallScan scan = scan_call(body);
+  if (!scan_ || scan_at_ != at) {  // a block not scanned before
+    scan_ = std::make_unique<Scanner>();
+    scan_at_ = at;
+  }
+  scan_->advance(body);
   if (at != open_at_) {
-    if (!scan.name || !find_tool(tools_, *scan.name)) return;
+    if (!scan_->name || !find_tool(tools_, *scan_->name)) return;
     open_at_ = at;
     open_index_ = next_index_++;
-    open_name_ = *scan.name;
+    open_name_ = *scan_->name;
     args_sent_.clear();
     delta_for(piece, open_index_).name = open_name_;
   }
-  if (scan.arguments.size() > args_sent_.size() && scan.arguments.starts_with(args_sent_)) {
-    delta_for(piece, open_index_).arguments += scan.arguments.substr(args_sent_.size());
-    args_sent_ = scan.arguments;
+  std::string arguments = scan_->arguments();
+  if (arguments.size() > args_sent_.size() && arguments.starts_with(args_sent_)) {
+    delta_for(piece, open_index_).arguments += arguments.substr(args_sent_.size());
+    args_sent_ = std::move(arguments);
   }
 }
 
@@ -347,12 +449,15 @@ void ToolCallStream::blocks(const std::string &text, size_t safe, bool at_end, P
 }
 
 namespace {
-// Where a reply's text begins: after a byte-order mark (the JSON parser skips one before a bare
-// call object, so this does too) and whitespace; npos when there is none yet.
+// Where a reply's text begins: after whitespace, a byte-order mark and whitespace (a whole reply
+// is trimmed, then the JSON parser skips one mark before a bare call object, so this does too);
+// npos when there is none yet.
 size_t reply_start(const std::string &text) {
-  const std::string_view bom = "\xEF\xBB\xBF";
-  if (text.size() < bom.size() && bom.substr(0, text.size()) == text) return std::string::npos;
-  return text.find_first_not_of(" \t\r\n", text.compare(0, bom.size(), bom) == 0 ? bom.size() : 0);
+  const std::string_view bom = "\xEF\xBB\xBF", space = " \t\r\n";
+  const size_t lead = std::min(text.find_first_not_of(space), text.size());
+  const std::string_view rest = std::string_view(text).substr(lead);
+  if (rest.size() < bom.size() && bom.starts_with(rest)) return std::string::npos;  // maybe a mark yet
+  return text.find_first_not_of(space, rest.starts_with(bom) ? lead + bom.size() : lead);
 }
 } // namespace
 

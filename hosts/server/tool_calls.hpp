@@ -5,9 +5,10 @@
 // Llama 3 writes it), earlier calls and tool results are rendered the same way, and the reply
 // is parsed back into tool_calls. With tool_choice "required" or a named function, the reply is
 // constrained by the json-schema sampler to one call object of the allowed tools.
-// Thread-safety: pure functions.
+// Thread-safety: the functions are pure; a ToolCallStream is one choice's, used by one thread at a time.
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -62,10 +63,11 @@ std::string reply_content(const std::string &text, const std::vector<ToolCall> &
 // finish() the rest once the reply ended. Concatenated, the pieces' content is
 // reply_content(text, parse_tool_calls(text, tools)) and each index's name and arguments are
 // those calls', in order, for every reply whose blocks all hold valid calls. A block whose name
-// went out but whose call turns out invalid (its JSON broken, or cut off by max_tokens or a stop
-// string) stays as far as it was streamed, as OpenAI's stream leaves a cut-off call, and the
-// whole response drops it; so do the rare arguments that compact differently as a whole (a key
-// written twice).
+// went out but whose call turns out invalid (its JSON broken, a key written twice, or cut off by
+// max_tokens or a stop string) stays as far as it was streamed, as OpenAI's stream leaves a
+// cut-off call, and the whole response drops it (the calls after it then have numbers one
+// higher in the stream than in the whole response). With `reply_is_call`, a block after the
+// bare object (which the json-schema sampler does not let through) would not go out.
 // Not thread-safe (one per streamed choice).
 class ToolCallStream {
  public:
@@ -79,8 +81,10 @@ class ToolCallStream {
     std::vector<CallDelta> calls;  // at most one a call
     size_t content_end = 0;        // bytes of the text the content sent so far covers
   };
-  explicit ToolCallStream(std::vector<ToolDef> tools, bool reply_is_call = false)
-      : tools_(std::move(tools)), reply_is_call_(reply_is_call) {}
+  explicit ToolCallStream(std::vector<ToolDef> tools, bool reply_is_call = false);
+  ~ToolCallStream();
+  ToolCallStream(ToolCallStream &&) noexcept;
+  ToolCallStream &operator=(ToolCallStream &&) noexcept;
   Piece update(const std::string &text, size_t safe);
   Piece finish(const std::string &text);
 
@@ -101,6 +105,9 @@ class ToolCallStream {
   size_t open_index_ = 0;
   std::string open_name_;
   std::string args_sent_;      // that call's arguments text sent so far
+  struct Scanner;              // the open block's scan so far (tool_calls.cpp)
+  std::unique_ptr<Scanner> scan_;
+  size_t scan_at_ = std::string::npos;  // the block (its tag's offset) it scans
 };
 
 } // namespace loom::server

@@ -1150,6 +1150,7 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call's name th
       " {\"name\": \"add\", \"parameters\": {\"b\": 2}}",                    // one bare call object
       "{\"answer\": 42}",                                                     // a bare object that is no call
       "\xEF\xBB\xBF{\"name\": \"add\", \"arguments\": {}}",                      // a bare call after a byte-order mark
+      " \n\xEF\xBB\xBF {\"name\": \"add\", \"arguments\": {}}",                 // ... after whitespace too
       "Two blocks, the second unclosed:\n\n" + first + "\n<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 2}}",
       // the arguments as "parameters", as a JSON string, and before the name: whole at the close
       "<tool_call>{\"name\": \"add\", \"parameters\": {\"a\": [1, 2]}}</tool_call>",
@@ -1186,6 +1187,19 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call's name th
   CHECK(long_args.args_at[0].size() >= 10);
   CHECK(long_args.args_at[0][9] < written.find("</tool_call>"));
   CHECK(long_args.calls[0].arguments_json == R"({"city":"Ur é \"x\" /","days":1.5,"opts":[true,null,{"a":0,"b":100.0}],"e":{}})");
+  // A key written twice makes no call (the stream had sent the first value, a parser keeps the
+  // last): the name's stays as streamed, as a cut-off call does.
+  CHECK(loom::server::parse_tool_calls("<tool_call>{\"name\": \"add\", \"arguments\": {}, \"name\": \"get_weather\"}</tool_call>", tools).empty());
+  CHECK(loom::server::parse_tool_calls("<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1, \"a\": 2}}</tool_call>", tools).empty());
+  CHECK(loom::server::parse_tool_calls("{\"name\": \"add\", \"arguments\": {\"a\": {\"b\": 1}, \"c\": {\"b\": 2}}}", tools).size() == 1);
+  // An argument of 8,000 characters streamed a byte at a time: each update lexes only what is
+  // new (this took seconds when every update lexed the whole block again).
+  std::string long_value;
+  for (int i = 0; long_value.size() < 8000; ++i) long_value += "line " + std::to_string(i) + "\\n\\u00e9 ";
+  const std::string long_reply = "<tool_call>{\"name\": \"add\", \"arguments\": {\"text\": \"" + long_value + "\"}}</tool_call>";
+  const Streamed long_got = stream(long_reply, 1, 0);
+  check_same_calls(long_got, loom::server::parse_tool_calls(long_reply, tools));
+  CHECK(long_got.args_at[0].size() > 1000);
   // A long string argument streams as it is written, escapes and all, not once it closes.
   const std::string code = "<tool_call>{\"name\": \"add\", \"arguments\": {\"code\": \"def f(x):\\n    return \\\"\\u00e9\\ud834\\udd1e\\\" * x  # ü\"}}</tool_call>";
   const Streamed code_got = stream(code, 1, 0);
