@@ -78,6 +78,24 @@ for (let seed = 0; seed < 4; seed++) {
 }
 check(called >= 1, `tools: ${called} of 4 replies are lookup_verse calls with schema-valid arguments`);
 
+// The same calls streamed: the client's stream helper joins each call's id (the response's own)
+// and name and its arguments' pieces into the call the whole response holds (same seed, same
+// tokens).
+let joined = 0, pieces = 0;
+for (let seed = 0; seed < 4; seed++) {
+  const body = { model: 'tiny-kjv', messages: [{ role: 'user', content: 'Find Genesis 1.' }], tools, tool_choice: 'required',
+                 max_tokens: 60, seed };
+  const whole = await client.chat.completions.create(body);
+  const runner = client.chat.completions.stream(body);
+  runner.on('chunk', (chunk) => { if (chunk.choices[0]?.delta?.tool_calls) pieces++; });
+  const merged = await runner.finalChatCompletion();
+  const a = whole.choices[0].message.tool_calls?.[0], b = merged.choices[0].message.tool_calls?.[0];
+  if (whole.choices[0].finish_reason !== 'tool_calls') continue;
+  if (a && b && b.id === `${merged.id}-call-0-0` && a.function.name === b.function.name &&
+      a.function.arguments === b.function.arguments) joined++;
+}
+check(joined >= 1 && pieces > 2 * joined, `tools streamed: ${joined} calls joined by the client equal the whole responses' (${pieces} pieces)`);
+
 const emb = await client.embeddings.create({ model: 'tiny-kjv', input: ['In the beginning', 'God created'] });
 check(emb.data.length === 2 && emb.data[0].embedding.length > 0, 'embeddings.create (float)');
 const emb64 = await client.embeddings.create({ model: 'tiny-kjv', input: 'In the beginning' }); // the client asks for base64
