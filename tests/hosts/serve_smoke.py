@@ -38,7 +38,8 @@ check(s == 200 and json.loads(b)["choices"][0]["text"].isdigit(), "guided_regex 
 # Prompt log-probabilities on CUDA (one-token rows through the decode kernel, sampled rows moved
 # up on the device), against transformers' (the golden file, float32 on the CPU: within bf16's
 # error), whole and streamed in the echo chunk (the same lists merged); min_tokens with a stop
-# string (only one ending after the first min_tokens tokens counts); tools streamed.
+# string (only one ending after the first min_tokens tokens counts); tools streamed, a required
+# call's arguments in pieces.
 import math, os
 golden = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "models", "tiny-kjv-golden.json")))["cases"][0]
 def log_softmax_at(row, token):
@@ -72,6 +73,24 @@ s, b = post("/v1/chat/completions", {"model": "tiny-kjv", "messages": [{"role": 
 pieces = [ch["delta"].get("content") for line in b.splitlines() if line.startswith("data: {")
           for ch in json.loads(line[6:])["choices"] if ch["delta"].get("content")]
 check(s == 200 and len(pieces) > 1, "a reply with tools streamed in %d pieces" % len(pieces))
+# tool_choice required, streamed: the call's id and name first, then its arguments in pieces that
+# join to the same call as the whole response's (greedy: the same tokens).
+req = {"model": "tiny-kjv", "messages": [{"role": "user", "content": "Add."}], "tools": tools, "tool_choice": "required",
+       "max_tokens": 40, "temperature": 0}
+s, b = post("/v1/chat/completions", req)
+whole_call = (json.loads(b)["choices"][0]["message"].get("tool_calls") or [None])[0] if s == 200 else None
+s, b = post("/v1/chat/completions", dict(req, stream=True))
+name, args, parts = None, "", 0
+for line in b.splitlines():
+    if line.startswith("data: {"):
+        for ch in json.loads(line[6:])["choices"]:
+            for d in ch["delta"].get("tool_calls") or []:
+                name = d["function"].get("name", name)
+                args += d["function"]["arguments"]
+                parts += 1
+check(s == 200 and (whole_call is None or (name == whole_call["function"]["name"] and args == whole_call["function"]["arguments"]
+                                           and parts > 2)),
+      "a required call streamed in %d pieces joins to the whole response's: %s %s" % (parts, name, args))
 # 32 concurrent mixed requests (own chains and the pipeline's in one batch)
 res = []
 def worker(i):
