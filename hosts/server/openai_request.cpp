@@ -362,7 +362,7 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   if (chat) {
     parse_messages(j, p);
     parse_tools(j, p);
-    bool_field(j, "parallel_tool_calls", true); // several <tool_call> blocks are read either way
+    p.parallel_tool_calls = bool_field(j, "parallel_tool_calls", true);
   } else {
     parse_prompt(j, p, vocab_size);
   }

@@ -79,6 +79,9 @@ struct GenerationParams {
   std::vector<ToolDef> tools;
   ToolChoice tool_choice = ToolChoice::none;
   std::string tool_name; // ToolChoice::named
+  // parallel_tool_calls: false keeps a reply's first call only (the model may still write
+  // several blocks; the whole response and the stream both stop at the first call).
+  bool parallel_tool_calls = true;
   bool uses_tools() const { return !tools.empty() && tool_choice != ToolChoice::none; }
   // The tools the reply may call (the named one, or all).
   std::vector<ToolDef> callable_tools() const;

@@ -545,7 +545,8 @@ struct Server::Impl {
           const auto tool_stream_of = [&](Choice &c) -> ToolCallStream & {
             if (!c.tool_stream)
               c.tool_stream = std::make_unique<ToolCallStream>(
-                  gp.callable_tools(), gp.tool_choice == ToolChoice::required || gp.tool_choice == ToolChoice::named);
+                  gp.callable_tools(), gp.tool_choice == ToolChoice::required || gp.tool_choice == ToolChoice::named,
+                  gp.parallel_tool_calls ? SIZE_MAX : 1);
             return *c.tool_stream;
           };
           const auto finish_reason = [&](const Choice &c) -> json {
@@ -695,7 +696,10 @@ struct Server::Impl {
               c.result.stopped = false;
             }
           if (gp.uses_tools())
-            for (size_t i = 0; i < job->choices.size(); ++i) calls[i] = parse_tool_calls(job->choices[i].result.text, gp.callable_tools());
+            for (size_t i = 0; i < job->choices.size(); ++i) {
+              calls[i] = parse_tool_calls(job->choices[i].result.text, gp.callable_tools());
+              if (!gp.parallel_tool_calls && calls[i].size() > 1) calls[i].resize(1);
+            }
           int64_t prompt_n = 0, completion_n = 0;
           for (size_t i = 0; i < job->choices.size(); ++i) {
             const Choice &c = job->choices[i];

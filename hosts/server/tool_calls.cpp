@@ -365,8 +365,8 @@ struct ToolCallStream::Scanner {
   }
 };
 
-ToolCallStream::ToolCallStream(std::vector<ToolDef> tools, bool reply_is_call)
-    : tools_(std::move(tools)), reply_is_call_(reply_is_call) {}
+ToolCallStream::ToolCallStream(std::vector<ToolDef> tools, bool reply_is_call, size_t max_calls)
+    : tools_(std::move(tools)), reply_is_call_(reply_is_call), max_calls_(max_calls) {}
 ToolCallStream::~ToolCallStream() = default;
 ToolCallStream::ToolCallStream(ToolCallStream &&) noexcept = default;
 ToolCallStream &ToolCallStream::operator=(ToolCallStream &&) noexcept = default;
@@ -403,7 +403,7 @@ void ToolCallStream::stream_body(const std::string &text, size_t at, size_t begi
         delta_for(piece, open_index_).arguments += one[0].arguments_json.substr(args_sent_.size());
       open_at_ = std::string::npos;
       args_sent_.clear();
-    } else if (ok) {
+    } else if (ok && next_index_ < max_calls_) {
       CallDelta &d = delta_for(piece, next_index_++);
       d.name = one[0].name;
       d.arguments = one[0].arguments_json;
@@ -416,7 +416,7 @@ void ToolCallStream::stream_body(const std::string &text, size_t at, size_t begi
   }
   scan_->advance(body);
   if (at != open_at_) {
-    if (!scan_->name || !find_tool(tools_, *scan_->name)) return;
+    if (!scan_->name || !find_tool(tools_, *scan_->name) || next_index_ >= max_calls_) return;
     open_at_ = at;
     open_index_ = next_index_++;
     open_name_ = *scan_->name;
@@ -499,6 +499,7 @@ ToolCallStream::Piece ToolCallStream::finish(const std::string &text) {
     blocks(text, text.size(), true, piece);
     if (next_index_ == 0)  // one bare call object (parse_tool_calls' reading when no block holds one)
       for (const ToolCall &c : calls) {
+        if (next_index_ >= max_calls_) break;
         CallDelta &d = delta_for(piece, next_index_++);
         d.name = c.name;
         d.arguments = c.arguments_json;

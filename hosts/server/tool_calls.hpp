@@ -8,6 +8,7 @@
 // Thread-safety: the functions are pure; a ToolCallStream is one choice's, used by one thread at a time.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -81,7 +82,8 @@ class ToolCallStream {
     std::vector<CallDelta> calls;  // at most one a call
     size_t content_end = 0;        // bytes of the text the content sent so far covers
   };
-  explicit ToolCallStream(std::vector<ToolDef> tools, bool reply_is_call = false);
+  // max_calls: the calls streamed at most (1 for parallel_tool_calls false: the first call only).
+  explicit ToolCallStream(std::vector<ToolDef> tools, bool reply_is_call = false, size_t max_calls = SIZE_MAX);
   ~ToolCallStream();
   ToolCallStream(ToolCallStream &&) noexcept;
   ToolCallStream &operator=(ToolCallStream &&) noexcept;
@@ -98,6 +100,7 @@ class ToolCallStream {
   void send_content(const std::string &text, size_t content_end, Piece &piece);
   std::vector<ToolDef> tools_;
   bool reply_is_call_ = false;
+  size_t max_calls_ = SIZE_MAX;
   size_t content_sent_ = 0;
   size_t cursor_ = 0;          // where the next block is looked for
   size_t next_index_ = 0;      // the number the next call gets

@@ -1092,8 +1092,8 @@ struct StreamedTools {
 // Feeds `reply` to a ToolCallStream a few bytes at a time (as tokens come), `safe` all of it but
 // the last `unsafe` bytes, then finishes it.
 StreamedTools stream_tools(const std::vector<loom::server::ToolDef> &tools, const std::string &reply, size_t step,
-                           size_t unsafe, bool reply_is_call = false) {
-  loom::server::ToolCallStream s(tools, reply_is_call);
+                           size_t unsafe, bool reply_is_call = false, size_t max_calls = SIZE_MAX) {
+  loom::server::ToolCallStream s(tools, reply_is_call, max_calls);
   StreamedTools out;
   const auto take = [&](const loom::server::ToolCallStream::Piece &p, size_t at) {
     if (!p.content.empty()) out.content_at.push_back(at);
@@ -1218,6 +1218,15 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call's name th
   CHECK(stream(bare, 1, 0, false).call_at == std::vector<size_t>{bare.size()});
   // A plain answer streams as it comes (not all at the end).
   CHECK(stream(replies[3], 1, 0).content_at.size() > 10);
+  // parallel_tool_calls false: the first call only, streamed as the whole response keeps it.
+  for (const std::string &two : {replies[0], replies[1], replies[9]})
+    for (const size_t step : {size_t{1}, size_t{5}}) {
+      auto whole = loom::server::parse_tool_calls(two, tools);
+      whole.resize(std::min<size_t>(whole.size(), 1));
+      const StreamedTools first_only = stream_tools(tools, two, step, 0, false, 1);
+      CHECK(first_only.content == loom::server::reply_content(two, whole));
+      check_same_calls(first_only, whole);
+    }
   // A call cut off inside its arguments (max_tokens) stays as far as it streamed, as OpenAI's
   // stream leaves it; the whole response has no call, and the content adds up all the same.
   const std::string cut = "Checking.\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Jer";
@@ -1320,6 +1329,15 @@ TEST_CASE("chat with tools: required and named choices give tool_calls that fit 
     ++calls;
   }
   CHECK(calls >= 1);
+  // parallel_tool_calls: a boolean (false keeps a reply's first call; ToolCallStream's test).
+  auto one_call = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools}, {"tool_choice", "required"},
+                                                  {"parallel_tool_calls", false}, {"max_tokens", 96}, {"seed", 0}});
+  REQUIRE(one_call->status == 200);
+  CHECK(json::parse(one_call->body)["choices"][0]["message"].value("tool_calls", json::array()).size() <= 1);
+  auto not_bool = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools},
+                                                  {"parallel_tool_calls", "no"}, {"max_tokens", 4}});
+  REQUIRE(not_bool->status == 400);
+  CHECK(json::parse(not_bool->body)["error"]["param"] == "parallel_tool_calls");
   const json named = {{"type", "function"}, {"function", {{"name", "add"}}}};
   auto r = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools}, {"tool_choice", named},
                                            {"max_tokens", 96}, {"seed", 1}, {"stream", true}});
