@@ -423,18 +423,10 @@ cudaError_t resident_blocks(const void* kernel, int smem, int64_t& wave) {
 // allow and every block starts before the previous kernel ends.
 template <GemvPrologue P, GemvEpilogue E, bool KS, int NT>
 int launch_kernel(const GemvArgs& a, bool programmatic, cudaStream_t stream, int64_t wave) {
-  const auto kernel = gemv_kernel<P, E, KS, NT, kSteps>;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(wave, (units_of<E, KS>(a) + kWarps - 1) / kWarps)));
-  config.blockDim = dim3(kRowThreads);
-  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes(a, NT));
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = programmatic ? &attribute : nullptr;
-  config.numAttrs = programmatic ? 1 : 0;
-  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, a));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(wave, (units_of<E, KS>(a) + kWarps - 1) / kWarps)));
+  return static_cast<int>(device::launch_maybe_programmatic(programmatic, grid, dim3(kRowThreads),
+                                                            static_cast<size_t>(smem_bytes(a, NT)), stream,
+                                                            gemv_kernel<P, E, KS, NT, kSteps>, a));
 }
 
 template <GemvPrologue P, GemvEpilogue E, int NT>

@@ -21,26 +21,9 @@ namespace {
 
 using device::kRowThreads;
 using device::load;
+using device::launch_maybe_programmatic;
 using device::store;
 
-
-// Launches kernel<<<grid, block, 0, s>>>(args...), as a programmatic dependent launch when
-// `programmatic` (sm_90+): the kernel may then be scheduled while the one before it finishes, so
-// it must wait for that one (device::wait_for_previous_kernel) before it touches global memory.
-template <class... Params, class... Args>
-cudaError_t launch_maybe_programmatic(bool programmatic, dim3 grid, dim3 block, cudaStream_t s,
-                                      void (*kernel)(Params...), Args... args) {
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.stream = s;
-  config.attrs = programmatic ? &attribute : nullptr;
-  config.numAttrs = programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
-}
 
 int grid_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
@@ -85,7 +68,7 @@ cudaError_t launch_norm(float* x, const int32_t* row_index, int32_t n_rows, int3
     if (hidden != PER * kRowThreads)
       return launch_norm<T, PER - 1>(x, row_index, n_rows, hidden, pending_bias, w, b, eps, out, programmatic, s);
   }
-  return launch_maybe_programmatic(programmatic, dim3(static_cast<unsigned>(n_rows)), dim3(kRowThreads), s,
+  return launch_maybe_programmatic(programmatic, dim3(static_cast<unsigned>(n_rows)), dim3(kRowThreads), 0, s,
                                    add_bias_norm_kernel<T, PER>, x, row_index, hidden, pending_bias, w, b, eps, out);
 }
 
@@ -240,11 +223,11 @@ int qkv_bias_rope_split_cuda(const void* qkv, const float* bias, const float* co
   cudaError_t e;
   if (dtype == Dtype::bf16) {
     using T = __nv_bfloat16;
-    e = launch_maybe_programmatic(programmatic, grid, block, s, qkv_kernel<T>, static_cast<const T*>(qkv), bias, cos_sin,
+    e = launch_maybe_programmatic(programmatic, grid, block, 0, s, qkv_kernel<T>, static_cast<const T*>(qkv), bias, cos_sin,
                                   positions, n_heads, n_kv_heads, head_dim, static_cast<T*>(q), static_cast<T*>(k),
                                   static_cast<T*>(v));
   } else {
-    e = launch_maybe_programmatic(programmatic, grid, block, s, qkv_kernel<float>, static_cast<const float*>(qkv), bias,
+    e = launch_maybe_programmatic(programmatic, grid, block, 0, s, qkv_kernel<float>, static_cast<const float*>(qkv), bias,
                                   cos_sin, positions, n_heads, n_kv_heads, head_dim, static_cast<float*>(q),
                                   static_cast<float*>(k), static_cast<float*>(v));
   }

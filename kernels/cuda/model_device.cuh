@@ -41,6 +41,26 @@ __device__ __forceinline__ void allow_next_kernel() {
 #endif
 }
 
+// Launches kernel<<<grid, block, smem, s>>>(args...), as a programmatic dependent launch when
+// `programmatic` (sm_90+): the kernel may then be scheduled while the one before it finishes, so
+// it must call wait_for_previous_kernel() before it touches global memory the previous kernel
+// writes or reads.
+template <class... Params, class... Args>
+cudaError_t launch_maybe_programmatic(bool programmatic, dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                                      void (*kernel)(Params...), Args... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = s;
+  config.attrs = programmatic ? &attribute : nullptr;
+  config.numAttrs = programmatic ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
 // Sum over the block (kRowThreads threads); every thread gets the total. All threads must call.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float partial[kRowThreads / 32];
