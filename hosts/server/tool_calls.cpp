@@ -103,24 +103,25 @@ std::string tool_call_schema(const std::vector<ToolDef> &tools) {
   return dump(branches.size() == 1 ? branches[0] : json{{"anyOf", branches}});
 }
 
+namespace {
+const std::string kOpenTag = "<tool_call>", kCloseTag = "</tool_call>";
+} // namespace
+
 std::vector<ToolCall> parse_tool_calls(const std::string &text, const std::vector<ToolDef> &tools) {
   std::vector<ToolCall> calls;
-  const std::string open = "<tool_call>", close = "</tool_call>";
   size_t at = 0;
-  while ((at = text.find(open, at)) != std::string::npos) {
-    const size_t end = text.find(close, at + open.size());
-    const std::string body = trim(text.substr(at + open.size(), end == std::string::npos ? std::string::npos : end - at - open.size()));
-    read_call(body, tools, calls);
+  while ((at = text.find(kOpenTag, at)) != std::string::npos) {
+    const size_t begin = at + kOpenTag.size();
+    const size_t end = text.find(kCloseTag, begin);
+    read_call(trim(text.substr(begin, end == std::string::npos ? std::string::npos : end - begin)), tools, calls);
     if (end == std::string::npos) break;
-    at = end + close.size();
+    at = end + kCloseTag.size();
   }
   if (calls.empty()) read_call(trim(text), tools, calls);
   return calls;
 }
 
 namespace {
-
-const std::string kOpenTag = "<tool_call>", kCloseTag = "</tool_call>";
 
 // The end of text[0, end) without its trailing whitespace.
 size_t before_trailing_space(const std::string &text, size_t end) {
