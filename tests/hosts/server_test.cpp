@@ -1329,15 +1329,6 @@ TEST_CASE("chat with tools: required and named choices give tool_calls that fit 
     ++calls;
   }
   CHECK(calls >= 1);
-  // parallel_tool_calls: a boolean (false keeps a reply's first call; ToolCallStream's test).
-  auto one_call = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools}, {"tool_choice", "required"},
-                                                  {"parallel_tool_calls", false}, {"max_tokens", 96}, {"seed", 0}});
-  REQUIRE(one_call->status == 200);
-  CHECK(json::parse(one_call->body)["choices"][0]["message"].value("tool_calls", json::array()).size() <= 1);
-  auto not_bool = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools},
-                                                  {"parallel_tool_calls", "no"}, {"max_tokens", 4}});
-  REQUIRE(not_bool->status == 400);
-  CHECK(json::parse(not_bool->body)["error"]["param"] == "parallel_tool_calls");
   const json named = {{"type", "function"}, {"function", {{"name", "add"}}}};
   auto r = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools}, {"tool_choice", named},
                                            {"max_tokens", 96}, {"seed", 1}, {"stream", true}});
@@ -1361,6 +1352,35 @@ TEST_CASE("chat with tools: required and named choices give tool_calls that fit 
     }
     return joined;
   };
+  // A reply made to hold two calls (guided_regex, tool_choice auto): both come back, whole and
+  // streamed; with parallel_tool_calls false only the first, whole and streamed. A non-boolean
+  // parallel_tool_calls is a 400 naming it.
+  const std::string two_calls = R"(<tool_call>\{"name": "add", "arguments": \{"a": 1\}\}</tool_call>\n)"
+                                R"(<tool_call>\{"name": "get_weather", "arguments": \{"city": "Ur"\}\}</tool_call>)";
+  for (const bool parallel : {true, false}) {
+    json two_req = {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools}, {"guided_regex", two_calls},
+                    {"parallel_tool_calls", parallel}, {"max_tokens", 160}};
+    const json whole_two = f.ok("/v1/chat/completions", two_req);
+    INFO(whole_two.dump());
+    const json &got = whole_two["choices"][0]["message"]["tool_calls"];
+    REQUIRE(got.size() == (parallel ? 2u : 1u));
+    CHECK(got[0]["function"]["name"] == "add");
+    CHECK(got[0]["function"]["arguments"] == "{\"a\":1}");
+    if (parallel) CHECK(got[1]["function"]["arguments"] == "{\"city\":\"Ur\"}");
+    two_req["stream"] = true;
+    auto streamed_two = f.post("/v1/chat/completions", two_req);
+    REQUIRE(streamed_two->status == 200);
+    const json joined_two = join_calls(streamed_choices(streamed_two->body));
+    REQUIRE(joined_two.size() == got.size());
+    for (size_t k = 0; k < got.size(); ++k) {
+      CHECK(joined_two[k]["name"] == got[k]["function"]["name"]);
+      CHECK(joined_two[k]["arguments"] == got[k]["function"]["arguments"]);
+    }
+  }
+  auto not_bool = f.post("/v1/chat/completions", {{"model", "tiny-kjv"}, {"messages", messages}, {"tools", tools},
+                                                  {"parallel_tool_calls", "no"}, {"max_tokens", 4}});
+  REQUIRE(not_bool->status == 400);
+  CHECK(json::parse(not_bool->body)["error"]["param"] == "parallel_tool_calls");
   const std::vector<json> named_choices = streamed_choices(r->body);
   REQUIRE(!named_choices.empty());
   const json named_calls = join_calls(named_choices);
