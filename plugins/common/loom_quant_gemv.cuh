@@ -386,31 +386,16 @@ __device__ __forceinline__ void store(const Args& a, int64_t at, float v) {
     static_cast<float*>(a.y)[at] = v;
 }
 
-// Token t's sums of one unit's two streams.
-template <class F>
-__device__ __forceinline__ void finish_unit(const Args& a, int unit, int t, float y0, float y1) {
-  const Streams m = streams_of(a, unit);
-  if (a.split) {
-    const float v = (y0 + y1) * F::row_scale(a, m.r0) + (a.bias ? a.bias[m.r0] : 0.0f);
-    const int64_t at = static_cast<int64_t>(t) * a.out + m.r0;
-    if (a.output == output_add)
-      static_cast<float*>(a.y)[at] += v;
-    else
-      store(a, at, v);
-    return;
-  }
-  y0 *= F::row_scale(a, m.r0);
-  if (m.r1 >= 0) y1 *= F::row_scale(a, m.r1);
-  if (a.bias && a.output != output_swiglu) {
-    y0 += a.bias[m.r0];
-    if (m.r1 >= 0) y1 += a.bias[m.r1];
-  }
+// Writes token t's outputs of a unit (not split) from its two finished sums y0, y1 (row scales
+// and biases applied): RoPE on q and k by (c, s) and the q/k/v split, SwiGLU, or a store; an
+// add writes old0 + y0 and old1 + y1 (the residual's values before).
+__device__ __forceinline__ void write_unit(const Args& a, int unit, int t, const Streams& m, float y0, float y1,
+                                           float c, float s, float old0, float old1) {
   if (a.output == output_rope_qkv) {
     const int D = a.head_dim, half = D / 2, head = unit / half, i = unit - head * half;
     float x0 = a.y_bf16 ? round_bf16(y0) : y0, x1 = a.y_bf16 ? round_bf16(y1) : y1;
     void* base;
     int64_t at;
-    bool rotate = true;
     if (head < a.heads) {
       base = a.q;
       at = (static_cast<int64_t>(t) * a.heads + head) * D;
@@ -420,11 +405,8 @@ __device__ __forceinline__ void finish_unit(const Args& a, int unit, int t, floa
     } else {
       base = a.v;
       at = (static_cast<int64_t>(t) * a.kv_heads + head - a.heads - a.kv_heads) * D;
-      rotate = false;
     }
-    if (rotate) {
-      const float* cs = a.cos_sin + (static_cast<int64_t>(a.positions[t]) * half + i) * 2;
-      const float c = cs[0], s = cs[1];
+    if (head < a.heads + a.kv_heads) {
       const float r0 = x0 * c - x1 * s, r1 = x1 * c + x0 * s;
       x0 = r0;
       x1 = r1;
@@ -446,12 +428,47 @@ __device__ __forceinline__ void finish_unit(const Args& a, int unit, int t, floa
   const int64_t at = static_cast<int64_t>(t) * a.out;
   if (a.output == output_add) {
     float* y = static_cast<float*>(a.y) + at;
-    y[m.r0] += y0;
-    if (m.r1 >= 0) y[m.r1] += y1;
+    y[m.r0] = old0 + y0;
+    if (m.r1 >= 0) y[m.r1] = old1 + y1;
   } else {
     store(a, at + m.r0, y0);
     if (m.r1 >= 0) store(a, at + m.r1, y1);
   }
+}
+
+// Token t's sums of one unit's two streams.
+template <class F>
+__device__ __forceinline__ void finish_unit(const Args& a, int unit, int t, float y0, float y1) {
+  const Streams m = streams_of(a, unit);
+  if (a.split) {
+    const float v = (y0 + y1) * F::row_scale(a, m.r0) + (a.bias ? a.bias[m.r0] : 0.0f);
+    const int64_t at = static_cast<int64_t>(t) * a.out + m.r0;
+    if (a.output == output_add)
+      static_cast<float*>(a.y)[at] += v;
+    else
+      store(a, at, v);
+    return;
+  }
+  y0 *= F::row_scale(a, m.r0);
+  if (m.r1 >= 0) y1 *= F::row_scale(a, m.r1);
+  if (a.bias && a.output != output_swiglu) {
+    y0 += a.bias[m.r0];
+    if (m.r1 >= 0) y1 += a.bias[m.r1];
+  }
+  float c = 1.0f, s = 0.0f, old0 = 0.0f, old1 = 0.0f;
+  if (a.output == output_rope_qkv) {
+    const int half = a.head_dim / 2, head = unit / half, i = unit - head * half;
+    if (head < a.heads + a.kv_heads) {
+      const float* cs = a.cos_sin + (static_cast<int64_t>(a.positions[t]) * half + i) * 2;
+      c = cs[0];
+      s = cs[1];
+    }
+  } else if (a.output == output_add) {
+    const float* y = static_cast<const float*>(a.y) + static_cast<int64_t>(t) * a.out;
+    old0 = y[m.r0];
+    if (m.r1 >= 0) old1 = y[m.r1];
+  }
+  write_unit(a, unit, t, m, y0, y1, c, s, old0, old1);
 }
 
 template <class F, int NT, class XT>
@@ -519,6 +536,24 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const Args a) {
   }
 }
 
+// Launches kernel(params...) on `blocks` blocks of `threads`, as a programmatic dependent launch
+// where `programmatic` (sm_90 and newer).
+template <class Kernel, class... Params>
+cudaError_t launch_with(Kernel kernel, int blocks, int threads, int smem, cudaStream_t stream, bool programmatic,
+                        Params... params) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = programmatic ? &attribute : nullptr;
+  config.numAttrs = programmatic ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, params...);
+}
+
 // Blocks of `kernel` resident at once on the current device (SMs x blocks per SM); driver
 // queries, so cached per (kernel, device) by the caller's static.
 inline cudaError_t resident_blocks(const void* kernel, int smem, int& wave) {
@@ -556,17 +591,8 @@ cudaError_t launch_tokens(Args a, cudaStream_t stream) {
   if (a.output != output_swiglu && a.output != output_rope_qkv && (a.out + 1) / 2 < wave * kWarps &&
       a.row_pieces % 64 == 0)
     a.split = true;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(std::min(wave, (units_of(a) + kWarps - 1) / kWarps)));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = static_cast<size_t>(smem);
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = device_major >= 9 ? &attribute : nullptr;
-  config.numAttrs = device_major >= 9 ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, a);
+  return launch_with(kernel, std::min(wave, (units_of(a) + kWarps - 1) / kWarps), kThreads, smem, stream,
+                     device_major >= 9, a);
 }
 
 template <class F, class XT>
@@ -654,6 +680,9 @@ __global__ void dequantize_kernel(const Args a, int row0, int rows, __nv_bfloat1
   }
 }
 
+// A template over the format only so that two formats' sources link into one binary (a
+// non-template kernel defined in a header is defined once per source).
+template <class F>
 __global__ void add_bias_kernel(const Args a) {
   const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (id >= static_cast<int64_t>(a.tokens) * a.out) return;
@@ -699,7 +728,7 @@ int launch_tiled(const Args& a, const Tiled& t, cudaStream_t stream) {
   }
   if (a.bias) {
     const int64_t n = static_cast<int64_t>(a.tokens) * a.out;
-    add_bias_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(a);
+    add_bias_kernel<F><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(a);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return static_cast<int>(e);
   }
   return 0;

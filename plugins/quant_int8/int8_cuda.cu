@@ -1,11 +1,11 @@
-// W8A16 on CUDA for the `int8` quantizer: the shared quantized GEMV (loom_quant_gemv.cuh) with
-// the int8 format. A piece is 16 signed codes; they become floats through the exponent trick
+// W8A16 on CUDA for the `int8` quantizer: the shared quantized GEMVs with the int8 format (one
+// token: loom_quant_gemv_stream.cuh's; more: loom_quant_gemv.cuh's). A piece is 16 signed codes; they become floats through the exponent trick
 // (the byte, offset to unsigned, in the low mantissa bits of 2^23, minus 2^23 + 128: two integer
 // operations and a subtraction, no conversion instruction), and the row's scale is applied once
 // to the row's sum.
 #include "int8_cuda.hpp"
 
-#include "loom_quant_gemv.cuh"
+#include "loom_quant_gemv_stream.cuh"
 
 namespace loomp::int8q {
 namespace {
@@ -45,12 +45,14 @@ struct Int8Format {
   }
   __device__ static float piece_scale(Meta) { return 1.0f; }
   __device__ static float row_scale(const qgemv::Args& a, int row) { return a.scales[row]; }
+  // The streamed one-token kernel (loom_quant_gemv_stream.cuh) applies: no per-piece metadata.
+  static constexpr bool kStreamed = true;
 };
 
 }  // namespace
 
 int w8a16_cuda(const qgemv::Args& args, const qgemv::Tiled& tiled, void* stream) {
-  return qgemv::launch_any<Int8Format>(args, tiled, static_cast<cudaStream_t>(stream));
+  return qgemv::launch_product<Int8Format>(args, tiled, static_cast<cudaStream_t>(stream));
 }
 int tiled_create(qgemv::Tiled& tiled, void* workspace) { return qgemv::tiled_create(tiled, workspace); }
 void tiled_destroy(qgemv::Tiled& tiled) { qgemv::tiled_destroy(tiled); }

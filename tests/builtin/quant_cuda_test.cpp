@@ -416,6 +416,26 @@ TEST_CASE("int8 on CUDA: linear and fused products match the CPU's", "[cuda][qua
   check_products("[quantizer]\nuse = \"int8\"\n", 300, 8192, {9, 3, 20});
 }
 
+TEST_CASE("quantized one-token products on CUDA: odd row counts and many units a warp", "[cuda][quant]") {
+  // One token takes the streamed kernel (loom_quant_gemv_stream.cuh) where rows are whole 64-piece
+  // slots: an odd number of rows leaves the last unit one row.
+  check_products("[quantizer]\nuse = \"int8\"\n", 4099, 1024);
+  check_products("[quantizer]\nuse = \"int4\"\n", 4099, 2048);
+  // 70,000 rows: more units a warp than its lanes hold epilogue values for (32 on 132 SMs).
+  for (const char *toml : {"[quantizer]\nuse = \"int8\"\n", "[quantizer]\nuse = \"int4\"\n"}) {
+    INFO(toml);
+    const int64_t out = 70000, in = 2048;
+    Quantized qz(toml, out, in);
+    const auto x = bt::random_floats(static_cast<size_t>(in), 23, -2.0f, 2.0f);
+    std::vector<float> xb(x.size());
+    for (size_t i = 0; i < x.size(); ++i) xb[i] = bf16(x[i]);
+    DeviceTensor xh({1, in}, kBF16), yd({1, out}, kF32);
+    xh.upload(x);
+    REQUIRE(qz.vt->linear(qz.q.handle(), qz.gpu, xh.dl(), nullptr, yd.dl()) == LOOM_OK);
+    check_close(yd.download(), qz.reference(xb, 1), 8e-3);
+  }
+}
+
 TEST_CASE("int4 on CUDA: linear and fused products match the CPU's", "[cuda][quant]") {
   check_products("[quantizer]\nuse = \"int4\"\n", 64, 2048, {2, 1, 16});
   check_products("[quantizer]\nuse = \"int4\"\ngroup_size = 32\nzero_point = false\n", 4099, 1056);
