@@ -14,10 +14,10 @@
 // only what it copied itself, so cp.async.wait_group orders each slot without warp or block
 // barriers.
 //
-// The chain after the wait is kept short: the input's loads are issued first, the epilogue's
-// reads of earlier kernels' outputs (the residual's old values, RoPE's position) right behind
-// them; the rows' scales, biases and the norm's weights are constant and are read before the
-// wait, with the weights. Each warp's lane l holds its unit l's epilogue values.
+// The chain after the wait is kept short: the input's loads (and the norm's weights) are issued
+// first, the epilogue's reads of the caller's data (the residual's old values, RoPE's position,
+// a bias) right behind them; the rows' scales, the format's own, are read before the wait with
+// the weights. Each warp's lane l holds its unit l's epilogue values.
 //
 // Work split: the products' units (streams_of in loom_quant_gemv.cuh: two rows each, the pair
 // the epilogue needs) are dealt to the blocks in contiguous ranges and within a block to the
@@ -33,6 +33,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <type_traits>
 
 #include "loom_quant_gemv.cuh"
 
@@ -87,9 +89,8 @@ __device__ __forceinline__ float2 block_sum_max(float2 v, float* red) {
 
 // The one token's input into xs as float16, in loom_quant_gemv.cuh's staged order and with its
 // numerics (stage_input): each thread holds its groups of 8 inputs in registers from one round
-// of 16-byte loads, so the input is read once; nw holds the norm weights of those groups, loaded
-// before the previous kernel was waited for (they are constant). after_loads() runs once the
-// input's loads are issued. Returns 1 / the float16 scale.
+// of 16-byte loads, so the input is read once; nw holds the norm weights of those groups.
+// after_loads() runs once the input's loads are issued. Returns 1 / the float16 scale.
 template <class F, class Sh, class AfterLoads>
 __device__ __forceinline__ float stage_one(const Args& a, __half* xs, const float (&nw)[Sh::kMaxGroups][8], float* red,
                                            AfterLoads&& after_loads) {
@@ -161,10 +162,10 @@ __device__ __forceinline__ float stage_one(const Args& a, __half* xs, const floa
 }
 
 // What a unit's epilogue reads besides its sums, loaded early so that the kernel's chain after
-// the previous kernel is input, products, stores: the rows' scales and biases are constant (read
-// before the wait, with the weights); the residual's old values and RoPE's cos/sin are read right
-// after the wait, beside the input staging. Lane l of a warp holds its unit l's (units past 32
-// read theirs at the end, in finish).
+// the previous kernel is input, products, stores: the rows' scales are the format's own, constant
+// (read before the wait, with the weights); the bias, the residual's old values and RoPE's
+// cos/sin are the caller's and are read right after the wait, beside the input staging. Lane l
+// of a warp holds its unit l's (units past 32 read theirs at the end).
 struct Epilogue {
   float scale0 = 1.0f, scale1 = 1.0f, bias0 = 0.0f, bias1 = 0.0f, old0 = 0.0f, old1 = 0.0f, c = 1.0f, s = 0.0f;
 };
@@ -173,13 +174,14 @@ template <class F>
 __device__ __forceinline__ void epilogue_constants(const Args& a, const Streams& m, Epilogue& e) {
   e.scale0 = F::row_scale(a, m.r0);
   e.scale1 = m.r1 >= 0 ? F::row_scale(a, m.r1) : 1.0f;
+}
+// After the wait: what the caller passed (the bias: a previous kernel may write it) and what
+// the previous kernels wrote.
+__device__ __forceinline__ void epilogue_inputs(const Args& a, int unit, const Streams& m, Epilogue& e) {
   if (a.bias && a.output != output_swiglu) {
     e.bias0 = a.bias[m.r0];
     e.bias1 = m.r1 >= 0 ? a.bias[m.r1] : 0.0f;
   }
-}
-// After the wait: what the previous kernels wrote.
-__device__ __forceinline__ void epilogue_inputs(const Args& a, int unit, const Streams& m, Epilogue& e) {
   if (a.output == output_add) {
     const float* y = static_cast<const float*>(a.y);
     e.old0 = y[m.r0];
@@ -254,6 +256,11 @@ __global__ void __launch_bounds__(Sh::kThreads, Sh::kBlocks) stream_kernel(const
     if (s < total) issue();
     commit();
   }
+  Epilogue mine_e;  // lane l: the warp's unit l
+  if (lane < mine) epilogue_constants<F>(a, streams_of(a, u0 + warp + W * lane), mine_e);
+  wait_for_previous_kernel();
+  // The norm's weights are the caller's (a previous kernel may write them): read after the wait,
+  // in flight with the input's loads.
   float nw[G][8] = {};
   if (a.input == input_rms_norm) {
     const bool vec = aligned16(a.norm_w);
@@ -263,9 +270,6 @@ __global__ void __launch_bounds__(Sh::kThreads, Sh::kBlocks) stream_kernel(const
       if (g < a.in / 8) load8_f32(a.norm_w, 8 * g, vec, nw[j]);
     }
   }
-  Epilogue mine_e;  // lane l: the warp's unit l
-  if (lane < mine) epilogue_constants<F>(a, streams_of(a, u0 + warp + W * lane), mine_e);
-  wait_for_previous_kernel();
   __shared__ float red[2 * W];
   const float unscale = stage_one<F, Sh>(a, xs, nw, red, [&] {
     if (lane < mine) epilogue_inputs(a, u0 + warp + W * lane, streams_of(a, u0 + warp + W * lane), mine_e);
@@ -345,64 +349,87 @@ constexpr int smem_of(int row_pieces, int per) {
   return Sh::kWarps * Sh::kSlots * Sh::kSlotBytes + ((row_pieces + 31) / 32) * 32 * per * 2;
 }
 
-// Whether stream_kernel takes this product: one token staged as float16 (a bfloat16 caller),
-// rows of whole slots (of the largest Q tried), an input that fits the staging, and the format's
-// own limits.
-template <class F>
-bool applies(const Args& a) {
-  return a.tokens == 1 && !a.stage_f32 && !a.split && a.row_pieces % 64 == 0 && a.in <= kMaxIn;
-}
-
-template <class F, class Sh>
-cudaError_t launch_shape(const Args& a, cudaStream_t stream) {
-  const auto kernel = stream_kernel<F, Sh>;
-  static int blocks = 0, device_major = 0;
-  constexpr int kMaxSmem = smem_of<Sh>(kMaxIn / F::kPer, F::kPer);
-  if (blocks == 0) {
-    int device = 0;
-    if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-    if (cudaError_t e = cudaDeviceGetAttribute(&device_major, cudaDevAttrComputeCapabilityMajor, device); e != cudaSuccess)
-      return e;
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem); e != cudaSuccess)
-      return e;
-    // Every product the same carveout (all shared memory): an SM changes its split between L1
-    // and shared memory only when idle, which would stop the next product's block from
-    // starting beside this one.
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                             static_cast<int>(cudaSharedmemCarveoutMaxShared));
-        e != cudaSuccess)
-      return e;
-    int sms = 0;
-    if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
-    blocks = std::max(sms, 1);
-  }
-  return launch_with(kernel, std::min(blocks, units_of(a)), Sh::kThreads, smem_of<Sh>(a.row_pieces, F::kPer), stream,
-                     device_major >= 9, a);
-}
-
 // Measured on the H200 (bench/quant_gemv_bench.cu, a batch-1 step's 65 int8 products): 256
 // threads with two pieces of each row a slot and an 80 KB ring 577 us; 512 threads (64 registers,
 // some spilled) with one piece 657, with two pieces 637; a 96 KB ring 589; four pieces 577; three
 // blocks an SM (56 KB rings, 80 registers, spills) 721-741; two blocks an SM of the products of
 // 30 MB or more (gate/up, the head) 595, of 16 MB or more (and down) 584.
 template <class F>
-cudaError_t launch(const Args& a, cudaStream_t stream) {
-  return launch_shape<F, Shape<F, 256, 2>>(a, stream);
+using Chosen = Shape<F, 256, 2>;
+
+// Whether stream_kernel takes this product: one token staged as float16 (a bfloat16 caller),
+// rows of whole slots, an input that fits the staging.
+template <class F>
+bool applies(const Args& a) {
+  return a.tokens == 1 && !a.stage_f32 && !a.split && a.row_pieces > 0 && a.row_pieces % (32 * Chosen<F>::kQ) == 0 &&
+         a.in <= kMaxIn;
 }
+
+// The kernel's per-device setup (its shared memory above 48 KB is a per-device attribute): the
+// current device's SM count, or 0 where the setup failed (the caller then takes the other
+// kernel). Thread-safe; each device is set up once.
+template <class F>
+int blocks_on_current_device(bool& programmatic) {
+  constexpr int kDevices = 64;
+  static std::mutex mutex;
+  static int sms[kDevices] = {}, major[kDevices] = {};  // 0: not yet; -1: failed
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) return 0;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (sms[device] == 0) {
+    using Sh = Chosen<F>;
+    const auto kernel = stream_kernel<F, Sh>;
+    const int smem = smem_of<Sh>(kMaxIn / F::kPer, F::kPer);
+    int count = 0;
+    const bool ok =
+        cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && count > 0 &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
+        // Every product the same carveout (all shared memory): an SM changes its split between L1
+        // and shared memory only when idle, which would stop the next product's block from
+        // starting beside this one.
+        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             static_cast<int>(cudaSharedmemCarveoutMaxShared)) == cudaSuccess;
+    sms[device] = ok ? count : -1;
+    if (!ok) (void)cudaGetLastError();  // the failure is answered by the other kernel, not kept
+  }
+  programmatic = major[device] >= 9;
+  return std::max(sms[device], 0);
+}
+
+// Launches the product, or returns cudaErrorNotSupported (nothing launched) where this device
+// could not be set up for it.
+template <class F>
+cudaError_t launch(const Args& a, cudaStream_t stream) {
+  using Sh = Chosen<F>;
+  bool programmatic = false;
+  const int blocks = blocks_on_current_device<F>(programmatic);
+  if (blocks == 0) return cudaErrorNotSupported;
+  return launch_with(stream_kernel<F, Sh>, std::min(blocks, units_of(a)), Sh::kThreads,
+                     smem_of<Sh>(a.row_pieces, F::kPer), stream, programmatic, a);
+}
+
+template <class F, class = void>
+struct streamed : std::false_type {};
+template <class F>
+struct streamed<F, std::void_t<decltype(F::kStreamed)>> : std::bool_constant<F::kStreamed> {};
 
 }  // namespace loomp::qgemv::stream
 
 namespace loomp::qgemv {
 
-// A plugin's whole product: the streamed one-token kernel where it applies (LOOM_QUANT_STREAM=0
-// turns it off, for measurements), else launch_any.
+// A plugin's whole product: the streamed one-token kernel where the format is streamed and the
+// kernel applies (LOOM_QUANT_STREAM=0 turns it off, for measurements), else launch_any.
 template <class F>
 int launch_product(const Args& a, const Tiled& t, cudaStream_t stream) {
-  static const bool streamed = [] {
-    const char* v = std::getenv("LOOM_QUANT_STREAM");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  if (streamed && a.out > 0 && stream::applies<F>(a)) return static_cast<int>(stream::launch<F>(a, stream));
+  if constexpr (stream::streamed<F>::value) {
+    static const bool on = [] {
+      const char* v = std::getenv("LOOM_QUANT_STREAM");
+      return v == nullptr || std::strcmp(v, "0") != 0;
+    }();
+    if (on && a.out > 0 && stream::applies<F>(a))
+      if (const cudaError_t e = stream::launch<F>(a, stream); e != cudaErrorNotSupported) return static_cast<int>(e);
+  }
   return launch_any<F>(a, t, stream);
 }
 
