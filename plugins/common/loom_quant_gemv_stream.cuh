@@ -286,14 +286,11 @@ __global__ void __launch_bounds__(Sh::kThreads, Sh::kBlocks) stream_kernel(const
       w0[j] = *reinterpret_cast<const uint4*>(slot + j * 512);
       w1[j] = *reinterpret_cast<const uint4*>(slot + (Q + j) * 512);
     }
-    // The slot's values are in registers: request the slot S ahead into it.
-    if (s + S < total) issue();
-    commit();
-    if (++o_slot == S) o_slot = 0;
     const int unit = u0 + warp + W * o_unit;
 #pragma unroll
     for (int j = 0; j < Q; ++j) {
-      // This lane's inputs of piece off + 32 j + lane (staged_slot's order), read once for both rows.
+      // This lane's inputs of piece o_chunk 32 Q + 32 j + lane (staged_slot's order), read once
+      // for both rows.
       const __half* x = xs + ((o_chunk * Q + j) * kChunks) * (32 * kVals) + lane * kVals;
       __half2 v0[F::kPer / 2], v1[F::kPer / 2];
       F::decode_half(w0[j], typename F::Meta{}, v0);
@@ -315,6 +312,11 @@ __global__ void __launch_bounds__(Sh::kThreads, Sh::kBlocks) stream_kernel(const
       acc0 += f0.x + f0.y;  // the format's scale is the row's, applied in finish_with
       acc1 += f1.x + f1.y;
     }
+    // The slot's values have been used (so its reads are complete: PTX does not order a later
+    // cp.async after an earlier load of the same address): request the slot S ahead into it.
+    if (s + S < total) issue();
+    commit();
+    if (++o_slot == S) o_slot = 0;
     if (++o_chunk == chunks) {
       o_chunk = 0;
       for (int o = 16; o > 0; o >>= 1) {
