@@ -36,6 +36,11 @@ class CpuTrainingEngine final : public TrainingEngine {
                                  [shards](float *data, size_t count, bool max) { shards->all_reduce(data, count, max); },
                                  shards->rank() == 0});
     }
+    if (options.attention) {
+      if (!options.adapters.empty()) throw runtime_error("training: train.attention = \"plugin\" with an adapter is not supported yet");
+      trainer_.attach_attention(options.attention);
+      attention_ = ", attention by " + options.attention->slot() + " (" + options.attention->desc().name + ")";
+    }
     if (options.adapters.empty()) return;
     trainer_.attach_adapters(options.adapters);
     trainer_.set_frozen_base(true);
@@ -64,7 +69,8 @@ class CpuTrainingEngine final : public TrainingEngine {
   }
   std::string describe() const override {
     return "cpu float32 x" + std::to_string(threads_) + " threads" +
-           (views_.empty() ? "" : quantized_ ? ", adapters only (base frozen, quantized)" : ", adapters only (base frozen)");
+           (views_.empty() ? "" : quantized_ ? ", adapters only (base frozen, quantized)" : ", adapters only (base frozen)") +
+           attention_;
   }
   void zero_grad() override {
     trainer_.zero_grad();
@@ -167,6 +173,7 @@ class CpuTrainingEngine final : public TrainingEngine {
   AdamW<float> opt_;
   int32_t threads_;
   bool quantized_;
+  std::string attention_;  // describe(): the attention component training runs through, if any
   const TensorShards *tensor_ = nullptr;  // tensor parallel: this rank's group
   const PipelineStages *pipeline_ = nullptr;  // pipeline parallel: this rank's stage (of several)
   int64_t micro_ = 1;                         // sequences per pipeline micro-batch

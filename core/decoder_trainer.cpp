@@ -2,6 +2,7 @@
 // (see decoder_trainer.hpp).
 #include "decoder_trainer.hpp"
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -188,8 +189,7 @@ void DecoderTrainer<T>::layer_forward_llama(size_t l, std::vector<T> &x, PerLaye
   }
   if (P > 0) prefix_forward(l, A.k, A.v);
   A.a.resize(A.q.size());
-  A.p.resize(static_cast<size_t>(Hq * n * (P + n)));
-  grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, A.a.data(), A.p.data(), pool_.get(), P);
+  attend(l, A.q.data(), A.k.data(), A.v.data(), n, Hq, Hkv, D, c.sliding_window, P, A.a.data(), A.p);
   tmp.resize(x.size());
   project(L.o, L.o_b, A.a.data(), n, H, Hq * D, tmp.data());
   tensor_sum(tmp);
@@ -240,8 +240,7 @@ void DecoderTrainer<T>::layer_forward_gpt2(size_t l, std::vector<T> &x, PerLayer
     std::copy_n(qkv.begin() + t * 3 * AW + 2 * AW, AW, A.v.begin() + t * AW);
   }
   A.a.resize(A.q.size());
-  A.p.resize(static_cast<size_t>(Hh * n * n));
-  grad::attention(A.q.data(), A.k.data(), A.v.data(), n, Hh, Hh, D, int64_t{0}, A.a.data(), A.p.data(), pool_.get());
+  attend(l, A.q.data(), A.k.data(), A.v.data(), n, Hh, Hh, D, int64_t{0}, int64_t{0}, A.a.data(), A.p);
   tmp.resize(x.size());
   grad::conv1d(A.a.data(), n, value(L.o), AW, H, row_bias(L.o_b), tmp.data(), pool_.get());
   tensor_sum(tmp);
@@ -430,8 +429,8 @@ void DecoderTrainer<T>::backward_llama(const std::vector<int32_t> &tokens, Acts 
     dq.assign(da.size(), T(0));
     dk.assign(static_cast<size_t>((P + n) * kv), T(0));
     dv.assign(dk.size(), T(0));
-    grad::attention_backward(da.data(), A.q.data(), A.k.data(), A.v.data(), A.p.data(), n, Hq, Hkv, D, dq.data(), dk.data(),
-                             dv.data(), pool_.get(), P);
+    attend_backward(l, da.data(), A.q.data(), A.k.data(), A.v.data(), A.a.data(), A.p.data(), n, Hq, Hkv, D, P, dq.data(),
+                    dk.data(), dv.data());
     for (int64_t t = 0; t < n; ++t) {
       ops::rope(dq.data() + t * Hq * D, Hq, D, P + t, inv_freq_, true);
       ops::rope(dk.data() + (P + t) * kv, Hkv, D, P + t, inv_freq_, true);
@@ -503,8 +502,8 @@ void DecoderTrainer<T>::backward_gpt2(const std::vector<int32_t> &tokens, Acts &
     dq.assign(da.size(), T(0));
     dk.assign(da.size(), T(0));
     dv.assign(da.size(), T(0));
-    grad::attention_backward(da.data(), A.q.data(), A.k.data(), A.v.data(), A.p.data(), n, Hh, Hh, D, dq.data(), dk.data(),
-                             dv.data(), pool_.get());
+    attend_backward(l, da.data(), A.q.data(), A.k.data(), A.v.data(), A.a.data(), A.p.data(), n, Hh, Hh, D, int64_t{0},
+                    dq.data(), dk.data(), dv.data());
     dqkv.resize(static_cast<size_t>(n * 3 * AW));
     for (int64_t t = 0; t < n; ++t) {
       std::copy_n(dq.begin() + t * AW, AW, dqkv.begin() + t * 3 * AW);
@@ -641,6 +640,130 @@ void backward_sites(const Sites &sites, const float *x, const float *dy, float *
     io.d_x = &dxv.t;
     s.adapter->check(s.adapter->template vtable<loom_adapter_vtable>()->backward(s.adapter->handle(), s.site, &io), "backward");
   }
+}
+
+// A DLTensor over trainer memory (float32 on the CPU), shape kept alongside.
+struct CpuView {
+  std::array<int64_t, 3> shape{};
+  DLTensor t{};
+  CpuView(const void *data, DLDataType dtype, std::initializer_list<int64_t> dims) {
+    std::copy(dims.begin(), dims.end(), shape.begin());
+    t.data = const_cast<void *>(data);
+    t.device = {kDLCPU, 0};
+    t.ndim = static_cast<int32_t>(dims.size());
+    t.dtype = dtype;
+    t.shape = shape.data();
+  }
+  DLTensor *dl() { return &t; }
+};
+
+// What a forward and a backward batch of one causal sequence of n tokens share (the two
+// structs name these fields alike).
+template <class Batch>
+void one_sequence(Batch &b, int64_t layer, int64_t n, CpuView &q, CpuView &k, CpuView &v, CpuView &out, CpuView &offsets) {
+  b.struct_size = sizeof(b);
+  b.layer = static_cast<int32_t>(layer);
+  b.n_seqs = 1;
+  b.n_tokens = static_cast<int32_t>(n);
+  b.q = q.dl();
+  b.k = k.dl();
+  b.v = v.dl();
+  b.out = out.dl();
+  b.seq_offsets = offsets.dl();
+  b.causal = 1;
+}
+
+template <class T>
+void DecoderTrainer<T>::attach_attention(std::shared_ptr<Instance> attention) {
+  if constexpr (!std::is_same_v<T, float>) {
+    (void)attention;
+    throw runtime_error("training: an attention component trains in float32 only");
+  } else {
+    const auto *vt = attention->vtable<loom_attention_vtable>();
+    const std::string who = attention->slot() + " (" + attention->desc().name + ")";
+    if (vt->backward == nullptr) throw runtime_error(who + ": the attention component has no backward; it cannot train");
+    if (tensor_parallel()) throw runtime_error(who + ": training through an attention component with tensor parallelism is not supported yet");
+    if (prefix_tokens_ > 0) throw runtime_error(who + ": training through an attention component with a prefix adapter is not supported yet");
+    const bool gpt2 = config_.architecture == Architecture::gpt2;
+    loom_attention_config c{};
+    c.struct_size = sizeof(c);
+    c.n_layers = static_cast<int32_t>(config_.n_layers);
+    c.n_heads = static_cast<int32_t>(config_.n_heads);
+    c.n_kv_heads = static_cast<int32_t>(gpt2 ? config_.n_heads : config_.n_kv_heads);
+    c.head_dim = static_cast<int32_t>(config_.head_dim);
+    c.max_positions = static_cast<int32_t>(config_.max_positions);
+    c.sliding_window = static_cast<int32_t>(gpt2 ? 0 : config_.sliding_window);
+    c.softmax_scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+    c.dtype = {kDLFloat, 32, 1};
+    c.device = {kDLCPU, 0};
+    loom_kv_layout layout{};
+    layout.struct_size = sizeof(layout);
+    layout.window = c.sliding_window;
+    attention->check(vt->prepare(attention->handle(), &c, &layout), "prepare");
+    if (layout.block_size < 1 || layout.bytes_per_block == 0)
+      throw runtime_error(who + ": the attention component keeps no KV cache; training runs its forward over one");
+    if (layout.cache_dtype.code != kDLFloat || layout.cache_dtype.bits != 32)
+      throw runtime_error(who + ": its KV cache does not store float32 (kv_dtype): the forward would round k and v, which "
+                                "the gradient does not see");
+    if (layout.window != c.sliding_window)
+      throw runtime_error(who + ": its sliding window (" + std::to_string(layout.window) + ") is not the model's (" +
+                          std::to_string(c.sliding_window) + "): the model would train on a window it does not run with");
+    attention_ = std::move(attention);
+    attention_layout_ = layout;
+  }
+}
+
+template <class T>
+void DecoderTrainer<T>::attend(size_t l, const T *q, const T *k, const T *v, int64_t n, int64_t Hq, int64_t Hkv, int64_t D,
+                               int64_t window, int64_t P, T *out, std::vector<T> &p) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (attention_ && P == 0) {
+      // The component's forward of a fresh sequence at position 0 over a scratch cache of its
+      // own layout (blocks 0, 1, ... of the sequence).
+      const int64_t B = attention_layout_.block_size, blocks = (n + B - 1) / B;
+      attention_pool_.resize(static_cast<size_t>(blocks) * attention_layout_.bytes_per_block);
+      std::vector<int32_t> table(static_cast<size_t>(blocks)), offsets{0, static_cast<int32_t>(n)}, positions{0};
+      for (int64_t b = 0; b < blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
+      const DLDataType f32{kDLFloat, 32, 1}, i32{kDLInt, 32, 1}, u8{kDLUInt, 8, 1};
+      CpuView q3(q, f32, {n, Hq, D}), k3(k, f32, {n, Hkv, D}), v3(v, f32, {n, Hkv, D}), o3(out, f32, {n, Hq, D}),
+          off(offsets.data(), i32, {2}), pos(positions.data(), i32, {1}), tab(table.data(), i32, {1, blocks}),
+          pool(attention_pool_.data(), u8, {blocks, static_cast<int64_t>(attention_layout_.bytes_per_block)});
+      loom_attention_batch b{};
+      one_sequence(b, stage_.first + static_cast<int64_t>(l), n, q3, k3, v3, o3, off);
+      b.seq_positions = pos.dl();
+      b.block_table = tab.dl();
+      b.kv_pool = pool.dl();
+      attention_->check(attention_->vtable<loom_attention_vtable>()->forward(attention_->handle(), &b), "forward");
+      return;
+    }
+  }
+  p.resize(static_cast<size_t>(Hq * n * (P + n)));
+  grad::attention(q, k, v, n, Hq, Hkv, D, window, out, p.data(), pool_.get(), P);
+}
+
+template <class T>
+void DecoderTrainer<T>::attend_backward(size_t l, const T *d_out, const T *q, const T *k, const T *v, const T *out, const T *p,
+                                        int64_t n, int64_t Hq, int64_t Hkv, int64_t D, int64_t P, T *dq, T *dk, T *dv) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (attention_ && P == 0) {
+      const DLDataType f32{kDLFloat, 32, 1}, i32{kDLInt, 32, 1};
+      std::vector<int32_t> offsets{0, static_cast<int32_t>(n)};
+      CpuView q3(q, f32, {n, Hq, D}), k3(k, f32, {n, Hkv, D}), v3(v, f32, {n, Hkv, D}), o3(out, f32, {n, Hq, D}),
+          g3(d_out, f32, {n, Hq, D}), dq3(dq, f32, {n, Hq, D}), dk3(dk, f32, {n, Hkv, D}), dv3(dv, f32, {n, Hkv, D}),
+          off(offsets.data(), i32, {2});
+      loom_attention_backward_batch b{};
+      one_sequence(b, stage_.first + static_cast<int64_t>(l), n, q3, k3, v3, o3, off);
+      b.d_out = g3.dl();
+      b.d_q = dq3.dl();
+      b.d_k = dk3.dl();
+      b.d_v = dv3.dl();
+      attention_->check(attention_->vtable<loom_attention_vtable>()->backward(attention_->handle(), &b), "backward");
+      return;
+    }
+  }
+  (void)l;
+  (void)out;
+  grad::attention_backward(d_out, q, k, v, p, n, Hq, Hkv, D, dq, dk, dv, pool_.get(), P);
 }
 
 template <class T>

@@ -7,8 +7,8 @@
 //
 // The scalar type is a template parameter: float to train, double for the finite-difference
 // checks (tests/core/train_grad_test.cpp). Its forward pass is the same model as ReferenceModel
-// (checked against it) with attention computed by the core, not by the attention plugin: the
-// plugin's `backward` (attention.h) is a later step, as are CUDA and mixed precision.
+// (checked against it) with attention computed by the core, or, attached (attach_attention), by
+// an attention component's forward and backward (attention.h; float only).
 //
 // Ownership: a trainer owns copies of its parameters and their gradients. Thread-safety: none.
 #pragma once
@@ -71,6 +71,11 @@ class DecoderTrainer {
   // targets; after such a linear's forward it adds its delta (training mode), and its backward
   // adds into the input's gradient and its own parameters' (float only; GPT-2 is refused).
   void attach_adapters(const std::vector<std::shared_ptr<Instance>> &adapters);
+  // An attention component computes each layer's attention and its gradients (its forward over
+  // a scratch KV cache of the sequence, then its `backward`), prepared here for the model's
+  // geometry (float only; not with tensor parallelism or a prefix adapter). Refused, by name,
+  // when the component has no backward.
+  void attach_attention(std::shared_ptr<Instance> attention);
   // A frozen base computes no gradients for the model's linears, biases, embedding and head
   // (only what flows to the adapters; norms' weights still get theirs, unused).
   void set_frozen_base(bool frozen) { frozen_ = frozen; }
@@ -152,6 +157,13 @@ class DecoderTrainer {
   // rows of k and v; and their gradient (those rows of dk and dv) back to the adapter.
   void prefix_forward(size_t l, std::vector<T> &k, std::vector<T> &v);
   void prefix_backward(size_t l, const std::vector<T> &dk, const std::vector<T> &dv);
+  // Layer l's attention over one sequence of n tokens (k, v with P prefix rows first; p the
+  // probabilities the core's backward keeps), by the core or the attached component; and its
+  // backward into dq, dk, dv (out: the forward's output).
+  void attend(size_t l, const T *q, const T *k, const T *v, int64_t n, int64_t Hq, int64_t Hkv, int64_t D, int64_t window,
+              int64_t P, T *out, std::vector<T> &p);
+  void attend_backward(size_t l, const T *d_out, const T *q, const T *k, const T *v, const T *out, const T *p, int64_t n,
+                       int64_t Hq, int64_t Hkv, int64_t D, int64_t P, T *dq, T *dk, T *dv);
   size_t need(const std::string &name) const;
   T *value(size_t index) { return params_[index].value.data(); }
   T *grad(size_t index) { return params_[index].grad.data(); }
@@ -176,6 +188,9 @@ class DecoderTrainer {
   std::vector<std::array<std::vector<Site>, 2>> block_sites_;  // per layer: attention's, MLP's (ABI 1.6)
   std::vector<Site> prefix_sites_;  // per layer, when a prefix adapter is attached
   int64_t prefix_tokens_ = 0;       // its virtual tokens
+  std::shared_ptr<Instance> attention_;         // attach_attention's
+  loom_kv_layout attention_layout_{};
+  std::vector<uint8_t> attention_pool_;         // one sequence's scratch KV cache
   std::shared_ptr<Instance> quantizer_;         // quantize_base's
   std::map<size_t, loom_qweight *> qweights_;   // by the linear's weight index; the quantizer owns them
   std::vector<float> dequantized_;              // one linear's dequantized weight (backward)

@@ -240,7 +240,7 @@ void read_train_table(const toml::table &t, const std::string &source, const std
   SchemaReader r(t, "train", source);
   r.only({"data", "validation_data", "validation_fraction", "seq_len", "batch_size", "grad_accum", "steps", "lr", "min_lr",
           "schedule", "warmup", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "recompute", "eval_every", "save_every",
-          "out", "resume", "precision", "init", "save_dtype", "pipeline_micro_batch"});
+          "out", "resume", "precision", "init", "save_dtype", "pipeline_micro_batch", "attention"});
   s.enabled = true;
   for (const char *required : {"data", "out"})
     if (!t.contains(required)) r.fail(t, required, "is required");
@@ -265,6 +265,8 @@ void read_train_table(const toml::table &t, const std::string &source, const std
   r.read_number("eps", s.eps, 1e-30, 1.0);
   r.read_number("grad_clip", s.grad_clip, 0.0, 1e9);
   if (auto n = r.get("recompute", toml::node_type::boolean, "true or false")) s.recompute = *n->value<bool>();
+  if (r.read_string("attention", s.attention) && s.attention != "core" && s.attention != "plugin")
+    r.fail(*t.get("attention"), "attention", "expected \"core\" or \"plugin\", got \"" + s.attention + "\"");
   if (r.read_string("precision", s.precision) && s.precision != "float32" && s.precision != "bf16")
     r.fail(*t.get("precision"), "precision", "expected \"float32\" or \"bf16\", got \"" + s.precision + "\"");
   if (r.read_string("init", s.init) && s.init != "pretrained" && s.init != "random")

@@ -36,6 +36,9 @@ struct TrainEngineOptions {
   // QLoRA-style ([PEFT]; CPU, with adapters): the frozen base's layer linears through this
   // quantizer (DecoderTrainer::quantize_base).
   std::shared_ptr<Instance> quantizer;
+  // train.attention = "plugin" (CPU, no adapters, no tensor parallelism): this attention
+  // component computes each layer's attention and its gradients (DecoderTrainer::attach_attention).
+  std::shared_ptr<Instance> attention;
   // Tensor parallelism ([Parallel], CPU): the config and weights given to the engine are this
   // rank's (TensorShards::local_config / local_weights); not owned, outlives the engine.
   const TensorShards *tensor = nullptr;

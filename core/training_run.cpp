@@ -350,7 +350,16 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
   std::unique_ptr<Pipeline> pipeline;
   nlohmann::json adapter_config;
   std::shared_ptr<Instance> parallel;
-  if (!adapter_specs.empty() || !m.of_kind(LOOM_KIND_PARALLEL).empty()) {
+  const bool plugin_attention = t.attention == "plugin";
+  if (plugin_attention) {
+    if (device.device_type != kDLCPU)
+      throw manifest_error(m.source_name + ": train.attention: \"plugin\" trains on the CPU engine only ([loom] device = \"cpu\")");
+    if (m.of_kind(LOOM_KIND_ATTENTION).empty())
+      throw manifest_error(m.source_name + ": train.attention: \"plugin\" needs an [attention] component");
+    if (!adapter_specs.empty())
+      throw manifest_error(m.source_name + ": train.attention: \"plugin\" with an adapter is not supported yet");
+  }
+  if (!adapter_specs.empty() || !m.of_kind(LOOM_KIND_PARALLEL).empty() || plugin_attention) {
     registry = std::make_unique<Registry>(Registry::default_search_paths(m.plugin_paths));
     registry->scan();
     InstanceEnvironment env;
@@ -372,6 +381,7 @@ TrainResult train(const Manifest &m, const TrainOptions &options) {
     const loom_parallel_topology topo = ParallelCalls(*parallel).topology();
     if (topo.world_size > 1) eo.device = topo.local_rank;
   }
+  if (plugin_attention) eo.attention = pipeline->list(LOOM_KIND_ATTENTION).front();
   if (!adapter_specs.empty()) {
     eo.adapters = pipeline->list(LOOM_KIND_ADAPTER);
     if (!quantizer_specs.empty()) eo.quantizer = pipeline->list(LOOM_KIND_QUANTIZER).front();

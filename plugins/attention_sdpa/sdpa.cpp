@@ -205,6 +205,93 @@ struct Sdpa {
       }
     }
   }
+
+  // Training (attention.h: loom_attention_backward_batch): the gradients of this component's
+  // forward over the sequences' own tokens (no earlier cache: a training sequence starts at
+  // position 0), with the probabilities recomputed from q and k. P = softmax(scale q k^T) over
+  // the keys a query sees (causal, the window), O = P v:
+  //   d_v[j] += P_ij d_out_i,  dP_ij = d_out_i . v_j,  dS_ij = P_ij (dP_ij - d_out_i . out_i),
+  //   d_q_i += scale dS_ij k_j,  d_k_j += scale dS_ij q_i  (GQA: summed over a kv head's queries).
+  void backward(const loom_attention_backward_batch& b) {
+    if (!prepared) invalid("sdpa: backward called before prepare");
+    if (cfg.device.device_type != kDLCPU) unsupported("sdpa: backward runs on the CPU only");
+    if (kv.format != KvFormat::f32)
+      unsupported("sdpa: backward needs kv_dtype \"auto\" (a float32 cache: the forward of a quantized cache rounds k "
+                  "and v, which the gradient would not see)");
+    const int64_t H = cfg.n_heads, Hkv = cfg.n_kv_heads, D = cfg.head_dim, T = b.n_tokens, S = b.n_seqs;
+    if (T < 0 || S < 0) invalid("sdpa: n_tokens and n_seqs must be >= 0");
+    check_f32(b.q, "q", {T, H, D});
+    check_f32(b.k, "k", {T, Hkv, D});
+    check_f32(b.v, "v", {T, Hkv, D});
+    check_f32(b.out, "out", {T, H, D});
+    check_f32(b.d_out, "d_out", {T, H, D});
+    check_f32(b.d_q, "d_q", {T, H, D});
+    check_f32(b.d_k, "d_k", {T, Hkv, D});
+    check_f32(b.d_v, "d_v", {T, Hkv, D});
+    check_i32(b.seq_offsets, "seq_offsets", {S + 1});
+    const int32_t* off = data_of<int32_t>(*b.seq_offsets);
+    if (off[0] != 0 || off[S] != T) invalid("seq_offsets: must start at 0 and end at n_tokens");
+    for (int64_t s = 0; s < S; ++s)
+      if (off[s + 1] < off[s]) invalid("seq_offsets: must be non-decreasing (sequence " + std::to_string(s) + ")");
+    const float *q = data_of<float>(*b.q), *k = data_of<float>(*b.k), *v = data_of<float>(*b.v),
+                *out = data_of<float>(*b.out), *dout = data_of<float>(*b.d_out);
+    float *dq = data_of<float>(*b.d_q), *dk = data_of<float>(*b.d_k), *dv = data_of<float>(*b.d_v);
+    std::fill(dq, dq + T * H * D, 0.0f);
+    std::fill(dk, dk + T * Hkv * D, 0.0f);
+    std::fill(dv, dv + T * Hkv * D, 0.0f);
+    const int64_t group = H / Hkv, window = cfg.sliding_window;
+    const float scale = cfg.softmax_scale;
+    std::vector<float> p;
+    for (int64_t s = 0; s < S; ++s) {
+      if (host->is_cancelled && host->is_cancelled(ctx)) fail(LOOM_ERR_CANCELLED, "sdpa: cancelled");
+      const int64_t base = off[s], n = off[s + 1] - off[s];
+      p.resize(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t hi = b.causal ? i : n - 1;
+        const int64_t lo = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t kvh = h / group;
+          const float* qi = q + ((base + i) * H + h) * D;
+          const float* gi = dout + ((base + i) * H + h) * D;
+          const float* oi = out + ((base + i) * H + h) * D;
+          // The forward's probabilities, recomputed as it computed them.
+          float mx = -INFINITY;
+          for (int64_t j = lo; j <= hi; ++j) {
+            const float* kj = k + ((base + j) * Hkv + kvh) * D;
+            float dot = 0.0f;
+            for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
+            p[j] = dot * scale;
+            mx = std::max(mx, p[j]);
+          }
+          float denom = 0.0f;
+          for (int64_t j = lo; j <= hi; ++j) {
+            p[j] = std::exp(p[j] - mx);
+            denom += p[j];
+          }
+          float go = 0.0f;  // d_out_i . out_i = sum_j P_ij dP_ij
+          for (int64_t d = 0; d < D; ++d) go += gi[d] * oi[d];
+          float* dqi = dq + ((base + i) * H + h) * D;
+          for (int64_t j = lo; j <= hi; ++j) {
+            const float pij = p[j] / denom;
+            const float* kj = k + ((base + j) * Hkv + kvh) * D;
+            const float* vj = v + ((base + j) * Hkv + kvh) * D;
+            float* dkj = dk + ((base + j) * Hkv + kvh) * D;
+            float* dvj = dv + ((base + j) * Hkv + kvh) * D;
+            float dp = 0.0f;
+            for (int64_t d = 0; d < D; ++d) {
+              dvj[d] += pij * gi[d];
+              dp += gi[d] * vj[d];
+            }
+            const float ds = pij * (dp - go) * scale;
+            for (int64_t d = 0; d < D; ++d) {
+              dqi[d] += ds * kj[d];
+              dkj[d] += ds * qi[d];
+            }
+          }
+        }
+      }
+    }
+  }
 };
 
 loom_status prepare_fn(void* inst, const loom_attention_config* c, loom_kv_layout* layout) {
@@ -215,13 +302,17 @@ loom_status forward_fn(void* inst, const loom_attention_batch* b) {
   auto* a = static_cast<Sdpa*>(inst);
   return attention_forward(*a, a->host, a->ctx, "sdpa", b);
 }
+loom_status backward_fn(void* inst, const loom_attention_backward_batch* b) {
+  auto* a = static_cast<Sdpa*>(inst);
+  return attention_backward(*a, a->host, a->ctx, "sdpa", b);
+}
 
 constexpr loom_attention_vtable kVtable = {
     sizeof(loom_attention_vtable),
     {&create_instance<Sdpa>, &destroy_instance<Sdpa>, nullptr, nullptr, nullptr},
     &prepare_fn,
     &forward_fn,
-    nullptr,  // backward: not yet
+    &backward_fn,  // CPU, float32 cache
 };
 constexpr loom_param_desc kParams[] = {
     {sizeof(loom_param_desc), "block_size", LOOM_VALUE_INT, 0, "16",

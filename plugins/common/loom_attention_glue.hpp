@@ -85,4 +85,16 @@ loom_status attention_forward(C& a, const loom_host_api* host, loom_host_ctx* ct
   });
 }
 
+// The backward entry point: C::backward(batch).
+template <class C>
+loom_status attention_backward(C& a, const loom_host_api* host, loom_host_ctx* ctx, const char* name,
+                               const loom_attention_backward_batch* b) noexcept {
+  return guard(host, ctx, [&] {
+    const std::string n(name);
+    if (b == nullptr) invalid(n + ": backward batch is NULL");
+    if (!LOOM_HAS_FIELD(b, loom_attention_backward_batch, saved)) invalid(n + ": backward batch struct_size too small");
+    a.backward(*b);
+  });
+}
+
 }  // namespace loomp

@@ -35,6 +35,21 @@ namespace {
 
 const fs::path kModels = fs::path(LOOM_SOURCE_DIR) / "tests/fixtures/models";
 
+// The pipeline a manifest's text builds, with the registry it was built from.
+struct Built {
+  loom::Manifest manifest;
+  loom::Registry registry;
+  loom::InstanceEnvironment env;
+  loom::Pipeline pipeline;
+  explicit Built(const std::string &text)
+      : manifest(loom::parse_manifest_string(text, "built.toml")),
+        registry(loom::Registry::default_search_paths(manifest.plugin_paths)), pipeline(registry, env) {
+    registry.scan();
+    pipeline.build(manifest);
+  }
+  std::shared_ptr<loom::Instance> attention() { return pipeline.list(LOOM_KIND_ATTENTION).front(); }
+};
+
 std::vector<double> random_values(size_t n, uint32_t seed, double lo = -1.0, double hi = 1.0) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<double> dist(lo, hi);
@@ -430,6 +445,58 @@ TEST_CASE("activation recomputation and threads give the same gradients bit for 
       CHECK(kept.params()[i].grad == threaded.params()[i].grad);
     }
   }
+}
+
+TEST_CASE("training through the sdpa component's forward and backward gives the core's gradients", "[train]") {
+  // train.attention = "plugin": each layer's attention and its gradients by the [attention]
+  // component (sdpa: its forward over a scratch cache, its backward recomputing the
+  // probabilities). The same model as the core's attention within float32 rounding, on the
+  // fixtures with GQA, a sliding window (tiny-mistral), q/k/v biases and GPT-2's layer.
+  for (const char *name : {"tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gpt2"}) {
+    INFO(name);
+    const fs::path dir = kModels / name;
+    if (!fs::exists(dir)) continue;
+    const loom::ModelConfig config = loom::load_model_config(dir);
+    Built built("[model]\npath = \"" + dir.string() + "\"\n[attention]\nuse = \"sdpa\"\nblock_size = 4\n");
+    auto weights = [&] { return loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)); };
+    loom::DecoderTrainer<float> core(config, weights()), plugin(config, weights()), recomputed(config, weights());
+    plugin.attach_attention(built.attention());
+    recomputed.attach_attention(built.attention());
+    recomputed.set_recompute(true);
+    // 11 tokens: past the sliding window of tiny-mistral and over three cache blocks of 4.
+    const std::vector<int32_t> tokens = {1, 17, 4, 33, 8, 21, 5, 99, 3, 42, 7};
+    const double loss = core.loss(tokens, true, 1.0);
+    CHECK(plugin.loss(tokens, true, 1.0) == Approx(loss).epsilon(1e-5));
+    CHECK(recomputed.loss(tokens, true, 1.0) == Approx(loss).epsilon(1e-5));
+    for (size_t i = 0; i < core.params().size(); ++i) {
+      INFO(core.params()[i].name);
+      const auto &want = core.params()[i].grad, &got = plugin.params()[i].grad, &again = recomputed.params()[i].grad;
+      double largest = 0, worst = 0;
+      for (size_t j = 0; j < want.size(); ++j) {
+        largest = std::max(largest, static_cast<double>(std::fabs(want[j])));
+        worst = std::max(worst, static_cast<double>(std::fabs(got[j] - want[j])));
+      }
+      CHECK(worst <= 1e-4 * std::max(largest, 1e-3));
+      CHECK(again == got);  // the component's forward is recomputed exactly
+    }
+  }
+}
+
+TEST_CASE("train.attention = plugin refuses what it cannot train, by name", "[train]") {
+  const fs::path dir = kModels / "tiny-llama";
+  const loom::ModelConfig config = loom::load_model_config(dir);
+  auto weights = [&] { return loom::ModelWeights::load(config, loom::SafetensorsIndex::open_model_dir(dir)); };
+  const std::string model = "[model]\npath = \"" + dir.string() + "\"\n";
+  loom::DecoderTrainer<float> trainer(config, weights());
+  // A quantized cache rounds k and v in the forward; the gradient would not see it.
+  Built int8(model + "[attention]\nuse = \"sdpa\"\nkv_dtype = \"int8\"\n");
+  CHECK_THROWS_WITH(trainer.attach_attention(int8.attention()), Catch::Contains("its KV cache does not store float32 (kv_dtype)"));
+  // A window of its own: the model would train on attention it does not run with.
+  Built windowed(model + "[attention]\nuse = \"sdpa\"\nsliding_window = 4\n");
+  CHECK_THROWS_WITH(trainer.attach_attention(windowed.attention()), Catch::Contains("its sliding window (4) is not the model's (0)"));
+  loom::DecoderTrainer<double> in_double(config, weights());
+  Built sdpa(model + "[attention]\nuse = \"sdpa\"\n");
+  CHECK_THROWS_WITH(in_double.attach_attention(sdpa.attention()), Catch::Contains("float32 only"));
 }
 
 TEST_CASE("two pipeline stages chained give the whole model's loss and gradients", "[train][parallel]") {

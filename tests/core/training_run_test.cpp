@@ -202,6 +202,27 @@ TEST_CASE("loom train logs its schedule, lowers the validation loss and exports 
   fs::remove_all(out);
 }
 
+TEST_CASE("loom train through the [attention] component (train.attention = plugin) follows the core's losses", "[train]") {
+  const std::string model = "[model]\npath = \"" + kKjv.string() + "\"\n";
+  CHECK_THAT(manifest_error(model + "[train]\ndata = \"a.txt\"\nout = \"o\"\nattention = \"flash\"\n"),
+             Catch::Contains("train.attention: expected \"core\" or \"plugin\", got \"flash\""));
+  const fs::path core_out = scratch("attn_core"), plugin_out = scratch("attn_plugin");
+  CHECK_THROWS_WITH(loom::train(manifest(plugin_out, {"train.attention=\"plugin\""}), quiet()),
+                    Catch::Contains("train.attention: \"plugin\" needs an [attention] component"));
+  const std::string sdpa = "[attention]\nuse = \"sdpa\"\n";
+  const loom::TrainResult core = loom::train(manifest(core_out, {"train.init=\"random\""}, sdpa), quiet());
+  const loom::TrainResult plugin =
+      loom::train(manifest(plugin_out, {"train.init=\"random\"", "train.attention=\"plugin\""}, sdpa), quiet());
+  CHECK_THAT(plugin.device, Catch::Contains("attention by attention (sdpa)"));
+  REQUIRE(plugin.train_loss.size() == core.train_loss.size());
+  for (size_t i = 0; i < core.train_loss.size(); ++i)
+    CHECK(plugin.train_loss[i].second == Approx(core.train_loss[i].second).epsilon(1e-4));
+  REQUIRE(plugin.val_loss.size() == core.val_loss.size());
+  CHECK(plugin.val_loss.back().second < plugin.val_loss.front().second);
+  fs::remove_all(core_out);
+  fs::remove_all(plugin_out);
+}
+
 TEST_CASE("a resumed training run continues exactly where it stopped", "[train]") {
   const fs::path straight = scratch("straight"), resumed = scratch("resumed");
   const loom::TrainResult full = loom::train(manifest(straight, {"train.eval_every=0"}), quiet());

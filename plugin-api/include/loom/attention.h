@@ -76,7 +76,11 @@ typedef struct loom_attention_batch {
   int32_t shared_blocks;
 } loom_attention_batch;
 
-/* Training: gradients of one layer's attention over fully materialised q, k, v (no cache). */
+/* Training: gradients of one layer's attention over fully materialised q, k, v (no cache): the
+ * sequences start at position 0 and out is what forward wrote for them (Loom's trainer runs
+ * forward over a scratch cache of the plugin's layout first, `[train] attention = "plugin"`).
+ * d_q, d_k and d_v are written whole, not accumulated. Loom's host passes saved = NULL so far
+ * (a plugin recomputes what it needs). */
 typedef struct loom_attention_backward_batch {
   uint32_t struct_size;
   int32_t layer;

@@ -164,6 +164,9 @@ struct TrainSpec {
   double weight_decay = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   double grad_clip = 1.0;                    // max global gradient norm; 0 = no clipping
   bool recompute = false;                    // activation recomputation (less memory, one more forward)
+  // Who computes attention and its gradients: "core" (the trainer's own) or "plugin" (the
+  // pipeline's [attention] component, its forward and backward; the CPU engine, float32).
+  std::string attention = "core";
   // Pipeline parallel: sequences per pipeline micro-batch (1F1B runs a rank's share of each
   // micro-batch above as share / pipeline_micro_batch pipeline micro-batches); must divide it.
   int64_t pipeline_micro_batch = 1;
