@@ -18,13 +18,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "loom/kernels/gemv.hpp"
 #include "loom_cuda_pdl.cuh"
 #include "loom_quant_gemv.cuh"
+#include "graph_timing.hpp"
 
 namespace loomp::int8q {
 int w8a16_cuda(const qgemv::Args& args, const qgemv::Tiled& tiled, void* stream);
@@ -40,10 +40,8 @@ namespace qg = loomp::qgemv;
 
 constexpr int kH = 2048, kI = 8192, kHeads = 32, kKvHeads = 8, kD = 64, kV = 128256, kLayers = 16;
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-void check(int e, const char* what) { check(static_cast<cudaError_t>(e), what); }
+// An enqueue's status (a cudaError_t as int) through CHECK_CUDA.
+#define CHECK_STATUS(x) CHECK_CUDA(static_cast<cudaError_t>(x))
 
 // Pseudo-random bits of index i (a hash), so that codes, scales and activations are not a
 // pattern the memory system could compress or a kernel could skip.
@@ -91,17 +89,17 @@ struct Buffers {
   std::vector<void*> owned;
   void* make(size_t bytes) {
     void* p = nullptr;
-    check(cudaMalloc(&p, bytes), "cudaMalloc");
+    CHECK_CUDA(cudaMalloc(&p, bytes));
     owned.push_back(p);
     const int64_t words = static_cast<int64_t>(bytes / 4);
     if (words > 0) fill_kernel<<<1024, 256>>>(static_cast<uint32_t*>(p), words, static_cast<uint32_t>(owned.size()) * 7919u);
-    check(cudaGetLastError(), "fill");
+    CHECK_CUDA(cudaGetLastError());
     return p;
   }
   float* floats(size_t count, float lo, float hi) {
     auto* p = static_cast<float*>(make(count * 4));
     fill_floats_kernel<<<256, 256>>>(p, static_cast<int64_t>(count), lo, hi, static_cast<uint32_t>(owned.size()));
-    check(cudaGetLastError(), "fill");
+    CHECK_CUDA(cudaGetLastError());
     return p;
   }
   ~Buffers() {
@@ -138,15 +136,9 @@ struct Activations {
 
 struct Format {
   const char* name;
-  double bytes_per_weight;  // codes
   std::function<int(Kind, int layer, cudaStream_t)> enqueue;
   double weight_bytes = 0;  // codes + scales (+ zeros) of a step
 };
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 }  // namespace
 
@@ -156,209 +148,183 @@ int main(int argc, char** argv) {
     const std::string k = argv[i];
     if (k == "--reps") reps = std::max(3, std::atoi(argv[i + 1]));
   }
-  try {
-    int device = 0;
-    check(cudaGetDevice(&device), "cudaGetDevice");
-    cudaDeviceProp prop{};
-    check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
-    const bool pdl = prop.major >= 9;
-    Buffers buf;
-    Activations act{};
-    act.resid = buf.floats(kH, -1.0f, 1.0f);
-    act.norm_w = buf.floats(kH, 0.5f, 1.5f);
-    act.act = buf.make(kI * 2);
-    {  // bfloat16 activations in [-1, 1): the upper halves of floats
-      std::vector<uint16_t> h(kI);
-      for (int i = 0; i < kI; ++i) {
-        const float f = static_cast<float>((i * 37) % 200 - 100) / 100.0f;
-        uint32_t bits;
-        std::memcpy(&bits, &f, 4);
-        h[static_cast<size_t>(i)] = static_cast<uint16_t>(bits >> 16);
-      }
-      check(cudaMemcpy(act.act, h.data(), h.size() * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
+  int device = 0;
+  CHECK_CUDA(cudaGetDevice(&device));
+  cudaDeviceProp prop{};
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, device));
+  const bool pdl = prop.major >= 9;
+  Buffers buf;
+  Activations act{};
+  act.resid = buf.floats(kH, -1.0f, 1.0f);
+  act.norm_w = buf.floats(kH, 0.5f, 1.5f);
+  act.act = buf.make(kI * 2);
+  {  // bfloat16 activations in [-1, 1): the upper halves of floats
+    std::vector<uint16_t> h(kI);
+    for (int i = 0; i < kI; ++i) {
+      const float f = static_cast<float>((i * 37) % 200 - 100) / 100.0f;
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      h[static_cast<size_t>(i)] = static_cast<uint16_t>(bits >> 16);
     }
-    act.logits = static_cast<float*>(buf.make(static_cast<size_t>(kV) * 4));
-    act.q = buf.make(kHeads * kD * 2);
-    act.k = buf.make(kKvHeads * kD * 2);
-    act.v = buf.make(kKvHeads * kD * 2);
-    act.cos_sin = buf.floats(static_cast<size_t>(4096) * kD, -1.0f, 1.0f);
-    act.positions = static_cast<int32_t*>(buf.make(64));
-    check(cudaMemset(act.positions, 0, 64), "cudaMemset");
-    uint32_t* sink = static_cast<uint32_t*>(buf.make(1 << 20));
-
-    // Weights: [kind][layer] (the head once).
-    auto layers_of = [](int k) { return k == head ? 1 : kLayers; };
-    std::vector<std::vector<void*>> bf16_w(5), i8_codes(5), i4_codes(5);
-    std::vector<std::vector<float*>> i8_scales(5), i4_scales(5);
-    std::vector<std::vector<uint8_t*>> i4_zeros(5);
-    double bf16_bytes = 0, i8_bytes = 0, i4_bytes = 0;
-    for (int k = 0; k < 5; ++k)
-      for (int l = 0; l < layers_of(k); ++l) {
-        const size_t out = static_cast<size_t>(out_of(static_cast<Kind>(k))), in = static_cast<size_t>(in_of(static_cast<Kind>(k)));
-        bf16_w[k].push_back(buf.make(out * in * 2));
-        i8_codes[k].push_back(buf.make(out * in));
-        i8_scales[k].push_back(buf.floats(out, 1e-3f, 2e-3f));
-        i4_codes[k].push_back(buf.make(out * in / 2));
-        i4_scales[k].push_back(buf.floats(out * (in / 128), 1e-2f, 2e-2f));
-        i4_zeros[k].push_back(static_cast<uint8_t*>(buf.make(out * (in / 128))));
-        check(cudaMemset(i4_zeros[k].back(), 8, out * (in / 128)), "cudaMemset");
-        bf16_bytes += static_cast<double>(out * in * 2);
-        i8_bytes += static_cast<double>(out * in + out * 4);
-        i4_bytes += static_cast<double>(out * in / 2 + out * (in / 128) * 5);
-      }
-    check(cudaDeviceSynchronize(), "fill");
-
-    auto set_rope = [&](auto& args) {  // both argument structs name these alike
-      args.q = act.q;
-      args.k = act.k;
-      args.v = act.v;
-      args.cos_sin = act.cos_sin;
-      args.positions = act.positions;
-    };
-    auto bf16_enqueue = [&](Kind k, int l, cudaStream_t s) {
-      lk::GemvArgs a;
-      a.tokens = 1;
-      a.in = in_of(k);
-      a.out = out_of(k);
-      a.weight = bf16_w[k][static_cast<size_t>(l)];
-      a.resid = act.resid;
-      a.norm_w = act.norm_w;
-      a.eps = 1e-5f;
-      a.act = act.act;
-      a.out_f32 = k == head ? act.logits : act.resid;
-      a.out_act = act.act;
-      a.n_heads = kHeads;
-      a.n_kv_heads = kKvHeads;
-      a.head_dim = kD;
-      set_rope(a);
-      using P = lk::GemvPrologue;
-      using E = lk::GemvEpilogue;
-      const P p = (k == o || k == down) ? P::act : P::rms_norm;
-      const E e = k == qkv ? E::rope_split : k == gate_up ? E::swiglu : k == head ? E::store_f32 : E::add_f32;
-      return lk::gemv_bf16_cuda(a, p, e, pdl, s);
-    };
-    auto quant_args = [&](Kind k) {
-      qg::Args a;
-      a.tokens = 1;
-      a.in = in_of(k);
-      a.out = out_of(k);
-      a.input = (k == o || k == down) ? qg::input_act : qg::input_rms_norm;
-      a.output = k == qkv ? qg::output_rope_qkv : k == gate_up ? qg::output_swiglu : k == head ? qg::output_store : qg::output_add;
-      a.x = a.input == qg::input_act ? act.act : static_cast<const void*>(act.resid);
-      a.x_bf16 = a.input == qg::input_act;
-      a.norm_w = act.norm_w;
-      a.eps = 1e-5f;
-      a.y = k == head ? static_cast<void*>(act.logits) : k == gate_up ? act.act : static_cast<void*>(act.resid);
-      a.y_bf16 = k == qkv || k == gate_up;
-      a.heads = kHeads;
-      a.kv_heads = kKvHeads;
-      a.head_dim = kD;
-      set_rope(a);
-      return a;
-    };
-    const qg::Tiled no_tiled{};
-    auto int8_enqueue = [&](Kind k, int l, cudaStream_t s) {
-      qg::Args a = quant_args(k);
-      a.codes = i8_codes[k][static_cast<size_t>(l)];
-      a.row_pieces = a.in / 16;
-      a.scales = i8_scales[k][static_cast<size_t>(l)];
-      return loomp::int8q::w8a16_cuda(a, no_tiled, s);
-    };
-    auto int4_enqueue = [&](Kind k, int l, cudaStream_t s) {
-      qg::Args a = quant_args(k);
-      a.codes = i4_codes[k][static_cast<size_t>(l)];
-      a.row_pieces = a.in / 32;
-      a.scales = i4_scales[k][static_cast<size_t>(l)];
-      a.zeros = i4_zeros[k][static_cast<size_t>(l)];
-      a.groups = a.in / 128;
-      a.group_pieces = 4;
-      return loomp::int4q::w4a16_cuda(a, no_tiled, s);
-    };
-    // The floor reads the int8 codes (or int4's) with programmatic launches, one wave of blocks.
-    int floor_wave = prop.multiProcessorCount * 8;
-    auto floor_enqueue = [&](const std::vector<std::vector<void*>>& w, double per_weight) {
-      return [&, per_weight](Kind k, int l, cudaStream_t s) {
-        const int64_t n = static_cast<int64_t>(static_cast<double>(out_of(k)) * in_of(k) * per_weight) / 16;
-        return static_cast<int>(qg::launch_with(read_kernel, floor_wave, 256, 0, s, pdl,
-                                                static_cast<const uint4*>(w[k][static_cast<size_t>(l)]), n, sink));
-      };
-    };
-    std::vector<Format> formats = {
-        {"bf16 GEMV", 2.0, bf16_enqueue, bf16_bytes},
-        {"int8 GEMV", 1.0, int8_enqueue, i8_bytes},
-        {"int4 GEMV", 0.5, int4_enqueue, i4_bytes},
-        {"floor, int8 bytes", 1.0, floor_enqueue(i8_codes, 1.0), i8_bytes},
-        {"floor, int4 bytes", 0.5, floor_enqueue(i4_codes, 0.5), i4_bytes},
-    };
-
-    cudaStream_t stream = nullptr;
-    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-    cudaEvent_t start, stop;
-    check(cudaEventCreate(&start), "cudaEventCreate");
-    check(cudaEventCreate(&stop), "cudaEventCreate");
-    // Median microseconds of `enqueue` captured in a graph and replayed.
-    auto time_graph = [&](const std::function<void()>& enqueue) {
-      cudaGraph_t graph = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture");
-      enqueue();
-      check(cudaStreamEndCapture(stream, &graph), "capture");
-      check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-      std::vector<double> us;
-      for (int r = 0; r < reps + 3; ++r) {
-        check(cudaEventRecord(start, stream), "record");
-        check(cudaGraphLaunch(exec, stream), "launch");
-        check(cudaEventRecord(stop, stream), "record");
-        check(cudaEventSynchronize(stop), "sync");
-        float t = 0;
-        check(cudaEventElapsedTime(&t, start, stop), "elapsed");
-        if (r >= 3) us.push_back(t * 1e3);
-      }
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
-      return median(us);
-    };
-
-    std::printf("%s, %d SMs; one token; median of %d graph replays; GB/s of weight bytes read (codes, scales, zeros)\n",
-                prop.name, prop.multiProcessorCount, reps);
-    std::printf("| products | %s |\n", [&] {
-      std::string s;
-      for (const Format& f : formats) s += std::string(s.empty() ? "" : " | ") + f.name + " us";
-      return s;
-    }().c_str());
-    std::printf("| --- |%s\n", [&] {
-      std::string s;
-      for (size_t i = 0; i < formats.size(); ++i) s += " ---: |";
-      return s;
-    }().c_str());
-    for (int k = 0; k < 5; ++k) {
-      std::printf("| %s x%d |", kKindNames[k], layers_of(k));
-      for (const Format& f : formats) {
-        const double us = time_graph([&] {
-          for (int l = 0; l < layers_of(k); ++l) check(f.enqueue(static_cast<Kind>(k), l, stream), f.name);
-        });
-        std::printf(" %.1f |", us);
-      }
-      std::printf("\n");
-    }
-    std::vector<double> step(formats.size());
-    for (size_t i = 0; i < formats.size(); ++i)
-      step[i] = time_graph([&] {
-        for (int l = 0; l < kLayers; ++l)
-          for (int k = 0; k < 4; ++k) check(formats[i].enqueue(static_cast<Kind>(k), l, stream), formats[i].name);
-        check(formats[i].enqueue(head, 0, stream), formats[i].name);
-      });
-    std::printf("| whole step (65 products) |");
-    for (double us : step) std::printf(" %.1f |", us);
-    std::printf("\n| GB/s |");
-    for (size_t i = 0; i < formats.size(); ++i) std::printf(" %.0f |", formats[i].weight_bytes / (step[i] * 1e3));
-    std::printf("\n| bf16 step / this step |");
-    for (double us : step) std::printf(" %.2fx |", step[0] / us);
-    std::printf("\n");
-    cudaStreamDestroy(stream);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "loom_quant_gemv_bench: %s\n", e.what());
-    return 1;
+    CHECK_CUDA(cudaMemcpy(act.act, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
   }
+  act.logits = static_cast<float*>(buf.make(static_cast<size_t>(kV) * 4));
+  act.q = buf.make(kHeads * kD * 2);
+  act.k = buf.make(kKvHeads * kD * 2);
+  act.v = buf.make(kKvHeads * kD * 2);
+  act.cos_sin = buf.floats(static_cast<size_t>(4096) * kD, -1.0f, 1.0f);
+  act.positions = static_cast<int32_t*>(buf.make(64));
+  CHECK_CUDA(cudaMemset(act.positions, 0, 64));
+  uint32_t* sink = static_cast<uint32_t*>(buf.make(1 << 20));
+
+  // Weights: [kind][layer] (the head once).
+  auto layers_of = [](int k) { return k == head ? 1 : kLayers; };
+  std::vector<std::vector<void*>> bf16_w(5), i8_codes(5), i4_codes(5);
+  std::vector<std::vector<float*>> i8_scales(5), i4_scales(5);
+  std::vector<std::vector<uint8_t*>> i4_zeros(5);
+  double bf16_bytes = 0, i8_bytes = 0, i4_bytes = 0;
+  for (int k = 0; k < 5; ++k)
+    for (int l = 0; l < layers_of(k); ++l) {
+      const size_t out = static_cast<size_t>(out_of(static_cast<Kind>(k))), in = static_cast<size_t>(in_of(static_cast<Kind>(k)));
+      bf16_w[k].push_back(buf.make(out * in * 2));
+      i8_codes[k].push_back(buf.make(out * in));
+      i8_scales[k].push_back(buf.floats(out, 1e-3f, 2e-3f));
+      i4_codes[k].push_back(buf.make(out * in / 2));
+      i4_scales[k].push_back(buf.floats(out * (in / 128), 1e-2f, 2e-2f));
+      i4_zeros[k].push_back(static_cast<uint8_t*>(buf.make(out * (in / 128))));
+      CHECK_CUDA(cudaMemset(i4_zeros[k].back(), 8, out * (in / 128)));
+      bf16_bytes += static_cast<double>(out * in * 2);
+      i8_bytes += static_cast<double>(out * in + out * 4);
+      i4_bytes += static_cast<double>(out * in / 2 + out * (in / 128) * 5);
+    }
+  CHECK_CUDA(cudaDeviceSynchronize());
+
+  auto set_rope = [&](auto& args) {  // both argument structs name these alike
+    args.q = act.q;
+    args.k = act.k;
+    args.v = act.v;
+    args.cos_sin = act.cos_sin;
+    args.positions = act.positions;
+  };
+  auto bf16_enqueue = [&](Kind k, int l, cudaStream_t s) {
+    lk::GemvArgs a;
+    a.tokens = 1;
+    a.in = in_of(k);
+    a.out = out_of(k);
+    a.weight = bf16_w[k][static_cast<size_t>(l)];
+    a.resid = act.resid;
+    a.norm_w = act.norm_w;
+    a.eps = 1e-5f;
+    a.act = act.act;
+    a.out_f32 = k == head ? act.logits : act.resid;
+    a.out_act = act.act;
+    a.n_heads = kHeads;
+    a.n_kv_heads = kKvHeads;
+    a.head_dim = kD;
+    set_rope(a);
+    using P = lk::GemvPrologue;
+    using E = lk::GemvEpilogue;
+    const P p = (k == o || k == down) ? P::act : P::rms_norm;
+    const E e = k == qkv ? E::rope_split : k == gate_up ? E::swiglu : k == head ? E::store_f32 : E::add_f32;
+    return lk::gemv_bf16_cuda(a, p, e, pdl, s);
+  };
+  auto quant_args = [&](Kind k) {
+    qg::Args a;
+    a.tokens = 1;
+    a.in = in_of(k);
+    a.out = out_of(k);
+    a.input = (k == o || k == down) ? qg::input_act : qg::input_rms_norm;
+    a.output = k == qkv ? qg::output_rope_qkv : k == gate_up ? qg::output_swiglu : k == head ? qg::output_store : qg::output_add;
+    a.x = a.input == qg::input_act ? act.act : static_cast<const void*>(act.resid);
+    a.x_bf16 = a.input == qg::input_act;
+    a.norm_w = act.norm_w;
+    a.eps = 1e-5f;
+    a.y = k == head ? static_cast<void*>(act.logits) : k == gate_up ? act.act : static_cast<void*>(act.resid);
+    a.y_bf16 = k == qkv || k == gate_up;
+    a.heads = kHeads;
+    a.kv_heads = kKvHeads;
+    a.head_dim = kD;
+    set_rope(a);
+    return a;
+  };
+  const qg::Tiled no_tiled{};
+  auto int8_enqueue = [&](Kind k, int l, cudaStream_t s) {
+    qg::Args a = quant_args(k);
+    a.codes = i8_codes[k][static_cast<size_t>(l)];
+    a.row_pieces = a.in / 16;
+    a.scales = i8_scales[k][static_cast<size_t>(l)];
+    return loomp::int8q::w8a16_cuda(a, no_tiled, s);
+  };
+  auto int4_enqueue = [&](Kind k, int l, cudaStream_t s) {
+    qg::Args a = quant_args(k);
+    a.codes = i4_codes[k][static_cast<size_t>(l)];
+    a.row_pieces = a.in / 32;
+    a.scales = i4_scales[k][static_cast<size_t>(l)];
+    a.zeros = i4_zeros[k][static_cast<size_t>(l)];
+    a.groups = a.in / 128;
+    a.group_pieces = 4;
+    return loomp::int4q::w4a16_cuda(a, no_tiled, s);
+  };
+  // The floor reads the int8 codes (or int4's) with programmatic launches, one wave of blocks.
+  int floor_wave = prop.multiProcessorCount * 8;
+  auto floor_enqueue = [&](const std::vector<std::vector<void*>>& w, double per_weight) {
+    return [&, per_weight](Kind k, int l, cudaStream_t s) {
+      const int64_t n = static_cast<int64_t>(static_cast<double>(out_of(k)) * in_of(k) * per_weight) / 16;
+      return static_cast<int>(loomp::pdl::launch(pdl, dim3(static_cast<unsigned>(floor_wave)), dim3(256), 0, s, read_kernel,
+                                                 static_cast<const uint4*>(w[k][static_cast<size_t>(l)]), n, sink));
+    };
+  };
+  std::vector<Format> formats = {
+      {"bf16 GEMV", bf16_enqueue, bf16_bytes},
+      {"int8 GEMV", int8_enqueue, i8_bytes},
+      {"int4 GEMV", int4_enqueue, i4_bytes},
+      {"floor, int8 bytes", floor_enqueue(i8_codes, 1.0), i8_bytes},
+      {"floor, int4 bytes", floor_enqueue(i4_codes, 0.5), i4_bytes},
+  };
+
+  cudaStream_t stream = nullptr;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  // Median microseconds of `enqueue` captured in a graph and replayed (3 untimed replays).
+  auto time_graph = [&](const std::function<void()>& enqueue) {
+    return 1e3 * loom_bench::graph_median_ms(stream, 3, reps, [&](cudaStream_t) { enqueue(); });
+  };
+
+  std::printf("%s, %d SMs; one token; median of %d graph replays; GB/s of weight bytes read (codes, scales, zeros)\n",
+              prop.name, prop.multiProcessorCount, reps);
+  std::printf("| products | %s |\n", [&] {
+    std::string s;
+    for (const Format& f : formats) s += std::string(s.empty() ? "" : " | ") + f.name + " us";
+    return s;
+  }().c_str());
+  std::printf("| --- |%s\n", [&] {
+    std::string s;
+    for (size_t i = 0; i < formats.size(); ++i) s += " ---: |";
+    return s;
+  }().c_str());
+  for (int k = 0; k < 5; ++k) {
+    std::printf("| %s x%d |", kKindNames[k], layers_of(k));
+    for (const Format& f : formats) {
+      const double us = time_graph([&] {
+        for (int l = 0; l < layers_of(k); ++l) CHECK_STATUS(f.enqueue(static_cast<Kind>(k), l, stream));
+      });
+      std::printf(" %.1f |", us);
+    }
+    std::printf("\n");
+  }
+  std::vector<double> step(formats.size());
+  for (size_t i = 0; i < formats.size(); ++i)
+    step[i] = time_graph([&] {
+      for (int l = 0; l < kLayers; ++l)
+        for (int k = 0; k < 4; ++k) CHECK_STATUS(formats[i].enqueue(static_cast<Kind>(k), l, stream));
+      CHECK_STATUS(formats[i].enqueue(head, 0, stream));
+    });
+  std::printf("| whole step (65 products) |");
+  for (double us : step) std::printf(" %.1f |", us);
+  std::printf("\n| GB/s |");
+  for (size_t i = 0; i < formats.size(); ++i) std::printf(" %.0f |", formats[i].weight_bytes / (step[i] * 1e3));
+  std::printf("\n| bf16 step / this step |");
+  for (double us : step) std::printf(" %.2fx |", step[0] / us);
+  std::printf("\n");
+  cudaStreamDestroy(stream);
   return 0;
 }

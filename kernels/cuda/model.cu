@@ -208,7 +208,7 @@ int add_bias_norm_cuda(float* x, const int32_t* row_index, int32_t n_rows, int32
       dtype == Dtype::bf16
           ? launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<__nv_bfloat16*>(out), programmatic, s)
           : launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<float*>(out), programmatic, s);
-  return e != cudaSuccess ? static_cast<int>(e) : launched();
+  return static_cast<int>(e);  // cudaLaunchKernelEx returns the launch's error itself
 }
 
 int qkv_bias_rope_split_cuda(const void* qkv, const float* bias, const float* cos_sin, const int32_t* positions,
@@ -231,7 +231,7 @@ int qkv_bias_rope_split_cuda(const void* qkv, const float* bias, const float* co
                                   cos_sin, positions, n_heads, n_kv_heads, head_dim, static_cast<float*>(q),
                                   static_cast<float*>(k), static_cast<float*>(v));
   }
-  return e != cudaSuccess ? static_cast<int>(e) : launched();
+  return static_cast<int>(e);  // cudaLaunchKernelEx returns the launch's error itself
 }
 
 int swiglu_cuda(const void* gate_up, int32_t n_tokens, int32_t inter, void* out, Dtype dtype, void* stream) {

@@ -536,24 +536,6 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const Args a) {
   }
 }
 
-// Launches kernel(params...) on `blocks` blocks of `threads`, as a programmatic dependent launch
-// where `programmatic` (sm_90 and newer).
-template <class Kernel, class... Params>
-cudaError_t launch_with(Kernel kernel, int blocks, int threads, int smem, cudaStream_t stream, bool programmatic,
-                        Params... params) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(blocks));
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = static_cast<size_t>(smem);
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = programmatic ? &attribute : nullptr;
-  config.numAttrs = programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, params...);
-}
-
 // Blocks of `kernel` resident at once on the current device (SMs x blocks per SM); driver
 // queries, so cached per (kernel, device) by the caller's static.
 inline cudaError_t resident_blocks(const void* kernel, int smem, int& wave) {
@@ -591,8 +573,8 @@ cudaError_t launch_tokens(Args a, cudaStream_t stream) {
   if (a.output != output_swiglu && a.output != output_rope_qkv && (a.out + 1) / 2 < wave * kWarps &&
       a.row_pieces % 64 == 0)
     a.split = true;
-  return launch_with(kernel, std::min(wave, (units_of(a) + kWarps - 1) / kWarps), kThreads, smem, stream,
-                     device_major >= 9, a);
+  return pdl::launch(device_major >= 9, dim3(static_cast<unsigned>(std::min(wave, (units_of(a) + kWarps - 1) / kWarps))),
+                     dim3(kThreads), static_cast<size_t>(smem), stream, kernel, a);
 }
 
 template <class F, class XT>

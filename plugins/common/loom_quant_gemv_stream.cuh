@@ -42,14 +42,15 @@ namespace loomp::qgemv::stream {
 
 constexpr int kMaxIn = 8192;           // staged input of at most 16 KB (float16)
 
-// A launch shape: T threads a block, Q pieces of each of a unit's two rows a lane in a slot, a
-// ring of RingKB KB a block, Blocks blocks resident an SM (registers capped to fit).
-template <class F, int T, int Q, int RingKB = 80, int Blocks = 2>
+constexpr int kRingBytes = 80 * 1024;  // a block's ring: two blocks and their staging fit an SM
+
+// A launch shape: T threads a block, Q pieces of each of a unit's two rows a lane in a slot.
+template <int T, int Q>
 struct Shape {
-  static constexpr int kThreads = T, kWarps = T / 32, kQ = Q, kBlocks = Blocks;
-  static constexpr int kSlotBytes = 2 * Q * 512;  // both rows' codes
-  static constexpr int kSlots = RingKB * 1024 / kWarps / kSlotBytes;     // ring slots a warp
-  static constexpr int kMaxGroups = (kMaxIn / 8 + T - 1) / T;           // input groups of 8 a thread
+  static constexpr int kThreads = T, kWarps = T / 32, kQ = Q;
+  static constexpr int kSlotBytes = 2 * Q * 512;                     // both rows' codes
+  static constexpr int kSlots = kRingBytes / kWarps / kSlotBytes;   // ring slots a warp
+  static constexpr int kMaxGroups = (kMaxIn / 8 + T - 1) / T;       // input groups of 8 a thread
   static_assert(kSlots >= 2, "ring too small");
 };
 
@@ -203,14 +204,13 @@ __device__ __forceinline__ void finish_with(const Args& a, int unit, const Strea
 }
 
 template <class F, class Sh>
-__global__ void __launch_bounds__(Sh::kThreads, Sh::kBlocks) stream_kernel(const Args a) {
+__global__ void __launch_bounds__(Sh::kThreads, 2) stream_kernel(const Args a) {
   extern __shared__ uint4 smem[];
   constexpr int S = Sh::kSlots, Q = Sh::kQ, W = Sh::kWarps, kSlot = Sh::kSlotBytes, G = Sh::kMaxGroups;
   static_assert(F::kStreamed, "the format's pieces need no metadata and no scale of their own");
   constexpr int kVals = 8, kChunks = F::kPer / kVals;  // float16 inputs in a 16-byte read; reads a piece
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const uint32_t ring = shared_address(smem) + warp * S * kSlot;
-  const char* ring_ptr = reinterpret_cast<const char*>(smem) + warp * S * kSlot;
+  const char* ring = reinterpret_cast<const char*>(smem) + warp * S * kSlot;
   auto* xs = reinterpret_cast<__half*>(reinterpret_cast<char*>(smem) + W * S * kSlot);
 
   const int units = units_of(a);
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(Sh::kThreads, Sh::kBlocks) stream_kernel(const
   // Copies the next slot (both rows, Q pieces each: piece c 32 Q + 32 j + lane, so that each copy
   // instruction of the warp reads 512 contiguous bytes) into ring slot i_slot.
   auto issue = [&] {
-    const uint32_t slot = ring + i_slot * kSlot + lane * 16;
+    const uint32_t slot = shared_address(ring + i_slot * kSlot + lane * 16);
     const int off = i_chunk * 32 * Q;
 #pragma unroll
     for (int j = 0; j < Q; ++j) {
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(Sh::kThreads, Sh::kBlocks) stream_kernel(const
   float acc0 = 0.0f, acc1 = 0.0f;
   for (int s = 0; s < total; ++s) {
     wait_groups<S - 1>();
-    const char* slot = ring_ptr + o_slot * kSlot + lane * 16;
+    const char* slot = ring + o_slot * kSlot + lane * 16;
     uint4 w0[Q], w1[Q];
 #pragma unroll
     for (int j = 0; j < Q; ++j) {
@@ -356,14 +356,13 @@ constexpr int smem_of(int row_pieces, int per) {
 // some spilled) with one piece 657, with two pieces 637; a 96 KB ring 589; four pieces 577; three
 // blocks an SM (56 KB rings, 80 registers, spills) 721-741; two blocks an SM of the products of
 // 30 MB or more (gate/up, the head) 595, of 16 MB or more (and down) 584.
-template <class F>
-using Chosen = Shape<F, 256, 2>;
+using Chosen = Shape<256, 2>;
 
 // Whether stream_kernel takes this product: one token staged as float16 (a bfloat16 caller),
 // rows of whole slots, an input that fits the staging.
 template <class F>
 bool applies(const Args& a) {
-  return a.tokens == 1 && !a.stage_f32 && !a.split && a.row_pieces > 0 && a.row_pieces % (32 * Chosen<F>::kQ) == 0 &&
+  return a.tokens == 1 && !a.stage_f32 && !a.split && a.row_pieces > 0 && a.row_pieces % (32 * Chosen::kQ) == 0 &&
          a.in <= kMaxIn;
 }
 
@@ -379,7 +378,7 @@ int blocks_on_current_device(bool& programmatic) {
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) return 0;
   std::lock_guard<std::mutex> lock(mutex);
   if (sms[device] == 0) {
-    using Sh = Chosen<F>;
+    using Sh = Chosen;
     const auto kernel = stream_kernel<F, Sh>;
     const int smem = smem_of<Sh>(kMaxIn / F::kPer, F::kPer);
     int count = 0;
@@ -403,12 +402,12 @@ int blocks_on_current_device(bool& programmatic) {
 // could not be set up for it.
 template <class F>
 cudaError_t launch(const Args& a, cudaStream_t stream) {
-  using Sh = Chosen<F>;
+  using Sh = Chosen;
   bool programmatic = false;
   const int blocks = blocks_on_current_device<F>(programmatic);
   if (blocks == 0) return cudaErrorNotSupported;
-  return launch_with(stream_kernel<F, Sh>, std::min(blocks, units_of(a)), Sh::kThreads,
-                     smem_of<Sh>(a.row_pieces, F::kPer), stream, programmatic, a);
+  return pdl::launch(programmatic, dim3(static_cast<unsigned>(std::min(blocks, units_of(a)))), dim3(Sh::kThreads),
+                     static_cast<size_t>(smem_of<Sh>(a.row_pieces, F::kPer)), stream, stream_kernel<F, Sh>, a);
 }
 
 template <class F, class = void>

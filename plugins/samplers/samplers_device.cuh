@@ -51,17 +51,7 @@ using pdl::wait_for_previous_kernel;
 bool programmatic_launch();
 template <typename... Params, typename... Args>
 cudaError_t launch_after(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t st, Args&&... args) {
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.stream = st;
-  const bool pdl = programmatic_launch();
-  config.attrs = pdl ? &attribute : nullptr;
-  config.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<Args&&>(args)...);
+  return pdl::launch(programmatic_launch(), grid, block, 0, st, kernel, static_cast<Args&&>(args)...);
 }
 
 // src (host, `bytes`) -> dst (device) through the staging's pinned memory, ordered on st.
