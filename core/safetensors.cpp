@@ -4,13 +4,13 @@
 #include <array>
 #include <cstring>
 #include <limits>
-#include <set>
 #include <string>
 #include <system_error>
 #include <utility>
 
 #include <nlohmann/json.hpp>
 
+#include "json_duplicates.hpp"
 #include "loom/core/error.hpp"
 
 namespace loom {
@@ -163,43 +163,10 @@ struct ErrorLocator : json::json_sax_t {
   }
 };
 
-// A duplicate key found while parsing: the key and the keys of the objects that enclose it.
-struct Duplicate {
-  bool found = false;
-  std::string key;
-  std::vector<std::string> parents;
-};
-
 // Parses prescanned JSON text without exceptions, noticing duplicate keys at every level (the
 // DOM keeps only one of them).
-json parse_json(std::string_view text, const fs::path &where, const char *what, Duplicate &dup) {
-  std::vector<std::set<std::string>> keys(2);
-  std::vector<std::string> last(2);
-  json::parser_callback_t cb = [&](int depth, json::parse_event_t ev, json &parsed) -> bool {
-    if (ev == json::parse_event_t::object_start) {
-      auto d = static_cast<size_t>(depth) + 1;
-      if (keys.size() <= d) {
-        keys.resize(d + 1);
-        last.resize(d + 1);
-      }
-      keys[d].clear();
-    } else if (ev == json::parse_event_t::key && parsed.is_string()) {
-      auto d = static_cast<size_t>(depth);
-      if (keys.size() <= d) {
-        keys.resize(d + 1);
-        last.resize(d + 1);
-      }
-      const auto &k = parsed.get_ref<const std::string &>();
-      last[d] = k;
-      if (!keys[d].insert(k).second && !dup.found) {
-        dup.found = true;
-        dup.key = k;
-        dup.parents.assign(last.begin() + 1, last.begin() + static_cast<std::ptrdiff_t>(d));
-      }
-    }
-    return true;
-  };
-  json j = json::parse(text.begin(), text.end(), cb, /*allow_exceptions=*/false);
+json parse_json(std::string_view text, const fs::path &where, const char *what, detail::DuplicateKey &dup) {
+  json j = json::parse(text.begin(), text.end(), detail::duplicate_key_finder<json>(dup), /*allow_exceptions=*/false);
   if (j.is_discarded()) {
     ErrorLocator loc;
     json::sax_parse(text.begin(), text.end(), &loc);
@@ -375,7 +342,7 @@ SafetensorsFile SafetensorsFile::parse(std::span<const std::byte> bytes, const f
 
   std::string_view text(reinterpret_cast<const char *>(bytes.data()) + 8, static_cast<size_t>(n));
   prescan_json(text, kMaxJsonDepth, name, "header");
-  Duplicate dup;
+  detail::DuplicateKey dup;
   json header = parse_json(text, name, "header", dup);
   if (dup.found) {
     if (dup.parents.empty())
@@ -452,7 +419,7 @@ const SafetensorsTensor *SafetensorsFile::find(std::string_view name) const {
 
 SafetensorsIndex::Spec SafetensorsIndex::parse_index(std::string_view text, const fs::path &name) {
   prescan_json(text, kMaxIndexJsonDepth, name, "index");
-  Duplicate dup;
+  detail::DuplicateKey dup;
   json j = parse_json(text, name, "index", dup);
   if (dup.found) {
     if (dup.parents.empty()) fail(name, "duplicate key " + quote(dup.key));

@@ -330,7 +330,7 @@ bool GenerationParams::own_sampling() const {
   return temperature || top_p || frequency_penalty != 0 || presence_penalty != 0 || !logit_bias.empty() || top_k > 0 ||
          !grammar.empty() ||
          min_p > 0 || repetition_penalty != 1.0 ||
-         format != ResponseFormat::text || tool_choice == ToolChoice::required || tool_choice == ToolChoice::named;
+         format != ResponseFormat::text || reply_is_call();
 }
 
 std::vector<ToolDef> GenerationParams::callable_tools() const {
@@ -429,7 +429,7 @@ GenerationParams parse_generation(const std::string &body, bool chat, int64_t vo
   if (constrained && p.ignore_eos) bad("ignore_eos", "'ignore_eos' cannot go with '" + p.constraint_param + "': the reply ends where the constraint does");
   if (constrained && p.min_tokens > 0)
     bad("min_tokens", "'min_tokens' cannot go with '" + p.constraint_param + "': the reply ends where the constraint does");
-  if (constrained && (p.tool_choice == ToolChoice::required || p.tool_choice == ToolChoice::named))
+  if (constrained && p.reply_is_call())
     bad(p.constraint_param, "'" + p.constraint_param + "' and a required tool call both constrain the reply: give one");
   p.stream = bool_field(j, "stream", false);
   if (j.contains("stream_options") && !j["stream_options"].is_null()) {
@@ -523,7 +523,7 @@ std::vector<std::string> sampler_chain_tomls(const GenerationParams &p) {
     chain.push_back(t + "]");
   }
   if (p.format == ResponseFormat::json_schema) chain.push_back("use = \"json-schema\"\nschema = " + toml_quote(p.schema_json));
-  if (p.tool_choice == ToolChoice::required || p.tool_choice == ToolChoice::named)
+  if (p.reply_is_call())
     chain.push_back("use = \"json-schema\"\nschema = " + toml_quote(tool_call_schema(p.callable_tools())));
   if (p.format == ResponseFormat::json_object) chain.push_back("use = \"grammar\"\ngrammar = " + toml_quote(kJsonObjectGrammar));
   if (!p.grammar.empty()) chain.push_back("use = \"grammar\"\ngrammar = " + toml_quote(p.grammar));

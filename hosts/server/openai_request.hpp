@@ -85,6 +85,9 @@ struct GenerationParams {
   bool uses_tools() const { return !tools.empty() && tool_choice != ToolChoice::none; }
   // The tools the reply may call (the named one, or all).
   std::vector<ToolDef> callable_tools() const;
+  // tool_choice required or named: the reply is one bare call object (the json-schema sampler
+  // makes it one).
+  bool reply_is_call() const { return tool_choice == ToolChoice::required || tool_choice == ToolChoice::named; }
   // Whether the request asks for anything but the manifest's sampler chain (then it gets a chain
   // of its own, built by sampler_chain_tomls()).
   bool own_sampling() const;

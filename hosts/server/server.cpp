@@ -512,12 +512,15 @@ struct Server::Impl {
           std::vector<std::vector<ToolCall>> calls(job->choices.size());
           // The id of choice i's call number k (the same streamed or not).
           const auto call_id = [&](size_t i, size_t k) { return id + "-call-" + std::to_string(i) + "-" + std::to_string(k); };
+          // Choice i's call k as it first goes out: number, id, type, name and arguments (so far).
+          const auto call_json = [&](size_t i, size_t k, const std::string &name, const std::string &arguments) {
+            return json{{"index", k}, {"id", call_id(i, k)}, {"type", "function"},
+                        {"function", {{"name", name}, {"arguments", arguments}}}};
+          };
           // Choice i's calls.
           const auto tool_calls_json = [&](size_t i, std::span<const ToolCall> all) {
             json out = json::array();
-            for (size_t k = 0; k < all.size(); ++k)
-              out.push_back({{"index", k}, {"id", call_id(i, k)}, {"type", "function"},
-                             {"function", {{"name", all[k].name}, {"arguments", all[k].arguments_json}}}});
+            for (size_t k = 0; k < all.size(); ++k) out.push_back(call_json(i, k, all[k].name, all[k].arguments_json));
             return out;
           };
           // A reply with tools streams its content as it comes and each call as OpenAI does: its
@@ -528,24 +531,16 @@ struct Server::Impl {
             if (!piece.content.empty()) delta["content"] = piece.content;
             if (piece.calls.empty()) return delta;
             json out = json::array();
-            for (const ToolCallStream::CallDelta &d : piece.calls) {
-              json call = {{"index", d.index}};
-              if (d.name) {
-                call["id"] = call_id(i, d.index);
-                call["type"] = "function";
-                call["function"] = {{"name", *d.name}, {"arguments", d.arguments}};
-              } else {
-                call["function"] = {{"arguments", d.arguments}};
-              }
-              out.push_back(std::move(call));
-            }
+            for (const ToolCallStream::CallDelta &d : piece.calls)
+              out.push_back(d.name ? call_json(i, d.index, *d.name, d.arguments)
+                                   : json{{"index", d.index}, {"function", {{"arguments", d.arguments}}}});
             delta["tool_calls"] = std::move(out);
             return delta;
           };
           const auto tool_stream_of = [&](Choice &c) -> ToolCallStream & {
             if (!c.tool_stream)
               c.tool_stream = std::make_unique<ToolCallStream>(
-                  gp.callable_tools(), gp.tool_choice == ToolChoice::required || gp.tool_choice == ToolChoice::named,
+                  gp.callable_tools(), gp.reply_is_call(),
                   gp.parallel_tool_calls ? SIZE_MAX : 1);
             return *c.tool_stream;
           };

@@ -85,8 +85,6 @@ class ToolCallStream {
   // max_calls: the calls streamed at most (1 for parallel_tool_calls false: the first call only).
   explicit ToolCallStream(std::vector<ToolDef> tools, bool reply_is_call = false, size_t max_calls = SIZE_MAX);
   ~ToolCallStream();
-  ToolCallStream(ToolCallStream &&) noexcept;
-  ToolCallStream &operator=(ToolCallStream &&) noexcept;
   Piece update(const std::string &text, size_t safe);
   Piece finish(const std::string &text);
 
@@ -104,9 +102,9 @@ class ToolCallStream {
   size_t content_sent_ = 0;
   size_t cursor_ = 0;          // where the next block is looked for
   size_t next_index_ = 0;      // the number the next call gets
-  size_t open_at_ = std::string::npos;  // the block (its tag's offset) whose call is streaming
-  size_t open_index_ = 0;
-  std::string open_name_;
+  // The block (its tag's offset) whose call is streaming; its number is next_index_ - 1 (no
+  // other call gets one before it closes).
+  size_t open_at_ = std::string::npos;
   std::string args_sent_;      // that call's arguments text sent so far
   struct Scanner;              // the open block's scan so far (tool_calls.cpp)
   std::unique_ptr<Scanner> scan_;

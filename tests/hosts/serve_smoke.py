@@ -88,8 +88,8 @@ for line in b.splitlines():
                 name = d["function"].get("name", name)
                 args += d["function"]["arguments"]
                 parts += 1
-check(s == 200 and (whole_call is None or (name == whole_call["function"]["name"] and args == whole_call["function"]["arguments"]
-                                           and parts > 2)),
+check(s == 200 and whole_call is not None and name == whole_call["function"]["name"]
+      and args == whole_call["function"]["arguments"] and parts > 2,
       "a required call streamed in %d pieces joins to the whole response's: %s %s" % (parts, name, args))
 # 32 concurrent mixed requests (own chains and the pipeline's in one batch)
 res = []

@@ -1192,8 +1192,8 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call's name th
   CHECK(loom::server::parse_tool_calls("<tool_call>{\"name\": \"add\", \"arguments\": {}, \"name\": \"get_weather\"}</tool_call>", tools).empty());
   CHECK(loom::server::parse_tool_calls("<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1, \"a\": 2}}</tool_call>", tools).empty());
   CHECK(loom::server::parse_tool_calls("{\"name\": \"add\", \"arguments\": {\"a\": {\"b\": 1}, \"c\": {\"b\": 2}}}", tools).size() == 1);
-  // An argument of 8,000 characters streamed a byte at a time: each update lexes only what is
-  // new (this took seconds when every update lexed the whole block again).
+  // An argument of 8,000 characters streamed a byte at a time: it goes out in pieces as written
+  // and joins to the whole response's call.
   std::string long_value;
   for (int i = 0; long_value.size() < 8000; ++i) long_value += "line " + std::to_string(i) + "\\n\\u00e9 ";
   const std::string long_reply = "<tool_call>{\"name\": \"add\", \"arguments\": {\"text\": \"" + long_value + "\"}}</tool_call>";
