@@ -10,6 +10,8 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <sstream>
+#include <string>
 
 #include "loom/core/error.hpp"
 #include "loom/core/host_context.hpp"
@@ -308,6 +310,21 @@ class CudaBackend final : public ModelBackend {
   void install_hook();
   // y[T, out] = x[T, in] W^T (+ beta * y), float32 accumulation.
   void gemm(const DeviceLinear &w, const void *x, int32_t tokens, void *y, cudaDataType y_type, float beta);
+  // Split-K products for steps of a few dozen tokens, whose q/k/v, o and down outputs have too
+  // few tiles to fill the GPU: the product is computed in parts along its inputs (one strided
+  // batched cuBLAS call, float32 parts) and the kernel that reads it next sums the parts (the
+  // RoPE split, the next norm), instead of cuBLAS's own split-K adding its parts in a kernel of
+  // its own and the norm reading the residual after it. split_for gives the number of parts
+  // for a linear at `tokens` tokens (0: the plain gemm); LOOM_CUDA_SPLIT_K=0 turns it off,
+  // LOOM_CUDA_SPLIT_K=Q,O,D forces the counts for q/k/v, o and down (for comparisons).
+  enum SplitSite { split_qkv, split_o, split_down };
+  int split_for(const DeviceLinear &w, int32_t tokens, SplitSite site) const;
+  kernels::SplitParts gemm_split(const DeviceLinear &w, const void *x, int32_t tokens, int parts);
+  static constexpr int32_t kSplitMaxTokens = 256, kSplitMaxParts = 8; // (forced counts up to 8)
+  bool split_k_ = false;
+  int split_forced_[3] = {-1, -1, -1};
+  int sm_count_ = 0;
+  DeviceBuffer split_parts_; // float32 [kSplitMaxParts, min(T, kSplitMaxTokens), the widest output]
   // The whole model over the uploaded batch; `attention` is the pipeline's attention instance.
   void run_model(Instance &attention, int32_t tokens, int32_t seqs);
   struct AttentionCall;
@@ -582,6 +599,15 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options_.device.device_id),
              "cudaDeviceGetAttribute");
   programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
+  cuda_check(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, options_.device.device_id),
+             "cudaDeviceGetAttribute");
+  split_k_ = !tensor_ && !env_off("LOOM_CUDA_SPLIT_K");
+  if (const char *forced = std::getenv("LOOM_CUDA_SPLIT_K"); split_k_ && forced != nullptr && std::strchr(forced, ',')) {
+    std::istringstream in(forced);
+    std::string count;
+    for (int &f : split_forced_)
+      if (std::getline(in, count, ',')) f = std::clamp(std::atoi(count.c_str()), 0, kSplitMaxParts);
+  }
   if (bf16() && major >= 8 && !gpt2 && !quantizer_ && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported())
     skinny_swiglu_ = std::all_of(layers_.begin(), layers_.end(), [](const DeviceLayer &layer) {
       return !layer.gate_up.bias && kernels::skinny_gemm_takes(static_cast<int32_t>(layer.gate_up.in),
@@ -878,6 +904,8 @@ void CudaBackend::ensure_capacity(int32_t tokens, int32_t seqs) {
   inter_ = DeviceBuffer(t * I * a);
   final_h_ = DeviceBuffer(s * H * a);
   logits_ = DeviceBuffer(s * static_cast<size_t>(c.vocab_size) * 4);
+  if (split_k_)
+    split_parts_ = DeviceBuffer(size_t{kSplitMaxParts} * std::min<size_t>(t, kSplitMaxTokens) * std::max(qkv_cols, H) * 4);
   capacity_tokens_ = T;
   capacity_seqs_ = S;
   if (adapters_) adapters_->rebuild(T);
@@ -971,6 +999,33 @@ void CudaBackend::gemm(const DeviceLinear &w, const void *x, int32_t tokens, voi
                "cublasGemmEx");
 }
 
+int CudaBackend::split_for(const DeviceLinear &w, int32_t tokens, SplitSite site) const {
+  if (!split_k_ || tokens > kSplitMaxTokens || w.qweight || !w.parts.empty() || step_adapters_) return 0;
+  int parts = split_forced_[site];
+  if (parts < 0) {
+    // Two parts, where their tiles (taken as 64 tokens x 128 outputs) stay within one wave of
+    // the GPU's SMs and each part has at least 512 inputs. (On the H200 at 64 tokens, two parts
+    // everywhere beat four and eight: BENCHMARKS.md, 2026-11-29, session 28.)
+    const int64_t tiles = ((tokens + 63) / 64) * ((w.out + 127) / 128);
+    parts = tiles * 2 <= sm_count_ && w.in / 2 >= 512 ? 2 : 0;
+  }
+  return parts >= 2 && w.in % (int64_t{parts} * 8) == 0 ? parts : 0;
+}
+
+kernels::SplitParts CudaBackend::gemm_split(const DeviceLinear &w, const void *x, int32_t tokens, int parts) {
+  // Part p is x[:, p k : (p + 1) k] W[:, p k : (p + 1) k]^T: the strided batch of gemm's
+  // column-major product over consecutive slices of the inputs, each part its own [T, out].
+  const int64_t k = w.in / parts, stride = int64_t{tokens} * w.out;
+  const float alpha = 1.0f, beta = 0.0f;
+  float *out = split_parts_.get<float>();
+  cublas_check(cublasGemmStridedBatchedEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.out), tokens,
+                                          static_cast<int>(k), &alpha, weight_of(w), act_cuda(), static_cast<int>(w.in), k,
+                                          x, act_cuda(), static_cast<int>(w.in), k, &beta, out, CUDA_R_32F,
+                                          static_cast<int>(w.out), stride, parts, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "cublasGemmStridedBatchedEx");
+  return kernels::SplitParts{out, parts, stride};
+}
+
 // The attention plugin's view of one forward pass; kv_pool is set per layer.
 struct CudaBackend::AttentionCall {
   DeviceView vq, vk, vv, vout, voff, vpos, vtable, vpool;
@@ -1027,6 +1082,7 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     return;
   }
   const float *pending_bias = nullptr; // the last linear's bias, added by the next norm
+  kernels::SplitParts pending_parts;   // the last linear's product in parts, added by the next norm
   // With a quantizer that fuses (loom.quantizer.fused/1), RMSNorm moves into the q/k/v and
   // gate/up products, RoPE and the q/k/v split into q/k/v's, SwiGLU into gate/up's, the residual
   // adds into o's and down's.
@@ -1034,7 +1090,8 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
   const bool rms = !gpt2;
   for (int32_t l = 0; l < c.n_layers; ++l) {
     DeviceLayer &layer = layers_[static_cast<size_t>(l)];
-    const bool fuse_norm1 = rms && !pending_bias && !layer.norm1_b;
+    const bool fuse_norm1 = rms && !pending_bias && !layer.norm1_b && pending_parts.count == 0;
+    kernels::SplitParts qkv_parts;
     if (fuse_norm1 && cos_sin_ &&
         fused_gemm(layer.qkv, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_ROPE_QKV, &layer.norm1_w, nullptr, act_dl())) {
       op_times_.mark("norm+qkv+rope fused", stream_);
@@ -1045,11 +1102,17 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       } else {
         kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm1_w.get<float>(),
                                                  layer.norm1_b ? layer.norm1_b.get<float>() : nullptr, eps, h_.get(), dt,
-                                                 stream_, programmatic_),
+                                                 stream_, programmatic_, pending_parts),
                      "norm");
         op_times_.mark("norm", stream_);
-        gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
-        op_times_.mark("qkv gemm", stream_);
+        pending_parts = {};
+        if (const int parts = split_for(layer.qkv, T, split_qkv); parts > 0) {
+          qkv_parts = gemm_split(layer.qkv, h_.get(), T, parts);
+          op_times_.mark("qkv gemm (split)", stream_);
+        } else {
+          gemm(layer.qkv, h_.get(), T, qkv_.get(), act_cuda(), 0.0f);
+          op_times_.mark("qkv gemm", stream_);
+        }
         if (step_adapters_) {
           const int64_t qkv_cols = (c.n_heads + 2 * c.n_kv_heads) * D, kv_cols = c.n_kv_heads * D;
           const CudaAdapters::Module ms[] = {CudaAdapters::q_proj, CudaAdapters::k_proj, CudaAdapters::v_proj};
@@ -1060,13 +1123,16 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       }
       kernel_check(kernels::qkv_bias_rope_split_cuda(qkv_.get(), layer.qkv.bias ? layer.qkv.bias.get<float>() : nullptr,
                                                      gpt2 ? nullptr : cos_sin_.get<float>(), d_positions_, T, Hq, Hkv, D,
-                                                     q_.get(), k_.get(), v_.get(), dt, stream_, programmatic_),
+                                                     q_.get(), k_.get(), v_.get(), dt, stream_, programmatic_, qkv_parts),
                    "qkv");
       op_times_.mark("bias+rope+split", stream_);
     }
     attend(attention, call, T, S, l);
     if (fused_gemm(layer.o, attn_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
       op_times_.mark("o fused", stream_);
+    } else if (const int parts = split_for(layer.o, T, split_o); parts > 0) {
+      pending_parts = gemm_split(layer.o, attn_.get(), T, parts);
+      op_times_.mark("o gemm (split)", stream_);
     } else {
       gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, residual_keep());
       op_times_.mark("o gemm", stream_);
@@ -1077,20 +1143,26 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     }
     after_row_parallel(x, int64_t{T} * H);
     pending_bias = layer.o.bias ? layer.o.bias.get<float>() : nullptr;
-    if (rms && !pending_bias && !layer.norm2_b &&
+    if (rms && !pending_bias && !layer.norm2_b && pending_parts.count == 0 &&
         fused_gemm(layer.gate_up, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_SWIGLU, &layer.norm2_w,
                    inter_.get(), act_dl())) {
       op_times_.mark("norm+gate_up+swiglu fused", stream_);
     } else {
       kernel_check(kernels::add_bias_norm_cuda(x, nullptr, T, H, pending_bias, layer.norm2_w.get<float>(),
                                                layer.norm2_b ? layer.norm2_b.get<float>() : nullptr, eps, h_.get(), dt, stream_,
-                                               programmatic_),
+                                               programmatic_, pending_parts),
                    "norm");
       op_times_.mark("norm", stream_);
+      pending_parts = {};
       mlp_up(layer, T);
     }
+    // (The embedding pass reads x itself after the last layer, so its last down adds into x.)
+    const bool last = l + 1 == c.n_layers;
     if (fused_gemm(layer.down, inter_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
       op_times_.mark("down fused", stream_);
+    } else if (const int parts = last && embedding_pass_ ? 0 : split_for(layer.down, T, split_down); parts > 0) {
+      pending_parts = gemm_split(layer.down, inter_.get(), T, parts);
+      op_times_.mark("down gemm (split)", stream_);
     } else {
       gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, residual_keep());
       op_times_.mark("down gemm", stream_);
@@ -1116,14 +1188,14 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
   }
   // Only each sequence's last token needs the final norm and the head (all of them in a decode
   // step, where the fused head can normalise them itself).
-  if (T == S && rms && !pending_bias && !final_b_ &&
+  if (T == S && rms && !pending_bias && !final_b_ && pending_parts.count == 0 &&
       fused_gemm(lm_head_, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_STORE, &final_w_, logits_.get(), f32)) {
     op_times_.mark("final norm+lm_head fused", stream_);
     return;
   }
   kernel_check(kernels::add_bias_norm_cuda(x, d_last_rows_, S, H, pending_bias, final_w_.get<float>(),
                                            final_b_ ? final_b_.get<float>() : nullptr, eps, final_h_.get(), dt, stream_,
-                                           programmatic_),
+                                           programmatic_, pending_parts),
                "final norm");
   op_times_.mark("final norm", stream_);
   gemm(lm_head_, final_h_.get(), S, logits_.get(), CUDA_R_32F, 0.0f);

@@ -45,17 +45,19 @@ __global__ void embed_kernel(const int32_t* tokens, const int32_t* positions, in
 template <class T, int PER>
 __global__ void __launch_bounds__(kRowThreads)
 add_bias_norm_kernel(float* x, const int32_t* row_index, int32_t hidden, const float* pending_bias, const float* w,
-                     const float* b, float eps, T* out) {
+                     const float* b, float eps, T* out, SplitParts parts) {
   // A programmatic launch after this one (the skinny GEMM) may start and fetch its weights now;
   // it waits for this grid before it reads the normalised rows. This one, launched
   // programmatically, waits for the kernel that wrote x.
   device::allow_next_kernel();
   device::wait_for_previous_kernel();
-  const int64_t r = blockIdx.x;
-  float* row = x + static_cast<int64_t>(row_index ? row_index[r] : r) * hidden;
+  const int64_t r = blockIdx.x, src = row_index ? row_index[r] : r;
+  float* row = x + src * hidden;
+  const float* row_parts = parts.count > 0 ? parts.data + src * hidden : nullptr;
   if constexpr (PER > 0) {
-    device::norm_row_regs<PER>(row, pending_bias, w, b, eps, out + r * hidden);
+    device::norm_row_regs<PER>(row, pending_bias, w, b, eps, out + r * hidden, row_parts, parts.count, parts.stride);
   } else {
+    if (row_parts) device::add_row_parts(row, hidden, row_parts, parts.count, parts.stride);
     if (pending_bias) device::add_row_bias(row, hidden, pending_bias);
     device::norm_row(row, hidden, w, b, eps, out + r * hidden);
   }
@@ -63,13 +65,15 @@ add_bias_norm_kernel(float* x, const int32_t* row_index, int32_t hidden, const f
 
 template <class T, int PER = 16>
 cudaError_t launch_norm(float* x, const int32_t* row_index, int32_t n_rows, int32_t hidden, const float* pending_bias,
-                        const float* w, const float* b, float eps, T* out, bool programmatic, cudaStream_t s) {
+                        const float* w, const float* b, float eps, T* out, bool programmatic, SplitParts parts,
+                        cudaStream_t s) {
   if constexpr (PER > 0) {
     if (hidden != PER * kRowThreads)
-      return launch_norm<T, PER - 1>(x, row_index, n_rows, hidden, pending_bias, w, b, eps, out, programmatic, s);
+      return launch_norm<T, PER - 1>(x, row_index, n_rows, hidden, pending_bias, w, b, eps, out, programmatic, parts, s);
   }
   return launch_maybe_programmatic(programmatic, dim3(static_cast<unsigned>(n_rows)), dim3(kRowThreads), 0, s,
-                                   add_bias_norm_kernel<T, PER>, x, row_index, hidden, pending_bias, w, b, eps, out);
+                                   add_bias_norm_kernel<T, PER>, x, row_index, hidden, pending_bias, w, b, eps, out,
+                                   parts);
 }
 
 // Block (t, chunk): the chunk's kRowThreads consecutive entries of token t's (head, pair) index
@@ -79,18 +83,18 @@ cudaError_t launch_norm(float* x, const int32_t* row_index, int32_t n_rows, int3
 template <class T>
 __global__ void __launch_bounds__(kRowThreads)
 qkv_kernel(const T* qkv, const float* bias, const float* cos_sin, const int32_t* positions, int32_t n_heads,
-           int32_t n_kv_heads, int32_t head_dim, T* q, T* k, T* v) {
+           int32_t n_kv_heads, int32_t head_dim, T* q, T* k, T* v, SplitParts parts) {
   device::allow_next_kernel();  // the attention kernel after it waits for this grid itself
   device::wait_for_previous_kernel();
   const int64_t t = blockIdx.x;
   const int half = head_dim / 2;
   const int heads_total = n_heads + 2 * n_kv_heads;
-  const T* row = qkv + t * heads_total * head_dim;
+  const int64_t row_offset = t * heads_total * head_dim;
   const float* cs_row = cos_sin ? cos_sin + static_cast<int64_t>(positions[t]) * half * 2 : nullptr;
   const int j = blockIdx.y * kRowThreads + threadIdx.x;
   if (j < heads_total * half) {
     const int head = j / half, i = j - head * half;
-    const T* src = row + head * head_dim;
+    const int64_t src = row_offset + head * head_dim;
     T* dst;
     bool rotate = cs_row != nullptr;
     if (head < n_heads) {
@@ -101,7 +105,16 @@ qkv_kernel(const T* qkv, const float* bias, const float* cos_sin, const int32_t*
       dst = v + (t * n_kv_heads + (head - n_heads - n_kv_heads)) * head_dim;
       rotate = false;
     }
-    float a = load(src, i), c = load(src, i + half);
+    float a = 0.0f, c = 0.0f;
+    if (parts.count > 0) {
+      for (int p = 0; p < parts.count; ++p) {
+        a += parts.data[p * parts.stride + src + i];
+        c += parts.data[p * parts.stride + src + i + half];
+      }
+    } else {
+      a = load(qkv, src + i);
+      c = load(qkv, src + i + half);
+    }
     if (bias) {
       a += bias[head * head_dim + i];
       c += bias[head * head_dim + i + half];
@@ -200,20 +213,22 @@ int embed_rows_cuda(const int32_t* tokens, const int32_t* positions, int32_t n_t
 
 int add_bias_norm_cuda(float* x, const int32_t* row_index, int32_t n_rows, int32_t hidden, const float* pending_bias,
                        const float* w, const float* b, float eps, void* out, Dtype dtype, void* stream,
-                       bool programmatic) {
+                       bool programmatic, SplitParts parts) {
   if (n_rows <= 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
   // Rows of up to 16 x kRowThreads values (4096) that divide evenly are held in registers.
   const cudaError_t e =
       dtype == Dtype::bf16
-          ? launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<__nv_bfloat16*>(out), programmatic, s)
-          : launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<float*>(out), programmatic, s);
+          ? launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<__nv_bfloat16*>(out), programmatic,
+                        parts, s)
+          : launch_norm(x, row_index, n_rows, hidden, pending_bias, w, b, eps, static_cast<float*>(out), programmatic, parts,
+                        s);
   return static_cast<int>(e);  // cudaLaunchKernelEx returns the launch's error itself
 }
 
 int qkv_bias_rope_split_cuda(const void* qkv, const float* bias, const float* cos_sin, const int32_t* positions,
                              int32_t n_tokens, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, void* q, void* k,
-                             void* v, Dtype dtype, void* stream, bool programmatic) {
+                             void* v, Dtype dtype, void* stream, bool programmatic, SplitParts parts) {
   if (n_tokens <= 0) return 0;
   if (head_dim % 2 != 0 || head_dim > 1024) return static_cast<int>(cudaErrorInvalidValue);
   auto s = static_cast<cudaStream_t>(stream);
@@ -225,11 +240,11 @@ int qkv_bias_rope_split_cuda(const void* qkv, const float* bias, const float* co
     using T = __nv_bfloat16;
     e = launch_maybe_programmatic(programmatic, grid, block, 0, s, qkv_kernel<T>, static_cast<const T*>(qkv), bias, cos_sin,
                                   positions, n_heads, n_kv_heads, head_dim, static_cast<T*>(q), static_cast<T*>(k),
-                                  static_cast<T*>(v));
+                                  static_cast<T*>(v), parts);
   } else {
     e = launch_maybe_programmatic(programmatic, grid, block, 0, s, qkv_kernel<float>, static_cast<const float*>(qkv), bias,
                                   cos_sin, positions, n_heads, n_kv_heads, head_dim, static_cast<float*>(q),
-                                  static_cast<float*>(k), static_cast<float*>(v));
+                                  static_cast<float*>(k), static_cast<float*>(v), parts);
   }
   return static_cast<int>(e);  // cudaLaunchKernelEx returns the launch's error itself
 }

@@ -112,20 +112,29 @@ __device__ __forceinline__ void norm_row(const float* row, int32_t hidden, const
 // the row first, as add_row_bias does. Every load is issued at once and w is loaded before the
 // reduction, so a row costs one memory latency instead of norm_row's three (load, reload after
 // the sum, store); the sums and products are norm_row's, in the same order.
+// Before the bias, the row's split-K partial products are added (parts: the row's entry in the
+// first of n_parts arrays, part_stride floats apart), so a linear split along its inputs needs
+// no kernel of its own to sum its parts into the residual.
 template <int PER, class T>
 __device__ __forceinline__ void norm_row_regs(float* row, const float* pending_bias, const float* w, const float* b,
-                                              float eps, T* out) {
+                                              float eps, T* out, const float* parts = nullptr, int n_parts = 0,
+                                              int64_t part_stride = 0) {
   float v[PER], wv[PER];
 #pragma unroll
   for (int k = 0; k < PER; ++k) v[k] = row[threadIdx.x + k * kRowThreads];
+  for (int p = 0; p < n_parts; ++p) {
+#pragma unroll
+    for (int k = 0; k < PER; ++k) v[k] += parts[p * part_stride + threadIdx.x + k * kRowThreads];
+  }
 #pragma unroll
   for (int k = 0; k < PER; ++k) wv[k] = w[threadIdx.x + k * kRowThreads];
   if (pending_bias) {
 #pragma unroll
-    for (int k = 0; k < PER; ++k) {
-      v[k] += pending_bias[threadIdx.x + k * kRowThreads];
-      row[threadIdx.x + k * kRowThreads] = v[k];
-    }
+    for (int k = 0; k < PER; ++k) v[k] += pending_bias[threadIdx.x + k * kRowThreads];
+  }
+  if (pending_bias || n_parts > 0) {
+#pragma unroll
+    for (int k = 0; k < PER; ++k) row[threadIdx.x + k * kRowThreads] = v[k];
   }
   const float inv_h = 1.0f / static_cast<float>(PER * kRowThreads);
   float sum = 0.0f, sum_sq = 0.0f;
@@ -155,6 +164,16 @@ __device__ __forceinline__ void norm_row_regs(float* row, const float* pending_b
 // row += bias with norm_row's partition of the row over the threads.
 __device__ __forceinline__ void add_row_bias(float* row, int32_t hidden, const float* bias) {
   for (int i = threadIdx.x; i < hidden; i += kRowThreads) row[i] += bias[i];
+}
+
+// row += the sum of n_parts split-K partial products (norm_row_regs's parts), same partition.
+__device__ __forceinline__ void add_row_parts(float* row, int32_t hidden, const float* parts, int n_parts,
+                                              int64_t part_stride) {
+  for (int i = threadIdx.x; i < hidden; i += kRowThreads) {
+    float v = row[i];
+    for (int p = 0; p < n_parts; ++p) v += parts[p * part_stride + i];
+    row[i] = v;
+  }
 }
 
 }  // namespace loom::kernels::device

@@ -159,6 +159,21 @@ TEST_CASE("bfloat16 on CUDA matches transformers (sdpa, and flash at head dim 64
   check_model("tiny-llama-hd64", "flash", loom::ComputeDtype::bfloat16, 2e-2);
 }
 
+TEST_CASE("linears split along their inputs, summed by the next kernel, match transformers", "[cuda][golden][split]") {
+  // The tiny models are below the size the backend splits by itself (256 inputs a part), so the
+  // counts are forced: q/k/v in 2 parts (summed by the RoPE split), o in 4 and down in 2 (summed
+  // into the residual by the next norm, the final one included), every linear of the tiny
+  // fixtures dividing evenly. The prefills, and the float32 decode steps, take these products.
+  struct EnvRestore {
+    ~EnvRestore() { unsetenv("LOOM_CUDA_SPLIT_K"); }
+  } restore;
+  setenv("LOOM_CUDA_SPLIT_K", "2,4,2", 1);
+  for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-llama-hd64"}) {
+    check_model(name, "sdpa", loom::ComputeDtype::float32, 1e-3);
+    check_model(name, "sdpa", loom::ComputeDtype::bfloat16, 2e-2);
+  }
+}
+
 TEST_CASE("a ragged batch gives each sequence the logits it gets alone", "[cuda][batch]") {
   for (const char *attention : {"sdpa", "flash"}) {
     INFO(attention);

@@ -1,7 +1,7 @@
 // add_bias_norm_cuda (loom/kernels/model.hpp) against a float64 host computation: RMSNorm and
 // LayerNorm, rows held in registers (hidden a multiple of 256 up to 4096) and rows of any other
-// size, with and without a pending bias (added into x, which the kernel writes back) and a row
-// index, float32 and bfloat16 outputs. Part of kernels_cuda_test (its main skips without a CUDA
+// size, with and without a pending bias and split-K parts (both added into x, which the kernel
+// writes back) and a row index, float32 and bfloat16 outputs. Part of kernels_cuda_test (its main skips without a CUDA
 // device).
 #include <catch2/catch.hpp>
 
@@ -21,23 +21,27 @@ namespace {
 
 using namespace loom_kernel_test;
 
-void check_norm(int hidden, bool layer_norm, bool bias, bool indexed, lk::Dtype dtype, std::mt19937& rng) {
+void check_norm(int hidden, bool layer_norm, bool bias, bool indexed, int n_parts, lk::Dtype dtype, std::mt19937& rng) {
   INFO("hidden " << hidden << (layer_norm ? " layer_norm" : " rms_norm") << (bias ? " bias" : "")
-                 << (indexed ? " indexed" : "") << (dtype == lk::Dtype::bf16 ? " bf16" : " f32"));
+                 << (indexed ? " indexed" : "") << ", " << n_parts << " parts" << (dtype == lk::Dtype::bf16 ? " bf16" : " f32"));
   const int stored = 7, rows = indexed ? 3 : stored; // indexed: rows 5, 0, 3 of the 7
   const std::vector<int32_t> index = {5, 0, 3};
   std::vector<float> x = normal(static_cast<size_t>(stored) * hidden, 2.0f, rng);
   for (size_t i = 0; i < x.size(); ++i) x[i] += 0.5f; // a mean for LayerNorm to remove
   const std::vector<float> w = normal(static_cast<size_t>(hidden), 1.0f, rng), b = normal(static_cast<size_t>(hidden), 1.0f, rng),
                            pending = normal(static_cast<size_t>(hidden), 1.0f, rng);
+  // Parts 32 floats further apart than a part's rows, so a kernel that ignores the stride fails.
+  const int64_t part_stride = int64_t{stored} * hidden + 32;
+  const std::vector<float> parts = normal(static_cast<size_t>(n_parts) * static_cast<size_t>(part_stride), 1.0f, rng);
   const float eps = 1e-5f;
-  Device<float> dx(x), dw(w), db(b), dp(pending);
+  Device<float> dx(x), dw(w), db(b), dp(pending), dparts(n_parts > 0 ? parts : std::vector<float>(1, 0.0f));
   Device<int32_t> di(index);
   Device<float> out_f32(std::vector<float>(static_cast<size_t>(rows) * hidden, 0.0f));
   Device<uint16_t> out_bf16(std::vector<uint16_t>(static_cast<size_t>(rows) * hidden, 0));
   void* out = dtype == lk::Dtype::bf16 ? static_cast<void*>(out_bf16.get()) : static_cast<void*>(out_f32.get());
   CUDA_REQUIRE(lk::add_bias_norm_cuda(dx.get(), indexed ? di.get() : nullptr, rows, hidden, bias ? dp.get() : nullptr,
-                                      dw.get(), layer_norm ? db.get() : nullptr, eps, out, dtype, nullptr));
+                                      dw.get(), layer_norm ? db.get() : nullptr, eps, out, dtype, nullptr, false,
+                                      lk::SplitParts{dparts.get(), n_parts, part_stride}));
   CUDA_REQUIRE(cudaDeviceSynchronize());
   std::vector<float> got(static_cast<size_t>(rows) * hidden);
   if (dtype == lk::Dtype::bf16) {
@@ -54,7 +58,9 @@ void check_norm(int hidden, bool layer_norm, bool bias, bool indexed, lk::Dtype 
     double mean = 0, sq = 0;
     for (int i = 0; i < hidden; ++i) {
       const size_t at = static_cast<size_t>(src) * hidden + i;
-      v[static_cast<size_t>(i)] = static_cast<double>(x[at]) + (bias ? pending[static_cast<size_t>(i)] : 0.0f);
+      double e = x[at];
+      for (int p = 0; p < n_parts; ++p) e += parts[static_cast<size_t>(p * part_stride) + at];
+      v[static_cast<size_t>(i)] = e + (bias ? pending[static_cast<size_t>(i)] : 0.0f);
       mean += v[static_cast<size_t>(i)];
       sq += v[static_cast<size_t>(i)] * v[static_cast<size_t>(i)];
     }
@@ -63,7 +69,7 @@ void check_norm(int hidden, bool layer_norm, bool bias, bool indexed, lk::Dtype 
     for (double e : v) var += (e - mean) * (e - mean);
     for (int i = 0; i < hidden; ++i) {
       const double e = v[static_cast<size_t>(i)];
-      // The pending bias lands in x.
+      // The parts and the pending bias land in x.
       if (std::fabs(x_after[static_cast<size_t>(src) * hidden + i] - e) > 1e-6 * (1.0 + std::fabs(e)) && ++bad <= 5)
         UNSCOPED_INFO("x row " << src << " [" << i << "]: " << x_after[static_cast<size_t>(src) * hidden + i] << " != " << e);
       const double want = layer_norm ? (e - mean) / std::sqrt(var / hidden + eps) * w[static_cast<size_t>(i)] + b[static_cast<size_t>(i)]
@@ -84,5 +90,7 @@ TEST_CASE("add_bias_norm matches a float64 norm for rows in registers and rows o
     for (bool layer_norm : {false, true})
       for (bool bias : {false, true})
         for (bool indexed : {false, true})
-          for (lk::Dtype dtype : {lk::Dtype::f32, lk::Dtype::bf16}) check_norm(hidden, layer_norm, bias, indexed, dtype, rng);
+          for (int n_parts : {0, 3})
+            for (lk::Dtype dtype : {lk::Dtype::f32, lk::Dtype::bf16})
+              check_norm(hidden, layer_norm, bias, indexed, n_parts, dtype, rng);
 }
