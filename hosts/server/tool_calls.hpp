@@ -95,6 +95,9 @@ class ToolCallStream {
   // A block body [begin, end) of text: stream what is new (closed: finish it).
   void stream_body(const std::string &text, size_t at, size_t begin, size_t end, bool closed, Piece &piece);
   CallDelta &delta_for(Piece &piece, size_t index);
+  // A call read whole (a closed block not streamed before, a bare object at the end): its name
+  // and arguments in one delta, as the next call, unless max_calls are out.
+  void send_whole(const ToolCall &call, Piece &piece);
   void send_content(const std::string &text, size_t content_end, Piece &piece);
   std::vector<ToolDef> tools_;
   bool reply_is_call_ = false;

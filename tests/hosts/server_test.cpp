@@ -1236,6 +1236,16 @@ TEST_CASE("a streamed reply with tools: content as it comes, each call's name th
   CHECK(cut_got.calls[0].name == "get_weather");
   CHECK(cut_got.calls[0].arguments_json == "{\"city\":\"Je"); // a string streams before its closing quote
   CHECK(cut_got.content == loom::server::reply_content(cut, {}));
+  // A string value that turns out invalid (a bad escape) after pieces of it went out: nothing
+  // more of that call goes out (its later keys neither), and the whole response has no call.
+  const std::string broken = "<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": \"abc\\x\", \"b\": 1}}</tool_call>";
+  CHECK(loom::server::parse_tool_calls(broken, tools).empty());
+  for (const size_t step : {size_t{1}, size_t{4}}) {
+    const Streamed broken_got = stream(broken, step, 0);
+    REQUIRE(broken_got.calls.size() == 1);
+    CHECK(broken_got.calls[0].arguments_json.starts_with("{\"a\":\""));
+    CHECK(std::string("{\"a\":\"abc").starts_with(broken_got.calls[0].arguments_json));
+  }
 }
 
 TEST_CASE("streamed tool calls over random replies: valid ones add up exactly, cut ones differ only by the cut call", "[server]") {
