@@ -1003,11 +1003,15 @@ int CudaBackend::split_for(const DeviceLinear &w, int32_t tokens, SplitSite site
   if (!split_k_ || tokens > kSplitMaxTokens || w.qweight || !w.parts.empty() || step_adapters_) return 0;
   int parts = split_forced_[site];
   if (parts < 0) {
-    // Two parts, where their tiles (taken as 64 tokens x 128 outputs) stay within one wave of
-    // the GPU's SMs and each part has at least 512 inputs. (On the H200 at 64 tokens, two parts
-    // everywhere beat four and eight: BENCHMARKS.md, 2026-11-29, session 28.)
+    // Four parts for a product no wider than its inputs (o, down), two for a wider one (q/k/v),
+    // halved while the parts' tiles (taken as 64 tokens x 128 outputs) would not fit one wave of
+    // the GPU's SMs or a part would have under 512 inputs. (The 1B shape on the H200, BENCHMARKS.md
+    // 2026-11-29, session 28: this gives 2, 4, 4 at 32 to 128 tokens, which measured as two
+    // parts everywhere at 32 and 64 tokens and 2.7% above it at 128; eight parts, or four for
+    // q/k/v, were slower.)
     const int64_t tiles = ((tokens + 63) / 64) * ((w.out + 127) / 128);
-    parts = tiles * 2 <= sm_count_ && w.in / 2 >= 512 ? 2 : 0;
+    parts = w.out <= w.in ? 4 : 2;
+    while (parts > 1 && (tiles * parts > sm_count_ || w.in / parts < 512)) parts /= 2;
   }
   return parts >= 2 && w.in % (int64_t{parts} * 8) == 0 ? parts : 0;
 }
