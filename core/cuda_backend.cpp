@@ -322,9 +322,11 @@ class CudaBackend final : public ModelBackend {
   kernels::SplitParts gemm_split(const DeviceLinear &w, const void *x, int32_t tokens, int parts);
   static constexpr int32_t kSplitMaxTokens = 256, kSplitMaxParts = 8; // (forced counts up to 8)
   bool split_k_ = false;
+  int split_buffer_parts_ = 4;     // the most parts a product may take: 4, or a larger forced count
+  size_t split_buffer_tokens_ = 0; // the tokens split_parts_ holds for them
   int split_forced_[3] = {-1, -1, -1};
   int sm_count_ = 0;
-  DeviceBuffer split_parts_; // float32 [kSplitMaxParts, min(T, kSplitMaxTokens), the widest output]
+  DeviceBuffer split_parts_; // float32 [split_buffer_parts_, min(T, kSplitMaxTokens), the widest output]
   // The whole model over the uploaded batch; `attention` is the pipeline's attention instance.
   void run_model(Instance &attention, int32_t tokens, int32_t seqs);
   struct AttentionCall;
@@ -601,12 +603,14 @@ CudaBackend::CudaBackend(const ModelConfig &config, ModelWeights weights, Pipeli
   programmatic_ = major >= 9 && !env_off("LOOM_CUDA_PDL");
   cuda_check(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, options_.device.device_id),
              "cudaDeviceGetAttribute");
-  split_k_ = !tensor_ && !env_off("LOOM_CUDA_SPLIT_K");
+  // (a quantizer's linears never split: gemm_split multiplies the bf16 weights)
+  split_k_ = !tensor_ && !quantizer_ && !env_off("LOOM_CUDA_SPLIT_K");
   if (const char *forced = std::getenv("LOOM_CUDA_SPLIT_K"); split_k_ && forced != nullptr && std::strchr(forced, ',')) {
     std::istringstream in(forced);
     std::string count;
     for (int &f : split_forced_)
       if (std::getline(in, count, ',')) f = std::clamp(std::atoi(count.c_str()), 0, kSplitMaxParts);
+    for (int f : split_forced_) split_buffer_parts_ = std::max(split_buffer_parts_, f);
   }
   if (bf16() && major >= 8 && !gpt2 && !quantizer_ && !env_off("LOOM_CUDA_SKINNY") && kernels::skinny_gemm_supported())
     skinny_swiglu_ = std::all_of(layers_.begin(), layers_.end(), [](const DeviceLayer &layer) {
@@ -904,8 +908,10 @@ void CudaBackend::ensure_capacity(int32_t tokens, int32_t seqs) {
   inter_ = DeviceBuffer(t * I * a);
   final_h_ = DeviceBuffer(s * H * a);
   logits_ = DeviceBuffer(s * static_cast<size_t>(c.vocab_size) * 4);
-  if (split_k_)
-    split_parts_ = DeviceBuffer(size_t{kSplitMaxParts} * std::min<size_t>(t, kSplitMaxTokens) * std::max(qkv_cols, H) * 4);
+  if (split_k_ && std::min<size_t>(t, kSplitMaxTokens) > split_buffer_tokens_) {
+    split_buffer_tokens_ = std::min<size_t>(t, kSplitMaxTokens);
+    split_parts_ = DeviceBuffer(static_cast<size_t>(split_buffer_parts_) * split_buffer_tokens_ * std::max(qkv_cols, H) * 4);
+  }
   capacity_tokens_ = T;
   capacity_seqs_ = S;
   if (adapters_) adapters_->rebuild(T);
@@ -1011,7 +1017,7 @@ int CudaBackend::split_for(const DeviceLinear &w, int32_t tokens, SplitSite site
     // q/k/v, were slower.)
     const int64_t tiles = ((tokens + 63) / 64) * ((w.out + 127) / 128);
     parts = w.out <= w.in ? 4 : 2;
-    while (parts > 1 && (tiles * parts > sm_count_ || w.in / parts < 512)) parts /= 2;
+    while (parts > 1 && (tiles * parts > sm_count_ || w.in / parts < 512 || w.in % (int64_t{parts} * 8) != 0)) parts /= 2;
   }
   return parts >= 2 && w.in % (int64_t{parts} * 8) == 0 ? parts : 0;
 }

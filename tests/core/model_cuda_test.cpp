@@ -160,7 +160,7 @@ TEST_CASE("bfloat16 on CUDA matches transformers (sdpa, and flash at head dim 64
 }
 
 TEST_CASE("linears split along their inputs, summed by the next kernel, match transformers", "[cuda][golden][split]") {
-  // The tiny models are below the size the backend splits by itself (256 inputs a part), so the
+  // The tiny models are below the size the backend splits by itself (512 inputs a part), so the
   // counts are forced: q/k/v in 2 parts (summed by the RoPE split), o in 4 and down in 2 (summed
   // into the residual by the next norm, the final one included), every linear of the tiny
   // fixtures dividing evenly. The prefills, and the float32 decode steps, take these products.
