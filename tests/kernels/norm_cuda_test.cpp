@@ -1,7 +1,8 @@
 // add_bias_norm_cuda (loom/kernels/model.hpp) against a float64 host computation: RMSNorm and
 // LayerNorm, rows held in registers (hidden a multiple of 256 up to 4096) and rows of any other
 // size, with and without a pending bias and split-K parts (both added into x, which the kernel
-// writes back) and a row index, float32 and bfloat16 outputs. Part of kernels_cuda_test (its main skips without a CUDA
+// writes back) and a row index, float32 and bfloat16 outputs, launched plainly and as a
+// programmatic dependent launch. Part of kernels_cuda_test (its main skips without a CUDA
 // device).
 #include <catch2/catch.hpp>
 
@@ -21,9 +22,11 @@ namespace {
 
 using namespace loom_kernel_test;
 
-void check_norm(int hidden, bool layer_norm, bool bias, bool indexed, int n_parts, lk::Dtype dtype, std::mt19937& rng) {
+void check_norm(int hidden, bool layer_norm, bool bias, bool indexed, int n_parts, lk::Dtype dtype, bool programmatic,
+                std::mt19937& rng) {
   INFO("hidden " << hidden << (layer_norm ? " layer_norm" : " rms_norm") << (bias ? " bias" : "")
-                 << (indexed ? " indexed" : "") << ", " << n_parts << " parts" << (dtype == lk::Dtype::bf16 ? " bf16" : " f32"));
+                 << (indexed ? " indexed" : "") << ", " << n_parts << " parts" << (dtype == lk::Dtype::bf16 ? " bf16" : " f32")
+                 << (programmatic ? ", programmatic launch" : ""));
   const int stored = 7, rows = indexed ? 3 : stored; // indexed: rows 5, 0, 3 of the 7
   const std::vector<int32_t> index = {5, 0, 3};
   std::vector<float> x = normal(static_cast<size_t>(stored) * hidden, 2.0f, rng);
@@ -39,10 +42,13 @@ void check_norm(int hidden, bool layer_norm, bool bias, bool indexed, int n_part
   Device<float> out_f32(std::vector<float>(static_cast<size_t>(rows) * hidden, 0.0f));
   Device<uint16_t> out_bf16(std::vector<uint16_t>(static_cast<size_t>(rows) * hidden, 0));
   void* out = dtype == lk::Dtype::bf16 ? static_cast<void*>(out_bf16.get()) : static_cast<void*>(out_f32.get());
+  cudaStream_t stream = nullptr;  // (a stream of its own for the programmatic launch)
+  if (programmatic) CUDA_REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   CUDA_REQUIRE(lk::add_bias_norm_cuda(dx.get(), indexed ? di.get() : nullptr, rows, hidden, bias ? dp.get() : nullptr,
-                                      dw.get(), layer_norm ? db.get() : nullptr, eps, out, dtype, nullptr, false,
+                                      dw.get(), layer_norm ? db.get() : nullptr, eps, out, dtype, stream, programmatic,
                                       lk::SplitParts{dparts.get(), n_parts, part_stride}));
   CUDA_REQUIRE(cudaDeviceSynchronize());
+  if (stream) CUDA_REQUIRE(cudaStreamDestroy(stream));
   std::vector<float> got(static_cast<size_t>(rows) * hidden);
   if (dtype == lk::Dtype::bf16) {
     const std::vector<uint16_t> bits = out_bf16.read();
@@ -92,5 +98,9 @@ TEST_CASE("add_bias_norm matches a float64 norm for rows in registers and rows o
         for (bool indexed : {false, true})
           for (int n_parts : {0, 3})
             for (lk::Dtype dtype : {lk::Dtype::f32, lk::Dtype::bf16})
-              check_norm(hidden, layer_norm, bias, indexed, n_parts, dtype, rng);
+              check_norm(hidden, layer_norm, bias, indexed, n_parts, dtype, false, rng);
+  // As the backend launches it on sm_90 (a programmatic dependent launch, which waits for the
+  // kernel before it; here none): the same results.
+  for (int hidden : {2048, 3000})
+    for (int n_parts : {0, 3}) check_norm(hidden, false, true, false, n_parts, lk::Dtype::bf16, true, rng);
 }
