@@ -24,13 +24,18 @@ class Scanner {
 
   std::optional<TomlHazard> run() {
     enum class State { normal, comment, basic, literal, ml_basic, ml_literal } state = State::normal;
+    // The character before this one outside strings and comments. A quote right after a bare
+    // token's character (5', abc") opens no string for toml++: it scans a bare value on to the
+    // next value terminator, asking its whitespace predicate about every character on the way
+    // (found by manifest_fuzz: 5'...U+FE7F in a --set value), so the scan stays outside strings.
+    char before = '\n';
     while (pos_ < text_.size()) {
       char ch = text_[pos_];
       switch (state) {
       case State::normal:
         if (ch == '#') {
           state = State::comment;
-        } else if (ch == '"' || ch == '\'') {
+        } else if ((ch == '"' || ch == '\'') && !bare_token_character(before)) {
           bool multi = text_.substr(pos_, 3) == std::string_view(ch == '"' ? "\"\"\"" : "'''");
           state = ch == '"' ? (multi ? State::ml_basic : State::basic) : (multi ? State::ml_literal : State::literal);
           if (multi) {
@@ -38,21 +43,30 @@ class Scanner {
           }
         } else if (static_cast<unsigned char>(ch) >= 0x80) {
           if (auto h = check_code_point("a non-ASCII character outside a string or comment")) return h;
+          before = ch;
           continue; // check_code_point advanced past it
         }
+        before = ch;
         break;
       case State::comment:
-        if (ch == '\n') state = State::normal;
+        if (ch == '\n') {
+          state = State::normal;
+          before = ch;
+        }
         break;
       case State::basic:
         if (ch == '\\') {
           advance(1); // the escaped character
         } else if (ch == '"' || ch == '\n') {
           state = State::normal;
+          before = ch;
         }
         break;
       case State::literal:
-        if (ch == '\'' || ch == '\n') state = State::normal;
+        if (ch == '\'' || ch == '\n') {
+          state = State::normal;
+          before = ch;
+        }
         break;
       case State::ml_basic:
         if (ch == '\\') {
@@ -69,6 +83,7 @@ class Scanner {
           // Up to two quotes may precede the closing delimiter: consume the whole run.
           while (pos_ < text_.size() && text_[pos_] == '"') advance(1);
           state = State::normal;
+          before = '"';
           continue;
         }
         break;
@@ -76,6 +91,7 @@ class Scanner {
         if (text_.substr(pos_, 3) == "'''") {
           while (pos_ < text_.size() && text_[pos_] == '\'') advance(1);
           state = State::normal;
+          before = '\'';
           continue;
         }
         break;
@@ -86,6 +102,10 @@ class Scanner {
   }
 
  private:
+  // A character of a bare key or value (not a separator, bracket, whitespace or line start).
+  static bool bare_token_character(char c) {
+    return std::string_view(" \t\r\n=[]{},.#").find(c) == std::string_view::npos;
+  }
   // Decodes the UTF-8 sequence at pos_ and moves past it; malformed sequences are left to
   // toml++'s own (well-defined) UTF-8 errors.
   std::optional<TomlHazard> check_code_point(const char *what) {

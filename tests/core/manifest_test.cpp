@@ -133,6 +133,14 @@ TEST_CASE("characters that toml++ 3.3 cannot classify are refused before it pars
   CHECK(error_of("[run]\nquery = 0.95\xc2\xa1\n") == "m.toml:2:13: a non-ASCII character outside a string or comment (U+00A1)");
   CHECK(error_of("a = \"\"\"x\\\n  \xef\xac\xb0\"\"\"\n").find("after a backslash in a multi-line string (U+FB30)") !=
         std::string::npos);
+  // Found by manifest_fuzz (session 28): a quote right after a bare value opens no string for
+  // toml++, which scans the value on to a terminator through the quote, here in a --set value.
+  CHECK(error_of("[run]\nquery = 5'x\xef\xb9\xbf'\n").find("(U+FE7F)") != std::string::npos);
+  CHECK(loom::detail::find_toml_hazard("v = 5'\x01" "CC\xef\xb9\xbf"));
+  CHECK(loom::detail::find_toml_hazard("v = true\"\xc2\xa1\""));
+  // ... and through --set: the value is then taken as a bare string, as any value TOML refuses.
+  CHECK(error_of("[run]\nsteps = 3\n", {"run.steps=5'\x01" "C\xef\xb9\xbf"}).find("run.steps: expected an integer, got a string") !=
+        std::string::npos);
   // Inside strings and comments the same characters are fine.
   CHECK(error_of("# \xc2\xa1 comment\n[run]\nquery = \"\xc2\xa1Hola! \xe2\xb5\xb0\"\n") == "");
   CHECK(error_of("[run]\nquery = '''\xc2\xa1'''\n") == "");
