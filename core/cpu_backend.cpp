@@ -20,6 +20,7 @@
 #include "loom/core/host_buffer.hpp"
 #include "loom/core/safetensors_writer.hpp"
 #include "loom/core/reference_model.hpp"
+#include "host_tensor.hpp"
 #include "transformer_ops.hpp"
 
 #include <nlohmann/json.hpp>
@@ -152,24 +153,7 @@ constexpr int64_t kRowBlock = 32; // rows per task of a large batch
 
 // ---- DLTensor views -------------------------------------------------------------------------
 
-// A DLTensor over memory owned elsewhere, valid while both live.
-struct View {
-  DLTensor t{};
-  int64_t shape[4]{};
-  View(const void *data, DLDataType dtype, std::initializer_list<int64_t> dims) {
-    t.data = const_cast<void *>(data);
-    t.device = {kDLCPU, 0};
-    t.ndim = static_cast<int32_t>(dims.size());
-    t.dtype = dtype;
-    std::copy(dims.begin(), dims.end(), shape);
-    t.shape = shape;
-    t.strides = nullptr;
-    t.byte_offset = 0;
-  }
-  View(const View &) = delete;
-  View &operator=(const View &) = delete;
-  DLTensor *dl() { return &t; }
-};
+using detail::View;  // a DLTensor over memory owned elsewhere (host_tensor.hpp)
 
 constexpr DLDataType kF32{kDLFloat, 32, 1};
 constexpr DLDataType kI32{kDLInt, 32, 1};
@@ -422,16 +406,7 @@ loom_attention_config CpuBackend::attention_config() const {
 }
 
 loom_kv_layout CpuBackend::prepare_attention(Instance &attention) const {
-  loom_attention_config config = attention_config();
-  loom_kv_layout layout{};
-  layout.struct_size = sizeof(layout);
-  layout.window = config.sliding_window;
-  attention.check(attention.vtable<loom_attention_vtable>()->prepare(attention.handle(), &config, &layout), "prepare");
-  if (layout.window < 0) throw runtime_error(attention.slot() + " (" + attention.desc().name + "): prepare reported a negative window");
-  if (layout.block_size < 0 || layout.block_size > (1 << 20) || (layout.block_size > 0 && layout.bytes_per_block == 0) ||
-      layout.bytes_per_block > (uint64_t{1} << 32))
-    throw runtime_error(attention.slot() + " (" + attention.desc().name + "): prepare reported an absurd KV layout");
-  return layout;
+  return prepare_attention_layout(attention, attention_config());
 }
 
 void CpuBackend::reserve(int32_t max_seqs, int64_t max_positions) {

@@ -2,7 +2,6 @@
 // (see decoder_trainer.hpp).
 #include "decoder_trainer.hpp"
 
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -11,6 +10,8 @@
 #include "adapter_sites.hpp"
 #include "adapter_weights.hpp"
 #include "grad_ops.hpp"
+#include "host_tensor.hpp"
+#include "model_backend.hpp"
 #include "loom/core/error.hpp"
 #include "loom/core/reference_model.hpp"
 #include "loom/loom_plugin_api.h"
@@ -642,25 +643,11 @@ void backward_sites(const Sites &sites, const float *x, const float *dy, float *
   }
 }
 
-// A DLTensor over trainer memory (float32 on the CPU), shape kept alongside.
-struct CpuView {
-  std::array<int64_t, 3> shape{};
-  DLTensor t{};
-  CpuView(const void *data, DLDataType dtype, std::initializer_list<int64_t> dims) {
-    std::copy(dims.begin(), dims.end(), shape.begin());
-    t.data = const_cast<void *>(data);
-    t.device = {kDLCPU, 0};
-    t.ndim = static_cast<int32_t>(dims.size());
-    t.dtype = dtype;
-    t.shape = shape.data();
-  }
-  DLTensor *dl() { return &t; }
-};
-
 // What a forward and a backward batch of one causal sequence of n tokens share (the two
 // structs name these fields alike).
 template <class Batch>
-void one_sequence(Batch &b, int64_t layer, int64_t n, CpuView &q, CpuView &k, CpuView &v, CpuView &out, CpuView &offsets) {
+void one_sequence(Batch &b, int64_t layer, int64_t n, detail::View &q, detail::View &k, detail::View &v, detail::View &out,
+                  detail::View &offsets) {
   b.struct_size = sizeof(b);
   b.layer = static_cast<int32_t>(layer);
   b.n_seqs = 1;
@@ -684,22 +671,8 @@ void DecoderTrainer<T>::attach_attention(std::shared_ptr<Instance> attention) {
     if (vt->backward == nullptr) throw runtime_error(who + ": the attention component has no backward; it cannot train");
     if (tensor_parallel()) throw runtime_error(who + ": training through an attention component with tensor parallelism is not supported yet");
     if (prefix_tokens_ > 0) throw runtime_error(who + ": training through an attention component with a prefix adapter is not supported yet");
-    const bool gpt2 = config_.architecture == Architecture::gpt2;
-    loom_attention_config c{};
-    c.struct_size = sizeof(c);
-    c.n_layers = static_cast<int32_t>(config_.n_layers);
-    c.n_heads = static_cast<int32_t>(config_.n_heads);
-    c.n_kv_heads = static_cast<int32_t>(gpt2 ? config_.n_heads : config_.n_kv_heads);
-    c.head_dim = static_cast<int32_t>(config_.head_dim);
-    c.max_positions = static_cast<int32_t>(config_.max_positions);
-    c.sliding_window = static_cast<int32_t>(gpt2 ? 0 : config_.sliding_window);
-    c.softmax_scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
-    c.dtype = {kDLFloat, 32, 1};
-    c.device = {kDLCPU, 0};
-    loom_kv_layout layout{};
-    layout.struct_size = sizeof(layout);
-    layout.window = c.sliding_window;
-    attention->check(vt->prepare(attention->handle(), &c, &layout), "prepare");
+    const loom_attention_config c = attention_config_for(config_, config_.max_positions, detail::dtype_of<float>(), {kDLCPU, 0});
+    const loom_kv_layout layout = prepare_attention_layout(*attention, c);
     if (layout.block_size < 1 || layout.bytes_per_block == 0)
       throw runtime_error(who + ": the attention component keeps no KV cache; training runs its forward over one");
     if (layout.cache_dtype.code != kDLFloat || layout.cache_dtype.bits != 32)
@@ -717,15 +690,15 @@ template <class T>
 void DecoderTrainer<T>::attend(size_t l, const T *q, const T *k, const T *v, int64_t n, int64_t Hq, int64_t Hkv, int64_t D,
                                int64_t window, int64_t P, T *out, std::vector<T> &p) {
   if constexpr (std::is_same_v<T, float>) {
-    if (attention_ && P == 0) {
+    if (attention_) {  // (no prefix adapter with one: attach_attention and attach_adapters refuse)
       // The component's forward of a fresh sequence at position 0 over a scratch cache of its
       // own layout (blocks 0, 1, ... of the sequence).
       const int64_t B = attention_layout_.block_size, blocks = (n + B - 1) / B;
       attention_pool_.resize(static_cast<size_t>(blocks) * attention_layout_.bytes_per_block);
       std::vector<int32_t> table(static_cast<size_t>(blocks)), offsets{0, static_cast<int32_t>(n)}, positions{0};
       for (int64_t b = 0; b < blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
-      const DLDataType f32{kDLFloat, 32, 1}, i32{kDLInt, 32, 1}, u8{kDLUInt, 8, 1};
-      CpuView q3(q, f32, {n, Hq, D}), k3(k, f32, {n, Hkv, D}), v3(v, f32, {n, Hkv, D}), o3(out, f32, {n, Hq, D}),
+      const DLDataType f32 = detail::dtype_of<float>(), i32 = detail::dtype_of<int32_t>(), u8 = detail::dtype_of<uint8_t>();
+      detail::View q3(q, f32, {n, Hq, D}), k3(k, f32, {n, Hkv, D}), v3(v, f32, {n, Hkv, D}), o3(out, f32, {n, Hq, D}),
           off(offsets.data(), i32, {2}), pos(positions.data(), i32, {1}), tab(table.data(), i32, {1, blocks}),
           pool(attention_pool_.data(), u8, {blocks, static_cast<int64_t>(attention_layout_.bytes_per_block)});
       loom_attention_batch b{};
@@ -745,10 +718,10 @@ template <class T>
 void DecoderTrainer<T>::attend_backward(size_t l, const T *d_out, const T *q, const T *k, const T *v, const T *out, const T *p,
                                         int64_t n, int64_t Hq, int64_t Hkv, int64_t D, int64_t P, T *dq, T *dk, T *dv) {
   if constexpr (std::is_same_v<T, float>) {
-    if (attention_ && P == 0) {
-      const DLDataType f32{kDLFloat, 32, 1}, i32{kDLInt, 32, 1};
+    if (attention_) {
+      const DLDataType f32 = detail::dtype_of<float>(), i32 = detail::dtype_of<int32_t>();
       std::vector<int32_t> offsets{0, static_cast<int32_t>(n)};
-      CpuView q3(q, f32, {n, Hq, D}), k3(k, f32, {n, Hkv, D}), v3(v, f32, {n, Hkv, D}), o3(out, f32, {n, Hq, D}),
+      detail::View q3(q, f32, {n, Hq, D}), k3(k, f32, {n, Hkv, D}), v3(v, f32, {n, Hkv, D}), o3(out, f32, {n, Hq, D}),
           g3(d_out, f32, {n, Hq, D}), dq3(dq, f32, {n, Hq, D}), dk3(dk, f32, {n, Hkv, D}), dv3(dv, f32, {n, Hkv, D}),
           off(offsets.data(), i32, {2});
       loom_attention_backward_batch b{};
@@ -807,6 +780,9 @@ void DecoderTrainer<T>::attach_adapters(const std::vector<std::shared_ptr<Instan
       // tokens they add (loom.adapter.prefix/1).
       if (const int64_t virtual_n = adapter_virtual_tokens(*adapter); virtual_n > 0) {
         if (prefix_tokens_ > 0) throw runtime_error(adapter->slot() + ": one prefix adapter at a time");
+        if (attention_)
+          throw runtime_error(adapter->slot() + " (" + adapter->desc().name + "): a prefix adapter with training through an "
+                              "attention component is not supported yet");
         if (config_.sliding_window > 0)
           throw runtime_error(adapter->slot() + " (" + adapter->desc().name + "): prefix tuning on a sliding-window model is not supported");
         if (virtual_n >= config_.max_positions)

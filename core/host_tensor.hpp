@@ -3,7 +3,9 @@
 // Thread-safety: none.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -30,6 +32,26 @@ template <class T> DLTensor flat_view(T *data, int64_t &count, DLDevice device =
   t.shape = &count;
   return t;
 }
+
+// A DLTensor over host memory owned elsewhere (up to four dimensions), valid while both live.
+// Not copyable: the tensor points at the view's own shape.
+struct View {
+  DLTensor t{};
+  int64_t shape[4]{};
+  View(const void *data, DLDataType dtype, std::initializer_list<int64_t> dims) {
+    t.data = const_cast<void *>(data);
+    t.device = {kDLCPU, 0};
+    t.ndim = static_cast<int32_t>(dims.size());
+    t.dtype = dtype;
+    std::copy(dims.begin(), dims.end(), shape);
+    t.shape = shape;
+    t.strides = nullptr;
+    t.byte_offset = 0;
+  }
+  View(const View &) = delete;
+  View &operator=(const View &) = delete;
+  DLTensor *dl() { return &t; }
+};
 
 template <class T> class HostTensor {
  public:

@@ -43,6 +43,18 @@ loom_attention_config attention_config_for(const ModelConfig &config, int64_t ma
   return c;
 }
 
+loom_kv_layout prepare_attention_layout(Instance &attention, loom_attention_config config) {
+  loom_kv_layout layout{};
+  layout.struct_size = sizeof(layout);
+  layout.window = config.sliding_window;
+  attention.check(attention.vtable<loom_attention_vtable>()->prepare(attention.handle(), &config, &layout), "prepare");
+  if (layout.window < 0) throw runtime_error(attention.slot() + " (" + attention.desc().name + "): prepare reported a negative window");
+  if (layout.block_size < 0 || layout.block_size > (1 << 20) || (layout.block_size > 0 && layout.bytes_per_block == 0) ||
+      layout.bytes_per_block > (uint64_t{1} << 32))
+    throw runtime_error(attention.slot() + " (" + attention.desc().name + "): prepare reported an absurd KV layout");
+  return layout;
+}
+
 void fill_block_table(const StepBatch &batch, int64_t cols, int64_t pool_blocks, int32_t block_size, int32_t *table,
                       const std::string &source_name) {
   const int64_t S = batch.n_seqs();

@@ -179,6 +179,10 @@ struct BackendOptions {
 // dtype of q/k/v/out and the device they live on (shared by every backend).
 loom_attention_config attention_config_for(const ModelConfig &config, int64_t max_positions, DLDataType dtype,
                                            DLDevice device);
+// Prepares `attention` with `config` (the layout's window preset to the model's) and returns the
+// KV layout it reports; throws, naming the component, on a negative window or an absurd layout.
+// A block size of 0 (the component keeps no cache) passes: callers that need a cache say so.
+loom_kv_layout prepare_attention_layout(Instance &attention, loom_attention_config config);
 
 std::unique_ptr<ModelBackend> make_backend(const ModelConfig &config, ModelWeights weights, Pipeline &pipeline,
                                            const BackendOptions &options);
