@@ -24,18 +24,17 @@ class Scanner {
 
   std::optional<TomlHazard> run() {
     enum class State { normal, comment, basic, literal, ml_basic, ml_literal } state = State::normal;
-    // The character before this one outside strings and comments. A quote right after a bare
-    // token's character (5', abc") opens no string for toml++: it scans a bare value on to the
-    // next value terminator, asking its whitespace predicate about every character on the way
-    // (found by manifest_fuzz: 5'...U+FE7F in a --set value), so the scan stays outside strings.
-    char before = '\n';
     while (pos_ < text_.size()) {
       char ch = text_[pos_];
       switch (state) {
       case State::normal:
         if (ch == '#') {
           state = State::comment;
-        } else if ((ch == '"' || ch == '\'') && !bare_token_character(before)) {
+        } else if ((ch == '"' || ch == '\'') && !bare_token_character(pos_ > 0 ? text_[pos_ - 1] : '\n')) {
+          // (A quote right after a bare token's character, 5' or abc", opens no string for
+          // toml++: it scans a bare value on to the next value terminator, asking its whitespace
+          // predicate about every character on the way (found by manifest_fuzz: 5'...U+FE7F in a
+          // --set value), so the scan stays outside strings.)
           bool multi = text_.substr(pos_, 3) == std::string_view(ch == '"' ? "\"\"\"" : "'''");
           state = ch == '"' ? (multi ? State::ml_basic : State::basic) : (multi ? State::ml_literal : State::literal);
           if (multi) {
@@ -43,30 +42,21 @@ class Scanner {
           }
         } else if (static_cast<unsigned char>(ch) >= 0x80) {
           if (auto h = check_code_point("a non-ASCII character outside a string or comment")) return h;
-          before = ch;
           continue; // check_code_point advanced past it
         }
-        before = ch;
         break;
       case State::comment:
-        if (ch == '\n') {
-          state = State::normal;
-          before = ch;
-        }
+        if (ch == '\n') state = State::normal;
         break;
       case State::basic:
         if (ch == '\\') {
           advance(1); // the escaped character
         } else if (ch == '"' || ch == '\n') {
           state = State::normal;
-          before = ch;
         }
         break;
       case State::literal:
-        if (ch == '\'' || ch == '\n') {
-          state = State::normal;
-          before = ch;
-        }
+        if (ch == '\'' || ch == '\n') state = State::normal;
         break;
       case State::ml_basic:
         if (ch == '\\') {
@@ -83,7 +73,6 @@ class Scanner {
           // Up to two quotes may precede the closing delimiter: consume the whole run.
           while (pos_ < text_.size() && text_[pos_] == '"') advance(1);
           state = State::normal;
-          before = '"';
           continue;
         }
         break;
@@ -91,7 +80,6 @@ class Scanner {
         if (text_.substr(pos_, 3) == "'''") {
           while (pos_ < text_.size() && text_[pos_] == '\'') advance(1);
           state = State::normal;
-          before = '\'';
           continue;
         }
         break;

@@ -132,13 +132,10 @@ namespace {
 class JsonTokens {
  public:
   enum class Status { ok, incomplete, bad };
-  // open_string: where a string token begins that an earlier, shorter text ended inside, and the
+  // scanned: when an earlier, shorter text ended inside a string token starting at `from`, the
   // offset its scan for the closing quote reached then (string_scanned()), so that a growing
-  // string is not read again from its quote.
-  struct OpenString {
-    size_t at = std::string::npos, scanned = 0;
-  };
-  JsonTokens(std::string_view text, size_t from, OpenString open_string) : t_(text), at_(from), open_(open_string) {}
+  // string is not read again from its quote; 0 (or any offset not past `from`) otherwise.
+  JsonTokens(std::string_view text, size_t from, size_t scanned) : t_(text), at_(from), from_(from), scanned_(scanned) {}
   // The next token (whitespace skipped) in `token`; incomplete: the text ends inside it or
   // before it (a number is complete only once something follows it).
   Status next(std::string_view &token) {
@@ -149,7 +146,7 @@ class JsonTokens {
     if (std::string_view("{}[]:,").find(c) != std::string_view::npos) {
       ++at_;
     } else if (c == '"') {
-      size_t i = from == open_.at ? open_.scanned : at_ + 1;
+      size_t i = from == from_ && scanned_ > from ? scanned_ : at_ + 1;
       while (i < t_.size() && t_[i] != '"') i += t_[i] == '\\' ? 2 : 1;
       if (i >= t_.size()) {
         scanned_ = i;  // (past the end when the text ends in a backslash: the next byte is escaped)
@@ -184,8 +181,7 @@ class JsonTokens {
 
  private:
   std::string_view t_;
-  size_t at_ = 0;
-  OpenString open_;
+  size_t at_ = 0, from_ = 0;
   size_t scanned_ = 0;
 };
 
@@ -256,31 +252,28 @@ struct ToolCallStream::Scanner {
   // of it written so far, and their compact text (from its opening quote).
   size_t string_at = std::string::npos, string_cut = 0;
   std::string string_compact;
-  // Any string token the body so far ends in (a key, a skipped value, an argument): its scan.
-  JsonTokens::OpenString lexing;
-  // The arguments' bytes handed out (compact, then the open string's compact text), and whether
-  // the arguments still begin with them: a string value's pieces join to the dump of the whole
-  // string, so they do, unless the string turns out invalid.
-  size_t emitted = 0;
-  bool consistent = true;
+  // When the body so far ends inside a string token (a key, a skipped value, an argument) at
+  // pos: where its scan for the closing quote stopped.
+  size_t lexed = 0;
 
-  // Appends to `out` the arguments' bytes written since the last call (none once they no longer
-  // begin with what was handed out).
-  void take_new(std::string &out) {
+  // Appends to `out` the arguments' bytes past the first `sent` (compact, then the open string's
+  // compact text). A string value's pieces join to the dump of the whole string, so the arguments
+  // only grow; a string that turns out invalid ends the scan (phase done) with compact short of
+  // what was sent, and nothing more goes out.
+  void take_new(size_t sent, std::string &out) const {
     const std::string_view partial = string_at == std::string::npos ? std::string_view() : std::string_view(string_compact);
-    if (!consistent || compact.size() + partial.size() <= emitted) return;
-    if (emitted < compact.size()) {
-      out.append(compact, emitted);
+    if (compact.size() + partial.size() <= sent) return;
+    if (sent < compact.size()) {
+      out.append(compact, sent);
       out.append(partial);
     } else {
-      out.append(partial.substr(emitted - compact.size()));
+      out.append(partial.substr(sent - compact.size()));
     }
-    emitted = compact.size() + partial.size();
   }
 
   void advance(std::string_view body) {
     using S = JsonTokens::Status;
-    JsonTokens tokens(body, pos, lexing);
+    JsonTokens tokens(body, pos, lexed);
     std::string_view t;
     while (phase != Phase::done) {
       const S status = tokens.next(t);
@@ -288,20 +281,14 @@ struct ToolCallStream::Scanner {
       if (status != S::ok) {
         const size_t at = tokens.position();
         if (status == S::incomplete && at < body.size() && body[at] == '"') {
-          lexing = {at, tokens.string_scanned()};
+          pos = at;
+          lexed = tokens.string_scanned();
           if (phase == Phase::args && value_next) open_string(body, at);
         }
         return;
       }
-      // A string value whose pieces went out is complete: its dump must continue them.
-      const bool closes_open = string_at != std::string::npos && static_cast<size_t>(t.data() - body.data()) == string_at;
-      const size_t before = compact.size();
       string_at = std::string::npos;
       take(t);
-      if (closes_open && emitted > before) {
-        const size_t n = emitted - before;
-        if (compact.size() < before + n || compact.compare(before, n, string_compact, 0, n) != 0) consistent = false;
-      }
       pos = tokens.position();
     }
   }
@@ -453,7 +440,7 @@ void ToolCallStream::stream_body(const std::string &text, size_t at, size_t begi
     delta_for(piece, next_index_++).name = *scan_->name;
   }
   std::string arguments;  // what is new of them
-  scan_->take_new(arguments);
+  scan_->take_new(args_sent_.size(), arguments);
   if (!arguments.empty()) {
     delta_for(piece, next_index_ - 1).arguments += arguments;
     args_sent_ += arguments;
