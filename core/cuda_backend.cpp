@@ -320,10 +320,10 @@ class CudaBackend final : public ModelBackend {
   enum SplitSite { split_qkv, split_o, split_down };
   int split_for(const DeviceLinear &w, int32_t tokens, SplitSite site) const;
   kernels::SplitParts gemm_split(const DeviceLinear &w, const void *x, int32_t tokens, int parts);
-  static constexpr int32_t kSplitMaxTokens = 256, kSplitMaxParts = 8; // (forced counts up to 8)
+  // kSplitRuleParts: the most parts split_for's rule gives; forced counts go up to kSplitMaxParts.
+  static constexpr int32_t kSplitMaxTokens = 256, kSplitRuleParts = 4, kSplitMaxParts = 8;
   bool split_k_ = false;
-  int split_buffer_parts_ = 4;     // the most parts a product may take: 4, or a larger forced count
-  size_t split_buffer_tokens_ = 0; // the tokens split_parts_ holds for them
+  int split_buffer_parts_ = kSplitRuleParts; // the most parts a product may take (or a larger forced count)
   int split_forced_[3] = {-1, -1, -1};
   int sm_count_ = 0;
   DeviceBuffer split_parts_; // float32 [split_buffer_parts_, min(T, kSplitMaxTokens), the widest output]
@@ -908,10 +908,9 @@ void CudaBackend::ensure_capacity(int32_t tokens, int32_t seqs) {
   inter_ = DeviceBuffer(t * I * a);
   final_h_ = DeviceBuffer(s * H * a);
   logits_ = DeviceBuffer(s * static_cast<size_t>(c.vocab_size) * 4);
-  if (split_k_ && std::min<size_t>(t, kSplitMaxTokens) > split_buffer_tokens_) {
-    split_buffer_tokens_ = std::min<size_t>(t, kSplitMaxTokens);
-    split_parts_ = DeviceBuffer(static_cast<size_t>(split_buffer_parts_) * split_buffer_tokens_ * std::max(qkv_cols, H) * 4);
-  }
+  if (split_k_ && capacity_tokens_ < kSplitMaxTokens) // (past kSplitMaxTokens its size stays)
+    split_parts_ = DeviceBuffer(static_cast<size_t>(split_buffer_parts_) * std::min<size_t>(t, kSplitMaxTokens) *
+                                std::max(qkv_cols, H) * 4);
   capacity_tokens_ = T;
   capacity_seqs_ = S;
   if (adapters_) adapters_->rebuild(T);
@@ -1012,11 +1011,11 @@ int CudaBackend::split_for(const DeviceLinear &w, int32_t tokens, SplitSite site
     // Four parts for a product no wider than its inputs (o, down), two for a wider one (q/k/v),
     // halved while the parts' tiles (taken as 64 tokens x 128 outputs) would not fit one wave of
     // the GPU's SMs or a part would have under 512 inputs. (The 1B shape on the H200, BENCHMARKS.md
-    // 2026-11-29, session 28: this gives 2, 4, 4 at 32 to 128 tokens, which measured as two
-    // parts everywhere at 32 and 64 tokens and 2.7% above it at 128; eight parts, or four for
-    // q/k/v, were slower.)
+    // 2026-11-29, session 28: this gives 2, 4, 4 at 32 to 128 tokens, within 1% of two parts
+    // everywhere at 32 and 64 tokens and 2.7% above it at 128; eight parts, or four for q/k/v,
+    // were slower.)
     const int64_t tiles = ((tokens + 63) / 64) * ((w.out + 127) / 128);
-    parts = w.out <= w.in ? 4 : 2;
+    parts = w.out <= w.in ? kSplitRuleParts : 2;
     while (parts > 1 && (tiles * parts > sm_count_ || w.in / parts < 512 || w.in % (int64_t{parts} * 8) != 0)) parts /= 2;
   }
   return parts >= 2 && w.in % (int64_t{parts} * 8) == 0 ? parts : 0;
@@ -1092,12 +1091,34 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
     return;
   }
   const float *pending_bias = nullptr; // the last linear's bias, added by the next norm
-  kernels::SplitParts pending_parts;   // the last linear's product in parts, added by the next norm
+  kernels::SplitParts pending_parts;   // the last o or down in parts (none: count 0), added by the next norm
   // With a quantizer that fuses (loom.quantizer.fused/1), RMSNorm moves into the q/k/v and
   // gate/up products, RoPE and the q/k/v split into q/k/v's, SwiGLU into gate/up's, the residual
   // adds into o's and down's.
   const DLDataType f32{kDLFloat, 32, 1};
   const bool rms = !gpt2;
+  // A product that adds into the residual x (o, down): the quantizer's fused one, in `parts`
+  // parts for the next norm to sum (returned), or cuBLAS adding into x and then the adapters.
+  // labels: the operation times' names of those paths (fused, split, gemm, adapters).
+  auto into_residual = [&](const DeviceLinear &w, const void *in, int32_t l, CudaAdapters::Module m, int parts,
+                           const char *const(&labels)[4]) {
+    kernels::SplitParts out;
+    if (fused_gemm(w, in, T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
+      op_times_.mark(labels[0], stream_);
+    } else if (parts > 0) {
+      out = gemm_split(w, in, T, parts);
+      op_times_.mark(labels[1], stream_);
+    } else {
+      gemm(w, in, T, x, CUDA_R_32F, residual_keep());
+      op_times_.mark(labels[2], stream_);
+      if (step_adapters_) {
+        adapt(l, m, in, x, f32, H, 0, T);
+        op_times_.mark(labels[3], stream_);
+      }
+    }
+    after_row_parallel(x, int64_t{T} * H);
+    return out;
+  };
   for (int32_t l = 0; l < c.n_layers; ++l) {
     DeviceLayer &layer = layers_[static_cast<size_t>(l)];
     const bool fuse_norm1 = rms && !pending_bias && !layer.norm1_b && pending_parts.count == 0;
@@ -1115,7 +1136,6 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
                                                  stream_, programmatic_, pending_parts),
                      "norm");
         op_times_.mark("norm", stream_);
-        pending_parts = {};
         if (const int parts = split_for(layer.qkv, T, split_qkv); parts > 0) {
           qkv_parts = gemm_split(layer.qkv, h_.get(), T, parts);
           op_times_.mark("qkv gemm (split)", stream_);
@@ -1138,20 +1158,8 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
       op_times_.mark("bias+rope+split", stream_);
     }
     attend(attention, call, T, S, l);
-    if (fused_gemm(layer.o, attn_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
-      op_times_.mark("o fused", stream_);
-    } else if (const int parts = split_for(layer.o, T, split_o); parts > 0) {
-      pending_parts = gemm_split(layer.o, attn_.get(), T, parts);
-      op_times_.mark("o gemm (split)", stream_);
-    } else {
-      gemm(layer.o, attn_.get(), T, x, CUDA_R_32F, residual_keep());
-      op_times_.mark("o gemm", stream_);
-      if (step_adapters_) {
-        adapt(l, CudaAdapters::o_proj, attn_.get(), x, f32, H, 0, T);
-        op_times_.mark("o adapters", stream_);
-      }
-    }
-    after_row_parallel(x, int64_t{T} * H);
+    static constexpr const char *kO[] = {"o fused", "o gemm (split)", "o gemm", "o adapters"};
+    pending_parts = into_residual(layer.o, attn_.get(), l, CudaAdapters::o_proj, split_for(layer.o, T, split_o), kO);
     pending_bias = layer.o.bias ? layer.o.bias.get<float>() : nullptr;
     if (rms && !pending_bias && !layer.norm2_b && pending_parts.count == 0 &&
         fused_gemm(layer.gate_up, x, T, LOOM_LINEAR_INPUT_RMS_NORM, LOOM_LINEAR_OUTPUT_SWIGLU, &layer.norm2_w,
@@ -1163,25 +1171,13 @@ void CudaBackend::run_model(Instance &attention, int32_t T, int32_t S) {
                                                programmatic_, pending_parts),
                    "norm");
       op_times_.mark("norm", stream_);
-      pending_parts = {};
       mlp_up(layer, T);
     }
     // (The embedding pass reads x itself after the last layer, so its last down adds into x.)
     const bool last = l + 1 == c.n_layers;
-    if (fused_gemm(layer.down, inter_.get(), T, LOOM_LINEAR_INPUT_ACT, LOOM_LINEAR_OUTPUT_ADD, nullptr, x, f32)) {
-      op_times_.mark("down fused", stream_);
-    } else if (const int parts = last && embedding_pass_ ? 0 : split_for(layer.down, T, split_down); parts > 0) {
-      pending_parts = gemm_split(layer.down, inter_.get(), T, parts);
-      op_times_.mark("down gemm (split)", stream_);
-    } else {
-      gemm(layer.down, inter_.get(), T, x, CUDA_R_32F, residual_keep());
-      op_times_.mark("down gemm", stream_);
-      if (step_adapters_) {
-        adapt(l, CudaAdapters::down_proj, inter_.get(), x, f32, H, 0, T);
-        op_times_.mark("down adapters", stream_);
-      }
-    }
-    after_row_parallel(x, int64_t{T} * H);
+    static constexpr const char *kDown[] = {"down fused", "down gemm (split)", "down gemm", "down adapters"};
+    pending_parts = into_residual(layer.down, inter_.get(), l, CudaAdapters::down_proj,
+                                  last && embedding_pass_ ? 0 : split_for(layer.down, T, split_down), kDown);
     pending_bias = layer.down.bias ? layer.down.bias.get<float>() : nullptr;
   }
   if (embedding_pass_) {

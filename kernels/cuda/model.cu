@@ -57,8 +57,7 @@ add_bias_norm_kernel(float* x, const int32_t* row_index, int32_t hidden, const f
   if constexpr (PER > 0) {
     device::norm_row_regs<PER>(row, pending_bias, w, b, eps, out + r * hidden, row_parts, parts.count, parts.stride);
   } else {
-    if (row_parts) device::add_row_parts(row, hidden, row_parts, parts.count, parts.stride);
-    if (pending_bias) device::add_row_bias(row, hidden, pending_bias);
+    if (row_parts || pending_bias) device::add_row_parts_bias(row, hidden, row_parts, parts.count, parts.stride, pending_bias);
     device::norm_row(row, hidden, w, b, eps, out + r * hidden);
   }
 }

@@ -109,7 +109,7 @@ __device__ __forceinline__ void norm_row(const float* row, int32_t hidden, const
 
 // norm_row with the row in registers: hidden == PER * kRowThreads, thread j holding values j,
 // j + kRowThreads, ... as norm_row partitions the row, and adding pending_bias (optional) into
-// the row first, as add_row_bias does. Every load is issued at once and w is loaded before the
+// the row first, as add_row_parts_bias does. Every load is issued at once and w is loaded before the
 // reduction, so a row costs one memory latency instead of norm_row's three (load, reload after
 // the sum, store); the sums and products are norm_row's, in the same order.
 // Before the bias, the row's split-K partial products are added (parts: the row's entry in the
@@ -117,8 +117,7 @@ __device__ __forceinline__ void norm_row(const float* row, int32_t hidden, const
 // no kernel of its own to sum its parts into the residual.
 template <int PER, class T>
 __device__ __forceinline__ void norm_row_regs(float* row, const float* pending_bias, const float* w, const float* b,
-                                              float eps, T* out, const float* parts = nullptr, int n_parts = 0,
-                                              int64_t part_stride = 0) {
+                                              float eps, T* out, const float* parts, int n_parts, int64_t part_stride) {
   float v[PER], wv[PER];
 #pragma unroll
   for (int k = 0; k < PER; ++k) v[k] = row[threadIdx.x + k * kRowThreads];
@@ -161,17 +160,15 @@ __device__ __forceinline__ void norm_row_regs(float* row, const float* pending_b
   }
 }
 
-// row += bias with norm_row's partition of the row over the threads.
-__device__ __forceinline__ void add_row_bias(float* row, int32_t hidden, const float* bias) {
-  for (int i = threadIdx.x; i < hidden; i += kRowThreads) row[i] += bias[i];
-}
-
-// row += the sum of n_parts split-K partial products (norm_row_regs's parts), same partition.
-__device__ __forceinline__ void add_row_parts(float* row, int32_t hidden, const float* parts, int n_parts,
-                                              int64_t part_stride) {
+// row += the sum of n_parts split-K partial products (norm_row_regs's parts), then bias when not
+// null, in one pass with norm_row's partition of the row over the threads (the same order as
+// norm_row_regs).
+__device__ __forceinline__ void add_row_parts_bias(float* row, int32_t hidden, const float* parts, int n_parts,
+                                                   int64_t part_stride, const float* bias) {
   for (int i = threadIdx.x; i < hidden; i += kRowThreads) {
     float v = row[i];
     for (int p = 0; p < n_parts; ++p) v += parts[p * part_stride + i];
+    if (bias) v += bias[i];
     row[i] = v;
   }
 }
