@@ -14,9 +14,16 @@ python3 -c "import sys; sys.path.insert(0, '$here'); from llama1b_torch import l
 decode() {  # QUANTIZER (none for bf16) STREAM
   if [ "$1" = none ]; then set -- "" "$2" "bf16"; else set -- "--quantizer $1" "$2" "$1"; fi
   printf '%-5s LOOM_QUANT_STREAM=%s  ' "$3" "$2"
+  log=$(mktemp)
   # shellcheck disable=SC2086  # $1 is empty or two words
-  LOOM_QUANT_STREAM=$2 "$bin/loom_model_bench" "$model" --attention flash --batches 1 --reps 3 $1 2>/dev/null |
-    grep "decode tok/s batch 1"
+  if ! LOOM_QUANT_STREAM=$2 "$bin/loom_model_bench" "$model" --attention flash --batches 1 --reps 3 $1 2>"$log" |
+    grep "decode tok/s batch 1"; then
+    echo "loom_model_bench failed:" >&2
+    cat "$log" >&2
+    rm -f "$log"
+    exit 1
+  fi
+  rm -f "$log"
 }
 decode none 1
 decode int8 1

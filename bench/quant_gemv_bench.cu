@@ -3,9 +3,10 @@
 // RMSNorm and SwiGLU, down adding into the residual; the 128,256-row head with the final norm),
 // each weight its own buffer so that nothing is read from L2 twice, captured in a CUDA graph as
 // the engine replays a step. Rows: the host's bfloat16 GEMV (kernels/cuda/gemv.cu), the int8 and
-// int4 quantizers' GEMV (plugins/common/loom_quant_gemv.cuh, the plugins' own sources compiled in)
-// and a floor: one kernel per weight that only reads it (every 16-byte piece once, programmatic
-// launches as the GEMVs), which no product of the same bytes and launches beats. Prints
+// int4 quantizers' products (the plugins' own sources compiled in: int8's streamed one-token
+// kernel, plugins/common/loom_quant_gemv_stream.cuh, int4's loom_quant_gemv.cuh) and a floor: one
+// kernel per weight that only reads it (every 16-byte piece once, programmatic launches as the
+// GEMVs), which no product of the same bytes and launches beats. Prints
 // microseconds per kind (16 launches) and per step, GB/s of weight bytes, and the step's ratio
 // to bfloat16, which is what the batch-1 decode ratio is made of besides attention and sampling.
 //
@@ -21,17 +22,12 @@
 #include <string>
 #include <vector>
 
+#include "graph_timing.hpp"
+#include "int4_cuda.hpp"
+#include "int8_cuda.hpp"
 #include "loom/kernels/gemv.hpp"
 #include "loom_cuda_pdl.cuh"
-#include "loom_quant_gemv.cuh"
-#include "graph_timing.hpp"
 
-namespace loomp::int8q {
-int w8a16_cuda(const qgemv::Args& args, const qgemv::Tiled& tiled, void* stream);
-}
-namespace loomp::int4q {
-int w4a16_cuda(const qgemv::Args& args, const qgemv::Tiled& tiled, void* stream);
-}
 
 namespace {
 

@@ -31,10 +31,10 @@
 // the 1B shape: 1,137 against 1,231 tok/s with metadata words copied beside the codes).
 #pragma once
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <type_traits>
 
 #include "loom_quant_gemv.cuh"
 
@@ -346,56 +346,69 @@ __global__ void __launch_bounds__(Sh::kThreads, 2) stream_kernel(const Args a) {
   wait_groups<0>();
 }
 
+// The ring, then one token's input staged as float16 (smem_bytes: loom_quant_gemv_args.hpp).
 template <class Sh>
-constexpr int smem_of(int row_pieces, int per) {
-  return Sh::kWarps * Sh::kSlots * Sh::kSlotBytes + ((row_pieces + 31) / 32) * 32 * per * 2;
+int smem_of(int row_pieces, int per) {
+  return Sh::kWarps * Sh::kSlots * Sh::kSlotBytes + static_cast<int>(smem_bytes(row_pieces, per, 1, 2));
 }
 
-// Measured on the H200 (bench/quant_gemv_bench.cu, a batch-1 step's 65 int8 products): 256
-// threads with two pieces of each row a slot and an 80 KB ring 577 us; 512 threads (64 registers,
-// some spilled) with one piece 657, with two pieces 637; a 96 KB ring 589; four pieces 577; three
-// blocks an SM (56 KB rings, 80 registers, spills) 721-741; two blocks an SM of the products of
-// 30 MB or more (gate/up, the head) 595, of 16 MB or more (and down) 584.
+// The shapes measured (H200, bench/quant_gemv_bench.cu, a batch-1 step's 65 int8 products; the
+// us of BENCHMARKS.md, sessions 27 and 28): 256 threads with both rows of a unit in a slot and an
+// 80 KB ring 573-577 (609.3 after the review's ordering fixes); 512 threads 595; a 96 KB ring 589;
+// four pieces of each row 577; three blocks an SM 721-741; two blocks an SM for the products of
+// 16 MB and more 584-595.
 using Chosen = Shape<256, 2>;
 
 // Whether stream_kernel takes this product: one token staged as float16 (a bfloat16 caller),
 // rows of whole slots, an input that fits the staging.
-template <class F>
-bool applies(const Args& a) {
+inline bool applies(const Args& a) {
   return a.tokens == 1 && !a.stage_f32 && !a.split && a.row_pieces > 0 && a.row_pieces % (32 * Chosen::kQ) == 0 &&
          a.in <= kMaxIn;
 }
 
+// blocks_on_current_device's setup of `device` (the current one): its state value.
+template <class F>
+int set_up(int device) {
+  using Sh = Chosen;
+  const auto kernel = stream_kernel<F, Sh>;
+  const int smem = smem_of<Sh>(kMaxIn / F::kPer, F::kPer);
+  int major = 0, count = 0;
+  const bool ok =
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && count > 0 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
+      // Every product the same carveout (all shared memory): an SM changes its split between L1
+      // and shared memory only when idle, which would stop the next product's block from
+      // starting beside this one.
+      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           static_cast<int>(cudaSharedmemCarveoutMaxShared)) == cudaSuccess;
+  if (!ok) {
+    (void)cudaGetLastError();  // the failure is answered by the other kernel, not kept
+    return -1;
+  }
+  return (count << 1) | (major >= 9 ? 1 : 0);
+}
+
 // The kernel's per-device setup (its shared memory above 48 KB is a per-device attribute): the
 // current device's SM count, or 0 where the setup failed (the caller then takes the other
-// kernel). Thread-safe; each device is set up once.
+// kernel). Thread-safe; each device is set up once, under a lock, and read after without one.
 template <class F>
 int blocks_on_current_device(bool& programmatic) {
   constexpr int kDevices = 64;
   static std::mutex mutex;
-  static int sms[kDevices] = {}, major[kDevices] = {};  // 0: not yet; -1: failed
+  // Per device: 0 not yet, -1 failed, else (SMs << 1) | (compute capability 9 or newer).
+  static std::atomic<int> state[kDevices] = {};
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) return 0;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (sms[device] == 0) {
-    using Sh = Chosen;
-    const auto kernel = stream_kernel<F, Sh>;
-    const int smem = smem_of<Sh>(kMaxIn / F::kPer, F::kPer);
-    int count = 0;
-    const bool ok =
-        cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && count > 0 &&
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
-        // Every product the same carveout (all shared memory): an SM changes its split between L1
-        // and shared memory only when idle, which would stop the next product's block from
-        // starting beside this one.
-        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                             static_cast<int>(cudaSharedmemCarveoutMaxShared)) == cudaSuccess;
-    sms[device] = ok ? count : -1;
-    if (!ok) (void)cudaGetLastError();  // the failure is answered by the other kernel, not kept
+  int s = state[device].load(std::memory_order_acquire);
+  if (s == 0) {
+    std::lock_guard<std::mutex> lock(mutex);
+    s = state[device].load(std::memory_order_relaxed);
+    if (s == 0) s = set_up<F>(device);
+    state[device].store(s, std::memory_order_release);
   }
-  programmatic = major[device] >= 9;
-  return std::max(sms[device], 0);
+  programmatic = s > 0 && (s & 1) != 0;
+  return s > 0 ? s >> 1 : 0;
 }
 
 // Launches the product, or returns cudaErrorNotSupported (nothing launched) where this device
@@ -410,27 +423,22 @@ cudaError_t launch(const Args& a, cudaStream_t stream) {
                      static_cast<size_t>(smem_of<Sh>(a.row_pieces, F::kPer)), stream, stream_kernel<F, Sh>, a);
 }
 
-template <class F, class = void>
-struct streamed : std::false_type {};
-template <class F>
-struct streamed<F, std::void_t<decltype(F::kStreamed)>> : std::bool_constant<F::kStreamed> {};
-
 }  // namespace loomp::qgemv::stream
 
 namespace loomp::qgemv {
 
-// A plugin's whole product: the streamed one-token kernel where the format is streamed and the
-// kernel applies (LOOM_QUANT_STREAM=0 turns it off, for measurements), else launch_any.
+// A streamed format's whole product (one with kStreamed; the others call launch_any): the
+// streamed one-token kernel where it applies (LOOM_QUANT_STREAM=0 turns it off, for
+// measurements), else launch_any.
 template <class F>
 int launch_product(const Args& a, const Tiled& t, cudaStream_t stream) {
-  if constexpr (stream::streamed<F>::value) {
-    static const bool on = [] {
-      const char* v = std::getenv("LOOM_QUANT_STREAM");
-      return v == nullptr || std::strcmp(v, "0") != 0;
-    }();
-    if (on && a.out > 0 && stream::applies<F>(a))
-      if (const cudaError_t e = stream::launch<F>(a, stream); e != cudaErrorNotSupported) return static_cast<int>(e);
-  }
+  static_assert(F::kStreamed, "launch_product takes formats the streamed kernel reads");
+  static const bool on = [] {
+    const char* v = std::getenv("LOOM_QUANT_STREAM");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (on && a.out > 0 && stream::applies(a))
+    if (const cudaError_t e = stream::launch<F>(a, stream); e != cudaErrorNotSupported) return static_cast<int>(e);
   return launch_any<F>(a, t, stream);
 }
 

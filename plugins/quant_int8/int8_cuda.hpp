@@ -1,5 +1,6 @@
-// The `int8` quantizer's CUDA product (W8A16), compiled by nvcc: loom_quant_gemv.cuh's kernel
-// over per-channel int8 codes (16 codes a piece, one float32 scale a row).
+// The `int8` quantizer's CUDA product (W8A16), compiled by nvcc: over per-channel int8 codes (16
+// codes a piece, one float32 scale a row), one token by loom_quant_gemv_stream.cuh's streamed
+// kernel, more by loom_quant_gemv.cuh's.
 #pragma once
 
 #include <cstdint>
