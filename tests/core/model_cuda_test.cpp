@@ -165,7 +165,12 @@ TEST_CASE("linears split along their inputs, summed by the next kernel, match tr
   // into the residual by the next norm, the final one included), every linear of the tiny
   // fixtures dividing evenly. The prefills, and the float32 decode steps, take these products.
   struct EnvRestore {
-    ~EnvRestore() { unsetenv("LOOM_CUDA_SPLIT_K"); }
+    const char *was = std::getenv("LOOM_CUDA_SPLIT_K");
+    std::string value = was ? was : "";
+    ~EnvRestore() {
+      if (was) setenv("LOOM_CUDA_SPLIT_K", value.c_str(), 1);
+      else unsetenv("LOOM_CUDA_SPLIT_K");
+    }
   } restore;
   setenv("LOOM_CUDA_SPLIT_K", "2,4,2", 1);
   for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-llama-hd64"}) {

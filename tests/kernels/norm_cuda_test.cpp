@@ -2,7 +2,7 @@
 // LayerNorm, rows held in registers (hidden a multiple of 256 up to 4096) and rows of any other
 // size, with and without a pending bias and split-K parts (both added into x, which the kernel
 // writes back) and a row index, float32 and bfloat16 outputs, launched plainly and as a
-// programmatic dependent launch. Part of kernels_cuda_test (its main skips without a CUDA
+// programmatic dependent launch after a kernel that writes the rows it reads. Part of kernels_cuda_test (its main skips without a CUDA
 // device).
 #include <catch2/catch.hpp>
 
@@ -45,8 +45,13 @@ void check_norm(int hidden, bool layer_norm, bool bias, bool indexed, int n_part
   cudaStream_t stream = nullptr;  // (a stream of its own for the programmatic launch)
   if (programmatic) CUDA_REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   CUDA_REQUIRE(lk::add_bias_norm_cuda(dx.get(), indexed ? di.get() : nullptr, rows, hidden, bias ? dp.get() : nullptr,
-                                      dw.get(), layer_norm ? db.get() : nullptr, eps, out, dtype, stream, programmatic,
+                                      dw.get(), layer_norm ? db.get() : nullptr, eps, out, dtype, stream, false,
                                       lk::SplitParts{dparts.get(), n_parts, part_stride}));
+  // Programmatic: the same norm again, launched while that one may still run (it lets the next
+  // kernel start at once), over the x it writes back: it must wait for those writes.
+  if (programmatic)
+    CUDA_REQUIRE(lk::add_bias_norm_cuda(dx.get(), indexed ? di.get() : nullptr, rows, hidden, nullptr, dw.get(),
+                                        layer_norm ? db.get() : nullptr, eps, out, dtype, stream, true));
   CUDA_REQUIRE(cudaDeviceSynchronize());
   if (stream) CUDA_REQUIRE(cudaStreamDestroy(stream));
   std::vector<float> got(static_cast<size_t>(rows) * hidden);
@@ -99,8 +104,8 @@ TEST_CASE("add_bias_norm matches a float64 norm for rows in registers and rows o
           for (int n_parts : {0, 3})
             for (lk::Dtype dtype : {lk::Dtype::f32, lk::Dtype::bf16})
               check_norm(hidden, layer_norm, bias, indexed, n_parts, dtype, false, rng);
-  // As the backend launches it on sm_90 (a programmatic dependent launch, which waits for the
-  // kernel before it; here none): the same results.
+  // As the backend launches it on sm_90: a programmatic dependent launch after the kernel that
+  // writes its rows (here the same norm adding a bias and parts into x).
   for (int hidden : {2048, 3000})
     for (int n_parts : {0, 3}) check_norm(hidden, false, true, false, n_parts, lk::Dtype::bf16, true, rng);
 }
