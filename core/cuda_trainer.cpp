@@ -19,9 +19,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <span>
+#include <string>
 #include <utility>
 
 #include "loom/core/error.hpp"
@@ -96,9 +98,11 @@ struct LayerStore {
 struct LayerActs {
   float *r1, *mean1, *h1, *qs, *ks, *vs, *p, *a, *x_mid, *r2, *mean2, *h2, *g, *u, *m;
 };
-// Each activation's size per slot: a float per row, the hidden size, the head-major copies
-// (q/k/v, each query head), the attention's [n, n] probabilities, its output, the MLP's width.
-enum class ActSize { rows, hidden, per_head, probs, attention, mlp, up };
+// Each activation's size per slot: a float per row, the hidden size, q's rows (the materialised
+// path: its head-major copy; the fused one: q, k and v token-major, see qkv_rows), the head-major
+// copies of k and v (materialised path only), the attention's [n, n] probabilities (fused: a
+// log-sum-exp a row), its output, the MLP's width.
+enum class ActSize { rows, hidden, q_rows, kv_copy, probs, attention, mlp, up };
 struct ActField {
   DeviceArray<float> LayerStore::*store;
   float *LayerActs::*view;
@@ -106,8 +110,8 @@ struct ActField {
 };
 constexpr ActField kActFields[] = {
     {&LayerStore::r1, &LayerActs::r1, ActSize::rows},          {&LayerStore::mean1, &LayerActs::mean1, ActSize::rows},
-    {&LayerStore::h1, &LayerActs::h1, ActSize::hidden},        {&LayerStore::qs, &LayerActs::qs, ActSize::per_head},
-    {&LayerStore::ks, &LayerActs::ks, ActSize::per_head},      {&LayerStore::vs, &LayerActs::vs, ActSize::per_head},
+    {&LayerStore::h1, &LayerActs::h1, ActSize::hidden},        {&LayerStore::qs, &LayerActs::qs, ActSize::q_rows},
+    {&LayerStore::ks, &LayerActs::ks, ActSize::kv_copy},       {&LayerStore::vs, &LayerActs::vs, ActSize::kv_copy},
     {&LayerStore::p, &LayerActs::p, ActSize::probs},           {&LayerStore::a, &LayerActs::a, ActSize::attention},
     {&LayerStore::x_mid, &LayerActs::x_mid, ActSize::hidden},  {&LayerStore::r2, &LayerActs::r2, ActSize::rows},
     {&LayerStore::mean2, &LayerActs::mean2, ActSize::rows},    {&LayerStore::h2, &LayerActs::h2, ActSize::hidden},
@@ -123,7 +127,8 @@ class CudaTrainingEngine final : public TrainingEngine {
     if (blas_) cublasDestroy(blas_);
   }
   std::string describe() const override {
-    return "cuda:" + std::to_string(device_) + (bf16_ ? " float32, bf16 GEMMs" : " float32");
+    return "cuda:" + std::to_string(device_) + (bf16_ ? " float32, bf16 GEMMs" : " float32") +
+           (flash_ ? ", fused attention" : "");
   }
   void zero_grad() override {
     check(cudaMemsetAsync(grads_.get(), 0, total_ * sizeof(float), stream_), "zero the gradients");
@@ -222,6 +227,20 @@ class CudaTrainingEngine final : public TrainingEngine {
   void conv1d(const float *x, size_t w, size_t b, int64_t in, int64_t out, float *y, float beta = 0.0f);
   void conv1d_backward(const float *dy, const float *x, size_t w, size_t b, int64_t in, int64_t out, float *dx,
                        float dx_beta);
+  // Where a layer's q/k/v rows go: the fused path keeps them token-major in the layer's activations
+  // (GPT-2: c_attn's [T, 3H] output; the Llama family: [T, Hq D], then k and v [T, Hkv D]); the
+  // materialised one in the shared scratch (its head-major copies are what it keeps).
+  struct QkvRows {
+    float *q, *k, *v;
+    int64_t q_stride, kv_stride;
+  };
+  QkvRows qkv_rows(const LayerActs &A);
+  kn::FlashAttentionShape flash_shape() const {
+    const ModelConfig &c = config_;
+    return {static_cast<int32_t>(B_), static_cast<int32_t>(n_), static_cast<int32_t>(c.n_heads),
+            static_cast<int32_t>(c.n_kv_heads), static_cast<int32_t>(c.head_dim), static_cast<int32_t>(c.sliding_window),
+            1.0f / std::sqrt(static_cast<float>(c.head_dim))};
+  }
   void attention_forward(const LayerActs &A, const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride);
   void attention_backward(const LayerActs &A, const float *da, float *dq, int64_t q_stride, float *dk, float *dv,
                           int64_t kv_stride);
@@ -234,6 +253,10 @@ class CudaTrainingEngine final : public TrainingEngine {
   int64_t micro_ = 1;                          // sequences per pipeline micro-batch
   int device_ = 0;
   bool bf16_ = false, recompute_ = false;
+  // bf16 mode, head dims the kernels take: attention through the fused kernels
+  // (flash_attention_forward_cuda / _backward_cuda), keeping each row's log-sum-exp instead of the
+  // [n, n] probabilities; LOOM_TRAIN_FLASH=0 keeps the materialised path (for comparisons).
+  bool flash_ = false;
   AdamWOptions adamw_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -290,6 +313,9 @@ CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWei
   check(cublasSetStream(blas_, stream_), "cublasSetStream");
   // Float32 GEMMs in float32 (no TF32), so that the float32 mode matches the CPU trainer.
   check(cublasSetMathMode(blas_, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");
+  const char *flash_env = std::getenv("LOOM_TRAIN_FLASH");
+  flash_ = bf16_ && kn::flash_attention_takes(static_cast<int32_t>(config_.head_dim)) &&
+           !(flash_env != nullptr && std::string(flash_env) == "0");
 
   const bool tied = gpt2_ || config_.tie_word_embeddings;
   for (const auto &[name, shape] : expected_weights(config_)) {  // the CPU trainer's order
@@ -367,8 +393,11 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n, int64_t slots) {
   if (gpt2_) {
     qkv_.reserve(t * 3 * H);
   } else {
-    for (auto *b : {&q_, &dq_}) b->reserve(t * Hq * D);
-    for (auto *b : {&k_, &v_, &dk_, &dv_}) b->reserve(t * Hkv * D);
+    // (the fused path keeps q/k/v in the layer's activations: qkv_rows)
+    q_.reserve(flash_ ? 0 : t * Hq * D);
+    for (auto *b : {&k_, &v_}) b->reserve(flash_ ? 0 : t * Hkv * D);
+    dq_.reserve(t * Hq * D);
+    for (auto *b : {&dk_, &dv_}) b->reserve(t * Hkv * D);
     du_.reserve(t * I);
   }
   mean_final_.reserve(t);
@@ -376,8 +405,8 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n, int64_t slots) {
   // c_attn products.
   const size_t widest = static_cast<size_t>(std::max({3 * H, I, (Hq + 2 * Hkv) * D, H}));
   column_scratch_.reserve((t + kn::kColumnSumChunk - 1) / kn::kColumnSumChunk * widest);
-  dp_.reserve(probs);
-  for (auto *b : {&os_, &dos_, &dks_, &dvs_}) b->reserve(per_head);
+  dp_.reserve(flash_ ? heads * static_cast<size_t>(n) : probs);  // fused: each row's sum of dO o
+  for (auto *b : {&os_, &dos_, &dks_, &dvs_}) b->reserve(flash_ ? 0 : per_head);  // the materialised path's copies
   for (auto *b : {&dm_, &dg_}) b->reserve(t * I);
   for (auto *b : {&dh_, &dx_, &dw_rows_, &h_final_}) b->reserve(t * H);
   r_final_.reserve(t);
@@ -412,8 +441,9 @@ size_t CudaTrainingEngine::act_floats(ActSize size) const {
   switch (size) {
     case ActSize::rows: return t;
     case ActSize::hidden: return t * static_cast<size_t>(c.hidden_size);
-    case ActSize::per_head: return heads * n * static_cast<size_t>(c.head_dim);
-    case ActSize::probs: return heads * n * n;
+    case ActSize::q_rows: return (flash_ ? t * static_cast<size_t>(c.n_heads + 2 * c.n_kv_heads) : heads * n) * c.head_dim;
+    case ActSize::kv_copy: return flash_ ? 0 : heads * n * static_cast<size_t>(c.head_dim);
+    case ActSize::probs: return flash_ ? heads * n : heads * n * n;  // fused: each row's log-sum-exp
     case ActSize::attention: return t * static_cast<size_t>(c.n_heads * c.head_dim);
     case ActSize::mlp: return t * static_cast<size_t>(c.intermediate_size);
     case ActSize::up: return gpt2_ ? 0 : t * static_cast<size_t>(c.intermediate_size);  // GPT-2's MLP has no up projection
@@ -483,13 +513,32 @@ void CudaTrainingEngine::linear_backward(const float *dy, const float *x, size_t
                  "bias grad");
 }
 
+CudaTrainingEngine::QkvRows CudaTrainingEngine::qkv_rows(const LayerActs &A) {
+  const ModelConfig &c = config_;
+  const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
+  if (gpt2_) {
+    float *rows = flash_ ? A.qs : qkv_.get();
+    return {rows, rows + H, rows + 2 * H, 3 * H, 3 * H};
+  }
+  if (!flash_) return {q_.get(), k_.get(), v_.get(), Hq * D, Hkv * D};
+  return {A.qs, A.qs + T_ * Hq * D, A.qs + T_ * (Hq + Hkv) * D, Hq * D, Hkv * D};
+}
+
 // Causal attention of the q/k/v rows (row strides in floats; q's heads first in its row) into
-// A.a [T, Hq D], keeping the head-major copies and the probabilities for the backward pass.
+// A.a [T, Hq D]. The fused path reads the rows where they are (qkv_rows keeps them for the
+// backward) and keeps each row's log-sum-exp in A.p; the materialised one keeps head-major copies
+// and the probabilities.
 void CudaTrainingEngine::attention_forward(const LayerActs &A, const float *q, int64_t q_stride, const float *k,
                                            const float *v, int64_t kv_stride) {
   const ModelConfig &c = config_;
   const int64_t D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, group = Hq / Hkv, n = n_, heads = B_ * Hq;
   const auto n32 = static_cast<int32_t>(n), D32 = static_cast<int32_t>(D), B32 = static_cast<int32_t>(B_);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  if (flash_) {
+    check_launch(kn::flash_attention_forward_cuda(flash_shape(), q, q_stride, k, v, kv_stride, A.a, Hq * D, A.p, stream_),
+                 "fused attention");
+    return;
+  }
   check_launch(kn::split_heads_cuda(q, q_stride, B32, n32, static_cast<int32_t>(Hq), D32, 1, A.qs, stream_), "split");
   check_launch(kn::split_heads_cuda(k, kv_stride, B32, n32, static_cast<int32_t>(Hkv), D32, static_cast<int32_t>(group),
                                     A.ks, stream_),
@@ -498,7 +547,6 @@ void CudaTrainingEngine::attention_forward(const LayerActs &A, const float *q, i
                                     A.vs, stream_),
                "split");
   // Scores[i][j] = scale q_i . k_j, row-major per head: column-major S^T = K Q^T.
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   batched(true, false, n, n, D, scale, A.ks, D, n * D, A.qs, D, n * D, A.p, n, n * n, heads);
   check_launch(kn::causal_softmax_cuda(A.p, heads * n, n32, static_cast<int32_t>(c.sliding_window), stream_),
                "softmax");
@@ -513,12 +561,20 @@ void CudaTrainingEngine::attention_backward(const LayerActs &A, const float *da,
   const ModelConfig &c = config_;
   const int64_t D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, group = Hq / Hkv, n = n_, heads = B_ * Hq;
   const auto n32 = static_cast<int32_t>(n), D32 = static_cast<int32_t>(D), B32 = static_cast<int32_t>(B_);
+  if (flash_) {  // from the rows the forward read (qkv_rows), dp_ as each row's sum of dO o
+    const QkvRows r = qkv_rows(A);
+    check_launch(kn::flash_attention_backward_cuda(flash_shape(), r.q, r.q_stride, r.k, r.v, r.kv_stride, A.a, da, Hq * D,
+                                                   A.p, dp_.get(), dq, q_stride, dk, dv, kv_stride, stream_),
+                 "fused attention backward");
+    return;
+  }
   check_launch(kn::split_heads_cuda(da, Hq * D, B32, n32, static_cast<int32_t>(Hq), D32, 1, dos_.get(), stream_), "split");
   batched(true, false, n, n, D, 1.0f, A.vs, D, n * D, dos_.get(), D, n * D, dp_.get(), n, n * n, heads);  // dP = dO V^T
   batched(false, true, D, n, n, 1.0f, dos_.get(), D, n * D, A.p, n, n * n, dvs_.get(), D, n * D, heads);  // dV = P^T dO
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   check_launch(kn::softmax_backward_cuda(A.p, dp_.get(), heads * n, n32, static_cast<int32_t>(c.sliding_window), scale,
-                                                     stream_), "softmax backward");
+                                         stream_),
+               "softmax backward");
   batched(false, false, D, n, n, 1.0f, A.ks, D, n * D, dp_.get(), n, n * n, os_.get(), D, n * D, heads);   // dQ = dS K
   batched(false, true, D, n, n, 1.0f, A.qs, D, n * D, dp_.get(), n, n * n, dks_.get(), D, n * D, heads);  // dK = dS^T Q
   check_launch(kn::merge_heads_cuda(os_.get(), B32, n32, static_cast<int32_t>(Hq), D32, 1, dq, q_stride, stream_), "merge");
@@ -542,8 +598,9 @@ void CudaTrainingEngine::layer_forward(size_t l, const LayerActs &A, const float
     check_launch(kn::layer_norm_forward_cuda(x_in, value(L.norm1), value(L.norm1_b), T, H32, eps, A.h1, A.mean1,
                                              A.r1, stream_),
                  "layer norm");
-    conv1d(A.h1, L.q, L.q_b, H, 3 * H, qkv_.get());
-    attention_forward(A, qkv_.get(), 3 * H, qkv_.get() + H, qkv_.get() + 2 * H, 3 * H);
+    const QkvRows r = qkv_rows(A);
+    conv1d(A.h1, L.q, L.q_b, H, 3 * H, r.q);
+    attention_forward(A, r.q, r.q_stride, r.k, r.v, r.kv_stride);
     check(cudaMemcpyAsync(A.x_mid, x_in, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
     conv1d(A.a, L.o, L.o_b, H, H, A.x_mid, 1.0f);
     check_launch(kn::layer_norm_forward_cuda(A.x_mid, value(L.norm2), value(L.norm2_b), T, H32, eps, A.h2,
@@ -556,13 +613,14 @@ void CudaTrainingEngine::layer_forward(size_t l, const LayerActs &A, const float
     return;
   }
   check_launch(kn::rms_norm_forward_cuda(x_in, value(L.norm1), T, H32, eps, A.h1, A.r1, stream_), "rms norm");
-  linear(A.h1, L.q, L.q_b, Hq * D, H, q_.get());
-  linear(A.h1, L.k, L.k_b, Hkv * D, H, k_.get());
-  linear(A.h1, L.v, L.v_b, Hkv * D, H, v_.get());
+  const QkvRows r = qkv_rows(A);
+  linear(A.h1, L.q, L.q_b, Hq * D, H, r.q);
+  linear(A.h1, L.k, L.k_b, Hkv * D, H, r.k);
+  linear(A.h1, L.v, L.v_b, Hkv * D, H, r.v);
   const auto n32 = static_cast<int32_t>(n_), D32 = static_cast<int32_t>(D);
-  check_launch(kn::rope_cuda(q_.get(), T, static_cast<int32_t>(Hq), D32, n32, cos_sin_.get(), false, stream_), "rope");
-  check_launch(kn::rope_cuda(k_.get(), T, static_cast<int32_t>(Hkv), D32, n32, cos_sin_.get(), false, stream_), "rope");
-  attention_forward(A, q_.get(), Hq * D, k_.get(), v_.get(), Hkv * D);
+  check_launch(kn::rope_cuda(r.q, T, static_cast<int32_t>(Hq), D32, n32, cos_sin_.get(), false, stream_), "rope");
+  check_launch(kn::rope_cuda(r.k, T, static_cast<int32_t>(Hkv), D32, n32, cos_sin_.get(), false, stream_), "rope");
+  attention_forward(A, r.q, r.q_stride, r.k, r.v, r.kv_stride);
   check(cudaMemcpyAsync(A.x_mid, x_in, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
   linear(A.a, L.o, L.o_b, H, Hq * D, A.x_mid, 1.0f);
   check_launch(kn::rms_norm_forward_cuda(A.x_mid, value(L.norm2), T, H32, eps, A.h2, A.r2, stream_),

@@ -185,6 +185,45 @@ TEST_CASE("bf16 GEMM operands stay close to float32 and still learn", "[train][c
   CHECK(last < 0.5 * first);  // it fits the two sequences
 }
 
+TEST_CASE("bf16 mode's fused attention gives the materialised attention's loss and gradients", "[train][cuda][flash]") {
+  // The fused kernels (kernels/cuda/flash_train.cu: bfloat16 q, k, v, P and dS on tensor cores)
+  // against the materialised path (TF32 products of float32 operands, LOOM_TRAIN_FLASH=0), both in
+  // bf16 mode: GQA (tiny-llama), a sliding window (tiny-mistral), GPT-2, head dim 64; sequences of
+  // 24 tokens (one block) and 100 (two, the second partial).
+  struct EnvRestore {
+    ~EnvRestore() { unsetenv("LOOM_TRAIN_FLASH"); }
+  } restore;
+  for (const char *name : {"tiny-llama", "tiny-mistral", "tiny-gpt2", "tiny-llama-hd64"})
+    for (const int64_t n : {int64_t{24}, int64_t{100}}) {
+      INFO(name << ", sequences of " << n);
+      const fs::path dir = kModels / name;
+      unsetenv("LOOM_TRAIN_FLASH");
+      auto fused = cuda_engine(dir, options(true));
+      setenv("LOOM_TRAIN_FLASH", "0", 1);
+      auto plain = cuda_engine(dir, options(true));
+      CHECK_THAT(fused->describe(), Catch::Contains("fused attention"));
+      CHECK_THAT(plain->describe(), !Catch::Contains("fused attention"));
+      const auto batch = random_batch(3, n, 256, 11);
+      const double a = fused->run(batch, true, 1.0 / 3), b = plain->run(batch, true, 1.0 / 3);
+      CHECK(a == Approx(b).epsilon(5e-3));
+      const auto &params = plain->host_params();
+      const auto ga = fused->host_grads(), gb = plain->host_grads();
+      REQUIRE(ga.size() == gb.size());
+      double worst = 0;
+      for (size_t i = 0; i < ga.size(); ++i) {
+        INFO(params[i].name);
+        const double r = relative(ga[i], gb[i]);
+        worst = std::max(worst, r);
+        CHECK(r < 3e-2);
+      }
+      WARN(name << ", n " << n << ": worst gradient difference of the fused attention " << worst);
+      // No atomics: the same batch again gives the same bits.
+      fused->zero_grad();
+      CHECK(fused->run(batch, true, 1.0 / 3) == a);
+      CHECK(fused->host_grads() == ga);
+    }
+}
+
 TEST_CASE("the CUDA trainer follows PyTorch's 200-step loss curve within 2%", "[train][cuda]") {
   // The fixture and batches of train_grad_test.cpp's CPU case (tests/fixtures/make_train_curve.py).
   const TrainCurve curve = load_train_curve(source_dir());

@@ -61,6 +61,29 @@ int causal_softmax_cuda(float* s, int64_t rows, int32_t n, int32_t window, void*
 // score scale), reading only the keys causal_softmax_cuda kept (same n and window); 0 elsewhere.
 int softmax_backward_cuda(const float* p, float* dp, int64_t rows, int32_t n, int32_t window, float scale, void* stream);
 
+// Fused causal attention for training (kernels/cuda/flash_train.cu), bfloat16 tensor-core products
+// with float32 accumulation, on the trainer's token-major rows (no head-major copies): query head h
+// (of `heads`) of sequence b (of `batch`), position i, is at q + (b n + i) q_stride + h D, and
+// its key and value at k / v + (b n + i) kv_stride + (h / (heads / kv_heads)) D; o and dout as q
+// with o_stride, dq as q with dq_stride, dk and dv as k with dkv_stride (each kv head's gradient
+// summed over its query heads, in a fixed order: no atomics, the same bits every step). window as
+// causal_softmax_cuda's, scores scaled by `scale`. The forward writes o and lse [batch heads, n]
+// (each row's log2-sum-exp of its scaled scores, log2 units); the backward recomputes the
+// probabilities from lse and uses delta [batch heads, n] as scratch (each row's sum of dout o).
+// Sizes flash_attention_takes() refuses, or heads not a multiple of kv_heads, are
+// cudaErrorInvalidValue. Stream-ordered; no host synchronisation.
+struct FlashAttentionShape {
+  int32_t batch = 0, n = 0, heads = 0, kv_heads = 0, head_dim = 0, window = 0;
+  float scale = 1.0f;
+};
+bool flash_attention_takes(int32_t head_dim);
+int flash_attention_forward_cuda(const FlashAttentionShape& shape, const float* q, int64_t q_stride, const float* k,
+                                 const float* v, int64_t kv_stride, float* o, int64_t o_stride, float* lse, void* stream);
+int flash_attention_backward_cuda(const FlashAttentionShape& shape, const float* q, int64_t q_stride, const float* k,
+                                  const float* v, int64_t kv_stride, const float* o, const float* dout, int64_t o_stride,
+                                  const float* lse, float* delta, float* dq, int64_t dq_stride, float* dk, float* dv,
+                                  int64_t dkv_stride, void* stream);
+
 // m = silu(g) * u (written); the backward writes dg = dm u silu'(g) and du = dm silu(g).
 int swiglu_forward_cuda(const float* g, const float* u, int64_t n, float* m, void* stream);
 int swiglu_backward_cuda(const float* dm, const float* g, const float* u, int64_t n, float* dg, float* du,
