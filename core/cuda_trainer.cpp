@@ -244,6 +244,9 @@ class CudaTrainingEngine final : public TrainingEngine {
   void attention_forward(const LayerActs &A, const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride);
   void attention_backward(const LayerActs &A, const float *da, float *dq, int64_t q_stride, float *dk, float *dv,
                           int64_t kv_stride);
+  // dst [T, H] = x (the residual stream), plus the bias b (SIZE_MAX: none) of the product that a
+  // GEMM with beta 1 then adds: one pass instead of a copy and a bias pass.
+  void residual_with_bias(const float *x, size_t b, float *dst);
   void layer_forward(size_t l, const LayerActs &A, const float *x_in, float *x_out);
   void layer_backward(size_t l, const LayerActs &A, const float *x_in, float *dx);
 
@@ -586,13 +589,20 @@ void CudaTrainingEngine::attention_backward(const LayerActs &A, const float *da,
                "merge");
 }
 
+void CudaTrainingEngine::residual_with_bias(const float *x, size_t b, float *dst) {
+  const int64_t H = config_.hidden_size;
+  if (b == SIZE_MAX)
+    check(cudaMemcpyAsync(dst, x, static_cast<size_t>(T_ * H) * sizeof(float), cudaMemcpyDeviceToDevice, stream_), "copy");
+  else
+    check_launch(kn::bias_copy_cuda(x, value(b), T_, static_cast<int32_t>(H), dst, stream_), "bias");
+}
+
 void CudaTrainingEngine::layer_forward(size_t l, const LayerActs &A, const float *x_in, float *x_out) {
   const ModelConfig &c = config_;
   const int64_t H = c.hidden_size, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads, I = c.intermediate_size;
   const auto T = static_cast<int32_t>(T_), H32 = static_cast<int32_t>(H);
   const Layer &L = layers_[l];
   const auto eps = static_cast<float>(c.norm_eps);
-  const size_t rows = static_cast<size_t>(T_ * H) * sizeof(float);
   if (gpt2_) {
     // x_mid = x_in + c_proj(attention(split(c_attn(ln_1(x_in))))); x_out = x_mid + c_proj(gelu(c_fc(ln_2(x_mid)))).
     check_launch(kn::layer_norm_forward_cuda(x_in, value(L.norm1), value(L.norm1_b), T, H32, eps, A.h1, A.mean1,
@@ -601,15 +611,18 @@ void CudaTrainingEngine::layer_forward(size_t l, const LayerActs &A, const float
     const QkvRows r = qkv_rows(A);
     conv1d(A.h1, L.q, L.q_b, H, 3 * H, r.q);
     attention_forward(A, r.q, r.q_stride, r.k, r.v, r.kv_stride);
-    check(cudaMemcpyAsync(A.x_mid, x_in, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
-    conv1d(A.a, L.o, L.o_b, H, H, A.x_mid, 1.0f);
+    residual_with_bias(x_in, L.o_b, A.x_mid);
+    conv1d(A.a, L.o, SIZE_MAX, H, H, A.x_mid, 1.0f);
     check_launch(kn::layer_norm_forward_cuda(A.x_mid, value(L.norm2), value(L.norm2_b), T, H32, eps, A.h2,
                                              A.mean2, A.r2, stream_),
                  "layer norm");
-    conv1d(A.h2, L.up, L.up_b, H, I, A.g);
-    check_launch(kn::gelu_forward_cuda(A.g, T_ * I, A.m, stream_), "gelu");
-    check(cudaMemcpyAsync(x_out, A.x_mid, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
-    conv1d(A.m, L.down, L.down_b, I, H, x_out, 1.0f);
+    conv1d(A.h2, L.up, SIZE_MAX, H, I, A.g);  // c_fc's bias added by the GELU's pass
+    if (L.up_b != SIZE_MAX)
+      check_launch(kn::gelu_bias_forward_cuda(A.g, value(L.up_b), T_, static_cast<int32_t>(I), A.m, stream_), "gelu");
+    else
+      check_launch(kn::gelu_forward_cuda(A.g, T_ * I, A.m, stream_), "gelu");
+    residual_with_bias(A.x_mid, L.down_b, x_out);
+    conv1d(A.m, L.down, SIZE_MAX, I, H, x_out, 1.0f);
     return;
   }
   check_launch(kn::rms_norm_forward_cuda(x_in, value(L.norm1), T, H32, eps, A.h1, A.r1, stream_), "rms norm");
@@ -621,15 +634,15 @@ void CudaTrainingEngine::layer_forward(size_t l, const LayerActs &A, const float
   check_launch(kn::rope_cuda(r.q, T, static_cast<int32_t>(Hq), D32, n32, cos_sin_.get(), false, stream_), "rope");
   check_launch(kn::rope_cuda(r.k, T, static_cast<int32_t>(Hkv), D32, n32, cos_sin_.get(), false, stream_), "rope");
   attention_forward(A, r.q, r.q_stride, r.k, r.v, r.kv_stride);
-  check(cudaMemcpyAsync(A.x_mid, x_in, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
-  linear(A.a, L.o, L.o_b, H, Hq * D, A.x_mid, 1.0f);
+  residual_with_bias(x_in, L.o_b, A.x_mid);
+  linear(A.a, L.o, SIZE_MAX, H, Hq * D, A.x_mid, 1.0f);
   check_launch(kn::rms_norm_forward_cuda(A.x_mid, value(L.norm2), T, H32, eps, A.h2, A.r2, stream_),
                "rms norm");
   linear(A.h2, L.gate, L.gate_b, I, H, A.g);
   linear(A.h2, L.up, L.up_b, I, H, A.u);
   check_launch(kn::swiglu_forward_cuda(A.g, A.u, T_ * I, A.m, stream_), "swiglu");
-  check(cudaMemcpyAsync(x_out, A.x_mid, rows, cudaMemcpyDeviceToDevice, stream_), "copy");
-  linear(A.m, L.down, L.down_b, H, I, x_out, 1.0f);
+  residual_with_bias(A.x_mid, L.down_b, x_out);
+  linear(A.m, L.down, SIZE_MAX, H, I, x_out, 1.0f);
 }
 
 // dx: the loss's gradient with respect to the layer's output on entry, its input on return.

@@ -109,10 +109,14 @@ __global__ void layer_norm_backward_kernel(const float* dy, const float* x, cons
   }
 }
 
-__global__ void gelu_forward_kernel(const float* g, int64_t n, float* m) {
+// b (when given, C wide): g gets its bias added first (kept: the backward reads g).
+__global__ void gelu_forward_kernel(float* g, const float* b, int32_t C, int64_t n, float* m) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    m[i] = device::gelu_tanh(g[i]);
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float x = g[i];
+    if (b) g[i] = x += b[i % C];
+    m[i] = device::gelu_tanh(x);
+  }
 }
 
 __global__ void gelu_backward_kernel(const float* dm, const float* g, int64_t n, float* dg) {
@@ -254,10 +258,10 @@ __global__ void accumulate_kernel(float* y, const float* x, int64_t n) {
     y[i] += x[i];
 }
 
-__global__ void bias_add_kernel(float* y, const float* b, int64_t n, int32_t C) {
+__global__ void bias_add_kernel(const float* x, const float* b, int64_t n, int32_t C, float* y) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    y[i] += b[i % C];
+    y[i] = x[i] + b[i % C];
 }
 
 __global__ void embedding_backward_kernel(const float* dx, const int32_t* order, const int32_t* starts,
@@ -380,7 +384,16 @@ int layer_norm_backward_cuda(const float* dy, const float* x, const float* w, co
 
 int gelu_forward_cuda(const float* g, int64_t n, float* m, void* stream) {
   if (n <= 0) return 0;
-  gelu_forward_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(g, n, m);
+  // (without a bias the kernel only reads g)
+  gelu_forward_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(const_cast<float*>(g), nullptr, 1,
+                                                                                       n, m);
+  return launched();
+}
+
+int gelu_bias_forward_cuda(float* g, const float* b, int64_t rows, int32_t C, float* m, void* stream) {
+  const int64_t n = rows * C;
+  if (n <= 0) return 0;
+  gelu_forward_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(g, b, C, n, m);
   return launched();
 }
 
@@ -465,7 +478,14 @@ int accumulate_cuda(float* y, const float* x, int64_t n, void* stream) {
 int bias_add_cuda(float* y, const float* b, int64_t rows, int32_t C, void* stream) {
   const int64_t n = rows * C;
   if (n <= 0) return 0;
-  bias_add_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(y, b, n, C);
+  bias_add_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(y, b, n, C, y);
+  return launched();
+}
+
+int bias_copy_cuda(const float* x, const float* b, int64_t rows, int32_t C, float* y, void* stream) {
+  const int64_t n = rows * C;
+  if (n <= 0) return 0;
+  bias_add_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(x, b, n, C, y);
   return launched();
 }
 

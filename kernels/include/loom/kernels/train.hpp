@@ -92,9 +92,13 @@ int swiglu_backward_cuda(const float* dm, const float* g, const float* u, int64_
 // GPT-2's GELU (tanh approximation): m = gelu(g) (written); dg = dm gelu'(g) (written).
 int gelu_forward_cuda(const float* g, int64_t n, float* m, void* stream);
 int gelu_backward_cuda(const float* dm, const float* g, int64_t n, float* dg, void* stream);
+// g[rows, C] += b[C] on every row (kept, for the backward), then m = gelu(g): one pass.
+int gelu_bias_forward_cuda(float* g, const float* b, int64_t rows, int32_t C, float* m, void* stream);
 
 // y[rows, C] += b[C] on every row.
 int bias_add_cuda(float* y, const float* b, int64_t rows, int32_t C, void* stream);
+// y[rows, C] = x + b[C] on every row (a residual copied with the bias of the product added to it next).
+int bias_copy_cuda(const float* x, const float* b, int64_t rows, int32_t C, float* y, void* stream);
 
 // y[n] += x[n].
 int accumulate_cuda(float* y, const float* x, int64_t n, void* stream);
