@@ -220,6 +220,9 @@ __global__ void __launch_bounds__(Sh::kThreads, 2) stream_kernel(const Args a) {
   const int mine = n > warp ? (n - 1 - warp) / W + 1 : 0;  // units u0 + warp + W i
   const int chunks = a.row_pieces / (32 * Q);               // slots a unit
   const int total = mine * chunks;                          // slots of this warp
+  // 0 (total is not negative), which the compiler cannot know: a value ANDed with it and added
+  // to an address makes the address depend on the value without changing it.
+  const uint32_t unseen_zero = static_cast<uint32_t>(total) >> 31;
   const auto* codes = static_cast<const uint4*>(a.codes);
 
   allow_next_kernel();
@@ -235,8 +238,9 @@ __global__ void __launch_bounds__(Sh::kThreads, 2) stream_kernel(const Args a) {
   if (mine > 0) start_unit();
   // Copies the next slot (both rows, Q pieces each: piece c 32 Q + 32 j + lane, so that each copy
   // instruction of the warp reads 512 contiguous bytes) into ring slot i_slot.
-  auto issue = [&] {
-    const uint32_t slot = shared_address(ring + i_slot * kSlot + lane * 16);
+  // `after`: zero, but computed from values the copy must not overtake (see the refill below).
+  auto issue = [&](uint32_t after = 0) {
+    const uint32_t slot = shared_address(ring + i_slot * kSlot + lane * 16) + after;
     const int off = i_chunk * 32 * Q;
 #pragma unroll
     for (int j = 0; j < Q; ++j) {
@@ -286,6 +290,17 @@ __global__ void __launch_bounds__(Sh::kThreads, 2) stream_kernel(const Args a) {
       w0[j] = *reinterpret_cast<const uint4*>(slot + j * 512);
       w1[j] = *reinterpret_cast<const uint4*>(slot + (Q + j) * 512);
     }
+    // Refill the slot S ahead now, while its values are multiplied. PTX does not order a later
+    // cp.async after an earlier load of the same address, so the copy's address depends on the
+    // loaded values (one word of each 16-byte load, ANDed with a zero the compiler cannot see): it is
+    // issued only once they have arrived. (Refilling after the multiplications instead cost 5%
+    // of int8's batch-1 decode: BENCHMARKS.md, session 28.)
+    uint32_t loaded = 0;
+#pragma unroll
+    for (int j = 0; j < Q; ++j) loaded |= w0[j].x | w1[j].x;
+    if (s + S < total) issue(loaded & unseen_zero);
+    commit();
+    if (++o_slot == S) o_slot = 0;
     const int unit = u0 + warp + W * o_unit;
 #pragma unroll
     for (int j = 0; j < Q; ++j) {
@@ -312,11 +327,6 @@ __global__ void __launch_bounds__(Sh::kThreads, 2) stream_kernel(const Args a) {
       acc0 += f0.x + f0.y;  // the format's scale is the row's, applied in finish_with
       acc1 += f1.x + f1.y;
     }
-    // The slot's values have been used (so its reads are complete: PTX does not order a later
-    // cp.async after an earlier load of the same address): request the slot S ahead into it.
-    if (s + S < total) issue();
-    commit();
-    if (++o_slot == S) o_slot = 0;
     if (++o_chunk == chunks) {
       o_chunk = 0;
       for (int o = 16; o > 0; o >>= 1) {
