@@ -259,7 +259,9 @@ class CudaTrainingEngine final : public TrainingEngine {
   // bf16 mode, head dims the kernels take: attention through the fused kernels
   // (flash_attention_forward_cuda / _backward_cuda), keeping each row's log-sum-exp instead of the
   // [n, n] probabilities; LOOM_TRAIN_FLASH=0 keeps the materialised path (for comparisons).
-  bool flash_ = false;
+  // flash_wanted_: so configured; flash_: for the micro-batch prepared (a shape the kernels refuse
+  // takes the materialised path).
+  bool flash_ = false, flash_wanted_ = false;
   AdamWOptions adamw_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -317,8 +319,9 @@ CudaTrainingEngine::CudaTrainingEngine(const ModelConfig &config, const ModelWei
   // Float32 GEMMs in float32 (no TF32), so that the float32 mode matches the CPU trainer.
   check(cublasSetMathMode(blas_, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");
   const char *flash_env = std::getenv("LOOM_TRAIN_FLASH");
-  flash_ = bf16_ && kn::flash_attention_takes(static_cast<int32_t>(config_.head_dim)) &&
-           !(flash_env != nullptr && std::string(flash_env) == "0");
+  flash_wanted_ = bf16_ && kn::flash_attention_takes(static_cast<int32_t>(config_.head_dim)) &&
+                  !(flash_env != nullptr && std::string(flash_env) == "0");
+  flash_ = flash_wanted_;
 
   const bool tied = gpt2_ || config_.tie_word_embeddings;
   for (const auto &[name, shape] : expected_weights(config_)) {  // the CPU trainer's order
@@ -374,6 +377,8 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n, int64_t slots) {
   B_ = B;
   n_ = n;
   T_ = T;
+  // (a micro-batch of more sequence heads than the kernels' grid holds takes the materialised path)
+  flash_ = flash_wanted_ && kn::flash_attention_takes(flash_shape());
   if (!gpt2_ && n != rope_n_) {  // the rotary table for positions 0..n-1
     const std::vector<float> table = ops::rope_cos_sin_table(inv_freq_, n, D);
     cos_sin_.reserve(table.size());
@@ -390,8 +395,9 @@ void CudaTrainingEngine::prepare(int64_t B, int64_t n, int64_t slots) {
     for (const ActField &f : kActFields) (S.*f.store).reserve(act_floats(f.size) * stored);
   xs_.resize(layers_.size() + 1);
   for (auto &x : xs_) x.reserve(t * H * static_cast<size_t>(slots));
-  // q/k/v and their gradients: GPT-2's in one [T, 3H] buffer (c_attn's output), the Llama
-  // family's apart (RoPE rotates q and k in place).
+  // q/k/v and their gradients: GPT-2's in one [T, 3H] buffer (c_attn's output on the materialised
+  // path; the fused one keeps q/k/v in the layer's activations, qkv_rows, and this buffer holds
+  // their gradients), the Llama family's apart (RoPE rotates q and k in place).
   da_.reserve(t * Hq * D);
   if (gpt2_) {
     qkv_.reserve(t * 3 * H);

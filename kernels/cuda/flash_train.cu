@@ -246,7 +246,8 @@ __global__ void row_dot_kernel(Args a, int64_t rows) {
 
 // P and dS of this lane's half row of a (query block, key block) tile, from the block's scores
 // and dP rows (ss, dps: [kBlock][kS]) and the queries' lse and delta; P is written only where ps
-// is not null.
+// is not null. (dS from the float P here, for dQ; the dK/dV kernel takes it from the bfloat16 P it
+// multiplies, so the two differ within bfloat16 rounding.)
 template <int D>
 __device__ __forceinline__ void p_and_ds(const float* ss, const float* dps, const float* lse_s, const float* delta_s,
                                          int q0, int k0, int n, int window, float scale, bf16* ps, bf16* dss) {
@@ -264,7 +265,7 @@ __device__ __forceinline__ void p_and_ds(const float* ss, const float* dps, cons
 }
 
 // The dK/dV kernel's two halves of p_and_ds, its dP overwriting its scores (one fewer float tile,
-// so that two of its CTAs fit an SM): P from this lane's half row of scores into ps, then dS from
+// so that three of its CTAs fit an SM): P from this lane's half row of scores into ps, then dS from
 // its half row of dP and that P (bfloat16, as the products read it).
 template <int D>
 __device__ __forceinline__ void probabilities(const float* ss, const float* lse_s, int q0, int k0, int n, int window,
@@ -450,9 +451,7 @@ cudaError_t backward_of(const Args& a, int batch, cudaStream_t s) {
 
 // The shape's checks and the Args both calls share; false: a shape the kernels refuse.
 bool args_of(const FlashAttentionShape& shape, Args& a) {
-  if (!flash_attention_takes(shape.head_dim) || shape.heads <= 0 || shape.kv_heads <= 0 ||
-      shape.heads % shape.kv_heads != 0 || static_cast<int64_t>(shape.batch) * shape.heads > 65535 || shape.window < 0)
-    return false;
+  if (!flash_attention_takes(shape)) return false;
   a.n = shape.n;
   a.heads = shape.heads;
   a.group = shape.heads / shape.kv_heads;
@@ -474,6 +473,11 @@ cudaError_t by_head_dim(int head_dim, F&& f) {
 }  // namespace
 
 bool flash_attention_takes(int32_t head_dim) { return head_dim == 16 || head_dim == 32 || head_dim == 64; }
+
+bool flash_attention_takes(const FlashAttentionShape& shape) {
+  return flash_attention_takes(shape.head_dim) && shape.heads > 0 && shape.kv_heads > 0 &&
+         shape.heads % shape.kv_heads == 0 && static_cast<int64_t>(shape.batch) * shape.heads <= 65535 && shape.window >= 0;
+}
 
 int flash_attention_forward_cuda(const FlashAttentionShape& shape, const float* q, int64_t q_stride, const float* k,
                                  const float* v, int64_t kv_stride, float* o, int64_t o_stride, float* lse, void* stream) {

@@ -190,8 +190,13 @@ TEST_CASE("bf16 mode's fused attention gives the materialised attention's loss a
   // against the materialised path (TF32 products of float32 operands, LOOM_TRAIN_FLASH=0), both in
   // bf16 mode: GQA (tiny-llama), a sliding window (tiny-mistral), GPT-2, head dim 64; sequences of
   // 24 tokens (one block) and 100 (two, the second partial).
-  struct EnvRestore {
-    ~EnvRestore() { unsetenv("LOOM_TRAIN_FLASH"); }
+  struct EnvRestore {  // the user's LOOM_TRAIN_FLASH, if any, back on the way out
+    const char *was = std::getenv("LOOM_TRAIN_FLASH");
+    std::string value = was ? was : "";
+    ~EnvRestore() {
+      if (was) setenv("LOOM_TRAIN_FLASH", value.c_str(), 1);
+      else unsetenv("LOOM_TRAIN_FLASH");
+    }
   } restore;
   for (const char *name : {"tiny-llama", "tiny-mistral", "tiny-gpt2", "tiny-llama-hd64"})
     for (const int64_t n : {int64_t{24}, int64_t{100}}) {

@@ -70,13 +70,17 @@ int softmax_backward_cuda(const float* p, float* dp, int64_t rows, int32_t n, in
 // causal_softmax_cuda's, scores scaled by `scale`. The forward writes o and lse [batch heads, n]
 // (each row's log2-sum-exp of its scaled scores, log2 units); the backward recomputes the
 // probabilities from lse and uses delta [batch heads, n] as scratch (each row's sum of dout o).
-// Sizes flash_attention_takes() refuses, or heads not a multiple of kv_heads, are
-// cudaErrorInvalidValue. Stream-ordered; no host synchronisation.
+// Rows are read four floats at a time: q, k, v, o and dout must be 16-byte aligned and every
+// stride a multiple of 4. Shapes flash_attention_takes() refuses, and strides that are not
+// multiples of 4, are cudaErrorInvalidValue. Stream-ordered; no host synchronisation.
+// flash_attention_takes(head_dim): the head dims the kernels have (16, 32, 64); with a shape, also
+// heads a multiple of kv_heads, batch heads at most 65535 (a grid's y) and window >= 0.
 struct FlashAttentionShape {
   int32_t batch = 0, n = 0, heads = 0, kv_heads = 0, head_dim = 0, window = 0;
   float scale = 1.0f;
 };
 bool flash_attention_takes(int32_t head_dim);
+bool flash_attention_takes(const FlashAttentionShape& shape);
 int flash_attention_forward_cuda(const FlashAttentionShape& shape, const float* q, int64_t q_stride, const float* k,
                                  const float* v, int64_t kv_stride, float* o, int64_t o_stride, float* lse, void* stream);
 int flash_attention_backward_cuda(const FlashAttentionShape& shape, const float* q, int64_t q_stride, const float* k,
