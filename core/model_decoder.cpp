@@ -190,24 +190,23 @@ std::vector<int32_t> ModelDecoder::encode_prompt(const std::string &text, const 
 
 bool ModelDecoder::generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
                                   std::string *text, const std::vector<std::string> *stops,
-                                  std::span<const int32_t> more_stop_tokens, int64_t min_tokens) const {
-  // Decoded after the prompt, so that pieces keep the spacing they have in context.
+                                  std::span<const int32_t> more_stop_tokens, int64_t min_tokens,
+                                  ContinuationCache *cache) const {
+  // Decoded after the prompt, so that pieces keep the spacing they have in context
+  // (continuation_text: the prompt's last tokens as context, the cache's checkpoint).
   // Stop tokens end the text; they are not part of it (a BPE tokenizer would write
   // "<|endoftext|>").
-  const std::string before = tokenizer_->decode(prompt);
-  auto text_of = [&](size_t n) { // the text of generated[0, n), stop tokens left out
-    std::vector<int32_t> all = prompt;
+  auto text_of = [&](size_t n, ContinuationCache *c) { // the text of generated[0, n), stop tokens left out
+    std::vector<int32_t> kept;
+    kept.reserve(n);
     for (size_t i = 0; i < n; ++i) {
       const int32_t id = generated[i];
       if (!is_stop_token(id) && std::find(more_stop_tokens.begin(), more_stop_tokens.end(), id) == more_stop_tokens.end())
-        all.push_back(id);
+        kept.push_back(id);
     }
-    const std::string whole = tokenizer_->decode(all);
-    return whole.compare(0, before.size(), before) == 0
-               ? whole.substr(before.size())
-               : tokenizer_->decode(std::vector<int32_t>(all.begin() + static_cast<std::ptrdiff_t>(prompt.size()), all.end()));
+    return continuation_text(*tokenizer_, prompt, kept, c);
   };
-  *text = text_of(generated.size());
+  *text = text_of(generated.size(), cache);
   // A stop string ends the text where it begins (it is not part of the output). Before
   // min_tokens tokens none applies (vLLM's min_tokens): one counts only where it ends in the
   // text of the tokens after them.
@@ -227,7 +226,7 @@ bool ModelDecoder::generated_text(const std::vector<int32_t> &prompt, const std:
     // The first tokens' text, decoded only when a stop string is there at all, measured as the
     // part it shares with the whole: a character cut between token `held` and the next decodes
     // as U+FFFD there, so the cut character is not counted.
-    const std::string first = text_of(held);
+    const std::string first = text_of(held, nullptr);
     const size_t n = std::min(first.size(), text->size());
     size_t floor = 0;
     while (floor < n && first[floor] == (*text)[floor]) ++floor;
@@ -253,10 +252,11 @@ std::vector<int32_t> ModelDecoder::encode_messages(const std::vector<ChatMessage
 }
 
 std::string ModelDecoder::continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
-                                       const std::vector<std::string> &stops, bool *stopped, int64_t min_tokens) const {
+                                       const std::vector<std::string> &stops, bool *stopped, int64_t min_tokens,
+                                       ContinuationCache *cache) const {
   if (!tokenizer_) throw runtime_error("text of generated tokens: the model has no tokenizer" + tokenizer_error_);
   std::string text;
-  const bool cut = generated_text(prompt, generated, &text, &stops, {}, min_tokens);
+  const bool cut = generated_text(prompt, generated, &text, &stops, {}, min_tokens, cache);
   if (stopped) *stopped = cut;
   return text;
 }
@@ -482,6 +482,7 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   auto decode_start = std::chrono::steady_clock::now();
   result.prefill_seconds = std::chrono::duration<double>(decode_start - prefill_start).count();
   std::vector<bool> stopped_by_string(n, false);
+  std::vector<ContinuationCache> text_caches(n); // each sequence's text so far (the stop-string checks)
   std::vector<int32_t> sampled, next_rows;
   // The next step's batch: one token for each sequence in `seqs`. Fed: its tokens are still on
   // the device (sampled, not yet read back) and each sequence's new token goes at position
@@ -548,7 +549,8 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
         histories[static_cast<size_t>(seq)].push_back(token);
         out.tokens.push_back(token);
         bool by_string = false;
-        const bool done = hits_stop(prompts_[static_cast<size_t>(seq)], out, token, &by_string);
+        const bool done = hits_stop(prompts_[static_cast<size_t>(seq)], out, token, &by_string, nullptr, {},
+                                    &text_caches[static_cast<size_t>(seq)]);
         if (by_string) stopped_by_string[static_cast<size_t>(seq)] = true;
         if (done || static_cast<int64_t>(out.tokens.size()) >= limits[static_cast<size_t>(seq)]) {
           release_sequence(seq); // the sequence leaves the batch
@@ -578,18 +580,20 @@ void ModelDecoder::generate(int64_t steps, const TokenCallback &on_token, const 
   result.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - decode_start).count();
   if (tokenizer_)
     for (size_t i = 0; i < n; ++i)
-      if (!stopped_by_string[i]) generated_text(prompts_[i], result.sequences[i].tokens, &result.sequences[i].text);
+      if (!stopped_by_string[i])
+        generated_text(prompts_[i], result.sequences[i].tokens, &result.sequences[i].text, nullptr, {}, 0, &text_caches[i]);
   take_first_sequence(result);
 }
 
 bool ModelDecoder::hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string,
-                             const std::vector<std::string> *stops, const RequestStops &own) const {
+                             const std::vector<std::string> *stops, const RequestStops &own,
+                             ContinuationCache *cache) const {
   // (Before min_tokens the stop tokens had no probability; a draft cannot bring one either,
   // since drafts are kept only where the target's chain chose them.)
   bool done = static_cast<int64_t>(out.tokens.size()) >= own.min_tokens && is_stop_token(token, own);
   const std::vector<std::string> &strings = stops ? *stops : manifest_.run.stop;
   if (!done && !strings.empty() && tokenizer_ &&
-      generated_text(prompt, out.tokens, &out.text, &strings, own.more_tokens, own.min_tokens))
+      generated_text(prompt, out.tokens, &out.text, &strings, own.more_tokens, own.min_tokens, cache))
     done = *by_string = true;
   if (done) out.stopped = true;
   return done;

@@ -103,7 +103,8 @@ class ModelDecoder {
     return tokenizer_->encode(text, add_special);
   }
   std::string continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
-                           const std::vector<std::string> &stops, bool *stopped, int64_t min_tokens = 0) const;
+                           const std::vector<std::string> &stops, bool *stopped, int64_t min_tokens = 0,
+                           ContinuationCache *cache = nullptr) const;
   bool has_tokenizer() const { return tokenizer_ != nullptr; }
   std::optional<std::string> decode(const std::vector<int32_t> &ids) const;
   std::optional<std::string> token_bytes(int32_t id) const {
@@ -139,13 +140,16 @@ class ModelDecoder {
   // stop_token_ids) are left out of the text as the run's stop tokens are. `min_tokens`: a stop
   // string counts only where it ends in the text after the first min_tokens tokens (vLLM's
   // min_tokens holds stop strings back as it holds stop tokens).
+  // `cache`: the sequence's (continuation_text.hpp), so that a call after each token decodes only
+  // the reply's last tokens.
   bool generated_text(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated, std::string *text,
                       const std::vector<std::string> *stops = nullptr, std::span<const int32_t> more_stop_tokens = {},
-                      int64_t min_tokens = 0) const;
+                      int64_t min_tokens = 0, ContinuationCache *cache = nullptr) const;
   // Whether `token`, just appended to out.tokens, ends the sequence: a stop token, or one of
   // run.stop in its text (then *by_string is set and out.text holds the text). Sets out.stopped.
   bool hits_stop(const std::vector<int32_t> &prompt, SequenceResult &out, int32_t token, bool *by_string,
-                 const std::vector<std::string> *stops = nullptr, const RequestStops &own = {}) const;
+                 const std::vector<std::string> *stops = nullptr, const RequestStops &own = {},
+                 ContinuationCache *cache = nullptr) const;
   bool is_stop_token(int32_t token) const {
     return std::find(stop_tokens_.begin(), stop_tokens_.end(), token) != stop_tokens_.end();
   }

@@ -192,8 +192,9 @@ std::vector<int32_t> Runtime::encode_messages(const std::vector<std::pair<std::s
 }
 
 std::string Runtime::continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
-                                  const std::vector<std::string> &stops, bool *stopped, int64_t min_tokens) const {
-  return decoder_->continuation(prompt, generated, stops, stopped, min_tokens);
+                                  const std::vector<std::string> &stops, bool *stopped, int64_t min_tokens,
+                                  ContinuationCache *cache) const {
+  return decoder_->continuation(prompt, generated, stops, stopped, min_tokens, cache);
 }
 
 bool Runtime::has_tokenizer() const { return decoder_->has_tokenizer(); }

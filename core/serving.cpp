@@ -95,6 +95,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     std::string adapter_slot; // counted in adapter_use_.live while it is live (named adapters)
     SequenceResult out;
     bool stopped_by_string = false;
+    ContinuationCache text_cache; // its reply's text so far, for the stop-string check after each token
     bool ending = false; // ends at this step (in `ended`)
     size_t cut = SIZE_MAX; // on_token said stop after this many tokens (a step may emit several)
     int64_t virtual_n = 0; // a prefix adapter's placeholders before the prompt
@@ -131,7 +132,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
     release_draft_sequence(id);
     if (tokenizer_ && !l.stopped_by_string)
       generated_text(l.out.prompt, l.out.tokens, &l.out.text, l.request.stop ? &*l.request.stop : nullptr,
-                     l.request.stop_token_ids, l.request.min_tokens);
+                     l.request.stop_token_ids, l.request.min_tokens, &l.text_cache);
     release_sequence(id);
     ServeRequest request = std::move(l.request);
     SequenceResult out = std::move(l.out);
@@ -851,7 +852,7 @@ SchedulerStats ModelDecoder::serve(RequestQueue &queue, int64_t max_positions) {
                 token, l.request.logprobs));
           emitted.push_back({seq, static_cast<int64_t>(l.out.tokens.size()) - 1, token});
           done = hits_stop(l.out.prompt, l.out, token, &l.stopped_by_string, l.request.stop ? &*l.request.stop : nullptr,
-                           stops_of(l)) ||
+                           stops_of(l), &l.text_cache) ||
                  static_cast<int64_t>(l.out.tokens.size()) >= l.request.max_new_tokens;
         }
         if (done) {

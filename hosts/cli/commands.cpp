@@ -281,9 +281,12 @@ int cmd_run(const std::vector<std::string> &args) {
     const bool agent = runtime->manifest().agent.enabled;
     bool has_text = runtime->decode({}).has_value() && !agent;
     // Stream (one prompt): print what each new token adds to the text. The generation is decoded
-    // after the prompt each time (pieces keep their context spacing), and the last characters are
-    // held back while they could still begin a stop string, which is never printed.
+    // after the prompt's last tokens each time (pieces keep their context spacing; the cache keeps
+    // the text so far, so a token costs the same however long the prompt and reply), and the last
+    // characters are held back while they could still begin a stop string, which is never printed.
     std::vector<int32_t> context = runtime->prompt();
+    std::vector<int32_t> streamed;  // the tokens of the reply so far
+    ContinuationCache streamed_text;
     std::string prompt_text = has_text && !batch ? *runtime->decode(context) : std::string();
     size_t hold = 0;
     for (const auto &stop : runtime->manifest().run.stop) hold = std::max(hold, stop.size());
@@ -305,10 +308,8 @@ int cmd_run(const std::vector<std::string> &args) {
     if (has_text && !batch)
       stream = [&](int32_t, int32_t token) {
         echo();
-        context.push_back(token);
-        std::string text = *runtime->decode(context);
-        if (text.compare(0, prompt_text.size(), prompt_text) != 0) return true;
-        text.erase(0, prompt_text.size());
+        streamed.push_back(token);
+        const std::string text = runtime->continuation(context, streamed, {}, nullptr, 0, &streamed_text);
         // Printable: up to the first stop string, short of what could begin one, and short of a
         // trailing U+FFFD (a character whose bytes are split across tokens).
         size_t end = text.size() > hold ? text.size() - hold : 0;

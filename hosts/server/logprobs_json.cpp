@@ -61,7 +61,7 @@ std::string text_in_reply(const TokenTexts &texts, const std::string &text, size
 void TokenTexts::extend(std::span<const TokenLogprob> tokens) {
   while (ids_.size() < tokens.size()) {
     ids_.push_back(tokens[ids_.size()].token);
-    const size_t length = runtime_.has_tokenizer() ? runtime_.continuation(prompt_, ids_, {}).size() : 0;
+    const size_t length = runtime_.has_tokenizer() ? runtime_.continuation(prompt_, ids_, {}, nullptr, 0, &text_).size() : 0;
     // (A character cut between tokens decodes as U+FFFD until its last byte comes: keep the
     // offsets from going back.)
     offsets_.push_back(std::max(offsets_.back(), length));

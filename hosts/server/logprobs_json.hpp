@@ -45,6 +45,7 @@ class TokenTexts {
   const Runtime &runtime_;
   std::vector<int32_t> prompt_, ids_;
   std::vector<size_t> offsets_{0};
+  ContinuationCache text_;  // the text of ids_ so far (each token measured without decoding them all)
 };
 
 // Entries [begin, end) of `tokens` (measured by `texts`) in the chat format ({"content": [...],

@@ -85,6 +85,7 @@ struct Choice {
   std::string echo;       // the prompt's text, sent before the reply's (completions' echo)
   size_t sent = 0;        // bytes of text already streamed
   size_t tokens_seen = 0; // tokens the HTTP thread has looked at
+  ContinuationCache streamed_text; // the text of those tokens so far (the HTTP thread's)
   int64_t min_tokens = 0; // the request's: stop strings count only in the text after that many tokens
   std::vector<TokenLogprob> logprobs; // as they come (ServeRequest::on_logprob), when asked for
   size_t logprobs_sent = 0;           // of those, streamed
@@ -645,7 +646,7 @@ struct Server::Impl {
                 std::erase_if(shown, [&](int32_t t) {
                   return std::find(gp.stop_token_ids.begin(), gp.stop_token_ids.end(), t) != gp.stop_token_ids.end();
                 });
-                const std::string text = runtime.continuation(c.prompt, shown, gp.stop, nullptr, c.min_tokens);
+                const std::string text = runtime.continuation(c.prompt, shown, gp.stop, nullptr, c.min_tokens, &c.streamed_text);
                 const size_t safe = streamable_prefix(text, gp.stop);
                 if (gp.uses_tools()) {
                   const ToolCallStream::Piece piece = tool_stream_of(c).update(text, safe);

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "loom/core/continuation_text.hpp"
 #include "loom/core/manifest.hpp"
 #include "loom/core/metrics.hpp"
 #include "loom/core/pipeline.hpp"
@@ -207,8 +208,11 @@ class Runtime {
   std::vector<int32_t> tokenize(std::string_view text, bool add_special) const;
   std::vector<int32_t> encode_messages(const std::vector<std::pair<std::string, std::string>> &messages,
                                        const std::string &key) const;
+  // `cache` (continuation_text.hpp; one a sequence, may be null): a caller asking after each new
+  // token (a streaming server) then decodes only the reply's last tokens.
   std::string continuation(const std::vector<int32_t> &prompt, const std::vector<int32_t> &generated,
-                           const std::vector<std::string> &stops, bool *stopped = nullptr, int64_t min_tokens = 0) const;
+                           const std::vector<std::string> &stops, bool *stopped = nullptr, int64_t min_tokens = 0,
+                           ContinuationCache *cache = nullptr) const;
   bool has_tokenizer() const;
   // The model's context length (positions) and vocabulary size.
   int64_t max_positions() const;
