@@ -138,6 +138,7 @@ loom_status generate_samples(loom_runtime *rt, const std::vector<int32_t> &promp
   // finish a character cut between tokens (the rule loom serve streams by).
   struct Sample {
     std::vector<int32_t> tokens;
+    loom::ContinuationCache text; // the text of `tokens` so far (on_token decodes only the last ones)
     size_t sent = 0;
     bool stop_asked = false;
     loom::SequenceResult result;
@@ -153,7 +154,7 @@ loom_status generate_samples(loom_runtime *rt, const std::vector<int32_t> &promp
     if (on_text && runtime.has_tokenizer())
       sr.on_token = [&, j](int64_t, int32_t token) {
         s.tokens.push_back(token);
-        const std::string text = runtime.continuation(prompt, s.tokens, stops, nullptr, r.min_tokens);
+        const std::string text = runtime.continuation(prompt, s.tokens, stops, nullptr, r.min_tokens, &s.text);
         const size_t safe = loom::server::streamable_prefix(text, stops);
         if (safe > s.sent) {
           if (on_text(j, text.data() + s.sent, safe - s.sent) != 0) s.stop_asked = true;

@@ -28,7 +28,7 @@
 namespace loom::server {
 
 // Where the tokens of one reply begin in its text, extended as tokens come (each new token
-// decodes the reply once).
+// decodes the reply's last tokens: continuation_text.hpp).
 class TokenTexts {
  public:
   TokenTexts(const Runtime &runtime, std::vector<int32_t> prompt) : runtime_(runtime), prompt_(std::move(prompt)) {}

@@ -7,12 +7,16 @@
 // spacing and their UTF-8 bytes) and the context's own text taken off; a checkpoint (the text
 // of the first k generated tokens, kept where that text ends cleanly: a whole UTF-8 character,
 // no U+FFFD, no trailing whitespace) lets the next call decode only from there on. For
-// tokenizers whose text of a token depends only on a few tokens before it (sentencepiece,
-// byte-level BPE), this gives the text decoding prompt + reply at once gives, byte for byte.
+// tokenizers whose text of a token depends only on a few tokens before it (sentencepiece models
+// without a denormalizer, which would rewrite the whole text; Loom's byte-level BPE), this gives
+// the text decoding prompt + reply at once gives, byte for byte. What a call still does in
+// proportion to the reply: a copy of its text so far (the caller's stop-string search scans it
+// too), and a decode from the last checkpoint where the text has not ended cleanly since.
 //
-// Ownership: a ContinuationCache belongs to one sequence (one prompt, a growing reply); reset it
-// (or use a new one) for another. Thread-safety: a cache is not synchronised; the tokenizer's
-// decode is const.
+// Ownership: a ContinuationCache belongs to one sequence (one prompt, a reply that only grows,
+// or is cut back below the checkpoint); reset it (or use a new one) for anything else: the
+// cache's tokens are not compared with `generated`. Thread-safety: a cache is not synchronised;
+// the tokenizer's decode is const.
 #pragma once
 
 #include <cstddef>
@@ -29,8 +33,9 @@ struct ContinuationCache {
   std::string text;
 };
 
-// The text `generated` adds after `prompt`. `cache` (may be null) is read when it describes a
-// prefix of `generated` and moved forward when the text ends cleanly.
+// The text `generated` adds after `prompt`. `cache` (may be null): its text is taken as that of
+// generated's first cache->tokens tokens (reset when `generated` is shorter), and moved forward
+// when the text ends cleanly.
 std::string continuation_text(const Tokenizer &tokenizer, std::span<const int32_t> prompt,
                               std::span<const int32_t> generated, ContinuationCache *cache);
 
