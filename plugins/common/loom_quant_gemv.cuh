@@ -40,8 +40,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 
 #include "loom_cuda_pdl.cuh"
@@ -536,8 +538,37 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const Args a) {
   }
 }
 
+// A kernel's setup on each device it runs on (shared memory above 48 KB is a per-device attribute,
+// and SM counts differ): set_up(device) returns a positive value, kept for the device, or a
+// negative one for a failure, kept too (-error code where it has one). The caller's static table
+// (one per kernel) is read without a lock once its device is set up; the setup runs under the
+// table's lock. Returns the kept value, or -cudaErrorInvalidDevice where the current device cannot
+// be told.
+struct PerDevice {
+  static constexpr int kDevices = 64;
+  std::mutex mutex;
+  std::atomic<int> state[kDevices] = {};  // 0: not yet
+};
+template <class SetUp>
+int set_up_once(PerDevice& table, SetUp&& set_up) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= PerDevice::kDevices)
+    return -static_cast<int>(cudaErrorInvalidDevice);
+  int s = table.state[device].load(std::memory_order_acquire);
+  if (s == 0) {
+    std::lock_guard<std::mutex> lock(table.mutex);
+    s = table.state[device].load(std::memory_order_relaxed);
+    if (s == 0) {
+      s = set_up(device);
+      if (s == 0) s = -static_cast<int>(cudaErrorUnknown);  // (0 would read as not yet)
+      table.state[device].store(s, std::memory_order_release);
+    }
+  }
+  return s;
+}
+
 // Blocks of `kernel` resident at once on the current device (SMs x blocks per SM); driver
-// queries, so cached per (kernel, device) by the caller's static.
+// queries, so kept per (kernel, device) by the caller (set_up_once).
 inline cudaError_t resident_blocks(const void* kernel, int smem, int& wave) {
   int device = 0, sms = 0, per_sm = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
@@ -553,27 +584,32 @@ cudaError_t launch_tokens(Args a, cudaStream_t stream) {
   const auto kernel = gemv_kernel<F, NT, XT>;
   const int smem = static_cast<int>(smem_bytes(a.row_pieces, F::kPer, a.tokens, sizeof(XT)));
   // The wave at the largest staging (48 KB): a smaller staging fits at least as many blocks.
-  // Per kernel, for the first device it ran on (the builtin quantizers place on one GPU).
-  static int wave = 0;
-  static int device_major = 0;
-  if (wave == 0) {
-    int device = 0;
-    if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-    if (cudaError_t e = cudaDeviceGetAttribute(&device_major, cudaDevAttrComputeCapabilityMajor, device); e != cudaSuccess)
-      return e;
+  // Per kernel and device: (wave << 1) | (compute capability 9 or newer), or -error.
+  static PerDevice table;
+  const int set = set_up_once(table, [&](int device) {
+    int major = 0, wave = 0;
+    if (cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device); e != cudaSuccess)
+      return -static_cast<int>(e);
     // The staging may take all 48 KB, past the default limit with the reduction's static bytes.
     if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
         e != cudaSuccess)
-      return e;
+      return -static_cast<int>(e);
     if (cudaError_t e = resident_blocks(reinterpret_cast<const void*>(kernel), kSmemBytes, wave); e != cudaSuccess)
-      return e;
+      return -static_cast<int>(e);
+    return (wave << 1) | (major >= 9 ? 1 : 0);
+  });
+  if (set < 0) {
+    (void)cudaGetLastError();  // (the error is returned, not left for the next launch to find)
+    return static_cast<cudaError_t>(-set);
   }
+  const int wave = set >> 1;
+  const bool programmatic = (set & 1) != 0;
   // Fewer row pairs than warps: split each row's K in two instead, so that all warps stream
   // (only where the halves start on a 32-piece boundary, which keeps the staged reads aligned).
   if (a.output != output_swiglu && a.output != output_rope_qkv && (a.out + 1) / 2 < wave * kWarps &&
       a.row_pieces % 64 == 0)
     a.split = true;
-  return pdl::launch(device_major >= 9, dim3(static_cast<unsigned>(std::min(wave, (units_of(a) + kWarps - 1) / kWarps))),
+  return pdl::launch(programmatic, dim3(static_cast<unsigned>(std::min(wave, (units_of(a) + kWarps - 1) / kWarps))),
                      dim3(kThreads), static_cast<size_t>(smem), stream, kernel, a);
 }
 

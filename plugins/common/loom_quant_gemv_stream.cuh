@@ -31,10 +31,8 @@
 // the 1B shape: 1,137 against 1,231 tok/s with metadata words copied beside the codes).
 #pragma once
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 
 #include "loom_quant_gemv.cuh"
 
@@ -401,22 +399,11 @@ int set_up(int device) {
 
 // The kernel's per-device setup (its shared memory above 48 KB is a per-device attribute): the
 // current device's SM count, or 0 where the setup failed (the caller then takes the other
-// kernel). Thread-safe; each device is set up once, under a lock, and read after without one.
+// kernel). Thread-safe (set_up_once: each device set up once, under a lock, read after without one).
 template <class F>
 int blocks_on_current_device(bool& programmatic) {
-  constexpr int kDevices = 64;
-  static std::mutex mutex;
-  // Per device: 0 not yet, -1 failed, else (SMs << 1) | (compute capability 9 or newer).
-  static std::atomic<int> state[kDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) return 0;
-  int s = state[device].load(std::memory_order_acquire);
-  if (s == 0) {
-    std::lock_guard<std::mutex> lock(mutex);
-    s = state[device].load(std::memory_order_relaxed);
-    if (s == 0) s = set_up<F>(device);
-    state[device].store(s, std::memory_order_release);
-  }
+  static PerDevice table;
+  const int s = set_up_once(table, [](int device) { return set_up<F>(device); });
   programmatic = s > 0 && (s & 1) != 0;
   return s > 0 ? s >> 1 : 0;
 }
