@@ -78,6 +78,14 @@ __device__ __forceinline__ void stage(const float* src, int64_t stride, int n, i
   }
 }
 
+// Key block k0 of kv head kv_head of sequence b: its k and v rows into shared memory.
+template <int D>
+__device__ __forceinline__ void stage_keys(const Args& a, int b, int kv_head, int k0, bf16* ks, bf16* vs) {
+  const int64_t origin = head_origin<D>(b, a.n, a.kv_stride, kv_head);
+  stage<D>(a.k + origin, a.kv_stride, a.n, k0, ks);
+  stage<D>(a.v + origin, a.kv_stride, a.n, k0, vs);
+}
+
 // Whether query i sees key j (causal, and within the window when window > 0).
 __device__ __forceinline__ bool visible(int i, int j, int n, int window) {
   return j <= i && j < n && (window <= 0 || i - j < window);
@@ -170,8 +178,6 @@ __global__ void __launch_bounds__(kThreads, 4) flash_forward_kernel(Args a) {
   const int head = blockIdx.y, q0 = blockIdx.x * kBlock, n = a.n, window = a.window;
   const int b = head / a.heads, h = head % a.heads;
   const float* qh = a.q + head_origin<D>(b, n, a.q_stride, h);
-  const float* kh = a.k + head_origin<D>(b, n, a.kv_stride, h / a.group);
-  const float* vh = a.v + head_origin<D>(b, n, a.kv_stride, h / a.group);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // Lane pair (2r, 2r + 1) of a warp owns row 16 warp + r; each lane half of its columns.
   const int row = 16 * warp + lane / 2, half = lane % 2, i = q0 + row;
@@ -187,8 +193,7 @@ __global__ void __launch_bounds__(kThreads, 4) flash_forward_kernel(Args a) {
   const int first_key = window > 0 ? max(0, q0 - window + 1) : 0;
   for (int k0 = first_key / kBlock * kBlock; k0 <= last_key; k0 += kBlock) {
     __syncthreads();  // the previous block's keys and values are no longer read
-    stage<D>(kh, a.kv_stride, n, k0, ks);
-    stage<D>(vh, a.kv_stride, n, k0, vs);
+    stage_keys<D>(a, b, h / a.group, k0, ks, vs);
     __syncthreads();
     rows_times_rows_t<D>(qs + 16 * warp * Dm::kH, Dm::kH, ks, Dm::kH, warp_s, Dm::kS);
     __syncwarp();
@@ -244,13 +249,21 @@ __global__ void row_dot_kernel(Args a, int64_t rows) {
   if (lane == 0) a.delta[((t / a.n) * a.heads + h) * a.n + t % a.n] = s;
 }
 
-// P and dS of this lane's half row of a (query block, key block) tile, from the block's scores
-// and dP rows (ss, dps: [kBlock][kS]) and the queries' lse and delta; P is written only where ps
-// is not null. (dS from the float P here, for dQ; the dK/dV kernel takes it from the bfloat16 P it
-// multiplies, so the two differ within bfloat16 rounding.)
+// The probability of query i (row `srow` of scores, log2-sum-exp l2) for key k0 + col: recomputed
+// from the forward's lse, 0 where the key is not seen or the query is past n.
+__device__ __forceinline__ float probability(const float* srow, int col, int i, int k0, int n, int window, float scale2,
+                                             float l2) {
+  return visible(i, k0 + col, n, window) && i < n ? exp2f(srow[col] * scale2 - l2) : 0.0f;
+}
+
+// dS of this lane's half row of a (query block, key block) tile, from the block's scores and dP
+// rows (ss, dps: [kBlock][kS]) and the queries' lse and delta. (dS from the float P here, for dQ;
+// the dK/dV kernel takes it from the bfloat16 P it multiplies, so the two differ within bfloat16
+// rounding.)
 template <int D>
-__device__ __forceinline__ void p_and_ds(const float* ss, const float* dps, const float* lse_s, const float* delta_s,
-                                         int q0, int k0, int n, int window, float scale, bf16* ps, bf16* dss) {
+__device__ __forceinline__ void score_gradients_of_scores(const float* ss, const float* dps, const float* lse_s,
+                                                          const float* delta_s, int q0, int k0, int n, int window,
+                                                          float scale, bf16* dss) {
   using Dm = Dims<D>;
   const int lane = threadIdx.x % 32, row = 16 * (threadIdx.x / 32) + lane / 2, half = lane % 2, i = q0 + row;
   const float scale2 = scale * kLog2e, l2 = lse_s[row], dl = delta_s[row];
@@ -258,13 +271,12 @@ __device__ __forceinline__ void p_and_ds(const float* ss, const float* dps, cons
   const float* dprow = dps + row * Dm::kS;
   for (int c = 0; c < kBlock / 2; ++c) {
     const int col = score_column(c, half);
-    const float p = visible(i, k0 + col, n, window) && i < n ? exp2f(srow[col] * scale2 - l2) : 0.0f;
-    if (ps) ps[row * Dm::kP + col] = __float2bfloat16_rn(p);
+    const float p = probability(srow, col, i, k0, n, window, scale2, l2);
     dss[row * Dm::kP + col] = __float2bfloat16_rn(p * (dprow[col] - dl) * scale);
   }
 }
 
-// The dK/dV kernel's two halves of p_and_ds, its dP overwriting its scores (one fewer float tile,
+// The dK/dV kernel's two steps, its dP overwriting its scores (one fewer float tile,
 // so that three of its CTAs fit an SM): P from this lane's half row of scores into ps, then dS from
 // its half row of dP and that P (bfloat16, as the products read it).
 template <int D>
@@ -276,8 +288,7 @@ __device__ __forceinline__ void probabilities(const float* ss, const float* lse_
   const float* srow = ss + row * Dm::kS;
   for (int c = 0; c < kBlock / 2; ++c) {
     const int col = score_column(c, half);
-    const float p = visible(i, k0 + col, n, window) && i < n ? exp2f(srow[col] * scale2 - l2) : 0.0f;
-    ps[row * Dm::kP + col] = __float2bfloat16_rn(p);
+    ps[row * Dm::kP + col] = __float2bfloat16_rn(probability(srow, col, i, k0, n, window, scale2, l2));
   }
 }
 template <int D>
@@ -293,15 +304,22 @@ __device__ __forceinline__ void score_gradients(const float* dps, const bf16* ps
   }
 }
 
-// The queries' lse and delta of block q0 into shared memory (past n: P and dS come out 0).
-__device__ __forceinline__ void stage_rows(const float* lse, const float* delta, int64_t head, int n, int q0, float* lse_s,
-                                           float* delta_s) {
+// The backward's query block q0 of query head h of sequence b into shared memory: its q and dO
+// rows, and its lse and delta (past n: P and dS come out 0).
+template <int D>
+__device__ __forceinline__ void stage_queries(const Args& a, int b, int h, int q0, bf16* qs, bf16* dos, float* lse_s,
+                                              float* delta_s) {
+  const int n = a.n;
+  stage<D>(a.q + head_origin<D>(b, n, a.q_stride, h), a.q_stride, n, q0, qs);
+  stage<D>(a.dout + head_origin<D>(b, n, a.o_stride, h), a.o_stride, n, q0, dos);
+  const int64_t head = static_cast<int64_t>(b) * a.heads + h;
   for (int r = threadIdx.x; r < kBlock; r += kThreads) {
     const bool in = q0 + r < n;
-    lse_s[r] = in ? lse[head * n + q0 + r] : INFINITY;
-    delta_s[r] = in ? delta[head * n + q0 + r] : 0.0f;
+    lse_s[r] = in ? a.lse[head * n + q0 + r] : INFINITY;
+    delta_s[r] = in ? a.delta[head * n + q0 + r] : 0.0f;
   }
 }
+
 
 // dK and dV of one key block: a CTA per (key block, kv head) over the query blocks that see it,
 // for each query head of the group in turn.
@@ -320,11 +338,9 @@ __global__ void __launch_bounds__(kThreads, 3) flash_dkdv_kernel(Args a) {
   float* delta_s = lse_s + kBlock;
   const int n = a.n, window = a.window, k0 = blockIdx.x * kBlock;
   const int kv_heads = a.heads / a.group, b = blockIdx.y / kv_heads, kv_head = blockIdx.y % kv_heads;
-  const int64_t kv_origin = head_origin<D>(b, n, a.kv_stride, kv_head);
   const int warp = threadIdx.x / 32;
   const float scale = a.scale;
-  stage<D>(a.k + kv_origin, a.kv_stride, n, k0, ks);
-  stage<D>(a.v + kv_origin, a.kv_stride, n, k0, vs);
+  stage_keys<D>(a, b, kv_head, k0, ks, vs);
   Acc dk_acc[D / 16], dv_acc[D / 16];  // the warp's 16 keys
   for (auto& f : dk_acc) wmma::fill_fragment(f, 0.0f);
   for (auto& f : dv_acc) wmma::fill_fragment(f, 0.0f);
@@ -332,14 +348,12 @@ __global__ void __launch_bounds__(kThreads, 3) flash_dkdv_kernel(Args a) {
   // Queries that see these keys: from the first key on, to the last key plus the window.
   const int last_query =
       window > 0 ? static_cast<int>(min(static_cast<int64_t>(n) - 1, static_cast<int64_t>(last_key) + window - 1)) : n - 1;
-  for (int step = 0; step < a.group * ((last_query - k0) / kBlock + 1); ++step) {
+  const int per_head = (last_query - k0) / kBlock + 1;  // query blocks a query head
+  for (int step = 0; step < a.group * per_head; ++step) {
     // (query head g of the group, query block q0), the group's heads one after another
-    const int per_head = (last_query - k0) / kBlock + 1, g = step / per_head, q0 = k0 + (step % per_head) * kBlock;
-    const int h = kv_head * a.group + g, head = b * a.heads + h;
+    const int g = step / per_head, q0 = k0 + (step % per_head) * kBlock;
     __syncthreads();  // the previous query block is no longer read
-    stage<D>(a.q + head_origin<D>(b, n, a.q_stride, h), a.q_stride, n, q0, qs);
-    stage<D>(a.dout + head_origin<D>(b, n, a.o_stride, h), a.o_stride, n, q0, dos);
-    stage_rows(a.lse, a.delta, head, n, q0, lse_s, delta_s);
+    stage_queries<D>(a, b, kv_head * a.group + g, q0, qs, dos, lse_s, delta_s);
     __syncthreads();
     // This warp's 16 queries against the block's keys: S = Q K^T, P, then dP = dO V^T in S's place.
     rows_times_rows_t<D>(qs + 16 * warp * Dm::kH, Dm::kH, ks, Dm::kH, ss + 16 * warp * Dm::kS, Dm::kS);
@@ -379,25 +393,21 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dq_kernel(Args a) {
   float* delta_s = lse_s + kBlock;
   const int head = blockIdx.y, q0 = blockIdx.x * kBlock, n = a.n, window = a.window;
   const int b = head / a.heads, h = head % a.heads;
-  const int64_t kv_origin = head_origin<D>(b, n, a.kv_stride, h / a.group);
   const int warp = threadIdx.x / 32;
   const float scale = a.scale;
-  stage<D>(a.q + head_origin<D>(b, n, a.q_stride, h), a.q_stride, n, q0, qs);
-  stage<D>(a.dout + head_origin<D>(b, n, a.o_stride, h), a.o_stride, n, q0, dos);
-  stage_rows(a.lse, a.delta, head, n, q0, lse_s, delta_s);
+  stage_queries<D>(a, b, h, q0, qs, dos, lse_s, delta_s);
   Acc dq_acc[D / 16];  // the warp's 16 queries
   for (auto& f : dq_acc) wmma::fill_fragment(f, 0.0f);
   const int last_key = min(n, q0 + kBlock) - 1;
   const int first_key = window > 0 ? max(0, q0 - window + 1) : 0;
   for (int k0 = first_key / kBlock * kBlock; k0 <= last_key; k0 += kBlock) {
     __syncthreads();  // the previous block's keys are no longer read
-    stage<D>(a.k + kv_origin, a.kv_stride, n, k0, ks);
-    stage<D>(a.v + kv_origin, a.kv_stride, n, k0, vs);
+    stage_keys<D>(a, b, h / a.group, k0, ks, vs);
     __syncthreads();
     rows_times_rows_t<D>(qs + 16 * warp * Dm::kH, Dm::kH, ks, Dm::kH, ss + 16 * warp * Dm::kS, Dm::kS);
     rows_times_rows_t<D>(dos + 16 * warp * Dm::kH, Dm::kH, vs, Dm::kH, dps + 16 * warp * Dm::kS, Dm::kS);
     __syncwarp();
-    p_and_ds<D>(ss, dps, lse_s, delta_s, q0, k0, n, window, scale, nullptr, dss);
+    score_gradients_of_scores<D>(ss, dps, lse_s, delta_s, q0, k0, n, window, scale, dss);
     __syncwarp();  // (a warp reads only its own dS rows)
     accumulate<D, false>(dq_acc, dss + 16 * warp * Dm::kP, Dm::kP, ks, Dm::kH);
   }
