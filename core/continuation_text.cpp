@@ -19,18 +19,22 @@ bool ends_cleanly(std::string_view text) {
   if (text.empty()) return false;
   const auto last = static_cast<unsigned char>(text.back());
   if (last == ' ' || last == '\n' || last == '\t' || last == '\r') return false;
-  if (last < 0x80) return true;
-  size_t back = 0;  // continuation bytes at the end
-  while (back < text.size() && back < 4 && (static_cast<unsigned char>(text[text.size() - 1 - back]) & 0xC0) == 0x80)
-    ++back;
-  if (back == text.size()) return false;
-  const auto lead = static_cast<unsigned char>(text[text.size() - 1 - back]);
-  const size_t need = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : lead >= 0xC0 ? 1 : 0;
-  if (need != back) return false;
-  return !text.ends_with("\xEF\xBF\xBD");
+  return complete_utf8_prefix(text) == text.size() && !text.ends_with("\xEF\xBF\xBD");
 }
 
 }  // namespace
+
+size_t complete_utf8_prefix(std::string_view text) {
+  size_t back = 0;  // continuation bytes at the end
+  while (back < 4 && back < text.size() && (static_cast<unsigned char>(text[text.size() - 1 - back]) & 0xC0) == 0x80)
+    ++back;
+  if (back < text.size()) {
+    const auto lead = static_cast<unsigned char>(text[text.size() - 1 - back]);
+    const size_t need = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : lead >= 0xC0 ? 1 : 0;
+    if (need > back) return text.size() - back - 1;
+  }
+  return text.size();
+}
 
 std::string continuation_text(const Tokenizer &tokenizer, std::span<const int32_t> prompt,
                               std::span<const int32_t> generated, ContinuationCache *cache) {

@@ -12,6 +12,8 @@
 #include <string_view>
 #include <vector>
 
+#include "loom/core/continuation_text.hpp"
+
 namespace loom::server {
 
 inline size_t streamable_prefix(std::string_view text, const std::vector<std::string> &stops) {
@@ -24,16 +26,7 @@ inline size_t streamable_prefix(std::string_view text, const std::vector<std::st
       }
   // U+FFFD is EF BF BD.
   while (safe >= 3 && text.substr(safe - 3, 3) == "\xEF\xBF\xBD") safe -= 3;
-  // An incomplete UTF-8 sequence at the end: a lead byte with fewer continuation bytes than it
-  // announces.
-  size_t back = 0;
-  while (back < 4 && back < safe && (static_cast<unsigned char>(text[safe - 1 - back]) & 0xC0) == 0x80) ++back;
-  if (back < safe) {
-    const unsigned char lead = static_cast<unsigned char>(text[safe - 1 - back]);
-    const size_t need = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : lead >= 0xC0 ? 1 : 0;
-    if (need > back) safe -= back + 1;
-  }
-  return safe;
+  return complete_utf8_prefix(text.substr(0, safe));
 }
 
 } // namespace loom::server

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 
 #include "loom/core/tokenizer.hpp"
 
@@ -38,5 +39,9 @@ struct ContinuationCache {
 // when the text ends cleanly.
 std::string continuation_text(const Tokenizer &tokenizer, std::span<const int32_t> prompt,
                               std::span<const int32_t> generated, ContinuationCache *cache);
+
+// Bytes of `text` before a UTF-8 sequence left incomplete at its end (a lead byte with fewer
+// continuation bytes than it announces): all of it when it ends on a whole character.
+size_t complete_utf8_prefix(std::string_view text);
 
 }  // namespace loom
