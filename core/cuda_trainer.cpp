@@ -623,10 +623,7 @@ void CudaTrainingEngine::layer_forward(size_t l, const LayerActs &A, const float
                                              A.mean2, A.r2, stream_),
                  "layer norm");
     conv1d(A.h2, L.up, SIZE_MAX, H, I, A.g);  // c_fc's bias added by the GELU's pass
-    if (L.up_b != SIZE_MAX)
-      check_launch(kn::gelu_bias_forward_cuda(A.g, value(L.up_b), T_, static_cast<int32_t>(I), A.m, stream_), "gelu");
-    else
-      check_launch(kn::gelu_forward_cuda(A.g, T_ * I, A.m, stream_), "gelu");
+    check_launch(kn::gelu_forward_cuda(A.g, value_or_null(L.up_b), T_, static_cast<int32_t>(I), A.m, stream_), "gelu");
     residual_with_bias(A.x_mid, L.down_b, x_out);
     conv1d(A.m, L.down, SIZE_MAX, I, H, x_out, 1.0f);
     return;

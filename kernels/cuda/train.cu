@@ -382,15 +382,7 @@ int layer_norm_backward_cuda(const float* dy, const float* x, const float* w, co
   return launched();
 }
 
-int gelu_forward_cuda(const float* g, int64_t n, float* m, void* stream) {
-  if (n <= 0) return 0;
-  // (without a bias the kernel only reads g)
-  gelu_forward_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(const_cast<float*>(g), nullptr, 1,
-                                                                                       n, m);
-  return launched();
-}
-
-int gelu_bias_forward_cuda(float* g, const float* b, int64_t rows, int32_t C, float* m, void* stream) {
+int gelu_forward_cuda(float* g, const float* b, int64_t rows, int32_t C, float* m, void* stream) {
   const int64_t n = rows * C;
   if (n <= 0) return 0;
   gelu_forward_kernel<<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(g, b, C, n, m);

@@ -93,11 +93,11 @@ int swiglu_forward_cuda(const float* g, const float* u, int64_t n, float* m, voi
 int swiglu_backward_cuda(const float* dm, const float* g, const float* u, int64_t n, float* dg, float* du,
                          void* stream);
 
-// GPT-2's GELU (tanh approximation): m = gelu(g) (written); dg = dm gelu'(g) (written).
-int gelu_forward_cuda(const float* g, int64_t n, float* m, void* stream);
+// GPT-2's GELU (tanh approximation) of g [rows, C]: with a bias b[C] (may be null), g += b on
+// every row first (kept, for the backward; one pass with the GELU), then m = gelu(g) (written);
+// the backward writes dg = dm gelu'(g).
+int gelu_forward_cuda(float* g, const float* b, int64_t rows, int32_t C, float* m, void* stream);
 int gelu_backward_cuda(const float* dm, const float* g, int64_t n, float* dg, void* stream);
-// g[rows, C] += b[C] on every row (kept, for the backward), then m = gelu(g): one pass.
-int gelu_bias_forward_cuda(float* g, const float* b, int64_t rows, int32_t C, float* m, void* stream);
 
 // y[rows, C] += b[C] on every row.
 int bias_add_cuda(float* y, const float* b, int64_t rows, int32_t C, void* stream);
