@@ -282,7 +282,7 @@ int cmd_run(const std::vector<std::string> &args) {
     bool has_text = runtime->decode({}).has_value() && !agent;
     // Stream (one prompt): print what each new token adds to the text. The generation is decoded
     // after the prompt's last tokens each time (pieces keep their context spacing; the cache keeps
-    // the text so far, so a token costs the same however long the prompt and reply), and the last
+    // the text so far, so a token's decode does not grow with the prompt or the reply), and the last
     // characters are held back while they could still begin a stop string, which is never printed.
     std::vector<int32_t> context = runtime->prompt();
     std::vector<int32_t> streamed;  // the tokens of the reply so far
