@@ -81,6 +81,21 @@ double relative(const std::vector<float> &a, const std::vector<float> &b) {
   return largest == 0 ? worst : worst / largest;
 }
 
+// Checks each parameter's gradient in `got` within `bound` of `want` (relative, as above), naming
+// the parameter on failure; returns the worst difference.
+double check_gradients(const std::vector<loom::TrainParam<float>> &params, const std::vector<std::vector<float>> &got,
+                       const std::vector<std::vector<float>> &want, double bound) {
+  REQUIRE(got.size() == want.size());
+  double worst = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    INFO(params[i].name);
+    const double r = relative(got[i], want[i]);
+    worst = std::max(worst, r);
+    CHECK(r < bound);
+  }
+  return worst;
+}
+
 std::string file_bytes(const fs::path &p) {
   std::ifstream in(p, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
@@ -101,14 +116,7 @@ TEST_CASE("CUDA gradients match the CPU trainer's on every fixture architecture"
     CHECK(gpu_loss == Approx(cpu_loss).epsilon(1e-5));
     const auto &params = cpu->host_params();
     const auto cpu_grads = cpu->host_grads(), gpu_grads = gpu->host_grads();
-    REQUIRE(cpu_grads.size() == gpu_grads.size());
-    double worst = 0;
-    for (size_t i = 0; i < cpu_grads.size(); ++i) {
-      INFO(params[i].name);
-      const double r = relative(gpu_grads[i], cpu_grads[i]);
-      worst = std::max(worst, r);
-      CHECK(r < 1e-4);
-    }
+    const double worst = check_gradients(params, gpu_grads, cpu_grads, 1e-4);
     WARN(name << ": worst gradient difference from the CPU " << worst << " (relative to each tensor's largest)");
     // A second batch accumulates into the same gradients on both.
     const auto more = random_batch(3, 24, 256, 8);
@@ -213,14 +221,7 @@ TEST_CASE("bf16 mode's fused attention gives the materialised attention's loss a
       CHECK(a == Approx(b).epsilon(5e-3));
       const auto &params = plain->host_params();
       const auto ga = fused->host_grads(), gb = plain->host_grads();
-      REQUIRE(ga.size() == gb.size());
-      double worst = 0;
-      for (size_t i = 0; i < ga.size(); ++i) {
-        INFO(params[i].name);
-        const double r = relative(ga[i], gb[i]);
-        worst = std::max(worst, r);
-        CHECK(r < 3e-2);
-      }
+      const double worst = check_gradients(params, ga, gb, 3e-2);
       WARN(name << ", n " << n << ": worst gradient difference of the fused attention " << worst);
       // No atomics: the same batch again gives the same bits.
       fused->zero_grad();
