@@ -5,6 +5,7 @@
 // error, bfloat16 (sdpa and, for head dim 64, `flash`) within 2e-2.
 // Exits 77 (skipped) where there is no CUDA device.
 #define CATCH_CONFIG_RUNNER
+#include "scoped_env.hpp"
 #include "cuda_test_main.hpp"
 
 #include <cuda_runtime.h>
@@ -164,15 +165,8 @@ TEST_CASE("linears split along their inputs, summed by the next kernel, match tr
   // counts are forced: q/k/v in 2 parts (summed by the RoPE split), o in 4 and down in 2 (summed
   // into the residual by the next norm, the final one included), every linear of the tiny
   // fixtures dividing evenly. The prefills, and the float32 decode steps, take these products.
-  struct EnvRestore {
-    const char *was = std::getenv("LOOM_CUDA_SPLIT_K");
-    std::string value = was ? was : "";
-    ~EnvRestore() {
-      if (was) setenv("LOOM_CUDA_SPLIT_K", value.c_str(), 1);
-      else unsetenv("LOOM_CUDA_SPLIT_K");
-    }
-  } restore;
-  setenv("LOOM_CUDA_SPLIT_K", "2,4,2", 1);
+  const ScopedEnv split("LOOM_CUDA_SPLIT_K");
+  split.set("2,4,2");
   for (const char *name : {"tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-llama-hd64"}) {
     check_model(name, "sdpa", loom::ComputeDtype::float32, 1e-3);
     check_model(name, "sdpa", loom::ComputeDtype::bfloat16, 2e-2);

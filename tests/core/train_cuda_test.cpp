@@ -6,6 +6,7 @@
 // and `loom train` on CUDA resuming bit for bit and exporting a model the engine runs.
 // Exits 77 (skipped) where there is no CUDA device.
 #define CATCH_CONFIG_RUNNER
+#include "scoped_env.hpp"
 #include "cuda_test_main.hpp"
 
 #include <unistd.h>
@@ -198,21 +199,14 @@ TEST_CASE("bf16 mode's fused attention gives the materialised attention's loss a
   // against the materialised path (TF32 products of float32 operands, LOOM_TRAIN_FLASH=0), both in
   // bf16 mode: GQA (tiny-llama), a sliding window (tiny-mistral), GPT-2, head dim 64; sequences of
   // 24 tokens (one block) and 100 (two, the second partial).
-  struct EnvRestore {  // the user's LOOM_TRAIN_FLASH, if any, back on the way out
-    const char *was = std::getenv("LOOM_TRAIN_FLASH");
-    std::string value = was ? was : "";
-    ~EnvRestore() {
-      if (was) setenv("LOOM_TRAIN_FLASH", value.c_str(), 1);
-      else unsetenv("LOOM_TRAIN_FLASH");
-    }
-  } restore;
+  const ScopedEnv flash("LOOM_TRAIN_FLASH");  // the user's value back on the way out
   for (const char *name : {"tiny-llama", "tiny-mistral", "tiny-gpt2", "tiny-llama-hd64"})
     for (const int64_t n : {int64_t{24}, int64_t{100}}) {
       INFO(name << ", sequences of " << n);
       const fs::path dir = kModels / name;
-      unsetenv("LOOM_TRAIN_FLASH");
+      flash.unset();
       auto fused = cuda_engine(dir, options(true));
-      setenv("LOOM_TRAIN_FLASH", "0", 1);
+      flash.set("0");
       auto plain = cuda_engine(dir, options(true));
       CHECK_THAT(fused->describe(), Catch::Contains("fused attention"));
       CHECK_THAT(plain->describe(), !Catch::Contains("fused attention"));
