@@ -361,10 +361,10 @@ int smem_of(int row_pieces, int per) {
 }
 
 // The shapes measured (H200, bench/quant_gemv_bench.cu, a batch-1 step's 65 int8 products; the
-// us of BENCHMARKS.md, sessions 27 and 28): 256 threads with both rows of a unit in a slot and an
-// 80 KB ring 573-577 (609.3 after the review's ordering fixes); 512 threads 595; a 96 KB ring 589;
-// four pieces of each row 577; three blocks an SM 721-741; two blocks an SM for the products of
-// 16 MB and more 584-595.
+// us of BENCHMARKS.md, sessions 27-29): 256 threads with both rows of a unit in a slot and an
+// 80 KB ring 573-577 (609.3 after the review's ordering fixes, 600.1-600.2 with the slot refilled
+// right after its loads); 512 threads 595; a 96 KB ring 589; four pieces of each row 577; three
+// blocks an SM 721-741; two blocks an SM for the products of 16 MB and more 584-595.
 using Chosen = Shape<256, 2>;
 
 // Whether stream_kernel takes this product: one token staged as float16 (a bfloat16 caller),
